@@ -1,0 +1,184 @@
+//! github-sim: a faithful stand-in for the parts of GitHub that runnervisor talks to.
+//!
+//! # Layout
+//! - [`model`]: the simulated world (jobs, runners, tokens, deliveries) and GitHub's rules
+//!   for it (label matching, ephemeral runners, busy runners cannot be deleted). No I/O.
+//! - [`api`]: the REST API at GitHub's paths (also under `/api/v3`, as on GHES), with
+//!   authentication, rate-limit headers, pagination and fault injection.
+//! - [`runner_proto`]: what the (fake) runner in a VM speaks: token exchange at
+//!   `actions/runner-registration`, registration, long-poll for a job, heartbeat, completion.
+//! - [`control`]: `/_sim/...`, the test and demo control API (queue jobs, cancel, faults).
+//! - [`webhook`]: signs and POSTs `workflow_job` deliveries, records them, never retries.
+//! - [`faults`], [`auth`], [`error`], [`time`]: helpers.
+//!
+//! [`serve`] runs everything on one listener until `shutdown` resolves.
+
+pub mod api;
+pub mod auth;
+pub mod control;
+pub mod error;
+pub mod faults;
+pub mod model;
+pub mod runner_proto;
+pub mod time;
+pub mod webhook;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+
+use crate::auth::{AppKey, InstallationTokens};
+use crate::faults::Faults;
+use crate::model::World;
+
+/// How the simulator is set up (the command line of the `github-sim` binary).
+pub struct SimConfig {
+    /// Where `workflow_job` deliveries are POSTed; none means deliveries are recorded as failed.
+    pub webhook_url: Option<String>,
+    pub webhook_secret: String,
+    /// The personal access token the API accepts.
+    pub pat: String,
+    /// GitHub App accepted for JWT auth.
+    pub app: Option<AppKey>,
+    pub installation_id: u64,
+    pub hook_id: u64,
+    /// The simulator's base URL as seen from runner VMs (`http://10.0.2.2:PORT` under slirp).
+    /// `None`: the URL of the request's Host header.
+    pub public_url: Option<String>,
+    pub installation_token_ttl: Duration,
+    pub registration_token_ttl: Duration,
+    pub webhook_timeout: Duration,
+}
+
+impl SimConfig {
+    pub fn new(pat: impl Into<String>, webhook_secret: impl Into<String>) -> Self {
+        SimConfig {
+            webhook_url: None,
+            webhook_secret: webhook_secret.into(),
+            pat: pat.into(),
+            app: None,
+            installation_id: 1,
+            hook_id: 1,
+            public_url: None,
+            installation_token_ttl: Duration::from_secs(3600),
+            registration_token_ttl: Duration::from_secs(3600),
+            webhook_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shared state of a running simulator.
+pub struct Sim {
+    pub config: SimConfig,
+    /// Base URL for links in payloads and for runners: `public_url`, else the listen address.
+    pub base_url: String,
+    world: Mutex<World>,
+    faults: Mutex<Faults>,
+    pub(crate) installation_tokens: Mutex<InstallationTokens>,
+    rate: Mutex<BTreeMap<String, api::RateBucket>>,
+    api_calls: Mutex<BTreeMap<String, u64>>,
+    /// Woken whenever a job is queued, so long-polling runners look again.
+    pub(crate) jobs_changed: Notify,
+    webhooks: mpsc::UnboundedSender<webhook::Outgoing>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sim {
+    pub fn world(&self) -> MutexGuard<'_, World> {
+        lock(&self.world)
+    }
+    pub fn faults(&self) -> MutexGuard<'_, Faults> {
+        lock(&self.faults)
+    }
+    pub(crate) fn rate(&self) -> MutexGuard<'_, BTreeMap<String, api::RateBucket>> {
+        lock(&self.rate)
+    }
+    pub(crate) fn count_call(&self, key: String) {
+        *lock(&self.api_calls).entry(key).or_default() += 1;
+    }
+    pub fn api_calls(&self) -> BTreeMap<String, u64> {
+        lock(&self.api_calls).clone()
+    }
+    pub(crate) fn send_webhook(&self, out: webhook::Outgoing) {
+        let _ = self.webhooks.send(out);
+    }
+}
+
+/// Serves the simulator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: SimConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let base_url = match &config.public_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    let sim = Arc::new(Sim {
+        config,
+        base_url,
+        world: Mutex::new(World::default()),
+        faults: Mutex::new(Faults::default()),
+        installation_tokens: Mutex::new(InstallationTokens::default()),
+        rate: Mutex::new(BTreeMap::new()),
+        api_calls: Mutex::new(BTreeMap::new()),
+        jobs_changed: Notify::new(),
+        webhooks: tx,
+    });
+    let sender = tokio::spawn(webhook::run(sim.clone(), rx));
+    let app = router(sim);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    sender.abort();
+    result
+}
+
+pub fn router(sim: Arc<Sim>) -> axum::Router {
+    api::router(sim.clone())
+        .merge(runner_proto::router(sim.clone()))
+        .merge(control::router(sim.clone()))
+        .fallback(|| async { error::ApiError::not_found() })
+}
+
+/// An in-process simulator for tests: `start` binds `127.0.0.1:0`; dropping the handle stops it.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl SimHandle {
+    pub async fn start(config: SimConfig) -> std::io::Result<SimHandle> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(serve(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Ok(SimHandle {
+            addr,
+            stop: Some(stop),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
