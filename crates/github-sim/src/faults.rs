@@ -184,11 +184,21 @@ impl Faults {
     pub fn on_webhook(&mut self, action: Option<&str>) -> WebhookVerdict {
         let mut v = WebhookVerdict::default();
         let action_matches = |a: &Option<String>| a.as_deref().is_none_or(|a| Some(a) == action);
+        // A dropped delivery is not sent at all: no other fault spends a firing on it.
+        for f in self.armed.iter_mut() {
+            if let Fault::WebhookDrop { action: a, .. } = f {
+                if action_matches(a) && fire(f) {
+                    v.drop = true;
+                    break;
+                }
+            }
+        }
+        if v.drop {
+            self.gc();
+            return v;
+        }
         for f in self.armed.iter_mut() {
             match f {
-                Fault::WebhookDrop { action: a, .. } if !v.drop && action_matches(a) => {
-                    v.drop = fire(f);
-                }
                 Fault::WebhookDuplicate {
                     action: a,
                     new_guid,
