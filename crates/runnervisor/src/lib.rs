@@ -1,1 +1,207 @@
+//! runnervisor: ephemeral GitHub Actions runners, one fresh libvirt VM per job.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, typed and validated.
+//! - [`webhook`]: `POST /webhook` intake: signature, parse, persist, wake the scheduler.
+//! - [`store`]: the embedded store (redb): delivery ids, inbox, jobs, VMs.
+//! - [`scheduler`]: the one task owning jobs and VMs; [`scheduler::vm`] is the VM state
+//!   machine; [`scheduler::provision`] the provisioning and teardown tasks.
+//! - [`github`]: the GitHub seam (trait, HTTP client, App auth, fake).
+//! - [`hypervisor`]: the libvirt seam (trait, libvirt, fake), domain XML and seed builders.
+//! - [`cloudinit`]: user-data and meta-data for the runner VM.
+//! - [`admin`]: the local admin socket; [`metrics`]: OpenMetrics; [`systemd`]: sd_notify.
+//!
+//! [`run`] wires them: listeners, store, scheduler; it returns when `shutdown` is
+//! cancelled and in-flight work has finished (running VMs keep running).
 
+pub mod admin;
+pub mod cloudinit;
+pub mod config;
+pub mod github;
+pub mod hypervisor;
+pub mod metrics;
+pub mod model;
+pub mod scheduler;
+pub mod secret;
+pub mod store;
+pub mod systemd;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::github::GitHub;
+use crate::hypervisor::{HvEvent, Hypervisor};
+use crate::metrics::Metrics;
+use crate::scheduler::{Event, Scheduler};
+use crate::secret::Secret;
+use crate::store::Store;
+
+/// The implementations `run` drives: real ones in `main`, fakes or simulators in tests.
+pub struct Deps<G, H> {
+    pub github: Arc<G>,
+    pub hypervisor: Arc<H>,
+    pub hv_events: mpsc::UnboundedReceiver<HvEvent>,
+    pub webhook_secret: Secret,
+    pub metrics: Arc<Metrics>,
+    /// Pre-bound listeners (tests bind port 0); `None`: bind what the config says.
+    pub webhook_listener: Option<std::net::TcpListener>,
+    pub metrics_listener: Option<std::net::TcpListener>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr} ({what})")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+}
+
+fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+    pre: Option<std::net::TcpListener>,
+) -> Result<tokio::net::TcpListener, RunError> {
+    let err = |source| RunError::Bind {
+        what,
+        addr: addr.to_string(),
+        source,
+    };
+    let std_listener = match pre {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(addr).map_err(err)?,
+    };
+    std_listener.set_nonblocking(true).map_err(err)?;
+    tokio::net::TcpListener::from_std(std_listener).map_err(err)
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run<G: GitHub, H: Hypervisor>(
+    config: Arc<Config>,
+    deps: Deps<G, H>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let webhook_listener = bind("webhook", config.server.listen, deps.webhook_listener)?;
+    let metrics_listener = match (config.metrics.enabled, deps.metrics_listener) {
+        (_, Some(l)) => Some(bind("metrics", config.metrics.listen, Some(l))?),
+        (true, None) => Some(bind("metrics", config.metrics.listen, None)?),
+        (false, None) => None,
+    };
+    let admin_listener = admin::bind(&config.admin.socket, config.admin.group.as_deref())?;
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut hv_events = deps.hv_events;
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = hv_events.recv().await {
+            if forward.send(Event::Hv(ev)).is_err() {
+                return;
+            }
+        }
+    });
+
+    let inbox_ready = Arc::new(Notify::new());
+    let scheduler = Scheduler::new(
+        config.clone(),
+        deps.github,
+        deps.hypervisor,
+        store.clone(),
+        deps.metrics.clone(),
+        inbox_ready.clone(),
+        tx.clone(),
+        rx,
+    )?;
+    let stop_scheduler = CancellationToken::new();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let sched = tokio::spawn(scheduler.run(stop_scheduler.clone(), Some(ready_tx)));
+    let webhook_addr = webhook_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tokio::spawn(async move {
+        if ready_rx.await.is_ok() {
+            tracing::info!(webhook = %webhook_addr, "ready: taking jobs");
+            systemd::ready();
+        }
+    });
+
+    let intake = Arc::new(webhook::Intake {
+        secret: deps.webhook_secret,
+        store,
+        inbox_ready,
+        metrics: deps.metrics.clone(),
+    });
+    let app = webhook::router(intake, config.server.max_body_bytes)
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    tracing::info!(addr = %webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener bound");
+    if let Some(l) = metrics_listener {
+        let metrics = deps.metrics.clone();
+        tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listener bound");
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        );
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(l, router)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+        });
+    }
+    let admin_task = tokio::spawn(admin::serve(admin_listener, tx.clone(), shutdown.clone()));
+
+    let served = axum::serve(webhook_listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "webhook listener failed");
+    }
+    tracing::info!("intake stopped; finishing in-flight work");
+    systemd::stopping();
+    stop_scheduler.cancel();
+    let _ = sched.await;
+    let _ = admin_task.await;
+    let _ = std::fs::remove_file(&config.admin.socket);
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub fn tempdir() -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "runnervisor-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

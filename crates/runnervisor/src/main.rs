@@ -1,1 +1,270 @@
-fn main() {}
+//! The `runnervisor` binary: CLI, logging, real implementations, exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use runnervisor::admin::{self, Request};
+use runnervisor::config::{AuthConfig, Config};
+use runnervisor::github::app::AppSigner;
+use runnervisor::github::http::{Auth, HttpGitHub};
+use runnervisor::hypervisor::libvirt::Libvirt;
+use runnervisor::metrics::{GitHubObserver, Metrics};
+use runnervisor::scheduler::AdminReply;
+use runnervisor::secret::credentials_dir;
+use tokio_util::sync::CancellationToken;
+
+/// Exit codes: distinct per kind of fatal error.
+mod exit {
+    pub const CONFIG: u8 = 2;
+    pub const SECRETS: u8 = 3;
+    pub const STARTUP: u8 = 4;
+    pub const ADMIN: u8 = 5;
+}
+
+const DEFAULT_CONFIG: &str = "/etc/runnervisor/config.toml";
+
+/// Ephemeral GitHub Actions runners, one fresh libvirt VM per job.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: take workflow_job webhooks, run each job in a fresh VM.
+    Serve {
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show pools, queued jobs and VMs of the running agent.
+    Status {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop taking new jobs; running VMs finish their jobs. Survives restarts.
+    Drain {
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Take new jobs again after `drain`.
+    Undrain {
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Operate on one VM.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Destroy a VM cleanly: domain, overlay, seed and runner registration.
+    Destroy {
+        /// The VM's name (`virsh list` / `runnervisor status`).
+        name: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct SocketArgs {
+    /// The agent's configuration file (to find its admin socket).
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The admin socket, overriding the configuration.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    fn path(&self) -> Result<PathBuf, String> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        Config::load(&self.config)
+            .map(|c| c.admin.socket)
+            .map_err(|e| format!("{e} (or pass --socket)"))
+    }
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let journal = runnervisor::systemd::stderr_is_journal();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match cli.command {
+        Command::Serve { config } => rt.block_on(serve(config)),
+        Command::Status { socket, json } => rt.block_on(admin_cmd(&socket, Request::Status, json)),
+        Command::Drain { socket } => rt.block_on(admin_cmd(&socket, Request::Drain, false)),
+        Command::Undrain { socket } => rt.block_on(admin_cmd(&socket, Request::Undrain, false)),
+        Command::Vm {
+            command: VmCommand::Destroy { name, socket },
+        } => rt.block_on(admin_cmd(&socket, Request::Destroy { vm: name }, false)),
+    }
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("runnervisor: configuration: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    init_logging(&config.log_level);
+    let creds = credentials_dir();
+    let secrets = (|| -> Result<_, String> {
+        let webhook_secret = config
+            .github
+            .webhook_secret
+            .load(creds.as_deref())
+            .map_err(|e| format!("github.webhook_secret: {e}"))?;
+        let auth = match &config.github.auth {
+            AuthConfig::Pat { token } => Auth::Pat(
+                token
+                    .load(creds.as_deref())
+                    .map_err(|e| format!("github.auth.token: {e}"))?,
+            ),
+            AuthConfig::App {
+                app_id,
+                installation_id,
+                private_key,
+            } => {
+                let pem = private_key
+                    .load(creds.as_deref())
+                    .map_err(|e| format!("github.auth.private_key: {e}"))?;
+                Auth::App {
+                    signer: AppSigner::new(*app_id, &pem)
+                        .map_err(|e| format!("github.auth.private_key: {e}"))?,
+                    installation_id: *installation_id,
+                }
+            }
+        };
+        Ok((webhook_secret, auth))
+    })();
+    let (webhook_secret, auth) = match secrets {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(exit::SECRETS);
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    let github = match HttpGitHub::new(
+        &config.github.api_url,
+        config.github.scope(),
+        config.github.hook.clone(),
+        auth,
+        config.github.api_timeout,
+    ) {
+        Ok(g) => Arc::new(g.with_observer(Box::new(GitHubObserver(metrics.clone())))),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the GitHub client");
+            return ExitCode::from(exit::STARTUP);
+        }
+    };
+    let (hv_tx, hv_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hypervisor = Libvirt::start(&config.libvirt.uri, &config.libvirt.storage_pool, hv_tx);
+    if let Err(e) = std::fs::create_dir_all(&config.libvirt.console_log_dir) {
+        tracing::warn!(dir = %config.libvirt.console_log_dir.display(), error = %e, "cannot create the console log directory");
+    }
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down; running VMs keep running"),
+        }
+        s.cancel();
+    });
+    tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), pools = config.pools.len(), "runnervisor starting");
+    let deps = runnervisor::Deps {
+        github,
+        hypervisor,
+        hv_events: hv_rx,
+        webhook_secret,
+        metrics,
+        webhook_listener: None,
+        metrics_listener: None,
+    };
+    match runnervisor::run(config, deps, shutdown).await {
+        Ok(()) => {
+            tracing::info!("runnervisor stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            tracing::error!("{msg}");
+            ExitCode::from(exit::STARTUP)
+        }
+    }
+}
+
+async fn admin_cmd(socket: &SocketArgs, req: Request, json: bool) -> ExitCode {
+    let path = match socket.path() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("runnervisor: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    match admin::request(&path, &req).await {
+        Ok(AdminReply::Status(s)) if json => {
+            println!("{}", serde_json::to_string_pretty(&s).expect("json"));
+            ExitCode::SUCCESS
+        }
+        Ok(AdminReply::Status(s)) => {
+            print!("{}", runnervisor::admin::render_status(&s));
+            ExitCode::SUCCESS
+        }
+        Ok(AdminReply::Ok(m)) => {
+            println!("{m}");
+            ExitCode::SUCCESS
+        }
+        Ok(AdminReply::Error(m)) => {
+            eprintln!("runnervisor: {m}");
+            ExitCode::from(exit::ADMIN)
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            if let Some(s) = std::error::Error::source(&e) {
+                msg.push_str(&format!(": {s}"));
+            }
+            eprintln!("runnervisor: {msg}");
+            ExitCode::from(exit::ADMIN)
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The local admin socket (`runnervisor status|drain|undrain|vm destroy`): a Unix socket,
+//! mode 0600 (root) or 0660 with `admin.group`. One JSON request line, one JSON reply line.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::{AdminCommand, AdminReply, Event};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Drain,
+    Undrain,
+    Destroy { vm: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("admin group {0:?} not found in /etc/group")]
+    NoGroup(String),
+    #[error(
+        "cannot reach the agent at {path} (is it running? are you root or in the admin group?)"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("admin socket {path}: {message}")]
+    Protocol { path: PathBuf, message: String },
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.next()?;
+        f.next()?.parse().ok()
+    })
+}
+
+/// Binds the socket (replacing a stale one) with restrictive permissions.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, AdminError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| AdminError::Bind {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        // A live agent answers; a stale socket file is removed.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another agent is listening on it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let gid = match group {
+        Some(g) => Some(group_id(g).ok_or_else(|| AdminError::NoGroup(g.into()))?),
+        None => None,
+    };
+    let listener = UnixListener::bind(path).map_err(err)?;
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    Ok(listener)
+}
+
+/// Serves admin requests until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    events: UnboundedSender<Event>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, events).await {
+                tracing::debug!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(64 * 1024);
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::ErrorKind::TimedOut)??;
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Err(e) => AdminReply::Error(format!("bad request: {e}")),
+        Ok(req) => {
+            let cmd = match req {
+                Request::Status => AdminCommand::Status,
+                Request::Drain => AdminCommand::Drain(true),
+                Request::Undrain => AdminCommand::Drain(false),
+                Request::Destroy { vm } => AdminCommand::DestroyVm(vm),
+            };
+            tracing::info!(request = ?line.trim(), "admin request");
+            let (tx, rx) = oneshot::channel();
+            if events.send(Event::Admin(cmd, tx)).is_err() {
+                AdminReply::Error("the scheduler is shutting down".into())
+            } else {
+                rx.await
+                    .unwrap_or_else(|_| AdminReply::Error("the scheduler is shutting down".into()))
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// Client side: sends one request, returns the reply.
+pub async fn request(path: &Path, req: &Request) -> Result<AdminReply, AdminError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| AdminError::Connect {
+            path: path.into(),
+            source,
+        })?;
+    let proto = |m: String| AdminError::Protocol {
+        path: path.into(),
+        message: m,
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(|e| proto(e.to_string()))?;
+    line.push(b'\n');
+    write
+        .write_all(&line)
+        .await
+        .map_err(|e| proto(e.to_string()))?;
+    let mut reply = String::new();
+    let mut reader = BufReader::new(read);
+    tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut reply))
+        .await
+        .map_err(|_| proto("no answer within 30 s".into()))?
+        .map_err(|e| proto(e.to_string()))?;
+    serde_json::from_str(reply.trim()).map_err(|e| proto(format!("bad reply: {e}")))
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+/// The human-readable form of `runnervisor status`.
+pub fn render_status(s: &crate::scheduler::Status) -> String {
+    let mut out = format!(
+        "runnervisor: {}; libvirt {}\n\n",
+        if s.draining {
+            "DRAINING (no new jobs)"
+        } else {
+            "taking jobs"
+        },
+        if s.libvirt_connected {
+            "connected"
+        } else {
+            "NOT CONNECTED"
+        }
+    );
+    let pools: Vec<Vec<String>> = s
+        .pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                format!("{}/{}", p.vms, p.max_vms),
+                p.queued.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["POOL", "VMS", "QUEUED"], &pools));
+    out.push('\n');
+    if s.queued.is_empty() {
+        out.push_str("no queued jobs\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .queued
+            .iter()
+            .map(|q| {
+                vec![
+                    q.job_id.to_string(),
+                    q.pool.clone(),
+                    q.repository.clone(),
+                    age(q.age_secs),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["QUEUED JOB", "POOL", "REPOSITORY", "AGE"], &rows));
+    }
+    out.push('\n');
+    if s.vms.is_empty() {
+        out.push_str("no VMs\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .vms
+            .iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    v.pool.clone(),
+                    v.state.clone(),
+                    age(v.age_secs),
+                    v.took_job
+                        .map(|j| j.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    v.runner_id
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    v.repository.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "VM",
+                "POOL",
+                "STATE",
+                "AGE",
+                "RUNNING JOB",
+                "RUNNER ID",
+                "MADE FOR",
+            ],
+            &rows,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        assert_eq!(
+            serde_json::to_string(&Request::Destroy {
+                vm: "rv-a-1".into()
+            })
+            .unwrap(),
+            r#"{"cmd":"destroy","vm":"rv-a-1"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"drain"}"#).unwrap(),
+            Request::Drain
+        );
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_stale_files_are_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::test_support::tempdir();
+        let path = dir.join("admin.sock");
+        std::fs::write(&path, "").unwrap();
+        let listener = bind(&path, None).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(bind(&path, None).is_err(), "a live socket is not replaced");
+        drop(listener);
+        assert!(matches!(
+            bind(&dir.join("b.sock"), Some("no-such-group-xyz")),
+            Err(AdminError::NoGroup(_))
+        ));
+    }
+}

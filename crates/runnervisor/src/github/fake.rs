@@ -1,0 +1,150 @@
+//! An in-memory [`GitHub`] for unit tests: runners in a map, failures on demand.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, QueuedJob, RunnerInfo};
+use crate::secret::Secret;
+
+#[derive(Default)]
+pub struct FakeState {
+    pub runners: BTreeMap<u64, RunnerInfo>,
+    pub next_id: u64,
+    /// Fail the next N calls of any kind with a 502.
+    pub fail_next: u32,
+    pub jobs: BTreeMap<u64, JobStatus>,
+    pub deleted: Vec<String>,
+    pub calls: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct FakeGitHub {
+    pub state: Mutex<FakeState>,
+}
+
+impl FakeGitHub {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(&self, call: &str) -> Result<std::sync::MutexGuard<'_, FakeState>, GhError> {
+        let mut s = self.lock();
+        s.calls.push(call.to_string());
+        if s.fail_next > 0 {
+            s.fail_next -= 1;
+            return Err(GhError::Status {
+                method: "X".into(),
+                path: call.into(),
+                status: 502,
+                message: "injected".into(),
+            });
+        }
+        Ok(s)
+    }
+
+    /// A runner connects (what the runner in the VM would do).
+    pub fn set_runner(&self, name: &str, online: bool, busy: bool) {
+        let mut s = self.lock();
+        if let Some(r) = s.runners.values_mut().find(|r| r.name == name) {
+            r.online = online;
+            r.busy = busy;
+        }
+    }
+
+    pub fn runner_names(&self) -> Vec<String> {
+        self.lock()
+            .runners
+            .values()
+            .map(|r| r.name.clone())
+            .collect()
+    }
+}
+
+impl GitHub for FakeGitHub {
+    async fn generate_jit_config(
+        &self,
+        name: &str,
+        _labels: &[String],
+        _group: u64,
+    ) -> Result<JitRunner, GhError> {
+        let mut s = self.enter("jit")?;
+        if s.runners.values().any(|r| r.name == name) {
+            return Err(GhError::Status {
+                method: "POST".into(),
+                path: "jit".into(),
+                status: 409,
+                message: "exists".into(),
+            });
+        }
+        s.next_id += 1;
+        let id = s.next_id;
+        s.runners.insert(
+            id,
+            RunnerInfo {
+                id,
+                name: name.into(),
+                online: false,
+                busy: false,
+            },
+        );
+        Ok(JitRunner {
+            runner_id: id,
+            encoded: Secret::new(format!("jit-{name}")),
+        })
+    }
+
+    async fn registration_token(&self) -> Result<Secret, GhError> {
+        drop(self.enter("token")?);
+        Ok(Secret::new("REGTOKEN"))
+    }
+
+    async fn runner_group_id(&self, _name: &str) -> Result<u64, GhError> {
+        drop(self.enter("group")?);
+        Ok(1)
+    }
+
+    async fn list_runners(&self) -> Result<Vec<RunnerInfo>, GhError> {
+        Ok(self.enter("list")?.runners.values().cloned().collect())
+    }
+
+    async fn find_runner(&self, name: &str) -> Result<Option<RunnerInfo>, GhError> {
+        Ok(self
+            .enter("find")?
+            .runners
+            .values()
+            .find(|r| r.name == name)
+            .cloned())
+    }
+
+    async fn delete_runner(&self, id: u64) -> Result<Deleted, GhError> {
+        let mut s = self.enter("delete")?;
+        match s.runners.get(&id).cloned() {
+            None => Ok(Deleted::NotFound),
+            Some(r) if r.busy => Ok(Deleted::Busy),
+            Some(r) => {
+                s.runners.remove(&id);
+                s.deleted.push(r.name);
+                Ok(Deleted::Deleted)
+            }
+        }
+    }
+
+    async fn job_status(&self, _repo: &str, job_id: u64) -> Result<Option<JobStatus>, GhError> {
+        Ok(self.enter("job")?.jobs.get(&job_id).cloned())
+    }
+
+    async fn queued_jobs(&self, _repo: &str) -> Result<Vec<QueuedJob>, GhError> {
+        drop(self.enter("queued")?);
+        Ok(Vec::new())
+    }
+
+    async fn list_deliveries(&self, _max: usize) -> Result<Vec<DeliveryInfo>, GhError> {
+        drop(self.enter("deliveries")?);
+        Ok(Vec::new())
+    }
+
+    async fn redeliver(&self, _id: u64) -> Result<(), GhError> {
+        drop(self.enter("redeliver")?);
+        Ok(())
+    }
+}

@@ -1,0 +1,438 @@
+//! Pure builders of libvirt XML (domain, volumes) and the parser of runnervisor's domain
+//! metadata. Every text and attribute value goes through [`Xml`], which escapes it.
+
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::config::{DomainType, NetworkConfig};
+
+/// runnervisor's XML namespace for `<metadata>` (see `virsh metadata NAME --uri ...`).
+pub const METADATA_NS: &str = "https://runnervisor.dev/xmlns/domain/1";
+pub const METADATA_PREFIX: &str = "runnervisor";
+
+/// A tiny XML writer that escapes every value it is given.
+#[derive(Default)]
+pub struct Xml {
+    out: String,
+    open: Vec<&'static str>,
+}
+
+pub fn escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&apos;"),
+            // XML 1.0 forbids most control characters even when escaped: drop them.
+            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+impl Xml {
+    fn indent(&mut self) {
+        for _ in 0..self.open.len() {
+            self.out.push_str("  ");
+        }
+    }
+    fn start(&mut self, tag: &str, attrs: &[(&str, &str)]) {
+        self.indent();
+        let _ = write!(self.out, "<{tag}");
+        for (k, v) in attrs {
+            let _ = write!(self.out, " {k}=\"{}\"", escape(v));
+        }
+    }
+    pub fn open(&mut self, tag: &'static str, attrs: &[(&str, &str)]) -> &mut Self {
+        self.start(tag, attrs);
+        self.out.push_str(">\n");
+        self.open.push(tag);
+        self
+    }
+    pub fn close(&mut self) -> &mut Self {
+        let tag = self.open.pop().expect("close without open");
+        self.indent();
+        let _ = writeln!(self.out, "</{tag}>");
+        self
+    }
+    pub fn empty(&mut self, tag: &str, attrs: &[(&str, &str)]) -> &mut Self {
+        self.start(tag, attrs);
+        self.out.push_str("/>\n");
+        self
+    }
+    pub fn text(&mut self, tag: &str, attrs: &[(&str, &str)], text: &str) -> &mut Self {
+        self.start(tag, attrs);
+        let _ = writeln!(self.out, ">{}</{tag}>", escape(text));
+        self
+    }
+    pub fn finish(self) -> String {
+        assert!(self.open.is_empty(), "unclosed elements: {:?}", self.open);
+        self.out
+    }
+}
+
+/// What runnervisor records about a VM inside its domain (`<metadata>`), so a restarted
+/// agent can recognize and re-adopt it, and an operator can read it with virsh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmMetadata {
+    pub job_id: u64,
+    pub run_id: u64,
+    pub repository: String,
+    pub pool: String,
+    pub runner_name: String,
+    pub created: SystemTime,
+    pub console_log: PathBuf,
+    pub job_url: String,
+}
+
+/// Everything the domain XML is made from.
+#[derive(Debug, Clone)]
+pub struct DomainSpec<'a> {
+    pub name: &'a str,
+    pub domain_type: DomainType,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub overlay_path: &'a Path,
+    pub seed_path: &'a Path,
+    pub kernel: Option<&'a Path>,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: Option<&'a str>,
+    pub network: &'a NetworkConfig,
+    pub title: &'a str,
+    pub description: &'a str,
+    pub metadata: &'a VmMetadata,
+}
+
+pub fn domain(spec: &DomainSpec<'_>) -> String {
+    let mut x = Xml::default();
+    x.open("domain", &[("type", spec.domain_type.as_str())]);
+    x.text("name", &[], spec.name);
+    x.text("title", &[], spec.title);
+    x.text("description", &[], spec.description);
+    x.open("metadata", &[]);
+    metadata_element(&mut x, spec.metadata);
+    x.close();
+    x.text("memory", &[("unit", "MiB")], &spec.memory_mib.to_string());
+    x.text("vcpu", &[], &spec.vcpus.to_string());
+    x.open("os", &[]);
+    x.text("type", &[("arch", "x86_64"), ("machine", "q35")], "hvm");
+    if let Some(k) = spec.kernel {
+        x.text("kernel", &[], &k.to_string_lossy());
+        if let Some(i) = spec.initrd {
+            x.text("initrd", &[], &i.to_string_lossy());
+        }
+        x.text(
+            "cmdline",
+            &[],
+            spec.cmdline.unwrap_or("root=LABEL=root rw console=ttyS0"),
+        );
+    } else {
+        x.empty("boot", &[("dev", "hd")]);
+    }
+    x.close();
+    x.open("features", &[]).empty("acpi", &[]).close();
+    // KVM: the host CPU. TCG: QEMU's default model, which every x86-64 guest runs on.
+    if spec.domain_type == DomainType::Kvm {
+        x.empty("cpu", &[("mode", "host-passthrough"), ("check", "none")]);
+    }
+    x.empty("clock", &[("offset", "utc")]);
+    x.text("on_poweroff", &[], "destroy");
+    x.text("on_reboot", &[], "destroy");
+    x.text("on_crash", &[], "destroy");
+    x.open("devices", &[]);
+    x.open("disk", &[("type", "file"), ("device", "disk")]);
+    x.empty(
+        "driver",
+        &[("name", "qemu"), ("type", "qcow2"), ("discard", "unmap")],
+    );
+    x.empty("source", &[("file", &spec.overlay_path.to_string_lossy())]);
+    x.empty("target", &[("dev", "vda"), ("bus", "virtio")]);
+    x.close();
+    x.open("disk", &[("type", "file"), ("device", "disk")]);
+    x.empty("driver", &[("name", "qemu"), ("type", "raw")]);
+    x.empty("source", &[("file", &spec.seed_path.to_string_lossy())]);
+    x.empty("target", &[("dev", "vdb"), ("bus", "virtio")]);
+    x.empty("readonly", &[]);
+    x.close();
+    match spec.network {
+        NetworkConfig::User => x.open("interface", &[("type", "user")]),
+        NetworkConfig::Network { name } => x
+            .open("interface", &[("type", "network")])
+            .empty("source", &[("network", name)]),
+        NetworkConfig::Bridge { name } => x
+            .open("interface", &[("type", "bridge")])
+            .empty("source", &[("bridge", name)]),
+    };
+    x.empty("model", &[("type", "virtio")]);
+    x.close();
+    x.open("serial", &[("type", "file")]);
+    x.empty(
+        "source",
+        &[
+            ("path", &spec.metadata.console_log.to_string_lossy()),
+            ("append", "off"),
+        ],
+    );
+    x.open("target", &[("port", "0")]).close();
+    x.close();
+    x.open("console", &[("type", "file")]);
+    x.empty(
+        "source",
+        &[
+            ("path", &spec.metadata.console_log.to_string_lossy()),
+            ("append", "off"),
+        ],
+    );
+    x.empty("target", &[("type", "serial"), ("port", "0")]);
+    x.close();
+    x.open("rng", &[("model", "virtio")]);
+    x.text("backend", &[("model", "random")], "/dev/urandom");
+    x.close();
+    x.open("video", &[])
+        .empty("model", &[("type", "none")])
+        .close();
+    x.empty("memballoon", &[("model", "none")]);
+    x.close();
+    x.close();
+    x.finish()
+}
+
+fn metadata_element(x: &mut Xml, m: &VmMetadata) {
+    x.open("runnervisor:vm", &[("xmlns:runnervisor", METADATA_NS)]);
+    x.text("runnervisor:job-id", &[], &m.job_id.to_string());
+    x.text("runnervisor:run-id", &[], &m.run_id.to_string());
+    x.text("runnervisor:repository", &[], &m.repository);
+    x.text("runnervisor:pool", &[], &m.pool);
+    x.text("runnervisor:runner-name", &[], &m.runner_name);
+    x.text(
+        "runnervisor:created",
+        &[],
+        &humantime::format_rfc3339_seconds(m.created).to_string(),
+    );
+    x.text(
+        "runnervisor:console-log",
+        &[],
+        &m.console_log.to_string_lossy(),
+    );
+    x.text("runnervisor:job-url", &[], &m.job_url);
+    x.close();
+}
+
+/// Parses the element libvirt returns for `metadata(ELEMENT, METADATA_NS)`.
+pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().namespace() != Some(METADATA_NS) {
+        return None;
+    }
+    let get = |name: &str| {
+        root.children()
+            .find(|n| n.is_element() && n.tag_name().name() == name)
+            .map(|n| n.text().unwrap_or("").to_string())
+    };
+    Some(VmMetadata {
+        job_id: get("job-id")?.parse().ok()?,
+        run_id: get("run-id")?.parse().ok()?,
+        repository: get("repository")?,
+        pool: get("pool")?,
+        runner_name: get("runner-name")?,
+        created: humantime::parse_rfc3339(&get("created")?).ok()?,
+        console_log: get("console-log")?.into(),
+        job_url: get("job-url").unwrap_or_default(),
+    })
+}
+
+/// A qcow2 overlay backed by the golden image.
+pub fn overlay_volume(name: &str, capacity_bytes: u64, backing: &Path) -> String {
+    let mut x = Xml::default();
+    x.open("volume", &[]);
+    x.text("name", &[], name);
+    x.text(
+        "capacity",
+        &[("unit", "bytes")],
+        &capacity_bytes.to_string(),
+    );
+    x.open("target", &[]);
+    x.empty("format", &[("type", "qcow2")]);
+    x.open("permissions", &[]).text("mode", &[], "0600").close();
+    x.close();
+    x.open("backingStore", &[]);
+    x.text("path", &[], &backing.to_string_lossy());
+    x.empty("format", &[("type", "qcow2")]);
+    x.close();
+    x.close();
+    x.finish()
+}
+
+/// A raw volume for the NoCloud seed, readable by its owner only.
+pub fn raw_volume(name: &str, capacity_bytes: u64) -> String {
+    let mut x = Xml::default();
+    x.open("volume", &[]);
+    x.text("name", &[], name);
+    x.text(
+        "capacity",
+        &[("unit", "bytes")],
+        &capacity_bytes.to_string(),
+    );
+    x.text(
+        "allocation",
+        &[("unit", "bytes")],
+        &capacity_bytes.to_string(),
+    );
+    x.open("target", &[]);
+    x.empty("format", &[("type", "raw")]);
+    x.open("permissions", &[]).text("mode", &[], "0600").close();
+    x.close();
+    x.close();
+    x.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NASTY: &str = "a<b>&c'd\"e]]>\u{1}";
+
+    fn meta() -> VmMetadata {
+        VmMetadata {
+            job_id: 30_000_000_001,
+            run_id: 20_000_000_001,
+            repository: format!("octo-org/{NASTY}"),
+            pool: "small".into(),
+            runner_name: "rv-small-30000000001".into(),
+            created: humantime::parse_rfc3339("2026-11-29T12:00:00Z").unwrap(),
+            console_log: "/var/log/runnervisor/console/rv-small-30000000001.log".into(),
+            job_url: format!("https://github.com/octo-org/x/actions/runs/1/job/2?{NASTY}"),
+        }
+    }
+
+    fn spec<'a>(
+        m: &'a VmMetadata,
+        net: &'a NetworkConfig,
+        kernel: Option<&'a Path>,
+    ) -> DomainSpec<'a> {
+        DomainSpec {
+            name: "rv-small-30000000001",
+            domain_type: DomainType::Qemu,
+            vcpus: 2,
+            memory_mib: 512,
+            overlay_path: Path::new("/pool/rv-small-30000000001.qcow2"),
+            seed_path: Path::new("/pool/rv-small-30000000001-seed.img"),
+            kernel,
+            initrd: kernel.map(|_| Path::new("/img/initrd.img")),
+            cmdline: None,
+            network: net,
+            title: NASTY,
+            description: NASTY,
+            metadata: m,
+        }
+    }
+
+    #[test]
+    fn domain_xml_is_well_formed_and_escaped() {
+        let m = meta();
+        let xml = domain(&spec(
+            &m,
+            &NetworkConfig::User,
+            Some(Path::new("/img/vmlinuz")),
+        ));
+        let doc = roxmltree::Document::parse(&xml).expect("well-formed");
+        let root = doc.root_element();
+        assert_eq!(root.attribute("type"), Some("qemu"));
+        let text = |tag: &str| {
+            root.descendants()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(str::to_string)
+        };
+        assert_eq!(text("name").as_deref(), Some("rv-small-30000000001"));
+        assert_eq!(
+            text("title").as_deref(),
+            Some("a<b>&c'd\"e]]>"),
+            "control chars dropped, the rest exact"
+        );
+        assert_eq!(text("kernel").as_deref(), Some("/img/vmlinuz"));
+        assert_eq!(
+            text("cmdline").as_deref(),
+            Some("root=LABEL=root rw console=ttyS0")
+        );
+        assert_eq!(text("on_poweroff").as_deref(), Some("destroy"));
+        let disks: Vec<_> = root
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .collect();
+        assert_eq!(disks.len(), 2);
+        assert!(disks[1].children().any(|n| n.has_tag_name("readonly")));
+        assert!(
+            root.descendants()
+                .any(|n| n.has_tag_name("interface") && n.attribute("type") == Some("user"))
+        );
+        // The metadata element round-trips through the parser.
+        let md = root
+            .descendants()
+            .find(|n| n.tag_name().namespace() == Some(METADATA_NS))
+            .unwrap();
+        let mut expected = m.clone();
+        expected.repository = expected.repository.replace('\u{1}', "");
+        expected.job_url = expected.job_url.replace('\u{1}', "");
+        assert_eq!(parse_metadata(&xml[md.range()]), Some(expected));
+        assert!(
+            !root.descendants().any(|n| n.has_tag_name("cpu")),
+            "TCG uses QEMU's default CPU"
+        );
+    }
+
+    #[test]
+    fn kvm_without_kernel_boots_from_disk_on_a_bridge() {
+        let m = meta();
+        let net = NetworkConfig::Bridge { name: "br0".into() };
+        let mut s = spec(&m, &net, None);
+        s.domain_type = DomainType::Kvm;
+        let xml = domain(&s);
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let root = doc.root_element();
+        assert_eq!(root.attribute("type"), Some("kvm"));
+        assert!(
+            root.descendants()
+                .any(|n| n.has_tag_name("boot") && n.attribute("dev") == Some("hd"))
+        );
+        assert!(!root.descendants().any(|n| n.has_tag_name("kernel")));
+        assert!(
+            root.descendants()
+                .any(|n| n.has_tag_name("source") && n.attribute("bridge") == Some("br0"))
+        );
+        assert!(
+            root.descendants()
+                .any(|n| n.has_tag_name("cpu") && n.attribute("mode") == Some("host-passthrough"))
+        );
+    }
+
+    #[test]
+    fn metadata_from_another_namespace_is_not_ours() {
+        assert_eq!(
+            parse_metadata("<vm xmlns=\"urn:other\"><job-id>1</job-id></vm>"),
+            None
+        );
+        assert_eq!(parse_metadata("not xml"), None);
+    }
+
+    #[test]
+    fn volume_xml() {
+        let v = overlay_volume(
+            "rv-a-1.qcow2",
+            10 << 30,
+            Path::new("/img/golden & co.qcow2"),
+        );
+        let doc = roxmltree::Document::parse(&v).unwrap();
+        let path = doc.descendants().find(|n| n.has_tag_name("path")).unwrap();
+        assert_eq!(path.text(), Some("/img/golden & co.qcow2"));
+        assert!(v.contains("<mode>0600</mode>"));
+        let r = raw_volume("rv-a-1-seed.img", 1 << 20);
+        assert!(roxmltree::Document::parse(&r).is_ok());
+    }
+}

@@ -1,0 +1,177 @@
+//! An in-memory [`Hypervisor`] for unit tests of the scheduler: domains and volumes in
+//! maps, failures on demand, and `stop(name)` to play a guest powering off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{
+    DomainState, HvError, HvEvent, Hypervisor, VmInfo, domain_xml, overlay_volume_name,
+    seed_volume_name,
+};
+
+#[derive(Default)]
+pub struct FakeState {
+    pub domains: BTreeMap<String, (DomainState, String)>,
+    pub volumes: BTreeSet<String>,
+    /// Contents of seed volumes, by VM.
+    pub seeds: BTreeMap<String, Vec<u8>>,
+    /// While set, every call fails as if libvirtd were away.
+    pub unavailable: bool,
+    /// Fail the next N `define_and_start` calls.
+    pub fail_starts: u32,
+    /// Most VMs running at once, ever.
+    pub peak_running: usize,
+    pub started_total: usize,
+}
+
+pub struct FakeHypervisor {
+    pub state: Mutex<FakeState>,
+    events: UnboundedSender<HvEvent>,
+}
+
+impl FakeHypervisor {
+    pub fn new(events: UnboundedSender<HvEvent>) -> Self {
+        FakeHypervisor {
+            state: Mutex::new(FakeState::default()),
+            events,
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The guest powers off: the domain stops and an event is sent.
+    pub fn stop(&self, name: &str) {
+        if let Some(d) = self.lock().domains.get_mut(name) {
+            d.0 = DomainState::Stopped;
+        }
+        let _ = self.events.send(HvEvent::Stopped(name.to_string()));
+    }
+
+    pub fn running(&self) -> Vec<String> {
+        self.lock()
+            .domains
+            .iter()
+            .filter(|(_, (s, _))| *s == DomainState::Running)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn up(&self) -> Result<std::sync::MutexGuard<'_, FakeState>, HvError> {
+        let s = self.lock();
+        if s.unavailable {
+            return Err(HvError::Unavailable {
+                uri: "fake:///".into(),
+                message: "down".into(),
+            });
+        }
+        Ok(s)
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn check_pool(&self) -> Result<(), HvError> {
+        self.up().map(|_| ())
+    }
+
+    fn create_overlay(
+        &self,
+        vm: &str,
+        _backing: &Path,
+        _capacity: u64,
+    ) -> Result<PathBuf, HvError> {
+        let name = overlay_volume_name(vm);
+        self.up()?.volumes.insert(name.clone());
+        Ok(PathBuf::from("/fake").join(name))
+    }
+
+    fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError> {
+        let name = seed_volume_name(vm);
+        let mut s = self.up()?;
+        s.volumes.insert(name.clone());
+        s.seeds.insert(vm.to_string(), image.to_vec());
+        Ok(PathBuf::from("/fake").join(name))
+    }
+
+    fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {
+        self.up()?
+            .domains
+            .insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
+        Ok(())
+    }
+
+    fn start(&self, name: &str) -> Result<(), HvError> {
+        let mut s = self.up()?;
+        let xml = s
+            .domains
+            .get(name)
+            .map(|d| d.1.clone())
+            .ok_or_else(|| HvError::Libvirt {
+                op: "start",
+                name: name.into(),
+                message: "no such domain".into(),
+            })?;
+        if s.fail_starts > 0 {
+            s.fail_starts -= 1;
+            return Err(HvError::Libvirt {
+                op: "start",
+                name: name.into(),
+                message: "injected".into(),
+            });
+        }
+        s.domains
+            .insert(name.to_string(), (DomainState::Running, xml.to_string()));
+        s.started_total += 1;
+        let running = s
+            .domains
+            .values()
+            .filter(|(st, _)| *st == DomainState::Running)
+            .count();
+        s.peak_running = s.peak_running.max(running);
+        Ok(())
+    }
+
+    fn teardown(&self, vm: &str) -> Vec<HvError> {
+        let mut s = match self.up() {
+            Ok(s) => s,
+            Err(e) => return vec![e],
+        };
+        s.domains.remove(vm);
+        s.volumes.remove(&overlay_volume_name(vm));
+        s.volumes.remove(&seed_volume_name(vm));
+        s.seeds.remove(vm);
+        Vec::new()
+    }
+
+    fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
+        let s = self.up()?;
+        Ok(s.domains
+            .iter()
+            .map(|(name, (state, xml))| {
+                let metadata = roxmltree::Document::parse(xml).ok().and_then(|doc| {
+                    doc.descendants()
+                        .find(|n| n.tag_name().namespace() == Some(domain_xml::METADATA_NS))
+                        .and_then(|n| domain_xml::parse_metadata(&xml[n.range()]))
+                });
+                VmInfo {
+                    name: name.clone(),
+                    state: state.clone(),
+                    metadata,
+                }
+            })
+            .collect())
+    }
+
+    fn list_volumes(&self) -> Result<Vec<String>, HvError> {
+        Ok(self.up()?.volumes.iter().cloned().collect())
+    }
+
+    fn delete_volume(&self, name: &str) -> Result<(), HvError> {
+        self.up()?.volumes.remove(name);
+        Ok(())
+    }
+}

@@ -1,0 +1,477 @@
+//! The real [`Hypervisor`]: libvirt through the `virt` crate.
+//!
+//! - One process-wide libvirt event loop thread (required for lifecycle events and
+//!   keepalive); lifecycle events of `rv-` domains are forwarded as [`HvEvent`]s.
+//! - A keeper thread owns the connection: it connects, registers the event and close
+//!   callbacks, and when the connection breaks (libvirtd restarted) it reconnects with
+//!   backoff and sends [`HvEvent::Reconnected`] so the scheduler sweeps everything again.
+//!   While disconnected every call fails with [`HvError::Unavailable`]; nothing exits.
+
+use std::ffi::{CStr, c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+use virt::connect::Connect;
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
+use virt::sys;
+
+use super::{
+    DomainState, HvError, HvEvent, Hypervisor, PREFIX, VmInfo, domain_xml, overlay_volume_name,
+    seed_volume_name,
+};
+
+static EVENT_LOOP: Once = Once::new();
+
+/// Registers libvirt's default event implementation and runs it on a dedicated thread.
+/// Must happen before the first `Connect::open`.
+fn start_event_loop() {
+    EVENT_LOOP.call_once(|| {
+        virt::error::clear_error_callback();
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::error!(error = %e, "cannot register libvirt's event loop implementation");
+            return;
+        }
+        std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::warn!(error = %e, "libvirt event loop iteration failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .expect("spawn libvirt event thread");
+    });
+}
+
+pub struct Libvirt {
+    uri: String,
+    pool: String,
+    conn: Mutex<Option<Connect>>,
+    /// Set by the close callback (or a failed call) when the connection is gone.
+    broken: Arc<AtomicBool>,
+}
+
+/// Options of the keeper thread.
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+impl Libvirt {
+    /// Connects to `uri` (retrying in the background while libvirtd is away) and forwards
+    /// lifecycle events of our domains to `events`. Returns at once.
+    pub fn start(uri: &str, pool: &str, events: UnboundedSender<HvEvent>) -> Arc<Libvirt> {
+        start_event_loop();
+        let lv = Arc::new(Libvirt {
+            uri: uri.to_string(),
+            pool: pool.to_string(),
+            conn: Mutex::new(None),
+            broken: Arc::new(AtomicBool::new(false)),
+        });
+        let keeper = Arc::downgrade(&lv);
+        lv.try_connect(&events);
+        std::thread::Builder::new()
+            .name("libvirt-keeper".into())
+            .spawn(move || {
+                let mut delay = RECONNECT_MIN;
+                loop {
+                    std::thread::sleep(delay);
+                    let Some(lv) = keeper.upgrade() else { return };
+                    if lv.connected() {
+                        delay = RECONNECT_MIN;
+                        continue;
+                    }
+                    delay = if lv.try_connect(&events) {
+                        RECONNECT_MIN
+                    } else {
+                        (delay * 2).min(RECONNECT_MAX)
+                    };
+                }
+            })
+            .expect("spawn libvirt keeper thread");
+        lv
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Connect>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn connected(&self) -> bool {
+        !self.broken.load(Ordering::SeqCst) && self.lock().is_some()
+    }
+
+    /// Opens a connection and registers callbacks. Returns whether it is connected now.
+    fn try_connect(&self, events: &UnboundedSender<HvEvent>) -> bool {
+        let mut guard = self.lock();
+        let had = guard.is_some();
+        if let Some(old) = guard.take() {
+            // Closing a dead connection may fail, and virt's Drop panics on failure: leak it.
+            std::mem::forget(old);
+            tracing::warn!(uri = %self.uri, "libvirt connection lost; reconnecting");
+            let _ = events.send(HvEvent::Disconnected);
+        }
+        match Connect::open(Some(&self.uri)) {
+            Ok(conn) => {
+                if let Err(e) = conn.set_keep_alive(5, 3) {
+                    tracing::debug!(error = %e, "libvirt keepalive not enabled");
+                }
+                self.broken.store(false, Ordering::SeqCst);
+                register_callbacks(&conn, events.clone(), self.broken.clone());
+                *guard = Some(conn);
+                drop(guard);
+                if had {
+                    tracing::info!(uri = %self.uri, "libvirt connection re-established");
+                }
+                let _ = events.send(HvEvent::Reconnected);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(uri = %self.uri, error = %e.message(), "libvirt not reachable");
+                false
+            }
+        }
+    }
+
+    fn conn(&self) -> Result<Connect, HvError> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(self.unavailable("connection closed"));
+        }
+        self.lock()
+            .as_ref()
+            .cloned()
+            .ok_or_else(|| self.unavailable("not connected"))
+    }
+
+    fn unavailable(&self, message: &str) -> HvError {
+        HvError::Unavailable {
+            uri: self.uri.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Maps a libvirt error; connection-level errors mark the connection broken.
+    fn err(&self, op: &'static str, name: &str, e: virt::error::Error) -> HvError {
+        if matches!(
+            e.code(),
+            Enum::Known(ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc)
+        ) || (matches!(e.code(), Enum::Known(ErrorNumber::SystemError)) && !self.alive())
+        {
+            self.broken.store(true, Ordering::SeqCst);
+            return self.unavailable(e.message());
+        }
+        HvError::Libvirt {
+            op,
+            name: name.into(),
+            message: e.message().to_string(),
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|c| c.is_alive().unwrap_or(false))
+    }
+
+    fn storage_pool(&self, conn: &Connect) -> Result<StoragePool, HvError> {
+        let pool = conn
+            .lookup_storage_pool_by_name(&self.pool)
+            .map_err(|e| match e.code() {
+                Enum::Known(ErrorNumber::NoStoragePool) => HvError::PoolNotFound {
+                    pool: self.pool.clone(),
+                },
+                _ => self.err("lookup pool", &self.pool, e),
+            })?;
+        if !pool.is_active().unwrap_or(false) {
+            return Err(HvError::PoolNotFound {
+                pool: self.pool.clone(),
+            });
+        }
+        Ok(pool)
+    }
+
+    /// Creates a volume from XML, replacing a stale one of the same name.
+    fn create_volume(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        xml: &str,
+    ) -> Result<StorageVol, HvError> {
+        if let Ok(stale) = pool.lookup_storage_vol_by_name(name) {
+            tracing::warn!(volume = name, "replacing a stale volume");
+            stale
+                .delete(0)
+                .map_err(|e| self.err("delete stale volume", name, e))?;
+        }
+        StorageVol::create_xml(pool, xml, 0).map_err(|e| self.err("create volume", name, e))
+    }
+}
+
+fn is_code(e: &virt::error::Error, codes: &[ErrorNumber]) -> bool {
+    matches!(e.code(), Enum::Known(c) if codes.contains(&c))
+}
+
+impl Hypervisor for Libvirt {
+    fn check_pool(&self) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        self.storage_pool(&conn).map(|_| ())
+    }
+
+    fn create_overlay(&self, vm: &str, backing: &Path, capacity: u64) -> Result<PathBuf, HvError> {
+        let conn = self.conn()?;
+        let pool = self.storage_pool(&conn)?;
+        let name = overlay_volume_name(vm);
+        let vol = self.create_volume(
+            &pool,
+            &name,
+            &domain_xml::overlay_volume(&name, capacity, backing),
+        )?;
+        vol.path()
+            .map(PathBuf::from)
+            .map_err(|e| self.err("volume path", &name, e))
+    }
+
+    fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError> {
+        let conn = self.conn()?;
+        let pool = self.storage_pool(&conn)?;
+        let name = seed_volume_name(vm);
+        let vol = self.create_volume(
+            &pool,
+            &name,
+            &domain_xml::raw_volume(&name, image.len() as u64),
+        )?;
+        let stream = Stream::new(&conn, 0).map_err(|e| self.err("new stream", &name, e))?;
+        vol.upload(&stream, 0, image.len() as u64, 0)
+            .map_err(|e| self.err("upload", &name, e))?;
+        let mut off = 0;
+        while off < image.len() {
+            let n = stream
+                .send(&image[off..])
+                .map_err(|e| self.err("upload", &name, e))?;
+            if n <= 0 {
+                return Err(HvError::Libvirt {
+                    op: "upload",
+                    name,
+                    message: "stream refused data".into(),
+                });
+            }
+            off += n as usize;
+        }
+        stream.finish().map_err(|e| self.err("upload", &name, e))?;
+        vol.path()
+            .map(PathBuf::from)
+            .map_err(|e| self.err("volume path", &name, e))
+    }
+
+    fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        conn.define_domain_xml(xml)
+            .map(|_| ())
+            .map_err(|e| self.err("define", name, e))
+    }
+
+    fn start(&self, name: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let dom = conn
+            .lookup_domain_by_name(name)
+            .map_err(|e| self.err("lookup domain", name, e))?;
+        dom.create().map_err(|e| self.err("start", name, e))
+    }
+
+    fn teardown(&self, vm: &str) -> Vec<HvError> {
+        let mut errors = Vec::new();
+        let conn = match self.conn() {
+            Ok(c) => c,
+            Err(e) => return vec![e],
+        };
+        match conn.lookup_domain_by_name(vm) {
+            Ok(dom) => {
+                if dom.is_active().unwrap_or(true) {
+                    if let Err(e) = dom.destroy() {
+                        if !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid]) {
+                            errors.push(self.err("destroy", vm, e));
+                        }
+                    }
+                }
+                if let Err(e) = dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
+                    if !is_code(&e, &[ErrorNumber::NoDomain]) {
+                        errors.push(self.err("undefine", vm, e));
+                    }
+                }
+            }
+            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => {}
+            Err(e) => errors.push(self.err("lookup domain", vm, e)),
+        }
+        match self.storage_pool(&conn) {
+            Ok(pool) => {
+                for name in [overlay_volume_name(vm), seed_volume_name(vm)] {
+                    match pool.lookup_storage_vol_by_name(&name) {
+                        Ok(vol) => {
+                            if let Err(e) = vol.delete(0) {
+                                errors.push(self.err("delete volume", &name, e));
+                            }
+                        }
+                        Err(e) if is_code(&e, &[ErrorNumber::NoStorageVolume]) => {}
+                        Err(e) => errors.push(self.err("lookup volume", &name, e)),
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        errors
+    }
+
+    fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
+        let conn = self.conn()?;
+        let doms = conn
+            .list_all_domains(0)
+            .map_err(|e| self.err("list domains", "", e))?;
+        let mut out = Vec::new();
+        for dom in doms {
+            let Ok(name) = dom.name() else { continue };
+            if !name.starts_with(PREFIX) {
+                continue;
+            }
+            let state = if dom.is_active().unwrap_or(false) {
+                DomainState::Running
+            } else {
+                DomainState::Stopped
+            };
+            let metadata = dom
+                .metadata(
+                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                    Some(domain_xml::METADATA_NS),
+                    0,
+                )
+                .ok()
+                .and_then(|x| domain_xml::parse_metadata(&x));
+            out.push(VmInfo {
+                name,
+                state,
+                metadata,
+            });
+        }
+        Ok(out)
+    }
+
+    fn list_volumes(&self) -> Result<Vec<String>, HvError> {
+        let conn = self.conn()?;
+        let pool = self.storage_pool(&conn)?;
+        let _ = pool.refresh(0);
+        let names = pool
+            .list_volumes()
+            .map_err(|e| self.err("list volumes", &self.pool, e))?;
+        Ok(names
+            .into_iter()
+            .filter(|n| n.starts_with(PREFIX))
+            .collect())
+    }
+
+    fn delete_volume(&self, name: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let pool = self.storage_pool(&conn)?;
+        match pool.lookup_storage_vol_by_name(name) {
+            Ok(vol) => vol
+                .delete(0)
+                .map_err(|e| self.err("delete volume", name, e)),
+            Err(e) if is_code(&e, &[ErrorNumber::NoStorageVolume]) => Ok(()),
+            Err(e) => Err(self.err("lookup volume", name, e)),
+        }
+    }
+}
+
+// ---- raw callbacks (the virt crate exposes lifecycle events only as FFI) ----
+
+unsafe extern "C" fn lifecycle_cb(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    event: c_int,
+    _detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    // SAFETY: opaque is the Box<UnboundedSender> registered below, alive until free_sender.
+    let tx = unsafe { &*(opaque as *const UnboundedSender<HvEvent>) };
+    // SAFETY: dom is valid for the duration of the callback; the name is owned by it.
+    let name_ptr = unsafe { sys::virDomainGetName(dom) };
+    if name_ptr.is_null() {
+        return 0;
+    }
+    let name = unsafe { CStr::from_ptr(name_ptr) }
+        .to_string_lossy()
+        .into_owned();
+    if !name.starts_with(PREFIX) {
+        return 0;
+    }
+    let ev = match event as u32 {
+        sys::VIR_DOMAIN_EVENT_STARTED => Some(HvEvent::Started(name)),
+        sys::VIR_DOMAIN_EVENT_STOPPED => Some(HvEvent::Stopped(name)),
+        _ => None,
+    };
+    if let Some(ev) = ev {
+        let _ = tx.send(ev);
+    }
+    0
+}
+
+unsafe extern "C" fn free_sender(opaque: *mut c_void) {
+    // SAFETY: created by Box::into_raw in register_callbacks; freed exactly once by libvirt.
+    drop(unsafe { Box::from_raw(opaque as *mut UnboundedSender<HvEvent>) });
+}
+
+unsafe extern "C" fn close_cb(_conn: sys::virConnectPtr, _reason: c_int, opaque: *mut c_void) {
+    // SAFETY: opaque is the Arc<AtomicBool> leaked below, freed in free_flag.
+    let flag = unsafe { &*(opaque as *const AtomicBool) };
+    flag.store(true, Ordering::SeqCst);
+}
+
+unsafe extern "C" fn free_flag(opaque: *mut c_void) {
+    // SAFETY: created by Arc::into_raw in register_callbacks.
+    drop(unsafe { Arc::from_raw(opaque as *const AtomicBool) });
+}
+
+fn register_callbacks(conn: &Connect, events: UnboundedSender<HvEvent>, broken: Arc<AtomicBool>) {
+    let opaque = Box::into_raw(Box::new(events)) as *mut c_void;
+    // SAFETY: the lifecycle callback has the virConnectDomainEventCallback signature, which
+    // libvirt expects for VIR_DOMAIN_EVENT_ID_LIFECYCLE despite the generic pointer type.
+    let cb: sys::virConnectDomainEventGenericCallback = unsafe {
+        std::mem::transmute::<
+            unsafe extern "C" fn(
+                sys::virConnectPtr,
+                sys::virDomainPtr,
+                c_int,
+                c_int,
+                *mut c_void,
+            ) -> c_int,
+            sys::virConnectDomainEventGenericCallback,
+        >(lifecycle_cb)
+    };
+    let id = unsafe {
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
+            cb,
+            opaque,
+            Some(free_sender),
+        )
+    };
+    if id < 0 {
+        tracing::error!(
+            "cannot register for libvirt lifecycle events; relying on the periodic sweep"
+        );
+        unsafe { free_sender(opaque) };
+    }
+    let flag = Arc::into_raw(broken) as *mut c_void;
+    let rc = unsafe {
+        sys::virConnectRegisterCloseCallback(conn.as_ptr(), Some(close_cb), flag, Some(free_flag))
+    };
+    if rc < 0 {
+        unsafe { free_flag(flag) };
+    }
+}

@@ -1,0 +1,210 @@
+//! The seam to the hypervisor. Only this module talks to libvirt.
+//!
+//! [`Hypervisor`] is synchronous (libvirt calls block); the scheduler calls it from
+//! `spawn_blocking`. [`libvirt::Libvirt`] is the real implementation, [`fake::FakeHypervisor`]
+//! an in-memory one for unit tests. Lifecycle events arrive as [`HvEvent`]s on a channel.
+
+pub mod domain_xml;
+pub mod fake;
+pub mod libvirt;
+pub mod seed;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub use domain_xml::VmMetadata;
+
+/// Every domain and volume runnervisor creates starts with this.
+pub const PREFIX: &str = "rv-";
+
+/// `rv-<pool>-<job id>`, and `-<n>` for the n-th VM made for the same job.
+pub fn vm_name(pool: &str, job_id: u64, attempt: u32) -> String {
+    if attempt <= 1 {
+        format!("{PREFIX}{pool}-{job_id}")
+    } else {
+        format!("{PREFIX}{pool}-{job_id}-{attempt}")
+    }
+}
+
+pub fn overlay_volume_name(vm: &str) -> String {
+    format!("{vm}.qcow2")
+}
+
+pub fn seed_volume_name(vm: &str) -> String {
+    format!("{vm}-seed.img")
+}
+
+/// The VM a volume belongs to, if it is one of ours.
+pub fn vm_of_volume(volume: &str) -> Option<&str> {
+    if !volume.starts_with(PREFIX) {
+        return None;
+    }
+    volume
+        .strip_suffix("-seed.img")
+        .or_else(|| volume.strip_suffix(".qcow2"))
+}
+
+/// Whether a runner or domain name has the shape of a VM of `pool`.
+pub fn is_vm_of_pool(name: &str, pool: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .and_then(|r| r.strip_prefix(pool))
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|rest| {
+            let mut parts = rest.split('-');
+            let job_ok = parts
+                .next()
+                .is_some_and(|j| !j.is_empty() && j.bytes().all(|b| b.is_ascii_digit()));
+            let attempt_ok = parts
+                .next()
+                .is_none_or(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
+            job_ok && attempt_ok && parts.next().is_none()
+        })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    /// Defined but not running (shut off, crashed, ...).
+    Stopped,
+}
+
+/// A domain of ours as found on the hypervisor.
+#[derive(Debug, Clone)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: DomainState,
+    pub metadata: Option<VmMetadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub virtual_size: u64,
+}
+
+/// Lifecycle news from the hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HvEvent {
+    Started(String),
+    Stopped(String),
+    /// The connection was lost; operations fail until [`HvEvent::Reconnected`].
+    Disconnected,
+    /// A new connection is up and events are registered again: time for a full sweep.
+    Reconnected,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("libvirt at {uri} is not reachable: {message}")]
+    Unavailable { uri: String, message: String },
+    #[error("storage pool {pool:?} not found or not active (virsh pool-info {pool})")]
+    PoolNotFound { pool: String },
+    #[error("golden image {path} not found or unreadable: {message}")]
+    ImageMissing { path: PathBuf, message: String },
+    #[error("golden image {path} is not a qcow2 image")]
+    ImageNotQcow2 { path: PathBuf },
+    #[error(
+        "golden image {path} is {image_size} bytes, larger than the pool's disk of {disk_size} bytes"
+    )]
+    ImageTooLarge {
+        path: PathBuf,
+        image_size: u64,
+        disk_size: u64,
+    },
+    #[error("{op} {name}: {message}")]
+    Libvirt {
+        op: &'static str,
+        name: String,
+        message: String,
+    },
+}
+
+impl HvError {
+    /// Errors of the environment (connection, pool, image, disk) rather than of one VM:
+    /// the job stays queued and provisioning backs off.
+    pub fn is_environmental(&self) -> bool {
+        !matches!(self, HvError::Libvirt { .. })
+    }
+}
+
+/// What runnervisor needs from a hypervisor. All methods block.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Checks that the storage pool is there and active.
+    fn check_pool(&self) -> Result<(), HvError>;
+    /// Creates the VM's qcow2 overlay over `backing`, through the storage API; returns its path.
+    fn create_overlay(&self, vm: &str, backing: &Path, capacity: u64) -> Result<PathBuf, HvError>;
+    /// Creates the VM's seed volume with `image` as content, through the storage API.
+    fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError>;
+    /// Defines the (persistent) domain.
+    fn define(&self, name: &str, xml: &str) -> Result<(), HvError>;
+    /// Starts a defined domain.
+    fn start(&self, name: &str) -> Result<(), HvError>;
+    /// Destroys, undefines, and deletes the VM's volumes. Idempotent: what is already gone
+    /// is not an error. Keeps going on errors and returns all of them.
+    fn teardown(&self, vm: &str) -> Vec<HvError>;
+    /// Domains of ours (by name prefix), with their metadata.
+    fn list_vms(&self) -> Result<Vec<VmInfo>, HvError>;
+    /// Volumes of ours in the job storage pool.
+    fn list_volumes(&self) -> Result<Vec<String>, HvError>;
+    /// Deletes one volume of ours; a missing volume is not an error.
+    fn delete_volume(&self, name: &str) -> Result<(), HvError>;
+}
+
+/// Reads the qcow2 header of a golden image: magic and virtual size.
+pub fn check_image(path: &Path) -> Result<ImageInfo, HvError> {
+    let missing = |e: std::io::Error| HvError::ImageMissing {
+        path: path.into(),
+        message: e.to_string(),
+    };
+    let mut f = std::fs::File::open(path).map_err(missing)?;
+    let mut header = [0u8; 32];
+    f.read_exact(&mut header)
+        .map_err(|_| HvError::ImageNotQcow2 { path: path.into() })?;
+    if &header[0..4] != b"QFI\xfb" {
+        return Err(HvError::ImageNotQcow2 { path: path.into() });
+    }
+    let virtual_size = u64::from_be_bytes(header[24..32].try_into().expect("8 bytes"));
+    Ok(ImageInfo { virtual_size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(vm_name("small", 30_000_000_001, 1), "rv-small-30000000001");
+        assert_eq!(vm_name("small", 7, 2), "rv-small-7-2");
+        assert_eq!(vm_of_volume("rv-small-7.qcow2"), Some("rv-small-7"));
+        assert_eq!(vm_of_volume("rv-small-7-2-seed.img"), Some("rv-small-7-2"));
+        assert_eq!(vm_of_volume("golden.qcow2"), None);
+        assert!(is_vm_of_pool("rv-small-7", "small"));
+        assert!(is_vm_of_pool("rv-small-7-3", "small"));
+        assert!(!is_vm_of_pool("rv-small-big-7", "small"));
+        assert!(!is_vm_of_pool("rv-small-", "small"));
+        assert!(!is_vm_of_pool("rv-smaller-7", "small"));
+        assert!(!is_vm_of_pool("other-small-7", "small"));
+    }
+
+    #[test]
+    fn image_check_reads_the_qcow2_header() {
+        let dir = crate::test_support::tempdir();
+        let img = dir.join("g.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("3G")
+            .status();
+        if st.is_ok_and(|s| s.success()) {
+            assert_eq!(check_image(&img).unwrap().virtual_size, 3 << 30);
+        }
+        std::fs::write(dir.join("raw.img"), vec![0u8; 4096]).unwrap();
+        assert!(matches!(
+            check_image(&dir.join("raw.img")),
+            Err(HvError::ImageNotQcow2 { .. })
+        ));
+        assert!(matches!(
+            check_image(&dir.join("nope")),
+            Err(HvError::ImageMissing { .. })
+        ));
+    }
+}

@@ -1,0 +1,173 @@
+//! Records shared by intake, store and scheduler: job events, jobs and VMs.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// What a `workflow_job` delivery says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobAction {
+    Queued,
+    Waiting,
+    InProgress,
+    Completed,
+}
+
+/// The fields of `workflow_job` (plus the repository) runnervisor uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: u64,
+    pub run_id: u64,
+    pub run_attempt: u32,
+    pub name: String,
+    pub workflow_name: String,
+    pub labels: Vec<String>,
+    pub repository: String,
+    pub html_url: String,
+    pub runner_name: Option<String>,
+    pub conclusion: Option<String>,
+}
+
+/// One job event, from a webhook delivery or from polling GitHub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// `X-GitHub-Delivery`, or `poll-<job id>` for events found by the reconciler.
+    pub delivery: String,
+    pub action: JobAction,
+    pub job: JobInfo,
+    pub received_at: SystemTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum JobState {
+    /// Waiting for a runner: counts towards the pool's demand.
+    Queued,
+    InProgress {
+        runner: Option<String>,
+    },
+    Completed {
+        conclusion: Option<String>,
+    },
+    /// Given up after too many failed VMs.
+    Abandoned {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRec {
+    pub info: JobInfo,
+    /// The pool whose label set the job's labels equal; `None`: not ours (kept for dedup).
+    pub pool: Option<String>,
+    pub state: JobState,
+    pub received_at: SystemTime,
+    /// VMs provisioned on this job's account (names its next VM).
+    pub vms_made: u32,
+    /// VMs made for it that died or timed out before any runner took a job.
+    pub failed_vms: u32,
+    pub updated_at: SystemTime,
+}
+
+impl JobRec {
+    pub fn is_unserved(&self) -> bool {
+        self.state == JobState::Queued && self.pool.is_some()
+    }
+}
+
+/// Where a VM is in its life. Transitions live in `scheduler::vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Credential, overlay, seed, domain being made.
+    Provisioning,
+    /// Started; its runner has not been seen online yet.
+    Booting,
+    /// Its runner is online without a job.
+    Idle,
+    /// Its runner runs a job.
+    Busy,
+    /// Its runner's job completed; the guest should power off shortly.
+    Finishing,
+    /// Being destroyed.
+    TearingDown,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Provisioning => "provisioning",
+            VmState::Booting => "booting",
+            VmState::Idle => "idle",
+            VmState::Busy => "busy",
+            VmState::Finishing => "finishing",
+            VmState::TearingDown => "tearing_down",
+        }
+    }
+    /// Provisioning, booting or idle: may still take a job.
+    pub fn is_available(self) -> bool {
+        matches!(
+            self,
+            VmState::Provisioning | VmState::Booting | VmState::Idle
+        )
+    }
+}
+
+/// Why a VM is torn down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The domain stopped (the runner exited and the guest powered off).
+    Stopped,
+    RegistrationTimeout,
+    MaxLifetime,
+    /// More runners than unserved jobs for longer than the idle timeout.
+    Surplus,
+    /// `completed` arrived but the guest did not power off within the grace period.
+    FinishGrace,
+    ProvisionFailed,
+    /// The agent restarted while the VM was being provisioned.
+    Interrupted,
+    /// Its runner registration vanished while it had no job.
+    RunnerGone,
+    /// Found on the hypervisor without a record, or not running at start.
+    Orphan,
+    Operator,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Stopped => "stopped",
+            Reason::RegistrationTimeout => "registration_timeout",
+            Reason::MaxLifetime => "max_lifetime",
+            Reason::Surplus => "surplus",
+            Reason::FinishGrace => "finish_grace",
+            Reason::ProvisionFailed => "provision_failed",
+            Reason::Interrupted => "interrupted",
+            Reason::RunnerGone => "runner_gone",
+            Reason::Orphan => "orphan",
+            Reason::Operator => "operator",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRec {
+    pub name: String,
+    pub pool: String,
+    /// The job it was made for (any job its labels cover may end up on it).
+    pub job_id: u64,
+    pub run_id: u64,
+    pub repository: String,
+    pub job_url: String,
+    pub runner_id: Option<u64>,
+    pub state: VmState,
+    pub created_at: SystemTime,
+    pub state_since: SystemTime,
+    /// The job its runner took, when known.
+    pub took_job: Option<u64>,
+    /// Set when teardown was requested (possibly while provisioning was still running).
+    pub reap: Option<Reason>,
+}

@@ -1,0 +1,156 @@
+//! Secrets: wrapped so they cannot be printed, and loaded from a file or from a systemd
+//! credential (`$CREDENTIALS_DIRECTORY/NAME`, set by `LoadCredential=`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A secret value. `Debug`/`Display` print `[redacted]`; use [`Secret::expose`] deliberately.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Where a secret comes from: `{ file = "/etc/runnervisor/pat" }` or
+/// `{ credential = "github-pat" }` (a systemd credential of the service).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SecretSource {
+    File(PathBuf),
+    Credential(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is empty")]
+    Empty { path: PathBuf },
+    #[error("{path} is readable by other users (mode {mode:o}): chmod 0600 or 0640 it")]
+    WorldReadable { path: PathBuf, mode: u32 },
+    #[error(
+        "credential {name:?} requested but $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit, or a file)"
+    )]
+    NoCredentialsDirectory { name: String },
+    #[error("credential name {name:?} must be a plain file name")]
+    BadCredentialName { name: String },
+}
+
+impl SecretSource {
+    /// The path this source reads, given the credentials directory (if any).
+    pub fn path(&self, credentials_dir: Option<&Path>) -> Result<PathBuf, SecretError> {
+        match self {
+            SecretSource::File(p) => Ok(p.clone()),
+            SecretSource::Credential(name) => {
+                if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                    return Err(SecretError::BadCredentialName { name: name.clone() });
+                }
+                let dir = credentials_dir
+                    .ok_or_else(|| SecretError::NoCredentialsDirectory { name: name.clone() })?;
+                Ok(dir.join(name))
+            }
+        }
+    }
+
+    /// Reads the secret (trimmed). Files readable by "other" are refused.
+    pub fn load(&self, credentials_dir: Option<&Path>) -> Result<Secret, SecretError> {
+        let path = self.path(credentials_dir)?;
+        let meta = std::fs::metadata(&path).map_err(|source| SecretError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            return Err(SecretError::WorldReadable { path, mode });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| SecretError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(SecretError::Empty { path });
+        }
+        Ok(Secret::new(text))
+    }
+}
+
+/// `$CREDENTIALS_DIRECTORY`, when systemd provides one.
+pub fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("ghp_supersecret");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+        assert_eq!(s.expose(), "ghp_supersecret");
+    }
+
+    #[test]
+    fn loads_from_file_and_credentials_dir() {
+        let dir = crate::test_support::tempdir();
+        let f = dir.join("pat");
+        std::fs::write(&f, "ghp_x\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            SecretSource::File(f.clone()).load(None).unwrap().expose(),
+            "ghp_x"
+        );
+        assert_eq!(
+            SecretSource::Credential("pat".into())
+                .load(Some(&dir))
+                .unwrap()
+                .expose(),
+            "ghp_x"
+        );
+        assert!(matches!(
+            SecretSource::Credential("pat".into()).load(None),
+            Err(SecretError::NoCredentialsDirectory { .. })
+        ));
+        assert!(matches!(
+            SecretSource::Credential("../etc/passwd".into()).load(Some(&dir)),
+            Err(SecretError::BadCredentialName { .. })
+        ));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = SecretSource::File(f.clone()).load(None).unwrap_err();
+        assert!(err.to_string().contains("readable by other users"), "{err}");
+        std::fs::write(dir.join("empty"), "  \n").unwrap();
+        std::fs::set_permissions(dir.join("empty"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        assert!(matches!(
+            SecretSource::File(dir.join("empty")).load(None),
+            Err(SecretError::Empty { .. })
+        ));
+    }
+}

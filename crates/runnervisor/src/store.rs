@@ -1,0 +1,342 @@
+//! The embedded store (redb, one file in `state_dir`): delivery ids seen, the inbox of
+//! accepted job events not yet applied, jobs, VMs and a few settings. Every write is one
+//! durable transaction. The file is locked: a second agent on the same state dir fails
+//! to start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::model::{JobEvent, JobRec, VmRec};
+
+const DELIVERIES: TableDefinition<&str, u64> = TableDefinition::new("deliveries");
+const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
+const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("state store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("state store record: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cannot create state directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+pub struct Store {
+    db: Database,
+}
+
+/// Changes the scheduler commits together.
+#[derive(Default)]
+pub struct Batch {
+    pub jobs: Vec<JobRec>,
+    pub remove_jobs: Vec<u64>,
+    pub vms: Vec<VmRec>,
+    pub remove_vms: Vec<String>,
+    pub inbox_done: Vec<u64>,
+    pub meta: Vec<(String, Vec<u8>)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+            && self.remove_jobs.is_empty()
+            && self.vms.is_empty()
+            && self.remove_vms.is_empty()
+            && self.inbox_done.is_empty()
+            && self.meta.is_empty()
+    }
+}
+
+pub struct Snapshot {
+    pub jobs: BTreeMap<u64, JobRec>,
+    pub vms: BTreeMap<String, VmRec>,
+    pub meta: BTreeMap<String, Vec<u8>>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl Store {
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+            path: state_dir.into(),
+            source,
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o750));
+        let path = state_dir.join("state.redb");
+        let db = Database::create(&path).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        let txn = db.begin_write().map_err(dberr)?;
+        {
+            txn.open_table(DELIVERIES).map_err(dberr)?;
+            txn.open_table(INBOX).map_err(dberr)?;
+            txn.open_table(JOBS).map_err(dberr)?;
+            txn.open_table(VMS).map_err(dberr)?;
+            txn.open_table(META).map_err(dberr)?;
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(Store { db })
+    }
+
+    /// Webhook intake: records the delivery id and queues the event, atomically.
+    /// `false` when this delivery id was already accepted (a redelivery or duplicate).
+    pub fn accept(&self, event: &JobEvent) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut seen = txn.open_table(DELIVERIES).map_err(dberr)?;
+            if seen.get(event.delivery.as_str()).map_err(dberr)?.is_some() {
+                return Ok(false);
+            }
+            seen.insert(event.delivery.as_str(), unix(event.received_at))
+                .map_err(dberr)?;
+            let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
+            let next = inbox
+                .last()
+                .map_err(dberr)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            inbox
+                .insert(next, serde_json::to_vec(event)?.as_slice())
+                .map_err(dberr)?;
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(true)
+    }
+
+    pub fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let seen = txn.open_table(DELIVERIES).map_err(dberr)?;
+        Ok(seen.get(guid).map_err(dberr)?.is_some())
+    }
+
+    /// Accepted events not yet applied, oldest first.
+    pub fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let inbox = txn.open_table(INBOX).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in inbox.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            out.push((k.value(), serde_json::from_slice(v.value())?));
+        }
+        Ok(out)
+    }
+
+    pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
+            for j in &batch.jobs {
+                jobs.insert(j.info.id, serde_json::to_vec(j)?.as_slice())
+                    .map_err(dberr)?;
+            }
+            for id in &batch.remove_jobs {
+                jobs.remove(id).map_err(dberr)?;
+            }
+            let mut vms = txn.open_table(VMS).map_err(dberr)?;
+            for v in &batch.vms {
+                vms.insert(v.name.as_str(), serde_json::to_vec(v)?.as_slice())
+                    .map_err(dberr)?;
+            }
+            for name in &batch.remove_vms {
+                vms.remove(name.as_str()).map_err(dberr)?;
+            }
+            let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
+            for seq in &batch.inbox_done {
+                inbox.remove(seq).map_err(dberr)?;
+            }
+            let mut meta = txn.open_table(META).map_err(dberr)?;
+            for (k, v) in &batch.meta {
+                meta.insert(k.as_str(), v.as_slice()).map_err(dberr)?;
+            }
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(())
+    }
+
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let mut jobs = BTreeMap::new();
+        for row in txn.open_table(JOBS).map_err(dberr)?.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            jobs.insert(k.value(), serde_json::from_slice(v.value())?);
+        }
+        let mut vms = BTreeMap::new();
+        for row in txn.open_table(VMS).map_err(dberr)?.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            vms.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
+        }
+        let mut meta = BTreeMap::new();
+        for row in txn.open_table(META).map_err(dberr)?.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            meta.insert(k.value().to_string(), v.value().to_vec());
+        }
+        Ok(Snapshot { jobs, vms, meta })
+    }
+
+    /// Forgets delivery ids older than `age` (GitHub redelivers within 3 days).
+    pub fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError> {
+        let cutoff = unix(now).saturating_sub(age.as_secs());
+        let txn = self.db.begin_write().map_err(dberr)?;
+        let n;
+        {
+            let mut seen = txn.open_table(DELIVERIES).map_err(dberr)?;
+            let old: Vec<String> = seen
+                .iter()
+                .map_err(dberr)?
+                .filter_map(|r| r.ok())
+                .filter(|(_, t)| t.value() < cutoff)
+                .map(|(k, _)| k.value().to_string())
+                .collect();
+            n = old.len();
+            for k in old {
+                seen.remove(k.as_str()).map_err(dberr)?;
+            }
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    pub fn event(delivery: &str, id: u64, action: JobAction) -> JobEvent {
+        JobEvent {
+            delivery: delivery.into(),
+            action,
+            job: JobInfo {
+                id,
+                run_id: 1,
+                run_attempt: 1,
+                name: "build".into(),
+                workflow_name: "CI".into(),
+                labels: vec!["self-hosted".into()],
+                repository: "o/r".into(),
+                html_url: String::new(),
+                runner_name: None,
+                conclusion: None,
+            },
+            received_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn deliveries_are_accepted_once_and_survive_reopen() {
+        let dir = crate::test_support::tempdir();
+        {
+            let s = Store::open(&dir).unwrap();
+            assert!(s.accept(&event("g1", 1, JobAction::Queued)).unwrap());
+            assert!(!s.accept(&event("g1", 1, JobAction::Queued)).unwrap());
+            assert!(s.accept(&event("g2", 1, JobAction::Completed)).unwrap());
+            let inbox = s.inbox().unwrap();
+            assert_eq!(inbox.len(), 2);
+            assert!(inbox[0].0 < inbox[1].0);
+            let mut b = Batch::default();
+            b.inbox_done.push(inbox[0].0);
+            s.commit(&b).unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        let inbox = s.inbox().unwrap();
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox[0].1.delivery, "g2");
+        assert!(s.delivery_seen("g1").unwrap());
+        assert_eq!(
+            s.prune_deliveries(
+                Duration::from_secs(60),
+                SystemTime::now() + Duration::from_secs(3600)
+            )
+            .unwrap(),
+            2
+        );
+        assert!(!s.delivery_seen("g1").unwrap());
+    }
+
+    #[test]
+    fn a_second_agent_cannot_open_the_same_store() {
+        let dir = crate::test_support::tempdir();
+        let _first = Store::open(&dir).unwrap();
+        let err = Store::open(&dir).err().expect("locked");
+        assert!(err.to_string().contains("state.redb"), "{err}");
+    }
+
+    #[test]
+    fn jobs_and_vms_round_trip() {
+        let dir = crate::test_support::tempdir();
+        let s = Store::open(&dir).unwrap();
+        let now = SystemTime::now();
+        let job = JobRec {
+            info: event("g", 7, JobAction::Queued).job,
+            pool: Some("p".into()),
+            state: JobState::Queued,
+            received_at: now,
+            vms_made: 1,
+            failed_vms: 0,
+            updated_at: now,
+        };
+        let vm = VmRec {
+            name: "rv-p-7".into(),
+            pool: "p".into(),
+            job_id: 7,
+            run_id: 1,
+            repository: "o/r".into(),
+            job_url: String::new(),
+            runner_id: Some(3),
+            state: VmState::Booting,
+            created_at: now,
+            state_since: now,
+            took_job: None,
+            reap: None,
+        };
+        s.commit(&Batch {
+            jobs: vec![job.clone()],
+            vms: vec![vm.clone()],
+            meta: vec![("draining".into(), b"1".to_vec())],
+            ..Default::default()
+        })
+        .unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.jobs[&7], job);
+        assert_eq!(snap.vms["rv-p-7"], vm);
+        assert_eq!(snap.meta["draining"], b"1");
+        s.commit(&Batch {
+            remove_jobs: vec![7],
+            remove_vms: vec!["rv-p-7".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let snap = s.load().unwrap();
+        assert!(snap.jobs.is_empty() && snap.vms.is_empty());
+    }
+}

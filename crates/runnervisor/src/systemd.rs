@@ -1,0 +1,74 @@
+//! The bits of systemd integration that need no library: `sd_notify` over
+//! `$NOTIFY_SOCKET` (READY, STOPPING, WATCHDOG, STATUS) and journald detection.
+
+use std::os::unix::net::UnixDatagram;
+
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// The service is up: listener bound, libvirt connected, first sweep done.
+pub fn ready() {
+    notify("READY=1\nSTATUS=taking jobs");
+}
+
+pub fn stopping() {
+    notify("STOPPING=1\nSTATUS=stopping: finishing in-flight provisioning");
+}
+
+/// Pinged by the scheduling loop; a hung loop stops pinging and systemd restarts us.
+pub fn watchdog() {
+    notify("WATCHDOG=1");
+}
+
+/// Whether stderr is connected to the journal (systemd sets `JOURNAL_STREAM`).
+pub fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn notify_reaches_the_socket() {
+        let dir = crate::test_support::tempdir();
+        let path = dir.join("notify.sock");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        // SAFETY: tests touching NOTIFY_SOCKET run in this one test only.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        super::ready();
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let mut buf = [0u8; 128];
+        let n = server.recv(&mut buf).unwrap();
+        assert!(
+            std::str::from_utf8(&buf[..n])
+                .unwrap()
+                .starts_with("READY=1")
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! Webhook intake: `POST /webhook`. Verifies `X-Hub-Signature-256` in constant time over
+//! the raw body, parses `workflow_job`, persists it (delivery id + event, atomically)
+//! and wakes the scheduler. It never provisions: it answers within milliseconds.
+//!
+//! | request                                   | answer |
+//! |-------------------------------------------|--------|
+//! | no/wrong signature                        | 401    |
+//! | body over `server.max_body_bytes`         | 413    |
+//! | bad JSON or missing fields                | 400, naming what is wrong |
+//! | `ping`                                    | 200    |
+//! | other events, unknown actions             | 202, ignored |
+//! | `workflow_job`, new delivery id           | 202, accepted |
+//! | `workflow_job`, delivery id already seen  | 200, duplicate |
+//! | the store cannot write                    | 503 (GitHub records a failed delivery; the reconciler redelivers it) |
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use hmac::{Hmac, KeyInit, Mac};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::Sha256;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::model::{JobAction, JobEvent, JobInfo};
+use crate::secret::Secret;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureError {
+    #[error("missing X-Hub-Signature-256 header")]
+    Missing,
+    #[error("malformed X-Hub-Signature-256 header (expected sha256=<64 hex digits>)")]
+    Malformed,
+    #[error("X-Hub-Signature-256 does not match the body")]
+    Mismatch,
+}
+
+/// Checks `sha256=<hex>` against HMAC-SHA256(secret, body), in constant time.
+pub fn verify_signature(
+    secret: &[u8],
+    body: &[u8],
+    header: Option<&str>,
+) -> Result<(), SignatureError> {
+    let header = header.ok_or(SignatureError::Missing)?;
+    let hex = header
+        .trim()
+        .strip_prefix("sha256=")
+        .ok_or(SignatureError::Malformed)?;
+    if hex.len() != 64 {
+        return Err(SignatureError::Malformed);
+    }
+    let mut sig = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).map_err(|_| SignatureError::Malformed)?;
+        sig[i] = u8::from_str_radix(s, 16).map_err(|_| SignatureError::Malformed)?;
+    }
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    mac.verify_slice(&sig).map_err(|_| SignatureError::Mismatch)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("invalid workflow_job payload: {0}")]
+    Invalid(String),
+    #[error("unknown workflow_job action {0:?}")]
+    UnknownAction(String),
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    action: String,
+    workflow_job: WorkflowJob,
+    repository: Repository,
+}
+
+#[derive(Deserialize)]
+struct WorkflowJob {
+    id: u64,
+    run_id: u64,
+    #[serde(default)]
+    run_attempt: Option<u32>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    workflow_name: Option<String>,
+    labels: Vec<String>,
+    #[serde(default)]
+    html_url: Option<String>,
+    #[serde(default)]
+    runner_name: Option<String>,
+    #[serde(default)]
+    conclusion: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Repository {
+    full_name: String,
+}
+
+/// Parses a `workflow_job` payload.
+pub fn parse_job_event(
+    body: &[u8],
+    delivery: &str,
+    received_at: SystemTime,
+) -> Result<JobEvent, ParseError> {
+    let p: Payload =
+        serde_json::from_slice(body).map_err(|e| ParseError::Invalid(e.to_string()))?;
+    let action = match p.action.as_str() {
+        "queued" => JobAction::Queued,
+        "waiting" => JobAction::Waiting,
+        "in_progress" => JobAction::InProgress,
+        "completed" => JobAction::Completed,
+        other => return Err(ParseError::UnknownAction(other.to_string())),
+    };
+    if !p.repository.full_name.contains('/') {
+        return Err(ParseError::Invalid(format!(
+            "repository.full_name {:?} is not owner/name",
+            p.repository.full_name
+        )));
+    }
+    let wj = p.workflow_job;
+    Ok(JobEvent {
+        delivery: delivery.to_string(),
+        action,
+        job: JobInfo {
+            id: wj.id,
+            run_id: wj.run_id,
+            run_attempt: wj.run_attempt.unwrap_or(1),
+            name: wj.name.unwrap_or_default(),
+            workflow_name: wj.workflow_name.unwrap_or_default(),
+            labels: wj.labels,
+            repository: p.repository.full_name,
+            html_url: wj.html_url.unwrap_or_default(),
+            runner_name: wj.runner_name.filter(|n| !n.is_empty()),
+            conclusion: wj.conclusion,
+        },
+        received_at,
+    })
+}
+
+pub struct Intake {
+    pub secret: Secret,
+    pub store: Arc<Store>,
+    /// Woken when the inbox has something new.
+    pub inbox_ready: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(intake: Arc<Intake>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/webhook", post(handle))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(intake)
+}
+
+fn reply(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({"message": message}))).into_response()
+}
+
+async fn handle(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Err(e) = verify_signature(
+        intake.secret.expose().as_bytes(),
+        &body,
+        header("x-hub-signature-256"),
+    ) {
+        intake.metrics.webhook_signature_failures.inc();
+        tracing::warn!(error = %e, delivery = header("x-github-delivery").unwrap_or("-"), "webhook rejected");
+        return reply(StatusCode::UNAUTHORIZED, &e.to_string());
+    }
+    let Some(event) = header("x-github-event") else {
+        return reply(StatusCode::BAD_REQUEST, "missing X-GitHub-Event header");
+    };
+    match event {
+        "ping" => return reply(StatusCode::OK, "pong"),
+        "workflow_job" => {}
+        other => {
+            intake
+                .metrics
+                .webhooks
+                .inc(&[("event", other), ("outcome", "ignored")]);
+            return reply(StatusCode::ACCEPTED, &format!("event {other} ignored"));
+        }
+    }
+    let Some(delivery) = header("x-github-delivery").filter(|d| !d.is_empty() && d.len() <= 100)
+    else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "missing or invalid X-GitHub-Delivery header",
+        );
+    };
+    let job_event = match parse_job_event(&body, delivery, SystemTime::now()) {
+        Ok(e) => e,
+        Err(ParseError::UnknownAction(a)) => {
+            intake
+                .metrics
+                .webhooks
+                .inc(&[("event", "workflow_job"), ("outcome", "ignored")]);
+            return reply(StatusCode::ACCEPTED, &format!("action {a:?} ignored"));
+        }
+        Err(e) => {
+            intake
+                .metrics
+                .webhooks
+                .inc(&[("event", "workflow_job"), ("outcome", "invalid")]);
+            tracing::warn!(delivery, error = %e, "webhook rejected");
+            return reply(StatusCode::BAD_REQUEST, &e.to_string());
+        }
+    };
+    let store = intake.store.clone();
+    let ev = job_event.clone();
+    let accepted = tokio::task::spawn_blocking(move || store.accept(&ev)).await;
+    match accepted {
+        Ok(Ok(true)) => {
+            intake
+                .metrics
+                .webhooks
+                .inc(&[("event", "workflow_job"), ("outcome", "accepted")]);
+            tracing::info!(
+                delivery,
+                job_id = job_event.job.id,
+                run_id = job_event.job.run_id,
+                repository = %job_event.job.repository,
+                action = ?job_event.action,
+                "workflow_job accepted"
+            );
+            intake.inbox_ready.notify_one();
+            reply(StatusCode::ACCEPTED, "accepted")
+        }
+        Ok(Ok(false)) => {
+            intake
+                .metrics
+                .webhooks
+                .inc(&[("event", "workflow_job"), ("outcome", "duplicate")]);
+            tracing::info!(
+                delivery,
+                job_id = job_event.job.id,
+                "duplicate delivery ignored"
+            );
+            reply(StatusCode::OK, "duplicate delivery")
+        }
+        Ok(Err(e)) => {
+            tracing::error!(delivery, error = %e, "cannot persist webhook");
+            reply(StatusCode::SERVICE_UNAVAILABLE, "cannot persist the event")
+        }
+        Err(e) => {
+            tracing::error!(delivery, error = %e, "webhook persistence task failed");
+            reply(StatusCode::SERVICE_UNAVAILABLE, "cannot persist the event")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GitHub's published example for validating deliveries.
+    #[test]
+    fn githubs_test_vector_verifies() {
+        let secret = b"It's a Secret to Everybody";
+        let good = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert_eq!(
+            verify_signature(secret, b"Hello, World!", Some(good)),
+            Ok(())
+        );
+        assert_eq!(
+            verify_signature(secret, b"Hello, World?", Some(good)),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_signature(b"other", b"Hello, World!", Some(good)),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_signature(secret, b"x", None),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            verify_signature(secret, b"x", Some("sha1=abc")),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(
+            verify_signature(secret, b"x", Some("sha256=zz")),
+            Err(SignatureError::Malformed)
+        );
+        let not_hex = format!("sha256={}", "g".repeat(64));
+        assert_eq!(
+            verify_signature(secret, b"x", Some(&not_hex)),
+            Err(SignatureError::Malformed)
+        );
+    }
+
+    #[test]
+    fn parses_workflow_job_with_u64_ids_and_null_runner() {
+        let body = serde_json::json!({
+            "action": "queued",
+            "workflow_job": {"id": 30000000001u64, "run_id": 20000000001u64, "run_attempt": 2, "name": "build",
+                "workflow_name": "CI", "labels": ["self-hosted", "Linux"], "html_url": "https://x",
+                "runner_name": null, "runner_id": null, "conclusion": null, "status": "queued"},
+            "repository": {"full_name": "octo-org/app"},
+        });
+        let e =
+            parse_job_event(body.to_string().as_bytes(), "guid", SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(e.action, JobAction::Queued);
+        assert_eq!(e.job.id, 30_000_000_001);
+        assert_eq!(e.job.run_attempt, 2);
+        assert_eq!(e.job.runner_name, None);
+        assert_eq!(e.job.repository, "octo-org/app");
+    }
+
+    #[test]
+    fn bad_payloads_name_what_is_wrong() {
+        let e = parse_job_event(b"{not json", "g", SystemTime::UNIX_EPOCH).unwrap_err();
+        assert!(matches!(e, ParseError::Invalid(_)));
+        let missing = r#"{"action":"queued","workflow_job":{"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#;
+        let e = parse_job_event(missing.as_bytes(), "g", SystemTime::UNIX_EPOCH).unwrap_err();
+        assert!(e.to_string().contains("missing field `id`"), "{e}");
+        let big = r#"{"action":"queued","workflow_job":{"id":-1,"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#;
+        assert!(parse_job_event(big.as_bytes(), "g", SystemTime::UNIX_EPOCH).is_err());
+        let action = r#"{"action":"teleported","workflow_job":{"id":1,"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#;
+        assert_eq!(
+            parse_job_event(action.as_bytes(), "g", SystemTime::UNIX_EPOCH),
+            Err(ParseError::UnknownAction("teleported".into()))
+        );
+    }
+}
