@@ -48,8 +48,10 @@ pub struct SimConfig {
     pub installation_id: u64,
     pub hook_id: u64,
     /// The simulator's base URL as seen from runner VMs (`http://10.0.2.2:PORT` under slirp).
-    /// `None`: the URL of the request's Host header.
+    /// `None`: `http://<public_host>:<port>` if `public_host` is set, else the listen address.
     pub public_url: Option<String>,
+    /// Host part of the base URL runners use, with the listen port (e.g. `10.0.2.2`).
+    pub public_host: Option<String>,
     pub installation_token_ttl: Duration,
     pub registration_token_ttl: Duration,
     pub webhook_timeout: Duration,
@@ -65,6 +67,7 @@ impl SimConfig {
             installation_id: 1,
             hook_id: 1,
             public_url: None,
+            public_host: None,
             installation_token_ttl: Duration::from_secs(3600),
             registration_token_ttl: Duration::from_secs(3600),
             webhook_timeout: Duration::from_secs(10),
@@ -119,9 +122,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let base_url = match &config.public_url {
-        Some(u) => u.trim_end_matches('/').to_string(),
-        None => format!("http://{}", listener.local_addr()?),
+    let addr = listener.local_addr()?;
+    let base_url = match (&config.public_url, &config.public_host) {
+        (Some(u), _) => u.trim_end_matches('/').to_string(),
+        (None, Some(h)) => format!("http://{h}:{}", addr.port()),
+        (None, None) => format!("http://{addr}"),
     };
     let sim = Arc::new(Sim {
         config,

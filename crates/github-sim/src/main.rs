@@ -41,6 +41,9 @@ struct Args {
     /// Base URL runners in VMs use to reach the simulator (slirp: http://10.0.2.2:PORT).
     #[arg(long)]
     public_url: Option<String>,
+    /// Host runners use to reach the simulator, with the listen port (slirp: 10.0.2.2).
+    #[arg(long, conflicts_with = "public_url")]
+    public_host: Option<String>,
     /// Lifetime of installation tokens, seconds.
     #[arg(long, default_value_t = 3600)]
     installation_token_ttl: u64,
@@ -74,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     config.installation_id = args.installation_id;
     config.hook_id = args.hook_id;
     config.public_url = args.public_url;
+    config.public_host = args.public_host;
     config.installation_token_ttl = Duration::from_secs(args.installation_token_ttl);
     config.registration_token_ttl = Duration::from_secs(args.registration_token_ttl);
     if let (Some(id), Some(key)) = (args.app_id, args.app_public_key) {

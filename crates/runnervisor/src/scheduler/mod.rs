@@ -913,7 +913,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
         }
         for info in &found {
-            if self.vms.contains_key(&info.name) {
+            // Only names of our pools: other `rv-` domains on this host are not ours to touch.
+            if self.vms.contains_key(&info.name) || !self.is_ours(&info.name) {
                 continue;
             }
             let now = SystemTime::now();
@@ -952,8 +953,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         match volumes {
             Ok(vols) => {
                 for vol in vols {
-                    let owner = hypervisor::vm_of_volume(&vol).map(str::to_string);
-                    if owner.as_ref().is_some_and(|o| self.vms.contains_key(o)) {
+                    let Some(owner) = hypervisor::vm_of_volume(&vol) else {
+                        continue;
+                    };
+                    if self.vms.contains_key(owner) || !self.is_ours(owner) {
                         continue;
                     }
                     info!(volume = %vol, "deleting a volume of ours that belongs to no vm");
@@ -1164,12 +1167,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         // Runners named like our VMs that have no VM: leftovers of crashes. Remove them.
         for r in &runners {
-            let ours = self
-                .config
-                .pools
-                .iter()
-                .any(|p| hypervisor::is_vm_of_pool(&r.name, &p.name));
-            if ours && !self.vms.contains_key(&r.name) && !r.busy {
+            if self.is_ours(&r.name) && !self.vms.contains_key(&r.name) && !r.busy {
                 info!(runner_name = %r.name, runner_id = r.id, "deleting a runner registration that has no vm");
                 let ctx = self.ctx.clone();
                 let (id, name) = (r.id, r.name.clone());
@@ -1180,6 +1178,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 });
             }
         }
+    }
+
+    /// A domain, volume owner or runner name of one of our pools.
+    fn is_ours(&self, name: &str) -> bool {
+        self.config
+            .pools
+            .iter()
+            .any(|p| hypervisor::is_vm_of_pool(name, &p.name))
     }
 
     // ---- admin ----

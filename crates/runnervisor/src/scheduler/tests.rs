@@ -1,1 +1,476 @@
+//! Scheduler logic against the fake GitHub and fake hypervisor.
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::github::fake::FakeGitHub;
+use crate::hypervisor::fake::FakeHypervisor;
+use crate::model::{JobAction, JobEvent, JobInfo};
+
+const LABELS: &[&str] = &["self-hosted", "linux"];
+
+fn config(extra_pool: &str, dir: &std::path::Path) -> Arc<Config> {
+    let text = format!(
+        r#"
+        state_dir = "{}"
+        [server]
+        listen = "127.0.0.1:0"
+        [github]
+        organization = "octo-org"
+        auth = {{ type = "pat", token = {{ file = "/x" }} }}
+        webhook_secret = {{ file = "/y" }}
+        [reconcile]
+        sweep_interval = "1s"
+        github_interval = "5s"
+        stop_grace = "2s"
+        [[pool]]
+        name = "small"
+        labels = ["self-hosted", "Linux"]
+        image = "/dev/null"
+        max_vms = 2
+        {extra_pool}
+        "#,
+        dir.display()
+    );
+    Arc::new(Config::parse(&text).unwrap())
+}
+
+struct H {
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    store: Arc<Store>,
+    inbox: Arc<Notify>,
+    tx: UnboundedSender<Event>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    seq: u64,
+}
+
+/// A fake image: check_image reads a qcow2 header, so write one.
+fn fake_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("golden.qcow2");
+    let mut header = b"QFI\xfb".to_vec();
+    header.resize(24, 0);
+    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    std::fs::write(&p, header).unwrap();
+    p
+}
+
+fn start(
+    cfg: Arc<Config>,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    hv_rx: Option<mpsc::UnboundedReceiver<HvEvent>>,
+    store: Arc<Store>,
+) -> H {
+    let (tx, rx) = mpsc::unbounded_channel();
+    if let Some(mut hv_rx) = hv_rx {
+        let fwd = tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = hv_rx.recv().await {
+                let _ = fwd.send(Event::Hv(e));
+            }
+        });
+    }
+    let inbox = Arc::new(Notify::new());
+    let metrics = Arc::new(Metrics::default());
+    let s = Scheduler::new(
+        cfg,
+        gh.clone(),
+        hv.clone(),
+        store.clone(),
+        metrics,
+        inbox.clone(),
+        tx.clone(),
+        rx,
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(s.run(stop.clone(), None));
+    H {
+        gh,
+        hv,
+        store,
+        inbox,
+        tx,
+        stop,
+        task,
+        seq: 0,
+    }
+}
+
+fn harness(extra_pool: &str) -> H {
+    let dir = crate::test_support::tempdir();
+    let img = fake_image(&dir);
+    let extra = format!("{extra_pool}\n");
+    let cfg = config(&extra, &dir);
+    let mut cfg = (*cfg).clone();
+    cfg.pools[0].image = img;
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let store = Arc::new(Store::open(&dir).unwrap());
+    start(
+        Arc::new(cfg),
+        Arc::new(FakeGitHub::default()),
+        hv,
+        Some(hv_rx),
+        store,
+    )
+}
+
+fn info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
+    JobInfo {
+        id,
+        run_id: 1,
+        run_attempt: 1,
+        name: "build".into(),
+        workflow_name: "CI".into(),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        repository: "octo-org/app".into(),
+        html_url: String::new(),
+        runner_name: runner.map(str::to_string),
+        conclusion: None,
+    }
+}
+
+impl H {
+    fn deliver_as(&mut self, delivery: &str, action: JobAction, job: JobInfo) -> bool {
+        let ok = self
+            .store
+            .accept(&JobEvent {
+                delivery: delivery.into(),
+                action,
+                job,
+                received_at: SystemTime::now(),
+            })
+            .unwrap();
+        self.inbox.notify_one();
+        ok
+    }
+    fn deliver(&mut self, action: JobAction, job: JobInfo) {
+        self.seq += 1;
+        let d = format!("d{}", self.seq);
+        self.deliver_as(&d, action, job);
+    }
+    async fn status(&self) -> Status {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Admin(AdminCommand::Status, tx))
+            .ok()
+            .unwrap();
+        match rx.await.unwrap() {
+            AdminReply::Status(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+    async fn admin(&self, cmd: AdminCommand) -> AdminReply {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Event::Admin(cmd, tx)).ok().unwrap();
+        rx.await.unwrap()
+    }
+    async fn wait(&self, what: &str, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
+        for _ in 0..200 {
+            let s = self.status().await;
+            if f(&s, &self.hv) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}: {:#?}", self.status().await);
+    }
+    /// The runner of `vm` takes job `id`, finishes it, and the guest powers off.
+    fn run_job_on(&mut self, vm: &str, id: u64) {
+        self.deliver(JobAction::InProgress, info(id, LABELS, Some(vm)));
+        let mut done = info(id, LABELS, Some(vm));
+        done.conclusion = Some("success".into());
+        self.deliver(JobAction::Completed, done);
+        self.hv.stop(vm);
+    }
+    async fn shutdown(self) -> (Arc<FakeGitHub>, Arc<FakeHypervisor>, Arc<Store>) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        (self.gh, self.hv, self.store)
+    }
+}
+
+fn vm_for(s: &Status, job: u64) -> Option<String> {
+    s.vms
+        .iter()
+        .find(|v| v.job_id == job)
+        .map(|v| v.name.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
+    let mut h = harness("");
+    for id in [11, 12, 13] {
+        h.deliver(JobAction::Queued, info(id, &["Self-Hosted", "linux"], None));
+    }
+    let s = h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
+    assert!(
+        vm_for(&s, 11).is_some() && vm_for(&s, 12).is_some(),
+        "oldest first: {s:#?}"
+    );
+    assert!(vm_for(&s, 13).is_none(), "capacity 2");
+    assert_eq!(s.pools[0].queued, 3);
+    let vm11 = vm_for(&s, 11).unwrap();
+    assert_eq!(vm11, "rv-small-11");
+    // The seed went through the hypervisor seam with a JIT credential for this VM.
+    assert!(h.hv.lock().seeds.contains_key(&vm11));
+    h.run_job_on(&vm11, 11);
+    let s = h
+        .wait("job 13 gets a VM", |s, _| vm_for(s, 13).is_some())
+        .await;
+    assert!(s.vms.iter().all(|v| v.name != vm11), "vm 11 torn down");
+    let vm12 = vm_for(&s, 12).unwrap();
+    let vm13 = vm_for(&s, 13).unwrap();
+    h.run_job_on(&vm12, 12);
+    h.run_job_on(&vm13, 13);
+    h.wait("all gone", |s, hv| {
+        s.vms.is_empty() && hv.lock().domains.is_empty()
+    })
+    .await;
+    let (gh, hv, _) = h.shutdown().await;
+    let st = hv.lock();
+    assert!(st.volumes.is_empty(), "{:?}", st.volumes);
+    assert_eq!(st.peak_running, 2);
+    assert_eq!(st.started_total, 3);
+    assert!(
+        gh.runner_names().is_empty(),
+        "runner registrations deleted: {:?}",
+        gh.runner_names()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_runner_may_take_any_job_counting_not_binding() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(21, LABELS, None));
+    h.deliver(JobAction::Queued, info(22, LABELS, None));
+    h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
+    // The VM made for 21 runs job 22: job 21 still needs a runner and keeps the other VM.
+    h.run_job_on("rv-small-21", 22);
+    let s = h
+        .wait("vm for 21 gone", |s, _| {
+            s.vms.iter().all(|v| v.name != "rv-small-21")
+        })
+        .await;
+    assert_eq!(
+        s.vms.len(),
+        1,
+        "no extra VM: the VM made for 22 serves 21: {s:#?}"
+    );
+    h.run_job_on("rv-small-22", 21);
+    h.wait("all served", |s, hv| {
+        s.vms.is_empty() && s.queued.is_empty() && hv.lock().domains.is_empty()
+    })
+    .await;
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().started_total, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_labels_duplicates_and_reordering_make_no_extra_vm() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(31, &["self-hosted", "gpu"], None));
+    h.deliver(JobAction::Queued, info(32, &["self-hosted"], None));
+    // completed before queued: never provisioned.
+    let mut c = info(33, LABELS, None);
+    c.conclusion = Some("cancelled".into());
+    h.deliver(JobAction::Completed, c);
+    h.deliver(JobAction::Queued, info(33, LABELS, None));
+    // The same delivery twice is accepted once; the same job under two deliveries once.
+    assert!(h.deliver_as("same", JobAction::Queued, info(34, LABELS, None)));
+    assert!(!h.deliver_as("same", JobAction::Queued, info(34, LABELS, None)));
+    h.deliver(JobAction::Queued, info(34, LABELS, None));
+    let s = h.wait("one VM", |_, hv| hv.running().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s2 = h.status().await;
+    assert_eq!(s2.vms.len(), 1, "{s:#?}");
+    assert_eq!(s2.vms[0].job_id, 34);
+    assert_eq!(s2.queued.len(), 1);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
+    let mut h = harness("idle_timeout = \"1s\"");
+    h.deliver(JobAction::Queued, info(41, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let mut c = info(41, LABELS, None);
+    c.conclusion = Some("cancelled".into());
+    h.deliver(JobAction::Completed, c);
+    h.wait("surplus VM reaped", |s, hv| {
+        s.vms.is_empty() && hv.lock().domains.is_empty()
+    })
+    .await;
+    let (gh, _, _) = h.shutdown().await;
+    assert!(gh.runner_names().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_failures_back_off_and_the_job_is_still_served() {
+    let mut h = harness("");
+    h.gh.lock().fail_next = 2;
+    h.deliver(JobAction::Queued, info(51, LABELS, None));
+    let s = h
+        .wait("a VM despite API errors", |_, hv| hv.running().len() == 1)
+        .await;
+    assert!(vm_for(&s, 51).unwrap().starts_with("rv-small-51"));
+    assert_eq!(s.queued.len(), 1, "the job was never dropped");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_dying_before_a_job_are_retried_then_the_job_is_given_up() {
+    let mut h = harness("max_attempts = 2");
+    h.deliver(JobAction::Queued, info(61, LABELS, None));
+    h.wait("first VM", |_, hv| hv.running() == ["rv-small-61"])
+        .await;
+    h.hv.stop("rv-small-61");
+    h.wait("second VM", |_, hv| hv.running() == ["rv-small-61-2"])
+        .await;
+    h.hv.stop("rv-small-61-2");
+    let s = h
+        .wait("given up", |s, hv| {
+            s.queued.is_empty() && s.vms.is_empty() && hv.lock().domains.is_empty()
+        })
+        .await;
+    assert!(s.vms.is_empty());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().started_total, 2, "no third VM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
+    let mut h = harness("");
+    h.hv.lock().unavailable = true;
+    let _ = h.tx.send(Event::Hv(HvEvent::Disconnected));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.deliver(JobAction::Queued, info(71, LABELS, None));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = h.status().await;
+    assert!(
+        s.vms.is_empty() && s.queued.len() == 1 && !s.libvirt_connected,
+        "{s:#?}"
+    );
+    h.hv.lock().unavailable = false;
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h.wait("VM after reconnect", |_, hv| hv.running().len() == 1)
+        .await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_new_vms_and_survives_restart() {
+    let mut h = harness("");
+    assert!(matches!(
+        h.admin(AdminCommand::Drain(true)).await,
+        AdminReply::Ok(_)
+    ));
+    h.deliver(JobAction::Queued, info(81, LABELS, None));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(h.hv.running().is_empty());
+    let cfg = h.store.load().unwrap();
+    assert_eq!(cfg.meta["draining"], b"1");
+    assert!(matches!(
+        h.admin(AdminCommand::DestroyVm("rv-nope-1".into())).await,
+        AdminReply::Error(_)
+    ));
+    assert!(matches!(
+        h.admin(AdminCommand::Drain(false)).await,
+        AdminReply::Ok(_)
+    ));
+    h.wait("VM after undrain", |_, hv| hv.running().len() == 1)
+        .await;
+    assert!(matches!(
+        h.admin(AdminCommand::DestroyVm("rv-small-81".into())).await,
+        AdminReply::Ok(_)
+    ));
+    h.wait("operator destroy", |s, _| {
+        s.vms.iter().all(|v| v.name != "rv-small-81")
+    })
+    .await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(91, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let (gh, hv, store) = h.shutdown().await;
+    // Simulate a crash mid-provisioning of a second job: a record, a volume and a runner
+    // exist, no domain.
+    let now = SystemTime::now();
+    let job = JobRec {
+        info: info(92, LABELS, None),
+        pool: Some("small".into()),
+        state: JobState::Queued,
+        received_at: now,
+        vms_made: 1,
+        failed_vms: 0,
+        updated_at: now,
+    };
+    let vm = VmRec {
+        name: "rv-small-92".into(),
+        pool: "small".into(),
+        job_id: 92,
+        run_id: 1,
+        repository: "octo-org/app".into(),
+        job_url: String::new(),
+        runner_id: None,
+        state: VmState::Provisioning,
+        created_at: now,
+        state_since: now,
+        took_job: None,
+        reap: None,
+    };
+    store
+        .commit(&Batch {
+            jobs: vec![job],
+            vms: vec![vm],
+            ..Default::default()
+        })
+        .unwrap();
+    hv.lock().volumes.insert("rv-small-92.qcow2".into());
+    crate::github::GitHub::generate_jit_config(&*gh, "rv-small-92", &[], 1)
+        .await
+        .unwrap();
+    // An orphan domain of ours with no record at all, not running.
+    hv.define("rv-small-99", "<domain/>").unwrap();
+
+    let cfg = config("", &crate::test_support::tempdir());
+    let mut cfg = (*cfg).clone();
+    cfg.pools[0].image = fake_image(&crate::test_support::tempdir());
+    let h = start(Arc::new(cfg), gh, hv.clone(), None, store);
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    let s = h
+        .wait("recovered", |_, hv| {
+            hv.running().contains(&"rv-small-91".to_string())
+                && hv.running().iter().any(|n| n.starts_with("rv-small-92-"))
+                && !hv.lock().domains.contains_key("rv-small-99")
+        })
+        .await;
+    assert!(
+        s.vms
+            .iter()
+            .any(|v| v.name == "rv-small-91" && v.state == "booting"),
+        "adopted: {s:#?}"
+    );
+    assert!(
+        !hv.lock().volumes.contains("rv-small-92.qcow2"),
+        "interrupted VM's volume removed"
+    );
+    let (gh, _, _) = h.shutdown().await;
+    assert!(
+        !gh.runner_names().contains(&"rv-small-92".to_string()),
+        "interrupted VM's runner removed"
+    );
+}

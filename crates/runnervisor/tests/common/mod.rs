@@ -1,0 +1,246 @@
+//! Helpers for the real-VM tests: the test image, libvirt, the simulator, cleanup checks.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runnervisor::config::DomainType;
+use runnervisor::hypervisor::libvirt::Libvirt;
+use runnervisor::hypervisor::{HvEvent, Hypervisor};
+use serde_json::{Value, json};
+
+pub const PAT: &str = "ghp_runnervisor_test_pat";
+pub const SECRET: &str = "runnervisor-test-webhook-secret";
+pub const POOL: &str = "runnervisor";
+pub const URI: &str = "qemu:///system";
+
+/// How long a VM test waits for a guest before failing (TCG boots in ~30 s; allow slack
+/// for two VMs sharing two cores).
+pub const VM_TIMEOUT: Duration = Duration::from_secs(240);
+
+pub struct TestImage {
+    pub golden: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+pub fn test_image() -> TestImage {
+    let dir = PathBuf::from(
+        std::env::var("RV_TEST_IMAGE_DIR")
+            .unwrap_or_else(|_| "/var/lib/runnervisor/test-image".into()),
+    );
+    let img = TestImage {
+        golden: dir.join("golden.qcow2"),
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+    };
+    assert!(
+        img.golden.exists() && img.kernel.exists() && img.initrd.exists(),
+        "test image missing in {}: run ./scripts/test (or scripts/setup-host and images/test/build)",
+        dir.display()
+    );
+    img
+}
+
+pub fn domain_type() -> DomainType {
+    match std::env::var("RV_DOMAIN_TYPE").as_deref() {
+        Ok("kvm") => DomainType::Kvm,
+        _ => DomainType::Qemu,
+    }
+}
+
+/// The real libvirt hypervisor on the test storage pool, with its event channel.
+pub fn libvirt() -> (Arc<Libvirt>, tokio::sync::mpsc::UnboundedReceiver<HvEvent>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let lv = Libvirt::start(URI, POOL, tx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lv.connected() {
+        assert!(
+            Instant::now() < deadline,
+            "libvirt not reachable at {URI}: run ./scripts/setup-host"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lv.check_pool()
+        .expect("storage pool 'runnervisor' (run ./scripts/setup-host)");
+    (lv, rx)
+}
+
+/// Tears named VMs down when dropped, also when the test panics.
+pub struct Cleanup {
+    pub hv: Arc<Libvirt>,
+    pub names: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for n in &self.names {
+            for e in self.hv.teardown(n) {
+                eprintln!("cleanup {n}: {e}");
+            }
+        }
+    }
+}
+
+/// Names of `rv-` domains and volumes that exist right now.
+pub fn leftovers(hv: &Libvirt, prefix: &str) -> (Vec<String>, Vec<String>) {
+    let doms = hv
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    let vols = hv
+        .list_volumes()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    (doms, vols)
+}
+
+pub struct Sim {
+    pub handle: github_sim::SimHandle,
+    pub http: reqwest::Client,
+}
+
+impl Sim {
+    /// A simulator whose runners reach it at 10.0.2.2 (slirp's view of the host).
+    pub async fn start(
+        webhook_url: Option<String>,
+        tweak: impl FnOnce(&mut github_sim::SimConfig),
+    ) -> Sim {
+        let mut c = github_sim::SimConfig::new(PAT, SECRET);
+        c.webhook_url = webhook_url;
+        c.public_host = Some("10.0.2.2".into());
+        tweak(&mut c);
+        Sim {
+            handle: github_sim::SimHandle::start(c).await.unwrap(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.handle.url()
+    }
+
+    pub fn guest_url(&self) -> String {
+        format!("http://10.0.2.2:{}", self.handle.addr.port())
+    }
+
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.url()))
+            .bearer_auth(PAT);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.unwrap_or(Value::Null)
+    }
+
+    pub async fn queue(&self, repo: &str, labels: &[&str], duration_secs: f64) -> u64 {
+        self.queue_with(json!({"repo": repo, "labels": labels, "duration_secs": duration_secs}))
+            .await
+    }
+
+    pub async fn queue_with(&self, body: Value) -> u64 {
+        let r = self
+            .http
+            .post(format!("{}/_sim/jobs", self.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+    }
+
+    pub async fn job(&self, id: u64) -> Value {
+        self.http
+            .get(format!("{}/_sim/jobs/{id}", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn runners(&self) -> Vec<Value> {
+        let v: Value = self
+            .http
+            .get(format!("{}/_sim/runners", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn fault(&self, f: Value) {
+        let r = self
+            .http
+            .post(format!("{}/_sim/faults", self.url()))
+            .json(&f)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+
+    /// Waits until job `id` is completed; returns it.
+    pub async fn wait_completed(&self, id: u64, timeout: Duration) -> Value {
+        wait_for(&format!("job {id} completed"), timeout, async || {
+            let j = self.job(id).await;
+            (j["status"] == "completed").then_some(j)
+        })
+        .await
+    }
+}
+
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The console log of a VM, for failure messages.
+pub fn console(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+pub fn console_dir() -> PathBuf {
+    let d = PathBuf::from("/var/log/runnervisor/test-console");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A unique-per-test suffix so parallel tests never share names.
+pub fn unique() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+        % 1_000_000_000_000
+}
