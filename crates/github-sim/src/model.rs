@@ -233,6 +233,8 @@ pub struct RunnerHistory {
     pub id: u64,
     pub registered: bool,
     pub came_online: bool,
+    pub registered_unix_ms: u64,
+    pub online_unix_ms: Option<u64>,
     pub jobs: Vec<u64>,
     pub deleted_by_api: bool,
 }
@@ -295,6 +297,10 @@ impl Default for World {
             runner_history: BTreeMap::new(),
         }
     }
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 /// Labels match as on GitHub: every job label must be among the runner's, case-insensitively.
@@ -443,6 +449,7 @@ impl World {
         runner.last_seen = Some(now);
         if let Some(h) = self.runner_history.get_mut(&runner.name) {
             h.came_online = true;
+            h.online_unix_ms.get_or_insert(unix_ms(now));
         }
         if let Some(job) = runner.job {
             return Some(job);

@@ -15,6 +15,8 @@ pub const SECRET: &str = "runnervisor-test-webhook-secret";
 pub const POOL: &str = "runnervisor";
 pub const URI: &str = "qemu:///system";
 
+pub mod agent;
+
 /// How long a VM test waits for a guest before failing (TCG boots in ~30 s; allow slack
 /// for two VMs sharing two cores).
 pub const VM_TIMEOUT: Duration = Duration::from_secs(240);

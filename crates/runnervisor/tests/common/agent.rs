@@ -1,0 +1,237 @@
+//! The `runnervisor` binary as a child process, with a generated config.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::*;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rv-e2e-{tag}-{}", unique()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn write_private(path: &Path, content: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+}
+
+/// What differs between tests.
+pub struct AgentSpec {
+    pub pool: String,
+    pub labels: Vec<String>,
+    pub max_vms: usize,
+    pub registration: &'static str,
+    /// `[github]` auth line; default: PAT from a file.
+    pub auth: Option<String>,
+    /// Extra lines appended to the `[[pool]]` table.
+    pub pool_extra: String,
+    /// Extra lines for `[reconcile]`.
+    pub reconcile: String,
+    /// Scope line, default the organization.
+    pub scope: String,
+    pub hook: Option<String>,
+}
+
+impl AgentSpec {
+    pub fn new(pool: &str, labels: &[&str]) -> Self {
+        AgentSpec {
+            pool: pool.into(),
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            max_vms: 2,
+            registration: "jit",
+            auth: None,
+            pool_extra: String::new(),
+            reconcile: String::new(),
+            scope: "organization = \"octo-org\"".into(),
+            hook: Some("hook = { type = \"organization\", id = 1 }".into()),
+        }
+    }
+}
+
+pub struct Agent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub webhook_port: u16,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+    pub spec_pool: String,
+}
+
+impl Agent {
+    /// Writes the config for `spec` against `sim_port`, with a fresh webhook port.
+    pub fn configure(spec: &AgentSpec, sim_port: u16, webhook_port: u16) -> Agent {
+        let img = test_image();
+        let dir = tempdir(&spec.pool);
+        write_private(&dir.join("pat"), PAT);
+        write_private(&dir.join("secret"), SECRET);
+        let metrics_port = free_port();
+        let labels: Vec<String> = spec.labels.iter().map(|l| format!("{l:?}")).collect();
+        let auth = spec.auth.clone().unwrap_or_else(|| format!("auth = {{ type = \"pat\", token = {{ file = \"{}\" }} }}", dir.join("pat").display()));
+        let text = format!(
+            r#"
+state_dir = "{dir}/state"
+log_level = "runnervisor=debug,info"
+
+[server]
+listen = "127.0.0.1:{webhook_port}"
+
+[github]
+api_url = "http://127.0.0.1:{sim_port}"
+web_url = "http://10.0.2.2:{sim_port}"
+{scope}
+{auth}
+webhook_secret = {{ file = "{dir}/secret" }}
+{hook}
+
+[libvirt]
+uri = "{URI}"
+storage_pool = "{POOL}"
+domain_type = "{domain_type}"
+network = {{ type = "user" }}
+console_log_dir = "{dir}/console"
+
+[admin]
+socket = "{dir}/admin.sock"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[reconcile]
+sweep_interval = "2s"
+github_interval = "10s"
+stop_grace = "30s"
+{reconcile}
+
+[[pool]]
+name = "{pool}"
+labels = [{labels}]
+image = "{golden}"
+kernel = "{kernel}"
+initrd = "{initrd}"
+vcpus = 1
+memory_mib = 512
+disk_gib = 4
+max_vms = {max_vms}
+registration = "{registration}"
+{pool_extra}
+"#,
+            dir = dir.display(),
+            scope = spec.scope,
+            hook = spec.hook.clone().unwrap_or_default(),
+            domain_type = domain_type().as_str(),
+            reconcile = spec.reconcile,
+            pool = spec.pool,
+            labels = labels.join(", "),
+            golden = img.golden.display(),
+            kernel = img.kernel.display(),
+            initrd = img.initrd.display(),
+            max_vms = spec.max_vms,
+            registration = spec.registration,
+            pool_extra = spec.pool_extra,
+        );
+        let config = dir.join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        Agent { log: dir.join("agent.log"), dir, config, webhook_port, metrics_port, child: None, spec_pool: spec.pool.clone() }
+    }
+
+    pub fn webhook_url(&self) -> String {
+        format!("http://127.0.0.1:{}/webhook", self.webhook_port)
+    }
+
+    /// Starts the agent (appending to its log) and waits until its webhook answers.
+    pub async fn start(&mut self) {
+        self.start_with_env(&[]).await;
+    }
+
+    pub async fn start_with_env(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runnervisor"));
+        cmd.args(["serve", "--config"]).arg(&self.config).stdout(Stdio::null()).stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let url = format!("http://127.0.0.1:{}/healthz", self.webhook_port);
+        let client = reqwest::Client::new();
+        for _ in 0..100 {
+            if client.get(&url).send().await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited early with {status}:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("agent did not come up:\n{}", self.log_tail());
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc_kill(c.id() as i32, 15) };
+        c.wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let t = self.log_text();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(80)..].join("\n")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.unwrap().text().await.unwrap()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_runnervisor")).args(args).arg("--config").arg(&self.config).output().unwrap()
+    }
+
+    /// Asserts nothing of this pool is left on the hypervisor.
+    pub fn assert_clean(&self, hv: &runnervisor::hypervisor::libvirt::Libvirt) {
+        let prefix = format!("rv-{}-", self.spec_pool);
+        let (doms, vols) = leftovers(hv, &prefix);
+        assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        // Anything this test's pool left behind is removed so later tests start clean.
+        if let Ok(lv) = std::panic::catch_unwind(|| libvirt().0) {
+            let prefix = format!("rv-{}-", self.spec_pool);
+            let (doms, vols) = leftovers(&lv, &prefix);
+            for d in doms {
+                let _ = lv.teardown(&d);
+            }
+            for v in vols {
+                let _ = lv.delete_volume(&v);
+            }
+        }
+    }
+}
