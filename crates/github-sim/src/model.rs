@@ -300,7 +300,9 @@ impl Default for World {
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 /// Labels match as on GitHub: every job label must be among the runner's, case-insensitively.

@@ -129,7 +129,8 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
         x.text(
             "cmdline",
             &[],
-            spec.cmdline.unwrap_or("root=LABEL=root rw console=ttyS0"),
+            spec.cmdline
+                .unwrap_or("root=LABEL=root rw console=ttyS0 quiet"),
         );
     } else {
         x.empty("boot", &[("dev", "hd")]);
@@ -229,7 +230,12 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
     let root = doc.root_element();
     // libvirt hands the element back without its namespace (it was selected by URI);
     // the whole domain XML keeps it. Any other namespace is not ours.
-    if root.tag_name().name() != "vm" || root.tag_name().namespace().is_some_and(|ns| ns != METADATA_NS) {
+    if root.tag_name().name() != "vm"
+        || root
+            .tag_name()
+            .namespace()
+            .is_some_and(|ns| ns != METADATA_NS)
+    {
         return None;
     }
     let get = |name: &str| {
@@ -418,7 +424,10 @@ mod tests {
     fn metadata_as_libvirt_returns_it() {
         let xml = "<vm>\n  <job-id>7</job-id>\n  <run-id>8</run-id>\n  <repository>o/r</repository>\n  <pool>p</pool>\n  <runner-name>rv-p-7</runner-name>\n  <created>2026-11-29T12:40:36Z</created>\n  <console-log>/x.log</console-log>\n  <job-url/>\n</vm>";
         let m = parse_metadata(xml).unwrap();
-        assert_eq!((m.job_id, m.run_id, m.pool.as_str(), m.job_url.as_str()), (7, 8, "p", ""));
+        assert_eq!(
+            (m.job_id, m.run_id, m.pool.as_str(), m.job_url.as_str()),
+            (7, 8, "p", "")
+        );
     }
 
     #[test]

@@ -8,7 +8,11 @@ use std::time::Duration;
 use super::*;
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn tempdir(tag: &str) -> PathBuf {
@@ -19,7 +23,13 @@ pub fn tempdir(tag: &str) -> PathBuf {
 
 pub fn write_private(path: &Path, content: &str) {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
     f.write_all(content.as_bytes()).unwrap();
 }
 
@@ -75,7 +85,12 @@ impl Agent {
         write_private(&dir.join("secret"), SECRET);
         let metrics_port = free_port();
         let labels: Vec<String> = spec.labels.iter().map(|l| format!("{l:?}")).collect();
-        let auth = spec.auth.clone().unwrap_or_else(|| format!("auth = {{ type = \"pat\", token = {{ file = \"{}\" }} }}", dir.join("pat").display()));
+        let auth = spec.auth.clone().unwrap_or_else(|| {
+            format!(
+                "auth = {{ type = \"pat\", token = {{ file = \"{}\" }} }}",
+                dir.join("pat").display()
+            )
+        });
         let text = format!(
             r#"
 state_dir = "{dir}/state"
@@ -140,7 +155,15 @@ registration = "{registration}"
         );
         let config = dir.join("config.toml");
         std::fs::write(&config, text).unwrap();
-        Agent { log: dir.join("agent.log"), dir, config, webhook_port, metrics_port, child: None, spec_pool: spec.pool.clone() }
+        Agent {
+            log: dir.join("agent.log"),
+            dir,
+            config,
+            webhook_port,
+            metrics_port,
+            child: None,
+            spec_pool: spec.pool.clone(),
+        }
     }
 
     pub fn webhook_url(&self) -> String {
@@ -153,9 +176,16 @@ registration = "{registration}"
     }
 
     pub async fn start_with_env(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_runnervisor"));
-        cmd.args(["serve", "--config"]).arg(&self.config).stdout(Stdio::null()).stderr(log);
+        cmd.args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -199,18 +229,32 @@ registration = "{registration}"
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_runnervisor")).args(args).arg("--config").arg(&self.config).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_runnervisor"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
     }
 
     /// Asserts nothing of this pool is left on the hypervisor.
     pub fn assert_clean(&self, hv: &runnervisor::hypervisor::libvirt::Libvirt) {
         let prefix = format!("rv-{}-", self.spec_pool);
         let (doms, vols) = leftovers(hv, &prefix);
-        assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());
+        assert!(
+            doms.is_empty() && vols.is_empty(),
+            "leaked domains {doms:?} volumes {vols:?}\n{}",
+            self.log_tail()
+        );
     }
 }
 
