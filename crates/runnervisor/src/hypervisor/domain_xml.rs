@@ -367,7 +367,7 @@ mod tests {
         assert_eq!(text("kernel").as_deref(), Some("/img/vmlinuz"));
         assert_eq!(
             text("cmdline").as_deref(),
-            Some("root=LABEL=root rw console=ttyS0")
+            Some("root=LABEL=root rw console=ttyS0 quiet")
         );
         assert_eq!(text("on_poweroff").as_deref(), Some("destroy"));
         let disks: Vec<_> = root

@@ -817,6 +817,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     fn on_hv(&mut self, ev: HvEvent) {
         match ev {
             HvEvent::Stopped(name) => {
+                // Webhooks already accepted may say its runner took (and finished) a job:
+                // apply them first, or the VM would look like it died before taking one.
+                self.drain_inbox();
                 let stops = self.vms.get(&name).is_some_and(|v| {
                     vm::next(v.state, Input::DomainStopped) == Some(VmState::TearingDown)
                 });

@@ -1,0 +1,573 @@
+//! Fault drills on real VMs (TCG) with github-sim. Run them with `./scripts/drill NAME`
+//! (they are `#[ignore]`d so a plain `cargo test` does not run them twice). Each prints,
+//! as its last line,
+//! `drill NAME: jobs=N served_once=N lost=0 leaked_domains=0 leaked_volumes=0 leaked_runners=0`
+//! and fails if any figure is off.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::agent::*;
+use common::*;
+use runnervisor::hypervisor::Hypervisor;
+use runnervisor::hypervisor::libvirt::Libvirt;
+use serde_json::{Value, json};
+
+const REPO: &str = "octo-org/app";
+
+struct Drill {
+    name: &'static str,
+    labels: Vec<String>,
+    sim: Sim,
+    agent: Agent,
+    hv: std::sync::Arc<Libvirt>,
+    /// Jobs that must end served exactly once.
+    expected: Vec<u64>,
+    started: Instant,
+}
+
+impl Drill {
+    async fn new(name: &'static str, tweak_spec: impl FnOnce(&mut AgentSpec)) -> Drill {
+        Self::with_sim(name, tweak_spec, |_| {}).await
+    }
+
+    async fn with_sim(
+        name: &'static str,
+        tweak_spec: impl FnOnce(&mut AgentSpec),
+        tweak_sim: impl FnOnce(&mut github_sim::SimConfig),
+    ) -> Drill {
+        let pool = format!("d-{name}");
+        let labels = vec!["self-hosted".to_string(), format!("drill-{name}")];
+        let mut spec = AgentSpec::new(
+            &pool,
+            &labels.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        tweak_spec(&mut spec);
+        let webhook_port = free_port();
+        let sim = Sim::start(
+            Some(format!("http://127.0.0.1:{webhook_port}/webhook")),
+            tweak_sim,
+        )
+        .await;
+        let agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
+        let (hv, _) = libvirt();
+        eprintln!("drill {name}: agent log {}", agent.log.display());
+        Drill {
+            name,
+            labels,
+            sim,
+            agent,
+            hv,
+            expected: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn labels(&self) -> Vec<&str> {
+        self.labels.iter().map(String::as_str).collect()
+    }
+
+    async fn queue(&mut self, duration: f64) -> u64 {
+        let id = self.sim.queue(REPO, &self.labels(), duration).await;
+        self.expected.push(id);
+        id
+    }
+
+    async fn queue_with(&mut self, extra: Value) -> u64 {
+        let mut body = json!({"repo": REPO, "labels": self.labels()});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let id = self.sim.queue_with(body).await;
+        self.expected.push(id);
+        id
+    }
+
+    fn say(&self, msg: &str) {
+        eprintln!(
+            "drill {} +{:.0}s: {msg}",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    fn prefix(&self) -> String {
+        format!("rv-d-{}-", self.name)
+    }
+
+    fn vms(&self) -> Vec<runnervisor::hypervisor::VmInfo> {
+        self.hv
+            .list_vms()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.name.starts_with(&self.prefix()))
+            .collect()
+    }
+
+    /// How many runners ran each job (from the simulator's history).
+    async fn served_counts(&self) -> BTreeMap<u64, usize> {
+        let h: Value = self
+            .sim
+            .http
+            .get(format!("{}/_sim/runner-history", self.sim.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut counts = BTreeMap::new();
+        for r in h.as_object().unwrap().values() {
+            for j in r["jobs"].as_array().unwrap() {
+                *counts.entry(j.as_u64().unwrap()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Waits for every expected job to complete and everything to be cleaned, then prints
+    /// the summary line and fails if a figure is off.
+    async fn finish(self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut figures;
+        loop {
+            figures = self.figures().await;
+            let (jobs, served, lost, d, v, r) = figures;
+            if served == jobs && lost == 0 && d == 0 && v == 0 && r == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                self.say(&format!(
+                    "giving up after {timeout:?}\n{}",
+                    self.agent.log_tail()
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let (jobs, served, lost, d, v, r) = figures;
+        let line = format!(
+            "drill {}: jobs={jobs} served_once={served} lost={lost} leaked_domains={d} leaked_volumes={v} leaked_runners={r}",
+            self.name
+        );
+        self.say("done");
+        println!("{line}");
+        assert!(
+            served == jobs && lost == 0 && d == 0 && v == 0 && r == 0,
+            "{line}"
+        );
+    }
+
+    async fn figures(&self) -> (usize, usize, usize, usize, usize, usize) {
+        let counts = self.served_counts().await;
+        let mut served = 0;
+        let mut lost = 0;
+        for id in &self.expected {
+            let j = self.sim.job(*id).await;
+            let ok = j["status"] == "completed" && j["conclusion"] == "success";
+            if ok && counts.get(id) == Some(&1) {
+                served += 1;
+            }
+            if !ok {
+                lost += 1;
+            }
+        }
+        let (doms, vols) = leftovers(&self.hv, &self.prefix());
+        let runners = self.sim.runners().await.len();
+        (
+            self.expected.len(),
+            served,
+            lost,
+            doms.len(),
+            vols.len(),
+            runners,
+        )
+    }
+}
+
+fn wait_exit(agent: &mut Agent, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(s) = agent.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            agent.child = None;
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// kill -9 at each provisioning step, restart, every job served once.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill kill-agent"]
+async fn drill_kill_agent() {
+    let mut d = Drill::new("kill-agent", |s| s.max_vms = 2).await;
+    for step in [
+        "after-persist",
+        "after-credential",
+        "after-overlay",
+        "after-seed",
+        "after-define",
+        "after-start",
+    ] {
+        d.agent
+            .start_with_env(&[("RUNNERVISOR_FAULT_CRASH_AT", step)])
+            .await;
+        d.queue(3.0).await;
+        let status = wait_exit(&mut d.agent, Duration::from_secs(60));
+        d.say(&format!("agent killed at {step}: {status:?}"));
+        assert!(status.is_some(), "the agent did not reach {step}");
+    }
+    d.agent.start().await;
+    d.say("agent restarted without faults");
+    d.finish(Duration::from_secs(600)).await;
+}
+
+/// libvirtd restarted while VMs run and jobs are queued.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill restart-libvirtd"]
+async fn drill_restart_libvirtd() {
+    let mut d = Drill::new("restart-libvirtd", |s| s.max_vms = 2).await;
+    d.agent.start().await;
+    for _ in 0..3 {
+        d.queue(10.0).await;
+    }
+    wait_for("two VMs running", VM_TIMEOUT, async || {
+        (d.vms().len() == 2).then_some(())
+    })
+    .await;
+    d.say("restarting libvirtd");
+    restart_libvirtd();
+    d.say("libvirtd back");
+    // A job queued while the agent reconnects is not lost either.
+    d.queue(3.0).await;
+    wait_for(
+        "the agent to reconnect",
+        Duration::from_secs(60),
+        async || {
+            d.agent
+                .metrics()
+                .await
+                .contains("runnervisor_libvirt_reconnects_total 1")
+                .then_some(())
+        },
+    )
+    .await;
+    d.finish(Duration::from_secs(600)).await;
+}
+
+fn restart_libvirtd() {
+    let systemd = std::path::Path::new("/run/systemd/system").exists();
+    if systemd {
+        assert!(
+            std::process::Command::new("systemctl")
+                .args(["restart", "libvirtd"])
+                .status()
+                .unwrap()
+                .success()
+        );
+    } else {
+        let _ = std::process::Command::new("pkill")
+            .args(["-x", "libvirtd"])
+            .status();
+        for _ in 0..100 {
+            let alive = std::process::Command::new("pgrep")
+                .args(["-x", "libvirtd"])
+                .status()
+                .unwrap()
+                .success();
+            if !alive {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            std::process::Command::new("libvirtd")
+                .arg("-d")
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    for _ in 0..100 {
+        let ok = std::process::Command::new("virsh")
+            .args(["-c", URI, "capabilities"])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("libvirtd did not come back");
+}
+
+/// 5xx and 429/403 bursts from the API during a burst of jobs.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill api-storm"]
+async fn drill_api_storm() {
+    let mut d = Drill::new("api-storm", |s| s.max_vms = 2).await;
+    d.agent.start().await;
+    d.sim
+        .fault(json!([
+            {"kind": "api_error", "status": 502, "count": 8},
+            {"kind": "rate_limit", "status": 429, "retry_after": 2, "count": 3},
+            {"kind": "latency", "ms": 800, "count": 10},
+        ]))
+        .await;
+    for _ in 0..3 {
+        d.queue(3.0).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    d.say("second storm: 503s and a primary rate limit");
+    d.sim
+        .fault(json!([
+            {"kind": "api_error", "status": 503, "count": 6},
+            {"kind": "rate_limit", "status": 403, "primary": true, "reset_in": 5, "count": 2},
+        ]))
+        .await;
+    d.queue(3.0).await;
+    let metrics = d.agent.metrics().await;
+    let errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("runnervisor_github_api_calls_total")
+                && (l.contains("status=\"50")
+                    || l.contains("status=\"429\"")
+                    || l.contains("status=\"403\""))
+        })
+        .collect();
+    d.say(&format!(
+        "API errors seen by the agent:\n{}",
+        errors.join("\n")
+    ));
+    assert!(!errors.is_empty(), "the storm reached the agent");
+    d.finish(Duration::from_secs(600)).await;
+}
+
+/// Dropped `queued` deliveries are found by the reconciler and redelivered.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill lost-webhooks"]
+async fn drill_lost_webhooks() {
+    let mut d = Drill::new("lost-webhooks", |s| s.max_vms = 2).await;
+    d.agent.start().await;
+    d.sim
+        .fault(json!({"kind": "webhook_drop", "action": "queued", "count": 2}))
+        .await;
+    for _ in 0..3 {
+        d.queue(3.0).await;
+    }
+    wait_for("redeliveries", Duration::from_secs(60), async || {
+        d.agent
+            .metrics()
+            .await
+            .contains("runnervisor_webhook_redeliveries_requested_total 2")
+            .then_some(())
+    })
+    .await;
+    d.say("the two dropped deliveries were redelivered");
+    d.finish(Duration::from_secs(600)).await;
+}
+
+/// Duplicated (same and new GUIDs) and reordered deliveries: each job served once, no extra VM.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill dup-reorder"]
+async fn drill_dup_reorder() {
+    let mut d = Drill::new("dup-reorder", |s| s.max_vms = 2).await;
+    d.agent.start().await;
+    d.sim
+        .fault(json!([
+            {"kind": "webhook_duplicate", "count": 6},
+            {"kind": "webhook_duplicate", "count": 3, "new_guid": true},
+            {"kind": "webhook_reorder", "count": 3},
+        ]))
+        .await;
+    for _ in 0..3 {
+        d.queue(3.0).await;
+    }
+    let jobs = d.expected.len();
+    let h = d.sim.http.clone();
+    let url = d.sim.url();
+    d.finish(Duration::from_secs(600)).await;
+    let history: Value = h
+        .get(format!("{url}/_sim/runner-history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        history.as_object().unwrap().len(),
+        jobs,
+        "one VM per job, no extra: {history}"
+    );
+}
+
+/// Jobs cancelled before they start: their VMs become surplus and are reaped within 30 s.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill cancel"]
+async fn drill_cancel() {
+    let mut d = Drill::new("cancel", |s| s.max_vms = 3).await;
+    d.agent.start().await;
+    let a = d.sim.queue(REPO, &d.labels(), 3.0).await;
+    let b = d.sim.queue(REPO, &d.labels(), 3.0).await;
+    d.queue(3.0).await;
+    wait_for("three VMs", Duration::from_secs(60), async || {
+        (d.vms().len() == 3).then_some(())
+    })
+    .await;
+    for j in [a, b] {
+        let r = d
+            .sim
+            .http
+            .post(format!("{}/_sim/jobs/{j}/cancel", d.sim.url()))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let cancelled = Instant::now();
+    wait_for("surplus VMs reaped", Duration::from_secs(30), async || {
+        (d.vms().len() <= 1).then_some(())
+    })
+    .await;
+    d.say(&format!(
+        "surplus reaped {:.1}s after the cancels",
+        cancelled.elapsed().as_secs_f64()
+    ));
+    for j in [a, b] {
+        assert_eq!(d.sim.job(j).await["conclusion"], "cancelled");
+    }
+    d.finish(Duration::from_secs(400)).await;
+}
+
+/// A runner that never exits after its job is killed by the max lifetime.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill ghost-runner"]
+async fn drill_ghost_runner() {
+    let mut d = Drill::new("ghost-runner", |s| {
+        s.pool_extra = "registration_timeout = \"150s\"\nmax_lifetime = \"160s\"".into();
+        s.reconcile = "stop_grace = \"20m\"".into();
+    })
+    .await;
+    d.agent.start().await;
+    d.queue_with(json!({"duration_secs": 2, "runner_hangs_after": true}))
+        .await;
+    let started = Instant::now();
+    wait_for("the ghost's job to complete", VM_TIMEOUT, async || {
+        (d.sim.job(d.expected[0]).await["status"] == "completed").then_some(())
+    })
+    .await;
+    d.say("job done; the runner now hangs and the guest stays up");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(d.vms().len(), 1, "the ghost VM is still there");
+    wait_for(
+        "max lifetime to kill the ghost",
+        Duration::from_secs(240),
+        async || d.vms().is_empty().then_some(()),
+    )
+    .await;
+    d.say(&format!(
+        "ghost destroyed {:.0}s after its job was queued",
+        started.elapsed().as_secs_f64()
+    ));
+    assert!(
+        d.agent.log_text().contains("reason=max_lifetime"),
+        "{}",
+        d.agent.log_tail()
+    );
+    d.finish(Duration::from_secs(120)).await;
+}
+
+/// A VM that never registers hits the registration timeout; the job is retried and served.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill no-boot"]
+async fn drill_no_boot() {
+    let mut d = Drill::new("no-boot", |s| {
+        s.pool_extra = "registration_timeout = \"100s\"".into();
+    })
+    .await;
+    d.agent.start().await;
+    d.sim
+        .fault(json!({"kind": "runner_stall", "count": 1}))
+        .await;
+    d.queue(3.0).await;
+    wait_for(
+        "the registration timeout",
+        Duration::from_secs(240),
+        async || {
+            d.agent
+                .log_text()
+                .contains("reason=registration_timeout")
+                .then_some(())
+        },
+    )
+    .await;
+    d.say("first VM timed out; retrying");
+    d.finish(Duration::from_secs(400)).await;
+}
+
+/// The golden image disappears, then comes back: the job waits and is served.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill bad-image"]
+async fn drill_bad_image() {
+    let img = test_image();
+    let dir = tempdir("bad-image-golden");
+    let golden = dir.join("golden.qcow2");
+    assert!(
+        std::process::Command::new("cp")
+            .arg("--reflink=auto")
+            .arg(&img.golden)
+            .arg(&golden)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let moved = dir.join("golden.qcow2.away");
+    let golden_str = golden.display().to_string();
+    let mut d = Drill::new("bad-image", |s| {
+        s.pool_extra = format!("image = {golden_str:?}");
+    })
+    .await;
+    // The pool's `image` key appears twice otherwise: rewrite it in place.
+    let cfg = std::fs::read_to_string(&d.agent.config).unwrap();
+    let mut lines: Vec<String> = cfg.lines().map(str::to_string).collect();
+    let first = lines
+        .iter()
+        .position(|l| l.starts_with("image = "))
+        .unwrap();
+    lines.remove(first);
+    std::fs::write(&d.agent.config, lines.join("\n")).unwrap();
+
+    std::fs::rename(&golden, &moved).unwrap();
+    d.agent.start().await;
+    d.queue(3.0).await;
+    wait_for(
+        "a clear error naming the image",
+        Duration::from_secs(30),
+        async || {
+            d.agent
+                .log_text()
+                .contains(&format!("golden image {golden_str} not found"))
+                .then_some(())
+        },
+    )
+    .await;
+    d.say("provisioning fails with the image named; restoring it in 15 s");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(d.vms().is_empty());
+    assert_eq!(
+        d.sim.job(d.expected[0]).await["status"],
+        "queued",
+        "the job waits"
+    );
+    std::fs::rename(&moved, &golden).unwrap();
+    d.say("image restored");
+    d.finish(Duration::from_secs(400)).await;
+}
