@@ -253,12 +253,15 @@ pub struct PoolConfig {
     /// VMs tried for one job (runner never registered, VM died early) before it is given up.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
+    /// Warn when the image's manifest declares a runner released longer ago than this.
+    #[serde(default = "defaults::runner_max_age", deserialize_with = "duration")]
+    pub runner_max_age: Duration,
 }
 
 mod defaults {
     use super::*;
     pub fn state_dir() -> PathBuf {
-        "/var/lib/runnervisor".into()
+        "/var/lib/runnervisor/state".into()
     }
     pub fn log_level() -> String {
         "info".into()
@@ -330,13 +333,16 @@ mod defaults {
         Duration::from_secs(300)
     }
     pub fn idle_timeout() -> Duration {
-        Duration::from_secs(30)
+        Duration::from_secs(20)
     }
     pub fn max_lifetime() -> Duration {
         Duration::from_secs(6 * 3600)
     }
     pub fn max_attempts() -> u32 {
         3
+    }
+    pub fn runner_max_age() -> Duration {
+        Duration::from_secs(30 * 86400)
     }
 }
 

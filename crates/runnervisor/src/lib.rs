@@ -9,16 +9,20 @@
 //! - [`github`]: the GitHub seam (trait, HTTP client, App auth, fake).
 //! - [`hypervisor`]: the libvirt seam (trait, libvirt, fake), domain XML and seed builders.
 //! - [`cloudinit`]: user-data and meta-data for the runner VM.
-//! - [`admin`]: the local admin socket; [`metrics`]: OpenMetrics; [`systemd`]: sd_notify.
+//! - [`admin`]: the local admin socket; [`metrics`]: OpenMetrics; [`systemd`]: sd_notify;
+//!   [`logging`]: stderr or native journald; [`check`]: `runnervisor check`.
 //!
 //! [`run`] wires them: listeners, store, scheduler; it returns when `shutdown` is
 //! cancelled and in-flight work has finished (running VMs keep running).
 
 pub mod admin;
+pub mod check;
 pub mod cloudinit;
 pub mod config;
 pub mod github;
 pub mod hypervisor;
+pub mod images;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod scheduler;

@@ -41,6 +41,12 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Check a configuration against this host and GitHub; one ✔/✘ line per check.
+    Check {
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Show pools, queued jobs and VMs of the running agent.
     Status {
         #[command(flatten)]
@@ -58,6 +64,18 @@ enum Command {
     Undrain {
         #[command(flatten)]
         socket: SocketArgs,
+    },
+    /// Write a cloud-init NoCloud seed image (FAT, label CIDATA); used by image recipes.
+    SeedImage {
+        /// The user-data file.
+        #[arg(long)]
+        user_data: PathBuf,
+        /// The meta-data file.
+        #[arg(long)]
+        meta_data: PathBuf,
+        /// Where to write the raw image (created mode 0600).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Operate on one VM.
     Vm {
@@ -98,20 +116,6 @@ impl SocketArgs {
     }
 }
 
-fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let journal = runnervisor::systemd::stderr_is_journal();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -120,9 +124,23 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     match cli.command {
         Command::Serve { config } => rt.block_on(serve(config)),
+        Command::Check { config } => rt.block_on(async {
+            let lines = runnervisor::check::run(&config).await;
+            print!("{}", runnervisor::check::render(&lines));
+            if lines.iter().all(|l| l.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
         Command::Status { socket, json } => rt.block_on(admin_cmd(&socket, Request::Status, json)),
         Command::Drain { socket } => rt.block_on(admin_cmd(&socket, Request::Drain, false)),
         Command::Undrain { socket } => rt.block_on(admin_cmd(&socket, Request::Undrain, false)),
+        Command::SeedImage {
+            user_data,
+            meta_data,
+            out,
+        } => seed_image(&user_data, &meta_data, &out),
         Command::Vm {
             command: VmCommand::Destroy { name, socket },
         } => rt.block_on(admin_cmd(&socket, Request::Destroy { vm: name }, false)),
@@ -137,7 +155,7 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    init_logging(&config.log_level);
+    runnervisor::logging::init(&config.log_level, runnervisor::logging::detect());
     let creds = credentials_dir();
     let secrets = (|| -> Result<_, String> {
         let webhook_secret = config
@@ -229,6 +247,34 @@ async fn serve(path: PathBuf) -> ExitCode {
             }
             tracing::error!("{msg}");
             ExitCode::from(exit::STARTUP)
+        }
+    }
+}
+
+fn seed_image(user_data: &PathBuf, meta_data: &PathBuf, out: &PathBuf) -> ExitCode {
+    let read =
+        |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let result = (|| -> Result<(), String> {
+        let image =
+            runnervisor::hypervisor::seed::nocloud_image(&read(user_data)?, &read(meta_data)?)
+                .map_err(|e| e.to_string())?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(out)
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+        f.write_all(&image)
+            .map_err(|e| format!("{}: {e}", out.display()))
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("runnervisor: {e}");
+            ExitCode::from(exit::CONFIG)
         }
     }
 }

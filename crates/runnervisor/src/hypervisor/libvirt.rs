@@ -179,6 +179,42 @@ impl Libvirt {
             .is_some_and(|c| c.is_alive().unwrap_or(false))
     }
 
+    /// Whether the host can run domains of `domain_type` (`kvm`, `qemu`) for x86_64.
+    pub fn supports_domain_type(&self, domain_type: &str) -> Result<bool, HvError> {
+        let conn = self.conn()?;
+        let caps = conn
+            .capabilities()
+            .map_err(|e| self.err("capabilities", "", e))?;
+        let doc = roxmltree::Document::parse(&caps).map_err(|e| HvError::Libvirt {
+            op: "capabilities",
+            name: String::new(),
+            message: e.to_string(),
+        })?;
+        Ok(doc
+            .descendants()
+            .filter(|n| n.has_tag_name("guest"))
+            .filter(|g| {
+                g.descendants()
+                    .any(|a| a.has_tag_name("arch") && a.attribute("name") == Some("x86_64"))
+            })
+            .any(|g| {
+                g.descendants()
+                    .any(|d| d.has_tag_name("domain") && d.attribute("type") == Some(domain_type))
+            }))
+    }
+
+    /// libvirt's version, `major.minor.micro`.
+    pub fn version(&self) -> Result<String, HvError> {
+        let conn = self.conn()?;
+        let v = conn.lib_version().map_err(|e| self.err("version", "", e))?;
+        Ok(format!(
+            "{}.{}.{}",
+            v / 1_000_000,
+            (v / 1000) % 1000,
+            v % 1000
+        ))
+    }
+
     fn storage_pool(&self, conn: &Connect) -> Result<StoragePool, HvError> {
         let pool = conn
             .lookup_storage_pool_by_name(&self.pool)

@@ -154,6 +154,7 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     github_running: bool,
     stopping: bool,
     last_prune: Instant,
+    last_image_check: Option<Instant>,
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -211,6 +212,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             github_running: false,
             stopping: false,
             last_prune: Instant::now(),
+            last_image_check: None,
         })
     }
 
@@ -974,6 +976,30 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Err(e) => warn!(error = %e, "cannot list volumes"),
         }
         self.prune();
+        self.check_images();
+    }
+
+    /// Warns when a pool's image declares a runner too old for GitHub (at start, then hourly).
+    fn check_images(&mut self) {
+        if self
+            .last_image_check
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(3600))
+        {
+            return;
+        }
+        self.last_image_check = Some(Instant::now());
+        for pool in &self.config.pools {
+            let problem = crate::images::read_manifest(&pool.image).and_then(|m| {
+                crate::images::runner_age_problem(&m, pool.runner_max_age, SystemTime::now())
+            });
+            self.metrics.image_runner_outdated.set(
+                &[("pool", &pool.name)],
+                if problem.is_some() { 1.0 } else { 0.0 },
+            );
+            if let Some(p) = problem {
+                warn!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image with a current runner");
+            }
+        }
     }
 
     /// Forgets finished jobs and old delivery ids after the redelivery window.

@@ -1,0 +1,335 @@
+//! `runnervisor check`: validates a configuration against the real world — secrets,
+//! state directory, libvirt, storage pool, domain type, golden images, GitHub credentials
+//! and permissions, webhook access — one ✔/✘ line per check, with the fix for each ✘.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{AuthConfig, Config, Scope};
+use crate::github::GitHub;
+use crate::github::app::AppSigner;
+use crate::github::http::{Auth, HttpGitHub, RetryPolicy};
+use crate::hypervisor::libvirt::Libvirt;
+use crate::hypervisor::{self, Hypervisor};
+use crate::images;
+use crate::secret::credentials_dir;
+
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub ok: bool,
+    pub what: String,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+fn ok(what: impl Into<String>, detail: impl Into<String>) -> Line {
+    Line {
+        ok: true,
+        what: what.into(),
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+fn bad(what: impl Into<String>, detail: impl std::fmt::Display, fix: impl Into<String>) -> Line {
+    Line {
+        ok: false,
+        what: what.into(),
+        detail: detail.to_string(),
+        fix: Some(fix.into()),
+    }
+}
+
+pub fn render(lines: &[Line]) -> String {
+    let mut out = String::new();
+    for l in lines {
+        out.push_str(&format!(
+            "{} {}: {}\n",
+            if l.ok { "✔" } else { "✘" },
+            l.what,
+            l.detail
+        ));
+        if let Some(f) = &l.fix {
+            out.push_str(&format!("    fix: {f}\n"));
+        }
+    }
+    let failed = lines.iter().filter(|l| !l.ok).count();
+    out.push_str(&if failed == 0 {
+        format!("all {} checks passed\n", lines.len())
+    } else {
+        format!("{failed} of {} checks failed\n", lines.len())
+    });
+    out
+}
+
+fn permission_hint(scope: &Scope, app: bool) -> String {
+    match (scope, app) {
+        (Scope::Repository { .. }, false) => "a fine-grained PAT needs repository permission \"Administration: Read and write\" (classic: scope `repo`)".into(),
+        (Scope::Repository { .. }, true) => "the GitHub App needs repository permission \"Administration: Read and write\" and must be installed on the repository".into(),
+        (Scope::Organization(_), false) => "a fine-grained PAT needs organization permission \"Self-hosted runners: Read and write\" (classic: scope `admin:org`)".into(),
+        (Scope::Organization(_), true) => "the GitHub App needs organization permission \"Self-hosted runners: Read and write\" and must be installed on the organization".into(),
+        (Scope::Enterprise(_), _) => "enterprise runners need a classic PAT with scope `manage_runners:enterprise` of an enterprise owner".into(),
+    }
+}
+
+pub async fn run(path: &Path) -> Vec<Line> {
+    let mut lines = Vec::new();
+    let config = match Config::load(path) {
+        Ok(c) => {
+            lines.push(ok(
+                "configuration",
+                format!("{} is valid ({} pools)", path.display(), c.pools.len()),
+            ));
+            c
+        }
+        Err(e) => {
+            lines.push(bad(
+                "configuration",
+                e,
+                "fix the key named above (see config.toml.example)",
+            ));
+            return lines;
+        }
+    };
+    let creds = credentials_dir();
+    match config.github.webhook_secret.load(creds.as_deref()) {
+        Ok(_) => lines.push(ok("webhook secret", "readable, not world-readable")),
+        Err(e) => lines.push(bad("webhook secret", e, "write the secret GitHub signs with into that file, mode 0600 (or LoadCredential=webhook-secret:FILE)")),
+    }
+    let auth = match &config.github.auth {
+        AuthConfig::Pat { token } => match token.load(creds.as_deref()) {
+            Ok(t) => {
+                lines.push(ok("GitHub token", "readable, not world-readable"));
+                Some(Auth::Pat(t))
+            }
+            Err(e) => {
+                lines.push(bad(
+                    "GitHub token",
+                    e,
+                    "store the PAT in that file, mode 0600 (or LoadCredential=)",
+                ));
+                None
+            }
+        },
+        AuthConfig::App {
+            app_id,
+            installation_id,
+            private_key,
+        } => match private_key
+            .load(creds.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|k| AppSigner::new(*app_id, &k).map_err(|e| e.to_string()))
+        {
+            Ok(signer) => {
+                lines.push(ok(
+                    "GitHub App key",
+                    format!("app {app_id}: RSA private key loaded"),
+                ));
+                Some(Auth::App {
+                    signer,
+                    installation_id: *installation_id,
+                })
+            }
+            Err(e) => {
+                lines.push(bad(
+                    "GitHub App key",
+                    e,
+                    "download the App's private key (PEM) into that file, mode 0600",
+                ));
+                None
+            }
+        },
+    };
+    lines.push(state_dir(&config.state_dir));
+    check_libvirt(&config, &mut lines).await;
+    for pool in &config.pools {
+        check_pool_image(pool, &mut lines);
+    }
+    if let Some(auth) = auth {
+        check_github(&config, auth, &mut lines).await;
+    }
+    lines
+}
+
+fn state_dir(dir: &Path) -> Line {
+    let probe = dir.join(".runnervisor-check");
+    match std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&probe, b""))
+        .and_then(|_| std::fs::remove_file(&probe))
+    {
+        Ok(()) => ok("state directory", format!("{} is writable", dir.display())),
+        Err(e) => bad(
+            "state directory",
+            format!("{}: {e}", dir.display()),
+            format!(
+                "create {} writable by the service user (StateDirectory= does it under systemd)",
+                dir.display()
+            ),
+        ),
+    }
+}
+
+async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let lv: Arc<Libvirt> = Libvirt::start(&config.libvirt.uri, &config.libvirt.storage_pool, tx);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lv.connected() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !lv.connected() {
+        lines.push(bad(
+            "libvirt",
+            format!("cannot connect to {}", config.libvirt.uri),
+            "start libvirtd (systemctl start libvirtd) and put the service user in group libvirt",
+        ));
+        return;
+    }
+    lines.push(ok(
+        "libvirt",
+        format!(
+            "connected to {} (libvirt {})",
+            config.libvirt.uri,
+            lv.version().unwrap_or_default()
+        ),
+    ));
+    let lv2 = lv.clone();
+    match tokio::task::spawn_blocking(move || lv2.check_pool())
+        .await
+        .expect("join")
+    {
+        Ok(()) => lines.push(ok(
+            "storage pool",
+            format!("{} is active", config.libvirt.storage_pool),
+        )),
+        Err(e) => {
+            let p = &config.libvirt.storage_pool;
+            lines.push(bad("storage pool", e, format!("virsh pool-define-as {p} dir --target /var/lib/runnervisor/pool && virsh pool-start {p} && virsh pool-autostart {p}")))
+        }
+    }
+    let dt = config.libvirt.domain_type.as_str();
+    match lv.supports_domain_type(dt) {
+        Ok(true) => lines.push(ok("domain type", format!("{dt} guests are supported on this host"))),
+        Ok(false) => lines.push(bad("domain type", format!("this host cannot run {dt} guests"), "load kvm_intel or kvm_amd (and check /dev/kvm), or set libvirt.domain_type = \"qemu\" (TCG, slow)")),
+        Err(e) => lines.push(bad("domain type", e, "check `virsh capabilities`")),
+    }
+}
+
+fn check_pool_image(pool: &crate::config::PoolConfig, lines: &mut Vec<Line>) {
+    let what = format!("pool {} image", pool.name);
+    match hypervisor::check_image(&pool.image) {
+        Ok(info) if info.virtual_size > pool.disk_gib << 30 => lines.push(bad(
+            what,
+            format!("{} is {} GiB, more than disk_gib = {}", pool.image.display(), info.virtual_size >> 30, pool.disk_gib),
+            "raise pool.disk_gib",
+        )),
+        Ok(info) => lines.push(ok(what, format!("{} is qcow2, {} GiB virtual", pool.image.display(), info.virtual_size.div_ceil(1 << 30)))),
+        Err(e) => lines.push(bad(what, e, "build or copy the golden image there (images/README.md); it must be qcow2 and readable by libvirt")),
+    }
+    for (k, p) in [("kernel", &pool.kernel), ("initrd", &pool.initrd)] {
+        if let Some(p) = p {
+            match std::fs::metadata(p) {
+                Ok(_) => lines.push(ok(
+                    format!("pool {} {k}", pool.name),
+                    p.display().to_string(),
+                )),
+                Err(e) => lines.push(bad(
+                    format!("pool {} {k}", pool.name),
+                    format!("{}: {e}", p.display()),
+                    format!("put the {k} there or remove pool.{k}"),
+                )),
+            }
+        }
+    }
+    if let Some(manifest) = images::read_manifest(&pool.image) {
+        match images::runner_age_problem(
+            &manifest,
+            pool.runner_max_age,
+            std::time::SystemTime::now(),
+        ) {
+            None => lines.push(ok(
+                format!("pool {} runner", pool.name),
+                format!(
+                    "actions/runner {} (released {})",
+                    manifest.runner_version, manifest.runner_released
+                ),
+            )),
+            Some(p) => lines.push(bad(
+                format!("pool {} runner", pool.name),
+                p,
+                "rebuild the image with a current actions/runner (images/README.md)",
+            )),
+        }
+    }
+}
+
+async fn check_github(config: &Config, auth: Auth, lines: &mut Vec<Line>) {
+    let scope = config.github.scope();
+    let app = matches!(auth, Auth::App { .. });
+    let gh = match HttpGitHub::new(
+        &config.github.api_url,
+        scope.clone(),
+        config.github.hook.clone(),
+        auth,
+        Duration::from_secs(15),
+    ) {
+        Ok(g) => g.with_retry(RetryPolicy {
+            attempts: 2,
+            base: Duration::from_millis(300),
+            cap: Duration::from_secs(1),
+            max_wait: Duration::from_secs(2),
+        }),
+        Err(e) => {
+            lines.push(bad("GitHub", e, "check github.api_url"));
+            return;
+        }
+    };
+    match gh.registration_token().await {
+        Ok(_) => lines.push(ok(
+            "GitHub permissions",
+            format!(
+                "can register runners at {} ({})",
+                scope.api_path(),
+                config.github.api_url
+            ),
+        )),
+        Err(e) => {
+            let fix = match e.status() {
+                Some(401) => "the credential is wrong or expired: replace it".to_string(),
+                Some(403) | Some(404) => permission_hint(&scope, app),
+                _ => format!(
+                    "check that {} is reachable from this host",
+                    config.github.api_url
+                ),
+            };
+            lines.push(bad("GitHub permissions", e, fix));
+            return;
+        }
+    }
+    match gh.list_runners().await {
+        Ok(r) => lines.push(ok(
+            "GitHub runners",
+            format!("{} registered at {}", r.len(), scope.api_path()),
+        )),
+        Err(e) => lines.push(bad("GitHub runners", e, permission_hint(&scope, app))),
+    }
+    if !matches!(scope, Scope::Repository { .. }) {
+        match gh.runner_group_id(&config.github.runner_group).await {
+            Ok(id) => lines.push(ok(
+                "runner group",
+                format!("{:?} has id {id}", config.github.runner_group),
+            )),
+            Err(e) => lines.push(bad(
+                "runner group",
+                e,
+                "create the runner group, or set github.runner_group to an existing one",
+            )),
+        }
+    }
+    if config.github.hook.is_some() {
+        match gh.list_deliveries(1).await {
+            Ok(_) => lines.push(ok("webhook deliveries", "readable: missed deliveries can be redelivered")),
+            Err(e) => lines.push(bad("webhook deliveries", e, "check github.hook (type and id); the credential needs webhook read access (repo/org Administration or admin:*_hook)")),
+        }
+    }
+}

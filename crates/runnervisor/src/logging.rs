@@ -1,0 +1,258 @@
+//! Logging: human-readable lines on stderr, or — under systemd (`JOURNAL_STREAM` names our
+//! stderr) — native journald entries whose fields operators can filter on:
+//! `journalctl -u runnervisor JOB_ID=123`, `POOL=linux`, `VM_NAME=rv-linux-123`, ...
+//!
+//! Field names: `job_id`→`JOB_ID`, `run_id`→`RUN_ID`, `repository`→`REPOSITORY`,
+//! `pool`→`POOL`, `vm`→`VM_NAME`, `runner_name`→`RUNNER_NAME`; any other field is
+//! upper-cased. The message is `MESSAGE` and carries the fields as `key=value` too.
+
+use std::fmt::Write as _;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+
+pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// The journald field a tracing field is logged as.
+pub fn journal_field(name: &str) -> String {
+    match name {
+        "vm" => "VM_NAME".into(),
+        other => other
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+            .trim_start_matches('_')
+            .to_string(),
+    }
+}
+
+fn priority(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "3",
+        Level::WARN => "4",
+        Level::INFO => "6",
+        _ => "7",
+    }
+}
+
+/// Appends one field in journald's native format (binary-safe form for multi-line values).
+pub fn encode_field(buf: &mut Vec<u8>, key: &str, value: &str) {
+    if value.contains('\n') {
+        buf.extend_from_slice(key.as_bytes());
+        buf.push(b'\n');
+        buf.extend_from_slice(&(value.len() as u64).to_le_bytes());
+        buf.extend_from_slice(value.as_bytes());
+        buf.push(b'\n');
+    } else {
+        buf.extend_from_slice(key.as_bytes());
+        buf.push(b'=');
+        buf.extend_from_slice(value.as_bytes());
+        buf.push(b'\n');
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    pairs: Vec<(String, String)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.pairs
+                .push((field.name().to_string(), value.to_string()));
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let v = format!("{value:?}");
+        if field.name() == "message" {
+            self.message = v;
+        } else {
+            self.pairs.push((field.name().to_string(), v));
+        }
+    }
+}
+
+pub struct JournaldLayer {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl JournaldLayer {
+    pub fn new(path: &Path) -> std::io::Result<Self> {
+        Ok(JournaldLayer {
+            socket: UnixDatagram::unbound()?,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl<S: Subscriber> Layer<S> for JournaldLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let meta = event.metadata();
+        let mut message = fields.message.clone();
+        for (k, v) in &fields.pairs {
+            let _ = write!(message, " {k}={v}");
+        }
+        let mut buf = Vec::with_capacity(256);
+        encode_field(&mut buf, "MESSAGE", &message);
+        encode_field(&mut buf, "PRIORITY", priority(meta.level()));
+        encode_field(&mut buf, "SYSLOG_IDENTIFIER", "runnervisor");
+        encode_field(&mut buf, "TARGET", meta.target());
+        for (k, v) in &fields.pairs {
+            let key = journal_field(k);
+            if !key.is_empty() {
+                encode_field(&mut buf, &key, v);
+            }
+        }
+        if self.socket.send_to(&buf, &self.path).is_err() {
+            // The journal is gone (or the entry too large): do not lose the line.
+            eprintln!("{} {message}", meta.level());
+        }
+    }
+}
+
+/// Where logs go.
+pub enum Target {
+    Stderr,
+    Journald(PathBuf),
+}
+
+/// journald when stderr is the journal (or `RUNNERVISOR_JOURNAL_SOCKET` names a socket),
+/// else stderr.
+pub fn detect() -> Target {
+    if let Some(p) = std::env::var_os("RUNNERVISOR_JOURNAL_SOCKET") {
+        return Target::Journald(p.into());
+    }
+    if crate::systemd::stderr_is_journal() && Path::new(JOURNAL_SOCKET).exists() {
+        return Target::Journald(JOURNAL_SOCKET.into());
+    }
+    Target::Stderr
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides `level`.
+pub fn init(level: &str, target: Target) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    match target {
+        Target::Journald(path) => match JournaldLayer::new(&path) {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(layer)
+                    .init();
+                return;
+            }
+            Err(e) => {
+                eprintln!("runnervisor: journald logging unavailable ({e}); logging to stderr")
+            }
+        },
+        Target::Stderr => {}
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+/// Parses datagrams in journald's native format (for tests and tools).
+pub fn decode(datagram: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
+            break;
+        };
+        let line = &rest[..nl];
+        if let Some(eq) = line.iter().position(|b| *b == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into(),
+                String::from_utf8_lossy(&line[eq + 1..]).into(),
+            ));
+            rest = &rest[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let len_bytes: [u8; 8] = match rest.get(nl + 1..nl + 9).and_then(|b| b.try_into().ok())
+            {
+                Some(b) => b,
+                None => break,
+            };
+            let len = u64::from_le_bytes(len_bytes) as usize;
+            let start = nl + 9;
+            let Some(value) = rest.get(start..start + len) else {
+                break;
+            };
+            out.push((key, String::from_utf8_lossy(value).into()));
+            rest = rest.get(start + len + 1..).unwrap_or(&[]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_names() {
+        assert_eq!(journal_field("job_id"), "JOB_ID");
+        assert_eq!(journal_field("vm"), "VM_NAME");
+        assert_eq!(journal_field("runner_name"), "RUNNER_NAME");
+        assert_eq!(journal_field("repository"), "REPOSITORY");
+        assert_eq!(journal_field("_odd-name"), "ODD_NAME");
+    }
+
+    #[test]
+    fn native_protocol_round_trips() {
+        let mut buf = Vec::new();
+        encode_field(&mut buf, "MESSAGE", "two\nlines");
+        encode_field(&mut buf, "JOB_ID", "30000000001");
+        let fields = decode(&buf);
+        assert_eq!(
+            fields,
+            vec![
+                ("MESSAGE".into(), "two\nlines".into()),
+                ("JOB_ID".into(), "30000000001".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn events_reach_a_journal_socket_with_fields() {
+        let dir = crate::test_support::tempdir();
+        let path = dir.join("journal.sock");
+        let sink = UnixDatagram::bind(&path).unwrap();
+        let subscriber = tracing_subscriber::registry().with(JournaldLayer::new(&path).unwrap());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(job_id = 7u64, vm = "rv-p-7", pool = "p", "vm started");
+        });
+        let mut buf = vec![0u8; 4096];
+        let n = sink.recv(&mut buf).unwrap();
+        let fields = decode(&buf[..n]);
+        let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+        assert_eq!(get("JOB_ID").as_deref(), Some("7"));
+        assert_eq!(get("VM_NAME").as_deref(), Some("rv-p-7"));
+        assert_eq!(get("POOL").as_deref(), Some("p"));
+        assert_eq!(get("PRIORITY").as_deref(), Some("4"));
+        assert!(get("MESSAGE").unwrap().starts_with("vm started"));
+    }
+}

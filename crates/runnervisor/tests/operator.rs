@@ -1,0 +1,383 @@
+//! The operator's touch points: the .deb and systemd unit, `runnervisor check`, and a
+//! real-VM run seen through journald fields, `runnervisor status`, virsh and metrics.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::agent::*;
+use common::*;
+use runnervisor::hypervisor::Hypervisor;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_deb_installs_binary_unit_sysusers_tmpfiles_config_and_docs() {
+    let out = tempdir("deb");
+    let deb = run(Command::new(root().join("scripts/package"))
+        .args(["--profile", "debug", "--out"])
+        .arg(&out));
+    let deb = deb.trim();
+    let contents = run(Command::new("dpkg-deb").args(["--contents", deb]));
+    for path in [
+        "./usr/bin/runnervisor",
+        "./lib/systemd/system/runnervisor.service",
+        "./usr/lib/sysusers.d/runnervisor.conf",
+        "./usr/lib/tmpfiles.d/runnervisor.conf",
+        "./etc/runnervisor/config.toml.example",
+        "./usr/share/doc/runnervisor/README.md",
+        "./usr/share/doc/runnervisor/images.md",
+    ] {
+        assert!(
+            contents.lines().any(|l| l.ends_with(path)),
+            "{path} missing:\n{contents}"
+        );
+    }
+    assert!(
+        contents.contains("-rwxr-xr-x root/root"),
+        "root-owned, executable binary:\n{contents}"
+    );
+    let info = run(Command::new("dpkg-deb").args(["--info", deb]));
+    for field in [
+        "Package: runnervisor",
+        "Depends:",
+        "libvirt-daemon-system",
+        "Architecture:",
+    ] {
+        assert!(info.contains(field), "{field}:\n{info}");
+    }
+    // The unit verifies (with ExecStart pointing at the built binary).
+    let unit = std::fs::read_to_string(root().join("systemd/runnervisor.service")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_runnervisor");
+    let dir = tempdir("unit");
+    std::fs::write(
+        dir.join("runnervisor.service"),
+        unit.replace("/usr/bin/runnervisor", bin),
+    )
+    .unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("runnervisor.service"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    let relevant: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("runnervisor.service"))
+        .collect();
+    assert!(
+        verify.status.success() && relevant.is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "SupplementaryGroups=libvirt",
+        "LoadCredential=webhook-secret",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "StateDirectory=",
+        "ReadWritePaths=",
+    ] {
+        assert!(unit.contains(key), "{key}");
+    }
+    // The example config in the package is the one `check` and the tests parse.
+    let example = std::fs::read_to_string(root().join("config.toml.example")).unwrap();
+    assert!(runnervisor::config::Config::parse(&example).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_every_item_with_fixes() {
+    let spec = AgentSpec::new("op-check", &["self-hosted", "op-check"]);
+    let sim = Sim::start(None, |_| {}).await;
+    let agent = Agent::configure(&spec, sim.handle.addr.port(), free_port());
+    let bin = env!("CARGO_BIN_EXE_runnervisor");
+    let cfg = agent.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .arg("check")
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for what in [
+        "configuration",
+        "webhook secret",
+        "GitHub token",
+        "state directory",
+        "libvirt",
+        "storage pool",
+        "domain type",
+        "pool op-check image",
+        "GitHub permissions",
+        "GitHub runners",
+        "runner group",
+        "webhook deliveries",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("✔ {what}"))),
+            "✔ {what}:\n{text}"
+        );
+    }
+    // Break the image and the token: ✘ lines with fixes, non-zero exit.
+    let broken = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("golden.qcow2", "missing.qcow2");
+    std::fs::write(&agent.config, broken).unwrap();
+    write_private(&agent.dir.join("pat"), "ghp_wrong");
+    let cfg = agent.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .arg("check")
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(!out.status.success());
+    assert!(
+        text.contains("✘ pool op-check image") && text.contains("missing.qcow2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("✘ GitHub permissions") && text.contains("401"),
+        "{text}"
+    );
+    assert!(text.matches("    fix: ").count() >= 2, "{text}");
+    let out = Command::new(bin)
+        .args(["check", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("✘ configuration"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
+    let spec = AgentSpec::new("op-view", &["self-hosted", "op-view"]);
+    let webhook_port = free_port();
+    let sim = Sim::start(
+        Some(format!("http://127.0.0.1:{webhook_port}/webhook")),
+        |_| {},
+    )
+    .await;
+    let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
+    let (hv, _) = libvirt();
+
+    // A journald-compatible sink: the native protocol over a datagram socket.
+    let sock_path = agent.dir.join("journal.sock");
+    let sink = UnixDatagram::bind(&sock_path).unwrap();
+    let entries: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+    let e2 = entries.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = sink.recv(&mut buf) {
+            e2.lock()
+                .unwrap()
+                .push(runnervisor::logging::decode(&buf[..n]));
+        }
+    });
+    agent
+        .start_with_env(&[("RUNNERVISOR_JOURNAL_SOCKET", sock_path.to_str().unwrap())])
+        .await;
+
+    let job = sim.queue_with(serde_json::json!({"repo": "octo-org/app", "labels": ["self-hosted", "op-view"], "duration_secs": 20, "workflow_name": "Build & <Test>", "name": "unit"})).await;
+    let name = format!("rv-op-view-{job}");
+    wait_for("the job to run on our VM", VM_TIMEOUT, async || {
+        (sim.job(job).await["status"] == "in_progress").then_some(())
+    })
+    .await;
+
+    // runnervisor status, human and JSON.
+    let status = agent.cli(&["status"]);
+    let table = String::from_utf8_lossy(&status.stdout);
+    eprintln!("{table}");
+    assert!(status.status.success());
+    assert!(
+        table.contains(&name)
+            && table.contains("busy")
+            && table.contains("op-view")
+            && table.contains("1/2"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(json["vms"][0]["name"], name);
+    assert_eq!(json["vms"][0]["took_job"], job);
+
+    // virsh: readable name, description with the job, metadata with the job fields.
+    let list = run(Command::new("virsh").args(["-c", URI, "list", "--name"]));
+    assert!(list.lines().any(|l| l == name));
+    let desc = run(Command::new("virsh").args(["-c", URI, "desc", &name]));
+    assert!(
+        desc.contains("octo-org/app")
+            && desc.contains("Build & <Test>")
+            && desc.contains(&job.to_string())
+            && desc.contains("/actions/runs/"),
+        "{desc}"
+    );
+    let md = run(Command::new("virsh").args([
+        "-c",
+        URI,
+        "metadata",
+        &name,
+        "--uri",
+        runnervisor::hypervisor::domain_xml::METADATA_NS,
+    ]));
+    eprintln!("{md}");
+    assert!(
+        md.contains(&format!("<job-id>{job}</job-id>"))
+            && md.contains("<pool>op-view</pool>")
+            && md.contains("<console-log>"),
+        "{md}"
+    );
+    let title = run(Command::new("virsh").args(["-c", URI, "desc", &name, "--title"]));
+    assert!(title.contains("octo-org/app"), "{title}");
+
+    // Metrics during the run.
+    let m = agent.metrics().await;
+    assert!(
+        m.contains("runnervisor_vms{pool=\"op-view\",state=\"busy\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("runnervisor_jobs_started_total{pool=\"op-view\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("runnervisor_queue_depth{pool=\"op-view\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("runnervisor_provision_duration_seconds_count{pool=\"op-view\"} 1"),
+        "{m}"
+    );
+
+    sim.wait_completed(job, VM_TIMEOUT).await;
+    wait_for("cleaned", Duration::from_secs(90), async || {
+        leftovers(&hv, "rv-op-view-").0.is_empty().then_some(())
+    })
+    .await;
+
+    // `vm destroy`: a booting VM is removed cleanly; its job is not lost.
+    let job2 = sim
+        .queue("octo-org/app", &["self-hosted", "op-view"], 1.0)
+        .await;
+    let vm2 = format!("rv-op-view-{job2}");
+    wait_for("second VM", Duration::from_secs(30), async || {
+        hv.list_vms()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == vm2)
+            .then_some(())
+    })
+    .await;
+    let out = agent.cli(&["vm", "destroy", &vm2]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let own_volumes = [format!("{vm2}.qcow2"), format!("{vm2}-seed.img")];
+    wait_for(
+        "domain and volumes destroyed",
+        Duration::from_secs(30),
+        async || {
+            let gone = !hv.list_vms().unwrap().iter().any(|v| v.name == vm2)
+                && !hv
+                    .list_volumes()
+                    .unwrap()
+                    .iter()
+                    .any(|v| own_volumes.contains(v));
+            gone.then_some(())
+        },
+    )
+    .await;
+    let bad = agent.cli(&["vm", "destroy", "rv-op-view-nope"]);
+    assert!(!bad.status.success());
+    sim.wait_completed(job2, VM_TIMEOUT).await;
+    wait_for("cleaned", Duration::from_secs(90), async || {
+        let (d, v) = leftovers(&hv, "rv-op-view-");
+        (d.is_empty() && v.is_empty()).then_some(())
+    })
+    .await;
+    wait_for("no runners", Duration::from_secs(30), async || {
+        sim.runners().await.is_empty().then_some(())
+    })
+    .await;
+
+    // journald: the entries carry the fields operators filter on, and no secret.
+    let entries = entries.lock().unwrap().clone();
+    let with = |k: &str, v: &str| {
+        entries
+            .iter()
+            .filter(|e| e.iter().any(|(f, x)| f == k && x == v))
+            .count()
+    };
+    let job_s = job.to_string();
+    assert!(
+        with("JOB_ID", &job_s) >= 3,
+        "entries with JOB_ID={job}: {}",
+        with("JOB_ID", &job_s)
+    );
+    assert!(with("VM_NAME", &name) >= 2);
+    assert!(with("POOL", "op-view") >= 2);
+    assert!(with("REPOSITORY", "octo-org/app") >= 1);
+    assert!(with("RUNNER_NAME", &name) >= 1);
+    assert!(with("RUN_ID", &sim.job(job).await["run_id"].to_string()) >= 1);
+    assert!(entries.iter().all(|e| {
+        e.iter()
+            .any(|(f, v)| f == "SYSLOG_IDENTIFIER" && v == "runnervisor")
+    }));
+    let all: String = entries
+        .iter()
+        .flatten()
+        .map(|(_, v)| v.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        !all.contains(PAT) && !all.contains(SECRET),
+        "a secret reached the journal"
+    );
+    assert!(
+        agent.log_text().trim().is_empty(),
+        "with journald, nothing goes to stderr: {}",
+        agent.log_tail()
+    );
+}
