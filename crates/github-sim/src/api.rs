@@ -48,75 +48,37 @@ fn scope(p: &HashMap<String, String>) -> Scope {
 
 fn routes() -> Router<Arc<Sim>> {
     let mut r = Router::new();
-    for prefix in [
-        "/repos/{owner}/{repo}",
-        "/orgs/{org}",
-        "/enterprises/{enterprise}",
-    ] {
+    for prefix in ["/repos/{owner}/{repo}", "/orgs/{org}", "/enterprises/{enterprise}"] {
         r = r
-            .route(
-                &format!("{prefix}/actions/runners/registration-token"),
-                post(registration_token),
-            )
-            .route(
-                &format!("{prefix}/actions/runners/remove-token"),
-                post(registration_token),
-            )
-            .route(
-                &format!("{prefix}/actions/runners/generate-jitconfig"),
-                post(generate_jitconfig),
-            )
+            .route(&format!("{prefix}/actions/runners/registration-token"), post(registration_token))
+            .route(&format!("{prefix}/actions/runners/remove-token"), post(registration_token))
+            .route(&format!("{prefix}/actions/runners/generate-jitconfig"), post(generate_jitconfig))
             .route(&format!("{prefix}/actions/runners"), get(list_runners))
-            .route(
-                &format!("{prefix}/actions/runners/{{runner_id}}"),
-                get(get_runner).delete(delete_runner),
-            );
+            .route(&format!("{prefix}/actions/runners/{{runner_id}}"), get(get_runner).delete(delete_runner));
     }
     for prefix in ["/orgs/{org}", "/enterprises/{enterprise}"] {
-        r = r.route(
-            &format!("{prefix}/actions/runner-groups"),
-            get(runner_groups),
-        );
+        r = r.route(&format!("{prefix}/actions/runner-groups"), get(runner_groups));
     }
-    for prefix in [
-        "/repos/{owner}/{repo}/hooks/{hook_id}",
-        "/orgs/{org}/hooks/{hook_id}",
-        "/app/hook",
-    ] {
+    for prefix in ["/repos/{owner}/{repo}/hooks/{hook_id}", "/orgs/{org}/hooks/{hook_id}", "/app/hook"] {
         r = r
             .route(&format!("{prefix}/deliveries"), get(list_deliveries))
-            .route(
-                &format!("{prefix}/deliveries/{{delivery_id}}"),
-                get(get_delivery),
-            )
-            .route(
-                &format!("{prefix}/deliveries/{{delivery_id}}/attempts"),
-                post(redeliver),
-            );
+            .route(&format!("{prefix}/deliveries/{{delivery_id}}"), get(get_delivery))
+            .route(&format!("{prefix}/deliveries/{{delivery_id}}/attempts"), post(redeliver));
     }
     r.route("/repos/{owner}/{repo}/actions/runs", get(list_runs))
-        .route(
-            "/repos/{owner}/{repo}/actions/runs/{run_id}/jobs",
-            get(run_jobs),
-        )
+        .route("/repos/{owner}/{repo}/actions/runs/{run_id}/jobs", get(run_jobs))
         .route("/repos/{owner}/{repo}/actions/jobs/{job_id}", get(get_job))
         .route("/repos/{owner}/{repo}", get(get_repo))
         .route("/orgs/{org}", get(get_org))
         .route("/app", get(get_app))
         .route("/app/installations", get(list_installations))
-        .route(
-            "/app/installations/{installation_id}/access_tokens",
-            post(installation_token),
-        )
+        .route("/app/installations/{installation_id}/access_tokens", post(installation_token))
         .route("/rate_limit", get(rate_limit))
 }
 
 pub fn router(sim: Arc<Sim>) -> Router {
     let api = routes().route_layer(middleware::from_fn_with_state(sim.clone(), rest_layer));
-    Router::new()
-        .merge(api.clone())
-        .nest("/api/v3", api)
-        .with_state(sim)
+    Router::new().merge(api.clone()).nest("/api/v3", api).with_state(sim)
 }
 
 /// Auth, API version check, fault injection, call counting and rate-limit headers.
@@ -124,20 +86,12 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
     let path = req.uri().path().trim_start_matches("/api/v3").to_string();
     let route = matched.as_str().trim_start_matches("/api/v3").to_string();
     sim.count_call(format!("{} {route}", req.method()));
-    let credential = parse_authorization(
-        req.headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok()),
-    );
+    let credential = parse_authorization(req.headers().get("authorization").and_then(|v| v.to_str().ok()));
     let bucket_key = match &credential {
         Credential::Token(t) | Credential::Jwt(t) => t.clone(),
         Credential::None => "anonymous".into(),
     };
-    let limit = if bucket_key == "anonymous" {
-        60
-    } else {
-        RATE_LIMIT
-    };
+    let limit = if bucket_key == "anonymous" { 60 } else { RATE_LIMIT };
 
     let verdict = sim.faults().on_api_call(&path);
     if verdict.latency_ms > 0 {
@@ -146,10 +100,7 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
     let (remaining, reset) = consume(&sim, &bucket_key, limit, route != "/rate_limit");
 
     let mut resp = if let Some(version) = req.headers().get("x-github-api-version") {
-        if API_VERSIONS
-            .iter()
-            .any(|v| version.as_bytes() == v.as_bytes())
-        {
+        if API_VERSIONS.iter().any(|v| version.as_bytes() == v.as_bytes()) {
             None
         } else {
             Some(
@@ -174,20 +125,18 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
                 Some(ApiError::new(status, "Server Error (injected by github-sim)").into_response())
             }
-            Some(Fault::RateLimit {
-                status,
-                retry_after,
-                primary,
-                reset_in,
-                ..
-            }) => {
+            Some(Fault::RateLimit { status, retry_after, primary, reset_in, .. }) => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
                 let mut r = if primary {
                     remaining_header = 0;
                     reset_header = crate::time::unix(SystemTime::now()) + reset_in.unwrap_or(60);
                     ApiError::new(status, "API rate limit exceeded for installation. If you reach out to GitHub Support for help, please include the request ID.").into_response()
                 } else {
-                    ApiError::new(status, "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.").into_response()
+                    ApiError::new(
+                        status,
+                        "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.",
+                    )
+                    .into_response()
                 };
                 if let Some(s) = retry_after {
                     r.headers_mut().insert("retry-after", HeaderValue::from(s));
@@ -198,8 +147,7 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
         };
     }
     if resp.is_none() && remaining == 0 && route != "/rate_limit" {
-        resp =
-            Some(ApiError::new(StatusCode::FORBIDDEN, "API rate limit exceeded").into_response());
+        resp = Some(ApiError::new(StatusCode::FORBIDDEN, "API rate limit exceeded").into_response());
     }
     if resp.is_none() {
         resp = Some(match authenticate(&sim, &route, &credential) {
@@ -214,14 +162,8 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
     h.insert("x-ratelimit-used", HeaderValue::from(limit - remaining));
     h.insert("x-ratelimit-reset", HeaderValue::from(reset_header));
     h.insert("x-ratelimit-resource", HeaderValue::from_static("core"));
-    h.insert(
-        "x-github-api-version-selected",
-        HeaderValue::from_static("2022-11-28"),
-    );
-    h.insert(
-        "x-github-request-id",
-        HeaderValue::from_str(&crate::model::guid()).expect("ascii"),
-    );
+    h.insert("x-github-api-version-selected", HeaderValue::from_static("2022-11-28"));
+    h.insert("x-github-request-id", HeaderValue::from_str(&crate::model::guid()).expect("ascii"));
     resp
 }
 
@@ -229,25 +171,15 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
 fn consume(sim: &Sim, key: &str, limit: u64, counts: bool) -> (u64, u64) {
     let now = SystemTime::now();
     let mut rate = sim.rate();
-    let b = rate.entry(key.to_string()).or_insert(RateBucket {
-        used: 0,
-        reset: now + Duration::from_secs(3600),
-    });
+    let b = rate.entry(key.to_string()).or_insert(RateBucket { used: 0, reset: now + Duration::from_secs(3600) });
     if b.reset <= now {
-        *b = RateBucket {
-            used: 0,
-            reset: now + Duration::from_secs(3600),
-        };
+        *b = RateBucket { used: 0, reset: now + Duration::from_secs(3600) };
     }
     let remaining_before = limit.saturating_sub(b.used);
     if counts && remaining_before > 0 {
         b.used += 1;
     }
-    let remaining = if remaining_before == 0 {
-        0
-    } else {
-        limit.saturating_sub(b.used)
-    };
+    let remaining = if remaining_before == 0 { 0 } else { limit.saturating_sub(b.used) };
     (remaining, crate::time::unix(b.reset))
 }
 
@@ -258,13 +190,8 @@ fn authenticate(sim: &Sim, route: &str, credential: &Credential) -> Result<(), A
         Credential::None if route == "/rate_limit" => Ok(()),
         Credential::None => Err(ApiError::requires_auth()),
         Credential::Jwt(jwt) => {
-            let app = sim
-                .config
-                .app
-                .as_ref()
-                .ok_or_else(ApiError::bad_credentials)?;
-            app.verify(jwt, SystemTime::now())
-                .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+            let app = sim.config.app.as_ref().ok_or_else(ApiError::bad_credentials)?;
+            app.verify(jwt, SystemTime::now()).map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
             if app_route {
                 Ok(())
             } else {
@@ -276,18 +203,11 @@ fn authenticate(sim: &Sim, route: &str, credential: &Credential) -> Result<(), A
         }
         Credential::Token(t) => {
             let valid = *t == sim.config.pat
-                || sim
-                    .installation_tokens
-                    .lock()
-                    .map(|m| m.valid(t, SystemTime::now()))
-                    .unwrap_or(false);
+                || sim.installation_tokens.lock().map(|m| m.valid(t, SystemTime::now())).unwrap_or(false);
             if !valid {
                 Err(ApiError::bad_credentials())
             } else if app_route {
-                Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "A JSON web token could not be decoded",
-                ))
+                Err(ApiError::new(StatusCode::UNAUTHORIZED, "A JSON web token could not be decoded"))
             } else {
                 Ok(())
             }
@@ -300,18 +220,9 @@ async fn registration_token(State(sim): S, Path(p): P, OriginalUri(uri): Origina
     let tok = token("A", 28).to_ascii_uppercase();
     let expires = SystemTime::now() + sim.config.registration_token_ttl;
     if uri.path().ends_with("/registration-token") {
-        sim.world().registration_tokens.insert(
-            tok.clone(),
-            RegistrationToken {
-                scope,
-                expires_at: expires,
-            },
-        );
+        sim.world().registration_tokens.insert(tok.clone(), RegistrationToken { scope, expires_at: expires });
     }
-    (
-        StatusCode::CREATED,
-        axum::Json(json!({"token": tok, "expires_at": crate::time::rfc3339(expires)})),
-    )
+    (StatusCode::CREATED, axum::Json(json!({"token": tok, "expires_at": crate::time::rfc3339(expires)})))
         .into_response()
 }
 
@@ -326,35 +237,23 @@ struct JitRequest {
 
 async fn generate_jitconfig(State(sim): S, Path(p): P, body: Bytes) -> Result<Response, ApiError> {
     let req: JitRequest = parse_body(&body)?;
-    let missing =
-        |f: &str| ApiError::invalid(format!("Invalid request.\n\n\"{f}\" wasn't supplied."));
-    let name = req
-        .name
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| missing("name"))?;
-    let group_id = req
-        .runner_group_id
-        .ok_or_else(|| missing("runner_group_id"))?;
+    let missing = |f: &str| ApiError::invalid(format!("Invalid request.\n\n\"{f}\" wasn't supplied."));
+    let name = req.name.filter(|n| !n.is_empty()).ok_or_else(|| missing("name"))?;
+    let group_id = req.runner_group_id.ok_or_else(|| missing("runner_group_id"))?;
     let labels = req.labels.ok_or_else(|| missing("labels"))?;
     if labels.is_empty() || labels.len() > 100 {
-        return Err(ApiError::invalid(
-            "Invalid request.\n\nlabels must have between 1 and 100 items.",
-        ));
+        return Err(ApiError::invalid("Invalid request.\n\nlabels must have between 1 and 100 items."));
     }
     if labels.iter().any(|l| l.trim().is_empty() || l.len() > 256) {
-        return Err(ApiError::invalid(
-            "Invalid request.\n\nlabels must be non-empty strings.",
-        ));
+        return Err(ApiError::invalid("Invalid request.\n\nlabels must be non-empty strings."));
     }
     let scope = scope(&p);
     let now = SystemTime::now();
     let mut world = sim.world();
-    let group = world.group(group_id).cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("Runner group {group_id} not found"),
-        )
-    })?;
+    let group = world
+        .group(group_id)
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Runner group {group_id} not found")))?;
     let id = world
         .add_runner(
             NewRunner {
@@ -377,7 +276,8 @@ async fn generate_jitconfig(State(sim): S, Path(p): P, body: Bytes) -> Result<Re
         "serverUrl": format!("{base}/_runner"), "gitHubUrl": format!("{base}/{}", scope.web_path()),
         "workFolder": req.work_folder.unwrap_or_else(|| "_work".into()), "ephemeral": true,
     });
-    let credentials = json!({"scheme": "OAuth", "data": {"clientId": crate::model::guid(), "token": runner.credential}});
+    let credentials =
+        json!({"scheme": "OAuth", "data": {"clientId": crate::model::guid(), "token": runner.credential}});
     let files = json!({
         ".runner": STANDARD.encode(runner_file.to_string()),
         ".credentials": STANDARD.encode(credentials.to_string()),
@@ -406,18 +306,10 @@ struct PageQuery {
 
 impl PageQuery {
     fn per_page(&self) -> usize {
-        self.per_page
-            .as_deref()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(30)
-            .clamp(1, 100)
+        self.per_page.as_deref().and_then(|s| s.parse().ok()).unwrap_or(30).clamp(1, 100)
     }
     fn page(&self) -> usize {
-        self.page
-            .as_deref()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1)
-            .max(1)
+        self.page.as_deref().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
     }
 }
 
@@ -430,10 +322,7 @@ fn page_links(
     total: usize,
 ) -> Option<String> {
     let last = total.div_ceil(per_page).max(1);
-    let host = headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost");
     let url = |p: usize| format!("<http://{host}{}?per_page={per_page}&page={p}>", uri.path());
     let mut links = Vec::new();
     if page < last {
@@ -470,35 +359,21 @@ async fn list_runners(
         .map(|r| r.to_json(now))
         .collect();
     let (per_page, page) = (q.per_page(), q.page());
-    let items: Vec<Value> = all
-        .iter()
-        .skip((page - 1) * per_page)
-        .take(per_page)
-        .cloned()
-        .collect();
+    let items: Vec<Value> = all.iter().skip((page - 1) * per_page).take(per_page).cloned().collect();
     let link = page_links(&headers, &uri, per_page, page, all.len());
-    with_link(
-        axum::Json(json!({"total_count": all.len(), "runners": items})).into_response(),
-        link,
-    )
+    with_link(axum::Json(json!({"total_count": all.len(), "runners": items})).into_response(), link)
 }
 
 async fn get_runner(State(sim): S, Path(p): P) -> Result<Response, ApiError> {
     let id = parse_id(p.get("runner_id").map(String::as_str).unwrap_or(""))?;
     let world = sim.world();
-    let runner = world
-        .runners
-        .get(&id)
-        .filter(|r| r.scope == scope(&p))
-        .ok_or_else(ApiError::not_found)?;
+    let runner = world.runners.get(&id).filter(|r| r.scope == scope(&p)).ok_or_else(ApiError::not_found)?;
     Ok(axum::Json(runner.to_json(SystemTime::now())).into_response())
 }
 
 async fn delete_runner(State(sim): S, Path(p): P) -> Result<Response, ApiError> {
     let id = parse_id(p.get("runner_id").map(String::as_str).unwrap_or(""))?;
-    sim.world()
-        .delete_runner(&scope(&p), id)
-        .map_err(world_error)?;
+    sim.world().delete_runner(&scope(&p), id).map_err(world_error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -509,12 +384,14 @@ async fn runner_groups(State(sim): S, Path(p): P) -> Response {
         .world()
         .groups
         .iter()
-        .map(|g| json!({
-            "id": g.id, "name": g.name, "visibility": "all", "default": g.default,
-            "runners_url": format!("{base}/api/v3/orgs/{s}/actions/runner-groups/{}/runners", g.id),
-            "inherited": false, "allows_public_repositories": false,
-            "restricted_to_workflows": false, "selected_workflows": [],
-        }))
+        .map(|g| {
+            json!({
+                "id": g.id, "name": g.name, "visibility": "all", "default": g.default,
+                "runners_url": format!("{base}/api/v3/orgs/{s}/actions/runner-groups/{}/runners", g.id),
+                "inherited": false, "allows_public_repositories": false,
+                "restricted_to_workflows": false, "selected_workflows": [],
+            })
+        })
         .collect();
     axum::Json(json!({"total_count": groups.len(), "runner_groups": groups})).into_response()
 }
@@ -536,11 +413,7 @@ async fn list_runs(State(sim): S, Path(p): P, Query(q): Query<PageQuery>) -> Res
     };
     let world = sim.world();
     let mut runs: HashMap<u64, Vec<&crate::model::Job>> = HashMap::new();
-    for j in world
-        .jobs
-        .values()
-        .filter(|j| j.repo.eq_ignore_ascii_case(&repo))
-    {
+    for j in world.jobs.values().filter(|j| j.repo.eq_ignore_ascii_case(&repo)) {
         runs.entry(j.run_id).or_default().push(j);
     }
     let base = &sim.base_url;
@@ -561,11 +434,7 @@ async fn list_runs(State(sim): S, Path(p): P, Query(q): Query<PageQuery>) -> Res
     list.sort_by_key(|r| std::cmp::Reverse(r["id"].as_u64()));
     let per_page = q.per_page();
     let total = list.len();
-    let items: Vec<Value> = list
-        .into_iter()
-        .skip((q.page() - 1) * per_page)
-        .take(per_page)
-        .collect();
+    let items: Vec<Value> = list.into_iter().skip((q.page() - 1) * per_page).take(per_page).collect();
     axum::Json(json!({"total_count": total, "workflow_runs": items})).into_response()
 }
 
@@ -593,11 +462,7 @@ async fn get_job(State(sim): S, Path(p): P) -> Result<Response, ApiError> {
     };
     let id = parse_id(p.get("job_id").map(String::as_str).unwrap_or(""))?;
     let world = sim.world();
-    let job = world
-        .jobs
-        .get(&id)
-        .filter(|j| j.repo.eq_ignore_ascii_case(&repo))
-        .ok_or_else(ApiError::not_found)?;
+    let job = world.jobs.get(&id).filter(|j| j.repo.eq_ignore_ascii_case(&repo)).ok_or_else(ApiError::not_found)?;
     Ok(axum::Json(crate::webhook::job_json(job, &sim.base_url)).into_response())
 }
 
@@ -617,8 +482,10 @@ async fn get_repo(State(sim): S, Path(p): P) -> Response {
 
 async fn get_org(State(sim): S, Path(p): P) -> Response {
     let org = p.get("org").cloned().unwrap_or_default();
-    axum::Json(json!({"login": org, "id": crate::webhook::repo_id(&org), "html_url": format!("{}/{org}", sim.base_url)}))
-        .into_response()
+    axum::Json(
+        json!({"login": org, "id": crate::webhook::repo_id(&org), "html_url": format!("{}/{org}", sim.base_url)}),
+    )
+    .into_response()
 }
 
 async fn get_app(State(sim): S) -> Response {
@@ -633,7 +500,8 @@ async fn get_app(State(sim): S) -> Response {
 }
 
 async fn list_installations(State(sim): S) -> Response {
-    axum::Json(json!([{"id": sim.config.installation_id, "account": {"login": "octo-org", "type": "Organization"}}])).into_response()
+    axum::Json(json!([{"id": sim.config.installation_id, "account": {"login": "octo-org", "type": "Organization"}}]))
+        .into_response()
 }
 
 async fn installation_token(State(sim): S, Path(p): P) -> Result<Response, ApiError> {
@@ -659,14 +527,14 @@ async fn installation_token(State(sim): S, Path(p): P) -> Result<Response, ApiEr
 }
 
 async fn rate_limit(State(sim): S, headers: HeaderMap) -> Response {
-    let key = match parse_authorization(headers.get("authorization").and_then(|v| v.to_str().ok()))
-    {
+    let key = match parse_authorization(headers.get("authorization").and_then(|v| v.to_str().ok())) {
         Credential::Token(t) | Credential::Jwt(t) => t,
         Credential::None => "anonymous".into(),
     };
     let limit = if key == "anonymous" { 60 } else { RATE_LIMIT };
     let (remaining, reset) = consume(&sim, &key, limit, false);
-    let core = json!({"limit": limit, "remaining": remaining, "used": limit - remaining, "reset": reset, "resource": "core"});
+    let core =
+        json!({"limit": limit, "remaining": remaining, "used": limit - remaining, "reset": reset, "resource": "core"});
     axum::Json(json!({"resources": {"core": core}, "rate": core})).into_response()
 }
 
@@ -690,33 +558,16 @@ async fn list_deliveries(
     let per_page = q.per_page();
     let below: Option<u64> = match q.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(
-            c.trim_start_matches('v')
-                .parse()
-                .map_err(|_| ApiError::invalid("Invalid cursor"))?,
-        ),
+        Some(c) => Some(c.trim_start_matches('v').parse().map_err(|_| ApiError::invalid("Invalid cursor"))?),
     };
     let world = sim.world();
-    let mut items: Vec<&crate::model::Delivery> = world
-        .deliveries
-        .iter()
-        .rev()
-        .filter(|d| below.is_none_or(|b| d.id <= b))
-        .take(per_page + 1)
-        .collect();
-    let next = (items.len() > per_page)
-        .then(|| items.pop().map(|d| d.id))
-        .flatten();
+    let mut items: Vec<&crate::model::Delivery> =
+        world.deliveries.iter().rev().filter(|d| below.is_none_or(|b| d.id <= b)).take(per_page + 1).collect();
+    let next = (items.len() > per_page).then(|| items.pop().map(|d| d.id)).flatten();
     let body: Vec<Value> = items.iter().map(|d| d.summary_json()).collect();
     let link = next.map(|n| {
-        let host = headers
-            .get("host")
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost");
-        format!(
-            "<http://{host}{}?per_page={per_page}&cursor=v{n}>; rel=\"next\"",
-            uri.path()
-        )
+        let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        format!("<http://{host}{}?per_page={per_page}&cursor=v{n}>; rel=\"next\"", uri.path())
     });
     Ok(with_link(axum::Json(body).into_response(), link))
 }
@@ -725,11 +576,7 @@ async fn get_delivery(State(sim): S, Path(p): P) -> Result<Response, ApiError> {
     check_hook(&sim, &p)?;
     let id = parse_id(p.get("delivery_id").map(String::as_str).unwrap_or(""))?;
     let world = sim.world();
-    let d = world
-        .deliveries
-        .iter()
-        .find(|d| d.id == id)
-        .ok_or_else(ApiError::not_found)?;
+    let d = world.deliveries.iter().find(|d| d.id == id).ok_or_else(ApiError::not_found)?;
     Ok(axum::Json(d.full_json()).into_response())
 }
 
@@ -739,16 +586,8 @@ async fn redeliver(State(sim): S, Path(p): P) -> Result<Response, ApiError> {
     let id = parse_id(p.get("delivery_id").map(String::as_str).unwrap_or(""))?;
     let out = {
         let world = sim.world();
-        let d = world
-            .deliveries
-            .iter()
-            .find(|d| d.id == id)
-            .ok_or_else(ApiError::not_found)?;
-        if SystemTime::now()
-            .duration_since(d.delivered_at)
-            .unwrap_or_default()
-            > Duration::from_secs(3 * 86400)
-        {
+        let d = world.deliveries.iter().find(|d| d.id == id).ok_or_else(ApiError::not_found)?;
+        if SystemTime::now().duration_since(d.delivered_at).unwrap_or_default() > Duration::from_secs(3 * 86400) {
             return Err(ApiError::invalid("Delivery is too old to be redelivered"));
         }
         crate::webhook::Outgoing {
@@ -773,9 +612,7 @@ mod tests {
         h.insert("host", HeaderValue::from_static("sim:1"));
         let uri: axum::http::Uri = "/orgs/o/actions/runners?page=2".parse().unwrap();
         let l = page_links(&h, &uri, 2, 2, 5).unwrap();
-        assert!(
-            l.contains("<http://sim:1/orgs/o/actions/runners?per_page=2&page=3>; rel=\"next\"")
-        );
+        assert!(l.contains("<http://sim:1/orgs/o/actions/runners?per_page=2&page=3>; rel=\"next\""));
         assert!(l.contains("page=3>; rel=\"last\""));
         assert!(l.contains("page=1>; rel=\"prev\""));
         assert_eq!(page_links(&h, &uri, 30, 1, 5), None);

@@ -26,10 +26,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/_sim/jobs/{id}/cancel", post(cancel_job))
         .route("/_sim/runners", get(list_runners))
         .route("/_sim/runner-history", get(runner_history))
-        .route(
-            "/_sim/faults",
-            post(add_faults).get(list_faults).delete(clear_faults),
-        )
+        .route("/_sim/faults", post(add_faults).get(list_faults).delete(clear_faults))
         .route("/_sim/deliveries", get(deliveries))
         .route("/_sim/ping", post(ping))
         .route("/_sim/stats", get(stats))
@@ -76,28 +73,18 @@ fn job_summary(j: &Job) -> Value {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 /// Queues a job and sends its `queued` delivery.
 async fn create_job(State(sim): S, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateJob = parse_body(&body)?;
-    let valid_repo = req
-        .repo
-        .split_once('/')
-        .is_some_and(|(o, r)| !o.is_empty() && !r.is_empty() && !r.contains('/'));
+    let valid_repo = req.repo.split_once('/').is_some_and(|(o, r)| !o.is_empty() && !r.is_empty() && !r.contains('/'));
     if !valid_repo {
-        return Err(ApiError::invalid(format!(
-            "repo must be \"owner/name\", got {:?}",
-            req.repo
-        )));
+        return Err(ApiError::invalid(format!("repo must be \"owner/name\", got {:?}", req.repo)));
     }
     if req.duration_secs < 0.0 || !req.duration_secs.is_finite() {
-        return Err(ApiError::invalid(
-            "duration_secs must be a non-negative number",
-        ));
+        return Err(ApiError::invalid("duration_secs must be a non-negative number"));
     }
     let job = {
         let mut world = sim.world();
@@ -121,11 +108,7 @@ async fn create_job(State(sim): S, body: Bytes) -> Result<Response, ApiError> {
     };
     crate::webhook::job_event(&sim, &job, "queued", &sim.base_url);
     sim.jobs_changed.notify_waiters();
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"id": job.id, "run_id": job.run_id})),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, axum::Json(json!({"id": job.id, "run_id": job.run_id}))).into_response())
 }
 
 async fn list_jobs(State(sim): S) -> Response {
@@ -185,8 +168,7 @@ async fn add_faults(State(sim): S, body: Bytes) -> Result<Response, ApiError> {
     };
     let mut faults = Vec::new();
     for f in list {
-        let fault: Fault = serde_json::from_value(f)
-            .map_err(|e| ApiError::invalid(format!("Invalid fault: {e}")))?;
+        let fault: Fault = serde_json::from_value(f).map_err(|e| ApiError::invalid(format!("Invalid fault: {e}")))?;
         fault.validate().map_err(ApiError::invalid)?;
         faults.push(fault);
     }
@@ -207,12 +189,7 @@ async fn clear_faults(State(sim): S) -> Response {
 }
 
 async fn deliveries(State(sim): S) -> Response {
-    let list: Vec<Value> = sim
-        .world()
-        .deliveries
-        .iter()
-        .map(|d| d.summary_json())
-        .collect();
+    let list: Vec<Value> = sim.world().deliveries.iter().map(|d| d.summary_json()).collect();
     axum::Json(list).into_response()
 }
 

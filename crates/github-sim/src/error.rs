@@ -15,10 +15,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
+        ApiError { status, message: message.into() }
     }
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "Not Found")
@@ -47,11 +44,7 @@ impl IntoResponse for ApiError {
 
 /// Parses a JSON request body the way GitHub answers: 400 for bad JSON, 422 for bad fields.
 pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}".as_slice()
-    } else {
-        body
-    };
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
     serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::invalid(format!("Invalid request.\n\n{e}")),
         _ => ApiError::new(StatusCode::BAD_REQUEST, "Problems parsing JSON"),

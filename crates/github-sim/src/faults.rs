@@ -83,12 +83,10 @@ impl Fault {
             Fault::ApiError { status, .. } if !(500..600).contains(status) => {
                 Err(format!("api_error status must be 5xx, got {status}"))
             }
-            Fault::RateLimit { status, .. } if *status != 403 && *status != 429 => Err(format!(
-                "rate_limit status must be 403 or 429, got {status}"
-            )),
-            Fault::WebhookReorder { count } if *count < 2 => {
-                Err("webhook_reorder count must be at least 2".into())
+            Fault::RateLimit { status, .. } if *status != 403 && *status != 429 => {
+                Err(format!("rate_limit status must be 403 or 429, got {status}"))
             }
+            Fault::WebhookReorder { count } if *count < 2 => Err("webhook_reorder count must be at least 2".into()),
             _ => Ok(()),
         }
     }
@@ -144,8 +142,7 @@ impl Faults {
     }
 
     fn gc(&mut self) {
-        self.armed
-            .retain(|f| !matches!(f.clone().count_mut(), Some(Some(0))));
+        self.armed.retain(|f| !matches!(f.clone().count_mut(), Some(Some(0))));
     }
 
     pub fn on_api_call(&mut self, path: &str) -> ApiVerdict {
@@ -173,10 +170,7 @@ impl Faults {
     }
 
     pub fn on_runner_first_contact(&mut self) -> bool {
-        let stall = self
-            .armed
-            .iter_mut()
-            .any(|f| matches!(f, Fault::RunnerStall { .. }) && fire(f));
+        let stall = self.armed.iter_mut().any(|f| matches!(f, Fault::RunnerStall { .. }) && fire(f));
         self.gc();
         stall
     }
@@ -199,11 +193,7 @@ impl Faults {
         }
         for f in self.armed.iter_mut() {
             match f {
-                Fault::WebhookDuplicate {
-                    action: a,
-                    new_guid,
-                    ..
-                } if v.duplicate.is_none() && action_matches(a) => {
+                Fault::WebhookDuplicate { action: a, new_guid, .. } if v.duplicate.is_none() && action_matches(a) => {
                     let new_guid = *new_guid;
                     if fire(f) {
                         v.duplicate = Some(new_guid);
@@ -221,11 +211,7 @@ impl Faults {
 
     /// The held-back batch was released: a reorder fault fires once.
     pub fn reorder_released(&mut self) {
-        if let Some(i) = self
-            .armed
-            .iter()
-            .position(|f| matches!(f, Fault::WebhookReorder { .. }))
-        {
+        if let Some(i) = self.armed.iter().position(|f| matches!(f, Fault::WebhookReorder { .. })) {
             self.armed.remove(i);
         }
     }
@@ -238,46 +224,19 @@ mod tests {
     #[test]
     fn counted_faults_disarm_themselves() {
         let mut f = Faults::default();
-        f.arm(Fault::ApiError {
-            status: 502,
-            count: Some(2),
-            path: Some("jitconfig".into()),
-        });
-        assert!(
-            f.on_api_call("/orgs/o/actions/runners").error.is_none(),
-            "path filter"
-        );
-        assert!(
-            f.on_api_call("/orgs/o/actions/runners/generate-jitconfig")
-                .error
-                .is_some()
-        );
-        assert!(
-            f.on_api_call("/orgs/o/actions/runners/generate-jitconfig")
-                .error
-                .is_some()
-        );
-        assert!(
-            f.on_api_call("/orgs/o/actions/runners/generate-jitconfig")
-                .error
-                .is_none()
-        );
+        f.arm(Fault::ApiError { status: 502, count: Some(2), path: Some("jitconfig".into()) });
+        assert!(f.on_api_call("/orgs/o/actions/runners").error.is_none(), "path filter");
+        assert!(f.on_api_call("/orgs/o/actions/runners/generate-jitconfig").error.is_some());
+        assert!(f.on_api_call("/orgs/o/actions/runners/generate-jitconfig").error.is_some());
+        assert!(f.on_api_call("/orgs/o/actions/runners/generate-jitconfig").error.is_none());
         assert!(f.list().is_empty());
     }
 
     #[test]
     fn latency_adds_up_and_uncounted_faults_stay() {
         let mut f = Faults::default();
-        f.arm(Fault::Latency {
-            ms: 100,
-            count: None,
-            path: None,
-        });
-        f.arm(Fault::Latency {
-            ms: 50,
-            count: Some(1),
-            path: None,
-        });
+        f.arm(Fault::Latency { ms: 100, count: None, path: None });
+        f.arm(Fault::Latency { ms: 50, count: Some(1), path: None });
         f.arm(Fault::RateLimit {
             status: 429,
             retry_after: Some(1),
@@ -288,10 +247,7 @@ mod tests {
         });
         let v = f.on_api_call("/x");
         assert_eq!(v.latency_ms, 150);
-        assert!(matches!(
-            v.error,
-            Some(Fault::RateLimit { status: 429, .. })
-        ));
+        assert!(matches!(v.error, Some(Fault::RateLimit { status: 429, .. })));
         assert_eq!(f.on_api_call("/x").latency_ms, 100);
         assert_eq!(f.list().len(), 2);
     }
@@ -299,10 +255,7 @@ mod tests {
     #[test]
     fn webhook_faults_filter_by_action() {
         let mut f = Faults::default();
-        f.arm(Fault::WebhookDrop {
-            count: Some(1),
-            action: Some("queued".into()),
-        });
+        f.arm(Fault::WebhookDrop { count: Some(1), action: Some("queued".into()) });
         assert!(!f.on_webhook(Some("completed")).drop);
         assert!(f.on_webhook(Some("queued")).drop);
         assert!(!f.on_webhook(Some("queued")).drop);
@@ -310,15 +263,7 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(
-            Fault::ApiError {
-                status: 404,
-                count: None,
-                path: None
-            }
-            .validate()
-            .is_err()
-        );
+        assert!(Fault::ApiError { status: 404, count: None, path: None }.validate().is_err());
         assert!(
             Fault::RateLimit {
                 status: 500,
@@ -331,18 +276,8 @@ mod tests {
             .validate()
             .is_err()
         );
-        assert!(
-            serde_json::from_str::<Fault>(r#"{"kind":"api_error","status":500,"bogus":1}"#)
-                .is_err()
-        );
+        assert!(serde_json::from_str::<Fault>(r#"{"kind":"api_error","status":500,"bogus":1}"#).is_err());
         let f: Fault = serde_json::from_str(r#"{"kind":"webhook_duplicate","count":3}"#).unwrap();
-        assert_eq!(
-            f,
-            Fault::WebhookDuplicate {
-                count: Some(3),
-                action: None,
-                new_guid: false
-            }
-        );
+        assert_eq!(f, Fault::WebhookDuplicate { count: Some(3), action: None, new_guid: false });
     }
 }

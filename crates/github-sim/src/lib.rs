@@ -141,9 +141,7 @@ pub async fn serve(
     });
     let sender = tokio::spawn(webhook::run(sim.clone(), rx));
     let app = router(sim);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     sender.abort();
     result
 }
@@ -169,10 +167,7 @@ impl SimHandle {
         tokio::spawn(serve(listener, config, async {
             let _ = stopped.await;
         }));
-        Ok(SimHandle {
-            addr,
-            stop: Some(stop),
-        })
+        Ok(SimHandle { addr, stop: Some(stop) })
     }
 
     pub fn url(&self) -> String {

@@ -53,8 +53,7 @@ struct Args {
 }
 
 fn read_secret(path: &PathBuf, what: &str) -> anyhow::Result<String> {
-    let s = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {what} from {}", path.display()))?;
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {what} from {}", path.display()))?;
     let s = s.trim().to_string();
     anyhow::ensure!(!s.is_empty(), "{what} file {} is empty", path.display());
     Ok(s)
@@ -64,15 +63,11 @@ fn read_secret(path: &PathBuf, what: &str) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let mut config = SimConfig::new(
-        read_secret(&args.pat_file, "PAT")?,
-        read_secret(&args.webhook_secret_file, "webhook secret")?,
-    );
+    let mut config =
+        SimConfig::new(read_secret(&args.pat_file, "PAT")?, read_secret(&args.webhook_secret_file, "webhook secret")?);
     config.webhook_url = args.webhook_url;
     config.installation_id = args.installation_id;
     config.hook_id = args.hook_id;
@@ -81,24 +76,20 @@ async fn main() -> anyhow::Result<()> {
     config.installation_token_ttl = Duration::from_secs(args.installation_token_ttl);
     config.registration_token_ttl = Duration::from_secs(args.registration_token_ttl);
     if let (Some(id), Some(key)) = (args.app_id, args.app_public_key) {
-        let pem =
-            std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
+        let pem = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
         config.app = Some(
-            AppKey::from_pem(id, args.app_client_id, &pem)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?,
+            AppKey::from_pem(id, args.app_client_id, &pem).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?,
         );
     }
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "github-sim listening");
     github_sim::serve(listener, config, shutdown()).await?;
     Ok(())
 }
 
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

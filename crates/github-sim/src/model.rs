@@ -29,9 +29,7 @@ impl Scope {
     pub fn covers_repo(&self, repo: &str) -> bool {
         match self {
             Scope::Repo(r) => r.eq_ignore_ascii_case(repo),
-            Scope::Org(o) => repo
-                .split_once('/')
-                .is_some_and(|(owner, _)| owner.eq_ignore_ascii_case(o)),
+            Scope::Org(o) => repo.split_once('/').is_some_and(|(owner, _)| owner.eq_ignore_ascii_case(o)),
             Scope::Enterprise(_) => true,
         }
     }
@@ -120,9 +118,7 @@ impl Runner {
     pub fn online(&self, now: SystemTime) -> bool {
         self.polling > 0
             || self.job.is_some()
-            || self
-                .last_seen
-                .is_some_and(|t| now.duration_since(t).unwrap_or_default() < ONLINE_WINDOW)
+            || self.last_seen.is_some_and(|t| now.duration_since(t).unwrap_or_default() < ONLINE_WINDOW)
     }
 
     /// GitHub's REST shape of a runner.
@@ -276,16 +272,8 @@ impl Default for World {
             jobs: BTreeMap::new(),
             runners: BTreeMap::new(),
             groups: vec![
-                RunnerGroup {
-                    id: 1,
-                    name: "Default".into(),
-                    default: true,
-                },
-                RunnerGroup {
-                    id: 2,
-                    name: "ci-vms".into(),
-                    default: false,
-                },
+                RunnerGroup { id: 1, name: "Default".into(), default: true },
+                RunnerGroup { id: 2, name: "ci-vms".into(), default: false },
             ],
             registration_tokens: HashMap::new(),
             registration_sessions: HashMap::new(),
@@ -300,38 +288,25 @@ impl Default for World {
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 /// Labels match as on GitHub: every job label must be among the runner's, case-insensitively.
 pub fn labels_cover(runner_labels: &[String], job_labels: &[String]) -> bool {
-    job_labels
-        .iter()
-        .all(|j| runner_labels.iter().any(|r| r.eq_ignore_ascii_case(j)))
+    job_labels.iter().all(|j| runner_labels.iter().any(|r| r.eq_ignore_ascii_case(j)))
 }
 
 /// A random-looking token with GitHub's prefixes (`ghs_`, registration tokens are 29 upper-case chars).
 pub fn token(prefix: &str, len: usize) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz";
-    let body: String = (0..len)
-        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
-        .collect();
+    let body: String = (0..len).map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char).collect();
     format!("{prefix}{body}")
 }
 
 pub fn guid() -> String {
     let b: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 impl World {
@@ -372,16 +347,10 @@ impl World {
 
     pub fn add_runner(&mut self, new: NewRunner, now: SystemTime) -> Result<u64, WorldError> {
         if self.group(new.group_id).is_none() {
-            return Err(WorldError::Invalid(format!(
-                "Runner group {} does not exist",
-                new.group_id
-            )));
+            return Err(WorldError::Invalid(format!("Runner group {} does not exist", new.group_id)));
         }
-        if let Some(existing) = self
-            .runners
-            .values()
-            .find(|r| r.scope == new.scope && r.name.eq_ignore_ascii_case(&new.name))
-            .map(|r| r.id)
+        if let Some(existing) =
+            self.runners.values().find(|r| r.scope == new.scope && r.name.eq_ignore_ascii_case(&new.name)).map(|r| r.id)
         {
             if !new.replace {
                 return Err(WorldError::RunnerNameTaken(new.name));
@@ -408,31 +377,17 @@ impl World {
                 created_at: now,
             },
         );
-        self.runner_history.insert(
-            new.name,
-            RunnerHistory {
-                id,
-                registered: true,
-                ..Default::default()
-            },
-        );
+        self.runner_history.insert(new.name, RunnerHistory { id, registered: true, ..Default::default() });
         Ok(id)
     }
 
     pub fn runner_by_credential(&self, credential: &str) -> Option<u64> {
-        self.runners
-            .values()
-            .find(|r| r.credential == credential)
-            .map(|r| r.id)
+        self.runners.values().find(|r| r.credential == credential).map(|r| r.id)
     }
 
     /// DELETE .../runners/{id}: refused while the runner runs a job, as on GitHub.
     pub fn delete_runner(&mut self, scope: &Scope, id: u64) -> Result<(), WorldError> {
-        let runner = self
-            .runners
-            .get(&id)
-            .filter(|r| &r.scope == scope)
-            .ok_or(WorldError::NotFound)?;
+        let runner = self.runners.get(&id).filter(|r| &r.scope == scope).ok_or(WorldError::NotFound)?;
         if runner.job.is_some() {
             return Err(WorldError::RunnerBusy(runner.name.clone()));
         }
@@ -460,23 +415,12 @@ impl World {
             .jobs
             .values_mut()
             .filter(|j| j.status == JobStatus::Queued)
-            .find(|j| {
-                runner.scope.covers_repo(&j.repo) && labels_cover(&runner.labels, &j.labels)
-            })?;
-        let group = self
-            .groups
-            .iter()
-            .find(|g| g.id == runner.group_id)
-            .map(|g| g.name.clone())
-            .unwrap_or_default();
+            .find(|j| runner.scope.covers_repo(&j.repo) && labels_cover(&runner.labels, &j.labels))?;
+        let group = self.groups.iter().find(|g| g.id == runner.group_id).map(|g| g.name.clone()).unwrap_or_default();
         job.status = JobStatus::InProgress;
         job.started_at = Some(now);
-        job.runner = Some(RunnerRef {
-            id: runner.id,
-            name: runner.name.clone(),
-            group_id: runner.group_id,
-            group_name: group,
-        });
+        job.runner =
+            Some(RunnerRef { id: runner.id, name: runner.name.clone(), group_id: runner.group_id, group_name: group });
         runner.job = Some(job.id);
         if let Some(h) = self.runner_history.get_mut(&runner.name) {
             h.jobs.push(job.id);
@@ -492,10 +436,7 @@ impl World {
         conclusion: &str,
         now: SystemTime,
     ) -> Result<(), WorldError> {
-        let runner = self
-            .runners
-            .get_mut(&runner_id)
-            .ok_or(WorldError::NotFound)?;
+        let runner = self.runners.get_mut(&runner_id).ok_or(WorldError::NotFound)?;
         if runner.job != Some(job_id) {
             return Err(WorldError::NotFound);
         }
@@ -530,21 +471,10 @@ impl World {
 
     /// A heartbeat of a running job; `false` when the job was cancelled meanwhile.
     /// A cancelled job frees its runner (which then exits; ephemeral ones are removed).
-    pub fn heartbeat(
-        &mut self,
-        runner_id: u64,
-        job_id: u64,
-        now: SystemTime,
-    ) -> Result<bool, WorldError> {
-        let runner = self
-            .runners
-            .get_mut(&runner_id)
-            .ok_or(WorldError::NotFound)?;
+    pub fn heartbeat(&mut self, runner_id: u64, job_id: u64, now: SystemTime) -> Result<bool, WorldError> {
+        let runner = self.runners.get_mut(&runner_id).ok_or(WorldError::NotFound)?;
         runner.last_seen = Some(now);
-        let cancelled = self
-            .jobs
-            .get(&job_id)
-            .is_none_or(|j| j.status == JobStatus::Completed);
+        let cancelled = self.jobs.get(&job_id).is_none_or(|j| j.status == JobStatus::Completed);
         if cancelled && runner.job == Some(job_id) {
             runner.job = None;
             if runner.ephemeral {
@@ -562,10 +492,7 @@ impl World {
 
     /// Runners visible at a scope, for the list API.
     pub fn runners_at(&self, scope: &Scope) -> Vec<&Runner> {
-        self.runners
-            .values()
-            .filter(|r| &r.scope == scope)
-            .collect()
+        self.runners.values().filter(|r| &r.scope == scope).collect()
     }
 }
 
@@ -623,34 +550,15 @@ mod tests {
     fn any_idle_covering_runner_takes_the_oldest_job() {
         let (mut w, first) = world_with_job(&["self-hosted", "linux"]);
         let now = SystemTime::now();
-        let a = runner(
-            &mut w,
-            "a",
-            Scope::Org("octo-org".into()),
-            &["self-hosted", "linux"],
-            true,
-        );
-        let wrong = runner(
-            &mut w,
-            "w",
-            Scope::Org("other".into()),
-            &["self-hosted", "linux"],
-            true,
-        );
-        assert_eq!(
-            w.assign(wrong, now),
-            None,
-            "other org's runner may not take it"
-        );
+        let a = runner(&mut w, "a", Scope::Org("octo-org".into()), &["self-hosted", "linux"], true);
+        let wrong = runner(&mut w, "w", Scope::Org("other".into()), &["self-hosted", "linux"], true);
+        assert_eq!(w.assign(wrong, now), None, "other org's runner may not take it");
         assert_eq!(w.assign(a, now), Some(first));
         assert_eq!(w.jobs[&first].status, JobStatus::InProgress);
         assert_eq!(w.jobs[&first].runner.as_ref().unwrap().name, "a");
         // Busy runners cannot be deleted; ephemeral runners vanish after their job.
         let scope = Scope::Org("octo-org".into());
-        assert_eq!(
-            w.delete_runner(&scope, a),
-            Err(WorldError::RunnerBusy("a".into()))
-        );
+        assert_eq!(w.delete_runner(&scope, a), Err(WorldError::RunnerBusy("a".into())));
         w.complete(a, first, "success", now).unwrap();
         assert!(!w.runners.contains_key(&a));
         assert_eq!(w.jobs[&first].conclusion.as_deref(), Some("success"));
@@ -698,22 +606,13 @@ mod tests {
     fn cancelling_a_running_job_stops_its_runner_on_heartbeat() {
         let (mut w, job) = world_with_job(&["self-hosted"]);
         let now = SystemTime::now();
-        let r = runner(
-            &mut w,
-            "r",
-            Scope::Repo("octo-org/app".into()),
-            &["self-hosted"],
-            true,
-        );
+        let r = runner(&mut w, "r", Scope::Repo("octo-org/app".into()), &["self-hosted"], true);
         w.assign(r, now);
         assert_eq!(w.heartbeat(r, job, now), Ok(true));
         w.cancel(job, now).unwrap();
         assert_eq!(w.heartbeat(r, job, now), Ok(false));
         assert!(!w.runners.contains_key(&r));
-        assert!(
-            w.cancel(job, now).is_err(),
-            "completed jobs cannot be cancelled"
-        );
+        assert!(w.cancel(job, now).is_err(), "completed jobs cannot be cancelled");
     }
 
     #[test]

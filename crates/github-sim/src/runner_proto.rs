@@ -34,12 +34,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
 }
 
 fn bearer(headers: &HeaderMap, scheme: &str) -> Option<String> {
-    headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix(scheme)
-        .map(|t| t.trim().to_string())
+    headers.get("authorization")?.to_str().ok()?.strip_prefix(scheme).map(|t| t.trim().to_string())
 }
 
 /// First contacts may be stalled by a `runner_stall` fault: the answer never comes.
@@ -89,27 +84,14 @@ async fn register(State(sim): S, headers: HeaderMap, body: Bytes) -> Result<Resp
     let req: RegisterRequest = parse_body(&body)?;
     let now = SystemTime::now();
     let mut world = sim.world();
-    let scope: Scope = world
-        .registration_sessions
-        .remove(&session)
-        .ok_or_else(ApiError::bad_credentials)?;
+    let scope: Scope = world.registration_sessions.remove(&session).ok_or_else(ApiError::bad_credentials)?;
     let group_id = match req.runner_group.as_deref() {
-        None | Some("") => world
-            .groups
-            .iter()
-            .find(|g| g.default)
-            .map(|g| g.id)
-            .unwrap_or(1),
-        Some(name) => world
-            .groups
-            .iter()
-            .find(|g| g.name.eq_ignore_ascii_case(name))
-            .map(|g| g.id)
-            .ok_or_else(|| {
-                ApiError::not_found_msg(format!(
-                    "Could not find any self-hosted runner group named \"{name}\"."
-                ))
-            })?,
+        None | Some("") => world.groups.iter().find(|g| g.default).map(|g| g.id).unwrap_or(1),
+        Some(name) => {
+            world.groups.iter().find(|g| g.name.eq_ignore_ascii_case(name)).map(|g| g.id).ok_or_else(|| {
+                ApiError::not_found_msg(format!("Could not find any self-hosted runner group named \"{name}\"."))
+            })?
+        }
     };
     let id = world
         .add_runner(
@@ -147,9 +129,7 @@ impl ApiError {
 
 fn runner_id(sim: &Sim, headers: &HeaderMap) -> Result<u64, ApiError> {
     let cred = bearer(headers, "Bearer ").ok_or_else(ApiError::bad_credentials)?;
-    sim.world()
-        .runner_by_credential(&cred)
-        .ok_or_else(ApiError::bad_credentials)
+    sim.world().runner_by_credential(&cred).ok_or_else(ApiError::bad_credentials)
 }
 
 #[derive(Deserialize)]
@@ -158,17 +138,9 @@ struct Wait {
 }
 
 /// Long-poll for a job. 200 with the job, or 204 after `wait` seconds (max 50).
-async fn next_job(
-    State(sim): S,
-    headers: HeaderMap,
-    Query(q): Query<Wait>,
-) -> Result<Response, ApiError> {
+async fn next_job(State(sim): S, headers: HeaderMap, Query(q): Query<Wait>) -> Result<Response, ApiError> {
     let id = runner_id(&sim, &headers)?;
-    let first_contact = sim
-        .world()
-        .runners
-        .get(&id)
-        .is_some_and(|r| r.last_seen.is_none());
+    let first_contact = sim.world().runners.get(&id).is_some_and(|r| r.last_seen.is_none());
     if first_contact {
         maybe_stall(&sim).await;
     }
@@ -229,17 +201,10 @@ impl Drop for PollGuard<'_> {
     }
 }
 
-async fn heartbeat(
-    State(sim): S,
-    headers: HeaderMap,
-    Path(job): Path<String>,
-) -> Result<Response, ApiError> {
+async fn heartbeat(State(sim): S, headers: HeaderMap, Path(job): Path<String>) -> Result<Response, ApiError> {
     let id = runner_id(&sim, &headers)?;
     let job = parse_id(&job)?;
-    let alive = sim
-        .world()
-        .heartbeat(id, job, SystemTime::now())
-        .map_err(|_| ApiError::not_found())?;
+    let alive = sim.world().heartbeat(id, job, SystemTime::now()).map_err(|_| ApiError::not_found())?;
     Ok(if alive {
         axum::Json(json!({})).into_response()
     } else {
@@ -262,21 +227,13 @@ async fn complete(
     let job_id = parse_id(&job)?;
     let c: Completion = parse_body(&body)?;
     if !["success", "failure", "cancelled"].contains(&c.conclusion.as_str()) {
-        return Err(ApiError::invalid(format!(
-            "unknown conclusion {:?}",
-            c.conclusion
-        )));
+        return Err(ApiError::invalid(format!("unknown conclusion {:?}", c.conclusion)));
     }
     let now = SystemTime::now();
     let job = {
         let mut world = sim.world();
-        let already_done = world
-            .jobs
-            .get(&job_id)
-            .is_some_and(|j| j.status == crate::model::JobStatus::Completed);
-        world
-            .complete(id, job_id, &c.conclusion, now)
-            .map_err(|_| ApiError::not_found())?;
+        let already_done = world.jobs.get(&job_id).is_some_and(|j| j.status == crate::model::JobStatus::Completed);
+        world.complete(id, job_id, &c.conclusion, now).map_err(|_| ApiError::not_found())?;
         (!already_done).then(|| world.jobs[&job_id].clone())
     };
     match job {

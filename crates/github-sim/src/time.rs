@@ -8,9 +8,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
+    t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
 }
 
 pub fn from_unix(secs: u64) -> SystemTime {

@@ -26,8 +26,7 @@ pub struct Outgoing {
 
 /// `sha256=<hex HMAC-SHA256 of body>`.
 pub fn signature(secret: &[u8], body: &[u8]) -> String {
-    let mut mac =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(body);
     let bytes = mac.finalize().into_bytes();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -130,10 +129,7 @@ pub fn ping(sim: &Sim) {
 
 /// The sender task: applies webhook faults, sends, records.
 pub async fn run(sim: Arc<Sim>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    let client = reqwest::Client::builder()
-        .timeout(sim.config.webhook_timeout)
-        .build()
-        .expect("http client");
+    let client = reqwest::Client::builder().timeout(sim.config.webhook_timeout).build().expect("http client");
     let mut held: Vec<Outgoing> = Vec::new();
     loop {
         let next = if held.is_empty() {
@@ -202,28 +198,11 @@ async fn deliver(sim: &Sim, client: &reqwest::Client, out: Outgoing) {
     headers.insert("X-GitHub-Event".into(), out.event.clone());
     headers.insert("X-GitHub-Delivery".into(), out.guid.clone());
     headers.insert("X-GitHub-Hook-ID".into(), sim.config.hook_id.to_string());
-    headers.insert(
-        "X-GitHub-Hook-Installation-Target-Type".into(),
-        "organization".into(),
-    );
-    headers.insert(
-        "X-GitHub-Hook-Installation-Target-ID".into(),
-        sim.config.installation_id.to_string(),
-    );
-    headers.insert(
-        "X-Hub-Signature-256".into(),
-        signature(sim.config.webhook_secret.as_bytes(), &body),
-    );
+    headers.insert("X-GitHub-Hook-Installation-Target-Type".into(), "organization".into());
+    headers.insert("X-GitHub-Hook-Installation-Target-ID".into(), sim.config.installation_id.to_string());
+    headers.insert("X-Hub-Signature-256".into(), signature(sim.config.webhook_secret.as_bytes(), &body));
     let Some(url) = sim.config.webhook_url.clone() else {
-        record(
-            sim,
-            &out,
-            "failed to connect to host",
-            0,
-            0.0,
-            String::new(),
-            headers,
-        );
+        record(sim, &out, "failed to connect to host", 0, 0.0, String::new(), headers);
         return;
     };
     let mut req = client.post(url).body(body);
@@ -237,23 +216,12 @@ async fn deliver(sim: &Sim, client: &reqwest::Client, out: Outgoing) {
         Ok(resp) => {
             let code = resp.status().as_u16();
             let text = resp.text().await.unwrap_or_default();
-            let status = if (200..300).contains(&code) {
-                "OK".to_string()
-            } else {
-                format!("Invalid HTTP Response: {code}")
-            };
+            let status =
+                if (200..300).contains(&code) { "OK".to_string() } else { format!("Invalid HTTP Response: {code}") };
             record(sim, &out, &status, code, secs, text, headers);
         }
         Err(e) if e.is_timeout() => record(sim, &out, "timed out", 0, secs, String::new(), headers),
-        Err(_) => record(
-            sim,
-            &out,
-            "failed to connect to host",
-            0,
-            secs,
-            String::new(),
-            headers,
-        ),
+        Err(_) => record(sim, &out, "failed to connect to host", 0, secs, String::new(), headers),
     }
 }
 

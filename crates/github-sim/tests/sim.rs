@@ -53,12 +53,7 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-async fn api(
-    sim: &SimHandle,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> reqwest::Response {
+async fn api(sim: &SimHandle, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
     let mut r = client()
         .request(method, format!("{}{path}", sim.url()))
         .header("authorization", format!("Bearer {PAT}"))
@@ -70,12 +65,7 @@ async fn api(
 }
 
 async fn queue_job(sim: &SimHandle, body: Value) -> u64 {
-    let r = client()
-        .post(format!("{}/_sim/jobs", sim.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = client().post(format!("{}/_sim/jobs", sim.url())).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 201);
     r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
 }
@@ -86,10 +76,7 @@ async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -97,17 +84,10 @@ async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 #[tokio::test]
 async fn auth_errors_and_rate_limit_headers() {
     let sim = sim_with(None, |_| {}).await;
-    let r = client()
-        .get(format!("{}/orgs/o/actions/runners", sim.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(format!("{}/orgs/o/actions/runners", sim.url())).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["x-ratelimit-limit"], "60");
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["message"],
-        "Requires authentication"
-    );
+    assert_eq!(r.json::<Value>().await.unwrap()["message"], "Requires authentication");
     let r = client()
         .get(format!("{}/orgs/o/actions/runners", sim.url()))
         .header("authorization", "token wrong")
@@ -115,39 +95,18 @@ async fn auth_errors_and_rate_limit_headers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["message"],
-        "Bad credentials"
-    );
+    assert_eq!(r.json::<Value>().await.unwrap()["message"], "Bad credentials");
 
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        "/api/v3/orgs/o/actions/runners",
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, "/api/v3/orgs/o/actions/runners", None).await;
     assert_eq!(r.status(), 200, "GHES base path works");
-    for h in [
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-used",
-        "x-ratelimit-reset",
-        "x-ratelimit-resource",
-    ] {
+    for h in
+        ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-used", "x-ratelimit-reset", "x-ratelimit-resource"]
+    {
         assert!(r.headers().contains_key(h), "{h} missing");
     }
-    let remaining: u64 = r.headers()["x-ratelimit-remaining"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let remaining: u64 = r.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
     let r = api(&sim, reqwest::Method::GET, "/orgs/o/actions/runners", None).await;
-    let after: u64 = r.headers()["x-ratelimit-remaining"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let after: u64 = r.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
     assert_eq!(after, remaining - 1);
 
     let r = client()
@@ -168,27 +127,11 @@ async fn auth_errors_and_rate_limit_headers() {
 async fn jit_config_rules_and_runner_crud_with_pagination() {
     let sim = sim_with(None, |_| {}).await;
     let path = "/orgs/octo-org/actions/runners/generate-jitconfig";
-    let r = api(
-        &sim,
-        reqwest::Method::POST,
-        path,
-        Some(json!({"name": "a", "labels": ["self-hosted"]})),
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::POST, path, Some(json!({"name": "a", "labels": ["self-hosted"]}))).await;
     assert_eq!(r.status(), 422, "runner_group_id is required");
-    assert!(
-        r.json::<Value>().await.unwrap()["message"]
-            .as_str()
-            .unwrap()
-            .contains("runner_group_id")
-    );
-    let r = api(
-        &sim,
-        reqwest::Method::POST,
-        path,
-        Some(json!({"name": "a", "runner_group_id": 1, "labels": []})),
-    )
-    .await;
+    assert!(r.json::<Value>().await.unwrap()["message"].as_str().unwrap().contains("runner_group_id"));
+    let r =
+        api(&sim, reqwest::Method::POST, path, Some(json!({"name": "a", "runner_group_id": 1, "labels": []}))).await;
     assert_eq!(r.status(), 422, "labels must not be empty");
     let r = client()
         .post(format!("{}{path}", sim.url()))
@@ -201,120 +144,56 @@ async fn jit_config_rules_and_runner_crud_with_pagination() {
 
     let mut ids = Vec::new();
     for i in 0..5 {
-        let r = api(&sim, reqwest::Method::POST, path, Some(json!({
-            "name": format!("rv-p-{i}"), "runner_group_id": 1, "labels": ["self-hosted", "Linux", "<odd&label>"]
-        })))
+        let r = api(
+            &sim,
+            reqwest::Method::POST,
+            path,
+            Some(json!({
+                "name": format!("rv-p-{i}"), "runner_group_id": 1, "labels": ["self-hosted", "Linux", "<odd&label>"]
+            })),
+        )
         .await;
         assert_eq!(r.status(), 201);
         let v: Value = r.json().await.unwrap();
-        assert_eq!(
-            v["runner"]["labels"].as_array().unwrap().len(),
-            3,
-            "labels taken exactly as given"
-        );
+        assert_eq!(v["runner"]["labels"].as_array().unwrap().len(), 3, "labels taken exactly as given");
         assert_eq!(v["runner"]["status"], "offline");
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(v["encoded_jit_config"].as_str().unwrap())
-            .unwrap();
+        let decoded =
+            base64::engine::general_purpose::STANDARD.decode(v["encoded_jit_config"].as_str().unwrap()).unwrap();
         let files: Value = serde_json::from_slice(&decoded).unwrap();
         assert!(files[".runner"].is_string() && files[".credentials"].is_string());
         ids.push(v["runner"]["id"].as_u64().unwrap());
     }
     assert!(ids[0] > u64::from(u32::MAX));
-    let r = api(
-        &sim,
-        reqwest::Method::POST,
-        path,
-        Some(json!({"name": "rv-p-0", "runner_group_id": 1, "labels": ["x"]})),
-    )
-    .await;
+    let r =
+        api(&sim, reqwest::Method::POST, path, Some(json!({"name": "rv-p-0", "runner_group_id": 1, "labels": ["x"]})))
+            .await;
     assert_eq!(r.status(), 409, "duplicate name");
 
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        "/orgs/octo-org/actions/runners?per_page=2&page=2",
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, "/orgs/octo-org/actions/runners?per_page=2&page=2", None).await;
     let link = r.headers()["link"].to_str().unwrap().to_string();
-    assert!(
-        link.contains("page=3>; rel=\"next\"") && link.contains("rel=\"prev\""),
-        "{link}"
-    );
+    assert!(link.contains("page=3>; rel=\"next\"") && link.contains("rel=\"prev\""), "{link}");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["total_count"], 5);
     assert_eq!(v["runners"].as_array().unwrap().len(), 2);
     assert_eq!(v["runners"][0]["name"], "rv-p-2");
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        "/orgs/octo-org/actions/runners?per_page=2&page=3",
-        None,
-    )
-    .await;
-    assert!(
-        !r.headers()["link"]
-            .to_str()
-            .unwrap()
-            .contains("rel=\"next\"")
-    );
+    let r = api(&sim, reqwest::Method::GET, "/orgs/octo-org/actions/runners?per_page=2&page=3", None).await;
+    assert!(!r.headers()["link"].to_str().unwrap().contains("rel=\"next\""));
 
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        &format!("/orgs/octo-org/actions/runners/{}", ids[0]),
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, &format!("/orgs/octo-org/actions/runners/{}", ids[0]), None).await;
     assert_eq!(r.json::<Value>().await.unwrap()["name"], "rv-p-0");
-    let r = api(
-        &sim,
-        reqwest::Method::DELETE,
-        &format!("/orgs/octo-org/actions/runners/{}", ids[0]),
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::DELETE, &format!("/orgs/octo-org/actions/runners/{}", ids[0]), None).await;
     assert_eq!(r.status(), 204);
-    let r = api(
-        &sim,
-        reqwest::Method::DELETE,
-        &format!("/orgs/octo-org/actions/runners/{}", ids[0]),
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::DELETE, &format!("/orgs/octo-org/actions/runners/{}", ids[0]), None).await;
     assert_eq!(r.status(), 404);
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        &format!("/repos/octo-org/app/actions/runners/{}", ids[1]),
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, &format!("/repos/octo-org/app/actions/runners/{}", ids[1]), None).await;
     assert_eq!(r.status(), 404, "org runner is not visible at repo scope");
 
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        "/orgs/octo-org/actions/runner-groups",
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, "/orgs/octo-org/actions/runner-groups", None).await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["runner_groups"][0]["name"], "Default");
 
-    for scope in [
-        "/repos/octo-org/app",
-        "/orgs/octo-org",
-        "/enterprises/octo-ent",
-    ] {
-        let r = api(
-            &sim,
-            reqwest::Method::POST,
-            &format!("{scope}/actions/runners/registration-token"),
-            None,
-        )
-        .await;
+    for scope in ["/repos/octo-org/app", "/orgs/octo-org", "/enterprises/octo-ent"] {
+        let r = api(&sim, reqwest::Method::POST, &format!("{scope}/actions/runners/registration-token"), None).await;
         assert_eq!(r.status(), 201, "{scope}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["token"].as_str().unwrap().len(), 29);
@@ -352,31 +231,15 @@ async fn app_jwt_gives_installation_tokens_that_expire() {
         c.installation_token_ttl = Duration::from_secs(2);
     })
     .await;
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let jwt = sign_jwt(
-        &key,
-        json!({"iat": now - 60, "exp": now + 540, "iss": "77"}),
-    );
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let jwt = sign_jwt(&key, json!({"iat": now - 60, "exp": now + 540, "iss": "77"}));
     let post = |auth: String| {
         let url = format!("{}/app/installations/1/access_tokens", sim.url());
-        async move {
-            client()
-                .post(url)
-                .header("authorization", auth)
-                .send()
-                .await
-                .unwrap()
-        }
+        async move { client().post(url).header("authorization", auth).send().await.unwrap() }
     };
     let r = post(format!("Bearer {jwt}")).await;
     assert_eq!(r.status(), 201);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
     assert!(token.starts_with("ghs_"));
     let r = client()
         .get(format!("{}/orgs/octo-org/actions/runners", sim.url()))
@@ -387,10 +250,7 @@ async fn app_jwt_gives_installation_tokens_that_expire() {
     assert_eq!(r.status(), 200);
     let r = post(format!("Bearer {PAT}")).await;
     assert_eq!(r.status(), 401, "a PAT cannot mint installation tokens");
-    let expired = sign_jwt(
-        &key,
-        json!({"iat": now - 700, "exp": now - 100, "iss": "77"}),
-    );
+    let expired = sign_jwt(&key, json!({"iat": now - 700, "exp": now - 100, "iss": "77"}));
     assert_eq!(post(format!("Bearer {expired}")).await.status(), 401);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = client()
@@ -403,38 +263,22 @@ async fn app_jwt_gives_installation_tokens_that_expire() {
 }
 
 fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "github-sim-test-{}-{}",
-        std::process::id(),
-        fastrand_suffix()
-    ));
+    let d = std::env::temp_dir().join(format!("github-sim-test-{}-{}", std::process::id(), fastrand_suffix()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
 fn fastrand_suffix() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 /// Signs a JWT with openssl (the test does not trust the simulator's own code to sign).
 fn sign_jwt(key: &std::path::Path, claims: Value) -> String {
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let input = format!(
-        "{}.{}",
-        b64(br#"{"alg":"RS256","typ":"JWT"}"#),
-        b64(claims.to_string().as_bytes())
-    );
+    let input = format!("{}.{}", b64(br#"{"alg":"RS256","typ":"JWT"}"#), b64(claims.to_string().as_bytes()));
     let dir = tempdir();
     std::fs::write(dir.join("in"), &input).unwrap();
-    let out = Command::new("openssl")
-        .args(["dgst", "-sha256", "-sign"])
-        .arg(key)
-        .arg(dir.join("in"))
-        .output()
-        .unwrap();
+    let out = Command::new("openssl").args(["dgst", "-sha256", "-sign"]).arg(key).arg(dir.join("in")).output().unwrap();
     assert!(out.status.success());
     format!("{input}.{}", b64(&out.stdout))
 }
@@ -443,20 +287,13 @@ fn sign_jwt(key: &std::path::Path, claims: Value) -> String {
 async fn webhooks_are_signed_not_retried_and_redelivered_with_the_same_guid() {
     let (url, got) = receiver(StatusCode::INTERNAL_SERVER_ERROR).await;
     let sim = sim_with(Some(url), |c| c.hook_id = 42).await;
-    let job = queue_job(
-        &sim,
-        json!({"repo": "octo-org/app", "labels": ["self-hosted", "linux"]}),
-    )
-    .await;
+    let job = queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["self-hosted", "linux"]})).await;
     let first = wait_for("delivery", async || got.lock().unwrap().first().cloned()).await;
     let h = &first.headers;
     assert_eq!(h["x-github-event"], "workflow_job");
     assert_eq!(h["x-github-hook-id"], "42");
     let sig = h["x-hub-signature-256"].to_str().unwrap();
-    assert_eq!(
-        sig,
-        github_sim::webhook::signature(SECRET.as_bytes(), &first.body)
-    );
+    assert_eq!(sig, github_sim::webhook::signature(SECRET.as_bytes(), &first.body));
     let payload: Value = serde_json::from_slice(&first.body).unwrap();
     assert_eq!(payload["action"], "queued");
     assert_eq!(payload["workflow_job"]["id"], job);
@@ -469,29 +306,13 @@ async fn webhooks_are_signed_not_retried_and_redelivered_with_the_same_guid() {
     // Failed (500) and not retried.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(got.lock().unwrap().len(), 1);
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        "/orgs/octo-org/hooks/42/deliveries",
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, "/orgs/octo-org/hooks/42/deliveries", None).await;
     let list: Value = r.json().await.unwrap();
     assert_eq!(list[0]["status_code"], 500);
     assert_eq!(list[0]["status"], "Invalid HTTP Response: 500");
     assert_eq!(list[0]["redelivery"], false);
     let delivery_id = list[0]["id"].as_u64().unwrap();
-    assert_eq!(
-        api(
-            &sim,
-            reqwest::Method::GET,
-            "/orgs/octo-org/hooks/7/deliveries",
-            None
-        )
-        .await
-        .status(),
-        404
-    );
+    assert_eq!(api(&sim, reqwest::Method::GET, "/orgs/octo-org/hooks/7/deliveries", None).await.status(), 404);
 
     let r = api(
         &sim,
@@ -502,18 +323,9 @@ async fn webhooks_are_signed_not_retried_and_redelivered_with_the_same_guid() {
     .await;
     assert_eq!(r.status(), 202);
     let second = wait_for("redelivery", async || got.lock().unwrap().get(1).cloned()).await;
-    assert_eq!(
-        second.headers["x-github-delivery"],
-        first.headers["x-github-delivery"]
-    );
+    assert_eq!(second.headers["x-github-delivery"], first.headers["x-github-delivery"]);
     assert_eq!(second.body, first.body);
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        &format!("/orgs/octo-org/hooks/42/deliveries/{delivery_id}"),
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, &format!("/orgs/octo-org/hooks/42/deliveries/{delivery_id}"), None).await;
     let full: Value = r.json().await.unwrap();
     assert_eq!(full["request"]["payload"]["workflow_job"]["id"], job);
 }
@@ -525,40 +337,21 @@ async fn delivery_list_paginates_by_cursor() {
     for _ in 0..5 {
         queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
     }
-    wait_for("5 deliveries", async || {
-        (got.lock().unwrap().len() == 5).then_some(())
-    })
-    .await;
+    wait_for("5 deliveries", async || (got.lock().unwrap().len() == 5).then_some(())).await;
     let mut seen = Vec::new();
-    let mut next = Some(format!(
-        "{}/orgs/octo-org/hooks/1/deliveries?per_page=2",
-        sim.url()
-    ));
+    let mut next = Some(format!("{}/orgs/octo-org/hooks/1/deliveries?per_page=2", sim.url()));
     while let Some(u) = next.take() {
-        let r = client()
-            .get(&u)
-            .header("authorization", format!("token {PAT}"))
-            .send()
-            .await
-            .unwrap();
+        let r = client().get(&u).header("authorization", format!("token {PAT}")).send().await.unwrap();
         next = r.headers().get("link").map(|l| {
             let l = l.to_str().unwrap();
             l[l.find('<').unwrap() + 1..l.find('>').unwrap()].to_string()
         });
         let page: Value = r.json().await.unwrap();
         assert!(page.as_array().unwrap().len() <= 2);
-        seen.extend(
-            page.as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d["id"].as_u64().unwrap()),
-        );
+        seen.extend(page.as_array().unwrap().iter().map(|d| d["id"].as_u64().unwrap()));
     }
     assert_eq!(seen.len(), 5);
-    assert!(
-        seen.windows(2).all(|w| w[0] > w[1]),
-        "newest first: {seen:?}"
-    );
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first: {seen:?}");
 }
 
 #[tokio::test]
@@ -569,34 +362,17 @@ async fn faults_inject_errors_rate_limits_and_webhook_drops() {
         let u = format!("{}/_sim/faults", sim.url());
         async move { client().post(u).json(&f).send().await.unwrap() }
     };
-    assert_eq!(
-        arm(json!({"kind": "api_error", "status": 404}))
-            .await
-            .status(),
-        422,
-        "only 5xx"
-    );
+    assert_eq!(arm(json!({"kind": "api_error", "status": 404})).await.status(), 422, "only 5xx");
     assert_eq!(arm(json!({"kind": "nonsense"})).await.status(), 422);
-    assert_eq!(
-        arm(json!([{"kind": "api_error", "status": 503, "count": 2}]))
-            .await
-            .status(),
-        201
-    );
+    assert_eq!(arm(json!([{"kind": "api_error", "status": 503, "count": 2}])).await.status(), 201);
     for expected in [503, 503, 200] {
-        assert_eq!(
-            api(&sim, reqwest::Method::GET, "/orgs/o/actions/runners", None)
-                .await
-                .status(),
-            expected
-        );
+        assert_eq!(api(&sim, reqwest::Method::GET, "/orgs/o/actions/runners", None).await.status(), expected);
     }
     arm(json!({"kind": "rate_limit", "status": 429, "retry_after": 7, "count": 1})).await;
     let r = api(&sim, reqwest::Method::GET, "/orgs/o/actions/runners", None).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
-    arm(json!({"kind": "rate_limit", "status": 403, "primary": true, "reset_in": 30, "count": 1}))
-        .await;
+    arm(json!({"kind": "rate_limit", "status": 403, "primary": true, "reset_in": 30, "count": 1})).await;
     let r = api(&sim, reqwest::Method::GET, "/orgs/o/actions/runners", None).await;
     assert_eq!(r.status(), 403);
     assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
@@ -609,52 +385,27 @@ async fn faults_inject_errors_rate_limits_and_webhook_drops() {
     arm(json!({"kind": "webhook_duplicate", "count": 1})).await;
     let dropped = queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
     let duplicated = queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
-    wait_for("2 deliveries", async || {
-        (got.lock().unwrap().len() == 2).then_some(())
-    })
-    .await;
+    wait_for("2 deliveries", async || (got.lock().unwrap().len() == 2).then_some(())).await;
     let ids: Vec<u64> = got
         .lock()
         .unwrap()
         .iter()
-        .map(|r| {
-            serde_json::from_slice::<Value>(&r.body).unwrap()["workflow_job"]["id"]
-                .as_u64()
-                .unwrap()
-        })
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["workflow_job"]["id"].as_u64().unwrap())
         .collect();
     assert_eq!(ids, vec![duplicated, duplicated]);
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        "/orgs/octo-org/hooks/1/deliveries",
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, "/orgs/octo-org/hooks/1/deliveries", None).await;
     let list: Value = r.json().await.unwrap();
-    let failed: Vec<&Value> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["status_code"] == 0)
-        .collect();
+    let failed: Vec<&Value> = list.as_array().unwrap().iter().filter(|d| d["status_code"] == 0).collect();
     assert_eq!(failed.len(), 1, "the dropped delivery shows as failed");
     let _ = dropped;
 
     arm(json!({"kind": "webhook_reorder", "count": 2})).await;
     let a = queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
     let b = queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
-    wait_for("reordered", async || {
-        (got.lock().unwrap().len() == 4).then_some(())
-    })
-    .await;
+    wait_for("reordered", async || (got.lock().unwrap().len() == 4).then_some(())).await;
     let order: Vec<u64> = got.lock().unwrap()[2..]
         .iter()
-        .map(|r| {
-            serde_json::from_slice::<Value>(&r.body).unwrap()["workflow_job"]["id"]
-                .as_u64()
-                .unwrap()
-        })
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["workflow_job"]["id"].as_u64().unwrap())
         .collect();
     assert_eq!(order, vec![b, a]);
 }
@@ -664,29 +415,16 @@ async fn cancelling_a_queued_job_completes_it_with_null_runner() {
     let (url, got) = receiver(StatusCode::OK).await;
     let sim = sim_with(Some(url), |_| {}).await;
     let job = queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
-    let r = client()
-        .post(format!("{}/_sim/jobs/{job}/cancel", sim.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = client().post(format!("{}/_sim/jobs/{job}/cancel", sim.url())).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let second = wait_for("completed", async || got.lock().unwrap().get(1).cloned()).await;
     let v: Value = serde_json::from_slice(&second.body).unwrap();
     assert_eq!(v["action"], "completed");
     assert_eq!(v["workflow_job"]["conclusion"], "cancelled");
     assert!(v["workflow_job"]["runner_name"].is_null());
-    let r = client()
-        .post(format!("{}/_sim/jobs/{job}/cancel", sim.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = client().post(format!("{}/_sim/jobs/{job}/cancel", sim.url())).send().await.unwrap();
     assert_eq!(r.status(), 409);
-    let r = client()
-        .post(format!("{}/_sim/jobs", sim.url()))
-        .body("{\"repo\":1}")
-        .send()
-        .await
-        .unwrap();
+    let r = client().post(format!("{}/_sim/jobs", sim.url())).body("{\"repo\":1}").send().await.unwrap();
     assert_eq!(r.status(), 422);
     let r = client()
         .post(format!("{}/_sim/jobs", sim.url()))
@@ -696,40 +434,20 @@ async fn cancelling_a_queued_job_completes_it_with_null_runner() {
         .unwrap();
     assert_eq!(r.status(), 422);
     // The queued-runs API lists it as completed now.
-    let r = api(
-        &sim,
-        reqwest::Method::GET,
-        "/repos/octo-org/app/actions/runs?status=queued",
-        None,
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::GET, "/repos/octo-org/app/actions/runs?status=queued", None).await;
     assert_eq!(r.json::<Value>().await.unwrap()["total_count"], 0);
 }
 
 /// The fake runner of the test image, copied to a temp dir and run on the host.
 fn fake_runner_dir() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../images/test/files/opt/actions-runner");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../images/test/files/opt/actions-runner");
     let dst = tempdir().join("actions-runner");
-    assert!(
-        Command::new("cp")
-            .arg("-a")
-            .arg(&src)
-            .arg(&dst)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("cp").arg("-a").arg(&src).arg(&dst).status().unwrap().success());
     dst
 }
 
 async fn run_script(dir: &std::path::Path, script: &str, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(dir.join(script))
-        .args(args)
-        .env("RUNNER_ALLOW_RUNASROOT", "1")
-        .output()
-        .await
-        .unwrap()
+    tokio::process::Command::new(dir.join(script)).args(args).env("RUNNER_ALLOW_RUNASROOT", "1").output().await.unwrap()
 }
 
 #[tokio::test]
@@ -737,38 +455,16 @@ async fn fake_runner_token_mode_runs_one_job_and_is_removed() {
     let (url, got) = receiver(StatusCode::OK).await;
     let sim = sim_with(Some(url), |_| {}).await;
     let dir = fake_runner_dir();
-    let r = api(
-        &sim,
-        reqwest::Method::POST,
-        "/repos/octo-org/app/actions/runners/registration-token",
-        None,
-    )
-    .await;
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let job = queue_job(
-        &sim,
-        json!({"repo": "octo-org/app", "labels": ["self-hosted", "linux"], "duration_secs": 1}),
-    )
-    .await;
-    let other_repo = queue_job(
-        &sim,
-        json!({"repo": "octo-org/web", "labels": ["self-hosted", "linux"]}),
-    )
-    .await;
+    let r = api(&sim, reqwest::Method::POST, "/repos/octo-org/app/actions/runners/registration-token", None).await;
+    let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+    let job =
+        queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["self-hosted", "linux"], "duration_secs": 1})).await;
+    let other_repo = queue_job(&sim, json!({"repo": "octo-org/web", "labels": ["self-hosted", "linux"]})).await;
 
     let bad = run_script(
         &dir,
         "config.sh",
-        &[
-            "--url",
-            &format!("{}/octo-org/app", sim.url()),
-            "--token",
-            "WRONG",
-            "--unattended",
-        ],
+        &["--url", &format!("{}/octo-org/app", sim.url()), "--token", "WRONG", "--unattended"],
     )
     .await;
     assert!(!bad.status.success(), "bad token must fail");
@@ -793,58 +489,21 @@ async fn fake_runner_token_mode_runs_one_job_and_is_removed() {
         ],
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = run_script(&dir, "run.sh", &[]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("completed with result: Succeeded"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("completed with result: Succeeded"), "{stdout}");
 
-    let j: Value = client()
-        .get(format!("{}/_sim/jobs/{job}", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let j: Value = client().get(format!("{}/_sim/jobs/{job}", sim.url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(j["status"], "completed");
     assert_eq!(j["runner_name"], "runner-1");
-    let o: Value = client()
-        .get(format!("{}/_sim/jobs/{other_repo}", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        o["status"], "queued",
-        "a repo runner does not take another repo's job"
-    );
-    let runners: Value = client()
-        .get(format!("{}/_sim/runners", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        runners.as_array().unwrap().len(),
-        0,
-        "ephemeral runner removed after its job"
-    );
+    let o: Value =
+        client().get(format!("{}/_sim/jobs/{other_repo}", sim.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(o["status"], "queued", "a repo runner does not take another repo's job");
+    let runners: Value =
+        client().get(format!("{}/_sim/runners", sim.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(runners.as_array().unwrap().len(), 0, "ephemeral runner removed after its job");
     let actions = wait_for("3 deliveries", async || {
         let g = got.lock().unwrap();
         let actions: Vec<String> = g
@@ -868,11 +527,8 @@ async fn fake_runner_token_mode_runs_one_job_and_is_removed() {
 async fn fake_runner_jit_mode_and_refusals() {
     let sim = sim_with(None, |_| {}).await;
     let dir = fake_runner_dir();
-    let job = queue_job(
-        &sim,
-        json!({"repo": "octo-org/app", "labels": ["self-hosted", "gpu"], "script": "exit 3"}),
-    )
-    .await;
+    let job =
+        queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["self-hosted", "gpu"], "script": "exit 3"})).await;
     let r = api(
         &sim,
         reqwest::Method::POST,
@@ -884,36 +540,15 @@ async fn fake_runner_jit_mode_and_refusals() {
     .await;
     let v: Value = r.json().await.unwrap();
     let encoded = v["encoded_jit_config"].as_str().unwrap().to_string();
-    let out = tokio::process::Command::new(dir.join("run.sh"))
-        .args(["--jitconfig", &encoded])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "refuses root without RUNNER_ALLOW_RUNASROOT"
-    );
+    let out = tokio::process::Command::new(dir.join("run.sh")).args(["--jitconfig", &encoded]).output().await.unwrap();
+    assert!(!out.status.success(), "refuses root without RUNNER_ALLOW_RUNASROOT");
     assert!(String::from_utf8_lossy(&out.stderr).contains("Must not run with sudo"));
     let out = run_script(&dir, "run.sh", &["--jitconfig", "bm90IGpzb24="]).await;
     assert!(!out.status.success());
     let out = run_script(&dir, "run.sh", &["--jitconfig", &encoded]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: Value = client()
-        .get(format!("{}/_sim/jobs/{job}", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        j["conclusion"], "failure",
-        "script exit status decides the conclusion"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Value = client().get(format!("{}/_sim/jobs/{job}", sim.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(j["conclusion"], "failure", "script exit status decides the conclusion");
     // A deleted JIT runner's credential no longer works.
     let r = api(
         &sim,
@@ -926,19 +561,9 @@ async fn fake_runner_jit_mode_and_refusals() {
     .await;
     let v: Value = r.json().await.unwrap();
     let id = v["runner"]["id"].as_u64().unwrap();
-    api(
-        &sim,
-        reqwest::Method::DELETE,
-        &format!("/orgs/octo-org/actions/runners/{id}"),
-        None,
-    )
-    .await;
-    let out = run_script(
-        &fake_runner_dir(),
-        "run.sh",
-        &["--jitconfig", v["encoded_jit_config"].as_str().unwrap()],
-    )
-    .await;
+    api(&sim, reqwest::Method::DELETE, &format!("/orgs/octo-org/actions/runners/{id}"), None).await;
+    let out =
+        run_script(&fake_runner_dir(), "run.sh", &["--jitconfig", v["encoded_jit_config"].as_str().unwrap()]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("deleted"));
 }

@@ -32,9 +32,7 @@ pub enum AdminError {
     },
     #[error("admin group {0:?} not found in /etc/group")]
     NoGroup(String),
-    #[error(
-        "cannot reach the agent at {path} (is it running? are you root or in the admin group?)"
-    )]
+    #[error("cannot reach the agent at {path} (is it running? are you root or in the admin group?)")]
     Connect {
         path: PathBuf,
         #[source]
@@ -57,20 +55,14 @@ fn group_id(name: &str) -> Option<u32> {
 /// Binds the socket (replacing a stale one) with restrictive permissions.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, AdminError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |source| AdminError::Bind {
-        path: path.into(),
-        source,
-    };
+    let err = |source| AdminError::Bind { path: path.into(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     if path.exists() {
         // A live agent answers; a stale socket file is removed.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another agent is listening on it",
-            )));
+            return Err(err(io::Error::new(io::ErrorKind::AddrInUse, "another agent is listening on it")));
         }
         std::fs::remove_file(path).map_err(err)?;
     }
@@ -88,11 +80,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, AdminError
 }
 
 /// Serves admin requests until `shutdown`.
-pub async fn serve(
-    listener: UnixListener,
-    events: UnboundedSender<Event>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: UnixListener, events: UnboundedSender<Event>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -134,8 +122,7 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Resul
             if events.send(Event::Admin(cmd, tx)).is_err() {
                 AdminReply::Error("the scheduler is shutting down".into())
             } else {
-                rx.await
-                    .unwrap_or_else(|_| AdminReply::Error("the scheduler is shutting down".into()))
+                rx.await.unwrap_or_else(|_| AdminReply::Error("the scheduler is shutting down".into()))
             }
         }
     };
@@ -147,23 +134,12 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Resul
 
 /// Client side: sends one request, returns the reply.
 pub async fn request(path: &Path, req: &Request) -> Result<AdminReply, AdminError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| AdminError::Connect {
-            path: path.into(),
-            source,
-        })?;
-    let proto = |m: String| AdminError::Protocol {
-        path: path.into(),
-        message: m,
-    };
+    let stream = UnixStream::connect(path).await.map_err(|source| AdminError::Connect { path: path.into(), source })?;
+    let proto = |m: String| AdminError::Protocol { path: path.into(), message: m };
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| proto(e.to_string()))?;
     line.push(b'\n');
-    write
-        .write_all(&line)
-        .await
-        .map_err(|e| proto(e.to_string()))?;
+    write.write_all(&line).await.map_err(|e| proto(e.to_string()))?;
     let mut reply = String::new();
     let mut reader = BufReader::new(read);
     tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut reply))
@@ -211,27 +187,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 pub fn render_status(s: &crate::scheduler::Status) -> String {
     let mut out = format!(
         "runnervisor: {}; libvirt {}\n\n",
-        if s.draining {
-            "DRAINING (no new jobs)"
-        } else {
-            "taking jobs"
-        },
-        if s.libvirt_connected {
-            "connected"
-        } else {
-            "NOT CONNECTED"
-        }
+        if s.draining { "DRAINING (no new jobs)" } else { "taking jobs" },
+        if s.libvirt_connected { "connected" } else { "NOT CONNECTED" }
     );
     let pools: Vec<Vec<String>> = s
         .pools
         .iter()
-        .map(|p| {
-            vec![
-                p.name.clone(),
-                format!("{}/{}", p.vms, p.max_vms),
-                p.queued.to_string(),
-            ]
-        })
+        .map(|p| vec![p.name.clone(), format!("{}/{}", p.vms, p.max_vms), p.queued.to_string()])
         .collect();
     out.push_str(&table(&["POOL", "VMS", "QUEUED"], &pools));
     out.push('\n');
@@ -241,14 +203,7 @@ pub fn render_status(s: &crate::scheduler::Status) -> String {
         let rows: Vec<Vec<String>> = s
             .queued
             .iter()
-            .map(|q| {
-                vec![
-                    q.job_id.to_string(),
-                    q.pool.clone(),
-                    q.repository.clone(),
-                    age(q.age_secs),
-                ]
-            })
+            .map(|q| vec![q.job_id.to_string(), q.pool.clone(), q.repository.clone(), age(q.age_secs)])
             .collect();
         out.push_str(&table(&["QUEUED JOB", "POOL", "REPOSITORY", "AGE"], &rows));
     }
@@ -265,28 +220,13 @@ pub fn render_status(s: &crate::scheduler::Status) -> String {
                     v.pool.clone(),
                     v.state.clone(),
                     age(v.age_secs),
-                    v.took_job
-                        .map(|j| j.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    v.runner_id
-                        .map(|r| r.to_string())
-                        .unwrap_or_else(|| "-".into()),
+                    v.took_job.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
+                    v.runner_id.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                     v.repository.clone(),
                 ]
             })
             .collect();
-        out.push_str(&table(
-            &[
-                "VM",
-                "POOL",
-                "STATE",
-                "AGE",
-                "RUNNING JOB",
-                "RUNNER ID",
-                "MADE FOR",
-            ],
-            &rows,
-        ));
+        out.push_str(&table(&["VM", "POOL", "STATE", "AGE", "RUNNING JOB", "RUNNER ID", "MADE FOR"], &rows));
     }
     out
 }
@@ -298,16 +238,10 @@ mod tests {
     #[test]
     fn request_wire_format() {
         assert_eq!(
-            serde_json::to_string(&Request::Destroy {
-                vm: "rv-a-1".into()
-            })
-            .unwrap(),
+            serde_json::to_string(&Request::Destroy { vm: "rv-a-1".into() }).unwrap(),
             r#"{"cmd":"destroy","vm":"rv-a-1"}"#
         );
-        assert_eq!(
-            serde_json::from_str::<Request>(r#"{"cmd":"drain"}"#).unwrap(),
-            Request::Drain
-        );
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"drain"}"#).unwrap(), Request::Drain);
     }
 
     #[tokio::test]
@@ -317,15 +251,9 @@ mod tests {
         let path = dir.join("admin.sock");
         std::fs::write(&path, "").unwrap();
         let listener = bind(&path, None).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(bind(&path, None).is_err(), "a live socket is not replaced");
         drop(listener);
-        assert!(matches!(
-            bind(&dir.join("b.sock"), Some("no-such-group-xyz")),
-            Err(AdminError::NoGroup(_))
-        ));
+        assert!(matches!(bind(&dir.join("b.sock"), Some("no-such-group-xyz")), Err(AdminError::NoGroup(_))));
     }
 }

@@ -24,32 +24,17 @@ pub struct Line {
 }
 
 fn ok(what: impl Into<String>, detail: impl Into<String>) -> Line {
-    Line {
-        ok: true,
-        what: what.into(),
-        detail: detail.into(),
-        fix: None,
-    }
+    Line { ok: true, what: what.into(), detail: detail.into(), fix: None }
 }
 
 fn bad(what: impl Into<String>, detail: impl std::fmt::Display, fix: impl Into<String>) -> Line {
-    Line {
-        ok: false,
-        what: what.into(),
-        detail: detail.to_string(),
-        fix: Some(fix.into()),
-    }
+    Line { ok: false, what: what.into(), detail: detail.to_string(), fix: Some(fix.into()) }
 }
 
 pub fn render(lines: &[Line]) -> String {
     let mut out = String::new();
     for l in lines {
-        out.push_str(&format!(
-            "{} {}: {}\n",
-            if l.ok { "✔" } else { "✘" },
-            l.what,
-            l.detail
-        ));
+        out.push_str(&format!("{} {}: {}\n", if l.ok { "✔" } else { "✘" }, l.what, l.detail));
         if let Some(f) = &l.fix {
             out.push_str(&format!("    fix: {f}\n"));
         }
@@ -77,25 +62,22 @@ pub async fn run(path: &Path) -> Vec<Line> {
     let mut lines = Vec::new();
     let config = match Config::load(path) {
         Ok(c) => {
-            lines.push(ok(
-                "configuration",
-                format!("{} is valid ({} pools)", path.display(), c.pools.len()),
-            ));
+            lines.push(ok("configuration", format!("{} is valid ({} pools)", path.display(), c.pools.len())));
             c
         }
         Err(e) => {
-            lines.push(bad(
-                "configuration",
-                e,
-                "fix the key named above (see config.toml.example)",
-            ));
+            lines.push(bad("configuration", e, "fix the key named above (see config.toml.example)"));
             return lines;
         }
     };
     let creds = credentials_dir();
     match config.github.webhook_secret.load(creds.as_deref()) {
         Ok(_) => lines.push(ok("webhook secret", "readable, not world-readable")),
-        Err(e) => lines.push(bad("webhook secret", e, "write the secret GitHub signs with into that file, mode 0600 (or LoadCredential=webhook-secret:FILE)")),
+        Err(e) => lines.push(bad(
+            "webhook secret",
+            e,
+            "write the secret GitHub signs with into that file, mode 0600 (or LoadCredential=webhook-secret:FILE)",
+        )),
     }
     let auth = match &config.github.auth {
         AuthConfig::Pat { token } => match token.load(creds.as_deref()) {
@@ -104,39 +86,21 @@ pub async fn run(path: &Path) -> Vec<Line> {
                 Some(Auth::Pat(t))
             }
             Err(e) => {
-                lines.push(bad(
-                    "GitHub token",
-                    e,
-                    "store the PAT in that file, mode 0600 (or LoadCredential=)",
-                ));
+                lines.push(bad("GitHub token", e, "store the PAT in that file, mode 0600 (or LoadCredential=)"));
                 None
             }
         },
-        AuthConfig::App {
-            app_id,
-            installation_id,
-            private_key,
-        } => match private_key
+        AuthConfig::App { app_id, installation_id, private_key } => match private_key
             .load(creds.as_deref())
             .map_err(|e| e.to_string())
             .and_then(|k| AppSigner::new(*app_id, &k).map_err(|e| e.to_string()))
         {
             Ok(signer) => {
-                lines.push(ok(
-                    "GitHub App key",
-                    format!("app {app_id}: RSA private key loaded"),
-                ));
-                Some(Auth::App {
-                    signer,
-                    installation_id: *installation_id,
-                })
+                lines.push(ok("GitHub App key", format!("app {app_id}: RSA private key loaded")));
+                Some(Auth::App { signer, installation_id: *installation_id })
             }
             Err(e) => {
-                lines.push(bad(
-                    "GitHub App key",
-                    e,
-                    "download the App's private key (PEM) into that file, mode 0600",
-                ));
+                lines.push(bad("GitHub App key", e, "download the App's private key (PEM) into that file, mode 0600"));
                 None
             }
         },
@@ -162,10 +126,7 @@ fn state_dir(dir: &Path) -> Line {
         Err(e) => bad(
             "state directory",
             format!("{}: {e}", dir.display()),
-            format!(
-                "create {} writable by the service user (StateDirectory= does it under systemd)",
-                dir.display()
-            ),
+            format!("create {} writable by the service user (StateDirectory= does it under systemd)", dir.display()),
         ),
     }
 }
@@ -187,21 +148,11 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
     }
     lines.push(ok(
         "libvirt",
-        format!(
-            "connected to {} (libvirt {})",
-            config.libvirt.uri,
-            lv.version().unwrap_or_default()
-        ),
+        format!("connected to {} (libvirt {})", config.libvirt.uri, lv.version().unwrap_or_default()),
     ));
     let lv2 = lv.clone();
-    match tokio::task::spawn_blocking(move || lv2.check_pool())
-        .await
-        .expect("join")
-    {
-        Ok(()) => lines.push(ok(
-            "storage pool",
-            format!("{} is active", config.libvirt.storage_pool),
-        )),
+    match tokio::task::spawn_blocking(move || lv2.check_pool()).await.expect("join") {
+        Ok(()) => lines.push(ok("storage pool", format!("{} is active", config.libvirt.storage_pool))),
         Err(e) => {
             let p = &config.libvirt.storage_pool;
             lines.push(bad("storage pool", e, format!("virsh pool-define-as {p} dir --target /var/lib/runnervisor/pool && virsh pool-start {p} && virsh pool-autostart {p}")))
@@ -210,7 +161,11 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
     let dt = config.libvirt.domain_type.as_str();
     match lv.supports_domain_type(dt) {
         Ok(true) => lines.push(ok("domain type", format!("{dt} guests are supported on this host"))),
-        Ok(false) => lines.push(bad("domain type", format!("this host cannot run {dt} guests"), "load kvm_intel or kvm_amd (and check /dev/kvm), or set libvirt.domain_type = \"qemu\" (TCG, slow)")),
+        Ok(false) => lines.push(bad(
+            "domain type",
+            format!("this host cannot run {dt} guests"),
+            "load kvm_intel or kvm_amd (and check /dev/kvm), or set libvirt.domain_type = \"qemu\" (TCG, slow)",
+        )),
         Err(e) => lines.push(bad("domain type", e, "check `virsh capabilities`")),
     }
 }
@@ -220,19 +175,28 @@ fn check_pool_image(pool: &crate::config::PoolConfig, lines: &mut Vec<Line>) {
     match hypervisor::check_image(&pool.image) {
         Ok(info) if info.virtual_size > pool.disk_gib << 30 => lines.push(bad(
             what,
-            format!("{} is {} GiB, more than disk_gib = {}", pool.image.display(), info.virtual_size >> 30, pool.disk_gib),
+            format!(
+                "{} is {} GiB, more than disk_gib = {}",
+                pool.image.display(),
+                info.virtual_size >> 30,
+                pool.disk_gib
+            ),
             "raise pool.disk_gib",
         )),
-        Ok(info) => lines.push(ok(what, format!("{} is qcow2, {} GiB virtual", pool.image.display(), info.virtual_size.div_ceil(1 << 30)))),
-        Err(e) => lines.push(bad(what, e, "build or copy the golden image there (images/README.md); it must be qcow2 and readable by libvirt")),
+        Ok(info) => lines.push(ok(
+            what,
+            format!("{} is qcow2, {} GiB virtual", pool.image.display(), info.virtual_size.div_ceil(1 << 30)),
+        )),
+        Err(e) => lines.push(bad(
+            what,
+            e,
+            "build or copy the golden image there (images/README.md); it must be qcow2 and readable by libvirt",
+        )),
     }
     for (k, p) in [("kernel", &pool.kernel), ("initrd", &pool.initrd)] {
         if let Some(p) = p {
             match std::fs::metadata(p) {
-                Ok(_) => lines.push(ok(
-                    format!("pool {} {k}", pool.name),
-                    p.display().to_string(),
-                )),
+                Ok(_) => lines.push(ok(format!("pool {} {k}", pool.name), p.display().to_string())),
                 Err(e) => lines.push(bad(
                     format!("pool {} {k}", pool.name),
                     format!("{}: {e}", p.display()),
@@ -242,17 +206,10 @@ fn check_pool_image(pool: &crate::config::PoolConfig, lines: &mut Vec<Line>) {
         }
     }
     if let Some(manifest) = images::read_manifest(&pool.image) {
-        match images::runner_age_problem(
-            &manifest,
-            pool.runner_max_age,
-            std::time::SystemTime::now(),
-        ) {
+        match images::runner_age_problem(&manifest, pool.runner_max_age, std::time::SystemTime::now()) {
             None => lines.push(ok(
                 format!("pool {} runner", pool.name),
-                format!(
-                    "actions/runner {} (released {})",
-                    manifest.runner_version, manifest.runner_released
-                ),
+                format!("actions/runner {} (released {})", manifest.runner_version, manifest.runner_released),
             )),
             Some(p) => lines.push(bad(
                 format!("pool {} runner", pool.name),
@@ -287,38 +244,25 @@ async fn check_github(config: &Config, auth: Auth, lines: &mut Vec<Line>) {
     match gh.registration_token().await {
         Ok(_) => lines.push(ok(
             "GitHub permissions",
-            format!(
-                "can register runners at {} ({})",
-                scope.api_path(),
-                config.github.api_url
-            ),
+            format!("can register runners at {} ({})", scope.api_path(), config.github.api_url),
         )),
         Err(e) => {
             let fix = match e.status() {
                 Some(401) => "the credential is wrong or expired: replace it".to_string(),
                 Some(403) | Some(404) => permission_hint(&scope, app),
-                _ => format!(
-                    "check that {} is reachable from this host",
-                    config.github.api_url
-                ),
+                _ => format!("check that {} is reachable from this host", config.github.api_url),
             };
             lines.push(bad("GitHub permissions", e, fix));
             return;
         }
     }
     match gh.list_runners().await {
-        Ok(r) => lines.push(ok(
-            "GitHub runners",
-            format!("{} registered at {}", r.len(), scope.api_path()),
-        )),
+        Ok(r) => lines.push(ok("GitHub runners", format!("{} registered at {}", r.len(), scope.api_path()))),
         Err(e) => lines.push(bad("GitHub runners", e, permission_hint(&scope, app))),
     }
     if !matches!(scope, Scope::Repository { .. }) {
         match gh.runner_group_id(&config.github.runner_group).await {
-            Ok(id) => lines.push(ok(
-                "runner group",
-                format!("{:?} has id {id}", config.github.runner_group),
-            )),
+            Ok(id) => lines.push(ok("runner group", format!("{:?} has id {id}", config.github.runner_group))),
             Err(e) => lines.push(bad(
                 "runner group",
                 e,

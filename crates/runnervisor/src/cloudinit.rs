@@ -16,16 +16,8 @@ use crate::secret::Secret;
 /// The one-job credential a VM carries.
 #[derive(Debug, Clone)]
 pub enum Credential {
-    Jit {
-        encoded: Secret,
-    },
-    Token {
-        url: String,
-        token: Secret,
-        labels: Vec<String>,
-        runner_group: Option<String>,
-        disable_update: bool,
-    },
+    Jit { encoded: Secret },
+    Token { url: String, token: Secret, labels: Vec<String>, runner_group: Option<String>, disable_update: bool },
 }
 
 #[derive(Debug, Clone)]
@@ -40,28 +32,15 @@ pub struct RunnerSpec<'a> {
 pub fn user_data(spec: &RunnerSpec<'_>) -> String {
     let dir = spec.runner_dir.trim_end_matches('/');
     let as_runner = |mut args: Vec<Value>| {
-        let mut cmd = vec![
-            json!("runuser"),
-            json!("-u"),
-            json!(spec.runner_user),
-            json!("--"),
-        ];
+        let mut cmd = vec![json!("runuser"), json!("-u"), json!(spec.runner_user), json!("--")];
         cmd.append(&mut args);
         Value::Array(cmd)
     };
     let runcmd = match spec.credential {
-        Credential::Jit { encoded } => vec![as_runner(vec![
-            json!(format!("{dir}/run.sh")),
-            json!("--jitconfig"),
-            json!(encoded.expose()),
-        ])],
-        Credential::Token {
-            url,
-            token,
-            labels,
-            runner_group,
-            disable_update,
-        } => {
+        Credential::Jit { encoded } => {
+            vec![as_runner(vec![json!(format!("{dir}/run.sh")), json!("--jitconfig"), json!(encoded.expose())])]
+        }
+        Credential::Token { url, token, labels, runner_group, disable_update } => {
             let mut config = vec![
                 json!(format!("{dir}/config.sh")),
                 json!("--unattended"),
@@ -85,10 +64,7 @@ pub fn user_data(spec: &RunnerSpec<'_>) -> String {
                 config.push(json!("--runnergroup"));
                 config.push(json!(g));
             }
-            vec![
-                as_runner(config),
-                as_runner(vec![json!(format!("{dir}/run.sh"))]),
-            ]
+            vec![as_runner(config), as_runner(vec![json!(format!("{dir}/run.sh"))])]
         }
     };
     let doc = json!({
@@ -100,18 +76,12 @@ pub fn user_data(spec: &RunnerSpec<'_>) -> String {
             "message": "runnervisor: runner finished, powering off",
         },
     });
-    format!(
-        "#cloud-config\n{}\n",
-        serde_json::to_string_pretty(&doc).expect("json")
-    )
+    format!("#cloud-config\n{}\n", serde_json::to_string_pretty(&doc).expect("json"))
 }
 
 /// meta-data: the instance id and hostname are the VM name.
 pub fn meta_data(vm_name: &str) -> String {
-    format!(
-        "{}\n",
-        json!({"instance-id": vm_name, "local-hostname": vm_name})
-    )
+    format!("{}\n", json!({"instance-id": vm_name, "local-hostname": vm_name}))
 }
 
 #[cfg(test)]
@@ -125,9 +95,7 @@ mod tests {
 
     #[test]
     fn jit_user_data_runs_the_runner_as_the_user_then_powers_off() {
-        let cred = Credential::Jit {
-            encoded: Secret::new("ZW5jb2RlZA=="),
-        };
+        let cred = Credential::Jit { encoded: Secret::new("ZW5jb2RlZA==") };
         let ud = user_data(&RunnerSpec {
             vm_name: "rv-p-1",
             runner_user: "runner",
@@ -137,15 +105,7 @@ mod tests {
         let v = parse(&ud);
         assert_eq!(
             v["runcmd"],
-            json!([[
-                "runuser",
-                "-u",
-                "runner",
-                "--",
-                "/opt/actions-runner/run.sh",
-                "--jitconfig",
-                "ZW5jb2RlZA=="
-            ]])
+            json!([["runuser", "-u", "runner", "--", "/opt/actions-runner/run.sh", "--jitconfig", "ZW5jb2RlZA=="]])
         );
         assert_eq!(v["power_state"]["mode"], "poweroff");
         assert_eq!(v["power_state"]["condition"], true);
@@ -166,46 +126,18 @@ mod tests {
             runner_dir: "/opt/actions-runner",
             credential: &cred,
         }));
-        let config: Vec<&str> = v["runcmd"][0]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap())
-            .collect();
-        assert_eq!(
-            &config[..5],
-            [
-                "runuser",
-                "-u",
-                "runner",
-                "--",
-                "/opt/actions-runner/config.sh"
-            ]
-        );
+        let config: Vec<&str> = v["runcmd"][0].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        assert_eq!(&config[..5], ["runuser", "-u", "runner", "--", "/opt/actions-runner/config.sh"]);
         let after = |flag: &str| config[config.iter().position(|a| *a == flag).unwrap() + 1];
         assert_eq!(after("--url"), "https://github.com/octo-org");
         assert_eq!(after("--token"), "AABBCC");
         assert_eq!(after("--name"), "rv-p-2");
         assert_eq!(after("--labels"), "self-hosted,linux");
         assert_eq!(after("--runnergroup"), "ci vms");
-        for flag in [
-            "--unattended",
-            "--ephemeral",
-            "--no-default-labels",
-            "--disableupdate",
-        ] {
+        for flag in ["--unattended", "--ephemeral", "--no-default-labels", "--disableupdate"] {
             assert!(config.contains(&flag), "{flag}");
         }
-        assert_eq!(
-            v["runcmd"][1],
-            json!([
-                "runuser",
-                "-u",
-                "runner",
-                "--",
-                "/opt/actions-runner/run.sh"
-            ])
-        );
+        assert_eq!(v["runcmd"][1], json!(["runuser", "-u", "runner", "--", "/opt/actions-runner/run.sh"]));
     }
 
     /// Hostile strings stay single, exact arguments: YAML specials, quotes, newlines, markup.
@@ -219,23 +151,12 @@ mod tests {
             runner_group: Some(nasty.into()),
             disable_update: false,
         };
-        let ud = user_data(&RunnerSpec {
-            vm_name: nasty,
-            runner_user: "runner",
-            runner_dir: "/opt/r",
-            credential: &cred,
-        });
-        assert_eq!(
-            ud.lines().count(),
-            ud.matches('\n').count(),
-            "no raw newline beyond the JSON layout"
-        );
+        let ud =
+            user_data(&RunnerSpec { vm_name: nasty, runner_user: "runner", runner_dir: "/opt/r", credential: &cred });
+        assert_eq!(ud.lines().count(), ud.matches('\n').count(), "no raw newline beyond the JSON layout");
         let v = parse(&ud);
         let config = v["runcmd"][0].as_array().unwrap();
-        assert_eq!(
-            config.iter().filter(|a| a.as_str() == Some(nasty)).count(),
-            5
-        );
+        assert_eq!(config.iter().filter(|a| a.as_str() == Some(nasty)).count(), 5);
         let md: Value = serde_json::from_str(&meta_data(nasty)).unwrap();
         assert_eq!(md["instance-id"], nasty);
     }
@@ -243,9 +164,6 @@ mod tests {
     #[test]
     fn meta_data_names_the_instance() {
         let md: Value = serde_json::from_str(&meta_data("rv-small-42")).unwrap();
-        assert_eq!(
-            md,
-            json!({"instance-id": "rv-small-42", "local-hostname": "rv-small-42"})
-        );
+        assert_eq!(md, json!({"instance-id": "rv-small-42", "local-hostname": "rv-small-42"}));
     }
 }

@@ -83,11 +83,7 @@ pub enum AuthConfig {
     Pat { token: SecretSource },
     /// A GitHub App installation (permissions: Administration or organization
     /// "Self-hosted runners" write; Actions read).
-    App {
-        app_id: u64,
-        installation_id: u64,
-        private_key: SecretSource,
-    },
+    App { app_id: u64, installation_id: u64, private_key: SecretSource },
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -168,10 +164,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            enabled: true,
-            listen: defaults::metrics_listen(),
-        }
+        MetricsConfig { enabled: true, listen: defaults::metrics_listen() }
     }
 }
 
@@ -239,10 +232,7 @@ pub struct PoolConfig {
     #[serde(default = "defaults::yes")]
     pub disable_update: bool,
     /// A VM whose runner has not come online in this time is replaced.
-    #[serde(
-        default = "defaults::registration_timeout",
-        deserialize_with = "duration"
-    )]
+    #[serde(default = "defaults::registration_timeout", deserialize_with = "duration")]
     pub registration_timeout: Duration,
     /// A runner with nothing to do for this long is surplus and removed.
     #[serde(default = "defaults::idle_timeout", deserialize_with = "duration")]
@@ -360,10 +350,7 @@ impl Default for LibvirtConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig {
-            socket: defaults::admin_socket(),
-            group: None,
-        }
+        AdminConfig { socket: defaults::admin_socket(), group: None }
     }
 }
 
@@ -381,8 +368,7 @@ impl Default for ReconcileConfig {
 /// Durations are written as `"30s"`, `"5m"`, `"6h"`.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,23 +382,11 @@ pub enum ConfigError {
     #[error("{0}")]
     Parse(String),
     #[error("{key} = {value}: {reason}")]
-    Invalid {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    Invalid { key: String, value: String, reason: String },
 }
 
-fn invalid(
-    key: impl Into<String>,
-    value: impl std::fmt::Debug,
-    reason: impl Into<String>,
-) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        value: format!("{value:?}"),
-        reason: reason.into(),
-    }
+fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), value: format!("{value:?}"), reason: reason.into() }
 }
 
 /// Where runners are registered.
@@ -443,20 +417,14 @@ impl Scope {
 }
 
 fn valid_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 100
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 impl GitHubConfig {
     pub fn scope(&self) -> Scope {
         if let Some(r) = &self.repository {
             let (owner, name) = r.split_once('/').unwrap_or((r, ""));
-            Scope::Repository {
-                owner: owner.into(),
-                name: name.into(),
-            }
+            Scope::Repository { owner: owner.into(), name: name.into() }
         } else if let Some(o) = &self.organization {
             Scope::Organization(o.clone())
         } else {
@@ -486,10 +454,7 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
             other => other,
@@ -504,19 +469,11 @@ impl Config {
     /// File existence is checked by `runnervisor check` and at start, not here.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let g = &self.github;
-        let scopes = [
-            g.repository.is_some(),
-            g.organization.is_some(),
-            g.enterprise.is_some(),
-        ];
+        let scopes = [g.repository.is_some(), g.organization.is_some(), g.enterprise.is_some()];
         match scopes.iter().filter(|s| **s).count() {
             1 => {}
             0 => {
-                return Err(invalid(
-                    "github",
-                    "(none)",
-                    "set exactly one of repository, organization, enterprise",
-                ));
+                return Err(invalid("github", "(none)", "set exactly one of repository, organization, enterprise"));
             }
             _ => {
                 return Err(invalid(
@@ -527,31 +484,18 @@ impl Config {
             }
         }
         if let Some(r) = &g.repository {
-            let ok = r
-                .split_once('/')
-                .is_some_and(|(o, n)| valid_slug(o) && valid_slug(n));
+            let ok = r.split_once('/').is_some_and(|(o, n)| valid_slug(o) && valid_slug(n));
             if !ok {
                 return Err(invalid("github.repository", r, "must be \"owner/name\""));
             }
         }
         if let Some(o) = g.organization.as_ref().filter(|o| !valid_slug(o)) {
-            return Err(invalid(
-                "github.organization",
-                o,
-                "not a valid organization login",
-            ));
+            return Err(invalid("github.organization", o, "not a valid organization login"));
         }
         if let Some(e) = g.enterprise.as_ref().filter(|e| !valid_slug(e)) {
-            return Err(invalid(
-                "github.enterprise",
-                e,
-                "not a valid enterprise slug",
-            ));
+            return Err(invalid("github.enterprise", e, "not a valid enterprise slug"));
         }
-        for (key, url) in [
-            ("github.api_url", Some(&g.api_url)),
-            ("github.web_url", g.web_url.as_ref()),
-        ] {
+        for (key, url) in [("github.api_url", Some(&g.api_url)), ("github.web_url", g.web_url.as_ref())] {
             if let Some(u) = url {
                 if !(u.starts_with("https://") || u.starts_with("http://")) || u.len() < 10 {
                     return Err(invalid(key, u, "must be an http(s) URL"));
@@ -572,42 +516,24 @@ impl Config {
             }
         }
         if g.runner_group.trim().is_empty() {
-            return Err(invalid(
-                "github.runner_group",
-                &g.runner_group,
-                "must not be empty",
-            ));
+            return Err(invalid("github.runner_group", &g.runner_group, "must not be empty"));
         }
         if self.server.max_body_bytes < 1024 {
-            return Err(invalid(
-                "server.max_body_bytes",
-                self.server.max_body_bytes,
-                "must be at least 1024",
-            ));
+            return Err(invalid("server.max_body_bytes", self.server.max_body_bytes, "must be at least 1024"));
         }
         if self.libvirt.storage_pool.is_empty() {
             return Err(invalid("libvirt.storage_pool", "", "must not be empty"));
         }
-        if let NetworkConfig::Network { name } | NetworkConfig::Bridge { name } =
-            &self.libvirt.network
-        {
+        if let NetworkConfig::Network { name } | NetworkConfig::Bridge { name } = &self.libvirt.network {
             if name.is_empty() {
                 return Err(invalid("libvirt.network.name", name, "must not be empty"));
             }
         }
         if self.reconcile.sweep_interval < Duration::from_secs(1) {
-            return Err(invalid(
-                "reconcile.sweep_interval",
-                self.reconcile.sweep_interval,
-                "must be at least 1s",
-            ));
+            return Err(invalid("reconcile.sweep_interval", self.reconcile.sweep_interval, "must be at least 1s"));
         }
         if self.reconcile.github_interval < Duration::from_secs(5) {
-            return Err(invalid(
-                "reconcile.github_interval",
-                self.reconcile.github_interval,
-                "must be at least 5s",
-            ));
+            return Err(invalid("reconcile.github_interval", self.reconcile.github_interval, "must be at least 5s"));
         }
         if self.pools.is_empty() {
             return Err(invalid("pool", "[]", "configure at least one [[pool]]"));
@@ -617,17 +543,11 @@ impl Config {
             let key = |k: &str| format!("pool[{i}].{k}");
             let name_ok = !p.name.is_empty()
                 && p.name.len() <= 20
-                && p.name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && p.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                 && !p.name.starts_with('-')
                 && !p.name.ends_with('-');
             if !name_ok {
-                return Err(invalid(
-                    key("name"),
-                    &p.name,
-                    "use 1-20 characters of a-z, 0-9 and '-' (not at the ends)",
-                ));
+                return Err(invalid(key("name"), &p.name, "use 1-20 characters of a-z, 0-9 and '-' (not at the ends)"));
             }
             if self.pools[..i].iter().any(|q| q.name == p.name) {
                 return Err(invalid(key("name"), &p.name, "another pool has this name"));
@@ -646,21 +566,13 @@ impl Config {
                 }
                 let n = l.to_lowercase();
                 if normalized.contains(&n) {
-                    return Err(invalid(
-                        key("labels"),
-                        l,
-                        "duplicate label (labels compare case-insensitively)",
-                    ));
+                    return Err(invalid(key("labels"), l, "duplicate label (labels compare case-insensitively)"));
                 }
                 normalized.push(n);
             }
             normalized.sort();
             if let Some((other, _)) = label_sets.iter().find(|(_, s)| *s == normalized) {
-                return Err(invalid(
-                    key("labels"),
-                    &p.labels,
-                    format!("pool {other:?} has the same label set"),
-                ));
+                return Err(invalid(key("labels"), &p.labels, format!("pool {other:?} has the same label set")));
             }
             label_sets.push((p.name.clone(), normalized));
             if !p.image.is_absolute() {
@@ -678,11 +590,7 @@ impl Config {
                 return Err(invalid(key("vcpus"), p.vcpus, "must be 1 to 256"));
             }
             if !(128..=4 * 1024 * 1024).contains(&p.memory_mib) {
-                return Err(invalid(
-                    key("memory_mib"),
-                    p.memory_mib,
-                    "must be 128 to 4194304",
-                ));
+                return Err(invalid(key("memory_mib"), p.memory_mib, "must be 128 to 4194304"));
             }
             if !(1..=65536).contains(&p.disk_gib) {
                 return Err(invalid(key("disk_gib"), p.disk_gib, "must be 1 to 65536"));
@@ -692,37 +600,18 @@ impl Config {
             }
             if p.runner_user.is_empty()
                 || p.runner_user == "root"
-                || !p
-                    .runner_user
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || !p.runner_user.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
-                return Err(invalid(
-                    key("runner_user"),
-                    &p.runner_user,
-                    "a plain, non-root user name",
-                ));
+                return Err(invalid(key("runner_user"), &p.runner_user, "a plain, non-root user name"));
             }
             if !p.runner_dir.starts_with('/') {
-                return Err(invalid(
-                    key("runner_dir"),
-                    &p.runner_dir,
-                    "must be an absolute path in the image",
-                ));
+                return Err(invalid(key("runner_dir"), &p.runner_dir, "must be an absolute path in the image"));
             }
             if p.max_attempts == 0 {
-                return Err(invalid(
-                    key("max_attempts"),
-                    p.max_attempts,
-                    "must be at least 1",
-                ));
+                return Err(invalid(key("max_attempts"), p.max_attempts, "must be at least 1"));
             }
             if p.max_lifetime <= p.registration_timeout {
-                return Err(invalid(
-                    key("max_lifetime"),
-                    p.max_lifetime,
-                    "must be longer than registration_timeout",
-                ));
+                return Err(invalid(key("max_lifetime"), p.max_lifetime, "must be longer than registration_timeout"));
             }
         }
         Ok(())
@@ -747,9 +636,7 @@ mod tests {
     "#;
 
     fn with(extra_github: &str, pool: &str) -> String {
-        MINIMAL
-            .replace("organization = \"octo-org\"", extra_github)
-            .replace("name = \"small\"", pool)
+        MINIMAL.replace("organization = \"octo-org\"", extra_github).replace("name = \"small\"", pool)
     }
 
     fn err(text: &str) -> String {
@@ -779,11 +666,8 @@ mod tests {
 
     #[test]
     fn ghes_web_url_is_derived() {
-        let c = Config::parse(&MINIMAL.replace(
-            "[github]",
-            "[github]\napi_url = \"https://ghe.example.com/api/v3\"",
-        ))
-        .unwrap();
+        let c = Config::parse(&MINIMAL.replace("[github]", "[github]\napi_url = \"https://ghe.example.com/api/v3\""))
+            .unwrap();
         assert_eq!(c.github.web_url(), "https://ghe.example.com");
     }
 
@@ -797,16 +681,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_key_and_value() {
-        let e = err(&with(
-            "organization = \"octo-org\"\nrepository = \"a/b\"",
-            "name = \"small\"",
-        ));
+        let e = err(&with("organization = \"octo-org\"\nrepository = \"a/b\"", "name = \"small\""));
         assert!(e.contains("exactly one"), "{e}");
         let e = err(&with("repository = \"nonsense\"", "name = \"small\""));
-        assert!(
-            e.contains("github.repository") && e.contains("nonsense"),
-            "{e}"
-        );
+        assert!(e.contains("github.repository") && e.contains("nonsense"), "{e}");
         let e = err(&with("organization = \"octo-org\"", "name = \"Big_Pool\""));
         assert!(e.contains("pool[0].name") && e.contains("Big_Pool"), "{e}");
         let e = err(&MINIMAL.replace("[\"self-hosted\", \"linux\"]", "[\"self-hosted\", \"a,b\"]"));
@@ -829,10 +707,7 @@ mod tests {
             "{MINIMAL}\n[[pool]]\nname = \"other\"\nlabels = [\"LINUX\", \"self-hosted\"]\nimage = \"/x.qcow2\"\n"
         );
         assert!(err(&dup).contains("same label set"));
-        let no_pools = format!(
-            "pool = []\n{}",
-            &MINIMAL[..MINIMAL.find("[[pool]]").unwrap()]
-        );
+        let no_pools = format!("pool = []\n{}", &MINIMAL[..MINIMAL.find("[[pool]]").unwrap()]);
         let e = err(&no_pools);
         assert!(e.contains("at least one"), "{e}");
     }

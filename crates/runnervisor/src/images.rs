@@ -35,10 +35,7 @@ pub fn runner_age_problem(m: &Manifest, max_age: Duration, now: SystemTime) -> O
     let released = match humantime::parse_rfc3339_weak(&format!("{} 00:00:00", m.runner_released)) {
         Ok(t) => t,
         Err(_) => {
-            return Some(format!(
-                "runner_released {:?} is not a YYYY-MM-DD date",
-                m.runner_released
-            ));
+            return Some(format!("runner_released {:?} is not a YYYY-MM-DD date", m.runner_released));
         }
     };
     let age = now.duration_since(released).unwrap_or_default();
@@ -58,20 +55,13 @@ mod tests {
 
     #[test]
     fn age_rule() {
-        let m = Manifest {
-            runner_version: "2.330.0".into(),
-            runner_released: "2026-11-01".into(),
-            built_at: None,
-        };
+        let m = Manifest { runner_version: "2.330.0".into(), runner_released: "2026-11-01".into(), built_at: None };
         let day = Duration::from_secs(86400);
         let nov1 = humantime::parse_rfc3339("2026-11-01T00:00:00Z").unwrap();
         assert_eq!(runner_age_problem(&m, 30 * day, nov1 + 29 * day), None);
         let p = runner_age_problem(&m, 30 * day, nov1 + 31 * day).unwrap();
         assert!(p.contains("31 days ago"), "{p}");
-        let bad = Manifest {
-            runner_released: "last week".into(),
-            ..m
-        };
+        let bad = Manifest { runner_released: "last week".into(), ..m };
         assert!(runner_age_problem(&bad, day, nov1).is_some());
     }
 
@@ -81,11 +71,7 @@ mod tests {
         let img = dir.join("runner.qcow2");
         assert_eq!(manifest_path(&img), dir.join("runner.qcow2.manifest.json"));
         assert_eq!(read_manifest(&img), None);
-        std::fs::write(
-            manifest_path(&img),
-            r#"{"runner_version":"2.1.0","runner_released":"2026-01-02"}"#,
-        )
-        .unwrap();
+        std::fs::write(manifest_path(&img), r#"{"runner_version":"2.1.0","runner_released":"2026-01-02"}"#).unwrap();
         assert_eq!(read_manifest(&img).unwrap().runner_version, "2.1.0");
     }
 }

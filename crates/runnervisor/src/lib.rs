@@ -77,11 +77,7 @@ fn bind(
     addr: SocketAddr,
     pre: Option<std::net::TcpListener>,
 ) -> Result<tokio::net::TcpListener, RunError> {
-    let err = |source| RunError::Bind {
-        what,
-        addr: addr.to_string(),
-        source,
-    };
+    let err = |source| RunError::Bind { what, addr: addr.to_string(), source };
     let std_listener = match pre {
         Some(l) => l,
         None => std::net::TcpListener::bind(addr).map_err(err)?,
@@ -130,10 +126,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     let stop_scheduler = CancellationToken::new();
     let (ready_tx, ready_rx) = oneshot::channel();
     let sched = tokio::spawn(scheduler.run(stop_scheduler.clone(), Some(ready_tx)));
-    let webhook_addr = webhook_listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let webhook_addr = webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tokio::spawn(async move {
         if ready_rx.await.is_ok() {
             tracing::info!(webhook = %webhook_addr, "ready: taking jobs");
@@ -141,45 +134,30 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         }
     });
 
-    let intake = Arc::new(webhook::Intake {
-        secret: deps.webhook_secret,
-        store,
-        inbox_ready,
-        metrics: deps.metrics.clone(),
-    });
+    let intake =
+        Arc::new(webhook::Intake { secret: deps.webhook_secret, store, inbox_ready, metrics: deps.metrics.clone() });
     let app = webhook::router(intake, config.server.max_body_bytes)
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     tracing::info!(addr = %webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener bound");
     if let Some(l) = metrics_listener {
         let metrics = deps.metrics.clone();
         tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listener bound");
-        let router = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = metrics.clone();
-                async move {
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.render(),
-                    )
-                }
-            }),
-        );
+        let router =
+            axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = metrics.clone();
+                    async move {
+                        ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+                    }
+                }),
+            );
         let s = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(l, router)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await
-        });
+        tokio::spawn(async move { axum::serve(l, router).with_graceful_shutdown(s.cancelled_owned()).await });
     }
     let admin_task = tokio::spawn(admin::serve(admin_listener, tx.clone(), shutdown.clone()));
 
-    let served = axum::serve(webhook_listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let served = axum::serve(webhook_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     if let Err(e) = served {
         tracing::error!(error = %e, "webhook listener failed");
     }

@@ -24,13 +24,7 @@ pub fn journal_field(name: &str) -> String {
         "vm" => "VM_NAME".into(),
         other => other
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_uppercase()
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
             .collect::<String>()
             .trim_start_matches('_')
             .to_string(),
@@ -73,8 +67,7 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = value.to_string();
         } else {
-            self.pairs
-                .push((field.name().to_string(), value.to_string()));
+            self.pairs.push((field.name().to_string(), value.to_string()));
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
@@ -94,10 +87,7 @@ pub struct JournaldLayer {
 
 impl JournaldLayer {
     pub fn new(path: &Path) -> std::io::Result<Self> {
-        Ok(JournaldLayer {
-            socket: UnixDatagram::unbound()?,
-            path: path.to_path_buf(),
-        })
+        Ok(JournaldLayer { socket: UnixDatagram::unbound()?, path: path.to_path_buf() })
     }
 }
 
@@ -154,10 +144,7 @@ pub fn init(level: &str, target: Target) {
     match target {
         Target::Journald(path) => match JournaldLayer::new(&path) {
             Ok(layer) => {
-                tracing_subscriber::registry()
-                    .with(filter)
-                    .with(layer)
-                    .init();
+                tracing_subscriber::registry().with(filter).with(layer).init();
                 return;
             }
             Err(e) => {
@@ -184,15 +171,11 @@ pub fn decode(datagram: &[u8]) -> Vec<(String, String)> {
         };
         let line = &rest[..nl];
         if let Some(eq) = line.iter().position(|b| *b == b'=') {
-            out.push((
-                String::from_utf8_lossy(&line[..eq]).into(),
-                String::from_utf8_lossy(&line[eq + 1..]).into(),
-            ));
+            out.push((String::from_utf8_lossy(&line[..eq]).into(), String::from_utf8_lossy(&line[eq + 1..]).into()));
             rest = &rest[nl + 1..];
         } else {
             let key = String::from_utf8_lossy(line).into_owned();
-            let len_bytes: [u8; 8] = match rest.get(nl + 1..nl + 9).and_then(|b| b.try_into().ok())
-            {
+            let len_bytes: [u8; 8] = match rest.get(nl + 1..nl + 9).and_then(|b| b.try_into().ok()) {
                 Some(b) => b,
                 None => break,
             };
@@ -227,13 +210,7 @@ mod tests {
         encode_field(&mut buf, "MESSAGE", "two\nlines");
         encode_field(&mut buf, "JOB_ID", "30000000001");
         let fields = decode(&buf);
-        assert_eq!(
-            fields,
-            vec![
-                ("MESSAGE".into(), "two\nlines".into()),
-                ("JOB_ID".into(), "30000000001".into())
-            ]
-        );
+        assert_eq!(fields, vec![("MESSAGE".into(), "two\nlines".into()), ("JOB_ID".into(), "30000000001".into())]);
     }
 
     #[test]

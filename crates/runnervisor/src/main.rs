@@ -110,40 +110,27 @@ impl SocketArgs {
         if let Some(s) = &self.socket {
             return Ok(s.clone());
         }
-        Config::load(&self.config)
-            .map(|c| c.admin.socket)
-            .map_err(|e| format!("{e} (or pass --socket)"))
+        Config::load(&self.config).map(|c| c.admin.socket).map_err(|e| format!("{e} (or pass --socket)"))
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match cli.command {
         Command::Serve { config } => rt.block_on(serve(config)),
         Command::Check { config } => rt.block_on(async {
             let lines = runnervisor::check::run(&config).await;
             print!("{}", runnervisor::check::render(&lines));
-            if lines.iter().all(|l| l.ok) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            if lines.iter().all(|l| l.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }),
         Command::Status { socket, json } => rt.block_on(admin_cmd(&socket, Request::Status, json)),
         Command::Drain { socket } => rt.block_on(admin_cmd(&socket, Request::Drain, false)),
         Command::Undrain { socket } => rt.block_on(admin_cmd(&socket, Request::Undrain, false)),
-        Command::SeedImage {
-            user_data,
-            meta_data,
-            out,
-        } => seed_image(&user_data, &meta_data, &out),
-        Command::Vm {
-            command: VmCommand::Destroy { name, socket },
-        } => rt.block_on(admin_cmd(&socket, Request::Destroy { vm: name }, false)),
+        Command::SeedImage { user_data, meta_data, out } => seed_image(&user_data, &meta_data, &out),
+        Command::Vm { command: VmCommand::Destroy { name, socket } } => {
+            rt.block_on(admin_cmd(&socket, Request::Destroy { vm: name }, false))
+        }
     }
 }
 
@@ -158,28 +145,16 @@ async fn serve(path: PathBuf) -> ExitCode {
     runnervisor::logging::init(&config.log_level, runnervisor::logging::detect());
     let creds = credentials_dir();
     let secrets = (|| -> Result<_, String> {
-        let webhook_secret = config
-            .github
-            .webhook_secret
-            .load(creds.as_deref())
-            .map_err(|e| format!("github.webhook_secret: {e}"))?;
+        let webhook_secret =
+            config.github.webhook_secret.load(creds.as_deref()).map_err(|e| format!("github.webhook_secret: {e}"))?;
         let auth = match &config.github.auth {
-            AuthConfig::Pat { token } => Auth::Pat(
-                token
-                    .load(creds.as_deref())
-                    .map_err(|e| format!("github.auth.token: {e}"))?,
-            ),
-            AuthConfig::App {
-                app_id,
-                installation_id,
-                private_key,
-            } => {
-                let pem = private_key
-                    .load(creds.as_deref())
-                    .map_err(|e| format!("github.auth.private_key: {e}"))?;
+            AuthConfig::Pat { token } => {
+                Auth::Pat(token.load(creds.as_deref()).map_err(|e| format!("github.auth.token: {e}"))?)
+            }
+            AuthConfig::App { app_id, installation_id, private_key } => {
+                let pem = private_key.load(creds.as_deref()).map_err(|e| format!("github.auth.private_key: {e}"))?;
                 Auth::App {
-                    signer: AppSigner::new(*app_id, &pem)
-                        .map_err(|e| format!("github.auth.private_key: {e}"))?,
+                    signer: AppSigner::new(*app_id, &pem).map_err(|e| format!("github.auth.private_key: {e}"))?,
                     installation_id: *installation_id,
                 }
             }
@@ -215,8 +190,8 @@ async fn serve(path: PathBuf) -> ExitCode {
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM: shutting down; running VMs keep running"),
@@ -252,12 +227,10 @@ async fn serve(path: PathBuf) -> ExitCode {
 }
 
 fn seed_image(user_data: &PathBuf, meta_data: &PathBuf, out: &PathBuf) -> ExitCode {
-    let read =
-        |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     let result = (|| -> Result<(), String> {
-        let image =
-            runnervisor::hypervisor::seed::nocloud_image(&read(user_data)?, &read(meta_data)?)
-                .map_err(|e| e.to_string())?;
+        let image = runnervisor::hypervisor::seed::nocloud_image(&read(user_data)?, &read(meta_data)?)
+            .map_err(|e| e.to_string())?;
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
@@ -267,8 +240,7 @@ fn seed_image(user_data: &PathBuf, meta_data: &PathBuf, out: &PathBuf) -> ExitCo
             .mode(0o600)
             .open(out)
             .map_err(|e| format!("{}: {e}", out.display()))?;
-        f.write_all(&image)
-            .map_err(|e| format!("{}: {e}", out.display()))
+        f.write_all(&image).map_err(|e| format!("{}: {e}", out.display()))
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

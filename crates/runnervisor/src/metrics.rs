@@ -8,39 +8,23 @@ use std::sync::Mutex;
 type Labels = Vec<(String, String)>;
 
 fn key(labels: &[(&str, &str)]) -> Labels {
-    labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn render_labels(labels: &Labels, extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
+    let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
     if let Some((k, v)) = extra {
         parts.push(format!("{k}=\"{v}\""));
     }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
-    }
+    if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
 }
 
 fn fmt_f64(v: f64) -> String {
-    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
-    }
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 { format!("{}", v as i64) } else { format!("{v}") }
 }
 
 pub struct Counter {
@@ -51,45 +35,21 @@ pub struct Counter {
 
 impl Counter {
     const fn new(name: &'static str, help: &'static str) -> Self {
-        Counter {
-            name,
-            help,
-            values: Mutex::new(BTreeMap::new()),
-        }
+        Counter { name, help, values: Mutex::new(BTreeMap::new()) }
     }
     pub fn inc(&self, labels: &[(&str, &str)]) {
         self.add(labels, 1.0);
     }
     pub fn add(&self, labels: &[(&str, &str)], v: f64) {
-        *self
-            .values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key(labels))
-            .or_default() += v;
+        *self.values.lock().unwrap_or_else(|p| p.into_inner()).entry(key(labels)).or_default() += v;
     }
     pub fn get(&self, labels: &[(&str, &str)]) -> f64 {
-        self.values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key(labels))
-            .copied()
-            .unwrap_or(0.0)
+        self.values.lock().unwrap_or_else(|p| p.into_inner()).get(&key(labels)).copied().unwrap_or(0.0)
     }
     fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# TYPE {} counter\n# HELP {} {}",
-            self.name, self.name, self.help
-        );
+        let _ = writeln!(out, "# TYPE {} counter\n# HELP {} {}", self.name, self.name, self.help);
         for (l, v) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "{}_total{} {}",
-                self.name,
-                render_labels(l, None),
-                fmt_f64(*v)
-            );
+            let _ = writeln!(out, "{}_total{} {}", self.name, render_labels(l, None), fmt_f64(*v));
         }
     }
 }
@@ -113,48 +73,24 @@ pub struct Gauge {
 
 impl Gauge {
     const fn new(name: &'static str, help: &'static str) -> Self {
-        Gauge {
-            name,
-            help,
-            values: Mutex::new(BTreeMap::new()),
-        }
+        Gauge { name, help, values: Mutex::new(BTreeMap::new()) }
     }
     pub fn set(&self, labels: &[(&str, &str)], v: f64) {
-        self.values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key(labels), v);
+        self.values.lock().unwrap_or_else(|p| p.into_inner()).insert(key(labels), v);
     }
     pub fn get(&self, labels: &[(&str, &str)]) -> f64 {
-        self.values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key(labels))
-            .copied()
-            .unwrap_or(0.0)
+        self.values.lock().unwrap_or_else(|p| p.into_inner()).get(&key(labels)).copied().unwrap_or(0.0)
     }
     fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# TYPE {} gauge\n# HELP {} {}",
-            self.name, self.name, self.help
-        );
+        let _ = writeln!(out, "# TYPE {} gauge\n# HELP {} {}", self.name, self.name, self.help);
         for (l, v) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "{}{} {}",
-                self.name,
-                render_labels(l, None),
-                fmt_f64(*v)
-            );
+            let _ = writeln!(out, "{}{} {}", self.name, render_labels(l, None), fmt_f64(*v));
         }
     }
 }
 
-const BUCKETS: &[f64] = &[
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
-    600.0,
-];
+const BUCKETS: &[f64] =
+    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0];
 
 pub struct Histogram {
     name: &'static str,
@@ -164,17 +100,11 @@ pub struct Histogram {
 
 impl Histogram {
     const fn new(name: &'static str, help: &'static str) -> Self {
-        Histogram {
-            name,
-            help,
-            values: Mutex::new(BTreeMap::new()),
-        }
+        Histogram { name, help, values: Mutex::new(BTreeMap::new()) }
     }
     pub fn observe(&self, labels: &[(&str, &str)], seconds: f64) {
         let mut m = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m
-            .entry(key(labels))
-            .or_insert_with(|| (vec![0; BUCKETS.len()], 0.0, 0));
+        let e = m.entry(key(labels)).or_insert_with(|| (vec![0; BUCKETS.len()], 0.0, 0));
         for (i, b) in BUCKETS.iter().enumerate() {
             if seconds <= *b {
                 e.0[i] += 1;
@@ -184,12 +114,7 @@ impl Histogram {
         e.2 += 1;
     }
     pub fn count(&self, labels: &[(&str, &str)]) -> u64 {
-        self.values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key(labels))
-            .map(|e| e.2)
-            .unwrap_or(0)
+        self.values.lock().unwrap_or_else(|p| p.into_inner()).get(&key(labels)).map(|e| e.2).unwrap_or(0)
     }
     fn render(&self, out: &mut String) {
         let _ = writeln!(
@@ -197,33 +122,14 @@ impl Histogram {
             "# TYPE {} histogram\n# HELP {} {}\n# UNIT {} seconds",
             self.name, self.name, self.help, self.name
         );
-        for (l, (buckets, sum, count)) in
-            self.values.lock().unwrap_or_else(|p| p.into_inner()).iter()
-        {
+        for (l, (buckets, sum, count)) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "{}_bucket{} {}",
-                    self.name,
-                    render_labels(l, Some(("le", fmt_f64(*b)))),
-                    buckets[i]
-                );
+                let _ =
+                    writeln!(out, "{}_bucket{} {}", self.name, render_labels(l, Some(("le", fmt_f64(*b)))), buckets[i]);
             }
-            let _ = writeln!(
-                out,
-                "{}_bucket{} {}",
-                self.name,
-                render_labels(l, Some(("le", "+Inf".into()))),
-                count
-            );
+            let _ = writeln!(out, "{}_bucket{} {}", self.name, render_labels(l, Some(("le", "+Inf".into()))), count);
             let _ = writeln!(out, "{}_sum{} {}", self.name, render_labels(l, None), sum);
-            let _ = writeln!(
-                out,
-                "{}_count{} {}",
-                self.name,
-                render_labels(l, None),
-                count
-            );
+            let _ = writeln!(out, "{}_count{} {}", self.name, render_labels(l, None), count);
         }
     }
 }
@@ -255,34 +161,19 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            webhooks: Counter::new(
-                "runnervisor_webhooks",
-                "Webhook deliveries by event and outcome.",
-            ),
+            webhooks: Counter::new("runnervisor_webhooks", "Webhook deliveries by event and outcome."),
             webhook_signature_failures: Plain(Counter::new(
                 "runnervisor_webhook_signature_failures",
                 "Deliveries refused for a missing or wrong signature.",
             )),
-            jobs_received: Counter::new(
-                "runnervisor_jobs_received",
-                "Queued jobs matched to a pool.",
-            ),
-            jobs_started: Counter::new(
-                "runnervisor_jobs_started",
-                "Jobs a runnervisor runner started.",
-            ),
+            jobs_received: Counter::new("runnervisor_jobs_received", "Queued jobs matched to a pool."),
+            jobs_started: Counter::new("runnervisor_jobs_started", "Jobs a runnervisor runner started."),
             jobs_completed: Counter::new(
                 "runnervisor_jobs_completed",
                 "Jobs completed on a runnervisor runner, by conclusion.",
             ),
-            jobs_failed: Counter::new(
-                "runnervisor_jobs_failed",
-                "Jobs given up after too many failed VMs.",
-            ),
-            queue_depth: Gauge::new(
-                "runnervisor_queue_depth",
-                "Jobs waiting for a runner, per pool.",
-            ),
+            jobs_failed: Counter::new("runnervisor_jobs_failed", "Jobs given up after too many failed VMs."),
+            queue_depth: Gauge::new("runnervisor_queue_depth", "Jobs waiting for a runner, per pool."),
             vms: Gauge::new("runnervisor_vms", "VMs per pool and state."),
             vms_started: Counter::new("runnervisor_vms_started", "VMs provisioned and started."),
             provision_failures: Counter::new(
@@ -322,10 +213,7 @@ impl Default for Metrics {
                 "runnervisor_webhook_redeliveries_requested",
                 "Failed webhook deliveries the reconciler asked GitHub to redeliver.",
             )),
-            draining: Gauge::new(
-                "runnervisor_draining",
-                "1 while the agent takes no new jobs.",
-            ),
+            draining: Gauge::new("runnervisor_draining", "1 while the agent takes no new jobs."),
             image_runner_outdated: Gauge::new(
                 "runnervisor_image_runner_outdated",
                 "1 when a pool's image declares a runner older than allowed.",
@@ -363,11 +251,7 @@ impl Metrics {
         ] {
             g.render(&mut out);
         }
-        for h in [
-            &self.provision_seconds,
-            &self.queued_to_runner_online_seconds,
-            &self.teardown_seconds,
-        ] {
+        for h in [&self.provision_seconds, &self.queued_to_runner_online_seconds, &self.teardown_seconds] {
             h.render(&mut out);
         }
         out.push_str("# EOF\n");
@@ -380,14 +264,10 @@ pub struct GitHubObserver(pub std::sync::Arc<Metrics>);
 
 impl crate::github::http::ApiObserver for GitHubObserver {
     fn call(&self, endpoint: &str, status: u16) {
-        self.0
-            .github_api_calls
-            .inc(&[("endpoint", endpoint), ("status", &status.to_string())]);
+        self.0.github_api_calls.inc(&[("endpoint", endpoint), ("status", &status.to_string())]);
     }
     fn rate_limit_remaining(&self, remaining: i64) {
-        self.0
-            .github_rate_limit_remaining
-            .set(&[], remaining as f64);
+        self.0.github_rate_limit_remaining.set(&[], remaining as f64);
     }
 }
 
@@ -404,17 +284,10 @@ mod tests {
         m.provision_seconds.observe(&[("pool", "small")], 0.3);
         m.webhooks.inc(&[("event", "we\"ird"), ("outcome", "x")]);
         let text = m.render();
-        assert!(
-            text.contains("runnervisor_jobs_received_total{pool=\"small\"} 2\n"),
-            "{text}"
-        );
+        assert!(text.contains("runnervisor_jobs_received_total{pool=\"small\"} 2\n"), "{text}");
         assert!(text.contains("runnervisor_vms{pool=\"small\",state=\"busy\"} 2\n"));
-        assert!(text.contains(
-            "runnervisor_provision_duration_seconds_bucket{pool=\"small\",le=\"0.5\"} 1\n"
-        ));
-        assert!(text.contains(
-            "runnervisor_provision_duration_seconds_bucket{pool=\"small\",le=\"0.25\"} 0\n"
-        ));
+        assert!(text.contains("runnervisor_provision_duration_seconds_bucket{pool=\"small\",le=\"0.5\"} 1\n"));
+        assert!(text.contains("runnervisor_provision_duration_seconds_bucket{pool=\"small\",le=\"0.25\"} 0\n"));
         assert!(text.contains("runnervisor_provision_duration_seconds_count{pool=\"small\"} 1\n"));
         assert!(text.contains("event=\"we\\\"ird\""));
         assert!(text.ends_with("# EOF\n"));

@@ -107,10 +107,7 @@ impl VmState {
     }
     /// Provisioning, booting or idle: may still take a job.
     pub fn is_available(self) -> bool {
-        matches!(
-            self,
-            VmState::Provisioning | VmState::Booting | VmState::Idle
-        )
+        matches!(self, VmState::Provisioning | VmState::Booting | VmState::Idle)
     }
 }
 

@@ -69,8 +69,7 @@ impl SecretSource {
                 if name.is_empty() || name.contains('/') || name == "." || name == ".." {
                     return Err(SecretError::BadCredentialName { name: name.clone() });
                 }
-                let dir = credentials_dir
-                    .ok_or_else(|| SecretError::NoCredentialsDirectory { name: name.clone() })?;
+                let dir = credentials_dir.ok_or_else(|| SecretError::NoCredentialsDirectory { name: name.clone() })?;
                 Ok(dir.join(name))
             }
         }
@@ -79,19 +78,13 @@ impl SecretSource {
     /// Reads the secret (trimmed). Files readable by "other" are refused.
     pub fn load(&self, credentials_dir: Option<&Path>) -> Result<Secret, SecretError> {
         let path = self.path(credentials_dir)?;
-        let meta = std::fs::metadata(&path).map_err(|source| SecretError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let meta = std::fs::metadata(&path).map_err(|source| SecretError::Read { path: path.clone(), source })?;
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o004 != 0 {
             return Err(SecretError::WorldReadable { path, mode });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| SecretError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| SecretError::Read { path: path.clone(), source })?;
         let text = text.trim();
         if text.is_empty() {
             return Err(SecretError::Empty { path });
@@ -123,17 +116,8 @@ mod tests {
         let f = dir.join("pat");
         std::fs::write(&f, "ghp_x\n").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(
-            SecretSource::File(f.clone()).load(None).unwrap().expose(),
-            "ghp_x"
-        );
-        assert_eq!(
-            SecretSource::Credential("pat".into())
-                .load(Some(&dir))
-                .unwrap()
-                .expose(),
-            "ghp_x"
-        );
+        assert_eq!(SecretSource::File(f.clone()).load(None).unwrap().expose(), "ghp_x");
+        assert_eq!(SecretSource::Credential("pat".into()).load(Some(&dir)).unwrap().expose(), "ghp_x");
         assert!(matches!(
             SecretSource::Credential("pat".into()).load(None),
             Err(SecretError::NoCredentialsDirectory { .. })
@@ -146,11 +130,7 @@ mod tests {
         let err = SecretSource::File(f.clone()).load(None).unwrap_err();
         assert!(err.to_string().contains("readable by other users"), "{err}");
         std::fs::write(dir.join("empty"), "  \n").unwrap();
-        std::fs::set_permissions(dir.join("empty"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
-        assert!(matches!(
-            SecretSource::File(dir.join("empty")).load(None),
-            Err(SecretError::Empty { .. })
-        ));
+        std::fs::set_permissions(dir.join("empty"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(SecretSource::File(dir.join("empty")).load(None), Err(SecretError::Empty { .. })));
     }
 }

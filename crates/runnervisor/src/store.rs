@@ -74,24 +74,16 @@ pub struct Snapshot {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
-            path: state_dir.into(),
-            source,
-        })?;
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir { path: state_dir.into(), source })?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o750));
         let path = state_dir.join("state.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Open {
-            path: path.clone(),
-            source: e.into(),
-        })?;
+        let db = Database::create(&path).map_err(|e| StoreError::Open { path: path.clone(), source: e.into() })?;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         let txn = db.begin_write().map_err(dberr)?;
         {
@@ -114,17 +106,10 @@ impl Store {
             if seen.get(event.delivery.as_str()).map_err(dberr)?.is_some() {
                 return Ok(false);
             }
-            seen.insert(event.delivery.as_str(), unix(event.received_at))
-                .map_err(dberr)?;
+            seen.insert(event.delivery.as_str(), unix(event.received_at)).map_err(dberr)?;
             let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
-            let next = inbox
-                .last()
-                .map_err(dberr)?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(1);
-            inbox
-                .insert(next, serde_json::to_vec(event)?.as_slice())
-                .map_err(dberr)?;
+            let next = inbox.last().map_err(dberr)?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            inbox.insert(next, serde_json::to_vec(event)?.as_slice()).map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Ok(true)
@@ -156,16 +141,14 @@ impl Store {
         {
             let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
             for j in &batch.jobs {
-                jobs.insert(j.info.id, serde_json::to_vec(j)?.as_slice())
-                    .map_err(dberr)?;
+                jobs.insert(j.info.id, serde_json::to_vec(j)?.as_slice()).map_err(dberr)?;
             }
             for id in &batch.remove_jobs {
                 jobs.remove(id).map_err(dberr)?;
             }
             let mut vms = txn.open_table(VMS).map_err(dberr)?;
             for v in &batch.vms {
-                vms.insert(v.name.as_str(), serde_json::to_vec(v)?.as_slice())
-                    .map_err(dberr)?;
+                vms.insert(v.name.as_str(), serde_json::to_vec(v)?.as_slice()).map_err(dberr)?;
             }
             for name in &batch.remove_vms {
                 vms.remove(name.as_str()).map_err(dberr)?;
@@ -273,11 +256,7 @@ mod tests {
         assert_eq!(inbox[0].1.delivery, "g2");
         assert!(s.delivery_seen("g1").unwrap());
         assert_eq!(
-            s.prune_deliveries(
-                Duration::from_secs(60),
-                SystemTime::now() + Duration::from_secs(3600)
-            )
-            .unwrap(),
+            s.prune_deliveries(Duration::from_secs(60), SystemTime::now() + Duration::from_secs(3600)).unwrap(),
             2
         );
         assert!(!s.delivery_seen("g1").unwrap());
@@ -330,12 +309,7 @@ mod tests {
         assert_eq!(snap.jobs[&7], job);
         assert_eq!(snap.vms["rv-p-7"], vm);
         assert_eq!(snap.meta["draining"], b"1");
-        s.commit(&Batch {
-            remove_jobs: vec![7],
-            remove_vms: vec!["rv-p-7".into()],
-            ..Default::default()
-        })
-        .unwrap();
+        s.commit(&Batch { remove_jobs: vec![7], remove_vms: vec!["rv-p-7".into()], ..Default::default() }).unwrap();
         let snap = s.load().unwrap();
         assert!(snap.jobs.is_empty() && snap.vms.is_empty());
     }

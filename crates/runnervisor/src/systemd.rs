@@ -65,10 +65,6 @@ mod tests {
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         let mut buf = [0u8; 128];
         let n = server.recv(&mut buf).unwrap();
-        assert!(
-            std::str::from_utf8(&buf[..n])
-                .unwrap()
-                .starts_with("READY=1")
-        );
+        assert!(std::str::from_utf8(&buf[..n]).unwrap().starts_with("READY=1"));
     }
 }

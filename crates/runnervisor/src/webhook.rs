@@ -44,16 +44,9 @@ pub enum SignatureError {
 }
 
 /// Checks `sha256=<hex>` against HMAC-SHA256(secret, body), in constant time.
-pub fn verify_signature(
-    secret: &[u8],
-    body: &[u8],
-    header: Option<&str>,
-) -> Result<(), SignatureError> {
+pub fn verify_signature(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
-    let hex = header
-        .trim()
-        .strip_prefix("sha256=")
-        .ok_or(SignatureError::Malformed)?;
+    let hex = header.trim().strip_prefix("sha256=").ok_or(SignatureError::Malformed)?;
     if hex.len() != 64 {
         return Err(SignatureError::Malformed);
     }
@@ -62,8 +55,7 @@ pub fn verify_signature(
         let s = std::str::from_utf8(chunk).map_err(|_| SignatureError::Malformed)?;
         sig[i] = u8::from_str_radix(s, 16).map_err(|_| SignatureError::Malformed)?;
     }
-    let mut mac =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(body);
     mac.verify_slice(&sig).map_err(|_| SignatureError::Mismatch)
 }
@@ -108,13 +100,8 @@ struct Repository {
 }
 
 /// Parses a `workflow_job` payload.
-pub fn parse_job_event(
-    body: &[u8],
-    delivery: &str,
-    received_at: SystemTime,
-) -> Result<JobEvent, ParseError> {
-    let p: Payload =
-        serde_json::from_slice(body).map_err(|e| ParseError::Invalid(e.to_string()))?;
+pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> Result<JobEvent, ParseError> {
+    let p: Payload = serde_json::from_slice(body).map_err(|e| ParseError::Invalid(e.to_string()))?;
     let action = match p.action.as_str() {
         "queued" => JobAction::Queued,
         "waiting" => JobAction::Waiting,
@@ -157,10 +144,7 @@ pub struct Intake {
 }
 
 pub fn router(intake: Arc<Intake>, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/webhook", post(handle))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(intake)
+    Router::new().route("/webhook", post(handle)).layer(DefaultBodyLimit::max(max_body_bytes)).with_state(intake)
 }
 
 fn reply(status: StatusCode, message: &str) -> Response {
@@ -169,11 +153,7 @@ fn reply(status: StatusCode, message: &str) -> Response {
 
 async fn handle(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bytes) -> Response {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if let Err(e) = verify_signature(
-        intake.secret.expose().as_bytes(),
-        &body,
-        header("x-hub-signature-256"),
-    ) {
+    if let Err(e) = verify_signature(intake.secret.expose().as_bytes(), &body, header("x-hub-signature-256")) {
         intake.metrics.webhook_signature_failures.inc();
         tracing::warn!(error = %e, delivery = header("x-github-delivery").unwrap_or("-"), "webhook rejected");
         return reply(StatusCode::UNAUTHORIZED, &e.to_string());
@@ -185,34 +165,21 @@ async fn handle(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Byt
         "ping" => return reply(StatusCode::OK, "pong"),
         "workflow_job" => {}
         other => {
-            intake
-                .metrics
-                .webhooks
-                .inc(&[("event", other), ("outcome", "ignored")]);
+            intake.metrics.webhooks.inc(&[("event", other), ("outcome", "ignored")]);
             return reply(StatusCode::ACCEPTED, &format!("event {other} ignored"));
         }
     }
-    let Some(delivery) = header("x-github-delivery").filter(|d| !d.is_empty() && d.len() <= 100)
-    else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "missing or invalid X-GitHub-Delivery header",
-        );
+    let Some(delivery) = header("x-github-delivery").filter(|d| !d.is_empty() && d.len() <= 100) else {
+        return reply(StatusCode::BAD_REQUEST, "missing or invalid X-GitHub-Delivery header");
     };
     let job_event = match parse_job_event(&body, delivery, SystemTime::now()) {
         Ok(e) => e,
         Err(ParseError::UnknownAction(a)) => {
-            intake
-                .metrics
-                .webhooks
-                .inc(&[("event", "workflow_job"), ("outcome", "ignored")]);
+            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "ignored")]);
             return reply(StatusCode::ACCEPTED, &format!("action {a:?} ignored"));
         }
         Err(e) => {
-            intake
-                .metrics
-                .webhooks
-                .inc(&[("event", "workflow_job"), ("outcome", "invalid")]);
+            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "invalid")]);
             tracing::warn!(delivery, error = %e, "webhook rejected");
             return reply(StatusCode::BAD_REQUEST, &e.to_string());
         }
@@ -222,10 +189,7 @@ async fn handle(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Byt
     let accepted = tokio::task::spawn_blocking(move || store.accept(&ev)).await;
     match accepted {
         Ok(Ok(true)) => {
-            intake
-                .metrics
-                .webhooks
-                .inc(&[("event", "workflow_job"), ("outcome", "accepted")]);
+            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "accepted")]);
             tracing::info!(
                 delivery,
                 job_id = job_event.job.id,
@@ -238,15 +202,8 @@ async fn handle(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Byt
             reply(StatusCode::ACCEPTED, "accepted")
         }
         Ok(Ok(false)) => {
-            intake
-                .metrics
-                .webhooks
-                .inc(&[("event", "workflow_job"), ("outcome", "duplicate")]);
-            tracing::info!(
-                delivery,
-                job_id = job_event.job.id,
-                "duplicate delivery ignored"
-            );
+            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "duplicate")]);
+            tracing::info!(delivery, job_id = job_event.job.id, "duplicate delivery ignored");
             reply(StatusCode::OK, "duplicate delivery")
         }
         Ok(Err(e)) => {
@@ -269,35 +226,14 @@ mod tests {
     fn githubs_test_vector_verifies() {
         let secret = b"It's a Secret to Everybody";
         let good = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
-        assert_eq!(
-            verify_signature(secret, b"Hello, World!", Some(good)),
-            Ok(())
-        );
-        assert_eq!(
-            verify_signature(secret, b"Hello, World?", Some(good)),
-            Err(SignatureError::Mismatch)
-        );
-        assert_eq!(
-            verify_signature(b"other", b"Hello, World!", Some(good)),
-            Err(SignatureError::Mismatch)
-        );
-        assert_eq!(
-            verify_signature(secret, b"x", None),
-            Err(SignatureError::Missing)
-        );
-        assert_eq!(
-            verify_signature(secret, b"x", Some("sha1=abc")),
-            Err(SignatureError::Malformed)
-        );
-        assert_eq!(
-            verify_signature(secret, b"x", Some("sha256=zz")),
-            Err(SignatureError::Malformed)
-        );
+        assert_eq!(verify_signature(secret, b"Hello, World!", Some(good)), Ok(()));
+        assert_eq!(verify_signature(secret, b"Hello, World?", Some(good)), Err(SignatureError::Mismatch));
+        assert_eq!(verify_signature(b"other", b"Hello, World!", Some(good)), Err(SignatureError::Mismatch));
+        assert_eq!(verify_signature(secret, b"x", None), Err(SignatureError::Missing));
+        assert_eq!(verify_signature(secret, b"x", Some("sha1=abc")), Err(SignatureError::Malformed));
+        assert_eq!(verify_signature(secret, b"x", Some("sha256=zz")), Err(SignatureError::Malformed));
         let not_hex = format!("sha256={}", "g".repeat(64));
-        assert_eq!(
-            verify_signature(secret, b"x", Some(&not_hex)),
-            Err(SignatureError::Malformed)
-        );
+        assert_eq!(verify_signature(secret, b"x", Some(&not_hex)), Err(SignatureError::Malformed));
     }
 
     #[test]
@@ -309,8 +245,7 @@ mod tests {
                 "runner_name": null, "runner_id": null, "conclusion": null, "status": "queued"},
             "repository": {"full_name": "octo-org/app"},
         });
-        let e =
-            parse_job_event(body.to_string().as_bytes(), "guid", SystemTime::UNIX_EPOCH).unwrap();
+        let e = parse_job_event(body.to_string().as_bytes(), "guid", SystemTime::UNIX_EPOCH).unwrap();
         assert_eq!(e.action, JobAction::Queued);
         assert_eq!(e.job.id, 30_000_000_001);
         assert_eq!(e.job.run_attempt, 2);
@@ -325,7 +260,8 @@ mod tests {
         let missing = r#"{"action":"queued","workflow_job":{"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#;
         let e = parse_job_event(missing.as_bytes(), "g", SystemTime::UNIX_EPOCH).unwrap_err();
         assert!(e.to_string().contains("missing field `id`"), "{e}");
-        let big = r#"{"action":"queued","workflow_job":{"id":-1,"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#;
+        let big =
+            r#"{"action":"queued","workflow_job":{"id":-1,"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#;
         assert!(parse_job_event(big.as_bytes(), "g", SystemTime::UNIX_EPOCH).is_err());
         let action = r#"{"action":"teleported","workflow_job":{"id":1,"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#;
         assert_eq!(

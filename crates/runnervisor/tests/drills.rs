@@ -40,29 +40,14 @@ impl Drill {
     ) -> Drill {
         let pool = format!("d-{name}");
         let labels = vec!["self-hosted".to_string(), format!("drill-{name}")];
-        let mut spec = AgentSpec::new(
-            &pool,
-            &labels.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let mut spec = AgentSpec::new(&pool, &labels.iter().map(String::as_str).collect::<Vec<_>>());
         tweak_spec(&mut spec);
         let webhook_port = free_port();
-        let sim = Sim::start(
-            Some(format!("http://127.0.0.1:{webhook_port}/webhook")),
-            tweak_sim,
-        )
-        .await;
+        let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), tweak_sim).await;
         let agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
         let (hv, _) = libvirt();
         eprintln!("drill {name}: agent log {}", agent.log.display());
-        Drill {
-            name,
-            labels,
-            sim,
-            agent,
-            hv,
-            expected: Vec::new(),
-            started: Instant::now(),
-        }
+        Drill { name, labels, sim, agent, hv, expected: Vec::new(), started: Instant::now() }
     }
 
     fn labels(&self) -> Vec<&str> {
@@ -86,11 +71,7 @@ impl Drill {
     }
 
     fn say(&self, msg: &str) {
-        eprintln!(
-            "drill {} +{:.0}s: {msg}",
-            self.name,
-            self.started.elapsed().as_secs_f64()
-        );
+        eprintln!("drill {} +{:.0}s: {msg}", self.name, self.started.elapsed().as_secs_f64());
     }
 
     fn prefix(&self) -> String {
@@ -98,12 +79,7 @@ impl Drill {
     }
 
     fn vms(&self) -> Vec<runnervisor::hypervisor::VmInfo> {
-        self.hv
-            .list_vms()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|v| v.name.starts_with(&self.prefix()))
-            .collect()
+        self.hv.list_vms().unwrap_or_default().into_iter().filter(|v| v.name.starts_with(&self.prefix())).collect()
     }
 
     /// How many runners ran each job (from the simulator's history).
@@ -139,10 +115,7 @@ impl Drill {
                 break;
             }
             if Instant::now() > deadline {
-                self.say(&format!(
-                    "giving up after {timeout:?}\n{}",
-                    self.agent.log_tail()
-                ));
+                self.say(&format!("giving up after {timeout:?}\n{}", self.agent.log_tail()));
                 break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -154,10 +127,7 @@ impl Drill {
         );
         self.say("done");
         println!("{line}");
-        assert!(
-            served == jobs && lost == 0 && d == 0 && v == 0 && r == 0,
-            "{line}"
-        );
+        assert!(served == jobs && lost == 0 && d == 0 && v == 0 && r == 0, "{line}");
     }
 
     async fn figures(&self) -> (usize, usize, usize, usize, usize, usize) {
@@ -176,14 +146,7 @@ impl Drill {
         }
         let (doms, vols) = leftovers(&self.hv, &self.prefix());
         let runners = self.sim.runners().await.len();
-        (
-            self.expected.len(),
-            served,
-            lost,
-            doms.len(),
-            vols.len(),
-            runners,
-        )
+        (self.expected.len(), served, lost, doms.len(), vols.len(), runners)
     }
 }
 
@@ -204,21 +167,18 @@ fn wait_exit(agent: &mut Agent, timeout: Duration) -> Option<std::process::ExitS
 #[ignore = "drill: run with ./scripts/drill kill-agent"]
 async fn drill_kill_agent() {
     let mut d = Drill::new("kill-agent", |s| s.max_vms = 2).await;
-    for step in [
-        "after-persist",
-        "after-credential",
-        "after-overlay",
-        "after-seed",
-        "after-define",
-        "after-start",
-    ] {
-        d.agent
-            .start_with_env(&[("RUNNERVISOR_FAULT_CRASH_AT", step)])
-            .await;
+    // Each start resumes the work left by the last crash and hits the next crash point,
+    // on that work or on the job queued meanwhile (whose webhook may find no listener:
+    // the reconciler gets it redelivered).
+    for step in ["after-persist", "after-credential", "after-overlay", "after-seed", "after-define", "after-start"] {
+        d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", step)]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
         d.queue(3.0).await;
         let status = wait_exit(&mut d.agent, Duration::from_secs(60));
         d.say(&format!("agent killed at {step}: {status:?}"));
         assert!(status.is_some(), "the agent did not reach {step}");
+        let aborted = d.agent.log_text().contains(&format!("RUNNERVISOR_FAULT_CRASH_AT={step}: aborting"));
+        assert!(aborted, "the agent died elsewhere than at {step}:\n{}", d.agent.log_tail());
     }
     d.agent.start().await;
     d.say("agent restarted without faults");
@@ -234,26 +194,15 @@ async fn drill_restart_libvirtd() {
     for _ in 0..3 {
         d.queue(10.0).await;
     }
-    wait_for("two VMs running", VM_TIMEOUT, async || {
-        (d.vms().len() == 2).then_some(())
-    })
-    .await;
+    wait_for("two VMs running", VM_TIMEOUT, async || (d.vms().len() == 2).then_some(())).await;
     d.say("restarting libvirtd");
     restart_libvirtd();
     d.say("libvirtd back");
     // A job queued while the agent reconnects is not lost either.
     d.queue(3.0).await;
-    wait_for(
-        "the agent to reconnect",
-        Duration::from_secs(60),
-        async || {
-            d.agent
-                .metrics()
-                .await
-                .contains("runnervisor_libvirt_reconnects_total 1")
-                .then_some(())
-        },
-    )
+    wait_for("the agent to reconnect", Duration::from_secs(60), async || {
+        d.agent.metrics().await.contains("runnervisor_libvirt_reconnects_total 1").then_some(())
+    })
     .await;
     d.finish(Duration::from_secs(600)).await;
 }
@@ -261,44 +210,22 @@ async fn drill_restart_libvirtd() {
 fn restart_libvirtd() {
     let systemd = std::path::Path::new("/run/systemd/system").exists();
     if systemd {
-        assert!(
-            std::process::Command::new("systemctl")
-                .args(["restart", "libvirtd"])
-                .status()
-                .unwrap()
-                .success()
-        );
+        assert!(std::process::Command::new("systemctl").args(["restart", "libvirtd"]).status().unwrap().success());
     } else {
-        let _ = std::process::Command::new("pkill")
-            .args(["-x", "libvirtd"])
-            .status();
+        let _ = std::process::Command::new("pkill").args(["-x", "libvirtd"]).status();
         for _ in 0..100 {
-            let alive = std::process::Command::new("pgrep")
-                .args(["-x", "libvirtd"])
-                .status()
-                .unwrap()
-                .success();
+            let alive = std::process::Command::new("pgrep").args(["-x", "libvirtd"]).status().unwrap().success();
             if !alive {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_secs(2));
-        assert!(
-            std::process::Command::new("libvirtd")
-                .arg("-d")
-                .status()
-                .unwrap()
-                .success()
-        );
+        assert!(std::process::Command::new("libvirtd").arg("-d").status().unwrap().success());
     }
     for _ in 0..100 {
-        let ok = std::process::Command::new("virsh")
-            .args(["-c", URI, "capabilities"])
-            .output()
-            .unwrap()
-            .status
-            .success();
+        let ok =
+            std::process::Command::new("virsh").args(["-c", URI, "capabilities"]).output().unwrap().status.success();
         if ok {
             return;
         }
@@ -337,15 +264,10 @@ async fn drill_api_storm() {
         .lines()
         .filter(|l| {
             l.starts_with("runnervisor_github_api_calls_total")
-                && (l.contains("status=\"50")
-                    || l.contains("status=\"429\"")
-                    || l.contains("status=\"403\""))
+                && (l.contains("status=\"50") || l.contains("status=\"429\"") || l.contains("status=\"403\""))
         })
         .collect();
-    d.say(&format!(
-        "API errors seen by the agent:\n{}",
-        errors.join("\n")
-    ));
+    d.say(&format!("API errors seen by the agent:\n{}", errors.join("\n")));
     assert!(!errors.is_empty(), "the storm reached the agent");
     d.finish(Duration::from_secs(600)).await;
 }
@@ -356,18 +278,12 @@ async fn drill_api_storm() {
 async fn drill_lost_webhooks() {
     let mut d = Drill::new("lost-webhooks", |s| s.max_vms = 2).await;
     d.agent.start().await;
-    d.sim
-        .fault(json!({"kind": "webhook_drop", "action": "queued", "count": 2}))
-        .await;
+    d.sim.fault(json!({"kind": "webhook_drop", "action": "queued", "count": 2})).await;
     for _ in 0..3 {
         d.queue(3.0).await;
     }
     wait_for("redeliveries", Duration::from_secs(60), async || {
-        d.agent
-            .metrics()
-            .await
-            .contains("runnervisor_webhook_redeliveries_requested_total 2")
-            .then_some(())
+        d.agent.metrics().await.contains("runnervisor_webhook_redeliveries_requested_total 2").then_some(())
     })
     .await;
     d.say("the two dropped deliveries were redelivered");
@@ -394,19 +310,8 @@ async fn drill_dup_reorder() {
     let h = d.sim.http.clone();
     let url = d.sim.url();
     d.finish(Duration::from_secs(600)).await;
-    let history: Value = h
-        .get(format!("{url}/_sim/runner-history"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        history.as_object().unwrap().len(),
-        jobs,
-        "one VM per job, no extra: {history}"
-    );
+    let history: Value = h.get(format!("{url}/_sim/runner-history")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history.as_object().unwrap().len(), jobs, "one VM per job, no extra: {history}");
 }
 
 /// Jobs cancelled before they start: their VMs become surplus and are reaped within 30 s.
@@ -418,29 +323,14 @@ async fn drill_cancel() {
     let a = d.sim.queue(REPO, &d.labels(), 3.0).await;
     let b = d.sim.queue(REPO, &d.labels(), 3.0).await;
     d.queue(3.0).await;
-    wait_for("three VMs", Duration::from_secs(60), async || {
-        (d.vms().len() == 3).then_some(())
-    })
-    .await;
+    wait_for("three VMs", Duration::from_secs(60), async || (d.vms().len() == 3).then_some(())).await;
     for j in [a, b] {
-        let r = d
-            .sim
-            .http
-            .post(format!("{}/_sim/jobs/{j}/cancel", d.sim.url()))
-            .send()
-            .await
-            .unwrap();
+        let r = d.sim.http.post(format!("{}/_sim/jobs/{j}/cancel", d.sim.url())).send().await.unwrap();
         assert!(r.status().is_success());
     }
     let cancelled = Instant::now();
-    wait_for("surplus VMs reaped", Duration::from_secs(30), async || {
-        (d.vms().len() <= 1).then_some(())
-    })
-    .await;
-    d.say(&format!(
-        "surplus reaped {:.1}s after the cancels",
-        cancelled.elapsed().as_secs_f64()
-    ));
+    wait_for("surplus VMs reaped", Duration::from_secs(30), async || (d.vms().len() <= 1).then_some(())).await;
+    d.say(&format!("surplus reaped {:.1}s after the cancels", cancelled.elapsed().as_secs_f64()));
     for j in [a, b] {
         assert_eq!(d.sim.job(j).await["conclusion"], "cancelled");
     }
@@ -457,8 +347,7 @@ async fn drill_ghost_runner() {
     })
     .await;
     d.agent.start().await;
-    d.queue_with(json!({"duration_secs": 2, "runner_hangs_after": true}))
-        .await;
+    d.queue_with(json!({"duration_secs": 2, "runner_hangs_after": true})).await;
     let started = Instant::now();
     wait_for("the ghost's job to complete", VM_TIMEOUT, async || {
         (d.sim.job(d.expected[0]).await["status"] == "completed").then_some(())
@@ -467,21 +356,10 @@ async fn drill_ghost_runner() {
     d.say("job done; the runner now hangs and the guest stays up");
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(d.vms().len(), 1, "the ghost VM is still there");
-    wait_for(
-        "max lifetime to kill the ghost",
-        Duration::from_secs(240),
-        async || d.vms().is_empty().then_some(()),
-    )
-    .await;
-    d.say(&format!(
-        "ghost destroyed {:.0}s after its job was queued",
-        started.elapsed().as_secs_f64()
-    ));
-    assert!(
-        d.agent.log_text().contains("reason=max_lifetime"),
-        "{}",
-        d.agent.log_tail()
-    );
+    wait_for("max lifetime to kill the ghost", Duration::from_secs(240), async || d.vms().is_empty().then_some(()))
+        .await;
+    d.say(&format!("ghost destroyed {:.0}s after its job was queued", started.elapsed().as_secs_f64()));
+    assert!(d.agent.log_text().contains("reason=max_lifetime"), "{}", d.agent.log_tail());
     d.finish(Duration::from_secs(120)).await;
 }
 
@@ -494,20 +372,11 @@ async fn drill_no_boot() {
     })
     .await;
     d.agent.start().await;
-    d.sim
-        .fault(json!({"kind": "runner_stall", "count": 1}))
-        .await;
+    d.sim.fault(json!({"kind": "runner_stall", "count": 1})).await;
     d.queue(3.0).await;
-    wait_for(
-        "the registration timeout",
-        Duration::from_secs(240),
-        async || {
-            d.agent
-                .log_text()
-                .contains("reason=registration_timeout")
-                .then_some(())
-        },
-    )
+    wait_for("the registration timeout", Duration::from_secs(240), async || {
+        d.agent.log_text().contains("reason=registration_timeout").then_some(())
+    })
     .await;
     d.say("first VM timed out; retrying");
     d.finish(Duration::from_secs(400)).await;
@@ -538,35 +407,21 @@ async fn drill_bad_image() {
     // The pool's `image` key appears twice otherwise: rewrite it in place.
     let cfg = std::fs::read_to_string(&d.agent.config).unwrap();
     let mut lines: Vec<String> = cfg.lines().map(str::to_string).collect();
-    let first = lines
-        .iter()
-        .position(|l| l.starts_with("image = "))
-        .unwrap();
+    let first = lines.iter().position(|l| l.starts_with("image = ")).unwrap();
     lines.remove(first);
     std::fs::write(&d.agent.config, lines.join("\n")).unwrap();
 
     std::fs::rename(&golden, &moved).unwrap();
     d.agent.start().await;
     d.queue(3.0).await;
-    wait_for(
-        "a clear error naming the image",
-        Duration::from_secs(30),
-        async || {
-            d.agent
-                .log_text()
-                .contains(&format!("golden image {golden_str} not found"))
-                .then_some(())
-        },
-    )
+    wait_for("a clear error naming the image", Duration::from_secs(30), async || {
+        d.agent.log_text().contains(&format!("golden image {golden_str} not found")).then_some(())
+    })
     .await;
     d.say("provisioning fails with the image named; restoring it in 15 s");
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert!(d.vms().is_empty());
-    assert_eq!(
-        d.sim.job(d.expected[0]).await["status"],
-        "queued",
-        "the job waits"
-    );
+    assert_eq!(d.sim.job(d.expected[0]).await["status"], "queued", "the job waits");
     std::fs::rename(&moved, &golden).unwrap();
     d.say("image restored");
     d.finish(Duration::from_secs(400)).await;

@@ -14,23 +14,15 @@ use serde_json::json;
 
 async fn world(spec: &AgentSpec, tweak: impl FnOnce(&mut github_sim::SimConfig)) -> (Sim, Agent) {
     let webhook_port = free_port();
-    let sim = Sim::start(
-        Some(format!("http://127.0.0.1:{webhook_port}/webhook")),
-        tweak,
-    )
-    .await;
+    let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), tweak).await;
     let agent = Agent::configure(spec, sim.handle.addr.port(), webhook_port);
     (sim, agent)
 }
 
 async fn assert_no_runners(sim: &Sim, agent: &Agent) {
     // Ephemeral runners vanish after their job; anything else the agent deletes on teardown.
-    wait_for(
-        "no runner registrations",
-        Duration::from_secs(30),
-        async || sim.runners().await.is_empty().then_some(()),
-    )
-    .await;
+    wait_for("no runner registrations", Duration::from_secs(30), async || sim.runners().await.is_empty().then_some(()))
+        .await;
     let _ = agent;
 }
 
@@ -40,14 +32,7 @@ fn teardown_ms(agent: &Agent) -> Vec<u64> {
         .log_text()
         .lines()
         .filter(|l| l.contains("vm torn down"))
-        .filter_map(|l| {
-            l.split("duration_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+        .filter_map(|l| l.split("duration_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
         .collect()
 }
 
@@ -57,39 +42,21 @@ async fn one_job_jit_mode_pat_auth() {
     let (sim, mut agent) = world(&spec, |_| {}).await;
     let (hv, _) = libvirt();
     agent.start().await;
-    let job = sim
-        .queue("octo-org/app", &["self-hosted", "Linux", "e2e-jit"], 3.0)
-        .await;
+    let job = sim.queue("octo-org/app", &["self-hosted", "Linux", "e2e-jit"], 3.0).await;
     let queued = Instant::now();
     let name = format!("rv-e2e-jit-{job}");
 
     // While it runs: the domain carries our metadata, the seed is private.
-    let vm = wait_for("the VM", VM_TIMEOUT, async || {
-        hv.list_vms().unwrap().into_iter().find(|v| v.name == name)
-    })
-    .await;
+    let vm = wait_for("the VM", VM_TIMEOUT, async || hv.list_vms().unwrap().into_iter().find(|v| v.name == name)).await;
     let md = vm.metadata.expect("runnervisor metadata on the domain");
     assert_eq!(
-        (
-            md.job_id,
-            md.pool.as_str(),
-            md.repository.as_str(),
-            md.runner_name.as_str()
-        ),
+        (md.job_id, md.pool.as_str(), md.repository.as_str(), md.runner_name.as_str()),
         (job, "e2e-jit", "octo-org/app", name.as_str())
     );
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
-    assert_eq!(
-        done["conclusion"],
-        "success",
-        "{done}\n{}",
-        agent.log_tail()
-    );
+    assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
     assert_eq!(done["runner_name"], name);
-    eprintln!(
-        "queued -> completed: {:.1}s",
-        queued.elapsed().as_secs_f64()
-    );
+    eprintln!("queued -> completed: {:.1}s", queued.elapsed().as_secs_f64());
 
     wait_for("everything cleaned", Duration::from_secs(90), async || {
         let (d, v) = leftovers(&hv, "rv-e2e-jit-");
@@ -103,23 +70,15 @@ async fn one_job_jit_mode_pat_auth() {
     assert_eq!(ms.len(), 1, "{}", agent.log_tail());
 
     let metrics = agent.metrics().await;
+    assert!(metrics.contains("runnervisor_jobs_received_total{pool=\"e2e-jit\"} 1"), "{metrics}");
     assert!(
-        metrics.contains("runnervisor_jobs_received_total{pool=\"e2e-jit\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(
-            "runnervisor_jobs_completed_total{pool=\"e2e-jit\",conclusion=\"success\"} 1"
-        ),
+        metrics.contains("runnervisor_jobs_completed_total{pool=\"e2e-jit\",conclusion=\"success\"} 1"),
         "{metrics}"
     );
     assert!(metrics.contains("runnervisor_vms_started_total{pool=\"e2e-jit\"} 1"));
     // Secrets never reach the log.
     let log = agent.log_text();
-    assert!(
-        !log.contains(PAT) && !log.contains(SECRET),
-        "a secret reached the log"
-    );
+    assert!(!log.contains(PAT) && !log.contains(SECRET), "a secret reached the log");
     let status = agent.terminate();
     assert!(status.success(), "SIGTERM exits 0: {status}");
 }
@@ -163,9 +122,7 @@ async fn one_job_token_mode_app_auth() {
     .await;
     let (hv, _) = libvirt();
     agent.start().await;
-    let job = sim
-        .queue("octo-org/app", &["self-hosted", "e2e-token"], 2.0)
-        .await;
+    let job = sim.queue("octo-org/app", &["self-hosted", "e2e-token"], 2.0).await;
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
     assert_eq!(done["conclusion"], "success", "{}", agent.log_tail());
     assert_eq!(done["runner_name"], format!("rv-e2e-token-{job}"));
@@ -176,27 +133,14 @@ async fn one_job_token_mode_app_auth() {
     .await;
     assert_no_runners(&sim, &agent).await;
     // The agent authenticated as the App: installation tokens were minted.
-    let stats: serde_json::Value = sim
-        .http
-        .get(format!("{}/_sim/stats", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value =
+        sim.http.get(format!("{}/_sim/stats", sim.url())).send().await.unwrap().json().await.unwrap();
     assert!(
-        stats["api_calls"]["POST /app/installations/{installation_id}/access_tokens"]
-            .as_u64()
-            .unwrap_or(0)
-            >= 1,
+        stats["api_calls"]["POST /app/installations/{installation_id}/access_tokens"].as_u64().unwrap_or(0) >= 1,
         "{stats}"
     );
     assert!(
-        stats["api_calls"]["POST /orgs/{org}/actions/runners/registration-token"]
-            .as_u64()
-            .unwrap_or(0)
-            >= 1,
+        stats["api_calls"]["POST /orgs/{org}/actions/runners/registration-token"].as_u64().unwrap_or(0) >= 1,
         "{stats}"
     );
     agent.assert_clean(&hv);
@@ -210,10 +154,7 @@ async fn three_jobs_never_more_than_two_vms() {
     agent.start().await;
     let mut jobs = Vec::new();
     for _ in 0..3 {
-        jobs.push(
-            sim.queue("octo-org/app", &["self-hosted", "e2e-cap"], 2.0)
-                .await,
-        );
+        jobs.push(sim.queue("octo-org/app", &["self-hosted", "e2e-cap"], 2.0).await);
     }
     let mut peak = 0;
     let deadline = Instant::now() + VM_TIMEOUT * 2;
@@ -224,12 +165,7 @@ async fn three_jobs_never_more_than_two_vms() {
             .into_iter()
             .filter(|v| v.name.starts_with("rv-e2e-cap-") && v.state == DomainState::Running)
             .count();
-        let domains = hv
-            .list_vms()
-            .unwrap()
-            .into_iter()
-            .filter(|v| v.name.starts_with("rv-e2e-cap-"))
-            .count();
+        let domains = hv.list_vms().unwrap().into_iter().filter(|v| v.name.starts_with("rv-e2e-cap-")).count();
         peak = peak.max(running).max(domains);
         let mut all = true;
         for j in &jobs {
@@ -238,11 +174,7 @@ async fn three_jobs_never_more_than_two_vms() {
         if all {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "jobs not completed:\n{}",
-            agent.log_tail()
-        );
+        assert!(Instant::now() < deadline, "jobs not completed:\n{}", agent.log_tail());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(peak <= 2, "{peak} VMs at once");
@@ -286,26 +218,18 @@ async fn bad_webhooks_are_refused_and_make_no_vm() {
     let sign = |b: &str| github_sim::webhook::signature(SECRET.as_bytes(), b.as_bytes());
     let r = post(None, body.clone(), "workflow_job").await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = post(
-        Some(github_sim::webhook::signature(
-            b"wrong secret",
-            body.as_bytes(),
-        )),
-        body.clone(),
-        "workflow_job",
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 401);
-    assert!(r.text().await.unwrap().contains("does not match"));
-    let r = post(Some("sha256=nothex".into()), body.clone(), "workflow_job")
+    let r = post(Some(github_sim::webhook::signature(b"wrong secret", body.as_bytes())), body.clone(), "workflow_job")
         .await
         .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("does not match"));
+    let r = post(Some("sha256=nothex".into()), body.clone(), "workflow_job").await.unwrap();
     assert_eq!(r.status(), 401);
     let big = "x".repeat(26 * 1024 * 1024);
     let r = post(Some(sign(&big)), big, "workflow_job").await.unwrap();
     assert_eq!(r.status(), 413);
-    let bad = r#"{"action":"queued","workflow_job":{"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#.to_string();
+    let bad =
+        r#"{"action":"queued","workflow_job":{"run_id":1,"labels":[]},"repository":{"full_name":"o/r"}}"#.to_string();
     let r = post(Some(sign(&bad)), bad, "workflow_job").await.unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("missing field `id`"));
@@ -316,14 +240,8 @@ async fn bad_webhooks_are_refused_and_make_no_vm() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     agent.assert_clean(&hv);
     let metrics = agent.metrics().await;
-    assert!(
-        metrics.contains("runnervisor_webhook_signature_failures_total 3"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("runnervisor_vms_started_total{"),
-        "no VM was started"
-    );
+    assert!(metrics.contains("runnervisor_webhook_signature_failures_total 3"), "{metrics}");
+    assert!(!metrics.contains("runnervisor_vms_started_total{"), "no VM was started");
     drop(sim);
 }
 
@@ -335,22 +253,11 @@ async fn unmatched_labels_make_no_vm() {
     agent.start().await;
     // A subset, a superset and a different set: none equals the pool's labels.
     let a = sim.queue("octo-org/app", &["self-hosted"], 1.0).await;
-    let b = sim
-        .queue("octo-org/app", &["self-hosted", "e2e-nomatch", "gpu"], 1.0)
-        .await;
+    let b = sim.queue("octo-org/app", &["self-hosted", "e2e-nomatch", "gpu"], 1.0).await;
     let c = sim.queue("octo-org/app", &["windows"], 1.0).await;
-    wait_for(
-        "the agent to log them",
-        Duration::from_secs(20),
-        async || {
-            (agent
-                .log_text()
-                .matches("no pool has exactly these labels")
-                .count()
-                >= 3)
-                .then_some(())
-        },
-    )
+    wait_for("the agent to log them", Duration::from_secs(20), async || {
+        (agent.log_text().matches("no pool has exactly these labels").count() >= 3).then_some(())
+    })
     .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     agent.assert_clean(&hv);
@@ -366,9 +273,7 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     let (sim, mut agent) = world(&spec, |_| {}).await;
     let (hv, _) = libvirt();
     agent.start().await;
-    let job = sim
-        .queue("octo-org/app", &["self-hosted", "e2e-restart"], 25.0)
-        .await;
+    let job = sim.queue("octo-org/app", &["self-hosted", "e2e-restart"], 25.0).await;
     wait_for("the job to start on our VM", VM_TIMEOUT, async || {
         (sim.job(job).await["status"] == "in_progress").then_some(())
     })
@@ -394,14 +299,7 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     let log = agent.log_text();
     assert!(log.contains("vm torn down"), "{}", agent.log_tail());
     // Served once: one VM was ever made.
-    let history: serde_json::Value = sim
-        .http
-        .get(format!("{}/_sim/runner-history", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history: serde_json::Value =
+        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(history.as_object().unwrap().len(), 1, "{history}");
 }

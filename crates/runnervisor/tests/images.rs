@@ -13,10 +13,7 @@ use common::*;
 #[test]
 fn production_recipe_bakes_a_runner_image() {
     let img = test_image();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
     let work = tempdir("bake");
     // A stand-in for actions-runner-linux-x64-2.330.0.tar.gz: the fake runner plus a
     // bin/Runner.Listener that answers --version like the real one.
@@ -30,29 +27,11 @@ fn production_recipe_bakes_a_runner_image() {
             .unwrap()
             .success()
     );
-    std::fs::write(
-        tree.join("bin/Runner.Listener"),
-        "#!/bin/sh\n[ \"$1\" = --version ] && echo 2.330.0\n",
-    )
-    .unwrap();
+    std::fs::write(tree.join("bin/Runner.Listener"), "#!/bin/sh\n[ \"$1\" = --version ] && echo 2.330.0\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        tree.join("bin/Runner.Listener"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(tree.join("bin/Runner.Listener"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let tarball = work.join("actions-runner-linux-x64-2.330.0.tar.gz");
-    assert!(
-        Command::new("tar")
-            .arg("-czf")
-            .arg(&tarball)
-            .arg("-C")
-            .arg(&tree)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(&tree).arg(".").status().unwrap().success());
 
     let out = work.join("runner.qcow2");
     let status = Command::new(root.join("images/production/build"))
@@ -86,61 +65,27 @@ fn production_recipe_bakes_a_runner_image() {
     let manifest = runnervisor::images::read_manifest(&out).expect("manifest");
     assert_eq!(manifest.runner_version, "2.330.0");
     assert_eq!(manifest.runner_released, "2026-11-01");
-    assert!(
-        runnervisor::hypervisor::check_image(&out).is_ok(),
-        "a qcow2 image"
-    );
-    let info = String::from_utf8(
-        Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(&out)
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    assert!(runnervisor::hypervisor::check_image(&out).is_ok(), "a qcow2 image");
+    let info =
+        String::from_utf8(Command::new("qemu-img").args(["info", "--output=json"]).arg(&out).output().unwrap().stdout)
+            .unwrap();
     assert!(!info.contains("backing-filename"), "flattened: {info}");
 
     // Look inside without booting: the root filesystem, via debugfs.
     let raw = work.join("root.raw");
-    assert!(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(&out)
-            .arg(&raw)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&out).arg(&raw).status().unwrap().success());
     let cat = |path: &str| {
-        let o = Command::new("debugfs")
-            .args(["-R", &format!("cat {path}")])
-            .arg(&raw)
-            .output()
-            .unwrap();
+        let o = Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(&raw).output().unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert!(cat("/etc/runnervisor-image").contains("runner_version=2.330.0"));
     assert!(cat("/opt/actions-runner/bin/Runner.Listener").contains("--version"));
     assert!(cat("/etc/passwd").contains("runner:"));
-    assert_eq!(
-        cat("/etc/machine-id").trim(),
-        "",
-        "machine-id reset for first boot"
-    );
-    let stat = Command::new("debugfs")
-        .args(["-R", "stat /opt/actions-runner/run.sh"])
-        .arg(&raw)
-        .output()
-        .unwrap();
+    assert_eq!(cat("/etc/machine-id").trim(), "", "machine-id reset for first boot");
+    let stat = Command::new("debugfs").args(["-R", "stat /opt/actions-runner/run.sh"]).arg(&raw).output().unwrap();
     let stat = String::from_utf8_lossy(&stat.stdout);
     let passwd = cat("/etc/passwd");
-    let uid = passwd
-        .lines()
-        .find(|l| l.starts_with("runner:"))
-        .and_then(|l| l.split(':').nth(2))
-        .unwrap()
-        .to_string();
+    let uid = passwd.lines().find(|l| l.starts_with("runner:")).and_then(|l| l.split(':').nth(2)).unwrap().to_string();
     assert!(
         stat.contains(&format!("User: {uid:>5}"))
             || stat.contains(&format!("User:  {uid}"))

@@ -14,10 +14,7 @@ use common::*;
 use runnervisor::hypervisor::Hypervisor;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -34,9 +31,7 @@ fn run(cmd: &mut Command) -> String {
 #[test]
 fn the_deb_installs_binary_unit_sysusers_tmpfiles_config_and_docs() {
     let out = tempdir("deb");
-    let deb = run(Command::new(root().join("scripts/package"))
-        .args(["--profile", "debug", "--out"])
-        .arg(&out));
+    let deb = run(Command::new(root().join("scripts/package")).args(["--profile", "debug", "--out"]).arg(&out));
     let deb = deb.trim();
     let contents = run(Command::new("dpkg-deb").args(["--contents", deb]));
     for path in [
@@ -48,47 +43,22 @@ fn the_deb_installs_binary_unit_sysusers_tmpfiles_config_and_docs() {
         "./usr/share/doc/runnervisor/README.md",
         "./usr/share/doc/runnervisor/images.md",
     ] {
-        assert!(
-            contents.lines().any(|l| l.ends_with(path)),
-            "{path} missing:\n{contents}"
-        );
+        assert!(contents.lines().any(|l| l.ends_with(path)), "{path} missing:\n{contents}");
     }
-    assert!(
-        contents.contains("-rwxr-xr-x root/root"),
-        "root-owned, executable binary:\n{contents}"
-    );
+    assert!(contents.contains("-rwxr-xr-x root/root"), "root-owned, executable binary:\n{contents}");
     let info = run(Command::new("dpkg-deb").args(["--info", deb]));
-    for field in [
-        "Package: runnervisor",
-        "Depends:",
-        "libvirt-daemon-system",
-        "Architecture:",
-    ] {
+    for field in ["Package: runnervisor", "Depends:", "libvirt-daemon-system", "Architecture:"] {
         assert!(info.contains(field), "{field}:\n{info}");
     }
     // The unit verifies (with ExecStart pointing at the built binary).
     let unit = std::fs::read_to_string(root().join("systemd/runnervisor.service")).unwrap();
     let bin = env!("CARGO_BIN_EXE_runnervisor");
     let dir = tempdir("unit");
-    std::fs::write(
-        dir.join("runnervisor.service"),
-        unit.replace("/usr/bin/runnervisor", bin),
-    )
-    .unwrap();
-    let verify = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(dir.join("runnervisor.service"))
-        .output()
-        .unwrap();
+    std::fs::write(dir.join("runnervisor.service"), unit.replace("/usr/bin/runnervisor", bin)).unwrap();
+    let verify = Command::new("systemd-analyze").arg("verify").arg(dir.join("runnervisor.service")).output().unwrap();
     let stderr = String::from_utf8_lossy(&verify.stderr);
-    let relevant: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("runnervisor.service"))
-        .collect();
-    assert!(
-        verify.status.success() && relevant.is_empty(),
-        "systemd-analyze verify: {stderr}"
-    );
+    let relevant: Vec<&str> = stderr.lines().filter(|l| l.contains("runnervisor.service")).collect();
+    assert!(verify.status.success() && relevant.is_empty(), "systemd-analyze verify: {stderr}");
     for key in [
         "Type=notify",
         "WatchdogSec=",
@@ -115,23 +85,13 @@ async fn check_reports_every_item_with_fixes() {
     let agent = Agent::configure(&spec, sim.handle.addr.port(), free_port());
     let bin = env!("CARGO_BIN_EXE_runnervisor");
     let cfg = agent.config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .arg("check")
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(bin).arg("check").arg("--config").arg(&cfg).output().unwrap())
+            .await
+            .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     for what in [
         "configuration",
         "webhook secret",
@@ -146,44 +106,24 @@ async fn check_reports_every_item_with_fixes() {
         "runner group",
         "webhook deliveries",
     ] {
-        assert!(
-            text.lines().any(|l| l.starts_with(&format!("✔ {what}"))),
-            "✔ {what}:\n{text}"
-        );
+        assert!(text.lines().any(|l| l.starts_with(&format!("✔ {what}"))), "✔ {what}:\n{text}");
     }
     // Break the image and the token: ✘ lines with fixes, non-zero exit.
-    let broken = std::fs::read_to_string(&agent.config)
-        .unwrap()
-        .replace("golden.qcow2", "missing.qcow2");
+    let broken = std::fs::read_to_string(&agent.config).unwrap().replace("golden.qcow2", "missing.qcow2");
     std::fs::write(&agent.config, broken).unwrap();
     write_private(&agent.dir.join("pat"), "ghp_wrong");
     let cfg = agent.config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .arg("check")
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(bin).arg("check").arg("--config").arg(&cfg).output().unwrap())
+            .await
+            .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     assert!(!out.status.success());
-    assert!(
-        text.contains("✘ pool op-check image") && text.contains("missing.qcow2"),
-        "{text}"
-    );
-    assert!(
-        text.contains("✘ GitHub permissions") && text.contains("401"),
-        "{text}"
-    );
+    assert!(text.contains("✘ pool op-check image") && text.contains("missing.qcow2"), "{text}");
+    assert!(text.contains("✘ GitHub permissions") && text.contains("401"), "{text}");
     assert!(text.matches("    fix: ").count() >= 2, "{text}");
-    let out = Command::new(bin)
-        .args(["check", "--config", "/nonexistent.toml"])
-        .output()
-        .unwrap();
+    let out = Command::new(bin).args(["check", "--config", "/nonexistent.toml"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("✘ configuration"));
 }
@@ -192,11 +132,7 @@ async fn check_reports_every_item_with_fixes() {
 async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
     let spec = AgentSpec::new("op-view", &["self-hosted", "op-view"]);
     let webhook_port = free_port();
-    let sim = Sim::start(
-        Some(format!("http://127.0.0.1:{webhook_port}/webhook")),
-        |_| {},
-    )
-    .await;
+    let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
     let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
     let (hv, _) = libvirt();
 
@@ -208,14 +144,10 @@ async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         while let Ok(n) = sink.recv(&mut buf) {
-            e2.lock()
-                .unwrap()
-                .push(runnervisor::logging::decode(&buf[..n]));
+            e2.lock().unwrap().push(runnervisor::logging::decode(&buf[..n]));
         }
     });
-    agent
-        .start_with_env(&[("RUNNERVISOR_JOURNAL_SOCKET", sock_path.to_str().unwrap())])
-        .await;
+    agent.start_with_env(&[("RUNNERVISOR_JOURNAL_SOCKET", sock_path.to_str().unwrap())]).await;
 
     let job = sim.queue_with(serde_json::json!({"repo": "octo-org/app", "labels": ["self-hosted", "op-view"], "duration_secs": 20, "workflow_name": "Build & <Test>", "name": "unit"})).await;
     let name = format!("rv-op-view-{job}");
@@ -230,14 +162,10 @@ async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
     eprintln!("{table}");
     assert!(status.status.success());
     assert!(
-        table.contains(&name)
-            && table.contains("busy")
-            && table.contains("op-view")
-            && table.contains("1/2"),
+        table.contains(&name) && table.contains("busy") && table.contains("op-view") && table.contains("1/2"),
         "{table}"
     );
-    let json: serde_json::Value =
-        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(json["vms"][0]["name"], name);
     assert_eq!(json["vms"][0]["took_job"], job);
 
@@ -272,62 +200,30 @@ async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
 
     // Metrics during the run.
     let m = agent.metrics().await;
-    assert!(
-        m.contains("runnervisor_vms{pool=\"op-view\",state=\"busy\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("runnervisor_jobs_started_total{pool=\"op-view\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("runnervisor_queue_depth{pool=\"op-view\"} 0"),
-        "{m}"
-    );
-    assert!(
-        m.contains("runnervisor_provision_duration_seconds_count{pool=\"op-view\"} 1"),
-        "{m}"
-    );
+    assert!(m.contains("runnervisor_vms{pool=\"op-view\",state=\"busy\"} 1"), "{m}");
+    assert!(m.contains("runnervisor_jobs_started_total{pool=\"op-view\"} 1"), "{m}");
+    assert!(m.contains("runnervisor_queue_depth{pool=\"op-view\"} 0"), "{m}");
+    assert!(m.contains("runnervisor_provision_duration_seconds_count{pool=\"op-view\"} 1"), "{m}");
 
     sim.wait_completed(job, VM_TIMEOUT).await;
-    wait_for("cleaned", Duration::from_secs(90), async || {
-        leftovers(&hv, "rv-op-view-").0.is_empty().then_some(())
-    })
-    .await;
+    wait_for("cleaned", Duration::from_secs(90), async || leftovers(&hv, "rv-op-view-").0.is_empty().then_some(()))
+        .await;
 
     // `vm destroy`: a booting VM is removed cleanly; its job is not lost.
-    let job2 = sim
-        .queue("octo-org/app", &["self-hosted", "op-view"], 1.0)
-        .await;
+    let job2 = sim.queue("octo-org/app", &["self-hosted", "op-view"], 1.0).await;
     let vm2 = format!("rv-op-view-{job2}");
     wait_for("second VM", Duration::from_secs(30), async || {
-        hv.list_vms()
-            .unwrap()
-            .iter()
-            .any(|v| v.name == vm2)
-            .then_some(())
+        hv.list_vms().unwrap().iter().any(|v| v.name == vm2).then_some(())
     })
     .await;
     let out = agent.cli(&["vm", "destroy", &vm2]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let own_volumes = [format!("{vm2}.qcow2"), format!("{vm2}-seed.img")];
-    wait_for(
-        "domain and volumes destroyed",
-        Duration::from_secs(30),
-        async || {
-            let gone = !hv.list_vms().unwrap().iter().any(|v| v.name == vm2)
-                && !hv
-                    .list_volumes()
-                    .unwrap()
-                    .iter()
-                    .any(|v| own_volumes.contains(v));
-            gone.then_some(())
-        },
-    )
+    wait_for("domain and volumes destroyed", Duration::from_secs(30), async || {
+        let gone = !hv.list_vms().unwrap().iter().any(|v| v.name == vm2)
+            && !hv.list_volumes().unwrap().iter().any(|v| own_volumes.contains(v));
+        gone.then_some(())
+    })
     .await;
     let bad = agent.cli(&["vm", "destroy", "rv-op-view-nope"]);
     assert!(!bad.status.success());
@@ -337,47 +233,20 @@ async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
         (d.is_empty() && v.is_empty()).then_some(())
     })
     .await;
-    wait_for("no runners", Duration::from_secs(30), async || {
-        sim.runners().await.is_empty().then_some(())
-    })
-    .await;
+    wait_for("no runners", Duration::from_secs(30), async || sim.runners().await.is_empty().then_some(())).await;
 
     // journald: the entries carry the fields operators filter on, and no secret.
     let entries = entries.lock().unwrap().clone();
-    let with = |k: &str, v: &str| {
-        entries
-            .iter()
-            .filter(|e| e.iter().any(|(f, x)| f == k && x == v))
-            .count()
-    };
+    let with = |k: &str, v: &str| entries.iter().filter(|e| e.iter().any(|(f, x)| f == k && x == v)).count();
     let job_s = job.to_string();
-    assert!(
-        with("JOB_ID", &job_s) >= 3,
-        "entries with JOB_ID={job}: {}",
-        with("JOB_ID", &job_s)
-    );
+    assert!(with("JOB_ID", &job_s) >= 3, "entries with JOB_ID={job}: {}", with("JOB_ID", &job_s));
     assert!(with("VM_NAME", &name) >= 2);
     assert!(with("POOL", "op-view") >= 2);
     assert!(with("REPOSITORY", "octo-org/app") >= 1);
     assert!(with("RUNNER_NAME", &name) >= 1);
     assert!(with("RUN_ID", &sim.job(job).await["run_id"].to_string()) >= 1);
-    assert!(entries.iter().all(|e| {
-        e.iter()
-            .any(|(f, v)| f == "SYSLOG_IDENTIFIER" && v == "runnervisor")
-    }));
-    let all: String = entries
-        .iter()
-        .flatten()
-        .map(|(_, v)| v.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert!(
-        !all.contains(PAT) && !all.contains(SECRET),
-        "a secret reached the journal"
-    );
-    assert!(
-        agent.log_text().trim().is_empty(),
-        "with journald, nothing goes to stderr: {}",
-        agent.log_tail()
-    );
+    assert!(entries.iter().all(|e| { e.iter().any(|(f, v)| f == "SYSLOG_IDENTIFIER" && v == "runnervisor") }));
+    let all: String = entries.iter().flatten().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join("\n");
+    assert!(!all.contains(PAT) && !all.contains(SECRET), "a secret reached the journal");
+    assert!(agent.log_text().trim().is_empty(), "with journald, nothing goes to stderr: {}", agent.log_tail());
 }

@@ -17,10 +17,7 @@ use runnervisor::secret::Secret;
 async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64) {
     let img = test_image();
     let (hv, _events) = libvirt();
-    let _cleanup = Cleanup {
-        hv: hv.clone(),
-        names: vec![name.to_string()],
-    };
+    let _cleanup = Cleanup { hv: hv.clone(), names: vec![name.to_string()] };
     let console_log = console_dir().join(format!("{name}.log"));
 
     let overlay = hv.create_overlay(name, &img.golden, 4 << 30).unwrap();
@@ -34,11 +31,7 @@ async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64)
     let seed_path = hv.create_seed(name, &seed_img).unwrap();
     // The seed carries the credential: nobody but its owner may read it.
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077,
-        0,
-        "seed readable by others"
-    );
+    assert_eq!(std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077, 0, "seed readable by others");
     let meta = VmMetadata {
         job_id: job,
         run_id: 1,
@@ -69,62 +62,41 @@ async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64)
     hv.start(name).unwrap();
 
     let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
-    assert!(
-        done.is_ok(),
-        "job not completed; console:\n{}",
-        console(&console_log)
-    );
+    assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));
     let job_done = started.elapsed();
     let j = sim.job(job).await;
     assert_eq!(j["conclusion"], "success", "{j}");
     assert_eq!(j["runner_name"], name);
 
     // The guest powers itself off when the runner exits.
-    wait_for(
-        "the guest to power off",
-        Duration::from_secs(60),
-        async || {
-            let vms = hv.list_vms().unwrap();
-            let d = vms.iter().find(|v| v.name == name)?;
-            (d.state == DomainState::Stopped).then_some(())
-        },
-    )
+    wait_for("the guest to power off", Duration::from_secs(60), async || {
+        let vms = hv.list_vms().unwrap();
+        let d = vms.iter().find(|v| v.name == name)?;
+        (d.state == DomainState::Stopped).then_some(())
+    })
     .await;
     eprintln!(
         "{name}: start -> job completed {:.1}s, -> powered off {:.1}s",
         job_done.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    assert!(
-        sim.runners().await.is_empty(),
-        "the ephemeral runner is de-registered after its job"
-    );
+    assert!(sim.runners().await.is_empty(), "the ephemeral runner is de-registered after its job");
 
     assert!(hv.teardown(name).is_empty());
     let (doms, vols) = leftovers(&hv, name);
-    assert!(
-        doms.is_empty() && vols.is_empty(),
-        "left: {doms:?} {vols:?}"
-    );
+    assert!(doms.is_empty() && vols.is_empty(), "left: {doms:?} {vols:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_mode_runner_registers_runs_a_job_and_powers_off() {
     let sim = Sim::start(None, |_| {}).await;
     let name = format!("rv-world-{}", unique());
-    let token = sim
-        .api(
-            reqwest::Method::POST,
-            "/repos/octo-org/app/actions/runners/registration-token",
-            None,
-        )
-        .await["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let job = sim
-        .queue("octo-org/app", &["self-hosted", "linux", "world"], 2.0)
-        .await;
+    let token =
+        sim.api(reqwest::Method::POST, "/repos/octo-org/app/actions/runners/registration-token", None).await["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let job = sim.queue("octo-org/app", &["self-hosted", "linux", "world"], 2.0).await;
     let credential = Credential::Token {
         url: format!("{}/octo-org/app", sim.guest_url()),
         token: Secret::new(token),
@@ -139,9 +111,7 @@ async fn token_mode_runner_registers_runs_a_job_and_powers_off() {
 async fn jit_runner_runs_a_job_and_powers_off() {
     let sim = Sim::start(None, |_| {}).await;
     let name = format!("rv-world-{}", unique());
-    let job = sim
-        .queue("octo-org/app", &["self-hosted", "jit"], 2.0)
-        .await;
+    let job = sim.queue("octo-org/app", &["self-hosted", "jit"], 2.0).await;
     let v = sim
         .api(
             reqwest::Method::POST,
@@ -149,8 +119,6 @@ async fn jit_runner_runs_a_job_and_powers_off() {
             Some(serde_json::json!({"name": name, "runner_group_id": 1, "labels": ["self-hosted", "jit"]})),
         )
         .await;
-    let credential = Credential::Jit {
-        encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()),
-    };
+    let credential = Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) };
     boot_runner_vm(&name, credential, &sim, job).await;
 }

@@ -19,11 +19,7 @@ pub struct AppSigner {
 
 impl std::fmt::Debug for AppSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "AppSigner {{ app_id: {}, key: [redacted] }}",
-            self.app_id
-        )
+        write!(f, "AppSigner {{ app_id: {}, key: [redacted] }}", self.app_id)
     }
 }
 
@@ -36,27 +32,17 @@ impl AppSigner {
         let key = rsa::PrivateKey::from_pkcs1_pem(pem.expose())
             .or_else(|_| rsa::PrivateKey::from_pkcs8_pem(pem.expose()))
             .map_err(|_| GhError::Auth("the private key is not an RSA key in PEM form".into()))?;
-        Ok(AppSigner {
-            app_id,
-            key: SigningKey::new(key),
-        })
+        Ok(AppSigner { app_id, key: SigningKey::new(key) })
     }
 
     pub fn jwt(&self, now: SystemTime) -> Secret {
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
-        let claims =
-            serde_json::json!({"iat": now - 60, "exp": now + 540, "iss": self.app_id.to_string()});
+        let claims = serde_json::json!({"iat": now - 60, "exp": now + 540, "iss": self.app_id.to_string()});
         let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
         let input = format!("{header}.{claims}");
         let sig = self.key.sign(input.as_bytes());
-        Secret::new(format!(
-            "{input}.{}",
-            URL_SAFE_NO_PAD.encode(sig.to_bytes())
-        ))
+        Secret::new(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes())))
     }
 }
 
@@ -66,18 +52,14 @@ mod tests {
 
     #[test]
     fn jwt_claims_and_signature_verify_with_the_simulator() {
-        let out = std::process::Command::new("openssl")
-            .args(["genrsa", "-traditional", "2048"])
-            .output()
-            .unwrap();
+        let out = std::process::Command::new("openssl").args(["genrsa", "-traditional", "2048"]).output().unwrap();
         let pem = String::from_utf8(out.stdout).unwrap();
         assert!(pem.contains("BEGIN RSA PRIVATE KEY"));
         let signer = AppSigner::new(99, &Secret::new(pem.clone())).unwrap();
         let now = SystemTime::now();
         let jwt = signer.jwt(now);
         let parts: Vec<&str> = jwt.expose().split('.').collect();
-        let claims: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         let t = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(claims["iat"], t - 60);
         assert_eq!(claims["exp"], t + 540);

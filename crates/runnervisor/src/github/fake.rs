@@ -52,21 +52,12 @@ impl FakeGitHub {
     }
 
     pub fn runner_names(&self) -> Vec<String> {
-        self.lock()
-            .runners
-            .values()
-            .map(|r| r.name.clone())
-            .collect()
+        self.lock().runners.values().map(|r| r.name.clone()).collect()
     }
 }
 
 impl GitHub for FakeGitHub {
-    async fn generate_jit_config(
-        &self,
-        name: &str,
-        _labels: &[String],
-        _group: u64,
-    ) -> Result<JitRunner, GhError> {
+    async fn generate_jit_config(&self, name: &str, _labels: &[String], _group: u64) -> Result<JitRunner, GhError> {
         let mut s = self.enter("jit")?;
         if s.runners.values().any(|r| r.name == name) {
             return Err(GhError::Status {
@@ -78,19 +69,8 @@ impl GitHub for FakeGitHub {
         }
         s.next_id += 1;
         let id = s.next_id;
-        s.runners.insert(
-            id,
-            RunnerInfo {
-                id,
-                name: name.into(),
-                online: false,
-                busy: false,
-            },
-        );
-        Ok(JitRunner {
-            runner_id: id,
-            encoded: Secret::new(format!("jit-{name}")),
-        })
+        s.runners.insert(id, RunnerInfo { id, name: name.into(), online: false, busy: false });
+        Ok(JitRunner { runner_id: id, encoded: Secret::new(format!("jit-{name}")) })
     }
 
     async fn registration_token(&self) -> Result<Secret, GhError> {
@@ -108,12 +88,7 @@ impl GitHub for FakeGitHub {
     }
 
     async fn find_runner(&self, name: &str) -> Result<Option<RunnerInfo>, GhError> {
-        Ok(self
-            .enter("find")?
-            .runners
-            .values()
-            .find(|r| r.name == name)
-            .cloned())
+        Ok(self.enter("find")?.runners.values().find(|r| r.name == name).cloned())
     }
 
     async fn delete_runner(&self, id: u64) -> Result<Deleted, GhError> {

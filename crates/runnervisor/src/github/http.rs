@@ -22,10 +22,7 @@ pub const API_VERSION: &str = "2022-11-28";
 
 pub enum Auth {
     Pat(Secret),
-    App {
-        signer: AppSigner,
-        installation_id: u64,
-    },
+    App { signer: AppSigner, installation_id: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -79,38 +76,23 @@ enum Cred {
 
 /// `delay * 2^n`, capped, with "equal jitter" (half fixed, half random).
 pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
-    let exp = policy
-        .base
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(policy.cap);
+    let exp = policy.base.saturating_mul(1u32 << attempt.min(16)).min(policy.cap);
     let half = exp / 2;
     half + Duration::from_secs_f64(half.as_secs_f64() * fastrand::f64())
 }
 
 /// The time to wait before calling again, from a 403/429 response; `None` if it is not a rate limit.
-pub fn rate_limit_wait(
-    status: StatusCode,
-    headers: &reqwest::header::HeaderMap,
-    now: SystemTime,
-) -> Option<Duration> {
+pub fn rate_limit_wait(status: StatusCode, headers: &reqwest::header::HeaderMap, now: SystemTime) -> Option<Duration> {
     if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::FORBIDDEN {
         return None;
     }
-    let header = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(s) = header("retry-after") {
         return Some(Duration::from_secs(s));
     }
     if header("x-ratelimit-remaining") == Some(0) {
         let reset = header("x-ratelimit-reset").unwrap_or(0);
-        let now = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
         return Some(Duration::from_secs(reset.saturating_sub(now).max(1)));
     }
     // A secondary limit without headers: GitHub says to wait at least a minute.
@@ -123,13 +105,7 @@ pub fn endpoint_name(method: &Method, path: &str) -> String {
     let parts: Vec<&str> = path
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            if s.bytes().all(|b| b.is_ascii_digit()) {
-                "{id}"
-            } else {
-                s
-            }
-        })
+        .map(|s| if s.bytes().all(|b| b.is_ascii_digit()) { "{id}" } else { s })
         .collect();
     format!("{method} /{}", parts.join("/"))
 }
@@ -146,11 +122,7 @@ impl HttpGitHub {
             .timeout(timeout)
             .user_agent(concat!("runnervisor/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| GhError::Transport {
-                method: "-".into(),
-                path: "-".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| GhError::Transport { method: "-".into(), path: "-".into(), message: e.to_string() })?;
         Ok(HttpGitHub {
             client,
             api: api_url.trim_end_matches('/').to_string(),
@@ -178,18 +150,10 @@ impl HttpGitHub {
         match (&self.auth, cred) {
             (Auth::Pat(t), _) => Ok(t.clone()),
             (Auth::App { signer, .. }, Cred::Jwt) => Ok(signer.jwt(SystemTime::now())),
-            (
-                Auth::App {
-                    signer,
-                    installation_id,
-                },
-                Cred::Installation,
-            ) => {
+            (Auth::App { signer, installation_id }, Cred::Installation) => {
                 let mut cached = self.token.lock().await;
                 if let Some((t, exp)) = cached.as_ref() {
-                    if exp.duration_since(SystemTime::now()).unwrap_or_default()
-                        > Duration::from_secs(300)
-                    {
+                    if exp.duration_since(SystemTime::now()).unwrap_or_default() > Duration::from_secs(300) {
                         return Ok(t.clone());
                     }
                 }
@@ -197,14 +161,9 @@ impl HttpGitHub {
                 let jwt = signer.jwt(SystemTime::now());
                 let (status, _, body) = self.send_once(Method::POST, &path, None, &jwt).await?;
                 if status != StatusCode::CREATED {
-                    return Err(GhError::Auth(format!(
-                        "{path}: HTTP {status}: {}",
-                        message(&body)
-                    )));
+                    return Err(GhError::Auth(format!("{path}: HTTP {status}: {}", message(&body))));
                 }
-                let token = body["token"]
-                    .as_str()
-                    .ok_or_else(|| GhError::Auth("no token in the response".into()))?;
+                let token = body["token"].as_str().ok_or_else(|| GhError::Auth("no token in the response".into()))?;
                 let expires = body["expires_at"]
                     .as_str()
                     .and_then(|s| humantime::parse_rfc3339(s).ok())
@@ -224,11 +183,7 @@ impl HttpGitHub {
         body: Option<&Value>,
         bearer: &Secret,
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, Value), GhError> {
-        let url = if path.starts_with("http") {
-            path.to_string()
-        } else {
-            format!("{}/{path}", self.api)
-        };
+        let url = if path.starts_with("http") { path.to_string() } else { format!("{}/{path}", self.api) };
         let mut req = self
             .client
             .request(method.clone(), &url)
@@ -241,29 +196,20 @@ impl HttpGitHub {
         let endpoint = endpoint_name(&method, url.strip_prefix(&self.api).unwrap_or(path));
         let resp = req.send().await.map_err(|e| {
             self.observer.call(&endpoint, 0);
-            GhError::Transport {
-                method: method.to_string(),
-                path: path.to_string(),
-                message: without_url(&e),
-            }
+            GhError::Transport { method: method.to_string(), path: path.to_string(), message: without_url(&e) }
         })?;
         let status = resp.status();
         self.observer.call(&endpoint, status.as_u16());
         let headers = resp.headers().clone();
-        if let Some(r) = headers
-            .get("x-ratelimit-remaining")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i64>().ok())
+        if let Some(r) =
+            headers.get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok())
         {
             self.rate_remaining.store(r, Ordering::Relaxed);
             self.observer.rate_limit_remaining(r);
         }
         let text = resp.text().await.unwrap_or_default();
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
+        let value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         Ok((status, headers, value))
     }
 
@@ -282,35 +228,31 @@ impl HttpGitHub {
             let result = self.send_once(method.clone(), path, body, &bearer).await;
             let retry_in = match &result {
                 Err(GhError::Transport { .. }) => Some(backoff(&self.retry, attempt)),
-                Ok((status, _, _)) if status.is_server_error() => {
-                    Some(backoff(&self.retry, attempt))
-                }
-                Ok((status, headers, _)) => {
-                    match rate_limit_wait(*status, headers, SystemTime::now()) {
-                        Some(wait) if wait > self.retry.max_wait => {
-                            tracing::warn!(%method, path, wait_secs = wait.as_secs(), "GitHub rate limit: deferring");
-                            return Err(GhError::RateLimited {
-                                method: method.to_string(),
-                                path: path.into(),
-                                until: SystemTime::now() + wait,
-                            });
-                        }
-                        Some(wait) => {
-                            tracing::warn!(%method, path, wait_ms = wait.as_millis() as u64, "GitHub rate limit: waiting");
-                            tokio::time::sleep(wait).await;
-                            continue;
-                        }
-                        None if *status == StatusCode::UNAUTHORIZED
-                            && matches!(self.auth, Auth::App { .. })
-                            && !reauthed =>
-                        {
-                            reauthed = true;
-                            *self.token.lock().await = None;
-                            continue;
-                        }
-                        None => None,
+                Ok((status, _, _)) if status.is_server_error() => Some(backoff(&self.retry, attempt)),
+                Ok((status, headers, _)) => match rate_limit_wait(*status, headers, SystemTime::now()) {
+                    Some(wait) if wait > self.retry.max_wait => {
+                        tracing::warn!(%method, path, wait_secs = wait.as_secs(), "GitHub rate limit: deferring");
+                        return Err(GhError::RateLimited {
+                            method: method.to_string(),
+                            path: path.into(),
+                            until: SystemTime::now() + wait,
+                        });
                     }
-                }
+                    Some(wait) => {
+                        tracing::warn!(%method, path, wait_ms = wait.as_millis() as u64, "GitHub rate limit: waiting");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    None if *status == StatusCode::UNAUTHORIZED
+                        && matches!(self.auth, Auth::App { .. })
+                        && !reauthed =>
+                    {
+                        reauthed = true;
+                        *self.token.lock().await = None;
+                        continue;
+                    }
+                    None => None,
+                },
                 Err(_) => None,
             };
             match retry_in {
@@ -332,9 +274,7 @@ impl HttpGitHub {
         body: Option<&Value>,
         ok: &[StatusCode],
     ) -> Result<(reqwest::header::HeaderMap, Value), GhError> {
-        let (status, headers, value) = self
-            .call(method.clone(), path, body, Cred::Installation)
-            .await?;
+        let (status, headers, value) = self.call(method.clone(), path, body, Cred::Installation).await?;
         if ok.contains(&status) {
             Ok((headers, value))
         } else {
@@ -349,14 +289,12 @@ impl HttpGitHub {
 
     fn hook_path(&self) -> Option<(String, Cred)> {
         match (&self.hook, &self.scope) {
-            (Some(HookConfig::Repository { id }), Scope::Repository { owner, name }) => Some((
-                format!("repos/{owner}/{name}/hooks/{id}/deliveries"),
-                Cred::Installation,
-            )),
-            (Some(HookConfig::Organization { id }), Scope::Organization(o)) => Some((
-                format!("orgs/{o}/hooks/{id}/deliveries"),
-                Cred::Installation,
-            )),
+            (Some(HookConfig::Repository { id }), Scope::Repository { owner, name }) => {
+                Some((format!("repos/{owner}/{name}/hooks/{id}/deliveries"), Cred::Installation))
+            }
+            (Some(HookConfig::Organization { id }), Scope::Organization(o)) => {
+                Some((format!("orgs/{o}/hooks/{id}/deliveries"), Cred::Installation))
+            }
             (Some(HookConfig::App), _) => Some(("app/hook/deliveries".into(), Cred::Jwt)),
             _ => None,
         }
@@ -386,11 +324,7 @@ fn without_url(e: &reqwest::Error) -> String {
         detail = s.to_string();
         source = s.source();
     }
-    if detail.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind}: {detail}")
-    }
+    if detail.is_empty() { kind.to_string() } else { format!("{kind}: {detail}") }
 }
 
 /// The `rel="next"` URL of a `Link` header.
@@ -398,12 +332,7 @@ pub fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
     let link = headers.get("link")?.to_str().ok()?;
     link.split(',').find_map(|part| {
         let (url, rel) = part.split_once(';')?;
-        rel.contains("rel=\"next\"").then(|| {
-            url.trim()
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_string()
-        })
+        rel.contains("rel=\"next\"").then(|| url.trim().trim_start_matches('<').trim_end_matches('>').to_string())
     })
 }
 
@@ -417,10 +346,7 @@ fn runner_info(v: &Value) -> Option<RunnerInfo> {
 }
 
 fn decode(path: &str, what: &str) -> GhError {
-    GhError::Decode {
-        path: path.into(),
-        message: format!("missing {what}"),
-    }
+    GhError::Decode { path: path.into(), message: format!("missing {what}") }
 }
 
 impl GitHub for HttpGitHub {
@@ -430,59 +356,30 @@ impl GitHub for HttpGitHub {
         labels: &[String],
         runner_group_id: u64,
     ) -> Result<JitRunner, GhError> {
-        let path = format!(
-            "{}/actions/runners/generate-jitconfig",
-            self.scope.api_path()
-        );
+        let path = format!("{}/actions/runners/generate-jitconfig", self.scope.api_path());
         let body = json!({"name": name, "runner_group_id": runner_group_id, "labels": labels, "work_folder": "_work"});
-        let (_, v) = self
-            .expect(Method::POST, &path, Some(&body), &[StatusCode::CREATED])
-            .await?;
+        let (_, v) = self.expect(Method::POST, &path, Some(&body), &[StatusCode::CREATED]).await?;
         Ok(JitRunner {
-            runner_id: v["runner"]["id"]
-                .as_u64()
-                .ok_or_else(|| decode(&path, "runner.id"))?,
-            encoded: Secret::new(
-                v["encoded_jit_config"]
-                    .as_str()
-                    .ok_or_else(|| decode(&path, "encoded_jit_config"))?,
-            ),
+            runner_id: v["runner"]["id"].as_u64().ok_or_else(|| decode(&path, "runner.id"))?,
+            encoded: Secret::new(v["encoded_jit_config"].as_str().ok_or_else(|| decode(&path, "encoded_jit_config"))?),
         })
     }
 
     async fn registration_token(&self) -> Result<Secret, GhError> {
-        let path = format!(
-            "{}/actions/runners/registration-token",
-            self.scope.api_path()
-        );
-        let (_, v) = self
-            .expect(Method::POST, &path, None, &[StatusCode::CREATED])
-            .await?;
-        Ok(Secret::new(
-            v["token"].as_str().ok_or_else(|| decode(&path, "token"))?,
-        ))
+        let path = format!("{}/actions/runners/registration-token", self.scope.api_path());
+        let (_, v) = self.expect(Method::POST, &path, None, &[StatusCode::CREATED]).await?;
+        Ok(Secret::new(v["token"].as_str().ok_or_else(|| decode(&path, "token"))?))
     }
 
     async fn runner_group_id(&self, name: &str) -> Result<u64, GhError> {
         if matches!(self.scope, Scope::Repository { .. }) {
             return Ok(1);
         }
-        let path = format!(
-            "{}/actions/runner-groups?per_page=100",
-            self.scope.api_path()
-        );
-        let (_, v) = self
-            .expect(Method::GET, &path, None, &[StatusCode::OK])
-            .await?;
+        let path = format!("{}/actions/runner-groups?per_page=100", self.scope.api_path());
+        let (_, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
         v["runner_groups"]
             .as_array()
-            .and_then(|groups| {
-                groups.iter().find(|g| {
-                    g["name"]
-                        .as_str()
-                        .is_some_and(|n| n.eq_ignore_ascii_case(name))
-                })
-            })
+            .and_then(|groups| groups.iter().find(|g| g["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name))))
             .and_then(|g| g["id"].as_u64())
             .ok_or_else(|| GhError::Status {
                 method: "GET".into(),
@@ -494,22 +391,11 @@ impl GitHub for HttpGitHub {
 
     async fn list_runners(&self) -> Result<Vec<RunnerInfo>, GhError> {
         let mut out = Vec::new();
-        let mut next = Some(format!(
-            "{}/actions/runners?per_page=100",
-            self.scope.api_path()
-        ));
+        let mut next = Some(format!("{}/actions/runners?per_page=100", self.scope.api_path()));
         let mut pages = 0;
         while let Some(path) = next.take() {
-            let (headers, v) = self
-                .expect(Method::GET, &path, None, &[StatusCode::OK])
-                .await?;
-            out.extend(
-                v["runners"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(runner_info),
-            );
+            let (headers, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
+            out.extend(v["runners"].as_array().into_iter().flatten().filter_map(runner_info));
             pages += 1;
             // Follow only links to our own API (never send the token elsewhere).
             next = next_link(&headers).filter(|u| u.starts_with(&self.api) && pages < 1000);
@@ -518,52 +404,27 @@ impl GitHub for HttpGitHub {
     }
 
     async fn find_runner(&self, name: &str) -> Result<Option<RunnerInfo>, GhError> {
-        let mut url = reqwest::Url::parse(&format!(
-            "{}/{}/actions/runners",
-            self.api,
-            self.scope.api_path()
-        ))
-        .map_err(|e| GhError::Decode {
-            path: "runners".into(),
-            message: e.to_string(),
-        })?;
-        url.query_pairs_mut()
-            .append_pair("name", name)
-            .append_pair("per_page", "100");
-        let (_, v) = self
-            .expect(Method::GET, url.as_str(), None, &[StatusCode::OK])
-            .await?;
-        Ok(v["runners"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(runner_info)
-            .find(|r| r.name == name))
+        let mut url = reqwest::Url::parse(&format!("{}/{}/actions/runners", self.api, self.scope.api_path()))
+            .map_err(|e| GhError::Decode { path: "runners".into(), message: e.to_string() })?;
+        url.query_pairs_mut().append_pair("name", name).append_pair("per_page", "100");
+        let (_, v) = self.expect(Method::GET, url.as_str(), None, &[StatusCode::OK]).await?;
+        Ok(v["runners"].as_array().into_iter().flatten().filter_map(runner_info).find(|r| r.name == name))
     }
 
     async fn delete_runner(&self, id: u64) -> Result<Deleted, GhError> {
         let path = format!("{}/actions/runners/{id}", self.scope.api_path());
-        let (status, _, v) = self
-            .call(Method::DELETE, &path, None, Cred::Installation)
-            .await?;
+        let (status, _, v) = self.call(Method::DELETE, &path, None, Cred::Installation).await?;
         match status {
             StatusCode::NO_CONTENT | StatusCode::OK => Ok(Deleted::Deleted),
             StatusCode::NOT_FOUND => Ok(Deleted::NotFound),
             StatusCode::UNPROCESSABLE_ENTITY => Ok(Deleted::Busy),
-            s => Err(GhError::Status {
-                method: "DELETE".into(),
-                path,
-                status: s.as_u16(),
-                message: message(&v),
-            }),
+            s => Err(GhError::Status { method: "DELETE".into(), path, status: s.as_u16(), message: message(&v) }),
         }
     }
 
     async fn job_status(&self, repo: &str, job_id: u64) -> Result<Option<JobStatus>, GhError> {
         let path = format!("repos/{repo}/actions/jobs/{job_id}");
-        let (status, _, v) = self
-            .call(Method::GET, &path, None, Cred::Installation)
-            .await?;
+        let (status, _, v) = self.call(Method::GET, &path, None, Cred::Installation).await?;
         match status {
             StatusCode::OK => Ok(Some(JobStatus {
                 status: v["status"].as_str().unwrap_or("").to_string(),
@@ -571,30 +432,20 @@ impl GitHub for HttpGitHub {
                 runner_name: v["runner_name"].as_str().map(str::to_string),
             })),
             StatusCode::NOT_FOUND => Ok(None),
-            s => Err(GhError::Status {
-                method: "GET".into(),
-                path,
-                status: s.as_u16(),
-                message: message(&v),
-            }),
+            s => Err(GhError::Status { method: "GET".into(), path, status: s.as_u16(), message: message(&v) }),
         }
     }
 
     async fn queued_jobs(&self, repo: &str) -> Result<Vec<QueuedJob>, GhError> {
         let path = format!("repos/{repo}/actions/runs?status=queued&per_page=50");
-        let (_, v) = self
-            .expect(Method::GET, &path, None, &[StatusCode::OK])
-            .await?;
+        let (_, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
         let mut out = Vec::new();
         for run in v["workflow_runs"].as_array().into_iter().flatten() {
             let Some(run_id) = run["id"].as_u64() else {
                 continue;
             };
-            let jobs_path =
-                format!("repos/{repo}/actions/runs/{run_id}/jobs?filter=latest&per_page=100");
-            let (_, jobs) = self
-                .expect(Method::GET, &jobs_path, None, &[StatusCode::OK])
-                .await?;
+            let jobs_path = format!("repos/{repo}/actions/runs/{run_id}/jobs?filter=latest&per_page=100");
+            let (_, jobs) = self.expect(Method::GET, &jobs_path, None, &[StatusCode::OK]).await?;
             for j in jobs["jobs"].as_array().into_iter().flatten() {
                 if j["status"] != "queued" {
                     continue;
@@ -627,18 +478,8 @@ impl GitHub for HttpGitHub {
         let mut next = Some(format!("{base}?per_page=100"));
         while let Some(path) = next.take() {
             let is_jwt = matches!(cred, Cred::Jwt);
-            let (status, headers, v) = self
-                .call(
-                    Method::GET,
-                    &path,
-                    None,
-                    if is_jwt {
-                        Cred::Jwt
-                    } else {
-                        Cred::Installation
-                    },
-                )
-                .await?;
+            let (status, headers, v) =
+                self.call(Method::GET, &path, None, if is_jwt { Cred::Jwt } else { Cred::Installation }).await?;
             if status != StatusCode::OK {
                 return Err(GhError::Status {
                     method: "GET".into(),
@@ -681,12 +522,7 @@ impl GitHub for HttpGitHub {
         if status == StatusCode::ACCEPTED || status == StatusCode::OK {
             Ok(())
         } else {
-            Err(GhError::Status {
-                method: "POST".into(),
-                path,
-                status: status.as_u16(),
-                message: message(&v),
-            })
+            Err(GhError::Status { method: "POST".into(), path, status: status.as_u16(), message: message(&v) })
         }
     }
 }
@@ -706,10 +542,7 @@ mod tests {
         };
         for (n, lo, hi) in [(0, 50, 100), (1, 100, 200), (3, 400, 800), (10, 500, 1000)] {
             let d = backoff(&p, n).as_millis() as u64;
-            assert!(
-                (lo..=hi).contains(&d),
-                "attempt {n}: {d}ms not in {lo}..={hi}"
-            );
+            assert!((lo..=hi).contains(&d), "attempt {n}: {d}ms not in {lo}..={hi}");
         }
     }
 
@@ -718,27 +551,14 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let mut h = HeaderMap::new();
         assert_eq!(rate_limit_wait(StatusCode::OK, &h, now), None);
-        assert_eq!(
-            rate_limit_wait(StatusCode::FORBIDDEN, &h, now),
-            None,
-            "a plain 403 is a permission problem"
-        );
-        assert_eq!(
-            rate_limit_wait(StatusCode::TOO_MANY_REQUESTS, &h, now),
-            Some(Duration::from_secs(60))
-        );
+        assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), None, "a plain 403 is a permission problem");
+        assert_eq!(rate_limit_wait(StatusCode::TOO_MANY_REQUESTS, &h, now), Some(Duration::from_secs(60)));
         h.insert("retry-after", HeaderValue::from_static("7"));
-        assert_eq!(
-            rate_limit_wait(StatusCode::FORBIDDEN, &h, now),
-            Some(Duration::from_secs(7))
-        );
+        assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(7)));
         let mut h = HeaderMap::new();
         h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
         h.insert("x-ratelimit-reset", HeaderValue::from_static("1030"));
-        assert_eq!(
-            rate_limit_wait(StatusCode::FORBIDDEN, &h, now),
-            Some(Duration::from_secs(30))
-        );
+        assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(30)));
     }
 
     #[test]
@@ -746,9 +566,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             "link",
-            HeaderValue::from_static(
-                "<https://api/x?page=2>; rel=\"next\", <https://api/x?page=5>; rel=\"last\"",
-            ),
+            HeaderValue::from_static("<https://api/x?page=2>; rel=\"next\", <https://api/x?page=5>; rel=\"last\""),
         );
         assert_eq!(next_link(&h).as_deref(), Some("https://api/x?page=2"));
         assert_eq!(

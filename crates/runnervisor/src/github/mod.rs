@@ -55,24 +55,11 @@ pub struct DeliveryInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum GhError {
     #[error("{method} {path}: HTTP {status}: {message}")]
-    Status {
-        method: String,
-        path: String,
-        status: u16,
-        message: String,
-    },
+    Status { method: String, path: String, status: u16, message: String },
     #[error("{method} {path}: rate limited until {}", humantime::format_rfc3339_seconds(*until))]
-    RateLimited {
-        method: String,
-        path: String,
-        until: SystemTime,
-    },
+    RateLimited { method: String, path: String, until: SystemTime },
     #[error("{method} {path}: {message}")]
-    Transport {
-        method: String,
-        path: String,
-        message: String,
-    },
+    Transport { method: String, path: String, message: String },
     #[error("GitHub App authentication: {0}")]
     Auth(String),
     #[error("{path}: unexpected response: {message}")]
@@ -104,28 +91,15 @@ pub trait GitHub: Send + Sync + 'static {
     /// Every runner of the scope (all pages).
     fn list_runners(&self) -> impl Future<Output = Result<Vec<RunnerInfo>, GhError>> + Send;
     /// The runner called `name`, if registered (`GET .../actions/runners?name=`).
-    fn find_runner(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<RunnerInfo>, GhError>> + Send;
+    fn find_runner(&self, name: &str) -> impl Future<Output = Result<Option<RunnerInfo>, GhError>> + Send;
     /// `DELETE .../actions/runners/{id}`.
     fn delete_runner(&self, id: u64) -> impl Future<Output = Result<Deleted, GhError>> + Send;
     /// `GET /repos/{repo}/actions/jobs/{id}`; `None` when GitHub does not know it.
-    fn job_status(
-        &self,
-        repo: &str,
-        job_id: u64,
-    ) -> impl Future<Output = Result<Option<JobStatus>, GhError>> + Send;
+    fn job_status(&self, repo: &str, job_id: u64) -> impl Future<Output = Result<Option<JobStatus>, GhError>> + Send;
     /// Queued jobs of the repository's recent workflow runs (repository scope only).
-    fn queued_jobs(
-        &self,
-        repo: &str,
-    ) -> impl Future<Output = Result<Vec<QueuedJob>, GhError>> + Send;
+    fn queued_jobs(&self, repo: &str) -> impl Future<Output = Result<Vec<QueuedJob>, GhError>> + Send;
     /// The hook's deliveries, newest first, at most `max`.
-    fn list_deliveries(
-        &self,
-        max: usize,
-    ) -> impl Future<Output = Result<Vec<DeliveryInfo>, GhError>> + Send;
+    fn list_deliveries(&self, max: usize) -> impl Future<Output = Result<Vec<DeliveryInfo>, GhError>> + Send;
     /// `POST .../deliveries/{id}/attempts`.
     fn redeliver(&self, delivery_id: u64) -> impl Future<Output = Result<(), GhError>> + Send;
 }

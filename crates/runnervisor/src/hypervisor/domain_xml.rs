@@ -126,12 +126,7 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
         if let Some(i) = spec.initrd {
             x.text("initrd", &[], &i.to_string_lossy());
         }
-        x.text(
-            "cmdline",
-            &[],
-            spec.cmdline
-                .unwrap_or("root=LABEL=root rw console=ttyS0 quiet"),
-        );
+        x.text("cmdline", &[], spec.cmdline.unwrap_or("root=LABEL=root rw console=ttyS0 quiet"));
     } else {
         x.empty("boot", &[("dev", "hd")]);
     }
@@ -147,10 +142,7 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.text("on_crash", &[], "destroy");
     x.open("devices", &[]);
     x.open("disk", &[("type", "file"), ("device", "disk")]);
-    x.empty(
-        "driver",
-        &[("name", "qemu"), ("type", "qcow2"), ("discard", "unmap")],
-    );
+    x.empty("driver", &[("name", "qemu"), ("type", "qcow2"), ("discard", "unmap")]);
     x.empty("source", &[("file", &spec.overlay_path.to_string_lossy())]);
     x.empty("target", &[("dev", "vda"), ("bus", "virtio")]);
     x.close();
@@ -162,41 +154,27 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.close();
     match spec.network {
         NetworkConfig::User => x.open("interface", &[("type", "user")]),
-        NetworkConfig::Network { name } => x
-            .open("interface", &[("type", "network")])
-            .empty("source", &[("network", name)]),
-        NetworkConfig::Bridge { name } => x
-            .open("interface", &[("type", "bridge")])
-            .empty("source", &[("bridge", name)]),
+        NetworkConfig::Network { name } => {
+            x.open("interface", &[("type", "network")]).empty("source", &[("network", name)])
+        }
+        NetworkConfig::Bridge { name } => {
+            x.open("interface", &[("type", "bridge")]).empty("source", &[("bridge", name)])
+        }
     };
     x.empty("model", &[("type", "virtio")]);
     x.close();
     x.open("serial", &[("type", "file")]);
-    x.empty(
-        "source",
-        &[
-            ("path", &spec.metadata.console_log.to_string_lossy()),
-            ("append", "off"),
-        ],
-    );
+    x.empty("source", &[("path", &spec.metadata.console_log.to_string_lossy()), ("append", "off")]);
     x.open("target", &[("port", "0")]).close();
     x.close();
     x.open("console", &[("type", "file")]);
-    x.empty(
-        "source",
-        &[
-            ("path", &spec.metadata.console_log.to_string_lossy()),
-            ("append", "off"),
-        ],
-    );
+    x.empty("source", &[("path", &spec.metadata.console_log.to_string_lossy()), ("append", "off")]);
     x.empty("target", &[("type", "serial"), ("port", "0")]);
     x.close();
     x.open("rng", &[("model", "virtio")]);
     x.text("backend", &[("model", "random")], "/dev/urandom");
     x.close();
-    x.open("video", &[])
-        .empty("model", &[("type", "none")])
-        .close();
+    x.open("video", &[]).empty("model", &[("type", "none")]).close();
     x.empty("memballoon", &[("model", "none")]);
     x.close();
     x.close();
@@ -210,16 +188,8 @@ fn metadata_element(x: &mut Xml, m: &VmMetadata) {
     x.text("runnervisor:repository", &[], &m.repository);
     x.text("runnervisor:pool", &[], &m.pool);
     x.text("runnervisor:runner-name", &[], &m.runner_name);
-    x.text(
-        "runnervisor:created",
-        &[],
-        &humantime::format_rfc3339_seconds(m.created).to_string(),
-    );
-    x.text(
-        "runnervisor:console-log",
-        &[],
-        &m.console_log.to_string_lossy(),
-    );
+    x.text("runnervisor:created", &[], &humantime::format_rfc3339_seconds(m.created).to_string());
+    x.text("runnervisor:console-log", &[], &m.console_log.to_string_lossy());
     x.text("runnervisor:job-url", &[], &m.job_url);
     x.close();
 }
@@ -230,12 +200,7 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
     let root = doc.root_element();
     // libvirt hands the element back without its namespace (it was selected by URI);
     // the whole domain XML keeps it. Any other namespace is not ours.
-    if root.tag_name().name() != "vm"
-        || root
-            .tag_name()
-            .namespace()
-            .is_some_and(|ns| ns != METADATA_NS)
-    {
+    if root.tag_name().name() != "vm" || root.tag_name().namespace().is_some_and(|ns| ns != METADATA_NS) {
         return None;
     }
     let get = |name: &str| {
@@ -260,11 +225,7 @@ pub fn overlay_volume(name: &str, capacity_bytes: u64, backing: &Path) -> String
     let mut x = Xml::default();
     x.open("volume", &[]);
     x.text("name", &[], name);
-    x.text(
-        "capacity",
-        &[("unit", "bytes")],
-        &capacity_bytes.to_string(),
-    );
+    x.text("capacity", &[("unit", "bytes")], &capacity_bytes.to_string());
     x.open("target", &[]);
     x.empty("format", &[("type", "qcow2")]);
     x.open("permissions", &[]).text("mode", &[], "0600").close();
@@ -282,16 +243,8 @@ pub fn raw_volume(name: &str, capacity_bytes: u64) -> String {
     let mut x = Xml::default();
     x.open("volume", &[]);
     x.text("name", &[], name);
-    x.text(
-        "capacity",
-        &[("unit", "bytes")],
-        &capacity_bytes.to_string(),
-    );
-    x.text(
-        "allocation",
-        &[("unit", "bytes")],
-        &capacity_bytes.to_string(),
-    );
+    x.text("capacity", &[("unit", "bytes")], &capacity_bytes.to_string());
+    x.text("allocation", &[("unit", "bytes")], &capacity_bytes.to_string());
     x.open("target", &[]);
     x.empty("format", &[("type", "raw")]);
     x.open("permissions", &[]).text("mode", &[], "0600").close();
@@ -319,11 +272,7 @@ mod tests {
         }
     }
 
-    fn spec<'a>(
-        m: &'a VmMetadata,
-        net: &'a NetworkConfig,
-        kernel: Option<&'a Path>,
-    ) -> DomainSpec<'a> {
+    fn spec<'a>(m: &'a VmMetadata, net: &'a NetworkConfig, kernel: Option<&'a Path>) -> DomainSpec<'a> {
         DomainSpec {
             name: "rv-small-30000000001",
             domain_type: DomainType::Qemu,
@@ -344,55 +293,28 @@ mod tests {
     #[test]
     fn domain_xml_is_well_formed_and_escaped() {
         let m = meta();
-        let xml = domain(&spec(
-            &m,
-            &NetworkConfig::User,
-            Some(Path::new("/img/vmlinuz")),
-        ));
+        let xml = domain(&spec(&m, &NetworkConfig::User, Some(Path::new("/img/vmlinuz"))));
         let doc = roxmltree::Document::parse(&xml).expect("well-formed");
         let root = doc.root_element();
         assert_eq!(root.attribute("type"), Some("qemu"));
-        let text = |tag: &str| {
-            root.descendants()
-                .find(|n| n.has_tag_name(tag))
-                .and_then(|n| n.text())
-                .map(str::to_string)
-        };
+        let text =
+            |tag: &str| root.descendants().find(|n| n.has_tag_name(tag)).and_then(|n| n.text()).map(str::to_string);
         assert_eq!(text("name").as_deref(), Some("rv-small-30000000001"));
-        assert_eq!(
-            text("title").as_deref(),
-            Some("a<b>&c'd\"e]]>"),
-            "control chars dropped, the rest exact"
-        );
+        assert_eq!(text("title").as_deref(), Some("a<b>&c'd\"e]]>"), "control chars dropped, the rest exact");
         assert_eq!(text("kernel").as_deref(), Some("/img/vmlinuz"));
-        assert_eq!(
-            text("cmdline").as_deref(),
-            Some("root=LABEL=root rw console=ttyS0 quiet")
-        );
+        assert_eq!(text("cmdline").as_deref(), Some("root=LABEL=root rw console=ttyS0 quiet"));
         assert_eq!(text("on_poweroff").as_deref(), Some("destroy"));
-        let disks: Vec<_> = root
-            .descendants()
-            .filter(|n| n.has_tag_name("disk"))
-            .collect();
+        let disks: Vec<_> = root.descendants().filter(|n| n.has_tag_name("disk")).collect();
         assert_eq!(disks.len(), 2);
         assert!(disks[1].children().any(|n| n.has_tag_name("readonly")));
-        assert!(
-            root.descendants()
-                .any(|n| n.has_tag_name("interface") && n.attribute("type") == Some("user"))
-        );
+        assert!(root.descendants().any(|n| n.has_tag_name("interface") && n.attribute("type") == Some("user")));
         // The metadata element round-trips through the parser.
-        let md = root
-            .descendants()
-            .find(|n| n.tag_name().namespace() == Some(METADATA_NS))
-            .unwrap();
+        let md = root.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS)).unwrap();
         let mut expected = m.clone();
         expected.repository = expected.repository.replace('\u{1}', "");
         expected.job_url = expected.job_url.replace('\u{1}', "");
         assert_eq!(parse_metadata(&xml[md.range()]), Some(expected));
-        assert!(
-            !root.descendants().any(|n| n.has_tag_name("cpu")),
-            "TCG uses QEMU's default CPU"
-        );
+        assert!(!root.descendants().any(|n| n.has_tag_name("cpu")), "TCG uses QEMU's default CPU");
     }
 
     #[test]
@@ -405,47 +327,28 @@ mod tests {
         let doc = roxmltree::Document::parse(&xml).unwrap();
         let root = doc.root_element();
         assert_eq!(root.attribute("type"), Some("kvm"));
-        assert!(
-            root.descendants()
-                .any(|n| n.has_tag_name("boot") && n.attribute("dev") == Some("hd"))
-        );
+        assert!(root.descendants().any(|n| n.has_tag_name("boot") && n.attribute("dev") == Some("hd")));
         assert!(!root.descendants().any(|n| n.has_tag_name("kernel")));
-        assert!(
-            root.descendants()
-                .any(|n| n.has_tag_name("source") && n.attribute("bridge") == Some("br0"))
-        );
-        assert!(
-            root.descendants()
-                .any(|n| n.has_tag_name("cpu") && n.attribute("mode") == Some("host-passthrough"))
-        );
+        assert!(root.descendants().any(|n| n.has_tag_name("source") && n.attribute("bridge") == Some("br0")));
+        assert!(root.descendants().any(|n| n.has_tag_name("cpu") && n.attribute("mode") == Some("host-passthrough")));
     }
 
     #[test]
     fn metadata_as_libvirt_returns_it() {
         let xml = "<vm>\n  <job-id>7</job-id>\n  <run-id>8</run-id>\n  <repository>o/r</repository>\n  <pool>p</pool>\n  <runner-name>rv-p-7</runner-name>\n  <created>2026-11-29T12:40:36Z</created>\n  <console-log>/x.log</console-log>\n  <job-url/>\n</vm>";
         let m = parse_metadata(xml).unwrap();
-        assert_eq!(
-            (m.job_id, m.run_id, m.pool.as_str(), m.job_url.as_str()),
-            (7, 8, "p", "")
-        );
+        assert_eq!((m.job_id, m.run_id, m.pool.as_str(), m.job_url.as_str()), (7, 8, "p", ""));
     }
 
     #[test]
     fn metadata_from_another_namespace_is_not_ours() {
-        assert_eq!(
-            parse_metadata("<vm xmlns=\"urn:other\"><job-id>1</job-id></vm>"),
-            None
-        );
+        assert_eq!(parse_metadata("<vm xmlns=\"urn:other\"><job-id>1</job-id></vm>"), None);
         assert_eq!(parse_metadata("not xml"), None);
     }
 
     #[test]
     fn volume_xml() {
-        let v = overlay_volume(
-            "rv-a-1.qcow2",
-            10 << 30,
-            Path::new("/img/golden & co.qcow2"),
-        );
+        let v = overlay_volume("rv-a-1.qcow2", 10 << 30, Path::new("/img/golden & co.qcow2"));
         let doc = roxmltree::Document::parse(&v).unwrap();
         let path = doc.descendants().find(|n| n.has_tag_name("path")).unwrap();
         assert_eq!(path.text(), Some("/img/golden & co.qcow2"));

@@ -7,10 +7,7 @@ use std::sync::Mutex;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{
-    DomainState, HvError, HvEvent, Hypervisor, VmInfo, domain_xml, overlay_volume_name,
-    seed_volume_name,
-};
+use super::{DomainState, HvError, HvEvent, Hypervisor, VmInfo, domain_xml, overlay_volume_name, seed_volume_name};
 
 #[derive(Default)]
 pub struct FakeState {
@@ -34,10 +31,7 @@ pub struct FakeHypervisor {
 
 impl FakeHypervisor {
     pub fn new(events: UnboundedSender<HvEvent>) -> Self {
-        FakeHypervisor {
-            state: Mutex::new(FakeState::default()),
-            events,
-        }
+        FakeHypervisor { state: Mutex::new(FakeState::default()), events }
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
@@ -53,21 +47,13 @@ impl FakeHypervisor {
     }
 
     pub fn running(&self) -> Vec<String> {
-        self.lock()
-            .domains
-            .iter()
-            .filter(|(_, (s, _))| *s == DomainState::Running)
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.lock().domains.iter().filter(|(_, (s, _))| *s == DomainState::Running).map(|(n, _)| n.clone()).collect()
     }
 
     fn up(&self) -> Result<std::sync::MutexGuard<'_, FakeState>, HvError> {
         let s = self.lock();
         if s.unavailable {
-            return Err(HvError::Unavailable {
-                uri: "fake:///".into(),
-                message: "down".into(),
-            });
+            return Err(HvError::Unavailable { uri: "fake:///".into(), message: "down".into() });
         }
         Ok(s)
     }
@@ -78,12 +64,7 @@ impl Hypervisor for FakeHypervisor {
         self.up().map(|_| ())
     }
 
-    fn create_overlay(
-        &self,
-        vm: &str,
-        _backing: &Path,
-        _capacity: u64,
-    ) -> Result<PathBuf, HvError> {
+    fn create_overlay(&self, vm: &str, _backing: &Path, _capacity: u64) -> Result<PathBuf, HvError> {
         let name = overlay_volume_name(vm);
         self.up()?.volumes.insert(name.clone());
         Ok(PathBuf::from("/fake").join(name))
@@ -98,39 +79,24 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {
-        self.up()?
-            .domains
-            .insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
+        self.up()?.domains.insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
         Ok(())
     }
 
     fn start(&self, name: &str) -> Result<(), HvError> {
         let mut s = self.up()?;
-        let xml = s
-            .domains
-            .get(name)
-            .map(|d| d.1.clone())
-            .ok_or_else(|| HvError::Libvirt {
-                op: "start",
-                name: name.into(),
-                message: "no such domain".into(),
-            })?;
+        let xml = s.domains.get(name).map(|d| d.1.clone()).ok_or_else(|| HvError::Libvirt {
+            op: "start",
+            name: name.into(),
+            message: "no such domain".into(),
+        })?;
         if s.fail_starts > 0 {
             s.fail_starts -= 1;
-            return Err(HvError::Libvirt {
-                op: "start",
-                name: name.into(),
-                message: "injected".into(),
-            });
+            return Err(HvError::Libvirt { op: "start", name: name.into(), message: "injected".into() });
         }
-        s.domains
-            .insert(name.to_string(), (DomainState::Running, xml.to_string()));
+        s.domains.insert(name.to_string(), (DomainState::Running, xml.to_string()));
         s.started_total += 1;
-        let running = s
-            .domains
-            .values()
-            .filter(|(st, _)| *st == DomainState::Running)
-            .count();
+        let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
         s.peak_running = s.peak_running.max(running);
         Ok(())
     }
@@ -157,11 +123,7 @@ impl Hypervisor for FakeHypervisor {
                         .find(|n| n.tag_name().namespace() == Some(domain_xml::METADATA_NS))
                         .and_then(|n| domain_xml::parse_metadata(&xml[n.range()]))
                 });
-                VmInfo {
-                    name: name.clone(),
-                    state: state.clone(),
-                    metadata,
-                }
+                VmInfo { name: name.clone(), state: state.clone(), metadata }
             })
             .collect())
     }

@@ -23,8 +23,7 @@ use virt::stream::Stream;
 use virt::sys;
 
 use super::{
-    DomainState, HvError, HvEvent, Hypervisor, PREFIX, VmInfo, domain_xml, overlay_volume_name,
-    seed_volume_name,
+    DomainState, HvError, HvEvent, Hypervisor, PREFIX, VmInfo, domain_xml, overlay_volume_name, seed_volume_name,
 };
 
 static EVENT_LOOP: Once = Once::new();
@@ -88,11 +87,7 @@ impl Libvirt {
                         delay = RECONNECT_MIN;
                         continue;
                     }
-                    delay = if lv.try_connect(&events) {
-                        RECONNECT_MIN
-                    } else {
-                        (delay * 2).min(RECONNECT_MAX)
-                    };
+                    delay = if lv.try_connect(&events) { RECONNECT_MIN } else { (delay * 2).min(RECONNECT_MAX) };
                 }
             })
             .expect("spawn libvirt keeper thread");
@@ -143,48 +138,32 @@ impl Libvirt {
         if self.broken.load(Ordering::SeqCst) {
             return Err(self.unavailable("connection closed"));
         }
-        self.lock()
-            .as_ref()
-            .cloned()
-            .ok_or_else(|| self.unavailable("not connected"))
+        self.lock().as_ref().cloned().ok_or_else(|| self.unavailable("not connected"))
     }
 
     fn unavailable(&self, message: &str) -> HvError {
-        HvError::Unavailable {
-            uri: self.uri.clone(),
-            message: message.into(),
-        }
+        HvError::Unavailable { uri: self.uri.clone(), message: message.into() }
     }
 
     /// Maps a libvirt error; connection-level errors mark the connection broken.
     fn err(&self, op: &'static str, name: &str, e: virt::error::Error) -> HvError {
-        if matches!(
-            e.code(),
-            Enum::Known(ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc)
-        ) || (matches!(e.code(), Enum::Known(ErrorNumber::SystemError)) && !self.alive())
+        if matches!(e.code(), Enum::Known(ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc))
+            || (matches!(e.code(), Enum::Known(ErrorNumber::SystemError)) && !self.alive())
         {
             self.broken.store(true, Ordering::SeqCst);
             return self.unavailable(e.message());
         }
-        HvError::Libvirt {
-            op,
-            name: name.into(),
-            message: e.message().to_string(),
-        }
+        HvError::Libvirt { op, name: name.into(), message: e.message().to_string() }
     }
 
     fn alive(&self) -> bool {
-        self.lock()
-            .as_ref()
-            .is_some_and(|c| c.is_alive().unwrap_or(false))
+        self.lock().as_ref().is_some_and(|c| c.is_alive().unwrap_or(false))
     }
 
     /// Whether the host can run domains of `domain_type` (`kvm`, `qemu`) for x86_64.
     pub fn supports_domain_type(&self, domain_type: &str) -> Result<bool, HvError> {
         let conn = self.conn()?;
-        let caps = conn
-            .capabilities()
-            .map_err(|e| self.err("capabilities", "", e))?;
+        let caps = conn.capabilities().map_err(|e| self.err("capabilities", "", e))?;
         let doc = roxmltree::Document::parse(&caps).map_err(|e| HvError::Libvirt {
             op: "capabilities",
             name: String::new(),
@@ -193,57 +172,33 @@ impl Libvirt {
         Ok(doc
             .descendants()
             .filter(|n| n.has_tag_name("guest"))
-            .filter(|g| {
-                g.descendants()
-                    .any(|a| a.has_tag_name("arch") && a.attribute("name") == Some("x86_64"))
-            })
-            .any(|g| {
-                g.descendants()
-                    .any(|d| d.has_tag_name("domain") && d.attribute("type") == Some(domain_type))
-            }))
+            .filter(|g| g.descendants().any(|a| a.has_tag_name("arch") && a.attribute("name") == Some("x86_64")))
+            .any(|g| g.descendants().any(|d| d.has_tag_name("domain") && d.attribute("type") == Some(domain_type))))
     }
 
     /// libvirt's version, `major.minor.micro`.
     pub fn version(&self) -> Result<String, HvError> {
         let conn = self.conn()?;
         let v = conn.lib_version().map_err(|e| self.err("version", "", e))?;
-        Ok(format!(
-            "{}.{}.{}",
-            v / 1_000_000,
-            (v / 1000) % 1000,
-            v % 1000
-        ))
+        Ok(format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000))
     }
 
     fn storage_pool(&self, conn: &Connect) -> Result<StoragePool, HvError> {
-        let pool = conn
-            .lookup_storage_pool_by_name(&self.pool)
-            .map_err(|e| match e.code() {
-                Enum::Known(ErrorNumber::NoStoragePool) => HvError::PoolNotFound {
-                    pool: self.pool.clone(),
-                },
-                _ => self.err("lookup pool", &self.pool, e),
-            })?;
+        let pool = conn.lookup_storage_pool_by_name(&self.pool).map_err(|e| match e.code() {
+            Enum::Known(ErrorNumber::NoStoragePool) => HvError::PoolNotFound { pool: self.pool.clone() },
+            _ => self.err("lookup pool", &self.pool, e),
+        })?;
         if !pool.is_active().unwrap_or(false) {
-            return Err(HvError::PoolNotFound {
-                pool: self.pool.clone(),
-            });
+            return Err(HvError::PoolNotFound { pool: self.pool.clone() });
         }
         Ok(pool)
     }
 
     /// Creates a volume from XML, replacing a stale one of the same name.
-    fn create_volume(
-        &self,
-        pool: &StoragePool,
-        name: &str,
-        xml: &str,
-    ) -> Result<StorageVol, HvError> {
+    fn create_volume(&self, pool: &StoragePool, name: &str, xml: &str) -> Result<StorageVol, HvError> {
         if let Ok(stale) = pool.lookup_storage_vol_by_name(name) {
             tracing::warn!(volume = name, "replacing a stale volume");
-            stale
-                .delete(0)
-                .map_err(|e| self.err("delete stale volume", name, e))?;
+            stale.delete(0).map_err(|e| self.err("delete stale volume", name, e))?;
         }
         StorageVol::create_xml(pool, xml, 0).map_err(|e| self.err("create volume", name, e))
     }
@@ -263,60 +218,37 @@ impl Hypervisor for Libvirt {
         let conn = self.conn()?;
         let pool = self.storage_pool(&conn)?;
         let name = overlay_volume_name(vm);
-        let vol = self.create_volume(
-            &pool,
-            &name,
-            &domain_xml::overlay_volume(&name, capacity, backing),
-        )?;
-        vol.path()
-            .map(PathBuf::from)
-            .map_err(|e| self.err("volume path", &name, e))
+        let vol = self.create_volume(&pool, &name, &domain_xml::overlay_volume(&name, capacity, backing))?;
+        vol.path().map(PathBuf::from).map_err(|e| self.err("volume path", &name, e))
     }
 
     fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError> {
         let conn = self.conn()?;
         let pool = self.storage_pool(&conn)?;
         let name = seed_volume_name(vm);
-        let vol = self.create_volume(
-            &pool,
-            &name,
-            &domain_xml::raw_volume(&name, image.len() as u64),
-        )?;
+        let vol = self.create_volume(&pool, &name, &domain_xml::raw_volume(&name, image.len() as u64))?;
         let stream = Stream::new(&conn, 0).map_err(|e| self.err("new stream", &name, e))?;
-        vol.upload(&stream, 0, image.len() as u64, 0)
-            .map_err(|e| self.err("upload", &name, e))?;
+        vol.upload(&stream, 0, image.len() as u64, 0).map_err(|e| self.err("upload", &name, e))?;
         let mut off = 0;
         while off < image.len() {
-            let n = stream
-                .send(&image[off..])
-                .map_err(|e| self.err("upload", &name, e))?;
+            let n = stream.send(&image[off..]).map_err(|e| self.err("upload", &name, e))?;
             if n <= 0 {
-                return Err(HvError::Libvirt {
-                    op: "upload",
-                    name,
-                    message: "stream refused data".into(),
-                });
+                return Err(HvError::Libvirt { op: "upload", name, message: "stream refused data".into() });
             }
             off += n as usize;
         }
         stream.finish().map_err(|e| self.err("upload", &name, e))?;
-        vol.path()
-            .map(PathBuf::from)
-            .map_err(|e| self.err("volume path", &name, e))
+        vol.path().map(PathBuf::from).map_err(|e| self.err("volume path", &name, e))
     }
 
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
-        conn.define_domain_xml(xml)
-            .map(|_| ())
-            .map_err(|e| self.err("define", name, e))
+        conn.define_domain_xml(xml).map(|_| ()).map_err(|e| self.err("define", name, e))
     }
 
     fn start(&self, name: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
-        let dom = conn
-            .lookup_domain_by_name(name)
-            .map_err(|e| self.err("lookup domain", name, e))?;
+        let dom = conn.lookup_domain_by_name(name).map_err(|e| self.err("lookup domain", name, e))?;
         dom.create().map_err(|e| self.err("start", name, e))
     }
 
@@ -365,33 +297,19 @@ impl Hypervisor for Libvirt {
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
         let conn = self.conn()?;
-        let doms = conn
-            .list_all_domains(0)
-            .map_err(|e| self.err("list domains", "", e))?;
+        let doms = conn.list_all_domains(0).map_err(|e| self.err("list domains", "", e))?;
         let mut out = Vec::new();
         for dom in doms {
             let Ok(name) = dom.name() else { continue };
             if !name.starts_with(PREFIX) {
                 continue;
             }
-            let state = if dom.is_active().unwrap_or(false) {
-                DomainState::Running
-            } else {
-                DomainState::Stopped
-            };
+            let state = if dom.is_active().unwrap_or(false) { DomainState::Running } else { DomainState::Stopped };
             let metadata = dom
-                .metadata(
-                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                    Some(domain_xml::METADATA_NS),
-                    0,
-                )
+                .metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain_xml::METADATA_NS), 0)
                 .ok()
                 .and_then(|x| domain_xml::parse_metadata(&x));
-            out.push(VmInfo {
-                name,
-                state,
-                metadata,
-            });
+            out.push(VmInfo { name, state, metadata });
         }
         Ok(out)
     }
@@ -400,22 +318,15 @@ impl Hypervisor for Libvirt {
         let conn = self.conn()?;
         let pool = self.storage_pool(&conn)?;
         let _ = pool.refresh(0);
-        let names = pool
-            .list_volumes()
-            .map_err(|e| self.err("list volumes", &self.pool, e))?;
-        Ok(names
-            .into_iter()
-            .filter(|n| n.starts_with(PREFIX))
-            .collect())
+        let names = pool.list_volumes().map_err(|e| self.err("list volumes", &self.pool, e))?;
+        Ok(names.into_iter().filter(|n| n.starts_with(PREFIX)).collect())
     }
 
     fn delete_volume(&self, name: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
         let pool = self.storage_pool(&conn)?;
         match pool.lookup_storage_vol_by_name(name) {
-            Ok(vol) => vol
-                .delete(0)
-                .map_err(|e| self.err("delete volume", name, e)),
+            Ok(vol) => vol.delete(0).map_err(|e| self.err("delete volume", name, e)),
             Err(e) if is_code(&e, &[ErrorNumber::NoStorageVolume]) => Ok(()),
             Err(e) => Err(self.err("lookup volume", name, e)),
         }
@@ -438,9 +349,7 @@ unsafe extern "C" fn lifecycle_cb(
     if name_ptr.is_null() {
         return 0;
     }
-    let name = unsafe { CStr::from_ptr(name_ptr) }
-        .to_string_lossy()
-        .into_owned();
+    let name = unsafe { CStr::from_ptr(name_ptr) }.to_string_lossy().into_owned();
     if !name.starts_with(PREFIX) {
         return 0;
     }
@@ -477,13 +386,7 @@ fn register_callbacks(conn: &Connect, events: UnboundedSender<HvEvent>, broken: 
     // libvirt expects for VIR_DOMAIN_EVENT_ID_LIFECYCLE despite the generic pointer type.
     let cb: sys::virConnectDomainEventGenericCallback = unsafe {
         std::mem::transmute::<
-            unsafe extern "C" fn(
-                sys::virConnectPtr,
-                sys::virDomainPtr,
-                c_int,
-                c_int,
-                *mut c_void,
-            ) -> c_int,
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int,
             sys::virConnectDomainEventGenericCallback,
         >(lifecycle_cb)
     };
@@ -498,15 +401,11 @@ fn register_callbacks(conn: &Connect, events: UnboundedSender<HvEvent>, broken: 
         )
     };
     if id < 0 {
-        tracing::error!(
-            "cannot register for libvirt lifecycle events; relying on the periodic sweep"
-        );
+        tracing::error!("cannot register for libvirt lifecycle events; relying on the periodic sweep");
         unsafe { free_sender(opaque) };
     }
     let flag = Arc::into_raw(broken) as *mut c_void;
-    let rc = unsafe {
-        sys::virConnectRegisterCloseCallback(conn.as_ptr(), Some(close_cb), flag, Some(free_flag))
-    };
+    let rc = unsafe { sys::virConnectRegisterCloseCallback(conn.as_ptr(), Some(close_cb), flag, Some(free_flag)) };
     if rc < 0 {
         unsafe { free_flag(flag) };
     }

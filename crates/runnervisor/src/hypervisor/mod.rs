@@ -19,11 +19,7 @@ pub const PREFIX: &str = "rv-";
 
 /// `rv-<pool>-<job id>`, and `-<n>` for the n-th VM made for the same job.
 pub fn vm_name(pool: &str, job_id: u64, attempt: u32) -> String {
-    if attempt <= 1 {
-        format!("{PREFIX}{pool}-{job_id}")
-    } else {
-        format!("{PREFIX}{pool}-{job_id}-{attempt}")
-    }
+    if attempt <= 1 { format!("{PREFIX}{pool}-{job_id}") } else { format!("{PREFIX}{pool}-{job_id}-{attempt}") }
 }
 
 pub fn overlay_volume_name(vm: &str) -> String {
@@ -39,26 +35,17 @@ pub fn vm_of_volume(volume: &str) -> Option<&str> {
     if !volume.starts_with(PREFIX) {
         return None;
     }
-    volume
-        .strip_suffix("-seed.img")
-        .or_else(|| volume.strip_suffix(".qcow2"))
+    volume.strip_suffix("-seed.img").or_else(|| volume.strip_suffix(".qcow2"))
 }
 
 /// Whether a runner or domain name has the shape of a VM of `pool`.
 pub fn is_vm_of_pool(name: &str, pool: &str) -> bool {
-    name.strip_prefix(PREFIX)
-        .and_then(|r| r.strip_prefix(pool))
-        .and_then(|r| r.strip_prefix('-'))
-        .is_some_and(|rest| {
-            let mut parts = rest.split('-');
-            let job_ok = parts
-                .next()
-                .is_some_and(|j| !j.is_empty() && j.bytes().all(|b| b.is_ascii_digit()));
-            let attempt_ok = parts
-                .next()
-                .is_none_or(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
-            job_ok && attempt_ok && parts.next().is_none()
-        })
+    name.strip_prefix(PREFIX).and_then(|r| r.strip_prefix(pool)).and_then(|r| r.strip_prefix('-')).is_some_and(|rest| {
+        let mut parts = rest.split('-');
+        let job_ok = parts.next().is_some_and(|j| !j.is_empty() && j.bytes().all(|b| b.is_ascii_digit()));
+        let attempt_ok = parts.next().is_none_or(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
+        job_ok && attempt_ok && parts.next().is_none()
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,20 +89,10 @@ pub enum HvError {
     ImageMissing { path: PathBuf, message: String },
     #[error("golden image {path} is not a qcow2 image")]
     ImageNotQcow2 { path: PathBuf },
-    #[error(
-        "golden image {path} is {image_size} bytes, larger than the pool's disk of {disk_size} bytes"
-    )]
-    ImageTooLarge {
-        path: PathBuf,
-        image_size: u64,
-        disk_size: u64,
-    },
+    #[error("golden image {path} is {image_size} bytes, larger than the pool's disk of {disk_size} bytes")]
+    ImageTooLarge { path: PathBuf, image_size: u64, disk_size: u64 },
     #[error("{op} {name}: {message}")]
-    Libvirt {
-        op: &'static str,
-        name: String,
-        message: String,
-    },
+    Libvirt { op: &'static str, name: String, message: String },
 }
 
 impl HvError {
@@ -151,14 +128,10 @@ pub trait Hypervisor: Send + Sync + 'static {
 
 /// Reads the qcow2 header of a golden image: magic and virtual size.
 pub fn check_image(path: &Path) -> Result<ImageInfo, HvError> {
-    let missing = |e: std::io::Error| HvError::ImageMissing {
-        path: path.into(),
-        message: e.to_string(),
-    };
+    let missing = |e: std::io::Error| HvError::ImageMissing { path: path.into(), message: e.to_string() };
     let mut f = std::fs::File::open(path).map_err(missing)?;
     let mut header = [0u8; 32];
-    f.read_exact(&mut header)
-        .map_err(|_| HvError::ImageNotQcow2 { path: path.into() })?;
+    f.read_exact(&mut header).map_err(|_| HvError::ImageNotQcow2 { path: path.into() })?;
     if &header[0..4] != b"QFI\xfb" {
         return Err(HvError::ImageNotQcow2 { path: path.into() });
     }
@@ -189,22 +162,13 @@ mod tests {
     fn image_check_reads_the_qcow2_header() {
         let dir = crate::test_support::tempdir();
         let img = dir.join("g.qcow2");
-        let st = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg("3G")
-            .status();
+        let st =
+            std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("3G").status();
         if st.is_ok_and(|s| s.success()) {
             assert_eq!(check_image(&img).unwrap().virtual_size, 3 << 30);
         }
         std::fs::write(dir.join("raw.img"), vec![0u8; 4096]).unwrap();
-        assert!(matches!(
-            check_image(&dir.join("raw.img")),
-            Err(HvError::ImageNotQcow2 { .. })
-        ));
-        assert!(matches!(
-            check_image(&dir.join("nope")),
-            Err(HvError::ImageMissing { .. })
-        ));
+        assert!(matches!(check_image(&dir.join("raw.img")), Err(HvError::ImageNotQcow2 { .. })));
+        assert!(matches!(check_image(&dir.join("nope")), Err(HvError::ImageMissing { .. })));
     }
 }

@@ -14,14 +14,9 @@ pub struct SeedError(#[from] std::io::Error);
 /// Builds the seed image bytes.
 pub fn nocloud_image(user_data: &str, meta_data: &str) -> Result<Vec<u8>, SeedError> {
     let payload = user_data.len() + meta_data.len();
-    let size = (payload * 2 + 256 * 1024)
-        .max(MIN_SIZE)
-        .next_multiple_of(512);
+    let size = (payload * 2 + 256 * 1024).max(MIN_SIZE).next_multiple_of(512);
     let mut disk = Cursor::new(vec![0u8; size]);
-    fatfs::format_volume(
-        &mut disk,
-        fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "),
-    )?;
+    fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "))?;
     disk.set_position(0);
     {
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
@@ -51,22 +46,14 @@ mod tests {
         let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label().trim(), "CIDATA");
         let mut s = String::new();
-        fs.root_dir()
-            .open_file("user-data")
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
+        fs.root_dir().open_file("user-data").unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s, "#cloud-config\n{}\n");
         drop(fs);
         // blkid (what cloud-init uses to find the seed) sees the label too.
         let dir = crate::test_support::tempdir();
         let path = dir.join("seed.img");
         std::fs::write(&path, &img).unwrap();
-        if let Ok(out) = std::process::Command::new("blkid")
-            .args(["-o", "value", "-s", "LABEL"])
-            .arg(&path)
-            .output()
-        {
+        if let Ok(out) = std::process::Command::new("blkid").args(["-o", "value", "-s", "LABEL"]).arg(&path).output() {
             if out.status.success() {
                 assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "CIDATA");
             }
@@ -80,11 +67,7 @@ mod tests {
         let mut cur = Cursor::new(img);
         let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
         let mut s = String::new();
-        fs.root_dir()
-            .open_file("user-data")
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
+        fs.root_dir().open_file("user-data").unwrap().read_to_string(&mut s).unwrap();
         assert_eq!(s.len(), big.len());
     }
 }

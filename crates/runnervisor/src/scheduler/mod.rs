@@ -35,27 +35,11 @@ use vm::Input;
 /// Everything the scheduler reacts to.
 pub enum Event {
     Hv(HvEvent),
-    RunnerCreated {
-        vm: String,
-        runner_id: u64,
-    },
-    Provisioned {
-        vm: String,
-        result: Result<Duration, ProvisionError>,
-    },
-    TornDown {
-        vm: String,
-        outcome: TeardownOutcome,
-    },
-    Swept {
-        vms: Result<Vec<VmInfo>, HvError>,
-        volumes: Result<Vec<String>, HvError>,
-    },
-    GitHubSynced {
-        runners: Result<Vec<RunnerInfo>, GhError>,
-        jobs: Vec<(u64, JobStatus)>,
-        found: Vec<JobEvent>,
-    },
+    RunnerCreated { vm: String, runner_id: u64 },
+    Provisioned { vm: String, result: Result<Duration, ProvisionError> },
+    TornDown { vm: String, outcome: TeardownOutcome },
+    Swept { vms: Result<Vec<VmInfo>, HvError>, volumes: Result<Vec<String>, HvError> },
+    GitHubSynced { runners: Result<Vec<RunnerInfo>, GhError>, jobs: Vec<(u64, JobStatus)>, found: Vec<JobEvent> },
     GroupResolved(Result<u64, GhError>),
     Admin(AdminCommand, oneshot::Sender<AdminReply>),
 }
@@ -172,19 +156,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     ) -> Result<Self, crate::store::StoreError> {
         let snap = store.load()?;
         let draining = snap.meta.get("draining").is_some_and(|v| v == b"1");
-        let interrupted = snap
-            .vms
-            .values()
-            .filter(|v| v.state == VmState::Provisioning)
-            .map(|v| v.name.clone())
-            .collect();
+        let interrupted =
+            snap.vms.values().filter(|v| v.state == VmState::Provisioning).map(|v| v.name.clone()).collect();
         Ok(Scheduler {
-            ctx: Ctx {
-                github,
-                hv,
-                config: config.clone(),
-                events: tx,
-            },
+            ctx: Ctx { github, hv, config: config.clone(), events: tx },
             config,
             store,
             metrics,
@@ -223,9 +198,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             draining = self.draining,
             "scheduler starting"
         );
-        self.metrics
-            .draining
-            .set(&[], if self.draining { 1.0 } else { 0.0 });
+        self.metrics.draining.set(&[], if self.draining { 1.0 } else { 0.0 });
         self.drain_inbox();
         self.start_sweep();
         self.start_github_sync();
@@ -277,10 +250,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.flush();
         }
         self.flush();
-        info!(
-            vms = self.vms.len(),
-            "scheduler stopped; running VMs keep running"
-        );
+        info!(vms = self.vms.len(), "scheduler stopped; running VMs keep running");
     }
 
     fn handle(&mut self, ev: Event) {
@@ -295,11 +265,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::Provisioned { vm, result } => self.on_provisioned(vm, result),
             Event::TornDown { vm, outcome } => self.on_torn_down(vm, outcome),
             Event::Swept { vms, volumes } => self.on_swept(vms, volumes),
-            Event::GitHubSynced {
-                runners,
-                jobs,
-                found,
-            } => self.on_github_synced(runners, jobs, found),
+            Event::GitHubSynced { runners, jobs, found } => self.on_github_synced(runners, jobs, found),
             Event::GroupResolved(r) => {
                 self.group_pending = false;
                 match r {
@@ -309,8 +275,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     }
                     Err(e) => {
                         error!(runner_group = %self.config.github.runner_group, error = %e, "cannot resolve the runner group");
-                        let pools: Vec<String> =
-                            self.config.pools.iter().map(|p| p.name.clone()).collect();
+                        let pools: Vec<String> = self.config.pools.iter().map(|p| p.name.clone()).collect();
                         for p in pools {
                             self.bump_backoff(&p);
                         }
@@ -362,11 +327,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     fn new_job(&self, info: &JobInfo, received_at: SystemTime) -> JobRec {
         JobRec {
             pool: self.match_pool(&info.labels),
-            info: JobInfo {
-                runner_name: None,
-                conclusion: None,
-                ..info.clone()
-            },
+            info: JobInfo { runner_name: None, conclusion: None, ..info.clone() },
             state: JobState::Queued,
             received_at,
             vms_made: 0,
@@ -406,15 +367,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     self.jobs.insert(id, job);
                 }
                 let job = self.jobs.get_mut(&id).expect("inserted");
-                if matches!(
-                    job.state,
-                    JobState::Completed { .. } | JobState::Abandoned { .. }
-                ) {
+                if matches!(job.state, JobState::Completed { .. } | JobState::Abandoned { .. }) {
                     return;
                 }
-                job.state = JobState::InProgress {
-                    runner: ev.job.runner_name.clone(),
-                };
+                job.state = JobState::InProgress { runner: ev.job.runner_name.clone() };
                 job.updated_at = now;
                 let pool = job.pool.clone();
                 let received = job.received_at;
@@ -427,9 +383,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         self.metrics.jobs_started.inc(&[("pool", &vm_pool)]);
                         self.metrics.queued_to_runner_online_seconds.observe(
                             &[("pool", &vm_pool)],
-                            now.duration_since(received)
-                                .unwrap_or_default()
-                                .as_secs_f64(),
+                            now.duration_since(received).unwrap_or_default().as_secs_f64(),
                         );
                         info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %vm_pool, vm = %runner, runner_name = %runner, "job started on our runner");
                     } else {
@@ -447,18 +401,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     return;
                 }
                 let was_queued = job.state == JobState::Queued;
-                job.state = JobState::Completed {
-                    conclusion: ev.job.conclusion.clone(),
-                };
+                job.state = JobState::Completed { conclusion: ev.job.conclusion.clone() };
                 job.updated_at = now;
                 self.dirty_jobs.insert(id);
                 let conclusion = ev.job.conclusion.clone().unwrap_or_default();
                 match &ev.job.runner_name {
                     Some(runner) if self.vms.contains_key(runner) => {
                         let pool = self.vms[runner].pool.clone();
-                        self.metrics
-                            .jobs_completed
-                            .inc(&[("pool", &pool), ("conclusion", &conclusion)]);
+                        self.metrics.jobs_completed.inc(&[("pool", &pool), ("conclusion", &conclusion)]);
                         info!(job_id = id, repository = %ev.job.repository, pool = %pool, vm = %runner, runner_name = %runner, conclusion = %conclusion, "job completed on our runner");
                         self.transition(runner, Input::JobCompleted);
                     }
@@ -515,30 +465,21 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let vm_snapshot = vm.clone();
         // A VM that died or stalled before any runner on it took a job is a failed attempt.
         if vm::counts_as_failure(&vm_snapshot, reason) {
-            if let Some(job) = self
-                .jobs
-                .get_mut(&vm_snapshot.job_id)
-                .filter(|j| j.state == JobState::Queued)
-            {
+            if let Some(job) = self.jobs.get_mut(&vm_snapshot.job_id).filter(|j| j.state == JobState::Queued) {
                 job.failed_vms += 1;
                 self.dirty_jobs.insert(job.info.id);
-                let max = self
-                    .config
-                    .pool(&vm_snapshot.pool)
-                    .map(|p| p.max_attempts)
-                    .unwrap_or(1);
+                let max = self.config.pool(&vm_snapshot.pool).map(|p| p.max_attempts).unwrap_or(1);
                 warn!(job_id = job.info.id, vm = %name, reason = reason.as_str(), attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
                 if job.failed_vms >= max {
-                    job.state = JobState::Abandoned {
-                        reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()),
-                    };
+                    job.state =
+                        JobState::Abandoned { reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()) };
                     self.metrics.jobs_failed.inc(&[("pool", &vm_snapshot.pool)]);
                     error!(job_id = job.info.id, run_id = job.info.run_id, repository = %job.info.repository, pool = %vm_snapshot.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
                 }
             }
         }
-        let runner_first = matches!(reason, Reason::Surplus)
-            && matches!(vm_snapshot.state, VmState::Idle | VmState::Booting);
+        let runner_first =
+            matches!(reason, Reason::Surplus) && matches!(vm_snapshot.state, VmState::Idle | VmState::Booting);
         let vm = self.vms.get_mut(name).expect("exists");
         vm.state = VmState::TearingDown;
         vm.state_since = SystemTime::now();
@@ -578,9 +519,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         if outcome.errors.is_empty() {
-            self.metrics
-                .teardown_seconds
-                .observe(&[], outcome.duration.as_secs_f64());
+            self.metrics.teardown_seconds.observe(&[], outcome.duration.as_secs_f64());
             if let Some(vm) = self.vms.remove(&name) {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
             }
@@ -591,8 +530,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.teardown_failures.inc();
                 warn!(vm = %name, error = %e, "teardown step failed; will retry");
             }
-            self.teardown_retry_at
-                .insert(name, Instant::now() + TEARDOWN_RETRY);
+            self.teardown_retry_at.insert(name, Instant::now() + TEARDOWN_RETRY);
         }
     }
 
@@ -652,9 +590,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Ok(took) => {
                 self.backoff.remove(&vm.pool);
                 self.metrics.vms_started.inc(&[("pool", &vm.pool)]);
-                self.metrics
-                    .provision_seconds
-                    .observe(&[("pool", &vm.pool)], took.as_secs_f64());
+                self.metrics.provision_seconds.observe(&[("pool", &vm.pool)], took.as_secs_f64());
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, duration_ms = took.as_millis() as u64, "vm started");
                 self.transition(&name, Input::Provisioned);
                 if let Some(reason) = vm.reap {
@@ -662,38 +598,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
             Err(e) => {
-                self.metrics
-                    .provision_failures
-                    .inc(&[("pool", &vm.pool), ("step", e.step())]);
+                self.metrics.provision_failures.inc(&[("pool", &vm.pool), ("step", e.step())]);
                 error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "provisioning failed; the job stays queued");
                 self.bump_backoff(&vm.pool);
-                debug_assert_eq!(
-                    vm::next(vm.state, Input::ProvisionFailed),
-                    Some(VmState::TearingDown)
-                );
+                debug_assert_eq!(vm::next(vm.state, Input::ProvisionFailed), Some(VmState::TearingDown));
                 self.begin_teardown(&name, Reason::ProvisionFailed);
             }
         }
     }
 
     fn bump_backoff(&mut self, pool: &str) {
-        let delay = self
-            .backoff
-            .get(pool)
-            .map(|b| (b.delay * 2).min(BACKOFF_MAX))
-            .unwrap_or(BACKOFF_MIN);
-        warn!(
-            pool,
-            retry_in_ms = delay.as_millis() as u64,
-            "provisioning backs off"
-        );
-        self.backoff.insert(
-            pool.to_string(),
-            Backoff {
-                until: Instant::now() + delay,
-                delay,
-            },
-        );
+        let delay = self.backoff.get(pool).map(|b| (b.delay * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
+        warn!(pool, retry_in_ms = delay.as_millis() as u64, "provisioning backs off");
+        self.backoff.insert(pool.to_string(), Backoff { until: Instant::now() + delay, delay });
     }
 
     /// Timers, then demand: per pool, available runners = unserved jobs, within capacity.
@@ -707,8 +624,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .values()
             .filter_map(|v| {
                 let pool = self.config.pool(&v.pool)?;
-                vm::expired(v, pool, self.config.reconcile.stop_grace, now)
-                    .map(|r| (v.name.clone(), r))
+                vm::expired(v, pool, self.config.reconcile.stop_grace, now).map(|r| (v.name.clone(), r))
             })
             .collect();
         for (name, reason) in expired {
@@ -734,40 +650,23 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     fn reconcile_pool(&mut self, pool: &PoolConfig) {
-        let mut unserved: Vec<&JobRec> = self
-            .jobs
-            .values()
-            .filter(|j| j.is_unserved() && j.pool.as_deref() == Some(&pool.name))
-            .collect();
+        let mut unserved: Vec<&JobRec> =
+            self.jobs.values().filter(|j| j.is_unserved() && j.pool.as_deref() == Some(&pool.name)).collect();
         unserved.sort_by_key(|j| (j.received_at, j.info.id));
         let unserved: Vec<u64> = unserved.iter().map(|j| j.info.id).collect();
-        let mut available: Vec<&VmRec> = self
-            .vms
-            .values()
-            .filter(|v| v.pool == pool.name && v.state.is_available() && v.reap.is_none())
-            .collect();
+        let mut available: Vec<&VmRec> =
+            self.vms.values().filter(|v| v.pool == pool.name && v.state.is_available() && v.reap.is_none()).collect();
         let alive = self.vms.values().filter(|v| v.pool == pool.name).count();
 
         // Surplus: more available runners than unserved jobs (cancelled, served elsewhere).
         let surplus = available.len().saturating_sub(unserved.len());
         let now = Instant::now();
         let unserved_set: BTreeSet<u64> = unserved.iter().copied().collect();
-        available.sort_by_key(|v| {
-            (
-                unserved_set.contains(&v.job_id),
-                std::cmp::Reverse(v.created_at),
-            )
-        });
-        let surplus_names: Vec<String> = available
-            .iter()
-            .take(surplus)
-            .map(|v| v.name.clone())
-            .collect();
+        available.sort_by_key(|v| (unserved_set.contains(&v.job_id), std::cmp::Reverse(v.created_at)));
+        let surplus_names: Vec<String> = available.iter().take(surplus).map(|v| v.name.clone()).collect();
         let covered: BTreeSet<u64> = available.iter().map(|v| v.job_id).collect();
         let available_count = available.len();
-        self.surplus_since.retain(|n, _| {
-            surplus_names.contains(n) || !n.starts_with(&format!("rv-{}-", pool.name))
-        });
+        self.surplus_since.retain(|n, _| surplus_names.contains(n) || !n.starts_with(&format!("rv-{}-", pool.name)));
         for name in surplus_names {
             let since = *self.surplus_since.entry(name.clone()).or_insert(now);
             if now.duration_since(since) >= pool.idle_timeout {
@@ -791,11 +690,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.resolve_group();
             return;
         }
-        let picks: Vec<u64> = unserved
-            .into_iter()
-            .filter(|j| !covered.contains(j))
-            .take(n)
-            .collect();
+        let picks: Vec<u64> = unserved.into_iter().filter(|j| !covered.contains(j)).take(n).collect();
         for job in picks {
             self.start_provision(job, pool);
         }
@@ -822,9 +717,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // Webhooks already accepted may say its runner took (and finished) a job:
                 // apply them first, or the VM would look like it died before taking one.
                 self.drain_inbox();
-                let stops = self.vms.get(&name).is_some_and(|v| {
-                    vm::next(v.state, Input::DomainStopped) == Some(VmState::TearingDown)
-                });
+                let stops = self
+                    .vms
+                    .get(&name)
+                    .is_some_and(|v| vm::next(v.state, Input::DomainStopped) == Some(VmState::TearingDown));
                 if stops {
                     info!(vm = %name, "domain stopped");
                     self.reap(&name, Reason::Stopped);
@@ -861,11 +757,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Compares the hypervisor with the records: stopped or vanished domains are torn down,
     /// running unknown domains of ours are adopted, the rest (and stray volumes) removed.
-    fn on_swept(
-        &mut self,
-        vms: Result<Vec<VmInfo>, HvError>,
-        volumes: Result<Vec<String>, HvError>,
-    ) {
+    fn on_swept(&mut self, vms: Result<Vec<VmInfo>, HvError>, volumes: Result<Vec<String>, HvError>) {
         self.sweep_running = false;
         let found = match vms {
             Ok(v) => v,
@@ -904,9 +796,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             match vm.state {
                 VmState::Provisioning => {}
                 VmState::TearingDown => {
-                    if !self.tearing_down.contains(&name)
-                        && !self.teardown_retry_at.contains_key(&name)
-                    {
+                    if !self.tearing_down.contains(&name) && !self.teardown_retry_at.contains_key(&name) {
                         self.spawn_teardown(vm, false);
                     }
                 }
@@ -924,20 +814,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             let now = SystemTime::now();
             let adoptable = info.state == DomainState::Running
-                && info
-                    .metadata
-                    .as_ref()
-                    .is_some_and(|m| self.config.pool(&m.pool).is_some());
+                && info.metadata.as_ref().is_some_and(|m| self.config.pool(&m.pool).is_some());
             let meta = info.metadata.clone();
             let vm = VmRec {
                 name: info.name.clone(),
                 pool: meta.as_ref().map(|m| m.pool.clone()).unwrap_or_default(),
                 job_id: meta.as_ref().map(|m| m.job_id).unwrap_or(0),
                 run_id: meta.as_ref().map(|m| m.run_id).unwrap_or(0),
-                repository: meta
-                    .as_ref()
-                    .map(|m| m.repository.clone())
-                    .unwrap_or_default(),
+                repository: meta.as_ref().map(|m| m.repository.clone()).unwrap_or_default(),
                 job_url: meta.as_ref().map(|m| m.job_url.clone()).unwrap_or_default(),
                 runner_id: None,
                 state: VmState::Booting,
@@ -981,21 +865,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Warns when a pool's image declares a runner too old for GitHub (at start, then hourly).
     fn check_images(&mut self) {
-        if self
-            .last_image_check
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(3600))
-        {
+        if self.last_image_check.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
             return;
         }
         self.last_image_check = Some(Instant::now());
         for pool in &self.config.pools {
-            let problem = crate::images::read_manifest(&pool.image).and_then(|m| {
-                crate::images::runner_age_problem(&m, pool.runner_max_age, SystemTime::now())
-            });
-            self.metrics.image_runner_outdated.set(
-                &[("pool", &pool.name)],
-                if problem.is_some() { 1.0 } else { 0.0 },
-            );
+            let problem = crate::images::read_manifest(&pool.image)
+                .and_then(|m| crate::images::runner_age_problem(&m, pool.runner_max_age, SystemTime::now()));
+            self.metrics.image_runner_outdated.set(&[("pool", &pool.name)], if problem.is_some() { 1.0 } else { 0.0 });
             if let Some(p) = problem {
                 warn!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image with a current runner");
             }
@@ -1012,10 +889,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let old: Vec<u64> = self
             .jobs
             .values()
-            .filter(|j| {
-                !j.is_unserved()
-                    && now.duration_since(j.updated_at).unwrap_or_default() > JOB_RETENTION
-            })
+            .filter(|j| !j.is_unserved() && now.duration_since(j.updated_at).unwrap_or_default() > JOB_RETENTION)
             .map(|j| j.info.id)
             .collect();
         for id in old {
@@ -1041,10 +915,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let stale: Vec<(String, u64)> = self
             .jobs
             .values()
-            .filter(|j| {
-                j.pool.is_some()
-                    && matches!(j.state, JobState::Queued | JobState::InProgress { .. })
-            })
+            .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
             .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
             .take(20)
             .map(|j| (j.info.repository.clone(), j.info.id))
@@ -1099,11 +970,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Err(e) => debug!(error = %e, "cannot poll queued jobs"),
                 }
             }
-            let _ = ctx.events.send(Event::GitHubSynced {
-                runners,
-                jobs,
-                found,
-            });
+            let _ = ctx.events.send(Event::GitHubSynced { runners, jobs, found });
         });
     }
 
@@ -1153,8 +1020,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 return;
             }
         };
-        let by_name: HashMap<&str, &RunnerInfo> =
-            runners.iter().map(|r| (r.name.as_str(), r)).collect();
+        let by_name: HashMap<&str, &RunnerInfo> = runners.iter().map(|r| (r.name.as_str(), r)).collect();
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let vm = self.vms[&name].clone();
@@ -1179,10 +1045,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     }
                     VmState::Booting
                         if vm.runner_id.is_some()
-                            && self
-                                .config
-                                .pool(&vm.pool)
-                                .is_some_and(|p| p.registration == Registration::Jit) =>
+                            && self.config.pool(&vm.pool).is_some_and(|p| p.registration == Registration::Jit) =>
                     {
                         info!(vm = %name, "JIT runner registration vanished before it came online");
                         self.reap(&name, Reason::RunnerGone);
@@ -1211,10 +1074,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// A domain, volume owner or runner name of one of our pools.
     fn is_ours(&self, name: &str) -> bool {
-        self.config
-            .pools
-            .iter()
-            .any(|p| hypervisor::is_vm_of_pool(name, &p.name))
+        self.config.pools.iter().any(|p| hypervisor::is_vm_of_pool(name, &p.name))
     }
 
     // ---- admin ----
@@ -1226,10 +1086,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.draining = on;
                 self.metrics.draining.set(&[], if on { 1.0 } else { 0.0 });
                 if let Err(e) = self.store.commit(&Batch {
-                    meta: vec![(
-                        "draining".into(),
-                        if on { b"1".to_vec() } else { b"0".to_vec() },
-                    )],
+                    meta: vec![("draining".into(), if on { b"1".to_vec() } else { b"0".to_vec() })],
                     ..Default::default()
                 }) {
                     return AdminReply::Error(format!("cannot persist drain state: {e}"));
@@ -1245,9 +1102,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 None => AdminReply::Error(format!("no vm named {name:?} (see runnervisor status)")),
                 Some(_) => {
                     self.reap(&name, Reason::Operator);
-                    AdminReply::Ok(format!(
-                        "{name}: teardown started (domain, volumes, runner registration)"
-                    ))
+                    AdminReply::Ok(format!("{name}: teardown started (domain, volumes, runner registration)"))
                 }
             },
         }
@@ -1306,17 +1161,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     fn flush(&mut self) {
         let batch = Batch {
-            jobs: self
-                .dirty_jobs
-                .iter()
-                .filter_map(|id| self.jobs.get(id).cloned())
-                .collect(),
+            jobs: self.dirty_jobs.iter().filter_map(|id| self.jobs.get(id).cloned()).collect(),
             remove_jobs: self.removed_jobs.iter().copied().collect(),
-            vms: self
-                .dirty_vms
-                .iter()
-                .filter_map(|n| self.vms.get(n).cloned())
-                .collect(),
+            vms: self.dirty_vms.iter().filter_map(|n| self.vms.get(n).cloned()).collect(),
             remove_vms: self.removed_vms.iter().cloned().collect(),
             inbox_done: self.inbox_done.clone(),
             meta: Vec::new(),
@@ -1338,14 +1185,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     fn update_gauges(&self) {
         for p in &self.config.pools {
-            let queued = self
-                .jobs
-                .values()
-                .filter(|j| j.is_unserved() && j.pool.as_deref() == Some(&p.name))
-                .count();
-            self.metrics
-                .queue_depth
-                .set(&[("pool", &p.name)], queued as f64);
+            let queued = self.jobs.values().filter(|j| j.is_unserved() && j.pool.as_deref() == Some(&p.name)).count();
+            self.metrics.queue_depth.set(&[("pool", &p.name)], queued as f64);
             for s in [
                 VmState::Provisioning,
                 VmState::Booting,
@@ -1354,25 +1195,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 VmState::Finishing,
                 VmState::TearingDown,
             ] {
-                let n = self
-                    .vms
-                    .values()
-                    .filter(|v| v.pool == p.name && v.state == s)
-                    .count();
-                self.metrics
-                    .vms
-                    .set(&[("pool", &p.name), ("state", s.as_str())], n as f64);
+                let n = self.vms.values().filter(|v| v.pool == p.name && v.state == s).count();
+                self.metrics.vms.set(&[("pool", &p.name), ("state", s.as_str())], n as f64);
             }
         }
     }
 }
 
 /// Asks GitHub to redeliver failed `workflow_job` deliveries we never received.
-async fn redeliver_failed<G: GitHub, H: Hypervisor>(
-    ctx: &Ctx<G, H>,
-    store: &Store,
-    metrics: &Metrics,
-) {
+async fn redeliver_failed<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, store: &Store, metrics: &Metrics) {
     let deliveries = match ctx.github.list_deliveries(300).await {
         Ok(d) => d,
         Err(e) => {
@@ -1381,17 +1212,11 @@ async fn redeliver_failed<G: GitHub, H: Hypervisor>(
         }
     };
     let window = SystemTime::now() - Duration::from_secs(3 * 86400 - 3600);
-    let ok_guids: BTreeSet<&str> = deliveries
-        .iter()
-        .filter(|d| (200..300).contains(&d.status_code))
-        .map(|d| d.guid.as_str())
-        .collect();
+    let ok_guids: BTreeSet<&str> =
+        deliveries.iter().filter(|d| (200..300).contains(&d.status_code)).map(|d| d.guid.as_str()).collect();
     let mut asked = BTreeSet::new();
     for d in &deliveries {
-        if d.event != "workflow_job"
-            || (200..300).contains(&d.status_code)
-            || d.delivered_at < window
-        {
+        if d.event != "workflow_job" || (200..300).contains(&d.status_code) || d.delivered_at < window {
             continue;
         }
         // Another attempt of the same delivery succeeded, or we already have it.

@@ -70,9 +70,7 @@ impl<G, H> Clone for Ctx<G, H> {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("blocking task panicked")
+    tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
 }
 
 pub struct Plan {
@@ -86,17 +84,12 @@ pub struct Plan {
 
 /// Image check, credential, overlay, seed, define, start. Reports the runner id as soon as
 /// it exists, so a crash after it still lets the teardown find the registration.
-pub async fn provision<G: GitHub, H: Hypervisor>(
-    ctx: Ctx<G, H>,
-    plan: Plan,
-) -> Result<Duration, ProvisionError> {
+pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<Duration, ProvisionError> {
     let started = Instant::now();
     let name = plan.vm.name.clone();
     let pool = &plan.pool;
     let image_path = pool.image.clone();
-    let image = blocking(move || hypervisor::check_image(&image_path))
-        .await
-        .map_err(ProvisionError::Image)?;
+    let image = blocking(move || hypervisor::check_image(&image_path)).await.map_err(ProvisionError::Image)?;
     let disk = pool.disk_gib << 30;
     if image.virtual_size > disk {
         return Err(ProvisionError::Image(HvError::ImageTooLarge {
@@ -108,56 +101,29 @@ pub async fn provision<G: GitHub, H: Hypervisor>(
 
     let credential = match pool.registration {
         Registration::Jit => {
-            let jit = match ctx
-                .github
-                .generate_jit_config(&name, &plan.labels, plan.runner_group_id)
-                .await
-            {
+            let jit = match ctx.github.generate_jit_config(&name, &plan.labels, plan.runner_group_id).await {
                 Err(e) if e.status() == Some(409) => {
                     // A registration of this name survived an earlier attempt: remove it, retry once.
                     tracing::warn!(vm = %name, "a runner with this name exists; replacing it");
-                    if let Some(r) = ctx
-                        .github
-                        .find_runner(&name)
-                        .await
-                        .map_err(ProvisionError::Credential)?
-                    {
-                        ctx.github
-                            .delete_runner(r.id)
-                            .await
-                            .map_err(ProvisionError::Credential)?;
+                    if let Some(r) = ctx.github.find_runner(&name).await.map_err(ProvisionError::Credential)? {
+                        ctx.github.delete_runner(r.id).await.map_err(ProvisionError::Credential)?;
                     }
-                    ctx.github
-                        .generate_jit_config(&name, &plan.labels, plan.runner_group_id)
-                        .await
+                    ctx.github.generate_jit_config(&name, &plan.labels, plan.runner_group_id).await
                 }
                 other => other,
             }
             .map_err(ProvisionError::Credential)?;
-            let _ = ctx.events.send(Event::RunnerCreated {
-                vm: name.clone(),
-                runner_id: jit.runner_id,
-            });
-            Credential::Jit {
-                encoded: jit.encoded,
-            }
+            let _ = ctx.events.send(Event::RunnerCreated { vm: name.clone(), runner_id: jit.runner_id });
+            Credential::Jit { encoded: jit.encoded }
         }
         Registration::Token => {
-            let token = ctx
-                .github
-                .registration_token()
-                .await
-                .map_err(ProvisionError::Credential)?;
+            let token = ctx.github.registration_token().await.map_err(ProvisionError::Credential)?;
             let group = match ctx.config.github.scope() {
                 crate::config::Scope::Repository { .. } => None,
                 _ => Some(ctx.config.github.runner_group.clone()),
             };
             Credential::Token {
-                url: format!(
-                    "{}/{}",
-                    ctx.config.github.web_url(),
-                    ctx.config.github.scope().web_path()
-                ),
+                url: format!("{}/{}", ctx.config.github.web_url(), ctx.config.github.scope().web_path()),
                 token,
                 labels: plan.labels.clone(),
                 runner_group: group,
@@ -169,9 +135,7 @@ pub async fn provision<G: GitHub, H: Hypervisor>(
 
     let hv = ctx.hv.clone();
     let (n, backing) = (name.clone(), pool.image.clone());
-    let overlay = blocking(move || hv.create_overlay(&n, &backing, disk))
-        .await
-        .map_err(ProvisionError::Overlay)?;
+    let overlay = blocking(move || hv.create_overlay(&n, &backing, disk)).await.map_err(ProvisionError::Overlay)?;
     crash_point("after-overlay");
 
     let user_data = cloudinit::user_data(&RunnerSpec {
@@ -185,16 +149,11 @@ pub async fn provision<G: GitHub, H: Hypervisor>(
     drop(user_data);
     let hv = ctx.hv.clone();
     let n = name.clone();
-    let seed_path = blocking(move || hv.create_seed(&n, &image))
-        .await
-        .map_err(|e| ProvisionError::Seed(e.to_string()))?;
+    let seed_path =
+        blocking(move || hv.create_seed(&n, &image)).await.map_err(|e| ProvisionError::Seed(e.to_string()))?;
     crash_point("after-seed");
 
-    let console_log: PathBuf = ctx
-        .config
-        .libvirt
-        .console_log_dir
-        .join(format!("{name}.log"));
+    let console_log: PathBuf = ctx.config.libvirt.console_log_dir.join(format!("{name}.log"));
     let metadata = VmMetadata {
         job_id: plan.vm.job_id,
         run_id: plan.vm.run_id,
@@ -205,18 +164,10 @@ pub async fn provision<G: GitHub, H: Hypervisor>(
         console_log,
         job_url: plan.vm.job_url.clone(),
     };
-    let title = format!(
-        "{} · {} · job {}",
-        plan.vm.repository, plan.workflow, plan.vm.job_id
-    );
+    let title = format!("{} · {} · job {}", plan.vm.repository, plan.workflow, plan.vm.job_id);
     let description = format!(
         "runnervisor runner for {} workflow {:?} job {:?} (id {}, run {}) {}",
-        plan.vm.repository,
-        plan.workflow,
-        plan.job_name,
-        plan.vm.job_id,
-        plan.vm.run_id,
-        plan.vm.job_url
+        plan.vm.repository, plan.workflow, plan.job_name, plan.vm.job_id, plan.vm.run_id, plan.vm.job_url
     );
     let xml = domain_xml::domain(&DomainSpec {
         name: &name,
@@ -235,15 +186,11 @@ pub async fn provision<G: GitHub, H: Hypervisor>(
     });
     let hv = ctx.hv.clone();
     let n = name.clone();
-    blocking(move || hv.define(&n, &xml))
-        .await
-        .map_err(ProvisionError::Domain)?;
+    blocking(move || hv.define(&n, &xml)).await.map_err(ProvisionError::Domain)?;
     crash_point("after-define");
     let hv = ctx.hv.clone();
     let n = name.clone();
-    blocking(move || hv.start(&n))
-        .await
-        .map_err(ProvisionError::Domain)?;
+    blocking(move || hv.start(&n)).await.map_err(ProvisionError::Domain)?;
     crash_point("after-start");
     Ok(started.elapsed())
 }
@@ -259,11 +206,7 @@ pub struct TeardownOutcome {
 /// Removes the domain, its volumes, and the runner registration. With `runner_first`
 /// (reaping a runner believed idle) the registration goes first, and a runner that turns
 /// out to be busy keeps its VM.
-pub async fn teardown<G: GitHub, H: Hypervisor>(
-    ctx: Ctx<G, H>,
-    vm: VmRec,
-    runner_first: bool,
-) -> TeardownOutcome {
+pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runner_first: bool) -> TeardownOutcome {
     let started = Instant::now();
     let mut out = TeardownOutcome::default();
     if runner_first {
@@ -284,10 +227,7 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(
     }
     if !runner_first {
         match delete_runner(&ctx, &vm).await {
-            Ok(Deleted::Busy) => out.errors.push(format!(
-                "runner {} is still busy at GitHub; will retry",
-                vm.name
-            )),
+            Ok(Deleted::Busy) => out.errors.push(format!("runner {} is still busy at GitHub; will retry", vm.name)),
             Ok(_) => {}
             Err(e) => out.errors.push(e),
         }
@@ -296,25 +236,15 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(
     out
 }
 
-async fn delete_runner<G: GitHub, H: Hypervisor>(
-    ctx: &Ctx<G, H>,
-    vm: &VmRec,
-) -> Result<Deleted, String> {
+async fn delete_runner<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &VmRec) -> Result<Deleted, String> {
     let id = match vm.runner_id {
         Some(id) => Some(id),
-        None => ctx
-            .github
-            .find_runner(&vm.name)
-            .await
-            .map_err(|e| format!("find runner {}: {e}", vm.name))?
-            .map(|r| r.id),
+        None => {
+            ctx.github.find_runner(&vm.name).await.map_err(|e| format!("find runner {}: {e}", vm.name))?.map(|r| r.id)
+        }
     };
     match id {
         None => Ok(Deleted::NotFound),
-        Some(id) => ctx
-            .github
-            .delete_runner(id)
-            .await
-            .map_err(|e| format!("delete runner {}: {e}", vm.name)),
+        Some(id) => ctx.github.delete_runner(id).await.map_err(|e| format!("delete runner {}: {e}", vm.name)),
     }
 }

@@ -78,29 +78,10 @@ fn start(
     }
     let inbox = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::default());
-    let s = Scheduler::new(
-        cfg,
-        gh.clone(),
-        hv.clone(),
-        store.clone(),
-        metrics,
-        inbox.clone(),
-        tx.clone(),
-        rx,
-    )
-    .unwrap();
+    let s = Scheduler::new(cfg, gh.clone(), hv.clone(), store.clone(), metrics, inbox.clone(), tx.clone(), rx).unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
-    H {
-        gh,
-        hv,
-        store,
-        inbox,
-        tx,
-        stop,
-        task,
-        seq: 0,
-    }
+    H { gh, hv, store, inbox, tx, stop, task, seq: 0 }
 }
 
 fn harness(extra_pool: &str) -> H {
@@ -114,13 +95,7 @@ fn harness(extra_pool: &str) -> H {
     let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
     let _ = hv_tx.send(HvEvent::Reconnected);
     let store = Arc::new(Store::open(&dir).unwrap());
-    start(
-        Arc::new(cfg),
-        Arc::new(FakeGitHub::default()),
-        hv,
-        Some(hv_rx),
-        store,
-    )
+    start(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store)
 }
 
 fn info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
@@ -142,12 +117,7 @@ impl H {
     fn deliver_as(&mut self, delivery: &str, action: JobAction, job: JobInfo) -> bool {
         let ok = self
             .store
-            .accept(&JobEvent {
-                delivery: delivery.into(),
-                action,
-                job,
-                received_at: SystemTime::now(),
-            })
+            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: SystemTime::now() })
             .unwrap();
         self.inbox.notify_one();
         ok
@@ -159,10 +129,7 @@ impl H {
     }
     async fn status(&self) -> Status {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Event::Admin(AdminCommand::Status, tx))
-            .ok()
-            .unwrap();
+        self.tx.send(Event::Admin(AdminCommand::Status, tx)).ok().unwrap();
         match rx.await.unwrap() {
             AdminReply::Status(s) => s,
             other => panic!("{other:?}"),
@@ -199,10 +166,7 @@ impl H {
 }
 
 fn vm_for(s: &Status, job: u64) -> Option<String> {
-    s.vms
-        .iter()
-        .find(|v| v.job_id == job)
-        .map(|v| v.name.clone())
+    s.vms.iter().find(|v| v.job_id == job).map(|v| v.name.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,10 +176,7 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
         h.deliver(JobAction::Queued, info(id, &["Self-Hosted", "linux"], None));
     }
     let s = h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
-    assert!(
-        vm_for(&s, 11).is_some() && vm_for(&s, 12).is_some(),
-        "oldest first: {s:#?}"
-    );
+    assert!(vm_for(&s, 11).is_some() && vm_for(&s, 12).is_some(), "oldest first: {s:#?}");
     assert!(vm_for(&s, 13).is_none(), "capacity 2");
     assert_eq!(s.pools[0].queued, 3);
     let vm11 = vm_for(&s, 11).unwrap();
@@ -223,28 +184,19 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
     // The seed went through the hypervisor seam with a JIT credential for this VM.
     assert!(h.hv.lock().seeds.contains_key(&vm11));
     h.run_job_on(&vm11, 11);
-    let s = h
-        .wait("job 13 gets a VM", |s, _| vm_for(s, 13).is_some())
-        .await;
+    let s = h.wait("job 13 gets a VM", |s, _| vm_for(s, 13).is_some()).await;
     assert!(s.vms.iter().all(|v| v.name != vm11), "vm 11 torn down");
     let vm12 = vm_for(&s, 12).unwrap();
     let vm13 = vm_for(&s, 13).unwrap();
     h.run_job_on(&vm12, 12);
     h.run_job_on(&vm13, 13);
-    h.wait("all gone", |s, hv| {
-        s.vms.is_empty() && hv.lock().domains.is_empty()
-    })
-    .await;
+    h.wait("all gone", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
     let (gh, hv, _) = h.shutdown().await;
     let st = hv.lock();
     assert!(st.volumes.is_empty(), "{:?}", st.volumes);
     assert_eq!(st.peak_running, 2);
     assert_eq!(st.started_total, 3);
-    assert!(
-        gh.runner_names().is_empty(),
-        "runner registrations deleted: {:?}",
-        gh.runner_names()
-    );
+    assert!(gh.runner_names().is_empty(), "runner registrations deleted: {:?}", gh.runner_names());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,21 +207,10 @@ async fn any_runner_may_take_any_job_counting_not_binding() {
     h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
     // The VM made for 21 runs job 22: job 21 still needs a runner and keeps the other VM.
     h.run_job_on("rv-small-21", 22);
-    let s = h
-        .wait("vm for 21 gone", |s, _| {
-            s.vms.iter().all(|v| v.name != "rv-small-21")
-        })
-        .await;
-    assert_eq!(
-        s.vms.len(),
-        1,
-        "no extra VM: the VM made for 22 serves 21: {s:#?}"
-    );
+    let s = h.wait("vm for 21 gone", |s, _| s.vms.iter().all(|v| v.name != "rv-small-21")).await;
+    assert_eq!(s.vms.len(), 1, "no extra VM: the VM made for 22 serves 21: {s:#?}");
     h.run_job_on("rv-small-22", 21);
-    h.wait("all served", |s, hv| {
-        s.vms.is_empty() && s.queued.is_empty() && hv.lock().domains.is_empty()
-    })
-    .await;
+    h.wait("all served", |s, hv| s.vms.is_empty() && s.queued.is_empty() && hv.lock().domains.is_empty()).await;
     let (_, hv, _) = h.shutdown().await;
     assert_eq!(hv.lock().started_total, 2);
 }
@@ -305,10 +246,7 @@ async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
     let mut c = info(41, LABELS, None);
     c.conclusion = Some("cancelled".into());
     h.deliver(JobAction::Completed, c);
-    h.wait("surplus VM reaped", |s, hv| {
-        s.vms.is_empty() && hv.lock().domains.is_empty()
-    })
-    .await;
+    h.wait("surplus VM reaped", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
     let (gh, _, _) = h.shutdown().await;
     assert!(gh.runner_names().is_empty());
 }
@@ -318,9 +256,7 @@ async fn api_failures_back_off_and_the_job_is_still_served() {
     let mut h = harness("");
     h.gh.lock().fail_next = 2;
     h.deliver(JobAction::Queued, info(51, LABELS, None));
-    let s = h
-        .wait("a VM despite API errors", |_, hv| hv.running().len() == 1)
-        .await;
+    let s = h.wait("a VM despite API errors", |_, hv| hv.running().len() == 1).await;
     assert!(vm_for(&s, 51).unwrap().starts_with("rv-small-51"));
     assert_eq!(s.queued.len(), 1, "the job was never dropped");
     h.shutdown().await;
@@ -330,17 +266,11 @@ async fn api_failures_back_off_and_the_job_is_still_served() {
 async fn vms_dying_before_a_job_are_retried_then_the_job_is_given_up() {
     let mut h = harness("max_attempts = 2");
     h.deliver(JobAction::Queued, info(61, LABELS, None));
-    h.wait("first VM", |_, hv| hv.running() == ["rv-small-61"])
-        .await;
+    h.wait("first VM", |_, hv| hv.running() == ["rv-small-61"]).await;
     h.hv.stop("rv-small-61");
-    h.wait("second VM", |_, hv| hv.running() == ["rv-small-61-2"])
-        .await;
+    h.wait("second VM", |_, hv| hv.running() == ["rv-small-61-2"]).await;
     h.hv.stop("rv-small-61-2");
-    let s = h
-        .wait("given up", |s, hv| {
-            s.queued.is_empty() && s.vms.is_empty() && hv.lock().domains.is_empty()
-        })
-        .await;
+    let s = h.wait("given up", |s, hv| s.queued.is_empty() && s.vms.is_empty() && hv.lock().domains.is_empty()).await;
     assert!(s.vms.is_empty());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, hv, _) = h.shutdown().await;
@@ -356,47 +286,27 @@ async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
     h.deliver(JobAction::Queued, info(71, LABELS, None));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let s = h.status().await;
-    assert!(
-        s.vms.is_empty() && s.queued.len() == 1 && !s.libvirt_connected,
-        "{s:#?}"
-    );
+    assert!(s.vms.is_empty() && s.queued.len() == 1 && !s.libvirt_connected, "{s:#?}");
     h.hv.lock().unavailable = false;
     let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
-    h.wait("VM after reconnect", |_, hv| hv.running().len() == 1)
-        .await;
+    h.wait("VM after reconnect", |_, hv| hv.running().len() == 1).await;
     h.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_stops_new_vms_and_survives_restart() {
     let mut h = harness("");
-    assert!(matches!(
-        h.admin(AdminCommand::Drain(true)).await,
-        AdminReply::Ok(_)
-    ));
+    assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
     h.deliver(JobAction::Queued, info(81, LABELS, None));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(h.hv.running().is_empty());
     let cfg = h.store.load().unwrap();
     assert_eq!(cfg.meta["draining"], b"1");
-    assert!(matches!(
-        h.admin(AdminCommand::DestroyVm("rv-nope-1".into())).await,
-        AdminReply::Error(_)
-    ));
-    assert!(matches!(
-        h.admin(AdminCommand::Drain(false)).await,
-        AdminReply::Ok(_)
-    ));
-    h.wait("VM after undrain", |_, hv| hv.running().len() == 1)
-        .await;
-    assert!(matches!(
-        h.admin(AdminCommand::DestroyVm("rv-small-81".into())).await,
-        AdminReply::Ok(_)
-    ));
-    h.wait("operator destroy", |s, _| {
-        s.vms.iter().all(|v| v.name != "rv-small-81")
-    })
-    .await;
+    assert!(matches!(h.admin(AdminCommand::DestroyVm("rv-nope-1".into())).await, AdminReply::Error(_)));
+    assert!(matches!(h.admin(AdminCommand::Drain(false)).await, AdminReply::Ok(_)));
+    h.wait("VM after undrain", |_, hv| hv.running().len() == 1).await;
+    assert!(matches!(h.admin(AdminCommand::DestroyVm("rv-small-81".into())).await, AdminReply::Ok(_)));
+    h.wait("operator destroy", |s, _| s.vms.iter().all(|v| v.name != "rv-small-81")).await;
     h.shutdown().await;
 }
 
@@ -432,17 +342,9 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
         took_job: None,
         reap: None,
     };
-    store
-        .commit(&Batch {
-            jobs: vec![job],
-            vms: vec![vm],
-            ..Default::default()
-        })
-        .unwrap();
+    store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
     hv.lock().volumes.insert("rv-small-92.qcow2".into());
-    crate::github::GitHub::generate_jit_config(&*gh, "rv-small-92", &[], 1)
-        .await
-        .unwrap();
+    crate::github::GitHub::generate_jit_config(&*gh, "rv-small-92", &[], 1).await.unwrap();
     // An orphan domain of ours with no record at all, not running.
     hv.define("rv-small-99", "<domain/>").unwrap();
 
@@ -458,19 +360,8 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
                 && !hv.lock().domains.contains_key("rv-small-99")
         })
         .await;
-    assert!(
-        s.vms
-            .iter()
-            .any(|v| v.name == "rv-small-91" && v.state == "booting"),
-        "adopted: {s:#?}"
-    );
-    assert!(
-        !hv.lock().volumes.contains("rv-small-92.qcow2"),
-        "interrupted VM's volume removed"
-    );
+    assert!(s.vms.iter().any(|v| v.name == "rv-small-91" && v.state == "booting"), "adopted: {s:#?}");
+    assert!(!hv.lock().volumes.contains("rv-small-92.qcow2"), "interrupted VM's volume removed");
     let (gh, _, _) = h.shutdown().await;
-    assert!(
-        !gh.runner_names().contains(&"rv-small-92".to_string()),
-        "interrupted VM's runner removed"
-    );
+    assert!(!gh.runner_names().contains(&"rv-small-92".to_string()), "interrupted VM's runner removed");
 }

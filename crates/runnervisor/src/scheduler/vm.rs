@@ -48,23 +48,12 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
 /// made for: the VM died or stalled before any runner on it took a job.
 pub fn counts_as_failure(vm: &VmRec, reason: Reason) -> bool {
     vm.took_job.is_none()
-        && matches!(
-            vm.state,
-            VmState::Booting | VmState::Idle | VmState::TearingDown
-        )
-        && matches!(
-            reason,
-            Reason::Stopped | Reason::RegistrationTimeout | Reason::MaxLifetime
-        )
+        && matches!(vm.state, VmState::Booting | VmState::Idle | VmState::TearingDown)
+        && matches!(reason, Reason::Stopped | Reason::RegistrationTimeout | Reason::MaxLifetime)
 }
 
 /// The timer that has run out for this VM, if any.
-pub fn expired(
-    vm: &VmRec,
-    pool: &PoolConfig,
-    stop_grace: Duration,
-    now: SystemTime,
-) -> Option<Reason> {
+pub fn expired(vm: &VmRec, pool: &PoolConfig, stop_grace: Duration, now: SystemTime) -> Option<Reason> {
     let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
     if vm.state == VmState::TearingDown || vm.state == VmState::Provisioning {
         return None;
@@ -73,9 +62,7 @@ pub fn expired(
         return Some(Reason::MaxLifetime);
     }
     match vm.state {
-        VmState::Booting if age(vm.state_since) >= pool.registration_timeout => {
-            Some(Reason::RegistrationTimeout)
-        }
+        VmState::Booting if age(vm.state_since) >= pool.registration_timeout => Some(Reason::RegistrationTimeout),
         VmState::Finishing if age(vm.state_since) >= stop_grace => Some(Reason::FinishGrace),
         _ => None,
     }
@@ -162,36 +149,14 @@ mod tests {
         let now = SystemTime::now();
         let grace = Duration::from_secs(60);
         assert_eq!(expired(&vm(Booting, 299, 299, now), pool, grace, now), None);
-        assert_eq!(
-            expired(&vm(Booting, 300, 300, now), pool, grace, now),
-            Some(Reason::RegistrationTimeout)
-        );
+        assert_eq!(expired(&vm(Booting, 300, 300, now), pool, grace, now), Some(Reason::RegistrationTimeout));
         assert_eq!(expired(&vm(Busy, 3599, 3000, now), pool, grace, now), None);
-        assert_eq!(
-            expired(&vm(Busy, 3600, 10, now), pool, grace, now),
-            Some(Reason::MaxLifetime)
-        );
-        assert_eq!(
-            expired(&vm(Idle, 3600, 10, now), pool, grace, now),
-            Some(Reason::MaxLifetime)
-        );
-        assert_eq!(
-            expired(&vm(Finishing, 100, 59, now), pool, grace, now),
-            None
-        );
-        assert_eq!(
-            expired(&vm(Finishing, 100, 60, now), pool, grace, now),
-            Some(Reason::FinishGrace)
-        );
-        assert_eq!(
-            expired(&vm(Provisioning, 7200, 7200, now), pool, grace, now),
-            None,
-            "provisioning reports first"
-        );
-        assert_eq!(
-            expired(&vm(TearingDown, 7200, 7200, now), pool, grace, now),
-            None
-        );
+        assert_eq!(expired(&vm(Busy, 3600, 10, now), pool, grace, now), Some(Reason::MaxLifetime));
+        assert_eq!(expired(&vm(Idle, 3600, 10, now), pool, grace, now), Some(Reason::MaxLifetime));
+        assert_eq!(expired(&vm(Finishing, 100, 59, now), pool, grace, now), None);
+        assert_eq!(expired(&vm(Finishing, 100, 60, now), pool, grace, now), Some(Reason::FinishGrace));
+        assert_eq!(expired(&vm(Provisioning, 7200, 7200, now), pool, grace, now), None, "provisioning reports first");
+        assert_eq!(expired(&vm(TearingDown, 7200, 7200, now), pool, grace, now), None);
     }
 
     #[test]

@@ -8,11 +8,7 @@ use std::time::Duration;
 use super::*;
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn tempdir(tag: &str) -> PathBuf {
@@ -23,13 +19,7 @@ pub fn tempdir(tag: &str) -> PathBuf {
 
 pub fn write_private(path: &Path, content: &str) {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
     f.write_all(content.as_bytes()).unwrap();
 }
 
@@ -86,10 +76,7 @@ impl Agent {
         let metrics_port = free_port();
         let labels: Vec<String> = spec.labels.iter().map(|l| format!("{l:?}")).collect();
         let auth = spec.auth.clone().unwrap_or_else(|| {
-            format!(
-                "auth = {{ type = \"pat\", token = {{ file = \"{}\" }} }}",
-                dir.join("pat").display()
-            )
+            format!("auth = {{ type = \"pat\", token = {{ file = \"{}\" }} }}", dir.join("pat").display())
         });
         let text = format!(
             r#"
@@ -176,20 +163,7 @@ registration = "{registration}"
     }
 
     pub async fn start_with_env(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runnervisor"));
-        cmd.args(["serve", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().unwrap());
+        self.spawn(env);
         let url = format!("http://127.0.0.1:{}/healthz", self.webhook_port);
         let client = reqwest::Client::new();
         for _ in 0..100 {
@@ -202,6 +176,17 @@ registration = "{registration}"
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("agent did not come up:\n{}", self.log_tail());
+    }
+
+    /// Starts the agent without waiting for it.
+    pub fn spawn(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runnervisor"));
+        cmd.args(["serve", "--config"]).arg(&self.config).stdout(Stdio::null()).stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
     }
 
     pub fn kill9(&mut self) {
@@ -229,32 +214,18 @@ registration = "{registration}"
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.unwrap().text().await.unwrap()
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_runnervisor"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .unwrap()
+        Command::new(env!("CARGO_BIN_EXE_runnervisor")).args(args).arg("--config").arg(&self.config).output().unwrap()
     }
 
     /// Asserts nothing of this pool is left on the hypervisor.
     pub fn assert_clean(&self, hv: &runnervisor::hypervisor::libvirt::Libvirt) {
         let prefix = format!("rv-{}-", self.spec_pool);
         let (doms, vols) = leftovers(hv, &prefix);
-        assert!(
-            doms.is_empty() && vols.is_empty(),
-            "leaked domains {doms:?} volumes {vols:?}\n{}",
-            self.log_tail()
-        );
+        assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());
     }
 }
 

@@ -28,15 +28,10 @@ pub struct TestImage {
 }
 
 pub fn test_image() -> TestImage {
-    let dir = PathBuf::from(
-        std::env::var("RV_TEST_IMAGE_DIR")
-            .unwrap_or_else(|_| "/var/lib/runnervisor/test-image".into()),
-    );
-    let img = TestImage {
-        golden: dir.join("golden.qcow2"),
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initrd.img"),
-    };
+    let dir =
+        PathBuf::from(std::env::var("RV_TEST_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/runnervisor/test-image".into()));
+    let img =
+        TestImage { golden: dir.join("golden.qcow2"), kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") };
     assert!(
         img.golden.exists() && img.kernel.exists() && img.initrd.exists(),
         "test image missing in {}: run ./scripts/test (or scripts/setup-host and images/test/build)",
@@ -58,14 +53,10 @@ pub fn libvirt() -> (Arc<Libvirt>, tokio::sync::mpsc::UnboundedReceiver<HvEvent>
     let lv = Libvirt::start(URI, POOL, tx);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lv.connected() {
-        assert!(
-            Instant::now() < deadline,
-            "libvirt not reachable at {URI}: run ./scripts/setup-host"
-        );
+        assert!(Instant::now() < deadline, "libvirt not reachable at {URI}: run ./scripts/setup-host");
         std::thread::sleep(Duration::from_millis(100));
     }
-    lv.check_pool()
-        .expect("storage pool 'runnervisor' (run ./scripts/setup-host)");
+    lv.check_pool().expect("storage pool 'runnervisor' (run ./scripts/setup-host)");
     (lv, rx)
 }
 
@@ -87,19 +78,8 @@ impl Drop for Cleanup {
 
 /// Names of `rv-` domains and volumes that exist right now.
 pub fn leftovers(hv: &Libvirt, prefix: &str) -> (Vec<String>, Vec<String>) {
-    let doms = hv
-        .list_vms()
-        .unwrap()
-        .into_iter()
-        .map(|v| v.name)
-        .filter(|n| n.starts_with(prefix))
-        .collect();
-    let vols = hv
-        .list_volumes()
-        .unwrap()
-        .into_iter()
-        .filter(|n| n.starts_with(prefix))
-        .collect();
+    let doms = hv.list_vms().unwrap().into_iter().map(|v| v.name).filter(|n| n.starts_with(prefix)).collect();
+    let vols = hv.list_volumes().unwrap().into_iter().filter(|n| n.starts_with(prefix)).collect();
     (doms, vols)
 }
 
@@ -110,18 +90,12 @@ pub struct Sim {
 
 impl Sim {
     /// A simulator whose runners reach it at 10.0.2.2 (slirp's view of the host).
-    pub async fn start(
-        webhook_url: Option<String>,
-        tweak: impl FnOnce(&mut github_sim::SimConfig),
-    ) -> Sim {
+    pub async fn start(webhook_url: Option<String>, tweak: impl FnOnce(&mut github_sim::SimConfig)) -> Sim {
         let mut c = github_sim::SimConfig::new(PAT, SECRET);
         c.webhook_url = webhook_url;
         c.public_host = Some("10.0.2.2".into());
         tweak(&mut c);
-        Sim {
-            handle: github_sim::SimHandle::start(c).await.unwrap(),
-            http: reqwest::Client::new(),
-        }
+        Sim { handle: github_sim::SimHandle::start(c).await.unwrap(), http: reqwest::Client::new() }
     }
 
     pub fn url(&self) -> String {
@@ -133,10 +107,7 @@ impl Sim {
     }
 
     pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut r = self
-            .http
-            .request(method, format!("{}{path}", self.url()))
-            .bearer_auth(PAT);
+        let mut r = self.http.request(method, format!("{}{path}", self.url())).bearer_auth(PAT);
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -146,54 +117,27 @@ impl Sim {
     }
 
     pub async fn queue(&self, repo: &str, labels: &[&str], duration_secs: f64) -> u64 {
-        self.queue_with(json!({"repo": repo, "labels": labels, "duration_secs": duration_secs}))
-            .await
+        self.queue_with(json!({"repo": repo, "labels": labels, "duration_secs": duration_secs})).await
     }
 
     pub async fn queue_with(&self, body: Value) -> u64 {
-        let r = self
-            .http
-            .post(format!("{}/_sim/jobs", self.url()))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = self.http.post(format!("{}/_sim/jobs", self.url())).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 201);
         r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
     }
 
     pub async fn job(&self, id: u64) -> Value {
-        self.http
-            .get(format!("{}/_sim/jobs/{id}", self.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.http.get(format!("{}/_sim/jobs/{id}", self.url())).send().await.unwrap().json().await.unwrap()
     }
 
     pub async fn runners(&self) -> Vec<Value> {
-        let v: Value = self
-            .http
-            .get(format!("{}/_sim/runners", self.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value =
+            self.http.get(format!("{}/_sim/runners", self.url())).send().await.unwrap().json().await.unwrap();
         v.as_array().cloned().unwrap_or_default()
     }
 
     pub async fn fault(&self, f: Value) {
-        let r = self
-            .http
-            .post(format!("{}/_sim/faults", self.url()))
-            .json(&f)
-            .send()
-            .await
-            .unwrap();
+        let r = self.http.post(format!("{}/_sim/faults", self.url())).json(&f).send().await.unwrap();
         assert_eq!(r.status(), 201);
     }
 
@@ -207,20 +151,13 @@ impl Sim {
     }
 }
 
-pub async fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl AsyncFnMut() -> Option<T>,
-) -> T {
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -240,9 +177,5 @@ pub fn console_dir() -> PathBuf {
 
 /// A unique-per-test suffix so parallel tests never share names.
 pub fn unique() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
-        % 1_000_000_000_000
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64 % 1_000_000_000_000
 }
