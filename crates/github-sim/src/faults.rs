@@ -39,7 +39,8 @@ pub enum Fault {
         path: Option<String>,
     },
     /// A runner's first contact (registration, or the first poll of a JIT runner) never
-    /// gets an answer: the runner looks like a VM that never boots.
+    /// gets an answer, nor does any later request of that runner: it never comes online,
+    /// like a VM that never boots properly.
     RunnerStall {
         #[serde(default)]
         count: Option<u32>,

@@ -112,6 +112,8 @@ pub struct Runner {
     pub job: Option<u64>,
     pub jobs_run: u32,
     pub created_at: SystemTime,
+    /// Hit by a `runner_stall` fault: none of its requests is ever answered.
+    pub stalled: bool,
 }
 
 impl Runner {
@@ -375,6 +377,7 @@ impl World {
                 job: None,
                 jobs_run: 0,
                 created_at: now,
+                stalled: false,
             },
         );
         self.runner_history.insert(new.name, RunnerHistory { id, registered: true, ..Default::default() });

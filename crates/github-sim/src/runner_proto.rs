@@ -140,9 +140,14 @@ struct Wait {
 /// Long-poll for a job. 200 with the job, or 204 after `wait` seconds (max 50).
 async fn next_job(State(sim): S, headers: HeaderMap, Query(q): Query<Wait>) -> Result<Response, ApiError> {
     let id = runner_id(&sim, &headers)?;
-    let first_contact = sim.world().runners.get(&id).is_some_and(|r| r.last_seen.is_none());
-    if first_contact {
-        maybe_stall(&sim).await;
+    let (first_contact, stalled) =
+        sim.world().runners.get(&id).map(|r| (r.last_seen.is_none(), r.stalled)).unwrap_or_default();
+    // A stalled runner stays stalled (its retries hang too): it never comes online.
+    if stalled || (first_contact && sim.faults().on_runner_first_contact()) {
+        if let Some(r) = sim.world().runners.get_mut(&id) {
+            r.stalled = true;
+        }
+        std::future::pending::<()>().await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(20).min(50));
     let _polling = PollGuard::new(&sim, id);

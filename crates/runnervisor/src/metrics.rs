@@ -190,7 +190,7 @@ impl Default for Metrics {
                 "Job picked for a VM to domain started.",
             ),
             queued_to_runner_online_seconds: Histogram::new(
-                "runnervisor_queued_to_job_started_seconds",
+                "runnervisor_queued_to_runner_online_seconds",
                 "Webhook received to the job starting on a runnervisor runner.",
             ),
             teardown_seconds: Histogram::new(

@@ -105,7 +105,7 @@ impl Drill {
 
     /// Waits for every expected job to complete and everything to be cleaned, then prints
     /// the summary line and fails if a figure is off.
-    async fn finish(self, timeout: Duration) {
+    async fn finish(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut figures;
         loop {
@@ -306,12 +306,10 @@ async fn drill_dup_reorder() {
     for _ in 0..3 {
         d.queue(3.0).await;
     }
-    let jobs = d.expected.len();
-    let h = d.sim.http.clone();
-    let url = d.sim.url();
     d.finish(Duration::from_secs(600)).await;
-    let history: Value = h.get(format!("{url}/_sim/runner-history")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(history.as_object().unwrap().len(), jobs, "one VM per job, no extra: {history}");
+    let history: Value =
+        d.sim.http.get(format!("{}/_sim/runner-history", d.sim.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history.as_object().unwrap().len(), d.expected.len(), "one VM per job, no extra: {history}");
 }
 
 /// Jobs cancelled before they start: their VMs become surplus and are reaped within 30 s.
@@ -368,13 +366,13 @@ async fn drill_ghost_runner() {
 #[ignore = "drill: run with ./scripts/drill no-boot"]
 async fn drill_no_boot() {
     let mut d = Drill::new("no-boot", |s| {
-        s.pool_extra = "registration_timeout = \"100s\"".into();
+        s.pool_extra = "registration_timeout = \"150s\"".into();
     })
     .await;
     d.agent.start().await;
     d.sim.fault(json!({"kind": "runner_stall", "count": 1})).await;
     d.queue(3.0).await;
-    wait_for("the registration timeout", Duration::from_secs(240), async || {
+    wait_for("the registration timeout", Duration::from_secs(300), async || {
         d.agent.log_text().contains("reason=registration_timeout").then_some(())
     })
     .await;

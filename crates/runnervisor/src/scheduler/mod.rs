@@ -35,11 +35,30 @@ use vm::Input;
 /// Everything the scheduler reacts to.
 pub enum Event {
     Hv(HvEvent),
-    RunnerCreated { vm: String, runner_id: u64 },
-    Provisioned { vm: String, result: Result<Duration, ProvisionError> },
-    TornDown { vm: String, outcome: TeardownOutcome },
-    Swept { vms: Result<Vec<VmInfo>, HvError>, volumes: Result<Vec<String>, HvError> },
-    GitHubSynced { runners: Result<Vec<RunnerInfo>, GhError>, jobs: Vec<(u64, JobStatus)>, found: Vec<JobEvent> },
+    RunnerCreated {
+        vm: String,
+        runner_id: u64,
+    },
+    Provisioned {
+        vm: String,
+        result: Result<Duration, ProvisionError>,
+    },
+    TornDown {
+        vm: String,
+        outcome: TeardownOutcome,
+    },
+    Swept {
+        vms: Result<Vec<VmInfo>, HvError>,
+        volumes: Result<Vec<String>, HvError>,
+        pool: Result<(), HvError>,
+    },
+    GitHubSynced {
+        /// When the runner list was requested: VMs made later cannot be in it.
+        started: SystemTime,
+        runners: Result<Vec<RunnerInfo>, GhError>,
+        jobs: Vec<(u64, JobStatus)>,
+        found: Vec<JobEvent>,
+    },
     GroupResolved(Result<u64, GhError>),
     Admin(AdminCommand, oneshot::Sender<AdminReply>),
 }
@@ -264,8 +283,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Event::Provisioned { vm, result } => self.on_provisioned(vm, result),
             Event::TornDown { vm, outcome } => self.on_torn_down(vm, outcome),
-            Event::Swept { vms, volumes } => self.on_swept(vms, volumes),
-            Event::GitHubSynced { runners, jobs, found } => self.on_github_synced(runners, jobs, found),
+            Event::Swept { vms, volumes, pool } => self.on_swept(vms, volumes, pool),
+            Event::GitHubSynced { started, runners, jobs, found } => {
+                self.on_github_synced(started, runners, jobs, found)
+            }
             Event::GroupResolved(r) => {
                 self.group_pending = false;
                 match r {
@@ -666,7 +687,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let surplus_names: Vec<String> = available.iter().take(surplus).map(|v| v.name.clone()).collect();
         let covered: BTreeSet<u64> = available.iter().map(|v| v.job_id).collect();
         let available_count = available.len();
-        self.surplus_since.retain(|n, _| surplus_names.contains(n) || !n.starts_with(&format!("rv-{}-", pool.name)));
+        self.surplus_since.retain(|n, _| surplus_names.contains(n) || !hypervisor::is_vm_of_pool(n, &pool.name));
         for name in surplus_names {
             let since = *self.surplus_since.entry(name.clone()).or_insert(now);
             if now.duration_since(since) >= pool.idle_timeout {
@@ -751,13 +772,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         tokio::task::spawn_blocking(move || {
             let vms = ctx.hv.list_vms();
             let volumes = ctx.hv.list_volumes();
-            let _ = ctx.events.send(Event::Swept { vms, volumes });
+            let pool = ctx.hv.check_pool();
+            let _ = ctx.events.send(Event::Swept { vms, volumes, pool });
         });
     }
 
     /// Compares the hypervisor with the records: stopped or vanished domains are torn down,
     /// running unknown domains of ours are adopted, the rest (and stray volumes) removed.
-    fn on_swept(&mut self, vms: Result<Vec<VmInfo>, HvError>, volumes: Result<Vec<String>, HvError>) {
+    fn on_swept(
+        &mut self,
+        vms: Result<Vec<VmInfo>, HvError>,
+        volumes: Result<Vec<String>, HvError>,
+        pool: Result<(), HvError>,
+    ) {
         self.sweep_running = false;
         let found = match vms {
             Ok(v) => v,
@@ -769,7 +796,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 return;
             }
         };
-        if let Err(e) = self.ctx.hv.check_pool() {
+        if let Err(e) = pool {
             warn!(error = %e, "job storage pool unavailable: no provisioning");
             self.hv_ready = false;
             return;
@@ -928,6 +955,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
+            let started = SystemTime::now();
             let runners = ctx.github.list_runners().await;
             let mut jobs = Vec::new();
             for (repo, id) in stale {
@@ -970,12 +998,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Err(e) => debug!(error = %e, "cannot poll queued jobs"),
                 }
             }
-            let _ = ctx.events.send(Event::GitHubSynced { runners, jobs, found });
+            let _ = ctx.events.send(Event::GitHubSynced { started, runners, jobs, found });
         });
     }
 
     fn on_github_synced(
         &mut self,
+        started: SystemTime,
         runners: Result<Vec<RunnerInfo>, GhError>,
         jobs: Vec<(u64, JobStatus)>,
         found: Vec<JobEvent>,
@@ -1024,6 +1053,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let vm = self.vms[&name].clone();
+            if vm.state_since >= started {
+                // Its state changed after the list was requested (e.g. its JIT runner was
+                // created meanwhile): the list cannot tell about it.
+                continue;
+            }
             match by_name.get(name.as_str()) {
                 Some(r) => {
                     if vm.runner_id.is_none() {

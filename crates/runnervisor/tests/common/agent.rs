@@ -33,7 +33,7 @@ pub struct AgentSpec {
     pub auth: Option<String>,
     /// Extra lines appended to the `[[pool]]` table.
     pub pool_extra: String,
-    /// Extra lines for `[reconcile]`.
+    /// Extra lines for `[reconcile]` (default: `stop_grace = "30s"`).
     pub reconcile: String,
     /// Scope line, default the organization.
     pub scope: String,
@@ -49,7 +49,7 @@ impl AgentSpec {
             registration: "jit",
             auth: None,
             pool_extra: String::new(),
-            reconcile: String::new(),
+            reconcile: "stop_grace = \"30s\"".into(),
             scope: "organization = \"octo-org\"".into(),
             hook: Some("hook = { type = \"organization\", id = 1 }".into()),
         }
@@ -110,7 +110,6 @@ listen = "127.0.0.1:{metrics_port}"
 [reconcile]
 sweep_interval = "2s"
 github_interval = "10s"
-stop_grace = "30s"
 {reconcile}
 
 [[pool]]

@@ -1,0 +1,122 @@
+//! Benchmark: the agent's provisioning overhead against the bare libvirt work.
+//!
+//! - direct: create the overlay and the seed through the storage API, define and start the
+//!   domain (what provisioning must do at least), timed in this process;
+//! - agent: github-sim queues a job and sends the signed webhook; the `runnervisor` binary
+//!   verifies, persists, schedules, fetches a JIT config and does the same libvirt work;
+//!   timed from queueing the job to libvirt's "started" lifecycle event for its domain.
+//!
+//! `cargo bench -p runnervisor --bench provision` (needs what `./scripts/test` sets up).
+//! Prints median and p90 milliseconds of each and their ratio.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::agent::*;
+use common::*;
+use runnervisor::cloudinit::{self, Credential, RunnerSpec};
+use runnervisor::config::NetworkConfig;
+use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
+use runnervisor::hypervisor::{HvEvent, Hypervisor, seed};
+use runnervisor::secret::Secret;
+
+const N: usize = 10;
+
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[(v.len() * 9) / 10])
+}
+
+#[tokio::main]
+async fn main() {
+    let img = test_image();
+    let (hv, mut events) = libvirt();
+
+    // Direct: the same storage-API and domain calls, no agent.
+    let mut direct = Vec::new();
+    for i in 0..N {
+        let name = format!("rv-bench-{}-{i}", unique());
+        let t = Instant::now();
+        let overlay = hv.create_overlay(&name, &img.golden, 4 << 30).unwrap();
+        let cred = Credential::Jit { encoded: Secret::new("x".repeat(2000)) };
+        let ud = cloudinit::user_data(&RunnerSpec {
+            vm_name: &name,
+            runner_user: "runner",
+            runner_dir: "/opt/actions-runner",
+            credential: &cred,
+        });
+        let image = seed::nocloud_image(&ud, &cloudinit::meta_data(&name)).unwrap();
+        let seed_path = hv.create_seed(&name, &image).unwrap();
+        let meta = VmMetadata {
+            job_id: i as u64,
+            run_id: 1,
+            repository: "octo-org/app".into(),
+            pool: "bench".into(),
+            runner_name: name.clone(),
+            created: SystemTime::now(),
+            console_log: console_dir().join(format!("{name}.log")),
+            job_url: String::new(),
+        };
+        let xml = domain_xml::domain(&DomainSpec {
+            name: &name,
+            domain_type: domain_type(),
+            vcpus: 1,
+            memory_mib: 512,
+            overlay_path: &overlay,
+            seed_path: &seed_path,
+            kernel: Some(&img.kernel),
+            initrd: Some(&img.initrd),
+            cmdline: None,
+            network: &NetworkConfig::User,
+            title: "bench",
+            description: "bench",
+            metadata: &meta,
+        });
+        hv.define(&name, &xml).unwrap();
+        hv.start(&name).unwrap();
+        direct.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert!(hv.teardown(&name).is_empty());
+    }
+    while events.try_recv().is_ok() {}
+
+    // Agent: webhook to domain started.
+    let spec = AgentSpec::new("bench", &["self-hosted", "bench"]);
+    let webhook_port = free_port();
+    let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
+    let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
+    agent.start().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut via_agent = Vec::new();
+    for _ in 0..N {
+        let t = Instant::now();
+        let job = sim.queue("octo-org/app", &["self-hosted", "bench"], 1.0).await;
+        let name = format!("rv-bench-{job}");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+                Ok(Some(HvEvent::Started(n))) if n == name => break,
+                Ok(Some(_)) => {}
+                other => panic!("no start event for {name}: {other:?}\n{}", agent.log_tail()),
+            }
+        }
+        via_agent.push(t.elapsed().as_secs_f64() * 1000.0);
+        // Cancel, then remove the VM through the agent, as an operator would.
+        sim.http.post(format!("{}/_sim/jobs/{job}/cancel", sim.url())).send().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let out = agent.cli(&["vm", "destroy", &name]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_for("teardown", Duration::from_secs(30), async || leftovers(&hv, "rv-bench-").0.is_empty().then_some(()))
+            .await;
+    }
+    let (dm, dp) = stats(direct);
+    let (am, ap) = stats(via_agent);
+    println!(
+        "provisioning, {N} runs each ({} domains, {} build)",
+        domain_type().as_str(),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+    println!("  direct libvirt calls (overlay, seed, define, start): median {dm:.1} ms, p90 {dp:.1} ms");
+    println!("  runnervisor (webhook -> domain started):             median {am:.1} ms, p90 {ap:.1} ms");
+    println!("  ratio (median): {:.2}x, agent overhead {:.1} ms", am / dm, am - dm);
+}
