@@ -467,7 +467,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         if vm.state == VmState::Provisioning {
             if vm.reap.is_none() {
-                info!(vm = %name, reason = reason.as_str(), "vm will be torn down once provisioning reports");
+                info!(vm = %name, reason = %reason.as_str(), "vm will be torn down once provisioning reports");
                 vm.reap = Some(reason);
                 self.dirty_vms.insert(name.to_string());
             }
@@ -490,7 +490,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 job.failed_vms += 1;
                 self.dirty_jobs.insert(job.info.id);
                 let max = self.config.pool(&vm_snapshot.pool).map(|p| p.max_attempts).unwrap_or(1);
-                warn!(job_id = job.info.id, vm = %name, reason = reason.as_str(), attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
+                warn!(job_id = job.info.id, vm = %name, reason = %reason.as_str(), attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
                 if job.failed_vms >= max {
                     job.state =
                         JobState::Abandoned { reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()) };
@@ -508,7 +508,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.dirty_vms.insert(name.to_string());
         self.surplus_since.remove(name);
         self.metrics.teardowns.inc(&[("reason", reason.as_str())]);
-        info!(vm = %name, pool = %vm_snapshot.pool, job_id = vm_snapshot.job_id, reason = reason.as_str(), "tearing down vm");
+        info!(vm = %name, pool = %vm_snapshot.pool, job_id = vm_snapshot.job_id, reason = %reason.as_str(), "tearing down vm");
         self.spawn_teardown(vm_snapshot, runner_first);
     }
 
