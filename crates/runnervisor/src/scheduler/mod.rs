@@ -10,6 +10,7 @@
 //! the scheduler keeps, per pool, the number of available runners (provisioning, booting
 //! or idle) equal to the number of unserved jobs, never above `max_vms` VMs.
 
+pub mod job;
 pub mod provision;
 pub mod vm;
 
@@ -357,88 +358,77 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    /// Applies one job event. Duplicates, redeliveries and reordering (e.g. `completed`
-    /// before `queued`) are harmless: a job is recorded once and only moves forward.
+    /// Applies one job event (see [`job::next`]): duplicates, redeliveries and reordering
+    /// (e.g. `completed` before `queued`) change nothing once a later state is known. The
+    /// runner named in the event, if it is one of our VMs, moves that VM along.
     fn apply(&mut self, ev: JobEvent) {
         let id = ev.job.id;
-        let now = SystemTime::now();
-        match ev.action {
-            JobAction::Waiting => {}
-            JobAction::Queued => {
-                if self.jobs.contains_key(&id) {
-                    debug!(job_id = id, delivery = %ev.delivery, "job already known");
-                    return;
+        let current = self.jobs.get(&id).map(|j| j.state.clone());
+        let changed = job::next(current.as_ref(), ev.action, &ev.job);
+        if let Some(state) = changed.clone() {
+            let fresh = current.is_none().then(|| self.new_job(&ev.job, ev.received_at));
+            let job = match fresh {
+                Some(j) => self.jobs.entry(id).or_insert(j),
+                None => self.jobs.get_mut(&id).expect("known"),
+            };
+            job.state = state;
+            job.updated_at = SystemTime::now();
+            self.dirty_jobs.insert(id);
+        } else {
+            debug!(job_id = id, delivery = %ev.delivery, action = ?ev.action, "event changes nothing (duplicate, late or reordered)");
+        }
+        let Some(job) = self.jobs.get(&id) else { return };
+        let (pool, received) = (job.pool.clone(), job.received_at);
+        let ours = ev.job.runner_name.clone().filter(|r| self.vms.contains_key(r));
+        match (ev.action, changed.is_some()) {
+            (JobAction::Queued, true) => match &pool {
+                Some(pool) => {
+                    self.metrics.jobs_received.inc(&[("pool", pool)]);
+                    info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %pool, workflow = %ev.job.workflow_name, "job queued");
                 }
-                let job = self.new_job(&ev.job, ev.received_at);
-                match &job.pool {
-                    Some(pool) => {
-                        self.metrics.jobs_received.inc(&[("pool", pool)]);
-                        info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %pool, workflow = %ev.job.workflow_name, "job queued");
-                    }
-                    None => {
-                        info!(job_id = id, repository = %ev.job.repository, labels = ?ev.job.labels, "no pool has exactly these labels; job ignored")
-                    }
+                None => {
+                    info!(job_id = id, repository = %ev.job.repository, labels = ?ev.job.labels, "no pool has exactly these labels; job ignored")
                 }
-                self.jobs.insert(id, job);
-                self.dirty_jobs.insert(id);
-            }
-            JobAction::InProgress => {
-                if !self.jobs.contains_key(&id) {
-                    let job = self.new_job(&ev.job, ev.received_at);
-                    self.jobs.insert(id, job);
-                }
-                let job = self.jobs.get_mut(&id).expect("inserted");
-                if matches!(job.state, JobState::Completed { .. } | JobState::Abandoned { .. }) {
-                    return;
-                }
-                job.state = JobState::InProgress { runner: ev.job.runner_name.clone() };
-                job.updated_at = now;
-                let pool = job.pool.clone();
-                let received = job.received_at;
-                self.dirty_jobs.insert(id);
-                if let Some(runner) = &ev.job.runner_name {
-                    if let Some(vm) = self.vms.get_mut(runner) {
-                        vm.took_job = Some(id);
-                        let vm_pool = vm.pool.clone();
-                        self.transition(runner, Input::TookJob);
+            },
+            (JobAction::InProgress, changed) => match &ours {
+                Some(vm) => {
+                    self.vms.get_mut(vm).expect("ours").took_job = Some(id);
+                    self.dirty_vms.insert(vm.clone());
+                    self.transition(vm, Input::TookJob);
+                    if changed {
+                        let vm_pool = self.vms[vm].pool.clone();
                         self.metrics.jobs_started.inc(&[("pool", &vm_pool)]);
-                        self.metrics.queued_to_runner_online_seconds.observe(
-                            &[("pool", &vm_pool)],
-                            now.duration_since(received).unwrap_or_default().as_secs_f64(),
-                        );
-                        info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %vm_pool, vm = %runner, runner_name = %runner, "job started on our runner");
-                    } else {
-                        debug!(job_id = id, runner_name = %runner, pool = ?pool, "job started on a runner that is not ours");
+                        let waited = SystemTime::now().duration_since(received).unwrap_or_default();
+                        self.metrics
+                            .queued_to_runner_online_seconds
+                            .observe(&[("pool", &vm_pool)], waited.as_secs_f64());
+                        info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %vm_pool, vm = %vm, runner_name = %vm, "job started on our runner");
                     }
                 }
-            }
-            JobAction::Completed => {
-                if !self.jobs.contains_key(&id) {
-                    let job = self.new_job(&ev.job, ev.received_at);
-                    self.jobs.insert(id, job);
+                None if changed => {
+                    debug!(job_id = id, runner_name = ?ev.job.runner_name, pool = ?pool, "job started on a runner that is not ours")
                 }
-                let job = self.jobs.get_mut(&id).expect("inserted");
-                if matches!(job.state, JobState::Completed { .. }) {
-                    return;
-                }
-                let was_queued = job.state == JobState::Queued;
-                job.state = JobState::Completed { conclusion: ev.job.conclusion.clone() };
-                job.updated_at = now;
-                self.dirty_jobs.insert(id);
+                None => {}
+            },
+            (JobAction::Completed, changed) => {
                 let conclusion = ev.job.conclusion.clone().unwrap_or_default();
-                match &ev.job.runner_name {
-                    Some(runner) if self.vms.contains_key(runner) => {
-                        let pool = self.vms[runner].pool.clone();
-                        self.metrics.jobs_completed.inc(&[("pool", &pool), ("conclusion", &conclusion)]);
-                        info!(job_id = id, repository = %ev.job.repository, pool = %pool, vm = %runner, runner_name = %runner, conclusion = %conclusion, "job completed on our runner");
-                        self.transition(runner, Input::JobCompleted);
+                match &ours {
+                    Some(vm) => {
+                        if changed {
+                            let vm_pool = self.vms[vm].pool.clone();
+                            self.metrics.jobs_completed.inc(&[("pool", &vm_pool), ("conclusion", &conclusion)]);
+                            info!(job_id = id, repository = %ev.job.repository, pool = %vm_pool, vm = %vm, runner_name = %vm, conclusion = %conclusion, "job completed on our runner");
+                        }
+                        self.transition(vm, Input::JobCompleted);
                     }
-                    None if was_queued => {
-                        info!(job_id = id, repository = %ev.job.repository, conclusion = %conclusion, "job completed before any runner took it");
+                    None if changed && ev.job.runner_name.is_none() => {
+                        info!(job_id = id, repository = %ev.job.repository, conclusion = %conclusion, "job completed before any runner took it")
                     }
-                    _ => debug!(job_id = id, "job completed elsewhere"),
+                    None if changed => debug!(job_id = id, "job completed on a runner that is not ours"),
+                    None => {}
                 }
             }
+            _ => {}
         }
     }
 

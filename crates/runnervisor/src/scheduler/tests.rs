@@ -40,6 +40,7 @@ fn config(extra_pool: &str, dir: &std::path::Path) -> Arc<Config> {
 }
 
 struct H {
+    metrics: Arc<Metrics>,
     gh: Arc<FakeGitHub>,
     hv: Arc<FakeHypervisor>,
     store: Arc<Store>,
@@ -78,15 +79,21 @@ fn start(
     }
     let inbox = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::default());
-    let s = Scheduler::new(cfg, gh.clone(), hv.clone(), store.clone(), metrics, inbox.clone(), tx.clone(), rx).unwrap();
+    let s = Scheduler::new(cfg, gh.clone(), hv.clone(), store.clone(), metrics.clone(), inbox.clone(), tx.clone(), rx)
+        .unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
-    H { gh, hv, store, inbox, tx, stop, task, seq: 0 }
+    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0 }
 }
 
 fn harness(extra_pool: &str) -> H {
+    harness_with(extra_pool, |_| {})
+}
+
+fn harness_with(extra_pool: &str, with_image: impl FnOnce(&std::path::Path)) -> H {
     let dir = crate::test_support::tempdir();
     let img = fake_image(&dir);
+    with_image(&img);
     let extra = format!("{extra_pool}\n");
     let cfg = config(&extra, &dir);
     let mut cfg = (*cfg).clone();
@@ -364,4 +371,18 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
     assert!(!hv.lock().volumes.contains("rv-small-92.qcow2"), "interrupted VM's volume removed");
     let (gh, _, _) = h.shutdown().await;
     assert!(!gh.runner_names().contains(&"rv-small-92".to_string()), "interrupted VM's runner removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_declaring_an_old_runner_is_reported() {
+    let h = harness_with("runner_max_age = \"10d\"", |img| {
+        let manifest = crate::images::manifest_path(img);
+        std::fs::write(manifest, r#"{"runner_version": "2.300.0", "runner_released": "2020-01-01"}"#).unwrap();
+    });
+    h.wait("the warning", |_, _| h.metrics.image_runner_outdated.get(&[("pool", "small")]) == 1.0).await;
+    h.shutdown().await;
+    let fresh = harness("");
+    fresh.wait("a sweep", |s, _| s.libvirt_connected).await;
+    assert_eq!(fresh.metrics.image_runner_outdated.get(&[("pool", "small")]), 0.0, "no manifest, no warning");
+    fresh.shutdown().await;
 }
