@@ -17,6 +17,8 @@ pub struct FakeState {
     pub seeds: BTreeMap<String, Vec<u8>>,
     /// While set, every call fails as if libvirtd were away.
     pub unavailable: bool,
+    /// While set, the job storage pool is missing.
+    pub pool_missing: bool,
     /// Fail the next N `define_and_start` calls.
     pub fail_starts: u32,
     /// Most VMs running at once, ever.
@@ -61,7 +63,10 @@ impl FakeHypervisor {
 
 impl Hypervisor for FakeHypervisor {
     fn check_pool(&self) -> Result<(), HvError> {
-        self.up().map(|_| ())
+        if self.up()?.pool_missing {
+            return Err(HvError::PoolNotFound { pool: "fake".into() });
+        }
+        Ok(())
     }
 
     fn create_overlay(&self, vm: &str, _backing: &Path, _capacity: u64) -> Result<PathBuf, HvError> {

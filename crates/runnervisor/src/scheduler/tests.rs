@@ -386,3 +386,47 @@ async fn an_image_declaring_an_old_runner_is_reported() {
     assert_eq!(fresh.metrics.image_runner_outdated.get(&[("pool", "small")]), 0.0, "no manifest, no warning");
     fresh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_storage_pool_holds_jobs_until_it_is_back() {
+    let mut h = harness("");
+    h.hv.lock().pool_missing = true;
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h.wait("the pool to be found missing", |s, _| !s.libvirt_connected).await;
+    h.deliver(JobAction::Queued, info(101, LABELS, None));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = h.status().await;
+    assert!(s.vms.is_empty() && s.queued.len() == 1, "{s:#?}");
+    h.hv.lock().pool_missing = false;
+    h.wait("a VM once the pool is back", |_, hv| hv.running().len() == 1).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_scope_polls_queued_jobs_whose_webhooks_were_missed() {
+    let dir = crate::test_support::tempdir();
+    let img = fake_image(&dir);
+    let cfg = config("", &dir);
+    let mut cfg = (*cfg).clone();
+    cfg.pools[0].image = img;
+    cfg.github.organization = None;
+    cfg.github.repository = Some("octo-org/app".into());
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let gh = Arc::new(FakeGitHub::default());
+    gh.lock().queued.push(crate::github::QueuedJob {
+        id: 111,
+        run_id: 5,
+        run_attempt: 1,
+        name: "build".into(),
+        workflow_name: "CI".into(),
+        labels: LABELS.iter().map(|s| s.to_string()).collect(),
+        html_url: String::new(),
+    });
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let h = start(Arc::new(cfg), gh, hv, Some(hv_rx), store);
+    let s = h.wait("a VM for the polled job", |_, hv| hv.running() == ["rv-small-111"]).await;
+    assert_eq!(s.queued[0].job_id, 111);
+    h.shutdown().await;
+}
