@@ -12,13 +12,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::agent::*;
 use common::*;
 use runnervisor::cloudinit::{self, Credential, RunnerSpec};
-use runnervisor::config::NetworkConfig;
-use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
 use runnervisor::hypervisor::{HvEvent, Hypervisor, seed};
 use runnervisor::secret::Secret;
 
@@ -49,31 +47,7 @@ async fn main() {
         });
         let image = seed::nocloud_image(&ud, &cloudinit::meta_data(&name)).unwrap();
         let seed_path = hv.create_seed(&name, &image).unwrap();
-        let meta = VmMetadata {
-            job_id: i as u64,
-            run_id: 1,
-            repository: "octo-org/app".into(),
-            pool: "bench".into(),
-            runner_name: name.clone(),
-            created: SystemTime::now(),
-            console_log: console_dir().join(format!("{name}.log")),
-            job_url: String::new(),
-        };
-        let xml = domain_xml::domain(&DomainSpec {
-            name: &name,
-            domain_type: domain_type(),
-            vcpus: 1,
-            memory_mib: 512,
-            overlay_path: &overlay,
-            seed_path: &seed_path,
-            kernel: Some(&img.kernel),
-            initrd: Some(&img.initrd),
-            cmdline: None,
-            network: &NetworkConfig::User,
-            title: "bench",
-            description: "bench",
-            metadata: &meta,
-        });
+        let xml = test_domain_xml(&name, &overlay, &seed_path, &console_dir().join(format!("{name}.log")), i as u64);
         hv.define(&name, &xml).unwrap();
         hv.start(&name).unwrap();
         direct.push(t.elapsed().as_secs_f64() * 1000.0);

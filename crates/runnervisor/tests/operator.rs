@@ -84,11 +84,12 @@ async fn check_reports_every_item_with_fixes() {
     let sim = Sim::start(None, |_| {}).await;
     let agent = Agent::configure(&spec, sim.handle.addr.port(), free_port());
     let bin = env!("CARGO_BIN_EXE_runnervisor");
-    let cfg = agent.config.clone();
-    let out =
+    let check = |cfg: PathBuf| async move {
         tokio::task::spawn_blocking(move || Command::new(bin).arg("check").arg("--config").arg(&cfg).output().unwrap())
             .await
-            .unwrap();
+            .unwrap()
+    };
+    let out = check(agent.config.clone()).await;
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
@@ -112,11 +113,7 @@ async fn check_reports_every_item_with_fixes() {
     let broken = std::fs::read_to_string(&agent.config).unwrap().replace("golden.qcow2", "missing.qcow2");
     std::fs::write(&agent.config, broken).unwrap();
     write_private(&agent.dir.join("pat"), "ghp_wrong");
-    let cfg = agent.config.clone();
-    let out =
-        tokio::task::spawn_blocking(move || Command::new(bin).arg("check").arg("--config").arg(&cfg).output().unwrap())
-            .await
-            .unwrap();
+    let out = check(agent.config.clone()).await;
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     assert!(!out.status.success());

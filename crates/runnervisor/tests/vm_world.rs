@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::*;
 use runnervisor::cloudinit::{self, Credential, RunnerSpec};
-use runnervisor::config::NetworkConfig;
-use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
 use runnervisor::hypervisor::{DomainState, Hypervisor, seed};
 use runnervisor::secret::Secret;
 
@@ -32,31 +30,7 @@ async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64)
     // The seed carries the credential: nobody but its owner may read it.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077, 0, "seed readable by others");
-    let meta = VmMetadata {
-        job_id: job,
-        run_id: 1,
-        repository: "octo-org/app".into(),
-        pool: "test".into(),
-        runner_name: name.into(),
-        created: SystemTime::now(),
-        console_log: console_log.clone(),
-        job_url: String::new(),
-    };
-    let xml = domain_xml::domain(&DomainSpec {
-        name,
-        domain_type: domain_type(),
-        vcpus: 1,
-        memory_mib: 512,
-        overlay_path: &overlay,
-        seed_path: &seed_path,
-        kernel: Some(&img.kernel),
-        initrd: Some(&img.initrd),
-        cmdline: None,
-        network: &NetworkConfig::User,
-        title: "runnervisor test world",
-        description: "vm_world test",
-        metadata: &meta,
-    });
+    let xml = test_domain_xml(name, &overlay, &seed_path, &console_log, job);
     hv.define(name, &xml).unwrap();
     let started = Instant::now();
     hv.start(name).unwrap();

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, QueuedJob, RunnerInfo};
+use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, RunnerInfo};
+use crate::model::JobInfo;
 use crate::secret::Secret;
 
 #[derive(Default)]
@@ -16,7 +17,7 @@ pub struct FakeState {
     pub deleted: Vec<String>,
     pub calls: Vec<String>,
     /// What `queued_jobs` finds (jobs whose webhooks never arrived).
-    pub queued: Vec<QueuedJob>,
+    pub queued: Vec<JobInfo>,
 }
 
 #[derive(Default)]
@@ -110,7 +111,7 @@ impl GitHub for FakeGitHub {
         Ok(self.enter("job")?.jobs.get(&job_id).cloned())
     }
 
-    async fn queued_jobs(&self, _repo: &str) -> Result<Vec<QueuedJob>, GhError> {
+    async fn queued_jobs(&self, _repo: &str) -> Result<Vec<JobInfo>, GhError> {
         Ok(self.enter("queued")?.queued.clone())
     }
 

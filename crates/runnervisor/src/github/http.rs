@@ -14,8 +14,9 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::app::AppSigner;
-use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, QueuedJob, RunnerInfo};
+use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, RunnerInfo};
 use crate::config::{HookConfig, Scope};
+use crate::model::JobInfo;
 use crate::secret::Secret;
 
 pub const API_VERSION: &str = "2022-11-28";
@@ -436,7 +437,7 @@ impl GitHub for HttpGitHub {
         }
     }
 
-    async fn queued_jobs(&self, repo: &str) -> Result<Vec<QueuedJob>, GhError> {
+    async fn queued_jobs(&self, repo: &str) -> Result<Vec<JobInfo>, GhError> {
         let path = format!("repos/{repo}/actions/runs?status=queued&per_page=50");
         let (_, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
         let mut out = Vec::new();
@@ -451,9 +452,12 @@ impl GitHub for HttpGitHub {
                     continue;
                 }
                 let Some(id) = j["id"].as_u64() else { continue };
-                out.push(QueuedJob {
+                out.push(JobInfo {
                     id,
                     run_id,
+                    repository: repo.to_string(),
+                    runner_name: None,
+                    conclusion: None,
                     run_attempt: j["run_attempt"].as_u64().unwrap_or(1) as u32,
                     name: j["name"].as_str().unwrap_or("").to_string(),
                     workflow_name: j["workflow_name"].as_str().unwrap_or("").to_string(),

@@ -9,6 +9,7 @@ pub mod http;
 use std::future::Future;
 use std::time::SystemTime;
 
+use crate::model::JobInfo;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone)]
@@ -97,21 +98,9 @@ pub trait GitHub: Send + Sync + 'static {
     /// `GET /repos/{repo}/actions/jobs/{id}`; `None` when GitHub does not know it.
     fn job_status(&self, repo: &str, job_id: u64) -> impl Future<Output = Result<Option<JobStatus>, GhError>> + Send;
     /// Queued jobs of the repository's recent workflow runs (repository scope only).
-    fn queued_jobs(&self, repo: &str) -> impl Future<Output = Result<Vec<QueuedJob>, GhError>> + Send;
+    fn queued_jobs(&self, repo: &str) -> impl Future<Output = Result<Vec<JobInfo>, GhError>> + Send;
     /// The hook's deliveries, newest first, at most `max`.
     fn list_deliveries(&self, max: usize) -> impl Future<Output = Result<Vec<DeliveryInfo>, GhError>> + Send;
     /// `POST .../deliveries/{id}/attempts`.
     fn redeliver(&self, delivery_id: u64) -> impl Future<Output = Result<(), GhError>> + Send;
-}
-
-/// A queued job found by polling (the same fields a `queued` webhook carries).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueuedJob {
-    pub id: u64,
-    pub run_id: u64,
-    pub run_attempt: u32,
-    pub name: String,
-    pub workflow_name: String,
-    pub labels: Vec<String>,
-    pub html_url: String,
 }

@@ -965,22 +965,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if let Some(repo) = repo_scope {
                 match ctx.github.queued_jobs(&repo).await {
                     Ok(list) => {
-                        for q in list {
+                        for job in list {
+                            let delivery = format!("poll-{}", job.id);
                             found.push(JobEvent {
-                                delivery: format!("poll-{}", q.id),
+                                delivery,
                                 action: JobAction::Queued,
-                                job: JobInfo {
-                                    id: q.id,
-                                    run_id: q.run_id,
-                                    run_attempt: q.run_attempt,
-                                    name: q.name,
-                                    workflow_name: q.workflow_name,
-                                    labels: q.labels,
-                                    repository: repo.clone(),
-                                    html_url: q.html_url,
-                                    runner_name: None,
-                                    conclusion: None,
-                                },
+                                job,
                                 received_at: SystemTime::now(),
                             });
                         }

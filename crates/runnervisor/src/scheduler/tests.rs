@@ -415,15 +415,7 @@ async fn repository_scope_polls_queued_jobs_whose_webhooks_were_missed() {
     let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
     let _ = hv_tx.send(HvEvent::Reconnected);
     let gh = Arc::new(FakeGitHub::default());
-    gh.lock().queued.push(crate::github::QueuedJob {
-        id: 111,
-        run_id: 5,
-        run_attempt: 1,
-        name: "build".into(),
-        workflow_name: "CI".into(),
-        labels: LABELS.iter().map(|s| s.to_string()).collect(),
-        html_url: String::new(),
-    });
+    gh.lock().queued.push(info(111, LABELS, None));
     let store = Arc::new(Store::open(&dir).unwrap());
     let h = start(Arc::new(cfg), gh, hv, Some(hv_rx), store);
     let s = h.wait("a VM for the polled job", |_, hv| hv.running() == ["rv-small-111"]).await;

@@ -1,7 +1,7 @@
 //! Helpers for the real-VM tests: the test image, libvirt, the simulator, cleanup checks.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -178,4 +178,35 @@ pub fn console_dir() -> PathBuf {
 /// A unique-per-test suffix so parallel tests never share names.
 pub fn unique() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64 % 1_000_000_000_000
+}
+
+/// Domain XML for a test VM of the test image (1 vCPU, 512 MiB, user networking).
+pub fn test_domain_xml(name: &str, overlay: &Path, seed: &Path, console_log: &Path, job_id: u64) -> String {
+    use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
+    let img = test_image();
+    let meta = VmMetadata {
+        job_id,
+        run_id: 1,
+        repository: "octo-org/app".into(),
+        pool: "test".into(),
+        runner_name: name.into(),
+        created: std::time::SystemTime::now(),
+        console_log: console_log.to_path_buf(),
+        job_url: String::new(),
+    };
+    domain_xml::domain(&DomainSpec {
+        name,
+        domain_type: domain_type(),
+        vcpus: 1,
+        memory_mib: 512,
+        overlay_path: overlay,
+        seed_path: seed,
+        kernel: Some(&img.kernel),
+        initrd: Some(&img.initrd),
+        cmdline: None,
+        network: &runnervisor::config::NetworkConfig::User,
+        title: "runnervisor test VM",
+        description: "a test VM",
+        metadata: &meta,
+    })
 }
