@@ -77,10 +77,21 @@ impl Drop for Cleanup {
 }
 
 /// Names of `rv-` domains and volumes that exist right now.
+/// Waits (up to 60 s) while this process's own libvirt connection is re-established,
+/// e.g. after a drill restarted libvirtd.
 pub fn leftovers(hv: &Libvirt, prefix: &str) -> (Vec<String>, Vec<String>) {
-    let doms = hv.list_vms().unwrap().into_iter().map(|v| v.name).filter(|n| n.starts_with(prefix)).collect();
-    let vols = hv.list_volumes().unwrap().into_iter().filter(|n| n.starts_with(prefix)).collect();
-    (doms, vols)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match (hv.list_vms(), hv.list_volumes()) {
+            (Ok(vms), Ok(vols)) => {
+                let doms = vms.into_iter().map(|v| v.name).filter(|n| n.starts_with(prefix)).collect();
+                let vols = vols.into_iter().filter(|n| n.starts_with(prefix)).collect();
+                return (doms, vols);
+            }
+            (Err(e), _) | (_, Err(e)) if Instant::now() > deadline => panic!("libvirt: {e}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 pub struct Sim {
