@@ -45,7 +45,7 @@ impl Drill {
         let webhook_port = free_port();
         let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), tweak_sim).await;
         let agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
-        let (hv, _) = libvirt();
+        let (hv, _) = libvirt_on(&spec.storage_pool);
         eprintln!("drill {name}: agent log {}", agent.log.display());
         Drill { name, labels, sim, agent, hv, expected: Vec::new(), started: Instant::now() }
     }
@@ -422,5 +422,90 @@ async fn drill_bad_image() {
     assert_eq!(d.sim.job(d.expected[0]).await["status"], "queued", "the job waits");
     std::fs::rename(&moved, &golden).unwrap();
     d.say("image restored");
+    d.finish(Duration::from_secs(400)).await;
+}
+
+/// A libvirt directory pool on its own tmpfs, so that it can be filled up. Dropping it
+/// destroys the (transient) pool and unmounts the tmpfs.
+struct TmpfsPool {
+    name: String,
+    dir: std::path::PathBuf,
+}
+
+impl TmpfsPool {
+    fn new(size_mib: u64) -> TmpfsPool {
+        let name = format!("rv-drill-full-{}", unique());
+        let dir = tempdir(&name);
+        let size = format!("size={size_mib}M,mode=0711");
+        run(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(&dir));
+        let pool = TmpfsPool { name, dir };
+        run(std::process::Command::new("virsh")
+            .args(["-c", URI, "pool-create-as", &pool.name, "dir", "--target"])
+            .arg(&pool.dir));
+        pool
+    }
+
+    /// Writes a filler file until the filesystem is full; returns its size in bytes.
+    fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.join("filler")).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", self.dir.display()),
+            }
+        }
+        written
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.join("filler")).unwrap();
+    }
+}
+
+impl Drop for TmpfsPool {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("virsh").args(["-c", URI, "pool-destroy", &self.name]).output();
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The job storage pool's filesystem is full, then space is freed: the job waits, with an
+/// error naming the pool and the path, and is served once there is room.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill disk-full"]
+async fn drill_disk_full() {
+    let jobs_pool = TmpfsPool::new(1024);
+    let filled = jobs_pool.fill();
+    let storage_pool = jobs_pool.name.clone();
+    let mut d = Drill::new("disk-full", |s| s.storage_pool = storage_pool).await;
+    d.say(&format!("storage pool {} on a full tmpfs ({} MiB of filler)", jobs_pool.name, filled >> 20));
+    d.agent.start().await;
+    d.queue(3.0).await;
+    let named = format!("storage pool {:?} is full: create volume rv-d-disk-full-", jobs_pool.name);
+    wait_for("a clear error naming the full pool", Duration::from_secs(30), async || {
+        let log = d.agent.log_text();
+        let line = log.lines().find(|l| l.contains(&named))?;
+        (line.contains(&jobs_pool.dir.display().to_string()) && line.contains("No space left on device")).then_some(())
+    })
+    .await;
+    d.say("provisioning fails with the pool and path named; freeing space in 15 s");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(d.vms().is_empty());
+    assert_eq!(d.sim.job(d.expected[0]).await["status"], "queued", "the job waits");
+    let (_, vols) = leftovers(&d.hv, &d.prefix());
+    assert!(vols.is_empty(), "failed attempts leave no volume: {vols:?}");
+    jobs_pool.free();
+    d.say("space freed");
     d.finish(Duration::from_secs(400)).await;
 }

@@ -194,6 +194,26 @@ impl Libvirt {
         Ok(pool)
     }
 
+    /// Creates the seed volume and uploads its content through a libvirt stream.
+    fn upload_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError> {
+        let conn = self.conn()?;
+        let pool = self.storage_pool(&conn)?;
+        let name = seed_volume_name(vm);
+        let vol = self.create_volume(&pool, &name, &domain_xml::raw_volume(&name, image.len() as u64))?;
+        let stream = Stream::new(&conn, 0).map_err(|e| self.err("new stream", &name, e))?;
+        vol.upload(&stream, 0, image.len() as u64, 0).map_err(|e| self.err("upload", &name, e))?;
+        let mut off = 0;
+        while off < image.len() {
+            let n = stream.send(&image[off..]).map_err(|e| self.err("upload", &name, e))?;
+            if n <= 0 {
+                return Err(HvError::Libvirt { op: "upload", name, message: "stream refused data".into() });
+            }
+            off += n as usize;
+        }
+        stream.finish().map_err(|e| self.err("upload", &name, e))?;
+        vol.path().map(PathBuf::from).map_err(|e| self.err("volume path", &name, e))
+    }
+
     /// Creates a volume from XML, replacing a stale one of the same name.
     fn create_volume(&self, pool: &StoragePool, name: &str, xml: &str) -> Result<StorageVol, HvError> {
         if let Ok(stale) = pool.lookup_storage_vol_by_name(name) {
@@ -218,27 +238,14 @@ impl Hypervisor for Libvirt {
         let conn = self.conn()?;
         let pool = self.storage_pool(&conn)?;
         let name = overlay_volume_name(vm);
-        let vol = self.create_volume(&pool, &name, &domain_xml::overlay_volume(&name, capacity, backing))?;
+        let vol = self
+            .create_volume(&pool, &name, &domain_xml::overlay_volume(&name, capacity, backing))
+            .map_err(|e| e.in_pool(&self.pool))?;
         vol.path().map(PathBuf::from).map_err(|e| self.err("volume path", &name, e))
     }
 
     fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError> {
-        let conn = self.conn()?;
-        let pool = self.storage_pool(&conn)?;
-        let name = seed_volume_name(vm);
-        let vol = self.create_volume(&pool, &name, &domain_xml::raw_volume(&name, image.len() as u64))?;
-        let stream = Stream::new(&conn, 0).map_err(|e| self.err("new stream", &name, e))?;
-        vol.upload(&stream, 0, image.len() as u64, 0).map_err(|e| self.err("upload", &name, e))?;
-        let mut off = 0;
-        while off < image.len() {
-            let n = stream.send(&image[off..]).map_err(|e| self.err("upload", &name, e))?;
-            if n <= 0 {
-                return Err(HvError::Libvirt { op: "upload", name, message: "stream refused data".into() });
-            }
-            off += n as usize;
-        }
-        stream.finish().map_err(|e| self.err("upload", &name, e))?;
-        vol.path().map(PathBuf::from).map_err(|e| self.err("volume path", &name, e))
+        self.upload_seed(vm, image).map_err(|e| e.in_pool(&self.pool))
     }
 
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {

@@ -91,15 +91,22 @@ pub enum HvError {
     ImageNotQcow2 { path: PathBuf },
     #[error("golden image {path} is {image_size} bytes, larger than the pool's disk of {disk_size} bytes")]
     ImageTooLarge { path: PathBuf, image_size: u64, disk_size: u64 },
+    #[error("storage pool {pool:?} is full: {op} {name}: {message} (free space in it; virsh pool-info {pool})")]
+    PoolFull { pool: String, op: &'static str, name: String, message: String },
     #[error("{op} {name}: {message}")]
     Libvirt { op: &'static str, name: String, message: String },
 }
 
 impl HvError {
-    /// Errors of the environment (connection, pool, image, disk) rather than of one VM:
-    /// the job stays queued and provisioning backs off.
-    pub fn is_environmental(&self) -> bool {
-        !matches!(self, HvError::Libvirt { .. })
+    /// A volume operation that failed for lack of space becomes [`HvError::PoolFull`],
+    /// naming the pool (libvirt's message already names the path).
+    pub fn in_pool(self, pool: &str) -> HvError {
+        match self {
+            HvError::Libvirt { op, name, message } if message.contains("No space left on device") => {
+                HvError::PoolFull { pool: pool.into(), op, name, message }
+            }
+            e => e,
+        }
     }
 }
 
@@ -156,6 +163,26 @@ mod tests {
         assert!(!is_vm_of_pool("rv-small-", "small"));
         assert!(!is_vm_of_pool("rv-smaller-7", "small"));
         assert!(!is_vm_of_pool("other-small-7", "small"));
+    }
+
+    #[test]
+    fn a_full_pool_is_named() {
+        let enospc = HvError::Libvirt {
+            op: "create volume",
+            name: "rv-small-7.qcow2".into(),
+            message: "internal error: Child process (/usr/bin/qemu-img create ...) unexpected exit status 1: \
+                      qemu-img: /srv/jobs/rv-small-7.qcow2: Could not write qcow2 header: No space left on device"
+                .into(),
+        };
+        let e = enospc.in_pool("jobs");
+        assert!(matches!(e, HvError::PoolFull { .. }), "{e:?}");
+        let shown = e.to_string();
+        assert!(shown.starts_with("storage pool \"jobs\" is full: create volume rv-small-7.qcow2:"), "{shown}");
+        assert!(
+            shown.contains("/srv/jobs/rv-small-7.qcow2") && shown.ends_with("(free space in it; virsh pool-info jobs)")
+        );
+        let other = HvError::Libvirt { op: "define", name: "rv-small-7".into(), message: "XML error".into() };
+        assert!(matches!(other.in_pool("jobs"), HvError::Libvirt { .. }));
     }
 
     #[test]

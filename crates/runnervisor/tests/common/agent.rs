@@ -26,6 +26,8 @@ pub fn write_private(path: &Path, content: &str) {
 /// What differs between tests.
 pub struct AgentSpec {
     pub pool: String,
+    /// The libvirt storage pool for job volumes.
+    pub storage_pool: String,
     pub labels: Vec<String>,
     pub max_vms: usize,
     pub registration: &'static str,
@@ -44,6 +46,7 @@ impl AgentSpec {
     pub fn new(pool: &str, labels: &[&str]) -> Self {
         AgentSpec {
             pool: pool.into(),
+            storage_pool: POOL.into(),
             labels: labels.iter().map(|s| s.to_string()).collect(),
             max_vms: 2,
             registration: "jit",
@@ -64,6 +67,7 @@ pub struct Agent {
     pub log: PathBuf,
     pub child: Option<Child>,
     pub spec_pool: String,
+    pub storage_pool: String,
 }
 
 impl Agent {
@@ -96,7 +100,7 @@ webhook_secret = {{ file = "{dir}/secret" }}
 
 [libvirt]
 uri = "{URI}"
-storage_pool = "{POOL}"
+storage_pool = "{storage_pool}"
 domain_type = "{domain_type}"
 network = {{ type = "user" }}
 console_log_dir = "{dir}/console"
@@ -131,6 +135,7 @@ registration = "{registration}"
             domain_type = domain_type().as_str(),
             reconcile = spec.reconcile,
             pool = spec.pool,
+            storage_pool = spec.storage_pool,
             labels = labels.join(", "),
             golden = img.golden.display(),
             kernel = img.kernel.display(),
@@ -149,6 +154,7 @@ registration = "{registration}"
             metrics_port,
             child: None,
             spec_pool: spec.pool.clone(),
+            storage_pool: spec.storage_pool.clone(),
         }
     }
 
@@ -237,7 +243,8 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
         // Anything this test's pool left behind is removed so later tests start clean.
-        if let Ok(lv) = std::panic::catch_unwind(|| libvirt().0) {
+        let storage_pool = self.storage_pool.clone();
+        if let Ok(lv) = std::panic::catch_unwind(move || libvirt_on(&storage_pool).0) {
             let prefix = format!("rv-{}-", self.spec_pool);
             let (doms, vols) = leftovers(&lv, &prefix);
             for d in doms {

@@ -49,14 +49,19 @@ pub fn domain_type() -> DomainType {
 
 /// The real libvirt hypervisor on the test storage pool, with its event channel.
 pub fn libvirt() -> (Arc<Libvirt>, tokio::sync::mpsc::UnboundedReceiver<HvEvent>) {
+    libvirt_on(POOL)
+}
+
+/// A connection whose job volumes live in storage pool `pool`.
+pub fn libvirt_on(pool: &str) -> (Arc<Libvirt>, tokio::sync::mpsc::UnboundedReceiver<HvEvent>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let lv = Libvirt::start(URI, POOL, tx);
+    let lv = Libvirt::start(URI, pool, tx);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lv.connected() {
         assert!(Instant::now() < deadline, "libvirt not reachable at {URI}: run ./scripts/setup-host");
         std::thread::sleep(Duration::from_millis(100));
     }
-    lv.check_pool().expect("storage pool 'runnervisor' (run ./scripts/setup-host)");
+    lv.check_pool().unwrap_or_else(|e| panic!("{e} (run ./scripts/setup-host)"));
     (lv, rx)
 }
 
