@@ -181,11 +181,12 @@ impl Faults {
         let action_matches = |a: &Option<String>| a.as_deref().is_none_or(|a| Some(a) == action);
         // A dropped delivery is not sent at all: no other fault spends a firing on it.
         for f in self.armed.iter_mut() {
-            if let Fault::WebhookDrop { action: a, .. } = f {
-                if action_matches(a) && fire(f) {
-                    v.drop = true;
-                    break;
-                }
+            if let Fault::WebhookDrop { action: a, .. } = f
+                && action_matches(a)
+                && fire(f)
+            {
+                v.drop = true;
+                break;
             }
         }
         if v.drop {

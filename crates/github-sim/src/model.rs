@@ -446,12 +446,12 @@ impl World {
         runner.job = None;
         runner.jobs_run += 1;
         let ephemeral = runner.ephemeral;
-        if let Some(job) = self.jobs.get_mut(&job_id) {
-            if job.status != JobStatus::Completed {
-                job.status = JobStatus::Completed;
-                job.conclusion = Some(conclusion.to_string());
-                job.completed_at = Some(now);
-            }
+        if let Some(job) = self.jobs.get_mut(&job_id)
+            && job.status != JobStatus::Completed
+        {
+            job.status = JobStatus::Completed;
+            job.conclusion = Some(conclusion.to_string());
+            job.completed_at = Some(now);
         }
         if ephemeral {
             self.runners.remove(&runner_id);

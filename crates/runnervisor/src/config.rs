@@ -496,10 +496,10 @@ impl Config {
             return Err(invalid("github.enterprise", e, "not a valid enterprise slug"));
         }
         for (key, url) in [("github.api_url", Some(&g.api_url)), ("github.web_url", g.web_url.as_ref())] {
-            if let Some(u) = url {
-                if !(u.starts_with("https://") || u.starts_with("http://")) || u.len() < 10 {
-                    return Err(invalid(key, u, "must be an http(s) URL"));
-                }
+            if let Some(u) = url
+                && (!(u.starts_with("https://") || u.starts_with("http://")) || u.len() < 10)
+            {
+                return Err(invalid(key, u, "must be an http(s) URL"));
             }
         }
         match (&g.hook, g.scope(), &g.auth) {
@@ -524,10 +524,10 @@ impl Config {
         if self.libvirt.storage_pool.is_empty() {
             return Err(invalid("libvirt.storage_pool", "", "must not be empty"));
         }
-        if let NetworkConfig::Network { name } | NetworkConfig::Bridge { name } = &self.libvirt.network {
-            if name.is_empty() {
-                return Err(invalid("libvirt.network.name", name, "must not be empty"));
-            }
+        if let NetworkConfig::Network { name } | NetworkConfig::Bridge { name } = &self.libvirt.network
+            && name.is_empty()
+        {
+            return Err(invalid("libvirt.network.name", name, "must not be empty"));
         }
         if self.reconcile.sweep_interval < Duration::from_secs(1) {
             return Err(invalid("reconcile.sweep_interval", self.reconcile.sweep_interval, "must be at least 1s"));

@@ -153,10 +153,10 @@ impl HttpGitHub {
             (Auth::App { signer, .. }, Cred::Jwt) => Ok(signer.jwt(SystemTime::now())),
             (Auth::App { signer, installation_id }, Cred::Installation) => {
                 let mut cached = self.token.lock().await;
-                if let Some((t, exp)) = cached.as_ref() {
-                    if exp.duration_since(SystemTime::now()).unwrap_or_default() > Duration::from_secs(300) {
-                        return Ok(t.clone());
-                    }
+                if let Some((t, exp)) = cached.as_ref()
+                    && exp.duration_since(SystemTime::now()).unwrap_or_default() > Duration::from_secs(300)
+                {
+                    return Ok(t.clone());
                 }
                 let path = format!("app/installations/{installation_id}/access_tokens");
                 let jwt = signer.jwt(SystemTime::now());

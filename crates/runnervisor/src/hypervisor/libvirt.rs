@@ -267,17 +267,16 @@ impl Hypervisor for Libvirt {
         };
         match conn.lookup_domain_by_name(vm) {
             Ok(dom) => {
-                if dom.is_active().unwrap_or(true) {
-                    if let Err(e) = dom.destroy() {
-                        if !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid]) {
-                            errors.push(self.err("destroy", vm, e));
-                        }
-                    }
+                if dom.is_active().unwrap_or(true)
+                    && let Err(e) = dom.destroy()
+                    && !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid])
+                {
+                    errors.push(self.err("destroy", vm, e));
                 }
-                if let Err(e) = dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
-                    if !is_code(&e, &[ErrorNumber::NoDomain]) {
-                        errors.push(self.err("undefine", vm, e));
-                    }
+                if let Err(e) = dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
+                    && !is_code(&e, &[ErrorNumber::NoDomain])
+                {
+                    errors.push(self.err("undefine", vm, e));
                 }
             }
             Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => {}

@@ -240,10 +240,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.reconcile();
             self.flush();
             self.update_gauges();
-            if self.hv_ready {
-                if let Some(r) = ready.take() {
-                    let _ = r.send(());
-                }
+            if self.hv_ready
+                && let Some(r) = ready.take()
+            {
+                let _ = r.send(());
             }
         }
         self.shutdown().await;
@@ -475,18 +475,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let Some(vm) = self.vms.get(name) else { return };
         let vm_snapshot = vm.clone();
         // A VM that died or stalled before any runner on it took a job is a failed attempt.
-        if vm::counts_as_failure(&vm_snapshot, reason) {
-            if let Some(job) = self.jobs.get_mut(&vm_snapshot.job_id).filter(|j| j.state == JobState::Queued) {
-                job.failed_vms += 1;
-                self.dirty_jobs.insert(job.info.id);
-                let max = self.config.pool(&vm_snapshot.pool).map(|p| p.max_attempts).unwrap_or(1);
-                warn!(job_id = job.info.id, vm = %name, reason = %reason.as_str(), attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
-                if job.failed_vms >= max {
-                    job.state =
-                        JobState::Abandoned { reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()) };
-                    self.metrics.jobs_failed.inc(&[("pool", &vm_snapshot.pool)]);
-                    error!(job_id = job.info.id, run_id = job.info.run_id, repository = %job.info.repository, pool = %vm_snapshot.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
-                }
+        if vm::counts_as_failure(&vm_snapshot, reason)
+            && let Some(job) = self.jobs.get_mut(&vm_snapshot.job_id).filter(|j| j.state == JobState::Queued)
+        {
+            job.failed_vms += 1;
+            self.dirty_jobs.insert(job.info.id);
+            let max = self.config.pool(&vm_snapshot.pool).map(|p| p.max_attempts).unwrap_or(1);
+            warn!(job_id = job.info.id, vm = %name, reason = %reason.as_str(), attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
+            if job.failed_vms >= max {
+                job.state =
+                    JobState::Abandoned { reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()) };
+                self.metrics.jobs_failed.inc(&[("pool", &vm_snapshot.pool)]);
+                error!(job_id = job.info.id, run_id = job.info.run_id, repository = %job.info.repository, pool = %vm_snapshot.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
             }
         }
         let runner_first =
