@@ -131,6 +131,9 @@ pub enum Reason {
     /// Found on the hypervisor without a record, or not running at start.
     Orphan,
     Operator,
+    /// QEMU paused the guest on a disk I/O error (its storage pool is full): a fault of the
+    /// host, not of the job, so it is not counted against the job's attempts.
+    DiskError,
 }
 
 impl Reason {
@@ -146,6 +149,7 @@ impl Reason {
             Reason::RunnerGone => "runner_gone",
             Reason::Orphan => "orphan",
             Reason::Operator => "operator",
+            Reason::DiskError => "disk_error",
         }
     }
 }

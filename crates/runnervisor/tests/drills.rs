@@ -481,7 +481,9 @@ fn run(cmd: &mut std::process::Command) {
 }
 
 /// The job storage pool's filesystem is full, then space is freed: the job waits, with an
-/// error naming the pool and the path, and is served once there is room.
+/// error naming the pool and the path, and is served once there is room. Then the pool fills
+/// up while a VM boots: QEMU pauses the guest on its failed write, the agent tears it down,
+/// and the job is served by a new VM once there is room again.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill disk-full"]
 async fn drill_disk_full() {
@@ -505,6 +507,28 @@ async fn drill_disk_full() {
     assert_eq!(d.sim.job(d.expected[0]).await["status"], "queued", "the job waits");
     let (_, vols) = leftovers(&d.hv, &d.prefix());
     assert!(vols.is_empty(), "failed attempts leave no volume: {vols:?}");
+    jobs_pool.free();
+    d.say("space freed");
+    let first = d.expected[0];
+    wait_for("the first job to be served", VM_TIMEOUT, async || {
+        (d.sim.job(first).await["status"] == "completed" && d.vms().is_empty()).then_some(())
+    })
+    .await;
+
+    let second = d.queue(3.0).await;
+    wait_for("a VM for the second job", Duration::from_secs(60), async || (!d.vms().is_empty()).then_some(())).await;
+    let filled = jobs_pool.fill();
+    d.say(&format!("VM started; pool filled up again ({} MiB of filler)", filled >> 20));
+    // Tearing a paused VM down frees its overlay's space, so the next VM may get as far
+    // as its first writes before it pauses too: that costs VMs, never the job.
+    let paused = "domain paused on a disk I/O error: is the storage pool full?";
+    wait_for("paused VMs torn down, more than max_attempts of them", Duration::from_secs(300), async || {
+        (d.agent.log_text().matches(paused).count() > 3).then_some(())
+    })
+    .await;
+    d.say("VMs paused on their failed writes and were torn down; freeing space");
+    assert_eq!(d.sim.job(second).await["status"], "queued", "the job waits");
+    assert!(!d.agent.log_text().contains("job given up"), "{}", d.agent.log_tail());
     jobs_pool.free();
     d.say("space freed");
     d.finish(Duration::from_secs(400)).await;

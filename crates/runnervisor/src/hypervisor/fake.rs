@@ -48,6 +48,17 @@ impl FakeHypervisor {
         let _ = self.events.send(HvEvent::Stopped(name.to_string()));
     }
 
+    /// QEMU pauses the guest on a failed disk write; `event` says whether libvirt's event
+    /// gets through (else only the sweep finds it).
+    pub fn io_pause(&self, name: &str, event: bool) {
+        if let Some(d) = self.lock().domains.get_mut(name) {
+            d.0 = DomainState::IoPaused;
+        }
+        if event {
+            let _ = self.events.send(HvEvent::IoPaused(name.to_string()));
+        }
+    }
+
     pub fn running(&self) -> Vec<String> {
         self.lock().domains.iter().filter(|(_, (s, _))| *s == DomainState::Running).map(|(n, _)| n.clone()).collect()
     }

@@ -224,6 +224,18 @@ impl Libvirt {
     }
 }
 
+/// QEMU pauses a guest whose disk write fails for lack of space (`werror=enospc`).
+fn paused_on_io_error(dom: &virt::domain::Domain) -> bool {
+    use virt::domain::{DomainPausedReason, DomainState as Libvirt, DomainStateReason};
+    matches!(
+        dom.state(),
+        Ok((
+            Enum::Known(Libvirt::Paused),
+            Enum::Known(DomainStateReason::Paused(Enum::Known(DomainPausedReason::IOError)))
+        ))
+    )
+}
+
 fn is_code(e: &virt::error::Error, codes: &[ErrorNumber]) -> bool {
     matches!(e.code(), Enum::Known(c) if codes.contains(&c))
 }
@@ -310,7 +322,13 @@ impl Hypervisor for Libvirt {
             if !name.starts_with(PREFIX) {
                 continue;
             }
-            let state = if dom.is_active().unwrap_or(false) { DomainState::Running } else { DomainState::Stopped };
+            let state = if !dom.is_active().unwrap_or(false) {
+                DomainState::Stopped
+            } else if paused_on_io_error(&dom) {
+                DomainState::IoPaused
+            } else {
+                DomainState::Running
+            };
             let metadata = dom
                 .metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain_xml::METADATA_NS), 0)
                 .ok()
@@ -345,7 +363,7 @@ unsafe extern "C" fn lifecycle_cb(
     _conn: sys::virConnectPtr,
     dom: sys::virDomainPtr,
     event: c_int,
-    _detail: c_int,
+    detail: c_int,
     opaque: *mut c_void,
 ) -> c_int {
     // SAFETY: opaque is the Box<UnboundedSender> registered below, alive until free_sender.
@@ -362,6 +380,9 @@ unsafe extern "C" fn lifecycle_cb(
     let ev = match event as u32 {
         sys::VIR_DOMAIN_EVENT_STARTED => Some(HvEvent::Started(name)),
         sys::VIR_DOMAIN_EVENT_STOPPED => Some(HvEvent::Stopped(name)),
+        sys::VIR_DOMAIN_EVENT_SUSPENDED if detail as u32 == sys::VIR_DOMAIN_EVENT_SUSPENDED_IOERROR => {
+            Some(HvEvent::IoPaused(name))
+        }
         _ => None,
     };
     if let Some(ev) = ev {

@@ -53,6 +53,8 @@ pub enum DomainState {
     Running,
     /// Defined but not running (shut off, crashed, ...).
     Stopped,
+    /// Paused by QEMU on a disk I/O error (`werror=enospc`: its storage pool is full).
+    IoPaused,
 }
 
 /// A domain of ours as found on the hypervisor.
@@ -73,6 +75,8 @@ pub struct ImageInfo {
 pub enum HvEvent {
     Started(String),
     Stopped(String),
+    /// QEMU paused the domain on a disk I/O error (see [`DomainState::IoPaused`]).
+    IoPaused(String),
     /// The connection was lost; operations fail until [`HvEvent::Reconnected`].
     Disconnected,
     /// A new connection is up and events are registered again: time for a full sweep.

@@ -114,7 +114,8 @@ pub struct VmStatus {
     pub repository: String,
 }
 
-/// Pool-level backoff after environmental provisioning failures.
+/// Pool-level backoff after failures of the host (provisioning errors, VMs paused on a full
+/// disk), doubling up to [`BACKOFF_MAX`] until a VM of the pool has its runner online.
 #[derive(Debug, Clone, Copy)]
 struct Backoff {
     until: Instant,
@@ -441,6 +442,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         match vm::next(vm.state, input) {
             Some(s) => {
                 debug!(vm = %name, from = vm.state.as_str(), to = s.as_str(), ?input, "vm state");
+                if matches!(input, Input::RunnerOnline | Input::TookJob) {
+                    // The pool works end to end (a VM that merely started may still pause
+                    // on a full disk or never boot): failures back off from scratch again.
+                    self.backoff.remove(&vm.pool);
+                }
                 vm.state = s;
                 vm.state_since = SystemTime::now();
                 self.dirty_vms.insert(name.to_string());
@@ -599,7 +605,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         match result {
             Ok(took) => {
-                self.backoff.remove(&vm.pool);
                 self.metrics.vms_started.inc(&[("pool", &vm.pool)]);
                 self.metrics.provision_seconds.observe(&[("pool", &vm.pool)], took.as_secs_f64());
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, duration_ms = took.as_millis() as u64, "vm started");
@@ -616,6 +621,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.begin_teardown(&name, Reason::ProvisionFailed);
             }
         }
+    }
+
+    /// QEMU paused the VM because a write to its overlay failed, as a full storage pool
+    /// makes it: tear it down without counting it against the job (which stays queued), and
+    /// back the pool off as for any failure of the host.
+    fn on_disk_error(&mut self, name: &str) {
+        let Some(vm) = self.vms.get(name) else { return };
+        if vm::next(vm.state, Input::DomainStopped) != Some(VmState::TearingDown) {
+            return;
+        }
+        let pool = vm.pool.clone();
+        error!(vm = %name, pool = %pool, job_id = vm.job_id, storage_pool = %self.config.libvirt.storage_pool, "domain paused on a disk I/O error: is the storage pool full? tearing it down; the job stays queued");
+        self.bump_backoff(&pool);
+        self.reap(name, Reason::DiskError);
     }
 
     fn bump_backoff(&mut self, pool: &str) {
@@ -737,6 +756,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     self.reap(&name, Reason::Stopped);
                 }
             }
+            HvEvent::IoPaused(name) => self.on_disk_error(&name),
             HvEvent::Started(_) => {}
             HvEvent::Disconnected => {
                 warn!("libvirt connection lost: no provisioning until it is back");
@@ -818,6 +838,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     }
                 }
                 _ if domain == Some(DomainState::Running) => {}
+                _ if domain == Some(DomainState::IoPaused) => self.on_disk_error(&name),
                 _ => {
                     info!(vm = %name, domain = ?domain, "domain not running");
                     self.reap(&name, Reason::Stopped);

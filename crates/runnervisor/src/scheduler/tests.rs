@@ -285,6 +285,26 @@ async fn vms_dying_before_a_job_are_retried_then_the_job_is_given_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_paused_on_a_full_disk_are_torn_down_without_giving_the_job_up() {
+    let mut h = harness("max_attempts = 2");
+    h.deliver(JobAction::Queued, info(65, LABELS, None));
+    h.wait("first VM", |_, hv| hv.running() == ["rv-small-65"]).await;
+    // As many pauses as max_attempts (stops would give the job up), one seen by its event,
+    // one found by the sweep alone.
+    h.hv.io_pause("rv-small-65", true);
+    h.wait("second VM", |_, hv| hv.running() == ["rv-small-65-2"]).await;
+    h.hv.io_pause("rv-small-65-2", false);
+    let s = h.wait("third VM", |_, hv| hv.running() == ["rv-small-65-3"]).await;
+    assert_eq!(s.queued.len(), 1, "the job is still queued: {s:#?}");
+    assert_eq!(h.hv.lock().domains.len(), 1, "the paused domains are gone");
+    let teardowns = h.metrics.render();
+    assert!(teardowns.contains(r#"runnervisor_teardowns_total{reason="disk_error"} 2"#), "{teardowns}");
+    h.run_job_on("rv-small-65-3", 65);
+    h.wait("served", |s, _| s.queued.is_empty() && s.vms.is_empty()).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
     let mut h = harness("");
     h.hv.lock().unavailable = true;

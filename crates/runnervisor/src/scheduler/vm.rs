@@ -167,6 +167,7 @@ mod tests {
         assert!(counts_as_failure(&booting, Reason::RegistrationTimeout));
         assert!(!counts_as_failure(&booting, Reason::Surplus));
         assert!(!counts_as_failure(&booting, Reason::ProvisionFailed));
+        assert!(!counts_as_failure(&booting, Reason::DiskError), "a full disk is the host's fault");
         let mut busy = vm(Busy, 10, 10, now);
         busy.took_job = Some(5);
         assert!(!counts_as_failure(&busy, Reason::Stopped));
