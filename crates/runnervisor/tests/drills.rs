@@ -455,7 +455,7 @@ impl TmpfsPool {
             match f.write(&chunk) {
                 Ok(0) => break,
                 Ok(n) => written += n as u64,
-                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
                 Err(e) => panic!("filling {}: {e}", self.dir.display()),
             }
         }
@@ -473,11 +473,6 @@ impl Drop for TmpfsPool {
         let _ = std::process::Command::new("umount").arg(&self.dir).status();
         let _ = std::fs::remove_dir(&self.dir);
     }
-}
-
-fn run(cmd: &mut std::process::Command) {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The job storage pool's filesystem is full, then space is freed: the job waits, with an

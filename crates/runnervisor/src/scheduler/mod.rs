@@ -627,14 +627,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// makes it: tear it down without counting it against the job (which stays queued), and
     /// back the pool off as for any failure of the host.
     fn on_disk_error(&mut self, name: &str) {
-        let Some(vm) = self.vms.get(name) else { return };
-        if vm::next(vm.state, Input::DomainStopped) != Some(VmState::TearingDown) {
+        if !self.domain_stop_ends(name) {
             return;
         }
+        let vm = &self.vms[name];
         let pool = vm.pool.clone();
         error!(vm = %name, pool = %pool, job_id = vm.job_id, storage_pool = %self.config.libvirt.storage_pool, "domain paused on a disk I/O error: is the storage pool full? tearing it down; the job stays queued");
         self.bump_backoff(&pool);
         self.reap(name, Reason::DiskError);
+    }
+
+    /// Whether its domain stopping (or pausing for good) ends this VM: not while it is
+    /// still being provisioned or already torn down.
+    fn domain_stop_ends(&self, name: &str) -> bool {
+        self.vms.get(name).is_some_and(|v| vm::next(v.state, Input::DomainStopped) == Some(VmState::TearingDown))
     }
 
     fn bump_backoff(&mut self, pool: &str) {
@@ -747,11 +753,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // Webhooks already accepted may say its runner took (and finished) a job:
                 // apply them first, or the VM would look like it died before taking one.
                 self.drain_inbox();
-                let stops = self
-                    .vms
-                    .get(&name)
-                    .is_some_and(|v| vm::next(v.state, Input::DomainStopped) == Some(VmState::TearingDown));
-                if stops {
+                if self.domain_stop_ends(&name) {
                     info!(vm = %name, "domain stopped");
                     self.reap(&name, Reason::Stopped);
                 }

@@ -157,6 +157,17 @@ impl H {
         }
         panic!("timed out waiting for {what}: {:#?}", self.status().await);
     }
+    /// Job `id`, queued while the hypervisor is in trouble, has no VM and stays queued for
+    /// `hold`; once `heal` has run, it gets one. Returns the status seen while it was held.
+    async fn job_held_until(&mut self, id: u64, hold: Duration, heal: impl FnOnce(&H)) -> Status {
+        self.deliver(JobAction::Queued, info(id, LABELS, None));
+        tokio::time::sleep(hold).await;
+        let held = self.status().await;
+        assert!(held.vms.is_empty() && held.queued.len() == 1, "{held:#?}");
+        heal(self);
+        self.wait("a VM once the hypervisor is well again", |_, hv| hv.running().len() == 1).await;
+        held
+    }
     /// The runner of `vm` takes job `id`, finishes it, and the guest powers off.
     fn run_job_on(&mut self, vm: &str, id: u64) {
         self.deliver(JobAction::InProgress, info(id, LABELS, Some(vm)));
@@ -310,13 +321,13 @@ async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
     h.hv.lock().unavailable = true;
     let _ = h.tx.send(Event::Hv(HvEvent::Disconnected));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    h.deliver(JobAction::Queued, info(71, LABELS, None));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let s = h.status().await;
-    assert!(s.vms.is_empty() && s.queued.len() == 1 && !s.libvirt_connected, "{s:#?}");
-    h.hv.lock().unavailable = false;
-    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
-    h.wait("VM after reconnect", |_, hv| hv.running().len() == 1).await;
+    let held = h
+        .job_held_until(71, Duration::from_millis(1500), |h| {
+            h.hv.lock().unavailable = false;
+            let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+        })
+        .await;
+    assert!(!held.libvirt_connected, "{held:#?}");
     h.shutdown().await;
 }
 
@@ -413,12 +424,7 @@ async fn a_missing_storage_pool_holds_jobs_until_it_is_back() {
     h.hv.lock().pool_missing = true;
     let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
     h.wait("the pool to be found missing", |s, _| !s.libvirt_connected).await;
-    h.deliver(JobAction::Queued, info(101, LABELS, None));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let s = h.status().await;
-    assert!(s.vms.is_empty() && s.queued.len() == 1, "{s:#?}");
-    h.hv.lock().pool_missing = false;
-    h.wait("a VM once the pool is back", |_, hv| hv.running().len() == 1).await;
+    h.job_held_until(101, Duration::from_millis(2500), |h| h.hv.lock().pool_missing = false).await;
     h.shutdown().await;
 }
 

@@ -226,3 +226,15 @@ pub fn test_domain_xml(name: &str, overlay: &Path, seed: &Path, console_log: &Pa
         metadata: &meta,
     })
 }
+
+/// Runs a command that must succeed; its stdout.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
