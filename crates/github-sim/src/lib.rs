@@ -161,7 +161,12 @@ pub struct SimHandle {
 
 impl SimHandle {
     pub async fn start(config: SimConfig) -> std::io::Result<SimHandle> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Like [`SimHandle::start`], on `addr` (e.g. the gateway of the VMs' network, port 0).
+    pub async fn start_on(config: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandle> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         tokio::spawn(serve(listener, config, async {

@@ -32,7 +32,13 @@ async fn main() {
     let img = test_image();
     let (hv, mut events) = libvirt();
 
-    // Direct: the same storage-API and domain calls, no agent.
+    // Direct: the same storage-API and domain calls, no agent, on the same fenced network
+    // (the filter is defined once, as the agent does).
+    let network = fenced_network("rv-bench-direct-fence", 1);
+    let (filter, allow) = network.fence().unwrap();
+    let host_addrs = runnervisor::fence::host_addresses();
+    let fence = runnervisor::fence::FenceSpec { filter, gateway: Some(lab_gateway()), host_addrs: &host_addrs, allow };
+    hv.define_filter(filter, &runnervisor::fence::filter_xml(&fence)).unwrap();
     let mut direct = Vec::new();
     for i in 0..N {
         let name = format!("rv-bench-{}-{i}", unique());
@@ -47,13 +53,15 @@ async fn main() {
         });
         let image = seed::nocloud_image(&ud, &cloudinit::meta_data(&name)).unwrap();
         let seed_path = hv.create_seed(&name, &image).unwrap();
-        let xml = test_domain_xml(&name, &overlay, &seed_path, &console_dir().join(format!("{name}.log")), i as u64);
+        let console_log = console_dir().join(format!("{name}.log"));
+        let xml = test_domain_xml(&name, &overlay, &seed_path, &console_log, i as u64, &network);
         hv.define(&name, &xml).unwrap();
         hv.start(&name).unwrap();
         direct.push(t.elapsed().as_secs_f64() * 1000.0);
         assert!(hv.teardown(&name).is_empty());
     }
     while events.try_recv().is_ok() {}
+    drop_filter(filter);
 
     // Agent: webhook to domain started.
     let spec = AgentSpec::new("bench", &["self-hosted", "bench"]);

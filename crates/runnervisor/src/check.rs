@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{AuthConfig, Config, Scope};
+use crate::config::{AuthConfig, Config, NetworkConfig, Scope};
 use crate::github::GitHub;
 use crate::github::app::AppSigner;
 use crate::github::http::{Auth, HttpGitHub, RetryPolicy};
@@ -18,32 +18,45 @@ use crate::secret::credentials_dir;
 #[derive(Debug, Clone)]
 pub struct Line {
     pub ok: bool,
+    /// Passes, but deserves the operator's attention (shown with ⚠).
+    pub warn: bool,
     pub what: String,
     pub detail: String,
     pub fix: Option<String>,
 }
 
 fn ok(what: impl Into<String>, detail: impl Into<String>) -> Line {
-    Line { ok: true, what: what.into(), detail: detail.into(), fix: None }
+    Line { ok: true, warn: false, what: what.into(), detail: detail.into(), fix: None }
+}
+
+fn warn(what: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Line {
+    Line { ok: true, warn: true, what: what.into(), detail: detail.into(), fix: Some(fix.into()) }
 }
 
 fn bad(what: impl Into<String>, detail: impl std::fmt::Display, fix: impl Into<String>) -> Line {
-    Line { ok: false, what: what.into(), detail: detail.to_string(), fix: Some(fix.into()) }
+    Line { ok: false, warn: false, what: what.into(), detail: detail.to_string(), fix: Some(fix.into()) }
 }
 
 pub fn render(lines: &[Line]) -> String {
     let mut out = String::new();
     for l in lines {
-        out.push_str(&format!("{} {}: {}\n", if l.ok { "✔" } else { "✘" }, l.what, l.detail));
+        let mark = match (l.ok, l.warn) {
+            (false, _) => "✘",
+            (true, true) => "⚠",
+            (true, false) => "✔",
+        };
+        out.push_str(&format!("{mark} {}: {}\n", l.what, l.detail));
         if let Some(f) = &l.fix {
             out.push_str(&format!("    fix: {f}\n"));
         }
     }
     let failed = lines.iter().filter(|l| !l.ok).count();
+    let warned = lines.iter().filter(|l| l.warn).count();
+    let warnings = if warned == 0 { String::new() } else { format!(" ({warned} with a warning)") };
     out.push_str(&if failed == 0 {
-        format!("all {} checks passed\n", lines.len())
+        format!("all {} checks passed{warnings}\n", lines.len())
     } else {
-        format!("{failed} of {} checks failed\n", lines.len())
+        format!("{failed} of {} checks failed{warnings}\n", lines.len())
     });
     out
 }
@@ -167,6 +180,70 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
             "load kvm_intel or kvm_amd (and check /dev/kvm), or set libvirt.domain_type = \"qemu\" (TCG, slow)",
         )),
         Err(e) => lines.push(bad("domain type", e, "check `virsh capabilities`")),
+    }
+    lines.push(check_fence(config, &lv).await);
+    match lv.security_models() {
+        Ok(models) if models.iter().any(|m| m == "apparmor" || m == "selinux") => {
+            lines.push(ok("security driver", format!("QEMU is confined by {}", models.join(" + "))))
+        }
+        Ok(models) => lines.push(warn(
+            "security driver",
+            format!(
+                "QEMU runs unconfined (libvirt security drivers: {}): a guest escaping QEMU is not contained by AppArmor/SELinux",
+                if models.is_empty() { "none".to_string() } else { models.join(", ") }
+            ),
+            "install apparmor (and apparmor-profiles) and restart libvirtd, or enable SELinux with svirt",
+        )),
+        Err(e) => lines.push(bad("security driver", e, "check `virsh capabilities`")),
+    }
+}
+
+/// The fence of job VMs: network up, fenced mode, what the allow-list opens.
+async fn check_fence(config: &Config, lv: &Arc<Libvirt>) -> Line {
+    let what = "network fence";
+    let allow = |allow: &[crate::fence::AllowEntry]| {
+        if allow.is_empty() {
+            "no private endpoints allowed".to_string()
+        } else {
+            format!("allowed: {}", allow.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "))
+        }
+    };
+    match &config.libvirt.network {
+        NetworkConfig::User { accept_unfenced: false } => bad(
+            what,
+            "network type \"user\" (slirp) is not fenced: the guest reaches this host's loopback (10.0.2.2), e.g. the webhook and metrics listeners",
+            "use the default libvirt network (remove libvirt.network, run scripts/setup-host), or set accept_unfenced = true for a lab",
+        ),
+        NetworkConfig::User { accept_unfenced: true } => {
+            ok(what, "NOT fenced: network type \"user\" (slirp), accepted by accept_unfenced = true (labs only)")
+        }
+        NetworkConfig::Bridge { name, filter, allow: a } => {
+            if crate::fence::bridge_exists(name) {
+                ok(what, format!("bridge {name}, isolated ports, nwfilter {filter}; {}", allow(a)))
+            } else {
+                bad(
+                    what,
+                    format!("host bridge {name:?} not found"),
+                    "create the bridge, or use the default libvirt network",
+                )
+            }
+        }
+        NetworkConfig::Network { name, filter, allow: a } => {
+            let (lv, n) = (lv.clone(), name.clone());
+            match tokio::task::spawn_blocking(move || lv.network_gateway(&n)).await.expect("join") {
+                Ok(gw) => ok(
+                    what,
+                    format!(
+                        "libvirt network {name} is active (gateway {}), isolated ports, nwfilter {filter}; {}",
+                        gw.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+                        allow(a)
+                    ),
+                ),
+                Err(e) => {
+                    bad(what, e, "run scripts/setup-host (or reinstall the package): it defines and starts the network")
+                }
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::fence::AllowEntry;
 use crate::secret::SecretSource;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,16 +129,55 @@ impl DomainType {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+/// How job VMs are networked. Every mode but `user` is fenced (see [`crate::fence`]): an
+/// isolated port, and runnervisor's nwfilter allowing the internet and the `allow` list only.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
 pub enum NetworkConfig {
-    /// QEMU user-mode networking (slirp): no host setup, outbound only.
-    #[default]
-    User,
-    /// A libvirt virtual network by name.
-    Network { name: String },
-    /// An existing host bridge.
-    Bridge { name: String },
+    /// A libvirt NAT network owned by runnervisor (created by the package / `scripts/setup-host`).
+    Network {
+        #[serde(default = "defaults::network_name")]
+        name: String,
+        /// The libvirt nwfilter runnervisor defines from this section and puts on every VM.
+        #[serde(default = "defaults::filter_name")]
+        filter: String,
+        /// Non-public endpoints job VMs may reach: `"ADDRESS[/PREFIX]:PORT[-PORT]"` (TCP and UDP).
+        #[serde(default)]
+        allow: Vec<AllowEntry>,
+    },
+    /// An existing host bridge (the VMs sit on its LAN segment), with the same fence.
+    Bridge {
+        name: String,
+        #[serde(default = "defaults::filter_name")]
+        filter: String,
+        #[serde(default)]
+        allow: Vec<AllowEntry>,
+    },
+    /// QEMU user-mode networking (slirp), for labs only: **not fenced** — the guest reaches
+    /// this host's loopback at 10.0.2.2. Refused by `check` and warned about at start
+    /// unless `accept_unfenced = true`.
+    User {
+        #[serde(default)]
+        accept_unfenced: bool,
+    },
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig::Network { name: defaults::network_name(), filter: defaults::filter_name(), allow: Vec::new() }
+    }
+}
+
+impl NetworkConfig {
+    /// The nwfilter and allow-list, for the fenced modes.
+    pub fn fence(&self) -> Option<(&str, &[AllowEntry])> {
+        match self {
+            NetworkConfig::Network { filter, allow, .. } | NetworkConfig::Bridge { filter, allow, .. } => {
+                Some((filter, allow))
+            }
+            NetworkConfig::User { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -276,6 +316,12 @@ mod defaults {
     }
     pub fn domain_type() -> DomainType {
         DomainType::Kvm
+    }
+    pub fn network_name() -> String {
+        "runnervisor".into()
+    }
+    pub fn filter_name() -> String {
+        "runnervisor-fence".into()
     }
     pub fn console_log_dir() -> PathBuf {
         "/var/log/runnervisor/console".into()
@@ -524,10 +570,22 @@ impl Config {
         if self.libvirt.storage_pool.is_empty() {
             return Err(invalid("libvirt.storage_pool", "", "must not be empty"));
         }
-        if let NetworkConfig::Network { name } | NetworkConfig::Bridge { name } = &self.libvirt.network
-            && name.is_empty()
+        if let NetworkConfig::Network { name, filter, .. } | NetworkConfig::Bridge { name, filter, .. } =
+            &self.libvirt.network
         {
-            return Err(invalid("libvirt.network.name", name, "must not be empty"));
+            if name.is_empty() || name.contains('/') {
+                return Err(invalid("libvirt.network.name", name, "must be a network or bridge name"));
+            }
+            let ok = !filter.is_empty()
+                && filter.len() <= 64
+                && filter.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(invalid(
+                    "libvirt.network.filter",
+                    filter,
+                    "use 1-64 characters of a-z, 0-9, '-', '_', '.'",
+                ));
+            }
         }
         if self.reconcile.sweep_interval < Duration::from_secs(1) {
             return Err(invalid("reconcile.sweep_interval", self.reconcile.sweep_interval, "must be at least 1s"));
@@ -655,13 +713,42 @@ mod tests {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.libvirt.uri, "qemu:///system");
         assert_eq!(c.libvirt.domain_type, DomainType::Kvm);
-        assert_eq!(c.libvirt.network, NetworkConfig::User);
+        assert_eq!(
+            c.libvirt.network,
+            NetworkConfig::Network { name: "runnervisor".into(), filter: "runnervisor-fence".into(), allow: vec![] },
+            "the default network is the fenced one"
+        );
         assert_eq!(c.server.max_body_bytes, 25 * 1024 * 1024);
         assert_eq!(c.pools[0].registration, Registration::Jit);
         assert_eq!(c.github.web_url(), "https://github.com");
         assert_eq!(c.github.scope(), Scope::Organization("octo-org".into()));
         assert_eq!(c.github.scope().api_path(), "orgs/octo-org");
         assert!(matches!(c.github.auth, AuthConfig::Pat { .. }));
+    }
+
+    #[test]
+    fn network_modes_and_the_allow_list() {
+        let net =
+            |line: &str| Config::parse(&format!("{MINIMAL}\n[libvirt]\nnetwork = {line}\n")).map(|c| c.libvirt.network);
+        let n = net(r#"{ type = "network", allow = ["10.20.0.5:443", "192.168.10.0/24:3128-3130"] }"#).unwrap();
+        let (filter, allow) = n.fence().unwrap();
+        assert_eq!(filter, "runnervisor-fence");
+        assert_eq!(
+            allow.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["10.20.0.5:443", "192.168.10.0/24:3128-3130"]
+        );
+        let n = net(r#"{ type = "bridge", name = "br0", filter = "lan-fence" }"#).unwrap();
+        assert_eq!(n.fence().unwrap().0, "lan-fence");
+        assert_eq!(net(r#"{ type = "user" }"#).unwrap(), NetworkConfig::User { accept_unfenced: false });
+        assert!(net(r#"{ type = "user" }"#).unwrap().fence().is_none(), "slirp is not fenced");
+        let e = net(r#"{ type = "network", allow = ["10.20.0.5"] }"#).unwrap_err().to_string();
+        assert!(e.contains("allow") && e.contains("\"10.20.0.5\"") && e.contains("PORT"), "{e}");
+        let e = net(r#"{ type = "network", allow = ["10.20.0.0/8:443"] }"#).unwrap_err().to_string();
+        assert!(e.contains("10.20.0.0/8") && e.contains("host bits"), "{e}");
+        let e = net(r#"{ type = "network", filter = "a b" }"#).unwrap_err().to_string();
+        assert!(e.contains("libvirt.network.filter") && e.contains("a b"), "{e}");
+        let e = net(r#"{ type = "user", allow = ["1.2.3.4:80"] }"#).unwrap_err().to_string();
+        assert!(e.contains("allow"), "slirp takes no allow-list: {e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`github`]: the GitHub seam (trait, HTTP client, App auth, fake).
 //! - [`hypervisor`]: the libvirt seam (trait, libvirt, fake), domain XML and seed builders.
 //! - [`cloudinit`]: user-data and meta-data for the runner VM.
+//! - [`fence`]: the network fence of job VMs (allow-list, nwfilter).
 //! - [`admin`]: the local admin socket; [`metrics`]: OpenMetrics; [`systemd`]: sd_notify;
 //!   [`logging`]: stderr or native journald; [`check`]: `runnervisor check`.
 //!
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod check;
 pub mod cloudinit;
 pub mod config;
+pub mod fence;
 pub mod github;
 pub mod hypervisor;
 pub mod images;
@@ -72,6 +74,21 @@ pub enum RunError {
     Admin(#[from] admin::AdminError),
 }
 
+/// `user` (slirp) networking lets a job reach this host's loopback: said loudly at every
+/// start unless the operator acknowledged it.
+fn warn_if_unfenced(network: &config::NetworkConfig) {
+    if let config::NetworkConfig::User { accept_unfenced } = network {
+        if *accept_unfenced {
+            tracing::warn!("job VMs are NOT fenced (libvirt.network type \"user\", accept_unfenced = true): labs only");
+        } else {
+            tracing::warn!(
+                "job VMs are NOT fenced: with libvirt.network type \"user\" (slirp) a job reaches this host's loopback at 10.0.2.2 \
+                 (webhook, metrics, anything bound to 127.0.0.1); use the default libvirt network, or set accept_unfenced = true for a lab"
+            );
+        }
+    }
+}
+
 fn bind(
     what: &'static str,
     addr: SocketAddr,
@@ -93,6 +110,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = Arc::new(Store::open(&config.state_dir)?);
+    warn_if_unfenced(&config.libvirt.network);
     let webhook_listener = bind("webhook", config.server.listen, deps.webhook_listener)?;
     let metrics_listener = match (config.metrics.enabled, deps.metrics_listener) {
         (_, Some(l)) => Some(bind("metrics", config.metrics.listen, Some(l))?),

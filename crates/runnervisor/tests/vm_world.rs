@@ -1,6 +1,7 @@
 //! The test world on real VMs, without the agent: a qcow2 overlay of the test image made
-//! through libvirt's storage API, a NoCloud seed, a TCG domain with user-mode networking;
-//! the guest's real cloud-init runs the (fake) runner against github-sim at 10.0.2.2,
+//! through libvirt's storage API, a NoCloud seed, a TCG domain on the fenced lab network;
+//! the guest's real cloud-init runs the (fake) runner against github-sim on the allow-listed
+//! gateway,
 //! which hands it a queued job; the runner completes it and the guest powers off.
 
 mod common;
@@ -12,9 +13,24 @@ use runnervisor::cloudinit::{self, Credential, RunnerSpec};
 use runnervisor::hypervisor::{DomainState, Hypervisor, seed};
 use runnervisor::secret::Secret;
 
+struct DropFilter(String);
+impl Drop for DropFilter {
+    fn drop(&mut self) {
+        drop_filter(&self.0);
+    }
+}
+
 async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64) {
     let img = test_image();
     let (hv, _events) = libvirt();
+    // The fence the agent would put up, with the simulator allow-listed.
+    let network = fenced_network(&format!("{name}-fence"), sim.handle.addr.port());
+    let (filter, allow) = network.fence().unwrap();
+    let host_addrs = runnervisor::fence::host_addresses();
+    let fence = runnervisor::fence::FenceSpec { filter, gateway: Some(lab_gateway()), host_addrs: &host_addrs, allow };
+    hv.define_filter(filter, &runnervisor::fence::filter_xml(&fence)).unwrap();
+    let _filter = DropFilter(filter.to_string());
+    // Declared after the filter, so dropped before it: the VM goes first.
     let _cleanup = Cleanup { hv: hv.clone(), names: vec![name.to_string()] };
     let console_log = console_dir().join(format!("{name}.log"));
 
@@ -30,7 +46,7 @@ async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64)
     // The seed carries the credential: nobody but its owner may read it.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077, 0, "seed readable by others");
-    let xml = test_domain_xml(name, &overlay, &seed_path, &console_log, job);
+    let xml = test_domain_xml(name, &overlay, &seed_path, &console_log, job, &network);
     hv.define(name, &xml).unwrap();
     let started = Instant::now();
     hv.start(name).unwrap();

@@ -103,6 +103,8 @@ pub struct DomainSpec<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: Option<&'a str>,
     pub network: &'a NetworkConfig,
+    /// The libvirt network's own address, the only DHCP server trusted (fenced modes).
+    pub gateway: Option<std::net::Ipv4Addr>,
     pub title: &'a str,
     pub description: &'a str,
     pub metadata: &'a VmMetadata,
@@ -153,15 +155,26 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.empty("readonly", &[]);
     x.close();
     match spec.network {
-        NetworkConfig::User => x.open("interface", &[("type", "user")]),
-        NetworkConfig::Network { name } => {
+        NetworkConfig::User { .. } => x.open("interface", &[("type", "user")]),
+        NetworkConfig::Network { name, .. } => {
             x.open("interface", &[("type", "network")]).empty("source", &[("network", name)])
         }
-        NetworkConfig::Bridge { name } => {
+        NetworkConfig::Bridge { name, .. } => {
             x.open("interface", &[("type", "bridge")]).empty("source", &[("bridge", name)])
         }
     };
     x.empty("model", &[("type", "virtio")]);
+    if let Some((filter, _)) = spec.network.fence() {
+        // The guest's address is learned from the DHCP server's answer only (trusting the
+        // network's own server when known), never from what the guest itself sends.
+        x.open("filterref", &[("filter", filter)]);
+        x.empty("parameter", &[("name", "CTRL_IP_LEARNING"), ("value", "dhcp")]);
+        if let Some(gw) = spec.gateway {
+            x.empty("parameter", &[("name", "DHCPSERVER"), ("value", &gw.to_string())]);
+        }
+        x.close();
+        x.empty("port", &[("isolated", "yes")]);
+    }
     x.close();
     x.open("serial", &[("type", "file")]);
     x.empty("source", &[("path", &spec.metadata.console_log.to_string_lossy()), ("append", "off")]);
@@ -218,6 +231,25 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
         console_log: get("console-log")?.into(),
         job_url: get("job-url").unwrap_or_default(),
     })
+}
+
+/// The IPv4 address of a libvirt network (`<ip address=...>` without a family, or `ipv4`).
+pub fn network_ipv4_address(network_xml: &str) -> Option<std::net::Ipv4Addr> {
+    let doc = roxmltree::Document::parse(network_xml).ok()?;
+    doc.root_element()
+        .children()
+        .filter(|n| n.has_tag_name("ip") && n.attribute("family").is_none_or(|f| f == "ipv4"))
+        .find_map(|n| n.attribute("address")?.parse().ok())
+}
+
+/// The host's security models from libvirt's capabilities (`<host><secmodel><model>`).
+pub fn security_models(capabilities_xml: &str) -> Vec<String> {
+    let Ok(doc) = roxmltree::Document::parse(capabilities_xml) else { return Vec::new() };
+    doc.descendants()
+        .filter(|n| n.has_tag_name("secmodel"))
+        .filter_map(|s| s.children().find(|c| c.has_tag_name("model"))?.text().map(str::to_string))
+        .filter(|m| m != "none")
+        .collect()
 }
 
 /// A qcow2 overlay backed by the golden image.
@@ -284,6 +316,7 @@ mod tests {
             initrd: kernel.map(|_| Path::new("/img/initrd.img")),
             cmdline: None,
             network: net,
+            gateway: None,
             title: NASTY,
             description: NASTY,
             metadata: m,
@@ -293,7 +326,7 @@ mod tests {
     #[test]
     fn domain_xml_is_well_formed_and_escaped() {
         let m = meta();
-        let xml = domain(&spec(&m, &NetworkConfig::User, Some(Path::new("/img/vmlinuz"))));
+        let xml = domain(&spec(&m, &NetworkConfig::User { accept_unfenced: true }, Some(Path::new("/img/vmlinuz"))));
         let doc = roxmltree::Document::parse(&xml).expect("well-formed");
         let root = doc.root_element();
         assert_eq!(root.attribute("type"), Some("qemu"));
@@ -308,6 +341,7 @@ mod tests {
         assert_eq!(disks.len(), 2);
         assert!(disks[1].children().any(|n| n.has_tag_name("readonly")));
         assert!(root.descendants().any(|n| n.has_tag_name("interface") && n.attribute("type") == Some("user")));
+        assert!(!root.descendants().any(|n| n.has_tag_name("filterref")), "slirp has no fence");
         // The metadata element round-trips through the parser.
         let md = root.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS)).unwrap();
         let mut expected = m.clone();
@@ -320,7 +354,7 @@ mod tests {
     #[test]
     fn kvm_without_kernel_boots_from_disk_on_a_bridge() {
         let m = meta();
-        let net = NetworkConfig::Bridge { name: "br0".into() };
+        let net = NetworkConfig::Bridge { name: "br0".into(), filter: "runnervisor-fence".into(), allow: vec![] };
         let mut s = spec(&m, &net, None);
         s.domain_type = DomainType::Kvm;
         let xml = domain(&s);
@@ -330,7 +364,49 @@ mod tests {
         assert!(root.descendants().any(|n| n.has_tag_name("boot") && n.attribute("dev") == Some("hd")));
         assert!(!root.descendants().any(|n| n.has_tag_name("kernel")));
         assert!(root.descendants().any(|n| n.has_tag_name("source") && n.attribute("bridge") == Some("br0")));
+        assert!(root.descendants().any(|n| n.has_tag_name("filterref")), "a bridge is fenced too");
+        assert!(root.descendants().any(|n| n.has_tag_name("port") && n.attribute("isolated") == Some("yes")));
         assert!(root.descendants().any(|n| n.has_tag_name("cpu") && n.attribute("mode") == Some("host-passthrough")));
+    }
+
+    #[test]
+    fn the_default_network_is_fenced() {
+        let m = meta();
+        let net = NetworkConfig::default();
+        let mut s = spec(&m, &net, None);
+        s.gateway = Some("198.51.100.1".parse().unwrap());
+        let xml = domain(&s);
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let iface = doc.descendants().find(|n| n.has_tag_name("interface")).unwrap();
+        assert_eq!(iface.attribute("type"), Some("network"));
+        let child = |tag: &str| iface.children().find(|n| n.has_tag_name(tag)).unwrap();
+        assert_eq!(child("source").attribute("network"), Some("runnervisor"));
+        assert_eq!(child("port").attribute("isolated"), Some("yes"));
+        let fref = child("filterref");
+        assert_eq!(fref.attribute("filter"), Some("runnervisor-fence"));
+        let params: Vec<(&str, &str)> = fref
+            .children()
+            .filter(|n| n.has_tag_name("parameter"))
+            .map(|p| (p.attribute("name").unwrap(), p.attribute("value").unwrap()))
+            .collect();
+        assert_eq!(params, [("CTRL_IP_LEARNING", "dhcp"), ("DHCPSERVER", "198.51.100.1")]);
+    }
+
+    #[test]
+    fn network_address() {
+        let xml = "<network><name>runnervisor</name><forward mode='nat'/><ip family='ipv6' address='fd00::1' prefix='64'/>\
+                   <ip address='198.51.100.1' netmask='255.255.255.0'><dhcp/></ip></network>";
+        assert_eq!(network_ipv4_address(xml), Some("198.51.100.1".parse().unwrap()));
+        assert_eq!(network_ipv4_address("<network><name>x</name></network>"), None);
+    }
+
+    #[test]
+    fn security_models_from_capabilities() {
+        let caps = "<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel>\
+                    <secmodel><model>dac</model><doi>0</doi></secmodel></host></capabilities>";
+        assert_eq!(security_models(caps), ["dac"]);
+        let caps = "<capabilities><host><secmodel><model>apparmor</model></secmodel></host></capabilities>";
+        assert_eq!(security_models(caps), ["apparmor"]);
     }
 
     #[test]

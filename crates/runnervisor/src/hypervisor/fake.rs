@@ -19,6 +19,10 @@ pub struct FakeState {
     pub unavailable: bool,
     /// While set, the job storage pool is missing.
     pub pool_missing: bool,
+    /// While set, the libvirt network is missing (the fence cannot be put up).
+    pub network_missing: bool,
+    /// nwfilters defined, by name.
+    pub filters: BTreeMap<String, String>,
     /// Fail the next N `define_and_start` calls.
     pub fail_starts: u32,
     /// Most VMs running at once, ever.
@@ -73,6 +77,18 @@ impl FakeHypervisor {
 }
 
 impl Hypervisor for FakeHypervisor {
+    fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError> {
+        if self.up()?.network_missing {
+            return Err(HvError::NetworkMissing { name: name.into() });
+        }
+        Ok(Some(std::net::Ipv4Addr::new(198, 51, 100, 1)))
+    }
+
+    fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError> {
+        self.up()?.filters.insert(name.into(), xml.into());
+        Ok(())
+    }
+
     fn check_pool(&self) -> Result<(), HvError> {
         if self.up()?.pool_missing {
             return Err(HvError::PoolNotFound { pool: "fake".into() });

@@ -57,6 +57,9 @@ pub struct Libvirt {
     conn: Mutex<Option<Connect>>,
     /// Set by the close callback (or a failed call) when the connection is gone.
     broken: Arc<AtomicBool>,
+    /// The nwfilter XML this process last defined, by name: unchanged filters are not
+    /// redefined (a redefinition rebuilds the rules of every VM using it).
+    filters: Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// Options of the keeper thread.
@@ -73,6 +76,7 @@ impl Libvirt {
             pool: pool.to_string(),
             conn: Mutex::new(None),
             broken: Arc::new(AtomicBool::new(false)),
+            filters: Mutex::new(std::collections::HashMap::new()),
         });
         let keeper = Arc::downgrade(&lv);
         lv.try_connect(&events);
@@ -176,6 +180,13 @@ impl Libvirt {
             .any(|g| g.descendants().any(|d| d.has_tag_name("domain") && d.attribute("type") == Some(domain_type))))
     }
 
+    /// The security drivers libvirt confines QEMU with (`apparmor`, `selinux`, `dac`, `none`).
+    pub fn security_models(&self) -> Result<Vec<String>, HvError> {
+        let conn = self.conn()?;
+        let caps = conn.capabilities().map_err(|e| self.err("capabilities", "", e))?;
+        Ok(domain_xml::security_models(&caps))
+    }
+
     /// libvirt's version, `major.minor.micro`.
     pub fn version(&self) -> Result<String, HvError> {
         let conn = self.conn()?;
@@ -241,6 +252,31 @@ fn is_code(e: &virt::error::Error, codes: &[ErrorNumber]) -> bool {
 }
 
 impl Hypervisor for Libvirt {
+    fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError> {
+        let conn = self.conn()?;
+        let net = conn.lookup_network_by_name(name).map_err(|e| match e.code() {
+            Enum::Known(ErrorNumber::NoNetwork) => HvError::NetworkMissing { name: name.into() },
+            _ => self.err("lookup network", name, e),
+        })?;
+        if !net.is_active().map_err(|e| self.err("network state", name, e))? {
+            return Err(HvError::NetworkMissing { name: name.into() });
+        }
+        let xml = net.xml_desc(0).map_err(|e| self.err("network XML", name, e))?;
+        Ok(domain_xml::network_ipv4_address(&xml))
+    }
+
+    fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let mut defined = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if defined.get(name).is_some_and(|x| x == xml) && conn.lookup_nwfilter_by_name(name).is_ok() {
+            return Ok(());
+        }
+        conn.define_nwfilter_xml(xml).map_err(|e| self.err("define nwfilter", name, e))?;
+        tracing::info!(filter = name, "network fence (nwfilter) defined");
+        defined.insert(name.into(), xml.into());
+        Ok(())
+    }
+
     fn check_pool(&self) -> Result<(), HvError> {
         let conn = self.conn()?;
         self.storage_pool(&conn).map(|_| ())

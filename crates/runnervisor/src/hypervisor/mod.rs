@@ -97,6 +97,12 @@ pub enum HvError {
     ImageTooLarge { path: PathBuf, image_size: u64, disk_size: u64 },
     #[error("storage pool {pool:?} is full: {op} {name}: {message} (free space in it; virsh pool-info {pool})")]
     PoolFull { pool: String, op: &'static str, name: String, message: String },
+    #[error(
+        "libvirt network {name:?} not found or not active: job VMs are never started on an unfenced network (create it with scripts/setup-host, or: virsh net-start {name})"
+    )]
+    NetworkMissing { name: String },
+    #[error("host bridge {name:?} not found: job VMs are never started on an unfenced network")]
+    BridgeMissing { name: String },
     #[error("{op} {name}: {message}")]
     Libvirt { op: &'static str, name: String, message: String },
 }
@@ -122,6 +128,11 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn create_overlay(&self, vm: &str, backing: &Path, capacity: u64) -> Result<PathBuf, HvError>;
     /// Creates the VM's seed volume with `image` as content, through the storage API.
     fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError>;
+    /// The libvirt network `name`, which must exist and be active: its IPv4 address (the
+    /// guests' gateway, DHCP and DNS server), if it has one.
+    fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError>;
+    /// Defines the nwfilter `name` from `xml`, or redefines it when it changed.
+    fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Defines the (persistent) domain.
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Starts a defined domain.

@@ -9,7 +9,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::Event;
 use crate::cloudinit::{self, Credential, RunnerSpec};
-use crate::config::{Config, PoolConfig, Registration};
+use crate::config::{Config, NetworkConfig, PoolConfig, Registration};
+use crate::fence;
 use crate::github::{Deleted, GhError, GitHub};
 use crate::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
 use crate::hypervisor::{self, HvError, Hypervisor, seed};
@@ -29,6 +30,8 @@ pub fn crash_point(step: &str) {
 pub enum ProvisionError {
     #[error("golden image: {0}")]
     Image(#[source] HvError),
+    #[error("network fence: {0}")]
+    Network(#[source] HvError),
     #[error("runner credential: {0}")]
     Credential(#[source] GhError),
     #[error("overlay volume: {0}")]
@@ -43,6 +46,7 @@ impl ProvisionError {
     pub fn step(&self) -> &'static str {
         match self {
             ProvisionError::Image(_) => "image",
+            ProvisionError::Network(_) => "network",
             ProvisionError::Credential(_) => "credential",
             ProvisionError::Overlay(_) => "overlay",
             ProvisionError::Seed(_) => "seed",
@@ -98,6 +102,8 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
             disk_size: disk,
         }));
     }
+
+    let gateway = fence_up(&ctx).await.map_err(ProvisionError::Network)?;
 
     let credential = match pool.registration {
         Registration::Jit => {
@@ -180,6 +186,7 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         initrd: pool.initrd.as_deref(),
         cmdline: pool.cmdline.as_deref(),
         network: &ctx.config.libvirt.network,
+        gateway,
         title: &title,
         description: &description,
         metadata: &metadata,
@@ -193,6 +200,30 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
     blocking(move || hv.start(&n)).await.map_err(ProvisionError::Domain)?;
     crash_point("after-start");
     Ok(started.elapsed())
+}
+
+/// Checks the network the VM joins and (re)defines the fence's nwfilter from the config
+/// and this host's current addresses. Fails, so that no VM starts, when either is missing:
+/// there is no fallback to an open network. Returns the network's gateway address.
+pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Option<std::net::Ipv4Addr>, HvError> {
+    let net = ctx.config.libvirt.network.clone();
+    let hv = ctx.hv.clone();
+    blocking(move || {
+        let gateway = match &net {
+            NetworkConfig::User { .. } => return Ok(None),
+            NetworkConfig::Network { name, .. } => hv.network_gateway(name)?,
+            NetworkConfig::Bridge { name, .. } if !fence::bridge_exists(name) => {
+                return Err(HvError::BridgeMissing { name: name.clone() });
+            }
+            NetworkConfig::Bridge { .. } => None,
+        };
+        let (filter, allow) = net.fence().expect("fenced mode");
+        let host_addrs = fence::host_addresses();
+        let xml = fence::filter_xml(&fence::FenceSpec { filter, gateway, host_addrs: &host_addrs, allow });
+        hv.define_filter(filter, &xml)?;
+        Ok(gateway)
+    })
+    .await
 }
 
 #[derive(Debug, Default)]

@@ -201,6 +201,17 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
     assert_eq!(vm11, "rv-small-11");
     // The seed went through the hypervisor seam with a JIT credential for this VM.
     assert!(h.hv.lock().seeds.contains_key(&vm11));
+    // The VM sits behind the fence: the default network, an isolated port, the nwfilter
+    // defined from the config, trusting the network's own DHCP server.
+    {
+        let hv = h.hv.lock();
+        let xml = &hv.domains[&vm11].1;
+        assert!(xml.contains("<source network=\"runnervisor\"/>"), "{xml}");
+        assert!(xml.contains("<filterref filter=\"runnervisor-fence\">") && xml.contains("<port isolated=\"yes\"/>"));
+        assert!(xml.contains("name=\"DHCPSERVER\" value=\"198.51.100.1\""), "{xml}");
+        let filter = &hv.filters["runnervisor-fence"];
+        assert!(filter.contains("clean-traffic") && filter.contains("dstipaddr=\"169.254.0.0\""), "{filter}");
+    }
     h.run_job_on(&vm11, 11);
     let s = h.wait("job 13 gets a VM", |s, _| vm_for(s, 13).is_some()).await;
     assert!(s.vms.iter().all(|v| v.name != vm11), "vm 11 torn down");
@@ -426,6 +437,20 @@ async fn a_missing_storage_pool_holds_jobs_until_it_is_back() {
     h.wait("the pool to be found missing", |s, _| !s.libvirt_connected).await;
     h.job_held_until(101, Duration::from_millis(2500), |h| h.hv.lock().pool_missing = false).await;
     h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_network_holds_jobs_and_never_falls_back_to_an_open_one() {
+    let mut h = harness("");
+    h.hv.lock().network_missing = true;
+    let held = h.job_held_until(101, Duration::from_millis(2500), |h| h.hv.lock().network_missing = false).await;
+    assert!(held.vms.is_empty());
+    // No credential was made while the fence was down: the first JIT config came after.
+    let (gh, hv, _) = h.shutdown().await;
+    assert_eq!(gh.lock().calls.iter().filter(|c| c.starts_with("jit")).count(), 1, "{:?}", gh.lock().calls);
+    let hv = hv.lock();
+    let (_, xml) = hv.domains.values().next().unwrap();
+    assert!(xml.contains("<filterref filter=\"runnervisor-fence\">"), "{xml}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

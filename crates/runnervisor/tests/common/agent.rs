@@ -7,6 +7,11 @@ use std::time::Duration;
 
 use super::*;
 
+/// The nwfilter of a test agent's pool: its own, since tests run side by side.
+pub fn filter_name(pool: &str) -> String {
+    format!("rv-test-fence-{pool}")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -91,8 +96,8 @@ log_level = "runnervisor=debug,info"
 listen = "127.0.0.1:{webhook_port}"
 
 [github]
-api_url = "http://127.0.0.1:{sim_port}"
-web_url = "http://10.0.2.2:{sim_port}"
+api_url = "http://{gateway}:{sim_port}"
+web_url = "http://{gateway}:{sim_port}"
 {scope}
 {auth}
 webhook_secret = {{ file = "{dir}/secret" }}
@@ -102,7 +107,7 @@ webhook_secret = {{ file = "{dir}/secret" }}
 uri = "{URI}"
 storage_pool = "{storage_pool}"
 domain_type = "{domain_type}"
-network = {{ type = "user" }}
+network = {{ type = "network", name = "{network}", filter = "{filter}", allow = ["{gateway}:{sim_port}"] }}
 console_log_dir = "{dir}/console"
 
 [admin]
@@ -130,6 +135,9 @@ registration = "{registration}"
 {pool_extra}
 "#,
             dir = dir.display(),
+            gateway = lab_gateway(),
+            network = NETWORK,
+            filter = filter_name(&spec.pool),
             scope = spec.scope,
             hook = spec.hook.clone().unwrap_or_default(),
             domain_type = domain_type().as_str(),
@@ -254,5 +262,6 @@ impl Drop for Agent {
                 let _ = lv.delete_volume(&v);
             }
         }
+        drop_filter(&filter_name(&self.spec_pool));
     }
 }

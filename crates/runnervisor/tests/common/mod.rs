@@ -99,19 +99,52 @@ pub fn leftovers(hv: &Libvirt, prefix: &str) -> (Vec<String>, Vec<String>) {
     }
 }
 
+/// The fenced libvirt network the tests' VMs join (made by `scripts/setup-host`), and its
+/// gateway: the host's address on it, where the simulator listens.
+pub const NETWORK: &str = "runnervisor";
+pub fn lab_gateway() -> std::net::Ipv4Addr {
+    std::env::var("RV_LAB_GATEWAY")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(std::net::Ipv4Addr::new(198, 51, 100, 1))
+}
+
+/// The fenced network for a test whose VMs must reach the simulator at `sim_port`: its own
+/// nwfilter (tests run side by side with different allow-lists), removed by [`drop_filter`].
+pub fn fenced_network(filter: &str, sim_port: u16) -> runnervisor::config::NetworkConfig {
+    runnervisor::config::NetworkConfig::Network {
+        name: NETWORK.into(),
+        filter: filter.into(),
+        allow: vec![format!("{}:{sim_port}", lab_gateway()).parse().unwrap()],
+    }
+}
+
+/// Undefines a test's nwfilter (once no VM uses it).
+pub fn drop_filter(filter: &str) {
+    let _ = std::process::Command::new("virsh")
+        .args(["-c", URI, "nwfilter-undefine", filter])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 pub struct Sim {
     pub handle: github_sim::SimHandle,
     pub http: reqwest::Client,
 }
 
 impl Sim {
-    /// A simulator whose runners reach it at 10.0.2.2 (slirp's view of the host).
+    /// A simulator on the lab network's gateway, where both the agent (on the host) and
+    /// the runners (in fenced VMs, through the allow-list) reach it.
     pub async fn start(webhook_url: Option<String>, tweak: impl FnOnce(&mut github_sim::SimConfig)) -> Sim {
         let mut c = github_sim::SimConfig::new(PAT, SECRET);
         c.webhook_url = webhook_url;
-        c.public_host = Some("10.0.2.2".into());
         tweak(&mut c);
-        Sim { handle: github_sim::SimHandle::start(c).await.unwrap(), http: reqwest::Client::new() }
+        let addr = std::net::SocketAddr::from((lab_gateway(), 0));
+        let handle = github_sim::SimHandle::start_on(c, addr)
+            .await
+            .unwrap_or_else(|e| panic!("simulator on {addr}: {e} (the lab network is made by ./scripts/setup-host)"));
+        Sim { handle, http: reqwest::Client::new() }
     }
 
     pub fn url(&self) -> String {
@@ -119,7 +152,7 @@ impl Sim {
     }
 
     pub fn guest_url(&self) -> String {
-        format!("http://10.0.2.2:{}", self.handle.addr.port())
+        self.handle.url()
     }
 
     pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -196,8 +229,15 @@ pub fn unique() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64 % 1_000_000_000_000
 }
 
-/// Domain XML for a test VM of the test image (1 vCPU, 512 MiB, user networking).
-pub fn test_domain_xml(name: &str, overlay: &Path, seed: &Path, console_log: &Path, job_id: u64) -> String {
+/// Domain XML for a test VM of the test image (1 vCPU, 512 MiB, on `network`).
+pub fn test_domain_xml(
+    name: &str,
+    overlay: &Path,
+    seed: &Path,
+    console_log: &Path,
+    job_id: u64,
+    network: &runnervisor::config::NetworkConfig,
+) -> String {
     use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
     let img = test_image();
     let meta = VmMetadata {
@@ -220,7 +260,8 @@ pub fn test_domain_xml(name: &str, overlay: &Path, seed: &Path, console_log: &Pa
         kernel: Some(&img.kernel),
         initrd: Some(&img.initrd),
         cmdline: None,
-        network: &runnervisor::config::NetworkConfig::User,
+        network,
+        gateway: Some(lab_gateway()),
         title: "runnervisor test VM",
         description: "a test VM",
         metadata: &meta,

@@ -1,0 +1,335 @@
+//! The network fence around job VMs (they run untrusted code).
+//!
+//! A job VM may reach the internet and the endpoints the operator allows, nothing else:
+//! - its interface is an isolated port (`<port isolated='yes'/>`: no guest↔guest traffic)
+//!   with a `<filterref>` to runnervisor's nwfilter ([`filter_xml`]);
+//! - the filter includes libvirt's `clean-traffic` (no MAC/IP/ARP spoofing; every frame
+//!   that is neither IPv4 nor ARP is dropped, so IPv6 is off entirely) and adds, in its
+//!   own IPv4 chain between the anti-spoofing check and `clean-traffic`'s accept:
+//!   the allow-list first, then DHCP and DNS to the network's gateway, then a drop of
+//!   every other address of the host and of every non-public range ([`BLOCKED`]);
+//!   everything else (the internet) passes.
+//!
+//! The rules are ebtables rules at the bridge port, so they hold for traffic to the
+//! host itself as much as for forwarded traffic, and need no `br_netfilter`.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::hypervisor::domain_xml::Xml;
+
+/// Ranges a job VM never reaches unless allow-listed, with why.
+pub const BLOCKED: &[(Ipv4Addr, u8, &str)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this\" network"),
+    (Ipv4Addr::new(10, 0, 0, 0), 8, "private (RFC 1918)"),
+    (Ipv4Addr::new(100, 64, 0, 0), 10, "carrier-grade NAT"),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
+    (Ipv4Addr::new(169, 254, 0, 0), 16, "link-local, cloud metadata"),
+    (Ipv4Addr::new(172, 16, 0, 0), 12, "private (RFC 1918)"),
+    (Ipv4Addr::new(192, 168, 0, 0), 16, "private (RFC 1918)"),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast"),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved, broadcast"),
+];
+
+/// One allow-list entry: `ADDRESS[/PREFIX]:PORT[-PORT]`, for TCP and UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowEntry {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    pub ports: (u16, u16),
+}
+
+impl FromStr for AllowEntry {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (net, ports) = s
+            .rsplit_once(':')
+            .ok_or("give ADDRESS[/PREFIX]:PORT[-PORT], e.g. \"10.20.0.5:443\" or \"192.168.10.0/24:3128\"")?;
+        if net.contains(':') || net.starts_with('[') {
+            return Err("IPv6 is not offered to job VMs (the fence drops all IPv6): give an IPv4 address".into());
+        }
+        let (addr, prefix) = match net.split_once('/') {
+            Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or("the prefix must be 0 to 32")?),
+            None => (net, 32),
+        };
+        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        if prefix < 32 && u32::from(addr) & !mask(prefix) != 0 {
+            return Err(format!(
+                "{addr}/{prefix} has host bits set (the network is {}/{prefix})",
+                network(addr, prefix)
+            ));
+        }
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0).ok_or(format!("{p:?} is not a port (1-65535)"));
+        let ports = match ports.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(ports)?, port(ports)?),
+        };
+        if ports.0 > ports.1 {
+            return Err(format!("port range {}-{} is reversed", ports.0, ports.1));
+        }
+        Ok(AllowEntry { addr, prefix, ports })
+    }
+}
+
+impl fmt::Display for AllowEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)?;
+        if self.prefix < 32 {
+            write!(f, "/{}", self.prefix)?;
+        }
+        if self.ports.0 == self.ports.1 {
+            write!(f, ":{}", self.ports.0)
+        } else {
+            write!(f, ":{}-{}", self.ports.0, self.ports.1)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e| serde::de::Error::custom(format!("allow entry {s:?}: {e}")))
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
+}
+
+fn network(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(addr) & mask(prefix))
+}
+
+/// Which range of [`BLOCKED`] an address falls in, if any.
+pub fn blocked_range(addr: Ipv4Addr) -> Option<&'static str> {
+    BLOCKED.iter().find(|(net, prefix, _)| network(addr, *prefix) == *net).map(|(_, _, why)| *why)
+}
+
+/// What the filter is made of.
+#[derive(Debug, Clone)]
+pub struct FenceSpec<'a> {
+    /// The nwfilter's name.
+    pub filter: &'a str,
+    /// The libvirt network's own address (DHCP and DNS are allowed to it); `None` on a bridge.
+    pub gateway: Option<Ipv4Addr>,
+    /// Every IPv4 address of this host (all blocked unless allow-listed).
+    pub host_addrs: &'a [Ipv4Addr],
+    pub allow: &'a [AllowEntry],
+}
+
+/// The chain and priority of the filter's own rules: after `no-ip-spoofing` (chain
+/// `ipv4-ip`, -710), before `clean-traffic`'s accept of IPv4 (-650).
+const CHAIN: &str = "ipv4-rvfence";
+const CHAIN_PRIORITY: &str = "-690";
+
+/// The nwfilter XML: `clean-traffic` plus the fence's own rules.
+pub fn filter_xml(spec: &FenceSpec<'_>) -> String {
+    let mut x = Xml::default();
+    x.open("filter", &[("name", spec.filter), ("chain", CHAIN), ("priority", CHAIN_PRIORITY)]);
+    x.empty("filterref", &[("filter", "clean-traffic")]);
+    // `return` hands the frame back to the root chain, where clean-traffic accepts it.
+    for a in spec.allow {
+        for proto in ["tcp", "udp"] {
+            rule(&mut x, "return", "100", a.addr, a.prefix, Some((proto, a.ports)));
+        }
+    }
+    if let Some(gw) = spec.gateway {
+        rule(&mut x, "return", "200", gw, 32, Some(("udp", (67, 67))));
+        rule(&mut x, "return", "200", gw, 32, Some(("udp", (53, 53))));
+        rule(&mut x, "return", "200", gw, 32, Some(("tcp", (53, 53))));
+        rule(&mut x, "drop", "300", gw, 32, None);
+    }
+    // DHCP discovery and requests before an address is leased go to the broadcast address.
+    rule(&mut x, "return", "200", Ipv4Addr::BROADCAST, 32, Some(("udp", (67, 67))));
+    let mut host: Vec<Ipv4Addr> = spec.host_addrs.iter().copied().filter(|a| Some(*a) != spec.gateway).collect();
+    host.sort();
+    host.dedup();
+    for a in host {
+        rule(&mut x, "drop", "300", a, 32, None);
+    }
+    for (net, prefix, _) in BLOCKED {
+        rule(&mut x, "drop", "400", *net, *prefix, None);
+    }
+    x.close();
+    x.finish()
+}
+
+fn rule(x: &mut Xml, action: &str, priority: &str, addr: Ipv4Addr, prefix: u8, l4: Option<(&str, (u16, u16))>) {
+    let addr = addr.to_string();
+    let prefix = prefix.to_string();
+    let mut attrs: Vec<(&str, &str)> = vec![("dstipaddr", &addr), ("dstipmask", &prefix)];
+    let (from, to);
+    if let Some((proto, (a, b))) = l4 {
+        (from, to) = (a.to_string(), b.to_string());
+        attrs.extend([("protocol", proto), ("dstportstart", from.as_str()), ("dstportend", to.as_str())]);
+    }
+    x.open("rule", &[("action", action), ("direction", "out"), ("priority", priority)]);
+    x.empty("ip", &attrs);
+    x.close();
+}
+
+/// Every IPv4 address configured on this host's interfaces.
+pub fn host_addresses() -> Vec<Ipv4Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut out: Vec<Ipv4Addr> =
+        addrs.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a host bridge of this name exists (bridge mode).
+pub fn bridge_exists(name: &str) -> bool {
+    !name.contains('/') && std::path::Path::new("/sys/class/net").join(name).join("bridge").is_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<AllowEntry, String> {
+        s.parse()
+    }
+
+    #[test]
+    fn allow_entries_parse_and_print() {
+        let table: &[(&str, (Ipv4Addr, u8, u16, u16))] = &[
+            ("10.20.0.5:443", (Ipv4Addr::new(10, 20, 0, 5), 32, 443, 443)),
+            ("192.168.10.0/24:3128", (Ipv4Addr::new(192, 168, 10, 0), 24, 3128, 3128)),
+            ("172.16.0.0/12:8000-8100", (Ipv4Addr::new(172, 16, 0, 0), 12, 8000, 8100)),
+            ("0.0.0.0/0:1-65535", (Ipv4Addr::new(0, 0, 0, 0), 0, 1, 65535)),
+        ];
+        for (text, (addr, prefix, a, b)) in table {
+            let e = parse(text).unwrap_or_else(|err| panic!("{text}: {err}"));
+            assert_eq!(e, AllowEntry { addr: *addr, prefix: *prefix, ports: (*a, *b) }, "{text}");
+            assert_eq!(e.to_string(), *text);
+        }
+    }
+
+    #[test]
+    fn bad_allow_entries_say_what_is_wrong() {
+        let table: &[(&str, &str)] = &[
+            ("10.20.0.5", "ADDRESS[/PREFIX]:PORT"),
+            ("10.20.0.5:0", "not a port"),
+            ("10.20.0.5:https", "not a port"),
+            ("10.20.0.5:70000", "not a port"),
+            ("10.20.0.5:443-80", "reversed"),
+            ("10.20.0/24:443", "not an IPv4 address"),
+            ("example.com:443", "not an IPv4 address"),
+            ("10.20.0.5/33:443", "prefix"),
+            ("10.20.0.5/24:443", "host bits set (the network is 10.20.0.0/24)"),
+            ("[fd00::1]:443", "IPv6"),
+            ("fd00::1:443", "IPv6"),
+        ];
+        for (text, want) in table {
+            let e = parse(text).expect_err(text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn blocked_ranges() {
+        let table: &[(&str, Option<&str>)] = &[
+            ("10.1.2.3", Some("private (RFC 1918)")),
+            ("172.31.255.255", Some("private (RFC 1918)")),
+            ("172.32.0.1", None),
+            ("192.168.122.1", Some("private (RFC 1918)")),
+            ("169.254.169.254", Some("link-local, cloud metadata")),
+            ("100.100.100.100", Some("carrier-grade NAT")),
+            ("127.0.0.53", Some("loopback")),
+            ("224.0.0.251", Some("multicast")),
+            ("255.255.255.255", Some("reserved, broadcast")),
+            ("140.82.112.3", None),
+            ("203.0.113.2", None),
+        ];
+        for (a, want) in table {
+            assert_eq!(blocked_range(a.parse().unwrap()), *want, "{a}");
+        }
+    }
+
+    /// The rules in the order nwfilter applies them (by priority, then as written).
+    fn rules(xml: &str) -> Vec<(String, String, String)> {
+        let doc = roxmltree::Document::parse(xml).unwrap();
+        let mut out: Vec<(i32, usize, (String, String, String))> = Vec::new();
+        for (i, r) in doc.descendants().filter(|n| n.has_tag_name("rule")).enumerate() {
+            assert_eq!(r.attribute("direction"), Some("out"));
+            let ip = r.children().find(|n| n.has_tag_name("ip")).unwrap();
+            let dst = format!("{}/{}", ip.attribute("dstipaddr").unwrap(), ip.attribute("dstipmask").unwrap());
+            let l4 = match ip.attribute("protocol") {
+                Some(p) => {
+                    format!("{p}:{}-{}", ip.attribute("dstportstart").unwrap(), ip.attribute("dstportend").unwrap())
+                }
+                None => "all".into(),
+            };
+            let prio: i32 = r.attribute("priority").unwrap().parse().unwrap();
+            out.push((prio, i, (r.attribute("action").unwrap().into(), dst, l4)));
+        }
+        out.sort_by_key(|(p, i, _)| (*p, *i));
+        out.into_iter().map(|(_, _, r)| r).collect()
+    }
+
+    fn r(action: &str, dst: &str, l4: &str) -> (String, String, String) {
+        (action.into(), dst.into(), l4.into())
+    }
+
+    #[test]
+    fn the_filter_allows_first_then_gateway_services_then_drops() {
+        let allow = [parse("10.20.0.5:443").unwrap(), parse("192.168.10.0/24:3128-3130").unwrap()];
+        let host = [Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(198, 51, 100, 1), Ipv4Addr::new(192, 0, 2, 2)];
+        let xml = filter_xml(&FenceSpec {
+            filter: "runnervisor-fence",
+            gateway: Some(Ipv4Addr::new(198, 51, 100, 1)),
+            host_addrs: &host,
+            allow: &allow,
+        });
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let root = doc.root_element();
+        assert_eq!(root.attribute("name"), Some("runnervisor-fence"));
+        assert_eq!(root.attribute("chain"), Some("ipv4-rvfence"));
+        let refs: Vec<_> = root.children().filter(|n| n.has_tag_name("filterref")).collect();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].attribute("filter"), Some("clean-traffic"));
+        let mut want = vec![
+            r("return", "10.20.0.5/32", "tcp:443-443"),
+            r("return", "10.20.0.5/32", "udp:443-443"),
+            r("return", "192.168.10.0/24", "tcp:3128-3130"),
+            r("return", "192.168.10.0/24", "udp:3128-3130"),
+            r("return", "198.51.100.1/32", "udp:67-67"),
+            r("return", "198.51.100.1/32", "udp:53-53"),
+            r("return", "198.51.100.1/32", "tcp:53-53"),
+            r("return", "255.255.255.255/32", "udp:67-67"),
+            r("drop", "198.51.100.1/32", "all"),
+            // The host's other address, once; the gateway is not repeated.
+            r("drop", "192.0.2.2/32", "all"),
+        ];
+        for (net, prefix, _) in BLOCKED {
+            want.push(r("drop", &format!("{net}/{prefix}"), "all"));
+        }
+        assert_eq!(rules(&xml), want);
+    }
+
+    #[test]
+    fn on_a_bridge_there_is_no_gateway_exception() {
+        let xml = filter_xml(&FenceSpec { filter: "f", gateway: None, host_addrs: &[], allow: &[] });
+        let rs = rules(&xml);
+        assert_eq!(rs[0], r("return", "255.255.255.255/32", "udp:67-67"));
+        assert_eq!(rs.len(), 1 + BLOCKED.len());
+        assert!(rs[1..].iter().all(|(a, _, l4)| a == "drop" && l4 == "all"));
+    }
+
+    #[test]
+    fn names_in_the_filter_are_escaped() {
+        let xml = filter_xml(&FenceSpec { filter: "a'<b", gateway: None, host_addrs: &[], allow: &[] });
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        assert_eq!(doc.root_element().attribute("name"), Some("a'<b"));
+    }
+
+    #[test]
+    fn this_host_has_addresses() {
+        assert!(host_addresses().contains(&Ipv4Addr::LOCALHOST));
+    }
+}
