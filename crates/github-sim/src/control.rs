@@ -30,6 +30,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/_sim/deliveries", get(deliveries))
         .route("/_sim/ping", post(ping))
         .route("/_sim/stats", get(stats))
+        .route("/_sim/reports", post(add_report).get(list_reports))
         .with_state(sim)
 }
 
@@ -200,4 +201,19 @@ async fn ping(State(sim): S) -> Response {
 
 async fn stats(State(sim): S) -> Response {
     axum::Json(json!({"api_calls": sim.api_calls()})).into_response()
+}
+
+/// What a job's script inside a VM reports back to its test (e.g. probe results): any
+/// JSON object, kept in arrival order.
+async fn add_report(State(sim): S, body: Bytes) -> Result<Response, ApiError> {
+    let v: Value = parse_body(&body)?;
+    if !v.is_object() {
+        return Err(ApiError::invalid("a report is a JSON object"));
+    }
+    sim.world().reports.push(v);
+    Ok(StatusCode::CREATED.into_response())
+}
+
+async fn list_reports(State(sim): S) -> Response {
+    axum::Json(json!(sim.world().reports)).into_response()
 }

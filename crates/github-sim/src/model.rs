@@ -224,6 +224,8 @@ pub struct World {
     next_delivery: u64,
     /// Every runner name that ever registered, with how many jobs it ran (for tests).
     pub runner_history: BTreeMap<String, RunnerHistory>,
+    /// Reports posted to `/_sim/reports` by jobs' scripts.
+    pub reports: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -285,6 +287,7 @@ impl Default for World {
             next_runner: FIRST_RUNNER_ID,
             next_delivery: FIRST_DELIVERY_ID,
             runner_history: BTreeMap::new(),
+            reports: Vec::new(),
         }
     }
 }

@@ -39,9 +39,19 @@ pub struct Config {
 pub struct ServerConfig {
     /// Where the webhook listener binds; the path is `/webhook`.
     pub listen: SocketAddr,
-    /// Largest accepted webhook body (GitHub sends at most 25 MiB).
+    /// Largest accepted webhook body. A `workflow_job` payload is a few KiB; GitHub sends
+    /// at most 25 MiB (the highest value allowed).
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Connections served at once; beyond, new ones wait in the listen backlog.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Deadline for a request's headers (and for an idle keep-alive connection).
+    #[serde(default = "defaults::header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Deadline for a request's body once its headers are in.
+    #[serde(default = "defaults::body_timeout", deserialize_with = "duration")]
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,7 +307,16 @@ mod defaults {
         "info".into()
     }
     pub fn max_body_bytes() -> usize {
-        25 * 1024 * 1024
+        1024 * 1024
+    }
+    pub fn max_connections() -> usize {
+        512
+    }
+    pub fn header_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn body_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn api_url() -> String {
         "https://api.github.com".into()
@@ -564,8 +583,20 @@ impl Config {
         if g.runner_group.trim().is_empty() {
             return Err(invalid("github.runner_group", &g.runner_group, "must not be empty"));
         }
-        if self.server.max_body_bytes < 1024 {
-            return Err(invalid("server.max_body_bytes", self.server.max_body_bytes, "must be at least 1024"));
+        if !(1024..=25 * 1024 * 1024).contains(&self.server.max_body_bytes) {
+            return Err(invalid(
+                "server.max_body_bytes",
+                self.server.max_body_bytes,
+                "must be 1024 to 26214400 (GitHub's 25 MiB)",
+            ));
+        }
+        if !(1..=65536).contains(&self.server.max_connections) {
+            return Err(invalid("server.max_connections", self.server.max_connections, "must be 1 to 65536"));
+        }
+        for (key, d) in [("server.header_timeout", self.server.header_timeout), ("server.body_timeout", self.server.body_timeout)] {
+            if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&d) {
+                return Err(invalid(key, d, "must be 100ms to 5m"));
+            }
         }
         if self.libvirt.storage_pool.is_empty() {
             return Err(invalid("libvirt.storage_pool", "", "must not be empty"));
@@ -718,7 +749,9 @@ mod tests {
             NetworkConfig::Network { name: "runnervisor".into(), filter: "runnervisor-fence".into(), allow: vec![] },
             "the default network is the fenced one"
         );
-        assert_eq!(c.server.max_body_bytes, 25 * 1024 * 1024);
+        assert_eq!(c.server.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.server.max_connections, 512);
+        assert_eq!((c.server.header_timeout, c.server.body_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
         assert_eq!(c.pools[0].registration, Registration::Jit);
         assert_eq!(c.github.web_url(), "https://github.com");
         assert_eq!(c.github.scope(), Scope::Organization("octo-org".into()));

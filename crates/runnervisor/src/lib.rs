@@ -10,6 +10,7 @@
 //! - [`hypervisor`]: the libvirt seam (trait, libvirt, fake), domain XML and seed builders.
 //! - [`cloudinit`]: user-data and meta-data for the runner VM.
 //! - [`fence`]: the network fence of job VMs (allow-list, nwfilter).
+//! - [`server`]: the HTTP listeners' connection cap and timeouts.
 //! - [`admin`]: the local admin socket; [`metrics`]: OpenMetrics; [`systemd`]: sd_notify;
 //!   [`logging`]: stderr or native journald; [`check`]: `runnervisor check`.
 //!
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod model;
 pub mod scheduler;
 pub mod secret;
+pub mod server;
 pub mod store;
 pub mod systemd;
 pub mod webhook;
@@ -152,10 +154,20 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         }
     });
 
-    let intake =
-        Arc::new(webhook::Intake { secret: deps.webhook_secret, store, inbox_ready, metrics: deps.metrics.clone() });
-    let app = webhook::router(intake, config.server.max_body_bytes)
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let intake = Arc::new(webhook::Intake {
+        secret: deps.webhook_secret,
+        store,
+        inbox_ready,
+        metrics: deps.metrics.clone(),
+        max_body_bytes: config.server.max_body_bytes,
+        body_timeout: config.server.body_timeout,
+    });
+    let app = webhook::router(intake).route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let limits = server::Limits {
+        max_connections: config.server.max_connections,
+        header_timeout: config.server.header_timeout,
+        shutdown_grace: config.reconcile.shutdown_grace,
+    };
     tracing::info!(addr = %webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener bound");
     if let Some(l) = metrics_listener {
         let metrics = deps.metrics.clone();
@@ -171,14 +183,13 @@ pub async fn run<G: GitHub, H: Hypervisor>(
                 }),
             );
         let s = shutdown.clone();
-        tokio::spawn(async move { axum::serve(l, router).with_graceful_shutdown(s.cancelled_owned()).await });
+        // Scrapes are few: a small cap keeps a misbehaving client from holding many.
+        let metrics_limits = server::Limits { max_connections: 16, ..limits };
+        tokio::spawn(server::serve(l, router, metrics_limits, s));
     }
     let admin_task = tokio::spawn(admin::serve(admin_listener, tx.clone(), shutdown.clone()));
 
-    let served = axum::serve(webhook_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "webhook listener failed");
-    }
+    server::serve(webhook_listener, app, limits, shutdown.clone()).await;
     tracing::info!("intake stopped; finishing in-flight work");
     systemd::stopping();
     stop_scheduler.cancel();

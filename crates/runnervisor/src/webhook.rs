@@ -4,8 +4,10 @@
 //!
 //! | request                                   | answer |
 //! |-------------------------------------------|--------|
-//! | no/wrong signature                        | 401    |
-//! | body over `server.max_body_bytes`         | 413    |
+//! | no/malformed signature header             | 401, before the body is read |
+//! | body over `server.max_body_bytes`         | 413 (unread when Content-Length says so) |
+//! | body not in within `server.body_timeout`  | 408    |
+//! | signature does not match the body         | 401    |
 //! | bad JSON or missing fields                | 400, naming what is wrong |
 //! | `ping`                                    | 200    |
 //! | other events, unknown actions             | 202, ignored |
@@ -17,8 +19,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -45,6 +47,15 @@ pub enum SignatureError {
 
 /// Checks `sha256=<hex>` against HMAC-SHA256(secret, body), in constant time.
 pub fn verify_signature(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), SignatureError> {
+    let sig = parse_signature(header)?;
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    mac.verify_slice(&sig).map_err(|_| SignatureError::Mismatch)
+}
+
+/// The digest of a `sha256=<64 hex digits>` header: checked before the body is read, so
+/// that requests without one cost nothing.
+fn parse_signature(header: Option<&str>) -> Result<[u8; 32], SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
     let hex = header.trim().strip_prefix("sha256=").ok_or(SignatureError::Malformed)?;
     if hex.len() != 64 {
@@ -55,9 +66,7 @@ pub fn verify_signature(secret: &[u8], body: &[u8], header: Option<&str>) -> Res
         let s = std::str::from_utf8(chunk).map_err(|_| SignatureError::Malformed)?;
         sig[i] = u8::from_str_radix(s, 16).map_err(|_| SignatureError::Malformed)?;
     }
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(body);
-    mac.verify_slice(&sig).map_err(|_| SignatureError::Mismatch)
+    Ok(sig)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -141,17 +150,52 @@ pub struct Intake {
     /// Woken when the inbox has something new.
     pub inbox_ready: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// Largest body read (`server.max_body_bytes`); larger ones get 413 unread.
+    pub max_body_bytes: usize,
+    /// Deadline for reading the body once the headers are in (`server.body_timeout`).
+    pub body_timeout: std::time::Duration,
 }
 
-pub fn router(intake: Arc<Intake>, max_body_bytes: usize) -> Router {
-    Router::new().route("/webhook", post(handle)).layer(DefaultBodyLimit::max(max_body_bytes)).with_state(intake)
+pub fn router(intake: Arc<Intake>) -> Router {
+    Router::new().route("/webhook", post(handle)).with_state(intake)
 }
 
 fn reply(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"message": message}))).into_response()
 }
 
-async fn handle(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bytes) -> Response {
+/// Reads the body within the size cap and the deadline, after cheap checks of the headers:
+/// an unsigned or oversized request is answered before any of its body is read.
+async fn read_body(intake: &Intake, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if let Err(e) = parse_signature(header("x-hub-signature-256")) {
+        intake.metrics.webhook_signature_failures.inc();
+        tracing::warn!(error = %e, delivery = header("x-github-delivery").unwrap_or("-"), "webhook rejected");
+        return Err(reply(StatusCode::UNAUTHORIZED, &e.to_string()));
+    }
+    let too_large = || {
+        reply(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than server.max_body_bytes = {}", intake.max_body_bytes))
+    };
+    if header("content-length").and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l > intake.max_body_bytes) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(intake.body_timeout, axum::body::to_bytes(body, intake.max_body_bytes)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => {
+            tracing::warn!(delivery = header("x-github-delivery").unwrap_or("-"), "webhook body not received in time");
+            Err(reply(StatusCode::REQUEST_TIMEOUT, "body not received within server.body_timeout"))
+        }
+    }
+}
+
+async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let body = match read_body(&intake, &headers, body).await {
+        Ok(b) => b,
+        Err(response) => return response,
+    };
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     if let Err(e) = verify_signature(intake.secret.expose().as_bytes(), &body, header("x-hub-signature-256")) {
         intake.metrics.webhook_signature_failures.inc();

@@ -45,6 +45,8 @@ pub struct AgentSpec {
     /// Scope line, default the organization.
     pub scope: String,
     pub hook: Option<String>,
+    /// Bind the webhook and metrics listeners to 0.0.0.0 (as in production), not loopback.
+    pub listen_all: bool,
 }
 
 impl AgentSpec {
@@ -60,6 +62,7 @@ impl AgentSpec {
             reconcile: "stop_grace = \"30s\"".into(),
             scope: "organization = \"octo-org\"".into(),
             hook: Some("hook = { type = \"organization\", id = 1 }".into()),
+            listen_all: false,
         }
     }
 }
@@ -93,7 +96,7 @@ state_dir = "{dir}/state"
 log_level = "runnervisor=debug,info"
 
 [server]
-listen = "127.0.0.1:{webhook_port}"
+listen = "{listen}:{webhook_port}"
 
 [github]
 api_url = "http://{gateway}:{sim_port}"
@@ -114,7 +117,7 @@ console_log_dir = "{dir}/console"
 socket = "{dir}/admin.sock"
 
 [metrics]
-listen = "127.0.0.1:{metrics_port}"
+listen = "{listen}:{metrics_port}"
 
 [reconcile]
 sweep_interval = "2s"
@@ -136,6 +139,7 @@ registration = "{registration}"
 "#,
             dir = dir.display(),
             gateway = lab_gateway(),
+            listen = if spec.listen_all { "0.0.0.0" } else { "127.0.0.1" },
             network = NETWORK,
             filter = filter_name(&spec.pool),
             scope = spec.scope,

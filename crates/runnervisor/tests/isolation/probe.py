@@ -1,0 +1,115 @@
+# The isolation drill's job, run by the fake runner inside a fenced job VM as the runner
+# user (with sudo, as a job that gained root). CFG is JSON the test embeds (base64).
+# role "peer": listens on a port and reports its address, so that the prober can try it.
+# role "prober": gives itself a default route, tries every probe, reports the outcomes.
+# Outcomes: connected / answered (got through), timeout (dropped on the way), refused
+# (something answered with a reset: got through to a host), error:ERRNO.
+import base64, json, socket, struct, subprocess, sys, time, urllib.request
+
+CFG = json.loads(base64.b64decode(sys.argv[1]))
+SIM = CFG["sim"]
+
+
+def post(obj):
+    req = urllib.request.Request(SIM + "/_sim/reports", data=json.dumps(obj).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+def reports():
+    return json.loads(urllib.request.urlopen(SIM + "/_sim/reports", timeout=10).read())
+
+
+def sh(*args):
+    return subprocess.run(list(args), capture_output=True, text=True)
+
+
+def my_address():
+    words = sh("ip", "-4", "-o", "addr", "show", "scope", "global").stdout.split()
+    i = words.index("inet")
+    return words[i + 1].split("/")[0], words[1]
+
+
+def tcp(host, port, source=None, timeout=4):
+    s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        if source:
+            s.bind((source, 0))
+        s.connect((host, port))
+        return "connected"
+    except socket.timeout:
+        return "timeout"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as e:
+        return "error:%d" % e.errno
+    finally:
+        s.close()
+
+
+def dns(server, name, timeout=4):
+    query = struct.pack(">HHHHHH", 0x5253, 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        s.sendto(query, (server, 53))
+        data, _ = s.recvfrom(512)
+        return "answered" if data[:2] == query[:2] else "garbled"
+    except socket.timeout:
+        return "timeout"
+    except OSError as e:
+        return "error:%d" % e.errno
+    finally:
+        s.close()
+
+
+address, dev = my_address()
+
+if CFG["role"] == "peer":
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", CFG["peer_port"]))
+    srv.listen(16)
+    srv.settimeout(1)
+    post({"role": "peer", "ip": address})
+    accepted, last, deadline = 0, 0.0, time.time() + CFG["wait"]
+    while time.time() < deadline:
+        try:
+            conn, _ = srv.accept()
+            accepted += 1
+            conn.close()
+        except socket.timeout:
+            pass
+        if time.time() - last > 3:
+            last = time.time()
+            if any(r.get("role") == "prober" for r in reports()):
+                break
+    post({"role": "peer-done", "ip": address, "accepted": accepted})
+    sys.exit(0)
+
+# The test image has no default route: give one, so that only the fence stands in the way.
+sh("sudo", "ip", "route", "replace", "default", "via", CFG["gateway"])
+peer, deadline = None, time.time() + CFG["wait"]
+while peer is None and time.time() < deadline:
+    peer = next((r["ip"] for r in reports() if r.get("role") == "peer"), None)
+    if peer is None:
+        time.sleep(2)
+results = []
+for p in CFG["probes"]:
+    kind = p["kind"]
+    if kind == "tcp":
+        outcome = tcp(p["host"], p["port"])
+    elif kind == "peer":
+        outcome = tcp(peer, p["port"]) if peer else "no-peer"
+    elif kind == "udp":
+        outcome = dns(p["host"], p["query"])
+    elif kind == "spoof":
+        sh("sudo", "ip", "addr", "add", p["source"] + "/32", "dev", dev)
+        outcome = tcp(p["host"], p["port"], source=p["source"])
+        sh("sudo", "ip", "addr", "del", p["source"] + "/32", "dev", dev)
+    else:
+        outcome = "unknown-kind"
+    results.append({"name": p["name"], "expect": p["expect"], "outcome": outcome})
+post({"role": "prober", "ip": address, "peer": peer, "results": results})

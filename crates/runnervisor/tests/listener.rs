@@ -1,0 +1,200 @@
+//! The webhook listener under abuse, with real clients over TCP and the real store: more
+//! slow-loris connections than the connection cap, bodies that stall, and a flood of large
+//! unsigned bodies must not starve signed deliveries; each kind gets its answer in time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use runnervisor::metrics::Metrics;
+use runnervisor::secret::Secret;
+use runnervisor::store::Store;
+use runnervisor::{server, webhook};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "listener-test-secret";
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_CONNECTIONS: usize = 32;
+const MAX_BODY: usize = 64 * 1024;
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={sig}")
+}
+
+fn payload(id: u64) -> Vec<u8> {
+    serde_json::json!({
+        "action": "queued",
+        "workflow_job": {"id": id, "run_id": 1, "run_attempt": 1, "name": "build", "workflow_name": "CI",
+            "labels": ["self-hosted", "nowhere"], "html_url": "https://x", "runner_name": null,
+            "runner_id": null, "conclusion": null, "status": "queued"},
+        "repository": {"full_name": "octo-org/app"},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>) {
+    let dir = std::env::temp_dir().join(format!("rv-listener-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let metrics = Arc::new(Metrics::default());
+    let intake = Arc::new(webhook::Intake {
+        secret: Secret::new(SECRET),
+        store: Arc::new(Store::open(&dir).unwrap()),
+        inbox_ready: Arc::new(tokio::sync::Notify::new()),
+        metrics: metrics.clone(),
+        max_body_bytes: MAX_BODY,
+        body_timeout: BODY_TIMEOUT,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let limits = server::Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_timeout: HEADER_TIMEOUT,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    tokio::spawn(server::serve(listener, webhook::router(intake), limits, stop.clone()));
+    (addr, stop, metrics)
+}
+
+/// Opens a connection, writes `head`, and returns it (the caller decides what follows).
+async fn open(addr: std::net::SocketAddr, head: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// Reads until the server answers or closes: the status code (0 if closed without one).
+async fn status_of(mut s: TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+async fn deliver(client: &reqwest::Client, addr: std::net::SocketAddr, id: u64) -> (u16, Duration) {
+    let body = payload(id);
+    let t = Instant::now();
+    let r = client
+        .post(format!("http://{addr}/webhook"))
+        .header("X-GitHub-Event", "workflow_job")
+        .header("X-GitHub-Delivery", format!("guid-{id}"))
+        .header("X-Hub-Signature-256", sign(&body))
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
+    let (addr, stop, metrics) = start().await;
+
+    // Twice the connection cap in slow-loris connections: headers begun, never finished.
+    let mut loris = Vec::new();
+    for _ in 0..2 * MAX_CONNECTIONS {
+        loris.push(open(addr, "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow").await);
+    }
+    // Signed headers, a body announced and never sent in full.
+    let body = payload(7);
+    let stall_head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow_job\r\nX-GitHub-Delivery: stall\r\n\
+         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n{}",
+        sign(&body),
+        body.len(),
+        String::from_utf8_lossy(&body[..10])
+    );
+    let mut stalls = Vec::new();
+    for _ in 0..4 {
+        stalls.push(open(addr, &stall_head).await);
+    }
+    // A flood of large unsigned bodies, for the whole test.
+    let flood_stop = CancellationToken::new();
+    let flood = {
+        let stop = flood_stop.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let big = vec![b'x'; MAX_BODY - 100];
+            // Answered 401 before the body is read; the client may then see the connection
+            // closed under its upload instead of the answer. Nothing else is acceptable.
+            let (mut sent, mut refused, mut other) = (0u32, 0u32, Vec::new());
+            while !stop.is_cancelled() {
+                let r = client
+                    .post(format!("http://{addr}/webhook"))
+                    .header("X-GitHub-Event", "workflow_job")
+                    .body(big.clone())
+                    .send()
+                    .await;
+                sent += 1;
+                match r {
+                    Ok(r) if r.status() == 401 => refused += 1,
+                    Err(e) if e.is_request() || e.is_body() || e.is_connect() => refused += 1,
+                    Ok(r) => other.push(r.status().as_u16()),
+                    Err(e) => other.push(if e.is_timeout() { 1 } else { 2 }),
+                }
+            }
+            (sent, refused, other)
+        })
+    };
+
+    // Signed deliveries still get through: at worst they wait for the header deadline to
+    // free a slot held by a slow-loris connection.
+    let client = reqwest::Client::new();
+    let mut worst = Duration::ZERO;
+    for id in 1..=20 {
+        let (status, took) = deliver(&client, addr, id).await;
+        assert_eq!(status, 202, "delivery {id}");
+        worst = worst.max(took);
+    }
+    eprintln!("20 signed deliveries accepted under abuse; slowest {worst:?}");
+    assert!(worst < HEADER_TIMEOUT + Duration::from_secs(3), "slowest signed delivery took {worst:?}");
+
+    // Each abuser got its answer: slow-loris closed by the header deadline (408 or closed),
+    // stalled bodies 408 by the body deadline.
+    let t = Instant::now();
+    for s in loris {
+        let code = tokio::time::timeout(HEADER_TIMEOUT * 3, status_of(s)).await.expect("slow-loris left open");
+        assert!(code == 408 || code == 0, "slow-loris answered {code}");
+    }
+    for s in stalls {
+        let code = tokio::time::timeout(BODY_TIMEOUT * 3, status_of(s)).await.expect("stalled body left open");
+        assert_eq!(code, 408, "stalled body");
+    }
+    eprintln!("abusive connections all closed {:?} after the deliveries", t.elapsed());
+    flood_stop.cancel();
+    let (sent, refused, other) = flood.await.unwrap();
+    eprintln!("unsigned flood: {sent} requests of {} KiB, {refused} refused (401 or closed unread)", MAX_BODY / 1024);
+    assert!(sent > 0 && other.is_empty(), "unsigned requests answered otherwise: {other:?}");
+
+    // A signed body over the cap is refused from its Content-Length, without reading it.
+    let huge = format!(
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow_job\r\nX-GitHub-Delivery: big\r\n\
+         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n",
+        sign(b"x"),
+        MAX_BODY + 1
+    );
+    let code = tokio::time::timeout(Duration::from_secs(5), status_of(open(addr, &huge).await)).await.unwrap();
+    assert_eq!(code, 413);
+    assert!(metrics.render().contains("runnervisor_webhook_signature_failures_total"));
+    stop.cancel();
+}
