@@ -112,3 +112,24 @@ async fn jit_runner_runs_a_job_and_powers_off() {
     let credential = Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) };
     boot_runner_vm(&name, credential, &sim, job).await;
 }
+
+/// The agent redefines its nwfilter when the allow-list or this host's addresses change
+/// (and at every start): libvirt accepts that only under the filter's existing UUID.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fence_filter_is_redefined_in_place() {
+    use runnervisor::fence::{FenceSpec, filter_xml, host_addresses};
+    let (hv, _events) = libvirt();
+    let name = format!("rv-world-fence-{}", unique());
+    let _filter = DropFilter(name.clone());
+    let hosts = host_addresses();
+    let allow = ["10.20.0.5:443".parse().unwrap()];
+    let first = filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &[] });
+    let second = filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &allow });
+    hv.define_filter(&name, &first).unwrap();
+    hv.define_filter(&name, &second).unwrap();
+    let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "nwfilter-dumpxml", &name]));
+    assert!(dumped.contains("dstipaddr='10.20.0.5'"), "the second definition is in force:\n{dumped}");
+    // A second agent process (fresh cache) redefines it too.
+    let (other, _ev) = libvirt();
+    other.define_filter(&name, &first).unwrap();
+}

@@ -233,6 +233,24 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
     })
 }
 
+/// `xml` (a libvirt object definition) with `<uuid>` as its root's first child, so that
+/// it redefines the existing object of that UUID.
+pub fn with_uuid(xml: &str, uuid: &str) -> String {
+    let Some(end) = xml.find('>') else { return xml.to_string() };
+    let mut x = Xml::default();
+    x.text("uuid", &[], uuid);
+    let uuid = x.finish();
+    let open = &xml[..=end];
+    match open.strip_suffix("/>") {
+        // `<filter .../>`: open it, so that the uuid has a place.
+        Some(head) => {
+            let tag = head.trim_start_matches('<').split_whitespace().next().unwrap_or_default();
+            format!("{}>\n{uuid}</{tag}>\n", head.trim_end())
+        }
+        None => format!("{open}\n{uuid}{}", xml[end + 1..].trim_start_matches('\n')),
+    }
+}
+
 /// The IPv4 address of a libvirt network (`<ip address=...>` without a family, or `ipv4`).
 pub fn network_ipv4_address(network_xml: &str) -> Option<std::net::Ipv4Addr> {
     let doc = roxmltree::Document::parse(network_xml).ok()?;
@@ -390,6 +408,19 @@ mod tests {
             .map(|p| (p.attribute("name").unwrap(), p.attribute("value").unwrap()))
             .collect();
         assert_eq!(params, [("CTRL_IP_LEARNING", "dhcp"), ("DHCPSERVER", "198.51.100.1")]);
+    }
+
+    #[test]
+    fn uuid_goes_first_inside_the_root() {
+        let x = with_uuid("<filter name=\"f\" chain=\"root\">\n  <rule/>\n</filter>\n", "4c93696b-2c94");
+        let doc = roxmltree::Document::parse(&x).unwrap();
+        let first = doc.root_element().children().find(|n| n.is_element()).unwrap();
+        assert_eq!((first.tag_name().name(), first.text()), ("uuid", Some("4c93696b-2c94")));
+        assert_eq!(doc.root_element().children().filter(|n| n.is_element()).count(), 2);
+        let x = with_uuid("<filter name='f' chain='root'/>", "u-1");
+        let doc = roxmltree::Document::parse(&x).unwrap();
+        assert_eq!(doc.root_element().attribute("name"), Some("f"));
+        assert_eq!(doc.root_element().children().find(|n| n.is_element()).unwrap().text(), Some("u-1"));
     }
 
     #[test]

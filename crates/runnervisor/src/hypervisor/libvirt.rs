@@ -271,7 +271,13 @@ impl Hypervisor for Libvirt {
         if defined.get(name).is_some_and(|x| x == xml) && conn.lookup_nwfilter_by_name(name).is_ok() {
             return Ok(());
         }
-        conn.define_nwfilter_xml(xml).map_err(|e| self.err("define nwfilter", name, e))?;
+        // libvirt redefines a filter only under its existing UUID.
+        let existing = conn.lookup_nwfilter_by_name(name).ok().and_then(|f| f.uuid_string().ok());
+        let xml_with_uuid = match &existing {
+            Some(uuid) => domain_xml::with_uuid(xml, uuid),
+            None => xml.to_string(),
+        };
+        conn.define_nwfilter_xml(&xml_with_uuid).map_err(|e| self.err("define nwfilter", name, e))?;
         tracing::info!(filter = name, "network fence (nwfilter) defined");
         defined.insert(name.into(), xml.into());
         Ok(())
