@@ -471,6 +471,18 @@ impl Scope {
             Scope::Enterprise(e) => format!("enterprises/{e}"),
         }
     }
+    /// Whether a delivery about `repository` ("owner/name"), from an enterprise account
+    /// `enterprise` (its slug, when the payload names one), is within this scope.
+    /// Logins and names compare case-insensitively, as GitHub's do.
+    pub fn admits(&self, repository: &str, enterprise: Option<&str>) -> bool {
+        match self {
+            Scope::Repository { owner, name } => repository.eq_ignore_ascii_case(&format!("{owner}/{name}")),
+            Scope::Organization(o) => {
+                repository.split_once('/').is_some_and(|(owner, _)| owner.eq_ignore_ascii_case(o))
+            }
+            Scope::Enterprise(e) => enterprise.is_some_and(|slug| slug.eq_ignore_ascii_case(e)),
+        }
+    }
     /// Path under the web URL given to `config.sh --url`.
     pub fn web_path(&self) -> String {
         match self {
@@ -593,7 +605,9 @@ impl Config {
         if !(1..=65536).contains(&self.server.max_connections) {
             return Err(invalid("server.max_connections", self.server.max_connections, "must be 1 to 65536"));
         }
-        for (key, d) in [("server.header_timeout", self.server.header_timeout), ("server.body_timeout", self.server.body_timeout)] {
+        for (key, d) in
+            [("server.header_timeout", self.server.header_timeout), ("server.body_timeout", self.server.body_timeout)]
+        {
             if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&d) {
                 return Err(invalid(key, d, "must be 100ms to 5m"));
             }
@@ -751,7 +765,10 @@ mod tests {
         );
         assert_eq!(c.server.max_body_bytes, 1024 * 1024);
         assert_eq!(c.server.max_connections, 512);
-        assert_eq!((c.server.header_timeout, c.server.body_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
+        assert_eq!(
+            (c.server.header_timeout, c.server.body_timeout),
+            (Duration::from_secs(10), Duration::from_secs(10))
+        );
         assert_eq!(c.pools[0].registration, Registration::Jit);
         assert_eq!(c.github.web_url(), "https://github.com");
         assert_eq!(c.github.scope(), Scope::Organization("octo-org".into()));
@@ -782,6 +799,30 @@ mod tests {
         assert!(e.contains("libvirt.network.filter") && e.contains("a b"), "{e}");
         let e = net(r#"{ type = "user", allow = ["1.2.3.4:80"] }"#).unwrap_err().to_string();
         assert!(e.contains("allow"), "slirp takes no allow-list: {e}");
+    }
+
+    #[test]
+    fn scope_admits_deliveries_of_its_own_only() {
+        let repo = Scope::Repository { owner: "octo-org".into(), name: "app".into() };
+        let org = Scope::Organization("octo-org".into());
+        let ent = Scope::Enterprise("octo-ent".into());
+        let table: &[(&Scope, &str, Option<&str>, bool)] = &[
+            (&repo, "octo-org/app", None, true),
+            (&repo, "Octo-Org/App", None, true),
+            (&repo, "octo-org/app2", None, false),
+            (&repo, "other/app", None, false),
+            (&org, "octo-org/anything", None, true),
+            (&org, "OCTO-ORG/x", Some("octo-ent"), true),
+            (&org, "octo-org2/x", None, false),
+            (&org, "evil/octo-org", None, false),
+            (&ent, "any-org/x", Some("octo-ent"), true),
+            (&ent, "any-org/x", Some("Octo-Ent"), true),
+            (&ent, "any-org/x", Some("other-ent"), false),
+            (&ent, "any-org/x", None, false),
+        ];
+        for (scope, repository, enterprise, want) in table {
+            assert_eq!(scope.admits(repository, *enterprise), *want, "{scope:?} {repository} {enterprise:?}");
+        }
     }
 
     #[test]

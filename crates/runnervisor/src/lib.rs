@@ -159,6 +159,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         store,
         inbox_ready,
         metrics: deps.metrics.clone(),
+        scope: config.github.scope(),
         max_body_bytes: config.server.max_body_bytes,
         body_timeout: config.server.body_timeout,
     });

@@ -138,6 +138,7 @@ pub struct Metrics {
     pub webhooks: Counter,
     pub webhook_signature_failures: Plain,
     pub jobs_received: Counter,
+    pub jobs_unmatched: Plain,
     pub jobs_started: Counter,
     pub jobs_completed: Counter,
     pub jobs_failed: Counter,
@@ -167,6 +168,10 @@ impl Default for Metrics {
                 "Deliveries refused for a missing or wrong signature.",
             )),
             jobs_received: Counter::new("runnervisor_jobs_received", "Queued jobs matched to a pool."),
+            jobs_unmatched: Plain(Counter::new(
+                "runnervisor_jobs_unmatched",
+                "Queued jobs whose labels no pool has (counted, not tracked).",
+            )),
             jobs_started: Counter::new("runnervisor_jobs_started", "Jobs a runnervisor runner started."),
             jobs_completed: Counter::new(
                 "runnervisor_jobs_completed",
@@ -229,6 +234,7 @@ impl Metrics {
             &self.webhooks,
             &self.webhook_signature_failures.0,
             &self.jobs_received,
+            &self.jobs_unmatched.0,
             &self.jobs_started,
             &self.jobs_completed,
             &self.jobs_failed,

@@ -11,6 +11,7 @@
 //! | bad JSON or missing fields                | 400, naming what is wrong |
 //! | `ping`                                    | 200    |
 //! | other events, unknown actions             | 202, ignored |
+//! | repository outside the configured scope   | 202, ignored, counted (`outcome="out_of_scope"`) |
 //! | `workflow_job`, new delivery id           | 202, accepted |
 //! | `workflow_job`, delivery id already seen  | 200, duplicate |
 //! | the store cannot write                    | 503 (GitHub records a failed delivery; the reconciler redelivers it) |
@@ -82,6 +83,21 @@ struct Payload {
     action: String,
     workflow_job: WorkflowJob,
     repository: Repository,
+    #[serde(default)]
+    enterprise: Option<Enterprise>,
+}
+
+#[derive(Deserialize)]
+struct Enterprise {
+    slug: String,
+}
+
+/// A parsed delivery: the event, and where it comes from (for the scope check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub event: JobEvent,
+    /// The enterprise account's slug, when the payload names one.
+    pub enterprise: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -109,7 +125,7 @@ struct Repository {
 }
 
 /// Parses a `workflow_job` payload.
-pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> Result<JobEvent, ParseError> {
+pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> Result<Parsed, ParseError> {
     let p: Payload = serde_json::from_slice(body).map_err(|e| ParseError::Invalid(e.to_string()))?;
     let action = match p.action.as_str() {
         "queued" => JobAction::Queued,
@@ -125,7 +141,7 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
         )));
     }
     let wj = p.workflow_job;
-    Ok(JobEvent {
+    let event = JobEvent {
         delivery: delivery.to_string(),
         action,
         job: JobInfo {
@@ -141,7 +157,8 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
             conclusion: wj.conclusion,
         },
         received_at,
-    })
+    };
+    Ok(Parsed { event, enterprise: p.enterprise.map(|e| e.slug) })
 }
 
 pub struct Intake {
@@ -150,6 +167,8 @@ pub struct Intake {
     /// Woken when the inbox has something new.
     pub inbox_ready: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// Deliveries about repositories outside it are answered 202 and ignored.
+    pub scope: crate::config::Scope,
     /// Largest body read (`server.max_body_bytes`); larger ones get 413 unread.
     pub max_body_bytes: usize,
     /// Deadline for reading the body once the headers are in (`server.body_timeout`).
@@ -174,7 +193,10 @@ async fn read_body(intake: &Intake, headers: &HeaderMap, body: Body) -> Result<B
         return Err(reply(StatusCode::UNAUTHORIZED, &e.to_string()));
     }
     let too_large = || {
-        reply(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than server.max_body_bytes = {}", intake.max_body_bytes))
+        reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than server.max_body_bytes = {}", intake.max_body_bytes),
+        )
     };
     if header("content-length").and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l > intake.max_body_bytes) {
         return Err(too_large());
@@ -217,7 +239,12 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         return reply(StatusCode::BAD_REQUEST, "missing or invalid X-GitHub-Delivery header");
     };
     let job_event = match parse_job_event(&body, delivery, SystemTime::now()) {
-        Ok(e) => e,
+        Ok(Parsed { event, enterprise }) if intake.scope.admits(&event.job.repository, enterprise.as_deref()) => event,
+        Ok(Parsed { event, .. }) => {
+            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "out_of_scope")]);
+            tracing::warn!(delivery, job_id = event.job.id, repository = %event.job.repository, "delivery outside the configured scope ignored");
+            return reply(StatusCode::ACCEPTED, "outside the configured scope; ignored");
+        }
         Err(ParseError::UnknownAction(a)) => {
             intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "ignored")]);
             return reply(StatusCode::ACCEPTED, &format!("action {a:?} ignored"));
@@ -289,7 +316,9 @@ mod tests {
                 "runner_name": null, "runner_id": null, "conclusion": null, "status": "queued"},
             "repository": {"full_name": "octo-org/app"},
         });
-        let e = parse_job_event(body.to_string().as_bytes(), "guid", SystemTime::UNIX_EPOCH).unwrap();
+        let Parsed { event: e, enterprise } =
+            parse_job_event(body.to_string().as_bytes(), "guid", SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(enterprise, None);
         assert_eq!(e.action, JobAction::Queued);
         assert_eq!(e.job.id, 30_000_000_001);
         assert_eq!(e.job.run_attempt, 2);

@@ -565,13 +565,9 @@ async fn drill_isolation() {
 
     let sim_port = d.sim.handle.addr.port();
     let peer_port = 8000;
-    let tcp = |name: &str, host: std::net::Ipv4Addr, port: u16, expect: &str| {
-        json!({"name": name, "kind": "tcp", "host": host.to_string(), "port": port, "expect": expect})
-    };
+    let tcp = |name: &str, host: std::net::Ipv4Addr, port: u16, expect: &str| json!({"name": name, "kind": "tcp", "host": host.to_string(), "port": port, "expect": expect});
     // A DNS query for a name the lab network's dnsmasq knows; the LAN server echoes it.
-    let udp = |name: &str, host: std::net::Ipv4Addr, expect: &str| {
-        json!({"name": name, "kind": "udp", "host": host.to_string(), "query": "public.lab.test", "expect": expect})
-    };
+    let udp = |name: &str, host: std::net::Ipv4Addr, expect: &str| json!({"name": name, "kind": "udp", "host": host.to_string(), "query": "public.lab.test", "expect": expect});
     let probes = vec![
         tcp("agent webhook port (gateway)", gw, d.agent.webhook_port, "blocked"),
         tcp("agent metrics port (gateway)", gw, d.agent.metrics_port, "blocked"),
@@ -625,7 +621,8 @@ async fn drill_isolation() {
     let blocked_outcome = |o: &str| o == "timeout" || o == "error:113";
     let (mut blocked, mut allowed, mut leaked, mut failed) = (0, 0, 0, Vec::new());
     for r in prober["results"].as_array().unwrap() {
-        let (name, expect, outcome) = (r["name"].as_str().unwrap(), r["expect"].as_str().unwrap(), r["outcome"].as_str().unwrap());
+        let (name, expect, outcome) =
+            (r["name"].as_str().unwrap(), r["expect"].as_str().unwrap(), r["outcome"].as_str().unwrap());
         let ok = match expect {
             "blocked" if blocked_outcome(outcome) => {
                 blocked += 1;
@@ -644,7 +641,11 @@ async fn drill_isolation() {
                 false
             }
         };
-        println!("drill isolation probe: {:<40} expect {expect:<8} {outcome:<10} {}", name, if ok { "ok" } else { "WRONG" });
+        println!(
+            "drill isolation probe: {:<40} expect {expect:<8} {outcome:<10} {}",
+            name,
+            if ok { "ok" } else { "WRONG" }
+        );
     }
     // The servers' side: nothing that should be blocked saw a connection.
     let server_leaks = [
@@ -664,5 +665,8 @@ async fn drill_isolation() {
     let expected_allowed = probes.iter().filter(|p| p["expect"] == "allowed").count();
     let line = format!("drill isolation: probes={probes_n} blocked={blocked} allowed={allowed} leaked={leaked}");
     println!("{line}");
-    assert!(leaked == 0 && failed.is_empty() && allowed == expected_allowed && blocked + allowed == probes_n, "{line}; failed: {failed:?}");
+    assert!(
+        leaked == 0 && failed.is_empty() && allowed == expected_allowed && blocked + allowed == probes_n,
+        "the fence failed ({line}); allowed probes that failed: {failed:?}"
+    );
 }

@@ -29,26 +29,34 @@ fn sign(body: &[u8]) -> String {
 }
 
 fn payload(id: u64) -> Vec<u8> {
+    payload_for(id, "octo-org/app")
+}
+
+fn payload_for(id: u64, repository: &str) -> Vec<u8> {
     serde_json::json!({
         "action": "queued",
         "workflow_job": {"id": id, "run_id": 1, "run_attempt": 1, "name": "build", "workflow_name": "CI",
             "labels": ["self-hosted", "nowhere"], "html_url": "https://x", "runner_name": null,
             "runner_id": null, "conclusion": null, "status": "queued"},
-        "repository": {"full_name": "octo-org/app"},
+        "repository": {"full_name": repository},
     })
     .to_string()
     .into_bytes()
 }
 
-async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>) {
-    let dir = std::env::temp_dir().join(format!("rv-listener-{}", std::process::id()));
+async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>, Arc<Store>) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("rv-listener-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(Store::open(&dir).unwrap());
     let intake = Arc::new(webhook::Intake {
         secret: Secret::new(SECRET),
-        store: Arc::new(Store::open(&dir).unwrap()),
+        store: store.clone(),
         inbox_ready: Arc::new(tokio::sync::Notify::new()),
         metrics: metrics.clone(),
+        scope: runnervisor::config::Scope::Organization("octo-org".into()),
         max_body_bytes: MAX_BODY,
         body_timeout: BODY_TIMEOUT,
     });
@@ -61,7 +69,7 @@ async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>) {
         shutdown_grace: Duration::from_secs(1),
     };
     tokio::spawn(server::serve(listener, webhook::router(intake), limits, stop.clone()));
-    (addr, stop, metrics)
+    (addr, stop, metrics, store)
 }
 
 /// Opens a connection, writes `head`, and returns it (the caller decides what follows).
@@ -91,7 +99,10 @@ async fn status_of(mut s: TcpStream) -> u16 {
 }
 
 async fn deliver(client: &reqwest::Client, addr: std::net::SocketAddr, id: u64) -> (u16, Duration) {
-    let body = payload(id);
+    deliver_body(client, addr, id, payload(id)).await
+}
+
+async fn deliver_body(client: &reqwest::Client, addr: std::net::SocketAddr, id: u64, body: Vec<u8>) -> (u16, Duration) {
     let t = Instant::now();
     let r = client
         .post(format!("http://{addr}/webhook"))
@@ -108,7 +119,7 @@ async fn deliver(client: &reqwest::Client, addr: std::net::SocketAddr, id: u64) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
-    let (addr, stop, metrics) = start().await;
+    let (addr, stop, metrics, _) = start().await;
 
     // Twice the connection cap in slow-loris connections: headers begun, never finished.
     let mut loris = Vec::new();
@@ -196,5 +207,24 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
     let code = tokio::time::timeout(Duration::from_secs(5), status_of(open(addr, &huge).await)).await.unwrap();
     assert_eq!(code, 413);
     assert!(metrics.render().contains("runnervisor_webhook_signature_failures_total"));
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_outside_the_scope_are_answered_and_ignored() {
+    let (addr, stop, metrics, store) = start().await;
+    let client = reqwest::Client::new();
+    // Scope is organization octo-org: another organization's repository, and a repository
+    // whose name merely contains it, are not ours.
+    for (id, repo) in [(11, "evil-org/app"), (12, "evil/octo-org"), (13, "octo-org2/app")] {
+        let (status, _) = deliver_body(&client, addr, id, payload_for(id, repo)).await;
+        assert_eq!(status, 202, "{repo}");
+    }
+    let (status, _) = deliver_body(&client, addr, 14, payload_for(14, "Octo-Org/app")).await;
+    assert_eq!(status, 202);
+    let inbox: Vec<u64> = store.inbox().unwrap().into_iter().map(|(_, e)| e.job.id).collect();
+    assert_eq!(inbox, [14], "only the in-scope delivery is persisted");
+    let text = metrics.render();
+    assert!(text.contains("runnervisor_webhooks_total{event=\"workflow_job\",outcome=\"out_of_scope\"} 3"), "{text}");
     stop.cancel();
 }

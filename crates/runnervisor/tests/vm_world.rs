@@ -124,7 +124,8 @@ async fn the_fence_filter_is_redefined_in_place() {
     let hosts = host_addresses();
     let allow = ["10.20.0.5:443".parse().unwrap()];
     let first = filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &[] });
-    let second = filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &allow });
+    let second =
+        filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &allow });
     hv.define_filter(&name, &first).unwrap();
     hv.define_filter(&name, &second).unwrap();
     let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "nwfilter-dumpxml", &name]));

@@ -127,6 +127,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
 /// Finished jobs are kept this long so late or redelivered events are recognized.
 const JOB_RETENTION: Duration = Duration::from_secs(3 * 86400);
+/// The conclusion recorded for a job GitHub answers 404 for.
+const NOT_FOUND: &str = "not_found";
 
 pub struct Scheduler<G: GitHub, H: Hypervisor> {
     config: Arc<Config>,
@@ -364,6 +366,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// runner named in the event, if it is one of our VMs, moves that VM along.
     fn apply(&mut self, ev: JobEvent) {
         let id = ev.job.id;
+        if !self.jobs.contains_key(&id) && self.match_pool(&ev.job.labels).is_none() {
+            // No pool serves it: a counter, not a record — unless it names one of our
+            // runners (a runner may take any job its labels cover), which must be tracked.
+            let names_ours = ev.job.runner_name.as_ref().is_some_and(|r| self.vms.contains_key(r));
+            if !names_ours {
+                if ev.action == JobAction::Queued {
+                    self.metrics.jobs_unmatched.inc();
+                    info!(job_id = id, repository = %ev.job.repository, labels = ?ev.job.labels, "no pool has exactly these labels; job ignored");
+                }
+                return;
+            }
+        }
         let current = self.jobs.get(&id).map(|j| j.state.clone());
         let changed = job::next(current.as_ref(), ev.action, &ev.job);
         if let Some(state) = changed.clone() {
@@ -387,9 +401,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     self.metrics.jobs_received.inc(&[("pool", pool)]);
                     info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %pool, workflow = %ev.job.workflow_name, "job queued");
                 }
-                None => {
-                    info!(job_id = id, repository = %ev.job.repository, labels = ?ev.job.labels, "no pool has exactly these labels; job ignored")
-                }
+                None => {}
             },
             (JobAction::InProgress, changed) => match &ours {
                 Some(vm) => {
@@ -974,7 +986,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             for (repo, id) in stale {
                 match ctx.github.job_status(&repo, id).await {
                     Ok(Some(s)) => jobs.push((id, s)),
-                    Ok(None) => {}
+                    // GitHub does not know it (deleted run, or never real): it ends here.
+                    Ok(None) => jobs.push((
+                        id,
+                        JobStatus { status: "completed".into(), conclusion: Some(NOT_FOUND.into()), runner_name: None },
+                    )),
                     Err(e) => {
                         debug!(job_id = id, error = %e, "cannot refresh job status");
                         break;
@@ -1031,7 +1047,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     continue;
                 }
             };
-            info!(job_id = id, status = %status.status, "job status refreshed from GitHub (a webhook was missed)");
+            if status.conclusion.as_deref() == Some(NOT_FOUND) {
+                warn!(job_id = id, repository = %info.repository, "GitHub answers 404 for this job: dropped");
+            } else {
+                info!(job_id = id, status = %status.status, "job status refreshed from GitHub (a webhook was missed)");
+            }
             self.apply(JobEvent {
                 delivery: format!("refresh-{id}"),
                 action,

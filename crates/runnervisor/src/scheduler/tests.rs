@@ -473,3 +473,46 @@ async fn repository_scope_polls_queued_jobs_whose_webhooks_were_missed() {
     assert_eq!(s.queued[0].job_id, 111);
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_no_pool_serves_are_counted_not_kept() {
+    let mut h = harness("");
+    for id in 200..205 {
+        h.deliver(JobAction::Queued, info(id, &["self-hosted", "gpu"], None));
+    }
+    h.deliver(JobAction::Queued, info(210, LABELS, None));
+    let s = h.wait("the matching job tracked", |s, _| s.queued.iter().any(|q| q.job_id == 210)).await;
+    assert_eq!(s.queued.len(), 1, "only the matching job is tracked: {s:#?}");
+    assert!(h.metrics.render().contains("runnervisor_jobs_unmatched_total 5\n"), "{}", h.metrics.render());
+    let (_, _, store) = h.shutdown().await;
+    let snap = store.load().unwrap();
+    assert!(snap.jobs.keys().all(|id| *id == 210), "unmatched jobs are not stored: {:?}", snap.jobs.keys());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_github_answers_404_for_is_dropped() {
+    // Drained: the job gets no VM and stays queued until the GitHub sync asks about it
+    // (after two sync intervals without news); the fake GitHub does not know it.
+    let mut h = harness("");
+    assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
+    h.deliver(JobAction::Queued, info(301, LABELS, None));
+    h.wait("job queued", |s, _| s.queued.len() == 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let s = h.status().await;
+        if s.queued.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the unknown job was kept: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h.gh.lock().calls.iter().any(|c| c.starts_with("job")), "{:?}", h.gh.lock().calls);
+    let (_, _, store) = h.shutdown().await;
+    let snap = store.load().unwrap();
+    let j = &snap.jobs[&301];
+    assert!(
+        matches!(&j.state, JobState::Completed { conclusion, .. } if conclusion.as_deref() == Some("not_found")),
+        "{:?}",
+        j.state
+    );
+}

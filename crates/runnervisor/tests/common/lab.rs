@@ -37,7 +37,15 @@ impl Lab {
         );
         for addr in [LAN, METADATA] {
             run(Command::new("ip").args(["-n", NS, "addr", "replace", &format!("{addr}/32"), "dev", "lo"]));
-            run(Command::new("ip").args(["route", "replace", &format!("{addr}/32"), "via", &PUBLIC.to_string(), "dev", UPLINK]));
+            run(Command::new("ip").args([
+                "route",
+                "replace",
+                &format!("{addr}/32"),
+                "via",
+                &PUBLIC.to_string(),
+                "dev",
+                UPLINK,
+            ]));
         }
         let mut servers = Command::new("ip")
             .args(["netns", "exec", NS, "python3", "-u", "-c", include_str!("../isolation/lab_servers.py")])
