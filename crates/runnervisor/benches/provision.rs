@@ -36,7 +36,7 @@ async fn main() {
     // (the filter is defined once, as the agent does).
     let network = fenced_network("rv-bench-direct-fence", 1);
     let (filter, allow) = network.fence().unwrap();
-    let host_addrs = runnervisor::fence::host_addresses();
+    let host_addrs = runnervisor::fence::host_addresses().unwrap();
     let fence = runnervisor::fence::FenceSpec { filter, gateway: Some(lab_gateway()), host_addrs: &host_addrs, allow };
     hv.define_filter(filter, &runnervisor::fence::filter_xml(&fence)).unwrap();
     let mut direct = Vec::new();

@@ -30,8 +30,16 @@ pub enum AdminError {
         #[source]
         source: io::Error,
     },
-    #[error("admin group {0:?} not found in /etc/group")]
+    #[error("admin group {0:?} not found (getgrnam)")]
     NoGroup(String),
+    #[error(
+        "cannot give the admin socket to group {group:?}: {source} (the service user must be a member of it; the package's sysusers entry makes it one of \"runnervisor-admin\")"
+    )]
+    Chgrp {
+        group: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot reach the agent at {path} (is it running? are you root or in the admin group?)")]
     Connect {
         path: PathBuf,
@@ -42,14 +50,9 @@ pub enum AdminError {
     Protocol { path: PathBuf, message: String },
 }
 
+/// Through NSS (files, sssd, LDAP, ...), not only /etc/group.
 fn group_id(name: &str) -> Option<u32> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.next()?;
-        f.next()?.parse().ok()
-    })
+    nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw())
 }
 
 /// Binds the socket (replacing a stale one) with restrictive permissions.
@@ -73,8 +76,10 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, AdminError
     let listener = UnixListener::bind(path).map_err(err)?;
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    if let (Some(gid), Some(group)) = (gid, group) {
+        // Without CAP_CHOWN this works only for a group the process is a member of.
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|source| AdminError::Chgrp { group: group.into(), source })?;
     }
     Ok(listener)
 }

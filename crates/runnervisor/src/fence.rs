@@ -172,14 +172,18 @@ fn rule(x: &mut Xml, action: &str, priority: &str, addr: Ipv4Addr, prefix: u8, l
     x.close();
 }
 
-/// Every IPv4 address configured on this host's interfaces.
-pub fn host_addresses() -> Vec<Ipv4Addr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+/// Every IPv4 address configured on this host's interfaces. An error (e.g. netlink
+/// sockets forbidden) means no fence can be built: no VM is started then.
+pub fn host_addresses() -> Result<Vec<Ipv4Addr>, std::io::Error> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
     let mut out: Vec<Ipv4Addr> =
         addrs.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))).collect();
     out.sort();
     out.dedup();
-    out
+    if out.is_empty() {
+        return Err(std::io::Error::other("no IPv4 address found, not even 127.0.0.1"));
+    }
+    Ok(out)
 }
 
 /// Whether a host bridge of this name exists (bridge mode).
@@ -330,6 +334,6 @@ mod tests {
 
     #[test]
     fn this_host_has_addresses() {
-        assert!(host_addresses().contains(&Ipv4Addr::LOCALHOST));
+        assert!(host_addresses().unwrap().contains(&Ipv4Addr::LOCALHOST));
     }
 }

@@ -171,4 +171,8 @@ pub struct VmRec {
     pub took_job: Option<u64>,
     /// Set when teardown was requested (possibly while provisioning was still running).
     pub reap: Option<Reason>,
+    /// Token mode: the seed (with its scope-wide registration token) was detached and
+    /// deleted once the runner was online.
+    #[serde(default)]
+    pub seed_removed: bool,
 }

@@ -296,6 +296,7 @@ mod tests {
             created_at: now,
             state_since: now,
             took_job: None,
+            seed_removed: false,
             reap: None,
         };
         s.commit(&Batch {

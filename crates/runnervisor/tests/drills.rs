@@ -170,6 +170,8 @@ async fn drill_kill_agent() {
     // Each start resumes the work left by the last crash and hits the next crash point,
     // on that work or on the job queued meanwhile (whose webhook may find no listener:
     // the reconciler gets it redelivered).
+    // Without the feature the agent would never crash and this loop would time out.
+    assert!(cfg!(feature = "fault-injection"), "run the drills with --features fault-injection (scripts/drill does)");
     for step in ["after-persist", "after-credential", "after-overlay", "after-seed", "after-define", "after-start"] {
         d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", step)]);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -178,7 +180,11 @@ async fn drill_kill_agent() {
         d.say(&format!("agent killed at {step}: {status:?}"));
         assert!(status.is_some(), "the agent did not reach {step}");
         let aborted = d.agent.log_text().contains(&format!("RUNNERVISOR_FAULT_CRASH_AT={step}: aborting"));
-        assert!(aborted, "the agent died elsewhere than at {step}:\n{}", d.agent.log_tail());
+        assert!(
+            aborted,
+            "the agent died elsewhere than at {step} (crash points need --features fault-injection, as scripts/drill builds):\n{}",
+            d.agent.log_tail()
+        );
     }
     d.agent.start().await;
     d.say("agent restarted without faults");

@@ -122,7 +122,22 @@ async fn one_job_token_mode_app_auth() {
     .await;
     let (hv, _) = libvirt();
     agent.start().await;
-    let job = sim.queue("octo-org/app", &["self-hosted", "e2e-token"], 2.0).await;
+    let job = sim.queue("octo-org/app", &["self-hosted", "e2e-token"], 25.0).await;
+    // The registration token is scope-wide: once the runner is online its seed is
+    // hot-unplugged and deleted while the job still runs.
+    let vm = format!("rv-e2e-token-{job}");
+    let seed = runnervisor::hypervisor::seed_volume_name(&vm);
+    wait_for("the seed removed while the job runs", VM_TIMEOUT, async || {
+        agent.log_text().contains("seed with the registration token detached and deleted").then_some(())
+    })
+    .await;
+    assert!(!hv.list_volumes().unwrap().contains(&seed), "seed volume still there");
+    let xml = run(std::process::Command::new("virsh").args(["-c", URI, "dumpxml", &vm]));
+    assert!(
+        !xml.contains(&seed) && !xml.contains("dev=\"vdb\"") && !xml.contains("dev='vdb'"),
+        "seed still attached:\n{xml}"
+    );
+    assert_eq!(sim.job(job).await["status"], "in_progress", "removed while the job runs");
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
     assert_eq!(done["conclusion"], "success", "{}", agent.log_tail());
     assert_eq!(done["runner_name"], format!("rv-e2e-token-{job}"));

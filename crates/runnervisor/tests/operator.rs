@@ -29,12 +29,21 @@ fn the_deb_installs_binary_unit_sysusers_tmpfiles_config_and_docs() {
         "./usr/lib/sysusers.d/runnervisor.conf",
         "./usr/lib/tmpfiles.d/runnervisor.conf",
         "./etc/runnervisor/config.toml.example",
+        "./usr/lib/runnervisor/runnervisor-network",
         "./usr/share/doc/runnervisor/README.md",
         "./usr/share/doc/runnervisor/images.md",
     ] {
         assert!(contents.lines().any(|l| l.ends_with(path)), "{path} missing:\n{contents}");
     }
     assert!(contents.contains("-rwxr-xr-x root/root"), "root-owned, executable binary:\n{contents}");
+    // The drills' fault hooks are not compiled into the packaged binary.
+    let unpacked = tempdir("deb-x");
+    run(Command::new("dpkg-deb").args(["-x", deb]).arg(&unpacked));
+    let binary = std::fs::read(unpacked.join("usr/bin/runnervisor")).unwrap();
+    assert!(
+        !binary.windows(b"RUNNERVISOR_FAULT".len()).any(|w| w == b"RUNNERVISOR_FAULT"),
+        "fault-injection hooks in the packaged binary"
+    );
     let info = run(Command::new("dpkg-deb").args(["--info", deb]));
     for field in ["Package: runnervisor", "Depends:", "libvirt-daemon-system", "Architecture:"] {
         assert!(info.contains(field), "{field}:\n{info}");

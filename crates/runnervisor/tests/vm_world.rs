@@ -26,7 +26,7 @@ async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64)
     // The fence the agent would put up, with the simulator allow-listed.
     let network = fenced_network(&format!("{name}-fence"), sim.handle.addr.port());
     let (filter, allow) = network.fence().unwrap();
-    let host_addrs = runnervisor::fence::host_addresses();
+    let host_addrs = runnervisor::fence::host_addresses().unwrap();
     let fence = runnervisor::fence::FenceSpec { filter, gateway: Some(lab_gateway()), host_addrs: &host_addrs, allow };
     hv.define_filter(filter, &runnervisor::fence::filter_xml(&fence)).unwrap();
     let _filter = DropFilter(filter.to_string());
@@ -121,7 +121,7 @@ async fn the_fence_filter_is_redefined_in_place() {
     let (hv, _events) = libvirt();
     let name = format!("rv-world-fence-{}", unique());
     let _filter = DropFilter(name.clone());
-    let hosts = host_addresses();
+    let hosts = host_addresses().unwrap();
     let allow = ["10.20.0.5:443".parse().unwrap()];
     let first = filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &[] });
     let second =

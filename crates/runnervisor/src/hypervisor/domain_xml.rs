@@ -251,6 +251,19 @@ pub fn with_uuid(xml: &str, uuid: &str) -> String {
     }
 }
 
+/// The `<disk>` element of a domain whose source file is named `volume` (the XML libvirt
+/// wants for detaching it), if the domain has one.
+pub fn disk_with_source(domain_xml: &str, volume: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(domain_xml).ok()?;
+    let disk = doc.descendants().filter(|n| n.has_tag_name("disk")).find(|d| {
+        d.children().any(|s| {
+            s.has_tag_name("source")
+                && s.attribute("file").is_some_and(|f| Path::new(f).file_name().is_some_and(|n| n == volume))
+        })
+    })?;
+    Some(domain_xml[disk.range()].to_string())
+}
+
 /// The IPv4 address of a libvirt network (`<ip address=...>` without a family, or `ipv4`).
 pub fn network_ipv4_address(network_xml: &str) -> Option<std::net::Ipv4Addr> {
     let doc = roxmltree::Document::parse(network_xml).ok()?;
@@ -421,6 +434,18 @@ mod tests {
         let doc = roxmltree::Document::parse(&x).unwrap();
         assert_eq!(doc.root_element().attribute("name"), Some("f"));
         assert_eq!(doc.root_element().children().find(|n| n.is_element()).unwrap().text(), Some("u-1"));
+    }
+
+    #[test]
+    fn the_seed_disk_is_found_by_its_volume() {
+        let m = meta();
+        let net = NetworkConfig::default();
+        let xml = domain(&spec(&m, &net, None));
+        let disk = disk_with_source(&xml, "rv-small-30000000001-seed.img").unwrap();
+        let d = roxmltree::Document::parse(&disk).unwrap();
+        assert!(d.descendants().any(|n| n.has_tag_name("target") && n.attribute("dev") == Some("vdb")));
+        assert!(disk_with_source(&xml, "rv-small-30000000001.qcow2").unwrap().contains("vda"));
+        assert_eq!(disk_with_source(&xml, "rv-small-30000000001-seed"), None);
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub enum HvError {
         "libvirt network {name:?} not found or not active: job VMs are never started on an unfenced network (create it with scripts/setup-host, or: virsh net-start {name})"
     )]
     NetworkMissing { name: String },
+    #[error(
+        "cannot list this host's addresses, which the fence blocks: {message} (under systemd: RestrictAddressFamilies needs AF_NETLINK)"
+    )]
+    HostAddresses { message: String },
     #[error("host bridge {name:?} not found: job VMs are never started on an unfenced network")]
     BridgeMissing { name: String },
     #[error("{op} {name}: {message}")]
@@ -137,6 +141,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Starts a defined domain.
     fn start(&self, name: &str) -> Result<(), HvError>;
+    /// Detaches the VM's seed disk from the running domain (and its persistent definition),
+    /// waits until the guest has released it, and deletes the seed volume. Idempotent.
+    fn remove_seed(&self, vm: &str) -> Result<(), HvError>;
     /// Destroys, undefines, and deletes the VM's volumes. Idempotent: what is already gone
     /// is not an error. Keeps going on errors and returns all of them.
     fn teardown(&self, vm: &str) -> Vec<HvError>;

@@ -48,6 +48,10 @@ pub enum Event {
         vm: String,
         outcome: TeardownOutcome,
     },
+    SeedRemoved {
+        vm: String,
+        result: Result<(), String>,
+    },
     Swept {
         vms: Result<Vec<VmInfo>, HvError>,
         volumes: Result<Vec<String>, HvError>,
@@ -127,6 +131,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
 /// Finished jobs are kept this long so late or redelivered events are recognized.
 const JOB_RETENTION: Duration = Duration::from_secs(3 * 86400);
+/// After a failed seed removal, the next try.
+const SEED_RETRY: Duration = Duration::from_secs(30);
 /// The conclusion recorded for a job GitHub answers 404 for.
 const NOT_FOUND: &str = "not_found";
 
@@ -150,6 +156,8 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     provisioning: BTreeSet<String>,
     tearing_down: BTreeSet<String>,
     teardown_retry_at: HashMap<String, Instant>,
+    /// Token mode: seeds being removed, and when to try again after a failure.
+    removing_seeds: HashMap<String, Option<Instant>>,
     /// Provisioning records found at start: the first sweep decides adopt or tear down.
     interrupted: BTreeSet<String>,
     surplus_since: HashMap<String, Instant>,
@@ -201,6 +209,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             provisioning: BTreeSet::new(),
             tearing_down: BTreeSet::new(),
             teardown_retry_at: HashMap::new(),
+            removing_seeds: HashMap::new(),
             interrupted,
             surplus_since: HashMap::new(),
             draining,
@@ -287,6 +296,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Event::Provisioned { vm, result } => self.on_provisioned(vm, result),
             Event::TornDown { vm, outcome } => self.on_torn_down(vm, outcome),
+            Event::SeedRemoved { vm, result } => self.on_seed_removed(vm, result),
             Event::Swept { vms, volumes, pool } => self.on_swept(vms, volumes, pool),
             Event::GitHubSynced { started, runners, jobs, found } => {
                 self.on_github_synced(started, runners, jobs, found)
@@ -535,6 +545,54 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         });
     }
 
+    /// Token mode: a seed holds a registration token valid for an hour for the whole scope.
+    /// Once the runner is online the token is spent: the seed is detached from the VM and
+    /// deleted, so a job that gains root in the VM cannot read it.
+    fn remove_spent_seeds(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .vms
+            .values()
+            .filter(|v| matches!(v.state, VmState::Idle | VmState::Busy) && !v.seed_removed && v.reap.is_none())
+            .filter(|v| self.config.pool(&v.pool).is_some_and(|p| p.registration == Registration::Token))
+            .filter(|v| match self.removing_seeds.get(&v.name) {
+                None => true,
+                Some(retry_at) => retry_at.is_some_and(|t| t <= now),
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        for name in due {
+            self.removing_seeds.insert(name.clone(), None);
+            let hv = self.ctx.hv.clone();
+            let events = self.ctx.events.clone();
+            tokio::spawn(async move {
+                let n = name.clone();
+                let result = match tokio::task::spawn_blocking(move || hv.remove_seed(&n)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("seed removal task failed: {e}")),
+                };
+                let _ = events.send(Event::SeedRemoved { vm: name, result });
+            });
+        }
+    }
+
+    fn on_seed_removed(&mut self, name: String, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.removing_seeds.remove(&name);
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    vm.seed_removed = true;
+                    self.dirty_vms.insert(name.clone());
+                    info!(vm = %name, "runner online: seed with the registration token detached and deleted");
+                }
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %e, "cannot remove the seed with the registration token; will retry");
+                self.removing_seeds.insert(name, Some(Instant::now() + SEED_RETRY));
+            }
+        }
+    }
+
     fn on_torn_down(&mut self, name: String, outcome: TeardownOutcome) {
         self.tearing_down.remove(&name);
         if outcome.aborted_busy {
@@ -553,6 +611,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
             }
             self.dirty_vms.remove(&name);
+            self.removing_seeds.remove(&name);
             self.removed_vms.insert(name);
         } else {
             for e in &outcome.errors {
@@ -584,6 +643,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             created_at: now,
             state_since: now,
             took_job: None,
+            seed_removed: false,
             reap: None,
         };
         let plan = Plan {
@@ -689,6 +749,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.spawn_teardown(vm, false);
             }
         }
+        self.remove_spent_seeds();
         if !self.hv_ready {
             return;
         }
@@ -880,6 +941,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 created_at: meta.as_ref().map(|m| m.created).unwrap_or(now),
                 state_since: now,
                 took_job: None,
+                seed_removed: false,
                 reap: None,
             };
             self.vms.insert(info.name.clone(), vm);

@@ -18,7 +18,13 @@ use crate::model::VmRec;
 
 /// Test hook for the kill-9 drill: `RUNNERVISOR_FAULT_CRASH_AT=<step>` aborts the process
 /// right after that step (`after-persist`, `after-credential`, `after-overlay`,
-/// `after-seed`, `after-define`, `after-start`).
+/// `after-seed`, `after-define`, `after-start`). Compiled only with the `fault-injection`
+/// feature (`scripts/drill` enables it); otherwise it does nothing.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn crash_point(_step: &str) {}
+
+#[cfg(feature = "fault-injection")]
 pub fn crash_point(step: &str) {
     if std::env::var("RUNNERVISOR_FAULT_CRASH_AT").is_ok_and(|s| s == step) {
         eprintln!("runnervisor: RUNNERVISOR_FAULT_CRASH_AT={step}: aborting");
@@ -218,7 +224,7 @@ pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Option<std::n
             NetworkConfig::Bridge { .. } => None,
         };
         let (filter, allow) = net.fence().expect("fenced mode");
-        let host_addrs = fence::host_addresses();
+        let host_addrs = fence::host_addresses().map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
         let xml = fence::filter_xml(&fence::FenceSpec { filter, gateway, host_addrs: &host_addrs, allow });
         hv.define_filter(filter, &xml)?;
         Ok(gateway)

@@ -223,6 +223,7 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
     let (gh, hv, _) = h.shutdown().await;
     let st = hv.lock();
     assert!(st.volumes.is_empty(), "{:?}", st.volumes);
+    assert!(st.seeds_removed.is_empty(), "JIT seeds are not hot-unplugged");
     assert_eq!(st.peak_running, 2);
     assert_eq!(st.started_total, 3);
     assert!(gh.runner_names().is_empty(), "runner registrations deleted: {:?}", gh.runner_names());
@@ -389,6 +390,7 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
         created_at: now,
         state_since: now,
         took_job: None,
+        seed_removed: false,
         reap: None,
     };
     store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
@@ -515,4 +517,21 @@ async fn a_job_github_answers_404_for_is_dropped() {
         "{:?}",
         j.state
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mode_seeds_are_removed_once_the_runner_is_online() {
+    let mut h = harness("registration = \"token\"");
+    h.deliver(JobAction::Queued, info(401, LABELS, None));
+    let s = h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let vm = vm_for(&s, 401).unwrap();
+    let seed = crate::hypervisor::seed_volume_name(&vm);
+    assert!(h.hv.lock().volumes.contains(&seed));
+    assert!(h.hv.lock().seeds_removed.is_empty(), "kept while the runner has not registered");
+    h.deliver(JobAction::InProgress, info(401, LABELS, Some(&vm)));
+    h.wait("the seed removed", |_, hv| hv.lock().seeds_removed == [vm.clone()]).await;
+    assert!(!h.hv.lock().volumes.contains(&seed));
+    let (_, hv, store) = h.shutdown().await;
+    assert!(store.load().unwrap().vms[&vm].seed_removed, "remembered across restarts");
+    assert_eq!(hv.lock().seeds_removed.len(), 1, "once");
 }

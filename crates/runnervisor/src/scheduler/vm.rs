@@ -124,6 +124,7 @@ mod tests {
             created_at: now - Duration::from_secs(created_ago),
             state_since: now - Duration::from_secs(since_ago),
             took_job: None,
+            seed_removed: false,
             reap: None,
         }
     }
