@@ -106,6 +106,22 @@ pub async fn serve(listener: UnixListener, events: UnboundedSender<Event>, shutd
     }
 }
 
+/// One request line (the JSON protocol) into the scheduler's command.
+pub fn parse_request(line: &str) -> Result<AdminCommand, String> {
+    let req: Request = serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))?;
+    Ok(match req {
+        Request::Status => AdminCommand::Status,
+        Request::Drain => AdminCommand::Drain(true),
+        Request::Undrain => AdminCommand::Drain(false),
+        Request::Destroy { vm } => AdminCommand::DestroyVm(vm),
+    })
+}
+
+/// One reply line, as the CLI reads it.
+pub fn parse_reply(line: &str) -> Result<AdminReply, String> {
+    serde_json::from_str(line.trim()).map_err(|e| format!("bad reply: {e}"))
+}
+
 async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -113,15 +129,9 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Resul
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
         .await
         .map_err(|_| io::ErrorKind::TimedOut)??;
-    let reply = match serde_json::from_str::<Request>(line.trim()) {
-        Err(e) => AdminReply::Error(format!("bad request: {e}")),
-        Ok(req) => {
-            let cmd = match req {
-                Request::Status => AdminCommand::Status,
-                Request::Drain => AdminCommand::Drain(true),
-                Request::Undrain => AdminCommand::Drain(false),
-                Request::Destroy { vm } => AdminCommand::DestroyVm(vm),
-            };
+    let reply = match parse_request(&line) {
+        Err(e) => AdminReply::Error(e),
+        Ok(cmd) => {
             tracing::info!(request = ?line.trim(), "admin request");
             let (tx, rx) = oneshot::channel();
             if events.send(Event::Admin(cmd, tx)).is_err() {
@@ -151,7 +161,7 @@ pub async fn request(path: &Path, req: &Request) -> Result<AdminReply, AdminErro
         .await
         .map_err(|_| proto("no answer within 30 s".into()))?
         .map_err(|e| proto(e.to_string()))?;
-    serde_json::from_str(reply.trim()).map_err(|e| proto(format!("bad reply: {e}")))
+    parse_reply(&reply).map_err(proto)
 }
 
 fn age(secs: u64) -> String {

@@ -31,6 +31,7 @@ use serde_json::json;
 use sha2::Sha256;
 use tokio::sync::Notify;
 
+use crate::config::Scope;
 use crate::metrics::Metrics;
 use crate::model::{JobAction, JobEvent, JobInfo};
 use crate::secret::Secret;
@@ -168,7 +169,7 @@ pub struct Intake {
     pub inbox_ready: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     /// Deliveries about repositories outside it are answered 202 and ignored.
-    pub scope: crate::config::Scope,
+    pub scope: Scope,
     /// Largest body read (`server.max_body_bytes`); larger ones get 413 unread.
     pub max_body_bytes: usize,
     /// Deadline for reading the body once the headers are in (`server.body_timeout`).
@@ -211,6 +212,62 @@ async fn read_body(intake: &Intake, headers: &HeaderMap, body: Body) -> Result<B
     }
 }
 
+/// What the intake makes of a request whose body has been read, before any store work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Answered at once, persisting nothing.
+    Answer { status: StatusCode, message: String, counted: Counted },
+    /// A `workflow_job` event within the scope, to persist before the answer.
+    Persist(JobEvent),
+}
+
+/// Which metric an answer counts in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Counted {
+    BadSignature,
+    Webhook { event: String, outcome: &'static str },
+    Nothing,
+}
+
+/// The intake's decision: signature, event type, delivery id, payload, scope. Pure (no
+/// store, no clock of its own), so that it is table-tested and fuzzed.
+pub fn decide(secret: &[u8], scope: &Scope, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Decision {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let answer = |status, message: String, counted| Decision::Answer { status, message, counted };
+    let counted = |event: &str, outcome| Counted::Webhook { event: event.to_string(), outcome };
+    if let Err(e) = verify_signature(secret, body, header("x-hub-signature-256")) {
+        return answer(StatusCode::UNAUTHORIZED, e.to_string(), Counted::BadSignature);
+    }
+    let Some(event) = header("x-github-event") else {
+        return answer(StatusCode::BAD_REQUEST, "missing X-GitHub-Event header".into(), Counted::Nothing);
+    };
+    match event {
+        "ping" => return answer(StatusCode::OK, "pong".into(), Counted::Nothing),
+        "workflow_job" => {}
+        other => {
+            let other: String = other.chars().take(64).collect();
+            return answer(StatusCode::ACCEPTED, format!("event {other} ignored"), counted(&other, "ignored"));
+        }
+    }
+    let Some(delivery) = header("x-github-delivery").filter(|d| !d.is_empty() && d.len() <= 100) else {
+        return answer(StatusCode::BAD_REQUEST, "missing or invalid X-GitHub-Delivery header".into(), Counted::Nothing);
+    };
+    match parse_job_event(body, delivery, now) {
+        Ok(Parsed { event, enterprise }) if scope.admits(&event.job.repository, enterprise.as_deref()) => {
+            Decision::Persist(event)
+        }
+        Ok(Parsed { event, .. }) => answer(
+            StatusCode::ACCEPTED,
+            format!("outside the configured scope (repository {}); ignored", event.job.repository),
+            counted("workflow_job", "out_of_scope"),
+        ),
+        Err(ParseError::UnknownAction(a)) => {
+            answer(StatusCode::ACCEPTED, format!("action {a:?} ignored"), counted("workflow_job", "ignored"))
+        }
+        Err(e) => answer(StatusCode::BAD_REQUEST, e.to_string(), counted("workflow_job", "invalid")),
+    }
+}
+
 async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
@@ -218,43 +275,28 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         Ok(b) => b,
         Err(response) => return response,
     };
-    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if let Err(e) = verify_signature(intake.secret.expose().as_bytes(), &body, header("x-hub-signature-256")) {
-        intake.metrics.webhook_signature_failures.inc();
-        tracing::warn!(error = %e, delivery = header("x-github-delivery").unwrap_or("-"), "webhook rejected");
-        return reply(StatusCode::UNAUTHORIZED, &e.to_string());
-    }
-    let Some(event) = header("x-github-event") else {
-        return reply(StatusCode::BAD_REQUEST, "missing X-GitHub-Event header");
-    };
-    match event {
-        "ping" => return reply(StatusCode::OK, "pong"),
-        "workflow_job" => {}
-        other => {
-            intake.metrics.webhooks.inc(&[("event", other), ("outcome", "ignored")]);
-            return reply(StatusCode::ACCEPTED, &format!("event {other} ignored"));
-        }
-    }
-    let Some(delivery) = header("x-github-delivery").filter(|d| !d.is_empty() && d.len() <= 100) else {
-        return reply(StatusCode::BAD_REQUEST, "missing or invalid X-GitHub-Delivery header");
-    };
-    let job_event = match parse_job_event(&body, delivery, SystemTime::now()) {
-        Ok(Parsed { event, enterprise }) if intake.scope.admits(&event.job.repository, enterprise.as_deref()) => event,
-        Ok(Parsed { event, .. }) => {
-            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "out_of_scope")]);
-            tracing::warn!(delivery, job_id = event.job.id, repository = %event.job.repository, "delivery outside the configured scope ignored");
-            return reply(StatusCode::ACCEPTED, "outside the configured scope; ignored");
-        }
-        Err(ParseError::UnknownAction(a)) => {
-            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "ignored")]);
-            return reply(StatusCode::ACCEPTED, &format!("action {a:?} ignored"));
-        }
-        Err(e) => {
-            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "invalid")]);
-            tracing::warn!(delivery, error = %e, "webhook rejected");
-            return reply(StatusCode::BAD_REQUEST, &e.to_string());
+    let delivery: String =
+        headers.get("x-github-delivery").and_then(|v| v.to_str().ok()).unwrap_or("-").chars().take(100).collect();
+    let job_event = match decide(intake.secret.expose().as_bytes(), &intake.scope, &headers, &body, SystemTime::now()) {
+        Decision::Persist(ev) => ev,
+        Decision::Answer { status, message, counted } => {
+            match counted {
+                Counted::BadSignature => {
+                    intake.metrics.webhook_signature_failures.inc();
+                    tracing::warn!(error = %message, delivery, "webhook rejected");
+                }
+                Counted::Webhook { event, outcome } => {
+                    intake.metrics.webhooks.inc(&[("event", &event), ("outcome", outcome)]);
+                    if outcome != "ignored" {
+                        tracing::warn!(delivery, outcome, "webhook {message}");
+                    }
+                }
+                Counted::Nothing => {}
+            }
+            return reply(status, &message);
         }
     };
+    let delivery = delivery.as_str();
     let store = intake.store.clone();
     let ev = job_event.clone();
     let accepted = tokio::task::spawn_blocking(move || store.accept(&ev)).await;
@@ -305,6 +347,58 @@ mod tests {
         assert_eq!(verify_signature(secret, b"x", Some("sha256=zz")), Err(SignatureError::Malformed));
         let not_hex = format!("sha256={}", "g".repeat(64));
         assert_eq!(verify_signature(secret, b"x", Some(&not_hex)), Err(SignatureError::Malformed));
+    }
+
+    #[test]
+    fn decisions() {
+        let secret = b"s3cret";
+        let scope = Scope::Organization("octo-org".into());
+        let body = |repo: &str, action: &str| {
+            serde_json::json!({"action": action, "workflow_job": {"id": 1, "run_id": 2, "labels": ["x"]},
+                               "repository": {"full_name": repo}})
+            .to_string()
+        };
+        let sign = |b: &str| {
+            let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).unwrap();
+            mac.update(b.as_bytes());
+            format!("sha256={}", mac.finalize().into_bytes().iter().map(|x| format!("{x:02x}")).collect::<String>())
+        };
+        let headers = |event: Option<&str>, sig: Option<String>, delivery: Option<&str>| {
+            let mut h = HeaderMap::new();
+            for (k, v) in [("x-github-event", event.map(String::from)), ("x-hub-signature-256", sig), ("x-github-delivery", delivery.map(String::from))] {
+                if let Some(v) = v {
+                    h.insert(k, v.parse().unwrap());
+                }
+            }
+            h
+        };
+        let ok = body("octo-org/app", "queued");
+        let status = |d: Decision| match d {
+            Decision::Answer { status, .. } => status.as_u16(),
+            Decision::Persist(_) => 0,
+        };
+        let now = SystemTime::UNIX_EPOCH;
+        let table: Vec<(&str, HeaderMap, String, u16)> = vec![
+            ("accepted", headers(Some("workflow_job"), Some(sign(&ok)), Some("g1")), ok.clone(), 0),
+            ("no signature", headers(Some("workflow_job"), None, Some("g1")), ok.clone(), 401),
+            ("wrong signature", headers(Some("workflow_job"), Some(sign("other")), Some("g1")), ok.clone(), 401),
+            ("no event", headers(None, Some(sign(&ok)), Some("g1")), ok.clone(), 400),
+            ("ping", headers(Some("ping"), Some(sign(&ok)), None), ok.clone(), 200),
+            ("other event", headers(Some("push"), Some(sign(&ok)), Some("g1")), ok.clone(), 202),
+            ("no delivery id", headers(Some("workflow_job"), Some(sign(&ok)), None), ok.clone(), 400),
+        ];
+        for (what, h, b, want) in table {
+            assert_eq!(status(decide(secret, &scope, &h, b.as_bytes(), now)), want, "{what}");
+        }
+        let out = body("evil/app", "queued");
+        let d = decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(&out)), Some("g")), out.as_bytes(), now);
+        assert!(matches!(&d, Decision::Answer { counted: Counted::Webhook { outcome: "out_of_scope", .. }, .. }), "{d:?}");
+        let odd = body("octo-org/app", "requested");
+        let d = decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(&odd)), Some("g")), odd.as_bytes(), now);
+        assert_eq!(status(d), 202);
+        let bad = "{\"action\": \"queued\"}";
+        let d = decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(bad)), Some("g")), bad.as_bytes(), now);
+        assert!(matches!(&d, Decision::Answer { counted: Counted::Webhook { outcome: "invalid", .. }, .. }), "{d:?}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::app::AppSigner;
+use super::responses;
 use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, RunnerInfo};
 use crate::config::{HookConfig, Scope};
 use crate::model::JobInfo;
@@ -337,17 +338,8 @@ pub fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
     })
 }
 
-fn runner_info(v: &Value) -> Option<RunnerInfo> {
-    Some(RunnerInfo {
-        id: v["id"].as_u64()?,
-        name: v["name"].as_str()?.to_string(),
-        online: v["status"] == "online",
-        busy: v["busy"].as_bool().unwrap_or(false),
-    })
-}
-
-fn decode(path: &str, what: &str) -> GhError {
-    GhError::Decode { path: path.into(), message: format!("missing {what}") }
+fn decode(path: &str) -> impl Fn(responses::ParseError) -> GhError + '_ {
+    move |e| GhError::Decode { path: path.into(), message: e.0 }
 }
 
 impl GitHub for HttpGitHub {
@@ -360,16 +352,14 @@ impl GitHub for HttpGitHub {
         let path = format!("{}/actions/runners/generate-jitconfig", self.scope.api_path());
         let body = json!({"name": name, "runner_group_id": runner_group_id, "labels": labels, "work_folder": "_work"});
         let (_, v) = self.expect(Method::POST, &path, Some(&body), &[StatusCode::CREATED]).await?;
-        Ok(JitRunner {
-            runner_id: v["runner"]["id"].as_u64().ok_or_else(|| decode(&path, "runner.id"))?,
-            encoded: Secret::new(v["encoded_jit_config"].as_str().ok_or_else(|| decode(&path, "encoded_jit_config"))?),
-        })
+        let (runner_id, encoded) = responses::jit_config(v).map_err(decode(&path))?;
+        Ok(JitRunner { runner_id, encoded: Secret::new(encoded) })
     }
 
     async fn registration_token(&self) -> Result<Secret, GhError> {
         let path = format!("{}/actions/runners/registration-token", self.scope.api_path());
         let (_, v) = self.expect(Method::POST, &path, None, &[StatusCode::CREATED]).await?;
-        Ok(Secret::new(v["token"].as_str().ok_or_else(|| decode(&path, "token"))?))
+        Ok(Secret::new(responses::registration_token(v).map_err(decode(&path))?))
     }
 
     async fn runner_group_id(&self, name: &str) -> Result<u64, GhError> {
@@ -378,11 +368,7 @@ impl GitHub for HttpGitHub {
         }
         let path = format!("{}/actions/runner-groups?per_page=100", self.scope.api_path());
         let (_, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
-        v["runner_groups"]
-            .as_array()
-            .and_then(|groups| groups.iter().find(|g| g["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name))))
-            .and_then(|g| g["id"].as_u64())
-            .ok_or_else(|| GhError::Status {
+        responses::runner_group_id(v, name).map_err(decode(&path))?.ok_or_else(|| GhError::Status {
                 method: "GET".into(),
                 path,
                 status: 404,
@@ -396,7 +382,7 @@ impl GitHub for HttpGitHub {
         let mut pages = 0;
         while let Some(path) = next.take() {
             let (headers, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
-            out.extend(v["runners"].as_array().into_iter().flatten().filter_map(runner_info));
+            out.extend(responses::runners(v).map_err(decode(&path))?);
             pages += 1;
             // Follow only links to our own API (never send the token elsewhere).
             next = next_link(&headers).filter(|u| u.starts_with(&self.api) && pages < 1000);
@@ -409,7 +395,7 @@ impl GitHub for HttpGitHub {
             .map_err(|e| GhError::Decode { path: "runners".into(), message: e.to_string() })?;
         url.query_pairs_mut().append_pair("name", name).append_pair("per_page", "100");
         let (_, v) = self.expect(Method::GET, url.as_str(), None, &[StatusCode::OK]).await?;
-        Ok(v["runners"].as_array().into_iter().flatten().filter_map(runner_info).find(|r| r.name == name))
+        Ok(responses::runners(v).map_err(decode("runners?name="))?.into_iter().find(|r| r.name == name))
     }
 
     async fn delete_runner(&self, id: u64) -> Result<Deleted, GhError> {
@@ -427,11 +413,7 @@ impl GitHub for HttpGitHub {
         let path = format!("repos/{repo}/actions/jobs/{job_id}");
         let (status, _, v) = self.call(Method::GET, &path, None, Cred::Installation).await?;
         match status {
-            StatusCode::OK => Ok(Some(JobStatus {
-                status: v["status"].as_str().unwrap_or("").to_string(),
-                conclusion: v["conclusion"].as_str().map(str::to_string),
-                runner_name: v["runner_name"].as_str().map(str::to_string),
-            })),
+            StatusCode::OK => Ok(Some(responses::job_status(v).map_err(decode(&path))?)),
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(GhError::Status { method: "GET".into(), path, status: s.as_u16(), message: message(&v) }),
         }
@@ -441,35 +423,10 @@ impl GitHub for HttpGitHub {
         let path = format!("repos/{repo}/actions/runs?status=queued&per_page=50");
         let (_, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
         let mut out = Vec::new();
-        for run in v["workflow_runs"].as_array().into_iter().flatten() {
-            let Some(run_id) = run["id"].as_u64() else {
-                continue;
-            };
+        for run_id in responses::run_ids(v).map_err(decode(&path))? {
             let jobs_path = format!("repos/{repo}/actions/runs/{run_id}/jobs?filter=latest&per_page=100");
             let (_, jobs) = self.expect(Method::GET, &jobs_path, None, &[StatusCode::OK]).await?;
-            for j in jobs["jobs"].as_array().into_iter().flatten() {
-                if j["status"] != "queued" {
-                    continue;
-                }
-                let Some(id) = j["id"].as_u64() else { continue };
-                out.push(JobInfo {
-                    id,
-                    run_id,
-                    repository: repo.to_string(),
-                    runner_name: None,
-                    conclusion: None,
-                    run_attempt: j["run_attempt"].as_u64().unwrap_or(1) as u32,
-                    name: j["name"].as_str().unwrap_or("").to_string(),
-                    workflow_name: j["workflow_name"].as_str().unwrap_or("").to_string(),
-                    labels: j["labels"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|l| l.as_str().map(str::to_string))
-                        .collect(),
-                    html_url: j["html_url"].as_str().unwrap_or("").to_string(),
-                });
-            }
+            out.extend(responses::queued_jobs_of_run(jobs, repo, run_id).map_err(decode(&jobs_path))?);
         }
         Ok(out)
     }
@@ -492,23 +449,7 @@ impl GitHub for HttpGitHub {
                     message: message(&v),
                 });
             }
-            for d in v.as_array().into_iter().flatten() {
-                let (Some(id), Some(guid)) = (d["id"].as_u64(), d["guid"].as_str()) else {
-                    continue;
-                };
-                out.push(DeliveryInfo {
-                    id,
-                    guid: guid.to_string(),
-                    delivered_at: d["delivered_at"]
-                        .as_str()
-                        .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
-                    status_code: d["status_code"].as_u64().unwrap_or(0) as u16,
-                    redelivery: d["redelivery"].as_bool().unwrap_or(false),
-                    event: d["event"].as_str().unwrap_or("").to_string(),
-                    action: d["action"].as_str().map(str::to_string),
-                });
-            }
+            out.extend(responses::deliveries(v).map_err(decode(&path))?);
             if out.len() < max {
                 next = next_link(&headers).filter(|u| u.starts_with(&self.api));
             }

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod fake;
 pub mod http;
+pub mod responses;
 
 use std::future::Future;
 use std::time::SystemTime;
