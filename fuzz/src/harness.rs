@@ -41,7 +41,10 @@ pub fn webhook(data: &[u8]) {
     match webhook::decide(SECRET, &scope, &map, body, SystemTime::UNIX_EPOCH) {
         Decision::Persist(ev) => {
             // Only signed, in-scope workflow_job events with a sane delivery id get persisted.
-            assert!(webhook::verify_signature(SECRET, body, map.get("x-hub-signature-256").and_then(|v| v.to_str().ok())).is_ok());
+            assert!(
+                webhook::verify_signature(SECRET, body, map.get("x-hub-signature-256").and_then(|v| v.to_str().ok()))
+                    .is_ok()
+            );
             assert!(scope.admits(&ev.job.repository, None));
             assert!(!ev.delivery.is_empty() && ev.delivery.len() <= 100);
         }

@@ -196,6 +196,22 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
         )),
         Err(e) => lines.push(bad("security driver", e, "check `virsh capabilities`")),
     }
+    let need = crate::capacity::worst_case(&config.pools, config.capacity.max_vms);
+    match lv.host_resources() {
+        Ok(host) => {
+            let problems = crate::capacity::findings(&need, &host);
+            let summary = format!(
+                "worst case {} VMs: {} vCPUs, {} MiB, {} GiB of disk; host: {} CPUs, {} MiB, storage pool {} GiB",
+                need.vms, need.vcpus, need.memory_mib, need.disk_gib, host.cpus, host.memory_mib, host.pool_gib
+            );
+            if problems.is_empty() {
+                lines.push(ok("capacity", summary));
+            } else {
+                lines.push(warn("capacity", format!("{summary}. {}", problems.join("; ")), "see the sentences above"));
+            }
+        }
+        Err(e) => lines.push(bad("capacity", e, "check `virsh nodeinfo` and `virsh pool-info`")),
+    }
 }
 
 /// The fence of job VMs: network up, fenced mode, what the allow-list opens.

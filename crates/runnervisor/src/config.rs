@@ -30,6 +30,8 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub capacity: CapacityConfig,
     #[serde(rename = "pool")]
     pub pools: Vec<PoolConfig>,
 }
@@ -201,6 +203,14 @@ pub struct AdminConfig {
     pub group: Option<String>,
 }
 
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// Most VMs on this host across all pools (unset: each pool's `max_vms` only).
+    #[serde(default)]
+    pub max_vms: Option<usize>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -270,6 +280,10 @@ pub struct PoolConfig {
     pub disk_gib: u64,
     #[serde(default = "defaults::max_vms")]
     pub max_vms: usize,
+    /// Most VMs of this pool serving one repository's jobs at once (unset: no limit), so
+    /// that one repository's large matrix cannot take every slot.
+    #[serde(default)]
+    pub max_vms_per_repository: Option<usize>,
     #[serde(default)]
     pub registration: Registration,
     /// User in the image that runs the runner (the real runner refuses root).
@@ -641,6 +655,11 @@ impl Config {
         if self.pools.is_empty() {
             return Err(invalid("pool", "[]", "configure at least one [[pool]]"));
         }
+        if let Some(n) = self.capacity.max_vms
+            && !(1..=10_000).contains(&n)
+        {
+            return Err(invalid("capacity.max_vms", n, "must be 1 to 10000"));
+        }
         let mut label_sets: Vec<(String, Vec<String>)> = Vec::new();
         for (i, p) in self.pools.iter().enumerate() {
             let key = |k: &str| format!("pool[{i}].{k}");
@@ -709,6 +728,11 @@ impl Config {
             }
             if !p.runner_dir.starts_with('/') {
                 return Err(invalid(key("runner_dir"), &p.runner_dir, "must be an absolute path in the image"));
+            }
+            if let Some(n) = p.max_vms_per_repository
+                && !(1..=p.max_vms).contains(&n)
+            {
+                return Err(invalid(key("max_vms_per_repository"), n, format!("must be 1 to max_vms ({})", p.max_vms)));
             }
             if p.max_attempts == 0 {
                 return Err(invalid(key("max_attempts"), p.max_attempts, "must be at least 1"));
@@ -854,6 +878,10 @@ mod tests {
         assert!(e.contains("duplicate"), "{e}");
         let e = err(&MINIMAL.replace("image = \"/var", "image = \"var"));
         assert!(e.contains("pool[0].image"), "{e}");
+        let e = err(&format!("{MINIMAL}\nmax_vms = 2\nmax_vms_per_repository = 3\n"));
+        assert!(e.contains("pool[0].max_vms_per_repository") && e.contains('3'), "{e}");
+        let e = err(&MINIMAL.replace("[[pool]]", "[capacity]\nmax_vms = 0\n[[pool]]"));
+        assert!(e.contains("capacity.max_vms"), "{e}");
         let e = err(&format!("{MINIMAL}\nmax_vms = 0\n"));
         assert!(e.contains("pool[0].max_vms") && e.contains('0'), "{e}");
         let e = err(&format!("{MINIMAL}\nidle_timeout = \"soon\"\n"));

@@ -10,6 +10,7 @@
 //! - [`hypervisor`]: the libvirt seam (trait, libvirt, fake), domain XML and seed builders.
 //! - [`cloudinit`]: user-data and meta-data for the runner VM.
 //! - [`fence`]: the network fence of job VMs (allow-list, nwfilter).
+//! - [`capacity`]: the pools' worst case against the host's CPUs, memory and disk.
 //! - [`server`]: the HTTP listeners' connection cap and timeouts.
 //! - [`admin`]: the local admin socket; [`metrics`]: OpenMetrics; [`systemd`]: sd_notify;
 //!   [`logging`]: stderr or native journald; [`check`]: `runnervisor check`.
@@ -18,6 +19,7 @@
 //! cancelled and in-flight work has finished (running VMs keep running).
 
 pub mod admin;
+pub mod capacity;
 pub mod check;
 pub mod cloudinit;
 pub mod config;

@@ -365,7 +365,11 @@ mod tests {
         };
         let headers = |event: Option<&str>, sig: Option<String>, delivery: Option<&str>| {
             let mut h = HeaderMap::new();
-            for (k, v) in [("x-github-event", event.map(String::from)), ("x-hub-signature-256", sig), ("x-github-delivery", delivery.map(String::from))] {
+            for (k, v) in [
+                ("x-github-event", event.map(String::from)),
+                ("x-hub-signature-256", sig),
+                ("x-github-delivery", delivery.map(String::from)),
+            ] {
                 if let Some(v) = v {
                     h.insert(k, v.parse().unwrap());
                 }
@@ -391,10 +395,15 @@ mod tests {
             assert_eq!(status(decide(secret, &scope, &h, b.as_bytes(), now)), want, "{what}");
         }
         let out = body("evil/app", "queued");
-        let d = decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(&out)), Some("g")), out.as_bytes(), now);
-        assert!(matches!(&d, Decision::Answer { counted: Counted::Webhook { outcome: "out_of_scope", .. }, .. }), "{d:?}");
+        let d =
+            decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(&out)), Some("g")), out.as_bytes(), now);
+        assert!(
+            matches!(&d, Decision::Answer { counted: Counted::Webhook { outcome: "out_of_scope", .. }, .. }),
+            "{d:?}"
+        );
         let odd = body("octo-org/app", "requested");
-        let d = decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(&odd)), Some("g")), odd.as_bytes(), now);
+        let d =
+            decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(&odd)), Some("g")), odd.as_bytes(), now);
         assert_eq!(status(d), 202);
         let bad = "{\"action\": \"queued\"}";
         let d = decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(bad)), Some("g")), bad.as_bytes(), now);

@@ -99,6 +99,8 @@ async fn check_reports_every_item_with_fixes() {
         "libvirt",
         "storage pool",
         "domain type",
+        "network fence",
+        "capacity",
         "pool op-check image",
         "GitHub permissions",
         "GitHub runners",
@@ -107,6 +109,24 @@ async fn check_reports_every_item_with_fixes() {
     ] {
         assert!(text.lines().any(|l| l.starts_with(&format!("✔ {what}"))), "✔ {what}:\n{text}");
     }
+    assert!(text.contains("libvirt network runnervisor is active (gateway 198.51.100.1)"), "{text}");
+    // No AppArmor/SELinux here: a warning, not a failure.
+    assert!(text.lines().any(|l| l.starts_with("⚠ security driver: QEMU runs unconfined")), "{text}");
+    // Slirp is not fenced: ✘ unless acknowledged.
+    let good = std::fs::read_to_string(&agent.config).unwrap();
+    let net_line = good.lines().find(|l| l.starts_with("network = ")).unwrap().to_string();
+    std::fs::write(&agent.config, good.replace(&net_line, "network = { type = \"user\" }")).unwrap();
+    let text = String::from_utf8_lossy(&check(agent.config.clone()).await.stdout).into_owned();
+    assert!(text.contains("✘ network fence") && text.contains("this host's loopback"), "{text}");
+    let acked = good.replace(&net_line, "network = { type = \"user\", accept_unfenced = true }");
+    std::fs::write(&agent.config, &acked).unwrap();
+    let text = String::from_utf8_lossy(&check(agent.config.clone()).await.stdout).into_owned();
+    assert!(text.contains("✔ network fence: NOT fenced"), "{text}");
+    // A network that is not there: ✘ naming what to run.
+    std::fs::write(&agent.config, good.replace("name = \"runnervisor\"", "name = \"rv-no-such-net\"")).unwrap();
+    let text = String::from_utf8_lossy(&check(agent.config.clone()).await.stdout).into_owned();
+    assert!(text.contains("✘ network fence") && text.contains("scripts/setup-host"), "{text}");
+    std::fs::write(&agent.config, &good).unwrap();
     // Break the image and the token: ✘ lines with fixes, non-zero exit.
     let broken = std::fs::read_to_string(&agent.config).unwrap().replace("golden.qcow2", "missing.qcow2");
     std::fs::write(&agent.config, broken).unwrap();

@@ -369,11 +369,11 @@ impl GitHub for HttpGitHub {
         let path = format!("{}/actions/runner-groups?per_page=100", self.scope.api_path());
         let (_, v) = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
         responses::runner_group_id(v, name).map_err(decode(&path))?.ok_or_else(|| GhError::Status {
-                method: "GET".into(),
-                path,
-                status: 404,
-                message: format!("no runner group named {name:?}"),
-            })
+            method: "GET".into(),
+            path,
+            status: 404,
+            message: format!("no runner group named {name:?}"),
+        })
     }
 
     async fn list_runners(&self) -> Result<Vec<RunnerInfo>, GhError> {

@@ -200,7 +200,9 @@ mod tests {
             {"id": 2, "name": "b", "os": "linux", "status": "offline", "busy": false, "labels": []}]});
         let r = runners(v).unwrap();
         assert_eq!((r[0].online, r[0].busy, r[1].online, r[1].busy), (true, true, false, false));
-        assert!(runners(json!({"runners": [{"id": 1, "name": "a", "status": "online"}]})).unwrap_err().0.contains("busy"));
+        assert!(
+            runners(json!({"runners": [{"id": 1, "name": "a", "status": "online"}]})).unwrap_err().0.contains("busy")
+        );
         let g = json!({"runner_groups": [{"id": 1, "name": "Default"}, {"id": 2, "name": "ci-vms"}]});
         assert_eq!(runner_group_id(g.clone(), "CI-VMS").unwrap(), Some(2));
         assert_eq!(runner_group_id(g, "none").unwrap(), None);
@@ -208,7 +210,8 @@ mod tests {
 
     #[test]
     fn jobs_and_runs() {
-        let j = job_status(json!({"id": 1, "status": "completed", "conclusion": "success", "runner_name": ""})).unwrap();
+        let j =
+            job_status(json!({"id": 1, "status": "completed", "conclusion": "success", "runner_name": ""})).unwrap();
         assert_eq!((j.status.as_str(), j.conclusion.as_deref(), j.runner_name), ("completed", Some("success"), None));
         assert!(job_status(json!({"id": 1})).unwrap_err().0.contains("status"));
         assert_eq!(run_ids(json!({"total_count": 1, "workflow_runs": [{"id": 9}]})).unwrap(), [9]);

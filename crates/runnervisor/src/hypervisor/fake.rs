@@ -93,6 +93,11 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
+    fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {
+        drop(self.up()?);
+        Ok(crate::capacity::Host { cpus: 64, memory_mib: 256 * 1024, pool_gib: 10_000 })
+    }
+
     fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError> {
         self.up()?.filters.insert(name.into(), xml.into());
         Ok(())

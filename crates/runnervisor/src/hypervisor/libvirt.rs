@@ -292,6 +292,17 @@ impl Hypervisor for Libvirt {
         self.delete_volume(&seed)
     }
 
+    fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {
+        let conn = self.conn()?;
+        let node = conn.node_info().map_err(|e| self.err("node info", "", e))?;
+        let pool = self.storage_pool(&conn)?.info().map_err(|e| self.err("storage pool info", &self.pool, e))?;
+        Ok(crate::capacity::Host {
+            cpus: u64::from(node.cpus),
+            memory_mib: node.memory / 1024,
+            pool_gib: pool.capacity >> 30,
+        })
+    }
+
     fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
         let mut defined = self.filters.lock().unwrap_or_else(|p| p.into_inner());

@@ -137,6 +137,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError>;
     /// Defines the nwfilter `name` from `xml`, or redefines it when it changed.
     fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError>;
+    /// This host's CPUs and memory and the job storage pool's size.
+    fn host_resources(&self) -> Result<crate::capacity::Host, HvError>;
     /// Defines the (persistent) domain.
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Starts a defined domain.

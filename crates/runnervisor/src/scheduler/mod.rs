@@ -10,6 +10,7 @@
 //! the scheduler keeps, per pool, the number of available runners (provisioning, booting
 //! or idle) equal to the number of unserved jobs, never above `max_vms` VMs.
 
+pub mod demand;
 pub mod job;
 pub mod provision;
 pub mod vm;
@@ -799,10 +800,50 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.resolve_group();
             return;
         }
-        let picks: Vec<u64> = unserved.into_iter().filter(|j| !covered.contains(j)).take(n).collect();
+        let queue: Vec<(u64, &str)> =
+            unserved.iter().filter_map(|id| self.jobs.get(id).map(|j| (*id, j.info.repository.as_str()))).collect();
+        let mut alive_by_repo: BTreeMap<String, usize> = BTreeMap::new();
+        for v in self.vms.values().filter(|v| v.pool == pool.name) {
+            *alive_by_repo.entry(v.repository.clone()).or_insert(0) += 1;
+        }
+        let host = match self.config.capacity.max_vms {
+            Some(cap) => cap.saturating_sub(self.vms.len()),
+            None => usize::MAX,
+        };
+        let room = demand::Room { pool: n, host, per_repository: pool.max_vms_per_repository };
+        let picks = demand::pick(&queue, &covered, &alive_by_repo, room);
         for job in picks {
             self.start_provision(job, pool);
         }
+    }
+
+    /// Once libvirt answers: the pools' worst case against the host, in the log.
+    fn report_capacity(&self) {
+        let need = crate::capacity::worst_case(&self.config.pools, self.config.capacity.max_vms);
+        let hv = self.ctx.hv.clone();
+        tokio::spawn(async move {
+            match tokio::task::spawn_blocking(move || hv.host_resources()).await {
+                Ok(Ok(host)) => {
+                    let problems = crate::capacity::findings(&need, &host);
+                    for p in &problems {
+                        warn!("capacity: {p}");
+                    }
+                    info!(
+                        vms = need.vms,
+                        vcpus = need.vcpus,
+                        memory_mib = need.memory_mib,
+                        disk_gib = need.disk_gib,
+                        host_cpus = host.cpus,
+                        host_memory_mib = host.memory_mib,
+                        pool_gib = host.pool_gib,
+                        fits = problems.is_empty(),
+                        "capacity: the pools' worst case against this host"
+                    );
+                }
+                Ok(Err(e)) => warn!(error = %e, "capacity: cannot read the host's resources"),
+                Err(e) => warn!(error = %e, "capacity: task failed"),
+            }
+        });
     }
 
     fn resolve_group(&mut self) {
@@ -841,6 +882,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 if self.hv_connected_once {
                     self.metrics.libvirt_reconnects.inc();
                     info!("libvirt connection back: full sweep");
+                }
+                if !self.hv_connected_once {
+                    self.report_capacity();
                 }
                 self.hv_connected_once = true;
                 self.start_sweep();

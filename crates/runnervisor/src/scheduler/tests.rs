@@ -535,3 +535,51 @@ async fn token_mode_seeds_are_removed_once_the_runner_is_online() {
     assert!(store.load().unwrap().vms[&vm].seed_removed, "remembered across restarts");
     assert_eq!(hv.lock().seeds_removed.len(), 1, "once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
+    let dir = crate::test_support::tempdir();
+    let img = fake_image(&dir);
+    let mut cfg = (*config("max_vms_per_repository = 1", &dir)).clone();
+    cfg.pools[0].image = img;
+    cfg.pools[0].max_vms = 3;
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let mut h = start(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store);
+    // A matrix of one repository, then one job of another: the other gets a VM at once.
+    for id in 501..=503 {
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    let mut other = info(504, LABELS, None);
+    other.repository = "octo-org/other".into();
+    h.deliver(JobAction::Queued, other);
+    let s = h.wait("one VM per repository", |s, hv| s.queued.len() == 4 && hv.running().len() == 2).await;
+    assert!(vm_for(&s, 501).is_some() && vm_for(&s, 504).is_some(), "{s:#?}");
+    assert!(vm_for(&s, 502).is_none() && vm_for(&s, 503).is_none(), "{s:#?}");
+    h.shutdown().await;
+
+    // The host-wide cap binds below the pool's max_vms.
+    let dir = crate::test_support::tempdir();
+    let img = fake_image(&dir);
+    let mut cfg = (*config("", &dir)).clone();
+    cfg.pools[0].image = img;
+    cfg.pools[0].max_vms = 3;
+    cfg.capacity.max_vms = Some(1);
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let mut h = start(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store);
+    for id in 511..=513 {
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    h.wait("one VM", |s, hv| s.queued.len() == 3 && hv.running().len() == 1).await;
+    // VM records are made synchronously when the loop reconciles, which it did after
+    // every event so far: no second VM is on its way.
+    let s = h.status().await;
+    assert_eq!(s.vms.len(), 1, "capacity.max_vms = 1: {s:#?}");
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().peak_running, 1);
+}
