@@ -167,6 +167,10 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     hv_ready: bool,
     hv_connected_once: bool,
     sweep_running: bool,
+    /// When the sweep whose result is awaited started listing.
+    sweep_started: Instant,
+    /// VMs torn down recently, and when: a sweep that listed before that is stale for them.
+    torn_down_at: HashMap<String, Instant>,
     github_running: bool,
     stopping: bool,
     last_prune: Instant,
@@ -217,6 +221,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             hv_ready: false,
             hv_connected_once: false,
             sweep_running: false,
+            sweep_started: Instant::now(),
+            torn_down_at: HashMap::new(),
             github_running: false,
             stopping: false,
             last_prune: Instant::now(),
@@ -613,6 +619,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             self.dirty_vms.remove(&name);
             self.removing_seeds.remove(&name);
+            self.torn_down_at.insert(name.clone(), Instant::now());
             self.removed_vms.insert(name);
         } else {
             for e in &outcome.errors {
@@ -897,6 +904,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         self.sweep_running = true;
+        self.sweep_started = Instant::now();
         let ctx = self.ctx.clone();
         tokio::task::spawn_blocking(move || {
             let vms = ctx.hv.list_vms();
@@ -915,6 +923,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         pool: Result<(), HvError>,
     ) {
         self.sweep_running = false;
+        // What was torn down after this sweep listed is gone, whatever the listing says.
+        let listed_at = self.sweep_started;
+        self.torn_down_at.retain(|_, t| t.elapsed() < Duration::from_secs(600));
+        let stale: BTreeSet<String> =
+            self.torn_down_at.iter().filter(|(_, t)| **t >= listed_at).map(|(n, _)| n.clone()).collect();
         let found = match vms {
             Ok(v) => v,
             Err(e) => {
@@ -966,7 +979,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         for info in &found {
             // Only names of our pools: other `rv-` domains on this host are not ours to touch.
-            if self.vms.contains_key(&info.name) || !self.is_ours(&info.name) {
+            if self.vms.contains_key(&info.name) || !self.is_ours(&info.name) || stale.contains(&info.name) {
                 continue;
             }
             let now = SystemTime::now();
@@ -1003,7 +1016,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     let Some(owner) = hypervisor::vm_of_volume(&vol) else {
                         continue;
                     };
-                    if self.vms.contains_key(owner) || !self.is_ours(owner) {
+                    if self.vms.contains_key(owner) || !self.is_ours(owner) || stale.contains(owner) {
                         continue;
                     }
                     info!(volume = %vol, "deleting a volume of ours that belongs to no vm");
