@@ -91,6 +91,11 @@ fn harness(extra_pool: &str) -> H {
 }
 
 fn harness_with(extra_pool: &str, with_image: impl FnOnce(&std::path::Path)) -> H {
+    harness_tweaked(extra_pool, with_image, |_| {})
+}
+
+/// A harness whose config is changed by `tweak` (after parsing: no validation).
+fn harness_tweaked(extra_pool: &str, with_image: impl FnOnce(&std::path::Path), tweak: impl FnOnce(&mut Config)) -> H {
     let dir = crate::test_support::tempdir();
     let img = fake_image(&dir);
     with_image(&img);
@@ -98,6 +103,7 @@ fn harness_with(extra_pool: &str, with_image: impl FnOnce(&std::path::Path)) -> 
     let cfg = config(&extra, &dir);
     let mut cfg = (*cfg).clone();
     cfg.pools[0].image = img;
+    tweak(&mut cfg);
     let (hv_tx, hv_rx) = mpsc::unbounded_channel();
     let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
     let _ = hv_tx.send(HvEvent::Reconnected);
@@ -538,16 +544,7 @@ async fn token_mode_seeds_are_removed_once_the_runner_is_online() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
-    let dir = crate::test_support::tempdir();
-    let img = fake_image(&dir);
-    let mut cfg = (*config("max_vms_per_repository = 1", &dir)).clone();
-    cfg.pools[0].image = img;
-    cfg.pools[0].max_vms = 3;
-    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
-    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
-    let _ = hv_tx.send(HvEvent::Reconnected);
-    let store = Arc::new(Store::open(&dir).unwrap());
-    let mut h = start(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store);
+    let mut h = harness_tweaked("max_vms_per_repository = 1", |_| {}, |c| c.pools[0].max_vms = 3);
     // A matrix of one repository, then one job of another: the other gets a VM at once.
     for id in 501..=503 {
         h.deliver(JobAction::Queued, info(id, LABELS, None));
@@ -561,17 +558,14 @@ async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
     h.shutdown().await;
 
     // The host-wide cap binds below the pool's max_vms.
-    let dir = crate::test_support::tempdir();
-    let img = fake_image(&dir);
-    let mut cfg = (*config("", &dir)).clone();
-    cfg.pools[0].image = img;
-    cfg.pools[0].max_vms = 3;
-    cfg.capacity.max_vms = Some(1);
-    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
-    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
-    let _ = hv_tx.send(HvEvent::Reconnected);
-    let store = Arc::new(Store::open(&dir).unwrap());
-    let mut h = start(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store);
+    let mut h = harness_tweaked(
+        "",
+        |_| {},
+        |c| {
+            c.pools[0].max_vms = 3;
+            c.capacity.max_vms = Some(1);
+        },
+    );
     for id in 511..=513 {
         h.deliver(JobAction::Queued, info(id, LABELS, None));
     }
