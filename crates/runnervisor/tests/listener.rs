@@ -168,8 +168,8 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
         })
     };
 
-    // Signed deliveries still get through: at worst they wait for the header deadline to
-    // free a slot held by a slow-loris connection.
+    // Signed deliveries still get through: at worst they wait for header deadlines to
+    // free slots held by slow-loris connections.
     let client = reqwest::Client::new();
     let mut worst = Duration::ZERO;
     for id in 1..=20 {
@@ -178,7 +178,9 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
         worst = worst.max(took);
     }
     eprintln!("20 signed deliveries accepted under abuse; slowest {worst:?}");
-    assert!(worst < HEADER_TIMEOUT + Duration::from_secs(3), "slowest signed delivery took {worst:?}");
+    // Twice the cap in slow-loris connections sit ahead of it in the listen backlog: two
+    // rounds of header deadlines at most (without them, it would never be served).
+    assert!(worst < 2 * HEADER_TIMEOUT + Duration::from_secs(3), "slowest signed delivery took {worst:?}");
 
     // Each abuser got its answer: slow-loris closed by the header deadline (408 or closed),
     // stalled bodies 408 by the body deadline.
