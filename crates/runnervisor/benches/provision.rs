@@ -35,10 +35,7 @@ async fn main() {
     // Direct: the same storage-API and domain calls, no agent, on the same fenced network
     // (the filter is defined once, as the agent does).
     let network = fenced_network("rv-bench-direct-fence", 1);
-    let (filter, allow) = network.fence().unwrap();
-    let host_addrs = runnervisor::fence::host_addresses().unwrap();
-    let fence = runnervisor::fence::FenceSpec { filter, gateway: Some(lab_gateway()), host_addrs: &host_addrs, allow };
-    hv.define_filter(filter, &runnervisor::fence::filter_xml(&fence)).unwrap();
+    let fence = TestFence::up(&hv, &network);
     let mut direct = Vec::new();
     for i in 0..N {
         let name = format!("rv-bench-{}-{i}", unique());
@@ -61,7 +58,7 @@ async fn main() {
         assert!(hv.teardown(&name).is_empty());
     }
     while events.try_recv().is_ok() {}
-    drop_filter(filter);
+    drop(fence);
 
     // Agent: webhook to domain started.
     let spec = AgentSpec::new("bench", &["self-hosted", "bench"]);

@@ -172,6 +172,17 @@ fn rule(x: &mut Xml, action: &str, priority: &str, addr: Ipv4Addr, prefix: u8, l
     x.close();
 }
 
+/// The nwfilter (name, XML) a fenced `network` needs on this host now: its allow-list,
+/// the network's `gateway`, and this host's current addresses. `None` for `user` mode.
+pub fn filter_for(
+    network: &crate::config::NetworkConfig,
+    gateway: Option<Ipv4Addr>,
+) -> Result<Option<(String, String)>, std::io::Error> {
+    let Some((filter, allow)) = network.fence() else { return Ok(None) };
+    let host_addrs = host_addresses()?;
+    Ok(Some((filter.to_string(), filter_xml(&FenceSpec { filter, gateway, host_addrs: &host_addrs, allow }))))
+}
+
 /// Every IPv4 address configured on this host's interfaces. An error (e.g. netlink
 /// sockets forbidden) means no fence can be built: no VM is started then.
 pub fn host_addresses() -> Result<Vec<Ipv4Addr>, std::io::Error> {

@@ -13,24 +13,13 @@ use runnervisor::cloudinit::{self, Credential, RunnerSpec};
 use runnervisor::hypervisor::{DomainState, Hypervisor, seed};
 use runnervisor::secret::Secret;
 
-struct DropFilter(String);
-impl Drop for DropFilter {
-    fn drop(&mut self) {
-        drop_filter(&self.0);
-    }
-}
-
 async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64) {
     let img = test_image();
     let (hv, _events) = libvirt();
     // The fence the agent would put up, with the simulator allow-listed.
     let network = fenced_network(&format!("{name}-fence"), sim.handle.addr.port());
-    let (filter, allow) = network.fence().unwrap();
-    let host_addrs = runnervisor::fence::host_addresses().unwrap();
-    let fence = runnervisor::fence::FenceSpec { filter, gateway: Some(lab_gateway()), host_addrs: &host_addrs, allow };
-    hv.define_filter(filter, &runnervisor::fence::filter_xml(&fence)).unwrap();
-    let _filter = DropFilter(filter.to_string());
-    // Declared after the filter, so dropped before it: the VM goes first.
+    let _fence = TestFence::up(&hv, &network);
+    // Declared after the fence, so dropped before it: the VM goes first.
     let _cleanup = Cleanup { hv: hv.clone(), names: vec![name.to_string()] };
     let console_log = console_dir().join(format!("{name}.log"));
 
@@ -117,20 +106,21 @@ async fn jit_runner_runs_a_job_and_powers_off() {
 /// (and at every start): libvirt accepts that only under the filter's existing UUID.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_fence_filter_is_redefined_in_place() {
-    use runnervisor::fence::{FenceSpec, filter_xml, host_addresses};
     let (hv, _events) = libvirt();
     let name = format!("rv-world-fence-{}", unique());
-    let _filter = DropFilter(name.clone());
-    let hosts = host_addresses().unwrap();
-    let allow = ["10.20.0.5:443".parse().unwrap()];
-    let first = filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &[] });
-    let second =
-        filter_xml(&FenceSpec { filter: &name, gateway: Some(lab_gateway()), host_addrs: &hosts, allow: &allow });
-    hv.define_filter(&name, &first).unwrap();
+    let network = |allow: &[&str]| runnervisor::config::NetworkConfig::Network {
+        name: NETWORK.into(),
+        filter: name.clone(),
+        allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+    };
+    let _fence = TestFence::up(&hv, &network(&[]));
+    let (_, second) =
+        runnervisor::fence::filter_for(&network(&["10.20.0.5:443"]), Some(lab_gateway())).unwrap().unwrap();
     hv.define_filter(&name, &second).unwrap();
     let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "nwfilter-dumpxml", &name]));
     assert!(dumped.contains("dstipaddr='10.20.0.5'"), "the second definition is in force:\n{dumped}");
     // A second agent process (fresh cache) redefines it too.
     let (other, _ev) = libvirt();
+    let (_, first) = runnervisor::fence::filter_for(&network(&[]), Some(lab_gateway())).unwrap().unwrap();
     other.define_filter(&name, &first).unwrap();
 }

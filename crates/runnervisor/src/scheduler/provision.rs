@@ -223,10 +223,10 @@ pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Option<std::n
             }
             NetworkConfig::Bridge { .. } => None,
         };
-        let (filter, allow) = net.fence().expect("fenced mode");
-        let host_addrs = fence::host_addresses().map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
-        let xml = fence::filter_xml(&fence::FenceSpec { filter, gateway, host_addrs: &host_addrs, allow });
-        hv.define_filter(filter, &xml)?;
+        let fence = fence::filter_for(&net, gateway).map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
+        if let Some((filter, xml)) = fence {
+            hv.define_filter(&filter, &xml)?;
+        }
         Ok(gateway)
     })
     .await

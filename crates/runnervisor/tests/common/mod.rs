@@ -120,6 +120,25 @@ pub fn fenced_network(filter: &str, sim_port: u16) -> runnervisor::config::Netwo
     }
 }
 
+/// The fence the agent would put up for `network` on the lab network, defined on `hv`
+/// the way the agent does; undefined when dropped (declare it before a VM's cleanup
+/// guard, so that the VM goes first).
+pub struct TestFence(pub String);
+
+impl TestFence {
+    pub fn up(hv: &Libvirt, network: &runnervisor::config::NetworkConfig) -> TestFence {
+        let (filter, xml) = runnervisor::fence::filter_for(network, Some(lab_gateway())).unwrap().expect("fenced");
+        hv.define_filter(&filter, &xml).unwrap();
+        TestFence(filter)
+    }
+}
+
+impl Drop for TestFence {
+    fn drop(&mut self) {
+        drop_filter(&self.0);
+    }
+}
+
 /// Undefines a test's nwfilter (once no VM uses it).
 pub fn drop_filter(filter: &str) {
     let _ = std::process::Command::new("virsh")
