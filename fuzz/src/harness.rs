@@ -72,7 +72,7 @@ pub fn config(data: &[u8]) {
 pub fn admin(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let _ = runnervisor::admin::parse_request(text);
-    if let Ok(runnervisor::scheduler::AdminReply::Status(s)) = runnervisor::admin::parse_reply(text) {
+    if let Ok(runnervisor::admin::Reply::Status(s)) = runnervisor::admin::parse_reply(text) {
         let _ = runnervisor::admin::render_status(&s);
     }
 }

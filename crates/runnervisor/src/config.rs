@@ -243,6 +243,10 @@ pub struct ReconcileConfig {
     /// On SIGTERM, how long in-flight provisioning steps may take to finish.
     #[serde(default = "defaults::shutdown_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// The longest provisioning may take (image check, credential, volumes, define, start):
+    /// beyond it the VM is torn down, the pool backs off and the job stays queued.
+    #[serde(default = "defaults::provision_timeout", deserialize_with = "duration")]
+    pub provision_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -377,6 +381,9 @@ mod defaults {
     pub fn shutdown_grace() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn provision_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
     pub fn vcpus() -> u32 {
         2
     }
@@ -440,6 +447,7 @@ impl Default for ReconcileConfig {
             github_interval: defaults::github_interval(),
             stop_grace: defaults::stop_grace(),
             shutdown_grace: defaults::shutdown_grace(),
+            provision_timeout: defaults::provision_timeout(),
         }
     }
 }
@@ -651,6 +659,13 @@ impl Config {
         }
         if self.reconcile.github_interval < Duration::from_secs(5) {
             return Err(invalid("reconcile.github_interval", self.reconcile.github_interval, "must be at least 5s"));
+        }
+        if self.reconcile.provision_timeout < Duration::from_secs(30) {
+            return Err(invalid(
+                "reconcile.provision_timeout",
+                self.reconcile.provision_timeout,
+                "must be at least 30s (creating volumes and starting a domain takes seconds)",
+            ));
         }
         if self.pools.is_empty() {
             return Err(invalid("pool", "[]", "configure at least one [[pool]]"));

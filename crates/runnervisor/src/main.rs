@@ -5,13 +5,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use runnervisor::admin::Reply as AdminReply;
 use runnervisor::admin::{self, Request};
 use runnervisor::config::{AuthConfig, Config};
 use runnervisor::github::app::AppSigner;
 use runnervisor::github::http::{Auth, HttpGitHub};
 use runnervisor::hypervisor::libvirt::Libvirt;
 use runnervisor::metrics::{GitHubObserver, Metrics};
-use runnervisor::scheduler::AdminReply;
 use runnervisor::secret::credentials_dir;
 use tokio_util::sync::CancellationToken;
 

@@ -124,6 +124,9 @@ pub enum Reason {
     /// `completed` arrived but the guest did not power off within the grace period.
     FinishGrace,
     ProvisionFailed,
+    /// Provisioning took longer than `reconcile.provision_timeout` (a hung hypervisor or
+    /// GitHub call): a fault of the host, not of the job.
+    ProvisionTimeout,
     /// The agent restarted while the VM was being provisioned.
     Interrupted,
     /// Its runner registration vanished while it had no job.
@@ -145,6 +148,7 @@ impl Reason {
             Reason::Surplus => "surplus",
             Reason::FinishGrace => "finish_grace",
             Reason::ProvisionFailed => "provision_failed",
+            Reason::ProvisionTimeout => "provision_timeout",
             Reason::Interrupted => "interrupted",
             Reason::RunnerGone => "runner_gone",
             Reason::Orphan => "orphan",

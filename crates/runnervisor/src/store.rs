@@ -73,6 +73,38 @@ pub struct Snapshot {
     pub meta: BTreeMap<String, Vec<u8>>,
 }
 
+/// What the scheduler needs from its store: the narrow seam a second backend (PostgreSQL,
+/// for several hosts) implements without touching the scheduler. The webhook intake writes
+/// through [`Store::accept`].
+pub trait SchedulerStore: Send + Sync + 'static {
+    /// Jobs, VMs and settings, as last committed.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Accepted job events not yet applied, oldest first.
+    fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError>;
+    /// One durable transaction: the scheduler's changes, and the inbox entries applied.
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
+    fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError>;
+    fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError>;
+}
+
+impl SchedulerStore for Store {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Store::load(self)
+    }
+    fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+        Store::inbox(self)
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        Store::commit(self, batch)
+    }
+    fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError> {
+        Store::delivery_seen(self, guid)
+    }
+    fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError> {
+        Store::prune_deliveries(self, age, now)
+    }
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }

@@ -53,7 +53,7 @@ fn seeds_are_meaningful() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
     let reply = std::fs::read_to_string(root.join("admin/status-reply")).unwrap();
     let parsed = runnervisor::admin::parse_reply(&reply).unwrap();
-    assert!(matches!(parsed, runnervisor::scheduler::AdminReply::Status(_)), "the status seed is a status reply");
+    assert!(matches!(parsed, runnervisor::admin::Reply::Status(_)), "the status seed is a status reply");
     let example = std::fs::read_to_string(root.join("config/example.toml")).unwrap();
     assert!(runnervisor::config::Config::parse(&example).is_ok());
     for f in ["0.json", "3.json", "6.json"] {

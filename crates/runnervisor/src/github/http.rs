@@ -225,6 +225,10 @@ impl HttpGitHub {
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, Value), GhError> {
         let mut attempt = 0;
         let mut reauthed = false;
+        // Rate-limit waits are bounded too, in number and in total time: a server that
+        // answers "retry in 0 s" for ever must not hold the call for ever.
+        let mut rate_waits = 0;
+        let mut rate_waited = Duration::ZERO;
         loop {
             let bearer = self.bearer(&cred).await?;
             let result = self.send_once(method.clone(), path, body, &bearer).await;
@@ -232,8 +236,8 @@ impl HttpGitHub {
                 Err(GhError::Transport { .. }) => Some(backoff(&self.retry, attempt)),
                 Ok((status, _, _)) if status.is_server_error() => Some(backoff(&self.retry, attempt)),
                 Ok((status, headers, _)) => match rate_limit_wait(*status, headers, SystemTime::now()) {
-                    Some(wait) if wait > self.retry.max_wait => {
-                        tracing::warn!(%method, path, wait_secs = wait.as_secs(), "GitHub rate limit: deferring");
+                    Some(wait) if rate_waited + wait > self.retry.max_wait || rate_waits + 1 >= self.retry.attempts => {
+                        tracing::warn!(%method, path, wait_secs = wait.as_secs(), waits = rate_waits, "GitHub rate limit: deferring");
                         return Err(GhError::RateLimited {
                             method: method.to_string(),
                             path: path.into(),
@@ -242,6 +246,8 @@ impl HttpGitHub {
                     }
                     Some(wait) => {
                         tracing::warn!(%method, path, wait_ms = wait.as_millis() as u64, "GitHub rate limit: waiting");
+                        rate_waits += 1;
+                        rate_waited += wait;
                         tokio::time::sleep(wait).await;
                         continue;
                     }
@@ -504,6 +510,56 @@ mod tests {
         h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
         h.insert("x-ratelimit-reset", HeaderValue::from_static("1030"));
         assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(30)));
+    }
+
+    /// A server that answers every call with a short rate limit: the client gives up after
+    /// a bounded number of waits instead of looping for ever.
+    #[tokio::test]
+    async fn endless_short_rate_limits_are_bounded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(n) = conn.read(&mut buf).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            let answer = "HTTP/1.1 429 Too Many Requests\r\nretry-after: 0\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                            if conn.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let gh = HttpGitHub::new(
+            &format!("http://{addr}"),
+            Scope::Organization("o".into()),
+            None,
+            Auth::Pat(Secret::new("t")),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(20), gh.list_runners())
+            .await
+            .expect("the client must give up on a server that rate-limits for ever");
+        assert!(matches!(result, Err(GhError::RateLimited { .. })), "{result:?}");
+        let n = calls.load(Ordering::SeqCst);
+        assert!(n <= RetryPolicy::default().attempts, "{n} calls for one request");
     }
 
     #[test]

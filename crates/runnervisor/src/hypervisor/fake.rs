@@ -27,6 +27,11 @@ pub struct FakeState {
     pub filters: BTreeMap<String, String>,
     /// Fail the next N `define_and_start` calls.
     pub fail_starts: u32,
+    /// Calls (`"start"`, `"teardown"`, `"list_vms"`) that panic, and how many more times.
+    pub panics: BTreeMap<&'static str, u32>,
+    /// The next N `start` calls hang until `release_stalled` is set (a hung libvirt call).
+    pub stall_starts: u32,
+    pub release_stalled: bool,
     /// Most VMs running at once, ever.
     pub peak_running: usize,
     pub started_total: usize,
@@ -67,6 +72,16 @@ impl FakeHypervisor {
 
     pub fn running(&self) -> Vec<String> {
         self.lock().domains.iter().filter(|(_, (s, _))| *s == DomainState::Running).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Panics if `op` is armed to (see [`FakeState::panics`]).
+    fn maybe_panic(&self, op: &'static str) {
+        let mut s = self.lock();
+        if let Some(n) = s.panics.get_mut(op).filter(|n| **n > 0) {
+            *n -= 1;
+            drop(s);
+            panic!("injected panic in {op}");
+        }
     }
 
     fn up(&self) -> Result<std::sync::MutexGuard<'_, FakeState>, HvError> {
@@ -130,6 +145,16 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn start(&self, name: &str) -> Result<(), HvError> {
+        self.maybe_panic("start");
+        let stalled = {
+            let mut s = self.lock();
+            let stall = s.stall_starts > 0;
+            s.stall_starts = s.stall_starts.saturating_sub(1);
+            stall
+        };
+        while stalled && !self.lock().release_stalled {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let mut s = self.up()?;
         let xml = s.domains.get(name).map(|d| d.1.clone()).ok_or_else(|| HvError::Libvirt {
             op: "start",
@@ -148,6 +173,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn teardown(&self, vm: &str) -> Vec<HvError> {
+        self.maybe_panic("teardown");
         let mut s = match self.up() {
             Ok(s) => s,
             Err(e) => return vec![e],
@@ -160,6 +186,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
+        self.maybe_panic("list_vms");
         let s = self.up()?;
         Ok(s.domains
             .iter()

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::Event;
+use super::event::Event;
 use crate::cloudinit::{self, Credential, RunnerSpec};
 use crate::config::{Config, NetworkConfig, PoolConfig, Registration};
 use crate::fence;
@@ -46,6 +46,9 @@ pub enum ProvisionError {
     Seed(String),
     #[error("domain: {0}")]
     Domain(#[source] HvError),
+    /// The provisioning task itself failed (a panic, e.g. in a libvirt binding's `Drop`).
+    #[error("{0}")]
+    Task(String),
 }
 
 impl ProvisionError {
@@ -57,6 +60,7 @@ impl ProvisionError {
             ProvisionError::Overlay(_) => "overlay",
             ProvisionError::Seed(_) => "seed",
             ProvisionError::Domain(_) => "domain",
+            ProvisionError::Task(_) => "task",
         }
     }
 }
@@ -79,8 +83,15 @@ impl<G, H> Clone for Ctx<G, H> {
     }
 }
 
+/// Runs a blocking hypervisor call. A panic in it (the virt crate's `Drop` may panic)
+/// resumes here and ends the provisioning or teardown task, whose spawner
+/// ([`super::event::spawn_reporting`]) turns it into a failure report.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("blocking hypervisor call: {e}"),
+    }
 }
 
 pub struct Plan {

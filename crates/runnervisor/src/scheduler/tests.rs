@@ -6,10 +6,15 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use tokio::sync::mpsc::UnboundedSender;
+
 use super::*;
+use crate::admin::proto::{Reply as AdminReply, Status};
 use crate::github::fake::FakeGitHub;
 use crate::hypervisor::fake::FakeHypervisor;
-use crate::model::{JobAction, JobEvent, JobInfo};
+use crate::hypervisor::{HvEvent, Hypervisor};
+use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState, VmRec};
+use crate::store::{Batch, SchedulerStore, Store, StoreError};
 
 const LABELS: &[&str] = &["self-hosted", "linux"];
 
@@ -68,6 +73,18 @@ fn start(
     hv_rx: Option<mpsc::UnboundedReceiver<HvEvent>>,
     store: Arc<Store>,
 ) -> H {
+    start_on(cfg, gh, hv, hv_rx, store.clone(), store)
+}
+
+/// [`start`] with the scheduler on its own view of the store (e.g. one that fails).
+fn start_on(
+    cfg: Arc<Config>,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    hv_rx: Option<mpsc::UnboundedReceiver<HvEvent>>,
+    store: Arc<Store>,
+    scheduler_store: Arc<dyn SchedulerStore>,
+) -> H {
     let (tx, rx) = mpsc::unbounded_channel();
     if let Some(mut hv_rx) = hv_rx {
         let fwd = tx.clone();
@@ -79,8 +96,9 @@ fn start(
     }
     let inbox = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::default());
-    let s = Scheduler::new(cfg, gh.clone(), hv.clone(), store.clone(), metrics.clone(), inbox.clone(), tx.clone(), rx)
-        .unwrap();
+    let s =
+        Scheduler::new(cfg, gh.clone(), hv.clone(), scheduler_store, metrics.clone(), inbox.clone(), tx.clone(), rx)
+            .unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
     H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0 }
@@ -96,6 +114,18 @@ fn harness_with(extra_pool: &str, with_image: impl FnOnce(&std::path::Path)) -> 
 
 /// A harness whose config is changed by `tweak` (after parsing: no validation).
 fn harness_tweaked(extra_pool: &str, with_image: impl FnOnce(&std::path::Path), tweak: impl FnOnce(&mut Config)) -> H {
+    harness_full(extra_pool, with_image, tweak, |_| {}, None)
+}
+
+/// A harness whose fake hypervisor is set up by `hv_setup` before the scheduler starts,
+/// and whose scheduler uses `store` (wrapping the harness's own) when given.
+fn harness_full(
+    extra_pool: &str,
+    with_image: impl FnOnce(&std::path::Path),
+    tweak: impl FnOnce(&mut Config),
+    hv_setup: impl FnOnce(&mut crate::hypervisor::fake::FakeState),
+    wrap_store: Option<Box<dyn FnOnce(Arc<Store>) -> Arc<dyn SchedulerStore>>>,
+) -> H {
     let dir = crate::test_support::tempdir();
     let img = fake_image(&dir);
     with_image(&img);
@@ -106,9 +136,14 @@ fn harness_tweaked(extra_pool: &str, with_image: impl FnOnce(&std::path::Path), 
     tweak(&mut cfg);
     let (hv_tx, hv_rx) = mpsc::unbounded_channel();
     let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    hv_setup(&mut hv.lock());
     let _ = hv_tx.send(HvEvent::Reconnected);
     let store = Arc::new(Store::open(&dir).unwrap());
-    start(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store)
+    let scheduler_store = match wrap_store {
+        Some(wrap) => wrap(store.clone()),
+        None => store.clone(),
+    };
+    start_on(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store, scheduler_store)
 }
 
 fn info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
@@ -154,7 +189,11 @@ impl H {
         rx.await.unwrap()
     }
     async fn wait(&self, what: &str, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
-        for _ in 0..200 {
+        self.wait_for(what, Duration::from_secs(10), f).await
+    }
+    async fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
             let s = self.status().await;
             if f(&s, &self.hv) {
                 return s;
@@ -346,6 +385,7 @@ async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
         })
         .await;
     assert!(!held.libvirt_connected, "{held:#?}");
+    assert!(held.hypervisor_problem.as_deref().is_some_and(|p| p.contains("not reachable")), "{held:#?}");
     h.shutdown().await;
 }
 
@@ -442,7 +482,11 @@ async fn a_missing_storage_pool_holds_jobs_until_it_is_back() {
     let mut h = harness("");
     h.hv.lock().pool_missing = true;
     let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
-    h.wait("the pool to be found missing", |s, _| !s.libvirt_connected).await;
+    // (Not `!libvirt_connected`: that holds before the first sweep too.)
+    let s = h.wait("the pool to be found missing", |s, _| s.hypervisor_problem.is_some()).await;
+    assert!(!s.libvirt_connected);
+    // libvirt answers: what is wrong is the pool, and status says so.
+    assert!(s.hypervisor_problem.as_deref().is_some_and(|p| p.contains("storage pool")), "{s:#?}");
     h.job_held_until(101, Duration::from_millis(2500), |h| h.hv.lock().pool_missing = false).await;
     h.shutdown().await;
 }
@@ -576,4 +620,142 @@ async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
     assert_eq!(s.vms.len(), 1, "capacity.max_vms = 1: {s:#?}");
     let (_, hv, _) = h.shutdown().await;
     assert_eq!(hv.lock().peak_running, 1);
+}
+
+// ---- liveness: a panic, a hang or a failing store never stops the agent ----
+
+/// The scheduler's store whose commits fail while `FAIL` is set (the harness's own
+/// store, for the intake, is unaffected).
+struct FlakyStore {
+    inner: Arc<Store>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SchedulerStore for FlakyStore {
+    fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+        self.inner.load()
+    }
+    fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+        self.inner.inbox()
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Encode(serde_json::from_str::<u8>("x").unwrap_err()));
+        }
+        self.inner.commit(batch)
+    }
+    fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError> {
+        self.inner.delivery_seen(guid)
+    }
+    fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError> {
+        self.inner.prune_deliveries(age, now)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_provisioning_task_is_a_failure_not_a_hang() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |_| {},
+        |hv| {
+            hv.panics.insert("start", 1);
+        },
+        None,
+    );
+    h.deliver(JobAction::Queued, info(601, LABELS, None));
+    // The first VM's provisioning panicked: reported as failed, torn down, and the job
+    // gets another VM once the back-off passes.
+    let s = h.wait("a second VM", |_, hv| hv.running() == ["rv-small-601-2"]).await;
+    assert_eq!(s.vms.len(), 1, "the first VM is gone: {s:#?}");
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="task"} 1"#), "{m}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_sweep_does_not_stop_sweeps() {
+    // The first sweep panics; without a report no sweep would ever run again and libvirt
+    // would never count as ready.
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |_| {},
+        |hv| {
+            hv.panics.insert("list_vms", 1);
+        },
+        None,
+    );
+    h.deliver(JobAction::Queued, info(611, LABELS, None));
+    h.wait("a VM after the next sweep", |_, hv| hv.running().len() == 1).await;
+    assert_eq!(h.hv.lock().panics["list_vms"], 0, "the panic happened");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_teardown_is_retried() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |_| {},
+        |hv| {
+            hv.panics.insert("teardown", 1);
+        },
+        None,
+    );
+    h.deliver(JobAction::Queued, info(621, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    h.run_job_on("rv-small-621", 621);
+    // The retry comes after TEARDOWN_RETRY (10 s).
+    h.wait_for("the teardown retried", Duration::from_secs(30), |s, hv| {
+        s.vms.is_empty() && hv.lock().domains.is_empty()
+    })
+    .await;
+    assert!(h.metrics.render().contains("runnervisor_teardown_failures_total 1\n"), "{}", h.metrics.render());
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioning_that_never_reports_is_torn_down_at_its_deadline() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |c| c.reconcile.provision_timeout = Duration::from_secs(2),
+        |hv| hv.stall_starts = 1,
+        None,
+    );
+    h.deliver(JobAction::Queued, info(631, LABELS, None));
+    let s = h.wait("another VM after the deadline", |_, hv| hv.running() == ["rv-small-631-2"]).await;
+    assert!(s.vms.iter().all(|v| v.name != "rv-small-631"), "the hung one is gone: {s:#?}");
+    assert_eq!(s.queued.len(), 1, "the job stays queued: {s:#?}");
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="timeout"} 1"#), "{m}");
+    assert!(m.contains(r#"runnervisor_teardowns_total{reason="provision_timeout"} 1"#), "{m}");
+    // The hung call returns at last: what it would still make is not kept.
+    h.hv.lock().release_stalled = true;
+    h.wait("nothing of the hung VM left", |_, hv| !hv.lock().domains.contains_key("rv-small-631")).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_vm_is_made_while_its_record_cannot_be_persisted() {
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = fail.clone();
+    let wrap: Box<dyn FnOnce(Arc<Store>) -> Arc<dyn SchedulerStore>> =
+        Box::new(move |inner| Arc::new(FlakyStore { inner, fail: flag }));
+    let mut h = harness_full("", |_| {}, |_| {}, |_| {}, Some(wrap));
+    h.deliver(JobAction::Queued, info(641, LABELS, None));
+    h.wait("the refusal", |_, _| {
+        h.metrics.render().contains(r#"runnervisor_provision_failures_total{pool="small",step="store"}"#)
+    })
+    .await;
+    // The refusal happens before anything is spawned: nothing can be on its way.
+    {
+        let hv = h.hv.lock();
+        assert!(hv.domains.is_empty() && hv.volumes.is_empty(), "nothing made: {:?}", hv.volumes);
+    }
+    assert!(h.gh.lock().calls.iter().all(|c| !c.starts_with("jit")), "no credential: {:?}", h.gh.lock().calls);
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.wait("a VM once the store works", |_, hv| hv.running().len() == 1).await;
+    h.shutdown().await;
 }

@@ -3,11 +3,15 @@
 //! ```text
 //! Provisioning ──provisioned──▶ Booting ──runner online──▶ Idle
 //!      │                          │  └──────took job──────┐  │
-//!      │ failed                   ▼                       ▼  ▼ took job
+//!      │ failed / timed out       ▼                       ▼  ▼ took job
 //!      └────────▶ TearingDown ◀── stopped / reaped ──── Busy ──job completed──▶ Finishing
-//!                      │                                                        │
-//!                  torn down ──▶ (record removed)          stopped / grace over ┘
+//!                   │    │                               ▲                          │
+//!                   │    └── kept busy (the "surplus" runner had taken a job) ──┘   │
+//!               torn down ──▶ (record removed)              stopped / grace over ┘
 //! ```
+//!
+//! [`next`] is the only way a VM's state changes: the scheduler's `transition` applies it
+//! and nothing else writes `VmRec::state`.
 
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +27,8 @@ pub enum Input {
     JobCompleted,
     DomainStopped,
     Reap,
+    /// A teardown that deletes the runner first found it busy: the VM keeps its job.
+    KeptBusy,
 }
 
 /// The next state, or `None` when the input does not change this state.
@@ -40,6 +46,7 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
         // Provisioning finishes its own steps first; teardown follows the report.
         (Provisioning, DomainStopped | Reap) => None,
         (Booting | Idle | Busy | Finishing, DomainStopped | Reap) => Some(TearingDown),
+        (TearingDown, KeptBusy) => Some(Busy),
         _ => None,
     }
 }
@@ -52,18 +59,32 @@ pub fn counts_as_failure(vm: &VmRec, reason: Reason) -> bool {
         && matches!(reason, Reason::Stopped | Reason::RegistrationTimeout | Reason::MaxLifetime)
 }
 
+/// The scheduler-wide timers (`[reconcile]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Timers {
+    pub stop_grace: Duration,
+    pub provision_timeout: Duration,
+}
+
 /// The timer that has run out for this VM, if any.
-pub fn expired(vm: &VmRec, pool: &PoolConfig, stop_grace: Duration, now: SystemTime) -> Option<Reason> {
+pub fn expired(vm: &VmRec, pool: &PoolConfig, timers: Timers, now: SystemTime) -> Option<Reason> {
     let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
-    if vm.state == VmState::TearingDown || vm.state == VmState::Provisioning {
-        return None;
+    match vm.state {
+        VmState::TearingDown => return None,
+        // A provisioning that never reports (a hung libvirt or GitHub call) must not hold
+        // its slot and its job for ever.
+        VmState::Provisioning if age(vm.state_since) >= timers.provision_timeout => {
+            return Some(Reason::ProvisionTimeout);
+        }
+        VmState::Provisioning => return None,
+        _ => {}
     }
     if age(vm.created_at) >= pool.max_lifetime {
         return Some(Reason::MaxLifetime);
     }
     match vm.state {
         VmState::Booting if age(vm.state_since) >= pool.registration_timeout => Some(Reason::RegistrationTimeout),
-        VmState::Finishing if age(vm.state_since) >= stop_grace => Some(Reason::FinishGrace),
+        VmState::Finishing if age(vm.state_since) >= timers.stop_grace => Some(Reason::FinishGrace),
         _ => None,
     }
 }
@@ -105,6 +126,9 @@ mod tests {
             (TearingDown, Reap, None),
             (TearingDown, TookJob, None),
             (TearingDown, Provisioned, None),
+            (TearingDown, KeptBusy, Some(Busy)),
+            (Busy, KeptBusy, None),
+            (Idle, KeptBusy, None),
         ];
         for (state, input, want) in table {
             assert_eq!(next(*state, *input), *want, "{state:?} + {input:?}");
@@ -112,43 +136,17 @@ mod tests {
     }
 
     fn vm(state: VmState, created_ago: u64, since_ago: u64, now: SystemTime) -> VmRec {
-        VmRec {
-            name: "rv-p-1".into(),
-            pool: "p".into(),
-            job_id: 1,
-            run_id: 1,
-            repository: "o/r".into(),
-            job_url: String::new(),
-            runner_id: None,
-            state,
-            created_at: now - Duration::from_secs(created_ago),
-            state_since: now - Duration::from_secs(since_ago),
-            took_job: None,
-            seed_removed: false,
-            reap: None,
-        }
+        let mut v = crate::scheduler::fixtures::vm("rv-p-1", "p", 1, state, now - Duration::from_secs(created_ago));
+        v.state_since = now - Duration::from_secs(since_ago);
+        v
     }
 
     #[test]
     fn timers() {
-        let text = r#"
-            [server]
-            listen = "127.0.0.1:1"
-            [github]
-            organization = "o"
-            auth = { type = "pat", token = { file = "/x" } }
-            webhook_secret = { file = "/y" }
-            [[pool]]
-            name = "p"
-            labels = ["self-hosted"]
-            image = "/i.qcow2"
-            registration_timeout = "5m"
-            max_lifetime = "1h"
-        "#;
-        let cfg = crate::config::Config::parse(text).unwrap();
+        let cfg = crate::scheduler::fixtures::config("registration_timeout = \"5m\"\nmax_lifetime = \"1h\"");
         let pool = &cfg.pools[0];
         let now = SystemTime::now();
-        let grace = Duration::from_secs(60);
+        let grace = Timers { stop_grace: Duration::from_secs(60), provision_timeout: Duration::from_secs(600) };
         assert_eq!(expired(&vm(Booting, 299, 299, now), pool, grace, now), None);
         assert_eq!(expired(&vm(Booting, 300, 300, now), pool, grace, now), Some(Reason::RegistrationTimeout));
         assert_eq!(expired(&vm(Busy, 3599, 3000, now), pool, grace, now), None);
@@ -156,7 +154,12 @@ mod tests {
         assert_eq!(expired(&vm(Idle, 3600, 10, now), pool, grace, now), Some(Reason::MaxLifetime));
         assert_eq!(expired(&vm(Finishing, 100, 59, now), pool, grace, now), None);
         assert_eq!(expired(&vm(Finishing, 100, 60, now), pool, grace, now), Some(Reason::FinishGrace));
-        assert_eq!(expired(&vm(Provisioning, 7200, 7200, now), pool, grace, now), None, "provisioning reports first");
+        assert_eq!(expired(&vm(Provisioning, 7200, 599, now), pool, grace, now), None, "provisioning reports first");
+        assert_eq!(
+            expired(&vm(Provisioning, 7200, 600, now), pool, grace, now),
+            Some(Reason::ProvisionTimeout),
+            "unless it never does"
+        );
         assert_eq!(expired(&vm(TearingDown, 7200, 7200, now), pool, grace, now), None);
     }
 

@@ -5,22 +5,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::scheduler::{AdminCommand, AdminReply, Event};
+pub mod proto;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    Drain,
-    Undrain,
-    Destroy { vm: String },
-}
+pub use proto::{Reply, Request, Status};
+
+use crate::scheduler::{AdminCommand, Event};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -118,7 +112,7 @@ pub fn parse_request(line: &str) -> Result<AdminCommand, String> {
 }
 
 /// One reply line, as the CLI reads it.
-pub fn parse_reply(line: &str) -> Result<AdminReply, String> {
+pub fn parse_reply(line: &str) -> Result<Reply, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("bad reply: {e}"))
 }
 
@@ -130,14 +124,14 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Resul
         .await
         .map_err(|_| io::ErrorKind::TimedOut)??;
     let reply = match parse_request(&line) {
-        Err(e) => AdminReply::Error(e),
+        Err(e) => Reply::Error(e),
         Ok(cmd) => {
             tracing::info!(request = ?line.trim(), "admin request");
             let (tx, rx) = oneshot::channel();
             if events.send(Event::Admin(cmd, tx)).is_err() {
-                AdminReply::Error("the scheduler is shutting down".into())
+                Reply::Error("the scheduler is shutting down".into())
             } else {
-                rx.await.unwrap_or_else(|_| AdminReply::Error("the scheduler is shutting down".into()))
+                rx.await.unwrap_or_else(|_| Reply::Error("the scheduler is shutting down".into()))
             }
         }
     };
@@ -148,7 +142,7 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Resul
 }
 
 /// Client side: sends one request, returns the reply.
-pub async fn request(path: &Path, req: &Request) -> Result<AdminReply, AdminError> {
+pub async fn request(path: &Path, req: &Request) -> Result<Reply, AdminError> {
     let stream = UnixStream::connect(path).await.map_err(|source| AdminError::Connect { path: path.into(), source })?;
     let proto = |m: String| AdminError::Protocol { path: path.into(), message: m };
     let (read, mut write) = stream.into_split();
@@ -199,11 +193,15 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// The human-readable form of `runnervisor status`.
-pub fn render_status(s: &crate::scheduler::Status) -> String {
+pub fn render_status(s: &Status) -> String {
+    let hypervisor = match (&s.hypervisor_problem, s.libvirt_connected) {
+        (Some(problem), _) => format!("hypervisor NOT READY: {problem}"),
+        (None, true) => "libvirt connected".into(),
+        (None, false) => "libvirt not answered yet".into(),
+    };
     let mut out = format!(
-        "runnervisor: {}; libvirt {}\n\n",
+        "runnervisor: {}; {hypervisor}\n\n",
         if s.draining { "DRAINING (no new jobs)" } else { "taking jobs" },
-        if s.libvirt_connected { "connected" } else { "NOT CONNECTED" }
     );
     let pools: Vec<Vec<String>> = s
         .pools
@@ -251,12 +249,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_wire_format() {
-        assert_eq!(
-            serde_json::to_string(&Request::Destroy { vm: "rv-a-1".into() }).unwrap(),
-            r#"{"cmd":"destroy","vm":"rv-a-1"}"#
-        );
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"drain"}"#).unwrap(), Request::Drain);
+    fn status_names_what_keeps_the_hypervisor_from_making_vms() {
+        let status = |connected, problem: Option<&str>| Status {
+            draining: false,
+            libvirt_connected: connected,
+            hypervisor_problem: problem.map(str::to_string),
+            pools: vec![],
+            queued: vec![],
+            vms: vec![],
+        };
+        let first = |s: &Status| render_status(s).lines().next().unwrap().to_string();
+        assert_eq!(first(&status(true, None)), "runnervisor: taking jobs; libvirt connected");
+        let pool = first(&status(false, Some("storage pool \"runnervisor\" not found or not active")));
+        assert!(pool.contains("NOT READY: storage pool \"runnervisor\""), "{pool}");
+        assert!(!pool.contains("NOT CONNECTED"), "libvirt itself answers: {pool}");
     }
 
     #[tokio::test]

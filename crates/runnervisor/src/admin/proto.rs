@@ -1,0 +1,82 @@
+//! The admin socket's wire protocol: one JSON request line, one JSON reply line. A
+//! contract with the `runnervisor` CLI of possibly another version, so these types change
+//! only by adding optional fields; the scheduler's internal commands are not part of it.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Drain,
+    Undrain,
+    Destroy { vm: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Status(Status),
+    Ok(String),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub draining: bool,
+    /// libvirt answered the last sweep and the job storage pool is there: VMs can be made.
+    pub libvirt_connected: bool,
+    /// What keeps the hypervisor from making VMs, when something does (libvirt away, the
+    /// storage pool missing, ...).
+    #[serde(default)]
+    pub hypervisor_problem: Option<String>,
+    pub pools: Vec<PoolStatus>,
+    pub queued: Vec<QueuedStatus>,
+    pub vms: Vec<VmStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub vms: usize,
+    pub max_vms: usize,
+    pub queued: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueuedStatus {
+    pub job_id: u64,
+    pub pool: String,
+    pub repository: String,
+    pub age_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub pool: String,
+    pub state: String,
+    pub age_secs: u64,
+    pub job_id: u64,
+    pub took_job: Option<u64>,
+    pub runner_id: Option<u64>,
+    pub repository: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        assert_eq!(
+            serde_json::to_string(&Request::Destroy { vm: "rv-a-1".into() }).unwrap(),
+            r#"{"cmd":"destroy","vm":"rv-a-1"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"drain"}"#).unwrap(), Request::Drain);
+        // A reply of an agent that predates `hypervisor_problem` still parses.
+        let old = r#"{"Status":{"draining":false,"libvirt_connected":true,"pools":[],"queued":[],"vms":[]}}"#;
+        assert!(
+            matches!(serde_json::from_str::<Reply>(old).unwrap(), Reply::Status(s) if s.hypervisor_problem.is_none())
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! The admin socket's commands: status, drain, destroying a VM.
+
+use std::time::SystemTime;
+
+use tracing::info;
+
+use super::{AdminCommand, Scheduler};
+use crate::admin::proto::{PoolStatus, QueuedStatus, Reply, Status, VmStatus};
+use crate::github::GitHub;
+use crate::hypervisor::Hypervisor;
+use crate::model::Reason;
+use crate::store::Batch;
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    pub(super) fn on_admin(&mut self, cmd: AdminCommand) -> Reply {
+        match cmd {
+            AdminCommand::Status => Reply::Status(self.status()),
+            AdminCommand::Drain(on) => {
+                if let Err(e) = self.store.commit(&Batch {
+                    meta: vec![("draining".into(), if on { b"1".to_vec() } else { b"0".to_vec() })],
+                    ..Default::default()
+                }) {
+                    return Reply::Error(format!("cannot persist drain state: {e}"));
+                }
+                self.draining = on;
+                self.metrics.draining.set(&[], if on { 1.0 } else { 0.0 });
+                info!(draining = on, "drain state changed");
+                Reply::Ok(if on {
+                    "draining: no new jobs are taken; running VMs finish".into()
+                } else {
+                    "taking jobs again".into()
+                })
+            }
+            AdminCommand::DestroyVm(name) => match self.book.vms.get(&name) {
+                None => Reply::Error(format!("no vm named {name:?} (see runnervisor status)")),
+                Some(_) => {
+                    self.reap(&name, Reason::Operator);
+                    Reply::Ok(format!("{name}: teardown started (domain, volumes, runner registration)"))
+                }
+            },
+        }
+    }
+
+    pub(super) fn status(&self) -> Status {
+        let now = SystemTime::now();
+        let age = |t: SystemTime| now.duration_since(t).unwrap_or_default().as_secs();
+        Status {
+            draining: self.draining,
+            libvirt_connected: self.hv.ready,
+            hypervisor_problem: if self.hv.ready { None } else { self.hv.problem.clone() },
+            pools: self
+                .config
+                .pools
+                .iter()
+                .map(|p| PoolStatus {
+                    name: p.name.clone(),
+                    vms: self.book.vms_of(&p.name).count(),
+                    max_vms: p.max_vms,
+                    queued: self.book.unserved(&p.name).len(),
+                })
+                .collect(),
+            queued: self
+                .book
+                .all_unserved()
+                .map(|j| QueuedStatus {
+                    job_id: j.info.id,
+                    pool: j.pool.clone().unwrap_or_default(),
+                    repository: j.info.repository.clone(),
+                    age_secs: age(j.received_at),
+                })
+                .collect(),
+            vms: self
+                .book
+                .vms
+                .values()
+                .map(|v| VmStatus {
+                    name: v.name.clone(),
+                    pool: v.pool.clone(),
+                    state: v.state.as_str().into(),
+                    age_secs: age(v.created_at),
+                    job_id: v.job_id,
+                    took_job: v.took_job,
+                    runner_id: v.runner_id,
+                    repository: v.repository.clone(),
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The scheduler's book: jobs and VMs, what changed since the last commit, and the
+//! queries every part of the scheduler asks (unserved jobs, a pool's VMs, available
+//! runners). Owned by the scheduler task alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::{JobRec, VmRec};
+use crate::store::Batch;
+
+#[derive(Default)]
+pub struct Book {
+    pub jobs: BTreeMap<u64, JobRec>,
+    pub vms: BTreeMap<String, VmRec>,
+    dirty_jobs: BTreeSet<u64>,
+    dirty_vms: BTreeSet<String>,
+    removed_jobs: BTreeSet<u64>,
+    removed_vms: BTreeSet<String>,
+    inbox_done: Vec<u64>,
+}
+
+impl Book {
+    pub fn new(jobs: BTreeMap<u64, JobRec>, vms: BTreeMap<String, VmRec>) -> Book {
+        Book { jobs, vms, ..Book::default() }
+    }
+
+    /// Job `id` changed: it goes into the next commit.
+    pub fn touch_job(&mut self, id: u64) {
+        self.dirty_jobs.insert(id);
+    }
+
+    pub fn touch_vm(&mut self, name: &str) {
+        self.dirty_vms.insert(name.to_string());
+    }
+
+    pub fn insert_vm(&mut self, vm: VmRec) {
+        self.dirty_vms.insert(vm.name.clone());
+        self.vms.insert(vm.name.clone(), vm);
+    }
+
+    /// The VM is gone for good: its record is deleted at the next commit.
+    pub fn remove_vm(&mut self, name: &str) -> Option<VmRec> {
+        self.dirty_vms.remove(name);
+        self.removed_vms.insert(name.to_string());
+        self.vms.remove(name)
+    }
+
+    /// Drops a VM whose record was never committed (nothing of it exists anywhere).
+    pub fn forget_vm(&mut self, name: &str) {
+        self.dirty_vms.remove(name);
+        self.vms.remove(name);
+    }
+
+    pub fn remove_job(&mut self, id: u64) {
+        self.dirty_jobs.remove(&id);
+        self.removed_jobs.insert(id);
+        self.jobs.remove(&id);
+    }
+
+    /// Inbox entry `seq` is applied: it leaves the inbox with the next commit.
+    pub fn applied(&mut self, seq: u64) {
+        self.inbox_done.push(seq);
+    }
+
+    /// Applied, but its removal from the inbox is not committed yet.
+    pub fn is_applied(&self, seq: u64) -> bool {
+        self.inbox_done.contains(&seq)
+    }
+
+    /// Everything changed since the last commit.
+    pub fn batch(&self) -> Batch {
+        Batch {
+            jobs: self.dirty_jobs.iter().filter_map(|id| self.jobs.get(id).cloned()).collect(),
+            remove_jobs: self.removed_jobs.iter().copied().collect(),
+            vms: self.dirty_vms.iter().filter_map(|n| self.vms.get(n).cloned()).collect(),
+            remove_vms: self.removed_vms.iter().cloned().collect(),
+            inbox_done: self.inbox_done.clone(),
+            meta: Vec::new(),
+        }
+    }
+
+    /// The last [`Book::batch`] is durable.
+    pub fn committed(&mut self) {
+        self.dirty_jobs.clear();
+        self.dirty_vms.clear();
+        self.removed_jobs.clear();
+        self.removed_vms.clear();
+        self.inbox_done.clear();
+    }
+
+    /// The pool's jobs that still need a runner, oldest first.
+    pub fn unserved(&self, pool: &str) -> Vec<&JobRec> {
+        let mut jobs: Vec<&JobRec> =
+            self.jobs.values().filter(|j| j.is_unserved() && j.pool.as_deref() == Some(pool)).collect();
+        jobs.sort_by_key(|j| (j.received_at, j.info.id));
+        jobs
+    }
+
+    /// Every job that still needs a runner, in any pool.
+    pub fn all_unserved(&self) -> impl Iterator<Item = &JobRec> {
+        self.jobs.values().filter(|j| j.is_unserved())
+    }
+
+    /// The pool's VMs, in every state (each holds a slot of its `max_vms`).
+    pub fn vms_of<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a VmRec> + 'a {
+        self.vms.values().filter(move |v| v.pool == pool)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{JobState, VmState};
+    use crate::scheduler::fixtures::{job, vm};
+
+    #[test]
+    fn unserved_oldest_first_and_commits_carry_changes_once() {
+        let jobs = [
+            job(3, "a", "o/r", JobState::Queued, 10),
+            job(1, "a", "o/r", JobState::Queued, 20),
+            job(2, "a", "o/r", JobState::Completed { conclusion: Some("success".into()) }, 5),
+            job(4, "b", "o/r", JobState::Queued, 1),
+        ];
+        let mut book = Book::new(jobs.into_iter().map(|j| (j.info.id, j)).collect(), BTreeMap::new());
+        assert_eq!(book.unserved("a").iter().map(|j| j.info.id).collect::<Vec<_>>(), [3, 1]);
+        assert_eq!(book.all_unserved().count(), 3);
+
+        book.touch_job(3);
+        book.remove_job(4);
+        book.applied(7);
+        let now = std::time::SystemTime::now();
+        book.insert_vm(vm("rv-a-3", "a", 3, VmState::Provisioning, now));
+        book.insert_vm(vm("rv-a-9", "a", 9, VmState::Provisioning, now));
+        book.forget_vm("rv-a-9");
+        let b = book.batch();
+        assert_eq!(b.jobs.iter().map(|j| j.info.id).collect::<Vec<_>>(), [3]);
+        assert_eq!(b.remove_jobs, [4]);
+        assert_eq!(b.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["rv-a-3"], "forgotten: never written");
+        assert_eq!(b.inbox_done, [7]);
+        assert!(book.is_applied(7));
+        book.committed();
+        assert!(book.batch().is_empty());
+        assert_eq!(book.vms_of("a").count(), 1);
+        book.remove_vm("rv-a-3");
+        assert_eq!(book.batch().remove_vms, ["rv-a-3"]);
+    }
+}

@@ -1,0 +1,135 @@
+//! What the scheduler reacts to, and the one way to spawn a task that reports back.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinError, JoinHandle};
+
+use super::provision::{ProvisionError, TeardownOutcome};
+use crate::admin::proto::Reply;
+use crate::github::{GhError, JobStatus, RunnerInfo};
+use crate::hypervisor::{HvError, HvEvent, VmInfo};
+use crate::model::JobEvent;
+
+/// Everything the scheduler reacts to.
+pub enum Event {
+    Hv(HvEvent),
+    RunnerCreated {
+        vm: String,
+        runner_id: u64,
+    },
+    Provisioned {
+        vm: String,
+        result: Result<Duration, ProvisionError>,
+    },
+    TornDown {
+        vm: String,
+        outcome: TeardownOutcome,
+    },
+    SeedRemoved {
+        vm: String,
+        result: Result<(), String>,
+    },
+    Swept {
+        vms: Result<Vec<VmInfo>, HvError>,
+        volumes: Result<Vec<String>, HvError>,
+        pool: Result<(), HvError>,
+    },
+    GitHubSynced {
+        /// When the runner list was requested: VMs made later cannot be in it.
+        started: SystemTime,
+        runners: Result<Vec<RunnerInfo>, GhError>,
+        jobs: Vec<(u64, JobStatus)>,
+        found: Vec<JobEvent>,
+    },
+    GroupResolved(Result<u64, GhError>),
+    Admin(AdminCommand, oneshot::Sender<Reply>),
+}
+
+/// What the admin socket asks of the scheduler (its wire form is [`crate::admin::proto`]).
+pub enum AdminCommand {
+    Status,
+    Drain(bool),
+    DestroyVm(String),
+}
+
+/// Spawns `work`, whose result is an event for the scheduler. If the task panics or is
+/// aborted, `failed` makes the event instead: whoever waits for the report always gets one.
+/// Returns a handle to abort the work (a deadline passed).
+pub fn spawn_reporting<F>(
+    events: &UnboundedSender<Event>,
+    work: F,
+    failed: impl FnOnce(String) -> Event + Send + 'static,
+) -> AbortHandle
+where
+    F: Future<Output = Event> + Send + 'static,
+{
+    report(events, tokio::spawn(work), failed)
+}
+
+/// [`spawn_reporting`] for blocking work (hypervisor calls) on tokio's blocking pool.
+pub fn spawn_blocking_reporting<F>(
+    events: &UnboundedSender<Event>,
+    work: F,
+    failed: impl FnOnce(String) -> Event + Send + 'static,
+) where
+    F: FnOnce() -> Event + Send + 'static,
+{
+    report(events, tokio::task::spawn_blocking(work), failed);
+}
+
+fn report(
+    events: &UnboundedSender<Event>,
+    task: JoinHandle<Event>,
+    failed: impl FnOnce(String) -> Event + Send + 'static,
+) -> AbortHandle {
+    let abort = task.abort_handle();
+    let events = events.clone();
+    tokio::spawn(async move {
+        let event = task.await.unwrap_or_else(|e| failed(task_failure(e)));
+        let _ = events.send(event);
+    });
+    abort
+}
+
+/// "panicked: MESSAGE" or "aborted".
+pub fn task_failure(e: JoinError) -> String {
+    if !e.is_panic() {
+        return "task aborted".into();
+    }
+    let payload = e.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    format!("task panicked: {message}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_or_aborted_task_still_reports() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let failed = |m: String| Event::SeedRemoved { vm: "v".into(), result: Err(m) };
+        spawn_reporting(&tx, async { panic!("boom") }, failed);
+        let Some(Event::SeedRemoved { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
+        assert_eq!(m, "task panicked: boom");
+
+        spawn_blocking_reporting(&tx, || panic!("{}", "blocking boom"), failed);
+        let Some(Event::SeedRemoved { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
+        assert_eq!(m, "task panicked: blocking boom");
+
+        let abort = spawn_reporting(&tx, std::future::pending(), failed);
+        abort.abort();
+        let Some(Event::SeedRemoved { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
+        assert_eq!(m, "task aborted");
+
+        spawn_reporting(&tx, async { Event::SeedRemoved { vm: "v".into(), result: Ok(()) } }, failed);
+        assert!(matches!(rx.recv().await, Some(Event::SeedRemoved { result: Ok(()), .. })));
+    }
+}

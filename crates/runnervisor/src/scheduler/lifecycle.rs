@@ -1,0 +1,383 @@
+//! A VM's life as the scheduler drives it: provisioning, the state machine's transitions
+//! ([`super::vm::next`] is the only writer of a VM's state), timers, teardown and its
+//! retries, token seeds, and the pools' back-off after failures of the host.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{debug, error, info, warn};
+
+use super::event::{Event, spawn_blocking_reporting, spawn_reporting};
+use super::provision::{self, Plan, ProvisionError, TeardownOutcome};
+use super::vm::{self, Input};
+use super::{Scheduler, Work};
+use crate::config::{PoolConfig, Registration};
+use crate::github::GitHub;
+use crate::hypervisor::{self, Hypervisor};
+use crate::model::{JobState, Reason, VmRec, VmState};
+
+const BACKOFF_MIN: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
+/// After a failed seed removal, the next try.
+const SEED_RETRY: Duration = Duration::from_secs(30);
+
+/// Pool-level back-off after failures of the host (provisioning errors, VMs paused on a
+/// full disk), doubling up to [`BACKOFF_MAX`] until a VM of the pool has its runner online.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    delay: Duration,
+}
+
+#[derive(Default)]
+pub struct State {
+    backoff: HashMap<String, Backoff>,
+    /// When each surplus runner became surplus (see [`super::demand::plan`]).
+    pub surplus_since: HashMap<String, Instant>,
+    /// Token mode: seeds being removed (`None`), or when to try again after a failure.
+    removing_seeds: HashMap<String, Option<Instant>>,
+}
+
+impl State {
+    pub fn backing_off(&self, pool: &str, now: Instant) -> bool {
+        self.backoff.get(pool).is_some_and(|b| b.until > now)
+    }
+}
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    /// Applies `input` to the VM's state through [`vm::next`]; false if it changes nothing.
+    pub(super) fn transition(&mut self, name: &str, input: Input) -> bool {
+        let Some(vm) = self.book.vms.get_mut(name) else {
+            return false;
+        };
+        let Some(s) = vm::next(vm.state, input) else {
+            return false;
+        };
+        debug!(vm = %name, from = vm.state.as_str(), to = s.as_str(), ?input, "vm state");
+        if matches!(input, Input::RunnerOnline | Input::TookJob) {
+            // The pool works end to end (a VM that merely started may still pause on a
+            // full disk or never boot): failures back off from scratch again.
+            self.lifecycle.backoff.remove(&vm.pool);
+        }
+        vm.state = s;
+        vm.state_since = SystemTime::now();
+        self.book.touch_vm(name);
+        true
+    }
+
+    /// Tears a VM down for `reason`: now, or once its provisioning reports (unless the
+    /// provisioning is what timed out).
+    pub(super) fn reap(&mut self, name: &str, reason: Reason) {
+        let Some(vm) = self.book.vms.get_mut(name) else {
+            return;
+        };
+        let provisioning = matches!(self.work.get(name), Some(Work::Provisioning(_)));
+        if vm.state == VmState::Provisioning && provisioning && reason != Reason::ProvisionTimeout {
+            if vm.reap.is_none() {
+                info!(vm = %name, reason = %reason.as_str(), "vm will be torn down once provisioning reports");
+                vm.reap = Some(reason);
+                self.book.touch_vm(name);
+            }
+            return;
+        }
+        if vm.state == VmState::TearingDown && matches!(self.work.get(name), Some(Work::TearingDown)) {
+            return;
+        }
+        self.begin_teardown(name, reason);
+    }
+
+    /// Moves the VM to `TearingDown` for `reason`, counts a failed attempt for its job if it
+    /// never took one, and spawns the teardown.
+    pub(super) fn begin_teardown(&mut self, name: &str, reason: Reason) {
+        let Some(vm) = self.book.vms.get(name) else { return };
+        let before = vm.clone();
+        let input = if before.state == VmState::Provisioning { Input::ProvisionFailed } else { Input::Reap };
+        if before.state != VmState::TearingDown && !self.transition(name, input) {
+            error!(vm = %name, state = before.state.as_str(), reason = %reason.as_str(), "cannot tear down a vm in this state");
+            return;
+        }
+        if let Some(Work::Provisioning(task)) = self.work.remove(name) {
+            // Its deadline passed: what it would still make, the teardown and the sweep remove.
+            task.abort();
+        }
+        // A VM that died or stalled before any runner on it took a job is a failed attempt.
+        if vm::counts_as_failure(&before, reason)
+            && let Some(job) = self.book.jobs.get_mut(&before.job_id).filter(|j| j.state == JobState::Queued)
+        {
+            job.failed_vms += 1;
+            let id = job.info.id;
+            let max = self.config.pool(&before.pool).map(|p| p.max_attempts).unwrap_or(1);
+            warn!(job_id = id, vm = %name, reason = %reason.as_str(), attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
+            if job.failed_vms >= max {
+                job.state =
+                    JobState::Abandoned { reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()) };
+                self.metrics.jobs_failed.inc(&[("pool", &before.pool)]);
+                error!(job_id = id, run_id = job.info.run_id, repository = %job.info.repository, pool = %before.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
+            }
+            self.book.touch_job(id);
+        }
+        let runner_first =
+            matches!(reason, Reason::Surplus) && matches!(before.state, VmState::Idle | VmState::Booting);
+        if let Some(vm) = self.book.vms.get_mut(name) {
+            vm.reap = Some(reason);
+        }
+        self.book.touch_vm(name);
+        self.lifecycle.surplus_since.remove(name);
+        self.metrics.teardowns.inc(&[("reason", reason.as_str())]);
+        info!(vm = %name, pool = %before.pool, job_id = before.job_id, reason = %reason.as_str(), "tearing down vm");
+        self.spawn_teardown(name, runner_first);
+    }
+
+    fn spawn_teardown(&mut self, name: &str, runner_first: bool) {
+        let Some(vm) = self.book.vms.get(name).cloned() else { return };
+        self.work.insert(name.to_string(), Work::TearingDown);
+        let ctx = self.ctx.clone();
+        let (n, failed) = (name.to_string(), name.to_string());
+        spawn_reporting(
+            &self.ctx.events,
+            async move { Event::TornDown { vm: n, outcome: provision::teardown(ctx, vm, runner_first).await } },
+            move |message| Event::TornDown {
+                vm: failed,
+                outcome: TeardownOutcome { errors: vec![message], ..TeardownOutcome::default() },
+            },
+        );
+    }
+
+    /// Teardowns whose retry is due, and teardowns a restart left unfinished.
+    pub(super) fn retry_teardowns(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .book
+            .vms
+            .values()
+            .filter(|v| v.state == VmState::TearingDown)
+            .filter(|v| match self.work.get(&v.name) {
+                None => true,
+                Some(Work::TeardownRetry(at)) => *at <= now,
+                Some(_) => false,
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        for name in due {
+            self.spawn_teardown(&name, false);
+        }
+    }
+
+    pub(super) fn on_torn_down(&mut self, name: String, outcome: TeardownOutcome) {
+        self.work.remove(&name);
+        if outcome.aborted_busy {
+            if self.transition(&name, Input::KeptBusy) {
+                info!(vm = %name, "surplus runner turned out busy; keeping it");
+                if let Some(vm) = self.book.vms.get_mut(&name) {
+                    vm.reap = None;
+                }
+            }
+            return;
+        }
+        if outcome.errors.is_empty() {
+            self.metrics.teardown_seconds.observe(&[], outcome.duration.as_secs_f64());
+            if let Some(vm) = self.book.remove_vm(&name) {
+                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
+            }
+            self.lifecycle.removing_seeds.remove(&name);
+            self.sweep.torn_down(&name);
+        } else {
+            for e in &outcome.errors {
+                self.metrics.teardown_failures.inc();
+                warn!(vm = %name, error = %e, "teardown step failed; will retry");
+            }
+            self.work.insert(name, Work::TeardownRetry(Instant::now() + TEARDOWN_RETRY));
+        }
+    }
+
+    /// Every VM whose timer ran out (registration, lifetime, finishing, provisioning) goes.
+    pub(super) fn expire_timers(&mut self) {
+        let now = SystemTime::now();
+        let timers = vm::Timers {
+            stop_grace: self.config.reconcile.stop_grace,
+            provision_timeout: self.config.reconcile.provision_timeout,
+        };
+        let expired: Vec<(String, String, Reason)> = self
+            .book
+            .vms
+            .values()
+            .filter_map(|v| {
+                let pool = self.config.pool(&v.pool)?;
+                vm::expired(v, pool, timers, now).map(|r| (v.name.clone(), v.pool.clone(), r))
+            })
+            // A provisioning a restart cut short has no task to wait for: the first sweep
+            // adopts or removes it, whatever its age.
+            .filter(|(name, _, r)| {
+                *r != Reason::ProvisionTimeout || matches!(self.work.get(name), Some(Work::Provisioning(_)))
+            })
+            .collect();
+        for (name, pool, reason) in expired {
+            if reason == Reason::ProvisionTimeout {
+                self.metrics.provision_failures.inc(&[("pool", &pool), ("step", "timeout")]);
+                error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "provisioning did not finish in time (reconcile.provision_timeout): tearing it down; the job stays queued");
+                self.bump_backoff(&pool);
+            }
+            self.reap(&name, reason);
+        }
+    }
+
+    /// Token mode: a seed holds a registration token valid for an hour for the whole scope.
+    /// Once the runner is online the token is spent: the seed is detached from the VM and
+    /// deleted, so a job that gains root in the VM cannot read it.
+    pub(super) fn remove_spent_seeds(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .book
+            .vms
+            .values()
+            .filter(|v| matches!(v.state, VmState::Idle | VmState::Busy) && !v.seed_removed && v.reap.is_none())
+            .filter(|v| self.config.pool(&v.pool).is_some_and(|p| p.registration == Registration::Token))
+            .filter(|v| match self.lifecycle.removing_seeds.get(&v.name) {
+                None => true,
+                Some(retry_at) => retry_at.is_some_and(|t| t <= now),
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        for name in due {
+            self.lifecycle.removing_seeds.insert(name.clone(), None);
+            let hv = self.ctx.hv.clone();
+            let failed = name.clone();
+            spawn_blocking_reporting(
+                &self.ctx.events,
+                move || {
+                    let result = hv.remove_seed(&name).map_err(|e| e.to_string());
+                    Event::SeedRemoved { vm: name, result }
+                },
+                move |message| Event::SeedRemoved { vm: failed, result: Err(message) },
+            );
+        }
+    }
+
+    pub(super) fn on_seed_removed(&mut self, name: String, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.lifecycle.removing_seeds.remove(&name);
+                if let Some(vm) = self.book.vms.get_mut(&name) {
+                    vm.seed_removed = true;
+                    self.book.touch_vm(&name);
+                    info!(vm = %name, "runner online: seed with the registration token detached and deleted");
+                }
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %e, "cannot remove the seed with the registration token; will retry");
+                self.lifecycle.removing_seeds.insert(name, Some(Instant::now() + SEED_RETRY));
+            }
+        }
+    }
+
+    /// Records a new VM for `job_id`, commits it, and only then spawns its provisioning:
+    /// a crash from there on is recovered by name. If the record cannot be committed,
+    /// nothing is made.
+    pub(super) fn start_provision(&mut self, job_id: u64, pool: &PoolConfig) {
+        let Some(job) = self.book.jobs.get_mut(&job_id) else {
+            return;
+        };
+        job.vms_made += 1;
+        let name = hypervisor::vm_name(&pool.name, job_id, job.vms_made);
+        let now = SystemTime::now();
+        let vm = VmRec {
+            name: name.clone(),
+            pool: pool.name.clone(),
+            job_id,
+            run_id: job.info.run_id,
+            repository: job.info.repository.clone(),
+            job_url: job.info.html_url.clone(),
+            runner_id: None,
+            state: VmState::Provisioning,
+            created_at: now,
+            state_since: now,
+            took_job: None,
+            seed_removed: false,
+            reap: None,
+        };
+        let plan = Plan {
+            vm: vm.clone(),
+            pool: pool.clone(),
+            labels: pool.labels.clone(),
+            runner_group_id: self.sync.runner_group_id.unwrap_or(1),
+            workflow: job.info.workflow_name.clone(),
+            job_name: job.info.name.clone(),
+        };
+        info!(job_id, run_id = job.info.run_id, repository = %job.info.repository, pool = %pool.name, vm = %name, "provisioning vm");
+        self.book.touch_job(job_id);
+        self.book.insert_vm(vm);
+        if let Err(e) = self.flush() {
+            self.book.forget_vm(&name);
+            self.metrics.provision_failures.inc(&[("pool", &pool.name), ("step", "store")]);
+            error!(vm = %name, pool = %pool.name, job_id, error = %e, "cannot persist the new vm's record: nothing is made until the store works; the job stays queued");
+            self.bump_backoff(&pool.name);
+            return;
+        }
+        provision::crash_point("after-persist");
+        let ctx = self.ctx.clone();
+        let (n, failed) = (name.clone(), name.clone());
+        let task = spawn_reporting(
+            &self.ctx.events,
+            async move { Event::Provisioned { vm: n, result: provision::provision(ctx, plan).await } },
+            move |message| Event::Provisioned { vm: failed, result: Err(ProvisionError::Task(message)) },
+        );
+        self.work.insert(name, Work::Provisioning(task));
+    }
+
+    pub(super) fn on_provisioned(&mut self, name: String, result: Result<Duration, ProvisionError>) {
+        if !matches!(self.work.get(&name), Some(Work::Provisioning(_))) {
+            // Its deadline passed and the VM is being torn down already.
+            debug!(vm = %name, ok = result.is_ok(), "late provisioning report ignored");
+            return;
+        }
+        self.work.remove(&name);
+        let Some(vm) = self.book.vms.get(&name).cloned() else {
+            return;
+        };
+        match result {
+            Ok(took) => {
+                self.metrics.vms_started.inc(&[("pool", &vm.pool)]);
+                self.metrics.provision_seconds.observe(&[("pool", &vm.pool)], took.as_secs_f64());
+                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, duration_ms = took.as_millis() as u64, "vm started");
+                self.transition(&name, Input::Provisioned);
+                if let Some(reason) = vm.reap {
+                    self.reap(&name, reason);
+                }
+            }
+            Err(e) => {
+                self.metrics.provision_failures.inc(&[("pool", &vm.pool), ("step", e.step())]);
+                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "provisioning failed; the job stays queued");
+                self.bump_backoff(&vm.pool);
+                self.begin_teardown(&name, Reason::ProvisionFailed);
+            }
+        }
+    }
+
+    /// QEMU paused the VM because a write to its overlay failed, as a full storage pool
+    /// makes it: tear it down without counting it against the job (which stays queued), and
+    /// back the pool off as for any failure of the host.
+    pub(super) fn on_disk_error(&mut self, name: &str) {
+        if !self.domain_stop_ends(name) {
+            return;
+        }
+        let vm = &self.book.vms[name];
+        let pool = vm.pool.clone();
+        error!(vm = %name, pool = %pool, job_id = vm.job_id, storage_pool = %self.config.libvirt.storage_pool, "domain paused on a disk I/O error: is the storage pool full? tearing it down; the job stays queued");
+        self.bump_backoff(&pool);
+        self.reap(name, Reason::DiskError);
+    }
+
+    /// Whether its domain stopping (or pausing for good) ends this VM: not while it is
+    /// still being provisioned or already torn down.
+    pub(super) fn domain_stop_ends(&self, name: &str) -> bool {
+        self.book.vms.get(name).is_some_and(|v| vm::next(v.state, Input::DomainStopped) == Some(VmState::TearingDown))
+    }
+
+    pub(super) fn bump_backoff(&mut self, pool: &str) {
+        let backoff = &mut self.lifecycle.backoff;
+        let delay = backoff.get(pool).map(|b| (b.delay * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
+        warn!(pool, retry_in_ms = delay.as_millis() as u64, "provisioning backs off");
+        backoff.insert(pool.to_string(), Backoff { until: Instant::now() + delay, delay });
+    }
+}

@@ -1,0 +1,287 @@
+//! The hypervisor against the book: libvirt's events, and the periodic sweep that lists
+//! domains and volumes to adopt, re-adopt or remove what the events missed. Also the
+//! housekeeping that rides on the sweep (pruning old jobs, image checks).
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::event::{Event, spawn_blocking_reporting};
+use super::vm::Input;
+use super::{JOB_RETENTION, Scheduler};
+use crate::github::GitHub;
+use crate::hypervisor::{self, DomainState, HvError, HvEvent, Hypervisor, VmInfo};
+use crate::model::{Reason, VmRec, VmState};
+
+pub struct State {
+    /// A sweep's result is awaited.
+    running: bool,
+    /// When the sweep whose result is awaited started listing.
+    started: Instant,
+    /// VMs torn down recently, and when: a sweep that listed before that is stale for them.
+    torn_down_at: HashMap<String, Instant>,
+    last_prune: Instant,
+    last_image_check: Option<Instant>,
+}
+
+impl State {
+    pub fn new() -> State {
+        State {
+            running: false,
+            started: Instant::now(),
+            torn_down_at: HashMap::new(),
+            last_prune: Instant::now(),
+            last_image_check: None,
+        }
+    }
+
+    /// `name` is gone from the hypervisor now, whatever a sweep listed earlier says.
+    pub fn torn_down(&mut self, name: &str) {
+        self.torn_down_at.insert(name.to_string(), Instant::now());
+    }
+}
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    pub(super) fn on_hv(&mut self, ev: HvEvent) {
+        match ev {
+            HvEvent::Stopped(name) => {
+                // Webhooks already accepted may say its runner took (and finished) a job:
+                // apply them first, or the VM would look like it died before taking one.
+                self.drain_inbox();
+                if self.domain_stop_ends(&name) {
+                    info!(vm = %name, "domain stopped");
+                    self.reap(&name, Reason::Stopped);
+                }
+            }
+            HvEvent::IoPaused(name) => self.on_disk_error(&name),
+            HvEvent::Started(_) => {}
+            HvEvent::Disconnected => {
+                warn!("libvirt connection lost: no provisioning until it is back");
+                self.hv.ready = false;
+                self.hv.problem = Some("the connection to libvirt is lost".into());
+            }
+            HvEvent::Reconnected => {
+                if self.hv.connected_once {
+                    self.metrics.libvirt_reconnects.inc();
+                    info!("libvirt connection back: full sweep");
+                } else {
+                    self.report_capacity();
+                }
+                self.hv.connected_once = true;
+                self.start_sweep();
+            }
+        }
+    }
+
+    pub(super) fn start_sweep(&mut self) {
+        if self.sweep.running {
+            return;
+        }
+        self.sweep.running = true;
+        self.sweep.started = Instant::now();
+        let hv = self.ctx.hv.clone();
+        spawn_blocking_reporting(
+            &self.ctx.events,
+            move || Event::Swept { vms: hv.list_vms(), volumes: hv.list_volumes(), pool: hv.check_pool() },
+            |message| {
+                let failed = || HvError::Libvirt { op: "sweep", name: String::new(), message: message.clone() };
+                Event::Swept { vms: Err(failed()), volumes: Err(failed()), pool: Err(failed()) }
+            },
+        );
+    }
+
+    /// Compares the hypervisor with the records: stopped or vanished domains are torn down,
+    /// running unknown domains of ours are adopted, the rest (and stray volumes) removed.
+    pub(super) fn on_swept(
+        &mut self,
+        vms: Result<Vec<VmInfo>, HvError>,
+        volumes: Result<Vec<String>, HvError>,
+        pool: Result<(), HvError>,
+    ) {
+        self.sweep.running = false;
+        // What was torn down after this sweep listed is gone, whatever the listing says.
+        let listed_at = self.sweep.started;
+        self.sweep.torn_down_at.retain(|_, t| t.elapsed() < Duration::from_secs(600));
+        let stale: BTreeSet<String> =
+            self.sweep.torn_down_at.iter().filter(|(_, t)| **t >= listed_at).map(|(n, _)| n.clone()).collect();
+        let found = match vms {
+            Ok(v) => v,
+            Err(e) => {
+                if self.hv.ready {
+                    warn!(error = %e, "hypervisor sweep failed");
+                }
+                // One failed listing of a connected libvirt does not stop provisioning.
+                if matches!(e, HvError::Unavailable { .. }) || !self.hv.ready {
+                    self.hv.ready = false;
+                    self.hv.problem = Some(e.to_string());
+                }
+                return;
+            }
+        };
+        if let Err(e) = pool {
+            warn!(error = %e, "job storage pool unavailable: no provisioning");
+            self.hv.ready = false;
+            self.hv.problem = Some(e.to_string());
+            return;
+        }
+        self.hv.ready = true;
+        self.hv.problem = None;
+        let by_name: HashMap<&str, &VmInfo> = found.iter().map(|v| (v.name.as_str(), v)).collect();
+        let names: Vec<String> = self.book.vms.keys().cloned().collect();
+        for name in names {
+            let state = self.book.vms[&name].state;
+            let domain = by_name.get(name.as_str()).map(|d| d.state.clone());
+            match state {
+                // Provisioning that a restart cut short (no task runs for it).
+                VmState::Provisioning if !self.work.contains_key(&name) => {
+                    if domain == Some(DomainState::Running) {
+                        info!(vm = %name, "re-adopting a vm whose provisioning finished before the restart");
+                        self.transition(&name, Input::Provisioned);
+                    } else {
+                        self.begin_teardown(&name, Reason::Interrupted);
+                    }
+                }
+                VmState::Provisioning | VmState::TearingDown => {}
+                _ if domain == Some(DomainState::Running) => {}
+                _ if domain == Some(DomainState::IoPaused) => self.on_disk_error(&name),
+                _ => {
+                    info!(vm = %name, domain = ?domain, "domain not running");
+                    self.reap(&name, Reason::Stopped);
+                }
+            }
+        }
+        for info in &found {
+            // Only names of our pools: other `rv-` domains on this host are not ours to touch.
+            if self.book.vms.contains_key(&info.name) || !self.is_ours(&info.name) || stale.contains(&info.name) {
+                continue;
+            }
+            self.adopt(info);
+        }
+        match volumes {
+            Ok(vols) => self.delete_stray_volumes(vols, &stale),
+            Err(e) => warn!(error = %e, "cannot list volumes"),
+        }
+        self.prune();
+        self.check_images();
+    }
+
+    /// A domain of ours without a record: a running one described by its metadata is
+    /// adopted as booting; anything else is removed.
+    fn adopt(&mut self, info: &VmInfo) {
+        let now = SystemTime::now();
+        let adoptable = info.state == DomainState::Running
+            && info.metadata.as_ref().is_some_and(|m| self.config.pool(&m.pool).is_some());
+        let meta = info.metadata.as_ref();
+        self.book.insert_vm(VmRec {
+            name: info.name.clone(),
+            pool: meta.map(|m| m.pool.clone()).unwrap_or_default(),
+            job_id: meta.map(|m| m.job_id).unwrap_or(0),
+            run_id: meta.map(|m| m.run_id).unwrap_or(0),
+            repository: meta.map(|m| m.repository.clone()).unwrap_or_default(),
+            job_url: meta.map(|m| m.job_url.clone()).unwrap_or_default(),
+            runner_id: None,
+            state: VmState::Booting,
+            created_at: meta.map(|m| m.created).unwrap_or(now),
+            state_since: now,
+            took_job: None,
+            seed_removed: false,
+            reap: None,
+        });
+        if adoptable {
+            info!(vm = %info.name, "adopted a running vm found without a record");
+        } else {
+            info!(vm = %info.name, running = info.state == DomainState::Running, "removing a domain of ours that has no record");
+            self.reap(&info.name, Reason::Orphan);
+        }
+    }
+
+    fn delete_stray_volumes(&mut self, volumes: Vec<String>, stale: &BTreeSet<String>) {
+        for vol in volumes {
+            let Some(owner) = hypervisor::vm_of_volume(&vol) else {
+                continue;
+            };
+            if self.book.vms.contains_key(owner) || !self.is_ours(owner) || stale.contains(owner) {
+                continue;
+            }
+            info!(volume = %vol, "deleting a volume of ours that belongs to no vm");
+            let hv = self.ctx.hv.clone();
+            // Fire and forget: the next sweep finds it again if this fails.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = hv.delete_volume(&vol) {
+                    warn!(volume = %vol, error = %e, "cannot delete stray volume");
+                }
+            });
+        }
+    }
+
+    /// A domain, volume owner or runner name of one of our pools.
+    pub(super) fn is_ours(&self, name: &str) -> bool {
+        self.config.pools.iter().any(|p| hypervisor::is_vm_of_pool(name, &p.name))
+    }
+
+    /// Warns when a pool's image declares a runner too old for GitHub (at start, then hourly).
+    fn check_images(&mut self) {
+        if self.sweep.last_image_check.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
+            return;
+        }
+        self.sweep.last_image_check = Some(Instant::now());
+        for pool in &self.config.pools {
+            let problem = crate::images::read_manifest(&pool.image)
+                .and_then(|m| crate::images::runner_age_problem(&m, pool.runner_max_age, SystemTime::now()));
+            self.metrics.image_runner_outdated.set(&[("pool", &pool.name)], if problem.is_some() { 1.0 } else { 0.0 });
+            if let Some(p) = problem {
+                warn!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image with a current runner");
+            }
+        }
+    }
+
+    /// Forgets finished jobs and old delivery ids after the redelivery window.
+    fn prune(&mut self) {
+        if self.sweep.last_prune.elapsed() < Duration::from_secs(3600) {
+            return;
+        }
+        self.sweep.last_prune = Instant::now();
+        let now = SystemTime::now();
+        let old: Vec<u64> = self
+            .book
+            .jobs
+            .values()
+            .filter(|j| !j.is_unserved() && now.duration_since(j.updated_at).unwrap_or_default() > JOB_RETENTION)
+            .map(|j| j.info.id)
+            .collect();
+        for id in old {
+            self.book.remove_job(id);
+        }
+        if let Err(e) = self.store.prune_deliveries(JOB_RETENTION, now) {
+            warn!(error = %e, "cannot prune delivery ids");
+        }
+    }
+
+    /// Once libvirt answers: the pools' worst case against the host, in the log.
+    fn report_capacity(&self) {
+        let need = crate::capacity::worst_case(&self.config.pools, self.config.capacity.max_vms);
+        let hv = self.ctx.hv.clone();
+        // Only logs: nothing waits for it.
+        tokio::task::spawn_blocking(move || match hv.host_resources() {
+            Ok(host) => {
+                let problems = crate::capacity::findings(&need, &host);
+                for p in &problems {
+                    warn!("capacity: {p}");
+                }
+                info!(
+                    vms = need.vms,
+                    vcpus = need.vcpus,
+                    memory_mib = need.memory_mib,
+                    disk_gib = need.disk_gib,
+                    host_cpus = host.cpus,
+                    host_memory_mib = host.memory_mib,
+                    pool_gib = host.pool_gib,
+                    fits = problems.is_empty(),
+                    "capacity: the pools' worst case against this host"
+                );
+            }
+            Err(e) => warn!(error = %e, "capacity: cannot read the host's resources"),
+        });
+    }
+}

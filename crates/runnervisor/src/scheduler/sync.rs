@@ -1,0 +1,283 @@
+//! GitHub against the book: the periodic sync (runner list, stale jobs refreshed, queued
+//! jobs polled in repository scope, failed deliveries redelivered) and the runner group.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
+
+use tracing::{debug, error, info, warn};
+
+use super::Scheduler;
+use super::event::{Event, spawn_reporting};
+use super::provision::Ctx;
+use super::vm::Input;
+use crate::config::Registration;
+use crate::github::{GhError, GitHub, JobStatus, RunnerInfo};
+use crate::hypervisor::Hypervisor;
+use crate::metrics::Metrics;
+use crate::model::{JobAction, JobEvent, JobState, Reason, VmState};
+use crate::store::SchedulerStore;
+
+/// The conclusion recorded for a job GitHub answers 404 for.
+const NOT_FOUND: &str = "not_found";
+
+#[derive(Default)]
+pub struct State {
+    /// A sync's result is awaited.
+    running: bool,
+    pub runner_group_id: Option<u64>,
+    group_pending: bool,
+}
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    pub(super) fn start_github_sync(&mut self) {
+        if self.sync.running || self.stopping {
+            return;
+        }
+        self.sync.running = true;
+        let ctx = self.ctx.clone();
+        let now = SystemTime::now();
+        let stale_after = self.config.reconcile.github_interval * 2;
+        let stale: Vec<(String, u64)> = self
+            .book
+            .jobs
+            .values()
+            .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
+            .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
+            .take(20)
+            .map(|j| (j.info.repository.clone(), j.info.id))
+            .collect();
+        let repo_scope = match self.config.github.scope() {
+            crate::config::Scope::Repository { owner, name } => Some(format!("{owner}/{name}")),
+            _ => None,
+        };
+        let redeliver = self.config.github.hook.is_some();
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        let work = async move {
+            let started = SystemTime::now();
+            let runners = ctx.github.list_runners().await;
+            let mut jobs = Vec::new();
+            for (repo, id) in stale {
+                match ctx.github.job_status(&repo, id).await {
+                    Ok(Some(s)) => jobs.push((id, s)),
+                    // GitHub does not know it (deleted run, or never real): it ends here.
+                    Ok(None) => jobs.push((
+                        id,
+                        JobStatus { status: "completed".into(), conclusion: Some(NOT_FOUND.into()), runner_name: None },
+                    )),
+                    Err(e) => {
+                        debug!(job_id = id, error = %e, "cannot refresh job status");
+                        break;
+                    }
+                }
+            }
+            if redeliver {
+                redeliver_failed(&ctx, &*store, &metrics).await;
+            }
+            let mut found = Vec::new();
+            if let Some(repo) = repo_scope {
+                match ctx.github.queued_jobs(&repo).await {
+                    Ok(list) => {
+                        for job in list {
+                            let delivery = format!("poll-{}", job.id);
+                            found.push(JobEvent {
+                                delivery,
+                                action: JobAction::Queued,
+                                job,
+                                received_at: SystemTime::now(),
+                            });
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "cannot poll queued jobs"),
+                }
+            }
+            Event::GitHubSynced { started, runners, jobs, found }
+        };
+        spawn_reporting(&self.ctx.events, work, move |message| Event::GitHubSynced {
+            started: SystemTime::now(),
+            runners: Err(GhError::Transport { method: "-".into(), path: "GitHub sync".into(), message }),
+            jobs: Vec::new(),
+            found: Vec::new(),
+        });
+    }
+
+    pub(super) fn on_github_synced(
+        &mut self,
+        started: SystemTime,
+        runners: Result<Vec<RunnerInfo>, GhError>,
+        jobs: Vec<(u64, JobStatus)>,
+        found: Vec<JobEvent>,
+    ) {
+        self.sync.running = false;
+        for (id, status) in jobs {
+            let Some(job) = self.book.jobs.get(&id) else {
+                continue;
+            };
+            let mut info = job.info.clone();
+            info.runner_name = status.runner_name.clone();
+            info.conclusion = status.conclusion.clone();
+            let action = match status.status.as_str() {
+                "completed" => JobAction::Completed,
+                "in_progress" => JobAction::InProgress,
+                _ => {
+                    if let Some(j) = self.book.jobs.get_mut(&id) {
+                        j.updated_at = SystemTime::now();
+                        self.book.touch_job(id);
+                    }
+                    continue;
+                }
+            };
+            if status.conclusion.as_deref() == Some(NOT_FOUND) {
+                warn!(job_id = id, repository = %info.repository, "GitHub answers 404 for this job: dropped");
+            } else {
+                info!(job_id = id, status = %status.status, "job status refreshed from GitHub (a webhook was missed)");
+            }
+            self.apply(JobEvent {
+                delivery: format!("refresh-{id}"),
+                action,
+                job: info,
+                received_at: SystemTime::now(),
+            });
+        }
+        for ev in found {
+            if !self.book.jobs.contains_key(&ev.job.id) {
+                info!(job_id = ev.job.id, repository = %ev.job.repository, "queued job found by polling (its webhook was missed)");
+                self.apply(ev);
+            }
+        }
+        let runners = match runners {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot list runners at GitHub");
+                return;
+            }
+        };
+        let by_name: HashMap<&str, &RunnerInfo> = runners.iter().map(|r| (r.name.as_str(), r)).collect();
+        let names: Vec<String> = self.book.vms.keys().cloned().collect();
+        for name in names {
+            let vm = self.book.vms[&name].clone();
+            if vm.state_since >= started {
+                // Its state changed after the list was requested (e.g. its JIT runner was
+                // created meanwhile): the list cannot tell about it.
+                continue;
+            }
+            match by_name.get(name.as_str()) {
+                Some(r) => {
+                    if vm.runner_id.is_none() {
+                        self.book.vms.get_mut(&name).expect("exists").runner_id = Some(r.id);
+                        self.book.touch_vm(&name);
+                    }
+                    if r.busy {
+                        self.transition(&name, Input::TookJob);
+                    } else if r.online {
+                        self.transition(&name, Input::RunnerOnline);
+                    }
+                }
+                None => match vm.state {
+                    // Registered runners vanish when their ephemeral job is done: the guest
+                    // is powering off. An idle one vanishing means it was removed under us.
+                    VmState::Idle => {
+                        info!(vm = %name, "runner registration vanished while idle");
+                        self.reap(&name, Reason::RunnerGone);
+                    }
+                    VmState::Booting
+                        if vm.runner_id.is_some()
+                            && self.config.pool(&vm.pool).is_some_and(|p| p.registration == Registration::Jit) =>
+                    {
+                        info!(vm = %name, "JIT runner registration vanished before it came online");
+                        self.reap(&name, Reason::RunnerGone);
+                    }
+                    VmState::Busy => {
+                        self.transition(&name, Input::JobCompleted);
+                    }
+                    _ => {}
+                },
+            }
+        }
+        // Runners named like our VMs that have no VM: leftovers of crashes. Remove them.
+        for r in &runners {
+            if self.is_ours(&r.name) && !self.book.vms.contains_key(&r.name) && !r.busy {
+                info!(runner_name = %r.name, runner_id = r.id, "deleting a runner registration that has no vm");
+                let ctx = self.ctx.clone();
+                let (id, name) = (r.id, r.name.clone());
+                // Fire and forget: the next sync finds it again if this fails.
+                tokio::spawn(async move {
+                    if let Err(e) = ctx.github.delete_runner(id).await {
+                        warn!(runner_name = %name, error = %e, "cannot delete orphan runner");
+                    }
+                });
+            }
+        }
+    }
+
+    pub(super) fn resolve_group(&mut self) {
+        if self.sync.group_pending {
+            return;
+        }
+        self.sync.group_pending = true;
+        let ctx = self.ctx.clone();
+        let name = self.config.github.runner_group.clone();
+        spawn_reporting(
+            &self.ctx.events,
+            async move { Event::GroupResolved(ctx.github.runner_group_id(&name).await) },
+            |message| {
+                Event::GroupResolved(Err(GhError::Transport {
+                    method: "-".into(),
+                    path: "runner group".into(),
+                    message,
+                }))
+            },
+        );
+    }
+
+    pub(super) fn on_group_resolved(&mut self, r: Result<u64, GhError>) {
+        self.sync.group_pending = false;
+        match r {
+            Ok(id) => {
+                info!(runner_group = %self.config.github.runner_group, runner_group_id = id, "runner group resolved");
+                self.sync.runner_group_id = Some(id);
+            }
+            Err(e) => {
+                error!(runner_group = %self.config.github.runner_group, error = %e, "cannot resolve the runner group");
+                let pools: Vec<String> = self.config.pools.iter().map(|p| p.name.clone()).collect();
+                for p in pools {
+                    self.bump_backoff(&p);
+                }
+            }
+        }
+    }
+}
+
+/// Asks GitHub to redeliver failed `workflow_job` deliveries we never received.
+async fn redeliver_failed<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, store: &dyn SchedulerStore, metrics: &Metrics) {
+    let deliveries = match ctx.github.list_deliveries(300).await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "cannot list webhook deliveries");
+            return;
+        }
+    };
+    let window = SystemTime::now() - Duration::from_secs(3 * 86400 - 3600);
+    let ok_guids: BTreeSet<&str> =
+        deliveries.iter().filter(|d| (200..300).contains(&d.status_code)).map(|d| d.guid.as_str()).collect();
+    let mut asked = BTreeSet::new();
+    for d in &deliveries {
+        if d.event != "workflow_job" || (200..300).contains(&d.status_code) || d.delivered_at < window {
+            continue;
+        }
+        // Another attempt of the same delivery succeeded, or we already have it.
+        if ok_guids.contains(d.guid.as_str())
+            || !asked.insert(d.guid.clone())
+            || store.delivery_seen(&d.guid).unwrap_or(false)
+        {
+            continue;
+        }
+        match ctx.github.redeliver(d.id).await {
+            Ok(()) => {
+                metrics.deliveries_redelivered.inc();
+                info!(delivery = %d.guid, delivery_id = d.id, action = ?d.action, status_code = d.status_code, "asked GitHub to redeliver a failed delivery");
+            }
+            Err(e) => warn!(delivery = %d.guid, error = %e, "redelivery request failed"),
+        }
+    }
+}
