@@ -225,7 +225,7 @@ pub struct World {
     /// Every runner name that ever registered, with how many jobs it ran (for tests).
     pub runner_history: BTreeMap<String, RunnerHistory>,
     /// Reports posted to `/_sim/reports` by jobs' scripts.
-    pub reports: Vec<serde_json::Value>,
+    pub reports: Vec<Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

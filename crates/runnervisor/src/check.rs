@@ -110,7 +110,7 @@ pub async fn run(path: &Path) -> Vec<Line> {
         {
             Ok(signer) => {
                 lines.push(ok("GitHub App key", format!("app {app_id}: RSA private key loaded")));
-                Some(Auth::App { signer, installation_id: *installation_id })
+                Some(Auth::App { signer: Box::new(signer), installation_id: *installation_id })
             }
             Err(e) => {
                 lines.push(bad("GitHub App key", e, "download the App's private key (PEM) into that file, mode 0600"));

@@ -154,7 +154,9 @@ async fn serve(path: PathBuf) -> ExitCode {
             AuthConfig::App { app_id, installation_id, private_key } => {
                 let pem = private_key.load(creds.as_deref()).map_err(|e| format!("github.auth.private_key: {e}"))?;
                 Auth::App {
-                    signer: AppSigner::new(*app_id, &pem).map_err(|e| format!("github.auth.private_key: {e}"))?,
+                    signer: Box::new(
+                        AppSigner::new(*app_id, &pem).map_err(|e| format!("github.auth.private_key: {e}"))?,
+                    ),
                     installation_id: *installation_id,
                 }
             }
@@ -265,7 +267,7 @@ async fn admin_cmd(socket: &SocketArgs, req: Request, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(AdminReply::Status(s)) => {
-            print!("{}", runnervisor::admin::render_status(&s));
+            print!("{}", admin::render_status(&s));
             ExitCode::SUCCESS
         }
         Ok(AdminReply::Ok(m)) => {

@@ -4,9 +4,13 @@
 use std::os::unix::net::UnixDatagram;
 
 fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        notify_to(&path, state);
+    }
+}
+
+/// Sends `state` to the notify socket at `path` (`@name`: an abstract socket).
+fn notify_to(path: &std::ffi::OsStr, state: &str) {
     let Ok(sock) = UnixDatagram::unbound() else {
         return;
     };
@@ -16,7 +20,7 @@ fn notify(state: &str) {
         std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
             .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
     } else {
-        sock.send_to(state.as_bytes(), &path)
+        sock.send_to(state.as_bytes(), path)
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "sd_notify failed");
@@ -59,12 +63,17 @@ mod tests {
         let dir = crate::test_support::tempdir();
         let path = dir.join("notify.sock");
         let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        // SAFETY: tests touching NOTIFY_SOCKET run in this one test only.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        super::ready();
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        // The path is passed in: no test changes the process's environment.
+        super::notify_to(path.as_os_str(), "READY=1\nSTATUS=taking jobs");
         let mut buf = [0u8; 128];
         let n = server.recv(&mut buf).unwrap();
         assert!(std::str::from_utf8(&buf[..n]).unwrap().starts_with("READY=1"));
+        // An abstract socket, as systemd may hand out.
+        let name = format!("runnervisor-test-{}", std::process::id());
+        let addr = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&name).unwrap();
+        let server = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+        super::notify_to(std::ffi::OsStr::new(&format!("@{name}")), "WATCHDOG=1");
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
     }
 }

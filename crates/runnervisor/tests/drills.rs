@@ -171,7 +171,9 @@ async fn drill_kill_agent() {
     // on that work or on the job queued meanwhile (whose webhook may find no listener:
     // the reconciler gets it redelivered).
     // Without the feature the agent would never crash and this loop would time out.
-    assert!(cfg!(feature = "fault-injection"), "run the drills with --features fault-injection (scripts/drill does)");
+    if !cfg!(feature = "fault-injection") {
+        panic!("run the drills with --features fault-injection (scripts/drill does)");
+    }
     for step in ["after-persist", "after-credential", "after-overlay", "after-seed", "after-define", "after-start"] {
         d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", step)]);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -24,7 +24,8 @@ pub const API_VERSION: &str = "2022-11-28";
 
 pub enum Auth {
     Pat(Secret),
-    App { signer: AppSigner, installation_id: u64 },
+    // Boxed: an RSA key is large next to a token.
+    App { signer: Box<AppSigner>, installation_id: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -93,13 +93,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let (pool, received) = (job.pool.clone(), job.received_at);
         let ours = ev.job.runner_name.clone().filter(|r| self.book.vms.contains_key(r));
         match (ev.action, changed.is_some()) {
-            (JobAction::Queued, true) => match &pool {
-                Some(pool) => {
+            (JobAction::Queued, true) => {
+                if let Some(pool) = &pool {
                     self.metrics.jobs_received.inc(&[("pool", pool)]);
                     info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %pool, workflow = %ev.job.workflow_name, "job queued");
                 }
-                None => {}
-            },
+            }
             (JobAction::InProgress, changed) => match &ours {
                 Some(vm) => {
                     self.book.vms.get_mut(vm).expect("ours").took_job = Some(id);

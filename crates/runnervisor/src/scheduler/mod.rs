@@ -116,7 +116,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             book: Book::new(snap.jobs, snap.vms),
             work: HashMap::new(),
             lifecycle: lifecycle::State::default(),
-            sweep: sweep::State::new(),
+            sweep: sweep::State::default(),
             sync: sync::State::default(),
             hv: HvHealth::default(),
             draining,

@@ -25,8 +25,8 @@ pub struct State {
     last_image_check: Option<Instant>,
 }
 
-impl State {
-    pub fn new() -> State {
+impl Default for State {
+    fn default() -> State {
         State {
             running: false,
             started: Instant::now(),
@@ -36,6 +36,9 @@ impl State {
         }
     }
 
+}
+
+impl State {
     /// `name` is gone from the hypervisor now, whatever a sweep listed earlier says.
     pub fn torn_down(&mut self, name: &str) {
         self.torn_down_at.insert(name.to_string(), Instant::now());

@@ -70,7 +70,7 @@ fn start(
     cfg: Arc<Config>,
     gh: Arc<FakeGitHub>,
     hv: Arc<FakeHypervisor>,
-    hv_rx: Option<mpsc::UnboundedReceiver<HvEvent>>,
+    hv_rx: Option<UnboundedReceiver<HvEvent>>,
     store: Arc<Store>,
 ) -> H {
     start_on(cfg, gh, hv, hv_rx, store.clone(), store)
@@ -81,7 +81,7 @@ fn start_on(
     cfg: Arc<Config>,
     gh: Arc<FakeGitHub>,
     hv: Arc<FakeHypervisor>,
-    hv_rx: Option<mpsc::UnboundedReceiver<HvEvent>>,
+    hv_rx: Option<UnboundedReceiver<HvEvent>>,
     store: Arc<Store>,
     scheduler_store: Arc<dyn SchedulerStore>,
 ) -> H {
@@ -192,8 +192,8 @@ impl H {
         self.wait_for(what, Duration::from_secs(10), f).await
     }
     async fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
             let s = self.status().await;
             if f(&s, &self.hv) {
                 return s;
@@ -441,7 +441,7 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
     };
     store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
     hv.lock().volumes.insert("rv-small-92.qcow2".into());
-    crate::github::GitHub::generate_jit_config(&*gh, "rv-small-92", &[], 1).await.unwrap();
+    GitHub::generate_jit_config(&*gh, "rv-small-92", &[], 1).await.unwrap();
     // An orphan domain of ours with no record at all, not running.
     hv.define("rv-small-99", "<domain/>").unwrap();
 
@@ -549,13 +549,13 @@ async fn a_job_github_answers_404_for_is_dropped() {
     assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
     h.deliver(JobAction::Queued, info(301, LABELS, None));
     h.wait("job queued", |s, _| s.queued.len() == 1).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let s = h.status().await;
         if s.queued.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the unknown job was kept: {s:#?}");
+        assert!(Instant::now() < deadline, "the unknown job was kept: {s:#?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(h.gh.lock().calls.iter().any(|c| c.starts_with("job")), "{:?}", h.gh.lock().calls);

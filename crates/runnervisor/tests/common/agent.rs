@@ -239,7 +239,7 @@ registration = "{registration}"
     }
 
     /// Asserts nothing of this pool is left on the hypervisor.
-    pub fn assert_clean(&self, hv: &runnervisor::hypervisor::libvirt::Libvirt) {
+    pub fn assert_clean(&self, hv: &Libvirt) {
         let prefix = format!("rv-{}-", self.spec_pool);
         let (doms, vols) = leftovers(hv, &prefix);
         assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());

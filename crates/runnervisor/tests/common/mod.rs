@@ -232,7 +232,7 @@ pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut()
 }
 
 /// The console log of a VM, for failure messages.
-pub fn console(path: &std::path::Path) -> String {
+pub fn console(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
