@@ -70,7 +70,8 @@ mod tests {
         assert!(std::str::from_utf8(&buf[..n]).unwrap().starts_with("READY=1"));
         // An abstract socket, as systemd may hand out.
         let name = format!("runnervisor-test-{}", std::process::id());
-        let addr = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&name).unwrap();
+        let addr =
+            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&name).unwrap();
         let server = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
         super::notify_to(std::ffi::OsStr::new(&format!("@{name}")), "WATCHDOG=1");
         let n = server.recv(&mut buf).unwrap();

@@ -35,7 +35,6 @@ impl Default for State {
             last_image_check: None,
         }
     }
-
 }
 
 impl State {
