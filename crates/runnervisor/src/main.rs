@@ -11,7 +11,7 @@ use runnervisor::config::{AuthConfig, Config};
 use runnervisor::github::app::AppSigner;
 use runnervisor::github::http::{Auth, HttpGitHub};
 use runnervisor::hypervisor::libvirt::Libvirt;
-use runnervisor::metrics::{GitHubObserver, Metrics};
+use runnervisor::metrics::Metrics;
 use runnervisor::secret::credentials_dir;
 use tokio_util::sync::CancellationToken;
 
@@ -178,7 +178,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         auth,
         config.github.api_timeout,
     ) {
-        Ok(g) => Arc::new(g.with_observer(Box::new(GitHubObserver(metrics.clone())))),
+        Ok(g) => Arc::new(g.with_metrics(metrics.clone())),
         Err(e) => {
             tracing::error!(error = %e, "cannot build the GitHub client");
             return ExitCode::from(exit::STARTUP);

@@ -265,18 +265,6 @@ impl Metrics {
     }
 }
 
-/// Feeds GitHub client observations into the metrics.
-pub struct GitHubObserver(pub std::sync::Arc<Metrics>);
-
-impl crate::github::http::ApiObserver for GitHubObserver {
-    fn call(&self, endpoint: &str, status: u16) {
-        self.0.github_api_calls.inc(&[("endpoint", endpoint), ("status", &status.to_string())]);
-    }
-    fn rate_limit_remaining(&self, remaining: i64) {
-        self.0.github_rate_limit_remaining.set(&[], remaining as f64);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 //! `x-ratelimit-remaining` is 0. A wait longer than `max_wait` is not slept through: the
 //! call fails with [`GhError::RateLimited`] and the caller tries again later (jobs stay queued).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +18,7 @@ use super::app::AppSigner;
 use super::responses;
 use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, RunnerInfo};
 use crate::config::{HookConfig, Scope};
+use crate::metrics::Metrics;
 use crate::model::JobInfo;
 use crate::secret::Secret;
 
@@ -48,18 +50,6 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Per-call observations for metrics.
-pub trait ApiObserver: Send + Sync + 'static {
-    fn call(&self, endpoint: &str, status: u16);
-    fn rate_limit_remaining(&self, remaining: i64);
-}
-
-pub struct NoObserver;
-impl ApiObserver for NoObserver {
-    fn call(&self, _: &str, _: u16) {}
-    fn rate_limit_remaining(&self, _: i64) {}
-}
-
 pub struct HttpGitHub {
     client: reqwest::Client,
     api: String,
@@ -69,7 +59,8 @@ pub struct HttpGitHub {
     token: Mutex<Option<(Secret, SystemTime)>>,
     retry: RetryPolicy,
     pub rate_remaining: AtomicI64,
-    observer: Box<dyn ApiObserver>,
+    /// Calls by endpoint and status, and the rate limit left, when metrics are served.
+    metrics: Option<Arc<Metrics>>,
 }
 
 enum Cred {
@@ -135,7 +126,7 @@ impl HttpGitHub {
             token: Mutex::new(None),
             retry: RetryPolicy::default(),
             rate_remaining: AtomicI64::new(-1),
-            observer: Box::new(NoObserver),
+            metrics: None,
         })
     }
 
@@ -144,8 +135,14 @@ impl HttpGitHub {
         self
     }
 
-    pub fn with_observer(mut self, observer: Box<dyn ApiObserver>) -> Self {
-        self.observer = observer;
+    fn observe(&self, endpoint: &str, status: u16) {
+        if let Some(m) = &self.metrics {
+            m.github_api_calls.inc(&[("endpoint", endpoint), ("status", &status.to_string())]);
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -198,17 +195,19 @@ impl HttpGitHub {
         }
         let endpoint = endpoint_name(&method, url.strip_prefix(&self.api).unwrap_or(path));
         let resp = req.send().await.map_err(|e| {
-            self.observer.call(&endpoint, 0);
+            self.observe(&endpoint, 0);
             GhError::Transport { method: method.to_string(), path: path.to_string(), message: without_url(&e) }
         })?;
         let status = resp.status();
-        self.observer.call(&endpoint, status.as_u16());
+        self.observe(&endpoint, status.as_u16());
         let headers = resp.headers().clone();
         if let Some(r) =
             headers.get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok())
         {
             self.rate_remaining.store(r, Ordering::Relaxed);
-            self.observer.rate_limit_remaining(r);
+            if let Some(m) = &self.metrics {
+                m.github_rate_limit_remaining.set(&[], r as f64);
+            }
         }
         let text = resp.text().await.unwrap_or_default();
         let value =
@@ -520,7 +519,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counted = calls.clone();
         tokio::spawn(async move {
             loop {
