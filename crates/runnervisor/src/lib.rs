@@ -204,18 +204,17 @@ pub async fn run<G: GitHub, H: Hypervisor>(
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    /// A temporary directory, removed when dropped; derefs to its path.
+    pub struct TempDir(tempfile::TempDir);
 
-    pub fn tempdir() -> PathBuf {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "runnervisor-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    impl std::ops::Deref for TempDir {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            self.0.path()
+        }
+    }
+
+    pub fn tempdir() -> TempDir {
+        TempDir(tempfile::Builder::new().prefix("runnervisor-test-").tempdir().expect("a temporary directory"))
     }
 }

@@ -53,11 +53,13 @@ mod tests {
         let dir = crate::test_support::tempdir();
         let path = dir.join("seed.img");
         std::fs::write(&path, &img).unwrap();
-        if let Ok(out) = std::process::Command::new("blkid").args(["-o", "value", "-s", "LABEL"]).arg(&path).output()
-            && out.status.success()
-        {
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "CIDATA");
-        }
+        let out = std::process::Command::new("blkid")
+            .args(["-o", "value", "-s", "LABEL"])
+            .arg(&path)
+            .output()
+            .expect("blkid (util-linux) runs");
+        assert!(out.status.success(), "blkid: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "CIDATA");
     }
 
     #[test]

@@ -54,6 +54,8 @@ struct H {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     seq: u64,
+    /// The state dir and the image, removed when the harness goes.
+    dirs: Vec<crate::test_support::TempDir>,
 }
 
 /// A fake image: check_image reads a qcow2 header, so write one.
@@ -101,7 +103,7 @@ fn start_on(
             .unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
-    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0 }
+    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new() }
 }
 
 fn harness(extra_pool: &str) -> H {
@@ -143,7 +145,9 @@ fn harness_full(
         Some(wrap) => wrap(store.clone()),
         None => store.clone(),
     };
-    start_on(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store, scheduler_store)
+    let mut h = start_on(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store, scheduler_store);
+    h.dirs.push(dir);
+    h
 }
 
 fn info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
@@ -445,10 +449,12 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
     // An orphan domain of ours with no record at all, not running.
     hv.define("rv-small-99", "<domain/>").unwrap();
 
-    let cfg = config("", &crate::test_support::tempdir());
+    let dir = crate::test_support::tempdir();
+    let cfg = config("", &dir);
     let mut cfg = (*cfg).clone();
-    cfg.pools[0].image = fake_image(&crate::test_support::tempdir());
-    let h = start(Arc::new(cfg), gh, hv.clone(), None, store);
+    cfg.pools[0].image = fake_image(&dir);
+    let mut h = start(Arc::new(cfg), gh, hv.clone(), None, store);
+    h.dirs.push(dir);
     let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
     let s = h
         .wait("recovered", |_, hv| {
@@ -520,7 +526,8 @@ async fn repository_scope_polls_queued_jobs_whose_webhooks_were_missed() {
     let gh = Arc::new(FakeGitHub::default());
     gh.lock().queued.push(info(111, LABELS, None));
     let store = Arc::new(Store::open(&dir).unwrap());
-    let h = start(Arc::new(cfg), gh, hv, Some(hv_rx), store);
+    let mut h = start(Arc::new(cfg), gh, hv, Some(hv_rx), store);
+    h.dirs.push(dir);
     let s = h.wait("a VM for the polled job", |_, hv| hv.running() == ["rv-small-111"]).await;
     assert_eq!(s.queued[0].job_id, 111);
     h.shutdown().await;
