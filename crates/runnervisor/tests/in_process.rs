@@ -1,0 +1,219 @@
+//! The agent in process: `run()` with the fake GitHub and the fake hypervisor, real HTTP
+//! on 127.0.0.1 port 0, the real store and the real admin socket. What needs no libvirt is
+//! checked here: the webhook's status table end to end, the admin protocol, the metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use runnervisor::admin::{self, Reply, Request, Status};
+use runnervisor::config::Config;
+use runnervisor::github::fake::FakeGitHub;
+use runnervisor::hypervisor::HvEvent;
+use runnervisor::hypervisor::fake::FakeHypervisor;
+use runnervisor::metrics::Metrics;
+use runnervisor::secret::Secret;
+use sha2::Sha256;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "in-process-secret";
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={sig}")
+}
+
+fn queued(id: u64, repository: &str) -> String {
+    serde_json::json!({
+        "action": "queued",
+        "workflow_job": {"id": id, "run_id": 1, "run_attempt": 1, "name": "build", "workflow_name": "CI",
+            "labels": ["self-hosted", "linux"], "html_url": "https://x", "runner_name": null,
+            "runner_id": null, "conclusion": null, "status": "queued"},
+        "repository": {"full_name": repository},
+    })
+    .to_string()
+}
+
+struct Agent {
+    webhook: String,
+    metrics: String,
+    socket: std::path::PathBuf,
+    hv: Arc<FakeHypervisor>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), runnervisor::RunError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    // check_image reads a qcow2 header: a 1 GiB image's.
+    let image = dir.path().join("golden.qcow2");
+    let mut header = b"QFI\xfb".to_vec();
+    header.resize(24, 0);
+    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    std::fs::write(&image, header).unwrap();
+    let socket = dir.path().join("admin.sock");
+    let text = format!(
+        r#"
+        state_dir = "{dir}"
+        [server]
+        listen = "127.0.0.1:0"
+        [admin]
+        socket = "{socket}"
+        [github]
+        organization = "octo-org"
+        auth = {{ type = "pat", token = {{ file = "/nonexistent" }} }}
+        webhook_secret = {{ file = "/nonexistent" }}
+        [reconcile]
+        sweep_interval = "1s"
+        [[pool]]
+        name = "small"
+        labels = ["self-hosted", "linux"]
+        image = "{image}"
+        max_vms = 2
+        "#,
+        dir = dir.path().display(),
+        socket = socket.display(),
+        image = image.display(),
+    );
+    let config = Arc::new(Config::parse(&text).unwrap());
+    let (hv_tx, hv_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    hv_tx.send(HvEvent::Reconnected).unwrap();
+    let webhook_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let webhook = format!("http://{}/webhook", webhook_listener.local_addr().unwrap());
+    let metrics = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
+    let deps = runnervisor::Deps {
+        github: Arc::new(FakeGitHub::default()),
+        hypervisor: hv.clone(),
+        hv_events: hv_rx,
+        webhook_secret: Secret::new(SECRET),
+        metrics: Arc::new(Metrics::default()),
+        webhook_listener: Some(webhook_listener),
+        metrics_listener: Some(metrics_listener),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(runnervisor::run(config, deps, stop.clone()));
+    let agent = Agent { webhook, metrics, socket, hv, stop, task, _dir: dir };
+    agent.wait("libvirt connected", |s| s.libvirt_connected).await;
+    agent
+}
+
+impl Agent {
+    async fn status(&self) -> Option<Status> {
+        match admin::request(&self.socket, &Request::Status).await {
+            Ok(Reply::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    async fn wait(&self, what: &str, f: impl Fn(&Status) -> bool) -> Status {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Some(s) = self.status().await.filter(|s| f(s)) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}: {:#?}", self.status().await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_status_table_admin_protocol_and_metrics() {
+    let agent = start().await;
+    let http = reqwest::Client::new();
+    let body = queued(7001, "octo-org/app");
+    let other_body = queued(7002, "octo-org/app");
+    // (what, X-GitHub-Event, delivery id, body, signature, expected status)
+    let table: Vec<(&str, &str, Option<&str>, String, Option<String>, u16)> = vec![
+        ("no signature", "workflow_job", Some("d-1"), body.clone(), None, 401),
+        (
+            "a signature of another body",
+            "workflow_job",
+            Some("d-1"),
+            body.clone(),
+            Some(sign(other_body.as_bytes())),
+            401,
+        ),
+        ("malformed signature", "workflow_job", Some("d-1"), body.clone(), Some("sha1=00".into()), 401),
+        ("ping", "ping", Some("d-2"), "{}".into(), Some(sign(b"{}")), 200),
+        ("another event", "push", Some("d-3"), "{}".into(), Some(sign(b"{}")), 202),
+        ("bad JSON", "workflow_job", Some("d-4"), "{".into(), Some(sign(b"{")), 400),
+        ("no delivery id", "workflow_job", None, body.clone(), Some(sign(body.as_bytes())), 400),
+        (
+            "outside the scope",
+            "workflow_job",
+            Some("d-5"),
+            queued(7003, "elsewhere/x"),
+            Some(sign(queued(7003, "elsewhere/x").as_bytes())),
+            202,
+        ),
+        ("queued", "workflow_job", Some("d-6"), body.clone(), Some(sign(body.as_bytes())), 202),
+        ("the same delivery again", "workflow_job", Some("d-6"), body.clone(), Some(sign(body.as_bytes())), 200),
+    ];
+    for (what, event, delivery, body, signature, want) in table {
+        let mut req = http.post(&agent.webhook).header("X-GitHub-Event", event).body(body);
+        if let Some(d) = delivery {
+            req = req.header("X-GitHub-Delivery", d);
+        }
+        if let Some(s) = signature {
+            req = req.header("X-Hub-Signature-256", s);
+        }
+        let status = req.send().await.unwrap().status().as_u16();
+        assert_eq!(status, want, "{what}");
+    }
+
+    // The accepted job gets a VM; nothing else does.
+    let s = agent.wait("a VM for job 7001", |s| s.vms.iter().any(|v| v.name == "rv-small-7001")).await;
+    assert_eq!(s.queued.iter().map(|q| q.job_id).collect::<Vec<_>>(), [7001], "{s:#?}");
+    assert_eq!(s.vms.len(), 1, "{s:#?}");
+    assert!(agent.hv.running().contains(&"rv-small-7001".to_string()));
+
+    // The admin protocol: drain, undrain, destroy, errors.
+    let ask = async |req: Request| admin::request(&agent.socket, &req).await;
+    assert!(matches!(ask(Request::Drain).await.unwrap(), Reply::Ok(_)));
+    assert!(agent.status().await.unwrap().draining);
+    assert!(matches!(ask(Request::Undrain).await.unwrap(), Reply::Ok(_)));
+    let Reply::Error(e) = ask(Request::Destroy { vm: "rv-nope-1".into() }).await.unwrap() else { panic!() };
+    assert!(e.contains("rv-nope-1"), "{e}");
+    assert!(matches!(ask(Request::Destroy { vm: "rv-small-7001".into() }).await.unwrap(), Reply::Ok(_)));
+    // The job is still queued: it gets another VM.
+    agent.wait("a second VM", |s| s.vms.iter().map(|v| v.name.as_str()).eq(["rv-small-7001-2"])).await;
+    // A line that is not a request gets an error line, not a dropped connection.
+    let mut conn = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
+    conn.write_all(b"{\"cmd\":\"reboot\"}\n").await.unwrap();
+    let mut line = String::new();
+    BufReader::new(&mut conn).read_line(&mut line).await.unwrap();
+    let Ok(Reply::Error(e)) = admin::parse_reply(&line) else { panic!("{line}") };
+    assert!(e.starts_with("bad request"), "{e}");
+
+    // Metrics: what happened above, counted.
+    let resp = http.get(&agent.metrics).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    let text = resp.text().await.unwrap();
+    for line in [
+        r#"runnervisor_webhooks_total{event="workflow_job",outcome="accepted"} 1"#,
+        r#"runnervisor_webhooks_total{event="workflow_job",outcome="duplicate"} 1"#,
+        r#"runnervisor_webhooks_total{event="workflow_job",outcome="out_of_scope"} 1"#,
+        r#"runnervisor_webhooks_total{event="workflow_job",outcome="invalid"} 1"#,
+        r#"runnervisor_webhooks_total{event="push",outcome="ignored"} 1"#,
+        r#"runnervisor_jobs_received_total{pool="small"} 1"#,
+        r#"runnervisor_vms_started_total{pool="small"} 2"#,
+        r#"runnervisor_teardowns_total{reason="operator"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} missing in:\n{text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("runnervisor_webhook_signature_failures_total 3")), "{text}");
+
+    // Stopping: run() returns, the socket goes, the VM keeps running.
+    agent.stop.cancel();
+    agent.task.await.unwrap().unwrap();
+    assert!(!agent.socket.exists());
+    assert_eq!(agent.hv.running(), ["rv-small-7001-2"]);
+}
