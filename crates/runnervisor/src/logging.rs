@@ -5,6 +5,13 @@
 //! Field names: `job_id`→`JOB_ID`, `run_id`→`RUN_ID`, `repository`→`REPOSITORY`,
 //! `pool`→`POOL`, `vm`→`VM_NAME`, `runner_name`→`RUNNER_NAME`; any other field is
 //! upper-cased. The message is `MESSAGE` and carries the fields as `key=value` too.
+//! An entry too large for one datagram goes through a sealed memfd, as journald expects.
+//!
+//! Why not `tracing-journald`: it writes only to the fixed `/run/systemd/journal/socket`
+//! (the operator tests capture entries on a socket of their own, and hosts without
+//! systemd as PID 1 have none), prefixes or keeps field names as written (operators filter
+//! on `VM_NAME`), and leaves the fields out of `MESSAGE`, which is all `journalctl`'s
+//! default output shows. The native protocol is small; this module is the whole of it.
 
 use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
@@ -111,11 +118,34 @@ impl<S: Subscriber> Layer<S> for JournaldLayer {
                 encode_field(&mut buf, &key, v);
             }
         }
-        if self.socket.send_to(&buf, &self.path).is_err() {
-            // The journal is gone (or the entry too large): do not lose the line.
+        let sent = match self.socket.send_to(&buf, &self.path) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => send_as_memfd(&self.socket, &self.path, &buf),
+            other => other.map(drop),
+        };
+        if sent.is_err() {
+            // The journal is gone: do not lose the line.
             eprintln!("{} {message}", meta.level());
         }
     }
+}
+
+/// An entry too large for a datagram: written to a memfd, sealed, and its descriptor sent
+/// alone (journald's protocol for large entries).
+fn send_as_memfd(socket: &UnixDatagram, path: &Path, entry: &[u8]) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    use std::io::Write as _;
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = memfd_create(c"runnervisor-journal", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(entry)?;
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL;
+    fcntl(file.as_fd(), FcntlArg::F_ADD_SEALS(seals))?;
+    let addr = UnixAddr::new(path)?;
+    let fds = [file.as_raw_fd()];
+    sendmsg(socket.as_raw_fd(), &[], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), Some(&addr))?;
+    Ok(())
 }
 
 /// Where logs go.
@@ -211,6 +241,42 @@ mod tests {
         encode_field(&mut buf, "JOB_ID", "30000000001");
         let fields = decode(&buf);
         assert_eq!(fields, vec![("MESSAGE".into(), "two\nlines".into()), ("JOB_ID".into(), "30000000001".into())]);
+    }
+
+    /// An entry larger than a datagram may be arrives whole, through a memfd.
+    #[test]
+    fn a_large_entry_goes_through_a_memfd() {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::io::Read as _;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let dir = crate::test_support::tempdir();
+        let path = dir.join("journal.sock");
+        let sink = UnixDatagram::bind(&path).unwrap();
+        let subscriber = tracing_subscriber::registry().with(JournaldLayer::new(&path).unwrap());
+        let big = "x".repeat(4 << 20);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(job_id = 8u64, output = %big, "step failed");
+        });
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(sink.as_raw_fd(), &mut [], Some(&mut cmsg), MsgFlags::empty()).unwrap();
+        let fd = msg
+            .cmsgs()
+            .unwrap()
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            .expect("a descriptor, not a datagram");
+        let mut entry = Vec::new();
+        // SAFETY: the descriptor was just received and is owned by nothing else.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // The sender's writes moved the shared offset: read from the start, as journald does.
+        std::io::Seek::rewind(&mut file).unwrap();
+        file.read_to_end(&mut entry).unwrap();
+        let fields = decode(&entry);
+        let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+        assert_eq!(get("JOB_ID").as_deref(), Some("8"));
+        assert_eq!(get("OUTPUT").map(|v| v.len()), Some(big.len()));
     }
 
     #[test]

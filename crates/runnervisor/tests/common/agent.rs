@@ -216,7 +216,8 @@ registration = "{registration}"
     /// SIGTERM, and the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        unsafe { libc_kill(c.id() as i32, 15) };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM to the agent");
         c.wait().unwrap()
     }
 
@@ -244,11 +245,6 @@ registration = "{registration}"
         let (doms, vols) = leftovers(hv, &prefix);
         assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());
     }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 impl Drop for Agent {
