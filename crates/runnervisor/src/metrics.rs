@@ -1,266 +1,261 @@
-//! Metrics in one place, rendered as OpenMetrics text (Prometheus scrapes it).
-//! A deliberately small implementation: labelled counters, gauges and histograms.
+//! Metrics in one place, rendered as OpenMetrics text (Prometheus scrapes it) by
+//! `prometheus-client`: each family has a typed label set, so a label cannot be misspelt
+//! or forgotten at a call site. A leaf module: the GitHub client and the scheduler write
+//! into it; it depends on neither.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
-type Labels = Vec<(String, String)>;
-
-fn key(labels: &[(&str, &str)]) -> Labels {
-    labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+/// A label value as the exposition can carry it: `prometheus-client` writes label values
+/// unescaped, so anything that is not plainly printable (quotes, backslashes, line breaks)
+/// becomes `_`, and values are capped. Values from outside (a job's conclusion, an event
+/// name, a repository in an API path) go through here.
+fn value(v: &str) -> String {
+    v.chars()
+        .take(128)
+        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' })
+        .collect()
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pool: String,
 }
 
-fn render_labels(labels: &Labels, extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-    if let Some((k, v)) = extra {
-        parts.push(format!("{k}=\"{v}\""));
-    }
-    if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
+/// The label set of one pool's series.
+pub fn pool(pool: &str) -> PoolLabels {
+    PoolLabels { pool: value(pool) }
 }
 
-fn fmt_f64(v: f64) -> String {
-    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 { format!("{}", v as i64) } else { format!("{v}") }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    event: String,
+    /// `accepted`, `duplicate`, `ignored`, `invalid`, `out_of_scope`.
+    outcome: String,
 }
 
-pub struct Counter {
-    name: &'static str,
-    help: &'static str,
-    values: Mutex<BTreeMap<Labels, f64>>,
-}
-
-impl Counter {
-    const fn new(name: &'static str, help: &'static str) -> Self {
-        Counter { name, help, values: Mutex::new(BTreeMap::new()) }
-    }
-    pub fn inc(&self, labels: &[(&str, &str)]) {
-        self.add(labels, 1.0);
-    }
-    pub fn add(&self, labels: &[(&str, &str)], v: f64) {
-        *self.values.lock().unwrap_or_else(|p| p.into_inner()).entry(key(labels)).or_default() += v;
-    }
-    pub fn get(&self, labels: &[(&str, &str)]) -> f64 {
-        self.values.lock().unwrap_or_else(|p| p.into_inner()).get(&key(labels)).copied().unwrap_or(0.0)
-    }
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# TYPE {} counter\n# HELP {} {}", self.name, self.name, self.help);
-        for (l, v) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "{}_total{} {}", self.name, render_labels(l, None), fmt_f64(*v));
-        }
+impl WebhookLabels {
+    pub fn new(event: &str, outcome: &str) -> Self {
+        WebhookLabels { event: value(event), outcome: value(outcome) }
     }
 }
 
-/// A counter without labels.
-pub struct Plain(Counter);
-impl Plain {
-    pub fn inc(&self) {
-        self.0.inc(&[]);
-    }
-    pub fn get(&self) -> f64 {
-        self.0.get(&[])
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmStateLabels {
+    pool: String,
+    state: String,
+}
+
+impl VmStateLabels {
+    pub fn new(pool: &str, state: &str) -> Self {
+        VmStateLabels { pool: value(pool), state: value(state) }
     }
 }
 
-pub struct Gauge {
-    name: &'static str,
-    help: &'static str,
-    values: Mutex<BTreeMap<Labels, f64>>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pool: String,
+    /// The provisioning step that failed (`image`, `network`, `credential`, ..., `timeout`).
+    step: String,
 }
 
-impl Gauge {
-    const fn new(name: &'static str, help: &'static str) -> Self {
-        Gauge { name, help, values: Mutex::new(BTreeMap::new()) }
-    }
-    pub fn set(&self, labels: &[(&str, &str)], v: f64) {
-        self.values.lock().unwrap_or_else(|p| p.into_inner()).insert(key(labels), v);
-    }
-    pub fn get(&self, labels: &[(&str, &str)]) -> f64 {
-        self.values.lock().unwrap_or_else(|p| p.into_inner()).get(&key(labels)).copied().unwrap_or(0.0)
-    }
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# TYPE {} gauge\n# HELP {} {}", self.name, self.name, self.help);
-        for (l, v) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "{}{} {}", self.name, render_labels(l, None), fmt_f64(*v));
-        }
+impl StepLabels {
+    pub fn new(pool: &str, step: &str) -> Self {
+        StepLabels { pool: value(pool), step: value(step) }
     }
 }
 
-const BUCKETS: &[f64] =
-    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0];
-
-pub struct Histogram {
-    name: &'static str,
-    help: &'static str,
-    values: Mutex<BTreeMap<Labels, (Vec<u64>, f64, u64)>>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConclusionLabels {
+    pool: String,
+    conclusion: String,
 }
 
-impl Histogram {
-    const fn new(name: &'static str, help: &'static str) -> Self {
-        Histogram { name, help, values: Mutex::new(BTreeMap::new()) }
+impl ConclusionLabels {
+    pub fn new(pool: &str, conclusion: &str) -> Self {
+        ConclusionLabels { pool: value(pool), conclusion: value(conclusion) }
     }
-    pub fn observe(&self, labels: &[(&str, &str)], seconds: f64) {
-        let mut m = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry(key(labels)).or_insert_with(|| (vec![0; BUCKETS.len()], 0.0, 0));
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                e.0[i] += 1;
-            }
-        }
-        e.1 += seconds;
-        e.2 += 1;
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    reason: String,
+}
+
+impl ReasonLabels {
+    pub fn new(reason: &str) -> Self {
+        ReasonLabels { reason: value(reason) }
     }
-    pub fn count(&self, labels: &[(&str, &str)]) -> u64 {
-        self.values.lock().unwrap_or_else(|p| p.into_inner()).get(&key(labels)).map(|e| e.2).unwrap_or(0)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiCallLabels {
+    /// Method and route, ids replaced by `{id}`.
+    endpoint: String,
+    /// HTTP status; 0: no response.
+    status: u16,
+}
+
+impl ApiCallLabels {
+    pub fn new(endpoint: &str, status: u16) -> Self {
+        ApiCallLabels { endpoint: value(endpoint), status }
     }
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# TYPE {} histogram\n# HELP {} {}\n# UNIT {} seconds",
-            self.name, self.name, self.help, self.name
-        );
-        for (l, (buckets, sum, count)) in self.values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ =
-                    writeln!(out, "{}_bucket{} {}", self.name, render_labels(l, Some(("le", fmt_f64(*b)))), buckets[i]);
-            }
-            let _ = writeln!(out, "{}_bucket{} {}", self.name, render_labels(l, Some(("le", "+Inf".into()))), count);
-            let _ = writeln!(out, "{}_sum{} {}", self.name, render_labels(l, None), sum);
-            let _ = writeln!(out, "{}_count{} {}", self.name, render_labels(l, None), count);
-        }
-    }
+}
+
+type Seconds<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_buckets() -> Histogram {
+    Histogram::new([
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
+    ])
 }
 
 pub struct Metrics {
-    pub webhooks: Counter,
-    pub webhook_signature_failures: Plain,
-    pub jobs_received: Counter,
-    pub jobs_unmatched: Plain,
-    pub jobs_started: Counter,
-    pub jobs_completed: Counter,
-    pub jobs_failed: Counter,
-    pub queue_depth: Gauge,
-    pub vms: Gauge,
-    pub vms_started: Counter,
-    pub provision_failures: Counter,
-    pub teardowns: Counter,
-    pub teardown_failures: Plain,
-    pub provision_seconds: Histogram,
-    pub queued_to_runner_online_seconds: Histogram,
+    registry: Registry,
+    pub webhooks: Family<WebhookLabels, Counter>,
+    pub webhook_signature_failures: Counter,
+    pub jobs_received: Family<PoolLabels, Counter>,
+    pub jobs_unmatched: Counter,
+    pub jobs_started: Family<PoolLabels, Counter>,
+    pub jobs_completed: Family<ConclusionLabels, Counter>,
+    pub jobs_failed: Family<PoolLabels, Counter>,
+    pub queue_depth: Family<PoolLabels, Gauge>,
+    pub vms: Family<VmStateLabels, Gauge>,
+    pub vms_started: Family<PoolLabels, Counter>,
+    pub provision_failures: Family<StepLabels, Counter>,
+    pub teardowns: Family<ReasonLabels, Counter>,
+    pub teardown_failures: Counter,
+    pub provision_seconds: Seconds<PoolLabels>,
+    pub queued_to_runner_online_seconds: Seconds<PoolLabels>,
     pub teardown_seconds: Histogram,
-    pub github_api_calls: Counter,
+    pub github_api_calls: Family<ApiCallLabels, Counter>,
     pub github_rate_limit_remaining: Gauge,
-    pub libvirt_reconnects: Plain,
-    pub deliveries_redelivered: Plain,
+    pub libvirt_reconnects: Counter,
+    pub deliveries_redelivered: Counter,
     pub draining: Gauge,
-    pub image_runner_outdated: Gauge,
+    pub image_runner_outdated: Family<PoolLabels, Gauge>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            webhooks: Counter::new("runnervisor_webhooks", "Webhook deliveries by event and outcome."),
-            webhook_signature_failures: Plain(Counter::new(
-                "runnervisor_webhook_signature_failures",
-                "Deliveries refused for a missing or wrong signature.",
-            )),
-            jobs_received: Counter::new("runnervisor_jobs_received", "Queued jobs matched to a pool."),
-            jobs_unmatched: Plain(Counter::new(
-                "runnervisor_jobs_unmatched",
-                "Queued jobs whose labels no pool has (counted, not tracked).",
-            )),
-            jobs_started: Counter::new("runnervisor_jobs_started", "Jobs a runnervisor runner started."),
-            jobs_completed: Counter::new(
-                "runnervisor_jobs_completed",
-                "Jobs completed on a runnervisor runner, by conclusion.",
-            ),
-            jobs_failed: Counter::new("runnervisor_jobs_failed", "Jobs given up after too many failed VMs."),
-            queue_depth: Gauge::new("runnervisor_queue_depth", "Jobs waiting for a runner, per pool."),
-            vms: Gauge::new("runnervisor_vms", "VMs per pool and state."),
-            vms_started: Counter::new("runnervisor_vms_started", "VMs provisioned and started."),
-            provision_failures: Counter::new(
-                "runnervisor_provision_failures",
-                "Provisioning failures by pool and step.",
-            ),
-            teardowns: Counter::new("runnervisor_teardowns", "VMs torn down, by reason."),
-            teardown_failures: Plain(Counter::new(
-                "runnervisor_teardown_failures",
-                "Teardown steps that failed (retried).",
-            )),
-            provision_seconds: Histogram::new(
-                "runnervisor_provision_duration_seconds",
-                "Job picked for a VM to domain started.",
-            ),
-            queued_to_runner_online_seconds: Histogram::new(
-                "runnervisor_queued_to_runner_online_seconds",
-                "Webhook received to the job starting on a runnervisor runner.",
-            ),
-            teardown_seconds: Histogram::new(
-                "runnervisor_teardown_duration_seconds",
-                "Teardown of one VM (domain, volumes, runner).",
-            ),
-            github_api_calls: Counter::new(
-                "runnervisor_github_api_calls",
-                "GitHub API calls by endpoint and HTTP status (0: no response).",
-            ),
-            github_rate_limit_remaining: Gauge::new(
-                "runnervisor_github_rate_limit_remaining",
-                "x-ratelimit-remaining of the last GitHub response.",
-            ),
-            libvirt_reconnects: Plain(Counter::new(
-                "runnervisor_libvirt_reconnects",
-                "libvirt connections re-established.",
-            )),
-            deliveries_redelivered: Plain(Counter::new(
-                "runnervisor_webhook_redeliveries_requested",
-                "Failed webhook deliveries the reconciler asked GitHub to redeliver.",
-            )),
-            draining: Gauge::new("runnervisor_draining", "1 while the agent takes no new jobs."),
-            image_runner_outdated: Gauge::new(
-                "runnervisor_image_runner_outdated",
-                "1 when a pool's image declares a runner older than allowed.",
-            ),
-        }
+        let mut m = Metrics {
+            registry: Registry::default(),
+            webhooks: Family::default(),
+            webhook_signature_failures: Counter::default(),
+            jobs_received: Family::default(),
+            jobs_unmatched: Counter::default(),
+            jobs_started: Family::default(),
+            jobs_completed: Family::default(),
+            jobs_failed: Family::default(),
+            queue_depth: Family::default(),
+            vms: Family::default(),
+            vms_started: Family::default(),
+            provision_failures: Family::default(),
+            teardowns: Family::default(),
+            teardown_failures: Counter::default(),
+            provision_seconds: Family::new_with_constructor(seconds_buckets),
+            queued_to_runner_online_seconds: Family::new_with_constructor(seconds_buckets),
+            teardown_seconds: seconds_buckets(),
+            github_api_calls: Family::default(),
+            github_rate_limit_remaining: Gauge::default(),
+            libvirt_reconnects: Counter::default(),
+            deliveries_redelivered: Counter::default(),
+            draining: Gauge::default(),
+            image_runner_outdated: Family::default(),
+        };
+        // Families are cheap handles onto shared series: the registry holds clones.
+        let r = &mut m.registry;
+        r.register("runnervisor_webhooks", "Webhook deliveries by event and outcome", m.webhooks.clone());
+        r.register(
+            "runnervisor_webhook_signature_failures",
+            "Deliveries refused for a missing or wrong signature",
+            m.webhook_signature_failures.clone(),
+        );
+        r.register("runnervisor_jobs_received", "Queued jobs matched to a pool", m.jobs_received.clone());
+        r.register(
+            "runnervisor_jobs_unmatched",
+            "Queued jobs whose labels no pool has (counted, not tracked)",
+            m.jobs_unmatched.clone(),
+        );
+        r.register("runnervisor_jobs_started", "Jobs a runnervisor runner started", m.jobs_started.clone());
+        r.register(
+            "runnervisor_jobs_completed",
+            "Jobs completed on a runnervisor runner, by conclusion",
+            m.jobs_completed.clone(),
+        );
+        r.register("runnervisor_jobs_failed", "Jobs given up after too many failed VMs", m.jobs_failed.clone());
+        r.register("runnervisor_queue_depth", "Jobs waiting for a runner, per pool", m.queue_depth.clone());
+        r.register("runnervisor_vms", "VMs per pool and state", m.vms.clone());
+        r.register("runnervisor_vms_started", "VMs provisioned and started", m.vms_started.clone());
+        r.register(
+            "runnervisor_provision_failures",
+            "Provisioning failures by pool and step",
+            m.provision_failures.clone(),
+        );
+        r.register("runnervisor_teardowns", "VMs torn down, by reason", m.teardowns.clone());
+        r.register(
+            "runnervisor_teardown_failures",
+            "Teardown steps that failed (retried)",
+            m.teardown_failures.clone(),
+        );
+        r.register_with_unit(
+            "runnervisor_provision_duration",
+            "Job picked for a VM to domain started",
+            Unit::Seconds,
+            m.provision_seconds.clone(),
+        );
+        r.register_with_unit(
+            "runnervisor_queued_to_runner_online",
+            "Webhook received to the job starting on a runnervisor runner",
+            Unit::Seconds,
+            m.queued_to_runner_online_seconds.clone(),
+        );
+        r.register_with_unit(
+            "runnervisor_teardown_duration",
+            "Teardown of one VM (domain, volumes, runner)",
+            Unit::Seconds,
+            m.teardown_seconds.clone(),
+        );
+        r.register(
+            "runnervisor_github_api_calls",
+            "GitHub API calls by endpoint and HTTP status (0: no response)",
+            m.github_api_calls.clone(),
+        );
+        r.register(
+            "runnervisor_github_rate_limit_remaining",
+            "x-ratelimit-remaining of the last GitHub response",
+            m.github_rate_limit_remaining.clone(),
+        );
+        r.register(
+            "runnervisor_libvirt_reconnects",
+            "libvirt connections re-established",
+            m.libvirt_reconnects.clone(),
+        );
+        r.register(
+            "runnervisor_webhook_redeliveries_requested",
+            "Failed webhook deliveries the reconciler asked GitHub to redeliver",
+            m.deliveries_redelivered.clone(),
+        );
+        r.register("runnervisor_draining", "1 while the agent takes no new jobs", m.draining.clone());
+        r.register(
+            "runnervisor_image_runner_outdated",
+            "1 when a pool's image declares a runner older than allowed",
+            m.image_runner_outdated.clone(),
+        );
+        m
     }
 }
 
 impl Metrics {
+    /// The OpenMetrics text exposition, `# EOF` included.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for c in [
-            &self.webhooks,
-            &self.webhook_signature_failures.0,
-            &self.jobs_received,
-            &self.jobs_unmatched.0,
-            &self.jobs_started,
-            &self.jobs_completed,
-            &self.jobs_failed,
-            &self.vms_started,
-            &self.provision_failures,
-            &self.teardowns,
-            &self.teardown_failures.0,
-            &self.github_api_calls,
-            &self.libvirt_reconnects.0,
-            &self.deliveries_redelivered.0,
-        ] {
-            c.render(&mut out);
-        }
-        for g in [
-            &self.queue_depth,
-            &self.vms,
-            &self.github_rate_limit_remaining,
-            &self.draining,
-            &self.image_runner_outdated,
-        ] {
-            g.render(&mut out);
-        }
-        for h in [&self.provision_seconds, &self.queued_to_runner_online_seconds, &self.teardown_seconds] {
-            h.render(&mut out);
-        }
-        out.push_str("# EOF\n");
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -272,18 +267,28 @@ mod tests {
     #[test]
     fn renders_openmetrics() {
         let m = Metrics::default();
-        m.jobs_received.inc(&[("pool", "small")]);
-        m.jobs_received.inc(&[("pool", "small")]);
-        m.vms.set(&[("pool", "small"), ("state", "busy")], 2.0);
-        m.provision_seconds.observe(&[("pool", "small")], 0.3);
-        m.webhooks.inc(&[("event", "we\"ird"), ("outcome", "x")]);
+        m.jobs_received.get_or_create(&pool("small")).inc();
+        m.jobs_received.get_or_create(&pool("small")).inc();
+        m.vms.get_or_create(&VmStateLabels::new("small", "busy")).set(2);
+        m.provision_seconds.get_or_create(&pool("small")).observe(0.3);
+        m.webhooks.get_or_create(&WebhookLabels::new("we\"ird\nvalue", "x")).inc();
+        m.jobs_unmatched.inc();
         let text = m.render();
         assert!(text.contains("runnervisor_jobs_received_total{pool=\"small\"} 2\n"), "{text}");
-        assert!(text.contains("runnervisor_vms{pool=\"small\",state=\"busy\"} 2\n"));
-        assert!(text.contains("runnervisor_provision_duration_seconds_bucket{pool=\"small\",le=\"0.5\"} 1\n"));
-        assert!(text.contains("runnervisor_provision_duration_seconds_bucket{pool=\"small\",le=\"0.25\"} 0\n"));
-        assert!(text.contains("runnervisor_provision_duration_seconds_count{pool=\"small\"} 1\n"));
-        assert!(text.contains("event=\"we\\\"ird\""));
+        assert!(text.contains("runnervisor_jobs_unmatched_total 1\n"), "{text}");
+        assert!(text.contains("runnervisor_vms{pool=\"small\",state=\"busy\"} 2\n"), "{text}");
+        assert!(
+            text.contains("runnervisor_provision_duration_seconds_bucket{le=\"0.5\",pool=\"small\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("runnervisor_provision_duration_seconds_bucket{le=\"0.25\",pool=\"small\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("runnervisor_provision_duration_seconds_count{pool=\"small\"} 1\n"), "{text}");
+        assert!(text.contains("# UNIT runnervisor_provision_duration_seconds seconds\n"), "{text}");
+        // An odd value cannot break the exposition's line or quoting.
+        assert!(text.contains("runnervisor_webhooks_total{event=\"we_ird_value\",outcome=\"x\"} 1\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -32,7 +32,11 @@ use sha2::Sha256;
 use tokio::sync::Notify;
 
 use crate::config::Scope;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WebhookLabels};
+
+fn job_outcome(outcome: &str) -> WebhookLabels {
+    WebhookLabels::new("workflow_job", outcome)
+}
 use crate::model::{JobAction, JobEvent, JobInfo};
 use crate::secret::Secret;
 use crate::store::Store;
@@ -286,7 +290,7 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
                     tracing::warn!(error = %message, delivery, "webhook rejected");
                 }
                 Counted::Webhook { event, outcome } => {
-                    intake.metrics.webhooks.inc(&[("event", &event), ("outcome", outcome)]);
+                    intake.metrics.webhooks.get_or_create(&WebhookLabels::new(&event, outcome)).inc();
                     if outcome != "ignored" {
                         tracing::warn!(delivery, outcome, "webhook {message}");
                     }
@@ -302,7 +306,7 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
     let accepted = tokio::task::spawn_blocking(move || store.accept(&ev)).await;
     match accepted {
         Ok(Ok(true)) => {
-            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "accepted")]);
+            intake.metrics.webhooks.get_or_create(&job_outcome("accepted")).inc();
             tracing::info!(
                 delivery,
                 job_id = job_event.job.id,
@@ -315,7 +319,7 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
             reply(StatusCode::ACCEPTED, "accepted")
         }
         Ok(Ok(false)) => {
-            intake.metrics.webhooks.inc(&[("event", "workflow_job"), ("outcome", "duplicate")]);
+            intake.metrics.webhooks.get_or_create(&job_outcome("duplicate")).inc();
             tracing::info!(delivery, job_id = job_event.job.id, "duplicate delivery ignored");
             reply(StatusCode::OK, "duplicate delivery")
         }

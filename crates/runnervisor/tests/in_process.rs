@@ -169,10 +169,10 @@ async fn webhook_status_table_admin_protocol_and_metrics() {
     }
 
     // The accepted job gets a VM; nothing else does.
-    let s = agent.wait("a VM for job 7001", |s| s.vms.iter().any(|v| v.name == "rv-small-7001")).await;
+    let hv = agent.hv.clone();
+    let s = agent.wait("a VM for job 7001", |_| hv.running() == ["rv-small-7001"]).await;
     assert_eq!(s.queued.iter().map(|q| q.job_id).collect::<Vec<_>>(), [7001], "{s:#?}");
-    assert_eq!(s.vms.len(), 1, "{s:#?}");
-    assert!(agent.hv.running().contains(&"rv-small-7001".to_string()));
+    assert_eq!(s.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["rv-small-7001"], "{s:#?}");
 
     // The admin protocol: drain, undrain, destroy, errors.
     let ask = async |req: Request| admin::request(&agent.socket, &req).await;
@@ -183,7 +183,11 @@ async fn webhook_status_table_admin_protocol_and_metrics() {
     assert!(e.contains("rv-nope-1"), "{e}");
     assert!(matches!(ask(Request::Destroy { vm: "rv-small-7001".into() }).await.unwrap(), Reply::Ok(_)));
     // The job is still queued: it gets another VM.
-    agent.wait("a second VM", |s| s.vms.iter().map(|v| v.name.as_str()).eq(["rv-small-7001-2"])).await;
+    agent
+        .wait("a second VM", |s| {
+            s.vms.iter().map(|v| v.name.as_str()).eq(["rv-small-7001-2"]) && hv.running() == ["rv-small-7001-2"]
+        })
+        .await;
     // A line that is not a request gets an error line, not a dropped connection.
     let mut conn = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
     conn.write_all(b"{\"cmd\":\"reboot\"}\n").await.unwrap();

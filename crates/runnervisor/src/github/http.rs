@@ -18,7 +18,7 @@ use super::app::AppSigner;
 use super::responses;
 use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, RunnerInfo};
 use crate::config::{HookConfig, Scope};
-use crate::metrics::Metrics;
+use crate::metrics::{ApiCallLabels, Metrics};
 use crate::model::JobInfo;
 use crate::secret::Secret;
 
@@ -137,7 +137,7 @@ impl HttpGitHub {
 
     fn observe(&self, endpoint: &str, status: u16) {
         if let Some(m) = &self.metrics {
-            m.github_api_calls.inc(&[("endpoint", endpoint), ("status", &status.to_string())]);
+            m.github_api_calls.get_or_create(&ApiCallLabels::new(endpoint, status)).inc();
         }
     }
 
@@ -206,7 +206,7 @@ impl HttpGitHub {
         {
             self.rate_remaining.store(r, Ordering::Relaxed);
             if let Some(m) = &self.metrics {
-                m.github_rate_limit_remaining.set(&[], r as f64);
+                m.github_rate_limit_remaining.set(r);
             }
         }
         let text = resp.text().await.unwrap_or_default();

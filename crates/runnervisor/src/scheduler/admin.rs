@@ -23,7 +23,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     return Reply::Error(format!("cannot persist drain state: {e}"));
                 }
                 self.draining = on;
-                self.metrics.draining.set(&[], if on { 1.0 } else { 0.0 });
+                self.metrics.draining.set(on as i64);
                 info!(draining = on, "drain state changed");
                 Reply::Ok(if on {
                     "draining: no new jobs are taken; running VMs finish".into()

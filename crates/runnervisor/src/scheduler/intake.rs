@@ -10,6 +10,7 @@ use super::job;
 use super::vm::Input;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
+use crate::metrics::{self, ConclusionLabels};
 use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState};
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -95,7 +96,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         match (ev.action, changed.is_some()) {
             (JobAction::Queued, true) => {
                 if let Some(pool) = &pool {
-                    self.metrics.jobs_received.inc(&[("pool", pool)]);
+                    self.metrics.jobs_received.get_or_create(&metrics::pool(pool)).inc();
                     info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %pool, workflow = %ev.job.workflow_name, "job queued");
                 }
             }
@@ -106,11 +107,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     self.transition(vm, Input::TookJob);
                     if changed {
                         let vm_pool = self.book.vms[vm].pool.clone();
-                        self.metrics.jobs_started.inc(&[("pool", &vm_pool)]);
+                        self.metrics.jobs_started.get_or_create(&metrics::pool(&vm_pool)).inc();
                         let waited = SystemTime::now().duration_since(received).unwrap_or_default();
                         self.metrics
                             .queued_to_runner_online_seconds
-                            .observe(&[("pool", &vm_pool)], waited.as_secs_f64());
+                            .get_or_create(&metrics::pool(&vm_pool))
+                            .observe(waited.as_secs_f64());
                         info!(job_id = id, run_id = ev.job.run_id, repository = %ev.job.repository, pool = %vm_pool, vm = %vm, runner_name = %vm, "job started on our runner");
                     }
                 }
@@ -125,7 +127,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Some(vm) => {
                         if changed {
                             let vm_pool = self.book.vms[vm].pool.clone();
-                            self.metrics.jobs_completed.inc(&[("pool", &vm_pool), ("conclusion", &conclusion)]);
+                            self.metrics
+                                .jobs_completed
+                                .get_or_create(&ConclusionLabels::new(&vm_pool, &conclusion))
+                                .inc();
                             info!(job_id = id, repository = %ev.job.repository, pool = %vm_pool, vm = %vm, runner_name = %vm, conclusion = %conclusion, "job completed on our runner");
                         }
                         self.transition(vm, Input::JobCompleted);

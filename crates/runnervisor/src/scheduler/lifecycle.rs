@@ -14,6 +14,7 @@ use super::{Scheduler, Work};
 use crate::config::{PoolConfig, Registration};
 use crate::github::GitHub;
 use crate::hypervisor::{self, Hypervisor};
+use crate::metrics::{self, ReasonLabels, StepLabels};
 use crate::model::{JobState, Reason, VmRec, VmState};
 
 const BACKOFF_MIN: Duration = Duration::from_secs(2);
@@ -37,6 +38,11 @@ pub struct State {
     pub surplus_since: HashMap<String, Instant>,
     /// Token mode: seeds being removed (`None`), or when to try again after a failure.
     removing_seeds: HashMap<String, Option<Instant>>,
+}
+
+/// The label set of a provisioning failure at `step`.
+fn step(pool: &str, step: &str) -> StepLabels {
+    StepLabels::new(pool, step)
 }
 
 impl State {
@@ -112,7 +118,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if job.failed_vms >= max {
                 job.state =
                     JobState::Abandoned { reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()) };
-                self.metrics.jobs_failed.inc(&[("pool", &before.pool)]);
+                self.metrics.jobs_failed.get_or_create(&metrics::pool(&before.pool)).inc();
                 error!(job_id = id, run_id = job.info.run_id, repository = %job.info.repository, pool = %before.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
             }
             self.book.touch_job(id);
@@ -124,7 +130,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.book.touch_vm(name);
         self.lifecycle.surplus_since.remove(name);
-        self.metrics.teardowns.inc(&[("reason", reason.as_str())]);
+        self.metrics.teardowns.get_or_create(&ReasonLabels::new(reason.as_str())).inc();
         info!(vm = %name, pool = %before.pool, job_id = before.job_id, reason = %reason.as_str(), "tearing down vm");
         self.spawn_teardown(name, runner_first);
     }
@@ -176,7 +182,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         if outcome.errors.is_empty() {
-            self.metrics.teardown_seconds.observe(&[], outcome.duration.as_secs_f64());
+            self.metrics.teardown_seconds.observe(outcome.duration.as_secs_f64());
             if let Some(vm) = self.book.remove_vm(&name) {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
             }
@@ -214,7 +220,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .collect();
         for (name, pool, reason) in expired {
             if reason == Reason::ProvisionTimeout {
-                self.metrics.provision_failures.inc(&[("pool", &pool), ("step", "timeout")]);
+                self.metrics.provision_failures.get_or_create(&step(&pool, "timeout")).inc();
                 error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "provisioning did not finish in time (reconcile.provision_timeout): tearing it down; the job stays queued");
                 self.bump_backoff(&pool);
             }
@@ -309,7 +315,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.book.insert_vm(vm);
         if let Err(e) = self.flush() {
             self.book.forget_vm(&name);
-            self.metrics.provision_failures.inc(&[("pool", &pool.name), ("step", "store")]);
+            self.metrics.provision_failures.get_or_create(&step(&pool.name, "store")).inc();
             error!(vm = %name, pool = %pool.name, job_id, error = %e, "cannot persist the new vm's record: nothing is made until the store works; the job stays queued");
             self.bump_backoff(&pool.name);
             return;
@@ -337,8 +343,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         match result {
             Ok(took) => {
-                self.metrics.vms_started.inc(&[("pool", &vm.pool)]);
-                self.metrics.provision_seconds.observe(&[("pool", &vm.pool)], took.as_secs_f64());
+                self.metrics.vms_started.get_or_create(&metrics::pool(&vm.pool)).inc();
+                self.metrics.provision_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(took.as_secs_f64());
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, duration_ms = took.as_millis() as u64, "vm started");
                 self.transition(&name, Input::Provisioned);
                 if let Some(reason) = vm.reap {
@@ -346,7 +352,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
             Err(e) => {
-                self.metrics.provision_failures.inc(&[("pool", &vm.pool), ("step", e.step())]);
+                self.metrics.provision_failures.get_or_create(&step(&vm.pool, e.step())).inc();
                 error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "provisioning failed; the job stays queued");
                 self.bump_backoff(&vm.pool);
                 self.begin_teardown(&name, Reason::ProvisionFailed);

@@ -41,7 +41,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics, VmStateLabels};
 use crate::model::VmState;
 use crate::store::{SchedulerStore, StoreError};
 use book::Book;
@@ -131,7 +131,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             draining = self.draining,
             "scheduler starting"
         );
-        self.metrics.draining.set(&[], if self.draining { 1.0 } else { 0.0 });
+        self.metrics.draining.set(self.draining as i64);
         self.drain_inbox();
         self.start_sweep();
         self.start_github_sync();
@@ -286,7 +286,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     fn update_gauges(&self) {
         for p in &self.config.pools {
-            self.metrics.queue_depth.set(&[("pool", &p.name)], self.book.unserved(&p.name).len() as f64);
+            self.metrics
+                .queue_depth
+                .get_or_create(&metrics::pool(&p.name))
+                .set(self.book.unserved(&p.name).len() as i64);
             for s in [
                 VmState::Provisioning,
                 VmState::Booting,
@@ -296,7 +299,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 VmState::TearingDown,
             ] {
                 let n = self.book.vms_of(&p.name).filter(|v| v.state == s).count();
-                self.metrics.vms.set(&[("pool", &p.name), ("state", s.as_str())], n as f64);
+                self.metrics.vms.get_or_create(&VmStateLabels::new(&p.name, s.as_str())).set(n as i64);
             }
         }
     }

@@ -12,6 +12,7 @@ use super::vm::Input;
 use super::{JOB_RETENTION, Scheduler};
 use crate::github::GitHub;
 use crate::hypervisor::{self, DomainState, HvError, HvEvent, Hypervisor, VmInfo};
+use crate::metrics;
 use crate::model::{Reason, VmRec, VmState};
 
 pub struct State {
@@ -231,7 +232,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         for pool in &self.config.pools {
             let problem = crate::images::read_manifest(&pool.image)
                 .and_then(|m| crate::images::runner_age_problem(&m, pool.runner_max_age, SystemTime::now()));
-            self.metrics.image_runner_outdated.set(&[("pool", &pool.name)], if problem.is_some() { 1.0 } else { 0.0 });
+            self.metrics.image_runner_outdated.get_or_create(&metrics::pool(&pool.name)).set(problem.is_some() as i64);
             if let Some(p) = problem {
                 warn!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image with a current runner");
             }

@@ -475,11 +475,16 @@ async fn an_image_declaring_an_old_runner_is_reported() {
         let manifest = crate::images::manifest_path(img);
         std::fs::write(manifest, r#"{"runner_version": "2.300.0", "runner_released": "2020-01-01"}"#).unwrap();
     });
-    h.wait("the warning", |_, _| h.metrics.image_runner_outdated.get(&[("pool", "small")]) == 1.0).await;
+    h.wait("the warning", |_, _| h.metrics.image_runner_outdated.get_or_create(&metrics::pool("small")).get() == 1)
+        .await;
     h.shutdown().await;
     let fresh = harness("");
     fresh.wait("a sweep", |s, _| s.libvirt_connected).await;
-    assert_eq!(fresh.metrics.image_runner_outdated.get(&[("pool", "small")]), 0.0, "no manifest, no warning");
+    assert_eq!(
+        fresh.metrics.image_runner_outdated.get_or_create(&metrics::pool("small")).get(),
+        0,
+        "no manifest, no warning"
+    );
     fresh.shutdown().await;
 }
 
