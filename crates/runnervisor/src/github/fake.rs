@@ -13,6 +13,10 @@ pub struct FakeState {
     pub next_id: u64,
     /// Fail the next N calls of any kind with a 502.
     pub fail_next: u32,
+    /// Fail the next N calls of one kind (`"jit"`, `"list"`, ...) with a 502.
+    pub fail_calls: BTreeMap<&'static str, u32>,
+    /// When each call was made, in order (as `calls`).
+    pub call_times: Vec<std::time::Instant>,
     pub jobs: BTreeMap<u64, JobStatus>,
     pub deleted: Vec<String>,
     pub calls: Vec<String>,
@@ -33,8 +37,12 @@ impl FakeGitHub {
     fn enter(&self, call: &str) -> Result<std::sync::MutexGuard<'_, FakeState>, GhError> {
         let mut s = self.lock();
         s.calls.push(call.to_string());
-        if s.fail_next > 0 {
-            s.fail_next -= 1;
+        s.call_times.push(std::time::Instant::now());
+        let targeted = s.fail_calls.get_mut(call).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
+        if targeted || s.fail_next > 0 {
+            if !targeted {
+                s.fail_next -= 1;
+            }
             return Err(GhError::Status {
                 method: "X".into(),
                 path: call.into(),

@@ -1,0 +1,148 @@
+//! Config parsing and validation, from text.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+    [server]
+    listen = "127.0.0.1:8080"
+    [github]
+    organization = "octo-org"
+    auth = { type = "pat", token = { file = "/etc/runnervisor/pat" } }
+    webhook_secret = { credential = "webhook-secret" }
+    [[pool]]
+    name = "small"
+    labels = ["self-hosted", "linux"]
+    image = "/var/lib/runnervisor/images/golden.qcow2"
+"#;
+
+fn with(extra_github: &str, pool: &str) -> String {
+    MINIMAL.replace("organization = \"octo-org\"", extra_github).replace("name = \"small\"", pool)
+}
+
+fn err(text: &str) -> String {
+    Config::parse(text).unwrap_err().to_string()
+}
+
+#[test]
+fn the_shipped_example_parses() {
+    let text = include_str!("../../../../config.toml.example");
+    let c = Config::parse(text).unwrap_or_else(|e| panic!("config.toml.example: {e}"));
+    assert!(!c.pools.is_empty());
+}
+
+#[test]
+fn defaults_are_filled_in() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.libvirt.uri, "qemu:///system");
+    assert_eq!(c.libvirt.domain_type, DomainType::Kvm);
+    assert_eq!(
+        c.libvirt.network,
+        NetworkConfig::Network { name: "runnervisor".into(), filter: "runnervisor-fence".into(), allow: vec![] },
+        "the default network is the fenced one"
+    );
+    assert_eq!(c.server.max_body_bytes, 1024 * 1024);
+    assert_eq!(c.server.max_connections, 512);
+    assert_eq!((c.server.header_timeout, c.server.body_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
+    assert_eq!(c.pools[0].registration, Registration::Jit);
+    assert_eq!(c.github.web_url(), "https://github.com");
+    assert_eq!(c.github.scope(), Scope::Organization("octo-org".into()));
+    assert_eq!(c.github.scope().api_path(), "orgs/octo-org");
+    assert!(matches!(c.github.auth, AuthConfig::Pat { .. }));
+}
+
+#[test]
+fn network_modes_and_the_allow_list() {
+    let net =
+        |line: &str| Config::parse(&format!("{MINIMAL}\n[libvirt]\nnetwork = {line}\n")).map(|c| c.libvirt.network);
+    let n = net(r#"{ type = "network", allow = ["10.20.0.5:443", "192.168.10.0/24:3128-3130"] }"#).unwrap();
+    let (filter, allow) = n.fence().unwrap();
+    assert_eq!(filter, "runnervisor-fence");
+    assert_eq!(allow.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["10.20.0.5:443", "192.168.10.0/24:3128-3130"]);
+    let n = net(r#"{ type = "bridge", name = "br0", filter = "lan-fence" }"#).unwrap();
+    assert_eq!(n.fence().unwrap().0, "lan-fence");
+    assert_eq!(net(r#"{ type = "user" }"#).unwrap(), NetworkConfig::User { accept_unfenced: false });
+    assert!(net(r#"{ type = "user" }"#).unwrap().fence().is_none(), "slirp is not fenced");
+    let e = net(r#"{ type = "network", allow = ["10.20.0.5"] }"#).unwrap_err().to_string();
+    assert!(e.contains("allow") && e.contains("\"10.20.0.5\"") && e.contains("PORT"), "{e}");
+    let e = net(r#"{ type = "network", allow = ["10.20.0.0/8:443"] }"#).unwrap_err().to_string();
+    assert!(e.contains("10.20.0.0/8") && e.contains("host bits"), "{e}");
+    let e = net(r#"{ type = "network", filter = "a b" }"#).unwrap_err().to_string();
+    assert!(e.contains("libvirt.network.filter") && e.contains("a b"), "{e}");
+    let e = net(r#"{ type = "user", allow = ["1.2.3.4:80"] }"#).unwrap_err().to_string();
+    assert!(e.contains("allow"), "slirp takes no allow-list: {e}");
+}
+
+#[test]
+fn scope_admits_deliveries_of_its_own_only() {
+    let repo = Scope::Repository { owner: "octo-org".into(), name: "app".into() };
+    let org = Scope::Organization("octo-org".into());
+    let ent = Scope::Enterprise("octo-ent".into());
+    let table: &[(&Scope, &str, Option<&str>, bool)] = &[
+        (&repo, "octo-org/app", None, true),
+        (&repo, "Octo-Org/App", None, true),
+        (&repo, "octo-org/app2", None, false),
+        (&repo, "other/app", None, false),
+        (&org, "octo-org/anything", None, true),
+        (&org, "OCTO-ORG/x", Some("octo-ent"), true),
+        (&org, "octo-org2/x", None, false),
+        (&org, "evil/octo-org", None, false),
+        (&ent, "any-org/x", Some("octo-ent"), true),
+        (&ent, "any-org/x", Some("Octo-Ent"), true),
+        (&ent, "any-org/x", Some("other-ent"), false),
+        (&ent, "any-org/x", None, false),
+    ];
+    for (scope, repository, enterprise, want) in table {
+        assert_eq!(scope.admits(repository, *enterprise), *want, "{scope:?} {repository} {enterprise:?}");
+    }
+}
+
+#[test]
+fn ghes_web_url_is_derived() {
+    let c =
+        Config::parse(&MINIMAL.replace("[github]", "[github]\napi_url = \"https://ghe.example.com/api/v3\"")).unwrap();
+    assert_eq!(c.github.web_url(), "https://ghe.example.com");
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_name() {
+    let e = err(&MINIMAL.replace("[server]", "[server]\nlisten_port = 1"));
+    assert!(e.contains("listen_port"), "{e}");
+    let e = err(&format!("{MINIMAL}\nbogus = 1\n"));
+    assert!(e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn bad_values_name_key_and_value() {
+    let e = err(&with("organization = \"octo-org\"\nrepository = \"a/b\"", "name = \"small\""));
+    assert!(e.contains("exactly one"), "{e}");
+    let e = err(&with("repository = \"nonsense\"", "name = \"small\""));
+    assert!(e.contains("github.repository") && e.contains("nonsense"), "{e}");
+    let e = err(&with("organization = \"octo-org\"", "name = \"Big_Pool\""));
+    assert!(e.contains("pool[0].name") && e.contains("Big_Pool"), "{e}");
+    let e = err(&MINIMAL.replace("[\"self-hosted\", \"linux\"]", "[\"self-hosted\", \"a,b\"]"));
+    assert!(e.contains("pool[0].labels") && e.contains("a,b"), "{e}");
+    let e = err(&MINIMAL.replace("[\"self-hosted\", \"linux\"]", "[\"Linux\", \"linux\"]"));
+    assert!(e.contains("duplicate"), "{e}");
+    let e = err(&MINIMAL.replace("image = \"/var", "image = \"var"));
+    assert!(e.contains("pool[0].image"), "{e}");
+    let e = err(&format!("{MINIMAL}\nmax_vms = 2\nmax_vms_per_repository = 3\n"));
+    assert!(e.contains("pool[0].max_vms_per_repository") && e.contains('3'), "{e}");
+    let e = err(&MINIMAL.replace("[[pool]]", "[capacity]\nmax_vms = 0\n[[pool]]"));
+    assert!(e.contains("capacity.max_vms"), "{e}");
+    let e = err(&format!("{MINIMAL}\nmax_vms = 0\n"));
+    assert!(e.contains("pool[0].max_vms") && e.contains('0'), "{e}");
+    let e = err(&format!("{MINIMAL}\nidle_timeout = \"soon\"\n"));
+    assert!(e.contains("invalid duration") && e.contains("soon"), "{e}");
+    let e = err(&MINIMAL.replace("listen = \"127.0.0.1:8080\"", "listen = \"localhost\""));
+    assert!(e.contains("listen"), "{e}");
+    let e = err(&format!("{MINIMAL}\nrunner_user = \"root\"\n"));
+    assert!(e.contains("runner_user"), "{e}");
+    let e = err(&MINIMAL.replace("type = \"pat\"", "type = \"oauth\""));
+    assert!(e.contains("oauth"), "{e}");
+    let dup =
+        format!("{MINIMAL}\n[[pool]]\nname = \"other\"\nlabels = [\"LINUX\", \"self-hosted\"]\nimage = \"/x.qcow2\"\n");
+    assert!(err(&dup).contains("same label set"));
+    let no_pools = format!("pool = []\n{}", &MINIMAL[..MINIMAL.find("[[pool]]").unwrap()]);
+    let e = err(&no_pools);
+    assert!(e.contains("at least one"), "{e}");
+}

@@ -1,0 +1,206 @@
+//! [`Config::validate`]: what types cannot check, each error naming the key and the value.
+
+use std::time::Duration;
+
+use super::*;
+
+fn valid_slug(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+impl Config {
+    /// Checks what types cannot: one scope, sane URLs, names, label sets, sizes and timers.
+    /// File existence is checked by `runnervisor check` and at start, not here.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let g = &self.github;
+        let scopes = [g.repository.is_some(), g.organization.is_some(), g.enterprise.is_some()];
+        match scopes.iter().filter(|s| **s).count() {
+            1 => {}
+            0 => {
+                return Err(invalid("github", "(none)", "set exactly one of repository, organization, enterprise"));
+            }
+            _ => {
+                return Err(invalid(
+                    "github",
+                    "several scopes",
+                    "set exactly one of repository, organization, enterprise",
+                ));
+            }
+        }
+        if let Some(r) = &g.repository {
+            let ok = r.split_once('/').is_some_and(|(o, n)| valid_slug(o) && valid_slug(n));
+            if !ok {
+                return Err(invalid("github.repository", r, "must be \"owner/name\""));
+            }
+        }
+        if let Some(o) = g.organization.as_ref().filter(|o| !valid_slug(o)) {
+            return Err(invalid("github.organization", o, "not a valid organization login"));
+        }
+        if let Some(e) = g.enterprise.as_ref().filter(|e| !valid_slug(e)) {
+            return Err(invalid("github.enterprise", e, "not a valid enterprise slug"));
+        }
+        for (key, url) in [("github.api_url", Some(&g.api_url)), ("github.web_url", g.web_url.as_ref())] {
+            if let Some(u) = url
+                && (!(u.starts_with("https://") || u.starts_with("http://")) || u.len() < 10)
+            {
+                return Err(invalid(key, u, "must be an http(s) URL"));
+            }
+        }
+        match (&g.hook, g.scope(), &g.auth) {
+            (Some(HookConfig::Repository { .. }), Scope::Repository { .. }, _)
+            | (Some(HookConfig::Organization { .. }), Scope::Organization(_), _)
+            | (Some(HookConfig::App), _, AuthConfig::App { .. })
+            | (None, _, _) => {}
+            (Some(h), _, _) => {
+                return Err(invalid(
+                    "github.hook",
+                    h,
+                    "a repository hook needs repository scope, an organization hook organization scope, an app hook App auth",
+                ));
+            }
+        }
+        if g.runner_group.trim().is_empty() {
+            return Err(invalid("github.runner_group", &g.runner_group, "must not be empty"));
+        }
+        if !(1024..=25 * 1024 * 1024).contains(&self.server.max_body_bytes) {
+            return Err(invalid(
+                "server.max_body_bytes",
+                self.server.max_body_bytes,
+                "must be 1024 to 26214400 (GitHub's 25 MiB)",
+            ));
+        }
+        if !(1..=65536).contains(&self.server.max_connections) {
+            return Err(invalid("server.max_connections", self.server.max_connections, "must be 1 to 65536"));
+        }
+        for (key, d) in
+            [("server.header_timeout", self.server.header_timeout), ("server.body_timeout", self.server.body_timeout)]
+        {
+            if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&d) {
+                return Err(invalid(key, d, "must be 100ms to 5m"));
+            }
+        }
+        if self.libvirt.storage_pool.is_empty() {
+            return Err(invalid("libvirt.storage_pool", "", "must not be empty"));
+        }
+        if let NetworkConfig::Network { name, filter, .. } | NetworkConfig::Bridge { name, filter, .. } =
+            &self.libvirt.network
+        {
+            if name.is_empty() || name.contains('/') {
+                return Err(invalid("libvirt.network.name", name, "must be a network or bridge name"));
+            }
+            let ok = !filter.is_empty()
+                && filter.len() <= 64
+                && filter.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(invalid(
+                    "libvirt.network.filter",
+                    filter,
+                    "use 1-64 characters of a-z, 0-9, '-', '_', '.'",
+                ));
+            }
+        }
+        if self.reconcile.sweep_interval < Duration::from_secs(1) {
+            return Err(invalid("reconcile.sweep_interval", self.reconcile.sweep_interval, "must be at least 1s"));
+        }
+        if self.reconcile.github_interval < Duration::from_secs(5) {
+            return Err(invalid("reconcile.github_interval", self.reconcile.github_interval, "must be at least 5s"));
+        }
+        if self.reconcile.provision_timeout < Duration::from_secs(30) {
+            return Err(invalid(
+                "reconcile.provision_timeout",
+                self.reconcile.provision_timeout,
+                "must be at least 30s (creating volumes and starting a domain takes seconds)",
+            ));
+        }
+        if self.pools.is_empty() {
+            return Err(invalid("pool", "[]", "configure at least one [[pool]]"));
+        }
+        if let Some(n) = self.capacity.max_vms
+            && !(1..=10_000).contains(&n)
+        {
+            return Err(invalid("capacity.max_vms", n, "must be 1 to 10000"));
+        }
+        let mut label_sets: Vec<(String, Vec<String>)> = Vec::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let key = |k: &str| format!("pool[{i}].{k}");
+            let name_ok = !p.name.is_empty()
+                && p.name.len() <= 20
+                && p.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !p.name.starts_with('-')
+                && !p.name.ends_with('-');
+            if !name_ok {
+                return Err(invalid(key("name"), &p.name, "use 1-20 characters of a-z, 0-9 and '-' (not at the ends)"));
+            }
+            if self.pools[..i].iter().any(|q| q.name == p.name) {
+                return Err(invalid(key("name"), &p.name, "another pool has this name"));
+            }
+            if p.labels.is_empty() || p.labels.len() > 100 {
+                return Err(invalid(key("labels"), &p.labels, "give 1 to 100 labels"));
+            }
+            let mut normalized: Vec<String> = Vec::new();
+            for l in &p.labels {
+                if l.trim().is_empty() || l.trim() != l || l.contains(',') || l.len() > 256 {
+                    return Err(invalid(
+                        key("labels"),
+                        l,
+                        "labels are non-empty, without commas or surrounding spaces",
+                    ));
+                }
+                let n = l.to_lowercase();
+                if normalized.contains(&n) {
+                    return Err(invalid(key("labels"), l, "duplicate label (labels compare case-insensitively)"));
+                }
+                normalized.push(n);
+            }
+            normalized.sort();
+            if let Some((other, _)) = label_sets.iter().find(|(_, s)| *s == normalized) {
+                return Err(invalid(key("labels"), &p.labels, format!("pool {other:?} has the same label set")));
+            }
+            label_sets.push((p.name.clone(), normalized));
+            if !p.image.is_absolute() {
+                return Err(invalid(key("image"), &p.image, "must be an absolute path"));
+            }
+            for (k, v) in [("kernel", &p.kernel), ("initrd", &p.initrd)] {
+                if let Some(path) = v.as_ref().filter(|p| !p.is_absolute()) {
+                    return Err(invalid(key(k), path, "must be an absolute path"));
+                }
+            }
+            if p.initrd.is_some() && p.kernel.is_none() {
+                return Err(invalid(key("initrd"), &p.initrd, "needs pool.kernel too"));
+            }
+            if !(1..=256).contains(&p.vcpus) {
+                return Err(invalid(key("vcpus"), p.vcpus, "must be 1 to 256"));
+            }
+            if !(128..=4 * 1024 * 1024).contains(&p.memory_mib) {
+                return Err(invalid(key("memory_mib"), p.memory_mib, "must be 128 to 4194304"));
+            }
+            if !(1..=65536).contains(&p.disk_gib) {
+                return Err(invalid(key("disk_gib"), p.disk_gib, "must be 1 to 65536"));
+            }
+            if !(1..=1000).contains(&p.max_vms) {
+                return Err(invalid(key("max_vms"), p.max_vms, "must be 1 to 1000"));
+            }
+            if p.runner_user.is_empty()
+                || p.runner_user == "root"
+                || !p.runner_user.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(key("runner_user"), &p.runner_user, "a plain, non-root user name"));
+            }
+            if !p.runner_dir.starts_with('/') {
+                return Err(invalid(key("runner_dir"), &p.runner_dir, "must be an absolute path in the image"));
+            }
+            if let Some(n) = p.max_vms_per_repository
+                && !(1..=p.max_vms).contains(&n)
+            {
+                return Err(invalid(key("max_vms_per_repository"), n, format!("must be 1 to max_vms ({})", p.max_vms)));
+            }
+            if p.max_attempts == 0 {
+                return Err(invalid(key("max_attempts"), p.max_attempts, "must be at least 1"));
+            }
+            if p.max_lifetime <= p.registration_timeout {
+                return Err(invalid(key("max_lifetime"), p.max_lifetime, "must be longer than registration_timeout"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! Failures of GitHub and of the host: back-off, retries, outages, a full disk, a missing
+//! pool or network.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_failures_back_off_and_the_job_is_still_served() {
+    let mut h = harness("");
+    h.gh.lock().fail_calls.insert("jit", 2);
+    h.deliver(JobAction::Queued, info(51, LABELS, None));
+    let s =
+        h.wait_for("a VM despite API errors", Duration::from_secs(20), |_, hv| hv.running() == ["rv-small-51-3"]).await;
+    assert_eq!(s.queued.len(), 1, "the job was never dropped");
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="credential"} 2"#), "{m}");
+    // The pool backed off between the attempts: 2 s after the first failure, 4 s after
+    // the second (lower bounds: a slow machine only adds to them).
+    let gh = h.gh.lock();
+    let jit: Vec<Instant> = gh.calls.iter().zip(&gh.call_times).filter(|(c, _)| *c == "jit").map(|(_, t)| *t).collect();
+    assert_eq!(jit.len(), 3, "{:?}", gh.calls);
+    assert!(jit[1] - jit[0] >= Duration::from_secs(2), "first back-off: {:?}", jit[1] - jit[0]);
+    assert!(jit[2] - jit[1] >= Duration::from_secs(4), "doubled: {:?}", jit[2] - jit[1]);
+    drop(gh);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_dying_before_a_job_are_retried_then_the_job_is_given_up() {
+    let mut h = harness("max_attempts = 2");
+    h.deliver(JobAction::Queued, info(61, LABELS, None));
+    h.wait("first VM", |_, hv| hv.running() == ["rv-small-61"]).await;
+    h.hv.stop("rv-small-61");
+    h.wait("second VM", |_, hv| hv.running() == ["rv-small-61-2"]).await;
+    h.hv.stop("rv-small-61-2");
+    let s = h.wait("given up", |s, hv| s.queued.is_empty() && s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    assert!(s.vms.is_empty());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().started_total, 2, "no third VM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_paused_on_a_full_disk_are_torn_down_without_giving_the_job_up() {
+    let mut h = harness("max_attempts = 2");
+    h.deliver(JobAction::Queued, info(65, LABELS, None));
+    h.wait("first VM", |_, hv| hv.running() == ["rv-small-65"]).await;
+    // As many pauses as max_attempts (stops would give the job up), one seen by its event,
+    // one found by the sweep alone.
+    h.hv.io_pause("rv-small-65", true);
+    h.wait("second VM", |_, hv| hv.running() == ["rv-small-65-2"]).await;
+    h.hv.io_pause("rv-small-65-2", false);
+    let s = h.wait("third VM", |_, hv| hv.running() == ["rv-small-65-3"]).await;
+    assert_eq!(s.queued.len(), 1, "the job is still queued: {s:#?}");
+    assert_eq!(h.hv.lock().domains.len(), 1, "the paused domains are gone");
+    let teardowns = h.metrics.render();
+    assert!(teardowns.contains(r#"runnervisor_teardowns_total{reason="disk_error"} 2"#), "{teardowns}");
+    h.run_job_on("rv-small-65-3", 65);
+    h.wait("served", |s, _| s.queued.is_empty() && s.vms.is_empty()).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
+    let mut h = harness("");
+    h.hv.lock().unavailable = true;
+    let _ = h.tx.send(Event::Hv(HvEvent::Disconnected));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = h
+        .job_held_until(71, Duration::from_millis(1500), |h| {
+            h.hv.lock().unavailable = false;
+            let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+        })
+        .await;
+    assert!(!held.libvirt_connected, "{held:#?}");
+    assert!(held.hypervisor_problem.as_deref().is_some_and(|p| p.contains("not reachable")), "{held:#?}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_declaring_an_old_runner_is_reported() {
+    let h = harness_with("runner_max_age = \"10d\"", |img| {
+        let manifest = crate::images::manifest_path(img);
+        std::fs::write(manifest, r#"{"runner_version": "2.300.0", "runner_released": "2020-01-01"}"#).unwrap();
+    });
+    h.wait("the warning", |_, _| h.metrics.image_runner_outdated.get_or_create(&metrics::pool("small")).get() == 1)
+        .await;
+    h.shutdown().await;
+    let fresh = harness("");
+    fresh.wait("a sweep", |s, _| s.libvirt_connected).await;
+    assert_eq!(
+        fresh.metrics.image_runner_outdated.get_or_create(&metrics::pool("small")).get(),
+        0,
+        "no manifest, no warning"
+    );
+    fresh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_storage_pool_holds_jobs_until_it_is_back() {
+    let mut h = harness("");
+    h.hv.lock().pool_missing = true;
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    // (Not `!libvirt_connected`: that holds before the first sweep too.)
+    let s = h.wait("the pool to be found missing", |s, _| s.hypervisor_problem.is_some()).await;
+    assert!(!s.libvirt_connected);
+    // libvirt answers: what is wrong is the pool, and status says so.
+    assert!(s.hypervisor_problem.as_deref().is_some_and(|p| p.contains("storage pool")), "{s:#?}");
+    h.job_held_until(101, Duration::from_millis(2500), |h| h.hv.lock().pool_missing = false).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_network_holds_jobs_and_never_falls_back_to_an_open_one() {
+    let mut h = harness("");
+    h.hv.lock().network_missing = true;
+    let held = h.job_held_until(101, Duration::from_millis(2500), |h| h.hv.lock().network_missing = false).await;
+    assert!(held.vms.is_empty());
+    // No credential was made while the fence was down: the first JIT config came after.
+    let (gh, hv, _) = h.shutdown().await;
+    assert_eq!(gh.lock().calls.iter().filter(|c| c.starts_with("jit")).count(), 1, "{:?}", gh.lock().calls);
+    let hv = hv.lock();
+    let (_, xml) = hv.domains.values().next().unwrap();
+    assert!(xml.contains("<filterref filter=\"runnervisor-fence\">"), "{xml}");
+}

@@ -1,0 +1,139 @@
+//! Liveness: a panic, a hang or a failing store never stops the agent.
+
+use super::*;
+
+/// The scheduler's store whose commits fail while `FAIL` is set (the harness's own
+/// store, for the intake, is unaffected).
+struct FlakyStore {
+    inner: Arc<Store>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SchedulerStore for FlakyStore {
+    fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+        self.inner.load()
+    }
+    fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+        self.inner.inbox()
+    }
+    fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Encode(serde_json::from_str::<u8>("x").unwrap_err()));
+        }
+        self.inner.commit(batch)
+    }
+    fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError> {
+        self.inner.delivery_seen(guid)
+    }
+    fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError> {
+        self.inner.prune_deliveries(age, now)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_provisioning_task_is_a_failure_not_a_hang() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |_| {},
+        |hv| {
+            hv.panics.insert("start", 1);
+        },
+        None,
+    );
+    h.deliver(JobAction::Queued, info(601, LABELS, None));
+    // The first VM's provisioning panicked: reported as failed, torn down, and the job
+    // gets another VM once the back-off passes.
+    let s = h.wait("a second VM", |_, hv| hv.running() == ["rv-small-601-2"]).await;
+    assert_eq!(s.vms.len(), 1, "the first VM is gone: {s:#?}");
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="task"} 1"#), "{m}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_sweep_does_not_stop_sweeps() {
+    // The first sweep panics; without a report no sweep would ever run again and libvirt
+    // would never count as ready.
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |_| {},
+        |hv| {
+            hv.panics.insert("list_vms", 1);
+        },
+        None,
+    );
+    h.deliver(JobAction::Queued, info(611, LABELS, None));
+    h.wait("a VM after the next sweep", |_, hv| hv.running().len() == 1).await;
+    assert_eq!(h.hv.lock().panics["list_vms"], 0, "the panic happened");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_teardown_is_retried() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |_| {},
+        |hv| {
+            hv.panics.insert("teardown", 1);
+        },
+        None,
+    );
+    h.deliver(JobAction::Queued, info(621, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    h.run_job_on("rv-small-621", 621);
+    // The retry comes after TEARDOWN_RETRY (10 s).
+    h.wait_for("the teardown retried", Duration::from_secs(30), |s, hv| {
+        s.vms.is_empty() && hv.lock().domains.is_empty()
+    })
+    .await;
+    assert!(h.metrics.render().contains("runnervisor_teardown_failures_total 1\n"), "{}", h.metrics.render());
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioning_that_never_reports_is_torn_down_at_its_deadline() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |c| c.reconcile.provision_timeout = Duration::from_secs(2),
+        |hv| hv.stall_starts = 1,
+        None,
+    );
+    h.deliver(JobAction::Queued, info(631, LABELS, None));
+    let s = h.wait("another VM after the deadline", |_, hv| hv.running() == ["rv-small-631-2"]).await;
+    assert!(s.vms.iter().all(|v| v.name != "rv-small-631"), "the hung one is gone: {s:#?}");
+    assert_eq!(s.queued.len(), 1, "the job stays queued: {s:#?}");
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="timeout"} 1"#), "{m}");
+    assert!(m.contains(r#"runnervisor_teardowns_total{reason="provision_timeout"} 1"#), "{m}");
+    // The hung call returns at last: what it would still make is not kept.
+    h.hv.lock().release_stalled = true;
+    h.wait("nothing of the hung VM left", |_, hv| !hv.lock().domains.contains_key("rv-small-631")).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_vm_is_made_while_its_record_cannot_be_persisted() {
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = fail.clone();
+    let wrap: Box<dyn FnOnce(Arc<Store>) -> Arc<dyn SchedulerStore>> =
+        Box::new(move |inner| Arc::new(FlakyStore { inner, fail: flag }));
+    let mut h = harness_full("", |_| {}, |_| {}, |_| {}, Some(wrap));
+    h.deliver(JobAction::Queued, info(641, LABELS, None));
+    h.wait("the refusal", |_, _| {
+        h.metrics.render().contains(r#"runnervisor_provision_failures_total{pool="small",step="store"}"#)
+    })
+    .await;
+    // The refusal happens before anything is spawned: nothing can be on its way.
+    {
+        let hv = h.hv.lock();
+        assert!(hv.domains.is_empty() && hv.volumes.is_empty(), "nothing made: {:?}", hv.volumes);
+    }
+    assert!(h.gh.lock().calls.iter().all(|c| !c.starts_with("jit")), "no credential: {:?}", h.gh.lock().calls);
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.wait("a VM once the store works", |_, hv| hv.running().len() == 1).await;
+    h.shutdown().await;
+}

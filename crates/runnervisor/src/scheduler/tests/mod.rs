@@ -1,0 +1,241 @@
+//! Scheduler logic against the fake GitHub and fake hypervisor.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::*;
+use crate::admin::proto::{Reply as AdminReply, Status};
+use crate::github::fake::FakeGitHub;
+use crate::hypervisor::fake::FakeHypervisor;
+use crate::hypervisor::{HvEvent, Hypervisor};
+use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState, VmRec};
+use crate::store::{Batch, SchedulerStore, Store, StoreError};
+
+const LABELS: &[&str] = &["self-hosted", "linux"];
+
+fn config(extra_pool: &str, dir: &std::path::Path) -> Arc<Config> {
+    let text = format!(
+        r#"
+        state_dir = "{}"
+        [server]
+        listen = "127.0.0.1:0"
+        [github]
+        organization = "octo-org"
+        auth = {{ type = "pat", token = {{ file = "/x" }} }}
+        webhook_secret = {{ file = "/y" }}
+        [reconcile]
+        sweep_interval = "1s"
+        github_interval = "5s"
+        stop_grace = "2s"
+        [[pool]]
+        name = "small"
+        labels = ["self-hosted", "Linux"]
+        image = "/dev/null"
+        max_vms = 2
+        {extra_pool}
+        "#,
+        dir.display()
+    );
+    Arc::new(Config::parse(&text).unwrap())
+}
+
+struct H {
+    metrics: Arc<Metrics>,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    store: Arc<Store>,
+    inbox: Arc<Notify>,
+    tx: UnboundedSender<Event>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    seq: u64,
+    /// The state dir and the image, removed when the harness goes.
+    dirs: Vec<crate::test_support::TempDir>,
+}
+
+/// A fake image: check_image reads a qcow2 header, so write one.
+fn fake_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("golden.qcow2");
+    let mut header = b"QFI\xfb".to_vec();
+    header.resize(24, 0);
+    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    std::fs::write(&p, header).unwrap();
+    p
+}
+
+fn start(
+    cfg: Arc<Config>,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    hv_rx: Option<UnboundedReceiver<HvEvent>>,
+    store: Arc<Store>,
+) -> H {
+    start_on(cfg, gh, hv, hv_rx, store.clone(), store)
+}
+
+/// [`start`] with the scheduler on its own view of the store (e.g. one that fails).
+fn start_on(
+    cfg: Arc<Config>,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    hv_rx: Option<UnboundedReceiver<HvEvent>>,
+    store: Arc<Store>,
+    scheduler_store: Arc<dyn SchedulerStore>,
+) -> H {
+    let (tx, rx) = mpsc::unbounded_channel();
+    if let Some(mut hv_rx) = hv_rx {
+        let fwd = tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = hv_rx.recv().await {
+                let _ = fwd.send(Event::Hv(e));
+            }
+        });
+    }
+    let inbox = Arc::new(Notify::new());
+    let metrics = Arc::new(Metrics::default());
+    let s =
+        Scheduler::new(cfg, gh.clone(), hv.clone(), scheduler_store, metrics.clone(), inbox.clone(), tx.clone(), rx)
+            .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(s.run(stop.clone(), None));
+    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new() }
+}
+
+fn harness(extra_pool: &str) -> H {
+    harness_with(extra_pool, |_| {})
+}
+
+fn harness_with(extra_pool: &str, with_image: impl FnOnce(&std::path::Path)) -> H {
+    harness_tweaked(extra_pool, with_image, |_| {})
+}
+
+/// A harness whose config is changed by `tweak` (after parsing: no validation).
+fn harness_tweaked(extra_pool: &str, with_image: impl FnOnce(&std::path::Path), tweak: impl FnOnce(&mut Config)) -> H {
+    harness_full(extra_pool, with_image, tweak, |_| {}, None)
+}
+
+/// A harness whose fake hypervisor is set up by `hv_setup` before the scheduler starts,
+/// and whose scheduler uses `store` (wrapping the harness's own) when given.
+fn harness_full(
+    extra_pool: &str,
+    with_image: impl FnOnce(&std::path::Path),
+    tweak: impl FnOnce(&mut Config),
+    hv_setup: impl FnOnce(&mut crate::hypervisor::fake::FakeState),
+    wrap_store: Option<Box<dyn FnOnce(Arc<Store>) -> Arc<dyn SchedulerStore>>>,
+) -> H {
+    let dir = crate::test_support::tempdir();
+    let img = fake_image(&dir);
+    with_image(&img);
+    let extra = format!("{extra_pool}\n");
+    let cfg = config(&extra, &dir);
+    let mut cfg = (*cfg).clone();
+    cfg.pools[0].image = img;
+    tweak(&mut cfg);
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    hv_setup(&mut hv.lock());
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let scheduler_store = match wrap_store {
+        Some(wrap) => wrap(store.clone()),
+        None => store.clone(),
+    };
+    let mut h = start_on(Arc::new(cfg), Arc::new(FakeGitHub::default()), hv, Some(hv_rx), store, scheduler_store);
+    h.dirs.push(dir);
+    h
+}
+
+fn info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
+    JobInfo {
+        id,
+        run_id: 1,
+        run_attempt: 1,
+        name: "build".into(),
+        workflow_name: "CI".into(),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        repository: "octo-org/app".into(),
+        html_url: String::new(),
+        runner_name: runner.map(str::to_string),
+        conclusion: None,
+    }
+}
+
+impl H {
+    fn deliver_as(&mut self, delivery: &str, action: JobAction, job: JobInfo) -> bool {
+        let ok = self
+            .store
+            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: SystemTime::now() })
+            .unwrap();
+        self.inbox.notify_one();
+        ok
+    }
+    fn deliver(&mut self, action: JobAction, job: JobInfo) {
+        self.seq += 1;
+        let d = format!("d{}", self.seq);
+        self.deliver_as(&d, action, job);
+    }
+    async fn status(&self) -> Status {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Event::Admin(AdminCommand::Status, tx)).ok().unwrap();
+        match rx.await.unwrap() {
+            AdminReply::Status(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+    async fn admin(&self, cmd: AdminCommand) -> AdminReply {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Event::Admin(cmd, tx)).ok().unwrap();
+        rx.await.unwrap()
+    }
+    async fn wait(&self, what: &str, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
+        self.wait_for(what, Duration::from_secs(10), f).await
+    }
+    async fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let s = self.status().await;
+            if f(&s, &self.hv) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}: {:#?}", self.status().await);
+    }
+    /// Job `id`, queued while the hypervisor is in trouble, has no VM and stays queued for
+    /// `hold`; once `heal` has run, it gets one. Returns the status seen while it was held.
+    async fn job_held_until(&mut self, id: u64, hold: Duration, heal: impl FnOnce(&H)) -> Status {
+        self.deliver(JobAction::Queued, info(id, LABELS, None));
+        tokio::time::sleep(hold).await;
+        let held = self.status().await;
+        assert!(held.vms.is_empty() && held.queued.len() == 1, "{held:#?}");
+        heal(self);
+        self.wait("a VM once the hypervisor is well again", |_, hv| hv.running().len() == 1).await;
+        held
+    }
+    /// The runner of `vm` takes job `id`, finishes it, and the guest powers off.
+    fn run_job_on(&mut self, vm: &str, id: u64) {
+        self.deliver(JobAction::InProgress, info(id, LABELS, Some(vm)));
+        let mut done = info(id, LABELS, Some(vm));
+        done.conclusion = Some("success".into());
+        self.deliver(JobAction::Completed, done);
+        self.hv.stop(vm);
+    }
+    async fn shutdown(self) -> (Arc<FakeGitHub>, Arc<FakeHypervisor>, Arc<Store>) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        (self.gh, self.hv, self.store)
+    }
+}
+
+fn vm_for(s: &Status, job: u64) -> Option<String> {
+    s.vms.iter().find(|v| v.job_id == job).map(|v| v.name.clone())
+}
+
+mod faults;
+mod liveness;
+mod serving;

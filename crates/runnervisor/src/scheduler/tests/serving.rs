@@ -1,0 +1,291 @@
+//! Jobs served: demand, counting not binding, drain, restart, scopes and caps.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
+    let mut h = harness("");
+    for id in [11, 12, 13] {
+        h.deliver(JobAction::Queued, info(id, &["Self-Hosted", "linux"], None));
+    }
+    let s = h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
+    assert!(vm_for(&s, 11).is_some() && vm_for(&s, 12).is_some(), "oldest first: {s:#?}");
+    assert!(vm_for(&s, 13).is_none(), "capacity 2");
+    assert_eq!(s.pools[0].queued, 3);
+    let vm11 = vm_for(&s, 11).unwrap();
+    assert_eq!(vm11, "rv-small-11");
+    // The seed went through the hypervisor seam with a JIT credential for this VM.
+    assert!(h.hv.lock().seeds.contains_key(&vm11));
+    // The VM sits behind the fence: the default network, an isolated port, the nwfilter
+    // defined from the config, trusting the network's own DHCP server.
+    {
+        let hv = h.hv.lock();
+        let xml = &hv.domains[&vm11].1;
+        assert!(xml.contains("<source network=\"runnervisor\"/>"), "{xml}");
+        assert!(xml.contains("<filterref filter=\"runnervisor-fence\">") && xml.contains("<port isolated=\"yes\"/>"));
+        assert!(xml.contains("name=\"DHCPSERVER\" value=\"198.51.100.1\""), "{xml}");
+        let filter = &hv.filters["runnervisor-fence"];
+        assert!(filter.contains("clean-traffic") && filter.contains("dstipaddr=\"169.254.0.0\""), "{filter}");
+    }
+    h.run_job_on(&vm11, 11);
+    let s = h.wait("job 13 gets a VM", |s, _| vm_for(s, 13).is_some()).await;
+    assert!(s.vms.iter().all(|v| v.name != vm11), "vm 11 torn down");
+    let vm12 = vm_for(&s, 12).unwrap();
+    let vm13 = vm_for(&s, 13).unwrap();
+    h.run_job_on(&vm12, 12);
+    h.run_job_on(&vm13, 13);
+    h.wait("all gone", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    let (gh, hv, _) = h.shutdown().await;
+    let st = hv.lock();
+    assert!(st.volumes.is_empty(), "{:?}", st.volumes);
+    assert!(st.seeds_removed.is_empty(), "JIT seeds are not hot-unplugged");
+    assert_eq!(st.peak_running, 2);
+    assert_eq!(st.started_total, 3);
+    assert!(gh.runner_names().is_empty(), "runner registrations deleted: {:?}", gh.runner_names());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_runner_may_take_any_job_counting_not_binding() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(21, LABELS, None));
+    h.deliver(JobAction::Queued, info(22, LABELS, None));
+    h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
+    // The VM made for 21 runs job 22: job 21 still needs a runner and keeps the other VM.
+    h.run_job_on("rv-small-21", 22);
+    let s = h.wait("vm for 21 gone", |s, _| s.vms.iter().all(|v| v.name != "rv-small-21")).await;
+    assert_eq!(s.vms.len(), 1, "no extra VM: the VM made for 22 serves 21: {s:#?}");
+    h.run_job_on("rv-small-22", 21);
+    h.wait("all served", |s, hv| s.vms.is_empty() && s.queued.is_empty() && hv.lock().domains.is_empty()).await;
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().started_total, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_labels_duplicates_and_reordering_make_no_extra_vm() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(31, &["self-hosted", "gpu"], None));
+    h.deliver(JobAction::Queued, info(32, &["self-hosted"], None));
+    // completed before queued: never provisioned.
+    let mut c = info(33, LABELS, None);
+    c.conclusion = Some("cancelled".into());
+    h.deliver(JobAction::Completed, c);
+    h.deliver(JobAction::Queued, info(33, LABELS, None));
+    // The same delivery twice is accepted once; the same job under two deliveries once.
+    assert!(h.deliver_as("same", JobAction::Queued, info(34, LABELS, None)));
+    assert!(!h.deliver_as("same", JobAction::Queued, info(34, LABELS, None)));
+    h.deliver(JobAction::Queued, info(34, LABELS, None));
+    let s = h.wait("one VM", |_, hv| hv.running().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s2 = h.status().await;
+    assert_eq!(s2.vms.len(), 1, "{s:#?}");
+    assert_eq!(s2.vms[0].job_id, 34);
+    assert_eq!(s2.queued.len(), 1);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
+    let mut h = harness("idle_timeout = \"1s\"");
+    h.deliver(JobAction::Queued, info(41, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let mut c = info(41, LABELS, None);
+    c.conclusion = Some("cancelled".into());
+    h.deliver(JobAction::Completed, c);
+    h.wait("surplus VM reaped", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    let (gh, _, _) = h.shutdown().await;
+    assert!(gh.runner_names().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_new_vms_and_survives_restart() {
+    let mut h = harness("");
+    assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
+    h.deliver(JobAction::Queued, info(81, LABELS, None));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(h.hv.running().is_empty());
+    let cfg = h.store.load().unwrap();
+    assert_eq!(cfg.meta["draining"], b"1");
+    assert!(matches!(h.admin(AdminCommand::DestroyVm("rv-nope-1".into())).await, AdminReply::Error(_)));
+    assert!(matches!(h.admin(AdminCommand::Drain(false)).await, AdminReply::Ok(_)));
+    h.wait("VM after undrain", |_, hv| hv.running().len() == 1).await;
+    assert!(matches!(h.admin(AdminCommand::DestroyVm("rv-small-81".into())).await, AdminReply::Ok(_)));
+    h.wait("operator destroy", |s, _| s.vms.iter().all(|v| v.name != "rv-small-81")).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(91, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let (gh, hv, store) = h.shutdown().await;
+    // Simulate a crash mid-provisioning of a second job: a record, a volume and a runner
+    // exist, no domain.
+    let now = SystemTime::now();
+    let job = JobRec {
+        info: info(92, LABELS, None),
+        pool: Some("small".into()),
+        state: JobState::Queued,
+        received_at: now,
+        vms_made: 1,
+        failed_vms: 0,
+        updated_at: now,
+    };
+    let vm = VmRec {
+        name: "rv-small-92".into(),
+        pool: "small".into(),
+        job_id: 92,
+        run_id: 1,
+        repository: "octo-org/app".into(),
+        job_url: String::new(),
+        runner_id: None,
+        state: VmState::Provisioning,
+        created_at: now,
+        state_since: now,
+        took_job: None,
+        seed_removed: false,
+        reap: None,
+    };
+    store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
+    hv.lock().volumes.insert("rv-small-92.qcow2".into());
+    GitHub::generate_jit_config(&*gh, "rv-small-92", &[], 1).await.unwrap();
+    // An orphan domain of ours with no record at all, not running.
+    hv.define("rv-small-99", "<domain/>").unwrap();
+
+    let dir = crate::test_support::tempdir();
+    let cfg = config("", &dir);
+    let mut cfg = (*cfg).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    let mut h = start(Arc::new(cfg), gh, hv.clone(), None, store);
+    h.dirs.push(dir);
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    let s = h
+        .wait("recovered", |_, hv| {
+            hv.running().contains(&"rv-small-91".to_string())
+                && hv.running().iter().any(|n| n.starts_with("rv-small-92-"))
+                && !hv.lock().domains.contains_key("rv-small-99")
+        })
+        .await;
+    assert!(s.vms.iter().any(|v| v.name == "rv-small-91" && v.state == "booting"), "adopted: {s:#?}");
+    assert!(!hv.lock().volumes.contains("rv-small-92.qcow2"), "interrupted VM's volume removed");
+    let (gh, _, _) = h.shutdown().await;
+    assert!(!gh.runner_names().contains(&"rv-small-92".to_string()), "interrupted VM's runner removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_scope_polls_queued_jobs_whose_webhooks_were_missed() {
+    let dir = crate::test_support::tempdir();
+    let img = fake_image(&dir);
+    let cfg = config("", &dir);
+    let mut cfg = (*cfg).clone();
+    cfg.pools[0].image = img;
+    cfg.github.organization = None;
+    cfg.github.repository = Some("octo-org/app".into());
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let gh = Arc::new(FakeGitHub::default());
+    gh.lock().queued.push(info(111, LABELS, None));
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let mut h = start(Arc::new(cfg), gh, hv, Some(hv_rx), store);
+    h.dirs.push(dir);
+    let s = h.wait("a VM for the polled job", |_, hv| hv.running() == ["rv-small-111"]).await;
+    assert_eq!(s.queued[0].job_id, 111);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_no_pool_serves_are_counted_not_kept() {
+    let mut h = harness("");
+    for id in 200..205 {
+        h.deliver(JobAction::Queued, info(id, &["self-hosted", "gpu"], None));
+    }
+    h.deliver(JobAction::Queued, info(210, LABELS, None));
+    let s = h.wait("the matching job tracked", |s, _| s.queued.iter().any(|q| q.job_id == 210)).await;
+    assert_eq!(s.queued.len(), 1, "only the matching job is tracked: {s:#?}");
+    assert!(h.metrics.render().contains("runnervisor_jobs_unmatched_total 5\n"), "{}", h.metrics.render());
+    let (_, _, store) = h.shutdown().await;
+    let snap = store.load().unwrap();
+    assert!(snap.jobs.keys().all(|id| *id == 210), "unmatched jobs are not stored: {:?}", snap.jobs.keys());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_github_answers_404_for_is_dropped() {
+    // Drained: the job gets no VM and stays queued until the GitHub sync asks about it
+    // (after two sync intervals without news); the fake GitHub does not know it.
+    let mut h = harness("");
+    assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
+    h.deliver(JobAction::Queued, info(301, LABELS, None));
+    h.wait("job queued", |s, _| s.queued.len() == 1).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let s = h.status().await;
+        if s.queued.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the unknown job was kept: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h.gh.lock().calls.iter().any(|c| c.starts_with("job")), "{:?}", h.gh.lock().calls);
+    let (_, _, store) = h.shutdown().await;
+    let snap = store.load().unwrap();
+    let j = &snap.jobs[&301];
+    assert!(
+        matches!(&j.state, JobState::Completed { conclusion, .. } if conclusion.as_deref() == Some("not_found")),
+        "{:?}",
+        j.state
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mode_seeds_are_removed_once_the_runner_is_online() {
+    let mut h = harness("registration = \"token\"");
+    h.deliver(JobAction::Queued, info(401, LABELS, None));
+    let s = h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let vm = vm_for(&s, 401).unwrap();
+    let seed = crate::hypervisor::seed_volume_name(&vm);
+    assert!(h.hv.lock().volumes.contains(&seed));
+    assert!(h.hv.lock().seeds_removed.is_empty(), "kept while the runner has not registered");
+    h.deliver(JobAction::InProgress, info(401, LABELS, Some(&vm)));
+    h.wait("the seed removed", |_, hv| hv.lock().seeds_removed == [vm.clone()]).await;
+    assert!(!h.hv.lock().volumes.contains(&seed));
+    let (_, hv, store) = h.shutdown().await;
+    assert!(store.load().unwrap().vms[&vm].seed_removed, "remembered across restarts");
+    assert_eq!(hv.lock().seeds_removed.len(), 1, "once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
+    let mut h = harness_tweaked("max_vms_per_repository = 1", |_| {}, |c| c.pools[0].max_vms = 3);
+    // A matrix of one repository, then one job of another: the other gets a VM at once.
+    for id in 501..=503 {
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    let mut other = info(504, LABELS, None);
+    other.repository = "octo-org/other".into();
+    h.deliver(JobAction::Queued, other);
+    let s = h.wait("one VM per repository", |s, hv| s.queued.len() == 4 && hv.running().len() == 2).await;
+    assert!(vm_for(&s, 501).is_some() && vm_for(&s, 504).is_some(), "{s:#?}");
+    assert!(vm_for(&s, 502).is_none() && vm_for(&s, 503).is_none(), "{s:#?}");
+    h.shutdown().await;
+
+    // The host-wide cap binds below the pool's max_vms.
+    let mut h = harness_tweaked(
+        "",
+        |_| {},
+        |c| {
+            c.pools[0].max_vms = 3;
+            c.capacity.max_vms = Some(1);
+        },
+    );
+    for id in 511..=513 {
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    h.wait("one VM", |s, hv| s.queued.len() == 3 && hv.running().len() == 1).await;
+    // VM records are made synchronously when the loop reconciles, which it did after
+    // every event so far: no second VM is on its way.
+    let s = h.status().await;
+    assert_eq!(s.vms.len(), 1, "capacity.max_vms = 1: {s:#?}");
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().peak_running, 1);
+}
