@@ -15,12 +15,14 @@ async fn api_failures_back_off_and_the_job_is_still_served() {
     assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="credential"} 2"#), "{m}");
     // The pool backed off between the attempts: 2 s after the first failure, 4 s after
     // the second (lower bounds: a slow machine only adds to them).
-    let gh = h.gh.lock();
-    let jit: Vec<Instant> = gh.calls.iter().zip(&gh.call_times).filter(|(c, _)| *c == "jit").map(|(_, t)| *t).collect();
-    assert_eq!(jit.len(), 3, "{:?}", gh.calls);
+    let (calls, jit): (Vec<String>, Vec<Instant>) = {
+        let gh = h.gh.lock();
+        let jit = gh.calls.iter().zip(&gh.call_times).filter(|(c, _)| *c == "jit").map(|(_, t)| *t).collect();
+        (gh.calls.clone(), jit)
+    };
+    assert_eq!(jit.len(), 3, "{calls:?}");
     assert!(jit[1] - jit[0] >= Duration::from_secs(2), "first back-off: {:?}", jit[1] - jit[0]);
     assert!(jit[2] - jit[1] >= Duration::from_secs(4), "doubled: {:?}", jit[2] - jit[1]);
-    drop(gh);
     h.shutdown().await;
 }
 

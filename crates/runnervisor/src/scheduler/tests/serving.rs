@@ -248,6 +248,8 @@ async fn token_mode_seeds_are_removed_once_the_runner_is_online() {
     assert!(h.hv.lock().seeds_removed.is_empty(), "kept while the runner has not registered");
     h.deliver(JobAction::InProgress, info(401, LABELS, Some(&vm)));
     h.wait("the seed removed", |_, hv| hv.lock().seeds_removed == [vm.clone()]).await;
+    // ... and the scheduler told of it (the report may still be on its way).
+    h.wait("the removal recorded", |_, _| h.store.load().unwrap().vms[&vm].seed_removed).await;
     assert!(!h.hv.lock().volumes.contains(&seed));
     let (_, hv, store) = h.shutdown().await;
     assert!(store.load().unwrap().vms[&vm].seed_removed, "remembered across restarts");
