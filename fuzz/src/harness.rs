@@ -1,7 +1,7 @@
 #![allow(dead_code)] // each binary uses one target of the shared harness
 //! The fuzz targets' bodies, shared by the AFL binaries (`src/bin/*`) and by the
 //! regression test that replays every seed and every crash ever found
-//! (`crates/runnervisor/tests/fuzz_regressions.rs`). Each takes arbitrary bytes, must
+//! (`tests/fuzz_regressions.rs`). Each takes arbitrary bytes, must
 //! never panic, and checks the invariants of what it gets back.
 
 use std::time::SystemTime;

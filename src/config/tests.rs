@@ -25,7 +25,7 @@ fn err(text: &str) -> String {
 
 #[test]
 fn the_shipped_example_parses() {
-    let text = include_str!("../../../../config.toml.example");
+    let text = include_str!("../../config.toml.example");
     let c = Config::parse(text).unwrap_or_else(|e| panic!("config.toml.example: {e}"));
     assert!(!c.pools.is_empty());
 }

@@ -14,7 +14,7 @@ use common::*;
 use runnervisor::hypervisor::Hypervisor;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 #[test]

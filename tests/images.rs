@@ -13,7 +13,7 @@ use common::*;
 #[test]
 fn production_recipe_bakes_a_runner_image() {
     let img = test_image();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let work = tempdir("bake");
     // A stand-in for actions-runner-linux-x64-2.330.0.tar.gz: the fake runner plus a
     // bin/Runner.Listener that answers --version like the real one.

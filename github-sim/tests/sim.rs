@@ -440,7 +440,7 @@ async fn cancelling_a_queued_job_completes_it_with_null_runner() {
 
 /// The fake runner of the test image, copied to a temp dir and run on the host.
 fn fake_runner_dir() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../images/test/files/opt/actions-runner");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/test/files/opt/actions-runner");
     let dst = tempdir().join("actions-runner");
     assert!(Command::new("cp").arg("-a").arg(&src).arg(&dst).status().unwrap().success());
     dst

@@ -2,13 +2,13 @@
 //! (`fuzz/seeds/TARGET/`, `fuzz/regressions/TARGET/`) through the same harness the AFL
 //! targets run (`fuzz/src/harness.rs`), in the ordinary test suite.
 
-#[path = "../../../fuzz/src/harness.rs"]
+#[path = "../fuzz/src/harness.rs"]
 mod harness;
 
 use std::path::Path;
 
 fn replay(target: &str, run: fn(&[u8])) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut n = 0;
     for dir in ["seeds", "regressions"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else { continue };
@@ -50,7 +50,7 @@ fn github_inputs() {
 /// seeds are valid, GitHub's seeds parse.
 #[test]
 fn seeds_are_meaningful() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
     let reply = std::fs::read_to_string(root.join("admin/status-reply")).unwrap();
     let parsed = runnervisor::admin::parse_reply(&reply).unwrap();
     assert!(matches!(parsed, runnervisor::admin::Reply::Status(_)), "the status seed is a status reply");
