@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod capacity;
 pub mod check;
+pub mod clock;
 pub mod cloudinit;
 pub mod config;
 pub mod fence;

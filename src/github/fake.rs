@@ -16,7 +16,7 @@ pub struct FakeState {
     /// Fail the next N calls of one kind (`"jit"`, `"list"`, ...) with a 502.
     pub fail_calls: BTreeMap<&'static str, u32>,
     /// When each call was made, in order (as `calls`).
-    pub call_times: Vec<std::time::Instant>,
+    pub call_times: Vec<tokio::time::Instant>,
     pub jobs: BTreeMap<u64, JobStatus>,
     pub deleted: Vec<String>,
     pub calls: Vec<String>,
@@ -37,7 +37,7 @@ impl FakeGitHub {
     fn enter(&self, call: &str) -> Result<std::sync::MutexGuard<'_, FakeState>, GhError> {
         let mut s = self.lock();
         s.calls.push(call.to_string());
-        s.call_times.push(std::time::Instant::now());
+        s.call_times.push(tokio::time::Instant::now());
         let targeted = s.fail_calls.get_mut(call).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
         if targeted || s.fail_next > 0 {
             if !targeted {
@@ -116,7 +116,14 @@ impl GitHub for FakeGitHub {
     }
 
     async fn job_status(&self, _repo: &str, job_id: u64) -> Result<Option<JobStatus>, GhError> {
-        Ok(self.enter("job")?.jobs.get(&job_id).cloned())
+        let s = self.enter("job")?;
+        // A job it lists as queued, it knows as queued.
+        let queued = s.queued.iter().any(|j| j.id == job_id).then(|| JobStatus {
+            status: "queued".into(),
+            conclusion: None,
+            runner_name: None,
+        });
+        Ok(s.jobs.get(&job_id).cloned().or(queued))
     }
 
     async fn queued_jobs(&self, _repo: &str) -> Result<Vec<JobInfo>, GhError> {

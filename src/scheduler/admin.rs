@@ -42,7 +42,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     pub(super) fn status(&self) -> Status {
-        let now = SystemTime::now();
+        let now = self.now();
         let age = |t: SystemTime| now.duration_since(t).unwrap_or_default().as_secs();
         Status {
             draining: self.draining,

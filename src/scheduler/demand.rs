@@ -7,7 +7,9 @@
 //! runner is never reserved for the job it was made for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::PoolConfig;
 use crate::model::{JobRec, VmRec};

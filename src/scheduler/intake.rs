@@ -55,7 +55,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             received_at,
             vms_made: 0,
             failed_vms: 0,
-            updated_at: SystemTime::now(),
+            updated_at: self.now(),
         }
     }
 
@@ -79,13 +79,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let current = self.book.jobs.get(&id).map(|j| j.state.clone());
         let changed = job::next(current.as_ref(), ev.action, &ev.job);
         if let Some(state) = changed.clone() {
+            let now = self.now();
             let fresh = current.is_none().then(|| self.new_job(&ev.job, ev.received_at));
             let job = match fresh {
                 Some(j) => self.book.jobs.entry(id).or_insert(j),
                 None => self.book.jobs.get_mut(&id).expect("known"),
             };
             job.state = state;
-            job.updated_at = SystemTime::now();
+            job.updated_at = now;
             self.book.touch_job(id);
         } else {
             debug!(job_id = id, delivery = %ev.delivery, action = ?ev.action, "event changes nothing (duplicate, late or reordered)");
@@ -108,7 +109,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     if changed {
                         let vm_pool = self.book.vms[vm].pool.clone();
                         self.metrics.jobs_started.get_or_create(&metrics::pool(&vm_pool)).inc();
-                        let waited = SystemTime::now().duration_since(received).unwrap_or_default();
+                        let waited = self.now().duration_since(received).unwrap_or_default();
                         self.metrics
                             .queued_to_runner_online_seconds
                             .get_or_create(&metrics::pool(&vm_pool))

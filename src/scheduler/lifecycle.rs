@@ -3,7 +3,9 @@
 //! retries, token seeds, and the pools' back-off after failures of the host.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
@@ -54,6 +56,7 @@ impl State {
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Applies `input` to the VM's state through [`vm::next`]; false if it changes nothing.
     pub(super) fn transition(&mut self, name: &str, input: Input) -> bool {
+        let now = self.now();
         let Some(vm) = self.book.vms.get_mut(name) else {
             return false;
         };
@@ -67,7 +70,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.lifecycle.backoff.remove(&vm.pool);
         }
         vm.state = s;
-        vm.state_since = SystemTime::now();
+        vm.state_since = now;
         self.book.touch_vm(name);
         true
     }
@@ -199,7 +202,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Every VM whose timer ran out (registration, lifetime, finishing, provisioning) goes.
     pub(super) fn expire_timers(&mut self) {
-        let now = SystemTime::now();
+        let now = self.now();
         let timers = vm::Timers {
             stop_grace: self.config.reconcile.stop_grace,
             provision_timeout: self.config.reconcile.provision_timeout,
@@ -281,12 +284,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// a crash from there on is recovered by name. If the record cannot be committed,
     /// nothing is made.
     pub(super) fn start_provision(&mut self, job_id: u64, pool: &PoolConfig) {
+        let now = self.now();
         let Some(job) = self.book.jobs.get_mut(&job_id) else {
             return;
         };
         job.vms_made += 1;
         let name = hypervisor::vm_name(&pool.name, job_id, job.vms_made);
-        let now = SystemTime::now();
         let vm = VmRec {
             name: name.clone(),
             pool: pool.name.clone(),

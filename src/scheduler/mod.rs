@@ -30,7 +30,9 @@ pub(crate) mod fixtures;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::{Notify, oneshot};
@@ -38,6 +40,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
@@ -88,6 +91,7 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     hv: HvHealth,
     draining: bool,
     stopping: bool,
+    clock: Arc<dyn Clock>,
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -121,7 +125,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             hv: HvHealth::default(),
             draining,
             stopping: false,
+            clock: Arc::new(SystemClock),
         })
+    }
+
+    /// Reads wall time from `clock` (tests: one that follows tokio's paused clock).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> std::time::SystemTime {
+        self.clock.now()
     }
 
     pub async fn run(mut self, shutdown: CancellationToken, ready: Option<oneshot::Sender<()>>) {
@@ -172,7 +187,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// SIGTERM: start nothing new, let in-flight provisioning and teardown finish (bounded).
     async fn shutdown(&mut self) {
         self.stopping = true;
-        let deadline = tokio::time::Instant::now() + self.config.reconcile.shutdown_grace;
+        let deadline = Instant::now() + self.config.reconcile.shutdown_grace;
         loop {
             let (provisioning, tearing_down) = self.in_flight();
             if provisioning + tearing_down == 0 {

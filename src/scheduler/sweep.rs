@@ -3,7 +3,9 @@
 //! housekeeping that rides on the sweep (pruning old jobs, image checks).
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use tracing::{info, warn};
 
@@ -18,8 +20,10 @@ use crate::model::{Reason, VmRec, VmState};
 pub struct State {
     /// A sweep's result is awaited.
     running: bool,
-    /// When the sweep whose result is awaited started listing.
+    /// When the sweep whose result is awaited started listing (and in wall time, to
+    /// compare with VMs' `state_since`).
     started: Instant,
+    started_wall: SystemTime,
     /// VMs torn down recently, and when: a sweep that listed before that is stale for them.
     torn_down_at: HashMap<String, Instant>,
     last_prune: Instant,
@@ -31,6 +35,7 @@ impl Default for State {
         State {
             running: false,
             started: Instant::now(),
+            started_wall: SystemTime::UNIX_EPOCH,
             torn_down_at: HashMap::new(),
             last_prune: Instant::now(),
             last_image_check: None,
@@ -83,6 +88,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.sweep.running = true;
         self.sweep.started = Instant::now();
+        self.sweep.started_wall = self.now();
         let hv = self.ctx.hv.clone();
         spawn_blocking_reporting(
             &self.ctx.events,
@@ -133,7 +139,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let by_name: HashMap<&str, &VmInfo> = found.iter().map(|v| (v.name.as_str(), v)).collect();
         let names: Vec<String> = self.book.vms.keys().cloned().collect();
         for name in names {
-            let state = self.book.vms[&name].state;
+            let (state, since) = (self.book.vms[&name].state, self.book.vms[&name].state_since);
             let domain = by_name.get(name.as_str()).map(|d| d.state.clone());
             match state {
                 // Provisioning that a restart cut short (no task runs for it).
@@ -147,6 +153,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
                 VmState::Provisioning | VmState::TearingDown => {}
                 _ if domain == Some(DomainState::Running) => {}
+                // Its domain started (or its state changed) after this sweep listed: the
+                // listing cannot tell about it.
+                _ if since >= self.sweep.started_wall => {}
                 _ if domain == Some(DomainState::IoPaused) => self.on_disk_error(&name),
                 _ => {
                     info!(vm = %name, domain = ?domain, "domain not running");
@@ -172,7 +181,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// A domain of ours without a record: a running one described by its metadata is
     /// adopted as booting; anything else is removed.
     fn adopt(&mut self, info: &VmInfo) {
-        let now = SystemTime::now();
+        let now = self.now();
         let adoptable = info.state == DomainState::Running
             && info.metadata.as_ref().is_some_and(|m| self.config.pool(&m.pool).is_some());
         let meta = info.metadata.as_ref();
@@ -231,7 +240,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.sweep.last_image_check = Some(Instant::now());
         for pool in &self.config.pools {
             let problem = crate::images::read_manifest(&pool.image)
-                .and_then(|m| crate::images::runner_age_problem(&m, pool.runner_max_age, SystemTime::now()));
+                .and_then(|m| crate::images::runner_age_problem(&m, pool.runner_max_age, self.now()));
             self.metrics.image_runner_outdated.get_or_create(&metrics::pool(&pool.name)).set(problem.is_some() as i64);
             if let Some(p) = problem {
                 warn!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image with a current runner");
@@ -245,7 +254,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         self.sweep.last_prune = Instant::now();
-        let now = SystemTime::now();
+        let now = self.now();
         let old: Vec<u64> = self
             .book
             .jobs

@@ -35,7 +35,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.sync.running = true;
         let ctx = self.ctx.clone();
-        let now = SystemTime::now();
+        let now = self.now();
         let stale_after = self.config.reconcile.github_interval * 2;
         let stale: Vec<(String, u64)> = self
             .book
@@ -53,8 +53,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let redeliver = self.config.github.hook.is_some();
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let clock = self.clock.clone();
+        let failed_clock = self.clock.clone();
         let work = async move {
-            let started = SystemTime::now();
+            let started = clock.now();
             let runners = ctx.github.list_runners().await;
             let mut jobs = Vec::new();
             for (repo, id) in stale {
@@ -72,7 +74,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
             if redeliver {
-                redeliver_failed(&ctx, &*store, &metrics).await;
+                redeliver_failed(&ctx, &*store, &metrics, clock.now()).await;
             }
             let mut found = Vec::new();
             if let Some(repo) = repo_scope {
@@ -80,12 +82,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Ok(list) => {
                         for job in list {
                             let delivery = format!("poll-{}", job.id);
-                            found.push(JobEvent {
-                                delivery,
-                                action: JobAction::Queued,
-                                job,
-                                received_at: SystemTime::now(),
-                            });
+                            found.push(JobEvent { delivery, action: JobAction::Queued, job, received_at: clock.now() });
                         }
                     }
                     Err(e) => debug!(error = %e, "cannot poll queued jobs"),
@@ -94,7 +91,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::GitHubSynced { started, runners, jobs, found }
         };
         spawn_reporting(&self.ctx.events, work, move |message| Event::GitHubSynced {
-            started: SystemTime::now(),
+            started: failed_clock.now(),
             runners: Err(GhError::Transport { method: "-".into(), path: "GitHub sync".into(), message }),
             jobs: Vec::new(),
             found: Vec::new(),
@@ -120,8 +117,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 "completed" => JobAction::Completed,
                 "in_progress" => JobAction::InProgress,
                 _ => {
+                    let now = self.now();
                     if let Some(j) = self.book.jobs.get_mut(&id) {
-                        j.updated_at = SystemTime::now();
+                        j.updated_at = now;
                         self.book.touch_job(id);
                     }
                     continue;
@@ -132,12 +130,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             } else {
                 info!(job_id = id, status = %status.status, "job status refreshed from GitHub (a webhook was missed)");
             }
-            self.apply(JobEvent {
-                delivery: format!("refresh-{id}"),
-                action,
-                job: info,
-                received_at: SystemTime::now(),
-            });
+            self.apply(JobEvent { delivery: format!("refresh-{id}"), action, job: info, received_at: self.now() });
         }
         for ev in found {
             if !self.book.jobs.contains_key(&ev.job.id) {
@@ -249,7 +242,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 }
 
 /// Asks GitHub to redeliver failed `workflow_job` deliveries we never received.
-async fn redeliver_failed<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, store: &dyn SchedulerStore, metrics: &Metrics) {
+async fn redeliver_failed<G: GitHub, H: Hypervisor>(
+    ctx: &Ctx<G, H>,
+    store: &dyn SchedulerStore,
+    metrics: &Metrics,
+    now: SystemTime,
+) {
     let deliveries = match ctx.github.list_deliveries(300).await {
         Ok(d) => d,
         Err(e) => {
@@ -257,7 +255,7 @@ async fn redeliver_failed<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, store: &dyn
             return;
         }
     };
-    let window = SystemTime::now() - Duration::from_secs(3 * 86400 - 3600);
+    let window = now - Duration::from_secs(3 * 86400 - 3600);
     let ok_guids: BTreeSet<&str> =
         deliveries.iter().filter(|d| (200..300).contains(&d.status_code)).map(|d| d.guid.as_str()).collect();
     let mut asked = BTreeSet::new();

@@ -3,7 +3,7 @@
 
 use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn api_failures_back_off_and_the_job_is_still_served() {
     let mut h = harness("");
     h.gh.lock().fail_calls.insert("jit", 2);
@@ -26,7 +26,7 @@ async fn api_failures_back_off_and_the_job_is_still_served() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn vms_dying_before_a_job_are_retried_then_the_job_is_given_up() {
     let mut h = harness("max_attempts = 2");
     h.deliver(JobAction::Queued, info(61, LABELS, None));
@@ -41,7 +41,7 @@ async fn vms_dying_before_a_job_are_retried_then_the_job_is_given_up() {
     assert_eq!(hv.lock().started_total, 2, "no third VM");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn vms_paused_on_a_full_disk_are_torn_down_without_giving_the_job_up() {
     let mut h = harness("max_attempts = 2");
     h.deliver(JobAction::Queued, info(65, LABELS, None));
@@ -61,7 +61,7 @@ async fn vms_paused_on_a_full_disk_are_torn_down_without_giving_the_job_up() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
     let mut h = harness("");
     h.hv.lock().unavailable = true;
@@ -78,7 +78,7 @@ async fn libvirt_outage_defers_provisioning_without_losing_jobs() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_image_declaring_an_old_runner_is_reported() {
     let h = harness_with("runner_max_age = \"10d\"", |img| {
         let manifest = crate::images::manifest_path(img);
@@ -97,7 +97,7 @@ async fn an_image_declaring_an_old_runner_is_reported() {
     fresh.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_missing_storage_pool_holds_jobs_until_it_is_back() {
     let mut h = harness("");
     h.hv.lock().pool_missing = true;
@@ -111,7 +111,7 @@ async fn a_missing_storage_pool_holds_jobs_until_it_is_back() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_missing_network_holds_jobs_and_never_falls_back_to_an_open_one() {
     let mut h = harness("");
     h.hv.lock().network_missing = true;

@@ -30,7 +30,7 @@ impl SchedulerStore for FlakyStore {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_panicking_provisioning_task_is_a_failure_not_a_hang() {
     let mut h = harness_full(
         "",
@@ -51,7 +51,7 @@ async fn a_panicking_provisioning_task_is_a_failure_not_a_hang() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_panicking_sweep_does_not_stop_sweeps() {
     // The first sweep panics; without a report no sweep would ever run again and libvirt
     // would never count as ready.
@@ -70,7 +70,7 @@ async fn a_panicking_sweep_does_not_stop_sweeps() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_panicking_teardown_is_retried() {
     let mut h = harness_full(
         "",
@@ -93,7 +93,7 @@ async fn a_panicking_teardown_is_retried() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_provisioning_that_never_reports_is_torn_down_at_its_deadline() {
     let mut h = harness_full(
         "",
@@ -103,7 +103,7 @@ async fn a_provisioning_that_never_reports_is_torn_down_at_its_deadline() {
         None,
     );
     h.deliver(JobAction::Queued, info(631, LABELS, None));
-    let s = h.wait("another VM after the deadline", |_, hv| hv.running() == ["rv-small-631-2"]).await;
+    let s = h.wait_advancing("another VM after the deadline", |_, hv| hv.running() == ["rv-small-631-2"]).await;
     assert!(s.vms.iter().all(|v| v.name != "rv-small-631"), "the hung one is gone: {s:#?}");
     assert_eq!(s.queued.len(), 1, "the job stays queued: {s:#?}");
     let m = h.metrics.render();
@@ -115,7 +115,7 @@ async fn a_provisioning_that_never_reports_is_torn_down_at_its_deadline() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn no_vm_is_made_while_its_record_cannot_be_persisted() {
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flag = fail.clone();

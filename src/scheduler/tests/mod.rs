@@ -100,7 +100,9 @@ fn start_on(
     let metrics = Arc::new(Metrics::default());
     let s =
         Scheduler::new(cfg, gh.clone(), hv.clone(), scheduler_store, metrics.clone(), inbox.clone(), tx.clone(), rx)
-            .unwrap();
+            .unwrap()
+            // Wall time follows tokio's paused clock: every timer runs in virtual time.
+            .with_clock(Arc::new(crate::clock::TokioClock::new()));
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
     H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new() }
@@ -166,7 +168,21 @@ fn info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
 }
 
 impl H {
+    /// A webhook delivery; GitHub (the fake) knows the job in the state it announces.
     fn deliver_as(&mut self, delivery: &str, action: JobAction, job: JobInfo) -> bool {
+        let status = match action {
+            JobAction::Queued | JobAction::Waiting => "queued",
+            JobAction::InProgress => "in_progress",
+            JobAction::Completed => "completed",
+        };
+        self.gh.lock().jobs.insert(
+            job.id,
+            crate::github::JobStatus {
+                status: status.into(),
+                conclusion: job.conclusion.clone(),
+                runner_name: job.runner_name.clone(),
+            },
+        );
         let ok = self
             .store
             .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: SystemTime::now() })
@@ -195,16 +211,46 @@ impl H {
     async fn wait(&self, what: &str, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
         self.wait_for(what, Duration::from_secs(10), f).await
     }
+    /// [`H::wait`] while a hypervisor call hangs: tokio does not advance paused time on
+    /// its own while a blocking task runs, so this advances it.
+    async fn wait_advancing(&self, what: &str, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(s) = self.holds(&f).await {
+                return s;
+            }
+            tokio::time::advance(Duration::from_millis(50)).await;
+            // Real time for the blocking calls in flight (advancing does not wait for them).
+            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
+        }
+        self.timed_out(what).await
+    }
     async fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            let s = self.status().await;
-            if f(&s, &self.hv) {
+            if let Some(s) = self.holds(&f).await {
                 return s;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("timed out waiting for {what}: {:#?}", self.status().await);
+        self.timed_out(what).await
+    }
+    /// The status, if `f` holds for it and the fake hypervisor. Checked twice: the first
+    /// status may predate what the hypervisor shows by the time it is looked at (its calls
+    /// run on other threads); the second is taken after.
+    async fn holds(&self, f: &impl Fn(&Status, &FakeHypervisor) -> bool) -> Option<Status> {
+        if !f(&self.status().await, &self.hv) {
+            return None;
+        }
+        let s = self.status().await;
+        f(&s, &self.hv).then_some(s)
+    }
+    /// Fails the test with what the scheduler shows, counts, and the calls GitHub saw.
+    async fn timed_out(&self, what: &str) -> ! {
+        let m = self.metrics.render();
+        let counts: Vec<&str> = m.lines().filter(|l| !l.starts_with('#') && l.contains("_total")).collect();
+        let calls = self.gh.lock().calls.clone();
+        panic!("timed out waiting for {what}: {:#?}\n{counts:#?}\nGitHub calls: {calls:?}", self.status().await);
     }
     /// Job `id`, queued while the hypervisor is in trouble, has no VM and stays queued for
     /// `hold`; once `heal` has run, it gets one. Returns the status seen while it was held.

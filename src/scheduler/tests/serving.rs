@@ -2,7 +2,7 @@
 
 use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
     let mut h = harness("");
     for id in [11, 12, 13] {
@@ -44,7 +44,7 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
     assert!(gh.runner_names().is_empty(), "runner registrations deleted: {:?}", gh.runner_names());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn any_runner_may_take_any_job_counting_not_binding() {
     let mut h = harness("");
     h.deliver(JobAction::Queued, info(21, LABELS, None));
@@ -60,7 +60,7 @@ async fn any_runner_may_take_any_job_counting_not_binding() {
     assert_eq!(hv.lock().started_total, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn unmatched_labels_duplicates_and_reordering_make_no_extra_vm() {
     let mut h = harness("");
     h.deliver(JobAction::Queued, info(31, &["self-hosted", "gpu"], None));
@@ -83,7 +83,7 @@ async fn unmatched_labels_duplicates_and_reordering_make_no_extra_vm() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
     let mut h = harness("idle_timeout = \"1s\"");
     h.deliver(JobAction::Queued, info(41, LABELS, None));
@@ -96,7 +96,7 @@ async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
     assert!(gh.runner_names().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn drain_stops_new_vms_and_survives_restart() {
     let mut h = harness("");
     assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
@@ -113,7 +113,7 @@ async fn drain_stops_new_vms_and_survives_restart() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
     let mut h = harness("");
     h.deliver(JobAction::Queued, info(91, LABELS, None));
@@ -172,7 +172,7 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
     assert!(!gh.runner_names().contains(&"rv-small-92".to_string()), "interrupted VM's runner removed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn repository_scope_polls_queued_jobs_whose_webhooks_were_missed() {
     let dir = crate::test_support::tempdir();
     let img = fake_image(&dir);
@@ -190,11 +190,11 @@ async fn repository_scope_polls_queued_jobs_whose_webhooks_were_missed() {
     let mut h = start(Arc::new(cfg), gh, hv, Some(hv_rx), store);
     h.dirs.push(dir);
     let s = h.wait("a VM for the polled job", |_, hv| hv.running() == ["rv-small-111"]).await;
-    assert_eq!(s.queued[0].job_id, 111);
+    assert_eq!(s.queued.iter().map(|q| q.job_id).collect::<Vec<_>>(), [111], "{s:#?}\n{}", h.metrics.render());
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn jobs_no_pool_serves_are_counted_not_kept() {
     let mut h = harness("");
     for id in 200..205 {
@@ -209,13 +209,14 @@ async fn jobs_no_pool_serves_are_counted_not_kept() {
     assert!(snap.jobs.keys().all(|id| *id == 210), "unmatched jobs are not stored: {:?}", snap.jobs.keys());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_job_github_answers_404_for_is_dropped() {
     // Drained: the job gets no VM and stays queued until the GitHub sync asks about it
     // (after two sync intervals without news); the fake GitHub does not know it.
     let mut h = harness("");
     assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
     h.deliver(JobAction::Queued, info(301, LABELS, None));
+    h.gh.lock().jobs.remove(&301);
     h.wait("job queued", |s, _| s.queued.len() == 1).await;
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
@@ -237,7 +238,7 @@ async fn a_job_github_answers_404_for_is_dropped() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn token_mode_seeds_are_removed_once_the_runner_is_online() {
     let mut h = harness("registration = \"token\"");
     h.deliver(JobAction::Queued, info(401, LABELS, None));
@@ -256,7 +257,7 @@ async fn token_mode_seeds_are_removed_once_the_runner_is_online() {
     assert_eq!(hv.lock().seeds_removed.len(), 1, "once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
     let mut h = harness_tweaked("max_vms_per_repository = 1", |_| {}, |c| c.pools[0].max_vms = 3);
     // A matrix of one repository, then one job of another: the other gets a VM at once.
