@@ -13,7 +13,7 @@ use crate::admin::proto::{Reply as AdminReply, Status};
 use crate::github::fake::FakeGitHub;
 use crate::hypervisor::fake::FakeHypervisor;
 use crate::hypervisor::{HvEvent, Hypervisor};
-use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState, VmRec};
+use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState};
 use crate::store::{Batch, SchedulerStore, Store, StoreError};
 
 const LABELS: &[&str] = &["self-hosted", "linux"];
@@ -152,20 +152,7 @@ fn harness_full(
     h
 }
 
-fn info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
-    JobInfo {
-        id,
-        run_id: 1,
-        run_attempt: 1,
-        name: "build".into(),
-        workflow_name: "CI".into(),
-        labels: labels.iter().map(|s| s.to_string()).collect(),
-        repository: "octo-org/app".into(),
-        html_url: String::new(),
-        runner_name: runner.map(str::to_string),
-        conclusion: None,
-    }
-}
+use super::fixtures::job_info as info;
 
 impl H {
     /// A webhook delivery; GitHub (the fake) knows the job in the state it announces.

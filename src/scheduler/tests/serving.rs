@@ -124,28 +124,12 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
     let now = SystemTime::now();
     let job = JobRec {
         info: info(92, LABELS, None),
-        pool: Some("small".into()),
-        state: JobState::Queued,
-        received_at: now,
         vms_made: 1,
-        failed_vms: 0,
+        received_at: now,
         updated_at: now,
+        ..fixtures::job(92, "small", "octo-org/app", JobState::Queued, 0)
     };
-    let vm = VmRec {
-        name: "rv-small-92".into(),
-        pool: "small".into(),
-        job_id: 92,
-        run_id: 1,
-        repository: "octo-org/app".into(),
-        job_url: String::new(),
-        runner_id: None,
-        state: VmState::Provisioning,
-        created_at: now,
-        state_since: now,
-        took_job: None,
-        seed_removed: false,
-        reap: None,
-    };
+    let vm = fixtures::vm("rv-small-92", "small", 92, VmState::Provisioning, now);
     store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
     hv.lock().volumes.insert("rv-small-92.qcow2".into());
     GitHub::generate_jit_config(&*gh, "rv-small-92", &[], 1).await.unwrap();
