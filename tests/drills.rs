@@ -437,7 +437,8 @@ async fn drill_bad_image() {
 /// destroys the (transient) pool and unmounts the tmpfs.
 struct TmpfsPool {
     name: String,
-    dir: std::path::PathBuf,
+    /// Removed after the pool's own drop has unmounted it.
+    dir: Scratch,
 }
 
 impl TmpfsPool {
@@ -445,11 +446,11 @@ impl TmpfsPool {
         let name = format!("rv-drill-full-{}", unique());
         let dir = tempdir(&name);
         let size = format!("size={size_mib}M,mode=0711");
-        run(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(&dir));
+        run(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(&*dir));
         let pool = TmpfsPool { name, dir };
         run(std::process::Command::new("virsh")
             .args(["-c", URI, "pool-create-as", &pool.name, "dir", "--target"])
-            .arg(&pool.dir));
+            .arg(&*pool.dir));
         pool
     }
 

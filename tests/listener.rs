@@ -45,12 +45,10 @@ fn payload_for(id: u64, repository: &str) -> Vec<u8> {
 }
 
 async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>, Arc<Store>) {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!("rv-listener-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // The store's file stays open (and usable) after its directory is removed.
+    let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::default());
-    let store = Arc::new(Store::open(&dir).unwrap());
+    let store = Arc::new(Store::open(dir.path()).unwrap());
     let intake = Arc::new(webhook::Intake {
         secret: Secret::new(SECRET),
         store: store.clone(),

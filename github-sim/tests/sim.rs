@@ -204,8 +204,8 @@ async fn jit_config_rules_and_runner_crud_with_pagination() {
 #[tokio::test]
 async fn app_jwt_gives_installation_tokens_that_expire() {
     let key_dir = tempdir();
-    let key = key_dir.join("app.pem");
-    let pubkey = key_dir.join("app.pub.pem");
+    let key = key_dir.path().join("app.pem");
+    let pubkey = key_dir.path().join("app.pub.pem");
     assert!(
         Command::new("openssl")
             .args(["genrsa", "-traditional", "-out"])
@@ -262,14 +262,9 @@ async fn app_jwt_gives_installation_tokens_that_expire() {
     assert_eq!(r.status(), 401, "installation token expired");
 }
 
-fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("github-sim-test-{}-{}", std::process::id(), fastrand_suffix()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn fastrand_suffix() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64
+/// Removed when dropped.
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("github-sim-test-").tempdir().unwrap()
 }
 
 /// Signs a JWT with openssl (the test does not trust the simulator's own code to sign).
@@ -277,8 +272,13 @@ fn sign_jwt(key: &std::path::Path, claims: Value) -> String {
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let input = format!("{}.{}", b64(br#"{"alg":"RS256","typ":"JWT"}"#), b64(claims.to_string().as_bytes()));
     let dir = tempdir();
-    std::fs::write(dir.join("in"), &input).unwrap();
-    let out = Command::new("openssl").args(["dgst", "-sha256", "-sign"]).arg(key).arg(dir.join("in")).output().unwrap();
+    std::fs::write(dir.path().join("in"), &input).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg(dir.path().join("in"))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     format!("{input}.{}", b64(&out.stdout))
 }
@@ -438,12 +438,14 @@ async fn cancelling_a_queued_job_completes_it_with_null_runner() {
     assert_eq!(r.json::<Value>().await.unwrap()["total_count"], 0);
 }
 
-/// The fake runner of the test image, copied to a temp dir and run on the host.
-fn fake_runner_dir() -> PathBuf {
+/// The fake runner of the test image, copied to a temp dir (removed with the guard) and
+/// run on the host.
+fn fake_runner_dir() -> (tempfile::TempDir, PathBuf) {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/test/files/opt/actions-runner");
-    let dst = tempdir().join("actions-runner");
+    let tmp = tempdir();
+    let dst = tmp.path().join("actions-runner");
     assert!(Command::new("cp").arg("-a").arg(&src).arg(&dst).status().unwrap().success());
-    dst
+    (tmp, dst)
 }
 
 async fn run_script(dir: &std::path::Path, script: &str, args: &[&str]) -> std::process::Output {
@@ -454,7 +456,7 @@ async fn run_script(dir: &std::path::Path, script: &str, args: &[&str]) -> std::
 async fn fake_runner_token_mode_runs_one_job_and_is_removed() {
     let (url, got) = receiver(StatusCode::OK).await;
     let sim = sim_with(Some(url), |_| {}).await;
-    let dir = fake_runner_dir();
+    let (_tmp, dir) = fake_runner_dir();
     let r = api(&sim, reqwest::Method::POST, "/repos/octo-org/app/actions/runners/registration-token", None).await;
     let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
     let job =
@@ -517,7 +519,7 @@ async fn fake_runner_token_mode_runs_one_job_and_is_removed() {
     .await;
     assert_eq!(actions, ["queued", "in_progress", "completed"]);
     // Unconfigured run.sh fails with the real runner's message.
-    let fresh = fake_runner_dir();
+    let (_tmp, fresh) = fake_runner_dir();
     let out = run_script(&fresh, "run.sh", &[]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Not configured"));
@@ -526,7 +528,7 @@ async fn fake_runner_token_mode_runs_one_job_and_is_removed() {
 #[tokio::test]
 async fn fake_runner_jit_mode_and_refusals() {
     let sim = sim_with(None, |_| {}).await;
-    let dir = fake_runner_dir();
+    let (_tmp, dir) = fake_runner_dir();
     let job =
         queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["self-hosted", "gpu"], "script": "exit 3"})).await;
     let r = api(
@@ -563,7 +565,7 @@ async fn fake_runner_jit_mode_and_refusals() {
     let id = v["runner"]["id"].as_u64().unwrap();
     api(&sim, reqwest::Method::DELETE, &format!("/orgs/octo-org/actions/runners/{id}"), None).await;
     let out =
-        run_script(&fake_runner_dir(), "run.sh", &["--jitconfig", v["encoded_jit_config"].as_str().unwrap()]).await;
+        run_script(&fake_runner_dir().1, "run.sh", &["--jitconfig", v["encoded_jit_config"].as_str().unwrap()]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("deleted"));
 }

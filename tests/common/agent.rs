@@ -16,10 +16,41 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-pub fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rv-e2e-{tag}-{}", unique()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A test's scratch directory: removed when the test passes, kept (and named on stderr)
+/// when it fails, for the logs and configs in it.
+pub struct Scratch(Option<tempfile::TempDir>);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take()
+            && std::thread::panicking()
+        {
+            eprintln!("test failed: its files are kept in {}", dir.keep().display());
+        }
+    }
+}
+
+pub fn tempdir(tag: &str) -> Scratch {
+    Scratch(Some(tempfile::Builder::new().prefix(&format!("rv-e2e-{tag}-")).tempdir().unwrap()))
 }
 
 pub fn write_private(path: &Path, content: &str) {
@@ -68,7 +99,7 @@ impl AgentSpec {
 }
 
 pub struct Agent {
-    pub dir: PathBuf,
+    pub dir: Scratch,
     pub config: PathBuf,
     pub webhook_port: u16,
     pub metrics_port: u16,
