@@ -96,6 +96,13 @@ async fn status_of(mut s: TcpStream) -> u16 {
     text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
+/// A client that opens a connection per request (no pooled connection to wait for) and
+/// gives up after 30 s, so a request the server never answers fails the test instead of
+/// hanging it.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30)).build().unwrap()
+}
+
 async fn deliver(client: &reqwest::Client, addr: std::net::SocketAddr, id: u64) -> (u16, Duration) {
     deliver_body(client, addr, id, payload(id)).await
 }
@@ -142,7 +149,7 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
     let flood = {
         let stop = flood_stop.clone();
         tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let client = client();
             let big = vec![b'x'; MAX_BODY - 100];
             // Answered 401 before the body is read; the client may then see the connection
             // closed under its upload instead of the answer. Nothing else is acceptable.
@@ -157,6 +164,8 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
                 sent += 1;
                 match r {
                     Ok(r) if r.status() == 401 => refused += 1,
+                    // Not answered in 30 s: a failure, whatever the kind of error.
+                    Err(e) if e.is_timeout() => other.push(1),
                     Err(e) if e.is_request() || e.is_body() || e.is_connect() => refused += 1,
                     Ok(r) => other.push(r.status().as_u16()),
                     Err(e) => other.push(if e.is_timeout() { 1 } else { 2 }),
@@ -168,7 +177,7 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
 
     // Signed deliveries still get through: at worst they wait for header deadlines to
     // free slots held by slow-loris connections.
-    let client = reqwest::Client::new();
+    let client = client();
     let mut worst = Duration::ZERO;
     for id in 1..=20 {
         let (status, took) = deliver(&client, addr, id).await;
@@ -213,7 +222,7 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_outside_the_scope_are_answered_and_ignored() {
     let (addr, stop, metrics, store) = start().await;
-    let client = reqwest::Client::new();
+    let client = client();
     // Scope is organization octo-org: another organization's repository, and a repository
     // whose name merely contains it, are not ours.
     for (id, repo) in [(11, "evil-org/app"), (12, "evil/octo-org"), (13, "octo-org2/app")] {
