@@ -190,7 +190,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
             }
             self.lifecycle.removing_seeds.remove(&name);
-            self.sweep.torn_down(&name);
+            let now = self.now();
+            self.sweep.torn_down(&name, now);
         } else {
             for e in &outcome.errors {
                 self.metrics.teardown_failures.inc();

@@ -20,12 +20,11 @@ use crate::model::{Reason, VmRec, VmState};
 pub struct State {
     /// A sweep's result is awaited.
     running: bool,
-    /// When the sweep whose result is awaited started listing (and in wall time, to
-    /// compare with VMs' `state_since`).
-    started: Instant,
-    started_wall: SystemTime,
+    /// When the sweep whose result is awaited started listing, on the scheduler's clock:
+    /// what changed later (a VM started, one torn down) the listing cannot tell about.
+    started: SystemTime,
     /// VMs torn down recently, and when: a sweep that listed before that is stale for them.
-    torn_down_at: HashMap<String, Instant>,
+    torn_down_at: HashMap<String, SystemTime>,
     last_prune: Instant,
     last_image_check: Option<Instant>,
 }
@@ -34,8 +33,7 @@ impl Default for State {
     fn default() -> State {
         State {
             running: false,
-            started: Instant::now(),
-            started_wall: SystemTime::UNIX_EPOCH,
+            started: SystemTime::UNIX_EPOCH,
             torn_down_at: HashMap::new(),
             last_prune: Instant::now(),
             last_image_check: None,
@@ -44,9 +42,9 @@ impl Default for State {
 }
 
 impl State {
-    /// `name` is gone from the hypervisor now, whatever a sweep listed earlier says.
-    pub fn torn_down(&mut self, name: &str) {
-        self.torn_down_at.insert(name.to_string(), Instant::now());
+    /// `name` is gone from the hypervisor since `at`, whatever a sweep listed earlier says.
+    pub fn torn_down(&mut self, name: &str, at: SystemTime) {
+        self.torn_down_at.insert(name.to_string(), at);
     }
 }
 
@@ -87,8 +85,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         self.sweep.running = true;
-        self.sweep.started = Instant::now();
-        self.sweep.started_wall = self.now();
+        self.sweep.started = self.now();
         let hv = self.ctx.hv.clone();
         spawn_blocking_reporting(
             &self.ctx.events,
@@ -111,7 +108,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.sweep.running = false;
         // What was torn down after this sweep listed is gone, whatever the listing says.
         let listed_at = self.sweep.started;
-        self.sweep.torn_down_at.retain(|_, t| t.elapsed() < Duration::from_secs(600));
+        let now = self.now();
+        self.sweep.torn_down_at.retain(|_, t| now.duration_since(*t).unwrap_or_default() < Duration::from_secs(600));
         let stale: BTreeSet<String> =
             self.sweep.torn_down_at.iter().filter(|(_, t)| **t >= listed_at).map(|(n, _)| n.clone()).collect();
         let found = match vms {
@@ -155,7 +153,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 _ if domain == Some(DomainState::Running) => {}
                 // Its domain started (or its state changed) after this sweep listed: the
                 // listing cannot tell about it.
-                _ if since >= self.sweep.started_wall => {}
+                _ if since >= listed_at => {}
                 _ if domain == Some(DomainState::IoPaused) => self.on_disk_error(&name),
                 _ => {
                     info!(vm = %name, domain = ?domain, "domain not running");

@@ -201,24 +201,32 @@ impl H {
     /// [`H::wait`] while a hypervisor call hangs: tokio does not advance paused time on
     /// its own while a blocking task runs, so this advances it.
     async fn wait_advancing(&self, what: &str, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(s) = self.holds(&f).await {
-                return s;
-            }
-            tokio::time::advance(Duration::from_millis(50)).await;
-            // Real time for the blocking calls in flight (advancing does not wait for them).
-            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
-        }
-        self.timed_out(what).await
+        self.poll(what, Duration::from_secs(10), true, f).await
     }
     async fn wait_for(&self, what: &str, limit: Duration, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> Status {
+        self.poll(what, limit, false, f).await
+    }
+    /// Until `f` holds, for `limit` of virtual time: sleeping between looks (time advances
+    /// when the runtime is idle), or advancing it by hand.
+    async fn poll(
+        &self,
+        what: &str,
+        limit: Duration,
+        advance: bool,
+        f: impl Fn(&Status, &FakeHypervisor) -> bool,
+    ) -> Status {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(s) = self.holds(&f).await {
                 return s;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if advance {
+                tokio::time::advance(Duration::from_millis(50)).await;
+                // Real time for the blocking calls in flight (advancing does not wait for them).
+                tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         self.timed_out(what).await
     }
