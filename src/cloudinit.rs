@@ -8,6 +8,10 @@
 //!   --no-default-labels --ephemeral [--disableupdate] [--runnergroup G] --work _work`,
 //!   then `DIR/run.sh`, both as USER.
 //! - then the guest powers off (`power_state`), which the host sees as the domain stopping.
+//!
+//! A warm VM's user-data ([`warm_user_data`]) carries no credential and runs nothing: its
+//! guest unit (`images/guest/runnervisor-warm`) waits for [`bind_message`], the same
+//! command lists in one JSON line, delivered over a virtio-serial port when a job arrives.
 
 use serde_json::{Value, json};
 
@@ -28,15 +32,15 @@ pub struct RunnerSpec<'a> {
     pub credential: &'a Credential,
 }
 
-/// `#cloud-config` user-data.
-pub fn user_data(spec: &RunnerSpec<'_>) -> String {
+/// The commands that run the VM's runner, as argument lists (run in order, as root).
+fn runcmd(spec: &RunnerSpec<'_>) -> Vec<Value> {
     let dir = spec.runner_dir.trim_end_matches('/');
     let as_runner = |mut args: Vec<Value>| {
         let mut cmd = vec![json!("runuser"), json!("-u"), json!(spec.runner_user), json!("--")];
         cmd.append(&mut args);
         Value::Array(cmd)
     };
-    let runcmd = match spec.credential {
+    match spec.credential {
         Credential::Jit { encoded } => {
             vec![as_runner(vec![json!(format!("{dir}/run.sh")), json!("--jitconfig"), json!(encoded.expose())])]
         }
@@ -66,9 +70,13 @@ pub fn user_data(spec: &RunnerSpec<'_>) -> String {
             }
             vec![as_runner(config), as_runner(vec![json!(format!("{dir}/run.sh"))])]
         }
-    };
+    }
+}
+
+/// `#cloud-config` user-data of a cold VM: the runner's commands, then power off.
+pub fn user_data(spec: &RunnerSpec<'_>) -> String {
     let doc = json!({
-        "runcmd": runcmd,
+        "runcmd": runcmd(spec),
         "power_state": {
             "mode": "poweroff",
             "delay": "now",
@@ -77,6 +85,27 @@ pub fn user_data(spec: &RunnerSpec<'_>) -> String {
         },
     });
     format!("#cloud-config\n{}\n", serde_json::to_string_pretty(&doc).expect("json"))
+}
+
+/// `#cloud-config` user-data of a warm VM: nothing to run and nothing secret. The guest's
+/// `runnervisor-warm` unit waits for [`bind_message`] instead.
+pub fn warm_user_data() -> String {
+    "#cloud-config\n{}\n".to_string()
+}
+
+/// The version of [`bind_message`] the guest unit understands.
+pub const BIND_PROTOCOL: u32 = 1;
+
+/// The one line delivered into a warm VM when a job arrives: the same runner commands a
+/// cold VM's cloud-init runs, as JSON. The guest answers with [`bind_ack`].
+pub fn bind_message(spec: &RunnerSpec<'_>) -> Secret {
+    let doc = json!({"runnervisor": BIND_PROTOCOL, "vm": spec.vm_name, "runcmd": runcmd(spec)});
+    Secret::new(format!("{}\n", serde_json::to_string(&doc).expect("json")))
+}
+
+/// The guest's acknowledgement of [`bind_message`] for `vm_name`.
+pub fn bind_ack(vm_name: &str) -> String {
+    format!("ACK {vm_name}\n")
 }
 
 /// meta-data: the instance id and hostname are the VM name.
@@ -159,6 +188,24 @@ mod tests {
         assert_eq!(config.iter().filter(|a| a.as_str() == Some(nasty)).count(), 5);
         let md: Value = serde_json::from_str(&meta_data(nasty)).unwrap();
         assert_eq!(md["instance-id"], nasty);
+    }
+
+    #[test]
+    fn warm_vms_get_the_cold_commands_later_and_nothing_secret_before() {
+        let cred = Credential::Jit { encoded: Secret::new("ZW5jb2RlZA==") };
+        let spec = RunnerSpec { vm_name: "rv-p-w7", runner_user: "runner", runner_dir: "/opt/r", credential: &cred };
+        let warm = warm_user_data();
+        assert!(!warm.contains("ZW5jb2RlZA==") && !warm.contains("runcmd"), "{warm}");
+        assert_eq!(parse(&warm), json!({}));
+        let msg = bind_message(&spec);
+        let line = msg.expose();
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "one line: {line}");
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["runnervisor"], 1);
+        assert_eq!(v["vm"], "rv-p-w7");
+        assert_eq!(v["runcmd"], parse(&user_data(&spec))["runcmd"], "the cold path's commands, exactly");
+        assert!(!format!("{msg:?}").contains("ZW5jb2RlZA=="), "the message is a secret");
+        assert_eq!(bind_ack("rv-p-w7"), "ACK rv-p-w7\n");
     }
 
     #[test]

@@ -106,12 +106,30 @@ impl ApiCallLabels {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pool: String,
+    /// `warm`: a waiting warm VM took the job's credential; `cold`: a VM booted for it.
+    path: String,
+}
+
+impl PathLabels {
+    pub fn new(pool: &str, path: &str) -> Self {
+        PathLabels { pool: value(pool), path: value(path) }
+    }
+}
+
 type Seconds<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_buckets() -> Histogram {
     Histogram::new([
         0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
     ])
+}
+
+/// Finer buckets for what takes milliseconds (binding a warm VM).
+fn short_seconds_buckets() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0])
 }
 
 pub struct Metrics {
@@ -138,6 +156,9 @@ pub struct Metrics {
     pub deliveries_redelivered: Counter,
     pub draining: Gauge,
     pub image_runner_outdated: Family<PoolLabels, Gauge>,
+    pub job_runners: Family<PathLabels, Counter>,
+    pub bind_seconds: Seconds<PoolLabels>,
+    pub bind_failures: Family<StepLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,6 +187,9 @@ impl Default for Metrics {
             deliveries_redelivered: Counter::default(),
             draining: Gauge::default(),
             image_runner_outdated: Family::default(),
+            job_runners: Family::default(),
+            bind_seconds: Family::new_with_constructor(short_seconds_buckets),
+            bind_failures: Family::default(),
         };
         // Families are cheap handles onto shared series: the registry holds clones.
         let r = &mut m.registry;
@@ -245,6 +269,22 @@ impl Default for Metrics {
             "runnervisor_image_runner_outdated",
             "1 when a pool's image declares a runner older than allowed",
             m.image_runner_outdated.clone(),
+        );
+        r.register(
+            "runnervisor_job_runners",
+            "Runners made for queued jobs: path=warm (a waiting warm VM took the job's credential) or cold (a VM booted for it)",
+            m.job_runners.clone(),
+        );
+        r.register_with_unit(
+            "runnervisor_bind_duration",
+            "A job's runner credential made and delivered into a waiting warm VM, until the guest acknowledged it",
+            Unit::Seconds,
+            m.bind_seconds.clone(),
+        );
+        r.register(
+            "runnervisor_bind_failures",
+            "Warm VMs that failed to take a job (step: credential, delivery, task, timeout); the job went cold",
+            m.bind_failures.clone(),
         );
         m
     }

@@ -92,6 +92,12 @@ pub enum VmState {
     Finishing,
     /// Being destroyed.
     TearingDown,
+    /// A warm VM (no credential) started; its guest is not waiting for a job yet.
+    Warming,
+    /// A warm VM whose guest waits for a job's runner command.
+    Waiting,
+    /// A warm VM being given a job: its runner credential is made and delivered.
+    Binding,
 }
 
 impl VmState {
@@ -103,12 +109,28 @@ impl VmState {
             VmState::Busy => "busy",
             VmState::Finishing => "finishing",
             VmState::TearingDown => "tearing_down",
+            VmState::Warming => "warming",
+            VmState::Waiting => "waiting",
+            VmState::Binding => "binding",
         }
     }
-    /// Provisioning, booting or idle: may still take a job.
+    /// Provisioning, booting or idle: may still take a job. (A warm VM becomes available
+    /// when it is bound; see [`VmRec::is_unbound_warm`].)
     pub fn is_available(self) -> bool {
-        matches!(self, VmState::Provisioning | VmState::Booting | VmState::Idle)
+        matches!(self, VmState::Provisioning | VmState::Booting | VmState::Idle | VmState::Binding)
     }
+
+    pub const ALL: [VmState; 9] = [
+        VmState::Provisioning,
+        VmState::Warming,
+        VmState::Waiting,
+        VmState::Binding,
+        VmState::Booting,
+        VmState::Idle,
+        VmState::Busy,
+        VmState::Finishing,
+        VmState::TearingDown,
+    ];
 }
 
 /// Why a VM is torn down.
@@ -137,6 +159,12 @@ pub enum Reason {
     /// QEMU paused the guest on a disk I/O error (its storage pool is full): a fault of the
     /// host, not of the job, so it is not counted against the job's attempts.
     DiskError,
+    /// A warm VM did not acknowledge its job's runner command in time (`bind_timeout`).
+    BindFailed,
+    /// A warm VM waited longer than `warm_max_age`.
+    WarmRecycled,
+    /// A warm VM no longer wanted: the agent drains, or `warm` was lowered.
+    WarmSurplus,
 }
 
 impl Reason {
@@ -154,6 +182,9 @@ impl Reason {
             Reason::Orphan => "orphan",
             Reason::Operator => "operator",
             Reason::DiskError => "disk_error",
+            Reason::BindFailed => "bind_failed",
+            Reason::WarmRecycled => "warm_recycled",
+            Reason::WarmSurplus => "warm_surplus",
         }
     }
 }
@@ -179,4 +210,15 @@ pub struct VmRec {
     /// deleted once the runner was online.
     #[serde(default)]
     pub seed_removed: bool,
+    /// Made warm (booted without a credential, waiting for a job). `job_id` is 0 until a
+    /// job's credential is delivered into it.
+    #[serde(default)]
+    pub warm: bool,
+}
+
+impl VmRec {
+    /// A warm VM no job's credential went into yet (provisioning, warming or waiting).
+    pub fn is_unbound_warm(&self) -> bool {
+        self.warm && matches!(self.state, VmState::Provisioning | VmState::Warming | VmState::Waiting)
+    }
 }

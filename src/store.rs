@@ -330,6 +330,7 @@ mod tests {
             took_job: None,
             seed_removed: false,
             reap: None,
+            warm: false,
         };
         s.commit(&Batch {
             jobs: vec![job.clone()],

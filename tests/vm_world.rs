@@ -13,7 +13,19 @@ use runnervisor::cloudinit::{self, Credential, RunnerSpec};
 use runnervisor::hypervisor::{DomainState, Hypervisor, seed};
 use runnervisor::secret::Secret;
 
+/// Boots `name` and waits for its job: cold (the credential in its seed), or warm (`warm`
+/// makes the credential only once the guest waits, and delivers it over the bind port).
 async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64) {
+    boot(name, Some(credential), sim, job, None).await
+}
+
+async fn boot(
+    name: &str,
+    credential: Option<Credential>,
+    sim: &Sim,
+    job: u64,
+    warm: Option<Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Credential>>>>>,
+) {
     let img = test_image();
     let (hv, _events) = libvirt();
     // The fence the agent would put up, with the simulator allow-listed.
@@ -24,21 +36,53 @@ async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64)
     let console_log = console_dir().join(format!("{name}.log"));
 
     let overlay = hv.create_overlay(name, &img.golden, 4 << 30).unwrap();
-    let ud = cloudinit::user_data(&RunnerSpec {
-        vm_name: name,
-        runner_user: "runner",
-        runner_dir: "/opt/actions-runner",
-        credential: &credential,
-    });
+    let ud = match &credential {
+        Some(credential) => cloudinit::user_data(&RunnerSpec {
+            vm_name: name,
+            runner_user: "runner",
+            runner_dir: "/opt/actions-runner",
+            credential,
+        }),
+        None => cloudinit::warm_user_data(),
+    };
     let seed_img = seed::nocloud_image(&ud, &cloudinit::meta_data(name)).unwrap();
     let seed_path = hv.create_seed(name, &seed_img).unwrap();
     // The seed carries the credential: nobody but its owner may read it.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077, 0, "seed readable by others");
-    let xml = test_domain_xml(name, &overlay, &seed_path, &console_log, job, &network);
+    let xml = test_domain_xml_with(name, &overlay, &seed_path, &console_log, job, &network, warm.is_some());
     hv.define(name, &xml).unwrap();
-    let started = Instant::now();
+    let mut started = Instant::now();
     hv.start(name).unwrap();
+    if let Some(make) = warm {
+        assert!(!hv.guest_waiting(name).unwrap(), "not waiting before it booted");
+        wait_for("the warm guest to wait on its port", VM_TIMEOUT, async || {
+            hv.guest_waiting(name).unwrap().then_some(())
+        })
+        .await;
+        eprintln!("{name}: warm guest waiting {:.1}s after start", started.elapsed().as_secs_f64());
+        assert!(sim.runners().await.is_empty(), "no runner exists for a waiting warm VM");
+        started = Instant::now();
+        let credential = make().await;
+        let made = started.elapsed();
+        let message = cloudinit::bind_message(&RunnerSpec {
+            vm_name: name,
+            runner_user: "runner",
+            runner_dir: "/opt/actions-runner",
+            credential: &credential,
+        });
+        let ack = cloudinit::bind_ack(name);
+        let at = Instant::now();
+        hv.deliver(name, message.expose().as_bytes(), &ack, Duration::from_secs(10)).unwrap();
+        eprintln!(
+            "{name}: credential {:.0} ms, delivered and acknowledged {:.0} ms",
+            made.as_secs_f64() * 1000.0,
+            at.elapsed().as_secs_f64() * 1000.0
+        );
+        // A second delivery finds nobody listening: the guest took one command and closed.
+        let again = hv.deliver(name, b"{}\n", &ack, Duration::from_millis(1500));
+        assert!(again.is_err(), "{again:?}");
+    }
 
     let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
     assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));
@@ -86,20 +130,29 @@ async fn token_mode_runner_registers_runs_a_job_and_powers_off() {
     boot_runner_vm(&name, credential, &sim, job).await;
 }
 
+/// A warm VM: boots with no credential, its guest waits on the bind port (libvirt says
+/// so), then the JIT config made at that moment is delivered and acknowledged, and the
+/// runner runs its job.
 #[tokio::test(flavor = "multi_thread")]
-async fn jit_runner_runs_a_job_and_powers_off() {
-    let sim = Sim::start(None, |_| {}).await;
-    let name = format!("rv-world-{}", unique());
+async fn jit_runner_delivered_into_a_waiting_warm_vm_runs_a_job_and_powers_off() {
+    let sim = std::sync::Arc::new(Sim::start(None, |_| {}).await);
+    let name = format!("rv-world-w{}", unique());
     let job = sim.queue("octo-org/app", &["self-hosted", "jit"], 2.0).await;
-    let v = sim
-        .api(
-            reqwest::Method::POST,
-            "/orgs/octo-org/actions/runners/generate-jitconfig",
-            Some(serde_json::json!({"name": name, "runner_group_id": 1, "labels": ["self-hosted", "jit"]})),
-        )
-        .await;
-    let credential = Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) };
-    boot_runner_vm(&name, credential, &sim, job).await;
+    let (s, n) = (sim.clone(), name.clone());
+    let make: Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Credential>>>> =
+        Box::new(move || {
+            Box::pin(async move {
+                let v = s
+                    .api(
+                        reqwest::Method::POST,
+                        "/orgs/octo-org/actions/runners/generate-jitconfig",
+                        Some(serde_json::json!({"name": n, "runner_group_id": 1, "labels": ["self-hosted", "jit"]})),
+                    )
+                    .await;
+                Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) }
+            })
+        });
+    boot(&name, None, &sim, job, Some(make)).await;
 }
 
 /// The agent redefines its nwfilter when the allow-list or this host's addresses change

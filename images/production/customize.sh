@@ -33,6 +33,14 @@ else
   exit 1
 fi
 
+# Warm VMs: the unit that waits for a job's runner command on the host's virtio-serial
+# port (images/guest). Cold VMs have no such port and skip it.
+install -D -m 0755 "$payload/runnervisor-warm" /usr/local/lib/runnervisor/runnervisor-warm
+install -D -m 0644 "$payload/runnervisor-warm.service" /etc/systemd/system/runnervisor-warm.service
+systemctl enable runnervisor-warm.service >/dev/null 2>&1
+command -v python3 >/dev/null || { say "python3 missing (the warm unit and cloud-init need it)"; exit 1; }
+say "warm-VM unit installed: $(systemctl is-enabled runnervisor-warm.service)"
+
 printf 'runner_version=%s\nrunner_released=%s\n' "$version" "$released" > /etc/runnervisor-image
 
 # Every job VM must be a first boot: forget this boot's instance, machine id, host keys.

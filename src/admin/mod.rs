@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod proto;
 
-pub use proto::{Reply, Request, Status};
+pub use proto::{PoolStatus, Reply, Request, Status, VmStatus};
 
 use crate::scheduler::{AdminCommand, Event};
 
@@ -206,9 +206,12 @@ pub fn render_status(s: &Status) -> String {
     let pools: Vec<Vec<String>> = s
         .pools
         .iter()
-        .map(|p| vec![p.name.clone(), format!("{}/{}", p.vms, p.max_vms), p.queued.to_string()])
+        .map(|p| {
+            let warm = if p.warm == 0 { "-".into() } else { format!("{}/{} waiting", p.warm_waiting, p.warm) };
+            vec![p.name.clone(), format!("{}/{}", p.vms, p.max_vms), p.queued.to_string(), warm]
+        })
         .collect();
-    out.push_str(&table(&["POOL", "VMS", "QUEUED"], &pools));
+    out.push_str(&table(&["POOL", "VMS", "QUEUED", "WARM"], &pools));
     out.push('\n');
     if s.queued.is_empty() {
         out.push_str("no queued jobs\n");
@@ -232,6 +235,7 @@ pub fn render_status(s: &Status) -> String {
                     v.name.clone(),
                     v.pool.clone(),
                     v.state.clone(),
+                    warm_column(v),
                     age(v.age_secs),
                     v.took_job.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
                     v.runner_id.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
@@ -239,9 +243,24 @@ pub fn render_status(s: &Status) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table(&["VM", "POOL", "STATE", "AGE", "RUNNING JOB", "RUNNER ID", "MADE FOR"], &rows));
+        out.push_str(&table(&["VM", "POOL", "STATE", "START", "AGE", "RUNNING JOB", "RUNNER ID", "MADE FOR"], &rows));
     }
     out
+}
+
+/// How the VM came to its job: `cold` (booted for it), or warm and `waiting`, `binding`
+/// or `bound` (booting: not waiting yet).
+fn warm_column(v: &VmStatus) -> String {
+    if !v.warm {
+        return "cold".into();
+    }
+    match v.state.as_str() {
+        "provisioning" | "warming" => "warm: booting",
+        "waiting" => "warm: waiting",
+        "binding" => "warm: binding",
+        _ => "warm: bound",
+    }
+    .into()
 }
 
 #[cfg(test)]
@@ -263,6 +282,43 @@ mod tests {
         let pool = first(&status(false, Some("storage pool \"runnervisor\" not found or not active")));
         assert!(pool.contains("NOT READY: storage pool \"runnervisor\""), "{pool}");
         assert!(!pool.contains("NOT CONNECTED"), "libvirt itself answers: {pool}");
+    }
+
+    #[test]
+    fn status_shows_warm_vms_and_how_each_vm_got_its_job() {
+        let vm = |name: &str, state: &str, warm: bool| VmStatus {
+            name: name.into(),
+            pool: "p".into(),
+            state: state.into(),
+            age_secs: 5,
+            job_id: 0,
+            took_job: None,
+            runner_id: None,
+            repository: String::new(),
+            warm,
+        };
+        let s = Status {
+            draining: false,
+            libvirt_connected: true,
+            hypervisor_problem: None,
+            pools: vec![PoolStatus { name: "p".into(), vms: 4, max_vms: 4, queued: 0, warm: 2, warm_waiting: 1 }],
+            queued: vec![],
+            vms: vec![
+                vm("rv-p-w1", "waiting", true),
+                vm("rv-p-w2", "warming", true),
+                vm("rv-p-w3", "binding", true),
+                vm("rv-p-w4", "busy", true),
+                vm("rv-p-7", "busy", false),
+            ],
+        };
+        let text = render_status(&s);
+        let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+        assert!(line("p ").contains("1/2 waiting"), "{text}");
+        assert!(line("rv-p-w1").contains("warm: waiting"), "{text}");
+        assert!(line("rv-p-w2").contains("warm: booting"), "{text}");
+        assert!(line("rv-p-w3").contains("warm: binding"), "{text}");
+        assert!(line("rv-p-w4").contains("warm: bound"), "{text}");
+        assert!(line("rv-p-7").contains("cold"), "{text}");
     }
 
     #[tokio::test]

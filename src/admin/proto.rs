@@ -40,6 +40,11 @@ pub struct PoolStatus {
     pub vms: usize,
     pub max_vms: usize,
     pub queued: usize,
+    /// Warm VMs to keep (`warm`), and how many wait for a job now.
+    #[serde(default)]
+    pub warm: usize,
+    #[serde(default)]
+    pub warm_waiting: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +65,9 @@ pub struct VmStatus {
     pub took_job: Option<u64>,
     pub runner_id: Option<u64>,
     pub repository: String,
+    /// Made warm (booted without a credential); its state says whether it is bound yet.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 #[cfg(test)]

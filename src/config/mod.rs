@@ -319,6 +319,17 @@ pub struct PoolConfig {
     /// Warn when the image's manifest declares a runner released longer ago than this.
     #[serde(default = "defaults::runner_max_age", deserialize_with = "duration")]
     pub runner_max_age: Duration,
+    /// VMs kept booted and waiting, without any credential, for the pool's next jobs
+    /// (within `max_vms`). A job's runner credential is delivered into one when it arrives.
+    #[serde(default)]
+    pub warm: usize,
+    /// A warm VM waiting longer than this is replaced by a fresh one.
+    #[serde(default = "defaults::warm_max_age", deserialize_with = "duration")]
+    pub warm_max_age: Duration,
+    /// A warm VM that has not acknowledged its job's runner command in this time is
+    /// destroyed, and the job goes the cold path.
+    #[serde(default = "defaults::bind_timeout", deserialize_with = "duration")]
+    pub bind_timeout: Duration,
 }
 
 mod defaults {
@@ -421,6 +432,12 @@ mod defaults {
     }
     pub fn max_attempts() -> u32 {
         3
+    }
+    pub fn warm_max_age() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn bind_timeout() -> Duration {
+        Duration::from_secs(15)
     }
     pub fn runner_max_age() -> Duration {
         Duration::from_secs(30 * 86400)

@@ -127,6 +127,17 @@ fn bad_values_name_key_and_value() {
     assert!(e.contains("pool[0].image"), "{e}");
     let e = err(&format!("{MINIMAL}\nmax_vms = 2\nmax_vms_per_repository = 3\n"));
     assert!(e.contains("pool[0].max_vms_per_repository") && e.contains('3'), "{e}");
+    let e = err(&format!("{MINIMAL}\nmax_vms = 2\nwarm = 3\n"));
+    assert!(e.contains("pool[0].warm") && e.contains("max_vms (2)"), "{e}");
+    let e = err(&format!("{MINIMAL}\nwarm_max_age = \"30s\"\n"));
+    assert!(e.contains("pool[0].warm_max_age") && e.contains("30s"), "{e}");
+    let e = err(&format!("{MINIMAL}\nbind_timeout = \"0s\"\n"));
+    assert!(e.contains("pool[0].bind_timeout"), "{e}");
+    let c = Config::parse(&format!("{MINIMAL}\nmax_vms = 3\nwarm = 2\n")).unwrap();
+    assert_eq!(
+        (c.pools[0].warm, c.pools[0].warm_max_age, c.pools[0].bind_timeout),
+        (2, Duration::from_secs(3600), Duration::from_secs(15))
+    );
     let e = err(&MINIMAL.replace("[[pool]]", "[capacity]\nmax_vms = 0\n[[pool]]"));
     assert!(e.contains("capacity.max_vms"), "{e}");
     let e = err(&format!("{MINIMAL}\nmax_vms = 0\n"));

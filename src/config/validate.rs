@@ -200,6 +200,15 @@ impl Config {
             if p.max_lifetime <= p.registration_timeout {
                 return Err(invalid(key("max_lifetime"), p.max_lifetime, "must be longer than registration_timeout"));
             }
+            if p.warm > p.max_vms {
+                return Err(invalid(key("warm"), p.warm, format!("must be 0 to max_vms ({})", p.max_vms)));
+            }
+            if p.warm_max_age < Duration::from_secs(60) || (p.warm > 0 && p.warm_max_age >= p.max_lifetime) {
+                return Err(invalid(key("warm_max_age"), p.warm_max_age, "must be at least 1m and below max_lifetime"));
+            }
+            if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&p.bind_timeout) {
+                return Err(invalid(key("bind_timeout"), p.bind_timeout, "must be 1s to 10m"));
+            }
         }
         Ok(())
     }

@@ -11,6 +11,10 @@ use crate::config::{DomainType, NetworkConfig};
 pub const METADATA_NS: &str = "https://runnervisor.dev/xmlns/domain/1";
 pub const METADATA_PREFIX: &str = "runnervisor";
 
+/// The virtio-serial port of a warm VM (`/dev/virtio-ports/NAME` in the guest), on which
+/// the host delivers a job's runner command (see `images/guest/runnervisor-warm`).
+pub const BIND_CHANNEL: &str = "dev.runnervisor.bind.0";
+
 /// A tiny XML writer that escapes every value it is given.
 #[derive(Default)]
 pub struct Xml {
@@ -88,6 +92,8 @@ pub struct VmMetadata {
     pub created: SystemTime,
     pub console_log: PathBuf,
     pub job_url: String,
+    /// A warm VM no job's credential was delivered into (yet).
+    pub warm: bool,
 }
 
 /// Everything the domain XML is made from.
@@ -108,6 +114,8 @@ pub struct DomainSpec<'a> {
     pub title: &'a str,
     pub description: &'a str,
     pub metadata: &'a VmMetadata,
+    /// A warm VM: add the [`BIND_CHANNEL`] port.
+    pub bind_channel: bool,
 }
 
 pub fn domain(spec: &DomainSpec<'_>) -> String {
@@ -184,6 +192,14 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.empty("source", &[("path", &spec.metadata.console_log.to_string_lossy()), ("append", "off")]);
     x.empty("target", &[("type", "serial"), ("port", "0")]);
     x.close();
+    if spec.bind_channel {
+        // libvirt makes the socket and connects to it for `virDomainOpenChannel`; nothing
+        // on the host needs a path to it, and no network path leads from the guest.
+        x.open("channel", &[("type", "unix")]);
+        x.empty("source", &[("mode", "bind")]);
+        x.empty("target", &[("type", "virtio"), ("name", BIND_CHANNEL)]);
+        x.close();
+    }
     x.open("rng", &[("model", "virtio")]);
     x.text("backend", &[("model", "random")], "/dev/urandom");
     x.close();
@@ -204,7 +220,28 @@ fn metadata_element(x: &mut Xml, m: &VmMetadata) {
     x.text("runnervisor:created", &[], &humantime::format_rfc3339_seconds(m.created).to_string());
     x.text("runnervisor:console-log", &[], &m.console_log.to_string_lossy());
     x.text("runnervisor:job-url", &[], &m.job_url);
+    if m.warm {
+        x.text("runnervisor:warm", &[], "true");
+    }
     x.close();
+}
+
+/// The `<runnervisor:vm>` element alone (for `virDomainSetMetadata`).
+pub fn metadata_xml(m: &VmMetadata) -> String {
+    let mut x = Xml::default();
+    metadata_element(&mut x, m);
+    x.finish()
+}
+
+/// Whether the guest has the port `channel` open, as libvirt's live domain XML says
+/// (`<target type='virtio' name=.. state='connected'/>`); `None` if there is no such port.
+pub fn channel_connected(domain_xml: &str, channel: &str) -> Option<bool> {
+    let doc = roxmltree::Document::parse(domain_xml).ok()?;
+    let target = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("channel"))
+        .find_map(|c| c.children().find(|t| t.has_tag_name("target") && t.attribute("name") == Some(channel)))?;
+    Some(target.attribute("state") == Some("connected"))
 }
 
 /// Parses the element libvirt returns for `metadata(ELEMENT, METADATA_NS)`.
@@ -230,6 +267,7 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
         created: humantime::parse_rfc3339(&get("created")?).ok()?,
         console_log: get("console-log")?.into(),
         job_url: get("job-url").unwrap_or_default(),
+        warm: get("warm").is_some_and(|w| w == "true"),
     })
 }
 
@@ -332,6 +370,7 @@ mod tests {
             created: humantime::parse_rfc3339("2026-11-29T12:00:00Z").unwrap(),
             console_log: "/var/log/runnervisor/console/rv-small-30000000001.log".into(),
             job_url: format!("https://github.com/octo-org/x/actions/runs/1/job/2?{NASTY}"),
+            warm: false,
         }
     }
 
@@ -351,6 +390,7 @@ mod tests {
             title: NASTY,
             description: NASTY,
             metadata: m,
+            bind_channel: false,
         }
     }
 
@@ -380,6 +420,39 @@ mod tests {
         expected.job_url = expected.job_url.replace('\u{1}', "");
         assert_eq!(parse_metadata(&xml[md.range()]), Some(expected));
         assert!(!root.descendants().any(|n| n.has_tag_name("cpu")), "TCG uses QEMU's default CPU");
+        assert!(!root.descendants().any(|n| n.has_tag_name("channel")), "a cold VM has no bind port");
+        assert_eq!(channel_connected(&xml, BIND_CHANNEL), None);
+    }
+
+    #[test]
+    fn a_warm_vm_has_the_bind_port_and_says_so() {
+        let mut m = meta();
+        m.warm = true;
+        let mut s = spec(&m, &NetworkConfig::User { accept_unfenced: true }, None);
+        s.bind_channel = true;
+        let xml = domain(&s);
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let channel = doc.descendants().find(|n| n.has_tag_name("channel")).unwrap();
+        assert_eq!(channel.attribute("type"), Some("unix"));
+        let target = channel.children().find(|n| n.has_tag_name("target")).unwrap();
+        assert_eq!((target.attribute("type"), target.attribute("name")), (Some("virtio"), Some(BIND_CHANNEL)));
+        let md = doc.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS)).unwrap();
+        assert!(parse_metadata(&xml[md.range()]).unwrap().warm);
+        // Standalone metadata (set when a job is bound) round-trips too.
+        m.warm = false;
+        m.job_id = 42;
+        let parsed = parse_metadata(&metadata_xml(&m)).unwrap();
+        assert_eq!((parsed.warm, parsed.job_id), (false, 42));
+        // libvirt's live XML tells whether the guest opened the port.
+        let live = |state: &str| {
+            format!(
+                "<domain><devices><channel type='unix'><source mode='bind' path='/x'/><target type='virtio' name='{BIND_CHANNEL}'{state}/></channel></devices></domain>"
+            )
+        };
+        assert_eq!(channel_connected(&live(" state='connected'"), BIND_CHANNEL), Some(true));
+        assert_eq!(channel_connected(&live(" state='disconnected'"), BIND_CHANNEL), Some(false));
+        assert_eq!(channel_connected(&live(""), BIND_CHANNEL), Some(false));
+        assert_eq!(channel_connected(&live(" state='connected'"), "other"), None);
     }
 
     #[test]

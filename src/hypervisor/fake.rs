@@ -32,6 +32,14 @@ pub struct FakeState {
     /// The next N `start` calls hang until `release_stalled` is set (a hung libvirt call).
     pub stall_starts: u32,
     pub release_stalled: bool,
+    /// While set, no warm VM's guest waits yet (otherwise they wait as soon as they run).
+    pub guests_booting: bool,
+    /// Warm VMs whose guest ignores deliveries (never acknowledges).
+    pub guests_deaf: BTreeSet<String>,
+    /// Runner commands delivered into warm VMs (VM, message), in order.
+    pub delivered: Vec<(String, String)>,
+    /// Descriptions set on VMs, by VM.
+    pub descriptions: BTreeMap<String, String>,
     /// Most VMs running at once, ever.
     pub peak_running: usize,
     pub started_total: usize,
@@ -203,6 +211,32 @@ impl Hypervisor for FakeHypervisor {
 
     fn list_volumes(&self) -> Result<Vec<String>, HvError> {
         Ok(self.up()?.volumes.iter().cloned().collect())
+    }
+
+    fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
+        let s = self.up()?;
+        let running = s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running);
+        Ok(running && !s.guests_booting)
+    }
+
+    fn deliver(&self, vm: &str, message: &[u8], ack: &str, _timeout: std::time::Duration) -> Result<(), HvError> {
+        let mut s = self.up()?;
+        let fail = |m: &str| Err(HvError::Libvirt { op: "deliver", name: vm.into(), message: m.into() });
+        if !s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running) {
+            return fail("domain not running");
+        }
+        if s.guests_deaf.contains(vm) {
+            return fail("the guest did not acknowledge its runner command in time (bind_timeout)");
+        }
+        let message = String::from_utf8_lossy(message).into_owned();
+        assert!(ack.starts_with("ACK ") && message.ends_with('\n'), "protocol: {ack:?}");
+        s.delivered.push((vm.to_string(), message));
+        Ok(())
+    }
+
+    fn describe(&self, vm: &str, _metadata: &domain_xml::VmMetadata, description: &str) -> Result<(), HvError> {
+        self.up()?.descriptions.insert(vm.to_string(), description.to_string());
+        Ok(())
     }
 
     fn delete_volume(&self, name: &str) -> Result<(), HvError> {

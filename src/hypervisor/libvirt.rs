@@ -238,6 +238,52 @@ impl Libvirt {
     }
 }
 
+/// Sends `message` on a non-blocking stream to a guest's port, then reads (at most
+/// [`super::MAX_GUEST_REPLY`] bytes) until the guest answered exactly `ack`, before `deadline`.
+/// libvirt's event loop thread moves the data; this polls the stream's buffers.
+fn exchange(stream: &Stream, message: &[u8], ack: &str, deadline: std::time::Instant) -> Result<(), String> {
+    const POLL: Duration = Duration::from_millis(2);
+    const WOULD_BLOCK: c_int = -2;
+    let late = || std::time::Instant::now() > deadline;
+    let mut sent = 0;
+    while sent < message.len() {
+        let rest = &message[sent..];
+        // SAFETY: the stream is open and `rest` outlives the call.
+        let n = unsafe { sys::virStreamSend(stream.as_ptr(), rest.as_ptr().cast(), rest.len()) };
+        match n {
+            WOULD_BLOCK if late() => return Err("the guest did not take the message in time".into()),
+            WOULD_BLOCK => std::thread::sleep(POLL),
+            n if n < 0 => return Err(format!("send: {}", virt::error::Error::last_error())),
+            n => sent += n as usize,
+        }
+    }
+    let mut got = Vec::with_capacity(ack.len());
+    let mut buf = [0u8; super::MAX_GUEST_REPLY];
+    loop {
+        let room = super::MAX_GUEST_REPLY - got.len();
+        // SAFETY: the stream is open and `buf` has `room` bytes.
+        let n = unsafe { sys::virStreamRecv(stream.as_ptr(), buf.as_mut_ptr().cast(), room.max(1)) };
+        match n {
+            WOULD_BLOCK if late() => {
+                return Err("the guest did not acknowledge its runner command in time (bind_timeout)".into());
+            }
+            WOULD_BLOCK => std::thread::sleep(POLL),
+            0 => return Err("the guest closed its port without acknowledging".into()),
+            n if n < 0 => return Err(format!("receive: {}", virt::error::Error::last_error())),
+            n => {
+                got.extend_from_slice(&buf[..n as usize]);
+                match super::judge_reply(&got, ack) {
+                    super::Reply::Acked => return Ok(()),
+                    super::Reply::Partial => {}
+                    super::Reply::Wrong => {
+                        return Err(format!("the guest answered {} bytes that are not the acknowledgement", got.len()));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// QEMU pauses a guest whose disk write fails for lack of space (`werror=enospc`).
 fn paused_on_io_error(dom: &virt::domain::Domain) -> bool {
     use virt::domain::{DomainPausedReason, DomainState as Libvirt, DomainStateReason};
@@ -391,6 +437,46 @@ impl Hypervisor for Libvirt {
             Err(e) => errors.push(e),
         }
         errors
+    }
+
+    fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
+        let conn = self.conn()?;
+        let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
+        let xml = dom.xml_desc(0).map_err(|e| self.err("domain XML", vm, e))?;
+        domain_xml::channel_connected(&xml, domain_xml::BIND_CHANNEL).ok_or_else(|| HvError::Libvirt {
+            op: "bind port",
+            name: vm.into(),
+            message: format!("the domain has no {} channel (not a warm VM)", domain_xml::BIND_CHANNEL),
+        })
+    }
+
+    fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: Duration) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
+        let stream = Stream::new(&conn, sys::VIR_STREAM_NONBLOCK).map_err(|e| self.err("new stream", vm, e))?;
+        dom.open_channel(Some(domain_xml::BIND_CHANNEL), &stream, sys::VIR_DOMAIN_CHANNEL_FORCE)
+            .map_err(|e| self.err("open bind port", vm, e))?;
+        let result = exchange(&stream, message, ack, std::time::Instant::now() + timeout);
+        // Ends libvirt's side of the session; the guest sees the port close.
+        let _ = stream.abort();
+        result.map_err(|message| HvError::Libvirt { op: "deliver", name: vm.into(), message })
+    }
+
+    fn describe(&self, vm: &str, metadata: &domain_xml::VmMetadata, description: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
+        let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+        let xml = domain_xml::metadata_xml(metadata);
+        dom.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(&xml),
+            Some(domain_xml::METADATA_PREFIX),
+            Some(domain_xml::METADATA_NS),
+            flags,
+        )
+        .map_err(|e| self.err("set metadata", vm, e))?;
+        dom.set_metadata(sys::VIR_DOMAIN_METADATA_DESCRIPTION as i32, Some(description), None, None, flags)
+            .map_err(|e| self.err("set description", vm, e))
     }
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {

@@ -22,6 +22,11 @@ pub fn vm_name(pool: &str, job_id: u64, attempt: u32) -> String {
     if attempt <= 1 { format!("{PREFIX}{pool}-{job_id}") } else { format!("{PREFIX}{pool}-{job_id}-{attempt}") }
 }
 
+/// `rv-<pool>-w<seq>`: a warm VM, made before any job (`seq` grows with time).
+pub fn warm_vm_name(pool: &str, seq: u64) -> String {
+    format!("{PREFIX}{pool}-w{seq}")
+}
+
 pub fn overlay_volume_name(vm: &str) -> String {
     format!("{vm}.qcow2")
 }
@@ -40,7 +45,11 @@ pub fn vm_of_volume(volume: &str) -> Option<&str> {
 
 /// Whether a runner or domain name has the shape of a VM of `pool`.
 pub fn is_vm_of_pool(name: &str, pool: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     name.strip_prefix(PREFIX).and_then(|r| r.strip_prefix(pool)).and_then(|r| r.strip_prefix('-')).is_some_and(|rest| {
+        if let Some(seq) = rest.strip_prefix('w') {
+            return digits(seq);
+        }
         let mut parts = rest.split('-');
         let job_ok = parts.next().is_some_and(|j| !j.is_empty() && j.bytes().all(|b| b.is_ascii_digit()));
         let attempt_ok = parts.next().is_none_or(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
@@ -155,6 +164,41 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn list_volumes(&self) -> Result<Vec<String>, HvError>;
     /// Deletes one volume of ours; a missing volume is not an error.
     fn delete_volume(&self, name: &str) -> Result<(), HvError>;
+    /// Whether a warm VM's guest has its bind port ([`domain_xml::BIND_CHANNEL`]) open,
+    /// i.e. waits for a job. Read from libvirt's view of the port, not from the guest.
+    fn guest_waiting(&self, vm: &str) -> Result<bool, HvError>;
+    /// Writes `message` into the warm VM's bind port and waits at most `timeout` for the
+    /// guest to answer exactly `ack`. What the guest sends is read bounded and only
+    /// compared with `ack`, never parsed, logged or kept.
+    fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: std::time::Duration) -> Result<(), HvError>;
+    /// Replaces the VM's runnervisor metadata and description (a warm VM given a job).
+    fn describe(&self, vm: &str, metadata: &VmMetadata, description: &str) -> Result<(), HvError>;
+}
+
+/// Most bytes read from a guest's bind port while waiting for its acknowledgement.
+pub const MAX_GUEST_REPLY: usize = 256;
+
+/// What a guest's reply on its bind port amounts to so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// Exactly the acknowledgement.
+    Acked,
+    /// A prefix of it: read on.
+    Partial,
+    /// Anything else (nothing of it is looked at further).
+    Wrong,
+}
+
+/// Compares what a guest sent with the acknowledgement expected, and nothing more.
+pub fn judge_reply(got: &[u8], ack: &str) -> Reply {
+    let ack = ack.as_bytes();
+    if got == ack {
+        Reply::Acked
+    } else if got.len() < ack.len() && ack.starts_with(got) {
+        Reply::Partial
+    } else {
+        Reply::Wrong
+    }
 }
 
 /// Reads the qcow2 header of a golden image: magic and virtual size.
@@ -187,6 +231,22 @@ mod tests {
         assert!(!is_vm_of_pool("rv-small-", "small"));
         assert!(!is_vm_of_pool("rv-smaller-7", "small"));
         assert!(!is_vm_of_pool("other-small-7", "small"));
+        assert_eq!(warm_vm_name("small", 1764600000123), "rv-small-w1764600000123");
+        assert!(is_vm_of_pool("rv-small-w1764600000123", "small"));
+        assert!(!is_vm_of_pool("rv-small-w", "small"));
+        assert!(!is_vm_of_pool("rv-small-w12-3", "small"));
+        assert!(!is_vm_of_pool("rv-small-wx", "small"));
+    }
+
+    #[test]
+    fn a_guest_reply_is_only_compared() {
+        let ack = "ACK rv-p-w1\n";
+        assert_eq!(judge_reply(b"", ack), Reply::Partial);
+        assert_eq!(judge_reply(b"ACK rv", ack), Reply::Partial);
+        assert_eq!(judge_reply(b"ACK rv-p-w1\n", ack), Reply::Acked);
+        assert_eq!(judge_reply(b"ACK rv-p-w1\nmore", ack), Reply::Wrong);
+        assert_eq!(judge_reply(b"ACK rv-p-w2\n", ack), Reply::Wrong);
+        assert_eq!(judge_reply(b"\x1b[2J$(reboot)", ack), Reply::Wrong);
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     vms: self.book.vms_of(&p.name).count(),
                     max_vms: p.max_vms,
                     queued: self.book.unserved(&p.name).len(),
+                    warm: p.warm,
+                    warm_waiting: self
+                        .book
+                        .vms_of(&p.name)
+                        .filter(|v| v.is_unbound_warm() && v.state == crate::model::VmState::Waiting)
+                        .count(),
                 })
                 .collect(),
             queued: self
@@ -82,6 +88,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     took_job: v.took_job,
                     runner_id: v.runner_id,
                     repository: v.repository.clone(),
+                    warm: v.warm,
                 })
                 .collect(),
         }

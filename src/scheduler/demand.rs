@@ -4,7 +4,8 @@
 //! queue, the VMs and the clock, tested from tables.
 //!
 //! Counting, not binding: GitHub gives a job to any idle runner whose labels cover it, so a
-//! runner is never reserved for the job it was made for.
+//! runner is never reserved for the job it was made for. A warm VM becomes a runner (with
+//! the pool's labels) when a job arrives for its pool; until then it is no runner at all.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::PoolConfig;
-use crate::model::{JobRec, VmRec};
+use crate::model::{JobRec, VmRec, VmState};
 
 /// A pool's limits, as [`plan`] uses them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,45 +22,72 @@ pub struct Limits {
     /// How long a runner may be surplus before it is removed.
     pub idle_timeout: Duration,
     pub per_repository: Option<usize>,
+    /// Warm VMs to keep waiting (within `max_vms`).
+    pub warm: usize,
 }
 
 impl Limits {
     pub fn of(pool: &PoolConfig) -> Limits {
-        Limits { max_vms: pool.max_vms, idle_timeout: pool.idle_timeout, per_repository: pool.max_vms_per_repository }
+        Limits {
+            max_vms: pool.max_vms,
+            idle_timeout: pool.idle_timeout,
+            per_repository: pool.max_vms_per_repository,
+            warm: pool.warm,
+        }
     }
 }
 
 /// What holds new VMs back, from outside the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gate {
-    /// Draining, or the pool backs off after failures: no new VMs (surplus still goes).
+    /// The pool backs off after failures: no new VMs (surplus still goes, warm VMs still
+    /// serve jobs).
     pub hold: bool,
+    /// The agent drains: no new VMs, no bindings, and every unbound warm VM goes.
+    pub draining: bool,
     /// New VMs the host may still start across pools (`capacity.max_vms`).
     pub host_room: usize,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Decision {
-    /// Jobs to make a VM for, oldest first.
+    /// Jobs to make a (cold) VM for, oldest first.
     pub provision: Vec<u64>,
     /// Every available runner beyond the unserved jobs now (the caller remembers since when).
     pub surplus: Vec<String>,
     /// Surplus runners that have been surplus for `idle_timeout`: tear them down.
     pub reap: Vec<String>,
+    /// Waiting warm VMs to give a job now: (job, VM), oldest of each first.
+    pub bind: Vec<(u64, String)>,
+    /// New warm VMs to make.
+    pub warm: usize,
+    /// Unbound warm VMs no longer wanted (draining, or more than `warm` spare).
+    pub unwarm: Vec<String>,
 }
 
 /// One pool's decision. `unserved`: its jobs that need a runner, oldest first; `vms`: all
-/// its VMs; `surplus_since`: when each runner became surplus.
+/// its VMs; `surplus_since`: when each runner became surplus; `cold_only`: jobs a warm VM
+/// failed to take, which go the cold path.
+///
+/// Order of service: a waiting warm VM takes the oldest uncovered job; a warm VM still
+/// booting counts as a runner coming (it waits sooner than a new VM would boot); the rest
+/// get cold VMs; then the warm VMs are topped up with the slots left.
 pub fn plan(
     limits: Limits,
     unserved: &[&JobRec],
     vms: &[&VmRec],
     surplus_since: &HashMap<String, Instant>,
+    cold_only: &BTreeSet<u64>,
     gate: Gate,
     now: Instant,
 ) -> Decision {
+    let live = |v: &&&VmRec| v.reap.is_none();
     let mut available: Vec<&VmRec> =
-        vms.iter().copied().filter(|v| v.state.is_available() && v.reap.is_none()).collect();
+        vms.iter().filter(live).copied().filter(|v| v.state.is_available() && !v.is_unbound_warm()).collect();
+    let mut waiting: Vec<&VmRec> =
+        vms.iter().filter(live).copied().filter(|v| v.is_unbound_warm() && v.state == VmState::Waiting).collect();
+    waiting.sort_by_key(|v| (v.created_at, v.name.clone()));
+    let warming = vms.iter().filter(live).filter(|v| v.is_unbound_warm() && v.state != VmState::Waiting).count();
     // More available runners than unserved jobs (cancelled, served elsewhere): the surplus
     // are those whose own job is served, newest first.
     let unserved_ids: BTreeSet<u64> = unserved.iter().map(|j| j.info.id).collect();
@@ -71,23 +99,59 @@ pub fn plan(
         .filter(|n| now.duration_since(*surplus_since.get(*n).unwrap_or(&now)) >= limits.idle_timeout)
         .cloned()
         .collect();
-    let mut decision = Decision { provision: Vec::new(), surplus, reap };
+    let mut decision = Decision { surplus, reap, ..Decision::default() };
+    if gate.draining {
+        let mut unbound: Vec<&VmRec> = vms.iter().filter(live).copied().filter(|v| v.is_unbound_warm()).collect();
+        unbound.sort_by_key(|v| v.name.clone());
+        decision.unwarm = unbound.into_iter().map(|v| v.name.clone()).collect();
+        return decision;
+    }
+    let mut deficit = unserved.len().saturating_sub(available.len());
+    let mut covered: BTreeSet<u64> = available.iter().map(|v| v.job_id).collect();
+    let mut by_repo: BTreeMap<String, usize> = BTreeMap::new();
+    for v in vms.iter().filter(|v| !v.is_unbound_warm()) {
+        *by_repo.entry(v.repository.clone()).or_insert(0) += 1;
+    }
+    let queue = |cold_first: bool| {
+        let mut q: Vec<(u64, &str)> = unserved
+            .iter()
+            .filter(|j| cold_first || !cold_only.contains(&j.info.id))
+            .map(|j| (j.info.id, j.info.repository.as_str()))
+            .collect();
+        if cold_first {
+            q.sort_by_key(|(id, _)| !cold_only.contains(id));
+        }
+        q
+    };
+    let room = |pool| Room { pool, host: usize::MAX, per_repository: limits.per_repository };
+    let binds = pick(&queue(false), &covered, &by_repo, room(deficit.min(waiting.len())));
+    for (job, vm) in binds.iter().zip(&waiting) {
+        decision.bind.push((*job, vm.name.clone()));
+        covered.insert(*job);
+        let repo = unserved.iter().find(|j| j.info.id == *job).map(|j| j.info.repository.clone()).unwrap_or_default();
+        *by_repo.entry(repo).or_insert(0) += 1;
+    }
+    deficit -= binds.len();
+    let spare_waiting = waiting.len() - binds.len();
+    // Booting warm VMs serve the next jobs, except jobs a warm VM already failed.
+    let uncovered_cold_only =
+        unserved.iter().filter(|j| cold_only.contains(&j.info.id) && !covered.contains(&j.info.id)).count();
+    let reserved = deficit.min(warming).min(deficit - uncovered_cold_only.min(deficit));
+    let spare_warm = spare_waiting + warming - reserved;
+    if spare_warm > limits.warm {
+        // `warm` was lowered: the newest waiting ones go.
+        decision.unwarm =
+            waiting[binds.len()..].iter().rev().take(spare_warm - limits.warm).map(|v| v.name.clone()).collect();
+    }
     if gate.hold {
         return decision;
     }
-    let deficit = unserved.len().saturating_sub(available.len());
-    let room = Room {
-        pool: deficit.min(limits.max_vms.saturating_sub(vms.len())),
-        host: gate.host_room,
-        per_repository: limits.per_repository,
-    };
-    let covered: BTreeSet<u64> = available.iter().map(|v| v.job_id).collect();
-    let mut by_repo: BTreeMap<String, usize> = BTreeMap::new();
-    for v in vms {
-        *by_repo.entry(v.repository.clone()).or_insert(0) += 1;
-    }
-    let queue: Vec<(u64, &str)> = unserved.iter().map(|j| (j.info.id, j.info.repository.as_str())).collect();
-    decision.provision = pick(&queue, &covered, &by_repo, room);
+    let slots = limits.max_vms.saturating_sub(vms.len());
+    let cold_room =
+        Room { pool: (deficit - reserved).min(slots), host: gate.host_room, per_repository: limits.per_repository };
+    decision.provision = pick(&queue(true), &covered, &by_repo, cold_room);
+    let made = decision.provision.len();
+    decision.warm = limits.warm.saturating_sub(spare_warm).min(slots - made).min(gate.host_room.saturating_sub(made));
     decision
 }
 
@@ -140,8 +204,8 @@ mod tests {
     fn plans() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let now = Instant::now();
-        let limits = Limits { max_vms: 3, idle_timeout: Duration::from_secs(60), per_repository: None };
-        let open = Gate { hold: false, host_room: usize::MAX };
+        let limits = Limits { max_vms: 3, idle_timeout: Duration::from_secs(60), per_repository: None, warm: 0 };
+        let open = Gate { hold: false, draining: false, host_room: usize::MAX };
         let q = |id| job(id, "p", "o/r", JobState::Queued, id);
         let v = |name: &str, job_id, state, age: u64| vm(name, "p", job_id, state, t0 + Duration::from_secs(age));
         use VmState::*;
@@ -190,10 +254,85 @@ mod tests {
             let jobs: Vec<&JobRec> = c.jobs.iter().collect();
             let vms: Vec<&VmRec> = c.vms.iter().collect();
             let since = c.since.iter().map(|(n, ago)| (n.to_string(), now - Duration::from_secs(*ago))).collect();
-            let d = plan(c.limits, &jobs, &vms, &since, c.gate, now);
+            let d = plan(c.limits, &jobs, &vms, &since, &BTreeSet::new(), c.gate, now);
             assert_eq!(d.provision, c.provision, "{}: provision", c.what);
             assert_eq!(d.surplus, c.surplus, "{}: surplus", c.what);
             assert_eq!(d.reap, c.reap, "{}: reap", c.what);
+            assert_eq!((d.bind, d.warm, d.unwarm), (vec![], 0, vec![]), "{}: no warm pool", c.what);
+        }
+    }
+
+    #[test]
+    fn warm_plans() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let now = Instant::now();
+        let limits = Limits { max_vms: 3, idle_timeout: Duration::from_secs(60), per_repository: None, warm: 2 };
+        let open = Gate { hold: false, draining: false, host_room: usize::MAX };
+        let q = |id| job(id, "p", "o/r", JobState::Queued, id);
+        let v = |name: &str, job_id, state, age: u64| vm(name, "p", job_id, state, t0 + Duration::from_secs(age));
+        let w = |name: &str, state, age: u64| VmRec { warm: true, repository: String::new(), ..v(name, 0, state, age) };
+        use VmState::*;
+        struct Case {
+            what: &'static str,
+            jobs: Vec<JobRec>,
+            vms: Vec<VmRec>,
+            cold_only: Vec<u64>,
+            limits: Limits,
+            gate: Gate,
+            bind: Vec<(u64, &'static str)>,
+            provision: Vec<u64>,
+            warm: usize,
+            unwarm: Vec<&'static str>,
+        }
+        #[rustfmt::skip]
+        let cases = vec![
+            Case { what: "an idle pool fills its warm VMs", jobs: vec![], vms: vec![], cold_only: vec![], limits, gate: open,
+                   bind: vec![], provision: vec![], warm: 2, unwarm: vec![] },
+            Case { what: "warm VMs are not surplus runners and are kept", jobs: vec![],
+                   vms: vec![w("rv-p-w1", Waiting, 0), w("rv-p-w2", Warming, 1)], cold_only: vec![], limits, gate: open,
+                   bind: vec![], provision: vec![], warm: 0, unwarm: vec![] },
+            Case { what: "a job takes the oldest waiting VM, which is then replaced", jobs: vec![q(7)],
+                   vms: vec![w("rv-p-w2", Waiting, 5), w("rv-p-w1", Waiting, 0)], cold_only: vec![], limits, gate: open,
+                   bind: vec![(7, "rv-p-w1")], provision: vec![], warm: 1, unwarm: vec![] },
+            Case { what: "more jobs than warm VMs: the rest go cold, within max_vms", jobs: vec![q(1), q(2), q(3)],
+                   vms: vec![w("rv-p-w1", Waiting, 0)], cold_only: vec![], limits, gate: open,
+                   bind: vec![(1, "rv-p-w1")], provision: vec![2, 3], warm: 0, unwarm: vec![] },
+            Case { what: "a booting warm VM counts as a runner coming; no slot is left to top up", jobs: vec![q(1)],
+                   vms: vec![w("rv-p-w1", Warming, 0), w("rv-p-w2", Warming, 1), v("rv-p-9", 9, Busy, 0)],
+                   cold_only: vec![], limits, gate: open, bind: vec![], provision: vec![], warm: 0, unwarm: vec![] },
+            Case { what: "a job a warm VM failed goes cold, not to the next warm VM", jobs: vec![q(1)],
+                   vms: vec![w("rv-p-w1", Waiting, 0)], cold_only: vec![1], limits, gate: open,
+                   bind: vec![], provision: vec![1], warm: 1, unwarm: vec![] },
+            Case { what: "a bound warm VM is a runner: it covers its job", jobs: vec![q(1)],
+                   vms: vec![VmRec { warm: true, ..v("rv-p-w1", 1, Binding, 0) }], cold_only: vec![], limits, gate: open,
+                   bind: vec![], provision: vec![], warm: 2, unwarm: vec![] },
+            Case { what: "back-off: warm VMs still serve, nothing new is made", jobs: vec![q(1), q(2)],
+                   vms: vec![w("rv-p-w1", Waiting, 0)], cold_only: vec![], limits, gate: Gate { hold: true, ..open },
+                   bind: vec![(1, "rv-p-w1")], provision: vec![], warm: 0, unwarm: vec![] },
+            Case { what: "draining: no binding, no topping up, unbound warm VMs go", jobs: vec![q(1)],
+                   vms: vec![w("rv-p-w1", Waiting, 0), w("rv-p-w2", Provisioning, 1), VmRec { warm: true, ..v("rv-p-w3", 4, Booting, 0) }],
+                   cold_only: vec![], limits, gate: Gate { draining: true, ..open },
+                   bind: vec![], provision: vec![], warm: 0, unwarm: vec!["rv-p-w1", "rv-p-w2"] },
+            Case { what: "warm lowered: the newest spare waiting VM goes", jobs: vec![],
+                   vms: vec![w("rv-p-w1", Waiting, 0), w("rv-p-w2", Waiting, 1)], cold_only: vec![],
+                   limits: Limits { warm: 1, ..limits }, gate: open, bind: vec![], provision: vec![], warm: 0, unwarm: vec!["rv-p-w2"] },
+            Case { what: "the host cap limits topping up", jobs: vec![], vms: vec![], cold_only: vec![], limits,
+                   gate: Gate { host_room: 1, ..open }, bind: vec![], provision: vec![], warm: 1, unwarm: vec![] },
+            Case { what: "cold VMs before topping up", jobs: vec![q(1), q(2)], vms: vec![], cold_only: vec![], limits,
+                   gate: open, bind: vec![], provision: vec![1, 2], warm: 1, unwarm: vec![] },
+        ];
+        for c in cases {
+            let jobs: Vec<&JobRec> = c.jobs.iter().collect();
+            let vms: Vec<&VmRec> = c.vms.iter().collect();
+            let cold_only = c.cold_only.iter().copied().collect();
+            let d = plan(c.limits, &jobs, &vms, &HashMap::new(), &cold_only, c.gate, now);
+            let bind: Vec<(u64, String)> = c.bind.iter().map(|(j, n)| (*j, n.to_string())).collect();
+            assert_eq!(d.bind, bind, "{}: bind", c.what);
+            assert_eq!(d.provision, c.provision, "{}: provision", c.what);
+            assert_eq!(d.warm, c.warm, "{}: warm", c.what);
+            assert_eq!(d.unwarm, c.unwarm, "{}: unwarm", c.what);
+            let unbound: Vec<&str> = c.vms.iter().filter(|v| v.is_unbound_warm()).map(|v| v.name.as_str()).collect();
+            assert!(d.surplus.iter().all(|n| !unbound.contains(&n.as_str())), "{}: surplus {:?}", c.what, d.surplus);
         }
     }
 

@@ -7,7 +7,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinError, JoinHandle};
 
-use super::provision::{ProvisionError, TeardownOutcome};
+use super::provision::{BindError, BindTimes, ProvisionError, TeardownOutcome};
 use crate::admin::proto::Reply;
 use crate::github::{GhError, JobStatus, RunnerInfo};
 use crate::hypervisor::{HvError, HvEvent, VmInfo};
@@ -27,6 +27,16 @@ pub enum Event {
     TornDown {
         vm: String,
         outcome: TeardownOutcome,
+    },
+    /// A warm VM's guest waits for a job, or the watch for it gave up.
+    GuestWaiting {
+        vm: String,
+        result: Result<(), String>,
+    },
+    /// A warm VM's binding (credential and delivery) finished.
+    Bound {
+        vm: String,
+        result: Result<BindTimes, BindError>,
     },
     SeedRemoved {
         vm: String,

@@ -51,6 +51,7 @@ pub fn vm(name: &str, pool: &str, job_id: u64, state: VmState, at: SystemTime) -
         took_job: None,
         seed_removed: false,
         reap: None,
+        warm: false,
     }
 }
 

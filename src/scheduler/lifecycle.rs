@@ -106,9 +106,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             error!(vm = %name, state = before.state.as_str(), reason = %reason.as_str(), "cannot tear down a vm in this state");
             return;
         }
-        if let Some(Work::Provisioning(task)) = self.work.remove(name) {
-            // Its deadline passed: what it would still make, the teardown and the sweep remove.
+        if let Some(Work::Provisioning(task) | Work::Binding(task) | Work::Watching(task)) = self.work.remove(name) {
+            // Its deadline passed (or the VM is gone): what it would still make, the teardown
+            // and the sweep remove.
             task.abort();
+        }
+        if before.is_unbound_warm() && matches!(reason, Reason::Stopped | Reason::RegistrationTimeout) {
+            // No job is hurt, but a pool whose warm VMs die must not boot them for ever.
+            warn!(vm = %name, pool = %before.pool, reason = %reason.as_str(), "warm vm failed before it could serve a job");
+            self.bump_backoff(&before.pool);
         }
         // A VM that died or stalled before any runner on it took a job is a failed attempt.
         if vm::counts_as_failure(&before, reason)
@@ -305,6 +311,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             took_job: None,
             seed_removed: false,
             reap: None,
+            warm: false,
         };
         let plan = Plan {
             vm: vm.clone(),
@@ -316,13 +323,23 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         info!(job_id, run_id = job.info.run_id, repository = %job.info.repository, pool = %pool.name, vm = %name, "provisioning vm");
         self.book.touch_job(job_id);
+        if self.launch(vm, plan) {
+            self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&pool.name, "cold")).inc();
+        }
+    }
+
+    /// Records `vm`, commits it, and only then spawns its provisioning. False (nothing
+    /// made, the pool backs off) if the record cannot be committed.
+    pub(super) fn launch(&mut self, vm: VmRec, plan: Plan) -> bool {
+        let name = vm.name.clone();
+        let (pool, job_id) = (vm.pool.clone(), vm.job_id);
         self.book.insert_vm(vm);
         if let Err(e) = self.flush() {
             self.book.forget_vm(&name);
-            self.metrics.provision_failures.get_or_create(&step(&pool.name, "store")).inc();
-            error!(vm = %name, pool = %pool.name, job_id, error = %e, "cannot persist the new vm's record: nothing is made until the store works; the job stays queued");
-            self.bump_backoff(&pool.name);
-            return;
+            self.metrics.provision_failures.get_or_create(&step(&pool, "store")).inc();
+            error!(vm = %name, pool = %pool, job_id, error = %e, "cannot persist the new vm's record: nothing is made until the store works; the job stays queued");
+            self.bump_backoff(&pool);
+            return false;
         }
         provision::crash_point("after-persist");
         let ctx = self.ctx.clone();
@@ -333,6 +350,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             move |message| Event::Provisioned { vm: failed, result: Err(ProvisionError::Task(message)) },
         );
         self.work.insert(name, Work::Provisioning(task));
+        true
     }
 
     pub(super) fn on_provisioned(&mut self, name: String, result: Result<Duration, ProvisionError>) {
@@ -349,8 +367,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Ok(took) => {
                 self.metrics.vms_started.get_or_create(&metrics::pool(&vm.pool)).inc();
                 self.metrics.provision_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(took.as_secs_f64());
-                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, duration_ms = took.as_millis() as u64, "vm started");
-                self.transition(&name, Input::Provisioned);
+                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, warm = vm.warm, duration_ms = took.as_millis() as u64, "vm started");
+                self.transition(&name, if vm.warm { Input::WarmProvisioned } else { Input::Provisioned });
                 if let Some(reason) = vm.reap {
                     self.reap(&name, reason);
                 }

@@ -24,6 +24,7 @@ pub mod provision;
 pub mod sweep;
 pub mod sync;
 pub mod vm;
+pub mod warm;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -59,6 +60,10 @@ const JOB_RETENTION: Duration = Duration::from_secs(3 * 86400);
 enum Work {
     /// Provisioning runs; aborted when its deadline passes.
     Provisioning(AbortHandle),
+    /// A warm VM's guest is watched until it waits for a job.
+    Watching(AbortHandle),
+    /// A job's credential is made and delivered into a warm VM.
+    Binding(AbortHandle),
     TearingDown,
     /// A teardown failed; the next try is due then.
     TeardownRetry(Instant),
@@ -86,6 +91,7 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     /// entry is one whose provisioning a restart cut short.
     work: HashMap<String, Work>,
     lifecycle: lifecycle::State,
+    warm: warm::State,
     sweep: sweep::State,
     sync: sync::State,
     hv: HvHealth,
@@ -120,6 +126,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             book: Book::new(snap.jobs, snap.vms),
             work: HashMap::new(),
             lifecycle: lifecycle::State::default(),
+            warm: warm::State::default(),
             sweep: sweep::State::default(),
             sync: sync::State::default(),
             hv: HvHealth::default(),
@@ -179,7 +186,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Provisioning and teardown tasks still running.
     fn in_flight(&self) -> (usize, usize) {
-        let provisioning = self.work.values().filter(|w| matches!(w, Work::Provisioning(_))).count();
+        let provisioning = self.work.values().filter(|w| matches!(w, Work::Provisioning(_) | Work::Binding(_))).count();
         let tearing_down = self.work.values().filter(|w| matches!(w, Work::TearingDown)).count();
         (provisioning, tearing_down)
     }
@@ -219,6 +226,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Event::Provisioned { vm, result } => self.on_provisioned(vm, result),
             Event::TornDown { vm, outcome } => self.on_torn_down(vm, outcome),
+            Event::GuestWaiting { vm, result } => self.on_guest_waiting(vm, result),
+            Event::Bound { vm, result } => self.on_bound(vm, result),
             Event::SeedRemoved { vm, result } => self.on_seed_removed(vm, result),
             Event::Swept { vms, volumes, pool } => self.on_swept(vms, volumes, pool),
             Event::GitHubSynced { started, runners, jobs, found } => {
@@ -239,6 +248,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.expire_timers();
         self.retry_teardowns();
+        self.watch_warm_vms();
         self.remove_spent_seeds();
         if !self.hv.ready {
             return;
@@ -254,11 +264,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Some(cap) => cap.saturating_sub(self.book.vms.len()),
             None => usize::MAX,
         };
-        let gate = demand::Gate { hold: self.draining || self.lifecycle.backing_off(&pool.name, now), host_room };
+        let gate = demand::Gate {
+            hold: self.draining || self.lifecycle.backing_off(&pool.name, now),
+            draining: self.draining,
+            host_room,
+        };
         let decision = {
             let unserved = self.book.unserved(&pool.name);
             let vms: Vec<_> = self.book.vms_of(&pool.name).collect();
-            demand::plan(demand::Limits::of(pool), &unserved, &vms, &self.lifecycle.surplus_since, gate, now)
+            let since = &self.lifecycle.surplus_since;
+            demand::plan(demand::Limits::of(pool), &unserved, &vms, since, &self.warm.cold_only, gate, now)
         };
         let since = &mut self.lifecycle.surplus_since;
         since.retain(|n, _| decision.surplus.contains(n) || !crate::hypervisor::is_vm_of_pool(n, &pool.name));
@@ -268,12 +283,21 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         for name in decision.reap {
             self.reap(&name, crate::model::Reason::Surplus);
         }
-        if decision.provision.is_empty() {
+        for name in decision.unwarm {
+            self.reap(&name, crate::model::Reason::WarmSurplus);
+        }
+        for _ in 0..decision.warm {
+            self.start_warm(pool);
+        }
+        if decision.provision.is_empty() && decision.bind.is_empty() {
             return;
         }
         if pool.registration == crate::config::Registration::Jit && self.sync.runner_group_id.is_none() {
             self.resolve_group();
             return;
+        }
+        for (job, vm) in decision.bind {
+            self.start_bind(job, &vm, pool);
         }
         for job in decision.provision {
             self.start_provision(job, pool);
@@ -305,14 +329,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 .queue_depth
                 .get_or_create(&metrics::pool(&p.name))
                 .set(self.book.unserved(&p.name).len() as i64);
-            for s in [
-                VmState::Provisioning,
-                VmState::Booting,
-                VmState::Idle,
-                VmState::Busy,
-                VmState::Finishing,
-                VmState::TearingDown,
-            ] {
+            for s in VmState::ALL {
                 let n = self.book.vms_of(&p.name).filter(|v| v.state == s).count();
                 self.metrics.vms.get_or_create(&VmStateLabels::new(&p.name, s.as_str())).set(n as i64);
             }

@@ -1,7 +1,6 @@
 //! Provisioning and teardown of one VM, run as tasks spawned by the scheduler. They touch
 //! no scheduling state: they call GitHub and the hypervisor and report back with events.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,38 +123,8 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
 
     let gateway = fence_up(&ctx).await.map_err(ProvisionError::Network)?;
 
-    let credential = match pool.registration {
-        Registration::Jit => {
-            let jit = match ctx.github.generate_jit_config(&name, &plan.labels, plan.runner_group_id).await {
-                Err(e) if e.status() == Some(409) => {
-                    // A registration of this name survived an earlier attempt: remove it, retry once.
-                    tracing::warn!(vm = %name, "a runner with this name exists; replacing it");
-                    if let Some(r) = ctx.github.find_runner(&name).await.map_err(ProvisionError::Credential)? {
-                        ctx.github.delete_runner(r.id).await.map_err(ProvisionError::Credential)?;
-                    }
-                    ctx.github.generate_jit_config(&name, &plan.labels, plan.runner_group_id).await
-                }
-                other => other,
-            }
-            .map_err(ProvisionError::Credential)?;
-            let _ = ctx.events.send(Event::RunnerCreated { vm: name.clone(), runner_id: jit.runner_id });
-            Credential::Jit { encoded: jit.encoded }
-        }
-        Registration::Token => {
-            let token = ctx.github.registration_token().await.map_err(ProvisionError::Credential)?;
-            let group = match ctx.config.github.scope() {
-                crate::config::Scope::Repository { .. } => None,
-                _ => Some(ctx.config.github.runner_group.clone()),
-            };
-            Credential::Token {
-                url: format!("{}/{}", ctx.config.github.web_url(), ctx.config.github.scope().web_path()),
-                token,
-                labels: plan.labels.clone(),
-                runner_group: group,
-                disable_update: pool.disable_update,
-            }
-        }
-    };
+    let credential =
+        if plan.vm.warm { None } else { Some(credential(&ctx, &plan).await.map_err(ProvisionError::Credential)?) };
     crash_point("after-credential");
 
     let hv = ctx.hv.clone();
@@ -163,12 +132,15 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
     let overlay = blocking(move || hv.create_overlay(&n, &backing, disk)).await.map_err(ProvisionError::Overlay)?;
     crash_point("after-overlay");
 
-    let user_data = cloudinit::user_data(&RunnerSpec {
-        vm_name: &name,
-        runner_user: &pool.runner_user,
-        runner_dir: &pool.runner_dir,
-        credential: &credential,
-    });
+    let user_data = match &credential {
+        Some(credential) => cloudinit::user_data(&RunnerSpec {
+            vm_name: &name,
+            runner_user: &pool.runner_user,
+            runner_dir: &pool.runner_dir,
+            credential,
+        }),
+        None => cloudinit::warm_user_data(),
+    };
     let image = seed::nocloud_image(&user_data, &cloudinit::meta_data(&name))
         .map_err(|e| ProvisionError::Seed(e.to_string()))?;
     drop(user_data);
@@ -178,22 +150,8 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         blocking(move || hv.create_seed(&n, &image)).await.map_err(|e| ProvisionError::Seed(e.to_string()))?;
     crash_point("after-seed");
 
-    let console_log: PathBuf = ctx.config.libvirt.console_log_dir.join(format!("{name}.log"));
-    let metadata = VmMetadata {
-        job_id: plan.vm.job_id,
-        run_id: plan.vm.run_id,
-        repository: plan.vm.repository.clone(),
-        pool: pool.name.clone(),
-        runner_name: name.clone(),
-        created: plan.vm.created_at,
-        console_log,
-        job_url: plan.vm.job_url.clone(),
-    };
-    let title = format!("{} · {} · job {}", plan.vm.repository, plan.workflow, plan.vm.job_id);
-    let description = format!(
-        "runnervisor runner for {} workflow {:?} job {:?} (id {}, run {}) {}",
-        plan.vm.repository, plan.workflow, plan.job_name, plan.vm.job_id, plan.vm.run_id, plan.vm.job_url
-    );
+    let metadata = metadata(&ctx, &plan.vm);
+    let (title, description) = describe(&plan);
     let xml = domain_xml::domain(&DomainSpec {
         name: &name,
         domain_type: ctx.config.libvirt.domain_type,
@@ -209,6 +167,7 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         title: &title,
         description: &description,
         metadata: &metadata,
+        bind_channel: plan.vm.warm,
     });
     let hv = ctx.hv.clone();
     let n = name.clone();
@@ -219,6 +178,144 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
     blocking(move || hv.start(&n)).await.map_err(ProvisionError::Domain)?;
     crash_point("after-start");
     Ok(started.elapsed())
+}
+
+/// The VM's runnervisor metadata, as its domain carries it.
+fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec) -> VmMetadata {
+    VmMetadata {
+        job_id: vm.job_id,
+        run_id: vm.run_id,
+        repository: vm.repository.clone(),
+        pool: vm.pool.clone(),
+        runner_name: vm.name.clone(),
+        created: vm.created_at,
+        console_log: ctx.config.libvirt.console_log_dir.join(format!("{}.log", vm.name)),
+        job_url: vm.job_url.clone(),
+        warm: vm.warm && vm.job_id == 0,
+    }
+}
+
+/// The domain's title and description (`virsh list --title`, `virsh desc`).
+fn describe(plan: &Plan) -> (String, String) {
+    let vm = &plan.vm;
+    if vm.warm && vm.job_id == 0 {
+        return (
+            format!("{} · warm, waiting for a job", vm.pool),
+            format!(
+                "runnervisor warm VM of pool {}: booted without any GitHub credential; \
+                 it waits for a job's runner command on its {} port",
+                vm.pool,
+                domain_xml::BIND_CHANNEL
+            ),
+        );
+    }
+    let warm = if vm.warm { " (a warm VM bound to it)" } else { "" };
+    (
+        format!("{} · {} · job {}", vm.repository, plan.workflow, vm.job_id),
+        format!(
+            "runnervisor runner for {} workflow {:?} job {:?} (id {}, run {}) {}{warm}",
+            vm.repository, plan.workflow, plan.job_name, vm.job_id, vm.run_id, vm.job_url
+        ),
+    )
+}
+
+/// The one-job credential of `plan`'s VM: a JIT config (reported as soon as its runner
+/// exists, so a crash after it still lets the teardown find the registration), or a
+/// registration token with what `config.sh` needs.
+async fn credential<G: GitHub, H>(ctx: &Ctx<G, H>, plan: &Plan) -> Result<Credential, GhError> {
+    let name = &plan.vm.name;
+    match plan.pool.registration {
+        Registration::Jit => {
+            let jit = match ctx.github.generate_jit_config(name, &plan.labels, plan.runner_group_id).await {
+                Err(e) if e.status() == Some(409) => {
+                    // A registration of this name survived an earlier attempt: remove it, retry once.
+                    tracing::warn!(vm = %name, "a runner with this name exists; replacing it");
+                    if let Some(r) = ctx.github.find_runner(name).await? {
+                        ctx.github.delete_runner(r.id).await?;
+                    }
+                    ctx.github.generate_jit_config(name, &plan.labels, plan.runner_group_id).await
+                }
+                other => other,
+            }?;
+            let _ = ctx.events.send(Event::RunnerCreated { vm: name.clone(), runner_id: jit.runner_id });
+            Ok(Credential::Jit { encoded: jit.encoded })
+        }
+        Registration::Token => {
+            let token = ctx.github.registration_token().await?;
+            let group = match ctx.config.github.scope() {
+                crate::config::Scope::Repository { .. } => None,
+                _ => Some(ctx.config.github.runner_group.clone()),
+            };
+            Ok(Credential::Token {
+                url: format!("{}/{}", ctx.config.github.web_url(), ctx.config.github.scope().web_path()),
+                token,
+                labels: plan.labels.clone(),
+                runner_group: group,
+                disable_update: plan.pool.disable_update,
+            })
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("runner credential: {0}")]
+    Credential(#[source] GhError),
+    #[error("delivery: {0}")]
+    Delivery(#[source] HvError),
+    /// The binding task itself failed (a panic).
+    #[error("{0}")]
+    Task(String),
+}
+
+impl BindError {
+    pub fn step(&self) -> &'static str {
+        match self {
+            BindError::Credential(_) => "credential",
+            BindError::Delivery(_) => "delivery",
+            BindError::Task(_) => "task",
+        }
+    }
+}
+
+/// Where a warm VM's binding spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BindTimes {
+    /// Making the runner credential at GitHub.
+    pub credential: Duration,
+    /// Writing the runner command into the VM until the guest acknowledged it.
+    pub delivery: Duration,
+}
+
+/// Gives a waiting warm VM its job: makes the runner credential now, delivers the same
+/// commands a cold VM's cloud-init would run into the guest over its bind port, and waits
+/// (at most `bind_timeout`) for the guest's acknowledgement. `plan.vm` carries the job.
+pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<BindTimes, BindError> {
+    let started = Instant::now();
+    let name = plan.vm.name.clone();
+    let credential = credential(&ctx, &plan).await.map_err(BindError::Credential)?;
+    let made = Instant::now();
+    let message = cloudinit::bind_message(&RunnerSpec {
+        vm_name: &name,
+        runner_user: &plan.pool.runner_user,
+        runner_dir: &plan.pool.runner_dir,
+        credential: &credential,
+    });
+    drop(credential);
+    let hv = ctx.hv.clone();
+    let (n, timeout) = (name.clone(), plan.pool.bind_timeout);
+    blocking(move || hv.deliver(&n, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout))
+        .await
+        .map_err(BindError::Delivery)?;
+    let times = BindTimes { credential: made - started, delivery: made.elapsed() };
+    // For operators (`virsh desc`) and re-adoption: no longer warm, now this job's runner.
+    let metadata = metadata(&ctx, &plan.vm);
+    let (_, description) = describe(&plan);
+    let hv = ctx.hv.clone();
+    if let Err(e) = blocking(move || hv.describe(&name, &metadata, &description)).await {
+        tracing::warn!(vm = %plan.vm.name, error = %e, "cannot update the bound warm vm's description");
+    }
+    Ok(times)
 }
 
 /// Checks the network the VM joins and (re)defines the fence's nwfilter from the config

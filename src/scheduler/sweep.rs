@@ -144,7 +144,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 VmState::Provisioning if !self.work.contains_key(&name) => {
                     if domain == Some(DomainState::Running) {
                         info!(vm = %name, "re-adopting a vm whose provisioning finished before the restart");
-                        self.transition(&name, Input::Provisioned);
+                        let warm = self.book.vms[&name].warm;
+                        self.transition(&name, if warm { Input::WarmProvisioned } else { Input::Provisioned });
                     } else {
                         self.begin_teardown(&name, Reason::Interrupted);
                     }
@@ -177,12 +178,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     /// A domain of ours without a record: a running one described by its metadata is
-    /// adopted as booting; anything else is removed.
+    /// adopted as booting (a warm one as warming: it holds no credential); anything else
+    /// is removed.
     fn adopt(&mut self, info: &VmInfo) {
         let now = self.now();
         let adoptable = info.state == DomainState::Running
             && info.metadata.as_ref().is_some_and(|m| self.config.pool(&m.pool).is_some());
         let meta = info.metadata.as_ref();
+        let warm = meta.is_some_and(|m| m.warm);
         self.book.insert_vm(VmRec {
             name: info.name.clone(),
             pool: meta.map(|m| m.pool.clone()).unwrap_or_default(),
@@ -191,12 +194,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             repository: meta.map(|m| m.repository.clone()).unwrap_or_default(),
             job_url: meta.map(|m| m.job_url.clone()).unwrap_or_default(),
             runner_id: None,
-            state: VmState::Booting,
+            state: if warm { VmState::Warming } else { VmState::Booting },
             created_at: meta.map(|m| m.created).unwrap_or(now),
             state_since: now,
             took_job: None,
             seed_removed: false,
             reap: None,
+            warm,
         });
         if adoptable {
             info!(vm = %info.name, "adopted a running vm found without a record");

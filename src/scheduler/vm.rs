@@ -10,6 +10,16 @@
 //!               torn down ──▶ (record removed)              stopped / grace over ┘
 //! ```
 //!
+//!
+//! A warm VM (no credential) takes a detour before it becomes a runner:
+//!
+//! ```text
+//! Provisioning ──warm provisioned──▶ Warming ──guest ready──▶ Waiting ──bind──▶ Binding
+//!                                       │                        │                │
+//!                                       └── stopped / reaped ────┴──▶ TearingDown ◀┤ failed
+//!                                                                    delivered ──▶ Booting
+//! ```
+//!
 //! [`next`] is the only way a VM's state changes: the scheduler's `transition` applies it
 //! and nothing else writes `VmRec::state`.
 
@@ -21,6 +31,14 @@ use crate::model::{Reason, VmRec, VmState};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Input {
     Provisioned,
+    /// A warm VM's domain started (no credential in it).
+    WarmProvisioned,
+    /// A warm VM's guest opened the port the host delivers a job's runner command on.
+    GuestReady,
+    /// A job's credential is being made and delivered into the waiting warm VM.
+    Bind,
+    /// The guest acknowledged its runner command: it starts its runner now.
+    Bound,
     ProvisionFailed,
     RunnerOnline,
     TookJob,
@@ -37,7 +55,16 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
     use VmState::*;
     match (state, input) {
         (Provisioning, Provisioned) => Some(Booting),
+        (Provisioning, WarmProvisioned) => Some(Warming),
         (Provisioning, ProvisionFailed) => Some(TearingDown),
+        (Warming, GuestReady) => Some(Waiting),
+        (Waiting, Bind) => Some(Binding),
+        (Binding, Bound) => Some(Booting),
+        // The runner's news may overtake the delivery's report.
+        (Binding, RunnerOnline) => Some(Idle),
+        (Binding, TookJob) => Some(Busy),
+        (Binding, JobCompleted) => Some(Finishing),
+        (Warming | Waiting | Binding, DomainStopped | Reap) => Some(TearingDown),
         // A runner cannot take a job before its VM started; if the news overtakes the
         // provisioning report, believe it.
         (Provisioning | Booting | Idle, TookJob) => Some(Busy),
@@ -77,13 +104,21 @@ pub fn expired(vm: &VmRec, pool: &PoolConfig, timers: Timers, now: SystemTime) -
             return Some(Reason::ProvisionTimeout);
         }
         VmState::Provisioning => return None,
+        // A delivery is bounded by `bind_timeout`, its credential by GitHub's retries; this
+        // is the backstop for a call that never returns.
+        VmState::Binding if age(vm.state_since) >= timers.provision_timeout => return Some(Reason::BindFailed),
+        VmState::Warming | VmState::Waiting if age(vm.created_at) >= pool.warm_max_age => {
+            return Some(Reason::WarmRecycled);
+        }
         _ => {}
     }
     if age(vm.created_at) >= pool.max_lifetime {
         return Some(Reason::MaxLifetime);
     }
     match vm.state {
-        VmState::Booting if age(vm.state_since) >= pool.registration_timeout => Some(Reason::RegistrationTimeout),
+        VmState::Booting | VmState::Warming if age(vm.state_since) >= pool.registration_timeout => {
+            Some(Reason::RegistrationTimeout)
+        }
         VmState::Finishing if age(vm.state_since) >= timers.stop_grace => Some(Reason::FinishGrace),
         _ => None,
     }
@@ -129,6 +164,30 @@ mod tests {
             (TearingDown, KeptBusy, Some(Busy)),
             (Busy, KeptBusy, None),
             (Idle, KeptBusy, None),
+            (Provisioning, WarmProvisioned, Some(Warming)),
+            (Booting, WarmProvisioned, None),
+            (Warming, GuestReady, Some(Waiting)),
+            (Warming, Bind, None),
+            (Warming, TookJob, None),
+            (Warming, DomainStopped, Some(TearingDown)),
+            (Warming, Reap, Some(TearingDown)),
+            (Waiting, GuestReady, None),
+            (Waiting, Bind, Some(Binding)),
+            (Waiting, TookJob, None),
+            (Waiting, RunnerOnline, None),
+            (Waiting, DomainStopped, Some(TearingDown)),
+            (Waiting, Reap, Some(TearingDown)),
+            (Binding, Bound, Some(Booting)),
+            (Binding, Bind, None),
+            (Binding, RunnerOnline, Some(Idle)),
+            (Binding, TookJob, Some(Busy)),
+            (Binding, JobCompleted, Some(Finishing)),
+            (Binding, Reap, Some(TearingDown)),
+            (Binding, DomainStopped, Some(TearingDown)),
+            (Booting, Bound, None),
+            (Idle, Bound, None),
+            (TearingDown, Bound, None),
+            (TearingDown, GuestReady, None),
         ];
         for (state, input, want) in table {
             assert_eq!(next(*state, *input), *want, "{state:?} + {input:?}");
@@ -143,7 +202,9 @@ mod tests {
 
     #[test]
     fn timers() {
-        let cfg = crate::scheduler::fixtures::config("registration_timeout = \"5m\"\nmax_lifetime = \"1h\"");
+        let cfg = crate::scheduler::fixtures::config(
+            "registration_timeout = \"5m\"\nmax_lifetime = \"1h\"\nwarm_max_age = \"30m\"",
+        );
         let pool = &cfg.pools[0];
         let now = SystemTime::now();
         let grace = Timers { stop_grace: Duration::from_secs(60), provision_timeout: Duration::from_secs(600) };
@@ -161,6 +222,13 @@ mod tests {
             "unless it never does"
         );
         assert_eq!(expired(&vm(TearingDown, 7200, 7200, now), pool, grace, now), None);
+        // Warm VMs: boot within the registration timeout, wait at most warm_max_age (30m).
+        assert_eq!(expired(&vm(Warming, 299, 299, now), pool, grace, now), None);
+        assert_eq!(expired(&vm(Warming, 300, 300, now), pool, grace, now), Some(Reason::RegistrationTimeout));
+        assert_eq!(expired(&vm(Waiting, 1799, 1000, now), pool, grace, now), None);
+        assert_eq!(expired(&vm(Waiting, 1800, 1000, now), pool, grace, now), Some(Reason::WarmRecycled));
+        assert_eq!(expired(&vm(Binding, 3000, 599, now), pool, grace, now), None);
+        assert_eq!(expired(&vm(Binding, 3000, 600, now), pool, grace, now), Some(Reason::BindFailed));
     }
 
     #[test]

@@ -258,6 +258,19 @@ pub fn test_domain_xml(
     job_id: u64,
     network: &runnervisor::config::NetworkConfig,
 ) -> String {
+    test_domain_xml_with(name, overlay, seed, console_log, job_id, network, false)
+}
+
+/// [`test_domain_xml`], of a warm VM (with the bind port) when `warm`.
+pub fn test_domain_xml_with(
+    name: &str,
+    overlay: &Path,
+    seed: &Path,
+    console_log: &Path,
+    job_id: u64,
+    network: &runnervisor::config::NetworkConfig,
+    warm: bool,
+) -> String {
     use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
     let img = test_image();
     let meta = VmMetadata {
@@ -269,6 +282,7 @@ pub fn test_domain_xml(
         created: std::time::SystemTime::now(),
         console_log: console_log.to_path_buf(),
         job_url: String::new(),
+        warm,
     };
     domain_xml::domain(&DomainSpec {
         name,
@@ -285,6 +299,7 @@ pub fn test_domain_xml(
         title: "runnervisor test VM",
         description: "a test VM",
         metadata: &meta,
+        bind_channel: warm,
     })
 }
 

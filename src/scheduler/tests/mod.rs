@@ -280,3 +280,4 @@ fn vm_for(s: &Status, job: u64) -> Option<String> {
 mod faults;
 mod liveness;
 mod serving;
+mod warm;

@@ -1,0 +1,161 @@
+//! Warm pools: VMs booted without credentials, bound to jobs as they arrive.
+
+use super::*;
+
+fn warm_vms(s: &Status, state: &str) -> Vec<String> {
+    s.vms.iter().filter(|v| v.warm && v.state == state).map(|v| v.name.clone()).collect()
+}
+
+fn bound_to(s: &Status, job: u64) -> Option<String> {
+    s.vms.iter().find(|v| v.warm && v.job_id == job).map(|v| v.name.clone())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_warm_vm_holds_no_credential_until_a_job_arrives_then_serves_it_and_is_replaced() {
+    let mut h = harness("warm = 1");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let warm = warm_vms(&s, "waiting").remove(0);
+    assert!(warm.starts_with("rv-small-w"), "{warm}");
+    assert_eq!(s.pools[0].warm_waiting, 1);
+    {
+        // Nothing worth stealing: no runner registered, no credential in its seed.
+        assert!(h.gh.runner_names().is_empty(), "{:?}", h.gh.runner_names());
+        let hv = h.hv.lock();
+        let seed = String::from_utf8_lossy(&hv.seeds[&warm]).into_owned();
+        assert!(!seed.contains("jitconfig") && !seed.contains("runcmd"), "{seed}");
+        let xml = &hv.domains[&warm].1;
+        assert!(xml.contains("dev.runnervisor.bind.0") && xml.contains("<runnervisor:warm>true</runnervisor:warm>"));
+        assert!(xml.contains("warm VM of pool small"), "virsh desc says so: {xml}");
+        assert!(hv.delivered.is_empty());
+    }
+    h.deliver(JobAction::Queued, info(11, LABELS, None));
+    let s = h
+        .wait("bound, and a new warm VM", |s, _| {
+            bound_to(s, 11).is_some() && s.vms.iter().any(|v| v.warm && v.job_id == 0 && v.name != warm)
+        })
+        .await;
+    assert_eq!(bound_to(&s, 11).as_deref(), Some(warm.as_str()), "the waiting VM serves the job: {s:#?}");
+    assert!(s.vms.iter().all(|v| v.warm), "no cold VM for it: {s:#?}");
+    {
+        let hv = h.hv.lock();
+        assert_eq!(hv.delivered.len(), 1);
+        let (vm, msg) = &hv.delivered[0];
+        assert_eq!(vm, &warm);
+        assert!(msg.contains("--jitconfig") && msg.contains("\"runnervisor\":1"), "{msg}");
+        assert!(hv.descriptions[&warm].contains("job \"build\""), "{:?}", hv.descriptions);
+    }
+    assert!(h.gh.runner_names().contains(&warm), "its JIT runner is made at binding");
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"warm\"} 1"), "{m}");
+    assert!(m.contains("runnervisor_bind_duration_seconds_count{pool=\"small\"} 1"), "{m}");
+    assert!(!m.contains("path=\"cold\""), "{m}");
+    h.run_job_on(&warm, 11);
+    let s =
+        h.wait("the bound VM is gone", |s, hv| s.vms.iter().all(|v| v.name != warm) && hv.running().len() == 1).await;
+    assert_eq!(warm_vms(&s, "waiting").len() + warm_vms(&s, "warming").len(), 1, "{s:#?}");
+    let (gh, _, _) = h.shutdown().await;
+    assert!(!gh.runner_names().contains(&warm), "runner deleted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn more_jobs_than_warm_vms_go_cold_and_every_job_is_served_once() {
+    let mut h = harness_tweaked("warm = 1", |_| {}, |c| c.pools[0].max_vms = 3);
+    h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    for id in [21, 22, 23] {
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    let s = h.wait("one warm hit, two cold", |_, hv| hv.running().len() == 3 && hv.lock().delivered.len() == 1).await;
+    assert!(bound_to(&s, 21).is_some(), "the oldest job takes the warm VM: {s:#?}");
+    assert_eq!(vm_for(&s, 22).as_deref(), Some("rv-small-22"));
+    assert_eq!(vm_for(&s, 23).as_deref(), Some("rv-small-23"));
+    let m = h.metrics.render();
+    assert!(m.contains("path=\"cold\"} 2") && m.contains("path=\"warm\"} 1"), "{m}");
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_warm_vm_that_ignores_its_delivery_is_destroyed_and_the_job_goes_cold() {
+    let mut h = harness("warm = 1");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let deaf = warm_vms(&s, "waiting").remove(0);
+    h.hv.lock().guests_deaf.insert(deaf.clone());
+    h.deliver(JobAction::Queued, info(31, LABELS, None));
+    let s = h
+        .wait("the job boots its own VM", |s, hv| {
+            vm_for(s, 31).as_deref() == Some("rv-small-31") && !hv.lock().domains.contains_key(&deaf)
+        })
+        .await;
+    assert!(s.vms.iter().all(|v| v.name != deaf), "{s:#?}");
+    assert!(h.gh.lock().deleted.contains(&deaf), "the JIT registration made for it is deleted");
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_bind_failures_total{pool=\"small\",step=\"delivery\"} 1"), "{m}");
+    assert!(m.contains("runnervisor_teardowns_total{reason=\"bind_failed\"} 1"), "{m}");
+    h.run_job_on("rv-small-31", 31);
+    h.wait("served; a fresh warm VM waits", |s, _| s.queued.is_empty() && warm_vms(s, "waiting").len() == 1).await;
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().delivered.len(), 0, "nothing was delivered into the deaf VM");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_job_leaves_a_warm_vm_untouched_and_a_dead_one_is_replaced() {
+    let mut h = harness_full("warm = 1", |_| {}, |_| {}, |hv| hv.guests_booting = true, None);
+    let s = h.wait("a warm VM booting", |s, _| warm_vms(s, "warming").len() == 1).await;
+    let warm = warm_vms(&s, "warming").remove(0);
+    h.deliver(JobAction::Queued, info(41, LABELS, None));
+    let mut cancelled = info(41, LABELS, None);
+    cancelled.conclusion = Some("cancelled".into());
+    h.deliver(JobAction::Completed, cancelled);
+    h.wait("the job is gone", |s, _| s.queued.is_empty()).await;
+    h.hv.lock().guests_booting = false;
+    let s = h.wait("the warm VM waits", |s, _| warm_vms(s, "waiting") == [warm.clone()]).await;
+    assert_eq!(s.vms.len(), 1, "no VM for the cancelled job: {s:#?}");
+    assert!(h.hv.lock().delivered.is_empty() && h.gh.runner_names().is_empty());
+    // It dies while waiting: it goes, and a new one takes its place.
+    h.hv.stop(&warm);
+    let s = h.wait("replaced", |s, _| warm_vms(s, "waiting").len() == 1 && s.vms.iter().all(|v| v.name != warm)).await;
+    assert_eq!(s.vms.len(), 1);
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn warm_vms_are_recycled_at_warm_max_age() {
+    let h = harness("warm = 1\nwarm_max_age = \"1m\"");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let first = warm_vms(&s, "waiting").remove(0);
+    let s = h
+        .wait_for("recycled", Duration::from_secs(90), |s, _| {
+            warm_vms(s, "waiting").len() == 1 && s.vms.iter().all(|v| v.name != first)
+        })
+        .await;
+    assert_eq!(s.vms.len(), 1);
+    assert!(h.metrics.render().contains("runnervisor_teardowns_total{reason=\"warm_recycled\"} 1"));
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_removes_waiting_warm_vms_and_a_restart_readopts_them() {
+    let h = harness("warm = 1");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let warm = warm_vms(&s, "waiting").remove(0);
+    // Restart: the warm VM is found again and used.
+    let (gh, hv, store) = h.shutdown().await;
+    let dir = crate::test_support::tempdir();
+    let mut cfg = (*config("warm = 1", &dir)).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    let mut h = start(Arc::new(cfg), gh, hv.clone(), None, store);
+    h.dirs.push(dir);
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h.wait("re-adopted", |s, _| warm_vms(s, "waiting") == [warm.clone()]).await;
+    h.deliver(JobAction::Queued, info(51, LABELS, None));
+    let s = h.wait("bound", |s, _| bound_to(s, 51).is_some()).await;
+    assert_eq!(bound_to(&s, 51), Some(warm.clone()), "the re-adopted VM serves: {s:#?}");
+    assert_eq!(hv.lock().started_total, 2, "no VM but the top-up was made after the restart");
+    // Drain: the unbound warm VM goes, the bound one keeps its job, nothing is topped up.
+    assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
+    let s = h.wait("only the bound VM", |s, hv| s.vms.len() == 1 && hv.running().len() == 1).await;
+    assert_eq!(s.vms[0].name, warm);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.status().await.vms.len(), 1, "no warm VM made while draining");
+    assert!(h.metrics.render().contains("runnervisor_teardowns_total{reason=\"warm_surplus\"} 1"));
+    h.shutdown().await;
+}

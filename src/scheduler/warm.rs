@@ -1,0 +1,224 @@
+//! Warm pools with late binding. A warm VM boots from the pool's image with no GitHub
+//! credential at all and waits; when a job arrives for its pool, the job's runner
+//! credential is made then and delivered into it over a virtio-serial port (the same
+//! commands a cold VM's cloud-init runs), and it becomes that job's runner.
+//!
+//! - [`Scheduler::start_warm`]: a new warm VM (`rv-<pool>-w<seq>`), provisioned like any
+//!   other but without a credential and with the bind port.
+//! - [`Scheduler::watch_warm_vms`]: a warming VM is watched until its guest opened the
+//!   port (libvirt's view of it, nothing read from the guest), then it is `Waiting`.
+//! - [`Scheduler::start_bind`]: [`super::demand::plan`] chose a waiting VM for a job.
+//! - [`Scheduler::on_bound`]: delivered (it boots its runner as a cold VM would), or not:
+//!   the VM is destroyed with its runner registration and the job goes the cold path.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use tracing::{error, info, warn};
+
+use super::event::{Event, spawn_reporting};
+use super::provision::{self, BindError, BindTimes, Plan};
+use super::vm::Input;
+use super::{Scheduler, Work};
+use crate::config::PoolConfig;
+use crate::github::GitHub;
+use crate::hypervisor::{self, Hypervisor};
+use crate::metrics::{self, PathLabels, StepLabels};
+use crate::model::{Reason, VmRec, VmState};
+
+/// How often a warming VM's port is looked at.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Default)]
+pub struct State {
+    /// Jobs a warm VM failed to take: they go the cold path.
+    pub cold_only: BTreeSet<u64>,
+    /// The last warm VM's sequence number (milliseconds since the epoch, made unique).
+    last_seq: u64,
+}
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    /// Records and provisions one new warm VM of `pool`.
+    pub(super) fn start_warm(&mut self, pool: &PoolConfig) {
+        let now = self.now();
+        let millis = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        self.warm.last_seq = millis.max(self.warm.last_seq + 1);
+        let name = hypervisor::warm_vm_name(&pool.name, self.warm.last_seq);
+        let vm = VmRec {
+            name: name.clone(),
+            pool: pool.name.clone(),
+            job_id: 0,
+            run_id: 0,
+            repository: String::new(),
+            job_url: String::new(),
+            runner_id: None,
+            state: VmState::Provisioning,
+            created_at: now,
+            state_since: now,
+            took_job: None,
+            seed_removed: false,
+            reap: None,
+            warm: true,
+        };
+        let plan = Plan {
+            vm: vm.clone(),
+            pool: pool.clone(),
+            labels: pool.labels.clone(),
+            runner_group_id: self.sync.runner_group_id.unwrap_or(1),
+            workflow: String::new(),
+            job_name: String::new(),
+        };
+        info!(pool = %pool.name, vm = %name, "provisioning warm vm (no credential)");
+        self.launch(vm, plan);
+    }
+
+    /// Watches every warming VM that is not watched yet (new ones, and those a restart
+    /// found); tears down bindings a restart interrupted (whether the guest got its
+    /// command is unknown: the VM goes, the job is served again).
+    pub(super) fn watch_warm_vms(&mut self) {
+        let jobs = &self.book.jobs;
+        self.warm.cold_only.retain(|id| jobs.get(id).is_some_and(|j| j.is_unserved()));
+        let unwatched: Vec<(String, VmState)> = self
+            .book
+            .vms
+            .values()
+            .filter(|v| matches!(v.state, VmState::Warming | VmState::Binding) && v.reap.is_none())
+            .filter(|v| !self.work.contains_key(&v.name))
+            .map(|v| (v.name.clone(), v.state))
+            .collect();
+        for (name, state) in unwatched {
+            if state == VmState::Binding {
+                warn!(vm = %name, "a binding was interrupted by a restart: replacing the vm");
+                self.begin_teardown(&name, Reason::Interrupted);
+                continue;
+            }
+            let hv = self.ctx.hv.clone();
+            let pool = self.book.vms[&name].pool.clone();
+            let limit = self.config.pool(&pool).map(|p| p.registration_timeout).unwrap_or(Duration::from_secs(300));
+            let (n, failed) = (name.clone(), name.clone());
+            let task = spawn_reporting(
+                &self.ctx.events,
+                async move {
+                    let result = watch(hv, n.clone(), limit).await;
+                    Event::GuestWaiting { vm: n, result }
+                },
+                move |message| Event::GuestWaiting { vm: failed, result: Err(message) },
+            );
+            self.work.insert(name, Work::Watching(task));
+        }
+    }
+
+    pub(super) fn on_guest_waiting(&mut self, name: String, result: Result<(), String>) {
+        if !matches!(self.work.get(&name), Some(Work::Watching(_))) {
+            return;
+        }
+        self.work.remove(&name);
+        match result {
+            Ok(()) => {
+                if self.transition(&name, Input::GuestReady) {
+                    let vm = &self.book.vms[&name];
+                    let booted = self.now().duration_since(vm.created_at).unwrap_or_default();
+                    info!(vm = %name, pool = %vm.pool, boot_ms = booted.as_millis() as u64, "warm vm waiting for a job");
+                }
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %e, "warm vm's guest never waited for a job");
+                self.reap(&name, Reason::RegistrationTimeout);
+            }
+        }
+    }
+
+    /// Gives the waiting warm VM `vm_name` the job `job_id`: commits the binding, then
+    /// makes and delivers the credential in a task.
+    pub(super) fn start_bind(&mut self, job_id: u64, vm_name: &str, pool: &PoolConfig) {
+        let Some(job) = self.book.jobs.get(&job_id) else { return };
+        let (run_id, repository, job_url) = (job.info.run_id, job.info.repository.clone(), job.info.html_url.clone());
+        let (workflow, job_name) = (job.info.workflow_name.clone(), job.info.name.clone());
+        if !self.transition(vm_name, Input::Bind) {
+            return;
+        }
+        let Some(vm) = self.book.vms.get_mut(vm_name) else { return };
+        vm.job_id = job_id;
+        vm.run_id = run_id;
+        vm.repository = repository.clone();
+        vm.job_url = job_url;
+        let vm = vm.clone();
+        if let Err(e) = self.flush() {
+            // Nothing secret is in it yet; the job is served again.
+            error!(vm = %vm_name, job_id, error = %e, "cannot persist the binding: the warm vm goes");
+            self.begin_teardown(vm_name, Reason::BindFailed);
+            return;
+        }
+        info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %vm_name, "binding warm vm to job");
+        let plan = Plan {
+            vm,
+            pool: pool.clone(),
+            labels: pool.labels.clone(),
+            runner_group_id: self.sync.runner_group_id.unwrap_or(1),
+            workflow,
+            job_name,
+        };
+        let ctx = self.ctx.clone();
+        let (n, failed) = (vm_name.to_string(), vm_name.to_string());
+        let task = spawn_reporting(
+            &self.ctx.events,
+            async move { Event::Bound { vm: n, result: provision::bind(ctx, plan).await } },
+            move |message| Event::Bound { vm: failed, result: Err(BindError::Task(message)) },
+        );
+        self.work.insert(vm_name.to_string(), Work::Binding(task));
+    }
+
+    pub(super) fn on_bound(&mut self, name: String, result: Result<BindTimes, BindError>) {
+        if !matches!(self.work.get(&name), Some(Work::Binding(_))) {
+            // Its deadline passed, or the VM went meanwhile.
+            return;
+        }
+        self.work.remove(&name);
+        let Some(vm) = self.book.vms.get(&name).cloned() else { return };
+        match result {
+            Ok(times) => {
+                let total = times.credential + times.delivery;
+                self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, "warm")).inc();
+                self.metrics.bind_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(total.as_secs_f64());
+                info!(
+                    vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id,
+                    credential_ms = times.credential.as_millis() as u64,
+                    delivery_ms = times.delivery.as_millis() as u64,
+                    "warm vm bound: its runner starts now"
+                );
+                self.transition(&name, Input::Bound);
+                if let Some(reason) = vm.reap {
+                    self.reap(&name, reason);
+                }
+            }
+            Err(e) => {
+                self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
+                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "warm vm did not take its job: destroying it; the job boots a vm of its own");
+                self.warm.cold_only.insert(vm.job_id);
+                self.begin_teardown(&name, Reason::BindFailed);
+            }
+        }
+    }
+}
+
+/// Polls libvirt until the warm VM's guest has its bind port open, for at most `limit`.
+async fn watch<H: Hypervisor>(hv: std::sync::Arc<H>, vm: String, limit: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut last_error = None;
+    loop {
+        let (h, n) = (hv.clone(), vm.clone());
+        match tokio::task::spawn_blocking(move || h.guest_waiting(&n)).await {
+            Ok(Ok(true)) => return Ok(()),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => last_error = Some(e.to_string()),
+            Err(e) => return Err(format!("watch: {e}")),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(match last_error {
+                Some(e) => format!("not waiting after {limit:?} (registration_timeout); last error: {e}"),
+                None => format!("not waiting after {limit:?} (registration_timeout)"),
+            });
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
