@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::*;
 use common::*;
+use runnervisor::hypervisor::libvirt::Libvirt;
 use runnervisor::hypervisor::{DomainState, Hypervisor};
 use serde_json::json;
 
@@ -321,4 +322,133 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     let history: serde_json::Value =
         sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(history.as_object().unwrap().len(), 1, "{history}");
+}
+
+/// The pool's warm VMs whose guest waits, once the agent counts them as waiting too.
+async fn waiting_warm_vms(agent: &Agent, hv: &Libvirt, pool: &str, n: usize) -> Vec<String> {
+    let gauge = format!("runnervisor_vms{{pool=\"{pool}\",state=\"waiting\"}} {n}\n");
+    wait_for(&format!("{n} warm VMs waiting"), VM_TIMEOUT, async || {
+        if !agent.metrics().await.contains(&gauge) {
+            return None;
+        }
+        let names: Vec<String> = hv
+            .list_vms()
+            .unwrap()
+            .into_iter()
+            .filter(|v| v.metadata.as_ref().is_some_and(|m| m.warm && m.pool == pool))
+            .filter(|v| hv.guest_waiting(&v.name).unwrap_or(false))
+            .map(|v| v.name)
+            .collect();
+        (names.len() == n).then_some(names)
+    })
+    .await
+}
+
+/// Queued → runner online for `job`, at the simulator (the runner that took it).
+async fn queued_to_online(sim: &Sim, job: u64) -> (String, f64) {
+    let j = sim.job(job).await;
+    let runner = j["runner_name"].as_str().expect("a runner took it").to_string();
+    let history: serde_json::Value =
+        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    let online = history[&runner]["online_unix_ms"].as_u64().expect("came online");
+    let created = j["created_unix_ms"].as_u64().unwrap();
+    (runner, online.saturating_sub(created) as f64 / 1000.0)
+}
+
+/// A warm pool end to end: a warm VM boots with no credential and no runner; a job takes
+/// it (its JIT config made then, delivered over the bind port) and the pool is topped up;
+/// the agent is killed with -9 while a warm VM waits, and the restarted agent re-adopts
+/// and uses it; drain removes the waiting warm VM; nothing is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_pool_serves_jobs_at_once_survives_kill9_and_drains() {
+    let pool = "e2e-warm";
+    let mut spec = AgentSpec::new(pool, &["self-hosted", "e2e-warm"]);
+    spec.pool_extra = "warm = 1".into();
+    let (sim, mut agent) = world(&spec, |_| {}).await;
+    let (hv, _) = libvirt();
+    agent.start().await;
+    let first = waiting_warm_vms(&agent, &hv, pool, 1).await.remove(0);
+    assert!(first.starts_with("rv-e2e-warm-w"), "{first}");
+    assert!(sim.runners().await.is_empty(), "a waiting warm VM has no runner registration");
+    let md = hv.list_vms().unwrap().into_iter().find(|v| v.name == first).unwrap().metadata.unwrap();
+    assert!(md.warm && md.job_id == 0, "{md:?}");
+
+    let job = sim.queue("octo-org/app", &["self-hosted", "e2e-warm"], 3.0).await;
+    let done = sim.wait_completed(job, VM_TIMEOUT).await;
+    assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
+    let (runner, secs) = queued_to_online(&sim, job).await;
+    assert_eq!(runner, first, "the waiting warm VM served the job");
+    eprintln!("warm hit: queued -> runner online {secs:.2}s");
+    let metrics = agent.metrics().await;
+    assert!(metrics.contains("runnervisor_job_runners_total{pool=\"e2e-warm\",path=\"warm\"} 1"), "{metrics}");
+    assert!(!metrics.contains("path=\"cold\""), "{metrics}");
+
+    // Topped up: a second warm VM waits. The agent dies; its successor re-adopts it.
+    let second = waiting_warm_vms(&agent, &hv, pool, 1).await.remove(0);
+    assert_ne!(second, first);
+    agent.kill9();
+    agent.start().await;
+    assert_eq!(waiting_warm_vms(&agent, &hv, pool, 1).await, [second.clone()], "re-adopted, not replaced");
+    let job2 = sim.queue("octo-org/app", &["self-hosted", "e2e-warm"], 3.0).await;
+    let done = sim.wait_completed(job2, VM_TIMEOUT).await;
+    assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
+    let (runner, secs) = queued_to_online(&sim, job2).await;
+    assert_eq!(runner, second, "the re-adopted warm VM served the job");
+    eprintln!("warm hit after kill -9: queued -> runner online {secs:.2}s");
+
+    // Drain: the next warm VM (waiting or still booting) goes; nothing is made again.
+    let out = agent.cli(&["drain"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("everything cleaned", Duration::from_secs(120), async || {
+        let (d, v) = leftovers(&hv, "rv-e2e-warm-");
+        (d.is_empty() && v.is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    agent.assert_clean(&hv);
+    assert_no_runners(&sim, &agent).await;
+    let history: serde_json::Value =
+        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history.as_object().unwrap().len(), 2, "one runner per job, none for waiting VMs: {history}");
+    let log = agent.log_text();
+    assert!(!log.contains(PAT) && !log.contains(SECRET) && !log.contains("runcmd"), "a secret reached the log");
+    assert!(agent.terminate().success());
+}
+
+/// A warm VM whose guest ignores its delivery (the test image's `rvtest.deaf` switch) is
+/// destroyed within `bind_timeout`, the JIT runner made for it deleted, and the job boots a
+/// VM of its own (cold).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_vm_that_ignores_its_delivery_is_replaced_and_the_job_served_cold() {
+    let pool = "e2e-deaf";
+    let mut spec = AgentSpec::new(pool, &["self-hosted", "e2e-deaf"]);
+    spec.pool_extra =
+        "warm = 1\nbind_timeout = \"5s\"\ncmdline = \"root=LABEL=root rw console=ttyS0 quiet rvtest.deaf\"".into();
+    let (sim, mut agent) = world(&spec, |_| {}).await;
+    let (hv, _) = libvirt();
+    agent.start().await;
+    let deaf = waiting_warm_vms(&agent, &hv, pool, 1).await.remove(0);
+    let job = sim.queue("octo-org/app", &["self-hosted", "e2e-deaf"], 2.0).await;
+    let done = sim.wait_completed(job, VM_TIMEOUT).await;
+    assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
+    let (runner, secs) = queued_to_online(&sim, job).await;
+    assert_eq!(runner, format!("rv-e2e-deaf-{job}"), "served cold");
+    eprintln!("after a failed warm delivery: queued -> runner online {secs:.1}s (cold)");
+    assert!(hv.list_vms().unwrap().iter().all(|v| v.name != deaf), "the deaf VM is gone");
+    let history: serde_json::Value =
+        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history[&deaf]["deleted_by_api"], true, "its JIT registration was deleted: {history}");
+    assert_eq!(history[&deaf]["came_online"], false, "{history}");
+    let metrics = agent.metrics().await;
+    assert!(metrics.contains("runnervisor_bind_failures_total{pool=\"e2e-deaf\",step=\"delivery\"} 1"), "{metrics}");
+    assert!(metrics.contains("runnervisor_job_runners_total{pool=\"e2e-deaf\",path=\"cold\"} 1"), "{metrics}");
+    assert!(agent.cli(&["drain"]).status.success());
+    wait_for("everything cleaned", Duration::from_secs(120), async || {
+        let (d, v) = leftovers(&hv, "rv-e2e-deaf-");
+        (d.is_empty() && v.is_empty()).then_some(())
+    })
+    .await;
+    agent.assert_clean(&hv);
+    assert_no_runners(&sim, &agent).await;
+    assert!(agent.terminate().success());
 }

@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -15,17 +17,14 @@ use runnervisor::secret::Secret;
 
 /// Boots `name` and waits for its job: cold (the credential in its seed), or warm (`warm`
 /// makes the credential only once the guest waits, and delivers it over the bind port).
+/// Makes a warm VM's credential once its guest waits.
+type MakeCredential = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Credential>>>>;
+
 async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64) {
     boot(name, Some(credential), sim, job, None).await
 }
 
-async fn boot(
-    name: &str,
-    credential: Option<Credential>,
-    sim: &Sim,
-    job: u64,
-    warm: Option<Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Credential>>>>>,
-) {
+async fn boot(name: &str, credential: Option<Credential>, sim: &Sim, job: u64, warm: Option<MakeCredential>) {
     let img = test_image();
     let (hv, _events) = libvirt();
     // The fence the agent would put up, with the simulator allow-listed.
@@ -139,19 +138,18 @@ async fn jit_runner_delivered_into_a_waiting_warm_vm_runs_a_job_and_powers_off()
     let name = format!("rv-world-w{}", unique());
     let job = sim.queue("octo-org/app", &["self-hosted", "jit"], 2.0).await;
     let (s, n) = (sim.clone(), name.clone());
-    let make: Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Credential>>>> =
-        Box::new(move || {
-            Box::pin(async move {
-                let v = s
-                    .api(
-                        reqwest::Method::POST,
-                        "/orgs/octo-org/actions/runners/generate-jitconfig",
-                        Some(serde_json::json!({"name": n, "runner_group_id": 1, "labels": ["self-hosted", "jit"]})),
-                    )
-                    .await;
-                Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) }
-            })
-        });
+    let make: MakeCredential = Box::new(move || {
+        Box::pin(async move {
+            let v = s
+                .api(
+                    reqwest::Method::POST,
+                    "/orgs/octo-org/actions/runners/generate-jitconfig",
+                    Some(serde_json::json!({"name": n, "runner_group_id": 1, "labels": ["self-hosted", "jit"]})),
+                )
+                .await;
+            Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) }
+        })
+    });
     boot(&name, None, &sim, job, Some(make)).await;
 }
 
