@@ -26,6 +26,8 @@ struct Drill {
     /// Jobs that must end served exactly once.
     expected: Vec<u64>,
     started: Instant,
+    /// A warm pool: the summary also counts jobs served by warm VMs and by cold ones.
+    warm: bool,
 }
 
 impl Drill {
@@ -47,7 +49,7 @@ impl Drill {
         let agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
         let (hv, _) = libvirt_on(&spec.storage_pool);
         eprintln!("drill {name}: agent log {}", agent.log.display());
-        Drill { name, labels, sim, agent, hv, expected: Vec::new(), started: Instant::now() }
+        Drill { name, labels, sim, agent, hv, expected: Vec::new(), started: Instant::now(), warm: false }
     }
 
     fn labels(&self) -> Vec<&str> {
@@ -84,23 +86,28 @@ impl Drill {
 
     /// How many runners ran each job (from the simulator's history).
     async fn served_counts(&self) -> BTreeMap<u64, usize> {
-        let h: Value = self
-            .sim
-            .http
-            .get(format!("{}/_sim/runner-history", self.sim.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
         let mut counts = BTreeMap::new();
-        for r in h.as_object().unwrap().values() {
+        for r in self.runner_history().await.as_object().unwrap().values() {
             for j in r["jobs"].as_array().unwrap() {
                 *counts.entry(j.as_u64().unwrap()).or_insert(0) += 1;
             }
         }
         counts
+    }
+
+    /// Jobs run by warm VMs' runners (`rv-<pool>-w<seq>`) and by cold ones.
+    async fn warm_and_cold(&self) -> (usize, usize) {
+        let warm_prefix = format!("{}w", self.prefix());
+        let (mut warm, mut cold) = (0, 0);
+        for (name, r) in self.runner_history().await.as_object().unwrap() {
+            let n = r["jobs"].as_array().unwrap().len();
+            if name.starts_with(&warm_prefix) { warm += n } else { cold += n }
+        }
+        (warm, cold)
+    }
+
+    async fn runner_history(&self) -> Value {
+        self.sim.http.get(format!("{}/_sim/runner-history", self.sim.url())).send().await.unwrap().json().await.unwrap()
     }
 
     /// Waits for every expected job to complete and everything to be cleaned, then prints
@@ -121,10 +128,14 @@ impl Drill {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let (jobs, served, lost, d, v, r) = figures;
-        let line = format!(
+        let mut line = format!(
             "drill {}: jobs={jobs} served_once={served} lost={lost} leaked_domains={d} leaked_volumes={v} leaked_runners={r}",
             self.name
         );
+        if self.warm {
+            let (warm, cold) = self.warm_and_cold().await;
+            line.push_str(&format!(" warm_hits={warm} cold={cold}"));
+        }
         self.say("done");
         println!("{line}");
         assert!(served == jobs && lost == 0 && d == 0 && v == 0 && r == 0, "{line}");
@@ -678,4 +689,50 @@ async fn drill_isolation() {
         leaked == 0 && failed.is_empty() && allowed == expected_allowed && blocked + allowed == probes_n,
         "the fence failed ({line}); allowed probes that failed: {failed:?}"
     );
+}
+
+/// A warm pool under more jobs than it has warm VMs: the first jobs take the waiting warm
+/// VMs (their credential made and delivered on arrival), the rest boot cold within
+/// `max_vms`, the pool tops itself up between them; the agent is killed with -9 while
+/// warm VMs wait and re-adopts them. Drained at the end, nothing is left.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill warm"]
+async fn drill_warm() {
+    let mut d = Drill::new("warm", |s| {
+        s.max_vms = 3;
+        s.pool_extra = "warm = 2".into();
+    })
+    .await;
+    d.warm = true;
+    d.agent.start().await;
+    let waiting = |n: usize| format!("runnervisor_vms{{pool=\"d-warm\",state=\"waiting\"}} {n}\n");
+    let agent = &d.agent;
+    wait_for("two warm VMs waiting", VM_TIMEOUT, async || agent.metrics().await.contains(&waiting(2)).then_some(()))
+        .await;
+    d.say("two warm VMs wait; killing the agent (-9) and restarting it");
+    d.agent.kill9();
+    d.agent.start().await;
+    let agent = &d.agent;
+    wait_for("the warm VMs re-adopted", VM_TIMEOUT, async || agent.metrics().await.contains(&waiting(2)).then_some(()))
+        .await;
+    d.say("re-adopted; queueing 5 jobs (2 warm VMs, max_vms 3)");
+    for _ in 0..5 {
+        d.queue(4.0).await;
+    }
+    let ids = d.expected.clone();
+    let sim = &d.sim;
+    wait_for("every job completed", Duration::from_secs(900), async || {
+        for id in &ids {
+            if sim.job(*id).await["status"] != "completed" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let (warm, cold) = d.warm_and_cold().await;
+    d.say(&format!("all jobs completed: {warm} on warm VMs, {cold} cold; draining"));
+    assert!(warm >= 2 && cold >= 1, "both paths ran: warm={warm} cold={cold}");
+    assert!(d.agent.cli(&["drain"]).status.success());
+    d.finish(Duration::from_secs(300)).await;
 }
