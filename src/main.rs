@@ -55,7 +55,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop taking new jobs; running VMs finish their jobs. Survives restarts.
+    /// Stop taking new jobs; running VMs finish their jobs, waiting warm VMs are removed.
+    /// Survives restarts.
     Drain {
         #[command(flatten)]
         socket: SocketArgs,

@@ -267,7 +267,8 @@ pub enum Registration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Short name (`[a-z0-9-]`, at most 20 characters); VMs are `rv-<pool>-<job id>`.
+    /// Short name (`[a-z0-9-]`, at most 20 characters); VMs are `rv-<pool>-<job id>` (warm
+    /// ones `rv-<pool>-w<seq>`).
     pub name: String,
     /// The exact label set a job must carry (case-insensitive), e.g.
     /// `["self-hosted", "linux", "x64"]`. Runners get exactly these labels.

@@ -247,7 +247,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .book
             .vms
             .values()
+            // A warm VM's seed never held a token (it came over the bind port).
             .filter(|v| matches!(v.state, VmState::Idle | VmState::Busy) && !v.seed_removed && v.reap.is_none())
+            .filter(|v| !v.warm)
             .filter(|v| self.config.pool(&v.pool).is_some_and(|p| p.registration == Registration::Token))
             .filter(|v| match self.lifecycle.removing_seeds.get(&v.name) {
                 None => true,

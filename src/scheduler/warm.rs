@@ -182,8 +182,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.bind_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(total.as_secs_f64());
                 info!(
                     vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id,
-                    credential_ms = times.credential.as_millis() as u64,
-                    delivery_ms = times.delivery.as_millis() as u64,
+                    credential_ms = format!("{:.1}", times.credential.as_secs_f64() * 1000.0),
+                    delivery_ms = format!("{:.1}", times.delivery.as_secs_f64() * 1000.0),
                     "warm vm bound: its runner starts now"
                 );
                 self.transition(&name, Input::Bound);

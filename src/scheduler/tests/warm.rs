@@ -159,3 +159,24 @@ async fn drain_removes_waiting_warm_vms_and_a_restart_readopts_them() {
     assert!(h.metrics.render().contains("runnervisor_teardowns_total{reason=\"warm_surplus\"} 1"));
     h.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn token_mode_delivers_config_and_run_and_never_hot_unplugs_a_warm_seed() {
+    let mut h = harness("warm = 1\nregistration = \"token\"");
+    h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    h.deliver(JobAction::Queued, info(61, LABELS, None));
+    let s = h.wait("bound", |s, hv| bound_to(s, 61).is_some() && !hv.lock().delivered.is_empty()).await;
+    let warm = bound_to(&s, 61).unwrap();
+    let msg = h.hv.lock().delivered[0].1.clone();
+    let v: serde_json::Value = serde_json::from_str(&msg).unwrap();
+    let cmds = v["runcmd"].as_array().unwrap();
+    assert_eq!(cmds.len(), 2, "config.sh, then run.sh: {msg}");
+    assert!(cmds[0].as_array().unwrap().iter().any(|a| a == "--ephemeral"), "{msg}");
+    assert!(cmds[1].as_array().unwrap().iter().any(|a| a.as_str().is_some_and(|a| a.ends_with("/run.sh"))));
+    // Its runner comes online: its seed, which never held the token, stays attached.
+    h.deliver(JobAction::InProgress, info(61, LABELS, Some(&warm)));
+    h.wait("busy", |s, _| s.vms.iter().any(|v| v.name == warm && v.state == "busy")).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(h.hv.lock().seeds_removed.is_empty());
+    h.shutdown().await;
+}
