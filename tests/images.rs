@@ -33,10 +33,35 @@ fn production_recipe_bakes_a_runner_image() {
     let tarball = work.join("actions-runner-linux-x64-2.330.0.tar.gz");
     assert!(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(&tree).arg(".").status().unwrap().success());
 
+    // The base: the test image without its warm-VM unit, which the recipe must install.
+    let base_raw = work.join("base.raw");
+    assert!(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&img.golden)
+            .arg(&base_raw)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for path in [
+        "/usr/local/lib/runnervisor/runnervisor-warm",
+        "/etc/systemd/system/runnervisor-warm.service",
+        "/etc/systemd/system/multi-user.target.wants/runnervisor-warm.service",
+    ] {
+        let o = Command::new("debugfs").args(["-w", "-R", &format!("rm {path}")]).arg(&base_raw).output().unwrap();
+        assert!(o.status.success(), "{o:?}");
+    }
+    let base = work.join("base.qcow2");
+    assert!(
+        Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(&base_raw).arg(&base).status().unwrap().success()
+    );
+    let _ = std::fs::remove_file(&base_raw);
+
     let out = work.join("runner.qcow2");
     let status = Command::new(root.join("images/production/build"))
         .arg("--base")
-        .arg(&img.golden)
+        .arg(&base)
         .arg("--runner-tarball")
         .arg(&tarball)
         .arg("--out")
@@ -82,6 +107,18 @@ fn production_recipe_bakes_a_runner_image() {
     assert!(cat("/opt/actions-runner/bin/Runner.Listener").contains("--version"));
     assert!(cat("/etc/passwd").contains("runner:"));
     assert_eq!(cat("/etc/machine-id").trim(), "", "machine-id reset for first boot");
+    // The warm-VM guest unit, installed and enabled (images/guest).
+    assert_eq!(
+        cat("/usr/local/lib/runnervisor/runnervisor-warm"),
+        std::fs::read_to_string(root.join("images/guest/runnervisor-warm")).unwrap()
+    );
+    assert!(cat("/etc/systemd/system/runnervisor-warm.service").contains("dev.runnervisor.bind.0"));
+    let wants = Command::new("debugfs")
+        .args(["-R", "stat /etc/systemd/system/multi-user.target.wants/runnervisor-warm.service"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wants.stdout).contains("Type: symlink"), "enabled: {wants:?}");
     let stat = Command::new("debugfs").args(["-R", "stat /opt/actions-runner/run.sh"]).arg(&raw).output().unwrap();
     let stat = String::from_utf8_lossy(&stat.stdout);
     let passwd = cat("/etc/passwd");
