@@ -1,8 +1,9 @@
 //! The test world on real VMs, without the agent: a qcow2 overlay of the test image made
 //! through libvirt's storage API, a NoCloud seed, a TCG domain on the fenced lab network;
 //! the guest's real cloud-init runs the (fake) runner against github-sim on the allow-listed
-//! gateway,
-//! which hands it a queued job; the runner completes it and the guest powers off.
+//! gateway (or, in a warm VM, the guest unit runs it once its credential is delivered over
+//! the bind port), which hands it a queued job; the runner completes it and the guest
+//! powers off.
 
 mod common;
 
@@ -15,15 +16,11 @@ use runnervisor::cloudinit::{self, Credential, RunnerSpec};
 use runnervisor::hypervisor::{DomainState, Hypervisor, seed};
 use runnervisor::secret::Secret;
 
-/// Boots `name` and waits for its job: cold (the credential in its seed), or warm (`warm`
-/// makes the credential only once the guest waits, and delivers it over the bind port).
 /// Makes a warm VM's credential once its guest waits.
 type MakeCredential = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Credential>>>>;
 
-async fn boot_runner_vm(name: &str, credential: Credential, sim: &Sim, job: u64) {
-    boot(name, Some(credential), sim, job, None).await
-}
-
+/// Boots `name` and waits for its job: cold (`credential` in its seed), or warm (`warm`
+/// makes the credential only once the guest waits, and it is delivered over the bind port).
 async fn boot(name: &str, credential: Option<Credential>, sim: &Sim, job: u64, warm: Option<MakeCredential>) {
     let img = test_image();
     let (hv, _events) = libvirt();
@@ -126,7 +123,35 @@ async fn token_mode_runner_registers_runs_a_job_and_powers_off() {
         runner_group: None,
         disable_update: true,
     };
-    boot_runner_vm(&name, credential, &sim, job).await;
+    boot(&name, Some(credential), &sim, job, None).await;
+}
+
+/// Token mode in a warm VM: the registration token is fetched only once the guest waits,
+/// and `config.sh --ephemeral` then `run.sh` run from the delivered command lists.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_mode_runner_in_a_warm_vm_registers_runs_a_job_and_powers_off() {
+    let sim = std::sync::Arc::new(Sim::start(None, |_| {}).await);
+    let name = format!("rv-world-w{}", unique());
+    let job = sim.queue("octo-org/app", &["self-hosted", "linux", "world"], 2.0).await;
+    let s = sim.clone();
+    let make: MakeCredential = Box::new(move || {
+        Box::pin(async move {
+            let token = s
+                .api(reqwest::Method::POST, "/repos/octo-org/app/actions/runners/registration-token", None)
+                .await["token"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            Credential::Token {
+                url: format!("{}/octo-org/app", s.guest_url()),
+                token: Secret::new(token),
+                labels: vec!["self-hosted".into(), "linux".into(), "world".into()],
+                runner_group: None,
+                disable_update: true,
+            }
+        })
+    });
+    boot(&name, None, &sim, job, Some(make)).await;
 }
 
 /// A warm VM: boots with no credential, its guest waits on the bind port (libvirt says
