@@ -180,3 +180,23 @@ async fn token_mode_delivers_config_and_run_and_never_hot_unplugs_a_warm_seed() 
     assert!(h.hv.lock().seeds_removed.is_empty());
     h.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_warm_vm_found_without_a_record_is_adopted_as_warm_by_its_metadata() {
+    let h = harness("warm = 1");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let warm = warm_vms(&s, "waiting").remove(0);
+    let (gh, hv, _) = h.shutdown().await;
+    // The store is lost: only the domain and its metadata remain.
+    let dir = crate::test_support::tempdir();
+    let mut cfg = (*config("warm = 1", &dir)).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    let mut h = start(Arc::new(cfg), gh, hv, None, Arc::new(Store::open(&dir).unwrap()));
+    h.dirs.push(dir);
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    let s = h.wait("adopted as a waiting warm VM", |s, _| warm_vms(s, "waiting") == [warm.clone()]).await;
+    assert_eq!(s.vms.len(), 1, "adopted, not replaced: {s:#?}");
+    h.deliver(JobAction::Queued, info(71, LABELS, None));
+    h.wait("and used", |s, _| bound_to(s, 71) == Some(warm.clone())).await;
+    h.shutdown().await;
+}
