@@ -26,16 +26,6 @@ fn percentile(v: &[f64], p: usize) -> f64 {
     v[((v.len() - 1) * p + 50) / 100]
 }
 
-/// Queued → runner online of `job` (seconds) and the runner that took it.
-async fn queued_to_online(sim: &Sim, job: u64) -> (f64, String) {
-    let j = sim.job(job).await;
-    let runner = j["runner_name"].as_str().expect("a runner took it").to_string();
-    let history: serde_json::Value =
-        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
-    let online = history[&runner]["online_unix_ms"].as_u64().expect("came online");
-    (online.saturating_sub(j["created_unix_ms"].as_u64().unwrap()) as f64 / 1000.0, runner)
-}
-
 /// The `key=N` values of the agent's "warm vm bound" log lines, in milliseconds.
 fn logged_ms(log: &str, key: &str) -> Vec<f64> {
     log.lines()
@@ -72,12 +62,12 @@ async fn main() {
         wait_warm(&agent).await;
         let job = sim.queue("octo-org/app", &["self-hosted", "bench-warm"], 1.0).await;
         sim.wait_completed(job, VM_TIMEOUT).await;
-        let (secs, runner) = queued_to_online(&sim, job).await;
+        let (secs, runner) = sim.queued_to_online(job).await;
         assert!(runner.starts_with("rv-bench-warm-w"), "a warm VM took it: {runner}");
         warm.push(secs);
         let job = sim.queue("octo-org/app", &["self-hosted", "bench-cold"], 1.0).await;
         sim.wait_completed(job, VM_TIMEOUT).await;
-        let (c, runner) = queued_to_online(&sim, job).await;
+        let (c, runner) = sim.queued_to_online(job).await;
         assert_eq!(runner, format!("rv-bench-cold-{job}"));
         cold.push(c);
         eprintln!("run {}/{runs}: warm {secs:.2}s cold {c:.1}s", i + 1);

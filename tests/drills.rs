@@ -87,7 +87,7 @@ impl Drill {
     /// How many runners ran each job (from the simulator's history).
     async fn served_counts(&self) -> BTreeMap<u64, usize> {
         let mut counts = BTreeMap::new();
-        for r in self.runner_history().await.as_object().unwrap().values() {
+        for r in self.sim.runner_history().await.as_object().unwrap().values() {
             for j in r["jobs"].as_array().unwrap() {
                 *counts.entry(j.as_u64().unwrap()).or_insert(0) += 1;
             }
@@ -99,15 +99,11 @@ impl Drill {
     async fn warm_and_cold(&self) -> (usize, usize) {
         let warm_prefix = format!("{}w", self.prefix());
         let (mut warm, mut cold) = (0, 0);
-        for (name, r) in self.runner_history().await.as_object().unwrap() {
+        for (name, r) in self.sim.runner_history().await.as_object().unwrap() {
             let n = r["jobs"].as_array().unwrap().len();
             if name.starts_with(&warm_prefix) { warm += n } else { cold += n }
         }
         (warm, cold)
-    }
-
-    async fn runner_history(&self) -> Value {
-        self.sim.http.get(format!("{}/_sim/runner-history", self.sim.url())).send().await.unwrap().json().await.unwrap()
     }
 
     /// Waits for every expected job to complete and everything to be cleaned, then prints
@@ -326,8 +322,7 @@ async fn drill_dup_reorder() {
         d.queue(3.0).await;
     }
     d.finish(Duration::from_secs(600)).await;
-    let history: Value =
-        d.sim.http.get(format!("{}/_sim/runner-history", d.sim.url())).send().await.unwrap().json().await.unwrap();
+    let history = d.sim.runner_history().await;
     assert_eq!(history.as_object().unwrap().len(), d.expected.len(), "one VM per job, no extra: {history}");
 }
 
@@ -694,7 +689,8 @@ async fn drill_isolation() {
 /// A warm pool under more jobs than it has warm VMs: the first jobs take the waiting warm
 /// VMs (their credential made and delivered on arrival), the rest boot cold within
 /// `max_vms`, the pool tops itself up between them; the agent is killed with -9 while
-/// warm VMs wait and re-adopts them. Drained at the end, nothing is left.
+/// warm VMs wait and re-adopts them, then crashes right after a delivery and finds the
+/// binding complete. Drained at the end, nothing is left.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill warm"]
 async fn drill_warm() {
@@ -709,9 +705,12 @@ async fn drill_warm() {
     let agent = &d.agent;
     wait_for("two warm VMs waiting", VM_TIMEOUT, async || agent.metrics().await.contains(&waiting(2)).then_some(()))
         .await;
-    d.say("two warm VMs wait; killing the agent (-9) and restarting it");
+    d.say("two warm VMs wait; killing the agent (-9), restarting it to crash after its first delivery");
+    if !cfg!(feature = "fault-injection") {
+        panic!("run the drills with --features fault-injection (scripts/drill does)");
+    }
     d.agent.kill9();
-    d.agent.start().await;
+    d.agent.start_with_env(&[("RUNNERVISOR_FAULT_CRASH_AT", "bind-after-delivery")]).await;
     let agent = &d.agent;
     wait_for("the warm VMs re-adopted", VM_TIMEOUT, async || agent.metrics().await.contains(&waiting(2)).then_some(()))
         .await;
@@ -719,6 +718,14 @@ async fn drill_warm() {
     for _ in 0..5 {
         d.queue(4.0).await;
     }
+    let status = wait_exit(&mut d.agent, Duration::from_secs(60));
+    assert!(
+        status.is_some() && d.agent.log_text().contains("RUNNERVISOR_FAULT_CRASH_AT=bind-after-delivery: aborting"),
+        "the agent did not crash after a delivery:\n{}",
+        d.agent.log_tail()
+    );
+    d.say("crashed right after a delivery; restarting");
+    d.agent.start().await;
     let ids = d.expected.clone();
     let sim = &d.sim;
     wait_for("every job completed", Duration::from_secs(900), async || {
@@ -732,7 +739,12 @@ async fn drill_warm() {
     .await;
     let (warm, cold) = d.warm_and_cold().await;
     d.say(&format!("all jobs completed: {warm} on warm VMs, {cold} cold; draining"));
-    assert!(warm >= 2 && cold >= 1, "both paths ran: warm={warm} cold={cold}");
+    assert!(warm >= 1 && cold >= 1, "both paths ran: warm={warm} cold={cold}");
+    assert!(
+        d.agent.log_text().contains("the guest had taken its command before the restart"),
+        "the binding the crash cut short was resumed:\n{}",
+        d.agent.log_tail()
+    );
     assert!(d.agent.cli(&["drain"]).status.success());
     d.finish(Duration::from_secs(300)).await;
 }

@@ -319,8 +319,7 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     let log = agent.log_text();
     assert!(log.contains("vm torn down"), "{}", agent.log_tail());
     // Served once: one VM was ever made.
-    let history: serde_json::Value =
-        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    let history = sim.runner_history().await;
     assert_eq!(history.as_object().unwrap().len(), 1, "{history}");
 }
 
@@ -344,17 +343,6 @@ async fn waiting_warm_vms(agent: &Agent, hv: &Libvirt, pool: &str, n: usize) -> 
     .await
 }
 
-/// Queued → runner online for `job`, at the simulator (the runner that took it).
-async fn queued_to_online(sim: &Sim, job: u64) -> (String, f64) {
-    let j = sim.job(job).await;
-    let runner = j["runner_name"].as_str().expect("a runner took it").to_string();
-    let history: serde_json::Value =
-        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
-    let online = history[&runner]["online_unix_ms"].as_u64().expect("came online");
-    let created = j["created_unix_ms"].as_u64().unwrap();
-    (runner, online.saturating_sub(created) as f64 / 1000.0)
-}
-
 /// A warm pool end to end: a warm VM boots with no credential and no runner; a job takes
 /// it (its JIT config made then, delivered over the bind port) and the pool is topped up;
 /// the agent is killed with -9 while a warm VM waits, and the restarted agent re-adopts
@@ -376,7 +364,7 @@ async fn warm_pool_serves_jobs_at_once_survives_kill9_and_drains() {
     let job = sim.queue("octo-org/app", &["self-hosted", "e2e-warm"], 3.0).await;
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
     assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
-    let (runner, secs) = queued_to_online(&sim, job).await;
+    let (secs, runner) = sim.queued_to_online(job).await;
     assert_eq!(runner, first, "the waiting warm VM served the job");
     eprintln!("warm hit: queued -> runner online {secs:.2}s");
     let metrics = agent.metrics().await;
@@ -388,11 +376,11 @@ async fn warm_pool_serves_jobs_at_once_survives_kill9_and_drains() {
     assert_ne!(second, first);
     agent.kill9();
     agent.start().await;
-    assert_eq!(waiting_warm_vms(&agent, &hv, pool, 1).await, [second.clone()], "re-adopted, not replaced");
+    assert_eq!(waiting_warm_vms(&agent, &hv, pool, 1).await, std::slice::from_ref(&second), "re-adopted, not replaced");
     let job2 = sim.queue("octo-org/app", &["self-hosted", "e2e-warm"], 3.0).await;
     let done = sim.wait_completed(job2, VM_TIMEOUT).await;
     assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
-    let (runner, secs) = queued_to_online(&sim, job2).await;
+    let (secs, runner) = sim.queued_to_online(job2).await;
     assert_eq!(runner, second, "the re-adopted warm VM served the job");
     eprintln!("warm hit after kill -9: queued -> runner online {secs:.2}s");
 
@@ -407,11 +395,12 @@ async fn warm_pool_serves_jobs_at_once_survives_kill9_and_drains() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     agent.assert_clean(&hv);
     assert_no_runners(&sim, &agent).await;
-    let history: serde_json::Value =
-        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    let history = sim.runner_history().await;
     assert_eq!(history.as_object().unwrap().len(), 2, "one runner per job, none for waiting VMs: {history}");
     let log = agent.log_text();
     assert!(!log.contains(PAT) && !log.contains(SECRET) && !log.contains("runcmd"), "a secret reached the log");
+    assert!(!log.contains("cannot update the bound warm vm's description"), "{}", agent.log_tail());
+    assert_eq!(log.matches("warm vm bound: its runner starts now").count(), 2, "{}", agent.log_tail());
     assert!(agent.terminate().success());
 }
 
@@ -431,12 +420,11 @@ async fn a_warm_vm_that_ignores_its_delivery_is_replaced_and_the_job_served_cold
     let job = sim.queue("octo-org/app", &["self-hosted", "e2e-deaf"], 2.0).await;
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
     assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
-    let (runner, secs) = queued_to_online(&sim, job).await;
+    let (secs, runner) = sim.queued_to_online(job).await;
     assert_eq!(runner, format!("rv-e2e-deaf-{job}"), "served cold");
     eprintln!("after a failed warm delivery: queued -> runner online {secs:.1}s (cold)");
     assert!(hv.list_vms().unwrap().iter().all(|v| v.name != deaf), "the deaf VM is gone");
-    let history: serde_json::Value =
-        sim.http.get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    let history = sim.runner_history().await;
     assert_eq!(history[&deaf]["deleted_by_api"], true, "its JIT registration was deleted: {history}");
     assert_eq!(history[&deaf]["came_online"], false, "{history}");
     let metrics = agent.metrics().await;

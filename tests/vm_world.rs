@@ -75,6 +75,14 @@ async fn boot(name: &str, credential: Option<Credential>, sim: &Sim, job: u64, w
             made.as_secs_f64() * 1000.0,
             at.elapsed().as_secs_f64() * 1000.0
         );
+        // The guest closed its port: libvirt's view of it says so (a restarted agent relies
+        // on this to tell a delivered binding from an interrupted one).
+        let closed = Instant::now();
+        wait_for("the guest's port closed", Duration::from_secs(10), async || {
+            (!hv.guest_waiting(name).unwrap()).then_some(())
+        })
+        .await;
+        eprintln!("{name}: port seen closed {:.0} ms after the ack", closed.elapsed().as_secs_f64() * 1000.0);
         // A second delivery finds nobody listening: the guest took one command and closed.
         let again = hv.deliver(name, b"{}\n", &ack, Duration::from_millis(1500));
         assert!(again.is_err(), "{again:?}");

@@ -234,7 +234,13 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
-    fn describe(&self, vm: &str, _metadata: &domain_xml::VmMetadata, description: &str) -> Result<(), HvError> {
+    fn describe(
+        &self,
+        vm: &str,
+        _metadata: &domain_xml::VmMetadata,
+        _title: &str,
+        description: &str,
+    ) -> Result<(), HvError> {
         self.up()?.descriptions.insert(vm.to_string(), description.to_string());
         Ok(())
     }

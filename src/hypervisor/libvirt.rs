@@ -462,7 +462,13 @@ impl Hypervisor for Libvirt {
         result.map_err(|message| HvError::Libvirt { op: "deliver", name: vm.into(), message })
     }
 
-    fn describe(&self, vm: &str, metadata: &domain_xml::VmMetadata, description: &str) -> Result<(), HvError> {
+    fn describe(
+        &self,
+        vm: &str,
+        metadata: &domain_xml::VmMetadata,
+        title: &str,
+        description: &str,
+    ) -> Result<(), HvError> {
         let conn = self.conn()?;
         let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
         let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
@@ -475,6 +481,8 @@ impl Hypervisor for Libvirt {
             flags,
         )
         .map_err(|e| self.err("set metadata", vm, e))?;
+        dom.set_metadata(sys::VIR_DOMAIN_METADATA_TITLE as i32, Some(title), None, None, flags)
+            .map_err(|e| self.err("set title", vm, e))?;
         dom.set_metadata(sys::VIR_DOMAIN_METADATA_DESCRIPTION as i32, Some(description), None, None, flags)
             .map_err(|e| self.err("set description", vm, e))
     }

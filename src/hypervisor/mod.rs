@@ -171,8 +171,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// guest to answer exactly `ack`. What the guest sends is read bounded and only
     /// compared with `ack`, never parsed, logged or kept.
     fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: std::time::Duration) -> Result<(), HvError>;
-    /// Replaces the VM's runnervisor metadata and description (a warm VM given a job).
-    fn describe(&self, vm: &str, metadata: &VmMetadata, description: &str) -> Result<(), HvError>;
+    /// Replaces the VM's runnervisor metadata, title and description (a warm VM given a job).
+    fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError>;
 }
 
 /// Most bytes read from a guest's bind port while waiting for its acknowledgement.

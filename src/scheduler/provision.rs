@@ -19,7 +19,8 @@ use crate::model::VmRec;
 
 /// Test hook for the kill-9 drill: `RUNNERVISOR_FAULT_CRASH_AT=<step>` aborts the process
 /// right after that step (`after-persist`, `after-credential`, `after-overlay`,
-/// `after-seed`, `after-define`, `after-start`). Compiled only with the `fault-injection`
+/// `after-seed`, `after-define`, `after-start`; binding a warm VM: `bind-after-credential`,
+/// `bind-after-delivery`). Compiled only with the `fault-injection`
 /// feature (`scripts/drill` enables it); otherwise it does nothing.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
@@ -266,6 +267,9 @@ pub enum BindError {
     /// The binding task itself failed (a panic).
     #[error("{0}")]
     Task(String),
+    /// A restart cut the binding short before the guest took its command (it still waits).
+    #[error("interrupted by a restart before the guest took its command")]
+    Interrupted,
 }
 
 impl BindError {
@@ -274,6 +278,7 @@ impl BindError {
             BindError::Credential(_) => "credential",
             BindError::Delivery(_) => "delivery",
             BindError::Task(_) => "task",
+            BindError::Interrupted => "restart",
         }
     }
 }
@@ -285,6 +290,8 @@ pub struct BindTimes {
     pub credential: Duration,
     /// Writing the runner command into the VM until the guest acknowledged it.
     pub delivery: Duration,
+    /// A binding a restart cut short, found complete (the guest had taken its command).
+    pub resumed: bool,
 }
 
 /// Gives a waiting warm VM its job: makes the runner credential now, delivers the same
@@ -294,6 +301,7 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     let started = Instant::now();
     let name = plan.vm.name.clone();
     let credential = credential(&ctx, &plan).await.map_err(BindError::Credential)?;
+    crash_point("bind-after-credential");
     let made = Instant::now();
     let message = cloudinit::bind_message(&RunnerSpec {
         vm_name: &name,
@@ -307,15 +315,37 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     blocking(move || hv.deliver(&n, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout))
         .await
         .map_err(BindError::Delivery)?;
-    let times = BindTimes { credential: made - started, delivery: made.elapsed() };
+    crash_point("bind-after-delivery");
+    let times = BindTimes { credential: made - started, delivery: made.elapsed(), resumed: false };
     // For operators (`virsh desc`) and re-adoption: no longer warm, now this job's runner.
     let metadata = metadata(&ctx, &plan.vm);
-    let (_, description) = describe(&plan);
+    let (title, description) = describe(&plan);
     let hv = ctx.hv.clone();
-    if let Err(e) = blocking(move || hv.describe(&name, &metadata, &description)).await {
+    if let Err(e) = blocking(move || hv.describe(&name, &metadata, &title, &description)).await {
         tracing::warn!(vm = %plan.vm.name, error = %e, "cannot update the bound warm vm's description");
     }
     Ok(times)
+}
+
+/// How long a resumed binding watches the guest's port: libvirt sees a port the guest
+/// closed about a second later (measured by `tests/vm_world.rs`), and a message still in
+/// flight when the agent died is taken as fast.
+const RESUME_SETTLE: Duration = Duration::from_secs(5);
+
+/// A binding a restart cut short: the guest closes its port once it took its command, so
+/// one that keeps it open for [`RESUME_SETTLE`] never got it (the VM goes, the job is
+/// served again) and one that closes it is starting its runner (the binding stands).
+pub async fn resume_bind<H: Hypervisor>(hv: Arc<H>, vm: String) -> Result<BindTimes, BindError> {
+    let deadline = Instant::now() + RESUME_SETTLE;
+    loop {
+        let (h, n) = (hv.clone(), vm.clone());
+        match blocking(move || h.guest_waiting(&n)).await {
+            Ok(false) => return Ok(BindTimes { resumed: true, ..BindTimes::default() }),
+            Ok(true) if Instant::now() >= deadline => return Err(BindError::Interrupted),
+            Ok(true) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(BindError::Delivery(e)),
+        }
+    }
 }
 
 /// Checks the network the VM joins and (re)defines the fence's nwfilter from the config

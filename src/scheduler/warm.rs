@@ -9,7 +9,8 @@
 //!   port (libvirt's view of it, nothing read from the guest), then it is `Waiting`.
 //! - [`Scheduler::start_bind`]: [`super::demand::plan`] chose a waiting VM for a job.
 //! - [`Scheduler::on_bound`]: delivered (it boots its runner as a cold VM would), or not:
-//!   the VM is destroyed with its runner registration and the job goes the cold path.
+//!   the VM is destroyed with its runner registration and the job goes the cold path. A
+//!   binding a restart cut short is resumed from what libvirt says of the guest's port.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -73,8 +74,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     /// Watches every warming VM that is not watched yet (new ones, and those a restart
-    /// found); tears down bindings a restart interrupted (whether the guest got its
-    /// command is unknown: the VM goes, the job is served again).
+    /// found), and finds out how far bindings a restart cut short got
+    /// ([`provision::resume_bind`]).
     pub(super) fn watch_warm_vms(&mut self) {
         let jobs = &self.book.jobs;
         self.warm.cold_only.retain(|id| jobs.get(id).is_some_and(|j| j.is_unserved()));
@@ -87,12 +88,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .map(|v| (v.name.clone(), v.state))
             .collect();
         for (name, state) in unwatched {
+            let hv = self.ctx.hv.clone();
             if state == VmState::Binding {
-                warn!(vm = %name, "a binding was interrupted by a restart: replacing the vm");
-                self.begin_teardown(&name, Reason::Interrupted);
+                info!(vm = %name, "a binding was cut short by a restart: did the guest take its command?");
+                let (n, failed) = (name.clone(), name.clone());
+                let task = spawn_reporting(
+                    &self.ctx.events,
+                    async move { Event::Bound { vm: n.clone(), result: provision::resume_bind(hv, n).await } },
+                    move |message| Event::Bound { vm: failed, result: Err(BindError::Task(message)) },
+                );
+                self.work.insert(name, Work::Binding(task));
                 continue;
             }
-            let hv = self.ctx.hv.clone();
             let pool = self.book.vms[&name].pool.clone();
             let limit = self.config.pool(&pool).map(|p| p.registration_timeout).unwrap_or(Duration::from_secs(300));
             let (n, failed) = (name.clone(), name.clone());
@@ -176,6 +183,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.work.remove(&name);
         let Some(vm) = self.book.vms.get(&name).cloned() else { return };
         match result {
+            Ok(times) if times.resumed => {
+                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "the guest had taken its command before the restart: its runner starts");
+                self.transition(&name, Input::Bound);
+            }
             Ok(times) => {
                 let total = times.credential + times.delivery;
                 self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, "warm")).inc();
@@ -190,6 +201,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 if let Some(reason) = vm.reap {
                     self.reap(&name, reason);
                 }
+            }
+            Err(BindError::Interrupted) => {
+                // Nothing reached the guest: the job is served again, warm or cold.
+                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "the guest never took its command before the restart: replacing the vm");
+                self.begin_teardown(&name, Reason::Interrupted);
             }
             Err(e) => {
                 self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();

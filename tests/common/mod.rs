@@ -205,6 +205,19 @@ impl Sim {
         v.as_array().cloned().unwrap_or_default()
     }
 
+    /// Every runner that ever registered, by name (`/_sim/runner-history`).
+    pub async fn runner_history(&self) -> Value {
+        self.http.get(format!("{}/_sim/runner-history", self.url())).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Queued → runner online of `job` (seconds), at the simulator, and the runner that took it.
+    pub async fn queued_to_online(&self, job: u64) -> (f64, String) {
+        let j = self.job(job).await;
+        let runner = j["runner_name"].as_str().expect("a runner took it").to_string();
+        let online = self.runner_history().await[&runner]["online_unix_ms"].as_u64().expect("came online");
+        (online.saturating_sub(j["created_unix_ms"].as_u64().unwrap()) as f64 / 1000.0, runner)
+    }
+
     pub async fn fault(&self, f: Value) {
         let r = self.http.post(format!("{}/_sim/faults", self.url())).json(&f).send().await.unwrap();
         assert_eq!(r.status(), 201);

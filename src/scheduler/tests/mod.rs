@@ -152,6 +152,20 @@ fn harness_full(
     h
 }
 
+/// A scheduler started again (as after a restart) on what a previous one left: its
+/// GitHub, hypervisor and store (`None`: a fresh, empty store), with a config of
+/// `extra_pool`; told libvirt is connected.
+fn restart(extra_pool: &str, gh: Arc<FakeGitHub>, hv: Arc<FakeHypervisor>, store: Option<Arc<Store>>) -> H {
+    let dir = crate::test_support::tempdir();
+    let mut cfg = (*config(extra_pool, &dir)).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    let store = store.unwrap_or_else(|| Arc::new(Store::open(&dir).unwrap()));
+    let mut h = start(Arc::new(cfg), gh, hv, None, store);
+    h.dirs.push(dir);
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h
+}
+
 use super::fixtures::job_info as info;
 
 impl H {

@@ -136,13 +136,7 @@ async fn restart_adopts_running_vms_and_recovers_interrupted_provisioning() {
     // An orphan domain of ours with no record at all, not running.
     hv.define("rv-small-99", "<domain/>").unwrap();
 
-    let dir = crate::test_support::tempdir();
-    let cfg = config("", &dir);
-    let mut cfg = (*cfg).clone();
-    cfg.pools[0].image = fake_image(&dir);
-    let mut h = start(Arc::new(cfg), gh, hv.clone(), None, store);
-    h.dirs.push(dir);
-    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    let h = restart("", gh, hv.clone(), Some(store));
     let s = h
         .wait("recovered", |_, hv| {
             hv.running().contains(&"rv-small-91".to_string())

@@ -139,12 +139,7 @@ async fn drain_removes_waiting_warm_vms_and_a_restart_readopts_them() {
     let warm = warm_vms(&s, "waiting").remove(0);
     // Restart: the warm VM is found again and used.
     let (gh, hv, store) = h.shutdown().await;
-    let dir = crate::test_support::tempdir();
-    let mut cfg = (*config("warm = 1", &dir)).clone();
-    cfg.pools[0].image = fake_image(&dir);
-    let mut h = start(Arc::new(cfg), gh, hv.clone(), None, store);
-    h.dirs.push(dir);
-    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    let mut h = restart("warm = 1", gh, hv.clone(), Some(store));
     h.wait("re-adopted", |s, _| warm_vms(s, "waiting") == [warm.clone()]).await;
     h.deliver(JobAction::Queued, info(51, LABELS, None));
     let s = h.wait("bound", |s, _| bound_to(s, 51).is_some()).await;
@@ -188,15 +183,51 @@ async fn a_warm_vm_found_without_a_record_is_adopted_as_warm_by_its_metadata() {
     let warm = warm_vms(&s, "waiting").remove(0);
     let (gh, hv, _) = h.shutdown().await;
     // The store is lost: only the domain and its metadata remain.
-    let dir = crate::test_support::tempdir();
-    let mut cfg = (*config("warm = 1", &dir)).clone();
-    cfg.pools[0].image = fake_image(&dir);
-    let mut h = start(Arc::new(cfg), gh, hv, None, Arc::new(Store::open(&dir).unwrap()));
-    h.dirs.push(dir);
-    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    let mut h = restart("warm = 1", gh, hv, None);
     let s = h.wait("adopted as a waiting warm VM", |s, _| warm_vms(s, "waiting") == [warm.clone()]).await;
     assert_eq!(s.vms.len(), 1, "adopted, not replaced: {s:#?}");
     h.deliver(JobAction::Queued, info(71, LABELS, None));
     h.wait("and used", |s, _| bound_to(s, 71) == Some(warm.clone())).await;
     h.shutdown().await;
+}
+
+/// A restart cuts a binding short: the guest's port says whether it took its command.
+#[tokio::test(start_paused = true)]
+async fn a_binding_cut_short_by_a_restart_stands_if_the_guest_took_its_command() {
+    for took_it in [false, true] {
+        let h = harness("warm = 1");
+        let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+        let warm = warm_vms(&s, "waiting").remove(0);
+        let (gh, hv, store) = h.shutdown().await;
+        // The record says Binding for job 81, as a crash mid-binding leaves it.
+        let mut vm = store.load().unwrap().vms[&warm].clone();
+        vm.state = VmState::Binding;
+        vm.job_id = 81;
+        let job =
+            JobRec { info: info(81, LABELS, None), ..fixtures::job(81, "small", "octo-org/app", JobState::Queued, 0) };
+        store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
+        gh.lock()
+            .jobs
+            .insert(81, crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None });
+        // The guest closed its port once it took the command; otherwise it still waits.
+        hv.lock().guests_booting = took_it;
+        let h = restart("warm = 1", gh, hv, Some(store));
+        if took_it {
+            let s =
+                h.wait("the binding stands", |s, _| s.vms.iter().any(|v| v.name == warm && v.state == "booting")).await;
+            assert_eq!(bound_to(&s, 81), Some(warm.clone()));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(h.status().await.vms.iter().any(|v| v.name == warm), "not torn down");
+        } else {
+            h.hv.lock().guests_booting = false;
+            let s = h
+                .wait("replaced, and the job bound again", |s, _| {
+                    s.vms.iter().all(|v| v.name != warm) && bound_to(s, 81).is_some()
+                })
+                .await;
+            assert_ne!(bound_to(&s, 81), Some(warm.clone()));
+            assert!(h.metrics.render().contains("runnervisor_teardowns_total{reason=\"interrupted\"} 1"));
+        }
+        h.shutdown().await;
+    }
 }
