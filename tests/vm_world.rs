@@ -75,6 +75,16 @@ async fn boot(name: &str, credential: Option<Credential>, sim: &Sim, job: u64, w
             made.as_secs_f64() * 1000.0,
             at.elapsed().as_secs_f64() * 1000.0
         );
+        // Bound: its metadata (no longer warm, now this job's) and description are replaced
+        // in place, as the agent does.
+        let mut md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
+        assert!(md.warm && md.job_id == job, "{md:?}");
+        md.warm = false;
+        hv.describe(name, &md, "bound title", "bound to its job").unwrap();
+        let md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
+        assert!(!md.warm && md.job_id == job, "{md:?}");
+        let desc = run(std::process::Command::new("virsh").args(["-c", URI, "desc", name]));
+        assert_eq!(desc.trim(), "bound to its job");
         // The guest closed its port: libvirt's view of it says so (a restarted agent relies
         // on this to tell a delivered binding from an interrupted one).
         let closed = Instant::now();

@@ -125,7 +125,7 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.text("title", &[], spec.title);
     x.text("description", &[], spec.description);
     x.open("metadata", &[]);
-    metadata_element(&mut x, spec.metadata);
+    metadata_element(&mut x, spec.metadata, true);
     x.close();
     x.text("memory", &[("unit", "MiB")], &spec.memory_mib.to_string());
     x.text("vcpu", &[], &spec.vcpus.to_string());
@@ -210,26 +210,35 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.finish()
 }
 
-fn metadata_element(x: &mut Xml, m: &VmMetadata) {
-    x.open("runnervisor:vm", &[("xmlns:runnervisor", METADATA_NS)]);
-    x.text("runnervisor:job-id", &[], &m.job_id.to_string());
-    x.text("runnervisor:run-id", &[], &m.run_id.to_string());
-    x.text("runnervisor:repository", &[], &m.repository);
-    x.text("runnervisor:pool", &[], &m.pool);
-    x.text("runnervisor:runner-name", &[], &m.runner_name);
-    x.text("runnervisor:created", &[], &humantime::format_rfc3339_seconds(m.created).to_string());
-    x.text("runnervisor:console-log", &[], &m.console_log.to_string_lossy());
-    x.text("runnervisor:job-url", &[], &m.job_url);
+/// `<runnervisor:vm xmlns:runnervisor=..>` inside a domain definition, or (`prefixed`
+/// false) a plain `<vm>`, as `virDomainSetMetadata` wants it: libvirt puts it into the
+/// namespace named by its key and URI arguments itself.
+fn metadata_element(x: &mut Xml, m: &VmMetadata, prefixed: bool) {
+    let tag = |name: &str| if prefixed { format!("{METADATA_PREFIX}:{name}") } else { name.to_string() };
+    if prefixed {
+        x.open("runnervisor:vm", &[("xmlns:runnervisor", METADATA_NS)]);
+    } else {
+        x.open("vm", &[]);
+    }
+    x.text(&tag("job-id"), &[], &m.job_id.to_string());
+    x.text(&tag("run-id"), &[], &m.run_id.to_string());
+    x.text(&tag("repository"), &[], &m.repository);
+    x.text(&tag("pool"), &[], &m.pool);
+    x.text(&tag("runner-name"), &[], &m.runner_name);
+    x.text(&tag("created"), &[], &humantime::format_rfc3339_seconds(m.created).to_string());
+    x.text(&tag("console-log"), &[], &m.console_log.to_string_lossy());
+    x.text(&tag("job-url"), &[], &m.job_url);
     if m.warm {
-        x.text("runnervisor:warm", &[], "true");
+        x.text(&tag("warm"), &[], "true");
     }
     x.close();
 }
 
-/// The `<runnervisor:vm>` element alone (for `virDomainSetMetadata`).
+/// The metadata element alone, unprefixed (for `virDomainSetMetadata` with
+/// [`METADATA_PREFIX`] and [`METADATA_NS`]).
 pub fn metadata_xml(m: &VmMetadata) -> String {
     let mut x = Xml::default();
-    metadata_element(&mut x, m);
+    metadata_element(&mut x, m, false);
     x.finish()
 }
 
@@ -438,10 +447,15 @@ mod tests {
         assert_eq!((target.attribute("type"), target.attribute("name")), (Some("virtio"), Some(BIND_CHANNEL)));
         let md = doc.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS)).unwrap();
         assert!(parse_metadata(&xml[md.range()]).unwrap().warm);
-        // Standalone metadata (set when a job is bound) round-trips too.
+        // Standalone metadata (set when a job is bound): unprefixed, as libvirt wants it
+        // (it adds the namespace), and it round-trips too.
         m.warm = false;
         m.job_id = 42;
-        let parsed = parse_metadata(&metadata_xml(&m)).unwrap();
+        let standalone = metadata_xml(&m);
+        assert!(
+            standalone.starts_with("<vm>") && !standalone.contains("xmlns") && !standalone.contains("runnervisor:")
+        );
+        let parsed = parse_metadata(&standalone).unwrap();
         assert_eq!((parsed.warm, parsed.job_id), (false, 42));
         // libvirt's live XML tells whether the guest opened the port.
         let live = |state: &str| {
