@@ -30,7 +30,7 @@ fn percentile(v: &[f64], p: usize) -> f64 {
 fn logged_ms(log: &str, key: &str) -> Vec<f64> {
     log.lines()
         .filter(|l| l.contains("warm vm bound"))
-        .filter_map(|l| l.split(&format!("{key}=")).nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| l.split(&format!("{key}=")).nth(1)?.split_whitespace().next()?.trim_matches('"').parse().ok())
         .collect()
 }
 
@@ -87,6 +87,7 @@ async fn main() {
     assert!(agent.terminate().success());
 
     let (cold_p50, warm_p50, warm_p90) = (percentile(&cold, 50), percentile(&warm, 50), percentile(&warm, 90));
+    assert!(!credential.is_empty() && !delivery.is_empty(), "no 'warm vm bound' lines with timings in the agent's log");
     let agent_ms = percentile(&credential, 50) + percentile(&delivery, 50);
     println!(
         "queued -> runner online, {runs} runs each ({} domains, {} build)",

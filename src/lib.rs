@@ -159,7 +159,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
 
     let intake = Arc::new(webhook::Intake {
         secret: deps.webhook_secret,
-        store,
+        accepter: store::Accepter::start(store),
         inbox_ready,
         metrics: deps.metrics.clone(),
         scope: config.github.scope(),

@@ -39,7 +39,7 @@ fn job_outcome(outcome: &str) -> WebhookLabels {
 }
 use crate::model::{JobAction, JobEvent, JobInfo};
 use crate::secret::Secret;
-use crate::store::Store;
+use crate::store::Accepter;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {
@@ -168,7 +168,8 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
 
 pub struct Intake {
     pub secret: Secret,
-    pub store: Arc<Store>,
+    /// Writes deliveries durably, many to a commit under load.
+    pub accepter: Accepter,
     /// Woken when the inbox has something new.
     pub inbox_ready: Arc<Notify>,
     pub metrics: Arc<Metrics>,
@@ -301,11 +302,8 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         }
     };
     let delivery = delivery.as_str();
-    let store = intake.store.clone();
-    let ev = job_event.clone();
-    let accepted = tokio::task::spawn_blocking(move || store.accept(&ev)).await;
-    match accepted {
-        Ok(Ok(true)) => {
+    match intake.accepter.accept(job_event.clone()).await {
+        Ok(true) => {
             intake.metrics.webhooks.get_or_create(&job_outcome("accepted")).inc();
             tracing::info!(
                 delivery,
@@ -318,17 +316,13 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
             intake.inbox_ready.notify_one();
             reply(StatusCode::ACCEPTED, "accepted")
         }
-        Ok(Ok(false)) => {
+        Ok(false) => {
             intake.metrics.webhooks.get_or_create(&job_outcome("duplicate")).inc();
             tracing::info!(delivery, job_id = job_event.job.id, "duplicate delivery ignored");
             reply(StatusCode::OK, "duplicate delivery")
         }
-        Ok(Err(e)) => {
-            tracing::error!(delivery, error = %e, "cannot persist webhook");
-            reply(StatusCode::SERVICE_UNAVAILABLE, "cannot persist the event")
-        }
         Err(e) => {
-            tracing::error!(delivery, error = %e, "webhook persistence task failed");
+            tracing::error!(delivery, error = %e, "cannot persist webhook");
             reply(StatusCode::SERVICE_UNAVAILABLE, "cannot persist the event")
         }
     }

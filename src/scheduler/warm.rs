@@ -193,8 +193,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.bind_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(total.as_secs_f64());
                 info!(
                     vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id,
-                    credential_ms = format!("{:.1}", times.credential.as_secs_f64() * 1000.0),
-                    delivery_ms = format!("{:.1}", times.delivery.as_secs_f64() * 1000.0),
+                    credential_ms = millis(times.credential),
+                    delivery_ms = millis(times.delivery),
                     "warm vm bound: its runner starts now"
                 );
                 self.transition(&name, Input::Bound);
@@ -215,6 +215,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
         }
     }
+}
+
+/// Milliseconds to a tenth, for the log.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
 /// Polls libvirt until the warm VM's guest has its bind port open, for at most `limit`.
