@@ -97,7 +97,7 @@ async fn main() {
     println!("  cold (boot per job):       p50 {cold_p50:.1} s, p90 {:.1} s", percentile(&cold, 90));
     println!("  warm (credential on bind): p50 {warm_p50:.2} s, p90 {warm_p90:.2} s");
     println!(
-        "  warm breakdown (p50): agent {agent_ms:.0} ms (credential {:.0} ms + delivery until the guest's ack {:.0} ms); \
+        "  warm breakdown (p50): agent {agent_ms:.0} ms (credential {:.1} ms + delivery until the guest's ack {:.1} ms); \
          webhook and guest runner start {:.2} s",
         percentile(&credential, 50),
         percentile(&delivery, 50),
