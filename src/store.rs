@@ -34,6 +34,8 @@ pub enum StoreError {
     /// The intake's writer thread is gone (the agent is stopping).
     #[error("state store: the intake writer has stopped")]
     Closed,
+    #[error("state store: the write panicked")]
+    Panicked,
     #[error("cannot create state directory {path}")]
     Dir {
         path: PathBuf,
@@ -142,7 +144,10 @@ impl Accepter {
                         }
                     }
                     let events: Vec<&JobEvent> = group.iter().map(|(e, _)| e).collect();
-                    let result = store.accept_many(&events);
+                    // A panic in the store fails this group (503, redelivered later), not the
+                    // thread: the next deliveries are written again.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.accept_many(&events)))
+                        .unwrap_or(Err(StoreError::Panicked));
                     counted.fetch_add(1, Ordering::Relaxed);
                     match result {
                         Ok(fresh) => {
