@@ -217,6 +217,26 @@ pub struct VmRec {
 }
 
 impl VmRec {
+    /// A new record, about to be provisioned; made for no job yet (the caller sets it).
+    pub fn new(name: String, pool: &str, warm: bool, now: SystemTime) -> VmRec {
+        VmRec {
+            name,
+            pool: pool.to_string(),
+            job_id: 0,
+            run_id: 0,
+            repository: String::new(),
+            job_url: String::new(),
+            runner_id: None,
+            state: VmState::Provisioning,
+            created_at: now,
+            state_since: now,
+            took_job: None,
+            seed_removed: false,
+            reap: None,
+            warm,
+        }
+    }
+
     /// A warm VM no job's credential went into yet (provisioning, warming or waiting).
     pub fn is_unbound_warm(&self) -> bool {
         self.warm && matches!(self.state, VmState::Provisioning | VmState::Warming | VmState::Waiting)

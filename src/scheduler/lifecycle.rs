@@ -300,33 +300,30 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         job.vms_made += 1;
         let name = hypervisor::vm_name(&pool.name, job_id, job.vms_made);
         let vm = VmRec {
-            name: name.clone(),
-            pool: pool.name.clone(),
             job_id,
             run_id: job.info.run_id,
             repository: job.info.repository.clone(),
             job_url: job.info.html_url.clone(),
-            runner_id: None,
-            state: VmState::Provisioning,
-            created_at: now,
-            state_since: now,
-            took_job: None,
-            seed_removed: false,
-            reap: None,
-            warm: false,
+            ..VmRec::new(name.clone(), &pool.name, false, now)
         };
-        let plan = Plan {
-            vm: vm.clone(),
-            pool: pool.clone(),
-            labels: pool.labels.clone(),
-            runner_group_id: self.sync.runner_group_id.unwrap_or(1),
-            workflow: job.info.workflow_name.clone(),
-            job_name: job.info.name.clone(),
-        };
+        let (workflow, job_name) = (job.info.workflow_name.clone(), job.info.name.clone());
         info!(job_id, run_id = job.info.run_id, repository = %job.info.repository, pool = %pool.name, vm = %name, "provisioning vm");
+        let plan = self.plan(vm.clone(), pool, workflow, job_name);
         self.book.touch_job(job_id);
         if self.launch(vm, plan) {
             self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&pool.name, "cold")).inc();
+        }
+    }
+
+    /// What a provisioning or binding task needs to make `vm` a runner of `pool`.
+    pub(super) fn plan(&self, vm: VmRec, pool: &PoolConfig, workflow: String, job_name: String) -> Plan {
+        Plan {
+            vm,
+            pool: pool.clone(),
+            labels: pool.labels.clone(),
+            runner_group_id: self.sync.runner_group_id.unwrap_or(1),
+            workflow,
+            job_name,
         }
     }
 

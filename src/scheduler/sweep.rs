@@ -187,20 +187,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let meta = info.metadata.as_ref();
         let warm = meta.is_some_and(|m| m.warm);
         self.book.insert_vm(VmRec {
-            name: info.name.clone(),
-            pool: meta.map(|m| m.pool.clone()).unwrap_or_default(),
             job_id: meta.map(|m| m.job_id).unwrap_or(0),
             run_id: meta.map(|m| m.run_id).unwrap_or(0),
             repository: meta.map(|m| m.repository.clone()).unwrap_or_default(),
             job_url: meta.map(|m| m.job_url.clone()).unwrap_or_default(),
-            runner_id: None,
             state: if warm { VmState::Warming } else { VmState::Booting },
             created_at: meta.map(|m| m.created).unwrap_or(now),
-            state_since: now,
-            took_job: None,
-            seed_removed: false,
-            reap: None,
-            warm,
+            ..VmRec::new(info.name.clone(), meta.map(|m| m.pool.as_str()).unwrap_or_default(), warm, now)
         });
         if adoptable {
             info!(vm = %info.name, "adopted a running vm found without a record");

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info, warn};
 
 use super::event::{Event, spawn_reporting};
-use super::provision::{self, BindError, BindTimes, Plan};
+use super::provision::{self, BindError, BindTimes};
 use super::vm::Input;
 use super::{Scheduler, Work};
 use crate::config::PoolConfig;
@@ -45,30 +45,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let millis = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
         self.warm.last_seq = millis.max(self.warm.last_seq + 1);
         let name = hypervisor::warm_vm_name(&pool.name, self.warm.last_seq);
-        let vm = VmRec {
-            name: name.clone(),
-            pool: pool.name.clone(),
-            job_id: 0,
-            run_id: 0,
-            repository: String::new(),
-            job_url: String::new(),
-            runner_id: None,
-            state: VmState::Provisioning,
-            created_at: now,
-            state_since: now,
-            took_job: None,
-            seed_removed: false,
-            reap: None,
-            warm: true,
-        };
-        let plan = Plan {
-            vm: vm.clone(),
-            pool: pool.clone(),
-            labels: pool.labels.clone(),
-            runner_group_id: self.sync.runner_group_id.unwrap_or(1),
-            workflow: String::new(),
-            job_name: String::new(),
-        };
+        let vm = VmRec::new(name.clone(), &pool.name, true, now);
+        let plan = self.plan(vm.clone(), pool, String::new(), String::new());
         info!(pool = %pool.name, vm = %name, "provisioning warm vm (no credential)");
         self.launch(vm, plan);
     }
@@ -100,13 +78,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.work.insert(name, Work::Binding(task));
                 continue;
             }
-            let pool = self.book.vms[&name].pool.clone();
-            let limit = self.config.pool(&pool).map(|p| p.registration_timeout).unwrap_or(Duration::from_secs(300));
             let (n, failed) = (name.clone(), name.clone());
             let task = spawn_reporting(
                 &self.ctx.events,
                 async move {
-                    let result = watch(hv, n.clone(), limit).await;
+                    let result = watch(hv, n.clone()).await;
                     Event::GuestWaiting { vm: n, result }
                 },
                 move |message| Event::GuestWaiting { vm: failed, result: Err(message) },
@@ -129,7 +105,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
             Err(e) => {
-                warn!(vm = %name, error = %e, "warm vm's guest never waited for a job");
+                // The watch itself failed (a panic): a VM nobody watches could never serve.
+                warn!(vm = %name, error = %e, "cannot watch the warm vm's guest: replacing the vm");
                 self.reap(&name, Reason::RegistrationTimeout);
             }
         }
@@ -157,14 +134,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %vm_name, "binding warm vm to job");
-        let plan = Plan {
-            vm,
-            pool: pool.clone(),
-            labels: pool.labels.clone(),
-            runner_group_id: self.sync.runner_group_id.unwrap_or(1),
-            workflow,
-            job_name,
-        };
+        let plan = self.plan(vm, pool, workflow, job_name);
         let ctx = self.ctx.clone();
         let (n, failed) = (vm_name.to_string(), vm_name.to_string());
         let task = spawn_reporting(
@@ -222,23 +192,17 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
-/// Polls libvirt until the warm VM's guest has its bind port open, for at most `limit`.
-async fn watch<H: Hypervisor>(hv: std::sync::Arc<H>, vm: String, limit: Duration) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut last_error = None;
+/// Polls libvirt until the warm VM's guest has its bind port open. No deadline of its
+/// own: the registration timeout (`vm::expired`) reaps a VM that never gets there, and
+/// its teardown aborts this watch.
+async fn watch<H: Hypervisor>(hv: std::sync::Arc<H>, vm: String) -> Result<(), String> {
     loop {
         let (h, n) = (hv.clone(), vm.clone());
         match tokio::task::spawn_blocking(move || h.guest_waiting(&n)).await {
             Ok(Ok(true)) => return Ok(()),
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => last_error = Some(e.to_string()),
+            // Not yet, or libvirt is away for a moment: look again.
+            Ok(Ok(false) | Err(_)) => {}
             Err(e) => return Err(format!("watch: {e}")),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(match last_error {
-                Some(e) => format!("not waiting after {limit:?} (registration_timeout); last error: {e}"),
-                None => format!("not waiting after {limit:?} (registration_timeout)"),
-            });
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
     }
