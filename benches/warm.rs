@@ -9,8 +9,10 @@
 //! wait until a warm VM waits again.
 //!
 //! `cargo bench -p runnervisor --bench warm` (needs what `./scripts/test` sets up;
-//! `RV_BENCH_RUNS` runs, default 6). The last line is
-//! `bench warm: cold_p50=S warm_p50=S warm_p90=S ratio=R runs=N`.
+//! `RV_BENCH_RUNS` runs, default 5). The last lines are
+//! `bench warm: cold_p50=S warm_p50=S warm_p90=S ratio=R runs=N` and
+//! `bench api: jobs=N calls_per_job=X background_per_hour=Y`: the GitHub API calls the
+//! agent's metrics count over the run, per job served (warm and cold alike).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -36,7 +38,7 @@ fn logged_ms(log: &str, key: &str) -> Vec<f64> {
 
 #[tokio::main]
 async fn main() {
-    let runs: usize = std::env::var("RV_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let runs: usize = std::env::var("RV_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let img = test_image();
     let mut spec = AgentSpec::new("bench-cold", &["self-hosted", "bench-cold"]);
     spec.max_vms = 1;
@@ -52,6 +54,7 @@ async fn main() {
     let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
     let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
     agent.start().await;
+    let agent_started = std::time::Instant::now();
     let (hv, _) = libvirt();
     let waiting = "runnervisor_vms{pool=\"bench-warm\",state=\"waiting\"} 1\n";
     let wait_warm = async |agent: &Agent| {
@@ -84,6 +87,8 @@ async fn main() {
     .await;
     let log = agent.log_text();
     let (credential, delivery) = (logged_ms(&log, "credential_ms"), logged_ms(&log, "delivery_ms"));
+    let api = api_calls(&agent.metrics().await);
+    let api_hours = agent_started.elapsed().as_secs_f64() / 3600.0;
     assert!(agent.terminate().success());
 
     let (cold_p50, warm_p50, warm_p90) = (percentile(&cold, 50), percentile(&warm, 50), percentile(&warm, 90));
@@ -103,8 +108,46 @@ async fn main() {
         percentile(&delivery, 50),
         warm_p50 - agent_ms / 1000.0
     );
+    // The API budget, from the agent's own metrics: the periodic sync's calls (runner list,
+    // the hook's delivery log, redeliveries, the runner group) are background; the rest is
+    // spent on jobs.
+    let jobs = 2 * runs;
+    println!("GitHub API calls by endpoint over the run ({jobs} jobs, {:.1} min):", api_hours * 60.0);
+    let (mut per_job, mut background) = (0u64, 0u64);
+    for (endpoint, n) in &api {
+        let periodic = is_background(endpoint);
+        println!("  {n:>5}  {endpoint}{}", if periodic { "  (background)" } else { "" });
+        if periodic { background += n } else { per_job += n }
+    }
+    println!(
+        "  background: {background} calls, {:.0} per hour at github_interval = 10 s (the tests' setting; 60 s by default: a sixth)",
+        background as f64 / api_hours
+    );
     println!(
         "bench warm: cold_p50={cold_p50:.1} warm_p50={warm_p50:.2} warm_p90={warm_p90:.2} ratio={:.1} runs={runs}",
         cold_p50 / warm_p50
     );
+    println!(
+        "bench api: jobs={jobs} calls_per_job={:.2} background_per_hour={:.0}",
+        per_job as f64 / jobs as f64,
+        background as f64 / api_hours
+    );
+}
+
+/// `runnervisor_github_api_calls_total` by endpoint (statuses summed).
+fn api_calls(metrics: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut calls = std::collections::BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with("runnervisor_github_api_calls_total{")) {
+        let endpoint = line.split("endpoint=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+        let n: u64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        *calls.entry(endpoint.to_string()).or_insert(0) += n;
+    }
+    calls
+}
+
+/// Endpoints the periodic sync calls whatever the number of jobs.
+fn is_background(endpoint: &str) -> bool {
+    endpoint == "GET /orgs/octo-org/actions/runners"
+        || endpoint.contains("/hooks/")
+        || endpoint.contains("/runner-groups")
 }

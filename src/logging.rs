@@ -119,7 +119,7 @@ impl<S: Subscriber> Layer<S> for JournaldLayer {
             }
         }
         let sent = match self.socket.send_to(&buf, &self.path) {
-            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => send_as_memfd(&self.socket, &self.path, &buf),
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => send_as_memfd(&self.socket, &self.path, &buf),
             other => other.map(drop),
         };
         if sent.is_err() {

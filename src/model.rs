@@ -214,6 +214,10 @@ pub struct VmRec {
     /// job's credential is delivered into it.
     #[serde(default)]
     pub warm: bool,
+    /// A webhook said the job its runner took completed: GitHub removes an ephemeral
+    /// runner itself then, so teardown does not ask it to (no `DELETE` answered 404).
+    #[serde(default)]
+    pub runner_done: bool,
 }
 
 impl VmRec {
@@ -234,6 +238,7 @@ impl VmRec {
             seed_removed: false,
             reap: None,
             warm,
+            runner_done: false,
         }
     }
 

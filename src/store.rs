@@ -64,6 +64,15 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Only applied inbox entries leave: nothing that a replay of them would not redo.
+    pub fn only_applies_inbox(&self) -> bool {
+        self.jobs.is_empty()
+            && self.remove_jobs.is_empty()
+            && self.vms.is_empty()
+            && self.remove_vms.is_empty()
+            && self.meta.is_empty()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
             && self.remove_jobs.is_empty()
@@ -86,8 +95,8 @@ pub struct Snapshot {
 pub trait SchedulerStore: Send + Sync + 'static {
     /// Jobs, VMs and settings, as last committed.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Accepted job events not yet applied, oldest first.
-    fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError>;
+    /// Accepted job events not yet applied, oldest first, at most `max` of them.
+    fn inbox(&self, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError>;
     /// One durable transaction: the scheduler's changes, and the inbox entries applied.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError>;
@@ -98,8 +107,8 @@ impl SchedulerStore for Store {
     fn load(&self) -> Result<Snapshot, StoreError> {
         Store::load(self)
     }
-    fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError> {
-        Store::inbox(self)
+    fn inbox(&self, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+        Store::inbox(self, max)
     }
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         Store::commit(self, batch)
@@ -111,6 +120,12 @@ impl SchedulerStore for Store {
         Store::prune_deliveries(self, age, now)
     }
 }
+
+/// The store's page cache. redb's default (1 GiB) would let the agent's memory grow with
+/// every delivery id it keeps for deduplication; the working set (the upper levels of the
+/// trees, the inbox, jobs and VMs) fits in a few MiB, and pages beyond it come from the
+/// kernel's page cache.
+const CACHE_BYTES: usize = 8 << 20;
 
 /// Most deliveries written in one commit.
 const MAX_GROUP: usize = 512;
@@ -193,7 +208,10 @@ impl Store {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o750));
         let path = state_dir.join("state.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Open { path: path.clone(), source: e.into() })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| StoreError::Open { path: path.clone(), source: e.into() })?;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         let txn = db.begin_write().map_err(dberr)?;
         {
@@ -244,11 +262,11 @@ impl Store {
     }
 
     /// Accepted events not yet applied, oldest first.
-    pub fn inbox(&self) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+    pub fn inbox(&self, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let inbox = txn.open_table(INBOX).map_err(dberr)?;
         let mut out = Vec::new();
-        for row in inbox.iter().map_err(dberr)? {
+        for row in inbox.iter().map_err(dberr)?.take(max) {
             let (k, v) = row.map_err(dberr)?;
             out.push((k.value(), serde_json::from_slice(v.value())?));
         }
@@ -259,7 +277,13 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(dberr)?;
+        let mut txn = self.db.begin_write().map_err(dberr)?;
+        if batch.only_applies_inbox() {
+            // Nothing but applied inbox entries leaving: if a crash undoes it, they are
+            // applied again and change nothing (job states only move forward). Durable with
+            // the next durable commit (every intake commit is one), one fsync saved.
+            txn.set_durability(redb::Durability::None).map_err(dberr)?;
+        }
         {
             let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
             for j in &batch.jobs {
@@ -390,7 +414,21 @@ mod tests {
         let commits = accepter.commits();
         assert!((1..=50).contains(&commits), "500 deliveries in {commits} commits");
         // Answered only once committed: every accepted delivery is in the inbox.
-        assert_eq!(store.inbox().unwrap().len(), 450);
+        assert_eq!(store.inbox(usize::MAX).unwrap().len(), 450);
+    }
+
+    #[test]
+    fn only_a_batch_that_merely_applies_inbox_entries_skips_the_fsync() {
+        let only_inbox = Batch { inbox_done: vec![1, 2], ..Default::default() };
+        assert!(only_inbox.only_applies_inbox());
+        let mut with_job = Batch { inbox_done: vec![1], ..Default::default() };
+        with_job.jobs.push(crate::scheduler::fixtures::job(7, "p", "o/r", JobState::Queued, 0));
+        assert!(!with_job.only_applies_inbox());
+        let with_meta =
+            Batch { inbox_done: vec![1], meta: vec![("draining".into(), b"1".to_vec())], ..Default::default() };
+        assert!(!with_meta.only_applies_inbox());
+        let removing = Batch { remove_vms: vec!["rv-p-1".into()], ..Default::default() };
+        assert!(!removing.only_applies_inbox());
     }
 
     #[test]
@@ -401,15 +439,16 @@ mod tests {
             assert!(s.accept(&event("g1", 1, JobAction::Queued)).unwrap());
             assert!(!s.accept(&event("g1", 1, JobAction::Queued)).unwrap());
             assert!(s.accept(&event("g2", 1, JobAction::Completed)).unwrap());
-            let inbox = s.inbox().unwrap();
+            let inbox = s.inbox(usize::MAX).unwrap();
             assert_eq!(inbox.len(), 2);
+            assert_eq!(s.inbox(1).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [inbox[0].0]);
             assert!(inbox[0].0 < inbox[1].0);
             let mut b = Batch::default();
             b.inbox_done.push(inbox[0].0);
             s.commit(&b).unwrap();
         }
         let s = Store::open(&dir).unwrap();
-        let inbox = s.inbox().unwrap();
+        let inbox = s.inbox(usize::MAX).unwrap();
         assert_eq!(inbox.len(), 1);
         assert_eq!(inbox[0].1.delivery, "g2");
         assert!(s.delivery_seen("g1").unwrap());
@@ -457,6 +496,7 @@ mod tests {
             seed_removed: false,
             reap: None,
             warm: false,
+            runner_done: false,
         };
         s.commit(&Batch {
             jobs: vec![job.clone()],

@@ -305,7 +305,9 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
     match intake.accepter.accept(job_event.clone()).await {
         Ok(true) => {
             intake.metrics.webhooks.get_or_create(&job_outcome("accepted")).inc();
-            tracing::info!(
+            // Per delivery, so debug: at thousands a second the journal would take more than
+            // the intake. The scheduler logs each job of ours once ("job queued").
+            tracing::debug!(
                 delivery,
                 job_id = job_event.job.id,
                 run_id = job_event.job.run_id,
@@ -318,7 +320,7 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         }
         Ok(false) => {
             intake.metrics.webhooks.get_or_create(&job_outcome("duplicate")).inc();
-            tracing::info!(delivery, job_id = job_event.job.id, "duplicate delivery ignored");
+            tracing::debug!(delivery, job_id = job_event.job.id, "duplicate delivery ignored");
             reply(StatusCode::OK, "duplicate delivery")
         }
         Err(e) => {

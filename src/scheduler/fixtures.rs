@@ -52,6 +52,7 @@ pub fn vm(name: &str, pool: &str, job_id: u64, state: VmState, at: SystemTime) -
         seed_removed: false,
         reap: None,
         warm: false,
+        runner_done: false,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Intake: job events from the inbox (webhooks) and from GitHub polling, applied to the
 //! book through [`super::job::next`].
 
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use tracing::{debug, error, info};
@@ -13,38 +14,61 @@ use crate::hypervisor::Hypervisor;
 use crate::metrics::{self, ConclusionLabels};
 use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState};
 
+/// Inbox entries applied per commit.
+const INBOX_CHUNK: usize = 1024;
+
+/// Label sets of unmatched jobs remembered as already logged; beyond it, the set restarts.
+const UNMATCHED_LOGGED_MAX: usize = 256;
+
+#[derive(Default)]
+pub struct State {
+    /// Label sets of jobs no pool serves, already logged at info: each set is logged once
+    /// (then at debug), so that an organization's GitHub-hosted jobs do not fill the journal.
+    unmatched_logged: HashSet<Vec<String>>,
+    /// When a webhook last brought a job event (the scheduler's clock).
+    pub last_webhook: Option<SystemTime>,
+}
+
+/// Labels as pools are matched: lowercase, sorted, without duplicates.
+fn label_set(labels: &[String]) -> Vec<String> {
+    let mut set: Vec<String> = labels.iter().map(|l| l.to_lowercase()).collect();
+    set.sort();
+    set.dedup();
+    set
+}
+
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    /// Applies the inbox, [`INBOX_CHUNK`] entries to a commit, so that a backlog (a burst
+    /// of deliveries the scheduler has not kept up with) never sits in memory at once.
     pub(super) fn drain_inbox(&mut self) {
-        let inbox = match self.store.inbox() {
-            Ok(i) => i,
-            Err(e) => {
-                error!(error = %e, "cannot read the inbox");
+        loop {
+            let inbox = match self.store.inbox(INBOX_CHUNK) {
+                Ok(i) => i,
+                Err(e) => {
+                    error!(error = %e, "cannot read the inbox");
+                    return;
+                }
+            };
+            let full = inbox.len() == INBOX_CHUNK;
+            for (seq, ev) in inbox {
+                if self.book.is_applied(seq) {
+                    continue;
+                }
+                self.intake.last_webhook = Some(self.now());
+                self.apply(ev);
+                self.book.applied(seq);
+            }
+            // A failed commit keeps the entries in the inbox (and marked applied): they
+            // leave with the next commit that succeeds.
+            if self.flush().is_err() || !full {
                 return;
             }
-        };
-        for (seq, ev) in inbox {
-            if self.book.is_applied(seq) {
-                continue;
-            }
-            self.apply(ev);
-            self.book.applied(seq);
         }
-        let _ = self.flush();
     }
 
     pub(super) fn match_pool(&self, labels: &[String]) -> Option<String> {
-        let mut want: Vec<String> = labels.iter().map(|l| l.to_lowercase()).collect();
-        want.sort();
-        want.dedup();
-        self.config
-            .pools
-            .iter()
-            .find(|p| {
-                let mut have: Vec<String> = p.labels.iter().map(|l| l.to_lowercase()).collect();
-                have.sort();
-                have == want
-            })
-            .map(|p| p.name.clone())
+        let want = label_set(labels);
+        self.config.pools.iter().find(|p| label_set(&p.labels) == want).map(|p| p.name.clone())
     }
 
     pub(super) fn new_job(&self, info: &JobInfo, received_at: SystemTime) -> JobRec {
@@ -71,7 +95,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if !names_ours {
                 if ev.action == JobAction::Queued {
                     self.metrics.jobs_unmatched.inc();
-                    info!(job_id = id, repository = %ev.job.repository, labels = ?ev.job.labels, "no pool has exactly these labels; job ignored");
+                    let set = label_set(&ev.job.labels);
+                    if self.intake.unmatched_logged.contains(&set) {
+                        debug!(job_id = id, repository = %ev.job.repository, labels = ?ev.job.labels, "no pool has exactly these labels; job ignored");
+                    } else {
+                        info!(job_id = id, repository = %ev.job.repository, labels = ?ev.job.labels, "no pool has exactly these labels; job ignored (further jobs with these labels are only counted: runnervisor_jobs_unmatched_total)");
+                        if self.intake.unmatched_logged.len() >= UNMATCHED_LOGGED_MAX {
+                            self.intake.unmatched_logged.clear();
+                        }
+                        self.intake.unmatched_logged.insert(set);
+                    }
                 }
                 return;
             }
@@ -134,6 +167,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                                 .inc();
                             info!(job_id = id, repository = %ev.job.repository, pool = %vm_pool, vm = %vm, runner_name = %vm, conclusion = %conclusion, "job completed on our runner");
                         }
+                        // The runner ran its one job (it is ephemeral): GitHub removes it.
+                        if let Some(v) = self.book.vms.get_mut(vm) {
+                            v.runner_done = true;
+                        }
+                        self.book.touch_vm(vm);
                         self.transition(vm, Input::JobCompleted);
                     }
                     None if changed && ev.job.runner_name.is_none() => {

@@ -380,7 +380,8 @@ pub struct TeardownOutcome {
     pub duration: Duration,
 }
 
-/// Removes the domain, its volumes, and the runner registration. With `runner_first`
+/// Removes the domain, its volumes, and the runner registration (unless GitHub removed it
+/// already: `runner_done`). With `runner_first`
 /// (reaping a runner believed idle) the registration goes first, and a runner that turns
 /// out to be busy keeps its VM.
 pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runner_first: bool) -> TeardownOutcome {
@@ -402,7 +403,8 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     for e in blocking(move || hv.teardown(&name)).await {
         out.errors.push(e.to_string());
     }
-    if !runner_first {
+    // A runner whose job completed is gone already (ephemeral): no call for it.
+    if !runner_first && !vm.runner_done {
         match delete_runner(&ctx, &vm).await {
             Ok(Deleted::Busy) => out.errors.push(format!("runner {} is still busy at GitHub; will retry", vm.name)),
             Ok(_) => {}

@@ -20,6 +20,28 @@ use crate::store::SchedulerStore;
 /// The conclusion recorded for a job GitHub answers 404 for.
 const NOT_FOUND: &str = "not_found";
 
+/// Without a hook's delivery log, jobs are still checked one by one while webhooks flow,
+/// but only those without news for this long (one missed webhook among many is invisible).
+const UNHOOKED_RECHECK: Duration = Duration::from_secs(15 * 60);
+
+/// How long a queued or running job goes without news before the sync asks GitHub about it
+/// (`GET job`, one call per job); `None`: never. Missed webhooks are what this catches, so
+/// it happens only when they could go unnoticed:
+/// - with a hook configured, the sync reads its delivery log and redelivers what failed:
+///   no job is checked once a webhook has arrived since the start (before that, jobs a
+///   restart may have missed news of are);
+/// - without one, jobs without news for two sync intervals are checked while webhooks are
+///   quiet, and only those without news for 15 minutes while they flow.
+pub fn refresh_after(interval: Duration, webhook_age: Option<Duration>, hooked: bool) -> Option<Duration> {
+    let stale = interval * 2;
+    match webhook_age {
+        None => Some(stale),
+        Some(_) if hooked => None,
+        Some(age) if age < stale => Some(UNHOOKED_RECHECK.max(stale)),
+        Some(_) => Some(stale),
+    }
+}
+
 #[derive(Default)]
 pub struct State {
     /// A sync's result is awaited.
@@ -36,13 +58,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.sync.running = true;
         let ctx = self.ctx.clone();
         let now = self.now();
-        let stale_after = self.config.reconcile.github_interval * 2;
+        let webhook_age = self.intake.last_webhook.map(|t| now.duration_since(t).unwrap_or_default());
+        let redeliver = self.config.github.hook.is_some();
+        let stale_after = refresh_after(self.config.reconcile.github_interval, webhook_age, redeliver);
         let stale: Vec<(String, u64)> = self
             .book
             .jobs
             .values()
             .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
-            .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
+            .filter(|j| stale_after.is_some_and(|s| now.duration_since(j.updated_at).unwrap_or_default() >= s))
             .take(20)
             .map(|j| (j.info.repository.clone(), j.info.id))
             .collect();
@@ -50,7 +74,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             crate::config::Scope::Repository { owner, name } => Some(format!("{owner}/{name}")),
             _ => None,
         };
-        let redeliver = self.config.github.hook.is_some();
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let clock = self.clock.clone();
@@ -277,5 +300,35 @@ async fn redeliver_failed<G: GitHub, H: Hypervisor>(
             }
             Err(e) => warn!(delivery = %d.guid, error = %e, "redelivery request failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_are_checked_one_by_one_only_when_missed_webhooks_could_go_unnoticed() {
+        let m = |n: u64| Duration::from_secs(60 * n);
+        // (webhook age, hook configured, refresh after)
+        let table: &[(Option<Duration>, bool, Option<Duration>)] = &[
+            // None since the start: whatever happened while the agent was down is checked.
+            (None, true, Some(m(2))),
+            (None, false, Some(m(2))),
+            // A hook's delivery log shows what failed (and it is redelivered): no calls,
+            // even while webhooks are quiet.
+            (Some(m(0)), true, None),
+            (Some(m(30)), true, None),
+            // No hook, webhooks flowing: only jobs without news for 15 minutes.
+            (Some(m(1)), false, Some(m(15))),
+            // No hook, webhooks quiet for two intervals: every stale job is checked.
+            (Some(m(2)), false, Some(m(2))),
+            (Some(m(30)), false, Some(m(2))),
+        ];
+        for (age, hooked, want) in table {
+            assert_eq!(refresh_after(m(1), *age, *hooked), *want, "age {age:?} hooked {hooked}");
+        }
+        // A long interval is never undercut by the unhooked recheck.
+        assert_eq!(refresh_after(m(10), Some(m(1)), false), Some(m(20)));
     }
 }

@@ -78,6 +78,8 @@ pub struct AgentSpec {
     pub hook: Option<String>,
     /// Bind the webhook and metrics listeners to 0.0.0.0 (as in production), not loopback.
     pub listen_all: bool,
+    /// `log_level` (default: the agent's debug lines too).
+    pub log_level: String,
 }
 
 impl AgentSpec {
@@ -94,6 +96,7 @@ impl AgentSpec {
             scope: "organization = \"octo-org\"".into(),
             hook: Some("hook = { type = \"organization\", id = 1 }".into()),
             listen_all: false,
+            log_level: "runnervisor=debug,info".into(),
         }
     }
 }
@@ -124,7 +127,7 @@ impl Agent {
         let text = format!(
             r#"
 state_dir = "{dir}/state"
-log_level = "runnervisor=debug,info"
+log_level = "{log_level}"
 
 [server]
 listen = "{listen}:{webhook_port}"
@@ -170,6 +173,7 @@ registration = "{registration}"
 "#,
             dir = dir.display(),
             gateway = lab_gateway(),
+            log_level = spec.log_level,
             listen = if spec.listen_all { "0.0.0.0" } else { "127.0.0.1" },
             network = NETWORK,
             filter = filter_name(&spec.pool),

@@ -278,6 +278,8 @@ impl H {
         let mut done = info(id, LABELS, Some(vm));
         done.conclusion = Some("success".into());
         self.deliver(JobAction::Completed, done);
+        // GitHub removes an ephemeral runner once its job is done.
+        self.gh.lock().runners.retain(|_, r| r.name != vm);
         self.hv.stop(vm);
     }
     async fn shutdown(self) -> (Arc<FakeGitHub>, Arc<FakeHypervisor>, Arc<Store>) {

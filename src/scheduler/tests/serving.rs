@@ -42,6 +42,11 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
     assert_eq!(st.peak_running, 2);
     assert_eq!(st.started_total, 3);
     assert!(gh.runner_names().is_empty(), "runner registrations deleted: {:?}", gh.runner_names());
+    // The API budget: per job its credential, nothing else. GitHub removed each ephemeral
+    // runner when its job completed (no DELETE); webhooks flowed (no status polling).
+    let calls = &gh.lock().calls;
+    assert_eq!(calls.iter().filter(|c| *c == "jit").count(), 3, "{calls:?}");
+    assert!(!calls.iter().any(|c| ["delete", "find", "job"].contains(&c.as_str())), "{calls:?}");
 }
 
 #[tokio::test(start_paused = true)]
