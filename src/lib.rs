@@ -24,6 +24,7 @@ pub mod check;
 pub mod clock;
 pub mod cloudinit;
 pub mod config;
+pub mod docs;
 pub mod fence;
 pub mod github;
 pub mod hypervisor;
@@ -31,6 +32,7 @@ pub mod images;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod reload;
 pub mod scheduler;
 pub mod secret;
 pub mod server;
@@ -62,6 +64,8 @@ pub struct Deps<G, H> {
     /// Pre-bound listeners (tests bind port 0); `None`: bind what the config says.
     pub webhook_listener: Option<std::net::TcpListener>,
     pub metrics_listener: Option<std::net::TcpListener>,
+    /// Validated configurations to apply while running (SIGHUP: [`reload::on_sighup`]).
+    pub reloads: Option<mpsc::UnboundedReceiver<reload::Request>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +138,17 @@ pub async fn run<G: GitHub, H: Hypervisor>(
             }
         }
     });
+
+    if let Some(mut reloads) = deps.reloads {
+        let forward = tx.clone();
+        tokio::spawn(async move {
+            while let Some((config, reply)) = reloads.recv().await {
+                if forward.send(Event::Reload(config, reply)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
     let inbox_ready = Arc::new(Notify::new());
     let scheduler = Scheduler::new(

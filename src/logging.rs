@@ -166,29 +166,52 @@ pub fn detect() -> Target {
     Target::Stderr
 }
 
+/// The running agent's log filter, which a reload may change.
+pub struct LogLevel {
+    handle: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+}
+
+impl LogLevel {
+    /// Sets the filter to `level` (a reload's `log_level`), unless `RUST_LOG` overrides
+    /// the configuration: then it stays, and the error says so.
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return Err("RUST_LOG is set and overrides log_level".into());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("log_level = {level:?}: {e}"))?;
+        self.handle.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides `level`.
-pub fn init(level: &str, target: Target) {
+pub fn init(level: &str, target: Target) -> LogLevel {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    match target {
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let journald = match target {
         Target::Journald(path) => match JournaldLayer::new(&path) {
-            Ok(layer) => {
-                tracing_subscriber::registry().with(filter).with(layer).init();
-                return;
-            }
+            Ok(layer) => Some(layer),
             Err(e) => {
-                eprintln!("runnervisor: journald logging unavailable ({e}); logging to stderr")
+                eprintln!("runnervisor: journald logging unavailable ({e}); logging to stderr");
+                None
             }
         },
-        Target::Stderr => {}
+        Target::Stderr => None,
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(layer) => registry.with(layer).init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_target(false),
+            )
+            .init(),
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    LogLevel { handle }
 }
 
 /// Parses datagrams in journald's native format (for tests and tools).

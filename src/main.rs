@@ -83,6 +83,23 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Write the manual pages or a shell completion script (the package is built with it).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// runnervisor.8 and runnervisor.toml.5 into a directory.
+    ManPages {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The completion script for a shell, on stdout.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -135,6 +152,40 @@ fn main() -> ExitCode {
         Command::Vm { command: VmCommand::Destroy { name, socket } } => {
             rt.block_on(admin_cmd(&socket, Request::Destroy { vm: name }, false))
         }
+        Command::Generate { what } => generate(what),
+    }
+}
+
+fn generate(what: Generate) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    match what {
+        Generate::Completions { shell } => {
+            clap_complete::generate(shell, &mut cmd, "runnervisor", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Generate::ManPages { out } => {
+            let version = env!("CARGO_PKG_VERSION");
+            let mut agent = Vec::new();
+            let man = clap_mangen::Man::new(cmd).section("8").manual("System Administration");
+            let rendered = man.render(&mut agent).map(|()| {
+                agent.extend_from_slice(runnervisor::docs::AGENT_MANUAL_EXTRA.as_bytes());
+                agent
+            });
+            let written = rendered.and_then(|agent| {
+                std::fs::create_dir_all(&out)?;
+                std::fs::write(out.join("runnervisor.8"), agent)?;
+                let config = runnervisor::docs::config_manual(runnervisor::docs::EXAMPLE, version);
+                std::fs::write(out.join("runnervisor.toml.5"), config)
+            });
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("runnervisor: manual pages into {}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -158,7 +209,7 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    runnervisor::logging::init(&config.log_level, runnervisor::logging::detect());
+    let log_level = runnervisor::logging::init(&config.log_level, runnervisor::logging::detect());
     let creds = credentials_dir();
     let secrets = (|| -> Result<_, String> {
         let webhook_secret =
@@ -216,6 +267,10 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
         s.cancel();
     });
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(runnervisor::reload::on_sighup(path.clone(), reload_tx, metrics.clone(), move |level| {
+        log_level.set(level)
+    }));
     tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), pools = config.pools.len(), "runnervisor starting");
     let deps = runnervisor::Deps {
         github,
@@ -225,6 +280,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         metrics,
         webhook_listener: None,
         metrics_listener: None,
+        reloads: Some(reload_rx),
     };
     match runnervisor::run(config, deps, shutdown).await {
         Ok(()) => {

@@ -119,6 +119,18 @@ impl PathLabels {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `applied` or `rejected`.
+    result: String,
+}
+
+impl ResultLabels {
+    pub fn new(result: &str) -> Self {
+        ResultLabels { result: value(result) }
+    }
+}
+
 type Seconds<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_buckets() -> Histogram {
@@ -159,6 +171,7 @@ pub struct Metrics {
     pub job_runners: Family<PathLabels, Counter>,
     pub bind_seconds: Seconds<PoolLabels>,
     pub bind_failures: Family<StepLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -190,6 +203,7 @@ impl Default for Metrics {
             job_runners: Family::default(),
             bind_seconds: Family::new_with_constructor(short_seconds_buckets),
             bind_failures: Family::default(),
+            config_reloads: Family::default(),
         };
         // Families are cheap handles onto shared series: the registry holds clones.
         let r = &mut m.registry;
@@ -282,6 +296,11 @@ impl Default for Metrics {
             m.bind_seconds.clone(),
         );
         r.register(
+            "runnervisor_config_reloads",
+            "Configuration reloads (SIGHUP): applied, or rejected as a whole (the running one stays)",
+            m.config_reloads.clone(),
+        );
+        r.register(
             "runnervisor_bind_failures",
             "Warm VMs that failed to take a job (step: credential, delivery, task, timeout); the job went cold",
             m.bind_failures.clone(),
@@ -330,5 +349,102 @@ mod tests {
         // An odd value cannot break the exposition's line or quoting.
         assert!(text.contains("runnervisor_webhooks_total{event=\"we_ird_value\",outcome=\"x\"} 1\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Every string field of the dashboard that holds a query (`expr`, `definition`).
+    fn queries(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v) {
+                        ("expr" | "definition", serde_json::Value::String(q)) => out.push(q.clone()),
+                        _ => queries(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| queries(v, out)),
+            _ => {}
+        }
+    }
+
+    /// The Grafana dashboard shipped in the package asks only for series the agent exports,
+    /// by labels they have (besides those Prometheus adds when it scrapes).
+    #[test]
+    fn the_grafana_dashboard_queries_only_what_the_agent_exports() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let m = Metrics::default();
+        // One series in every family, so that the exposition shows each name and its labels.
+        m.webhooks.get_or_create(&WebhookLabels::new("workflow_job", "accepted")).inc();
+        m.webhook_signature_failures.inc();
+        for f in [&m.jobs_received, &m.jobs_started, &m.jobs_failed, &m.vms_started] {
+            f.get_or_create(&pool("p")).inc();
+        }
+        m.jobs_unmatched.inc();
+        m.jobs_completed.get_or_create(&ConclusionLabels::new("p", "success")).inc();
+        m.queue_depth.get_or_create(&pool("p")).set(1);
+        m.image_runner_outdated.get_or_create(&pool("p")).set(0);
+        m.vms.get_or_create(&VmStateLabels::new("p", "busy")).set(1);
+        m.provision_failures.get_or_create(&StepLabels::new("p", "define")).inc();
+        m.bind_failures.get_or_create(&StepLabels::new("p", "timeout")).inc();
+        m.teardowns.get_or_create(&ReasonLabels::new("stopped")).inc();
+        m.teardown_failures.inc();
+        for h in [&m.provision_seconds, &m.queued_to_runner_online_seconds, &m.bind_seconds] {
+            h.get_or_create(&pool("p")).observe(1.0);
+        }
+        m.teardown_seconds.observe(1.0);
+        m.github_api_calls.get_or_create(&ApiCallLabels::new("GET /x", 200)).inc();
+        m.github_rate_limit_remaining.set(1);
+        m.libvirt_reconnects.inc();
+        m.deliveries_redelivered.inc();
+        m.draining.set(0);
+        m.job_runners.get_or_create(&PathLabels::new("p", "warm")).inc();
+        m.config_reloads.get_or_create(&ResultLabels::new("applied")).inc();
+        // Series name -> its labels.
+        let mut exported: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for line in m.render().lines().filter(|l| !l.starts_with('#')) {
+            let end = line.find(['{', ' ']).unwrap();
+            let labels = line[end..].strip_prefix('{').and_then(|r| r.split_once('}')).map_or("", |(l, _)| l);
+            let set = exported.entry(line[..end].to_string()).or_default();
+            set.extend(labels.split(',').filter(|p| !p.is_empty()).map(|p| p.split('=').next().unwrap().to_string()));
+        }
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../grafana/runnervisor.json")).expect("the dashboard is JSON");
+        let mut all = Vec::new();
+        queries(&dashboard, &mut all);
+        assert!(all.len() >= 20, "{} queries", all.len());
+        let scrape = ["instance", "job", "le"];
+        for q in &all {
+            let mut names = Vec::new();
+            let mut rest = q.as_str();
+            while let Some(i) = rest.find("runnervisor_") {
+                let at = &rest[i..];
+                let end = at.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(at.len());
+                let name = &at[..end];
+                let labels = exported
+                    .get(name)
+                    .unwrap_or_else(|| panic!("the dashboard asks for {name}, which the agent does not export: {q}"));
+                if let Some(selector) = at[end..].strip_prefix('{') {
+                    for matcher in selector.split('}').next().unwrap().split(',') {
+                        let label = matcher.split(['=', '!', '~']).next().unwrap().trim();
+                        assert!(scrape.contains(&label) || labels.contains(label), "{name} has no label {label}: {q}");
+                    }
+                }
+                names.push(name);
+                rest = &at[end..];
+            }
+            assert!(!names.is_empty(), "a query without a runnervisor metric: {q}");
+            let mut rest = q.as_str();
+            while let Some(i) = rest.find("by (") {
+                let inner = &rest[i + 4..];
+                let close = inner.find(')').unwrap();
+                for label in inner[..close].split(',').map(str::trim) {
+                    assert!(
+                        scrape.contains(&label) || names.iter().any(|n| exported[*n].contains(label)),
+                        "no metric of this query has the label {label}: {q}"
+                    );
+                }
+                rest = &inner[close..];
+            }
+        }
     }
 }

@@ -32,6 +32,14 @@ pub fn ready() {
     notify("READY=1\nSTATUS=taking jobs");
 }
 
+/// A reload (SIGHUP) begins; `ready` ends it.
+pub fn reloading() {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0);
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={now}\nSTATUS=reloading the configuration"));
+}
+
 pub fn stopping() {
     notify("STOPPING=1\nSTATUS=stopping: finishing in-flight provisioning");
 }

@@ -95,6 +95,7 @@ async fn start() -> Agent {
         metrics: Arc::new(Metrics::default()),
         webhook_listener: Some(webhook_listener),
         metrics_listener: Some(metrics_listener),
+        reloads: None,
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(runnervisor::run(config, deps, stop.clone()));

@@ -32,6 +32,11 @@ fn the_deb_installs_binary_unit_sysusers_tmpfiles_config_and_docs() {
         "./usr/lib/runnervisor/runnervisor-network",
         "./usr/share/doc/runnervisor/README.md",
         "./usr/share/doc/runnervisor/images.md",
+        "./usr/share/runnervisor/grafana/runnervisor.json",
+        "./usr/share/man/man8/runnervisor.8.gz",
+        "./usr/share/man/man5/runnervisor.toml.5.gz",
+        "./usr/share/bash-completion/completions/runnervisor",
+        "./usr/share/zsh/vendor-completions/_runnervisor",
     ] {
         assert!(contents.lines().any(|l| l.ends_with(path)), "{path} missing:\n{contents}");
     }
@@ -44,6 +49,30 @@ fn the_deb_installs_binary_unit_sysusers_tmpfiles_config_and_docs() {
         !binary.windows(b"RUNNERVISOR_FAULT".len()).any(|w| w == b"RUNNERVISOR_FAULT"),
         "fault-injection hooks in the packaged binary"
     );
+    // Debian's own checker: no error, no warning (and no override hiding one).
+    let lintian = Command::new("lintian").arg(deb).output().expect("lintian (scripts/setup-host installs it)");
+    let said = String::from_utf8_lossy(&lintian.stdout);
+    let complaints: Vec<&str> = said.lines().filter(|l| l.starts_with("E:") || l.starts_with("W:")).collect();
+    assert!(
+        lintian.status.success() && complaints.is_empty(),
+        "lintian:\n{said}{}",
+        String::from_utf8_lossy(&lintian.stderr)
+    );
+    // Manual pages render without a warning; the bash completion parses.
+    for page in ["usr/share/man/man8/runnervisor.8.gz", "usr/share/man/man5/runnervisor.toml.5.gz"] {
+        let script = format!("zcat '{}' | groff -K utf8 -man -ww -z -Tutf8 2>&1", unpacked.join(page).display());
+        let warnings = run(Command::new("sh").args(["-c", &script]));
+        assert!(warnings.trim().is_empty(), "{page}: {warnings}");
+    }
+    let page = run(Command::new("sh").args([
+        "-c",
+        &format!(
+            "zcat '{}' | groff -man -Tutf8 -P-cbou",
+            unpacked.join("usr/share/man/man5/runnervisor.toml.5.gz").display()
+        ),
+    ]));
+    assert!(page.contains("bind_timeout") && page.contains("[server]"), "{page}");
+    run(Command::new("bash").arg("-n").arg(unpacked.join("usr/share/bash-completion/completions/runnervisor")));
     let info = run(Command::new("dpkg-deb").args(["--info", deb]));
     for field in ["Package: runnervisor", "Depends:", "libvirt-daemon-system", "Architecture:"] {
         assert!(info.contains(field), "{field}:\n{info}");
@@ -59,6 +88,7 @@ fn the_deb_installs_binary_unit_sysusers_tmpfiles_config_and_docs() {
     assert!(verify.status.success() && relevant.is_empty(), "systemd-analyze verify: {stderr}");
     for key in [
         "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "WatchdogSec=",
         "Restart=on-failure",
         "SupplementaryGroups=libvirt",
@@ -264,4 +294,126 @@ async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
     let all: String = entries.iter().flatten().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join("\n");
     assert!(!all.contains(PAT) && !all.contains(SECRET), "a secret reached the journal");
     assert!(agent.log_text().trim().is_empty(), "with journald, nothing goes to stderr: {}", agent.log_tail());
+}
+
+/// SIGHUP (`systemctl reload`): a bigger `max_vms`, a new pool, another log level and sync
+/// interval apply at once, seen through `status` and the metrics; a moved webhook listener
+/// waits for a restart; a config that fails validation is rejected whole (the running one
+/// stays); a removed pool goes. systemd hears RELOADING=1 then READY=1 each time.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_what_can_change_live_and_rejects_a_bad_config_whole() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let spec = AgentSpec::new("op-reload", &["self-hosted", "op-reload"]);
+    let webhook_port = free_port();
+    let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
+    let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
+    let notify_path = agent.dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    agent.start_with_env(&[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]).await;
+    let notified = |want: &str| {
+        let mut buf = [0u8; 512];
+        loop {
+            let n = notify.recv(&mut buf).unwrap_or_else(|e| panic!("no {want} from the agent: {e}"));
+            if String::from_utf8_lossy(&buf[..n]).contains(want) {
+                return;
+            }
+        }
+    };
+    notified("READY=1");
+    let hup = |agent: &Agent| {
+        kill(Pid::from_raw(agent.child.as_ref().unwrap().id() as i32), Signal::SIGHUP).unwrap();
+    };
+    assert_eq!(pools(&agent), [("op-reload".to_string(), 2, false)]);
+
+    // A bigger pool, a new one, a quieter log, another sync interval, a moved listener.
+    let original = std::fs::read_to_string(&agent.config).unwrap();
+    let img = test_image();
+    let changed = original
+        .replace("max_vms = 2", "max_vms = 3")
+        .replace("log_level = \"runnervisor=debug,info\"", "log_level = \"info\"")
+        .replace("github_interval = \"10s\"", "github_interval = \"20s\"")
+        .replace(&format!("127.0.0.1:{webhook_port}"), &format!("127.0.0.1:{}", free_port()))
+        + &format!(
+            "\n[[pool]]\nname = \"op-reload-big\"\nlabels = [\"self-hosted\", \"op-reload-big\"]\nimage = \"{}\"\n\
+             kernel = \"{}\"\ninitrd = \"{}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 1\n",
+            img.golden.display(),
+            img.kernel.display(),
+            img.initrd.display()
+        );
+    std::fs::write(&agent.config, &changed).unwrap();
+    hup(&agent);
+    notified("RELOADING=1");
+    notified("READY=1");
+    wait_for("the reload applied", Duration::from_secs(10), async || {
+        (pools(&agent) == [("op-reload".to_string(), 3, false), ("op-reload-big".to_string(), 1, false)]).then_some(())
+    })
+    .await;
+    assert_eq!(reload_count(&agent, "applied").await, 1);
+    let log = agent.log_text();
+    let line = log.lines().find(|l| l.contains("configuration reloaded")).unwrap_or_else(|| panic!("{log}"));
+    for what in ["log_level", "reconcile", "pool op-reload", "pool op-reload-big (added)", "server"] {
+        assert!(line.contains(what), "{what}: {line}");
+    }
+    // The listener stays where it was until a restart.
+    assert!(reqwest::get(format!("http://127.0.0.1:{webhook_port}/healthz")).await.unwrap().status().is_success());
+    // The new pool serves: its gauges are there.
+    assert!(agent.metrics().await.contains("runnervisor_queue_depth{pool=\"op-reload-big\"} 0"));
+
+    // Invalid: rejected as a whole, the error names the key and the value; nothing changes.
+    std::fs::write(
+        &agent.config,
+        changed.replace("max_vms = 3", "max_vms = 0").replace("max_vms = 1\n", "max_vms = 5\n"),
+    )
+    .unwrap();
+    hup(&agent);
+    notified("RELOADING=1");
+    notified("READY=1");
+    wait_for("the rejection counted", Duration::from_secs(10), async || {
+        (reload_count(&agent, "rejected").await == 1).then_some(())
+    })
+    .await;
+    let log = agent.log_text();
+    let line = log.lines().find(|l| l.contains("configuration NOT reloaded")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("max_vms") && line.contains('0'), "{line}");
+    assert_eq!(pools(&agent), [("op-reload".to_string(), 3, false), ("op-reload-big".to_string(), 1, false)]);
+    assert_eq!(reload_count(&agent, "applied").await, 1);
+
+    // The original again: the added pool (no VM) goes at once.
+    std::fs::write(&agent.config, &original).unwrap();
+    hup(&agent);
+    wait_for("the pool removed", Duration::from_secs(10), async || {
+        (pools(&agent) == [("op-reload".to_string(), 2, false)]).then_some(())
+    })
+    .await;
+    assert_eq!(reload_count(&agent, "applied").await, 2);
+    assert!(agent.log_text().contains("pool removed: its last VM is gone"));
+    assert!(!agent.metrics().await.contains("runnervisor_queue_depth{pool=\"op-reload-big\"}"), "its gauges are gone");
+    assert!(agent.terminate().success());
+}
+
+/// Pools in `runnervisor status --json`: name, max_vms, retiring.
+fn pools(agent: &Agent) -> Vec<(String, u64, bool)> {
+    // By the socket: the config file may be one the agent rejected.
+    let out = Command::new(env!("CARGO_BIN_EXE_runnervisor"))
+        .args(["status", "--json", "--socket"])
+        .arg(agent.dir.join("admin.sock"))
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    s["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p["max_vms"].as_u64().unwrap(), p["retiring"] == true))
+        .collect()
+}
+
+/// `runnervisor_config_reloads_total{result=...}`.
+async fn reload_count(agent: &Agent, result: &str) -> usize {
+    let want = format!("runnervisor_config_reloads_total{{result=\"{result}\"}} ");
+    agent.metrics().await.lines().find_map(|l| l.strip_prefix(&want)?.trim().parse().ok()).unwrap_or(0)
 }

@@ -208,7 +208,8 @@ pub fn render_status(s: &Status) -> String {
         .iter()
         .map(|p| {
             let warm = if p.warm == 0 { "-".into() } else { format!("{}/{} waiting", p.warm_waiting, p.warm) };
-            vec![p.name.clone(), format!("{}/{}", p.vms, p.max_vms), p.queued.to_string(), warm]
+            let name = if p.retiring { format!("{} (removed: draining)", p.name) } else { p.name.clone() };
+            vec![name, format!("{}/{}", p.vms, p.max_vms), p.queued.to_string(), warm]
         })
         .collect();
     out.push_str(&table(&["POOL", "VMS", "QUEUED", "WARM"], &pools));
@@ -301,7 +302,15 @@ mod tests {
             draining: false,
             libvirt_connected: true,
             hypervisor_problem: None,
-            pools: vec![PoolStatus { name: "p".into(), vms: 4, max_vms: 4, queued: 0, warm: 2, warm_waiting: 1 }],
+            pools: vec![PoolStatus {
+                name: "p".into(),
+                vms: 4,
+                max_vms: 4,
+                queued: 0,
+                warm: 2,
+                warm_waiting: 1,
+                retiring: false,
+            }],
             queued: vec![],
             vms: vec![
                 vm("rv-p-w1", "waiting", true),

@@ -45,6 +45,9 @@ pub struct PoolStatus {
     pub warm: usize,
     #[serde(default)]
     pub warm_waiting: usize,
+    /// Removed by a reload: its VMs finish, it takes no jobs.
+    #[serde(default)]
+    pub retiring: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

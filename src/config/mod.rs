@@ -11,9 +11,11 @@ use serde::{Deserialize, Deserializer};
 use crate::fence::AllowEntry;
 use crate::secret::SecretSource;
 
+mod reload;
 mod scope;
 mod validate;
 
+pub use reload::{ReloadReport, Reloaded, reload};
 pub use scope::Scope;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -331,6 +333,10 @@ pub struct PoolConfig {
     /// destroyed, and the job goes the cold path.
     #[serde(default = "defaults::bind_timeout", deserialize_with = "duration")]
     pub bind_timeout: Duration,
+    /// Removed from the configuration by a reload: it takes no jobs and makes no VM; its
+    /// VMs finish, and it is forgotten once it has none. Never read from the file.
+    #[serde(skip)]
+    pub retiring: bool,
 }
 
 mod defaults {

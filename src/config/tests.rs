@@ -2,7 +2,7 @@
 
 use super::*;
 
-const MINIMAL: &str = r#"
+pub(super) const MINIMAL: &str = r#"
     [server]
     listen = "127.0.0.1:8080"
     [github]

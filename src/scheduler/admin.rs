@@ -63,6 +63,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         .vms_of(&p.name)
                         .filter(|v| v.is_unbound_warm() && v.state == crate::model::VmState::Waiting)
                         .count(),
+                    retiring: p.retiring,
                 })
                 .collect(),
             queued: self

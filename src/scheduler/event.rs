@@ -56,6 +56,8 @@ pub enum Event {
     },
     GroupResolved(Result<u64, GhError>),
     Admin(AdminCommand, oneshot::Sender<Reply>),
+    /// A reloaded, valid configuration: apply what can change live, answer what changed.
+    Reload(std::sync::Arc<crate::config::Config>, oneshot::Sender<crate::config::ReloadReport>),
 }
 
 /// What the admin socket asks of the scheduler (its wire form is [`crate::admin::proto`]).

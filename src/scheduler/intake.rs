@@ -68,7 +68,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     pub(super) fn match_pool(&self, labels: &[String]) -> Option<String> {
         let want = label_set(labels);
-        self.config.pools.iter().find(|p| label_set(&p.labels) == want).map(|p| p.name.clone())
+        self.config.pools.iter().find(|p| !p.retiring && label_set(&p.labels) == want).map(|p| p.name.clone())
     }
 
     pub(super) fn new_job(&self, info: &JobInfo, received_at: SystemTime) -> JobRec {

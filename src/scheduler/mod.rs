@@ -21,6 +21,7 @@ pub mod intake;
 pub mod job;
 pub mod lifecycle;
 pub mod provision;
+pub mod reload;
 pub mod sweep;
 pub mod sync;
 pub mod vm;
@@ -78,6 +79,9 @@ struct HvHealth {
     problem: Option<String>,
     connected_once: bool,
 }
+
+/// Under a stream of webhooks, the inbox is applied at most this often (see `run`).
+const INBOX_PASS: Duration = Duration::from_millis(5);
 
 pub struct Scheduler<G: GitHub, H: Hypervisor> {
     config: Arc<Config>,
@@ -165,11 +169,29 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         github.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        let mut last_drain = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(ev) = self.rx.recv() => self.handle(ev),
-                _ = self.inbox_ready.notified() => self.drain_inbox(),
+                Some(ev) = self.rx.recv() => {
+                    let timers = (self.config.reconcile.sweep_interval, self.config.reconcile.github_interval);
+                    self.handle(ev);
+                    // A reload may change the timers.
+                    if timers != (self.config.reconcile.sweep_interval, self.config.reconcile.github_interval) {
+                        sweep = tokio::time::interval(self.config.reconcile.sweep_interval);
+                        github = tokio::time::interval(self.config.reconcile.github_interval);
+                        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        github.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
+                _ = self.inbox_ready.notified() => {
+                    // Isolated deliveries are applied at once; a stream of them in passes at
+                    // most INBOX_PASS apart, so that the pools' demand is not recomputed
+                    // (and committed) once per delivery.
+                    tokio::time::sleep_until(last_drain + INBOX_PASS).await;
+                    self.drain_inbox();
+                    last_drain = Instant::now();
+                }
                 _ = sweep.tick() => self.start_sweep(),
                 _ = github.tick() => self.start_github_sync(),
                 _ = housekeeping.tick() => crate::systemd::watchdog(),
@@ -240,6 +262,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 let r = self.on_admin(cmd);
                 let _ = reply.send(r);
             }
+            Event::Reload(config, reply) => {
+                let r = self.on_reload(&config);
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -252,6 +278,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.retry_teardowns();
         self.watch_warm_vms();
         self.remove_spent_seeds();
+        self.forget_retired_pools();
         if !self.hv.ready {
             return;
         }
@@ -266,9 +293,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Some(cap) => cap.saturating_sub(self.book.vms.len()),
             None => usize::MAX,
         };
+        // A pool a reload removed drains: its VMs finish, it makes none.
         let gate = demand::Gate {
-            hold: self.draining || self.lifecycle.backing_off(&pool.name, now),
-            draining: self.draining,
+            hold: self.draining || pool.retiring || self.lifecycle.backing_off(&pool.name, now),
+            draining: self.draining || pool.retiring,
             host_room,
         };
         let decision = {

@@ -56,6 +56,8 @@ struct H {
     seq: u64,
     /// The state dir and the image, removed when the harness goes.
     dirs: Vec<crate::test_support::TempDir>,
+    /// The configuration the scheduler started with.
+    config: Arc<Config>,
 }
 
 /// A fake image: check_image reads a qcow2 header, so write one.
@@ -98,6 +100,7 @@ fn start_on(
     }
     let inbox = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::default());
+    let config = cfg.clone();
     let s =
         Scheduler::new(cfg, gh.clone(), hv.clone(), scheduler_store, metrics.clone(), inbox.clone(), tx.clone(), rx)
             .unwrap()
@@ -105,7 +108,7 @@ fn start_on(
             .with_clock(Arc::new(crate::clock::TokioClock::new()));
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
-    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new() }
+    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new(), config }
 }
 
 fn harness(extra_pool: &str) -> H {
@@ -204,6 +207,14 @@ impl H {
             other => panic!("{other:?}"),
         }
     }
+    /// Reloads the configuration the scheduler started with, changed by `change`.
+    async fn reload(&self, change: impl FnOnce(&mut Config)) -> crate::config::ReloadReport {
+        let mut config = (*self.config).clone();
+        change(&mut config);
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Event::Reload(Arc::new(config), tx)).ok().unwrap();
+        rx.await.unwrap()
+    }
     async fn admin(&self, cmd: AdminCommand) -> AdminReply {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Event::Admin(cmd, tx)).ok().unwrap();
@@ -295,5 +306,6 @@ fn vm_for(s: &Status, job: u64) -> Option<String> {
 
 mod faults;
 mod liveness;
+mod reload;
 mod serving;
 mod warm;

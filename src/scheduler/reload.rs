@@ -1,0 +1,66 @@
+//! A reloaded configuration installed (see [`crate::config::reload`]), and pools a reload
+//! removed forgotten once their last VM is gone.
+
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::Scheduler;
+use crate::config::{Config, ReloadReport};
+use crate::github::GitHub;
+use crate::hypervisor::Hypervisor;
+use crate::metrics::{self, VmStateLabels};
+use crate::model::{JobState, VmState};
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    pub(super) fn on_reload(&mut self, new: &Config) -> ReloadReport {
+        let reloaded = crate::config::reload(&self.config, new.clone());
+        self.install(reloaded.config);
+        // A removed pool's queued jobs are dropped (nothing will serve them here).
+        let dropped: Vec<(u64, String)> = self
+            .book
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .filter_map(|j| {
+                let pool = j.pool.as_deref()?;
+                self.config.pool(pool).is_some_and(|p| p.retiring).then(|| (j.info.id, pool.to_string()))
+            })
+            .collect();
+        for (id, pool) in dropped {
+            info!(job_id = id, pool = %pool, "queued job dropped: its pool was removed from the configuration");
+            self.book.remove_job(id);
+        }
+        reloaded.report
+    }
+
+    fn install(&mut self, config: Config) {
+        let config = Arc::new(config);
+        self.config = config.clone();
+        self.ctx.config = config;
+    }
+
+    /// Pools a reload removed whose last VM is gone are forgotten, with their gauges.
+    pub(super) fn forget_retired_pools(&mut self) {
+        let done: Vec<String> = self
+            .config
+            .pools
+            .iter()
+            .filter(|p| p.retiring && self.book.vms_of(&p.name).next().is_none())
+            .map(|p| p.name.clone())
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        let mut config = (*self.config).clone();
+        config.pools.retain(|p| !done.contains(&p.name));
+        self.install(config);
+        for name in done {
+            self.metrics.queue_depth.remove(&metrics::pool(&name));
+            for s in VmState::ALL {
+                self.metrics.vms.remove(&VmStateLabels::new(&name, s.as_str()));
+            }
+            info!(pool = %name, "pool removed: its last VM is gone");
+        }
+    }
+}
