@@ -37,10 +37,14 @@ fn teardown_ms(agent: &Agent) -> Vec<u64> {
         .collect()
 }
 
+/// One job in enterprise scope (a PAT of an enterprise owner, JIT runners registered at
+/// `/enterprises/{slug}`, webhooks of an organization in that enterprise).
 #[tokio::test(flavor = "multi_thread")]
-async fn one_job_jit_mode_pat_auth() {
-    let spec = AgentSpec::new("e2e-jit", &["self-hosted", "linux", "e2e-jit"]);
-    let (sim, mut agent) = world(&spec, |_| {}).await;
+async fn one_job_enterprise_scope_jit_mode_pat_auth() {
+    let mut spec = AgentSpec::new("e2e-jit", &["self-hosted", "linux", "e2e-jit"]);
+    spec.scope = "enterprise = \"octo-ent\"".into();
+    spec.hook = None;
+    let (sim, mut agent) = world(&spec, |c| c.enterprise = Some("octo-ent".into())).await;
     let (hv, _) = libvirt();
     agent.start().await;
     let job = sim.queue("octo-org/app", &["self-hosted", "Linux", "e2e-jit"], 3.0).await;
@@ -58,6 +62,16 @@ async fn one_job_jit_mode_pat_auth() {
     assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
     assert_eq!(done["runner_name"], name);
     eprintln!("queued -> completed: {:.1}s", queued.elapsed().as_secs_f64());
+    assert_eq!(sim.runner_history().await[&name]["scope"], "enterprises/octo-ent");
+    let stats: serde_json::Value =
+        reqwest::get(format!("{}/_sim/stats", sim.url())).await.unwrap().json().await.unwrap();
+    let calls = stats["api_calls"].as_object().unwrap();
+    assert_eq!(calls["POST /enterprises/{enterprise}/actions/runners/generate-jitconfig"], 1, "{calls:?}");
+    // Runner endpoints at the enterprise only (a job's status is read from its repository).
+    assert!(
+        calls.keys().all(|k| !k.contains("/actions/runner") || k.contains(" /enterprises/{enterprise}/")),
+        "{calls:?}"
+    );
 
     wait_for("everything cleaned", Duration::from_secs(90), async || {
         let (d, v) = leftovers(&hv, "rv-e2e-jit-");

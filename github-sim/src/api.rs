@@ -149,6 +149,9 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
     if resp.is_none() && remaining == 0 && route != "/rate_limit" {
         resp = Some(ApiError::new(StatusCode::FORBIDDEN, "API rate limit exceeded").into_response());
     }
+    if resp.is_none() && !enterprise_known(&sim, &path) {
+        resp = Some(ApiError::new(StatusCode::NOT_FOUND, "Not Found").into_response());
+    }
     if resp.is_none() {
         resp = Some(match authenticate(&sim, &route, &credential) {
             Ok(()) => next.run(req).await,
@@ -165,6 +168,14 @@ async fn rest_layer(State(sim): S, matched: MatchedPath, req: Request, next: Nex
     h.insert("x-github-api-version-selected", HeaderValue::from_static("2022-11-28"));
     h.insert("x-github-request-id", HeaderValue::from_str(&crate::model::guid()).expect("ascii"));
     resp
+}
+
+/// `/enterprises/{slug}/...` exists only for the configured enterprise (any, if none is).
+fn enterprise_known(sim: &Sim, path: &str) -> bool {
+    match (path.strip_prefix("/enterprises/"), &sim.config.enterprise) {
+        (Some(rest), Some(slug)) => rest.split('/').next().is_some_and(|s| s.eq_ignore_ascii_case(slug)),
+        _ => true,
+    }
 }
 
 /// Uses one call of `key`'s hourly budget; returns (remaining, reset epoch seconds).

@@ -55,6 +55,10 @@ pub struct SimConfig {
     pub installation_token_ttl: Duration,
     pub registration_token_ttl: Duration,
     pub webhook_timeout: Duration,
+    /// The enterprise the organizations belong to: deliveries carry its `enterprise`
+    /// object and `/enterprises/{slug}/...` answers for this slug only (404 for any other).
+    /// `None`: no enterprise in payloads, any slug answers.
+    pub enterprise: Option<String>,
 }
 
 impl SimConfig {
@@ -71,6 +75,7 @@ impl SimConfig {
             installation_token_ttl: Duration::from_secs(3600),
             registration_token_ttl: Duration::from_secs(3600),
             webhook_timeout: Duration::from_secs(10),
+            enterprise: None,
         }
     }
 }

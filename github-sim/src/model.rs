@@ -231,6 +231,8 @@ pub struct World {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunnerHistory {
     pub id: u64,
+    /// Where it registered (`enterprises/octo-ent`, `octo-org`, `octo-org/app`).
+    pub scope: String,
     pub registered: bool,
     pub came_online: bool,
     pub registered_unix_ms: u64,
@@ -383,7 +385,8 @@ impl World {
                 stalled: false,
             },
         );
-        self.runner_history.insert(new.name, RunnerHistory { id, registered: true, ..Default::default() });
+        let scope = self.runners[&id].scope.web_path();
+        self.runner_history.insert(new.name, RunnerHistory { id, scope, registered: true, ..Default::default() });
         Ok(id)
     }
 

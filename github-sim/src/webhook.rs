@@ -81,7 +81,7 @@ pub fn job_json(job: &Job, base: &str) -> Value {
 fn envelope(sim: &Sim, repo: &str, base: &str) -> Value {
     let (owner, name) = repo.split_once('/').unwrap_or((repo, repo));
     let owner_id = repo_id(owner);
-    json!({
+    let mut envelope = json!({
         "repository": {
             "id": repo_id(repo),
             "node_id": format!("R_kgDO{}", repo_id(repo)),
@@ -95,7 +95,18 @@ fn envelope(sim: &Sim, repo: &str, base: &str) -> Value {
         "organization": {"login": owner, "id": owner_id, "url": format!("{base}/api/v3/orgs/{owner}")},
         "sender": {"login": "octocat", "id": 583231, "type": "User"},
         "installation": {"id": sim.config.installation_id, "node_id": format!("MDIzOkludGVncmF0aW9uSW5zdGFsbGF0aW9u{}", sim.config.installation_id)},
-    })
+    });
+    if let Some(slug) = &sim.config.enterprise {
+        // As GitHub does for an organization that belongs to an enterprise.
+        envelope["enterprise"] = json!({
+            "id": repo_id(slug),
+            "slug": slug,
+            "name": slug,
+            "node_id": format!("E_kgDO{}", repo_id(slug)),
+            "html_url": format!("{base}/enterprises/{slug}"),
+        });
+    }
+    envelope
 }
 
 /// Queues a `workflow_job` delivery for `job` with `action`.

@@ -302,6 +302,7 @@ async fn webhooks_are_signed_not_retried_and_redelivered_with_the_same_guid() {
     assert_eq!(payload["repository"]["full_name"], "octo-org/app");
     assert_eq!(payload["organization"]["login"], "octo-org");
     assert_eq!(payload["installation"]["id"], 1);
+    assert!(payload.get("enterprise").is_none(), "no enterprise unless configured");
 
     // Failed (500) and not retried.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -328,6 +329,35 @@ async fn webhooks_are_signed_not_retried_and_redelivered_with_the_same_guid() {
     let r = api(&sim, reqwest::Method::GET, &format!("/orgs/octo-org/hooks/42/deliveries/{delivery_id}"), None).await;
     let full: Value = r.json().await.unwrap();
     assert_eq!(full["request"]["payload"]["workflow_job"]["id"], job);
+}
+
+/// An organization in an enterprise: deliveries name the enterprise; its runner endpoints
+/// answer for that slug only; a runner registered there records the scope.
+#[tokio::test]
+async fn enterprise_scope_payloads_and_endpoints() {
+    let (url, got) = receiver(StatusCode::OK).await;
+    let sim = sim_with(Some(url), |c| c.enterprise = Some("octo-ent".into())).await;
+    queue_job(&sim, json!({"repo": "octo-org/app", "labels": ["self-hosted"]})).await;
+    let first = wait_for("delivery", async || got.lock().unwrap().first().cloned()).await;
+    let payload: Value = serde_json::from_slice(&first.body).unwrap();
+    assert_eq!(payload["enterprise"]["slug"], "octo-ent");
+    assert!(payload["enterprise"]["id"].is_u64());
+
+    let jit = json!({"name": "ent-1", "runner_group_id": 1, "labels": ["self-hosted"]});
+    let r = api(&sim, reqwest::Method::POST, "/enterprises/other-ent/actions/runners/generate-jitconfig", Some(jit.clone()))
+        .await;
+    assert_eq!(r.status(), 404, "another enterprise");
+    let r = api(&sim, reqwest::Method::POST, "/enterprises/octo-ent/actions/runners/generate-jitconfig", Some(jit)).await;
+    assert_eq!(r.status(), 201);
+    let r = api(&sim, reqwest::Method::GET, "/enterprises/octo-ent/actions/runners", None).await;
+    let list: Value = r.json().await.unwrap();
+    assert_eq!(list["runners"][0]["name"], "ent-1");
+    let r = api(&sim, reqwest::Method::GET, "/orgs/octo-org/actions/runners", None).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["total_count"], 0, "an enterprise runner is not the org's");
+    let r = api(&sim, reqwest::Method::GET, "/enterprises/octo-ent/actions/runner-groups", None).await;
+    assert_eq!(r.status(), 200);
+    let history: Value = client().get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(history["ent-1"]["scope"], "enterprises/octo-ent");
 }
 
 #[tokio::test]
