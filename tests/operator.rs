@@ -417,3 +417,177 @@ async fn reload_count(agent: &Agent, result: &str) -> usize {
     let want = format!("runnervisor_config_reloads_total{{result=\"{result}\"}} ");
     agent.metrics().await.lines().find_map(|l| l.strip_prefix(&want)?.trim().parse().ok()).unwrap_or(0)
 }
+
+/// Builds the package as version `version` into a fresh directory; returns its path.
+fn package(version: &str, out: &std::path::Path) -> String {
+    let deb = run(Command::new(root().join("scripts/package"))
+        .args(["--profile", "debug", "--version", version, "--out"])
+        .arg(out));
+    deb.trim().to_string()
+}
+
+/// The maintainer scripts' decisions, run with systemd "running" and every tool they call
+/// replaced by a recorder: enabled but not started on first install; a running agent
+/// restarted on upgrade (and the operator's choice to disable it kept); stopped on removal
+/// only; an existing libvirt network left alone; purge forgets the unit and the state.
+#[test]
+fn maintainer_scripts_enable_on_install_restart_on_upgrade_stop_on_remove() {
+    let dir = tempdir("maint");
+    let deb = package("9.9.9", &dir.join("out"));
+    let control = dir.join("control");
+    run(Command::new("dpkg-deb").args(["-e", &deb]).arg(&control));
+    let shims = dir.join("bin");
+    std::fs::create_dir_all(&shims).unwrap();
+    let log = dir.join("calls");
+    for tool in ["deb-systemd-helper", "deb-systemd-invoke", "systemctl", "systemd-sysusers", "systemd-tmpfiles", "virsh", "runnervisor-network"] {
+        let script = format!(
+            "#!/bin/sh\necho \"{tool} $*\" >> '{log}'\n\
+             case \"$*\" in *was-enabled*) exit ${{WAS_ENABLED:-0}} ;; *net-info*) exit ${{NET_EXISTS:-1}} ;; esac\nexit 0\n",
+            log = log.display()
+        );
+        let path = shims.join(tool);
+        std::fs::write(&path, script).unwrap();
+        run(Command::new("chmod").arg("0755").arg(&path));
+    }
+    let systemd_dir = dir.join("run-systemd-system");
+    let state = dir.join("state");
+    // The scripts with their fixed paths pointed into this test's directory.
+    let scripted = |name: &str| {
+        let text = std::fs::read_to_string(control.join(name)).unwrap();
+        let text = text
+            .replace("/run/systemd/system", systemd_dir.to_str().unwrap())
+            .replace("/usr/lib/runnervisor/", &format!("{}/", shims.display()))
+            .replace("/var/lib/runnervisor/state", state.to_str().unwrap());
+        let path = dir.join(format!("{name}.sh"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (postinst, prerm, postrm) = (scripted("postinst"), scripted("prerm"), scripted("postrm"));
+    let path = format!("{}:{}", shims.display(), std::env::var("PATH").unwrap());
+    let calls = |script: &std::path::Path, args: &[&str], systemd: bool, env: &[(&str, &str)]| -> String {
+        let _ = std::fs::remove_file(&log);
+        if systemd {
+            std::fs::create_dir_all(&systemd_dir).unwrap();
+        } else {
+            let _ = std::fs::remove_dir(&systemd_dir);
+        }
+        let mut cmd = Command::new("sh");
+        cmd.arg(script).args(args).env("PATH", &path);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{script:?} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(&log).unwrap_or_default()
+    };
+    let has = |calls: &str, what: &str| calls.lines().any(|l| l.starts_with(what));
+
+    // First install: user, directories, network (none yet), enabled, not started.
+    let c = calls(&postinst, &["configure", ""], true, &[]);
+    for want in [
+        "systemd-sysusers runnervisor.conf",
+        "systemd-tmpfiles --create runnervisor.conf",
+        "runnervisor-network",
+        "deb-systemd-helper enable runnervisor.service",
+        "systemctl --system daemon-reload",
+    ] {
+        assert!(has(&c, want), "first install: {want}\n{c}");
+    }
+    assert!(!has(&c, "deb-systemd-invoke"), "first install starts nothing:\n{c}");
+    // Upgrade: the network exists (the operator's), a running agent is restarted.
+    let c = calls(&postinst, &["configure", "9.9.8"], true, &[("NET_EXISTS", "0")]);
+    assert!(has(&c, "deb-systemd-invoke try-restart runnervisor.service"), "upgrade:\n{c}");
+    assert!(has(&c, "deb-systemd-helper enable runnervisor.service"), "{c}");
+    assert!(!has(&c, "runnervisor-network"), "an existing network is left alone:\n{c}");
+    // Upgrade after the operator disabled it: stays disabled.
+    let c = calls(&postinst, &["configure", "9.9.8"], true, &[("NET_EXISTS", "0"), ("WAS_ENABLED", "1")]);
+    assert!(has(&c, "deb-systemd-helper update-state") && !has(&c, "deb-systemd-helper enable"), "{c}");
+    // Without systemd running (a chroot, an image build): enabled, nothing invoked.
+    let c = calls(&postinst, &["configure", "9.9.8"], false, &[("NET_EXISTS", "0")]);
+    assert!(has(&c, "deb-systemd-helper enable") && !has(&c, "deb-systemd-invoke") && !has(&c, "systemctl"), "{c}");
+    // prerm: an upgrade does not stop it (postinst restarts it); removal does.
+    assert!(!has(&calls(&prerm, &["upgrade", "9.9.9"], true, &[]), "deb-systemd-invoke"));
+    assert!(has(&calls(&prerm, &["remove"], true, &[]), "deb-systemd-invoke stop runnervisor.service"));
+    // postrm: removal masks (a leftover unit cannot start), purge forgets unit and state.
+    assert!(has(&calls(&postrm, &["remove"], true, &[]), "deb-systemd-helper mask runnervisor.service"));
+    std::fs::create_dir_all(state.join("sub")).unwrap();
+    let c = calls(&postrm, &["purge"], true, &[]);
+    assert!(has(&c, "deb-systemd-helper purge runnervisor.service"), "{c}");
+    assert!(!state.exists(), "purge removes the agent's state");
+}
+
+/// Removes the package whatever the test's outcome.
+struct Installed;
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "runnervisor"]).output();
+        let _ = std::fs::remove_file("/etc/runnervisor/config.toml");
+    }
+}
+
+/// An upgrade in place on a real host with a real VM: the previous package is installed
+/// (user made, unit enabled, not started), its agent runs a job's VM; the new package is
+/// installed over it while the job runs; the agent is restarted as `systemctl restart`
+/// does (SIGTERM, start; there is no systemd as PID 1 here, the restart decision itself is
+/// tested above) and re-adopts the VM from the state and libvirt's metadata: the job
+/// finishes on the same runner, one VM was ever made, the operator's config is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_keeps_the_state_and_re_adopts_a_running_vm() {
+    let dir = tempdir("upgrade");
+    let v1 = package("0.0.1~prev", &dir.join("v1"));
+    let v2 = package("0.0.2", &dir.join("v2"));
+    let _ = Command::new("dpkg").args(["--purge", "runnervisor"]).output();
+    let _installed = Installed;
+    let dpkg_i = |deb: &str| run(Command::new("dpkg").args(["-i", deb]).env("DEBIAN_FRONTEND", "noninteractive"));
+    dpkg_i(&v1);
+    let installed = |what: &str| run(Command::new("dpkg-query").args(["-W", "-f", what, "runnervisor"]));
+    assert_eq!(installed("${Version} ${db:Status-Abbrev}"), "0.0.1~prev ii ");
+    run(Command::new("id").arg("runnervisor"));
+    let wants = std::path::Path::new("/etc/systemd/system/multi-user.target.wants/runnervisor.service");
+    assert!(wants.is_symlink(), "enabled on first install");
+
+    // The operator's config in /etc, the agent from /usr/bin.
+    let spec = AgentSpec::new("op-upgrade", &["self-hosted", "op-upgrade"]);
+    let webhook_port = free_port();
+    let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
+    let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
+    let etc_config = PathBuf::from("/etc/runnervisor/config.toml");
+    let config_text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&etc_config, &config_text).unwrap();
+    agent.config = etc_config.clone();
+    agent.bin = PathBuf::from("/usr/bin/runnervisor");
+    agent.start().await;
+    let job = sim.queue("octo-org/app", &["self-hosted", "op-upgrade"], 25.0).await;
+    let name = format!("rv-op-upgrade-{job}");
+    wait_for("the job to run on the v1 agent's VM", VM_TIMEOUT, async || {
+        (sim.job(job).await["status"] == "in_progress").then_some(())
+    })
+    .await;
+
+    // The new version over it while the job runs, then the restart.
+    dpkg_i(&v2);
+    assert_eq!(installed("${Version} ${db:Status-Abbrev}"), "0.0.2 ii ");
+    assert_eq!(std::fs::read_to_string(&etc_config).unwrap(), config_text, "the operator's config is untouched");
+    assert!(wants.is_symlink(), "still enabled");
+    assert!(agent.terminate().success(), "SIGTERM exits 0");
+    let (hv, _) = libvirt();
+    assert!(
+        hv.list_vms().unwrap().iter().any(|v| v.name == name && v.state == runnervisor::hypervisor::DomainState::Running),
+        "the VM outlives the agent"
+    );
+    agent.start().await;
+    let status: serde_json::Value = serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["vms"][0]["name"], name, "re-adopted: {status}");
+    assert_eq!(status["vms"][0]["took_job"], job, "{status}");
+
+    let done = sim.wait_completed(job, VM_TIMEOUT).await;
+    assert_eq!((done["conclusion"].as_str(), done["runner_name"].as_str()), (Some("success"), Some(name.as_str())));
+    wait_for("cleaned", Duration::from_secs(90), async || {
+        let (d, v) = leftovers(&hv, "rv-op-upgrade-");
+        (d.is_empty() && v.is_empty()).then_some(())
+    })
+    .await;
+    let history = sim.runner_history().await;
+    assert_eq!(history.as_object().unwrap().len(), 1, "one VM was ever made: {history}");
+    assert!(agent.terminate().success());
+}

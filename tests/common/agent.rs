@@ -110,6 +110,8 @@ pub struct Agent {
     pub child: Option<Child>,
     pub spec_pool: String,
     pub storage_pool: String,
+    /// The agent binary: the one cargo built, or e.g. a package's `/usr/bin/runnervisor`.
+    pub bin: PathBuf,
 }
 
 impl Agent {
@@ -202,6 +204,7 @@ registration = "{registration}"
             child: None,
             spec_pool: spec.pool.clone(),
             storage_pool: spec.storage_pool.clone(),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_runnervisor")),
         }
     }
 
@@ -233,7 +236,7 @@ registration = "{registration}"
     /// Starts the agent without waiting for it.
     pub fn spawn(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runnervisor"));
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["serve", "--config"]).arg(&self.config).stdout(Stdio::null()).stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
@@ -271,7 +274,7 @@ registration = "{registration}"
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_runnervisor")).args(args).arg("--config").arg(&self.config).output().unwrap()
+        Command::new(&self.bin).args(args).arg("--config").arg(&self.config).output().unwrap()
     }
 
     /// Asserts nothing of this pool is left on the hypervisor.
