@@ -38,6 +38,7 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod systemd;
+pub mod timeline;
 pub mod webhook;
 
 use std::net::SocketAddr;

@@ -66,6 +66,19 @@ enum Command {
         #[command(flatten)]
         socket: SocketArgs,
     },
+    /// Each VM's milestones since the agent started (job queued, VM defined and started,
+    /// bound when warm, runner online, job completed, VM gone), as a table, JSON or an SVG
+    /// picture.
+    Timeline {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Print JSON instead of a table.
+        #[arg(long, conflicts_with = "svg")]
+        json: bool,
+        /// Write an SVG timeline to this file instead.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
     /// Write a cloud-init NoCloud seed image (FAT, label CIDATA); used by image recipes.
     SeedImage {
         /// The user-data file.
@@ -145,12 +158,16 @@ fn main() -> ExitCode {
             print!("{}", runnervisor::check::render(&lines));
             if lines.iter().all(|l| l.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }),
-        Command::Status { socket, json } => rt.block_on(admin_cmd(&socket, Request::Status, json)),
-        Command::Drain { socket } => rt.block_on(admin_cmd(&socket, Request::Drain, false)),
-        Command::Undrain { socket } => rt.block_on(admin_cmd(&socket, Request::Undrain, false)),
+        Command::Status { socket, json } => rt.block_on(admin_cmd(&socket, Request::Status, Show::json(json))),
+        Command::Drain { socket } => rt.block_on(admin_cmd(&socket, Request::Drain, Show::Text)),
+        Command::Undrain { socket } => rt.block_on(admin_cmd(&socket, Request::Undrain, Show::Text)),
+        Command::Timeline { socket, json, svg } => {
+            let show = svg.map(Show::Svg).unwrap_or(Show::json(json));
+            rt.block_on(admin_cmd(&socket, Request::Timeline, show))
+        }
         Command::SeedImage { user_data, meta_data, out } => seed_image(&user_data, &meta_data, &out),
         Command::Vm { command: VmCommand::Destroy { name, socket } } => {
-            rt.block_on(admin_cmd(&socket, Request::Destroy { vm: name }, false))
+            rt.block_on(admin_cmd(&socket, Request::Destroy { vm: name }, Show::Text))
         }
         Command::Generate { what } => generate(what),
     }
@@ -325,7 +342,20 @@ fn seed_image(user_data: &PathBuf, meta_data: &PathBuf, out: &PathBuf) -> ExitCo
     }
 }
 
-async fn admin_cmd(socket: &SocketArgs, req: Request, json: bool) -> ExitCode {
+/// How an admin reply is shown.
+enum Show {
+    Text,
+    Json,
+    Svg(PathBuf),
+}
+
+impl Show {
+    fn json(json: bool) -> Show {
+        if json { Show::Json } else { Show::Text }
+    }
+}
+
+async fn admin_cmd(socket: &SocketArgs, req: Request, show: Show) -> ExitCode {
     let path = match socket.path() {
         Ok(p) => p,
         Err(e) => {
@@ -334,7 +364,7 @@ async fn admin_cmd(socket: &SocketArgs, req: Request, json: bool) -> ExitCode {
         }
     };
     match admin::request(&path, &req).await {
-        Ok(AdminReply::Status(s)) if json => {
+        Ok(AdminReply::Status(s)) if matches!(show, Show::Json) => {
             println!("{}", serde_json::to_string_pretty(&s).expect("json"));
             ExitCode::SUCCESS
         }
@@ -342,6 +372,28 @@ async fn admin_cmd(socket: &SocketArgs, req: Request, json: bool) -> ExitCode {
             print!("{}", admin::render_status(&s));
             ExitCode::SUCCESS
         }
+        Ok(AdminReply::Timeline(t)) => match show {
+            Show::Json => {
+                println!("{}", serde_json::to_string_pretty(&t).expect("json"));
+                ExitCode::SUCCESS
+            }
+            Show::Text => {
+                print!("{}", runnervisor::timeline::table(&t));
+                ExitCode::SUCCESS
+            }
+            Show::Svg(path) => {
+                match std::fs::write(&path, runnervisor::timeline::svg(&t, std::time::SystemTime::now())) {
+                    Ok(()) => {
+                        println!("{}: {} VMs", path.display(), t.len());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("runnervisor: {}: {e}", path.display());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        },
         Ok(AdminReply::Ok(m)) => {
             println!("{m}");
             ExitCode::SUCCESS

@@ -41,7 +41,7 @@ pub async fn on_sighup(
 }
 
 /// One reload; the report, or `None` if it was rejected or the agent is stopping.
-pub async fn reload_once(
+async fn reload_once(
     path: &std::path::Path,
     to_agent: &mpsc::UnboundedSender<Request>,
     metrics: &Metrics,

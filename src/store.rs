@@ -74,12 +74,7 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
-            && self.remove_jobs.is_empty()
-            && self.vms.is_empty()
-            && self.remove_vms.is_empty()
-            && self.inbox_done.is_empty()
-            && self.meta.is_empty()
+        self.only_applies_inbox() && self.inbox_done.is_empty()
     }
 }
 

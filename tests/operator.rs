@@ -280,6 +280,25 @@ async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
     .await;
     wait_for("no runners", Duration::from_secs(30), async || sim.runners().await.is_empty().then_some(())).await;
 
+    // `runnervisor timeline`: both VMs' milestones from the agent's records, as a table,
+    // JSON and an SVG picture.
+    let table = String::from_utf8_lossy(&agent.cli(&["timeline"]).stdout).into_owned();
+    let row = table.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(&job.to_string()) && row.contains("cold") && row.contains("stopped"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with(&vm2) && l.contains("operator")), "{table}");
+    let traces: Vec<runnervisor::timeline::Trace> =
+        serde_json::from_slice(&agent.cli(&["timeline", "--json"]).stdout).unwrap();
+    let t = traces.iter().find(|t| t.vm == name).unwrap();
+    let order = [t.queued, t.created, t.defined, t.started, t.online, t.completed, t.reaped, t.gone];
+    assert!(order.iter().all(Option::is_some) && order.is_sorted(), "{t:#?}");
+    let svg = agent.dir.join("timeline.svg");
+    let out = agent.cli(&["timeline", "--svg", svg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{e}: {svg}"));
+    let text: String = doc.descendants().filter_map(|n| n.text()).collect();
+    assert!(text.contains(&format!("job {job}")) && text.contains(&name), "{text}");
+
     // journald: the entries carry the fields operators filter on, and no secret.
     let entries = entries.lock().unwrap().clone();
     let with = |k: &str, v: &str| entries.iter().filter(|e| e.iter().any(|(f, x)| f == k && x == v)).count();
@@ -439,7 +458,15 @@ fn maintainer_scripts_enable_on_install_restart_on_upgrade_stop_on_remove() {
     let shims = dir.join("bin");
     std::fs::create_dir_all(&shims).unwrap();
     let log = dir.join("calls");
-    for tool in ["deb-systemd-helper", "deb-systemd-invoke", "systemctl", "systemd-sysusers", "systemd-tmpfiles", "virsh", "runnervisor-network"] {
+    for tool in [
+        "deb-systemd-helper",
+        "deb-systemd-invoke",
+        "systemctl",
+        "systemd-sysusers",
+        "systemd-tmpfiles",
+        "virsh",
+        "runnervisor-network",
+    ] {
         let script = format!(
             "#!/bin/sh\necho \"{tool} $*\" >> '{log}'\n\
              case \"$*\" in *was-enabled*) exit ${{WAS_ENABLED:-0}} ;; *net-info*) exit ${{NET_EXISTS:-1}} ;; esac\nexit 0\n",
@@ -572,7 +599,10 @@ async fn an_upgrade_keeps_the_state_and_re_adopts_a_running_vm() {
     assert!(agent.terminate().success(), "SIGTERM exits 0");
     let (hv, _) = libvirt();
     assert!(
-        hv.list_vms().unwrap().iter().any(|v| v.name == name && v.state == runnervisor::hypervisor::DomainState::Running),
+        hv.list_vms()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == name && v.state == runnervisor::hypervisor::DomainState::Running),
         "the VM outlives the agent"
     );
     agent.start().await;

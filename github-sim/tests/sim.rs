@@ -344,10 +344,16 @@ async fn enterprise_scope_payloads_and_endpoints() {
     assert!(payload["enterprise"]["id"].is_u64());
 
     let jit = json!({"name": "ent-1", "runner_group_id": 1, "labels": ["self-hosted"]});
-    let r = api(&sim, reqwest::Method::POST, "/enterprises/other-ent/actions/runners/generate-jitconfig", Some(jit.clone()))
-        .await;
+    let r = api(
+        &sim,
+        reqwest::Method::POST,
+        "/enterprises/other-ent/actions/runners/generate-jitconfig",
+        Some(jit.clone()),
+    )
+    .await;
     assert_eq!(r.status(), 404, "another enterprise");
-    let r = api(&sim, reqwest::Method::POST, "/enterprises/octo-ent/actions/runners/generate-jitconfig", Some(jit)).await;
+    let r =
+        api(&sim, reqwest::Method::POST, "/enterprises/octo-ent/actions/runners/generate-jitconfig", Some(jit)).await;
     assert_eq!(r.status(), 201);
     let r = api(&sim, reqwest::Method::GET, "/enterprises/octo-ent/actions/runners", None).await;
     let list: Value = r.json().await.unwrap();
@@ -356,7 +362,8 @@ async fn enterprise_scope_payloads_and_endpoints() {
     assert_eq!(r.json::<Value>().await.unwrap()["total_count"], 0, "an enterprise runner is not the org's");
     let r = api(&sim, reqwest::Method::GET, "/enterprises/octo-ent/actions/runner-groups", None).await;
     assert_eq!(r.status(), 200);
-    let history: Value = client().get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
+    let history: Value =
+        client().get(format!("{}/_sim/runner-history", sim.url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(history["ent-1"]["scope"], "enterprises/octo-ent");
 }
 

@@ -108,6 +108,7 @@ pub fn parse_request(line: &str) -> Result<AdminCommand, String> {
         Request::Drain => AdminCommand::Drain(true),
         Request::Undrain => AdminCommand::Drain(false),
         Request::Destroy { vm } => AdminCommand::DestroyVm(vm),
+        Request::Timeline => AdminCommand::Timeline,
     })
 }
 

@@ -10,12 +10,17 @@ pub enum Request {
     Status,
     Drain,
     Undrain,
-    Destroy { vm: String },
+    Destroy {
+        vm: String,
+    },
+    /// Each VM's milestones (`runnervisor timeline`).
+    Timeline,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
     Status(Status),
+    Timeline(Vec<crate::timeline::Trace>),
     Ok(String),
     Error(String),
 }

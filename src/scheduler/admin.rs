@@ -15,6 +15,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn on_admin(&mut self, cmd: AdminCommand) -> Reply {
         match cmd {
             AdminCommand::Status => Reply::Status(self.status()),
+            AdminCommand::Timeline => Reply::Timeline(self.timeline.traces()),
             AdminCommand::Drain(on) => {
                 if let Err(e) = self.store.commit(&Batch {
                     meta: vec![("draining".into(), if on { b"1".to_vec() } else { b"0".to_vec() })],

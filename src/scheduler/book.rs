@@ -15,7 +15,7 @@ pub struct Book {
     dirty_vms: BTreeSet<String>,
     removed_jobs: BTreeSet<u64>,
     removed_vms: BTreeSet<String>,
-    inbox_done: Vec<u64>,
+    inbox_done: BTreeSet<u64>,
 }
 
 impl Book {
@@ -58,7 +58,7 @@ impl Book {
 
     /// Inbox entry `seq` is applied: it leaves the inbox with the next commit.
     pub fn applied(&mut self, seq: u64) {
-        self.inbox_done.push(seq);
+        self.inbox_done.insert(seq);
     }
 
     /// Applied, but its removal from the inbox is not committed yet.
@@ -73,7 +73,7 @@ impl Book {
             remove_jobs: self.removed_jobs.iter().copied().collect(),
             vms: self.dirty_vms.iter().filter_map(|n| self.vms.get(n).cloned()).collect(),
             remove_vms: self.removed_vms.iter().cloned().collect(),
-            inbox_done: self.inbox_done.clone(),
+            inbox_done: self.inbox_done.iter().copied().collect(),
             meta: Vec::new(),
         }
     }

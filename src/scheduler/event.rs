@@ -1,13 +1,13 @@
 //! What the scheduler reacts to, and the one way to spawn a task that reports back.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinError, JoinHandle};
 
-use super::provision::{BindError, BindTimes, ProvisionError, TeardownOutcome};
+use super::provision::{BindError, BindTimes, ProvisionError, Provisioned, TeardownOutcome};
 use crate::admin::proto::Reply;
 use crate::github::{GhError, JobStatus, RunnerInfo};
 use crate::hypervisor::{HvError, HvEvent, VmInfo};
@@ -22,7 +22,7 @@ pub enum Event {
     },
     Provisioned {
         vm: String,
-        result: Result<Duration, ProvisionError>,
+        result: Result<Provisioned, ProvisionError>,
     },
     TornDown {
         vm: String,
@@ -65,6 +65,7 @@ pub enum AdminCommand {
     Status,
     Drain(bool),
     DestroyVm(String),
+    Timeline,
 }
 
 /// Spawns `work`, whose result is an event for the scheduler. If the task panics or is

@@ -27,6 +27,8 @@ pub struct State {
     unmatched_logged: HashSet<Vec<String>>,
     /// When a webhook last brought a job event (the scheduler's clock).
     pub last_webhook: Option<SystemTime>,
+    /// Each pool that takes jobs, by its label set (see [`Scheduler::index_pools`]).
+    pools_by_labels: Vec<(Vec<String>, String)>,
 }
 
 /// Labels as pools are matched: lowercase, sorted, without duplicates.
@@ -66,9 +68,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
+    /// Indexes the installed config's pools by label set (at start and after a reload),
+    /// so that matching a job does not recompute every pool's set.
+    pub(super) fn index_pools(&mut self) {
+        self.intake.pools_by_labels =
+            self.config.pools.iter().filter(|p| !p.retiring).map(|p| (label_set(&p.labels), p.name.clone())).collect();
+    }
+
     pub(super) fn match_pool(&self, labels: &[String]) -> Option<String> {
         let want = label_set(labels);
-        self.config.pools.iter().find(|p| !p.retiring && label_set(&p.labels) == want).map(|p| p.name.clone())
+        self.intake.pools_by_labels.iter().find(|(set, _)| *set == want).map(|(_, name)| name.clone())
     }
 
     pub(super) fn new_job(&self, info: &JobInfo, received_at: SystemTime) -> JobRec {

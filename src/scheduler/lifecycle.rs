@@ -3,14 +3,14 @@
 //! retries, token seeds, and the pools' back-off after failures of the host.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
 use super::event::{Event, spawn_blocking_reporting, spawn_reporting};
-use super::provision::{self, Plan, ProvisionError, TeardownOutcome};
+use super::provision::{self, Plan, ProvisionError, Provisioned, TeardownOutcome};
 use super::vm::{self, Input};
 use super::{Scheduler, Work};
 use crate::config::{PoolConfig, Registration};
@@ -18,6 +18,7 @@ use crate::github::GitHub;
 use crate::hypervisor::{self, Hypervisor};
 use crate::metrics::{self, ReasonLabels, StepLabels};
 use crate::model::{JobState, Reason, VmRec, VmState};
+use crate::timeline::Mark;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -72,7 +73,23 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         vm.state = s;
         vm.state_since = now;
         self.book.touch_vm(name);
+        let mark = match input {
+            Input::GuestReady => Some(Mark::Ready),
+            Input::RunnerOnline | Input::TookJob => Some(Mark::Online),
+            Input::JobCompleted => Some(Mark::Completed),
+            _ => None,
+        };
+        if let Some(mark) = mark {
+            let vm = &self.book.vms[name];
+            self.timeline.mark(vm, self.queued_at(vm), mark, now);
+        }
         true
+    }
+
+    /// When the job `vm` serves (the one its runner took, else the one it was made or
+    /// bound for) reached the agent.
+    pub(super) fn queued_at(&self, vm: &VmRec) -> Option<SystemTime> {
+        self.book.jobs.get(&vm.took_job.unwrap_or(vm.job_id)).map(|j| j.received_at)
     }
 
     /// Tears a VM down for `reason`: now, or once its provisioning reports (unless the
@@ -101,6 +118,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn begin_teardown(&mut self, name: &str, reason: Reason) {
         let Some(vm) = self.book.vms.get(name) else { return };
         let before = vm.clone();
+        self.timeline.reaping(&before, reason, self.now());
         let input = if before.state == VmState::Provisioning { Input::ProvisionFailed } else { Input::Reap };
         if before.state != VmState::TearingDown && !self.transition(name, input) {
             error!(vm = %name, state = before.state.as_str(), reason = %reason.as_str(), "cannot tear down a vm in this state");
@@ -192,11 +210,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         if outcome.errors.is_empty() {
             self.metrics.teardown_seconds.observe(outcome.duration.as_secs_f64());
+            let now = self.now();
             if let Some(vm) = self.book.remove_vm(&name) {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
+                self.timeline.gone(&vm, now);
             }
             self.lifecycle.removing_seeds.remove(&name);
-            let now = self.now();
             self.sweep.torn_down(&name, now);
         } else {
             for e in &outcome.errors {
@@ -341,6 +360,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return false;
         }
         provision::crash_point("after-persist");
+        let vm = &self.book.vms[&name];
+        self.timeline.created(vm, self.queued_at(vm));
         let ctx = self.ctx.clone();
         let (n, failed) = (name.clone(), name.clone());
         let task = spawn_reporting(
@@ -352,7 +373,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         true
     }
 
-    pub(super) fn on_provisioned(&mut self, name: String, result: Result<Duration, ProvisionError>) {
+    pub(super) fn on_provisioned(&mut self, name: String, result: Result<Provisioned, ProvisionError>) {
         if !matches!(self.work.get(&name), Some(Work::Provisioning(_))) {
             // Its deadline passed and the VM is being torn down already.
             debug!(vm = %name, ok = result.is_ok(), "late provisioning report ignored");
@@ -363,7 +384,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         };
         match result {
-            Ok(took) => {
+            Ok(Provisioned { took, defined }) => {
+                let now = self.now();
+                let defined_at = now.checked_sub(took.saturating_sub(defined)).unwrap_or(now);
+                self.timeline.provisioned(&vm, self.queued_at(&vm), defined_at, now);
                 self.metrics.vms_started.get_or_create(&metrics::pool(&vm.pool)).inc();
                 self.metrics.provision_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(took.as_secs_f64());
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, warm = vm.warm, duration_ms = took.as_millis() as u64, "vm started");

@@ -49,6 +49,7 @@ use crate::hypervisor::Hypervisor;
 use crate::metrics::{self, Metrics, VmStateLabels};
 use crate::model::VmState;
 use crate::store::{SchedulerStore, StoreError};
+use crate::timeline;
 use book::Book;
 pub use event::{AdminCommand, Event};
 use provision::Ctx;
@@ -103,6 +104,8 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     draining: bool,
     stopping: bool,
     clock: Arc<dyn Clock>,
+    /// Each VM's milestones (`runnervisor timeline`).
+    timeline: timeline::Recorder,
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -121,7 +124,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     ) -> Result<Self, StoreError> {
         let snap = store.load()?;
         let draining = snap.meta.get("draining").is_some_and(|v| v == b"1");
-        Ok(Scheduler {
+        let mut scheduler = Scheduler {
             ctx: Ctx { github, hv, config: config.clone(), events: tx },
             config,
             store,
@@ -139,7 +142,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             draining,
             stopping: false,
             clock: Arc::new(SystemClock),
-        })
+            timeline: timeline::Recorder::default(),
+        };
+        scheduler.index_pools();
+        Ok(scheduler)
     }
 
     /// Reads wall time from `clock` (tests: one that follows tokio's paused clock).

@@ -105,9 +105,17 @@ pub struct Plan {
     pub job_name: String,
 }
 
+/// A provisioning's report: how long it took, and when (since it began) the domain was
+/// defined.
+#[derive(Debug, Clone, Copy)]
+pub struct Provisioned {
+    pub took: Duration,
+    pub defined: Duration,
+}
+
 /// Image check, credential, overlay, seed, define, start. Reports the runner id as soon as
 /// it exists, so a crash after it still lets the teardown find the registration.
-pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<Duration, ProvisionError> {
+pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<Provisioned, ProvisionError> {
     let started = Instant::now();
     let name = plan.vm.name.clone();
     let pool = &plan.pool;
@@ -173,12 +181,13 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
     let hv = ctx.hv.clone();
     let n = name.clone();
     blocking(move || hv.define(&n, &xml)).await.map_err(ProvisionError::Domain)?;
+    let defined = started.elapsed();
     crash_point("after-define");
     let hv = ctx.hv.clone();
     let n = name.clone();
     blocking(move || hv.start(&n)).await.map_err(ProvisionError::Domain)?;
     crash_point("after-start");
-    Ok(started.elapsed())
+    Ok(Provisioned { took: started.elapsed(), defined })
 }
 
 /// The VM's runnervisor metadata, as its domain carries it.

@@ -38,6 +38,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let config = Arc::new(config);
         self.config = config.clone();
         self.ctx.config = config;
+        self.index_pools();
     }
 
     /// Pools a reload removed whose last VM is gone are forgotten, with their gauges.

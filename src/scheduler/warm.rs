@@ -26,6 +26,7 @@ use crate::github::GitHub;
 use crate::hypervisor::{self, Hypervisor};
 use crate::metrics::{self, PathLabels, StepLabels};
 use crate::model::{Reason, VmRec, VmState};
+use crate::timeline::Mark;
 
 /// How often a warming VM's port is looked at.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -127,6 +128,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         vm.repository = repository.clone();
         vm.job_url = job_url;
         let vm = vm.clone();
+        self.timeline.mark(&vm, self.queued_at(&vm), Mark::Bound, self.now());
         if let Err(e) = self.flush() {
             // Nothing secret is in it yet; the job is served again.
             error!(vm = %vm_name, job_id, error = %e, "cannot persist the binding: the warm vm goes");

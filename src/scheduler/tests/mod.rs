@@ -215,6 +215,13 @@ impl H {
         self.tx.send(Event::Reload(Arc::new(config), tx)).ok().unwrap();
         rx.await.unwrap()
     }
+    /// `runnervisor timeline`: the trace of `vm`.
+    async fn trace(&self, vm: &str) -> timeline::Trace {
+        match self.admin(AdminCommand::Timeline).await {
+            AdminReply::Timeline(t) => t.into_iter().find(|t| t.vm == vm).unwrap_or_else(|| panic!("no trace of {vm}")),
+            other => panic!("{other:?}"),
+        }
+    }
     async fn admin(&self, cmd: AdminCommand) -> AdminReply {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Event::Admin(cmd, tx)).ok().unwrap();
@@ -297,6 +304,16 @@ impl H {
         self.stop.cancel();
         self.task.await.unwrap();
         (self.gh, self.hv, self.store)
+    }
+}
+
+/// Every milestone of `t` is there, in this order (equal times allowed: the clock is paused).
+fn assert_in_order(t: &timeline::Trace, milestones: &[(&str, Option<u64>)]) {
+    let mut last = 0;
+    for (name, at) in milestones {
+        let at = at.unwrap_or_else(|| panic!("{name} missing: {t:#?}"));
+        assert!(at >= last, "{name} before the milestone before it: {t:#?}");
+        last = at;
     }
 }
 

@@ -35,6 +35,16 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
     h.run_job_on(&vm12, 12);
     h.run_job_on(&vm13, 13);
     h.wait("all gone", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    // The timeline: each milestone, in order, the job 13 waited for a slot.
+    for (vm, job) in [(&vm11, 11), (&vm13, 13)] {
+        let t = h.trace(vm).await;
+        assert_eq!((t.job_id, t.warm, t.reason.as_deref()), (Some(job), false, Some("stopped")), "{t:#?}");
+        let m = [("queued", t.queued), ("created", t.created), ("defined", t.defined), ("started", t.started)];
+        let rest = [("online", t.online), ("completed", t.completed), ("reaped", t.reaped), ("gone", t.gone)];
+        assert_in_order(&t, &[&m[..], &rest[..]].concat());
+    }
+    let (t11, t13) = (h.trace(&vm11).await, h.trace(&vm13).await);
+    assert!(t13.created.unwrap() >= t11.gone.unwrap(), "job 13 waited for vm 11's slot");
     let (gh, hv, _) = h.shutdown().await;
     let st = hv.lock();
     assert!(st.volumes.is_empty(), "{:?}", st.volumes);

@@ -53,6 +53,19 @@ async fn a_warm_vm_holds_no_credential_until_a_job_arrives_then_serves_it_and_is
     let s =
         h.wait("the bound VM is gone", |s, hv| s.vms.iter().all(|v| v.name != warm) && hv.running().len() == 1).await;
     assert_eq!(warm_vms(&s, "waiting").len() + warm_vms(&s, "warming").len(), 1, "{s:#?}");
+    // The timeline: booted before the job came, bound when it did.
+    let t = h.trace(&warm).await;
+    assert_eq!((t.job_id, t.warm, t.reason.as_deref()), (Some(11), true, Some("stopped")), "{t:#?}");
+    let boot = [
+        ("created", t.created),
+        ("defined", t.defined),
+        ("started", t.started),
+        ("ready", t.ready),
+        ("queued", t.queued),
+    ];
+    let rest = [("bound", t.bound), ("online", t.online), ("completed", t.completed), ("gone", t.gone)];
+    assert_in_order(&t, &[&boot[..], &rest[..]].concat());
+    assert!(t.queued > t.started, "the VM was up before its job came: {t:#?}");
     let (gh, _, _) = h.shutdown().await;
     assert!(!gh.runner_names().contains(&warm), "runner deleted");
 }
