@@ -235,7 +235,7 @@ pub fn svg(traces: &[Trace], now: SystemTime) -> String {
     let start = traces.iter().filter_map(Trace::first).min().unwrap_or(now);
     let end = traces.iter().filter_map(Trace::last).max().unwrap_or(now).max(now.min(start + 1)).max(start + 1);
     let span = (end - start) as f64 / 1000.0;
-    let (label_w, plot_w, row_h, top) = (330.0, 720.0, 26.0, 96.0);
+    let (label_w, plot_w, row_h, top) = (350.0, 720.0, 26.0, 96.0);
     let width = label_w + plot_w + 130.0;
     let height = top + row_h * traces.len() as f64 + 50.0;
     let x = |ms: u64| label_w + (ms.saturating_sub(start) as f64 / 1000.0) / span * plot_w;
