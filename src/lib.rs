@@ -26,6 +26,7 @@ pub mod cloudinit;
 pub mod config;
 pub mod docs;
 pub mod fence;
+pub mod fleet;
 pub mod github;
 pub mod hypervisor;
 pub mod images;

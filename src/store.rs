@@ -229,6 +229,24 @@ impl Store {
     /// [`Store::accept`] for several deliveries in one durable transaction. Per event,
     /// `false` when its delivery id was accepted before (or earlier in `events`).
     pub fn accept_many(&self, events: &[&JobEvent]) -> Result<Vec<bool>, StoreError> {
+        self.accept_with_meta(events, None)
+    }
+
+    /// Events mirrored from the fleet's log into this member's inbox, and how far the log
+    /// was read (`meta[key] = cursor`), in one durable transaction: after a crash the
+    /// mirror resumes where what it wrote ends.
+    pub fn mirror(&self, events: &[&JobEvent], key: &str, cursor: i64) -> Result<Vec<bool>, StoreError> {
+        self.accept_with_meta(events, Some((key, cursor.to_be_bytes().as_slice())))
+    }
+
+    /// A setting (`meta`), as last committed.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let meta = txn.open_table(META).map_err(dberr)?;
+        Ok(meta.get(key).map_err(dberr)?.map(|v| v.value().to_vec()))
+    }
+
+    fn accept_with_meta(&self, events: &[&JobEvent], meta: Option<(&str, &[u8])>) -> Result<Vec<bool>, StoreError> {
         let txn = self.db.begin_write().map_err(dberr)?;
         let mut fresh = Vec::with_capacity(events.len());
         {
@@ -244,6 +262,9 @@ impl Store {
                 inbox.insert(next, serde_json::to_vec(event)?.as_slice()).map_err(dberr)?;
                 next += 1;
                 fresh.push(true);
+            }
+            if let Some((key, value)) = meta {
+                txn.open_table(META).map_err(dberr)?.insert(key, value).map_err(dberr)?;
             }
         }
         txn.commit().map_err(dberr)?;
@@ -352,7 +373,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::*;
 

@@ -18,6 +18,7 @@ pub const URI: &str = "qemu:///system";
 pub mod agent;
 pub mod lab;
 pub mod load;
+pub mod pg;
 
 /// How long a VM test waits for a guest before failing (TCG boots in ~30 s; allow slack
 /// for two VMs sharing two cores).

@@ -1,0 +1,95 @@
+//! Fleet mode: several hypervisors share one job queue on PostgreSQL.
+//!
+//! Any member accepts a delivery: [`intake::FleetIntake`] writes it to PostgreSQL (delivery
+//! id dedupe, the fleet's event log, the job's forward-only row) before the 2xx, and
+//! answers 503 when it cannot. Each member mirrors the fleet's event log into its own
+//! inbox ([`mirror`]), so its scheduler sees every job of the fleet, as on a single host.
+//! A single host without `[fleet]` uses none of this.
+
+use std::path::Path;
+use std::time::Duration;
+
+use postgres_native_tls::MakeTlsConnector;
+
+pub mod intake;
+pub mod mirror;
+pub mod schema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("postgresql: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("postgresql pool: {0}")]
+    Pool(String),
+    #[error("postgresql schema version {found} is newer than this agent knows ({known}): upgrade the agent")]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error("postgresql schema migration to version {version} failed: {source}")]
+    Migration {
+        version: i32,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("fleet event {seq}: {source}")]
+    Decode {
+        seq: i64,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("fleet intake: the writer has stopped")]
+    Closed,
+    #[error("local store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("postgresql TLS: {0}")]
+    Tls(String),
+}
+
+/// TLS for `sslmode=prefer|require` (the server's certificate is verified against the
+/// system's roots, plus `ca_file` when given, and must name the host).
+pub fn tls(ca_file: Option<&Path>) -> Result<MakeTlsConnector, FleetError> {
+    let mut builder = native_tls::TlsConnector::builder();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| FleetError::Tls(format!("{}: {e}", path.display())))?;
+        let cert =
+            native_tls::Certificate::from_pem(&pem).map_err(|e| FleetError::Tls(format!("{}: {e}", path.display())))?;
+        builder.add_root_certificate(cert);
+    }
+    let connector = builder.build().map_err(|e| FleetError::Tls(e.to_string()))?;
+    Ok(MakeTlsConnector::new(connector))
+}
+
+/// Longest a statement of the intake or the mirror may take: a delivery is answered 503
+/// rather than held, and the mirror can tell a gap in the log that will never fill (see
+/// [`mirror::ready`]) from one that still may.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pool of connections to the fleet's database.
+pub type Pool = deadpool_postgres::Pool;
+
+/// A pool for `config` (password and TLS set by the caller), each connection with the
+/// statement timeout; `size` connections at most.
+pub fn pool(mut config: tokio_postgres::Config, tls: MakeTlsConnector, size: usize) -> Result<Pool, FleetError> {
+    let options =
+        format!("{} -c statement_timeout={}", config.get_options().unwrap_or(""), STATEMENT_TIMEOUT.as_millis());
+    config.options(options.trim_start());
+    config.connect_timeout(Duration::from_secs(5));
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        tls,
+        deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| FleetError::Pool(e.to_string()))
+}
+
+/// A connection from `pool`.
+pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, FleetError> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => FleetError::Db(e),
+        other => FleetError::Pool(other.to_string()),
+    })
+}

@@ -1,0 +1,111 @@
+//! The fleet's PostgreSQL schema: versioned migrations the agent applies itself, one
+//! migrator at a time (a session advisory lock), each version in its own transaction.
+//! A database whose schema is newer than this agent knows is refused, never altered.
+
+use tokio_postgres::Client;
+
+use super::FleetError;
+
+/// The advisory lock every migrator takes (`pg_advisory_lock`), so that members starting
+/// together migrate one after another.
+pub const MIGRATION_LOCK: i64 = 0x7276_6d69_6772_6174; // "rvmigrat"
+
+/// Every version of the schema, in order. Never edit a released entry: add one.
+pub const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+-- Delivery ids seen by any member: a redelivery or a delivery sent to several members
+-- is accepted once.
+CREATE TABLE rv_deliveries (
+    guid        text PRIMARY KEY,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX rv_deliveries_received_at ON rv_deliveries (received_at);
+
+-- The fleet's log of job events, in the order they were committed (almost: a sequence
+-- value is taken before its transaction commits; readers wait for gaps to fill).
+CREATE TABLE rv_events (
+    seq         bigserial PRIMARY KEY,
+    job_id      bigint NOT NULL,
+    event       jsonb NOT NULL,
+    inserted_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- Each job's latest state (forward only: queued < in_progress < completed), and who
+-- holds it: the member that claimed it, until its lease runs out.
+CREATE TABLE rv_jobs (
+    id          bigint PRIMARY KEY,
+    state       text NOT NULL,
+    rank        smallint NOT NULL,
+    labels      text[] NOT NULL,
+    repository  text NOT NULL,
+    received_at timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    holder      text,
+    lease_until timestamptz,
+    attempts    integer NOT NULL DEFAULT 0
+);
+CREATE INDEX rv_jobs_queued ON rv_jobs (received_at) WHERE state = 'queued';
+"#,
+)];
+
+/// The newest version this agent knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0)
+}
+
+/// Brings the schema to [`latest`]; returns the versions applied (none: it was current).
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, FleetError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    let result = migrate_locked(client).await;
+    // The lock is the session's: released here, or when the connection goes.
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+    let applied = result?;
+    unlocked?;
+    Ok(applied)
+}
+
+async fn migrate_locked(client: &mut Client) -> Result<Vec<i32>, FleetError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS rv_schema (version integer NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let current = version(client).await?;
+    if current > latest() {
+        return Err(FleetError::SchemaTooNew { found: current, known: latest() });
+    }
+    let mut applied = Vec::new();
+    for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await.map_err(|source| FleetError::Migration { version: *v, source })?;
+        tx.execute("INSERT INTO rv_schema (version) VALUES ($1)", &[v]).await?;
+        tx.commit().await?;
+        applied.push(*v);
+    }
+    Ok(applied)
+}
+
+/// The schema version of the database (0: none yet).
+pub async fn version(client: &Client) -> Result<i32, FleetError> {
+    let exists: bool = client.query_one("SELECT to_regclass('rv_schema') IS NOT NULL", &[]).await?.get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let v: Option<i32> = client.query_one("SELECT max(version) FROM rv_schema", &[]).await?.get(0);
+    Ok(v.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_ascend_from_one_without_gaps() {
+        for (i, (v, sql)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*v, i as i32 + 1);
+            assert!(!sql.trim().is_empty());
+        }
+        assert_eq!(latest(), MIGRATIONS.len() as i32);
+    }
+}

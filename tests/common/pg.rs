@@ -1,0 +1,81 @@
+//! PostgreSQL for fleet tests: `scripts/setup-host` runs a cluster on loopback with a
+//! role that may create databases; each test gets a database of its own, dropped after.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The role and where its password is (`scripts/setup-host`).
+pub const ROLE: &str = "runnervisor_test";
+pub const PASSWORD_FILE: &str = "/var/lib/runnervisor/test-postgres.password";
+
+pub fn password() -> String {
+    std::fs::read_to_string(PASSWORD_FILE)
+        .unwrap_or_else(|e| panic!("{PASSWORD_FILE}: {e} (scripts/setup-host makes it)"))
+        .trim()
+        .to_string()
+}
+
+/// A connection config to `db` on the test cluster.
+pub fn config(db: &str) -> tokio_postgres::Config {
+    let port: u16 = std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
+    let mut c = tokio_postgres::Config::new();
+    // Loopback: no TLS (Debian's cluster offers its snakeoil certificate, which names no IP).
+    c.host("127.0.0.1")
+        .port(port)
+        .user(ROLE)
+        .password(password())
+        .dbname(db)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    c
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, conn) = config("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL on 127.0.0.1 as {ROLE}: {e} (scripts/setup-host starts it)"));
+    tokio::spawn(conn);
+    client
+}
+
+/// A fresh database, dropped (with its connections) when this goes.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn new(tag: &str) -> TestDb {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("rv_{tag}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        admin().await.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.unwrap();
+        TestDb { name }
+    }
+
+    pub fn config(&self) -> tokio_postgres::Config {
+        config(&self.name)
+    }
+
+    /// A connection of its own (driven by a spawned task).
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, conn) = self.config().connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    pub fn pool(&self, size: usize) -> runnervisor::fleet::Pool {
+        runnervisor::fleet::pool(self.config(), runnervisor::fleet::tls(None).unwrap(), size).unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: a runtime of its own, on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let _ = admin().await.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+            });
+        })
+        .join();
+    }
+}

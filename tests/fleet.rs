@@ -1,0 +1,205 @@
+//! Fleet mode against a real PostgreSQL (`scripts/setup-host` starts one on loopback):
+//! the schema's migrations, the intake's writes before the answer, the mirror of the
+//! fleet's log into each member's inbox. No VM: this is the shared queue alone.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use common::pg::TestDb;
+use runnervisor::fleet::{FleetError, intake, mirror, schema};
+use runnervisor::model::{JobAction, JobEvent, JobInfo};
+use runnervisor::store::Store;
+
+fn event(delivery: &str, job: u64, action: JobAction) -> JobEvent {
+    JobEvent {
+        delivery: delivery.into(),
+        action,
+        job: JobInfo {
+            id: job,
+            run_id: job * 10,
+            run_attempt: 1,
+            name: "build".into(),
+            workflow_name: "CI".into(),
+            labels: vec!["self-hosted".into(), "linux".into()],
+            repository: "octo-org/app".into(),
+            html_url: format!("https://github.com/octo-org/app/actions/runs/{}/job/{job}", job * 10),
+            runner_name: None,
+            conclusion: None,
+        },
+        received_at: SystemTime::now(),
+    }
+}
+
+async fn migrated(tag: &str) -> TestDb {
+    let db = TestDb::new(tag).await;
+    schema::migrate(&mut db.connect().await).await.unwrap();
+    db
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_starting_together_migrate_once_and_a_newer_schema_is_refused() {
+    let db = TestDb::new("migrate").await;
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let mut client = db.connect().await;
+        runs.push(tokio::spawn(async move { schema::migrate(&mut client).await.unwrap() }));
+    }
+    let mut applied = Vec::new();
+    for r in runs {
+        applied.extend(r.await.unwrap());
+    }
+    assert_eq!(applied, (1..=schema::latest()).collect::<Vec<_>>(), "each version applied once");
+    let mut client = db.connect().await;
+    assert_eq!(schema::version(&client).await.unwrap(), schema::latest());
+    assert!(schema::migrate(&mut client).await.unwrap().is_empty(), "current: nothing to do");
+    // A database a newer agent migrated: refused, not touched.
+    client.execute("INSERT INTO rv_schema (version) VALUES ($1)", &[&(schema::latest() + 1)]).await.unwrap();
+    match schema::migrate(&mut client).await {
+        Err(e @ FleetError::SchemaTooNew { .. }) => assert!(e.to_string().contains("upgrade the agent"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_intake_accepts_each_delivery_once_fleet_wide_and_jobs_only_move_forward() {
+    let db = migrated("intake").await;
+    // Two members' intakes on one database: GitHub (or a relay) may send to either.
+    let (a, b) = (intake::FleetIntake::start(db.pool(4)), intake::FleetIntake::start(db.pool(4)));
+    let mut calls = Vec::new();
+    for i in 0..200u64 {
+        // Every tenth delivery is also sent to the other member.
+        let e = event(&format!("d{i}"), 1000 + i, JobAction::Queued);
+        let first = if i % 2 == 0 { a.clone() } else { b.clone() };
+        calls.push(tokio::spawn({
+            let e = e.clone();
+            async move { first.accept(e).await.unwrap() }
+        }));
+        if i % 10 == 0 {
+            let other = if i % 2 == 0 { b.clone() } else { a.clone() };
+            calls.push(tokio::spawn(async move { other.accept(e).await.unwrap() }));
+        }
+    }
+    let mut fresh = 0;
+    for c in calls {
+        fresh += c.await.unwrap() as usize;
+    }
+    assert_eq!(fresh, 200, "220 deliveries, 200 delivery ids");
+    let client = db.connect().await;
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM rv_events").await, 200);
+    assert_eq!(count("SELECT count(*) FROM rv_jobs WHERE state = 'queued'").await, 200);
+
+    // Completed, then a late in_progress and a late queued (new delivery ids): the row
+    // stays completed; the log keeps all three (members apply them forward-only too).
+    assert!(a.accept(event("late-1", 1000, JobAction::Completed)).await.unwrap());
+    assert!(b.accept(event("late-2", 1000, JobAction::InProgress)).await.unwrap());
+    assert!(a.accept(event("late-3", 1000, JobAction::Queued)).await.unwrap());
+    let state: String = client.query_one("SELECT state FROM rv_jobs WHERE id = 1000", &[]).await.unwrap().get(0);
+    assert_eq!(state, "completed");
+    assert_eq!(count("SELECT count(*) FROM rv_events WHERE job_id = 1000").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_postgres_a_delivery_is_refused_not_accepted() {
+    // Nothing listens on port 9 of loopback: the connection is refused at once.
+    let mut config = common::pg::config("postgres");
+    config.port(9);
+    let pool = runnervisor::fleet::pool(config, runnervisor::fleet::tls(None).unwrap(), 2).unwrap();
+    let intake = intake::FleetIntake::start(pool);
+    let started = std::time::Instant::now();
+    let err = intake.accept(event("d1", 1, JobAction::Queued)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(matches!(*err, FleetError::Db(_) | FleetError::Pool(_)), "{err:?}");
+}
+
+fn inbox_ids(store: &Store) -> Vec<(String, u64)> {
+    store.inbox(10_000).unwrap().into_iter().map(|(_, e)| (e.delivery, e.job.id)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_member_mirrors_the_log_into_its_inbox_once_and_resumes_after_a_restart() {
+    let db = migrated("mirror").await;
+    let pool = db.pool(2);
+    let intake = intake::FleetIntake::start(pool.clone());
+    for i in 0..1500u64 {
+        intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
+    }
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for dir in &dirs {
+        let store = Store::open(dir.path()).unwrap();
+        let first = mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap();
+        assert_eq!((first.mirrored, first.more), (1024, true), "one chunk a commit");
+        let second = mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap();
+        assert_eq!((second.mirrored, second.more, second.held), (476, false, false));
+        let ids = inbox_ids(&store);
+        assert_eq!(ids.len(), 1500);
+        assert!(ids.iter().enumerate().all(|(i, (d, j))| *d == format!("d{i}") && *j == i as u64), "in order");
+        assert_eq!(mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap(), mirror::Pass::default());
+    }
+    // A restart (the store reopened) resumes at its cursor: one new event, one new entry.
+    intake.accept(event("d-new", 9999, JobAction::Queued)).await.unwrap();
+    let store = Store::open(dirs[0].path()).unwrap();
+    assert_eq!(mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap().mirrored, 1);
+    assert_eq!(inbox_ids(&store).len(), 1501);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mirror_waits_for_an_earlier_transaction_and_passes_one_that_rolled_back() {
+    let db = migrated("gap").await;
+    let pool = db.pool(2);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let insert = "INSERT INTO rv_events (job_id, event) VALUES ($1, $2)";
+    let body = |d: &str, job: u64| serde_json::to_value(event(d, job, JobAction::Queued)).unwrap();
+    let gap = Duration::from_millis(500);
+
+    // A takes the first sequence value and does not commit yet; B commits after it.
+    let mut slow = db.connect().await;
+    let a = slow.transaction().await.unwrap();
+    a.execute(insert, &[&1i64, &body("a", 1)]).await.unwrap();
+    db.connect().await.execute(insert, &[&2i64, &body("b", 2)]).await.unwrap();
+    let p = mirror::pass(&pool, &store, gap).await.unwrap();
+    assert!(p.held && p.mirrored == 0, "b waits for a: {p:?}");
+    a.commit().await.unwrap();
+    let p = mirror::pass(&pool, &store, gap).await.unwrap();
+    assert_eq!((p.mirrored, p.held), (2, false));
+    assert_eq!(inbox_ids(&store), [("a".to_string(), 1), ("b".to_string(), 2)]);
+
+    // C rolls back after taking a value: D, after the gap, waits out the timeout, then goes.
+    let c = slow.transaction().await.unwrap();
+    c.execute(insert, &[&3i64, &body("c", 3)]).await.unwrap();
+    db.connect().await.execute(insert, &[&4i64, &body("d", 4)]).await.unwrap();
+    c.rollback().await.unwrap();
+    assert!(mirror::pass(&pool, &store, gap).await.unwrap().held);
+    tokio::time::sleep(gap).await;
+    assert_eq!(mirror::pass(&pool, &store, gap).await.unwrap().mirrored, 1);
+    let seen: HashSet<String> = inbox_ids(&store).into_iter().map(|(d, _)| d).collect();
+    assert_eq!(seen, ["a", "b", "d"].map(String::from).into());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_mirror_brings_new_events_and_wakes_the_scheduler() {
+    let db = migrated("run").await;
+    let pool = db.pool(2);
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+    let ready = std::sync::Arc::new(tokio::sync::Notify::new());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tls = runnervisor::fleet::tls(None).unwrap();
+    let task =
+        tokio::spawn(mirror::run(pool.clone(), db.config(), tls, store.clone(), ready.clone(), shutdown.clone()));
+    let intake = intake::FleetIntake::start(pool);
+    for i in 0..3u64 {
+        intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
+        // The scheduler is woken for each (a NOTIFY, or the poll behind it).
+        tokio::time::timeout(Duration::from_secs(10), ready.notified()).await.expect("woken");
+        assert_eq!(inbox_ids(&store).len(), i as usize + 1);
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap();
+}
