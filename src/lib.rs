@@ -68,6 +68,8 @@ pub struct Deps<G, H> {
     pub metrics_listener: Option<std::net::TcpListener>,
     /// Validated configurations to apply while running (SIGHUP: [`reload::on_sighup`]).
     pub reloads: Option<mpsc::UnboundedReceiver<reload::Request>>,
+    /// Fleet mode (`[fleet]`): this host's membership; `None`: a single host.
+    pub fleet: Option<fleet::Member>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +155,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     }
 
     let inbox_ready = Arc::new(Notify::new());
-    let scheduler = Scheduler::new(
+    let mut scheduler = Scheduler::new(
         config.clone(),
         deps.github,
         deps.hypervisor,
@@ -163,6 +165,15 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         tx.clone(),
         rx,
     )?;
+    if let Some(m) = &deps.fleet {
+        let claims = fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease);
+        scheduler = scheduler.with_fleet(scheduler::claims::Fleet::new(
+            Arc::new(claims),
+            m.host_id.clone(),
+            m.lease,
+            m.cold_head_start,
+        ));
+    }
     let stop_scheduler = CancellationToken::new();
     let (ready_tx, ready_rx) = oneshot::channel();
     let sched = tokio::spawn(scheduler.run(stop_scheduler.clone(), Some(ready_tx)));
@@ -174,9 +185,20 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         }
     });
 
+    // Fleet mode: deliveries go to the fleet's database, whose log the mirror brings into
+    // this member's store like any delivery; a single host writes its store directly.
+    let accepter = match deps.fleet {
+        Some(member) => {
+            tracing::info!(host_id = %member.host_id, "fleet mode: the job queue is shared on PostgreSQL");
+            let persist = webhook::Persist::Fleet(fleet::intake::FleetIntake::start(member.pool.clone()));
+            tokio::spawn(fleet::mirror::run_member(member, store, inbox_ready.clone(), shutdown.clone()));
+            persist
+        }
+        None => store::Accepter::start(store).into(),
+    };
     let intake = Arc::new(webhook::Intake {
         secret: deps.webhook_secret,
-        accepter: store::Accepter::start(store),
+        accepter,
         inbox_ready,
         metrics: deps.metrics.clone(),
         scope: config.github.scope(),

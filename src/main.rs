@@ -245,9 +245,22 @@ async fn serve(path: PathBuf) -> ExitCode {
                 }
             }
         };
-        Ok((webhook_secret, auth))
+        let fleet = match &config.fleet {
+            None => None,
+            Some(f) => {
+                let password = match &f.postgres.password {
+                    Some(p) => Some(p.load(creds.as_deref()).map_err(|e| format!("fleet.postgres.password: {e}"))?),
+                    None => None,
+                };
+                Some(
+                    runnervisor::fleet::Member::new(f, password.as_ref())
+                        .map_err(|e| format!("fleet.postgres: {e}"))?,
+                )
+            }
+        };
+        Ok((webhook_secret, auth, fleet))
     })();
-    let (webhook_secret, auth) = match secrets {
+    let (webhook_secret, auth, fleet) = match secrets {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -298,6 +311,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         webhook_listener: None,
         metrics_listener: None,
         reloads: Some(reload_rx),
+        fleet,
     };
     match runnervisor::run(config, deps, shutdown).await {
         Ok(()) => {

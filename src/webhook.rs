@@ -166,10 +166,33 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
     Ok(Parsed { event, enterprise: p.enterprise.map(|e| e.slug) })
 }
 
+/// Where an accepted delivery is written before it is answered: this host's store, or,
+/// in fleet mode, the fleet's database (whose log each member mirrors into its store).
+pub enum Persist {
+    Local(Accepter),
+    Fleet(crate::fleet::intake::FleetIntake),
+}
+
+impl From<Accepter> for Persist {
+    fn from(a: Accepter) -> Persist {
+        Persist::Local(a)
+    }
+}
+
+impl Persist {
+    /// `false`: this delivery id was accepted before. An error is answered 503.
+    pub async fn accept(&self, event: JobEvent) -> Result<bool, String> {
+        match self {
+            Persist::Local(a) => a.accept(event).await.map_err(|e| e.to_string()),
+            Persist::Fleet(f) => f.accept(event).await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
 pub struct Intake {
     pub secret: Secret,
     /// Writes deliveries durably, many to a commit under load.
-    pub accepter: Accepter,
+    pub accepter: Persist,
     /// Woken when the inbox has something new.
     pub inbox_ready: Arc<Notify>,
     pub metrics: Arc<Metrics>,

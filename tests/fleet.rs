@@ -203,3 +203,60 @@ async fn the_running_mirror_brings_new_events_and_wakes_the_scheduler() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap();
 }
+
+/// Jobs rows as the intake makes them, `n` queued jobs from 1.
+async fn queued_jobs(db: &TestDb, n: u64) {
+    let intake = intake::FleetIntake::start(db.pool(2));
+    for i in 1..=n {
+        intake.accept(event(&format!("q{i}"), i, JobAction::Queued)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_claiming_together_never_win_the_same_job() {
+    use runnervisor::fleet::claims::{Claims, PgClaims};
+    let db = migrated("claims").await;
+    queued_jobs(&db, 200).await;
+    let all: Vec<u64> = (1..=200).collect();
+    let members: Vec<PgClaims> =
+        (0..8).map(|i| PgClaims::new(db.pool(1), format!("hv-{i}"), Duration::from_secs(60))).collect();
+    let rounds: Vec<_> = members.iter().map(|m| m.claim(all.clone())).collect();
+    let mut won: Vec<u64> = Vec::new();
+    for r in futures_util::future::join_all(rounds).await {
+        won.extend(r.unwrap().into_iter().map(|c| {
+            assert_eq!((c.attempt, c.taken_over_from), (1, None));
+            c.job
+        }));
+    }
+    won.sort_unstable();
+    assert_eq!(won, all, "every job claimed exactly once by 8 members claiming at once");
+    // Renewal keeps only one's own; release frees them for another.
+    let mine: Vec<u64> = {
+        let rows = db.connect().await.query("SELECT id FROM rv_jobs WHERE holder = 'hv-0'", &[]).await.unwrap();
+        rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()
+    };
+    let renewed = members[0].renew(all.clone()).await.unwrap();
+    assert_eq!(renewed.len(), mine.len());
+    members[0].release(mine.clone()).await.unwrap();
+    let again = members[1].claim(mine.clone()).await.unwrap();
+    assert_eq!(again.len(), mine.len());
+    assert!(again.iter().all(|c| c.attempt == 2 && c.taken_over_from.is_none()), "released, not taken over");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_whose_lease_ran_out_is_taken_over_and_a_served_job_is_not_claimed() {
+    use runnervisor::fleet::claims::{Claims, PgClaims};
+    let db = migrated("lease").await;
+    queued_jobs(&db, 2).await;
+    let short = PgClaims::new(db.pool(1), "hv-gone".into(), Duration::from_millis(300));
+    let other = PgClaims::new(db.pool(1), "hv-other".into(), Duration::from_secs(60));
+    assert_eq!(short.claim(vec![1, 2]).await.unwrap().len(), 2);
+    assert!(other.claim(vec![1, 2]).await.unwrap().is_empty(), "held");
+    // Job 2 starts running (its webhook): no longer claimable by anyone.
+    intake::FleetIntake::start(db.pool(1)).accept(event("q2-run", 2, JobAction::InProgress)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let taken = other.claim(vec![1, 2]).await.unwrap();
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!((taken[0].job, taken[0].attempt, taken[0].taken_over_from.as_deref()), (1, 2, Some("hv-gone")));
+    assert!(short.renew(vec![1]).await.unwrap().is_empty(), "the old holder's renewal fails: it lost the job");
+}

@@ -96,6 +96,7 @@ async fn start() -> Agent {
         webhook_listener: Some(webhook_listener),
         metrics_listener: Some(metrics_listener),
         reloads: None,
+        fleet: None,
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(runnervisor::run(config, deps, stop.clone()));

@@ -51,7 +51,7 @@ async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>, Arc<
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let intake = Arc::new(webhook::Intake {
         secret: Secret::new(SECRET),
-        accepter: runnervisor::store::Accepter::start(store.clone()),
+        accepter: runnervisor::store::Accepter::start(store.clone()).into(),
         inbox_ready: Arc::new(tokio::sync::Notify::new()),
         metrics: metrics.clone(),
         scope: runnervisor::config::Scope::Organization("octo-org".into()),

@@ -39,6 +39,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub capacity: CapacityConfig,
+    /// Fleet mode: this host is one of several sharing one job queue on PostgreSQL.
+    /// Absent: a single host, with its embedded store alone.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
     #[serde(rename = "pool")]
     pub pools: Vec<PoolConfig>,
 }
@@ -339,8 +343,64 @@ pub struct PoolConfig {
     pub retiring: bool,
 }
 
+/// `[fleet]`: the members of a fleet share one job queue (PostgreSQL); each serves the
+/// jobs it claims, up to its capacity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// This member's name, unique in the fleet; its VMs and claims carry it. Default: the
+    /// host name.
+    #[serde(default)]
+    pub host_id: Option<String>,
+    pub postgres: PostgresConfig,
+    /// How long a member holds a job it claimed without renewing the claim: a member that
+    /// dies or is cut off loses its unserved jobs to the others after this.
+    #[serde(default = "defaults::lease", deserialize_with = "duration")]
+    pub lease: Duration,
+    /// A member that would boot a VM cold leaves a job this long to members with a warm VM
+    /// waiting (unless the job is older).
+    #[serde(default = "defaults::cold_head_start", deserialize_with = "duration")]
+    pub cold_head_start: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A libpq connection URI or key=value string, without the password:
+    /// `postgres://runnervisor@db.example:5432/runnervisor?sslmode=require`. With
+    /// `sslmode=prefer|require` the server's certificate is verified (system roots and
+    /// `ca_file`) and must name the host.
+    pub url: String,
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// A CA certificate (PEM) the server's certificate may chain to.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Connections this member keeps to the database at most.
+    #[serde(default = "defaults::pg_connections")]
+    pub max_connections: usize,
+}
+
+impl FleetConfig {
+    /// `host_id`, or this machine's host name.
+    pub fn host_id(&self) -> String {
+        self.host_id.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+        })
+    }
+}
+
 mod defaults {
     use super::*;
+    pub fn lease() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn cold_head_start() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn pg_connections() -> usize {
+        8
+    }
     pub fn state_dir() -> PathBuf {
         "/var/lib/runnervisor/state".into()
     }

@@ -31,8 +31,8 @@ fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
 ///   `libvirt.console_log_dir`, `reconcile` (but `shutdown_grace`), `capacity`, pools
 ///   (added, removed, resized: any pool key);
 /// - kept: `state_dir`, `server`, `github`, `libvirt.uri`, `libvirt.storage_pool`, `admin`,
-///   `metrics`, `reconcile.shutdown_grace` (listeners, the store, the GitHub client and the
-///   libvirt connection are made once, at start).
+///   `metrics`, `reconcile.shutdown_grace`, `fleet` (listeners, the stores, the GitHub
+///   client and the libvirt connection are made once, at start).
 ///
 /// A pool that is gone from `new` stays as a *retiring* pool: it takes no jobs and makes no
 /// VM, its VMs finish, and the scheduler drops it once it has none.
@@ -60,6 +60,8 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
     config.metrics = old.metrics.clone();
     keep("reconcile.shutdown_grace", old.reconcile.shutdown_grace != config.reconcile.shutdown_grace);
     config.reconcile.shutdown_grace = old.reconcile.shutdown_grace;
+    keep("fleet", differs(&old.fleet, &config.fleet));
+    config.fleet = old.fleet.clone();
 
     let mut apply = |name: String, changed: bool| {
         if changed {

@@ -157,3 +157,47 @@ fn bad_values_name_key_and_value() {
     let e = err(&no_pools);
     assert!(e.contains("at least one"), "{e}");
 }
+
+#[test]
+fn fleet_settings_defaults_and_errors() {
+    let fleet = |body: &str| format!("{MINIMAL}\n[fleet]\n{body}\n");
+    let c =
+        Config::parse(&fleet("postgres = { url = \"postgres://rv@db.example/runnervisor?sslmode=require\" }")).unwrap();
+    let f = c.fleet.as_ref().unwrap();
+    assert_eq!(
+        (f.lease, f.cold_head_start, f.postgres.max_connections),
+        (Duration::from_secs(60), Duration::from_secs(1), 8)
+    );
+    assert!(!f.host_id().is_empty(), "the host name by default");
+    assert!(Config::parse(MINIMAL).unwrap().fleet.is_none(), "absent: a single host");
+    let ok = Config::parse(&fleet(
+        "host_id = \"hv-01\"\nlease = \"30s\"\ncold_head_start = \"2s\"\n\
+         postgres = { url = \"host=db.example user=rv dbname=runnervisor\", password = { credential = \"pg\" }, ca_file = \"/etc/ssl/db.pem\", max_connections = 4 }",
+    ))
+    .unwrap();
+    assert_eq!(ok.fleet.unwrap().host_id(), "hv-01");
+    let table: &[(&str, &str, &str)] = &[
+        ("host_id = \"hv 01\"\npostgres = { url = \"postgres://rv@db/x\" }", "fleet.host_id", "hv 01"),
+        ("postgres = { url = \"postgres://rv:s3cret@db/x\" }", "fleet.postgres.url", "password"),
+        ("postgres = { url = \"host=db user=rv password=s3cret\" }", "fleet.postgres.url", "password=***"),
+        ("postgres = { url = \"postgres:///x\" }", "fleet.postgres.url", "no host"),
+        ("postgres = { url = \"postgres://rv@db/x?sslmode=sometimes\" }", "fleet.postgres.url", "sslmode"),
+        ("postgres = { url = \"postgres://rv@db/x\", max_connections = 0 }", "fleet.postgres.max_connections", "0"),
+        ("lease = \"5s\"\npostgres = { url = \"postgres://rv@db/x\" }", "fleet.lease", "5s"),
+        ("cold_head_start = \"40s\"\npostgres = { url = \"postgres://rv@db/x\" }", "fleet.cold_head_start", "40s"),
+        ("postgres = { url = \"postgres://rv@db/x\", pasword = \"x\" }", "pasword", ""),
+    ];
+    for (body, key, want) in table {
+        let e = err(&fleet(body));
+        assert!(e.contains(key) && e.contains(want), "{body}: {e}");
+        assert!(!e.contains("s3cret"), "a password never reaches an error: {e}");
+    }
+}
+
+#[test]
+fn urls_are_shown_without_their_password() {
+    use super::validate::redact_url;
+    assert_eq!(redact_url("postgres://rv:s3cret@db:5432/x"), "postgres://rv:***@db:5432/x");
+    assert_eq!(redact_url("postgres://rv@db/x"), "postgres://rv@db/x");
+    assert_eq!(redact_url("host=db password=s3cret user=rv"), "host=db password=*** user=rv");
+}

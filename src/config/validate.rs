@@ -210,6 +210,64 @@ impl Config {
                 return Err(invalid(key("bind_timeout"), p.bind_timeout, "must be 1s to 10m"));
             }
         }
+        if let Some(f) = &self.fleet {
+            validate_fleet(f)?;
+        }
         Ok(())
     }
+}
+
+/// `url` with the password of its user info, if any, replaced: what an error may show.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user_info, host)) if user_info.contains(':') => {
+                let user = user_info.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            _ => url.to_string(),
+        },
+        // key=value form: a password= pair is hidden.
+        None => url
+            .split_whitespace()
+            .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+fn validate_fleet(f: &FleetConfig) -> Result<(), ConfigError> {
+    if let Some(h) = &f.host_id
+        && !(h.len() <= 63 && valid_slug(h))
+    {
+        return Err(invalid("fleet.host_id", h, "1 to 63 letters, digits, '-', '_' or '.'"));
+    }
+    let url = &f.postgres.url;
+    let parsed: tokio_postgres::Config = url.parse().map_err(|e| {
+        invalid(
+            "fleet.postgres.url",
+            redact_url(url),
+            format!("not a PostgreSQL connection URI or key=value string: {e}"),
+        )
+    })?;
+    if parsed.get_password().is_some() {
+        return Err(invalid(
+            "fleet.postgres.url",
+            redact_url(url),
+            "holds a password: put it in fleet.postgres.password ({ file = ... } or { credential = ... })",
+        ));
+    }
+    if parsed.get_hosts().is_empty() {
+        return Err(invalid("fleet.postgres.url", redact_url(url), "names no host"));
+    }
+    if !(1..=64).contains(&f.postgres.max_connections) {
+        return Err(invalid("fleet.postgres.max_connections", f.postgres.max_connections, "must be 1 to 64"));
+    }
+    if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&f.lease) {
+        return Err(invalid("fleet.lease", f.lease, "must be 10s to 1h"));
+    }
+    if f.cold_head_start > f.lease / 2 {
+        return Err(invalid("fleet.cold_head_start", f.cold_head_start, "must be at most half of fleet.lease"));
+    }
+    Ok(())
 }

@@ -97,6 +97,19 @@ pub async fn pass(pool: &Pool, store: &Store, gap_timeout: Duration) -> Result<P
     Ok(pass)
 }
 
+/// Migrates the schema (retrying until the database answers), then mirrors until
+/// `shutdown`: see [`run`].
+pub async fn run_member(
+    member: super::Member,
+    store: Arc<Store>,
+    inbox_ready: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    if member.migrate(&shutdown).await {
+        run(member.pool, member.listen, member.tls, store, inbox_ready, shutdown).await;
+    }
+}
+
 /// Mirrors until `shutdown`: woken by `NOTIFY` on a connection of its own, polling as a
 /// backstop; `inbox_ready` wakes the scheduler after each pass that brought something.
 /// Errors are logged and retried (the member keeps serving what it has).

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use postgres_native_tls::MakeTlsConnector;
 
+pub mod claims;
 pub mod intake;
 pub mod mirror;
 pub mod schema;
@@ -92,4 +93,77 @@ pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, FleetError
         deadpool_postgres::PoolError::Backend(e) => FleetError::Db(e),
         other => FleetError::Pool(other.to_string()),
     })
+}
+
+/// This host as a member of a fleet: its name, its connections, its settings.
+#[derive(Clone)]
+pub struct Member {
+    pub host_id: String,
+    pub pool: Pool,
+    /// For the mirror's `LISTEN` connection (a pooled one cannot hear notifications).
+    pub listen: tokio_postgres::Config,
+    pub tls: MakeTlsConnector,
+    pub lease: Duration,
+    pub cold_head_start: Duration,
+}
+
+impl Member {
+    /// Builds the connection settings and the pool (connections are made when first
+    /// used: a database that is away at start is retried, not fatal).
+    pub fn new(
+        config: &crate::config::FleetConfig,
+        password: Option<&crate::secret::Secret>,
+    ) -> Result<Member, FleetError> {
+        let mut pg: tokio_postgres::Config =
+            config.postgres.url.parse().map_err(|e: tokio_postgres::Error| FleetError::Pool(e.to_string()))?;
+        if let Some(p) = password {
+            pg.password(p.expose());
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name(format!("runnervisor {}", config.host_id()));
+        }
+        let tls = tls(config.postgres.ca_file.as_deref())?;
+        Ok(Member {
+            host_id: config.host_id(),
+            pool: pool(pg.clone(), tls.clone(), config.postgres.max_connections)?,
+            listen: pg,
+            tls,
+            lease: config.lease,
+            cold_head_start: config.cold_head_start,
+        })
+    }
+
+    /// Brings the schema up to date, retrying until it can (or `shutdown`).
+    pub async fn migrate(&self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+        let mut logged = false;
+        loop {
+            let result = async {
+                let mut c = client(&self.pool).await?;
+                schema::migrate(&mut c).await
+            }
+            .await;
+            match result {
+                Ok(applied) => {
+                    if !applied.is_empty() {
+                        tracing::info!(versions = ?applied, "fleet database schema migrated");
+                    }
+                    return true;
+                }
+                Err(e @ FleetError::SchemaTooNew { .. }) => {
+                    tracing::error!(error = %e, "fleet database refused");
+                    return false;
+                }
+                Err(e) => {
+                    if !logged {
+                        tracing::error!(error = %e, "cannot reach the fleet database; retrying (deliveries are answered 503 meanwhile)");
+                        logged = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
 }

@@ -94,6 +94,8 @@ pub struct VmMetadata {
     pub job_url: String,
     /// A warm VM no job's credential was delivered into (yet).
     pub warm: bool,
+    /// Fleet mode: the member that made it (each member touches only its own VMs).
+    pub host: Option<String>,
 }
 
 /// Everything the domain XML is made from.
@@ -231,6 +233,9 @@ fn metadata_element(x: &mut Xml, m: &VmMetadata, prefixed: bool) {
     if m.warm {
         x.text(&tag("warm"), &[], "true");
     }
+    if let Some(host) = &m.host {
+        x.text(&tag("host"), &[], host);
+    }
     x.close();
 }
 
@@ -277,6 +282,7 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
         console_log: get("console-log")?.into(),
         job_url: get("job-url").unwrap_or_default(),
         warm: get("warm").is_some_and(|w| w == "true"),
+        host: get("host").filter(|h| !h.is_empty()),
     })
 }
 
@@ -380,6 +386,7 @@ mod tests {
             console_log: "/var/log/runnervisor/console/rv-small-30000000001.log".into(),
             job_url: format!("https://github.com/octo-org/x/actions/runs/1/job/2?{NASTY}"),
             warm: false,
+            host: Some(format!("hv-{NASTY}")),
         }
     }
 
@@ -427,6 +434,7 @@ mod tests {
         let mut expected = m.clone();
         expected.repository = expected.repository.replace('\u{1}', "");
         expected.job_url = expected.job_url.replace('\u{1}', "");
+        expected.host = expected.host.map(|h| h.replace('\u{1}', ""));
         assert_eq!(parse_metadata(&xml[md.range()]), Some(expected));
         assert!(!root.descendants().any(|n| n.has_tag_name("cpu")), "TCG uses QEMU's default CPU");
         assert!(!root.descendants().any(|n| n.has_tag_name("channel")), "a cold VM has no bind port");

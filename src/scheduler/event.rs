@@ -55,6 +55,21 @@ pub enum Event {
         found: Vec<JobEvent>,
     },
     GroupResolved(Result<u64, GhError>),
+    /// Fleet mode: a claim's outcome (the jobs asked for, those won).
+    Claimed {
+        asked: Vec<u64>,
+        result: Result<Vec<crate::fleet::claims::Claimed>, crate::fleet::FleetError>,
+    },
+    /// Fleet mode: the claims renewed (of those asked for).
+    Renewed {
+        asked: Vec<u64>,
+        result: Result<Vec<u64>, crate::fleet::FleetError>,
+    },
+    /// Fleet mode: a job taken over from a member that went away, as GitHub knows it.
+    TakeoverChecked {
+        job: u64,
+        status: Result<Option<JobStatus>, GhError>,
+    },
     Admin(AdminCommand, oneshot::Sender<Reply>),
     /// A reloaded, valid configuration: apply what can change live, answer what changed.
     Reload(std::sync::Arc<crate::config::Config>, oneshot::Sender<crate::config::ReloadReport>),

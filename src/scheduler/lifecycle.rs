@@ -316,7 +316,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let Some(job) = self.book.jobs.get_mut(&job_id) else {
             return;
         };
-        job.vms_made += 1;
+        // In a fleet the attempt is counted fleet-wide by the claim: names stay unique.
+        job.vms_made = match self.fleet.as_mut() {
+            Some(fleet) => {
+                let Some(attempt) = fleet.serving(job_id) else { return };
+                fleet.used(job_id);
+                attempt
+            }
+            None => job.vms_made + 1,
+        };
         let name = hypervisor::vm_name(&pool.name, job_id, job.vms_made);
         let vm = VmRec {
             job_id,

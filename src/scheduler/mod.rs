@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod book;
+pub mod claims;
 pub mod demand;
 pub mod event;
 pub mod intake;
@@ -106,6 +107,8 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     clock: Arc<dyn Clock>,
     /// Each VM's milestones (`runnervisor timeline`).
     timeline: timeline::Recorder,
+    /// Fleet mode: the claims this member holds.
+    fleet: Option<claims::Fleet>,
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -143,9 +146,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             stopping: false,
             clock: Arc::new(SystemClock),
             timeline: timeline::Recorder::default(),
+            fleet: None,
         };
         scheduler.index_pools();
         Ok(scheduler)
+    }
+
+    /// Fleet mode: serves only the jobs this member claims.
+    pub fn with_fleet(mut self, fleet: claims::Fleet) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Reads wall time from `clock` (tests: one that follows tokio's paused clock).
@@ -264,6 +274,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.on_github_synced(started, runners, jobs, found)
             }
             Event::GroupResolved(r) => self.on_group_resolved(r),
+            Event::Claimed { asked, result } => self.on_claimed(asked, result),
+            Event::Renewed { asked, result } => self.on_renewed(asked, result),
+            Event::TakeoverChecked { job, status } => self.on_takeover_checked(job, status),
             Event::Admin(cmd, reply) => {
                 let r = self.on_admin(cmd);
                 let _ = reply.send(r);
@@ -285,6 +298,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.watch_warm_vms();
         self.remove_spent_seeds();
         self.forget_retired_pools();
+        self.tend_claims();
         if !self.hv.ready {
             return;
         }
@@ -306,7 +320,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             host_room,
         };
         let decision = {
-            let unserved = self.book.unserved(&pool.name);
+            let mut unserved = self.book.unserved(&pool.name);
+            if let Some(fleet) = &self.fleet {
+                // Jobs another member holds are its to serve (counting stays fleet-wide:
+                // a runner of ours may still take one).
+                unserved.retain(|j| !fleet.elsewhere(j.info.id, now));
+            }
             let vms: Vec<_> = self.book.vms_of(&pool.name).collect();
             let since = &self.lifecycle.surplus_since;
             demand::plan(demand::Limits::of(pool), &unserved, &vms, since, &self.warm.cold_only, gate, now)
@@ -332,10 +351,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.resolve_group();
             return;
         }
+        let bind_jobs = self.claimed_only(decision.bind.iter().map(|(j, _)| (*j, false)).collect());
         for (job, vm) in decision.bind {
-            self.start_bind(job, &vm, pool);
+            if bind_jobs.contains(&job) {
+                self.start_bind(job, &vm, pool);
+            }
         }
-        for job in decision.provision {
+        for job in self.claimed_only(decision.provision.into_iter().map(|j| (j, true)).collect()) {
             self.start_provision(job, pool);
         }
     }

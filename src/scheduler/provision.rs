@@ -202,6 +202,7 @@ fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec) -> VmMetadata {
         console_log: ctx.config.libvirt.console_log_dir.join(format!("{}.log", vm.name)),
         job_url: vm.job_url.clone(),
         warm: vm.warm && vm.job_id == 0,
+        host: ctx.config.fleet.as_ref().map(|f| f.host_id()),
     }
 }
 

@@ -162,9 +162,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
         }
+        // In a fleet, members sharing a libvirtd touch only their own domains (by the host
+        // id in the metadata); a single host leaves any fleet member's alone.
+        let host = self.config.fleet.as_ref().map(|f| f.host_id());
         for info in &found {
             // Only names of our pools: other `rv-` domains on this host are not ours to touch.
             if self.book.vms.contains_key(&info.name) || !self.is_ours(&info.name) || stale.contains(&info.name) {
+                continue;
+            }
+            if info.metadata.as_ref().is_some_and(|m| m.host != host) {
                 continue;
             }
             self.adopt(info);

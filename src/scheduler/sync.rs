@@ -210,7 +210,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 },
             }
         }
-        // Runners named like our VMs that have no VM: leftovers of crashes. Remove them.
+        // Runners named like our VMs that have no VM: leftovers of crashes. Remove them. Not
+        // in a fleet: the other members' runners are named like ours (GitHub removes an
+        // ephemeral runner left offline after a day).
+        if self.fleet.is_some() {
+            return;
+        }
         for r in &runners {
             if self.is_ours(&r.name) && !self.book.vms.contains_key(&r.name) && !r.busy {
                 info!(runner_name = %r.name, runner_id = r.id, "deleting a runner registration that has no vm");

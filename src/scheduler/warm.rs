@@ -39,12 +39,22 @@ pub struct State {
     last_seq: u64,
 }
 
+/// Three digits of a member's name (FNV-1a), the tail of its warm VMs' sequence numbers.
+fn member_digits(host: &str) -> u64 {
+    host.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)) % 1000
+}
+
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Records and provisions one new warm VM of `pool`.
     pub(super) fn start_warm(&mut self, pool: &PoolConfig) {
         let now = self.now();
         let millis = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-        self.warm.last_seq = millis.max(self.warm.last_seq + 1);
+        self.warm.last_seq = match &self.fleet {
+            // Members may make warm VMs in the same millisecond: the last three digits are
+            // the member's, so that names (runner names at GitHub) stay unique in the fleet.
+            Some(f) => (millis * 1000 + member_digits(&f.host)).max(self.warm.last_seq + 1000),
+            None => millis.max(self.warm.last_seq + 1),
+        };
         let name = hypervisor::warm_vm_name(&pool.name, self.warm.last_seq);
         let vm = VmRec::new(name.clone(), &pool.name, true, now);
         let plan = self.plan(vm.clone(), pool, String::new(), String::new());
@@ -121,6 +131,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let (workflow, job_name) = (job.info.workflow_name.clone(), job.info.name.clone());
         if !self.transition(vm_name, Input::Bind) {
             return;
+        }
+        if let Some(fleet) = self.fleet.as_mut() {
+            fleet.used(job_id);
         }
         let Some(vm) = self.book.vms.get_mut(vm_name) else { return };
         vm.job_id = job_id;

@@ -298,6 +298,7 @@ pub fn test_domain_xml_with(
         console_log: console_log.to_path_buf(),
         job_url: String::new(),
         warm,
+        host: None,
     };
     domain_xml::domain(&DomainSpec {
         name,

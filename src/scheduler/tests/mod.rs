@@ -89,6 +89,19 @@ fn start_on(
     store: Arc<Store>,
     scheduler_store: Arc<dyn SchedulerStore>,
 ) -> H {
+    start_member(cfg, gh, hv, hv_rx, store, scheduler_store, None)
+}
+
+/// [`start_on`], as a member of a fleet when `fleet` is given.
+fn start_member(
+    cfg: Arc<Config>,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    hv_rx: Option<UnboundedReceiver<HvEvent>>,
+    store: Arc<Store>,
+    scheduler_store: Arc<dyn SchedulerStore>,
+    fleet: Option<claims::Fleet>,
+) -> H {
     let (tx, rx) = mpsc::unbounded_channel();
     if let Some(mut hv_rx) = hv_rx {
         let fwd = tx.clone();
@@ -106,6 +119,10 @@ fn start_on(
             .unwrap()
             // Wall time follows tokio's paused clock: every timer runs in virtual time.
             .with_clock(Arc::new(crate::clock::TokioClock::new()));
+    let s = match fleet {
+        Some(f) => s.with_fleet(f),
+        None => s,
+    };
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
     H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new(), config }
@@ -322,6 +339,7 @@ fn vm_for(s: &Status, job: u64) -> Option<String> {
 }
 
 mod faults;
+mod fleet;
 mod liveness;
 mod reload;
 mod serving;

@@ -1,0 +1,204 @@
+//! Claims: which member serves a job. A member claims queued jobs for its pools up to its
+//! free capacity (`FOR UPDATE SKIP LOCKED`: members claiming together never wait on each
+//! other and never both win); a claim is a lease that the member renews while the job is
+//! still queued. A member that dies or is cut off stops renewing, and once the lease has
+//! run out another member may claim the job. Each claim counts an attempt: VM and runner
+//! names (`rv-<pool>-<job>-<attempt>`) stay unique across the fleet.
+
+use std::time::Duration;
+#[cfg(test)]
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use futures_util::future::BoxFuture;
+
+use super::{FleetError, Pool, client};
+
+/// A job this member now holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub job: u64,
+    /// The fleet-wide attempt this claim starts (1 for the first).
+    pub attempt: u32,
+    /// The member that held it before, whose lease ran out (it died, or was cut off).
+    pub taken_over_from: Option<String>,
+}
+
+/// The seam between the scheduler and the fleet's claims (PostgreSQL, or memory in tests).
+pub trait Claims: Send + Sync + 'static {
+    /// Claims those of `jobs` that are queued and unheld (or held by a lease that ran
+    /// out, or by this member already).
+    fn claim(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<Claimed>, FleetError>>;
+    /// Extends the leases of `jobs`; returns those this member still holds.
+    fn renew(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<u64>, FleetError>>;
+    /// Gives `jobs` up (this member will not serve them).
+    fn release(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>>;
+}
+
+pub struct PgClaims {
+    pool: Pool,
+    host: String,
+    lease: Duration,
+}
+
+impl PgClaims {
+    pub fn new(pool: Pool, host: String, lease: Duration) -> PgClaims {
+        PgClaims { pool, host, lease }
+    }
+}
+
+fn ids(jobs: &[u64]) -> Vec<i64> {
+    jobs.iter().map(|j| *j as i64).collect()
+}
+
+impl Claims for PgClaims {
+    fn claim(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<Claimed>, FleetError>> {
+        let (pool, host, lease_ms) = (self.pool.clone(), self.host.clone(), self.lease.as_millis() as f64);
+        Box::pin(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    "WITH c AS ( \
+                       SELECT id, holder FROM rv_jobs \
+                       WHERE id = ANY($1) AND state = 'queued' \
+                         AND (holder IS NULL OR holder = $2 OR lease_until < now()) \
+                       ORDER BY received_at FOR UPDATE SKIP LOCKED) \
+                     UPDATE rv_jobs j SET holder = $2, \
+                       lease_until = now() + make_interval(secs => $3::float8 / 1000), attempts = j.attempts + 1 \
+                     FROM c WHERE j.id = c.id \
+                     RETURNING j.id, j.attempts, c.holder",
+                    &[&ids(&jobs), &host, &lease_ms],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let before: Option<String> = r.get(2);
+                    Claimed {
+                        job: r.get::<_, i64>(0) as u64,
+                        attempt: r.get::<_, i32>(1) as u32,
+                        taken_over_from: before.filter(|b| *b != host),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn renew(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<u64>, FleetError>> {
+        let (pool, host, lease_ms) = (self.pool.clone(), self.host.clone(), self.lease.as_millis() as f64);
+        Box::pin(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    "UPDATE rv_jobs SET lease_until = now() + make_interval(secs => $3::float8 / 1000) \
+                     WHERE id = ANY($1) AND holder = $2 RETURNING id",
+                    &[&ids(&jobs), &host, &lease_ms],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+        })
+    }
+
+    fn release(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>> {
+        let (pool, host) = (self.pool.clone(), self.host.clone());
+        Box::pin(async move {
+            client(&pool)
+                .await?
+                .execute(
+                    "UPDATE rv_jobs SET holder = NULL, lease_until = NULL WHERE id = ANY($1) AND holder = $2",
+                    &[&ids(&jobs), &host],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+/// Claims in memory, shared by the members of a unit test (the same rules as
+/// [`PgClaims`], on the caller's clock).
+#[derive(Default)]
+pub struct MemoryBoard {
+    /// job → (holder, lease until, attempts, queued)
+    jobs: Mutex<HashMap<u64, (Option<String>, SystemTime, u32, bool)>>,
+}
+
+#[cfg(test)]
+impl MemoryBoard {
+    /// The job is in the fleet's queue (or no longer queued).
+    pub fn set_queued(&self, job: u64, queued: bool) {
+        let mut jobs = self.jobs.lock().expect("board");
+        jobs.entry(job).or_insert((None, SystemTime::UNIX_EPOCH, 0, true)).3 = queued;
+    }
+
+    pub fn holder(&self, job: u64) -> Option<String> {
+        self.jobs.lock().expect("board").get(&job).and_then(|j| j.0.clone())
+    }
+
+    /// Every claim of `host` runs out now (as if it had stopped renewing long ago).
+    pub fn expire(&self, host: &str) {
+        for j in self.jobs.lock().expect("board").values_mut() {
+            if j.0.as_deref() == Some(host) {
+                j.1 = SystemTime::UNIX_EPOCH;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+/// One member's view of a [`MemoryBoard`].
+pub struct MemoryClaims {
+    pub board: Arc<MemoryBoard>,
+    pub host: String,
+    pub lease: Duration,
+    pub clock: Arc<dyn crate::clock::Clock>,
+}
+
+#[cfg(test)]
+impl Claims for MemoryClaims {
+    fn claim(&self, want: Vec<u64>) -> BoxFuture<'static, Result<Vec<Claimed>, FleetError>> {
+        let now = self.clock.now();
+        let mut jobs = self.board.jobs.lock().expect("board");
+        let mut won = Vec::new();
+        for id in want {
+            let j = jobs.entry(id).or_insert((None, SystemTime::UNIX_EPOCH, 0, true));
+            let free = j.0.is_none() || j.0.as_deref() == Some(&self.host) || j.1 < now;
+            if j.3 && free {
+                let before = j.0.replace(self.host.clone()).filter(|b| *b != self.host);
+                j.1 = now + self.lease;
+                j.2 += 1;
+                won.push(Claimed { job: id, attempt: j.2, taken_over_from: before });
+            }
+        }
+        Box::pin(std::future::ready(Ok(won)))
+    }
+
+    fn renew(&self, want: Vec<u64>) -> BoxFuture<'static, Result<Vec<u64>, FleetError>> {
+        let now = self.clock.now();
+        let mut jobs = self.board.jobs.lock().expect("board");
+        let held = want
+            .into_iter()
+            .filter(|id| match jobs.get_mut(id) {
+                Some(j) if j.0.as_deref() == Some(&self.host) => {
+                    j.1 = now + self.lease;
+                    true
+                }
+                _ => false,
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(held)))
+    }
+
+    fn release(&self, want: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>> {
+        let mut jobs = self.board.jobs.lock().expect("board");
+        for id in want {
+            if let Some(j) = jobs.get_mut(&id).filter(|j| j.0.as_deref() == Some(&self.host)) {
+                j.0 = None;
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

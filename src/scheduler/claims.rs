@@ -1,0 +1,271 @@
+//! Fleet mode in the scheduler: a member serves a job only while it holds the job's claim
+//! (`fleet::claims`). The book still holds every job of the fleet (the mirror brings them),
+//! so counting stays fleet-wide; what changes is which jobs this member makes VMs for:
+//! - demand leaves out jobs another member holds (as last seen; tried again later, which
+//!   is how a dead member's jobs come back: its lease runs out and a claim wins);
+//! - a job the plan wants served is claimed first (one batch per pass), and served once
+//!   the claim is won; a cold VM leaves a young job `cold_head_start` to members with a
+//!   warm VM waiting;
+//! - a job taken over from a member whose lease ran out is checked at GitHub first (still
+//!   queued?) before a VM is made for it;
+//! - the claims of jobs still queued are renewed every third of the lease.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::Scheduler;
+use super::event::{Event, spawn_reporting};
+use crate::fleet::FleetError;
+use crate::fleet::claims::{Claimed, Claims};
+use crate::github::GitHub;
+use crate::hypervisor::Hypervisor;
+use crate::model::{JobAction, JobEvent, JobState};
+
+/// How soon a job another member held is tried again (its holder may have died).
+const RETRY_OTHERS: Duration = Duration::from_secs(15);
+/// After a failed call to the fleet's database.
+const RETRY_ERROR: Duration = Duration::from_secs(2);
+
+pub struct Fleet {
+    claims: Arc<dyn Claims>,
+    pub host: String,
+    lease: Duration,
+    cold_head_start: Duration,
+    /// Jobs this member holds, with the attempt their claim started and whether a VM was
+    /// made on it (a second VM for the job claims again: a new attempt, a new name).
+    held: HashMap<u64, (u32, bool)>,
+    /// Claimed, but taken over from a member that went away: checked at GitHub first.
+    verifying: BTreeSet<u64>,
+    /// A claim is in flight.
+    pending: BTreeSet<u64>,
+    /// Jobs another member holds: not tried again before then.
+    others: HashMap<u64, Instant>,
+    /// No claim before then (the database failed).
+    pause_until: Option<Instant>,
+    renewing: bool,
+    renewed_at: Option<Instant>,
+}
+
+impl Fleet {
+    pub fn new(claims: Arc<dyn Claims>, host: String, lease: Duration, cold_head_start: Duration) -> Fleet {
+        Fleet {
+            claims,
+            host,
+            lease,
+            cold_head_start,
+            held: HashMap::new(),
+            verifying: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            others: HashMap::new(),
+            pause_until: None,
+            renewing: false,
+            renewed_at: None,
+        }
+    }
+
+    /// Whether another member holds `job` (as last seen).
+    pub fn elsewhere(&self, job: u64, now: Instant) -> bool {
+        self.others.get(&job).is_some_and(|until| *until > now)
+    }
+
+    /// The attempt of the claim this member holds on `job`, if it may make a VM with it.
+    pub fn serving(&self, job: u64) -> Option<u32> {
+        match self.held.get(&job) {
+            Some((attempt, false)) if !self.verifying.contains(&job) => Some(*attempt),
+            _ => None,
+        }
+    }
+
+    /// A VM is made with the claim's attempt.
+    pub fn used(&mut self, job: u64) {
+        if let Some(h) = self.held.get_mut(&job) {
+            h.1 = true;
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    /// Fleet mode: of the jobs the plan wants served (`want`: job, and whether it would
+    /// boot cold), those this member may serve now; the rest are claimed (a young job is
+    /// left to warm members for `cold_head_start` first).
+    pub(super) fn claimed_only(&mut self, want: Vec<(u64, bool)>) -> Vec<u64> {
+        let now = Instant::now();
+        let wall = self.now();
+        let Some(fleet) = self.fleet.as_mut() else {
+            return want.into_iter().map(|(j, _)| j).collect();
+        };
+        let mut serve = Vec::new();
+        let mut claim = Vec::new();
+        for (job, cold) in want {
+            if fleet.serving(job).is_some() {
+                serve.push(job);
+                continue;
+            }
+            if fleet.verifying.contains(&job) || fleet.pending.contains(&job) || fleet.elsewhere(job, now) {
+                continue;
+            }
+            let age = self.book.jobs.get(&job).map(|j| wall.duration_since(j.received_at).unwrap_or_default());
+            if cold && age.is_some_and(|a| a < fleet.cold_head_start) {
+                // A member with a warm VM waiting takes it first.
+                continue;
+            }
+            claim.push(job);
+        }
+        if !claim.is_empty() && fleet.pause_until.is_none_or(|t| t <= now) {
+            fleet.pending.extend(claim.iter().copied());
+            let claims = fleet.claims.clone();
+            let (asked, failed) = (claim.clone(), claim.clone());
+            spawn_reporting(
+                &self.ctx.events,
+                async move { Event::Claimed { asked, result: claims.claim(claim).await } },
+                move |message| Event::Claimed { asked: failed, result: Err(FleetError::Pool(message)) },
+            );
+        }
+        serve
+    }
+
+    pub(super) fn on_claimed(&mut self, asked: Vec<u64>, result: Result<Vec<Claimed>, FleetError>) {
+        let now = Instant::now();
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        for job in &asked {
+            fleet.pending.remove(job);
+        }
+        let won = match result {
+            Ok(won) => won,
+            Err(e) => {
+                warn!(error = %e, jobs = asked.len(), "cannot claim jobs in the fleet's database; retrying");
+                fleet.pause_until = Some(now + RETRY_ERROR);
+                return;
+            }
+        };
+        let won_ids: BTreeSet<u64> = won.iter().map(|c| c.job).collect();
+        for job in asked.iter().filter(|j| !won_ids.contains(j)) {
+            fleet.others.insert(*job, now + RETRY_OTHERS.min(fleet.lease / 2));
+        }
+        let mut verify = Vec::new();
+        for c in won {
+            fleet.held.insert(c.job, (c.attempt, false));
+            fleet.others.remove(&c.job);
+            if let Some(from) = &c.taken_over_from {
+                info!(job_id = c.job, from = %from, "taking over a job whose member went away (its lease ran out); checking GitHub first");
+                fleet.verifying.insert(c.job);
+                verify.push(c.job);
+            }
+        }
+        for job in verify {
+            self.verify_takeover(job);
+        }
+    }
+
+    /// A job taken over: still queued at GitHub? (Its member may have served it before it
+    /// went away, and the news may not have reached the fleet.)
+    fn verify_takeover(&mut self, job: u64) {
+        let Some(repo) = self.book.jobs.get(&job).map(|j| j.info.repository.clone()) else { return };
+        let ctx = self.ctx.clone();
+        spawn_reporting(
+            &self.ctx.events,
+            async move { Event::TakeoverChecked { job, status: ctx.github.job_status(&repo, job).await } },
+            move |message| Event::TakeoverChecked {
+                job,
+                status: Err(crate::github::GhError::Transport { method: "GET".into(), path: "job".into(), message }),
+            },
+        );
+    }
+
+    pub(super) fn on_takeover_checked(
+        &mut self,
+        job: u64,
+        status: Result<Option<crate::github::JobStatus>, crate::github::GhError>,
+    ) {
+        let action = match &status {
+            Ok(Some(s)) if s.status == "completed" => Some(JobAction::Completed),
+            Ok(Some(s)) if s.status == "in_progress" => Some(JobAction::InProgress),
+            Ok(None) => Some(JobAction::Completed),
+            Ok(Some(_)) => None,
+            Err(e) => {
+                // Serving it anyway is the safe side: a surplus runner is reaped.
+                warn!(job_id = job, error = %e, "cannot check a taken-over job at GitHub; serving it");
+                None
+            }
+        };
+        if let Some(f) = self.fleet.as_mut() {
+            f.verifying.remove(&job);
+        }
+        if let (Some(action), Some(rec)) = (action, self.book.jobs.get(&job)) {
+            let mut info = rec.info.clone();
+            if let Ok(Some(s)) = &status {
+                info.runner_name = s.runner_name.clone();
+                info.conclusion = s.conclusion.clone();
+            }
+            info!(job_id = job, ?action, "a taken-over job was served before its member went away");
+            let received_at = self.now();
+            self.apply(JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at });
+        }
+    }
+
+    /// Keeps the claims of jobs still queued; forgets those of jobs that moved on (their
+    /// claim no longer matters) and gives up those of jobs this member abandoned.
+    pub(super) fn tend_claims(&mut self) {
+        let now = Instant::now();
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        fleet.others.retain(|_, until| *until > now);
+        let mut release = Vec::new();
+        fleet.held.retain(|job, _| match self.book.jobs.get(job).map(|j| &j.state) {
+            Some(JobState::Queued) => true,
+            Some(JobState::Abandoned { .. }) => {
+                release.push(*job);
+                false
+            }
+            _ => false,
+        });
+        fleet.verifying.retain(|j| fleet.held.contains_key(j));
+        if !release.is_empty() {
+            let claims = fleet.claims.clone();
+            tokio::spawn(async move {
+                if let Err(e) = claims.release(release).await {
+                    warn!(error = %e, "cannot give up abandoned jobs' claims (their leases run out instead)");
+                }
+            });
+        }
+        let due = fleet.renewed_at.is_none_or(|t| now.duration_since(t) >= fleet.lease / 3);
+        if fleet.renewing || !due || fleet.held.is_empty() {
+            return;
+        }
+        fleet.renewing = true;
+        fleet.renewed_at = Some(now);
+        let asked: Vec<u64> = fleet.held.keys().copied().collect();
+        let (claims, a) = (fleet.claims.clone(), asked.clone());
+        spawn_reporting(
+            &self.ctx.events,
+            async move { Event::Renewed { asked: a, result: claims.renew(asked).await } },
+            |message| Event::Renewed { asked: Vec::new(), result: Err(FleetError::Pool(message)) },
+        );
+    }
+
+    pub(super) fn on_renewed(&mut self, asked: Vec<u64>, result: Result<Vec<u64>, FleetError>) {
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        fleet.renewing = false;
+        match result {
+            Ok(kept) => {
+                let kept: BTreeSet<u64> = kept.into_iter().collect();
+                for job in asked.iter().filter(|j| !kept.contains(j)) {
+                    if fleet.held.remove(job).is_some() {
+                        warn!(job_id = job, "lost the claim of a job (its lease ran out and another member took it)");
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot renew claims in the fleet's database; retrying");
+                fleet.renewed_at = None;
+            }
+        }
+    }
+}

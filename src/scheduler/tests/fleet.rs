@@ -1,0 +1,185 @@
+//! Fleet mode: members sharing one queue serve each job once, within their capacity; a
+//! member with a warm VM waiting is first; a member that goes away loses its unserved
+//! jobs to the others once its lease runs out.
+
+use super::*;
+use std::collections::BTreeSet;
+
+use crate::fleet::claims::{MemoryBoard, MemoryClaims};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn member(board: &Arc<MemoryBoard>, host: &str, gh: &Arc<FakeGitHub>, extra_pool: &str) -> H {
+    let dir = crate::test_support::tempdir();
+    let mut cfg = (*config(extra_pool, &dir)).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    cfg.fleet = Some(crate::config::FleetConfig {
+        host_id: Some(host.into()),
+        postgres: crate::config::PostgresConfig {
+            url: "postgres://rv@db.example/rv".into(),
+            password: None,
+            ca_file: None,
+            max_connections: 1,
+        },
+        lease: LEASE,
+        cold_head_start: Duration::from_secs(1),
+    });
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let clock = Arc::new(crate::clock::TokioClock::new());
+    let claims = MemoryClaims { board: board.clone(), host: host.into(), lease: LEASE, clock };
+    let fleet = claims::Fleet::new(Arc::new(claims), host.into(), LEASE, Duration::from_secs(1));
+    let mut h = start_member(Arc::new(cfg), gh.clone(), hv, Some(hv_rx), store.clone(), store, Some(fleet));
+    h.dirs.push(dir);
+    h
+}
+
+/// One event of the fleet's log, as every member's mirror brings it (and the job's row).
+fn publish(members: &mut [&mut H], board: &MemoryBoard, action: JobAction, job: JobInfo) {
+    board.set_queued(job.id, matches!(action, JobAction::Queued | JobAction::Waiting));
+    let delivery = format!("d-{}-{action:?}", job.id);
+    for m in members.iter_mut() {
+        m.deliver_as(&delivery, action, job.clone());
+    }
+}
+
+/// The job runs on `vm` (of member `on`) and completes; every member hears it.
+fn run_job(members: &mut [&mut H], on: usize, board: &MemoryBoard, vm: &str, id: u64) {
+    publish(members, board, JobAction::InProgress, info(id, LABELS, Some(vm)));
+    let mut done = info(id, LABELS, Some(vm));
+    done.conclusion = Some("success".into());
+    publish(members, board, JobAction::Completed, done);
+    members[on].gh.lock().runners.retain(|_, r| r.name != vm);
+    members[on].hv.stop(vm);
+}
+
+/// Whether `f` holds at every look for `limit` of virtual time.
+async fn stays(h: &H, limit: Duration, f: impl Fn(&Status, &FakeHypervisor) -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !f(&h.status().await, &h.hv) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+/// Each member's VMs with the job each was made for.
+async fn vms(members: &[&mut H]) -> Vec<Vec<(String, u64)>> {
+    let mut all = Vec::new();
+    for m in members {
+        all.push(m.status().await.vms.iter().map(|v| (v.name.clone(), v.job_id)).collect());
+    }
+    all
+}
+
+#[tokio::test(start_paused = true)]
+async fn members_serve_each_job_once_within_their_capacity() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let (mut a, mut b) = (member(&board, "hv-a", &gh, ""), member(&board, "hv-b", &gh, ""));
+    for id in 1..=5 {
+        publish(&mut [&mut a, &mut b], &board, JobAction::Queued, info(id, LABELS, None));
+    }
+    // Two slots each: four jobs served, one VM each, the fifth waits.
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        seen = vms(&[&mut a, &mut b]).await;
+        if seen.iter().map(Vec::len).sum::<usize>() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2], "{seen:?}");
+    let jobs: BTreeSet<u64> = seen.iter().flatten().map(|(_, j)| *j).collect();
+    assert_eq!(jobs, (1..=4).collect(), "the oldest four, each once: {seen:?}");
+    for (i, host) in ["hv-a", "hv-b"].iter().enumerate() {
+        for (_, job) in &seen[i] {
+            assert_eq!(board.holder(*job).as_deref(), Some(*host), "a VM only for a job its member holds");
+        }
+    }
+    // Nothing more happens while no slot frees: no member makes a second VM for a job.
+    assert!(stays(&a, Duration::from_secs(20), |s, _| s.vms.len() == 2).await);
+    assert!(stays(&b, Duration::from_secs(1), |s, _| s.vms.len() == 2).await);
+    // A slot frees on a: the fifth job goes there; then everything drains.
+    let (vm, job) = seen[0][0].clone();
+    run_job(&mut [&mut a, &mut b], 0, &board, &vm, job);
+    a.wait("job 5 on a", |s, _| vm_for(s, 5).is_some()).await;
+    for (i, m) in seen.iter().enumerate() {
+        for (vm, job) in m.iter().filter(|(_, j)| *j != job) {
+            run_job(&mut [&mut a, &mut b], i, &board, vm, *job);
+        }
+    }
+    let vm5 = vm_for(&a.status().await, 5).unwrap();
+    run_job(&mut [&mut a, &mut b], 0, &board, &vm5, 5);
+    a.wait("a empty", |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
+    b.wait("b empty", |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
+    let made = a.hv.lock().started_total + b.hv.lock().started_total;
+    assert_eq!(made, 5, "one VM per job across the fleet");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_with_a_warm_vm_is_first_and_cold_members_leave_it_the_job() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut warm = member(&board, "hv-warm", &gh, "warm = 1");
+    let mut cold = member(&board, "hv-cold", &gh, "");
+    warm.wait("a warm VM waiting", |s, _| s.pools[0].warm_waiting == 1).await;
+    publish(&mut [&mut warm, &mut cold], &board, JobAction::Queued, info(7, LABELS, None));
+    let s = warm.wait("bound", |s, _| s.vms.iter().any(|v| v.warm && v.job_id == 7)).await;
+    assert!(s.vms.iter().any(|v| v.warm && v.job_id == 7), "{s:#?}");
+    assert_eq!(board.holder(7).as_deref(), Some("hv-warm"));
+    assert!(stays(&cold, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "the cold member makes no VM for it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_that_goes_away_loses_its_unserved_jobs_to_another() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    publish(&mut [&mut a], &board, JobAction::Queued, info(9, LABELS, None));
+    a.wait("a serves job 9", |s, _| vm_for(s, 9).is_some()).await;
+    assert_eq!(board.holder(9).as_deref(), Some("hv-a"));
+    // a goes away with its VM still booting (its runner never came online).
+    let (_, a_hv, _) = a.shutdown().await;
+    let mut b = member(&board, "hv-b", &gh, "");
+    publish(&mut [&mut b], &board, JobAction::Queued, info(9, LABELS, None));
+    // a's lease still runs: b leaves the job alone.
+    assert!(stays(&b, Duration::from_secs(10), |s, _| s.vms.is_empty()).await);
+    // a's lease runs out (it stopped renewing): b takes the job over, checks GitHub (still
+    // queued), and serves it with the next attempt's name.
+    board.expire("hv-a");
+    let s = b.wait_for("b takes over job 9", Duration::from_secs(60), |s, _| vm_for(s, 9).is_some()).await;
+    assert_eq!(vm_for(&s, 9).as_deref(), Some("rv-small-9-2"), "attempt 2: a unique name");
+    assert_eq!(board.holder(9).as_deref(), Some("hv-b"));
+    assert!(b.gh.lock().calls.iter().any(|c| c == "job"), "GitHub was asked first");
+    assert_eq!(a_hv.lock().started_total, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_taken_over_job_its_member_had_served_is_not_served_again() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    publish(&mut [&mut a], &board, JobAction::Queued, info(3, LABELS, None));
+    a.wait("a serves job 3", |s, _| vm_for(s, 3).is_some()).await;
+    let _ = a.shutdown().await;
+    // The job ran on a's runner, but the news never reached the fleet's log.
+    gh.lock().jobs.insert(
+        3,
+        crate::github::JobStatus {
+            status: "in_progress".into(),
+            conclusion: None,
+            runner_name: Some("rv-small-3".into()),
+        },
+    );
+    let mut b = member(&board, "hv-b", &gh, "");
+    b.deliver_as("d-3", JobAction::Queued, info(3, LABELS, None));
+    gh.lock().jobs.get_mut(&3).unwrap().status = "in_progress".into();
+    board.expire("hv-a");
+    b.wait_for("b learns job 3 runs", Duration::from_secs(60), |s, _| s.pools[0].queued == 0).await;
+    assert!(stays(&b, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "no VM for a job already running");
+}
