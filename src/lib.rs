@@ -169,6 +169,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         let claims = fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease);
         scheduler = scheduler.with_fleet(scheduler::claims::Fleet::new(
             Arc::new(claims),
+            Some(fleet::intake::FleetIntake::start(m.pool.clone())),
             m.host_id.clone(),
             m.lease,
             m.cold_head_start,

@@ -260,3 +260,18 @@ async fn a_claim_whose_lease_ran_out_is_taken_over_and_a_served_job_is_not_claim
     assert_eq!((taken[0].job, taken[0].attempt, taken[0].taken_over_from.as_deref()), (1, 2, Some("hv-gone")));
     assert!(short.renew(vec![1]).await.unwrap().is_empty(), "the old holder's renewal fails: it lost the job");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out() {
+    use runnervisor::fleet::claims::{Claims, PgClaims};
+    let db = migrated("lead").await;
+    let a = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_millis(300));
+    let b = PgClaims::new(db.pool(1), "hv-b".into(), Duration::from_millis(300));
+    assert!(a.lead("github").await.unwrap());
+    assert!(!b.lead("github").await.unwrap(), "a leads");
+    assert!(a.lead("github").await.unwrap(), "renewed");
+    assert!(b.lead("other").await.unwrap(), "leads are per work");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(b.lead("github").await.unwrap(), "a stopped renewing: b takes over");
+    assert!(!a.lead("github").await.unwrap());
+}

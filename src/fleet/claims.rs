@@ -36,6 +36,9 @@ pub trait Claims: Send + Sync + 'static {
     fn renew(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<u64>, FleetError>>;
     /// Gives `jobs` up (this member will not serve them).
     fn release(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>>;
+    /// Holds (or takes, once its holder's lease ran out) the lead of `work` for a lease;
+    /// whether this member leads it now.
+    fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>>;
 }
 
 pub struct PgClaims {
@@ -102,6 +105,20 @@ impl Claims for PgClaims {
         })
     }
 
+    fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>> {
+        let (pool, host, lease_ms) = (self.pool.clone(), self.host.clone(), self.lease.as_millis() as f64);
+        Box::pin(async move {
+            let rows = client(&pool)
+                .await?
+                .query(
+                    "INSERT INTO rv_leader (name, holder, expires_at)                      VALUES ($1, $2, now() + make_interval(secs => $3::float8 / 1000))                      ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at                      WHERE rv_leader.holder = EXCLUDED.holder OR rv_leader.expires_at < now()                      RETURNING holder",
+                    &[&work, &host, &lease_ms],
+                )
+                .await?;
+            Ok(!rows.is_empty())
+        })
+    }
+
     fn release(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>> {
         let (pool, host) = (self.pool.clone(), self.host.clone());
         Box::pin(async move {
@@ -124,6 +141,8 @@ impl Claims for PgClaims {
 pub struct MemoryBoard {
     /// job → (holder, lease until, attempts, queued)
     jobs: Mutex<HashMap<u64, (Option<String>, SystemTime, u32, bool)>>,
+    /// work → (holder, until)
+    pub leads: Mutex<HashMap<&'static str, (String, SystemTime)>>,
 }
 
 #[cfg(test)]
@@ -138,11 +157,16 @@ impl MemoryBoard {
         self.jobs.lock().expect("board").get(&job).and_then(|j| j.0.clone())
     }
 
-    /// Every claim of `host` runs out now (as if it had stopped renewing long ago).
+    /// Every claim and lead of `host` runs out now (as if it had stopped renewing long ago).
     pub fn expire(&self, host: &str) {
         for j in self.jobs.lock().expect("board").values_mut() {
             if j.0.as_deref() == Some(host) {
                 j.1 = SystemTime::UNIX_EPOCH;
+            }
+        }
+        for l in self.leads.lock().expect("board").values_mut() {
+            if l.0 == host {
+                l.1 = SystemTime::UNIX_EPOCH;
             }
         }
     }
@@ -159,6 +183,17 @@ pub struct MemoryClaims {
 
 #[cfg(test)]
 impl Claims for MemoryClaims {
+    fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>> {
+        let now = self.clock.now();
+        let mut leads = self.board.leads.lock().expect("board");
+        let lead = leads.entry(work).or_insert((self.host.clone(), SystemTime::UNIX_EPOCH));
+        let mine = lead.0 == self.host || lead.1 < now;
+        if mine {
+            *lead = (self.host.clone(), now + self.lease);
+        }
+        Box::pin(std::future::ready(Ok(mine)))
+    }
+
     fn claim(&self, want: Vec<u64>) -> BoxFuture<'static, Result<Vec<Claimed>, FleetError>> {
         let now = self.clock.now();
         let mut jobs = self.board.jobs.lock().expect("board");

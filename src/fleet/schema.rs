@@ -11,9 +11,10 @@ use super::FleetError;
 pub const MIGRATION_LOCK: i64 = 0x7276_6d69_6772_6174; // "rvmigrat"
 
 /// Every version of the schema, in order. Never edit a released entry: add one.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 -- Delivery ids seen by any member: a redelivery or a delivery sent to several members
 -- is accepted once.
 CREATE TABLE rv_deliveries (
@@ -47,7 +48,20 @@ CREATE TABLE rv_jobs (
 );
 CREATE INDEX rv_jobs_queued ON rv_jobs (received_at) WHERE state = 'queued';
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- Work one member does for the fleet (GitHub's delivery log and job polling): whoever
+-- holds the row until it expires; another member takes it over after.
+CREATE TABLE rv_leader (
+    name       text PRIMARY KEY,
+    holder     text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"#,
+    ),
+];
 
 /// The newest version this agent knows.
 pub fn latest() -> i32 {

@@ -21,6 +21,7 @@ use super::Scheduler;
 use super::event::{Event, spawn_reporting};
 use crate::fleet::FleetError;
 use crate::fleet::claims::{Claimed, Claims};
+use crate::fleet::intake::FleetIntake;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
 use crate::model::{JobAction, JobEvent, JobState};
@@ -31,7 +32,10 @@ const RETRY_OTHERS: Duration = Duration::from_secs(15);
 const RETRY_ERROR: Duration = Duration::from_secs(2);
 
 pub struct Fleet {
-    claims: Arc<dyn Claims>,
+    pub(super) claims: Arc<dyn Claims>,
+    /// Where what this member learns from GitHub for the fleet goes (the fleet's log);
+    /// `None` (unit tests): applied here only.
+    pub(super) publish: Option<FleetIntake>,
     pub host: String,
     lease: Duration,
     cold_head_start: Duration,
@@ -48,12 +52,21 @@ pub struct Fleet {
     pause_until: Option<Instant>,
     renewing: bool,
     renewed_at: Option<Instant>,
+    /// The jobs of the VMs found at start were taken as held; the first renewal tells.
+    adopted: bool,
 }
 
 impl Fleet {
-    pub fn new(claims: Arc<dyn Claims>, host: String, lease: Duration, cold_head_start: Duration) -> Fleet {
+    pub fn new(
+        claims: Arc<dyn Claims>,
+        publish: Option<FleetIntake>,
+        host: String,
+        lease: Duration,
+        cold_head_start: Duration,
+    ) -> Fleet {
         Fleet {
             claims,
+            publish,
             host,
             lease,
             cold_head_start,
@@ -64,6 +77,7 @@ impl Fleet {
             pause_until: None,
             renewing: false,
             renewed_at: None,
+            adopted: false,
         }
     }
 
@@ -216,6 +230,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn tend_claims(&mut self) {
         let now = Instant::now();
         let Some(fleet) = self.fleet.as_mut() else { return };
+        if !fleet.adopted {
+            // After a restart (or a partition), this member's VMs are back from its store;
+            // whether it still holds their jobs, the first renewal says. A job it lost is
+            // another member's now: its VM here becomes surplus (reaped once idle; a busy
+            // runner finishes its job).
+            fleet.adopted = true;
+            for vm in self.book.vms.values().filter(|v| v.job_id != 0) {
+                if self.book.jobs.get(&vm.job_id).is_some_and(|j| j.state == JobState::Queued) {
+                    fleet.held.entry(vm.job_id).or_insert((0, true));
+                }
+            }
+        }
         fleet.others.retain(|_, until| *until > now);
         let mut release = Vec::new();
         fleet.held.retain(|job, _| match self.book.jobs.get(job).map(|j| &j.state) {
@@ -256,9 +282,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         match result {
             Ok(kept) => {
                 let kept: BTreeSet<u64> = kept.into_iter().collect();
+                let now = Instant::now();
                 for job in asked.iter().filter(|j| !kept.contains(j)) {
                     if fleet.held.remove(job).is_some() {
                         warn!(job_id = job, "lost the claim of a job (its lease ran out and another member took it)");
+                        fleet.others.insert(*job, now + RETRY_OTHERS.min(fleet.lease / 2));
                     }
                 }
             }

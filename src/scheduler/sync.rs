@@ -78,8 +78,21 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let metrics = self.metrics.clone();
         let clock = self.clock.clone();
         let failed_clock = self.clock.clone();
+        let fleet = self.fleet.as_ref().map(|f| f.claims.clone());
         let work = async move {
             let started = clock.now();
+            // In a fleet, one member at a time reads the hook's delivery log, polls and
+            // refreshes jobs (what it learns goes into the fleet's log); each lists the
+            // runners, to follow its own VMs.
+            let leads = match &fleet {
+                None => true,
+                Some(claims) => claims.lead("github").await.unwrap_or_else(|e| {
+                    debug!(error = %e, "cannot take the fleet's GitHub lead");
+                    false
+                }),
+            };
+            let (stale, redeliver, repo_scope) =
+                if leads { (stale, redeliver, repo_scope) } else { (Vec::new(), false, None) };
             let runners = ctx.github.list_runners().await;
             let mut jobs = Vec::new();
             for (repo, id) in stale {
@@ -129,6 +142,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         found: Vec<JobEvent>,
     ) {
         self.sync.running = false;
+        let mut learned = Vec::new();
         for (id, status) in jobs {
             let Some(job) = self.book.jobs.get(&id) else {
                 continue;
@@ -153,12 +167,35 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             } else {
                 info!(job_id = id, status = %status.status, "job status refreshed from GitHub (a webhook was missed)");
             }
-            self.apply(JobEvent { delivery: format!("refresh-{id}"), action, job: info, received_at: self.now() });
+            learned.push(JobEvent {
+                delivery: format!("refresh-{id}-{action:?}"),
+                action,
+                job: info,
+                received_at: self.now(),
+            });
         }
         for ev in found {
             if !self.book.jobs.contains_key(&ev.job.id) {
                 info!(job_id = ev.job.id, repository = %ev.job.repository, "queued job found by polling (its webhook was missed)");
-                self.apply(ev);
+                learned.push(ev);
+            }
+        }
+        match self.fleet.as_ref().and_then(|f| f.publish.clone()) {
+            // The whole fleet hears it, this member by its mirror.
+            Some(publish) if !learned.is_empty() => {
+                tokio::spawn(async move {
+                    for ev in learned {
+                        if let Err(e) = publish.accept(ev).await {
+                            warn!(error = %e, "cannot write what GitHub said into the fleet's log; the next sync tries again");
+                            break;
+                        }
+                    }
+                });
+            }
+            _ => {
+                for ev in learned {
+                    self.apply(ev);
+                }
             }
         }
         let runners = match runners {

@@ -10,9 +10,20 @@ use crate::fleet::claims::{MemoryBoard, MemoryClaims};
 const LEASE: Duration = Duration::from_secs(30);
 
 fn member(board: &Arc<MemoryBoard>, host: &str, gh: &Arc<FakeGitHub>, extra_pool: &str) -> H {
+    member_with(board, host, gh, extra_pool, |_| {})
+}
+
+fn member_with(
+    board: &Arc<MemoryBoard>,
+    host: &str,
+    gh: &Arc<FakeGitHub>,
+    extra_pool: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> H {
     let dir = crate::test_support::tempdir();
     let mut cfg = (*config(extra_pool, &dir)).clone();
     cfg.pools[0].image = fake_image(&dir);
+    tweak(&mut cfg);
     cfg.fleet = Some(crate::config::FleetConfig {
         host_id: Some(host.into()),
         postgres: crate::config::PostgresConfig {
@@ -30,7 +41,7 @@ fn member(board: &Arc<MemoryBoard>, host: &str, gh: &Arc<FakeGitHub>, extra_pool
     let store = Arc::new(Store::open(&dir).unwrap());
     let clock = Arc::new(crate::clock::TokioClock::new());
     let claims = MemoryClaims { board: board.clone(), host: host.into(), lease: LEASE, clock };
-    let fleet = claims::Fleet::new(Arc::new(claims), host.into(), LEASE, Duration::from_secs(1));
+    let fleet = claims::Fleet::new(Arc::new(claims), None, host.into(), LEASE, Duration::from_secs(1));
     let mut h = start_member(Arc::new(cfg), gh.clone(), hv, Some(hv_rx), store.clone(), store, Some(fleet));
     h.dirs.push(dir);
     h
@@ -182,4 +193,65 @@ async fn a_taken_over_job_its_member_had_served_is_not_served_again() {
     board.expire("hv-a");
     b.wait_for("b learns job 3 runs", Duration::from_secs(60), |s, _| s.pools[0].queued == 0).await;
     assert!(stays(&b, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "no VM for a job already running");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_back_after_losing_its_job_reaps_its_idle_vm() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    publish(&mut [&mut a], &board, JobAction::Queued, info(4, LABELS, None));
+    let s = a.wait("a serves job 4", |s, _| vm_for(s, 4).is_some()).await;
+    let vm = vm_for(&s, 4).unwrap();
+    // a is cut off; its lease runs out and b takes the job over.
+    let (gh_a, hv, store) = a.shutdown().await;
+    board.expire("hv-a");
+    let mut b = member(&board, "hv-b", &gh, "");
+    publish(&mut [&mut b], &board, JobAction::Queued, info(4, LABELS, None));
+    b.wait_for("b takes over job 4", Duration::from_secs(60), |s, _| vm_for(s, 4).is_some()).await;
+    // a comes back with its VM (from its store and libvirt): it no longer holds job 4,
+    // so its VM is a surplus runner, reaped once idle for the pool's idle timeout.
+    let dir = crate::test_support::tempdir();
+    let mut cfg = (*config("idle_timeout = \"5s\"", &dir)).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    cfg.fleet = b.config.fleet.clone().map(|mut f| {
+        f.host_id = Some("hv-a".into());
+        f
+    });
+    let clock = Arc::new(crate::clock::TokioClock::new());
+    let claims = MemoryClaims { board: board.clone(), host: "hv-a".into(), lease: LEASE, clock };
+    let fleet = claims::Fleet::new(Arc::new(claims), None, "hv-a".into(), LEASE, Duration::from_secs(1));
+    let mut back = start_member(Arc::new(cfg), gh_a, hv, None, store.clone(), store, Some(fleet));
+    back.dirs.push(dir);
+    let _ = back.tx.send(Event::Hv(HvEvent::Reconnected));
+    back.wait_for("a's idle VM reaped", Duration::from_secs(60), |s, hv| {
+        s.vms.iter().all(|v| v.name != vm) && !hv.running().contains(&vm)
+    })
+    .await;
+    assert_eq!(board.holder(4).as_deref(), Some("hv-b"), "b keeps it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_member_at_a_time_reads_the_delivery_log_and_another_takes_over() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let hooked = |c: &mut Config| c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
+    let a = member_with(&board, "hv-a", &gh, "", hooked);
+    let b = member_with(&board, "hv-b", &gh, "", hooked);
+    let count = |what: &str| gh.lock().calls.iter().filter(|c| *c == what).count();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let (lists, logs) = (count("list"), count("deliveries"));
+    // Every 5 s: each member lists its runners; one reads the delivery log.
+    assert!((22..=28).contains(&lists), "runner lists: {lists}");
+    assert!((11..=14).contains(&logs), "delivery log reads: {logs} (one member, not both)");
+    // The leader goes away: the other reads the log once the lead's lease ran out.
+    let leader = board.leads.lock().unwrap()["github"].0.clone();
+    let (gone, stays) = if leader == "hv-a" { (a, b) } else { (b, a) };
+    let _ = gone.shutdown().await;
+    board.expire(&leader);
+    let before = count("deliveries");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(count("deliveries") >= before + 5, "the other member took the lead");
+    assert_ne!(board.leads.lock().unwrap()["github"].0, leader);
+    let _ = stays.shutdown().await;
 }
