@@ -119,6 +119,9 @@ pub async fn run(path: &Path) -> Vec<Line> {
         },
     };
     lines.push(state_dir(&config.state_dir));
+    if let Some(fleet) = &config.fleet {
+        lines.push(check_fleet(fleet, creds.as_deref()).await);
+    }
     check_libvirt(&config, &mut lines).await;
     for pool in &config.pools {
         check_pool_image(pool, &mut lines);
@@ -127,6 +130,62 @@ pub async fn run(path: &Path) -> Vec<Line> {
         check_github(&config, auth, &mut lines).await;
     }
     lines
+}
+
+/// The fleet's database: reachable with these credentials, its schema, the privileges.
+pub async fn check_fleet(fleet: &crate::config::FleetConfig, creds: Option<&Path>) -> Line {
+    let what = "fleet database";
+    let password = match &fleet.postgres.password {
+        Some(p) => match p.load(creds) {
+            Ok(s) => Some(s),
+            Err(e) => return bad(what, e, "store the database password in that file, mode 0600 (or LoadCredential=)"),
+        },
+        None => None,
+    };
+    let member = match crate::fleet::Member::new(fleet, password.as_ref()) {
+        Ok(m) => m,
+        Err(e) => return bad(what, e, "check fleet.postgres (url, ca_file)"),
+    };
+    let url = crate::config::redact_url(&fleet.postgres.url);
+    let probe = match tokio::time::timeout(Duration::from_secs(10), crate::fleet::probe(&member.pool)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            return bad(
+                what,
+                format!("{url}: {e}"),
+                "is PostgreSQL reachable from this host? are the user, password, sslmode and ca_file right?",
+            );
+        }
+        Err(_) => return bad(what, format!("{url}: no answer in 10 s"), "is PostgreSQL reachable from this host?"),
+    };
+    let latest = crate::fleet::schema::latest();
+    let schema = match probe.schema {
+        0 => format!("no schema yet (created at start, version {latest})"),
+        v if v < latest => format!("schema version {v} (migrated to {latest} at start)"),
+        v if v == latest => format!("schema version {v}"),
+        v => {
+            return bad(
+                what,
+                format!("schema version {v} is newer than this agent knows ({latest})"),
+                "upgrade runnervisor on this host (another member is newer)",
+            );
+        }
+    };
+    let detail = format!(
+        "PostgreSQL {} at {url}, database {} as {}: {schema}; this member is {:?}",
+        probe.server_version,
+        probe.database,
+        probe.user,
+        fleet.host_id()
+    );
+    if !probe.missing.is_empty() {
+        return bad(
+            what,
+            format!("{detail}; missing privileges: {}", probe.missing.join(", ")),
+            "GRANT them to the agent's database user",
+        );
+    }
+    ok(what, detail)
 }
 
 fn state_dir(dir: &Path) -> Line {

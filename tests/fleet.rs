@@ -275,3 +275,239 @@ async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out() {
     assert!(b.lead("github").await.unwrap(), "a stopped renewing: b takes over");
     assert!(!a.lead("github").await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_the_database_its_schema_and_what_is_wrong() {
+    let db = TestDb::new("check").await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("pg-password");
+    std::fs::write(&password, common::pg::password()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port: u16 = std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
+    let fleet = |url: String| runnervisor::config::FleetConfig {
+        host_id: Some("hv-check".into()),
+        postgres: runnervisor::config::PostgresConfig {
+            url,
+            password: Some(runnervisor::secret::SecretSource::File(password.clone())),
+            ca_file: None,
+            max_connections: 1,
+        },
+        lease: Duration::from_secs(60),
+        cold_head_start: Duration::from_secs(1),
+    };
+    let good = fleet(format!("postgres://{}@127.0.0.1:{port}/{}?sslmode=disable", common::pg::ROLE, db.name));
+    let line = runnervisor::check::check_fleet(&good, None).await;
+    assert!(line.ok && line.detail.contains("no schema yet") && line.detail.contains("hv-check"), "{line:?}");
+    schema::migrate(&mut db.connect().await).await.unwrap();
+    let line = runnervisor::check::check_fleet(&good, None).await;
+    assert!(line.ok && line.detail.contains(&format!("schema version {}", schema::latest())), "{line:?}");
+    // Nobody listens there: a clear failure with a fix, no password in it.
+    let line =
+        runnervisor::check::check_fleet(&fleet(format!("postgres://rv@127.0.0.1:9/{}?sslmode=disable", db.name)), None)
+            .await;
+    assert!(!line.ok && line.fix.is_some() && line.detail.contains("127.0.0.1:9"), "{line:?}");
+    assert!(!line.detail.contains(&common::pg::password()));
+}
+
+mod in_process {
+    //! Members as the binary runs them (`run()`), with the fake GitHub and fake
+    //! hypervisors, real HTTP and a real PostgreSQL: webhooks to any member, each job one VM
+    //! in the fleet; a member without its database answers 503.
+
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use hmac::{Hmac, KeyInit, Mac};
+    use runnervisor::admin::{self, Reply, Request, Status};
+    use runnervisor::config::Config;
+    use runnervisor::github::fake::FakeGitHub;
+    use runnervisor::hypervisor::HvEvent;
+    use runnervisor::hypervisor::fake::FakeHypervisor;
+    use runnervisor::secret::Secret;
+    use tokio_util::sync::CancellationToken;
+
+    const SECRET: &str = "fleet-secret";
+
+    fn sign(body: &[u8]) -> String {
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(body);
+        let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256={sig}")
+    }
+
+    fn queued(id: u64) -> String {
+        serde_json::json!({
+            "action": "queued",
+            "workflow_job": {"id": id, "run_id": 1, "run_attempt": 1, "name": "build", "workflow_name": "CI",
+                "labels": ["self-hosted", "linux"], "html_url": "https://x", "runner_name": null,
+                "runner_id": null, "conclusion": null, "status": "queued"},
+            "repository": {"full_name": "octo-org/app"},
+        })
+        .to_string()
+    }
+
+    pub struct Member {
+        pub webhook: String,
+        socket: std::path::PathBuf,
+        pub hv: Arc<FakeHypervisor>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), runnervisor::RunError>>,
+        _dir: tempfile::TempDir,
+    }
+
+    pub async fn start(host: &str, pg: tokio_postgres::Config, gh: Arc<FakeGitHub>) -> Member {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("golden.qcow2");
+        let mut header = b"QFI\xfb".to_vec();
+        header.resize(24, 0);
+        header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        std::fs::write(&image, header).unwrap();
+        let socket = dir.path().join("admin.sock");
+        let text = format!(
+            r#"
+            state_dir = "{dir}"
+            [server]
+            listen = "127.0.0.1:0"
+            [admin]
+            socket = "{socket}"
+            [github]
+            organization = "octo-org"
+            auth = {{ type = "pat", token = {{ file = "/nonexistent" }} }}
+            webhook_secret = {{ file = "/nonexistent" }}
+            [reconcile]
+            sweep_interval = "1s"
+            [fleet]
+            host_id = "{host}"
+            cold_head_start = "0s"
+            postgres = {{ url = "postgres://127.0.0.1/unused" }}
+            [[pool]]
+            name = "small"
+            labels = ["self-hosted", "linux"]
+            image = "{image}"
+            max_vms = 2
+            "#,
+            dir = dir.path().display(),
+            socket = socket.display(),
+            image = image.display(),
+        );
+        let config = Arc::new(Config::parse(&text).unwrap());
+        let fleet_config = config.fleet.clone().unwrap();
+        let pool = runnervisor::fleet::pool(pg.clone(), runnervisor::fleet::tls(None).unwrap(), 4).unwrap();
+        let member = runnervisor::fleet::Member {
+            host_id: host.into(),
+            pool,
+            listen: pg,
+            tls: runnervisor::fleet::tls(None).unwrap(),
+            lease: fleet_config.lease,
+            cold_head_start: fleet_config.cold_head_start,
+        };
+        let (hv_tx, hv_rx) = tokio::sync::mpsc::unbounded_channel();
+        let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+        hv_tx.send(HvEvent::Reconnected).unwrap();
+        let webhook_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let webhook = format!("http://{}/webhook", webhook_listener.local_addr().unwrap());
+        let deps = runnervisor::Deps {
+            github: gh,
+            hypervisor: hv.clone(),
+            hv_events: hv_rx,
+            webhook_secret: Secret::new(SECRET),
+            metrics: Arc::new(runnervisor::metrics::Metrics::default()),
+            webhook_listener: Some(webhook_listener),
+            metrics_listener: Some(std::net::TcpListener::bind("127.0.0.1:0").unwrap()),
+            reloads: None,
+            fleet: Some(member),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(runnervisor::run(config, deps, stop.clone()));
+        Member { webhook, socket, hv, stop, task, _dir: dir }
+    }
+
+    impl Member {
+        pub async fn status(&self) -> Option<Status> {
+            match admin::request(&self.socket, &Request::Status).await {
+                Ok(Reply::Status(s)) => Some(s),
+                _ => None,
+            }
+        }
+
+        pub async fn post(&self, id: u64, delivery: &str) -> u16 {
+            let body = queued(id);
+            reqwest::Client::new()
+                .post(&self.webhook)
+                .header("X-GitHub-Event", "workflow_job")
+                .header("X-GitHub-Delivery", delivery)
+                .header("X-Hub-Signature-256", sign(body.as_bytes()))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+
+        pub async fn stop(self) {
+            self.stop.cancel();
+            let _ = self.task.await;
+        }
+    }
+
+    /// Each job id with the members' VMs made for it.
+    async fn vms_by_job(members: &[&Member]) -> BTreeMap<u64, Vec<String>> {
+        let mut by_job: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for m in members {
+            for v in m.status().await.map(|s| s.vms).unwrap_or_default() {
+                by_job.entry(v.job_id).or_default().push(v.name);
+            }
+        }
+        by_job
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn webhooks_to_any_member_give_each_job_one_vm_in_the_fleet() {
+        let db = super::migrated("inproc").await;
+        let gh = Arc::new(FakeGitHub::default());
+        let a = start("hv-a", db.config(), gh.clone()).await;
+        let b = start("hv-b", db.config(), gh.clone()).await;
+        // Jobs 1-4 go to a, 5 and 6 to b; jobs 1 and 5 to both (a relay sending to all).
+        for id in 1..=6u64 {
+            let delivery = format!("g-{id}");
+            let first = if id <= 4 { &a } else { &b };
+            assert_eq!(first.post(id, &delivery).await, 202, "job {id}");
+            if id == 1 || id == 5 {
+                let other = if id <= 4 { &b } else { &a };
+                assert_eq!(other.post(id, &delivery).await, 200, "a duplicate, fleet-wide");
+            }
+        }
+        // Two slots on each member: four jobs get one VM each; no job gets two.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut seen = BTreeMap::new();
+        while std::time::Instant::now() < deadline {
+            seen = vms_by_job(&[&a, &b]).await;
+            if seen.len() == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(seen.values().all(|v| v.len() == 1), "one VM per job: {seen:?}");
+        for m in [&a, &b] {
+            let s = m.status().await.unwrap();
+            assert_eq!(s.vms.len(), 2, "{s:#?}");
+            assert_eq!(s.pools[0].queued, 6, "every member sees the whole queue: {s:#?}");
+        }
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_whose_database_is_away_answers_503() {
+        let mut pg = super::common::pg::config("postgres");
+        pg.port(9);
+        let m = start("hv-lonely", pg, Arc::new(FakeGitHub::default())).await;
+        assert_eq!(m.post(1, "g-1").await, 503);
+        m.stop().await;
+    }
+}

@@ -17,6 +17,7 @@ mod validate;
 
 pub use reload::{ReloadReport, Reloaded, reload};
 pub use scope::Scope;
+pub use validate::redact_url;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -167,3 +167,43 @@ impl Member {
         }
     }
 }
+
+/// What `runnervisor check` reports about the fleet's database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub server_version: String,
+    pub database: String,
+    pub user: String,
+    /// 0: not created yet (the agent creates it at start).
+    pub schema: i32,
+    /// Privileges the agent needs and lacks (`CREATE on database`, `UPDATE on rv_jobs`, ...).
+    pub missing: Vec<String>,
+}
+
+/// Connects, reads the schema version, and checks the privileges the agent needs.
+pub async fn probe(pool: &Pool) -> Result<Probe, FleetError> {
+    let c = client(pool).await?;
+    let row = c.query_one("SELECT current_setting('server_version'), current_database(), current_user", &[]).await?;
+    let schema_version = schema::version(&c).await?;
+    let mut missing = Vec::new();
+    if schema_version < schema::latest() {
+        let create: bool =
+            c.query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[]).await?.get(0);
+        if !create {
+            missing.push("CREATE on the database (to create the schema)".to_string());
+        }
+    }
+    for table in ["rv_deliveries", "rv_events", "rv_jobs", "rv_leader"] {
+        let exists: bool = c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.get(0);
+        if !exists {
+            continue;
+        }
+        for privilege in ["SELECT", "INSERT", "UPDATE"] {
+            let has: bool = c.query_one("SELECT has_table_privilege($1, $2)", &[&table, &privilege]).await?.get(0);
+            if !has {
+                missing.push(format!("{privilege} on {table}"));
+            }
+        }
+    }
+    Ok(Probe { server_version: row.get(0), database: row.get(1), user: row.get(2), schema: schema_version, missing })
+}
