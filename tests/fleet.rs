@@ -498,6 +498,7 @@ mod in_process {
             assert_eq!(s.vms.len(), 2, "{s:#?}");
             assert_eq!(s.pools[0].queued, 6, "every member sees the whole queue: {s:#?}");
         }
+        assert_eq!(a.hv.lock().started_total + b.hv.lock().started_total, 4, "no VM made and dropped");
         a.stop().await;
         b.stop().await;
     }
