@@ -380,6 +380,7 @@ mod in_process {
             sweep_interval = "1s"
             [fleet]
             host_id = "{host}"
+            lease = "12s"
             cold_head_start = "0s"
             postgres = {{ url = "postgres://127.0.0.1/unused" }}
             [[pool]]
@@ -499,6 +500,19 @@ mod in_process {
             assert_eq!(s.pools[0].queued, 6, "every member sees the whole queue: {s:#?}");
         }
         assert_eq!(a.hv.lock().started_total + b.hv.lock().started_total, 4, "no VM made and dropped");
+        // `runnervisor status` shows the fleet: both members, their VMs and claims.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let fleet = loop {
+            let f = a.status().await.and_then(|s| s.fleet).unwrap();
+            if f.members.len() == 2 && f.members.iter().all(|m| m.vms == 2 && m.held == 2) {
+                break f;
+            }
+            assert!(std::time::Instant::now() < deadline, "{f:#?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!((fleet.host_id.as_str(), fleet.held), ("hv-a", 2));
+        let text = runnervisor::admin::render_status(&a.status().await.unwrap());
+        assert!(text.contains("hv-a (this)") && text.contains("hv-b"), "{text}");
         a.stop().await;
         b.stop().await;
     }

@@ -247,6 +247,25 @@ pub fn render_status(s: &Status) -> String {
             .collect();
         out.push_str(&table(&["VM", "POOL", "STATE", "START", "AGE", "RUNNING JOB", "RUNNER ID", "MADE FOR"], &rows));
     }
+    if let Some(f) = &s.fleet {
+        out.push('\n');
+        out.push_str(&format!("fleet: this member is {}, holding {} job claims\n", f.host_id, f.held));
+        let rows: Vec<Vec<String>> = f
+            .members
+            .iter()
+            .map(|m| {
+                vec![
+                    if m.host_id == f.host_id { format!("{} (this)", m.host_id) } else { m.host_id.clone() },
+                    format!("{}/{}", m.vms, m.max_vms),
+                    m.warm_waiting.to_string(),
+                    m.held.to_string(),
+                    m.version.clone(),
+                    format!("{} ago", age(m.seen_secs_ago)),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["MEMBER", "VMS", "WARM WAITING", "CLAIMS", "VERSION", "LAST HEARD"], &rows));
+    }
     out
 }
 
@@ -278,6 +297,7 @@ mod tests {
             pools: vec![],
             queued: vec![],
             vms: vec![],
+            fleet: None,
         };
         let first = |s: &Status| render_status(s).lines().next().unwrap().to_string();
         assert_eq!(first(&status(true, None)), "runnervisor: taking jobs; libvirt connected");
@@ -320,8 +340,26 @@ mod tests {
                 vm("rv-p-w4", "busy", true),
                 vm("rv-p-7", "busy", false),
             ],
+            fleet: Some(crate::admin::proto::FleetStatus {
+                host_id: "hv-a".into(),
+                held: 3,
+                members: ["hv-a", "hv-b"]
+                    .map(|h| crate::fleet::claims::MemberInfo {
+                        host_id: h.into(),
+                        max_vms: 4,
+                        vms: 2,
+                        warm_waiting: 1,
+                        held: 3,
+                        version: "0.1.0".into(),
+                        seen_secs_ago: 7,
+                    })
+                    .into(),
+            }),
         };
         let text = render_status(&s);
+        assert!(text.contains("fleet: this member is hv-a, holding 3 job claims"), "{text}");
+        assert!(line_of(&text, "hv-a (this)").contains("2/4"), "{text}");
+        assert!(line_of(&text, "hv-b").contains("7s ago"), "{text}");
         let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
         assert!(line("p ").contains("1/2 waiting"), "{text}");
         assert!(line("rv-p-w1").contains("warm: waiting"), "{text}");
@@ -329,6 +367,10 @@ mod tests {
         assert!(line("rv-p-w3").contains("warm: binding"), "{text}");
         assert!(line("rv-p-w4").contains("warm: bound"), "{text}");
         assert!(line("rv-p-7").contains("cold"), "{text}");
+    }
+
+    fn line_of(text: &str, start: &str) -> String {
+        text.lines().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("{start}: {text}")).to_string()
     }
 
     #[tokio::test]

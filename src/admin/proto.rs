@@ -37,6 +37,19 @@ pub struct Status {
     pub pools: Vec<PoolStatus>,
     pub queued: Vec<QueuedStatus>,
     pub vms: Vec<VmStatus>,
+    /// Fleet mode: this member and the others.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub host_id: String,
+    /// Jobs this member holds claims on.
+    pub held: usize,
+    /// Every member heard from in the last hour (this one included), as of the last
+    /// heartbeat.
+    pub members: Vec<crate::fleet::claims::MemberInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

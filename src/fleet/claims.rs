@@ -27,6 +27,21 @@ pub struct Claimed {
     pub taken_over_from: Option<String>,
 }
 
+/// A member as the fleet sees it (its last heartbeat).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberInfo {
+    pub host_id: String,
+    pub max_vms: u32,
+    pub vms: u32,
+    pub warm_waiting: u32,
+    /// Jobs it holds claims on.
+    pub held: u32,
+    pub version: String,
+    /// Seconds since its last heartbeat (filled when read).
+    #[serde(default)]
+    pub seen_secs_ago: u64,
+}
+
 /// The seam between the scheduler and the fleet's claims (PostgreSQL, or memory in tests).
 pub trait Claims: Send + Sync + 'static {
     /// Claims those of `jobs` that are queued and unheld (or held by a lease that ran
@@ -39,6 +54,8 @@ pub trait Claims: Send + Sync + 'static {
     /// Holds (or takes, once its holder's lease ran out) the lead of `work` for a lease;
     /// whether this member leads it now.
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>>;
+    /// Records this member's state; returns every member heard from in the last hour.
+    fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>>;
 }
 
 pub struct PgClaims {
@@ -105,6 +122,37 @@ impl Claims for PgClaims {
         })
     }
 
+    fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let c = client(&pool).await?;
+            let n = |v: u32| v as i32;
+            c.execute(
+                "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, seen_at)                  VALUES ($1, $2, $3, $4, $5, $6, now())                  ON CONFLICT (host_id) DO UPDATE SET max_vms = EXCLUDED.max_vms, vms = EXCLUDED.vms,                    warm_waiting = EXCLUDED.warm_waiting, held = EXCLUDED.held, version = EXCLUDED.version, seen_at = now()",
+                &[&me.host_id, &n(me.max_vms), &n(me.vms), &n(me.warm_waiting), &n(me.held), &me.version],
+            )
+            .await?;
+            let rows = c
+                .query(
+                    "SELECT host_id, max_vms, vms, warm_waiting, held, version,                        extract(epoch FROM now() - seen_at)::int8                      FROM rv_members WHERE seen_at > now() - interval '1 hour' ORDER BY host_id",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| MemberInfo {
+                    host_id: r.get(0),
+                    max_vms: r.get::<_, i32>(1) as u32,
+                    vms: r.get::<_, i32>(2) as u32,
+                    warm_waiting: r.get::<_, i32>(3) as u32,
+                    held: r.get::<_, i32>(4) as u32,
+                    version: r.get(5),
+                    seen_secs_ago: r.get::<_, i64>(6).max(0) as u64,
+                })
+                .collect())
+        })
+    }
+
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>> {
         let (pool, host, lease_ms) = (self.pool.clone(), self.host.clone(), self.lease.as_millis() as f64);
         Box::pin(async move {
@@ -143,6 +191,7 @@ pub struct MemoryBoard {
     jobs: Mutex<HashMap<u64, (Option<String>, SystemTime, u32, bool)>>,
     /// work → (holder, until)
     pub leads: Mutex<HashMap<&'static str, (String, SystemTime)>>,
+    members: Mutex<std::collections::BTreeMap<String, MemberInfo>>,
 }
 
 #[cfg(test)]
@@ -183,6 +232,12 @@ pub struct MemoryClaims {
 
 #[cfg(test)]
 impl Claims for MemoryClaims {
+    fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>> {
+        let mut members = self.board.members.lock().expect("board");
+        members.insert(me.host_id.clone(), me);
+        Box::pin(std::future::ready(Ok(members.values().cloned().collect())))
+    }
+
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>> {
         let now = self.clock.now();
         let mut leads = self.board.leads.lock().expect("board");

@@ -59,6 +59,17 @@ CREATE TABLE rv_leader (
     holder     text NOT NULL,
     expires_at timestamptz NOT NULL
 );
+
+-- Each member's last word (`runnervisor status` shows the fleet from it).
+CREATE TABLE rv_members (
+    host_id      text PRIMARY KEY,
+    max_vms      integer NOT NULL,
+    vms          integer NOT NULL,
+    warm_waiting integer NOT NULL,
+    held         integer NOT NULL,
+    version      text NOT NULL,
+    seen_at      timestamptz NOT NULL DEFAULT now()
+);
 "#,
     ),
 ];

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use tracing::info;
 
 use super::{AdminCommand, Scheduler};
-use crate::admin::proto::{PoolStatus, QueuedStatus, Reply, Status, VmStatus};
+use crate::admin::proto::{FleetStatus, PoolStatus, QueuedStatus, Reply, Status, VmStatus};
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
 use crate::model::Reason;
@@ -93,6 +93,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     warm: v.warm,
                 })
                 .collect(),
+            fleet: self.fleet.as_ref().map(|f| FleetStatus {
+                host_id: f.host.clone(),
+                held: f.held(),
+                members: f.members.clone(),
+            }),
         }
     }
 }

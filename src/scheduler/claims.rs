@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::Scheduler;
 use super::event::{Event, spawn_reporting};
 use crate::fleet::FleetError;
-use crate::fleet::claims::{Claimed, Claims};
+use crate::fleet::claims::{Claimed, Claims, MemberInfo};
 use crate::fleet::intake::FleetIntake;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
@@ -54,6 +54,9 @@ pub struct Fleet {
     renewed_at: Option<Instant>,
     /// The jobs of the VMs found at start were taken as held; the first renewal tells.
     adopted: bool,
+    /// The fleet as last heard (every member's heartbeat).
+    pub members: Vec<MemberInfo>,
+    heartbeat_pending: bool,
 }
 
 impl Fleet {
@@ -78,6 +81,8 @@ impl Fleet {
             renewing: false,
             renewed_at: None,
             adopted: false,
+            members: Vec::new(),
+            heartbeat_pending: false,
         }
     }
 
@@ -262,11 +267,41 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             });
         }
         let due = fleet.renewed_at.is_none_or(|t| now.duration_since(t) >= fleet.lease / 3);
-        if fleet.renewing || !due || fleet.held.is_empty() {
+        if !due || fleet.renewing || fleet.heartbeat_pending {
+            return;
+        }
+        fleet.renewed_at = Some(now);
+        // This member's word to the fleet (`runnervisor status` shows every member's).
+        let me = MemberInfo {
+            host_id: fleet.host.clone(),
+            max_vms: self
+                .config
+                .pools
+                .iter()
+                .filter(|p| !p.retiring)
+                .map(|p| p.max_vms as u32)
+                .sum::<u32>()
+                .min(self.config.capacity.max_vms.map(|m| m as u32).unwrap_or(u32::MAX)),
+            vms: self.book.vms.len() as u32,
+            warm_waiting: self
+                .book
+                .vms
+                .values()
+                .filter(|v| v.is_unbound_warm() && v.state == crate::model::VmState::Waiting)
+                .count() as u32,
+            held: fleet.held.len() as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+            seen_secs_ago: 0,
+        };
+        fleet.heartbeat_pending = true;
+        let claims = fleet.claims.clone();
+        spawn_reporting(&self.ctx.events, async move { Event::Heartbeat(claims.heartbeat(me).await) }, |message| {
+            Event::Heartbeat(Err(FleetError::Pool(message)))
+        });
+        if fleet.held.is_empty() {
             return;
         }
         fleet.renewing = true;
-        fleet.renewed_at = Some(now);
         let asked: Vec<u64> = fleet.held.keys().copied().collect();
         let (claims, a) = (fleet.claims.clone(), asked.clone());
         spawn_reporting(
@@ -274,6 +309,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             async move { Event::Renewed { asked: a, result: claims.renew(asked).await } },
             |message| Event::Renewed { asked: Vec::new(), result: Err(FleetError::Pool(message)) },
         );
+    }
+
+    pub(super) fn on_heartbeat(&mut self, result: Result<Vec<MemberInfo>, FleetError>) {
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        fleet.heartbeat_pending = false;
+        match result {
+            Ok(members) => fleet.members = members,
+            Err(e) => warn!(error = %e, "cannot write this member's heartbeat to the fleet's database"),
+        }
     }
 
     pub(super) fn on_renewed(&mut self, asked: Vec<u64>, result: Result<Vec<u64>, FleetError>) {

@@ -65,6 +65,8 @@ pub enum Event {
         asked: Vec<u64>,
         result: Result<Vec<u64>, crate::fleet::FleetError>,
     },
+    /// Fleet mode: this member's heartbeat written; the fleet's members as read back.
+    Heartbeat(Result<Vec<crate::fleet::claims::MemberInfo>, crate::fleet::FleetError>),
     /// Fleet mode: a job taken over from a member that went away, as GitHub knows it.
     TakeoverChecked {
         job: u64,

@@ -276,6 +276,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::GroupResolved(r) => self.on_group_resolved(r),
             Event::Claimed { asked, result } => self.on_claimed(asked, result),
             Event::Renewed { asked, result } => self.on_renewed(asked, result),
+            Event::Heartbeat(result) => self.on_heartbeat(result),
             Event::TakeoverChecked { job, status } => self.on_takeover_checked(job, status),
             Event::Admin(cmd, reply) => {
                 let r = self.on_admin(cmd);
