@@ -511,7 +511,7 @@ mod in_process {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         assert_eq!((fleet.host_id.as_str(), fleet.held), ("hv-a", 2));
-        let text = runnervisor::admin::render_status(&a.status().await.unwrap());
+        let text = admin::render_status(&a.status().await.unwrap());
         assert!(text.contains("hv-a (this)") && text.contains("hv-b"), "{text}");
         a.stop().await;
         b.stop().await;
