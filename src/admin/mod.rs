@@ -340,7 +340,7 @@ mod tests {
                 vm("rv-p-w4", "busy", true),
                 vm("rv-p-7", "busy", false),
             ],
-            fleet: Some(crate::admin::proto::FleetStatus {
+            fleet: Some(proto::FleetStatus {
                 host_id: "hv-a".into(),
                 held: 3,
                 members: ["hv-a", "hv-b"]
