@@ -45,8 +45,11 @@ pub fn config_manual(example: &str, version: &str) -> String {
             prose = false;
             continue;
         }
-        if line.starts_with('[') {
-            out.push_str(&format!(".SH \"{}\"\n", roff(line).replace('"', "")));
+        // A table the example leaves out (`# [fleet]`) is a section of its own too.
+        if let Some(header) =
+            line.strip_prefix("# ").filter(|h| h.starts_with('[')).or(line.starts_with('[').then_some(line))
+        {
+            out.push_str(&format!(".SH \"{}\"\n", roff(header).replace('"', "")));
             prose = false;
         } else if let Some((key, value, commented)) = key_line(line) {
             let note = if commented { "optional; default or alternative shown" } else { "as in the example" };
@@ -106,12 +109,22 @@ mod tests {
     fn the_config_manual_has_every_table_and_key_of_the_example() {
         let man = config_manual(EXAMPLE, "1.2.3");
         assert!(man.starts_with(".TH RUNNERVISOR.TOML 5 \"\" \"runnervisor 1.2.3\""));
-        for table in
-            ["[server]", "[github]", "[libvirt]", "[admin]", "[metrics]", "[reconcile]", "[capacity]", "[[pool]]"]
-        {
+        for table in [
+            "[server]",
+            "[github]",
+            "[libvirt]",
+            "[admin]",
+            "[metrics]",
+            "[reconcile]",
+            "[capacity]",
+            "[fleet]",
+            "[[pool]]",
+        ] {
             assert!(man.contains(&format!(".SH \"{table}\"\n")), "{table}");
         }
-        for key in ["state_dir", "listen", "webhook_secret", "network", "max_vms", "warm", "bind_timeout"] {
+        for key in
+            ["state_dir", "listen", "webhook_secret", "network", "max_vms", "warm", "bind_timeout", "lease", "postgres"]
+        {
             assert!(man.contains(&format!(".TP\n\\fB{key}\\fR = ")), "{key}");
         }
         // Only the requests this generator writes start a line; text never does.
