@@ -172,6 +172,9 @@ pub struct Metrics {
     pub bind_seconds: Seconds<PoolLabels>,
     pub bind_failures: Family<StepLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub fleet_claims: Family<ResultLabels, Counter>,
+    pub fleet_claims_held: Gauge,
+    pub fleet_takeovers: Counter,
 }
 
 impl Default for Metrics {
@@ -204,6 +207,9 @@ impl Default for Metrics {
             bind_seconds: Family::new_with_constructor(short_seconds_buckets),
             bind_failures: Family::default(),
             config_reloads: Family::default(),
+            fleet_claims: Family::default(),
+            fleet_claims_held: Gauge::default(),
+            fleet_takeovers: Counter::default(),
         };
         // Families are cheap handles onto shared series: the registry holds clones.
         let r = &mut m.registry;
@@ -214,6 +220,17 @@ impl Default for Metrics {
             m.webhook_signature_failures.clone(),
         );
         r.register("runnervisor_jobs_received", "Queued jobs matched to a pool", m.jobs_received.clone());
+        r.register(
+            "runnervisor_fleet_claims",
+            "Fleet mode: job claims by result (won, lost to another member, error)",
+            m.fleet_claims.clone(),
+        );
+        r.register("runnervisor_fleet_claims_held", "Fleet mode: jobs this member holds", m.fleet_claims_held.clone());
+        r.register(
+            "runnervisor_fleet_takeovers",
+            "Fleet mode: jobs taken over from a member whose lease ran out",
+            m.fleet_takeovers.clone(),
+        );
         r.register(
             "runnervisor_jobs_unmatched",
             "Queued jobs whose labels no pool has (counted, not tracked)",

@@ -157,14 +157,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         for job in &asked {
             fleet.pending.remove(job);
         }
+        let count = |result: &str, n: usize| {
+            self.metrics.fleet_claims.get_or_create(&crate::metrics::ResultLabels::new(result)).inc_by(n as u64)
+        };
         let won = match result {
             Ok(won) => won,
             Err(e) => {
+                count("error", asked.len());
                 warn!(error = %e, jobs = asked.len(), "cannot claim jobs in the fleet's database; retrying");
                 fleet.pause_until = Some(now + RETRY_ERROR);
                 return;
             }
         };
+        count("won", won.len());
+        count("lost", asked.len().saturating_sub(won.len()));
         let won_ids: BTreeSet<u64> = won.iter().map(|c| c.job).collect();
         for job in asked.iter().filter(|j| !won_ids.contains(j)) {
             fleet.others.insert(*job, now + RETRY_OTHERS.min(fleet.lease / 2));
@@ -174,6 +180,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             fleet.held.insert(c.job, (c.attempt, false));
             fleet.others.remove(&c.job);
             if let Some(from) = &c.taken_over_from {
+                self.metrics.fleet_takeovers.inc();
                 info!(job_id = c.job, from = %from, "taking over a job whose member went away (its lease ran out); checking GitHub first");
                 fleet.verifying.insert(c.job);
                 verify.push(c.job);

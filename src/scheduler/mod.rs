@@ -383,6 +383,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     fn update_gauges(&self) {
+        if let Some(f) = &self.fleet {
+            self.metrics.fleet_claims_held.set(f.held() as i64);
+        }
         for p in &self.config.pools {
             self.metrics
                 .queue_depth

@@ -130,6 +130,11 @@ async fn members_serve_each_job_once_within_their_capacity() {
     b.wait("b empty", |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
     let made = a.hv.lock().started_total + b.hv.lock().started_total;
     assert_eq!(made, 5, "one VM per job across the fleet");
+    let (ma, mb) = (a.metrics.render(), b.metrics.render());
+    let won = |m: &str| {
+        m.lines().find_map(|l| l.strip_prefix("runnervisor_fleet_claims_total{result=\"won\"} ")?.parse::<u64>().ok())
+    };
+    assert_eq!(won(&ma).unwrap_or(0) + won(&mb).unwrap_or(0), 5, "{ma}\n{mb}");
 }
 
 #[tokio::test(start_paused = true)]
