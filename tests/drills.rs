@@ -798,3 +798,97 @@ async fn drill_ingest_crash() {
     println!("{line}");
     assert!(lost == 0 && persisted >= answered.len() && !answered.is_empty(), "{line}");
 }
+
+/// A second storage pool for a second fleet member on this libvirtd, removed when dropped.
+struct ExtraPool(&'static str);
+
+impl ExtraPool {
+    fn new(name: &'static str) -> ExtraPool {
+        let dir = format!("/var/lib/runnervisor/{name}");
+        std::fs::create_dir_all(&dir).unwrap();
+        let virsh = |args: &[&str]| std::process::Command::new("virsh").args(["-c", URI]).args(args).output().unwrap();
+        if !virsh(&["pool-info", name]).status.success() {
+            run(std::process::Command::new("virsh").args(["-c", URI, "pool-define-as", name, "dir", "--target", &dir]));
+        }
+        let _ = virsh(&["pool-start", name]);
+        ExtraPool(name)
+    }
+}
+
+impl Drop for ExtraPool {
+    fn drop(&mut self) {
+        let virsh = |args: &[&str]| std::process::Command::new("virsh").args(["-c", URI]).args(args).output();
+        let _ = virsh(&["pool-destroy", self.0]);
+        let _ = virsh(&["pool-undefine", self.0]);
+        let _ = std::fs::remove_dir_all(format!("/var/lib/runnervisor/{}", self.0));
+    }
+}
+
+/// Fleet: two members on one PostgreSQL. Member a takes the deliveries; it claims the first
+/// job and dies (kill -9 right after recording the job's VM, before anything of it exists).
+/// Member b takes the job over once a's lease has run out (checking GitHub first) and
+/// serves it; a comes back, finds it lost the job, cleans up what it recorded, and gets
+/// the deliveries it missed redelivered. More jobs follow, shared by both. Every job is
+/// served once, nothing is left on either member's storage pool.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill fleet-kill"]
+async fn drill_fleet_kill() {
+    if !cfg!(feature = "fault-injection") {
+        panic!("run the drills with --features fault-injection (scripts/drill does)");
+    }
+    let db = pg::TestDb::new("drill").await;
+    let secrets = tempdir("fleet-pg");
+    let password = secrets.join("pg-password");
+    write_private(&password, &pg::password());
+    let port: u16 = std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
+    let fleet = |host: &str| {
+        format!(
+            "\n[fleet]\nhost_id = \"{host}\"\nlease = \"10s\"\ncold_head_start = \"0s\"\n\
+             postgres = {{ url = \"postgres://{}@127.0.0.1:{port}/{}?sslmode=disable\", password = {{ file = \"{}\" }} }}\n",
+            pg::ROLE,
+            db.name,
+            password.display()
+        )
+    };
+    let extra = ExtraPool::new("rv-drill-b");
+    // a: the webhook target (the Drill's agent), on the default storage pool.
+    let mut d = Drill::new("fleet-kill", |s| {
+        s.max_vms = 2;
+        s.pool_extra = fleet("hv-a");
+    })
+    .await;
+    // b: another member on this libvirtd, its own storage pool and listener (no webhook
+    // reaches it: it learns everything from the fleet's log).
+    let mut spec_b = AgentSpec::new("d-fleet-kill", &d.labels());
+    spec_b.max_vms = 2;
+    spec_b.storage_pool = extra.0.into();
+    spec_b.pool_extra = fleet("hv-b");
+    let mut b = Agent::configure(&spec_b, d.sim.handle.addr.port(), free_port());
+    let (hv_b, _) = libvirt_on(extra.0);
+
+    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "after-persist")]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = d.queue(10.0).await;
+    let status = wait_exit(&mut d.agent, Duration::from_secs(60));
+    assert!(status.is_some(), "a did not reach after-persist:\n{}", d.agent.log_tail());
+    d.say(&format!("a claimed job {first} and died: {status:?}"));
+    b.start().await;
+    d.say("b started");
+    let took_over = format!("rv-d-fleet-kill-{first}-2");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !hv_b.list_vms().unwrap_or_default().iter().any(|v| v.name == took_over) {
+        assert!(Instant::now() < deadline, "b did not take job {first} over:\n{}", b.log_tail());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    d.say(&format!("b took job {first} over as {took_over}"));
+    assert!(b.log_text().contains("taking over a job whose member went away"), "{}", b.log_tail());
+    d.agent.start().await;
+    d.say("a back");
+    for _ in 0..3 {
+        d.queue(5.0).await;
+    }
+    d.finish(Duration::from_secs(600)).await;
+    let (doms, vols) = leftovers(&hv_b, "rv-d-fleet-kill-");
+    assert!(doms.is_empty() && vols.is_empty(), "b left {doms:?} {vols:?}");
+    assert!(b.terminate().success());
+}
