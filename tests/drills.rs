@@ -28,6 +28,9 @@ struct Drill {
     started: Instant,
     /// A warm pool: the summary also counts jobs served by warm VMs and by cold ones.
     warm: bool,
+    /// A fleet of this many members: the summary adds `hosts=N doubles=D` (jobs run by
+    /// more than one runner).
+    hosts: Option<usize>,
 }
 
 impl Drill {
@@ -49,7 +52,7 @@ impl Drill {
         let agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
         let (hv, _) = libvirt_on(&spec.storage_pool);
         eprintln!("drill {name}: agent log {}", agent.log.display());
-        Drill { name, labels, sim, agent, hv, expected: Vec::new(), started: Instant::now(), warm: false }
+        Drill { name, labels, sim, agent, hv, expected: Vec::new(), started: Instant::now(), warm: false, hosts: None }
     }
 
     fn labels(&self) -> Vec<&str> {
@@ -132,9 +135,14 @@ impl Drill {
             let (warm, cold) = self.warm_and_cold().await;
             line.push_str(&format!(" warm_hits={warm} cold={cold}"));
         }
+        let mut doubles = 0;
+        if let Some(hosts) = self.hosts {
+            doubles = self.served_counts().await.values().filter(|n| **n > 1).count();
+            line.push_str(&format!(" hosts={hosts} doubles={doubles}"));
+        }
         self.say("done");
         println!("{line}");
-        assert!(served == jobs && lost == 0 && d == 0 && v == 0 && r == 0, "{line}");
+        assert!(served == jobs && lost == 0 && d == 0 && v == 0 && r == 0 && doubles == 0, "{line}");
     }
 
     async fn figures(&self) -> (usize, usize, usize, usize, usize, usize) {
@@ -824,12 +832,12 @@ impl Drop for ExtraPool {
     }
 }
 
-/// Fleet: two members on one PostgreSQL. Member a takes the deliveries; it claims the first
-/// job and dies (kill -9 right after recording the job's VM, before anything of it exists).
-/// Member b takes the job over once a's lease has run out (checking GitHub first) and
-/// serves it; a comes back, finds it lost the job, cleans up what it recorded, and gets
-/// the deliveries it missed redelivered. More jobs follow, shared by both. Every job is
-/// served once, nothing is left on either member's storage pool.
+/// Fleet: two members on one PostgreSQL and one libvirtd, deliveries sent to both. Member a
+/// (alone at first) claims the first job and dies (kill -9 right after recording the
+/// job's VM, before anything of it exists). Member b takes the job over once a's lease
+/// has run out (checking GitHub first) and serves it; a comes back, finds it lost the job
+/// and cleans up what it recorded. More jobs follow, shared by both. Every job is served
+/// once, by one runner, and nothing is left on either member's storage pool.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill fleet-kill"]
 async fn drill_fleet_kill() {
@@ -851,19 +859,25 @@ async fn drill_fleet_kill() {
         )
     };
     let extra = ExtraPool::new("rv-drill-b");
-    // a: the webhook target (the Drill's agent), on the default storage pool.
-    let mut d = Drill::new("fleet-kill", |s| {
-        s.max_vms = 2;
-        s.pool_extra = fleet("hv-a");
-    })
+    // Deliveries go to both members (a relay in front of the fleet).
+    let b_port = free_port();
+    // a: the Drill's agent, on the default storage pool.
+    let mut d = Drill::with_sim(
+        "fleet-kill",
+        |s| {
+            s.max_vms = 2;
+            s.pool_extra = fleet("hv-a");
+        },
+        |c| c.fanout = vec![format!("http://127.0.0.1:{b_port}/webhook")],
+    )
     .await;
-    // b: another member on this libvirtd, its own storage pool and listener (no webhook
-    // reaches it: it learns everything from the fleet's log).
+    d.hosts = Some(2);
+    // b: another member on this libvirtd, with its own storage pool.
     let mut spec_b = AgentSpec::new("d-fleet-kill", &d.labels());
     spec_b.max_vms = 2;
     spec_b.storage_pool = extra.0.into();
     spec_b.pool_extra = fleet("hv-b");
-    let mut b = Agent::configure(&spec_b, d.sim.handle.addr.port(), free_port());
+    let mut b = Agent::configure(&spec_b, d.sim.handle.addr.port(), b_port);
     let (hv_b, _) = libvirt_on(extra.0);
 
     d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "after-persist")]);

@@ -59,6 +59,8 @@ pub struct SimConfig {
     /// object and `/enterprises/{slug}/...` answers for this slug only (404 for any other).
     /// `None`: no enterprise in payloads, any slug answers.
     pub enterprise: Option<String>,
+    /// More URLs each delivery is sent to (a relay in front of a fleet of agents).
+    pub fanout: Vec<String>,
 }
 
 impl SimConfig {
@@ -76,6 +78,7 @@ impl SimConfig {
             registration_token_ttl: Duration::from_secs(3600),
             webhook_timeout: Duration::from_secs(10),
             enterprise: None,
+            fanout: Vec::new(),
         }
     }
 }

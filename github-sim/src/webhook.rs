@@ -216,12 +216,25 @@ async fn deliver(sim: &Sim, client: &reqwest::Client, out: Outgoing) {
         record(sim, &out, "failed to connect to host", 0, 0.0, String::new(), headers);
         return;
     };
-    let mut req = client.post(url).body(body);
-    for (k, v) in &headers {
-        req = req.header(k, v);
-    }
     let started = Instant::now();
-    let result = req.send().await;
+    // A relay in front of a fleet: the delivery goes to every URL; it succeeded if one of
+    // them took it (the first 2xx is what GitHub records, else the first URL's answer).
+    let mut result = None;
+    for url in std::iter::once(url).chain(sim.config.fanout.iter().cloned()) {
+        let mut req = client.post(url).body(body.clone());
+        for (k, v) in &headers {
+            req = req.header(k, v);
+        }
+        let r = req.send().await;
+        let ok = r.as_ref().is_ok_and(|resp| resp.status().is_success());
+        let had_ok = result.as_ref().is_some_and(|r: &reqwest::Result<reqwest::Response>| {
+            r.as_ref().is_ok_and(|resp| resp.status().is_success())
+        });
+        if result.is_none() || (ok && !had_ok) {
+            result = Some(r);
+        }
+    }
+    let result = result.expect("one URL at least");
     let secs = started.elapsed().as_secs_f64();
     match result {
         Ok(resp) => {
