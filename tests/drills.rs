@@ -807,9 +807,17 @@ async fn drill_ingest_crash() {
     assert!(lost == 0 && persisted >= answered.len() && !answered.is_empty(), "{line}");
 }
 
+fn pg_port() -> u16 {
+    std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432)
+}
+
 /// `[fleet]` for member `host` on the test database `db`, its password in `password`.
 fn fleet_section(host: &str, db: &pg::TestDb, password: &std::path::Path) -> String {
-    let port: u16 = std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
+    fleet_section_on(host, db, password, pg_port())
+}
+
+/// [`fleet_section`] through `port` (a proxy in front of the cluster).
+fn fleet_section_on(host: &str, db: &pg::TestDb, password: &std::path::Path, port: u16) -> String {
     format!(
         "\n[fleet]\nhost_id = \"{host}\"\nlease = \"10s\"\ncold_head_start = \"0s\"\n\
          postgres = {{ url = \"postgres://{}@127.0.0.1:{port}/{}?sslmode=disable\", password = {{ file = \"{}\" }} }}\n",
@@ -964,4 +972,66 @@ async fn drill_postgres_restart() {
     run(std::process::Command::new("pg_ctlcluster").args([&version, &name, "start"]));
     d.say("PostgreSQL started again");
     d.finish(Duration::from_secs(600)).await;
+}
+
+/// Fleet: one member loses PostgreSQL (its path to it cut) for longer than the lease while
+/// its VMs boot, then gets it back. The other member takes the jobs it could no longer
+/// hold; whichever runner is first takes each job (counting, not binding), the VMs left
+/// without a job on either side are surplus and reaped. No job runs twice, nothing leaks.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill fleet-partition"]
+async fn drill_fleet_partition() {
+    let db = pg::TestDb::new("drill").await;
+    let secrets = tempdir("fleet-pg");
+    let password = secrets.join("pg-password");
+    write_private(&password, &pg::password());
+    let proxy = pg::Proxy::start(pg_port()).await;
+    let extra = ExtraPool::new("rv-drill-b");
+    let b_port = free_port();
+    // a reaches PostgreSQL through the proxy; b directly. Deliveries go to both.
+    let mut d = Drill::with_sim(
+        "fleet-partition",
+        |s| {
+            s.max_vms = 2;
+            s.pool_extra = fleet_section_on("hv-a", &db, &password, proxy.port);
+            s.pool_extra.insert_str(0, "idle_timeout = \"20s\"\n");
+        },
+        |c| c.fanout = vec![format!("http://127.0.0.1:{b_port}/webhook")],
+    )
+    .await;
+    d.hosts = Some(2);
+    let mut spec_b = AgentSpec::new("d-fleet-partition", &d.labels());
+    spec_b.max_vms = 2;
+    spec_b.storage_pool = extra.0.into();
+    spec_b.pool_extra = format!("idle_timeout = \"20s\"\n{}", fleet_section("hv-b", &db, &password));
+    let mut b = Agent::configure(&spec_b, d.sim.handle.addr.port(), b_port);
+    let (hv_b, _) = libvirt_on(extra.0);
+    d.agent.start().await;
+    // a alone first: it claims both jobs and boots their VMs.
+    for _ in 0..2 {
+        d.queue(5.0).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.vms().len() < 2 {
+        assert!(Instant::now() < deadline, "a made no VMs:\n{}", d.agent.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.start().await;
+    proxy.cut();
+    d.say("a cut off from PostgreSQL (its VMs still booting)");
+    // Longer than the lease (10 s): b takes over what a can no longer hold.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b.log_text().contains("taking over a job whose member went away") {
+        assert!(Instant::now() < deadline, "b took nothing over:\n{}", b.log_tail());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    d.say("b took a's jobs over");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.restore();
+    d.say("a reaches PostgreSQL again");
+    d.queue(5.0).await;
+    d.finish(Duration::from_secs(600)).await;
+    let (doms, vols) = leftovers(&hv_b, "rv-d-fleet-partition-");
+    assert!(doms.is_empty() && vols.is_empty(), "b left {doms:?} {vols:?}");
+    assert!(b.terminate().success());
 }
