@@ -319,140 +319,19 @@ mod in_process {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use hmac::{Hmac, KeyInit, Mac};
-    use runnervisor::admin::{self, Reply, Request, Status};
-    use runnervisor::config::Config;
+    use runnervisor::admin;
     use runnervisor::github::fake::FakeGitHub;
-    use runnervisor::hypervisor::HvEvent;
-    use runnervisor::hypervisor::fake::FakeHypervisor;
-    use runnervisor::secret::Secret;
-    use tokio_util::sync::CancellationToken;
 
-    const SECRET: &str = "fleet-secret";
+    use super::common::inproc::{self, Agent as Member};
 
-    fn sign(body: &[u8]) -> String {
-        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
-        mac.update(body);
-        let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256={sig}")
-    }
-
-    fn queued(id: u64) -> String {
-        serde_json::json!({
-            "action": "queued",
-            "workflow_job": {"id": id, "run_id": 1, "run_attempt": 1, "name": "build", "workflow_name": "CI",
-                "labels": ["self-hosted", "linux"], "html_url": "https://x", "runner_name": null,
-                "runner_id": null, "conclusion": null, "status": "queued"},
-            "repository": {"full_name": "octo-org/app"},
-        })
-        .to_string()
-    }
-
-    pub struct Member {
-        pub webhook: String,
-        socket: std::path::PathBuf,
-        pub hv: Arc<FakeHypervisor>,
-        stop: CancellationToken,
-        task: tokio::task::JoinHandle<Result<(), runnervisor::RunError>>,
-        _dir: tempfile::TempDir,
-    }
-
-    pub async fn start(host: &str, pg: tokio_postgres::Config, gh: Arc<FakeGitHub>) -> Member {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("golden.qcow2");
-        let mut header = b"QFI\xfb".to_vec();
-        header.resize(24, 0);
-        header.extend_from_slice(&(1u64 << 30).to_be_bytes());
-        std::fs::write(&image, header).unwrap();
-        let socket = dir.path().join("admin.sock");
-        let text = format!(
-            r#"
-            state_dir = "{dir}"
-            [server]
-            listen = "127.0.0.1:0"
-            [admin]
-            socket = "{socket}"
-            [github]
-            organization = "octo-org"
-            auth = {{ type = "pat", token = {{ file = "/nonexistent" }} }}
-            webhook_secret = {{ file = "/nonexistent" }}
-            [reconcile]
-            sweep_interval = "1s"
-            [fleet]
-            host_id = "{host}"
-            lease = "12s"
-            cold_head_start = "0s"
-            postgres = {{ url = "postgres://127.0.0.1/unused" }}
-            [[pool]]
-            name = "small"
-            labels = ["self-hosted", "linux"]
-            image = "{image}"
-            max_vms = 2
-            "#,
-            dir = dir.path().display(),
-            socket = socket.display(),
-            image = image.display(),
+    /// A fleet member named `host` (lease 12 s, no head start) on the database `pg`.
+    async fn start(host: &str, pg: tokio_postgres::Config, gh: Arc<FakeGitHub>) -> Member {
+        let fleet = format!(
+            "[fleet]\nhost_id = \"{host}\"\nlease = \"12s\"\ncold_head_start = \"0s\"\n\
+             postgres = {{ url = \"postgres://127.0.0.1/unused\" }}"
         );
-        let config = Arc::new(Config::parse(&text).unwrap());
-        let fleet_config = config.fleet.clone().unwrap();
         let pool = runnervisor::fleet::pool(pg.clone(), runnervisor::fleet::tls(None).unwrap(), 4).unwrap();
-        let member = runnervisor::fleet::Member {
-            host_id: host.into(),
-            pool,
-            listen: pg,
-            tls: runnervisor::fleet::tls(None).unwrap(),
-            lease: fleet_config.lease,
-            cold_head_start: fleet_config.cold_head_start,
-        };
-        let (hv_tx, hv_rx) = tokio::sync::mpsc::unbounded_channel();
-        let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
-        hv_tx.send(HvEvent::Reconnected).unwrap();
-        let webhook_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let webhook = format!("http://{}/webhook", webhook_listener.local_addr().unwrap());
-        let deps = runnervisor::Deps {
-            github: gh,
-            hypervisor: hv.clone(),
-            hv_events: hv_rx,
-            webhook_secret: Secret::new(SECRET),
-            metrics: Arc::new(runnervisor::metrics::Metrics::default()),
-            webhook_listener: Some(webhook_listener),
-            metrics_listener: Some(std::net::TcpListener::bind("127.0.0.1:0").unwrap()),
-            reloads: None,
-            fleet: Some(member),
-        };
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(runnervisor::run(config, deps, stop.clone()));
-        Member { webhook, socket, hv, stop, task, _dir: dir }
-    }
-
-    impl Member {
-        pub async fn status(&self) -> Option<Status> {
-            match admin::request(&self.socket, &Request::Status).await {
-                Ok(Reply::Status(s)) => Some(s),
-                _ => None,
-            }
-        }
-
-        pub async fn post(&self, id: u64, delivery: &str) -> u16 {
-            let body = queued(id);
-            reqwest::Client::new()
-                .post(&self.webhook)
-                .header("X-GitHub-Event", "workflow_job")
-                .header("X-GitHub-Delivery", delivery)
-                .header("X-Hub-Signature-256", sign(body.as_bytes()))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-
-        pub async fn stop(self) {
-            self.stop.cancel();
-            let _ = self.task.await;
-        }
+        inproc::start(&fleet, gh, Some((pg, pool))).await
     }
 
     /// Each job id with the members' VMs made for it.
@@ -513,8 +392,8 @@ mod in_process {
         assert_eq!((fleet.host_id.as_str(), fleet.held), ("hv-a", 2));
         let text = admin::render_status(&a.status().await.unwrap());
         assert!(text.contains("hv-a (this)") && text.contains("hv-b"), "{text}");
-        a.stop().await;
-        b.stop().await;
+        let _ = a.stop().await;
+        let _ = b.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,6 +402,6 @@ mod in_process {
         pg.port(9);
         let m = start("hv-lonely", pg, Arc::new(FakeGitHub::default())).await;
         assert_eq!(m.post(1, "g-1").await, 503);
-        m.stop().await;
+        let _ = m.stop().await;
     }
 }

@@ -2,127 +2,19 @@
 //! on 127.0.0.1 port 0, the real store and the real admin socket. What needs no libvirt is
 //! checked here: the webhook's status table end to end, the admin protocol, the metrics.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
 
-use hmac::{Hmac, KeyInit, Mac};
-use runnervisor::admin::{self, Reply, Request, Status};
-use runnervisor::config::Config;
+use common::inproc::{self, queued, sign};
+use runnervisor::admin::{self, Reply, Request};
 use runnervisor::github::fake::FakeGitHub;
-use runnervisor::hypervisor::HvEvent;
-use runnervisor::hypervisor::fake::FakeHypervisor;
-use runnervisor::metrics::Metrics;
-use runnervisor::secret::Secret;
-use sha2::Sha256;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "in-process-secret";
-
-fn sign(body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body);
-    let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={sig}")
-}
-
-fn queued(id: u64, repository: &str) -> String {
-    serde_json::json!({
-        "action": "queued",
-        "workflow_job": {"id": id, "run_id": 1, "run_attempt": 1, "name": "build", "workflow_name": "CI",
-            "labels": ["self-hosted", "linux"], "html_url": "https://x", "runner_name": null,
-            "runner_id": null, "conclusion": null, "status": "queued"},
-        "repository": {"full_name": repository},
-    })
-    .to_string()
-}
-
-struct Agent {
-    webhook: String,
-    metrics: String,
-    socket: std::path::PathBuf,
-    hv: Arc<FakeHypervisor>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), runnervisor::RunError>>,
-    _dir: tempfile::TempDir,
-}
-
-async fn start() -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    // check_image reads a qcow2 header: a 1 GiB image's.
-    let image = dir.path().join("golden.qcow2");
-    let mut header = b"QFI\xfb".to_vec();
-    header.resize(24, 0);
-    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
-    std::fs::write(&image, header).unwrap();
-    let socket = dir.path().join("admin.sock");
-    let text = format!(
-        r#"
-        state_dir = "{dir}"
-        [server]
-        listen = "127.0.0.1:0"
-        [admin]
-        socket = "{socket}"
-        [github]
-        organization = "octo-org"
-        auth = {{ type = "pat", token = {{ file = "/nonexistent" }} }}
-        webhook_secret = {{ file = "/nonexistent" }}
-        [reconcile]
-        sweep_interval = "1s"
-        [[pool]]
-        name = "small"
-        labels = ["self-hosted", "linux"]
-        image = "{image}"
-        max_vms = 2
-        "#,
-        dir = dir.path().display(),
-        socket = socket.display(),
-        image = image.display(),
-    );
-    let config = Arc::new(Config::parse(&text).unwrap());
-    let (hv_tx, hv_rx) = tokio::sync::mpsc::unbounded_channel();
-    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
-    hv_tx.send(HvEvent::Reconnected).unwrap();
-    let webhook_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let webhook = format!("http://{}/webhook", webhook_listener.local_addr().unwrap());
-    let metrics = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
-    let deps = runnervisor::Deps {
-        github: Arc::new(FakeGitHub::default()),
-        hypervisor: hv.clone(),
-        hv_events: hv_rx,
-        webhook_secret: Secret::new(SECRET),
-        metrics: Arc::new(Metrics::default()),
-        webhook_listener: Some(webhook_listener),
-        metrics_listener: Some(metrics_listener),
-        reloads: None,
-        fleet: None,
-    };
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(runnervisor::run(config, deps, stop.clone()));
-    let agent = Agent { webhook, metrics, socket, hv, stop, task, _dir: dir };
+async fn start() -> inproc::Agent {
+    let agent = inproc::start("", Arc::new(FakeGitHub::default()), None).await;
     agent.wait("libvirt connected", |s| s.libvirt_connected).await;
     agent
-}
-
-impl Agent {
-    async fn status(&self) -> Option<Status> {
-        match admin::request(&self.socket, &Request::Status).await {
-            Ok(Reply::Status(s)) => Some(s),
-            _ => None,
-        }
-    }
-
-    async fn wait(&self, what: &str, f: impl Fn(&Status) -> bool) -> Status {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if let Some(s) = self.status().await.filter(|s| f(s)) {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out waiting for {what}: {:#?}", self.status().await);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,8 +110,8 @@ async fn webhook_status_table_admin_protocol_and_metrics() {
     assert!(text.lines().any(|l| l.starts_with("runnervisor_webhook_signature_failures_total 3")), "{text}");
 
     // Stopping: run() returns, the socket goes, the VM keeps running.
-    agent.stop.cancel();
-    agent.task.await.unwrap().unwrap();
-    assert!(!agent.socket.exists());
-    assert_eq!(agent.hv.running(), ["rv-small-7001-2"]);
+    let (socket, hv) = (agent.socket.clone(), agent.hv.clone());
+    agent.stop().await.unwrap();
+    assert!(!socket.exists());
+    assert_eq!(hv.running(), ["rv-small-7001-2"]);
 }

@@ -16,6 +16,7 @@ pub const POOL: &str = "runnervisor";
 pub const URI: &str = "qemu:///system";
 
 pub mod agent;
+pub mod inproc;
 pub mod lab;
 pub mod load;
 pub mod pg;
