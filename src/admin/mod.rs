@@ -349,6 +349,7 @@ mod tests {
                         max_vms: 4,
                         vms: 2,
                         warm_waiting: 1,
+                        warm_target: 1,
                         held: 3,
                         version: "0.1.0".into(),
                         seen_secs_ago: 7,

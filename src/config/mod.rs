@@ -358,8 +358,8 @@ pub struct FleetConfig {
     /// dies or is cut off loses its unserved jobs to the others after this.
     #[serde(default = "defaults::lease", deserialize_with = "duration")]
     pub lease: Duration,
-    /// A member that would boot a VM cold leaves a job this long to members with a warm VM
-    /// waiting (unless the job is older).
+    /// A member that would boot a VM cold leaves a job this long to the others (unless the
+    /// job is older), while another member keeps warm VMs (`warm` in its pools).
     #[serde(default = "defaults::cold_head_start", deserialize_with = "duration")]
     pub cold_head_start: Duration,
 }

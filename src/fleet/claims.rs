@@ -34,6 +34,9 @@ pub struct MemberInfo {
     pub max_vms: u32,
     pub vms: u32,
     pub warm_waiting: u32,
+    /// Warm VMs its pools keep (configured).
+    #[serde(default)]
+    pub warm_target: u32,
     /// Jobs it holds claims on.
     pub held: u32,
     pub version: String,
@@ -87,7 +90,8 @@ impl Claims for PgClaims {
                          AND (holder IS NULL OR holder = $2 OR lease_until < now()) \
                        ORDER BY received_at FOR UPDATE SKIP LOCKED) \
                      UPDATE rv_jobs j SET holder = $2, \
-                       lease_until = now() + make_interval(secs => $3::float8 / 1000), attempts = j.attempts + 1 \
+                       lease_until = now() + make_interval(secs => $3::float8 / 1000), attempts = j.attempts + 1, \
+                       first_claimed_at = coalesce(j.first_claimed_at, now()) \
                      FROM c WHERE j.id = c.id \
                      RETURNING j.id, j.attempts, c.holder",
                     &[&ids(&jobs), &host, &lease_ms],
@@ -128,13 +132,19 @@ impl Claims for PgClaims {
             let c = client(&pool).await?;
             let n = |v: u32| v as i32;
             c.execute(
-                "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, seen_at)                  VALUES ($1, $2, $3, $4, $5, $6, now())                  ON CONFLICT (host_id) DO UPDATE SET max_vms = EXCLUDED.max_vms, vms = EXCLUDED.vms,                    warm_waiting = EXCLUDED.warm_waiting, held = EXCLUDED.held, version = EXCLUDED.version, seen_at = now()",
-                &[&me.host_id, &n(me.max_vms), &n(me.vms), &n(me.warm_waiting), &n(me.held), &me.version],
+                "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, warm_target, seen_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, now()) \
+                 ON CONFLICT (host_id) DO UPDATE SET max_vms = EXCLUDED.max_vms, vms = EXCLUDED.vms, \
+                   warm_waiting = EXCLUDED.warm_waiting, held = EXCLUDED.held, version = EXCLUDED.version, \
+                   warm_target = EXCLUDED.warm_target, seen_at = now()",
+                &[&me.host_id, &n(me.max_vms), &n(me.vms), &n(me.warm_waiting), &n(me.held), &me.version, &n(me.warm_target)],
             )
             .await?;
             let rows = c
                 .query(
-                    "SELECT host_id, max_vms, vms, warm_waiting, held, version,                        extract(epoch FROM now() - seen_at)::int8                      FROM rv_members WHERE seen_at > now() - interval '1 hour' ORDER BY host_id",
+                    "SELECT host_id, max_vms, vms, warm_waiting, held, version, \
+                       extract(epoch FROM now() - seen_at)::int8, warm_target \
+                     FROM rv_members WHERE seen_at > now() - interval '1 hour' ORDER BY host_id",
                     &[],
                 )
                 .await?;
@@ -148,6 +158,7 @@ impl Claims for PgClaims {
                     held: r.get::<_, i32>(4) as u32,
                     version: r.get(5),
                     seen_secs_ago: r.get::<_, i64>(6).max(0) as u64,
+                    warm_target: r.get::<_, i32>(7) as u32,
                 })
                 .collect())
         })

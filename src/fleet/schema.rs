@@ -72,6 +72,16 @@ CREATE TABLE rv_members (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+-- When a job was first claimed (claim latency: first_claimed_at - received_at).
+ALTER TABLE rv_jobs ADD COLUMN first_claimed_at timestamptz;
+-- How many warm VMs a member keeps: members that would boot cold leave a young job to
+-- those (cold_head_start) only while one exists.
+ALTER TABLE rv_members ADD COLUMN warm_target integer NOT NULL DEFAULT 0;
+"#,
+    ),
 ];
 
 /// The newest version this agent knows.

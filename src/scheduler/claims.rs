@@ -4,8 +4,8 @@
 //! - demand leaves out jobs another member holds (as last seen; tried again later, which
 //!   is how a dead member's jobs come back: its lease runs out and a claim wins);
 //! - a job the plan wants served is claimed first (one batch per pass), and served once
-//!   the claim is won; a cold VM leaves a young job `cold_head_start` to members with a
-//!   warm VM waiting;
+//!   the claim is won; a cold VM leaves a young job `cold_head_start` to the others while
+//!   one of them keeps warm VMs;
 //! - a job taken over from a member whose lease ran out is checked at GitHub first (still
 //!   queued?) before a VM is made for it;
 //! - the claims of jobs still queued are renewed every third of the lease.
@@ -109,6 +109,14 @@ impl Fleet {
     pub fn held(&self) -> usize {
         self.held.len()
     }
+
+    /// Whether another live member keeps warm VMs (as last heard): only then does a cold
+    /// VM leave a young job to the others for `cold_head_start`.
+    fn warm_elsewhere(&self) -> bool {
+        self.members.iter().any(|m| {
+            m.host_id != self.host && m.warm_target > 0 && Duration::from_secs(m.seen_secs_ago) < self.lease
+        })
+    }
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -123,6 +131,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         let mut serve = Vec::new();
         let mut claim = Vec::new();
+        let warm_elsewhere = fleet.warm_elsewhere();
         for (job, cold) in want {
             if fleet.serving(job).is_some() {
                 serve.push(job);
@@ -132,7 +141,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 continue;
             }
             let age = self.book.jobs.get(&job).map(|j| wall.duration_since(j.received_at).unwrap_or_default());
-            if cold && age.is_some_and(|a| a < fleet.cold_head_start) {
+            if cold && warm_elsewhere && age.is_some_and(|a| a < fleet.cold_head_start) {
                 // A member with a warm VM waiting takes it first.
                 continue;
             }
@@ -296,6 +305,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 .values()
                 .filter(|v| v.is_unbound_warm() && v.state == crate::model::VmState::Waiting)
                 .count() as u32,
+            warm_target: self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.warm as u32).sum(),
             held: fleet.held.len() as u32,
             version: env!("CARGO_PKG_VERSION").into(),
             seen_secs_ago: 0,

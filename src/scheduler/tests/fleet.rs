@@ -144,11 +144,35 @@ async fn a_member_with_a_warm_vm_is_first_and_cold_members_leave_it_the_job() {
     let mut warm = member(&board, "hv-warm", &gh, "warm = 1");
     let mut cold = member(&board, "hv-cold", &gh, "");
     warm.wait("a warm VM waiting", |s, _| s.pools[0].warm_waiting == 1).await;
+    cold.wait_for("the cold member heard of the warm one", LEASE, |s, _| {
+        s.fleet.as_ref().is_some_and(|f| f.members.iter().any(|m| m.host_id == "hv-warm" && m.warm_target == 1))
+    })
+    .await;
     publish(&mut [&mut warm, &mut cold], &board, JobAction::Queued, info(7, LABELS, None));
     let s = warm.wait("bound", |s, _| s.vms.iter().any(|v| v.warm && v.job_id == 7)).await;
     assert!(s.vms.iter().any(|v| v.warm && v.job_id == 7), "{s:#?}");
     assert_eq!(board.holder(7).as_deref(), Some("hv-warm"));
     assert!(stays(&cold, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "the cold member makes no VM for it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_a_fleet_without_warm_vms_a_cold_member_claims_at_once() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let (mut a, mut b) = (member(&board, "hv-a", &gh, ""), member(&board, "hv-b", &gh, ""));
+    for m in [&a, &b] {
+        // Heartbeats every third of the lease.
+        m.wait_for("both members heard", LEASE, |s, _| s.fleet.as_ref().is_some_and(|f| f.members.len() == 2)).await;
+    }
+    let published = Instant::now();
+    publish(&mut [&mut a, &mut b], &board, JobAction::Queued, info(3, LABELS, None));
+    let mut made = false;
+    while !made {
+        made = !vms(&[&mut a, &mut b]).await.concat().is_empty();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // No head start (cold_head_start is 1 s here): nobody keeps a warm VM to leave it to.
+    assert!(published.elapsed() < Duration::from_millis(500), "{:?}", published.elapsed());
 }
 
 #[tokio::test(start_paused = true)]

@@ -58,6 +58,8 @@ struct H {
     dirs: Vec<crate::test_support::TempDir>,
     /// The configuration the scheduler started with.
     config: Arc<Config>,
+    /// The scheduler's clock (deliveries are received on it).
+    clock: Arc<crate::clock::TokioClock>,
 }
 
 /// A fake image: check_image reads a qcow2 header, so write one.
@@ -114,18 +116,19 @@ fn start_member(
     let inbox = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::default());
     let config = cfg.clone();
+    // Wall time follows tokio's paused clock: every timer runs in virtual time.
+    let clock = Arc::new(crate::clock::TokioClock::new());
     let s =
         Scheduler::new(cfg, gh.clone(), hv.clone(), scheduler_store, metrics.clone(), inbox.clone(), tx.clone(), rx)
             .unwrap()
-            // Wall time follows tokio's paused clock: every timer runs in virtual time.
-            .with_clock(Arc::new(crate::clock::TokioClock::new()));
+            .with_clock(clock.clone());
     let s = match fleet {
         Some(f) => s.with_fleet(f),
         None => s,
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
-    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new(), config }
+    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new(), config, clock }
 }
 
 fn harness(extra_pool: &str) -> H {
@@ -206,7 +209,7 @@ impl H {
         );
         let ok = self
             .store
-            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: SystemTime::now() })
+            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: self.clock.now() })
             .unwrap();
         self.inbox.notify_one();
         ok
