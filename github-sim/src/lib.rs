@@ -61,6 +61,10 @@ pub struct SimConfig {
     pub enterprise: Option<String>,
     /// More URLs each delivery is sent to (a relay in front of a fleet of agents).
     pub fanout: Vec<String>,
+    /// With `fanout`: each delivery goes to this many of the URLs (`webhook_url` first, then
+    /// `fanout`), taken in turn (a load balancer that sends each request to N backends).
+    /// `None`: to all of them.
+    pub fanout_each: Option<usize>,
 }
 
 impl SimConfig {
@@ -79,6 +83,7 @@ impl SimConfig {
             webhook_timeout: Duration::from_secs(10),
             enterprise: None,
             fanout: Vec::new(),
+            fanout_each: None,
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct Sim {
     /// Woken whenever a job is queued, so long-polling runners look again.
     pub(crate) jobs_changed: Notify,
     webhooks: mpsc::UnboundedSender<webhook::Outgoing>,
+    /// Deliveries sent so far (where `fanout_each` starts).
+    pub(crate) sent: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,6 +153,7 @@ pub async fn serve(
         api_calls: Mutex::new(BTreeMap::new()),
         jobs_changed: Notify::new(),
         webhooks: tx,
+        sent: std::sync::atomic::AtomicUsize::new(0),
     });
     let sender = tokio::spawn(webhook::run(sim.clone(), rx));
     let app = router(sim);

@@ -217,15 +217,27 @@ async fn deliver(sim: &Sim, client: &reqwest::Client, out: Outgoing) {
         return;
     };
     let started = Instant::now();
-    // A relay in front of a fleet: the delivery goes to every URL; it succeeded if one of
-    // them took it (the first 2xx is what GitHub records, else the first URL's answer).
+    // A relay in front of a fleet: the delivery goes to every URL (to each at once, as a
+    // relay would; each URL still gets deliveries in order); it succeeded if one of them
+    // took it (the first 2xx is what GitHub records, else the first URL's answer).
+    let all: Vec<String> = std::iter::once(url).chain(sim.config.fanout.iter().cloned()).collect();
+    let first = match sim.config.fanout_each {
+        Some(_) => sim.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        None => 0,
+    };
+    let each = sim.config.fanout_each.unwrap_or(all.len()).clamp(1, all.len());
+    let sends: Vec<_> = (0..each)
+        .map(|i| {
+            let mut req = client.post(all[(first + i) % all.len()].clone()).body(body.clone());
+            for (k, v) in &headers {
+                req = req.header(k, v);
+            }
+            tokio::spawn(req.send())
+        })
+        .collect();
     let mut result = None;
-    for url in std::iter::once(url).chain(sim.config.fanout.iter().cloned()) {
-        let mut req = client.post(url).body(body.clone());
-        for (k, v) in &headers {
-            req = req.header(k, v);
-        }
-        let r = req.send().await;
+    for send in sends {
+        let r = send.await.expect("a send task does not panic");
         let ok = r.as_ref().is_ok_and(|resp| resp.status().is_success());
         let had_ok = result.as_ref().is_some_and(|r: &reqwest::Result<reqwest::Response>| {
             r.as_ref().is_ok_and(|resp| resp.status().is_success())

@@ -448,6 +448,35 @@ async fn faults_inject_errors_rate_limits_and_webhook_drops() {
 }
 
 #[tokio::test]
+async fn a_relay_sends_each_delivery_to_all_urls_or_to_n_of_them_in_turn() {
+    let mut receivers = Vec::new();
+    for _ in 0..3 {
+        receivers.push(receiver(StatusCode::OK).await);
+    }
+    let urls: Vec<String> = receivers.iter().map(|(u, _)| u.clone()).collect();
+    let counts = || receivers.iter().map(|(_, g)| g.lock().unwrap().len()).collect::<Vec<_>>();
+    let all = sim_with(Some(urls[0].clone()), |c| c.fanout = urls[1..].to_vec()).await;
+    queue_job(&all, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
+    wait_for("one delivery to each", async || (counts() == [1, 1, 1]).then_some(())).await;
+    drop(all);
+    let two = sim_with(Some(urls[0].clone()), |c| {
+        c.fanout = urls[1..].to_vec();
+        c.fanout_each = Some(2);
+    })
+    .await;
+    for _ in 0..3 {
+        queue_job(&two, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
+    }
+    // Three deliveries, two URLs each, starting one further each time: 0+1, 1+2, 2+0.
+    wait_for("two URLs each, in turn", async || (counts() == [3, 3, 3]).then_some(())).await;
+    let guids = |i: usize| -> Vec<String> {
+        receivers[i].1.lock().unwrap()[1..].iter().map(|r| r.headers["x-github-delivery"].to_str().unwrap().into()).collect()
+    };
+    let (a, b, c) = (guids(0), guids(1), guids(2));
+    assert_eq!((a[0].clone(), b[1].clone(), c[1].clone()), (b[0].clone(), c[0].clone(), a[1].clone()), "{a:?} {b:?} {c:?}");
+}
+
+#[tokio::test]
 async fn cancelling_a_queued_job_completes_it_with_null_runner() {
     let (url, got) = receiver(StatusCode::OK).await;
     let sim = sim_with(Some(url), |_| {}).await;

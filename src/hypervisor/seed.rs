@@ -33,6 +33,18 @@ pub fn nocloud_image(user_data: &str, meta_data: &str) -> Result<Vec<u8>, SeedEr
     Ok(disk.into_inner())
 }
 
+/// A file of a seed image (what the guest's cloud-init reads; the fleet simulator's fake
+/// guests read their runner's credential from it).
+pub fn read_file(image: &[u8], name: &str) -> Result<String, SeedError> {
+    use std::io::Read;
+    // fatfs wants a writable device even to read: a copy (a seed is 1 MiB).
+    let mut cur = Cursor::new(image.to_vec());
+    let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new())?;
+    let mut s = String::new();
+    fs.root_dir().open_file(name)?.read_to_string(&mut s)?;
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,10 +57,9 @@ mod tests {
         let mut cur = Cursor::new(img.clone());
         let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label().trim(), "CIDATA");
-        let mut s = String::new();
-        fs.root_dir().open_file("user-data").unwrap().read_to_string(&mut s).unwrap();
-        assert_eq!(s, "#cloud-config\n{}\n");
         drop(fs);
+        assert_eq!(read_file(&img, "user-data").unwrap(), "#cloud-config\n{}\n");
+        assert!(read_file(&img, "vendor-data").is_err());
         // blkid (what cloud-init uses to find the seed) sees the label too.
         let dir = crate::test_support::tempdir();
         let path = dir.join("seed.img");

@@ -8,7 +8,10 @@
 //!   one of them keeps warm VMs;
 //! - a job taken over from a member whose lease ran out is checked at GitHub first (still
 //!   queued?) before a VM is made for it;
-//! - the claims of jobs still queued are renewed every third of the lease.
+//! - the claims of jobs still queued are renewed every third of the lease;
+//! - when this member's runner takes a job another member holds, the job it was made for
+//!   is left to that member's VM (now without a job) for half a lease before it gets a
+//!   second VM here.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -108,6 +111,17 @@ impl Fleet {
 
     pub fn held(&self) -> usize {
         self.held.len()
+    }
+
+    /// This member's runner, made for `made_for`, took `took` instead (any runner takes
+    /// any job its labels cover). If another member holds `took`, the VM it made for
+    /// `took` has no job now and will most likely take `made_for`: a second VM for
+    /// `made_for` here would be surplus. This member leaves it to that VM for half a
+    /// lease, then serves it again if it is still queued.
+    pub fn runner_swapped(&mut self, made_for: u64, took: u64, now: Instant) {
+        if made_for != took && !self.held.contains_key(&took) && self.held.contains_key(&made_for) {
+            self.others.insert(made_for, now + self.lease / 2);
+        }
     }
 
     /// Whether another live member keeps warm VMs (as last heard): only then does a cold

@@ -145,6 +145,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             (JobAction::InProgress, changed) => match &ours {
                 Some(vm) => {
+                    let made_for = self.book.vms[vm].job_id;
+                    if let Some(fleet) = self.fleet.as_mut().filter(|_| changed) {
+                        fleet.runner_swapped(made_for, id, tokio::time::Instant::now());
+                    }
                     self.book.vms.get_mut(vm).expect("ours").took_job = Some(id);
                     self.book.touch_vm(vm);
                     self.transition(vm, Input::TookJob);

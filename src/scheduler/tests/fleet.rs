@@ -176,6 +176,29 @@ async fn in_a_fleet_without_warm_vms_a_cold_member_claims_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_runner_that_took_another_members_job_leaves_its_own_to_that_members_vm() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let (mut a, mut b) = (member(&board, "hv-a", &gh, ""), member(&board, "hv-b", &gh, ""));
+    publish(&mut [&mut a], &board, JobAction::Queued, info(1, LABELS, None));
+    a.wait("a serves job 1", |s, _| vm_for(s, 1).is_some()).await;
+    publish(&mut [&mut b], &board, JobAction::Queued, info(2, LABELS, None));
+    b.wait("b serves job 2", |s, _| vm_for(s, 2).is_some()).await;
+    b.deliver_as("d-1-b", JobAction::Queued, info(1, LABELS, None));
+    a.deliver_as("d-2-a", JobAction::Queued, info(2, LABELS, None));
+    // a's runner comes online first and takes job 2 (b's). b's VM, still booting, has no
+    // job now and will take job 1: a makes no second VM for job 1 meanwhile.
+    publish(&mut [&mut a, &mut b], &board, JobAction::InProgress, info(2, LABELS, Some("rv-small-1")));
+    let taken = Instant::now();
+    assert!(stays(&a, LEASE / 2 - Duration::from_secs(1), |s, hv| s.vms.len() == 1 && hv.lock().started_total == 1).await);
+    assert_eq!(b.hv.lock().started_total, 1, "nor does b");
+    // b's VM never takes it (say its boot failed): after half a lease, a serves job 1 again.
+    let s = a.wait_for("a serves job 1 again", LEASE, |s, _| s.vms.len() == 2).await;
+    assert!(taken.elapsed() >= LEASE / 2, "{:?}", taken.elapsed());
+    assert!(s.vms.iter().any(|v| v.name == "rv-small-1-2"), "{s:#?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_member_that_goes_away_loses_its_unserved_jobs_to_another() {
     let board = Arc::new(MemoryBoard::default());
     let gh = Arc::new(FakeGitHub::default());
