@@ -144,8 +144,10 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         format!("{server}/{db}?sslmode=disable")
     };
     // Listeners first: the relay needs every member's URL.
-    let listeners: Vec<std::net::TcpListener> =
-        (0..args.hosts).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let listeners: Vec<std::net::TcpListener> = (0..args.hosts)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
     let urls: Vec<String> =
         listeners.iter().map(|l| format!("http://{}/webhook", l.local_addr().expect("bound"))).collect();
     let mut sim_config = github_sim::SimConfig::new(PAT, SECRET);
@@ -180,7 +182,8 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
             let n = args.burst.min(args.jobs - queued);
             for _ in 0..n {
                 let body = json!({"repo": "octo-org/app", "labels": LABELS, "duration_secs": args.job_secs});
-                let r = http.post(format!("{sim_url}/_sim/jobs")).json(&body).send().await.map_err(|e| e.to_string())?;
+                let r =
+                    http.post(format!("{sim_url}/_sim/jobs")).json(&body).send().await.map_err(|e| e.to_string())?;
                 if r.status() != 201 {
                     return Err(format!("github-sim refused a job: {}", r.status()));
                 }
@@ -233,7 +236,10 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
                 None => "never".into(),
             })
             .collect();
-        eprintln!("fleet-sim: the dead member's queued jobs started {after:?} s after it died (lease {:?})", args.lease);
+        eprintln!(
+            "fleet-sim: the dead member's queued jobs started {after:?} s after it died (lease {:?})",
+            args.lease
+        );
     }
 
     // Claim latency and takeovers, from the fleet's database.
@@ -269,7 +275,8 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         }
     }
     stop_guests.cancel();
-    let takeovers: u64 = members.iter().map(|m| counter(&m.metrics.render(), "runnervisor_fleet_takeovers_total")).sum();
+    let takeovers: u64 =
+        members.iter().map(|m| counter(&m.metrics.render(), "runnervisor_fleet_takeovers_total")).sum();
 
     let w = lock(&world);
     let mut ran_by: HashMap<u64, Vec<usize>> = HashMap::new();
@@ -277,7 +284,8 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         ran_by.entry(*job).or_default().push(*host);
     }
     let completed = jobs.values().filter(|s| s.as_str() == "completed").count();
-    let served_once = jobs.iter().filter(|(id, s)| s.as_str() == "completed" && ran_by.get(id).is_some_and(|h| h.len() == 1)).count();
+    let served_once =
+        jobs.iter().filter(|(id, s)| s.as_str() == "completed" && ran_by.get(id).is_some_and(|h| h.len() == 1)).count();
     let lost = args.jobs - completed;
     // Jobs run by more than one runner (what the drills call doubles).
     let doubles = ran_by.values().filter(|hosts| hosts.len() > 1).count();
@@ -347,7 +355,11 @@ fn unix_ms() -> u64 {
 
 /// Every job of the simulator and its status.
 async fn sim_jobs(http: &reqwest::Client, sim_url: &str) -> Result<BTreeMap<u64, String>, String> {
-    Ok(sim_job_list(http, sim_url).await?.into_iter().filter_map(|j| Some((j["id"].as_u64()?, j["status"].as_str()?.to_string()))).collect())
+    Ok(sim_job_list(http, sim_url)
+        .await?
+        .into_iter()
+        .filter_map(|j| Some((j["id"].as_u64()?, j["status"].as_str()?.to_string())))
+        .collect())
 }
 
 async fn sim_job_list(http: &reqwest::Client, sim_url: &str) -> Result<Vec<Value>, String> {

@@ -807,13 +807,9 @@ async fn drill_ingest_crash() {
     assert!(lost == 0 && persisted >= answered.len() && !answered.is_empty(), "{line}");
 }
 
-fn pg_port() -> u16 {
-    std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432)
-}
-
 /// `[fleet]` for member `host` on the test database `db`, its password in `password`.
 fn fleet_section(host: &str, db: &pg::TestDb, password: &std::path::Path) -> String {
-    fleet_section_on(host, db, password, pg_port())
+    fleet_section_on(host, db, password, pg::port())
 }
 
 /// [`fleet_section`] through `port` (a proxy in front of the cluster).
@@ -825,13 +821,6 @@ fn fleet_section_on(host: &str, db: &pg::TestDb, password: &std::path::Path, por
         db.name,
         password.display()
     )
-}
-
-/// The test cluster's `pg_ctlcluster` version and name (`scripts/setup-host` runs it).
-fn pg_cluster() -> (String, String) {
-    let list = run(std::process::Command::new("pg_lsclusters").arg("-h"));
-    let mut fields = list.lines().next().expect("a PostgreSQL cluster (scripts/setup-host)").split_whitespace();
-    (fields.next().unwrap().to_string(), fields.next().unwrap().to_string())
 }
 
 /// A second storage pool for a second fleet member on this libvirtd, removed when dropped.
@@ -943,16 +932,15 @@ async fn drill_postgres_restart() {
     d.hosts = Some(1);
     d.agent.start().await;
     d.queue(5.0).await;
-    let (version, name) = pg_cluster();
-    // Restarted whatever happens below: later drills and tests need it.
-    struct Restart(String, String);
+    // Started again whatever happens below: later drills and tests need it.
+    struct Restart;
     impl Drop for Restart {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("pg_ctlcluster").args([&self.0, &self.1, "start"]).status();
+            let _ = pg::ctl("start");
         }
     }
-    let _restart = Restart(version.clone(), name.clone());
-    run(std::process::Command::new("pg_ctlcluster").args([&version, &name, "stop", "-m", "fast"]));
+    let _restart = Restart;
+    assert!(pg::ctl("halt"), "scripts/test-postgres halt");
     d.say("PostgreSQL stopped");
     for _ in 0..2 {
         d.queue(5.0).await;
@@ -969,7 +957,7 @@ async fn drill_postgres_restart() {
     d.say(&format!("{refused} deliveries answered 503 while it was down"));
     assert!(refused >= 2, "deliveries during the outage are refused, not accepted:\n{}", d.agent.log_tail());
     tokio::time::sleep(Duration::from_secs(5)).await;
-    run(std::process::Command::new("pg_ctlcluster").args([&version, &name, "start"]));
+    assert!(pg::ctl("start"), "scripts/test-postgres start");
     d.say("PostgreSQL started again");
     d.finish(Duration::from_secs(600)).await;
 }
@@ -985,7 +973,7 @@ async fn drill_fleet_partition() {
     let secrets = tempdir("fleet-pg");
     let password = secrets.join("pg-password");
     write_private(&password, &pg::password());
-    let proxy = pg::Proxy::start(pg_port()).await;
+    let proxy = pg::Proxy::start(pg::port()).await;
     let extra = ExtraPool::new("rv-drill-b");
     let b_port = free_port();
     // a reaches PostgreSQL through the proxy; b directly. Deliveries go to both.

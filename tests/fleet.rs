@@ -1,4 +1,4 @@
-//! Fleet mode against a real PostgreSQL (`scripts/setup-host` starts one on loopback):
+//! Fleet mode against a real PostgreSQL (`scripts/test-postgres` starts one on loopback):
 //! the schema's migrations, the intake's writes before the answer, the mirror of the
 //! fleet's log into each member's inbox. No VM: this is the shared queue alone.
 
@@ -284,7 +284,7 @@ async fn check_reports_the_database_its_schema_and_what_is_wrong() {
     std::fs::write(&password, common::pg::password()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let port: u16 = std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
+    let port = common::pg::port();
     let fleet = |url: String| runnervisor::config::FleetConfig {
         host_id: Some("hv-check".into()),
         postgres: runnervisor::config::PostgresConfig {

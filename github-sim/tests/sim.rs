@@ -470,10 +470,17 @@ async fn a_relay_sends_each_delivery_to_all_urls_or_to_n_of_them_in_turn() {
     // Three deliveries, two URLs each, starting one further each time: 0+1, 1+2, 2+0.
     wait_for("two URLs each, in turn", async || (counts() == [3, 3, 3]).then_some(())).await;
     let guids = |i: usize| -> Vec<String> {
-        receivers[i].1.lock().unwrap()[1..].iter().map(|r| r.headers["x-github-delivery"].to_str().unwrap().into()).collect()
+        receivers[i].1.lock().unwrap()[1..]
+            .iter()
+            .map(|r| r.headers["x-github-delivery"].to_str().unwrap().into())
+            .collect()
     };
     let (a, b, c) = (guids(0), guids(1), guids(2));
-    assert_eq!((a[0].clone(), b[1].clone(), c[1].clone()), (b[0].clone(), c[0].clone(), a[1].clone()), "{a:?} {b:?} {c:?}");
+    assert_eq!(
+        (a[0].clone(), b[1].clone(), c[1].clone()),
+        (b[0].clone(), c[0].clone(), a[1].clone()),
+        "{a:?} {b:?} {c:?}"
+    );
 }
 
 #[tokio::test]

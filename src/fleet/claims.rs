@@ -137,7 +137,15 @@ impl Claims for PgClaims {
                  ON CONFLICT (host_id) DO UPDATE SET max_vms = EXCLUDED.max_vms, vms = EXCLUDED.vms, \
                    warm_waiting = EXCLUDED.warm_waiting, held = EXCLUDED.held, version = EXCLUDED.version, \
                    warm_target = EXCLUDED.warm_target, seen_at = now()",
-                &[&me.host_id, &n(me.max_vms), &n(me.vms), &n(me.warm_waiting), &n(me.held), &me.version, &n(me.warm_target)],
+                &[
+                    &me.host_id,
+                    &n(me.max_vms),
+                    &n(me.vms),
+                    &n(me.warm_waiting),
+                    &n(me.held),
+                    &me.version,
+                    &n(me.warm_target),
+                ],
             )
             .await?;
             let rows = c

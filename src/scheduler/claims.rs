@@ -127,9 +127,9 @@ impl Fleet {
     /// Whether another live member keeps warm VMs (as last heard): only then does a cold
     /// VM leave a young job to the others for `cold_head_start`.
     fn warm_elsewhere(&self) -> bool {
-        self.members.iter().any(|m| {
-            m.host_id != self.host && m.warm_target > 0 && Duration::from_secs(m.seen_secs_ago) < self.lease
-        })
+        self.members
+            .iter()
+            .any(|m| m.host_id != self.host && m.warm_target > 0 && Duration::from_secs(m.seen_secs_ago) < self.lease)
     }
 }
 

@@ -1,22 +1,36 @@
-//! PostgreSQL for fleet tests: `scripts/setup-host` runs a cluster on loopback with a
-//! role that may create databases; each test gets a database of its own, dropped after.
+//! PostgreSQL for fleet tests: `scripts/test-postgres start` (run by `./scripts/test`) runs
+//! a throwaway cluster on loopback with a role that may create databases; each test gets a
+//! database of its own, dropped after.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The role and where its password is (`scripts/setup-host`).
+/// The throwaway cluster's port (`RV_PG_PORT` overrides it, for the script and the tests).
+pub const PORT: u16 = 55432;
+
+pub fn port() -> u16 {
+    std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(PORT)
+}
+
+/// `scripts/test-postgres ACTION` (`halt`: stopped, data kept; `start`); whether it did.
+pub fn ctl(action: &str) -> bool {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres");
+    std::process::Command::new(script).arg(action).status().is_ok_and(|s| s.success())
+}
+
+/// The role and where its password is (`scripts/test-postgres`).
 pub const ROLE: &str = "runnervisor_test";
 pub const PASSWORD_FILE: &str = "/var/lib/runnervisor/test-postgres.password";
 
 pub fn password() -> String {
     std::fs::read_to_string(PASSWORD_FILE)
-        .unwrap_or_else(|e| panic!("{PASSWORD_FILE}: {e} (scripts/setup-host makes it)"))
+        .unwrap_or_else(|e| panic!("{PASSWORD_FILE}: {e} (scripts/test-postgres start makes it)"))
         .trim()
         .to_string()
 }
 
 /// A connection config to `db` on the test cluster.
 pub fn config(db: &str) -> tokio_postgres::Config {
-    let port: u16 = std::env::var("RV_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
+    let port = port();
     let mut c = tokio_postgres::Config::new();
     // Loopback: no TLS (Debian's cluster offers its snakeoil certificate, which names no IP).
     c.host("127.0.0.1")
@@ -32,7 +46,7 @@ async fn admin() -> tokio_postgres::Client {
     let (client, conn) = config("postgres")
         .connect(tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("PostgreSQL on 127.0.0.1 as {ROLE}: {e} (scripts/setup-host starts it)"));
+        .unwrap_or_else(|e| panic!("PostgreSQL on 127.0.0.1 as {ROLE}: {e} (scripts/test-postgres start starts it)"));
     tokio::spawn(conn);
     client
 }

@@ -190,7 +190,9 @@ async fn a_runner_that_took_another_members_job_leaves_its_own_to_that_members_v
     // job now and will take job 1: a makes no second VM for job 1 meanwhile.
     publish(&mut [&mut a, &mut b], &board, JobAction::InProgress, info(2, LABELS, Some("rv-small-1")));
     let taken = Instant::now();
-    assert!(stays(&a, LEASE / 2 - Duration::from_secs(1), |s, hv| s.vms.len() == 1 && hv.lock().started_total == 1).await);
+    assert!(
+        stays(&a, LEASE / 2 - Duration::from_secs(1), |s, hv| s.vms.len() == 1 && hv.lock().started_total == 1).await
+    );
     assert_eq!(b.hv.lock().started_total, 1, "nor does b");
     // b's VM never takes it (say its boot failed): after half a lease, a serves job 1 again.
     let s = a.wait_for("a serves job 1 again", LEASE, |s, _| s.vms.len() == 2).await;
