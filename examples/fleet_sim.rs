@@ -54,6 +54,9 @@ struct Args {
     boot: Duration,
     #[arg(long, default_value_t = 5.0)]
     job_secs: f64,
+    /// A guest's power-off, from its runner's exit until the domain stops.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    poweroff: Duration,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     lease: Duration,
     /// How many members the relay sends each delivery to.
@@ -164,7 +167,7 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
     }
     let stop_guests = CancellationToken::new();
     let hvs: Vec<Arc<FakeHypervisor>> = members.iter().map(|m| m.hv.clone()).collect();
-    tokio::spawn(watch_guests(hvs, world.clone(), args.boot, stop_guests.clone()));
+    tokio::spawn(watch_guests(hvs, world.clone(), (args.boot, args.poweroff), stop_guests.clone()));
     eprintln!("fleet-sim: {} members on {db}, github-sim at {sim_url}", args.hosts);
 
     let http = reqwest::Client::new();
@@ -278,6 +281,22 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
     let takeovers: u64 =
         members.iter().map(|m| counter(&m.metrics.render(), "runnervisor_fleet_takeovers_total")).sum();
 
+    // GitHub API calls the fleet made, by kind (github-sim counts them).
+    let stats: Value = http
+        .get(format!("{sim_url}/_sim/stats"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let calls: Vec<String> = stats["api_calls"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_u64().unwrap_or(0)))
+        .collect();
+    eprintln!("fleet-sim: GitHub API calls in {:.0} s: {}", elapsed.as_secs_f64(), calls.join(" "));
     let w = lock(&world);
     let mut ran_by: HashMap<u64, Vec<usize>> = HashMap::new();
     for (host, job) in &w.ran {
@@ -474,7 +493,12 @@ fn start_member(
 }
 
 /// Starts a guest for each VM that comes up on any member's fake hypervisor.
-async fn watch_guests(hvs: Vec<Arc<FakeHypervisor>>, world: Shared, boot: Duration, stop: CancellationToken) {
+async fn watch_guests(
+    hvs: Vec<Arc<FakeHypervisor>>,
+    world: Shared,
+    (boot, poweroff): (Duration, Duration),
+    stop: CancellationToken,
+) {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
     let mut seen: BTreeSet<(usize, String)> = BTreeSet::new();
     while !stop.is_cancelled() {
@@ -494,7 +518,7 @@ async fn watch_guests(hvs: Vec<Arc<FakeHypervisor>>, world: Shared, boot: Durati
                 let (hv, world, http, stop) = (hv.clone(), world.clone(), http.clone(), stop.clone());
                 tokio::spawn(async move {
                     tokio::select! {
-                        r = guest(&hv, &vm, seed, boot, &http, host, &world) => if let Err(e) = r {
+                        r = guest(&hv, &vm, seed, (boot, poweroff), &http, host, &world) => if let Err(e) = r {
                             lock(&world).guest_errors.push(format!("{vm}: {e}"));
                         },
                         _ = stop.cancelled() => {}
@@ -511,7 +535,7 @@ async fn guest(
     hv: &FakeHypervisor,
     vm: &str,
     seed: Option<Vec<u8>>,
-    boot: Duration,
+    (boot, poweroff): (Duration, Duration),
     http: &reqwest::Client,
     host: usize,
     world: &Shared,
@@ -557,6 +581,7 @@ async fn guest(
         }
     }
     // The runner is done: cloud-init powers the guest off.
+    tokio::time::sleep(poweroff).await;
     if exists() {
         hv.stop(vm);
     }

@@ -262,7 +262,7 @@ async fn a_claim_whose_lease_ran_out_is_taken_over_and_a_served_job_is_not_claim
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out() {
+async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out_and_shares_the_runner_list() {
     use runnervisor::fleet::claims::{Claims, PgClaims};
     let db = migrated("lead").await;
     let a = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_millis(300));
@@ -274,6 +274,16 @@ async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(b.lead("github").await.unwrap(), "a stopped renewing: b takes over");
     assert!(!a.lead("github").await.unwrap());
+    // The lead shares the runner list it read; the others read it with its age.
+    assert_eq!(a.runners().await.unwrap(), None, "nothing shared yet");
+    let list = vec![runnervisor::github::RunnerInfo { id: 7, name: "rv-p-1".into(), online: true, busy: false }];
+    b.publish_runners(list.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (read, age) = a.runners().await.unwrap().unwrap();
+    assert_eq!(read, list);
+    assert!(age >= Duration::from_millis(150) && age < Duration::from_secs(5), "{age:?}");
+    b.publish_runners(Vec::new()).await.unwrap();
+    assert_eq!(a.runners().await.unwrap().unwrap().0, vec![], "replaced whole");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -16,6 +16,7 @@ use std::{
 use futures_util::future::BoxFuture;
 
 use super::{FleetError, Pool, client};
+use crate::github::RunnerInfo;
 
 /// A job this member now holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +60,14 @@ pub trait Claims: Send + Sync + 'static {
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>>;
     /// Records this member's state; returns every member heard from in the last hour.
     fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>>;
+    /// The lead member shares the runner list it read from GitHub.
+    fn publish_runners(&self, runners: Vec<RunnerInfo>) -> BoxFuture<'static, Result<(), FleetError>>;
+    /// The runner list the lead shared last, and how long ago it read it (none yet: `None`).
+    fn runners(&self) -> BoxFuture<'static, Result<Option<(Vec<RunnerInfo>, Duration)>, FleetError>>;
 }
+
+/// The key of the shared runner list (one list: the fleet serves one GitHub scope).
+const RUNNER_LIST: &str = "github";
 
 pub struct PgClaims {
     pool: Pool,
@@ -186,6 +194,39 @@ impl Claims for PgClaims {
         })
     }
 
+    fn publish_runners(&self, runners: Vec<RunnerInfo>) -> BoxFuture<'static, Result<(), FleetError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let list = serde_json::to_value(&runners).expect("runners serialize");
+            client(&pool)
+                .await?
+                .execute(
+                    "INSERT INTO rv_runner_list (name, runners, fetched_at) VALUES ($1, $2, now()) \
+                     ON CONFLICT (name) DO UPDATE SET runners = EXCLUDED.runners, fetched_at = now()",
+                    &[&RUNNER_LIST, &list],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn runners(&self) -> BoxFuture<'static, Result<Option<(Vec<RunnerInfo>, Duration)>, FleetError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let row = client(&pool)
+                .await?
+                .query_opt(
+                    "SELECT runners, extract(epoch FROM now() - fetched_at)::float8 FROM rv_runner_list WHERE name = $1",
+                    &[&RUNNER_LIST],
+                )
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let list: Vec<RunnerInfo> = serde_json::from_value(row.get(0))
+                .map_err(|e| FleetError::Pool(format!("the shared runner list: {e}")))?;
+            Ok(Some((list, Duration::from_secs_f64(row.get::<_, f64>(1).max(0.0)))))
+        })
+    }
+
     fn release(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>> {
         let (pool, host) = (self.pool.clone(), self.host.clone());
         Box::pin(async move {
@@ -211,6 +252,8 @@ pub struct MemoryBoard {
     /// work → (holder, until)
     pub leads: Mutex<HashMap<&'static str, (String, SystemTime)>>,
     members: Mutex<std::collections::BTreeMap<String, MemberInfo>>,
+    /// The shared runner list and when it was read.
+    runner_list: Mutex<Option<(Vec<RunnerInfo>, SystemTime)>>,
 }
 
 #[cfg(test)]
@@ -251,6 +294,17 @@ pub struct MemoryClaims {
 
 #[cfg(test)]
 impl Claims for MemoryClaims {
+    fn publish_runners(&self, runners: Vec<RunnerInfo>) -> BoxFuture<'static, Result<(), FleetError>> {
+        *self.board.runner_list.lock().expect("board") = Some((runners, self.clock.now()));
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn runners(&self) -> BoxFuture<'static, Result<Option<(Vec<RunnerInfo>, Duration)>, FleetError>> {
+        let now = self.clock.now();
+        let list = self.board.runner_list.lock().expect("board").clone();
+        Box::pin(std::future::ready(Ok(list.map(|(l, at)| (l, now.duration_since(at).unwrap_or_default())))))
+    }
+
     fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>> {
         let mut members = self.board.members.lock().expect("board");
         members.insert(me.host_id.clone(), me);

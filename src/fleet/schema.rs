@@ -80,6 +80,14 @@ ALTER TABLE rv_jobs ADD COLUMN first_claimed_at timestamptz;
 -- How many warm VMs a member keeps: members that would boot cold leave a young job to
 -- those (cold_head_start) only while one exists.
 ALTER TABLE rv_members ADD COLUMN warm_target integer NOT NULL DEFAULT 0;
+
+-- The runner list the lead member read from GitHub last: the others follow their VMs'
+-- runners on it instead of each listing them (one call per interval for the fleet).
+CREATE TABLE rv_runner_list (
+    name       text PRIMARY KEY,
+    runners    jsonb NOT NULL,
+    fetched_at timestamptz NOT NULL
+);
 "#,
     ),
 ];

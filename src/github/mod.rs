@@ -19,7 +19,7 @@ pub struct JitRunner {
     pub encoded: Secret,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunnerInfo {
     pub id: u64,
     pub name: String,

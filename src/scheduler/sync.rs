@@ -79,11 +79,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let clock = self.clock.clone();
         let failed_clock = self.clock.clone();
         let fleet = self.fleet.as_ref().map(|f| f.claims.clone());
+        let interval = self.config.reconcile.github_interval;
         let work = async move {
             let started = clock.now();
             // In a fleet, one member at a time reads the hook's delivery log, polls and
-            // refreshes jobs (what it learns goes into the fleet's log); each lists the
-            // runners, to follow its own VMs.
+            // refreshes jobs (what it learns goes into the fleet's log) and lists the
+            // runners; the others follow their VMs on the list it shares.
             let leads = match &fleet {
                 None => true,
                 Some(claims) => claims.lead("github").await.unwrap_or_else(|e| {
@@ -93,7 +94,22 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             };
             let (stale, redeliver, repo_scope) =
                 if leads { (stale, redeliver, repo_scope) } else { (Vec::new(), false, None) };
-            let runners = ctx.github.list_runners().await;
+            let (runners, started) = match &fleet {
+                Some(claims) if !leads => match claims.runners().await {
+                    // As old as it is: a VM whose state changed since is not judged by it.
+                    Ok(Some((list, age))) if age <= interval * 2 => (Ok(list), started - age),
+                    _ => (ctx.github.list_runners().await, started),
+                },
+                _ => {
+                    let runners = ctx.github.list_runners().await;
+                    if let (Some(claims), Ok(list)) = (&fleet, &runners)
+                        && let Err(e) = claims.publish_runners(list.clone()).await
+                    {
+                        debug!(error = %e, "cannot share the runner list with the fleet");
+                    }
+                    (runners, started)
+                }
+            };
             let mut jobs = Vec::new();
             for (repo, id) in stale {
                 match ctx.github.job_status(&repo, id).await {

@@ -295,8 +295,9 @@ async fn one_member_at_a_time_reads_the_delivery_log_and_another_takes_over() {
     let count = |what: &str| gh.lock().calls.iter().filter(|c| *c == what).count();
     tokio::time::sleep(Duration::from_secs(60)).await;
     let (lists, logs) = (count("list"), count("deliveries"));
-    // Every 5 s: each member lists its runners; one reads the delivery log.
-    assert!((22..=28).contains(&lists), "runner lists: {lists}");
+    // Every 5 s: one member lists the runners (the other follows its VMs on the list it
+    // shares) and reads the delivery log.
+    assert!((11..=14).contains(&lists), "runner lists: {lists} (one member, not both)");
     assert!((11..=14).contains(&logs), "delivery log reads: {logs} (one member, not both)");
     // The leader goes away: the other reads the log once the lead's lease ran out.
     let leader = board.leads.lock().unwrap()["github"].0.clone();
@@ -308,4 +309,23 @@ async fn one_member_at_a_time_reads_the_delivery_log_and_another_takes_over() {
     assert!(count("deliveries") >= before + 5, "the other member took the lead");
     assert_ne!(board.leads.lock().unwrap()["github"].0, leader);
     let _ = stays.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_that_does_not_lead_follows_its_runners_on_the_list_the_lead_shares() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let a = member(&board, "hv-a", &gh, "");
+    a.wait_for("a leads", LEASE, |_, _| board.leads.lock().unwrap().get("github").is_some_and(|l| l.0 == "hv-a")).await;
+    let mut b = member(&board, "hv-b", &gh, "");
+    publish(&mut [&mut b], &board, JobAction::Queued, info(5, LABELS, None));
+    b.wait("b serves job 5", |s, _| vm_for(s, 5).is_some()).await;
+    let lists = gh.lock().calls.iter().filter(|c| *c == "list").count();
+    // Its runner comes online: b learns it from the list a read and shared.
+    gh.set_runner("rv-small-5", true, false);
+    b.wait_for("b's runner online", LEASE, |s, _| s.vms.iter().any(|v| v.name == "rv-small-5" && v.state == "idle"))
+        .await;
+    let after = gh.lock().calls.iter().filter(|c| *c == "list").count();
+    assert!(after - lists <= 3, "one member lists ({} lists meanwhile)", after - lists);
+    assert_eq!(board.leads.lock().unwrap()["github"].0, "hv-a");
 }
