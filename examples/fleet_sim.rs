@@ -11,8 +11,10 @@
 //! doubles: jobs run by more than one runner; lost: jobs not completed by the deadline;
 //! claim: a job's delivery received → its first claim won (PostgreSQL's clock and the
 //! receiving member's, one machine); max_host_share: the largest share of the jobs that
-//! one member's runners ran. The line before it says how many VMs were made (any runner
-//! takes any job, so a VM made for a job another runner took is surplus, reaped idle).
+//! one member's runners ran. The lines before it say how many VMs were made (any runner
+//! takes any job, so a VM made for a job another runner took is surplus, reaped idle) and
+//! the GitHub API calls of the whole fleet. Exits 1 unless every job was served once, none
+//! twice, and no member ran more than twice its fair share.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::ExitCode;
@@ -337,7 +339,16 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         claim_p99.unwrap_or(f64::NAN),
         max_share * 100.0,
     );
-    Ok(served_once == args.jobs && doubles == 0 && lost == 0)
+    // The load is spread: no member ran more than twice its fair share.
+    let spread = max_share <= 2.0 / args.hosts as f64;
+    if !spread {
+        eprintln!(
+            "fleet-sim: one member ran {:.1}% of the jobs (fair share {:.1}%)",
+            max_share * 100.0,
+            100.0 / args.hosts as f64
+        );
+    }
+    Ok(served_once == args.jobs && doubles == 0 && lost == 0 && spread)
 }
 
 /// The member holding the most queued jobs, and those jobs (waits up to 2 s for one).
