@@ -248,10 +248,7 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
     }
 
     // Claim latency and takeovers, from the fleet's database.
-    let mut pg: tokio_postgres::Config = pg_url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
-    pg.password(password);
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let client = connect(pg_url, password).await?;
     let row = client
         .query_one(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), \
@@ -351,12 +348,18 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
     Ok(served_once == args.jobs && doubles == 0 && lost == 0 && spread)
 }
 
-/// The member holding the most queued jobs, and those jobs (waits up to 2 s for one).
-async fn busiest_holder(pg_url: &str, password: &str) -> Result<(usize, Vec<u64>), String> {
+/// A connection to the fleet's database (driven by a spawned task).
+async fn connect(pg_url: &str, password: &str) -> Result<tokio_postgres::Client, String> {
     let mut pg: tokio_postgres::Config = pg_url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
     pg.password(password);
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("PostgreSQL: {e}"))?;
     tokio::spawn(conn);
+    Ok(client)
+}
+
+/// The member holding the most queued jobs, and those jobs (waits up to 2 s for one).
+async fn busiest_holder(pg_url: &str, password: &str) -> Result<(usize, Vec<u64>), String> {
+    let client = connect(pg_url, password).await?;
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let row = client
