@@ -248,7 +248,7 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
     }
 
     // Claim latency and takeovers, from the fleet's database.
-    let client = connect(pg_url, password).await?;
+    let client = connect(&pg_url, password).await?;
     let row = client
         .query_one(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), \
