@@ -56,8 +56,9 @@ struct Args {
     boot: Duration,
     #[arg(long, default_value_t = 5.0)]
     job_secs: f64,
-    /// A guest's power-off, from its runner's exit until the domain stops.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// A guest's power-off, from its runner's exit until the domain stops (systemd stopping
+    /// its units: a few seconds).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     poweroff: Duration,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     lease: Duration,
@@ -159,6 +160,8 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
     sim_config.webhook_url = Some(urls[0].clone());
     sim_config.fanout = urls[1..].to_vec();
     sim_config.fanout_each = Some(args.relay_to.clamp(1, args.hosts));
+    // GitHub sends deliveries concurrently: at this scale one at a time would be a backlog.
+    sim_config.webhook_concurrency = 8;
     let sim = github_sim::SimHandle::start(sim_config).await.map_err(|e| format!("github-sim: {e}"))?;
     let sim_url = sim.url();
 
@@ -296,6 +299,34 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         .map(|(k, v)| format!("{k}={}", v.as_u64().unwrap_or(0)))
         .collect();
     eprintln!("fleet-sim: GitHub API calls in {:.0} s: {}", elapsed.as_secs_f64(), calls.join(" "));
+    // How long the relay took per delivery (8 in flight at most).
+    let deliveries: Value = http
+        .get(format!("{sim_url}/_sim/deliveries"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut send: Vec<f64> = deliveries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["duration"].as_f64())
+        .map(|s| s * 1000.0)
+        .collect();
+    send.sort_by(f64::total_cmp);
+    let pct =
+        |p: f64| send.get(((send.len() as f64 * p) as usize).min(send.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    eprintln!(
+        "fleet-sim: {} deliveries, each to {} members: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms, {:.0} s in all",
+        send.len(),
+        args.relay_to,
+        pct(0.5),
+        pct(0.99),
+        send.last().copied().unwrap_or(0.0),
+        send.iter().sum::<f64>() / 1000.0
+    );
     let w = lock(&world);
     let mut ran_by: HashMap<u64, Vec<usize>> = HashMap::new();
     for (host, job) in &w.ran {

@@ -65,6 +65,9 @@ pub struct SimConfig {
     /// `fanout`), taken in turn (a load balancer that sends each request to N backends).
     /// `None`: to all of them.
     pub fanout_each: Option<usize>,
+    /// Deliveries in flight at once (GitHub sends concurrently; 1: one after another, in
+    /// order, which tests of ordering faults rely on).
+    pub webhook_concurrency: usize,
 }
 
 impl SimConfig {
@@ -84,6 +87,7 @@ impl SimConfig {
             enterprise: None,
             fanout: Vec::new(),
             fanout_each: None,
+            webhook_concurrency: 1,
         }
     }
 }

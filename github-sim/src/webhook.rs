@@ -142,6 +142,7 @@ pub fn ping(sim: &Sim) {
 pub async fn run(sim: Arc<Sim>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let client = reqwest::Client::builder().timeout(sim.config.webhook_timeout).build().expect("http client");
     let mut held: Vec<Outgoing> = Vec::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(sim.config.webhook_concurrency.max(1)));
     loop {
         let next = if held.is_empty() {
             rx.recv().await
@@ -188,7 +189,17 @@ pub async fn run(sim: Arc<Sim>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
             continue;
         }
         for o in batch {
-            deliver(&sim, &client, o).await;
+            if sim.config.webhook_concurrency <= 1 {
+                deliver(&sim, &client, o).await;
+                continue;
+            }
+            // Up to `webhook_concurrency` in flight (their answers may come in any order).
+            let permit = in_flight.clone().acquire_owned().await.expect("never closed");
+            let (sim, client) = (sim.clone(), client.clone());
+            tokio::spawn(async move {
+                deliver(&sim, &client, o).await;
+                drop(permit);
+            });
         }
     }
 }

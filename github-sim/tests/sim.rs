@@ -481,6 +481,17 @@ async fn a_relay_sends_each_delivery_to_all_urls_or_to_n_of_them_in_turn() {
         (b[0].clone(), c[0].clone(), a[1].clone()),
         "{a:?} {b:?} {c:?}"
     );
+    drop(two);
+    // Several deliveries in flight at once: all of them arrive, each once per URL.
+    let concurrent = sim_with(Some(urls[0].clone()), |c| {
+        c.fanout = urls[1..].to_vec();
+        c.webhook_concurrency = 4;
+    })
+    .await;
+    for _ in 0..10 {
+        queue_job(&concurrent, json!({"repo": "octo-org/app", "labels": ["x"]})).await;
+    }
+    wait_for("ten more to each", async || (counts() == [13, 13, 13]).then_some(())).await;
 }
 
 #[tokio::test]

@@ -109,7 +109,10 @@ impl FleetIntake {
 pub async fn write(pool: &Pool, events: &[&JobEvent]) -> Result<Vec<bool>, FleetError> {
     let mut client = client(pool).await?;
     let tx = client.transaction().await?;
-    let guids: Vec<&str> = events.iter().map(|e| e.delivery.as_str()).collect();
+    // In one order on every member (two members given the same deliveries at once would
+    // otherwise wait on each other's rows, and PostgreSQL would abort one as a deadlock).
+    let mut guids: Vec<&str> = events.iter().map(|e| e.delivery.as_str()).collect();
+    guids.sort_unstable();
     let inserted: HashSet<String> = tx
         .query(
             "INSERT INTO rv_deliveries (guid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING guid",
