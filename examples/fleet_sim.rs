@@ -284,14 +284,7 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         members.iter().map(|m| counter(&m.metrics.render(), "runnervisor_fleet_takeovers_total")).sum();
 
     // GitHub API calls the fleet made, by kind (github-sim counts them).
-    let stats: Value = http
-        .get(format!("{sim_url}/_sim/stats"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
+    let stats = get_json(&http, &format!("{sim_url}/_sim/stats")).await?;
     let calls: Vec<String> = stats["api_calls"]
         .as_object()
         .into_iter()
@@ -300,14 +293,7 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         .collect();
     eprintln!("fleet-sim: GitHub API calls in {:.0} s: {}", elapsed.as_secs_f64(), calls.join(" "));
     // How long the relay took per delivery (8 in flight at most).
-    let deliveries: Value = http
-        .get(format!("{sim_url}/_sim/deliveries"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
+    let deliveries = get_json(&http, &format!("{sim_url}/_sim/deliveries")).await?;
     let mut send: Vec<f64> = deliveries
         .as_array()
         .into_iter()
@@ -427,15 +413,13 @@ async fn sim_jobs(http: &reqwest::Client, sim_url: &str) -> Result<BTreeMap<u64,
 }
 
 async fn sim_job_list(http: &reqwest::Client, sim_url: &str) -> Result<Vec<Value>, String> {
-    let list: Value = http
-        .get(format!("{sim_url}/_sim/jobs"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(list.as_array().cloned().unwrap_or_default())
+    Ok(get_json(http, &format!("{sim_url}/_sim/jobs")).await?.as_array().cloned().unwrap_or_default())
+}
+
+/// A JSON answer of the simulator's control API.
+async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
+    let answer = http.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
+    answer.json().await.map_err(|e| format!("{url}: {e}"))
 }
 
 fn counter(metrics: &str, name: &str) -> u64 {
