@@ -436,12 +436,7 @@ fn start_member(
     password: &str,
 ) -> Result<Member, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let image = dir.path().join("golden.qcow2");
-    // check_image reads a qcow2 header: a 1 GiB image's.
-    let mut header = b"QFI\xfb".to_vec();
-    header.resize(24, 0);
-    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
-    std::fs::write(&image, header).map_err(|e| e.to_string())?;
+    let image = runnervisor::hypervisor::fake::golden_image(dir.path()).map_err(|e| e.to_string())?;
     let text = format!(
         r#"
         state_dir = "{dir}"

@@ -9,6 +9,17 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{DomainState, HvError, HvEvent, Hypervisor, VmInfo, domain_xml, overlay_volume_name, seed_volume_name};
 
+/// A golden image for fakes: `dir/golden.qcow2` holding only the qcow2 header that
+/// [`super::check_image`] reads (magic, a 1 GiB virtual size).
+pub fn golden_image(dir: &Path) -> std::io::Result<PathBuf> {
+    let path = dir.join("golden.qcow2");
+    let mut header = super::QCOW2_MAGIC.to_vec();
+    header.resize(24, 0);
+    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    std::fs::write(&path, header)?;
+    Ok(path)
+}
+
 #[derive(Default)]
 pub struct FakeState {
     pub domains: BTreeMap<String, (DomainState, String)>,

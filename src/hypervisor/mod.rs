@@ -201,13 +201,16 @@ pub fn judge_reply(got: &[u8], ack: &str) -> Reply {
     }
 }
 
+/// The first bytes of every qcow2 image.
+pub const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
 /// Reads the qcow2 header of a golden image: magic and virtual size.
 pub fn check_image(path: &Path) -> Result<ImageInfo, HvError> {
     let missing = |e: std::io::Error| HvError::ImageMissing { path: path.into(), message: e.to_string() };
     let mut f = std::fs::File::open(path).map_err(missing)?;
     let mut header = [0u8; 32];
     f.read_exact(&mut header).map_err(|_| HvError::ImageNotQcow2 { path: path.into() })?;
-    if &header[0..4] != b"QFI\xfb" {
+    if &header[0..4] != QCOW2_MAGIC {
         return Err(HvError::ImageNotQcow2 { path: path.into() });
     }
     let virtual_size = u64::from_be_bytes(header[24..32].try_into().expect("8 bytes"));

@@ -55,12 +55,7 @@ pub async fn start(
     fleet: Option<(tokio_postgres::Config, runnervisor::fleet::Pool)>,
 ) -> Agent {
     let dir = tempfile::tempdir().unwrap();
-    // check_image reads a qcow2 header: a 1 GiB image's.
-    let image = dir.path().join("golden.qcow2");
-    let mut header = b"QFI\xfb".to_vec();
-    header.resize(24, 0);
-    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
-    std::fs::write(&image, header).unwrap();
+    let image = runnervisor::hypervisor::fake::golden_image(dir.path()).unwrap();
     let socket = dir.path().join("admin.sock");
     let text = format!(
         r#"

@@ -64,12 +64,7 @@ struct H {
 
 /// A fake image: check_image reads a qcow2 header, so write one.
 fn fake_image(dir: &std::path::Path) -> std::path::PathBuf {
-    let p = dir.join("golden.qcow2");
-    let mut header = b"QFI\xfb".to_vec();
-    header.resize(24, 0);
-    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
-    std::fs::write(&p, header).unwrap();
-    p
+    crate::hypervisor::fake::golden_image(dir).unwrap()
 }
 
 fn start(
