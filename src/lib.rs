@@ -155,11 +155,18 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     }
 
     let inbox_ready = Arc::new(Notify::new());
+    // A single host's store has one writer thread for the intake and the scheduler; a fleet
+    // member's deliveries come through the mirror, which writes the store itself.
+    let writer = deps.fleet.is_none().then(|| Arc::new(store::Writer::start(store.clone())));
+    let scheduler_store: Arc<dyn store::SchedulerStore> = match &writer {
+        Some(w) => w.clone(),
+        None => store.clone(),
+    };
     let mut scheduler = Scheduler::new(
         config.clone(),
         deps.github,
         deps.hypervisor,
-        store.clone(),
+        scheduler_store,
         deps.metrics.clone(),
         inbox_ready.clone(),
         tx.clone(),
@@ -195,7 +202,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
             tokio::spawn(fleet::mirror::run_member(member, store, inbox_ready.clone(), shutdown.clone()));
             persist
         }
-        None => store::Accepter::start(store).into(),
+        None => webhook::Persist::Local(writer.expect("a single host has the writer")),
     };
     let intake = Arc::new(webhook::Intake {
         secret: deps.webhook_secret,

@@ -118,7 +118,7 @@ async fn without_postgres_a_delivery_is_refused_not_accepted() {
 }
 
 fn inbox_ids(store: &Store) -> Vec<(String, u64)> {
-    store.inbox(10_000).unwrap().into_iter().map(|(_, e)| (e.delivery, e.job.id)).collect()
+    store.inbox(0, 10_000).unwrap().into_iter().map(|(_, e)| (e.delivery, e.job.id)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -51,7 +51,7 @@ async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>, Arc<
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let intake = Arc::new(webhook::Intake {
         secret: Secret::new(SECRET),
-        accepter: runnervisor::store::Accepter::start(store.clone()).into(),
+        accepter: runnervisor::store::Writer::start(store.clone()).into(),
         inbox_ready: Arc::new(tokio::sync::Notify::new()),
         metrics: metrics.clone(),
         scope: runnervisor::config::Scope::Organization("octo-org".into()),
@@ -231,7 +231,7 @@ async fn deliveries_outside_the_scope_are_answered_and_ignored() {
     }
     let (status, _) = deliver_body(&client, addr, 14, payload_for(14, "Octo-Org/app")).await;
     assert_eq!(status, 202);
-    let inbox: Vec<u64> = store.inbox(usize::MAX).unwrap().into_iter().map(|(_, e)| e.job.id).collect();
+    let inbox: Vec<u64> = store.inbox(0, usize::MAX).unwrap().into_iter().map(|(_, e)| e.job.id).collect();
     assert_eq!(inbox, [14], "only the in-scope delivery is persisted");
     let text = metrics.render();
     assert!(text.contains("runnervisor_webhooks_total{event=\"workflow_job\",outcome=\"out_of_scope\"} 3"), "{text}");

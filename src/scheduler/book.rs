@@ -61,11 +61,6 @@ impl Book {
         self.inbox_done.insert(seq);
     }
 
-    /// Applied, but its removal from the inbox is not committed yet.
-    pub fn is_applied(&self, seq: u64) -> bool {
-        self.inbox_done.contains(&seq)
-    }
-
     /// Everything changed since the last commit.
     pub fn batch(&self) -> Batch {
         Batch {
@@ -136,7 +131,6 @@ mod tests {
         assert_eq!(b.remove_jobs, [4]);
         assert_eq!(b.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["rv-a-3"], "forgotten: never written");
         assert_eq!(b.inbox_done, [7]);
-        assert!(book.is_applied(7));
         book.committed();
         assert!(book.batch().is_empty());
         assert_eq!(book.vms_of("a").count(), 1);

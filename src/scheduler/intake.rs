@@ -29,6 +29,9 @@ pub struct State {
     pub last_webhook: Option<SystemTime>,
     /// Each pool that takes jobs, by its label set (see [`Scheduler::index_pools`]).
     pools_by_labels: Vec<(Vec<String>, String)>,
+    /// The last inbox entry applied (entries are numbered in commit order): everything up
+    /// to it is applied, whether or not its removal is committed.
+    inbox_read: u64,
 }
 
 /// Labels as pools are matched: lowercase, sorted, without duplicates.
@@ -44,7 +47,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// of deliveries the scheduler has not kept up with) never sits in memory at once.
     pub(super) fn drain_inbox(&mut self) {
         loop {
-            let inbox = match self.store.inbox(INBOX_CHUNK) {
+            let inbox = match self.store.inbox(self.intake.inbox_read, INBOX_CHUNK) {
                 Ok(i) => i,
                 Err(e) => {
                     error!(error = %e, "cannot read the inbox");
@@ -53,9 +56,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             };
             let full = inbox.len() == INBOX_CHUNK;
             for (seq, ev) in inbox {
-                if self.book.is_applied(seq) {
-                    continue;
-                }
+                // Read on from here next time: an applied entry whose removal is not
+                // committed yet (see `flush`) is not applied twice.
+                self.intake.inbox_read = seq;
                 self.intake.last_webhook = Some(self.now());
                 self.apply(ev);
                 self.book.applied(seq);

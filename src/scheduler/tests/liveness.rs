@@ -13,8 +13,8 @@ impl SchedulerStore for FlakyStore {
     fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
         self.inner.load()
     }
-    fn inbox(&self, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
-        self.inner.inbox(max)
+    fn inbox(&self, after: u64, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+        self.inner.inbox(after, max)
     }
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {

@@ -1,19 +1,29 @@
 //! The embedded store (redb, one file in `state_dir`): delivery ids seen, the inbox of
 //! accepted job events not yet applied, jobs, VMs and a few settings. Every write is one
-//! durable transaction; webhook deliveries arriving together share one ([`Accepter`],
-//! group commit). The file is locked: a second agent on the same state dir fails to start.
+//! durable transaction, made by one writer thread ([`Writer`]): webhook deliveries
+//! arriving together share one (group commit), and the scheduler's commits take their turn
+//! with them. The file is locked: a second agent on the same state dir fails to start.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::model::{JobEvent, JobRec, VmRec};
 
-const DELIVERIES: TableDefinition<&str, u64> = TableDefinition::new("deliveries");
+mod deliveries;
+mod writer;
+
+use deliveries::DeliveryIndex;
+pub use writer::Writer;
+
+/// Delivery ids seen, in arrival order: entry → (received, unix seconds; delivery id).
+const DELIVERY_LOG: TableDefinition<u64, (u64, &str)> = TableDefinition::new("delivery_log");
+/// Before the log: delivery id → received. Moved into the log when the store is opened.
+const LEGACY_DELIVERIES: TableDefinition<&str, u64> = TableDefinition::new("deliveries");
 const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
@@ -50,10 +60,14 @@ fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
 
 pub struct Store {
     db: Database,
+    /// The next inbox entry's sequence number: entries are numbered in commit order for as
+    /// long as the store is open, even once the inbox has been emptied.
+    next_seq: AtomicU64,
+    deliveries: Mutex<DeliveryIndex>,
 }
 
 /// Changes the scheduler commits together.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Batch {
     pub jobs: Vec<JobRec>,
     pub remove_jobs: Vec<u64>,
@@ -90,9 +104,11 @@ pub struct Snapshot {
 pub trait SchedulerStore: Send + Sync + 'static {
     /// Jobs, VMs and settings, as last committed.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Accepted job events not yet applied, oldest first, at most `max` of them.
-    fn inbox(&self, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError>;
+    /// Accepted job events not yet applied that follow entry `after`, oldest first, at most
+    /// `max` of them (entries are numbered in commit order).
+    fn inbox(&self, after: u64, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError>;
     /// One durable transaction: the scheduler's changes, and the inbox entries applied.
+    /// A batch that only applies inbox entries may leave later (see [`Writer`]).
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
     fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError>;
     fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError>;
@@ -102,8 +118,8 @@ impl SchedulerStore for Store {
     fn load(&self) -> Result<Snapshot, StoreError> {
         Store::load(self)
     }
-    fn inbox(&self, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
-        Store::inbox(self, max)
+    fn inbox(&self, after: u64, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+        Store::inbox(self, after, max)
     }
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         Store::commit(self, batch)
@@ -122,77 +138,6 @@ impl SchedulerStore for Store {
 /// kernel's page cache.
 const CACHE_BYTES: usize = 8 << 20;
 
-/// Most deliveries written in one commit.
-const MAX_GROUP: usize = 512;
-
-type Reply = tokio::sync::oneshot::Sender<Result<bool, Arc<StoreError>>>;
-
-/// Webhook intake with group commit: one thread writes deliveries, and every delivery that
-/// arrives while a commit is being made waits for the next one, which writes them all. A
-/// caller is answered only once the commit that holds its delivery is durable, so a crash
-/// loses nothing answered; under load N deliveries cost one fsync, not N.
-pub struct Accepter {
-    tx: std::sync::mpsc::Sender<(JobEvent, Reply)>,
-    commits: Arc<AtomicU64>,
-}
-
-impl Accepter {
-    /// Starts the writer thread over `store`; it ends when the last `Accepter` is dropped.
-    pub fn start(store: Arc<Store>) -> Accepter {
-        let (tx, rx) = std::sync::mpsc::channel::<(JobEvent, Reply)>();
-        let commits = Arc::new(AtomicU64::new(0));
-        let counted = commits.clone();
-        std::thread::Builder::new()
-            .name("store-intake".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut group = vec![first];
-                    while group.len() < MAX_GROUP {
-                        match rx.try_recv() {
-                            Ok(next) => group.push(next),
-                            Err(_) => break,
-                        }
-                    }
-                    let events: Vec<&JobEvent> = group.iter().map(|(e, _)| e).collect();
-                    // A panic in the store fails this group (503, redelivered later), not the
-                    // thread: the next deliveries are written again.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.accept_many(&events)))
-                        .unwrap_or(Err(StoreError::Panicked));
-                    counted.fetch_add(1, Ordering::Relaxed);
-                    match result {
-                        Ok(fresh) => {
-                            for ((_, reply), fresh) in group.into_iter().zip(fresh) {
-                                let _ = reply.send(Ok(fresh));
-                            }
-                        }
-                        Err(e) => {
-                            let e = Arc::new(e);
-                            for (_, reply) in group {
-                                let _ = reply.send(Err(e.clone()));
-                            }
-                        }
-                    }
-                }
-            })
-            .expect("spawn the store's intake thread");
-        Accepter { tx, commits }
-    }
-
-    /// Records the delivery id and queues the event, durably, with whatever else arrives
-    /// meanwhile. `false` when this delivery id was already accepted.
-    pub async fn accept(&self, event: JobEvent) -> Result<bool, Arc<StoreError>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let gone = || Arc::new(StoreError::Closed);
-        self.tx.send((event, reply)).map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
-    }
-
-    /// Commits made so far (each holds one or more deliveries).
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
-    }
-}
-
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
@@ -210,14 +155,49 @@ impl Store {
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         let txn = db.begin_write().map_err(dberr)?;
         {
-            txn.open_table(DELIVERIES).map_err(dberr)?;
             txn.open_table(INBOX).map_err(dberr)?;
             txn.open_table(JOBS).map_err(dberr)?;
             txn.open_table(VMS).map_err(dberr)?;
             txn.open_table(META).map_err(dberr)?;
         }
+        let next_seq = {
+            let inbox = txn.open_table(INBOX).map_err(dberr)?;
+            inbox.last().map_err(dberr)?.map(|(k, _)| k.value() + 1).unwrap_or(1)
+        };
+        let mut index = DeliveryIndex::default();
+        {
+            let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
+            // A store from before the log: its ids join the log, oldest first.
+            let legacy: Vec<(u64, String)> = match txn.open_table(LEGACY_DELIVERIES) {
+                Ok(t) => {
+                    let mut ids = Vec::new();
+                    for row in t.iter().map_err(dberr)? {
+                        let (k, v) = row.map_err(dberr)?;
+                        ids.push((v.value(), k.value().to_string()));
+                    }
+                    ids
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
+                Err(e) => return Err(dberr(e)),
+            };
+            let mut next = log.last().map_err(dberr)?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            let mut legacy = legacy;
+            legacy.sort();
+            for (received, id) in &legacy {
+                log.insert(next, (*received, id.as_str())).map_err(dberr)?;
+                next += 1;
+            }
+            index.next = next;
+            index.by_hash.reserve(log.len().map_err(dberr)? as usize);
+            for row in log.iter().map_err(dberr)? {
+                let (k, v) = row.map_err(dberr)?;
+                let h = index.hash(v.value().1);
+                index.insert(h, k.value());
+            }
+        }
+        let _ = txn.delete_table(LEGACY_DELIVERIES).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
-        Ok(Store { db })
+        Ok(Store { db, next_seq: AtomicU64::new(next_seq), deliveries: Mutex::new(index) })
     }
 
     /// Webhook intake: records the delivery id and queues the event, atomically.
@@ -229,14 +209,14 @@ impl Store {
     /// [`Store::accept`] for several deliveries in one durable transaction. Per event,
     /// `false` when its delivery id was accepted before (or earlier in `events`).
     pub fn accept_many(&self, events: &[&JobEvent]) -> Result<Vec<bool>, StoreError> {
-        self.accept_with_meta(events, None)
+        self.accept_with_meta(events, None, &[])
     }
 
     /// Events mirrored from the fleet's log into this member's inbox, and how far the log
     /// was read (`meta[key] = cursor`), in one durable transaction: after a crash the
     /// mirror resumes where what it wrote ends.
     pub fn mirror(&self, events: &[&JobEvent], key: &str, cursor: i64) -> Result<Vec<bool>, StoreError> {
-        self.accept_with_meta(events, Some((key, cursor.to_be_bytes().as_slice())))
+        self.accept_with_meta(events, Some((key, cursor.to_be_bytes().as_slice())), &[])
     }
 
     /// A setting (`meta`), as last committed.
@@ -246,19 +226,40 @@ impl Store {
         Ok(meta.get(key).map_err(dberr)?.map(|v| v.value().to_vec()))
     }
 
-    fn accept_with_meta(&self, events: &[&JobEvent], meta: Option<(&str, &[u8])>) -> Result<Vec<bool>, StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+    /// Deliveries in, applied inbox entries (`release`) out, and a setting, in one
+    /// transaction; durable unless it only releases entries (see [`Store::commit`]).
+    fn accept_with_meta(
+        &self,
+        events: &[&JobEvent],
+        meta: Option<(&str, &[u8])>,
+        release: &[u64],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut txn = self.db.begin_write().map_err(dberr)?;
+        if events.is_empty() && meta.is_none() {
+            txn.set_durability(redb::Durability::None).map_err(dberr)?;
+        }
         let mut fresh = Vec::with_capacity(events.len());
-        {
-            let mut seen = txn.open_table(DELIVERIES).map_err(dberr)?;
+        let mut next = self.next_seq.load(Ordering::Relaxed);
+        let mut index = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        // Ids indexed by this transaction: taken out again if it fails.
+        let mut added: Vec<(u64, u64)> = Vec::new();
+        let written = (|| {
+            let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
             let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
-            let mut next = inbox.last().map_err(dberr)?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            for seq in release {
+                inbox.remove(seq).map_err(dberr)?;
+            }
             for event in events {
-                if seen.get(event.delivery.as_str()).map_err(dberr)?.is_some() {
+                // Also sees the ids written earlier in this transaction.
+                if index.seen(&log, &event.delivery)? {
                     fresh.push(false);
                     continue;
                 }
-                seen.insert(event.delivery.as_str(), unix(event.received_at)).map_err(dberr)?;
+                let entry = index.next + added.len() as u64;
+                log.insert(entry, (unix(event.received_at), event.delivery.as_str())).map_err(dberr)?;
+                let h = index.hash(&event.delivery);
+                index.insert(h, entry);
+                added.push((h, entry));
                 inbox.insert(next, serde_json::to_vec(event)?.as_slice()).map_err(dberr)?;
                 next += 1;
                 fresh.push(true);
@@ -266,23 +267,33 @@ impl Store {
             if let Some((key, value)) = meta {
                 txn.open_table(META).map_err(dberr)?.insert(key, value).map_err(dberr)?;
             }
+            Ok::<_, StoreError>(())
+        })()
+        .and_then(|()| txn.commit().map_err(dberr));
+        if let Err(e) = written {
+            for (h, entry) in added {
+                index.remove(h, entry);
+            }
+            return Err(e);
         }
-        txn.commit().map_err(dberr)?;
+        index.next += added.len() as u64;
+        // Write transactions are one at a time: nothing else moved it meanwhile.
+        self.next_seq.store(next, Ordering::Relaxed);
         Ok(fresh)
     }
 
     pub fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
-        let seen = txn.open_table(DELIVERIES).map_err(dberr)?;
-        Ok(seen.get(guid).map_err(dberr)?.is_some())
+        let log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
+        self.deliveries.lock().unwrap_or_else(|e| e.into_inner()).seen(&log, guid)
     }
 
-    /// Accepted events not yet applied, oldest first.
-    pub fn inbox(&self, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
+    /// Accepted events not yet applied that follow entry `after`, oldest first.
+    pub fn inbox(&self, after: u64, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let inbox = txn.open_table(INBOX).map_err(dberr)?;
         let mut out = Vec::new();
-        for row in inbox.iter().map_err(dberr)?.take(max) {
+        for row in inbox.range(after.saturating_add(1)..).map_err(dberr)?.take(max) {
             let (k, v) = row.map_err(dberr)?;
             out.push((k.value(), serde_json::from_slice(v.value())?));
         }
@@ -348,27 +359,34 @@ impl Store {
         Ok(Snapshot { jobs, vms, meta })
     }
 
-    /// Forgets delivery ids older than `age` (GitHub redelivers within 3 days).
+    /// Forgets delivery ids older than `age` (GitHub redelivers within 3 days), from the
+    /// log's oldest end.
     pub fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError> {
         let cutoff = unix(now).saturating_sub(age.as_secs());
         let txn = self.db.begin_write().map_err(dberr)?;
-        let n;
-        {
-            let mut seen = txn.open_table(DELIVERIES).map_err(dberr)?;
-            let old: Vec<String> = seen
-                .iter()
-                .map_err(dberr)?
-                .filter_map(|r| r.ok())
-                .filter(|(_, t)| t.value() < cutoff)
-                .map(|(k, _)| k.value().to_string())
-                .collect();
-            n = old.len();
-            for k in old {
-                seen.remove(k.as_str()).map_err(dberr)?;
+        let old: Vec<(u64, String)> = {
+            let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
+            let mut old = Vec::new();
+            for row in log.iter().map_err(dberr)? {
+                let (k, v) = row.map_err(dberr)?;
+                let (received, id) = v.value();
+                if received >= cutoff {
+                    break;
+                }
+                old.push((k.value(), id.to_string()));
             }
-        }
+            for (entry, _) in &old {
+                log.remove(entry).map_err(dberr)?;
+            }
+            old
+        };
         txn.commit().map_err(dberr)?;
-        Ok(n)
+        let mut index = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        for (entry, id) in &old {
+            let h = index.hash(id);
+            index.remove(h, *entry);
+        }
+        Ok(old.len())
     }
 }
 
@@ -397,42 +415,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// Group commit: deliveries arriving together share commits, each caller gets its own
-    /// answer (accepted or duplicate, also within one group), and all of them are durable.
-    #[test]
-    fn deliveries_arriving_together_share_commits_and_each_is_answered() {
-        let dir = crate::test_support::tempdir();
-        let store = Arc::new(Store::open(&dir).unwrap());
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let accepter = Arc::new(Accepter::start(store.clone()));
-        let answers: Vec<(u64, bool)> = rt.block_on(async {
-            let tasks: Vec<_> = (0..500u64)
-                .map(|i| {
-                    let a = accepter.clone();
-                    // Every tenth delivery id is sent twice.
-                    let id = if i % 10 == 9 { i - 1 } else { i };
-                    tokio::spawn(async move {
-                        (id, a.accept(event(&format!("d{id}"), i, JobAction::Queued)).await.unwrap())
-                    })
-                })
-                .collect();
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await.unwrap());
-            }
-            out
-        });
-        assert_eq!(answers.iter().filter(|(_, fresh)| *fresh).count(), 450);
-        for id in (8..500).step_by(10) {
-            let twice: Vec<bool> = answers.iter().filter(|(i, _)| *i == id).map(|(_, f)| *f).collect();
-            assert_eq!(twice.iter().filter(|f| **f).count(), 1, "delivery d{id} accepted once: {twice:?}");
-        }
-        let commits = accepter.commits();
-        assert!((1..=50).contains(&commits), "500 deliveries in {commits} commits");
-        // Answered only once committed: every accepted delivery is in the inbox.
-        assert_eq!(store.inbox(usize::MAX).unwrap().len(), 450);
-    }
-
     #[test]
     fn only_a_batch_that_merely_applies_inbox_entries_skips_the_fsync() {
         let only_inbox = Batch { inbox_done: vec![1, 2], ..Default::default() };
@@ -455,16 +437,16 @@ pub(crate) mod tests {
             assert!(s.accept(&event("g1", 1, JobAction::Queued)).unwrap());
             assert!(!s.accept(&event("g1", 1, JobAction::Queued)).unwrap());
             assert!(s.accept(&event("g2", 1, JobAction::Completed)).unwrap());
-            let inbox = s.inbox(usize::MAX).unwrap();
+            let inbox = s.inbox(0, usize::MAX).unwrap();
             assert_eq!(inbox.len(), 2);
-            assert_eq!(s.inbox(1).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [inbox[0].0]);
+            assert_eq!(s.inbox(0, 1).unwrap().iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [inbox[0].0]);
             assert!(inbox[0].0 < inbox[1].0);
             let mut b = Batch::default();
             b.inbox_done.push(inbox[0].0);
             s.commit(&b).unwrap();
         }
         let s = Store::open(&dir).unwrap();
-        let inbox = s.inbox(usize::MAX).unwrap();
+        let inbox = s.inbox(0, usize::MAX).unwrap();
         assert_eq!(inbox.len(), 1);
         assert_eq!(inbox[0].1.delivery, "g2");
         assert!(s.delivery_seen("g1").unwrap());
@@ -473,6 +455,37 @@ pub(crate) mod tests {
             2
         );
         assert!(!s.delivery_seen("g1").unwrap());
+    }
+
+    /// A store from before the delivery log: its ids are moved into the log, still known,
+    /// pruned by age like the others, and the old table is gone.
+    #[test]
+    fn delivery_ids_of_an_older_store_join_the_log() {
+        let dir = crate::test_support::tempdir();
+        let now = unix(SystemTime::now());
+        {
+            let db = Database::create(dir.join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(LEGACY_DELIVERIES).unwrap();
+                t.insert("new", now).unwrap();
+                t.insert("old", now - 7200).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        assert!(s.delivery_seen("new").unwrap() && s.delivery_seen("old").unwrap());
+        assert!(!s.accept(&event("old", 1, JobAction::Queued)).unwrap(), "a known id is a duplicate");
+        assert!(s.accept(&event("fresh", 1, JobAction::Queued)).unwrap());
+        let txn = s.db.begin_read().unwrap();
+        assert!(txn.open_table(LEGACY_DELIVERIES).is_err(), "the old table is gone");
+        let log: Vec<String> =
+            txn.open_table(DELIVERY_LOG).unwrap().iter().unwrap().map(|r| r.unwrap().1.value().1.to_string()).collect();
+        assert_eq!(log, ["old", "new", "fresh"], "oldest first");
+        drop(txn);
+        assert_eq!(s.prune_deliveries(Duration::from_secs(3600), SystemTime::now()).unwrap(), 1);
+        assert!(!s.delivery_seen("old").unwrap());
+        assert!(s.delivery_seen("new").unwrap() && s.delivery_seen("fresh").unwrap());
     }
 
     #[test]
