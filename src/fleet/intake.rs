@@ -77,19 +77,8 @@ impl FleetIntake {
                 }
                 let events: Vec<&JobEvent> = group.iter().map(|(e, _)| e).collect();
                 let result = write(&pool, &events).await;
-                match result {
-                    Ok(fresh) => {
-                        for ((_, reply), fresh) in group.into_iter().zip(fresh) {
-                            let _ = reply.send(Ok(fresh));
-                        }
-                    }
-                    Err(e) => {
-                        let e = Arc::new(e);
-                        for (_, reply) in group {
-                            let _ = reply.send(Err(e.clone()));
-                        }
-                    }
-                }
+                drop(events);
+                crate::store::answer_group(group, result);
             }
         });
         FleetIntake { tx }

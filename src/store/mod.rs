@@ -19,6 +19,7 @@ mod writer;
 
 use deliveries::DeliveryIndex;
 pub use writer::Writer;
+pub(crate) use writer::answer_group;
 
 /// Delivery ids seen, in arrival order: entry → (received, unix seconds; delivery id).
 const DELIVERY_LOG: TableDefinition<u64, (u64, &str)> = TableDefinition::new("delivery_log");

@@ -128,25 +128,35 @@ fn write_loop(store: &Store, rx: &mpsc::Receiver<Msg>, commits: &AtomicU64) {
             }))
             .unwrap_or(Err(StoreError::Panicked));
             commits.fetch_add(1, Ordering::Relaxed);
-            match result {
-                Ok(fresh) => {
-                    released.clear();
-                    for ((_, reply), fresh) in group.into_iter().zip(fresh) {
-                        let _ = reply.send(Ok(fresh));
-                    }
-                }
-                Err(e) => {
-                    // The released entries stay for the next transaction.
-                    let e = Arc::new(e);
-                    for (_, reply) in group {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+            // On failure the released entries stay for the next transaction.
+            if result.is_ok() {
+                released.clear();
             }
+            answer_group(group, result);
         }
         if let Some(w) = then {
             commits.fetch_add(1, Ordering::Relaxed);
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w(store)));
+        }
+    }
+}
+
+/// Answers each caller of a group commit: its delivery's own result, or the group's error.
+pub(crate) fn answer_group<T, E>(
+    group: Vec<(JobEvent, tokio::sync::oneshot::Sender<Result<T, Arc<E>>>)>,
+    result: Result<Vec<T>, E>,
+) {
+    match result {
+        Ok(each) => {
+            for ((_, reply), one) in group.into_iter().zip(each) {
+                let _ = reply.send(Ok(one));
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for (_, reply) in group {
+                let _ = reply.send(Err(e.clone()));
+            }
         }
     }
 }
