@@ -101,7 +101,7 @@ pub struct Snapshot {
 
 /// What the scheduler needs from its store: the narrow seam a second backend (PostgreSQL,
 /// for several hosts) implements without touching the scheduler. The webhook intake writes
-/// through [`Store::accept`].
+/// through [`Writer::accept`] (a fleet member's mirror through [`Store::mirror`]).
 pub trait SchedulerStore: Send + Sync + 'static {
     /// Jobs, VMs and settings, as last committed.
     fn load(&self) -> Result<Snapshot, StoreError>;
