@@ -5,12 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, KeyInit, Mac};
 use runnervisor::metrics::Metrics;
 use runnervisor::secret::Secret;
 use runnervisor::store::Store;
 use runnervisor::{server, webhook};
-use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -22,10 +20,7 @@ const MAX_CONNECTIONS: usize = 32;
 const MAX_BODY: usize = 64 * 1024;
 
 fn sign(body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body);
-    let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={sig}")
+    github_sim::webhook::signature(SECRET.as_bytes(), body)
 }
 
 fn payload(id: u64) -> Vec<u8> {

@@ -169,7 +169,7 @@ impl Store {
         {
             let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
             // A store from before the log: its ids join the log, oldest first.
-            let legacy: Vec<(u64, String)> = match txn.open_table(LEGACY_DELIVERIES) {
+            let mut legacy: Vec<(u64, String)> = match txn.open_table(LEGACY_DELIVERIES) {
                 Ok(t) => {
                     let mut ids = Vec::new();
                     for row in t.iter().map_err(dberr)? {
@@ -182,8 +182,7 @@ impl Store {
                 Err(e) => return Err(dberr(e)),
             };
             let mut next = log.last().map_err(dberr)?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            let mut legacy = legacy;
-            legacy.sort();
+            legacy.sort_unstable();
             for (received, id) in &legacy {
                 log.insert(next, (*received, id.as_str())).map_err(dberr)?;
                 next += 1;

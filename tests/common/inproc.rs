@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, KeyInit, Mac};
 use runnervisor::admin::{self, Reply, Request, Status};
 use runnervisor::config::Config;
 use runnervisor::github::fake::FakeGitHub;
@@ -18,10 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub const SECRET: &str = "in-process-secret";
 
 pub fn sign(body: &[u8]) -> String {
-    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body);
-    let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={sig}")
+    github_sim::webhook::signature(SECRET.as_bytes(), body)
 }
 
 /// A `queued` delivery for job `id` with labels `self-hosted, linux`.

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
-use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -73,8 +71,6 @@ pub fn payload(job_id: u64, labels: &[&str]) -> Vec<u8> {
     .unwrap()
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 /// Payloads of one shape for a run of job ids, made cheaply: rendered once, with a
 /// 13-digit job id whose digits are then overwritten for each job (the generator shares
 /// the agent's cores, so what it spends per delivery is taken from the agent).
@@ -116,17 +112,11 @@ impl Template {
 
 /// The whole request for one delivery, signed.
 pub fn request(guid: &str, body: &[u8]) -> Vec<u8> {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body);
-    let mut sig = String::with_capacity(64);
-    for b in mac.finalize().into_bytes() {
-        sig.push(char::from(HEX[usize::from(b >> 4)]));
-        sig.push(char::from(HEX[usize::from(b & 15)]));
-    }
+    let sig = github_sim::webhook::signature(SECRET.as_bytes(), body);
     let mut r = format!(
         "POST /webhook HTTP/1.1\r\nhost: 127.0.0.1\r\nuser-agent: GitHub-Hookshot/load\r\n\
          content-type: application/json\r\nx-github-event: workflow_job\r\nx-github-delivery: {guid}\r\n\
-         x-hub-signature-256: sha256={sig}\r\ncontent-length: {}\r\n\r\n",
+         x-hub-signature-256: {sig}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
