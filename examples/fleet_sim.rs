@@ -31,6 +31,9 @@ use runnervisor::metrics::Metrics;
 use runnervisor::secret::Secret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 const PAT: &str = "ghp_fleet_sim";
 const SECRET: &str = "fleet-sim-webhook-secret";
@@ -107,11 +110,11 @@ struct Member {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let filter = std::env::var("RUST_LOG").ok().and_then(|v| v.parse::<Targets>().ok());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".parse().expect("filter")),
-        )
         .with_writer(std::io::stderr)
+        .finish()
+        .with(filter.unwrap_or_else(|| Targets::new().with_default(tracing::Level::ERROR)))
         .init();
     match sim(args).await {
         Ok(ok) if ok => ExitCode::SUCCESS,

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -168,7 +168,20 @@ pub fn detect() -> Target {
 
 /// The running agent's log filter, which a reload may change.
 pub struct LogLevel {
-    handle: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    handle: tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>,
+}
+
+/// The filter `log_level` names: a level (`info`), or a default level and levels per
+/// target (`warn,runnervisor=debug`). Unlike `RUST_LOG`, a bare word must be a level (a
+/// misspelt level would otherwise name a target, and the agent would log nothing else).
+pub fn filter(level: &str) -> Result<Targets, String> {
+    const HINT: &str =
+        "a level (error, warn, info, debug, trace, off), or levels per target as in \"warn,runnervisor=debug\"";
+    let bare = level.split(',').map(str::trim).find(|d| !d.contains('=') && d.parse::<LevelFilter>().is_err());
+    if let Some(d) = bare {
+        return Err(format!("{d:?} is not a level; {HINT}"));
+    }
+    level.parse::<Targets>().map_err(|e| format!("{e}; {HINT}"))
 }
 
 impl LogLevel {
@@ -178,16 +191,18 @@ impl LogLevel {
         if std::env::var_os("RUST_LOG").is_some() {
             return Err("RUST_LOG is set and overrides log_level".into());
         }
-        let filter = EnvFilter::try_new(level).map_err(|e| format!("log_level = {level:?}: {e}"))?;
+        let filter = filter(level).map_err(|e| format!("log_level = {level:?}: {e}"))?;
         self.handle.reload(filter).map_err(|e| e.to_string())
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides `level`.
+/// Installs the global subscriber. `RUST_LOG` overrides `level` (validated with the
+/// config); a `RUST_LOG` that is not a filter is said on stderr and ignored.
 pub fn init(level: &str, target: Target) -> LogLevel {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().map_err(|e| eprintln!("runnervisor: RUST_LOG = {v:?} ignored: {e}")).ok());
+    let filter = from_env.or_else(|| filter(level).ok()).unwrap_or_else(|| Targets::new().with_default(Level::INFO));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let journald = match target {
         Target::Journald(path) => match JournaldLayer::new(&path) {

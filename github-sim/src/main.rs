@@ -6,6 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use github_sim::{SimConfig, auth::AppKey};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// A faithful stand-in for GitHub's runner, webhook and App APIs, for tests and demos.
 #[derive(Parser)]
@@ -61,9 +64,11 @@ fn read_secret(path: &PathBuf, what: &str) -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let filter = std::env::var("RUST_LOG").ok().and_then(|v| v.parse::<Targets>().ok());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .finish()
+        .with(filter.unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO)))
         .init();
     let args = Args::parse();
     let mut config =

@@ -146,6 +146,10 @@ fn bad_values_name_key_and_value() {
     assert!(e.contains("invalid duration") && e.contains("soon"), "{e}");
     let e = err(&MINIMAL.replace("listen = \"127.0.0.1:8080\"", "listen = \"localhost\""));
     assert!(e.contains("listen"), "{e}");
+    let e = err(&format!("log_level = \"verbose\"\n{MINIMAL}"));
+    assert!(e.contains("log_level") && e.contains("verbose"), "{e}");
+    let c = Config::parse(&format!("log_level = \"warn,runnervisor=debug\"\n{MINIMAL}")).unwrap();
+    assert_eq!(c.log_level, "warn,runnervisor=debug");
     let e = err(&format!("{MINIMAL}\nrunner_user = \"root\"\n"));
     assert!(e.contains("runner_user"), "{e}");
     let e = err(&MINIMAL.replace("type = \"pat\"", "type = \"oauth\""));

@@ -59,6 +59,9 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = crate::logging::filter(&self.log_level) {
+            return Err(invalid("log_level", &self.log_level, e));
+        }
         if g.runner_group.trim().is_empty() {
             return Err(invalid("github.runner_group", &g.runner_group, "must not be empty"));
         }
