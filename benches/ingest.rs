@@ -2,7 +2,8 @@
 //! (release build) with its real store, on loopback.
 //!
 //! - memory with tracked jobs: the agent is drained (no VM starts), 1,000 `queued` jobs
-//!   for its pool arrive, and its RSS is read once the scheduler has them all;
+//!   for its pool arrive, and its RSS is read once the scheduler has them all and the agent
+//!   has settled;
 //! - ingest: the project's load generator (`tests/common/load.rs`, on this machine's same
 //!   cores) sends signed ~1.6 KB `workflow_job` deliveries over keep-alive connections,
 //!   labels matching no pool so nothing boots; each is answered only once it is durable.
@@ -51,6 +52,12 @@ fn rss_mib(pid: u32) -> f64 {
     rss
 }
 
+/// Lets the agent settle before its RSS is read: past its next heap trim (the freed memory
+/// of the load it just took goes back to the kernel then, see `runnervisor::heap`).
+async fn settle() {
+    tokio::time::sleep(runnervisor::heap::TRIM_EVERY + Duration::from_secs(1)).await;
+}
+
 /// The value of the metric line starting with `name` (0 if absent).
 async fn metric(agent: &Agent, name: &str) -> u64 {
     let text = agent.metrics().await;
@@ -69,7 +76,7 @@ async fn main() {
     let addr: SocketAddr = format!("127.0.0.1:{webhook_port}").parse().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     assert!(agent.cli(&["drain"]).status.success());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
     let idle = rss_mib(pid);
 
     // 1,000 tracked jobs (drained: they wait, nothing boots).
@@ -88,7 +95,7 @@ async fn main() {
         (metric(&agent, received).await == 1000).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
     let rss_jobs = rss_mib(pid);
 
     // Ingest, deliveries for jobs no pool serves.
@@ -140,7 +147,7 @@ async fn main() {
         (metric(&agent, "runnervisor_jobs_unmatched_total").await >= unmatched_total).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
     let rss_deliveries = rss_mib(pid);
     println!(
         "memory: idle {idle:.1} MiB, 1000 tracked jobs {rss_jobs:.1} MiB, {seen} deliveries seen {rss_deliveries:.1} MiB"

@@ -28,6 +28,7 @@ pub mod docs;
 pub mod fence;
 pub mod fleet;
 pub mod github;
+pub mod heap;
 pub mod hypervisor;
 pub mod images;
 pub mod logging;

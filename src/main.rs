@@ -148,7 +148,7 @@ impl SocketArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Serve { .. }) {
-        cap_malloc_arenas();
+        runnervisor::heap::cap_arenas();
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match cli.command {
@@ -203,18 +203,6 @@ fn generate(what: Generate) -> ExitCode {
                 }
             }
         }
-    }
-}
-
-/// glibc gives each thread that allocates under contention an arena of its own, and keeps
-/// what they grew: with the runtime's workers, the store's writer and libvirt's blocking
-/// threads, a burst of webhooks leaves several MiB behind for good. The agent is I/O-bound;
-/// two arenas cost it nothing measurable (`benches/ingest.rs`) and bound its memory.
-fn cap_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
@@ -287,6 +275,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         tracing::warn!(dir = %config.libvirt.console_log_dir.display(), error = %e, "cannot create the console log directory");
     }
     let shutdown = CancellationToken::new();
+    tokio::spawn(runnervisor::heap::keep_trimmed(shutdown.clone()));
     let s = shutdown.clone();
     tokio::spawn(async move {
         let mut term =
