@@ -11,7 +11,8 @@
 //! - [`cloudinit`]: user-data and meta-data for the runner VM.
 //! - [`fence`]: the network fence of job VMs (allow-list, nwfilter).
 //! - [`capacity`]: the pools' worst case against the host's CPUs, memory and disk.
-//! - [`server`]: the HTTP listeners' connection cap and timeouts.
+//! - [`server`]: the HTTP listeners' connection cap and timeouts; [`sources`]: who may
+//!   connect (allow-list, per-source cap).
 //! - [`admin`]: the local admin socket; [`metrics`]: OpenMetrics; [`systemd`]: sd_notify;
 //!   [`logging`]: stderr or native journald; [`check`]: `runnervisor check`.
 //!
@@ -38,6 +39,7 @@ pub mod reload;
 pub mod scheduler;
 pub mod secret;
 pub mod server;
+pub mod sources;
 pub mod store;
 pub mod systemd;
 pub mod timeline;
@@ -163,6 +165,14 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         Some(w) => w.clone(),
         None => store.clone(),
     };
+    let admission = sources::Admission::new(
+        config.server.allow_sources.clone(),
+        config.server.max_connections_per_source,
+        Some(deps.metrics.clone()),
+    );
+    if admission.wants_github() {
+        tokio::spawn(sources::keep_github_ranges(deps.github.clone(), admission.clone(), shutdown.clone()));
+    }
     let mut scheduler = Scheduler::new(
         config.clone(),
         deps.github,
@@ -237,11 +247,12 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         let s = shutdown.clone();
         // Scrapes are few: a small cap keeps a misbehaving client from holding many.
         let metrics_limits = server::Limits { max_connections: 16, ..limits };
-        tokio::spawn(server::serve(l, router, metrics_limits, s));
+        let anyone = sources::Admission::new(None, metrics_limits.max_connections, None);
+        tokio::spawn(server::serve(l, router, metrics_limits, anyone, s));
     }
     let admin_task = tokio::spawn(admin::serve(admin_listener, tx.clone(), shutdown.clone()));
 
-    server::serve(webhook_listener, app, limits, shutdown.clone()).await;
+    server::serve(webhook_listener, app, limits, admission, shutdown.clone()).await;
     tracing::info!("intake stopped; finishing in-flight work");
     systemd::stopping();
     stop_scheduler.cancel();

@@ -259,6 +259,40 @@ pub fn decode(datagram: &[u8]) -> Vec<(String, String)> {
     out
 }
 
+/// A log line that may be written at most once per period, however often its event
+/// happens (requests an attacker sends at will): [`Throttle::check`] says whether to write
+/// it now and how many were left out since the last one.
+pub struct Throttle {
+    every: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    pub const fn new(every: std::time::Duration) -> Throttle {
+        Throttle { every, state: std::sync::Mutex::new((None, 0)) }
+    }
+
+    /// `Some(left out since the last line)` when a line is due now.
+    pub fn check(&self) -> Option<u64> {
+        self.check_at(std::time::Instant::now())
+    }
+
+    pub fn check_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.0 {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let left_out = s.1;
+                *s = (Some(now), 0);
+                Some(left_out)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +369,19 @@ mod tests {
         assert_eq!(get("POOL").as_deref(), Some("p"));
         assert_eq!(get("PRIORITY").as_deref(), Some("4"));
         assert!(get("MESSAGE").unwrap().starts_with("vm started"));
+    }
+
+    #[test]
+    fn a_throttled_line_is_written_once_per_period_with_what_was_left_out() {
+        let t = Throttle::new(std::time::Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        assert_eq!(t.check_at(at(0)), Some(0));
+        assert_eq!(t.check_at(at(1)), None);
+        assert_eq!(t.check_at(at(9)), None);
+        assert_eq!(t.check_at(at(10)), Some(2));
+        assert_eq!(t.check_at(at(11)), None);
+        assert_eq!(t.check_at(at(100)), Some(1));
+        assert_eq!(t.check_at(at(200)), Some(0));
     }
 }

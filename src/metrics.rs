@@ -148,6 +148,8 @@ pub struct Metrics {
     registry: Registry,
     pub webhooks: Family<WebhookLabels, Counter>,
     pub webhook_signature_failures: Counter,
+    /// Connections closed at accept: `not_allowed`, `per_source`.
+    pub webhook_connections_refused: Family<ReasonLabels, Counter>,
     pub jobs_received: Family<PoolLabels, Counter>,
     pub jobs_unmatched: Counter,
     pub jobs_started: Family<PoolLabels, Counter>,
@@ -183,6 +185,7 @@ impl Default for Metrics {
             registry: Registry::default(),
             webhooks: Family::default(),
             webhook_signature_failures: Counter::default(),
+            webhook_connections_refused: Family::default(),
             jobs_received: Family::default(),
             jobs_unmatched: Counter::default(),
             jobs_started: Family::default(),
@@ -218,6 +221,11 @@ impl Default for Metrics {
             "runnervisor_webhook_signature_failures",
             "Deliveries refused for a missing or wrong signature",
             m.webhook_signature_failures.clone(),
+        );
+        r.register(
+            "runnervisor_webhook_connections_refused",
+            "Webhook listener connections closed at accept, by reason (not_allowed: outside server.allow_sources; per_source: over server.max_connections_per_source)",
+            m.webhook_connections_refused.clone(),
         );
         r.register("runnervisor_jobs_received", "Queued jobs matched to a pool", m.jobs_received.clone());
         r.register(
@@ -393,6 +401,7 @@ mod tests {
         // One series in every family, so that the exposition shows each name and its labels.
         m.webhooks.get_or_create(&WebhookLabels::new("workflow_job", "accepted")).inc();
         m.webhook_signature_failures.inc();
+        m.webhook_connections_refused.get_or_create(&ReasonLabels::new("per_source")).inc();
         for f in [&m.jobs_received, &m.jobs_started, &m.jobs_failed, &m.vms_started] {
             f.get_or_create(&pool("p")).inc();
         }

@@ -1,7 +1,9 @@
 //! The HTTP listeners (webhook, metrics) with the limits a listener open to a network
 //! needs, which `axum::serve` does not set: a cap on concurrent connections (beyond it,
-//! new connections wait in the kernel's backlog until one closes), a deadline for a
-//! request's headers (slow-loris), and — in the webhook handler — one for its body.
+//! new connections wait in the kernel's backlog until one closes), admission at accept
+//! ([`crate::sources`]: the allow-list and the per-source cap, so that one noisy address
+//! cannot take the whole cap), a deadline for a request's headers (slow-loris), and — in
+//! the webhook handler — one for its body. Each request carries its [`Peer`].
 //! HTTP/1.1 only (GitHub and reverse proxies speak it); keep-alive is kept, and an idle
 //! keep-alive connection is closed by the same header deadline.
 
@@ -16,6 +18,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::logging::Throttle;
+use crate::sources::Admission;
+
+/// The address a request came from (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
@@ -27,39 +36,50 @@ pub struct Limits {
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then lets in-flight requests
-/// finish within `limits.shutdown_grace`.
-pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
+/// finish within `limits.shutdown_grace`. A connection `admission` refuses is closed
+/// before anything is read from it.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    admission: Arc<Admission>,
+    shutdown: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut warned_full = false;
+    let full = Throttle::new(Duration::from_secs(10));
+    let accept_errors = Throttle::new(Duration::from_secs(10));
     loop {
-        if slots.available_permits() == 0 && !warned_full {
-            warned_full = true;
-            tracing::warn!(max_connections = limits.max_connections, addr = ?listener.local_addr().ok(), "connection limit reached; new connections wait");
+        if slots.available_permits() == 0
+            && let Some(suppressed) = full.check()
+        {
+            tracing::warn!(max_connections = limits.max_connections, addr = ?listener.local_addr().ok(), suppressed, "connection limit reached; new connections wait");
         }
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.cancelled() => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     // EMFILE and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
+                    if let Some(suppressed) = accept_errors.check() {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => break,
         };
-        if slots.available_permits() > 0 {
-            warned_full = false;
-        }
+        // Refused: dropped (closed) at once, its permit with it.
+        let Ok(source_slot) = admission.admit(peer.ip()) else { continue };
         let app = app.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 let mut app = app.clone();
+                req.extensions_mut().insert(Peer(peer));
                 async move { tower_service::Service::call(&mut app, req.map(Body::new)).await }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -73,7 +93,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
                     let _ = tokio::time::timeout(limits.shutdown_grace, conn).await;
                 }
             }
-            drop(permit);
+            drop((permit, source_slot));
         });
     }
     // Wait (bounded) for the connections still open to finish their requests.

@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{Extensions, HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use hmac::{Hmac, KeyInit, Mac};
@@ -32,7 +32,19 @@ use sha2::Sha256;
 use tokio::sync::Notify;
 
 use crate::config::Scope;
+use crate::logging::Throttle;
 use crate::metrics::{Metrics, WebhookLabels};
+use crate::server::Peer;
+
+/// Requests anyone can send at will (no or a wrong signature, a body never finished) are
+/// counted each, and logged once per period with how many were left out: the journal
+/// must not grow with an attacker's rate, nor carry what they chose to put in a header.
+static REJECTED: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+static BODY_TIMEOUTS: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+
+fn source(extensions: &Extensions) -> String {
+    extensions.get::<Peer>().map(|p| p.0.ip().to_string()).unwrap_or_else(|| "-".into())
+}
 
 fn job_outcome(outcome: &str) -> WebhookLabels {
     WebhookLabels::new("workflow_job", outcome)
@@ -219,11 +231,18 @@ fn reply_static(status: StatusCode, body: &'static str) -> Response {
 
 /// Reads the body within the size cap and the deadline, after cheap checks of the headers:
 /// an unsigned or oversized request is answered before any of its body is read.
-async fn read_body(intake: &Intake, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+async fn read_body(
+    intake: &Intake,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+    body: Body,
+) -> Result<Bytes, Response> {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     if let Err(e) = parse_signature(header("x-hub-signature-256")) {
         intake.metrics.webhook_signature_failures.inc();
-        tracing::warn!(error = %e, delivery = header("x-github-delivery").unwrap_or("-"), "webhook rejected");
+        if let Some(suppressed) = REJECTED.check() {
+            tracing::warn!(error = %e, source = %source(extensions), suppressed, "webhook rejected");
+        }
         return Err(reply(StatusCode::UNAUTHORIZED, &e.to_string()));
     }
     let too_large = || {
@@ -239,7 +258,9 @@ async fn read_body(intake: &Intake, headers: &HeaderMap, body: Body) -> Result<B
         Ok(Ok(b)) => Ok(b),
         Ok(Err(_)) => Err(too_large()),
         Err(_) => {
-            tracing::warn!(delivery = header("x-github-delivery").unwrap_or("-"), "webhook body not received in time");
+            if let Some(suppressed) = BODY_TIMEOUTS.check() {
+                tracing::warn!(source = %source(extensions), suppressed, "webhook body not received in time");
+            }
             Err(reply(StatusCode::REQUEST_TIMEOUT, "body not received within server.body_timeout"))
         }
     }
@@ -304,7 +325,7 @@ pub fn decide(secret: &[u8], scope: &Scope, headers: &HeaderMap, body: &[u8], no
 async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
-    let body = match read_body(&intake, &headers, body).await {
+    let body = match read_body(&intake, &headers, &parts.extensions, body).await {
         Ok(b) => b,
         Err(response) => return response,
     };
@@ -317,7 +338,9 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
             match counted {
                 Counted::BadSignature => {
                     intake.metrics.webhook_signature_failures.inc();
-                    tracing::warn!(error = %message, delivery, "webhook rejected");
+                    if let Some(suppressed) = REJECTED.check() {
+                        tracing::warn!(error = %message, source = %source(&parts.extensions), suppressed, "webhook rejected");
+                    }
                 }
                 Counted::Webhook { event, outcome } => {
                     intake.metrics.webhooks.get_or_create(&WebhookLabels::new(&event, outcome)).inc();

@@ -1,12 +1,18 @@
 //! The webhook listener under abuse, with real clients over TCP and the real store: more
 //! slow-loris connections than the connection cap, bodies that stall, and a flood of large
 //! unsigned bodies must not starve signed deliveries; each kind gets its answer in time.
+//! From one address (a reverse proxy's view), the connection cap and the deadlines bound
+//! the wait; from an attacker's own address (127.0.0.2, GitHub on 127.0.0.1), the
+//! per-source cap keeps GitHub's deliveries answered at once, and the log stays small.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use runnervisor::metrics::Metrics;
 use runnervisor::secret::Secret;
+use runnervisor::sources::{Admission, SourceRule};
 use runnervisor::store::Store;
 use runnervisor::{server, webhook};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,7 +45,17 @@ fn payload_for(id: u64, repository: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>, Arc<Store>) {
+async fn start() -> (SocketAddr, CancellationToken, Arc<Metrics>, Arc<Store>) {
+    // One source may take the whole cap here: the abuse comes from where GitHub's
+    // deliveries come from, as behind a reverse proxy.
+    let (addr, stop, metrics, store, _) = start_with(MAX_CONNECTIONS, None).await;
+    (addr, stop, metrics, store)
+}
+
+async fn start_with(
+    per_source: usize,
+    allow: Option<Vec<SourceRule>>,
+) -> (SocketAddr, CancellationToken, Arc<Metrics>, Arc<Store>, Arc<Admission>) {
     // The store's file stays open (and usable) after its directory is removed.
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::default());
@@ -61,15 +77,26 @@ async fn start() -> (std::net::SocketAddr, CancellationToken, Arc<Metrics>, Arc<
         header_timeout: HEADER_TIMEOUT,
         shutdown_grace: Duration::from_secs(1),
     };
-    tokio::spawn(server::serve(listener, webhook::router(intake), limits, stop.clone()));
-    (addr, stop, metrics, store)
+    let admission = Admission::new(allow, per_source, Some(metrics.clone()));
+    tokio::spawn(server::serve(listener, webhook::router(intake), limits, admission.clone(), stop.clone()));
+    (addr, stop, metrics, store, admission)
 }
 
 /// Opens a connection, writes `head`, and returns it (the caller decides what follows).
-async fn open(addr: std::net::SocketAddr, head: &str) -> TcpStream {
+async fn open(addr: SocketAddr, head: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(head.as_bytes()).await.unwrap();
     s
+}
+
+/// A connection from `from` (any 127.0.0.0/8 address is this host's), `head` written; `None`
+/// when the server closed it first.
+async fn open_from(from: Ipv4Addr, addr: SocketAddr, head: &str) -> Option<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(from), 0)).unwrap();
+    let mut s = socket.connect(addr).await.ok()?;
+    s.write_all(head.as_bytes()).await.ok()?;
+    Some(s)
 }
 
 /// Reads until the server answers or closes: the status code (0 if closed without one).
@@ -95,14 +122,23 @@ async fn status_of(mut s: TcpStream) -> u16 {
 /// gives up after 30 s, so a request the server never answers fails the test instead of
 /// hanging it.
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30)).build().unwrap()
+    client_from(Ipv4Addr::LOCALHOST)
 }
 
-async fn deliver(client: &reqwest::Client, addr: std::net::SocketAddr, id: u64) -> (u16, Duration) {
+fn client_from(from: Ipv4Addr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .local_address(IpAddr::V4(from))
+        .build()
+        .unwrap()
+}
+
+async fn deliver(client: &reqwest::Client, addr: SocketAddr, id: u64) -> (u16, Duration) {
     deliver_body(client, addr, id, payload(id)).await
 }
 
-async fn deliver_body(client: &reqwest::Client, addr: std::net::SocketAddr, id: u64, body: Vec<u8>) -> (u16, Duration) {
+async fn deliver_body(client: &reqwest::Client, addr: SocketAddr, id: u64, body: Vec<u8>) -> (u16, Duration) {
     let t = Instant::now();
     let r = client
         .post(format!("http://{addr}/webhook"))
@@ -230,5 +266,221 @@ async fn deliveries_outside_the_scope_are_answered_and_ignored() {
     assert_eq!(inbox, [14], "only the in-scope delivery is persisted");
     let text = metrics.render();
     assert!(text.contains("runnervisor_webhooks_total{event=\"workflow_job\",outcome=\"out_of_scope\"} 3"), "{text}");
+    stop.cancel();
+}
+
+const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const PER_SOURCE: usize = 8;
+
+/// Counts the lines the agent logs at WARN and above (the listener's part of the journal).
+struct CountWarnings(Arc<AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() <= tracing::Level::WARN {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Keeps `n` connections of one kind open from the attacker's address until `stop`: each
+/// writes `head` and holds until the server closes it, then the next one is opened.
+fn attack(n: usize, addr: SocketAddr, head: String, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..n)
+        .map(|_| {
+            let (head, stop) = (head.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut opened = 0u64;
+                while !stop.is_cancelled() {
+                    opened += 1;
+                    if let Some(s) = open_from(ATTACKER, addr, &head).await {
+                        tokio::select! {
+                            _ = status_of(s) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    }
+                    // A reconnecting attacker, not a tight loop (the machine has two cores).
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                opened
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_source_cannot_push_githubs_deliveries_out() {
+    let warnings = Arc::new(AtomicUsize::new(0));
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber of this test binary");
+    }
+    let (addr, stop, metrics, _, _) = start_with(PER_SOURCE, None).await;
+    let attack_stop = CancellationToken::new();
+    let mut attackers = Vec::new();
+    // Four times the connection cap in slow-loris connections (headers begun, never ended)...
+    attackers.extend(attack(
+        4 * MAX_CONNECTIONS,
+        addr,
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow".into(),
+        attack_stop.clone(),
+    ));
+    // ... as many signed requests whose bodies stall ...
+    let body = payload(7);
+    let stall = format!(
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow_job\r\nX-GitHub-Delivery: stall\r\n\
+         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n{}",
+        sign(&body),
+        body.len(),
+        String::from_utf8_lossy(&body[..10])
+    );
+    attackers.extend(attack(4 * MAX_CONNECTIONS, addr, stall, attack_stop.clone()));
+    // ... and a flood of unsigned 60 KiB bodies with forged delivery ids (log injection).
+    let floods: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = attack_stop.clone();
+            tokio::spawn(async move {
+                let client = client_from(ATTACKER);
+                let big = vec![b'x'; 60 * 1024];
+                let mut sent = 0u64;
+                while !stop.is_cancelled() {
+                    sent += 1;
+                    let _ = client
+                        .post(format!("http://{addr}/webhook"))
+                        .header("X-GitHub-Event", "workflow_job")
+                        .header("X-GitHub-Delivery", "forged\" level=ERROR message=\"pwned")
+                        .body(big.clone())
+                        .send()
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                sent
+            })
+        })
+        .collect();
+    // The attack is under way once the attacker's surplus is being refused.
+    let refused = |m: &Metrics| -> u64 {
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("runnervisor_webhook_connections_refused_total{reason=\"per_source\"}"));
+        line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let t = Instant::now();
+    while refused(&metrics) < 100 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let warnings_before = warnings.load(Ordering::Relaxed);
+    let attack_began = Instant::now();
+
+    // GitHub's deliveries meanwhile, from 127.0.0.1, four at a time for 10 s: longer than
+    // the header and body deadlines, so that the attacker's connections turn over.
+    const DELIVERIES: u64 = 400;
+    let github = client_from(Ipv4Addr::LOCALHOST);
+    let mut results = Vec::new();
+    for batch in (1..=DELIVERIES).collect::<Vec<_>>().chunks(4) {
+        let calls = batch.iter().map(|id| deliver(&github, addr, 1000 + id));
+        results.extend(futures_util::future::join_all(calls).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let within =
+        results.iter().filter(|(status, took)| (200..300).contains(status) && *took < Duration::from_secs(1)).count();
+    let mut took: Vec<Duration> = results.iter().map(|(_, t)| *t).collect();
+    took.sort();
+    let attack_secs = attack_began.elapsed().as_secs_f64();
+    let warnings_during = warnings.load(Ordering::Relaxed) - warnings_before;
+    attack_stop.cancel();
+    let mut opened = 0;
+    for a in attackers {
+        opened += a.await.unwrap();
+    }
+    let mut flooded = 0;
+    for f in floods {
+        flooded += f.await.unwrap();
+    }
+    eprintln!(
+        "under attack from {ATTACKER} ({opened} connections opened, {flooded} unsigned requests, {} refused at accept): \
+         {within} of {DELIVERIES} signed deliveries answered 2xx within 1 s (p50 {:?}, max {:?}); \
+         {warnings_during} warning lines in {attack_secs:.1} s",
+        refused(&metrics),
+        took[took.len() / 2],
+        took[took.len() - 1],
+    );
+    assert!(within * 100 >= 99 * DELIVERIES as usize, "only {within} of {DELIVERIES} answered 2xx within 1 s");
+    assert!(refused(&metrics) >= 100, "the attacker's surplus connections were not refused at accept");
+    // A line per kind of refusal every 10 s at most (unsigned, stalled body, per-source cap,
+    // accept errors, the global cap): the log does not follow the attacker's rate.
+    let bound = 5 * (attack_secs / 10.0).ceil() as usize + 5;
+    assert!(warnings_during <= bound, "{warnings_during} warning lines in {attack_secs:.1} s (bound {bound})");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_outside_the_allow_list_are_closed_before_a_byte_is_read() {
+    let allow = vec!["127.0.0.1/32".parse().unwrap()];
+    let (addr, stop, metrics, store, _) = start_with(PER_SOURCE, Some(allow)).await;
+    let (status, _) = deliver(&client(), addr, 21).await;
+    assert_eq!(status, 202);
+    // From 127.0.0.2 the connection is closed unanswered, whatever it sends.
+    let s = open_from(ATTACKER, addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let code = match s {
+        Some(s) => tokio::time::timeout(Duration::from_secs(5), status_of(s)).await.unwrap(),
+        None => 0,
+    };
+    assert_eq!(code, 0, "answered from outside the allow-list");
+    let r = client_from(ATTACKER)
+        .post(format!("http://{addr}/webhook"))
+        .header("X-GitHub-Event", "workflow_job")
+        .header("X-GitHub-Delivery", "guid-22")
+        .header("X-Hub-Signature-256", sign(&payload(22)))
+        .body(payload(22))
+        .send()
+        .await;
+    assert!(r.is_err(), "a signed delivery from outside the allow-list got {:?}", r.map(|r| r.status()));
+    let inbox: Vec<u64> = store.inbox(0, usize::MAX).unwrap().into_iter().map(|(_, e)| e.job.id).collect();
+    assert_eq!(inbox, [21]);
+    let text = metrics.render();
+    assert!(text.contains("runnervisor_webhook_connections_refused_total{reason=\"not_allowed\"} 2"), "{text}");
+    stop.cancel();
+}
+
+/// `allow_sources = ["github"]`: GitHub's hook ranges come from `GET /meta` (the simulator
+/// lists 127.0.0.1/32 here); until they are fetched nothing gets in, then only they do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn githubs_published_hook_ranges_are_fetched_and_enforced() {
+    use runnervisor::github::http::{Auth, HttpGitHub};
+    let mut sim = github_sim::SimConfig::new("pat", SECRET);
+    sim.hook_ranges = vec!["127.0.0.1/32".into()];
+    let sim = github_sim::SimHandle::start(sim).await.unwrap();
+    let github = HttpGitHub::new(
+        &sim.url(),
+        runnervisor::config::Scope::Organization("octo-org".into()),
+        None,
+        Auth::Pat(Secret::new("pat")),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let (addr, stop, _, store, admission) = start_with(PER_SOURCE, Some(vec![SourceRule::GitHub])).await;
+    // Not fetched yet: closed for everyone.
+    assert!(client().get(format!("http://{addr}/webhook")).send().await.is_err(), "served before the ranges are known");
+    let keeper = CancellationToken::new();
+    tokio::spawn(runnervisor::sources::keep_github_ranges(Arc::new(github), admission.clone(), keeper.clone()));
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = client().get(format!("http://{addr}/webhook")).send().await {
+            assert_eq!(r.status(), 405, "GET /webhook");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "GitHub's ranges never fetched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = deliver(&client(), addr, 31).await;
+    assert_eq!(status, 202);
+    let r = client_from(ATTACKER).get(format!("http://{addr}/webhook")).send().await;
+    assert!(r.is_err(), "127.0.0.2 is outside the published ranges: {:?}", r.map(|r| r.status()));
+    keeper.cancel();
+    let inbox: Vec<u64> = store.inbox(0, usize::MAX).unwrap().into_iter().map(|(_, e)| e.job.id).collect();
+    assert_eq!(inbox, [31]);
     stop.cancel();
 }

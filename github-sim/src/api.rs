@@ -74,6 +74,7 @@ fn routes() -> Router<Arc<Sim>> {
         .route("/app/installations", get(list_installations))
         .route("/app/installations/{installation_id}/access_tokens", post(installation_token))
         .route("/rate_limit", get(rate_limit))
+        .route("/meta", get(meta))
 }
 
 pub fn router(sim: Arc<Sim>) -> Router {
@@ -547,6 +548,11 @@ async fn rate_limit(State(sim): S, headers: HeaderMap) -> Response {
     let core =
         json!({"limit": limit, "remaining": remaining, "used": limit - remaining, "reset": reset, "resource": "core"});
     axum::Json(json!({"resources": {"core": core}, "rate": core})).into_response()
+}
+
+/// `GET /meta`: GitHub's published networks; `hooks` is what deliveries come from.
+async fn meta(State(sim): S) -> Response {
+    axum::Json(json!({"verifiable_password_authentication": false, "hooks": sim.config.hook_ranges})).into_response()
 }
 
 /// The hook id in the path must be the simulator's hook (app hooks have none in the path).

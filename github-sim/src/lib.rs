@@ -68,6 +68,9 @@ pub struct SimConfig {
     /// Deliveries in flight at once (GitHub sends concurrently; 1: one after another, in
     /// order, which tests of ordering faults rely on).
     pub webhook_concurrency: usize,
+    /// What `GET /meta` lists as `hooks`, the networks deliveries come from: the
+    /// simulator's own (loopback) by default.
+    pub hook_ranges: Vec<String>,
 }
 
 impl SimConfig {
@@ -88,6 +91,7 @@ impl SimConfig {
             fanout: Vec::new(),
             fanout_each: None,
             webhook_concurrency: 1,
+            hook_ranges: vec!["127.0.0.0/8".into(), "::1/128".into()],
         }
     }
 }

@@ -66,6 +66,15 @@ pub struct ServerConfig {
     /// Deadline for a request's body once its headers are in.
     #[serde(default = "defaults::body_timeout", deserialize_with = "duration")]
     pub body_timeout: Duration,
+    /// Connections one source address (IPv6: its /64) holds at once; beyond, closed at
+    /// accept. Behind a reverse proxy every connection comes from the proxy: set it to
+    /// `max_connections` there.
+    #[serde(default = "defaults::max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Sources that may connect at all (CIDRs, and `"github"` for GitHub's published hook
+    /// ranges); absent: any. Others are closed at accept.
+    #[serde(default)]
+    pub allow_sources: Option<Vec<crate::sources::SourceRule>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -413,6 +422,9 @@ mod defaults {
     }
     pub fn max_connections() -> usize {
         512
+    }
+    pub fn max_connections_per_source() -> usize {
+        64
     }
     pub fn header_timeout() -> Duration {
         Duration::from_secs(10)

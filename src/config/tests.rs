@@ -42,6 +42,8 @@ fn defaults_are_filled_in() {
     );
     assert_eq!(c.server.max_body_bytes, 1024 * 1024);
     assert_eq!(c.server.max_connections, 512);
+    assert_eq!(c.server.max_connections_per_source, 64);
+    assert_eq!(c.server.allow_sources, None, "any source by default");
     assert_eq!((c.server.header_timeout, c.server.body_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
     assert_eq!(c.pools[0].registration, Registration::Jit);
     assert_eq!(c.github.web_url(), "https://github.com");
@@ -70,6 +72,31 @@ fn network_modes_and_the_allow_list() {
     assert!(e.contains("libvirt.network.filter") && e.contains("a b"), "{e}");
     let e = net(r#"{ type = "user", allow = ["1.2.3.4:80"] }"#).unwrap_err().to_string();
     assert!(e.contains("allow"), "slirp takes no allow-list: {e}");
+}
+
+#[test]
+fn listener_admission() {
+    let server = |lines: &str| Config::parse(&MINIMAL.replace("[server]", &format!("[server]\n{lines}")));
+    let c = server("allow_sources = [\"github\", \"192.0.2.0/24\", \"2001:db8::1\"]\nmax_connections_per_source = 512")
+        .unwrap();
+    let shown: Vec<String> = c.server.allow_sources.unwrap().iter().map(|r| r.to_string()).collect();
+    assert_eq!(shown, ["github", "192.0.2.0/24", "2001:db8::1/128"]);
+    let table: &[(&str, &[&str])] = &[
+        ("allow_sources = [\"192.0.2.1/24\"]", &["allow_sources", "192.0.2.1/24", "host bits"]),
+        ("allow_sources = [\"GitHub\"]", &["allow_sources", "GitHub", "not \"github\""]),
+        ("allow_sources = []", &["server.allow_sources", "[]", "leave it out"]),
+        (
+            "max_connections_per_source = 0",
+            &["server.max_connections_per_source", "0", "1 to server.max_connections (512)"],
+        ),
+        ("max_connections = 8\nmax_connections_per_source = 9", &["server.max_connections_per_source", "9"]),
+    ];
+    for (lines, want) in table {
+        let e = server(lines).unwrap_err().to_string();
+        for w in *want {
+            assert!(e.contains(w), "{lines}: {e}");
+        }
+    }
 }
 
 #[test]

@@ -75,6 +75,20 @@ impl Config {
         if !(1..=65536).contains(&self.server.max_connections) {
             return Err(invalid("server.max_connections", self.server.max_connections, "must be 1 to 65536"));
         }
+        if !(1..=self.server.max_connections).contains(&self.server.max_connections_per_source) {
+            return Err(invalid(
+                "server.max_connections_per_source",
+                self.server.max_connections_per_source,
+                format!("must be 1 to server.max_connections ({})", self.server.max_connections),
+            ));
+        }
+        if self.server.allow_sources.as_ref().is_some_and(|a| a.is_empty()) {
+            return Err(invalid(
+                "server.allow_sources",
+                Vec::<String>::new(),
+                "an empty list would refuse every connection: leave it out to admit any source",
+            ));
+        }
         for (key, d) in
             [("server.header_timeout", self.server.header_timeout), ("server.body_timeout", self.server.body_timeout)]
         {

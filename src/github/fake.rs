@@ -22,6 +22,8 @@ pub struct FakeState {
     pub calls: Vec<String>,
     /// What `queued_jobs` finds (jobs whose webhooks never arrived).
     pub queued: Vec<JobInfo>,
+    /// What `hook_ranges` answers (`GET /meta`).
+    pub hook_ranges: Vec<ipnet::IpNet>,
 }
 
 #[derive(Default)]
@@ -138,5 +140,9 @@ impl GitHub for FakeGitHub {
     async fn redeliver(&self, _id: u64) -> Result<(), GhError> {
         drop(self.enter("redeliver")?);
         Ok(())
+    }
+
+    async fn hook_ranges(&self) -> Result<Vec<ipnet::IpNet>, GhError> {
+        Ok(self.enter("meta")?.hook_ranges.clone())
     }
 }

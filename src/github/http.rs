@@ -476,6 +476,11 @@ impl GitHub for HttpGitHub {
             Err(GhError::Status { method: "POST".into(), path, status: status.as_u16(), message: message(&v) })
         }
     }
+
+    async fn hook_ranges(&self) -> Result<Vec<ipnet::IpNet>, GhError> {
+        let (_, v) = self.expect(Method::GET, "meta", None, &[StatusCode::OK]).await?;
+        responses::hook_ranges(v).map_err(decode("meta"))
+    }
 }
 
 #[cfg(test)]

@@ -104,4 +104,6 @@ pub trait GitHub: Send + Sync + 'static {
     fn list_deliveries(&self, max: usize) -> impl Future<Output = Result<Vec<DeliveryInfo>, GhError>> + Send;
     /// `POST .../deliveries/{id}/attempts`.
     fn redeliver(&self, delivery_id: u64) -> impl Future<Output = Result<(), GhError>> + Send;
+    /// `GET /meta`: the networks GitHub sends webhooks from (`server.allow_sources = ["github"]`).
+    fn hook_ranges(&self) -> impl Future<Output = Result<Vec<ipnet::IpNet>, GhError>> + Send;
 }

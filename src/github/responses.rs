@@ -48,6 +48,18 @@ pub fn registration_token(v: Value) -> Result<String, ParseError> {
 }
 
 #[derive(Deserialize)]
+struct Meta {
+    hooks: Vec<String>,
+}
+
+/// `GET /meta` (200): the networks GitHub sends webhooks from (`hooks`). GitHub Enterprise
+/// Server publishes none: that is an error naming the field.
+pub fn hook_ranges(v: Value) -> Result<Vec<ipnet::IpNet>, ParseError> {
+    let m: Meta = typed(v)?;
+    m.hooks.iter().map(|h| h.parse().map_err(|_| ParseError(format!("hooks: {h:?} is not a CIDR")))).collect()
+}
+
+#[derive(Deserialize)]
 struct Group {
     id: u64,
     name: String,
@@ -180,6 +192,18 @@ pub fn deliveries(v: Value) -> Result<Vec<DeliveryInfo>, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hook_ranges_are_cidrs_and_required() {
+        let v = serde_json::json!({"verifiable_password_authentication": false,
+            "hooks": ["192.30.252.0/22", "2a0a:a440::/29"], "web": ["140.82.112.0/20"]});
+        let r = hook_ranges(v).unwrap();
+        assert_eq!(r, vec!["192.30.252.0/22".parse::<ipnet::IpNet>().unwrap(), "2a0a:a440::/29".parse().unwrap()]);
+        let e = hook_ranges(serde_json::json!({"installed_version": "3.14"})).unwrap_err();
+        assert!(e.0.contains("missing field `hooks`"), "{e}");
+        let e = hook_ranges(serde_json::json!({"hooks": ["github.com"]})).unwrap_err();
+        assert!(e.0.contains("\"github.com\" is not a CIDR"), "{e}");
+    }
     use serde_json::json;
 
     #[test]

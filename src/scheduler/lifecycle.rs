@@ -259,7 +259,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Token mode: a seed holds a registration token valid for an hour for the whole scope.
     /// Once the runner is online the token is spent: the seed is detached from the VM and
-    /// deleted, so a job that gains root in the VM cannot read it.
+    /// deleted, so a job that gains root cannot read the seed disk. (cloud-init's own copies
+    /// of the user-data under `/var/lib/cloud` remain: see README, "Known gap".)
     pub(super) fn remove_spent_seeds(&mut self) {
         let now = Instant::now();
         let due: Vec<String> = self
