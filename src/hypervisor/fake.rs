@@ -38,6 +38,8 @@ pub struct FakeState {
     pub filters: BTreeMap<String, String>,
     /// Fail the next N `define_and_start` calls.
     pub fail_starts: u32,
+    /// Refuse the next N definitions.
+    pub fail_defines: u32,
     /// Calls (`"start"`, `"teardown"`, `"list_vms"`) that panic, and how many more times.
     pub panics: BTreeMap<&'static str, u32>,
     /// The next N `start` calls hang until `release_stalled` is set (a hung libvirt call).
@@ -159,7 +161,18 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {
-        self.up()?.domains.insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
+        let mut s = self.up()?;
+        let refuse = |message: &str| Err(HvError::Libvirt { op: "define", name: name.into(), message: message.into() });
+        if s.fail_defines > 0 {
+            s.fail_defines -= 1;
+            return refuse("injected");
+        }
+        // As libvirt: XML it cannot parse, and a title with a newline, are refused.
+        let Ok(doc) = roxmltree::Document::parse(xml) else { return refuse("XML error") };
+        if doc.descendants().any(|n| n.has_tag_name("title") && n.text().is_some_and(|t| t.contains('\n'))) {
+            return refuse("unsupported configuration: Domain title can't contain newlines");
+        }
+        s.domains.insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
         Ok(())
     }
 

@@ -135,20 +135,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.bump_backoff(&before.pool);
         }
         // A VM that died or stalled before any runner on it took a job is a failed attempt.
-        if vm::counts_as_failure(&before, reason)
-            && let Some(job) = self.book.jobs.get_mut(&before.job_id).filter(|j| j.state == JobState::Queued)
-        {
-            job.failed_vms += 1;
-            let id = job.info.id;
-            let max = self.config.pool(&before.pool).map(|p| p.max_attempts).unwrap_or(1);
-            warn!(job_id = id, vm = %name, reason = %reason.as_str(), attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
-            if job.failed_vms >= max {
-                job.state =
-                    JobState::Abandoned { reason: format!("{} VMs failed ({})", job.failed_vms, reason.as_str()) };
-                self.metrics.jobs_failed.get_or_create(&metrics::pool(&before.pool)).inc();
-                error!(job_id = id, run_id = job.info.run_id, repository = %job.info.repository, pool = %before.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
-            }
-            self.book.touch_job(id);
+        if vm::counts_as_failure(&before, reason) {
+            self.charge_attempt(&before, reason.as_str());
         }
         let runner_first =
             matches!(reason, Reason::Surplus) && matches!(before.state, VmState::Idle | VmState::Booting);
@@ -160,6 +148,22 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.metrics.teardowns.get_or_create(&ReasonLabels::new(reason.as_str())).inc();
         info!(vm = %name, pool = %before.pool, job_id = before.job_id, reason = %reason.as_str(), "tearing down vm");
         self.spawn_teardown(name, runner_first);
+    }
+
+    /// Counts a failed attempt of `vm`'s job, if it is still queued; the job is given up
+    /// once its pool's `max_attempts` have failed.
+    fn charge_attempt(&mut self, vm: &VmRec, why: &str) {
+        let Some(job) = self.book.jobs.get_mut(&vm.job_id).filter(|j| j.state == JobState::Queued) else { return };
+        job.failed_vms += 1;
+        let id = job.info.id;
+        let max = self.config.pool(&vm.pool).map(|p| p.max_attempts).unwrap_or(1);
+        warn!(job_id = id, vm = %vm.name, reason = why, attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
+        if job.failed_vms >= max {
+            job.state = JobState::Abandoned { reason: format!("{} VMs failed ({why})", job.failed_vms) };
+            self.metrics.jobs_failed.get_or_create(&metrics::pool(&vm.pool)).inc();
+            error!(job_id = id, run_id = job.info.run_id, repository = %job.info.repository, pool = %vm.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
+        }
+        self.book.touch_job(id);
     }
 
     fn spawn_teardown(&mut self, name: &str, runner_first: bool) {
@@ -409,6 +413,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.provision_failures.get_or_create(&step(&vm.pool, e.step())).inc();
                 error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "provisioning failed; the job stays queued");
                 self.bump_backoff(&vm.pool);
+                // A definition libvirt refuses may be the job's own doing (its strings are in
+                // it): without a charge the pool would retry it for ever.
+                if e.charged_to_job() {
+                    self.charge_attempt(&vm, "definition refused");
+                }
                 self.begin_teardown(&name, Reason::ProvisionFailed);
             }
         }

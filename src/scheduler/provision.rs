@@ -46,6 +46,10 @@ pub enum ProvisionError {
     Overlay(#[source] HvError),
     #[error("seed volume: {0}")]
     Seed(String),
+    /// libvirt refused the domain's definition. Its XML carries the job's own strings
+    /// (title, description): a refusal that repeats is charged to the job.
+    #[error("domain definition: {0}")]
+    Define(#[source] HvError),
     #[error("domain: {0}")]
     Domain(#[source] HvError),
     /// The provisioning task itself failed (a panic, e.g. in a libvirt binding's `Drop`).
@@ -61,9 +65,17 @@ impl ProvisionError {
             ProvisionError::Credential(_) => "credential",
             ProvisionError::Overlay(_) => "overlay",
             ProvisionError::Seed(_) => "seed",
+            ProvisionError::Define(_) => "define",
             ProvisionError::Domain(_) => "domain",
             ProvisionError::Task(_) => "task",
         }
+    }
+
+    /// Whether this failure counts as one of the job's attempts (`max_attempts`): only a
+    /// definition libvirt refused, the one step whose input the job shapes. The others are
+    /// the host's (GitHub, storage, libvirt itself) and only back the pool off.
+    pub fn charged_to_job(&self) -> bool {
+        matches!(self, ProvisionError::Define(_))
     }
 }
 
@@ -180,7 +192,7 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
     });
     let hv = ctx.hv.clone();
     let n = name.clone();
-    blocking(move || hv.define(&n, &xml)).await.map_err(ProvisionError::Domain)?;
+    blocking(move || hv.define(&n, &xml)).await.map_err(ProvisionError::Define)?;
     let defined = started.elapsed();
     crash_point("after-define");
     let hv = ctx.hv.clone();
@@ -206,8 +218,21 @@ fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec) -> VmMetadata {
     }
 }
 
+/// A string from a job (its workflow's or its own name, chosen by whoever pushes a
+/// workflow) as it may appear in the domain's title and description: control characters
+/// (a newline libvirt refuses in a title; NUL, which XML cannot carry at all) become
+/// spaces, and it is cut at 200 characters.
+fn printable(s: &str) -> String {
+    s.chars().take(200).map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
 /// The domain's title and description (`virsh list --title`, `virsh desc`).
 fn describe(plan: &Plan) -> (String, String) {
+    let (title, description) = describe_raw(plan);
+    (printable(&title), description.chars().map(|c| if c.is_control() { ' ' } else { c }).collect())
+}
+
+fn describe_raw(plan: &Plan) -> (String, String) {
     let vm = &plan.vm;
     if vm.warm && vm.job_id == 0 {
         return (
@@ -221,11 +246,12 @@ fn describe(plan: &Plan) -> (String, String) {
         );
     }
     let warm = if vm.warm { " (a warm VM bound to it)" } else { "" };
+    let (workflow, job_name) = (printable(&plan.workflow), printable(&plan.job_name));
     (
-        format!("{} · {} · job {}", vm.repository, plan.workflow, vm.job_id),
+        format!("{} · {workflow} · job {}", vm.repository, vm.job_id),
         format!(
-            "runnervisor runner for {} workflow {:?} job {:?} (id {}, run {}) {}{warm}",
-            vm.repository, plan.workflow, plan.job_name, vm.job_id, vm.run_id, vm.job_url
+            "runnervisor runner for {} workflow {workflow:?} job {job_name:?} (id {}, run {}) {}{warm}",
+            vm.repository, vm.job_id, vm.run_id, vm.job_url
         ),
     )
 }
@@ -435,5 +461,58 @@ async fn delete_runner<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &VmRec) ->
     match id {
         None => Ok(Deleted::NotFound),
         Some(id) => ctx.github.delete_runner(id).await.map_err(|e| format!("delete runner {}: {e}", vm.name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workflow and job names are anyone's text: what reaches the domain's title and
+    /// description has no control character (libvirt refuses a newline in a title; XML
+    /// cannot carry NUL) and a bounded length.
+    #[test]
+    fn job_strings_in_the_domain_description_are_printable() {
+        let mut vm = VmRec::new("rv-p-7".into(), "p", false, std::time::SystemTime::UNIX_EPOCH);
+        vm.job_id = 7;
+        vm.repository = "octo-org/app".into();
+        let nasty = "build\nInjected: yes\r\u{0}\u{1b}[31m\u{7f}";
+        let plan = Plan {
+            vm,
+            pool: crate::scheduler::fixtures::config("").pools[0].clone(),
+            labels: vec![],
+            runner_group_id: 1,
+            workflow: format!("{nasty}{}", "w".repeat(500)),
+            job_name: nasty.into(),
+        };
+        let (title, description) = describe(&plan);
+        for text in [&title, &description] {
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+        }
+        assert!(title.starts_with("octo-org/app · build Injected: yes"), "{title}");
+        assert!(title.chars().count() < 260, "{} characters", title.chars().count());
+        assert!(description.contains("job \"build Injected: yes"), "{description}");
+        let xml = domain_xml::metadata_xml(&VmMetadata {
+            job_id: 7,
+            run_id: 1,
+            repository: "octo-org/app".into(),
+            pool: "p".into(),
+            runner_name: "rv-p-7".into(),
+            created: std::time::SystemTime::UNIX_EPOCH,
+            console_log: "/x".into(),
+            job_url: String::new(),
+            warm: false,
+            host: None,
+        });
+        assert!(roxmltree::Document::parse(&xml).is_ok());
+    }
+
+    #[test]
+    fn only_a_refused_definition_is_charged_to_the_job() {
+        let hv = || HvError::Libvirt { op: "define", name: "rv-p-7".into(), message: "refused".into() };
+        assert!(ProvisionError::Define(hv()).charged_to_job());
+        for e in [ProvisionError::Domain(hv()), ProvisionError::Overlay(hv()), ProvisionError::Network(hv())] {
+            assert!(!e.charged_to_job(), "{e}");
+        }
     }
 }

@@ -41,6 +41,39 @@ async fn vms_dying_before_a_job_are_retried_then_the_job_is_given_up() {
     assert_eq!(hv.lock().started_total, 2, "no third VM");
 }
 
+/// A workflow or job name is anyone's text: one with a newline still gets its VM (libvirt
+/// refuses a newline in a domain's title), and a definition libvirt keeps refusing is
+/// charged to the job, which is given up after `max_attempts` instead of retried for ever.
+#[tokio::test(start_paused = true)]
+async fn job_names_cannot_break_the_definition_and_refusals_are_charged_to_the_job() {
+    let mut h = harness("max_attempts = 2");
+    let mut job = info(62, LABELS, None);
+    job.workflow_name = "CI\nInjected: yes".into();
+    job.name = "build\u{0}".into();
+    h.deliver(JobAction::Queued, job);
+    h.wait("a VM despite the newline", |_, hv| hv.running() == ["rv-small-62"]).await;
+    let title = {
+        let hv = h.hv.lock();
+        let xml = &hv.domains["rv-small-62"].1;
+        let doc = roxmltree::Document::parse(xml).unwrap();
+        doc.descendants().find(|n| n.has_tag_name("title")).and_then(|n| n.text()).unwrap().to_string()
+    };
+    assert_eq!(title, "octo-org/app · CI Injected: yes · job 62");
+    h.run_job_on("rv-small-62", 62);
+    h.wait("served", |s, _| s.queued.is_empty() && s.vms.is_empty()).await;
+
+    h.hv.lock().fail_defines = 100;
+    h.deliver(JobAction::Queued, info(63, LABELS, None));
+    h.wait("given up", |s, hv| s.queued.is_empty() && s.vms.is_empty() && hv.lock().volumes.is_empty()).await;
+    // Backed off and never tried again (the pool's back-off is seconds).
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="define"} 2"#), "{m}");
+    assert!(m.contains(r#"runnervisor_jobs_failed_total{pool="small"} 1"#), "{m}");
+    assert_eq!(h.hv.lock().fail_defines, 98, "two definitions, then the job was given up");
+    h.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn vms_paused_on_a_full_disk_are_torn_down_without_giving_the_job_up() {
     let mut h = harness("max_attempts = 2");
