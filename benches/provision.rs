@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::agent::*;
 use common::*;
-use runnervisor::cloudinit::{self, Credential, RunnerSpec};
+use runnervisor::cloudinit;
 use runnervisor::hypervisor::{HvEvent, Hypervisor, seed};
-use runnervisor::secret::Secret;
 
 /// The `p`-th percentile (nearest rank) of `v`.
 fn percentile(v: &[f64], p: usize) -> f64 {
@@ -45,14 +44,7 @@ async fn main() {
         let name = format!("rv-bench-direct-{}-{i}", unique());
         let t = Instant::now();
         let overlay = hv.create_overlay(&name, &img.golden, 4 << 30).unwrap();
-        let cred = Credential::Jit { encoded: Secret::new("x".repeat(2000)) };
-        let ud = cloudinit::user_data(&RunnerSpec {
-            vm_name: &name,
-            runner_user: "runner",
-            runner_dir: "/opt/actions-runner",
-            credential: &cred,
-        });
-        let image = seed::nocloud_image(&ud, &cloudinit::meta_data(&name)).unwrap();
+        let image = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(&name)).unwrap();
         let seed_path = hv.create_seed(&name, &image).unwrap();
         let console_log = console_dir().join(format!("{name}.log"));
         let xml = test_domain_xml(&name, &overlay, &seed_path, &console_log, i as u64, &network);

@@ -1,9 +1,9 @@
 //! `scripts/fleet-sim`: a fleet at scale without real VMs. N members (the real `run()`,
 //! each on a runtime of its own) share one real PostgreSQL and one github-sim, whose
 //! deliveries a relay sends to two members each, in turn. Each member's hypervisor is a
-//! fake whose "guests" do what the test image's runner does: after a boot delay they read
-//! the JIT config from their seed, long-poll the simulator for a job, run it, report, and
-//! power off. Jobs arrive in bursts; one member is killed mid-run (its runtime dropped:
+//! fake whose "guests" do what the test image's runner does: after a boot delay they take
+//! the runner files delivered over their bind port, long-poll the simulator for a job, run
+//! it, report, and power off. Jobs arrive in bursts; one member is killed mid-run (its runtime dropped:
 //! its tasks and connections vanish as with kill -9, its guests keep running).
 //!
 //! Last line: `fleet-sim: hosts=N jobs=N served_once=N doubles=0 lost=0 claim_p50=MS
@@ -530,22 +530,22 @@ async fn watch_guests(
     let mut seen: BTreeSet<(usize, String)> = BTreeSet::new();
     while !stop.is_cancelled() {
         for (host, hv) in hvs.iter().enumerate() {
-            let up: Vec<(String, Option<Vec<u8>>)> = {
+            let up: Vec<String> = {
                 let s = hv.lock();
                 s.domains
                     .iter()
                     .filter(|(_, (state, _))| *state == DomainState::Running)
                     .filter(|(name, _)| !seen.contains(&(host, (*name).clone())))
-                    .map(|(name, _)| (name.clone(), s.seeds.get(name).cloned()))
+                    .map(|(name, _)| name.clone())
                     .collect()
             };
-            for (vm, seed) in up {
+            for vm in up {
                 seen.insert((host, vm.clone()));
                 lock(&world).vms.push((host, vm.clone()));
                 let (hv, world, http, stop) = (hv.clone(), world.clone(), http.clone(), stop.clone());
                 tokio::spawn(async move {
                     tokio::select! {
-                        r = guest(&hv, &vm, seed, (boot, poweroff), &http, host, &world) => if let Err(e) = r {
+                        r = guest(&hv, &vm, (boot, poweroff), &http, host, &world) => if let Err(e) = r {
                             lock(&world).guest_errors.push(format!("{vm}: {e}"));
                         },
                         _ = stop.cancelled() => {}
@@ -561,7 +561,6 @@ async fn watch_guests(
 async fn guest(
     hv: &FakeHypervisor,
     vm: &str,
-    seed: Option<Vec<u8>>,
     (boot, poweroff): (Duration, Duration),
     http: &reqwest::Client,
     host: usize,
@@ -569,10 +568,18 @@ async fn guest(
 ) -> Result<(), String> {
     let jitter = Duration::from_millis(fastrand::u64(0..=boot.as_millis() as u64 / 2));
     tokio::time::sleep(boot + jitter).await;
-    let seed = seed.ok_or("no seed volume")?;
-    let user_data = runnervisor::hypervisor::seed::read_file(&seed, "user-data").map_err(|e| e.to_string())?;
-    let (server, token) = jit_credential(&user_data)?;
     let exists = || hv.lock().domains.contains_key(vm);
+    // The runner's files come over the bind port once the agent binds the VM to its job.
+    let message = loop {
+        if let Some((_, m)) = hv.lock().delivered.iter().find(|(v, _)| v == vm) {
+            break m.clone();
+        }
+        if !exists() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (server, token) = runner_credential(&message)?;
     let dead = || lock(world).dead == Some(host);
     while exists() {
         if dead() {
@@ -607,7 +614,7 @@ async fn guest(
             other => return Err(format!("jobs/next: HTTP {other}")),
         }
     }
-    // The runner is done: cloud-init powers the guest off.
+    // The runner is done: the guest unit powers the guest off.
     tokio::time::sleep(poweroff).await;
     if exists() {
         hv.stop(vm);
@@ -615,28 +622,18 @@ async fn guest(
     Ok(())
 }
 
-/// The runner's server URL and credential, from `run.sh --jitconfig ENCODED` in user-data.
-fn jit_credential(user_data: &str) -> Result<(String, String), String> {
-    let doc: Value = serde_json::from_str(user_data.trim_start_matches("#cloud-config").trim())
-        .map_err(|e| format!("user-data: {e}"))?;
-    let encoded = doc["runcmd"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_array)
-        .find_map(|cmd| {
-            let i = cmd.iter().position(|a| a == "--jitconfig")?;
-            cmd.get(i + 1)?.as_str()
-        })
-        .ok_or("user-data: no run.sh --jitconfig")?;
+/// The runner's server URL and credential, from the files of its bind message (a JIT
+/// config unpacked as `run.sh --jitconfig` would unpack it).
+fn runner_credential(message: &str) -> Result<(String, String), String> {
+    let doc: Value = serde_json::from_str(message).map_err(|e| format!("bind message: {e}"))?;
+    let files = &doc["files"];
     let b64 = |s: &str| -> Result<Value, String> {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| format!("jitconfig: {e}"))?;
-        serde_json::from_slice(&bytes).map_err(|e| format!("jitconfig: {e}"))
+        let bytes = base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| format!("runner file: {e}"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("runner file: {e}"))
     };
-    let files = b64(encoded)?;
-    let runner = b64(files[".runner"].as_str().ok_or("jitconfig: no .runner")?)?;
-    let credentials = b64(files[".credentials"].as_str().ok_or("jitconfig: no .credentials")?)?;
-    let server = runner["serverUrl"].as_str().ok_or("jitconfig: no serverUrl")?.to_string();
-    let token = credentials["data"]["token"].as_str().ok_or("jitconfig: no token")?.to_string();
+    let runner = b64(files[".runner"].as_str().ok_or("bind message: no .runner")?)?;
+    let credentials = b64(files[".credentials"].as_str().ok_or("bind message: no .credentials")?)?;
+    let server = runner["serverUrl"].as_str().ok_or(".runner: no serverUrl")?.to_string();
+    let token = credentials["data"]["token"].as_str().ok_or(".credentials: no token")?.to_string();
     Ok((server, token))
 }

@@ -1,23 +1,39 @@
-//! cloud-init NoCloud user-data and meta-data for one runner VM. Pure and serialized:
-//! the documents are JSON (a subset of YAML that cloud-init reads), so no value is ever
-//! spliced into YAML text, and `runcmd` entries are argument lists, never shell strings.
+//! What a runner VM is given: cloud-init NoCloud user-data and meta-data at boot, which
+//! carry nothing secret, and — once its guest waits on its bind port — the one line that
+//! starts its runner ([`bind_message`]). Pure and serialized: the documents are JSON (a
+//! subset of YAML that cloud-init reads), so no value is ever spliced into YAML text, and
+//! commands are argument lists, never shell strings.
 //!
-//! What the guest does is exactly what works with GitHub's real `actions/runner`:
-//! - JIT: `runuser -u USER -- DIR/run.sh --jitconfig ENCODED`
-//! - token: `DIR/config.sh --unattended --url .. --token .. --name .. --labels a,b
-//!   --no-default-labels --ephemeral [--disableupdate] [--runnergroup G] --work _work`,
-//!   then `DIR/run.sh`, both as USER.
-//! - then the guest powers off (`power_state`), which the host sees as the domain stopping.
-//!
-//! A warm VM's user-data ([`warm_user_data`]) carries no credential and runs nothing: its
-//! guest unit (`images/guest/runnervisor-warm`) waits for [`bind_message`], the same
-//! command lists in one JSON line, delivered over a virtio-serial port when a job arrives.
+//! No credential ever passes through cloud-init: it keeps copies of its user-data (under
+//! `/var/lib/cloud/instances/`) that a job which gains root could read for as long as the
+//! VM lives. Every VM, cold or warm, boots with [`user_data`] (nothing to run) and its
+//! guest unit (`images/guest/runnervisor-warm`) waits for [`bind_message`], delivered over
+//! a virtio-serial port and consumed by reading it. What the guest does with it is exactly
+//! what works with GitHub's real `actions/runner`:
+//! - JIT: the encoded config is what `run.sh --jitconfig` would unpack (a JSON map of file
+//!   names to base64 contents, written into the runner's directory): it is unpacked here
+//!   into `files`, which the guest writes there (owner the runner user, mode 0600), then it
+//!   runs `runuser -u USER -- DIR/run.sh` — so the config is never in a process's argument
+//!   list or environment. The runner keeps those files (`.runner`, `.credentials`,
+//!   `.credentials_rsaparams`) for its one job, as it would have written them itself.
+//! - token: `DIR/config.sh --unattended --url .. --name .. --labels a,b
+//!   --no-default-labels --ephemeral [--disableupdate] [--runnergroup G] --work _work`
+//!   with the token in its environment (`ACTIONS_RUNNER_INPUT_TOKEN`, which the runner reads
+//!   and removes), then `DIR/run.sh` (without it), both as USER. Not in its arguments: the
+//!   journal records the command line of every process that logs (`_CMDLINE`), and PAM
+//!   logs `runuser`'s session. `config.sh` has exited before the runner, and any job,
+//!   starts.
+//! - then the guest powers off, which the host sees as the domain stopping.
 
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use crate::secret::Secret;
 
-/// The one-job credential a VM carries.
+/// The one-job credential a VM is given.
 #[derive(Debug, Clone)]
 pub enum Credential {
     Jit { encoded: Secret },
@@ -32,17 +48,49 @@ pub struct RunnerSpec<'a> {
     pub credential: &'a Credential,
 }
 
-/// The commands that run the VM's runner, as argument lists (run in order, as root).
-fn runcmd(spec: &RunnerSpec<'_>) -> Vec<Value> {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindMessageError {
+    #[error("the JIT config is not what GitHub's runner unpacks (base64 of a JSON map of file names to base64): {0}")]
+    JitConfig(String),
+}
+
+/// The files a JIT config unpacks into (name → base64 contents), as `run.sh --jitconfig`
+/// writes them into the runner's directory. Names are plain file names: anything with a
+/// path separator, `.` or `..` is refused.
+fn jit_files(encoded: &str) -> Result<BTreeMap<String, String>, BindMessageError> {
+    let bad = |m: String| BindMessageError::JitConfig(m);
+    let json = STANDARD.decode(encoded.trim()).map_err(|e| bad(format!("not base64: {e}")))?;
+    let files: BTreeMap<String, String> =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("not a JSON map of strings: {e}")))?;
+    if files.is_empty() {
+        return Err(bad("no files in it".into()));
+    }
+    for (name, content) in &files {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+            return Err(bad(format!("file name {name:?} is not a plain name")));
+        }
+        STANDARD.decode(content).map_err(|e| bad(format!("{name}: not base64: {e}")))?;
+    }
+    Ok(files)
+}
+
+/// The environment variable `config.sh` takes the registration token from (the runner
+/// reads any `ACTIONS_RUNNER_INPUT_<ARG>` and removes it from its environment).
+pub const TOKEN_ENV: &str = "ACTIONS_RUNNER_INPUT_TOKEN";
+
+/// The files to write into the runner's directory and the commands to run (as root, in
+/// order; they drop to the runner user themselves): `{"argv": [...]}`, with `"env"` for
+/// variables that one command alone gets.
+fn runner_start(spec: &RunnerSpec<'_>) -> Result<(BTreeMap<String, String>, Vec<Value>), BindMessageError> {
     let dir = spec.runner_dir.trim_end_matches('/');
     let as_runner = |mut args: Vec<Value>| {
         let mut cmd = vec![json!("runuser"), json!("-u"), json!(spec.runner_user), json!("--")];
         cmd.append(&mut args);
-        Value::Array(cmd)
+        json!({"argv": cmd})
     };
     match spec.credential {
         Credential::Jit { encoded } => {
-            vec![as_runner(vec![json!(format!("{dir}/run.sh")), json!("--jitconfig"), json!(encoded.expose())])]
+            Ok((jit_files(encoded.expose())?, vec![as_runner(vec![json!(format!("{dir}/run.sh"))])]))
         }
         Credential::Token { url, token, labels, runner_group, disable_update } => {
             let mut config = vec![
@@ -50,8 +98,6 @@ fn runcmd(spec: &RunnerSpec<'_>) -> Vec<Value> {
                 json!("--unattended"),
                 json!("--url"),
                 json!(url),
-                json!("--token"),
-                json!(token.expose()),
                 json!("--name"),
                 json!(spec.vm_name),
                 json!("--labels"),
@@ -68,39 +114,37 @@ fn runcmd(spec: &RunnerSpec<'_>) -> Vec<Value> {
                 config.push(json!("--runnergroup"));
                 config.push(json!(g));
             }
-            vec![as_runner(config), as_runner(vec![json!(format!("{dir}/run.sh"))])]
+            let mut config = as_runner(config);
+            config["env"] = json!({TOKEN_ENV: token.expose()});
+            Ok((BTreeMap::new(), vec![config, as_runner(vec![json!(format!("{dir}/run.sh"))])]))
         }
     }
 }
 
-/// `#cloud-config` user-data of a cold VM: the runner's commands, then power off.
-pub fn user_data(spec: &RunnerSpec<'_>) -> String {
-    let doc = json!({
-        "runcmd": runcmd(spec),
-        "power_state": {
-            "mode": "poweroff",
-            "delay": "now",
-            "condition": true,
-            "message": "runnervisor: runner finished, powering off",
-        },
-    });
-    format!("#cloud-config\n{}\n", serde_json::to_string_pretty(&doc).expect("json"))
-}
-
-/// `#cloud-config` user-data of a warm VM: nothing to run and nothing secret. The guest's
+/// `#cloud-config` user-data of every VM: nothing to run and nothing secret. The guest's
 /// `runnervisor-warm` unit waits for [`bind_message`] instead.
-pub fn warm_user_data() -> String {
+pub fn user_data() -> String {
     "#cloud-config\n{}\n".to_string()
 }
 
-/// The version of [`bind_message`] the guest unit understands.
-pub const BIND_PROTOCOL: u32 = 1;
+/// The version of [`bind_message`] this agent sends. The guest unit also takes version 1
+/// (no `files`; the JIT config on `run.sh`'s command line), which older agents send.
+pub const BIND_PROTOCOL: u32 = 2;
 
-/// The one line delivered into a warm VM when a job arrives: the same runner commands a
-/// cold VM's cloud-init runs, as JSON. The guest answers with [`bind_ack`].
-pub fn bind_message(spec: &RunnerSpec<'_>) -> Secret {
-    let doc = json!({"runnervisor": BIND_PROTOCOL, "vm": spec.vm_name, "runcmd": runcmd(spec)});
-    Secret::new(format!("{}\n", serde_json::to_string(&doc).expect("json")))
+/// The one line delivered into a VM whose guest waits on its bind port: the files for the
+/// runner's directory, and the commands that start it. The guest answers with
+/// [`bind_ack`].
+pub fn bind_message(spec: &RunnerSpec<'_>) -> Result<Secret, BindMessageError> {
+    let (files, runcmd) = runner_start(spec)?;
+    let doc = json!({
+        "runnervisor": BIND_PROTOCOL,
+        "vm": spec.vm_name,
+        "user": spec.runner_user,
+        "dir": spec.runner_dir.trim_end_matches('/'),
+        "files": files,
+        "runcmd": runcmd,
+    });
+    Ok(Secret::new(format!("{}\n", serde_json::to_string(&doc).expect("json"))))
 }
 
 /// The guest's acknowledgement of [`bind_message`] for `vm_name`.
@@ -117,31 +161,61 @@ pub fn meta_data(vm_name: &str) -> String {
 mod tests {
     use super::*;
 
-    fn parse(user_data: &str) -> Value {
-        let body = user_data.strip_prefix("#cloud-config\n").expect("header");
-        serde_json::from_str(body).unwrap()
+    fn parse_line(msg: &Secret) -> Value {
+        let line = msg.expose();
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "one line: {line}");
+        serde_json::from_str(line).unwrap()
+    }
+
+    /// A JIT config as GitHub encodes it: base64 of a JSON map of file names to base64.
+    fn encoded_jit(files: &[(&str, &str)]) -> String {
+        let map: BTreeMap<&str, String> = files.iter().map(|(n, c)| (*n, STANDARD.encode(c))).collect();
+        STANDARD.encode(serde_json::to_string(&map).unwrap())
+    }
+
+    fn spec<'a>(name: &'a str, credential: &'a Credential) -> RunnerSpec<'a> {
+        RunnerSpec { vm_name: name, runner_user: "runner", runner_dir: "/opt/actions-runner/", credential }
     }
 
     #[test]
-    fn jit_user_data_runs_the_runner_as_the_user_then_powers_off() {
-        let cred = Credential::Jit { encoded: Secret::new("ZW5jb2RlZA==") };
-        let ud = user_data(&RunnerSpec {
-            vm_name: "rv-p-1",
-            runner_user: "runner",
-            runner_dir: "/opt/actions-runner/",
-            credential: &cred,
-        });
-        let v = parse(&ud);
+    fn jit_configs_are_unpacked_into_files_and_never_put_on_a_command_line() {
+        let encoded = encoded_jit(&[(".runner", "{\"agentId\": 7}"), (".credentials", "{\"token\": \"s3cret\"}")]);
+        let cred = Credential::Jit { encoded: Secret::new(encoded.clone()) };
+        let msg = bind_message(&spec("rv-p-1", &cred)).unwrap();
+        let v = parse_line(&msg);
+        assert_eq!(v["runnervisor"], 2);
         assert_eq!(
-            v["runcmd"],
-            json!([["runuser", "-u", "runner", "--", "/opt/actions-runner/run.sh", "--jitconfig", "ZW5jb2RlZA=="]])
+            (v["vm"].as_str(), v["user"].as_str(), v["dir"].as_str()),
+            (Some("rv-p-1"), Some("runner"), Some("/opt/actions-runner"))
         );
-        assert_eq!(v["power_state"]["mode"], "poweroff");
-        assert_eq!(v["power_state"]["condition"], true);
+        assert_eq!(v["runcmd"], json!([{"argv": ["runuser", "-u", "runner", "--", "/opt/actions-runner/run.sh"]}]));
+        let files = v["files"].as_object().unwrap();
+        assert_eq!(files.keys().collect::<Vec<_>>(), [".credentials", ".runner"]);
+        assert_eq!(STANDARD.decode(files[".credentials"].as_str().unwrap()).unwrap(), b"{\"token\": \"s3cret\"}");
+        assert!(!msg.expose().contains(&encoded), "the encoded config itself is in no command");
+        assert!(!format!("{msg:?}").contains("s3cret"), "the message is a secret");
+        assert_eq!(bind_ack("rv-p-1"), "ACK rv-p-1\n");
     }
 
     #[test]
-    fn token_user_data_configures_ephemeral_with_exact_labels() {
+    fn malformed_jit_configs_are_refused_naming_what_is_wrong() {
+        let table: &[(String, &str)] = &[
+            ("not base64!".into(), "not base64"),
+            (STANDARD.encode("[1, 2]"), "not a JSON map"),
+            (STANDARD.encode("{}"), "no files"),
+            (encoded_jit(&[("../../etc/passwd", "x")]), "not a plain name"),
+            (encoded_jit(&[("..", "x")]), "not a plain name"),
+            (STANDARD.encode(r#"{".runner": "%%%"}"#), ".runner: not base64"),
+        ];
+        for (encoded, want) in table {
+            let cred = Credential::Jit { encoded: Secret::new(encoded.clone()) };
+            let e = bind_message(&spec("rv-p-1", &cred)).unwrap_err().to_string();
+            assert!(e.contains(want), "{encoded}: {e}");
+        }
+    }
+
+    #[test]
+    fn token_mode_configures_ephemeral_with_exact_labels_then_runs() {
         let cred = Credential::Token {
             url: "https://github.com/octo-org".into(),
             token: Secret::new("AABBCC"),
@@ -149,24 +223,23 @@ mod tests {
             runner_group: Some("ci vms".into()),
             disable_update: true,
         };
-        let v = parse(&user_data(&RunnerSpec {
-            vm_name: "rv-p-2",
-            runner_user: "runner",
-            runner_dir: "/opt/actions-runner",
-            credential: &cred,
-        }));
-        let config: Vec<&str> = v["runcmd"][0].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        let v = parse_line(&bind_message(&spec("rv-p-2", &cred)).unwrap());
+        assert_eq!(v["files"], json!({}));
+        let config: Vec<&str> =
+            v["runcmd"][0]["argv"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
         assert_eq!(&config[..5], ["runuser", "-u", "runner", "--", "/opt/actions-runner/config.sh"]);
         let after = |flag: &str| config[config.iter().position(|a| *a == flag).unwrap() + 1];
         assert_eq!(after("--url"), "https://github.com/octo-org");
-        assert_eq!(after("--token"), "AABBCC");
+        // The token is in config.sh's environment alone, never in an argument list.
+        assert_eq!(v["runcmd"][0]["env"], json!({"ACTIONS_RUNNER_INPUT_TOKEN": "AABBCC"}));
+        assert!(!config.iter().any(|a| a.contains("AABBCC") || *a == "--token"), "{config:?}");
         assert_eq!(after("--name"), "rv-p-2");
         assert_eq!(after("--labels"), "self-hosted,linux");
         assert_eq!(after("--runnergroup"), "ci vms");
         for flag in ["--unattended", "--ephemeral", "--no-default-labels", "--disableupdate"] {
             assert!(config.contains(&flag), "{flag}");
         }
-        assert_eq!(v["runcmd"][1], json!(["runuser", "-u", "runner", "--", "/opt/actions-runner/run.sh"]));
+        assert_eq!(v["runcmd"][1], json!({"argv": ["runuser", "-u", "runner", "--", "/opt/actions-runner/run.sh"]}));
     }
 
     /// Hostile strings stay single, exact arguments: YAML specials, quotes, newlines, markup.
@@ -180,32 +253,27 @@ mod tests {
             runner_group: Some(nasty.into()),
             disable_update: false,
         };
-        let ud =
-            user_data(&RunnerSpec { vm_name: nasty, runner_user: "runner", runner_dir: "/opt/r", credential: &cred });
-        assert_eq!(ud.lines().count(), ud.matches('\n').count(), "no raw newline beyond the JSON layout");
-        let v = parse(&ud);
-        let config = v["runcmd"][0].as_array().unwrap();
-        assert_eq!(config.iter().filter(|a| a.as_str() == Some(nasty)).count(), 5);
+        let v = parse_line(
+            &bind_message(&RunnerSpec {
+                vm_name: nasty,
+                runner_user: "runner",
+                runner_dir: "/opt/r",
+                credential: &cred,
+            })
+            .unwrap(),
+        );
+        let config = v["runcmd"][0]["argv"].as_array().unwrap();
+        assert_eq!(config.iter().filter(|a| a.as_str() == Some(nasty)).count(), 4);
+        assert_eq!(v["runcmd"][0]["env"][TOKEN_ENV], nasty);
         let md: Value = serde_json::from_str(&meta_data(nasty)).unwrap();
         assert_eq!(md["instance-id"], nasty);
     }
 
     #[test]
-    fn warm_vms_get_the_cold_commands_later_and_nothing_secret_before() {
-        let cred = Credential::Jit { encoded: Secret::new("ZW5jb2RlZA==") };
-        let spec = RunnerSpec { vm_name: "rv-p-w7", runner_user: "runner", runner_dir: "/opt/r", credential: &cred };
-        let warm = warm_user_data();
-        assert!(!warm.contains("ZW5jb2RlZA==") && !warm.contains("runcmd"), "{warm}");
-        assert_eq!(parse(&warm), json!({}));
-        let msg = bind_message(&spec);
-        let line = msg.expose();
-        assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "one line: {line}");
-        let v: Value = serde_json::from_str(line).unwrap();
-        assert_eq!(v["runnervisor"], 1);
-        assert_eq!(v["vm"], "rv-p-w7");
-        assert_eq!(v["runcmd"], parse(&user_data(&spec))["runcmd"], "the cold path's commands, exactly");
-        assert!(!format!("{msg:?}").contains("ZW5jb2RlZA=="), "the message is a secret");
-        assert_eq!(bind_ack("rv-p-w7"), "ACK rv-p-w7\n");
+    fn user_data_carries_nothing_to_run_and_nothing_secret() {
+        let ud = user_data();
+        let body = ud.strip_prefix("#cloud-config\n").expect("header");
+        assert_eq!(serde_json::from_str::<Value>(body).unwrap(), json!({}));
     }
 
     #[test]

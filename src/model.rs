@@ -206,12 +206,8 @@ pub struct VmRec {
     pub took_job: Option<u64>,
     /// Set when teardown was requested (possibly while provisioning was still running).
     pub reap: Option<Reason>,
-    /// Token mode: the seed (with its scope-wide registration token) was detached and
-    /// deleted once the runner was online.
-    #[serde(default)]
-    pub seed_removed: bool,
-    /// Made warm (booted without a credential, waiting for a job). `job_id` is 0 until a
-    /// job's credential is delivered into it.
+    /// Made warm (booted for no job, waiting for one). `job_id` is 0 until a job is bound
+    /// to it. (Every VM boots without a credential; a cold one is made for its job.)
     #[serde(default)]
     pub warm: bool,
     /// A webhook said the job its runner took completed: GitHub removes an ephemeral
@@ -235,10 +231,19 @@ impl VmRec {
             created_at: now,
             state_since: now,
             took_job: None,
-            seed_removed: false,
             reap: None,
             warm,
             runner_done: false,
+        }
+    }
+
+    /// A runner for a job, now or soon: provisioning, booting or idle; a cold VM waiting
+    /// for its guest, or being bound to its job; a warm VM being bound. (An unbound warm VM
+    /// is no runner yet: see [`VmRec::is_unbound_warm`].)
+    pub fn is_available(&self) -> bool {
+        match self.state {
+            VmState::Warming | VmState::Waiting => !self.warm,
+            state => state.is_available(),
         }
     }
 

@@ -189,11 +189,15 @@ async fn drill_kill_agent() {
     if !cfg!(feature = "fault-injection") {
         panic!("run the drills with --features fault-injection (scripts/drill does)");
     }
-    for step in ["after-persist", "after-credential", "after-overlay", "after-seed", "after-define", "after-start"] {
+    // The credential is made once a VM's guest waits: that crash point needs a boot first.
+    let steps =
+        ["after-persist", "after-overlay", "after-seed", "after-define", "after-start", "bind-after-credential"];
+    for step in steps {
         d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", step)]);
         tokio::time::sleep(Duration::from_millis(300)).await;
         d.queue(3.0).await;
-        let status = wait_exit(&mut d.agent, Duration::from_secs(60));
+        let within = if step.starts_with("bind-") { VM_TIMEOUT } else { Duration::from_secs(60) };
+        let status = wait_exit(&mut d.agent, within);
         d.say(&format!("agent killed at {step}: {status:?}"));
         assert!(status.is_some(), "the agent did not reach {step}");
         let aborted = d.agent.log_text().contains(&format!("RUNNERVISOR_FAULT_CRASH_AT={step}: aborting"));

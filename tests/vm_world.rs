@@ -1,9 +1,9 @@
 //! The test world on real VMs, without the agent: a qcow2 overlay of the test image made
-//! through libvirt's storage API, a NoCloud seed, a TCG domain on the fenced lab network;
-//! the guest's real cloud-init runs the (fake) runner against github-sim on the allow-listed
-//! gateway (or, in a warm VM, the guest unit runs it once its credential is delivered over
-//! the bind port), which hands it a queued job; the runner completes it and the guest
-//! powers off.
+//! through libvirt's storage API, a NoCloud seed (with nothing secret in it: the guest's
+//! real cloud-init runs), a TCG domain on the fenced lab network; the guest unit waits on
+//! the bind port, the credential made at that moment is delivered, and it runs the (fake)
+//! runner against github-sim on the allow-listed gateway, which hands it a queued job; the
+//! runner completes it and the guest powers off.
 
 mod common;
 
@@ -16,12 +16,12 @@ use runnervisor::cloudinit::{self, Credential, RunnerSpec};
 use runnervisor::hypervisor::{DomainState, Hypervisor, seed};
 use runnervisor::secret::Secret;
 
-/// Makes a warm VM's credential once its guest waits.
+/// Makes a VM's credential once its guest waits.
 type MakeCredential = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Credential>>>>;
 
-/// Boots `name` and waits for its job: cold (`credential` in its seed), or warm (`warm`
-/// makes the credential only once the guest waits, and it is delivered over the bind port).
-async fn boot(name: &str, credential: Option<Credential>, sim: &Sim, job: u64, warm: Option<MakeCredential>) {
+/// Boots `name` with nothing secret in its seed and waits for its job: `make` makes the
+/// credential only once the guest waits, and it is delivered over the bind port.
+async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     let img = test_image();
     let (hv, _events) = libvirt();
     // The fence the agent would put up, with the simulator allow-listed.
@@ -32,71 +32,57 @@ async fn boot(name: &str, credential: Option<Credential>, sim: &Sim, job: u64, w
     let console_log = console_dir().join(format!("{name}.log"));
 
     let overlay = hv.create_overlay(name, &img.golden, 4 << 30).unwrap();
-    let ud = match &credential {
-        Some(credential) => cloudinit::user_data(&RunnerSpec {
-            vm_name: name,
-            runner_user: "runner",
-            runner_dir: "/opt/actions-runner",
-            credential,
-        }),
-        None => cloudinit::warm_user_data(),
-    };
-    let seed_img = seed::nocloud_image(&ud, &cloudinit::meta_data(name)).unwrap();
+    let seed_img = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(name)).unwrap();
     let seed_path = hv.create_seed(name, &seed_img).unwrap();
-    // The seed carries the credential: nobody but its owner may read it.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077, 0, "seed readable by others");
-    let xml = test_domain_xml_with(name, &overlay, &seed_path, &console_log, job, &network, warm.is_some());
+    let xml = test_domain_xml_with(name, &overlay, &seed_path, &console_log, job, &network, true);
     hv.define(name, &xml).unwrap();
     let mut started = Instant::now();
     hv.start(name).unwrap();
-    if let Some(make) = warm {
-        assert!(!hv.guest_waiting(name).unwrap(), "not waiting before it booted");
-        wait_for("the warm guest to wait on its port", VM_TIMEOUT, async || {
-            hv.guest_waiting(name).unwrap().then_some(())
-        })
-        .await;
-        eprintln!("{name}: warm guest waiting {:.1}s after start", started.elapsed().as_secs_f64());
-        assert!(sim.runners().await.is_empty(), "no runner exists for a waiting warm VM");
-        started = Instant::now();
-        let credential = make().await;
-        let made = started.elapsed();
-        let message = cloudinit::bind_message(&RunnerSpec {
-            vm_name: name,
-            runner_user: "runner",
-            runner_dir: "/opt/actions-runner",
-            credential: &credential,
-        });
-        let ack = cloudinit::bind_ack(name);
-        let at = Instant::now();
-        hv.deliver(name, message.expose().as_bytes(), &ack, Duration::from_secs(10)).unwrap();
-        eprintln!(
-            "{name}: credential {:.0} ms, delivered and acknowledged {:.0} ms",
-            made.as_secs_f64() * 1000.0,
-            at.elapsed().as_secs_f64() * 1000.0
-        );
-        // Bound: its metadata (no longer warm, now this job's) and description are replaced
-        // in place, as the agent does.
-        let mut md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
-        assert!(md.warm && md.job_id == job, "{md:?}");
-        md.warm = false;
-        hv.describe(name, &md, "bound title", "bound to its job").unwrap();
-        let md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
-        assert!(!md.warm && md.job_id == job, "{md:?}");
-        let desc = run(std::process::Command::new("virsh").args(["-c", URI, "desc", name]));
-        assert_eq!(desc.trim(), "bound to its job");
-        // The guest closed its port: libvirt's view of it says so (a restarted agent relies
-        // on this to tell a delivered binding from an interrupted one).
-        let closed = Instant::now();
-        wait_for("the guest's port closed", Duration::from_secs(10), async || {
-            (!hv.guest_waiting(name).unwrap()).then_some(())
-        })
-        .await;
-        eprintln!("{name}: port seen closed {:.0} ms after the ack", closed.elapsed().as_secs_f64() * 1000.0);
-        // A second delivery finds nobody listening: the guest took one command and closed.
-        let again = hv.deliver(name, b"{}\n", &ack, Duration::from_millis(1500));
-        assert!(again.is_err(), "{again:?}");
-    }
+    assert!(!hv.guest_waiting(name).unwrap(), "not waiting before it booted");
+    wait_for("the guest to wait on its port", VM_TIMEOUT, async || hv.guest_waiting(name).unwrap().then_some(())).await;
+    eprintln!("{name}: guest waiting {:.1}s after start", started.elapsed().as_secs_f64());
+    assert!(sim.runners().await.is_empty(), "no runner exists for a waiting VM");
+    started = Instant::now();
+    let credential = make().await;
+    let made = started.elapsed();
+    let message = cloudinit::bind_message(&RunnerSpec {
+        vm_name: name,
+        runner_user: "runner",
+        runner_dir: "/opt/actions-runner",
+        credential: &credential,
+    })
+    .unwrap();
+    let ack = cloudinit::bind_ack(name);
+    let at = Instant::now();
+    hv.deliver(name, message.expose().as_bytes(), &ack, Duration::from_secs(10)).unwrap();
+    eprintln!(
+        "{name}: credential {:.0} ms, delivered and acknowledged {:.0} ms",
+        made.as_secs_f64() * 1000.0,
+        at.elapsed().as_secs_f64() * 1000.0
+    );
+    // Bound: its metadata (no longer warm, now this job's) and description are replaced
+    // in place, as the agent does.
+    let mut md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
+    assert!(md.warm && md.job_id == job, "{md:?}");
+    md.warm = false;
+    hv.describe(name, &md, "bound title", "bound to its job").unwrap();
+    let md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
+    assert!(!md.warm && md.job_id == job, "{md:?}");
+    let desc = run(std::process::Command::new("virsh").args(["-c", URI, "desc", name]));
+    assert_eq!(desc.trim(), "bound to its job");
+    // The guest closed its port: libvirt's view of it says so (a restarted agent relies
+    // on this to tell a delivered binding from an interrupted one).
+    let closed = Instant::now();
+    wait_for("the guest's port closed", Duration::from_secs(10), async || {
+        (!hv.guest_waiting(name).unwrap()).then_some(())
+    })
+    .await;
+    eprintln!("{name}: port seen closed {:.0} ms after the ack", closed.elapsed().as_secs_f64() * 1000.0);
+    // A second delivery finds nobody listening: the guest took one command and closed.
+    let again = hv.deliver(name, b"{}\n", &ack, Duration::from_millis(1500));
+    assert!(again.is_err(), "{again:?}");
 
     let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
     assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));
@@ -124,26 +110,6 @@ async fn boot(name: &str, credential: Option<Credential>, sim: &Sim, job: u64, w
     assert!(doms.is_empty() && vols.is_empty(), "left: {doms:?} {vols:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn token_mode_runner_registers_runs_a_job_and_powers_off() {
-    let sim = Sim::start(None, |_| {}).await;
-    let name = format!("rv-world-{}", unique());
-    let token =
-        sim.api(reqwest::Method::POST, "/repos/octo-org/app/actions/runners/registration-token", None).await["token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-    let job = sim.queue("octo-org/app", &["self-hosted", "linux", "world"], 2.0).await;
-    let credential = Credential::Token {
-        url: format!("{}/octo-org/app", sim.guest_url()),
-        token: Secret::new(token),
-        labels: vec!["self-hosted".into(), "linux".into(), "world".into()],
-        runner_group: None,
-        disable_update: true,
-    };
-    boot(&name, Some(credential), &sim, job, None).await;
-}
-
 /// Token mode in a warm VM: the registration token is fetched only once the guest waits,
 /// and `config.sh --ephemeral` then `run.sh` run from the delivered command lists.
 #[tokio::test(flavor = "multi_thread")]
@@ -169,7 +135,7 @@ async fn token_mode_runner_in_a_warm_vm_registers_runs_a_job_and_powers_off() {
             }
         })
     });
-    boot(&name, None, &sim, job, Some(make)).await;
+    boot(&name, &sim, job, make).await;
 }
 
 /// A warm VM: boots with no credential, its guest waits on the bind port (libvirt says
@@ -193,7 +159,7 @@ async fn jit_runner_delivered_into_a_waiting_warm_vm_runs_a_job_and_powers_off()
             Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) }
         })
     });
-    boot(&name, None, &sim, job, Some(make)).await;
+    boot(&name, &sim, job, make).await;
 }
 
 /// The agent redefines its nwfilter when the allow-list or this host's addresses change

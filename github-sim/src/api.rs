@@ -229,7 +229,8 @@ fn authenticate(sim: &Sim, route: &str, credential: &Credential) -> Result<(), A
 
 async fn registration_token(State(sim): S, Path(p): P, OriginalUri(uri): OriginalUri) -> Response {
     let scope = scope(&p);
-    let tok = token("A", 28).to_ascii_uppercase();
+    let prefix = &sim.config.registration_token_prefix;
+    let tok = format!("{prefix}{}", token("", 29usize.saturating_sub(prefix.len())).to_ascii_uppercase());
     let expires = SystemTime::now() + sim.config.registration_token_ttl;
     if uri.path().ends_with("/registration-token") {
         sim.world().registration_tokens.insert(tok.clone(), RegistrationToken { scope, expires_at: expires });
@@ -245,6 +246,23 @@ struct JitRequest {
     labels: Option<Vec<String>>,
     #[serde(default)]
     work_folder: Option<String>,
+}
+
+/// A JIT config as GitHub encodes it: base64 of a JSON map of the runner's files
+/// (`.runner`, `.credentials`, `.credentials_rsaparams`) to their base64 contents.
+pub fn encode_jit_config(runner_file: &Value, credentials: &Value) -> String {
+    let files = json!({
+        ".runner": STANDARD.encode(runner_file.to_string()),
+        ".credentials": STANDARD.encode(credentials.to_string()),
+        ".credentials_rsaparams": STANDARD.encode("{}"),
+    });
+    STANDARD.encode(files.to_string())
+}
+
+/// The characters every JIT config [`encode_jit_config`] makes begins with (the map's
+/// fixed opening): what a test searches a guest for to find a JIT config anywhere.
+pub fn jit_config_fingerprint() -> String {
+    encode_jit_config(&json!({}), &json!({}))[..16].to_string()
 }
 
 async fn generate_jitconfig(State(sim): S, Path(p): P, body: Bytes) -> Result<Response, ApiError> {
@@ -290,12 +308,8 @@ async fn generate_jitconfig(State(sim): S, Path(p): P, body: Bytes) -> Result<Re
     });
     let credentials =
         json!({"scheme": "OAuth", "data": {"clientId": crate::model::guid(), "token": runner.credential}});
-    let files = json!({
-        ".runner": STANDARD.encode(runner_file.to_string()),
-        ".credentials": STANDARD.encode(credentials.to_string()),
-        ".credentials_rsaparams": STANDARD.encode("{}"),
-    });
-    let body = json!({"runner": runner.to_json(now), "encoded_jit_config": STANDARD.encode(files.to_string())});
+    let body =
+        json!({"runner": runner.to_json(now), "encoded_jit_config": encode_jit_config(&runner_file, &credentials)});
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 

@@ -71,6 +71,9 @@ pub struct SimConfig {
     /// What `GET /meta` lists as `hooks`, the networks deliveries come from: the
     /// simulator's own (loopback) by default.
     pub hook_ranges: Vec<String>,
+    /// What every registration token begins with (GitHub's are 29 upper-case characters
+    /// beginning with `A`): tests that search a guest for its credential plant a marker.
+    pub registration_token_prefix: String,
 }
 
 impl SimConfig {
@@ -92,6 +95,7 @@ impl SimConfig {
             fanout_each: None,
             webhook_concurrency: 1,
             hook_ranges: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            registration_token_prefix: "A".into(),
         }
     }
 }

@@ -69,6 +69,18 @@ impl FakeGitHub {
     }
 }
 
+/// A JIT config in GitHub's form (base64 of a JSON map of runner files to base64), for
+/// runner `id` called `name`.
+pub fn encoded_jit_config(id: u64, name: &str) -> String {
+    use base64::Engine;
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    let files = serde_json::json!({
+        ".runner": b64(serde_json::json!({"agentId": id, "agentName": name, "ephemeral": true}).to_string()),
+        ".credentials": b64(serde_json::json!({"scheme": "OAuth", "data": {"token": format!("jit-{name}")}}).to_string()),
+    });
+    b64(files.to_string())
+}
+
 impl GitHub for FakeGitHub {
     async fn generate_jit_config(&self, name: &str, _labels: &[String], _group: u64) -> Result<JitRunner, GhError> {
         let mut s = self.enter("jit")?;
@@ -83,7 +95,7 @@ impl GitHub for FakeGitHub {
         s.next_id += 1;
         let id = s.next_id;
         s.runners.insert(id, RunnerInfo { id, name: name.into(), online: false, busy: false });
-        Ok(JitRunner { runner_id: id, encoded: Secret::new(format!("jit-{name}")) })
+        Ok(JitRunner { runner_id: id, encoded: Secret::new(encoded_jit_config(id, name)) })
     }
 
     async fn registration_token(&self) -> Result<Secret, GhError> {

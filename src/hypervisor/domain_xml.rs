@@ -116,8 +116,6 @@ pub struct DomainSpec<'a> {
     pub title: &'a str,
     pub description: &'a str,
     pub metadata: &'a VmMetadata,
-    /// A warm VM: add the [`BIND_CHANNEL`] port.
-    pub bind_channel: bool,
 }
 
 pub fn domain(spec: &DomainSpec<'_>) -> String {
@@ -194,14 +192,13 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.empty("source", &[("path", &spec.metadata.console_log.to_string_lossy()), ("append", "off")]);
     x.empty("target", &[("type", "serial"), ("port", "0")]);
     x.close();
-    if spec.bind_channel {
-        // libvirt makes the socket and connects to it for `virDomainOpenChannel`; nothing
-        // on the host needs a path to it, and no network path leads from the guest.
-        x.open("channel", &[("type", "unix")]);
-        x.empty("source", &[("mode", "bind")]);
-        x.empty("target", &[("type", "virtio"), ("name", BIND_CHANNEL)]);
-        x.close();
-    }
+    // Every VM's runner credential comes over this port (never through cloud-init). libvirt
+    // makes the socket and connects to it for `virDomainOpenChannel`; nothing on the host
+    // needs a path to it, and no network path leads from the guest.
+    x.open("channel", &[("type", "unix")]);
+    x.empty("source", &[("mode", "bind")]);
+    x.empty("target", &[("type", "virtio"), ("name", BIND_CHANNEL)]);
+    x.close();
     x.open("rng", &[("model", "virtio")]);
     x.text("backend", &[("model", "random")], "/dev/urandom");
     x.close();
@@ -304,19 +301,6 @@ pub fn with_uuid(xml: &str, uuid: &str) -> String {
     }
 }
 
-/// The `<disk>` element of a domain whose source file is named `volume` (the XML libvirt
-/// wants for detaching it), if the domain has one.
-pub fn disk_with_source(domain_xml: &str, volume: &str) -> Option<String> {
-    let doc = roxmltree::Document::parse(domain_xml).ok()?;
-    let disk = doc.descendants().filter(|n| n.has_tag_name("disk")).find(|d| {
-        d.children().any(|s| {
-            s.has_tag_name("source")
-                && s.attribute("file").is_some_and(|f| Path::new(f).file_name().is_some_and(|n| n == volume))
-        })
-    })?;
-    Some(domain_xml[disk.range()].to_string())
-}
-
 /// The IPv4 address of a libvirt network (`<ip address=...>` without a family, or `ipv4`).
 pub fn network_ipv4_address(network_xml: &str) -> Option<std::net::Ipv4Addr> {
     let doc = roxmltree::Document::parse(network_xml).ok()?;
@@ -406,7 +390,6 @@ mod tests {
             title: NASTY,
             description: NASTY,
             metadata: m,
-            bind_channel: false,
         }
     }
 
@@ -437,16 +420,14 @@ mod tests {
         expected.host = expected.host.map(|h| h.replace('\u{1}', ""));
         assert_eq!(parse_metadata(&xml[md.range()]), Some(expected));
         assert!(!root.descendants().any(|n| n.has_tag_name("cpu")), "TCG uses QEMU's default CPU");
-        assert!(!root.descendants().any(|n| n.has_tag_name("channel")), "a cold VM has no bind port");
-        assert_eq!(channel_connected(&xml, BIND_CHANNEL), None);
+        assert_ne!(channel_connected(&xml, BIND_CHANNEL), Some(true), "not connected in a definition");
     }
 
     #[test]
-    fn a_warm_vm_has_the_bind_port_and_says_so() {
+    fn every_vm_has_the_bind_port_and_a_warm_one_says_it_is_warm() {
         let mut m = meta();
         m.warm = true;
-        let mut s = spec(&m, &NetworkConfig::User { accept_unfenced: true }, None);
-        s.bind_channel = true;
+        let s = spec(&m, &NetworkConfig::User { accept_unfenced: true }, None);
         let xml = domain(&s);
         let doc = roxmltree::Document::parse(&xml).unwrap();
         let channel = doc.descendants().find(|n| n.has_tag_name("channel")).unwrap();
@@ -529,18 +510,6 @@ mod tests {
         let doc = roxmltree::Document::parse(&x).unwrap();
         assert_eq!(doc.root_element().attribute("name"), Some("f"));
         assert_eq!(doc.root_element().children().find(|n| n.is_element()).unwrap().text(), Some("u-1"));
-    }
-
-    #[test]
-    fn the_seed_disk_is_found_by_its_volume() {
-        let m = meta();
-        let net = NetworkConfig::default();
-        let xml = domain(&spec(&m, &net, None));
-        let disk = disk_with_source(&xml, "rv-small-30000000001-seed.img").unwrap();
-        let d = roxmltree::Document::parse(&disk).unwrap();
-        assert!(d.descendants().any(|n| n.has_tag_name("target") && n.attribute("dev") == Some("vdb")));
-        assert!(disk_with_source(&xml, "rv-small-30000000001.qcow2").unwrap().contains("vda"));
-        assert_eq!(disk_with_source(&xml, "rv-small-30000000001-seed"), None);
     }
 
     #[test]

@@ -32,8 +32,6 @@ pub struct FakeState {
     pub pool_missing: bool,
     /// While set, the libvirt network is missing (the fence cannot be put up).
     pub network_missing: bool,
-    /// VMs whose seed was detached and deleted, in order.
-    pub seeds_removed: Vec<String>,
     /// nwfilters defined, by name.
     pub filters: BTreeMap<String, String>,
     /// Fail the next N `define_and_start` calls.
@@ -120,13 +118,6 @@ impl Hypervisor for FakeHypervisor {
             return Err(HvError::NetworkMissing { name: name.into() });
         }
         Ok(Some(std::net::Ipv4Addr::new(198, 51, 100, 1)))
-    }
-
-    fn remove_seed(&self, vm: &str) -> Result<(), HvError> {
-        let mut s = self.up()?;
-        s.volumes.remove(&seed_volume_name(vm));
-        s.seeds_removed.push(vm.to_string());
-        Ok(())
     }
 
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {

@@ -62,9 +62,6 @@ pub struct Libvirt {
     filters: Mutex<std::collections::HashMap<String, String>>,
 }
 
-/// How long a guest may take to release a hot-unplugged seed disk.
-const SEED_DETACH_WAIT: Duration = Duration::from_secs(30);
-
 /// Options of the keeper thread.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
@@ -312,30 +309,6 @@ impl Hypervisor for Libvirt {
         }
         let xml = net.xml_desc(0).map_err(|e| self.err("network XML", name, e))?;
         Ok(domain_xml::network_ipv4_address(&xml))
-    }
-
-    fn remove_seed(&self, vm: &str) -> Result<(), HvError> {
-        let conn = self.conn()?;
-        let seed = seed_volume_name(vm);
-        let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
-        let live = |dom: &virt::domain::Domain| dom.xml_desc(0).map_err(|e| self.err("domain XML", vm, e));
-        if let Some(disk) = domain_xml::disk_with_source(&live(&dom)?, &seed) {
-            let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
-            dom.detach_device_flags(&disk, flags).map_err(|e| self.err("detach seed disk", vm, e))?;
-            // Hot-unplug needs the guest's consent (PCIe: ~5 s): wait until it is gone.
-            let deadline = std::time::Instant::now() + SEED_DETACH_WAIT;
-            while domain_xml::disk_with_source(&live(&dom)?, &seed).is_some() {
-                if std::time::Instant::now() > deadline {
-                    return Err(HvError::Libvirt {
-                        op: "detach seed disk",
-                        name: vm.into(),
-                        message: format!("the guest did not release it within {SEED_DETACH_WAIT:?}"),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        self.delete_volume(&seed)
     }
 
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {

@@ -152,9 +152,6 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Starts a defined domain.
     fn start(&self, name: &str) -> Result<(), HvError>;
-    /// Detaches the VM's seed disk from the running domain (and its persistent definition),
-    /// waits until the guest has released it, and deletes the seed volume. Idempotent.
-    fn remove_seed(&self, vm: &str) -> Result<(), HvError>;
     /// Destroys, undefines, and deletes the VM's volumes. Idempotent: what is already gone
     /// is not an error. Keeps going on errors and returns all of them.
     fn teardown(&self, vm: &str) -> Vec<HvError>;

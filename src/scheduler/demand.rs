@@ -83,7 +83,7 @@ pub fn plan(
 ) -> Decision {
     let live = |v: &&&VmRec| v.reap.is_none();
     let mut available: Vec<&VmRec> =
-        vms.iter().filter(live).copied().filter(|v| v.state.is_available() && !v.is_unbound_warm()).collect();
+        vms.iter().filter(live).copied().filter(|v| v.is_available() && !v.is_unbound_warm()).collect();
     let mut waiting: Vec<&VmRec> =
         vms.iter().filter(live).copied().filter(|v| v.is_unbound_warm() && v.state == VmState::Waiting).collect();
     waiting.sort_by_key(|v| (v.created_at, v.name.clone()));

@@ -28,19 +28,15 @@ pub enum Event {
         vm: String,
         outcome: TeardownOutcome,
     },
-    /// A warm VM's guest waits for a job, or the watch for it gave up.
+    /// A VM's guest waits on its bind port, or the watch for it gave up.
     GuestWaiting {
         vm: String,
         result: Result<(), String>,
     },
-    /// A warm VM's binding (credential and delivery) finished.
+    /// A VM's binding to its job (credential and delivery) finished.
     Bound {
         vm: String,
         result: Result<BindTimes, BindError>,
-    },
-    SeedRemoved {
-        vm: String,
-        result: Result<(), String>,
     },
     Swept {
         vms: Result<Vec<VmInfo>, HvError>,
@@ -145,21 +141,21 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_or_aborted_task_still_reports() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let failed = |m: String| Event::SeedRemoved { vm: "v".into(), result: Err(m) };
+        let failed = |m: String| Event::GuestWaiting { vm: "v".into(), result: Err(m) };
         spawn_reporting(&tx, async { panic!("boom") }, failed);
-        let Some(Event::SeedRemoved { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
+        let Some(Event::GuestWaiting { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
         assert_eq!(m, "task panicked: boom");
 
         spawn_blocking_reporting(&tx, || panic!("{}", "blocking boom"), failed);
-        let Some(Event::SeedRemoved { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
+        let Some(Event::GuestWaiting { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
         assert_eq!(m, "task panicked: blocking boom");
 
         let abort = spawn_reporting(&tx, std::future::pending(), failed);
         abort.abort();
-        let Some(Event::SeedRemoved { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
+        let Some(Event::GuestWaiting { result: Err(m), .. }) = rx.recv().await else { panic!("no report") };
         assert_eq!(m, "task aborted");
 
-        spawn_reporting(&tx, async { Event::SeedRemoved { vm: "v".into(), result: Ok(()) } }, failed);
-        assert!(matches!(rx.recv().await, Some(Event::SeedRemoved { result: Ok(()), .. })));
+        spawn_reporting(&tx, async { Event::GuestWaiting { vm: "v".into(), result: Ok(()) } }, failed);
+        assert!(matches!(rx.recv().await, Some(Event::GuestWaiting { result: Ok(()), .. })));
     }
 }

@@ -49,7 +49,6 @@ pub fn vm(name: &str, pool: &str, job_id: u64, state: VmState, at: SystemTime) -
         created_at: at,
         state_since: at,
         took_job: None,
-        seed_removed: false,
         reap: None,
         warm: false,
         runner_done: false,

@@ -1,6 +1,6 @@
 //! A VM's life as the scheduler drives it: provisioning, the state machine's transitions
 //! ([`super::vm::next`] is the only writer of a VM's state), timers, teardown and its
-//! retries, token seeds, and the pools' back-off after failures of the host.
+//! retries, and the pools' back-off after failures of the host.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -9,11 +9,11 @@ use tokio::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
-use super::event::{Event, spawn_blocking_reporting, spawn_reporting};
+use super::event::{Event, spawn_reporting};
 use super::provision::{self, Plan, ProvisionError, Provisioned, TeardownOutcome};
 use super::vm::{self, Input};
 use super::{Scheduler, Work};
-use crate::config::{PoolConfig, Registration};
+use crate::config::PoolConfig;
 use crate::github::GitHub;
 use crate::hypervisor::{self, Hypervisor};
 use crate::metrics::{self, ReasonLabels, StepLabels};
@@ -23,8 +23,6 @@ use crate::timeline::Mark;
 const BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
-/// After a failed seed removal, the next try.
-const SEED_RETRY: Duration = Duration::from_secs(30);
 
 /// Pool-level back-off after failures of the host (provisioning errors, VMs paused on a
 /// full disk), doubling up to [`BACKOFF_MAX`] until a VM of the pool has its runner online.
@@ -39,8 +37,6 @@ pub struct State {
     backoff: HashMap<String, Backoff>,
     /// When each surplus runner became surplus (see [`super::demand::plan`]).
     pub surplus_since: HashMap<String, Instant>,
-    /// Token mode: seeds being removed (`None`), or when to try again after a failure.
-    removing_seeds: HashMap<String, Option<Instant>>,
 }
 
 /// The label set of a provisioning failure at `step`.
@@ -219,7 +215,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
                 self.timeline.gone(&vm, now);
             }
-            self.lifecycle.removing_seeds.remove(&name);
             self.sweep.torn_down(&name, now);
         } else {
             for e in &outcome.errors {
@@ -258,58 +253,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.bump_backoff(&pool);
             }
             self.reap(&name, reason);
-        }
-    }
-
-    /// Token mode: a seed holds a registration token valid for an hour for the whole scope.
-    /// Once the runner is online the token is spent: the seed is detached from the VM and
-    /// deleted, so a job that gains root cannot read the seed disk. (cloud-init's own copies
-    /// of the user-data under `/var/lib/cloud` remain: see README, "Known gap".)
-    pub(super) fn remove_spent_seeds(&mut self) {
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .book
-            .vms
-            .values()
-            // A warm VM's seed never held a token (it came over the bind port).
-            .filter(|v| matches!(v.state, VmState::Idle | VmState::Busy) && !v.seed_removed && v.reap.is_none())
-            .filter(|v| !v.warm)
-            .filter(|v| self.config.pool(&v.pool).is_some_and(|p| p.registration == Registration::Token))
-            .filter(|v| match self.lifecycle.removing_seeds.get(&v.name) {
-                None => true,
-                Some(retry_at) => retry_at.is_some_and(|t| t <= now),
-            })
-            .map(|v| v.name.clone())
-            .collect();
-        for name in due {
-            self.lifecycle.removing_seeds.insert(name.clone(), None);
-            let hv = self.ctx.hv.clone();
-            let failed = name.clone();
-            spawn_blocking_reporting(
-                &self.ctx.events,
-                move || {
-                    let result = hv.remove_seed(&name).map_err(|e| e.to_string());
-                    Event::SeedRemoved { vm: name, result }
-                },
-                move |message| Event::SeedRemoved { vm: failed, result: Err(message) },
-            );
-        }
-    }
-
-    pub(super) fn on_seed_removed(&mut self, name: String, result: Result<(), String>) {
-        match result {
-            Ok(()) => {
-                self.lifecycle.removing_seeds.remove(&name);
-                if let Some(vm) = self.book.vms.get_mut(&name) {
-                    vm.seed_removed = true;
-                    self.book.touch_vm(&name);
-                    info!(vm = %name, "runner online: seed with the registration token detached and deleted");
-                }
-            }
-            Err(e) => {
-                warn!(vm = %name, error = %e, "cannot remove the seed with the registration token; will retry");
-                self.lifecycle.removing_seeds.insert(name, Some(Instant::now() + SEED_RETRY));
-            }
         }
     }
 
@@ -404,7 +347,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.vms_started.get_or_create(&metrics::pool(&vm.pool)).inc();
                 self.metrics.provision_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(took.as_secs_f64());
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, warm = vm.warm, duration_ms = took.as_millis() as u64, "vm started");
-                self.transition(&name, if vm.warm { Input::WarmProvisioned } else { Input::Provisioned });
+                self.transition(&name, Input::Provisioned);
                 if let Some(reason) = vm.reap {
                     self.reap(&name, reason);
                 }

@@ -10,7 +10,7 @@
 //!
 //! One file per concern: this one holds the run loop and the dispatch; [`intake`] applies
 //! job events; [`lifecycle`] moves VMs through [`vm`]'s state machine (provisioning,
-//! teardown, seeds, back-off); [`sweep`] compares the hypervisor with the book; [`sync`]
+//! teardown, back-off); [`sweep`] compares the hypervisor with the book; [`sync`]
 //! compares GitHub with it; [`admin`] answers the admin socket.
 
 pub mod admin;
@@ -268,7 +268,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::TornDown { vm, outcome } => self.on_torn_down(vm, outcome),
             Event::GuestWaiting { vm, result } => self.on_guest_waiting(vm, result),
             Event::Bound { vm, result } => self.on_bound(vm, result),
-            Event::SeedRemoved { vm, result } => self.on_seed_removed(vm, result),
             Event::Swept { vms, volumes, pool } => self.on_swept(vms, volumes, pool),
             Event::GitHubSynced { started, runners, jobs, found } => {
                 self.on_github_synced(started, runners, jobs, found)
@@ -296,8 +295,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.expire_timers();
         self.retry_teardowns();
-        self.watch_warm_vms();
-        self.remove_spent_seeds();
+        self.watch_guests();
+        if self.hv.ready {
+            self.bind_cold_vms();
+        }
         self.forget_retired_pools();
         self.tend_claims();
         if !self.hv.ready {

@@ -18,9 +18,8 @@ use crate::hypervisor::{self, HvError, Hypervisor, seed};
 use crate::model::VmRec;
 
 /// Test hook for the kill-9 drill: `RUNNERVISOR_FAULT_CRASH_AT=<step>` aborts the process
-/// right after that step (`after-persist`, `after-credential`, `after-overlay`,
-/// `after-seed`, `after-define`, `after-start`; binding a warm VM: `bind-after-credential`,
-/// `bind-after-delivery`). Compiled only with the `fault-injection`
+/// right after that step (`after-persist`, `after-overlay`, `after-seed`, `after-define`,
+/// `after-start`; binding a VM to its job: `bind-after-credential`, `bind-after-delivery`). Compiled only with the `fault-injection`
 /// feature (`scripts/drill` enables it); otherwise it does nothing.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
@@ -40,8 +39,6 @@ pub enum ProvisionError {
     Image(#[source] HvError),
     #[error("network fence: {0}")]
     Network(#[source] HvError),
-    #[error("runner credential: {0}")]
-    Credential(#[source] GhError),
     #[error("overlay volume: {0}")]
     Overlay(#[source] HvError),
     #[error("seed volume: {0}")]
@@ -62,7 +59,6 @@ impl ProvisionError {
         match self {
             ProvisionError::Image(_) => "image",
             ProvisionError::Network(_) => "network",
-            ProvisionError::Credential(_) => "credential",
             ProvisionError::Overlay(_) => "overlay",
             ProvisionError::Seed(_) => "seed",
             ProvisionError::Define(_) => "define",
@@ -125,8 +121,8 @@ pub struct Provisioned {
     pub defined: Duration,
 }
 
-/// Image check, credential, overlay, seed, define, start. Reports the runner id as soon as
-/// it exists, so a crash after it still lets the teardown find the registration.
+/// Image check, fence, overlay, seed, define, start. No credential: every VM gets its
+/// runner's once its guest waits on the bind port ([`bind`]), never through cloud-init.
 pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<Provisioned, ProvisionError> {
     let started = Instant::now();
     let name = plan.vm.name.clone();
@@ -144,27 +140,13 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
 
     let gateway = fence_up(&ctx).await.map_err(ProvisionError::Network)?;
 
-    let credential =
-        if plan.vm.warm { None } else { Some(credential(&ctx, &plan).await.map_err(ProvisionError::Credential)?) };
-    crash_point("after-credential");
-
     let hv = ctx.hv.clone();
     let (n, backing) = (name.clone(), pool.image.clone());
     let overlay = blocking(move || hv.create_overlay(&n, &backing, disk)).await.map_err(ProvisionError::Overlay)?;
     crash_point("after-overlay");
 
-    let user_data = match &credential {
-        Some(credential) => cloudinit::user_data(&RunnerSpec {
-            vm_name: &name,
-            runner_user: &pool.runner_user,
-            runner_dir: &pool.runner_dir,
-            credential,
-        }),
-        None => cloudinit::warm_user_data(),
-    };
-    let image = seed::nocloud_image(&user_data, &cloudinit::meta_data(&name))
+    let image = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(&name))
         .map_err(|e| ProvisionError::Seed(e.to_string()))?;
-    drop(user_data);
     let hv = ctx.hv.clone();
     let n = name.clone();
     let seed_path =
@@ -188,7 +170,6 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         title: &title,
         description: &description,
         metadata: &metadata,
-        bind_channel: plan.vm.warm,
     });
     let hv = ctx.hv.clone();
     let n = name.clone();
@@ -298,6 +279,8 @@ async fn credential<G: GitHub, H>(ctx: &Ctx<G, H>, plan: &Plan) -> Result<Creden
 pub enum BindError {
     #[error("runner credential: {0}")]
     Credential(#[source] GhError),
+    #[error("runner credential: {0}")]
+    Message(#[source] cloudinit::BindMessageError),
     #[error("delivery: {0}")]
     Delivery(#[source] HvError),
     /// The binding task itself failed (a panic).
@@ -311,7 +294,7 @@ pub enum BindError {
 impl BindError {
     pub fn step(&self) -> &'static str {
         match self {
-            BindError::Credential(_) => "credential",
+            BindError::Credential(_) | BindError::Message(_) => "credential",
             BindError::Delivery(_) => "delivery",
             BindError::Task(_) => "task",
             BindError::Interrupted => "restart",
@@ -330,9 +313,10 @@ pub struct BindTimes {
     pub resumed: bool,
 }
 
-/// Gives a waiting warm VM its job: makes the runner credential now, delivers the same
-/// commands a cold VM's cloud-init would run into the guest over its bind port, and waits
-/// (at most `bind_timeout`) for the guest's acknowledgement. `plan.vm` carries the job.
+/// Gives a VM whose guest waits its job (a warm VM chosen for it, or a cold VM made for
+/// it): makes the runner credential now, delivers what starts the runner into the guest
+/// over its bind port, and waits (at most `bind_timeout`) for the guest's
+/// acknowledgement. `plan.vm` carries the job.
 pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<BindTimes, BindError> {
     let started = Instant::now();
     let name = plan.vm.name.clone();
@@ -344,7 +328,8 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
         runner_user: &plan.pool.runner_user,
         runner_dir: &plan.pool.runner_dir,
         credential: &credential,
-    });
+    })
+    .map_err(BindError::Message)?;
     drop(credential);
     let hv = ctx.hv.clone();
     let (n, timeout) = (name.clone(), plan.pool.bind_timeout);

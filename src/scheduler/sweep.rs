@@ -144,8 +144,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 VmState::Provisioning if !self.work.contains_key(&name) => {
                     if domain == Some(DomainState::Running) {
                         info!(vm = %name, "re-adopting a vm whose provisioning finished before the restart");
-                        let warm = self.book.vms[&name].warm;
-                        self.transition(&name, if warm { Input::WarmProvisioned } else { Input::Provisioned });
+                        self.transition(&name, Input::Provisioned);
                     } else {
                         self.begin_teardown(&name, Reason::Interrupted);
                     }

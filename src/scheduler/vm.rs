@@ -1,23 +1,22 @@
 //! A VM's life as a pure state machine, and its timers. Tested from a table.
 //!
-//! ```text
-//! Provisioning ──provisioned──▶ Booting ──runner online──▶ Idle
-//!      │                          │  └──────took job──────┐  │
-//!      │ failed / timed out       ▼                       ▼  ▼ took job
-//!      └────────▶ TearingDown ◀── stopped / reaped ──── Busy ──job completed──▶ Finishing
-//!                   │    │                               ▲                          │
-//!                   │    └── kept busy (the "surplus" runner had taken a job) ──┘   │
-//!               torn down ──▶ (record removed)              stopped / grace over ┘
-//! ```
-//!
-//!
-//! A warm VM (no credential) takes a detour before it becomes a runner:
+//! Every VM boots without a credential and waits on its bind port; a cold VM (made for a
+//! job) is bound to its job as soon as its guest waits, a warm VM when a job arrives:
 //!
 //! ```text
-//! Provisioning ──warm provisioned──▶ Warming ──guest ready──▶ Waiting ──bind──▶ Binding
-//!                                       │                        │                │
-//!                                       └── stopped / reaped ────┴──▶ TearingDown ◀┤ failed
-//!                                                                    delivered ──▶ Booting
+//! Provisioning ──provisioned──▶ Warming ──guest ready──▶ Waiting ──bind──▶ Binding
+//!      │                           │                        │ ◀─no credential─┤
+//!      │                           │                        │                │
+//!      │ failed / timed out        └── stopped / reaped ────┴──▶ TearingDown ◀┤ failed
+//!      ▼                                                                      │ delivered
+//!  TearingDown                                                                ▼
+//!                            Booting ──runner online──▶ Idle
+//!                              │  └──────took job──────┐  │
+//!                              ▼                       ▼  ▼ took job
+//!   TearingDown ◀── stopped / reaped ──────────────── Busy ──job completed──▶ Finishing
+//!     │    │                                           ▲                          │
+//!     │    └── kept busy (the "surplus" runner had taken a job) ──┘               │
+//!  torn down ──▶ (record removed)                    stopped / grace over ────────┘
 //! ```
 //!
 //! [`next`] is the only way a VM's state changes: the scheduler's `transition` applies it
@@ -30,15 +29,17 @@ use crate::model::{Reason, VmRec, VmState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Input {
+    /// The VM's domain started (no credential in it).
     Provisioned,
-    /// A warm VM's domain started (no credential in it).
-    WarmProvisioned,
-    /// A warm VM's guest opened the port the host delivers a job's runner command on.
+    /// Its guest opened the port the host delivers a job's runner command on.
     GuestReady,
-    /// A job's credential is being made and delivered into the waiting warm VM.
+    /// A job's credential is being made and delivered into the waiting VM.
     Bind,
     /// The guest acknowledged its runner command: it starts its runner now.
     Bound,
+    /// Its credential could not be made (GitHub failed): nothing reached the guest, which
+    /// still waits; the binding is tried again after the pool's back-off.
+    BindDeferred,
     ProvisionFailed,
     RunnerOnline,
     TookJob,
@@ -54,20 +55,18 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
     use Input::*;
     use VmState::*;
     match (state, input) {
-        (Provisioning, Provisioned) => Some(Booting),
-        (Provisioning, WarmProvisioned) => Some(Warming),
+        (Provisioning, Provisioned) => Some(Warming),
         (Provisioning, ProvisionFailed) => Some(TearingDown),
         (Warming, GuestReady) => Some(Waiting),
         (Waiting, Bind) => Some(Binding),
         (Binding, Bound) => Some(Booting),
+        (Binding, BindDeferred) => Some(Waiting),
         // The runner's news may overtake the delivery's report.
         (Binding, RunnerOnline) => Some(Idle),
         (Binding, TookJob) => Some(Busy),
         (Binding, JobCompleted) => Some(Finishing),
         (Warming | Waiting | Binding, DomainStopped | Reap) => Some(TearingDown),
-        // A runner cannot take a job before its VM started; if the news overtakes the
-        // provisioning report, believe it.
-        (Provisioning | Booting | Idle, TookJob) => Some(Busy),
+        (Booting | Idle, TookJob) => Some(Busy),
         (Booting, RunnerOnline) => Some(Idle),
         (Booting | Idle | Busy, JobCompleted) => Some(Finishing),
         // Provisioning finishes its own steps first; teardown follows the report.
@@ -79,11 +78,18 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
 }
 
 /// Whether tearing down a VM for `reason` counts as a failed attempt of the job it was
-/// made for: the VM died or stalled before any runner on it took a job.
+/// made for: the VM died, stalled or did not take its runner's command before any runner
+/// on it took a job. A warm VM that fails before or while it is bound costs no job an
+/// attempt (the job goes the cold path).
 pub fn counts_as_failure(vm: &VmRec, reason: Reason) -> bool {
+    let before_a_job = match vm.state {
+        VmState::Booting | VmState::Idle | VmState::TearingDown => true,
+        VmState::Warming | VmState::Waiting | VmState::Binding => !vm.warm,
+        _ => false,
+    };
     vm.took_job.is_none()
-        && matches!(vm.state, VmState::Booting | VmState::Idle | VmState::TearingDown)
-        && matches!(reason, Reason::Stopped | Reason::RegistrationTimeout | Reason::MaxLifetime)
+        && before_a_job
+        && matches!(reason, Reason::Stopped | Reason::RegistrationTimeout | Reason::MaxLifetime | Reason::BindFailed)
 }
 
 /// The scheduler-wide timers (`[reconcile]`).
@@ -107,7 +113,7 @@ pub fn expired(vm: &VmRec, pool: &PoolConfig, timers: Timers, now: SystemTime) -
         // A delivery is bounded by `bind_timeout`, its credential by GitHub's retries; this
         // is the backstop for a call that never returns.
         VmState::Binding if age(vm.state_since) >= timers.provision_timeout => return Some(Reason::BindFailed),
-        VmState::Warming | VmState::Waiting if age(vm.created_at) >= pool.warm_max_age => {
+        VmState::Warming | VmState::Waiting if vm.warm && age(vm.created_at) >= pool.warm_max_age => {
             return Some(Reason::WarmRecycled);
         }
         _ => {}
@@ -133,9 +139,9 @@ mod tests {
     #[test]
     fn transition_table() {
         let table: &[(VmState, Input, Option<VmState>)] = &[
-            (Provisioning, Provisioned, Some(Booting)),
+            (Provisioning, Provisioned, Some(Warming)),
             (Provisioning, ProvisionFailed, Some(TearingDown)),
-            (Provisioning, TookJob, Some(Busy)),
+            (Provisioning, TookJob, None),
             (Provisioning, DomainStopped, None),
             (Provisioning, Reap, None),
             (Provisioning, RunnerOnline, None),
@@ -164,8 +170,7 @@ mod tests {
             (TearingDown, KeptBusy, Some(Busy)),
             (Busy, KeptBusy, None),
             (Idle, KeptBusy, None),
-            (Provisioning, WarmProvisioned, Some(Warming)),
-            (Booting, WarmProvisioned, None),
+            (Warming, Provisioned, None),
             (Warming, GuestReady, Some(Waiting)),
             (Warming, Bind, None),
             (Warming, TookJob, None),
@@ -178,6 +183,9 @@ mod tests {
             (Waiting, DomainStopped, Some(TearingDown)),
             (Waiting, Reap, Some(TearingDown)),
             (Binding, Bound, Some(Booting)),
+            (Binding, BindDeferred, Some(Waiting)),
+            (Waiting, BindDeferred, None),
+            (Booting, BindDeferred, None),
             (Binding, Bind, None),
             (Binding, RunnerOnline, Some(Idle)),
             (Binding, TookJob, Some(Busy)),
@@ -222,11 +230,14 @@ mod tests {
             "unless it never does"
         );
         assert_eq!(expired(&vm(TearingDown, 7200, 7200, now), pool, grace, now), None);
-        // Warm VMs: boot within the registration timeout, wait at most warm_max_age (30m).
+        // Every VM boots within the registration timeout; a warm one waits at most
+        // warm_max_age (30m).
+        let warm = |state, created_ago, since_ago| VmRec { warm: true, ..vm(state, created_ago, since_ago, now) };
         assert_eq!(expired(&vm(Warming, 299, 299, now), pool, grace, now), None);
         assert_eq!(expired(&vm(Warming, 300, 300, now), pool, grace, now), Some(Reason::RegistrationTimeout));
-        assert_eq!(expired(&vm(Waiting, 1799, 1000, now), pool, grace, now), None);
-        assert_eq!(expired(&vm(Waiting, 1800, 1000, now), pool, grace, now), Some(Reason::WarmRecycled));
+        assert_eq!(expired(&warm(Warming, 300, 300), pool, grace, now), Some(Reason::RegistrationTimeout));
+        assert_eq!(expired(&warm(Waiting, 1799, 1000), pool, grace, now), None);
+        assert_eq!(expired(&warm(Waiting, 1800, 1000), pool, grace, now), Some(Reason::WarmRecycled));
         assert_eq!(expired(&vm(Binding, 3000, 599, now), pool, grace, now), None);
         assert_eq!(expired(&vm(Binding, 3000, 600, now), pool, grace, now), Some(Reason::BindFailed));
     }
@@ -237,6 +248,17 @@ mod tests {
         let booting = vm(Booting, 10, 10, now);
         assert!(counts_as_failure(&booting, Reason::Stopped));
         assert!(counts_as_failure(&booting, Reason::RegistrationTimeout));
+        assert!(counts_as_failure(&booting, Reason::BindFailed));
+        // A cold VM that never waits, or never takes its command, costs its job an attempt;
+        // a warm VM does not (its job goes the cold path).
+        for state in [Warming, Waiting, Binding] {
+            let cold = vm(state, 10, 10, now);
+            assert!(counts_as_failure(&cold, Reason::RegistrationTimeout), "{state:?}");
+            assert!(counts_as_failure(&cold, Reason::BindFailed), "{state:?}");
+            let warm = VmRec { warm: true, ..cold };
+            assert!(!counts_as_failure(&warm, Reason::RegistrationTimeout), "{state:?}");
+            assert!(!counts_as_failure(&warm, Reason::BindFailed), "{state:?}");
+        }
         assert!(!counts_as_failure(&booting, Reason::Surplus));
         assert!(!counts_as_failure(&booting, Reason::ProvisionFailed));
         assert!(!counts_as_failure(&booting, Reason::DiskError), "a full disk is the host's fault");

@@ -1,21 +1,24 @@
-//! Warm pools with late binding. A warm VM boots from the pool's image with no GitHub
-//! credential at all and waits; when a job arrives for its pool, the job's runner
-//! credential is made then and delivered into it over a virtio-serial port (the same
-//! commands a cold VM's cloud-init runs), and it becomes that job's runner.
+//! Late binding, and warm pools. Every VM boots from its pool's image with no GitHub
+//! credential at all and waits on its bind port; its job's runner credential is made when
+//! the job is bound to it and delivered into it over that virtio-serial port. A cold VM is
+//! made for a job and bound to it as soon as its guest waits; a warm VM waits for a job to
+//! arrive for its pool.
 //!
-//! - [`Scheduler::start_warm`]: a new warm VM (`rv-<pool>-w<seq>`), provisioned like any
-//!   other but without a credential and with the bind port.
-//! - [`Scheduler::watch_warm_vms`]: a warming VM is watched until its guest opened the
-//!   port (libvirt's view of it, nothing read from the guest), then it is `Waiting`.
-//! - [`Scheduler::start_bind`]: [`super::demand::plan`] chose a waiting VM for a job.
-//! - [`Scheduler::on_bound`]: delivered (it boots its runner as a cold VM would), or not:
-//!   the VM is destroyed with its runner registration and the job goes the cold path. A
-//!   binding a restart cut short is resumed from what libvirt says of the guest's port.
+//! - [`Scheduler::start_warm`]: a new warm VM (`rv-<pool>-w<seq>`), made for no job.
+//! - [`Scheduler::watch_guests`]: a warming VM (cold or warm) is watched until its guest
+//!   opened the port (libvirt's view of it, nothing read from the guest), then it is
+//!   `Waiting`; a cold one is bound to its job at once.
+//! - [`Scheduler::start_bind`]: [`super::demand::plan`] chose a waiting warm VM for a job,
+//!   or a cold VM's guest waits.
+//! - [`Scheduler::on_bound`]: delivered (it boots its runner), or not: the VM is destroyed
+//!   with its runner registration; a warm VM's job goes the cold path, a cold VM's failure
+//!   is one of its job's attempts. A binding a restart cut short is resumed from what
+//!   libvirt says of the guest's port.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::event::{Event, spawn_reporting};
 use super::provision::{self, BindError, BindTimes};
@@ -65,7 +68,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Watches every warming VM that is not watched yet (new ones, and those a restart
     /// found), and finds out how far bindings a restart cut short got
     /// ([`provision::resume_bind`]).
-    pub(super) fn watch_warm_vms(&mut self) {
+    pub(super) fn watch_guests(&mut self) {
         let jobs = &self.book.jobs;
         self.warm.cold_only.retain(|id| jobs.get(id).is_some_and(|j| j.is_unserved()));
         let unwatched: Vec<(String, VmState)> = self
@@ -112,23 +115,60 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 if self.transition(&name, Input::GuestReady) {
                     let vm = &self.book.vms[&name];
                     let booted = self.now().duration_since(vm.created_at).unwrap_or_default();
-                    info!(vm = %name, pool = %vm.pool, boot_ms = booted.as_millis() as u64, "warm vm waiting for a job");
+                    if vm.warm {
+                        info!(vm = %name, pool = %vm.pool, boot_ms = booted.as_millis() as u64, "warm vm waiting for a job");
+                        return;
+                    }
+                    // A cold VM: [`Scheduler::bind_cold_vms`] starts its job's runner now.
+                    debug!(vm = %name, pool = %vm.pool, job_id = vm.job_id, boot_ms = booted.as_millis() as u64, "vm waiting for its job's runner command");
                 }
             }
             Err(e) => {
                 // The watch itself failed (a panic): a VM nobody watches could never serve.
-                warn!(vm = %name, error = %e, "cannot watch the warm vm's guest: replacing the vm");
+                warn!(vm = %name, error = %e, "cannot watch the vm's guest: replacing the vm");
                 self.reap(&name, Reason::RegistrationTimeout);
             }
         }
     }
 
-    /// Gives the waiting warm VM `vm_name` the job `job_id`: commits the binding, then
-    /// makes and delivers the credential in a task.
+    /// Binds every cold VM whose guest waits to the job it was made for, unless its pool
+    /// backs off (GitHub failed to make a credential): then at the end of the back-off.
+    pub(super) fn bind_cold_vms(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<(String, u64, String)> = self
+            .book
+            .vms
+            .values()
+            .filter(|v| !v.warm && v.state == VmState::Waiting && v.reap.is_none())
+            .filter(|v| !self.work.contains_key(&v.name) && !self.lifecycle.backing_off(&v.pool, now))
+            .map(|v| (v.name.clone(), v.job_id, v.pool.clone()))
+            .collect();
+        for (name, job_id, pool) in due {
+            match self.config.pool(&pool).cloned() {
+                Some(pool) => self.start_bind(job_id, &name, &pool),
+                // Its pool was removed while it booted: it goes with it.
+                None => self.reap(&name, Reason::Surplus),
+            }
+        }
+    }
+
+    /// Gives the waiting VM `vm_name` the job `job_id` (a warm VM: the job demand chose for
+    /// it; a cold VM: the job it was made for): commits the binding, then makes and
+    /// delivers the credential in a task.
     pub(super) fn start_bind(&mut self, job_id: u64, vm_name: &str, pool: &PoolConfig) {
-        let Some(job) = self.book.jobs.get(&job_id) else { return };
-        let (run_id, repository, job_url) = (job.info.run_id, job.info.repository.clone(), job.info.html_url.clone());
-        let (workflow, job_name) = (job.info.workflow_name.clone(), job.info.name.clone());
+        let Some(vm) = self.book.vms.get(vm_name) else { return };
+        let (run_id, repository, job_url, workflow, job_name) = match self.book.jobs.get(&job_id) {
+            Some(job) => (
+                job.info.run_id,
+                job.info.repository.clone(),
+                job.info.html_url.clone(),
+                job.info.workflow_name.clone(),
+                job.info.name.clone(),
+            ),
+            // A cold VM whose job left the book meanwhile: its own record says what it is.
+            None if !vm.warm => (vm.run_id, vm.repository.clone(), vm.job_url.clone(), String::new(), String::new()),
+            None => return,
+        };
         if !self.transition(vm_name, Input::Bind) {
             return;
         }
@@ -148,7 +188,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.begin_teardown(vm_name, Reason::BindFailed);
             return;
         }
-        info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %vm_name, "binding warm vm to job");
+        let what = if vm.warm { "binding warm vm to job" } else { "binding vm to its job" };
+        info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %vm_name, "{what}");
         let plan = self.plan(vm, pool, workflow, job_name);
         let ctx = self.ctx.clone();
         let (n, failed) = (vm_name.to_string(), vm_name.to_string());
@@ -174,13 +215,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Ok(times) => {
                 let total = times.credential + times.delivery;
-                self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, "warm")).inc();
+                if vm.warm {
+                    // A cold VM was counted when it was made for its job.
+                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, "warm")).inc();
+                }
                 self.metrics.bind_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(total.as_secs_f64());
                 info!(
                     vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id,
                     credential_ms = millis(times.credential),
                     delivery_ms = millis(times.delivery),
-                    "warm vm bound: its runner starts now"
+                    "{}", if vm.warm { "warm vm bound: its runner starts now" } else { "vm bound to its job: its runner starts now" }
                 );
                 self.transition(&name, Input::Bound);
                 if let Some(reason) = vm.reap {
@@ -192,10 +236,26 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "the guest never took its command before the restart: replacing the vm");
                 self.begin_teardown(&name, Reason::Interrupted);
             }
-            Err(e) => {
+            Err(e @ BindError::Credential(_)) if !vm.warm => {
+                // GitHub's failure, not the VM's: nothing reached the guest, which still
+                // waits. The pool backs off, then the VM is bound again.
+                self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
+                warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "cannot make the runner credential; the vm waits and is bound again after the pool's back-off");
+                self.transition(&name, Input::BindDeferred);
+                self.bump_backoff(&vm.pool);
+                if let Some(reason) = vm.reap {
+                    self.reap(&name, reason);
+                }
+            }
+            Err(e) if vm.warm => {
                 self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
                 error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "warm vm did not take its job: destroying it; the job boots a vm of its own");
                 self.warm.cold_only.insert(vm.job_id);
+                self.begin_teardown(&name, Reason::BindFailed);
+            }
+            Err(e) => {
+                self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
+                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "vm did not take its job's runner command: destroying it (is the image's runnervisor-warm program current?)");
                 self.begin_teardown(&name, Reason::BindFailed);
             }
         }

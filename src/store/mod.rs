@@ -522,7 +522,6 @@ pub(crate) mod tests {
             created_at: now,
             state_since: now,
             took_job: None,
-            seed_removed: false,
             reap: None,
             warm: false,
             runner_done: false,

@@ -156,12 +156,22 @@ pub struct Sim {
     pub http: reqwest::Client,
 }
 
+/// What every registration token of the tests' simulators begins with: a marker planted
+/// so that a job can search its VM for its credential.
+pub const TOKEN_MARKER: &str = "AQRVSECRETMARKERQ";
+
+/// The files of its runner's own identity the runner keeps for its one job (what a JIT
+/// config unpacks into, or `config.sh` writes), which a credential search does not count.
+pub const RUNNER_KEEPS: &[&str] =
+    &["/opt/actions-runner/.runner", "/opt/actions-runner/.credentials", "/opt/actions-runner/.credentials_rsaparams"];
+
 impl Sim {
     /// A simulator on the lab network's gateway, where both the agent (on the host) and
     /// the runners (in fenced VMs, through the allow-list) reach it.
     pub async fn start(webhook_url: Option<String>, tweak: impl FnOnce(&mut github_sim::SimConfig)) -> Sim {
         let mut c = github_sim::SimConfig::new(PAT, SECRET);
         c.webhook_url = webhook_url;
+        c.registration_token_prefix = TOKEN_MARKER.into();
         tweak(&mut c);
         let addr = std::net::SocketAddr::from((lab_gateway(), 0));
         let handle = github_sim::SimHandle::start_on(c, addr)
@@ -172,6 +182,48 @@ impl Sim {
 
     pub fn url(&self) -> String {
         self.handle.url()
+    }
+
+    /// Queues a job whose script searches its VM, as root, for its runner's credential (a
+    /// registration token, [`TOKEN_MARKER`], or a JIT config, by the opening every one of
+    /// this simulator's begins with) in every file but [`RUNNER_KEEPS`], and in every
+    /// process's arguments and environment (`tests/isolation/credential_search.py`).
+    pub async fn queue_credential_search(&self, repo: &str, labels: &[&str]) -> u64 {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let reversed_hex = |m: &str| m.bytes().rev().map(|b| format!("{b:02x}")).collect::<String>();
+        let markers = [TOKEN_MARKER.to_string(), github_sim::api::jit_config_fingerprint()];
+        let cfg = json!({
+            "sim": self.guest_url(),
+            "markers": markers.iter().map(|m| reversed_hex(m)).collect::<Vec<_>>(),
+            "kept": RUNNER_KEEPS,
+        });
+        let code = b64(include_str!("../isolation/credential_search.py"));
+        let script = format!(
+            "sudo -n python3 -c \"import base64,sys; exec(base64.b64decode('{code}'))\" {}",
+            b64(&cfg.to_string())
+        );
+        self.queue_with(json!({"repo": repo, "labels": labels, "script": script})).await
+    }
+
+    /// The credential search's report from `vm`: it ran as root, searched, found nothing.
+    pub async fn assert_credential_not_found(&self, vm: &str) {
+        let reports: Value =
+            self.http.get(format!("{}/_sim/reports", self.url())).send().await.unwrap().json().await.unwrap();
+        let report = reports
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["role"] == "credential-search" && r["vm"] == vm)
+            .unwrap_or_else(|| panic!("no credential search report from {vm}: {reports}"));
+        assert_eq!(report["uid"], 0, "the search ran as root: {report}");
+        assert!(report["files"].as_u64().unwrap_or(0) > 1000, "it searched the filesystem: {report}");
+        assert!(report["processes"].as_u64().unwrap_or(0) > 10, "and the processes: {report}");
+        assert_eq!(report["hits"], json!([]), "the runner's credential is readable inside {vm}: {report}");
+        eprintln!(
+            "{vm}: credential search as root found nothing in {} files and {} processes",
+            report["files"], report["processes"]
+        );
     }
 
     pub fn guest_url(&self) -> String {
@@ -277,7 +329,7 @@ pub fn test_domain_xml(
     test_domain_xml_with(name, overlay, seed, console_log, job_id, network, false)
 }
 
-/// [`test_domain_xml`], of a warm VM (with the bind port) when `warm`.
+/// [`test_domain_xml`], whose metadata says it is a warm VM when `warm`.
 pub fn test_domain_xml_with(
     name: &str,
     overlay: &Path,
@@ -316,7 +368,6 @@ pub fn test_domain_xml_with(
         title: "runnervisor test VM",
         description: "a test VM",
         metadata: &meta,
-        bind_channel: warm,
     })
 }
 

@@ -3,16 +3,21 @@
 
 use super::*;
 
+/// GitHub failing to make a credential is not the VM's fault: the VM keeps waiting, the
+/// pool backs off, and the same VM is bound once GitHub answers.
 #[tokio::test(start_paused = true)]
 async fn api_failures_back_off_and_the_job_is_still_served() {
     let mut h = harness("");
     h.gh.lock().fail_calls.insert("jit", 2);
     h.deliver(JobAction::Queued, info(51, LABELS, None));
-    let s =
-        h.wait_for("a VM despite API errors", Duration::from_secs(20), |_, hv| hv.running() == ["rv-small-51-3"]).await;
+    h.wait_for("bound despite API errors", Duration::from_secs(20), |_, hv| hv.lock().delivered.len() == 1).await;
+    let s = h.status().await;
+    assert_eq!(h.hv.running(), ["rv-small-51"], "the same VM waited: {s:#?}");
+    assert_eq!(h.hv.lock().started_total, 1);
     assert_eq!(s.queued.len(), 1, "the job was never dropped");
     let m = h.metrics.render();
-    assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="credential"} 2"#), "{m}");
+    assert!(m.contains(r#"runnervisor_bind_failures_total{pool="small",step="credential"} 2"#), "{m}");
+    assert!(!m.contains("runnervisor_teardowns_total{"), "nothing torn down: {m}");
     // The pool backed off between the attempts: 2 s after the first failure, 4 s after
     // the second (lower bounds: a slow machine only adds to them).
     let (calls, jit): (Vec<String>, Vec<Instant>) = {
@@ -23,7 +28,25 @@ async fn api_failures_back_off_and_the_job_is_still_served() {
     assert_eq!(jit.len(), 3, "{calls:?}");
     assert!(jit[1] - jit[0] >= Duration::from_secs(2), "first back-off: {:?}", jit[1] - jit[0]);
     assert!(jit[2] - jit[1] >= Duration::from_secs(4), "doubled: {:?}", jit[2] - jit[1]);
+    h.run_job_on("rv-small-51", 51);
+    h.wait("served", |s, _| s.queued.is_empty() && s.vms.is_empty()).await;
     h.shutdown().await;
+}
+
+/// A cold VM whose guest never takes its runner command (an image without the guest unit,
+/// or a broken one) costs its job an attempt, like a VM that dies: replaced, then given up.
+#[tokio::test(start_paused = true)]
+async fn a_cold_vm_that_ignores_its_runner_command_is_replaced_then_the_job_given_up() {
+    let mut h = harness("max_attempts = 2");
+    h.hv.lock().guests_deaf.extend(["rv-small-66".to_string(), "rv-small-66-2".to_string()]);
+    h.deliver(JobAction::Queued, info(66, LABELS, None));
+    h.wait("given up", |s, hv| s.queued.is_empty() && s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_bind_failures_total{pool="small",step="delivery"} 2"#), "{m}");
+    assert!(m.contains(r#"runnervisor_jobs_failed_total{pool="small"} 1"#), "{m}");
+    let (gh, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().started_total, 2, "no third VM");
+    assert!(gh.runner_names().is_empty(), "the JIT runners made for them are deleted: {:?}", gh.runner_names());
 }
 
 #[tokio::test(start_paused = true)]

@@ -67,6 +67,13 @@ def parse_args(argv, with_value, switches):
             i += 2
         else:
             fail("Unrecognized command-line input arguments: '%s'" % key)
+    # As the real runner: ACTIONS_RUNNER_INPUT_<ARG> gives an argument's value (a secret
+    # then stays off the command line), and is removed from the environment once read.
+    for key in with_value:
+        env = "ACTIONS_RUNNER_INPUT_" + key.upper()
+        value = os.environ.pop(env, "").strip()
+        if value and key not in opts:
+            opts[key] = value
     return opts
 
 
