@@ -47,11 +47,12 @@ async fn main() {
         let image = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(&name)).unwrap();
         let seed_path = hv.create_seed(&name, &image).unwrap();
         let console_log = console_dir().join(format!("{name}.log"));
-        let xml = test_domain_xml(&name, &overlay, &seed_path, &console_log, i as u64, &network);
+        let xml = test_domain_xml(&hv, &name, &overlay, &seed_path, &console_log, i as u64, &network);
         hv.define(&name, &xml).unwrap();
         hv.start(&name).unwrap();
         let took = t.elapsed().as_secs_f64() * 1000.0;
         assert!(hv.teardown(&name).is_empty());
+        hv.release_address(NETWORK, &name).unwrap();
         took
     };
 

@@ -11,6 +11,7 @@ use crate::github::GitHub;
 use crate::github::app::AppSigner;
 use crate::github::http::{Auth, HttpGitHub, RetryPolicy};
 use crate::hypervisor::libvirt::Libvirt;
+use crate::hypervisor::network;
 use crate::hypervisor::{self, Hypervisor};
 use crate::images;
 use crate::secret::credentials_dir;
@@ -241,6 +242,12 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
         Err(e) => lines.push(bad("domain type", e, "check `virsh capabilities`")),
     }
     lines.push(check_fence(config, &lv).await);
+    if let NetworkConfig::Network { name, .. } = &config.libvirt.network {
+        let (lv, n) = (lv.clone(), name.clone());
+        if let Ok(dhcp) = tokio::task::spawn_blocking(move || lv.network_dhcp(&n)).await.expect("join") {
+            lines.push(dhcp_line(name, &dhcp));
+        }
+    }
     match lv.security_models() {
         Ok(models) if models.iter().any(|m| m == "apparmor" || m == "selinux") => {
             lines.push(ok("security driver", format!("QEMU is confined by {}", models.join(" + "))))
@@ -321,6 +328,36 @@ async fn check_fence(config: &Config, lv: &Arc<Libvirt>) -> Line {
         }
     }
 }
+
+/// Whether the network's DHCP server answers the VMs' reserved addresses only.
+fn dhcp_line(name: &str, dhcp: &network::Dhcp) -> Line {
+    let what = "network addresses";
+    let (start, end) = match dhcp.range {
+        Some((a, b)) => (a.to_string(), b.to_string()),
+        None => {
+            return warn(what, format!("libvirt network {name} has no DHCP range: VMs get no address"), NETWORK_FIX);
+        }
+    };
+    if dhcp.known_only {
+        ok(
+            what,
+            format!(
+                "each VM gets a fixed address of {start}–{end} ({} held now); the DHCP server answers no other client",
+                dhcp.hosts.len()
+            ),
+        )
+    } else {
+        warn(
+            what,
+            format!(
+                "libvirt network {name} leases {start}–{end} to any client: a job can take every address (and VMs get learned addresses, not fixed ones)"
+            ),
+            NETWORK_FIX,
+        )
+    }
+}
+
+const NETWORK_FIX: &str = "define the network again: runnervisor-network (scripts/setup-host in the lab) adds dnsmasq's dhcp-ignore=tag:!known";
 
 fn check_pool_image(pool: &crate::config::PoolConfig, lines: &mut Vec<Line>) {
     let what = format!("pool {} image", pool.name);
@@ -427,5 +464,24 @@ async fn check_github(config: &Config, auth: Auth, lines: &mut Vec<Line>) {
             Ok(_) => lines.push(ok("webhook deliveries", "readable: missed deliveries can be redelivered")),
             Err(e) => lines.push(bad("webhook deliveries", e, "check github.hook (type and id); the credential needs webhook read access (repo/org Administration or admin:*_hook)")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_leasing_to_anyone_is_warned_about() {
+        use crate::hypervisor::network::Dhcp;
+        let range = Some(("198.51.100.10".parse().unwrap(), "198.51.100.250".parse().unwrap()));
+        let open = dhcp_line("runnervisor", &Dhcp { range, hosts: vec![], known_only: false });
+        let text = render(&[open]);
+        assert!(
+            text.contains("leases 198.51.100.10–198.51.100.250 to any client") && text.contains("dhcp-ignore"),
+            "{text}"
+        );
+        let known = render(&[dhcp_line("runnervisor", &Dhcp { range, hosts: vec![], known_only: true })]);
+        assert!(known.contains("fixed address") && !known.contains("dhcp-ignore"), "{known}");
     }
 }

@@ -116,7 +116,8 @@ pub struct FenceSpec<'a> {
     pub filter: &'a str,
     /// The libvirt network's own address (DHCP and DNS are allowed to it); `None` on a bridge.
     pub gateway: Option<Ipv4Addr>,
-    /// Every IPv4 address of this host (all blocked unless allow-listed).
+    /// Every IPv4 address of this host, and of the other hosts a job must not reach (the
+    /// fleet's other members, its database): all blocked unless allow-listed.
     pub host_addrs: &'a [Ipv4Addr],
     pub allow: &'a [AllowEntry],
 }
@@ -173,14 +174,39 @@ fn rule(x: &mut Xml, action: &str, priority: &str, addr: Ipv4Addr, prefix: u8, l
 }
 
 /// The nwfilter (name, XML) a fenced `network` needs on this host now: its allow-list,
-/// the network's `gateway`, and this host's current addresses. `None` for `user` mode.
+/// the network's `gateway`, this host's current addresses and `also` (the fleet's other
+/// members and its database). `None` for `user` mode.
 pub fn filter_for(
     network: &crate::config::NetworkConfig,
     gateway: Option<Ipv4Addr>,
+    also: &[Ipv4Addr],
 ) -> Result<Option<(String, String)>, std::io::Error> {
     let Some((filter, allow)) = network.fence() else { return Ok(None) };
-    let host_addrs = host_addresses()?;
+    let mut host_addrs = host_addresses()?;
+    host_addrs.extend_from_slice(also);
     Ok(Some((filter.to_string(), filter_xml(&FenceSpec { filter, gateway, host_addrs: &host_addrs, allow }))))
+}
+
+/// What else the fence drops besides this host's own addresses, kept up to date by the
+/// scheduler (fleet mode: the other members' addresses from their heartbeats, the
+/// database's from its name) and read by every provisioning.
+#[derive(Debug, Default)]
+pub struct Others(std::sync::RwLock<Vec<Ipv4Addr>>);
+
+impl Others {
+    pub fn get(&self) -> Vec<Ipv4Addr> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets the list (sorted, without duplicates); whether it changed.
+    pub fn set(&self, mut addrs: Vec<Ipv4Addr>) -> bool {
+        addrs.sort();
+        addrs.dedup();
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *current != addrs;
+        *current = addrs;
+        changed
+    }
 }
 
 /// Every IPv4 address configured on this host's interfaces. An error (e.g. netlink
@@ -325,6 +351,19 @@ mod tests {
             want.push(r("drop", &format!("{net}/{prefix}"), "all"));
         }
         assert_eq!(rules(&xml), want);
+    }
+
+    #[test]
+    fn other_hosts_of_the_fleet_are_dropped_like_this_one() {
+        let net = crate::config::NetworkConfig::default();
+        let (_, xml) = filter_for(&net, None, &[Ipv4Addr::new(203, 0, 113, 7)]).unwrap().unwrap();
+        assert!(rules(&xml).contains(&r("drop", "203.0.113.7/32", "all")), "{xml}");
+        let (_, without) = filter_for(&net, None, &[]).unwrap().unwrap();
+        assert!(!without.contains("203.0.113.7"));
+        let others = Others::default();
+        assert!(others.set(vec![Ipv4Addr::new(1, 2, 3, 4), Ipv4Addr::new(1, 2, 3, 4)]));
+        assert!(!others.set(vec![Ipv4Addr::new(1, 2, 3, 4)]), "unchanged");
+        assert_eq!(others.get(), [Ipv4Addr::new(1, 2, 3, 4)]);
     }
 
     #[test]

@@ -177,6 +177,15 @@ fn wait_exit(agent: &mut Agent, timeout: Duration) -> Option<std::process::ExitS
     None
 }
 
+/// The MACs the lab network's DHCP server holds leases for now.
+fn network_leases() -> Vec<String> {
+    let out = std::process::Command::new("virsh").args(["-c", URI, "net-dhcp-leases", NETWORK]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.matches(':').count() == 5).map(str::to_string))
+        .collect()
+}
+
 /// kill -9 at each provisioning step, restart, every job served once.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill kill-agent"]
@@ -607,14 +616,22 @@ async fn drill_isolation() {
         json!({"name": "second job VM", "kind": "peer", "port": peer_port, "expect": "blocked"}),
         json!({"name": "spoofed source address", "kind": "spoof", "source": "198.51.100.222",
                "host": lab::PUBLIC.to_string(), "port": 80, "expect": "blocked"}),
+        json!({"name": "DHCP lease exhaustion (30 forged clients)", "kind": "dhcp-flood", "count": 30,
+               "request": "198.51.100.200", "expect": "blocked"}),
+        json!({"name": "runner credential readable as root", "kind": "credential", "expect": "blocked"}),
         tcp("allow-listed simulator (gateway)", gw, sim_port, "allowed"),
         tcp("public server through the NAT", lab::PUBLIC, 80, "allowed"),
         udp("DNS at the gateway", gw, "allowed"),
     ];
     let sim_url = d.sim.url();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let (dhcp_code, search_code) =
+        (b64(include_str!("isolation/dhcp.py")), b64(include_str!("isolation/credential_search.py")));
+    let search_cfg = d.sim.credential_search_cfg();
     let script = |role: &str| {
         let cfg = json!({"role": role, "sim": sim_url, "gateway": gw.to_string(), "wait": 240,
-                         "peer_port": peer_port, "probes": probes});
+                         "peer_port": peer_port, "probes": probes, "dhcp_code": dhcp_code,
+                         "search_code": search_code, "search_cfg": search_cfg});
         let b64 = base64::engine::general_purpose::STANDARD.encode(cfg.to_string());
         let code = base64::engine::general_purpose::STANDARD.encode(include_str!("isolation/probe.py"));
         format!("python3 -c \"import base64,sys; exec(base64.b64decode('{code}'))\" {b64}")
@@ -675,7 +692,10 @@ async fn drill_isolation() {
         );
     }
     // The servers' side: nothing that should be blocked saw a connection.
+    // Leases the network's DHCP server holds for clients that are no VM's reservation.
+    let foreign_leases = network_leases().into_iter().filter(|mac| !mac.starts_with("52:54:00:")).count();
     let server_leaks = [
+        ("DHCP leases of unknown clients", foreign_leases),
         ("host loopback listener", on_loopback.accepted()),
         ("gateway listener", on_gateway.accepted()),
         ("uplink listener", on_uplink.accepted()),

@@ -82,7 +82,13 @@ async fn one_job_enterprise_scope_jit_mode_pat_auth() {
     .await;
     assert_no_runners(&sim, &agent).await;
     agent.assert_clean(&hv);
-    let ms = teardown_ms(&agent);
+    // The teardown reports once the VM's address is released too, after its domain and
+    // volumes are gone.
+    let ms = wait_for("the teardown reported", Duration::from_secs(30), async || {
+        let ms = teardown_ms(&agent);
+        (!ms.is_empty()).then_some(ms)
+    })
+    .await;
     eprintln!("teardown durations (ms): {ms:?}");
     assert_eq!(ms.len(), 1, "{}", agent.log_tail());
 

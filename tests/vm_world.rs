@@ -36,7 +36,7 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     let seed_path = hv.create_seed(name, &seed_img).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077, 0, "seed readable by others");
-    let xml = test_domain_xml_with(name, &overlay, &seed_path, &console_log, job, &network, true);
+    let xml = test_domain_xml_with(&hv, name, &overlay, &seed_path, &console_log, job, &network, true);
     hv.define(name, &xml).unwrap();
     let mut started = Instant::now();
     hv.start(name).unwrap();
@@ -175,12 +175,12 @@ async fn the_fence_filter_is_redefined_in_place() {
     };
     let _fence = TestFence::up(&hv, &network(&[]));
     let (_, second) =
-        runnervisor::fence::filter_for(&network(&["10.20.0.5:443"]), Some(lab_gateway())).unwrap().unwrap();
+        runnervisor::fence::filter_for(&network(&["10.20.0.5:443"]), Some(lab_gateway()), &[]).unwrap().unwrap();
     hv.define_filter(&name, &second).unwrap();
     let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "nwfilter-dumpxml", &name]));
     assert!(dumped.contains("dstipaddr='10.20.0.5'"), "the second definition is in force:\n{dumped}");
     // A second agent process (fresh cache) redefines it too.
     let (other, _ev) = libvirt();
-    let (_, first) = runnervisor::fence::filter_for(&network(&[]), Some(lab_gateway())).unwrap().unwrap();
+    let (_, first) = runnervisor::fence::filter_for(&network(&[]), Some(lab_gateway()), &[]).unwrap().unwrap();
     other.define_filter(&name, &first).unwrap();
 }

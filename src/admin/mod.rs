@@ -353,6 +353,7 @@ mod tests {
                         held: 3,
                         version: "0.1.0".into(),
                         seen_secs_ago: 7,
+                        addresses: vec![],
                     })
                     .into(),
             }),

@@ -211,6 +211,14 @@ impl NetworkConfig {
             NetworkConfig::User { .. } => None,
         }
     }
+
+    /// The libvirt network VMs join (`network` mode), where each gets a reserved address.
+    pub fn libvirt_network(&self) -> Option<&str> {
+        match self {
+            NetworkConfig::Network { name, .. } => Some(name),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -44,6 +44,9 @@ pub struct MemberInfo {
     /// Seconds since its last heartbeat (filled when read).
     #[serde(default)]
     pub seen_secs_ago: u64,
+    /// Its IPv4 addresses (the other members' fences drop them).
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// The seam between the scheduler and the fleet's claims (PostgreSQL, or memory in tests).
@@ -140,11 +143,11 @@ impl Claims for PgClaims {
             let c = client(&pool).await?;
             let n = |v: u32| v as i32;
             c.execute(
-                "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, warm_target, seen_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, now()) \
+                "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, warm_target, addresses, seen_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
                  ON CONFLICT (host_id) DO UPDATE SET max_vms = EXCLUDED.max_vms, vms = EXCLUDED.vms, \
                    warm_waiting = EXCLUDED.warm_waiting, held = EXCLUDED.held, version = EXCLUDED.version, \
-                   warm_target = EXCLUDED.warm_target, seen_at = now()",
+                   warm_target = EXCLUDED.warm_target, addresses = EXCLUDED.addresses, seen_at = now()",
                 &[
                     &me.host_id,
                     &n(me.max_vms),
@@ -153,13 +156,14 @@ impl Claims for PgClaims {
                     &n(me.held),
                     &me.version,
                     &n(me.warm_target),
+                    &me.addresses,
                 ],
             )
             .await?;
             let rows = c
                 .query(
                     "SELECT host_id, max_vms, vms, warm_waiting, held, version, \
-                       extract(epoch FROM now() - seen_at)::int8, warm_target \
+                       extract(epoch FROM now() - seen_at)::int8, warm_target, addresses \
                      FROM rv_members WHERE seen_at > now() - interval '1 hour' ORDER BY host_id",
                     &[],
                 )
@@ -175,6 +179,7 @@ impl Claims for PgClaims {
                     version: r.get(5),
                     seen_secs_ago: r.get::<_, i64>(6).max(0) as u64,
                     warm_target: r.get::<_, i32>(7) as u32,
+                    addresses: r.get(8),
                 })
                 .collect())
         })
@@ -258,6 +263,11 @@ pub struct MemoryBoard {
 
 #[cfg(test)]
 impl MemoryBoard {
+    /// A member's heartbeat, as if it had written it.
+    pub fn heard(&self, member: MemberInfo) {
+        self.members.lock().expect("board").insert(member.host_id.clone(), member);
+    }
+
     /// The job is in the fleet's queue (or no longer queued).
     pub fn set_queued(&self, job: u64, queued: bool) {
         let mut jobs = self.jobs.lock().expect("board");

@@ -58,6 +58,35 @@ pub fn tls(ca_file: Option<&Path>) -> Result<MakeTlsConnector, FleetError> {
     Ok(MakeTlsConnector::new(connector))
 }
 
+/// The IPv4 addresses the fleet's database is reached at (its URL's hosts, resolved; a
+/// Unix socket has none): every member's fence drops them, since a job must not reach
+/// the queue's server. Empty when the URL cannot be read or the name not resolved.
+pub async fn database_addresses(url: &str) -> Vec<std::net::Ipv4Addr> {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else { return Vec::new() };
+    let ports = config.get_ports();
+    let mut out: Vec<std::net::Ipv4Addr> = config
+        .get_hostaddrs()
+        .iter()
+        .filter_map(|a| match a {
+            std::net::IpAddr::V4(v4) => Some(*v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        let tokio_postgres::config::Host::Tcp(name) = host else { continue };
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        if let Ok(addrs) = tokio::net::lookup_host((name.as_str(), port)).await {
+            out.extend(addrs.filter_map(|a| match a.ip() {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            }));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Longest a statement of the intake or the mirror may take: a delivery is answered 503
 /// rather than held, and the mirror can tell a gap in the log that will never fill (see
 /// [`mirror::ready`]) from one that still may.
@@ -206,4 +235,17 @@ pub async fn probe(pool: &Pool) -> Result<Probe, FleetError> {
         }
     }
     Ok(Probe { server_version: row.get(0), database: row.get(1), user: row.get(2), schema: schema_version, missing })
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn the_databases_addresses_come_from_its_url() {
+        let a = super::database_addresses("postgres://rv@127.0.0.5:5433/x?sslmode=disable").await;
+        assert_eq!(a, [std::net::Ipv4Addr::new(127, 0, 0, 5)]);
+        let a = super::database_addresses("host=localhost,192.0.2.9 user=rv dbname=x").await;
+        assert!(a.contains(&std::net::Ipv4Addr::LOCALHOST) && a.contains(&"192.0.2.9".parse().unwrap()), "{a:?}");
+        assert!(super::database_addresses("host=/run/postgresql user=rv").await.is_empty(), "a Unix socket");
+        assert!(super::database_addresses("not a url ===").await.is_empty());
+    }
 }

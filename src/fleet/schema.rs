@@ -90,6 +90,14 @@ CREATE TABLE rv_runner_list (
 );
 "#,
     ),
+    (
+        4,
+        r#"
+-- Each member's IPv4 addresses: every member's fence drops the other members' too (their
+-- webhook and metrics listeners may be on public addresses a job could otherwise reach).
+ALTER TABLE rv_members ADD COLUMN addresses text[] NOT NULL DEFAULT '{}';
+"#,
+    ),
 ];
 
 /// The newest version this agent knows.

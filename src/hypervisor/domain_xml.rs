@@ -113,6 +113,9 @@ pub struct DomainSpec<'a> {
     pub network: &'a NetworkConfig,
     /// The libvirt network's own address, the only DHCP server trusted (fenced modes).
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// The VM's fixed place on the libvirt network (its MAC and address); `None` on a
+    /// bridge or slirp, where the address is learned.
+    pub address: Option<&'a super::network::Reservation>,
     pub title: &'a str,
     pub description: &'a str,
     pub metadata: &'a VmMetadata,
@@ -171,12 +174,19 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
             x.open("interface", &[("type", "bridge")]).empty("source", &[("bridge", name)])
         }
     };
+    if let Some(a) = spec.address {
+        x.empty("mac", &[("address", &a.mac)]);
+    }
     x.empty("model", &[("type", "virtio")]);
     if let Some((filter, _)) = spec.network.fence() {
-        // The guest's address is learned from the DHCP server's answer only (trusting the
+        // The guest's address: the one the agent reserved for it, known before its first
+        // packet; on a bridge, learned from the DHCP server's answer only (trusting the
         // network's own server when known), never from what the guest itself sends.
         x.open("filterref", &[("filter", filter)]);
-        x.empty("parameter", &[("name", "CTRL_IP_LEARNING"), ("value", "dhcp")]);
+        match spec.address {
+            Some(a) => x.empty("parameter", &[("name", "IP"), ("value", &a.ip.to_string())]),
+            None => x.empty("parameter", &[("name", "CTRL_IP_LEARNING"), ("value", "dhcp")]),
+        };
         if let Some(gw) = spec.gateway {
             x.empty("parameter", &[("name", "DHCPSERVER"), ("value", &gw.to_string())]);
         }
@@ -387,6 +397,7 @@ mod tests {
             cmdline: None,
             network: net,
             gateway: None,
+            address: None,
             title: NASTY,
             description: NASTY,
             metadata: m,
@@ -497,6 +508,25 @@ mod tests {
             .map(|p| (p.attribute("name").unwrap(), p.attribute("value").unwrap()))
             .collect();
         assert_eq!(params, [("CTRL_IP_LEARNING", "dhcp"), ("DHCPSERVER", "198.51.100.1")]);
+        // With its reserved address: its MAC, and the fence knows the address from the start.
+        let r = crate::hypervisor::network::Reservation {
+            vm: "rv-small-30000000001".into(),
+            mac: "52:54:00:33:64:0a".into(),
+            ip: "198.51.100.10".parse().unwrap(),
+        };
+        s.address = Some(&r);
+        let xml = domain(&s);
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let iface = doc.descendants().find(|n| n.has_tag_name("interface")).unwrap();
+        let mac = iface.children().find(|n| n.has_tag_name("mac")).unwrap();
+        assert_eq!(mac.attribute("address"), Some("52:54:00:33:64:0a"));
+        let fref = iface.children().find(|n| n.has_tag_name("filterref")).unwrap();
+        let params: Vec<(&str, &str)> = fref
+            .children()
+            .filter(|n| n.has_tag_name("parameter"))
+            .map(|p| (p.attribute("name").unwrap(), p.attribute("value").unwrap()))
+            .collect();
+        assert_eq!(params, [("IP", "198.51.100.10"), ("DHCPSERVER", "198.51.100.1")]);
     }
 
     #[test]

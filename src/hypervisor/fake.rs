@@ -20,6 +20,15 @@ pub fn golden_image(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
+/// The fake network's DHCP service: 198.51.100.10–250, known clients only.
+fn fake_dhcp() -> super::network::Dhcp {
+    super::network::Dhcp {
+        range: Some((std::net::Ipv4Addr::new(198, 51, 100, 10), std::net::Ipv4Addr::new(198, 51, 100, 250))),
+        hosts: Vec::new(),
+        known_only: true,
+    }
+}
+
 #[derive(Default)]
 pub struct FakeState {
     pub domains: BTreeMap<String, (DomainState, String)>,
@@ -51,6 +60,9 @@ pub struct FakeState {
     pub delivered: Vec<(String, String)>,
     /// Descriptions set on VMs, by VM.
     pub descriptions: BTreeMap<String, String>,
+    /// The network's DHCP host entries, by VM (`reserve_address`); its range is
+    /// `FAKE_DHCP_RANGE` unless set.
+    pub dhcp: Option<super::network::Dhcp>,
     /// Most VMs running at once, ever.
     pub peak_running: usize,
     pub started_total: usize,
@@ -123,6 +135,36 @@ impl Hypervisor for FakeHypervisor {
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {
         drop(self.up()?);
         Ok(crate::capacity::Host { cpus: 64, memory_mib: 256 * 1024, pool_gib: 10_000 })
+    }
+
+    fn reserve_address(&self, name: &str, vm: &str) -> Result<super::network::Reservation, HvError> {
+        let mut s = self.up()?;
+        if s.network_missing {
+            return Err(HvError::NetworkMissing { name: name.into() });
+        }
+        let dhcp = s.dhcp.get_or_insert_with(fake_dhcp);
+        if let Some(mine) = dhcp.hosts.iter().find(|h| h.vm == vm) {
+            return Ok(mine.clone());
+        }
+        let ip =
+            super::network::pick(dhcp, &[]).ok_or_else(|| HvError::NetworkFull { name: name.into(), vm: vm.into() })?;
+        let r = super::network::Reservation { vm: vm.into(), mac: super::network::mac_for(ip), ip };
+        dhcp.hosts.push(r.clone());
+        Ok(r)
+    }
+
+    fn release_address(&self, _name: &str, vm: &str) -> Result<(), HvError> {
+        let mut s = self.up()?;
+        s.dhcp.get_or_insert_with(fake_dhcp).hosts.retain(|h| h.vm != vm);
+        Ok(())
+    }
+
+    fn network_dhcp(&self, name: &str) -> Result<super::network::Dhcp, HvError> {
+        let mut s = self.up()?;
+        if s.network_missing {
+            return Err(HvError::NetworkMissing { name: name.into() });
+        }
+        Ok(s.dhcp.get_or_insert_with(fake_dhcp).clone())
     }
 
     fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError> {

@@ -23,7 +23,8 @@ use virt::stream::Stream;
 use virt::sys;
 
 use super::{
-    DomainState, HvError, HvEvent, Hypervisor, PREFIX, VmInfo, domain_xml, overlay_volume_name, seed_volume_name,
+    DomainState, HvError, HvEvent, Hypervisor, PREFIX, VmInfo, domain_xml, network, overlay_volume_name,
+    seed_volume_name,
 };
 
 static EVENT_LOOP: Once = Once::new();
@@ -60,6 +61,9 @@ pub struct Libvirt {
     /// The nwfilter XML this process last defined, by name: unchanged filters are not
     /// redefined (a redefinition rebuilds the rules of every VM using it).
     filters: Mutex<std::collections::HashMap<String, String>>,
+    /// Held while a free address is chosen and reserved: provisioning tasks run at once,
+    /// and two must not pick the same one.
+    reserving: Mutex<()>,
 }
 
 /// Options of the keeper thread.
@@ -67,6 +71,27 @@ const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 impl Libvirt {
+    /// The libvirt network `name`, which must exist and be active, and its live XML.
+    fn active_network(&self, name: &str) -> Result<(virt::network::Network, String), HvError> {
+        let conn = self.conn()?;
+        let net = conn.lookup_network_by_name(name).map_err(|e| match e.code() {
+            Enum::Known(ErrorNumber::NoNetwork) => HvError::NetworkMissing { name: name.into() },
+            _ => self.err("lookup network", name, e),
+        })?;
+        if !net.is_active().map_err(|e| self.err("network state", name, e))? {
+            return Err(HvError::NetworkMissing { name: name.into() });
+        }
+        let xml = net.xml_desc(0).map_err(|e| self.err("network XML", name, e))?;
+        Ok((net, xml))
+    }
+
+    /// A network update applies to the running network and, for a persistent one, to its
+    /// definition too (a restarted network keeps its reservations).
+    fn update_flags(&self, net: &virt::network::Network, name: &str) -> Result<sys::virNetworkUpdateFlags, HvError> {
+        let persistent = net.is_persistent().map_err(|e| self.err("network state", name, e))?;
+        Ok(sys::VIR_NETWORK_UPDATE_AFFECT_LIVE | if persistent { sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG } else { 0 })
+    }
+
     /// Connects to `uri` (retrying in the background while libvirtd is away) and forwards
     /// lifecycle events of our domains to `events`. Returns at once.
     pub fn start(uri: &str, pool: &str, events: UnboundedSender<HvEvent>) -> Arc<Libvirt> {
@@ -77,6 +102,7 @@ impl Libvirt {
             conn: Mutex::new(None),
             broken: Arc::new(AtomicBool::new(false)),
             filters: Mutex::new(std::collections::HashMap::new()),
+            reserving: Mutex::new(()),
         });
         let keeper = Arc::downgrade(&lv);
         lv.try_connect(&events);
@@ -299,16 +325,56 @@ fn is_code(e: &virt::error::Error, codes: &[ErrorNumber]) -> bool {
 
 impl Hypervisor for Libvirt {
     fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError> {
-        let conn = self.conn()?;
-        let net = conn.lookup_network_by_name(name).map_err(|e| match e.code() {
-            Enum::Known(ErrorNumber::NoNetwork) => HvError::NetworkMissing { name: name.into() },
-            _ => self.err("lookup network", name, e),
-        })?;
-        if !net.is_active().map_err(|e| self.err("network state", name, e))? {
-            return Err(HvError::NetworkMissing { name: name.into() });
-        }
-        let xml = net.xml_desc(0).map_err(|e| self.err("network XML", name, e))?;
+        let (_, xml) = self.active_network(name)?;
         Ok(domain_xml::network_ipv4_address(&xml))
+    }
+
+    fn reserve_address(&self, name: &str, vm: &str) -> Result<network::Reservation, HvError> {
+        let _one_at_a_time = self.reserving.lock().unwrap_or_else(|e| e.into_inner());
+        let (net, xml) = self.active_network(name)?;
+        let dhcp = network::dhcp(&xml);
+        if let Some(mine) = dhcp.hosts.iter().find(|h| h.vm == vm) {
+            return Ok(mine.clone());
+        }
+        let avoid: Vec<_> = domain_xml::network_ipv4_address(&xml).into_iter().collect();
+        let ip =
+            network::pick(&dhcp, &avoid).ok_or_else(|| HvError::NetworkFull { name: name.into(), vm: vm.into() })?;
+        let r = network::Reservation { vm: vm.into(), mac: network::mac_for(ip), ip };
+        net.update(
+            sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+            sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+            -1,
+            &network::host_xml(&r),
+            self.update_flags(&net, name)?,
+        )
+        .map_err(|e| self.err("reserve address", vm, e))?;
+        Ok(r)
+    }
+
+    fn release_address(&self, name: &str, vm: &str) -> Result<(), HvError> {
+        let _one_at_a_time = self.reserving.lock().unwrap_or_else(|e| e.into_inner());
+        let (net, xml) = match self.active_network(name) {
+            Ok(n) => n,
+            // No network, no entry: what is gone is not an error.
+            Err(HvError::NetworkMissing { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for r in network::dhcp(&xml).hosts.iter().filter(|h| h.vm == vm) {
+            net.update(
+                sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                &network::host_xml(r),
+                self.update_flags(&net, name)?,
+            )
+            .map_err(|e| self.err("release address", vm, e))?;
+        }
+        Ok(())
+    }
+
+    fn network_dhcp(&self, name: &str) -> Result<network::Dhcp, HvError> {
+        let (_, xml) = self.active_network(name)?;
+        Ok(network::dhcp(&xml))
     }
 
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {

@@ -7,6 +7,7 @@
 pub mod domain_xml;
 pub mod fake;
 pub mod libvirt;
+pub mod network;
 pub mod seed;
 
 use std::io::Read;
@@ -116,6 +117,10 @@ pub enum HvError {
     HostAddresses { message: String },
     #[error("host bridge {name:?} not found: job VMs are never started on an unfenced network")]
     BridgeMissing { name: String },
+    #[error(
+        "libvirt network {name:?} has no free address left in its DHCP range for {vm} (every address is held by a VM; virsh net-dumpxml {name})"
+    )]
+    NetworkFull { name: String, vm: String },
     #[error("{op} {name}: {message}")]
     Libvirt { op: &'static str, name: String, message: String },
 }
@@ -146,6 +151,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError>;
     /// Defines the nwfilter `name` from `xml`, or redefines it when it changed.
     fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError>;
+    /// Gives `vm` a fixed address on the libvirt network `network` ([`network`]): its
+    /// DHCP host entry if it has one, else a new one (live and persistent) at the lowest
+    /// free address of the network's DHCP range.
+    fn reserve_address(&self, network: &str, vm: &str) -> Result<network::Reservation, HvError>;
+    /// Removes `vm`'s DHCP host entry from `network`. Idempotent.
+    fn release_address(&self, network: &str, vm: &str) -> Result<(), HvError>;
+    /// The network's DHCP service: range, host entries, whether it serves known clients only.
+    fn network_dhcp(&self, network: &str) -> Result<network::Dhcp, HvError>;
     /// This host's CPUs and memory and the job storage pool's size.
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError>;
     /// Defines the (persistent) domain.

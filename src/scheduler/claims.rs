@@ -14,6 +14,7 @@
 //!   second VM here.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +60,8 @@ pub struct Fleet {
     adopted: bool,
     /// The fleet as last heard (every member's heartbeat).
     pub members: Vec<MemberInfo>,
+    /// The fleet's database's addresses, as last resolved (the fence drops them).
+    database: Vec<Ipv4Addr>,
     heartbeat_pending: bool,
 }
 
@@ -85,6 +88,7 @@ impl Fleet {
             renewed_at: None,
             adopted: false,
             members: Vec::new(),
+            database: Vec::new(),
             heartbeat_pending: false,
         }
     }
@@ -323,12 +327,25 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             held: fleet.held.len() as u32,
             version: env!("CARGO_PKG_VERSION").into(),
             seen_secs_ago: 0,
+            // The other members' fences drop them.
+            addresses: crate::fence::host_addresses()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| !a.is_loopback())
+                .map(|a| a.to_string())
+                .collect(),
         };
         fleet.heartbeat_pending = true;
         let claims = fleet.claims.clone();
-        spawn_reporting(&self.ctx.events, async move { Event::Heartbeat(claims.heartbeat(me).await) }, |message| {
-            Event::Heartbeat(Err(FleetError::Pool(message)))
-        });
+        let url = self.config.fleet.as_ref().map(|f| f.postgres.url.clone()).unwrap_or_default();
+        spawn_reporting(
+            &self.ctx.events,
+            async move {
+                let database = crate::fleet::database_addresses(&url).await;
+                Event::Heartbeat { members: claims.heartbeat(me).await, database }
+            },
+            |message| Event::Heartbeat { members: Err(FleetError::Pool(message)), database: Vec::new() },
+        );
         if fleet.held.is_empty() {
             return;
         }
@@ -342,12 +359,30 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         );
     }
 
-    pub(super) fn on_heartbeat(&mut self, result: Result<Vec<MemberInfo>, FleetError>) {
+    pub(super) fn on_heartbeat(&mut self, result: Result<Vec<MemberInfo>, FleetError>, database: Vec<Ipv4Addr>) {
         let Some(fleet) = self.fleet.as_mut() else { return };
         fleet.heartbeat_pending = false;
         match result {
             Ok(members) => fleet.members = members,
             Err(e) => warn!(error = %e, "cannot write this member's heartbeat to the fleet's database"),
+        }
+        // The fence drops the other members' addresses and the database's (the last ones
+        // known: a failed heartbeat or lookup keeps them). Loopback is dropped anyway.
+        let mut others: Vec<Ipv4Addr> = fleet
+            .members
+            .iter()
+            .filter(|m| m.host_id != fleet.host)
+            .flat_map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()))
+            .collect();
+        if database.is_empty() {
+            others.extend(fleet.database.iter().copied());
+        } else {
+            fleet.database = database;
+            others.extend(fleet.database.iter().copied());
+        }
+        others.retain(|a: &Ipv4Addr| !a.is_loopback());
+        if self.ctx.fence_others.set(others) {
+            info!(others = ?self.ctx.fence_others.get(), "the fence drops the fleet's other hosts too (members, database)");
         }
     }
 

@@ -13,6 +13,16 @@ use crate::github::{GhError, JobStatus, RunnerInfo};
 use crate::hypervisor::{HvError, HvEvent, VmInfo};
 use crate::model::JobEvent;
 
+/// The hypervisor as one sweep found it.
+#[derive(Debug)]
+pub struct Sweep {
+    pub vms: Result<Vec<VmInfo>, HvError>,
+    pub volumes: Result<Vec<String>, HvError>,
+    pub pool: Result<(), HvError>,
+    /// The VMs holding an address on the libvirt network (none on a bridge or slirp).
+    pub addresses: Result<Vec<String>, HvError>,
+}
+
 /// Everything the scheduler reacts to.
 pub enum Event {
     Hv(HvEvent),
@@ -38,11 +48,8 @@ pub enum Event {
         vm: String,
         result: Result<BindTimes, BindError>,
     },
-    Swept {
-        vms: Result<Vec<VmInfo>, HvError>,
-        volumes: Result<Vec<String>, HvError>,
-        pool: Result<(), HvError>,
-    },
+    /// What the periodic sweep found (boxed: the largest event by far).
+    Swept(Box<Sweep>),
     GitHubSynced {
         /// When the runner list was requested: VMs made later cannot be in it.
         started: SystemTime,
@@ -62,7 +69,12 @@ pub enum Event {
         result: Result<Vec<u64>, crate::fleet::FleetError>,
     },
     /// Fleet mode: this member's heartbeat written; the fleet's members as read back.
-    Heartbeat(Result<Vec<crate::fleet::claims::MemberInfo>, crate::fleet::FleetError>),
+    /// The fleet's members (this one's heartbeat written), and the addresses its database
+    /// is reached at (the fence drops both).
+    Heartbeat {
+        members: Result<Vec<crate::fleet::claims::MemberInfo>, crate::fleet::FleetError>,
+        database: Vec<std::net::Ipv4Addr>,
+    },
     /// Fleet mode: a job taken over from a member that went away, as GitHub knows it.
     TakeoverChecked {
         job: u64,

@@ -128,7 +128,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let snap = store.load()?;
         let draining = snap.meta.get("draining").is_some_and(|v| v == b"1");
         let mut scheduler = Scheduler {
-            ctx: Ctx { github, hv, config: config.clone(), events: tx },
+            ctx: Ctx { github, hv, config: config.clone(), events: tx, fence_others: Default::default() },
             config,
             store,
             metrics,
@@ -268,14 +268,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::TornDown { vm, outcome } => self.on_torn_down(vm, outcome),
             Event::GuestWaiting { vm, result } => self.on_guest_waiting(vm, result),
             Event::Bound { vm, result } => self.on_bound(vm, result),
-            Event::Swept { vms, volumes, pool } => self.on_swept(vms, volumes, pool),
+            Event::Swept(sweep) => self.on_swept(*sweep),
             Event::GitHubSynced { started, runners, jobs, found } => {
                 self.on_github_synced(started, runners, jobs, found)
             }
             Event::GroupResolved(r) => self.on_group_resolved(r),
             Event::Claimed { asked, result } => self.on_claimed(asked, result),
             Event::Renewed { asked, result } => self.on_renewed(asked, result),
-            Event::Heartbeat(result) => self.on_heartbeat(result),
+            Event::Heartbeat { members, database } => self.on_heartbeat(members, database),
             Event::TakeoverChecked { job, status } => self.on_takeover_checked(job, status),
             Event::Admin(cmd, reply) => {
                 let r = self.on_admin(cmd);

@@ -14,6 +14,7 @@ use crate::config::{Config, NetworkConfig, PoolConfig, Registration};
 use crate::fence;
 use crate::github::{Deleted, GhError, GitHub};
 use crate::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
+use crate::hypervisor::network::Reservation;
 use crate::hypervisor::{self, HvError, Hypervisor, seed};
 use crate::model::VmRec;
 
@@ -80,6 +81,8 @@ pub struct Ctx<G, H> {
     pub hv: Arc<H>,
     pub config: Arc<Config>,
     pub events: UnboundedSender<Event>,
+    /// Addresses of other hosts the fence drops too (fleet mode).
+    pub fence_others: Arc<fence::Others>,
 }
 
 impl<G, H> Clone for Ctx<G, H> {
@@ -89,6 +92,7 @@ impl<G, H> Clone for Ctx<G, H> {
             hv: self.hv.clone(),
             config: self.config.clone(),
             events: self.events.clone(),
+            fence_others: self.fence_others.clone(),
         }
     }
 }
@@ -139,6 +143,7 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
     }
 
     let gateway = fence_up(&ctx).await.map_err(ProvisionError::Network)?;
+    let address = reserve_address(&ctx, &name).await.map_err(ProvisionError::Network)?;
 
     let hv = ctx.hv.clone();
     let (n, backing) = (name.clone(), pool.image.clone());
@@ -167,6 +172,7 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         cmdline: pool.cmdline.as_deref(),
         network: &ctx.config.libvirt.network,
         gateway,
+        address: address.as_ref(),
         title: &title,
         description: &description,
         metadata: &metadata,
@@ -204,13 +210,17 @@ fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec) -> VmMetadata {
 /// (a newline libvirt refuses in a title; NUL, which XML cannot carry at all) become
 /// spaces, and it is cut at 200 characters.
 fn printable(s: &str) -> String {
-    s.chars().take(200).map(|c| if c.is_control() { ' ' } else { c }).collect()
+    without_controls(s.chars().take(200))
+}
+
+fn without_controls(s: impl Iterator<Item = char>) -> String {
+    s.map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// The domain's title and description (`virsh list --title`, `virsh desc`).
 fn describe(plan: &Plan) -> (String, String) {
     let (title, description) = describe_raw(plan);
-    (printable(&title), description.chars().map(|c| if c.is_control() { ' ' } else { c }).collect())
+    (printable(&title), without_controls(description.chars()))
 }
 
 fn describe_raw(plan: &Plan) -> (String, String) {
@@ -375,6 +385,7 @@ pub async fn resume_bind<H: Hypervisor>(hv: Arc<H>, vm: String) -> Result<BindTi
 pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Option<std::net::Ipv4Addr>, HvError> {
     let net = ctx.config.libvirt.network.clone();
     let hv = ctx.hv.clone();
+    let others = ctx.fence_others.get();
     blocking(move || {
         let gateway = match &net {
             NetworkConfig::User { .. } => return Ok(None),
@@ -384,7 +395,8 @@ pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Option<std::n
             }
             NetworkConfig::Bridge { .. } => None,
         };
-        let fence = fence::filter_for(&net, gateway).map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
+        let fence =
+            fence::filter_for(&net, gateway, &others).map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
         if let Some((filter, xml)) = fence {
             hv.define_filter(&filter, &xml)?;
         }
@@ -392,6 +404,28 @@ pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Option<std::n
     })
     .await
 }
+
+/// On a libvirt network that serves known clients only: `vm`'s reserved address (made now,
+/// or kept from an earlier attempt). On one that leases to anyone (defined before this
+/// agent reserved addresses), `None`: the fence learns the address from DHCP as before,
+/// since a reserved address could be leased to another client already.
+async fn reserve_address<G, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &str) -> Result<Option<Reservation>, HvError> {
+    let Some(name) = ctx.config.libvirt.network.libvirt_network() else { return Ok(None) };
+    let (hv, net, vm) = (ctx.hv.clone(), name.to_string(), vm.to_string());
+    blocking(move || {
+        if !hv.network_dhcp(&net)?.known_only {
+            if let Some(suppressed) = OPEN_NETWORK.check() {
+                tracing::warn!(network = %net, suppressed, "the libvirt network leases addresses to any client, so a job can take them all: VMs get learned addresses; define it again with runnervisor-network (runnervisor check says so)");
+            }
+            return Ok(None);
+        }
+        hv.reserve_address(&net, &vm).map(Some)
+    })
+    .await
+}
+
+/// The warning about a network that leases to anyone, at most hourly.
+static OPEN_NETWORK: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(3600));
 
 #[derive(Debug, Default)]
 pub struct TeardownOutcome {
@@ -421,7 +455,20 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     }
     let hv = ctx.hv.clone();
     let name = vm.name.clone();
-    for e in blocking(move || hv.teardown(&name)).await {
+    let network = ctx.config.libvirt.network.libvirt_network().map(str::to_string);
+    for e in blocking(move || {
+        let mut errors = hv.teardown(&name);
+        // Its address goes once its domain is gone (not before: the next VM would get it).
+        if errors.is_empty()
+            && let Some(net) = network
+            && let Err(e) = hv.release_address(&net, &name)
+        {
+            errors.push(e);
+        }
+        errors
+    })
+    .await
+    {
         out.errors.push(e.to_string());
     }
     // A runner whose job completed is gone already (ephemeral): no call for it.

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use tracing::{info, warn};
 
-use super::event::{Event, spawn_blocking_reporting};
+use super::event::{Event, Sweep, spawn_blocking_reporting};
 use super::vm::Input;
 use super::{JOB_RETENTION, Scheduler};
 use crate::github::GitHub;
@@ -87,24 +87,36 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.sweep.running = true;
         self.sweep.started = self.now();
         let hv = self.ctx.hv.clone();
+        let network = self.config.libvirt.network.libvirt_network().map(str::to_string);
         spawn_blocking_reporting(
             &self.ctx.events,
-            move || Event::Swept { vms: hv.list_vms(), volumes: hv.list_volumes(), pool: hv.check_pool() },
+            move || {
+                Event::Swept(Box::new(Sweep {
+                    vms: hv.list_vms(),
+                    volumes: hv.list_volumes(),
+                    pool: hv.check_pool(),
+                    addresses: match network {
+                        Some(net) => hv.network_dhcp(&net).map(|d| d.hosts.into_iter().map(|h| h.vm).collect()),
+                        None => Ok(Vec::new()),
+                    },
+                }))
+            },
             |message| {
                 let failed = || HvError::Libvirt { op: "sweep", name: String::new(), message: message.clone() };
-                Event::Swept { vms: Err(failed()), volumes: Err(failed()), pool: Err(failed()) }
+                Event::Swept(Box::new(Sweep {
+                    vms: Err(failed()),
+                    volumes: Err(failed()),
+                    pool: Err(failed()),
+                    addresses: Err(failed()),
+                }))
             },
         );
     }
 
     /// Compares the hypervisor with the records: stopped or vanished domains are torn down,
-    /// running unknown domains of ours are adopted, the rest (and stray volumes) removed.
-    pub(super) fn on_swept(
-        &mut self,
-        vms: Result<Vec<VmInfo>, HvError>,
-        volumes: Result<Vec<String>, HvError>,
-        pool: Result<(), HvError>,
-    ) {
+    /// running unknown domains of ours are adopted, the rest (and stray volumes and
+    /// addresses) removed.
+    pub(super) fn on_swept(&mut self, Sweep { vms, volumes, pool, addresses }: Sweep) {
         self.sweep.running = false;
         // What was torn down after this sweep listed is gone, whatever the listing says.
         let listed_at = self.sweep.started;
@@ -178,6 +190,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Ok(vols) => self.delete_stray_volumes(vols, &stale),
             Err(e) => warn!(error = %e, "cannot list volumes"),
         }
+        match addresses {
+            Ok(holders) => {
+                let domains: BTreeSet<&str> = found.iter().map(|v| v.name.as_str()).collect();
+                self.release_stray_addresses(holders, &domains, &stale);
+            }
+            Err(e) => warn!(error = %e, "cannot list the network's reserved addresses"),
+        }
         self.prune();
         self.check_images();
     }
@@ -222,6 +241,29 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = hv.delete_volume(&vol) {
                     warn!(volume = %vol, error = %e, "cannot delete stray volume");
+                }
+            });
+        }
+    }
+
+    /// Addresses reserved for VMs of ours that are neither recorded nor defined (a
+    /// provisioning cut short between its reservation and its domain's definition, a VM
+    /// removed by hand): given back to the network.
+    fn release_stray_addresses(&mut self, holders: Vec<String>, domains: &BTreeSet<&str>, stale: &BTreeSet<String>) {
+        let Some(network) = self.config.libvirt.network.libvirt_network().map(str::to_string) else { return };
+        for vm in holders {
+            if self.book.vms.contains_key(&vm) || !self.is_ours(&vm) || domains.contains(vm.as_str()) {
+                continue;
+            }
+            if stale.contains(&vm) {
+                continue;
+            }
+            info!(vm = %vm, network = %network, "releasing an address reserved for a vm that is gone");
+            let (hv, net) = (self.ctx.hv.clone(), network.clone());
+            // Fire and forget: the next sweep finds it again if this fails.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = hv.release_address(&net, &vm) {
+                    warn!(vm = %vm, error = %e, "cannot release a stray address");
                 }
             });
         }

@@ -282,6 +282,17 @@ registration = "{registration}"
         let prefix = format!("rv-{}-", self.spec_pool);
         let (doms, vols) = leftovers(hv, &prefix);
         assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());
+        // Addresses go after their domains: give a teardown in its last step a moment.
+        let held = |hv: &Libvirt| -> Vec<String> {
+            let hosts = hv.network_dhcp(NETWORK).map(|d| d.hosts).unwrap_or_default();
+            hosts.into_iter().map(|h| h.vm).filter(|vm| vm.starts_with(&prefix)).collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !held(hv).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let addresses = held(hv);
+        assert!(addresses.is_empty(), "leaked addresses of {addresses:?}\n{}", self.log_tail());
     }
 }
 
@@ -298,6 +309,10 @@ impl Drop for Agent {
             }
             for v in vols {
                 let _ = lv.delete_volume(&v);
+            }
+            let hosts = lv.network_dhcp(NETWORK).map(|d| d.hosts).unwrap_or_default();
+            for h in hosts.into_iter().filter(|h| h.vm.starts_with(&prefix)) {
+                let _ = lv.release_address(NETWORK, &h.vm);
             }
         }
         drop_filter(&filter_name(&self.spec_pool));

@@ -81,6 +81,9 @@ impl Drop for Cleanup {
             for e in self.hv.teardown(n) {
                 eprintln!("cleanup {n}: {e}");
             }
+            if let Err(e) = self.hv.release_address(NETWORK, n) {
+                eprintln!("cleanup {n}: {e}");
+            }
         }
     }
 }
@@ -130,7 +133,7 @@ pub struct TestFence(pub String);
 
 impl TestFence {
     pub fn up(hv: &Libvirt, network: &runnervisor::config::NetworkConfig) -> TestFence {
-        let (filter, xml) = runnervisor::fence::filter_for(network, Some(lab_gateway())).unwrap().expect("fenced");
+        let (filter, xml) = runnervisor::fence::filter_for(network, Some(lab_gateway()), &[]).unwrap().expect("fenced");
         hv.define_filter(&filter, &xml).unwrap();
         TestFence(filter)
     }
@@ -190,7 +193,18 @@ impl Sim {
     /// process's arguments and environment (`tests/isolation/credential_search.py`).
     pub async fn queue_credential_search(&self, repo: &str, labels: &[&str]) -> u64 {
         use base64::Engine;
-        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let code = base64::engine::general_purpose::STANDARD.encode(include_str!("../isolation/credential_search.py"));
+        let script = format!(
+            "sudo -n python3 -c \"import base64,sys; exec(base64.b64decode('{code}'))\" {}",
+            self.credential_search_cfg()
+        );
+        self.queue_with(json!({"repo": repo, "labels": labels, "script": script})).await
+    }
+
+    /// The argument of `tests/isolation/credential_search.py` (base64 JSON): the markers,
+    /// reversed so that no argument list holds them, and the files the runner keeps.
+    pub fn credential_search_cfg(&self) -> String {
+        use base64::Engine;
         let reversed_hex = |m: &str| m.bytes().rev().map(|b| format!("{b:02x}")).collect::<String>();
         let markers = [TOKEN_MARKER.to_string(), github_sim::api::jit_config_fingerprint()];
         let cfg = json!({
@@ -198,12 +212,7 @@ impl Sim {
             "markers": markers.iter().map(|m| reversed_hex(m)).collect::<Vec<_>>(),
             "kept": RUNNER_KEEPS,
         });
-        let code = b64(include_str!("../isolation/credential_search.py"));
-        let script = format!(
-            "sudo -n python3 -c \"import base64,sys; exec(base64.b64decode('{code}'))\" {}",
-            b64(&cfg.to_string())
-        );
-        self.queue_with(json!({"repo": repo, "labels": labels, "script": script})).await
+        base64::engine::general_purpose::STANDARD.encode(cfg.to_string())
     }
 
     /// The credential search's report from `vm`: it ran as root, searched, found nothing.
@@ -317,8 +326,11 @@ pub fn unique() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64 % 1_000_000_000_000
 }
 
-/// Domain XML for a test VM of the test image (1 vCPU, 512 MiB, on `network`).
+/// Domain XML for a test VM of the test image (1 vCPU, 512 MiB, on `network`), with the
+/// address the agent would reserve for it on the lab network (its DHCP server answers
+/// reserved clients only); [`Cleanup`] releases it.
 pub fn test_domain_xml(
+    hv: &Libvirt,
     name: &str,
     overlay: &Path,
     seed: &Path,
@@ -326,11 +338,13 @@ pub fn test_domain_xml(
     job_id: u64,
     network: &runnervisor::config::NetworkConfig,
 ) -> String {
-    test_domain_xml_with(name, overlay, seed, console_log, job_id, network, false)
+    test_domain_xml_with(hv, name, overlay, seed, console_log, job_id, network, false)
 }
 
 /// [`test_domain_xml`], whose metadata says it is a warm VM when `warm`.
+#[allow(clippy::too_many_arguments)]
 pub fn test_domain_xml_with(
+    hv: &Libvirt,
     name: &str,
     overlay: &Path,
     seed: &Path,
@@ -341,6 +355,8 @@ pub fn test_domain_xml_with(
 ) -> String {
     use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
     let img = test_image();
+    let known_only = hv.network_dhcp(NETWORK).map(|d| d.known_only).unwrap_or(false);
+    let address = known_only.then(|| hv.reserve_address(NETWORK, name).expect("an address on the lab network"));
     let meta = VmMetadata {
         job_id,
         run_id: 1,
@@ -365,6 +381,7 @@ pub fn test_domain_xml_with(
         cmdline: None,
         network,
         gateway: Some(lab_gateway()),
+        address: address.as_ref(),
         title: "runnervisor test VM",
         description: "a test VM",
         metadata: &meta,

@@ -3,7 +3,8 @@
 # role "peer": listens on a port and reports its address, so that the prober can try it.
 # role "prober": gives itself a default route, tries every probe, reports the outcomes.
 # Outcomes: connected / answered (got through), timeout (dropped on the way), refused
-# (something answered with a reset: got through to a host), error:ERRNO.
+# (something answered with a reset: got through to a host), error:ERRNO. A DHCP flood is
+# "timeout" when no made-up client got an offer; a credential search, when found nothing.
 import base64, json, socket, struct, subprocess, sys, time, urllib.request
 
 CFG = json.loads(base64.b64decode(sys.argv[1]))
@@ -109,6 +110,21 @@ for p in CFG["probes"]:
         sh("sudo", "ip", "addr", "add", p["source"] + "/32", "dev", dev)
         outcome = tcp(p["host"], p["port"], source=p["source"])
         sh("sudo", "ip", "addr", "del", p["source"] + "/32", "dev", dev)
+    elif kind == "dhcp-flood":
+        # As root: a discover and a request in the name of made-up client hardware
+        # addresses (the frames carry this VM's own MAC); answered = a lease offered.
+        code = base64.b64decode(CFG["dhcp_code"]).decode()
+        chaddrs = ["02:%02x:00:00:%02x:%02x" % (i % 256, (i >> 8) % 256, i % 256) for i in range(p["count"])]
+        r = sh("sudo", "python3", "-c", code, "--flood", dev, p["request"], *chaddrs)
+        try:
+            answered = json.loads(r.stdout)["answered"]
+            outcome = "timeout" if not answered else "answered:%d" % len(answered)
+        except (ValueError, KeyError):
+            outcome = "error:%s" % r.stderr.strip().splitlines()[-1:]
+    elif kind == "credential":
+        # As root: every file and process of this VM searched for its runner's credential.
+        r = sh("sudo", "python3", "-c", base64.b64decode(CFG["search_code"]).decode(), CFG["search_cfg"])
+        outcome = {0: "timeout", 1: "answered"}.get(r.returncode, "error:%d" % r.returncode)
     else:
         outcome = "unknown-kind"
     results.append({"name": p["name"], "expect": p["expect"], "outcome": outcome})

@@ -27,7 +27,8 @@ fn member_with(
     cfg.fleet = Some(crate::config::FleetConfig {
         host_id: Some(host.into()),
         postgres: crate::config::PostgresConfig {
-            url: "postgres://rv@db.example/rv".into(),
+            // An address, not a name: nothing is looked up (the fence drops it).
+            url: "postgres://rv@198.18.200.1/rv".into(),
             password: None,
             ca_file: None,
             max_connections: 1,
@@ -328,4 +329,33 @@ async fn a_member_that_does_not_lead_follows_its_runners_on_the_list_the_lead_sh
     let after = gh.lock().calls.iter().filter(|c| *c == "list").count();
     assert!(after - lists <= 3, "one member lists ({} lists meanwhile)", after - lists);
     assert_eq!(board.leads.lock().unwrap()["github"].0, "hv-a");
+}
+
+/// A job VM must not reach the fleet's other hosts: each member's fence drops the other
+/// members' addresses (from their heartbeats) and the database's (from its URL).
+#[tokio::test(start_paused = true)]
+async fn the_fence_drops_the_other_members_and_the_database() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    // Another member, on a host of its own with a public address.
+    board.heard(crate::fleet::claims::MemberInfo {
+        host_id: "hv-b".into(),
+        max_vms: 2,
+        vms: 0,
+        warm_waiting: 0,
+        warm_target: 0,
+        held: 0,
+        version: "0.1.0".into(),
+        seen_secs_ago: 0,
+        addresses: vec!["203.0.113.77".into(), "not an address".into()],
+    });
+    tokio::time::sleep(LEASE).await;
+    publish(&mut [&mut a], &board, JobAction::Queued, info(901, LABELS, None));
+    a.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let filter = a.hv.lock().filters["runnervisor-fence"].clone();
+    for other in ["203.0.113.77", "198.18.200.1"] {
+        assert!(filter.contains(&format!("dstipaddr=\"{other}\"")), "{other} not dropped: {filter}");
+    }
+    a.shutdown().await;
 }

@@ -233,6 +233,60 @@ async fn a_job_github_answers_404_for_is_dropped() {
     );
 }
 
+/// Every VM's address is decided by the agent: a DHCP host entry per VM (its MAC follows
+/// from the address) made before its domain and given back after it; the fence knows the
+/// address from the start; a freed address serves the next VM; an entry left by a VM
+/// that is gone is released by the sweep, one that is not ours is left alone.
+#[tokio::test(start_paused = true)]
+async fn every_vm_gets_a_reserved_address_given_back_at_teardown() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(71, LABELS, None));
+    h.deliver(JobAction::Queued, info(72, LABELS, None));
+    h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
+    let hosts = |h: &H| h.hv.lock().dhcp.clone().unwrap().hosts;
+    // The two provisionings run at once: which gets the lower address is theirs to race.
+    let mut ips: Vec<(String, String)> = hosts(&h).iter().map(|r| (r.ip.to_string(), r.mac.clone())).collect();
+    ips.sort();
+    assert_eq!(
+        ips,
+        [("198.51.100.10".into(), "52:54:00:33:64:0a".into()), ("198.51.100.11".into(), "52:54:00:33:64:0b".into())]
+    );
+    let r71 = hosts(&h).into_iter().find(|r| r.vm == "rv-small-71").unwrap();
+    {
+        let hv = h.hv.lock();
+        let xml = &hv.domains["rv-small-71"].1;
+        assert!(xml.contains(&format!("<mac address=\"{}\"/>", r71.mac)), "{xml}");
+        assert!(xml.contains(&format!("name=\"IP\" value=\"{}\"", r71.ip)), "the fence knows it: {xml}");
+        assert!(!xml.contains("CTRL_IP_LEARNING"), "nothing learned: {xml}");
+    }
+    h.run_job_on("rv-small-71", 71);
+    h.wait("71 gone, its address free", |s, _| s.vms.len() == 1).await;
+    h.wait("released", |_, hv| hv.lock().dhcp.as_ref().unwrap().hosts.len() == 1).await;
+    h.deliver(JobAction::Queued, info(73, LABELS, None));
+    h.wait("73 runs", |_, hv| hv.running().contains(&"rv-small-73".to_string())).await;
+    let r73 = hosts(&h).into_iter().find(|r| r.vm == "rv-small-73").unwrap();
+    assert_eq!((r73.ip, &r73.mac), (r71.ip, &r71.mac), "the freed address serves the next VM, with the same MAC");
+    // Entries the sweep finds: one of a VM of ours that is gone, one of another program.
+    for (vm, last) in [("rv-small-999", 200u8), ("someone-else", 201)] {
+        let ip = std::net::Ipv4Addr::new(198, 51, 100, last);
+        let r =
+            crate::hypervisor::network::Reservation { vm: vm.into(), mac: crate::hypervisor::network::mac_for(ip), ip };
+        h.hv.lock().dhcp.as_mut().unwrap().hosts.push(r);
+    }
+    h.wait_for("the stray entry released by the sweep", Duration::from_secs(30), |_, hv| {
+        let names: Vec<String> = hv.lock().dhcp.as_ref().unwrap().hosts.iter().map(|r| r.vm.clone()).collect();
+        !names.contains(&"rv-small-999".to_string())
+    })
+    .await;
+    let names: Vec<String> = hosts(&h).into_iter().map(|r| r.vm).collect();
+    assert!(names.contains(&"someone-else".to_string()) && names.contains(&"rv-small-72".to_string()), "{names:?}");
+    h.run_job_on("rv-small-72", 72);
+    h.run_job_on("rv-small-73", 73);
+    h.wait("all gone", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    h.wait("addresses back", |_, hv| hv.lock().dhcp.as_ref().unwrap().hosts.len() == 1).await;
+    h.shutdown().await;
+}
+
 /// No credential ever passes through cloud-init (it keeps copies a job could read): in
 /// token mode too the seed has nothing secret, and the registration token is made only once
 /// the guest waits and goes over the bind port, in `config.sh`'s environment.

@@ -1,0 +1,171 @@
+//! Fixed addresses on the fenced libvirt network (pure: parsing the network's XML,
+//! choosing an address, the host entry's XML).
+//!
+//! Every VM's address is decided by the agent, not learned: a DHCP host entry per VM (its
+//! MAC → its address, named after the VM) is added to the network when the VM is
+//! provisioned and removed at teardown, and the network's DHCP server answers known
+//! clients only (`dhcp-ignore=tag:!known`, [`IGNORE_UNKNOWN`]), so that no job can lease
+//! the network's addresses away by asking in the name of made-up clients.
+//!
+//! A VM's MAC is derived from its address ([`mac_for`]): the next VM given a freed address
+//! has the MAC of the VM that held it before, and the DHCP server hands it the address at
+//! once even while the old lease lasts (it refuses an address leased to another MAC).
+
+use std::net::Ipv4Addr;
+
+use super::domain_xml::Xml;
+
+/// The dnsmasq option (in the network's `<dnsmasq:options>`) that makes its DHCP server
+/// ignore clients without a host entry.
+pub const IGNORE_UNKNOWN: &str = "dhcp-ignore=tag:!known";
+
+/// A VM's place on the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// The VM it is for (the host entry's `name`).
+    pub vm: String,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+}
+
+/// What a network's XML says about its DHCP service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dhcp {
+    /// The (first) DHCP range of its IPv4 address, if it has one.
+    pub range: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// Its host entries (those without a name or MAC too: their addresses are taken).
+    pub hosts: Vec<Reservation>,
+    /// Whether its DHCP server ignores clients without a host entry.
+    pub known_only: bool,
+}
+
+/// The MAC of the VM at `ip`: QEMU's prefix and the address's low 24 bits (unique within
+/// any network of up to a /8).
+pub fn mac_for(ip: Ipv4Addr) -> String {
+    let [_, b, c, d] = ip.octets();
+    format!("52:54:00:{b:02x}:{c:02x}:{d:02x}")
+}
+
+/// Parses a network's XML (`virsh net-dumpxml`).
+pub fn dhcp(network_xml: &str) -> Dhcp {
+    let mut out = Dhcp { range: None, hosts: Vec::new(), known_only: false };
+    let Ok(doc) = roxmltree::Document::parse(network_xml) else { return out };
+    let root = doc.root_element();
+    let ipv4 = root.children().find(|n| n.has_tag_name("ip") && n.attribute("family").is_none_or(|f| f == "ipv4"));
+    if let Some(dhcp) = ipv4.and_then(|ip| ip.children().find(|n| n.has_tag_name("dhcp"))) {
+        let addr = |n: roxmltree::Node<'_, '_>, a: &str| n.attribute(a).and_then(|v| v.parse::<Ipv4Addr>().ok());
+        out.range = dhcp
+            .children()
+            .filter(|n| n.has_tag_name("range"))
+            .find_map(|r| Some((addr(r, "start")?, addr(r, "end")?)));
+        out.hosts = dhcp
+            .children()
+            .filter(|n| n.has_tag_name("host"))
+            .filter_map(|h| {
+                Some(Reservation {
+                    vm: h.attribute("name").unwrap_or_default().to_string(),
+                    mac: h.attribute("mac").unwrap_or_default().to_ascii_lowercase(),
+                    ip: addr(h, "ip")?,
+                })
+            })
+            .collect();
+    }
+    out.known_only = root
+        .descendants()
+        .filter(|n| n.has_tag_name("option") && n.tag_name().namespace() == Some(DNSMASQ_NS))
+        .any(|n| n.attribute("value").is_some_and(|v| v.trim() == IGNORE_UNKNOWN));
+    out
+}
+
+/// libvirt's namespace for dnsmasq options in a network's XML.
+pub const DNSMASQ_NS: &str = "http://libvirt.org/schemas/network/dnsmasq/1.0";
+
+/// The lowest address of the DHCP range that no host entry holds, skipping `avoid` (the
+/// network's own address, addresses leased to other clients).
+pub fn pick(dhcp: &Dhcp, avoid: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    let (start, end) = dhcp.range?;
+    (u32::from(start)..=u32::from(end))
+        .map(Ipv4Addr::from)
+        .find(|ip| !dhcp.hosts.iter().any(|h| h.ip == *ip) && !avoid.contains(ip))
+}
+
+/// The `<host>` element that reserves `r` (for `virNetworkUpdate`, section ip-dhcp-host).
+pub fn host_xml(r: &Reservation) -> String {
+    let ip = r.ip.to_string();
+    let mut x = Xml::default();
+    x.empty("host", &[("mac", &r.mac), ("name", &r.vm), ("ip", &ip)]);
+    x.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NET: &str = r#"<network xmlns:dnsmasq='http://libvirt.org/schemas/network/dnsmasq/1.0'>
+  <name>runnervisor</name>
+  <ip address='198.51.100.1' netmask='255.255.255.240'>
+    <dhcp>
+      <range start='198.51.100.2' end='198.51.100.6'/>
+      <host mac='52:54:00:33:64:02' name='rv-p-7' ip='198.51.100.2'/>
+      <host mac='52:54:00:AA:BB:CC' ip='198.51.100.4'/>
+    </dhcp>
+  </ip>
+  <dnsmasq:options>
+    <dnsmasq:option value='dhcp-ignore=tag:!known'/>
+  </dnsmasq:options>
+</network>"#;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_network_says_its_range_hosts_and_whether_it_serves_known_clients_only() {
+        let d = dhcp(NET);
+        assert_eq!(d.range, Some((ip("198.51.100.2"), ip("198.51.100.6"))));
+        assert_eq!(
+            d.hosts,
+            [
+                Reservation { vm: "rv-p-7".into(), mac: "52:54:00:33:64:02".into(), ip: ip("198.51.100.2") },
+                Reservation { vm: String::new(), mac: "52:54:00:aa:bb:cc".into(), ip: ip("198.51.100.4") },
+            ]
+        );
+        assert!(d.known_only);
+        let open = NET.replace("dhcp-ignore=tag:!known", "dhcp-lease-max=10");
+        assert!(!dhcp(&open).known_only, "another option is not the one");
+        let bare = "<network><ip address='10.0.0.1' netmask='255.255.255.0'/></network>";
+        assert_eq!(dhcp(bare), Dhcp { range: None, hosts: vec![], known_only: false });
+    }
+
+    #[test]
+    fn addresses_are_the_lowest_free_in_the_range_and_run_out() {
+        let mut d = dhcp(NET);
+        assert_eq!(pick(&d, &[]), Some(ip("198.51.100.3")));
+        assert_eq!(pick(&d, &[ip("198.51.100.3")]), Some(ip("198.51.100.5")));
+        for last in [3, 5, 6] {
+            let a = ip(&format!("198.51.100.{last}"));
+            d.hosts.push(Reservation { vm: format!("rv-p-{last}"), mac: mac_for(a), ip: a });
+        }
+        assert_eq!(pick(&d, &[]), None, "the range is full");
+        d.hosts.retain(|h| h.vm != "rv-p-7");
+        assert_eq!(pick(&d, &[]), Some(ip("198.51.100.2")), "a freed address is given again");
+        assert_eq!(pick(&Dhcp { range: None, hosts: vec![], known_only: true }, &[]), None);
+    }
+
+    #[test]
+    fn a_vms_mac_follows_from_its_address() {
+        assert_eq!(mac_for(ip("198.51.100.2")), "52:54:00:33:64:02");
+        assert_eq!(mac_for(ip("10.213.7.250")), "52:54:00:d5:07:fa");
+        assert_ne!(mac_for(ip("10.1.2.3")), mac_for(ip("10.1.2.4")));
+    }
+
+    #[test]
+    fn host_entries_are_escaped() {
+        let r = Reservation { vm: "rv-a'<b>".into(), mac: "52:54:00:33:64:02".into(), ip: ip("198.51.100.2") };
+        let x = host_xml(&r);
+        let doc = roxmltree::Document::parse(&x).unwrap();
+        let h = doc.root_element();
+        assert_eq!((h.attribute("name"), h.attribute("ip")), (Some("rv-a'<b>"), Some("198.51.100.2")));
+        assert_eq!(dhcp(&format!("<network><ip address='198.51.100.1'><dhcp>{x}</dhcp></ip></network>")).hosts, [r]);
+    }
+}

@@ -1,0 +1,183 @@
+//! Fixed addresses on a real libvirt network, fast and without VMs: a /28 network of
+//! libvirt's (its own dnsmasq, defined as `runnervisor-network` defines the real one), and
+//! a "VM" that is a network namespace on a veth plugged into its bridge, asking the real
+//! DHCP server for an address (`tests/isolation/dhcp.py`) with the MAC the agent gave it.
+//! More VMs than the network has addresses come and go in sequence: each gets the address
+//! reserved for it at once (the MAC follows the address, so an old lease never blocks
+//! it); a client that is not reserved, or forges another hardware address, gets nothing.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use runnervisor::hypervisor::Hypervisor;
+use runnervisor::hypervisor::network;
+
+const DHCP_CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/isolation/dhcp.py");
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A /28 libvirt network with no uplink (nothing leaves it), removed when dropped.
+struct TestNetwork {
+    name: String,
+    bridge: String,
+}
+
+impl TestNetwork {
+    fn define(name: &str, bridge: &str) -> TestNetwork {
+        let xml = format!(
+            "<network xmlns:dnsmasq='{}'><name>{name}</name><bridge name='{bridge}' stp='off'/>\
+             <ip address='198.18.9.1' netmask='255.255.255.240'><dhcp><range start='198.18.9.2' end='198.18.9.14'/></dhcp></ip>\
+             <dnsmasq:options><dnsmasq:option value='{}'/></dnsmasq:options></network>",
+            network::DNSMASQ_NS,
+            network::IGNORE_UNKNOWN
+        );
+        let file = std::env::temp_dir().join(format!("{name}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        let net = TestNetwork { name: name.into(), bridge: bridge.into() };
+        // Persistent, as the real one: reservations go into its definition too.
+        sh(&["virsh", "-c", URI, "net-define", file.to_str().unwrap()]);
+        let _ = std::fs::remove_file(file);
+        sh(&["virsh", "-c", URI, "net-start", name]);
+        net
+    }
+
+    /// Leases the network's DHCP server holds now (libvirt's view), by MAC.
+    fn leases(&self) -> Vec<String> {
+        let out = Command::new("virsh").args(["-c", URI, "net-dhcp-leases", &self.name]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().find(|w| w.matches(':').count() == 5).map(str::to_string))
+            .collect()
+    }
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh").args(["-c", URI, "net-destroy", &self.name]).output();
+        let _ = Command::new("virsh").args(["-c", URI, "net-undefine", &self.name]).output();
+    }
+}
+
+/// A network namespace with one interface on the test network's bridge.
+struct Client {
+    ns: String,
+    iface: &'static str,
+}
+
+impl Client {
+    fn plug(ns: &str, bridge: &str) -> Client {
+        let host_end = format!("{ns}h");
+        sh(&["ip", "netns", "add", ns]);
+        let c = Client { ns: ns.into(), iface: "eth0" };
+        sh(&["ip", "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+        sh(&["ip", "link", "set", &host_end, "master", bridge, "up"]);
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        c
+    }
+
+    fn set_mac(&self, mac: &str) {
+        sh(&["ip", "-n", &self.ns, "link", "set", self.iface, "down"]);
+        sh(&["ip", "-n", &self.ns, "link", "set", self.iface, "address", mac, "up"]);
+    }
+
+    fn dhcp(&self, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", &self.ns, "python3", DHCP_CLIENT];
+        all.extend_from_slice(args);
+        let out = Command::new("ip").args(&all).output().unwrap();
+        assert!(out.status.success(), "dhcp.py: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// With the interface's MAC `mac`, asks for an address for `mac` as the client `who`
+    /// (a DHCP client identifier: every VM's differs): what was acknowledged.
+    fn lease(&self, mac: &str, who: &str) -> Option<String> {
+        self.set_mac(mac);
+        let v: serde_json::Value =
+            serde_json::from_str(self.dhcp(&[self.iface, &format!("{mac},{who}")]).trim()).unwrap();
+        v["acked"].as_str().map(str::to_string)
+    }
+
+    /// Asks for addresses in the name of all `chaddrs` at once (`requested` in a direct
+    /// request too): the chaddrs the server answered.
+    fn flood(&self, requested: &str, chaddrs: &[&str]) -> Vec<String> {
+        let mut args = vec!["--flood", self.iface, requested];
+        args.extend_from_slice(chaddrs);
+        let v: serde_json::Value = serde_json::from_str(self.dhcp(&args).trim()).unwrap();
+        v["answered"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+#[test]
+fn more_vms_than_addresses_come_and_go_and_each_gets_its_own_at_once() {
+    let (hv, _) = libvirt();
+    let id = unique() % 100_000;
+    let net = TestNetwork::define(&format!("rv-t-addr-{id}"), &format!("rv-ta{id}"));
+    let client = Client::plug(&format!("rvta{id}"), &net.bridge);
+
+    // 24 VMs, one after another with up to 6 alive at once, on 13 addresses: each gets the
+    // one reserved for it at once, though the VM that held it last still has its lease
+    // (another client: every VM has its own client identifier; the MAC follows the address).
+    let mut given = Vec::new();
+    let mut alive = std::collections::VecDeque::new();
+    for i in 0..24 {
+        let vm = format!("rv-churn-{i}");
+        let r = hv.reserve_address(&net.name, &vm).unwrap();
+        assert_eq!(r.mac, network::mac_for(r.ip));
+        assert_eq!(hv.reserve_address(&net.name, &vm).unwrap(), r, "asked again: the same");
+        assert_eq!(client.lease(&r.mac, &vm), Some(r.ip.to_string()), "{vm} did not get its address {}", r.ip);
+        given.push(r.ip.octets()[3]);
+        alive.push_back(vm);
+        if alive.len() == 6 {
+            // The oldest goes; its address comes round again later.
+            hv.release_address(&net.name, &alive.pop_front().unwrap()).unwrap();
+        }
+    }
+    eprintln!("24 VMs on a /28, last octets in order: {given:?}");
+    assert!(given.iter().filter(|o| **o == given[0]).count() > 1, "addresses were given again: {given:?}");
+    for vm in alive.drain(..) {
+        hv.release_address(&net.name, &vm).unwrap();
+    }
+    assert!(hv.network_dhcp(&net.name).unwrap().hosts.is_empty(), "every address released");
+
+    // The control: an address given to another MAC while the last holder's lease lasts is
+    // refused by the DHCP server. This is what a MAC that follows the address avoids.
+    let last = given.last().copied().unwrap();
+    let ip = std::net::Ipv4Addr::new(198, 18, 9, last);
+    let other = "52:54:00:ee:ee:ee";
+    let r = network::Reservation { vm: "rv-control".into(), mac: other.into(), ip };
+    sh(&["virsh", "-c", URI, "net-update", &net.name, "add", "ip-dhcp-host", &network::host_xml(&r), "--live"]);
+    assert_eq!(client.lease(other, "control"), None, "an address still leased to another MAC is not given");
+    sh(&["virsh", "-c", URI, "net-update", &net.name, "delete", "ip-dhcp-host", &network::host_xml(&r), "--live"]);
+
+    // A client with no reservation, and made-up hardware addresses, get nothing; the
+    // network's addresses run out only for VMs, and say so.
+    let forged: Vec<String> = (1..=30).map(|i| format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256)).collect();
+    let forged: Vec<&str> = forged.iter().map(String::as_str).collect();
+    client.set_mac("02:00:00:00:ff:01");
+    let answered = client.flood("198.18.9.5", &forged);
+    assert!(answered.is_empty(), "forged clients were answered: {answered:?}");
+    assert_eq!(client.lease("02:00:00:00:ff:01", "nobody"), None, "a client with no reservation gets nothing");
+    let foreign: Vec<String> = net.leases().into_iter().filter(|m| m.starts_with("02:")).collect();
+    assert!(foreign.is_empty(), "the DHCP server holds leases for clients it does not know: {foreign:?}");
+    let held: Vec<_> = (0..13).map(|i| hv.reserve_address(&net.name, &format!("rv-full-{i}")).unwrap()).collect();
+    let mut ips: Vec<_> = held.iter().map(|r| r.ip).collect();
+    ips.dedup();
+    assert_eq!(ips.len(), 13, "13 distinct addresses");
+    let e = hv.reserve_address(&net.name, "rv-full-13").unwrap_err().to_string();
+    assert!(e.contains("no free address") && e.contains(&net.name), "{e}");
+    for i in 0..13 {
+        hv.release_address(&net.name, &format!("rv-full-{i}")).unwrap();
+    }
+    hv.release_address(&net.name, "rv-full-13").unwrap();
+}
