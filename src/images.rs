@@ -1,6 +1,7 @@
 //! What a golden image declares about itself: a manifest next to it,
 //! `<image>.manifest.json`, written by the image recipe (`images/production/build`):
-//! `{"runner_version": "2.330.0", "runner_released": "2026-11-01", "built_at": "..."}`.
+//! `{"runner_version": "2.330.0", "runner_released": "2026-11-01", "built_at": "...",
+//! "bind_protocol": 2}`.
 //! GitHub refuses runners more than 30 days behind a newer release, so the agent warns
 //! (log + `runnervisor_image_runner_outdated`) when an image's runner is older than the
 //! pool's `runner_max_age`.
@@ -17,6 +18,23 @@ pub struct Manifest {
     pub runner_released: String,
     #[serde(default)]
     pub built_at: Option<String>,
+    /// The bind protocol its `runnervisor-warm` unit speaks; absent: 1 (images baked before
+    /// every VM got its credential over the bind port).
+    #[serde(default)]
+    pub bind_protocol: Option<u32>,
+}
+
+/// Why the image cannot serve jobs of this agent, if it cannot: its guest unit speaks an
+/// older bind protocol than [`crate::cloudinit::BIND_PROTOCOL`] (its VMs would never take
+/// their runner's command, and their jobs would be given up).
+pub fn bind_protocol_problem(m: &Manifest) -> Option<String> {
+    let has = m.bind_protocol.unwrap_or(1);
+    (has < crate::cloudinit::BIND_PROTOCOL).then(|| {
+        format!(
+            "the image's runnervisor-warm unit speaks bind protocol {has}; this agent sends {}: its VMs would not take their runner's command",
+            crate::cloudinit::BIND_PROTOCOL
+        )
+    })
 }
 
 pub fn manifest_path(image: &Path) -> PathBuf {
@@ -55,7 +73,12 @@ mod tests {
 
     #[test]
     fn age_rule() {
-        let m = Manifest { runner_version: "2.330.0".into(), runner_released: "2026-11-01".into(), built_at: None };
+        let m = Manifest {
+            runner_version: "2.330.0".into(),
+            runner_released: "2026-11-01".into(),
+            built_at: None,
+            bind_protocol: Some(2),
+        };
         let day = Duration::from_secs(86400);
         let nov1 = humantime::parse_rfc3339("2026-11-01T00:00:00Z").unwrap();
         assert_eq!(runner_age_problem(&m, 30 * day, nov1 + 29 * day), None);
@@ -73,5 +96,19 @@ mod tests {
         assert_eq!(read_manifest(&img), None);
         std::fs::write(manifest_path(&img), r#"{"runner_version":"2.1.0","runner_released":"2026-01-02"}"#).unwrap();
         assert_eq!(read_manifest(&img).unwrap().runner_version, "2.1.0");
+    }
+
+    #[test]
+    fn images_of_an_older_bind_protocol_are_named() {
+        let m = |p| Manifest {
+            runner_version: "2.330.0".into(),
+            runner_released: "2026-11-01".into(),
+            built_at: None,
+            bind_protocol: p,
+        };
+        assert_eq!(bind_protocol_problem(&m(Some(2))), None);
+        let old = bind_protocol_problem(&m(None)).unwrap();
+        assert!(old.contains("bind protocol 1") && old.contains("sends 2"), "{old}");
+        assert!(bind_protocol_problem(&m(Some(1))).is_some());
     }
 }

@@ -45,15 +45,6 @@ impl TestNetwork {
         sh(&["virsh", "-c", URI, "net-start", name]);
         net
     }
-
-    /// Leases the network's DHCP server holds now (libvirt's view), by MAC.
-    fn leases(&self) -> Vec<String> {
-        let out = Command::new("virsh").args(["-c", URI, "net-dhcp-leases", &self.name]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().find(|w| w.matches(':').count() == 5).map(str::to_string))
-            .collect()
-    }
 }
 
 impl Drop for TestNetwork {
@@ -160,6 +151,36 @@ fn more_vms_than_addresses_come_and_go_and_each_gets_its_own_at_once() {
     assert_eq!(client.lease(other, "control"), None, "an address still leased to another MAC is not given");
     sh(&["virsh", "-c", URI, "net-update", &net.name, "delete", "ip-dhcp-host", &network::host_xml(&r), "--live"]);
 
+    // So an address another MAC still holds a lease on (a client of before the network
+    // served reserved clients only) is not given to a VM while that lease lasts.
+    // (The addresses the churn used are held, so that the one leased away is the lowest free.)
+    let holding: Vec<_> = given.iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    for (i, _) in holding.iter().enumerate() {
+        hv.reserve_address(&net.name, &format!("rv-hold-{i}")).unwrap();
+    }
+    let next = std::net::Ipv4Addr::new(198, 18, 9, **holding.last().unwrap() + 1);
+    let foreign = network::Reservation { vm: "rv-foreign".into(), mac: "52:54:00:ee:ee:01".into(), ip: next };
+    sh(&["virsh", "-c", URI, "net-update", &net.name, "add", "ip-dhcp-host", &network::host_xml(&foreign), "--live"]);
+    assert_eq!(client.lease(&foreign.mac, "foreign"), Some(next.to_string()));
+    sh(&[
+        "virsh",
+        "-c",
+        URI,
+        "net-update",
+        &net.name,
+        "delete",
+        "ip-dhcp-host",
+        &network::host_xml(&foreign),
+        "--live",
+    ]);
+    let after = hv.reserve_address(&net.name, "rv-after").unwrap();
+    assert_ne!(after.ip, next, "an address leased to another MAC is skipped");
+    assert_eq!(client.lease(&after.mac, "rv-after"), Some(after.ip.to_string()));
+    hv.release_address(&net.name, "rv-after").unwrap();
+    for i in 0..holding.len() {
+        hv.release_address(&net.name, &format!("rv-hold-{i}")).unwrap();
+    }
+
     // A client with no reservation, and made-up hardware addresses, get nothing; the
     // network's addresses run out only for VMs, and say so.
     let forged: Vec<String> = (1..=30).map(|i| format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256)).collect();
@@ -168,16 +189,17 @@ fn more_vms_than_addresses_come_and_go_and_each_gets_its_own_at_once() {
     let answered = client.flood("198.18.9.5", &forged);
     assert!(answered.is_empty(), "forged clients were answered: {answered:?}");
     assert_eq!(client.lease("02:00:00:00:ff:01", "nobody"), None, "a client with no reservation gets nothing");
-    let foreign: Vec<String> = net.leases().into_iter().filter(|m| m.starts_with("02:")).collect();
+    let foreign: Vec<String> = network_leases(&net.name).into_iter().filter(|m| m.starts_with("02:")).collect();
     assert!(foreign.is_empty(), "the DHCP server holds leases for clients it does not know: {foreign:?}");
-    let held: Vec<_> = (0..13).map(|i| hv.reserve_address(&net.name, &format!("rv-full-{i}")).unwrap()).collect();
+    // One address is still leased to the foreign MAC: 12 are left for VMs.
+    let held: Vec<_> = (0..12).map(|i| hv.reserve_address(&net.name, &format!("rv-full-{i}")).unwrap()).collect();
     let mut ips: Vec<_> = held.iter().map(|r| r.ip).collect();
+    ips.sort();
     ips.dedup();
-    assert_eq!(ips.len(), 13, "13 distinct addresses");
-    let e = hv.reserve_address(&net.name, "rv-full-13").unwrap_err().to_string();
+    assert_eq!(ips.len(), 12, "12 distinct addresses");
+    let e = hv.reserve_address(&net.name, "rv-full-12").unwrap_err().to_string();
     assert!(e.contains("no free address") && e.contains(&net.name), "{e}");
-    for i in 0..13 {
+    for i in 0..=12 {
         hv.release_address(&net.name, &format!("rv-full-{i}")).unwrap();
     }
-    hv.release_address(&net.name, "rv-full-13").unwrap();
 }

@@ -177,15 +177,6 @@ fn wait_exit(agent: &mut Agent, timeout: Duration) -> Option<std::process::ExitS
     None
 }
 
-/// The MACs the lab network's DHCP server holds leases for now.
-fn network_leases() -> Vec<String> {
-    let out = std::process::Command::new("virsh").args(["-c", URI, "net-dhcp-leases", NETWORK]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.matches(':').count() == 5).map(str::to_string))
-        .collect()
-}
-
 /// kill -9 at each provisioning step, restart, every job served once.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill kill-agent"]
@@ -693,7 +684,7 @@ async fn drill_isolation() {
     }
     // The servers' side: nothing that should be blocked saw a connection.
     // Leases the network's DHCP server holds for clients that are no VM's reservation.
-    let foreign_leases = network_leases().into_iter().filter(|mac| !mac.starts_with("52:54:00:")).count();
+    let foreign_leases = network_leases(NETWORK).into_iter().filter(|mac| !mac.starts_with("52:54:00:")).count();
     let server_leaks = [
         ("DHCP leases of unknown clients", foreign_leases),
         ("host loopback listener", on_loopback.accepted()),

@@ -453,3 +453,17 @@ async fn a_warm_vm_that_ignores_its_delivery_is_replaced_and_the_job_served_cold
     assert_no_runners(&sim, &agent).await;
     assert!(agent.terminate().success());
 }
+
+/// The credential search's base64 markers find the runner's token wherever it sits in
+/// what was encoded (the bind message carries the runner's files in base64).
+#[test]
+fn base64_forms_find_a_marker_at_any_offset() {
+    use base64::Engine;
+    let forms = base64_forms(RUNNER_MARKER);
+    assert!(forms.iter().all(|f| f.len() >= 24), "{forms:?}");
+    for pad in 0..7 {
+        let text = format!("{}{{\"token\": \"{RUNNER_MARKER}abc\"}}", "x".repeat(pad));
+        let enc = base64::engine::general_purpose::STANDARD.encode(text);
+        assert!(forms.iter().any(|f| enc.contains(f.as_str())), "offset {pad}: {enc} {forms:?}");
+    }
+}

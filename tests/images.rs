@@ -90,6 +90,7 @@ fn production_recipe_bakes_a_runner_image() {
     let manifest = runnervisor::images::read_manifest(&out).expect("manifest");
     assert_eq!(manifest.runner_version, "2.330.0");
     assert_eq!(manifest.runner_released, "2026-11-01");
+    assert_eq!(runnervisor::images::bind_protocol_problem(&manifest), None, "{manifest:?}");
     assert!(runnervisor::hypervisor::check_image(&out).is_ok(), "a qcow2 image");
     let info =
         String::from_utf8(Command::new("qemu-img").args(["info", "--output=json"]).arg(&out).output().unwrap().stdout)

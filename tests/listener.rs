@@ -410,8 +410,9 @@ async fn a_noisy_source_cannot_push_githubs_deliveries_out() {
     assert!(within * 100 >= 99 * DELIVERIES as usize, "only {within} of {DELIVERIES} answered 2xx within 1 s");
     assert!(refused(&metrics) >= 100, "the attacker's surplus connections were not refused at accept");
     // A line per kind of refusal every 10 s at most (unsigned, stalled body, per-source cap,
-    // accept errors, the global cap): the log does not follow the attacker's rate.
-    let bound = 5 * (attack_secs / 10.0).ceil() as usize + 5;
+    // accept errors, the global cap): the log does not follow the attacker's rate. (The
+    // other tests of this binary log a few lines of their own meanwhile: 10 of headroom.)
+    let bound = 5 * (attack_secs / 10.0).ceil() as usize + 10;
     assert!(warnings_during <= bound, "{warnings_during} warning lines in {attack_secs:.1} s (bound {bound})");
     stop.cancel();
 }

@@ -74,6 +74,9 @@ pub struct SimConfig {
     /// What every registration token begins with (GitHub's are 29 upper-case characters
     /// beginning with `A`): tests that search a guest for its credential plant a marker.
     pub registration_token_prefix: String,
+    /// What every runner's credential (its token on the runner protocol, in its JIT config
+    /// or given at registration) begins with.
+    pub runner_credential_prefix: String,
 }
 
 impl SimConfig {
@@ -96,6 +99,7 @@ impl SimConfig {
             webhook_concurrency: 1,
             hook_ranges: vec!["127.0.0.0/8".into(), "::1/128".into()],
             registration_token_prefix: "A".into(),
+            runner_credential_prefix: "rc_".into(),
         }
     }
 }
@@ -155,10 +159,12 @@ pub async fn serve(
         (None, Some(h)) => format!("http://{h}:{}", addr.port()),
         (None, None) => format!("http://{addr}"),
     };
+    let mut world = World::default();
+    world.runner_credential_prefix = config.runner_credential_prefix.clone();
     let sim = Arc::new(Sim {
         config,
         base_url,
-        world: Mutex::new(World::default()),
+        world: Mutex::new(world),
         faults: Mutex::new(Faults::default()),
         installation_tokens: Mutex::new(InstallationTokens::default()),
         rate: Mutex::new(BTreeMap::new()),

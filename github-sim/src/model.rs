@@ -224,6 +224,8 @@ pub struct World {
     next_delivery: u64,
     /// Every runner name that ever registered, with how many jobs it ran (for tests).
     pub runner_history: BTreeMap<String, RunnerHistory>,
+    /// What every runner's credential begins with (`SimConfig::runner_credential_prefix`).
+    pub runner_credential_prefix: String,
     /// Reports posted to `/_sim/reports` by jobs' scripts.
     pub reports: Vec<Value>,
 }
@@ -289,6 +291,7 @@ impl Default for World {
             next_runner: FIRST_RUNNER_ID,
             next_delivery: FIRST_DELIVERY_ID,
             runner_history: BTreeMap::new(),
+            runner_credential_prefix: "rc_".into(),
             reports: Vec::new(),
         }
     }
@@ -376,7 +379,7 @@ impl World {
                 group_id: new.group_id,
                 ephemeral: new.ephemeral,
                 jit: new.jit,
-                credential: token("rc_", 40),
+                credential: token(&self.runner_credential_prefix, 40),
                 last_seen: None,
                 polling: 0,
                 job: None,

@@ -281,10 +281,11 @@ pub struct ReconcileConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Registration {
-    /// `generate-jitconfig`, then `run.sh --jitconfig`.
+    /// `generate-jitconfig`; the guest unpacks it into the runner's files, then `run.sh`.
     #[default]
     Jit,
-    /// A registration token, `config.sh ... --ephemeral`, then `run.sh`.
+    /// A registration token (in `config.sh`'s environment), `config.sh ... --ephemeral`,
+    /// then `run.sh`.
     Token,
 }
 
@@ -432,7 +433,7 @@ mod defaults {
         512
     }
     pub fn max_connections_per_source() -> usize {
-        64
+        16
     }
     pub fn header_timeout() -> Duration {
         Duration::from_secs(10)

@@ -42,7 +42,7 @@ fn defaults_are_filled_in() {
     );
     assert_eq!(c.server.max_body_bytes, 1024 * 1024);
     assert_eq!(c.server.max_connections, 512);
-    assert_eq!(c.server.max_connections_per_source, 64);
+    assert_eq!(c.server.max_connections_per_source, 16);
     assert_eq!(c.server.allow_sources, None, "any source by default");
     assert_eq!((c.server.header_timeout, c.server.body_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
     assert_eq!(c.pools[0].registration, Registration::Jit);

@@ -85,6 +85,43 @@ impl Libvirt {
         Ok((net, xml))
     }
 
+    /// The network's DHCP leases now: (address, MAC) of each IPv4 lease.
+    fn leases(&self, net: &virt::network::Network, name: &str) -> Result<Vec<(std::net::Ipv4Addr, String)>, HvError> {
+        let mut leases: *mut sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
+        // SAFETY: `net` is a live network object; libvirt allocates the array and each lease,
+        // which are freed below (every lease, then the array), whatever they hold.
+        let n = unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), std::ptr::null(), &mut leases, 0) };
+        if n < 0 {
+            return Err(HvError::Libvirt {
+                op: "network leases",
+                name: name.into(),
+                message: virt::error::Error::last_error().to_string(),
+            });
+        }
+        let mut out = Vec::new();
+        for i in 0..n as usize {
+            // SAFETY: libvirt returned `n` valid lease pointers; their strings are
+            // NUL-terminated or null.
+            unsafe {
+                let lease = *leases.add(i);
+                let text = |p: *mut std::os::raw::c_char| {
+                    (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+                };
+                if let (Some(ip), Some(mac)) = (text((*lease).ipaddr), text((*lease).mac))
+                    && let Ok(ip) = ip.parse()
+                {
+                    out.push((ip, mac.to_ascii_lowercase()));
+                }
+                sys::virNetworkDHCPLeaseFree(lease);
+            }
+        }
+        if !leases.is_null() {
+            // SAFETY: the array libvirt allocated with malloc, its elements freed above.
+            unsafe { libc::free(leases.cast()) };
+        }
+        Ok(out)
+    }
+
     /// A network update applies to the running network and, for a persistent one, to its
     /// definition too (a restarted network keeps its reservations).
     fn update_flags(&self, net: &virt::network::Network, name: &str) -> Result<sys::virNetworkUpdateFlags, HvError> {
@@ -336,7 +373,13 @@ impl Hypervisor for Libvirt {
         if let Some(mine) = dhcp.hosts.iter().find(|h| h.vm == vm) {
             return Ok(mine.clone());
         }
-        let avoid: Vec<_> = domain_xml::network_ipv4_address(&xml).into_iter().collect();
+        // Not the network's own address, nor one leased to a MAC other than the one its VM
+        // would have (a client of before the network served reserved clients only): the
+        // DHCP server would refuse it to the VM while that lease lasts.
+        let mut avoid: Vec<_> = domain_xml::network_ipv4_address(&xml).into_iter().collect();
+        avoid.extend(
+            self.leases(&net, name)?.into_iter().filter(|(ip, mac)| *mac != network::mac_for(*ip)).map(|(ip, _)| ip),
+        );
         let ip =
             network::pick(&dhcp, &avoid).ok_or_else(|| HvError::NetworkFull { name: name.into(), vm: vm.into() })?;
         let r = network::Reservation { vm: vm.into(), mac: network::mac_for(ip), ip };

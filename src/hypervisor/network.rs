@@ -81,7 +81,8 @@ pub fn dhcp(network_xml: &str) -> Dhcp {
 pub const DNSMASQ_NS: &str = "http://libvirt.org/schemas/network/dnsmasq/1.0";
 
 /// The lowest address of the DHCP range that no host entry holds, skipping `avoid` (the
-/// network's own address, addresses leased to other clients).
+/// network's own address; addresses leased to MACs other than the one the address's VM
+/// would have).
 pub fn pick(dhcp: &Dhcp, avoid: &[Ipv4Addr]) -> Option<Ipv4Addr> {
     let (start, end) = dhcp.range?;
     (u32::from(start)..=u32::from(end))

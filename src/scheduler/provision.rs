@@ -69,10 +69,11 @@ impl ProvisionError {
     }
 
     /// Whether this failure counts as one of the job's attempts (`max_attempts`): only a
-    /// definition libvirt refused, the one step whose input the job shapes. The others are
-    /// the host's (GitHub, storage, libvirt itself) and only back the pool off.
+    /// definition libvirt refused, the one step whose input the job shapes (not libvirt
+    /// being away). The others are the host's (GitHub, storage, libvirt itself) and only
+    /// back the pool off.
     pub fn charged_to_job(&self) -> bool {
-        matches!(self, ProvisionError::Define(_))
+        matches!(self, ProvisionError::Define(HvError::Libvirt { .. }))
     }
 }
 
@@ -543,7 +544,13 @@ mod tests {
     fn only_a_refused_definition_is_charged_to_the_job() {
         let hv = || HvError::Libvirt { op: "define", name: "rv-p-7".into(), message: "refused".into() };
         assert!(ProvisionError::Define(hv()).charged_to_job());
-        for e in [ProvisionError::Domain(hv()), ProvisionError::Overlay(hv()), ProvisionError::Network(hv())] {
+        let away = || HvError::Unavailable { uri: "qemu:///system".into(), message: "connection lost".into() };
+        for e in [
+            ProvisionError::Define(away()),
+            ProvisionError::Domain(hv()),
+            ProvisionError::Overlay(hv()),
+            ProvisionError::Network(hv()),
+        ] {
             assert!(!e.charged_to_job(), "{e}");
         }
     }

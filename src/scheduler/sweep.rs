@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::event::{Event, Sweep, spawn_blocking_reporting};
 use super::vm::Input;
@@ -25,6 +25,9 @@ pub struct State {
     started: SystemTime,
     /// VMs torn down recently, and when: a sweep that listed before that is stale for them.
     torn_down_at: HashMap<String, SystemTime>,
+    /// Addresses reserved for VMs that neither the book nor libvirt knows, and since when
+    /// the sweeps have found them so.
+    stray_addresses: HashMap<String, SystemTime>,
     last_prune: Instant,
     last_image_check: Option<Instant>,
 }
@@ -35,6 +38,7 @@ impl Default for State {
             running: false,
             started: SystemTime::UNIX_EPOCH,
             torn_down_at: HashMap::new(),
+            stray_addresses: HashMap::new(),
             last_prune: Instant::now(),
             last_image_check: None,
         }
@@ -248,16 +252,25 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Addresses reserved for VMs of ours that are neither recorded nor defined (a
     /// provisioning cut short between its reservation and its domain's definition, a VM
-    /// removed by hand): given back to the network.
+    /// removed by hand): given back to the network once they have been so for longer than
+    /// a provisioning may take (another agent on this libvirt may be between the two steps
+    /// for a VM of the same pools, which this one has no record of).
     fn release_stray_addresses(&mut self, holders: Vec<String>, domains: &BTreeSet<&str>, stale: &BTreeSet<String>) {
         let Some(network) = self.config.libvirt.network.libvirt_network().map(str::to_string) else { return };
-        for vm in holders {
-            if self.book.vms.contains_key(&vm) || !self.is_ours(&vm) || domains.contains(vm.as_str()) {
+        let now = self.now();
+        let strays: Vec<String> = holders
+            .into_iter()
+            .filter(|vm| !self.book.vms.contains_key(vm) && self.is_ours(vm) && !domains.contains(vm.as_str()))
+            .filter(|vm| !stale.contains(vm))
+            .collect();
+        let since = &mut self.sweep.stray_addresses;
+        since.retain(|vm, _| strays.contains(vm));
+        for vm in strays {
+            let first = *since.entry(vm.clone()).or_insert(now);
+            if now.duration_since(first).unwrap_or_default() < self.config.reconcile.provision_timeout {
                 continue;
             }
-            if stale.contains(&vm) {
-                continue;
-            }
+            since.remove(&vm);
             info!(vm = %vm, network = %network, "releasing an address reserved for a vm that is gone");
             let (hv, net) = (self.ctx.hv.clone(), network.clone());
             // Fire and forget: the next sweep finds it again if this fails.
@@ -286,6 +299,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.metrics.image_runner_outdated.get_or_create(&metrics::pool(&pool.name)).set(problem.is_some() as i64);
             if let Some(p) = problem {
                 warn!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image with a current runner");
+            }
+            if let Some(p) =
+                crate::images::read_manifest(&pool.image).and_then(|m| crate::images::bind_protocol_problem(&m))
+            {
+                error!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image (images/production/build)");
             }
         }
     }

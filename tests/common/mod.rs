@@ -88,6 +88,15 @@ impl Drop for Cleanup {
     }
 }
 
+/// The MACs the libvirt network `name`'s DHCP server holds leases for now.
+pub fn network_leases(name: &str) -> Vec<String> {
+    let out = std::process::Command::new("virsh").args(["-c", URI, "net-dhcp-leases", name]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.matches(':').count() == 5).map(str::to_string))
+        .collect()
+}
+
 /// Names of `rv-` domains and volumes that exist right now.
 /// Waits (up to 60 s) while this process's own libvirt connection is re-established,
 /// e.g. after a drill restarted libvirtd.
@@ -163,6 +172,25 @@ pub struct Sim {
 /// so that a job can search its VM for its credential.
 pub const TOKEN_MARKER: &str = "AQRVSECRETMARKERQ";
 
+/// What every runner credential of the tests' simulators begins with (the token inside a
+/// JIT config, which the runner keeps in `.credentials`): planted for the same search.
+pub const RUNNER_MARKER: &str = "rcRVRUNNERSECRETMARKERQQ";
+
+/// The characters `marker` is sure to show, wherever it sits, once encoded in base64: for
+/// each of the three alignments, the groups made of its bytes alone.
+pub fn base64_forms(marker: &str) -> Vec<String> {
+    use base64::Engine;
+    let m = marker.as_bytes();
+    (0..3)
+        .map(|a| {
+            let padded: Vec<u8> = std::iter::repeat_n(0u8, a).chain(m.iter().copied()).collect();
+            let enc = base64::engine::general_purpose::STANDARD.encode(&padded);
+            let (first, last) = (a.div_ceil(3), (a + m.len()) / 3);
+            enc[4 * first..4 * last].to_string()
+        })
+        .collect()
+}
+
 /// The files of its runner's own identity the runner keeps for its one job (what a JIT
 /// config unpacks into, or `config.sh` writes), which a credential search does not count.
 pub const RUNNER_KEEPS: &[&str] =
@@ -175,6 +203,7 @@ impl Sim {
         let mut c = github_sim::SimConfig::new(PAT, SECRET);
         c.webhook_url = webhook_url;
         c.registration_token_prefix = TOKEN_MARKER.into();
+        c.runner_credential_prefix = RUNNER_MARKER.into();
         tweak(&mut c);
         let addr = std::net::SocketAddr::from((lab_gateway(), 0));
         let handle = github_sim::SimHandle::start_on(c, addr)
@@ -188,9 +217,10 @@ impl Sim {
     }
 
     /// Queues a job whose script searches its VM, as root, for its runner's credential (a
-    /// registration token, [`TOKEN_MARKER`], or a JIT config, by the opening every one of
-    /// this simulator's begins with) in every file but [`RUNNER_KEEPS`], and in every
-    /// process's arguments and environment (`tests/isolation/credential_search.py`).
+    /// registration token, [`TOKEN_MARKER`]; a JIT config, by the opening every one of this
+    /// simulator's begins with; the runner's own token, [`RUNNER_MARKER`], raw and in
+    /// base64) in every file but [`RUNNER_KEEPS`], in every process's arguments and
+    /// environment, and in the journal (`tests/isolation/credential_search.py`).
     pub async fn queue_credential_search(&self, repo: &str, labels: &[&str]) -> u64 {
         use base64::Engine;
         let code = base64::engine::general_purpose::STANDARD.encode(include_str!("../isolation/credential_search.py"));
@@ -206,7 +236,9 @@ impl Sim {
     pub fn credential_search_cfg(&self) -> String {
         use base64::Engine;
         let reversed_hex = |m: &str| m.bytes().rev().map(|b| format!("{b:02x}")).collect::<String>();
-        let markers = [TOKEN_MARKER.to_string(), github_sim::api::jit_config_fingerprint()];
+        let mut markers = vec![TOKEN_MARKER.to_string(), github_sim::api::jit_config_fingerprint()];
+        markers.push(RUNNER_MARKER.to_string());
+        markers.extend(base64_forms(RUNNER_MARKER));
         let cfg = json!({
             "sim": self.guest_url(),
             "markers": markers.iter().map(|m| reversed_hex(m)).collect::<Vec<_>>(),

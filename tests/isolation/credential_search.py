@@ -1,7 +1,8 @@
 # A job's script, run as root inside a runnervisor VM (the fake runner runs it through
 # sudo, as a job that becomes root would): is the runner's credential anywhere a job can
-# read it? Searches every regular file (but /proc, /sys and /dev) and every process's
-# argument list and environment for the given markers, and reports to the simulator.
+# read it? Searches every regular file (but /proc, /sys and /dev), every process's
+# argument list and environment, and the journal as journalctl exports it (its files may
+# hold large fields compressed) for the given markers, and reports to the simulator.
 #
 # argv[1]: base64 of {"sim": URL, "markers": [HEX of the marker's bytes reversed, ...],
 #                     "kept": [paths the runner itself keeps, not searched]}
@@ -12,6 +13,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 import urllib.request
 
@@ -67,6 +69,13 @@ for pid in os.listdir("/proc"):
             continue
         if any(m in data for m in markers):
             hits.append("/proc/%s/%s" % (pid, what))
+
+try:
+    journal = subprocess.run(["journalctl", "-o", "export", "--no-pager"], capture_output=True, timeout=120).stdout
+    if any(m in journal for m in markers):
+        hits.append("journal (journalctl -o export)")
+except (OSError, subprocess.SubprocessError):
+    hits.append("journal: journalctl failed")
 
 report = {"role": "credential-search", "vm": socket.gethostname(), "hits": hits, "files": files,
           "processes": processes, "uid": os.getuid()}
