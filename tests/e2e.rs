@@ -332,7 +332,6 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
         agent.log_text().contains("vm torn down").then_some(())
     })
     .await;
-    let log = agent.log_text();
     // Served once: one VM was ever made.
     let history = sim.runner_history().await;
     assert_eq!(history.as_object().unwrap().len(), 1, "{history}");
