@@ -368,30 +368,51 @@ impl Hypervisor for Libvirt {
 
     fn reserve_address(&self, name: &str, vm: &str) -> Result<network::Reservation, HvError> {
         let _one_at_a_time = self.reserving.lock().unwrap_or_else(|e| e.into_inner());
-        let (net, xml) = self.active_network(name)?;
-        let dhcp = network::dhcp(&xml);
-        if let Some(mine) = dhcp.hosts.iter().find(|h| h.vm == vm) {
-            return Ok(mine.clone());
+        // Another process on this libvirt (a second agent, a test) may take the address
+        // chosen between the read and the update: libvirt refuses a second entry for it,
+        // and the next lowest is tried.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (net, xml) = self.active_network(name)?;
+            let dhcp = network::dhcp(&xml);
+            if let Some(mine) = dhcp.hosts.iter().find(|h| h.vm == vm) {
+                return Ok(mine.clone());
+            }
+            // Not the network's own address, nor one leased to a MAC other than the one its
+            // VM would have (a client of before the network served reserved clients only):
+            // the DHCP server would refuse it to the VM while that lease lasts.
+            let mut avoid: Vec<_> = domain_xml::network_ipv4_address(&xml).into_iter().collect();
+            avoid.extend(
+                self.leases(&net, name)?
+                    .into_iter()
+                    .filter(|(ip, mac)| *mac != network::mac_for(*ip))
+                    .map(|(ip, _)| ip),
+            );
+            let ip = network::pick(&dhcp, &avoid)
+                .ok_or_else(|| HvError::NetworkFull { name: name.into(), vm: vm.into() })?;
+            let r = network::Reservation { vm: vm.into(), mac: network::mac_for(ip), ip };
+            let flags = self.update_flags(&net, name)?;
+            let added = net.update(
+                sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                &network::host_xml(&r),
+                flags,
+            );
+            match added {
+                Ok(()) => return Ok(r),
+                Err(e) => {
+                    let taken = self
+                        .active_network(name)
+                        .map(|(_, xml)| network::dhcp(&xml).hosts.iter().any(|h| h.ip == r.ip || h.mac == r.mac))
+                        .unwrap_or(false);
+                    if !taken || attempt >= 8 {
+                        return Err(self.err("reserve address", vm, e));
+                    }
+                }
+            }
         }
-        // Not the network's own address, nor one leased to a MAC other than the one its VM
-        // would have (a client of before the network served reserved clients only): the
-        // DHCP server would refuse it to the VM while that lease lasts.
-        let mut avoid: Vec<_> = domain_xml::network_ipv4_address(&xml).into_iter().collect();
-        avoid.extend(
-            self.leases(&net, name)?.into_iter().filter(|(ip, mac)| *mac != network::mac_for(*ip)).map(|(ip, _)| ip),
-        );
-        let ip =
-            network::pick(&dhcp, &avoid).ok_or_else(|| HvError::NetworkFull { name: name.into(), vm: vm.into() })?;
-        let r = network::Reservation { vm: vm.into(), mac: network::mac_for(ip), ip };
-        net.update(
-            sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-            sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
-            -1,
-            &network::host_xml(&r),
-            self.update_flags(&net, name)?,
-        )
-        .map_err(|e| self.err("reserve address", vm, e))?;
-        Ok(r)
     }
 
     fn release_address(&self, name: &str, vm: &str) -> Result<(), HvError> {
