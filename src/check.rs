@@ -394,16 +394,14 @@ fn check_pool_image(pool: &crate::config::PoolConfig, lines: &mut Vec<Line>) {
             }
         }
     }
-    if let Some(manifest) = images::read_manifest(&pool.image)
-        && let Some(p) = images::bind_protocol_problem(&manifest)
-    {
-        lines.push(bad(
-            format!("pool {} guest unit", pool.name),
-            p,
-            "rebuild the image (images/production/build installs the current images/guest unit)",
-        ));
-    }
     if let Some(manifest) = images::read_manifest(&pool.image) {
+        if let Some(p) = images::bind_protocol_problem(&manifest) {
+            lines.push(bad(
+                format!("pool {} guest unit", pool.name),
+                p,
+                "rebuild the image (images/production/build installs the current images/guest unit)",
+            ));
+        }
         match images::runner_age_problem(&manifest, pool.runner_max_age, std::time::SystemTime::now()) {
             None => lines.push(ok(
                 format!("pool {} runner", pool.name),

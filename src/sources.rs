@@ -72,15 +72,12 @@ impl<'de> Deserialize<'de> for SourceRule {
 /// The address a per-source count is kept under: IPv4 (also when mapped into IPv6) as it
 /// is, IPv6 by its /64.
 pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
     }
 }
 
@@ -139,7 +136,8 @@ impl Admission {
 
     fn allowed(&self, ip: IpAddr) -> bool {
         let Some(rules) = &self.allow else { return true };
-        let ip = source_key_v4(ip);
+        // An IPv4 address mapped into IPv6 (a dual-stack listener's view) as itself.
+        let ip = ip.to_canonical();
         rules.iter().any(|r| match r {
             SourceRule::Net(n) => n.contains(&ip),
             SourceRule::GitHub => self.github.read().unwrap_or_else(|e| e.into_inner()).iter().any(|n| n.contains(&ip)),
@@ -182,14 +180,6 @@ impl Admission {
     /// Connections `peer`'s source holds now.
     pub fn held(&self, peer: IpAddr) -> usize {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).get(&source_key(peer)).copied().unwrap_or(0)
-    }
-}
-
-/// An IPv4 address mapped into IPv6 (a dual-stack listener's view) as the IPv4 address.
-fn source_key_v4(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 

@@ -502,12 +502,7 @@ mod tests {
         assert_eq!(child("port").attribute("isolated"), Some("yes"));
         let fref = child("filterref");
         assert_eq!(fref.attribute("filter"), Some("runnervisor-fence"));
-        let params: Vec<(&str, &str)> = fref
-            .children()
-            .filter(|n| n.has_tag_name("parameter"))
-            .map(|p| (p.attribute("name").unwrap(), p.attribute("value").unwrap()))
-            .collect();
-        assert_eq!(params, [("CTRL_IP_LEARNING", "dhcp"), ("DHCPSERVER", "198.51.100.1")]);
+        assert_eq!(filter_params(fref), [("CTRL_IP_LEARNING", "dhcp"), ("DHCPSERVER", "198.51.100.1")]);
         // With its reserved address: its MAC, and the fence knows the address from the start.
         let r = crate::hypervisor::network::Reservation {
             vm: "rv-small-30000000001".into(),
@@ -521,12 +516,15 @@ mod tests {
         let mac = iface.children().find(|n| n.has_tag_name("mac")).unwrap();
         assert_eq!(mac.attribute("address"), Some("52:54:00:33:64:0a"));
         let fref = iface.children().find(|n| n.has_tag_name("filterref")).unwrap();
-        let params: Vec<(&str, &str)> = fref
-            .children()
+        assert_eq!(filter_params(fref), [("IP", "198.51.100.10"), ("DHCPSERVER", "198.51.100.1")]);
+    }
+
+    /// A `<filterref>`'s parameters, (name, value) in order.
+    fn filter_params<'a>(fref: roxmltree::Node<'a, '_>) -> Vec<(&'a str, &'a str)> {
+        fref.children()
             .filter(|n| n.has_tag_name("parameter"))
             .map(|p| (p.attribute("name").unwrap(), p.attribute("value").unwrap()))
-            .collect();
-        assert_eq!(params, [("IP", "198.51.100.10"), ("DHCPSERVER", "198.51.100.1")]);
+            .collect()
     }
 
     #[test]

@@ -294,15 +294,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.sweep.last_image_check = Some(Instant::now());
         for pool in &self.config.pools {
-            let problem = crate::images::read_manifest(&pool.image)
-                .and_then(|m| crate::images::runner_age_problem(&m, pool.runner_max_age, self.now()));
+            let manifest = crate::images::read_manifest(&pool.image);
+            let problem =
+                manifest.as_ref().and_then(|m| crate::images::runner_age_problem(m, pool.runner_max_age, self.now()));
             self.metrics.image_runner_outdated.get_or_create(&metrics::pool(&pool.name)).set(problem.is_some() as i64);
             if let Some(p) = problem {
                 warn!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image with a current runner");
             }
-            if let Some(p) =
-                crate::images::read_manifest(&pool.image).and_then(|m| crate::images::bind_protocol_problem(&m))
-            {
+            if let Some(p) = manifest.as_ref().and_then(crate::images::bind_protocol_problem) {
                 error!(pool = %pool.name, image = %pool.image.display(), "{p}; rebuild the image (images/production/build)");
             }
         }
