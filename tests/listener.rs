@@ -82,6 +82,21 @@ async fn start_with(
     (addr, stop, metrics, store, admission)
 }
 
+/// A request's headers begun and never ended (slow-loris).
+const SLOW_LORIS_HEAD: &str = "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow";
+
+/// Signed headers of a body announced and never sent in full (10 bytes of it sent).
+fn stalled_body_head() -> String {
+    let body = payload(7);
+    format!(
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow_job\r\nX-GitHub-Delivery: stall\r\n\
+         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n{}",
+        sign(&body),
+        body.len(),
+        String::from_utf8_lossy(&body[..10])
+    )
+}
+
 /// Opens a connection, writes `head`, and returns it (the caller decides what follows).
 async fn open(addr: SocketAddr, head: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -160,17 +175,10 @@ async fn slow_loris_and_unsigned_floods_do_not_starve_signed_deliveries() {
     // Twice the connection cap in slow-loris connections: headers begun, never finished.
     let mut loris = Vec::new();
     for _ in 0..2 * MAX_CONNECTIONS {
-        loris.push(open(addr, "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow").await);
+        loris.push(open(addr, SLOW_LORIS_HEAD).await);
     }
     // Signed headers, a body announced and never sent in full.
-    let body = payload(7);
-    let stall_head = format!(
-        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow_job\r\nX-GitHub-Delivery: stall\r\n\
-         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n{}",
-        sign(&body),
-        body.len(),
-        String::from_utf8_lossy(&body[..10])
-    );
+    let stall_head = stalled_body_head();
     let mut stalls = Vec::new();
     for _ in 0..4 {
         stalls.push(open(addr, &stall_head).await);
@@ -320,22 +328,9 @@ async fn a_noisy_source_cannot_push_githubs_deliveries_out() {
     let attack_stop = CancellationToken::new();
     let mut attackers = Vec::new();
     // Four times the connection cap in slow-loris connections (headers begun, never ended)...
-    attackers.extend(attack(
-        4 * MAX_CONNECTIONS,
-        addr,
-        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow".into(),
-        attack_stop.clone(),
-    ));
+    attackers.extend(attack(4 * MAX_CONNECTIONS, addr, SLOW_LORIS_HEAD.into(), attack_stop.clone()));
     // ... as many signed requests whose bodies stall ...
-    let body = payload(7);
-    let stall = format!(
-        "POST /webhook HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: workflow_job\r\nX-GitHub-Delivery: stall\r\n\
-         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n{}",
-        sign(&body),
-        body.len(),
-        String::from_utf8_lossy(&body[..10])
-    );
-    attackers.extend(attack(4 * MAX_CONNECTIONS, addr, stall, attack_stop.clone()));
+    attackers.extend(attack(4 * MAX_CONNECTIONS, addr, stalled_body_head(), attack_stop.clone()));
     // ... and a flood of unsigned 60 KiB bodies with forged delivery ids (log injection).
     let floods: Vec<_> = (0..8)
         .map(|_| {
