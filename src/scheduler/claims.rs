@@ -374,12 +374,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .filter(|m| m.host_id != fleet.host)
             .flat_map(|m| m.addresses.iter().filter_map(|a| a.parse().ok()))
             .collect();
-        if database.is_empty() {
-            others.extend(fleet.database.iter().copied());
-        } else {
+        if !database.is_empty() {
             fleet.database = database;
-            others.extend(fleet.database.iter().copied());
         }
+        others.extend(fleet.database.iter().copied());
         others.retain(|a: &Ipv4Addr| !a.is_loopback());
         if self.ctx.fence_others.set(others) {
             info!(others = ?self.ctx.fence_others.get(), "the fence drops the fleet's other hosts too (members, database)");
