@@ -312,12 +312,12 @@ async fn check_fence(config: &Config, lv: &Arc<Libvirt>) -> Line {
         }
         NetworkConfig::Network { name, filter, allow: a } => {
             let (lv, n) = (lv.clone(), name.clone());
-            match tokio::task::spawn_blocking(move || lv.network_gateway(&n)).await.expect("join") {
-                Ok(gw) => ok(
+            match tokio::task::spawn_blocking(move || lv.network_dhcp(&n)).await.expect("join") {
+                Ok(dhcp) => ok(
                     what,
                     format!(
                         "libvirt network {name} is active (gateway {}), isolated ports, nwfilter {filter}; {}",
-                        gw.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+                        dhcp.subnet.map(|s| s.gateway.to_string()).unwrap_or_else(|| "none".into()),
                         allow(a)
                     ),
                 ),
@@ -482,13 +482,13 @@ mod tests {
     fn a_network_leasing_to_anyone_is_warned_about() {
         use crate::hypervisor::network::Dhcp;
         let range = Some(("198.51.100.10".parse().unwrap(), "198.51.100.250".parse().unwrap()));
-        let open = dhcp_line("runnervisor", &Dhcp { range, hosts: vec![], known_only: false });
+        let open = dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: false });
         let text = render(&[open]);
         assert!(
             text.contains("leases 198.51.100.10–198.51.100.250 to any client") && text.contains("dhcp-ignore"),
             "{text}"
         );
-        let known = render(&[dhcp_line("runnervisor", &Dhcp { range, hosts: vec![], known_only: true })]);
+        let known = render(&[dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: true })]);
         assert!(known.contains("fixed address") && !known.contains("dhcp-ignore"), "{known}");
     }
 }

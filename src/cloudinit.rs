@@ -1,5 +1,5 @@
-//! What a runner VM is given: cloud-init NoCloud user-data and meta-data at boot, which
-//! carry nothing secret, and — once its guest waits on its bind port — the one line that
+//! What a runner VM is given: cloud-init NoCloud user-data, meta-data and (where the agent
+//! fixed its address) network-config at boot, which carry nothing secret, and — once its guest waits on its bind port — the one line that
 //! starts its runner ([`bind_message`]). Pure and serialized: the documents are JSON (a
 //! subset of YAML that cloud-init reads), so no value is ever spliced into YAML text, and
 //! commands are argument lists, never shell strings.
@@ -31,6 +31,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
+use crate::hypervisor::network::{Reservation, Subnet};
 use crate::secret::Secret;
 
 /// The one-job credential a VM is given.
@@ -152,6 +153,27 @@ pub fn bind_ack(vm_name: &str) -> String {
     format!("ACK {vm_name}\n")
 }
 
+/// NoCloud network-config (version 2) for a VM whose address the agent fixed: the
+/// interface with the reservation's MAC gets its address, the default route and DNS via
+/// the network's gateway, and asks no DHCP server (the fence drops DHCP from it).
+pub fn network_config(r: &Reservation, subnet: Subnet) -> String {
+    let gw = subnet.gateway.to_string();
+    let doc = json!({
+        "version": 2,
+        "ethernets": {
+            "rv0": {
+                "match": {"macaddress": r.mac},
+                "dhcp4": false,
+                "dhcp6": false,
+                "addresses": [format!("{}/{}", r.ip, subnet.prefix)],
+                "routes": [{"to": "0.0.0.0/0", "via": gw}],
+                "nameservers": {"addresses": [gw]},
+            }
+        }
+    });
+    format!("{doc}\n")
+}
+
 /// meta-data: the instance id and hostname are the VM name.
 pub fn meta_data(vm_name: &str) -> String {
     format!("{}\n", json!({"instance-id": vm_name, "local-hostname": vm_name}))
@@ -175,6 +197,21 @@ mod tests {
 
     fn spec<'a>(name: &'a str, credential: &'a Credential) -> RunnerSpec<'a> {
         RunnerSpec { vm_name: name, runner_user: "runner", runner_dir: "/opt/actions-runner/", credential }
+    }
+
+    #[test]
+    fn a_fixed_address_is_the_network_config() {
+        let r =
+            Reservation { vm: "rv-p-1".into(), mac: "52:54:00:33:64:07".into(), ip: "198.51.100.7".parse().unwrap() };
+        let subnet = Subnet { gateway: "198.51.100.1".parse().unwrap(), prefix: 24 };
+        let doc: Value = serde_json::from_str(&network_config(&r, subnet)).unwrap();
+        assert_eq!(doc["version"], 2);
+        let eth = &doc["ethernets"]["rv0"];
+        assert_eq!(eth["match"]["macaddress"], "52:54:00:33:64:07");
+        assert_eq!((&eth["dhcp4"], &eth["dhcp6"]), (&json!(false), &json!(false)), "no DHCP: the fence drops it");
+        assert_eq!(eth["addresses"], json!(["198.51.100.7/24"]));
+        assert_eq!(eth["routes"], json!([{"to": "0.0.0.0/0", "via": "198.51.100.1"}]));
+        assert_eq!(eth["nameservers"]["addresses"], json!(["198.51.100.1"]));
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! - the filter includes libvirt's `clean-traffic` (no MAC/IP/ARP spoofing; every frame
 //!   that is neither IPv4 nor ARP is dropped, so IPv6 is off entirely) and adds, in its
 //!   own IPv4 chain between the anti-spoofing check and `clean-traffic`'s accept:
-//!   the allow-list first, then DHCP and DNS to the network's gateway, then a drop of
-//!   every other address of the host and of every non-public range ([`BLOCKED`]);
-//!   everything else (the internet) passes.
+//!   the allow-list first, then DNS to the network's gateway (and DHCP, where the VM
+//!   learns its address), then a drop of the rest of the network's subnet (the gateway's
+//!   other ports, its broadcast address, the other VMs), of every other address of the
+//!   host and of every non-public range ([`BLOCKED`]); everything else (the internet)
+//!   passes.
 //!
 //! The rules are ebtables rules at the bridge port, so they hold for traffic to the
 //! host itself as much as for forwarded traffic, and need no `br_netfilter`.
@@ -20,6 +22,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 
 use crate::hypervisor::domain_xml::Xml;
+use crate::hypervisor::network::Subnet;
 
 /// Ranges a job VM never reaches unless allow-listed, with why.
 pub const BLOCKED: &[(Ipv4Addr, u8, &str)] = &[
@@ -114,8 +117,15 @@ pub fn blocked_range(addr: Ipv4Addr) -> Option<&'static str> {
 pub struct FenceSpec<'a> {
     /// The nwfilter's name.
     pub filter: &'a str,
-    /// The libvirt network's own address (DHCP and DNS are allowed to it); `None` on a bridge.
-    pub gateway: Option<Ipv4Addr>,
+    /// The libvirt network's subnet: DNS is allowed to its address (the gateway), the rest
+    /// of the subnet dropped (the gateway's other ports, the broadcast address, the other
+    /// VMs). `None` on a bridge.
+    pub subnet: Option<Subnet>,
+    /// Whether a VM may talk DHCP (to the gateway and the broadcast address): on a bridge,
+    /// and on a libvirt network that leases to any client (the VM learns its address).
+    /// Never where the agent fixes the VMs' addresses: the DHCP server believes the client
+    /// hardware address a message names, which a job with root chooses.
+    pub dhcp: bool,
     /// Every IPv4 address of this host, and of the other hosts a job must not reach (the
     /// fleet's other members, its database): all blocked unless allow-listed.
     pub host_addrs: &'a [Ipv4Addr],
@@ -138,15 +148,20 @@ pub fn filter_xml(spec: &FenceSpec<'_>) -> String {
             rule(&mut x, "return", "100", a.addr, a.prefix, Some((proto, a.ports)));
         }
     }
-    if let Some(gw) = spec.gateway {
-        rule(&mut x, "return", "200", gw, 32, Some(("udp", (67, 67))));
-        rule(&mut x, "return", "200", gw, 32, Some(("udp", (53, 53))));
-        rule(&mut x, "return", "200", gw, 32, Some(("tcp", (53, 53))));
-        rule(&mut x, "drop", "300", gw, 32, None);
+    if let Some(s) = spec.subnet {
+        if spec.dhcp {
+            rule(&mut x, "return", "200", s.gateway, 32, Some(("udp", (67, 67))));
+        }
+        rule(&mut x, "return", "200", s.gateway, 32, Some(("udp", (53, 53))));
+        rule(&mut x, "return", "200", s.gateway, 32, Some(("tcp", (53, 53))));
+        rule(&mut x, "drop", "300", s.network(), s.prefix, None);
     }
-    // DHCP discovery and requests before an address is leased go to the broadcast address.
-    rule(&mut x, "return", "200", Ipv4Addr::BROADCAST, 32, Some(("udp", (67, 67))));
-    let mut host: Vec<Ipv4Addr> = spec.host_addrs.iter().copied().filter(|a| Some(*a) != spec.gateway).collect();
+    if spec.dhcp {
+        // DHCP discovery and requests before an address is leased go to the broadcast address.
+        rule(&mut x, "return", "200", Ipv4Addr::BROADCAST, 32, Some(("udp", (67, 67))));
+    }
+    let in_subnet = |a: &Ipv4Addr| spec.subnet.is_some_and(|s| network(*a, s.prefix) == s.network());
+    let mut host: Vec<Ipv4Addr> = spec.host_addrs.iter().copied().filter(|a| !in_subnet(a)).collect();
     host.sort();
     host.dedup();
     for a in host {
@@ -174,17 +189,19 @@ fn rule(x: &mut Xml, action: &str, priority: &str, addr: Ipv4Addr, prefix: u8, l
 }
 
 /// The nwfilter (name, XML) a fenced `network` needs on this host now: its allow-list,
-/// the network's `gateway`, this host's current addresses and `also` (the fleet's other
-/// members and its database). `None` for `user` mode.
+/// the network's `subnet`, whether VMs talk `dhcp`, this host's current addresses and
+/// `also` (the fleet's other members and its database). `None` for `user` mode.
 pub fn filter_for(
     network: &crate::config::NetworkConfig,
-    gateway: Option<Ipv4Addr>,
+    subnet: Option<Subnet>,
+    dhcp: bool,
     also: &[Ipv4Addr],
 ) -> Result<Option<(String, String)>, std::io::Error> {
     let Some((filter, allow)) = network.fence() else { return Ok(None) };
     let mut host_addrs = host_addresses()?;
     host_addrs.extend_from_slice(also);
-    Ok(Some((filter.to_string(), filter_xml(&FenceSpec { filter, gateway, host_addrs: &host_addrs, allow }))))
+    let spec = FenceSpec { filter, subnet, dhcp, host_addrs: &host_addrs, allow };
+    Ok(Some((filter.to_string(), filter_xml(&spec))))
 }
 
 /// What else the fence drops besides this host's own addresses, kept up to date by the
@@ -317,13 +334,16 @@ mod tests {
         (action.into(), dst.into(), l4.into())
     }
 
+    const LAB: Subnet = Subnet { gateway: Ipv4Addr::new(198, 51, 100, 1), prefix: 24 };
+
     #[test]
     fn the_filter_allows_first_then_gateway_services_then_drops() {
         let allow = [parse("10.20.0.5:443").unwrap(), parse("192.168.10.0/24:3128-3130").unwrap()];
         let host = [Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(198, 51, 100, 1), Ipv4Addr::new(192, 0, 2, 2)];
         let xml = filter_xml(&FenceSpec {
             filter: "runnervisor-fence",
-            gateway: Some(Ipv4Addr::new(198, 51, 100, 1)),
+            subnet: Some(LAB),
+            dhcp: false,
             host_addrs: &host,
             allow: &allow,
         });
@@ -339,11 +359,11 @@ mod tests {
             r("return", "10.20.0.5/32", "udp:443-443"),
             r("return", "192.168.10.0/24", "tcp:3128-3130"),
             r("return", "192.168.10.0/24", "udp:3128-3130"),
-            r("return", "198.51.100.1/32", "udp:67-67"),
+            // DNS at the gateway; no DHCP: the agent fixed the VM's address.
             r("return", "198.51.100.1/32", "udp:53-53"),
             r("return", "198.51.100.1/32", "tcp:53-53"),
-            r("return", "255.255.255.255/32", "udp:67-67"),
-            r("drop", "198.51.100.1/32", "all"),
+            // The rest of the subnet: the gateway's other ports, the broadcast address, VMs.
+            r("drop", "198.51.100.0/24", "all"),
             // The host's other address, once; the gateway is not repeated.
             r("drop", "192.0.2.2/32", "all"),
         ];
@@ -354,11 +374,29 @@ mod tests {
     }
 
     #[test]
+    fn dhcp_is_allowed_only_where_the_vm_learns_its_address() {
+        let spec = FenceSpec { filter: "f", subnet: Some(LAB), dhcp: true, host_addrs: &[], allow: &[] };
+        let rs = rules(&filter_xml(&spec));
+        assert_eq!(
+            rs[..5],
+            [
+                r("return", "198.51.100.1/32", "udp:67-67"),
+                r("return", "198.51.100.1/32", "udp:53-53"),
+                r("return", "198.51.100.1/32", "tcp:53-53"),
+                r("return", "255.255.255.255/32", "udp:67-67"),
+                r("drop", "198.51.100.0/24", "all"),
+            ]
+        );
+        let fixed = rules(&filter_xml(&FenceSpec { dhcp: false, ..spec }));
+        assert!(!fixed.iter().any(|(_, _, l4)| l4 == "udp:67-67"), "{fixed:?}");
+    }
+
+    #[test]
     fn other_hosts_of_the_fleet_are_dropped_like_this_one() {
         let net = crate::config::NetworkConfig::default();
-        let (_, xml) = filter_for(&net, None, &[Ipv4Addr::new(203, 0, 113, 7)]).unwrap().unwrap();
+        let (_, xml) = filter_for(&net, Some(LAB), false, &[Ipv4Addr::new(203, 0, 113, 7)]).unwrap().unwrap();
         assert!(rules(&xml).contains(&r("drop", "203.0.113.7/32", "all")), "{xml}");
-        let (_, without) = filter_for(&net, None, &[]).unwrap().unwrap();
+        let (_, without) = filter_for(&net, Some(LAB), false, &[]).unwrap().unwrap();
         assert!(!without.contains("203.0.113.7"));
         let others = Others::default();
         assert!(others.set(vec![Ipv4Addr::new(1, 2, 3, 4), Ipv4Addr::new(1, 2, 3, 4)]));
@@ -368,7 +406,7 @@ mod tests {
 
     #[test]
     fn on_a_bridge_there_is_no_gateway_exception() {
-        let xml = filter_xml(&FenceSpec { filter: "f", gateway: None, host_addrs: &[], allow: &[] });
+        let xml = filter_xml(&FenceSpec { filter: "f", subnet: None, dhcp: true, host_addrs: &[], allow: &[] });
         let rs = rules(&xml);
         assert_eq!(rs[0], r("return", "255.255.255.255/32", "udp:67-67"));
         assert_eq!(rs.len(), 1 + BLOCKED.len());
@@ -377,7 +415,7 @@ mod tests {
 
     #[test]
     fn names_in_the_filter_are_escaped() {
-        let xml = filter_xml(&FenceSpec { filter: "a'<b", gateway: None, host_addrs: &[], allow: &[] });
+        let xml = filter_xml(&FenceSpec { filter: "a'<b", subnet: None, dhcp: true, host_addrs: &[], allow: &[] });
         let doc = roxmltree::Document::parse(&xml).unwrap();
         assert_eq!(doc.root_element().attribute("name"), Some("a'<b"));
     }

@@ -323,7 +323,7 @@ async fn serve(path: PathBuf) -> ExitCode {
 fn seed_image(user_data: &PathBuf, meta_data: &PathBuf, out: &PathBuf) -> ExitCode {
     let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     let result = (|| -> Result<(), String> {
-        let image = runnervisor::hypervisor::seed::nocloud_image(&read(user_data)?, &read(meta_data)?)
+        let image = runnervisor::hypervisor::seed::nocloud_image(&read(user_data)?, &read(meta_data)?, None)
             .map_err(|e| e.to_string())?;
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;

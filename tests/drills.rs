@@ -588,6 +588,9 @@ async fn drill_isolation() {
     })
     .await;
     lab.seen.lock().unwrap().clear();
+    // What gets past the fence at layer 2 (and to a UDP service on every address), counted
+    // on the lab network's bridge.
+    let sniffer = BridgeSniffer::start(FORGED_MAC, gw);
     d.agent.start().await;
 
     let sim_port = d.sim.handle.addr.port();
@@ -610,19 +613,31 @@ async fn drill_isolation() {
         json!({"name": "DHCP lease exhaustion (30 forged clients)", "kind": "dhcp-flood", "count": 30,
                "request": "198.51.100.200", "expect": "blocked"}),
         json!({"name": "runner credential readable as root", "kind": "credential", "expect": "blocked"}),
+        json!({"name": "forged DHCP decline of the peer's address", "kind": "dhcp-decline", "expect": "blocked"}),
+        json!({"name": "MAC changed, then the public server", "kind": "mac-change", "mac": FORGED_MAC,
+               "host": lab::PUBLIC.to_string(), "port": 80, "expect": "blocked"}),
+        json!({"name": "IPv6 link-local, ICMPv6 echo to the host", "kind": "ipv6", "marker": "rv-ipv6", "expect": "blocked"}),
+        json!({"name": "UDP to the subnet's broadcast addresses", "kind": "broadcast", "marker": "rv-broadcast",
+               "expect": "blocked"}),
+        json!({"name": "frames of an unknown ethertype", "kind": "ethertype", "marker": "rv-ethertype", "expect": "blocked"}),
+        json!({"name": "gratuitous ARP claiming the gateway", "kind": "garp", "marker": "rv-garp", "expect": "blocked"}),
         tcp("allow-listed simulator (gateway)", gw, sim_port, "allowed"),
         tcp("public server through the NAT", lab::PUBLIC, 80, "allowed"),
         udp("DNS at the gateway", gw, "allowed"),
     ];
     let sim_url = d.sim.url();
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let (dhcp_code, search_code) =
-        (b64(include_str!("isolation/dhcp.py")), b64(include_str!("isolation/credential_search.py")));
+    let (dhcp_code, search_code, raw_code) = (
+        b64(include_str!("isolation/dhcp.py")),
+        b64(include_str!("isolation/credential_search.py")),
+        b64(include_str!("isolation/raw.py")),
+    );
     let search_cfg = d.sim.credential_search_cfg();
     let script = |role: &str| {
         let cfg = json!({"role": role, "sim": sim_url, "gateway": gw.to_string(), "wait": 240,
                          "peer_port": peer_port, "probes": probes, "dhcp_code": dhcp_code,
-                         "search_code": search_code, "search_cfg": search_cfg});
+                         "search_code": search_code, "search_cfg": search_cfg, "raw_code": raw_code,
+                         "udp_port": sniffer.udp_port});
         let b64 = base64::engine::general_purpose::STANDARD.encode(cfg.to_string());
         let code = base64::engine::general_purpose::STANDARD.encode(include_str!("isolation/probe.py"));
         format!("python3 -c \"import base64,sys; exec(base64.b64decode('{code}'))\" {b64}")
@@ -685,8 +700,15 @@ async fn drill_isolation() {
     // The servers' side: nothing that should be blocked saw a connection.
     // Leases the network's DHCP server holds for clients that are no VM's reservation.
     let foreign_leases = network_leases(NETWORK).into_iter().filter(|mac| !mac.starts_with("52:54:00:")).count();
+    let bridge = sniffer.finish();
     let server_leaks = [
         ("DHCP leases of unknown clients", foreign_leases),
+        ("bridge: DHCP messages", bridge["DHCP to the server"]),
+        ("bridge: forged MAC frames", bridge["forged MAC"]),
+        ("bridge: IPv6 frames", bridge["IPv6"]),
+        ("bridge: broadcast UDP", bridge["UDP to the host's port"]),
+        ("bridge: unknown ethertype", bridge["unknown ethertype"]),
+        ("bridge: ARP for the gateway", bridge["ARP claiming the gateway"]),
         ("host loopback listener", on_loopback.accepted()),
         ("gateway listener", on_gateway.accepted()),
         ("uplink listener", on_uplink.accepted()),
@@ -695,7 +717,7 @@ async fn drill_isolation() {
         ("second job VM", peer["accepted"].as_u64().unwrap() as usize),
     ];
     for (what, n) in server_leaks {
-        println!("drill isolation server: {what:<28} connections from guests: {n}");
+        println!("drill isolation server: {what:<30} from guests: {n}");
         leaked += n;
     }
     assert!(lab.seen_by("public") >= 1, "the public server saw no guest: {:?}", lab.seen.lock().unwrap());
@@ -707,6 +729,43 @@ async fn drill_isolation() {
         leaked == 0 && failed.is_empty() && allowed == expected_allowed && blocked + allowed == probes_n,
         "the fence failed ({line}); allowed probes that failed: {failed:?}"
     );
+}
+
+/// The MAC the isolation drill's prober gives its interface (locally administered).
+const FORGED_MAC: &str = "02:72:76:00:00:01";
+
+/// `tests/isolation/sniff.py` on the lab network's bridge: what guests' frames reached the
+/// host, by kind.
+struct BridgeSniffer {
+    child: std::process::Child,
+    udp_port: u16,
+}
+
+impl BridgeSniffer {
+    fn start(forged_mac: &str, gateway: std::net::Ipv4Addr) -> BridgeSniffer {
+        use std::io::BufRead;
+        let info = std::process::Command::new("virsh").args(["-c", URI, "net-info", NETWORK]).output().unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        let bridge = info.lines().find_map(|l| l.strip_prefix("Bridge:")).expect("the lab network's bridge").trim();
+        let mut child = std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/isolation/sniff.py"))
+            .args([bridge, forged_mac, &gateway.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
+        let v: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("sniff.py: {e}: {first:?}"));
+        BridgeSniffer { udp_port: v["udp_port"].as_u64().unwrap() as u16, child }
+    }
+
+    /// Stops it: the counts by kind.
+    fn finish(mut self) -> BTreeMap<String, usize> {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("sniff.py: {e}: {:?}", out.stdout))
+    }
 }
 
 /// A warm pool under more jobs than it has warm VMs: the first jobs take the waiting warm

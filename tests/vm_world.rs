@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use runnervisor::cloudinit::{self, Credential, RunnerSpec};
-use runnervisor::hypervisor::{DomainState, Hypervisor, seed};
+use runnervisor::hypervisor::{DomainState, Hypervisor};
 use runnervisor::secret::Secret;
 
 /// Makes a VM's credential once its guest waits.
@@ -32,7 +32,7 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     let console_log = console_dir().join(format!("{name}.log"));
 
     let overlay = hv.create_overlay(name, &img.golden, 4 << 30).unwrap();
-    let seed_img = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(name)).unwrap();
+    let seed_img = test_seed(&hv, name);
     let seed_path = hv.create_seed(name, &seed_img).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&seed_path).unwrap().permissions().mode() & 0o077, 0, "seed readable by others");
@@ -174,13 +174,14 @@ async fn the_fence_filter_is_redefined_in_place() {
         allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
     };
     let _fence = TestFence::up(&hv, &network(&[]));
+    let (subnet, fixed) = lab_addressing(&hv);
     let (_, second) =
-        runnervisor::fence::filter_for(&network(&["10.20.0.5:443"]), Some(lab_gateway()), &[]).unwrap().unwrap();
+        runnervisor::fence::filter_for(&network(&["10.20.0.5:443"]), subnet, !fixed, &[]).unwrap().unwrap();
     hv.define_filter(&name, &second).unwrap();
     let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "nwfilter-dumpxml", &name]));
     assert!(dumped.contains("dstipaddr='10.20.0.5'"), "the second definition is in force:\n{dumped}");
     // A second agent process (fresh cache) redefines it too.
     let (other, _ev) = libvirt();
-    let (_, first) = runnervisor::fence::filter_for(&network(&[]), Some(lab_gateway()), &[]).unwrap().unwrap();
+    let (_, first) = runnervisor::fence::filter_for(&network(&[]), subnet, !fixed, &[]).unwrap().unwrap();
     other.define_filter(&name, &first).unwrap();
 }

@@ -311,15 +311,6 @@ pub fn with_uuid(xml: &str, uuid: &str) -> String {
     }
 }
 
-/// The IPv4 address of a libvirt network (`<ip address=...>` without a family, or `ipv4`).
-pub fn network_ipv4_address(network_xml: &str) -> Option<std::net::Ipv4Addr> {
-    let doc = roxmltree::Document::parse(network_xml).ok()?;
-    doc.root_element()
-        .children()
-        .filter(|n| n.has_tag_name("ip") && n.attribute("family").is_none_or(|f| f == "ipv4"))
-        .find_map(|n| n.attribute("address")?.parse().ok())
-}
-
 /// The host's security models from libvirt's capabilities (`<host><secmodel><model>`).
 pub fn security_models(capabilities_xml: &str) -> Vec<String> {
     let Ok(doc) = roxmltree::Document::parse(capabilities_xml) else { return Vec::new() };
@@ -538,14 +529,6 @@ mod tests {
         let doc = roxmltree::Document::parse(&x).unwrap();
         assert_eq!(doc.root_element().attribute("name"), Some("f"));
         assert_eq!(doc.root_element().children().find(|n| n.is_element()).unwrap().text(), Some("u-1"));
-    }
-
-    #[test]
-    fn network_address() {
-        let xml = "<network><name>runnervisor</name><forward mode='nat'/><ip family='ipv6' address='fd00::1' prefix='64'/>\
-                   <ip address='198.51.100.1' netmask='255.255.255.0'><dhcp/></ip></network>";
-        assert_eq!(network_ipv4_address(xml), Some("198.51.100.1".parse().unwrap()));
-        assert_eq!(network_ipv4_address("<network><name>x</name></network>"), None);
     }
 
     #[test]

@@ -20,9 +20,10 @@ pub fn golden_image(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-/// The fake network's DHCP service: 198.51.100.10–250, known clients only.
+/// The fake network: 198.51.100.1/24, DHCP range 198.51.100.10–250, known clients only.
 fn fake_dhcp() -> super::network::Dhcp {
     super::network::Dhcp {
+        subnet: Some(super::network::Subnet { gateway: std::net::Ipv4Addr::new(198, 51, 100, 1), prefix: 24 }),
         range: Some((std::net::Ipv4Addr::new(198, 51, 100, 10), std::net::Ipv4Addr::new(198, 51, 100, 250))),
         hosts: Vec::new(),
         known_only: true,
@@ -125,13 +126,6 @@ impl FakeHypervisor {
 }
 
 impl Hypervisor for FakeHypervisor {
-    fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError> {
-        if self.up()?.network_missing {
-            return Err(HvError::NetworkMissing { name: name.into() });
-        }
-        Ok(Some(std::net::Ipv4Addr::new(198, 51, 100, 1)))
-    }
-
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {
         drop(self.up()?);
         Ok(crate::capacity::Host { cpus: 64, memory_mib: 256 * 1024, pool_gib: 10_000 })

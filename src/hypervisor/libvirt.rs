@@ -361,11 +361,6 @@ fn is_code(e: &virt::error::Error, codes: &[ErrorNumber]) -> bool {
 }
 
 impl Hypervisor for Libvirt {
-    fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError> {
-        let (_, xml) = self.active_network(name)?;
-        Ok(domain_xml::network_ipv4_address(&xml))
-    }
-
     fn reserve_address(&self, name: &str, vm: &str) -> Result<network::Reservation, HvError> {
         let _one_at_a_time = self.reserving.lock().unwrap_or_else(|e| e.into_inner());
         // Another process on this libvirt (a second agent, a test) may take the address
@@ -382,7 +377,7 @@ impl Hypervisor for Libvirt {
             // Not the network's own address, nor one leased to a MAC other than the one its
             // VM would have (a client of before the network served reserved clients only):
             // the DHCP server would refuse it to the VM while that lease lasts.
-            let mut avoid: Vec<_> = domain_xml::network_ipv4_address(&xml).into_iter().collect();
+            let mut avoid: Vec<_> = dhcp.subnet.map(|s| s.gateway).into_iter().collect();
             avoid.extend(
                 self.leases(&net, name)?
                     .into_iter()

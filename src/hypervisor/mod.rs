@@ -146,9 +146,6 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn create_overlay(&self, vm: &str, backing: &Path, capacity: u64) -> Result<PathBuf, HvError>;
     /// Creates the VM's seed volume with `image` as content, through the storage API.
     fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError>;
-    /// The libvirt network `name`, which must exist and be active: its IPv4 address (the
-    /// guests' gateway, DHCP and DNS server), if it has one.
-    fn network_gateway(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, HvError>;
     /// Defines the nwfilter `name` from `xml`, or redefines it when it changed.
     fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Gives `vm` a fixed address on the libvirt network `network` ([`network`]): its
@@ -157,7 +154,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn reserve_address(&self, network: &str, vm: &str) -> Result<network::Reservation, HvError>;
     /// Removes `vm`'s DHCP host entry from `network`. Idempotent.
     fn release_address(&self, network: &str, vm: &str) -> Result<(), HvError>;
-    /// The network's DHCP service: range, host entries, whether it serves known clients only.
+    /// The libvirt network `network`, which must exist and be active: its IPv4 subnet (its
+    /// address is the guests' gateway and DNS server), DHCP range, host entries, and whether
+    /// its DHCP server serves known clients only.
     fn network_dhcp(&self, network: &str) -> Result<network::Dhcp, HvError>;
     /// This host's CPUs and memory and the job storage pool's size.
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError>;

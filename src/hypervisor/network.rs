@@ -10,6 +10,13 @@
 //! A VM's MAC is derived from its address ([`mac_for`]): the next VM given a freed address
 //! has the MAC of the VM that held it before, and the DHCP server hands it the address at
 //! once even while the old lease lasts (it refuses an address leased to another MAC).
+//!
+//! The VM does not ask DHCP for it either: its seed carries the address ([`crate::cloudinit::network_config`])
+//! and the fence drops every DHCP message of a VM, since the server trusts the client
+//! hardware address a message names, which a job with root chooses (a forged DECLINE in
+//! another VM's name disables that VM's address for 10 minutes: `tests/addresses.rs`).
+//! The host entries stay: they are the network's record of whose address is whose,
+//! shared by every process on the host, and what a client of the network gets if it asks.
 
 use std::net::Ipv4Addr;
 
@@ -28,9 +35,26 @@ pub struct Reservation {
     pub ip: Ipv4Addr,
 }
 
-/// What a network's XML says about its DHCP service.
+/// A network's own IPv4 address (its gateway for the VMs) and prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// The subnet's network address (the gateway with the host bits cleared).
+    pub fn network(&self) -> Ipv4Addr {
+        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix.min(32))) };
+        Ipv4Addr::from(u32::from(self.gateway) & mask)
+    }
+}
+
+/// What a network's XML says about its IPv4 subnet and DHCP service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dhcp {
+    /// Its IPv4 address and prefix, if it has one.
+    pub subnet: Option<Subnet>,
     /// The (first) DHCP range of its IPv4 address, if it has one.
     pub range: Option<(Ipv4Addr, Ipv4Addr)>,
     /// Its host entries (those without a name or MAC too: their addresses are taken).
@@ -48,10 +72,22 @@ pub fn mac_for(ip: Ipv4Addr) -> String {
 
 /// Parses a network's XML (`virsh net-dumpxml`).
 pub fn dhcp(network_xml: &str) -> Dhcp {
-    let mut out = Dhcp { range: None, hosts: Vec::new(), known_only: false };
+    let mut out = Dhcp { subnet: None, range: None, hosts: Vec::new(), known_only: false };
     let Ok(doc) = roxmltree::Document::parse(network_xml) else { return out };
     let root = doc.root_element();
     let ipv4 = root.children().find(|n| n.has_tag_name("ip") && n.attribute("family").is_none_or(|f| f == "ipv4"));
+    out.subnet = ipv4.and_then(|ip| {
+        let gateway = ip.attribute("address")?.parse().ok()?;
+        let prefix = match (ip.attribute("prefix"), ip.attribute("netmask")) {
+            (Some(p), _) => p.parse().ok().filter(|p| *p <= 32)?,
+            (None, Some(m)) => {
+                let m = u32::from(m.parse::<Ipv4Addr>().ok()?);
+                (m.leading_ones() == m.count_ones()).then_some(m.count_ones() as u8)?
+            }
+            (None, None) => 24,
+        };
+        Some(Subnet { gateway, prefix })
+    });
     if let Some(dhcp) = ipv4.and_then(|ip| ip.children().find(|n| n.has_tag_name("dhcp"))) {
         let addr = |n: roxmltree::Node<'_, '_>, a: &str| n.attribute(a).and_then(|v| v.parse::<Ipv4Addr>().ok());
         out.range = dhcp
@@ -134,8 +170,24 @@ mod tests {
         assert!(d.known_only);
         let open = NET.replace("dhcp-ignore=tag:!known", "dhcp-lease-max=10");
         assert!(!dhcp(&open).known_only, "another option is not the one");
+        assert_eq!(d.subnet, Some(Subnet { gateway: ip("198.51.100.1"), prefix: 28 }));
+        assert_eq!(d.subnet.unwrap().network(), ip("198.51.100.0"));
         let bare = "<network><ip address='10.0.0.1' netmask='255.255.255.0'/></network>";
-        assert_eq!(dhcp(bare), Dhcp { range: None, hosts: vec![], known_only: false });
+        let subnet = Some(Subnet { gateway: ip("10.0.0.1"), prefix: 24 });
+        assert_eq!(dhcp(bare), Dhcp { subnet, range: None, hosts: vec![], known_only: false });
+        for (ip_attrs, want) in [
+            ("address='10.1.2.3' prefix='16'", Some(16)),
+            ("address='10.1.2.3'", Some(24)),
+            ("address='10.1.2.3' netmask='255.0.255.0'", None),
+            ("address='10.1.2.3' prefix='33'", None),
+            ("family='ipv6' address='fd00::1' prefix='64'", None),
+            ("family='ipv6' address='fd00::1' prefix='64'/><ip address='10.1.2.3' netmask='255.255.255.128'", Some(25)),
+        ] {
+            let xml = format!("<network><forward mode='nat'/><ip {ip_attrs}/></network>");
+            assert_eq!(dhcp(&xml).subnet.map(|s| s.prefix), want, "{ip_attrs}");
+        }
+        let wide = Subnet { gateway: ip("10.213.7.1"), prefix: 12 };
+        assert_eq!(wide.network(), ip("10.208.0.0"));
     }
 
     #[test]
@@ -150,7 +202,7 @@ mod tests {
         assert_eq!(pick(&d, &[]), None, "the range is full");
         d.hosts.retain(|h| h.vm != "rv-p-7");
         assert_eq!(pick(&d, &[]), Some(ip("198.51.100.2")), "a freed address is given again");
-        assert_eq!(pick(&Dhcp { range: None, hosts: vec![], known_only: true }, &[]), None);
+        assert_eq!(pick(&Dhcp { subnet: None, range: None, hosts: vec![], known_only: true }, &[]), None);
     }
 
     #[test]

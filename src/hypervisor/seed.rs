@@ -1,5 +1,6 @@
-//! The NoCloud seed: a small FAT image labelled `CIDATA` holding `user-data` and
-//! `meta-data`, built in memory (no tools, no loop mounts) and uploaded as a volume.
+//! The NoCloud seed: a small FAT image labelled `CIDATA` holding `user-data`, `meta-data`
+//! and optionally `network-config`, built in memory (no tools, no loop mounts) and
+//! uploaded as a volume.
 
 use std::io::{Cursor, Write};
 
@@ -12,8 +13,10 @@ const MIN_SIZE: usize = 1024 * 1024;
 pub struct SeedError(#[from] std::io::Error);
 
 /// Builds the seed image bytes.
-pub fn nocloud_image(user_data: &str, meta_data: &str) -> Result<Vec<u8>, SeedError> {
-    let payload = user_data.len() + meta_data.len();
+pub fn nocloud_image(user_data: &str, meta_data: &str, network_config: Option<&str>) -> Result<Vec<u8>, SeedError> {
+    let mut files = vec![("user-data", user_data), ("meta-data", meta_data)];
+    files.extend(network_config.map(|n| ("network-config", n)));
+    let payload: usize = files.iter().map(|(_, c)| c.len()).sum();
     let size = (payload * 2 + 256 * 1024).max(MIN_SIZE).next_multiple_of(512);
     let mut disk = Cursor::new(vec![0u8; size]);
     fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "))?;
@@ -21,7 +24,7 @@ pub fn nocloud_image(user_data: &str, meta_data: &str) -> Result<Vec<u8>, SeedEr
     {
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
         let root = fs.root_dir();
-        for (name, content) in [("user-data", user_data), ("meta-data", meta_data)] {
+        for (name, content) in files {
             let mut f = root.create_file(name)?;
             f.truncate()?;
             f.write_all(content.as_bytes())?;
@@ -52,14 +55,18 @@ mod tests {
 
     #[test]
     fn seed_has_label_and_files() {
-        let img = nocloud_image("#cloud-config\n{}\n", "{\"instance-id\": \"rv-x-1\"}\n").unwrap();
+        let img = nocloud_image("#cloud-config\n{}\n", "{\"instance-id\": \"rv-x-1\"}\n", Some("{\"version\": 2}\n"))
+            .unwrap();
         assert_eq!(img.len() % 512, 0);
         let mut cur = Cursor::new(img.clone());
         let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label().trim(), "CIDATA");
         drop(fs);
         assert_eq!(read_file(&img, "user-data").unwrap(), "#cloud-config\n{}\n");
+        assert_eq!(read_file(&img, "network-config").unwrap(), "{\"version\": 2}\n");
         assert!(read_file(&img, "vendor-data").is_err());
+        let without = nocloud_image("#cloud-config\n{}\n", "{}", None).unwrap();
+        assert!(read_file(&without, "network-config").is_err(), "no network-config: the image's own (DHCP)");
         // blkid (what cloud-init uses to find the seed) sees the label too.
         let dir = crate::test_support::tempdir();
         let path = dir.join("seed.img");
@@ -76,7 +83,7 @@ mod tests {
     #[test]
     fn large_user_data_fits() {
         let big = "x".repeat(3 * 1024 * 1024);
-        let img = nocloud_image(&big, "{}").unwrap();
+        let img = nocloud_image(&big, "{}", None).unwrap();
         let mut cur = Cursor::new(img);
         let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
         let mut s = String::new();

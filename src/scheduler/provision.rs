@@ -14,7 +14,7 @@ use crate::config::{Config, NetworkConfig, PoolConfig, Registration};
 use crate::fence;
 use crate::github::{Deleted, GhError, GitHub};
 use crate::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
-use crate::hypervisor::network::Reservation;
+use crate::hypervisor::network::{Reservation, Subnet};
 use crate::hypervisor::{self, HvError, Hypervisor, seed};
 use crate::model::VmRec;
 
@@ -143,15 +143,21 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         }));
     }
 
-    let gateway = fence_up(&ctx).await.map_err(ProvisionError::Network)?;
-    let address = reserve_address(&ctx, &name).await.map_err(ProvisionError::Network)?;
+    let joined = fence_up(&ctx).await.map_err(ProvisionError::Network)?;
+    let address = match (joined.subnet, ctx.config.libvirt.network.libvirt_network()) {
+        (Some(subnet), Some(net)) if joined.fixed => {
+            Some((reserve_address(&ctx, net, &name).await.map_err(ProvisionError::Network)?, subnet))
+        }
+        _ => None,
+    };
 
     let hv = ctx.hv.clone();
     let (n, backing) = (name.clone(), pool.image.clone());
     let overlay = blocking(move || hv.create_overlay(&n, &backing, disk)).await.map_err(ProvisionError::Overlay)?;
     crash_point("after-overlay");
 
-    let image = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(&name))
+    let network_config = address.as_ref().map(|(r, subnet)| cloudinit::network_config(r, *subnet));
+    let image = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(&name), network_config.as_deref())
         .map_err(|e| ProvisionError::Seed(e.to_string()))?;
     let hv = ctx.hv.clone();
     let n = name.clone();
@@ -172,8 +178,8 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         initrd: pool.initrd.as_deref(),
         cmdline: pool.cmdline.as_deref(),
         network: &ctx.config.libvirt.network,
-        gateway,
-        address: address.as_ref(),
+        gateway: joined.subnet.map(|s| s.gateway),
+        address: address.as_ref().map(|(r, _)| r),
         title: &title,
         description: &description,
         metadata: &metadata,
@@ -380,49 +386,57 @@ pub async fn resume_bind<H: Hypervisor>(hv: Arc<H>, vm: String) -> Result<BindTi
     }
 }
 
+/// The network a VM joins, as [`fence_up`] found it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Joined {
+    /// A libvirt network's subnet (its address is the VM's gateway and DNS server).
+    pub subnet: Option<Subnet>,
+    /// Whether the agent fixes the VM's address: a libvirt network whose DHCP server serves
+    /// known clients only. The VM's seed carries the address and the fence keeps the VM
+    /// from DHCP. Otherwise (a bridge; a network defined before this agent reserved
+    /// addresses, which may have leased them to any client) the VM learns it by DHCP.
+    pub fixed: bool,
+}
+
 /// Checks the network the VM joins and (re)defines the fence's nwfilter from the config
 /// and this host's current addresses. Fails, so that no VM starts, when either is missing:
-/// there is no fallback to an open network. Returns the network's gateway address.
-pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Option<std::net::Ipv4Addr>, HvError> {
+/// there is no fallback to an open network.
+pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Joined, HvError> {
     let net = ctx.config.libvirt.network.clone();
     let hv = ctx.hv.clone();
     let others = ctx.fence_others.get();
     blocking(move || {
-        let gateway = match &net {
-            NetworkConfig::User { .. } => return Ok(None),
-            NetworkConfig::Network { name, .. } => hv.network_gateway(name)?,
+        let joined = match &net {
+            NetworkConfig::User { .. } => return Ok(Joined::default()),
+            NetworkConfig::Network { name, .. } => {
+                let dhcp = hv.network_dhcp(name)?;
+                if !dhcp.known_only
+                    && let Some(suppressed) = OPEN_NETWORK.check()
+                {
+                    tracing::warn!(network = %name, suppressed, "the libvirt network leases addresses to any client, so a job can take them all: VMs get learned addresses; define it again with runnervisor-network (runnervisor check says so)");
+                }
+                Joined { subnet: dhcp.subnet, fixed: dhcp.known_only && dhcp.subnet.is_some() }
+            }
             NetworkConfig::Bridge { name, .. } if !fence::bridge_exists(name) => {
                 return Err(HvError::BridgeMissing { name: name.clone() });
             }
-            NetworkConfig::Bridge { .. } => None,
+            NetworkConfig::Bridge { .. } => Joined::default(),
         };
-        let fence =
-            fence::filter_for(&net, gateway, &others).map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
+        let fence = fence::filter_for(&net, joined.subnet, !joined.fixed, &others)
+            .map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
         if let Some((filter, xml)) = fence {
             hv.define_filter(&filter, &xml)?;
         }
-        Ok(gateway)
+        Ok(joined)
     })
     .await
 }
 
-/// On a libvirt network that serves known clients only: `vm`'s reserved address (made now,
-/// or kept from an earlier attempt). On one that leases to anyone (defined before this
-/// agent reserved addresses), `None`: the fence learns the address from DHCP as before,
-/// since a reserved address could be leased to another client already.
-async fn reserve_address<G, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &str) -> Result<Option<Reservation>, HvError> {
-    let Some(name) = ctx.config.libvirt.network.libvirt_network() else { return Ok(None) };
-    let (hv, net, vm) = (ctx.hv.clone(), name.to_string(), vm.to_string());
-    blocking(move || {
-        if !hv.network_dhcp(&net)?.known_only {
-            if let Some(suppressed) = OPEN_NETWORK.check() {
-                tracing::warn!(network = %net, suppressed, "the libvirt network leases addresses to any client, so a job can take them all: VMs get learned addresses; define it again with runnervisor-network (runnervisor check says so)");
-            }
-            return Ok(None);
-        }
-        hv.reserve_address(&net, &vm).map(Some)
-    })
-    .await
+/// `vm`'s reserved address on the libvirt network `network` (made now, or kept from an
+/// earlier attempt), where [`Joined::fixed`].
+async fn reserve_address<G, H: Hypervisor>(ctx: &Ctx<G, H>, network: &str, vm: &str) -> Result<Reservation, HvError> {
+    let (hv, net, vm) = (ctx.hv.clone(), network.to_string(), vm.to_string());
+    blocking(move || hv.reserve_address(&net, &vm)).await
 }
 
 /// The warning about a network that leases to anyone, at most hourly.

@@ -142,7 +142,8 @@ pub struct TestFence(pub String);
 
 impl TestFence {
     pub fn up(hv: &Libvirt, network: &runnervisor::config::NetworkConfig) -> TestFence {
-        let (filter, xml) = runnervisor::fence::filter_for(network, Some(lab_gateway()), &[]).unwrap().expect("fenced");
+        let (subnet, fixed) = lab_addressing(hv);
+        let (filter, xml) = runnervisor::fence::filter_for(network, subnet, !fixed, &[]).unwrap().expect("fenced");
         hv.define_filter(&filter, &xml).unwrap();
         TestFence(filter)
     }
@@ -152,6 +153,32 @@ impl Drop for TestFence {
     fn drop(&mut self) {
         drop_filter(&self.0);
     }
+}
+
+/// The lab network's subnet, and whether VMs get fixed addresses on it (as the agent
+/// decides: its DHCP server serves known clients only).
+pub fn lab_addressing(hv: &Libvirt) -> (Option<runnervisor::hypervisor::network::Subnet>, bool) {
+    let dhcp = hv.network_dhcp(NETWORK).expect("the lab network");
+    (dhcp.subnet, dhcp.known_only && dhcp.subnet.is_some())
+}
+
+/// The NoCloud seed of test VM `name` as the agent makes it: nothing secret, and on the lab
+/// network its fixed address (reserved now; [`test_domain_xml`] finds the same).
+pub fn test_seed(hv: &Libvirt, name: &str) -> Vec<u8> {
+    use runnervisor::cloudinit;
+    let network_config = match lab_addressing(hv) {
+        (Some(subnet), true) => {
+            let r = hv.reserve_address(NETWORK, name).expect("an address on the lab network");
+            Some(cloudinit::network_config(&r, subnet))
+        }
+        _ => None,
+    };
+    runnervisor::hypervisor::seed::nocloud_image(
+        &cloudinit::user_data(),
+        &cloudinit::meta_data(name),
+        network_config.as_deref(),
+    )
+    .unwrap()
 }
 
 /// Undefines a test's nwfilter (once no VM uses it).
@@ -387,8 +414,8 @@ pub fn test_domain_xml_with(
 ) -> String {
     use runnervisor::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
     let img = test_image();
-    let known_only = hv.network_dhcp(NETWORK).map(|d| d.known_only).unwrap_or(false);
-    let address = known_only.then(|| hv.reserve_address(NETWORK, name).expect("an address on the lab network"));
+    let address =
+        lab_addressing(hv).1.then(|| hv.reserve_address(NETWORK, name).expect("an address on the lab network"));
     let meta = VmMetadata {
         job_id,
         run_id: 1,

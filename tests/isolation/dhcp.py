@@ -6,6 +6,7 @@
 #                                                  {"chaddr": ..., "offered": IP|null, "acked": IP|null}
 #   python3 dhcp.py --flood IFACE IP CHADDR ...    asks for all at once (a discover, and a
 #                                                  request for IP, IP+1, ...): {"answered": [CHADDR...]}
+#   python3 dhcp.py --decline IFACE CHADDR IP SERVER  declines IP in the name of CHADDR
 # Also used by the isolation drill's prober (`lease`, `flood`).
 import json
 import os
@@ -163,8 +164,25 @@ def lease(iface, chaddr, timeout=3.0, client_id=None):
         sock.close()
 
 
+def decline(iface, chaddr, address, server):
+    """A DHCPDECLINE in the name of `chaddr` for `address` (the server being `server`): what
+    a client sends when it finds its address in use, and a job with root can send for
+    another VM (whose MAC it may guess). Nothing is answered to a decline."""
+    sock = _socket(iface)
+    try:
+        packet = _packet(4, random.getrandbits(32), chaddr, address, server)
+        for _ in range(3):
+            sock.sendto(packet, ("255.255.255.255", 67))
+            time.sleep(0.2)
+    finally:
+        sock.close()
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--flood":
+    if sys.argv[1] == "--decline":
+        decline(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+        print(json.dumps({"declined": sys.argv[4]}), flush=True)
+    elif sys.argv[1] == "--flood":
         print(json.dumps({"answered": flood(sys.argv[2], sys.argv[4:], sys.argv[3])}), flush=True)
     else:
         for c in sys.argv[2:]:

@@ -5,6 +5,8 @@
 # Outcomes: connected / answered (got through), timeout (dropped on the way), refused
 # (something answered with a reset: got through to a host), error:ERRNO. A DHCP flood is
 # "timeout" when no made-up client got an offer; a credential search, when found nothing.
+# Frames nothing answers (an unknown ethertype, gratuitous ARP, a DHCP decline) are
+# "timeout" once sent: the host side (tests/isolation/sniff.py) counts what got through.
 import base64, json, socket, struct, subprocess, sys, time, urllib.request
 
 CFG = json.loads(base64.b64decode(sys.argv[1]))
@@ -47,6 +49,47 @@ def tcp(host, port, source=None, timeout=4):
         return "error:%d" % e.errno
     finally:
         s.close()
+
+
+def broadcast(addresses, port, marker, timeout=3):
+    """UDP datagrams to broadcast `addresses`; "answered" if the host's echo came back."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.settimeout(timeout)
+    try:
+        for a in addresses:
+            s.sendto(marker.encode(), (a, port))
+        data, _ = s.recvfrom(512)
+        return "answered" if data == marker.encode() else "garbled"
+    except socket.timeout:
+        return "timeout"
+    except OSError as e:
+        return "error:%d" % e.errno
+    finally:
+        s.close()
+
+
+def mac_changed(mac, host, port):
+    """TCP to an allowed server with this VM's MAC changed to `mac`; the MAC, address and
+    route restored after (the network service may drop what it configured for the old MAC)."""
+    with open("/sys/class/net/%s/address" % dev) as f:
+        own = f.read().strip()
+    prefix = sh("ip", "-4", "-o", "addr", "show", "dev", dev).stdout.split()[3].split("/")[1]
+
+    def set_mac(m):
+        if sh("sudo", "ip", "link", "set", "dev", dev, "address", m).returncode != 0:
+            sh("sudo", "ip", "link", "set", "dev", dev, "down")
+            sh("sudo", "ip", "link", "set", "dev", dev, "address", m)
+            sh("sudo", "ip", "link", "set", "dev", dev, "up")
+        sh("sudo", "ip", "addr", "replace", "%s/%s" % (address, prefix), "dev", dev)
+        sh("sudo", "ip", "route", "replace", "default", "via", CFG["gateway"])
+
+    set_mac(mac)
+    try:
+        changed = open("/sys/class/net/%s/address" % dev).read().strip() == mac
+        return tcp(host, port) if changed else "error:mac-unchanged"
+    finally:
+        set_mac(own)
 
 
 def dns(server, name, timeout=4):
@@ -121,6 +164,25 @@ for p in CFG["probes"]:
             outcome = "timeout" if not answered else "answered:%d" % len(answered)
         except (ValueError, KeyError):
             outcome = "error:%s" % r.stderr.strip().splitlines()[-1:]
+    elif kind == "mac-change":
+        outcome = mac_changed(p["mac"], p["host"], p["port"])
+    elif kind == "broadcast":
+        net = sh("ip", "-4", "-o", "addr", "show", "dev", dev).stdout.split()
+        brd = net[net.index("brd") + 1] if "brd" in net else "255.255.255.255"
+        outcome = broadcast([brd, "255.255.255.255"], CFG["udp_port"], p["marker"])
+    elif kind in ("ipv6", "ethertype", "garp"):
+        r = sh("sudo", "python3", "-c", base64.b64decode(CFG["raw_code"]).decode(), dev, kind, CFG["gateway"], p["marker"])
+        outcome = r.stdout.strip() or "error:%s" % r.stderr.strip().splitlines()[-1:]
+    elif kind == "dhcp-decline":
+        # As root: the peer VM's address declined in its name (its MAC follows from its address).
+        if not peer:
+            outcome = "no-peer"
+        else:
+            o = [int(x) for x in peer.split(".")]
+            mac = "52:54:00:%02x:%02x:%02x" % (o[1], o[2], o[3])
+            code = base64.b64decode(CFG["dhcp_code"]).decode()
+            r = sh("sudo", "python3", "-c", code, "--decline", dev, mac, peer, CFG["gateway"])
+            outcome = "timeout" if r.returncode == 0 else "error:%s" % r.stderr.strip().splitlines()[-1:]
     elif kind == "credential":
         # As root: every file and process of this VM searched for its runner's credential.
         r = sh("sudo", "python3", "-c", base64.b64decode(CFG["search_code"]).decode(), CFG["search_cfg"])
