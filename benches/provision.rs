@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::*;
 use common::*;
-use runnervisor::cloudinit;
-use runnervisor::hypervisor::{HvEvent, Hypervisor, seed};
+use runnervisor::hypervisor::{HvEvent, Hypervisor};
 
 /// The `p`-th percentile (nearest rank) of `v`.
 fn percentile(v: &[f64], p: usize) -> f64 {
@@ -44,7 +43,7 @@ async fn main() {
         let name = format!("rv-bench-direct-{}-{i}", unique());
         let t = Instant::now();
         let overlay = hv.create_overlay(&name, &img.golden, 4 << 30).unwrap();
-        let image = seed::nocloud_image(&cloudinit::user_data(), &cloudinit::meta_data(&name), None).unwrap();
+        let image = test_seed(&hv, &name);
         let seed_path = hv.create_seed(&name, &image).unwrap();
         let console_log = console_dir().join(format!("{name}.log"));
         let xml = test_domain_xml(&hv, &name, &overlay, &seed_path, &console_log, i as u64, &network);

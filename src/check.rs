@@ -338,11 +338,19 @@ fn dhcp_line(name: &str, dhcp: &network::Dhcp) -> Line {
             return warn(what, format!("libvirt network {name} has no DHCP range: VMs get no address"), NETWORK_FIX);
         }
     };
-    if dhcp.known_only {
+    if dhcp.known_only && dhcp.subnet.is_none() {
+        bad(
+            what,
+            format!(
+                "libvirt network {name} serves reserved clients only but has no IPv4 address with a prefix: VMs get no address"
+            ),
+            NETWORK_FIX,
+        )
+    } else if dhcp.known_only {
         ok(
             what,
             format!(
-                "each VM gets a fixed address of {start}–{end} ({} held now); the DHCP server answers no other client",
+                "each VM gets a fixed address of {start}–{end} in its seed ({} held now) and talks no DHCP; the DHCP server answers no other client",
                 dhcp.hosts.len()
             ),
         )
@@ -488,7 +496,10 @@ mod tests {
             text.contains("leases 198.51.100.10–198.51.100.250 to any client") && text.contains("dhcp-ignore"),
             "{text}"
         );
-        let known = render(&[dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: true })]);
+        let subnet = Some(network::Subnet { gateway: "198.51.100.1".parse().unwrap(), prefix: 24 });
+        let known = render(&[dhcp_line("runnervisor", &Dhcp { subnet, range, hosts: vec![], known_only: true })]);
         assert!(known.contains("fixed address") && !known.contains("dhcp-ignore"), "{known}");
+        let no_subnet = dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: true });
+        assert!(!no_subnet.ok && render(&[no_subnet]).contains("no IPv4 address"));
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! A job VM may reach the internet and the endpoints the operator allows, nothing else:
 //! - its interface is an isolated port (`<port isolated='yes'/>`: no guest↔guest traffic)
-//!   with a `<filterref>` to runnervisor's nwfilter ([`filter_xml`]);
+//!   with a `<filterref>` to runnervisor's nwfilter ([`filter_xml`], named by [`vm_filter`]);
 //! - the filter includes libvirt's `clean-traffic` (no MAC/IP/ARP spoofing; every frame
-//!   that is neither IPv4 nor ARP is dropped, so IPv6 is off entirely) and adds, in its
+//!   that is neither IPv4 nor ARP is dropped, so IPv6 is off entirely) with the one
+//!   exception `clean-traffic` makes dropped too ([`NO_ANNOUNCE`]), and adds, in its
 //!   own IPv4 chain between the anti-spoofing check and `clean-traffic`'s accept:
 //!   the allow-list first, then DNS to the network's gateway (and DHCP, where the VM
 //!   learns its address), then a drop of the rest of the network's subnet (the gateway's
@@ -142,6 +143,7 @@ pub fn filter_xml(spec: &FenceSpec<'_>) -> String {
     let mut x = Xml::default();
     x.open("filter", &[("name", spec.filter), ("chain", CHAIN), ("priority", CHAIN_PRIORITY)]);
     x.empty("filterref", &[("filter", "clean-traffic")]);
+    x.empty("filterref", &[("filter", NO_ANNOUNCE)]);
     // `return` hands the frame back to the root chain, where clean-traffic accepts it.
     for a in spec.allow {
         for proto in ["tcp", "udp"] {
@@ -188,20 +190,52 @@ fn rule(x: &mut Xml, action: &str, priority: &str, addr: Ipv4Addr, prefix: u8, l
     x.close();
 }
 
-/// The nwfilter (name, XML) a fenced `network` needs on this host now: its allow-list,
-/// the network's `subnet`, whether VMs talk `dhcp`, this host's current addresses and
-/// `also` (the fleet's other members and its database). `None` for `user` mode.
-pub fn filter_for(
+/// The filter every fence references besides `clean-traffic`: `clean-traffic` lets a guest
+/// send one kind of frame besides IPv4 and ARP (its `qemu-announce-self` accepts every
+/// outgoing frame of ethertype 0x0835, whatever it carries, for QEMU's announcements after
+/// a migration); this drops it first. Shared by every fence of the host.
+pub const NO_ANNOUNCE: &str = "runnervisor-no-announce";
+
+/// The XML of [`NO_ANNOUNCE`]: in the root chain, before `qemu-announce-self`'s accept (500).
+pub fn no_announce_xml() -> String {
+    let mut x = Xml::default();
+    x.open("filter", &[("name", NO_ANNOUNCE), ("chain", "root")]);
+    x.open("rule", &[("action", "drop"), ("direction", "out"), ("priority", "400")]);
+    x.empty("mac", &[("protocolid", "0x835")]);
+    x.close();
+    x.close();
+    x.finish()
+}
+
+/// The nwfilter a VM's interface references: the configured `filter` where the VM learns
+/// its address by DHCP, `<filter>-fixed` (no DHCP) where the agent fixed it. Two filters,
+/// not one, so that VMs started by an agent that let them use DHCP keep renewing their
+/// leases after an upgrade.
+pub fn vm_filter(filter: &str, fixed: bool) -> String {
+    if fixed { format!("{filter}-fixed") } else { filter.to_string() }
+}
+
+/// The nwfilters (name, XML), in the order they must be defined, that a fenced `network`
+/// needs on this host now: [`NO_ANNOUNCE`], the DHCP one, and where the agent fixes
+/// addresses (`fixed`) the one without DHCP ([`vm_filter`]); from its allow-list, the
+/// network's `subnet`, this host's current addresses and `also` (the fleet's other members
+/// and its database). None for `user` mode.
+pub fn filters_for(
     network: &crate::config::NetworkConfig,
     subnet: Option<Subnet>,
-    dhcp: bool,
+    fixed: bool,
     also: &[Ipv4Addr],
-) -> Result<Option<(String, String)>, std::io::Error> {
-    let Some((filter, allow)) = network.fence() else { return Ok(None) };
+) -> Result<Vec<(String, String)>, std::io::Error> {
+    let Some((filter, allow)) = network.fence() else { return Ok(Vec::new()) };
     let mut host_addrs = host_addresses()?;
     host_addrs.extend_from_slice(also);
-    let spec = FenceSpec { filter, subnet, dhcp, host_addrs: &host_addrs, allow };
-    Ok(Some((filter.to_string(), filter_xml(&spec))))
+    let mut out = vec![(NO_ANNOUNCE.to_string(), no_announce_xml())];
+    for fixed in if fixed { &[false, true][..] } else { &[false][..] } {
+        let name = vm_filter(filter, *fixed);
+        let spec = FenceSpec { filter: &name, subnet, dhcp: !fixed, host_addrs: &host_addrs, allow };
+        out.push((name.clone(), filter_xml(&spec)));
+    }
+    Ok(out)
 }
 
 /// What else the fence drops besides this host's own addresses, kept up to date by the
@@ -226,12 +260,24 @@ impl Others {
     }
 }
 
-/// Every IPv4 address configured on this host's interfaces. An error (e.g. netlink
-/// sockets forbidden) means no fence can be built: no VM is started then.
+/// Every IPv4 address configured on this host's interfaces, and the broadcast and network
+/// addresses of their prefixes (the kernel takes a datagram to the broadcast address of
+/// any of its prefixes as its own, whether or not the address has `brd` set, and hands it
+/// to the services that listen on every address). An error (e.g. netlink sockets
+/// forbidden) means no fence can be built: no VM is started then.
 pub fn host_addresses() -> Result<Vec<Ipv4Addr>, std::io::Error> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
-    let mut out: Vec<Ipv4Addr> =
-        addrs.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))).collect();
+    let v4 = |s: Option<nix::sys::socket::SockaddrStorage>| s.and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()));
+    let mut out = Vec::new();
+    for a in addrs {
+        let Some(addr) = v4(a.address) else { continue };
+        out.push(addr);
+        out.extend(v4(a.broadcast));
+        if let Some(mask) = v4(a.netmask).map(u32::from).filter(|m| m.count_ones() < 31) {
+            out.push(Ipv4Addr::from(u32::from(addr) | !mask));
+            out.push(Ipv4Addr::from(u32::from(addr) & mask));
+        }
+    }
     out.sort();
     out.dedup();
     if out.is_empty() {
@@ -352,7 +398,7 @@ mod tests {
         assert_eq!(root.attribute("name"), Some("runnervisor-fence"));
         assert_eq!(root.attribute("chain"), Some("ipv4-rvfence"));
         let refs: Vec<_> = root.children().filter(|n| n.has_tag_name("filterref")).collect();
-        assert_eq!(refs.len(), 1);
+        assert_eq!(refs.len(), 2);
         assert_eq!(refs[0].attribute("filter"), Some("clean-traffic"));
         let mut want = vec![
             r("return", "10.20.0.5/32", "tcp:443-443"),
@@ -394,9 +440,9 @@ mod tests {
     #[test]
     fn other_hosts_of_the_fleet_are_dropped_like_this_one() {
         let net = crate::config::NetworkConfig::default();
-        let (_, xml) = filter_for(&net, Some(LAB), false, &[Ipv4Addr::new(203, 0, 113, 7)]).unwrap().unwrap();
+        let (_, xml) = filters_for(&net, Some(LAB), true, &[Ipv4Addr::new(203, 0, 113, 7)]).unwrap().pop().unwrap();
         assert!(rules(&xml).contains(&r("drop", "203.0.113.7/32", "all")), "{xml}");
-        let (_, without) = filter_for(&net, Some(LAB), false, &[]).unwrap().unwrap();
+        let (_, without) = filters_for(&net, Some(LAB), true, &[]).unwrap().pop().unwrap();
         assert!(!without.contains("203.0.113.7"));
         let others = Others::default();
         assert!(others.set(vec![Ipv4Addr::new(1, 2, 3, 4), Ipv4Addr::new(1, 2, 3, 4)]));
@@ -421,7 +467,52 @@ mod tests {
     }
 
     #[test]
-    fn this_host_has_addresses() {
-        assert!(host_addresses().unwrap().contains(&Ipv4Addr::LOCALHOST));
+    fn this_host_has_addresses_and_broadcast_addresses() {
+        let mine = host_addresses().unwrap();
+        assert!(mine.contains(&Ipv4Addr::LOCALHOST));
+        // Every broadcast route of the kernel's local table (`brd` set or not).
+        let out = std::process::Command::new("ip").args(["route", "show", "table", "local"]).output().expect("ip runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines().filter(|l| l.starts_with("broadcast ")) {
+            let brd: Ipv4Addr = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert!(mine.contains(&brd), "broadcast address {brd} missing from {mine:?}");
+        }
+    }
+
+    #[test]
+    fn filters_where_addresses_are_fixed_and_where_they_are_learned() {
+        let net = crate::config::NetworkConfig::default();
+        let (base, _) = net.fence().unwrap();
+        let names =
+            |fixed| filters_for(&net, Some(LAB), fixed, &[]).unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        // The DHCP one stays defined for VMs of before (their leases renew); new VMs use -fixed.
+        assert_eq!(names(true), [NO_ANNOUNCE.to_string(), base.to_string(), format!("{base}-fixed")]);
+        assert_eq!(names(false), [NO_ANNOUNCE.to_string(), base.to_string()]);
+        assert_eq!(vm_filter(base, true), format!("{base}-fixed"));
+        assert_eq!(vm_filter(base, false), base);
+        let all = filters_for(&net, Some(LAB), true, &[]).unwrap();
+        let dhcp = |xml: &str| rules(xml).iter().any(|(_, _, l4)| l4 == "udp:67-67");
+        assert!(dhcp(&all[1].1) && !dhcp(&all[2].1));
+        for (_, xml) in &all[1..] {
+            let doc = roxmltree::Document::parse(xml).unwrap();
+            let refs: Vec<_> = doc.descendants().filter_map(|n| n.attribute("filter")).collect();
+            assert_eq!(refs, ["clean-traffic", NO_ANNOUNCE]);
+        }
+        let user = crate::config::NetworkConfig::User { accept_unfenced: true };
+        assert!(filters_for(&user, None, false, &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_announce_ethertype_is_dropped_before_clean_traffic_accepts_it() {
+        let xml = no_announce_xml();
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let root = doc.root_element();
+        assert_eq!((root.attribute("name"), root.attribute("chain")), (Some(NO_ANNOUNCE), Some("root")));
+        let rule = root.children().find(|n| n.has_tag_name("rule")).unwrap();
+        assert_eq!(rule.attribute("action"), Some("drop"));
+        // qemu-announce-self accepts it at 500.
+        assert!(rule.attribute("priority").unwrap().parse::<i32>().unwrap() < 500);
+        let mac = rule.children().find(|n| n.has_tag_name("mac")).unwrap();
+        assert_eq!(mac.attribute("protocolid"), Some("0x835"));
     }
 }

@@ -618,7 +618,9 @@ async fn drill_isolation() {
                "host": lab::PUBLIC.to_string(), "port": 80, "expect": "blocked"}),
         json!({"name": "IPv6 link-local, ICMPv6 echo to the host", "kind": "ipv6", "marker": "rv-ipv6", "expect": "blocked"}),
         json!({"name": "UDP to the subnet's broadcast addresses", "kind": "broadcast", "marker": "rv-broadcast",
-               "expect": "blocked"}),
+               "addresses": ["subnet", "255.255.255.255"], "expect": "blocked"}),
+        json!({"name": "UDP to the host uplink's broadcast address", "kind": "broadcast", "marker": "rv-broadcast",
+               "addresses": [lab::HOST_UPLINK_BROADCAST.to_string()], "expect": "blocked"}),
         json!({"name": "frames of an unknown ethertype", "kind": "ethertype", "marker": "rv-ethertype", "expect": "blocked"}),
         json!({"name": "gratuitous ARP claiming the gateway", "kind": "garp", "marker": "rv-garp", "expect": "blocked"}),
         tcp("allow-listed simulator (gateway)", gw, sim_port, "allowed"),
@@ -648,7 +650,7 @@ async fn drill_isolation() {
         // Negative control (by hand, never in CI): the same VMs with the fence's rules
         // replaced by none once they run. The drill must then report leaks and fail.
         wait_for("two VMs running", VM_TIMEOUT, async || (d.vms().len() == 2).then_some(())).await;
-        let name = filter_name(&format!("d-{}", d.name));
+        let name = runnervisor::fence::vm_filter(&filter_name(&format!("d-{}", d.name)), true);
         let (hv, _) = libvirt();
         // The agent's own hypervisor code redefines it under its existing UUID.
         hv.define_filter(&name, &format!("<filter name='{name}' chain='root'/>")).unwrap();
@@ -701,6 +703,8 @@ async fn drill_isolation() {
     // Leases the network's DHCP server holds for clients that are no VM's reservation.
     let foreign_leases = network_leases(NETWORK).into_iter().filter(|mac| !mac.starts_with("52:54:00:")).count();
     let bridge = sniffer.finish();
+    // The control: the sniffer sees the guests' allowed traffic.
+    assert!(bridge["IPv4 from VMs"] > 0, "the bridge sniffer saw no IPv4 from the VMs: {bridge:?}");
     let server_leaks = [
         ("DHCP leases of unknown clients", foreign_leases),
         ("bridge: DHCP messages", bridge["DHCP to the server"]),

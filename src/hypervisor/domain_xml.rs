@@ -182,7 +182,7 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
         // The guest's address: the one the agent reserved for it, known before its first
         // packet; on a bridge, learned from the DHCP server's answer only (trusting the
         // network's own server when known), never from what the guest itself sends.
-        x.open("filterref", &[("filter", filter)]);
+        x.open("filterref", &[("filter", &crate::fence::vm_filter(filter, spec.address.is_some()))]);
         match spec.address {
             Some(a) => x.empty("parameter", &[("name", "IP"), ("value", &a.ip.to_string())]),
             None => x.empty("parameter", &[("name", "CTRL_IP_LEARNING"), ("value", "dhcp")]),
@@ -507,6 +507,7 @@ mod tests {
         let mac = iface.children().find(|n| n.has_tag_name("mac")).unwrap();
         assert_eq!(mac.attribute("address"), Some("52:54:00:33:64:0a"));
         let fref = iface.children().find(|n| n.has_tag_name("filterref")).unwrap();
+        assert_eq!(fref.attribute("filter"), Some("runnervisor-fence-fixed"), "the fence without DHCP");
         assert_eq!(filter_params(fref), [("IP", "198.51.100.10"), ("DHCPSERVER", "198.51.100.1")]);
     }
 

@@ -111,6 +111,8 @@ pub enum HvError {
         "libvirt network {name:?} not found or not active: job VMs are never started on an unfenced network (create it with scripts/setup-host, or: virsh net-start {name})"
     )]
     NetworkMissing { name: String },
+    #[error("libvirt network {name:?} cannot take job VMs: {reason} (define it again with runnervisor-network)")]
+    NetworkUnusable { name: String, reason: String },
     #[error(
         "cannot list this host's addresses, which the fence blocks: {message} (under systemd: RestrictAddressFamilies needs AF_NETLINK)"
     )]

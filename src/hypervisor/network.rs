@@ -77,14 +77,20 @@ pub fn dhcp(network_xml: &str) -> Dhcp {
     let root = doc.root_element();
     let ipv4 = root.children().find(|n| n.has_tag_name("ip") && n.attribute("family").is_none_or(|f| f == "ipv4"));
     out.subnet = ipv4.and_then(|ip| {
-        let gateway = ip.attribute("address")?.parse().ok()?;
+        let gateway: Ipv4Addr = ip.attribute("address")?.parse().ok()?;
         let prefix = match (ip.attribute("prefix"), ip.attribute("netmask")) {
             (Some(p), _) => p.parse().ok().filter(|p| *p <= 32)?,
             (None, Some(m)) => {
                 let m = u32::from(m.parse::<Ipv4Addr>().ok()?);
                 (m.leading_ones() == m.count_ones()).then_some(m.count_ones() as u8)?
             }
-            (None, None) => 24,
+            // As libvirt: the address's class decides.
+            (None, None) => match gateway.octets()[0] {
+                0..=127 => 8,
+                128..=191 => 16,
+                192..=223 => 24,
+                _ => return None,
+            },
         };
         Some(Subnet { gateway, prefix })
     });
@@ -177,7 +183,9 @@ mod tests {
         assert_eq!(dhcp(bare), Dhcp { subnet, range: None, hosts: vec![], known_only: false });
         for (ip_attrs, want) in [
             ("address='10.1.2.3' prefix='16'", Some(16)),
-            ("address='10.1.2.3'", Some(24)),
+            ("address='10.1.2.3'", Some(8)),
+            ("address='172.16.2.3'", Some(16)),
+            ("address='198.51.100.1'", Some(24)),
             ("address='10.1.2.3' netmask='255.0.255.0'", None),
             ("address='10.1.2.3' prefix='33'", None),
             ("family='ipv6' address='fd00::1' prefix='64'", None),

@@ -415,16 +415,23 @@ pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Joined, HvErr
                 {
                     tracing::warn!(network = %name, suppressed, "the libvirt network leases addresses to any client, so a job can take them all: VMs get learned addresses; define it again with runnervisor-network (runnervisor check says so)");
                 }
-                Joined { subnet: dhcp.subnet, fixed: dhcp.known_only && dhcp.subnet.is_some() }
+                if dhcp.known_only && dhcp.subnet.is_none() {
+                    // Reserved clients only, and no subnet to give a VM: it would get no address.
+                    return Err(HvError::NetworkUnusable {
+                        name: name.clone(),
+                        reason: "it serves reserved clients only but has no IPv4 address with a prefix".into(),
+                    });
+                }
+                Joined { subnet: dhcp.subnet, fixed: dhcp.known_only }
             }
             NetworkConfig::Bridge { name, .. } if !fence::bridge_exists(name) => {
                 return Err(HvError::BridgeMissing { name: name.clone() });
             }
             NetworkConfig::Bridge { .. } => Joined::default(),
         };
-        let fence = fence::filter_for(&net, joined.subnet, !joined.fixed, &others)
+        let filters = fence::filters_for(&net, joined.subnet, joined.fixed, &others)
             .map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
-        if let Some((filter, xml)) = fence {
+        for (filter, xml) in filters {
             hv.define_filter(&filter, &xml)?;
         }
         Ok(joined)

@@ -17,6 +17,8 @@ pub const NS: &str = "rv-lab";
 pub const UPLINK: &str = "rv-uplink";
 /// This host's end of the lab veth, and the lab's end.
 pub const HOST_UPLINK: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The broadcast address of the uplink's /24 (`scripts/setup-host`).
+pub const HOST_UPLINK_BROADCAST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 255);
 pub const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// A "LAN" server on a private address, and a stand-in metadata service.
 pub const LAN: Ipv4Addr = Ipv4Addr::new(10, 203, 0, 10);

@@ -143,9 +143,12 @@ pub struct TestFence(pub String);
 impl TestFence {
     pub fn up(hv: &Libvirt, network: &runnervisor::config::NetworkConfig) -> TestFence {
         let (subnet, fixed) = lab_addressing(hv);
-        let (filter, xml) = runnervisor::fence::filter_for(network, subnet, !fixed, &[]).unwrap().expect("fenced");
-        hv.define_filter(&filter, &xml).unwrap();
-        TestFence(filter)
+        let filters = runnervisor::fence::filters_for(network, subnet, fixed, &[]).unwrap();
+        assert!(!filters.is_empty(), "fenced");
+        for (filter, xml) in &filters {
+            hv.define_filter(filter, xml).unwrap();
+        }
+        TestFence(network.fence().unwrap().0.to_string())
     }
 }
 
@@ -181,8 +184,11 @@ pub fn test_seed(hv: &Libvirt, name: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Undefines a test's nwfilter (once no VM uses it).
+/// Undefines a test's nwfilters, `filter` and its `-fixed` one (once no VM uses them).
 pub fn drop_filter(filter: &str) {
+    let _ = std::process::Command::new("virsh")
+        .args(["-c", URI, "nwfilter-undefine", &runnervisor::fence::vm_filter(filter, true)])
+        .output();
     let _ = std::process::Command::new("virsh")
         .args(["-c", URI, "nwfilter-undefine", filter])
         .stdout(std::process::Stdio::null())

@@ -133,7 +133,8 @@ if CFG["role"] == "peer":
     post({"role": "peer-done", "ip": address, "accepted": accepted})
     sys.exit(0)
 
-# The test image has no default route: give one, so that only the fence stands in the way.
+# The seed gives the VM a default route via the gateway; the prober makes sure of it, so
+# that only the fence stands in the way.
 sh("sudo", "ip", "route", "replace", "default", "via", CFG["gateway"])
 peer, deadline = None, time.time() + CFG["wait"]
 while peer is None and time.time() < deadline:
@@ -167,9 +168,11 @@ for p in CFG["probes"]:
     elif kind == "mac-change":
         outcome = mac_changed(p["mac"], p["host"], p["port"])
     elif kind == "broadcast":
+        # "subnet": this VM's subnet's broadcast address.
         net = sh("ip", "-4", "-o", "addr", "show", "dev", dev).stdout.split()
         brd = net[net.index("brd") + 1] if "brd" in net else "255.255.255.255"
-        outcome = broadcast([brd, "255.255.255.255"], CFG["udp_port"], p["marker"])
+        addresses = [brd if a == "subnet" else a for a in p["addresses"]]
+        outcome = broadcast(addresses, CFG["udp_port"], p["marker"])
     elif kind in ("ipv6", "ethertype", "garp"):
         r = sh("sudo", "python3", "-c", base64.b64decode(CFG["raw_code"]).decode(), dev, kind, CFG["gateway"], p["marker"])
         outcome = r.stdout.strip() or "error:%s" % r.stderr.strip().splitlines()[-1:]

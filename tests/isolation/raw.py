@@ -5,8 +5,10 @@
 #     ipv6       ICMPv6 echo requests from the interface's link-local address to all nodes
 #                (ff02::1) and to the gateway's MAC; prints "answered" if any echo reply
 #                came back within 3 s, else "timeout"
-#     ethertype  frames of an unassigned ethertype (0x88b5, "local experimental") carrying
-#                MARKER, broadcast and to the gateway's MAC: "timeout" (nothing answers them)
+#     ethertype  frames carrying MARKER of an unassigned ethertype (0x88b5, "local
+#                experimental"), of QEMU's announcement ethertype (0x0835, which libvirt's
+#                clean-traffic accepts) and a RARP request not of QEMU's form, broadcast and
+#                to the gateway's MAC: "timeout" (nothing answers them)
 #     garp       gratuitous ARP (a request and a reply) saying the gateway's address is at
 #                this VM's MAC: "timeout"
 # The host side (tests/isolation/sniff.py on the bridge) counts what got through.
@@ -74,7 +76,9 @@ def main():
     if kind == "ipv6":
         frames = [icmpv6_echo(mac, b"\x33\x33\x00\x00\x00\x01", marker), icmpv6_echo(mac, gw_mac, marker)]
     elif kind == "ethertype":
-        frames = [d + mac + struct.pack("!H", ETHERTYPE) + marker.ljust(46, b"\0") for d in (BROADCAST, gw_mac)]
+        rarp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + socket.inet_aton(gateway) + mac + b"\0" * 4
+        payloads = [(ETHERTYPE, marker.ljust(46, b"\0")), (0x0835, marker.ljust(46, b"\0")), (0x8035, rarp.ljust(46, b"\0"))]
+        frames = [d + mac + struct.pack("!H", t) + p for d in (BROADCAST, gw_mac) for t, p in payloads]
     elif kind == "garp":
         frames = [arp(1, mac, gateway, BROADCAST), arp(2, mac, gateway, BROADCAST), arp(2, mac, gateway, gw_mac)]
     else:

@@ -178,5 +178,5 @@ async fn a_missing_network_holds_jobs_and_never_falls_back_to_an_open_one() {
     assert_eq!(gh.lock().calls.iter().filter(|c| c.starts_with("jit")).count(), 1, "{:?}", gh.lock().calls);
     let hv = hv.lock();
     let (_, xml) = hv.domains.values().next().unwrap();
-    assert!(xml.contains("<filterref filter=\"runnervisor-fence\">"), "{xml}");
+    assert!(xml.contains("<filterref filter=\"runnervisor-fence-fixed\">"), "{xml}");
 }

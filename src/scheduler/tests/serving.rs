@@ -25,9 +25,11 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
         let hv = h.hv.lock();
         let xml = &hv.domains[&vm11].1;
         assert!(xml.contains("<source network=\"runnervisor\"/>"), "{xml}");
-        assert!(xml.contains("<filterref filter=\"runnervisor-fence\">") && xml.contains("<port isolated=\"yes\"/>"));
+        assert!(
+            xml.contains("<filterref filter=\"runnervisor-fence-fixed\">") && xml.contains("<port isolated=\"yes\"/>")
+        );
         assert!(xml.contains("name=\"DHCPSERVER\" value=\"198.51.100.1\""), "{xml}");
-        let filter = &hv.filters["runnervisor-fence"];
+        let filter = &hv.filters["runnervisor-fence-fixed"];
         assert!(filter.contains("clean-traffic") && filter.contains("dstipaddr=\"169.254.0.0\""), "{filter}");
     }
     h.run_job_on(&vm11, 11);
@@ -258,6 +260,19 @@ async fn every_vm_gets_a_reserved_address_given_back_at_teardown() {
         assert!(xml.contains(&format!("<mac address=\"{}\"/>", r71.mac)), "{xml}");
         assert!(xml.contains(&format!("name=\"IP\" value=\"{}\"", r71.ip)), "the fence knows it: {xml}");
         assert!(!xml.contains("CTRL_IP_LEARNING"), "nothing learned: {xml}");
+        assert!(xml.contains("filter=\"runnervisor-fence-fixed\""), "the fence without DHCP: {xml}");
+        // The seed gives the guest that address (and the MAC it is for): it asks no DHCP
+        // server, and its fence lets no DHCP message out.
+        let seed = crate::hypervisor::seed::read_file(&hv.seeds["rv-small-71"], "network-config").unwrap();
+        let config: serde_json::Value = serde_json::from_str(&seed).unwrap();
+        let eth = &config["ethernets"]["rv0"];
+        assert_eq!(eth["match"]["macaddress"], r71.mac.as_str());
+        assert_eq!(eth["addresses"][0], format!("{}/24", r71.ip));
+        assert_eq!(eth["dhcp4"], false);
+        let fixed = &hv.filters["runnervisor-fence-fixed"];
+        assert!(!fixed.contains("dstportstart=\"67\""), "no DHCP: {fixed}");
+        assert!(hv.filters["runnervisor-fence"].contains("dstportstart=\"67\""), "for VMs of before: {fixed}");
+        assert!(hv.filters.contains_key(crate::fence::NO_ANNOUNCE));
     }
     h.run_job_on("rv-small-71", 71);
     h.wait("71 gone, its address free", |s, _| s.vms.len() == 1).await;
