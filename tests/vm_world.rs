@@ -185,3 +185,107 @@ async fn the_fence_filter_is_redefined_in_place() {
     let (_, first) = runnervisor::fence::filters_for(&network(&[]), subnet, fixed, &[]).unwrap().swap_remove(1);
     other.define_filter(&name, &first).unwrap();
 }
+
+/// The building block of snapshot slots: a waiting guest (no credential anywhere) saved
+/// with libvirt, then restored twice, each time onto a fresh qcow2 overlay of its disk as
+/// it was saved, the saved domain XML changed in its disk path only. Each restored guest
+/// waits on its bind port again, takes a JIT runner of its own and runs a job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_time() {
+    let sim = std::sync::Arc::new(Sim::start(None, |_| {}).await);
+    let img = test_image();
+    let (hv, _events) = libvirt();
+    let name = format!("rv-world-s{}", unique());
+    let network = fenced_network(&format!("{name}-fence"), sim.handle.addr.port());
+    let _fence = TestFence::up(&hv, &network);
+    let restores: Vec<String> = (1..=2).map(|i| format!("{name}r{i}")).collect();
+    let mut names = vec![name.clone()];
+    names.extend(restores.iter().cloned());
+    let _cleanup = Cleanup { hv: hv.clone(), names };
+    let console_log = console_dir().join(format!("{name}.log"));
+    let saves = std::path::PathBuf::from("/var/lib/runnervisor/test-saves");
+    std::fs::create_dir_all(&saves).unwrap();
+    let save = saves.join(format!("{name}.save"));
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _save_gone = Gone(save.clone());
+
+    let base = hv.create_overlay(&name, &img.golden, 4 << 30).unwrap();
+    let seed_path = hv.create_seed(&name, &test_seed(&hv, &name)).unwrap();
+    let xml = test_domain_xml_with(&hv, &name, &base, &seed_path, &console_log, 0, &network, true);
+    hv.define(&name, &xml).unwrap();
+    let booted = Instant::now();
+    hv.start(&name).unwrap();
+    wait_for("the guest to wait on its port", VM_TIMEOUT, async || hv.guest_waiting(&name).unwrap().then_some(()))
+        .await;
+    let boot = booted.elapsed();
+    let at = Instant::now();
+    hv.save(&name, &save).unwrap();
+    let saved = at.elapsed();
+    let size = std::fs::metadata(&save).unwrap().len();
+    eprintln!(
+        "{name}: booted to waiting {:.1}s; saved in {:.1}s, {} MiB",
+        boot.as_secs_f64(),
+        saved.as_secs_f64(),
+        size >> 20
+    );
+    let state = |hv: &runnervisor::hypervisor::libvirt::Libvirt| {
+        hv.list_vms().unwrap().into_iter().find(|v| v.name == name).map(|v| v.state)
+    };
+    assert_eq!(state(&hv), Some(DomainState::Stopped), "saved: stopped, still defined");
+
+    for runner in &restores {
+        // The saved disk is the base: each restore writes to an overlay of its own.
+        let overlay = hv.create_overlay(runner, &base, 4 << 30).unwrap();
+        let at = Instant::now();
+        hv.restore(&save, &base, &overlay).unwrap();
+        let restored = at.elapsed();
+        let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "dumpxml", &name]));
+        assert!(dumped.contains(&overlay.to_string_lossy().into_owned()), "restored onto its overlay:\n{dumped}");
+        wait_for("the restored guest to wait on its port", Duration::from_secs(60), async || {
+            hv.guest_waiting(&name).unwrap().then_some(())
+        })
+        .await;
+        let waiting = at.elapsed();
+        let job = sim.queue("octo-org/app", &["self-hosted", "slot"], 1.0).await;
+        let v = sim
+            .api(
+                reqwest::Method::POST,
+                "/orgs/octo-org/actions/runners/generate-jitconfig",
+                Some(serde_json::json!({"name": runner, "runner_group_id": 1, "labels": ["self-hosted", "slot"]})),
+            )
+            .await;
+        let credential = Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) };
+        let message = cloudinit::bind_message(&RunnerSpec {
+            vm_name: &name,
+            runner_user: "runner",
+            runner_dir: "/opt/actions-runner",
+            credential: &credential,
+        })
+        .unwrap();
+        hv.deliver(&name, message.expose().as_bytes(), &cloudinit::bind_ack(&name), Duration::from_secs(10)).unwrap();
+        let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
+        assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));
+        let j = sim.job(job).await;
+        assert_eq!((j["conclusion"].as_str(), j["runner_name"].as_str()), (Some("success"), Some(runner.as_str())));
+        eprintln!(
+            "{runner}: restored in {:.1}s, waiting {:.1}s, job completed {:.1}s after the restore began",
+            restored.as_secs_f64(),
+            waiting.as_secs_f64(),
+            at.elapsed().as_secs_f64()
+        );
+        wait_for("the restored guest to power off", Duration::from_secs(60), async || {
+            (state(&hv) == Some(DomainState::Stopped)).then_some(())
+        })
+        .await;
+        // Its overlay goes; the base and the save serve the next restore.
+        for e in hv.teardown(runner) {
+            panic!("teardown {runner}: {e}");
+        }
+    }
+    assert!(sim.runners().await.is_empty(), "each ephemeral runner de-registered after its job");
+}

@@ -311,6 +311,23 @@ pub fn with_uuid(xml: &str, uuid: &str) -> String {
     }
 }
 
+/// A saved domain's XML (`virDomainSaveImageGetXMLDesc`) with the disk whose source file
+/// is `from` at `to` instead: libvirt restores a saved domain onto another disk path, and
+/// refuses any other change (name, UUID, MAC, devices). Only that attribute's value is
+/// replaced, escaped, so the rest stays byte for byte what libvirt wrote. `None` when no
+/// disk has that source.
+pub fn with_disk_source(xml: &str, from: &Path, to: &Path) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let from = from.to_str()?;
+    let attr = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk"))
+        .filter_map(|d| d.children().find(|c| c.has_tag_name("source")))
+        .find_map(|src| src.attributes().find(|a| a.name() == "file" && a.value() == from))?;
+    let range = attr.range_value();
+    Some(format!("{}{}{}", &xml[..range.start], escape(to.to_str()?), &xml[range.end..]))
+}
+
 /// The host's security models from libvirt's capabilities (`<host><secmodel><model>`).
 pub fn security_models(capabilities_xml: &str) -> Vec<String> {
     let Ok(doc) = roxmltree::Document::parse(capabilities_xml) else { return Vec::new() };
@@ -517,6 +534,28 @@ mod tests {
             .filter(|n| n.has_tag_name("parameter"))
             .map(|p| (p.attribute("name").unwrap(), p.attribute("value").unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn a_saved_domain_is_restored_onto_another_disk_and_nothing_else_changes() {
+        let saved = "<domain type='qemu'><name>rv-slot-1</name><devices>\n\
+                     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                     <source file='/pool/rv-slot-1-overlay.qcow2' index='2'/><target dev='vda' bus='virtio'/></disk>\n\
+                     <disk type='file' device='disk'><source file='/pool/rv-slot-1-seed.img'/></disk>\
+                     </devices></domain>";
+        let out =
+            with_disk_source(saved, Path::new("/pool/rv-slot-1-overlay.qcow2"), Path::new("/pool/a&b'.qcow2")).unwrap();
+        assert_eq!(
+            out,
+            saved.replace("/pool/rv-slot-1-overlay.qcow2", "/pool/a&amp;b&apos;.qcow2"),
+            "one attribute, escaped"
+        );
+        let doc = roxmltree::Document::parse(&out).unwrap();
+        let sources: Vec<_> =
+            doc.descendants().filter(|n| n.has_tag_name("source")).filter_map(|n| n.attribute("file")).collect();
+        assert_eq!(sources, ["/pool/a&b'.qcow2", "/pool/rv-slot-1-seed.img"]);
+        assert_eq!(with_disk_source(saved, Path::new("/pool/other.qcow2"), Path::new("/x")), None);
+        assert_eq!(with_disk_source("not xml", Path::new("/a"), Path::new("/b")), None);
     }
 
     #[test]

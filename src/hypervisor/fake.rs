@@ -34,6 +34,8 @@ fn fake_dhcp() -> super::network::Dhcp {
 pub struct FakeState {
     pub domains: BTreeMap<String, (DomainState, String)>,
     pub volumes: BTreeSet<String>,
+    /// Saved domains (`save`), by file: the domain's name and XML.
+    pub saved: BTreeMap<PathBuf, (String, String)>,
     /// Contents of seed volumes, by VM.
     pub seeds: BTreeMap<String, Vec<u8>>,
     /// While set, every call fails as if libvirtd were away.
@@ -296,8 +298,32 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
+    fn save(&self, vm: &str, file: &Path) -> Result<(), HvError> {
+        let mut s = self.up()?;
+        let Some((state, xml)) = s.domains.get_mut(vm) else { return Err(missing("save", vm)) };
+        *state = DomainState::Stopped;
+        let saved = (vm.to_string(), xml.clone());
+        s.saved.insert(file.to_path_buf(), saved);
+        Ok(())
+    }
+
+    fn restore(&self, file: &Path, disk_from: &Path, disk_to: &Path) -> Result<(), HvError> {
+        let mut s = self.up()?;
+        let Some((vm, xml)) = s.saved.get(file).cloned() else {
+            return Err(missing("restore", &file.to_string_lossy()));
+        };
+        let xml = domain_xml::with_disk_source(&xml, disk_from, disk_to).ok_or_else(|| missing("restore disk", &vm))?;
+        s.domains.insert(vm, (DomainState::Running, xml));
+        Ok(())
+    }
+
     fn delete_volume(&self, name: &str) -> Result<(), HvError> {
         self.up()?.volumes.remove(name);
         Ok(())
     }
+}
+
+/// The fake's answer for an object that is not there.
+fn missing(op: &'static str, name: &str) -> HvError {
+    HvError::Libvirt { op, name: name.into(), message: "no such object".into() }
 }

@@ -560,6 +560,38 @@ impl Hypervisor for Libvirt {
         result.map_err(|message| HvError::Libvirt { op: "deliver", name: vm.into(), message })
     }
 
+    fn save(&self, vm: &str, file: &Path) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
+        let path = std::ffi::CString::new(file.to_string_lossy().as_bytes()).map_err(|e| HvError::Libvirt {
+            op: "save",
+            name: vm.into(),
+            message: e.to_string(),
+        })?;
+        // SAFETY: `dom` is a live domain object and `path` a NUL-terminated string that
+        // outlives the call; no replacement XML is passed.
+        let rc = unsafe {
+            sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), sys::VIR_DOMAIN_SAVE_RUNNING)
+        };
+        if rc < 0 {
+            return Err(self.err("save", vm, virt::error::Error::last_error()));
+        }
+        Ok(())
+    }
+
+    fn restore(&self, file: &Path, disk_from: &Path, disk_to: &Path) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let name = file.to_string_lossy();
+        let saved = conn.save_image_xml_desc(&name, 0).map_err(|e| self.err("read save image", &name, e))?;
+        let xml = domain_xml::with_disk_source(&saved, disk_from, disk_to).ok_or_else(|| HvError::Libvirt {
+            op: "restore",
+            name: name.to_string(),
+            message: format!("the saved domain has no disk at {}", disk_from.display()),
+        })?;
+        conn.restore_domain_flags(&name, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
+            .map_err(|e| self.err("restore", &name, e))
+    }
+
     fn describe(
         &self,
         vm: &str,
