@@ -1,8 +1,9 @@
 //! What a runner VM is given: cloud-init NoCloud user-data, meta-data and (where the agent
-//! fixed its address) network-config at boot, which carry nothing secret, and — once its guest waits on its bind port — the one line that
-//! starts its runner ([`bind_message`]). Pure and serialized: the documents are JSON (a
-//! subset of YAML that cloud-init reads), so no value is ever spliced into YAML text, and
-//! commands are argument lists, never shell strings.
+//! fixed its address) network-config at boot, which carry nothing secret, and — once its
+//! guest waits on its bind port — the one line that starts its runner ([`bind_message`]).
+//! Pure and serialized: the documents are JSON (a subset of YAML that cloud-init reads),
+//! so no value is ever spliced into YAML text, and commands are argument lists, never
+//! shell strings.
 //!
 //! No credential ever passes through cloud-init: it keeps copies of its user-data (under
 //! `/var/lib/cloud/instances/`) that a job which gains root could read for as long as the

@@ -19,6 +19,18 @@ use runnervisor::secret::Secret;
 /// Makes a VM's credential once its guest waits.
 type MakeCredential = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Credential>>>>;
 
+/// A JIT runner `name` with `labels`, made by the simulator as GitHub would.
+async fn jit(sim: &Sim, name: &str, labels: &[&str]) -> Credential {
+    let v = sim
+        .api(
+            reqwest::Method::POST,
+            "/orgs/octo-org/actions/runners/generate-jitconfig",
+            Some(serde_json::json!({"name": name, "runner_group_id": 1, "labels": labels})),
+        )
+        .await;
+    Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) }
+}
+
 /// Boots `name` with nothing secret in its seed and waits for its job: `make` makes the
 /// credential only once the guest waits, and it is delivered over the bind port.
 async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
@@ -147,18 +159,7 @@ async fn jit_runner_delivered_into_a_waiting_warm_vm_runs_a_job_and_powers_off()
     let name = format!("rv-world-w{}", unique());
     let job = sim.queue("octo-org/app", &["self-hosted", "jit"], 2.0).await;
     let (s, n) = (sim.clone(), name.clone());
-    let make: MakeCredential = Box::new(move || {
-        Box::pin(async move {
-            let v = s
-                .api(
-                    reqwest::Method::POST,
-                    "/orgs/octo-org/actions/runners/generate-jitconfig",
-                    Some(serde_json::json!({"name": n, "runner_group_id": 1, "labels": ["self-hosted", "jit"]})),
-                )
-                .await;
-            Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) }
-        })
-    });
+    let make: MakeCredential = Box::new(move || Box::pin(async move { jit(&s, &n, &["self-hosted", "jit"]).await }));
     boot(&name, &sim, job, make).await;
 }
 
@@ -252,14 +253,7 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         .await;
         let waiting = at.elapsed();
         let job = sim.queue("octo-org/app", &["self-hosted", "slot"], 1.0).await;
-        let v = sim
-            .api(
-                reqwest::Method::POST,
-                "/orgs/octo-org/actions/runners/generate-jitconfig",
-                Some(serde_json::json!({"name": runner, "runner_group_id": 1, "labels": ["self-hosted", "slot"]})),
-            )
-            .await;
-        let credential = Credential::Jit { encoded: Secret::new(v["encoded_jit_config"].as_str().unwrap()) };
+        let credential = jit(&sim, runner, &["self-hosted", "slot"]).await;
         let message = cloudinit::bind_message(&RunnerSpec {
             vm_name: &name,
             runner_user: "runner",

@@ -327,3 +327,26 @@ impl Hypervisor for FakeHypervisor {
 fn missing(op: &'static str, name: &str) -> HvError {
     HvError::Libvirt { op, name: name.into(), message: "no such object".into() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_domain_restores_onto_another_disk_only() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let hv = FakeHypervisor::new(tx);
+        let xml = "<domain><name>rv-s-1</name><devices><disk><source file='/p/base.qcow2'/></disk></devices></domain>";
+        hv.define("rv-s-1", xml).unwrap();
+        hv.start("rv-s-1").unwrap();
+        hv.save("rv-s-1", Path::new("/s/rv-s-1.save")).unwrap();
+        assert_eq!(hv.lock().domains["rv-s-1"].0, DomainState::Stopped);
+        hv.restore(Path::new("/s/rv-s-1.save"), Path::new("/p/base.qcow2"), Path::new("/p/job.qcow2")).unwrap();
+        let (state, now) = hv.lock().domains["rv-s-1"].clone();
+        assert_eq!(state, DomainState::Running);
+        assert!(now.contains("/p/job.qcow2") && !now.contains("base.qcow2"), "{now}");
+        assert!(hv.restore(Path::new("/s/none.save"), Path::new("/a"), Path::new("/b")).is_err());
+        let wrong_disk = hv.restore(Path::new("/s/rv-s-1.save"), Path::new("/p/other.qcow2"), Path::new("/b"));
+        assert!(wrong_disk.is_err());
+    }
+}

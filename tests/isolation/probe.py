@@ -51,22 +51,29 @@ def tcp(host, port, source=None, timeout=4):
         s.close()
 
 
-def broadcast(addresses, port, marker, timeout=3):
-    """UDP datagrams to broadcast `addresses`; "answered" if the host's echo came back."""
+def udp(datagrams, expect, timeout=4):
+    """Sends `datagrams` ((payload, (host, port)) pairs) from one socket: "answered" if a reply
+    came back that `expect` accepts, "garbled" if another, else "timeout" or "error:ERRNO"."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     s.settimeout(timeout)
     try:
-        for a in addresses:
-            s.sendto(marker.encode(), (a, port))
+        for payload, to in datagrams:
+            s.sendto(payload, to)
         data, _ = s.recvfrom(512)
-        return "answered" if data == marker.encode() else "garbled"
+        return "answered" if expect(data) else "garbled"
     except socket.timeout:
         return "timeout"
     except OSError as e:
         return "error:%d" % e.errno
     finally:
         s.close()
+
+
+def broadcast(addresses, port, marker):
+    """UDP datagrams to broadcast `addresses`; "answered" if the host's echo came back."""
+    m = marker.encode()
+    return udp([(m, (a, port)) for a in addresses], lambda data: data == m, timeout=3)
 
 
 def mac_changed(mac, host, port):
@@ -92,21 +99,10 @@ def mac_changed(mac, host, port):
         set_mac(own)
 
 
-def dns(server, name, timeout=4):
+def dns(server, name):
     query = struct.pack(">HHHHHH", 0x5253, 0x0100, 1, 0, 0, 0)
     query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(timeout)
-    try:
-        s.sendto(query, (server, 53))
-        data, _ = s.recvfrom(512)
-        return "answered" if data[:2] == query[:2] else "garbled"
-    except socket.timeout:
-        return "timeout"
-    except OSError as e:
-        return "error:%d" % e.errno
-    finally:
-        s.close()
+    return udp([(query, (server, 53))], lambda data: data[:2] == query[:2])
 
 
 address, dev = my_address()
