@@ -48,7 +48,22 @@ pub struct RunnerSpec<'a> {
     pub runner_user: &'a str,
     pub runner_dir: &'a str,
     pub credential: &'a Credential,
+    /// What makes the guest a fresh instance before its runner starts (always given by
+    /// the agent; `None` only in tests that show why).
+    pub fresh: Option<Fresh<'a>>,
 }
+
+/// A VM restored from a saved state resumes with the kernel RNG state and the clock of the
+/// save, the same in every VM restored from it: the guest mixes `entropy` into its kernel's
+/// pool, reseeds the kernel RNG from it, and sets its wall clock to `now`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fresh<'a> {
+    pub entropy: &'a [u8],
+    pub now: std::time::SystemTime,
+}
+
+/// How many random bytes every bind message carries for the guest's kernel RNG.
+pub const ENTROPY_BYTES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BindMessageError {
@@ -138,7 +153,7 @@ pub const BIND_PROTOCOL: u32 = 2;
 /// [`bind_ack`].
 pub fn bind_message(spec: &RunnerSpec<'_>) -> Result<Secret, BindMessageError> {
     let (files, runcmd) = runner_start(spec)?;
-    let doc = json!({
+    let mut doc = json!({
         "runnervisor": BIND_PROTOCOL,
         "vm": spec.vm_name,
         "user": spec.runner_user,
@@ -146,6 +161,12 @@ pub fn bind_message(spec: &RunnerSpec<'_>) -> Result<Secret, BindMessageError> {
         "files": files,
         "runcmd": runcmd,
     });
+    if let Some(fresh) = spec.fresh {
+        let since_epoch = fresh.now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        doc["entropy"] = json!(STANDARD.encode(fresh.entropy));
+        // Milliseconds are what a delivery over the bind port takes.
+        doc["time"] = json!((since_epoch.as_millis() as f64) / 1000.0);
+    }
     Ok(Secret::new(format!("{}\n", serde_json::to_string(&doc).expect("json"))))
 }
 
@@ -197,7 +218,20 @@ mod tests {
     }
 
     fn spec<'a>(name: &'a str, credential: &'a Credential) -> RunnerSpec<'a> {
-        RunnerSpec { vm_name: name, runner_user: "runner", runner_dir: "/opt/actions-runner/", credential }
+        RunnerSpec { vm_name: name, runner_user: "runner", runner_dir: "/opt/actions-runner/", credential, fresh: None }
+    }
+
+    #[test]
+    fn the_bind_message_carries_fresh_entropy_and_the_clock() {
+        let cred = Credential::Jit { encoded: Secret::new(encoded_jit(&[(".runner", "{}")])) };
+        let bare = parse_line(&bind_message(&spec("rv-p-1", &cred)).unwrap());
+        assert!(bare.get("entropy").is_none() && bare.get("time").is_none(), "{bare}");
+        let entropy = [7u8; ENTROPY_BYTES];
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_764_720_000_123);
+        let fresh = Fresh { entropy: &entropy, now };
+        let v = parse_line(&bind_message(&RunnerSpec { fresh: Some(fresh), ..spec("rv-p-1", &cred) }).unwrap());
+        assert_eq!(STANDARD.decode(v["entropy"].as_str().unwrap()).unwrap(), entropy);
+        assert_eq!(v["time"].as_f64().unwrap(), 1_764_720_000.123);
     }
 
     #[test]
@@ -297,6 +331,7 @@ mod tests {
                 runner_user: "runner",
                 runner_dir: "/opt/r",
                 credential: &cred,
+                fresh: None,
             })
             .unwrap(),
         );

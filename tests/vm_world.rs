@@ -12,12 +12,20 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use common::*;
-use runnervisor::cloudinit::{self, Credential, RunnerSpec};
+use runnervisor::cloudinit::{self, Credential, Fresh, RunnerSpec};
 use runnervisor::hypervisor::{DomainState, Hypervisor};
 use runnervisor::secret::Secret;
 
 /// Makes a VM's credential once its guest waits.
 type MakeCredential = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Credential>>>>;
+
+/// Random bytes for a guest's kernel RNG, as the agent sends.
+fn entropy() -> Vec<u8> {
+    use std::io::Read;
+    let mut out = vec![0u8; cloudinit::ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut out).unwrap();
+    out
+}
 
 /// A JIT runner `name` with `labels`, made by the simulator as GitHub would.
 async fn jit(sim: &Sim, name: &str, labels: &[&str]) -> Credential {
@@ -59,11 +67,13 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     started = Instant::now();
     let credential = make().await;
     let made = started.elapsed();
+    let entropy = entropy();
     let message = cloudinit::bind_message(&RunnerSpec {
         vm_name: name,
         runner_user: "runner",
         runner_dir: "/opt/actions-runner",
         credential: &credential,
+        fresh: Some(Fresh { entropy: &entropy, now: std::time::SystemTime::now() }),
     })
     .unwrap();
     let ack = cloudinit::bind_ack(name);
@@ -188,9 +198,12 @@ async fn the_fence_filter_is_redefined_in_place() {
 }
 
 /// The building block of snapshot slots: a waiting guest (no credential anywhere) saved
-/// with libvirt, then restored twice, each time onto a fresh qcow2 overlay of its disk as
-/// it was saved, the saved domain XML changed in its disk path only. Each restored guest
-/// waits on its bind port again, takes a JIT runner of its own and runs a job.
+/// with libvirt, then restored four times, each time onto a fresh qcow2 overlay of its disk
+/// as it was saved, the saved domain XML changed in its disk path only. Each restored guest
+/// waits on its bind port again, takes a JIT runner of its own and runs a job that reports
+/// its kernel RNG's output and its clock. Bound as the agent binds (with fresh entropy and
+/// the clock), two restores see different random bytes and the right time; bound without
+/// (the control), two restores see the same bytes, and the clock of the save.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_time() {
     let sim = std::sync::Arc::new(Sim::start(None, |_| {}).await);
@@ -199,9 +212,11 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     let name = format!("rv-world-s{}", unique());
     let network = fenced_network(&format!("{name}-fence"), sim.handle.addr.port());
     let _fence = TestFence::up(&hv, &network);
-    let restores: Vec<String> = (1..=2).map(|i| format!("{name}r{i}")).collect();
+    // Bound with fresh entropy and the clock (as the agent does), then without (the control).
+    let restores: Vec<(String, bool)> =
+        ["r1", "r2", "c1", "c2"].iter().map(|t| (format!("{name}{t}"), t.starts_with('r'))).collect();
     let mut names = vec![name.clone()];
-    names.extend(restores.iter().cloned());
+    names.extend(restores.iter().map(|(r, _)| r.clone()));
     let _cleanup = Cleanup { hv: hv.clone(), names };
     let console_log = console_dir().join(format!("{name}.log"));
     let saves = std::path::PathBuf::from("/var/lib/runnervisor/test-saves");
@@ -239,7 +254,16 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     };
     assert_eq!(state(&hv), Some(DomainState::Stopped), "saved: stopped, still defined");
 
-    for runner in &restores {
+    let report = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        "import json, sys, time, urllib.request\n\
+         r = open('/dev/urandom', 'rb').read(32).hex()\n\
+         body = json.dumps({'role': 'fresh', 'tag': sys.argv[2], 'urandom': r, 'time': time.time()}).encode()\n\
+         req = urllib.request.Request(sys.argv[1] + '/_sim/reports', data=body, headers={'Content-Type': 'application/json'})\n\
+         urllib.request.urlopen(req, timeout=10).read()\n",
+    );
+    let mut seen = std::collections::BTreeMap::new();
+    for (runner, fresh) in &restores {
         // The saved disk is the base: each restore writes to an overlay of its own.
         let overlay = hv.create_overlay(runner, &base, 4 << 30).unwrap();
         let at = Instant::now();
@@ -252,18 +276,43 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         })
         .await;
         let waiting = at.elapsed();
-        let job = sim.queue("octo-org/app", &["self-hosted", "slot"], 1.0).await;
+        let script =
+            format!("python3 -c \"import base64; exec(base64.b64decode('{report}'))\" {} {runner}", sim.guest_url());
+        let job = sim
+            .queue_with(
+                serde_json::json!({"repo": "octo-org/app", "labels": ["self-hosted", "slot"], "script": script}),
+            )
+            .await;
         let credential = jit(&sim, runner, &["self-hosted", "slot"]).await;
+        let entropy = entropy();
+        let before = std::time::SystemTime::now();
         let message = cloudinit::bind_message(&RunnerSpec {
             vm_name: &name,
             runner_user: "runner",
             runner_dir: "/opt/actions-runner",
             credential: &credential,
+            fresh: fresh.then(|| Fresh { entropy: &entropy, now: std::time::SystemTime::now() }),
         })
         .unwrap();
         hv.deliver(&name, message.expose().as_bytes(), &cloudinit::bind_ack(&name), Duration::from_secs(10)).unwrap();
         let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
         assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));
+        let after = std::time::SystemTime::now();
+        let reports: serde_json::Value =
+            sim.http.get(format!("{}/_sim/reports", sim.url())).send().await.unwrap().json().await.unwrap();
+        let r =
+            reports.as_array().unwrap().iter().find(|r| r["tag"] == runner.as_str()).expect("the job's report").clone();
+        let epoch = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let guest_time = r["time"].as_f64().unwrap();
+        let skew =
+            if guest_time < epoch(before) { guest_time - epoch(before) } else { (guest_time - epoch(after)).max(0.0) };
+        eprintln!("{runner}: fresh={fresh} urandom {} clock off by {skew:+.1}s", r["urandom"]);
+        if *fresh {
+            assert!(skew.abs() <= 2.0, "the clock set at bind is off by {skew:.1}s");
+        } else {
+            assert!(skew < -2.0, "the control: a restored clock is the save's, {skew:.1}s behind");
+        }
+        seen.insert(runner.clone(), r["urandom"].as_str().unwrap().to_string());
         let j = sim.job(job).await;
         assert_eq!((j["conclusion"].as_str(), j["runner_name"].as_str()), (Some("success"), Some(runner.as_str())));
         eprintln!(
@@ -281,4 +330,7 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         assert!(errors.is_empty(), "teardown {runner}: {errors:?}");
     }
     assert!(sim.runners().await.is_empty(), "each ephemeral runner de-registered after its job");
+    let bytes = |t: &str| &seen[&format!("{name}{t}")];
+    assert_ne!(bytes("r1"), bytes("r2"), "fresh entropy at bind: each restored VM's kernel RNG is its own");
+    assert_eq!(bytes("c1"), bytes("c2"), "the control: without it, VMs restored from one save share their RNG output");
 }

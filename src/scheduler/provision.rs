@@ -300,6 +300,8 @@ pub enum BindError {
     Message(#[source] cloudinit::BindMessageError),
     #[error("delivery: {0}")]
     Delivery(#[source] HvError),
+    #[error("random bytes for the guest (/dev/urandom): {0}")]
+    Entropy(#[source] std::io::Error),
     /// The binding task itself failed (a panic).
     #[error("{0}")]
     Task(String),
@@ -311,7 +313,7 @@ pub enum BindError {
 impl BindError {
     pub fn step(&self) -> &'static str {
         match self {
-            BindError::Credential(_) | BindError::Message(_) => "credential",
+            BindError::Credential(_) | BindError::Message(_) | BindError::Entropy(_) => "credential",
             BindError::Delivery(_) => "delivery",
             BindError::Task(_) => "task",
             BindError::Interrupted => "restart",
@@ -330,6 +332,14 @@ pub struct BindTimes {
     pub resumed: bool,
 }
 
+/// Random bytes from this host's kernel for a guest's kernel RNG ([`cloudinit::Fresh`]).
+fn fresh_entropy() -> std::io::Result<[u8; cloudinit::ENTROPY_BYTES]> {
+    use std::io::Read;
+    let mut out = [0u8; cloudinit::ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
+    Ok(out)
+}
+
 /// Gives a VM whose guest waits its job (a warm VM chosen for it, or a cold VM made for
 /// it): makes the runner credential now, delivers what starts the runner into the guest
 /// over its bind port, and waits (at most `bind_timeout`) for the guest's
@@ -340,11 +350,14 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     let credential = credential(&ctx, &plan).await.map_err(BindError::Credential)?;
     crash_point("bind-after-credential");
     let made = Instant::now();
+    let entropy = fresh_entropy().map_err(BindError::Entropy)?;
     let message = cloudinit::bind_message(&RunnerSpec {
         vm_name: &name,
         runner_user: &plan.pool.runner_user,
         runner_dir: &plan.pool.runner_dir,
         credential: &credential,
+        // The guest's wall clock: this host's, not a test's simulated one.
+        fresh: Some(cloudinit::Fresh { entropy: &entropy, now: std::time::SystemTime::now() }),
     })
     .map_err(BindError::Message)?;
     drop(credential);
