@@ -148,6 +148,12 @@ pub fn user_data() -> String {
 /// (no `files`; the JIT config on `run.sh`'s command line), which older agents send.
 pub const BIND_PROTOCOL: u32 = 2;
 
+/// The guest protocol (an image manifest's `bind_protocol`) from which the guest unit
+/// applies [`Fresh`] (entropy and clock) before its runner starts. Older units take the
+/// same messages and ignore those fields: fine for a VM that booted on its own, not for
+/// one restored from a saved state shared with others.
+pub const GUEST_FRESHENS: u32 = 3;
+
 /// The one line delivered into a VM whose guest waits on its bind port: the files for the
 /// runner's directory, and the commands that start it. The guest answers with
 /// [`bind_ack`].
@@ -162,10 +168,12 @@ pub fn bind_message(spec: &RunnerSpec<'_>) -> Result<Secret, BindMessageError> {
         "runcmd": runcmd,
     });
     if let Some(fresh) = spec.fresh {
-        let since_epoch = fresh.now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         doc["entropy"] = json!(STANDARD.encode(fresh.entropy));
-        // Milliseconds are what a delivery over the bind port takes.
-        doc["time"] = json!((since_epoch.as_millis() as f64) / 1000.0);
+        // Milliseconds are what a delivery over the bind port takes. A host clock before
+        // the epoch is no time to give a guest.
+        if let Ok(since_epoch) = fresh.now.duration_since(std::time::UNIX_EPOCH) {
+            doc["time"] = json!((since_epoch.as_millis() as f64) / 1000.0);
+        }
     }
     Ok(Secret::new(format!("{}\n", serde_json::to_string(&doc).expect("json"))))
 }

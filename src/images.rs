@@ -1,7 +1,8 @@
 //! What a golden image declares about itself: a manifest next to it,
 //! `<image>.manifest.json`, written by the image recipe (`images/production/build`):
 //! `{"runner_version": "2.330.0", "runner_released": "2026-11-01", "built_at": "...",
-//! "bind_protocol": 2}`.
+//! "bind_protocol": 3}` (2: takes its runner over the bind port; 3: also makes itself a
+//! fresh instance from the bind message, [`crate::cloudinit::GUEST_FRESHENS`]).
 //! GitHub refuses runners more than 30 days behind a newer release, so the agent warns
 //! (log + `runnervisor_image_runner_outdated`) when an image's runner is older than the
 //! pool's `runner_max_age`.

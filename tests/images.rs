@@ -91,6 +91,11 @@ fn production_recipe_bakes_a_runner_image() {
     assert_eq!(manifest.runner_version, "2.330.0");
     assert_eq!(manifest.runner_released, "2026-11-01");
     assert_eq!(runnervisor::images::bind_protocol_problem(&manifest), None, "{manifest:?}");
+    assert_eq!(
+        manifest.bind_protocol,
+        Some(runnervisor::cloudinit::GUEST_FRESHENS),
+        "its guest freshens itself at bind"
+    );
     assert!(runnervisor::hypervisor::check_image(&out).is_ok(), "a qcow2 image");
     let info =
         String::from_utf8(Command::new("qemu-img").args(["info", "--output=json"]).arg(&out).output().unwrap().stdout)
@@ -131,4 +136,56 @@ fn production_recipe_bakes_a_runner_image() {
         "owned by runner ({uid}): {stat}"
     );
     let _ = std::fs::remove_file(&raw);
+}
+
+/// The guest unit's check of a bind message (`valid` in `images/guest/runnervisor-warm`,
+/// run by python3 as the guest runs it): what it takes, and what it ignores before
+/// acknowledging anything — including times Python's JSON reader accepts (NaN, Infinity)
+/// and entropy the kernel interface cannot take.
+#[test]
+fn the_guest_unit_takes_well_formed_bind_messages_only() {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/images/guest/runnervisor-warm");
+    let check = r#"
+import importlib.machinery, importlib.util, json, sys
+loader = importlib.machinery.SourceFileLoader("unit", sys.argv[1])
+spec = importlib.util.spec_from_loader("unit", loader)
+unit = importlib.util.module_from_spec(spec)
+loader.exec_module(unit)
+base = '"runnervisor": 2, "vm": "rv-p-1", "user": "runner", "dir": "/opt/r", "files": {}, "runcmd": [{"argv": ["/bin/true"]}]'
+for line in sys.stdin.read().splitlines():
+    extra, want = line.rsplit(" ", 1)
+    got = unit.valid(json.loads("{" + base + extra + "}"))
+    print("%s %s" % ("ok" if got == (want == "take") else "WRONG", line))
+"#;
+    let table = [
+        (r#""#, "take"),
+        (r#", "entropy": "AAAA", "time": 1764720000.123"#, "take"),
+        (r#", "time": 1764720000"#, "take"),
+        (r#", "entropy": 5"#, "ignore"),
+        (r#", "entropy": "not base64!""#, "ignore"),
+        (r#", "time": NaN"#, "ignore"),
+        (r#", "time": Infinity"#, "ignore"),
+        (r#", "time": -1"#, "ignore"),
+        (r#", "time": 1e300"#, "ignore"),
+        (r#", "time": true"#, "ignore"),
+        (r#", "time": "1764720000""#, "ignore"),
+    ];
+    let mut lines: Vec<String> = table.iter().map(|(extra, want)| format!("{extra} {want}")).collect();
+    // More than the kernel interface takes through fcntl.ioctl.
+    let big = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, vec![7u8; 1017]);
+    lines.push(format!(r#", "entropy": "{big}" ignore"#));
+    let mut child = Command::new("python3")
+        .args(["-c", check, unit])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(lines.join("\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().count(), lines.len(), "{text}");
+    assert!(!text.contains("WRONG"), "{text}");
 }

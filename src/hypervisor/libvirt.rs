@@ -563,7 +563,8 @@ impl Hypervisor for Libvirt {
     fn save(&self, vm: &str, file: &Path) -> Result<(), HvError> {
         let conn = self.conn()?;
         let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
-        let path = std::ffi::CString::new(file.to_string_lossy().as_bytes()).map_err(|e| HvError::Libvirt {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(file.as_os_str().as_bytes()).map_err(|e| HvError::Libvirt {
             op: "save",
             name: vm.into(),
             message: e.to_string(),
@@ -581,15 +582,21 @@ impl Hypervisor for Libvirt {
 
     fn restore(&self, file: &Path, disk_from: &Path, disk_to: &Path) -> Result<(), HvError> {
         let conn = self.conn()?;
-        let name = file.to_string_lossy();
-        let saved = conn.save_image_xml_desc(&name, 0).map_err(|e| self.err("read save image", &name, e))?;
+        let name = file.to_str().ok_or_else(|| HvError::Libvirt {
+            op: "restore",
+            name: file.to_string_lossy().into(),
+            message: "the save file's path is not UTF-8".into(),
+        })?;
+        let saved = conn
+            .save_image_xml_desc(name, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+            .map_err(|e| self.err("read save image", name, e))?;
         let xml = domain_xml::with_disk_source(&saved, disk_from, disk_to).ok_or_else(|| HvError::Libvirt {
             op: "restore",
             name: name.to_string(),
-            message: format!("the saved domain has no disk at {}", disk_from.display()),
+            message: format!("the saved domain has no disk at {} (or a path is not UTF-8)", disk_from.display()),
         })?;
-        conn.restore_domain_flags(&name, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
-            .map_err(|e| self.err("restore", &name, e))
+        conn.restore_domain_flags(name, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
+            .map_err(|e| self.err("restore", name, e))
     }
 
     fn describe(

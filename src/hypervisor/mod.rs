@@ -184,8 +184,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: std::time::Duration) -> Result<(), HvError>;
     /// Replaces the VM's runnervisor metadata, title and description (a warm VM given a job).
     fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError>;
-    /// Saves the running `vm` (memory and device state) to `file`, which must not exist;
-    /// the domain stops and stays defined. Its disk must not change while the save is used.
+    /// Saves the running `vm` (memory and device state) to `file` (replaced if it exists);
+    /// the domain stops and stays defined. Its disk must not change while the save is used:
+    /// a restore keeps the domain's name, so whatever tears down that name must spare it.
     fn save(&self, vm: &str, file: &Path) -> Result<(), HvError>;
     /// Starts, running, the domain saved in `file`, with its disk at `disk_from` (at save
     /// time) now at `disk_to` (a fresh overlay of it): libvirt allows another disk path,

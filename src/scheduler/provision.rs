@@ -347,10 +347,11 @@ fn fresh_entropy() -> std::io::Result<[u8; cloudinit::ENTROPY_BYTES]> {
 pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<BindTimes, BindError> {
     let started = Instant::now();
     let name = plan.vm.name.clone();
+    // Before the credential: a failure here costs no runner registration.
+    let entropy = fresh_entropy().map_err(BindError::Entropy)?;
     let credential = credential(&ctx, &plan).await.map_err(BindError::Credential)?;
     crash_point("bind-after-credential");
     let made = Instant::now();
-    let entropy = fresh_entropy().map_err(BindError::Entropy)?;
     let message = cloudinit::bind_message(&RunnerSpec {
         vm_name: &name,
         runner_user: &plan.pool.runner_user,
