@@ -333,7 +333,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             demand::plan(demand::Limits::of(pool), &unserved, &vms, since, &self.warm.cold_only, gate, now)
         };
         let since = &mut self.lifecycle.surplus_since;
-        since.retain(|n, _| decision.surplus.contains(n) || !crate::hypervisor::is_vm_of_pool(n, &pool.name));
+        // Another pool's timers stay: a VM's pool is its record's (its name alone cannot
+        // tell "small" job 2 attempt 41 from "small-2" job 41). A VM without a record is gone.
+        let book = &self.book;
+        since.retain(|n, _| decision.surplus.contains(n) || book.vms.get(n).is_some_and(|v| v.pool != pool.name));
         for name in &decision.surplus {
             since.entry(name.clone()).or_insert(now);
         }

@@ -115,6 +115,25 @@ async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
     assert!(gh.runner_names().is_empty());
 }
 
+/// A pool whose name is another's followed by `-<digits>` ("small" and "small-2"): a VM of
+/// "small-2" (`rv-small-2-41`) reads like one of "small" (job 2, attempt 41), yet its
+/// surplus timer is its own pool's, so it is reaped after its idle_timeout, not kept
+/// until max_lifetime by the other pool's passes.
+#[tokio::test(start_paused = true)]
+async fn a_surplus_vm_of_a_pool_named_like_another_plus_digits_is_reaped() {
+    let second = "idle_timeout = \"1s\"\n[[pool]]\nname = \"small-2\"\nlabels = [\"self-hosted\", \"gpu\"]\nimage = \"/dev/null\"\nidle_timeout = \"1s\"";
+    let mut h = harness_tweaked(second, |_| {}, |c| c.pools[1].image = c.pools[0].image.clone());
+    let gpu = &["self-hosted", "gpu"];
+    h.deliver(JobAction::Queued, info(41, gpu, None));
+    h.wait("a VM of small-2", |_, hv| hv.running() == ["rv-small-2-41"]).await;
+    assert!(crate::hypervisor::is_vm_of_pool("rv-small-2-41", "small"), "the name alone is ambiguous");
+    let mut c = info(41, gpu, None);
+    c.conclusion = Some("cancelled".into());
+    h.deliver(JobAction::Completed, c);
+    h.wait("the surplus VM reaped", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    h.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn drain_stops_new_vms_and_survives_restart() {
     let mut h = harness("");
