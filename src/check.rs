@@ -475,7 +475,7 @@ async fn check_github(config: &Config, auth: Auth, lines: &mut Vec<Line>) {
         }
     }
     if config.github.hook.is_some() {
-        match gh.list_deliveries(1).await {
+        match gh.list_deliveries(std::time::UNIX_EPOCH, 1).await {
             Ok(_) => lines.push(ok("webhook deliveries", "readable: missed deliveries can be redelivered")),
             Err(e) => lines.push(bad("webhook deliveries", e, "check github.hook (type and id); the credential needs webhook read access (repo/org Administration or admin:*_hook)")),
         }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 use super::{Deleted, DeliveryInfo, GhError, GitHub, JitRunner, JobStatus, RunnerInfo};
 use crate::model::JobInfo;
@@ -24,6 +25,9 @@ pub struct FakeState {
     pub queued: Vec<JobInfo>,
     /// What `hook_ranges` answers (`GET /meta`).
     pub hook_ranges: Vec<ipnet::IpNet>,
+    /// The hook's delivery log (any order), and the deliveries asked to be redelivered.
+    pub deliveries: Vec<DeliveryInfo>,
+    pub redelivered: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -144,13 +148,16 @@ impl GitHub for FakeGitHub {
         Ok(self.enter("queued")?.queued.clone())
     }
 
-    async fn list_deliveries(&self, _max: usize) -> Result<Vec<DeliveryInfo>, GhError> {
-        drop(self.enter("deliveries")?);
-        Ok(Vec::new())
+    async fn list_deliveries(&self, since: SystemTime, max: usize) -> Result<Vec<DeliveryInfo>, GhError> {
+        let s = self.enter("deliveries")?;
+        let mut out: Vec<_> = s.deliveries.iter().filter(|d| d.delivered_at >= since).cloned().collect();
+        out.sort_by_key(|d| std::cmp::Reverse(d.delivered_at));
+        out.truncate(max);
+        Ok(out)
     }
 
-    async fn redeliver(&self, _id: u64) -> Result<(), GhError> {
-        drop(self.enter("redeliver")?);
+    async fn redeliver(&self, id: u64) -> Result<(), GhError> {
+        self.enter("redeliver")?.redelivered.push(id);
         Ok(())
     }
 

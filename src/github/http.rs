@@ -437,7 +437,7 @@ impl GitHub for HttpGitHub {
         Ok(out)
     }
 
-    async fn list_deliveries(&self, max: usize) -> Result<Vec<DeliveryInfo>, GhError> {
+    async fn list_deliveries(&self, since: SystemTime, max: usize) -> Result<Vec<DeliveryInfo>, GhError> {
         let Some((base, cred)) = self.hook_path() else {
             return Ok(Vec::new());
         };
@@ -456,10 +456,12 @@ impl GitHub for HttpGitHub {
                 });
             }
             out.extend(responses::deliveries(v).map_err(decode(&path))?);
-            if out.len() < max {
+            // Newest first: a page reaching past `since` is the last one needed.
+            if out.len() < max && out.last().is_some_and(|d| d.delivered_at >= since) {
                 next = next_link(&headers).filter(|u| u.starts_with(&self.api));
             }
         }
+        out.retain(|d| d.delivered_at >= since);
         out.truncate(max);
         Ok(out)
     }

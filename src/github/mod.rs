@@ -100,8 +100,13 @@ pub trait GitHub: Send + Sync + 'static {
     fn job_status(&self, repo: &str, job_id: u64) -> impl Future<Output = Result<Option<JobStatus>, GhError>> + Send;
     /// Queued jobs of the repository's recent workflow runs (repository scope only).
     fn queued_jobs(&self, repo: &str) -> impl Future<Output = Result<Vec<JobInfo>, GhError>> + Send;
-    /// The hook's deliveries, newest first, at most `max`.
-    fn list_deliveries(&self, max: usize) -> impl Future<Output = Result<Vec<DeliveryInfo>, GhError>> + Send;
+    /// The hook's deliveries made at or after `since`, newest first, at most `max` (paged
+    /// back until one older than `since` or `max` of them).
+    fn list_deliveries(
+        &self,
+        since: SystemTime,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<DeliveryInfo>, GhError>> + Send;
     /// `POST .../deliveries/{id}/attempts`.
     fn redeliver(&self, delivery_id: u64) -> impl Future<Output = Result<(), GhError>> + Send;
     /// `GET /meta`: the networks GitHub sends webhooks from (`server.allow_sources = ["github"]`).

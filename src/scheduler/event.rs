@@ -56,6 +56,8 @@ pub enum Event {
         runners: Result<Vec<RunnerInfo>, GhError>,
         jobs: Vec<(u64, JobStatus)>,
         found: Vec<JobEvent>,
+        /// How far back the hook's delivery log has been handled, when it was read.
+        deliveries_checked: Option<SystemTime>,
     },
     GroupResolved(Result<u64, GhError>),
     /// Fleet mode: a claim's outcome (the jobs asked for, those won).

@@ -269,7 +269,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::GuestWaiting { vm, result } => self.on_guest_waiting(vm, result),
             Event::Bound { vm, result } => self.on_bound(vm, result),
             Event::Swept(sweep) => self.on_swept(*sweep),
-            Event::GitHubSynced { started, runners, jobs, found } => {
+            Event::GitHubSynced { started, runners, jobs, found, deliveries_checked } => {
+                if deliveries_checked.is_some() {
+                    self.sync.deliveries_checked = deliveries_checked;
+                }
                 self.on_github_synced(started, runners, jobs, found)
             }
             Event::GroupResolved(r) => self.on_group_resolved(r),

@@ -23,22 +23,25 @@ const NOT_FOUND: &str = "not_found";
 /// Without a hook's delivery log, jobs are still checked one by one while webhooks flow,
 /// but only those without news for this long (one missed webhook among many is invisible).
 const UNHOOKED_RECHECK: Duration = Duration::from_secs(15 * 60);
+/// With a hook: jobs without news for this long are checked all the same, at a low rate
+/// (what the delivery log could not show: a delivery GitHub never made, a log read short).
+const HOOKED_RECHECK: Duration = Duration::from_secs(60 * 60);
 
 /// How long a queued or running job goes without news before the sync asks GitHub about it
-/// (`GET job`, one call per job); `None`: never. Missed webhooks are what this catches, so
-/// it happens only when they could go unnoticed:
+/// (`GET job`, one call per job, at most 20 a sync). Missed webhooks are what this
+/// catches, so it happens often only when they could go unnoticed:
 /// - with a hook configured, the sync reads its delivery log and redelivers what failed:
-///   no job is checked once a webhook has arrived since the start (before that, jobs a
-///   restart may have missed news of are);
+///   once a webhook has arrived since the start, only jobs without news for an hour are
+///   checked (before that, jobs a restart may have missed news of are);
 /// - without one, jobs without news for two sync intervals are checked while webhooks are
 ///   quiet, and only those without news for 15 minutes while they flow.
-pub fn refresh_after(interval: Duration, webhook_age: Option<Duration>, hooked: bool) -> Option<Duration> {
+pub fn refresh_after(interval: Duration, webhook_age: Option<Duration>, hooked: bool) -> Duration {
     let stale = interval * 2;
     match webhook_age {
-        None => Some(stale),
-        Some(_) if hooked => None,
-        Some(age) if age < stale => Some(UNHOOKED_RECHECK.max(stale)),
-        Some(_) => Some(stale),
+        None => stale,
+        Some(_) if hooked => HOOKED_RECHECK.max(stale),
+        Some(age) if age < stale => UNHOOKED_RECHECK.max(stale),
+        Some(_) => stale,
     }
 }
 
@@ -46,6 +49,11 @@ pub fn refresh_after(interval: Duration, webhook_age: Option<Duration>, hooked: 
 pub struct State {
     /// A sync's result is awaited.
     running: bool,
+    /// Every delivery of the hook's log made before this was handled (received, or asked
+    /// again): the next sync reads back to here. Kept in memory: after a restart the log is
+    /// read back to the redelivery window ([`MAX_DELIVERIES`] at most), which is what an
+    /// outage needs.
+    pub deliveries_checked: Option<SystemTime>,
     pub runner_group_id: Option<u64>,
     group_pending: bool,
 }
@@ -60,13 +68,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let now = self.now();
         let webhook_age = self.intake.last_webhook.map(|t| now.duration_since(t).unwrap_or_default());
         let redeliver = self.config.github.hook.is_some();
+        let deliveries_since = self.sync.deliveries_checked.unwrap_or(now - REDELIVERY_WINDOW);
         let stale_after = refresh_after(self.config.reconcile.github_interval, webhook_age, redeliver);
         let stale: Vec<(String, u64)> = self
             .book
             .jobs
             .values()
             .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
-            .filter(|j| stale_after.is_some_and(|s| now.duration_since(j.updated_at).unwrap_or_default() >= s))
+            .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
             .take(20)
             .map(|j| (j.info.repository.clone(), j.info.id))
             .collect();
@@ -125,9 +134,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     }
                 }
             }
-            if redeliver {
-                redeliver_failed(&ctx, &*store, &metrics, clock.now()).await;
-            }
+            let deliveries_checked = match redeliver {
+                true => redeliver_failed(&ctx, &*store, &metrics, deliveries_since, clock.now()).await,
+                false => None,
+            };
             let mut found = Vec::new();
             if let Some(repo) = repo_scope {
                 match ctx.github.queued_jobs(&repo).await {
@@ -140,13 +150,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Err(e) => debug!(error = %e, "cannot poll queued jobs"),
                 }
             }
-            Event::GitHubSynced { started, runners, jobs, found }
+            Event::GitHubSynced { started, runners, jobs, found, deliveries_checked }
         };
         spawn_reporting(&self.ctx.events, work, move |message| Event::GitHubSynced {
             started: failed_clock.now(),
             runners: Err(GhError::Transport { method: "-".into(), path: "GitHub sync".into(), message }),
             jobs: Vec::new(),
             found: Vec::new(),
+            deliveries_checked: None,
         });
     }
 
@@ -322,21 +333,45 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 }
 
-/// Asks GitHub to redeliver failed `workflow_job` deliveries we never received.
+/// How far back GitHub redelivers a hook's deliveries (three days), less an hour.
+const REDELIVERY_WINDOW: Duration = Duration::from_secs(3 * 86400 - 3600);
+
+/// The most deliveries one sync reads (100 a page): what a long outage of a busy
+/// organization leaves, within the API's hourly budget.
+pub const MAX_DELIVERIES: usize = 5000;
+
+/// How far before the newest delivery read the next sync reads again: deliveries are listed
+/// by when they were made, and one still in flight is listed later with an earlier time.
+const DELIVERY_OVERLAP: Duration = Duration::from_secs(300);
+
+/// Asks GitHub to redeliver failed `workflow_job` deliveries we never received, reading the
+/// hook's log back to `since` (the last sync's checkpoint, or the redelivery window).
+/// Returns the next checkpoint: before the oldest delivery whose redelivery could not be
+/// asked for, else a little before the newest read; `None` when the log could not be read.
 async fn redeliver_failed<G: GitHub, H: Hypervisor>(
     ctx: &Ctx<G, H>,
     store: &dyn SchedulerStore,
     metrics: &Metrics,
+    since: SystemTime,
     now: SystemTime,
-) {
-    let deliveries = match ctx.github.list_deliveries(300).await {
+) -> Option<SystemTime> {
+    let window = now - REDELIVERY_WINDOW;
+    let since = since.max(window);
+    let deliveries = match ctx.github.list_deliveries(since, MAX_DELIVERIES).await {
         Ok(d) => d,
         Err(e) => {
             warn!(error = %e, "cannot list webhook deliveries");
-            return;
+            return None;
         }
     };
-    let window = now - Duration::from_secs(3 * 86400 - 3600);
+    if deliveries.len() >= MAX_DELIVERIES {
+        warn!(
+            read = deliveries.len(),
+            "the hook's delivery log holds more than one sync reads: older failed deliveries are not redelivered"
+        );
+    }
+    let newest = deliveries.iter().map(|d| d.delivered_at).max().unwrap_or(since).min(now);
+    let mut checkpoint = newest.checked_sub(DELIVERY_OVERLAP).unwrap_or(newest).max(since);
     let ok_guids: BTreeSet<&str> =
         deliveries.iter().filter(|d| (200..300).contains(&d.status_code)).map(|d| d.guid.as_str()).collect();
     let mut asked = BTreeSet::new();
@@ -356,9 +391,13 @@ async fn redeliver_failed<G: GitHub, H: Hypervisor>(
                 metrics.deliveries_redelivered.inc();
                 info!(delivery = %d.guid, delivery_id = d.id, action = ?d.action, status_code = d.status_code, "asked GitHub to redeliver a failed delivery");
             }
-            Err(e) => warn!(delivery = %d.guid, error = %e, "redelivery request failed"),
+            Err(e) => {
+                warn!(delivery = %d.guid, error = %e, "redelivery request failed");
+                checkpoint = checkpoint.min(d.delivered_at);
+            }
         }
     }
+    Some(checkpoint)
 }
 
 #[cfg(test)]
@@ -369,24 +408,24 @@ mod tests {
     fn jobs_are_checked_one_by_one_only_when_missed_webhooks_could_go_unnoticed() {
         let m = |n: u64| Duration::from_secs(60 * n);
         // (webhook age, hook configured, refresh after)
-        let table: &[(Option<Duration>, bool, Option<Duration>)] = &[
+        let table: &[(Option<Duration>, bool, Duration)] = &[
             // None since the start: whatever happened while the agent was down is checked.
-            (None, true, Some(m(2))),
-            (None, false, Some(m(2))),
-            // A hook's delivery log shows what failed (and it is redelivered): no calls,
-            // even while webhooks are quiet.
-            (Some(m(0)), true, None),
-            (Some(m(30)), true, None),
+            (None, true, m(2)),
+            (None, false, m(2)),
+            // A hook's delivery log shows what failed (and it is redelivered): only jobs
+            // without news for an hour, even while webhooks are quiet.
+            (Some(m(0)), true, m(60)),
+            (Some(m(30)), true, m(60)),
             // No hook, webhooks flowing: only jobs without news for 15 minutes.
-            (Some(m(1)), false, Some(m(15))),
+            (Some(m(1)), false, m(15)),
             // No hook, webhooks quiet for two intervals: every stale job is checked.
-            (Some(m(2)), false, Some(m(2))),
-            (Some(m(30)), false, Some(m(2))),
+            (Some(m(2)), false, m(2)),
+            (Some(m(30)), false, m(2)),
         ];
         for (age, hooked, want) in table {
             assert_eq!(refresh_after(m(1), *age, *hooked), *want, "age {age:?} hooked {hooked}");
         }
         // A long interval is never undercut by the unhooked recheck.
-        assert_eq!(refresh_after(m(10), Some(m(1)), false), Some(m(20)));
+        assert_eq!(refresh_after(m(10), Some(m(1)), false), m(20));
     }
 }

@@ -389,3 +389,34 @@ async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
     let (_, hv, _) = h.shutdown().await;
     assert_eq!(hv.lock().peak_running, 1);
 }
+
+/// An outage longer than one page of the hook's delivery log: the sync reads the log back
+/// to the redelivery window, not just its newest 300 entries, and asks again for every
+/// failed `workflow_job` delivery; later syncs read only what is new since, and ask for
+/// nothing twice.
+#[tokio::test(start_paused = true)]
+async fn failed_deliveries_behind_hundreds_of_newer_ones_are_redelivered_once() {
+    let hooked = |c: &mut Config| c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
+    let h = harness_tweaked("", |_| {}, hooked);
+    let now = h.clock.now();
+    let delivery = |id: u64, age: u64, ok: bool| crate::github::DeliveryInfo {
+        id,
+        guid: format!("guid-{id}"),
+        delivered_at: now - Duration::from_secs(age),
+        status_code: if ok { 200 } else { 502 },
+        redelivery: false,
+        event: "workflow_job".into(),
+        action: Some("queued".into()),
+    };
+    // 100 failed during an outage an hour ago; 400 went through after it.
+    let mut log: Vec<_> = (1..=100).map(|i| delivery(i, 3600 + i, false)).collect();
+    log.extend((101..=500).map(|i| delivery(i, 600 - i, true)));
+    h.gh.lock().deliveries = log;
+    let gh = h.gh.clone();
+    h.wait("the failed deliveries asked again", move |_, _| gh.lock().redelivered.len() >= 100).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let mut asked = h.gh.lock().redelivered.clone();
+    asked.sort();
+    assert_eq!(asked, (1..=100).collect::<Vec<u64>>(), "each failed delivery asked for once");
+    h.shutdown().await;
+}
