@@ -11,7 +11,7 @@ use super::event::{Event, spawn_reporting};
 use super::provision::Ctx;
 use super::vm::Input;
 use crate::config::Registration;
-use crate::github::{GhError, GitHub, JobStatus, RunnerInfo};
+use crate::github::{DeliveryInfo, GhError, GitHub, JobStatus, RunnerInfo};
 use crate::hypervisor::Hypervisor;
 use crate::metrics::Metrics;
 use crate::model::{JobAction, JobEvent, JobState, Reason, VmState};
@@ -70,15 +70,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let redeliver = self.config.github.hook.is_some();
         let deliveries_since = self.sync.deliveries_checked.unwrap_or(now - REDELIVERY_WINDOW);
         let stale_after = refresh_after(self.config.reconcile.github_interval, webhook_age, redeliver);
-        let stale: Vec<(String, u64)> = self
+        let mut stale: Vec<_> = self
             .book
             .jobs
             .values()
             .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
             .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
-            .take(20)
-            .map(|j| (j.info.repository.clone(), j.info.id))
             .collect();
+        // The longest without news first; each refreshed job counts as news (below).
+        stale.sort_by_key(|j| j.updated_at);
+        let stale: Vec<(String, u64)> =
+            stale.into_iter().take(20).map(|j| (j.info.repository.clone(), j.info.id)).collect();
         let repo_scope = match self.config.github.scope() {
             crate::config::Scope::Repository { owner, name } => Some(format!("{owner}/{name}")),
             _ => None,
@@ -170,24 +172,24 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     ) {
         self.sync.running = false;
         let mut learned = Vec::new();
+        let now = self.now();
         for (id, status) in jobs {
-            let Some(job) = self.book.jobs.get(&id) else {
+            let Some(job) = self.book.jobs.get_mut(&id) else {
                 continue;
             };
+            // Checked now, whatever GitHub says: not again before its next stale period (a
+            // job that runs for hours is asked about once an hour, not at every sync).
+            job.updated_at = now;
+            let running = matches!(job.state, JobState::InProgress { .. });
             let mut info = job.info.clone();
+            self.book.touch_job(id);
             info.runner_name = status.runner_name.clone();
             info.conclusion = status.conclusion.clone();
             let action = match status.status.as_str() {
                 "completed" => JobAction::Completed,
-                "in_progress" => JobAction::InProgress,
-                _ => {
-                    let now = self.now();
-                    if let Some(j) = self.book.jobs.get_mut(&id) {
-                        j.updated_at = now;
-                        self.book.touch_job(id);
-                    }
-                    continue;
-                }
+                "in_progress" if !running => JobAction::InProgress,
+                // Still queued, or still running: nothing was missed.
+                _ => continue,
             };
             if status.conclusion.as_deref() == Some(NOT_FOUND) {
                 warn!(job_id = id, repository = %info.repository, "GitHub answers 404 for this job: dropped");
@@ -344,10 +346,15 @@ pub const MAX_DELIVERIES: usize = 5000;
 /// by when they were made, and one still in flight is listed later with an earlier time.
 const DELIVERY_OVERLAP: Duration = Duration::from_secs(300);
 
+/// The most redeliveries one sync asks for (oldest first): GitHub limits how fast write
+/// requests may come, and the sync holds back the runner list while it runs.
+const MAX_REDELIVERIES: usize = 50;
+
 /// Asks GitHub to redeliver failed `workflow_job` deliveries we never received, reading the
-/// hook's log back to `since` (the last sync's checkpoint, or the redelivery window).
-/// Returns the next checkpoint: before the oldest delivery whose redelivery could not be
-/// asked for, else a little before the newest read; `None` when the log could not be read.
+/// hook's log back to `since` (the last sync's checkpoint, or the redelivery window), the
+/// oldest first, at most [`MAX_REDELIVERIES`], stopping at the first request that fails.
+/// Returns the next checkpoint: the oldest failed delivery not asked for yet, else a little
+/// before the newest read; `None` when the log could not be read.
 async fn redeliver_failed<G: GitHub, H: Hypervisor>(
     ctx: &Ctx<G, H>,
     store: &dyn SchedulerStore,
@@ -371,20 +378,21 @@ async fn redeliver_failed<G: GitHub, H: Hypervisor>(
         );
     }
     let newest = deliveries.iter().map(|d| d.delivered_at).max().unwrap_or(since).min(now);
-    let mut checkpoint = newest.checked_sub(DELIVERY_OVERLAP).unwrap_or(newest).max(since);
     let ok_guids: BTreeSet<&str> =
         deliveries.iter().filter(|d| (200..300).contains(&d.status_code)).map(|d| d.guid.as_str()).collect();
-    let mut asked = BTreeSet::new();
-    for d in &deliveries {
-        if d.event != "workflow_job" || (200..300).contains(&d.status_code) || d.delivered_at < window {
-            continue;
-        }
+    let mut seen = BTreeSet::new();
+    let mut failed: Vec<&DeliveryInfo> = deliveries
+        .iter()
+        .filter(|d| d.event == "workflow_job" && !(200..300).contains(&d.status_code) && d.delivered_at >= window)
         // Another attempt of the same delivery succeeded, or we already have it.
-        if ok_guids.contains(d.guid.as_str())
-            || !asked.insert(d.guid.clone())
-            || store.delivery_seen(&d.guid).unwrap_or(false)
-        {
-            continue;
+        .filter(|d| !ok_guids.contains(d.guid.as_str()) && !store.delivery_seen(&d.guid).unwrap_or(false))
+        .collect();
+    failed.sort_by_key(|d| d.delivered_at);
+    failed.retain(|d| seen.insert(d.guid.as_str()));
+    for (i, d) in failed.iter().enumerate() {
+        if i == MAX_REDELIVERIES {
+            // The rest at the next sync, from here.
+            return Some(d.delivered_at);
         }
         match ctx.github.redeliver(d.id).await {
             Ok(()) => {
@@ -392,12 +400,12 @@ async fn redeliver_failed<G: GitHub, H: Hypervisor>(
                 info!(delivery = %d.guid, delivery_id = d.id, action = ?d.action, status_code = d.status_code, "asked GitHub to redeliver a failed delivery");
             }
             Err(e) => {
-                warn!(delivery = %d.guid, error = %e, "redelivery request failed");
-                checkpoint = checkpoint.min(d.delivered_at);
+                warn!(delivery = %d.guid, error = %e, "redelivery request failed: the rest at the next sync");
+                return Some(d.delivered_at);
             }
         }
     }
-    Some(checkpoint)
+    Some(newest.checked_sub(DELIVERY_OVERLAP).unwrap_or(newest).max(since))
 }
 
 #[cfg(test)]

@@ -392,8 +392,8 @@ async fn one_repository_cannot_take_every_slot_and_the_host_cap_holds() {
 
 /// An outage longer than one page of the hook's delivery log: the sync reads the log back
 /// to the redelivery window, not just its newest 300 entries, and asks again for every
-/// failed `workflow_job` delivery; later syncs read only what is new since, and ask for
-/// nothing twice.
+/// failed `workflow_job` delivery, the oldest first and 50 a sync; a request that fails is
+/// asked again at the next; nothing is asked for twice once it was asked.
 #[tokio::test(start_paused = true)]
 async fn failed_deliveries_behind_hundreds_of_newer_ones_are_redelivered_once() {
     let hooked = |c: &mut Config| c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
@@ -412,11 +412,44 @@ async fn failed_deliveries_behind_hundreds_of_newer_ones_are_redelivered_once() 
     let mut log: Vec<_> = (1..=100).map(|i| delivery(i, 3600 + i, false)).collect();
     log.extend((101..=500).map(|i| delivery(i, 600 - i, true)));
     h.gh.lock().deliveries = log;
+    // The first redelivery request fails: that sync stops there, the next asks from there.
+    h.gh.lock().fail_calls.insert("redeliver", 1);
     let gh = h.gh.clone();
-    h.wait("the failed deliveries asked again", move |_, _| gh.lock().redelivered.len() >= 100).await;
+    // A sync every 5 s: one stopped by the failure, then 50 a sync.
+    h.wait_for("the failed deliveries asked again", Duration::from_secs(60), move |_, _| {
+        gh.lock().redelivered.len() >= 100
+    })
+    .await;
+    let calls = h.gh.lock().calls.iter().filter(|c| *c == "redeliver").count();
+    assert_eq!(calls, 101, "100 asked, and the one that failed");
     tokio::time::sleep(Duration::from_secs(30)).await;
     let mut asked = h.gh.lock().redelivered.clone();
     asked.sort();
     assert_eq!(asked, (1..=100).collect::<Vec<u64>>(), "each failed delivery asked for once");
+    h.shutdown().await;
+}
+
+/// With a hook, a job without news is still asked about, at a low rate: a job that runs
+/// for hours is asked about once an hour, not at every sync (a refresh that finds nothing
+/// new counts as news).
+#[tokio::test(start_paused = true)]
+async fn a_long_running_job_is_asked_about_once_an_hour() {
+    let hooked = |c: &mut Config| c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
+    let mut h = harness_tweaked("", |_| {}, hooked);
+    h.deliver(JobAction::Queued, info(91, LABELS, None));
+    // Another runner (not ours) takes it and runs it for hours.
+    h.deliver(JobAction::InProgress, info(91, LABELS, Some("someone-else")));
+    h.gh.lock().jobs.insert(
+        91,
+        crate::github::JobStatus {
+            status: "in_progress".into(),
+            conclusion: None,
+            runner_name: Some("someone-else".into()),
+        },
+    );
+    let asked = |h: &H| h.gh.lock().calls.iter().filter(|c| *c == "job").count();
+    tokio::time::sleep(Duration::from_secs(3 * 3600 + 60)).await;
+    let n = asked(&h);
+    assert!((2..=4).contains(&n), "asked {n} times in 3 hours (syncs every 5 s)");
     h.shutdown().await;
 }
