@@ -338,30 +338,22 @@ fn dhcp_line(name: &str, dhcp: &network::Dhcp) -> Line {
             return warn(what, format!("libvirt network {name} has no DHCP range: VMs get no address"), NETWORK_FIX);
         }
     };
-    if dhcp.known_only && dhcp.subnet.is_none() {
-        bad(
-            what,
-            format!(
-                "libvirt network {name} serves reserved clients only but has no IPv4 address with a prefix: VMs get no address"
-            ),
-            NETWORK_FIX,
-        )
-    } else if dhcp.known_only {
-        ok(
+    match dhcp.fixes_addresses() {
+        Err(reason) => bad(what, format!("libvirt network {name}: {reason}"), NETWORK_FIX),
+        Ok(true) => ok(
             what,
             format!(
                 "each VM gets a fixed address of {start}–{end} in its seed ({} held now) and talks no DHCP; the DHCP server answers no other client",
                 dhcp.hosts.len()
             ),
-        )
-    } else {
-        warn(
+        ),
+        Ok(false) => warn(
             what,
             format!(
                 "libvirt network {name} leases {start}–{end} to any client: a job can take every address (and VMs get learned addresses, not fixed ones)"
             ),
             NETWORK_FIX,
-        )
+        ),
     }
 }
 

@@ -23,7 +23,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 
 use crate::hypervisor::domain_xml::Xml;
-use crate::hypervisor::network::Subnet;
+use crate::hypervisor::network::{Subnet, mask, prefix_network as network};
 
 /// Ranges a job VM never reaches unless allow-listed, with why.
 pub const BLOCKED: &[(Ipv4Addr, u8, &str)] = &[
@@ -100,14 +100,6 @@ impl<'de> Deserialize<'de> for AllowEntry {
     }
 }
 
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
-}
-
-fn network(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(addr) & mask(prefix))
-}
-
 /// Which range of [`BLOCKED`] an address falls in, if any.
 pub fn blocked_range(addr: Ipv4Addr) -> Option<&'static str> {
     BLOCKED.iter().find(|(net, prefix, _)| network(addr, *prefix) == *net).map(|(_, _, why)| *why)
@@ -162,7 +154,7 @@ pub fn filter_xml(spec: &FenceSpec<'_>) -> String {
         // DHCP discovery and requests before an address is leased go to the broadcast address.
         rule(&mut x, "return", "200", Ipv4Addr::BROADCAST, 32, Some(("udp", (67, 67))));
     }
-    let in_subnet = |a: &Ipv4Addr| spec.subnet.is_some_and(|s| network(*a, s.prefix) == s.network());
+    let in_subnet = |a: &Ipv4Addr| spec.subnet.is_some_and(|s| s.contains(*a));
     let mut host: Vec<Ipv4Addr> = spec.host_addrs.iter().copied().filter(|a| !in_subnet(a)).collect();
     host.sort();
     host.dedup();
@@ -230,7 +222,9 @@ pub fn filters_for(
     let mut host_addrs = host_addresses()?;
     host_addrs.extend_from_slice(also);
     let mut out = vec![(NO_ANNOUNCE.to_string(), no_announce_xml())];
-    for fixed in if fixed { &[false, true][..] } else { &[false][..] } {
+    // The DHCP one always (VMs that learn their address); the fixed one where addresses are.
+    let kinds: &[bool] = if fixed { &[false, true] } else { &[false] };
+    for fixed in kinds {
         let name = vm_filter(filter, *fixed);
         let spec = FenceSpec { filter: &name, subnet, dhcp: !fixed, host_addrs: &host_addrs, allow };
         out.push((name.clone(), filter_xml(&spec)));
@@ -273,9 +267,9 @@ pub fn host_addresses() -> Result<Vec<Ipv4Addr>, std::io::Error> {
         let Some(addr) = v4(a.address) else { continue };
         out.push(addr);
         out.extend(v4(a.broadcast));
-        if let Some(mask) = v4(a.netmask).map(u32::from).filter(|m| m.count_ones() < 31) {
-            out.push(Ipv4Addr::from(u32::from(addr) | !mask));
-            out.push(Ipv4Addr::from(u32::from(addr) & mask));
+        if let Some(netmask) = v4(a.netmask).map(u32::from).filter(|m| m.count_ones() < 31) {
+            out.push(Ipv4Addr::from(u32::from(addr) | !netmask));
+            out.push(Ipv4Addr::from(u32::from(addr) & netmask));
         }
     }
     out.sort();

@@ -19,14 +19,6 @@ use runnervisor::secret::Secret;
 /// Makes a VM's credential once its guest waits.
 type MakeCredential = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Credential>>>>;
 
-/// Random bytes for a guest's kernel RNG, as the agent sends.
-fn entropy() -> Vec<u8> {
-    use std::io::Read;
-    let mut out = vec![0u8; cloudinit::ENTROPY_BYTES];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut out).unwrap();
-    out
-}
-
 /// A JIT runner `name` with `labels`, made by the simulator as GitHub would.
 async fn jit(sim: &Sim, name: &str, labels: &[&str]) -> Credential {
     let v = sim
@@ -67,7 +59,7 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     started = Instant::now();
     let credential = make().await;
     let made = started.elapsed();
-    let entropy = entropy();
+    let entropy = runnervisor::scheduler::provision::fresh_entropy().unwrap();
     let message = cloudinit::bind_message(&RunnerSpec {
         vm_name: name,
         runner_user: "runner",
@@ -284,7 +276,7 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
             )
             .await;
         let credential = jit(&sim, runner, &["self-hosted", "slot"]).await;
-        let entropy = entropy();
+        let entropy = runnervisor::scheduler::provision::fresh_entropy().unwrap();
         let before = std::time::SystemTime::now();
         let message = cloudinit::bind_message(&RunnerSpec {
             vm_name: &name,

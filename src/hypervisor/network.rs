@@ -45,9 +45,23 @@ pub struct Subnet {
 impl Subnet {
     /// The subnet's network address (the gateway with the host bits cleared).
     pub fn network(&self) -> Ipv4Addr {
-        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix.min(32))) };
-        Ipv4Addr::from(u32::from(self.gateway) & mask)
+        prefix_network(self.gateway, self.prefix)
     }
+
+    /// Whether `addr` is in the subnet.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        prefix_network(addr, self.prefix) == self.network()
+    }
+}
+
+/// The netmask of an IPv4 prefix length (0–32).
+pub fn mask(prefix: u8) -> u32 {
+    if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) }
+}
+
+/// `addr` with the host bits of a `/prefix` cleared.
+pub fn prefix_network(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(addr) & mask(prefix))
 }
 
 /// What a network's XML says about its IPv4 subnet and DHCP service.
@@ -61,6 +75,20 @@ pub struct Dhcp {
     pub hosts: Vec<Reservation>,
     /// Whether its DHCP server ignores clients without a host entry.
     pub known_only: bool,
+}
+
+impl Dhcp {
+    /// Whether the agent fixes the VMs' addresses on this network (its DHCP server serves
+    /// known clients only: the seed carries the address, the fence drops DHCP), or why the
+    /// network cannot take VMs at all.
+    pub fn fixes_addresses(&self) -> Result<bool, &'static str> {
+        match (self.known_only, self.subnet) {
+            (true, None) => {
+                Err("it serves reserved clients only but has no IPv4 address with a prefix: VMs get no address")
+            }
+            (known_only, _) => Ok(known_only),
+        }
+    }
 }
 
 /// The MAC of the VM at `ip`: QEMU's prefix and the address's low 24 bits (unique within

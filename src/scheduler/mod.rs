@@ -270,10 +270,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::Bound { vm, result } => self.on_bound(vm, result),
             Event::Swept(sweep) => self.on_swept(*sweep),
             Event::GitHubSynced { started, runners, jobs, found, deliveries_checked } => {
-                if deliveries_checked.is_some() {
-                    self.sync.deliveries_checked = deliveries_checked;
-                }
-                self.on_github_synced(started, runners, jobs, found)
+                self.on_github_synced(started, runners, jobs, found, deliveries_checked)
             }
             Event::GroupResolved(r) => self.on_group_resolved(r),
             Event::Claimed { asked, result } => self.on_claimed(asked, result),

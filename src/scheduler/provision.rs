@@ -333,7 +333,7 @@ pub struct BindTimes {
 }
 
 /// Random bytes from this host's kernel for a guest's kernel RNG ([`cloudinit::Fresh`]).
-fn fresh_entropy() -> std::io::Result<[u8; cloudinit::ENTROPY_BYTES]> {
+pub fn fresh_entropy() -> std::io::Result<[u8; cloudinit::ENTROPY_BYTES]> {
     use std::io::Read;
     let mut out = [0u8; cloudinit::ENTROPY_BYTES];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
@@ -424,19 +424,13 @@ pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Joined, HvErr
             NetworkConfig::User { .. } => return Ok(Joined::default()),
             NetworkConfig::Network { name, .. } => {
                 let dhcp = hv.network_dhcp(name)?;
-                if !dhcp.known_only
-                    && let Some(suppressed) = OPEN_NETWORK.check()
-                {
+                let fixed = dhcp
+                    .fixes_addresses()
+                    .map_err(|reason| HvError::NetworkUnusable { name: name.clone(), reason: reason.into() })?;
+                if !fixed && let Some(suppressed) = OPEN_NETWORK.check() {
                     tracing::warn!(network = %name, suppressed, "the libvirt network leases addresses to any client, so a job can take them all: VMs get learned addresses; define it again with runnervisor-network (runnervisor check says so)");
                 }
-                if dhcp.known_only && dhcp.subnet.is_none() {
-                    // Reserved clients only, and no subnet to give a VM: it would get no address.
-                    return Err(HvError::NetworkUnusable {
-                        name: name.clone(),
-                        reason: "it serves reserved clients only but has no IPv4 address with a prefix".into(),
-                    });
-                }
-                Joined { subnet: dhcp.subnet, fixed: dhcp.known_only }
+                Joined { subnet: dhcp.subnet, fixed }
             }
             NetworkConfig::Bridge { name, .. } if !fence::bridge_exists(name) => {
                 return Err(HvError::BridgeMissing { name: name.clone() });

@@ -169,8 +169,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         runners: Result<Vec<RunnerInfo>, GhError>,
         jobs: Vec<(u64, JobStatus)>,
         found: Vec<JobEvent>,
+        deliveries_checked: Option<SystemTime>,
     ) {
         self.sync.running = false;
+        if deliveries_checked.is_some() {
+            self.sync.deliveries_checked = deliveries_checked;
+        }
         let mut learned = Vec::new();
         let now = self.now();
         for (id, status) in jobs {

@@ -162,7 +162,7 @@ impl Drop for TestFence {
 /// decides: its DHCP server serves known clients only).
 pub fn lab_addressing(hv: &Libvirt) -> (Option<runnervisor::hypervisor::network::Subnet>, bool) {
     let dhcp = hv.network_dhcp(NETWORK).expect("the lab network");
-    (dhcp.subnet, dhcp.known_only && dhcp.subnet.is_some())
+    (dhcp.subnet, dhcp.fixes_addresses().expect("the lab network can take VMs"))
 }
 
 /// The NoCloud seed of test VM `name` as the agent makes it: nothing secret, and on the lab
