@@ -173,6 +173,10 @@ pub struct Metrics {
     pub job_runners: Family<PathLabels, Counter>,
     pub bind_seconds: Seconds<PoolLabels>,
     pub bind_failures: Family<StepLabels, Counter>,
+    /// Snapshot slots saved and not in use, per pool.
+    pub slots_ready: Family<PoolLabels, Gauge>,
+    /// Slots whose save or restore failed (step: save, restore), per pool.
+    pub slot_failures: Family<StepLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub fleet_claims: Family<ResultLabels, Counter>,
     pub fleet_claims_held: Gauge,
@@ -209,6 +213,8 @@ impl Default for Metrics {
             job_runners: Family::default(),
             bind_seconds: Family::new_with_constructor(short_seconds_buckets),
             bind_failures: Family::default(),
+            slots_ready: Family::default(),
+            slot_failures: Family::default(),
             config_reloads: Family::default(),
             fleet_claims: Family::default(),
             fleet_claims_held: Gauge::default(),
@@ -311,7 +317,7 @@ impl Default for Metrics {
         );
         r.register(
             "runnervisor_job_runners",
-            "Runners made for queued jobs: path=warm (a waiting warm VM took the job's credential) or cold (a VM booted for it)",
+            "Runners made for queued jobs: path=warm (a waiting warm VM took the job's credential), restored (a VM restored from a snapshot slot) or cold (a VM booted for it)",
             m.job_runners.clone(),
         );
         r.register_with_unit(
@@ -324,6 +330,16 @@ impl Default for Metrics {
             "runnervisor_config_reloads",
             "Configuration reloads (SIGHUP): applied, or rejected as a whole (the running one stays)",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "runnervisor_slots_ready",
+            "Snapshot slots saved and free to restore a job's VM from",
+            m.slots_ready.clone(),
+        );
+        r.register(
+            "runnervisor_slot_failures",
+            "Snapshot slots that failed (step: save, restore, address): the slot is re-made; a job whose restore failed boots cold",
+            m.slot_failures.clone(),
         );
         r.register(
             "runnervisor_bind_failures",

@@ -98,6 +98,9 @@ pub enum VmState {
     Waiting,
     /// A warm VM being given a job: its runner credential is made and delivered.
     Binding,
+    /// A VM booted for a snapshot slot, waiting with no credential, being saved: its domain
+    /// stops and goes, its disk and memory become the slot ([`SlotRec`]).
+    Saving,
 }
 
 impl VmState {
@@ -112,6 +115,7 @@ impl VmState {
             VmState::Warming => "warming",
             VmState::Waiting => "waiting",
             VmState::Binding => "binding",
+            VmState::Saving => "saving",
         }
     }
     /// Provisioning, booting or idle: may still take a job. (A warm VM becomes available
@@ -120,11 +124,12 @@ impl VmState {
         matches!(self, VmState::Provisioning | VmState::Booting | VmState::Idle | VmState::Binding)
     }
 
-    pub const ALL: [VmState; 9] = [
+    pub const ALL: [VmState; 10] = [
         VmState::Provisioning,
         VmState::Warming,
         VmState::Waiting,
         VmState::Binding,
+        VmState::Saving,
         VmState::Booting,
         VmState::Idle,
         VmState::Busy,
@@ -165,6 +170,9 @@ pub enum Reason {
     WarmRecycled,
     /// A warm VM no longer wanted: the agent drains, or `warm` was lowered.
     WarmSurplus,
+    /// A snapshot slot no longer wanted or no longer right (its pool's image or VM shape
+    /// changed, `snapshot_slots` lowered, its restore failed): its saved state goes.
+    SlotGone,
 }
 
 impl Reason {
@@ -185,6 +193,7 @@ impl Reason {
             Reason::BindFailed => "bind_failed",
             Reason::WarmRecycled => "warm_recycled",
             Reason::WarmSurplus => "warm_surplus",
+            Reason::SlotGone => "slot_gone",
         }
     }
 }
@@ -214,6 +223,14 @@ pub struct VmRec {
     /// runner itself then, so teardown does not ask it to (no `DELETE` answered 404).
     #[serde(default)]
     pub runner_done: bool,
+    /// Restored from this snapshot slot's saved state: its domain has the slot's name (a
+    /// restore keeps the saved domain's name, UUID and MAC) and its overlay is over the
+    /// slot's disk. Everything else of it (runner, overlay, timeline) is named `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// Booted to become snapshot slot `name` (never a runner): saved once its guest waits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub for_slot: bool,
 }
 
 impl VmRec {
@@ -234,13 +251,23 @@ impl VmRec {
             reap: None,
             warm,
             runner_done: false,
+            slot: None,
+            for_slot: false,
         }
+    }
+
+    /// The name of its libvirt domain: its slot's, for a VM restored from one.
+    pub fn domain(&self) -> &str {
+        self.slot.as_deref().unwrap_or(&self.name)
     }
 
     /// A runner for a job, now or soon: provisioning, booting or idle; a cold VM waiting
     /// for its guest, or being bound to its job; a warm VM being bound. (An unbound warm VM
     /// is no runner yet: see [`VmRec::is_unbound_warm`].)
     pub fn is_available(&self) -> bool {
+        if self.for_slot {
+            return false;
+        }
         match self.state {
             VmState::Warming | VmState::Waiting => !self.warm,
             state => state.is_available(),
@@ -249,6 +276,23 @@ impl VmRec {
 
     /// A warm VM no job's credential went into yet (provisioning, warming or waiting).
     pub fn is_unbound_warm(&self) -> bool {
-        self.warm && matches!(self.state, VmState::Provisioning | VmState::Warming | VmState::Waiting)
+        !self.for_slot && self.warm && matches!(self.state, VmState::Provisioning | VmState::Warming | VmState::Waiting)
     }
+}
+
+/// A snapshot slot: a VM of `pool` booted with no credential until its guest waited, then
+/// saved. What exists of it: its saved state (`<name>.save`) and its disk (`<name>.qcow2`,
+/// the read-only base of every overlay restored from it), its seed, and its address on the
+/// network (the saved guest has it configured). A VM restored from it has `slot` set; at
+/// most one at a time (libvirt keeps the saved domain's name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRec {
+    pub name: String,
+    pub pool: String,
+    /// What the saved VM was made from (the image file, the VM's shape): a slot whose
+    /// pool no longer matches it is re-made.
+    pub made_from: String,
+    /// Its fixed address on the libvirt network, when it has one.
+    pub address: Option<std::net::Ipv4Addr>,
+    pub saved_at: SystemTime,
 }

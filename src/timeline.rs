@@ -22,6 +22,12 @@ pub struct Trace {
     pub pool: String,
     /// Booted without a credential, then bound to a job.
     pub warm: bool,
+    /// Restored from a snapshot slot (its provisioning is the restore).
+    #[serde(default)]
+    pub restored: bool,
+    /// Booted to be saved as a snapshot slot (never a runner).
+    #[serde(default)]
+    pub slot: bool,
     /// The job its runner took, or the one it was made (or bound) for; none: no job yet.
     #[serde(default)]
     pub job_id: Option<u64>,
@@ -59,6 +65,17 @@ pub struct Trace {
 }
 
 impl Trace {
+    /// How the VM came to be: `cold` (booted for its job), `warm` (booted before it, bound
+    /// to it), `restored` (from a snapshot slot), `slot` (booted to be saved as one).
+    pub fn kind(&self) -> &'static str {
+        match (self.slot, self.restored, self.warm) {
+            (true, _, _) => "slot",
+            (_, true, _) => "restored",
+            (_, _, true) => "warm",
+            _ => "cold",
+        }
+    }
+
     fn first(&self) -> Option<u64> {
         [self.queued, self.created, self.defined, self.started].into_iter().flatten().min()
     }
@@ -108,7 +125,9 @@ impl Recorder {
         let t = self.live.entry(vm.name.clone()).or_insert_with(|| Trace {
             vm: vm.name.clone(),
             pool: vm.pool.clone(),
-            warm: vm.warm,
+            warm: vm.warm && !vm.for_slot,
+            restored: vm.slot.is_some(),
+            slot: vm.for_slot,
             created: Some(unix_ms(vm.created_at)),
             ..Trace::default()
         });
@@ -178,19 +197,21 @@ fn secs(from: Option<u64>, to: Option<u64>) -> Option<f64> {
 /// A table: one line per VM with its phases in seconds.
 pub fn table(traces: &[Trace]) -> String {
     let mut out = format!(
-        "{:<28} {:>12} {:<5} {:>9} {:>9} {:>9} {:>9}  {}\n",
-        "VM", "JOB", "KIND", "QUEUED→ON", "BOOT", "JOB RAN", "TEARDOWN", "END"
+        "{:<28} {:>12} {:<8} {:>9} {:>9} {:>9} {:>9} {:>9}  {}\n",
+        "VM", "JOB", "KIND", "QUEUED→ON", "START", "BOOT", "JOB RAN", "TEARDOWN", "END"
     );
     let f = |v: Option<f64>| v.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into());
     for t in traces {
         let boot_from = if t.warm { t.bound } else { t.started };
         let _ = writeln!(
             out,
-            "{:<28} {:>12} {:<5} {:>9} {:>9} {:>9} {:>9}  {}",
+            "{:<28} {:>12} {:<8} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
             t.vm,
             t.job_id.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
-            if t.warm { "warm" } else { "cold" },
+            t.kind(),
             f(secs(t.queued, t.online)),
+            // Provisioning: for a restored VM, its restore.
+            f(secs(t.created, t.started)),
             f(secs(boot_from, t.online)),
             f(secs(t.online, t.completed)),
             f(secs(t.completed, t.gone)),
@@ -284,7 +305,7 @@ pub fn svg(traces: &[Trace], now: SystemTime) -> String {
     for (row, t) in traces.iter().enumerate() {
         let y = top + row as f64 * row_h;
         let job = t.job_id.map(|j| format!("job {j}")).unwrap_or_else(|| "no job".into());
-        let kind = if t.warm { "warm" } else { "cold" };
+        let kind = t.kind();
         let _ = writeln!(
             s,
             r##"<text x="10" y="{:.1}"><tspan font-weight="bold">{}</tspan> {kind} <tspan fill="#777777">{}</tspan></text>"##,

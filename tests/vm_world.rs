@@ -211,16 +211,6 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     names.extend(restores.iter().map(|(r, _)| r.clone()));
     let _cleanup = Cleanup { hv: hv.clone(), names };
     let console_log = console_dir().join(format!("{name}.log"));
-    let saves = std::path::PathBuf::from("/var/lib/runnervisor/test-saves");
-    std::fs::create_dir_all(&saves).unwrap();
-    let save = saves.join(format!("{name}.save"));
-    struct Gone(std::path::PathBuf);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _save_gone = Gone(save.clone());
 
     let base = hv.create_overlay(&name, &img.golden, 4 << 30).unwrap();
     let seed_path = hv.create_seed(&name, &test_seed(&hv, &name)).unwrap();
@@ -232,9 +222,13 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         .await;
     let boot = booted.elapsed();
     let at = Instant::now();
-    hv.save(&name, &save).unwrap();
+    hv.save(&name).unwrap();
     let saved = at.elapsed();
-    let size = std::fs::metadata(&save).unwrap().len();
+    let save = hv.volume_path(&runnervisor::hypervisor::save_volume_name(&name)).unwrap();
+    let meta = std::fs::metadata(&save).unwrap();
+    let size = meta.len();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o077, 0, "the saved state is readable by its owner alone");
     eprintln!(
         "{name}: booted to waiting {:.1}s; saved in {:.1}s, {} MiB",
         boot.as_secs_f64(),
@@ -244,22 +238,24 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     let state = |hv: &runnervisor::hypervisor::libvirt::Libvirt| {
         hv.list_vms().unwrap().into_iter().find(|v| v.name == name).map(|v| v.state)
     };
-    assert_eq!(state(&hv), Some(DomainState::Stopped), "saved: stopped, still defined");
+    assert_eq!(state(&hv), None, "saved: the domain is undefined, its disk and saved state stay");
 
     let report = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
         "import json, sys, time, urllib.request\n\
+         import socket\n\
          r = open('/dev/urandom', 'rb').read(32).hex()\n\
-         body = json.dumps({'role': 'fresh', 'tag': sys.argv[2], 'urandom': r, 'time': time.time()}).encode()\n\
+         body = json.dumps({'role': 'fresh', 'tag': sys.argv[2], 'urandom': r, 'time': time.time(), 'host': socket.gethostname()}).encode()\n\
          req = urllib.request.Request(sys.argv[1] + '/_sim/reports', data=body, headers={'Content-Type': 'application/json'})\n\
          urllib.request.urlopen(req, timeout=10).read()\n",
     );
     let mut seen = std::collections::BTreeMap::new();
+    let mut credentials = Vec::new();
     for (runner, fresh) in &restores {
         // The saved disk is the base: each restore writes to an overlay of its own.
         let overlay = hv.create_overlay(runner, &base, 4 << 30).unwrap();
         let at = Instant::now();
-        hv.restore(&save, &base, &overlay).unwrap();
+        hv.restore(&name, &overlay).unwrap();
         let restored = at.elapsed();
         let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "dumpxml", &name]));
         assert!(dumped.contains(&overlay.to_string_lossy().into_owned()), "restored onto its overlay:\n{dumped}");
@@ -276,17 +272,21 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
             )
             .await;
         let credential = jit(&sim, runner, &["self-hosted", "slot"]).await;
+        if let Credential::Jit { encoded } = &credential {
+            credentials.push(encoded.expose().to_string());
+        }
         let entropy = runnervisor::scheduler::provision::fresh_entropy().unwrap();
         let before = std::time::SystemTime::now();
+        // The domain keeps the slot's name; the runner and the guest's hostname are the job's.
         let message = cloudinit::bind_message(&RunnerSpec {
-            vm_name: &name,
+            vm_name: runner,
             runner_user: "runner",
             runner_dir: "/opt/actions-runner",
             credential: &credential,
             fresh: fresh.then(|| Fresh { entropy: &entropy, now: std::time::SystemTime::now() }),
         })
         .unwrap();
-        hv.deliver(&name, message.expose().as_bytes(), &cloudinit::bind_ack(&name), Duration::from_secs(10)).unwrap();
+        hv.deliver(&name, message.expose().as_bytes(), &cloudinit::bind_ack(runner), Duration::from_secs(10)).unwrap();
         let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
         assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));
         let after = std::time::SystemTime::now();
@@ -298,8 +298,9 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         let guest_time = r["time"].as_f64().unwrap();
         let skew =
             if guest_time < epoch(before) { guest_time - epoch(before) } else { (guest_time - epoch(after)).max(0.0) };
-        eprintln!("{runner}: fresh={fresh} urandom {} clock off by {skew:+.1}s", r["urandom"]);
+        eprintln!("{runner}: fresh={fresh} urandom {} clock off by {skew:+.1}s host {}", r["urandom"], r["host"]);
         if *fresh {
+            assert_eq!(r["host"].as_str(), Some(runner.as_str()), "the hostname set at bind");
             assert!(skew.abs() <= 2.0, "the clock set at bind is off by {skew:.1}s");
         } else {
             assert!(skew < -2.0, "the control: a restored clock is the save's, {skew:.1}s behind");
@@ -314,7 +315,7 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
             at.elapsed().as_secs_f64()
         );
         wait_for("the restored guest to power off", Duration::from_secs(60), async || {
-            (state(&hv) == Some(DomainState::Stopped)).then_some(())
+            state(&hv).is_none().then_some(())
         })
         .await;
         // Its overlay goes; the base and the save serve the next restore.
@@ -325,4 +326,12 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     let bytes = |t: &str| &seen[&format!("{name}{t}")];
     assert_ne!(bytes("r1"), bytes("r2"), "fresh entropy at bind: each restored VM's kernel RNG is its own");
     assert_eq!(bytes("c1"), bytes("c2"), "the control: without it, VMs restored from one save share their RNG output");
+    // Nothing of any job's credential reached the slot's saved state or its disk.
+    for file in [save, base] {
+        let bytes = std::fs::read(&file).unwrap();
+        for c in &credentials {
+            assert!(memchr::memmem::find(&bytes, c.as_bytes()).is_none(), "a credential in {}", file.display());
+        }
+    }
+    assert_eq!(credentials.len(), 4);
 }

@@ -209,11 +209,12 @@ pub fn render_status(s: &Status) -> String {
         .iter()
         .map(|p| {
             let warm = if p.warm == 0 { "-".into() } else { format!("{}/{} waiting", p.warm_waiting, p.warm) };
+            let slots = if p.slots == 0 { "-".into() } else { format!("{}/{} ready", p.slots_ready, p.slots) };
             let name = if p.retiring { format!("{} (removed: draining)", p.name) } else { p.name.clone() };
-            vec![name, format!("{}/{}", p.vms, p.max_vms), p.queued.to_string(), warm]
+            vec![name, format!("{}/{}", p.vms, p.max_vms), p.queued.to_string(), warm, slots]
         })
         .collect();
-    out.push_str(&table(&["POOL", "VMS", "QUEUED", "WARM"], &pools));
+    out.push_str(&table(&["POOL", "VMS", "QUEUED", "WARM", "SLOTS"], &pools));
     out.push('\n');
     if s.queued.is_empty() {
         out.push_str("no queued jobs\n");
@@ -269,9 +270,16 @@ pub fn render_status(s: &Status) -> String {
     out
 }
 
-/// How the VM came to its job: `cold` (booted for it), or warm and `waiting`, `binding`
-/// or `bound` (booting: not waiting yet).
+/// How the VM came to its job: `cold` (booted for it), `restored` (from a snapshot slot),
+/// or warm and `waiting`, `binding` or `bound` (booting: not waiting yet); a VM booted to
+/// be saved as a slot is `slot: booting` or `slot: saving`.
 fn warm_column(v: &VmStatus) -> String {
+    if v.for_slot {
+        return if v.state == "saving" { "slot: saving" } else { "slot: booting" }.into();
+    }
+    if let Some(slot) = &v.slot {
+        return format!("restored ({slot})");
+    }
     if !v.warm {
         return "cold".into();
     }
@@ -318,6 +326,8 @@ mod tests {
             runner_id: None,
             repository: String::new(),
             warm,
+            slot: None,
+            for_slot: false,
         };
         let s = Status {
             draining: false,
@@ -331,9 +341,13 @@ mod tests {
                 warm: 2,
                 warm_waiting: 1,
                 retiring: false,
+                slots: 2,
+                slots_ready: 1,
             }],
             queued: vec![],
             vms: vec![
+                VmStatus { slot: Some("rv-p-s1".into()), ..vm("rv-p-8", "busy", false) },
+                VmStatus { for_slot: true, ..vm("rv-p-s0", "saving", true) },
                 vm("rv-p-w1", "waiting", true),
                 vm("rv-p-w2", "warming", true),
                 vm("rv-p-w3", "binding", true),
@@ -369,6 +383,9 @@ mod tests {
         assert!(line("rv-p-w3").contains("warm: binding"), "{text}");
         assert!(line("rv-p-w4").contains("warm: bound"), "{text}");
         assert!(line("rv-p-7").contains("cold"), "{text}");
+        assert!(line("rv-p-8").contains("restored (rv-p-s1)"), "{text}");
+        assert!(line("rv-p-s0").contains("slot: saving"), "{text}");
+        assert!(line("p ").contains("1/2 ready"), "{text}");
     }
 
     fn line_of(text: &str, start: &str) -> String {

@@ -66,6 +66,11 @@ pub struct PoolStatus {
     /// Removed by a reload: its VMs finish, it takes no jobs.
     #[serde(default)]
     pub retiring: bool,
+    /// Snapshot slots to keep (`snapshot_slots`), and how many are saved and free now.
+    #[serde(default)]
+    pub slots: usize,
+    #[serde(default)]
+    pub slots_ready: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +94,12 @@ pub struct VmStatus {
     /// Made warm (booted without a credential); its state says whether it is bound yet.
     #[serde(default)]
     pub warm: bool,
+    /// Restored from this snapshot slot (its libvirt domain has the slot's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// Booted to be saved as the snapshot slot of its name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub for_slot: bool,
 }
 
 #[cfg(test)]

@@ -349,6 +349,13 @@ pub struct PoolConfig {
     /// (within `max_vms`). A job's runner credential is delivered into one when it arrives.
     #[serde(default)]
     pub warm: usize,
+    /// VMs kept saved (memory and disk, by libvirt), not running, for the pool's next jobs:
+    /// a job that finds no warm VM waiting gets one restored onto a fresh overlay (about
+    /// 2 s) instead of a cold boot. Each slot costs its saved state and disk on the job
+    /// storage pool, no CPU and no RAM while it waits. Needs a libvirt network (the saved
+    /// VM keeps its fixed address) and an image of bind protocol 3 or later.
+    #[serde(default)]
+    pub snapshot_slots: usize,
     /// A warm VM waiting longer than this is replaced by a fresh one.
     #[serde(default = "defaults::warm_max_age", deserialize_with = "duration")]
     pub warm_max_age: Duration,

@@ -158,6 +158,12 @@ fn bad_values_name_key_and_value() {
     assert!(e.contains("pool[0].warm") && e.contains("max_vms (2)"), "{e}");
     let e = err(&format!("{MINIMAL}\nwarm_max_age = \"30s\"\n"));
     assert!(e.contains("pool[0].warm_max_age") && e.contains("30s"), "{e}");
+    let e = err(&format!("{MINIMAL}\nsnapshot_slots = 65\n"));
+    assert!(e.contains("pool[0].snapshot_slots") && e.contains("65") && e.contains("0 to 64"), "{e}");
+    let bridge = MINIMAL.replace("[[pool]]", "[libvirt.network]\ntype = \"bridge\"\nname = \"br0\"\n[[pool]]");
+    let e = err(&format!("{bridge}\nsnapshot_slots = 1\n"));
+    assert!(e.contains("pool[0].snapshot_slots") && e.contains("type = \"network\""), "{e}");
+    assert_eq!(Config::parse(&format!("{MINIMAL}\nsnapshot_slots = 2\n")).unwrap().pools[0].snapshot_slots, 2);
     let e = err(&format!("{MINIMAL}\nbind_timeout = \"0s\"\n"));
     assert!(e.contains("pool[0].bind_timeout"), "{e}");
     let c = Config::parse(&format!("{MINIMAL}\nmax_vms = 3\nwarm = 2\n")).unwrap();

@@ -223,6 +223,20 @@ impl Config {
             if p.warm_max_age < Duration::from_secs(60) || (p.warm > 0 && p.warm_max_age >= p.max_lifetime) {
                 return Err(invalid(key("warm_max_age"), p.warm_max_age, "must be at least 1m and below max_lifetime"));
             }
+            if p.snapshot_slots > MAX_SNAPSHOT_SLOTS {
+                return Err(invalid(
+                    key("snapshot_slots"),
+                    p.snapshot_slots,
+                    format!("must be 0 to {MAX_SNAPSHOT_SLOTS}"),
+                ));
+            }
+            if p.snapshot_slots > 0 && self.libvirt.network.libvirt_network().is_none() {
+                return Err(invalid(
+                    key("snapshot_slots"),
+                    p.snapshot_slots,
+                    "needs [libvirt.network] type = \"network\" (a VM restored from a slot keeps the fixed address it was saved with)",
+                ));
+            }
             if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&p.bind_timeout) {
                 return Err(invalid(key("bind_timeout"), p.bind_timeout, "must be 1s to 10m"));
             }
@@ -233,6 +247,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// Most snapshot slots of one pool (each is a save file and a disk on the storage pool).
+pub const MAX_SNAPSHOT_SLOTS: usize = 64;
 
 /// `url` with the password of its user info, if any, replaced: what an error may show.
 pub fn redact_url(url: &str) -> String {

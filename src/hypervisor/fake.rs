@@ -7,7 +7,10 @@ use std::sync::Mutex;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{DomainState, HvError, HvEvent, Hypervisor, VmInfo, domain_xml, overlay_volume_name, seed_volume_name};
+use super::{
+    DomainState, HvError, HvEvent, Hypervisor, VmInfo, domain_xml, overlay_volume_name, save_volume_name,
+    seed_volume_name,
+};
 
 /// A golden image for fakes: `dir/golden.qcow2` holding only the qcow2 header that
 /// [`super::check_image`] reads (magic, a 1 GiB virtual size).
@@ -34,8 +37,12 @@ fn fake_dhcp() -> super::network::Dhcp {
 pub struct FakeState {
     pub domains: BTreeMap<String, (DomainState, String)>,
     pub volumes: BTreeSet<String>,
-    /// Saved domains (`save`), by file: the domain's name and XML.
-    pub saved: BTreeMap<PathBuf, (String, String)>,
+    /// Saved domains (`save`), by name: their XML. A save volume without an entry here
+    /// is a corrupt save file (its restore fails).
+    pub saved: BTreeMap<String, String>,
+    /// The next N saves fail as on a full storage pool.
+    pub fail_saves: u32,
+    pub restored_total: usize,
     /// Contents of seed volumes, by VM.
     pub seeds: BTreeMap<String, Vec<u8>>,
     /// While set, every call fails as if libvirtd were away.
@@ -242,8 +249,22 @@ impl Hypervisor for FakeHypervisor {
         s.domains.remove(vm);
         s.volumes.remove(&overlay_volume_name(vm));
         s.volumes.remove(&seed_volume_name(vm));
+        s.volumes.remove(&save_volume_name(vm));
+        s.saved.remove(vm);
         s.seeds.remove(vm);
         Vec::new()
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), HvError> {
+        self.up()?.domains.remove(name);
+        Ok(())
+    }
+
+    fn volume_path(&self, name: &str) -> Result<PathBuf, HvError> {
+        match self.up()?.volumes.contains(name) {
+            true => Ok(PathBuf::from("/fake").join(name)),
+            false => Err(missing("lookup volume", name)),
+        }
     }
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
@@ -298,22 +319,52 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
-    fn save(&self, vm: &str, file: &Path) -> Result<(), HvError> {
+    fn save(&self, vm: &str) -> Result<(), HvError> {
         let mut s = self.up()?;
-        let Some((state, xml)) = s.domains.get_mut(vm) else { return Err(missing("save", vm)) };
-        *state = DomainState::Stopped;
-        let saved = (vm.to_string(), xml.clone());
-        s.saved.insert(file.to_path_buf(), saved);
+        if !s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running) {
+            return Err(missing("save", vm));
+        }
+        s.volumes.insert(save_volume_name(vm));
+        if s.fail_saves > 0 {
+            s.fail_saves -= 1;
+            return Err(HvError::PoolFull {
+                pool: "fake".into(),
+                op: "save",
+                name: vm.into(),
+                message: "No space left on device".into(),
+            });
+        }
+        let (_, xml) = s.domains.remove(vm).expect("checked");
+        s.saved.insert(vm.to_string(), xml);
+        let _ = self.events.send(HvEvent::Stopped(vm.to_string()));
         Ok(())
     }
 
-    fn restore(&self, file: &Path, disk_from: &Path, disk_to: &Path) -> Result<(), HvError> {
+    fn restore(&self, saved: &str, disk: &Path) -> Result<(), HvError> {
         let mut s = self.up()?;
-        let Some((vm, xml)) = s.saved.get(file).cloned() else {
-            return Err(missing("restore", &file.to_string_lossy()));
+        if !s.volumes.contains(&save_volume_name(saved)) || !s.volumes.contains(&overlay_volume_name(saved)) {
+            return Err(missing("lookup volume", &save_volume_name(saved)));
+        }
+        let Some(xml) = s.saved.get(saved).cloned() else {
+            return Err(HvError::Libvirt {
+                op: "restore",
+                name: saved.into(),
+                message: "failed to read qemu header".into(),
+            });
         };
-        let xml = domain_xml::with_disk_source(&xml, disk_from, disk_to).ok_or_else(|| missing("restore disk", &vm))?;
-        s.domains.insert(vm, (DomainState::Running, xml));
+        if s.domains.contains_key(saved) {
+            return Err(HvError::Libvirt {
+                op: "restore",
+                name: saved.into(),
+                message: "domain is already active".into(),
+            });
+        }
+        let base = PathBuf::from("/fake").join(overlay_volume_name(saved));
+        let xml = domain_xml::with_disk_source(&xml, &base, disk).ok_or_else(|| missing("restore disk", saved))?;
+        s.domains.insert(saved.to_string(), (DomainState::Running, xml));
+        s.restored_total += 1;
+        let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
+        s.peak_running = s.peak_running.max(running);
         Ok(())
     }
 
@@ -336,17 +387,20 @@ mod tests {
     fn a_saved_domain_restores_onto_another_disk_only() {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let hv = FakeHypervisor::new(tx);
-        let xml = "<domain><name>rv-s-1</name><devices><disk><source file='/p/base.qcow2'/></disk></devices></domain>";
+        hv.create_overlay("rv-s-1", Path::new("/g.qcow2"), 1).unwrap();
+        let xml =
+            "<domain><name>rv-s-1</name><devices><disk><source file='/fake/rv-s-1.qcow2'/></disk></devices></domain>";
         hv.define("rv-s-1", xml).unwrap();
         hv.start("rv-s-1").unwrap();
-        hv.save("rv-s-1", Path::new("/s/rv-s-1.save")).unwrap();
-        assert_eq!(hv.lock().domains["rv-s-1"].0, DomainState::Stopped);
-        hv.restore(Path::new("/s/rv-s-1.save"), Path::new("/p/base.qcow2"), Path::new("/p/job.qcow2")).unwrap();
+        hv.save("rv-s-1").unwrap();
+        assert!(!hv.lock().domains.contains_key("rv-s-1"), "saved: undefined");
+        hv.restore("rv-s-1", Path::new("/p/job.qcow2")).unwrap();
         let (state, now) = hv.lock().domains["rv-s-1"].clone();
         assert_eq!(state, DomainState::Running);
-        assert!(now.contains("/p/job.qcow2") && !now.contains("base.qcow2"), "{now}");
-        assert!(hv.restore(Path::new("/s/none.save"), Path::new("/a"), Path::new("/b")).is_err());
-        let wrong_disk = hv.restore(Path::new("/s/rv-s-1.save"), Path::new("/p/other.qcow2"), Path::new("/b"));
-        assert!(wrong_disk.is_err());
+        assert!(now.contains("/p/job.qcow2") && !now.contains("rv-s-1.qcow2"), "{now}");
+        assert!(hv.restore("rv-s-1", Path::new("/p/job2.qcow2")).is_err(), "one at a time");
+        assert!(hv.restore("rv-none", Path::new("/b")).is_err());
+        hv.teardown("rv-s-1");
+        assert!(hv.lock().volumes.is_empty() && hv.lock().saved.is_empty());
     }
 }

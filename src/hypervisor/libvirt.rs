@@ -24,7 +24,7 @@ use virt::sys;
 
 use super::{
     DomainState, HvError, HvEvent, Hypervisor, PREFIX, VmInfo, domain_xml, network, overlay_volume_name,
-    seed_volume_name,
+    save_volume_name, seed_volume_name,
 };
 
 static EVENT_LOOP: Once = Once::new();
@@ -268,6 +268,30 @@ impl Libvirt {
         Ok(pool)
     }
 
+    /// Destroys and undefines the domain `name` if it exists; what is gone is no error.
+    fn destroy_on(&self, conn: &Connect, name: &str) -> Vec<HvError> {
+        let mut errors = Vec::new();
+        match conn.lookup_domain_by_name(name) {
+            Ok(dom) => {
+                if dom.is_active().unwrap_or(true)
+                    && let Err(e) = dom.destroy()
+                    && !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid])
+                {
+                    errors.push(self.err("destroy", name, e));
+                }
+                // A transient domain (one restored from a slot) is gone once destroyed.
+                if let Err(e) = dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
+                    && !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid])
+                {
+                    errors.push(self.err("undefine", name, e));
+                }
+            }
+            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => {}
+            Err(e) => errors.push(self.err("lookup domain", name, e)),
+        }
+        errors
+    }
+
     /// Creates the seed volume and uploads its content through a libvirt stream.
     fn upload_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError> {
         let conn = self.conn()?;
@@ -496,31 +520,14 @@ impl Hypervisor for Libvirt {
     }
 
     fn teardown(&self, vm: &str) -> Vec<HvError> {
-        let mut errors = Vec::new();
         let conn = match self.conn() {
             Ok(c) => c,
             Err(e) => return vec![e],
         };
-        match conn.lookup_domain_by_name(vm) {
-            Ok(dom) => {
-                if dom.is_active().unwrap_or(true)
-                    && let Err(e) = dom.destroy()
-                    && !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid])
-                {
-                    errors.push(self.err("destroy", vm, e));
-                }
-                if let Err(e) = dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
-                    && !is_code(&e, &[ErrorNumber::NoDomain])
-                {
-                    errors.push(self.err("undefine", vm, e));
-                }
-            }
-            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => {}
-            Err(e) => errors.push(self.err("lookup domain", vm, e)),
-        }
+        let mut errors = self.destroy_on(&conn, vm);
         match self.storage_pool(&conn) {
             Ok(pool) => {
-                for name in [overlay_volume_name(vm), seed_volume_name(vm)] {
+                for name in [overlay_volume_name(vm), seed_volume_name(vm), save_volume_name(vm)] {
                     match pool.lookup_storage_vol_by_name(&name) {
                         Ok(vol) => {
                             if let Err(e) = vol.delete(0) {
@@ -535,6 +542,18 @@ impl Hypervisor for Libvirt {
             Err(e) => errors.push(e),
         }
         errors
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        self.destroy_on(&conn, name).into_iter().next().map_or(Ok(()), Err)
+    }
+
+    fn volume_path(&self, name: &str) -> Result<PathBuf, HvError> {
+        let conn = self.conn()?;
+        let pool = self.storage_pool(&conn)?;
+        let vol = pool.lookup_storage_vol_by_name(name).map_err(|e| self.err("lookup volume", name, e))?;
+        vol.path().map(PathBuf::from).map_err(|e| self.err("volume path", name, e))
     }
 
     fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
@@ -560,11 +579,17 @@ impl Hypervisor for Libvirt {
         result.map_err(|message| HvError::Libvirt { op: "deliver", name: vm.into(), message })
     }
 
-    fn save(&self, vm: &str, file: &Path) -> Result<(), HvError> {
+    fn save(&self, vm: &str) -> Result<(), HvError> {
         let conn = self.conn()?;
         let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(file.as_os_str().as_bytes()).map_err(|e| HvError::Libvirt {
+        let pool = self.storage_pool(&conn)?;
+        // Made through the storage API (the pool knows it, its teardown deletes it, a full
+        // pool is named); QEMU's stream through libvirt's helper then replaces its content.
+        let name = save_volume_name(vm);
+        let vol =
+            self.create_volume(&pool, &name, &domain_xml::raw_volume(&name, 0)).map_err(|e| e.in_pool(&self.pool))?;
+        let file = vol.path().map_err(|e| self.err("volume path", &name, e))?;
+        let path = std::ffi::CString::new(file).map_err(|e| HvError::Libvirt {
             op: "save",
             name: vm.into(),
             message: e.to_string(),
@@ -575,28 +600,36 @@ impl Hypervisor for Libvirt {
             sys::virDomainSaveFlags(dom.as_ptr(), path.as_ptr(), std::ptr::null(), sys::VIR_DOMAIN_SAVE_RUNNING)
         };
         if rc < 0 {
-            return Err(self.err("save", vm, virt::error::Error::last_error()));
+            return Err(self.err("save", vm, virt::error::Error::last_error()).in_pool(&self.pool));
         }
+        // Nothing may start the saved disk again but a restore onto an overlay of it.
+        if let Err(e) = dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
+            && !is_code(&e, &[ErrorNumber::NoDomain])
+        {
+            return Err(self.err("undefine", vm, e));
+        }
+        let _ = pool.refresh(0);
         Ok(())
     }
 
-    fn restore(&self, file: &Path, disk_from: &Path, disk_to: &Path) -> Result<(), HvError> {
+    fn restore(&self, saved: &str, disk: &Path) -> Result<(), HvError> {
         let conn = self.conn()?;
-        let name = file.to_str().ok_or_else(|| HvError::Libvirt {
+        let pool = self.storage_pool(&conn)?;
+        let path = |name: &str| -> Result<String, HvError> {
+            let vol = pool.lookup_storage_vol_by_name(name).map_err(|e| self.err("lookup volume", name, e))?;
+            vol.path().map_err(|e| self.err("volume path", name, e))
+        };
+        let (file, base) = (path(&save_volume_name(saved))?, path(&overlay_volume_name(saved))?);
+        let xml = conn
+            .save_image_xml_desc(&file, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+            .map_err(|e| self.err("read save image", saved, e))?;
+        let xml = domain_xml::with_disk_source(&xml, Path::new(&base), disk).ok_or_else(|| HvError::Libvirt {
             op: "restore",
-            name: file.to_string_lossy().into(),
-            message: "the save file's path is not UTF-8".into(),
+            name: saved.to_string(),
+            message: format!("the saved domain has no disk at {base} (or a path is not UTF-8)"),
         })?;
-        let saved = conn
-            .save_image_xml_desc(name, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
-            .map_err(|e| self.err("read save image", name, e))?;
-        let xml = domain_xml::with_disk_source(&saved, disk_from, disk_to).ok_or_else(|| HvError::Libvirt {
-            op: "restore",
-            name: name.to_string(),
-            message: format!("the saved domain has no disk at {} (or a path is not UTF-8)", disk_from.display()),
-        })?;
-        conn.restore_domain_flags(name, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
-            .map_err(|e| self.err("restore", name, e))
+        conn.restore_domain_flags(&file, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
+            .map_err(|e| self.err("restore", saved, e))
     }
 
     fn describe(

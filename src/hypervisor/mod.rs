@@ -28,6 +28,26 @@ pub fn warm_vm_name(pool: &str, seq: u64) -> String {
     format!("{PREFIX}{pool}-w{seq}")
 }
 
+/// `rv-<pool>-s<n>`: snapshot slot `n` of the pool (the VM booted to be saved, the saved
+/// state, and the domain of every VM restored from it).
+pub fn slot_name(pool: &str, n: usize) -> String {
+    format!("{PREFIX}{pool}-s{n}")
+}
+
+/// The slot number of `name` if it is a slot of `pool`.
+pub fn slot_of_pool(name: &str, pool: &str) -> Option<usize> {
+    let n = name.strip_prefix(PREFIX)?.strip_prefix(pool)?.strip_prefix("-s")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// A slot's saved state (memory and devices), a file in the job storage pool.
+pub fn save_volume_name(slot: &str) -> String {
+    format!("{slot}.save")
+}
+
 pub fn overlay_volume_name(vm: &str) -> String {
     format!("{vm}.qcow2")
 }
@@ -41,7 +61,7 @@ pub fn vm_of_volume(volume: &str) -> Option<&str> {
     if !volume.starts_with(PREFIX) {
         return None;
     }
-    volume.strip_suffix("-seed.img").or_else(|| volume.strip_suffix(".qcow2"))
+    volume.strip_suffix("-seed.img").or_else(|| volume.strip_suffix(".qcow2")).or_else(|| volume.strip_suffix(".save"))
 }
 
 /// Whether a runner or domain name has the shape of a VM of `pool`.
@@ -50,6 +70,9 @@ pub fn is_vm_of_pool(name: &str, pool: &str) -> bool {
     name.strip_prefix(PREFIX).and_then(|r| r.strip_prefix(pool)).and_then(|r| r.strip_prefix('-')).is_some_and(|rest| {
         if let Some(seq) = rest.strip_prefix('w') {
             return digits(seq);
+        }
+        if rest.starts_with('s') {
+            return slot_of_pool(name, pool).is_some();
         }
         let mut parts = rest.split('-');
         let job_ok = parts.next().is_some_and(|j| !j.is_empty() && j.bytes().all(|b| b.is_ascii_digit()));
@@ -166,9 +189,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Starts a defined domain.
     fn start(&self, name: &str) -> Result<(), HvError>;
-    /// Destroys, undefines, and deletes the VM's volumes. Idempotent: what is already gone
-    /// is not an error. Keeps going on errors and returns all of them.
+    /// Destroys, undefines, and deletes the VM's volumes (overlay, seed, saved state).
+    /// Idempotent: what is already gone is not an error. Keeps going on errors and returns
+    /// all of them.
     fn teardown(&self, vm: &str) -> Vec<HvError>;
+    /// Destroys and undefines the domain `name`, leaving its volumes. Idempotent.
+    fn destroy(&self, name: &str) -> Result<(), HvError>;
+    /// The path of one volume of ours in the job storage pool.
+    fn volume_path(&self, name: &str) -> Result<PathBuf, HvError>;
     /// Domains of ours (by name prefix), with their metadata.
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError>;
     /// Volumes of ours in the job storage pool.
@@ -184,14 +212,15 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: std::time::Duration) -> Result<(), HvError>;
     /// Replaces the VM's runnervisor metadata, title and description (a warm VM given a job).
     fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError>;
-    /// Saves the running `vm` (memory and device state) to `file` (replaced if it exists);
-    /// the domain stops and stays defined. Its disk must not change while the save is used:
-    /// a restore keeps the domain's name, so whatever tears down that name must spare it.
-    fn save(&self, vm: &str, file: &Path) -> Result<(), HvError>;
-    /// Starts, running, the domain saved in `file`, with its disk at `disk_from` (at save
-    /// time) now at `disk_to` (a fresh overlay of it): libvirt allows another disk path,
-    /// nothing else, so one domain of a save runs at a time.
-    fn restore(&self, file: &Path, disk_from: &Path, disk_to: &Path) -> Result<(), HvError>;
+    /// Saves the running `vm` (memory and device state) into the volume
+    /// [`save_volume_name`]`(vm)` of the job storage pool (replaced if it exists), then
+    /// undefines the stopped domain: its volumes stay, and its overlay, which must not
+    /// change from then on, is the base of every restore.
+    fn save(&self, vm: &str) -> Result<(), HvError>;
+    /// Starts, running, the domain saved by [`Hypervisor::save`]`(saved)`, its disk now
+    /// `disk` (a fresh overlay of the saved VM's overlay): libvirt allows another disk
+    /// path, nothing else (the domain keeps the name `saved`), so one runs at a time.
+    fn restore(&self, saved: &str, disk: &Path) -> Result<(), HvError>;
 }
 
 /// Most bytes read from a guest's bind port while waiting for its acknowledgement.
@@ -258,6 +287,13 @@ mod tests {
         assert!(!is_vm_of_pool("rv-small-w", "small"));
         assert!(!is_vm_of_pool("rv-small-w12-3", "small"));
         assert!(!is_vm_of_pool("rv-small-wx", "small"));
+        assert_eq!(slot_name("small", 3), "rv-small-s3");
+        assert_eq!(slot_of_pool("rv-small-s3", "small"), Some(3));
+        assert!(is_vm_of_pool("rv-small-s0", "small"));
+        for not in ["rv-small-s", "rv-small-s03", "rv-small-sx", "rv-small-s1-2", "rv-smaller-s1"] {
+            assert!(!is_vm_of_pool(not, "small"), "{not}");
+        }
+        assert_eq!(vm_of_volume("rv-small-s3.save"), Some("rv-small-s3"));
     }
 
     #[test]

@@ -65,6 +65,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         .filter(|v| v.is_unbound_warm() && v.state == crate::model::VmState::Waiting)
                         .count(),
                     retiring: p.retiring,
+                    slots: p.snapshot_slots,
+                    slots_ready: self.free_slots(&p.name).len(),
                 })
                 .collect(),
             queued: self
@@ -91,6 +93,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     runner_id: v.runner_id,
                     repository: v.repository.clone(),
                     warm: v.warm,
+                    slot: v.slot.clone(),
+                    for_slot: v.for_slot,
                 })
                 .collect(),
             fleet: self.fleet.as_ref().map(|f| FleetStatus {

@@ -4,23 +4,58 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{JobRec, VmRec};
+use crate::model::{JobRec, SlotRec, VmRec};
 use crate::store::Batch;
 
 #[derive(Default)]
 pub struct Book {
     pub jobs: BTreeMap<u64, JobRec>,
     pub vms: BTreeMap<String, VmRec>,
+    /// Snapshot slots saved and ready (one being made is a VM `for_slot`; one in use is
+    /// the `slot` of the VM restored from it).
+    pub slots: BTreeMap<String, SlotRec>,
     dirty_jobs: BTreeSet<u64>,
     dirty_vms: BTreeSet<String>,
     removed_jobs: BTreeSet<u64>,
     removed_vms: BTreeSet<String>,
+    dirty_slots: BTreeSet<String>,
+    removed_slots: BTreeSet<String>,
     inbox_done: BTreeSet<u64>,
 }
 
 impl Book {
     pub fn new(jobs: BTreeMap<u64, JobRec>, vms: BTreeMap<String, VmRec>) -> Book {
         Book { jobs, vms, ..Book::default() }
+    }
+
+    pub fn with_slots(self, slots: BTreeMap<String, SlotRec>) -> Book {
+        Book { slots, ..self }
+    }
+
+    pub fn insert_slot(&mut self, slot: SlotRec) {
+        self.removed_slots.remove(&slot.name);
+        self.dirty_slots.insert(slot.name.clone());
+        self.slots.insert(slot.name.clone(), slot);
+    }
+
+    pub fn remove_slot(&mut self, name: &str) -> Option<SlotRec> {
+        self.dirty_slots.remove(name);
+        self.removed_slots.insert(name.to_string());
+        self.slots.remove(name)
+    }
+
+    /// The record of the VM whose libvirt domain is `domain`: the VM of that name, or the
+    /// one restored from the slot of that name.
+    pub fn vm_of_domain(&self, domain: &str) -> Option<&str> {
+        if self.vms.contains_key(domain) {
+            return Some(self.vms.get_key_value(domain)?.0);
+        }
+        self.vms.values().find(|v| v.slot.as_deref() == Some(domain)).map(|v| v.name.as_str())
+    }
+
+    /// The VM restored from `slot`, if one is.
+    pub fn restored_from(&self, slot: &str) -> Option<&VmRec> {
+        self.vms.values().find(|v| v.slot.as_deref() == Some(slot))
     }
 
     /// Job `id` changed: it goes into the next commit.
@@ -33,6 +68,8 @@ impl Book {
     }
 
     pub fn insert_vm(&mut self, vm: VmRec) {
+        // A name may come back (a slot's) within one commit: the new record stands.
+        self.removed_vms.remove(&vm.name);
         self.dirty_vms.insert(vm.name.clone());
         self.vms.insert(vm.name.clone(), vm);
     }
@@ -68,6 +105,8 @@ impl Book {
             remove_jobs: self.removed_jobs.iter().copied().collect(),
             vms: self.dirty_vms.iter().filter_map(|n| self.vms.get(n).cloned()).collect(),
             remove_vms: self.removed_vms.iter().cloned().collect(),
+            slots: self.dirty_slots.iter().filter_map(|n| self.slots.get(n).cloned()).collect(),
+            remove_slots: self.removed_slots.iter().cloned().collect(),
             inbox_done: self.inbox_done.iter().copied().collect(),
             meta: Vec::new(),
         }
@@ -79,6 +118,8 @@ impl Book {
         self.dirty_vms.clear();
         self.removed_jobs.clear();
         self.removed_vms.clear();
+        self.dirty_slots.clear();
+        self.removed_slots.clear();
         self.inbox_done.clear();
     }
 

@@ -268,6 +268,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// claim no longer matters) and gives up those of jobs this member abandoned.
     pub(super) fn tend_claims(&mut self) {
         let now = Instant::now();
+        if self.fleet.is_none() {
+            return;
+        }
+        let free_slots: u32 = self.config.pools.iter().map(|p| self.free_slots(&p.name).len() as u32).sum();
         let Some(fleet) = self.fleet.as_mut() else { return };
         if !fleet.adopted {
             // After a restart (or a partition), this member's VMs are back from its store;
@@ -322,8 +326,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 .vms
                 .values()
                 .filter(|v| v.is_unbound_warm() && v.state == crate::model::VmState::Waiting)
-                .count() as u32,
-            warm_target: self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.warm as u32).sum(),
+                .count() as u32
+                + free_slots,
+            // Snapshot slots serve a job about as fast as a warm VM: they count as warm.
+            warm_target: self
+                .config
+                .pools
+                .iter()
+                .filter(|p| !p.retiring)
+                .map(|p| (p.warm + p.snapshot_slots) as u32)
+                .sum(),
             held: fleet.held.len() as u32,
             version: env!("CARGO_PKG_VERSION").into(),
             seen_secs_ago: 0,

@@ -24,6 +24,9 @@ pub struct Limits {
     pub per_repository: Option<usize>,
     /// Warm VMs to keep waiting (within `max_vms`).
     pub warm: usize,
+    /// Snapshot slots the pool lacks (neither saved nor being made): each is made by
+    /// booting a VM, which holds a place of `max_vms` until it is saved.
+    pub slots_missing: usize,
 }
 
 impl Limits {
@@ -33,6 +36,7 @@ impl Limits {
             idle_timeout: pool.idle_timeout,
             per_repository: pool.max_vms_per_repository,
             warm: pool.warm,
+            slots_missing: 0,
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct Decision {
     pub bind: Vec<(u64, String)>,
     /// New warm VMs to make.
     pub warm: usize,
+    /// New snapshot slots to make (after jobs and warm VMs).
+    pub slots: usize,
     /// Unbound warm VMs no longer wanted (draining, or more than `warm` spare).
     pub unwarm: Vec<String>,
 }
@@ -109,7 +115,7 @@ pub fn plan(
     let mut deficit = unserved.len().saturating_sub(available.len());
     let mut covered: BTreeSet<u64> = available.iter().map(|v| v.job_id).collect();
     let mut by_repo: BTreeMap<String, usize> = BTreeMap::new();
-    for v in vms.iter().filter(|v| !v.is_unbound_warm()) {
+    for v in vms.iter().filter(|v| !v.is_unbound_warm() && !v.for_slot) {
         *by_repo.entry(v.repository.clone()).or_insert(0) += 1;
     }
     let queue = |cold_first: bool| {
@@ -146,12 +152,14 @@ pub fn plan(
     if gate.hold {
         return decision;
     }
-    let slots = limits.max_vms.saturating_sub(vms.len());
+    let places = limits.max_vms.saturating_sub(vms.len());
     let cold_room =
-        Room { pool: (deficit - reserved).min(slots), host: gate.host_room, per_repository: limits.per_repository };
+        Room { pool: (deficit - reserved).min(places), host: gate.host_room, per_repository: limits.per_repository };
     decision.provision = pick(&queue(true), &covered, &by_repo, cold_room);
     let made = decision.provision.len();
-    decision.warm = limits.warm.saturating_sub(spare_warm).min(slots - made).min(gate.host_room.saturating_sub(made));
+    decision.warm = limits.warm.saturating_sub(spare_warm).min(places - made).min(gate.host_room.saturating_sub(made));
+    let made = made + decision.warm;
+    decision.slots = limits.slots_missing.min(places - made).min(gate.host_room.saturating_sub(made));
     decision
 }
 
@@ -204,7 +212,13 @@ mod tests {
     fn plans() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let now = Instant::now();
-        let limits = Limits { max_vms: 3, idle_timeout: Duration::from_secs(60), per_repository: None, warm: 0 };
+        let limits = Limits {
+            max_vms: 3,
+            idle_timeout: Duration::from_secs(60),
+            per_repository: None,
+            warm: 0,
+            slots_missing: 0,
+        };
         let open = Gate { hold: false, draining: false, host_room: usize::MAX };
         let q = |id| job(id, "p", "o/r", JobState::Queued, id);
         let v = |name: &str, job_id, state, age: u64| vm(name, "p", job_id, state, t0 + Duration::from_secs(age));
@@ -266,7 +280,13 @@ mod tests {
     fn warm_plans() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let now = Instant::now();
-        let limits = Limits { max_vms: 3, idle_timeout: Duration::from_secs(60), per_repository: None, warm: 2 };
+        let limits = Limits {
+            max_vms: 3,
+            idle_timeout: Duration::from_secs(60),
+            per_repository: None,
+            warm: 2,
+            slots_missing: 0,
+        };
         let open = Gate { hold: false, draining: false, host_room: usize::MAX };
         let q = |id| job(id, "p", "o/r", JobState::Queued, id);
         let v = |name: &str, job_id, state, age: u64| vm(name, "p", job_id, state, t0 + Duration::from_secs(age));
@@ -333,6 +353,45 @@ mod tests {
             assert_eq!(d.unwarm, c.unwarm, "{}: unwarm", c.what);
             let unbound: Vec<&str> = c.vms.iter().filter(|v| v.is_unbound_warm()).map(|v| v.name.as_str()).collect();
             assert!(d.surplus.iter().all(|n| !unbound.contains(&n.as_str())), "{}: surplus {:?}", c.what, d.surplus);
+        }
+    }
+
+    #[test]
+    fn slot_plans() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let now = Instant::now();
+        let limits = Limits {
+            max_vms: 3,
+            idle_timeout: Duration::from_secs(60),
+            per_repository: None,
+            warm: 0,
+            slots_missing: 2,
+        };
+        let open = Gate { hold: false, draining: false, host_room: usize::MAX };
+        let q = |id| job(id, "p", "o/r", JobState::Queued, id);
+        let making = |name: &str, state| VmRec {
+            warm: true,
+            for_slot: true,
+            repository: String::new(),
+            ..vm(name, "p", 0, state, t0)
+        };
+        use VmState::*;
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<JobRec>, Vec<VmRec>, Limits, Gate, Vec<u64>, usize, usize)> = vec![
+            ("an idle pool makes its missing slots", vec![], vec![], limits, open, vec![], 0, 2),
+            ("jobs first, then warm VMs, then slots, within max_vms", vec![q(1)], vec![],
+             Limits { warm: 1, ..limits }, open, vec![1], 1, 1),
+            ("a VM being made into a slot is no runner: the job gets a VM; it holds a place",
+             vec![q(1)], vec![making("rv-p-s0", Waiting), making("rv-p-s1", Saving)], limits, open, vec![1], 0, 0),
+            ("back-off: no slot is made", vec![], vec![], limits, Gate { hold: true, ..open }, vec![], 0, 0),
+            ("the host cap limits slots too", vec![], vec![], limits, Gate { host_room: 1, ..open }, vec![], 0, 1),
+        ];
+        for (what, jobs, vms, limits, gate, provision, warm, slots) in cases {
+            let jobs: Vec<&JobRec> = jobs.iter().collect();
+            let vms: Vec<&VmRec> = vms.iter().collect();
+            let d = plan(limits, &jobs, &vms, &HashMap::new(), &BTreeSet::new(), gate, now);
+            assert_eq!((d.provision, d.warm, d.slots), (provision, warm, slots), "{what}");
+            assert!(d.surplus.is_empty() && d.reap.is_empty() && d.unwarm.is_empty(), "{what}");
         }
     }
 

@@ -48,6 +48,11 @@ pub enum Event {
         vm: String,
         result: Result<BindTimes, BindError>,
     },
+    /// A VM made for a snapshot slot was saved (its fixed address, if any), or not.
+    Saved {
+        vm: String,
+        result: Result<Option<std::net::Ipv4Addr>, HvError>,
+    },
     /// What the periodic sweep found (boxed: the largest event by far).
     Swept(Box<Sweep>),
     GitHubSynced {

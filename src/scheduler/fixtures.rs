@@ -37,22 +37,7 @@ pub fn job(id: u64, pool: &str, repository: &str, state: JobState, received: u64
 
 /// VM `name` of `pool`, made for job `job_id`, created and in `state` since `at`.
 pub fn vm(name: &str, pool: &str, job_id: u64, state: VmState, at: SystemTime) -> VmRec {
-    VmRec {
-        name: name.into(),
-        pool: pool.into(),
-        job_id,
-        run_id: 1,
-        repository: "octo-org/app".into(),
-        job_url: String::new(),
-        runner_id: None,
-        state,
-        created_at: at,
-        state_since: at,
-        took_job: None,
-        reap: None,
-        warm: false,
-        runner_done: false,
-    }
+    VmRec { job_id, run_id: 1, repository: "octo-org/app".into(), state, ..VmRec::new(name.into(), pool, false, at) }
 }
 
 /// A valid config of one pool `p` with `pool_extra` lines added to it.

@@ -120,7 +120,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             error!(vm = %name, state = before.state.as_str(), reason = %reason.as_str(), "cannot tear down a vm in this state");
             return;
         }
-        if let Some(Work::Provisioning(task) | Work::Binding(task) | Work::Watching(task)) = self.work.remove(name) {
+        if let Some(Work::Provisioning(task) | Work::Binding(task) | Work::Watching(task) | Work::Saving(task)) =
+            self.work.remove(name)
+        {
             // Its deadline passed (or the VM is gone): what it would still make, the teardown
             // and the sweep remove.
             task.abort();
@@ -243,7 +245,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // A provisioning a restart cut short has no task to wait for: the first sweep
             // adopts or removes it, whatever its age.
             .filter(|(name, _, r)| {
-                *r != Reason::ProvisionTimeout || matches!(self.work.get(name), Some(Work::Provisioning(_)))
+                *r != Reason::ProvisionTimeout
+                    || matches!(self.work.get(name), Some(Work::Provisioning(_) | Work::Saving(_)))
             })
             .collect();
         for (name, pool, reason) in expired {
@@ -274,7 +277,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             None => job.vms_made + 1,
         };
         let name = hypervisor::vm_name(&pool.name, job_id, job.vms_made);
-        let vm = VmRec {
+        let mut vm = VmRec {
             job_id,
             run_id: job.info.run_id,
             repository: job.info.repository.clone(),
@@ -282,17 +285,29 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             ..VmRec::new(name.clone(), &pool.name, false, now)
         };
         let (workflow, job_name) = (job.info.workflow_name.clone(), job.info.name.clone());
-        info!(job_id, run_id = job.info.run_id, repository = %job.info.repository, pool = %pool.name, vm = %name, "provisioning vm");
+        let (run_id, repository) = (job.info.run_id, job.info.repository.clone());
+        // No warm VM waits for it: a saved slot serves it next, unless a restore failed it.
+        if !self.warm.cold_only.contains(&job_id) {
+            vm.slot = self.free_slots(&pool.name).into_iter().next();
+        }
+        let path = if vm.slot.is_some() { "restored" } else { "cold" };
+        match &vm.slot {
+            Some(slot) => {
+                info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %name, slot = %slot, "restoring a vm from a snapshot slot")
+            }
+            None => info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %name, "provisioning vm"),
+        }
         let plan = self.plan(vm.clone(), pool, workflow, job_name);
         self.book.touch_job(job_id);
         if self.launch(vm, plan) {
-            self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&pool.name, "cold")).inc();
+            self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&pool.name, path)).inc();
         }
     }
 
     /// What a provisioning or binding task needs to make `vm` a runner of `pool`.
     pub(super) fn plan(&self, vm: VmRec, pool: &PoolConfig, workflow: String, job_name: String) -> Plan {
         Plan {
+            slot: vm.slot.as_ref().and_then(|s| self.book.slots.get(s)).cloned(),
             vm,
             pool: pool.clone(),
             labels: pool.labels.clone(),
@@ -351,6 +366,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 if let Some(reason) = vm.reap {
                     self.reap(&name, reason);
                 }
+            }
+            Err(e @ ProvisionError::Restore(_)) => {
+                // The slot's fault (its saved state missing, corrupt or made by another
+                // libvirt/QEMU): the job boots cold now, the slot is made again.
+                let slot = vm.slot.clone().unwrap_or_default();
+                self.metrics.provision_failures.get_or_create(&step(&vm.pool, e.step())).inc();
+                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, slot = %slot, error = %e, "cannot restore the vm from its snapshot slot: the job boots a vm cold; the slot is made again");
+                self.slot_failed(&vm, &slot);
+                self.begin_teardown(&name, Reason::SlotGone);
             }
             Err(e) => {
                 self.metrics.provision_failures.get_or_create(&step(&vm.pool, e.step())).inc();

@@ -23,6 +23,7 @@ pub mod job;
 pub mod lifecycle;
 pub mod provision;
 pub mod reload;
+pub mod slots;
 pub mod sweep;
 pub mod sync;
 pub mod vm;
@@ -67,6 +68,8 @@ enum Work {
     Watching(AbortHandle),
     /// A job's credential is made and delivered into a warm VM.
     Binding(AbortHandle),
+    /// A VM made for a snapshot slot is being saved.
+    Saving(AbortHandle),
     TearingDown,
     /// A teardown failed; the next try is due then.
     TeardownRetry(Instant),
@@ -98,6 +101,7 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     work: HashMap<String, Work>,
     lifecycle: lifecycle::State,
     warm: warm::State,
+    slots: slots::State,
     sweep: sweep::State,
     sync: sync::State,
     intake: intake::State,
@@ -134,10 +138,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             metrics,
             rx,
             inbox_ready,
-            book: Book::new(snap.jobs, snap.vms),
+            book: Book::new(snap.jobs, snap.vms).with_slots(snap.slots),
             work: HashMap::new(),
             lifecycle: lifecycle::State::default(),
             warm: warm::State::default(),
+            slots: slots::State::default(),
             sweep: sweep::State::default(),
             sync: sync::State::default(),
             intake: intake::State::default(),
@@ -268,6 +273,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::TornDown { vm, outcome } => self.on_torn_down(vm, outcome),
             Event::GuestWaiting { vm, result } => self.on_guest_waiting(vm, result),
             Event::Bound { vm, result } => self.on_bound(vm, result),
+            Event::Saved { vm, result } => self.on_saved(vm, result),
             Event::Swept(sweep) => self.on_swept(*sweep),
             Event::GitHubSynced { started, runners, jobs, found, deliveries_checked } => {
                 self.on_github_synced(started, runners, jobs, found, deliveries_checked)
@@ -304,6 +310,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if !self.hv.ready {
             return;
         }
+        self.tend_slots();
         for pool in self.config.pools.clone() {
             self.reconcile_pool(&pool);
         }
@@ -330,7 +337,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             let vms: Vec<_> = self.book.vms_of(&pool.name).collect();
             let since = &self.lifecycle.surplus_since;
-            demand::plan(demand::Limits::of(pool), &unserved, &vms, since, &self.warm.cold_only, gate, now)
+            let limits = demand::Limits { slots_missing: self.slots_missing(pool), ..demand::Limits::of(pool) };
+            demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now)
         };
         let since = &mut self.lifecycle.surplus_since;
         // Another pool's timers stay: a VM's pool is its record's (its name alone cannot
@@ -349,6 +357,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         for _ in 0..decision.warm {
             self.start_warm(pool);
         }
+        for _ in 0..decision.slots {
+            self.start_slot(pool);
+        }
         if decision.provision.is_empty() && decision.bind.is_empty() {
             return;
         }
@@ -362,7 +373,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.start_bind(job, &vm, pool);
             }
         }
-        for job in self.claimed_only(decision.provision.into_iter().map(|j| (j, true)).collect()) {
+        // In a fleet, a job a free snapshot slot serves here is no cold boot (slots count
+        // as warm VMs do).
+        let free_slots = self.free_slots(&pool.name).len();
+        let want = decision.provision.into_iter().enumerate().map(|(i, j)| (j, i >= free_slots)).collect();
+        for job in self.claimed_only(want) {
             self.start_provision(job, pool);
         }
     }
@@ -399,6 +414,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 let n = self.book.vms_of(&p.name).filter(|v| v.state == s).count();
                 self.metrics.vms.get_or_create(&VmStateLabels::new(&p.name, s.as_str())).set(n as i64);
             }
+            let ready = self.free_slots(&p.name).len();
+            self.metrics.slots_ready.get_or_create(&metrics::pool(&p.name)).set(ready as i64);
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::github::{Deleted, GhError, GitHub};
 use crate::hypervisor::domain_xml::{self, DomainSpec, VmMetadata};
 use crate::hypervisor::network::{Reservation, Subnet};
 use crate::hypervisor::{self, HvError, Hypervisor, seed};
-use crate::model::VmRec;
+use crate::model::{SlotRec, VmRec};
 
 /// Test hook for the kill-9 drill: `RUNNERVISOR_FAULT_CRASH_AT=<step>` aborts the process
 /// right after that step (`after-persist`, `after-overlay`, `after-seed`, `after-define`,
@@ -44,6 +44,10 @@ pub enum ProvisionError {
     Overlay(#[source] HvError),
     #[error("seed volume: {0}")]
     Seed(String),
+    /// A snapshot slot's saved state could not be restored (missing, corrupt, made by
+    /// another libvirt or QEMU, or its address no longer its own): the slot's fault.
+    #[error("restore from snapshot slot: {0}")]
+    Restore(#[source] HvError),
     /// libvirt refused the domain's definition. Its XML carries the job's own strings
     /// (title, description): a refusal that repeats is charged to the job.
     #[error("domain definition: {0}")]
@@ -62,6 +66,7 @@ impl ProvisionError {
             ProvisionError::Network(_) => "network",
             ProvisionError::Overlay(_) => "overlay",
             ProvisionError::Seed(_) => "seed",
+            ProvisionError::Restore(_) => "restore",
             ProvisionError::Define(_) => "define",
             ProvisionError::Domain(_) => "domain",
             ProvisionError::Task(_) => "task",
@@ -111,6 +116,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 pub struct Plan {
     pub vm: VmRec,
+    /// The snapshot slot `vm` is restored from (`vm.slot`).
+    pub slot: Option<SlotRec>,
     pub pool: PoolConfig,
     pub labels: Vec<String>,
     pub runner_group_id: u64,
@@ -129,6 +136,9 @@ pub struct Provisioned {
 /// Image check, fence, overlay, seed, define, start. No credential: every VM gets its
 /// runner's once its guest waits on the bind port ([`bind`]), never through cloud-init.
 pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<Provisioned, ProvisionError> {
+    if let Some(slot) = &plan.slot {
+        return restore(&ctx, &plan.vm.name, slot, plan.pool.disk_gib << 30).await;
+    }
     let started = Instant::now();
     let name = plan.vm.name.clone();
     let pool = &plan.pool;
@@ -194,6 +204,40 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
     blocking(move || hv.start(&n)).await.map_err(ProvisionError::Domain)?;
     crash_point("after-start");
     Ok(Provisioned { took: started.elapsed(), defined })
+}
+
+/// Fence, then the VM `name` restored from `slot` onto a fresh overlay of the slot's disk.
+/// Nothing is defined: the saved domain (the slot's name, UUID, MAC and address) runs
+/// again with another disk, a transient domain gone once destroyed.
+async fn restore<G, H: Hypervisor>(
+    ctx: &Ctx<G, H>,
+    name: &str,
+    slot: &SlotRec,
+    disk: u64,
+) -> Result<Provisioned, ProvisionError> {
+    let started = Instant::now();
+    fence_up(ctx).await.map_err(ProvisionError::Network)?;
+    // The saved guest has its address configured: it must still be the slot's.
+    if let (Some(net), Some(address)) = (ctx.config.libvirt.network.libvirt_network(), slot.address) {
+        let held = reserve_address(ctx, net, &slot.name).await.map_err(ProvisionError::Network)?;
+        if held.ip != address {
+            return Err(ProvisionError::Restore(HvError::Libvirt {
+                op: "address",
+                name: slot.name.clone(),
+                message: format!("the network holds {} for the slot, whose saved guest has {address}", held.ip),
+            }));
+        }
+    }
+    let (hv, base) = (ctx.hv.clone(), hypervisor::overlay_volume_name(&slot.name));
+    let base = blocking(move || hv.volume_path(&base)).await.map_err(ProvisionError::Restore)?;
+    let (hv, n) = (ctx.hv.clone(), name.to_string());
+    let overlay = blocking(move || hv.create_overlay(&n, &base, disk)).await.map_err(ProvisionError::Overlay)?;
+    crash_point("after-overlay");
+    let (hv, s) = (ctx.hv.clone(), slot.name.clone());
+    blocking(move || hv.restore(&s, &overlay)).await.map_err(ProvisionError::Restore)?;
+    crash_point("after-restore");
+    let took = started.elapsed();
+    Ok(Provisioned { took, defined: took })
 }
 
 /// The VM's runnervisor metadata, as its domain carries it.
@@ -363,8 +407,8 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     .map_err(BindError::Message)?;
     drop(credential);
     let hv = ctx.hv.clone();
-    let (n, timeout) = (name.clone(), plan.pool.bind_timeout);
-    blocking(move || hv.deliver(&n, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout))
+    let (n, domain, timeout) = (name.clone(), plan.vm.domain().to_string(), plan.pool.bind_timeout);
+    blocking(move || hv.deliver(&domain, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout))
         .await
         .map_err(BindError::Delivery)?;
     crash_point("bind-after-delivery");
@@ -372,8 +416,8 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     // For operators (`virsh desc`) and re-adoption: no longer warm, now this job's runner.
     let metadata = metadata(&ctx, &plan.vm);
     let (title, description) = describe(&plan);
-    let hv = ctx.hv.clone();
-    if let Err(e) = blocking(move || hv.describe(&name, &metadata, &title, &description)).await {
+    let (hv, domain) = (ctx.hv.clone(), plan.vm.domain().to_string());
+    if let Err(e) = blocking(move || hv.describe(&domain, &metadata, &title, &description)).await {
         tracing::warn!(vm = %plan.vm.name, error = %e, "cannot update the bound warm vm's description");
     }
     Ok(times)
@@ -484,10 +528,15 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
         }
     }
     let hv = ctx.hv.clone();
-    let name = vm.name.clone();
-    let network = ctx.config.libvirt.network.libvirt_network().map(str::to_string);
+    let (name, slot) = (vm.name.clone(), vm.slot.clone());
+    // A VM restored from a slot has the slot's domain and address, which the slot keeps.
+    let network = ctx.config.libvirt.network.libvirt_network().filter(|_| slot.is_none()).map(str::to_string);
     for e in blocking(move || {
-        let mut errors = hv.teardown(&name);
+        // Its overlay goes once the domain writing to it is gone.
+        let mut errors: Vec<HvError> = slot.and_then(|s| hv.destroy(&s).err()).into_iter().collect();
+        if errors.is_empty() {
+            errors = hv.teardown(&name);
+        }
         // Its address goes once its domain is gone (not before: the next VM would get it).
         if errors.is_empty()
             && let Some(net) = network
@@ -501,8 +550,9 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     {
         out.errors.push(e.to_string());
     }
-    // A runner whose job completed is gone already (ephemeral): no call for it.
-    if !runner_first && !vm.runner_done {
+    // A runner whose job completed is gone already (ephemeral): no call for it; a slot's
+    // VM never had one.
+    if !runner_first && !vm.runner_done && !vm.for_slot {
         match delete_runner(&ctx, &vm).await {
             Ok(Deleted::Busy) => out.errors.push(format!("runner {} is still busy at GitHub; will retry", vm.name)),
             Ok(_) => {}
@@ -540,6 +590,7 @@ mod tests {
         vm.repository = "octo-org/app".into();
         let nasty = "build\nInjected: yes\r\u{0}\u{1b}[31m\u{7f}";
         let plan = Plan {
+            slot: None,
             vm,
             pool: crate::scheduler::fixtures::config("").pools[0].clone(),
             labels: vec![],

@@ -39,6 +39,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.config = config.clone();
         self.ctx.config = config;
         self.index_pools();
+        self.refresh_slot_sources();
     }
 
     /// Pools a reload removed whose last VM is gone are forgotten, with their gauges.

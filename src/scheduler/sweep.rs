@@ -55,16 +55,21 @@ impl State {
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn on_hv(&mut self, ev: HvEvent) {
         match ev {
-            HvEvent::Stopped(name) => {
+            HvEvent::Stopped(domain) => {
                 // Webhooks already accepted may say its runner took (and finished) a job:
                 // apply them first, or the VM would look like it died before taking one.
                 self.drain_inbox();
+                let Some(name) = self.book.vm_of_domain(&domain).map(str::to_string) else { return };
                 if self.domain_stop_ends(&name) {
-                    info!(vm = %name, "domain stopped");
+                    info!(vm = %name, domain = %domain, "domain stopped");
                     self.reap(&name, Reason::Stopped);
                 }
             }
-            HvEvent::IoPaused(name) => self.on_disk_error(&name),
+            HvEvent::IoPaused(domain) => {
+                if let Some(name) = self.book.vm_of_domain(&domain).map(str::to_string) {
+                    self.on_disk_error(&name);
+                }
+            }
             HvEvent::Started(_) => {}
             HvEvent::Disconnected => {
                 warn!("libvirt connection lost: no provisioning until it is back");
@@ -153,9 +158,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let by_name: HashMap<&str, &VmInfo> = found.iter().map(|v| (v.name.as_str(), v)).collect();
         let names: Vec<String> = self.book.vms.keys().cloned().collect();
         for name in names {
-            let (state, since) = (self.book.vms[&name].state, self.book.vms[&name].state_since);
-            let domain = by_name.get(name.as_str()).map(|d| d.state.clone());
+            let vm = &self.book.vms[&name];
+            let (state, since) = (vm.state, vm.state_since);
+            let domain = by_name.get(vm.domain()).map(|d| d.state.clone());
             match state {
+                // A save a restart cut short: the slot is made again.
+                VmState::Saving if !self.work.contains_key(&name) => {
+                    info!(vm = %name, "a snapshot slot's save was cut short by a restart: making it again");
+                    self.begin_teardown(&name, Reason::Interrupted);
+                }
+                VmState::Saving => {}
                 // Provisioning that a restart cut short (no task runs for it).
                 VmState::Provisioning if !self.work.contains_key(&name) => {
                     if domain == Some(DomainState::Running) {
@@ -182,7 +194,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let host = self.config.fleet.as_ref().map(|f| f.host_id());
         for info in &found {
             // Only names of our pools: other `rv-` domains on this host are not ours to touch.
-            if self.book.vms.contains_key(&info.name) || !self.is_ours(&info.name) || stale.contains(&info.name) {
+            if self.book.vm_of_domain(&info.name).is_some() || !self.is_ours(&info.name) || stale.contains(&info.name) {
+                continue;
+            }
+            if self.book.slots.contains_key(&info.name) {
+                // A saved slot has no domain; one of its name without a record of a VM
+                // restored from it goes, and the slot (its disk, its saved state) stays.
+                warn!(domain = %info.name, "destroying a domain of a snapshot slot that no vm record holds");
+                let (hv, name) = (self.ctx.hv.clone(), info.name.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = hv.destroy(&name) {
+                        warn!(domain = %name, error = %e, "cannot destroy the domain");
+                    }
+                });
                 continue;
             }
             if info.metadata.as_ref().is_some_and(|m| m.host != host) {
@@ -203,6 +227,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.prune();
         self.check_images();
+        self.refresh_slot_sources();
     }
 
     /// A domain of ours without a record: a running one described by its metadata is
@@ -236,7 +261,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let Some(owner) = hypervisor::vm_of_volume(&vol) else {
                 continue;
             };
-            if self.book.vms.contains_key(owner) || !self.is_ours(owner) || stale.contains(owner) {
+            if self.book.vms.contains_key(owner)
+                || self.book.slots.contains_key(owner)
+                || !self.is_ours(owner)
+                || stale.contains(owner)
+            {
                 continue;
             }
             info!(volume = %vol, "deleting a volume of ours that belongs to no vm");
@@ -260,7 +289,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let now = self.now();
         let strays: Vec<String> = holders
             .into_iter()
-            .filter(|vm| !self.book.vms.contains_key(vm) && self.is_ours(vm) && !domains.contains(vm.as_str()))
+            .filter(|vm| !self.book.vms.contains_key(vm) && !self.book.slots.contains_key(vm))
+            .filter(|vm| self.is_ours(vm) && !domains.contains(vm.as_str()))
             .filter(|vm| !stale.contains(vm))
             .collect();
         let since = &mut self.sweep.stray_addresses;

@@ -19,6 +19,9 @@
 //!  torn down ──▶ (record removed)                    stopped / grace over ────────┘
 //! ```
 //!
+//! A VM booted to become a snapshot slot goes `Waiting ──save──▶ Saving`, and its record
+//! is replaced by the slot's once saved (or it is torn down).
+//!
 //! [`next`] is the only way a VM's state changes: the scheduler's `transition` applies it
 //! and nothing else writes `VmRec::state`.
 
@@ -48,6 +51,8 @@ pub enum Input {
     Reap,
     /// A teardown that deletes the runner first found it busy: the VM keeps its job.
     KeptBusy,
+    /// A VM made for a snapshot slot, whose guest waits, is being saved.
+    Save,
 }
 
 /// The next state, or `None` when the input does not change this state.
@@ -61,6 +66,9 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
         (Waiting, Bind) => Some(Binding),
         (Binding, Bound) => Some(Booting),
         (Binding, BindDeferred) => Some(Waiting),
+        (Waiting, Save) => Some(Saving),
+        // Saving stops the domain: that is no end of it, a failed save is.
+        (Saving, Reap) => Some(TearingDown),
         // The runner's news may overtake the delivery's report.
         (Binding, RunnerOnline) => Some(Idle),
         (Binding, TookJob) => Some(Busy),
@@ -113,6 +121,9 @@ pub fn expired(vm: &VmRec, pool: &PoolConfig, timers: Timers, now: SystemTime) -
         // A delivery is bounded by `bind_timeout`, its credential by GitHub's retries; this
         // is the backstop for a call that never returns.
         VmState::Binding if age(vm.state_since) >= timers.provision_timeout => return Some(Reason::BindFailed),
+        // The backstop for a save that never returns.
+        VmState::Saving if age(vm.state_since) >= timers.provision_timeout => return Some(Reason::ProvisionTimeout),
+        VmState::Saving => return None,
         VmState::Warming | VmState::Waiting if vm.warm && age(vm.created_at) >= pool.warm_max_age => {
             return Some(Reason::WarmRecycled);
         }
@@ -196,6 +207,12 @@ mod tests {
             (Idle, Bound, None),
             (TearingDown, Bound, None),
             (TearingDown, GuestReady, None),
+            (Waiting, Save, Some(Saving)),
+            (Warming, Save, None),
+            (Saving, DomainStopped, None),
+            (Saving, Reap, Some(TearingDown)),
+            (Saving, Bind, None),
+            (Saving, GuestReady, None),
         ];
         for (state, input, want) in table {
             assert_eq!(next(*state, *input), *want, "{state:?} + {input:?}");
@@ -240,6 +257,8 @@ mod tests {
         assert_eq!(expired(&warm(Waiting, 1800, 1000), pool, grace, now), Some(Reason::WarmRecycled));
         assert_eq!(expired(&vm(Binding, 3000, 599, now), pool, grace, now), None);
         assert_eq!(expired(&vm(Binding, 3000, 600, now), pool, grace, now), Some(Reason::BindFailed));
+        assert_eq!(expired(&vm(Saving, 7200, 599, now), pool, grace, now), None, "a save reports first");
+        assert_eq!(expired(&vm(Saving, 7200, 600, now), pool, grace, now), Some(Reason::ProvisionTimeout));
     }
 
     #[test]

@@ -71,22 +71,31 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn watch_guests(&mut self) {
         let jobs = &self.book.jobs;
         self.warm.cold_only.retain(|id| jobs.get(id).is_some_and(|j| j.is_unserved()));
-        let unwatched: Vec<(String, VmState)> = self
+        let unwatched: Vec<(String, String, VmState, bool)> = self
             .book
             .vms
             .values()
-            .filter(|v| matches!(v.state, VmState::Warming | VmState::Binding) && v.reap.is_none())
+            .filter(|v| matches!(v.state, VmState::Warming | VmState::Waiting | VmState::Binding) && v.reap.is_none())
             .filter(|v| !self.work.contains_key(&v.name))
-            .map(|v| (v.name.clone(), v.state))
+            .filter(|v| v.state != VmState::Waiting || v.for_slot)
+            .map(|v| (v.name.clone(), v.domain().to_string(), v.state, v.for_slot))
             .collect();
-        for (name, state) in unwatched {
+        for (name, domain, state, for_slot) in unwatched {
+            if for_slot && self.adopted_slot_vm(&name) {
+                continue;
+            }
+            if state == VmState::Waiting {
+                // A slot VM whose guest waits (a save that failed to persist): saved now.
+                self.start_save(&name);
+                continue;
+            }
             let hv = self.ctx.hv.clone();
             if state == VmState::Binding {
                 info!(vm = %name, "a binding was cut short by a restart: did the guest take its command?");
                 let (n, failed) = (name.clone(), name.clone());
                 let task = spawn_reporting(
                     &self.ctx.events,
-                    async move { Event::Bound { vm: n.clone(), result: provision::resume_bind(hv, n).await } },
+                    async move { Event::Bound { vm: n, result: provision::resume_bind(hv, domain).await } },
                     move |message| Event::Bound { vm: failed, result: Err(BindError::Task(message)) },
                 );
                 self.work.insert(name, Work::Binding(task));
@@ -96,7 +105,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let task = spawn_reporting(
                 &self.ctx.events,
                 async move {
-                    let result = watch(hv, n.clone()).await;
+                    let result = watch(hv, domain).await;
                     Event::GuestWaiting { vm: n, result }
                 },
                 move |message| Event::GuestWaiting { vm: failed, result: Err(message) },
@@ -115,6 +124,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 if self.transition(&name, Input::GuestReady) {
                     let vm = &self.book.vms[&name];
                     let booted = self.now().duration_since(vm.created_at).unwrap_or_default();
+                    if vm.for_slot {
+                        info!(vm = %name, pool = %vm.pool, boot_ms = booted.as_millis() as u64, "snapshot slot's vm waiting: saving it");
+                        self.start_save(&name);
+                        return;
+                    }
                     if vm.warm {
                         info!(vm = %name, pool = %vm.pool, boot_ms = booted.as_millis() as u64, "warm vm waiting for a job");
                         return;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::model::{JobEvent, JobRec, VmRec};
+use crate::model::{JobEvent, JobRec, SlotRec, VmRec};
 
 mod deliveries;
 mod writer;
@@ -29,6 +29,7 @@ const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SLOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("slots");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -74,6 +75,8 @@ pub struct Batch {
     pub remove_jobs: Vec<u64>,
     pub vms: Vec<VmRec>,
     pub remove_vms: Vec<String>,
+    pub slots: Vec<SlotRec>,
+    pub remove_slots: Vec<String>,
     pub inbox_done: Vec<u64>,
     pub meta: Vec<(String, Vec<u8>)>,
 }
@@ -85,6 +88,8 @@ impl Batch {
             && self.remove_jobs.is_empty()
             && self.vms.is_empty()
             && self.remove_vms.is_empty()
+            && self.slots.is_empty()
+            && self.remove_slots.is_empty()
             && self.meta.is_empty()
     }
 
@@ -96,6 +101,7 @@ impl Batch {
 pub struct Snapshot {
     pub jobs: BTreeMap<u64, JobRec>,
     pub vms: BTreeMap<String, VmRec>,
+    pub slots: BTreeMap<String, SlotRec>,
     pub meta: BTreeMap<String, Vec<u8>>,
 }
 
@@ -160,6 +166,7 @@ impl Store {
             txn.open_table(JOBS).map_err(dberr)?;
             txn.open_table(VMS).map_err(dberr)?;
             txn.open_table(META).map_err(dberr)?;
+            txn.open_table(SLOTS).map_err(dberr)?;
         }
         let next_seq = {
             let inbox = txn.open_table(INBOX).map_err(dberr)?;
@@ -326,6 +333,13 @@ impl Store {
             for name in &batch.remove_vms {
                 vms.remove(name.as_str()).map_err(dberr)?;
             }
+            let mut slots = txn.open_table(SLOTS).map_err(dberr)?;
+            for slot in &batch.slots {
+                slots.insert(slot.name.as_str(), serde_json::to_vec(slot)?.as_slice()).map_err(dberr)?;
+            }
+            for name in &batch.remove_slots {
+                slots.remove(name.as_str()).map_err(dberr)?;
+            }
             let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
             for seq in &batch.inbox_done {
                 inbox.remove(seq).map_err(dberr)?;
@@ -351,12 +365,17 @@ impl Store {
             let (k, v) = row.map_err(dberr)?;
             vms.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
         }
+        let mut slots = BTreeMap::new();
+        for row in txn.open_table(SLOTS).map_err(dberr)?.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            slots.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
+        }
         let mut meta = BTreeMap::new();
         for row in txn.open_table(META).map_err(dberr)?.iter().map_err(dberr)? {
             let (k, v) = row.map_err(dberr)?;
             meta.insert(k.value().to_string(), v.value().to_vec());
         }
-        Ok(Snapshot { jobs, vms, meta })
+        Ok(Snapshot { jobs, vms, slots, meta })
     }
 
     /// Forgets delivery ids older than `age` (GitHub redelivers within 3 days), from the
@@ -511,20 +530,12 @@ pub(crate) mod tests {
             updated_at: now,
         };
         let vm = VmRec {
-            name: "rv-p-7".into(),
-            pool: "p".into(),
             job_id: 7,
             run_id: 1,
             repository: "o/r".into(),
-            job_url: String::new(),
             runner_id: Some(3),
             state: VmState::Booting,
-            created_at: now,
-            state_since: now,
-            took_job: None,
-            reap: None,
-            warm: false,
-            runner_done: false,
+            ..VmRec::new("rv-p-7".into(), "p", false, now)
         };
         s.commit(&Batch {
             jobs: vec![job.clone()],

@@ -341,4 +341,5 @@ mod fleet;
 mod liveness;
 mod reload;
 mod serving;
+mod slots;
 mod warm;

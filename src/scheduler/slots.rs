@@ -1,0 +1,275 @@
+//! Snapshot slots: VMs saved by libvirt once their guest waits (no credential anywhere),
+//! restored for a job onto a fresh overlay of the saved disk instead of booting.
+//!
+//! - [`Scheduler::start_slot`]: a pool lacking slots (`snapshot_slots`) boots a VM named
+//!   after the missing slot (`rv-<pool>-s<n>`, `for_slot`), exactly as a warm VM boots.
+//! - [`Scheduler::start_save`]: once its guest waits, it is saved (`Hypervisor::save`: its
+//!   memory into `<slot>.save`, its domain undefined, its overlay kept as the slot's base);
+//!   [`Scheduler::on_saved`] replaces its record by the slot's ([`SlotRec`]).
+//! - A job that finds no warm VM waiting takes a free slot ([`Scheduler::free_slots`]): its
+//!   VM (named as a cold VM for the job, `slot` set) is restored from it by
+//!   `provision::provision` and bound as a cold VM is. The slot is in use while that
+//!   record exists (libvirt keeps the saved domain's name: one restore at a time).
+//! - [`Scheduler::tend_slots`]: a slot no longer right for its pool (its image file or the
+//!   VM's shape changed; `snapshot_slots` lowered; the pool removed) goes once no VM uses
+//!   it, and is re-made; so does one whose restore failed (that job boots cold).
+//!
+//! One source of truth: a slot is its record; being made, the VM record of its name; in
+//! use, the `slot` of the VM restored from it. Its resources carry its name (volumes
+//! `<slot>.qcow2`, `<slot>-seed.img`, `<slot>.save`, its address on the network), so a
+//! slot's teardown is a VM teardown of that name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::time::SystemTime;
+
+use tracing::{error, info};
+
+use super::event::{Event, spawn_reporting};
+use super::vm::Input;
+use super::{Scheduler, Work};
+use crate::config::{Config, PoolConfig};
+use crate::github::GitHub;
+use crate::hypervisor::{self, HvError, Hypervisor};
+use crate::metrics::StepLabels;
+use crate::model::{Reason, SlotRec, VmRec, VmState};
+
+#[derive(Default)]
+pub struct State {
+    /// Per pool, what its slots must have been made from ([`made_from`]), as the last
+    /// sweep, reload or start found it.
+    made_from: HashMap<String, String>,
+    /// Slot VMs being made by this process, and what they are made from. One a restart
+    /// cut short is torn down and made again.
+    making: HashMap<String, String>,
+    /// Pools whose image cannot serve slots (said once).
+    refused: BTreeSet<String>,
+    /// Slots a restore failed from: removed once the VM that failed is gone.
+    broken: BTreeSet<String>,
+}
+
+/// What a pool's saved VM depends on: the image file (path, size, modification time) and
+/// everything of the domain that a restore cannot change. A slot made from anything else
+/// is re-made.
+pub fn made_from(config: &Config, pool: &PoolConfig) -> String {
+    let image = match std::fs::metadata(&pool.image) {
+        Ok(m) => {
+            let mtime = m.modified().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+            format!("{} bytes, modified {:?}", m.len(), mtime.map(|d| d.as_nanos()))
+        }
+        Err(e) => format!("unreadable ({})", e.kind()),
+    };
+    format!(
+        "image {} ({image}); {} vcpus, {} MiB, {} GiB disk; kernel {:?} initrd {:?} cmdline {:?}; {:?}; network {:?}",
+        pool.image.display(),
+        pool.vcpus,
+        pool.memory_mib,
+        pool.disk_gib,
+        pool.kernel,
+        pool.initrd,
+        pool.cmdline,
+        config.libvirt.domain_type,
+        config.libvirt.network.libvirt_network(),
+    )
+}
+
+/// Slot numbers of a pool of `wanted` slots that neither exist nor are being made.
+pub fn missing(pool: &str, wanted: usize, taken: impl Fn(&str) -> bool) -> Vec<String> {
+    (0..wanted).map(|n| hypervisor::slot_name(pool, n)).filter(|s| !taken(s)).collect()
+}
+
+impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
+    /// What `pool`'s slots must be made from now.
+    fn current_made_from(&mut self, pool: &PoolConfig) -> String {
+        let config = &self.config;
+        self.slots.made_from.entry(pool.name.clone()).or_insert_with(|| made_from(config, pool)).clone()
+    }
+
+    /// Looks at every pool's image again (a sweep, a reload).
+    pub(super) fn refresh_slot_sources(&mut self) {
+        self.slots.made_from = self.config.pools.iter().map(|p| (p.name.clone(), made_from(&self.config, p))).collect();
+    }
+
+    /// The pool's slots that are saved, right and not in use, by name.
+    pub(super) fn free_slots(&self, pool: &str) -> Vec<String> {
+        let current = self.slots.made_from.get(pool);
+        self.book
+            .slots
+            .values()
+            .filter(|s| s.pool == pool && Some(&s.made_from) == current && !self.slots.broken.contains(&s.name))
+            .filter(|s| self.book.restored_from(&s.name).is_none())
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Slots the pool lacks (neither saved nor being made).
+    pub(super) fn slots_missing(&self, pool: &PoolConfig) -> usize {
+        let book = &self.book;
+        missing(&pool.name, pool.snapshot_slots, |s| book.slots.contains_key(s) || book.vms.contains_key(s)).len()
+    }
+
+    /// Boots a VM to be saved as the pool's first missing slot.
+    pub(super) fn start_slot(&mut self, pool: &PoolConfig) {
+        let book = &self.book;
+        let Some(name) =
+            missing(&pool.name, pool.snapshot_slots, |s| book.slots.contains_key(s) || book.vms.contains_key(s))
+                .into_iter()
+                .next()
+        else {
+            return;
+        };
+        // A restored VM shares its slot's RNG state and clock until its guest freshens
+        // itself at bind: an image whose guest does not must not serve slots.
+        if let Some(m) = crate::images::read_manifest(&pool.image)
+            && m.bind_protocol.unwrap_or(1) < crate::cloudinit::GUEST_FRESHENS
+        {
+            if self.slots.refused.insert(pool.name.clone()) {
+                error!(pool = %pool.name, image = %pool.image.display(), bind_protocol = m.bind_protocol.unwrap_or(1),
+                    "snapshot_slots needs an image of bind protocol {} or later (its guest makes a restored VM a fresh instance): no slot is made; rebuild the image", crate::cloudinit::GUEST_FRESHENS);
+            }
+            return;
+        }
+        self.slots.refused.remove(&pool.name);
+        let made_from = self.current_made_from(pool);
+        let vm = VmRec { for_slot: true, ..VmRec::new(name.clone(), &pool.name, true, self.now()) };
+        let plan = self.plan(vm.clone(), pool, String::new(), String::new());
+        info!(pool = %pool.name, vm = %name, "provisioning a vm for a snapshot slot (no credential)");
+        self.slots.making.insert(name.clone(), made_from);
+        if !self.launch(vm, plan) {
+            self.slots.making.remove(&name);
+        }
+    }
+
+    /// A slot VM this process did not start (a restart cut its making short) goes: it is
+    /// made again from scratch.
+    pub(super) fn adopted_slot_vm(&mut self, name: &str) -> bool {
+        if self.slots.making.contains_key(name) {
+            return false;
+        }
+        info!(vm = %name, "a snapshot slot's making was cut short by a restart: making it again");
+        self.begin_teardown(name, Reason::Interrupted);
+        true
+    }
+
+    /// Saves the slot VM `name`, whose guest waits.
+    pub(super) fn start_save(&mut self, name: &str) {
+        if !self.transition(name, Input::Save) {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            error!(vm = %name, error = %e, "cannot persist the slot's saving: the vm goes");
+            self.begin_teardown(name, Reason::SlotGone);
+            return;
+        }
+        let hv = self.ctx.hv.clone();
+        let network = self.config.libvirt.network.libvirt_network().map(str::to_string);
+        let (n, failed) = (name.to_string(), name.to_string());
+        let task = spawn_reporting(
+            &self.ctx.events,
+            async move {
+                let vm = n.clone();
+                let result = tokio::task::spawn_blocking(move || save(&*hv, &vm, network.as_deref()))
+                    .await
+                    .unwrap_or_else(|e| Err(HvError::Libvirt { op: "save", name: n.clone(), message: e.to_string() }));
+                Event::Saved { vm: n, result }
+            },
+            move |message| Event::Saved {
+                vm: failed.clone(),
+                result: Err(HvError::Libvirt { op: "save", name: failed, message }),
+            },
+        );
+        self.work.insert(name.to_string(), Work::Saving(task));
+    }
+
+    pub(super) fn on_saved(&mut self, name: String, result: Result<Option<Ipv4Addr>, HvError>) {
+        if !matches!(self.work.get(&name), Some(Work::Saving(_))) {
+            return;
+        }
+        self.work.remove(&name);
+        let Some(vm) = self.book.vms.get(&name).cloned() else { return };
+        let made_from = self.slots.making.remove(&name);
+        match (result, made_from) {
+            (Ok(address), Some(made_from)) => {
+                let took = self.now().duration_since(vm.created_at).unwrap_or_default();
+                self.book.remove_vm(&name);
+                self.book.insert_slot(SlotRec {
+                    name: name.clone(),
+                    pool: vm.pool.clone(),
+                    made_from,
+                    address,
+                    saved_at: self.now(),
+                });
+                self.timeline.gone(&vm, self.now());
+                info!(vm = %name, pool = %vm.pool, address = ?address, made_ms = took.as_millis() as u64, "snapshot slot saved: it serves the pool's next job");
+            }
+            (result, _) => {
+                let e = result.err().map(|e| e.to_string()).unwrap_or_else(|| "made before a restart".into());
+                self.metrics.slot_failures.get_or_create(&StepLabels::new(&vm.pool, "save")).inc();
+                error!(vm = %name, pool = %vm.pool, error = %e, "cannot save the snapshot slot: it goes, and is made again after the pool's back-off");
+                self.bump_backoff(&vm.pool);
+                self.begin_teardown(&name, Reason::SlotGone);
+            }
+        }
+    }
+
+    /// Removes the slot `name` (its saved state, disk, seed and address) through a VM
+    /// teardown of its name. The slot must not be in use.
+    fn drop_slot(&mut self, name: &str, why: &str) {
+        let Some(slot) = self.book.remove_slot(name) else { return };
+        info!(slot = %name, pool = %slot.pool, why, "removing a snapshot slot");
+        let vm = VmRec { for_slot: true, ..VmRec::new(name.to_string(), &slot.pool, true, self.now()) };
+        self.book.insert_vm(vm);
+        self.begin_teardown(name, Reason::SlotGone);
+    }
+
+    /// A restore from `slot` failed for the VM `vm` (its job boots cold): the slot goes and
+    /// is made again.
+    pub(super) fn slot_failed(&mut self, vm: &VmRec, slot: &str) {
+        self.metrics.slot_failures.get_or_create(&StepLabels::new(&vm.pool, "restore")).inc();
+        self.warm.cold_only.insert(vm.job_id);
+        self.slots.broken.insert(slot.to_string());
+    }
+
+    /// Removes the slots that are no longer right and not in use: made from another image
+    /// or VM shape, beyond `snapshot_slots`, of a pool removed, or whose restore failed.
+    pub(super) fn tend_slots(&mut self) {
+        let mut gone = Vec::new();
+        for slot in self.book.slots.values() {
+            if self.book.restored_from(&slot.name).is_some() {
+                continue;
+            }
+            let why = match self.config.pool(&slot.pool) {
+                None => "its pool is removed",
+                Some(p) if p.retiring => "its pool is removed",
+                Some(p) if hypervisor::slot_of_pool(&slot.name, &p.name).is_none_or(|n| n >= p.snapshot_slots) => {
+                    "snapshot_slots is lower"
+                }
+                Some(_) if self.slots.broken.contains(&slot.name) => "its restore failed",
+                Some(_) if self.slots.made_from.get(&slot.pool).is_some_and(|m| *m != slot.made_from) => {
+                    "its pool's image or vm shape changed"
+                }
+                Some(_) => continue,
+            };
+            gone.push((slot.name.clone(), why));
+        }
+        for (name, why) in gone {
+            self.slots.broken.remove(&name);
+            self.drop_slot(&name, why);
+        }
+    }
+}
+
+/// Saves the slot VM `vm` and reads the address the network holds for it.
+fn save<H: Hypervisor>(hv: &H, vm: &str, network: Option<&str>) -> Result<Option<Ipv4Addr>, HvError> {
+    let address = match network {
+        Some(net) => hv.network_dhcp(net)?.hosts.into_iter().find(|h| h.vm == vm).map(|h| h.ip),
+        None => None,
+    };
+    hv.save(vm)?;
+    Ok(address)
+}
+
+/// Whether a VM record is in a state a slot VM can be watched or saved from.
+pub fn is_making(vm: &VmRec) -> bool {
+    vm.for_slot && matches!(vm.state, VmState::Provisioning | VmState::Warming | VmState::Waiting | VmState::Saving)
+}

@@ -1,0 +1,154 @@
+//! Snapshot slots: VMs saved once their guest waits, restored for jobs.
+
+use super::*;
+
+const SLOT: &str = "rv-small-s0";
+
+fn ready(s: &Status) -> usize {
+    s.pools[0].slots_ready
+}
+
+fn restored(s: &Status, job: u64) -> Option<(String, String)> {
+    s.vms.iter().find(|v| v.job_id == job && v.slot.is_some()).map(|v| (v.name.clone(), v.slot.clone().unwrap()))
+}
+
+impl H {
+    /// The runner of the VM restored from `slot` (named `vm`) takes job `id`, finishes it,
+    /// and the guest powers off: the slot's domain stops.
+    fn run_restored_job(&mut self, vm: &str, slot: &str, id: u64) {
+        self.deliver(JobAction::InProgress, info(id, LABELS, Some(vm)));
+        let mut done = info(id, LABELS, Some(vm));
+        done.conclusion = Some("success".into());
+        self.deliver(JobAction::Completed, done);
+        self.gh.lock().runners.retain(|_, r| r.name != vm);
+        self.hv.stop(slot);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_is_saved_with_no_credential_then_restores_a_vm_per_job_one_at_a_time() {
+    let mut h = harness("snapshot_slots = 1");
+    let s = h.wait("a slot saved", |s, hv| ready(s) == 1 && hv.running().is_empty()).await;
+    assert!(s.vms.is_empty(), "nothing runs while a slot waits: {s:#?}");
+    {
+        let hv = h.hv.lock();
+        for v in ["rv-small-s0.qcow2", "rv-small-s0-seed.img", "rv-small-s0.save"] {
+            assert!(hv.volumes.contains(v), "{v}: {:?}", hv.volumes);
+        }
+        assert!(!hv.domains.contains_key(SLOT), "saved: undefined");
+        assert!(hv.delivered.is_empty() && h.gh.runner_names().is_empty(), "saved before any credential");
+        assert!(hv.dhcp.as_ref().unwrap().hosts.iter().any(|r| r.vm == SLOT), "the slot keeps its address");
+    }
+    h.deliver(JobAction::Queued, info(71, LABELS, None));
+    h.deliver(JobAction::Queued, info(72, LABELS, None));
+    let s = h.wait("one job restored, one cold", |s, hv| hv.lock().delivered.len() == 2 && s.vms.len() == 2).await;
+    let (vm, slot) = restored(&s, 71).expect("the oldest job takes the slot");
+    assert_eq!((vm.as_str(), slot.as_str()), ("rv-small-71", SLOT));
+    assert_eq!(vm_for(&s, 72).as_deref(), Some("rv-small-72"), "the slot is in use: the next job boots");
+    assert_eq!(ready(&s), 0);
+    {
+        let hv = h.hv.lock();
+        assert_eq!(hv.restored_total, 1);
+        assert!(hv.domains[SLOT].1.contains("/fake/rv-small-71.qcow2"), "restored onto the job's own overlay");
+        // Delivered into the slot's domain, for the job's own runner name.
+        let (domain, msg) = hv.delivered.iter().find(|(d, _)| d == SLOT).expect("delivered into the slot's domain");
+        assert_eq!(domain, SLOT);
+        assert!(msg.contains("\"vm\":\"rv-small-71\"") && msg.contains("\"entropy\""), "{msg}");
+        assert!(hv.descriptions[SLOT].contains("(id 71,"), "virsh desc of the slot's domain names the job");
+    }
+    assert!(h.gh.runner_names().contains(&vm), "the runner is named after the job's VM, not the slot");
+    h.run_restored_job(&vm, SLOT, 71);
+    let s = h
+        .wait("the restored VM gone, the slot free again", |s, hv| {
+            ready(s) == 1 && !s.vms.iter().any(|v| v.name == vm) && !hv.lock().domains.contains_key(SLOT)
+        })
+        .await;
+    {
+        let hv = h.hv.lock();
+        assert!(!hv.volumes.contains("rv-small-71.qcow2"), "its overlay is deleted: {:?}", hv.volumes);
+        assert!(hv.volumes.contains("rv-small-s0.save") && hv.volumes.contains("rv-small-s0.qcow2"), "the slot stays");
+        assert!(hv.dhcp.as_ref().unwrap().hosts.iter().any(|r| r.vm == SLOT), "and keeps its address");
+    }
+    assert_eq!(restored(&s, 71), None);
+    // The next job is restored from the same slot.
+    h.deliver(JobAction::Queued, info(73, LABELS, None));
+    let s = h.wait("restored again", |s, _| restored(s, 73).is_some()).await;
+    assert_eq!(restored(&s, 73).unwrap().0, "rv-small-73");
+    assert_eq!(h.hv.lock().restored_total, 2);
+    let t = h.trace("rv-small-71").await;
+    assert_eq!((t.kind(), t.job_id, t.reason.as_deref()), ("restored", Some(71), Some("stopped")), "{t:#?}");
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"restored\"} 2"), "{m}");
+    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"cold\"} 1"), "{m}");
+    assert!(!m.contains("runnervisor_slot_failures_total{"), "{m}");
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_corrupt_save_file_sends_the_job_cold_and_the_slot_is_made_again() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    // Its saved state is unreadable (truncated, or made by another QEMU).
+    h.hv.lock().saved.clear();
+    h.deliver(JobAction::Queued, info(81, LABELS, None));
+    h.wait("the job boots cold", |s, _| vm_for(s, 81).as_deref() == Some("rv-small-81-2")).await;
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_slot_failures_total{pool=\"small\",step=\"restore\"} 1"), "{m}");
+    h.run_job_on("rv-small-81-2", 81);
+    h.wait("the slot made again", |s, hv| ready(s) == 1 && hv.lock().saved.contains_key(SLOT)).await;
+    let s = h.status().await;
+    assert!(s.queued.is_empty(), "the job was served: {s:#?}");
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_teardowns_total{reason=\"slot_gone\"}"), "{m}");
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_pool_during_a_save_backs_the_pool_off_and_loses_no_job() {
+    let mut h = harness_full("snapshot_slots = 1", |_| {}, |_| {}, |hv| hv.fail_saves = 1, None);
+    h.deliver(JobAction::Queued, info(91, LABELS, None));
+    h.wait("the job served cold", |s, _| vm_for(s, 91).as_deref() == Some("rv-small-91")).await;
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_slot_failures_total{pool=\"small\",step=\"save\"} 1"), "{m}");
+    {
+        let hv = h.hv.lock();
+        assert!(!hv.domains.contains_key(SLOT), "the failed slot's vm is gone");
+    }
+    h.wait_advancing("the slot made after the back-off", |s, _| ready(s) == 1).await;
+    h.run_job_on("rv-small-91", 91);
+    h.wait("served", |s, _| s.queued.is_empty() && s.vms.is_empty()).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_change_remakes_a_slot_once_no_vm_uses_it() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    h.deliver(JobAction::Queued, info(101, LABELS, None));
+    h.wait("restored", |s, _| restored(s, 101).is_some()).await;
+    // The image is rebuilt in place while a VM restored from the slot runs.
+    std::fs::write(&h.config.pools[0].image, [crate::hypervisor::QCOW2_MAGIC.as_slice(), &[0u8; 28], b"v2"].concat())
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.hv.lock().saved.len(), 1, "the slot in use stays until its vm is gone");
+    let made = h.hv.lock().started_total;
+    h.run_restored_job("rv-small-101", SLOT, 101);
+    h.wait("made again from the new image", |s, hv| ready(s) == 1 && hv.lock().started_total == made + 1).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_whose_making_a_restart_cut_short_is_made_again_and_lowering_the_count_removes_slots() {
+    let h = harness_full("snapshot_slots = 2", |_| {}, |_| {}, |hv| hv.guests_booting = true, None);
+    h.wait("two slot vms booting", |s, _| s.vms.iter().filter(|v| v.for_slot).count() == 2).await;
+    let (gh, hv, store) = h.shutdown().await;
+    hv.lock().guests_booting = false;
+    let h = restart("snapshot_slots = 2", gh, hv.clone(), Some(store));
+    let s = h.wait("both made again and saved", |s, hv| ready(s) == 2 && hv.running().is_empty()).await;
+    assert!(s.vms.is_empty(), "{s:#?}");
+    assert_eq!(hv.lock().started_total, 4, "the two cut short went, two new ones were saved");
+    h.reload(|c| c.pools[0].snapshot_slots = 1).await;
+    h.wait("one slot left", |s, hv| ready(s) == 1 && !hv.lock().volumes.contains("rv-small-s1.save")).await;
+    assert!(hv.lock().volumes.contains("rv-small-s0.save"));
+    h.shutdown().await;
+}
