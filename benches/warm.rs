@@ -1,15 +1,18 @@
-//! Benchmark: queued → runner online, cold path against warm path, side by side in one run
-//! on real VMs (TCG here), measured at the simulator (the job's creation to its runner's
-//! first poll).
+//! Benchmark: queued → runner online, cold path, warm path and restored path side by side
+//! in one run on real VMs (TCG here), measured at the simulator (the job's creation to its
+//! runner's first poll).
 //!
-//! One agent, two pools with the same image and size: `cold` (every job boots its VM) and
+//! One agent, three pools with the same image and size: `cold` (every job boots its VM),
 //! `warm` (`warm = 1`: a VM waits without a credential; the job's JIT config is made and
-//! delivered when it arrives). Each run: a warm job (with nothing else booting), then a
-//! cold job (while the warm pool's replacement boots, as it would in production), then
-//! wait until a warm VM waits again.
+//! delivered when it arrives) and `slot` (`snapshot_slots = 1`: a VM saved once its guest
+//! waited, nothing running; a job's VM is restored from it onto a fresh overlay, then bound
+//! as a cold VM is). Each run: with a warm VM waiting and the slot saved, a restored job
+//! (nothing else booting), then a warm job, then a cold job (while the warm pool's
+//! replacement boots, as it would in production).
 //!
 //! `cargo bench -p runnervisor --bench warm` (needs what `./scripts/test` sets up;
 //! `RV_BENCH_RUNS` runs, default 5). The last lines are
+//! `bench snapshot: cold_p50=S warm_p50=S restore_p50=S restore_p90=S idle_vms=N slot_disk_mib=M runs=N`,
 //! `bench warm: cold_p50=S warm_p50=S warm_p90=S ratio=R runs=N` and
 //! `bench api: jobs=N calls_per_job=X background_per_hour=Y`: the GitHub API calls the
 //! agent's metrics count over the run, per job served (warm and cold alike).
@@ -21,6 +24,7 @@ use std::time::Duration;
 
 use common::agent::*;
 use common::*;
+use runnervisor::hypervisor::Hypervisor;
 
 fn percentile(v: &[f64], p: usize) -> f64 {
     let mut v = v.to_vec();
@@ -28,10 +32,12 @@ fn percentile(v: &[f64], p: usize) -> f64 {
     v[((v.len() - 1) * p + 50) / 100]
 }
 
-/// The `key=N` values of the agent's "warm vm bound" log lines, in milliseconds.
-fn logged_ms(log: &str, key: &str) -> Vec<f64> {
+/// The `key=N` values of the agent's log lines that contain `what` (`TEXT|VM`: and the
+/// VM name prefix), in milliseconds.
+fn logged_ms(log: &str, what: &str, key: &str) -> Vec<f64> {
+    let (what, vm) = what.split_once('|').unwrap_or((what, ""));
     log.lines()
-        .filter(|l| l.contains("warm vm bound"))
+        .filter(|l| l.contains(what) && l.contains(vm))
         .filter_map(|l| l.split(&format!("{key}=")).nth(1)?.split_whitespace().next()?.trim_matches('"').parse().ok())
         .collect()
 }
@@ -45,7 +51,9 @@ async fn main() {
     // A second pool, equal but for its labels and its warm VM.
     spec.pool_extra = format!(
         "\n[[pool]]\nname = \"bench-warm\"\nlabels = [\"self-hosted\", \"bench-warm\"]\nimage = \"{}\"\nkernel = \"{}\"\n\
-         initrd = \"{}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 2\nwarm = 1\n",
+         initrd = \"{}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 2\nwarm = 1\n\
+         \n[[pool]]\nname = \"bench-slot\"\nlabels = [\"self-hosted\", \"bench-slot\"]\nimage = \"{0}\"\nkernel = \"{1}\"\n\
+         initrd = \"{2}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 1\nsnapshot_slots = 1\n",
         img.golden.display(),
         img.kernel.display(),
         img.initrd.display()
@@ -60,9 +68,26 @@ async fn main() {
     let wait_warm = async |agent: &Agent| {
         wait_for("a warm VM waiting", VM_TIMEOUT, async || agent.metrics().await.contains(waiting).then_some(())).await
     };
-    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let slot_ready = "runnervisor_slots_ready{pool=\"bench-slot\"} 1\n";
+    let wait_slot = async |agent: &Agent| {
+        wait_for("the slot saved", VM_TIMEOUT, async || agent.metrics().await.contains(slot_ready).then_some(())).await
+    };
+    let (mut cold, mut warm, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut idle_vms, mut slot_disk) = (0, 0u64);
     for i in 0..runs {
         wait_warm(&agent).await;
+        wait_slot(&agent).await;
+        // What a waiting slot holds: no domain running, its saved state and disk on the pool.
+        idle_vms = idle_vms.max(leftovers(&hv, "rv-bench-slot-").0.len());
+        slot_disk = ["rv-bench-slot-s0.save", "rv-bench-slot-s0.qcow2"]
+            .iter()
+            .map(|v| std::fs::metadata(hv.volume_path(v).unwrap()).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        let job = sim.queue("octo-org/app", &["self-hosted", "bench-slot"], 1.0).await;
+        sim.wait_completed(job, VM_TIMEOUT).await;
+        let (r, runner) = sim.queued_to_online(job).await;
+        assert_eq!(runner, format!("rv-bench-slot-{job}"), "restored for the job, named for it");
+        restore.push(r);
         let job = sim.queue("octo-org/app", &["self-hosted", "bench-warm"], 1.0).await;
         sim.wait_completed(job, VM_TIMEOUT).await;
         let (secs, runner) = sim.queued_to_online(job).await;
@@ -73,25 +98,39 @@ async fn main() {
         let (c, runner) = sim.queued_to_online(job).await;
         assert_eq!(runner, format!("rv-bench-cold-{job}"));
         cold.push(c);
-        eprintln!("run {}/{runs}: warm {secs:.2}s cold {c:.1}s", i + 1);
+        eprintln!("run {}/{runs}: restored {r:.2}s warm {secs:.2}s cold {c:.1}s", i + 1);
         wait_for("the cold VM gone", Duration::from_secs(120), async || {
             leftovers(&hv, "rv-bench-cold-").0.is_empty().then_some(())
         })
         .await;
     }
     assert!(agent.cli(&["drain"]).status.success());
-    wait_for("everything cleaned", Duration::from_secs(120), async || {
+    // Drained, only the saved slot stays (it holds no VM; a restart would use it).
+    let slot = "rv-bench-slot-s0";
+    wait_for("everything cleaned but the slot", Duration::from_secs(120), async || {
         let (d, v) = leftovers(&hv, "rv-bench-");
-        (d.is_empty() && v.is_empty()).then_some(())
+        (d.is_empty() && v.iter().all(|v| v.starts_with(slot))).then_some(())
     })
     .await;
     let log = agent.log_text();
-    let (credential, delivery) = (logged_ms(&log, "credential_ms"), logged_ms(&log, "delivery_ms"));
+    let bound = "warm vm bound";
+    let (credential, delivery) = (logged_ms(&log, bound, "credential_ms"), logged_ms(&log, bound, "delivery_ms"));
+    // The restored path's parts: the restore (the provisioning of a restored VM), the
+    // guest seen waiting, the binding (credential and delivery, as for a cold VM).
+    let restores = logged_ms(&log, "restored from slot", "duration_ms");
+    let cold_bound = "vm bound to its job|rv-bench-slot-";
+    let (r_credential, r_delivery) =
+        (logged_ms(&log, cold_bound, "credential_ms"), logged_ms(&log, cold_bound, "delivery_ms"));
     let api = api_calls(&agent.metrics().await);
     let api_hours = agent_started.elapsed().as_secs_f64() / 3600.0;
     assert!(agent.terminate().success());
+    assert!(hv.teardown(slot).is_empty(), "the slot's volumes removed");
+    let _ = hv.release_address(NETWORK, slot);
 
     let (cold_p50, warm_p50, warm_p90) = (percentile(&cold, 50), percentile(&warm, 50), percentile(&warm, 90));
+    let (restore_p50, restore_p90) = (percentile(&restore, 50), percentile(&restore, 90));
+    assert!(!restores.is_empty(), "no 'restored from slot' lines with timings in the agent's log");
+    assert!(!r_credential.is_empty() && !r_delivery.is_empty(), "no binding lines of restored VMs in the agent's log");
     assert!(!credential.is_empty() && !delivery.is_empty(), "no 'warm vm bound' lines with timings in the agent's log");
     let agent_ms = percentile(&credential, 50) + percentile(&delivery, 50);
     println!(
@@ -101,6 +140,18 @@ async fn main() {
     );
     println!("  cold (boot per job):       p50 {cold_p50:.1} s, p90 {:.1} s", percentile(&cold, 90));
     println!("  warm (credential on bind): p50 {warm_p50:.2} s, p90 {warm_p90:.2} s");
+    println!("  restored (from a slot):    p50 {restore_p50:.2} s, p90 {restore_p90:.2} s");
+    let bind_ms = percentile(&r_credential, 50) + percentile(&r_delivery, 50);
+    println!(
+        "  restored breakdown (p50): restore (overlay, fence, libvirt restore) {:.0} ms; bind {bind_ms:.0} ms; \
+         webhook, guest seen waiting and runner start {:.2} s",
+        percentile(&restores, 50),
+        restore_p50 - (percentile(&restores, 50) + bind_ms) / 1000.0
+    );
+    println!(
+        "  a waiting slot: {idle_vms} domains running, {} MiB on the storage pool (saved state and disk)",
+        slot_disk >> 20
+    );
     println!(
         "  warm breakdown (p50): agent {agent_ms:.0} ms (credential {:.1} ms + delivery until the guest's ack {:.1} ms); \
          webhook and guest runner start {:.2} s",
@@ -111,7 +162,7 @@ async fn main() {
     // The API budget, from the agent's own metrics: the periodic sync's calls (runner list,
     // the hook's delivery log, redeliveries, the runner group) are background; the rest is
     // spent on jobs.
-    let jobs = 2 * runs;
+    let jobs = 3 * runs;
     println!("GitHub API calls by endpoint over the run ({jobs} jobs, {:.1} min):", api_hours * 60.0);
     let (mut per_job, mut background) = (0u64, 0u64);
     for (endpoint, n) in &api {
@@ -122,6 +173,11 @@ async fn main() {
     println!(
         "  background: {background} calls, {:.0} per hour at github_interval = 10 s (the tests' setting; 60 s by default: a sixth)",
         background as f64 / api_hours
+    );
+    println!(
+        "bench snapshot: cold_p50={cold_p50:.1} warm_p50={warm_p50:.2} restore_p50={restore_p50:.2} \
+         restore_p90={restore_p90:.2} idle_vms={idle_vms} slot_disk_mib={} runs={runs}",
+        slot_disk >> 20
     );
     println!(
         "bench warm: cold_p50={cold_p50:.1} warm_p50={warm_p50:.2} warm_p90={warm_p90:.2} ratio={:.1} runs={runs}",

@@ -338,7 +338,7 @@ impl Default for Metrics {
         );
         r.register(
             "runnervisor_slot_failures",
-            "Snapshot slots that failed (step: save, restore, address): the slot is re-made; a job whose restore failed boots cold",
+            "Snapshot slots that failed (step: save, restore): the slot is re-made; a job whose restore failed boots cold",
             m.slot_failures.clone(),
         );
         r.register(

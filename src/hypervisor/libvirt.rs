@@ -641,7 +641,11 @@ impl Hypervisor for Libvirt {
     ) -> Result<(), HvError> {
         let conn = self.conn()?;
         let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
-        let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+        // A domain restored from a snapshot slot is transient: it has no persistent config.
+        let flags = match dom.is_persistent() {
+            Ok(false) => sys::VIR_DOMAIN_AFFECT_LIVE,
+            _ => sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+        };
         let xml = domain_xml::metadata_xml(metadata);
         dom.set_metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,

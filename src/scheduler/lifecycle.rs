@@ -127,10 +127,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // and the sweep remove.
             task.abort();
         }
-        if before.is_unbound_warm() && matches!(reason, Reason::Stopped | Reason::RegistrationTimeout) {
+        let early = matches!(reason, Reason::Stopped | Reason::RegistrationTimeout);
+        if (before.is_unbound_warm() || before.for_slot) && early {
             // No job is hurt, but a pool whose warm VMs die must not boot them for ever.
             warn!(vm = %name, pool = %before.pool, reason = %reason.as_str(), "warm vm failed before it could serve a job");
             self.bump_backoff(&before.pool);
+        }
+        if let Some(slot) = &before.slot
+            && matches!(before.state, VmState::Warming | VmState::Waiting | VmState::Binding)
+            && (early || reason == Reason::BindFailed)
+        {
+            // A restored guest that never waits or never takes its command: the slot's
+            // saved state is at fault, not the job (which boots cold).
+            warn!(vm = %name, slot = %slot, reason = %reason.as_str(), "vm restored from a snapshot slot failed before its runner started: the slot is made again");
+            self.slot_failed(&before, slot);
         }
         // A VM that died or stalled before any runner on it took a job is a failed attempt.
         if vm::counts_as_failure(&before, reason) {
@@ -216,6 +226,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if let Some(vm) = self.book.remove_vm(&name) {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
                 self.timeline.gone(&vm, now);
+                // Its domain was the slot's: a listing from before says nothing of it.
+                if let Some(slot) = &vm.slot {
+                    self.sweep.torn_down(slot, now);
+                }
             }
             self.sweep.torn_down(&name, now);
         } else {
@@ -287,10 +301,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let (workflow, job_name) = (job.info.workflow_name.clone(), job.info.name.clone());
         let (run_id, repository) = (job.info.run_id, job.info.repository.clone());
         // No warm VM waits for it: a saved slot serves it next, unless a restore failed it.
-        if !self.warm.cold_only.contains(&job_id) {
+        if !self.warm.cold_only.contains(&job_id) && pool.snapshot_slots > 0 {
+            // The image may have been replaced since the last sweep: a slot made from the
+            // old one must not be restored over a disk that changed under it.
+            self.refresh_slot_source(pool);
             vm.slot = self.free_slots(&pool.name).into_iter().next();
         }
-        let path = if vm.slot.is_some() { "restored" } else { "cold" };
+        let restoring = vm.slot.is_some();
         match &vm.slot {
             Some(slot) => {
                 info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %name, slot = %slot, "restoring a vm from a snapshot slot")
@@ -299,8 +316,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         let plan = self.plan(vm.clone(), pool, workflow, job_name);
         self.book.touch_job(job_id);
-        if self.launch(vm, plan) {
-            self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&pool.name, path)).inc();
+        // A restored runner counts once restored: a failed restore goes cold.
+        if self.launch(vm, plan) && !restoring {
+            self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&pool.name, "cold")).inc();
         }
     }
 
@@ -361,7 +379,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.timeline.provisioned(&vm, self.queued_at(&vm), defined_at, now);
                 self.metrics.vms_started.get_or_create(&metrics::pool(&vm.pool)).inc();
                 self.metrics.provision_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(took.as_secs_f64());
-                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, warm = vm.warm, duration_ms = took.as_millis() as u64, "vm started");
+                match &vm.slot {
+                    Some(slot) => {
+                        self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&vm.pool, "restored")).inc();
+                        info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, slot = %slot, duration_ms = took.as_millis() as u64, "vm restored from slot")
+                    }
+                    None => {
+                        info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id, warm = vm.warm, duration_ms = took.as_millis() as u64, "vm started")
+                    }
+                }
                 self.transition(&name, Input::Provisioned);
                 if let Some(reason) = vm.reap {
                     self.reap(&name, reason);

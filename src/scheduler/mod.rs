@@ -376,7 +376,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // In a fleet, a job a free snapshot slot serves here is no cold boot (slots count
         // as warm VMs do).
         let free_slots = self.free_slots(&pool.name).len();
-        let want = decision.provision.into_iter().enumerate().map(|(i, j)| (j, i >= free_slots)).collect();
+        let cold_only = &self.warm.cold_only;
+        let mut slots_left = free_slots;
+        let want = decision
+            .provision
+            .into_iter()
+            .map(|j| {
+                let restored = slots_left > 0 && !cold_only.contains(&j);
+                slots_left -= restored as usize;
+                (j, !restored)
+            })
+            .collect();
         for job in self.claimed_only(want) {
             self.start_provision(job, pool);
         }

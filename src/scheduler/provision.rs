@@ -231,7 +231,11 @@ async fn restore<G, H: Hypervisor>(
     let (hv, base) = (ctx.hv.clone(), hypervisor::overlay_volume_name(&slot.name));
     let base = blocking(move || hv.volume_path(&base)).await.map_err(ProvisionError::Restore)?;
     let (hv, n) = (ctx.hv.clone(), name.to_string());
-    let overlay = blocking(move || hv.create_overlay(&n, &base, disk)).await.map_err(ProvisionError::Overlay)?;
+    // A full pool is the host's; any other failure here is the base's (the slot's).
+    let overlay = blocking(move || hv.create_overlay(&n, &base, disk)).await.map_err(|e| match e {
+        e @ HvError::PoolFull { .. } => ProvisionError::Overlay(e),
+        e => ProvisionError::Restore(e),
+    })?;
     crash_point("after-overlay");
     let (hv, s) = (ctx.hv.clone(), slot.name.clone());
     blocking(move || hv.restore(&s, &overlay)).await.map_err(ProvisionError::Restore)?;

@@ -59,6 +59,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.install(config);
         for name in done {
             self.metrics.queue_depth.remove(&metrics::pool(&name));
+            self.metrics.slots_ready.remove(&metrics::pool(&name));
             for s in VmState::ALL {
                 self.metrics.vms.remove(&VmStateLabels::new(&name, s.as_str()));
             }

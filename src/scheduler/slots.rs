@@ -73,9 +73,19 @@ pub fn made_from(config: &Config, pool: &PoolConfig) -> String {
     )
 }
 
-/// Slot numbers of a pool of `wanted` slots that neither exist nor are being made.
-pub fn missing(pool: &str, wanted: usize, taken: impl Fn(&str) -> bool) -> Vec<String> {
-    (0..wanted).map(|n| hypervisor::slot_name(pool, n)).filter(|s| !taken(s)).collect()
+/// The names of a pool's first `wanted` slots that neither exist nor are being made. In a
+/// fleet, members sharing a libvirtd must not share a slot's name (its domain, volumes and
+/// address): the slot number carries the member's three digits (`member`, 0–999) above
+/// its index.
+pub fn missing(pool: &str, wanted: usize, member: Option<u64>, taken: impl Fn(&str) -> bool) -> Vec<String> {
+    let first = member.map_or(0, |m| m as usize * 1000);
+    (first..first + wanted).map(|n| hypervisor::slot_name(pool, n)).filter(|s| !taken(s)).collect()
+}
+
+/// The index of slot `name` of `pool` among the pool's slots (its number without the
+/// member's digits).
+pub fn index(name: &str, pool: &str) -> Option<usize> {
+    hypervisor::slot_of_pool(name, pool).map(|n| n % 1000)
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -83,6 +93,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     fn current_made_from(&mut self, pool: &PoolConfig) -> String {
         let config = &self.config;
         self.slots.made_from.entry(pool.name.clone()).or_insert_with(|| made_from(config, pool)).clone()
+    }
+
+    /// Looks at `pool`'s image again.
+    pub(super) fn refresh_slot_source(&mut self, pool: &PoolConfig) {
+        let made = made_from(&self.config, pool);
+        self.slots.made_from.insert(pool.name.clone(), made);
     }
 
     /// Looks at every pool's image again (a sweep, a reload).
@@ -105,17 +121,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Slots the pool lacks (neither saved nor being made).
     pub(super) fn slots_missing(&self, pool: &PoolConfig) -> usize {
         let book = &self.book;
-        missing(&pool.name, pool.snapshot_slots, |s| book.slots.contains_key(s) || book.vms.contains_key(s)).len()
+        let member = self.fleet.as_ref().map(|f| super::warm::member_digits(&f.host));
+        missing(&pool.name, pool.snapshot_slots, member, |s| book.slots.contains_key(s) || book.vms.contains_key(s))
+            .len()
     }
 
     /// Boots a VM to be saved as the pool's first missing slot.
     pub(super) fn start_slot(&mut self, pool: &PoolConfig) {
         let book = &self.book;
-        let Some(name) =
-            missing(&pool.name, pool.snapshot_slots, |s| book.slots.contains_key(s) || book.vms.contains_key(s))
-                .into_iter()
-                .next()
-        else {
+        let member = self.fleet.as_ref().map(|f| super::warm::member_digits(&f.host));
+        let Some(name) = missing(&pool.name, pool.snapshot_slots, member, |s| {
+            book.slots.contains_key(s) || book.vms.contains_key(s)
+        })
+        .into_iter()
+        .next() else {
             return;
         };
         // A restored VM shares its slot's RNG state and clock until its guest freshens
@@ -200,6 +219,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     saved_at: self.now(),
                 });
                 self.timeline.gone(&vm, self.now());
+                self.sweep.torn_down(&name, self.now());
                 info!(vm = %name, pool = %vm.pool, address = ?address, made_ms = took.as_millis() as u64, "snapshot slot saved: it serves the pool's next job");
             }
             (result, _) => {
@@ -225,9 +245,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// A restore from `slot` failed for the VM `vm` (its job boots cold): the slot goes and
     /// is made again.
     pub(super) fn slot_failed(&mut self, vm: &VmRec, slot: &str) {
+        if !self.slots.broken.insert(slot.to_string()) {
+            return;
+        }
         self.metrics.slot_failures.get_or_create(&StepLabels::new(&vm.pool, "restore")).inc();
         self.warm.cold_only.insert(vm.job_id);
-        self.slots.broken.insert(slot.to_string());
     }
 
     /// Removes the slots that are no longer right and not in use: made from another image
@@ -241,7 +263,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let why = match self.config.pool(&slot.pool) {
                 None => "its pool is removed",
                 Some(p) if p.retiring => "its pool is removed",
-                Some(p) if hypervisor::slot_of_pool(&slot.name, &p.name).is_none_or(|n| n >= p.snapshot_slots) => {
+                Some(p) if index(&slot.name, &p.name).is_none_or(|n| n >= p.snapshot_slots) => {
                     "snapshot_slots is lower"
                 }
                 Some(_) if self.slots.broken.contains(&slot.name) => "its restore failed",
@@ -272,4 +294,21 @@ fn save<H: Hypervisor>(hv: &H, vm: &str, network: Option<&str>) -> Result<Option
 /// Whether a VM record is in a state a slot VM can be watched or saved from.
 pub fn is_making(vm: &VmRec) -> bool {
     vm.for_slot && matches!(vm.state, VmState::Provisioning | VmState::Warming | VmState::Waiting | VmState::Saving)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_are_per_member_in_a_fleet() {
+        let none = |_: &str| false;
+        assert_eq!(missing("small", 2, None, none), ["rv-small-s0", "rv-small-s1"]);
+        assert_eq!(missing("small", 2, None, |s| s == "rv-small-s0"), ["rv-small-s1"]);
+        // Two members on one libvirtd: no name in common.
+        assert_eq!(missing("small", 2, Some(417), none), ["rv-small-s417000", "rv-small-s417001"]);
+        assert_eq!(missing("small", 1, Some(0), none), ["rv-small-s0"]);
+        assert_eq!(index("rv-small-s417001", "small"), Some(1));
+        assert!(hypervisor::is_vm_of_pool("rv-small-s417001", "small"));
+    }
 }

@@ -197,6 +197,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if self.book.vm_of_domain(&info.name).is_some() || !self.is_ours(&info.name) || stale.contains(&info.name) {
                 continue;
             }
+            if info.metadata.as_ref().is_some_and(|m| m.host != host) {
+                continue;
+            }
             if self.book.slots.contains_key(&info.name) {
                 // A saved slot has no domain; one of its name without a record of a VM
                 // restored from it goes, and the slot (its disk, its saved state) stays.

@@ -92,7 +92,8 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
 pub fn counts_as_failure(vm: &VmRec, reason: Reason) -> bool {
     let before_a_job = match vm.state {
         VmState::Booting | VmState::Idle | VmState::TearingDown => true,
-        VmState::Warming | VmState::Waiting | VmState::Binding => !vm.warm,
+        // A restored VM failing here is its slot's fault (the slot is made again).
+        VmState::Warming | VmState::Waiting | VmState::Binding => !vm.warm && vm.slot.is_none(),
         _ => false,
     };
     vm.took_job.is_none()

@@ -43,7 +43,7 @@ pub struct State {
 }
 
 /// Three digits of a member's name (FNV-1a), the tail of its warm VMs' sequence numbers.
-fn member_digits(host: &str) -> u64 {
+pub(super) fn member_digits(host: &str) -> u64 {
     host.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)) % 1000
 }
 

@@ -72,7 +72,7 @@ async fn a_slot_is_saved_with_no_credential_then_restores_a_vm_per_job_one_at_a_
     assert_eq!(restored(&s, 71), None);
     // The next job is restored from the same slot.
     h.deliver(JobAction::Queued, info(73, LABELS, None));
-    let s = h.wait("restored again", |s, _| restored(s, 73).is_some()).await;
+    let s = h.wait("restored again", |s, hv| restored(s, 73).is_some() && hv.lock().delivered.len() == 3).await;
     assert_eq!(restored(&s, 73).unwrap().0, "rv-small-73");
     assert_eq!(h.hv.lock().restored_total, 2);
     let t = h.trace("rv-small-71").await;
