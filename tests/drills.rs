@@ -31,6 +31,8 @@ struct Drill {
     /// A fleet of this many members: the summary adds `hosts=N doubles=D` (jobs run by
     /// more than one runner).
     hosts: Option<usize>,
+    /// More `key=value` figures for the summary line.
+    extra: String,
 }
 
 impl Drill {
@@ -52,7 +54,18 @@ impl Drill {
         let agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
         let (hv, _) = libvirt_on(&spec.storage_pool);
         eprintln!("drill {name}: agent log {}", agent.log.display());
-        Drill { name, labels, sim, agent, hv, expected: Vec::new(), started: Instant::now(), warm: false, hosts: None }
+        Drill {
+            name,
+            labels,
+            sim,
+            agent,
+            hv,
+            expected: Vec::new(),
+            started: Instant::now(),
+            warm: false,
+            hosts: None,
+            extra: String::new(),
+        }
     }
 
     fn labels(&self) -> Vec<&str> {
@@ -135,6 +148,7 @@ impl Drill {
             let (warm, cold) = self.warm_and_cold().await;
             line.push_str(&format!(" warm_hits={warm} cold={cold}"));
         }
+        line.push_str(&self.extra);
         let mut doubles = 0;
         if let Some(hosts) = self.hosts {
             doubles = self.served_counts().await.values().filter(|n| **n > 1).count();
@@ -489,6 +503,14 @@ impl TmpfsPool {
         written
     }
 
+    /// Fills the filesystem but for about `free_mib`.
+    fn fill_leaving(&self, free_mib: u64) -> u64 {
+        let written = self.fill();
+        let keep = written.saturating_sub(free_mib << 20);
+        std::fs::OpenOptions::new().write(true).open(self.dir.join("filler")).unwrap().set_len(keep).unwrap();
+        keep
+    }
+
     fn free(&self) {
         std::fs::remove_file(self.dir.join("filler")).unwrap();
     }
@@ -554,6 +576,132 @@ async fn drill_disk_full() {
     jobs_pool.free();
     d.say("space freed");
     d.finish(Duration::from_secs(400)).await;
+}
+
+/// Snapshot slots under faults: the agent killed (-9) right after a slot's save and at
+/// both steps of a restore, a slot's save file truncated, the storage pool full during a
+/// save; every job served once, the bad slot made again, nothing leaked (the slot itself is
+/// removed at the end by lowering `snapshot_slots` to 0 and reloading).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill snapshot"]
+async fn drill_snapshot() {
+    if !cfg!(feature = "fault-injection") {
+        panic!("run the drills with --features fault-injection (scripts/drill does)");
+    }
+    let jobs_pool = TmpfsPool::new(1024);
+    let storage_pool = jobs_pool.name.clone();
+    let mut d = Drill::new("snapshot", |s| {
+        s.storage_pool = storage_pool;
+        s.pool_extra = "snapshot_slots = 1".into();
+    })
+    .await;
+    let slot = "rv-d-snapshot-s0";
+    let ready = "runnervisor_slots_ready{pool=\"d-snapshot\"} 1\n";
+    let crashed = |d: &mut Drill, step: &str, within: Duration| {
+        let status = wait_exit(&mut d.agent, within);
+        assert!(
+            status.is_some() && d.agent.log_text().contains(&format!("RUNNERVISOR_FAULT_CRASH_AT={step}: aborting")),
+            "the agent did not crash at {step}:\n{}",
+            d.agent.log_tail()
+        );
+        d.say(&format!("agent killed at {step}"));
+    };
+
+    // 1. Killed right after the slot's save, before it is recorded.
+    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "slot-after-save")]);
+    crashed(&mut d, "slot-after-save", VM_TIMEOUT);
+    d.agent.start().await;
+    let agent = &d.agent;
+    wait_for("the slot made again and saved", VM_TIMEOUT, async || agent.metrics().await.contains(ready).then_some(()))
+        .await;
+    assert!(d.vms().is_empty(), "nothing runs while the slot waits");
+    d.say("the slot cut short was made again; killing the agent at both steps of a restore");
+
+    // 2. Killed right after a restore (the restored VM is adopted and serves its job), then
+    //    after a restore's overlay (the VM goes, its job is served again).
+    d.agent.kill9();
+    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "after-restore")]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = d.queue(3.0).await;
+    crashed(&mut d, "after-restore", Duration::from_secs(60));
+    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "after-overlay")]);
+    let sim = &d.sim;
+    wait_for("the job of the vm restored before the crash served", VM_TIMEOUT, async || {
+        (sim.job(a).await["status"] == "completed").then_some(())
+    })
+    .await;
+    assert!(
+        d.agent.log_text().contains("re-adopting a vm whose provisioning finished before the restart"),
+        "{}",
+        d.agent.log_tail()
+    );
+    let agent = &d.agent;
+    wait_for("the slot free again", VM_TIMEOUT, async || agent.metrics().await.contains(ready).then_some(())).await;
+    d.queue(3.0).await;
+    crashed(&mut d, "after-overlay", Duration::from_secs(60));
+    d.agent.start().await;
+    let agent = &d.agent;
+    wait_for("the slot free again", VM_TIMEOUT, async || agent.metrics().await.contains(ready).then_some(())).await;
+    d.say("the restored vm was adopted, the one cut short replaced; truncating the slot's save file");
+
+    // 3. A truncated save file: the job boots cold, the slot is made again; meanwhile the
+    //    storage pool fills up, so the first re-made slot's save fails.
+    let save = jobs_pool.dir.join(format!("{slot}.save"));
+    std::fs::OpenOptions::new().write(true).open(&save).unwrap().set_len(1 << 20).unwrap();
+    let b = d.queue(3.0).await;
+    let agent = &d.agent;
+    wait_for("the restore to fail", Duration::from_secs(60), async || {
+        agent.log_text().contains("cannot restore the vm from its snapshot slot").then_some(())
+    })
+    .await;
+    wait_for("the broken slot removed", Duration::from_secs(60), async || (!save.exists()).then_some(())).await;
+    let kept = jobs_pool.fill_leaving(100);
+    d.say(&format!("restore failed, slot removed; pool filled but for ~100 MiB ({} MiB of filler)", kept >> 20));
+    let agent = &d.agent;
+    wait_for("a save to fail on the full pool", VM_TIMEOUT, async || {
+        agent.log_text().contains("cannot save the snapshot slot").then_some(())
+    })
+    .await;
+    d.say("the save failed on the full pool; freeing space");
+    jobs_pool.free();
+    let sim = &d.sim;
+    let agent = &d.agent;
+    wait_for("the cold job served and the slot made again", VM_TIMEOUT, async || {
+        (sim.job(b).await["status"] == "completed" && agent.metrics().await.contains(ready)).then_some(())
+    })
+    .await;
+    let c = d.queue(3.0).await;
+    let sim = &d.sim;
+    wait_for("a job restored from the new slot", VM_TIMEOUT, async || {
+        (sim.job(c).await["status"] == "completed").then_some(())
+    })
+    .await;
+
+    // 4. Slots lowered to 0 (a reload): the slot goes with everything it holds.
+    // Which runners ran on restored VMs, across the agent's restarts: the VMs whose
+    // restore began (the log), against the runners that ran jobs (the simulator).
+    let log = d.agent.log_text();
+    let restores: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter(|l| l.contains("restoring a vm from a snapshot slot"))
+        .filter_map(|l| l.split(" vm=").nth(1)?.split_whitespace().next())
+        .collect();
+    let (mut restored, mut cold) = (0, 0);
+    for (runner, r) in d.sim.runner_history().await.as_object().unwrap() {
+        let n = r["jobs"].as_array().unwrap().len();
+        if restores.contains(runner.as_str()) { restored += n } else { cold += n }
+    }
+    let metrics = d.agent.metrics().await;
+    let failures: Vec<&str> = metrics.lines().filter(|l| l.starts_with("runnervisor_slot_failures_total{")).collect();
+    d.say(&format!("restored={restored} cold={cold}; {}", failures.join(", ")));
+    assert!(restored >= 2 && cold >= 1, "both paths ran: restored={restored} cold={cold}");
+    assert_eq!(failures.len(), 2, "a failed restore and a failed save: {failures:?}");
+    let config = std::fs::read_to_string(&d.agent.config).unwrap();
+    std::fs::write(&d.agent.config, config.replace("snapshot_slots = 1", "snapshot_slots = 0")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(d.agent.child.as_ref().unwrap().id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.extra = format!(" restored={restored} cold={cold}");
+    d.finish(Duration::from_secs(300)).await;
 }
 
 /// The fence on real VMs: a job (root in its VM) probes everything it must not reach —

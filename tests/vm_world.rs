@@ -195,7 +195,10 @@ async fn the_fence_filter_is_redefined_in_place() {
 /// waits on its bind port again, takes a JIT runner of its own and runs a job that reports
 /// its kernel RNG's output and its clock. Bound as the agent binds (with fresh entropy and
 /// the clock), two restores see different random bytes and the right time; bound without
-/// (the control), two restores see the same bytes, and the clock of the save.
+/// (the control), two restores see the clock of the save, and still different bytes: the
+/// domain's `<genid/>` gets a new VM generation ID at each restore, from which this image's
+/// kernel reseeds (without `<genid/>`, this control saw the same bytes in both restores,
+/// 2026-12-02 and 2026-12-03: then only the bind message's entropy made them differ).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_time() {
     let sim = std::sync::Arc::new(Sim::start(None, |_| {}).await);
@@ -251,14 +254,20 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     );
     let mut seen = std::collections::BTreeMap::new();
     let mut credentials = Vec::new();
+    let mut genids = std::collections::BTreeSet::new();
     for (runner, fresh) in &restores {
         // The saved disk is the base: each restore writes to an overlay of its own.
         let overlay = hv.create_overlay(runner, &base, 4 << 30).unwrap();
         let at = Instant::now();
-        hv.restore(&name, &overlay).unwrap();
+        let log = console_dir().join(format!("{runner}.log"));
+        hv.restore(&name, &overlay, &log).unwrap();
         let restored = at.elapsed();
         let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "dumpxml", &name]));
         assert!(dumped.contains(&overlay.to_string_lossy().into_owned()), "restored onto its overlay:\n{dumped}");
+        assert!(dumped.contains(&log.to_string_lossy().into_owned()), "its own console log:\n{dumped}");
+        // libvirt gives each restore a new VM generation ID.
+        let genid = dumped.split("<genid>").nth(1).and_then(|r| r.split('<').next()).expect("a genid").to_string();
+        assert!(genids.insert(genid), "a new genid at each restore:\n{dumped}");
         wait_for("the restored guest to wait on its port", Duration::from_secs(60), async || {
             hv.guest_waiting(&name).unwrap().then_some(())
         })
@@ -325,7 +334,7 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     assert!(sim.runners().await.is_empty(), "each ephemeral runner de-registered after its job");
     let bytes = |t: &str| &seen[&format!("{name}{t}")];
     assert_ne!(bytes("r1"), bytes("r2"), "fresh entropy at bind: each restored VM's kernel RNG is its own");
-    assert_eq!(bytes("c1"), bytes("c2"), "the control: without it, VMs restored from one save share their RNG output");
+    assert_ne!(bytes("c1"), bytes("c2"), "without fresh entropy at bind, the new VM generation ID reseeds the RNG");
     // Nothing of any job's credential reached the slot's saved state or its disk.
     for file in [save, base] {
         let bytes = std::fs::read(&file).unwrap();

@@ -125,6 +125,11 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     let mut x = Xml::default();
     x.open("domain", &[("type", spec.domain_type.as_str())]);
     x.text("name", &[], spec.name);
+    // A VM generation ID (ACPI vmgenid), which libvirt generates anew at each restore from
+    // a saved state: a guest kernel with vmgenid support (CONFIG_VMGENID, Linux 5.18+)
+    // reseeds its RNG at once when it changes (the bind message's entropy does it in any
+    // case).
+    x.empty("genid", &[]);
     x.text("title", &[], spec.title);
     x.text("description", &[], spec.description);
     x.open("metadata", &[]);
@@ -312,20 +317,41 @@ pub fn with_uuid(xml: &str, uuid: &str) -> String {
 }
 
 /// A saved domain's XML (`virDomainSaveImageGetXMLDesc`) with the disk whose source file
-/// is `from` at `to` instead: libvirt restores a saved domain onto another disk path, and
-/// refuses any other change (name, UUID, MAC, devices). Only that attribute's value is
-/// replaced, escaped, so the rest stays byte for byte what libvirt wrote. `None` when no
-/// disk has that source.
-pub fn with_disk_source(xml: &str, from: &Path, to: &Path) -> Option<String> {
+/// is `from` at `to` instead, and when `console_log` is given, the serial console's log
+/// file (a host path, no part of the guest's ABI) at `console_log`, so that a VM restored
+/// has a console log of its own, not the saved VM's (which each restore would truncate).
+/// libvirt restores a saved domain onto other host paths and refuses any other change
+/// (name, UUID, MAC, devices). Only those attributes' values are replaced, escaped, so the
+/// rest stays byte for byte what libvirt wrote. `None` when no disk has that source.
+pub fn for_restore(xml: &str, from: &Path, to: &Path, console_log: Option<&Path>) -> Option<String> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     let from = from.to_str()?;
-    let attr = doc
+    let disk = doc
         .descendants()
         .filter(|n| n.has_tag_name("disk"))
         .filter_map(|d| d.children().find(|c| c.has_tag_name("source")))
         .find_map(|src| src.attributes().find(|a| a.name() == "file" && a.value() == from))?;
-    let range = attr.range_value();
-    Some(format!("{}{}{}", &xml[..range.start], escape(to.to_str()?), &xml[range.end..]))
+    let mut edits = vec![(disk.range_value(), escape(to.to_str()?))];
+    if let Some(log) = console_log {
+        let log = escape(log.to_str()?);
+        for dev in doc.descendants().filter(|n| n.has_tag_name("serial") || n.has_tag_name("console")) {
+            if dev.attribute("type") != Some("file") {
+                continue;
+            }
+            let paths = dev
+                .children()
+                .filter(|c| c.has_tag_name("source"))
+                .filter_map(|s| s.attributes().find(|a| a.name() == "path").map(|a| a.range_value()));
+            edits.extend(paths.map(|r| (r, log.clone())));
+        }
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    edits.dedup_by_key(|(r, _)| r.start);
+    let mut out = xml.to_string();
+    for (range, value) in edits {
+        out.replace_range(range, &value);
+    }
+    Some(out)
 }
 
 /// The host's security models from libvirt's capabilities (`<host><secmodel><model>`).
@@ -422,6 +448,7 @@ mod tests {
         let text =
             |tag: &str| root.descendants().find(|n| n.has_tag_name(tag)).and_then(|n| n.text()).map(str::to_string);
         assert_eq!(text("name").as_deref(), Some("rv-small-30000000001"));
+        assert!(root.children().any(|n| n.has_tag_name("genid") && n.text().is_none()), "libvirt makes the genid");
         assert_eq!(text("title").as_deref(), Some("a<b>&c'd\"e]]>"), "control chars dropped, the rest exact");
         assert_eq!(text("kernel").as_deref(), Some("/img/vmlinuz"));
         assert_eq!(text("cmdline").as_deref(), Some("root=LABEL=root rw console=ttyS0 quiet"));
@@ -537,25 +564,30 @@ mod tests {
     }
 
     #[test]
-    fn a_saved_domain_is_restored_onto_another_disk_and_nothing_else_changes() {
+    fn a_saved_domain_is_restored_onto_another_disk_and_console_log_and_nothing_else_changes() {
         let saved = "<domain type='qemu'><name>rv-slot-1</name><devices>\n\
                      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
                      <source file='/pool/rv-slot-1-overlay.qcow2' index='2'/><target dev='vda' bus='virtio'/></disk>\n\
                      <disk type='file' device='disk'><source file='/pool/rv-slot-1-seed.img'/></disk>\
+                     <serial type='file'><source path='/log/rv-slot-1.log' append='off'/><target port='0'/></serial>\
+                     <console type='file'><source path='/log/rv-slot-1.log' append='off'/><target type='serial'/></console>\
+                     <channel type='unix'><source mode='bind' path='/run/x.sock'/></channel>\
                      </devices></domain>";
-        let out =
-            with_disk_source(saved, Path::new("/pool/rv-slot-1-overlay.qcow2"), Path::new("/pool/a&b'.qcow2")).unwrap();
-        assert_eq!(
-            out,
-            saved.replace("/pool/rv-slot-1-overlay.qcow2", "/pool/a&amp;b&apos;.qcow2"),
-            "one attribute, escaped"
-        );
+        let (disk, to) = (Path::new("/pool/rv-slot-1-overlay.qcow2"), Path::new("/pool/a&b'.qcow2"));
+        let out = for_restore(saved, disk, to, None).unwrap();
+        assert_eq!(out, saved.replace(disk.to_str().unwrap(), "/pool/a&amp;b&apos;.qcow2"), "one attribute, escaped");
         let doc = roxmltree::Document::parse(&out).unwrap();
         let sources: Vec<_> =
             doc.descendants().filter(|n| n.has_tag_name("source")).filter_map(|n| n.attribute("file")).collect();
         assert_eq!(sources, ["/pool/a&b'.qcow2", "/pool/rv-slot-1-seed.img"]);
-        assert_eq!(with_disk_source(saved, Path::new("/pool/other.qcow2"), Path::new("/x")), None);
-        assert_eq!(with_disk_source("not xml", Path::new("/a"), Path::new("/b")), None);
+        let out = for_restore(saved, disk, Path::new("/pool/j.qcow2"), Some(Path::new("/log/rv-p-7.log"))).unwrap();
+        assert_eq!(
+            out,
+            saved.replace(disk.to_str().unwrap(), "/pool/j.qcow2").replace("/log/rv-slot-1.log", "/log/rv-p-7.log"),
+            "the console's log (serial and console) too, nothing else"
+        );
+        assert_eq!(for_restore(saved, Path::new("/pool/other.qcow2"), Path::new("/x"), None), None);
+        assert_eq!(for_restore("not xml", Path::new("/a"), Path::new("/b"), None), None);
     }
 
     #[test]

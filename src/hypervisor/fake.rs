@@ -340,7 +340,7 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
-    fn restore(&self, saved: &str, disk: &Path) -> Result<(), HvError> {
+    fn restore(&self, saved: &str, disk: &Path, console_log: &Path) -> Result<(), HvError> {
         let mut s = self.up()?;
         if !s.volumes.contains(&save_volume_name(saved)) || !s.volumes.contains(&overlay_volume_name(saved)) {
             return Err(missing("lookup volume", &save_volume_name(saved)));
@@ -360,7 +360,8 @@ impl Hypervisor for FakeHypervisor {
             });
         }
         let base = PathBuf::from("/fake").join(overlay_volume_name(saved));
-        let xml = domain_xml::with_disk_source(&xml, &base, disk).ok_or_else(|| missing("restore disk", saved))?;
+        let xml = domain_xml::for_restore(&xml, &base, disk, Some(console_log))
+            .ok_or_else(|| missing("restore disk", saved))?;
         s.domains.insert(saved.to_string(), (DomainState::Running, xml));
         s.restored_total += 1;
         let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
@@ -394,12 +395,12 @@ mod tests {
         hv.start("rv-s-1").unwrap();
         hv.save("rv-s-1").unwrap();
         assert!(!hv.lock().domains.contains_key("rv-s-1"), "saved: undefined");
-        hv.restore("rv-s-1", Path::new("/p/job.qcow2")).unwrap();
+        hv.restore("rv-s-1", Path::new("/p/job.qcow2"), Path::new("/log/j.log")).unwrap();
         let (state, now) = hv.lock().domains["rv-s-1"].clone();
         assert_eq!(state, DomainState::Running);
         assert!(now.contains("/p/job.qcow2") && !now.contains("rv-s-1.qcow2"), "{now}");
-        assert!(hv.restore("rv-s-1", Path::new("/p/job2.qcow2")).is_err(), "one at a time");
-        assert!(hv.restore("rv-none", Path::new("/b")).is_err());
+        assert!(hv.restore("rv-s-1", Path::new("/p/job2.qcow2"), Path::new("/l")).is_err(), "one at a time");
+        assert!(hv.restore("rv-none", Path::new("/b"), Path::new("/l")).is_err());
         hv.teardown("rv-s-1");
         assert!(hv.lock().volumes.is_empty() && hv.lock().saved.is_empty());
     }

@@ -612,7 +612,7 @@ impl Hypervisor for Libvirt {
         Ok(())
     }
 
-    fn restore(&self, saved: &str, disk: &Path) -> Result<(), HvError> {
+    fn restore(&self, saved: &str, disk: &Path, console_log: &Path) -> Result<(), HvError> {
         let conn = self.conn()?;
         let pool = self.storage_pool(&conn)?;
         let path = |name: &str| -> Result<String, HvError> {
@@ -623,10 +623,12 @@ impl Hypervisor for Libvirt {
         let xml = conn
             .save_image_xml_desc(&file, sys::VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
             .map_err(|e| self.err("read save image", saved, e))?;
-        let xml = domain_xml::with_disk_source(&xml, Path::new(&base), disk).ok_or_else(|| HvError::Libvirt {
-            op: "restore",
-            name: saved.to_string(),
-            message: format!("the saved domain has no disk at {base} (or a path is not UTF-8)"),
+        let xml = domain_xml::for_restore(&xml, Path::new(&base), disk, Some(console_log)).ok_or_else(|| {
+            HvError::Libvirt {
+                op: "restore",
+                name: saved.to_string(),
+                message: format!("the saved domain has no disk at {base} (or a path is not UTF-8)"),
+            }
         })?;
         conn.restore_domain_flags(&file, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
             .map_err(|e| self.err("restore", saved, e))

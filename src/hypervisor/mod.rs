@@ -218,9 +218,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// change from then on, is the base of every restore.
     fn save(&self, vm: &str) -> Result<(), HvError>;
     /// Starts, running, the domain saved by [`Hypervisor::save`]`(saved)`, its disk now
-    /// `disk` (a fresh overlay of the saved VM's overlay): libvirt allows another disk
-    /// path, nothing else (the domain keeps the name `saved`), so one runs at a time.
-    fn restore(&self, saved: &str, disk: &Path) -> Result<(), HvError>;
+    /// `disk` (a fresh overlay of the saved VM's overlay) and its serial console logged to
+    /// `console_log`: libvirt allows other host paths, nothing else (the domain keeps the
+    /// name `saved`), so one runs at a time.
+    fn restore(&self, saved: &str, disk: &Path, console_log: &Path) -> Result<(), HvError>;
 }
 
 /// Most bytes read from a guest's bind port while waiting for its acknowledgement.

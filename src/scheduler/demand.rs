@@ -208,18 +208,17 @@ mod tests {
     use crate::scheduler::fixtures::{job, vm};
     use std::time::SystemTime;
 
+    const OPEN: Gate = Gate { hold: false, draining: false, host_room: usize::MAX };
+
+    /// A pool of 3 VMs, surplus for a minute, `warm` warm VMs, lacking `slots_missing` slots.
+    fn limits(warm: usize, slots_missing: usize) -> Limits {
+        Limits { max_vms: 3, idle_timeout: Duration::from_secs(60), per_repository: None, warm, slots_missing }
+    }
+
     #[test]
     fn plans() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let now = Instant::now();
-        let limits = Limits {
-            max_vms: 3,
-            idle_timeout: Duration::from_secs(60),
-            per_repository: None,
-            warm: 0,
-            slots_missing: 0,
-        };
-        let open = Gate { hold: false, draining: false, host_room: usize::MAX };
+        let (t0, now) = (SystemTime::UNIX_EPOCH + Duration::from_secs(1000), Instant::now());
+        let (limits, open) = (limits(0, 0), OPEN);
         let q = |id| job(id, "p", "o/r", JobState::Queued, id);
         let v = |name: &str, job_id, state, age: u64| vm(name, "p", job_id, state, t0 + Duration::from_secs(age));
         use VmState::*;
@@ -278,16 +277,8 @@ mod tests {
 
     #[test]
     fn warm_plans() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let now = Instant::now();
-        let limits = Limits {
-            max_vms: 3,
-            idle_timeout: Duration::from_secs(60),
-            per_repository: None,
-            warm: 2,
-            slots_missing: 0,
-        };
-        let open = Gate { hold: false, draining: false, host_room: usize::MAX };
+        let (t0, now) = (SystemTime::UNIX_EPOCH + Duration::from_secs(1000), Instant::now());
+        let (limits, open) = (limits(2, 0), OPEN);
         let q = |id| job(id, "p", "o/r", JobState::Queued, id);
         let v = |name: &str, job_id, state, age: u64| vm(name, "p", job_id, state, t0 + Duration::from_secs(age));
         let w = |name: &str, state, age: u64| VmRec { warm: true, repository: String::new(), ..v(name, 0, state, age) };
@@ -358,16 +349,8 @@ mod tests {
 
     #[test]
     fn slot_plans() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let now = Instant::now();
-        let limits = Limits {
-            max_vms: 3,
-            idle_timeout: Duration::from_secs(60),
-            per_repository: None,
-            warm: 0,
-            slots_missing: 2,
-        };
-        let open = Gate { hold: false, draining: false, host_room: usize::MAX };
+        let (t0, now) = (SystemTime::UNIX_EPOCH + Duration::from_secs(1000), Instant::now());
+        let (limits, open) = (limits(0, 2), OPEN);
         let q = |id| job(id, "p", "o/r", JobState::Queued, id);
         let making = |name: &str, state| VmRec {
             warm: true,

@@ -20,7 +20,9 @@ use crate::model::{SlotRec, VmRec};
 
 /// Test hook for the kill-9 drill: `RUNNERVISOR_FAULT_CRASH_AT=<step>` aborts the process
 /// right after that step (`after-persist`, `after-overlay`, `after-seed`, `after-define`,
-/// `after-start`; binding a VM to its job: `bind-after-credential`, `bind-after-delivery`). Compiled only with the `fault-injection`
+/// `after-start`; restoring from a snapshot slot: `after-overlay`, `after-restore`; saving a
+/// slot: `slot-after-save`; binding a VM to its job: `bind-after-credential`,
+/// `bind-after-delivery`). Compiled only with the `fault-injection`
 /// feature (`scripts/drill` enables it); otherwise it does nothing.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
@@ -238,10 +240,16 @@ async fn restore<G, H: Hypervisor>(
     })?;
     crash_point("after-overlay");
     let (hv, s) = (ctx.hv.clone(), slot.name.clone());
-    blocking(move || hv.restore(&s, &overlay)).await.map_err(ProvisionError::Restore)?;
+    let console_log = console_log(ctx, name);
+    blocking(move || hv.restore(&s, &overlay, &console_log)).await.map_err(ProvisionError::Restore)?;
     crash_point("after-restore");
     let took = started.elapsed();
     Ok(Provisioned { took, defined: took })
+}
+
+/// Where the VM's serial console is logged (restored VMs too: not their slot's file).
+fn console_log<G, H>(ctx: &Ctx<G, H>, vm: &str) -> std::path::PathBuf {
+    ctx.config.libvirt.console_log_dir.join(format!("{vm}.log"))
 }
 
 /// The VM's runnervisor metadata, as its domain carries it.
@@ -253,7 +261,7 @@ fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec) -> VmMetadata {
         pool: vm.pool.clone(),
         runner_name: vm.name.clone(),
         created: vm.created_at,
-        console_log: ctx.config.libvirt.console_log_dir.join(format!("{}.log", vm.name)),
+        console_log: console_log(ctx, &vm.name),
         job_url: vm.job_url.clone(),
         warm: vm.warm && vm.job_id == 0,
         host: ctx.config.fleet.as_ref().map(|f| f.host_id()),

@@ -288,6 +288,7 @@ fn save<H: Hypervisor>(hv: &H, vm: &str, network: Option<&str>) -> Result<Option
         None => None,
     };
     hv.save(vm)?;
+    super::provision::crash_point("slot-after-save");
     Ok(address)
 }
 
