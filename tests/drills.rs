@@ -624,7 +624,7 @@ async fn drill_snapshot() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let a = d.queue(3.0).await;
     crashed(&mut d, "after-restore", Duration::from_secs(60));
-    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "after-overlay")]);
+    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "restore-after-overlay")]);
     let sim = &d.sim;
     wait_for("the job of the vm restored before the crash served", VM_TIMEOUT, async || {
         (sim.job(a).await["status"] == "completed").then_some(())
@@ -637,11 +637,17 @@ async fn drill_snapshot() {
     );
     let agent = &d.agent;
     wait_for("the slot free again", VM_TIMEOUT, async || agent.metrics().await.contains(ready).then_some(())).await;
-    d.queue(3.0).await;
-    crashed(&mut d, "after-overlay", Duration::from_secs(60));
+    let j2 = d.queue(3.0).await;
+    crashed(&mut d, "restore-after-overlay", Duration::from_secs(60));
     d.agent.start().await;
+    // Its VM cut short goes; the job is served again (restored, or cold if the slot was
+    // still held by that VM's teardown when it was served).
+    let sim = &d.sim;
     let agent = &d.agent;
-    wait_for("the slot free again", VM_TIMEOUT, async || agent.metrics().await.contains(ready).then_some(())).await;
+    wait_for("that job served and the slot free again", VM_TIMEOUT, async || {
+        (sim.job(j2).await["status"] == "completed" && agent.metrics().await.contains(ready)).then_some(())
+    })
+    .await;
     d.say("the restored vm was adopted, the one cut short replaced; truncating the slot's save file");
 
     // 3. A truncated save file: the job boots cold, the slot is made again; meanwhile the
@@ -650,8 +656,12 @@ async fn drill_snapshot() {
     std::fs::OpenOptions::new().write(true).open(&save).unwrap().set_len(1 << 20).unwrap();
     let b = d.queue(3.0).await;
     let agent = &d.agent;
-    wait_for("the restore to fail", Duration::from_secs(60), async || {
-        agent.log_text().contains("cannot restore the vm from its snapshot slot").then_some(())
+    let failed = format!("job_id={b} slot={slot}");
+    wait_for("its restore to fail", Duration::from_secs(60), async || {
+        let log = agent.log_text();
+        log.lines()
+            .any(|l| l.contains("cannot restore the vm from its snapshot slot") && l.contains(&failed))
+            .then_some(())
     })
     .await;
     wait_for("the broken slot removed", Duration::from_secs(60), async || (!save.exists()).then_some(())).await;

@@ -195,10 +195,10 @@ async fn the_fence_filter_is_redefined_in_place() {
 /// waits on its bind port again, takes a JIT runner of its own and runs a job that reports
 /// its kernel RNG's output and its clock. Bound as the agent binds (with fresh entropy and
 /// the clock), two restores see different random bytes and the right time; bound without
-/// (the control), two restores see the clock of the save, and still different bytes: the
-/// domain's `<genid/>` gets a new VM generation ID at each restore, from which this image's
-/// kernel reseeds (without `<genid/>`, this control saw the same bytes in both restores,
-/// 2026-12-02 and 2026-12-03: then only the bind message's entropy made them differ).
+/// (the control), two restores see the clock of the save, and their random bytes are
+/// printed, not asserted: without `<genid/>` they were the same in both runs recorded,
+/// with it (a new VM generation ID libvirt gives each restore) different in 2 of 3
+/// (2026-12-02/03): a reseed of the guest kernel's own, not one to count on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_time() {
     let sim = std::sync::Arc::new(Sim::start(None, |_| {}).await);
@@ -334,7 +334,10 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
     assert!(sim.runners().await.is_empty(), "each ephemeral runner de-registered after its job");
     let bytes = |t: &str| &seen[&format!("{name}{t}")];
     assert_ne!(bytes("r1"), bytes("r2"), "fresh entropy at bind: each restored VM's kernel RNG is its own");
-    assert_ne!(bytes("c1"), bytes("c2"), "without fresh entropy at bind, the new VM generation ID reseeds the RNG");
+    eprintln!(
+        "the control, bound without fresh entropy: same random bytes in both restores: {}",
+        bytes("c1") == bytes("c2")
+    );
     // Nothing of any job's credential reached the slot's saved state or its disk.
     for file in [save, base] {
         let bytes = std::fs::read(&file).unwrap();

@@ -126,9 +126,9 @@ pub fn domain(spec: &DomainSpec<'_>) -> String {
     x.open("domain", &[("type", spec.domain_type.as_str())]);
     x.text("name", &[], spec.name);
     // A VM generation ID (ACPI vmgenid), which libvirt generates anew at each restore from
-    // a saved state: a guest kernel with vmgenid support (CONFIG_VMGENID, Linux 5.18+)
-    // reseeds its RNG at once when it changes (the bind message's entropy does it in any
-    // case).
+    // a saved state: a guest kernel with the vmgenid driver reseeds its RNG when it changes
+    // (the bind message's entropy does it in any case; with the test image's kernel, two
+    // restores without it drew different bytes in 2 of 3 runs: not a reseed to count on).
     x.empty("genid", &[]);
     x.text("title", &[], spec.title);
     x.text("description", &[], spec.description);

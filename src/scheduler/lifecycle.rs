@@ -316,7 +316,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         let plan = self.plan(vm.clone(), pool, workflow, job_name);
         self.book.touch_job(job_id);
-        // A restored runner counts once restored: a failed restore goes cold.
+        // A restored runner counts once bound (`warm.rs`): a failed restore goes cold.
         if self.launch(vm, plan) && !restoring {
             self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&pool.name, "cold")).inc();
         }
@@ -381,7 +381,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.provision_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(took.as_secs_f64());
                 match &vm.slot {
                     Some(slot) => {
-                        self.metrics.job_runners.get_or_create(&metrics::PathLabels::new(&vm.pool, "restored")).inc();
                         info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, slot = %slot, duration_ms = took.as_millis() as u64, "vm restored from slot")
                     }
                     None => {

@@ -20,7 +20,7 @@ use crate::model::{SlotRec, VmRec};
 
 /// Test hook for the kill-9 drill: `RUNNERVISOR_FAULT_CRASH_AT=<step>` aborts the process
 /// right after that step (`after-persist`, `after-overlay`, `after-seed`, `after-define`,
-/// `after-start`; restoring from a snapshot slot: `after-overlay`, `after-restore`; saving a
+/// `after-start`; restoring from a snapshot slot: `restore-after-overlay`, `after-restore`; saving a
 /// slot: `slot-after-save`; binding a VM to its job: `bind-after-credential`,
 /// `bind-after-delivery`). Compiled only with the `fault-injection`
 /// feature (`scripts/drill` enables it); otherwise it does nothing.
@@ -231,20 +231,28 @@ async fn restore<G, H: Hypervisor>(
         }
     }
     let (hv, base) = (ctx.hv.clone(), hypervisor::overlay_volume_name(&slot.name));
-    let base = blocking(move || hv.volume_path(&base)).await.map_err(ProvisionError::Restore)?;
+    let base = blocking(move || hv.volume_path(&base)).await.map_err(restore_error)?;
     let (hv, n) = (ctx.hv.clone(), name.to_string());
     // A full pool is the host's; any other failure here is the base's (the slot's).
     let overlay = blocking(move || hv.create_overlay(&n, &base, disk)).await.map_err(|e| match e {
         e @ HvError::PoolFull { .. } => ProvisionError::Overlay(e),
-        e => ProvisionError::Restore(e),
+        e => restore_error(e),
     })?;
-    crash_point("after-overlay");
+    crash_point("restore-after-overlay");
     let (hv, s) = (ctx.hv.clone(), slot.name.clone());
     let console_log = console_log(ctx, name);
-    blocking(move || hv.restore(&s, &overlay, &console_log)).await.map_err(ProvisionError::Restore)?;
+    blocking(move || hv.restore(&s, &overlay, &console_log)).await.map_err(restore_error)?;
     crash_point("after-restore");
     let took = started.elapsed();
     Ok(Provisioned { took, defined: took })
+}
+
+/// A restore's failure: the slot's, unless libvirt itself is away (the host's).
+fn restore_error(e: HvError) -> ProvisionError {
+    match e {
+        e @ HvError::Unavailable { .. } => ProvisionError::Domain(e),
+        e => ProvisionError::Restore(e),
+    }
 }
 
 /// Where the VM's serial console is logged (restored VMs too: not their slot's file).

@@ -82,12 +82,6 @@ pub fn missing(pool: &str, wanted: usize, member: Option<u64>, taken: impl Fn(&s
     (first..first + wanted).map(|n| hypervisor::slot_name(pool, n)).filter(|s| !taken(s)).collect()
 }
 
-/// The index of slot `name` of `pool` among the pool's slots (its number without the
-/// member's digits).
-pub fn index(name: &str, pool: &str) -> Option<usize> {
-    hypervisor::slot_of_pool(name, pool).map(|n| n % 1000)
-}
-
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// What `pool`'s slots must be made from now.
     fn current_made_from(&mut self, pool: &PoolConfig) -> String {
@@ -118,10 +112,27 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .collect()
     }
 
+    /// The member's digits in its slots' numbers, in a fleet.
+    fn member(&self) -> Option<u64> {
+        self.fleet.as_ref().map(|f| super::warm::member_digits(&f.host))
+    }
+
+    /// Whether `name` is a slot name this member does not make: another fleet member's
+    /// on a shared libvirt (its saved state, disk and address are that member's, even
+    /// with no domain running), or one of numbers this member no longer uses.
+    pub(super) fn foreign_slot(&self, name: &str) -> bool {
+        let mine = self.member().map_or(0, |m| m as usize);
+        self.config
+            .pools
+            .iter()
+            .find_map(|p| hypervisor::slot_of_pool(name, &p.name))
+            .is_some_and(|n| n / 1000 != mine && !self.book.slots.contains_key(name))
+    }
+
     /// Slots the pool lacks (neither saved nor being made).
     pub(super) fn slots_missing(&self, pool: &PoolConfig) -> usize {
         let book = &self.book;
-        let member = self.fleet.as_ref().map(|f| super::warm::member_digits(&f.host));
+        let member = self.member();
         missing(&pool.name, pool.snapshot_slots, member, |s| book.slots.contains_key(s) || book.vms.contains_key(s))
             .len()
     }
@@ -129,7 +140,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Boots a VM to be saved as the pool's first missing slot.
     pub(super) fn start_slot(&mut self, pool: &PoolConfig) {
         let book = &self.book;
-        let member = self.fleet.as_ref().map(|f| super::warm::member_digits(&f.host));
+        let member = self.member();
         let Some(name) = missing(&pool.name, pool.snapshot_slots, member, |s| {
             book.slots.contains_key(s) || book.vms.contains_key(s)
         })
@@ -245,11 +256,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// A restore from `slot` failed for the VM `vm` (its job boots cold): the slot goes and
     /// is made again.
     pub(super) fn slot_failed(&mut self, vm: &VmRec, slot: &str) {
+        self.warm.cold_only.insert(vm.job_id);
         if !self.slots.broken.insert(slot.to_string()) {
             return;
         }
         self.metrics.slot_failures.get_or_create(&StepLabels::new(&vm.pool, "restore")).inc();
-        self.warm.cold_only.insert(vm.job_id);
+        // A pool whose slots keep failing must not re-make them at the pace of its jobs.
+        self.bump_backoff(&vm.pool);
     }
 
     /// Removes the slots that are no longer right and not in use: made from another image
@@ -263,7 +276,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let why = match self.config.pool(&slot.pool) {
                 None => "its pool is removed",
                 Some(p) if p.retiring => "its pool is removed",
-                Some(p) if index(&slot.name, &p.name).is_none_or(|n| n >= p.snapshot_slots) => {
+                // Beyond `snapshot_slots`, or named for another member number (made before
+                // a fleet or host id change): this member makes its own.
+                Some(p) if !missing(&p.name, p.snapshot_slots, self.member(), |_| false).contains(&slot.name) => {
                     "snapshot_slots is lower"
                 }
                 Some(_) if self.slots.broken.contains(&slot.name) => "its restore failed",
@@ -309,7 +324,6 @@ mod tests {
         // Two members on one libvirtd: no name in common.
         assert_eq!(missing("small", 2, Some(417), none), ["rv-small-s417000", "rv-small-s417001"]);
         assert_eq!(missing("small", 1, Some(0), none), ["rv-small-s0"]);
-        assert_eq!(index("rv-small-s417001", "small"), Some(1));
         assert!(hypervisor::is_vm_of_pool("rv-small-s417001", "small"));
     }
 }

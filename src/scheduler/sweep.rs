@@ -212,9 +212,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 });
                 continue;
             }
-            if info.metadata.as_ref().is_some_and(|m| m.host != host) {
-                continue;
-            }
             self.adopt(info);
         }
         match volumes {
@@ -267,6 +264,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if self.book.vms.contains_key(owner)
                 || self.book.slots.contains_key(owner)
                 || !self.is_ours(owner)
+                || self.foreign_slot(owner)
                 || stale.contains(owner)
             {
                 continue;
@@ -293,7 +291,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let strays: Vec<String> = holders
             .into_iter()
             .filter(|vm| !self.book.vms.contains_key(vm) && !self.book.slots.contains_key(vm))
-            .filter(|vm| self.is_ours(vm) && !domains.contains(vm.as_str()))
+            .filter(|vm| self.is_ours(vm) && !self.foreign_slot(vm) && !domains.contains(vm.as_str()))
             .filter(|vm| !stale.contains(vm))
             .collect();
         let since = &mut self.sweep.stray_addresses;

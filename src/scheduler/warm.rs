@@ -229,9 +229,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Ok(times) => {
                 let total = times.credential + times.delivery;
-                if vm.warm {
-                    // A cold VM was counted when it was made for its job.
-                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, "warm")).inc();
+                // A cold VM was counted when it was made for its job.
+                let path = if vm.warm { Some("warm") } else { vm.slot.as_ref().map(|_| "restored") };
+                if let Some(path) = path {
+                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, path)).inc();
                 }
                 self.metrics.bind_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(total.as_secs_f64());
                 info!(
