@@ -96,6 +96,10 @@ pub struct VmMetadata {
     pub warm: bool,
     /// Fleet mode: the member that made it (each member touches only its own VMs).
     pub host: Option<String>,
+    /// A VM booted to be saved as a snapshot slot: what it was made from
+    /// (`scheduler::slots::made_from`), so that a saved slot found without a record can be
+    /// told right or stale from its saved state alone.
+    pub made_from: Option<String>,
 }
 
 /// Everything the domain XML is made from.
@@ -248,6 +252,9 @@ fn metadata_element(x: &mut Xml, m: &VmMetadata, prefixed: bool) {
     if let Some(host) = &m.host {
         x.text(&tag("host"), &[], host);
     }
+    if let Some(made_from) = &m.made_from {
+        x.text(&tag("made-from"), &[], made_from);
+    }
     x.close();
 }
 
@@ -295,7 +302,15 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
         job_url: get("job-url").unwrap_or_default(),
         warm: get("warm").is_some_and(|w| w == "true"),
         host: get("host").filter(|h| !h.is_empty()),
+        made_from: get("made-from"),
     })
+}
+
+/// The runnervisor metadata of a whole domain XML (a saved state's, say).
+pub fn metadata_of_domain(xml: &str) -> Option<VmMetadata> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let md = doc.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS) && n.has_tag_name("vm"))?;
+    parse_metadata(&xml[md.range()])
 }
 
 /// `xml` (a libvirt object definition) with `<uuid>` as its root's first child, so that
@@ -415,6 +430,7 @@ mod tests {
             job_url: format!("https://github.com/octo-org/x/actions/runs/1/job/2?{NASTY}"),
             warm: false,
             host: Some(format!("hv-{NASTY}")),
+            made_from: Some(format!("image /i ({NASTY})")),
         }
     }
 
@@ -463,8 +479,10 @@ mod tests {
         let mut expected = m.clone();
         expected.repository = expected.repository.replace('\u{1}', "");
         expected.job_url = expected.job_url.replace('\u{1}', "");
+        expected.made_from = expected.made_from.map(|m| m.replace('\u{1}', ""));
         expected.host = expected.host.map(|h| h.replace('\u{1}', ""));
-        assert_eq!(parse_metadata(&xml[md.range()]), Some(expected));
+        assert_eq!(parse_metadata(&xml[md.range()]), Some(expected.clone()));
+        assert_eq!(metadata_of_domain(&xml), Some(expected), "found in the whole domain XML");
         assert!(!root.descendants().any(|n| n.has_tag_name("cpu")), "TCG uses QEMU's default CPU");
         assert_ne!(channel_connected(&xml, BIND_CHANNEL), Some(true), "not connected in a definition");
     }

@@ -369,6 +369,19 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
+    fn saved_metadata(&self, saved: &str) -> Result<Option<super::VmMetadata>, HvError> {
+        let s = self.up()?;
+        if !s.volumes.contains(&save_volume_name(saved)) {
+            return Err(missing("lookup volume", &save_volume_name(saved)));
+        }
+        match s.saved.get(saved) {
+            Some(xml) => Ok(domain_xml::metadata_of_domain(xml)),
+            None => {
+                Err(HvError::Libvirt { op: "read save image", name: saved.into(), message: "failed to read".into() })
+            }
+        }
+    }
+
     fn delete_volume(&self, name: &str) -> Result<(), HvError> {
         self.up()?.volumes.remove(name);
         Ok(())

@@ -634,6 +634,16 @@ impl Hypervisor for Libvirt {
             .map_err(|e| self.err("restore", saved, e))
     }
 
+    fn saved_metadata(&self, saved: &str) -> Result<Option<domain_xml::VmMetadata>, HvError> {
+        let conn = self.conn()?;
+        let pool = self.storage_pool(&conn)?;
+        let name = save_volume_name(saved);
+        let vol = pool.lookup_storage_vol_by_name(&name).map_err(|e| self.err("lookup volume", &name, e))?;
+        let file = vol.path().map_err(|e| self.err("volume path", &name, e))?;
+        let xml = conn.save_image_xml_desc(&file, 0).map_err(|e| self.err("read save image", saved, e))?;
+        Ok(domain_xml::metadata_of_domain(&xml))
+    }
+
     fn describe(
         &self,
         vm: &str,

@@ -222,6 +222,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// `console_log`: libvirt allows other host paths, nothing else (the domain keeps the
     /// name `saved`), so one runs at a time.
     fn restore(&self, saved: &str, disk: &Path, console_log: &Path) -> Result<(), HvError>;
+    /// The runnervisor metadata the domain saved by [`Hypervisor::save`]`(saved)` carries,
+    /// read from its saved state (`None`: none of ours).
+    fn saved_metadata(&self, saved: &str) -> Result<Option<VmMetadata>, HvError>;
 }
 
 /// Most bytes read from a guest's bind port while waiting for its acknowledgement.

@@ -53,6 +53,12 @@ pub enum Event {
         vm: String,
         result: Result<Option<std::net::Ipv4Addr>, HvError>,
     },
+    /// A saved slot found on the storage pool without a record: the metadata its saved
+    /// state carries and the address the network holds for it.
+    SlotFound {
+        slot: String,
+        result: Result<(Option<crate::hypervisor::VmMetadata>, Option<std::net::Ipv4Addr>), HvError>,
+    },
     /// What the periodic sweep found (boxed: the largest event by far).
     Swept(Box<Sweep>),
     GitHubSynced {

@@ -326,6 +326,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn plan(&self, vm: VmRec, pool: &PoolConfig, workflow: String, job_name: String) -> Plan {
         Plan {
             slot: vm.slot.as_ref().and_then(|s| self.book.slots.get(s)).cloned(),
+            made_from: None,
             vm,
             pool: pool.clone(),
             labels: pool.labels.clone(),

@@ -274,6 +274,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::GuestWaiting { vm, result } => self.on_guest_waiting(vm, result),
             Event::Bound { vm, result } => self.on_bound(vm, result),
             Event::Saved { vm, result } => self.on_saved(vm, result),
+            Event::SlotFound { slot, result } => self.on_slot_found(slot, result),
             Event::Swept(sweep) => self.on_swept(*sweep),
             Event::GitHubSynced { started, runners, jobs, found, deliveries_checked } => {
                 self.on_github_synced(started, runners, jobs, found, deliveries_checked)

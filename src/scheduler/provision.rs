@@ -120,6 +120,9 @@ pub struct Plan {
     pub vm: VmRec,
     /// The snapshot slot `vm` is restored from (`vm.slot`).
     pub slot: Option<SlotRec>,
+    /// A VM made for a snapshot slot: what it is made from, kept in its metadata (and so in
+    /// its saved state).
+    pub made_from: Option<String>,
     pub pool: PoolConfig,
     pub labels: Vec<String>,
     pub runner_group_id: u64,
@@ -177,7 +180,7 @@ pub async fn provision<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> 
         blocking(move || hv.create_seed(&n, &image)).await.map_err(|e| ProvisionError::Seed(e.to_string()))?;
     crash_point("after-seed");
 
-    let metadata = metadata(&ctx, &plan.vm);
+    let metadata = metadata(&ctx, &plan.vm, plan.made_from.clone());
     let (title, description) = describe(&plan);
     let xml = domain_xml::domain(&DomainSpec {
         name: &name,
@@ -261,7 +264,7 @@ fn console_log<G, H>(ctx: &Ctx<G, H>, vm: &str) -> std::path::PathBuf {
 }
 
 /// The VM's runnervisor metadata, as its domain carries it.
-fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec) -> VmMetadata {
+fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec, made_from: Option<String>) -> VmMetadata {
     VmMetadata {
         job_id: vm.job_id,
         run_id: vm.run_id,
@@ -273,6 +276,7 @@ fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec) -> VmMetadata {
         job_url: vm.job_url.clone(),
         warm: vm.warm && vm.job_id == 0,
         host: ctx.config.fleet.as_ref().map(|f| f.host_id()),
+        made_from,
     }
 }
 
@@ -434,7 +438,7 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     crash_point("bind-after-delivery");
     let times = BindTimes { credential: made - started, delivery: made.elapsed(), resumed: false };
     // For operators (`virsh desc`) and re-adoption: no longer warm, now this job's runner.
-    let metadata = metadata(&ctx, &plan.vm);
+    let metadata = metadata(&ctx, &plan.vm, None);
     let (title, description) = describe(&plan);
     let (hv, domain) = (ctx.hv.clone(), plan.vm.domain().to_string());
     if let Err(e) = blocking(move || hv.describe(&domain, &metadata, &title, &description)).await {
@@ -611,6 +615,7 @@ mod tests {
         let nasty = "build\nInjected: yes\r\u{0}\u{1b}[31m\u{7f}";
         let plan = Plan {
             slot: None,
+            made_from: None,
             vm,
             pool: crate::scheduler::fixtures::config("").pools[0].clone(),
             labels: vec![],
@@ -636,6 +641,7 @@ mod tests {
             job_url: String::new(),
             warm: false,
             host: None,
+            made_from: None,
         });
         assert!(roxmltree::Document::parse(&xml).is_ok());
     }

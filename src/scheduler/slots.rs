@@ -46,6 +46,8 @@ pub struct State {
     refused: BTreeSet<String>,
     /// Slots a restore failed from: removed once the VM that failed is gone.
     broken: BTreeSet<String>,
+    /// Saved slots found without a record, whose saved state is being read.
+    found: BTreeSet<String>,
 }
 
 /// What a pool's saved VM depends on: the image file (path, size, modification time) and
@@ -131,21 +133,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Slots the pool lacks (neither saved nor being made).
     pub(super) fn slots_missing(&self, pool: &PoolConfig) -> usize {
-        let book = &self.book;
-        let member = self.member();
-        missing(&pool.name, pool.snapshot_slots, member, |s| book.slots.contains_key(s) || book.vms.contains_key(s))
-            .len()
+        self.missing_slots(pool).len()
+    }
+
+    /// The pool's slot names neither saved, nor being made, nor found and being looked at.
+    fn missing_slots(&self, pool: &PoolConfig) -> Vec<String> {
+        let (book, found) = (&self.book, &self.slots.found);
+        missing(&pool.name, pool.snapshot_slots, self.member(), |s| {
+            book.slots.contains_key(s) || book.vms.contains_key(s) || found.contains(s)
+        })
     }
 
     /// Boots a VM to be saved as the pool's first missing slot.
     pub(super) fn start_slot(&mut self, pool: &PoolConfig) {
-        let book = &self.book;
-        let member = self.member();
-        let Some(name) = missing(&pool.name, pool.snapshot_slots, member, |s| {
-            book.slots.contains_key(s) || book.vms.contains_key(s)
-        })
-        .into_iter()
-        .next() else {
+        let Some(name) = self.missing_slots(pool).into_iter().next() else {
             return;
         };
         // A restored VM shares its slot's RNG state and clock until its guest freshens
@@ -162,7 +163,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.slots.refused.remove(&pool.name);
         let made_from = self.current_made_from(pool);
         let vm = VmRec { for_slot: true, ..VmRec::new(name.clone(), &pool.name, true, self.now()) };
-        let plan = self.plan(vm.clone(), pool, String::new(), String::new());
+        let mut plan = self.plan(vm.clone(), pool, String::new(), String::new());
+        plan.made_from = Some(made_from.clone());
         info!(pool = %pool.name, vm = %name, "provisioning a vm for a snapshot slot (no credential)");
         self.slots.making.insert(name.clone(), made_from);
         if !self.launch(vm, plan) {
@@ -241,6 +243,99 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.begin_teardown(&name, Reason::SlotGone);
             }
         }
+    }
+
+    /// Whether the saved slot `name`, found without a record, is being looked at.
+    pub(super) fn slot_pending(&self, name: &str) -> bool {
+        self.slots.found.contains(name)
+    }
+
+    /// A slot's saved state found on the storage pool without a record: its saved state's
+    /// metadata and its address are read, then it is kept or removed ([`Self::on_slot_found`]).
+    pub(super) fn slot_found(&mut self, slot: &str) {
+        if !self.slots.found.insert(slot.to_string()) {
+            return;
+        }
+        let hv = self.ctx.hv.clone();
+        let network = self.config.libvirt.network.libvirt_network().map(str::to_string);
+        let (s, failed) = (slot.to_string(), slot.to_string());
+        super::event::spawn_blocking_reporting(
+            &self.ctx.events,
+            move || {
+                let result = hv.saved_metadata(&s).and_then(|md| {
+                    let address = match &network {
+                        Some(net) => hv.network_dhcp(net)?.hosts.into_iter().find(|h| h.vm == s).map(|h| h.ip),
+                        None => None,
+                    };
+                    Ok((md, address))
+                });
+                Event::SlotFound { slot: s, result }
+            },
+            move |message| Event::SlotFound {
+                slot: failed.clone(),
+                result: Err(HvError::Libvirt { op: "read save image", name: failed, message }),
+            },
+        );
+    }
+
+    /// Keeps a saved slot found without a record if it is one this member makes, made for
+    /// its pool by this host from what the pool is made from now, with its address;
+    /// removes it otherwise.
+    pub(super) fn on_slot_found(
+        &mut self,
+        slot: String,
+        result: Result<(Option<hypervisor::VmMetadata>, Option<Ipv4Addr>), HvError>,
+    ) {
+        self.slots.found.remove(&slot);
+        if self.book.vms.contains_key(&slot) || self.book.slots.contains_key(&slot) {
+            return;
+        }
+        let member = self.member();
+        let Some(pool) = self
+            .config
+            .pools
+            .iter()
+            .find(|p| missing(&p.name, p.snapshot_slots, member, |_| false).contains(&slot))
+            .filter(|p| !p.retiring)
+            .cloned()
+        else {
+            return self.drop_found_slot(&slot, "no pool makes a slot of that name");
+        };
+        let host = self.config.fleet.as_ref().map(|f| f.host_id());
+        let current = self.current_made_from(&pool);
+        let fixed = self.config.libvirt.network.libvirt_network().is_some();
+        let why = match &result {
+            Err(e) => format!("its saved state cannot be read: {e}"),
+            Ok((None, _)) => "its saved state carries no metadata of ours".into(),
+            Ok((Some(m), _)) if m.pool != pool.name || m.host != host => "it was made for another pool or host".into(),
+            Ok((Some(m), _)) if m.made_from.as_deref() != Some(current.as_str()) => {
+                "it was made from another image or vm shape".into()
+            }
+            Ok((_, None)) if fixed => "the network holds no address for it".into(),
+            Ok((Some(_), address)) => {
+                info!(slot = %slot, pool = %pool.name, address = ?address, "adopted a saved snapshot slot found without a record");
+                self.book.insert_slot(SlotRec {
+                    name: slot.clone(),
+                    pool: pool.name.clone(),
+                    made_from: current,
+                    address: *address,
+                    saved_at: self.now(),
+                });
+                return;
+            }
+        };
+        self.drop_found_slot(&slot, &why);
+    }
+
+    /// Removes a saved slot found without a record, with everything of it.
+    fn drop_found_slot(&mut self, slot: &str, why: &str) {
+        let Some(pool) = self.config.pools.iter().find(|p| hypervisor::slot_of_pool(slot, &p.name).is_some()) else {
+            return;
+        };
+        info!(slot, why, "removing a saved snapshot slot found without a record");
+        let vm = VmRec { for_slot: true, ..VmRec::new(slot.to_string(), &pool.name.clone(), true, self.now()) };
+        self.book.insert_vm(vm);
+        self.begin_teardown(slot, Reason::SlotGone);
     }
 
     /// Removes the slot `name` (its saved state, disk, seed and address) through a VM

@@ -257,6 +257,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     fn delete_stray_volumes(&mut self, volumes: Vec<String>, stale: &BTreeSet<String>) {
+        // A slot's saved state without a record (the store lost, or a slot made by another
+        // agent on this host for the same pool): kept if it is right for the pool now.
+        let saved: BTreeSet<&str> = volumes.iter().filter_map(|v| v.strip_suffix(".save")).collect();
+        let found: Vec<String> = saved
+            .iter()
+            .filter(|s| !self.book.vms.contains_key(**s) && !self.book.slots.contains_key(**s))
+            .filter(|s| self.is_ours(s) && !self.foreign_slot(s) && !stale.contains(**s))
+            .filter(|s| self.config.pools.iter().any(|p| hypervisor::slot_of_pool(s, &p.name).is_some()))
+            .map(|s| s.to_string())
+            .collect();
+        for slot in &found {
+            self.slot_found(slot);
+        }
         for vol in volumes {
             let Some(owner) = hypervisor::vm_of_volume(&vol) else {
                 continue;
@@ -265,6 +278,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 || self.book.slots.contains_key(owner)
                 || !self.is_ours(owner)
                 || self.foreign_slot(owner)
+                || self.slot_pending(owner)
                 || stale.contains(owner)
             {
                 continue;
@@ -291,7 +305,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let strays: Vec<String> = holders
             .into_iter()
             .filter(|vm| !self.book.vms.contains_key(vm) && !self.book.slots.contains_key(vm))
-            .filter(|vm| self.is_ours(vm) && !self.foreign_slot(vm) && !domains.contains(vm.as_str()))
+            .filter(|vm| self.is_ours(vm) && !self.foreign_slot(vm) && !self.slot_pending(vm))
+            .filter(|vm| !domains.contains(vm.as_str()))
             .filter(|vm| !stale.contains(vm))
             .collect();
         let since = &mut self.sweep.stray_addresses;

@@ -433,6 +433,7 @@ pub fn test_domain_xml_with(
         job_url: String::new(),
         warm,
         host: None,
+        made_from: None,
     };
     domain_xml::domain(&DomainSpec {
         name,

@@ -152,3 +152,39 @@ async fn a_slot_whose_making_a_restart_cut_short_is_made_again_and_lowering_the_
     assert!(hv.lock().volumes.contains("rv-small-s0.save"));
     h.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_saved_slot_found_without_a_record_is_kept_if_right_and_removed_if_not() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    let (cfg, image) = (h.config.clone(), h.config.pools[0].image.clone());
+    let mut dirs = std::mem::take(&mut h.dirs);
+    let (gh, hv, _) = h.shutdown().await;
+    let made = hv.lock().started_total;
+    // The store is lost; the slot's saved state, disk and address are on the host.
+    let fresh_store = |dirs: &mut Vec<crate::test_support::TempDir>| {
+        let dir = crate::test_support::tempdir();
+        let store = Arc::new(Store::open(&dir).unwrap());
+        dirs.push(dir);
+        store
+    };
+    let store = fresh_store(&mut dirs);
+    let mut h = start(cfg.clone(), gh, hv.clone(), None, store);
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h.wait("the saved slot adopted", |s, _| ready(s) == 1).await;
+    assert_eq!(hv.lock().started_total, made, "kept, not made again");
+    h.deliver(JobAction::Queued, info(111, LABELS, None));
+    h.wait("a job restored from it", |s, hv| restored(s, 111).is_some() && hv.lock().restored_total == 1).await;
+    h.run_restored_job("rv-small-111", SLOT, 111);
+    h.wait("the slot free again", |s, _| ready(s) == 1 && s.vms.is_empty()).await;
+    let (gh, hv, _) = h.shutdown().await;
+    // Found again without a record, but the image changed meanwhile: it goes, and is made anew.
+    std::fs::write(&image, [crate::hypervisor::QCOW2_MAGIC.as_slice(), &[0u8; 28], b"v2"].concat()).unwrap();
+    let store = fresh_store(&mut dirs);
+    let mut h = start(cfg, gh, hv.clone(), None, store);
+    h.dirs = dirs;
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h.wait("made anew from the new image", |s, hv| ready(s) == 1 && hv.lock().started_total == made + 1).await;
+    assert!(h.metrics.render().contains("runnervisor_teardowns_total{reason=\"slot_gone\"} 1"));
+    h.shutdown().await;
+}
