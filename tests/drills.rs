@@ -17,8 +17,14 @@ use serde_json::{Value, json};
 
 const REPO: &str = "octo-org/app";
 
+/// The pool of every drill on shared snapshot slots ([`Drill::on_slots`]), and its slots.
+const SHARED_SLOTS_POOL: &str = "d-slots";
+const SHARED_SLOTS: usize = 2;
+
 struct Drill {
     name: &'static str,
+    /// The agent's pool: `d-<name>`, or [`SHARED_SLOTS_POOL`] for a drill on shared slots.
+    pool: String,
     labels: Vec<String>,
     sim: Sim,
     agent: Agent,
@@ -40,15 +46,36 @@ impl Drill {
         Self::with_sim(name, tweak_spec, |_| {}).await
     }
 
+    /// A drill whose subject is not a VM's boot: its VMs are restored from the snapshot
+    /// slots every such drill shares ([`SHARED_SLOTS_POOL`]: one pool name, image and
+    /// shape, so the next drill's agent finds the slots saved by an earlier one and adopts
+    /// them; `scripts/drill` removes them at its end). The first one makes them.
+    async fn on_slots(name: &'static str, tweak_spec: impl FnOnce(&mut AgentSpec)) -> Drill {
+        Self::build(name, SHARED_SLOTS_POOL.to_string(), tweak_spec, |_| {}).await
+    }
+
     async fn with_sim(
         name: &'static str,
         tweak_spec: impl FnOnce(&mut AgentSpec),
         tweak_sim: impl FnOnce(&mut github_sim::SimConfig),
     ) -> Drill {
-        let pool = format!("d-{name}");
+        Self::build(name, format!("d-{name}"), tweak_spec, tweak_sim).await
+    }
+
+    async fn build(
+        name: &'static str,
+        pool: String,
+        tweak_spec: impl FnOnce(&mut AgentSpec),
+        tweak_sim: impl FnOnce(&mut github_sim::SimConfig),
+    ) -> Drill {
+        let shared = pool == SHARED_SLOTS_POOL;
         let labels = vec!["self-hosted".to_string(), format!("drill-{name}")];
         let mut spec = AgentSpec::new(&pool, &labels.iter().map(String::as_str).collect::<Vec<_>>());
         tweak_spec(&mut spec);
+        if shared {
+            spec.pool_extra.push_str(&format!("\nsnapshot_slots = {SHARED_SLOTS}\n"));
+            spec.max_vms = spec.max_vms.max(SHARED_SLOTS);
+        }
         let webhook_port = free_port();
         let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), tweak_sim).await;
         let agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
@@ -56,6 +83,7 @@ impl Drill {
         eprintln!("drill {name}: agent log {}", agent.log.display());
         Drill {
             name,
+            pool,
             labels,
             sim,
             agent,
@@ -93,7 +121,7 @@ impl Drill {
     }
 
     fn prefix(&self) -> String {
-        format!("rv-d-{}-", self.name)
+        format!("rv-{}-", self.pool)
     }
 
     fn vms(&self) -> Vec<runnervisor::hypervisor::VmInfo> {
@@ -173,7 +201,14 @@ impl Drill {
                 lost += 1;
             }
         }
-        let (doms, vols) = leftovers(&self.hv, &self.prefix());
+        let (doms, mut vols) = leftovers(&self.hv, &self.prefix());
+        // The shared slots stay for the next drill (their saved state, disk and seed).
+        if self.pool == SHARED_SLOTS_POOL {
+            vols.retain(|v| {
+                runnervisor::hypervisor::vm_of_volume(v)
+                    .is_none_or(|o| runnervisor::hypervisor::slot_of_pool(o, SHARED_SLOTS_POOL).is_none())
+            });
+        }
         let runners = self.sim.runners().await.len();
         (self.expected.len(), served, lost, doms.len(), vols.len(), runners)
     }
@@ -230,7 +265,7 @@ async fn drill_kill_agent() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill restart-libvirtd"]
 async fn drill_restart_libvirtd() {
-    let mut d = Drill::new("restart-libvirtd", |s| s.max_vms = 2).await;
+    let mut d = Drill::on_slots("restart-libvirtd", |s| s.max_vms = 2).await;
     d.agent.start().await;
     for _ in 0..3 {
         d.queue(10.0).await;
@@ -279,7 +314,7 @@ fn restart_libvirtd() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill api-storm"]
 async fn drill_api_storm() {
-    let mut d = Drill::new("api-storm", |s| s.max_vms = 2).await;
+    let mut d = Drill::on_slots("api-storm", |s| s.max_vms = 2).await;
     d.agent.start().await;
     d.sim
         .fault(json!([
@@ -317,7 +352,7 @@ async fn drill_api_storm() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill lost-webhooks"]
 async fn drill_lost_webhooks() {
-    let mut d = Drill::new("lost-webhooks", |s| s.max_vms = 2).await;
+    let mut d = Drill::on_slots("lost-webhooks", |s| s.max_vms = 2).await;
     d.agent.start().await;
     d.sim.fault(json!({"kind": "webhook_drop", "action": "queued", "count": 2})).await;
     for _ in 0..3 {
@@ -335,7 +370,7 @@ async fn drill_lost_webhooks() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill dup-reorder"]
 async fn drill_dup_reorder() {
-    let mut d = Drill::new("dup-reorder", |s| s.max_vms = 2).await;
+    let mut d = Drill::on_slots("dup-reorder", |s| s.max_vms = 2).await;
     d.agent.start().await;
     d.sim
         .fault(json!([
@@ -356,7 +391,7 @@ async fn drill_dup_reorder() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill cancel"]
 async fn drill_cancel() {
-    let mut d = Drill::new("cancel", |s| s.max_vms = 3).await;
+    let mut d = Drill::on_slots("cancel", |s| s.max_vms = 3).await;
     d.agent.start().await;
     let a = d.sim.queue(REPO, &d.labels(), 3.0).await;
     let b = d.sim.queue(REPO, &d.labels(), 3.0).await;

@@ -364,6 +364,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if decision.provision.is_empty() && decision.bind.is_empty() {
             return;
         }
+        if self.slot_found_pending(pool) {
+            // A saved slot found without a record is looked at (milliseconds): the job may
+            // be restored from it rather than boot.
+            return;
+        }
         if pool.registration == crate::config::Registration::Jit && self.sync.runner_group_id.is_none() {
             self.resolve_group();
             return;

@@ -245,6 +245,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
+    /// Whether a saved slot of `pool` found without a record is being looked at.
+    pub(super) fn slot_found_pending(&self, pool: &PoolConfig) -> bool {
+        self.slots.found.iter().any(|s| hypervisor::slot_of_pool(s, &pool.name).is_some())
+    }
+
     /// Whether the saved slot `name`, found without a record, is being looked at.
     pub(super) fn slot_pending(&self, name: &str) -> bool {
         self.slots.found.contains(name)
