@@ -73,6 +73,7 @@ impl Drill {
         let mut spec = AgentSpec::new(&pool, &labels.iter().map(String::as_str).collect::<Vec<_>>());
         tweak_spec(&mut spec);
         if shared {
+            spec.keep_slots = true;
             spec.pool_extra.push_str(&format!("\nsnapshot_slots = {SHARED_SLOTS}\n"));
             spec.max_vms = spec.max_vms.max(SHARED_SLOTS);
         }
@@ -177,6 +178,12 @@ impl Drill {
             line.push_str(&format!(" warm_hits={warm} cold={cold}"));
         }
         line.push_str(&self.extra);
+        if self.pool == SHARED_SLOTS_POOL {
+            let log = self.agent.log_text();
+            let adopted = log.matches("adopted a saved snapshot slot").count();
+            let made = log.matches("snapshot slot saved").count();
+            line.push_str(&format!(" slots_adopted={adopted} slots_made={made}"));
+        }
         let mut doubles = 0;
         if let Some(hosts) = self.hosts {
             doubles = self.served_counts().await.values().filter(|n| **n > 1).count();
@@ -391,7 +398,7 @@ async fn drill_dup_reorder() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill cancel"]
 async fn drill_cancel() {
-    let mut d = Drill::on_slots("cancel", |s| s.max_vms = 3).await;
+    let mut d = Drill::new("cancel", |s| s.max_vms = 3).await;
     d.agent.start().await;
     let a = d.sim.queue(REPO, &d.labels(), 3.0).await;
     let b = d.sim.queue(REPO, &d.labels(), 3.0).await;

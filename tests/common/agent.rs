@@ -80,6 +80,8 @@ pub struct AgentSpec {
     pub listen_all: bool,
     /// `log_level` (default: the agent's debug lines too).
     pub log_level: String,
+    /// The snapshot slots of its pool stay when the agent goes (drills share them).
+    pub keep_slots: bool,
 }
 
 impl AgentSpec {
@@ -97,6 +99,7 @@ impl AgentSpec {
             hook: Some("hook = { type = \"organization\", id = 1 }".into()),
             listen_all: false,
             log_level: "runnervisor=debug,info".into(),
+            keep_slots: false,
         }
     }
 }
@@ -110,6 +113,8 @@ pub struct Agent {
     pub child: Option<Child>,
     pub spec_pool: String,
     pub storage_pool: String,
+    /// See [`AgentSpec::keep_slots`].
+    pub keep_slots: bool,
     /// The agent binary: the one cargo built, or e.g. a package's `/usr/bin/runnervisor`.
     pub bin: PathBuf,
 }
@@ -204,6 +209,7 @@ registration = "{registration}"
             child: None,
             spec_pool: spec.pool.clone(),
             storage_pool: spec.storage_pool.clone(),
+            keep_slots: spec.keep_slots,
             bin: PathBuf::from(env!("CARGO_BIN_EXE_runnervisor")),
         }
     }
@@ -304,14 +310,21 @@ impl Drop for Agent {
         if let Ok(lv) = std::panic::catch_unwind(move || libvirt_on(&storage_pool).0) {
             let prefix = format!("rv-{}-", self.spec_pool);
             let (doms, vols) = leftovers(&lv, &prefix);
+            // A shared slot's domain is a VM restored from it: it goes, the slot stays.
+            let slot =
+                |name: &str| self.keep_slots && runnervisor::hypervisor::slot_of_pool(name, &self.spec_pool).is_some();
             for d in doms {
-                let _ = lv.teardown(&d);
+                if slot(&d) {
+                    let _ = lv.destroy(&d);
+                } else {
+                    let _ = lv.teardown(&d);
+                }
             }
-            for v in vols {
+            for v in vols.into_iter().filter(|v| !runnervisor::hypervisor::vm_of_volume(v).is_some_and(slot)) {
                 let _ = lv.delete_volume(&v);
             }
             let hosts = lv.network_dhcp(NETWORK).map(|d| d.hosts).unwrap_or_default();
-            for h in hosts.into_iter().filter(|h| h.vm.starts_with(&prefix)) {
+            for h in hosts.into_iter().filter(|h| h.vm.starts_with(&prefix) && !slot(&h.vm)) {
                 let _ = lv.release_address(NETWORK, &h.vm);
             }
         }
