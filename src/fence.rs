@@ -4,8 +4,8 @@
 //! - its interface is an isolated port (`<port isolated='yes'/>`: no guest↔guest traffic)
 //!   with a `<filterref>` to runnervisor's nwfilter ([`filter_xml`], named by [`vm_filter`]);
 //! - the filter includes libvirt's `clean-traffic` (no MAC/IP/ARP spoofing; every frame
-//!   that is neither IPv4 nor ARP is dropped, so IPv6 is off entirely) with the one
-//!   exception `clean-traffic` makes dropped too ([`NO_ANNOUNCE`]), and adds, in its
+//!   that is neither IPv4 nor ARP is dropped, so IPv6 is off entirely) with the two
+//!   exceptions `clean-traffic` makes dropped too ([`NO_ANNOUNCE`]), and adds, in its
 //!   own IPv4 chain between the anti-spoofing check and `clean-traffic`'s accept:
 //!   the allow-list first, then DNS to the network's gateway (and DHCP, where the VM
 //!   learns its address), then a drop of the rest of the network's subnet (the gateway's
@@ -183,18 +183,28 @@ fn rule(x: &mut Xml, action: &str, priority: &str, addr: Ipv4Addr, prefix: u8, l
 }
 
 /// The filter every fence references besides `clean-traffic`: `clean-traffic` lets a guest
-/// send one kind of frame besides IPv4 and ARP (its `qemu-announce-self` accepts every
-/// outgoing frame of ethertype 0x0835, whatever it carries, for QEMU's announcements after
-/// a migration); this drops it first. Shared by every fence of the host.
+/// send two kinds of frame besides IPv4 and ARP, for QEMU's announcements after a migration
+/// or a restore (its `qemu-announce-self`): every outgoing frame of ethertype 0x0835,
+/// whatever it carries, and RARP requests (0x8035) of the VM's own MAC address, which QEMU
+/// sends five times from every VM restored from a snapshot slot (the isolation drill on
+/// restored VMs counted them on the bridge). This drops both first: a port's MAC address is
+/// learnt from its first IPv4 or ARP frame anyway. Shared by every fence of the host.
 pub const NO_ANNOUNCE: &str = "runnervisor-no-announce";
 
-/// The XML of [`NO_ANNOUNCE`]: in the root chain, before `qemu-announce-self`'s accept (500).
+/// The ethertypes [`NO_ANNOUNCE`] drops, each with the priority of its rule in the root
+/// chain: before `qemu-announce-self`'s accept of 0x0835 (500), and before the jump to the
+/// `rarp` chain (-400), where `qemu-announce-self-rarp` accepts the announcements.
+const ANNOUNCE_DROPS: [(&str, &str); 2] = [("0x835", "400"), ("0x8035", "-410")];
+
+/// The XML of [`NO_ANNOUNCE`].
 pub fn no_announce_xml() -> String {
     let mut x = Xml::default();
     x.open("filter", &[("name", NO_ANNOUNCE), ("chain", "root")]);
-    x.open("rule", &[("action", "drop"), ("direction", "out"), ("priority", "400")]);
-    x.empty("mac", &[("protocolid", "0x835")]);
-    x.close();
+    for (ethertype, priority) in ANNOUNCE_DROPS {
+        x.open("rule", &[("action", "drop"), ("direction", "out"), ("priority", priority)]);
+        x.empty("mac", &[("protocolid", ethertype)]);
+        x.close();
+    }
     x.close();
     x.finish()
 }
@@ -497,16 +507,30 @@ mod tests {
     }
 
     #[test]
-    fn the_announce_ethertype_is_dropped_before_clean_traffic_accepts_it() {
+    fn the_announce_ethertypes_are_dropped_before_clean_traffic_accepts_them() {
         let xml = no_announce_xml();
         let doc = roxmltree::Document::parse(&xml).unwrap();
         let root = doc.root_element();
         assert_eq!((root.attribute("name"), root.attribute("chain")), (Some(NO_ANNOUNCE), Some("root")));
-        let rule = root.children().find(|n| n.has_tag_name("rule")).unwrap();
-        assert_eq!(rule.attribute("action"), Some("drop"));
-        // qemu-announce-self accepts it at 500.
-        assert!(rule.attribute("priority").unwrap().parse::<i32>().unwrap() < 500);
-        let mac = rule.children().find(|n| n.has_tag_name("mac")).unwrap();
-        assert_eq!(mac.attribute("protocolid"), Some("0x835"));
+        let drops: Vec<(String, i32)> = root
+            .children()
+            .filter(|n| n.has_tag_name("rule"))
+            .map(|rule| {
+                assert_eq!((rule.attribute("action"), rule.attribute("direction")), (Some("drop"), Some("out")));
+                let mac = rule.children().find(|n| n.has_tag_name("mac")).unwrap();
+                (mac.attribute("protocolid").unwrap().to_string(), rule.attribute("priority").unwrap().parse().unwrap())
+            })
+            .collect();
+        assert_eq!(drops.len(), 2, "{xml}");
+        for (ethertype, priority) in drops {
+            // qemu-announce-self accepts 0x0835 at 500 in the root chain; its RARP
+            // announcements are accepted in the `rarp` chain, jumped to at -400.
+            let accepted_at = match ethertype.as_str() {
+                "0x835" => 500,
+                "0x8035" => -400,
+                other => panic!("unexpected ethertype {other}"),
+            };
+            assert!(priority < accepted_at, "{ethertype} dropped at {priority}, accepted at {accepted_at}");
+        }
     }
 }

@@ -71,11 +71,12 @@ impl Drill {
         let shared = pool == SHARED_SLOTS_POOL;
         let labels = vec!["self-hosted".to_string(), format!("drill-{name}")];
         let mut spec = AgentSpec::new(&pool, &labels.iter().map(String::as_str).collect::<Vec<_>>());
+        if shared {
+            ensure_shared_slots(name).await;
+        }
         tweak_spec(&mut spec);
         if shared {
-            spec.keep_slots = true;
-            spec.pool_extra.push_str(&format!("\nsnapshot_slots = {SHARED_SLOTS}\n"));
-            spec.max_vms = spec.max_vms.max(SHARED_SLOTS);
+            shared_slots_spec(&mut spec);
         }
         let webhook_port = free_port();
         let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), tweak_sim).await;
@@ -151,6 +152,37 @@ impl Drill {
         (warm, cold)
     }
 
+    /// Waits until every expected job has completed.
+    async fn all_completed(&self, timeout: Duration) {
+        let ids = self.expected.clone();
+        wait_for("every job completed", timeout, async || {
+            for id in &ids {
+                if self.sim.job(*id).await["status"] != "completed" {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+
+    /// Jobs run on VMs restored from a snapshot slot (the VMs whose restore began, from the
+    /// agent's log across its restarts) and on VMs booted (warm ones included).
+    async fn restored_and_booted(&self) -> (usize, usize) {
+        let log = self.agent.log_text();
+        let restores: std::collections::BTreeSet<&str> = log
+            .lines()
+            .filter(|l| l.contains("restoring a vm from a snapshot slot"))
+            .filter_map(|l| l.split(" vm=").nth(1)?.split_whitespace().next())
+            .collect();
+        let (mut restored, mut booted) = (0, 0);
+        for (runner, r) in self.sim.runner_history().await.as_object().unwrap() {
+            let n = r["jobs"].as_array().unwrap().len();
+            if restores.contains(runner.as_str()) { restored += n } else { booted += n }
+        }
+        (restored, booted)
+    }
+
     /// Waits for every expected job to complete and everything to be cleaned, then prints
     /// the summary line and fails if a figure is off.
     async fn finish(&self, timeout: Duration) {
@@ -174,8 +206,9 @@ impl Drill {
             self.name
         );
         if self.warm {
-            let (warm, cold) = self.warm_and_cold().await;
-            line.push_str(&format!(" warm_hits={warm} cold={cold}"));
+            let (warm, _) = self.warm_and_cold().await;
+            let (restored, booted) = self.restored_and_booted().await;
+            line.push_str(&format!(" warm_hits={warm} restored={restored} cold={}", booted - warm));
         }
         line.push_str(&self.extra);
         if self.pool == SHARED_SLOTS_POOL {
@@ -219,6 +252,39 @@ impl Drill {
         let runners = self.sim.runners().await.len();
         (self.expected.len(), served, lost, doms.len(), vols.len(), runners)
     }
+}
+
+/// What makes a pool's agent keep [`SHARED_SLOTS`] slots that outlive it.
+fn shared_slots_spec(spec: &mut AgentSpec) {
+    spec.keep_slots = true;
+    spec.pool_extra.push_str(&format!("\nsnapshot_slots = {SHARED_SLOTS}\n"));
+    spec.max_vms = spec.max_vms.max(SHARED_SLOTS);
+}
+
+/// Makes the shared slots unless they are saved already (by an earlier drill of this run),
+/// with an agent of the shared pool's plain settings: a drill's own timers (a short
+/// `max_lifetime` or `registration_timeout`) are meant for restored VMs, not for a boot.
+async fn ensure_shared_slots(drill: &str) {
+    let (hv, _) = libvirt();
+    let saved = |n: usize| format!("{}.save", runnervisor::hypervisor::slot_name(SHARED_SLOTS_POOL, n));
+    let volumes = hv.list_volumes().unwrap_or_default();
+    if (0..SHARED_SLOTS).all(|n| volumes.contains(&saved(n))) {
+        return;
+    }
+    let started = Instant::now();
+    let mut spec = AgentSpec::new(SHARED_SLOTS_POOL, &["self-hosted", "drill-slots"]);
+    shared_slots_spec(&mut spec);
+    let webhook_port = free_port();
+    let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
+    let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
+    eprintln!("drill {drill}: making the shared snapshot slots (agent log {})", agent.log.display());
+    agent.start().await;
+    let ready = format!("runnervisor_slots_ready{{pool=\"{SHARED_SLOTS_POOL}\"}} {SHARED_SLOTS}");
+    wait_for("the shared snapshot slots saved", 2 * VM_TIMEOUT, async || {
+        agent.metrics().await.lines().any(|l| l == ready).then_some(())
+    })
+    .await;
+    eprintln!("drill {drill}: shared snapshot slots made in {:.0}s", started.elapsed().as_secs_f64());
 }
 
 fn wait_exit(agent: &mut Agent, timeout: Duration) -> Option<std::process::ExitStatus> {
@@ -417,12 +483,13 @@ async fn drill_cancel() {
     d.finish(Duration::from_secs(400)).await;
 }
 
-/// A runner that never exits after its job is killed by the max lifetime.
+/// A runner that never exits after its job is killed by the max lifetime (its VM restored
+/// from a shared slot, so the lifetime can be short).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill ghost-runner"]
 async fn drill_ghost_runner() {
-    let mut d = Drill::new("ghost-runner", |s| {
-        s.pool_extra = "registration_timeout = \"150s\"\nmax_lifetime = \"160s\"".into();
+    let mut d = Drill::on_slots("ghost-runner", |s| {
+        s.pool_extra = "registration_timeout = \"40s\"\nmax_lifetime = \"50s\"".into();
         s.reconcile = "stop_grace = \"20m\"".into();
     })
     .await;
@@ -443,12 +510,13 @@ async fn drill_ghost_runner() {
     d.finish(Duration::from_secs(120)).await;
 }
 
-/// A VM that never registers hits the registration timeout; the job is retried and served.
+/// A VM whose runner never registers hits the registration timeout; the job is retried
+/// and served (on VMs restored from the shared slots: the bind is quick, the timeout short).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill no-boot"]
 async fn drill_no_boot() {
-    let mut d = Drill::new("no-boot", |s| {
-        s.pool_extra = "registration_timeout = \"150s\"".into();
+    let mut d = Drill::on_slots("no-boot", |s| {
+        s.pool_extra = "registration_timeout = \"40s\"".into();
     })
     .await;
     d.agent.start().await;
@@ -730,19 +798,7 @@ async fn drill_snapshot() {
     .await;
 
     // 4. Slots lowered to 0 (a reload): the slot goes with everything it holds.
-    // Which runners ran on restored VMs, across the agent's restarts: the VMs whose
-    // restore began (the log), against the runners that ran jobs (the simulator).
-    let log = d.agent.log_text();
-    let restores: std::collections::BTreeSet<&str> = log
-        .lines()
-        .filter(|l| l.contains("restoring a vm from a snapshot slot"))
-        .filter_map(|l| l.split(" vm=").nth(1)?.split_whitespace().next())
-        .collect();
-    let (mut restored, mut cold) = (0, 0);
-    for (runner, r) in d.sim.runner_history().await.as_object().unwrap() {
-        let n = r["jobs"].as_array().unwrap().len();
-        if restores.contains(runner.as_str()) { restored += n } else { cold += n }
-    }
+    let (restored, cold) = d.restored_and_booted().await;
     let metrics = d.agent.metrics().await;
     let failures: Vec<&str> = metrics.lines().filter(|l| l.starts_with("runnervisor_slot_failures_total{")).collect();
     d.say(&format!("restored={restored} cold={cold}; {}", failures.join(", ")));
@@ -767,8 +823,9 @@ async fn drill_isolation() {
     use base64::Engine;
     use common::lab::{self, HostListener, Lab};
 
-    let mut d = Drill::new("isolation", |s| {
-        s.max_vms = 2;
+    // Restored VMs: each comes up on a new tap device, fenced before its first packet.
+    let mut d = Drill::on_slots("isolation", |s| {
+        s.max_vms = 3;
         s.listen_all = true;
     })
     .await;
@@ -846,11 +903,14 @@ async fn drill_isolation() {
     };
     d.queue_with(json!({"script": script("peer")})).await;
     d.queue_with(json!({"script": script("prober")})).await;
+    // Both slots are in use: a third job's VM boots cold meanwhile, so that what a booting
+    // guest sends (DHCP, IPv6 router solicitations, ...) meets the fence and the sniffer too.
+    d.queue(3.0).await;
     if std::env::var("RV_DRILL_OPEN_FENCE").is_ok() {
         // Negative control (by hand, never in CI): the same VMs with the fence's rules
         // replaced by none once they run. The drill must then report leaks and fail.
         wait_for("two VMs running", VM_TIMEOUT, async || (d.vms().len() == 2).then_some(())).await;
-        let name = runnervisor::fence::vm_filter(&filter_name(&format!("d-{}", d.name)), true);
+        let name = runnervisor::fence::vm_filter(&filter_name(&d.pool), true);
         let (hv, _) = libvirt();
         // The agent's own hypervisor code redefines it under its existing UUID.
         hv.define_filter(&name, &format!("<filter name='{name}' chain='root'/>")).unwrap();
@@ -863,7 +923,11 @@ async fn drill_isolation() {
         (arr.iter().any(|x| x["role"] == "prober") && arr.iter().any(|x| x["role"] == "peer-done")).then_some(arr)
     })
     .await;
+    d.all_completed(VM_TIMEOUT).await;
+    let (restored, cold) = d.restored_and_booted().await;
+    d.extra = format!(" restored={restored} cold={cold}");
     d.finish(Duration::from_secs(300)).await;
+    assert!(restored >= 2 && cold >= 1, "the probing VMs restored, one booted: restored={restored} cold={cold}");
 
     let prober = reports.iter().find(|r| r["role"] == "prober").unwrap();
     let peer = reports.iter().find(|r| r["role"] == "peer-done").unwrap();
@@ -973,21 +1037,24 @@ impl BridgeSniffer {
 }
 
 /// A warm pool under more jobs than it has warm VMs: the first jobs take the waiting warm
-/// VMs (their credential made and delivered on arrival), the rest boot cold within
-/// `max_vms`, the pool tops itself up between them; the agent is killed with -9 while
+/// VMs (their credential made and delivered on arrival), the rest are restored from the
+/// pool's snapshot slots (the shared ones) or boot cold, within `max_vms`; the pool tops
+/// itself up between them; the agent is killed with -9 while
 /// warm VMs wait and re-adopts them, then crashes right after a delivery and finds the
 /// binding complete. Drained at the end, nothing is left.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill warm"]
 async fn drill_warm() {
-    let mut d = Drill::new("warm", |s| {
+    // The pool has the shared snapshot slots too: warm VMs serve first, then restores.
+    let mut d = Drill::on_slots("warm", |s| {
         s.max_vms = 3;
         s.pool_extra = "warm = 2".into();
     })
     .await;
     d.warm = true;
     d.agent.start().await;
-    let waiting = |n: usize| format!("runnervisor_vms{{pool=\"d-warm\",state=\"waiting\"}} {n}\n");
+    let pool = d.pool.clone();
+    let waiting = |n: usize| format!("runnervisor_vms{{pool=\"{pool}\",state=\"waiting\"}} {n}\n");
     let agent = &d.agent;
     wait_for("two warm VMs waiting", VM_TIMEOUT, async || agent.metrics().await.contains(&waiting(2)).then_some(()))
         .await;
@@ -1012,20 +1079,11 @@ async fn drill_warm() {
     );
     d.say("crashed right after a delivery; restarting");
     d.agent.start().await;
-    let ids = d.expected.clone();
-    let sim = &d.sim;
-    wait_for("every job completed", Duration::from_secs(900), async || {
-        for id in &ids {
-            if sim.job(*id).await["status"] != "completed" {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
-    let (warm, cold) = d.warm_and_cold().await;
-    d.say(&format!("all jobs completed: {warm} on warm VMs, {cold} cold; draining"));
-    assert!(warm >= 1 && cold >= 1, "both paths ran: warm={warm} cold={cold}");
+    d.all_completed(Duration::from_secs(900)).await;
+    let (warm, _) = d.warm_and_cold().await;
+    let (restored, booted) = d.restored_and_booted().await;
+    d.say(&format!("all jobs completed: {warm} on warm VMs, {restored} restored, {} cold; draining", booted - warm));
+    assert!(warm >= 1 && restored >= 1, "warm VMs first, then the slots: warm={warm} restored={restored}");
     assert!(
         d.agent.log_text().contains("the guest had taken its command before the restart"),
         "the binding the crash cut short was resumed:\n{}",

@@ -7,8 +7,9 @@
 #                came back within 3 s, else "timeout"
 #     ethertype  frames carrying MARKER of an unassigned ethertype (0x88b5, "local
 #                experimental"), of QEMU's announcement ethertype (0x0835, which libvirt's
-#                clean-traffic accepts) and a RARP request not of QEMU's form, broadcast and
-#                to the gateway's MAC: "timeout" (nothing answers them)
+#                clean-traffic accepts), a RARP request not of QEMU's form and one of QEMU's
+#                form (its announcement after a restore, which clean-traffic accepts too),
+#                broadcast and to the gateway's MAC: "timeout" (nothing answers them)
 #     garp       gratuitous ARP (a request and a reply) saying the gateway's address is at
 #                this VM's MAC: "timeout"
 # The host side (tests/isolation/sniff.py on the bridge) counts what got through.
@@ -77,7 +78,9 @@ def main():
         frames = [icmpv6_echo(mac, b"\x33\x33\x00\x00\x00\x01", marker), icmpv6_echo(mac, gw_mac, marker)]
     elif kind == "ethertype":
         rarp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + socket.inet_aton(gateway) + mac + b"\0" * 4
-        payloads = [(ETHERTYPE, marker.ljust(46, b"\0")), (0x0835, marker.ljust(46, b"\0")), (0x8035, rarp.ljust(46, b"\0"))]
+        announce = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + b"\0" * 4 + mac + b"\0" * 4
+        payloads = [(ETHERTYPE, marker.ljust(46, b"\0")), (0x0835, marker.ljust(46, b"\0")),
+                    (0x8035, rarp.ljust(46, b"\0")), (0x8035, announce.ljust(46, b"\0"))]
         frames = [d + mac + struct.pack("!H", t) + p for d in (BROADCAST, gw_mac) for t, p in payloads]
     elif kind == "garp":
         frames = [arp(1, mac, gateway, BROADCAST), arp(2, mac, gateway, BROADCAST), arp(2, mac, gateway, gw_mac)]
