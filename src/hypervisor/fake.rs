@@ -24,7 +24,7 @@ pub fn golden_image(dir: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// The fake network: 198.51.100.1/24, DHCP range 198.51.100.10–250, known clients only.
-fn fake_dhcp() -> super::network::Dhcp {
+pub fn fake_dhcp() -> super::network::Dhcp {
     super::network::Dhcp {
         subnet: Some(super::network::Subnet { gateway: std::net::Ipv4Addr::new(198, 51, 100, 1), prefix: 24 }),
         range: Some((std::net::Ipv4Addr::new(198, 51, 100, 10), std::net::Ipv4Addr::new(198, 51, 100, 250))),

@@ -310,9 +310,15 @@ impl Drop for Agent {
         if let Ok(lv) = std::panic::catch_unwind(move || libvirt_on(&storage_pool).0) {
             let prefix = format!("rv-{}-", self.spec_pool);
             let (doms, vols) = leftovers(&lv, &prefix);
-            // A shared slot's domain is a VM restored from it: it goes, the slot stays.
-            let slot =
-                |name: &str| self.keep_slots && runnervisor::hypervisor::slot_of_pool(name, &self.spec_pool).is_some();
+            // A saved shared slot stays (its saved state, disk, seed and address); a domain
+            // of its name is a VM restored from it, which goes. A slot not saved (its
+            // making cut short) goes with everything.
+            let saved: Vec<String> = vols.iter().filter_map(|v| v.strip_suffix(".save")).map(str::to_string).collect();
+            let slot = |name: &str| {
+                self.keep_slots
+                    && runnervisor::hypervisor::slot_of_pool(name, &self.spec_pool).is_some()
+                    && saved.iter().any(|s| s == name)
+            };
             for d in doms {
                 if slot(&d) {
                     let _ = lv.destroy(&d);

@@ -359,3 +359,49 @@ async fn the_fence_drops_the_other_members_and_the_database() {
     }
     a.shutdown().await;
 }
+
+/// Members sharing one libvirtd: a member's slots carry its digits, and its sweep leaves
+/// another member's saved slot (no domain, so no host id to see) with its volumes and
+/// address alone, while a slot of its own digits that it no longer makes goes.
+#[tokio::test(start_paused = true)]
+async fn a_member_leaves_another_members_saved_slot_alone_and_removes_its_own_unused_one() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let a = member(&board, "hv-a", &gh, "snapshot_slots = 1");
+    let mine = super::super::warm::member_digits("hv-a") as usize;
+    let own = crate::hypervisor::slot_name("small", mine * 1000);
+    let foreign = crate::hypervisor::slot_name("small", (mine + 1) % 1000 * 1000);
+    let unused = crate::hypervisor::slot_name("small", mine * 1000 + 7);
+    let volumes = |slot: &str| [".save", ".qcow2", "-seed.img"].map(|s| format!("{slot}{s}"));
+    {
+        let mut hv = a.hv.lock();
+        let dhcp = hv.dhcp.get_or_insert_with(crate::hypervisor::fake::fake_dhcp);
+        for (n, slot) in [&foreign, &unused].into_iter().enumerate() {
+            let ip = std::net::Ipv4Addr::new(198, 51, 100, 240 + n as u8);
+            dhcp.hosts.push(crate::hypervisor::network::Reservation {
+                vm: slot.clone(),
+                mac: crate::hypervisor::network::mac_for(ip),
+                ip,
+            });
+        }
+        for slot in [&foreign, &unused] {
+            hv.volumes.extend(volumes(slot));
+            hv.saved.insert(slot.clone(), "<domain type='qemu'><name>x</name></domain>".into());
+        }
+    }
+    a.wait("its own slot saved, the unused one removed", |s, hv| {
+        s.pools[0].slots_ready == 1 && volumes(&unused).iter().all(|v| !hv.lock().volumes.contains(v))
+    })
+    .await;
+    assert!(a.hv.lock().volumes.contains(&format!("{own}.save")), "its own slot: {:?}", a.hv.lock().volumes);
+    // Sweeps and a provisioning timeout's worth of time go by: the other member's slot stays.
+    let left_alone = |_: &Status, hv: &FakeHypervisor| {
+        let s = hv.lock();
+        volumes(&foreign).iter().all(|v| s.volumes.contains(v))
+            && s.dhcp.as_ref().is_some_and(|d| d.hosts.iter().any(|h| h.vm == foreign))
+    };
+    assert!(stays(&a, Duration::from_secs(1200), left_alone).await, "another member's slot touched");
+    let held = a.hv.lock().dhcp.as_ref().unwrap().hosts.iter().any(|h| h.vm == unused);
+    assert!(!held, "the unused slot's address given back");
+    a.shutdown().await;
+}
