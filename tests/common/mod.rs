@@ -294,6 +294,7 @@ impl Sim {
         assert!(report["files"].as_u64().unwrap_or(0) > 1000, "it searched the filesystem: {report}");
         assert!(report["processes"].as_u64().unwrap_or(0) > 10, "and the processes: {report}");
         assert_eq!(report["hits"], json!([]), "the runner's credential is readable inside {vm}: {report}");
+        assert_eq!(report["resolved"], "127.0.1.1", "{vm}'s own name resolves from its /etc/hosts: {report}");
         eprintln!(
             "{vm}: credential search as root found nothing in {} files and {} processes",
             report["files"], report["processes"]

