@@ -142,29 +142,11 @@ impl Drill {
         counts
     }
 
-    /// Jobs run by warm VMs' runners (`rv-<pool>-w<seq>`) and by cold ones.
-    async fn warm_and_cold(&self) -> (usize, usize) {
-        let warm_prefix = format!("{}w", self.prefix());
-        let (mut warm, mut cold) = (0, 0);
-        for (name, r) in self.sim.runner_history().await.as_object().unwrap() {
-            let n = r["jobs"].as_array().unwrap().len();
-            if name.starts_with(&warm_prefix) { warm += n } else { cold += n }
-        }
-        (warm, cold)
-    }
-
     /// Waits until every expected job has completed.
     async fn all_completed(&self, timeout: Duration) {
-        let ids = self.expected.clone();
-        wait_for("every job completed", timeout, async || {
-            for id in &ids {
-                if self.sim.job(*id).await["status"] != "completed" {
-                    return None;
-                }
-            }
-            Some(())
-        })
-        .await;
+        for id in &self.expected {
+            self.sim.wait_completed(*id, timeout).await;
+        }
     }
 
     /// The VMs whose restore from a snapshot slot began (the agent's log, across restarts).
@@ -176,16 +158,23 @@ impl Drill {
             .collect()
     }
 
-    /// Jobs run on VMs restored from a snapshot slot (the VMs whose restore began, from the
-    /// agent's log across its restarts) and on VMs booted (warm ones included).
-    async fn restored_and_booted(&self) -> (usize, usize) {
+    /// Jobs run by warm VMs' runners (`rv-<pool>-w<seq>`), by VMs restored from a snapshot
+    /// slot (the VMs whose restore began) and by VMs booted cold.
+    async fn paths(&self) -> (usize, usize, usize) {
+        let warm_prefix = format!("{}w", self.prefix());
         let restores = self.restored_vms();
-        let (mut restored, mut booted) = (0, 0);
-        for (runner, r) in self.sim.runner_history().await.as_object().unwrap() {
+        let (mut warm, mut restored, mut cold) = (0, 0, 0);
+        for (name, r) in self.sim.runner_history().await.as_object().unwrap() {
             let n = r["jobs"].as_array().unwrap().len();
-            if restores.contains(runner.as_str()) { restored += n } else { booted += n }
+            if name.starts_with(&warm_prefix) {
+                warm += n
+            } else if restores.contains(name.as_str()) {
+                restored += n
+            } else {
+                cold += n
+            }
         }
-        (restored, booted)
+        (warm, restored, cold)
     }
 
     /// Waits for every expected job to complete and everything to be cleaned, then prints
@@ -211,9 +200,8 @@ impl Drill {
             self.name
         );
         if self.warm {
-            let (warm, _) = self.warm_and_cold().await;
-            let (restored, booted) = self.restored_and_booted().await;
-            line.push_str(&format!(" warm_hits={warm} restored={restored} cold={}", booted - warm));
+            let (warm, restored, cold) = self.paths().await;
+            line.push_str(&format!(" warm_hits={warm} restored={restored} cold={cold}"));
         }
         line.push_str(&self.extra);
         if self.pool == SHARED_SLOTS_POOL {
@@ -800,7 +788,7 @@ async fn drill_snapshot() {
     .await;
 
     // 4. Slots lowered to 0 (a reload): the slot goes with everything it holds.
-    let (restored, cold) = d.restored_and_booted().await;
+    let (_, restored, cold) = d.paths().await;
     let metrics = d.agent.metrics().await;
     let failures: Vec<&str> = metrics.lines().filter(|l| l.starts_with("runnervisor_slot_failures_total{")).collect();
     d.say(&format!("restored={restored} cold={cold}; {}", failures.join(", ")));
@@ -929,7 +917,7 @@ async fn drill_isolation() {
     })
     .await;
     d.all_completed(VM_TIMEOUT).await;
-    let (restored, cold) = d.restored_and_booted().await;
+    let (_, restored, cold) = d.paths().await;
     let restored_vms = d.restored_vms();
     let mut probing_on = Vec::new();
     for id in probing {
@@ -1093,9 +1081,8 @@ async fn drill_warm() {
     d.say("crashed right after a delivery; restarting");
     d.agent.start().await;
     d.all_completed(Duration::from_secs(900)).await;
-    let (warm, _) = d.warm_and_cold().await;
-    let (restored, booted) = d.restored_and_booted().await;
-    d.say(&format!("all jobs completed: {warm} on warm VMs, {restored} restored, {} cold; draining", booted - warm));
+    let (warm, restored, cold) = d.paths().await;
+    d.say(&format!("all jobs completed: {warm} on warm VMs, {restored} restored, {cold} cold; draining"));
     assert!(warm >= 1 && restored >= 1, "warm VMs first, then the slots: warm={warm} restored={restored}");
     assert!(
         d.agent.log_text().contains("the guest had taken its command before the restart"),
