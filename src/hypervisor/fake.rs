@@ -61,6 +61,8 @@ pub struct FakeState {
     pub panics: BTreeMap<&'static str, u32>,
     /// The next N `start` calls hang until `release_stalled` is set (a hung libvirt call).
     pub stall_starts: u32,
+    /// The next N `teardown` calls hang the same way (a slow libvirt).
+    pub stall_teardowns: u32,
     pub release_stalled: bool,
     /// While set, no warm VM's guest waits yet (otherwise they wait as soon as they run).
     pub guests_booting: bool,
@@ -122,6 +124,21 @@ impl FakeHypervisor {
             *n -= 1;
             drop(s);
             panic!("injected panic in {op}");
+        }
+    }
+
+    /// Hangs until `release_stalled` is set if the counter `count` picks is armed (see
+    /// [`FakeState::stall_starts`]).
+    fn maybe_stall(&self, count: fn(&mut FakeState) -> &mut u32) {
+        let stalled = {
+            let mut s = self.lock();
+            let n = count(&mut s);
+            let stall = *n > 0;
+            *n = n.saturating_sub(1);
+            stall
+        };
+        while stalled && !self.lock().release_stalled {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
@@ -214,15 +231,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn start(&self, name: &str) -> Result<(), HvError> {
         self.maybe_panic("start");
-        let stalled = {
-            let mut s = self.lock();
-            let stall = s.stall_starts > 0;
-            s.stall_starts = s.stall_starts.saturating_sub(1);
-            stall
-        };
-        while stalled && !self.lock().release_stalled {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        self.maybe_stall(|s| &mut s.stall_starts);
         let mut s = self.up()?;
         let xml = s.domains.get(name).map(|d| d.1.clone()).ok_or_else(|| HvError::Libvirt {
             op: "start",
@@ -242,6 +251,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn teardown(&self, vm: &str) -> Vec<HvError> {
         self.maybe_panic("teardown");
+        self.maybe_stall(|s| &mut s.stall_teardowns);
         let mut s = match self.up() {
             Ok(s) => s,
             Err(e) => return vec![e],

@@ -380,17 +380,26 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
         }
         // In a fleet, a job a free snapshot slot serves here is no cold boot (slots count
-        // as warm VMs do).
-        let free_slots = self.free_slots(&pool.name).len();
+        // as warm VMs do). A job that finds every slot in use waits for one whose VM is on
+        // its way out (free in seconds) rather than boot: it is looked at again next pass.
+        let mut slots_left = self.free_slots(&pool.name).len();
+        let mut releasing = self.slots_releasing(&pool.name);
         let cold_only = &self.warm.cold_only;
-        let mut slots_left = free_slots;
         let want = decision
             .provision
             .into_iter()
-            .map(|j| {
-                let restored = slots_left > 0 && !cold_only.contains(&j);
-                slots_left -= restored as usize;
-                (j, !restored)
+            .filter_map(|j| {
+                if cold_only.contains(&j) {
+                    Some((j, true))
+                } else if slots_left > 0 {
+                    slots_left -= 1;
+                    Some((j, false))
+                } else if releasing > 0 {
+                    releasing -= 1;
+                    None
+                } else {
+                    Some((j, true))
+                }
             })
             .collect();
         for job in self.claimed_only(want) {

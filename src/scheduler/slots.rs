@@ -9,7 +9,9 @@
 //! - A job that finds no warm VM waiting takes a free slot ([`Scheduler::free_slots`]): its
 //!   VM (named as a cold VM for the job, `slot` set) is restored from it by
 //!   `provision::provision` and bound as a cold VM is. The slot is in use while that
-//!   record exists (libvirt keeps the saved domain's name: one restore at a time).
+//!   record exists (libvirt keeps the saved domain's name: one restore at a time). A job
+//!   that finds every slot in use waits for one whose VM is on its way out
+//!   ([`releasing`]: free in seconds) rather than boot cold, for [`RELEASE_WAIT`] at most.
 //! - [`Scheduler::tend_slots`]: a slot no longer right for its pool (its image file or the
 //!   VM's shape changed; `snapshot_slots` lowered; the pool removed) goes once no VM uses
 //!   it, and is re-made; so does one whose restore failed (that job boots cold).
@@ -21,7 +23,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tracing::{error, info};
 
@@ -48,6 +50,19 @@ pub struct State {
     broken: BTreeSet<String>,
     /// Saved slots found without a record, whose saved state is being read.
     found: BTreeSet<String>,
+}
+
+/// How long a job that finds every slot of its pool in use waits for one whose VM is on
+/// its way out before it boots cold: a restored VM's guest powers off once its runner
+/// exits and its teardown takes a second or two, a cold boot 30 s to a minute (TCG).
+pub const RELEASE_WAIT: Duration = Duration::from_secs(20);
+
+/// Whether the VM restored from a slot gives it back soon: its job is done (the guest
+/// powers off as its runner exits) or its teardown runs, and for less than
+/// [`RELEASE_WAIT`] (a teardown that hangs is no slot to wait for).
+pub fn releasing(vm: &VmRec, now: SystemTime) -> bool {
+    matches!(vm.state, VmState::Finishing | VmState::TearingDown)
+        && now.duration_since(vm.state_since).is_ok_and(|d| d < RELEASE_WAIT)
 }
 
 /// What a pool's saved VM depends on: the image file (path, size, modification time) and
@@ -102,16 +117,25 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.slots.made_from = self.config.pools.iter().map(|p| (p.name.clone(), made_from(&self.config, p))).collect();
     }
 
-    /// The pool's slots that are saved, right and not in use, by name.
-    pub(super) fn free_slots(&self, pool: &str) -> Vec<String> {
+    /// The pool's slots that are saved and right (made from what the pool is now, no
+    /// failed restore).
+    fn usable_slots<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a SlotRec> + 'a {
         let current = self.slots.made_from.get(pool);
         self.book
             .slots
             .values()
-            .filter(|s| s.pool == pool && Some(&s.made_from) == current && !self.slots.broken.contains(&s.name))
-            .filter(|s| self.book.restored_from(&s.name).is_none())
-            .map(|s| s.name.clone())
-            .collect()
+            .filter(move |s| s.pool == pool && Some(&s.made_from) == current && !self.slots.broken.contains(&s.name))
+    }
+
+    /// The pool's slots that are saved, right and not in use, by name.
+    pub(super) fn free_slots(&self, pool: &str) -> Vec<String> {
+        self.usable_slots(pool).filter(|s| self.book.restored_from(&s.name).is_none()).map(|s| s.name.clone()).collect()
+    }
+
+    /// How many of the pool's right slots a VM on its way out holds ([`releasing`]).
+    pub(super) fn slots_releasing(&self, pool: &str) -> usize {
+        let now = self.now();
+        self.usable_slots(pool).filter(|s| self.book.restored_from(&s.name).is_some_and(|v| releasing(v, now))).count()
     }
 
     /// The member's digits in its slots' numbers, in a fleet.
@@ -425,5 +449,27 @@ mod tests {
         assert_eq!(missing("small", 2, Some(417), none), ["rv-small-s417000", "rv-small-s417001"]);
         assert_eq!(missing("small", 1, Some(0), none), ["rv-small-s0"]);
         assert!(hypervisor::is_vm_of_pool("rv-small-s417001", "small"));
+    }
+
+    #[test]
+    fn a_slot_is_worth_waiting_for_while_its_vm_is_on_its_way_out_and_not_for_long() {
+        use VmState::*;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let secs = |s: u64| at + Duration::from_secs(s);
+        let cases = [
+            (Finishing, secs(0), true, "its job just completed"),
+            (TearingDown, secs(19), true, "torn down for 19 s"),
+            (TearingDown, secs(20), false, "a teardown that hangs"),
+            (Finishing, secs(25), false, "a guest that does not power off"),
+            (Busy, secs(1), false, "its job runs: minutes"),
+            (Booting, secs(1), false, "its runner starts"),
+            (Idle, secs(1), false, "its runner waits for a job"),
+            (Provisioning, secs(1), false, "being restored"),
+            (TearingDown, at - Duration::from_secs(5), false, "a clock set back: no wait"),
+        ];
+        for (state, now, want, what) in cases {
+            let vm = crate::scheduler::fixtures::vm("rv-small-7", "small", 7, state, at);
+            assert_eq!(releasing(&vm, now), want, "{what}");
+        }
     }
 }

@@ -277,6 +277,16 @@ impl H {
         }
         self.timed_out(what).await
     }
+    /// Lets `d` of virtual time pass by hand, as [`H::wait_advancing`] does (a hypervisor
+    /// call may hang meanwhile), and returns the status then: what did not happen in it.
+    async fn advance_for(&self, d: Duration) -> Status {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
+        }
+        self.status().await
+    }
     /// The status, if `f` holds for it and the fake hypervisor. Checked twice: the first
     /// status may predate what the hypervisor shows by the time it is looked at (its calls
     /// run on other threads); the second is taken after.
@@ -329,6 +339,16 @@ fn assert_in_order(t: &timeline::Trace, milestones: &[(&str, Option<u64>)]) {
         let at = at.unwrap_or_else(|| panic!("{name} missing: {t:#?}"));
         assert!(at >= last, "{name} before the milestone before it: {t:#?}");
         last = at;
+    }
+}
+
+/// Lets the fake hypervisor's hung calls return when it goes, the test passed or failed: a
+/// failed test's runtime waits for its blocking calls before the failure is reported.
+struct ReleaseStalled(Arc<FakeHypervisor>);
+
+impl Drop for ReleaseStalled {
+    fn drop(&mut self) {
+        self.0.lock().release_stalled = true;
     }
 }
 

@@ -85,6 +85,55 @@ async fn a_slot_is_saved_with_no_credential_then_restores_a_vm_per_job_one_at_a_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_job_waits_for_the_slot_a_vm_is_giving_back_and_boots_cold_once_that_hangs() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    h.deliver(JobAction::Queued, info(101, LABELS, None));
+    let s = h.wait("restored", |s, hv| restored(s, 101).is_some() && hv.lock().delivered.len() == 1).await;
+    let (vm, _) = restored(&s, 101).unwrap();
+    // Its job done, the VM goes, but its teardown takes a while (a slow libvirt).
+    let _release = ReleaseStalled(h.hv.clone());
+    h.hv.lock().stall_teardowns = 1;
+    h.run_restored_job(&vm, SLOT, 101);
+    h.wait_advancing("its teardown begun", |s, _| s.vms.iter().any(|v| v.name == vm && v.state == "tearing_down"))
+        .await;
+    h.deliver(JobAction::Queued, info(102, LABELS, None));
+    let s = h.advance_for(crate::scheduler::slots::RELEASE_WAIT / 2).await;
+    assert_eq!(vm_for(&s, 102), None, "the job waits for the slot rather than boot: {s:#?}");
+    assert_eq!(h.hv.lock().started_total, 1, "only the slot's VM ever booted");
+    h.hv.lock().release_stalled = true;
+    h.wait("restored from the slot given back", |s, hv| restored(s, 102).is_some() && hv.lock().delivered.len() == 2)
+        .await;
+
+    // A teardown that hangs past RELEASE_WAIT: the next job boots cold.
+    {
+        let mut hv = h.hv.lock();
+        hv.release_stalled = false;
+        hv.stall_teardowns = 1;
+    }
+    h.run_restored_job("rv-small-102", SLOT, 102);
+    h.wait_advancing("its teardown begun", |s, _| {
+        s.vms.iter().any(|v| v.name == "rv-small-102" && v.state == "tearing_down")
+    })
+    .await;
+    h.deliver(JobAction::Queued, info(103, LABELS, None));
+    let s = h.advance_for(crate::scheduler::slots::RELEASE_WAIT / 2).await;
+    assert_eq!(vm_for(&s, 103), None, "{s:#?}");
+    let s = h
+        .poll("the job booted cold", crate::scheduler::slots::RELEASE_WAIT, true, |s, _| vm_for(s, 103).is_some())
+        .await;
+    assert_eq!(restored(&s, 103), None, "cold: {s:#?}");
+    assert_eq!(h.hv.lock().started_total, 2, "the slot's VM, then the cold one");
+    h.hv.lock().release_stalled = true;
+    h.run_job_on("rv-small-103", 103);
+    h.wait("served, the slot free", |s, _| s.queued.is_empty() && s.vms.is_empty() && ready(s) == 1).await;
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"restored\"} 2"), "{m}");
+    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"cold\"} 1"), "{m}");
+    h.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_corrupt_save_file_sends_the_job_cold_and_the_slot_is_made_again() {
     let mut h = harness("snapshot_slots = 1");
     h.wait("a slot saved", |s, _| ready(s) == 1).await;
