@@ -380,28 +380,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
         }
         // In a fleet, a job a free snapshot slot serves here is no cold boot (slots count
-        // as warm VMs do). A job that finds every slot in use waits for one whose VM is on
-        // its way out (free in seconds) rather than boot: it is looked at again next pass.
-        let mut slots_left = self.free_slots(&pool.name).len();
-        let mut releasing = self.slots_releasing(&pool.name);
-        let cold_only = &self.warm.cold_only;
-        let want = decision
-            .provision
-            .into_iter()
-            .filter_map(|j| {
-                if cold_only.contains(&j) {
-                    Some((j, true))
-                } else if slots_left > 0 {
-                    slots_left -= 1;
-                    Some((j, false))
-                } else if releasing > 0 {
-                    releasing -= 1;
-                    None
-                } else {
-                    Some((j, true))
-                }
-            })
-            .collect();
+        // as warm VMs do). A job waiting for a slot is looked at again next pass.
+        let (free, releasing) = (self.free_slots(&pool.name).len(), self.slots_releasing(pool));
+        let want = slots::restore_or_boot(decision.provision, &self.warm.cold_only, free, releasing);
         for job in self.claimed_only(want) {
             self.start_provision(job, pool);
         }

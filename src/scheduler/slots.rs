@@ -11,7 +11,7 @@
 //!   `provision::provision` and bound as a cold VM is. The slot is in use while that
 //!   record exists (libvirt keeps the saved domain's name: one restore at a time). A job
 //!   that finds every slot in use waits for one whose VM is on its way out
-//!   ([`releasing`]: free in seconds) rather than boot cold, for [`RELEASE_WAIT`] at most.
+//!   ([`releasing`]: free in seconds) rather than boot cold ([`restore_or_boot`]).
 //! - [`Scheduler::tend_slots`]: a slot no longer right for its pool (its image file or the
 //!   VM's shape changed; `snapshot_slots` lowered; the pool removed) goes once no VM uses
 //!   it, and is re-made; so does one whose restore failed (that job boots cold).
@@ -52,17 +52,42 @@ pub struct State {
     found: BTreeSet<String>,
 }
 
-/// How long a job that finds every slot of its pool in use waits for one whose VM is on
-/// its way out before it boots cold: a restored VM's guest powers off once its runner
-/// exits and its teardown takes a second or two, a cold boot 30 s to a minute (TCG).
+/// How long a VM restored from a slot may stay in each of its last two states (Finishing:
+/// its job done, the guest powering off; TearingDown) and still be waited for: a restored
+/// VM's guest powers off once its runner exits and its teardown takes a second or two, a
+/// cold boot 30 s to a minute (TCG). A job waits 2 x 20 s at the very most.
 pub const RELEASE_WAIT: Duration = Duration::from_secs(20);
 
 /// Whether the VM restored from a slot gives it back soon: its job is done (the guest
 /// powers off as its runner exits) or its teardown runs, and for less than
-/// [`RELEASE_WAIT`] (a teardown that hangs is no slot to wait for).
+/// [`RELEASE_WAIT`] (a guest that does not power off, a teardown that hangs: no slot to
+/// wait for).
 pub fn releasing(vm: &VmRec, now: SystemTime) -> bool {
     matches!(vm.state, VmState::Finishing | VmState::TearingDown)
         && now.duration_since(vm.state_since).is_ok_and(|d| d < RELEASE_WAIT)
+}
+
+/// For the jobs to make a VM for, oldest first, with `free` slots free and `releasing`
+/// slots about to be: `(job, cold)` for each job that gets a VM now. A job a restore
+/// failed for (`cold_only`) boots; the others take a free slot, else wait for one being
+/// given back (left out: looked at again next pass), else boot.
+pub fn restore_or_boot(jobs: Vec<u64>, cold_only: &BTreeSet<u64>, free: usize, releasing: usize) -> Vec<(u64, bool)> {
+    let (mut free, mut releasing) = (free, releasing);
+    jobs.into_iter()
+        .filter_map(|j| {
+            if cold_only.contains(&j) {
+                Some((j, true))
+            } else if free > 0 {
+                free -= 1;
+                Some((j, false))
+            } else if releasing > 0 {
+                releasing -= 1;
+                None
+            } else {
+                Some((j, true))
+            }
+        })
+        .collect()
 }
 
 /// What a pool's saved VM depends on: the image file (path, size, modification time) and
@@ -132,10 +157,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.usable_slots(pool).filter(|s| self.book.restored_from(&s.name).is_none()).map(|s| s.name.clone()).collect()
     }
 
-    /// How many of the pool's right slots a VM on its way out holds ([`releasing`]).
-    pub(super) fn slots_releasing(&self, pool: &str) -> usize {
+    /// How many of the pool's right slots a VM on its way out holds ([`releasing`]); not
+    /// one the pool no longer keeps (`snapshot_slots` lowered), which goes once free.
+    pub(super) fn slots_releasing(&self, pool: &PoolConfig) -> usize {
         let now = self.now();
-        self.usable_slots(pool).filter(|s| self.book.restored_from(&s.name).is_some_and(|v| releasing(v, now))).count()
+        let kept = missing(&pool.name, pool.snapshot_slots, self.member(), |_| false);
+        self.usable_slots(&pool.name)
+            .filter(|s| kept.contains(&s.name))
+            .filter(|s| self.book.restored_from(&s.name).is_some_and(|v| releasing(v, now)))
+            .count()
     }
 
     /// The member's digits in its slots' numbers, in a fleet.
@@ -449,6 +479,25 @@ mod tests {
         assert_eq!(missing("small", 2, Some(417), none), ["rv-small-s417000", "rv-small-s417001"]);
         assert_eq!(missing("small", 1, Some(0), none), ["rv-small-s0"]);
         assert!(hypervisor::is_vm_of_pool("rv-small-s417001", "small"));
+    }
+
+    #[test]
+    fn jobs_take_free_slots_then_wait_for_slots_being_given_back_then_boot() {
+        // (jobs, cold_only, free, releasing) -> (job, cold) of those that get a VM now.
+        type Case = (&'static str, Vec<u64>, Vec<u64>, usize, usize, Vec<(u64, bool)>);
+        let cases: Vec<Case> = vec![
+            ("no slots: every job boots", vec![1, 2], vec![], 0, 0, vec![(1, true), (2, true)]),
+            ("a free slot for the oldest", vec![1, 2], vec![], 1, 0, vec![(1, false), (2, true)]),
+            ("the oldest waits for the slot being given back", vec![1, 2], vec![], 0, 1, vec![(2, true)]),
+            ("free first, then one waits, then boot", vec![1, 2, 3], vec![], 1, 1, vec![(1, false), (3, true)]),
+            ("both wait", vec![1, 2], vec![], 0, 2, vec![]),
+            ("a job a restore failed boots, takes no slot", vec![1, 2], vec![1], 1, 0, vec![(1, true), (2, false)]),
+            ("nor waits for one", vec![1], vec![1], 0, 1, vec![(1, true)]),
+        ];
+        for (what, jobs, cold_only, free, rel, want) in cases {
+            let cold_only = cold_only.into_iter().collect();
+            assert_eq!(restore_or_boot(jobs, &cold_only, free, rel), want, "{what}");
+        }
     }
 
     #[test]

@@ -268,9 +268,7 @@ impl H {
                 return s;
             }
             if advance {
-                tokio::time::advance(Duration::from_millis(50)).await;
-                // Real time for the blocking calls in flight (advancing does not wait for them).
-                tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
+                advance_step().await;
             } else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -282,8 +280,7 @@ impl H {
     async fn advance_for(&self, d: Duration) -> Status {
         let end = Instant::now() + d;
         while Instant::now() < end {
-            tokio::time::advance(Duration::from_millis(50)).await;
-            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
+            advance_step().await;
         }
         self.status().await
     }
@@ -340,6 +337,13 @@ fn assert_in_order(t: &timeline::Trace, milestones: &[(&str, Option<u64>)]) {
         assert!(at >= last, "{name} before the milestone before it: {t:#?}");
         last = at;
     }
+}
+
+/// 50 ms of virtual time by hand, and real time for the blocking calls in flight
+/// (advancing does not wait for them).
+async fn advance_step() {
+    tokio::time::advance(Duration::from_millis(50)).await;
+    tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
 }
 
 /// Lets the fake hypervisor's hung calls return when it goes, the test passed or failed: a
