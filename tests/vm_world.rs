@@ -248,7 +248,7 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         "import json, sys, time, urllib.request\n\
          import socket\n\
          r = open('/dev/urandom', 'rb').read(32).hex()\n\
-         v6 = sorted(set(l.split()[-1] for l in open('/proc/net/if_inet6'))) if __import__('os').path.exists('/proc/net/if_inet6') else []\n\
+         v6 = sorted(set(l.split()[-1] for l in open('/proc/net/if_inet6')))\n\
          body = json.dumps({'role': 'fresh', 'tag': sys.argv[2], 'urandom': r, 'time': time.time(), 'host': socket.gethostname(), 'ipv6': v6}).encode()\n\
          req = urllib.request.Request(sys.argv[1] + '/_sim/reports', data=body, headers={'Content-Type': 'application/json'})\n\
          urllib.request.urlopen(req, timeout=10).read()\n",
@@ -309,8 +309,7 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         let skew =
             if guest_time < epoch(before) { guest_time - epoch(before) } else { (guest_time - epoch(after)).max(0.0) };
         eprintln!("{runner}: fresh={fresh} urandom {} clock off by {skew:+.1}s host {}", r["urandom"], r["host"]);
-        // The test image keeps IPv6 off its NIC (the fence drops it; networkd would hold
-        // the boot ~13 s waiting for router advertisements): images/test/files/etc/systemd/network.
+        // The test image keeps IPv6 off its NIC (images/README.md, "Boot time").
         assert_eq!(r["ipv6"], serde_json::json!(["lo"]), "IPv6 addresses only on loopback");
         if *fresh {
             assert_eq!(r["host"].as_str(), Some(runner.as_str()), "the hostname set at bind");

@@ -58,6 +58,8 @@ struct H {
     dirs: Vec<crate::test_support::TempDir>,
     /// The configuration the scheduler started with.
     config: Arc<Config>,
+    /// Lets the fake hypervisor's hung calls return when the harness goes.
+    _release: ReleaseStalled,
     /// The scheduler's clock (deliveries are received on it).
     clock: Arc<crate::clock::TokioClock>,
 }
@@ -123,7 +125,8 @@ fn start_member(
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
-    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new(), config, clock }
+    let _release = ReleaseStalled(hv.clone());
+    H { metrics, gh, hv, store, inbox, tx, stop, task, seq: 0, dirs: Vec::new(), config, clock, _release }
 }
 
 fn harness(extra_pool: &str) -> H {
@@ -346,7 +349,7 @@ async fn advance_step() {
     tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
 }
 
-/// Lets the fake hypervisor's hung calls return when it goes, the test passed or failed: a
+/// Sets the fake hypervisor's `release_stalled` when it goes, the test passed or failed: a
 /// failed test's runtime waits for its blocking calls before the failure is reported.
 struct ReleaseStalled(Arc<FakeHypervisor>);
 

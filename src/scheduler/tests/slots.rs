@@ -92,7 +92,6 @@ async fn a_job_waits_for_the_slot_a_vm_is_giving_back_and_boots_cold_once_that_h
     let s = h.wait("restored", |s, hv| restored(s, 101).is_some() && hv.lock().delivered.len() == 1).await;
     let (vm, _) = restored(&s, 101).unwrap();
     // Its job done, the VM goes, but its teardown takes a while (a slow libvirt).
-    let _release = ReleaseStalled(h.hv.clone());
     h.hv.lock().stall_teardowns = 1;
     h.run_restored_job(&vm, SLOT, 101);
     h.wait_advancing("its teardown begun", |s, _| s.vms.iter().any(|v| v.name == vm && v.state == "tearing_down"))
