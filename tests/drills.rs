@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::agent::*;
+use common::slots;
 use common::*;
 use runnervisor::hypervisor::Hypervisor;
 use runnervisor::hypervisor::libvirt::Libvirt;
@@ -17,13 +18,9 @@ use serde_json::{Value, json};
 
 const REPO: &str = "octo-org/app";
 
-/// The pool of every drill on shared snapshot slots ([`Drill::on_slots`]), and its slots.
-const SHARED_SLOTS_POOL: &str = "d-slots";
-const SHARED_SLOTS: usize = 2;
-
 struct Drill {
     name: &'static str,
-    /// The agent's pool: `d-<name>`, or [`SHARED_SLOTS_POOL`] for a drill on shared slots.
+    /// The agent's pool: `d-<name>`, or [`slots::POOL`] for a drill on shared slots.
     pool: String,
     labels: Vec<String>,
     sim: Sim,
@@ -39,6 +36,8 @@ struct Drill {
     hosts: Option<usize>,
     /// More `key=value` figures for the summary line.
     extra: String,
+    /// The shared slots, held until the agent (a field above, so dropped first) is gone.
+    _slots: Option<slots::Held>,
 }
 
 impl Drill {
@@ -47,12 +46,9 @@ impl Drill {
     }
 
     /// A drill whose subject is not a VM's boot: its VMs are restored from the snapshot
-    /// slots every such drill shares ([`SHARED_SLOTS_POOL`]: one pool name, image and
-    /// shape, so the next drill's agent finds the slots saved by an earlier one and adopts
-    /// them; `scripts/drill` removes them at its end). [`ensure_shared_slots`] makes them
-    /// first if they are not saved and right.
+    /// slots shared with the tests ([`slots`]), held for the drill.
     async fn on_slots(name: &'static str, tweak_spec: impl FnOnce(&mut AgentSpec)) -> Drill {
-        Self::build(name, SHARED_SLOTS_POOL.to_string(), tweak_spec, |_| {}).await
+        Self::build(name, slots::POOL.to_string(), tweak_spec, |_| {}).await
     }
 
     async fn with_sim(
@@ -69,15 +65,16 @@ impl Drill {
         tweak_spec: impl FnOnce(&mut AgentSpec),
         tweak_sim: impl FnOnce(&mut github_sim::SimConfig),
     ) -> Drill {
-        let shared = pool == SHARED_SLOTS_POOL;
+        let shared = pool == slots::POOL;
         let labels = vec!["self-hosted".to_string(), format!("drill-{name}")];
         let mut spec = AgentSpec::new(&pool, &labels.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut held = None;
         if shared {
-            ensure_shared_slots(name).await;
+            held = Some(slots::take(&format!("drill {name}")).await);
         }
         tweak_spec(&mut spec);
         if shared {
-            shared_slots_spec(&mut spec);
+            slots::spec(&mut spec);
         }
         let webhook_port = free_port();
         let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), tweak_sim).await;
@@ -96,6 +93,7 @@ impl Drill {
             warm: false,
             hosts: None,
             extra: String::new(),
+            _slots: held,
         }
     }
 
@@ -204,7 +202,7 @@ impl Drill {
             line.push_str(&format!(" warm_hits={warm} restored={restored} cold={cold}"));
         }
         line.push_str(&self.extra);
-        if self.pool == SHARED_SLOTS_POOL {
+        if self.pool == slots::POOL {
             let log = self.agent.log_text();
             let adopted = log.matches("adopted a saved snapshot slot").count();
             let made = log.matches("snapshot slot saved").count();
@@ -236,45 +234,15 @@ impl Drill {
         }
         let (doms, mut vols) = leftovers(&self.hv, &self.prefix());
         // The shared slots stay for the next drill (their saved state, disk and seed).
-        if self.pool == SHARED_SLOTS_POOL {
+        if self.pool == slots::POOL {
             vols.retain(|v| {
                 runnervisor::hypervisor::vm_of_volume(v)
-                    .is_none_or(|o| runnervisor::hypervisor::slot_of_pool(o, SHARED_SLOTS_POOL).is_none())
+                    .is_none_or(|o| runnervisor::hypervisor::slot_of_pool(o, slots::POOL).is_none())
             });
         }
         let runners = self.sim.runners().await.len();
         (self.expected.len(), served, lost, doms.len(), vols.len(), runners)
     }
-}
-
-/// What makes a pool's agent keep [`SHARED_SLOTS`] slots that outlive it.
-fn shared_slots_spec(spec: &mut AgentSpec) {
-    spec.keep_slots = true;
-    spec.pool_extra.push_str(&format!("\nsnapshot_slots = {SHARED_SLOTS}\n"));
-    spec.max_vms = spec.max_vms.max(SHARED_SLOTS);
-}
-
-/// Has an agent of the shared pool's plain settings adopt the shared slots saved by an
-/// earlier drill of this run (a few seconds), or remove what is not right of them (a slot
-/// of an older image, one whose making was cut short) and make them: a drill's own timers
-/// (a short `max_lifetime` or `registration_timeout`) are meant for restored VMs, not for
-/// a boot.
-async fn ensure_shared_slots(drill: &str) {
-    let started = Instant::now();
-    let mut spec = AgentSpec::new(SHARED_SLOTS_POOL, &["self-hosted", "drill-slots"]);
-    shared_slots_spec(&mut spec);
-    let webhook_port = free_port();
-    let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
-    let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);
-    eprintln!("drill {drill}: the shared snapshot slots adopted or made (agent log {})", agent.log.display());
-    agent.start().await;
-    let ready = format!("runnervisor_slots_ready{{pool=\"{SHARED_SLOTS_POOL}\"}} {SHARED_SLOTS}");
-    wait_for("the shared snapshot slots saved", 2 * VM_TIMEOUT, async || {
-        agent.metrics().await.lines().any(|l| l == ready).then_some(())
-    })
-    .await;
-    let made = agent.log_text().matches("snapshot slot saved").count();
-    eprintln!("drill {drill}: shared snapshot slots ready in {:.0}s ({made} made)", started.elapsed().as_secs_f64());
 }
 
 fn wait_exit(agent: &mut Agent, timeout: Duration) -> Option<std::process::ExitStatus> {

@@ -1,13 +1,16 @@
 //! End to end on real VMs: github-sim sends signed workflow_job webhooks to the
 //! `runnervisor` binary, which provisions real libvirt VMs (TCG) whose real cloud-init
 //! runs the test image's runner against the simulator. Each test ends by checking that no
-//! domain, volume or runner registration is left.
+//! domain, volume or runner registration is left. The tests whose subject is not the boot
+//! (scope, registration mode, the VM cap, a restart) restore their VMs from the snapshot
+//! slots shared with the drills ([`slots`]); the warm-pool tests boot theirs.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::agent::*;
+use common::slots;
 use common::*;
 use runnervisor::hypervisor::libvirt::Libvirt;
 use runnervisor::hypervisor::{DomainState, Hypervisor};
@@ -41,23 +44,30 @@ fn teardown_ms(agent: &Agent) -> Vec<u64> {
 /// `/enterprises/{slug}`, webhooks of an organization in that enterprise).
 #[tokio::test(flavor = "multi_thread")]
 async fn one_job_enterprise_scope_jit_mode_pat_auth() {
-    let mut spec = AgentSpec::new("e2e-jit", &["self-hosted", "linux", "e2e-jit"]);
+    let _slots = slots::take("e2e jit").await;
+    let mut spec = AgentSpec::new(slots::POOL, &["self-hosted", "linux", "e2e-jit"]);
     spec.scope = "enterprise = \"octo-ent\"".into();
     spec.hook = None;
+    slots::spec(&mut spec);
     let (sim, mut agent) = world(&spec, |c| c.enterprise = Some("octo-ent".into())).await;
     let (hv, _) = libvirt();
     agent.start().await;
     // The job searches its VM, as root, for its runner's credential (JIT config).
     let job = sim.queue_credential_search("octo-org/app", &["self-hosted", "Linux", "e2e-jit"]).await;
     let queued = Instant::now();
-    let name = format!("rv-e2e-jit-{job}");
+    let name = format!("rv-{}-{job}", slots::POOL);
 
-    // While it runs: the domain carries our metadata, the seed is private.
-    let vm = wait_for("the VM", VM_TIMEOUT, async || hv.list_vms().unwrap().into_iter().find(|v| v.name == name)).await;
+    // While it runs: the domain (restored, so it has its slot's name) carries our metadata,
+    // the job's once it is bound.
+    let vm = wait_for("the VM", VM_TIMEOUT, async || {
+        hv.list_vms().unwrap().into_iter().find(|v| v.metadata.as_ref().is_some_and(|m| m.job_id == job))
+    })
+    .await;
+    assert!(runnervisor::hypervisor::slot_of_pool(&vm.name, slots::POOL).is_some(), "{}", vm.name);
     let md = vm.metadata.expect("runnervisor metadata on the domain");
     assert_eq!(
         (md.job_id, md.pool.as_str(), md.repository.as_str(), md.runner_name.as_str()),
-        (job, "e2e-jit", "octo-org/app", name.as_str())
+        (job, slots::POOL, "octo-org/app", name.as_str())
     );
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
     sim.assert_credential_not_found(&name).await;
@@ -76,7 +86,7 @@ async fn one_job_enterprise_scope_jit_mode_pat_auth() {
     );
 
     wait_for("everything cleaned", Duration::from_secs(90), async || {
-        let (d, v) = leftovers(&hv, "rv-e2e-jit-");
+        let (d, v) = agent.leftovers(&hv);
         (d.is_empty() && v.is_empty()).then_some(())
     })
     .await;
@@ -93,12 +103,13 @@ async fn one_job_enterprise_scope_jit_mode_pat_auth() {
     assert_eq!(ms.len(), 1, "{}", agent.log_tail());
 
     let metrics = agent.metrics().await;
-    assert!(metrics.contains("runnervisor_jobs_received_total{pool=\"e2e-jit\"} 1"), "{metrics}");
+    assert!(metrics.contains("runnervisor_jobs_received_total{pool=\"d-slots\"} 1"), "{metrics}");
     assert!(
-        metrics.contains("runnervisor_jobs_completed_total{pool=\"e2e-jit\",conclusion=\"success\"} 1"),
+        metrics.contains("runnervisor_jobs_completed_total{pool=\"d-slots\",conclusion=\"success\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("runnervisor_vms_started_total{pool=\"e2e-jit\"} 1"));
+    assert!(metrics.contains("runnervisor_vms_started_total{pool=\"d-slots\"} 1"));
+    assert!(metrics.contains("runnervisor_job_runners_total{pool=\"d-slots\",path=\"restored\"} 1"), "{metrics}");
     // Secrets never reach the log.
     let log = agent.log_text();
     assert!(!log.contains(PAT) && !log.contains(SECRET), "a secret reached the log");
@@ -108,8 +119,10 @@ async fn one_job_enterprise_scope_jit_mode_pat_auth() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_job_token_mode_app_auth() {
-    let mut spec = AgentSpec::new("e2e-token", &["self-hosted", "e2e-token"]);
+    let _slots = slots::take("e2e token").await;
+    let mut spec = AgentSpec::new(slots::POOL, &["self-hosted", "e2e-token"]);
     spec.registration = "token";
+    slots::spec(&mut spec);
     let keys = tempdir("app-key");
     let key = keys.join("app.pem");
     assert!(
@@ -148,13 +161,13 @@ async fn one_job_token_mode_app_auth() {
     // The registration token is valid for an hour for the whole scope: the job searches its
     // VM, as root, for it (it never went through cloud-init; config.sh has exited).
     let job = sim.queue_credential_search("octo-org/app", &["self-hosted", "e2e-token"]).await;
-    let vm = format!("rv-e2e-token-{job}");
+    let vm = format!("rv-{}-{job}", slots::POOL);
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
     sim.assert_credential_not_found(&vm).await;
     assert_eq!(done["conclusion"], "success", "{}", agent.log_tail());
-    assert_eq!(done["runner_name"], format!("rv-e2e-token-{job}"));
+    assert_eq!(done["runner_name"], vm);
     wait_for("everything cleaned", Duration::from_secs(90), async || {
-        let (d, v) = leftovers(&hv, "rv-e2e-token-");
+        let (d, v) = agent.leftovers(&hv);
         (d.is_empty() && v.is_empty()).then_some(())
     })
     .await;
@@ -175,7 +188,11 @@ async fn one_job_token_mode_app_auth() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_jobs_never_more_than_two_vms() {
-    let spec = AgentSpec::new("e2e-cap", &["self-hosted", "e2e-cap"]);
+    let _slots = slots::take("e2e cap").await;
+    let mut spec = AgentSpec::new(slots::POOL, &["self-hosted", "e2e-cap"]);
+    slots::spec(&mut spec);
+    assert_eq!(spec.max_vms, 2);
+    let prefix = format!("rv-{}-", slots::POOL);
     let (sim, mut agent) = world(&spec, |_| {}).await;
     let (hv, _) = libvirt();
     agent.start().await;
@@ -190,9 +207,9 @@ async fn three_jobs_never_more_than_two_vms() {
             .list_vms()
             .unwrap()
             .into_iter()
-            .filter(|v| v.name.starts_with("rv-e2e-cap-") && v.state == DomainState::Running)
+            .filter(|v| v.name.starts_with(&prefix) && v.state == DomainState::Running)
             .count();
-        let domains = hv.list_vms().unwrap().into_iter().filter(|v| v.name.starts_with("rv-e2e-cap-")).count();
+        let domains = hv.list_vms().unwrap().into_iter().filter(|v| v.name.starts_with(&prefix)).count();
         peak = peak.max(running).max(domains);
         let mut all = true;
         for j in &jobs {
@@ -210,7 +227,7 @@ async fn three_jobs_never_more_than_two_vms() {
         assert_eq!(sim.job(*j).await["conclusion"], "success");
     }
     wait_for("everything cleaned", Duration::from_secs(90), async || {
-        let (d, v) = leftovers(&hv, "rv-e2e-cap-");
+        let (d, v) = agent.leftovers(&hv);
         (d.is_empty() && v.is_empty()).then_some(())
     })
     .await;
@@ -300,7 +317,9 @@ async fn unmatched_labels_make_no_vm() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_killed_and_restarted_while_a_vm_runs() {
-    let spec = AgentSpec::new("e2e-restart", &["self-hosted", "e2e-restart"]);
+    let _slots = slots::take("e2e restart").await;
+    let mut spec = AgentSpec::new(slots::POOL, &["self-hosted", "e2e-restart"]);
+    slots::spec(&mut spec);
     let (sim, mut agent) = world(&spec, |_| {}).await;
     let (hv, _) = libvirt();
     agent.start().await;
@@ -314,7 +333,7 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
         .list_vms()
         .unwrap()
         .into_iter()
-        .filter(|v| v.name.starts_with("rv-e2e-restart-") && v.state == DomainState::Running)
+        .filter(|v| v.name.starts_with(&format!("rv-{}-", slots::POOL)) && v.state == DomainState::Running)
         .count();
     assert_eq!(running, 1, "the VM outlives the agent");
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -322,7 +341,7 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
     assert_eq!(done["conclusion"], "success");
     wait_for("everything cleaned", Duration::from_secs(90), async || {
-        let (d, v) = leftovers(&hv, "rv-e2e-restart-");
+        let (d, v) = agent.leftovers(&hv);
         (d.is_empty() && v.is_empty()).then_some(())
     })
     .await;

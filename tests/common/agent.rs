@@ -283,15 +283,40 @@ registration = "{registration}"
         Command::new(&self.bin).args(args).arg("--config").arg(&self.config).output().unwrap()
     }
 
-    /// Asserts nothing of this pool is left on the hypervisor.
+    /// Whether `name` (a VM's, without a volume's suffix) is a saved slot this agent keeps
+    /// ([`AgentSpec::keep_slots`]): `saved`, the names of the saved states there are.
+    fn kept_slot(&self, name: &str, saved: &[String]) -> bool {
+        self.keep_slots
+            && runnervisor::hypervisor::slot_of_pool(name, &self.spec_pool).is_some()
+            && saved.iter().any(|s| s == name)
+    }
+
+    /// The domains and volumes of this pool on the hypervisor, but for its kept slots'
+    /// volumes (a domain of a slot's name is a VM restored from it, and counts).
+    pub fn leftovers(&self, hv: &Libvirt) -> (Vec<String>, Vec<String>) {
+        let (doms, vols) = leftovers(hv, &format!("rv-{}-", self.spec_pool));
+        let saved = saved_states(&vols);
+        let vols = vols
+            .into_iter()
+            .filter(|v| !runnervisor::hypervisor::vm_of_volume(v).is_some_and(|vm| self.kept_slot(vm, &saved)))
+            .collect();
+        (doms, vols)
+    }
+
+    /// Asserts nothing of this pool is left on the hypervisor (its kept slots aside).
     pub fn assert_clean(&self, hv: &Libvirt) {
         let prefix = format!("rv-{}-", self.spec_pool);
-        let (doms, vols) = leftovers(hv, &prefix);
+        let (doms, vols) = self.leftovers(hv);
         assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());
+        let saved = saved_states(&leftovers(hv, &prefix).1);
         // Addresses go after their domains: give a teardown in its last step a moment.
         let held = |hv: &Libvirt| -> Vec<String> {
             let hosts = hv.network_dhcp(NETWORK).map(|d| d.hosts).unwrap_or_default();
-            hosts.into_iter().map(|h| h.vm).filter(|vm| vm.starts_with(&prefix)).collect()
+            hosts
+                .into_iter()
+                .map(|h| h.vm)
+                .filter(|vm| vm.starts_with(&prefix) && !self.kept_slot(vm, &saved))
+                .collect()
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while !held(hv).is_empty() && Instant::now() < deadline {
@@ -313,12 +338,8 @@ impl Drop for Agent {
             // A saved shared slot stays (its saved state, disk, seed and address); a domain
             // of its name is a VM restored from it, which goes. A slot not saved (its
             // making cut short) goes with everything.
-            let saved: Vec<String> = vols.iter().filter_map(|v| v.strip_suffix(".save")).map(str::to_string).collect();
-            let slot = |name: &str| {
-                self.keep_slots
-                    && runnervisor::hypervisor::slot_of_pool(name, &self.spec_pool).is_some()
-                    && saved.iter().any(|s| s == name)
-            };
+            let saved = saved_states(&vols);
+            let slot = |name: &str| self.kept_slot(name, &saved);
             for d in doms {
                 if slot(&d) {
                     let _ = lv.destroy(&d);
@@ -336,4 +357,9 @@ impl Drop for Agent {
         }
         drop_filter(&filter_name(&self.spec_pool));
     }
+}
+
+/// The VMs (slots) whose saved state is among `volumes`.
+fn saved_states(volumes: &[String]) -> Vec<String> {
+    volumes.iter().filter_map(|v| v.strip_suffix(".save")).map(str::to_string).collect()
 }

@@ -20,6 +20,7 @@ pub mod inproc;
 pub mod lab;
 pub mod load;
 pub mod pg;
+pub mod slots;
 
 /// How long a VM test waits for a guest before failing (TCG boots in ~30 s; allow slack
 /// for two VMs sharing two cores).
