@@ -92,8 +92,8 @@ async fn one_job_enterprise_scope_jit_mode_pat_auth() {
     .await;
     assert_no_runners(&sim, &agent).await;
     agent.assert_clean(&hv);
-    // The teardown reports once the VM's address is released too, after its domain and
-    // volumes are gone.
+    // The teardown reports after the VM's domain and volumes are gone (its address is its
+    // slot's and stays).
     let ms = wait_for("the teardown reported", Duration::from_secs(30), async || {
         let ms = teardown_ms(&agent);
         (!ms.is_empty()).then_some(ms)
@@ -222,7 +222,7 @@ async fn three_jobs_never_more_than_two_vms() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(peak <= 2, "{peak} VMs at once");
-    assert_eq!(peak, 2, "both slots were used");
+    assert_eq!(peak, 2, "two VMs at once");
     for j in &jobs {
         assert_eq!(sim.job(*j).await["conclusion"], "success");
     }
@@ -346,7 +346,7 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     })
     .await;
     assert_no_runners(&sim, &agent).await;
-    // The teardown reports once the VM's address is released too, after its domain.
+    // The teardown reports after the VM's domain is gone.
     wait_for("the teardown reported", Duration::from_secs(30), async || {
         agent.log_text().contains("vm torn down").then_some(())
     })

@@ -63,11 +63,16 @@ pub struct FakeState {
     pub stall_starts: u32,
     /// The next N `teardown` calls hang the same way (a slow libvirt).
     pub stall_teardowns: u32,
+    /// The next N deliveries hang the same way once the guest has the message.
+    pub stall_deliveries: u32,
     pub release_stalled: bool,
     /// While set, no warm VM's guest waits yet (otherwise they wait as soon as they run).
     pub guests_booting: bool,
     /// Warm VMs whose guest ignores deliveries (never acknowledges).
     pub guests_deaf: BTreeSet<String>,
+    /// VMs whose guest takes its delivery but whose acknowledgement is lost (libvirtd
+    /// restarted during the exchange): the message is delivered and the call fails.
+    pub acks_lost: BTreeSet<String>,
     /// Runner commands delivered into warm VMs (VM, message), in order.
     pub delivered: Vec<(String, String)>,
     /// Descriptions set on VMs, by VM.
@@ -315,6 +320,12 @@ impl Hypervisor for FakeHypervisor {
         let message = String::from_utf8_lossy(message).into_owned();
         assert!(ack.starts_with("ACK ") && message.ends_with('\n'), "protocol: {ack:?}");
         s.delivered.push((vm.to_string(), message));
+        let lost = s.acks_lost.contains(vm);
+        drop(s);
+        self.maybe_stall(|s| &mut s.stall_deliveries);
+        if lost {
+            return fail("libvirt at qemu:///system is not reachable: connection closed");
+        }
         Ok(())
     }
 

@@ -222,15 +222,28 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.work.remove(&name);
         let Some(vm) = self.book.vms.get(&name).cloned() else { return };
+        // A cold VM was counted when it was made for its job.
+        let path = if vm.warm { Some("warm") } else { vm.slot.as_ref().map(|_| "restored") };
         match result {
+            Err(e) if matches!(vm.state, VmState::Busy | VmState::Finishing) => {
+                // Its runner took the job (or ran it) while the delivery's failure was on its
+                // way: the guest had its command, only the acknowledgement was lost (libvirtd
+                // restarted during the exchange, as the restart-libvirtd drill met it).
+                // Destroying the VM would kill the job's runner mid-job.
+                warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "the delivery failed after its runner took the job: the guest had its command, the vm is kept");
+                if let Some(path) = path {
+                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, path)).inc();
+                }
+                if let Some(reason) = vm.reap {
+                    self.reap(&name, reason);
+                }
+            }
             Ok(times) if times.resumed => {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "the guest had taken its command before the restart: its runner starts");
                 self.transition(&name, Input::Bound);
             }
             Ok(times) => {
                 let total = times.credential + times.delivery;
-                // A cold VM was counted when it was made for its job.
-                let path = if vm.warm { Some("warm") } else { vm.slot.as_ref().map(|_| "restored") };
                 if let Some(path) = path {
                     self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, path)).inc();
                 }

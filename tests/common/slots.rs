@@ -1,6 +1,6 @@
 //! The snapshot slots shared by the real-VM tests and drills whose subject is not a VM's
 //! boot: their VMs are restored from two slots of one pool, [`POOL`] (one pool name, image
-//! and shape), which the first of them makes (two boots and saves, about 40 s) and each
+//! and shape), which the first of them makes (two boots and saves, 40 s to a minute) and each
 //! later one adopts from the storage pool. The test agent's cleanup spares saved slots
 //! ([`super::agent::AgentSpec::keep_slots`]); `scripts/drill` removes them at its end, and
 //! `./scripts/test` at its own (`scripts/drill clean-slots`). One agent of the pool at a

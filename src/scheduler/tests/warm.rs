@@ -88,6 +88,50 @@ async fn more_jobs_than_warm_vms_go_cold_and_every_job_is_served_once() {
     h.shutdown().await;
 }
 
+/// libvirtd restarted during a delivery (the restart-libvirtd drill met it on a restored
+/// VM): the guest took its runner command, whose runner took the job, but the exchange
+/// failed before the acknowledgement came back. The VM is kept and its runner runs the job;
+/// the job is served once, by it.
+#[tokio::test(start_paused = true)]
+async fn a_delivery_that_fails_after_its_runner_took_the_job_keeps_the_vm() {
+    let mut h = harness("warm = 1");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let vm = warm_vms(&s, "waiting").remove(0);
+    {
+        let mut hv = h.hv.lock();
+        hv.stall_deliveries = 1;
+        hv.acks_lost.insert(vm.clone());
+    }
+    h.deliver(JobAction::Queued, info(31, LABELS, None));
+    h.wait_advancing("the command delivered, its acknowledgement pending", |_, hv| hv.lock().delivered.len() == 1)
+        .await;
+    h.deliver(JobAction::InProgress, info(31, LABELS, Some(&vm)));
+    h.wait_advancing("its runner took the job", |s, _| s.vms.iter().any(|v| v.name == vm && v.state == "busy")).await;
+    h.hv.lock().release_stalled = true;
+    // The failure comes back: counted as the warm VM's runner (kept), or as a failed bind.
+    let metrics = h.metrics.clone();
+    let s = h
+        .wait_advancing("the delivery's failure handled", |_, _| {
+            let m = metrics.render();
+            m.contains("path=\"warm\"") || m.contains("runnervisor_bind_failures_total{")
+        })
+        .await;
+    assert!(s.vms.iter().any(|v| v.name == vm && v.state == "busy"), "the vm is kept, busy with its job: {s:#?}");
+    assert_eq!(bound_to(&s, 31).as_deref(), Some(vm.as_str()), "{s:#?}");
+    let m = h.metrics.render();
+    assert!(!m.contains("runnervisor_bind_failures_total{") && !m.contains("bind_failed"), "{m}");
+    assert!(!m.contains("path=\"cold\""), "no VM booted for the job: {m}");
+    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"warm\"} 1"), "{m}");
+    let mut done = info(31, LABELS, Some(&vm));
+    done.conclusion = Some("success".into());
+    h.deliver(JobAction::Completed, done);
+    h.gh.lock().runners.retain(|_, r| r.name != vm);
+    h.hv.stop(&vm);
+    h.wait("served by it; it is gone", |s, hv| s.queued.is_empty() && !hv.lock().domains.contains_key(&vm)).await;
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().delivered.len(), 1, "one command, into the VM that ran the job");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_warm_vm_that_ignores_its_delivery_is_destroyed_and_the_job_goes_cold() {
     let mut h = harness("warm = 1");
