@@ -232,14 +232,8 @@ impl Drill {
                 lost += 1;
             }
         }
-        let (doms, mut vols) = leftovers(&self.hv, &self.prefix());
         // The shared slots stay for the next drill (their saved state, disk and seed).
-        if self.pool == slots::POOL {
-            vols.retain(|v| {
-                runnervisor::hypervisor::vm_of_volume(v)
-                    .is_none_or(|o| runnervisor::hypervisor::slot_of_pool(o, slots::POOL).is_none())
-            });
-        }
+        let (doms, vols) = self.agent.leftovers(&self.hv);
         let runners = self.sim.runners().await.len();
         (self.expected.len(), served, lost, doms.len(), vols.len(), runners)
     }

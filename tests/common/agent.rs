@@ -294,21 +294,26 @@ registration = "{registration}"
     /// The domains and volumes of this pool on the hypervisor, but for its kept slots'
     /// volumes (a domain of a slot's name is a VM restored from it, and counts).
     pub fn leftovers(&self, hv: &Libvirt) -> (Vec<String>, Vec<String>) {
+        let (doms, vols, _) = self.leftovers_and_saved(hv);
+        (doms, vols)
+    }
+
+    /// [`Agent::leftovers`], and the saved slots there are.
+    fn leftovers_and_saved(&self, hv: &Libvirt) -> (Vec<String>, Vec<String>, Vec<String>) {
         let (doms, vols) = leftovers(hv, &format!("rv-{}-", self.spec_pool));
         let saved = saved_states(&vols);
         let vols = vols
             .into_iter()
             .filter(|v| !runnervisor::hypervisor::vm_of_volume(v).is_some_and(|vm| self.kept_slot(vm, &saved)))
             .collect();
-        (doms, vols)
+        (doms, vols, saved)
     }
 
     /// Asserts nothing of this pool is left on the hypervisor (its kept slots aside).
     pub fn assert_clean(&self, hv: &Libvirt) {
         let prefix = format!("rv-{}-", self.spec_pool);
-        let (doms, vols) = self.leftovers(hv);
+        let (doms, vols, saved) = self.leftovers_and_saved(hv);
         assert!(doms.is_empty() && vols.is_empty(), "leaked domains {doms:?} volumes {vols:?}\n{}", self.log_tail());
-        let saved = saved_states(&leftovers(hv, &prefix).1);
         // Addresses go after their domains: give a teardown in its last step a moment.
         let held = |hv: &Libvirt| -> Vec<String> {
             let hosts = hv.network_dhcp(NETWORK).map(|d| d.hosts).unwrap_or_default();
