@@ -73,6 +73,8 @@ pub struct FakeState {
     /// VMs whose guest takes its delivery but whose acknowledgement is lost (libvirtd
     /// restarted during the exchange): the message is delivered and the call fails.
     pub acks_lost: BTreeSet<String>,
+    /// Running VMs whose guest took a command (its bind port closed, `guest_waiting` false).
+    pub took_command: BTreeSet<String>,
     /// Runner commands delivered into warm VMs (VM, message), in order.
     pub delivered: Vec<(String, String)>,
     /// Descriptions set on VMs, by VM.
@@ -248,6 +250,7 @@ impl Hypervisor for FakeHypervisor {
             return Err(HvError::Libvirt { op: "start", name: name.into(), message: "injected".into() });
         }
         s.domains.insert(name.to_string(), (DomainState::Running, xml.to_string()));
+        s.took_command.remove(name);
         s.started_total += 1;
         let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
         s.peak_running = s.peak_running.max(running);
@@ -305,7 +308,7 @@ impl Hypervisor for FakeHypervisor {
     fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
         let s = self.up()?;
         let running = s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running);
-        Ok(running && !s.guests_booting)
+        Ok(running && !s.guests_booting && !s.took_command.contains(vm))
     }
 
     fn deliver(&self, vm: &str, message: &[u8], ack: &str, _timeout: std::time::Duration) -> Result<(), HvError> {
@@ -320,6 +323,7 @@ impl Hypervisor for FakeHypervisor {
         let message = String::from_utf8_lossy(message).into_owned();
         assert!(ack.starts_with("ACK ") && message.ends_with('\n'), "protocol: {ack:?}");
         s.delivered.push((vm.to_string(), message));
+        s.took_command.insert(vm.to_string());
         let lost = s.acks_lost.contains(vm);
         drop(s);
         self.maybe_stall(|s| &mut s.stall_deliveries);
@@ -384,6 +388,7 @@ impl Hypervisor for FakeHypervisor {
         let xml = domain_xml::for_restore(&xml, &base, disk, Some(console_log))
             .ok_or_else(|| missing("restore disk", saved))?;
         s.domains.insert(saved.to_string(), (DomainState::Running, xml));
+        s.took_command.remove(saved);
         s.restored_total += 1;
         let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
         s.peak_running = s.peak_running.max(running);

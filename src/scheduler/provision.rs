@@ -432,9 +432,18 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     drop(credential);
     let hv = ctx.hv.clone();
     let (n, domain, timeout) = (name.clone(), plan.vm.domain().to_string(), plan.pool.bind_timeout);
-    blocking(move || hv.deliver(&domain, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout))
-        .await
-        .map_err(BindError::Delivery)?;
+    if let Err(e) =
+        blocking(move || hv.deliver(&domain, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout)).await
+    {
+        // The guest may have taken its command all the same: libvirtd restarted during the
+        // exchange and only the acknowledgement was lost (the restart-libvirtd drill met
+        // it). Its port says: a guest that took its command closes it and starts its
+        // runner, which destroying the VM would kill with the job.
+        if !matches!(guest_port(ctx.hv.clone(), plan.vm.domain().to_string()).await, Port::Closed) {
+            return Err(BindError::Delivery(e));
+        }
+        tracing::warn!(vm = %name, error = %e, "the delivery failed, but the guest closed its bind port: it took its command, its runner starts");
+    }
     crash_point("bind-after-delivery");
     let times = BindTimes { credential: made - started, delivery: made.elapsed(), resumed: false };
     // For operators (`virsh desc`) and re-adoption: no longer warm, now this job's runner.
@@ -447,24 +456,47 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     Ok(times)
 }
 
-/// How long a resumed binding watches the guest's port: libvirt sees a port the guest
-/// closed about a second later (measured by `tests/vm_world.rs`), and a message still in
-/// flight when the agent died is taken as fast.
-const RESUME_SETTLE: Duration = Duration::from_secs(5);
+/// How long the guest's port is watched after a binding was cut short: libvirt sees a
+/// port the guest closed about a second later (measured by `tests/vm_world.rs`), and a
+/// message still in flight when the agent died is taken as fast.
+const PORT_SETTLE: Duration = Duration::from_secs(5);
 
-/// A binding a restart cut short: the guest closes its port once it took its command, so
-/// one that keeps it open for [`RESUME_SETTLE`] never got it (the VM goes, the job is
-/// served again) and one that closes it is starting its runner (the binding stands).
-pub async fn resume_bind<H: Hypervisor>(hv: Arc<H>, vm: String) -> Result<BindTimes, BindError> {
-    let deadline = Instant::now() + RESUME_SETTLE;
+/// How long a watch of the guest's port waits for libvirt to answer at all (libvirtd
+/// restarting: the agent reconnects within seconds).
+const PORT_RECONNECT: Duration = Duration::from_secs(30);
+
+/// What the guest's bind port says after a binding was cut short.
+#[derive(Debug)]
+enum Port {
+    /// The guest closed it: it took its command and is starting its runner.
+    Closed,
+    /// Still open after [`PORT_SETTLE`]: the guest never got its command.
+    Open,
+    /// libvirt did not answer within [`PORT_RECONNECT`].
+    Unknown(HvError),
+}
+
+/// Watches the guest's bind port of `vm` (see [`Port`]).
+async fn guest_port<H: Hypervisor>(hv: Arc<H>, vm: String) -> Port {
+    let start = Instant::now();
     loop {
         let (h, n) = (hv.clone(), vm.clone());
         match blocking(move || h.guest_waiting(&n)).await {
-            Ok(false) => return Ok(BindTimes { resumed: true, ..BindTimes::default() }),
-            Ok(true) if Instant::now() >= deadline => return Err(BindError::Interrupted),
-            Ok(true) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => return Err(BindError::Delivery(e)),
+            Ok(false) => return Port::Closed,
+            Ok(true) if start.elapsed() >= PORT_SETTLE => return Port::Open,
+            Err(e) if start.elapsed() >= PORT_RECONNECT => return Port::Unknown(e),
+            Ok(true) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// A binding a restart cut short: one whose guest took its command stands, one whose guest
+/// still waits is interrupted (the VM goes, the job is served again).
+pub async fn resume_bind<H: Hypervisor>(hv: Arc<H>, vm: String) -> Result<BindTimes, BindError> {
+    match guest_port(hv, vm).await {
+        Port::Closed => Ok(BindTimes { resumed: true, ..BindTimes::default() }),
+        Port::Open => Err(BindError::Interrupted),
+        Port::Unknown(e) => Err(BindError::Delivery(e)),
     }
 }
 

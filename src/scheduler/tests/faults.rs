@@ -40,7 +40,11 @@ async fn a_cold_vm_that_ignores_its_runner_command_is_replaced_then_the_job_give
     let mut h = harness("max_attempts = 2");
     h.hv.lock().guests_deaf.extend(["rv-small-66".to_string(), "rv-small-66-2".to_string()]);
     h.deliver(JobAction::Queued, info(66, LABELS, None));
-    h.wait("given up", |s, hv| s.queued.is_empty() && s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    // Each failed delivery watches the guest's port for 5 s before it counts as failed.
+    h.wait_for("given up", Duration::from_secs(30), |s, hv| {
+        s.queued.is_empty() && s.vms.is_empty() && hv.lock().domains.is_empty()
+    })
+    .await;
     let m = h.metrics.render();
     assert!(m.contains(r#"runnervisor_bind_failures_total{pool="small",step="delivery"} 2"#), "{m}");
     assert!(m.contains(r#"runnervisor_jobs_failed_total{pool="small"} 1"#), "{m}");

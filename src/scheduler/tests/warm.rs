@@ -107,15 +107,22 @@ async fn a_delivery_that_fails_after_its_runner_took_the_job_keeps_the_vm() {
         .await;
     h.deliver(JobAction::InProgress, info(31, LABELS, Some(&vm)));
     h.wait_advancing("its runner took the job", |s, _| s.vms.iter().any(|v| v.name == vm && v.state == "busy")).await;
-    h.hv.lock().release_stalled = true;
-    // The failure comes back: counted as the warm VM's runner (kept), or as a failed bind.
+    // The failure comes back while libvirt is away: the guest's port cannot tell either.
+    {
+        let mut hv = h.hv.lock();
+        hv.unavailable = true;
+        hv.release_stalled = true;
+    }
+    // Counted as the warm VM's runner (kept), or as a failed bind, once the port was watched
+    // for 30 s.
     let metrics = h.metrics.clone();
     let s = h
-        .wait_advancing("the delivery's failure handled", |_, _| {
+        .poll("the delivery's failure handled", Duration::from_secs(60), true, |_, _| {
             let m = metrics.render();
             m.contains("path=\"warm\"") || m.contains("runnervisor_bind_failures_total{")
         })
         .await;
+    h.hv.lock().unavailable = false;
     assert!(s.vms.iter().any(|v| v.name == vm && v.state == "busy"), "the vm is kept, busy with its job: {s:#?}");
     assert_eq!(bound_to(&s, 31).as_deref(), Some(vm.as_str()), "{s:#?}");
     let m = h.metrics.render();
@@ -127,6 +134,33 @@ async fn a_delivery_that_fails_after_its_runner_took_the_job_keeps_the_vm() {
     h.deliver(JobAction::Completed, done);
     h.gh.lock().runners.retain(|_, r| r.name != vm);
     h.hv.stop(&vm);
+    h.wait("served by it; it is gone", |s, hv| s.queued.is_empty() && !hv.lock().domains.contains_key(&vm)).await;
+    let (_, hv, _) = h.shutdown().await;
+    assert_eq!(hv.lock().delivered.len(), 1, "one command, into the VM that ran the job");
+}
+
+/// libvirtd restarts during a delivery, before the job's in-progress webhook: the guest took
+/// its command, only its acknowledgement was lost. Its closed port says so.
+#[tokio::test(start_paused = true)]
+async fn a_delivery_whose_acknowledgement_is_lost_stands_when_the_guest_took_its_command() {
+    let mut h = harness("warm = 1");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let vm = warm_vms(&s, "waiting").remove(0);
+    h.hv.lock().acks_lost.insert(vm.clone());
+    h.deliver(JobAction::Queued, info(32, LABELS, None));
+    let metrics = h.metrics.clone();
+    let s = h
+        .wait("the delivery's failure handled", |_, _| {
+            let m = metrics.render();
+            m.contains("path=\"warm\"") || m.contains("runnervisor_bind_failures_total{")
+        })
+        .await;
+    assert!(s.vms.iter().any(|v| v.name == vm && v.state == "booting"), "bound, its runner starting: {s:#?}");
+    assert_eq!(bound_to(&s, 32).as_deref(), Some(vm.as_str()), "{s:#?}");
+    let m = h.metrics.render();
+    assert!(!m.contains("runnervisor_bind_failures_total{") && !m.contains("bind_failed"), "{m}");
+    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"warm\"} 1"), "{m}");
+    h.run_job_on(&vm, 32);
     h.wait("served by it; it is gone", |s, hv| s.queued.is_empty() && !hv.lock().domains.contains_key(&vm)).await;
     let (_, hv, _) = h.shutdown().await;
     assert_eq!(hv.lock().delivered.len(), 1, "one command, into the VM that ran the job");
