@@ -158,13 +158,9 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     }
 
     let inbox_ready = Arc::new(Notify::new());
-    // A single host's store has one writer thread for the intake and the scheduler; a fleet
-    // member's deliveries come through the mirror, which writes the store itself.
-    let writer = deps.fleet.is_none().then(|| Arc::new(store::Writer::start(store.clone())));
-    let scheduler_store: Arc<dyn store::SchedulerStore> = match &writer {
-        Some(w) => w.clone(),
-        None => store.clone(),
-    };
+    // The store has one writer thread, for the intake (a single host's) and the scheduler.
+    let writer = Arc::new(store::Writer::start(store.clone()));
+    let scheduler_store: Arc<dyn store::SchedulerStore> = writer.clone();
     let admission = sources::Admission::new(
         config.server.allow_sources.clone(),
         config.server.max_connections_per_source,
@@ -204,16 +200,23 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         }
     });
 
-    // Fleet mode: deliveries go to the fleet's database, whose log the mirror brings into
-    // this member's store like any delivery; a single host writes its store directly.
+    // Fleet mode: deliveries go to the fleet's database, whose job rows the scheduler reads
+    // (woken by each change); a single host writes its store.
     let accepter = match deps.fleet {
         Some(member) => {
             tracing::info!(host_id = %member.host_id, "fleet mode: the job queue is shared on PostgreSQL");
             let persist = webhook::Persist::Fleet(fleet::intake::FleetIntake::start(member.pool.clone()));
-            tokio::spawn(fleet::mirror::run_member(member, store, inbox_ready.clone(), shutdown.clone()));
+            let wake = tx.clone();
+            tokio::spawn(fleet::run_member(
+                member,
+                move || {
+                    let _ = wake.send(Event::FleetWake);
+                },
+                shutdown.clone(),
+            ));
             persist
         }
-        None => webhook::Persist::Local(writer.expect("a single host has the writer")),
+        None => webhook::Persist::Local(writer),
     };
     let intake = Arc::new(webhook::Intake {
         secret: deps.webhook_secret,

@@ -181,6 +181,7 @@ pub struct Metrics {
     pub fleet_claims: Family<ResultLabels, Counter>,
     pub fleet_claims_held: Gauge,
     pub fleet_takeovers: Counter,
+    pub fleet_rows_unreadable: Counter,
 }
 
 impl Default for Metrics {
@@ -219,6 +220,7 @@ impl Default for Metrics {
             fleet_claims: Family::default(),
             fleet_claims_held: Gauge::default(),
             fleet_takeovers: Counter::default(),
+            fleet_rows_unreadable: Counter::default(),
         };
         // Families are cheap handles onto shared series: the registry holds clones.
         let r = &mut m.registry;
@@ -244,6 +246,11 @@ impl Default for Metrics {
             "runnervisor_fleet_takeovers",
             "Fleet mode: jobs taken over from a member whose lease ran out",
             m.fleet_takeovers.clone(),
+        );
+        r.register(
+            "runnervisor_fleet_rows_unreadable",
+            "Fleet mode: job rows skipped because this agent cannot read them (a newer agent's)",
+            m.fleet_rows_unreadable.clone(),
         );
         r.register(
             "runnervisor_jobs_unmatched",

@@ -1,16 +1,15 @@
 //! Fleet mode against a real PostgreSQL (`scripts/test-postgres` starts one on loopback):
-//! the schema's migrations, the intake's writes before the answer, the mirror of the
-//! fleet's log into each member's inbox. No VM: this is the shared queue alone.
+//! the schema's migrations, the intake's writes before the answer, the job rows as members
+//! read them, claims and leads. No VM: this is the shared queue alone.
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use common::pg::TestDb;
-use runnervisor::fleet::{FleetError, intake, mirror, schema};
+use runnervisor::fleet::claims::{Claims, JobRow, PgClaims, ReadQuery};
+use runnervisor::fleet::{FleetError, intake, schema};
 use runnervisor::model::{JobAction, JobEvent, JobInfo};
-use runnervisor::store::Store;
 
 fn event(delivery: &str, job: u64, action: JobAction) -> JobEvent {
     JobEvent {
@@ -91,17 +90,19 @@ async fn the_intake_accepts_each_delivery_once_fleet_wide_and_jobs_only_move_for
         let client = &client;
         async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
     };
-    assert_eq!(count("SELECT count(*) FROM rv_events").await, 200);
-    assert_eq!(count("SELECT count(*) FROM rv_jobs WHERE state = 'queued'").await, 200);
+    assert_eq!(count("SELECT count(*) FROM rv_jobs WHERE state = 'queued' AND info IS NOT NULL").await, 200);
 
     // Completed, then a late in_progress and a late queued (new delivery ids): the row
-    // stays completed; the log keeps all three (members apply them forward-only too).
-    assert!(a.accept(event("late-1", 1000, JobAction::Completed)).await.unwrap());
+    // stays completed, with the completed event's job.
+    let mut done = event("late-1", 1000, JobAction::Completed);
+    (done.job.runner_name, done.job.conclusion) = (Some("rv-small-1000".into()), Some("success".into()));
+    assert!(a.accept(done.clone()).await.unwrap());
     assert!(b.accept(event("late-2", 1000, JobAction::InProgress)).await.unwrap());
     assert!(a.accept(event("late-3", 1000, JobAction::Queued)).await.unwrap());
-    let state: String = client.query_one("SELECT state FROM rv_jobs WHERE id = 1000", &[]).await.unwrap().get(0);
-    assert_eq!(state, "completed");
-    assert_eq!(count("SELECT count(*) FROM rv_events WHERE job_id = 1000").await, 4);
+    let row = client.query_one("SELECT state, info, runner_name FROM rv_jobs WHERE id = 1000", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "completed");
+    assert_eq!(serde_json::from_value::<JobInfo>(row.get(1)).unwrap(), done.job);
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("rv-small-1000"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -117,88 +118,140 @@ async fn without_postgres_a_delivery_is_refused_not_accepted() {
     assert!(matches!(*err, FleetError::Db(_) | FleetError::Pool(_)), "{err:?}");
 }
 
-fn inbox_ids(store: &Store) -> Vec<(String, u64)> {
-    store.inbox(0, 10_000).unwrap().into_iter().map(|(_, e)| (e.delivery, e.job.id)).collect()
+fn query(known: &[u64], runners: &[&str], ready: u32) -> ReadQuery {
+    ReadQuery {
+        // Pools match a job whose label set equals theirs, whatever the case and order.
+        pools: vec![vec!["LINUX".into(), "self-hosted".into()], vec!["gpu".into()]],
+        ready,
+        known: known.to_vec(),
+        runners: runners.iter().map(|r| r.to_string()).collect(),
+    }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_member_mirrors_the_log_into_its_inbox_once_and_resumes_after_a_restart() {
-    let db = migrated("mirror").await;
-    let pool = db.pool(2);
-    let intake = intake::FleetIntake::start(pool.clone());
-    for i in 0..1500u64 {
-        intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
-    }
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    for dir in &dirs {
-        let store = Store::open(dir.path()).unwrap();
-        let first = mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap();
-        assert_eq!((first.mirrored, first.more), (1024, true), "one chunk a commit");
-        let second = mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap();
-        assert_eq!((second.mirrored, second.more, second.held), (476, false, false));
-        let ids = inbox_ids(&store);
-        assert_eq!(ids.len(), 1500);
-        assert!(ids.iter().enumerate().all(|(i, (d, j))| *d == format!("d{i}") && *j == i as u64), "in order");
-        assert_eq!(mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap(), mirror::Pass::default());
-    }
-    // A restart (the store reopened) resumes at its cursor: one new event, one new entry.
-    intake.accept(event("d-new", 9999, JobAction::Queued)).await.unwrap();
-    let store = Store::open(dirs[0].path()).unwrap();
-    assert_eq!(mirror::pass(&pool, &store, mirror::GAP_TIMEOUT).await.unwrap().mirrored, 1);
-    assert_eq!(inbox_ids(&store).len(), 1501);
+fn ids(rows: &[JobRow]) -> Vec<u64> {
+    let mut ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    ids
 }
 
+/// Found by an independent read of the mirror this replaced (issue 25, finding 1): event
+/// sequence numbers were taken before commit, and a gap older than 10 s was passed for
+/// good, so a transaction that committed later than that was never seen by any member.
+/// The rows have no order to miss: a job is read once its writer commits, however late.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_mirror_waits_for_an_earlier_transaction_and_passes_one_that_rolled_back() {
-    let db = migrated("gap").await;
-    let pool = db.pool(2);
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let insert = "INSERT INTO rv_events (job_id, event) VALUES ($1, $2)";
-    let body = |d: &str, job: u64| serde_json::to_value(event(d, job, JobAction::Queued)).unwrap();
-    let gap = Duration::from_millis(500);
-
-    // A takes the first sequence value and does not commit yet; B commits after it.
+async fn a_job_whose_writer_commits_late_is_read_all_the_same() {
+    let db = migrated("late").await;
+    let me = PgClaims::new(db.pool(2), "hv-a".into(), Duration::from_secs(60));
+    // A writer that began before job 2's and commits after it (a paused client).
     let mut slow = db.connect().await;
-    let a = slow.transaction().await.unwrap();
-    a.execute(insert, &[&1i64, &body("a", 1)]).await.unwrap();
-    db.connect().await.execute(insert, &[&2i64, &body("b", 2)]).await.unwrap();
-    let p = mirror::pass(&pool, &store, gap).await.unwrap();
-    assert!(p.held && p.mirrored == 0, "b waits for a: {p:?}");
-    a.commit().await.unwrap();
-    let p = mirror::pass(&pool, &store, gap).await.unwrap();
-    assert_eq!((p.mirrored, p.held), (2, false));
-    assert_eq!(inbox_ids(&store), [("a".to_string(), 1), ("b".to_string(), 2)]);
-
-    // C rolls back after taking a value: D, after the gap, waits out the timeout, then goes.
-    let c = slow.transaction().await.unwrap();
-    c.execute(insert, &[&3i64, &body("c", 3)]).await.unwrap();
-    db.connect().await.execute(insert, &[&4i64, &body("d", 4)]).await.unwrap();
-    c.rollback().await.unwrap();
-    assert!(mirror::pass(&pool, &store, gap).await.unwrap().held);
-    tokio::time::sleep(gap).await;
-    assert_eq!(mirror::pass(&pool, &store, gap).await.unwrap().mirrored, 1);
-    let seen: HashSet<String> = inbox_ids(&store).into_iter().map(|(d, _)| d).collect();
-    assert_eq!(seen, ["a", "b", "d"].map(String::from).into());
+    let tx = slow.transaction().await.unwrap();
+    let info = serde_json::to_value(event("d1", 1, JobAction::Queued).job).unwrap();
+    tx.execute(
+        "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at, info, label_key) \
+         VALUES (1, 'queued', 0, $1, 'octo-org/app', now(), $2, rv_label_key($1))",
+        &[&vec!["self-hosted".to_string(), "linux".to_string()], &info],
+    )
+    .await
+    .unwrap();
+    let intake = intake::FleetIntake::start(db.pool(2));
+    intake.accept(event("d2", 2, JobAction::Queued)).await.unwrap();
+    assert_eq!(ids(&me.read(query(&[], &[], 10)).await.unwrap()), [2]);
+    tx.commit().await.unwrap();
+    let rows = me.read(query(&[2], &[], 10)).await.unwrap();
+    assert_eq!(ids(&rows), [1, 2], "{rows:?}");
+    let one = rows.iter().find(|r| r.id == 1).unwrap();
+    assert_eq!((one.action, one.info.as_ref().map(|i| i.id), one.held_elsewhere), (JobAction::Queued, Some(1), None));
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_running_mirror_brings_new_events_and_wakes_the_scheduler() {
-    let db = migrated("run").await;
-    let pool = db.pool(2);
-    let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
-    let ready = std::sync::Arc::new(tokio::sync::Notify::new());
+async fn members_read_the_oldest_unheld_jobs_of_their_pools_and_the_jobs_they_know() {
+    let db = migrated("read").await;
+    let intake = intake::FleetIntake::start(db.pool(2));
+    for i in 1..=5u64 {
+        intake.accept(event(&format!("q{i}"), i, JobAction::Queued)).await.unwrap();
+    }
+    // Other label sets: a superset and another case of the same set.
+    let mut more = event("q6", 6, JobAction::Queued);
+    more.job.labels.push("gpu".into());
+    intake.accept(more).await.unwrap();
+    let mut cased = event("q7", 7, JobAction::Queued);
+    cased.job.labels = vec!["Linux".into(), "SELF-HOSTED".into(), "linux".into()];
+    intake.accept(cased).await.unwrap();
+    let (a, b) = (
+        PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60)),
+        PgClaims::new(db.pool(1), "hv-b".into(), Duration::from_secs(60)),
+    );
+    assert_eq!(ids(&a.read(query(&[], &[], 10)).await.unwrap()), [1, 2, 3, 4, 5, 7], "6's labels are no pool's");
+    assert_eq!(ids(&a.read(query(&[], &[], 2)).await.unwrap()), [1, 2], "the oldest first");
+    // b holds 1 and 2: a no longer reads them as ready, and reads them held if it knows them.
+    assert_eq!(b.claim(vec![1, 2]).await.unwrap().len(), 2);
+    let rows = a.read(query(&[2], &[], 2)).await.unwrap();
+    assert_eq!(ids(&rows), [2, 3, 4]);
+    let held = rows.iter().find(|r| r.id == 2).unwrap().held_elsewhere.expect("held by b");
+    assert!(held > Duration::from_secs(50) && held <= Duration::from_secs(60), "{held:?}");
+    assert!(b.read(query(&[2], &[], 0)).await.unwrap()[0].held_elsewhere.is_none(), "its own");
+    // Job 3 runs on a's runner, then completes: a reads it by its runner's name.
+    let mut run = event("r3", 3, JobAction::InProgress);
+    run.job.runner_name = Some("rv-small-3".into());
+    intake.accept(run.clone()).await.unwrap();
+    let rows = a.read(query(&[], &["rv-small-3"], 0)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].action, rows[0].info.clone()), (JobAction::InProgress, Some(run.job)));
+    // A row whose job this agent cannot read (a newer agent's) comes without it.
+    db.connect().await.execute("UPDATE rv_jobs SET info = '{\"id\": \"x\"}' WHERE id = 4", &[]).await.unwrap();
+    let rows = a.read(query(&[4], &[], 0)).await.unwrap();
+    assert_eq!((rows.len(), rows[0].info.is_none()), (1, true), "{rows:?}");
+}
+
+/// A database an older agent wrote (schema 4, no job in the rows) gets its rows' jobs from
+/// their events when migrated, so members read the jobs queued before the upgrade.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_queued_before_the_rows_carried_their_job_are_read_after_the_upgrade() {
+    let db = TestDb::new("upgrade").await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE rv_schema (version integer NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+    for (v, sql) in schema::MIGRATIONS.iter().filter(|(v, _)| *v <= 4) {
+        client.batch_execute(sql).await.unwrap();
+        client.execute("INSERT INTO rv_schema (version) VALUES ($1)", &[v]).await.unwrap();
+    }
+    let old = event("old", 41, JobAction::Queued);
+    client
+        .execute("INSERT INTO rv_events (job_id, event) VALUES (41, $1)", &[&serde_json::to_value(&old).unwrap()])
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at) VALUES (41, 'queued', 0, $1, 'octo-org/app', now())",
+            &[&old.job.labels],
+        )
+        .await
+        .unwrap();
+    assert!(schema::migrate(&mut db.connect().await).await.unwrap().contains(&5));
+    let rows =
+        PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60)).read(query(&[], &[], 10)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].info.as_ref(), Some(&old.job));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_is_woken_by_each_change_of_a_job_row() {
+    let db = migrated("listen").await;
+    let woken = std::sync::Arc::new(tokio::sync::Notify::new());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tls = runnervisor::fleet::tls(None).unwrap();
-    let task =
-        tokio::spawn(mirror::run(pool.clone(), db.config(), tls, store.clone(), ready.clone(), shutdown.clone()));
-    let intake = intake::FleetIntake::start(pool);
+    let w = woken.clone();
+    let task = tokio::spawn(runnervisor::fleet::listen(db.config(), tls, move || w.notify_one(), shutdown.clone()));
+    // Once connected.
+    tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken when listening");
+    let intake = intake::FleetIntake::start(db.pool(2));
     for i in 0..3u64 {
         intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
-        // The scheduler is woken for each (a NOTIFY, or the poll behind it).
-        tokio::time::timeout(Duration::from_secs(10), ready.notified()).await.expect("woken");
-        assert_eq!(inbox_ids(&store).len(), i as usize + 1);
+        tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
     }
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap();
@@ -214,7 +267,6 @@ async fn queued_jobs(db: &TestDb, n: u64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn members_claiming_together_never_win_the_same_job() {
-    use runnervisor::fleet::claims::{Claims, PgClaims};
     let db = migrated("claims").await;
     queued_jobs(&db, 200).await;
     let all: Vec<u64> = (1..=200).collect();
@@ -245,7 +297,6 @@ async fn members_claiming_together_never_win_the_same_job() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claim_whose_lease_ran_out_is_taken_over_and_a_served_job_is_not_claimed() {
-    use runnervisor::fleet::claims::{Claims, PgClaims};
     let db = migrated("lease").await;
     queued_jobs(&db, 2).await;
     let short = PgClaims::new(db.pool(1), "hv-gone".into(), Duration::from_millis(300));
@@ -263,7 +314,6 @@ async fn a_claim_whose_lease_ran_out_is_taken_over_and_a_served_job_is_not_claim
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out_and_shares_the_runner_list() {
-    use runnervisor::fleet::claims::{Claims, PgClaims};
     let db = migrated("lead").await;
     let a = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_millis(300));
     let b = PgClaims::new(db.pool(1), "hv-b".into(), Duration::from_millis(300));

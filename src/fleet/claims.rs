@@ -13,10 +13,50 @@ use std::{
     time::SystemTime,
 };
 
+use std::time::SystemTime as WallTime;
+
 use futures_util::future::BoxFuture;
 
 use super::{FleetError, Pool, client};
 use crate::github::RunnerInfo;
+use crate::model::{JobAction, JobInfo};
+
+/// A job's row as a member reads it ([`Claims::read`]): the fleet's truth about the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    pub id: u64,
+    /// How far it is: `Queued`, `InProgress` or `Completed`.
+    pub action: JobAction,
+    /// The job as its furthest event described it; `None` when the row has none (written
+    /// before schema 5) or it does not decode (a newer agent's).
+    pub info: Option<JobInfo>,
+    pub received_at: WallTime,
+    /// Queued and held by another member: how long its lease has left.
+    pub held_elsewhere: Option<Duration>,
+}
+
+/// What a member reads of the fleet's jobs ([`Claims::read`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadQuery {
+    /// Its pools' label sets: the oldest queued jobs of these that no live claim holds,
+    /// `ready` at most.
+    pub pools: Vec<Vec<String>>,
+    pub ready: u32,
+    /// The jobs it knows of that are not over.
+    pub known: Vec<u64>,
+    /// Its VMs: the jobs their runners took.
+    pub runners: Vec<String>,
+}
+
+/// The action a row's state stands for.
+fn action(state: &str) -> Option<JobAction> {
+    match state {
+        "queued" => Some(JobAction::Queued),
+        "in_progress" => Some(JobAction::InProgress),
+        "completed" => Some(JobAction::Completed),
+        _ => None,
+    }
+}
 
 /// A job this member now holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +91,9 @@ pub struct MemberInfo {
 
 /// The seam between the scheduler and the fleet's claims (PostgreSQL, or memory in tests).
 pub trait Claims: Send + Sync + 'static {
+    /// The rows `query` asks for, each as it is now (no log: nothing is missed however
+    /// late a writer commits).
+    fn read(&self, query: ReadQuery) -> BoxFuture<'static, Result<Vec<JobRow>, FleetError>>;
     /// Claims those of `jobs` that are queued and unheld (or held by a lease that ran
     /// out, or by this member already).
     fn claim(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<Claimed>, FleetError>>;
@@ -89,6 +132,45 @@ fn ids(jobs: &[u64]) -> Vec<i64> {
 }
 
 impl Claims for PgClaims {
+    fn read(&self, query: ReadQuery) -> BoxFuture<'static, Result<Vec<JobRow>, FleetError>> {
+        let (pool, host) = (self.pool.clone(), self.host.clone());
+        Box::pin(async move {
+            let pools = serde_json::to_value(&query.pools).expect("label sets serialize");
+            let rows = client(&pool)
+                .await?
+                .query(
+                    "WITH keys AS ( \
+                       SELECT rv_label_key(ARRAY(SELECT jsonb_array_elements_text(p))) AS k \
+                       FROM jsonb_array_elements($1::jsonb) p), \
+                     ready AS ( \
+                       SELECT id FROM rv_jobs WHERE state = 'queued' AND label_key IN (SELECT k FROM keys) \
+                         AND (holder IS NULL OR lease_until < now()) \
+                       ORDER BY received_at LIMIT $2) \
+                     SELECT id, state, info, received_at, holder, \
+                       extract(epoch FROM lease_until - now())::float8 \
+                     FROM rv_jobs \
+                     WHERE id IN (SELECT id FROM ready) OR id = ANY($3) OR runner_name = ANY($4)",
+                    &[&pools, &(query.ready as i64), &ids(&query.known), &query.runners],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    let id = r.get::<_, i64>(0) as u64;
+                    let action = action(r.get(1))?;
+                    let info = r
+                        .get::<_, Option<serde_json::Value>>(2)
+                        .and_then(|v| serde_json::from_value::<JobInfo>(v).ok())
+                        .filter(|i| i.id == id);
+                    let holder: Option<String> = r.get(4);
+                    let left = r.get::<_, Option<f64>>(5).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+                    let elsewhere = action == JobAction::Queued && holder.is_some_and(|h| h != host);
+                    Some(JobRow { id, action, info, received_at: r.get(3), held_elsewhere: left.filter(|_| elsewhere) })
+                })
+                .collect())
+        })
+    }
+
     fn claim(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<Claimed>, FleetError>> {
         let (pool, host, lease_ms) = (self.pool.clone(), self.host.clone(), self.lease.as_millis() as f64);
         Box::pin(async move {
@@ -259,6 +341,8 @@ pub struct MemoryBoard {
     members: Mutex<std::collections::BTreeMap<String, MemberInfo>>,
     /// The shared runner list and when it was read.
     runner_list: Mutex<Option<(Vec<RunnerInfo>, SystemTime)>>,
+    /// The job rows members read: job → (how far, the job, received).
+    rows: Mutex<HashMap<u64, (JobAction, JobInfo, SystemTime)>>,
 }
 
 #[cfg(test)]
@@ -272,6 +356,19 @@ impl MemoryBoard {
     pub fn set_queued(&self, job: u64, queued: bool) {
         let mut jobs = self.jobs.lock().expect("board");
         jobs.entry(job).or_insert((None, SystemTime::UNIX_EPOCH, 0, true)).3 = queued;
+    }
+
+    /// A delivery written as the intake writes it: the job's row moves forward only.
+    pub fn write(&self, ev: &crate::model::JobEvent) {
+        use super::intake::rank;
+        let mut rows = self.rows.lock().expect("board");
+        let row = rows.entry(ev.job.id).or_insert((ev.action, ev.job.clone(), ev.received_at));
+        if rank(ev.action) > rank(row.0) {
+            (row.0, row.1) = (ev.action, ev.job.clone());
+        }
+        let queued = rank(row.0) == 0;
+        drop(rows);
+        self.set_queued(ev.job.id, queued);
     }
 
     pub fn holder(&self, job: u64) -> Option<String> {
@@ -304,6 +401,48 @@ pub struct MemoryClaims {
 
 #[cfg(test)]
 impl Claims for MemoryClaims {
+    fn read(&self, q: ReadQuery) -> BoxFuture<'static, Result<Vec<JobRow>, FleetError>> {
+        let now = self.clock.now();
+        let set = |labels: &[String]| {
+            let mut l: Vec<String> = labels.iter().map(|l| l.to_lowercase()).collect();
+            l.sort();
+            l.dedup();
+            l
+        };
+        let pools: Vec<Vec<String>> = q.pools.iter().map(|p| set(p)).collect();
+        let claims = self.board.jobs.lock().expect("board");
+        let rows = self.board.rows.lock().expect("board");
+        let held = |id: &u64| {
+            claims.get(id).and_then(|(h, until, _, _)| h.clone().filter(|_| *until > now).map(|h| (h, *until)))
+        };
+        let mut ready: Vec<(&u64, &(JobAction, JobInfo, SystemTime))> = rows
+            .iter()
+            .filter(|(id, (a, info, _))| {
+                *a == JobAction::Queued && held(id).is_none() && pools.contains(&set(&info.labels))
+            })
+            .collect();
+        ready.sort_by_key(|(id, (_, _, at))| (*at, **id));
+        let ready: Vec<u64> = ready.into_iter().take(q.ready as usize).map(|(id, _)| *id).collect();
+        let out = rows
+            .iter()
+            .filter(|(id, (_, info, _))| {
+                ready.contains(id)
+                    || q.known.contains(id)
+                    || info.runner_name.as_ref().is_some_and(|r| q.runners.contains(r))
+            })
+            .map(|(id, (action, info, at))| JobRow {
+                id: *id,
+                action: *action,
+                info: Some(info.clone()),
+                received_at: *at,
+                held_elsewhere: held(id)
+                    .filter(|(h, _)| *h != self.host && *action == JobAction::Queued)
+                    .map(|(_, until)| until.duration_since(now).unwrap_or_default()),
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
     fn publish_runners(&self, runners: Vec<RunnerInfo>) -> BoxFuture<'static, Result<(), FleetError>> {
         *self.board.runner_list.lock().expect("board") = Some((runners, self.clock.now()));
         Box::pin(std::future::ready(Ok(())))

@@ -1,7 +1,7 @@
 //! The fleet's webhook intake: deliveries written to PostgreSQL, with group commit, before
 //! they are answered. One writer task; deliveries arriving while it commits go into its
-//! next transaction. Per delivery: its id (a delivery seen by any member is a duplicate),
-//! its event in the fleet's log, and its job's row moved forward (never back). A
+//! next transaction. Per delivery: its id (a delivery seen by any member is a duplicate)
+//! and its job's row moved forward (never back), which the members read. A
 //! transaction that fails fails its whole group: every caller answers 503 and GitHub's
 //! redelivery brings the deliveries again.
 
@@ -16,7 +16,7 @@ use crate::model::{JobAction, JobEvent};
 /// Most deliveries written in one transaction.
 const MAX_GROUP: usize = 512;
 
-/// The `NOTIFY` channel members `LISTEN` on for new events.
+/// The `NOTIFY` channel members `LISTEN` on: a job row changed.
 pub const CHANNEL: &str = "rv_events";
 
 type Reply = oneshot::Sender<Result<bool, Arc<FleetError>>>;
@@ -114,23 +114,17 @@ pub async fn write(pool: &Pool, events: &[&JobEvent]) -> Result<Vec<bool>, Fleet
     let fresh = fresh(events, &inserted);
     let new: Vec<&JobEvent> = events.iter().zip(&fresh).filter(|(_, f)| **f).map(|(e, _)| *e).collect();
     if !new.is_empty() {
-        let ids: Vec<i64> = new.iter().map(|e| e.job.id as i64).collect();
-        let bodies: Vec<serde_json::Value> =
-            new.iter().map(|e| serde_json::to_value(e).expect("a job event serializes")).collect();
-        tx.execute(
-            "INSERT INTO rv_events (job_id, event) SELECT * FROM unnest($1::int8[], $2::jsonb[])",
-            &[&ids, &bodies],
-        )
-        .await?;
         let upsert = tx
             .prepare(
-                "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, updated_at = now() \
+                "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at, info, runner_name, label_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, rv_label_key($4)) \
+                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info, \
+                   runner_name = EXCLUDED.runner_name, updated_at = now() \
                  WHERE rv_jobs.rank < EXCLUDED.rank",
             )
             .await?;
         for e in furthest(new.iter().copied()) {
+            let info = serde_json::to_value(&e.job).expect("a job serializes");
             tx.execute(
                 &upsert,
                 &[
@@ -140,6 +134,8 @@ pub async fn write(pool: &Pool, events: &[&JobEvent]) -> Result<Vec<bool>, Fleet
                     &e.job.labels,
                     &e.job.repository,
                     &e.received_at,
+                    &info,
+                    &e.job.runner_name,
                 ],
             )
             .await?;

@@ -1,19 +1,21 @@
 //! Fleet mode: several hypervisors share one job queue on PostgreSQL.
 //!
 //! Any member accepts a delivery: [`intake::FleetIntake`] writes it to PostgreSQL (delivery
-//! id dedupe, the fleet's event log, the job's forward-only row) before the 2xx, and
-//! answers 503 when it cannot. Each member mirrors the fleet's event log into its own
-//! inbox ([`mirror`]), so its scheduler sees every job of the fleet, as on a single host.
-//! A single host without `[fleet]` uses none of this.
+//! id dedupe, the job's forward-only row) before the 2xx, and answers 503 when it cannot.
+//! The job rows are the queue: each member's scheduler reads the rows it needs and claims
+//! from them ([`claims`]), woken by [`listen`]. A single host without `[fleet]` uses none
+//! of this.
 
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use postgres_native_tls::MakeTlsConnector;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
 
 pub mod claims;
 pub mod intake;
-pub mod mirror;
 pub mod schema;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +31,6 @@ pub enum FleetError {
         version: i32,
         #[source]
         source: tokio_postgres::Error,
-    },
-    #[error("fleet event {seq}: {source}")]
-    Decode {
-        seq: i64,
-        #[source]
-        source: serde_json::Error,
     },
     #[error("fleet intake: the writer has stopped")]
     Closed,
@@ -87,9 +83,7 @@ pub async fn database_addresses(url: &str) -> Vec<std::net::Ipv4Addr> {
     out
 }
 
-/// Longest a statement of the intake or the mirror may take: a delivery is answered 503
-/// rather than held, and the mirror can tell a gap in the log that will never fill (see
-/// [`mirror::ready`]) from one that still may.
+/// Longest a statement may take: a delivery is answered 503 rather than held.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A pool of connections to the fleet's database.
@@ -129,7 +123,7 @@ pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, FleetError
 pub struct Member {
     pub host_id: String,
     pub pool: Pool,
-    /// For the mirror's `LISTEN` connection (a pooled one cannot hear notifications).
+    /// For the `LISTEN` connection (a pooled one cannot hear notifications).
     pub listen: tokio_postgres::Config,
     pub tls: MakeTlsConnector,
     pub lease: Duration,
@@ -163,7 +157,7 @@ impl Member {
     }
 
     /// Brings the schema up to date, retrying until it can (or `shutdown`).
-    pub async fn migrate(&self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+    pub async fn migrate(&self, shutdown: &CancellationToken) -> bool {
         let mut logged = false;
         loop {
             let result = async {
@@ -193,6 +187,59 @@ impl Member {
                 _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
+        }
+    }
+}
+
+/// Migrates the schema (retrying until the database answers), then calls `wake` for each
+/// change of a job row until `shutdown` (see [`listen`]).
+pub async fn run_member(member: Member, wake: impl Fn() + Send + 'static, shutdown: CancellationToken) {
+    if member.migrate(&shutdown).await {
+        listen(member.listen, member.tls, wake, shutdown).await;
+    }
+}
+
+/// `LISTEN`s on a connection of its own (a pooled one cannot deliver notifications) and
+/// calls `wake` for each notification, and once (re)connected; reconnects after an error.
+pub async fn listen(
+    config: tokio_postgres::Config,
+    tls: MakeTlsConnector,
+    wake: impl Fn() + Send + 'static,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match config.connect(tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let statement = format!("LISTEN {}", intake::CHANNEL);
+                let listening = client.batch_execute(&statement);
+                // The connection must be polled for the LISTEN to complete.
+                let mut listening = std::pin::pin!(listening);
+                let ok = loop {
+                    tokio::select! {
+                        r = &mut listening => break r.is_ok(),
+                        m = messages.next() => if m.is_none() { break false },
+                    }
+                };
+                if ok {
+                    wake();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            m = messages.next() => match m {
+                                Some(Ok(AsyncMessage::Notification(_))) => wake(),
+                                Some(Ok(_)) => {}
+                                Some(Err(_)) | None => break,
+                            },
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "fleet LISTEN connection failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }

@@ -98,6 +98,27 @@ CREATE TABLE rv_runner_list (
 ALTER TABLE rv_members ADD COLUMN addresses text[] NOT NULL DEFAULT '{}';
 "#,
     ),
+    (
+        5,
+        r#"
+-- The job rows are the queue: each member reads the rows it needs (the oldest unheld
+-- queued jobs of its pools' label sets, the jobs it knows of, the jobs its runners took)
+-- instead of a log in sequence order, whose numbers are taken before commit.
+-- A label set as pools match it: lowercase, without duplicates, in byte order.
+CREATE FUNCTION rv_label_key(text[]) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT array_to_string(ARRAY(SELECT DISTINCT lower(l) COLLATE "C" FROM unnest($1) l ORDER BY 1), E'\x1f')
+$$;
+ALTER TABLE rv_jobs ADD COLUMN info jsonb;
+ALTER TABLE rv_jobs ADD COLUMN runner_name text;
+ALTER TABLE rv_jobs ADD COLUMN label_key text;
+-- The rows of jobs queued before this version, from their last event.
+UPDATE rv_jobs j SET label_key = rv_label_key(j.labels),
+    info = (SELECT e.event->'job' FROM rv_events e WHERE e.job_id = j.id ORDER BY e.seq DESC LIMIT 1);
+UPDATE rv_jobs SET runner_name = info->>'runner_name' WHERE info IS NOT NULL;
+CREATE INDEX rv_jobs_ready ON rv_jobs (label_key, received_at) WHERE state = 'queued';
+CREATE INDEX rv_jobs_runner ON rv_jobs (runner_name) WHERE runner_name IS NOT NULL;
+"#,
+    ),
 ];
 
 /// The newest version this agent knows.

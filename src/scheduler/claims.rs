@@ -1,8 +1,12 @@
 //! Fleet mode in the scheduler: a member serves a job only while it holds the job's claim
-//! (`fleet::claims`). The book still holds every job of the fleet (the mirror brings them),
-//! so counting stays fleet-wide; what changes is which jobs this member makes VMs for:
-//! - demand leaves out jobs another member holds (as last seen; tried again later, which
-//!   is how a dead member's jobs come back: its lease runs out and a claim wins);
+//! (`fleet::claims`). The job rows in PostgreSQL are the queue: the member reads the rows
+//! it needs (the oldest queued jobs of its pools that no live claim holds, the jobs it
+//! knows of, the jobs its runners took) when a row changes (`NOTIFY`) and every
+//! [`READ_POLL`], and applies each as an event, as a single host applies its webhooks: a
+//! row is the job's state now, so nothing is missed however late its writer committed.
+//! What changes is which jobs this member makes VMs for:
+//! - demand leaves out jobs another member holds (until its lease runs out, as read; tried
+//!   again then, which is how a dead member's jobs come back: a claim wins);
 //! - a job the plan wants served is claimed first (one batch per pass), and served once
 //!   the claim is won; a cold VM leaves a young job `cold_head_start` to the others while
 //!   one of them keeps warm VMs;
@@ -19,12 +23,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Scheduler;
 use super::event::{Event, spawn_reporting};
 use crate::fleet::FleetError;
-use crate::fleet::claims::{Claimed, Claims, MemberInfo};
+use crate::fleet::claims::{Claimed, Claims, JobRow, MemberInfo, ReadQuery};
 use crate::fleet::intake::FleetIntake;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
@@ -34,6 +38,12 @@ use crate::model::{JobAction, JobEvent, JobState};
 const RETRY_OTHERS: Duration = Duration::from_secs(15);
 /// After a failed call to the fleet's database.
 const RETRY_ERROR: Duration = Duration::from_secs(2);
+/// How often the job rows are read without a notification (one may be missed while the
+/// `LISTEN` connection is down).
+pub const READ_POLL: Duration = Duration::from_secs(2);
+/// The oldest unheld queued jobs of this member's pools read at a time: more than it can
+/// serve at once; the next read brings the next ones as these are claimed.
+const READY_WINDOW: u32 = 256;
 
 pub struct Fleet {
     pub(super) claims: Arc<dyn Claims>,
@@ -63,6 +73,12 @@ pub struct Fleet {
     /// The fleet's database's addresses, as last resolved (the fence drops them).
     database: Vec<Ipv4Addr>,
     heartbeat_pending: bool,
+    /// A read of the job rows is in flight.
+    reading: bool,
+    /// A row changed since the last read began.
+    pub(super) read_due: bool,
+    read_at: Option<Instant>,
+    read_failing: bool,
 }
 
 impl Fleet {
@@ -90,6 +106,10 @@ impl Fleet {
             members: Vec::new(),
             database: Vec::new(),
             heartbeat_pending: false,
+            reading: false,
+            read_due: true,
+            read_at: None,
+            read_failing: false,
         }
     }
 
@@ -264,6 +284,78 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
+    /// Reads the job rows this member needs, when one changed or every [`READ_POLL`].
+    fn read_rows(&mut self) {
+        let now = Instant::now();
+        let Some(fleet) = self.fleet.as_ref() else { return };
+        let due = fleet.read_due || fleet.read_at.is_none_or(|t| now.duration_since(t) >= READ_POLL);
+        if fleet.reading || !due {
+            return;
+        }
+        let query = ReadQuery {
+            pools: self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.labels.clone()).collect(),
+            ready: READY_WINDOW,
+            known: self
+                .book
+                .jobs
+                .iter()
+                .filter(|(_, j)| matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
+                .map(|(id, _)| *id)
+                .collect(),
+            runners: self.book.vms.keys().cloned().collect(),
+        };
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        (fleet.reading, fleet.read_due, fleet.read_at) = (true, false, Some(now));
+        let claims = fleet.claims.clone();
+        spawn_reporting(&self.ctx.events, async move { Event::FleetRead(claims.read(query).await) }, |message| {
+            Event::FleetRead(Err(FleetError::Pool(message)))
+        });
+    }
+
+    /// Applies the rows read: each is the job's state now, applied as an event (a row
+    /// already applied changes nothing); a job another member holds is left to it until its
+    /// lease runs out.
+    pub(super) fn on_fleet_read(&mut self, result: Result<Vec<JobRow>, FleetError>) {
+        let now = Instant::now();
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        fleet.reading = false;
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                if !fleet.read_failing {
+                    warn!(error = %e, "cannot read the fleet's jobs; retrying (this member serves what it holds)");
+                    fleet.read_failing = true;
+                }
+                return;
+            }
+        };
+        if std::mem::take(&mut fleet.read_failing) {
+            info!("the fleet's jobs are readable again");
+        }
+        for row in &rows {
+            if let Some(left) = row.held_elsewhere {
+                fleet.others.insert(row.id, now + left.min(fleet.lease));
+            }
+        }
+        let mut news = false;
+        for row in rows {
+            let known = self.book.jobs.get(&row.id);
+            let Some(info) = row.info.or_else(|| known.map(|j| j.info.clone())) else {
+                // A row without a job this agent can read (a newer agent's): another
+                // member serves it.
+                self.metrics.fleet_rows_unreadable.inc();
+                debug!(job_id = row.id, "a fleet job row this agent cannot read; skipped");
+                continue;
+            };
+            news |= known.is_none_or(|j| rank(&j.state) < crate::fleet::intake::rank(row.action));
+            let delivery = format!("fleet-{}-{}", row.id, crate::fleet::intake::state_name(row.action));
+            self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at });
+        }
+        if news {
+            self.intake.last_webhook = Some(self.now());
+        }
+    }
+
     /// Keeps the claims of jobs still queued; forgets those of jobs that moved on (their
     /// claim no longer matters) and gives up those of jobs this member abandoned.
     pub(super) fn tend_claims(&mut self) {
@@ -271,6 +363,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if self.fleet.is_none() {
             return;
         }
+        self.read_rows();
         let free_slots: u32 = self.config.pools.iter().map(|p| self.free_slots(&p.name).len() as u32).sum();
         let Some(fleet) = self.fleet.as_mut() else { return };
         if !fleet.adopted {
@@ -415,5 +508,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 fleet.renewed_at = None;
             }
         }
+    }
+}
+
+/// How far a job is in the book, as the fleet's rows rank it (`fleet::intake::rank`); a
+/// job this member gave up is as far as it goes.
+fn rank(state: &JobState) -> i16 {
+    match state {
+        JobState::Queued => 0,
+        JobState::InProgress { .. } => 1,
+        JobState::Completed { .. } | JobState::Abandoned { .. } => 2,
     }
 }

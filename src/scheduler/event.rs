@@ -88,6 +88,10 @@ pub enum Event {
         members: Result<Vec<crate::fleet::claims::MemberInfo>, crate::fleet::FleetError>,
         database: Vec<std::net::Ipv4Addr>,
     },
+    /// Fleet mode: the job rows this member read (see `fleet::claims::Claims::read`).
+    FleetRead(Result<Vec<crate::fleet::claims::JobRow>, crate::fleet::FleetError>),
+    /// Fleet mode: a job row changed (the database's `NOTIFY`): read again now.
+    FleetWake,
     /// Fleet mode: a job taken over from a member that went away, as GitHub knows it.
     TakeoverChecked {
         job: u64,

@@ -284,6 +284,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::Renewed { asked, result } => self.on_renewed(asked, result),
             Event::Heartbeat { members, database } => self.on_heartbeat(members, database),
             Event::TakeoverChecked { job, status } => self.on_takeover_checked(job, status),
+            Event::FleetRead(result) => self.on_fleet_read(result),
+            Event::FleetWake => {
+                if let Some(f) = self.fleet.as_mut() {
+                    f.read_due = true;
+                }
+            }
             Event::Admin(cmd, reply) => {
                 let r = self.on_admin(cmd);
                 let _ = reply.send(r);

@@ -219,13 +219,6 @@ impl Store {
         self.accept_with_meta(events, None, &[])
     }
 
-    /// Events mirrored from the fleet's log into this member's inbox, and how far the log
-    /// was read (`meta[key] = cursor`), in one durable transaction: after a crash the
-    /// mirror resumes where what it wrote ends.
-    pub fn mirror(&self, events: &[&JobEvent], key: &str, cursor: i64) -> Result<Vec<bool>, StoreError> {
-        self.accept_with_meta(events, Some((key, cursor.to_be_bytes().as_slice())), &[])
-    }
-
     /// A setting (`meta`), as last committed.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
