@@ -29,6 +29,14 @@ pub struct JobInfo {
     pub conclusion: Option<String>,
 }
 
+/// Labels as pools are matched: lowercase, sorted, without duplicates.
+pub fn label_set(labels: &[String]) -> Vec<String> {
+    let mut set: Vec<String> = labels.iter().map(|l| l.to_lowercase()).collect();
+    set.sort();
+    set.dedup();
+    set
+}
+
 /// One job event, from a webhook delivery or from polling GitHub.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobEvent {

@@ -402,13 +402,8 @@ pub struct MemoryClaims {
 #[cfg(test)]
 impl Claims for MemoryClaims {
     fn read(&self, q: ReadQuery) -> BoxFuture<'static, Result<Vec<JobRow>, FleetError>> {
+        use crate::model::label_set as set;
         let now = self.clock.now();
-        let set = |labels: &[String]| {
-            let mut l: Vec<String> = labels.iter().map(|l| l.to_lowercase()).collect();
-            l.sort();
-            l.dedup();
-            l
-        };
         let pools: Vec<Vec<String>> = q.pools.iter().map(|p| set(p)).collect();
         let claims = self.board.jobs.lock().expect("board");
         let rows = self.board.rows.lock().expect("board");

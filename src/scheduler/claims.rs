@@ -347,7 +347,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 debug!(job_id = row.id, "a fleet job row this agent cannot read; skipped");
                 continue;
             };
-            news |= known.is_none_or(|j| rank(&j.state) < crate::fleet::intake::rank(row.action));
+            news |= super::job::next(known.map(|j| &j.state), row.action, &info).is_some();
             let delivery = format!("fleet-{}-{}", row.id, crate::fleet::intake::state_name(row.action));
             self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at });
         }
@@ -508,15 +508,5 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 fleet.renewed_at = None;
             }
         }
-    }
-}
-
-/// How far a job is in the book, as the fleet's rows rank it (`fleet::intake::rank`); a
-/// job this member gave up is as far as it goes.
-fn rank(state: &JobState) -> i16 {
-    match state {
-        JobState::Queued => 0,
-        JobState::InProgress { .. } => 1,
-        JobState::Completed { .. } | JobState::Abandoned { .. } => 2,
     }
 }

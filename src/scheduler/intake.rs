@@ -12,7 +12,7 @@ use super::vm::Input;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
 use crate::metrics::{self, ConclusionLabels};
-use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState};
+use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState, label_set};
 
 /// Inbox entries applied per commit.
 const INBOX_CHUNK: usize = 1024;
@@ -32,14 +32,6 @@ pub struct State {
     /// The last inbox entry applied (entries are numbered in commit order): everything up
     /// to it is applied, whether or not its removal is committed.
     inbox_read: u64,
-}
-
-/// Labels as pools are matched: lowercase, sorted, without duplicates.
-fn label_set(labels: &[String]) -> Vec<String> {
-    let mut set: Vec<String> = labels.iter().map(|l| l.to_lowercase()).collect();
-    set.sort();
-    set.dedup();
-    set
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {

@@ -113,28 +113,38 @@ async fn a_delivery_that_fails_after_its_runner_took_the_job_keeps_the_vm() {
         hv.unavailable = true;
         hv.release_stalled = true;
     }
-    // Counted as the warm VM's runner (kept), or as a failed bind, once the port was watched
-    // for 30 s.
-    let metrics = h.metrics.clone();
-    let s = h
-        .poll("the delivery's failure handled", Duration::from_secs(60), true, |_, _| {
-            let m = metrics.render();
-            m.contains("path=\"warm\"") || m.contains("runnervisor_bind_failures_total{")
-        })
-        .await;
+    // Once the port was watched for 30 s.
+    let s = failure_handled(&h, Duration::from_secs(60), true).await;
     h.hv.lock().unavailable = false;
-    assert!(s.vms.iter().any(|v| v.name == vm && v.state == "busy"), "the vm is kept, busy with its job: {s:#?}");
-    assert_eq!(bound_to(&s, 31).as_deref(), Some(vm.as_str()), "{s:#?}");
+    assert_kept(&h, &s, &vm, 31, "busy");
+    assert!(!h.metrics.render().contains("path=\"cold\""), "no VM booted for the job");
+    served_once_by(h, &vm, 31).await;
+}
+
+/// Waits until a failed delivery was handled: counted as the warm VM's runner (kept), or
+/// as a failed bind.
+async fn failure_handled(h: &H, limit: Duration, advance: bool) -> Status {
+    let metrics = h.metrics.clone();
+    h.poll("the delivery's failure handled", limit, advance, |_, _| {
+        let m = metrics.render();
+        m.contains("path=\"warm\"") || m.contains("runnervisor_bind_failures_total{")
+    })
+    .await
+}
+
+/// The warm VM `vm` is kept, bound to `job`, in `state`, and counted as a warm runner.
+fn assert_kept(h: &H, s: &Status, vm: &str, job: u64, state: &str) {
+    assert!(s.vms.iter().any(|v| v.name == vm && v.state == state), "the vm is kept, {state}: {s:#?}");
+    assert_eq!(bound_to(s, job).as_deref(), Some(vm), "{s:#?}");
     let m = h.metrics.render();
     assert!(!m.contains("runnervisor_bind_failures_total{") && !m.contains("bind_failed"), "{m}");
-    assert!(!m.contains("path=\"cold\""), "no VM booted for the job: {m}");
     assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"warm\"} 1"), "{m}");
-    let mut done = info(31, LABELS, Some(&vm));
-    done.conclusion = Some("success".into());
-    h.deliver(JobAction::Completed, done);
-    h.gh.lock().runners.retain(|_, r| r.name != vm);
-    h.hv.stop(&vm);
-    h.wait("served by it; it is gone", |s, hv| s.queued.is_empty() && !hv.lock().domains.contains_key(&vm)).await;
+}
+
+/// `vm`'s runner runs `job` and goes; it was the only VM the job's command reached.
+async fn served_once_by(mut h: H, vm: &str, job: u64) {
+    h.run_job_on(vm, job);
+    h.wait("served by it; it is gone", |s, hv| s.queued.is_empty() && !hv.lock().domains.contains_key(vm)).await;
     let (_, hv, _) = h.shutdown().await;
     assert_eq!(hv.lock().delivered.len(), 1, "one command, into the VM that ran the job");
 }
@@ -148,22 +158,10 @@ async fn a_delivery_whose_acknowledgement_is_lost_stands_when_the_guest_took_its
     let vm = warm_vms(&s, "waiting").remove(0);
     h.hv.lock().acks_lost.insert(vm.clone());
     h.deliver(JobAction::Queued, info(32, LABELS, None));
-    let metrics = h.metrics.clone();
-    let s = h
-        .wait("the delivery's failure handled", |_, _| {
-            let m = metrics.render();
-            m.contains("path=\"warm\"") || m.contains("runnervisor_bind_failures_total{")
-        })
-        .await;
-    assert!(s.vms.iter().any(|v| v.name == vm && v.state == "booting"), "bound, its runner starting: {s:#?}");
-    assert_eq!(bound_to(&s, 32).as_deref(), Some(vm.as_str()), "{s:#?}");
-    let m = h.metrics.render();
-    assert!(!m.contains("runnervisor_bind_failures_total{") && !m.contains("bind_failed"), "{m}");
-    assert!(m.contains("runnervisor_job_runners_total{pool=\"small\",path=\"warm\"} 1"), "{m}");
-    h.run_job_on(&vm, 32);
-    h.wait("served by it; it is gone", |s, hv| s.queued.is_empty() && !hv.lock().domains.contains_key(&vm)).await;
-    let (_, hv, _) = h.shutdown().await;
-    assert_eq!(hv.lock().delivered.len(), 1, "one command, into the VM that ran the job");
+    let s = failure_handled(&h, Duration::from_secs(10), false).await;
+    // Bound, its runner starting.
+    assert_kept(&h, &s, &vm, 32, "booting");
+    served_once_by(h, &vm, 32).await;
 }
 
 #[tokio::test(start_paused = true)]
