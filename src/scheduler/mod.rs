@@ -191,6 +191,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         github.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         let mut last_drain = Instant::now();
+        // When the inbox is drained next (deliveries are waiting).
+        let mut drain_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -205,11 +207,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         github.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
                 }
-                _ = self.inbox_ready.notified() => {
+                _ = self.inbox_ready.notified(), if drain_at.is_none() => {
                     // Isolated deliveries are applied at once; a stream of them in passes at
                     // most INBOX_PASS apart, so that the pools' demand is not recomputed
-                    // (and committed) once per delivery.
-                    tokio::time::sleep_until(last_drain + INBOX_PASS).await;
+                    // (and committed) once per delivery. The wait is a timer of the loop,
+                    // not a pause of it: events and status requests are answered meanwhile.
+                    drain_at = Some(last_drain + INBOX_PASS);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(drain_at.unwrap_or(last_drain)), if drain_at.is_some() => {
+                    drain_at = None;
                     self.drain_inbox();
                     last_drain = Instant::now();
                 }
