@@ -640,8 +640,9 @@ async fn drill_disk_full() {
     d.finish(Duration::from_secs(400)).await;
 }
 
-/// Snapshot slots under faults: the agent killed (-9) right after a slot's save and at
-/// both steps of a restore, a slot's save file truncated, the storage pool full during a
+/// Snapshot slots under faults: the agent killed (-9) inside libvirt's save call and right
+/// after a slot's save, at both steps of a restore and inside libvirt's restore call, a
+/// slot's save file truncated, the storage pool full during a
 /// save; every job served once, the bad slot made again, nothing leaked (the slot itself is
 /// removed at the end by lowering `snapshot_slots` to 0 and reloading).
 #[tokio::test(flavor = "multi_thread")]
@@ -669,7 +670,10 @@ async fn drill_snapshot() {
         d.say(&format!("agent killed at {step}"));
     };
 
-    // 1. Killed right after the slot's save, before it is recorded.
+    // 1. Killed a second into libvirt's save of the slot (libvirtd finishes it or not, with
+    //    no one to hear), then right after the slot's save, before it is recorded.
+    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "during-save")]);
+    crashed(&mut d, "during-save", VM_TIMEOUT);
     d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "slot-after-save")]);
     crashed(&mut d, "slot-after-save", VM_TIMEOUT);
     d.agent.start().await;
@@ -710,7 +714,21 @@ async fn drill_snapshot() {
         (sim.job(j2).await["status"] == "completed" && agent.metrics().await.contains(ready)).then_some(())
     })
     .await;
-    d.say("the restored vm was adopted, the one cut short replaced; truncating the slot's save file");
+    // Killed a second into libvirt's restore call: the VM restored or not, its job is
+    // served (by it, adopted, or again) and the slot comes back.
+    d.agent.kill9();
+    d.agent.spawn(&[("RUNNERVISOR_FAULT_CRASH_AT", "during-restore")]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let j3 = d.queue(3.0).await;
+    crashed(&mut d, "during-restore", Duration::from_secs(60));
+    d.agent.start().await;
+    let sim = &d.sim;
+    let agent = &d.agent;
+    wait_for("the job cut short in its restore served and the slot free again", VM_TIMEOUT, async || {
+        (sim.job(j3).await["status"] == "completed" && agent.metrics().await.contains(ready)).then_some(())
+    })
+    .await;
+    d.say("the restored vm was adopted, the ones cut short replaced; truncating the slot's save file");
 
     // 3. A truncated save file: the job boots cold, the slot is made again; meanwhile the
     //    storage pool fills up, so the first re-made slot's save fails.

@@ -336,6 +336,65 @@ async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out_and_sh
     assert_eq!(a.runners().await.unwrap().unwrap().0, vec![], "replaced whole");
 }
 
+/// Members sharing a libvirtd name their warm VMs and slots with their number: the
+/// database gives each its own (a hash of 20 host ids into 1,000 values collides one time
+/// in six), keeps it by host id, and gives a long-gone member's back once none is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_member_is_given_a_number_of_its_own_and_keeps_it() {
+    use runnervisor::fleet::claims::MemberInfo;
+    let db = migrated("numbers").await;
+    let me = |host: &str| MemberInfo {
+        host_id: host.into(),
+        max_vms: 1,
+        vms: 0,
+        warm_waiting: 0,
+        warm_target: 0,
+        held: 0,
+        version: "test".into(),
+        seen_secs_ago: 0,
+        addresses: vec![],
+        number: None,
+    };
+    let number = |members: &[MemberInfo], host: &str| members.iter().find(|m| m.host_id == host).and_then(|m| m.number);
+    // Twenty members join at once.
+    let joins = (0..20).map(|i| {
+        let claims = PgClaims::new(db.pool(1), format!("hv-{i}"), Duration::from_secs(60));
+        let info = me(&format!("hv-{i}"));
+        async move {
+            // Two given the same number at once: the later heartbeat is refused, the next
+            // one is given another.
+            loop {
+                if let Ok(m) = claims.heartbeat(info.clone()).await
+                    && let Some(n) = number(&m, &info.host_id)
+                {
+                    return n;
+                }
+            }
+        }
+    });
+    let given = futures_util::future::join_all(joins).await;
+    let mut numbers = given.clone();
+    numbers.sort();
+    assert_eq!(numbers, (0..20).collect::<Vec<u32>>(), "each its own, the lowest free");
+    let a = PgClaims::new(db.pool(1), "hv-3".into(), Duration::from_secs(60));
+    assert_eq!(number(&a.heartbeat(me("hv-3")).await.unwrap(), "hv-3"), Some(given[3]), "kept");
+    // The fleet is full: a newcomer takes the number of a member gone for 30 days.
+    let c = db.connect().await;
+    c.execute(
+        "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, number) \
+         SELECT 'filler-' || n, 0, 0, 0, 0, 'x', n FROM generate_series(20, 999) n",
+        &[],
+    )
+    .await
+    .unwrap();
+    let late = PgClaims::new(db.pool(1), "hv-late".into(), Duration::from_secs(60));
+    assert_eq!(number(&late.heartbeat(me("hv-late")).await.unwrap(), "hv-late"), None, "none free");
+    c.execute("UPDATE rv_members SET seen_at = now() - interval '31 days' WHERE host_id = 'filler-500'", &[])
+        .await
+        .unwrap();
+    assert_eq!(number(&late.heartbeat(me("hv-late")).await.unwrap(), "hv-late"), Some(500), "a long-gone member's");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn check_reports_the_database_its_schema_and_what_is_wrong() {
     let db = TestDb::new("check").await;

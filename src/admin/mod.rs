@@ -257,6 +257,8 @@ pub fn render_status(s: &Status) -> String {
             .map(|m| {
                 vec![
                     if m.host_id == f.host_id { format!("{} (this)", m.host_id) } else { m.host_id.clone() },
+                    // The tail of its warm VMs' and slots' numbers.
+                    m.number.map_or("-".into(), |n| format!("{n:03}")),
                     format!("{}/{}", m.vms, m.max_vms),
                     m.warm_waiting.to_string(),
                     m.held.to_string(),
@@ -265,7 +267,7 @@ pub fn render_status(s: &Status) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table(&["MEMBER", "VMS", "WARM WAITING", "CLAIMS", "VERSION", "LAST HEARD"], &rows));
+        out.push_str(&table(&["MEMBER", "NUMBER", "VMS", "WARM WAITING", "CLAIMS", "VERSION", "LAST HEARD"], &rows));
     }
     out
 }
@@ -357,8 +359,8 @@ mod tests {
             fleet: Some(proto::FleetStatus {
                 host_id: "hv-a".into(),
                 held: 3,
-                members: ["hv-a", "hv-b"]
-                    .map(|h| crate::fleet::claims::MemberInfo {
+                members: [("hv-a", 0), ("hv-b", 17)]
+                    .map(|(h, number)| crate::fleet::claims::MemberInfo {
                         host_id: h.into(),
                         max_vms: 4,
                         vms: 2,
@@ -368,6 +370,7 @@ mod tests {
                         version: "0.1.0".into(),
                         seen_secs_ago: 7,
                         addresses: vec![],
+                        number: Some(number),
                     })
                     .into(),
             }),
@@ -375,7 +378,7 @@ mod tests {
         let text = render_status(&s);
         assert!(text.contains("fleet: this member is hv-a, holding 3 job claims"), "{text}");
         assert!(line_of(&text, "hv-a (this)").contains("2/4"), "{text}");
-        assert!(line_of(&text, "hv-b").contains("7s ago"), "{text}");
+        assert!(line_of(&text, "hv-b").contains("7s ago") && line_of(&text, "hv-b").contains(" 017 "), "{text}");
         let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
         assert!(line("p ").contains("1/2 waiting"), "{text}");
         assert!(line("rv-p-w1").contains("warm: waiting"), "{text}");

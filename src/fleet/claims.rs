@@ -8,7 +8,7 @@
 use std::time::Duration;
 #[cfg(test)]
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::SystemTime,
 };
@@ -87,6 +87,9 @@ pub struct MemberInfo {
     /// Its IPv4 addresses (the other members' fences drop them).
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// Its number in the fleet (0–999; given by the database at its first heartbeat).
+    #[serde(default)]
+    pub number: Option<u32>,
 }
 
 /// The seam between the scheduler and the fleet's claims (PostgreSQL, or memory in tests).
@@ -242,10 +245,26 @@ impl Claims for PgClaims {
                 ],
             )
             .await?;
+            // A member's number, given once (the lowest free; a member gone for 30 days
+            // gives its number back). Two members given the same number at once: the
+            // unique index refuses the second, whose next heartbeat tries again.
+            c.execute(
+                "UPDATE rv_members SET number = NULL WHERE seen_at < now() - interval '30 days' AND number IS NOT NULL \
+                   AND EXISTS (SELECT 1 FROM rv_members WHERE host_id = $1 AND number IS NULL)",
+                &[&me.host_id],
+            )
+            .await?;
+            c.execute(
+                "UPDATE rv_members SET number = (SELECT min(n) FROM generate_series(0, 999) n \
+                   WHERE n NOT IN (SELECT number FROM rv_members WHERE number IS NOT NULL)) \
+                 WHERE host_id = $1 AND number IS NULL",
+                &[&me.host_id],
+            )
+            .await?;
             let rows = c
                 .query(
                     "SELECT host_id, max_vms, vms, warm_waiting, held, version, \
-                       extract(epoch FROM now() - seen_at)::int8, warm_target, addresses \
+                       extract(epoch FROM now() - seen_at)::int8, warm_target, addresses, number \
                      FROM rv_members WHERE seen_at > now() - interval '1 hour' ORDER BY host_id",
                     &[],
                 )
@@ -262,6 +281,7 @@ impl Claims for PgClaims {
                     seen_secs_ago: r.get::<_, i64>(6).max(0) as u64,
                     warm_target: r.get::<_, i32>(7) as u32,
                     addresses: r.get(8),
+                    number: r.get::<_, Option<i32>>(9).map(|n| n as u32),
                 })
                 .collect())
         })
@@ -449,8 +469,12 @@ impl Claims for MemoryClaims {
         Box::pin(std::future::ready(Ok(list.map(|(l, at)| (l, now.duration_since(at).unwrap_or_default())))))
     }
 
-    fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>> {
+    fn heartbeat(&self, mut me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>> {
         let mut members = self.board.members.lock().expect("board");
+        me.number = members.get(&me.host_id).and_then(|m| m.number).or_else(|| {
+            let taken: BTreeSet<u32> = members.values().filter_map(|m| m.number).collect();
+            (0..1000).find(|n| !taken.contains(n))
+        });
         members.insert(me.host_id.clone(), me);
         Box::pin(std::future::ready(Ok(members.values().cloned().collect())))
     }

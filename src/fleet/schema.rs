@@ -119,6 +119,15 @@ CREATE INDEX rv_jobs_ready ON rv_jobs (label_key, received_at) WHERE state = 'qu
 CREATE INDEX rv_jobs_runner ON rv_jobs (runner_name) WHERE runner_name IS NOT NULL;
 "#,
     ),
+    (
+        6,
+        r#"
+-- Each member's number (0-999), given by the database once and kept by its host id: the
+-- tail of its warm VMs' and snapshot slots' numbers, so that members sharing a libvirtd
+-- never share a VM's name (a hash of the host id would collide among a few dozen).
+ALTER TABLE rv_members ADD COLUMN number integer UNIQUE CHECK (number BETWEEN 0 AND 999);
+"#,
+    ),
 ];
 
 /// The newest version this agent knows.

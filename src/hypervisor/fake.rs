@@ -13,13 +13,20 @@ use super::{
 };
 
 /// A golden image for fakes: `dir/golden.qcow2` holding only the qcow2 header that
-/// [`super::check_image`] reads (magic, a 1 GiB virtual size).
+/// [`super::check_image`] reads (magic, a 1 GiB virtual size), with a manifest.
 pub fn golden_image(dir: &Path) -> std::io::Result<PathBuf> {
     let path = dir.join("golden.qcow2");
     let mut header = super::QCOW2_MAGIC.to_vec();
     header.resize(24, 0);
     header.extend_from_slice(&(1u64 << 30).to_be_bytes());
     std::fs::write(&path, header)?;
+    // Its manifest, as images/production/build writes one: a current guest (snapshot
+    // slots need one), a runner no check finds old.
+    let manifest = format!(
+        r#"{{"runner_version": "2.330.0", "runner_released": "2099-01-01", "bind_protocol": {}}}"#,
+        crate::cloudinit::GUEST_FRESHENS
+    );
+    std::fs::write(crate::images::manifest_path(&path), manifest)?;
     Ok(path)
 }
 

@@ -133,6 +133,13 @@ impl Fleet {
         }
     }
 
+    /// This member's number in the fleet (0–999, given by the database at its first
+    /// heartbeat, kept by its host id): the tail of its warm VMs' and slots' numbers, so
+    /// that members sharing a libvirtd (and GitHub's runner names) never share a name.
+    pub fn number(&self) -> Option<u64> {
+        self.members.iter().find(|m| m.host_id == self.host).and_then(|m| m.number).map(u64::from)
+    }
+
     pub fn held(&self) -> usize {
         self.held.len()
     }
@@ -439,6 +446,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 .filter(|a| !a.is_loopback())
                 .map(|a| a.to_string())
                 .collect(),
+            // Given by the fleet's database.
+            number: None,
         };
         fleet.heartbeat_pending = true;
         let claims = fleet.claims.clone();

@@ -24,17 +24,35 @@ const BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
 
-/// Pool-level back-off after failures of the host (provisioning errors, VMs paused on a
-/// full disk), doubling up to [`BACKOFF_MAX`] until a VM of the pool has its runner online.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    until: Instant,
-    delay: Duration,
+/// Back-offs by key (a pool's name), each doubling from [`BACKOFF_MIN`] up to
+/// [`BACKOFF_MAX`] with each failure until cleared.
+#[derive(Debug, Default)]
+pub struct Backoffs(HashMap<String, (Instant, Duration)>);
+
+impl Backoffs {
+    /// Whether `key` backs off at `now`.
+    pub fn active(&self, key: &str, now: Instant) -> bool {
+        self.0.get(key).is_some_and(|(until, _)| *until > now)
+    }
+
+    /// One more failure of `key`: it backs off twice as long as last time; the delay.
+    pub fn bump(&mut self, key: &str, now: Instant) -> Duration {
+        let delay = self.0.get(key).map(|(_, d)| (*d * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
+        self.0.insert(key.to_string(), (now + delay, delay));
+        delay
+    }
+
+    /// `key` works again: its next failure backs off from scratch.
+    pub fn clear(&mut self, key: &str) {
+        self.0.remove(key);
+    }
 }
 
 #[derive(Default)]
 pub struct State {
-    backoff: HashMap<String, Backoff>,
+    /// Pool-level back-off after failures of the host (provisioning errors, VMs paused on
+    /// a full disk), until a VM of the pool has its runner online.
+    backoff: Backoffs,
     /// When each surplus runner became surplus (see [`super::demand::plan`]).
     pub surplus_since: HashMap<String, Instant>,
 }
@@ -46,7 +64,7 @@ fn step(pool: &str, step: &str) -> StepLabels {
 
 impl State {
     pub fn backing_off(&self, pool: &str, now: Instant) -> bool {
-        self.backoff.get(pool).is_some_and(|b| b.until > now)
+        self.backoff.active(pool, now)
     }
 }
 
@@ -64,7 +82,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if matches!(input, Input::RunnerOnline | Input::TookJob) {
             // The pool works end to end (a VM that merely started may still pause on a
             // full disk or never boot): failures back off from scratch again.
-            self.lifecycle.backoff.remove(&vm.pool);
+            self.lifecycle.backoff.clear(&vm.pool);
         }
         vm.state = s;
         vm.state_since = now;
@@ -437,9 +455,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     pub(super) fn bump_backoff(&mut self, pool: &str) {
-        let backoff = &mut self.lifecycle.backoff;
-        let delay = backoff.get(pool).map(|b| (b.delay * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
+        let delay = self.lifecycle.backoff.bump(pool, Instant::now());
         warn!(pool, retry_in_ms = delay.as_millis() as u64, "provisioning backs off");
-        backoff.insert(pool.to_string(), Backoff { until: Instant::now() + delay, delay });
     }
 }

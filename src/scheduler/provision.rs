@@ -28,6 +28,27 @@ use crate::model::{SlotRec, VmRec};
 #[inline(always)]
 pub fn crash_point(_step: &str) {}
 
+/// Test hook for the kill-9 drill: `RUNNERVISOR_FAULT_CRASH_AT=<step>` aborts the process
+/// `RUNNERVISOR_FAULT_CRASH_DELAY_MS` (default 1,000) after this point, from another
+/// thread: inside the libvirt call that follows (`during-save`, `during-restore`: libvirt
+/// finishes it on its own, or not, with no one to hear the answer).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn crash_during(_step: &str) {}
+
+#[cfg(feature = "fault-injection")]
+pub fn crash_during(step: &str) {
+    if std::env::var("RUNNERVISOR_FAULT_CRASH_AT").is_ok_and(|s| s == step) {
+        let ms = std::env::var("RUNNERVISOR_FAULT_CRASH_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+        let step = step.to_string();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            eprintln!("runnervisor: RUNNERVISOR_FAULT_CRASH_AT={step}: aborting");
+            std::process::abort();
+        });
+    }
+}
+
 #[cfg(feature = "fault-injection")]
 pub fn crash_point(step: &str) {
     if std::env::var("RUNNERVISOR_FAULT_CRASH_AT").is_ok_and(|s| s == step) {
@@ -244,6 +265,7 @@ async fn restore<G, H: Hypervisor>(
     crash_point("restore-after-overlay");
     let (hv, s) = (ctx.hv.clone(), slot.name.clone());
     let console_log = console_log(ctx, name);
+    crash_during("during-restore");
     blocking(move || hv.restore(&s, &overlay, &console_log)).await.map_err(restore_error)?;
     crash_point("after-restore");
     let took = started.elapsed();

@@ -25,7 +25,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::event::{Event, spawn_reporting};
 use super::vm::Input;
@@ -50,6 +50,10 @@ pub struct State {
     broken: BTreeSet<String>,
     /// Saved slots found without a record, whose saved state is being read.
     found: BTreeSet<String>,
+    /// Pools whose slots failed to save or restore: no slot of theirs is made before the
+    /// back-off ends (their jobs boot cold meanwhile, and VMs restored from their other
+    /// slots are bound as usual).
+    backoff: super::lifecycle::Backoffs,
 }
 
 /// How long a VM restored from a slot may stay in each of its last two states (Finishing:
@@ -90,29 +94,49 @@ pub fn restore_or_boot(jobs: Vec<u64>, cold_only: &BTreeSet<u64>, free: usize, r
         .collect()
 }
 
-/// What a pool's saved VM depends on: the image file (path, size, modification time) and
-/// everything of the domain that a restore cannot change. A slot made from anything else
-/// is re-made.
-pub fn made_from(config: &Config, pool: &PoolConfig) -> String {
-    let image = match std::fs::metadata(&pool.image) {
+/// What a pool's saved VM depends on: the image file, the kernel and initrd files (each
+/// path, size, modification time) and everything of the domain that a restore cannot
+/// change. A slot made from anything else is re-made. `Err`: a file cannot be read now
+/// (being replaced, a mount away): nothing can be said, and the slots already made stay
+/// as they are.
+pub fn made_from(config: &Config, pool: &PoolConfig) -> Result<String, String> {
+    let stamp = |path: &std::path::Path| match std::fs::metadata(path) {
         Ok(m) => {
             let mtime = m.modified().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
-            format!("{} bytes, modified {:?}", m.len(), mtime.map(|d| d.as_nanos()))
+            Ok(format!("{} ({} bytes, modified {:?})", path.display(), m.len(), mtime.map(|d| d.as_nanos())))
         }
-        Err(e) => format!("unreadable ({})", e.kind()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     };
-    format!(
-        "image {} ({image}); {} vcpus, {} MiB, {} GiB disk; kernel {:?} initrd {:?} cmdline {:?}; {:?}; network {:?}",
-        pool.image.display(),
+    let optional = |path: &Option<std::path::PathBuf>| path.as_deref().map(stamp).transpose();
+    Ok(format!(
+        "image {}; {} vcpus, {} MiB, {} GiB disk; kernel {:?} initrd {:?} cmdline {:?}; {:?}; network {:?}",
+        stamp(&pool.image)?,
         pool.vcpus,
         pool.memory_mib,
         pool.disk_gib,
-        pool.kernel,
-        pool.initrd,
+        optional(&pool.kernel)?,
+        optional(&pool.initrd)?,
         pool.cmdline,
         config.libvirt.domain_type,
         config.libvirt.network.libvirt_network(),
-    )
+    ))
+}
+
+/// Why slots of an image whose manifest is `manifest` must not be made, if they must
+/// not: a restored VM shares its slot's RNG state and clock until its guest freshens
+/// itself at bind, which an image says it does by its bind protocol. An image without a
+/// manifest says nothing: no slot (fail closed).
+pub fn image_refusal(manifest: Option<&crate::images::Manifest>) -> Option<String> {
+    let want = crate::cloudinit::GUEST_FRESHENS;
+    match manifest.map(|m| m.bind_protocol.unwrap_or(1)) {
+        None => Some(format!(
+            "the image has no manifest (<image>.manifest.json) saying its guest makes a restored vm a fresh instance (bind_protocol {want} or later)"
+        )),
+        Some(has) if has < want => Some(format!(
+            "the image's guest speaks bind protocol {has}; a restored vm is a fresh instance from bind protocol {want} on"
+        )),
+        Some(_) => None,
+    }
 }
 
 /// The names of a pool's first `wanted` slots that neither exist nor are being made. In a
@@ -125,21 +149,34 @@ pub fn missing(pool: &str, wanted: usize, member: Option<u64>, taken: impl Fn(&s
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
-    /// What `pool`'s slots must be made from now.
-    fn current_made_from(&mut self, pool: &PoolConfig) -> String {
-        let config = &self.config;
-        self.slots.made_from.entry(pool.name.clone()).or_insert_with(|| made_from(config, pool)).clone()
+    /// What `pool`'s slots must be made from now (`None`: its files were never readable).
+    fn current_made_from(&mut self, pool: &PoolConfig) -> Option<String> {
+        if !self.slots.made_from.contains_key(&pool.name) {
+            self.refresh_slot_source(pool);
+        }
+        self.slots.made_from.get(&pool.name).cloned()
     }
 
-    /// Looks at `pool`'s image again.
+    /// Looks at `pool`'s image again. Files that cannot be read leave what was known.
     pub(super) fn refresh_slot_source(&mut self, pool: &PoolConfig) {
-        let made = made_from(&self.config, pool);
-        self.slots.made_from.insert(pool.name.clone(), made);
+        match made_from(&self.config, pool) {
+            Ok(made) => {
+                self.slots.made_from.insert(pool.name.clone(), made);
+            }
+            Err(e) if pool.snapshot_slots > 0 => {
+                warn!(pool = %pool.name, error = %e, "cannot read the pool's image files: its snapshot slots stay as they are until they can be read");
+            }
+            Err(_) => {}
+        }
     }
 
     /// Looks at every pool's image again (a sweep, a reload).
     pub(super) fn refresh_slot_sources(&mut self) {
-        self.slots.made_from = self.config.pools.iter().map(|p| (p.name.clone(), made_from(&self.config, p))).collect();
+        let pools: Vec<PoolConfig> = self.config.pools.clone();
+        self.slots.made_from.retain(|name, _| pools.iter().any(|p| p.name == *name));
+        for pool in &pools {
+            self.refresh_slot_source(pool);
+        }
     }
 
     /// The pool's slots that are saved and right (made from what the pool is now, no
@@ -168,26 +205,57 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .count()
     }
 
-    /// The member's digits in its slots' numbers, in a fleet.
+    /// The member's number in its slots' numbers, in a fleet.
     fn member(&self) -> Option<u64> {
-        self.fleet.as_ref().map(|f| super::warm::member_digits(&f.host))
+        self.fleet.as_ref().and_then(|f| f.number())
+    }
+
+    /// Whether this member knows its names: always on a single host; in a fleet, once its
+    /// number is known (its first heartbeat). Until then it makes no warm VM or slot and
+    /// judges no slot by its name.
+    pub(super) fn names_known(&self) -> bool {
+        self.fleet.as_ref().is_none_or(|f| f.number().is_some())
     }
 
     /// Whether `name` is a slot name this member does not make: another fleet member's
     /// on a shared libvirt (its saved state, disk and address are that member's, even
     /// with no domain running), or one of numbers this member no longer uses.
     pub(super) fn foreign_slot(&self, name: &str) -> bool {
-        let mine = self.member().map_or(0, |m| m as usize);
-        self.config
-            .pools
-            .iter()
-            .find_map(|p| hypervisor::slot_of_pool(name, &p.name))
-            .is_some_and(|n| n / 1000 != mine && !self.book.slots.contains_key(name))
+        if self.book.slots.contains_key(name) {
+            return false;
+        }
+        let Some(n) = self.config.pools.iter().find_map(|p| hypervisor::slot_of_pool(name, &p.name)) else {
+            return false;
+        };
+        match (&self.fleet, self.member()) {
+            (None, _) => n / 1000 != 0,
+            (Some(_), Some(mine)) => n / 1000 != mine as usize,
+            // This member's number is not known yet: any slot without a record may be
+            // another member's.
+            (Some(_), None) => true,
+        }
     }
 
-    /// Slots the pool lacks (neither saved nor being made).
+    /// Slots the pool lacks and makes now (neither saved nor being made; none while the
+    /// pool's slots back off or the member's names are not known yet).
     pub(super) fn slots_missing(&self, pool: &PoolConfig) -> usize {
+        if !self.names_known() || self.slots.backoff.active(&pool.name, tokio::time::Instant::now()) {
+            return 0;
+        }
         self.missing_slots(pool).len()
+    }
+
+    /// A slot of `pool` failed to save or restore: its slots are made again only after a
+    /// back-off (doubling with each failure until one is saved).
+    fn slot_backoff(&mut self, pool: &str, step: &str) {
+        self.metrics.slot_failures.get_or_create(&StepLabels::new(pool, step)).inc();
+        let delay = self.slots.backoff.bump(pool, tokio::time::Instant::now());
+        warn!(
+            pool,
+            step,
+            retry_in_ms = delay.as_millis() as u64,
+            "the pool's snapshot slots are made again after a back-off"
+        );
     }
 
     /// The pool's slot names neither saved, nor being made, nor found and being looked at.
@@ -205,17 +273,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         // A restored VM shares its slot's RNG state and clock until its guest freshens
         // itself at bind: an image whose guest does not must not serve slots.
-        if let Some(m) = crate::images::read_manifest(&pool.image)
-            && m.bind_protocol.unwrap_or(1) < crate::cloudinit::GUEST_FRESHENS
-        {
+        if let Some(why) = image_refusal(crate::images::read_manifest(&pool.image).as_ref()) {
             if self.slots.refused.insert(pool.name.clone()) {
-                error!(pool = %pool.name, image = %pool.image.display(), bind_protocol = m.bind_protocol.unwrap_or(1),
-                    "snapshot_slots needs an image of bind protocol {} or later (its guest makes a restored VM a fresh instance): no slot is made; rebuild the image", crate::cloudinit::GUEST_FRESHENS);
+                self.metrics.slot_failures.get_or_create(&StepLabels::new(&pool.name, "image")).inc();
+                error!(pool = %pool.name, image = %pool.image.display(), why = %why,
+                    "snapshot_slots: no slot is made for this image (its jobs boot cold); rebuild the image with a current images/production/build");
             }
             return;
         }
         self.slots.refused.remove(&pool.name);
-        let made_from = self.current_made_from(pool);
+        let Some(made_from) = self.current_made_from(pool) else { return };
         let vm = VmRec { for_slot: true, ..VmRec::new(name.clone(), &pool.name, true, self.now()) };
         let mut plan = self.plan(vm.clone(), pool, String::new(), String::new());
         plan.made_from = Some(made_from.clone());
@@ -287,13 +354,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 });
                 self.timeline.gone(&vm, self.now());
                 self.sweep.torn_down(&name, self.now());
+                self.slots.backoff.clear(&vm.pool);
                 info!(vm = %name, pool = %vm.pool, address = ?address, made_ms = took.as_millis() as u64, "snapshot slot saved: it serves the pool's next job");
             }
             (result, _) => {
                 let e = result.err().map(|e| e.to_string()).unwrap_or_else(|| "made before a restart".into());
-                self.metrics.slot_failures.get_or_create(&StepLabels::new(&vm.pool, "save")).inc();
-                error!(vm = %name, pool = %vm.pool, error = %e, "cannot save the snapshot slot: it goes, and is made again after the pool's back-off");
-                self.bump_backoff(&vm.pool);
+                error!(vm = %name, pool = %vm.pool, error = %e, "cannot save the snapshot slot: it goes, and is made again after a back-off");
+                self.slot_backoff(&vm.pool, "save");
                 self.begin_teardown(&name, Reason::SlotGone);
             }
         }
@@ -346,7 +413,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         result: Result<(Option<hypervisor::VmMetadata>, Option<Ipv4Addr>), HvError>,
     ) {
         self.slots.found.remove(&slot);
-        if self.book.vms.contains_key(&slot) || self.book.slots.contains_key(&slot) {
+        // Its name is judged once this member's number is known (a later sweep finds it).
+        if self.book.vms.contains_key(&slot) || self.book.slots.contains_key(&slot) || !self.names_known() {
             return;
         }
         let member = self.member();
@@ -361,7 +429,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return self.drop_found_slot(&slot, "no pool makes a slot of that name");
         };
         let host = self.config.fleet.as_ref().map(|f| f.host_id());
-        let current = self.current_made_from(&pool);
+        let Some(current) = self.current_made_from(&pool) else {
+            // The pool's files cannot be read now: a later sweep finds it again.
+            return;
+        };
         let fixed = self.config.libvirt.network.libvirt_network().is_some();
         let why = match &result {
             Err(e) => format!("its saved state cannot be read: {e}"),
@@ -414,14 +485,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if !self.slots.broken.insert(slot.to_string()) {
             return;
         }
-        self.metrics.slot_failures.get_or_create(&StepLabels::new(&vm.pool, "restore")).inc();
-        // A pool whose slots keep failing must not re-make them at the pace of its jobs.
-        self.bump_backoff(&vm.pool);
+        // A pool whose slots keep failing must not re-make them at the pace of its jobs;
+        // its other slots serve meanwhile.
+        self.slot_backoff(&vm.pool, "restore");
     }
 
     /// Removes the slots that are no longer right and not in use: made from another image
     /// or VM shape, beyond `snapshot_slots`, of a pool removed, or whose restore failed.
     pub(super) fn tend_slots(&mut self) {
+        if !self.names_known() {
+            // Which slots this member keeps depends on its number.
+            return;
+        }
         let mut gone = Vec::new();
         for slot in self.book.slots.values() {
             if self.book.restored_from(&slot.name).is_some() {
@@ -456,6 +531,7 @@ fn save<H: Hypervisor>(hv: &H, vm: &str, network: Option<&str>) -> Result<Option
         Some(net) => hv.network_dhcp(net)?.hosts.into_iter().find(|h| h.vm == vm).map(|h| h.ip),
         None => None,
     };
+    super::provision::crash_during("during-save");
     hv.save(vm)?;
     super::provision::crash_point("slot-after-save");
     Ok(address)

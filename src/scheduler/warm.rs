@@ -42,11 +42,6 @@ pub struct State {
     last_seq: u64,
 }
 
-/// Three digits of a member's name (FNV-1a), the tail of its warm VMs' sequence numbers.
-pub(super) fn member_digits(host: &str) -> u64 {
-    host.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)) % 1000
-}
-
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Records and provisions one new warm VM of `pool`.
     pub(super) fn start_warm(&mut self, pool: &PoolConfig) {
@@ -54,8 +49,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let millis = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
         self.warm.last_seq = match &self.fleet {
             // Members may make warm VMs in the same millisecond: the last three digits are
-            // the member's, so that names (runner names at GitHub) stay unique in the fleet.
-            Some(f) => (millis * 1000 + member_digits(&f.host)).max(self.warm.last_seq + 1000),
+            // the member's number, so that names (runner names at GitHub) stay unique in
+            // the fleet. Not known yet (no heartbeat written): no warm VM yet.
+            Some(f) => match f.number() {
+                Some(number) => (millis * 1000 + number).max(self.warm.last_seq + 1000),
+                None => return,
+            },
             None => millis.max(self.warm.last_seq + 1),
         };
         let name = hypervisor::warm_vm_name(&pool.name, self.warm.last_seq);
@@ -240,6 +239,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Ok(times) if times.resumed => {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "the guest had taken its command before the restart: its runner starts");
+                if let Some(path) = path {
+                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, path)).inc();
+                }
                 self.transition(&name, Input::Bound);
             }
             Ok(times) => {

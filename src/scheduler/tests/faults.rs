@@ -147,7 +147,7 @@ async fn an_image_declaring_an_old_runner_is_reported() {
     h.wait("the warning", |_, _| h.metrics.image_runner_outdated.get_or_create(&metrics::pool("small")).get() == 1)
         .await;
     h.shutdown().await;
-    let fresh = harness("");
+    let fresh = harness_with("", |img| std::fs::remove_file(crate::images::manifest_path(img)).unwrap());
     fresh.wait("a sweep", |s, _| s.libvirt_connected).await;
     assert_eq!(
         fresh.metrics.image_runner_outdated.get_or_create(&metrics::pool("small")).get(),

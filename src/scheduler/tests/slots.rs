@@ -236,3 +236,83 @@ async fn a_saved_slot_found_without_a_record_is_kept_if_right_and_removed_if_not
     assert!(h.metrics.render().contains("runnervisor_teardowns_total{reason=\"slot_gone\"} 1"));
     h.shutdown().await;
 }
+
+/// One slot's failed restore sends its job cold at once and leaves the pool's other slots
+/// serving: only the making of slots backs off, not the pool (whose back-off would hold
+/// the cold VM and the VM restored from the healthy slot for seconds).
+#[tokio::test(start_paused = true)]
+async fn a_broken_slot_holds_neither_the_cold_boot_nor_the_other_slots() {
+    let mut h = harness("snapshot_slots = 2");
+    h.wait("two slots saved", |s, _| ready(s) == 2).await;
+    h.hv.lock().saved.remove(SLOT);
+    h.deliver(JobAction::Queued, info(121, LABELS, None));
+    h.deliver(JobAction::Queued, info(122, LABELS, None));
+    h.wait("the broken slot's restore failed", |_, _| {
+        h.metrics.render().contains("runnervisor_slot_failures_total{pool=\"small\",step=\"restore\"} 1")
+    })
+    .await;
+    let s = h
+        .poll("at once: the job cold, the other restored and bound", Duration::from_secs(1), false, |s, hv| {
+            vm_for(s, 121).is_some() && restored(s, 122).is_some() && hv.lock().delivered.len() == 2
+        })
+        .await;
+    assert_eq!(vm_for(&s, 121).as_deref(), Some("rv-small-121-2"), "{s:#?}");
+    assert_eq!(restored(&s, 122).map(|r| r.1).as_deref(), Some("rv-small-s1"), "{s:#?}");
+    // Both served, the broken slot is made again (after its back-off) beside the other.
+    h.run_job_on("rv-small-121-2", 121);
+    h.run_restored_job("rv-small-122", "rv-small-s1", 122);
+    h.wait("served, both slots ready", |s, _| s.queued.is_empty() && ready(s) == 2).await;
+    h.shutdown().await;
+}
+
+/// A restored VM shares its slot's RNG state and clock until its guest freshens itself at
+/// bind: slots are made only of an image whose manifest says its guest does.
+#[tokio::test(start_paused = true)]
+async fn slots_are_made_only_of_an_image_whose_guest_freshens_a_restored_vm() {
+    let old = |bind_protocol: &'static str| {
+        move |img: &std::path::Path| {
+            let manifest = crate::images::manifest_path(img);
+            if bind_protocol.is_empty() {
+                std::fs::remove_file(manifest).unwrap();
+            } else {
+                let text = format!(
+                    r#"{{"runner_version": "2.330.0", "runner_released": "2099-01-01", "bind_protocol": {bind_protocol}}}"#
+                );
+                std::fs::write(manifest, text).unwrap();
+            }
+        }
+    };
+    for (manifest, what) in [("", "no manifest"), ("2", "an older guest")] {
+        let mut h = harness_with("snapshot_slots = 1", old(manifest));
+        h.deliver(JobAction::Queued, info(131, LABELS, None));
+        h.wait(what, |s, _| vm_for(s, 131).is_some()).await;
+        let s = h.advance_for(Duration::from_secs(30)).await;
+        assert_eq!(ready(&s), 0, "{what}: {s:#?}");
+        assert!(!s.vms.iter().any(|v| v.for_slot), "{what}: no slot vm: {s:#?}");
+        let m = h.metrics.render();
+        assert!(m.contains("runnervisor_slot_failures_total{pool=\"small\",step=\"image\"} 1"), "{what}: {m}");
+        h.shutdown().await;
+    }
+    let h = harness_with("snapshot_slots = 1", old("3"));
+    h.wait("a current guest: a slot", |s, _| ready(s) == 1).await;
+    h.shutdown().await;
+}
+
+/// An image file that cannot be read for a moment (being replaced, a mount away) says
+/// nothing of what the slots were made from: they stay and serve.
+#[tokio::test(start_paused = true)]
+async fn an_image_unreadable_for_a_moment_leaves_the_slots_alone() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    let image = h.config.pools[0].image.clone();
+    let aside = image.with_extension("aside");
+    std::fs::rename(&image, &aside).unwrap();
+    // Sweeps go by (each looks at the image again).
+    let s = h.advance_for(Duration::from_secs(120)).await;
+    assert_eq!(ready(&s), 1, "the slot stays: {s:#?}");
+    assert_eq!(h.hv.lock().started_total, 1, "and is not made again");
+    std::fs::rename(&aside, &image).unwrap();
+    h.deliver(JobAction::Queued, info(141, LABELS, None));
+    h.wait("restored from it", |s, _| restored(s, 141).is_some()).await;
+    h.shutdown().await;
+}
