@@ -238,7 +238,7 @@ impl Default for Metrics {
         r.register("runnervisor_jobs_received", "Queued jobs matched to a pool", m.jobs_received.clone());
         r.register(
             "runnervisor_fleet_claims",
-            "Fleet mode: job claims by result (won, lost to another member, error)",
+            "Fleet mode: job claims by result (won, lost to another member, error, given_back: held but this member could not serve it, so given back to the fleet)",
             m.fleet_claims.clone(),
         );
         r.register("runnervisor_fleet_claims_held", "Fleet mode: jobs this member holds", m.fleet_claims_held.clone());

@@ -1049,8 +1049,9 @@ async fn drill_warm() {
     wait_for("the warm VMs re-adopted", VM_TIMEOUT, async || agent.metrics().await.contains(&waiting(2)).then_some(()))
         .await;
     d.say("re-adopted; queueing 5 jobs (2 warm VMs, max_vms 3)");
+    let mut jobs = Vec::new();
     for _ in 0..5 {
-        d.queue(4.0).await;
+        jobs.push(d.queue(4.0).await);
     }
     let status = wait_exit(&mut d.agent, Duration::from_secs(60));
     assert!(
@@ -1064,6 +1065,22 @@ async fn drill_warm() {
     let (warm, restored, cold) = d.paths().await;
     d.say(&format!("all jobs completed: {warm} on warm VMs, {restored} restored, {cold} cold; draining"));
     assert!(warm >= 1 && restored >= 1, "warm VMs first, then the slots: warm={warm} restored={restored}");
+    // The order of service, as the first three jobs met it: the two warm VMs, then a slot
+    // (two are free), not a cold boot.
+    let (warm_prefix, restores) = (format!("{}w", d.prefix()), d.restored_vms());
+    let mut first = Vec::new();
+    for job in &jobs[..3] {
+        let runner = d.sim.job(*job).await["runner_name"].as_str().unwrap_or_default().to_string();
+        first.push(if runner.starts_with(&warm_prefix) {
+            "warm"
+        } else if restores.contains(&runner) {
+            "restored"
+        } else {
+            "cold"
+        });
+    }
+    first.sort();
+    assert_eq!(first, ["restored", "warm", "warm"], "the first three jobs: warm, warm, then a slot");
     assert!(
         d.agent.log_text().contains("the guest had taken its command before the restart"),
         "the binding the crash cut short was resumed:\n{}",

@@ -166,6 +166,9 @@ async fn one_job_token_mode_app_auth() {
     sim.assert_credential_not_found(&vm).await;
     assert_eq!(done["conclusion"], "success", "{}", agent.log_tail());
     assert_eq!(done["runner_name"], vm);
+    // Its VM was restored from a shared slot: the registration token went in at bind.
+    let restored = format!("runnervisor_job_runners_total{{pool=\"{}\",path=\"restored\"}} 1", slots::POOL);
+    assert!(agent.metrics().await.contains(&restored), "restored: {}", agent.log_tail());
     wait_for("everything cleaned", Duration::from_secs(90), async || {
         let (d, v) = agent.leftovers(&hv);
         (d.is_empty() && v.is_empty()).then_some(())

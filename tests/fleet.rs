@@ -481,8 +481,9 @@ mod in_process {
             }
         }
         // Two slots on each member: four jobs get one VM each; no job gets two; every
-        // member sees the whole queue once its mirror has read the log (it may lag the
-        // other member's claims).
+        // member knows its own jobs and the two nobody holds (another member's it knows
+        // only if it read them before they were claimed: the rows it reads are the unheld
+        // ones, the ones it knows and the ones its runners took).
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let (mut seen, mut queued) = (BTreeMap::new(), Vec::new());
         while std::time::Instant::now() < deadline {
@@ -492,13 +493,16 @@ mod in_process {
             for m in [&a, &b] {
                 queued.push(m.status().await.map(|s| (s.vms.len(), s.pools[0].queued)).unwrap_or_default());
             }
-            if seen.len() == 4 && queued == [(2, 6), (2, 6)] {
+            if seen.len() == 4 && queued.iter().all(|(vms, q)| *vms == 2 && *q >= 4) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(seen.len(), 4, "{seen:?}");
-        assert_eq!(queued, [(2, 6), (2, 6)], "each member: two VMs, and the whole queue");
+        assert!(
+            queued.iter().all(|(vms, q)| *vms == 2 && *q >= 4),
+            "each member: two VMs, its jobs and the unheld ones: {queued:?}"
+        );
         assert_eq!(a.hv.lock().started_total + b.hv.lock().started_total, 4, "no VM made and dropped");
         // `runnervisor status` shows the fleet: both members, their VMs and claims.
         let deadline = std::time::Instant::now() + Duration::from_secs(15);

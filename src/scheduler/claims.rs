@@ -32,7 +32,7 @@ use crate::fleet::claims::{Claimed, Claims, JobRow, MemberInfo, ReadQuery};
 use crate::fleet::intake::FleetIntake;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
-use crate::model::{JobAction, JobEvent, JobState};
+use crate::model::{JobAction, JobEvent, JobState, VmState};
 
 /// How soon a job another member held is tried again (its holder may have died).
 const RETRY_OTHERS: Duration = Duration::from_secs(15);
@@ -395,12 +395,42 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             _ => false,
         });
+        // A claim this member cannot serve now goes back to the fleet at once rather than
+        // being renewed until it can (a healthy member takes it): no VM of this member is
+        // on the job and it drains, its libvirt is away, or the job's pool backs off (its
+        // provisioning failed) or is gone. It claims the job again once it can, if the job
+        // is still there to claim.
+        let (book, config, lifecycle) = (&self.book, &self.config, &self.lifecycle);
+        let blocked_pool = |pool: &str| {
+            self.draining
+                || !self.hv.ready
+                || config.pool(pool).is_none_or(|p| p.retiring)
+                || lifecycle.backing_off(pool, now)
+        };
+        let unservable: Vec<u64> = fleet
+            .held
+            .keys()
+            .copied()
+            .filter(|job| !book.vms.values().any(|v| v.job_id == *job && v.state != VmState::TearingDown))
+            .filter(|job| book.jobs.get(job).and_then(|j| j.pool.as_deref()).is_none_or(blocked_pool))
+            .collect();
+        if !unservable.is_empty() {
+            info!(jobs = ?unservable, draining = self.draining, libvirt_ready = self.hv.ready, "giving back claims this member cannot serve now (another member may)");
+            self.metrics
+                .fleet_claims
+                .get_or_create(&crate::metrics::ResultLabels::new("given_back"))
+                .inc_by(unservable.len() as u64);
+        }
+        for job in &unservable {
+            fleet.held.remove(job);
+        }
+        release.extend(unservable);
         fleet.verifying.retain(|j| fleet.held.contains_key(j));
         if !release.is_empty() {
             let claims = fleet.claims.clone();
             tokio::spawn(async move {
                 if let Err(e) = claims.release(release).await {
-                    warn!(error = %e, "cannot give up abandoned jobs' claims (their leases run out instead)");
+                    warn!(error = %e, "cannot give up claims (their leases run out instead)");
                 }
             });
         }
@@ -421,12 +451,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 .sum::<u32>()
                 .min(self.config.capacity.max_vms.map(|m| m as u32).unwrap_or(u32::MAX)),
             vms: self.book.vms.len() as u32,
-            warm_waiting: self
-                .book
-                .vms
-                .values()
-                .filter(|v| v.is_unbound_warm() && v.state == crate::model::VmState::Waiting)
-                .count() as u32
+            warm_waiting: self.book.vms.values().filter(|v| v.is_unbound_warm() && v.state == VmState::Waiting).count()
+                as u32
                 + free_slots,
             // Snapshot slots serve a job about as fast as a warm VM: they count as warm.
             warm_target: self

@@ -270,9 +270,7 @@ impl Sim {
     pub fn credential_search_cfg(&self) -> String {
         use base64::Engine;
         let reversed_hex = |m: &str| m.bytes().rev().map(|b| format!("{b:02x}")).collect::<String>();
-        let mut markers = vec![TOKEN_MARKER.to_string(), github_sim::api::jit_config_fingerprint()];
-        markers.push(RUNNER_MARKER.to_string());
-        markers.extend(base64_forms(RUNNER_MARKER));
+        let markers = credential_markers();
         let cfg = json!({
             "sim": self.guest_url(),
             "markers": markers.iter().map(|m| reversed_hex(m)).collect::<Vec<_>>(),
@@ -466,4 +464,14 @@ pub fn run(cmd: &mut std::process::Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What every credential of the simulator carries, short enough to sit within one page of
+/// a guest's memory: the registration token's [`TOKEN_MARKER`], the opening of every JIT
+/// config, the runner's own token's [`RUNNER_MARKER`] raw and in base64.
+pub fn credential_markers() -> Vec<String> {
+    let mut markers = vec![TOKEN_MARKER.to_string(), github_sim::api::jit_config_fingerprint()];
+    markers.push(RUNNER_MARKER.to_string());
+    markers.extend(base64_forms(RUNNER_MARKER));
+    markers
 }

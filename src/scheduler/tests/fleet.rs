@@ -156,6 +156,28 @@ async fn a_member_with_a_warm_vm_is_first_and_cold_members_leave_it_the_job() {
     assert!(stays(&cold, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "the cold member makes no VM for it");
 }
 
+/// Snapshot slots count as warm capacity in a fleet: a member whose slot is saved says so
+/// in its heartbeat (a free slot as a warm VM waiting), and a cold member leaves it a
+/// young job, which it restores a VM for.
+#[tokio::test(start_paused = true)]
+async fn a_member_with_a_saved_slot_counts_as_warm_and_cold_members_leave_it_the_job() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut slots = member(&board, "hv-slots", &gh, "snapshot_slots = 1");
+    let mut cold = member(&board, "hv-cold", &gh, "");
+    slots.wait("a slot saved", |s, hv| s.pools[0].slots_ready == 1 && hv.running().is_empty()).await;
+    cold.wait_for("the cold member heard of the slot", LEASE, |s, _| {
+        s.fleet.as_ref().is_some_and(|f| {
+            f.members.iter().any(|m| m.host_id == "hv-slots" && m.warm_target == 1 && m.warm_waiting == 1)
+        })
+    })
+    .await;
+    publish(&mut [&mut slots, &mut cold], &board, JobAction::Queued, info(8, LABELS, None));
+    slots.wait("restored for it", |s, _| s.vms.iter().any(|v| v.slot.is_some() && v.job_id == 8)).await;
+    assert_eq!(board.holder(8).as_deref(), Some("hv-slots"));
+    assert!(stays(&cold, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "the cold member makes no VM for it");
+}
+
 #[tokio::test(start_paused = true)]
 async fn in_a_fleet_without_warm_vms_a_cold_member_claims_at_once() {
     let board = Arc::new(MemoryBoard::default());
@@ -199,6 +221,24 @@ async fn a_runner_that_took_another_members_job_leaves_its_own_to_that_members_v
     let s = a.wait_for("a serves job 1 again", LEASE, |s, _| s.vms.len() == 2).await;
     assert!(taken.elapsed() >= LEASE / 2, "{:?}", taken.elapsed());
     assert!(s.vms.iter().any(|v| v.name == "rv-small-1-2"), "{s:#?}");
+}
+
+/// A member whose VMs fail to start (its pool backs off) gives the job's claim back
+/// instead of renewing it while it cannot serve it: a healthy member serves the job.
+#[tokio::test(start_paused = true)]
+async fn a_member_that_cannot_serve_gives_its_claims_back_and_a_healthy_one_serves_them() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    a.hv.lock().fail_starts = 1000;
+    publish(&mut [&mut a], &board, JobAction::Queued, info(11, LABELS, None));
+    a.wait("a claimed it", |_, _| board.holder(11).as_deref() == Some("hv-a")).await;
+    let mut b = member(&board, "hv-b", &gh, "");
+    b.deliver_as("d-11-b", JobAction::Queued, info(11, LABELS, None));
+    let s = b.wait_for("b serves it", LEASE * 2, |s, _| vm_for(s, 11).is_some()).await;
+    assert_eq!(board.holder(11).as_deref(), Some("hv-b"), "{s:#?}");
+    let m = a.metrics.render();
+    assert!(m.contains("runnervisor_fleet_claims_total{result=\"given_back\"}"), "{m}");
 }
 
 #[tokio::test(start_paused = true)]
