@@ -148,6 +148,16 @@ impl Drill {
     }
 
     /// The VMs whose restore from a snapshot slot began (the agent's log, across restarts).
+    /// Waits until `job` completed and the agent's metrics show `ready` (its slots saved
+    /// and free again).
+    async fn served_and_slot_ready(&self, job: u64, ready: &str) {
+        let (sim, agent) = (&self.sim, &self.agent);
+        wait_for(&format!("job {job} served and the slot free again"), VM_TIMEOUT, async || {
+            (sim.job(job).await["status"] == "completed" && agent.metrics().await.contains(ready)).then_some(())
+        })
+        .await;
+    }
+
     fn restored_vms(&self) -> std::collections::BTreeSet<String> {
         let log = self.agent.log_text();
         log.lines()
@@ -708,12 +718,7 @@ async fn drill_snapshot() {
     d.agent.start().await;
     // Its VM cut short goes; the job is served again (restored, or cold if the slot was
     // still held by that VM's teardown when it was served).
-    let sim = &d.sim;
-    let agent = &d.agent;
-    wait_for("that job served and the slot free again", VM_TIMEOUT, async || {
-        (sim.job(j2).await["status"] == "completed" && agent.metrics().await.contains(ready)).then_some(())
-    })
-    .await;
+    d.served_and_slot_ready(j2, ready).await;
     // Killed a second into libvirt's restore call: the VM restored or not, its job is
     // served (by it, adopted, or again) and the slot comes back.
     d.agent.kill9();
@@ -722,12 +727,7 @@ async fn drill_snapshot() {
     let j3 = d.queue(3.0).await;
     crashed(&mut d, "during-restore", Duration::from_secs(60));
     d.agent.start().await;
-    let sim = &d.sim;
-    let agent = &d.agent;
-    wait_for("the job cut short in its restore served and the slot free again", VM_TIMEOUT, async || {
-        (sim.job(j3).await["status"] == "completed" && agent.metrics().await.contains(ready)).then_some(())
-    })
-    .await;
+    d.served_and_slot_ready(j3, ready).await;
     d.say("the restored vm was adopted, the ones cut short replaced; truncating the slot's save file");
 
     // 3. A truncated save file: the job boots cold, the slot is made again; meanwhile the

@@ -378,18 +378,26 @@ async fn each_member_is_given_a_number_of_its_own_and_keeps_it() {
     assert_eq!(numbers, (0..20).collect::<Vec<u32>>(), "each its own, the lowest free");
     let a = PgClaims::new(db.pool(1), "hv-3".into(), Duration::from_secs(60));
     assert_eq!(number(&a.heartbeat(me("hv-3")).await.unwrap(), "hv-3"), Some(given[3]), "kept");
-    // The fleet is full: a newcomer takes the number of a member gone for 30 days.
+    // A member gone for 30 days keeps its number while others are free.
     let c = db.connect().await;
+    c.execute("UPDATE rv_members SET seen_at = now() - interval '31 days' WHERE host_id = 'hv-5'", &[]).await.unwrap();
+    let new = PgClaims::new(db.pool(1), "hv-new".into(), Duration::from_secs(60));
+    assert_eq!(number(&new.heartbeat(me("hv-new")).await.unwrap(), "hv-new"), Some(20), "the lowest free");
+    let kept: Option<i32> =
+        c.query_one("SELECT number FROM rv_members WHERE host_id = 'hv-5'", &[]).await.unwrap().get(0);
+    assert_eq!(kept, Some(given[5] as i32), "a long-gone member's number is not taken while others are free");
+    c.execute("UPDATE rv_members SET seen_at = now() WHERE host_id = 'hv-5'", &[]).await.unwrap();
+    // The fleet is full: a newcomer takes the number of a member gone for 30 days.
     c.execute(
         "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, number) \
-         SELECT 'filler-' || n, 0, 0, 0, 0, 'x', n FROM generate_series(20, 999) n",
+         SELECT 'filler-' || n, 0, 0, 0, 0, 'x', n FROM generate_series(21, 999) n",
         &[],
     )
     .await
     .unwrap();
     let late = PgClaims::new(db.pool(1), "hv-late".into(), Duration::from_secs(60));
     assert_eq!(number(&late.heartbeat(me("hv-late")).await.unwrap(), "hv-late"), None, "none free");
-    c.execute("UPDATE rv_members SET seen_at = now() - interval '31 days' WHERE host_id = 'filler-500'", &[])
+    c.execute("UPDATE rv_members SET seen_at = now() - interval '32 days' WHERE host_id = 'filler-500'", &[])
         .await
         .unwrap();
     assert_eq!(number(&late.heartbeat(me("hv-late")).await.unwrap(), "hv-late"), Some(500), "a long-gone member's");

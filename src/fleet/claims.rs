@@ -245,11 +245,14 @@ impl Claims for PgClaims {
                 ],
             )
             .await?;
-            // A member's number, given once (the lowest free; a member gone for 30 days
-            // gives its number back). Two members given the same number at once: the
+            // A member's number, given once: the lowest free; none free, that of the member
+            // gone longest (over 30 days). Two members given the same number at once: the
             // unique index refuses the second, whose next heartbeat tries again.
             c.execute(
-                "UPDATE rv_members SET number = NULL WHERE seen_at < now() - interval '30 days' AND number IS NOT NULL \
+                "UPDATE rv_members SET number = NULL \
+                 WHERE host_id = (SELECT host_id FROM rv_members WHERE number IS NOT NULL \
+                     AND seen_at < now() - interval '30 days' ORDER BY seen_at LIMIT 1) \
+                   AND (SELECT count(number) FROM rv_members) >= 1000 \
                    AND EXISTS (SELECT 1 FROM rv_members WHERE host_id = $1 AND number IS NULL)",
                 &[&me.host_id],
             )

@@ -172,9 +172,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Looks at every pool's image again (a sweep, a reload).
     pub(super) fn refresh_slot_sources(&mut self) {
-        let pools: Vec<PoolConfig> = self.config.pools.clone();
-        self.slots.made_from.retain(|name, _| pools.iter().any(|p| p.name == *name));
-        for pool in &pools {
+        let config = self.config.clone();
+        self.slots.made_from.retain(|name, _| config.pool(name).is_some());
+        for pool in &config.pools {
             self.refresh_slot_source(pool);
         }
     }

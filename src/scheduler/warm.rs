@@ -230,25 +230,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // restarted during the exchange, as the restart-libvirtd drill met it).
                 // Destroying the VM would kill the job's runner mid-job.
                 warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "the delivery failed after its runner took the job: the guest had its command, the vm is kept");
-                if let Some(path) = path {
-                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, path)).inc();
-                }
+                self.count_runner(&vm.pool, path);
                 if let Some(reason) = vm.reap {
                     self.reap(&name, reason);
                 }
             }
             Ok(times) if times.resumed => {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "the guest had taken its command before the restart: its runner starts");
-                if let Some(path) = path {
-                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, path)).inc();
-                }
+                self.count_runner(&vm.pool, path);
                 self.transition(&name, Input::Bound);
             }
             Ok(times) => {
                 let total = times.credential + times.delivery;
-                if let Some(path) = path {
-                    self.metrics.job_runners.get_or_create(&PathLabels::new(&vm.pool, path)).inc();
-                }
+                self.count_runner(&vm.pool, path);
                 self.metrics.bind_seconds.get_or_create(&metrics::pool(&vm.pool)).observe(total.as_secs_f64());
                 info!(
                     vm = %name, pool = %vm.pool, job_id = vm.job_id, runner_id = ?vm.runner_id,
@@ -288,6 +282,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "vm did not take its job's runner command: destroying it (is the image's runnervisor-warm program current?)");
                 self.begin_teardown(&name, Reason::BindFailed);
             }
+        }
+    }
+
+    /// A runner started on the `path` (`warm`, `restored`) of `pool`: counted once per VM,
+    /// when its binding stands (a cold VM was counted when it was made for its job).
+    fn count_runner(&self, pool: &str, path: Option<&str>) {
+        if let Some(path) = path {
+            self.metrics.job_runners.get_or_create(&PathLabels::new(pool, path)).inc();
         }
     }
 }

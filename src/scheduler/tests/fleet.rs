@@ -140,20 +140,10 @@ async fn members_serve_each_job_once_within_their_capacity() {
 
 #[tokio::test(start_paused = true)]
 async fn a_member_with_a_warm_vm_is_first_and_cold_members_leave_it_the_job() {
-    let board = Arc::new(MemoryBoard::default());
-    let gh = Arc::new(FakeGitHub::default());
-    let mut warm = member(&board, "hv-warm", &gh, "warm = 1");
-    let mut cold = member(&board, "hv-cold", &gh, "");
-    warm.wait("a warm VM waiting", |s, _| s.pools[0].warm_waiting == 1).await;
-    cold.wait_for("the cold member heard of the warm one", LEASE, |s, _| {
-        s.fleet.as_ref().is_some_and(|f| f.members.iter().any(|m| m.host_id == "hv-warm" && m.warm_target == 1))
-    })
-    .await;
-    publish(&mut [&mut warm, &mut cold], &board, JobAction::Queued, info(7, LABELS, None));
-    let s = warm.wait("bound", |s, _| s.vms.iter().any(|v| v.warm && v.job_id == 7)).await;
+    let s =
+        left_to_the_warm_member("warm = 1", 7, |s, _| s.pools[0].warm_waiting == 1, |m| m.warm_target == 1, |v| v.warm)
+            .await;
     assert!(s.vms.iter().any(|v| v.warm && v.job_id == 7), "{s:#?}");
-    assert_eq!(board.holder(7).as_deref(), Some("hv-warm"));
-    assert!(stays(&cold, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "the cold member makes no VM for it");
 }
 
 /// Snapshot slots count as warm capacity in a fleet: a member whose slot is saved says so
@@ -161,21 +151,40 @@ async fn a_member_with_a_warm_vm_is_first_and_cold_members_leave_it_the_job() {
 /// young job, which it restores a VM for.
 #[tokio::test(start_paused = true)]
 async fn a_member_with_a_saved_slot_counts_as_warm_and_cold_members_leave_it_the_job() {
+    left_to_the_warm_member(
+        "snapshot_slots = 1",
+        8,
+        |s, hv| s.pools[0].slots_ready == 1 && hv.running().is_empty(),
+        |m| m.warm_target == 1 && m.warm_waiting == 1,
+        |v| v.slot.is_some(),
+    )
+    .await;
+}
+
+/// A member of `warm_pool` (hv-warm) and a cold one: once the first is `ready` and the
+/// cold one heard it as `heard` says, job `job` goes to a VM of the first that `serves`
+/// (its status then), never to the cold member.
+async fn left_to_the_warm_member(
+    warm_pool: &str,
+    job: u64,
+    ready: impl Fn(&Status, &FakeHypervisor) -> bool,
+    heard: impl Fn(&crate::fleet::claims::MemberInfo) -> bool,
+    serves: impl Fn(&crate::admin::proto::VmStatus) -> bool,
+) -> Status {
     let board = Arc::new(MemoryBoard::default());
     let gh = Arc::new(FakeGitHub::default());
-    let mut slots = member(&board, "hv-slots", &gh, "snapshot_slots = 1");
+    let mut warm = member(&board, "hv-warm", &gh, warm_pool);
     let mut cold = member(&board, "hv-cold", &gh, "");
-    slots.wait("a slot saved", |s, hv| s.pools[0].slots_ready == 1 && hv.running().is_empty()).await;
-    cold.wait_for("the cold member heard of the slot", LEASE, |s, _| {
-        s.fleet.as_ref().is_some_and(|f| {
-            f.members.iter().any(|m| m.host_id == "hv-slots" && m.warm_target == 1 && m.warm_waiting == 1)
-        })
+    warm.wait("warm capacity waiting", ready).await;
+    cold.wait_for("the cold member heard of the warm one", LEASE, |s, _| {
+        s.fleet.as_ref().is_some_and(|f| f.members.iter().any(|m| m.host_id == "hv-warm" && heard(m)))
     })
     .await;
-    publish(&mut [&mut slots, &mut cold], &board, JobAction::Queued, info(8, LABELS, None));
-    slots.wait("restored for it", |s, _| s.vms.iter().any(|v| v.slot.is_some() && v.job_id == 8)).await;
-    assert_eq!(board.holder(8).as_deref(), Some("hv-slots"));
+    publish(&mut [&mut warm, &mut cold], &board, JobAction::Queued, info(job, LABELS, None));
+    let s = warm.wait("served there", |s, _| s.vms.iter().any(|v| serves(v) && v.job_id == job)).await;
+    assert_eq!(board.holder(job).as_deref(), Some("hv-warm"));
     assert!(stays(&cold, Duration::from_secs(10), |s, _| s.vms.is_empty()).await, "the cold member makes no VM for it");
+    s
 }
 
 #[tokio::test(start_paused = true)]
