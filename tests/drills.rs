@@ -1066,7 +1066,8 @@ async fn drill_warm() {
     d.say(&format!("all jobs completed: {warm} on warm VMs, {restored} restored, {cold} cold; draining"));
     assert!(warm >= 1 && restored >= 1, "warm VMs first, then the slots: warm={warm} restored={restored}");
     // The order of service, as the first three jobs met it: the two warm VMs, then a slot
-    // (two are free), not a cold boot.
+    // (two are free), not a cold boot. The crash may cut the second warm VM's binding short
+    // before its guest took the command: that VM is replaced and its job restored instead.
     let (warm_prefix, restores) = (format!("{}w", d.prefix()), d.restored_vms());
     let mut first = Vec::new();
     for job in &jobs[..3] {
@@ -1080,7 +1081,10 @@ async fn drill_warm() {
         });
     }
     first.sort();
-    assert_eq!(first, ["restored", "warm", "warm"], "the first three jobs: warm, warm, then a slot");
+    assert!(
+        first == ["restored", "warm", "warm"] || first == ["restored", "restored", "warm"],
+        "the first three jobs: warm, warm (or a slot, for a binding the crash cut short), then a slot: {first:?}"
+    );
     assert!(
         d.agent.log_text().contains("the guest had taken its command before the restart"),
         "the binding the crash cut short was resumed:\n{}",

@@ -73,7 +73,8 @@ pub struct FakeState {
     /// The next N deliveries hang the same way once the guest has the message.
     pub stall_deliveries: u32,
     pub release_stalled: bool,
-    /// While set, no warm VM's guest waits yet (otherwise they wait as soon as they run).
+    /// While set, no booted warm VM's guest waits yet (otherwise they wait as soon as they
+    /// run); a restored one does (it was saved waiting).
     pub guests_booting: bool,
     /// Warm VMs whose guest ignores deliveries (never acknowledges).
     pub guests_deaf: BTreeSet<String>,
@@ -315,7 +316,9 @@ impl Hypervisor for FakeHypervisor {
     fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
         let s = self.up()?;
         let running = s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running);
-        Ok(running && !s.guests_booting && !s.took_command.contains(vm))
+        // A restored guest resumes where it was saved: waiting.
+        let booting = s.guests_booting && !s.saved.contains_key(vm);
+        Ok(running && !booting && !s.took_command.contains(vm))
     }
 
     fn deliver(&self, vm: &str, message: &[u8], ack: &str, _timeout: std::time::Duration) -> Result<(), HvError> {

@@ -27,6 +27,9 @@ pub struct Limits {
     /// Snapshot slots the pool lacks (neither saved nor being made): each is made by
     /// booting a VM, which holds a place of `max_vms` until it is saved.
     pub slots_missing: usize,
+    /// Saved slots free to restore a job's VM from now: a restore (seconds) serves a job
+    /// sooner than a warm VM still booting, so such jobs do not wait for one.
+    pub slots_free: usize,
 }
 
 impl Limits {
@@ -37,6 +40,7 @@ impl Limits {
             per_repository: pool.max_vms_per_repository,
             warm: pool.warm,
             slots_missing: 0,
+            slots_free: 0,
         }
     }
 }
@@ -75,9 +79,10 @@ pub struct Decision {
 /// its VMs; `surplus_since`: when each runner became surplus; `cold_only`: jobs a warm VM
 /// failed to take, which go the cold path.
 ///
-/// Order of service: a waiting warm VM takes the oldest uncovered job; a warm VM still
+/// Order of service: a waiting warm VM takes the oldest uncovered job; a free snapshot
+/// slot the next (its VM is among `provision`: a restore takes seconds); a warm VM still
 /// booting counts as a runner coming (it waits sooner than a new VM would boot); the rest
-/// get cold VMs; then the warm VMs are topped up with the slots left.
+/// get cold VMs; then the warm VMs are topped up with the places left.
 pub fn plan(
     limits: Limits,
     unserved: &[&JobRec],
@@ -139,10 +144,12 @@ pub fn plan(
     }
     deficit -= binds.len();
     let spare_waiting = waiting.len() - binds.len();
-    // Booting warm VMs serve the next jobs, except jobs a warm VM already failed.
+    // Free slots serve the next jobs, then booting warm VMs, except jobs a warm VM or a
+    // restore already failed (those boot).
     let uncovered_cold_only =
         unserved.iter().filter(|j| cold_only.contains(&j.info.id) && !covered.contains(&j.info.id)).count();
-    let reserved = deficit.min(warming).min(deficit - uncovered_cold_only.min(deficit));
+    let may_wait = deficit - uncovered_cold_only.min(deficit);
+    let reserved = warming.min(may_wait - limits.slots_free.min(may_wait));
     let spare_warm = spare_waiting + warming - reserved;
     if spare_warm > limits.warm {
         // `warm` was lowered: the newest waiting ones go.
@@ -212,7 +219,14 @@ mod tests {
 
     /// A pool of 3 VMs, surplus for a minute, `warm` warm VMs, lacking `slots_missing` slots.
     fn limits(warm: usize, slots_missing: usize) -> Limits {
-        Limits { max_vms: 3, idle_timeout: Duration::from_secs(60), per_repository: None, warm, slots_missing }
+        Limits {
+            max_vms: 3,
+            idle_timeout: Duration::from_secs(60),
+            per_repository: None,
+            warm,
+            slots_missing,
+            slots_free: 0,
+        }
     }
 
     #[test]
@@ -359,6 +373,7 @@ mod tests {
             ..vm(name, "p", 0, state, t0)
         };
         use VmState::*;
+        let warming = |name: &str| VmRec { for_slot: false, ..making(name, Warming) };
         #[rustfmt::skip]
         let cases: Vec<(&str, Vec<JobRec>, Vec<VmRec>, Limits, Gate, Vec<u64>, usize, usize)> = vec![
             ("an idle pool makes its missing slots", vec![], vec![], limits, open, vec![], 0, 2),
@@ -367,6 +382,12 @@ mod tests {
             ("a VM being made into a slot is no runner: the job gets a VM; it holds a place",
              vec![q(1)], vec![making("rv-p-s0", Waiting), making("rv-p-s1", Saving)], limits, open, vec![1], 0, 0),
             ("back-off: no slot is made", vec![], vec![], limits, Gate { hold: true, ..open }, vec![], 0, 0),
+            ("a free slot serves a job before a warm VM still booting; the next job waits for that one (replaced)",
+             vec![q(1), q(2)], vec![warming("rv-p-w1")], Limits { warm: 1, slots_missing: 0, slots_free: 1, ..limits },
+             open, vec![1], 1, 0),
+            ("two free slots, one booting warm VM: both jobs restored, the warm VM stays spare",
+             vec![q(1), q(2)], vec![warming("rv-p-w1")], Limits { warm: 1, slots_missing: 0, slots_free: 2, ..limits },
+             open, vec![1, 2], 0, 0),
             ("the host cap limits slots too", vec![], vec![], limits, Gate { host_room: 1, ..open }, vec![], 0, 1),
         ];
         for (what, jobs, vms, limits, gate, provision, warm, slots) in cases {

@@ -351,7 +351,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             let vms: Vec<_> = self.book.vms_of(&pool.name).collect();
             let since = &self.lifecycle.surplus_since;
-            let limits = demand::Limits { slots_missing: self.slots_missing(pool), ..demand::Limits::of(pool) };
+            let limits = demand::Limits {
+                slots_missing: self.slots_missing(pool),
+                slots_free: self.free_slots(&pool.name).len(),
+                ..demand::Limits::of(pool)
+            };
             demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now)
         };
         let since = &mut self.lifecycle.surplus_since;

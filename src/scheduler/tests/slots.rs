@@ -316,3 +316,35 @@ async fn an_image_unreadable_for_a_moment_leaves_the_slots_alone() {
     h.wait("restored from it", |s, _| restored(s, 141).is_some()).await;
     h.shutdown().await;
 }
+
+/// A pool with a warm VM and a slot (the demo's): the first job takes the waiting warm VM,
+/// the next is restored from the free slot rather than wait for the warm VM booting to
+/// replace the first (a TCG boot takes 30-60 s, a restore seconds), and the third waits
+/// for that warm VM rather than boot a VM of its own.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_warm_vm_first_then_a_free_slot_then_a_warm_vm_still_booting() {
+    let mut h = harness_tweaked("warm = 1\nsnapshot_slots = 1", |_| {}, |c| c.pools[0].max_vms = 4);
+    h.wait("a warm VM waiting, a slot saved", |s, _| ready(s) == 1 && s.pools[0].warm_waiting == 1).await;
+    // The warm VMs made from now on stay booting.
+    h.hv.lock().guests_booting = true;
+    h.deliver(JobAction::Queued, info(81, LABELS, None));
+    h.wait("the warm VM bound, another booting", |s, hv| {
+        hv.lock().delivered.len() == 1
+            && s.vms.iter().any(|v| v.warm && v.job_id == 81)
+            && s.vms.iter().any(|v| v.warm && v.job_id == 0)
+    })
+    .await;
+    h.deliver(JobAction::Queued, info(82, LABELS, None));
+    h.wait("the next restored from the slot", |s, hv| hv.lock().delivered.len() == 2 && restored(s, 82).is_some())
+        .await;
+    h.deliver(JobAction::Queued, info(83, LABELS, None));
+    let s = h.advance_for(Duration::from_secs(30)).await;
+    assert_eq!(vm_for(&s, 83), None, "the third waits for a warm VM booting: {s:#?}");
+    assert!(s.vms.iter().all(|v| v.warm || v.slot.is_some()), "no cold VM: {s:#?}");
+    h.hv.lock().guests_booting = false;
+    h.wait("the third bound to the new warm VM", |s, hv| {
+        hv.lock().delivered.len() == 3 && s.vms.iter().any(|v| v.warm && v.job_id == 83)
+    })
+    .await;
+    h.shutdown().await;
+}
