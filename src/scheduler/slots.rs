@@ -358,9 +358,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(vm = %name, pool = %vm.pool, address = ?address, made_ms = took.as_millis() as u64, "snapshot slot saved: it serves the pool's next job");
             }
             (result, _) => {
+                // A full storage pool is the host's: the pool's cold VMs would fill it too.
+                let full = matches!(result, Err(HvError::PoolFull { .. }));
                 let e = result.err().map(|e| e.to_string()).unwrap_or_else(|| "made before a restart".into());
                 error!(vm = %name, pool = %vm.pool, error = %e, "cannot save the snapshot slot: it goes, and is made again after a back-off");
                 self.slot_backoff(&vm.pool, "save");
+                if full {
+                    self.bump_backoff(&vm.pool);
+                }
                 self.begin_teardown(&name, Reason::SlotGone);
             }
         }

@@ -177,9 +177,11 @@ async fn a_missing_network_holds_jobs_and_never_falls_back_to_an_open_one() {
     h.hv.lock().network_missing = true;
     let held = h.job_held_until(101, Duration::from_millis(2500), |h| h.hv.lock().network_missing = false).await;
     assert!(held.vms.is_empty());
+    h.wait("its credential delivered", |_, hv| hv.lock().delivered.len() == 1).await;
     // No credential was made while the fence was down: the first JIT config came after.
     let (gh, hv, _) = h.shutdown().await;
-    assert_eq!(gh.lock().calls.iter().filter(|c| c.starts_with("jit")).count(), 1, "{:?}", gh.lock().calls);
+    let calls = gh.lock().calls.clone();
+    assert_eq!(calls.iter().filter(|c| c.starts_with("jit")).count(), 1, "{calls:?}");
     let hv = hv.lock();
     let (_, xml) = hv.domains.values().next().unwrap();
     assert!(xml.contains("<filterref filter=\"runnervisor-fence-fixed\">"), "{xml}");

@@ -154,10 +154,15 @@ async fn a_corrupt_save_file_sends_the_job_cold_and_the_slot_is_made_again() {
 #[tokio::test(start_paused = true)]
 async fn a_full_pool_during_a_save_backs_the_pool_off_and_loses_no_job() {
     let mut h = harness_full("snapshot_slots = 1", |_| {}, |_| {}, |hv| hv.fail_saves = 1, None);
+    h.wait("the save failed", |_, _| {
+        h.metrics.render().contains("runnervisor_slot_failures_total{pool=\"small\",step=\"save\"} 1")
+    })
+    .await;
+    // The storage pool is full: the pool's cold VMs would fill it too.
     h.deliver(JobAction::Queued, info(91, LABELS, None));
-    h.wait("the job served cold", |s, _| vm_for(s, 91).as_deref() == Some("rv-small-91")).await;
-    let m = h.metrics.render();
-    assert!(m.contains("runnervisor_slot_failures_total{pool=\"small\",step=\"save\"} 1"), "{m}");
+    let s = h.advance_for(Duration::from_secs(1)).await;
+    assert_eq!(vm_for(&s, 91), None, "the pool backs off: {s:#?}");
+    h.wait("the job served cold after the back-off", |s, _| vm_for(s, 91).as_deref() == Some("rv-small-91")).await;
     {
         let hv = h.hv.lock();
         assert!(!hv.domains.contains_key(SLOT), "the failed slot's vm is gone");
