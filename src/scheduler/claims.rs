@@ -372,6 +372,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.read_rows();
         let free_slots: u32 = self.config.pools.iter().map(|p| self.free_slots(&p.name).len() as u32).sum();
+        // Snapshot slots serve a job about as fast as a warm VM: they count as warm.
+        let warm_target =
+            self.config.pools.iter().filter(|p| !p.retiring).map(|p| (p.warm + self.slot_target(p)) as u32).sum();
         let Some(fleet) = self.fleet.as_mut() else { return };
         if !fleet.adopted {
             // After a restart (or a partition), this member's VMs are back from its store;
@@ -454,14 +457,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             warm_waiting: self.book.vms.values().filter(|v| v.is_unbound_warm() && v.state == VmState::Waiting).count()
                 as u32
                 + free_slots,
-            // Snapshot slots serve a job about as fast as a warm VM: they count as warm.
-            warm_target: self
-                .config
-                .pools
-                .iter()
-                .filter(|p| !p.retiring)
-                .map(|p| (p.warm + p.snapshot_slots) as u32)
-                .sum(),
+            warm_target,
             held: fleet.held.len() as u32,
             version: env!("CARGO_PKG_VERSION").into(),
             seen_secs_ago: 0,

@@ -39,8 +39,8 @@ use crate::model::{Reason, SlotRec, VmRec, VmState};
 #[derive(Default)]
 pub struct State {
     /// Per pool, what its slots must have been made from ([`made_from`]), as the last
-    /// sweep, reload or start found it.
-    made_from: HashMap<String, String>,
+    /// sweep, reload or start found it, and the files it names ([`files_of`]).
+    made_from: HashMap<String, (String, String)>,
     /// Slot VMs being made by this process, and what they are made from. One a restart
     /// cut short is torn down and made again.
     making: HashMap<String, String>,
@@ -92,6 +92,12 @@ pub fn restore_or_boot(jobs: Vec<u64>, cold_only: &BTreeSet<u64>, free: usize, r
             }
         })
         .collect()
+}
+
+/// The files a pool's slots are made from, by path: a reload that names others makes every
+/// slot of the old ones wrong, even before the new ones can be read.
+fn files_of(pool: &PoolConfig) -> String {
+    format!("{:?}", (&pool.image, &pool.kernel, &pool.initrd))
 }
 
 /// What a pool's saved VM depends on: the image file, the kernel and initrd files (each
@@ -154,14 +160,22 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if !self.slots.made_from.contains_key(&pool.name) {
             self.refresh_slot_source(pool);
         }
-        self.slots.made_from.get(&pool.name).cloned()
+        self.slots.made_from.get(&pool.name).map(|(made, _)| made.clone())
     }
 
     /// Looks at `pool`'s image again. Files that cannot be read leave what was known.
     pub(super) fn refresh_slot_source(&mut self, pool: &PoolConfig) {
         match made_from(&self.config, pool) {
             Ok(made) => {
-                self.slots.made_from.insert(pool.name.clone(), made);
+                self.slots.made_from.insert(pool.name.clone(), (made, files_of(pool)));
+            }
+            // A reload that names other files: no slot of the old ones is right, whether
+            // or not the new ones can be read yet.
+            Err(e) if self.slots.made_from.get(&pool.name).is_some_and(|(_, files)| *files != files_of(pool)) => {
+                self.slots.made_from.remove(&pool.name);
+                if pool.snapshot_slots > 0 {
+                    warn!(pool = %pool.name, error = %e, "cannot read the pool's new image files: no snapshot slot is made or restored until they can be read");
+                }
             }
             Err(e) if pool.snapshot_slots > 0 => {
                 warn!(pool = %pool.name, error = %e, "cannot read the pool's image files: its snapshot slots stay as they are until they can be read");
@@ -182,7 +196,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// The pool's slots that are saved and right (made from what the pool is now, no
     /// failed restore).
     fn usable_slots<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a SlotRec> + 'a {
-        let current = self.slots.made_from.get(pool);
+        let current = self.slots.made_from.get(pool).map(|(made, _)| made);
         self.book
             .slots
             .values()
@@ -234,6 +248,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // another member's.
             (Some(_), None) => true,
         }
+    }
+
+    /// The slots this member can keep for `pool` now (counted as warm capacity in a
+    /// fleet): none until its names are known, none of an image refused for slots.
+    pub(super) fn slot_target(&self, pool: &PoolConfig) -> usize {
+        if !self.names_known() || self.slots.refused.contains(&pool.name) {
+            return 0;
+        }
+        pool.snapshot_slots
     }
 
     /// Slots the pool lacks and makes now (neither saved nor being made; none while the
@@ -516,7 +539,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     "snapshot_slots is lower"
                 }
                 Some(_) if self.slots.broken.contains(&slot.name) => "its restore failed",
-                Some(_) if self.slots.made_from.get(&slot.pool).is_some_and(|m| *m != slot.made_from) => {
+                Some(_) if self.slots.made_from.get(&slot.pool).is_some_and(|(m, _)| *m != slot.made_from) => {
                     "its pool's image or vm shape changed"
                 }
                 Some(_) => continue,

@@ -456,3 +456,26 @@ async fn a_member_leaves_another_members_saved_slot_alone_and_removes_its_own_un
     assert!(!held, "the unused slot's address given back");
     a.shutdown().await;
 }
+
+/// A member whose image serves no slot (no manifest: its guest may not freshen a restored
+/// VM) makes none, and does not count its `snapshot_slots` as warm capacity: the other
+/// members would leave young jobs to capacity it does not have.
+#[tokio::test(start_paused = true)]
+async fn a_member_whose_image_serves_no_slot_does_not_count_its_slots_as_warm() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let refused = member_with(&board, "hv-refused", &gh, "snapshot_slots = 1", |c| {
+        std::fs::remove_file(crate::images::manifest_path(&c.pools[0].image)).unwrap()
+    });
+    let other = member(&board, "hv-other", &gh, "");
+    refused
+        .wait("its image refused for slots", |_, _| {
+            refused.metrics.render().contains("runnervisor_slot_failures_total{pool=\"small\",step=\"image\"} 1")
+        })
+        .await;
+    // Heartbeats every third of the lease: the other member has heard it since.
+    let s = other.advance_for(LEASE).await;
+    let heard = s.fleet.as_ref().and_then(|f| f.members.iter().find(|m| m.host_id == "hv-refused").cloned());
+    assert_eq!(heard.map(|m| (m.warm_target, m.warm_waiting)), Some((0, 0)), "{s:#?}");
+    assert!(refused.hv.lock().volumes.is_empty(), "no slot made");
+}

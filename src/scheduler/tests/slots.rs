@@ -353,3 +353,24 @@ async fn a_waiting_warm_vm_first_then_a_free_slot_then_a_warm_vm_still_booting()
     .await;
     h.shutdown().await;
 }
+
+/// A reload that points the pool at another image, not readable yet: the old image's slots
+/// are wrong at once (a job boots rather than restore the old guest), not kept as they
+/// would be for the same file unreadable a moment.
+#[tokio::test(start_paused = true)]
+async fn a_reload_to_an_image_not_readable_yet_serves_no_job_from_the_old_slots() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    let image = h.config.pools[0].image.clone();
+    let next = image.with_extension("next");
+    h.reload(|c| c.pools[0].image = next.clone()).await;
+    h.deliver(JobAction::Queued, info(151, LABELS, None));
+    let s = h.advance_for(Duration::from_secs(5)).await;
+    assert_eq!(ready(&s), 0, "{s:#?}");
+    assert_eq!(h.hv.lock().restored_total, 0, "not restored from the old image's slot: {s:#?}");
+    // The new image arrives: the job is served from it.
+    std::fs::copy(&image, &next).unwrap();
+    std::fs::copy(crate::images::manifest_path(&image), crate::images::manifest_path(&next)).unwrap();
+    h.wait_advancing("the job has a VM", |s, _| vm_for(s, 151).is_some()).await;
+    h.shutdown().await;
+}
