@@ -88,6 +88,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("fleet: {0}")]
+    Fleet(#[from] fleet::FleetError),
 }
 
 /// `user` (slirp) networking lets a job reach this host's loopback: said loudly at every
@@ -181,13 +183,14 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     )?;
     if let Some(m) = &deps.fleet {
         let claims = fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease);
-        scheduler = scheduler.with_fleet(scheduler::claims::Fleet::new(
+        let member = scheduler::claims::Fleet::new(
             Arc::new(claims),
             Some(fleet::intake::FleetIntake::start(m.pool.clone())),
             m.host_id.clone(),
             m.lease,
             m.cold_head_start,
-        ));
+        );
+        scheduler = scheduler.with_fleet(member.joined_when(m.joined.clone()));
     }
     let stop_scheduler = CancellationToken::new();
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -202,18 +205,24 @@ pub async fn run<G: GitHub, H: Hypervisor>(
 
     // Fleet mode: deliveries go to the fleet's database, whose job rows the scheduler reads
     // (woken by each change); a single host writes its store.
+    // A member that must not be one (a newer schema, its host id taken) stops the agent,
+    // which exits non-zero with the reason.
+    let refused: Arc<std::sync::Mutex<Option<fleet::FleetError>>> = Arc::default();
     let accepter = match deps.fleet {
         Some(member) => {
             tracing::info!(host_id = %member.host_id, "fleet mode: the job queue is shared on PostgreSQL");
             let persist = webhook::Persist::Fleet(fleet::intake::FleetIntake::start(member.pool.clone()));
-            let wake = tx.clone();
-            tokio::spawn(fleet::run_member(
-                member,
-                move || {
+            let (wake, refused, stop) = (tx.clone(), refused.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let woken = move || {
                     let _ = wake.send(Event::FleetWake);
-                },
-                shutdown.clone(),
-            ));
+                };
+                if let Err(e) = fleet::run_member(member, woken, stop.clone()).await {
+                    tracing::error!(error = %e, "fleet database refused: stopping");
+                    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    stop.cancel();
+                }
+            });
             persist
         }
         None => webhook::Persist::Local(writer),
@@ -262,7 +271,10 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     let _ = sched.await;
     let _ = admin_task.await;
     let _ = std::fs::remove_file(&config.admin.socket);
-    Ok(())
+    match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(e) => Err(RunError::Fleet(e)),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

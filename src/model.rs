@@ -228,7 +228,9 @@ pub struct VmRec {
     #[serde(default)]
     pub warm: bool,
     /// A webhook said the job its runner took completed: GitHub removes an ephemeral
-    /// runner itself then, so teardown does not ask it to (no `DELETE` answered 404).
+    /// runner itself then, so teardown does not ask it to (no `DELETE` answered 404). Also
+    /// set when its runner could not be made because a runner had its name (in a fleet,
+    /// maybe another member's): teardown must not delete that one.
     #[serde(default)]
     pub runner_done: bool,
     /// Restored from this snapshot slot's saved state: its domain has the slot's name (a

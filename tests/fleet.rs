@@ -245,16 +245,25 @@ async fn a_member_is_woken_by_each_change_of_a_job_row() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tls = runnervisor::fleet::tls(None).unwrap();
     let w = woken.clone();
-    let task = tokio::spawn(runnervisor::fleet::listen(db.config(), tls, move || w.notify_one(), shutdown.clone()));
-    // Once connected.
+    let joined = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = tokio::spawn(runnervisor::fleet::listen(
+        db.config(),
+        tls,
+        "hv-listen".into(),
+        joined.clone(),
+        move || w.notify_one(),
+        shutdown.clone(),
+    ));
+    // Once connected, holding the member's lock.
     tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken when listening");
+    assert!(joined.load(std::sync::atomic::Ordering::Acquire));
     let intake = intake::FleetIntake::start(db.pool(2));
     for i in 0..3u64 {
         intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
     }
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap().unwrap();
 }
 
 /// Jobs rows as the intake makes them, `n` queued jobs from 1.
@@ -324,15 +333,20 @@ async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out_and_sh
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(b.lead("github").await.unwrap(), "a stopped renewing: b takes over");
     assert!(!a.lead("github").await.unwrap());
-    // The lead shares the runner list it read; the others read it with its age.
+    // The lead shares the runner list as of when it began listing (a runner that came up
+    // during a long, paginated listing is missing from it); the others read it with its age.
     assert_eq!(a.runners().await.unwrap(), None, "nothing shared yet");
     let list = vec![runnervisor::github::RunnerInfo { id: 7, name: "rv-p-1".into(), online: true, busy: false }];
-    b.publish_runners(list.clone()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!a.publish_runners(list.clone(), Duration::ZERO).await.unwrap(), "a lost the lead while listing");
+    assert_eq!(a.runners().await.unwrap(), None, "so its list is not shared");
+    assert!(b.lead("github").await.unwrap());
+    assert!(b.publish_runners(list.clone(), Duration::from_secs(3)).await.unwrap());
     let (read, age) = a.runners().await.unwrap().unwrap();
     assert_eq!(read, list);
-    assert!(age >= Duration::from_millis(150) && age < Duration::from_secs(5), "{age:?}");
-    b.publish_runners(Vec::new()).await.unwrap();
+    assert!(age >= Duration::from_secs(3) && age < Duration::from_secs(8), "as old as the listing: {age:?}");
+    assert!(!b.publish_runners(Vec::new(), Duration::from_secs(5)).await.unwrap(), "an older listing");
+    assert_eq!(a.runners().await.unwrap().unwrap().0, list, "does not replace a newer one");
+    assert!(b.publish_runners(Vec::new(), Duration::ZERO).await.unwrap());
     assert_eq!(a.runners().await.unwrap().unwrap().0, vec![], "replaced whole");
 }
 
@@ -527,6 +541,37 @@ mod in_process {
         assert!(text.contains("hv-a (this)") && text.contains("hv-b"), "{text}");
         let _ = a.stop().await;
         let _ = b.stop().await;
+    }
+
+    /// A second agent with a member's host id would claim, name VMs and renew as that
+    /// member: it stops, naming the reason, and the member goes on. An agent finding a
+    /// schema newer than it knows stops too (it would write rows it does not understand).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_with_a_members_host_id_or_facing_a_newer_schema_stops_with_the_reason() {
+        use runnervisor::fleet::FleetError;
+        let db = super::migrated("identity").await;
+        let gh = Arc::new(FakeGitHub::default());
+        let a = start("hv-same", db.config(), gh.clone()).await;
+        let joined =
+            |s: &admin::Status| s.fleet.as_ref().is_some_and(|f| f.members.iter().any(|m| m.host_id == "hv-same"));
+        a.wait("a member", joined).await;
+        let mut twin = start("hv-same", db.config(), gh.clone()).await;
+        match twin.ended_within(Duration::from_secs(15)).await {
+            Some(Err(runnervisor::RunError::Fleet(e @ FleetError::HostTaken { .. }))) => {
+                assert!(e.to_string().contains("\"hv-same\"") && e.to_string().contains("its own host_id"), "{e}")
+            }
+            other => panic!("the twin did not stop for its host id: {other:?}"),
+        }
+        assert_eq!(a.post(1, "id-1").await, 202, "the member goes on");
+        a.wait("its job served", |s| s.vms.iter().any(|v| v.job_id == 1)).await;
+        let newer = runnervisor::fleet::schema::latest() + 1;
+        db.connect().await.execute("INSERT INTO rv_schema (version) VALUES ($1)", &[&newer]).await.unwrap();
+        let mut old = start("hv-old", db.config(), gh.clone()).await;
+        match old.ended_within(Duration::from_secs(15)).await {
+            Some(Err(runnervisor::RunError::Fleet(FleetError::SchemaTooNew { .. }))) => {}
+            other => panic!("an agent older than the schema did not stop: {other:?}"),
+        }
+        let _ = a.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

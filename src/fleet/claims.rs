@@ -109,14 +109,21 @@ pub trait Claims: Send + Sync + 'static {
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>>;
     /// Records this member's state; returns every member heard from in the last hour.
     fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>>;
-    /// The lead member shares the runner list it read from GitHub.
-    fn publish_runners(&self, runners: Vec<RunnerInfo>) -> BoxFuture<'static, Result<(), FleetError>>;
+    /// The lead member shares the runner list it began reading from GitHub `age` ago (a
+    /// runner that registered since may be missing from it). Kept only while this member
+    /// leads the GitHub work and only over an older list: whether it was kept.
+    fn publish_runners(&self, runners: Vec<RunnerInfo>, age: Duration) -> BoxFuture<'static, Result<bool, FleetError>>;
     /// The runner list the lead shared last, and how long ago it read it (none yet: `None`).
     fn runners(&self) -> BoxFuture<'static, Result<Option<(Vec<RunnerInfo>, Duration)>, FleetError>>;
 }
 
-/// The key of the shared runner list (one list: the fleet serves one GitHub scope).
-const RUNNER_LIST: &str = "github";
+/// The work one member at a time leads: reading GitHub (its hook's deliveries, stale jobs,
+/// the runner list it shares).
+pub const GITHUB_WORK: &str = "github";
+
+/// The key of the shared runner list (one list: the fleet serves one GitHub scope), which
+/// only the lead of [`GITHUB_WORK`] writes.
+const RUNNER_LIST: &str = GITHUB_WORK;
 
 pub struct PgClaims {
     pool: Pool,
@@ -304,19 +311,24 @@ impl Claims for PgClaims {
         })
     }
 
-    fn publish_runners(&self, runners: Vec<RunnerInfo>) -> BoxFuture<'static, Result<(), FleetError>> {
-        let pool = self.pool.clone();
+    fn publish_runners(&self, runners: Vec<RunnerInfo>, age: Duration) -> BoxFuture<'static, Result<bool, FleetError>> {
+        let (pool, host, age_ms) = (self.pool.clone(), self.host.clone(), age.as_millis() as f64);
         Box::pin(async move {
             let list = serde_json::to_value(&runners).expect("runners serialize");
-            client(&pool)
+            // As of when the listing began; only by the lead (a member that lost the lead
+            // while listing keeps quiet) and never over a newer list.
+            let n = client(&pool)
                 .await?
                 .execute(
-                    "INSERT INTO rv_runner_list (name, runners, fetched_at) VALUES ($1, $2, now()) \
-                     ON CONFLICT (name) DO UPDATE SET runners = EXCLUDED.runners, fetched_at = now()",
-                    &[&RUNNER_LIST, &list],
+                    "INSERT INTO rv_runner_list (name, runners, fetched_at) \
+                     SELECT $1, $2, now() - make_interval(secs => $4::float8 / 1000) \
+                     WHERE EXISTS (SELECT 1 FROM rv_leader WHERE name = $1 AND holder = $3 AND expires_at > now()) \
+                     ON CONFLICT (name) DO UPDATE SET runners = EXCLUDED.runners, fetched_at = EXCLUDED.fetched_at \
+                     WHERE rv_runner_list.fetched_at < EXCLUDED.fetched_at",
+                    &[&RUNNER_LIST, &list, &host, &age_ms],
                 )
                 .await?;
-            Ok(())
+            Ok(n == 1)
         })
     }
 
@@ -461,9 +473,17 @@ impl Claims for MemoryClaims {
         Box::pin(std::future::ready(Ok(out)))
     }
 
-    fn publish_runners(&self, runners: Vec<RunnerInfo>) -> BoxFuture<'static, Result<(), FleetError>> {
-        *self.board.runner_list.lock().expect("board") = Some((runners, self.clock.now()));
-        Box::pin(std::future::ready(Ok(())))
+    fn publish_runners(&self, runners: Vec<RunnerInfo>, age: Duration) -> BoxFuture<'static, Result<bool, FleetError>> {
+        let now = self.clock.now();
+        let listed_at = now - age;
+        let leads = self.board.leads.lock().expect("board").get(RUNNER_LIST).cloned();
+        let leading = leads.is_some_and(|(holder, until)| holder == self.host && until > now);
+        let mut list = self.board.runner_list.lock().expect("board");
+        let kept = leading && list.as_ref().is_none_or(|(_, at)| *at < listed_at);
+        if kept {
+            *list = Some((runners, listed_at));
+        }
+        Box::pin(std::future::ready(Ok(kept)))
     }
 
     fn runners(&self) -> BoxFuture<'static, Result<Option<(Vec<RunnerInfo>, Duration)>, FleetError>> {

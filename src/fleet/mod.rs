@@ -7,6 +7,8 @@
 //! of this.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -38,6 +40,10 @@ pub enum FleetError {
     Store(#[from] crate::store::StoreError),
     #[error("postgresql TLS: {0}")]
     Tls(String),
+    #[error(
+        "another agent with fleet.host_id {host_id:?} is a member of this fleet now: two members with one host id would serve jobs, names and claims as one (give each hypervisor its own host_id)"
+    )]
+    HostTaken { host_id: String },
 }
 
 /// TLS for `sslmode=prefer|require` (the server's certificate is verified against the
@@ -128,6 +134,9 @@ pub struct Member {
     pub tls: MakeTlsConnector,
     pub lease: Duration,
     pub cold_head_start: Duration,
+    /// Set once this member holds its lock on its host id ([`listen`]): it claims no job
+    /// before.
+    pub joined: Arc<AtomicBool>,
 }
 
 impl Member {
@@ -153,11 +162,13 @@ impl Member {
             tls,
             lease: config.lease,
             cold_head_start: config.cold_head_start,
+            joined: Arc::default(),
         })
     }
 
-    /// Brings the schema up to date, retrying until it can (or `shutdown`).
-    pub async fn migrate(&self, shutdown: &CancellationToken) -> bool {
+    /// Brings the schema up to date, retrying until it can: false on `shutdown`, an error
+    /// if the database is not this agent's to use (a newer schema).
+    pub async fn migrate(&self, shutdown: &CancellationToken) -> Result<bool, FleetError> {
         let mut logged = false;
         loop {
             let result = async {
@@ -170,12 +181,9 @@ impl Member {
                     if !applied.is_empty() {
                         tracing::info!(versions = ?applied, "fleet database schema migrated");
                     }
-                    return true;
+                    return Ok(true);
                 }
-                Err(e @ FleetError::SchemaTooNew { .. }) => {
-                    tracing::error!(error = %e, "fleet database refused");
-                    return false;
-                }
+                Err(e @ FleetError::SchemaTooNew { .. }) => return Err(e),
                 Err(e) => {
                     if !logged {
                         tracing::error!(error = %e, "cannot reach the fleet database; retrying (deliveries are answered 503 meanwhile)");
@@ -184,48 +192,78 @@ impl Member {
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return Ok(false),
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
     }
 }
 
-/// Migrates the schema (retrying until the database answers), then calls `wake` for each
-/// change of a job row until `shutdown` (see [`listen`]).
-pub async fn run_member(member: Member, wake: impl Fn() + Send + 'static, shutdown: CancellationToken) {
-    if member.migrate(&shutdown).await {
-        listen(member.listen, member.tls, wake, shutdown).await;
+/// Migrates the schema (retrying until the database answers), then holds the member's
+/// lock and calls `wake` for each change of a job row until `shutdown` (see [`listen`]).
+/// An error: this agent must not be a member (a newer schema, its host id taken); the
+/// caller stops.
+pub async fn run_member(
+    member: Member,
+    wake: impl Fn() + Send + 'static,
+    shutdown: CancellationToken,
+) -> Result<(), FleetError> {
+    if member.migrate(&shutdown).await? {
+        listen(member.listen, member.tls, member.host_id, member.joined, wake, shutdown).await?;
     }
+    Ok(())
 }
+
+/// The advisory lock a member holds on its `LISTEN` connection for as long as it is up:
+/// one per host id (a key of 64 bits from it, made by PostgreSQL).
+const MEMBER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('runnervisor member ' || $1, 0))";
 
 /// `LISTEN`s on a connection of its own (a pooled one cannot deliver notifications) and
 /// calls `wake` for each notification, and once (re)connected; reconnects after an error.
+/// The same connection holds the member's lock on `host_id` ([`MEMBER_LOCK`]): `joined`
+/// is set once it is held (the scheduler claims nothing before), and another session
+/// holding it is an error (two agents with one host id).
 pub async fn listen(
     config: tokio_postgres::Config,
     tls: MakeTlsConnector,
+    host_id: String,
+    joined: Arc<AtomicBool>,
     wake: impl Fn() + Send + 'static,
     shutdown: CancellationToken,
-) {
+) -> Result<(), FleetError> {
     loop {
         match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let statement = format!("LISTEN {}", intake::CHANNEL);
-                let listening = client.batch_execute(&statement);
-                // The connection must be polled for the LISTEN to complete.
-                let mut listening = std::pin::pin!(listening);
+                // The connection must be polled for the statements to complete.
+                let setup = async {
+                    let locked: bool = client.query_one(MEMBER_LOCK, &[&host_id]).await?.get(0);
+                    if locked {
+                        client.batch_execute(&statement).await?;
+                    }
+                    Ok::<bool, tokio_postgres::Error>(locked)
+                };
+                let mut setup = std::pin::pin!(setup);
                 let ok = loop {
                     tokio::select! {
-                        r = &mut listening => break r.is_ok(),
+                        r = &mut setup => match r {
+                            Ok(true) => break true,
+                            Ok(false) => return Err(FleetError::HostTaken { host_id: host_id.clone() }),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "fleet LISTEN connection failed; retrying");
+                                break false;
+                            }
+                        },
                         m = messages.next() => if m.is_none() { break false },
                     }
                 };
                 if ok {
+                    joined.store(true, Ordering::Release);
                     wake();
                     loop {
                         tokio::select! {
-                            _ = shutdown.cancelled() => return,
+                            _ = shutdown.cancelled() => return Ok(()),
                             m = messages.next() => match m {
                                 Some(Ok(AsyncMessage::Notification(_))) => wake(),
                                 Some(Ok(_)) => {}
@@ -238,7 +276,7 @@ pub async fn listen(
             Err(e) => tracing::debug!(error = %e, "fleet LISTEN connection failed; retrying"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }

@@ -79,6 +79,9 @@ pub struct Fleet {
     pub(super) read_due: bool,
     read_at: Option<Instant>,
     read_failing: bool,
+    /// Set once this member holds its lock on its host id (`fleet::listen`): no claim,
+    /// renewal or heartbeat before. `None`: at once (unit tests).
+    joined: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Fleet {
@@ -110,7 +113,17 @@ impl Fleet {
             read_due: true,
             read_at: None,
             read_failing: false,
+            joined: None,
         }
+    }
+
+    /// Claims nothing until `joined` is set.
+    pub fn joined_when(self, joined: Arc<std::sync::atomic::AtomicBool>) -> Fleet {
+        Fleet { joined: Some(joined), ..self }
+    }
+
+    fn joined(&self) -> bool {
+        self.joined.as_ref().is_none_or(|j| j.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Whether another member holds `job` (as last seen).
@@ -174,6 +187,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let Some(fleet) = self.fleet.as_mut() else {
             return want.into_iter().map(|(j, _)| j).collect();
         };
+        if !fleet.joined() {
+            return Vec::new();
+        }
         let mut serve = Vec::new();
         let mut claim = Vec::new();
         let warm_elsewhere = fleet.warm_elsewhere();
@@ -376,6 +392,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let warm_target =
             self.config.pools.iter().filter(|p| !p.retiring).map(|p| (p.warm + self.slot_target(p)) as u32).sum();
         let Some(fleet) = self.fleet.as_mut() else { return };
+        if !fleet.joined() {
+            return;
+        }
         if !fleet.adopted {
             // After a restart (or a partition), this member's VMs are back from its store;
             // whether it still holds their jobs, the first renewal says. A job it lost is

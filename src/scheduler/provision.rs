@@ -352,6 +352,13 @@ async fn credential<G: GitHub, H>(ctx: &Ctx<G, H>, plan: &Plan) -> Result<Creden
     match plan.pool.registration {
         Registration::Jit => {
             let jit = match ctx.github.generate_jit_config(name, &plan.labels, plan.runner_group_id).await {
+                // In a fleet the runner of that name may be another member's (two agents
+                // given one host id, or names from before member numbers): it is left
+                // alone, and the job's next VM, a new claim, has a new name.
+                Err(e) if e.status() == Some(409) && ctx.config.fleet.is_some() => {
+                    tracing::warn!(vm = %name, "a runner with this name exists: in a fleet it may be another member's, so it is not replaced; the job is served under a new name");
+                    Err(e)
+                }
                 Err(e) if e.status() == Some(409) => {
                     // A registration of this name survived an earlier attempt: remove it, retry once.
                     tracing::warn!(vm = %name, "a runner with this name exists; replacing it");

@@ -98,7 +98,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // runners; the others follow their VMs on the list it shares.
             let leads = match &fleet {
                 None => true,
-                Some(claims) => claims.lead("github").await.unwrap_or_else(|e| {
+                Some(claims) => claims.lead(crate::fleet::claims::GITHUB_WORK).await.unwrap_or_else(|e| {
                     debug!(error = %e, "cannot take the fleet's GitHub lead");
                     false
                 }),
@@ -112,13 +112,21 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     _ => (ctx.github.list_runners().await, started),
                 },
                 _ => {
+                    let listing = clock.now();
                     let runners = ctx.github.list_runners().await;
-                    if let (Some(claims), Ok(list)) = (&fleet, &runners)
-                        && let Err(e) = claims.publish_runners(list.clone()).await
-                    {
-                        debug!(error = %e, "cannot share the runner list with the fleet");
+                    if let (Some(claims), Ok(list)) = (&fleet, &runners) {
+                        // As of when the listing began: a runner that came up during the
+                        // (paginated) call may be missing from it.
+                        let age = clock.now().duration_since(listing).unwrap_or_default();
+                        match claims.publish_runners(list.clone(), age).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                debug!("the runner list was not shared: the lead passed on, or a newer list is")
+                            }
+                            Err(e) => debug!(error = %e, "cannot share the runner list with the fleet"),
+                        }
                     }
-                    (runners, started)
+                    (runners, listing)
                 }
             };
             let mut jobs = Vec::new();

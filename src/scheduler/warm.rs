@@ -260,6 +260,22 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "the guest never took its command before the restart: replacing the vm");
                 self.begin_teardown(&name, Reason::Interrupted);
             }
+            Err(BindError::Credential(e)) if e.status() == Some(409) && self.fleet.is_some() => {
+                // Its name is taken by a runner that may be another member's (see
+                // `provision::credential`): this VM goes, the job's next VM has a new name.
+                self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, "credential")).inc();
+                warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "a runner already has this vm's name: destroying the vm; the job gets another");
+                if vm.warm {
+                    self.warm.cold_only.insert(vm.job_id);
+                }
+                // No runner of this VM exists: its teardown deletes none (one looked up by
+                // the name would be that other runner).
+                if let Some(v) = self.book.vms.get_mut(&name) {
+                    v.runner_done = true;
+                }
+                self.book.touch_vm(&name);
+                self.begin_teardown(&name, Reason::BindFailed);
+            }
             Err(e @ BindError::Credential(_)) if !vm.warm => {
                 // GitHub's failure, not the VM's: nothing reached the guest, which still
                 // waits. The pool backs off, then the VM is bound again.

@@ -87,6 +87,7 @@ pub async fn start(
             tls: runnervisor::fleet::tls(None).unwrap(),
             lease: f.lease,
             cold_head_start: f.cold_head_start,
+            joined: Default::default(),
         }
     });
     let (hv_tx, hv_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -146,6 +147,11 @@ impl Agent {
             .unwrap()
             .status()
             .as_u16()
+    }
+
+    /// How the agent ended, if it ends by itself within `limit`.
+    pub async fn ended_within(&mut self, limit: Duration) -> Option<Result<(), runnervisor::RunError>> {
+        tokio::time::timeout(limit, &mut self.task).await.ok().map(|r| r.unwrap())
     }
 
     pub async fn stop(self) -> Result<(), runnervisor::RunError> {

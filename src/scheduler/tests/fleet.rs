@@ -479,3 +479,27 @@ async fn a_member_whose_image_serves_no_slot_does_not_count_its_slots_as_warm() 
     assert_eq!(heard.map(|m| (m.warm_target, m.warm_waiting)), Some((0, 0)), "{s:#?}");
     assert!(refused.hv.lock().volumes.is_empty(), "no slot made");
 }
+
+/// A runner already registered under the name of a member's new VM may be another
+/// member's in a fleet (one just registered, not online yet): it is not deleted, neither
+/// to make room nor when the VM that could not take the name goes (a single host replaces
+/// its own leftover); the job is served under the next name.
+#[tokio::test(start_paused = true)]
+async fn a_member_never_deletes_a_runner_that_has_its_vms_name() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    a.wait_for("a member", LEASE, |s, _| s.fleet.as_ref().is_some_and(|f| f.members.len() == 1)).await;
+    gh.lock()
+        .runners
+        .insert(77, crate::github::RunnerInfo { id: 77, name: "rv-small-21".into(), online: false, busy: false });
+    publish(&mut [&mut a], &board, JobAction::Queued, info(21, LABELS, None));
+    let s = a
+        .wait_advancing("served under another name", |s, hv| {
+            s.vms.iter().any(|v| v.job_id == 21 && v.name != "rv-small-21") && !hv.lock().delivered.is_empty()
+        })
+        .await;
+    let runner = gh.lock().runners.get(&77).map(|r| r.name.clone());
+    assert_eq!(runner.as_deref(), Some("rv-small-21"), "the other runner stays: {s:#?}");
+    assert!(gh.lock().calls.iter().all(|c| !c.starts_with("delete")), "{:?}", gh.lock().calls);
+}
