@@ -583,3 +583,21 @@ mod in_process {
         let _ = m.stop().await;
     }
 }
+
+/// A member's lock on its host id is refused while another session holds it (a second
+/// agent with that id), and taken back from its own previous session, which the server
+/// may keep after a cut path the member gave up on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_id_is_one_members_and_its_stale_session_gives_it_back() {
+    let db = migrated("join").await;
+    let (first, twin) = (db.connect().await, db.connect().await);
+    let (locked, pid) = runnervisor::fleet::join(&first, "hv-x", None).await.unwrap();
+    assert!(locked);
+    assert!(!runnervisor::fleet::join(&twin, "hv-x", None).await.unwrap().0, "held by the first session");
+    assert!(runnervisor::fleet::join(&twin, "hv-y", None).await.unwrap().0, "one lock per host id");
+    // The first connection is the member's previous one, still alive at the server.
+    let again = db.connect().await;
+    assert!(runnervisor::fleet::join(&again, "hv-x", Some(pid)).await.unwrap().0, "taken back from it");
+    assert!(first.query_one("SELECT 1", &[]).await.is_err(), "that session was ended");
+    assert!(!runnervisor::fleet::join(&twin, "hv-x", Some(12345678)).await.unwrap().0, "no other is ended");
+}

@@ -218,11 +218,42 @@ pub async fn run_member(
 /// one per host id (a key of 64 bits from it, made by PostgreSQL).
 const MEMBER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('runnervisor member ' || $1, 0))";
 
+/// Takes the member's lock on `host_id` on `client`; `Ok(false)`: another session holds
+/// it. `stale`: the server process of this member's previous `LISTEN` connection, which
+/// the server may still keep (and its lock with it) after a cut path the client gave up
+/// on: it is ended first (only if it is still a session of this user and application).
+/// Returns this connection's server process too.
+pub async fn join(
+    client: &tokio_postgres::Client,
+    host_id: &str,
+    stale: Option<i32>,
+) -> Result<(bool, i32), FleetError> {
+    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let Some(stale) = stale.filter(|p| *p != pid) else {
+        return Ok((client.query_one(MEMBER_LOCK, &[&host_id]).await?.get(0), pid));
+    };
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 \
+             AND usename = current_user AND application_name = current_setting('application_name')",
+            &[&stale],
+        )
+        .await?;
+    // The ended session lets go of its locks as its process exits.
+    for _ in 0..20 {
+        if client.query_one(MEMBER_LOCK, &[&host_id]).await?.get(0) {
+            return Ok((true, pid));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((false, pid))
+}
+
 /// `LISTEN`s on a connection of its own (a pooled one cannot deliver notifications) and
 /// calls `wake` for each notification, and once (re)connected; reconnects after an error.
-/// The same connection holds the member's lock on `host_id` ([`MEMBER_LOCK`]): `joined`
-/// is set once it is held (the scheduler claims nothing before), and another session
-/// holding it is an error (two agents with one host id).
+/// The same connection holds the member's lock on `host_id` ([`join`]): `joined` is set
+/// once it is held (the scheduler claims nothing before), and another session holding it
+/// is an error (two agents with one host id).
 pub async fn listen(
     config: tokio_postgres::Config,
     tls: MakeTlsConnector,
@@ -231,25 +262,30 @@ pub async fn listen(
     wake: impl Fn() + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), FleetError> {
+    let mut previous: Option<i32> = None;
     loop {
         match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let statement = format!("LISTEN {}", intake::CHANNEL);
                 // The connection must be polled for the statements to complete.
+                let stale = previous;
                 let setup = async {
-                    let locked: bool = client.query_one(MEMBER_LOCK, &[&host_id]).await?.get(0);
+                    let (locked, pid) = join(&client, &host_id, stale).await?;
                     if locked {
                         client.batch_execute(&statement).await?;
                     }
-                    Ok::<bool, tokio_postgres::Error>(locked)
+                    Ok::<(bool, i32), FleetError>((locked, pid))
                 };
                 let mut setup = std::pin::pin!(setup);
                 let ok = loop {
                     tokio::select! {
                         r = &mut setup => match r {
-                            Ok(true) => break true,
-                            Ok(false) => return Err(FleetError::HostTaken { host_id: host_id.clone() }),
+                            Ok((true, pid)) => {
+                                previous = Some(pid);
+                                break true;
+                            }
+                            Ok((false, _)) => return Err(FleetError::HostTaken { host_id: host_id.clone() }),
                             Err(e) => {
                                 tracing::debug!(error = %e, "fleet LISTEN connection failed; retrying");
                                 break false;
