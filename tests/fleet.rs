@@ -249,7 +249,7 @@ async fn a_member_is_woken_by_each_change_of_a_job_row() {
     let task = tokio::spawn(runnervisor::fleet::listen(
         db.config(),
         tls,
-        "hv-listen".into(),
+        ("hv-listen".into(), Duration::from_secs(60)),
         joined.clone(),
         move || w.notify_one(),
         shutdown.clone(),
@@ -337,16 +337,17 @@ async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out_and_sh
     // during a long, paginated listing is missing from it); the others read it with its age.
     assert_eq!(a.runners().await.unwrap(), None, "nothing shared yet");
     let list = vec![runnervisor::github::RunnerInfo { id: 7, name: "rv-p-1".into(), online: true, busy: false }];
-    assert!(!a.publish_runners(list.clone(), Duration::ZERO).await.unwrap(), "a lost the lead while listing");
+    let ago = |secs| tokio::time::Instant::now() - Duration::from_secs(secs);
+    assert!(!a.publish_runners(list.clone(), ago(0)).await.unwrap(), "a lost the lead while listing");
     assert_eq!(a.runners().await.unwrap(), None, "so its list is not shared");
     assert!(b.lead("github").await.unwrap());
-    assert!(b.publish_runners(list.clone(), Duration::from_secs(3)).await.unwrap());
+    assert!(b.publish_runners(list.clone(), ago(3)).await.unwrap());
     let (read, age) = a.runners().await.unwrap().unwrap();
     assert_eq!(read, list);
     assert!(age >= Duration::from_secs(3) && age < Duration::from_secs(8), "as old as the listing: {age:?}");
-    assert!(!b.publish_runners(Vec::new(), Duration::from_secs(5)).await.unwrap(), "an older listing");
+    assert!(!b.publish_runners(Vec::new(), ago(60)).await.unwrap(), "an older listing");
     assert_eq!(a.runners().await.unwrap().unwrap().0, list, "does not replace a newer one");
-    assert!(b.publish_runners(Vec::new(), Duration::ZERO).await.unwrap());
+    assert!(b.publish_runners(Vec::new(), ago(0)).await.unwrap());
     assert_eq!(a.runners().await.unwrap().unwrap().0, vec![], "replaced whole");
 }
 
@@ -443,6 +444,14 @@ async fn check_reports_the_database_its_schema_and_what_is_wrong() {
     schema::migrate(&mut db.connect().await).await.unwrap();
     let line = runnervisor::check::check_fleet(&good, None).await;
     assert!(line.ok && line.detail.contains(&format!("schema version {}", schema::latest())), "{line:?}");
+    // Every table the agent writes is checked: the shared runner list and the members too.
+    for table in ["rv_runner_list", "rv_members"] {
+        let c = db.connect().await;
+        c.batch_execute(&format!("REVOKE UPDATE ON {table} FROM {}", common::pg::ROLE)).await.unwrap();
+        let line = runnervisor::check::check_fleet(&good, None).await;
+        assert!(!line.ok && line.detail.contains(&format!("UPDATE on {table}")), "{line:?}");
+        c.batch_execute(&format!("GRANT UPDATE ON {table} TO {}", common::pg::ROLE)).await.unwrap();
+    }
     // Nobody listens there: a clear failure with a fix, no password in it.
     let line =
         runnervisor::check::check_fleet(&fleet(format!("postgres://rv@127.0.0.1:9/{}?sslmode=disable", db.name)), None)
@@ -584,20 +593,40 @@ mod in_process {
     }
 }
 
-/// A member's lock on its host id is refused while another session holds it (a second
-/// agent with that id), and taken back from its own previous session, which the server
-/// may keep after a cut path the member gave up on.
+/// A member's lock on its host id is refused while a live member holds it (a second agent
+/// with that id), and taken from a session no live member has: the member's own previous
+/// one (the server may keep it after a cut path), or any once no member with the host id
+/// has written its heartbeat for a lease (an agent that died, its session not noticed
+/// gone yet).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_host_id_is_one_members_and_its_stale_session_gives_it_back() {
+async fn a_host_id_is_one_members_and_a_session_no_live_member_has_gives_it_back() {
     let db = migrated("join").await;
+    let lease = Duration::from_secs(60);
+    let join = |c, stale| runnervisor::fleet::join(c, "hv-x", stale, lease);
     let (first, twin) = (db.connect().await, db.connect().await);
-    let (locked, pid) = runnervisor::fleet::join(&first, "hv-x", None).await.unwrap();
+    let (locked, first_pid) = join(&first, None).await.unwrap();
     assert!(locked);
-    assert!(!runnervisor::fleet::join(&twin, "hv-x", None).await.unwrap().0, "held by the first session");
-    assert!(runnervisor::fleet::join(&twin, "hv-y", None).await.unwrap().0, "one lock per host id");
-    // The first connection is the member's previous one, still alive at the server.
+    // hv-x is a live member: it wrote its heartbeat just now.
+    first
+        .execute(
+            "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version) VALUES ('hv-x', 1, 0, 0, 0, 'x')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!join(&twin, None).await.unwrap().0, "held by a live member");
+    assert!(runnervisor::fleet::join(&twin, "hv-y", None, lease).await.unwrap().0, "one lock per host id");
+    // The member reconnects: its first session is still alive at the server.
     let again = db.connect().await;
-    assert!(runnervisor::fleet::join(&again, "hv-x", Some(pid)).await.unwrap().0, "taken back from it");
-    assert!(first.query_one("SELECT 1", &[]).await.is_err(), "that session was ended");
-    assert!(!runnervisor::fleet::join(&twin, "hv-x", Some(12345678)).await.unwrap().0, "no other is ended");
+    let (locked, _) = join(&again, Some(first_pid)).await.unwrap();
+    assert!(locked, "taken back from its own previous session");
+    assert!(first.query_one("SELECT 1", &[]).await.is_err(), "which was ended");
+    assert!(!join(&twin, Some(first_pid)).await.unwrap().0, "a session gone is no claim on it");
+    assert!(again.query_one("SELECT 1", &[]).await.is_ok(), "the holder is left alone");
+    // No heartbeat of hv-x for a lease: whoever holds the lock is no live member.
+    twin.execute("UPDATE rv_members SET seen_at = now() - interval '5 minutes' WHERE host_id = 'hv-x'", &[])
+        .await
+        .unwrap();
+    assert!(join(&twin, None).await.unwrap().0, "taken from a member gone quiet");
+    assert!(again.query_one("SELECT 1", &[]).await.is_err());
 }

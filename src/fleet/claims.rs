@@ -109,10 +109,14 @@ pub trait Claims: Send + Sync + 'static {
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>>;
     /// Records this member's state; returns every member heard from in the last hour.
     fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>>;
-    /// The lead member shares the runner list it began reading from GitHub `age` ago (a
+    /// The lead member shares the runner list it began reading from GitHub at `listed` (a
     /// runner that registered since may be missing from it). Kept only while this member
     /// leads the GitHub work and only over an older list: whether it was kept.
-    fn publish_runners(&self, runners: Vec<RunnerInfo>, age: Duration) -> BoxFuture<'static, Result<bool, FleetError>>;
+    fn publish_runners(
+        &self,
+        runners: Vec<RunnerInfo>,
+        listed: tokio::time::Instant,
+    ) -> BoxFuture<'static, Result<bool, FleetError>>;
     /// The runner list the lead shared last, and how long ago it read it (none yet: `None`).
     fn runners(&self) -> BoxFuture<'static, Result<Option<(Vec<RunnerInfo>, Duration)>, FleetError>>;
 }
@@ -311,14 +315,20 @@ impl Claims for PgClaims {
         })
     }
 
-    fn publish_runners(&self, runners: Vec<RunnerInfo>, age: Duration) -> BoxFuture<'static, Result<bool, FleetError>> {
-        let (pool, host, age_ms) = (self.pool.clone(), self.host.clone(), age.as_millis() as f64);
+    fn publish_runners(
+        &self,
+        runners: Vec<RunnerInfo>,
+        listed: tokio::time::Instant,
+    ) -> BoxFuture<'static, Result<bool, FleetError>> {
+        let (pool, host) = (self.pool.clone(), self.host.clone());
         Box::pin(async move {
             let list = serde_json::to_value(&runners).expect("runners serialize");
-            // As of when the listing began; only by the lead (a member that lost the lead
-            // while listing keeps quiet) and never over a newer list.
-            let n = client(&pool)
-                .await?
+            let c = client(&pool).await?;
+            // As of when the listing began (measured once connected: waiting for a
+            // connection ages it too); only by the lead (a member that lost the lead while
+            // listing keeps quiet) and never over a newer list.
+            let age_ms = listed.elapsed().as_millis() as f64;
+            let n = c
                 .execute(
                     "INSERT INTO rv_runner_list (name, runners, fetched_at) \
                      SELECT $1, $2, now() - make_interval(secs => $4::float8 / 1000) \
@@ -473,9 +483,13 @@ impl Claims for MemoryClaims {
         Box::pin(std::future::ready(Ok(out)))
     }
 
-    fn publish_runners(&self, runners: Vec<RunnerInfo>, age: Duration) -> BoxFuture<'static, Result<bool, FleetError>> {
+    fn publish_runners(
+        &self,
+        runners: Vec<RunnerInfo>,
+        listed: tokio::time::Instant,
+    ) -> BoxFuture<'static, Result<bool, FleetError>> {
         let now = self.clock.now();
-        let listed_at = now - age;
+        let listed_at = now - listed.elapsed();
         let leads = self.board.leads.lock().expect("board").get(RUNNER_LIST).cloned();
         let leading = leads.is_some_and(|(holder, until)| holder == self.host && until > now);
         let mut list = self.board.runner_list.lock().expect("board");

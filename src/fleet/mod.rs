@@ -139,6 +139,28 @@ pub struct Member {
     pub joined: Arc<AtomicBool>,
 }
 
+/// TLS is required (`sslmode=require`) unless the URL says otherwise or every host is
+/// loopback or a Unix socket: `prefer`, libpq's default, falls back to plain text for
+/// anyone on the path who refuses TLS.
+fn require_tls_off_host(pg: &mut tokio_postgres::Config, url: &str) {
+    use tokio_postgres::config::{Host, SslMode};
+    if url.to_ascii_lowercase().contains("sslmode=") {
+        return;
+    }
+    // `hostaddr`, when given, is where it connects (the host name then only names the
+    // server's certificate).
+    let local = match pg.get_hostaddrs() {
+        [] => pg.get_hosts().iter().all(|h| match h {
+            Host::Tcp(name) => name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback()),
+            Host::Unix(_) => true,
+        }),
+        addrs => addrs.iter().all(|a| a.is_loopback()),
+    };
+    if !local {
+        pg.ssl_mode(SslMode::Require);
+    }
+}
+
 impl Member {
     /// Builds the connection settings and the pool (connections are made when first
     /// used: a database that is away at start is retried, not fatal).
@@ -151,6 +173,7 @@ impl Member {
         if let Some(p) = password {
             pg.password(p.expose());
         }
+        require_tls_off_host(&mut pg, &config.postgres.url);
         if pg.get_application_name().is_none() {
             pg.application_name(format!("runnervisor {}", config.host_id()));
         }
@@ -209,39 +232,66 @@ pub async fn run_member(
     shutdown: CancellationToken,
 ) -> Result<(), FleetError> {
     if member.migrate(&shutdown).await? {
-        listen(member.listen, member.tls, member.host_id, member.joined, wake, shutdown).await?;
+        listen(member.listen, member.tls, (member.host_id, member.lease), member.joined, wake, shutdown).await?;
     }
     Ok(())
 }
 
-/// The advisory lock a member holds on its `LISTEN` connection for as long as it is up:
-/// one per host id (a key of 64 bits from it, made by PostgreSQL).
-const MEMBER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('runnervisor member ' || $1, 0))";
+/// The key of the advisory lock a member holds on its `LISTEN` connection for as long as it
+/// is up: one per host id (64 bits from it, made by PostgreSQL).
+const MEMBER_KEY: &str = "hashtextextended('runnervisor member ' || $1, 0)";
 
-/// Takes the member's lock on `host_id` on `client`; `Ok(false)`: another session holds
-/// it. `stale`: the server process of this member's previous `LISTEN` connection, which
-/// the server may still keep (and its lock with it) after a cut path the client gave up
-/// on: it is ended first (only if it is still a session of this user and application).
-/// Returns this connection's server process too.
+/// Takes the member's lock on `host_id` on `client`; `Ok((false, _))`: a live member with
+/// this host id holds it. The lock is taken from a session that is not a live member's:
+/// this member's own previous `LISTEN` session (`stale`, which the server may keep, with
+/// its lock, after a cut path the member gave up on), or any session while no member with
+/// this host id has written its heartbeat for a `lease` (an agent that died, its session
+/// not yet noticed gone). Returns this connection's server process too.
 pub async fn join(
     client: &tokio_postgres::Client,
     host_id: &str,
     stale: Option<i32>,
+    lease: Duration,
 ) -> Result<(bool, i32), FleetError> {
+    let lock = format!("SELECT pg_try_advisory_lock({MEMBER_KEY})");
     let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-    let Some(stale) = stale.filter(|p| *p != pid) else {
-        return Ok((client.query_one(MEMBER_LOCK, &[&host_id]).await?.get(0), pid));
-    };
-    client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 \
-             AND usename = current_user AND application_name = current_setting('application_name')",
-            &[&stale],
+    if client.query_one(&lock, &[&host_id]).await?.get(0) {
+        return Ok((true, pid));
+    }
+    // A bigint advisory key shows in pg_locks as its high half (classid) and low half (objid).
+    let holder = client
+        .query_opt(
+            &format!(
+                "WITH k AS (SELECT {MEMBER_KEY} AS k) \
+                 SELECT l.pid FROM pg_locks l, k WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND l.classid = ((k.k >> 32) & 4294967295)::oid AND l.objid = (k.k & 4294967295)::oid"
+            ),
+            &[&host_id],
         )
-        .await?;
+        .await?
+        .map(|r| r.get::<_, i32>(0));
+    let lease_ms = lease.as_millis() as f64;
+    let quiet: bool = client
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM rv_members WHERE host_id = $1 \
+             AND seen_at > now() - make_interval(secs => $2::float8 / 1000))",
+            &[&host_id, &lease_ms],
+        )
+        .await?
+        .get(0);
+    let Some(holder) = holder.filter(|h| Some(*h) == stale || quiet) else {
+        return Ok((false, pid));
+    };
+    tracing::warn!(
+        host_id,
+        session = holder,
+        "this member's lock is held by a session no live member has (its own, left by a cut path or a crash): ending that session"
+    );
+    client.execute("SELECT pg_terminate_backend($1)", &[&holder]).await?;
     // The ended session lets go of its locks as its process exits.
     for _ in 0..20 {
-        if client.query_one(MEMBER_LOCK, &[&host_id]).await?.get(0) {
+        if client.query_one(&lock, &[&host_id]).await?.get(0) {
             return Ok((true, pid));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -252,64 +302,75 @@ pub async fn join(
 /// `LISTEN`s on a connection of its own (a pooled one cannot deliver notifications) and
 /// calls `wake` for each notification, and once (re)connected; reconnects after an error.
 /// The same connection holds the member's lock on `host_id` ([`join`]): `joined` is set
-/// once it is held (the scheduler claims nothing before), and another session holding it
-/// is an error (two agents with one host id).
+/// once it is held (the scheduler claims nothing before), and a live member holding it is
+/// an error (two agents with one host id).
 pub async fn listen(
     config: tokio_postgres::Config,
     tls: MakeTlsConnector,
-    host_id: String,
+    member: (String, Duration),
     joined: Arc<AtomicBool>,
     wake: impl Fn() + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), FleetError> {
+    let (host_id, lease) = member;
     let mut previous: Option<i32> = None;
+    let mut logged = false;
     loop {
-        match config.connect(tls.clone()).await {
+        let failed = match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
-                let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let statement = format!("LISTEN {}", intake::CHANNEL);
-                // The connection must be polled for the statements to complete.
-                let stale = previous;
-                let setup = async {
-                    let (locked, pid) = join(&client, &host_id, stale).await?;
-                    if locked {
-                        client.batch_execute(&statement).await?;
-                    }
-                    Ok::<(bool, i32), FleetError>((locked, pid))
-                };
-                let mut setup = std::pin::pin!(setup);
-                let ok = loop {
-                    tokio::select! {
-                        r = &mut setup => match r {
-                            Ok((true, pid)) => {
-                                previous = Some(pid);
-                                break true;
-                            }
-                            Ok((false, _)) => return Err(FleetError::HostTaken { host_id: host_id.clone() }),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "fleet LISTEN connection failed; retrying");
-                                break false;
-                            }
-                        },
-                        m = messages.next() => if m.is_none() { break false },
-                    }
-                };
-                if ok {
-                    joined.store(true, Ordering::Release);
-                    wake();
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            m = messages.next() => match m {
-                                Some(Ok(AsyncMessage::Notification(_))) => wake(),
-                                Some(Ok(_)) => {}
-                                Some(Err(_)) | None => break,
-                            },
+                // The connection is driven apart; its notifications come through `heard`,
+                // which closes when it does.
+                let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if matches!(m, AsyncMessage::Notification(_)) && tx.send(()).is_err() {
+                            return;
                         }
                     }
-                }
+                });
+                let setup = async {
+                    let (locked, pid) = join(&client, &host_id, previous, lease).await?;
+                    if locked {
+                        // Held from now on: a cut before the LISTEN leaves this session.
+                        previous = Some(pid);
+                        client.batch_execute(&format!("LISTEN {}", intake::CHANNEL)).await?;
+                    }
+                    Ok::<bool, FleetError>(locked)
+                };
+                let failed = match setup.await {
+                    Ok(true) => {
+                        joined.store(true, Ordering::Release);
+                        logged = false;
+                        wake();
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {
+                                    driver.abort();
+                                    return Ok(());
+                                }
+                                m = heard.recv() => match m {
+                                    Some(()) => wake(),
+                                    None => break,
+                                },
+                            }
+                        }
+                        "the connection was lost".to_string()
+                    }
+                    Ok(false) => {
+                        driver.abort();
+                        return Err(FleetError::HostTaken { host_id });
+                    }
+                    Err(e) => e.to_string(),
+                };
+                driver.abort();
+                failed
             }
-            Err(e) => tracing::debug!(error = %e, "fleet LISTEN connection failed; retrying"),
+            Err(e) => e.to_string(),
+        };
+        if !logged {
+            tracing::warn!(error = %failed, "fleet LISTEN connection down (it holds this member's lock; claims go on while they can); reconnecting");
+            logged = true;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -343,7 +404,8 @@ pub async fn probe(pool: &Pool) -> Result<Probe, FleetError> {
             missing.push("CREATE on the database (to create the schema)".to_string());
         }
     }
-    for table in ["rv_deliveries", "rv_events", "rv_jobs", "rv_leader"] {
+    // Every table the agent writes (rv_events, the log of earlier versions, is no longer).
+    for table in ["rv_deliveries", "rv_jobs", "rv_leader", "rv_members", "rv_runner_list"] {
         let exists: bool = c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.get(0);
         if !exists {
             continue;
@@ -368,5 +430,31 @@ mod tests {
         assert!(a.contains(&std::net::Ipv4Addr::LOCALHOST) && a.contains(&"192.0.2.9".parse().unwrap()), "{a:?}");
         assert!(super::database_addresses("host=/run/postgresql user=rv").await.is_empty(), "a Unix socket");
         assert!(super::database_addresses("not a url ===").await.is_empty());
+    }
+
+    #[test]
+    fn tls_is_required_off_this_host_unless_the_url_says() {
+        use tokio_postgres::config::SslMode::{self, *};
+        #[rustfmt::skip]
+        let table: [(&str, SslMode); 7] = [
+            ("postgres://rv@db.example.net/rv", Require),
+            ("postgres://rv@198.51.100.7:5432/rv", Require),
+            ("host=127.0.0.1,db.example.net user=rv", Require),
+            ("postgres://rv@127.0.0.1:55432/rv", Prefer),
+            ("host=localhost user=rv", Prefer),
+            ("host=/run/postgresql user=rv", Prefer),
+            ("postgres://rv@db.example.net/rv?sslmode=disable", Disable),
+        ];
+        let mut pg: tokio_postgres::Config = "host=db.example.net hostaddr=127.0.0.1 user=rv".parse().unwrap();
+        super::require_tls_off_host(&mut pg, "");
+        assert_eq!(pg.get_ssl_mode(), Prefer, "a name reached at a loopback address");
+        let mut pg: tokio_postgres::Config = "host=localhost hostaddr=198.51.100.7 user=rv".parse().unwrap();
+        super::require_tls_off_host(&mut pg, "");
+        assert_eq!(pg.get_ssl_mode(), Require, "localhost by name, reached off this host");
+        for (url, want) in table {
+            let mut pg: tokio_postgres::Config = url.parse().unwrap();
+            super::require_tls_off_host(&mut pg, url);
+            assert_eq!(pg.get_ssl_mode(), want, "{url}");
+        }
     }
 }

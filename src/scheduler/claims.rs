@@ -45,6 +45,25 @@ pub const READ_POLL: Duration = Duration::from_secs(2);
 /// serve at once; the next read brings the next ones as these are claimed.
 const READY_WINDOW: u32 = 256;
 
+/// A claim this member holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The attempt the claim started (the VM's name carries it).
+    attempt: u32,
+    /// A VM was made on it.
+    used: bool,
+    /// Until when it may be used, by this member's clock: the lease from when the claim or
+    /// its last renewal that succeeded was sent, less a margin (the database's lease runs
+    /// from when it got the request, later). Past it another member may hold the job.
+    until: Instant,
+}
+
+impl Held {
+    fn new(attempt: u32, used: bool, sent: Instant, lease: Duration) -> Held {
+        Held { attempt, used, until: sent + lease - lease / 10 }
+    }
+}
+
 pub struct Fleet {
     pub(super) claims: Arc<dyn Claims>,
     /// Where what this member learns from GitHub for the fleet goes (the fleet's log);
@@ -53,9 +72,9 @@ pub struct Fleet {
     pub host: String,
     lease: Duration,
     cold_head_start: Duration,
-    /// Jobs this member holds, with the attempt their claim started and whether a VM was
-    /// made on it (a second VM for the job claims again: a new attempt, a new name).
-    held: HashMap<u64, (u32, bool)>,
+    /// Jobs this member holds (a second VM for a job claims again: a new attempt, a new
+    /// name).
+    held: HashMap<u64, Held>,
     /// Claimed, but taken over from a member that went away: checked at GitHub first.
     verifying: BTreeSet<u64>,
     /// A claim is in flight.
@@ -122,7 +141,7 @@ impl Fleet {
         Fleet { joined: Some(joined), ..self }
     }
 
-    fn joined(&self) -> bool {
+    pub(super) fn joined(&self) -> bool {
         self.joined.as_ref().is_none_or(|j| j.load(std::sync::atomic::Ordering::Acquire))
     }
 
@@ -132,9 +151,9 @@ impl Fleet {
     }
 
     /// The attempt of the claim this member holds on `job`, if it may make a VM with it.
-    pub fn serving(&self, job: u64) -> Option<u32> {
+    pub fn serving(&self, job: u64, now: Instant) -> Option<u32> {
         match self.held.get(&job) {
-            Some((attempt, false)) if !self.verifying.contains(&job) => Some(*attempt),
+            Some(h) if !h.used && h.until > now && !self.verifying.contains(&job) => Some(h.attempt),
             _ => None,
         }
     }
@@ -142,7 +161,7 @@ impl Fleet {
     /// A VM is made with the claim's attempt.
     pub fn used(&mut self, job: u64) {
         if let Some(h) = self.held.get_mut(&job) {
-            h.1 = true;
+            h.used = true;
         }
     }
 
@@ -194,7 +213,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let mut claim = Vec::new();
         let warm_elsewhere = fleet.warm_elsewhere();
         for (job, cold) in want {
-            if fleet.serving(job).is_some() {
+            if fleet.serving(job, now).is_some() {
                 serve.push(job);
                 continue;
             }
@@ -214,14 +233,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let (asked, failed) = (claim.clone(), claim.clone());
             spawn_reporting(
                 &self.ctx.events,
-                async move { Event::Claimed { asked, result: claims.claim(claim).await } },
-                move |message| Event::Claimed { asked: failed, result: Err(FleetError::Pool(message)) },
+                async move { Event::Claimed { asked, sent: now, result: claims.claim(claim).await } },
+                move |message| Event::Claimed { asked: failed, sent: now, result: Err(FleetError::Pool(message)) },
             );
         }
         serve
     }
 
-    pub(super) fn on_claimed(&mut self, asked: Vec<u64>, result: Result<Vec<Claimed>, FleetError>) {
+    pub(super) fn on_claimed(&mut self, asked: Vec<u64>, sent: Instant, result: Result<Vec<Claimed>, FleetError>) {
         let now = Instant::now();
         let Some(fleet) = self.fleet.as_mut() else { return };
         for job in &asked {
@@ -247,7 +266,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         let mut verify = Vec::new();
         for c in won {
-            fleet.held.insert(c.job, (c.attempt, false));
+            fleet.held.insert(c.job, Held::new(c.attempt, false, sent, fleet.lease));
             fleet.others.remove(&c.job);
             if let Some(from) = &c.taken_over_from {
                 self.metrics.fleet_takeovers.inc();
@@ -403,7 +422,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             fleet.adopted = true;
             for vm in self.book.vms.values().filter(|v| v.job_id != 0) {
                 if self.book.jobs.get(&vm.job_id).is_some_and(|j| j.state == JobState::Queued) {
-                    fleet.held.entry(vm.job_id).or_insert((0, true));
+                    fleet.held.entry(vm.job_id).or_insert(Held::new(0, true, now, fleet.lease));
                 }
             }
         }
@@ -509,8 +528,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let (claims, a) = (fleet.claims.clone(), asked.clone());
         spawn_reporting(
             &self.ctx.events,
-            async move { Event::Renewed { asked: a, result: claims.renew(asked).await } },
-            |message| Event::Renewed { asked: Vec::new(), result: Err(FleetError::Pool(message)) },
+            async move { Event::Renewed { asked: a, sent: now, result: claims.renew(asked).await } },
+            move |message| Event::Renewed { asked: Vec::new(), sent: now, result: Err(FleetError::Pool(message)) },
         );
     }
 
@@ -539,13 +558,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    pub(super) fn on_renewed(&mut self, asked: Vec<u64>, result: Result<Vec<u64>, FleetError>) {
+    pub(super) fn on_renewed(&mut self, asked: Vec<u64>, sent: Instant, result: Result<Vec<u64>, FleetError>) {
         let Some(fleet) = self.fleet.as_mut() else { return };
         fleet.renewing = false;
         match result {
             Ok(kept) => {
                 let kept: BTreeSet<u64> = kept.into_iter().collect();
                 let now = Instant::now();
+                let lease = fleet.lease;
+                for job in &kept {
+                    if let Some(h) = fleet.held.get_mut(job) {
+                        h.until = h.until.max(Held::new(h.attempt, h.used, sent, lease).until);
+                    }
+                }
                 for job in asked.iter().filter(|j| !kept.contains(j)) {
                     if fleet.held.remove(job).is_some() {
                         warn!(job_id = job, "lost the claim of a job (its lease ran out and another member took it)");
@@ -558,5 +583,42 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 fleet.renewed_at = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::claims::{MemoryBoard, MemoryClaims};
+
+    /// A claim is used only within its lease as this member counts it: from when the
+    /// claim (or the last renewal that succeeded) was sent, less a tenth. A member whose
+    /// renewals fail makes no VM on it after that, when another may hold the job.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_is_used_only_within_its_lease_from_when_it_was_sent() {
+        let lease = Duration::from_secs(30);
+        let clock = Arc::new(crate::clock::TokioClock::new());
+        let claims = MemoryClaims { board: Arc::new(MemoryBoard::default()), host: "hv".into(), lease, clock };
+        let mut fleet = Fleet::new(Arc::new(claims), None, "hv".into(), lease, Duration::from_secs(1));
+        let sent = Instant::now();
+        fleet.held.insert(7, Held::new(3, false, sent, lease));
+        #[rustfmt::skip]
+        let table = [
+            ("at once", Duration::ZERO, Some(3)),
+            ("within the lease less a tenth", Duration::from_secs(26), Some(3)),
+            ("at the lease less a tenth", Duration::from_secs(27), None),
+            ("past the lease", Duration::from_secs(31), None),
+        ];
+        for (what, after, want) in table {
+            assert_eq!(fleet.serving(7, sent + after), want, "{what}");
+        }
+        // A renewal sent at 20 s that succeeded: 27 s from then.
+        let h = fleet.held[&7];
+        fleet.held.insert(7, Held::new(h.attempt, h.used, sent + Duration::from_secs(20), lease));
+        assert_eq!(fleet.serving(7, sent + Duration::from_secs(46)), Some(3));
+        assert_eq!(fleet.serving(7, sent + Duration::from_secs(47)), None);
+        // Used: a second VM claims again.
+        fleet.used(7);
+        assert_eq!(fleet.serving(7, sent), None);
     }
 }

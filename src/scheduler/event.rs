@@ -74,11 +74,15 @@ pub enum Event {
     /// Fleet mode: a claim's outcome (the jobs asked for, those won).
     Claimed {
         asked: Vec<u64>,
+        /// When the claim was sent: its lease runs from then, for this member.
+        sent: tokio::time::Instant,
         result: Result<Vec<crate::fleet::claims::Claimed>, crate::fleet::FleetError>,
     },
     /// Fleet mode: the claims renewed (of those asked for).
     Renewed {
         asked: Vec<u64>,
+        /// When the renewal was sent: the leases it renewed run from then, for this member.
+        sent: tokio::time::Instant,
         result: Result<Vec<u64>, crate::fleet::FleetError>,
     },
     /// Fleet mode: this member's heartbeat written; the fleet's members as read back.

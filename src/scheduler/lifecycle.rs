@@ -302,7 +302,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // In a fleet the attempt is counted fleet-wide by the claim: names stay unique.
         job.vms_made = match self.fleet.as_mut() {
             Some(fleet) => {
-                let Some(attempt) = fleet.serving(job_id) else { return };
+                let Some(attempt) = fleet.serving(job_id, Instant::now()) else { return };
                 fleet.used(job_id);
                 attempt
             }

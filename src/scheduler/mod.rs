@@ -287,8 +287,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.on_github_synced(started, runners, jobs, found, deliveries_checked)
             }
             Event::GroupResolved(r) => self.on_group_resolved(r),
-            Event::Claimed { asked, result } => self.on_claimed(asked, result),
-            Event::Renewed { asked, result } => self.on_renewed(asked, result),
+            Event::Claimed { asked, sent, result } => self.on_claimed(asked, sent, result),
+            Event::Renewed { asked, sent, result } => self.on_renewed(asked, sent, result),
             Event::Heartbeat { members, database } => self.on_heartbeat(members, database),
             Event::TakeoverChecked { job, status } => self.on_takeover_checked(job, status),
             Event::FleetRead(result) => self.on_fleet_read(result),

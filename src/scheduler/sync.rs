@@ -90,6 +90,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let clock = self.clock.clone();
         let failed_clock = self.clock.clone();
         let fleet = self.fleet.as_ref().map(|f| f.claims.clone());
+        let joined = self.fleet.as_ref().is_none_or(|f| f.joined());
         let interval = self.config.reconcile.github_interval;
         let work = async move {
             let started = clock.now();
@@ -98,6 +99,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // runners; the others follow their VMs on the list it shares.
             let leads = match &fleet {
                 None => true,
+                // Not a member yet (its lock on its host id not held): a twin would share
+                // the lead, whose holder is the host id.
+                Some(_) if !joined => false,
                 Some(claims) => claims.lead(crate::fleet::claims::GITHUB_WORK).await.unwrap_or_else(|e| {
                     debug!(error = %e, "cannot take the fleet's GitHub lead");
                     false
@@ -112,13 +116,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     _ => (ctx.github.list_runners().await, started),
                 },
                 _ => {
-                    let listing = clock.now();
+                    let (listing, listed) = (clock.now(), tokio::time::Instant::now());
                     let runners = ctx.github.list_runners().await;
                     if let (Some(claims), Ok(list)) = (&fleet, &runners) {
                         // As of when the listing began: a runner that came up during the
                         // (paginated) call may be missing from it.
-                        let age = clock.now().duration_since(listing).unwrap_or_default();
-                        match claims.publish_runners(list.clone(), age).await {
+                        match claims.publish_runners(list.clone(), listed).await {
                             Ok(true) => {}
                             Ok(false) => {
                                 debug!("the runner list was not shared: the lead passed on, or a newer list is")
