@@ -233,6 +233,10 @@ pub struct VmRec {
     /// maybe another member's): teardown must not delete that one.
     #[serde(default)]
     pub runner_done: bool,
+    /// How many bindings of it began (a second one follows a credential that failed, maybe
+    /// after GitHub made its runner: a runner of its name is then its own).
+    #[serde(default)]
+    pub binds: u32,
     /// Restored from this snapshot slot's saved state: its domain has the slot's name (a
     /// restore keeps the saved domain's name, UUID and MAC) and its overlay is over the
     /// slot's disk. Everything else of it (runner, overlay, timeline) is named `name`.
@@ -261,6 +265,7 @@ impl VmRec {
             reap: None,
             warm,
             runner_done: false,
+            binds: 0,
             slot: None,
             for_slot: false,
         }

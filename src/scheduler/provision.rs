@@ -351,11 +351,12 @@ async fn credential<G: GitHub, H>(ctx: &Ctx<G, H>, plan: &Plan) -> Result<Creden
     let name = &plan.vm.name;
     match plan.pool.registration {
         Registration::Jit => {
+            // In a fleet a runner of that name may be another member's (names from before
+            // member numbers), unless an earlier binding of this VM may have made it.
+            let may_be_others = ctx.config.fleet.is_some() && plan.vm.binds <= 1;
             let jit = match ctx.github.generate_jit_config(name, &plan.labels, plan.runner_group_id).await {
-                // In a fleet the runner of that name may be another member's (two agents
-                // given one host id, or names from before member numbers): it is left
-                // alone, and the job's next VM, a new claim, has a new name.
-                Err(e) if e.status() == Some(409) && ctx.config.fleet.is_some() => {
+                // Left alone: the job's next VM, a new claim, has a new name.
+                Err(e) if e.status() == Some(409) && may_be_others => {
                     tracing::warn!(vm = %name, "a runner with this name exists: in a fleet it may be another member's, so it is not replaced; the job is served under a new name");
                     Err(e)
                 }

@@ -193,6 +193,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         vm.run_id = run_id;
         vm.repository = repository.clone();
         vm.job_url = job_url;
+        vm.binds += 1;
         let vm = vm.clone();
         self.timeline.mark(&vm, self.queued_at(&vm), Mark::Bound, self.now());
         if let Err(e) = self.flush() {

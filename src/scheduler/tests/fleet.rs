@@ -503,3 +503,28 @@ async fn a_member_never_deletes_a_runner_that_has_its_vms_name() {
     assert_eq!(runner.as_deref(), Some("rv-small-21"), "the other runner stays: {s:#?}");
     assert!(gh.lock().calls.iter().all(|c| !c.starts_with("delete")), "{:?}", gh.lock().calls);
 }
+
+/// A credential that failed, maybe after GitHub made the runner (its answer lost): the
+/// next binding of the same VM finds a runner of its name, its own, and replaces it, as a
+/// single host does (no boot wasted, no registration left for a day).
+#[tokio::test(start_paused = true)]
+async fn a_member_replaces_the_runner_its_own_earlier_binding_made() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    a.wait_for("a member", LEASE, |s, _| s.fleet.as_ref().is_some_and(|f| f.members.len() == 1)).await;
+    {
+        let mut g = gh.lock();
+        g.fail_calls.insert("jit", 1);
+        g.runners
+            .insert(78, crate::github::RunnerInfo { id: 78, name: "rv-small-22".into(), online: false, busy: false });
+    }
+    publish(&mut [&mut a], &board, JobAction::Queued, info(22, LABELS, None));
+    let s = a
+        .wait_advancing("bound on the second try", |s, hv| {
+            s.vms.iter().any(|v| v.name == "rv-small-22" && v.job_id == 22) && !hv.lock().delivered.is_empty()
+        })
+        .await;
+    assert!(!gh.lock().runners.contains_key(&78), "its own leftover replaced: {s:#?}");
+    assert_eq!(a.hv.lock().started_total, 1, "no second VM");
+}
