@@ -149,7 +149,10 @@ pub fn plan(
     let uncovered_cold_only =
         unserved.iter().filter(|j| cold_only.contains(&j.info.id) && !covered.contains(&j.info.id)).count();
     let may_wait = deficit - uncovered_cold_only.min(deficit);
-    let reserved = warming.min(may_wait - limits.slots_free.min(may_wait));
+    // Only the restores that can start now (no back-off, a place in the pool and host).
+    let places = limits.max_vms.saturating_sub(vms.len());
+    let restorable = if gate.hold { 0 } else { limits.slots_free.min(places).min(gate.host_room) };
+    let reserved = warming.min(may_wait - restorable.min(may_wait));
     let spare_warm = spare_waiting + warming - reserved;
     if spare_warm > limits.warm {
         // `warm` was lowered: the newest waiting ones go.
@@ -159,7 +162,6 @@ pub fn plan(
     if gate.hold {
         return decision;
     }
-    let places = limits.max_vms.saturating_sub(vms.len());
     let cold_room =
         Room { pool: (deficit - reserved).min(places), host: gate.host_room, per_repository: limits.per_repository };
     decision.provision = pick(&queue(true), &covered, &by_repo, cold_room);
@@ -345,6 +347,11 @@ mod tests {
                    gate: Gate { host_room: 1, ..open }, bind: vec![], provision: vec![], warm: 1, unwarm: vec![] },
             Case { what: "cold VMs before topping up", jobs: vec![q(1), q(2)], vms: vec![], cold_only: vec![], limits,
                    gate: open, bind: vec![], provision: vec![1, 2], warm: 1, unwarm: vec![] },
+            Case { what: "a free slot no restore can use now (no place) leaves the booting warm VM to the job: no waiting one goes",
+                   jobs: vec![q(1)],
+                   vms: vec![w("rv-p-w0", Waiting, 0), w("rv-p-w1", Warming, 1), VmRec { repository: "o/r".into(), ..v("rv-p-9", 9, Busy, 0) }],
+                   cold_only: vec![], limits: Limits { warm: 1, per_repository: Some(1), slots_free: 1, ..limits }, gate: open,
+                   bind: vec![], provision: vec![], warm: 0, unwarm: vec![] },
         ];
         for c in cases {
             let jobs: Vec<&JobRec> = c.jobs.iter().collect();

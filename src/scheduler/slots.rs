@@ -25,7 +25,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::event::{Event, spawn_reporting};
 use super::vm::Input;
@@ -94,10 +94,11 @@ pub fn restore_or_boot(jobs: Vec<u64>, cold_only: &BTreeSet<u64>, free: usize, r
         .collect()
 }
 
-/// The files a pool's slots are made from, by path: a reload that names others makes every
-/// slot of the old ones wrong, even before the new ones can be read.
-fn files_of(pool: &PoolConfig) -> String {
-    format!("{:?}", (&pool.image, &pool.kernel, &pool.initrd))
+/// What a pool's slots are made from with its files named by path alone: a reload that
+/// changes it (other files, another VM shape) makes every slot wrong, even while the files
+/// cannot be read.
+fn files_of(config: &Config, pool: &PoolConfig) -> String {
+    describe(config, pool, |p| Ok::<_, String>(p.display().to_string())).unwrap_or_default()
 }
 
 /// What a pool's saved VM depends on: the image file, the kernel and initrd files (each
@@ -106,14 +107,22 @@ fn files_of(pool: &PoolConfig) -> String {
 /// (being replaced, a mount away): nothing can be said, and the slots already made stay
 /// as they are.
 pub fn made_from(config: &Config, pool: &PoolConfig) -> Result<String, String> {
-    let stamp = |path: &std::path::Path| match std::fs::metadata(path) {
+    describe(config, pool, |path| match std::fs::metadata(path) {
         Ok(m) => {
             let mtime = m.modified().ok().and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
             Ok(format!("{} ({} bytes, modified {:?})", path.display(), m.len(), mtime.map(|d| d.as_nanos())))
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
-    };
-    let optional = |path: &Option<std::path::PathBuf>| path.as_deref().map(stamp).transpose();
+    })
+}
+
+/// [`made_from`]'s text, each file as `stamp` tells it.
+fn describe(
+    config: &Config,
+    pool: &PoolConfig,
+    stamp: impl Fn(&std::path::Path) -> Result<String, String>,
+) -> Result<String, String> {
+    let optional = |path: &Option<std::path::PathBuf>| path.as_deref().map(&stamp).transpose();
     Ok(format!(
         "image {}; {} vcpus, {} MiB, {} GiB disk; kernel {:?} initrd {:?} cmdline {:?}; {:?}; network {:?}",
         stamp(&pool.image)?,
@@ -167,18 +176,27 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn refresh_slot_source(&mut self, pool: &PoolConfig) {
         match made_from(&self.config, pool) {
             Ok(made) => {
-                self.slots.made_from.insert(pool.name.clone(), (made, files_of(pool)));
+                self.slots.made_from.insert(pool.name.clone(), (made, files_of(&self.config, pool)));
             }
             // A reload that names other files: no slot of the old ones is right, whether
             // or not the new ones can be read yet.
-            Err(e) if self.slots.made_from.get(&pool.name).is_some_and(|(_, files)| *files != files_of(pool)) => {
+            Err(e)
+                if self
+                    .slots
+                    .made_from
+                    .get(&pool.name)
+                    .is_some_and(|(_, files)| *files != files_of(&self.config, pool)) =>
+            {
                 self.slots.made_from.remove(&pool.name);
                 if pool.snapshot_slots > 0 {
                     warn!(pool = %pool.name, error = %e, "cannot read the pool's new image files: no snapshot slot is made or restored until they can be read");
                 }
             }
-            Err(e) if pool.snapshot_slots > 0 => {
+            Err(e) if pool.snapshot_slots > 0 && self.slots.made_from.contains_key(&pool.name) => {
                 warn!(pool = %pool.name, error = %e, "cannot read the pool's image files: its snapshot slots stay as they are until they can be read");
+            }
+            Err(e) if pool.snapshot_slots > 0 => {
+                debug!(pool = %pool.name, error = %e, "cannot read the pool's image files: no snapshot slot is made or restored until they can be read");
             }
             Err(_) => {}
         }
@@ -253,7 +271,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// The slots this member can keep for `pool` now (counted as warm capacity in a
     /// fleet): none until its names are known, none of an image refused for slots.
     pub(super) fn slot_target(&self, pool: &PoolConfig) -> usize {
-        if !self.names_known() || self.slots.refused.contains(&pool.name) {
+        if pool.snapshot_slots == 0 || !self.names_known() {
+            return 0;
+        }
+        if image_refusal(crate::images::read_manifest(&pool.image).as_ref()).is_some() {
             return 0;
         }
         pool.snapshot_slots

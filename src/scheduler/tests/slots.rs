@@ -374,3 +374,22 @@ async fn a_reload_to_an_image_not_readable_yet_serves_no_job_from_the_old_slots(
     h.wait_advancing("the job has a VM", |s, _| vm_for(s, 151).is_some()).await;
     h.shutdown().await;
 }
+
+/// A reload that changes the VM's shape while the image cannot be read for a moment: the
+/// slots of the old shape are wrong at once, not kept as for the same files unreadable.
+#[tokio::test(start_paused = true)]
+async fn a_reload_to_another_vm_shape_while_the_image_is_unreadable_restores_no_old_slot() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    let image = h.config.pools[0].image.clone();
+    let aside = image.with_extension("aside");
+    std::fs::rename(&image, &aside).unwrap();
+    h.reload(|c| c.pools[0].memory_mib *= 2).await;
+    h.deliver(JobAction::Queued, info(161, LABELS, None));
+    let s = h.advance_for(Duration::from_secs(5)).await;
+    assert_eq!(ready(&s), 0, "{s:#?}");
+    assert_eq!(h.hv.lock().restored_total, 0, "not restored into the old shape: {s:#?}");
+    std::fs::rename(&aside, &image).unwrap();
+    h.wait_advancing("the job has a VM", |s, _| vm_for(s, 161).is_some()).await;
+    h.shutdown().await;
+}
