@@ -630,3 +630,29 @@ async fn a_host_id_is_one_members_and_a_session_no_live_member_has_gives_it_back
     assert!(join(&twin, None).await.unwrap().0, "taken from a member gone quiet");
     assert!(again.query_one("SELECT 1", &[]).await.is_err());
 }
+
+/// A migration waits at most 10 s for a lock (every member's statements would queue behind
+/// it meanwhile): it fails, and is tried again once the lock is free; it has no statement
+/// timeout of its own (large tables).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_gives_up_on_a_lock_held_long_and_succeeds_once_it_is_free() {
+    let db = migrated("locktimeout").await;
+    let latest = schema::latest();
+    let c = db.connect().await;
+    // Back to the version before the last (its one change undone).
+    c.batch_execute(&format!(
+        "ALTER TABLE rv_members DROP COLUMN number; DELETE FROM rv_schema WHERE version = {latest}"
+    ))
+    .await
+    .unwrap();
+    let mut holder = db.connect().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.query("SELECT count(*) FROM rv_members", &[]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut client = db.connect().await;
+    let r = tokio::time::timeout(Duration::from_secs(60), schema::migrate(&mut client)).await.expect("it gives up");
+    assert!(matches!(r, Err(FleetError::Migration { .. })), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    tx.rollback().await.unwrap();
+    assert_eq!(schema::migrate(&mut client).await.unwrap(), vec![latest]);
+}

@@ -146,6 +146,9 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, FleetError> {
     Ok(applied)
 }
 
+/// A migration's limits, for its transaction only.
+const MIGRATION_LIMITS: &str = "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '10s'";
+
 async fn migrate_locked(client: &mut Client) -> Result<Vec<i32>, FleetError> {
     client
         .batch_execute(
@@ -159,6 +162,10 @@ async fn migrate_locked(client: &mut Client) -> Result<Vec<i32>, FleetError> {
     let mut applied = Vec::new();
     for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
         let tx = client.transaction().await?;
+        // A migration may take long on large tables (the pool's statement timeout is for
+        // the queue's statements), but must not queue behind a long lock for long: every
+        // member's statements would queue behind it. It fails instead, and is tried again.
+        tx.batch_execute(MIGRATION_LIMITS).await?;
         tx.batch_execute(sql).await.map_err(|source| FleetError::Migration { version: *v, source })?;
         tx.execute("INSERT INTO rv_schema (version) VALUES ($1)", &[v]).await?;
         tx.commit().await?;
