@@ -486,13 +486,7 @@ async fn a_member_whose_image_serves_no_slot_does_not_count_its_slots_as_warm() 
 /// its own leftover); the job is served under the next name.
 #[tokio::test(start_paused = true)]
 async fn a_member_never_deletes_a_runner_that_has_its_vms_name() {
-    let board = Arc::new(MemoryBoard::default());
-    let gh = Arc::new(FakeGitHub::default());
-    let mut a = member(&board, "hv-a", &gh, "");
-    a.wait_for("a member", LEASE, |s, _| s.fleet.as_ref().is_some_and(|f| f.members.len() == 1)).await;
-    gh.lock()
-        .runners
-        .insert(77, crate::github::RunnerInfo { id: 77, name: "rv-small-21".into(), online: false, busy: false });
+    let (board, gh, mut a) = lone_member_beside_runner(77, "rv-small-21").await;
     publish(&mut [&mut a], &board, JobAction::Queued, info(21, LABELS, None));
     let s = a
         .wait_advancing("served under another name", |s, hv| {
@@ -509,16 +503,8 @@ async fn a_member_never_deletes_a_runner_that_has_its_vms_name() {
 /// single host does (no boot wasted, no registration left for a day).
 #[tokio::test(start_paused = true)]
 async fn a_member_replaces_the_runner_its_own_earlier_binding_made() {
-    let board = Arc::new(MemoryBoard::default());
-    let gh = Arc::new(FakeGitHub::default());
-    let mut a = member(&board, "hv-a", &gh, "");
-    a.wait_for("a member", LEASE, |s, _| s.fleet.as_ref().is_some_and(|f| f.members.len() == 1)).await;
-    {
-        let mut g = gh.lock();
-        g.fail_calls.insert("jit", 1);
-        g.runners
-            .insert(78, crate::github::RunnerInfo { id: 78, name: "rv-small-22".into(), online: false, busy: false });
-    }
+    let (board, gh, mut a) = lone_member_beside_runner(78, "rv-small-22").await;
+    gh.lock().fail_calls.insert("jit", 1);
     publish(&mut [&mut a], &board, JobAction::Queued, info(22, LABELS, None));
     let s = a
         .wait_advancing("bound on the second try", |s, hv| {
@@ -527,4 +513,15 @@ async fn a_member_replaces_the_runner_its_own_earlier_binding_made() {
         .await;
     assert!(!gh.lock().runners.contains_key(&78), "its own leftover replaced: {s:#?}");
     assert_eq!(a.hv.lock().started_total, 1, "no second VM");
+}
+
+/// A fleet of one member (hv-a), joined, and an offline runner `name` (`id`) already
+/// registered at GitHub.
+async fn lone_member_beside_runner(id: u64, name: &str) -> (Arc<MemoryBoard>, Arc<FakeGitHub>, H) {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let a = member(&board, "hv-a", &gh, "");
+    a.wait_for("a member", LEASE, |s, _| s.fleet.as_ref().is_some_and(|f| f.members.len() == 1)).await;
+    gh.lock().runners.insert(id, crate::github::RunnerInfo { id, name: name.into(), online: false, busy: false });
+    (board, gh, a)
 }

@@ -23,6 +23,15 @@ impl H {
         self.gh.lock().runners.retain(|_, r| r.name != vm);
         self.hv.stop(slot);
     }
+
+    /// Job `id`, queued after a reload made the slot saved before wrong: no slot is ready
+    /// and nothing is restored from it for 5 s.
+    async fn no_old_slot_for(&mut self, id: u64) {
+        self.deliver(JobAction::Queued, info(id, LABELS, None));
+        let s = self.advance_for(Duration::from_secs(5)).await;
+        assert_eq!(ready(&s), 0, "{s:#?}");
+        assert_eq!(self.hv.lock().restored_total, 0, "not restored from the old slot: {s:#?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -364,10 +373,7 @@ async fn a_reload_to_an_image_not_readable_yet_serves_no_job_from_the_old_slots(
     let image = h.config.pools[0].image.clone();
     let next = image.with_extension("next");
     h.reload(|c| c.pools[0].image = next.clone()).await;
-    h.deliver(JobAction::Queued, info(151, LABELS, None));
-    let s = h.advance_for(Duration::from_secs(5)).await;
-    assert_eq!(ready(&s), 0, "{s:#?}");
-    assert_eq!(h.hv.lock().restored_total, 0, "not restored from the old image's slot: {s:#?}");
+    h.no_old_slot_for(151).await;
     // The new image arrives: the job is served from it.
     std::fs::copy(&image, &next).unwrap();
     std::fs::copy(crate::images::manifest_path(&image), crate::images::manifest_path(&next)).unwrap();
@@ -385,10 +391,7 @@ async fn a_reload_to_another_vm_shape_while_the_image_is_unreadable_restores_no_
     let aside = image.with_extension("aside");
     std::fs::rename(&image, &aside).unwrap();
     h.reload(|c| c.pools[0].memory_mib *= 2).await;
-    h.deliver(JobAction::Queued, info(161, LABELS, None));
-    let s = h.advance_for(Duration::from_secs(5)).await;
-    assert_eq!(ready(&s), 0, "{s:#?}");
-    assert_eq!(h.hv.lock().restored_total, 0, "not restored into the old shape: {s:#?}");
+    h.no_old_slot_for(161).await;
     std::fs::rename(&aside, &image).unwrap();
     h.wait_advancing("the job has a VM", |s, _| vm_for(s, 161).is_some()).await;
     h.shutdown().await;
