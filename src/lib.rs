@@ -182,7 +182,8 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         rx,
     )?;
     if let Some(m) = &deps.fleet {
-        let claims = fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease);
+        let claims =
+            fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease).with_leases(m.leases.clone());
         let member = scheduler::claims::Fleet::new(
             Arc::new(claims),
             Some(fleet::intake::FleetIntake::start(m.pool.clone())),

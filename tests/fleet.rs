@@ -296,9 +296,9 @@ async fn members_claiming_together_never_win_the_same_job() {
         let rows = db.connect().await.query("SELECT id FROM rv_jobs WHERE holder = 'hv-0'", &[]).await.unwrap();
         rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()
     };
-    let renewed = members[0].renew(all.clone()).await.unwrap();
+    let renewed = members[0].renew(all.iter().map(|j| (*j, 1)).collect()).await.unwrap();
     assert_eq!(renewed.len(), mine.len());
-    members[0].release(mine.clone()).await.unwrap();
+    members[0].release(mine.iter().map(|j| (*j, 1)).collect()).await.unwrap();
     let again = members[1].claim(mine.clone()).await.unwrap();
     assert_eq!(again.len(), mine.len());
     assert!(again.iter().all(|c| c.attempt == 2 && c.taken_over_from.is_none()), "released, not taken over");
@@ -318,7 +318,29 @@ async fn a_claim_whose_lease_ran_out_is_taken_over_and_a_served_job_is_not_claim
     let taken = other.claim(vec![1, 2]).await.unwrap();
     assert_eq!(taken.len(), 1, "{taken:?}");
     assert_eq!((taken[0].job, taken[0].attempt, taken[0].taken_over_from.as_deref()), (1, 2, Some("hv-gone")));
-    assert!(short.renew(vec![1]).await.unwrap().is_empty(), "the old holder's renewal fails: it lost the job");
+    assert!(short.renew(vec![(1, 1)]).await.unwrap().is_empty(), "the old holder's renewal fails: it lost the job");
+}
+
+/// The attempt is the claim's epoch: a renewal or release of an earlier claim of a job
+/// taken again since (by the same member too: a restart, a second VM) touches nothing,
+/// and an adopted claim (attempt 0) learns which it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_and_release_act_only_on_the_claim_they_name() {
+    let db = migrated("epoch").await;
+    queued_jobs(&db, 1).await;
+    let a = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60));
+    assert_eq!(a.claim(vec![1]).await.unwrap()[0].attempt, 1);
+    assert_eq!(a.claim(vec![1]).await.unwrap()[0].attempt, 2, "taken again");
+    assert!(a.renew(vec![(1, 1)]).await.unwrap().is_empty(), "the earlier claim is not renewed");
+    assert_eq!(a.renew(vec![(1, 2)]).await.unwrap(), [(1, 2)]);
+    assert_eq!(a.renew(vec![(1, 0)]).await.unwrap(), [(1, 2)], "adopted: learns its attempt");
+    a.release(vec![(1, 1)]).await.unwrap();
+    let c = db.connect().await;
+    let holder = "SELECT holder FROM rv_jobs WHERE id = 1";
+    let h: Option<String> = c.query_one(holder, &[]).await.unwrap().get(0);
+    assert_eq!(h.as_deref(), Some("hv-a"), "the earlier claim's release leaves the later one");
+    a.release(vec![(1, 2)]).await.unwrap();
+    assert_eq!(c.query_one(holder, &[]).await.unwrap().get::<_, Option<String>>(0), None);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -640,14 +662,10 @@ async fn a_migration_gives_up_on_a_lock_held_long_and_succeeds_once_it_is_free()
     let latest = schema::latest();
     let c = db.connect().await;
     // Back to the version before the last (its one change undone).
-    c.batch_execute(&format!(
-        "ALTER TABLE rv_members DROP COLUMN number; DELETE FROM rv_schema WHERE version = {latest}"
-    ))
-    .await
-    .unwrap();
+    c.batch_execute(&format!("DROP INDEX rv_jobs_done; DELETE FROM rv_schema WHERE version = {latest}")).await.unwrap();
     let mut holder = db.connect().await;
     let tx = holder.transaction().await.unwrap();
-    tx.query("SELECT count(*) FROM rv_members", &[]).await.unwrap();
+    tx.batch_execute("LOCK TABLE rv_jobs IN ROW EXCLUSIVE MODE").await.unwrap();
     let started = std::time::Instant::now();
     let mut client = db.connect().await;
     let r = tokio::time::timeout(Duration::from_secs(60), schema::migrate(&mut client)).await.expect("it gives up");
@@ -655,4 +673,44 @@ async fn a_migration_gives_up_on_a_lock_held_long_and_succeeds_once_it_is_free()
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     tx.rollback().await.unwrap();
     assert_eq!(schema::migrate(&mut client).await.unwrap(), vec![latest]);
+}
+
+/// The lead prunes in batches what the fleet no longer needs: finished jobs past a week,
+/// delivery ids past the redelivery window, members gone for a month, the old log; what
+/// is recent or unfinished stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn pruning_removes_only_what_is_past_its_retention_a_batch_at_a_time() {
+    use runnervisor::fleet::claims::retention::BATCH;
+    let db = migrated("prune").await;
+    let c = db.connect().await;
+    c.batch_execute(&format!(
+        "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at, updated_at) \
+           SELECT n, 'completed', 2, '{{a}}', 'o/r', now(), now() - interval '8 days' FROM generate_series(1, {n}) n; \
+         INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at, updated_at) VALUES \
+           (100001, 'completed', 2, '{{a}}', 'o/r', now(), now() - interval '6 days'), \
+           (100002, 'queued', 0, '{{a}}', 'o/r', now() - interval '9 days', now() - interval '9 days'); \
+         INSERT INTO rv_deliveries (guid, received_at) VALUES ('old', now() - interval '4 days'), ('new', now() - interval '2 days'); \
+         INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, seen_at) VALUES \
+           ('gone', 1, 0, 0, 0, 'x', now() - interval '31 days'), ('here', 1, 0, 0, 0, 'x', now() - interval '2 days'); \
+         INSERT INTO rv_events (job_id, event) VALUES (1, '{{}}'), (2, '{{}}');",
+        n = BATCH + 5
+    ))
+    .await
+    .unwrap();
+    let lead = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60));
+    let first = lead.prune().await.unwrap();
+    assert_eq!((first.jobs, first.deliveries, first.members, first.events), (BATCH as u64, 1, 1, 2));
+    assert!(first.more(), "a full batch: more is left");
+    let second = lead.prune().await.unwrap();
+    assert_eq!(second.jobs, 5);
+    assert!(!second.more());
+    let left: Vec<i64> =
+        c.query("SELECT id FROM rv_jobs ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(left, [100001, 100002], "a job finished 6 days ago and an unfinished one stay");
+    let guids: Vec<String> =
+        c.query("SELECT guid FROM rv_deliveries", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(guids, ["new"]);
+    let members: Vec<String> =
+        c.query("SELECT host_id FROM rv_members", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(members, ["here"]);
 }

@@ -402,7 +402,8 @@ pub struct PostgresConfig {
     /// A CA certificate (PEM) the server's certificate may chain to.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// Connections this member keeps to the database at most.
+    /// Pooled connections this member keeps to the database at most (intake, reads,
+    /// claims); besides them it holds one for renewals and the lead and one that listens.
     #[serde(default = "defaults::pg_connections")]
     pub max_connections: usize,
 }

@@ -100,10 +100,14 @@ pub trait Claims: Send + Sync + 'static {
     /// Claims those of `jobs` that are queued and unheld (or held by a lease that ran
     /// out, or by this member already).
     fn claim(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<Claimed>, FleetError>>;
-    /// Extends the leases of `jobs`; returns those this member still holds.
-    fn renew(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<u64>, FleetError>>;
-    /// Gives `jobs` up (this member will not serve them).
-    fn release(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>>;
+    /// Extends the leases of the claims `jobs` (job, attempt) whose attempt is still the
+    /// job's (the epoch: a claim taken again since, by anyone, is not this one; attempt 0:
+    /// whichever this member holds, for claims adopted after a restart); returns those it
+    /// still holds, with their attempt.
+    fn renew(&self, jobs: Vec<(u64, u32)>) -> BoxFuture<'static, Result<Vec<(u64, u32)>, FleetError>>;
+    /// Gives the claims `jobs` (job, attempt, as for [`Claims::renew`]) up: this member
+    /// will not serve them. A claim taken again since is left alone.
+    fn release(&self, jobs: Vec<(u64, u32)>) -> BoxFuture<'static, Result<(), FleetError>>;
     /// Holds (or takes, once its holder's lease ran out) the lead of `work` for a lease;
     /// whether this member leads it now.
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>>;
@@ -119,6 +123,41 @@ pub trait Claims: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<bool, FleetError>>;
     /// The runner list the lead shared last, and how long ago it read it (none yet: `None`).
     fn runners(&self) -> BoxFuture<'static, Result<Option<(Vec<RunnerInfo>, Duration)>, FleetError>>;
+    /// The lead removes one batch of what the fleet no longer needs ([`retention`]): rows
+    /// removed, per table.
+    fn prune(&self) -> BoxFuture<'static, Result<Pruned, FleetError>>;
+}
+
+/// How long the fleet keeps what it no longer serves from.
+pub mod retention {
+    use std::time::Duration;
+    /// A finished job's row: longer than a delivery's id is kept, so that a redelivery of
+    /// its `queued` (which GitHub allows for three days) finds the row done, not gone.
+    pub const DONE_JOBS: Duration = Duration::from_secs(7 * 86400);
+    /// A delivery's id: GitHub redelivers for three days.
+    pub const DELIVERIES: Duration = Duration::from_secs(3 * 86400 + 3600);
+    /// A member not heard from (its number is free again).
+    pub const MEMBERS: Duration = Duration::from_secs(30 * 86400);
+    /// Rows removed per table and statement: a statement stays short on large tables.
+    pub const BATCH: i64 = 1000;
+}
+
+/// Rows one [`Claims::prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub jobs: u64,
+    pub deliveries: u64,
+    pub members: u64,
+    /// Of `rv_events`, the log earlier versions wrote (no longer read).
+    pub events: u64,
+}
+
+impl Pruned {
+    /// A batch was full: more is left (the next sync prunes again).
+    pub fn more(&self) -> bool {
+        let full = retention::BATCH as u64;
+        self.jobs >= full || self.deliveries >= full || self.members >= full || self.events >= full
+    }
 }
 
 /// The work one member at a time leads: reading GitHub (its hook's deliveries, stale jobs,
@@ -131,18 +170,31 @@ const RUNNER_LIST: &str = GITHUB_WORK;
 
 pub struct PgClaims {
     pool: Pool,
+    /// For renewals and the lead: a connection of their own, so that a burst of deliveries
+    /// or reads holding every pooled connection cannot make a lease run out.
+    leases: Pool,
     host: String,
     lease: Duration,
 }
 
 impl PgClaims {
     pub fn new(pool: Pool, host: String, lease: Duration) -> PgClaims {
-        PgClaims { pool, host, lease }
+        PgClaims { leases: pool.clone(), pool, host, lease }
+    }
+
+    /// Renewals and the lead use `leases` (see `Member::leases`).
+    pub fn with_leases(self, leases: Pool) -> PgClaims {
+        PgClaims { leases, ..self }
     }
 }
 
 fn ids(jobs: &[u64]) -> Vec<i64> {
     jobs.iter().map(|j| *j as i64).collect()
+}
+
+/// Claims as two arrays for `unnest`: job ids, attempts.
+fn epochs(jobs: &[(u64, u32)]) -> (Vec<i64>, Vec<i32>) {
+    jobs.iter().map(|(j, a)| (*j as i64, *a as i32)).unzip()
 }
 
 impl Claims for PgClaims {
@@ -218,18 +270,21 @@ impl Claims for PgClaims {
         })
     }
 
-    fn renew(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<Vec<u64>, FleetError>> {
-        let (pool, host, lease_ms) = (self.pool.clone(), self.host.clone(), self.lease.as_millis() as f64);
+    fn renew(&self, jobs: Vec<(u64, u32)>) -> BoxFuture<'static, Result<Vec<(u64, u32)>, FleetError>> {
+        let (pool, host, lease_ms) = (self.leases.clone(), self.host.clone(), self.lease.as_millis() as f64);
         Box::pin(async move {
+            let (ids, attempts) = epochs(&jobs);
             let rows = client(&pool)
                 .await?
                 .query(
-                    "UPDATE rv_jobs SET lease_until = now() + make_interval(secs => $3::float8 / 1000) \
-                     WHERE id = ANY($1) AND holder = $2 RETURNING id",
-                    &[&ids(&jobs), &host, &lease_ms],
+                    "UPDATE rv_jobs j SET lease_until = now() + make_interval(secs => $3::float8 / 1000) \
+                     FROM unnest($1::int8[], $4::int4[]) AS c(id, attempt) \
+                     WHERE j.id = c.id AND j.holder = $2 AND (c.attempt = 0 OR j.attempts = c.attempt) \
+                     RETURNING j.id, j.attempts",
+                    &[&ids, &host, &lease_ms, &attempts],
                 )
                 .await?;
-            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+            Ok(rows.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i32>(1) as u32)).collect())
         })
     }
 
@@ -302,7 +357,7 @@ impl Claims for PgClaims {
     }
 
     fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>> {
-        let (pool, host, lease_ms) = (self.pool.clone(), self.host.clone(), self.lease.as_millis() as f64);
+        let (pool, host, lease_ms) = (self.leases.clone(), self.host.clone(), self.lease.as_millis() as f64);
         Box::pin(async move {
             let rows = client(&pool)
                 .await?
@@ -359,17 +414,57 @@ impl Claims for PgClaims {
         })
     }
 
-    fn release(&self, jobs: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>> {
+    fn release(&self, jobs: Vec<(u64, u32)>) -> BoxFuture<'static, Result<(), FleetError>> {
         let (pool, host) = (self.pool.clone(), self.host.clone());
         Box::pin(async move {
+            let (ids, attempts) = epochs(&jobs);
             client(&pool)
                 .await?
                 .execute(
-                    "UPDATE rv_jobs SET holder = NULL, lease_until = NULL WHERE id = ANY($1) AND holder = $2",
-                    &[&ids(&jobs), &host],
+                    "UPDATE rv_jobs j SET holder = NULL, lease_until = NULL \
+                     FROM unnest($1::int8[], $3::int4[]) AS c(id, attempt) \
+                     WHERE j.id = c.id AND j.holder = $2 AND (c.attempt = 0 OR j.attempts = c.attempt)",
+                    &[&ids, &host, &attempts],
                 )
                 .await?;
             Ok(())
+        })
+    }
+    fn prune(&self) -> BoxFuture<'static, Result<Pruned, FleetError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            use retention::*;
+            let c = client(&pool).await?;
+            let secs = |d: Duration| d.as_secs_f64();
+            // Each a batch, oldest first, through an index.
+            let jobs = c
+                .execute(
+                    "DELETE FROM rv_jobs WHERE id IN (SELECT id FROM rv_jobs WHERE state = 'completed' \
+                       AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2)",
+                    &[&secs(DONE_JOBS), &BATCH],
+                )
+                .await?;
+            let deliveries = c
+                .execute(
+                    "DELETE FROM rv_deliveries WHERE guid IN (SELECT guid FROM rv_deliveries \
+                       WHERE received_at < now() - make_interval(secs => $1) ORDER BY received_at LIMIT $2)",
+                    &[&secs(DELIVERIES), &BATCH],
+                )
+                .await?;
+            let members = c
+                .execute(
+                    "DELETE FROM rv_members WHERE host_id IN (SELECT host_id FROM rv_members \
+                       WHERE seen_at < now() - make_interval(secs => $1) LIMIT $2)",
+                    &[&secs(MEMBERS), &BATCH],
+                )
+                .await?;
+            let events = c
+                .execute(
+                    "DELETE FROM rv_events WHERE seq IN (SELECT seq FROM rv_events ORDER BY seq LIMIT $1)",
+                    &[&BATCH],
+                )
+                .await?;
+            Ok(Pruned { jobs, deliveries, members, events })
         })
     }
 }
@@ -388,6 +483,8 @@ pub struct MemoryBoard {
     runner_list: Mutex<Option<(Vec<RunnerInfo>, SystemTime)>>,
     /// The job rows members read: job → (how far, the job, received).
     rows: Mutex<HashMap<u64, (JobAction, JobInfo, SystemTime)>>,
+    /// Prunes asked for.
+    pub prunes: std::sync::atomic::AtomicU32,
 }
 
 #[cfg(test)]
@@ -544,26 +641,33 @@ impl Claims for MemoryClaims {
         Box::pin(std::future::ready(Ok(won)))
     }
 
-    fn renew(&self, want: Vec<u64>) -> BoxFuture<'static, Result<Vec<u64>, FleetError>> {
+    fn renew(&self, want: Vec<(u64, u32)>) -> BoxFuture<'static, Result<Vec<(u64, u32)>, FleetError>> {
         let now = self.clock.now();
         let mut jobs = self.board.jobs.lock().expect("board");
         let held = want
             .into_iter()
-            .filter(|id| match jobs.get_mut(id) {
-                Some(j) if j.0.as_deref() == Some(&self.host) => {
+            .filter_map(|(id, attempt)| match jobs.get_mut(&id) {
+                Some(j) if j.0.as_deref() == Some(&self.host) && (attempt == 0 || j.2 == attempt) => {
                     j.1 = now + self.lease;
-                    true
+                    Some((id, j.2))
                 }
-                _ => false,
+                _ => None,
             })
             .collect();
         Box::pin(std::future::ready(Ok(held)))
     }
 
-    fn release(&self, want: Vec<u64>) -> BoxFuture<'static, Result<(), FleetError>> {
+    fn prune(&self) -> BoxFuture<'static, Result<Pruned, FleetError>> {
+        self.board.prunes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Box::pin(std::future::ready(Ok(Pruned::default())))
+    }
+
+    fn release(&self, want: Vec<(u64, u32)>) -> BoxFuture<'static, Result<(), FleetError>> {
         let mut jobs = self.board.jobs.lock().expect("board");
-        for id in want {
-            if let Some(j) = jobs.get_mut(&id).filter(|j| j.0.as_deref() == Some(&self.host)) {
+        for (id, attempt) in want {
+            if let Some(j) =
+                jobs.get_mut(&id).filter(|j| j.0.as_deref() == Some(&self.host) && (attempt == 0 || j.2 == attempt))
+            {
                 j.0 = None;
             }
         }

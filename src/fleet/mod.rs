@@ -129,6 +129,9 @@ pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, FleetError
 pub struct Member {
     pub host_id: String,
     pub pool: Pool,
+    /// One connection for renewals and the lead: the pool's may all be busy with a burst
+    /// of deliveries and reads, and a lease must not run out behind them.
+    pub leases: Pool,
     /// For the `LISTEN` connection (a pooled one cannot hear notifications).
     pub listen: tokio_postgres::Config,
     pub tls: MakeTlsConnector,
@@ -181,6 +184,7 @@ impl Member {
         Ok(Member {
             host_id: config.host_id(),
             pool: pool(pg.clone(), tls.clone(), config.postgres.max_connections)?,
+            leases: pool(pg.clone(), tls.clone(), 1)?,
             listen: pg,
             tls,
             lease: config.lease,

@@ -128,6 +128,13 @@ CREATE INDEX rv_jobs_runner ON rv_jobs (runner_name) WHERE runner_name IS NOT NU
 ALTER TABLE rv_members ADD COLUMN number integer UNIQUE CHECK (number BETWEEN 0 AND 999);
 "#,
     ),
+    (
+        7,
+        r#"
+-- The lead prunes finished jobs in batches, oldest first (`Claims::prune`).
+CREATE INDEX rv_jobs_done ON rv_jobs (updated_at) WHERE state = 'completed';
+"#,
+    ),
 ];
 
 /// The newest version this agent knows.

@@ -64,6 +64,14 @@ impl Held {
     }
 }
 
+/// See [`Fleet::may_bind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MayBind {
+    Yes,
+    Wait,
+    Lost,
+}
+
 pub struct Fleet {
     pub(super) claims: Arc<dyn Claims>,
     /// Where what this member learns from GitHub for the fleet goes (the fleet's log);
@@ -155,6 +163,18 @@ impl Fleet {
         match self.held.get(&job) {
             Some(h) if !h.used && h.until > now && !self.verifying.contains(&job) => Some(h.attempt),
             _ => None,
+        }
+    }
+
+    /// Whether a cold VM made on this member's claim of the queued `job` may be bound to it
+    /// now: only within the claim's lease (a renewal may come yet); not at all once the
+    /// claim is lost (another member serves the job: the VM is surplus).
+    pub fn may_bind(&self, job: u64, now: Instant) -> MayBind {
+        match self.held.get(&job) {
+            Some(h) if h.until > now => MayBind::Yes,
+            Some(_) => MayBind::Wait,
+            None if self.adopted => MayBind::Lost,
+            None => MayBind::Wait,
         }
     }
 
@@ -428,10 +448,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         fleet.others.retain(|_, until| *until > now);
         let mut release = Vec::new();
-        fleet.held.retain(|job, _| match self.book.jobs.get(job).map(|j| &j.state) {
+        fleet.held.retain(|job, h| match self.book.jobs.get(job).map(|j| &j.state) {
             Some(JobState::Queued) => true,
             Some(JobState::Abandoned { .. }) => {
-                release.push(*job);
+                release.push((*job, h.attempt));
                 false
             }
             _ => false,
@@ -463,9 +483,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 .inc_by(unservable.len() as u64);
         }
         for job in &unservable {
-            fleet.held.remove(job);
+            if let Some(h) = fleet.held.remove(job) {
+                release.push((*job, h.attempt));
+            }
         }
-        release.extend(unservable);
         fleet.verifying.retain(|j| fleet.held.contains_key(j));
         if !release.is_empty() {
             let claims = fleet.claims.clone();
@@ -524,7 +545,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         fleet.renewing = true;
-        let asked: Vec<u64> = fleet.held.keys().copied().collect();
+        let asked: Vec<(u64, u32)> = fleet.held.iter().map(|(job, h)| (*job, h.attempt)).collect();
         let (claims, a) = (fleet.claims.clone(), asked.clone());
         spawn_reporting(
             &self.ctx.events,
@@ -558,20 +579,28 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    pub(super) fn on_renewed(&mut self, asked: Vec<u64>, sent: Instant, result: Result<Vec<u64>, FleetError>) {
+    pub(super) fn on_renewed(
+        &mut self,
+        asked: Vec<(u64, u32)>,
+        sent: Instant,
+        result: Result<Vec<(u64, u32)>, FleetError>,
+    ) {
         let Some(fleet) = self.fleet.as_mut() else { return };
         fleet.renewing = false;
         match result {
             Ok(kept) => {
-                let kept: BTreeSet<u64> = kept.into_iter().collect();
+                let kept: HashMap<u64, u32> = kept.into_iter().collect();
                 let now = Instant::now();
                 let lease = fleet.lease;
-                for job in &kept {
-                    if let Some(h) = fleet.held.get_mut(job) {
+                for (job, attempt) in &kept {
+                    // The claim renewed is the one held (not one taken again since: the
+                    // epoch); an adopted claim (attempt 0) learns its attempt.
+                    if let Some(h) = fleet.held.get_mut(job).filter(|h| h.attempt == 0 || h.attempt == *attempt) {
+                        h.attempt = *attempt;
                         h.until = h.until.max(Held::new(h.attempt, h.used, sent, lease).until);
                     }
                 }
-                for job in asked.iter().filter(|j| !kept.contains(j)) {
+                for (job, _) in asked.iter().filter(|(j, _)| !kept.contains_key(j)) {
                     if fleet.held.remove(job).is_some() {
                         warn!(job_id = job, "lost the claim of a job (its lease ran out and another member took it)");
                         fleet.others.insert(*job, now + RETRY_OTHERS.min(fleet.lease / 2));

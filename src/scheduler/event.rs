@@ -69,6 +69,8 @@ pub enum Event {
         found: Vec<JobEvent>,
         /// How far back the hook's delivery log has been handled, when it was read.
         deliveries_checked: Option<SystemTime>,
+        /// Fleet mode, the lead: what it pruned (`None`: it did not).
+        pruned: Option<crate::fleet::claims::Pruned>,
     },
     GroupResolved(Result<u64, GhError>),
     /// Fleet mode: a claim's outcome (the jobs asked for, those won).
@@ -80,10 +82,11 @@ pub enum Event {
     },
     /// Fleet mode: the claims renewed (of those asked for).
     Renewed {
-        asked: Vec<u64>,
+        /// (job, attempt)
+        asked: Vec<(u64, u32)>,
         /// When the renewal was sent: the leases it renewed run from then, for this member.
         sent: tokio::time::Instant,
-        result: Result<Vec<u64>, crate::fleet::FleetError>,
+        result: Result<Vec<(u64, u32)>, crate::fleet::FleetError>,
     },
     /// Fleet mode: this member's heartbeat written; the fleet's members as read back.
     /// The fleet's members (this one's heartbeat written), and the addresses its database

@@ -283,7 +283,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::Saved { vm, result } => self.on_saved(vm, result),
             Event::SlotFound { slot, result } => self.on_slot_found(slot, result),
             Event::Swept(sweep) => self.on_swept(*sweep),
-            Event::GitHubSynced { started, runners, jobs, found, deliveries_checked } => {
+            Event::GitHubSynced { started, runners, jobs, found, deliveries_checked, pruned } => {
+                self.sync.on_pruned(pruned, Instant::now());
                 self.on_github_synced(started, runners, jobs, found, deliveries_checked)
             }
             Event::GroupResolved(r) => self.on_group_resolved(r),

@@ -56,6 +56,34 @@ pub struct State {
     pub deliveries_checked: Option<SystemTime>,
     pub runner_group_id: Option<u64>,
     group_pending: bool,
+    /// Fleet mode: when this member, leading, last pruned the fleet's tables; whether a
+    /// batch was left over (then it prunes again at the next sync).
+    pruned_at: Option<tokio::time::Instant>,
+    prune_more: bool,
+}
+
+/// How often the lead prunes the fleet's tables when the last prune left nothing over.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+impl State {
+    fn prune_due(&self, now: tokio::time::Instant) -> bool {
+        self.prune_more || self.pruned_at.is_none_or(|t| now.duration_since(t) >= PRUNE_EVERY)
+    }
+
+    pub(super) fn on_pruned(&mut self, pruned: Option<crate::fleet::claims::Pruned>, now: tokio::time::Instant) {
+        let Some(p) = pruned else { return };
+        (self.pruned_at, self.prune_more) = (Some(now), p.more());
+        if p != crate::fleet::claims::Pruned::default() {
+            info!(
+                jobs = p.jobs,
+                deliveries = p.deliveries,
+                members = p.members,
+                events = p.events,
+                more = p.more(),
+                "pruned the fleet's tables"
+            );
+        }
+    }
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -92,6 +120,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let fleet = self.fleet.as_ref().map(|f| f.claims.clone());
         let joined = self.fleet.as_ref().is_none_or(|f| f.joined());
         let interval = self.config.reconcile.github_interval;
+        let prune_due = self.sync.prune_due(tokio::time::Instant::now());
         let work = async move {
             let started = clock.now();
             // In a fleet, one member at a time reads the hook's delivery log, polls and
@@ -109,6 +138,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             };
             let (stale, redeliver, repo_scope) =
                 if leads { (stale, redeliver, repo_scope) } else { (Vec::new(), false, None) };
+            // The lead prunes what the fleet no longer needs, a batch at a time.
+            let pruned = match &fleet {
+                Some(claims) if leads && prune_due => match claims.prune().await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!(error = %e, "cannot prune the fleet's tables");
+                        None
+                    }
+                },
+                _ => None,
+            };
             let (runners, started) = match &fleet {
                 Some(claims) if !leads => match claims.runners().await {
                     // As old as it is: a VM whose state changed since is not judged by it.
@@ -163,7 +203,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Err(e) => debug!(error = %e, "cannot poll queued jobs"),
                 }
             }
-            Event::GitHubSynced { started, runners, jobs, found, deliveries_checked }
+            Event::GitHubSynced { started, runners, jobs, found, deliveries_checked, pruned }
         };
         spawn_reporting(&self.ctx.events, work, move |message| Event::GitHubSynced {
             started: failed_clock.now(),
@@ -171,6 +211,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             jobs: Vec::new(),
             found: Vec::new(),
             deliveries_checked: None,
+            pruned: None,
         });
     }
 

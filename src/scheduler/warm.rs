@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{debug, error, info, warn};
 
+use super::claims::MayBind;
 use super::event::{Event, spawn_reporting};
 use super::provision::{self, BindError, BindTimes};
 use super::vm::Input;
@@ -28,7 +29,7 @@ use crate::config::PoolConfig;
 use crate::github::GitHub;
 use crate::hypervisor::{self, Hypervisor};
 use crate::metrics::{self, PathLabels, StepLabels};
-use crate::model::{Reason, VmRec, VmState};
+use crate::model::{JobState, Reason, VmRec, VmState};
 use crate::timeline::Mark;
 
 /// How often a warming VM's port is looked at.
@@ -157,6 +158,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .map(|v| (v.name.clone(), v.job_id, v.pool.clone()))
             .collect();
         for (name, job_id, pool) in due {
+            // Fleet mode: a job still queued is bound only within this member's claim.
+            let queued = self.book.jobs.get(&job_id).is_some_and(|j| j.state == JobState::Queued);
+            match self.fleet.as_ref().filter(|_| queued).map(|f| f.may_bind(job_id, now)) {
+                None | Some(MayBind::Yes) => {}
+                Some(MayBind::Wait) => continue,
+                Some(MayBind::Lost) => {
+                    info!(vm = %name, job_id, "the claim of this cold VM's job was lost (another member serves it): the VM is surplus");
+                    self.reap(&name, Reason::Surplus);
+                    continue;
+                }
+            }
             match self.config.pool(&pool).cloned() {
                 Some(pool) => self.start_bind(job_id, &name, &pool),
                 // Its pool was removed while it booted: it goes with it.

@@ -82,6 +82,7 @@ pub async fn start(
         let f = config.fleet.clone().expect("a [fleet] table in `extra`");
         runnervisor::fleet::Member {
             host_id: f.host_id(),
+            leases: pool.clone(),
             pool,
             listen: pg,
             tls: runnervisor::fleet::tls(None).unwrap(),

@@ -274,6 +274,35 @@ async fn a_member_that_goes_away_loses_its_unserved_jobs_to_another() {
     assert_eq!(a_hv.lock().started_total, 1);
 }
 
+/// A cold VM is bound to its job only within its member's claim: a member that lost the
+/// claim while the VM booted (its lease ran out, another member took the job) gives the VM
+/// no runner for it; the VM is surplus.
+#[tokio::test(start_paused = true)]
+async fn a_cold_vm_whose_claim_was_lost_while_it_booted_is_not_bound() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    a.hv.lock().guests_booting = true;
+    publish(&mut [&mut a], &board, JobAction::Queued, info(5, LABELS, None));
+    let s = a.wait("a makes a VM for job 5", |s, _| vm_for(s, 5).is_some()).await;
+    let vm = vm_for(&s, 5).unwrap();
+    // a's lease runs out (say it stalled) and b takes the job.
+    board.expire("hv-a");
+    let mut b = member(&board, "hv-b", &gh, "");
+    publish(&mut [&mut b], &board, JobAction::Queued, info(5, LABELS, None));
+    b.wait_for("b takes job 5", Duration::from_secs(60), |s, _| vm_for(s, 5).is_some()).await;
+    // a's next renewal tells it; then its guest is ready for a runner.
+    a.wait_for("a learns it lost job 5", Duration::from_secs(60), |s, _| s.fleet.as_ref().is_some_and(|f| f.held == 0))
+        .await;
+    a.hv.lock().guests_booting = false;
+    a.wait_for("a's VM reaped as surplus", Duration::from_secs(60), |s, hv| {
+        s.vms.iter().all(|v| v.name != vm) && !hv.running().contains(&vm)
+    })
+    .await;
+    assert!(a.hv.lock().delivered.is_empty(), "no runner was bound to a's VM");
+    assert_eq!(board.holder(5).as_deref(), Some("hv-b"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_taken_over_job_its_member_had_served_is_not_served_again() {
     let board = Arc::new(MemoryBoard::default());
@@ -349,6 +378,8 @@ async fn one_member_at_a_time_reads_the_delivery_log_and_another_takes_over() {
     // shares) and reads the delivery log.
     assert!((11..=14).contains(&lists), "runner lists: {lists} (one member, not both)");
     assert!((11..=14).contains(&logs), "delivery log reads: {logs} (one member, not both)");
+    // The lead prunes the fleet's tables once in the hour (nothing was left over).
+    assert_eq!(board.prunes.load(std::sync::atomic::Ordering::Relaxed), 1);
     // The leader goes away: the other reads the log once the lead's lease ran out.
     let leader = board.leads.lock().unwrap()["github"].0.clone();
     let (gone, stays) = if leader == "hv-a" { (a, b) } else { (b, a) };
@@ -358,6 +389,7 @@ async fn one_member_at_a_time_reads_the_delivery_log_and_another_takes_over() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(count("deliveries") >= before + 5, "the other member took the lead");
     assert_ne!(board.leads.lock().unwrap()["github"].0, leader);
+    assert_eq!(board.prunes.load(std::sync::atomic::Ordering::Relaxed), 2, "the new lead prunes too");
     let _ = stays.shutdown().await;
 }
 
