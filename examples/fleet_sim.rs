@@ -21,23 +21,19 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use clap::Parser;
-use runnervisor::config::Config;
-use runnervisor::github::http::{Auth, HttpGitHub};
+use runnervisor::hypervisor::DomainState;
 use runnervisor::hypervisor::fake::FakeHypervisor;
-use runnervisor::hypervisor::{DomainState, HvEvent};
 use runnervisor::metrics::Metrics;
-use runnervisor::secret::Secret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-const PAT: &str = "ghp_fleet_sim";
-const SECRET: &str = "fleet-sim-webhook-secret";
-const LABELS: [&str; 2] = ["self-hosted", "linux"];
+#[path = "fleet_common/mod.rs"]
+mod common;
+use common::{LABELS, SECRET, connect, get_json, unix_ms};
 
 #[derive(Parser)]
 #[command(about = "Many fleet members in one process on a real PostgreSQL, fake VMs, github-sim")]
@@ -159,7 +155,7 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         .map_err(|e| e.to_string())?;
     let urls: Vec<String> =
         listeners.iter().map(|l| format!("http://{}/webhook", l.local_addr().expect("bound"))).collect();
-    let mut sim_config = github_sim::SimConfig::new(PAT, SECRET);
+    let mut sim_config = github_sim::SimConfig::new(common::PAT, SECRET);
     sim_config.webhook_url = Some(urls[0].clone());
     sim_config.fanout = urls[1..].to_vec();
     sim_config.fanout_each = Some(args.relay_to.clamp(1, args.hosts));
@@ -368,15 +364,6 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
     Ok(served_once == args.jobs && doubles == 0 && lost == 0 && spread)
 }
 
-/// A connection to the fleet's database (driven by a spawned task).
-async fn connect(pg_url: &str, password: &str) -> Result<tokio_postgres::Client, String> {
-    let mut pg: tokio_postgres::Config = pg_url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
-    pg.password(password);
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("PostgreSQL: {e}"))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
 /// The member holding the most queued jobs, and those jobs (waits up to 2 s for one).
 async fn busiest_holder(pg_url: &str, password: &str) -> Result<(usize, Vec<u64>), String> {
     let client = connect(pg_url, password).await?;
@@ -402,10 +389,6 @@ async fn busiest_holder(pg_url: &str, password: &str) -> Result<(usize, Vec<u64>
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
-
 /// Every job of the simulator and its status.
 async fn sim_jobs(http: &reqwest::Client, sim_url: &str) -> Result<BTreeMap<u64, String>, String> {
     Ok(sim_job_list(http, sim_url)
@@ -417,12 +400,6 @@ async fn sim_jobs(http: &reqwest::Client, sim_url: &str) -> Result<BTreeMap<u64,
 
 async fn sim_job_list(http: &reqwest::Client, sim_url: &str) -> Result<Vec<Value>, String> {
     Ok(get_json(http, &format!("{sim_url}/_sim/jobs")).await?.as_array().cloned().unwrap_or_default())
-}
-
-/// A JSON answer of the simulator's control API.
-async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {
-    let answer = http.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
-    answer.json().await.map_err(|e| format!("{url}: {e}"))
 }
 
 fn counter(metrics: &str, name: &str) -> u64 {
@@ -439,66 +416,16 @@ fn start_member(
     password: &str,
 ) -> Result<Member, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let image = runnervisor::hypervisor::fake::golden_image(dir.path()).map_err(|e| e.to_string())?;
-    let text = format!(
-        r#"
-        state_dir = "{dir}"
-        [server]
-        listen = "127.0.0.1:0"
-        [admin]
-        socket = "{dir}/admin.sock"
-        [github]
-        api_url = "{sim_url}"
-        organization = "octo-org"
-        auth = {{ type = "pat", token = {{ file = "/nonexistent" }} }}
-        webhook_secret = {{ file = "/nonexistent" }}
-        hook = {{ type = "organization", id = 1 }}
-        [reconcile]
-        sweep_interval = "2s"
-        github_interval = "10s"
-        [fleet]
-        host_id = "sim-{i:02}"
-        lease = "{lease}s"
-        postgres = {{ url = "{pg_url}", max_connections = 3 }}
-        [[pool]]
-        name = "small"
-        labels = ["self-hosted", "linux"]
-        image = "{image}"
-        max_vms = {max_vms}
-        "#,
-        dir = dir.path().display(),
-        lease = args.lease.as_secs(),
-        image = image.display(),
-        max_vms = args.max_vms,
-    );
-    let config = Arc::new(Config::parse(&text).map_err(|e| format!("member {i}: {e}"))?);
-    let fleet_config = config.fleet.clone().expect("[fleet]");
-    let member = runnervisor::fleet::Member::new(&fleet_config, Some(&Secret::new(password)))
-        .map_err(|e| format!("member {i}: {e}"))?;
-    let metrics = Arc::new(Metrics::default());
-    let github = HttpGitHub::new(
+    let spec = common::MemberSpec {
+        dir: dir.path(),
+        host_id: &format!("sim-{i:02}"),
         sim_url,
-        config.github.scope(),
-        config.github.hook.clone(),
-        Auth::Pat(Secret::new(PAT)),
-        config.github.api_timeout,
-    )
-    .map_err(|e| e.to_string())?
-    .with_metrics(metrics.clone());
-    let (hv_tx, hv_rx) = tokio::sync::mpsc::unbounded_channel();
-    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
-    let _ = hv_tx.send(HvEvent::Reconnected);
-    let deps = runnervisor::Deps {
-        github: Arc::new(github),
-        hypervisor: hv.clone(),
-        hv_events: hv_rx,
-        webhook_secret: Secret::new(SECRET),
-        metrics: metrics.clone(),
-        webhook_listener: Some(listener),
-        metrics_listener: Some(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?),
-        reloads: None,
-        fleet: Some(member),
+        pg_url,
+        lease: args.lease,
+        max_vms: args.max_vms,
     };
+    let config = Arc::new(common::member_config(&spec)?);
+    let (deps, hv, metrics) = common::member_deps(&config, password, sim_url, listener)?;
     let stop = CancellationToken::new();
     let (kill, killed) = tokio::sync::oneshot::channel::<()>();
     let s = stop.clone();
@@ -557,83 +484,14 @@ async fn watch_guests(
     }
 }
 
-/// One fake guest: boots, runs its runner (one job at most), powers off.
+/// One fake guest of member `host` (see `common::guest`); its job is recorded as run there.
 async fn guest(
     hv: &FakeHypervisor,
     vm: &str,
-    (boot, poweroff): (Duration, Duration),
+    times: (Duration, Duration),
     http: &reqwest::Client,
     host: usize,
     world: &Shared,
 ) -> Result<(), String> {
-    let jitter = Duration::from_millis(fastrand::u64(0..=boot.as_millis() as u64 / 2));
-    tokio::time::sleep(boot + jitter).await;
-    let exists = || hv.lock().domains.contains_key(vm);
-    // The runner's files come over the bind port once the agent binds the VM to its job.
-    let message = loop {
-        if let Some((_, m)) = hv.lock().delivered.iter().find(|(v, _)| v == vm) {
-            break m.clone();
-        }
-        if !exists() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let (server, token) = runner_credential(&message)?;
-    let dead = || lock(world).dead == Some(host);
-    while exists() {
-        if dead() {
-            return Ok(());
-        }
-        let r = http
-            .get(format!("{server}/jobs/next?wait=2"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .map_err(|e| format!("jobs/next: {e}"))?;
-        match r.status().as_u16() {
-            200 => {
-                let job: Value = r.json().await.map_err(|e| e.to_string())?;
-                let id = job["id"].as_u64().ok_or("a job without an id")?;
-                tokio::time::sleep(Duration::from_secs_f64(job["duration_secs"].as_f64().unwrap_or(0.0))).await;
-                let done = http
-                    .post(format!("{server}/jobs/{id}/complete"))
-                    .bearer_auth(&token)
-                    .json(&json!({"conclusion": "success"}))
-                    .send()
-                    .await
-                    .map_err(|e| format!("complete: {e}"))?;
-                if done.status().is_success() {
-                    lock(world).ran.push((host, id));
-                }
-                break;
-            }
-            204 => continue,
-            // The runner was removed (a surplus VM reaped): the runner exits.
-            401 | 404 => break,
-            other => return Err(format!("jobs/next: HTTP {other}")),
-        }
-    }
-    // The runner is done: the guest unit powers the guest off.
-    tokio::time::sleep(poweroff).await;
-    if exists() {
-        hv.stop(vm);
-    }
-    Ok(())
-}
-
-/// The runner's server URL and credential, from the files of its bind message (a JIT
-/// config unpacked as `run.sh --jitconfig` would unpack it).
-fn runner_credential(message: &str) -> Result<(String, String), String> {
-    let doc: Value = serde_json::from_str(message).map_err(|e| format!("bind message: {e}"))?;
-    let files = &doc["files"];
-    let b64 = |s: &str| -> Result<Value, String> {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| format!("runner file: {e}"))?;
-        serde_json::from_slice(&bytes).map_err(|e| format!("runner file: {e}"))
-    };
-    let runner = b64(files[".runner"].as_str().ok_or("bind message: no .runner")?)?;
-    let credentials = b64(files[".credentials"].as_str().ok_or("bind message: no .credentials")?)?;
-    let server = runner["serverUrl"].as_str().ok_or(".runner: no serverUrl")?.to_string();
-    let token = credentials["data"]["token"].as_str().ok_or(".credentials: no token")?.to_string();
-    Ok((server, token))
+    common::guest(hv, vm, times, http, || lock(world).dead == Some(host), |id| lock(world).ran.push((host, id))).await
 }

@@ -25,6 +25,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/_sim/jobs/{id}", get(get_job))
         .route("/_sim/jobs/{id}/cancel", post(cancel_job))
         .route("/_sim/runners", get(list_runners))
+        .route("/_sim/runners/{id}/lost", post(runner_lost))
         .route("/_sim/runner-history", get(runner_history))
         .route("/_sim/faults", post(add_faults).get(list_faults).delete(clear_faults))
         .route("/_sim/deliveries", get(deliveries))
@@ -137,6 +138,20 @@ async fn cancel_job(State(sim): S, Path(id): Path<String>) -> Result<Response, A
     };
     crate::webhook::job_event(&sim, &job, "completed", &sim.base_url);
     Ok((StatusCode::ACCEPTED, axum::Json(job_summary(&job))).into_response())
+}
+
+/// The runner's machine died: its job fails (with a `completed` delivery), as on GitHub.
+async fn runner_lost(State(sim): S, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let job = {
+        let mut world = sim.world();
+        let job = world.runner_lost(id, SystemTime::now()).map_err(|_| ApiError::not_found())?;
+        job.and_then(|j| world.jobs.get(&j).cloned())
+    };
+    if let Some(job) = &job {
+        crate::webhook::job_event(&sim, job, "completed", &sim.base_url);
+    }
+    Ok(axum::Json(json!({ "job": job.map(|j| j.id) })).into_response())
 }
 
 async fn list_runners(State(sim): S) -> Response {

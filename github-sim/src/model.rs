@@ -481,6 +481,22 @@ impl World {
         Ok(())
     }
 
+    /// The runner's machine died (a host crash): as GitHub does once it stops hearing from
+    /// a runner, its job (if any) fails and the runner is no longer busy; it stays
+    /// registered, offline, until deleted. Returns the job that failed.
+    pub fn runner_lost(&mut self, runner_id: u64, now: SystemTime) -> Result<Option<u64>, WorldError> {
+        let runner = self.runners.get_mut(&runner_id).ok_or(WorldError::NotFound)?;
+        runner.last_seen = None;
+        runner.polling = 0;
+        let job = runner.job.take();
+        if let Some(job) = job.and_then(|id| self.jobs.get_mut(&id)).filter(|j| j.status != JobStatus::Completed) {
+            job.status = JobStatus::Completed;
+            job.conclusion = Some("failure".into());
+            job.completed_at = Some(now);
+        }
+        Ok(job)
+    }
+
     /// A heartbeat of a running job; `false` when the job was cancelled meanwhile.
     /// A cancelled job frees its runner (which then exits; ephemeral ones are removed).
     pub fn heartbeat(&mut self, runner_id: u64, job_id: u64, now: SystemTime) -> Result<bool, WorldError> {
@@ -612,6 +628,20 @@ mod tests {
             .unwrap();
         assert_eq!(w.runners.len(), 1);
         assert!(w.runners.contains_key(&replaced));
+    }
+
+    #[test]
+    fn a_lost_runners_job_fails_and_the_runner_may_be_deleted() {
+        let (mut w, job) = world_with_job(&["self-hosted"]);
+        let now = SystemTime::now();
+        let scope = Scope::Repo("octo-org/app".into());
+        let r = runner(&mut w, "r", scope.clone(), &["self-hosted"], true);
+        w.assign(r, now);
+        assert!(w.delete_runner(&scope, r).is_err(), "busy");
+        assert_eq!(w.runner_lost(r, now), Ok(Some(job)));
+        assert_eq!((w.jobs[&job].status, w.jobs[&job].conclusion.as_deref()), (JobStatus::Completed, Some("failure")));
+        assert!(!w.runners[&r].online(now));
+        assert_eq!(w.delete_runner(&scope, r), Ok(()));
     }
 
     #[test]
