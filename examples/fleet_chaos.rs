@@ -72,7 +72,7 @@ struct Args {
     boot: Duration,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     lease: Duration,
-    /// A fault every this long, on average.
+    /// A fault every this long, on average (0: none, the fleet under load alone).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     fault_every: Duration,
     /// A job waiting longer than this for a runner is starved.
@@ -226,16 +226,38 @@ enum PgPath {
     Delay(Duration),
 }
 
+/// While PostgreSQL is down for a restart, no proxy connects to its port: a connection to
+/// a loopback port in the ephemeral range with nothing listening may connect to itself
+/// (the kernel picks that very port as its source) and hold the port the server must bind.
+static PG_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `scripts/test-postgres halt|start` (a start is tried again for a while: the port may be
+/// held still).
+fn pg_ctl(args: &Args, what: &str) -> Result<(), String> {
+    for _ in 0..30 {
+        let status = std::process::Command::new(&args.pg_script).arg(what).status().map_err(|e| e.to_string())?;
+        if status.success() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    Err(format!("{} {what}: failed", args.pg_script.display()))
+}
+
 async fn proxy(listener: tokio::net::TcpListener, upstream: SocketAddr, mode: watch::Receiver<PgPath>) {
     loop {
         let Ok((client, _)) = listener.accept().await else { continue };
-        if *mode.borrow() == PgPath::Cut {
+        if *mode.borrow() == PgPath::Cut || PG_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
             drop(client);
             continue;
         }
         let mode = mode.clone();
         tokio::spawn(async move {
             let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+            if server.local_addr().ok() == server.peer_addr().ok() {
+                // Connected to itself (see PG_DOWN).
+                return;
+            }
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
             let (cr, cw) = client.into_split();
@@ -463,7 +485,7 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
         for (_, heal) in ready {
             apply_heal(heal, &exe, args, &mut members, &sim_url, &records, &mut pg_down)?;
         }
-        if now >= next_fault {
+        if now >= next_fault && !args.fault_every.is_zero() {
             next_fault = now + exp(&mut rng, args.fault_every);
             let name = fault(
                 &mut rng,
@@ -633,11 +655,8 @@ fn apply_heal(
             members[i].faulted_until = None;
         }
         Heal::PgStart => {
-            let status =
-                std::process::Command::new(&args.pg_script).arg("start").status().map_err(|e| e.to_string())?;
-            if !status.success() {
-                return Err(format!("{} start: {status}", args.pg_script.display()));
-            }
+            pg_ctl(args, "start")?;
+            PG_DOWN.store(false, std::sync::atomic::Ordering::SeqCst);
             *pg_down = false;
         }
     }
@@ -721,10 +740,8 @@ async fn fault(
             if *pg_down {
                 return Ok(None);
             }
-            let status = std::process::Command::new(&args.pg_script).arg("halt").status().map_err(|e| e.to_string())?;
-            if !status.success() {
-                return Err(format!("{} halt: {status}", args.pg_script.display()));
-            }
+            PG_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+            pg_ctl(args, "halt")?;
             *pg_down = true;
             heals.push((now + between(rng, Duration::from_secs(2), Duration::from_secs(10)), Heal::PgStart));
         }
@@ -750,7 +767,7 @@ async fn fault(
             // A newer member's rows: a job whose description this agent cannot decode, and
             // fields it does not know on the queued jobs' rows.
             *newer_rows += 1;
-            let id = 9_000_000_000i64 + *newer_rows as i64;
+            let id = NEWER_IDS + *newer_rows as i64;
             let c = connect(db_url, password).await?;
             c.execute(
                 "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at, info, label_key) \
@@ -761,7 +778,7 @@ async fn fault(
             .map_err(|e| format!("newer rows: {e}"))?;
             c.batch_execute(
                 "UPDATE rv_jobs SET info = info || '{\"x_newer_field\": {\"a\": 1}}' \
-                 WHERE state = 'queued' AND info IS NOT NULL AND id < 9000000000; SELECT pg_notify('rv_events', '')",
+                 WHERE state = 'queued' AND info IS NOT NULL AND id < 9000000000000; SELECT pg_notify('rv_events', '')",
             )
             .await
             .map_err(|e| format!("newer rows: {e}"))?;
@@ -770,6 +787,9 @@ async fn fault(
     }
     Ok(Some(kind))
 }
+
+/// The ids of the rows a newer agent writes (`newer`): above github-sim's job ids.
+const NEWER_IDS: i64 = 9_000_000_000_000;
 
 /// GitHub stops hearing from the runners of member `i`'s VMs (its host died).
 async fn runners_lost(http: &reqwest::Client, sim_url: &str, records: &Shared, i: usize) {
@@ -866,6 +886,23 @@ async fn check(
         }
     }
     let leaked = runners_left + vms_left;
+    // Claim latency: a delivery received by a member → its job's first claim.
+    let row = c
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms) \
+             FROM (SELECT (extract(epoch FROM first_claimed_at - received_at) * 1000)::float8 AS ms \
+                   FROM rv_jobs WHERE first_claimed_at IS NOT NULL AND id < 9000000000000) c",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("claim latency: {e}"))?;
+    let ms = |i: usize| row.get::<_, Option<f64>>(i).unwrap_or(f64::NAN);
+    eprintln!(
+        "fleet-chaos: claim latency (delivery received → first claim): p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms",
+        ms(0),
+        ms(1),
+        ms(2)
+    );
     eprintln!(
         "fleet-chaos: {} VMs made for {} jobs; {} claims and renewals written",
         vms.len(),

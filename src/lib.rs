@@ -181,17 +181,19 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         tx.clone(),
         rx,
     )?;
+    // Fleet mode: the room for new jobs the scheduler leaves its intake to claim on write.
+    let reserve = Arc::new(fleet::intake::Reserve::default());
     if let Some(m) = &deps.fleet {
         let claims =
             fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease).with_leases(m.leases.clone());
         let member = scheduler::claims::Fleet::new(
             Arc::new(claims),
-            Some(fleet::intake::FleetIntake::start(m.pool.clone())),
+            Some(fleet::intake::FleetIntake::start(m.pool.clone(), None)),
             m.host_id.clone(),
             m.lease,
             m.cold_head_start,
         );
-        scheduler = scheduler.with_fleet(member.joined_when(m.joined.clone()));
+        scheduler = scheduler.with_fleet(member.joined_when(m.joined.clone()).with_reserve(reserve.clone()));
     }
     let stop_scheduler = CancellationToken::new();
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -212,7 +214,18 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     let accepter = match deps.fleet {
         Some(member) => {
             tracing::info!(host_id = %member.host_id, "fleet mode: the job queue is shared on PostgreSQL");
-            let persist = webhook::Persist::Fleet(fleet::intake::FleetIntake::start(member.pool.clone()));
+            // New jobs this member would serve at once are claimed as they are written.
+            let claimed = tx.clone();
+            let on_write = fleet::intake::OnWrite {
+                host: member.host_id.clone(),
+                lease: member.lease,
+                reserve: reserve.clone(),
+                claimed: Box::new(move |c| {
+                    let _ = claimed.send(Event::ClaimedOnWrite(c));
+                }),
+            };
+            let persist =
+                webhook::Persist::Fleet(fleet::intake::FleetIntake::start(member.pool.clone(), Some(on_write)));
             let (wake, refused, stop) = (tx.clone(), refused.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let woken = move || {

@@ -65,7 +65,7 @@ async fn members_starting_together_migrate_once_and_a_newer_schema_is_refused() 
 async fn the_intake_accepts_each_delivery_once_fleet_wide_and_jobs_only_move_forward() {
     let db = migrated("intake").await;
     // Two members' intakes on one database: GitHub (or a relay) may send to either.
-    let (a, b) = (intake::FleetIntake::start(db.pool(4)), intake::FleetIntake::start(db.pool(4)));
+    let (a, b) = (intake::FleetIntake::start(db.pool(4), None), intake::FleetIntake::start(db.pool(4), None));
     let mut calls = Vec::new();
     for i in 0..200u64 {
         // Every tenth delivery is also sent to the other member.
@@ -111,7 +111,7 @@ async fn without_postgres_a_delivery_is_refused_not_accepted() {
     let mut config = common::pg::config("postgres");
     config.port(9);
     let pool = runnervisor::fleet::pool(config, runnervisor::fleet::tls(None).unwrap(), 2).unwrap();
-    let intake = intake::FleetIntake::start(pool);
+    let intake = intake::FleetIntake::start(pool, None);
     let started = std::time::Instant::now();
     let err = intake.accept(event("d1", 1, JobAction::Queued)).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
@@ -153,7 +153,7 @@ async fn a_job_whose_writer_commits_late_is_read_all_the_same() {
     )
     .await
     .unwrap();
-    let intake = intake::FleetIntake::start(db.pool(2));
+    let intake = intake::FleetIntake::start(db.pool(2), None);
     intake.accept(event("d2", 2, JobAction::Queued)).await.unwrap();
     assert_eq!(ids(&me.read(query(&[], &[], 10)).await.unwrap()), [2]);
     tx.commit().await.unwrap();
@@ -166,7 +166,7 @@ async fn a_job_whose_writer_commits_late_is_read_all_the_same() {
 #[tokio::test(flavor = "multi_thread")]
 async fn members_read_the_oldest_unheld_jobs_of_their_pools_and_the_jobs_they_know() {
     let db = migrated("read").await;
-    let intake = intake::FleetIntake::start(db.pool(2));
+    let intake = intake::FleetIntake::start(db.pool(2), None);
     for i in 1..=5u64 {
         intake.accept(event(&format!("q{i}"), i, JobAction::Queued)).await.unwrap();
     }
@@ -257,7 +257,7 @@ async fn a_member_is_woken_by_each_change_of_a_job_row() {
     // Once connected, holding the member's lock.
     tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken when listening");
     assert!(joined.load(std::sync::atomic::Ordering::Acquire));
-    let intake = intake::FleetIntake::start(db.pool(2));
+    let intake = intake::FleetIntake::start(db.pool(2), None);
     for i in 0..3u64 {
         intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
@@ -268,7 +268,7 @@ async fn a_member_is_woken_by_each_change_of_a_job_row() {
 
 /// Jobs rows as the intake makes them, `n` queued jobs from 1.
 async fn queued_jobs(db: &TestDb, n: u64) {
-    let intake = intake::FleetIntake::start(db.pool(2));
+    let intake = intake::FleetIntake::start(db.pool(2), None);
     for i in 1..=n {
         intake.accept(event(&format!("q{i}"), i, JobAction::Queued)).await.unwrap();
     }
@@ -313,7 +313,7 @@ async fn a_claim_whose_lease_ran_out_is_taken_over_and_a_served_job_is_not_claim
     assert_eq!(short.claim(vec![1, 2]).await.unwrap().len(), 2);
     assert!(other.claim(vec![1, 2]).await.unwrap().is_empty(), "held");
     // Job 2 starts running (its webhook): no longer claimable by anyone.
-    intake::FleetIntake::start(db.pool(1)).accept(event("q2-run", 2, JobAction::InProgress)).await.unwrap();
+    intake::FleetIntake::start(db.pool(1), None).accept(event("q2-run", 2, JobAction::InProgress)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let taken = other.claim(vec![1, 2]).await.unwrap();
     assert_eq!(taken.len(), 1, "{taken:?}");
@@ -713,4 +713,70 @@ async fn pruning_removes_only_what_is_past_its_retention_a_batch_at_a_time() {
     let members: Vec<String> =
         c.query("SELECT host_id FROM rv_members", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(members, ["here"]);
+}
+
+/// Claim on write: the member receiving a new queued job claims it in the transaction that
+/// writes it, within the room its scheduler left (each claim counted until the scheduler
+/// has it), never a job written before or held by another member, never a duplicate
+/// delivery; room taken for a job it could not claim is given back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_claims_a_new_job_as_it_writes_it_within_its_room() {
+    use intake::{ClaimedOnWrite, OnWrite, Reserve};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let db = migrated("onwrite").await;
+    let reserve = Arc::new(Reserve::default());
+    let got: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let on_write = OnWrite {
+        host: "hv-a".into(),
+        lease: Duration::from_secs(60),
+        reserve: reserve.clone(),
+        claimed: Box::new({
+            let got = got.clone();
+            move |c: ClaimedOnWrite| got.lock().unwrap().push((c.event.job.id, c.attempt))
+        }),
+    };
+    let a = intake::FleetIntake::start(db.pool(1), Some(on_write));
+    let b = intake::FleetIntake::start(db.pool(1), None);
+    let labels = runnervisor::model::label_set(&event("x", 0, JobAction::Queued).job.labels);
+    // Job 1 was written by b before and b holds it: a's delivery of it (another id)
+    // claims nothing.
+    assert!(b.accept(event("b-1", 1, JobAction::Queued)).await.unwrap());
+    let b_claims = PgClaims::new(db.pool(1), "hv-b".into(), Duration::from_secs(60));
+    assert_eq!(b_claims.claim(vec![1]).await.unwrap().len(), 1);
+    reserve.set(HashMap::from([(labels.clone(), 2)]));
+    assert!(a.accept(event("a-1", 1, JobAction::Queued)).await.unwrap());
+    assert!(a.accept(event("a-2", 2, JobAction::Queued)).await.unwrap());
+    assert!(a.accept(event("a-3", 3, JobAction::Queued)).await.unwrap());
+    assert!(!a.accept(event("a-2", 2, JobAction::Queued)).await.unwrap(), "a duplicate");
+    assert!(a.accept(event("a-4", 4, JobAction::Queued)).await.unwrap());
+    assert_eq!(*got.lock().unwrap(), [(2, 1), (3, 1)], "job 1 is held (the room it took given back); room for two");
+    // The scheduler has one of the claims: room for one more.
+    reserve.arrived(&labels);
+    assert!(a.accept(event("a-5", 5, JobAction::Queued)).await.unwrap());
+    assert!(a.accept(event("a-6", 6, JobAction::Queued)).await.unwrap());
+    assert_eq!(*got.lock().unwrap(), [(2, 1), (3, 1), (5, 1)]);
+    let c = db.connect().await;
+    let held: Vec<(i64, Option<String>, i32, bool)> = c
+        .query("SELECT id, holder, attempts, first_claimed_at IS NOT NULL FROM rv_jobs ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let a_ = Some("hv-a".to_string());
+    assert_eq!(
+        held,
+        [
+            (1, Some("hv-b".into()), 1, true),
+            (2, a_.clone(), 1, true),
+            (3, a_.clone(), 1, true),
+            (4, None, 0, false),
+            (5, a_, 1, true),
+            (6, None, 0, false)
+        ]
+    );
+    // The claim is an ordinary one: renewed by its attempt.
+    let claims = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60));
+    assert_eq!(claims.renew(vec![(2, 1), (5, 1)]).await.unwrap().len(), 2);
 }

@@ -250,7 +250,7 @@ impl Claims for PgClaims {
                        ORDER BY received_at FOR UPDATE SKIP LOCKED) \
                      UPDATE rv_jobs j SET holder = $2, \
                        lease_until = now() + make_interval(secs => $3::float8 / 1000), attempts = j.attempts + 1, \
-                       first_claimed_at = coalesce(j.first_claimed_at, now()) \
+                       first_claimed_at = coalesce(j.first_claimed_at, clock_timestamp()) \
                      FROM c WHERE j.id = c.id \
                      RETURNING j.id, j.attempts, c.holder",
                     &[&ids(&jobs), &host, &lease_ms],

@@ -4,14 +4,85 @@
 //! and its job's row moved forward (never back), which the members read. A
 //! transaction that fails fails its whole group: every caller answers 503 and GitHub's
 //! redelivery brings the deliveries again.
+//!
+//! Claim on write: a new queued job that this member's scheduler would serve at once (its
+//! [`Reserve`]) is claimed in the same transaction that writes it, so the member that
+//! receives a delivery serves it without waiting for the row's notification, a read and a
+//! claim of its own (the fleet's claim latency is the commit's). Only the first writer of a
+//! job claims it (a duplicate delivery is not fresh), and only an unheld row.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{FleetError, Pool, client};
-use crate::model::{JobAction, JobEvent};
+use crate::model::{JobAction, JobEvent, label_set};
+
+/// How many new jobs, per label set, this member's scheduler would serve at once (a
+/// waiting warm VM, a free slot, or room for a cold VM): set by the scheduler at each pass,
+/// taken by the intake as it claims on write. A claim taken counts until the scheduler has
+/// it (`arrived`), so that a pass between the claim and its news does not hand the same room
+/// out twice.
+#[derive(Default)]
+pub struct Reserve {
+    /// label set → (room the scheduler saw, claims made on write it has not had yet)
+    room: Mutex<HashMap<Vec<String>, (u32, u32)>>,
+}
+
+impl Reserve {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, (u32, u32)>> {
+        self.room.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The scheduler's room per label set now (a set not given has none).
+    pub fn set(&self, room: HashMap<Vec<String>, u32>) {
+        let mut r = self.lock();
+        r.retain(|_, (_, pending)| *pending > 0);
+        for v in r.values_mut() {
+            v.0 = 0;
+        }
+        for (set, n) in room {
+            r.entry(set).or_default().0 = n;
+        }
+    }
+
+    /// A job of `labels` may be claimed on write (its room is taken).
+    pub fn take(&self, labels: &[String]) -> bool {
+        let mut r = self.lock();
+        match r.get_mut(&label_set(labels)) {
+            Some((room, pending)) if *room > *pending => {
+                *pending += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A claim taken on write is the scheduler's now (or was not made).
+    pub fn arrived(&self, labels: &[String]) {
+        if let Some((_, pending)) = self.lock().get_mut(&label_set(labels)) {
+            *pending = pending.saturating_sub(1);
+        }
+    }
+}
+
+/// A job claimed on write, for the scheduler: the delivery, the claim's attempt, and when
+/// the claim was sent (its lease runs from then, for this member).
+pub struct ClaimedOnWrite {
+    pub event: JobEvent,
+    pub attempt: u32,
+    pub sent: tokio::time::Instant,
+}
+
+/// What claiming on write needs: the member, its lease, its room, and where its claims go.
+pub struct OnWrite {
+    pub host: String,
+    pub lease: Duration,
+    pub reserve: Arc<Reserve>,
+    pub claimed: Box<dyn Fn(ClaimedOnWrite) + Send + Sync>,
+}
 
 /// Most deliveries written in one transaction.
 const MAX_GROUP: usize = 512;
@@ -63,8 +134,9 @@ pub struct FleetIntake {
 }
 
 impl FleetIntake {
-    /// Starts the writer task; it ends when the last `FleetIntake` is dropped.
-    pub fn start(pool: Pool) -> FleetIntake {
+    /// Starts the writer task; it ends when the last `FleetIntake` is dropped. With
+    /// `on_write`, new queued jobs are claimed as they are written, within its reserve.
+    pub fn start(pool: Pool, on_write: Option<OnWrite>) -> FleetIntake {
         let (tx, mut rx) = mpsc::unbounded_channel::<(JobEvent, Reply)>();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -76,7 +148,15 @@ impl FleetIntake {
                     }
                 }
                 let events: Vec<&JobEvent> = group.iter().map(|(e, _)| e).collect();
-                let result = write(&pool, &events).await;
+                let result = write(&pool, &events, on_write.as_ref()).await;
+                let result = result.map(|(fresh, claimed)| {
+                    if let Some(w) = &on_write {
+                        for (event, attempt, sent) in claimed {
+                            (w.claimed)(ClaimedOnWrite { event: event.clone(), attempt, sent });
+                        }
+                    }
+                    fresh
+                });
                 drop(events);
                 crate::store::answer_group(group, result);
             }
@@ -94,8 +174,35 @@ impl FleetIntake {
     }
 }
 
-/// One transaction for a group of deliveries.
-pub async fn write(pool: &Pool, events: &[&JobEvent]) -> Result<Vec<bool>, FleetError> {
+/// One transaction for a group of deliveries: which were fresh, and the jobs claimed on
+/// write (with `on_write`) with their attempt and when the claim was sent. A failed
+/// transaction gives the room it took back.
+pub async fn write<'a>(
+    pool: &Pool,
+    events: &[&'a JobEvent],
+    on_write: Option<&OnWrite>,
+) -> Result<(Vec<bool>, Vec<(&'a JobEvent, u32, tokio::time::Instant)>), FleetError> {
+    let mut taken: Vec<&JobEvent> = Vec::new();
+    let result = write_taking(pool, events, on_write, &mut taken).await;
+    if let Some(w) = on_write {
+        // Room taken for a job not claimed (another member holds it, or the write failed).
+        let claimed: HashSet<u64> = match &result {
+            Ok((_, c)) => c.iter().map(|(e, _, _)| e.job.id).collect(),
+            Err(_) => HashSet::new(),
+        };
+        for e in taken.iter().filter(|e| !claimed.contains(&e.job.id)) {
+            w.reserve.arrived(&e.job.labels);
+        }
+    }
+    result
+}
+
+async fn write_taking<'a>(
+    pool: &Pool,
+    events: &[&'a JobEvent],
+    on_write: Option<&OnWrite>,
+    taken: &mut Vec<&'a JobEvent>,
+) -> Result<(Vec<bool>, Vec<(&'a JobEvent, u32, tokio::time::Instant)>), FleetError> {
     let mut client = client(pool).await?;
     let tx = client.transaction().await?;
     // In one order on every member (two members given the same deliveries at once would
@@ -112,10 +219,11 @@ pub async fn write(pool: &Pool, events: &[&JobEvent]) -> Result<Vec<bool>, Fleet
         .map(|r| r.get(0))
         .collect();
     let fresh = fresh(events, &inserted);
-    let new: Vec<&JobEvent> = events.iter().zip(&fresh).filter(|(_, f)| **f).map(|(e, _)| *e).collect();
+    let new: Vec<&'a JobEvent> = events.iter().zip(&fresh).filter(|(_, f)| **f).map(|(e, _)| *e).collect();
+    let mut claimed = Vec::new();
     if !new.is_empty() {
         let upsert = tx
-            .prepare(
+            .prepare_cached(
                 "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at, info, runner_name, label_key) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, rv_label_key($4)) \
                  ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info, \
@@ -123,27 +231,53 @@ pub async fn write(pool: &Pool, events: &[&JobEvent]) -> Result<Vec<bool>, Fleet
                  WHERE rv_jobs.rank < EXCLUDED.rank",
             )
             .await?;
-        for e in furthest(new.iter().copied()) {
-            let info = serde_json::to_value(&e.job).expect("a job serializes");
-            tx.execute(
-                &upsert,
-                &[
-                    &(e.job.id as i64),
-                    &state_name(e.action),
-                    &rank(e.action),
-                    &e.job.labels,
-                    &e.job.repository,
-                    &e.received_at,
-                    &info,
-                    &e.job.runner_name,
-                ],
-            )
-            .await?;
+        // Pipelined: one round trip for the group's rows.
+        type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+        let rows: Vec<(&JobEvent, i64, &str, i16, serde_json::Value)> = furthest(new.iter().copied())
+            .into_iter()
+            .map(|e| {
+                let info = serde_json::to_value(&e.job).expect("a job serializes");
+                (e, e.job.id as i64, state_name(e.action), rank(e.action), info)
+            })
+            .collect();
+        let params: Vec<[Param; 8]> = rows
+            .iter()
+            .map(|(e, id, state, rank, info)| -> [Param; 8] {
+                [id, state, rank, &e.job.labels, &e.job.repository, &e.received_at, info, &e.job.runner_name]
+            })
+            .collect();
+        futures_util::future::try_join_all(params.iter().map(|p| tx.execute(&upsert, p))).await?;
+        if let Some(w) = on_write {
+            // New queued jobs this member would serve at once, while their rows are unheld.
+            for e in furthest(new.iter().copied()) {
+                if rank(e.action) == 0 && w.reserve.take(&e.job.labels) {
+                    taken.push(e);
+                }
+            }
+            if !taken.is_empty() {
+                let ids: Vec<i64> = taken.iter().map(|e| e.job.id as i64).collect();
+                let sent = tokio::time::Instant::now();
+                let lease_ms = w.lease.as_millis() as f64;
+                let rows = tx
+                    .query(
+                        "UPDATE rv_jobs SET holder = $2, lease_until = now() + make_interval(secs => $3::float8 / 1000), \
+                           attempts = attempts + 1, first_claimed_at = coalesce(first_claimed_at, clock_timestamp()) \
+                         WHERE id = ANY($1) AND state = 'queued' AND holder IS NULL RETURNING id, attempts",
+                        &[&ids, &w.host, &lease_ms],
+                    )
+                    .await?;
+                for r in rows {
+                    let id = r.get::<_, i64>(0) as u64;
+                    if let Some(e) = taken.iter().find(|e| e.job.id == id) {
+                        claimed.push((*e, r.get::<_, i32>(1) as u32, sent));
+                    }
+                }
+            }
         }
         tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
     }
     tx.commit().await?;
-    Ok(fresh)
+    Ok((fresh, claimed))
 }
 
 #[cfg(test)]
@@ -161,6 +295,28 @@ mod tests {
         );
         let inserted: HashSet<String> = ["a", "b"].map(String::from).into();
         assert_eq!(fresh(&[&a, &b, &a2, &c], &inserted), [true, true, false, false]);
+    }
+
+    #[test]
+    fn the_reserve_hands_out_room_once_until_the_scheduler_has_the_claim() {
+        let r = Reserve::default();
+        let small = vec!["self-hosted".to_string(), "linux".to_string()];
+        let gpu = vec!["gpu".to_string()];
+        r.set(HashMap::from([(label_set(&small), 2)]));
+        let linux_self = vec!["Linux".to_string(), "self-hosted".to_string()];
+        assert!(r.take(&linux_self), "labels as pools match them");
+        assert!(r.take(&small));
+        assert!(!r.take(&small), "room for two");
+        assert!(!r.take(&gpu), "no room for a set not given");
+        // A pass before the scheduler has the claims: the room it saw (2) is taken still.
+        r.set(HashMap::from([(label_set(&small), 2)]));
+        assert!(!r.take(&small));
+        r.arrived(&small);
+        assert!(r.take(&small), "one claim arrived: its room is free again");
+        r.set(HashMap::new());
+        r.arrived(&small);
+        r.arrived(&small);
+        assert!(!r.take(&small), "no room now");
     }
 
     #[test]

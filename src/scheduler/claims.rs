@@ -29,7 +29,7 @@ use super::Scheduler;
 use super::event::{Event, spawn_reporting};
 use crate::fleet::FleetError;
 use crate::fleet::claims::{Claimed, Claims, JobRow, MemberInfo, ReadQuery};
-use crate::fleet::intake::FleetIntake;
+use crate::fleet::intake::{ClaimedOnWrite, FleetIntake, Reserve};
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
 use crate::model::{JobAction, JobEvent, JobState, VmState};
@@ -109,6 +109,10 @@ pub struct Fleet {
     /// Set once this member holds its lock on its host id (`fleet::listen`): no claim,
     /// renewal or heartbeat before. `None`: at once (unit tests).
     joined: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The room for new jobs this member's intake may claim on write, and this pass's
+    /// count of it (label set → jobs).
+    reserve: Option<Arc<Reserve>>,
+    room: HashMap<Vec<String>, u32>,
 }
 
 impl Fleet {
@@ -141,6 +145,57 @@ impl Fleet {
             read_at: None,
             read_failing: false,
             joined: None,
+            reserve: None,
+            room: HashMap::new(),
+        }
+    }
+
+    /// New queued jobs its intake writes may be claimed on write, within the room each
+    /// pass leaves (`reserve`, shared with the intake).
+    pub fn with_reserve(self, reserve: Arc<Reserve>) -> Fleet {
+        Fleet { reserve: Some(reserve), ..self }
+    }
+
+    /// A pool's room for a new job now, from its plan: a waiting warm VM no job takes this
+    /// pass, or (while no other member keeps warm VMs, which a cold member leaves young
+    /// jobs to) a place for a cold VM. None while the pool holds back (back-off, drain), has
+    /// a per-repository cap (the row's repository is not weighed here), or this member is
+    /// not joined or its claims fail.
+    pub(super) fn note_room(
+        &mut self,
+        pool: &crate::config::PoolConfig,
+        vms: &[&crate::model::VmRec],
+        decision: &super::demand::Decision,
+        gate: super::demand::Gate,
+    ) {
+        let now = Instant::now();
+        if self.reserve.is_none()
+            || gate.hold
+            || pool.max_vms_per_repository.is_some()
+            || !self.joined()
+            || self.pause_until.is_some_and(|t| t > now)
+        {
+            return;
+        }
+        let waiting = vms.iter().filter(|v| v.is_unbound_warm() && v.state == VmState::Waiting).count();
+        let warm = waiting.saturating_sub(decision.bind.len());
+        let cold = if self.warm_elsewhere() {
+            0
+        } else {
+            pool.max_vms
+                .saturating_sub(vms.len() + decision.provision.len() + decision.warm + decision.slots)
+                .min(gate.host_room.saturating_sub(decision.provision.len()))
+        };
+        let room = (warm + cold) as u32;
+        if room > 0 {
+            *self.room.entry(crate::model::label_set(&pool.labels)).or_default() += room;
+        }
+    }
+
+    /// Hands this pass's room to the intake.
+    pub(super) fn publish_room(&mut self) {
+        if let Some(r) = &self.reserve {
+            r.set(std::mem::take(&mut self.room));
         }
     }
 
@@ -297,6 +352,25 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         for job in verify {
             self.verify_takeover(job);
+        }
+    }
+
+    /// A delivery this member's intake wrote and claimed at once: the job is applied (its
+    /// row's notification brings the same) and its claim held as any other.
+    pub(super) fn on_claimed_on_write(&mut self, c: ClaimedOnWrite) {
+        let now = Instant::now();
+        let (job, labels) = (c.event.job.id, c.event.job.labels.clone());
+        self.apply(c.event);
+        self.intake.last_webhook = Some(self.now());
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        if let Some(r) = &fleet.reserve {
+            r.arrived(&labels);
+        }
+        self.metrics.fleet_claims.get_or_create(&crate::metrics::ResultLabels::new("won_on_write")).inc();
+        fleet.others.remove(&job);
+        let held = Held::new(c.attempt, false, c.sent, fleet.lease);
+        if held.until > now {
+            fleet.held.entry(job).or_insert(held);
         }
     }
 

@@ -99,6 +99,8 @@ pub enum Event {
     FleetRead(Result<Vec<crate::fleet::claims::JobRow>, crate::fleet::FleetError>),
     /// Fleet mode: a job row changed (the database's `NOTIFY`): read again now.
     FleetWake,
+    /// Fleet mode: a delivery this member's intake wrote and claimed in one transaction.
+    ClaimedOnWrite(crate::fleet::intake::ClaimedOnWrite),
     /// Fleet mode: a job taken over from a member that went away, as GitHub knows it.
     TakeoverChecked {
         job: u64,

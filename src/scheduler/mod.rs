@@ -293,6 +293,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::Heartbeat { members, database } => self.on_heartbeat(members, database),
             Event::TakeoverChecked { job, status } => self.on_takeover_checked(job, status),
             Event::FleetRead(result) => self.on_fleet_read(result),
+            Event::ClaimedOnWrite(c) => self.on_claimed_on_write(c),
             Event::FleetWake => {
                 if let Some(f) = self.fleet.as_mut() {
                     f.read_due = true;
@@ -309,8 +310,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    /// Timers, then demand: per pool, available runners = unserved jobs, within capacity.
+    /// Timers, then demand (see [`Scheduler::plan_pools`]); in a fleet, then the room
+    /// this member has for new jobs goes to its intake (claim on write).
     fn reconcile(&mut self) {
+        self.plan_pools();
+        if let Some(f) = self.fleet.as_mut() {
+            f.publish_room();
+        }
+    }
+
+    /// Timers, then demand: per pool, available runners = unserved jobs, within capacity.
+    fn plan_pools(&mut self) {
         if self.stopping {
             return;
         }
@@ -357,7 +367,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 slots_free: self.free_slots(&pool.name).len(),
                 ..demand::Limits::of(pool)
             };
-            demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now)
+            let decision = demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now);
+            if let Some(fleet) = self.fleet.as_mut() {
+                fleet.note_room(pool, &vms, &decision, gate);
+            }
+            decision
         };
         let since = &mut self.lifecycle.surplus_since;
         // Another pool's timers stay: a VM's pool is its record's (its name alone cannot
