@@ -57,6 +57,9 @@ struct Args {
     /// VMs per member.
     #[arg(long, default_value_t = 4)]
     max_vms: usize,
+    /// Warm VMs the members with an even index keep (the others boot cold).
+    #[arg(long, default_value_t = 1)]
+    warm: usize,
     /// How long faults are made (then the fleet is healed and left to finish).
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -113,6 +116,8 @@ struct MemberArgs {
     lease: Duration,
     #[arg(long)]
     max_vms: usize,
+    #[arg(long)]
+    warm: usize,
     #[arg(long, value_parser = humantime::parse_duration)]
     boot: Duration,
 }
@@ -150,7 +155,8 @@ fn main() -> ExitCode {
 // A member process.
 
 /// Runs the agent until SIGTERM. On stdout: `vm NAME MS` for each VM the first time it is
-/// seen running, `domains N` every second.
+/// seen running; every second `domains N W`: the domains of VMs made for a job or bound to
+/// one, and the warm VMs waiting unbound (the pool keeps `--warm` of those).
 async fn member(args: MemberArgs) -> Result<(), String> {
     let password = std::fs::read_to_string(&args.password_file).map_err(|e| e.to_string())?.trim().to_string();
     let spec = common::MemberSpec {
@@ -160,6 +166,7 @@ async fn member(args: MemberArgs) -> Result<(), String> {
         pg_url: &args.pg,
         lease: args.lease,
         max_vms: args.max_vms,
+        warm: args.warm,
     };
     let config = Arc::new(common::member_config(&spec)?);
     let listener = std::net::TcpListener::bind(args.listen).map_err(|e| format!("{}: {e}", args.listen))?;
@@ -180,7 +187,7 @@ async fn member(args: MemberArgs) -> Result<(), String> {
             let mut seen = BTreeSet::new();
             let mut next_report = Instant::now();
             while !stop.is_cancelled() {
-                let (up, count): (Vec<String>, usize) = {
+                let (up, count, warm): (Vec<String>, usize, usize) = {
                     let s = hv.lock();
                     let up = s
                         .domains
@@ -188,7 +195,10 @@ async fn member(args: MemberArgs) -> Result<(), String> {
                         .filter(|(name, (state, _))| *state == DomainState::Running && !seen.contains(*name))
                         .map(|(name, _)| name.clone())
                         .collect();
-                    (up, s.domains.len())
+                    let unbound =
+                        |name: &String| name.starts_with("rv-small-w") && !s.delivered.iter().any(|(v, _)| v == name);
+                    let warm = s.domains.keys().filter(|n| unbound(n)).count();
+                    (up, s.domains.len() - warm, warm)
                 };
                 for vm in up {
                     println!("vm {vm} {}", unix_ms());
@@ -201,7 +211,7 @@ async fn member(args: MemberArgs) -> Result<(), String> {
                     });
                 }
                 if Instant::now() >= next_report {
-                    println!("domains {count}");
+                    println!("domains {count} {warm}");
                     next_report = Instant::now() + Duration::from_secs(1);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -317,6 +327,8 @@ struct Records {
     /// (member, VM name, unix ms first seen running)
     vms: Vec<(usize, String, u64)>,
     domains: HashMap<usize, usize>,
+    /// Warm VMs waiting unbound, per member.
+    warm: HashMap<usize, usize>,
 }
 
 type Shared = Arc<Mutex<Records>>;
@@ -379,6 +391,9 @@ CREATE FUNCTION chaos_claim_log() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF NEW.holder IS NOT NULL AND NEW.lease_until IS DISTINCT FROM OLD.lease_until THEN
     INSERT INTO chaos_claims (job, attempt, holder, lease_until) VALUES (NEW.id, NEW.attempts, NEW.holder, NEW.lease_until);
+  ELSIF NEW.holder IS NULL AND OLD.holder IS NOT NULL THEN
+    -- A release ends the claim now.
+    INSERT INTO chaos_claims (job, attempt, holder, lease_until) VALUES (OLD.id, OLD.attempts, OLD.holder, clock_timestamp());
   END IF;
   RETURN NEW;
 END $$;
@@ -427,7 +442,12 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
             host_id: format!("chaos-{i:02}"),
             dir,
             listen,
-            pg: format!("postgres://{}@{proxy_at}/{db}?sslmode=disable", user_of(&args.postgres)),
+            // Without faults (load alone), straight to the server: a proxy's hops would be
+            // counted as the agent's.
+            pg: match args.fault_every.is_zero() {
+                true => format!("postgres://{}@{upstream}/{db}?sslmode=disable", user_of(&args.postgres)),
+                false => format!("postgres://{}@{proxy_at}/{db}?sslmode=disable", user_of(&args.postgres)),
+            },
             child: None,
             path,
             stopped: false,
@@ -460,8 +480,17 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
     let mut newer_rows = 0u64;
     let mut next_report = started;
     let tick = Duration::from_millis(250);
+    let mut exited: Vec<String> = Vec::new();
     while Instant::now() < end {
         let now = Instant::now();
+        // A member that ended on its own (a panic, an error) is a finding, then restarted.
+        for (i, m) in members.iter_mut().enumerate() {
+            if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                eprintln!("fleet-chaos: {} exited on its own: {status}", m.host_id);
+                exited.push(format!("{}: {status}", m.host_id));
+                spawn_member(&exe, args, m, i, &sim_url, &records)?;
+            }
+        }
         // Jobs: each tick, as many as the rate gives (in small bursts).
         let mut due = args.rate * tick.as_secs_f64();
         while due > 0.0 {
@@ -551,12 +580,26 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
                 let _ =
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
             }
-            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-            let _ = child.kill().await;
+            // Each member stops cleanly on SIGTERM.
+            match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                other => {
+                    exited.push(format!("{} at SIGTERM: {other:?}", m.host_id));
+                    let _ = child.kill().await;
+                }
+            }
         }
     }
     eprintln!("fleet-chaos: faults by kind: {faults:?}");
-    ok
+    if !exited.is_empty() {
+        eprintln!("fleet-chaos: members that did not end as told: {exited:?}");
+    }
+    Ok(ok? && exited.is_empty())
+}
+
+/// The warm VMs member `i` keeps: the even ones keep `--warm`, the others boot cold.
+fn warm_of(args: &Args, i: usize) -> usize {
+    if i.is_multiple_of(2) { args.warm } else { 0 }
 }
 
 /// The role of a `postgres://USER@...` URL.
@@ -596,6 +639,7 @@ fn spawn_member(
         .arg(&args.password_file)
         .args(["--lease", &humantime::format_duration(args.lease).to_string()])
         .args(["--max-vms", &args.max_vms.to_string()])
+        .args(["--warm", &warm_of(args, i).to_string()])
         .args(["--boot", &humantime::format_duration(args.boot).to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -613,8 +657,10 @@ fn spawn_member(
                 (Some("vm"), Some(name), Some(ms)) => {
                     lock(&records).vms.push((i, name.to_string(), ms.parse().unwrap_or(0)));
                 }
-                (Some("domains"), Some(n), None) => {
-                    lock(&records).domains.insert(i, n.parse().unwrap_or(0));
+                (Some("domains"), Some(n), Some(warm)) => {
+                    let mut r = lock(&records);
+                    r.domains.insert(i, n.parse().unwrap_or(0));
+                    r.warm.insert(i, warm.parse().unwrap_or(0));
                 }
                 _ => {}
             }
@@ -803,7 +849,9 @@ async fn runners_lost(http: &reqwest::Client, sim_url: &str, records: &Shared, i
             let _ = http.post(format!("{sim_url}/_sim/runners/{id}/lost")).send().await;
         }
     }
-    lock(records).domains.insert(i, 0);
+    let mut r = lock(records);
+    r.domains.insert(i, 0);
+    r.warm.insert(i, 0);
 }
 
 async fn sim_jobs(http: &reqwest::Client, sim_url: &str) -> Result<Vec<Value>, String> {
@@ -854,9 +902,11 @@ async fn check(
     let starved: Vec<u64> =
         waits.iter().filter(|(_, w)| *w > args.starve_bound.as_secs_f64()).map(|(j, _)| *j).collect();
     let runners_left = get_json(http, &format!("{sim_url}/_sim/runners")).await?.as_array().map_or(0, |a| a.len());
+    // Left: VMs of jobs, and warm VMs beyond what a member keeps.
     let (vms, vms_left) = {
         let r = lock(records);
-        (r.vms.clone(), r.domains.values().sum::<usize>())
+        let extra_warm: usize = r.warm.iter().map(|(i, n)| n.saturating_sub(warm_of(args, *i))).sum();
+        (r.vms.clone(), r.domains.values().sum::<usize>() + extra_warm)
     };
     // Each VM made within its member's claim of that attempt: a claim (or renewal) of it
     // written before the VM was seen, whose lease ran past that moment.
@@ -875,12 +925,16 @@ async fn check(
         claims.entry(key).or_default().push((r.get(2), r.get::<_, i64>(3) as u64, r.get::<_, i64>(4) as u64));
     }
     let mut late = Vec::new();
+    for cs in claims.values_mut() {
+        cs.sort_by_key(|(_, at, _)| *at);
+    }
     for (m, vm, seen) in &vms {
         let Some(key) = job_attempt(vm) else { continue };
         let host = format!("chaos-{m:02}");
-        let within = claims
-            .get(&key)
-            .is_some_and(|cs| cs.iter().any(|(h, at, until)| *h == host && *at <= *seen && *until >= *seen));
+        // The claim's last word before the VM was seen: this member's, running past it (a
+        // release ends a claim when it is written).
+        let last = claims.get(&key).and_then(|cs| cs.iter().rev().find(|(_, at, _)| *at <= *seen));
+        let within = last.is_some_and(|(h, _, until)| *h == host && *until >= *seen);
         if !within {
             late.push(format!("{vm} on {host}"));
         }

@@ -423,6 +423,7 @@ fn start_member(
         pg_url,
         lease: args.lease,
         max_vms: args.max_vms,
+        warm: 0,
     };
     let config = Arc::new(common::member_config(&spec)?);
     let (deps, hv, metrics) = common::member_deps(&config, password, sim_url, listener)?;

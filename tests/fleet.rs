@@ -466,13 +466,14 @@ async fn check_reports_the_database_its_schema_and_what_is_wrong() {
     schema::migrate(&mut db.connect().await).await.unwrap();
     let line = runnervisor::check::check_fleet(&good, None).await;
     assert!(line.ok && line.detail.contains(&format!("schema version {}", schema::latest())), "{line:?}");
-    // Every table the agent writes is checked: the shared runner list and the members too.
-    for table in ["rv_runner_list", "rv_members"] {
+    // Every table the agent writes is checked: the shared runner list and the members too;
+    // and the tables the lead prunes for DELETE.
+    for (table, privilege) in [("rv_runner_list", "UPDATE"), ("rv_members", "UPDATE"), ("rv_jobs", "DELETE")] {
         let c = db.connect().await;
-        c.batch_execute(&format!("REVOKE UPDATE ON {table} FROM {}", common::pg::ROLE)).await.unwrap();
+        c.batch_execute(&format!("REVOKE {privilege} ON {table} FROM {}", common::pg::ROLE)).await.unwrap();
         let line = runnervisor::check::check_fleet(&good, None).await;
-        assert!(!line.ok && line.detail.contains(&format!("UPDATE on {table}")), "{line:?}");
-        c.batch_execute(&format!("GRANT UPDATE ON {table} TO {}", common::pg::ROLE)).await.unwrap();
+        assert!(!line.ok && line.detail.contains(&format!("{privilege} on {table}")), "{line:?}");
+        c.batch_execute(&format!("GRANT {privilege} ON {table} TO {}", common::pg::ROLE)).await.unwrap();
     }
     // Nobody listens there: a clear failure with a fix, no password in it.
     let line =
@@ -676,7 +677,7 @@ async fn a_migration_gives_up_on_a_lock_held_long_and_succeeds_once_it_is_free()
 }
 
 /// The lead prunes in batches what the fleet no longer needs: finished jobs past a week,
-/// delivery ids past the redelivery window, members gone for a month, the old log; what
+/// delivery ids past the redelivery window, members gone half a year, the old log; what
 /// is recent or unfinished stays.
 #[tokio::test(flavor = "multi_thread")]
 async fn pruning_removes_only_what_is_past_its_retention_a_batch_at_a_time() {
@@ -691,7 +692,7 @@ async fn pruning_removes_only_what_is_past_its_retention_a_batch_at_a_time() {
            (100002, 'queued', 0, '{{a}}', 'o/r', now() - interval '9 days', now() - interval '9 days'); \
          INSERT INTO rv_deliveries (guid, received_at) VALUES ('old', now() - interval '4 days'), ('new', now() - interval '2 days'); \
          INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, seen_at) VALUES \
-           ('gone', 1, 0, 0, 0, 'x', now() - interval '31 days'), ('here', 1, 0, 0, 0, 'x', now() - interval '2 days'); \
+           ('gone', 1, 0, 0, 0, 'x', now() - interval '181 days'), ('here', 1, 0, 0, 0, 'x', now() - interval '31 days'); \
          INSERT INTO rv_events (job_id, event) VALUES (1, '{{}}'), (2, '{{}}');",
         n = BATCH + 5
     ))
@@ -751,8 +752,10 @@ async fn a_member_claims_a_new_job_as_it_writes_it_within_its_room() {
     assert!(!a.accept(event("a-2", 2, JobAction::Queued)).await.unwrap(), "a duplicate");
     assert!(a.accept(event("a-4", 4, JobAction::Queued)).await.unwrap());
     assert_eq!(*got.lock().unwrap(), [(2, 1), (3, 1)], "job 1 is held (the room it took given back); room for two");
-    // The scheduler has one of the claims: room for one more.
+    // The scheduler has both claims, and its next pass sees room for one more.
     reserve.arrived(&labels);
+    reserve.arrived(&labels);
+    reserve.set(HashMap::from([(labels.clone(), 1)]));
     assert!(a.accept(event("a-5", 5, JobAction::Queued)).await.unwrap());
     assert!(a.accept(event("a-6", 6, JobAction::Queued)).await.unwrap());
     assert_eq!(*got.lock().unwrap(), [(2, 1), (3, 1), (5, 1)]);

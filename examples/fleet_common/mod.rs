@@ -27,6 +27,8 @@ pub struct MemberSpec<'a> {
     pub pg_url: &'a str,
     pub lease: Duration,
     pub max_vms: usize,
+    /// Warm VMs its pool keeps.
+    pub warm: usize,
 }
 
 /// Member `spec`'s configuration (its golden image made in its directory), parsed as the
@@ -58,6 +60,7 @@ pub fn member_config(spec: &MemberSpec) -> Result<Config, String> {
         labels = ["self-hosted", "linux"]
         image = "{image}"
         max_vms = {max_vms}
+        warm = {warm}
         "#,
         dir = spec.dir.display(),
         sim_url = spec.sim_url,
@@ -66,6 +69,7 @@ pub fn member_config(spec: &MemberSpec) -> Result<Config, String> {
         pg_url = spec.pg_url,
         image = image.display(),
         max_vms = spec.max_vms,
+        warm = spec.warm,
     );
     Config::parse(&text).map_err(|e| format!("{}: {e}", spec.host_id))
 }

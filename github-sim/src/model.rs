@@ -483,18 +483,20 @@ impl World {
 
     /// The runner's machine died (a host crash): as GitHub does once it stops hearing from
     /// a runner, its job (if any) fails and the runner is no longer busy; it stays
-    /// registered, offline, until deleted. Returns the job that failed.
+    /// registered, offline, until deleted. Returns the job that failed (none: it had none,
+    /// or its job was over).
     pub fn runner_lost(&mut self, runner_id: u64, now: SystemTime) -> Result<Option<u64>, WorldError> {
         let runner = self.runners.get_mut(&runner_id).ok_or(WorldError::NotFound)?;
         runner.last_seen = None;
         runner.polling = 0;
-        let job = runner.job.take();
-        if let Some(job) = job.and_then(|id| self.jobs.get_mut(&id)).filter(|j| j.status != JobStatus::Completed) {
-            job.status = JobStatus::Completed;
-            job.conclusion = Some("failure".into());
-            job.completed_at = Some(now);
+        let Some(job) = runner.job.take().and_then(|id| self.jobs.get_mut(&id)) else { return Ok(None) };
+        if job.status == JobStatus::Completed {
+            return Ok(None);
         }
-        Ok(job)
+        job.status = JobStatus::Completed;
+        job.conclusion = Some("failure".into());
+        job.completed_at = Some(now);
+        Ok(Some(job.id))
     }
 
     /// A heartbeat of a running job; `false` when the job was cancelled meanwhile.

@@ -136,8 +136,9 @@ pub mod retention {
     pub const DONE_JOBS: Duration = Duration::from_secs(7 * 86400);
     /// A delivery's id: GitHub redelivers for three days.
     pub const DELIVERIES: Duration = Duration::from_secs(3 * 86400 + 3600);
-    /// A member not heard from (its number is free again).
-    pub const MEMBERS: Duration = Duration::from_secs(30 * 86400);
+    /// A member not heard from (its number is free again; a member back after that gets a
+    /// new one: half a year, longer than any VM of its may wait on a shared libvirtd).
+    pub const MEMBERS: Duration = Duration::from_secs(180 * 86400);
     /// Rows removed per table and statement: a statement stays short on large tables.
     pub const BATCH: i64 = 1000;
 }

@@ -8,8 +8,8 @@
 //! Claim on write: a new queued job that this member's scheduler would serve at once (its
 //! [`Reserve`]) is claimed in the same transaction that writes it, so the member that
 //! receives a delivery serves it without waiting for the row's notification, a read and a
-//! claim of its own (the fleet's claim latency is the commit's). Only the first writer of a
-//! job claims it (a duplicate delivery is not fresh), and only an unheld row.
+//! claim of its own (the fleet's claim latency is the commit's). Only a fresh delivery
+//! claims (a duplicate is not), and only a queued row no one holds.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -21,30 +21,43 @@ use super::{FleetError, Pool, client};
 use crate::model::{JobAction, JobEvent, label_set};
 
 /// How many new jobs, per label set, this member's scheduler would serve at once (a
-/// waiting warm VM, a free slot, or room for a cold VM): set by the scheduler at each pass,
+/// waiting warm VM, or room for a cold VM): set by the scheduler at each pass,
 /// taken by the intake as it claims on write. A claim taken counts until the scheduler has
 /// it (`arrived`), so that a pass between the claim and its news does not hand the same room
 /// out twice.
 #[derive(Default)]
 pub struct Reserve {
-    /// label set → (room the scheduler saw, claims made on write it has not had yet)
-    room: Mutex<HashMap<Vec<String>, (u32, u32)>>,
+    /// label set → room
+    room: Mutex<HashMap<Vec<String>, Room>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Room {
+    /// What the scheduler saw at its last pass.
+    seen: u32,
+    /// Claims made on write since, or before and not yet seen by it.
+    pending: u32,
+    /// Of those, the ones it has had since its last pass (they leave `pending` at the next
+    /// `set`, which counts them in `seen`: not before, or the room would be counted twice).
+    arrived: u32,
 }
 
 impl Reserve {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, (u32, u32)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Room>> {
         self.room.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The scheduler's room per label set now (a set not given has none).
+    /// The scheduler's room per label set now (a set not given has none), counting the
+    /// claims it has had.
     pub fn set(&self, room: HashMap<Vec<String>, u32>) {
         let mut r = self.lock();
-        r.retain(|_, (_, pending)| *pending > 0);
         for v in r.values_mut() {
-            v.0 = 0;
+            v.pending = v.pending.saturating_sub(std::mem::take(&mut v.arrived));
+            v.seen = 0;
         }
+        r.retain(|_, v| v.pending > 0);
         for (set, n) in room {
-            r.entry(set).or_default().0 = n;
+            r.entry(set).or_default().seen = n;
         }
     }
 
@@ -52,18 +65,27 @@ impl Reserve {
     pub fn take(&self, labels: &[String]) -> bool {
         let mut r = self.lock();
         match r.get_mut(&label_set(labels)) {
-            Some((room, pending)) if *room > *pending => {
-                *pending += 1;
+            Some(v) if v.seen > v.pending => {
+                v.pending += 1;
                 true
             }
             _ => false,
         }
     }
 
-    /// A claim taken on write is the scheduler's now (or was not made).
+    /// A claim taken on write is the scheduler's now: its room is free once the
+    /// scheduler's next pass has counted it.
     pub fn arrived(&self, labels: &[String]) {
-        if let Some((_, pending)) = self.lock().get_mut(&label_set(labels)) {
-            *pending = pending.saturating_sub(1);
+        if let Some(v) = self.lock().get_mut(&label_set(labels)) {
+            v.arrived = (v.arrived + 1).min(v.pending);
+        }
+    }
+
+    /// Room taken for a job that was not claimed (another member holds it, or the write
+    /// failed): free at once.
+    fn untake(&self, labels: &[String]) {
+        if let Some(v) = self.lock().get_mut(&label_set(labels)) {
+            v.pending = v.pending.saturating_sub(1);
         }
     }
 }
@@ -191,7 +213,7 @@ pub async fn write<'a>(
             Err(_) => HashSet::new(),
         };
         for e in taken.iter().filter(|e| !claimed.contains(&e.job.id)) {
-            w.reserve.arrived(&e.job.labels);
+            w.reserve.untake(&e.job.labels);
         }
     }
     result
@@ -260,7 +282,9 @@ async fn write_taking<'a>(
                 let lease_ms = w.lease.as_millis() as f64;
                 let rows = tx
                     .query(
-                        "UPDATE rv_jobs SET holder = $2, lease_until = now() + make_interval(secs => $3::float8 / 1000), \
+                        // The lease runs from now, not from the transaction's start
+                        // (`now()`): the member counts it from `sent`, just before.
+                        "UPDATE rv_jobs SET holder = $2, lease_until = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
                            attempts = attempts + 1, first_claimed_at = coalesce(first_claimed_at, clock_timestamp()) \
                          WHERE id = ANY($1) AND state = 'queued' AND holder IS NULL RETURNING id, attempts",
                         &[&ids, &w.host, &lease_ms],
@@ -312,10 +336,16 @@ mod tests {
         r.set(HashMap::from([(label_set(&small), 2)]));
         assert!(!r.take(&small));
         r.arrived(&small);
-        assert!(r.take(&small), "one claim arrived: its room is free again");
+        assert!(!r.take(&small), "the scheduler has one claim, but has not counted it yet");
+        // Its pass counts it: one place left, which the claim it has not had yet takes.
+        r.set(HashMap::from([(label_set(&small), 1)]));
+        assert!(!r.take(&small));
+        r.arrived(&small);
+        r.set(HashMap::from([(label_set(&small), 1)]));
+        assert!(r.take(&small), "both had and counted: the place it saw is free");
+        r.untake(&small);
+        assert!(r.take(&small), "room not used is given back at once");
         r.set(HashMap::new());
-        r.arrived(&small);
-        r.arrived(&small);
         assert!(!r.take(&small), "no room now");
     }
 

@@ -408,13 +408,23 @@ pub async fn probe(pool: &Pool) -> Result<Probe, FleetError> {
             missing.push("CREATE on the database (to create the schema)".to_string());
         }
     }
-    // Every table the agent writes (rv_events, the log of earlier versions, is no longer).
-    for table in ["rv_deliveries", "rv_jobs", "rv_leader", "rv_members", "rv_runner_list"] {
+    // Every table the agent writes, and those the lead prunes (rv_events, the log of
+    // earlier versions, is only emptied).
+    #[rustfmt::skip]
+    let tables: [(&str, &[&str]); 6] = [
+        ("rv_deliveries", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+        ("rv_jobs", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+        ("rv_leader", &["SELECT", "INSERT", "UPDATE"]),
+        ("rv_members", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+        ("rv_runner_list", &["SELECT", "INSERT", "UPDATE"]),
+        ("rv_events", &["SELECT", "DELETE"]),
+    ];
+    for (table, privileges) in tables {
         let exists: bool = c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.get(0);
         if !exists {
             continue;
         }
-        for privilege in ["SELECT", "INSERT", "UPDATE"] {
+        for privilege in privileges {
             let has: bool = c.query_one("SELECT has_table_privilege($1, $2)", &[&table, &privilege]).await?.get(0);
             if !has {
                 missing.push(format!("{privilege} on {table}"));

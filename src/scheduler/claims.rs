@@ -56,12 +56,26 @@ struct Held {
     /// its last renewal that succeeded was sent, less a margin (the database's lease runs
     /// from when it got the request, later). Past it another member may hold the job.
     until: Instant,
+    /// Claimed on write (`intake::Reserve`): when, if not used yet. Such a claim the plan
+    /// does not take up soon (the room was counted high) goes back to the fleet.
+    on_write: Option<Instant>,
 }
 
 impl Held {
     fn new(attempt: u32, used: bool, sent: Instant, lease: Duration) -> Held {
-        Held { attempt, used, until: sent + lease - lease / 10 }
+        Held { attempt, used, until: sent + lease - lease / 10, on_write: None }
     }
+
+    /// The claim of a VM found at start: held as far as this member knows, of an attempt
+    /// the first renewal tells, and unusable until that renewal confirms it.
+    fn adopted(now: Instant) -> Held {
+        Held { attempt: 0, used: true, until: now, on_write: None }
+    }
+}
+
+/// How long a claim made on write may wait unused before it goes back to the fleet.
+fn unused_on_write(lease: Duration) -> Duration {
+    lease / 3
 }
 
 /// See [`Fleet::may_bind`].
@@ -113,6 +127,8 @@ pub struct Fleet {
     /// count of it (label set → jobs).
     reserve: Option<Arc<Reserve>>,
     room: HashMap<Vec<String>, u32>,
+    /// Of it, places for cold VMs (out of the host's room, across pools).
+    room_cold: usize,
 }
 
 impl Fleet {
@@ -147,6 +163,7 @@ impl Fleet {
             joined: None,
             reserve: None,
             room: HashMap::new(),
+            room_cold: 0,
         }
     }
 
@@ -177,14 +194,24 @@ impl Fleet {
         {
             return;
         }
-        let waiting = vms.iter().filter(|v| v.is_unbound_warm() && v.state == VmState::Waiting).count();
+        let waiting = vms
+            .iter()
+            .filter(|v| v.is_unbound_warm() && v.state == VmState::Waiting && v.reap.is_none())
+            .filter(|v| !decision.unwarm.contains(&v.name))
+            .count();
         let warm = waiting.saturating_sub(decision.bind.len());
         let cold = if self.warm_elsewhere() {
             0
         } else {
-            pool.max_vms
-                .saturating_sub(vms.len() + decision.provision.len() + decision.warm + decision.slots)
-                .min(gate.host_room.saturating_sub(decision.provision.len()))
+            // New VMs this pass (jobs, warm VMs, slots) and the cold room given to the
+            // pools before this one come out of the host's room.
+            let starting = decision.provision.len() + decision.warm + decision.slots;
+            let cold = pool
+                .max_vms
+                .saturating_sub(vms.len() + starting)
+                .min(gate.host_room.saturating_sub(starting + self.room_cold));
+            self.room_cold += cold;
+            cold
         };
         let room = (warm + cold) as u32;
         if room > 0 {
@@ -194,6 +221,7 @@ impl Fleet {
 
     /// Hands this pass's room to the intake.
     pub(super) fn publish_room(&mut self) {
+        self.room_cold = 0;
         if let Some(r) = &self.reserve {
             r.set(std::mem::take(&mut self.room));
         }
@@ -237,6 +265,7 @@ impl Fleet {
     pub fn used(&mut self, job: u64) {
         if let Some(h) = self.held.get_mut(&job) {
             h.used = true;
+            h.on_write = None;
         }
     }
 
@@ -368,9 +397,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.metrics.fleet_claims.get_or_create(&crate::metrics::ResultLabels::new("won_on_write")).inc();
         fleet.others.remove(&job);
-        let held = Held::new(c.attempt, false, c.sent, fleet.lease);
-        if held.until > now {
+        let held = Held { on_write: Some(now), ..Held::new(c.attempt, false, c.sent, fleet.lease) };
+        let queued = self.book.jobs.get(&job).is_some_and(|j| j.state == JobState::Queued);
+        if held.until > now && queued {
             fleet.held.entry(job).or_insert(held);
+        } else if !fleet.held.contains_key(&job) {
+            // Not this member's to serve after all (its pool went in a reload, the news
+            // came too late): back to the fleet at once.
+            let claims = fleet.claims.clone();
+            tokio::spawn(async move {
+                if let Err(e) = claims.release(vec![(job, c.attempt)]).await {
+                    warn!(error = %e, "cannot give up a claim (its lease runs out instead)");
+                }
+            });
         }
     }
 
@@ -516,7 +555,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             fleet.adopted = true;
             for vm in self.book.vms.values().filter(|v| v.job_id != 0) {
                 if self.book.jobs.get(&vm.job_id).is_some_and(|j| j.state == JobState::Queued) {
-                    fleet.held.entry(vm.job_id).or_insert(Held::new(0, true, now, fleet.lease));
+                    fleet.held.entry(vm.job_id).or_insert(Held::adopted(now));
                 }
             }
         }
@@ -559,6 +598,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         for job in &unservable {
             if let Some(h) = fleet.held.remove(job) {
                 release.push((*job, h.attempt));
+            }
+        }
+        // A claim made on write that the plan has not taken up: the room was counted high
+        // (another member may serve the job now).
+        let stale: Vec<u64> = fleet
+            .held
+            .iter()
+            .filter(|(_, h)| h.on_write.is_some_and(|t| now.duration_since(t) >= unused_on_write(fleet.lease)))
+            .map(|(job, _)| *job)
+            .collect();
+        for job in stale {
+            if let Some(h) = fleet.held.remove(&job) {
+                info!(job_id = job, "giving back a claim made on write this member has not used");
+                release.push((job, h.attempt));
             }
         }
         fleet.verifying.retain(|j| fleet.held.contains_key(j));
@@ -663,22 +716,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         fleet.renewing = false;
         match result {
             Ok(kept) => {
-                let kept: HashMap<u64, u32> = kept.into_iter().collect();
-                let now = Instant::now();
-                let lease = fleet.lease;
-                for (job, attempt) in &kept {
-                    // The claim renewed is the one held (not one taken again since: the
-                    // epoch); an adopted claim (attempt 0) learns its attempt.
-                    if let Some(h) = fleet.held.get_mut(job).filter(|h| h.attempt == 0 || h.attempt == *attempt) {
-                        h.attempt = *attempt;
-                        h.until = h.until.max(Held::new(h.attempt, h.used, sent, lease).until);
-                    }
-                }
-                for (job, _) in asked.iter().filter(|(j, _)| !kept.contains_key(j)) {
-                    if fleet.held.remove(job).is_some() {
-                        warn!(job_id = job, "lost the claim of a job (its lease ran out and another member took it)");
-                        fleet.others.insert(*job, now + RETRY_OTHERS.min(fleet.lease / 2));
-                    }
+                for job in fleet.renewed(&asked, sent, kept, Instant::now()) {
+                    warn!(job_id = job, "lost the claim of a job (its lease ran out and another member took it)");
                 }
             }
             Err(e) => {
@@ -686,6 +725,33 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 fleet.renewed_at = None;
             }
         }
+    }
+}
+
+impl Fleet {
+    /// A renewal sent at `sent` for the claims `asked` kept `kept`: their leases run from
+    /// then; the claims asked about and not kept are lost (returned), unless the job was
+    /// claimed again here since (another attempt, which this renewal could not know).
+    fn renewed(&mut self, asked: &[(u64, u32)], sent: Instant, kept: Vec<(u64, u32)>, now: Instant) -> Vec<u64> {
+        let kept: HashMap<u64, u32> = kept.into_iter().collect();
+        let lease = self.lease;
+        for (job, attempt) in &kept {
+            // The claim renewed is the one held (the epoch); an adopted claim (attempt 0)
+            // learns its attempt.
+            if let Some(h) = self.held.get_mut(job).filter(|h| h.attempt == 0 || h.attempt == *attempt) {
+                h.attempt = *attempt;
+                h.until = h.until.max(Held::new(h.attempt, h.used, sent, lease).until);
+            }
+        }
+        let mut lost = Vec::new();
+        for (job, attempt) in asked.iter().filter(|(j, _)| !kept.contains_key(j)) {
+            let same = self.held.get(job).is_some_and(|h| h.attempt == *attempt || *attempt == 0);
+            if same && self.held.remove(job).is_some() {
+                self.others.insert(*job, now + RETRY_OTHERS.min(lease / 2));
+                lost.push(*job);
+            }
+        }
+        lost
     }
 }
 
@@ -700,9 +766,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_claim_is_used_only_within_its_lease_from_when_it_was_sent() {
         let lease = Duration::from_secs(30);
-        let clock = Arc::new(crate::clock::TokioClock::new());
-        let claims = MemoryClaims { board: Arc::new(MemoryBoard::default()), host: "hv".into(), lease, clock };
-        let mut fleet = Fleet::new(Arc::new(claims), None, "hv".into(), lease, Duration::from_secs(1));
+        let mut fleet = lone_fleet(lease);
         let sent = Instant::now();
         fleet.held.insert(7, Held::new(3, false, sent, lease));
         #[rustfmt::skip]
@@ -723,5 +787,34 @@ mod tests {
         // Used: a second VM claims again.
         fleet.used(7);
         assert_eq!(fleet.serving(7, sent), None);
+    }
+
+    fn lone_fleet(lease: Duration) -> Fleet {
+        let clock = Arc::new(crate::clock::TokioClock::new());
+        let claims = MemoryClaims { board: Arc::new(MemoryBoard::default()), host: "hv".into(), lease, clock };
+        Fleet::new(Arc::new(claims), None, "hv".into(), lease, Duration::from_secs(1))
+    }
+
+    /// A renewal acts on the claims it named: one that finds the job claimed again here
+    /// since (a new attempt) loses nothing; one that finds a claim gone loses it; an
+    /// adopted claim is unusable until a renewal confirms it, which tells its attempt.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_acts_only_on_the_claims_it_named() {
+        let lease = Duration::from_secs(30);
+        let mut fleet = lone_fleet(lease);
+        let sent = Instant::now();
+        // Job 7 was claimed again (attempt 4) while a renewal of attempt 3 was in flight.
+        fleet.held.insert(7, Held::new(4, false, sent, lease));
+        fleet.held.insert(8, Held::new(1, false, sent, lease));
+        let lost = fleet.renewed(&[(7, 3), (8, 1)], sent, vec![], sent);
+        assert_eq!(lost, [8], "attempt 3's renewal says nothing of attempt 4");
+        assert_eq!(fleet.serving(7, sent), Some(4));
+        assert!(fleet.elsewhere(8, sent));
+        // Adopted at a restart: not usable before a renewal confirms it.
+        fleet.held.insert(9, Held::adopted(sent));
+        assert_eq!(fleet.may_bind(9, sent), MayBind::Wait);
+        let later = sent + Duration::from_secs(1);
+        assert!(fleet.renewed(&[(9, 0)], later, vec![(9, 5)], later).is_empty());
+        assert_eq!((fleet.held[&9].attempt, fleet.may_bind(9, later)), (5, MayBind::Yes));
     }
 }
