@@ -155,7 +155,7 @@ fn main() -> ExitCode {
 // A member process.
 
 /// Runs the agent until SIGTERM. On stdout: `vm NAME MS` for each VM the first time it is
-/// seen running; every second `domains N W`: the domains of VMs made for a job or bound to
+/// seen running (MS: when it was defined); every second `domains N W`: the domains of VMs made for a job or bound to
 /// one, and the warm VMs waiting unbound (the pool keeps `--warm` of those).
 async fn member(args: MemberArgs) -> Result<(), String> {
     let password = std::fs::read_to_string(&args.password_file).map_err(|e| e.to_string())?.trim().to_string();
@@ -187,21 +187,28 @@ async fn member(args: MemberArgs) -> Result<(), String> {
             let mut seen = BTreeSet::new();
             let mut next_report = Instant::now();
             while !stop.is_cancelled() {
-                let (up, count, warm): (Vec<String>, usize, usize) = {
+                let (up, count, warm): (Vec<(String, u64)>, usize, usize) = {
                     let s = hv.lock();
+                    // When each was defined (by the agent's call), not when seen here: a stop
+                    // of this process would make it look late.
+                    let defined = |name: &String| {
+                        s.defined_at.get(name).map_or(0, |t| {
+                            t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+                        })
+                    };
                     let up = s
                         .domains
                         .iter()
                         .filter(|(name, (state, _))| *state == DomainState::Running && !seen.contains(*name))
-                        .map(|(name, _)| name.clone())
+                        .map(|(name, _)| (name.clone(), defined(name)))
                         .collect();
                     let unbound =
                         |name: &String| name.starts_with("rv-small-w") && !s.delivered.iter().any(|(v, _)| v == name);
                     let warm = s.domains.keys().filter(|n| unbound(n)).count();
                     (up, s.domains.len() - warm, warm)
                 };
-                for vm in up {
-                    println!("vm {vm} {}", unix_ms());
+                for (vm, defined) in up {
+                    println!("vm {vm} {defined}");
                     seen.insert(vm.clone());
                     let (hv, http) = (hv.clone(), http.clone());
                     tokio::spawn(async move {
@@ -931,7 +938,7 @@ async fn check(
     for (m, vm, seen) in &vms {
         let Some(key) = job_attempt(vm) else { continue };
         let host = format!("chaos-{m:02}");
-        // The claim's last word before the VM was seen: this member's, running past it (a
+        // The claim's last word before the VM was defined: this member's, running past it (a
         // release ends a claim when it is written).
         let last = claims.get(&key).and_then(|cs| cs.iter().rev().find(|(_, at, _)| *at <= *seen));
         let within = last.is_some_and(|(h, _, until)| *h == host && *until >= *seen);

@@ -371,6 +371,15 @@ async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out_and_sh
     assert_eq!(a.runners().await.unwrap().unwrap().0, list, "does not replace a newer one");
     assert!(b.publish_runners(Vec::new(), ago(0)).await.unwrap());
     assert_eq!(a.runners().await.unwrap().unwrap().0, vec![], "replaced whole");
+    // How far the lead read the delivery log: kept for the next lead, set only by the lead,
+    // never moved back.
+    let t = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs);
+    assert_eq!(b.deliveries_checked().await.unwrap(), None);
+    b.check_deliveries(t(10)).await.unwrap();
+    a.check_deliveries(t(20)).await.unwrap();
+    assert_eq!(a.deliveries_checked().await.unwrap(), Some(t(10)), "only the lead (b) records it");
+    b.check_deliveries(t(5)).await.unwrap();
+    assert_eq!(a.deliveries_checked().await.unwrap(), Some(t(10)), "never back");
 }
 
 /// Members sharing a libvirtd name their warm VMs and slots with their number: the
@@ -663,10 +672,14 @@ async fn a_migration_gives_up_on_a_lock_held_long_and_succeeds_once_it_is_free()
     let latest = schema::latest();
     let c = db.connect().await;
     // Back to the version before the last (its one change undone).
-    c.batch_execute(&format!("DROP INDEX rv_jobs_done; DELETE FROM rv_schema WHERE version = {latest}")).await.unwrap();
+    c.batch_execute(&format!(
+        "ALTER TABLE rv_leader DROP COLUMN deliveries_checked; DELETE FROM rv_schema WHERE version = {latest}"
+    ))
+    .await
+    .unwrap();
     let mut holder = db.connect().await;
     let tx = holder.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE rv_jobs IN ROW EXCLUSIVE MODE").await.unwrap();
+    tx.batch_execute("LOCK TABLE rv_leader IN ACCESS SHARE MODE").await.unwrap();
     let started = std::time::Instant::now();
     let mut client = db.connect().await;
     let r = tokio::time::timeout(Duration::from_secs(60), schema::migrate(&mut client)).await.expect("it gives up");

@@ -126,6 +126,11 @@ pub trait Claims: Send + Sync + 'static {
     /// The lead removes one batch of what the fleet no longer needs ([`retention`]): rows
     /// removed, per table.
     fn prune(&self) -> BoxFuture<'static, Result<Pruned, FleetError>>;
+    /// How far back the hook's delivery log has been handled, by any lead (none yet: `None`).
+    fn deliveries_checked(&self) -> BoxFuture<'static, Result<Option<WallTime>, FleetError>>;
+    /// The lead has handled the delivery log back to `until`: kept only while this member
+    /// leads, and never moved back.
+    fn check_deliveries(&self, until: WallTime) -> BoxFuture<'static, Result<(), FleetError>>;
 }
 
 /// How long the fleet keeps what it no longer serves from.
@@ -468,6 +473,32 @@ impl Claims for PgClaims {
             Ok(Pruned { jobs, deliveries, members, events })
         })
     }
+
+    fn deliveries_checked(&self) -> BoxFuture<'static, Result<Option<WallTime>, FleetError>> {
+        let pool = self.leases.clone();
+        Box::pin(async move {
+            let row = client(&pool)
+                .await?
+                .query_opt("SELECT deliveries_checked FROM rv_leader WHERE name = $1", &[&GITHUB_WORK])
+                .await?;
+            Ok(row.and_then(|r| r.get(0)))
+        })
+    }
+
+    fn check_deliveries(&self, until: WallTime) -> BoxFuture<'static, Result<(), FleetError>> {
+        let (pool, host) = (self.leases.clone(), self.host.clone());
+        Box::pin(async move {
+            client(&pool)
+                .await?
+                .execute(
+                    "UPDATE rv_leader SET deliveries_checked = $3 WHERE name = $1 AND holder = $2 \
+                     AND expires_at > now() AND (deliveries_checked IS NULL OR deliveries_checked < $3)",
+                    &[&GITHUB_WORK, &host, &until],
+                )
+                .await?;
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +517,8 @@ pub struct MemoryBoard {
     rows: Mutex<HashMap<u64, (JobAction, JobInfo, SystemTime)>>,
     /// Prunes asked for.
     pub prunes: std::sync::atomic::AtomicU32,
+    /// How far back the lead has handled the delivery log.
+    pub deliveries_checked: Mutex<Option<SystemTime>>,
 }
 
 #[cfg(test)]
@@ -661,6 +694,20 @@ impl Claims for MemoryClaims {
     fn prune(&self) -> BoxFuture<'static, Result<Pruned, FleetError>> {
         self.board.prunes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Box::pin(std::future::ready(Ok(Pruned::default())))
+    }
+
+    fn deliveries_checked(&self) -> BoxFuture<'static, Result<Option<WallTime>, FleetError>> {
+        Box::pin(std::future::ready(Ok(*self.board.deliveries_checked.lock().expect("board"))))
+    }
+
+    fn check_deliveries(&self, until: WallTime) -> BoxFuture<'static, Result<(), FleetError>> {
+        let now = self.clock.now();
+        let leads = self.board.leads.lock().expect("board").get(GITHUB_WORK).cloned();
+        if leads.is_some_and(|(holder, t)| holder == self.host && t > now) {
+            let mut checked = self.board.deliveries_checked.lock().expect("board");
+            *checked = Some(checked.map_or(until, |c| c.max(until)));
+        }
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn release(&self, want: Vec<(u64, u32)>) -> BoxFuture<'static, Result<(), FleetError>> {

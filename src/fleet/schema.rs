@@ -135,6 +135,14 @@ ALTER TABLE rv_members ADD COLUMN number integer UNIQUE CHECK (number BETWEEN 0 
 CREATE INDEX rv_jobs_done ON rv_jobs (updated_at) WHERE state = 'completed';
 "#,
     ),
+    (
+        8,
+        r#"
+-- How far back the hook's delivery log has been handled, by whichever member led: a new
+-- lead reads on from there instead of the whole redelivery window again.
+ALTER TABLE rv_leader ADD COLUMN deliveries_checked timestamptz;
+"#,
+    ),
 ];
 
 /// The newest version this agent knows.

@@ -28,6 +28,8 @@ pub struct FakeState {
     /// The hook's delivery log (any order), and the deliveries asked to be redelivered.
     pub deliveries: Vec<DeliveryInfo>,
     pub redelivered: Vec<u64>,
+    /// How far back each read of the delivery log asked for.
+    pub deliveries_since: Vec<SystemTime>,
 }
 
 #[derive(Default)]
@@ -149,7 +151,8 @@ impl GitHub for FakeGitHub {
     }
 
     async fn list_deliveries(&self, since: SystemTime, max: usize) -> Result<Vec<DeliveryInfo>, GhError> {
-        let s = self.enter("deliveries")?;
+        let mut s = self.enter("deliveries")?;
+        s.deliveries_since.push(since);
         let mut out: Vec<_> = s.deliveries.iter().filter(|d| d.delivered_at >= since).cloned().collect();
         out.sort_by_key(|d| std::cmp::Reverse(d.delivered_at));
         out.truncate(max);

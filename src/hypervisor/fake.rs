@@ -43,6 +43,8 @@ pub fn fake_dhcp() -> super::network::Dhcp {
 #[derive(Default)]
 pub struct FakeState {
     pub domains: BTreeMap<String, (DomainState, String)>,
+    /// When each domain was last defined (the wall clock of the call).
+    pub defined_at: BTreeMap<String, std::time::SystemTime>,
     pub volumes: BTreeSet<String>,
     /// Saved domains (`save`), by name: their XML. A save volume without an entry here
     /// is a corrupt save file (its restore fails).
@@ -241,6 +243,7 @@ impl Hypervisor for FakeHypervisor {
             return refuse("unsupported configuration: Domain title can't contain newlines");
         }
         s.domains.insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
+        s.defined_at.insert(name.to_string(), std::time::SystemTime::now());
         Ok(())
     }
 

@@ -187,10 +187,24 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     }
                 }
             }
+            // In a fleet the lead reads on from where any lead left the log (a new lead
+            // would read the whole redelivery window again), and records how far it got.
+            let since = match &fleet {
+                Some(claims) if redeliver => match claims.deliveries_checked().await {
+                    Ok(Some(shared)) => shared.max(deliveries_since),
+                    _ => deliveries_since,
+                },
+                _ => deliveries_since,
+            };
             let deliveries_checked = match redeliver {
-                true => redeliver_failed(&ctx, &*store, &metrics, deliveries_since, clock.now()).await,
+                true => redeliver_failed(&ctx, &*store, &metrics, since, clock.now()).await,
                 false => None,
             };
+            if let (Some(claims), Some(until)) = (&fleet, deliveries_checked)
+                && let Err(e) = claims.check_deliveries(until).await
+            {
+                debug!(error = %e, "cannot share how far the delivery log was read");
+            }
             let mut found = Vec::new();
             if let Some(repo) = repo_scope {
                 match ctx.github.queued_jobs(&repo).await {

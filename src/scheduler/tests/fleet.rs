@@ -380,6 +380,9 @@ async fn one_member_at_a_time_reads_the_delivery_log_and_another_takes_over() {
     assert!((11..=14).contains(&logs), "delivery log reads: {logs} (one member, not both)");
     // The lead prunes the fleet's tables once in the hour (nothing was left over).
     assert_eq!(board.prunes.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // and records how far it read the log, where a new lead goes on from.
+    let checked = board.deliveries_checked.lock().unwrap().expect("shared");
+    gh.lock().deliveries_since.clear();
     // The leader goes away: the other reads the log once the lead's lease ran out.
     let leader = board.leads.lock().unwrap()["github"].0.clone();
     let (gone, stays) = if leader == "hv-a" { (a, b) } else { (b, a) };
@@ -389,6 +392,8 @@ async fn one_member_at_a_time_reads_the_delivery_log_and_another_takes_over() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(count("deliveries") >= before + 5, "the other member took the lead");
     assert_ne!(board.leads.lock().unwrap()["github"].0, leader);
+    let first = gh.lock().deliveries_since.first().copied();
+    assert!(first.is_some_and(|since| since >= checked), "the new lead read on from {checked:?}, not from {first:?}");
     assert_eq!(board.prunes.load(std::sync::atomic::Ordering::Relaxed), 2, "the new lead prunes too");
     let _ = stays.shutdown().await;
 }
