@@ -441,29 +441,26 @@ impl Claims for PgClaims {
         Box::pin(async move {
             use retention::*;
             let c = client(&pool).await?;
-            let secs = |d: Duration| d.as_secs_f64();
-            // Each a batch, oldest first, through an index.
-            let jobs = c
-                .execute(
-                    "DELETE FROM rv_jobs WHERE id IN (SELECT id FROM rv_jobs WHERE state = 'completed' \
-                       AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2)",
-                    &[&secs(DONE_JOBS), &BATCH],
-                )
-                .await?;
-            let deliveries = c
-                .execute(
-                    "DELETE FROM rv_deliveries WHERE guid IN (SELECT guid FROM rv_deliveries \
-                       WHERE received_at < now() - make_interval(secs => $1) ORDER BY received_at LIMIT $2)",
-                    &[&secs(DELIVERIES), &BATCH],
-                )
-                .await?;
-            let members = c
-                .execute(
-                    "DELETE FROM rv_members WHERE host_id IN (SELECT host_id FROM rv_members \
-                       WHERE seen_at < now() - make_interval(secs => $1) LIMIT $2)",
-                    &[&secs(MEMBERS), &BATCH],
-                )
-                .await?;
+            // Each a batch, oldest first, through an index: (table, key, what ages it, kept).
+            #[rustfmt::skip]
+            let aged = [
+                ("rv_jobs", "id", "updated_at", "AND state = 'completed'", DONE_JOBS),
+                ("rv_deliveries", "guid", "received_at", "", DELIVERIES),
+                ("rv_members", "host_id", "seen_at", "", MEMBERS),
+            ];
+            let mut removed = [0u64; 3];
+            for ((table, key, at, filter, kept), n) in aged.into_iter().zip(&mut removed) {
+                *n = c
+                    .execute(
+                        &format!(
+                            "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} \
+                               WHERE {at} < now() - make_interval(secs => $1) {filter} ORDER BY {at} LIMIT $2)"
+                        ),
+                        &[&kept.as_secs_f64(), &BATCH],
+                    )
+                    .await?;
+            }
+            let [jobs, deliveries, members] = removed;
             let events = c
                 .execute(
                     "DELETE FROM rv_events WHERE seq IN (SELECT seq FROM rv_events ORDER BY seq LIMIT $1)",
