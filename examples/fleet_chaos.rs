@@ -356,6 +356,22 @@ struct MemberProc {
     faulted_until: Option<Instant>,
 }
 
+/// Waits (up to a minute) until `n` members have written their heartbeat; how long it took.
+async fn all_joined(pg: &str, password: &str, n: usize) -> Result<Duration, String> {
+    let start = Instant::now();
+    let c = connect(pg, password).await?;
+    loop {
+        let joined: i64 = c.query_one("SELECT count(*) FROM rv_members", &[]).await.map_err(|e| e.to_string())?.get(0);
+        if joined as usize >= n {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(format!("{joined} of {n} members joined in a minute"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Something the schedule does later (a fault's end).
 enum Heal {
     Restart(usize),
@@ -396,7 +412,12 @@ const AUDIT: &str = r#"
 CREATE TABLE chaos_claims (job bigint, attempt int, holder text, lease_until timestamptz, at timestamptz DEFAULT clock_timestamp());
 CREATE FUNCTION chaos_claim_log() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF NEW.holder IS NOT NULL AND NEW.lease_until IS DISTINCT FROM OLD.lease_until THEN
+  IF TG_OP = 'INSERT' THEN
+    -- A claim made as the row is written.
+    IF NEW.holder IS NOT NULL THEN
+      INSERT INTO chaos_claims (job, attempt, holder, lease_until) VALUES (NEW.id, NEW.attempts, NEW.holder, NEW.lease_until);
+    END IF;
+  ELSIF NEW.holder IS NOT NULL AND NEW.lease_until IS DISTINCT FROM OLD.lease_until THEN
     INSERT INTO chaos_claims (job, attempt, holder, lease_until) VALUES (NEW.id, NEW.attempts, NEW.holder, NEW.lease_until);
   ELSIF NEW.holder IS NULL AND OLD.holder IS NOT NULL THEN
     -- A release ends the claim now.
@@ -404,7 +425,7 @@ BEGIN
   END IF;
   RETURN NEW;
 END $$;
-CREATE TRIGGER chaos_claims AFTER UPDATE ON rv_jobs FOR EACH ROW EXECUTE FUNCTION chaos_claim_log();
+CREATE TRIGGER chaos_claims AFTER INSERT OR UPDATE ON rv_jobs FOR EACH ROW EXECUTE FUNCTION chaos_claim_log();
 "#;
 
 async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<bool, String> {
@@ -476,6 +497,10 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
     }
     eprintln!("fleet-chaos: {} member processes on {db}, github-sim at {sim_url}", members.len());
 
+    // The load starts once every member has joined (its first heartbeat written): jobs sent
+    // while 20 processes start on two cores would measure their start, not the fleet.
+    let joined_in = all_joined(&direct, password, members.len()).await?;
+    eprintln!("fleet-chaos: every member joined in {:.1} s", joined_in.as_secs_f64());
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let end = started + args.duration;

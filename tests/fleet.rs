@@ -239,29 +239,51 @@ async fn jobs_queued_before_the_rows_carried_their_job_are_read_after_the_upgrad
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_member_is_woken_by_each_change_of_a_job_row() {
+async fn a_member_is_woken_by_each_job_left_to_claim_and_by_nothing_else() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let db = migrated("listen").await;
     let woken = std::sync::Arc::new(tokio::sync::Notify::new());
+    let wakes = std::sync::Arc::new(AtomicUsize::new(0));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tls = runnervisor::fleet::tls(None).unwrap();
-    let w = woken.clone();
+    let (w, n) = (woken.clone(), wakes.clone());
     let joined = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let task = tokio::spawn(runnervisor::fleet::listen(
         db.config(),
         tls,
         ("hv-listen".into(), Duration::from_secs(60)),
         joined.clone(),
-        move || w.notify_one(),
+        move || {
+            n.fetch_add(1, Ordering::SeqCst);
+            w.notify_one()
+        },
         shutdown.clone(),
     ));
     // Once connected, holding the member's lock.
     tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken when listening");
-    assert!(joined.load(std::sync::atomic::Ordering::Acquire));
+    assert!(joined.load(Ordering::Acquire));
     let intake = intake::FleetIntake::start(db.pool(2), None);
     for i in 0..3u64 {
         intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
     }
+    assert_eq!(wakes.load(Ordering::SeqCst), 4);
+    // Jobs moving on, and a job claimed as it is written, leave nothing to claim: no one
+    // is woken. (Notifications come in commit order: had any of these woken the member,
+    // it would have been before the last job's.)
+    intake.accept(event("p0", 0, JobAction::InProgress)).await.unwrap();
+    intake.accept(event("c1", 1, JobAction::Completed)).await.unwrap();
+    intake.accept(event("q7", 7, JobAction::InProgress)).await.unwrap();
+    let reserve = std::sync::Arc::new(intake::Reserve::default());
+    let labels = runnervisor::model::label_set(&event("x", 0, JobAction::Queued).job.labels);
+    reserve.set(std::collections::HashMap::from([(labels, 1)]));
+    let on_write =
+        intake::OnWrite { host: "hv-other".into(), lease: Duration::from_secs(60), reserve, claimed: Box::new(|_| {}) };
+    let claiming = intake::FleetIntake::start(db.pool(1), Some(on_write));
+    claiming.accept(event("d8", 8, JobAction::Queued)).await.unwrap();
+    intake.accept(event("d9", 9, JobAction::Queued)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
+    assert_eq!(wakes.load(Ordering::SeqCst), 5, "only job 9 was left to claim");
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap().unwrap();
 }

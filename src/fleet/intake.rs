@@ -109,7 +109,7 @@ pub struct OnWrite {
 /// Most deliveries written in one transaction.
 const MAX_GROUP: usize = 512;
 
-/// The `NOTIFY` channel members `LISTEN` on: a job row changed.
+/// The `NOTIFY` channel members `LISTEN` on: a job is there to claim.
 pub const CHANNEL: &str = "rv_events";
 
 type Reply = oneshot::Sender<Result<bool, Arc<FleetError>>>;
@@ -219,89 +219,114 @@ pub async fn write<'a>(
     result
 }
 
+/// The group's write as one statement, one round trip (its own transaction): the delivery
+/// ids not seen before, each job's row moved to the furthest of its fresh events, new
+/// queued rows claimed by this member as they are inserted (within its reserve; a row that
+/// existed is left to the schedulers' claims), and a `NOTIFY` when a job is left for any
+/// member to claim (a queued row without a holder). Rows are written in one order on every
+/// member, delivery ids then job ids: two members given the same deliveries at once would
+/// otherwise wait on each other's rows, and PostgreSQL would abort one as a deadlock.
+/// Other changes wake no one: members read them within [`crate::scheduler::claims::READ_POLL`]
+/// (20 members each woken by every change of every row kept PostgreSQL's CPU busy).
+const WRITE: &str = "\
+WITH input AS (
+  SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int2[], $5::jsonb[], $6::text[], $7::timestamptz[],
+                       $8::jsonb[], $9::text[]) WITH ORDINALITY
+    AS i(delivery, id, state, rank, labels, repository, received_at, info, runner_name, ord)
+), d AS (
+  INSERT INTO rv_deliveries (guid) SELECT DISTINCT delivery FROM input ORDER BY 1
+  ON CONFLICT DO NOTHING RETURNING guid
+), fresh AS (
+  SELECT DISTINCT ON (i.delivery) i.* FROM input i JOIN d ON d.guid = i.delivery ORDER BY i.delivery, i.ord
+), best AS (
+  SELECT DISTINCT ON (id) f.*, ARRAY(SELECT jsonb_array_elements_text(f.labels)) AS label_list,
+         f.rank = 0 AND f.id = ANY($12::int8[]) AS claim
+  FROM fresh f ORDER BY id, rank DESC, ord
+), up AS (
+  INSERT INTO rv_jobs AS j (id, state, rank, labels, repository, received_at, info, runner_name, label_key,
+                            holder, lease_until, attempts, first_claimed_at)
+  SELECT id, state, rank, label_list, repository, received_at, info, runner_name, rv_label_key(label_list),
+         CASE WHEN claim THEN $10 END,
+         CASE WHEN claim THEN clock_timestamp() + make_interval(secs => $11::float8 / 1000) END,
+         CASE WHEN claim THEN 1 ELSE 0 END,
+         CASE WHEN claim THEN clock_timestamp() END
+  FROM best ORDER BY id
+  ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info,
+    runner_name = EXCLUDED.runner_name, updated_at = now()
+  WHERE j.rank < EXCLUDED.rank
+  RETURNING j.id, j.attempts, j.xmax = 0 AND j.holder = $10 AS claimed, j.state = 'queued' AND j.holder IS NULL AS open
+)
+SELECT guid, NULL::int8, NULL::int4 FROM d
+UNION ALL SELECT NULL, id, attempts FROM up WHERE claimed
+UNION ALL SELECT NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM up WHERE open) AND pg_notify($13, '') IS NOT NULL";
+
 async fn write_taking<'a>(
     pool: &Pool,
     events: &[&'a JobEvent],
     on_write: Option<&OnWrite>,
     taken: &mut Vec<&'a JobEvent>,
 ) -> Result<(Vec<bool>, Vec<(&'a JobEvent, u32, tokio::time::Instant)>), FleetError> {
-    let mut client = client(pool).await?;
-    let tx = client.transaction().await?;
-    // In one order on every member (two members given the same deliveries at once would
-    // otherwise wait on each other's rows, and PostgreSQL would abort one as a deadlock).
-    let mut guids: Vec<&str> = events.iter().map(|e| e.delivery.as_str()).collect();
-    guids.sort_unstable();
-    let inserted: HashSet<String> = tx
-        .query(
-            "INSERT INTO rv_deliveries (guid) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING guid",
-            &[&guids],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let fresh = fresh(events, &inserted);
-    let new: Vec<&'a JobEvent> = events.iter().zip(&fresh).filter(|(_, f)| **f).map(|(e, _)| *e).collect();
-    let mut claimed = Vec::new();
-    if !new.is_empty() {
-        let upsert = tx
-            .prepare_cached(
-                "INSERT INTO rv_jobs (id, state, rank, labels, repository, received_at, info, runner_name, label_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, rv_label_key($4)) \
-                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info, \
-                   runner_name = EXCLUDED.runner_name, updated_at = now() \
-                 WHERE rv_jobs.rank < EXCLUDED.rank",
-            )
-            .await?;
-        // Pipelined: one round trip for the group's rows.
-        type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
-        let rows: Vec<(&JobEvent, i64, &str, i16, serde_json::Value)> = furthest(new.iter().copied())
-            .into_iter()
-            .map(|e| {
-                let info = serde_json::to_value(&e.job).expect("a job serializes");
-                (e, e.job.id as i64, state_name(e.action), rank(e.action), info)
-            })
-            .collect();
-        let params: Vec<[Param; 8]> = rows
-            .iter()
-            .map(|(e, id, state, rank, info)| -> [Param; 8] {
-                [id, state, rank, &e.job.labels, &e.job.repository, &e.received_at, info, &e.job.runner_name]
-            })
-            .collect();
-        futures_util::future::try_join_all(params.iter().map(|p| tx.execute(&upsert, p))).await?;
-        if let Some(w) = on_write {
-            // New queued jobs this member would serve at once, while their rows are unheld.
-            for e in furthest(new.iter().copied()) {
-                if rank(e.action) == 0 && w.reserve.take(&e.job.labels) {
-                    taken.push(e);
-                }
-            }
-            if !taken.is_empty() {
-                let ids: Vec<i64> = taken.iter().map(|e| e.job.id as i64).collect();
-                let sent = tokio::time::Instant::now();
-                let lease_ms = w.lease.as_millis() as f64;
-                let rows = tx
-                    .query(
-                        // The lease runs from now, not from the transaction's start
-                        // (`now()`): the member counts it from `sent`, just before.
-                        "UPDATE rv_jobs SET holder = $2, lease_until = clock_timestamp() + make_interval(secs => $3::float8 / 1000), \
-                           attempts = attempts + 1, first_claimed_at = coalesce(first_claimed_at, clock_timestamp()) \
-                         WHERE id = ANY($1) AND state = 'queued' AND holder IS NULL RETURNING id, attempts",
-                        &[&ids, &w.host, &lease_ms],
-                    )
-                    .await?;
-                for r in rows {
-                    let id = r.get::<_, i64>(0) as u64;
-                    if let Some(e) = taken.iter().find(|e| e.job.id == id) {
-                        claimed.push((*e, r.get::<_, i32>(1) as u32, sent));
-                    }
-                }
+    let client = client(pool).await?;
+    // Room for each job this member would serve at once whose furthest event is `queued`;
+    // given back (by `write`) for those the statement did not claim: a delivery seen before,
+    // a row that existed, another member's.
+    if let Some(w) = on_write {
+        for e in furthest(events.iter().copied()) {
+            if rank(e.action) == 0 && w.reserve.take(&e.job.labels) {
+                taken.push(e);
             }
         }
-        tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
     }
-    tx.commit().await?;
-    Ok((fresh, claimed))
+    let deliveries: Vec<&str> = events.iter().map(|e| e.delivery.as_str()).collect();
+    let ids: Vec<i64> = events.iter().map(|e| e.job.id as i64).collect();
+    let states: Vec<&str> = events.iter().map(|e| state_name(e.action)).collect();
+    let ranks: Vec<i16> = events.iter().map(|e| rank(e.action)).collect();
+    let labels: Vec<serde_json::Value> = events.iter().map(|e| serde_json::json!(e.job.labels)).collect();
+    let repositories: Vec<&str> = events.iter().map(|e| e.job.repository.as_str()).collect();
+    let received: Vec<std::time::SystemTime> = events.iter().map(|e| e.received_at).collect();
+    let infos: Vec<serde_json::Value> =
+        events.iter().map(|e| serde_json::to_value(&e.job).expect("a job serializes")).collect();
+    let runner_names: Vec<Option<&str>> = events.iter().map(|e| e.job.runner_name.as_deref()).collect();
+    let claim_ids: Vec<i64> = taken.iter().map(|e| e.job.id as i64).collect();
+    let host: Option<&str> = on_write.map(|w| w.host.as_str());
+    let lease_ms: f64 = on_write.map_or(0.0, |w| w.lease.as_millis() as f64);
+    let statement = client.prepare_cached(WRITE).await?;
+    // Sent now: the lease of a claim made on write runs from the statement's clock_timestamp(),
+    // just after.
+    let sent = tokio::time::Instant::now();
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &deliveries,
+                &ids,
+                &states,
+                &ranks,
+                &labels,
+                &repositories,
+                &received,
+                &infos,
+                &runner_names,
+                &host,
+                &lease_ms,
+                &claim_ids,
+                &CHANNEL,
+            ],
+        )
+        .await?;
+    let mut inserted = HashSet::new();
+    let mut claimed = Vec::new();
+    for r in rows {
+        if let Some(guid) = r.get::<_, Option<String>>(0) {
+            inserted.insert(guid);
+        } else if let Some(id) = r.get::<_, Option<i64>>(1) {
+            let attempt: i32 = r.get(2);
+            if let Some(e) = taken.iter().find(|e| e.job.id == id as u64) {
+                claimed.push((*e, attempt as u32, sent));
+            }
+        }
+    }
+    Ok((fresh(events, &inserted), claimed))
 }
 
 #[cfg(test)]

@@ -227,7 +227,7 @@ impl Member {
 }
 
 /// Migrates the schema (retrying until the database answers), then holds the member's
-/// lock and calls `wake` for each change of a job row until `shutdown` (see [`listen`]).
+/// lock and calls `wake` for each job left to claim until `shutdown` (see [`listen`]).
 /// An error: this agent must not be a member (a newer schema, its host id taken); the
 /// caller stops.
 pub async fn run_member(

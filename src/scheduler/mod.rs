@@ -387,37 +387,50 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         for name in decision.unwarm {
             self.reap(&name, crate::model::Reason::WarmSurplus);
         }
-        for _ in 0..decision.warm {
+        // The plan counted its bindings as made; a waiting VM not bound now (its job not
+        // claimed here yet: another member may win it) is still spare, and no VM is made
+        // to replace it (in a fleet, every member that read the job would otherwise boot
+        // one, and reap it as surplus once the job was won elsewhere).
+        let not_bound = decision.bind.len() - self.serve_pool(pool, decision.bind, decision.provision);
+        for _ in 0..decision.warm.saturating_sub(not_bound) {
             self.start_warm(pool);
         }
         for _ in 0..decision.slots {
             self.start_slot(pool);
         }
-        if decision.provision.is_empty() && decision.bind.is_empty() {
-            return;
+    }
+
+    /// Binds waiting warm VMs and provisions cold ones for the jobs this member may serve
+    /// now (all of them on a single host; in a fleet, those it holds); how many it bound.
+    fn serve_pool(&mut self, pool: &crate::config::PoolConfig, bind: Vec<(u64, String)>, provision: Vec<u64>) -> usize {
+        if provision.is_empty() && bind.is_empty() {
+            return 0;
         }
         if self.slot_found_pending(pool) {
             // A saved slot found without a record is looked at (milliseconds): the job may
             // be restored from it rather than boot.
-            return;
+            return 0;
         }
         if pool.registration == crate::config::Registration::Jit && self.sync.runner_group_id.is_none() {
             self.resolve_group();
-            return;
+            return 0;
         }
-        let bind_jobs = self.claimed_only(decision.bind.iter().map(|(j, _)| (*j, false)).collect());
-        for (job, vm) in decision.bind {
+        let bind_jobs = self.claimed_only(bind.iter().map(|(j, _)| (*j, false)).collect());
+        let mut bound = 0;
+        for (job, vm) in bind {
             if bind_jobs.contains(&job) {
                 self.start_bind(job, &vm, pool);
+                bound += 1;
             }
         }
         // In a fleet, a job a free snapshot slot serves here is no cold boot (slots count
         // as warm VMs do). A job waiting for a slot is looked at again next pass.
         let (free, releasing) = (self.free_slots(&pool.name).len(), self.slots_releasing(pool));
-        let want = slots::restore_or_boot(decision.provision, &self.warm.cold_only, free, releasing);
+        let want = slots::restore_or_boot(provision, &self.warm.cold_only, free, releasing);
         for job in self.claimed_only(want) {
             self.start_provision(job, pool);
         }
+        bound
     }
 
     /// Commits what changed since the last commit. On failure everything stays to commit

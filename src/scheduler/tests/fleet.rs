@@ -187,6 +187,31 @@ async fn left_to_the_warm_member(
     s
 }
 
+/// A warm member that reads a job another member wins keeps its one waiting VM: it boots
+/// no second one to replace the VM it meant to bind, and so reaps none as surplus (20
+/// members with a warm VM each made three VMs per job that way under load).
+#[tokio::test(start_paused = true)]
+async fn a_warm_member_that_loses_a_job_to_another_boots_and_reaps_no_warm_vm_for_it() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut warm = member(&board, "hv-warm", &gh, "warm = 1");
+    warm.wait("a warm VM waiting", |s, _| s.pools[0].warm_waiting == 1).await;
+    // Another member wrote the job and claimed it as it did.
+    board.set_queued(5, true);
+    let clock = Arc::new(crate::clock::TokioClock::new());
+    let other = MemoryClaims { board: board.clone(), host: "hv-other".into(), lease: LEASE, clock };
+    assert_eq!(crate::fleet::claims::Claims::claim(&other, vec![5]).await.unwrap().len(), 1);
+    warm.deliver_as("d-5", JobAction::Queued, info(5, LABELS, None));
+    let kept = stays(&warm, Duration::from_secs(20), |s, hv| {
+        s.vms.len() == 1 && s.pools[0].warm_waiting == 1 && hv.lock().started_total == 1
+    })
+    .await;
+    let m = warm.metrics.render();
+    assert!(kept, "{:#?}\n{m}", warm.status().await);
+    assert!(!m.contains("warm_surplus"), "{m}");
+    assert_eq!(board.holder(5).as_deref(), Some("hv-other"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn in_a_fleet_without_warm_vms_a_cold_member_claims_at_once() {
     let board = Arc::new(MemoryBoard::default());
