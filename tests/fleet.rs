@@ -284,6 +284,15 @@ async fn a_member_is_woken_by_each_job_left_to_claim_and_by_nothing_else() {
     intake.accept(event("d9", 9, JobAction::Queued)).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
     assert_eq!(wakes.load(Ordering::SeqCst), 5, "only job 9 was left to claim");
+    // A claim given back while its job is queued leaves it to claim; one given back once
+    // its job moved on does not.
+    let other = PgClaims::new(db.pool(1), "hv-other".into(), Duration::from_secs(60));
+    assert_eq!(other.claim(vec![9]).await.unwrap().len(), 1);
+    intake.accept(event("p9", 9, JobAction::InProgress)).await.unwrap();
+    other.release(vec![(9, 1)]).await.unwrap();
+    other.release(vec![(8, 1)]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken by the release");
+    assert_eq!(wakes.load(Ordering::SeqCst), 6);
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap().unwrap();
 }

@@ -427,10 +427,13 @@ impl Claims for PgClaims {
             client(&pool)
                 .await?
                 .execute(
-                    "UPDATE rv_jobs j SET holder = NULL, lease_until = NULL \
-                     FROM unnest($1::int8[], $3::int4[]) AS c(id, attempt) \
-                     WHERE j.id = c.id AND j.holder = $2 AND (c.attempt = 0 OR j.attempts = c.attempt)",
-                    &[&ids, &host, &attempts],
+                    // A job given back while queued is there to claim: the members are woken.
+                    "WITH r AS (UPDATE rv_jobs j SET holder = NULL, lease_until = NULL \
+                       FROM unnest($1::int8[], $3::int4[]) AS c(id, attempt) \
+                       WHERE j.id = c.id AND j.holder = $2 AND (c.attempt = 0 OR j.attempts = c.attempt) \
+                       RETURNING j.state) \
+                     SELECT pg_notify($4, '') WHERE EXISTS (SELECT 1 FROM r WHERE state = 'queued')",
+                    &[&ids, &host, &attempts, &super::intake::CHANNEL],
                 )
                 .await?;
             Ok(())
