@@ -24,9 +24,13 @@
 //! - leaked: VMs left on any member and runners left registered at the end;
 //! - late_claims: VMs made for a job when the member's claim of that attempt had run out.
 //!
-//! Last line: `fleet-chaos: members=N jobs=J faults=F served_once=J lost=0 doubles=0
+//! The verdict: `fleet-chaos: members=N jobs=J faults=F served_once=J lost=0 doubles=0
 //! starved=0 leaked=0 late_claims=0 max_queue_wait_s=W`; exit 1 on any violation. A run is
 //! repeated with `--seed` (the schedule is the seed's; the processes' timing is the machine's).
+//! The load starts once every member has joined. Also printed: the claim latency (a
+//! delivery received → its job's first claim), and with `--beside-single` the same load on
+//! one host beside the fleet (no `[fleet]`, the fleet's VMs, its own github-sim, no faults):
+//! how fast each answered its deliveries and how long jobs waited from queued to started.
 //!
 //! `fleet_chaos member ...` is one member (the controller starts them).
 
@@ -95,6 +99,12 @@ struct Args {
     /// Where the members' logs go.
     #[arg(long, default_value = "out/fleet-chaos")]
     out: PathBuf,
+    /// The same load on one host beside the fleet, in the same run: a single-host agent
+    /// (no `[fleet]`, its own store) with the fleet's VMs and warm VMs, its own github-sim,
+    /// each job queued to both; both say how long a job waited from queued to its VM
+    /// defined. No fault touches it.
+    #[arg(long)]
+    beside_single: bool,
 }
 
 /// One member process (`fleet_chaos member`).
@@ -108,8 +118,9 @@ struct MemberArgs {
     listen: SocketAddr,
     #[arg(long)]
     sim: String,
+    /// The fleet's database (through its proxy); none: a single host.
     #[arg(long)]
-    pg: String,
+    pg: Option<String>,
     #[arg(long)]
     password_file: PathBuf,
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -163,7 +174,7 @@ async fn member(args: MemberArgs) -> Result<(), String> {
         dir: &args.dir,
         host_id: &args.host_id,
         sim_url: &args.sim,
-        pg_url: &args.pg,
+        pg_url: args.pg.as_deref(),
         lease: args.lease,
         max_vms: args.max_vms,
         warm: args.warm,
@@ -348,7 +359,10 @@ struct MemberProc {
     host_id: String,
     dir: PathBuf,
     listen: SocketAddr,
-    pg: String,
+    /// None: the single host beside the fleet.
+    pg: Option<String>,
+    max_vms: usize,
+    warm: usize,
     child: Option<tokio::process::Child>,
     path: watch::Sender<PgPath>,
     stopped: bool,
@@ -472,10 +486,12 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
             listen,
             // Without faults (load alone), straight to the server: a proxy's hops would be
             // counted as the agent's.
-            pg: match args.fault_every.is_zero() {
+            pg: Some(match args.fault_every.is_zero() {
                 true => format!("postgres://{}@{upstream}/{db}?sslmode=disable", user_of(&args.postgres)),
                 false => format!("postgres://{}@{proxy_at}/{db}?sslmode=disable", user_of(&args.postgres)),
-            },
+            }),
+            max_vms: args.max_vms,
+            warm: warm_of(args, i),
             child: None,
             path,
             stopped: false,
@@ -496,11 +512,18 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
         spawn_member(&exe, args, m, i, &sim_url, &records)?;
     }
     eprintln!("fleet-chaos: {} member processes on {db}, github-sim at {sim_url}", members.len());
+    let single = match args.beside_single {
+        true => Some(Single::start(&exe, args, state.path()).await?),
+        false => None,
+    };
 
     // The load starts once every member has joined (its first heartbeat written): jobs sent
     // while 20 processes start on two cores would measure their start, not the fleet.
     let joined_in = all_joined(&direct, password, members.len()).await?;
     eprintln!("fleet-chaos: every member joined in {:.1} s", joined_in.as_secs_f64());
+    if let Some(s) = &single {
+        s.ready().await?;
+    }
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let end = started + args.duration;
@@ -535,6 +558,9 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
                     .map_err(|e| e.to_string())?;
                 if r.status() != 201 {
                     return Err(format!("github-sim refused a job: {}", r.status()));
+                }
+                if let Some(s) = &single {
+                    s.queue(&http, args).await?;
                 }
                 queued += 1;
             }
@@ -589,7 +615,11 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
         let open = jobs.iter().filter(|j| j["status"] != "completed").count();
         let runners = get_json(&http, &format!("{sim_url}/_sim/runners")).await?.as_array().map_or(0, |a| a.len());
         let domains: usize = lock(&records).domains.values().sum();
-        if open == 0 && runners == 0 && domains == 0 {
+        let single_busy = match &single {
+            Some(s) => s.busy(&http).await?,
+            None => false,
+        };
+        if open == 0 && runners == 0 && domains == 0 && !single_busy {
             break;
         }
         if Instant::now() >= quiet_by {
@@ -606,6 +636,10 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let ok = check(args, &http, &sim_url, &direct, password, &records, queued, faults.values().sum()).await;
+    let single_ok = match single {
+        Some(s) => s.finish(&http, &sim_url, queued).await?,
+        None => true,
+    };
     for m in &mut members {
         if let Some(child) = &mut m.child {
             if let Some(pid) = child.id() {
@@ -626,7 +660,167 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
     if !exited.is_empty() {
         eprintln!("fleet-chaos: members that did not end as told: {exited:?}");
     }
-    Ok(ok? && exited.is_empty())
+    Ok(ok? && single_ok && exited.is_empty())
+}
+
+/// The single host beside the fleet (`--beside-single`).
+struct Single {
+    proc: MemberProc,
+    sim: github_sim::SimHandle,
+    records: Shared,
+}
+
+impl Single {
+    /// Its github-sim, and the agent with the fleet's VMs and warm VMs.
+    async fn start(exe: &Path, args: &Args, state: &Path) -> Result<Single, String> {
+        let listen: SocketAddr = "127.0.12.1:18080".parse().expect("address");
+        let mut config = github_sim::SimConfig::new(common::PAT, SECRET);
+        config.webhook_url = Some(format!("http://{listen}/webhook"));
+        config.webhook_concurrency = 8;
+        let sim = github_sim::SimHandle::start(config).await.map_err(|e| format!("github-sim: {e}"))?;
+        let dir = state.join("single");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let (path, _) = watch::channel(PgPath::Open);
+        let mut proc = MemberProc {
+            host_id: "single".into(),
+            dir,
+            listen,
+            pg: None,
+            max_vms: args.max_vms * args.members,
+            warm: (0..args.members).map(|i| warm_of(args, i)).sum(),
+            child: None,
+            path,
+            stopped: false,
+            faulted_until: None,
+        };
+        let records: Shared = Arc::default();
+        spawn_member(exe, args, &mut proc, 0, &sim.url(), &records)?;
+        eprintln!(
+            "fleet-chaos: beside it one host, {} VMs and {} warm, github-sim at {}",
+            proc.max_vms,
+            proc.warm,
+            sim.url()
+        );
+        Ok(Single { proc, sim, records })
+    }
+
+    /// Once its scheduler answers on the admin socket.
+    async fn ready(&self) -> Result<(), String> {
+        let socket = self.proc.dir.join("admin.sock");
+        let start = Instant::now();
+        while runnervisor::admin::request(&socket, &runnervisor::admin::proto::Request::Status).await.is_err() {
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err("the single host did not answer in a minute".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    async fn queue(&self, http: &reqwest::Client, args: &Args) -> Result<(), String> {
+        let r = http
+            .post(format!("{}/_sim/jobs", self.sim.url()))
+            .json(&json!({"repo": "octo-org/app", "labels": LABELS, "duration_secs": args.job_secs}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        match r.status().as_u16() {
+            201 => Ok(()),
+            s => Err(format!("the single host's github-sim refused a job: {s}")),
+        }
+    }
+
+    /// Jobs open, runners registered or VMs left.
+    async fn busy(&self, http: &reqwest::Client) -> Result<bool, String> {
+        let url = self.sim.url();
+        let open = sim_jobs(http, &url).await?.iter().any(|j| j["status"] != "completed");
+        let runners = get_json(http, &format!("{url}/_sim/runners")).await?.as_array().is_some_and(|a| !a.is_empty());
+        Ok(open || runners || lock(&self.records).domains.values().sum::<usize>() > 0)
+    }
+
+    /// Compares the fleet and this host (job queued → started), checks this host
+    /// served every job once and left nothing, and stops it.
+    async fn finish(mut self, http: &reqwest::Client, fleet_sim: &str, queued: u64) -> Result<bool, String> {
+        let url = self.sim.url();
+        let jobs = sim_jobs(http, &url).await?;
+        let fleet_wait = queued_to_started(&sim_jobs(http, fleet_sim).await?);
+        let single_wait = queued_to_started(&jobs);
+        for (who, sim) in [("the fleet", fleet_sim), ("one host beside it", url.as_str())] {
+            let d = delivery_times(http, sim).await?;
+            eprintln!(
+                "fleet-chaos: deliveries answered, {who}: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms ({})",
+                pct(&d, 0.5),
+                pct(&d, 0.99),
+                d.last().copied().unwrap_or(f64::NAN),
+                d.len()
+            );
+        }
+        for (who, w) in [("the fleet", &fleet_wait), ("one host beside it", &single_wait)] {
+            eprintln!(
+                "fleet-chaos: job queued → a runner started it, {who}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} jobs)",
+                pct(w, 0.5),
+                pct(w, 0.99),
+                w.last().copied().unwrap_or(f64::NAN),
+                w.len()
+            );
+        }
+        let history = get_json(http, &format!("{url}/_sim/runner-history")).await?;
+        let mut took: HashMap<u64, usize> = HashMap::new();
+        for h in history.as_object().into_iter().flat_map(|o| o.values()) {
+            for j in h["jobs"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
+                *took.entry(j).or_default() += 1;
+            }
+        }
+        let served_once = jobs
+            .iter()
+            .filter(|j| j["status"] == "completed" && j["id"].as_u64().and_then(|id| took.get(&id)) == Some(&1))
+            .count() as u64;
+        let busy = self.busy(http).await?;
+        eprintln!("fleet-chaos: the single host: jobs={} served_once={served_once} left_busy={busy}", jobs.len());
+        let ok = served_once == queued && jobs.len() as u64 == queued && !busy;
+        signal(&self.proc, nix::sys::signal::Signal::SIGTERM);
+        let stopped = match &mut self.proc.child {
+            Some(child) => tokio::time::timeout(Duration::from_secs(20), child.wait()).await,
+            None => return Ok(ok),
+        };
+        if !matches!(stopped, Ok(Ok(s)) if s.success()) {
+            eprintln!("fleet-chaos: the single host did not stop cleanly on SIGTERM: {stopped:?}");
+            return Ok(false);
+        }
+        Ok(ok)
+    }
+}
+
+/// For each job a runner started, from its creation at GitHub until then, in ms, sorted
+/// (whichever runner took it: any runner takes any job its labels cover).
+fn queued_to_started(jobs: &[Value]) -> Vec<f64> {
+    let mut waits: Vec<f64> = jobs
+        .iter()
+        .filter_map(|j| Some(j["started_unix_ms"].as_u64()?.saturating_sub(j["created_unix_ms"].as_u64()?) as f64))
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    waits
+}
+
+/// How long each delivery took to be answered (ms, sorted).
+async fn delivery_times(http: &reqwest::Client, sim: &str) -> Result<Vec<f64>, String> {
+    let deliveries = get_json(http, &format!("{sim}/_sim/deliveries")).await?;
+    let mut ms: Vec<f64> = deliveries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["duration"].as_f64())
+        .map(|s| s * 1000.0)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n => sorted[((n as f64 * p) as usize).min(n - 1)],
+    }
 }
 
 /// The warm VMs member `i` keeps: the even ones keep `--warm`, the others boot cold.
@@ -663,15 +857,16 @@ fn spawn_member(
         .map_err(|e| e.to_string())?;
     let mut child = tokio::process::Command::new(exe)
         .arg("member")
-        .args(["--host-id", &m.host_id, "--sim", sim_url, "--pg", &m.pg])
+        .args(["--host-id", &m.host_id, "--sim", sim_url])
+        .args(m.pg.iter().flat_map(|pg| ["--pg", pg]))
         .arg("--dir")
         .arg(&m.dir)
         .args(["--listen", &m.listen.to_string()])
         .arg("--password-file")
         .arg(&args.password_file)
         .args(["--lease", &humantime::format_duration(args.lease).to_string()])
-        .args(["--max-vms", &args.max_vms.to_string()])
-        .args(["--warm", &warm_of(args, i).to_string()])
+        .args(["--max-vms", &m.max_vms.to_string()])
+        .args(["--warm", &m.warm.to_string()])
         .args(["--boot", &humantime::format_duration(args.boot).to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -420,7 +420,7 @@ fn start_member(
         dir: dir.path(),
         host_id: &format!("sim-{i:02}"),
         sim_url,
-        pg_url,
+        pg_url: Some(pg_url),
         lease: args.lease,
         max_vms: args.max_vms,
         warm: 0,

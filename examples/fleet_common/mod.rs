@@ -24,7 +24,8 @@ pub struct MemberSpec<'a> {
     pub dir: &'a Path,
     pub host_id: &'a str,
     pub sim_url: &'a str,
-    pub pg_url: &'a str,
+    /// The fleet's database; none: a single host (its own store, no `[fleet]`).
+    pub pg_url: Option<&'a str>,
     pub lease: Duration,
     pub max_vms: usize,
     /// Warm VMs its pool keeps.
@@ -51,10 +52,7 @@ pub fn member_config(spec: &MemberSpec) -> Result<Config, String> {
         [reconcile]
         sweep_interval = "2s"
         github_interval = "10s"
-        [fleet]
-        host_id = "{host_id}"
-        lease = "{lease}ms"
-        postgres = {{ url = "{pg_url}", max_connections = 3 }}
+        {fleet}
         [[pool]]
         name = "small"
         labels = ["self-hosted", "linux"]
@@ -64,9 +62,14 @@ pub fn member_config(spec: &MemberSpec) -> Result<Config, String> {
         "#,
         dir = spec.dir.display(),
         sim_url = spec.sim_url,
-        host_id = spec.host_id,
-        lease = spec.lease.as_millis(),
-        pg_url = spec.pg_url,
+        fleet = match spec.pg_url {
+            Some(url) => format!(
+                "[fleet]\nhost_id = \"{}\"\nlease = \"{}ms\"\npostgres = {{ url = \"{url}\", max_connections = 3 }}",
+                spec.host_id,
+                spec.lease.as_millis()
+            ),
+            None => String::new(),
+        },
         image = image.display(),
         max_vms = spec.max_vms,
         warm = spec.warm,
@@ -82,9 +85,13 @@ pub fn member_deps(
     sim_url: &str,
     webhook: std::net::TcpListener,
 ) -> Result<(runnervisor::Deps<HttpGitHub, FakeHypervisor>, Arc<FakeHypervisor>, Arc<Metrics>), String> {
-    let fleet_config = config.fleet.clone().ok_or("no [fleet]")?;
-    let member = runnervisor::fleet::Member::new(&fleet_config, Some(&Secret::new(password)))
-        .map_err(|e| format!("{}: {e}", fleet_config.host_id()))?;
+    let member = match &config.fleet {
+        Some(fleet) => Some(
+            runnervisor::fleet::Member::new(fleet, Some(&Secret::new(password)))
+                .map_err(|e| format!("{}: {e}", fleet.host_id()))?,
+        ),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::default());
     let github = HttpGitHub::new(
         sim_url,
@@ -107,7 +114,7 @@ pub fn member_deps(
         webhook_listener: Some(webhook),
         metrics_listener: Some(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?),
         reloads: None,
-        fleet: Some(member),
+        fleet: member,
     };
     Ok((deps, hv, metrics))
 }
