@@ -239,51 +239,63 @@ async fn jobs_queued_before_the_rows_carried_their_job_are_read_after_the_upgrad
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_member_is_woken_by_each_job_left_to_claim_and_by_nothing_else() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+async fn a_member_is_woken_by_each_job_left_to_claim_and_each_runner_whose_job_moved_on() {
+    use std::sync::{Arc, Mutex};
     let db = migrated("listen").await;
-    let woken = std::sync::Arc::new(tokio::sync::Notify::new());
-    let wakes = std::sync::Arc::new(AtomicUsize::new(0));
+    let woken = Arc::new(tokio::sync::Notify::new());
+    let heard: Arc<Mutex<Vec<String>>> = Arc::default();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tls = runnervisor::fleet::tls(None).unwrap();
-    let (w, n) = (woken.clone(), wakes.clone());
-    let joined = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (w, h) = (woken.clone(), heard.clone());
+    let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let task = tokio::spawn(runnervisor::fleet::listen(
         db.config(),
         tls,
         ("hv-listen".into(), Duration::from_secs(60)),
         joined.clone(),
-        move || {
-            n.fetch_add(1, Ordering::SeqCst);
+        move |payload: String| {
+            h.lock().unwrap().push(payload);
             w.notify_one()
         },
         shutdown.clone(),
     ));
+    let next = || async {
+        let got = tokio::time::timeout(Duration::from_secs(10), woken.notified()).await;
+        let heard = heard.lock().unwrap().clone();
+        assert!(got.is_ok(), "not woken; heard so far: {heard:?}");
+        heard
+    };
     // Once connected, holding the member's lock.
-    tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken when listening");
-    assert!(joined.load(Ordering::Acquire));
+    assert_eq!(next().await, [""], "woken when listening");
+    assert!(joined.load(std::sync::atomic::Ordering::Acquire));
     let intake = intake::FleetIntake::start(db.pool(2), None);
     for i in 0..3u64 {
         intake.accept(event(&format!("d{i}"), i, JobAction::Queued)).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
+        assert_eq!(next().await.len(), 2 + i as usize);
     }
-    assert_eq!(wakes.load(Ordering::SeqCst), 4);
-    // Jobs moving on, and a job claimed as it is written, leave nothing to claim: no one
-    // is woken. (Notifications come in commit order: had any of these woken the member,
-    // it would have been before the last job's.)
+    // Jobs moving on without a runner named, a job claimed as it is written, and a runner
+    // name too long to be a member's VM wake no one. (Notifications come in commit order:
+    // had any of these woken the member, it would have been before the next one's.)
     intake.accept(event("p0", 0, JobAction::InProgress)).await.unwrap();
     intake.accept(event("c1", 1, JobAction::Completed)).await.unwrap();
-    intake.accept(event("q7", 7, JobAction::InProgress)).await.unwrap();
-    let reserve = std::sync::Arc::new(intake::Reserve::default());
+    let reserve = Arc::new(intake::Reserve::default());
     let labels = runnervisor::model::label_set(&event("x", 0, JobAction::Queued).job.labels);
     reserve.set(std::collections::HashMap::from([(labels, 1)]));
     let on_write =
         intake::OnWrite { host: "hv-other".into(), lease: Duration::from_secs(60), reserve, claimed: Box::new(|_| {}) };
     let claiming = intake::FleetIntake::start(db.pool(1), Some(on_write));
     claiming.accept(event("d8", 8, JobAction::Queued)).await.unwrap();
+    let mut long = event("p2", 2, JobAction::InProgress);
+    long.job.runner_name = Some("x".repeat(129));
+    intake.accept(long).await.unwrap();
     intake.accept(event("d9", 9, JobAction::Queued)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken");
-    assert_eq!(wakes.load(Ordering::SeqCst), 5, "only job 9 was left to claim");
+    assert_eq!(next().await, ["", "", "", "", ""], "only job 9 was left to claim");
+    // A job a runner took moved on: the runner's name is the payload (only the member
+    // whose VM it is reads).
+    let mut took = event("c2", 2, JobAction::Completed);
+    took.job.runner_name = Some("rv-small-2-1".into());
+    intake.accept(took).await.unwrap();
+    assert_eq!(next().await.last().map(String::as_str), Some("rv-small-2-1"));
     // A claim given back while its job is queued leaves it to claim; one given back once
     // its job moved on does not.
     let other = PgClaims::new(db.pool(1), "hv-other".into(), Duration::from_secs(60));
@@ -291,8 +303,8 @@ async fn a_member_is_woken_by_each_job_left_to_claim_and_by_nothing_else() {
     intake.accept(event("p9", 9, JobAction::InProgress)).await.unwrap();
     other.release(vec![(9, 1)]).await.unwrap();
     other.release(vec![(8, 1)]).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), woken.notified()).await.expect("woken by the release");
-    assert_eq!(wakes.load(Ordering::SeqCst), 6);
+    assert_eq!(next().await.len(), 7, "woken by the release of job 8 only");
+    assert_eq!(heard.lock().unwrap().last().map(String::as_str), Some(""));
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap().unwrap();
 }

@@ -1,15 +1,15 @@
 //! The fleet's webhook intake: deliveries written to PostgreSQL, with group commit, before
 //! they are answered. One writer task; deliveries arriving while it commits go into its
-//! next transaction. Per delivery: its id (a delivery seen by any member is a duplicate)
-//! and its job's row moved forward (never back), which the members read. A
-//! transaction that fails fails its whole group: every caller answers 503 and GitHub's
+//! next statement (one round trip, its own transaction). Per delivery: its id (a delivery
+//! seen by any member is a duplicate) and its job's row moved forward (never back), which
+//! the members read. A statement that fails fails its whole group: every caller answers 503 and GitHub's
 //! redelivery brings the deliveries again.
 //!
 //! Claim on write: a new queued job that this member's scheduler would serve at once (its
-//! [`Reserve`]) is claimed in the same transaction that writes it, so the member that
-//! receives a delivery serves it without waiting for the row's notification, a read and a
-//! claim of its own (the fleet's claim latency is the commit's). Only a fresh delivery
-//! claims (a duplicate is not), and only a queued row no one holds.
+//! [`Reserve`]) is claimed as its row is inserted, so the member that receives a delivery
+//! serves it without waiting for a notification, a read and a claim of its own (the
+//! fleet's claim latency is the statement's). Only a fresh delivery claims (a duplicate
+//! does not), and only a row it inserts (one that existed is left to the schedulers').
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -109,8 +109,15 @@ pub struct OnWrite {
 /// Most deliveries written in one transaction.
 const MAX_GROUP: usize = 512;
 
-/// The `NOTIFY` channel members `LISTEN` on: a job is there to claim.
+/// The `NOTIFY` channel members `LISTEN` on. An empty payload: a job is there to claim
+/// (every member reads); a runner's name: a job that runner took moved on (only the member
+/// whose VM has that name reads).
 pub const CHANNEL: &str = "rv_events";
+
+/// Longest runner name a notification carries: this agent's VM names are far shorter; a
+/// longer name (any runner's, from GitHub) is no VM of a member, and a payload must stay
+/// under PostgreSQL's 8,000 bytes.
+pub const MAX_NOTIFIED_NAME: i32 = 128;
 
 type Reply = oneshot::Sender<Result<bool, Arc<FleetError>>>;
 
@@ -223,7 +230,9 @@ pub async fn write<'a>(
 /// ids not seen before, each job's row moved to the furthest of its fresh events, new
 /// queued rows claimed by this member as they are inserted (within its reserve; a row that
 /// existed is left to the schedulers' claims), and a `NOTIFY` when a job is left for any
-/// member to claim (a queued row without a holder). Rows are written in one order on every
+/// member to claim (a queued row without a holder) or a job moved on whose runner may be a
+/// member's VM (the runner's name as the payload: only that member reads; the others are
+/// not woken by it). Rows are written in one order on every
 /// member, delivery ids then job ids: two members given the same deliveries at once would
 /// otherwise wait on each other's rows, and PostgreSQL would abort one as a deadlock.
 /// Other changes wake no one: members read them within [`crate::scheduler::claims::READ_POLL`]
@@ -254,11 +263,14 @@ WITH input AS (
   ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info,
     runner_name = EXCLUDED.runner_name, updated_at = now()
   WHERE j.rank < EXCLUDED.rank
-  RETURNING j.id, j.attempts, j.xmax = 0 AND j.holder = $10 AS claimed, j.state = 'queued' AND j.holder IS NULL AS open
+  RETURNING j.id, j.attempts, j.rank = 0 AND j.holder = $10 AS claimed, j.state = 'queued' AND j.holder IS NULL AS open,
+    CASE WHEN j.rank > 0 AND length(j.runner_name) <= $14 THEN j.runner_name END AS moved_on
+), wake AS (
+  SELECT DISTINCT CASE WHEN open THEN '' ELSE moved_on END AS payload FROM up WHERE open OR moved_on IS NOT NULL
 )
 SELECT guid, NULL::int8, NULL::int4 FROM d
 UNION ALL SELECT NULL, id, attempts FROM up WHERE claimed
-UNION ALL SELECT NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM up WHERE open) AND pg_notify($13, '') IS NOT NULL";
+UNION ALL SELECT NULL, NULL, NULL FROM wake WHERE pg_notify($13, payload) IS NOT NULL";
 
 async fn write_taking<'a>(
     pool: &Pool,
@@ -311,6 +323,7 @@ async fn write_taking<'a>(
                 &lease_ms,
                 &claim_ids,
                 &CHANNEL,
+                &MAX_NOTIFIED_NAME,
             ],
         )
         .await?;

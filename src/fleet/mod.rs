@@ -227,12 +227,12 @@ impl Member {
 }
 
 /// Migrates the schema (retrying until the database answers), then holds the member's
-/// lock and calls `wake` for each job left to claim until `shutdown` (see [`listen`]).
+/// lock and calls `wake` for each notification until `shutdown` (see [`listen`]).
 /// An error: this agent must not be a member (a newer schema, its host id taken); the
 /// caller stops.
 pub async fn run_member(
     member: Member,
-    wake: impl Fn() + Send + 'static,
+    wake: impl Fn(String) + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), FleetError> {
     if member.migrate(&shutdown).await? {
@@ -304,7 +304,8 @@ pub async fn join(
 }
 
 /// `LISTEN`s on a connection of its own (a pooled one cannot deliver notifications) and
-/// calls `wake` for each notification, and once (re)connected; reconnects after an error.
+/// calls `wake` with each notification's payload ([`intake::CHANNEL`] says what it is), and
+/// with an empty one once (re)connected; reconnects after an error.
 /// The same connection holds the member's lock on `host_id` ([`join`]): `joined` is set
 /// once it is held (the scheduler claims nothing before), and a live member holding it is
 /// an error (two agents with one host id).
@@ -313,7 +314,7 @@ pub async fn listen(
     tls: MakeTlsConnector,
     member: (String, Duration),
     joined: Arc<AtomicBool>,
-    wake: impl Fn() + Send + 'static,
+    wake: impl Fn(String) + Send + 'static,
     shutdown: CancellationToken,
 ) -> Result<(), FleetError> {
     let (host_id, lease) = member;
@@ -328,7 +329,9 @@ pub async fn listen(
                 let driver = tokio::spawn(async move {
                     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(Ok(m)) = messages.next().await {
-                        if matches!(m, AsyncMessage::Notification(_)) && tx.send(()).is_err() {
+                        if let AsyncMessage::Notification(n) = m
+                            && tx.send(n.payload().to_string()).is_err()
+                        {
                             return;
                         }
                     }
@@ -346,7 +349,7 @@ pub async fn listen(
                     Ok(true) => {
                         joined.store(true, Ordering::Release);
                         logged = false;
-                        wake();
+                        wake(String::new());
                         loop {
                             tokio::select! {
                                 _ = shutdown.cancelled() => {
@@ -354,7 +357,7 @@ pub async fn listen(
                                     return Ok(());
                                 }
                                 m = heard.recv() => match m {
-                                    Some(()) => wake(),
+                                    Some(payload) => wake(payload),
                                     None => break,
                                 },
                             }

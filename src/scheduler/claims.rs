@@ -1,8 +1,9 @@
 //! Fleet mode in the scheduler: a member serves a job only while it holds the job's claim
 //! (`fleet::claims`). The job rows in PostgreSQL are the queue: the member reads the rows
 //! it needs (the oldest queued jobs of its pools that no live claim holds, the jobs it
-//! knows of, the jobs its runners took) when a row changes (`NOTIFY`) and every
-//! [`READ_POLL`], and applies each as an event, as a single host applies its webhooks: a
+//! knows of, the jobs its runners took) when woken (`NOTIFY`: a job left to claim, or a
+//! job one of its runners took moved on) and every [`READ_POLL`] (the other changes, such
+//! as a lease that ran out), and applies each as an event, as a single host applies its webhooks: a
 //! row is the job's state now, so nothing is missed however late its writer committed.
 //! What changes is which jobs this member makes VMs for:
 //! - demand leaves out jobs another member holds (until its lease runs out, as read; tried
@@ -38,8 +39,9 @@ use crate::model::{JobAction, JobEvent, JobState, VmState};
 const RETRY_OTHERS: Duration = Duration::from_secs(15);
 /// After a failed call to the fleet's database.
 const RETRY_ERROR: Duration = Duration::from_secs(2);
-/// How often the job rows are read without a notification (one may be missed while the
-/// `LISTEN` connection is down).
+/// How often the job rows are read without a notification: the changes that wake no one
+/// (a lease that ran out, a job claimed on write, another member's runner taking a job)
+/// and any notification missed while the `LISTEN` connection was down.
 pub const READ_POLL: Duration = Duration::from_secs(2);
 /// The oldest unheld queued jobs of this member's pools read at a time: more than it can
 /// serve at once; the next read brings the next ones as these are claimed.
@@ -116,7 +118,7 @@ pub struct Fleet {
     heartbeat_pending: bool,
     /// A read of the job rows is in flight.
     reading: bool,
-    /// A row changed since the last read began.
+    /// A notification concerning this member came since the last read began.
     pub(super) read_due: bool,
     read_at: Option<Instant>,
     read_failing: bool,
@@ -384,8 +386,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    /// A delivery this member's intake wrote and claimed at once: the job is applied (its
-    /// row's notification brings the same) and its claim held as any other.
+    /// A delivery this member's intake wrote and claimed at once: the job is applied (as a
+    /// read of its row would) and its claim held as any other.
     pub(super) fn on_claimed_on_write(&mut self, c: ClaimedOnWrite) {
         let now = Instant::now();
         let (job, labels) = (c.event.job.id, c.event.job.labels.clone());
