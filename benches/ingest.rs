@@ -68,6 +68,9 @@ async fn metric(agent: &Agent, name: &str) -> u64 {
 async fn main() {
     let mut spec = AgentSpec::new("bench-ingest", &["self-hosted", "bench-ingest"]);
     spec.log_level = "info".into();
+    // Every connection comes from 127.0.0.1, as from a reverse proxy in front of the agent:
+    // the per-source cap (16 by default) raised to the connections the load opens.
+    spec.server_extra = "max_connections_per_source = 64".into();
     let webhook_port = free_port();
     let sim = Sim::start(Some(format!("http://127.0.0.1:{webhook_port}/webhook")), |_| {}).await;
     let mut agent = Agent::configure(&spec, sim.handle.addr.port(), webhook_port);

@@ -393,7 +393,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // claimed here yet: another member may win it) is still spare, and no VM is made
         // to replace it (in a fleet, every member that read the job would otherwise boot
         // one, and reap it as surplus once the job was won elsewhere).
-        let not_bound = decision.bind.len() - self.serve_pool(pool, decision.bind, decision.provision);
+        let not_bound = decision.bind.len().saturating_sub(self.serve_pool(pool, decision.bind, decision.provision));
         for _ in 0..decision.warm.saturating_sub(not_bound) {
             self.start_warm(pool);
         }

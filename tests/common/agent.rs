@@ -82,6 +82,8 @@ pub struct AgentSpec {
     pub log_level: String,
     /// The snapshot slots of its pool stay when the agent goes (drills share them).
     pub keep_slots: bool,
+    /// Extra lines for `[server]`.
+    pub server_extra: String,
 }
 
 impl AgentSpec {
@@ -100,6 +102,7 @@ impl AgentSpec {
             listen_all: false,
             log_level: "runnervisor=debug,info".into(),
             keep_slots: false,
+            server_extra: String::new(),
         }
     }
 }
@@ -138,6 +141,7 @@ log_level = "{log_level}"
 
 [server]
 listen = "{listen}:{webhook_port}"
+{server_extra}
 
 [github]
 api_url = "http://{gateway}:{sim_port}"
@@ -181,6 +185,7 @@ registration = "{registration}"
             dir = dir.display(),
             gateway = lab_gateway(),
             log_level = spec.log_level,
+            server_extra = spec.server_extra,
             listen = if spec.listen_all { "0.0.0.0" } else { "127.0.0.1" },
             network = NETWORK,
             filter = filter_name(&spec.pool),
