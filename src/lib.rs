@@ -207,8 +207,8 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     });
 
     // Fleet mode: deliveries go to the fleet's database, whose job rows the scheduler reads
-    // (woken by a job left to claim or one its runners took moving on; the rest read every
-    // 2 s); a single host writes its store.
+    // (woken by a job left to claim; the rest read every 2 s); a single host writes its
+    // store.
     // A member that must not be one (a newer schema, its host id taken) stops the agent,
     // which exits non-zero with the reason.
     let refused: Arc<std::sync::Mutex<Option<fleet::FleetError>>> = Arc::default();

@@ -110,14 +110,12 @@ pub struct OnWrite {
 const MAX_GROUP: usize = 512;
 
 /// The `NOTIFY` channel members `LISTEN` on. An empty payload: a job is there to claim
-/// (every member reads); a runner's name: a job that runner took moved on (only the member
-/// whose VM has that name reads).
+/// (every member reads). A runner's name would wake only the member with a VM of that
+/// name; none is sent: a transaction that notifies holds PostgreSQL's notify lock through
+/// its commit, so every notifying write waits for the others' (notifying each job that
+/// moved on, 20 member processes answered deliveries in p50 34 ms instead of 6, and claim
+/// p99 went from 13 to 54 ms).
 pub const CHANNEL: &str = "rv_events";
-
-/// Longest runner name a notification carries: this agent's VM names are far shorter; a
-/// longer name (any runner's, from GitHub) is no VM of a member, and a payload must stay
-/// under PostgreSQL's 8,000 bytes.
-pub const MAX_NOTIFIED_NAME: i32 = 128;
 
 type Reply = oneshot::Sender<Result<bool, Arc<FleetError>>>;
 
@@ -230,13 +228,12 @@ pub async fn write<'a>(
 /// ids not seen before, each job's row moved to the furthest of its fresh events, new
 /// queued rows claimed by this member as they are inserted (within its reserve; a row that
 /// existed is left to the schedulers' claims), and a `NOTIFY` when a job is left for any
-/// member to claim (a queued row without a holder) or a job moved on whose runner may be a
-/// member's VM (the runner's name as the payload: only that member reads; the others are
-/// not woken by it). Rows are written in one order on every
+/// member to claim (a queued row without a holder). Rows are written in one order on every
 /// member, delivery ids then job ids: two members given the same deliveries at once would
 /// otherwise wait on each other's rows, and PostgreSQL would abort one as a deadlock.
 /// Other changes wake no one: members read them within [`crate::scheduler::claims::READ_POLL`]
-/// (20 members each woken by every change of every row kept PostgreSQL's CPU busy).
+/// (20 members each woken by every change of every row kept PostgreSQL busy, and every
+/// notifying commit waits for the others': see [`CHANNEL`]).
 const WRITE: &str = "\
 WITH input AS (
   SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int2[], $5::jsonb[], $6::text[], $7::timestamptz[],
@@ -263,10 +260,9 @@ WITH input AS (
   ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info,
     runner_name = EXCLUDED.runner_name, updated_at = now()
   WHERE j.rank < EXCLUDED.rank
-  RETURNING j.id, j.attempts, j.rank = 0 AND j.holder = $10 AS claimed, j.state = 'queued' AND j.holder IS NULL AS open,
-    CASE WHEN j.rank > 0 AND length(j.runner_name) <= $14 THEN j.runner_name END AS moved_on
+  RETURNING j.id, j.attempts, j.rank = 0 AND j.holder = $10 AS claimed, j.state = 'queued' AND j.holder IS NULL AS open
 ), wake AS (
-  SELECT DISTINCT CASE WHEN open THEN '' ELSE moved_on END AS payload FROM up WHERE open OR moved_on IS NOT NULL
+  SELECT DISTINCT '' AS payload FROM up WHERE open
 )
 SELECT guid, NULL::int8, NULL::int4 FROM d
 UNION ALL SELECT NULL, id, attempts FROM up WHERE claimed
@@ -323,7 +319,6 @@ async fn write_taking<'a>(
                 &lease_ms,
                 &claim_ids,
                 &CHANNEL,
-                &MAX_NOTIFIED_NAME,
             ],
         )
         .await?;

@@ -1,9 +1,9 @@
 //! Fleet mode in the scheduler: a member serves a job only while it holds the job's claim
 //! (`fleet::claims`). The job rows in PostgreSQL are the queue: the member reads the rows
 //! it needs (the oldest queued jobs of its pools that no live claim holds, the jobs it
-//! knows of, the jobs its runners took) when woken (`NOTIFY`: a job left to claim, or a
-//! job one of its runners took moved on) and every [`READ_POLL`] (the other changes, such
-//! as a lease that ran out), and applies each as an event, as a single host applies its webhooks: a
+//! knows of, the jobs its runners took) when woken (`NOTIFY`: a job left to claim) and
+//! every [`READ_POLL`] (the other changes, such as a job one of its runners took moving on
+//! or a lease that ran out), and applies each as an event, as a single host applies its webhooks: a
 //! row is the job's state now, so nothing is missed however late its writer committed.
 //! What changes is which jobs this member makes VMs for:
 //! - demand leaves out jobs another member holds (until its lease runs out, as read; tried

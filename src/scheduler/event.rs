@@ -97,8 +97,9 @@ pub enum Event {
     },
     /// Fleet mode: the job rows this member read (see `fleet::claims::Claims::read`).
     FleetRead(Result<Vec<crate::fleet::claims::JobRow>, crate::fleet::FleetError>),
-    /// Fleet mode: the database's `NOTIFY` (its payload: empty, a job to claim; else the
-    /// name of a runner whose job moved on): read again now if it concerns this member.
+    /// Fleet mode: the database's `NOTIFY` (its payload: empty, a job to claim; a runner's
+    /// name concerns only the member with that VM, see `fleet::intake::CHANNEL`): read
+    /// again now if it concerns this member.
     FleetWake(String),
     /// Fleet mode: a delivery this member's intake wrote and claimed in one transaction.
     ClaimedOnWrite(crate::fleet::intake::ClaimedOnWrite),
