@@ -61,6 +61,64 @@ async fn members_starting_together_migrate_once_and_a_newer_schema_is_refused() 
     }
 }
 
+/// One group written at once (deliveries arriving while the writer was busy): the first
+/// of each delivery id not seen before is fresh, and each job's row moves to the furthest
+/// of its fresh events, the first among equals.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_of_deliveries_is_written_as_the_events_one_at_a_time_would_be() {
+    let db = migrated("group").await;
+    let pool = db.pool(1);
+    intake::FleetIntake::start(pool.clone(), None).accept(event("seen", 4, JobAction::InProgress)).await.unwrap();
+    let group = [
+        event("q1", 1, JobAction::Queued),
+        event("p1", 1, JobAction::InProgress),
+        event("p1", 1, JobAction::Completed), // the same id again: not fresh
+        event("q1b", 1, JobAction::Queued),
+        event("q2", 2, JobAction::Queued),
+        event("c3", 3, JobAction::Completed),
+        event("p3", 3, JobAction::InProgress),
+        event("seen", 4, JobAction::Completed), // seen before this group
+        event("q4", 4, JobAction::Queued),      // behind the row's in progress
+    ];
+    let refs: Vec<&JobEvent> = group.iter().collect();
+    let (fresh, claimed) = intake::write(&pool, &refs, None).await.unwrap();
+    assert_eq!(fresh, [true, true, false, true, true, true, true, false, true]);
+    assert!(claimed.is_empty());
+    let c = db.connect().await;
+    let rows: Vec<(i64, String, String)> = c
+        .query("SELECT id, state, info->>'name' FROM rv_jobs ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let row = |id: i64, state: &str, name: &str| (id, state.to_string(), name.to_string());
+    assert_eq!(
+        rows,
+        [
+            row(1, "in_progress", "build"),
+            row(2, "queued", "build"),
+            row(3, "completed", "build"),
+            row(4, "in_progress", "build")
+        ]
+    );
+    // Of two fresh events as far along, the first makes the row.
+    let (fresh, _) = intake::write(
+        &pool,
+        &[&event("q5a", 5, JobAction::Queued), &{
+            let mut e = event("q5b", 5, JobAction::Queued);
+            e.job.name = "later".into();
+            e
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fresh, [true, true]);
+    let name: String = c.query_one("SELECT info->>'name' FROM rv_jobs WHERE id = 5", &[]).await.unwrap().get(0);
+    assert_eq!(name, "build");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_intake_accepts_each_delivery_once_fleet_wide_and_jobs_only_move_forward() {
     let db = migrated("intake").await;
