@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "fleet_common/mod.rs"]
 mod common;
-use common::{LABELS, SECRET, connect, get_json, unix_ms};
+use common::{LABELS, SECRET, connect, delivery_times, get_json, pct, unix_ms};
 
 #[derive(Parser)]
 #[command(about = "A nemesis for fleet mode: member processes, real PostgreSQL, github-sim, seeded faults")]
@@ -550,17 +550,9 @@ async fn run_chaos(args: &Args, seed: u64, db: &str, password: &str) -> Result<b
         let mut due = args.rate * tick.as_secs_f64();
         while due > 0.0 {
             if rng.f64() < due.min(1.0) {
-                let r = http
-                    .post(format!("{sim_url}/_sim/jobs"))
-                    .json(&json!({"repo": "octo-org/app", "labels": LABELS, "duration_secs": args.job_secs}))
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.status() != 201 {
-                    return Err(format!("github-sim refused a job: {}", r.status()));
-                }
+                queue_job(&http, &sim_url, args).await?;
                 if let Some(s) = &single {
-                    s.queue(&http, args).await?;
+                    queue_job(&http, &s.sim.url(), args).await?;
                 }
                 queued += 1;
             }
@@ -717,19 +709,6 @@ impl Single {
         Ok(())
     }
 
-    async fn queue(&self, http: &reqwest::Client, args: &Args) -> Result<(), String> {
-        let r = http
-            .post(format!("{}/_sim/jobs", self.sim.url()))
-            .json(&json!({"repo": "octo-org/app", "labels": LABELS, "duration_secs": args.job_secs}))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        match r.status().as_u16() {
-            201 => Ok(()),
-            s => Err(format!("the single host's github-sim refused a job: {s}")),
-        }
-    }
-
     /// Jobs open, runners registered or VMs left.
     async fn busy(&self, http: &reqwest::Client) -> Result<bool, String> {
         let url = self.sim.url();
@@ -802,24 +781,17 @@ fn queued_to_started(jobs: &[Value]) -> Vec<f64> {
     waits
 }
 
-/// How long each delivery took to be answered (ms, sorted).
-async fn delivery_times(http: &reqwest::Client, sim: &str) -> Result<Vec<f64>, String> {
-    let deliveries = get_json(http, &format!("{sim}/_sim/deliveries")).await?;
-    let mut ms: Vec<f64> = deliveries
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| d["duration"].as_f64())
-        .map(|s| s * 1000.0)
-        .collect();
-    ms.sort_by(f64::total_cmp);
-    Ok(ms)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    match sorted.len() {
-        0 => f64::NAN,
-        n => sorted[((n as f64 * p) as usize).min(n - 1)],
+/// One job queued at the github-sim at `sim`.
+async fn queue_job(http: &reqwest::Client, sim: &str, args: &Args) -> Result<(), String> {
+    let r = http
+        .post(format!("{sim}/_sim/jobs"))
+        .json(&json!({"repo": "octo-org/app", "labels": LABELS, "duration_secs": args.job_secs}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    match r.status().as_u16() {
+        201 => Ok(()),
+        s => Err(format!("github-sim at {sim} refused a job: {s}")),
     }
 }
 

@@ -292,17 +292,8 @@ async fn run_sim(args: &Args, db: &str, password: &str) -> Result<bool, String> 
         .collect();
     eprintln!("fleet-sim: GitHub API calls in {:.0} s: {}", elapsed.as_secs_f64(), calls.join(" "));
     // How long the relay took per delivery (8 in flight at most).
-    let deliveries = get_json(&http, &format!("{sim_url}/_sim/deliveries")).await?;
-    let mut send: Vec<f64> = deliveries
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| d["duration"].as_f64())
-        .map(|s| s * 1000.0)
-        .collect();
-    send.sort_by(f64::total_cmp);
-    let pct =
-        |p: f64| send.get(((send.len() as f64 * p) as usize).min(send.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let send = common::delivery_times(&http, &sim_url).await?;
+    let pct = |p: f64| common::pct(&send, p);
     eprintln!(
         "fleet-sim: {} deliveries, each to {} members: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms, {:.0} s in all",
         send.len(),

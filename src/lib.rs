@@ -229,8 +229,8 @@ pub async fn run<G: GitHub, H: Hypervisor>(
                 webhook::Persist::Fleet(fleet::intake::FleetIntake::start(member.pool.clone(), Some(on_write)));
             let (wake, refused, stop) = (tx.clone(), refused.clone(), shutdown.clone());
             tokio::spawn(async move {
-                let woken = move |payload: String| {
-                    let _ = wake.send(Event::FleetWake(payload));
+                let woken = move |_payload: String| {
+                    let _ = wake.send(Event::FleetWake);
                 };
                 if let Err(e) = fleet::run_member(member, woken, stop.clone()).await {
                     tracing::error!(error = %e, "fleet database refused: stopping");

@@ -218,3 +218,25 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
+
+/// How long each of github-sim's deliveries took to be answered (ms, sorted).
+pub async fn delivery_times(http: &reqwest::Client, sim: &str) -> Result<Vec<f64>, String> {
+    let deliveries = get_json(http, &format!("{sim}/_sim/deliveries")).await?;
+    let mut ms: Vec<f64> = deliveries
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["duration"].as_f64())
+        .map(|s| s * 1000.0)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+/// The `p` quantile of `sorted` (NaN for none).
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n => sorted[((n as f64 * p) as usize).min(n - 1)],
+    }
+}

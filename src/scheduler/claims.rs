@@ -118,7 +118,7 @@ pub struct Fleet {
     heartbeat_pending: bool,
     /// A read of the job rows is in flight.
     reading: bool,
-    /// A notification concerning this member came since the last read began.
+    /// A notification (a job left to claim) came since the last read began.
     pub(super) read_due: bool,
     read_at: Option<Instant>,
     read_failing: bool,

@@ -97,10 +97,8 @@ pub enum Event {
     },
     /// Fleet mode: the job rows this member read (see `fleet::claims::Claims::read`).
     FleetRead(Result<Vec<crate::fleet::claims::JobRow>, crate::fleet::FleetError>),
-    /// Fleet mode: the database's `NOTIFY` (its payload: empty, a job to claim; a runner's
-    /// name concerns only the member with that VM, see `fleet::intake::CHANNEL`): read
-    /// again now if it concerns this member.
-    FleetWake(String),
+    /// Fleet mode: the database's `NOTIFY` (a job left to claim): read again now.
+    FleetWake,
     /// Fleet mode: a delivery this member's intake wrote and claimed in one transaction.
     ClaimedOnWrite(crate::fleet::intake::ClaimedOnWrite),
     /// Fleet mode: a job taken over from a member that went away, as GitHub knows it.

@@ -294,10 +294,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::TakeoverChecked { job, status } => self.on_takeover_checked(job, status),
             Event::FleetRead(result) => self.on_fleet_read(result),
             Event::ClaimedOnWrite(c) => self.on_claimed_on_write(c),
-            Event::FleetWake(runner) => {
-                // A runner of another member's VM: nothing here changed.
-                let ours = runner.is_empty() || self.book.vms.contains_key(&runner);
-                if let Some(f) = self.fleet.as_mut().filter(|_| ours) {
+            Event::FleetWake => {
+                if let Some(f) = self.fleet.as_mut() {
                     f.read_due = true;
                 }
             }
