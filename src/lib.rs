@@ -35,10 +35,13 @@ pub mod images;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod offload;
 pub mod reload;
 pub mod scheduler;
 pub mod secret;
 pub mod server;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod sources;
 pub mod store;
 pub mod systemd;
@@ -124,19 +127,103 @@ fn bind(
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run<G: GitHub, H: Hypervisor>(
     config: Arc<Config>,
-    deps: Deps<G, H>,
+    mut deps: Deps<G, H>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let store = Arc::new(Store::open(&config.state_dir)?);
     warn_if_unfenced(&config.libvirt.network);
-    let webhook_listener = bind("webhook", config.server.listen, deps.webhook_listener)?;
-    let metrics_listener = match (config.metrics.enabled, deps.metrics_listener) {
+    let webhook_listener = bind("webhook", config.server.listen, deps.webhook_listener.take())?;
+    let metrics_listener = match (config.metrics.enabled, deps.metrics_listener.take()) {
         (_, Some(l)) => Some(bind("metrics", config.metrics.listen, Some(l))?),
         (true, None) => Some(bind("metrics", config.metrics.listen, None)?),
         (false, None) => None,
     };
     let admin_listener = admin::bind(&config.admin.socket, config.admin.group.as_deref())?;
+    let admission = sources::Admission::new(
+        config.server.allow_sources.clone(),
+        config.server.max_connections_per_source,
+        Some(deps.metrics.clone()),
+    );
+    if admission.wants_github() {
+        tokio::spawn(sources::keep_github_ranges(deps.github.clone(), admission.clone(), shutdown.clone()));
+    }
+    let metrics = deps.metrics.clone();
+    let agent = assemble(config.clone(), deps, store, Arc::new(clock::SystemClock), shutdown.clone())?;
+    let app = agent.app.clone().route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    let limits = server::Limits {
+        max_connections: config.server.max_connections,
+        header_timeout: config.server.header_timeout,
+        shutdown_grace: config.reconcile.shutdown_grace,
+    };
+    tracing::info!(addr = %webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener bound");
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listener bound");
+        let router =
+            axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = metrics.clone();
+                    async move {
+                        ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+                    }
+                }),
+            );
+        let s = shutdown.clone();
+        // Scrapes are few: a small cap keeps a misbehaving client from holding many.
+        let metrics_limits = server::Limits { max_connections: 16, ..limits };
+        let anyone = sources::Admission::new(None, metrics_limits.max_connections, None);
+        tokio::spawn(server::serve(l, router, metrics_limits, anyone, s));
+    }
+    let admin_task = tokio::spawn(admin::serve(admin_listener, agent.events.clone(), shutdown.clone()));
+    let webhook_addr = webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    server::serve(webhook_listener, app, limits, admission, shutdown.clone()).await;
+    tracing::info!(webhook = %webhook_addr, "intake stopped; finishing in-flight work");
+    systemd::stopping();
+    let result = agent.finish().await;
+    let _ = admin_task.await;
+    let _ = std::fs::remove_file(&config.admin.socket);
+    result
+}
 
+/// The agent without its sockets: what [`run`] serves, assembled in process (the
+/// simulator drives it so: deliveries into `app`, admin commands into `events`).
+pub struct Agent {
+    /// The webhook listener's routes (`POST /webhook`).
+    pub app: axum::Router,
+    /// The scheduler's events; the admin socket sends its commands here.
+    pub events: mpsc::UnboundedSender<Event>,
+    scheduler: tokio::task::JoinHandle<()>,
+    stop_scheduler: CancellationToken,
+    refused: Arc<std::sync::Mutex<Option<fleet::FleetError>>>,
+}
+
+impl Agent {
+    /// Whether the scheduler's task has ended (it ends only when stopped).
+    pub fn scheduler_finished(&self) -> bool {
+        self.scheduler.is_finished()
+    }
+
+    /// Once the intake has stopped: stops the scheduler, waits for its in-flight work
+    /// (bounded by `shutdown_grace`), and says why the agent must exit non-zero, if it must.
+    pub async fn finish(self) -> Result<(), RunError> {
+        self.stop_scheduler.cancel();
+        let _ = self.scheduler.await;
+        match self.refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(RunError::Fleet(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts the scheduler (and in fleet mode the membership) over `store`, with wall time
+/// from `clock`, and builds the intake's routes. `deps`' listeners are not used here.
+pub fn assemble<G: GitHub, H: Hypervisor>(
+    config: Arc<Config>,
+    deps: Deps<G, H>,
+    store: Arc<Store>,
+    clock: Arc<dyn clock::Clock>,
+    shutdown: CancellationToken,
+) -> Result<Agent, RunError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut hv_events = deps.hv_events;
     let forward = tx.clone();
@@ -163,14 +250,6 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     // The store has one writer thread, for the intake (a single host's) and the scheduler.
     let writer = Arc::new(store::Writer::start(store.clone()));
     let scheduler_store: Arc<dyn store::SchedulerStore> = writer.clone();
-    let admission = sources::Admission::new(
-        config.server.allow_sources.clone(),
-        config.server.max_connections_per_source,
-        Some(deps.metrics.clone()),
-    );
-    if admission.wants_github() {
-        tokio::spawn(sources::keep_github_ranges(deps.github.clone(), admission.clone(), shutdown.clone()));
-    }
     let mut scheduler = Scheduler::new(
         config.clone(),
         deps.github,
@@ -180,7 +259,8 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         inbox_ready.clone(),
         tx.clone(),
         rx,
-    )?;
+    )?
+    .with_clock(clock.clone());
     // Fleet mode: the room for new jobs the scheduler leaves its intake to claim on write.
     let reserve = Arc::new(fleet::intake::Reserve::default());
     if let Some(m) = &deps.fleet {
@@ -198,10 +278,9 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     let stop_scheduler = CancellationToken::new();
     let (ready_tx, ready_rx) = oneshot::channel();
     let sched = tokio::spawn(scheduler.run(stop_scheduler.clone(), Some(ready_tx)));
-    let webhook_addr = webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tokio::spawn(async move {
         if ready_rx.await.is_ok() {
-            tracing::info!(webhook = %webhook_addr, "ready: taking jobs");
+            tracing::info!("ready: taking jobs");
             systemd::ready();
         }
     });
@@ -250,46 +329,9 @@ pub async fn run<G: GitHub, H: Hypervisor>(
         scope: config.github.scope(),
         max_body_bytes: config.server.max_body_bytes,
         body_timeout: config.server.body_timeout,
+        clock,
     });
-    let app = webhook::router(intake).route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    let limits = server::Limits {
-        max_connections: config.server.max_connections,
-        header_timeout: config.server.header_timeout,
-        shutdown_grace: config.reconcile.shutdown_grace,
-    };
-    tracing::info!(addr = %webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener bound");
-    if let Some(l) = metrics_listener {
-        let metrics = deps.metrics.clone();
-        tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listener bound");
-        let router =
-            axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let m = metrics.clone();
-                    async move {
-                        ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
-                    }
-                }),
-            );
-        let s = shutdown.clone();
-        // Scrapes are few: a small cap keeps a misbehaving client from holding many.
-        let metrics_limits = server::Limits { max_connections: 16, ..limits };
-        let anyone = sources::Admission::new(None, metrics_limits.max_connections, None);
-        tokio::spawn(server::serve(l, router, metrics_limits, anyone, s));
-    }
-    let admin_task = tokio::spawn(admin::serve(admin_listener, tx.clone(), shutdown.clone()));
-
-    server::serve(webhook_listener, app, limits, admission, shutdown.clone()).await;
-    tracing::info!("intake stopped; finishing in-flight work");
-    systemd::stopping();
-    stop_scheduler.cancel();
-    let _ = sched.await;
-    let _ = admin_task.await;
-    let _ = std::fs::remove_file(&config.admin.socket);
-    match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(e) => Err(RunError::Fleet(e)),
-        None => Ok(()),
-    }
+    Ok(Agent { app: webhook::router(intake), events: tx, scheduler: sched, stop_scheduler, refused })
 }
 
 #[cfg(test)]

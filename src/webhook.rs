@@ -214,6 +214,8 @@ pub struct Intake {
     pub max_body_bytes: usize,
     /// Deadline for reading the body once the headers are in (`server.body_timeout`).
     pub body_timeout: std::time::Duration,
+    /// When a delivery is received (the scheduler's clock).
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 pub fn router(intake: Arc<Intake>) -> Router {
@@ -332,7 +334,8 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
     // A header's text is visible ASCII: any byte is a char boundary.
     let delivery = headers.get("x-github-delivery").and_then(|v| v.to_str().ok()).map(|d| &d[..d.len().min(100)]);
     let delivery = delivery.unwrap_or("-");
-    let job_event = match decide(intake.secret.expose().as_bytes(), &intake.scope, &headers, &body, SystemTime::now()) {
+    let job_event = match decide(intake.secret.expose().as_bytes(), &intake.scope, &headers, &body, intake.clock.now())
+    {
         Decision::Persist(ev) => ev,
         Decision::Answer { status, message, counted } => {
             match counted {

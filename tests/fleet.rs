@@ -338,7 +338,7 @@ async fn a_member_is_woken_by_each_job_left_to_claim_and_by_nothing_else() {
     intake.accept(event("c1", 1, JobAction::Completed)).await.unwrap();
     let reserve = Arc::new(intake::Reserve::default());
     let labels = runnervisor::model::label_set(&event("x", 0, JobAction::Queued).job.labels);
-    reserve.set(std::collections::HashMap::from([(labels, 1)]));
+    reserve.set(std::collections::BTreeMap::from([(labels, 1)]));
     let on_write =
         intake::OnWrite { host: "hv-other".into(), lease: Duration::from_secs(60), reserve, claimed: Box::new(|_| {}) };
     let claiming = intake::FleetIntake::start(db.pool(1), Some(on_write));
@@ -831,7 +831,6 @@ async fn pruning_removes_only_what_is_past_its_retention_a_batch_at_a_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_member_claims_a_new_job_as_it_writes_it_within_its_room() {
     use intake::{ClaimedOnWrite, OnWrite, Reserve};
-    use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
     let db = migrated("onwrite").await;
     let reserve = Arc::new(Reserve::default());
@@ -853,7 +852,7 @@ async fn a_member_claims_a_new_job_as_it_writes_it_within_its_room() {
     assert!(b.accept(event("b-1", 1, JobAction::Queued)).await.unwrap());
     let b_claims = PgClaims::new(db.pool(1), "hv-b".into(), Duration::from_secs(60));
     assert_eq!(b_claims.claim(vec![1]).await.unwrap().len(), 1);
-    reserve.set(HashMap::from([(labels.clone(), 2)]));
+    reserve.set(std::collections::BTreeMap::from([(labels.clone(), 2)]));
     assert!(a.accept(event("a-1", 1, JobAction::Queued)).await.unwrap());
     assert!(a.accept(event("a-2", 2, JobAction::Queued)).await.unwrap());
     assert!(a.accept(event("a-3", 3, JobAction::Queued)).await.unwrap());
@@ -863,7 +862,7 @@ async fn a_member_claims_a_new_job_as_it_writes_it_within_its_room() {
     // The scheduler has both claims, and its next pass sees room for one more.
     reserve.arrived(&labels);
     reserve.arrived(&labels);
-    reserve.set(HashMap::from([(labels.clone(), 1)]));
+    reserve.set(std::collections::BTreeMap::from([(labels.clone(), 1)]));
     assert!(a.accept(event("a-5", 5, JobAction::Queued)).await.unwrap());
     assert!(a.accept(event("a-6", 6, JobAction::Queued)).await.unwrap());
     assert_eq!(*got.lock().unwrap(), [(2, 1), (3, 1), (5, 1)]);

@@ -68,6 +68,7 @@ async fn start_with(
         scope: runnervisor::config::Scope::Organization("octo-org".into()),
         max_body_bytes: MAX_BODY,
         body_timeout: BODY_TIMEOUT,
+        clock: Arc::new(runnervisor::clock::SystemClock),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -11,7 +11,7 @@
 //! fleet's claim latency is the statement's). Only a fresh delivery claims (a duplicate
 //! does not), and only a row it inserts (one that existed is left to the schedulers').
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use crate::model::{JobAction, JobEvent, label_set};
 #[derive(Default)]
 pub struct Reserve {
     /// label set → room
-    room: Mutex<HashMap<Vec<String>, Room>>,
+    room: Mutex<BTreeMap<Vec<String>, Room>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -43,13 +43,13 @@ struct Room {
 }
 
 impl Reserve {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Room>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<String>, Room>> {
         self.room.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The scheduler's room per label set now (a set not given has none), counting the
     /// claims it has had.
-    pub fn set(&self, room: HashMap<Vec<String>, u32>) {
+    pub fn set(&self, room: BTreeMap<Vec<String>, u32>) {
         let mut r = self.lock();
         for v in r.values_mut() {
             v.pending = v.pending.saturating_sub(std::mem::take(&mut v.arrived));
@@ -359,26 +359,26 @@ mod tests {
         let r = Reserve::default();
         let small = vec!["self-hosted".to_string(), "linux".to_string()];
         let gpu = vec!["gpu".to_string()];
-        r.set(HashMap::from([(label_set(&small), 2)]));
+        r.set(BTreeMap::from([(label_set(&small), 2)]));
         let linux_self = vec!["Linux".to_string(), "self-hosted".to_string()];
         assert!(r.take(&linux_self), "labels as pools match them");
         assert!(r.take(&small));
         assert!(!r.take(&small), "room for two");
         assert!(!r.take(&gpu), "no room for a set not given");
         // A pass before the scheduler has the claims: the room it saw (2) is taken still.
-        r.set(HashMap::from([(label_set(&small), 2)]));
+        r.set(BTreeMap::from([(label_set(&small), 2)]));
         assert!(!r.take(&small));
         r.arrived(&small);
         assert!(!r.take(&small), "the scheduler has one claim, but has not counted it yet");
         // Its pass counts it: one place left, which the claim it has not had yet takes.
-        r.set(HashMap::from([(label_set(&small), 1)]));
+        r.set(BTreeMap::from([(label_set(&small), 1)]));
         assert!(!r.take(&small));
         r.arrived(&small);
-        r.set(HashMap::from([(label_set(&small), 1)]));
+        r.set(BTreeMap::from([(label_set(&small), 1)]));
         assert!(r.take(&small), "both had and counted: the place it saw is free");
         r.untake(&small);
         assert!(r.take(&small), "room not used is given back at once");
-        r.set(HashMap::new());
+        r.set(BTreeMap::new());
         assert!(!r.take(&small), "no room now");
     }
 

@@ -99,12 +99,23 @@ pub struct FakeState {
 
 pub struct FakeHypervisor {
     pub state: Mutex<FakeState>,
-    events: UnboundedSender<HvEvent>,
+    events: Mutex<UnboundedSender<HvEvent>>,
 }
 
 impl FakeHypervisor {
     pub fn new(events: UnboundedSender<HvEvent>) -> Self {
-        FakeHypervisor { state: Mutex::new(FakeState::default()), events }
+        FakeHypervisor { state: Mutex::new(FakeState::default()), events: Mutex::new(events) }
+    }
+
+    /// Lifecycle events go to `events` from now on (an agent started again in the same
+    /// process: the simulator's).
+    pub fn set_events(&self, events: UnboundedSender<HvEvent>) {
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = events;
+    }
+
+    /// Sends a lifecycle event to whoever listens now.
+    pub fn send(&self, event: HvEvent) {
+        let _ = self.events.lock().unwrap_or_else(|p| p.into_inner()).send(event);
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
@@ -116,7 +127,7 @@ impl FakeHypervisor {
         if let Some(d) = self.lock().domains.get_mut(name) {
             d.0 = DomainState::Stopped;
         }
-        let _ = self.events.send(HvEvent::Stopped(name.to_string()));
+        self.send(HvEvent::Stopped(name.to_string()));
     }
 
     /// QEMU pauses the guest on a failed disk write; `event` says whether libvirt's event
@@ -126,7 +137,7 @@ impl FakeHypervisor {
             d.0 = DomainState::IoPaused;
         }
         if event {
-            let _ = self.events.send(HvEvent::IoPaused(name.to_string()));
+            self.send(HvEvent::IoPaused(name.to_string()));
         }
     }
 
@@ -374,7 +385,7 @@ impl Hypervisor for FakeHypervisor {
         }
         let (_, xml) = s.domains.remove(vm).expect("checked");
         s.saved.insert(vm.to_string(), xml);
-        let _ = self.events.send(HvEvent::Stopped(vm.to_string()));
+        self.send(HvEvent::Stopped(vm.to_string()));
         Ok(())
     }
 

@@ -18,7 +18,7 @@
 //!   is left to that member's VM (now without a job) for half a lease before it gets a
 //!   second VM here.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,13 +98,13 @@ pub struct Fleet {
     cold_head_start: Duration,
     /// Jobs this member holds (a second VM for a job claims again: a new attempt, a new
     /// name).
-    held: HashMap<u64, Held>,
+    held: BTreeMap<u64, Held>,
     /// Claimed, but taken over from a member that went away: checked at GitHub first.
     verifying: BTreeSet<u64>,
     /// A claim is in flight.
     pending: BTreeSet<u64>,
     /// Jobs another member holds: not tried again before then.
-    others: HashMap<u64, Instant>,
+    others: BTreeMap<u64, Instant>,
     /// No claim before then (the database failed).
     pause_until: Option<Instant>,
     renewing: bool,
@@ -128,7 +128,7 @@ pub struct Fleet {
     /// The room for new jobs this member's intake may claim on write, and this pass's
     /// count of it (label set → jobs).
     reserve: Option<Arc<Reserve>>,
-    room: HashMap<Vec<String>, u32>,
+    room: BTreeMap<Vec<String>, u32>,
     /// Of it, places for cold VMs (out of the host's room, across pools).
     room_cold: usize,
 }
@@ -147,10 +147,10 @@ impl Fleet {
             host,
             lease,
             cold_head_start,
-            held: HashMap::new(),
+            held: BTreeMap::new(),
             verifying: BTreeSet::new(),
             pending: BTreeSet::new(),
-            others: HashMap::new(),
+            others: BTreeMap::new(),
             pause_until: None,
             renewing: false,
             renewed_at: None,
@@ -164,7 +164,7 @@ impl Fleet {
             read_failing: false,
             joined: None,
             reserve: None,
-            room: HashMap::new(),
+            room: BTreeMap::new(),
             room_cold: 0,
         }
     }
@@ -735,7 +735,7 @@ impl Fleet {
     /// then; the claims asked about and not kept are lost (returned), unless the job was
     /// claimed again here since (another attempt, which this renewal could not know).
     fn renewed(&mut self, asked: &[(u64, u32)], sent: Instant, kept: Vec<(u64, u32)>, now: Instant) -> Vec<u64> {
-        let kept: HashMap<u64, u32> = kept.into_iter().collect();
+        let kept: BTreeMap<u64, u32> = kept.into_iter().collect();
         let lease = self.lease;
         for (job, attempt) in &kept {
             // The claim renewed is the one held (the epoch); an adopted claim (attempt 0)

@@ -7,7 +7,7 @@
 //! runner is never reserved for the job it was made for. A warm VM becomes a runner (with
 //! the pool's labels) when a job arrives for its pool; until then it is no runner at all.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -87,7 +87,7 @@ pub fn plan(
     limits: Limits,
     unserved: &[&JobRec],
     vms: &[&VmRec],
-    surplus_since: &HashMap<String, Instant>,
+    surplus_since: &BTreeMap<String, Instant>,
     cold_only: &BTreeSet<u64>,
     gate: Gate,
     now: Instant,
@@ -357,7 +357,7 @@ mod tests {
             let jobs: Vec<&JobRec> = c.jobs.iter().collect();
             let vms: Vec<&VmRec> = c.vms.iter().collect();
             let cold_only = c.cold_only.iter().copied().collect();
-            let d = plan(c.limits, &jobs, &vms, &HashMap::new(), &cold_only, c.gate, now);
+            let d = plan(c.limits, &jobs, &vms, &BTreeMap::new(), &cold_only, c.gate, now);
             let bind: Vec<(u64, String)> = c.bind.iter().map(|(j, n)| (*j, n.to_string())).collect();
             assert_eq!(d.bind, bind, "{}: bind", c.what);
             assert_eq!(d.provision, c.provision, "{}: provision", c.what);
@@ -400,7 +400,7 @@ mod tests {
         for (what, jobs, vms, limits, gate, provision, warm, slots) in cases {
             let jobs: Vec<&JobRec> = jobs.iter().collect();
             let vms: Vec<&VmRec> = vms.iter().collect();
-            let d = plan(limits, &jobs, &vms, &HashMap::new(), &BTreeSet::new(), gate, now);
+            let d = plan(limits, &jobs, &vms, &BTreeMap::new(), &BTreeSet::new(), gate, now);
             assert_eq!((d.provision, d.warm, d.slots), (provision, warm, slots), "{what}");
             assert!(d.surplus.is_empty() && d.reap.is_empty() && d.unwarm.is_empty(), "{what}");
         }

@@ -141,7 +141,7 @@ pub fn spawn_blocking_reporting<F>(
 ) where
     F: FnOnce() -> Event + Send + 'static,
 {
-    report(events, tokio::task::spawn_blocking(work), failed);
+    report(events, crate::offload::spawn(work), failed);
 }
 
 fn report(

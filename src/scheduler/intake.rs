@@ -1,7 +1,7 @@
 //! Intake: job events from the inbox (webhooks) and from GitHub polling, applied to the
 //! book through [`super::job::next`].
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use tracing::{debug, error, info};
@@ -24,7 +24,7 @@ const UNMATCHED_LOGGED_MAX: usize = 256;
 pub struct State {
     /// Label sets of jobs no pool serves, already logged at info: each set is logged once
     /// (then at debug), so that an organization's GitHub-hosted jobs do not fill the journal.
-    unmatched_logged: HashSet<Vec<String>>,
+    unmatched_logged: BTreeSet<Vec<String>>,
     /// When a webhook last brought a job event (the scheduler's clock).
     pub last_webhook: Option<SystemTime>,
     /// Each pool that takes jobs, by its label set (see [`Scheduler::index_pools`]).

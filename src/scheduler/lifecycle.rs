@@ -2,7 +2,7 @@
 //! ([`super::vm::next`] is the only writer of a VM's state), timers, teardown and its
 //! retries, and the pools' back-off after failures of the host.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -27,7 +27,7 @@ const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
 /// Back-offs by key (a pool's name), each doubling from [`BACKOFF_MIN`] up to
 /// [`BACKOFF_MAX`] with each failure until cleared.
 #[derive(Debug, Default)]
-pub struct Backoffs(HashMap<String, (Instant, Duration)>);
+pub struct Backoffs(BTreeMap<String, (Instant, Duration)>);
 
 impl Backoffs {
     /// Whether `key` backs off at `now`.
@@ -54,7 +54,7 @@ pub struct State {
     /// a full disk), until a VM of the pool has its runner online.
     backoff: Backoffs,
     /// When each surplus runner became surplus (see [`super::demand::plan`]).
-    pub surplus_since: HashMap<String, Instant>,
+    pub surplus_since: BTreeMap<String, Instant>,
 }
 
 /// The label set of a provisioning failure at `step`.

@@ -32,7 +32,7 @@ pub mod warm;
 #[cfg(test)]
 pub(crate) mod fixtures;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,7 +98,7 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     book: Book,
     /// Per VM: the task in flight or the retry due. A VM in `Provisioning` without an
     /// entry is one whose provisioning a restart cut short.
-    work: HashMap<String, Work>,
+    work: BTreeMap<String, Work>,
     lifecycle: lifecycle::State,
     warm: warm::State,
     slots: slots::State,
@@ -139,7 +139,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             rx,
             inbox_ready,
             book: Book::new(snap.jobs, snap.vms).with_slots(snap.slots),
-            work: HashMap::new(),
+            work: BTreeMap::new(),
             lifecycle: lifecycle::State::default(),
             warm: warm::State::default(),
             slots: slots::State::default(),
@@ -194,8 +194,28 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // When the inbox is drained next (deliveries are waiting).
         let mut drain_at: Option<Instant> = None;
         loop {
+            // In a fixed order (`biased`), so that a run is the same every time its inputs
+            // are (the simulator replays a seed): timers first (each is ready only when
+            // due, so a stream of events cannot starve them), then the inbox, then events.
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
+                _ = sweep.tick() => self.start_sweep(),
+                _ = github.tick() => self.start_github_sync(),
+                _ = housekeeping.tick() => crate::systemd::watchdog(),
+                _ = tokio::time::sleep_until(drain_at.unwrap_or(last_drain)), if drain_at.is_some() => {
+                    drain_at = None;
+                    self.drain_inbox();
+                    last_drain = Instant::now();
+                }
+                _ = self.inbox_ready.notified(), if drain_at.is_none() => {
+                    // Isolated deliveries are applied at once; a stream of them in passes at
+                    // most INBOX_PASS apart, so that the pools' demand is not recomputed
+                    // (and committed) once per delivery. The wait is a timer of the loop,
+                    // not a pause of it: events and status requests are answered meanwhile.
+                    drain_at = Some(last_drain + INBOX_PASS);
+                    continue;
+                }
                 Some(ev) = self.rx.recv() => {
                     let timers = (self.config.reconcile.sweep_interval, self.config.reconcile.github_interval);
                     self.handle(ev);
@@ -207,22 +227,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         github.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
                 }
-                _ = self.inbox_ready.notified(), if drain_at.is_none() => {
-                    // Isolated deliveries are applied at once; a stream of them in passes at
-                    // most INBOX_PASS apart, so that the pools' demand is not recomputed
-                    // (and committed) once per delivery. The wait is a timer of the loop,
-                    // not a pause of it: events and status requests are answered meanwhile.
-                    drain_at = Some(last_drain + INBOX_PASS);
-                    continue;
-                }
-                _ = tokio::time::sleep_until(drain_at.unwrap_or(last_drain)), if drain_at.is_some() => {
-                    drain_at = None;
-                    self.drain_inbox();
-                    last_drain = Instant::now();
-                }
-                _ = sweep.tick() => self.start_sweep(),
-                _ = github.tick() => self.start_github_sync(),
-                _ = housekeeping.tick() => crate::systemd::watchdog(),
             }
             self.reconcile();
             let _ = self.flush();

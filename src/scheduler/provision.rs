@@ -130,7 +130,7 @@ impl<G, H> Clone for Ctx<G, H> {
 /// resumes here and ends the provisioning or teardown task, whose spawner
 /// ([`super::event::spawn_reporting`]) turns it into a failure report.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
+    match crate::offload::spawn(f).await {
         Ok(v) => v,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => panic!("blocking hypervisor call: {e}"),

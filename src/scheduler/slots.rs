@@ -21,7 +21,7 @@
 //! `<slot>.qcow2`, `<slot>-seed.img`, `<slot>.save`, its address on the network), so a
 //! slot's teardown is a VM teardown of that name.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime};
 
@@ -40,10 +40,10 @@ use crate::model::{Reason, SlotRec, VmRec, VmState};
 pub struct State {
     /// Per pool, what its slots must have been made from ([`made_from`]), as the last
     /// sweep, reload or start found it, and the files it names ([`files_of`]).
-    made_from: HashMap<String, (String, String)>,
+    made_from: BTreeMap<String, (String, String)>,
     /// Slot VMs being made by this process, and what they are made from. One a restart
     /// cut short is torn down and made again.
-    making: HashMap<String, String>,
+    making: BTreeMap<String, String>,
     /// Pools whose image cannot serve slots (said once).
     refused: BTreeSet<String>,
     /// Slots a restore failed from: removed once the VM that failed is gone.
@@ -365,7 +365,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             &self.ctx.events,
             async move {
                 let vm = n.clone();
-                let result = tokio::task::spawn_blocking(move || save(&*hv, &vm, network.as_deref()))
+                let result = crate::offload::spawn(move || save(&*hv, &vm, network.as_deref()))
                     .await
                     .unwrap_or_else(|e| Err(HvError::Libvirt { op: "save", name: n.clone(), message: e.to_string() }));
                 Event::Saved { vm: n, result }

@@ -2,7 +2,7 @@
 //! domains and volumes to adopt, re-adopt or remove what the events missed. Also the
 //! housekeeping that rides on the sweep (pruning old jobs, image checks).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -24,10 +24,10 @@ pub struct State {
     /// what changed later (a VM started, one torn down) the listing cannot tell about.
     started: SystemTime,
     /// VMs torn down recently, and when: a sweep that listed before that is stale for them.
-    torn_down_at: HashMap<String, SystemTime>,
+    torn_down_at: BTreeMap<String, SystemTime>,
     /// Addresses reserved for VMs that neither the book nor libvirt knows, and since when
     /// the sweeps have found them so.
-    stray_addresses: HashMap<String, SystemTime>,
+    stray_addresses: BTreeMap<String, SystemTime>,
     last_prune: Instant,
     last_image_check: Option<Instant>,
 }
@@ -37,8 +37,8 @@ impl Default for State {
         State {
             running: false,
             started: SystemTime::UNIX_EPOCH,
-            torn_down_at: HashMap::new(),
-            stray_addresses: HashMap::new(),
+            torn_down_at: BTreeMap::new(),
+            stray_addresses: BTreeMap::new(),
             last_prune: Instant::now(),
             last_image_check: None,
         }
@@ -155,7 +155,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.hv.ready = true;
         self.hv.problem = None;
-        let by_name: HashMap<&str, &VmInfo> = found.iter().map(|v| (v.name.as_str(), v)).collect();
+        let by_name: BTreeMap<&str, &VmInfo> = found.iter().map(|v| (v.name.as_str(), v)).collect();
         let names: Vec<String> = self.book.vms.keys().cloned().collect();
         for name in names {
             let vm = &self.book.vms[&name];
@@ -205,7 +205,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // restored from it goes, and the slot (its disk, its saved state) stays.
                 warn!(domain = %info.name, "destroying a domain of a snapshot slot that no vm record holds");
                 let (hv, name) = (self.ctx.hv.clone(), info.name.clone());
-                tokio::task::spawn_blocking(move || {
+                crate::offload::spawn(move || {
                     if let Err(e) = hv.destroy(&name) {
                         warn!(domain = %name, error = %e, "cannot destroy the domain");
                     }
@@ -286,7 +286,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             info!(volume = %vol, "deleting a volume of ours that belongs to no vm");
             let hv = self.ctx.hv.clone();
             // Fire and forget: the next sweep finds it again if this fails.
-            tokio::task::spawn_blocking(move || {
+            crate::offload::spawn(move || {
                 if let Err(e) = hv.delete_volume(&vol) {
                     warn!(volume = %vol, error = %e, "cannot delete stray volume");
                 }
@@ -320,7 +320,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             info!(vm = %vm, network = %network, "releasing an address reserved for a vm that is gone");
             let (hv, net) = (self.ctx.hv.clone(), network.clone());
             // Fire and forget: the next sweep finds it again if this fails.
-            tokio::task::spawn_blocking(move || {
+            crate::offload::spawn(move || {
                 if let Err(e) = hv.release_address(&net, &vm) {
                     warn!(vm = %vm, error = %e, "cannot release a stray address");
                 }
@@ -380,7 +380,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let need = crate::capacity::worst_case(&self.config.pools, self.config.capacity.max_vms);
         let hv = self.ctx.hv.clone();
         // Only logs: nothing waits for it.
-        tokio::task::spawn_blocking(move || match hv.host_resources() {
+        crate::offload::spawn(move || match hv.host_resources() {
             Ok(host) => {
                 let problems = crate::capacity::findings(&need, &host);
                 for p in &problems {

@@ -1,7 +1,7 @@
 //! GitHub against the book: the periodic sync (runner list, stale jobs refreshed, queued
 //! jobs polled in repository scope, failed deliveries redelivered) and the runner group.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use tracing::{debug, error, info, warn};
@@ -304,7 +304,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 return;
             }
         };
-        let by_name: HashMap<&str, &RunnerInfo> = runners.iter().map(|r| (r.name.as_str(), r)).collect();
+        let by_name: BTreeMap<&str, &RunnerInfo> = runners.iter().map(|r| (r.name.as_str(), r)).collect();
         let names: Vec<String> = self.book.vms.keys().cloned().collect();
         for name in names {
             let vm = self.book.vms[&name].clone();

@@ -334,7 +334,7 @@ fn millis(d: Duration) -> f64 {
 async fn watch<H: Hypervisor>(hv: std::sync::Arc<H>, vm: String) -> Result<(), String> {
     loop {
         let (h, n) = (hv.clone(), vm.clone());
-        match tokio::task::spawn_blocking(move || h.guest_waiting(&n)).await {
+        match crate::offload::spawn(move || h.guest_waiting(&n)).await {
             Ok(Ok(true)) => return Ok(()),
             // Not yet, or libvirt is away for a moment: look again.
             Ok(Ok(false) | Err(_)) => {}

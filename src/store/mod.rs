@@ -60,8 +60,15 @@ fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(e.into())
 }
 
+/// Opens the store's database again (after an I/O error, redb refuses every write until
+/// it is reopened).
+type Reopen = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+
 pub struct Store {
-    db: Database,
+    /// `None` only while it is being reopened, or if reopening failed (tried again at the
+    /// next use).
+    db: std::sync::RwLock<Option<Database>>,
+    reopen: Reopen,
     /// The next inbox entry's sequence number: entries are numbered in commit order for as
     /// long as the store is open, even once the inbox has been emptied.
     next_seq: AtomicU64,
@@ -155,11 +162,73 @@ impl Store {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o750));
         let path = state_dir.join("state.redb");
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| StoreError::Open { path: path.clone(), source: e.into() })?;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        let open = move || {
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+                .map_err(|e| StoreError::Open { path: path.clone(), source: e.into() })
+        };
+        let db = open()?;
+        let _ = std::fs::set_permissions(state_dir.join("state.redb"), std::fs::Permissions::from_mode(0o600));
+        Store::init(db, Box::new(open))
+    }
+
+    /// A store on `backend` instead of a file (the simulator's disk, which a crash can tear).
+    pub fn open_on(backend: impl redb::StorageBackend + Clone) -> Result<Store, StoreError> {
+        let open = move || {
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create_with_backend(backend.clone())
+                .map_err(|e| StoreError::Open { path: "(backend)".into(), source: e.into() })
+        };
+        Store::init(open()?, Box::new(open))
+    }
+
+    fn init(db: Database, reopen: Reopen) -> Result<Store, StoreError> {
+        let (next_seq, index) = Store::prepare(&db)?;
+        Ok(Store {
+            db: std::sync::RwLock::new(Some(db)),
+            reopen,
+            next_seq: AtomicU64::new(next_seq),
+            deliveries: Mutex::new(index),
+        })
+    }
+
+    /// After a write failed on an I/O error (a full file system, say), redb refuses every
+    /// later one until the database is opened again: reopened here, and `op` tried once more,
+    /// so that the agent writes again as soon as the disk lets it (it stayed stuck before).
+    fn retrying<T>(&self, op: impl Fn(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let once = || {
+            let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+            match db.as_ref() {
+                Some(db) => op(db),
+                None => Err(StoreError::Db(redb::Error::PreviousIo)),
+            }
+        };
+        match once() {
+            Err(StoreError::Db(redb::Error::PreviousIo)) => {
+                self.reopen_db()?;
+                once()
+            }
+            other => other,
+        }
+    }
+
+    fn reopen_db(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // The old one goes first: it holds the file's lock.
+        drop(db.take());
+        let fresh = (self.reopen)()?;
+        let (next_seq, index) = Store::prepare(&fresh)?;
+        self.next_seq.store(next_seq, Ordering::Relaxed);
+        *self.deliveries.lock().unwrap_or_else(|e| e.into_inner()) = index;
+        *db = Some(fresh);
+        tracing::warn!("state store reopened after an I/O error");
+        Ok(())
+    }
+
+    /// Tables made, the inbox's next number and the delivery index read.
+    fn prepare(db: &Database) -> Result<(u64, DeliveryIndex), StoreError> {
         let txn = db.begin_write().map_err(dberr)?;
         {
             txn.open_table(INBOX).map_err(dberr)?;
@@ -204,7 +273,7 @@ impl Store {
         }
         let _ = txn.delete_table(LEGACY_DELIVERIES).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
-        Ok(Store { db, next_seq: AtomicU64::new(next_seq), deliveries: Mutex::new(index) })
+        Ok((next_seq, index))
     }
 
     /// Webhook intake: records the delivery id and queues the event, atomically.
@@ -221,9 +290,11 @@ impl Store {
 
     /// A setting (`meta`), as last committed.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let meta = txn.open_table(META).map_err(dberr)?;
-        Ok(meta.get(key).map_err(dberr)?.map(|v| v.value().to_vec()))
+        self.retrying(|db| {
+            let txn = db.begin_read().map_err(dberr)?;
+            let meta = txn.open_table(META).map_err(dberr)?;
+            Ok(meta.get(key).map_err(dberr)?.map(|v| v.value().to_vec()))
+        })
     }
 
     /// Deliveries in, applied inbox entries (`release`) out, and a setting, in one
@@ -234,171 +305,183 @@ impl Store {
         meta: Option<(&str, &[u8])>,
         release: &[u64],
     ) -> Result<Vec<bool>, StoreError> {
-        let mut txn = self.db.begin_write().map_err(dberr)?;
-        if events.is_empty() && meta.is_none() {
-            txn.set_durability(redb::Durability::None).map_err(dberr)?;
-        }
-        let mut fresh = Vec::with_capacity(events.len());
-        let mut next = self.next_seq.load(Ordering::Relaxed);
-        let mut index = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        // Ids indexed by this transaction: taken out again if it fails.
-        let mut added: Vec<(u64, u64)> = Vec::new();
-        let written = (|| {
-            let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
-            let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
-            for seq in release {
-                inbox.remove(seq).map_err(dberr)?;
+        self.retrying(|db| {
+            let mut txn = db.begin_write().map_err(dberr)?;
+            if events.is_empty() && meta.is_none() {
+                txn.set_durability(redb::Durability::None).map_err(dberr)?;
             }
-            for event in events {
-                // Also sees the ids written earlier in this transaction.
-                if index.seen(&log, &event.delivery)? {
-                    fresh.push(false);
-                    continue;
+            let mut fresh = Vec::with_capacity(events.len());
+            let mut next = self.next_seq.load(Ordering::Relaxed);
+            let mut index = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+            // Ids indexed by this transaction: taken out again if it fails.
+            let mut added: Vec<(u64, u64)> = Vec::new();
+            let written = (|| {
+                let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
+                let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
+                for seq in release {
+                    inbox.remove(seq).map_err(dberr)?;
                 }
-                let entry = index.next + added.len() as u64;
-                log.insert(entry, (unix(event.received_at), event.delivery.as_str())).map_err(dberr)?;
-                let h = index.hash(&event.delivery);
-                index.insert(h, entry);
-                added.push((h, entry));
-                inbox.insert(next, serde_json::to_vec(event)?.as_slice()).map_err(dberr)?;
-                next += 1;
-                fresh.push(true);
+                for event in events {
+                    // Also sees the ids written earlier in this transaction.
+                    if index.seen(&log, &event.delivery)? {
+                        fresh.push(false);
+                        continue;
+                    }
+                    let entry = index.next + added.len() as u64;
+                    log.insert(entry, (unix(event.received_at), event.delivery.as_str())).map_err(dberr)?;
+                    let h = index.hash(&event.delivery);
+                    index.insert(h, entry);
+                    added.push((h, entry));
+                    inbox.insert(next, serde_json::to_vec(event)?.as_slice()).map_err(dberr)?;
+                    next += 1;
+                    fresh.push(true);
+                }
+                if let Some((key, value)) = meta {
+                    txn.open_table(META).map_err(dberr)?.insert(key, value).map_err(dberr)?;
+                }
+                Ok::<_, StoreError>(())
+            })()
+            .and_then(|()| txn.commit().map_err(dberr));
+            if let Err(e) = written {
+                for (h, entry) in added {
+                    index.remove(h, entry);
+                }
+                return Err(e);
             }
-            if let Some((key, value)) = meta {
-                txn.open_table(META).map_err(dberr)?.insert(key, value).map_err(dberr)?;
-            }
-            Ok::<_, StoreError>(())
-        })()
-        .and_then(|()| txn.commit().map_err(dberr));
-        if let Err(e) = written {
-            for (h, entry) in added {
-                index.remove(h, entry);
-            }
-            return Err(e);
-        }
-        index.next += added.len() as u64;
-        // Write transactions are one at a time: nothing else moved it meanwhile.
-        self.next_seq.store(next, Ordering::Relaxed);
-        Ok(fresh)
+            index.next += added.len() as u64;
+            // Write transactions are one at a time: nothing else moved it meanwhile.
+            self.next_seq.store(next, Ordering::Relaxed);
+            Ok(fresh)
+        })
     }
 
     pub fn delivery_seen(&self, guid: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
-        self.deliveries.lock().unwrap_or_else(|e| e.into_inner()).seen(&log, guid)
+        self.retrying(|db| {
+            let txn = db.begin_read().map_err(dberr)?;
+            let log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
+            self.deliveries.lock().unwrap_or_else(|e| e.into_inner()).seen(&log, guid)
+        })
     }
 
     /// Accepted events not yet applied that follow entry `after`, oldest first.
     pub fn inbox(&self, after: u64, max: usize) -> Result<Vec<(u64, JobEvent)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let inbox = txn.open_table(INBOX).map_err(dberr)?;
-        let mut out = Vec::new();
-        for row in inbox.range(after.saturating_add(1)..).map_err(dberr)?.take(max) {
-            let (k, v) = row.map_err(dberr)?;
-            out.push((k.value(), serde_json::from_slice(v.value())?));
-        }
-        Ok(out)
+        self.retrying(|db| {
+            let txn = db.begin_read().map_err(dberr)?;
+            let inbox = txn.open_table(INBOX).map_err(dberr)?;
+            let mut out = Vec::new();
+            for row in inbox.range(after.saturating_add(1)..).map_err(dberr)?.take(max) {
+                let (k, v) = row.map_err(dberr)?;
+                out.push((k.value(), serde_json::from_slice(v.value())?));
+            }
+            Ok(out)
+        })
     }
 
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut txn = self.db.begin_write().map_err(dberr)?;
-        if batch.only_applies_inbox() {
-            // Nothing but applied inbox entries leaving: if a crash undoes it, they are
-            // applied again and change nothing (job states only move forward). Durable with
-            // the next durable commit (every intake commit is one), one fsync saved.
-            txn.set_durability(redb::Durability::None).map_err(dberr)?;
-        }
-        {
-            let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
-            for j in &batch.jobs {
-                jobs.insert(j.info.id, serde_json::to_vec(j)?.as_slice()).map_err(dberr)?;
+        self.retrying(|db| {
+            if batch.is_empty() {
+                return Ok(());
             }
-            for id in &batch.remove_jobs {
-                jobs.remove(id).map_err(dberr)?;
+            let mut txn = db.begin_write().map_err(dberr)?;
+            if batch.only_applies_inbox() {
+                // Nothing but applied inbox entries leaving: if a crash undoes it, they are
+                // applied again and change nothing (job states only move forward). Durable with
+                // the next durable commit (every intake commit is one), one fsync saved.
+                txn.set_durability(redb::Durability::None).map_err(dberr)?;
             }
-            let mut vms = txn.open_table(VMS).map_err(dberr)?;
-            for v in &batch.vms {
-                vms.insert(v.name.as_str(), serde_json::to_vec(v)?.as_slice()).map_err(dberr)?;
+            {
+                let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
+                for j in &batch.jobs {
+                    jobs.insert(j.info.id, serde_json::to_vec(j)?.as_slice()).map_err(dberr)?;
+                }
+                for id in &batch.remove_jobs {
+                    jobs.remove(id).map_err(dberr)?;
+                }
+                let mut vms = txn.open_table(VMS).map_err(dberr)?;
+                for v in &batch.vms {
+                    vms.insert(v.name.as_str(), serde_json::to_vec(v)?.as_slice()).map_err(dberr)?;
+                }
+                for name in &batch.remove_vms {
+                    vms.remove(name.as_str()).map_err(dberr)?;
+                }
+                let mut slots = txn.open_table(SLOTS).map_err(dberr)?;
+                for slot in &batch.slots {
+                    slots.insert(slot.name.as_str(), serde_json::to_vec(slot)?.as_slice()).map_err(dberr)?;
+                }
+                for name in &batch.remove_slots {
+                    slots.remove(name.as_str()).map_err(dberr)?;
+                }
+                let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
+                for seq in &batch.inbox_done {
+                    inbox.remove(seq).map_err(dberr)?;
+                }
+                let mut meta = txn.open_table(META).map_err(dberr)?;
+                for (k, v) in &batch.meta {
+                    meta.insert(k.as_str(), v.as_slice()).map_err(dberr)?;
+                }
             }
-            for name in &batch.remove_vms {
-                vms.remove(name.as_str()).map_err(dberr)?;
-            }
-            let mut slots = txn.open_table(SLOTS).map_err(dberr)?;
-            for slot in &batch.slots {
-                slots.insert(slot.name.as_str(), serde_json::to_vec(slot)?.as_slice()).map_err(dberr)?;
-            }
-            for name in &batch.remove_slots {
-                slots.remove(name.as_str()).map_err(dberr)?;
-            }
-            let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
-            for seq in &batch.inbox_done {
-                inbox.remove(seq).map_err(dberr)?;
-            }
-            let mut meta = txn.open_table(META).map_err(dberr)?;
-            for (k, v) in &batch.meta {
-                meta.insert(k.as_str(), v.as_slice()).map_err(dberr)?;
-            }
-        }
-        txn.commit().map_err(dberr)?;
-        Ok(())
+            txn.commit().map_err(dberr)?;
+            Ok(())
+        })
     }
 
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let mut jobs = BTreeMap::new();
-        for row in txn.open_table(JOBS).map_err(dberr)?.iter().map_err(dberr)? {
-            let (k, v) = row.map_err(dberr)?;
-            jobs.insert(k.value(), serde_json::from_slice(v.value())?);
-        }
-        let mut vms = BTreeMap::new();
-        for row in txn.open_table(VMS).map_err(dberr)?.iter().map_err(dberr)? {
-            let (k, v) = row.map_err(dberr)?;
-            vms.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
-        }
-        let mut slots = BTreeMap::new();
-        for row in txn.open_table(SLOTS).map_err(dberr)?.iter().map_err(dberr)? {
-            let (k, v) = row.map_err(dberr)?;
-            slots.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
-        }
-        let mut meta = BTreeMap::new();
-        for row in txn.open_table(META).map_err(dberr)?.iter().map_err(dberr)? {
-            let (k, v) = row.map_err(dberr)?;
-            meta.insert(k.value().to_string(), v.value().to_vec());
-        }
-        Ok(Snapshot { jobs, vms, slots, meta })
+        self.retrying(|db| {
+            let txn = db.begin_read().map_err(dberr)?;
+            let mut jobs = BTreeMap::new();
+            for row in txn.open_table(JOBS).map_err(dberr)?.iter().map_err(dberr)? {
+                let (k, v) = row.map_err(dberr)?;
+                jobs.insert(k.value(), serde_json::from_slice(v.value())?);
+            }
+            let mut vms = BTreeMap::new();
+            for row in txn.open_table(VMS).map_err(dberr)?.iter().map_err(dberr)? {
+                let (k, v) = row.map_err(dberr)?;
+                vms.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
+            }
+            let mut slots = BTreeMap::new();
+            for row in txn.open_table(SLOTS).map_err(dberr)?.iter().map_err(dberr)? {
+                let (k, v) = row.map_err(dberr)?;
+                slots.insert(k.value().to_string(), serde_json::from_slice(v.value())?);
+            }
+            let mut meta = BTreeMap::new();
+            for row in txn.open_table(META).map_err(dberr)?.iter().map_err(dberr)? {
+                let (k, v) = row.map_err(dberr)?;
+                meta.insert(k.value().to_string(), v.value().to_vec());
+            }
+            Ok(Snapshot { jobs, vms, slots, meta })
+        })
     }
 
     /// Forgets delivery ids older than `age` (GitHub redelivers within 3 days), from the
     /// log's oldest end.
     pub fn prune_deliveries(&self, age: Duration, now: SystemTime) -> Result<usize, StoreError> {
-        let cutoff = unix(now).saturating_sub(age.as_secs());
-        let txn = self.db.begin_write().map_err(dberr)?;
-        let old: Vec<(u64, String)> = {
-            let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
-            let mut old = Vec::new();
-            for row in log.iter().map_err(dberr)? {
-                let (k, v) = row.map_err(dberr)?;
-                let (received, id) = v.value();
-                if received >= cutoff {
-                    break;
+        self.retrying(|db| {
+            let cutoff = unix(now).saturating_sub(age.as_secs());
+            let txn = db.begin_write().map_err(dberr)?;
+            let old: Vec<(u64, String)> = {
+                let mut log = txn.open_table(DELIVERY_LOG).map_err(dberr)?;
+                let mut old = Vec::new();
+                for row in log.iter().map_err(dberr)? {
+                    let (k, v) = row.map_err(dberr)?;
+                    let (received, id) = v.value();
+                    if received >= cutoff {
+                        break;
+                    }
+                    old.push((k.value(), id.to_string()));
                 }
-                old.push((k.value(), id.to_string()));
+                for (entry, _) in &old {
+                    log.remove(entry).map_err(dberr)?;
+                }
+                old
+            };
+            txn.commit().map_err(dberr)?;
+            let mut index = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+            for (entry, id) in &old {
+                let h = index.hash(id);
+                index.remove(h, *entry);
             }
-            for (entry, _) in &old {
-                log.remove(entry).map_err(dberr)?;
-            }
-            old
-        };
-        txn.commit().map_err(dberr)?;
-        let mut index = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        for (entry, id) in &old {
-            let h = index.hash(id);
-            index.remove(h, *entry);
-        }
-        Ok(old.len())
+            Ok(old.len())
+        })
     }
 }
 
@@ -489,12 +572,14 @@ pub(crate) mod tests {
         assert!(s.delivery_seen("new").unwrap() && s.delivery_seen("old").unwrap());
         assert!(!s.accept(&event("old", 1, JobAction::Queued)).unwrap(), "a known id is a duplicate");
         assert!(s.accept(&event("fresh", 1, JobAction::Queued)).unwrap());
-        let txn = s.db.begin_read().unwrap();
+        let db = s.db.read().unwrap();
+        let txn = db.as_ref().unwrap().begin_read().unwrap();
         assert!(txn.open_table(LEGACY_DELIVERIES).is_err(), "the old table is gone");
         let log: Vec<String> =
             txn.open_table(DELIVERY_LOG).unwrap().iter().unwrap().map(|r| r.unwrap().1.value().1.to_string()).collect();
         assert_eq!(log, ["old", "new", "fresh"], "oldest first");
         drop(txn);
+        drop(db);
         assert_eq!(s.prune_deliveries(Duration::from_secs(3600), SystemTime::now()).unwrap(), 1);
         assert!(!s.delivery_seen("old").unwrap());
         assert!(s.delivery_seen("new").unwrap() && s.delivery_seen("fresh").unwrap());

@@ -41,11 +41,17 @@ enum Msg {
 /// - Inbox entries the scheduler applied without changing anything else leave with the
 ///   next transaction, without a commit of their own: if a crash undoes their removal they
 ///   are applied again and change nothing (job states only move forward).
+///
+/// In the simulator ([`crate::offload::set_inline`]) there is no thread: each write is made
+/// at once by its caller, on the simulator's one thread, so that a seed's run is the same
+/// every time (deliveries are not grouped then).
 pub struct Writer {
     tx: mpsc::Sender<Msg>,
     store: Arc<Store>,
     commits: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Inline (no thread): applied inbox entries whose removal is not committed yet.
+    inline: Option<std::sync::Mutex<Vec<u64>>>,
 }
 
 /// Ends the thread once its last transaction is made: the store is closed when the writer
@@ -64,17 +70,36 @@ impl Writer {
     pub fn start(store: Arc<Store>) -> Writer {
         let (tx, rx) = mpsc::channel::<Msg>();
         let commits = Arc::new(AtomicU64::new(0));
+        if crate::offload::is_inline() {
+            return Writer { tx, store, commits, thread: None, inline: Some(Default::default()) };
+        }
         let (counted, st) = (commits.clone(), store.clone());
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || write_loop(&st, &rx, &counted))
             .expect("spawn the store's writer thread");
-        Writer { tx, store, commits, thread: Some(thread) }
+        Writer { tx, store, commits, thread: Some(thread), inline: None }
+    }
+
+    /// Inline: the applied entries not committed yet.
+    fn released(&self) -> Option<std::sync::MutexGuard<'_, Vec<u64>>> {
+        self.inline.as_ref().map(|r| r.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Records the delivery id and queues the event, durably, with whatever else arrives
     /// meanwhile. `false` when this delivery id was already accepted.
     pub async fn accept(&self, event: JobEvent) -> Result<bool, Arc<StoreError>> {
+        if let Some(mut released) = self.released() {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.store.accept_with_meta(&[&event], None, &released)
+            }))
+            .unwrap_or(Err(StoreError::Panicked));
+            if result.is_ok() {
+                released.clear();
+            }
+            return result.map(|each| each[0]).map_err(Arc::new);
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || Arc::new(StoreError::Closed);
         self.tx.send(Msg::Accept(event, reply)).map_err(|_| gone())?;
@@ -86,6 +111,19 @@ impl Writer {
         &self,
         write: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        if let Some(mut released) = self.released() {
+            // As the thread does: released entries leave before a later write.
+            if !released.is_empty() {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                if self.store.accept_with_meta(&[], None, &released).is_ok() {
+                    released.clear();
+                }
+            }
+            drop(released);
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&self.store)))
+                .unwrap_or(Err(StoreError::Panicked));
+        }
         let (reply, answer) = mpsc::sync_channel(1);
         let job: Write = Box::new(move |s| {
             let _ = reply.send(write(s));
@@ -175,6 +213,10 @@ impl SchedulerStore for Writer {
             return Ok(());
         }
         if batch.only_applies_inbox() {
+            if let Some(mut released) = self.released() {
+                released.extend(&batch.inbox_done);
+                return Ok(());
+            }
             return self.tx.send(Msg::Release(batch.inbox_done.clone())).map_err(|_| StoreError::Closed);
         }
         let batch = batch.clone();

@@ -1,0 +1,134 @@
+//! `./scripts/simulate`: runs the deterministic simulator (`runnervisor::sim`) over many
+//! seeds on every core, or one seed with its trace.
+//!
+//!   simulate [--seeds N] [--first S] [--seed S] [--steps K] [--threads T] [--no-faults] [--trace] [--log]
+//!
+//! Prints one line per violation (the line that reproduces it, and what broke), then
+//! `simulate: seeds=S steps=T faults=F violations=V` last; exits 1 on any violation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use runnervisor::sim::{Options, run_seed};
+
+struct Args {
+    seeds: u64,
+    first: u64,
+    one: Option<u64>,
+    steps: u32,
+    threads: usize,
+    faults: bool,
+    trace: bool,
+    log: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        seeds: 100,
+        first: 1,
+        one: None,
+        steps: 2000,
+        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        faults: true,
+        trace: false,
+        log: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        let num = |name: &str, v: String| v.parse::<u64>().map_err(|_| format!("{name}: not a number: {v:?}"));
+        match arg.as_str() {
+            "--seeds" => a.seeds = num("--seeds", value("--seeds")?)?,
+            "--first" => a.first = num("--first", value("--first")?)?,
+            "--seed" => a.one = Some(num("--seed", value("--seed")?)?),
+            "--steps" => a.steps = num("--steps", value("--steps")?)? as u32,
+            "--threads" => a.threads = num("--threads", value("--threads")?)?.max(1) as usize,
+            "--no-faults" => a.faults = false,
+            "--trace" => a.trace = true,
+            "--log" => a.log = true,
+            other => return Err(format!("unknown argument {other:?} (see the header of examples/simulate.rs)")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("simulate: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.log {
+        // The agent's own log (info and above), on stderr: for one seed.
+        tracing_subscriber::fmt()
+            .with_max_level(if std::env::var_os("SIM_DEBUG").is_some() {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::INFO
+            })
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    if let Some(seed) = args.one {
+        let out = run_seed(Options { seed, steps: args.steps, faults: args.faults });
+        if args.trace || out.violation.is_some() {
+            for line in &out.trace {
+                println!("{line}");
+            }
+        }
+        if let Some(v) = &out.violation {
+            println!("violation: {} # {v}", out.reproduce());
+        }
+        println!(
+            "simulate: seeds=1 steps={} faults={} jobs={} violations={}",
+            out.steps,
+            out.faults,
+            out.jobs,
+            out.violation.is_some() as u32
+        );
+        return if out.violation.is_some() { std::process::ExitCode::FAILURE } else { std::process::ExitCode::SUCCESS };
+    }
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(args.first));
+    let end = args.first + args.seeds;
+    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64, Vec::<String>::new())));
+    let workers: Vec<_> = (0..args.threads)
+        .map(|_| {
+            let (next, totals) = (next.clone(), totals.clone());
+            let (steps, faults) = (args.steps, args.faults);
+            std::thread::spawn(move || {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= end {
+                        return;
+                    }
+                    let out = run_seed(Options { seed, steps, faults });
+                    let mut t = totals.lock().unwrap();
+                    t.0 += 1;
+                    t.1 += out.steps as u64;
+                    t.2 += out.faults as u64;
+                    t.3 += out.jobs as u64;
+                    if let Some(v) = &out.violation {
+                        let line = format!("violation: {} # {v}", out.reproduce());
+                        println!("{line}");
+                        t.4.push(line);
+                    }
+                    if t.0 % 1000 == 0 {
+                        eprintln!("simulate: {} seeds, {:.0} s", t.0, started.elapsed().as_secs_f64());
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let t = totals.lock().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    println!("simulate: {:.0} seeds/min ({:.1} s), {} jobs", t.0 as f64 * 60.0 / secs.max(0.001), secs, t.3);
+    println!("simulate: seeds={} steps={} faults={} violations={}", t.0, t.1, t.2, t.4.len());
+    if t.4.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+}

@@ -1,0 +1,48 @@
+//! Blocking calls (libvirt's are all blocking) run off the runtime's workers, as a seam:
+//! on tokio's blocking pool in production; in the simulator (`set_inline`) as a task of
+//! its one-threaded runtime, after a latency it draws, so that a seed's run is the same
+//! every time (a thread's timing would change it, and tokio's paused clock would move on
+//! while a thread works). Either way the call runs to its end even when whoever waits for
+//! it is aborted, and a panic in it is the handle's `JoinError`.
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+/// Draws the latency of the next blocking call (the simulator's slow or hung libvirt).
+pub type Latency = Box<dyn FnMut() -> Duration>;
+
+thread_local! {
+    /// Set on a simulator's thread: blocking calls run inline, after this latency.
+    static INLINE: RefCell<Option<Latency>> = const { RefCell::new(None) };
+}
+
+/// Blocking calls spawned from this thread run inline, each after `latency()` of (tokio's)
+/// time; `None`: on tokio's blocking pool again.
+pub fn set_inline(latency: Option<Latency>) {
+    INLINE.with(|i| *i.borrow_mut() = latency);
+}
+
+/// Whether this thread's blocking calls run inline (the simulator's).
+pub fn is_inline() -> bool {
+    INLINE.with(|i| i.borrow().is_some())
+}
+
+/// Runs `f` off the runtime's workers (see the module's doc).
+pub fn spawn<F, T>(f: F) -> JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let latency = INLINE.with(|i| i.borrow_mut().as_mut().map(|draw| draw()));
+    match latency {
+        None => tokio::task::spawn_blocking(f),
+        Some(d) => tokio::spawn(async move {
+            if !d.is_zero() {
+                tokio::time::sleep(d).await;
+            }
+            f()
+        }),
+    }
+}

@@ -1,0 +1,148 @@
+//! The simulator's hypervisor: the fake's domains, volumes and addresses, with libvirt's
+//! faults drawn by the seed: calls that fail or panic (their latency, hangs included, is
+//! drawn by [`crate::offload`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::hypervisor::fake::FakeHypervisor;
+use crate::hypervisor::{HvError, Hypervisor, VmInfo, VmMetadata, network};
+
+/// Faults armed by the simulator, taken by the next calls.
+#[derive(Debug, Default)]
+pub struct Armed {
+    /// The next N calls (of any kind) fail as libvirt's errors do.
+    pub fail: u32,
+    /// The next call of this kind panics (as a binding's `Drop` may).
+    pub panic: Option<&'static str>,
+    /// Calls made, by kind (for the trace's counts).
+    pub calls: u64,
+}
+
+pub struct SimHv {
+    pub fake: Arc<FakeHypervisor>,
+    pub armed: Mutex<Armed>,
+    /// The agent's disk: once its process died (mid-write), its calls reach nothing.
+    pub disk: super::disk::Disk,
+}
+
+impl SimHv {
+    pub fn new(fake: Arc<FakeHypervisor>, disk: super::disk::Disk) -> SimHv {
+        SimHv { fake, armed: Mutex::new(Armed::default()), disk }
+    }
+
+    pub fn arm(&self) -> std::sync::MutexGuard<'_, Armed> {
+        self.armed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(&self, op: &'static str, name: &str) -> Result<(), HvError> {
+        if self.disk.dead() {
+            return Err(HvError::Unavailable { uri: "sim:///".into(), message: "the agent is dead".into() });
+        }
+        let mut a = self.arm();
+        a.calls += 1;
+        if a.panic == Some(op) {
+            a.panic = None;
+            drop(a);
+            panic!("injected panic in {op}");
+        }
+        if a.fail > 0 {
+            a.fail -= 1;
+            return Err(HvError::Libvirt { op, name: name.into(), message: "injected: internal error".into() });
+        }
+        Ok(())
+    }
+}
+
+impl Hypervisor for SimHv {
+    fn check_pool(&self) -> Result<(), HvError> {
+        self.enter("check_pool", "pool")?;
+        self.fake.check_pool()
+    }
+    fn create_overlay(&self, vm: &str, backing: &Path, capacity: u64) -> Result<PathBuf, HvError> {
+        self.enter("create_overlay", vm)?;
+        self.fake.create_overlay(vm, backing, capacity)
+    }
+    fn create_seed(&self, vm: &str, image: &[u8]) -> Result<PathBuf, HvError> {
+        self.enter("create_seed", vm)?;
+        self.fake.create_seed(vm, image)
+    }
+    fn define_filter(&self, name: &str, xml: &str) -> Result<(), HvError> {
+        self.enter("define_filter", name)?;
+        self.fake.define_filter(name, xml)
+    }
+    fn reserve_address(&self, net: &str, vm: &str) -> Result<network::Reservation, HvError> {
+        self.enter("reserve_address", vm)?;
+        self.fake.reserve_address(net, vm)
+    }
+    fn release_address(&self, net: &str, vm: &str) -> Result<(), HvError> {
+        self.enter("release_address", vm)?;
+        self.fake.release_address(net, vm)
+    }
+    fn network_dhcp(&self, net: &str) -> Result<network::Dhcp, HvError> {
+        self.enter("network_dhcp", net)?;
+        self.fake.network_dhcp(net)
+    }
+    fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {
+        self.enter("host_resources", "host")?;
+        self.fake.host_resources()
+    }
+    fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {
+        self.enter("define", name)?;
+        self.fake.define(name, xml)
+    }
+    fn start(&self, name: &str) -> Result<(), HvError> {
+        self.enter("start", name)?;
+        self.fake.start(name)
+    }
+    fn teardown(&self, vm: &str) -> Vec<HvError> {
+        if let Err(e) = self.enter("teardown", vm) {
+            return vec![e];
+        }
+        self.fake.teardown(vm)
+    }
+    fn destroy(&self, name: &str) -> Result<(), HvError> {
+        self.enter("destroy", name)?;
+        self.fake.destroy(name)
+    }
+    fn volume_path(&self, name: &str) -> Result<PathBuf, HvError> {
+        self.enter("volume_path", name)?;
+        self.fake.volume_path(name)
+    }
+    fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
+        self.enter("list_vms", "-")?;
+        self.fake.list_vms()
+    }
+    fn list_volumes(&self) -> Result<Vec<String>, HvError> {
+        self.enter("list_volumes", "-")?;
+        self.fake.list_volumes()
+    }
+    fn delete_volume(&self, name: &str) -> Result<(), HvError> {
+        self.enter("delete_volume", name)?;
+        self.fake.delete_volume(name)
+    }
+    fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
+        self.enter("guest_waiting", vm)?;
+        self.fake.guest_waiting(vm)
+    }
+    fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: std::time::Duration) -> Result<(), HvError> {
+        self.enter("deliver", vm)?;
+        self.fake.deliver(vm, message, ack, timeout)
+    }
+    fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError> {
+        self.enter("describe", vm)?;
+        self.fake.describe(vm, metadata, title, description)
+    }
+    fn save(&self, vm: &str) -> Result<(), HvError> {
+        self.enter("save", vm)?;
+        self.fake.save(vm)
+    }
+    fn restore(&self, saved: &str, disk: &Path, console_log: &Path) -> Result<(), HvError> {
+        self.enter("restore", saved)?;
+        self.fake.restore(saved, disk, console_log)
+    }
+    fn saved_metadata(&self, saved: &str) -> Result<Option<VmMetadata>, HvError> {
+        self.enter("saved_metadata", saved)?;
+        self.fake.saved_metadata(saved)
+    }
+}

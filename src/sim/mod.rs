@@ -1,0 +1,1229 @@
+//! The deterministic simulator: the agent's real wiring ([`crate::assemble`]: intake,
+//! store, scheduler, provisioning, sweeps, GitHub sync, warm pools, slots, reloads) in one
+//! thread, on a paused clock, against a simulated GitHub and hypervisor, with every draw
+//! made from the seed: the world (pools whose names collide, labels, caps, timers), the
+//! workload (bursts, trickles, cancels, re-runs, jobs no pool serves or another pool's
+//! runner takes) and the faults (see [`Fault`]). Invariants are checked after every step
+//! and once the world is healed and quiet; a violation names itself, with the seed and the
+//! steps that reproduce it (`./scripts/simulate --seed S --steps K`) and a trace.
+//!
+//! Determinism: one thread, tokio's current-thread runtime with its clock paused, blocking
+//! calls inline ([`crate::offload`]), the store's writes inline on an in-memory disk
+//! ([`disk::Disk`]), the scheduler's `select!` biased and its maps ordered. The same seed
+//! gives the same trace (a test checks it).
+
+pub mod disk;
+pub mod github;
+pub mod hv;
+pub mod time;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use fastrand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::proto::{Reply, Status};
+use crate::config::Config;
+use crate::hypervisor::fake::FakeHypervisor;
+use crate::hypervisor::{DomainState, HvEvent};
+use crate::metrics::Metrics;
+use crate::scheduler::{AdminCommand, Event};
+use crate::secret::Secret;
+use crate::store::Store;
+use axum::http;
+
+use github::{Fault as GhFault, Hub, SimGitHub, Status as GStatus};
+use time::Time;
+
+const SECRET: &str = "sim-webhook-secret";
+
+/// What one run is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub seed: u64,
+    pub steps: u32,
+    /// Faults drawn (off: the workload alone).
+    pub faults: bool,
+}
+
+/// What one run did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub seed: u64,
+    /// Steps made (fewer than asked when a violation stopped the run).
+    pub steps: u32,
+    pub faults: u32,
+    pub jobs: u32,
+    /// The first invariant broken, named.
+    pub violation: Option<String>,
+    /// What happened, a line per step that did something.
+    pub trace: Vec<String>,
+}
+
+impl Outcome {
+    /// The line that runs this seed again, as far as it went.
+    pub fn reproduce(&self) -> String {
+        format!("./scripts/simulate --seed {} --steps {}", self.seed, self.steps)
+    }
+}
+
+/// The faults the world injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    GitHub5xx,
+    GitHubTimeout,
+    GitHubRateLimit,
+    HvFail,
+    HvPanic,
+    HvDown,
+    HvSlow,
+    GuestDeaf,
+    AckLost,
+    RunnerNeverOnline,
+    VmCrash,
+    DiskFull,
+    AgentKilled,
+    ClockStep,
+    Reload,
+    StoreFull,
+}
+
+const FAULTS: &[Fault] = &[
+    Fault::GitHub5xx,
+    Fault::GitHubTimeout,
+    Fault::GitHubRateLimit,
+    Fault::HvFail,
+    Fault::HvPanic,
+    Fault::HvDown,
+    Fault::HvSlow,
+    Fault::GuestDeaf,
+    Fault::AckLost,
+    Fault::RunnerNeverOnline,
+    Fault::VmCrash,
+    Fault::DiskFull,
+    Fault::AgentKilled,
+    Fault::ClockStep,
+    Fault::Reload,
+    Fault::StoreFull,
+];
+
+/// Pool names drawn so that they collide: prefixes of each other, digits, dashes.
+const POOL_NAMES: &[&str] = &["ubuntu", "ubuntu-22", "ubuntu-2", "u", "u-1", "small", "small-31234567890"];
+/// Label sets pools take (distinct), and jobs.
+const LABEL_SETS: &[&[&str]] = &[
+    &["self-hosted", "linux"],
+    &["self-hosted", "linux", "x64"],
+    &["self-hosted", "Linux", "gpu"],
+    &["self-hosted", "linux", "x64", "big"],
+];
+/// Labels no pool has (a job for no pool), and a subset any runner above may take.
+const NO_POOL: &[&str] = &["self-hosted", "windows"];
+const ANY_RUNNER: &[&str] = &["self-hosted"];
+
+/// One incarnation of the agent: its runtime (dropped: killed at whatever await point
+/// each task was), and the handles the simulator drives it by.
+struct Incarnation {
+    rt: tokio::runtime::Runtime,
+    agent: Option<crate::Agent>,
+    events: mpsc::UnboundedSender<Event>,
+    shutdown: CancellationToken,
+    reloads: mpsc::UnboundedSender<crate::reload::Request>,
+    metrics: Arc<Metrics>,
+}
+
+struct Guest {
+    domain: String,
+    online_at: Duration,
+    never: bool,
+}
+
+struct Sim {
+    rng: Rng,
+    opts: Options,
+    time: Time,
+    hub: SimGitHub,
+    fake: Arc<FakeHypervisor>,
+    hv: Arc<hv::SimHv>,
+    disk: disk::Disk,
+    config: Arc<Config>,
+    /// Per pool: the most VMs it may have now (a reload that lowers `max_vms` lowers it
+    /// once the pool is within the new cap).
+    caps: BTreeMap<String, usize>,
+    inc: Option<Incarnation>,
+    trace: Vec<String>,
+    faults: u32,
+    jobs: u32,
+    next_job: u64,
+    /// Runners started in guests, by runner name.
+    guests: BTreeMap<String, Guest>,
+    delivered_seen: usize,
+    completions: Vec<(Duration, u64)>,
+    /// Domains the world stopped (a crash, a full disk): a job lost on them is the fault's.
+    killed: BTreeSet<String>,
+    /// When each domain was first seen, and its pool.
+    domains_seen: BTreeMap<String, (Duration, String)>,
+    hv_up_at: Option<Duration>,
+    disk_room_at: Option<Duration>,
+    store_room_at: Option<Duration>,
+    never_online: u32,
+    /// Blocking calls still to be slow (a hung libvirt).
+    slow: Arc<AtomicU32>,
+    violation: Option<String>,
+    step: u32,
+    /// Virtual time as of the runtime's last turn (time moves only inside `block_on`).
+    t: Duration,
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// Draws the world: pools and timers (a valid configuration).
+fn draw_config(rng: &mut Rng, image: &std::path::Path) -> Config {
+    loop {
+        let npools = rng.usize(1..=3);
+        let mut names: Vec<&str> = POOL_NAMES.to_vec();
+        rng.shuffle(&mut names);
+        let mut sets: Vec<&[&str]> = LABEL_SETS.to_vec();
+        rng.shuffle(&mut sets);
+        let mut text = format!(
+            "state_dir = \"/nonexistent/runnervisor-sim\"\n[server]\nlisten = \"127.0.0.1:0\"\n\
+             [github]\norganization = \"{}\"\nauth = {{ type = \"pat\", token = {{ file = \"/nonexistent\" }} }}\n\
+             webhook_secret = {{ file = \"/nonexistent\" }}\nhook = {{ type = \"organization\", id = 1 }}\n\
+             [reconcile]\nsweep_interval = \"{}s\"\ngithub_interval = \"{}s\"\nstop_grace = \"{}s\"\n",
+            github::ORG,
+            rng.u32(5..=60),
+            rng.u32(15..=120),
+            rng.u32(5..=60),
+        );
+        if rng.u8(0..4) == 0 {
+            text.push_str(&format!("[capacity]\nmax_vms = {}\n", rng.usize(1..=5)));
+        }
+        for i in 0..npools {
+            let max_vms = rng.usize(1..=4);
+            let warm = if rng.bool() { 0 } else { rng.usize(0..=max_vms.min(2)) };
+            let slots = if rng.u8(0..4) == 0 { rng.usize(1..=2) } else { 0 };
+            let labels: Vec<String> = sets[i].iter().map(|l| format!("\"{l}\"")).collect();
+            text.push_str(&format!(
+                "[[pool]]\nname = \"{}\"\nlabels = [{}]\nimage = \"{}\"\nmax_vms = {max_vms}\nwarm = {warm}\n\
+                 snapshot_slots = {slots}\nregistration = \"{}\"\nidle_timeout = \"{}s\"\n\
+                 registration_timeout = \"{}s\"\nmax_lifetime = \"{}m\"\nmax_attempts = {}\nwarm_max_age = \"{}m\"\n\
+                 bind_timeout = \"{}s\"\n",
+                names[i],
+                labels.join(", "),
+                image.display(),
+                if rng.bool() { "jit" } else { "token" },
+                rng.u32(20..=300),
+                rng.u32(60..=600),
+                rng.u32(20..=90),
+                rng.u32(1..=4),
+                rng.u32(10..=60),
+                rng.u32(5..=30),
+            ));
+        }
+        if let Ok(c) = Config::parse(&text) {
+            return c;
+        }
+    }
+}
+
+/// The process's golden image (a qcow2 header and a manifest), made once.
+fn image() -> std::path::PathBuf {
+    static IMAGE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("runnervisor-sim-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("the simulator's image directory");
+            crate::hypervisor::fake::golden_image(&dir).expect("the simulator's golden image")
+        })
+        .clone()
+}
+
+thread_local! {
+    /// Panics on this thread that no fault injected (a bug the run reports).
+    static PANICS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Injected panics pass quietly; any other is recorded for the run on its thread (and
+/// printed as usual).
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            if msg.starts_with("injected panic") {
+                return;
+            }
+            let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
+            PANICS.with(|p| p.borrow_mut().push(format!("{msg}{at}")));
+            default(info);
+        }));
+    });
+}
+
+/// Runs one seed.
+pub fn run_seed(opts: Options) -> Outcome {
+    install_panic_hook();
+    PANICS.with(|p| p.borrow_mut().clear());
+    // Whatever draws from fastrand's thread-local generator (entropy for guests) draws the
+    // same every run of this seed.
+    fastrand::seed(opts.seed);
+    let mut rng = Rng::with_seed(opts.seed);
+    let image = image();
+    let config = draw_config(&mut rng, &image);
+    let time = Time::default();
+    let disk = disk::Disk::default();
+    let hub = SimGitHub {
+        hub: Arc::new(std::sync::Mutex::new(Hub::new(time.clone(), config.github.api_timeout))),
+        disk: disk.clone(),
+    };
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let fake = Arc::new(FakeHypervisor::new(tx));
+    let hv = Arc::new(hv::SimHv::new(fake.clone(), disk.clone()));
+    let slow = Arc::new(AtomicU32::new(0));
+    let (latency_rng, slow_left) = (std::cell::RefCell::new(Rng::with_seed(opts.seed ^ 0x5eed)), slow.clone());
+    crate::offload::set_inline(Some(Box::new(move || {
+        let mut r = latency_rng.borrow_mut();
+        let slow = slow_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        if slow { Duration::from_secs(r.u64(20..=300)) } else { Duration::from_millis(r.u64(0..=30)) }
+    })));
+    let caps = config.pools.iter().map(|p| (p.name.clone(), p.max_vms)).collect();
+    let mut sim = Sim {
+        rng,
+        opts,
+        time,
+        hub,
+        fake,
+        hv,
+        disk,
+        config: Arc::new(config),
+
+        caps,
+        inc: None,
+        trace: Vec::new(),
+        faults: 0,
+        jobs: 0,
+        next_job: 1000,
+        guests: BTreeMap::new(),
+        delivered_seen: 0,
+        completions: Vec::new(),
+        killed: BTreeSet::new(),
+        domains_seen: BTreeMap::new(),
+        hv_up_at: None,
+        disk_room_at: None,
+        store_room_at: None,
+        never_online: 0,
+        slow,
+        violation: None,
+        step: 0,
+        t: Duration::ZERO,
+    };
+    sim.note(format!("world: {}", sim.describe_config()));
+    sim.start(Duration::ZERO);
+    while sim.violation.is_none() && sim.step < opts.steps {
+        sim.step += 1;
+        sim.one_step();
+    }
+    if sim.violation.is_none() {
+        sim.settle();
+    }
+    if let Some(inc) = sim.inc.take() {
+        sim.stop(inc, false);
+    }
+    crate::offload::set_inline(None);
+    Outcome {
+        seed: opts.seed,
+        steps: sim.step,
+        faults: sim.faults,
+        jobs: sim.jobs,
+        violation: sim.violation,
+        trace: sim.trace,
+    }
+}
+
+impl Sim {
+    fn note(&mut self, line: String) {
+        self.trace.push(format!("[{} {}] {line}", self.step, secs(self.t)));
+    }
+
+    fn describe_config(&self) -> String {
+        let pools: Vec<String> = self
+            .config
+            .pools
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:?} max_vms={} warm={} slots={} {:?} idle={} reg={} life={}",
+                    p.name,
+                    p.labels,
+                    p.max_vms,
+                    p.warm,
+                    p.snapshot_slots,
+                    p.registration,
+                    secs(p.idle_timeout),
+                    secs(p.registration_timeout),
+                    secs(p.max_lifetime)
+                )
+            })
+            .collect();
+        format!("capacity={:?} pools=[{}]", self.config.capacity.max_vms, pools.join("; "))
+    }
+
+    fn violate(&mut self, what: String) {
+        if self.violation.is_none() {
+            self.note(format!("VIOLATION: {what}"));
+            self.violation = Some(what);
+        }
+    }
+
+    /// Starts the agent on what the last one left (its store, the hypervisor, GitHub).
+    fn start(&mut self, down: Duration) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("the simulator's runtime");
+        let store = match Store::open_on(self.disk.clone()) {
+            Ok(s) => Arc::new(s),
+            Err(e) => return self.violate(format!("store: does not open after the agent was killed: {e}")),
+        };
+        let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+        self.fake.set_events(hv_tx.clone());
+        if !self.fake.lock().unavailable {
+            let _ = hv_tx.send(HvEvent::Reconnected);
+        }
+        let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::default());
+        let deps = crate::Deps {
+            github: Arc::new(self.hub.clone()),
+            hypervisor: self.hv.clone(),
+            hv_events: hv_rx,
+            webhook_secret: Secret::new(SECRET),
+            metrics: metrics.clone(),
+            webhook_listener: None,
+            metrics_listener: None,
+            reloads: Some(reload_rx),
+            fleet: None,
+        };
+        let shutdown = CancellationToken::new();
+        let (config, time, stop) = (self.config.clone(), self.time.clone(), shutdown.clone());
+        let (t, agent) = rt.block_on(async move {
+            time.start_incarnation(down);
+            (time.now(), crate::assemble(config, deps, store, Arc::new(time::HostClock(time.clone())), stop))
+        });
+        self.t = t;
+        match agent {
+            Ok(agent) => {
+                let events = agent.events.clone();
+                self.inc = Some(Incarnation { rt, agent: Some(agent), events, shutdown, reloads: reload_tx, metrics });
+            }
+            Err(e) => self.violate(format!("agent: does not start: {e}")),
+        }
+    }
+
+    /// Stops the agent: cleanly (SIGTERM: in-flight work finishes, bounded) or killed.
+    fn stop(&mut self, mut inc: Incarnation, clean: bool) {
+        if clean {
+            inc.shutdown.cancel();
+            if let Some(agent) = inc.agent.take() {
+                let _ = inc.rt.block_on(agent.finish());
+            }
+        }
+        inc.rt.block_on(async { self.time.end_incarnation() });
+        drop(inc.agent.take());
+        drop(inc);
+    }
+
+    fn one_step(&mut self) {
+        let r = self.rng.u32(0..100);
+        if r < 12 {
+            self.new_jobs(1);
+        } else if r < 14 {
+            let n = self.rng.u32(2..=8);
+            self.new_jobs(n);
+        } else if r < 16 {
+            self.cancel();
+        } else if r < 17 {
+            self.rerun();
+        } else if r < 22 && self.opts.faults {
+            let f = FAULTS[self.rng.usize(0..FAULTS.len())];
+            self.inject(f);
+        }
+        if self.inc.is_none() {
+            return;
+        }
+        let dt = match self.rng.u32(0..100) {
+            0..70 => Duration::from_millis(self.rng.u64(0..=500)),
+            70..95 => Duration::from_millis(self.rng.u64(500..=5000)),
+            _ => Duration::from_millis(self.rng.u64(5000..=60_000)),
+        };
+        self.advance(dt);
+        if self.disk.dead() {
+            self.kill("died writing its store");
+        }
+        self.check_step();
+    }
+
+    /// The agent is killed where it is (its runtime dropped) and started again on what
+    /// its store kept: writes not synced are lost or kept, and torn, as the seed draws.
+    fn kill(&mut self, how: &str) {
+        let Some(inc) = self.inc.take() else { return };
+        self.stop(inc, false);
+        let torn = self.rng.u8(0..3) == 0;
+        let rng = &mut self.rng;
+        let lost = self.disk.crash(|| match rng.u8(0..3) {
+            0 => None,
+            _ => Some(if torn { Some(rng.usize(0..4096)) } else { None }),
+        });
+        let mut down = Duration::from_secs(self.rng.u64(0..=120));
+        // It cannot open its store on a full file system: systemd starts it again until it
+        // can (`Restart=on-failure`).
+        if let Some(room) = self.store_room_at.take() {
+            down = down.max(room.saturating_sub(self.t));
+            self.disk.set_full(false);
+        }
+        self.note(format!("agent {how} ({lost} unsynced writes lost, torn {torn}); back in {}", secs(down)));
+        self.start(down);
+    }
+
+    /// Lets `dt` of virtual time pass: the agent runs, and the world acts when its events
+    /// fall due (webhooks posted, runners online, jobs taken and finished).
+    fn advance(&mut self, dt: Duration) {
+        let Some(inc) = self.inc.take() else { return };
+        let app = inc.agent.as_ref().map(|a| a.app.clone());
+        inc.rt.block_on(async {
+            let end = self.time.now() + dt;
+            loop {
+                if self.disk.dead() {
+                    self.t = self.time.now();
+                    break;
+                }
+                if let Some(app) = &app {
+                    self.tick(app).await;
+                }
+                let now = self.time.now();
+                if now >= end {
+                    self.t = now;
+                    break;
+                }
+                let next = self.next_due().map_or(end, |t| t.clamp(now, end));
+                // At least a millisecond: what falls due now was done by the tick.
+                tokio::time::sleep(next.saturating_sub(now).max(Duration::from_millis(1))).await;
+            }
+        });
+        self.inc = Some(inc);
+    }
+
+    fn next_due(&self) -> Option<Duration> {
+        let hub = self.hub.lock();
+        let hooks = hub.outbox.iter().map(|(t, _)| *t);
+        let done = self.completions.iter().map(|(t, _)| *t);
+        let online = self.guests.values().filter(|g| !g.never).map(|g| g.online_at);
+        let timers = [self.hv_up_at, self.disk_room_at, self.store_room_at].into_iter().flatten();
+        hooks.chain(done).chain(online.filter(|t| *t > self.time.now())).chain(timers).min()
+    }
+
+    /// The world's turn: everything due now.
+    async fn tick(&mut self, app: &axum::Router) {
+        let now = self.time.now();
+        self.t = now;
+        self.heal_due(now);
+        self.follow_guests(now);
+        self.assign(now);
+        self.finish_due(now);
+        self.post_due(app, now).await;
+    }
+
+    fn heal_due(&mut self, now: Duration) {
+        if self.hv_up_at.is_some_and(|t| t <= now) {
+            self.hv_up_at = None;
+            self.fake.lock().unavailable = false;
+            self.fake.send(HvEvent::Reconnected);
+        }
+        if self.disk_room_at.is_some_and(|t| t <= now) {
+            self.disk_room_at = None;
+        }
+        if self.store_room_at.is_some_and(|t| t <= now) {
+            self.store_room_at = None;
+            self.disk.set_full(false);
+        }
+    }
+
+    /// Guests that got their runner command start it; runners whose VM is gone go offline
+    /// (a job they ran fails).
+    fn follow_guests(&mut self, now: Duration) {
+        let delivered: Vec<(String, String)> = {
+            let s = self.fake.lock();
+            s.delivered[self.delivered_seen..].to_vec()
+        };
+        self.delivered_seen += delivered.len();
+        for (domain, message) in delivered {
+            let Ok(doc) = serde_json::from_str::<serde_json::Value>(&message) else {
+                self.violate(format!("guest: the runner command into {domain} is not JSON"));
+                continue;
+            };
+            let name = doc["vm"].as_str().unwrap_or_default().to_string();
+            let runcmd = doc["runcmd"].to_string();
+            let mut hub = self.hub.lock();
+            if runcmd.contains("--labels") {
+                // Token mode: the guest registers its runner (config.sh).
+                let labels = self.config.pools.iter().find(|p| name.starts_with(&format!("rv-{}-", p.name)));
+                let labels = labels.map(|p| crate::model::label_set(&p.labels)).unwrap_or_default();
+                if hub.runner_named(&name).is_none() {
+                    hub.next_runner += 1;
+                    let id = hub.next_runner;
+                    hub.runners.insert(
+                        id,
+                        github::Runner { id, name: name.clone(), labels, online: false, job: None, by_token: true },
+                    );
+                }
+            }
+            drop(hub);
+            let never = self.never_online > 0;
+            self.never_online = self.never_online.saturating_sub(1);
+            let online_at = now + Duration::from_millis(self.rng.u64(1000..=20_000));
+            self.guests.insert(name, Guest { domain, online_at, never });
+        }
+        let running: BTreeSet<String> = {
+            let s = self.fake.lock();
+            s.domains.iter().filter(|(_, (st, _))| *st == DomainState::Running).map(|(n, _)| n.clone()).collect()
+        };
+        let mut lost = Vec::new();
+        {
+            let mut hub = self.hub.lock();
+            for (name, g) in &self.guests {
+                let Some(r) = hub.runner_named_mut(name) else { continue };
+                if running.contains(&g.domain) {
+                    if !g.never && g.online_at <= now {
+                        r.online = true;
+                    }
+                } else if r.online || r.job.is_some() {
+                    r.online = false;
+                    if let Some(job) = r.job.take() {
+                        lost.push((job, g.domain.clone(), name.clone()));
+                    }
+                }
+            }
+        }
+        for (job, domain, runner) in lost {
+            let age = self.domains_seen.get(&domain).map(|(t, _)| now.saturating_sub(*t)).unwrap_or_default();
+            let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
+            let life = self.config.pools.iter().find(|p| p.name == pool).map(|p| p.max_lifetime);
+            let by_fault = self.killed.contains(&domain);
+            if !by_fault && life.is_some_and(|l| age + Duration::from_secs(5) < l) {
+                self.violate(format!(
+                    "a running job's VM destroyed: job {job} on {runner} (domain {domain}, {} old, max_lifetime {})",
+                    secs(age),
+                    secs(life.unwrap_or_default())
+                ));
+            }
+            let mut hub = self.hub.lock();
+            if let Some(j) = hub.jobs.get_mut(&job).filter(|j| j.status == GStatus::InProgress) {
+                j.status = GStatus::Completed("failure".into());
+                hub.emit(job, "completed", Duration::from_secs(30));
+            }
+        }
+    }
+
+    /// GitHub gives each idle online runner the oldest queued job its labels cover.
+    fn assign(&mut self, now: Duration) {
+        let mut started = Vec::new();
+        {
+            let mut hub = self.hub.lock();
+            let idle: Vec<u64> = hub.runners.values().filter(|r| r.online && r.job.is_none()).map(|r| r.id).collect();
+            for id in idle {
+                let labels = hub.runners[&id].labels.clone();
+                let job = hub
+                    .jobs
+                    .values()
+                    .filter(|j| j.status == GStatus::Queued)
+                    .filter(|j| crate::model::label_set(&j.labels).iter().all(|l| labels.contains(l)))
+                    .min_by_key(|j| (j.queued_at, j.id))
+                    .map(|j| j.id);
+                let Some(job) = job else { continue };
+                let name = hub.runners[&id].name.clone();
+                hub.runners.get_mut(&id).expect("listed").job = Some(job);
+                let j = hub.jobs.get_mut(&job).expect("listed");
+                j.status = GStatus::InProgress;
+                j.runner = Some(name.clone());
+                j.taken += 1;
+                hub.emit(job, "in_progress", Duration::from_millis(200));
+                started.push((job, name));
+            }
+        }
+        for (job, runner) in started {
+            let took = if self.rng.u8(0..10) < 7 {
+                Duration::from_millis(self.rng.u64(2_000..=60_000))
+            } else {
+                Duration::from_millis(self.rng.u64(60_000..=360_000))
+            };
+            self.completions.push((now + took, job));
+            self.note(format!("job {job} taken by {runner} for {}", secs(took)));
+        }
+    }
+
+    /// Jobs whose time is up complete: their runner goes and its guest powers off.
+    fn finish_due(&mut self, now: Duration) {
+        let due: Vec<u64> = self.completions.iter().filter(|(t, _)| *t <= now).map(|(_, j)| *j).collect();
+        self.completions.retain(|(t, _)| *t > now);
+        for job in due {
+            let runner = {
+                let mut hub = self.hub.lock();
+                let Some(j) = hub.jobs.get_mut(&job) else { continue };
+                let runner = j.runner.clone();
+                if j.status == GStatus::InProgress {
+                    j.status = GStatus::Completed("success".into());
+                    hub.emit(job, "completed", Duration::from_millis(300));
+                }
+                // GitHub removes an ephemeral runner once its job is done.
+                if let Some(id) = runner.as_deref().and_then(|n| hub.runner_named(n)).map(|r| r.id) {
+                    hub.runners.remove(&id);
+                }
+                runner
+            };
+            if let Some(domain) = runner.and_then(|r| self.guests.remove(&r)).map(|g| g.domain) {
+                // Its guest powers off; libvirt's event is lost now and then.
+                if self.opts.faults && self.rng.u8(0..10) == 0 {
+                    if let Some(d) = self.fake.lock().domains.get_mut(&domain) {
+                        d.0 = DomainState::Stopped;
+                    }
+                    self.note(format!("{domain} powered off (its event lost)"));
+                } else {
+                    self.fake.stop(&domain);
+                }
+            }
+        }
+    }
+
+    /// Deliveries due are posted to the agent's intake (some lost, some twice); GitHub logs
+    /// each with the answer.
+    async fn post_due(&mut self, app: &axum::Router, now: Duration) {
+        let mut due: Vec<(Duration, github::Hook)> = {
+            let mut hub = self.hub.lock();
+            let (due, later): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut hub.outbox).into_iter().partition(|(t, _)| *t <= now);
+            hub.outbox = later;
+            due
+        };
+        due.sort_by_key(|(t, h)| (*t, h.id));
+        for (_, hook) in due {
+            let lost = self.opts.faults && self.rng.u8(0..25) == 0;
+            let twice = self.opts.faults && self.rng.u8(0..25) == 0;
+            let code = if lost { 0 } else { post(app, &hook).await };
+            if twice {
+                post(app, &hook).await;
+            }
+            if lost || !(200..300).contains(&code) {
+                self.note(format!("delivery {} ({} {}) answered {code}", hook.id, hook.guid, hook.action));
+            }
+            self.hub.lock().logged(&hook, code);
+        }
+    }
+
+    fn new_jobs(&mut self, n: u32) {
+        let now = self.t;
+        for _ in 0..n {
+            let labels: Vec<String> = match self.rng.u8(0..20) {
+                0 => NO_POOL.iter().map(|s| s.to_string()).collect(),
+                1 => ANY_RUNNER.iter().map(|s| s.to_string()).collect(),
+                _ => {
+                    let p = &self.config.pools[self.rng.usize(0..self.config.pools.len())];
+                    p.labels.clone()
+                }
+            };
+            let set = crate::model::label_set(&labels);
+            let pool = self
+                .config
+                .pools
+                .iter()
+                .find(|p| !p.retiring && crate::model::label_set(&p.labels) == set)
+                .map(|p| p.name.clone());
+            self.next_job += 1;
+            let id = self.next_job;
+            self.jobs += 1;
+            let delay = self.hook_delay();
+            let mut hub = self.hub.lock();
+            hub.jobs.insert(
+                id,
+                github::Job {
+                    id,
+                    run_id: id * 10,
+                    run_attempt: 1,
+                    labels,
+                    pool: pool.clone(),
+                    status: GStatus::Queued,
+                    queued_at: now,
+                    runner: None,
+                    taken: 0,
+                },
+            );
+            hub.emit(id, "queued", delay);
+            drop(hub);
+            self.note(format!("job {id} queued for {}", pool.as_deref().unwrap_or("no pool")));
+        }
+    }
+
+    /// How late a delivery arrives: at once mostly, minutes late now and then.
+    fn hook_delay(&mut self) -> Duration {
+        if self.opts.faults && self.rng.u8(0..30) == 0 {
+            Duration::from_secs(self.rng.u64(30..=1200))
+        } else {
+            Duration::from_millis(self.rng.u64(50..=1500))
+        }
+    }
+
+    fn cancel(&mut self) {
+        let mut hub = self.hub.lock();
+        let open: Vec<u64> =
+            hub.jobs.values().filter(|j| !matches!(j.status, GStatus::Completed(_))).map(|j| j.id).collect();
+        if open.is_empty() {
+            return;
+        }
+        let id = open[self.rng.usize(0..open.len())];
+        let j = hub.jobs.get_mut(&id).expect("listed");
+        let was = j.status.clone();
+        j.status = GStatus::Completed("cancelled".into());
+        let runner = j.runner.clone();
+        hub.emit(id, "completed", Duration::from_millis(300));
+        drop(hub);
+        if was == GStatus::InProgress {
+            // Its runner stops the job and finishes now.
+            self.completions.retain(|(_, j)| *j != id);
+            let now = self.t;
+            self.completions.push((now, id));
+        }
+        self.note(format!("job {id} cancelled ({was:?}, runner {runner:?})"));
+    }
+
+    /// A finished run is re-run: a new job of the same run.
+    fn rerun(&mut self) {
+        let done: Vec<u64> = {
+            let hub = self.hub.lock();
+            hub.jobs.values().filter(|j| matches!(j.status, GStatus::Completed(_))).map(|j| j.id).collect()
+        };
+        if done.is_empty() {
+            return;
+        }
+        let old = self.hub.lock().jobs[&done[self.rng.usize(0..done.len())]].clone();
+        let now = self.t;
+        self.next_job += 1;
+        let id = self.next_job;
+        self.jobs += 1;
+        let delay = self.hook_delay();
+        let mut hub = self.hub.lock();
+        hub.jobs.insert(
+            id,
+            github::Job {
+                id,
+                run_attempt: old.run_attempt + 1,
+                status: GStatus::Queued,
+                queued_at: now,
+                runner: None,
+                taken: 0,
+                ..old.clone()
+            },
+        );
+        hub.emit(id, "queued", delay);
+        drop(hub);
+        self.note(format!("job {id} queued (re-run of {})", old.id));
+    }
+
+    fn running_domains(&self) -> Vec<String> {
+        self.fake.running()
+    }
+
+    fn inject(&mut self, f: Fault) {
+        self.faults += 1;
+        let now = self.t;
+        let what = match f {
+            Fault::GitHub5xx | Fault::GitHubTimeout | Fault::GitHubRateLimit => {
+                let kind = match f {
+                    Fault::GitHub5xx => GhFault::ServerError,
+                    Fault::GitHubTimeout => GhFault::Timeout,
+                    _ => GhFault::RateLimit,
+                };
+                let n = self.rng.u32(1..=6);
+                self.hub.lock().fault = Some((kind, n));
+                format!("GitHub: next {n} calls {kind:?}")
+            }
+            Fault::HvFail => {
+                let n = self.rng.u32(1..=5);
+                self.hv.arm().fail += n;
+                format!("libvirt: next {n} calls fail")
+            }
+            Fault::HvPanic => {
+                const OPS: &[&str] =
+                    &["define", "start", "teardown", "list_vms", "deliver", "guest_waiting", "create_overlay", "save"];
+                let op = OPS[self.rng.usize(0..OPS.len())];
+                self.hv.arm().panic = Some(op);
+                format!("libvirt: next {op} panics")
+            }
+            Fault::HvDown => {
+                let down = Duration::from_secs(self.rng.u64(5..=300));
+                self.fake.lock().unavailable = true;
+                self.fake.send(HvEvent::Disconnected);
+                self.hv_up_at = Some(now + down);
+                format!("libvirt: down for {}", secs(down))
+            }
+            Fault::HvSlow => {
+                let n = self.rng.u32(1..=4);
+                self.slow.fetch_add(n, Ordering::Relaxed);
+                format!("libvirt: next {n} calls hang for minutes")
+            }
+            Fault::GuestDeaf | Fault::AckLost => {
+                let running = self.running_domains();
+                if running.is_empty() {
+                    return;
+                }
+                let d = running[self.rng.usize(0..running.len())].clone();
+                let mut s = self.fake.lock();
+                if f == Fault::GuestDeaf {
+                    s.guests_deaf.insert(d.clone());
+                } else {
+                    s.acks_lost.insert(d.clone());
+                }
+                format!("guest {d}: {f:?}")
+            }
+            Fault::RunnerNeverOnline => {
+                self.never_online += 1;
+                "the next runner started never comes online".into()
+            }
+            Fault::VmCrash | Fault::DiskFull => {
+                let running = self.running_domains();
+                if running.is_empty() {
+                    return;
+                }
+                let d = running[self.rng.usize(0..running.len())].clone();
+                self.killed.insert(d.clone());
+                let event = self.rng.bool();
+                if f == Fault::VmCrash {
+                    if event {
+                        self.fake.stop(&d);
+                    } else if let Some(x) = self.fake.lock().domains.get_mut(&d) {
+                        x.0 = DomainState::Stopped;
+                    }
+                } else {
+                    self.fake.io_pause(&d, event);
+                }
+                format!("{d}: {f:?} (event {})", if event { "sent" } else { "lost" })
+            }
+            Fault::AgentKilled => {
+                if self.rng.bool() {
+                    return self.kill("killed");
+                }
+                let n = self.rng.u32(0..40);
+                self.disk.die_after(n);
+                format!("the agent dies at its {n}th write from now")
+            }
+            Fault::ClockStep => {
+                let by = Duration::from_secs(self.rng.u64(60..=3 * 3600));
+                self.time.step_host_clock(by);
+                // The agent's timers read wall time: every VM alive now ages by `by` at
+                // once (a known gap: a running job's VM may pass max_lifetime by it).
+                let alive: Vec<String> = self.fake.lock().domains.keys().cloned().collect();
+                self.killed.extend(alive);
+                format!("host clock stepped forward {}", secs(by))
+            }
+            Fault::Reload => return self.reload(),
+            Fault::StoreFull => {
+                let d = Duration::from_secs(self.rng.u64(1..=120));
+                self.disk.set_full(true);
+                self.store_room_at = Some(now + d);
+                format!("the store's file system full for {}", secs(d))
+            }
+        };
+        self.note(format!("fault: {what}"));
+    }
+
+    /// SIGHUP with a changed configuration: a pool's caps, warm count or timers.
+    fn reload(&mut self) {
+        let mut config = (*self.config).clone();
+        let i = self.rng.usize(0..config.pools.len());
+        let p = &mut config.pools[i];
+        p.max_vms = self.rng.usize(1..=4);
+        p.warm = self.rng.usize(0..=p.max_vms.min(2));
+        p.idle_timeout = Duration::from_secs(self.rng.u64(20..=300));
+        let what = format!("reload: {} max_vms={} warm={} idle={}", p.name, p.max_vms, p.warm, secs(p.idle_timeout));
+        if config.validate().is_err() {
+            return;
+        }
+        let config = Arc::new(config);
+        let Some(inc) = self.inc.take() else { return };
+        let (tx, rx) = oneshot::channel();
+        let _ = inc.reloads.send((config.clone(), tx));
+        let report = inc.rt.block_on(rx);
+        self.inc = Some(inc);
+        self.faults += 1;
+        self.note(format!("fault: {what} → {:?}", report.as_ref().map(|r| format!("{r:?}"))));
+        for p in &config.pools {
+            let cap = self.caps.entry(p.name.clone()).or_insert(p.max_vms);
+            *cap = (*cap).max(p.max_vms);
+        }
+        self.config = config;
+    }
+
+    /// Invariants after every step.
+    fn check_step(&mut self) {
+        if let Some(p) = PANICS.with(|p| p.borrow().first().cloned()) {
+            return self.violate(format!("panic: {p}"));
+        }
+        let Some(inc) = &self.inc else { return };
+        if inc.agent.as_ref().is_some_and(|a| a.scheduler_finished()) {
+            return self.violate("the scheduler task ended".into());
+        }
+        let now = self.t;
+        let mut per_pool: BTreeMap<String, usize> = BTreeMap::new();
+        let domains: Vec<(String, String)> = {
+            let s = self.fake.lock();
+            s.domains.iter().map(|(n, (_, xml))| (n.clone(), xml.clone())).collect()
+        };
+        for (name, xml) in &domains {
+            let pool = match self.domains_seen.get(name) {
+                Some((_, p)) => p.clone(),
+                None => {
+                    let pool =
+                        crate::hypervisor::domain_xml::metadata_of_domain(xml).map(|m| m.pool).unwrap_or_default();
+                    self.domains_seen.insert(name.clone(), (now, pool.clone()));
+                    pool
+                }
+            };
+            *per_pool.entry(pool).or_default() += 1;
+        }
+        for (pool, n) in &per_pool {
+            let now_cap = self.config.pools.iter().find(|p| &p.name == pool).map(|p| p.max_vms);
+            let cap = self.caps.get(pool).copied().or(now_cap).unwrap_or(0);
+            if *n > cap {
+                return self.violate(format!("pool {pool} has {n} VMs, more than max_vms {cap}"));
+            }
+            // Within the new cap again: the old one no longer applies.
+            if let (Some(c), Some(new)) = (self.caps.get_mut(pool), now_cap)
+                && *n <= new
+            {
+                *c = new;
+            }
+        }
+        if let Some(cap) = self.config.capacity.max_vms
+            && domains.len() > cap
+        {
+            return self.violate(format!("{} VMs on the host, more than capacity.max_vms {cap}", domains.len()));
+        }
+        let hub = self.hub.lock();
+        if let Some(j) = hub.jobs.values().find(|j| j.taken > 1) {
+            let id = j.id;
+            drop(hub);
+            self.violate(format!("job {id} taken by more than one runner"));
+        }
+    }
+
+    /// The world healed and the workload over: the agent must bring everything to rest.
+    fn settle(&mut self) {
+        self.note("settling: faults healed, no new jobs".into());
+        self.hub.lock().fault = None;
+        self.hub.lock().rate_limited_until = None;
+        {
+            let mut a = self.hv.arm();
+            a.fail = 0;
+            a.panic = None;
+        }
+        self.slow.store(0, Ordering::Relaxed);
+        self.disk.set_full(false);
+        self.store_room_at = None;
+        if self.fake.lock().unavailable {
+            self.fake.lock().unavailable = false;
+            self.fake.send(HvEvent::Reconnected);
+        }
+        self.hv_up_at = None;
+        {
+            let mut s = self.fake.lock();
+            s.guests_deaf.clear();
+            s.acks_lost.clear();
+        }
+        self.never_online = 0;
+        let longest = self
+            .config
+            .pools
+            .iter()
+            .map(|p| p.idle_timeout.max(p.registration_timeout) + p.bind_timeout)
+            .max()
+            .unwrap_or_default();
+        // Long enough for every job to be served once more and every timer to run out
+        // (jobs last up to 10 minutes; back-off is at most minutes).
+        let limit = Duration::from_secs(4 * 3600) + longest * 4;
+        let start = self.t;
+        let quiet_faults = self.opts.faults;
+        self.opts.faults = false;
+        let mut last;
+        loop {
+            self.advance(Duration::from_secs(10));
+            self.check_step();
+            if self.violation.is_some() {
+                return;
+            }
+            let now = self.t;
+            match self.quiet() {
+                Ok(()) => break,
+                Err(why) => last = why,
+            }
+            if now - start > limit {
+                self.opts.faults = quiet_faults;
+                return self.violate(format!("not at rest {} after the faults healed: {last}", secs(limit)));
+            }
+        }
+        self.opts.faults = quiet_faults;
+        self.note("at rest".into());
+        self.check_at_rest();
+    }
+
+    /// Whether the world is at rest: every job of a pool ended, nothing left over.
+    fn quiet(&mut self) -> Result<(), String> {
+        let status = self.status().ok_or("no status")?;
+        let gave_up = self.metric_sum("runnervisor_jobs_failed_total");
+        let hub = self.hub.lock();
+        if !hub.outbox.is_empty() || !self.completions.is_empty() {
+            return Err("deliveries or jobs in flight".into());
+        }
+        let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
+        let open: Vec<u64> = hub
+            .jobs
+            .values()
+            .filter(|j| j.status == GStatus::Queued && j.pool.as_deref().is_some_and(|p| pools.contains(p)))
+            .map(|j| j.id)
+            .collect();
+        if open.len() as u64 > gave_up {
+            let vms: Vec<String> = status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect();
+            let first: Vec<u64> = open.iter().take(5).copied().collect();
+            return Err(format!(
+                "{} jobs never served, first {first:?} (given up: {gave_up}); agent: {} queued, VMs {vms:?}, libvirt connected {} problem {:?}, pools {:?}",
+                open.len(),
+                status.queued.len(),
+                status.libvirt_connected,
+                status.hypervisor_problem,
+                status.pools
+            ));
+        }
+        if let Some(r) = hub.runners.values().next() {
+            return Err(format!("runner registration {} (id {}, online {}) outlives its job", r.name, r.id, r.online));
+        }
+        drop(hub);
+        let s = self.fake.lock();
+        for p in &self.config.pools {
+            let mine: Vec<&String> = s
+                .domains
+                .keys()
+                .filter(|d| self.domains_seen.get(*d).is_some_and(|(_, pool)| pool == &p.name))
+                .collect();
+            if mine.len() > p.warm {
+                return Err(format!("pool {}: {} VMs at rest, warm = {}: {mine:?}", p.name, mine.len(), p.warm));
+            }
+        }
+        let known: BTreeSet<&str> = s.domains.keys().chain(s.saved.keys()).map(|d| d.as_str()).collect();
+        if let Some(d) =
+            s.domains.keys().find(|d| !self.domains_seen.get(*d).is_some_and(|(_, p)| pools.contains(p.as_str())))
+        {
+            return Err(format!("VM {d} of no pool at rest"));
+        }
+        if let Some(v) =
+            s.volumes.iter().find(|v| !crate::hypervisor::vm_of_volume(v).is_some_and(|vm| known.contains(vm)))
+        {
+            return Err(format!("volume {v} outlives its VM"));
+        }
+        if let Some(h) = s.dhcp.as_ref().and_then(|d| d.hosts.iter().find(|h| !known.contains(h.vm.as_str()))) {
+            return Err(format!("address {} reserved for {} outlives its VM", h.ip, h.vm));
+        }
+        Ok(())
+    }
+
+    /// At rest: the metrics say what the status says, and the store reloads to the book.
+    fn check_at_rest(&mut self) {
+        let Some(status) = self.status() else { return self.violate("no status at rest".into()) };
+        let rendered = self.inc.as_ref().map(|i| i.metrics.render()).unwrap_or_default();
+        for p in &self.config.pools {
+            let vms = status.vms.iter().filter(|v| v.pool == p.name).count() as u64;
+            let gauge: u64 = rendered
+                .lines()
+                .filter(|l| l.starts_with("runnervisor_vms{") && l.contains(&format!("pool=\"{}\"", p.name)))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map(|v| v as u64)
+                .sum();
+            if gauge != vms {
+                return self
+                    .violate(format!("metrics: runnervisor_vms of pool {} = {gauge}, status shows {vms}", p.name));
+            }
+        }
+        // Stopped cleanly, the store holds what the hypervisor has.
+        let Some(inc) = self.inc.take() else { return };
+        self.stop(inc, true);
+        let snap = match Store::open_on(self.disk.clone()).and_then(|s| s.load()) {
+            Ok(s) => s,
+            Err(e) => return self.violate(format!("store: does not reload: {e}")),
+        };
+        let s = self.fake.lock();
+        let domains: BTreeSet<String> = s.domains.keys().cloned().collect();
+        let recorded: BTreeSet<String> = snap.vms.values().map(|v| v.domain().to_string()).collect();
+        let saved: BTreeSet<String> = s.saved.keys().cloned().collect();
+        let slots: BTreeSet<String> = snap.slots.keys().cloned().collect();
+        drop(s);
+        if domains != recorded {
+            return self.violate(format!("store: reloads VMs {recorded:?}, the hypervisor has {domains:?}"));
+        }
+        if saved != slots {
+            self.violate(format!("store: reloads slots {slots:?}, the hypervisor saved {saved:?}"));
+        }
+    }
+
+    fn status(&mut self) -> Option<Status> {
+        let inc = self.inc.as_ref()?;
+        let (tx, rx) = oneshot::channel();
+        inc.events.send(Event::Admin(AdminCommand::Status, tx)).ok()?;
+        match inc.rt.block_on(rx) {
+            Ok(Reply::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn metric_sum(&self, name: &str) -> u64 {
+        let Some(inc) = &self.inc else { return 0 };
+        inc.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+}
+
+/// Posts one delivery to the intake as GitHub would; its status code.
+async fn post(app: &axum::Router, hook: &github::Hook) -> u16 {
+    use hmac::{KeyInit, Mac};
+    use tower_service::Service;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).expect("hmac");
+    mac.update(hook.body.as_bytes());
+    let sig: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let req = http::Request::post("/webhook")
+        .header("content-type", "application/json")
+        .header("x-github-event", "workflow_job")
+        .header("x-github-delivery", &hook.guid)
+        .header("x-hub-signature-256", format!("sha256={sig}"))
+        .header("content-length", hook.body.len())
+        .body(axum::body::Body::from(hook.body.clone()))
+        .expect("request");
+    let mut app = app.clone();
+    match app.call(req).await {
+        Ok(r) => r.status().as_u16(),
+        Err(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests;

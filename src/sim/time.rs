@@ -1,0 +1,88 @@
+//! The simulator's one clock: virtual time that runs on across the agent's restarts (each
+//! incarnation has a runtime of its own, with a paused clock that starts at zero), and the
+//! host's wall clock, which a fault may step.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+/// GitHub's wall clock at the start of every run: the same for every seed.
+pub fn epoch() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Virtual time spent by earlier incarnations (and between them).
+    base: Duration,
+    /// The current incarnation's start, on its runtime's clock.
+    t0: Option<Instant>,
+    /// How far the host's wall clock was stepped (forward).
+    skew: Duration,
+}
+
+/// Shared by the world, the simulated GitHub and the agent's clock.
+#[derive(Debug, Clone)]
+pub struct Time(Arc<Mutex<Inner>>);
+
+impl Default for Time {
+    fn default() -> Self {
+        Time(Arc::new(Mutex::new(Inner { base: Duration::ZERO, t0: None, skew: Duration::ZERO })))
+    }
+}
+
+impl Time {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Virtual time since the run began (inside an incarnation's runtime).
+    pub fn now(&self) -> Duration {
+        let inner = self.lock();
+        inner.base + inner.t0.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// GitHub's wall clock (true time).
+    pub fn wall(&self) -> SystemTime {
+        epoch() + self.now()
+    }
+
+    /// The host's wall clock (stepped by `skew`).
+    pub fn host_wall(&self) -> SystemTime {
+        let skew = self.lock().skew;
+        self.wall() + skew
+    }
+
+    /// A new incarnation starts (call inside its runtime) after `down` of downtime.
+    pub fn start_incarnation(&self, down: Duration) {
+        let mut inner = self.lock();
+        if let Some(t0) = inner.t0.take() {
+            inner.base += t0.elapsed();
+        }
+        inner.base += down;
+        inner.t0 = Some(Instant::now());
+    }
+
+    /// The incarnation ends (call inside its runtime, before it is dropped).
+    pub fn end_incarnation(&self) {
+        let mut inner = self.lock();
+        if let Some(t0) = inner.t0.take() {
+            inner.base += t0.elapsed();
+        }
+    }
+
+    /// The host's wall clock is stepped forward by `by` (NTP after a long drift).
+    pub fn step_host_clock(&self, by: Duration) {
+        self.lock().skew += by;
+    }
+}
+
+/// The agent's wall clock in the simulator.
+pub struct HostClock(pub Time);
+
+impl crate::clock::Clock for HostClock {
+    fn now(&self) -> SystemTime {
+        self.0.host_wall()
+    }
+}
