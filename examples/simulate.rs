@@ -92,12 +92,31 @@ fn main() -> std::process::ExitCode {
         return if out.violation.is_some() { std::process::ExitCode::FAILURE } else { std::process::ExitCode::SUCCESS };
     }
     let started = Instant::now();
+    // A seed whose agent spins (a task always ready, so the paused clock never moves) would
+    // hang its worker for good: a watchdog names it and fails the run.
+    let running: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    {
+        let running = running.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let stuck = running.lock().unwrap().iter().find(|(_, since)| since.elapsed().as_secs() >= 60).copied();
+                if let Some((seed, _)) = stuck {
+                    println!(
+                        "violation: ./scripts/simulate --seed {seed} --steps {} # the agent spins: no virtual time passes (60 s of real time on one seed)",
+                        args.steps
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+    }
     let next = Arc::new(AtomicU64::new(args.first));
     let end = args.first + args.seeds;
     let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64, Vec::<String>::new())));
     let workers: Vec<_> = (0..args.threads)
         .map(|_| {
-            let (next, totals) = (next.clone(), totals.clone());
+            let (next, totals, running) = (next.clone(), totals.clone(), running.clone());
             let (steps, faults) = (args.steps, args.faults);
             std::thread::spawn(move || {
                 loop {
@@ -105,7 +124,9 @@ fn main() -> std::process::ExitCode {
                     if seed >= end {
                         return;
                     }
+                    running.lock().unwrap().push((seed, Instant::now()));
                     let out = run_seed(Options { seed, steps, faults });
+                    running.lock().unwrap().retain(|(s, _)| *s != seed);
                     let mut t = totals.lock().unwrap();
                     t.0 += 1;
                     t.1 += out.steps as u64;

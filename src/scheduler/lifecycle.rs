@@ -164,8 +164,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if vm::counts_as_failure(&before, reason) {
             self.charge_attempt(&before, reason.as_str());
         }
-        let runner_first =
-            matches!(reason, Reason::Surplus) && matches!(before.state, VmState::Idle | VmState::Booting);
+        // A runner we do not know busy may have taken a job unseen (while the agent was
+        // down, or its webhook is late): asked first, and a busy one keeps its VM.
+        let runner_first = matches!(
+            (reason, &before.state),
+            (Reason::Surplus, VmState::Idle | VmState::Booting) | (Reason::RegistrationTimeout, VmState::Booting)
+        );
         if let Some(vm) = self.book.vms.get_mut(name) {
             vm.reap = Some(reason);
         }

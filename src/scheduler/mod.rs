@@ -366,9 +366,25 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             let vms: Vec<_> = self.book.vms_of(&pool.name).collect();
             let since = &self.lifecycle.surplus_since;
+            // The host's room goes to jobs before spares: while the host is full and
+            // another pool has jobs waiting, this pool keeps no warm VM and makes no slot
+            // (a warm VM of one pool held the only place of `capacity.max_vms` for good
+            // while another pool's jobs queued: found by the simulator).
+            let others_waiting: usize = match self.config.capacity.max_vms {
+                Some(_) => self
+                    .config
+                    .pools
+                    .iter()
+                    .filter(|p| p.name != pool.name)
+                    .map(|p| self.book.unserved(&p.name).len())
+                    .sum(),
+                None => 0,
+            };
+            let spares = others_waiting == 0 || host_room > others_waiting;
             let limits = demand::Limits {
-                slots_missing: self.slots_missing(pool),
+                slots_missing: if spares { self.slots_missing(pool) } else { 0 },
                 slots_free: self.free_slots(&pool.name).len(),
+                warm: if spares { pool.warm } else { 0 },
                 ..demand::Limits::of(pool)
             };
             let decision = demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now);

@@ -66,6 +66,14 @@ impl Disk {
         self.lock().dies_in = Some(writes);
     }
 
+    /// A death still to come is called off (the world heals); one that happened stays.
+    pub fn spare(&self) {
+        let mut inner = self.lock();
+        if inner.dies_in != Some(0) {
+            inner.dies_in = None;
+        }
+    }
+
     /// Whether the process died writing (the simulator then kills the agent).
     pub fn dead(&self) -> bool {
         self.lock().dies_in == Some(0)

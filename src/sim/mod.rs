@@ -446,16 +446,16 @@ impl Sim {
 
     fn one_step(&mut self) {
         let r = self.rng.u32(0..100);
-        if r < 12 {
+        if r < 6 {
             self.new_jobs(1);
-        } else if r < 14 {
-            let n = self.rng.u32(2..=8);
+        } else if r < 7 {
+            let n = self.rng.u32(2..=6);
             self.new_jobs(n);
-        } else if r < 16 {
+        } else if r < 9 {
             self.cancel();
-        } else if r < 17 {
+        } else if r < 10 {
             self.rerun();
-        } else if r < 22 && self.opts.faults {
+        } else if r < 14 && self.opts.faults {
             let f = FAULTS[self.rng.usize(0..FAULTS.len())];
             self.inject(f);
         }
@@ -1037,6 +1037,7 @@ impl Sim {
         }
         self.slow.store(0, Ordering::Relaxed);
         self.disk.set_full(false);
+        self.disk.spare();
         self.store_room_at = None;
         if self.fake.lock().unavailable {
             self.fake.lock().unavailable = false;
@@ -1065,16 +1066,20 @@ impl Sim {
         let mut last;
         loop {
             self.advance(Duration::from_secs(10));
+            if self.disk.dead() {
+                self.kill("died writing its store");
+            }
             self.check_step();
             if self.violation.is_some() {
                 return;
             }
             let now = self.t;
-            match self.quiet() {
+            let late = now - start > limit;
+            match self.quiet(late) {
                 Ok(()) => break,
                 Err(why) => last = why,
             }
-            if now - start > limit {
+            if late {
                 self.opts.faults = quiet_faults;
                 return self.violate(format!("not at rest {} after the faults healed: {last}", secs(limit)));
             }
@@ -1085,12 +1090,14 @@ impl Sim {
     }
 
     /// Whether the world is at rest: every job of a pool ended, nothing left over.
-    fn quiet(&mut self) -> Result<(), String> {
-        let status = self.status().ok_or("no status")?;
-        let gave_up = self.metric_sum("runnervisor_jobs_failed_total");
+    fn quiet(&mut self, detail: bool) -> Result<(), String> {
         let hub = self.hub.lock();
         if !hub.outbox.is_empty() || !self.completions.is_empty() {
-            return Err("deliveries or jobs in flight".into());
+            let hooks: Vec<String> =
+                hub.outbox.iter().take(3).map(|(t, h)| format!("{} due {}", h.guid, secs(*t))).collect();
+            let done: Vec<String> =
+                self.completions.iter().take(3).map(|(t, j)| format!("job {j} at {}", secs(*t))).collect();
+            return Err(format!("deliveries {hooks:?} or job ends {done:?} in flight"));
         }
         let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
         let open: Vec<u64> = hub
@@ -1099,18 +1106,28 @@ impl Sim {
             .filter(|j| j.status == GStatus::Queued && j.pool.as_deref().is_some_and(|p| pools.contains(p)))
             .map(|j| j.id)
             .collect();
-        if open.len() as u64 > gave_up {
-            let vms: Vec<String> = status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect();
-            let first: Vec<u64> = open.iter().take(5).copied().collect();
-            return Err(format!(
-                "{} jobs never served, first {first:?} (given up: {gave_up}); agent: {} queued, VMs {vms:?}, libvirt connected {} problem {:?}, pools {:?}",
-                open.len(),
-                status.queued.len(),
-                status.libvirt_connected,
-                status.hypervisor_problem,
-                status.pools
-            ));
+        drop(hub);
+        if !open.is_empty() {
+            // Given up with a reason (max_attempts) is an end: counted by the agent.
+            let gave_up = self.metric_sum("runnervisor_jobs_failed_total");
+            if open.len() as u64 > gave_up {
+                let first: Vec<u64> = open.iter().take(5).copied().collect();
+                let mut why = format!("{} jobs never served, first {first:?} (given up: {gave_up})", open.len());
+                if detail && let Some(status) = self.status() {
+                    let vms: Vec<String> = status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect();
+                    why.push_str(&format!(
+                        "; agent: {} queued, VMs {vms:?}, libvirt connected {} problem {:?}, pools {:?}",
+                        status.queued.len(),
+                        status.libvirt_connected,
+                        status.hypervisor_problem,
+                        status.pools
+                    ));
+                }
+                return Err(why);
+            }
         }
+        let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
+        let hub = self.hub.lock();
         if let Some(r) = hub.runners.values().next() {
             return Err(format!("runner registration {} (id {}, online {}) outlives its job", r.name, r.id, r.online));
         }

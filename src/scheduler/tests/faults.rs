@@ -186,3 +186,22 @@ async fn a_missing_network_holds_jobs_and_never_falls_back_to_an_open_one() {
     let (_, xml) = hv.domains.values().next().unwrap();
     assert!(xml.contains("<filterref filter=\"runnervisor-fence-fixed\">"), "{xml}");
 }
+
+/// A runner group GitHub will not name (a rate limit answers at once) is asked for again
+/// after a doubling wait, not in a tight loop: a waiting warm VM planned for a job kept
+/// asking on every pass of the scheduler (the simulator found it, seed 64 of 1,000 steps,
+/// spinning with no time passing).
+#[tokio::test(start_paused = true)]
+async fn an_unresolved_runner_group_is_asked_for_again_after_a_wait_not_in_a_loop() {
+    let mut h = harness("warm = 1");
+    h.wait("a warm VM waiting", |s, _| s.vms.iter().any(|v| v.warm && v.state == "waiting")).await;
+    h.gh.lock().fail_calls.insert("group", 1000);
+    // The group was resolved to make nothing yet (a warm VM needs none): forget it.
+    h.deliver(JobAction::Queued, info(61, LABELS, None));
+    h.advance_for(Duration::from_secs(30)).await;
+    let asked = h.gh.lock().calls.iter().filter(|c| *c == "group").count();
+    // 5 s, 10 s, 20 s apart: at most four calls in 30 s.
+    assert!((1..=4).contains(&asked), "runner group asked {asked} times in 30 s");
+    h.gh.lock().fail_calls.clear();
+    h.wait_for("served once GitHub answers", Duration::from_secs(120), |_, hv| hv.lock().delivered.len() == 1).await;
+}

@@ -322,3 +322,33 @@ async fn a_binding_cut_short_by_a_restart_stands_if_the_guest_took_its_command()
         h.shutdown().await;
     }
 }
+
+/// The host's room goes to jobs before spares: with `capacity.max_vms = 1`, a warm VM of
+/// one pool gives its place to a job of another pool (the simulator found that job waiting
+/// for good, seed 9 of 1,000 steps, before this).
+#[tokio::test(start_paused = true)]
+async fn a_warm_vm_gives_the_hosts_last_place_to_another_pools_job() {
+    let mut h = harness_tweaked(
+        "warm = 1",
+        |_| {},
+        |c| {
+            c.capacity.max_vms = Some(1);
+            let mut other = c.pools[0].clone();
+            other.name = "big".into();
+            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
+            other.warm = 0;
+            c.pools.push(other);
+        },
+    );
+    let s = h.wait("small's warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let warm = warm_vms(&s, "waiting").remove(0);
+    h.deliver(JobAction::Queued, info(21, &["self-hosted", "linux", "big"], None));
+    let s =
+        h.wait("big's job has the host's place", |s, _| s.vms.iter().any(|v| v.pool == "big" && v.job_id == 21)).await;
+    assert!(s.vms.iter().all(|v| v.name != warm), "the warm VM gave its place: {s:#?}");
+    assert!(s.vms.len() <= 1, "{s:#?}");
+    // Once big's job is done, small keeps its warm VM again.
+    let vm = vm_for(&s, 21).unwrap();
+    h.run_job_on(&vm, 21);
+    h.wait("small warm again", |s, _| warm_vms(s, "waiting").len() == 1 && s.vms.len() == 1).await;
+}
