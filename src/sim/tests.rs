@@ -21,6 +21,23 @@ fn a_store_writes_again_once_its_file_system_has_room() {
     assert!(again.is_ok(), "{again:?}");
     assert!(!store.delivery_seen("d2").unwrap(), "a delivery whose write failed is not seen");
     assert!(store.accept(&event("d2")).unwrap(), "and is taken when it comes again");
+    // The inbox is numbered on (the scheduler reads on from the last entry it applied),
+    // also when it was emptied before the reopen.
+    let entries = store.inbox(0, 100).unwrap();
+    let last = entries.last().unwrap().0;
+    let done = crate::store::Batch {
+        inbox_done: entries.iter().map(|(seq, _)| *seq).collect(),
+        // With a change of its own: a durable commit, which a reopen keeps.
+        meta: vec![("k".into(), b"v".to_vec())],
+        ..Default::default()
+    };
+    store.commit(&done).unwrap();
+    disk.set_full(true);
+    assert!(store.accept(&event("d4")).is_err());
+    disk.set_full(false);
+    assert!(store.accept(&event("d5")).unwrap());
+    let after = store.inbox(last, 100).unwrap();
+    assert_eq!(after.iter().map(|(_, e)| e.delivery.as_str()).collect::<Vec<_>>(), ["d5"], "read on from {last}");
 }
 
 /// The same seed runs the same way: the same trace, step for step (what makes a failing

@@ -220,7 +220,10 @@ impl Store {
         drop(db.take());
         let fresh = (self.reopen)()?;
         let (next_seq, index) = Store::prepare(&fresh)?;
-        self.next_seq.store(next_seq, Ordering::Relaxed);
+        // Numbering goes on from where it was: the scheduler reads the inbox on from the
+        // last entry it applied, and an emptied inbox would number from 1 again (every
+        // delivery accepted after the reopen went unread: found by the simulator).
+        self.next_seq.fetch_max(next_seq, Ordering::Relaxed);
         *self.deliveries.lock().unwrap_or_else(|e| e.into_inner()) = index;
         *db = Some(fresh);
         tracing::warn!("state store reopened after an I/O error");
