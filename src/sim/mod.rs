@@ -573,12 +573,15 @@ impl Sim {
                 continue;
             };
             let name = doc["vm"].as_str().unwrap_or_default().to_string();
-            let runcmd = doc["runcmd"].to_string();
+            // Token mode: the guest registers its runner (`config.sh ... --labels a,b`).
+            let token_labels = doc["runcmd"].as_array().into_iter().flatten().find_map(|cmd| {
+                let args: Vec<&str> = cmd["argv"].as_array()?.iter().filter_map(|a| a.as_str()).collect();
+                let at = args.iter().position(|a| *a == "--labels")?;
+                args.get(at + 1).map(|l| l.split(',').map(str::to_string).collect::<Vec<_>>())
+            });
             let mut hub = self.hub.lock();
-            if runcmd.contains("--labels") {
-                // Token mode: the guest registers its runner (config.sh).
-                let labels = self.config.pools.iter().find(|p| name.starts_with(&format!("rv-{}-", p.name)));
-                let labels = labels.map(|p| crate::model::label_set(&p.labels)).unwrap_or_default();
+            if let Some(labels) = token_labels {
+                let labels = crate::model::label_set(&labels);
                 if hub.runner_named(&name).is_none() {
                     hub.next_runner += 1;
                     let id = hub.next_runner;
