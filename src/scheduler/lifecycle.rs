@@ -214,7 +214,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Teardowns whose retry is due, and teardowns a restart left unfinished.
     pub(super) fn retry_teardowns(&mut self) {
         let now = Instant::now();
-        let due: Vec<String> = self
+        let due: Vec<(String, bool)> = self
             .book
             .vms
             .values()
@@ -224,10 +224,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 Some(Work::TeardownRetry(at)) => *at <= now,
                 Some(_) => false,
             })
-            .map(|v| v.name.clone())
+            // A teardown that asked GitHub about its runner first asks again: it stopped
+            // there when GitHub did not answer.
+            .map(|v| {
+                (
+                    v.name.clone(),
+                    matches!(v.reap, Some(Reason::Surplus | Reason::RegistrationTimeout)) && !v.runner_done,
+                )
+            })
             .collect();
-        for name in due {
-            self.spawn_teardown(&name, false);
+        for (name, runner_first) in due {
+            self.spawn_teardown(&name, runner_first);
         }
     }
 

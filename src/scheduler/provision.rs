@@ -610,7 +610,14 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
                 return out;
             }
             Ok(_) => {}
-            Err(e) => out.errors.push(e),
+            // Whether its runner took a job unseen is not known: the VM stays until GitHub
+            // says (the teardown is retried). Destroyed meanwhile, it killed the job its
+            // runner ran (an in-progress webhook lost, GitHub rate-limited: the simulator).
+            Err(e) => {
+                out.errors.push(e);
+                out.duration = started.elapsed();
+                return out;
+            }
         }
     }
     let hv = ctx.hv.clone();

@@ -205,3 +205,25 @@ async fn an_unresolved_runner_group_is_asked_for_again_after_a_wait_not_in_a_loo
     h.gh.lock().fail_calls.clear();
     h.wait_for("served once GitHub answers", Duration::from_secs(120), |_, hv| hv.lock().delivered.len() == 1).await;
 }
+
+/// A VM past `registration_timeout` whose runner took its job unseen (its in-progress
+/// webhook lost, the agent down meanwhile) keeps running: GitHub is asked about the runner
+/// before the domain goes, and asked again while it does not answer (the simulator found
+/// such jobs killed, seeds 385 and 400 of 1,000 steps).
+#[tokio::test(start_paused = true)]
+async fn a_vm_past_its_registration_timeout_whose_runner_took_its_job_unseen_keeps_running() {
+    let mut h = harness("registration_timeout = \"60s\"");
+    h.deliver(JobAction::Queued, info(71, LABELS, None));
+    h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
+    // Its runner took the job; no webhook says so, GitHub's runner list fails, and GitHub
+    // fails twice when asked about the runner.
+    h.gh.set_runner("rv-small-71", true, true);
+    h.gh.lock().fail_calls.insert("list", 1000);
+    h.gh.lock().fail_calls.insert("delete", 2);
+    let s = h.advance_for(Duration::from_secs(150)).await;
+    // (Which job its runner took is not known: the job may get another VM meanwhile.)
+    assert!(h.hv.running().contains(&"rv-small-71".to_string()), "the job's VM runs on: {s:#?}");
+    let deletes = h.gh.lock().calls.iter().filter(|c| *c == "delete").count();
+    assert!(deletes >= 3, "asked again while GitHub failed: {deletes}");
+    assert!(s.vms.iter().any(|v| v.name == "rv-small-71" && v.state == "busy"), "{s:#?}");
+}
