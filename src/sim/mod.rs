@@ -1008,11 +1008,26 @@ impl Sim {
             if *n > cap {
                 return self.violate(format!("pool {pool} has {n} VMs, more than max_vms {cap}"));
             }
-            // Within the new cap again: the old one no longer applies.
-            if let (Some(c), Some(new)) = (self.caps.get_mut(pool), now_cap)
-                && *n <= new
-            {
-                *c = new;
+        }
+        // After a reload lowered a pool's cap, VMs the agent had on their way (a start that
+        // hangs in libvirt) still come: the old cap holds until the agent's own records of
+        // the pool (its status: every VM, those without a domain yet too) fit the new one.
+        let lowered: Vec<(String, usize)> = self
+            .config
+            .pools
+            .iter()
+            .filter(|p| self.caps.get(&p.name).is_some_and(|c| *c > p.max_vms))
+            .map(|p| (p.name.clone(), p.max_vms))
+            .collect();
+        if !lowered.is_empty()
+            && let Some(status) = self.status()
+        {
+            for (pool, new) in lowered {
+                if status.vms.iter().filter(|v| v.pool == pool).count() <= new
+                    && per_pool.get(&pool).copied().unwrap_or(0) <= new
+                {
+                    self.caps.insert(pool, new);
+                }
             }
         }
         if let Some(cap) = self.config.capacity.max_vms
