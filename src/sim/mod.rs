@@ -176,6 +176,11 @@ struct Sim {
     step: u32,
     /// Virtual time as of the runtime's last turn (time moves only inside `block_on`).
     t: Duration,
+    /// Once the world is healed (settling): since when each runner has been online with
+    /// nothing to do, and the longest `idle_timeout` each pool ever had.
+    settled_at: Option<Duration>,
+    idle_since: BTreeMap<String, Duration>,
+    idle_timeouts: BTreeMap<String, Duration>,
 }
 
 fn secs(d: Duration) -> String {
@@ -327,7 +332,13 @@ pub fn run_seed(opts: Options) -> Outcome {
         violation: None,
         step: 0,
         t: Duration::ZERO,
+        settled_at: None,
+        idle_since: BTreeMap::new(),
+        idle_timeouts: BTreeMap::new(),
     };
+    for p in &sim.config.pools {
+        sim.idle_timeouts.insert(p.name.clone(), p.idle_timeout);
+    }
     sim.note(format!("world: {}", sim.describe_config()));
     sim.start(Duration::ZERO);
     while sim.violation.is_none() && sim.step < opts.steps {
@@ -971,6 +982,8 @@ impl Sim {
         for p in &config.pools {
             let cap = self.caps.entry(p.name.clone()).or_insert(p.max_vms);
             *cap = (*cap).max(p.max_vms);
+            let idle = self.idle_timeouts.entry(p.name.clone()).or_insert(p.idle_timeout);
+            *idle = (*idle).max(p.idle_timeout);
         }
         self.config = config;
     }
@@ -1035,6 +1048,12 @@ impl Sim {
         {
             return self.violate(format!("{} VMs on the host, more than capacity.max_vms {cap}", domains.len()));
         }
+        if let Some(settled) = self.settled_at {
+            self.check_surplus(now, settled);
+            if self.violation.is_some() {
+                return;
+            }
+        }
         let hub = self.hub.lock();
         if let Some(j) = hub.jobs.values().find(|j| j.taken > 1) {
             let id = j.id;
@@ -1043,9 +1062,40 @@ impl Sim {
         }
     }
 
+    /// Once the world is healed: a runner online with nothing to do (no queued job its
+    /// labels cover: GitHub would give it one) is surplus, and goes within its pool's
+    /// `idle_timeout` and the time the agent needs to see it (a GitHub sync, a sweep).
+    fn check_surplus(&mut self, now: Duration, settled: Duration) {
+        let slack = self.config.reconcile.github_interval * 2 + self.config.reconcile.sweep_interval + Duration::from_secs(60);
+        let idle: Vec<(String, String)> = {
+            let hub = self.hub.lock();
+            hub.runners
+                .values()
+                .filter(|r| r.online && r.job.is_none())
+                .filter_map(|r| Some((r.name.clone(), self.guests.get(&r.name)?.domain.clone())))
+                .collect()
+        };
+        self.idle_since.retain(|name, _| idle.iter().any(|(n, _)| n == name));
+        for (name, domain) in idle {
+            let since = *self.idle_since.entry(name.clone()).or_insert(now);
+            let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
+            let timeout = self.idle_timeouts.get(&pool).copied().unwrap_or_default();
+            let waited = now.saturating_sub(since.max(settled));
+            if waited > timeout + slack {
+                return self.violate(format!(
+                    "surplus runner {name} (pool {pool}) idle for {} once healed: idle_timeout {} (and {} to see it)",
+                    secs(waited),
+                    secs(timeout),
+                    secs(slack)
+                ));
+            }
+        }
+    }
+
     /// The world healed and the workload over: the agent must bring everything to rest.
     fn settle(&mut self) {
         self.note("settling: faults healed, no new jobs".into());
+        self.settled_at = Some(self.t);
         self.hub.lock().fault = None;
         self.hub.lock().rate_limited_until = None;
         {
