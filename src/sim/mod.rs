@@ -1066,7 +1066,8 @@ impl Sim {
     /// labels cover: GitHub would give it one) is surplus, and goes within its pool's
     /// `idle_timeout` and the time the agent needs to see it (a GitHub sync, a sweep).
     fn check_surplus(&mut self, now: Duration, settled: Duration) {
-        let slack = self.config.reconcile.github_interval * 2 + self.config.reconcile.sweep_interval + Duration::from_secs(60);
+        let slack =
+            self.config.reconcile.github_interval * 2 + self.config.reconcile.sweep_interval + Duration::from_secs(60);
         let idle: Vec<(String, String)> = {
             let hub = self.hub.lock();
             hub.runners
