@@ -762,29 +762,35 @@ impl Sim {
                 .iter()
                 .find(|p| !p.retiring && crate::model::label_set(&p.labels) == set)
                 .map(|p| p.name.clone());
-            self.next_job += 1;
-            let id = self.next_job;
-            self.jobs += 1;
-            let delay = self.hook_delay();
-            let mut hub = self.hub.lock();
-            hub.jobs.insert(
-                id,
-                github::Job {
-                    id,
-                    run_id: id * 10,
-                    run_attempt: 1,
-                    labels,
-                    pool: pool.clone(),
-                    status: GStatus::Queued,
-                    queued_at: now,
-                    runner: None,
-                    taken: 0,
-                },
-            );
-            hub.emit(id, "queued", delay);
-            drop(hub);
+            let id = self.queue_job(github::Job {
+                id: 0,
+                run_id: 0,
+                run_attempt: 1,
+                labels,
+                pool: pool.clone(),
+                status: GStatus::Queued,
+                queued_at: now,
+                runner: None,
+                taken: 0,
+            });
             self.note(format!("job {id} queued for {}", pool.as_deref().unwrap_or("no pool")));
         }
+    }
+
+    /// A job queued at GitHub under the next id (a new run's unless `job` names one), its
+    /// delivery on its way.
+    fn queue_job(&mut self, mut job: github::Job) -> u64 {
+        self.next_job += 1;
+        self.jobs += 1;
+        job.id = self.next_job;
+        if job.run_id == 0 {
+            job.run_id = job.id * 10;
+        }
+        let delay = self.hook_delay();
+        let mut hub = self.hub.lock();
+        hub.jobs.insert(job.id, job.clone());
+        hub.emit(job.id, "queued", delay);
+        job.id
     }
 
     /// How late a delivery arrives: at once mostly, minutes late now and then.
@@ -829,26 +835,14 @@ impl Sim {
             return;
         }
         let old = self.hub.lock().jobs[&done[self.rng.usize(0..done.len())]].clone();
-        let now = self.t;
-        self.next_job += 1;
-        let id = self.next_job;
-        self.jobs += 1;
-        let delay = self.hook_delay();
-        let mut hub = self.hub.lock();
-        hub.jobs.insert(
-            id,
-            github::Job {
-                id,
-                run_attempt: old.run_attempt + 1,
-                status: GStatus::Queued,
-                queued_at: now,
-                runner: None,
-                taken: 0,
-                ..old.clone()
-            },
-        );
-        hub.emit(id, "queued", delay);
-        drop(hub);
+        let id = self.queue_job(github::Job {
+            run_attempt: old.run_attempt + 1,
+            status: GStatus::Queued,
+            queued_at: self.t,
+            runner: None,
+            taken: 0,
+            ..old.clone()
+        });
         self.note(format!("job {id} queued (re-run of {})", old.id));
     }
 
