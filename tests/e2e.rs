@@ -60,7 +60,12 @@ async fn one_job_enterprise_scope_jit_mode_pat_auth() {
     // While it runs: the domain (restored, so it has its slot's name) carries our metadata,
     // the job's once it is bound.
     let vm = wait_for("the VM", VM_TIMEOUT, async || {
-        hv.list_vms().unwrap().into_iter().find(|v| v.metadata.as_ref().is_some_and(|m| m.job_id == job))
+        // Its pool's and its job's: a test beside it has VMs of another pool, whose GitHub
+        // numbers its jobs from the same first id.
+        hv.list_vms()
+            .unwrap()
+            .into_iter()
+            .find(|v| v.metadata.as_ref().is_some_and(|m| m.job_id == job && m.pool == slots::POOL))
     })
     .await;
     assert!(runnervisor::hypervisor::slot_of_pool(&vm.name, slots::POOL).is_some(), "{}", vm.name);
