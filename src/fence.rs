@@ -220,26 +220,25 @@ pub fn vm_filter(filter: &str, fixed: bool) -> String {
 /// The nwfilters (name, XML), in the order they must be defined, that a fenced `network`
 /// needs on this host now: [`NO_ANNOUNCE`], the DHCP one, and where the agent fixes
 /// addresses (`fixed`) the one without DHCP ([`vm_filter`]); from its allow-list, the
-/// network's `subnet`, this host's current addresses and `also` (the fleet's other members
-/// and its database). None for `user` mode.
+/// network's `subnet`, and the addresses to drop: this host's current ones
+/// ([`host_addresses`]) and the fleet's other members and its database. None for `user`
+/// mode.
 pub fn filters_for(
     network: &crate::config::NetworkConfig,
     subnet: Option<Subnet>,
     fixed: bool,
-    also: &[Ipv4Addr],
-) -> Result<Vec<(String, String)>, std::io::Error> {
-    let Some((filter, allow)) = network.fence() else { return Ok(Vec::new()) };
-    let mut host_addrs = host_addresses()?;
-    host_addrs.extend_from_slice(also);
+    host_addrs: &[Ipv4Addr],
+) -> Vec<(String, String)> {
+    let Some((filter, allow)) = network.fence() else { return Vec::new() };
     let mut out = vec![(NO_ANNOUNCE.to_string(), no_announce_xml())];
     // The DHCP one always (VMs that learn their address); the fixed one where addresses are.
     let kinds: &[bool] = if fixed { &[false, true] } else { &[false] };
     for fixed in kinds {
         let name = vm_filter(filter, *fixed);
-        let spec = FenceSpec { filter: &name, subnet, dhcp: !fixed, host_addrs: &host_addrs, allow };
+        let spec = FenceSpec { filter: &name, subnet, dhcp: !fixed, host_addrs, allow };
         out.push((name.clone(), filter_xml(&spec)));
     }
-    Ok(out)
+    out
 }
 
 /// What else the fence drops besides this host's own addresses, kept up to date by the
@@ -444,9 +443,9 @@ mod tests {
     #[test]
     fn other_hosts_of_the_fleet_are_dropped_like_this_one() {
         let net = crate::config::NetworkConfig::default();
-        let (_, xml) = filters_for(&net, Some(LAB), true, &[Ipv4Addr::new(203, 0, 113, 7)]).unwrap().pop().unwrap();
+        let (_, xml) = filters_for(&net, Some(LAB), true, &[Ipv4Addr::new(203, 0, 113, 7)]).pop().unwrap();
         assert!(rules(&xml).contains(&r("drop", "203.0.113.7/32", "all")), "{xml}");
-        let (_, without) = filters_for(&net, Some(LAB), true, &[]).unwrap().pop().unwrap();
+        let (_, without) = filters_for(&net, Some(LAB), true, &[]).pop().unwrap();
         assert!(!without.contains("203.0.113.7"));
         let others = Others::default();
         assert!(others.set(vec![Ipv4Addr::new(1, 2, 3, 4), Ipv4Addr::new(1, 2, 3, 4)]));
@@ -487,14 +486,13 @@ mod tests {
     fn filters_where_addresses_are_fixed_and_where_they_are_learned() {
         let net = crate::config::NetworkConfig::default();
         let (base, _) = net.fence().unwrap();
-        let names =
-            |fixed| filters_for(&net, Some(LAB), fixed, &[]).unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let names = |fixed| filters_for(&net, Some(LAB), fixed, &[]).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         // The DHCP one stays defined for VMs of before (their leases renew); new VMs use -fixed.
         assert_eq!(names(true), [NO_ANNOUNCE.to_string(), base.to_string(), format!("{base}-fixed")]);
         assert_eq!(names(false), [NO_ANNOUNCE.to_string(), base.to_string()]);
         assert_eq!(vm_filter(base, true), format!("{base}-fixed"));
         assert_eq!(vm_filter(base, false), base);
-        let all = filters_for(&net, Some(LAB), true, &[]).unwrap();
+        let all = filters_for(&net, Some(LAB), true, &[]);
         let dhcp = |xml: &str| rules(xml).iter().any(|(_, _, l4)| l4 == "udp:67-67");
         assert!(dhcp(&all[1].1) && !dhcp(&all[2].1));
         for (_, xml) in &all[1..] {
@@ -503,7 +501,7 @@ mod tests {
             assert_eq!(refs, ["clean-traffic", NO_ANNOUNCE]);
         }
         let user = crate::config::NetworkConfig::User { accept_unfenced: true };
-        assert!(filters_for(&user, None, false, &[]).unwrap().is_empty());
+        assert!(filters_for(&user, None, false, &[]).is_empty());
     }
 
     #[test]

@@ -178,14 +178,13 @@ async fn the_fence_filter_is_redefined_in_place() {
     };
     let _fence = TestFence::up(&hv, &network(&[]));
     let (subnet, fixed) = lab_addressing(&hv);
-    let (_, second) =
-        runnervisor::fence::filters_for(&network(&["10.20.0.5:443"]), subnet, fixed, &[]).unwrap().swap_remove(1);
+    let (_, second) = runnervisor::fence::filters_for(&network(&["10.20.0.5:443"]), subnet, fixed, &[]).swap_remove(1);
     hv.define_filter(&name, &second).unwrap();
     let dumped = run(std::process::Command::new("virsh").args(["-c", URI, "nwfilter-dumpxml", &name]));
     assert!(dumped.contains("dstipaddr='10.20.0.5'"), "the second definition is in force:\n{dumped}");
     // A second agent process (fresh cache) redefines it too.
     let (other, _ev) = libvirt();
-    let (_, first) = runnervisor::fence::filters_for(&network(&[]), subnet, fixed, &[]).unwrap().swap_remove(1);
+    let (_, first) = runnervisor::fence::filters_for(&network(&[]), subnet, fixed, &[]).swap_remove(1);
     other.define_filter(&name, &first).unwrap();
 }
 

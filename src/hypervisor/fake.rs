@@ -95,6 +95,10 @@ pub struct FakeState {
     /// Most VMs running at once, ever.
     pub peak_running: usize,
     pub started_total: usize,
+    /// Metadata read from each domain XML `list_vms` saw (by the XML: a domain's changes
+    /// with it), so that a listing does not parse every domain again (the simulator lists
+    /// often).
+    parsed: std::collections::HashMap<String, Option<super::VmMetadata>>,
 }
 
 pub struct FakeHypervisor {
@@ -183,6 +187,12 @@ impl Hypervisor for FakeHypervisor {
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError> {
         drop(self.up()?);
         Ok(crate::capacity::Host { cpus: 64, memory_mib: 256 * 1024, pool_gib: 10_000 })
+    }
+
+    /// Loopback's, and the fake network's gateway (as on a host with the network up).
+    fn host_addresses(&self) -> Result<Vec<std::net::Ipv4Addr>, HvError> {
+        drop(self.up()?);
+        Ok(vec![std::net::Ipv4Addr::new(127, 0, 0, 1), std::net::Ipv4Addr::new(198, 51, 100, 1)])
     }
 
     fn reserve_address(&self, name: &str, vm: &str) -> Result<super::network::Reservation, HvError> {
@@ -309,15 +319,26 @@ impl Hypervisor for FakeHypervisor {
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
         self.maybe_panic("list_vms");
-        let s = self.up()?;
+        let mut s = self.up()?;
+        let s = &mut *s;
+        if s.parsed.len() > 4 * s.domains.len() + 64 {
+            s.parsed.clear();
+        }
         Ok(s.domains
             .iter()
             .map(|(name, (state, xml))| {
-                let metadata = roxmltree::Document::parse(xml).ok().and_then(|doc| {
-                    doc.descendants()
-                        .find(|n| n.tag_name().namespace() == Some(domain_xml::METADATA_NS))
-                        .and_then(|n| domain_xml::parse_metadata(&xml[n.range()]))
-                });
+                let metadata = match s.parsed.get(xml) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let m = roxmltree::Document::parse(xml).ok().and_then(|doc| {
+                            doc.descendants()
+                                .find(|n| n.tag_name().namespace() == Some(domain_xml::METADATA_NS))
+                                .and_then(|n| domain_xml::parse_metadata(&xml[n.range()]))
+                        });
+                        s.parsed.insert(xml.clone(), m.clone());
+                        m
+                    }
+                };
                 VmInfo { name: name.clone(), state: state.clone(), metadata }
             })
             .collect())

@@ -185,6 +185,11 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn network_dhcp(&self, network: &str) -> Result<network::Dhcp, HvError>;
     /// This host's CPUs and memory and the job storage pool's size.
     fn host_resources(&self) -> Result<crate::capacity::Host, HvError>;
+    /// This host's own IPv4 addresses, which the fence drops: its interfaces' (the agent
+    /// runs on the hypervisor), read anew for each VM.
+    fn host_addresses(&self) -> Result<Vec<std::net::Ipv4Addr>, HvError> {
+        crate::fence::host_addresses().map_err(|e| HvError::HostAddresses { message: e.to_string() })
+    }
     /// Defines the (persistent) domain.
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError>;
     /// Starts a defined domain.

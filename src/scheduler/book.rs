@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{JobRec, SlotRec, VmRec};
+use crate::model::{JobRec, JobState, SlotRec, VmRec};
 use crate::store::Batch;
 
 #[derive(Default)]
@@ -14,6 +14,10 @@ pub struct Book {
     /// Snapshot slots saved and ready (one being made is a VM `for_slot`; one in use is
     /// the `slot` of the VM restored from it).
     pub slots: BTreeMap<String, SlotRec>,
+    /// Jobs that may still need a runner: every queued job, and jobs changed since the
+    /// last commit (a cache of `jobs`, whose finished jobs stay for days: the queries
+    /// below read this instead of every job, and check each job's state).
+    open: BTreeSet<u64>,
     dirty_jobs: BTreeSet<u64>,
     dirty_vms: BTreeSet<String>,
     removed_jobs: BTreeSet<u64>,
@@ -25,7 +29,8 @@ pub struct Book {
 
 impl Book {
     pub fn new(jobs: BTreeMap<u64, JobRec>, vms: BTreeMap<String, VmRec>) -> Book {
-        Book { jobs, vms, ..Book::default() }
+        let open = jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.info.id).collect();
+        Book { jobs, vms, open, ..Book::default() }
     }
 
     pub fn with_slots(self, slots: BTreeMap<String, SlotRec>) -> Book {
@@ -58,9 +63,10 @@ impl Book {
         self.vms.values().find(|v| v.slot.as_deref() == Some(slot))
     }
 
-    /// Job `id` changed: it goes into the next commit.
+    /// Job `id` changed (or is new): it goes into the next commit.
     pub fn touch_job(&mut self, id: u64) {
         self.dirty_jobs.insert(id);
+        self.open.insert(id);
     }
 
     pub fn touch_vm(&mut self, name: &str) {
@@ -89,6 +95,7 @@ impl Book {
 
     pub fn remove_job(&mut self, id: u64) {
         self.dirty_jobs.remove(&id);
+        self.open.remove(&id);
         self.removed_jobs.insert(id);
         self.jobs.remove(&id);
     }
@@ -96,6 +103,17 @@ impl Book {
     /// Inbox entry `seq` is applied: it leaves the inbox with the next commit.
     pub fn applied(&mut self, seq: u64) {
         self.inbox_done.insert(seq);
+    }
+
+    /// Whether anything changed since the last commit.
+    pub fn has_changes(&self) -> bool {
+        !(self.dirty_jobs.is_empty()
+            && self.dirty_vms.is_empty()
+            && self.removed_jobs.is_empty()
+            && self.removed_vms.is_empty()
+            && self.dirty_slots.is_empty()
+            && self.removed_slots.is_empty()
+            && self.inbox_done.is_empty())
     }
 
     /// Everything changed since the last commit.
@@ -114,6 +132,12 @@ impl Book {
 
     /// The last [`Book::batch`] is durable.
     pub fn committed(&mut self) {
+        let jobs = &self.jobs;
+        for id in &self.dirty_jobs {
+            if jobs.get(id).is_none_or(|j| j.state != JobState::Queued) {
+                self.open.remove(id);
+            }
+        }
         self.dirty_jobs.clear();
         self.dirty_vms.clear();
         self.removed_jobs.clear();
@@ -125,15 +149,23 @@ impl Book {
 
     /// The pool's jobs that still need a runner, oldest first.
     pub fn unserved(&self, pool: &str) -> Vec<&JobRec> {
-        let mut jobs: Vec<&JobRec> =
-            self.jobs.values().filter(|j| j.is_unserved() && j.pool.as_deref() == Some(pool)).collect();
+        let mut jobs: Vec<&JobRec> = self.all_unserved().filter(|j| j.pool.as_deref() == Some(pool)).collect();
         jobs.sort_by_key(|j| (j.received_at, j.info.id));
         jobs
     }
 
-    /// Every job that still needs a runner, in any pool.
+    /// How many jobs each pool has that still need a runner.
+    pub fn unserved_counts(&self) -> BTreeMap<&str, usize> {
+        let mut counts = BTreeMap::new();
+        for pool in self.all_unserved().filter_map(|j| j.pool.as_deref()) {
+            *counts.entry(pool).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Every job that still needs a runner, in any pool, by id.
     pub fn all_unserved(&self) -> impl Iterator<Item = &JobRec> {
-        self.jobs.values().filter(|j| j.is_unserved())
+        self.open.iter().filter_map(|id| self.jobs.get(id)).filter(|j| j.is_unserved())
     }
 
     /// The pool's VMs, in every state (each holds a slot of its `max_vms`).

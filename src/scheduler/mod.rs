@@ -194,6 +194,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // When the inbox is drained next (deliveries are waiting).
         let mut drain_at: Option<Instant> = None;
         loop {
+            // A turn of the housekeeping timer alone (most turns of an idle agent).
+            let mut tick_only = false;
             // In a fixed order (`biased`), so that a run is the same every time its inputs
             // are (the simulator replays a seed): timers first (each is ready only when
             // due, so a stream of events cannot starve them), then the inbox, then events.
@@ -202,7 +204,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 _ = shutdown.cancelled() => break,
                 _ = sweep.tick() => self.start_sweep(),
                 _ = github.tick() => self.start_github_sync(),
-                _ = housekeeping.tick() => crate::systemd::watchdog(),
+                _ = housekeeping.tick() => {
+                    crate::systemd::watchdog();
+                    tick_only = true;
+                }
                 _ = tokio::time::sleep_until(drain_at.unwrap_or(last_drain)), if drain_at.is_some() => {
                     drain_at = None;
                     self.drain_inbox();
@@ -229,8 +234,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
             self.reconcile();
+            // The gauges read the book: after a tick that changed nothing they stand.
+            let changed = self.book.has_changes();
             let _ = self.flush();
-            self.update_gauges();
+            if changed || !tick_only {
+                self.update_gauges();
+            }
             if self.hv.ready
                 && let Some(r) = ready.take()
             {
@@ -340,8 +349,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         self.tend_slots();
-        for pool in self.config.pools.clone() {
-            self.reconcile_pool(&pool);
+        let config = self.config.clone();
+        for pool in &config.pools {
+            self.reconcile_pool(pool);
         }
     }
 
@@ -372,11 +382,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // while another pool's jobs queued: found by the simulator).
             let others_waiting: usize = match self.config.capacity.max_vms {
                 Some(_) => self
-                    .config
-                    .pools
-                    .iter()
-                    .filter(|p| p.name != pool.name)
-                    .map(|p| self.book.unserved(&p.name).len())
+                    .book
+                    .unserved_counts()
+                    .into_iter()
+                    .filter(|(p, _)| *p != pool.name && self.config.pool(p).is_some())
+                    .map(|(_, n)| n)
                     .sum(),
                 None => 0,
             };
@@ -476,14 +486,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if let Some(f) = &self.fleet {
             self.metrics.fleet_claims_held.set(f.held() as i64);
         }
+        let queued = self.book.unserved_counts();
+        let mut vms: BTreeMap<(&str, VmState), i64> = BTreeMap::new();
+        for v in self.book.vms.values() {
+            *vms.entry((v.pool.as_str(), v.state)).or_default() += 1;
+        }
         for p in &self.config.pools {
-            self.metrics
-                .queue_depth
-                .get_or_create(&metrics::pool(&p.name))
-                .set(self.book.unserved(&p.name).len() as i64);
+            let depth = queued.get(p.name.as_str()).copied().unwrap_or(0);
+            self.metrics.queue_depth.get_or_create(&metrics::pool(&p.name)).set(depth as i64);
             for s in VmState::ALL {
-                let n = self.book.vms_of(&p.name).filter(|v| v.state == s).count();
-                self.metrics.vms.get_or_create(&VmStateLabels::new(&p.name, s.as_str())).set(n as i64);
+                let n = vms.get(&(p.name.as_str(), s)).copied().unwrap_or(0);
+                self.metrics.vms.get_or_create(&VmStateLabels::new(&p.name, s.as_str())).set(n);
             }
             let ready = self.free_slots(&p.name).len();
             self.metrics.slots_ready.get_or_create(&metrics::pool(&p.name)).set(ready as i64);

@@ -567,10 +567,12 @@ pub async fn fence_up<G, H: Hypervisor>(ctx: &Ctx<G, H>) -> Result<Joined, HvErr
             }
             NetworkConfig::Bridge { .. } => Joined::default(),
         };
-        let filters = fence::filters_for(&net, joined.subnet, joined.fixed, &others)
-            .map_err(|e| HvError::HostAddresses { message: e.to_string() })?;
-        for (filter, xml) in filters {
-            hv.define_filter(&filter, &xml)?;
+        if net.fence().is_some() {
+            let mut drop = hv.host_addresses()?;
+            drop.extend_from_slice(&others);
+            for (filter, xml) in fence::filters_for(&net, joined.subnet, joined.fixed, &drop) {
+                hv.define_filter(&filter, &xml)?;
+            }
         }
         Ok(joined)
     })

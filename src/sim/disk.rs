@@ -8,8 +8,15 @@ use redb::StorageBackend;
 /// What a write replaced, to undo it if a crash loses it.
 #[derive(Debug)]
 enum Undo {
-    Bytes { offset: u64, old: Vec<u8> },
-    Len { old: Vec<u8> },
+    Bytes {
+        offset: u64,
+        old: Vec<u8>,
+    },
+    /// The file's length before, and what a shrink cut off.
+    Len {
+        len: usize,
+        tail: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +61,12 @@ impl Disk {
                         inner.bytes[at..end].copy_from_slice(&old[from..from + (end - at)]);
                     }
                 }
-                Undo::Len { old } => inner.bytes = old,
+                Undo::Len { len, tail } => {
+                    // Back to its old length, with what a shrink cut off (a grow's new
+                    // bytes go; they were zeros or writes undone before this).
+                    inner.bytes.resize(len - tail.len(), 0);
+                    inner.bytes.extend_from_slice(&tail);
+                }
             }
         }
         lost
@@ -134,12 +146,13 @@ impl StorageBackend for Disk {
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
         let mut inner = self.lock();
         inner.dying()?;
-        if inner.full && len as usize > inner.bytes.len() {
+        let (old, new) = (inner.bytes.len(), len as usize);
+        if inner.full && new > old {
             return Err(full());
         }
-        let old = inner.bytes.clone();
-        inner.unsynced.push(Undo::Len { old });
-        inner.bytes.resize(len as usize, 0);
+        let tail = inner.bytes.get(new..).map(<[u8]>::to_vec).unwrap_or_default();
+        inner.unsynced.push(Undo::Len { len: old, tail });
+        inner.bytes.resize(new, 0);
         Ok(())
     }
 

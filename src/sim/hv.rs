@@ -87,6 +87,10 @@ impl Hypervisor for SimHv {
         self.enter("host_resources", "host")?;
         self.fake.host_resources()
     }
+    fn host_addresses(&self) -> Result<Vec<std::net::Ipv4Addr>, HvError> {
+        self.enter("host_addresses", "host")?;
+        self.fake.host_addresses()
+    }
     fn define(&self, name: &str, xml: &str) -> Result<(), HvError> {
         self.enter("define", name)?;
         self.fake.define(name, xml)

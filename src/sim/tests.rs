@@ -51,3 +51,26 @@ fn a_seed_replays_exactly() {
     assert_eq!((a.steps, a.faults, a.jobs), (b.steps, b.faults, b.jobs));
     assert_ne!(a.trace, c.trace);
 }
+
+/// Virtual time stands while the world acts outside the runtime (where tokio's clock is
+/// the real one): a delivery the world sends then is due at a virtual time, not at one
+/// that depends on how long the host took (runs of one seed differed by it).
+#[test]
+fn virtual_time_stands_between_the_runtimes_turns() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    let time = Time::default();
+    let inside = rt.block_on(async {
+        time.start_incarnation(Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        time.now()
+    });
+    assert_eq!(inside, Duration::from_secs(3605));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(time.now(), inside, "outside the runtime");
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(time.now(), Duration::from_secs(3606));
+        time.end_incarnation();
+    });
+    assert_eq!(time.now(), Duration::from_secs(3606), "between incarnations");
+}

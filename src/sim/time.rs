@@ -20,6 +20,9 @@ struct Inner {
     t0: Option<Instant>,
     /// How far the host's wall clock was stepped (forward).
     skew: Duration,
+    /// The virtual time last read inside the runtime: what it still is outside, where the
+    /// world acts between the runtime's turns (tokio's clock read there is the real one).
+    last: Duration,
 }
 
 /// Shared by the world, the simulated GitHub and the agent's clock.
@@ -28,7 +31,7 @@ pub struct Time(Arc<Mutex<Inner>>);
 
 impl Default for Time {
     fn default() -> Self {
-        Time(Arc::new(Mutex::new(Inner { base: Duration::ZERO, t0: None, skew: Duration::ZERO })))
+        Time(Arc::new(Mutex::new(Inner { base: Duration::ZERO, t0: None, skew: Duration::ZERO, last: Duration::ZERO })))
     }
 }
 
@@ -37,10 +40,18 @@ impl Time {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Virtual time since the run began (inside an incarnation's runtime).
+    /// Virtual time since the run began. Outside the incarnation's runtime (the world's
+    /// turn, between two of the runtime's) it stands where the runtime left it.
     pub fn now(&self) -> Duration {
-        let inner = self.lock();
-        inner.base + inner.t0.map(|t| t.elapsed()).unwrap_or_default()
+        let mut inner = self.lock();
+        match inner.t0 {
+            Some(t0) if tokio::runtime::Handle::try_current().is_ok() => {
+                let now = inner.base + t0.elapsed();
+                inner.last = now;
+                now
+            }
+            _ => inner.last.max(inner.base),
+        }
     }
 
     /// GitHub's wall clock (true time).
@@ -61,6 +72,7 @@ impl Time {
             inner.base += t0.elapsed();
         }
         inner.base += down;
+        inner.last = inner.base;
         inner.t0 = Some(Instant::now());
     }
 
@@ -70,6 +82,7 @@ impl Time {
         if let Some(t0) = inner.t0.take() {
             inner.base += t0.elapsed();
         }
+        inner.last = inner.base;
     }
 
     /// The host's wall clock is stepped forward by `by` (NTP after a long drift).

@@ -144,7 +144,7 @@ pub struct TestFence(pub String);
 impl TestFence {
     pub fn up(hv: &Libvirt, network: &runnervisor::config::NetworkConfig) -> TestFence {
         let (subnet, fixed) = lab_addressing(hv);
-        let filters = runnervisor::fence::filters_for(network, subnet, fixed, &[]).unwrap();
+        let filters = runnervisor::fence::filters_for(network, subnet, fixed, &hv.host_addresses().unwrap());
         assert!(!filters.is_empty(), "fenced");
         for (filter, xml) in &filters {
             hv.define_filter(filter, xml).unwrap();

@@ -131,7 +131,8 @@ async fn a_job_waits_for_the_slot_a_vm_is_giving_back_and_boots_cold_once_that_h
         .poll("the job booted cold", crate::scheduler::slots::RELEASE_WAIT, true, |s, _| vm_for(s, 103).is_some())
         .await;
     assert_eq!(restored(&s, 103), None, "cold: {s:#?}");
-    assert_eq!(h.hv.lock().started_total, 2, "the slot's VM, then the cold one");
+    // Its provisioning may still be under way: it starts (the slot's VM, then this one).
+    h.wait("the cold VM started", |_, hv| hv.lock().started_total == 2).await;
     h.hv.lock().release_stalled = true;
     h.run_job_on("rv-small-103", 103);
     h.wait("served, the slot free", |s, _| s.queued.is_empty() && s.vms.is_empty() && ready(s) == 1).await;
