@@ -25,6 +25,8 @@ pub struct Book {
     dirty_slots: BTreeSet<String>,
     removed_slots: BTreeSet<String>,
     inbox_done: BTreeSet<u64>,
+    /// Changes made, ever (what the gauges last counted is compared with it).
+    changes: u64,
 }
 
 impl Book {
@@ -38,12 +40,14 @@ impl Book {
     }
 
     pub fn insert_slot(&mut self, slot: SlotRec) {
+        self.changes += 1;
         self.removed_slots.remove(&slot.name);
         self.dirty_slots.insert(slot.name.clone());
         self.slots.insert(slot.name.clone(), slot);
     }
 
     pub fn remove_slot(&mut self, name: &str) -> Option<SlotRec> {
+        self.changes += 1;
         self.dirty_slots.remove(name);
         self.removed_slots.insert(name.to_string());
         self.slots.remove(name)
@@ -65,15 +69,18 @@ impl Book {
 
     /// Job `id` changed (or is new): it goes into the next commit.
     pub fn touch_job(&mut self, id: u64) {
+        self.changes += 1;
         self.dirty_jobs.insert(id);
         self.open.insert(id);
     }
 
     pub fn touch_vm(&mut self, name: &str) {
+        self.changes += 1;
         self.dirty_vms.insert(name.to_string());
     }
 
     pub fn insert_vm(&mut self, vm: VmRec) {
+        self.changes += 1;
         // A name may come back (a slot's) within one commit: the new record stands.
         self.removed_vms.remove(&vm.name);
         self.dirty_vms.insert(vm.name.clone());
@@ -82,6 +89,7 @@ impl Book {
 
     /// The VM is gone for good: its record is deleted at the next commit.
     pub fn remove_vm(&mut self, name: &str) -> Option<VmRec> {
+        self.changes += 1;
         self.dirty_vms.remove(name);
         self.removed_vms.insert(name.to_string());
         self.vms.remove(name)
@@ -89,11 +97,13 @@ impl Book {
 
     /// Drops a VM whose record was never committed (nothing of it exists anywhere).
     pub fn forget_vm(&mut self, name: &str) {
+        self.changes += 1;
         self.dirty_vms.remove(name);
         self.vms.remove(name);
     }
 
     pub fn remove_job(&mut self, id: u64) {
+        self.changes += 1;
         self.dirty_jobs.remove(&id);
         self.open.remove(&id);
         self.removed_jobs.insert(id);
@@ -105,15 +115,10 @@ impl Book {
         self.inbox_done.insert(seq);
     }
 
-    /// Whether anything changed since the last commit.
-    pub fn has_changes(&self) -> bool {
-        !(self.dirty_jobs.is_empty()
-            && self.dirty_vms.is_empty()
-            && self.removed_jobs.is_empty()
-            && self.removed_vms.is_empty()
-            && self.dirty_slots.is_empty()
-            && self.removed_slots.is_empty()
-            && self.inbox_done.is_empty())
+    /// How many changes were made to jobs, VMs and slots, ever (commits included): equal
+    /// at two points, nothing changed between them.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Everything changed since the last commit.

@@ -88,6 +88,9 @@ struct HvHealth {
 /// Under a stream of webhooks, the inbox is applied at most this often (see `run`).
 const INBOX_PASS: Duration = Duration::from_millis(5);
 
+/// How long the gauges stand at most while housekeeping ticks change nothing.
+const GAUGES_STAND: Duration = Duration::from_secs(10);
+
 pub struct Scheduler<G: GitHub, H: Hypervisor> {
     config: Arc<Config>,
     ctx: Ctx<G, H>,
@@ -193,6 +196,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let mut last_drain = Instant::now();
         // When the inbox is drained next (deliveries are waiting).
         let mut drain_at: Option<Instant> = None;
+        // When the gauges were last counted, and the book's changes then.
+        let mut gauged: Option<(u64, Instant)> = None;
         loop {
             // A turn of the housekeeping timer alone (most turns of an idle agent).
             let mut tick_only = false;
@@ -234,11 +239,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
             self.reconcile();
-            // The gauges read the book: after a tick that changed nothing they stand.
-            let changed = self.book.has_changes();
             let _ = self.flush();
-            if changed || !tick_only {
+            // The gauges read the book, mostly: after a tick that changed nothing they stand
+            // (what else they read, the slots' image and config, an event changes; and at
+            // least every GAUGES_STAND they are counted anyway).
+            let stand =
+                gauged.is_some_and(|(changes, at)| changes == self.book.changes() && at.elapsed() < GAUGES_STAND);
+            if !tick_only || !stand {
                 self.update_gauges();
+                gauged = Some((self.book.changes(), Instant::now()));
+            }
+            if let Some(f) = &self.fleet {
+                self.metrics.fleet_claims_held.set(f.held() as i64);
             }
             if self.hv.ready
                 && let Some(r) = ready.take()
@@ -483,9 +495,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     fn update_gauges(&self) {
-        if let Some(f) = &self.fleet {
-            self.metrics.fleet_claims_held.set(f.held() as i64);
-        }
         let queued = self.book.unserved_counts();
         let mut vms: BTreeMap<(&str, VmState), i64> = BTreeMap::new();
         for v in self.book.vms.values() {

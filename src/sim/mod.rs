@@ -1020,7 +1020,18 @@ impl Sim {
             let now_cap = self.config.pools.iter().find(|p| &p.name == pool).map(|p| p.max_vms);
             let cap = self.caps.get(pool).copied().or(now_cap).unwrap_or(0);
             if *n > cap {
-                return self.violate(format!("pool {pool} has {n} VMs, more than max_vms {cap}"));
+                let mine: Vec<String> = domains
+                    .iter()
+                    .filter(|(d, _)| self.domains_seen.get(d).is_some_and(|(_, p)| p == pool))
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                let agent: Vec<String> = self
+                    .status()
+                    .map(|s| s.vms.into_iter().map(|v| format!("{} {}", v.name, v.state)).collect())
+                    .unwrap_or_default();
+                return self.violate(format!(
+                    "pool {pool} has {n} VMs, more than max_vms {cap}: {mine:?}; the agent's: {agent:?}"
+                ));
             }
         }
         // After a reload lowered a pool's cap, VMs the agent had on their way (a start that
@@ -1193,15 +1204,23 @@ impl Sim {
             .collect();
         drop(hub);
         if !open.is_empty() {
-            // A job still queued at GitHub is at rest once the agent gave it up (with a
-            // reason: max_attempts), i.e. neither queues it nor has a VM for it; that it
-            // was given up, not lost, the store says at the end (`check_at_rest`).
+            // A job still queued at GitHub is at rest once the agent took its delivery (a
+            // lost one the agent's sync redelivers) and gave it up (with a reason:
+            // max_attempts), i.e. neither queues it nor has a VM for it; that it was given
+            // up, not lost, the store says at the end (`check_at_rest`).
             let Some(status) = self.status() else { return Err("the agent gives no status".into()) };
+            let taken: BTreeSet<u64> = {
+                let hub = self.hub.lock();
+                let ok = hub.log.iter().filter(|d| (200..300).contains(&d.status_code));
+                ok.filter_map(|d| d.guid.strip_prefix('g')?.split('-').next()?.parse().ok()).collect()
+            };
             let serving: Vec<u64> = open
                 .iter()
                 .copied()
                 .filter(|id| {
-                    status.queued.iter().any(|q| q.job_id == *id) || status.vms.iter().any(|v| v.job_id == *id)
+                    !taken.contains(id)
+                        || status.queued.iter().any(|q| q.job_id == *id)
+                        || status.vms.iter().any(|v| v.job_id == *id)
                 })
                 .collect();
             if !serving.is_empty() {

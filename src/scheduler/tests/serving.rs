@@ -31,6 +31,8 @@ async fn jobs_get_vms_fifo_within_capacity_and_everything_is_cleaned() {
         assert!(xml.contains("name=\"DHCPSERVER\" value=\"198.51.100.1\""), "{xml}");
         let filter = &hv.filters["runnervisor-fence-fixed"];
         assert!(filter.contains("clean-traffic") && filter.contains("dstipaddr=\"169.254.0.0\""), "{filter}");
+        // This host's own addresses (the hypervisor's answer: the fake's) are dropped.
+        assert!(filter.contains("dstipaddr=\"127.0.0.1\" dstipmask=\"32\""), "{filter}");
     }
     h.run_job_on(&vm11, 11);
     let s = h.wait("job 13 gets a VM", |s, _| vm_for(s, 13).is_some()).await;
