@@ -273,7 +273,8 @@ pub struct ReconcileConfig {
     #[serde(default = "defaults::shutdown_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
     /// The longest provisioning may take (image check, credential, volumes, define, start):
-    /// beyond it the VM is torn down, the pool backs off and the job stays queued.
+    /// beyond it the pool backs off and the job stays queued (for another VM); the VM is
+    /// torn down once its hung call returns.
     #[serde(default = "defaults::provision_timeout", deserialize_with = "duration")]
     pub provision_timeout: Duration,
 }

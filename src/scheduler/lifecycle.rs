@@ -113,7 +113,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         };
         let provisioning = matches!(self.work.get(name), Some(Work::Provisioning(_)));
-        if vm.state == VmState::Provisioning && provisioning && reason != Reason::ProvisionTimeout {
+        if vm.state == VmState::Provisioning && provisioning {
             if vm.reap.is_none() {
                 info!(vm = %name, reason = %reason.as_str(), "vm will be torn down once provisioning reports");
                 vm.reap = Some(reason);
@@ -293,12 +293,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             })
             .collect();
         for (name, pool, reason) in expired {
-            if reason == Reason::ProvisionTimeout {
-                self.metrics.provision_failures.get_or_create(&step(&pool, "timeout")).inc();
-                error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "provisioning did not finish in time (reconcile.provision_timeout): tearing it down; the job stays queued");
-                self.bump_backoff(&pool);
+            let waiting = self.book.vms.get(&name).is_some_and(|v| v.reap == Some(Reason::ProvisionTimeout));
+            match reason {
+                // Counted once; the VM goes once its call returns (see `reap`).
+                Reason::ProvisionTimeout if waiting => {}
+                Reason::ProvisionTimeout => {
+                    self.metrics.provision_failures.get_or_create(&step(&pool, "timeout")).inc();
+                    error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "provisioning did not finish in time (reconcile.provision_timeout): the job stays queued; the vm is torn down once its libvirt call returns, holding its place until then (the call may still make its domain)");
+                    self.bump_backoff(&pool);
+                    self.reap(&name, reason);
+                }
+                _ => self.reap(&name, reason),
             }
-            self.reap(&name, reason);
         }
     }
 

@@ -94,7 +94,7 @@ async fn a_panicking_teardown_is_retried() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_provisioning_that_never_reports_is_torn_down_at_its_deadline() {
+async fn a_provisioning_past_its_deadline_fails_its_attempt_and_goes_once_its_call_returns() {
     let mut h = harness_full(
         "",
         |_| {},
@@ -103,15 +103,48 @@ async fn a_provisioning_that_never_reports_is_torn_down_at_its_deadline() {
         None,
     );
     h.deliver(JobAction::Queued, info(631, LABELS, None));
+    // The job gets another VM where the pool has room (2); the hung one holds its place.
     let s = h.wait_advancing("another VM after the deadline", |_, hv| hv.running() == ["rv-small-631-2"]).await;
-    assert!(s.vms.iter().all(|v| v.name != "rv-small-631"), "the hung one is gone: {s:#?}");
+    assert!(s.vms.iter().any(|v| v.name == "rv-small-631" && v.state == "provisioning"), "{s:#?}");
     assert_eq!(s.queued.len(), 1, "the job stays queued: {s:#?}");
     let m = h.metrics.render();
     assert!(m.contains(r#"runnervisor_provision_failures_total{pool="small",step="timeout"} 1"#), "{m}");
-    assert!(m.contains(r#"runnervisor_teardowns_total{reason="provision_timeout"} 1"#), "{m}");
-    // The hung call returns at last: what it would still make is not kept.
+    // The hung call returns at last: the VM it made goes.
     h.hv.lock().release_stalled = true;
-    h.wait("nothing of the hung VM left", |_, hv| !hv.lock().domains.contains_key("rv-small-631")).await;
+    h.wait("nothing of the hung VM left", |s, hv| {
+        !hv.lock().domains.contains_key("rv-small-631") && s.vms.iter().all(|v| v.name != "rv-small-631")
+    })
+    .await;
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_teardowns_total{reason="provision_timeout"} 1"#), "{m}");
+    h.shutdown().await;
+}
+
+/// Past its deadline, a provisioning whose libvirt call is still under way holds its place
+/// (the call may yet make its domain): the job's next VM comes once that VM is torn down,
+/// never beside it (the simulator found a pool one VM over `max_vms` so).
+#[tokio::test(start_paused = true)]
+async fn a_provisioning_past_its_deadline_holds_its_place_until_its_call_returns() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |c| {
+            c.reconcile.provision_timeout = Duration::from_secs(2);
+            c.pools[0].max_vms = 1;
+        },
+        |hv| hv.stall_starts = 1,
+        None,
+    );
+    h.deliver(JobAction::Queued, info(632, LABELS, None));
+    // Past the deadline, short of the second one: the hung VM stays, nothing beside it.
+    let s = h.advance_for(Duration::from_secs(3)).await;
+    let names: Vec<&str> = s.vms.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["rv-small-632"], "{s:#?}");
+    assert!(h.metrics.render().contains(r#"runnervisor_provision_failures_total{pool="small",step="timeout"} 1"#));
+    // The call returns (its domain starts): it is torn down, then the job's next VM comes.
+    h.hv.lock().release_stalled = true;
+    h.wait_advancing("the job's next VM", |_, hv| hv.running() == ["rv-small-632-2"]).await;
+    assert_eq!(h.hv.lock().peak_running, 1, "never two VMs of a pool of one");
     h.shutdown().await;
 }
 
