@@ -180,6 +180,9 @@ struct Sim {
     /// nothing to do, and the longest `idle_timeout` each pool ever had.
     settled_at: Option<Duration>,
     idle_since: BTreeMap<String, Duration>,
+    /// Once healed: since when each job the agent queues has had no VM while its pool had
+    /// room (see `check_waiting`).
+    waiting_since: BTreeMap<u64, Duration>,
     idle_timeouts: BTreeMap<String, Duration>,
 }
 
@@ -334,6 +337,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         t: Duration::ZERO,
         settled_at: None,
         idle_since: BTreeMap::new(),
+        waiting_since: BTreeMap::new(),
         idle_timeouts: BTreeMap::new(),
     };
     for p in &sim.config.pools {
@@ -1157,6 +1161,10 @@ impl Sim {
                 return;
             }
             let now = self.t;
+            self.check_waiting(now);
+            if self.violation.is_some() {
+                return;
+            }
             if self.jobs_ended() != ended {
                 ended = self.jobs_ended();
                 start = now;
@@ -1178,6 +1186,37 @@ impl Sim {
         self.opts.faults = quiet_faults;
         self.note("at rest".into());
         self.check_at_rest();
+    }
+
+    /// Once healed (liveness): a job the agent queues gets a VM within a bound while its
+    /// pool has room (fewer VMs than `max_vms`, the host below `capacity.max_vms`): the
+    /// time a VM may take to fail (a registration or bind timeout), a back-off and a
+    /// libvirt call still hanging from before, and slack.
+    fn check_waiting(&mut self, now: Duration) {
+        let Some(status) = self.status() else { return };
+        let bound = self.config.pools.iter().map(|p| p.registration_timeout + p.bind_timeout).max().unwrap_or_default()
+            + Duration::from_secs(600);
+        let host_room = self.config.capacity.max_vms.is_none_or(|cap| status.vms.len() < cap);
+        let mut waiting = BTreeMap::new();
+        for q in &status.queued {
+            let room = host_room && status.pools.iter().any(|p| p.name == q.pool && !p.retiring && p.vms < p.max_vms);
+            if !room || status.vms.iter().any(|v| v.job_id == q.job_id) {
+                continue;
+            }
+            let since = self.waiting_since.get(&q.job_id).copied().unwrap_or(now);
+            if now - since > bound {
+                let vms: Vec<String> = status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect();
+                return self.violate(format!(
+                    "job {} of pool {} has had no VM for {} while its pool had room (bound {}); the agent's VMs: {vms:?}",
+                    q.job_id,
+                    q.pool,
+                    secs(now - since),
+                    secs(bound)
+                ));
+            }
+            waiting.insert(q.job_id, since);
+        }
+        self.waiting_since = waiting;
     }
 
     /// How many jobs have ended on GitHub (progress while settling).
