@@ -106,8 +106,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.book.jobs.get(&vm.took_job.unwrap_or(vm.job_id)).map(|j| j.received_at)
     }
 
-    /// Tears a VM down for `reason`: now, or once its provisioning reports (unless the
-    /// provisioning is what timed out).
+    /// Tears a VM down for `reason`: now, or once its provisioning reports (a libvirt call
+    /// under way cannot be called back, and may still make its domain).
     pub(super) fn reap(&mut self, name: &str, reason: Reason) {
         let Some(vm) = self.book.vms.get_mut(name) else {
             return;
@@ -141,8 +141,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if let Some(Work::Provisioning(task) | Work::Binding(task) | Work::Watching(task) | Work::Saving(task)) =
             self.work.remove(name)
         {
-            // Its deadline passed (or the VM is gone): what it would still make, the teardown
-            // and the sweep remove.
+            // A binding, watch or save whose deadline passed (or the VM is gone): what it
+            // would still do, the teardown and the sweep undo. (A provisioning under way is
+            // never aborted: `reap` waits for its report.)
             task.abort();
         }
         let early = matches!(reason, Reason::Stopped | Reason::RegistrationTimeout);
@@ -293,13 +294,24 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             })
             .collect();
         for (name, pool, reason) in expired {
-            let waiting = self.book.vms.get(&name).is_some_and(|v| v.reap == Some(Reason::ProvisionTimeout));
-            match reason {
+            let provisioning = self.book.vms.get(&name).is_some_and(|v| v.state == VmState::Provisioning);
+            match self.book.vms.get_mut(&name) {
                 // Counted once; the VM goes once its call returns (see `reap`).
-                Reason::ProvisionTimeout if waiting => {}
-                Reason::ProvisionTimeout => {
+                Some(vm) if provisioning && reason == Reason::ProvisionTimeout => {
+                    if vm.reap == Some(Reason::ProvisionTimeout) {
+                        continue;
+                    }
+                    // Whatever it was to go for before (surplus, say), it timed out.
+                    vm.reap = Some(Reason::ProvisionTimeout);
+                    self.book.touch_vm(&name);
                     self.metrics.provision_failures.get_or_create(&step(&pool, "timeout")).inc();
                     error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "provisioning did not finish in time (reconcile.provision_timeout): the job stays queued; the vm is torn down once its libvirt call returns, holding its place until then (the call may still make its domain)");
+                    self.bump_backoff(&pool);
+                }
+                // A save past its deadline: aborted, its VM torn down (the slot is made again).
+                _ if reason == Reason::ProvisionTimeout => {
+                    self.metrics.provision_failures.get_or_create(&step(&pool, "timeout")).inc();
+                    error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "a snapshot slot's save did not finish in time (reconcile.provision_timeout): tearing it down");
                     self.bump_backoff(&pool);
                     self.reap(&name, reason);
                 }
@@ -400,7 +412,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     pub(super) fn on_provisioned(&mut self, name: String, result: Result<Provisioned, ProvisionError>) {
         if !matches!(self.work.get(&name), Some(Work::Provisioning(_))) {
-            // Its deadline passed and the VM is being torn down already.
+            // The VM is gone already (its record removed by a reload's retired pool, say).
             debug!(vm = %name, ok = result.is_ok(), "late provisioning report ignored");
             return;
         }

@@ -172,7 +172,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 VmState::Provisioning if !self.work.contains_key(&name) => {
                     if domain == Some(DomainState::Running) {
                         info!(vm = %name, "re-adopting a vm whose provisioning finished before the restart");
+                        let reap = self.book.vms[&name].reap;
                         self.transition(&name, Input::Provisioned);
+                        // Doomed before the restart (its provisioning timed out, its job left):
+                        // it goes now, as its report would have had it.
+                        if let Some(reason) = reap {
+                            self.reap(&name, reason);
+                        }
                     } else {
                         self.begin_teardown(&name, Reason::Interrupted);
                     }

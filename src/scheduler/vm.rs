@@ -113,9 +113,9 @@ pub fn expired(vm: &VmRec, pool: &PoolConfig, timers: Timers, now: SystemTime) -
     let age = |t: SystemTime| now.duration_since(t).unwrap_or_default();
     match vm.state {
         VmState::TearingDown => return None,
-        // A provisioning that does not report in time (a hung libvirt or GitHub call)
-        // fails its job's attempt; the VM goes once the call returns (it holds its place
-        // until then: the call may still make its domain).
+        // A provisioning that does not report in time (a hung libvirt call) has failed;
+        // the VM goes once the call returns (it holds its place until then: the call may
+        // still make its domain).
         VmState::Provisioning if age(vm.state_since) >= timers.provision_timeout => {
             return Some(Reason::ProvisionTimeout);
         }

@@ -180,9 +180,10 @@ struct Sim {
     /// nothing to do, and the longest `idle_timeout` each pool ever had.
     settled_at: Option<Duration>,
     idle_since: BTreeMap<String, Duration>,
-    /// Once healed: since when each job the agent queues has had no VM while its pool had
-    /// room (see `check_waiting`).
-    waiting_since: BTreeMap<u64, Duration>,
+    /// Once healed: how long each job the agent queues has had no VM while its pool had
+    /// room, in all (see `check_waiting`), and when that was last looked at.
+    waited: BTreeMap<u64, Duration>,
+    waited_checked: Option<Duration>,
     idle_timeouts: BTreeMap<String, Duration>,
 }
 
@@ -337,7 +338,8 @@ pub fn run_seed(opts: Options) -> Outcome {
         t: Duration::ZERO,
         settled_at: None,
         idle_since: BTreeMap::new(),
-        waiting_since: BTreeMap::new(),
+        waited: BTreeMap::new(),
+        waited_checked: None,
         idle_timeouts: BTreeMap::new(),
     };
     for p in &sim.config.pools {
@@ -1197,26 +1199,34 @@ impl Sim {
         let bound = self.config.pools.iter().map(|p| p.registration_timeout + p.bind_timeout).max().unwrap_or_default()
             + Duration::from_secs(600);
         let host_room = self.config.capacity.max_vms.is_none_or(|cap| status.vms.len() < cap);
-        let mut waiting = BTreeMap::new();
+        let dt = now.saturating_sub(self.waited_checked.unwrap_or(now));
+        self.waited_checked = Some(now);
+        let mut waited = BTreeMap::new();
         for q in &status.queued {
-            let room = host_room && status.pools.iter().any(|p| p.name == q.pool && !p.retiring && p.vms < p.max_vms);
-            if !room || status.vms.iter().any(|v| v.job_id == q.job_id) {
+            // A VM of its own: not going, not running another job.
+            let served = status
+                .vms
+                .iter()
+                .any(|v| v.job_id == q.job_id && v.state != "tearing_down" && v.took_job.is_none_or(|j| j == q.job_id));
+            if served {
                 continue;
             }
-            let since = self.waiting_since.get(&q.job_id).copied().unwrap_or(now);
-            if now - since > bound {
+            let room = host_room && status.pools.iter().any(|p| p.name == q.pool && !p.retiring && p.vms < p.max_vms);
+            let total =
+                self.waited.get(&q.job_id).copied().unwrap_or_default() + if room { dt } else { Duration::ZERO };
+            if total > bound {
                 let vms: Vec<String> = status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect();
                 return self.violate(format!(
                     "job {} of pool {} has had no VM for {} while its pool had room (bound {}); the agent's VMs: {vms:?}",
                     q.job_id,
                     q.pool,
-                    secs(now - since),
+                    secs(total),
                     secs(bound)
                 ));
             }
-            waiting.insert(q.job_id, since);
+            waited.insert(q.job_id, total);
         }
-        self.waiting_since = waiting;
+        self.waited = waited;
     }
 
     /// How many jobs have ended on GitHub (progress while settling).

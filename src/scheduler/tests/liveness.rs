@@ -148,6 +148,34 @@ async fn a_provisioning_past_its_deadline_holds_its_place_until_its_call_returns
     h.shutdown().await;
 }
 
+/// A VM doomed while its provisioning hangs (its job cancelled, then surplus past
+/// `idle_timeout`) whose deadline then passes: the timeout is counted once, not at every
+/// pass (each pass backed the pool off anew).
+#[tokio::test(start_paused = true)]
+async fn a_doomed_provisioning_that_times_out_is_counted_once() {
+    let mut h = harness_full(
+        "",
+        |_| {},
+        |c| {
+            c.reconcile.provision_timeout = Duration::from_secs(10);
+            c.pools[0].idle_timeout = Duration::from_secs(1);
+        },
+        |hv| hv.stall_starts = 1,
+        None,
+    );
+    h.deliver(JobAction::Queued, info(633, LABELS, None));
+    h.wait_advancing("its VM provisioning", |s, _| s.vms.iter().any(|v| v.name == "rv-small-633")).await;
+    let mut done = info(633, LABELS, None);
+    done.conclusion = Some("cancelled".into());
+    h.deliver(JobAction::Completed, done);
+    h.advance_for(Duration::from_secs(40)).await;
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_provision_failures_total{pool=\"small\",step=\"timeout\"} 1\n"), "{m}");
+    h.hv.lock().release_stalled = true;
+    h.wait("the hung VM gone", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    h.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn no_vm_is_made_while_its_record_cannot_be_persisted() {
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
