@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use nix::time::ClockId;
+
 use runnervisor::sim::{Options, run_seed};
 
 struct Args {
@@ -93,17 +95,23 @@ fn main() -> std::process::ExitCode {
     }
     let started = Instant::now();
     // A seed whose agent spins (a task always ready, so the paused clock never moves) would
-    // hang its worker for good: a watchdog names it and fails the run.
-    let running: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    // hang its worker for good: a watchdog names it and fails the run. It measures the
+    // worker's CPU time (a loaded or stopped machine is no spin).
+    let running: Arc<Mutex<Vec<(u64, ClockId, std::time::Duration)>>> = Arc::new(Mutex::new(Vec::new()));
     {
         let running = running.clone();
         std::thread::spawn(move || {
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(1));
-                let stuck = running.lock().unwrap().iter().find(|(_, since)| since.elapsed().as_secs() >= 60).copied();
-                if let Some((seed, _)) = stuck {
+                let stuck = running
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(_, clock, at)| cpu_time(*clock).saturating_sub(*at).as_secs() >= 60)
+                    .map(|(seed, _, _)| *seed);
+                if let Some(seed) = stuck {
                     println!(
-                        "violation: ./scripts/simulate --seed {seed} --steps {} # the agent spins: no virtual time passes (60 s of real time on one seed)",
+                        "violation: ./scripts/simulate --seed {seed} --steps {} # the agent spins: no virtual time passes (60 s of CPU time on one seed)",
                         args.steps
                     );
                     std::process::exit(1);
@@ -124,9 +132,10 @@ fn main() -> std::process::ExitCode {
                     if seed >= end {
                         return;
                     }
-                    running.lock().unwrap().push((seed, Instant::now()));
+                    let clock = this_thread_clock();
+                    running.lock().unwrap().push((seed, clock, cpu_time(clock)));
                     let out = run_seed(Options { seed, steps, faults });
-                    running.lock().unwrap().retain(|(s, _)| *s != seed);
+                    running.lock().unwrap().retain(|(s, _, _)| *s != seed);
                     let mut t = totals.lock().unwrap();
                     t.0 += 1;
                     t.1 += out.steps as u64;
@@ -152,4 +161,18 @@ fn main() -> std::process::ExitCode {
     println!("simulate: {:.0} seeds/min ({:.1} s), {} jobs", t.0 as f64 * 60.0 / secs.max(0.001), secs, t.3);
     println!("simulate: seeds={} steps={} faults={} violations={}", t.0, t.1, t.2, t.4.len());
     if t.4.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+}
+
+/// CPU time spent by the thread whose clock `clock` is.
+fn cpu_time(clock: ClockId) -> std::time::Duration {
+    clock.now().map(std::time::Duration::from).unwrap_or_default()
+}
+
+/// The CPU-time clock of the calling thread.
+fn this_thread_clock() -> ClockId {
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: pthread_self is always valid for the calling thread; `id` is written on success.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) };
+    assert_eq!(rc, 0, "pthread_getcpuclockid");
+    ClockId::from_raw(id)
 }
