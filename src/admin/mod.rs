@@ -237,7 +237,10 @@ pub fn render_status(s: &Status) -> String {
                 vec![
                     v.name.clone(),
                     v.pool.clone(),
-                    v.state.clone(),
+                    match &v.going {
+                        Some(reason) => format!("{} (goes: {reason})", v.state),
+                        None => v.state.clone(),
+                    },
                     warm_column(v),
                     age(v.age_secs),
                     v.took_job.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
@@ -330,6 +333,7 @@ mod tests {
             warm,
             slot: None,
             for_slot: false,
+            going: None,
         };
         let s = Status {
             draining: false,
@@ -355,6 +359,7 @@ mod tests {
                 vm("rv-p-w3", "binding", true),
                 vm("rv-p-w4", "busy", true),
                 vm("rv-p-7", "busy", false),
+                VmStatus { going: Some("provision_timeout".into()), ..vm("rv-p-9", "provisioning", false) },
             ],
             fleet: Some(proto::FleetStatus {
                 host_id: "hv-a".into(),
@@ -376,6 +381,7 @@ mod tests {
             }),
         };
         let text = render_status(&s);
+        assert!(line_of(&text, "rv-p-9").contains("provisioning (goes: provision_timeout)"), "{text}");
         assert!(text.contains("fleet: this member is hv-a, holding 3 job claims"), "{text}");
         assert!(line_of(&text, "hv-a (this)").contains("2/4"), "{text}");
         assert!(line_of(&text, "hv-b").contains("7s ago") && line_of(&text, "hv-b").contains(" 017 "), "{text}");

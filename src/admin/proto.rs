@@ -100,6 +100,10 @@ pub struct VmStatus {
     /// Booted to be saved as the snapshot slot of its name.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub for_slot: bool,
+    /// Torn down for this reason once its provisioning reports (a reason of
+    /// `runnervisor_teardowns_total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub going: Option<String>,
 }
 
 #[cfg(test)]

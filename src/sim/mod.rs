@@ -1203,11 +1203,13 @@ impl Sim {
         self.waited_checked = Some(now);
         let mut waited = BTreeMap::new();
         for q in &status.queued {
-            // A VM of its own: not going, not running another job.
-            let served = status
-                .vms
-                .iter()
-                .any(|v| v.job_id == q.job_id && v.state != "tearing_down" && v.took_job.is_none_or(|j| j == q.job_id));
+            // A VM of its own: not going (now or once provisioned), not running another job.
+            let served = status.vms.iter().any(|v| {
+                v.job_id == q.job_id
+                    && v.state != "tearing_down"
+                    && v.going.is_none()
+                    && v.took_job.is_none_or(|j| j == q.job_id)
+            });
             if served {
                 continue;
             }

@@ -140,6 +140,7 @@ async fn a_provisioning_past_its_deadline_holds_its_place_until_its_call_returns
     let s = h.advance_for(Duration::from_secs(3)).await;
     let names: Vec<&str> = s.vms.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["rv-small-632"], "{s:#?}");
+    assert_eq!(s.vms[0].going.as_deref(), Some("provision_timeout"), "the status says it goes");
     assert!(h.metrics.render().contains(r#"runnervisor_provision_failures_total{pool="small",step="timeout"} 1"#));
     // The call returns (its domain starts): it is torn down, then the job's next VM comes.
     h.hv.lock().release_stalled = true;
