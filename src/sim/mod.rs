@@ -166,6 +166,9 @@ struct Sim {
     killed: BTreeSet<String>,
     /// When each domain was first seen, and its pool.
     domains_seen: BTreeMap<String, (Duration, String)>,
+    /// When the agent made each domain's VM (its metadata's `created`, on the host's clock:
+    /// the VM's lifetime counts from its record, made before its provisioning).
+    domains_created: BTreeMap<String, std::time::SystemTime>,
     hv_up_at: Option<Duration>,
     disk_room_at: Option<Duration>,
     store_room_at: Option<Duration>,
@@ -328,6 +331,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         completions: Vec::new(),
         killed: BTreeSet::new(),
         domains_seen: BTreeMap::new(),
+        domains_created: BTreeMap::new(),
         hv_up_at: None,
         disk_room_at: None,
         store_room_at: None,
@@ -636,7 +640,10 @@ impl Sim {
             }
         }
         for (job, domain, runner) in lost {
-            let age = self.domains_seen.get(&domain).map(|(t, _)| now.saturating_sub(*t)).unwrap_or_default();
+            let seen = self.domains_seen.get(&domain).map(|(t, _)| now.saturating_sub(*t)).unwrap_or_default();
+            let host_now = self.time.host_wall();
+            let made = self.domains_created.get(&domain).and_then(|c| host_now.duration_since(*c).ok());
+            let age = made.unwrap_or(seen).max(seen);
             let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
             let life = self.config.pools.iter().find(|p| p.name == pool).map(|p| p.max_lifetime);
             let by_fault = self.killed.contains(&domain);
@@ -1014,8 +1021,11 @@ impl Sim {
             let pool = match self.domains_seen.get(name) {
                 Some((_, p)) => p.clone(),
                 None => {
-                    let pool =
-                        crate::hypervisor::domain_xml::metadata_of_domain(xml).map(|m| m.pool).unwrap_or_default();
+                    let md = crate::hypervisor::domain_xml::metadata_of_domain(xml);
+                    if let Some(m) = &md {
+                        self.domains_created.insert(name.clone(), m.created);
+                    }
+                    let pool = md.map(|m| m.pool).unwrap_or_default();
                     self.domains_seen.insert(name.clone(), (now, pool.clone()));
                     pool
                 }
