@@ -37,7 +37,12 @@ impl Backoffs {
 
     /// One more failure of `key`: it backs off twice as long as last time; the delay.
     pub fn bump(&mut self, key: &str, now: Instant) -> Duration {
-        let delay = self.0.get(key).map(|(_, d)| (*d * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
+        self.bump_within(key, now, BACKOFF_MIN, BACKOFF_MAX)
+    }
+
+    /// [`Backoffs::bump`] from `min` up to `max`.
+    pub fn bump_within(&mut self, key: &str, now: Instant, min: Duration, max: Duration) -> Duration {
+        let delay = self.0.get(key).map(|(_, d)| (*d * 2).min(max)).unwrap_or(min);
         self.0.insert(key.to_string(), (now + delay, delay));
         delay
     }

@@ -56,11 +56,10 @@ pub struct State {
     pub deliveries_checked: Option<SystemTime>,
     pub runner_group_id: Option<u64>,
     group_pending: bool,
-    /// After a failed resolution: failures in a row, and when to ask again (doubling, 5 s
-    /// to 5 min). Asked again at once, a rate-limited GitHub answered at once and the
-    /// scheduler asked in a tight loop (found by the simulator).
-    group_failures: u32,
-    group_retry_at: Option<tokio::time::Instant>,
+    /// After a failed resolution, when to ask again (doubling, 5 s to 5 min). Asked again
+    /// at once, a rate-limited GitHub answered at once and the scheduler asked in a tight
+    /// loop (found by the simulator).
+    group_retry: super::lifecycle::Backoffs,
     /// Fleet mode: when this member, leading, last pruned the fleet's tables; whether a
     /// batch was left over (then it prunes again at the next sync).
     pruned_at: Option<tokio::time::Instant>,
@@ -373,7 +372,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     pub(super) fn resolve_group(&mut self) {
-        if self.sync.group_pending || self.sync.group_retry_at.is_some_and(|t| tokio::time::Instant::now() < t) {
+        if self.sync.group_pending || self.sync.group_retry.active(GROUP, tokio::time::Instant::now()) {
             return;
         }
         self.sync.group_pending = true;
@@ -398,13 +397,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Ok(id) => {
                 info!(runner_group = %self.config.github.runner_group, runner_group_id = id, "runner group resolved");
                 self.sync.runner_group_id = Some(id);
-                self.sync.group_failures = 0;
-                self.sync.group_retry_at = None;
+                self.sync.group_retry.clear(GROUP);
             }
             Err(e) => {
-                let delay = GROUP_RETRY_FIRST.saturating_mul(1 << self.sync.group_failures.min(6)).min(GROUP_RETRY_MAX);
-                self.sync.group_failures += 1;
-                self.sync.group_retry_at = Some(tokio::time::Instant::now() + delay);
+                let now = tokio::time::Instant::now();
+                let delay = self.sync.group_retry.bump_within(GROUP, now, GROUP_RETRY_FIRST, GROUP_RETRY_MAX);
                 error!(runner_group = %self.config.github.runner_group, error = %e, retry_in_s = delay.as_secs(), "cannot resolve the runner group");
                 let pools: Vec<String> = self.config.pools.iter().map(|p| p.name.clone()).collect();
                 for p in pools {
@@ -414,6 +411,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 }
+
+/// The key of the runner group's back-off.
+const GROUP: &str = "runner group";
 
 /// The first wait before the runner group is asked for again after a failure, and the longest.
 const GROUP_RETRY_FIRST: Duration = Duration::from_secs(5);

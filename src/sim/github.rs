@@ -1,7 +1,7 @@
 //! The simulator's GitHub: jobs, runners, the hook's deliveries and their log, and faults
 //! on its API (5xx, timeouts, rate limits), behind the [`GitHub`] seam the agent uses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -148,10 +148,17 @@ impl Hub {
         })
         .to_string();
         self.next_delivery += 1;
-        let guid = format!("g{}-{}", id, self.next_delivery);
+        let guid = format!("g{id}-{}", self.next_delivery);
         self.bodies.insert(guid.clone(), body.clone());
         let hook = Hook { id: self.next_delivery, guid, action: action.into(), body, redelivery: false };
         self.outbox.push((self.time.now() + delay, hook));
+    }
+
+    /// The jobs a delivery of which the agent took (answered 2xx): their guids are
+    /// `g<job>-<delivery>` ([`Hub::emit`]).
+    pub fn jobs_delivered(&self) -> BTreeSet<u64> {
+        let ok = self.log.iter().filter(|d| (200..300).contains(&d.status_code));
+        ok.filter_map(|d| d.guid.strip_prefix('g')?.split('-').next()?.parse().ok()).collect()
     }
 
     /// Logs a delivery GitHub made (`code`: the agent's answer; 0: none).

@@ -1041,10 +1041,7 @@ impl Sim {
                     .filter(|(d, _)| self.domains_seen.get(d).is_some_and(|(_, p)| p == pool))
                     .map(|(d, _)| d.clone())
                     .collect();
-                let agent: Vec<String> = self
-                    .status()
-                    .map(|s| s.vms.into_iter().map(|v| format!("{} {}", v.name, v.state)).collect())
-                    .unwrap_or_default();
+                let agent: Vec<String> = self.status().map(|s| vm_list(&s)).unwrap_or_default();
                 return self.violate(format!(
                     "pool {pool} has {n} VMs, more than max_vms {cap}: {mine:?}; the agent's: {agent:?}"
                 ));
@@ -1227,7 +1224,7 @@ impl Sim {
             let total =
                 self.waited.get(&q.job_id).copied().unwrap_or_default() + if room { dt } else { Duration::ZERO };
             if total > bound {
-                let vms: Vec<String> = status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect();
+                let vms = vm_list(&status);
                 return self.violate(format!(
                     "job {} of pool {} has had no VM for {} while its pool had room (bound {}); the agent's VMs: {vms:?}",
                     q.job_id,
@@ -1239,6 +1236,14 @@ impl Sim {
             waited.insert(q.job_id, total);
         }
         self.waited = waited;
+    }
+
+    /// The jobs of a pool (not retiring) still queued at GitHub.
+    fn open_jobs(&self) -> Vec<u64> {
+        let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
+        let hub = self.hub.lock();
+        let open = hub.jobs.values().filter(|j| j.status == GStatus::Queued);
+        open.filter(|j| j.pool.as_deref().is_some_and(|p| pools.contains(p))).map(|j| j.id).collect()
     }
 
     /// How many jobs have ended on GitHub (progress while settling).
@@ -1256,25 +1261,15 @@ impl Sim {
                 self.completions.iter().take(3).map(|(t, j)| format!("job {j} at {}", secs(*t))).collect();
             return Err(format!("deliveries {hooks:?} or job ends {done:?} in flight"));
         }
-        let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
-        let open: Vec<u64> = hub
-            .jobs
-            .values()
-            .filter(|j| j.status == GStatus::Queued && j.pool.as_deref().is_some_and(|p| pools.contains(p)))
-            .map(|j| j.id)
-            .collect();
         drop(hub);
+        let open = self.open_jobs();
         if !open.is_empty() {
             // A job still queued at GitHub is at rest once the agent took its delivery (a
             // lost one the agent's sync redelivers) and gave it up (with a reason:
             // max_attempts), i.e. neither queues it nor has a VM for it; that it was given
             // up, not lost, the store says at the end (`check_at_rest`).
             let Some(status) = self.status() else { return Err("the agent gives no status".into()) };
-            let taken: BTreeSet<u64> = {
-                let hub = self.hub.lock();
-                let ok = hub.log.iter().filter(|d| (200..300).contains(&d.status_code));
-                ok.filter_map(|d| d.guid.strip_prefix('g')?.split('-').next()?.parse().ok()).collect()
-            };
+            let taken = self.hub.lock().jobs_delivered();
             let serving: Vec<u64> = open
                 .iter()
                 .copied()
@@ -1288,7 +1283,7 @@ impl Sim {
                 let first: Vec<u64> = serving.iter().take(5).copied().collect();
                 let mut why = format!("{} jobs never served, first {first:?}", serving.len());
                 if detail {
-                    let vms: Vec<String> = status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect();
+                    let vms = vm_list(&status);
                     why.push_str(&format!(
                         "; agent: {} queued, VMs {vms:?}, libvirt connected {} problem {:?}, pools {:?}",
                         status.queued.len(),
@@ -1367,16 +1362,7 @@ impl Sim {
             Err(e) => return self.violate(format!("store: does not reload: {e}")),
         };
         // Every job of a pool still queued at GitHub was given up, with its reason.
-        let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
-        let open: Vec<u64> = self
-            .hub
-            .lock()
-            .jobs
-            .values()
-            .filter(|j| j.status == GStatus::Queued && j.pool.as_deref().is_some_and(|p| pools.contains(p)))
-            .map(|j| j.id)
-            .collect();
-        for id in open {
+        for id in self.open_jobs() {
             match snap.jobs.get(&id).map(|j| &j.state) {
                 Some(crate::model::JobState::Abandoned { .. }) => {}
                 other => return self.violate(format!("job {id}: queued at GitHub, in the store {other:?}")),
@@ -1405,6 +1391,11 @@ impl Sim {
             _ => None,
         }
     }
+}
+
+/// The agent's VMs as its status gives them, `name state` each (for a violation's text).
+fn vm_list(status: &Status) -> Vec<String> {
+    status.vms.iter().map(|v| format!("{} {}", v.name, v.state)).collect()
 }
 
 /// Posts one delivery to the intake as GitHub would; its status code.

@@ -93,15 +93,24 @@ async fn a_panicking_teardown_is_retried() {
     h.shutdown().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_provisioning_past_its_deadline_fails_its_attempt_and_goes_once_its_call_returns() {
-    let mut h = harness_full(
+/// An agent whose first VM start hangs (until `release_stalled`), with `provision_timeout`
+/// and `tweak` applied.
+fn stalled_start(provision_timeout: Duration, tweak: impl FnOnce(&mut Config)) -> H {
+    harness_full(
         "",
         |_| {},
-        |c| c.reconcile.provision_timeout = Duration::from_secs(2),
+        |c| {
+            c.reconcile.provision_timeout = provision_timeout;
+            tweak(c);
+        },
         |hv| hv.stall_starts = 1,
         None,
-    );
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provisioning_past_its_deadline_fails_its_attempt_and_goes_once_its_call_returns() {
+    let mut h = stalled_start(Duration::from_secs(2), |_| {});
     h.deliver(JobAction::Queued, info(631, LABELS, None));
     // The job gets another VM where the pool has room (2); the hung one holds its place.
     let s = h.wait_advancing("another VM after the deadline", |_, hv| hv.running() == ["rv-small-631-2"]).await;
@@ -125,16 +134,7 @@ async fn a_provisioning_past_its_deadline_fails_its_attempt_and_goes_once_its_ca
 /// never beside it (the simulator found a pool one VM over `max_vms` so).
 #[tokio::test(start_paused = true)]
 async fn a_provisioning_past_its_deadline_holds_its_place_until_its_call_returns() {
-    let mut h = harness_full(
-        "",
-        |_| {},
-        |c| {
-            c.reconcile.provision_timeout = Duration::from_secs(2);
-            c.pools[0].max_vms = 1;
-        },
-        |hv| hv.stall_starts = 1,
-        None,
-    );
+    let mut h = stalled_start(Duration::from_secs(2), |c| c.pools[0].max_vms = 1);
     h.deliver(JobAction::Queued, info(632, LABELS, None));
     // Past the deadline, short of the second one: the hung VM stays, nothing beside it.
     let s = h.advance_for(Duration::from_secs(3)).await;
@@ -154,16 +154,7 @@ async fn a_provisioning_past_its_deadline_holds_its_place_until_its_call_returns
 /// pass (each pass backed the pool off anew).
 #[tokio::test(start_paused = true)]
 async fn a_doomed_provisioning_that_times_out_is_counted_once() {
-    let mut h = harness_full(
-        "",
-        |_| {},
-        |c| {
-            c.reconcile.provision_timeout = Duration::from_secs(10);
-            c.pools[0].idle_timeout = Duration::from_secs(1);
-        },
-        |hv| hv.stall_starts = 1,
-        None,
-    );
+    let mut h = stalled_start(Duration::from_secs(10), |c| c.pools[0].idle_timeout = Duration::from_secs(1));
     h.deliver(JobAction::Queued, info(633, LABELS, None));
     h.wait_advancing("its VM provisioning", |s, _| s.vms.iter().any(|v| v.name == "rv-small-633")).await;
     let mut done = info(633, LABELS, None);
