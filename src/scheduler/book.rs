@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::clock::Step;
 use crate::model::{JobRec, JobState, SlotRec, VmRec};
 use crate::store::Batch;
 
@@ -25,6 +26,8 @@ pub struct Book {
     dirty_slots: BTreeSet<String>,
     removed_slots: BTreeSet<String>,
     inbox_done: BTreeSet<u64>,
+    /// Settings to commit (key, value).
+    meta: BTreeMap<String, Vec<u8>>,
     /// Changes made, ever (what the gauges last counted is compared with it).
     changes: u64,
 }
@@ -131,7 +134,7 @@ impl Book {
             slots: self.dirty_slots.iter().filter_map(|n| self.slots.get(n).cloned()).collect(),
             remove_slots: self.removed_slots.iter().cloned().collect(),
             inbox_done: self.inbox_done.iter().copied().collect(),
-            meta: Vec::new(),
+            meta: self.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
 
@@ -150,6 +153,40 @@ impl Book {
         self.dirty_slots.clear();
         self.removed_slots.clear();
         self.inbox_done.clear();
+        self.meta.clear();
+    }
+
+    /// A setting, committed with the next batch.
+    pub fn set_meta(&mut self, key: &str, value: Vec<u8>) {
+        self.changes += 1;
+        self.meta.insert(key.to_string(), value);
+    }
+
+    /// The wall clock was stepped by `step`: every timestamp a timer counts from (the VMs',
+    /// the queued jobs', the slots') moves by it, so that the step ages nothing.
+    pub fn shift(&mut self, step: Step) {
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            let vm = self.vms.get_mut(&name).expect("listed");
+            vm.created_at = step.apply(vm.created_at);
+            vm.state_since = step.apply(vm.state_since);
+            self.touch_vm(&name);
+        }
+        let open: Vec<u64> = self.open.iter().copied().collect();
+        for id in open {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.received_at = step.apply(job.received_at);
+                job.updated_at = step.apply(job.updated_at);
+                self.touch_job(id);
+            }
+        }
+        let slots: Vec<String> = self.slots.keys().cloned().collect();
+        for name in slots {
+            let slot = self.slots.get_mut(&name).expect("listed");
+            slot.saved_at = step.apply(slot.saved_at);
+            self.changes += 1;
+            self.dirty_slots.insert(name);
+        }
     }
 
     /// The pool's jobs that still need a runner, oldest first.

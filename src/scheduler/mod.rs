@@ -44,7 +44,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, Followed, FrameClock, SystemClock};
 use crate::config::Config;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
@@ -85,6 +85,9 @@ struct HvHealth {
     connected_once: bool,
 }
 
+/// The store's key for the frame of its timestamps ([`FrameClock`]).
+const CLOCK_FRAME: &str = "clock_frame";
+
 /// Under a stream of webhooks, the inbox is applied at most this often (see `run`).
 const INBOX_PASS: Duration = Duration::from_millis(5);
 
@@ -111,7 +114,8 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     hv: HvHealth,
     draining: bool,
     stopping: bool,
-    clock: Arc<dyn Clock>,
+    /// Wall time in the frame of the book's timestamps (see [`FrameClock`]).
+    clock: Arc<FrameClock>,
     /// Each VM's milestones (`runnervisor timeline`).
     timeline: timeline::Recorder,
     /// Fleet mode: the claims this member holds.
@@ -134,6 +138,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     ) -> Result<Self, StoreError> {
         let snap = store.load()?;
         let draining = snap.meta.get("draining").is_some_and(|v| v == b"1");
+        // A frame that does not decode is as good as none: the wall clock's is taken.
+        let frame = snap.meta.get(CLOCK_FRAME).and_then(|v| serde_json::from_slice(v).ok());
         let mut scheduler = Scheduler {
             ctx: Ctx { github, hv, config: config.clone(), events: tx, fence_others: Default::default() },
             config,
@@ -152,7 +158,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             hv: HvHealth::default(),
             draining,
             stopping: false,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(FrameClock::new(Arc::new(SystemClock), frame)),
             timeline: timeline::Recorder::default(),
             fleet: None,
         };
@@ -168,12 +174,34 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Reads wall time from `clock` (tests: one that follows tokio's paused clock).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+        self.clock = Arc::new(FrameClock::new(clock, self.clock.frame()));
         self
     }
 
     fn now(&self) -> std::time::SystemTime {
         self.clock.now()
+    }
+
+    /// Keeps the book in the wall clock's frame. After a step of the wall clock, every
+    /// timestamp a timer counts from moves by the step (a step ages no VM, and holds none
+    /// back), and the new frame is committed with them; one made while the agent was down
+    /// is found at its start, against the frame in the store.
+    fn follow_clock(&mut self) {
+        let (frame, step) = match self.clock.follow() {
+            Followed::Same => return,
+            Followed::Taken(frame) => (frame, None),
+            Followed::Stepped(frame, step) => (frame, Some(step)),
+        };
+        if let Some(step) = step {
+            warn!(%step, vms = self.book.vms.len(), "the wall clock was stepped: the VMs' timers keep counting from where they were");
+            self.book.shift(step);
+            self.sweep.shift(step);
+            self.sync.shift(step);
+        }
+        match serde_json::to_vec(&frame) {
+            Ok(v) => self.book.set_meta(CLOCK_FRAME, v),
+            Err(e) => warn!(error = %e, "cannot encode the clock's frame"),
+        }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken, ready: Option<oneshot::Sender<()>>) {
@@ -184,6 +212,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             "scheduler starting"
         );
         self.metrics.draining.set(self.draining as i64);
+        self.follow_clock();
         self.drain_inbox();
         self.start_sweep();
         self.start_github_sync();
@@ -238,6 +267,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     }
                 }
             }
+            self.follow_clock();
             self.reconcile();
             let _ = self.flush();
             // The gauges read the book, mostly: after a tick that changed nothing they stand

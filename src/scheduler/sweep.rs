@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use super::event::{Event, Sweep, spawn_blocking_reporting};
 use super::vm::Input;
 use super::{JOB_RETENTION, Scheduler};
+use crate::clock::Step;
 use crate::github::GitHub;
 use crate::hypervisor::{self, DomainState, HvError, HvEvent, Hypervisor, VmInfo};
 use crate::metrics;
@@ -49,6 +50,12 @@ impl State {
     /// `name` is gone from the hypervisor since `at`, whatever a sweep listed earlier says.
     pub fn torn_down(&mut self, name: &str, at: SystemTime) {
         self.torn_down_at.insert(name.to_string(), at);
+    }
+
+    /// The wall clock was stepped (see `Book::shift`).
+    pub fn shift(&mut self, step: Step) {
+        self.started = step.apply(self.started);
+        self.torn_down_at.values_mut().chain(self.stray_addresses.values_mut()).for_each(|t| *t = step.apply(*t));
     }
 }
 

@@ -10,6 +10,7 @@ use super::Scheduler;
 use super::event::{Event, spawn_reporting};
 use super::provision::Ctx;
 use super::vm::Input;
+use crate::clock::Clock;
 use crate::config::Registration;
 use crate::github::{DeliveryInfo, GhError, GitHub, JobStatus, RunnerInfo};
 use crate::hypervisor::Hypervisor;
@@ -64,12 +65,22 @@ pub struct State {
     /// batch was left over (then it prunes again at the next sync).
     pruned_at: Option<tokio::time::Instant>,
     prune_more: bool,
+    /// How far the wall clock was stepped while the awaited sync ran: when it started
+    /// (read on the clock before the step) moves by it when it reports.
+    stepped: crate::clock::Step,
 }
 
 /// How often the lead prunes the fleet's tables when the last prune left nothing over.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 impl State {
+    /// The wall clock was stepped (see `Book::shift`).
+    pub fn shift(&mut self, step: crate::clock::Step) {
+        if self.running {
+            self.stepped = self.stepped.then(step);
+        }
+    }
+
     fn prune_due(&self, now: tokio::time::Instant) -> bool {
         self.prune_more || self.pruned_at.is_none_or(|t| now.duration_since(t) >= PRUNE_EVERY)
     }
@@ -242,6 +253,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         deliveries_checked: Option<SystemTime>,
     ) {
         self.sync.running = false;
+        // (The delivery log's checkpoint is on GitHub's clock: it does not move.)
+        let started = std::mem::take(&mut self.sync.stepped).apply(started);
         if deliveries_checked.is_some() {
             self.sync.deliveries_checked = deliveries_checked;
         }

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::proto::{Reply, Status};
+use crate::clock::Step;
 use crate::config::Config;
 use crate::hypervisor::fake::FakeHypervisor;
 use crate::hypervisor::{DomainState, HvEvent};
@@ -166,9 +167,10 @@ struct Sim {
     killed: BTreeSet<String>,
     /// When each domain was first seen, and its pool.
     domains_seen: BTreeMap<String, (Duration, String)>,
-    /// When the agent made each domain's VM (its metadata's `created`, on the host's clock:
-    /// the VM's lifetime counts from its record, made before its provisioning).
-    domains_created: BTreeMap<String, std::time::SystemTime>,
+    /// When the agent made each domain's VM, in virtual time (its metadata's `created`, on
+    /// the host's clock as it was when the domain was seen: the VM's lifetime counts from
+    /// its record, made before its provisioning).
+    domains_created: BTreeMap<String, Duration>,
     hv_up_at: Option<Duration>,
     disk_room_at: Option<Duration>,
     store_room_at: Option<Duration>,
@@ -641,8 +643,7 @@ impl Sim {
         }
         for (job, domain, runner) in lost {
             let seen = self.domains_seen.get(&domain).map(|(t, _)| now.saturating_sub(*t)).unwrap_or_default();
-            let host_now = self.time.host_wall();
-            let made = self.domains_created.get(&domain).and_then(|c| host_now.duration_since(*c).ok());
+            let made = self.domains_created.get(&domain).map(|c| now.saturating_sub(*c));
             let age = made.unwrap_or(seen).max(seen);
             let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
             let life = self.config.pools.iter().find(|p| p.name == pool).map(|p| p.max_lifetime);
@@ -947,20 +948,29 @@ impl Sim {
                 format!("the agent dies at its {n}th write from now")
             }
             Fault::ClockStep => {
-                let by = Duration::from_secs(self.rng.u64(60..=3 * 3600));
+                // Forward up to 3 h (a host booted with its RTC behind), or back up to 1 h.
+                let secs_by = |s: u64| s as i64 * 1_000_000_000;
+                let by = match self.rng.u32(0..3) {
+                    0 => Step(-secs_by(self.rng.u64(60..=3600))),
+                    _ => Step(secs_by(self.rng.u64(60..=3 * 3600))),
+                };
+                // A domain's metadata says when its VM was made on the host's clock: those
+                // made before the step are read with the clock as it was.
+                self.see_domains();
                 self.time.step_host_clock(by);
-                // The agent's timers read wall time: every VM alive now, or on its way
-                // (recorded, its domain not defined yet), ages by `by` at once (a known
-                // gap: a running job's VM may pass max_lifetime by it).
-                let alive: Vec<String> = self.fake.lock().domains.keys().cloned().collect();
-                self.killed.extend(alive);
+                // A VM on its way (recorded, its domain not defined yet) may write the time
+                // its record was made before the step into its domain, which the world
+                // reads after: how old it is the world cannot tell, the agent can.
                 if let Some(status) = self.status() {
+                    let fake = self.fake.lock();
                     for v in status.vms {
-                        self.killed.extend(v.slot.clone());
-                        self.killed.insert(v.name);
+                        let domain = v.slot.unwrap_or(v.name);
+                        if !fake.domains.contains_key(&domain) {
+                            self.killed.insert(domain);
+                        }
                     }
                 }
-                format!("host clock stepped forward {}", secs(by))
+                format!("host clock stepped {by}")
             }
             Fault::Reload => return self.reload(),
             Fault::StoreFull => {
@@ -1002,6 +1012,22 @@ impl Sim {
         self.config = config;
     }
 
+    /// Notes the domains not seen before: when, their pool, and when their VM was made.
+    fn see_domains(&mut self) {
+        let now = self.t;
+        let fake = self.fake.lock();
+        for (name, (_, xml)) in &fake.domains {
+            if self.domains_seen.contains_key(name) {
+                continue;
+            }
+            let md = crate::hypervisor::domain_xml::metadata_of_domain(xml);
+            if let Some(m) = &md {
+                self.domains_created.insert(name.clone(), self.time.host_to_virtual(m.created));
+            }
+            self.domains_seen.insert(name.clone(), (now, md.map(|m| m.pool).unwrap_or_default()));
+        }
+    }
+
     /// Invariants after every step.
     fn check_step(&mut self) {
         if let Some(p) = PANICS.with(|p| p.borrow().first().cloned()) {
@@ -1017,19 +1043,9 @@ impl Sim {
             let s = self.fake.lock();
             s.domains.iter().map(|(n, (_, xml))| (n.clone(), xml.clone())).collect()
         };
-        for (name, xml) in &domains {
-            let pool = match self.domains_seen.get(name) {
-                Some((_, p)) => p.clone(),
-                None => {
-                    let md = crate::hypervisor::domain_xml::metadata_of_domain(xml);
-                    if let Some(m) = &md {
-                        self.domains_created.insert(name.clone(), m.created);
-                    }
-                    let pool = md.map(|m| m.pool).unwrap_or_default();
-                    self.domains_seen.insert(name.clone(), (now, pool.clone()));
-                    pool
-                }
-            };
+        self.see_domains();
+        for (name, _) in &domains {
+            let pool = self.domains_seen.get(name).map(|(_, p)| p.clone()).unwrap_or_default();
             *per_pool.entry(pool).or_default() += 1;
         }
         for (pool, n) in &per_pool {

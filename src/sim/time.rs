@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use crate::clock::Step;
+
 /// GitHub's wall clock at the start of every run: the same for every seed.
 pub fn epoch() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
@@ -18,8 +20,8 @@ struct Inner {
     base: Duration,
     /// The current incarnation's start, on its runtime's clock.
     t0: Option<Instant>,
-    /// How far the host's wall clock was stepped (forward).
-    skew: Duration,
+    /// How far the host's wall clock was stepped.
+    skew: Step,
     /// The virtual time last read inside the runtime: what it still is outside, where the
     /// world acts between the runtime's turns (tokio's clock read there is the real one).
     last: Duration,
@@ -31,7 +33,12 @@ pub struct Time(Arc<Mutex<Inner>>);
 
 impl Default for Time {
     fn default() -> Self {
-        Time(Arc::new(Mutex::new(Inner { base: Duration::ZERO, t0: None, skew: Duration::ZERO, last: Duration::ZERO })))
+        Time(Arc::new(Mutex::new(Inner {
+            base: Duration::ZERO,
+            t0: None,
+            skew: Step::default(),
+            last: Duration::ZERO,
+        })))
     }
 }
 
@@ -62,7 +69,13 @@ impl Time {
     /// The host's wall clock (stepped by `skew`).
     pub fn host_wall(&self) -> SystemTime {
         let skew = self.lock().skew;
-        self.wall() + skew
+        skew.apply(self.wall())
+    }
+
+    /// The virtual time at which the host's wall clock, as it is stepped now, said `t`.
+    pub fn host_to_virtual(&self, t: SystemTime) -> Duration {
+        let skew = self.lock().skew;
+        Step(-skew.0).apply(t).duration_since(epoch()).unwrap_or_default()
     }
 
     /// A new incarnation starts (call inside its runtime) after `down` of downtime.
@@ -86,8 +99,9 @@ impl Time {
     }
 
     /// The host's wall clock is stepped forward by `by` (NTP after a long drift).
-    pub fn step_host_clock(&self, by: Duration) {
-        self.lock().skew += by;
+    pub fn step_host_clock(&self, by: Step) {
+        let mut inner = self.lock();
+        inner.skew = inner.skew.then(by);
     }
 }
 
@@ -97,5 +111,10 @@ pub struct HostClock(pub Time);
 impl crate::clock::Clock for HostClock {
     fn now(&self) -> SystemTime {
         self.0.host_wall()
+    }
+
+    /// Virtual time: the host never reboots in a run, and no fault steps this clock.
+    fn uptime(&self) -> Option<crate::clock::Uptime> {
+        Some(crate::clock::Uptime { boot: "sim".into(), since_boot: self.0.now() })
     }
 }

@@ -227,3 +227,44 @@ async fn a_vm_past_its_registration_timeout_whose_runner_took_its_job_unseen_kee
     assert!(deletes >= 3, "asked again while GitHub failed: {deletes}");
     assert!(s.vms.iter().any(|v| v.name == "rv-small-71" && v.state == "busy"), "{s:#?}");
 }
+
+/// A step of the wall clock ages no VM, and holds none back: a running job's VM lives
+/// through a step forward past its `max_lifetime`, goes at its `max_lifetime` after a step
+/// back, and a step made while the agent was down is found at its start.
+#[tokio::test(start_paused = true)]
+async fn a_step_of_the_wall_clock_ages_no_vm_and_holds_none_back() {
+    use crate::clock::Step;
+    const HOUR: i64 = 3_600_000_000_000;
+    let mut h = harness("max_lifetime = \"1h\"");
+    h.deliver(JobAction::Queued, info(61, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    h.deliver(JobAction::InProgress, info(61, LABELS, Some("rv-small-61")));
+    h.wait("busy", |s, _| s.vms.iter().any(|v| v.state == "busy")).await;
+    let busy = |s: &Status| s.vms.iter().any(|v| v.name == "rv-small-61" && v.state == "busy");
+
+    h.clock.step(Step(2 * HOUR));
+    let s = h.advance_for(Duration::from_secs(30)).await;
+    assert!(busy(&s) && h.hv.running().len() == 1, "a step forward of 2 h tore down the job's VM: {s:#?}");
+    assert!(s.vms[0].age_secs < 120, "its age counts from where it was: {s:#?}");
+
+    // Down for a minute, during which the clock is stepped forward again.
+    let clock = h.clock.clone();
+    let (gh, hv, store) = h.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    clock.step(Step(2 * HOUR));
+    let h = restart_on_clock("max_lifetime = \"1h\"", gh, hv, Some(store), clock.clone());
+    let s = h.advance_for(Duration::from_secs(30)).await;
+    assert!(busy(&s) && h.hv.running().len() == 1, "a step while the agent was down tore down the VM: {s:#?}");
+    assert!(s.vms[0].age_secs < 240, "{s:#?}");
+
+    // A step back does not let it outlive its max_lifetime.
+    h.clock.step(Step(-5 * HOUR));
+    tokio::time::sleep(Duration::from_secs(50 * 60)).await;
+    let s = h.status().await;
+    assert!(busy(&s), "gone before its max_lifetime: {s:#?}");
+    h.wait_for("torn down at its max_lifetime", Duration::from_secs(10 * 60), |s, hv| {
+        s.vms.is_empty() && hv.running().is_empty()
+    })
+    .await;
+    assert_eq!(h.metrics.render().lines().filter(|l| l.contains("reason=\"max_lifetime\"")).count(), 1);
+}

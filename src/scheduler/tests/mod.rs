@@ -101,6 +101,23 @@ fn start_member(
     scheduler_store: Arc<dyn SchedulerStore>,
     fleet: Option<claims::Fleet>,
 ) -> H {
+    // Wall time follows tokio's paused clock: every timer runs in virtual time.
+    let clock = Arc::new(crate::clock::TokioClock::new());
+    start_on_clock(cfg, gh, hv, hv_rx, store, scheduler_store, fleet, clock)
+}
+
+/// [`start_member`] on `clock` (one a scheduler before it read, say).
+#[allow(clippy::too_many_arguments)]
+fn start_on_clock(
+    cfg: Arc<Config>,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    hv_rx: Option<UnboundedReceiver<HvEvent>>,
+    store: Arc<Store>,
+    scheduler_store: Arc<dyn SchedulerStore>,
+    fleet: Option<claims::Fleet>,
+    clock: Arc<crate::clock::TokioClock>,
+) -> H {
     let (tx, rx) = mpsc::unbounded_channel();
     if let Some(mut hv_rx) = hv_rx {
         let fwd = tx.clone();
@@ -113,8 +130,6 @@ fn start_member(
     let inbox = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::default());
     let config = cfg.clone();
-    // Wall time follows tokio's paused clock: every timer runs in virtual time.
-    let clock = Arc::new(crate::clock::TokioClock::new());
     let s =
         Scheduler::new(cfg, gh.clone(), hv.clone(), scheduler_store, metrics.clone(), inbox.clone(), tx.clone(), rx)
             .unwrap()
@@ -177,11 +192,22 @@ fn harness_full(
 /// GitHub, hypervisor and store (`None`: a fresh, empty store), with a config of
 /// `extra_pool`; told libvirt is connected.
 fn restart(extra_pool: &str, gh: Arc<FakeGitHub>, hv: Arc<FakeHypervisor>, store: Option<Arc<Store>>) -> H {
+    restart_on_clock(extra_pool, gh, hv, store, Arc::new(crate::clock::TokioClock::new()))
+}
+
+/// [`restart`] on `clock` (the host's, which the scheduler before read).
+fn restart_on_clock(
+    extra_pool: &str,
+    gh: Arc<FakeGitHub>,
+    hv: Arc<FakeHypervisor>,
+    store: Option<Arc<Store>>,
+    clock: Arc<crate::clock::TokioClock>,
+) -> H {
     let dir = crate::test_support::tempdir();
     let mut cfg = (*config(extra_pool, &dir)).clone();
     cfg.pools[0].image = fake_image(&dir);
     let store = store.unwrap_or_else(|| Arc::new(Store::open(&dir).unwrap()));
-    let mut h = start(Arc::new(cfg), gh, hv, None, store);
+    let mut h = start_on_clock(Arc::new(cfg), gh, hv, None, store.clone(), store, None, clock);
     h.dirs.push(dir);
     let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
     h
