@@ -272,9 +272,9 @@ pub struct ReconcileConfig {
     /// On SIGTERM, how long in-flight provisioning steps may take to finish.
     #[serde(default = "defaults::shutdown_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
-    /// The longest provisioning may take (image check, credential, volumes, define, start):
-    /// beyond it the pool backs off and the job stays queued (for another VM); the VM is
-    /// torn down once its hung call returns.
+    /// The longest provisioning may take (image check, credential, volumes, define, start),
+    /// and a snapshot slot's save: beyond it the pool backs off and the job stays queued
+    /// (for another VM); the VM is torn down once its hung call returns.
     #[serde(default = "defaults::provision_timeout", deserialize_with = "duration")]
     pub provision_timeout: Duration,
 }

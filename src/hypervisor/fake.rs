@@ -72,6 +72,8 @@ pub struct FakeState {
     pub stall_starts: u32,
     /// The next N `teardown` calls hang the same way (a slow libvirt).
     pub stall_teardowns: u32,
+    /// The next N `save` calls hang the same way.
+    pub stall_saves: u32,
     /// The next N deliveries hang the same way once the guest has the message.
     pub stall_deliveries: u32,
     pub release_stalled: bool,
@@ -390,6 +392,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn save(&self, vm: &str) -> Result<(), HvError> {
+        self.maybe_stall(|s| &mut s.stall_saves);
         let mut s = self.up()?;
         if !s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running) {
             return Err(missing("save", vm));

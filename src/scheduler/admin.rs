@@ -95,7 +95,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     warm: v.warm,
                     slot: v.slot.clone(),
                     for_slot: v.for_slot,
-                    going: v.reap.filter(|_| v.state == crate::model::VmState::Provisioning).map(|r| r.as_str().into()),
+                    going: v.reap.filter(|_| self.in_call(&v.name)).map(|r| r.as_str().into()),
                 })
                 .collect(),
             fleet: self.fleet.as_ref().map(|f| FleetStatus {

@@ -111,16 +111,24 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.book.jobs.get(&vm.took_job.unwrap_or(vm.job_id)).map(|j| j.received_at)
     }
 
-    /// Tears a VM down for `reason`: now, or once its provisioning reports (a libvirt call
-    /// under way cannot be called back, and may still make its domain).
+    /// Whether the VM's provisioning or save is under way: a libvirt call that cannot be
+    /// called back (it may still make its domain, or its saved state).
+    pub(super) fn in_call(&self, name: &str) -> bool {
+        matches!(
+            (self.book.vms.get(name).map(|v| v.state), self.work.get(name)),
+            (Some(VmState::Provisioning), Some(Work::Provisioning(_))) | (Some(VmState::Saving), Some(Work::Saving(_)))
+        )
+    }
+
+    /// Tears a VM down for `reason`: now, or once its provisioning or save reports.
     pub(super) fn reap(&mut self, name: &str, reason: Reason) {
+        let in_call = self.in_call(name);
         let Some(vm) = self.book.vms.get_mut(name) else {
             return;
         };
-        let provisioning = matches!(self.work.get(name), Some(Work::Provisioning(_)));
-        if vm.state == VmState::Provisioning && provisioning {
+        if in_call {
             if vm.reap.is_none() {
-                info!(vm = %name, reason = %reason.as_str(), "vm will be torn down once provisioning reports");
+                info!(vm = %name, reason = %reason.as_str(), "vm will be torn down once its provisioning or save reports");
                 vm.reap = Some(reason);
                 self.book.touch_vm(name);
             }
@@ -291,34 +299,24 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 let pool = self.config.pool(&v.pool)?;
                 vm::expired(v, pool, timers, now).map(|r| (v.name.clone(), v.pool.clone(), r))
             })
-            // A provisioning a restart cut short has no task to wait for: the first sweep
-            // adopts or removes it, whatever its age.
-            .filter(|(name, _, r)| {
-                *r != Reason::ProvisionTimeout
-                    || matches!(self.work.get(name), Some(Work::Provisioning(_) | Work::Saving(_)))
-            })
+            // A provisioning or save a restart cut short has no call to wait for: the first
+            // sweep adopts or removes it, whatever its age.
+            .filter(|(name, _, r)| *r != Reason::ProvisionTimeout || self.in_call(name))
             .collect();
         for (name, pool, reason) in expired {
-            let provisioning = self.book.vms.get(&name).is_some_and(|v| v.state == VmState::Provisioning);
             match self.book.vms.get_mut(&name) {
                 // Counted once; the VM goes once its call returns (see `reap`).
-                Some(vm) if provisioning && reason == Reason::ProvisionTimeout => {
+                Some(vm) if reason == Reason::ProvisionTimeout => {
                     if vm.reap == Some(Reason::ProvisionTimeout) {
                         continue;
                     }
                     // Whatever it was to go for before (surplus, say), it timed out.
                     vm.reap = Some(Reason::ProvisionTimeout);
+                    let what = if vm.state == VmState::Saving { "a snapshot slot's save" } else { "provisioning" };
                     self.book.touch_vm(&name);
                     self.metrics.provision_failures.get_or_create(&step(&pool, "timeout")).inc();
-                    error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "provisioning did not finish in time (reconcile.provision_timeout): the job stays queued; the vm is torn down once its libvirt call returns, holding its place until then (the call may still make its domain)");
+                    error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "{what} did not finish in time (reconcile.provision_timeout): the vm is torn down once its libvirt call returns, holding its place until then (the call may still make its domain or saved state); a job stays queued");
                     self.bump_backoff(&pool);
-                }
-                // A save past its deadline: aborted, its VM torn down (the slot is made again).
-                _ if reason == Reason::ProvisionTimeout => {
-                    self.metrics.provision_failures.get_or_create(&step(&pool, "timeout")).inc();
-                    error!(vm = %name, pool = %pool, timeout_secs = timers.provision_timeout.as_secs(), "a snapshot slot's save did not finish in time (reconcile.provision_timeout): tearing it down");
-                    self.bump_backoff(&pool);
-                    self.reap(&name, reason);
                 }
                 _ => self.reap(&name, reason),
             }

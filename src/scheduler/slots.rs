@@ -385,6 +385,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.work.remove(&name);
         let Some(vm) = self.book.vms.get(&name).cloned() else { return };
         let made_from = self.slots.making.remove(&name);
+        if let Some(reason) = vm.reap {
+            // Doomed while its save ran (past its deadline, say): saved or not, it goes.
+            info!(vm = %name, reason = %reason.as_str(), saved = result.is_ok(), "the slot's save reported: the vm goes");
+            self.begin_teardown(&name, reason);
+            return;
+        }
         match (result, made_from) {
             (Ok(address), Some(made_from)) => {
                 let took = self.now().duration_since(vm.created_at).unwrap_or_default();

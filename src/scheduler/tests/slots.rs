@@ -397,3 +397,32 @@ async fn a_reload_to_another_vm_shape_while_the_image_is_unreadable_restores_no_
     h.wait_advancing("the job has a VM", |s, _| vm_for(s, 161).is_some()).await;
     h.shutdown().await;
 }
+
+/// A save past its deadline holds its place until its call returns (the call may still
+/// write the saved state), is counted once, and goes then, saved or not; the slot is made
+/// again, and no saved state is left of the hung one.
+#[tokio::test(start_paused = true)]
+async fn a_save_past_its_deadline_holds_its_place_until_its_call_returns() {
+    let h = harness_full(
+        "snapshot_slots = 1",
+        |_| {},
+        |c| c.reconcile.provision_timeout = Duration::from_secs(5),
+        |hv| hv.stall_saves = 1,
+        None,
+    );
+    h.wait_advancing("the slot's save hung", |s, _| s.vms.iter().any(|v| v.name == SLOT && v.state == "saving")).await;
+    let s = h.advance_for(Duration::from_secs(10)).await;
+    let slot_vm = s.vms.iter().find(|v| v.name == SLOT);
+    assert_eq!(slot_vm.and_then(|v| v.going.as_deref()), Some("provision_timeout"), "it waits for its call: {s:#?}");
+    assert!(h.hv.lock().domains.contains_key(SLOT), "not torn down under its save: {s:#?}");
+    let timeouts = r#"runnervisor_provision_failures_total{pool="small",step="timeout"} 1"#;
+    assert!(h.metrics.render().contains(timeouts), "counted once");
+    // The call returns, having saved: that saved state goes, and the slot is made anew.
+    h.hv.lock().release_stalled = true;
+    h.wait_advancing("the hung VM gone", |s, _| s.vms.iter().all(|v| v.name != SLOT || v.going.is_none())).await;
+    let s = h.wait_for("a slot made again", Duration::from_secs(120), |s, _| ready(s) == 1).await;
+    assert_eq!(s.pools[0].slots, 1, "{s:#?}");
+    assert!(h.metrics.render().contains(timeouts), "counted once");
+    assert!(h.metrics.render().contains(r#"runnervisor_teardowns_total{reason="provision_timeout"} 1"#));
+    h.shutdown().await;
+}
