@@ -392,7 +392,9 @@ impl Store {
                 // the next durable commit (every intake commit is one), one fsync saved.
                 txn.set_durability(redb::Durability::None).map_err(dberr)?;
             }
-            {
+            // Only the tables the batch changes are opened (an opened table's root is
+            // written back at commit).
+            if !batch.jobs.is_empty() || !batch.remove_jobs.is_empty() {
                 let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
                 for j in &batch.jobs {
                     jobs.insert(j.info.id, serde_json::to_vec(j)?.as_slice()).map_err(dberr)?;
@@ -400,6 +402,8 @@ impl Store {
                 for id in &batch.remove_jobs {
                     jobs.remove(id).map_err(dberr)?;
                 }
+            }
+            if !batch.vms.is_empty() || !batch.remove_vms.is_empty() {
                 let mut vms = txn.open_table(VMS).map_err(dberr)?;
                 for v in &batch.vms {
                     vms.insert(v.name.as_str(), serde_json::to_vec(v)?.as_slice()).map_err(dberr)?;
@@ -407,6 +411,8 @@ impl Store {
                 for name in &batch.remove_vms {
                     vms.remove(name.as_str()).map_err(dberr)?;
                 }
+            }
+            if !batch.slots.is_empty() || !batch.remove_slots.is_empty() {
                 let mut slots = txn.open_table(SLOTS).map_err(dberr)?;
                 for slot in &batch.slots {
                     slots.insert(slot.name.as_str(), serde_json::to_vec(slot)?.as_slice()).map_err(dberr)?;
@@ -414,10 +420,14 @@ impl Store {
                 for name in &batch.remove_slots {
                     slots.remove(name.as_str()).map_err(dberr)?;
                 }
+            }
+            if !batch.inbox_done.is_empty() {
                 let mut inbox = txn.open_table(INBOX).map_err(dberr)?;
                 for seq in &batch.inbox_done {
                     inbox.remove(seq).map_err(dberr)?;
                 }
+            }
+            if !batch.meta.is_empty() {
                 let mut meta = txn.open_table(META).map_err(dberr)?;
                 for (k, v) in &batch.meta {
                     meta.insert(k.as_str(), v.as_slice()).map_err(dberr)?;
