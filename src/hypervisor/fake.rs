@@ -52,8 +52,10 @@ pub struct FakeState {
     /// The next N saves fail as on a full storage pool.
     pub fail_saves: u32,
     pub restored_total: usize,
-    /// Contents of seed volumes, by VM.
+    /// Contents of seed volumes, by VM (unless `forget_seeds`).
     pub seeds: BTreeMap<String, Vec<u8>>,
+    /// Keeps no copy of seed volumes (the simulator makes thousands and reads none).
+    pub forget_seeds: bool,
     /// While set, every call fails as if libvirtd were away.
     pub unavailable: bool,
     /// While set, the job storage pool is missing.
@@ -249,7 +251,9 @@ impl Hypervisor for FakeHypervisor {
         let name = seed_volume_name(vm);
         let mut s = self.up()?;
         s.volumes.insert(name.clone());
-        s.seeds.insert(vm.to_string(), image.to_vec());
+        if !s.forget_seeds {
+            s.seeds.insert(vm.to_string(), image.to_vec());
+        }
         Ok(PathBuf::from("/fake").join(name))
     }
 

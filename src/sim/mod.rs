@@ -303,6 +303,7 @@ pub fn run_seed(opts: Options) -> Outcome {
     };
     let (tx, _rx) = mpsc::unbounded_channel();
     let fake = Arc::new(FakeHypervisor::new(tx));
+    fake.lock().forget_seeds = true;
     let hv = Arc::new(hv::SimHv::new(fake.clone(), disk.clone()));
     let slow = Arc::new(AtomicU32::new(0));
     let (latency_rng, slow_left) = (std::cell::RefCell::new(Rng::with_seed(opts.seed ^ 0x5eed)), slow.clone());
