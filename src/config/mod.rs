@@ -596,6 +596,19 @@ fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: impl Int
     ConfigError::Invalid { key: key.into(), value: format!("{value:?}"), reason: reason.into() }
 }
 
+impl PoolConfig {
+    /// A retiring pool of this name with the default settings (see [`reload`]): what the
+    /// agent knows of a pool its store has VMs of and its configuration does not.
+    pub fn retiring(name: &str) -> Result<PoolConfig, toml::de::Error> {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), name.into());
+        t.insert("labels".into(), toml::Value::Array(Vec::new()));
+        t.insert("image".into(), "/nonexistent".into());
+        let pool: PoolConfig = toml::Value::Table(t).try_into()?;
+        Ok(PoolConfig { retiring: true, ..pool })
+    }
+}
+
 impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;

@@ -162,6 +162,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             timeline: timeline::Recorder::default(),
             fleet: None,
         };
+        scheduler.retire_unknown_pools();
         scheduler.index_pools();
         Ok(scheduler)
     }

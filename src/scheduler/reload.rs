@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Scheduler;
-use crate::config::{Config, ReloadReport};
+use crate::config::{Config, PoolConfig, ReloadReport};
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
 use crate::metrics::{self, VmStateLabels};
@@ -16,7 +16,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn on_reload(&mut self, new: &Config) -> ReloadReport {
         let reloaded = crate::config::reload(&self.config, new.clone());
         self.install(reloaded.config);
-        // A removed pool's queued jobs are dropped (nothing will serve them here).
+        self.drop_retiring_jobs();
+        reloaded.report
+    }
+
+    /// A removed pool's queued jobs are dropped (nothing will serve them here).
+    fn drop_retiring_jobs(&mut self) {
         let dropped: Vec<(u64, String)> = self
             .book
             .jobs
@@ -31,7 +36,32 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             info!(job_id = id, pool = %pool, "queued job dropped: its pool was removed from the configuration");
             self.book.remove_job(id);
         }
-        reloaded.report
+    }
+
+    /// At start: the store's VMs of a pool the configuration no longer has (removed while
+    /// the agent was stopped, or by a reload it did not live to finish) are a retiring
+    /// pool's, as after a reload that removed it: they finish and go by the default timers
+    /// (the pool's own are not known), its queued jobs are dropped, and it makes none.
+    /// Without it they had no timer at all, and held their places for good.
+    pub(super) fn retire_unknown_pools(&mut self) {
+        let unknown: std::collections::BTreeSet<String> =
+            self.book.vms.values().filter(|v| self.config.pool(&v.pool).is_none()).map(|v| v.pool.clone()).collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let mut config = (*self.config).clone();
+        for name in unknown {
+            let vms = self.book.vms_of(&name).count();
+            match PoolConfig::retiring(&name) {
+                Ok(pool) => {
+                    warn!(pool = %name, vms, "the store has VMs of a pool the configuration does not: they finish (default timers), as after a reload that removed the pool");
+                    config.pools.push(pool);
+                }
+                Err(e) => warn!(pool = %name, vms, error = %e, "cannot retire a pool the configuration does not have"),
+            }
+        }
+        self.install(config);
+        self.drop_retiring_jobs();
     }
 
     fn install(&mut self, config: Config) {

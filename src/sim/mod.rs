@@ -91,6 +91,7 @@ pub enum Fault {
     ClockStep,
     Reload,
     StoreFull,
+    Drain,
 }
 
 const FAULTS: &[Fault] = &[
@@ -110,6 +111,7 @@ const FAULTS: &[Fault] = &[
     Fault::ClockStep,
     Fault::Reload,
     Fault::StoreFull,
+    Fault::Drain,
 ];
 
 /// Pool names drawn so that they collide: prefixes of each other, digits, dashes.
@@ -172,6 +174,8 @@ struct Sim {
     /// its record, made before its provisioning).
     domains_created: BTreeMap<String, Duration>,
     hv_up_at: Option<Duration>,
+    /// When the operator undrains the agent it drained (tried again until it takes).
+    undrain_at: Option<Duration>,
     disk_room_at: Option<Duration>,
     store_room_at: Option<Duration>,
     never_online: u32,
@@ -190,6 +194,13 @@ struct Sim {
     waited: BTreeMap<u64, Duration>,
     waited_checked: Option<Duration>,
     idle_timeouts: BTreeMap<String, Duration>,
+    /// Every pool the run configured, with its labels (a pool a reload adds has a name
+    /// and labels none had).
+    pools_ever: Vec<(String, Vec<String>)>,
+}
+
+fn label_set_of(labels: &[&str]) -> Vec<String> {
+    crate::model::label_set(&labels.iter().map(|l| l.to_string()).collect::<Vec<_>>())
 }
 
 fn secs(d: Duration) -> String {
@@ -336,6 +347,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         domains_seen: BTreeMap::new(),
         domains_created: BTreeMap::new(),
         hv_up_at: None,
+        undrain_at: None,
         disk_room_at: None,
         store_room_at: None,
         never_online: 0,
@@ -348,9 +360,11 @@ pub fn run_seed(opts: Options) -> Outcome {
         waited: BTreeMap::new(),
         waited_checked: None,
         idle_timeouts: BTreeMap::new(),
+        pools_ever: Vec::new(),
     };
     for p in &sim.config.pools {
         sim.idle_timeouts.insert(p.name.clone(), p.idle_timeout);
+        sim.pools_ever.push((p.name.clone(), p.labels.clone()));
     }
     sim.note(format!("world: {}", sim.describe_config()));
     sim.start(Duration::ZERO);
@@ -486,6 +500,9 @@ impl Sim {
         if self.inc.is_none() {
             return;
         }
+        if self.undrain_at.is_some_and(|t| t <= self.t) && self.admin_drain(false) {
+            self.undrain_at = None;
+        }
         let dt = match self.rng.u32(0..100) {
             0..70 => Duration::from_millis(self.rng.u64(0..=500)),
             70..95 => Duration::from_millis(self.rng.u64(500..=5000)),
@@ -581,6 +598,23 @@ impl Sim {
             self.store_room_at = None;
             self.disk.set_full(false);
         }
+    }
+
+    /// `runnervisor drain` (or `undrain`): whether the agent took it (it cannot while its
+    /// store cannot persist it).
+    fn admin_drain(&mut self, on: bool) -> bool {
+        let Some(inc) = &self.inc else { return false };
+        let (tx, rx) = oneshot::channel();
+        if inc.events.send(Event::Admin(AdminCommand::Drain(on), tx)).is_err() {
+            return false;
+        }
+        let ok = matches!(inc.rt.block_on(rx), Ok(Reply::Ok(_)));
+        self.note(format!(
+            "operator: {} → {}",
+            if on { "drain" } else { "undrain" },
+            if ok { "ok" } else { "refused" }
+        ));
+        ok
     }
 
     /// Guests that got their runner command start it; runners whose VM is gone go offline
@@ -974,6 +1008,14 @@ impl Sim {
                 format!("host clock stepped {by}")
             }
             Fault::Reload => return self.reload(),
+            Fault::Drain => {
+                let d = Duration::from_secs(self.rng.u64(10..=1800));
+                if self.undrain_at.is_some() || !self.admin_drain(true) {
+                    return;
+                }
+                self.undrain_at = Some(now + d);
+                format!("the operator drains the agent for {}", secs(d))
+            }
             Fault::StoreFull => {
                 let d = Duration::from_secs(self.rng.u64(1..=120));
                 self.disk.set_full(true);
@@ -984,17 +1026,53 @@ impl Sim {
         self.note(format!("fault: {what}"));
     }
 
-    /// SIGHUP with a changed configuration: a pool's caps, warm count or timers.
+    /// SIGHUP with a changed configuration: a pool's caps, warm count or timers; or a pool
+    /// removed, or one added (under a name and labels no pool of this run had: a removed
+    /// pool's jobs are dropped, and GitHub keeps them queued).
     fn reload(&mut self) {
         let mut config = (*self.config).clone();
-        let i = self.rng.usize(0..config.pools.len());
-        let p = &mut config.pools[i];
-        p.max_vms = self.rng.usize(1..=4);
-        p.warm = self.rng.usize(0..=p.max_vms.min(2));
-        p.idle_timeout = Duration::from_secs(self.rng.u64(20..=300));
-        let what = format!("reload: {} max_vms={} warm={} idle={}", p.name, p.max_vms, p.warm, secs(p.idle_timeout));
+        let unused_labels: Vec<&[&str]> = LABEL_SETS
+            .iter()
+            .copied()
+            .filter(|l| !self.pools_ever.iter().any(|(_, labels)| crate::model::label_set(labels) == label_set_of(l)))
+            .collect();
+        let unused_name = POOL_NAMES.iter().find(|n| !self.pools_ever.iter().any(|(p, _)| p == *n));
+        let what = match self.rng.u8(0..5) {
+            0 if config.pools.len() > 1 => {
+                let gone = config.pools.remove(self.rng.usize(0..config.pools.len()));
+                format!("reload: pool {} removed", gone.name)
+            }
+            1 if config.pools.len() < 3 && !unused_labels.is_empty() && unused_name.is_some() => {
+                let mut p = config.pools[0].clone();
+                p.name = unused_name.expect("checked").to_string();
+                p.labels =
+                    unused_labels[self.rng.usize(0..unused_labels.len())].iter().map(|l| l.to_string()).collect();
+                p.max_vms = self.rng.usize(1..=4);
+                p.warm = if self.rng.bool() { 0 } else { self.rng.usize(0..=p.max_vms.min(2)) };
+                p.snapshot_slots = if self.rng.u8(0..4) == 0 { self.rng.usize(1..=2) } else { 0 };
+                let what = format!(
+                    "reload: pool {} added, labels {:?} max_vms={} warm={}",
+                    p.name, p.labels, p.max_vms, p.warm
+                );
+                config.pools.push(p);
+                what
+            }
+            _ => {
+                let i = self.rng.usize(0..config.pools.len());
+                let p = &mut config.pools[i];
+                p.max_vms = self.rng.usize(1..=4);
+                p.warm = self.rng.usize(0..=p.max_vms.min(2));
+                p.idle_timeout = Duration::from_secs(self.rng.u64(20..=300));
+                format!("reload: {} max_vms={} warm={} idle={}", p.name, p.max_vms, p.warm, secs(p.idle_timeout))
+            }
+        };
         if config.validate().is_err() {
             return;
+        }
+        for p in &config.pools {
+            if !self.pools_ever.iter().any(|(n, _)| n == &p.name) {
+                self.pools_ever.push((p.name.clone(), p.labels.clone()));
+            }
         }
         let config = Arc::new(config);
         let Some(inc) = self.inc.take() else { return };
@@ -1155,6 +1233,9 @@ impl Sim {
             self.fake.send(HvEvent::Reconnected);
         }
         self.hv_up_at = None;
+        if self.undrain_at.take().is_some() && !self.admin_drain(false) {
+            return self.violate("the agent refuses to undrain with its store healthy".into());
+        }
         {
             let mut s = self.fake.lock();
             s.guests_deaf.clear();
@@ -1222,7 +1303,7 @@ impl Sim {
         let Some(status) = self.status() else { return };
         let bound = self.config.pools.iter().map(|p| p.registration_timeout + p.bind_timeout).max().unwrap_or_default()
             + Duration::from_secs(600);
-        let host_room = self.config.capacity.max_vms.is_none_or(|cap| status.vms.len() < cap);
+        let host_room = !status.draining && self.config.capacity.max_vms.is_none_or(|cap| status.vms.len() < cap);
         let dt = now.saturating_sub(self.waited_checked.unwrap_or(now));
         self.waited_checked = Some(now);
         let mut waited = BTreeMap::new();

@@ -65,3 +65,38 @@ async fn a_removed_pool_drains_its_queued_jobs_are_dropped_and_it_goes_with_its_
     assert!(!h.metrics.render().contains("pool=\"small\",state="), "its gauges are gone");
     h.shutdown().await;
 }
+
+/// A pool removed from the configuration while the agent was stopped (or by a reload it
+/// died before finishing): its VMs found in the store at start finish as a removed pool's
+/// do, its queued jobs are dropped, and the host's room they held goes to the pools that
+/// are configured. Before, such a VM had no timer at all and held its place for good (the
+/// simulator: seed 255, a host of one VM that served nothing for hours).
+#[tokio::test(start_paused = true)]
+async fn vms_of_a_pool_the_configuration_no_longer_has_go_and_free_their_room() {
+    let h = harness("");
+    let (gh, hv, store) = h.shutdown().await;
+    let now = h_now();
+    let job = fixtures::job(31, "gone", "octo-org/app", JobState::Queued, 0);
+    let vm = fixtures::vm("rv-gone-30", "gone", 30, VmState::Idle, now);
+    store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
+    hv.define("rv-gone-30", "<domain/>").unwrap();
+    hv.start("rv-gone-30").unwrap();
+
+    let mut h = restart("[capacity]\nmax_vms = 1", gh, hv.clone(), Some(store));
+    let s = h.wait("the gone pool retiring", |s, _| s.pools.iter().any(|p| p.name == "gone" && p.retiring)).await;
+    assert!(s.queued.is_empty(), "its queued job dropped: {s:#?}");
+    h.deliver(JobAction::Queued, info(32, LABELS, None));
+    // Surplus once the default idle_timeout (20 s) passes: it goes, the job gets its room.
+    let s = h
+        .wait_for("the configured pool's VM", Duration::from_secs(120), |s, hv| {
+            vm_for(s, 32).is_some() && !hv.lock().domains.contains_key("rv-gone-30")
+        })
+        .await;
+    assert!(s.pools.iter().all(|p| p.name != "gone"), "forgotten with its last VM: {s:#?}");
+    h.shutdown().await;
+}
+
+/// Wall time as the harness's clock reads it.
+fn h_now() -> SystemTime {
+    crate::clock::TokioClock::new().now()
+}
