@@ -12,7 +12,8 @@ use crate::secret::Secret;
 use super::time::Time;
 
 pub const ORG: &str = "octo-org";
-pub const REPO: &str = "octo-org/app";
+/// The organization's repositories jobs come from.
+pub const REPOS: &[&str] = &["octo-org/app", "octo-org/lib", "octo-org/web"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
@@ -27,6 +28,7 @@ pub struct Job {
     pub run_id: u64,
     pub run_attempt: u32,
     pub labels: Vec<String>,
+    pub repository: String,
     /// The pool whose label set the job's equals when it was queued (`None`: no pool's).
     pub pool: Option<String>,
     pub status: Status,
@@ -124,7 +126,7 @@ impl Hub {
             name: "build".into(),
             workflow_name: "ci".into(),
             labels: j.labels.clone(),
-            repository: REPO.into(),
+            repository: j.repository.clone(),
             html_url: String::new(),
             runner_name: j.runner.clone(),
             conclusion: match &j.status {

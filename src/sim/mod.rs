@@ -156,6 +156,8 @@ struct Sim {
     /// Per pool: the most VMs it may have now (a reload that lowers `max_vms` lowers it
     /// once the pool is within the new cap).
     caps: BTreeMap<String, usize>,
+    /// The highest `max_vms_per_repository` each pool that has one ever had.
+    repo_caps: BTreeMap<String, usize>,
     inc: Option<Incarnation>,
     trace: Vec<String>,
     faults: u32,
@@ -232,12 +234,16 @@ fn draw_config(rng: &mut Rng, image: &std::path::Path) -> Config {
             let max_vms = rng.usize(1..=4);
             let warm = if rng.bool() { 0 } else { rng.usize(0..=max_vms.min(2)) };
             let slots = if rng.u8(0..4) == 0 { rng.usize(1..=2) } else { 0 };
+            let per_repo = match rng.u8(0..3) {
+                0 => format!("max_vms_per_repository = {}\n", rng.usize(1..=max_vms)),
+                _ => String::new(),
+            };
             let labels: Vec<String> = sets[i].iter().map(|l| format!("\"{l}\"")).collect();
             text.push_str(&format!(
                 "[[pool]]\nname = \"{}\"\nlabels = [{}]\nimage = \"{}\"\nmax_vms = {max_vms}\nwarm = {warm}\n\
                  snapshot_slots = {slots}\nregistration = \"{}\"\nidle_timeout = \"{}s\"\n\
                  registration_timeout = \"{}s\"\nmax_lifetime = \"{}m\"\nmax_attempts = {}\nwarm_max_age = \"{}m\"\n\
-                 bind_timeout = \"{}s\"\n",
+                 bind_timeout = \"{}s\"\n{per_repo}",
                 names[i],
                 labels.join(", "),
                 image.display(),
@@ -324,6 +330,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         if slow { Duration::from_secs(r.u64(20..=300)) } else { Duration::from_millis(r.u64(0..=30)) }
     })));
     let caps = config.pools.iter().map(|p| (p.name.clone(), p.max_vms)).collect();
+    let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
     let mut sim = Sim {
         rng,
         opts,
@@ -335,6 +342,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         config: Arc::new(config),
 
         caps,
+        repo_caps,
         inc: None,
         trace: Vec::new(),
         faults: 0,
@@ -811,11 +819,13 @@ impl Sim {
                 .iter()
                 .find(|p| !p.retiring && crate::model::label_set(&p.labels) == set)
                 .map(|p| p.name.clone());
+            let repository = github::REPOS[self.rng.usize(0..github::REPOS.len())].to_string();
             let id = self.queue_job(github::Job {
                 id: 0,
                 run_id: 0,
                 run_attempt: 1,
                 labels,
+                repository,
                 pool: pool.clone(),
                 status: GStatus::Queued,
                 queued_at: now,
@@ -1048,6 +1058,7 @@ impl Sim {
                 p.labels =
                     unused_labels[self.rng.usize(0..unused_labels.len())].iter().map(|l| l.to_string()).collect();
                 p.max_vms = self.rng.usize(1..=4);
+                p.max_vms_per_repository = p.max_vms_per_repository.map(|n| n.min(p.max_vms));
                 p.warm = if self.rng.bool() { 0 } else { self.rng.usize(0..=p.max_vms.min(2)) };
                 p.snapshot_slots = if self.rng.u8(0..4) == 0 { self.rng.usize(1..=2) } else { 0 };
                 let what = format!(
@@ -1061,6 +1072,7 @@ impl Sim {
                 let i = self.rng.usize(0..config.pools.len());
                 let p = &mut config.pools[i];
                 p.max_vms = self.rng.usize(1..=4);
+                p.max_vms_per_repository = p.max_vms_per_repository.map(|n| n.min(p.max_vms));
                 p.warm = self.rng.usize(0..=p.max_vms.min(2));
                 p.idle_timeout = Duration::from_secs(self.rng.u64(20..=300));
                 format!("reload: {} max_vms={} warm={} idle={}", p.name, p.max_vms, p.warm, secs(p.idle_timeout))
@@ -1085,6 +1097,10 @@ impl Sim {
         for p in &config.pools {
             let cap = self.caps.entry(p.name.clone()).or_insert(p.max_vms);
             *cap = (*cap).max(p.max_vms);
+            if let Some(n) = p.max_vms_per_repository {
+                let cap = self.repo_caps.entry(p.name.clone()).or_insert(n);
+                *cap = (*cap).max(n);
+            }
             let idle = self.idle_timeouts.entry(p.name.clone()).or_insert(p.idle_timeout);
             *idle = (*idle).max(p.idle_timeout);
         }
@@ -1140,6 +1156,26 @@ impl Sim {
                 return self.violate(format!(
                     "pool {pool} has {n} VMs, more than max_vms {cap}: {mine:?}; the agent's: {agent:?}"
                 ));
+            }
+        }
+        // No repository has more VMs of a pool than its max_vms_per_repository (the
+        // highest it had: a reload lowering it lets those over it finish).
+        if !self.repo_caps.is_empty()
+            && let Some(status) = self.status()
+        {
+            let mut by_repo: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+            for v in &status.vms {
+                if let Some(repo) = repo_of(v) {
+                    by_repo.entry((v.pool.as_str(), repo.as_str())).or_default().push(v.name.as_str());
+                }
+            }
+            for ((pool, repo), vms) in by_repo {
+                if let Some(cap) = self.repo_caps.get(pool).filter(|cap| vms.len() > **cap) {
+                    return self.violate(format!(
+                        "pool {pool} has {} VMs for {repo}, more than max_vms_per_repository {cap}: {vms:?}",
+                        vms.len()
+                    ));
+                }
             }
         }
         // After a reload lowered a pool's cap, VMs the agent had on their way (a start that
@@ -1318,7 +1354,12 @@ impl Sim {
             if served {
                 continue;
             }
-            let room = host_room && status.pools.iter().any(|p| p.name == q.pool && !p.retiring && p.vms < p.max_vms);
+            let per_repo = self.config.pool(&q.pool).and_then(|p| p.max_vms_per_repository);
+            let repo_vms =
+                || status.vms.iter().filter(|v| v.pool == q.pool && repo_of(v) == Some(&q.repository)).count();
+            let room = host_room
+                && status.pools.iter().any(|p| p.name == q.pool && !p.retiring && p.vms < p.max_vms)
+                && per_repo.is_none_or(|cap| repo_vms() < cap);
             let total =
                 self.waited.get(&q.job_id).copied().unwrap_or_default() + if room { dt } else { Duration::ZERO };
             if total > bound {
@@ -1489,6 +1530,12 @@ impl Sim {
             _ => None,
         }
     }
+}
+
+/// The repository a VM of the status counts for in its pool's `max_vms_per_repository` (an
+/// unbound warm VM and a slot's VM count for none).
+fn repo_of(v: &crate::admin::proto::VmStatus) -> Option<&String> {
+    (!v.for_slot && !v.repository.is_empty()).then_some(&v.repository)
 }
 
 /// The agent's VMs as its status gives them, `name state` each (for a violation's text).
