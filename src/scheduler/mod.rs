@@ -198,6 +198,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.book.shift(step);
             self.sweep.shift(step);
             self.sync.shift(step);
+            self.intake.last_webhook = self.intake.last_webhook.map(|t| step.apply(t));
         }
         match serde_json::to_vec(&frame) {
             Ok(v) => self.book.set_meta(CLOCK_FRAME, v),

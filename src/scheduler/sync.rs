@@ -23,7 +23,7 @@ const NOT_FOUND: &str = "not_found";
 
 /// Without a hook's delivery log, jobs are still checked one by one while webhooks flow,
 /// but only those without news for this long (one missed webhook among many is invisible).
-const UNHOOKED_RECHECK: Duration = Duration::from_secs(15 * 60);
+pub const UNHOOKED_RECHECK: Duration = Duration::from_secs(15 * 60);
 /// With a hook: jobs without news for this long are checked all the same, at a low rate
 /// (what the delivery log could not show: a delivery GitHub never made, a log read short).
 const HOOKED_RECHECK: Duration = Duration::from_secs(60 * 60);

@@ -12,6 +12,8 @@ use crate::secret::Secret;
 use super::time::Time;
 
 pub const ORG: &str = "octo-org";
+/// The enterprise the organization belongs to.
+pub const ENTERPRISE: &str = "octo-ent";
 /// The organization's repositories jobs come from.
 pub const REPOS: &[&str] = &["octo-org/app", "octo-org/lib", "octo-org/web"];
 
@@ -88,10 +90,12 @@ pub struct Hub {
     pub api_timeout: Duration,
     pub calls: u64,
     pub time: Time,
+    /// The agent's (`github` in its config): a repository's runners take only its jobs.
+    pub scope: crate::config::Scope,
 }
 
 impl Hub {
-    pub fn new(time: Time, api_timeout: Duration) -> Hub {
+    pub fn new(time: Time, api_timeout: Duration, scope: crate::config::Scope) -> Hub {
         Hub {
             jobs: BTreeMap::new(),
             runners: BTreeMap::new(),
@@ -105,7 +109,13 @@ impl Hub {
             api_timeout,
             calls: 0,
             time,
+            scope,
         }
+    }
+
+    /// Whether the agent's runners may take `job`, and its deliveries are the agent's.
+    pub fn in_scope(&self, job: &Job) -> bool {
+        self.scope.admits(&job.repository, Some(ENTERPRISE))
     }
 
     pub fn runner_named(&self, name: &str) -> Option<&Runner> {
@@ -147,6 +157,7 @@ impl Hub {
                 "html_url": info.html_url, "runner_name": info.runner_name, "conclusion": info.conclusion,
             },
             "repository": {"full_name": info.repository},
+            "enterprise": {"slug": ENTERPRISE},
         })
         .to_string();
         self.next_delivery += 1;
@@ -315,9 +326,10 @@ impl GitHub for SimGitHub {
         }))
     }
 
-    async fn queued_jobs(&self, _repo: &str) -> Result<Vec<JobInfo>, GhError> {
+    async fn queued_jobs(&self, repo: &str) -> Result<Vec<JobInfo>, GhError> {
         let hub = self.enter("runs?status=queued").await?;
-        let ids: Vec<u64> = hub.jobs.values().filter(|j| j.status == Status::Queued).map(|j| j.id).collect();
+        let ids: Vec<u64> =
+            hub.jobs.values().filter(|j| j.status == Status::Queued && j.repository == repo).map(|j| j.id).collect();
         Ok(ids.into_iter().map(|id| hub.info(id)).collect())
     }
 

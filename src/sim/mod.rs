@@ -217,12 +217,18 @@ fn draw_config(rng: &mut Rng, image: &std::path::Path) -> Config {
         rng.shuffle(&mut names);
         let mut sets: Vec<&[&str]> = LABEL_SETS.to_vec();
         rng.shuffle(&mut sets);
+        // Mostly an organization; a repository (whose queued jobs are also polled), or an
+        // enterprise (no hook: its delivery log is not read).
+        let scope = match rng.u8(0..5) {
+            0 => format!("repository = \"{}\"\nhook = {{ type = \"repository\", id = 1 }}", github::REPOS[0]),
+            1 => format!("enterprise = \"{}\"", github::ENTERPRISE),
+            _ => format!("organization = \"{}\"\nhook = {{ type = \"organization\", id = 1 }}", github::ORG),
+        };
         let mut text = format!(
             "state_dir = \"/nonexistent/runnervisor-sim\"\n[server]\nlisten = \"127.0.0.1:0\"\n\
-             [github]\norganization = \"{}\"\nauth = {{ type = \"pat\", token = {{ file = \"/nonexistent\" }} }}\n\
-             webhook_secret = {{ file = \"/nonexistent\" }}\nhook = {{ type = \"organization\", id = 1 }}\n\
+             [github]\n{scope}\nauth = {{ type = \"pat\", token = {{ file = \"/nonexistent\" }} }}\n\
+             webhook_secret = {{ file = \"/nonexistent\" }}\n\
              [reconcile]\nsweep_interval = \"{}s\"\ngithub_interval = \"{}s\"\nstop_grace = \"{}s\"\n",
-            github::ORG,
             rng.u32(5..=60),
             rng.u32(15..=120),
             rng.u32(5..=60),
@@ -315,7 +321,7 @@ pub fn run_seed(opts: Options) -> Outcome {
     let time = Time::default();
     let disk = disk::Disk::default();
     let hub = SimGitHub {
-        hub: Arc::new(std::sync::Mutex::new(Hub::new(time.clone(), config.github.api_timeout))),
+        hub: Arc::new(std::sync::Mutex::new(Hub::new(time.clone(), config.github.api_timeout, config.github.scope()))),
         disk: disk.clone(),
     };
     let (tx, _rx) = mpsc::unbounded_channel();
@@ -422,7 +428,12 @@ impl Sim {
                 )
             })
             .collect();
-        format!("capacity={:?} pools=[{}]", self.config.capacity.max_vms, pools.join("; "))
+        format!(
+            "scope={:?} capacity={:?} pools=[{}]",
+            self.config.github.scope(),
+            self.config.capacity.max_vms,
+            pools.join("; ")
+        )
     }
 
     fn violate(&mut self, what: String) {
@@ -718,6 +729,7 @@ impl Sim {
                     .jobs
                     .values()
                     .filter(|j| j.status == GStatus::Queued)
+                    .filter(|j| hub.in_scope(j))
                     .filter(|j| crate::model::label_set(&j.labels).iter().all(|l| labels.contains(l)))
                     .min_by_key(|j| (j.queued_at, j.id))
                     .map(|j| j.id);
@@ -1222,8 +1234,16 @@ impl Sim {
     /// labels cover: GitHub would give it one) is surplus, and goes within its pool's
     /// `idle_timeout` and the time the agent needs to see it (a GitHub sync, a sweep).
     fn check_surplus(&mut self, now: Duration, settled: Duration) {
-        let slack =
-            self.config.reconcile.github_interval * 2 + self.config.reconcile.sweep_interval + Duration::from_secs(60);
+        // Without a hook a job whose `completed` delivery was lost is asked about once it
+        // has had no news for 15 minutes while webhooks flow (`sync::refresh_after`).
+        let unhooked = match self.config.github.hook {
+            Some(_) => Duration::ZERO,
+            None => crate::scheduler::sync::UNHOOKED_RECHECK,
+        };
+        let slack = self.config.reconcile.github_interval * 2
+            + unhooked
+            + self.config.reconcile.sweep_interval
+            + Duration::from_secs(60);
         let idle: Vec<(String, String)> = {
             let hub = self.hub.lock();
             hub.runners
@@ -1239,8 +1259,13 @@ impl Sim {
             let timeout = self.idle_timeouts.get(&pool).copied().unwrap_or_default();
             let waited = now.saturating_sub(since.max(settled));
             if waited > timeout + slack {
+                let status = self.status();
+                let queued: Vec<u64> =
+                    status.iter().flat_map(|s| &s.queued).filter(|q| q.pool == pool).map(|q| q.job_id).collect();
+                let libvirt = status.as_ref().map(|s| (s.libvirt_connected, s.hypervisor_problem.clone()));
+                let agent = status.and_then(|s| s.vms.into_iter().find(|v| v.name == name));
                 return self.violate(format!(
-                    "surplus runner {name} (pool {pool}) idle for {} once healed: idle_timeout {} (and {} to see it)",
+                    "surplus runner {name} (pool {pool}) idle for {} once healed: idle_timeout {} (and {} to see it); the agent's VM: {agent:?}, the pool's jobs it queues: {queued:?}, libvirt connected {libvirt:?}",
                     secs(waited),
                     secs(timeout),
                     secs(slack)
@@ -1381,8 +1406,11 @@ impl Sim {
     fn open_jobs(&self) -> Vec<u64> {
         let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
         let hub = self.hub.lock();
-        let open = hub.jobs.values().filter(|j| j.status == GStatus::Queued);
-        open.filter(|j| j.pool.as_deref().is_some_and(|p| pools.contains(p))).map(|j| j.id).collect()
+        // Without a hook nothing reads the delivery log: a job whose deliveries all failed
+        // never reaches the agent (GitHub does not retry them on its own).
+        let unheard = |j: &&github::Job| self.config.github.hook.is_none() && !hub.jobs_delivered().contains(&j.id);
+        let open = hub.jobs.values().filter(|j| j.status == GStatus::Queued && hub.in_scope(j));
+        open.filter(|j| j.pool.as_deref().is_some_and(|p| pools.contains(p)) && !unheard(j)).map(|j| j.id).collect()
     }
 
     /// How many jobs have ended on GitHub (progress while settling).
