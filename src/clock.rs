@@ -8,7 +8,8 @@
 //! operator's `date -s`), and a step must age no VM. [`FrameClock`] gives the scheduler
 //! wall time that only the host's monotonic clock moves (its *frame*), and tells it when
 //! the wall clock was stepped away from it: the scheduler then moves its timestamps by the
-//! step and takes the wall clock's frame again (see ARCHITECTURE.md, "Time").
+//! step and takes the wall clock's frame again (see `clock.rs` in ARCHITECTURE.md's code
+//! map).
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};

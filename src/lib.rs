@@ -260,7 +260,9 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
         tx.clone(),
         rx,
     )?
-    .with_clock(clock.clone());
+    .with_clock(clock);
+    // The intake stamps deliveries in the scheduler's frame (see `clock::FrameClock`).
+    let clock = scheduler.clock();
     // Fleet mode: the room for new jobs the scheduler leaves its intake to claim on write.
     let reserve = Arc::new(fleet::intake::Reserve::default());
     if let Some(m) = &deps.fleet {

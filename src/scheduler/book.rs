@@ -3,6 +3,7 @@
 //! runners). Owned by the scheduler task alone.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
 
 use crate::clock::Step;
 use crate::model::{JobRec, JobState, SlotRec, VmRec};
@@ -162,28 +163,40 @@ impl Book {
         self.meta.insert(key.to_string(), value);
     }
 
-    /// The wall clock was stepped by `step`: every timestamp a timer counts from (the VMs',
-    /// the queued jobs', the slots') moves by it, so that the step ages nothing.
+    /// The wall clock was stepped by `step`: every timestamp of the book (the VMs', the
+    /// jobs', the slots') moves by it, so that the step ages nothing and holds nothing back.
     pub fn shift(&mut self, step: Step) {
+        self.retime(|t| step.apply(t));
+    }
+
+    /// After a reboot, nothing to measure a step against: no timestamp stays later than
+    /// `now` (one of the last boot's, on a clock set wrong then, would hold timers back).
+    pub fn clamp(&mut self, now: SystemTime) {
+        let later = |t: &SystemTime| *t > now;
+        let vms = self.vms.values().any(|v| later(&v.created_at) || later(&v.state_since));
+        let jobs = self.jobs.values().any(|j| later(&j.received_at) || later(&j.updated_at));
+        if vms || jobs || self.slots.values().any(|s| later(&s.saved_at)) {
+            self.retime(|t| t.min(now));
+        }
+    }
+
+    fn retime(&mut self, f: impl Fn(SystemTime) -> SystemTime) {
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let vm = self.vms.get_mut(&name).expect("listed");
-            vm.created_at = step.apply(vm.created_at);
-            vm.state_since = step.apply(vm.state_since);
+            (vm.created_at, vm.state_since) = (f(vm.created_at), f(vm.state_since));
             self.touch_vm(&name);
         }
-        let open: Vec<u64> = self.open.iter().copied().collect();
-        for id in open {
-            if let Some(job) = self.jobs.get_mut(&id) {
-                job.received_at = step.apply(job.received_at);
-                job.updated_at = step.apply(job.updated_at);
-                self.touch_job(id);
-            }
+        let ids: Vec<u64> = self.jobs.keys().copied().collect();
+        for id in ids {
+            let job = self.jobs.get_mut(&id).expect("listed");
+            (job.received_at, job.updated_at) = (f(job.received_at), f(job.updated_at));
+            self.touch_job(id);
         }
         let slots: Vec<String> = self.slots.keys().cloned().collect();
         for name in slots {
             let slot = self.slots.get_mut(&name).expect("listed");
-            slot.saved_at = step.apply(slot.saved_at);
+            slot.saved_at = f(slot.saved_at);
             self.changes += 1;
             self.dirty_slots.insert(name);
         }
@@ -222,6 +235,39 @@ mod tests {
     use crate::model::{JobState, VmState};
     use crate::scheduler::fixtures::{job, vm};
 
+    /// A step moves every timestamp of the book by it, and commits them; after a reboot
+    /// none stays later than now.
+    #[test]
+    fn a_step_moves_every_timestamp_and_a_reboot_clamps_the_future() {
+        use std::time::Duration;
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let jobs = [
+            job(1, "a", "o/r", JobState::Queued, 100),
+            job(2, "a", "o/r", JobState::InProgress { runner: Some("rv-a-2".into()) }, 200),
+            job(3, "a", "o/r", JobState::Completed { conclusion: None }, 300),
+        ];
+        let vms = [vm("rv-a-1", "a", 1, VmState::Busy, t(150))];
+        let mut book = Book::new(
+            jobs.into_iter().map(|j| (j.info.id, j)).collect(),
+            vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
+        );
+        book.committed();
+        book.shift(Step(-50 * 1_000_000_000));
+        assert_eq!(book.vms["rv-a-1"].created_at, t(100));
+        assert_eq!(book.vms["rv-a-1"].state_since, t(100));
+        let received: Vec<SystemTime> = book.jobs.values().map(|j| j.received_at).collect();
+        assert_eq!(received, [t(50), t(150), t(250)], "every job, running and finished too");
+        let batch = book.batch();
+        assert_eq!((batch.jobs.len(), batch.vms.len()), (3, 1), "all of it committed");
+        book.committed();
+        book.clamp(t(120));
+        assert_eq!(book.jobs.values().map(|j| j.received_at).collect::<Vec<_>>(), [t(50), t(120), t(120)]);
+        assert_eq!(book.vms["rv-a-1"].created_at, t(100), "earlier times stay");
+        book.committed();
+        book.clamp(t(1000));
+        assert!(book.batch().is_empty(), "nothing later than now: nothing written");
+    }
+
     #[test]
     fn unserved_oldest_first_and_commits_carry_changes_once() {
         let jobs = [
@@ -237,7 +283,7 @@ mod tests {
         book.touch_job(3);
         book.remove_job(4);
         book.applied(7);
-        let now = std::time::SystemTime::now();
+        let now = SystemTime::now();
         book.insert_vm(vm("rv-a-3", "a", 3, VmState::Provisioning, now));
         book.insert_vm(vm("rv-a-9", "a", 9, VmState::Provisioning, now));
         book.forget_vm("rv-a-9");

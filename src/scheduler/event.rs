@@ -62,8 +62,9 @@ pub enum Event {
     /// What the periodic sweep found (boxed: the largest event by far).
     Swept(Box<Sweep>),
     GitHubSynced {
-        /// When the runner list was requested: VMs made later cannot be in it.
-        started: SystemTime,
+        /// When the runner list was requested (on the monotonic clock): VMs made later
+        /// cannot be in it.
+        started: tokio::time::Instant,
         runners: Result<Vec<RunnerInfo>, GhError>,
         jobs: Vec<(u64, JobStatus)>,
         found: Vec<JobEvent>,

@@ -269,6 +269,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if let Some(vm) = self.book.remove_vm(&name) {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
                 self.timeline.gone(&vm, now);
+                if vm.runner_id.is_none() && !vm.runner_done && !vm.for_slot {
+                    // Registered by its guest (a registration token), its runner may show
+                    // up after the teardown looked for it.
+                    self.sync.watch_late_runner(&name, Instant::now());
+                }
                 // Its domain was the slot's: a listing from before says nothing of it.
                 if let Some(slot) = &vm.slot {
                     self.sweep.torn_down(slot, now);

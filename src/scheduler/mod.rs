@@ -183,6 +183,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.clock.now()
     }
 
+    /// Its clock: wall time in the frame of its book (what the intake stamps deliveries
+    /// with, so that they move with the book when the wall clock is stepped).
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
     /// Keeps the book in the wall clock's frame. After a step of the wall clock, every
     /// timestamp a timer counts from moves by the step (a step ages no VM, and holds none
     /// back), and the new frame is committed with them; one made while the agent was down
@@ -190,14 +196,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     fn follow_clock(&mut self) {
         let (frame, step) = match self.clock.follow() {
             Followed::Same => return,
-            Followed::Taken(frame) => (frame, None),
+            Followed::Taken(frame) => {
+                self.book.clamp(self.now());
+                (frame, None)
+            }
             Followed::Stepped(frame, step) => (frame, Some(step)),
         };
         if let Some(step) = step {
             warn!(%step, vms = self.book.vms.len(), "the wall clock was stepped: the VMs' timers keep counting from where they were");
             self.book.shift(step);
             self.sweep.shift(step);
-            self.sync.shift(step);
             self.intake.last_webhook = self.intake.last_webhook.map(|t| step.apply(t));
         }
         match serde_json::to_vec(&frame) {
@@ -214,8 +222,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             "scheduler starting"
         );
         self.metrics.draining.set(self.draining as i64);
-        self.follow_clock();
+        // Deliveries accepted before a step made while the agent was down are in the
+        // stored frame: applied first, they move with the rest.
         self.drain_inbox();
+        self.follow_clock();
         self.start_sweep();
         self.start_github_sync();
         let mut ready = ready;

@@ -38,14 +38,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    /// At start: the store's VMs of a pool the configuration no longer has (removed while
-    /// the agent was stopped, or by a reload it did not live to finish) are a retiring
-    /// pool's, as after a reload that removed it: they finish and go by the default timers
-    /// (the pool's own are not known), its queued jobs are dropped, and it makes none.
-    /// Without it they had no timer at all, and held their places for good.
+    /// At start: the store's VMs and queued jobs of a pool the configuration no longer has
+    /// (removed while the agent was stopped, or by a reload it did not live to finish) are
+    /// a retiring pool's, as after a reload that removed it: its VMs finish and go by the
+    /// default timers (the pool's own are not known), its queued jobs are dropped, and it
+    /// makes none. Without it its VMs had no timer at all, and held their places for good.
     pub(super) fn retire_unknown_pools(&mut self) {
+        let vms = self.book.vms.values().map(|v| v.pool.as_str());
+        let jobs = self.book.jobs.values().filter(|j| j.state == JobState::Queued).filter_map(|j| j.pool.as_deref());
         let unknown: std::collections::BTreeSet<String> =
-            self.book.vms.values().filter(|v| self.config.pool(&v.pool).is_none()).map(|v| v.pool.clone()).collect();
+            vms.chain(jobs).filter(|p| self.config.pool(p).is_none()).map(str::to_string).collect();
         if unknown.is_empty() {
             return;
         }
@@ -54,7 +56,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let vms = self.book.vms_of(&name).count();
             match PoolConfig::retiring(&name) {
                 Ok(pool) => {
-                    warn!(pool = %name, vms, "the store has VMs of a pool the configuration does not: they finish (default timers), as after a reload that removed the pool");
+                    warn!(pool = %name, vms, max_lifetime_secs = pool.max_lifetime.as_secs(), "the store has VMs or jobs of a pool the configuration does not: as after a reload that removed the pool, its queued jobs are dropped and its VMs finish (by the default timers)");
                     config.pools.push(pool);
                 }
                 Err(e) => warn!(pool = %name, vms, error = %e, "cannot retire a pool the configuration does not have"),

@@ -390,7 +390,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     /// Once libvirt answers: the pools' worst case against the host, in the log.
     fn report_capacity(&self) {
-        let need = crate::capacity::worst_case(&self.config.pools, self.config.capacity.max_vms);
+        // A retiring pool makes no VM (its settings may be made up: `PoolConfig::retiring`).
+        let pools: Vec<_> = self.config.pools.iter().filter(|p| !p.retiring).cloned().collect();
+        let need = crate::capacity::worst_case(&pools, self.config.capacity.max_vms);
         let hv = self.ctx.hv.clone();
         // Only logs: nothing waits for it.
         crate::offload::spawn(move || match hv.host_resources() {

@@ -65,20 +65,22 @@ pub struct State {
     /// batch was left over (then it prunes again at the next sync).
     pruned_at: Option<tokio::time::Instant>,
     prune_more: bool,
-    /// How far the wall clock was stepped while the awaited sync ran: when it started
-    /// (read on the clock before the step) moves by it when it reports.
-    stepped: crate::clock::Step,
+    /// VMs torn down before their runner was seen, and when: a registration of that exact
+    /// name showing up later (its guest registered it just before it went) is deleted,
+    /// also once its pool is removed and its names are no longer the agent's.
+    late_runners: BTreeMap<String, tokio::time::Instant>,
 }
+
+/// How long a torn-down VM's runner registration is watched for (see `late_runners`).
+const LATE_RUNNER_WATCH: Duration = Duration::from_secs(3600);
 
 /// How often the lead prunes the fleet's tables when the last prune left nothing over.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 impl State {
-    /// The wall clock was stepped (see `Book::shift`).
-    pub fn shift(&mut self, step: crate::clock::Step) {
-        if self.running {
-            self.stepped = self.stepped.then(step);
-        }
+    pub fn watch_late_runner(&mut self, name: &str, now: tokio::time::Instant) {
+        self.late_runners.retain(|_, at| now.duration_since(*at) < LATE_RUNNER_WATCH);
+        self.late_runners.insert(name.to_string(), now);
     }
 
     fn prune_due(&self, now: tokio::time::Instant) -> bool {
@@ -131,13 +133,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let clock = self.clock.clone();
-        let failed_clock = self.clock.clone();
         let fleet = self.fleet.as_ref().map(|f| f.claims.clone());
         let joined = self.fleet.as_ref().is_none_or(|f| f.joined());
         let interval = self.config.reconcile.github_interval;
         let prune_due = self.sync.prune_due(tokio::time::Instant::now());
         let work = async move {
-            let started = clock.now();
+            // On the monotonic clock: the scheduler puts it in its frame when the sync
+            // reports (the wall clock may be stepped meanwhile).
+            let started = tokio::time::Instant::now();
             // In a fleet, one member at a time reads the hook's delivery log, polls and
             // refreshes jobs (what it learns goes into the fleet's log) and lists the
             // runners; the others follow their VMs on the list it shares.
@@ -167,11 +170,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let (runners, started) = match &fleet {
                 Some(claims) if !leads => match claims.runners().await {
                     // As old as it is: a VM whose state changed since is not judged by it.
-                    Ok(Some((list, age))) if age <= interval * 2 => (Ok(list), started - age),
+                    Ok(Some((list, age))) if age <= interval * 2 && started.checked_sub(age).is_some() => {
+                        (Ok(list), started - age)
+                    }
                     _ => (ctx.github.list_runners().await, started),
                 },
                 _ => {
-                    let (listing, listed) = (clock.now(), tokio::time::Instant::now());
+                    let listed = tokio::time::Instant::now();
                     let runners = ctx.github.list_runners().await;
                     if let (Some(claims), Ok(list)) = (&fleet, &runners) {
                         // As of when the listing began: a runner that came up during the
@@ -184,7 +189,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                             Err(e) => debug!(error = %e, "cannot share the runner list with the fleet"),
                         }
                     }
-                    (runners, listing)
+                    (runners, listed)
                 }
             };
             let mut jobs = Vec::new();
@@ -235,7 +240,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::GitHubSynced { started, runners, jobs, found, deliveries_checked, pruned }
         };
         spawn_reporting(&self.ctx.events, work, move |message| Event::GitHubSynced {
-            started: failed_clock.now(),
+            started: tokio::time::Instant::now(),
             runners: Err(GhError::Transport { method: "-".into(), path: "GitHub sync".into(), message }),
             jobs: Vec::new(),
             found: Vec::new(),
@@ -246,15 +251,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     pub(super) fn on_github_synced(
         &mut self,
-        started: SystemTime,
+        started: tokio::time::Instant,
         runners: Result<Vec<RunnerInfo>, GhError>,
         jobs: Vec<(u64, JobStatus)>,
         found: Vec<JobEvent>,
         deliveries_checked: Option<SystemTime>,
     ) {
         self.sync.running = false;
-        // (The delivery log's checkpoint is on GitHub's clock: it does not move.)
-        let started = std::mem::take(&mut self.sync.stepped).apply(started);
+        // In the book's frame now, whatever steps of the wall clock came meanwhile.
+        let started = self.now().checked_sub(started.elapsed()).unwrap_or(SystemTime::UNIX_EPOCH);
         if deliveries_checked.is_some() {
             self.sync.deliveries_checked = deliveries_checked;
         }
@@ -291,7 +296,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             });
         }
         for ev in found {
-            if !self.book.jobs.contains_key(&ev.job.id) {
+            // (A job no pool takes is polled every time: not news.)
+            if !self.book.jobs.contains_key(&ev.job.id) && self.match_pool(&ev.job.labels).is_some() {
                 info!(job_id = ev.job.id, repository = %ev.job.repository, "queued job found by polling (its webhook was missed)");
                 learned.push(ev);
             }
@@ -364,13 +370,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
         }
         // Runners named like our VMs that have no VM: leftovers of crashes. Remove them. Not
-        // in a fleet: the other members' runners are named like ours (GitHub removes an
-        // ephemeral runner left offline after a day).
-        if self.fleet.is_some() {
-            return;
-        }
+        // in a fleet (the other members' runners are named like ours; GitHub removes an
+        // ephemeral runner left offline after a day), but for the exact names of VMs this
+        // agent tore down before their runner showed up.
+        let now = tokio::time::Instant::now();
+        self.sync.late_runners.retain(|_, at| now.duration_since(*at) < LATE_RUNNER_WATCH);
         for r in &runners {
-            if self.is_ours(&r.name) && !self.book.vms.contains_key(&r.name) && !r.busy {
+            let late = self.sync.late_runners.contains_key(&r.name);
+            let orphan = late || (self.fleet.is_none() && self.is_ours(&r.name));
+            if orphan && !self.book.vms.contains_key(&r.name) && !r.busy {
                 info!(runner_name = %r.name, runner_id = r.id, "deleting a runner registration that has no vm");
                 let ctx = self.ctx.clone();
                 let (id, name) = (r.id, r.name.clone());

@@ -1221,12 +1221,44 @@ impl Sim {
             if self.violation.is_some() {
                 return;
             }
+            self.check_lifetimes(now, settled);
+            if self.violation.is_some() {
+                return;
+            }
         }
         let hub = self.hub.lock();
         if let Some(j) = hub.jobs.values().find(|j| j.taken > 1) {
             let id = j.id;
             drop(hub);
             self.violate(format!("job {id} taken by more than one runner"));
+        }
+    }
+
+    /// Once healed (and its teardowns had time to be retried), no VM outlives its pool's
+    /// `max_lifetime` by more than `stop_grace` and a sweep: in virtual time, from when its
+    /// domain says it was made (a step of the host's clock holds none back).
+    fn check_lifetimes(&mut self, now: Duration, settled: Duration) {
+        let slack = Duration::from_secs(600);
+        if now < settled + slack {
+            return;
+        }
+        let Some(status) = self.status() else { return };
+        // (A slot's name comes back: its domain's first sighting says nothing of it.)
+        for v in status.vms.iter().filter(|v| v.slot.is_none() && !v.for_slot) {
+            let (Some(made), Some(pool)) = (self.domains_created.get(&v.name), self.config.pool(&v.pool)) else {
+                continue;
+            };
+            let bound =
+                pool.max_lifetime + self.config.reconcile.stop_grace + self.config.reconcile.sweep_interval + slack;
+            if now.saturating_sub(*made) > bound {
+                return self.violate(format!(
+                    "VM {} ({}) {} old, max_lifetime {}: a timer held back",
+                    v.name,
+                    v.state,
+                    secs(now.saturating_sub(*made)),
+                    secs(pool.max_lifetime)
+                ));
+            }
         }
     }
 
