@@ -54,7 +54,8 @@ impl Frame {
 
     /// Wall time at `up` in this frame (`None`: another boot's frame).
     pub fn at(&self, up: &Uptime) -> Option<SystemTime> {
-        (self.boot == up.boot).then(|| from_unix_ns(self.booted_at_ns + up.since_boot.as_nanos() as i64))
+        let since_epoch = Step(self.booted_at_ns + up.since_boot.as_nanos() as i64);
+        (self.boot == up.boot).then(|| since_epoch.apply(SystemTime::UNIX_EPOCH))
     }
 
     /// How far `later`, the wall clock's frame now, was stepped from this one: `None` if
@@ -94,11 +95,6 @@ fn unix_ns(t: SystemTime) -> i64 {
         Ok(d) => d.as_nanos() as i64,
         Err(e) => -(e.duration().as_nanos() as i64),
     }
-}
-
-fn from_unix_ns(ns: i64) -> SystemTime {
-    let by = Duration::from_nanos(ns.unsigned_abs());
-    if ns >= 0 { SystemTime::UNIX_EPOCH + by } else { SystemTime::UNIX_EPOCH - by }
 }
 
 /// The scheduler's clock: wall time in its frame, moved by the host's monotonic clock
@@ -235,11 +231,8 @@ impl Clock for TokioClock {
 
     fn uptime(&self) -> Option<Uptime> {
         // The reference is a day after boot (tokio's clock may read a little before it).
-        let since_boot = Step(86_400_000_000_000).then(Self::since_reference()).apply(SystemTime::UNIX_EPOCH);
-        Some(Uptime {
-            boot: "tokio".into(),
-            since_boot: since_boot.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(),
-        })
+        let since_boot = Self::since_reference().0.saturating_add(86_400_000_000_000).max(0);
+        Some(Uptime { boot: "tokio".into(), since_boot: Duration::from_nanos(since_boot as u64) })
     }
 }
 

@@ -194,20 +194,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// back), and the new frame is committed with them; one made while the agent was down
     /// is found at its start, against the frame in the store.
     fn follow_clock(&mut self) {
-        let (frame, step) = match self.clock.follow() {
+        let frame = match self.clock.follow() {
             Followed::Same => return,
             Followed::Taken(frame) => {
                 self.book.clamp(self.now());
-                (frame, None)
+                frame
             }
-            Followed::Stepped(frame, step) => (frame, Some(step)),
+            Followed::Stepped(frame, step) => {
+                warn!(%step, vms = self.book.vms.len(), "the wall clock was stepped: the VMs' timers keep counting from where they were");
+                self.book.shift(step);
+                self.sweep.shift(step);
+                self.intake.last_webhook = self.intake.last_webhook.map(|t| step.apply(t));
+                frame
+            }
         };
-        if let Some(step) = step {
-            warn!(%step, vms = self.book.vms.len(), "the wall clock was stepped: the VMs' timers keep counting from where they were");
-            self.book.shift(step);
-            self.sweep.shift(step);
-            self.intake.last_webhook = self.intake.last_webhook.map(|t| step.apply(t));
-        }
         match serde_json::to_vec(&frame) {
             Ok(v) => self.book.set_meta(CLOCK_FRAME, v),
             Err(e) => warn!(error = %e, "cannot encode the clock's frame"),

@@ -78,8 +78,8 @@ const LATE_RUNNER_WATCH: Duration = Duration::from_secs(3600);
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 impl State {
+    /// (Those watched longer than [`LATE_RUNNER_WATCH`] are let go at the next sync.)
     pub fn watch_late_runner(&mut self, name: &str, now: tokio::time::Instant) {
-        self.late_runners.retain(|_, at| now.duration_since(*at) < LATE_RUNNER_WATCH);
         self.late_runners.insert(name.to_string(), now);
     }
 

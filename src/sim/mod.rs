@@ -1440,7 +1440,8 @@ impl Sim {
         let hub = self.hub.lock();
         // Without a hook nothing reads the delivery log: a job whose deliveries all failed
         // never reaches the agent (GitHub does not retry them on its own).
-        let unheard = |j: &&github::Job| self.config.github.hook.is_none() && !hub.jobs_delivered().contains(&j.id);
+        let delivered = self.config.github.hook.is_none().then(|| hub.jobs_delivered());
+        let unheard = |j: &&github::Job| delivered.as_ref().is_some_and(|d| !d.contains(&j.id));
         let open = hub.jobs.values().filter(|j| j.status == GStatus::Queued && hub.in_scope(j));
         open.filter(|j| j.pool.as_deref().is_some_and(|p| pools.contains(p)) && !unheard(j)).map(|j| j.id).collect()
     }

@@ -88,27 +88,18 @@ fn start_on(
     store: Arc<Store>,
     scheduler_store: Arc<dyn SchedulerStore>,
 ) -> H {
-    start_member(cfg, gh, hv, hv_rx, store, scheduler_store, None)
+    start_member(cfg, gh, hv, hv_rx, store, scheduler_store, None, new_clock())
 }
 
-/// [`start_on`], as a member of a fleet when `fleet` is given.
-fn start_member(
-    cfg: Arc<Config>,
-    gh: Arc<FakeGitHub>,
-    hv: Arc<FakeHypervisor>,
-    hv_rx: Option<UnboundedReceiver<HvEvent>>,
-    store: Arc<Store>,
-    scheduler_store: Arc<dyn SchedulerStore>,
-    fleet: Option<claims::Fleet>,
-) -> H {
-    // Wall time follows tokio's paused clock: every timer runs in virtual time.
-    let clock = Arc::new(crate::clock::TokioClock::new());
-    start_on_clock(cfg, gh, hv, hv_rx, store, scheduler_store, fleet, clock)
+/// Wall time that follows tokio's paused clock: every timer runs in virtual time.
+fn new_clock() -> Arc<crate::clock::TokioClock> {
+    Arc::new(crate::clock::TokioClock::new())
 }
 
-/// [`start_member`] on `clock` (one a scheduler before it read, say).
+/// [`start_on`], as a member of a fleet when `fleet` is given, on `clock` (one a scheduler
+/// before it read, say).
 #[allow(clippy::too_many_arguments)]
-fn start_on_clock(
+fn start_member(
     cfg: Arc<Config>,
     gh: Arc<FakeGitHub>,
     hv: Arc<FakeHypervisor>,
@@ -192,7 +183,7 @@ fn harness_full(
 /// GitHub, hypervisor and store (`None`: a fresh, empty store), with a config of
 /// `extra_pool`; told libvirt is connected.
 fn restart(extra_pool: &str, gh: Arc<FakeGitHub>, hv: Arc<FakeHypervisor>, store: Option<Arc<Store>>) -> H {
-    restart_on_clock(extra_pool, gh, hv, store, Arc::new(crate::clock::TokioClock::new()))
+    restart_on_clock(extra_pool, gh, hv, store, new_clock())
 }
 
 /// [`restart`] on `clock` (the host's, which the scheduler before read).
@@ -207,7 +198,7 @@ fn restart_on_clock(
     let mut cfg = (*config(extra_pool, &dir)).clone();
     cfg.pools[0].image = fake_image(&dir);
     let store = store.unwrap_or_else(|| Arc::new(Store::open(&dir).unwrap()));
-    let mut h = start_on_clock(Arc::new(cfg), gh, hv, None, store.clone(), store, None, clock);
+    let mut h = start_member(Arc::new(cfg), gh, hv, None, store.clone(), store, None, clock);
     h.dirs.push(dir);
     let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
     h
