@@ -1,7 +1,10 @@
 //! `./scripts/simulate`: runs the deterministic simulator (`runnervisor::sim`) over many
 //! seeds on every core, or one seed with its trace.
 //!
-//!   simulate [--seeds N] [--first S] [--seed S] [--steps K] [--threads T] [--no-faults] [--trace] [--log]
+//!   simulate [--seeds N] [--first S] [--seed S] [--steps K] [--threads T] [--no-faults] [--trace] [--log] [--each]
+//!
+//! `--each` prints a line per seed with a digest of its trace: two runs of the same binary
+//! must print the same lines (sorted), whatever the machine's load.
 //!
 //! Prints one line per violation (the line that reproduces it, and what broke), then
 //! `simulate: seeds=S steps=T faults=F violations=V` last; exits 1 on any violation.
@@ -23,6 +26,7 @@ struct Args {
     faults: bool,
     trace: bool,
     log: bool,
+    each: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -35,6 +39,7 @@ fn parse() -> Result<Args, String> {
         faults: true,
         trace: false,
         log: false,
+        each: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -49,6 +54,7 @@ fn parse() -> Result<Args, String> {
             "--no-faults" => a.faults = false,
             "--trace" => a.trace = true,
             "--log" => a.log = true,
+            "--each" => a.each = true,
             other => return Err(format!("unknown argument {other:?} (see the header of examples/simulate.rs)")),
         }
     }
@@ -125,7 +131,7 @@ fn main() -> std::process::ExitCode {
     let workers: Vec<_> = (0..args.threads)
         .map(|_| {
             let (next, totals, running) = (next.clone(), totals.clone(), running.clone());
-            let (steps, faults) = (args.steps, args.faults);
+            let (steps, faults, each) = (args.steps, args.faults, args.each);
             std::thread::spawn(move || {
                 loop {
                     let seed = next.fetch_add(1, Ordering::Relaxed);
@@ -136,6 +142,15 @@ fn main() -> std::process::ExitCode {
                     running.lock().unwrap().push((seed, clock, cpu_time(clock)));
                     let out = run_seed(Options { seed, steps, faults });
                     running.lock().unwrap().retain(|(s, _, _)| *s != seed);
+                    if each {
+                        println!(
+                            "seed {seed} steps={} faults={} jobs={} trace={:016x}",
+                            out.steps,
+                            out.faults,
+                            out.jobs,
+                            digest(&out.trace)
+                        );
+                    }
                     let mut t = totals.lock().unwrap();
                     t.0 += 1;
                     t.1 += out.steps as u64;
@@ -161,6 +176,15 @@ fn main() -> std::process::ExitCode {
     println!("simulate: {:.0} seeds/min ({:.1} s), {} jobs", t.0 as f64 * 60.0 / secs.max(0.001), secs, t.3);
     println!("simulate: seeds={} steps={} faults={} violations={}", t.0, t.1, t.2, t.4.len());
     if t.4.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+}
+
+/// FNV-1a over the trace's lines: equal traces, equal digests.
+fn digest(trace: &[String]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in trace.iter().flat_map(|l| l.bytes().chain([b'\n'])) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// CPU time spent by the thread whose clock `clock` is.
