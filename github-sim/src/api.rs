@@ -294,6 +294,7 @@ async fn generate_jitconfig(State(sim): S, Path(p): P, body: Bytes) -> Result<Re
                 ephemeral: true,
                 jit: true,
                 replace: false,
+                scale_set: None,
             },
             now,
         )

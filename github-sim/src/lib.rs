@@ -7,6 +7,8 @@
 //!   authentication, rate-limit headers, pagination and fault injection.
 //! - [`runner_proto`]: what the (fake) runner in a VM speaks: token exchange at
 //!   `actions/runner-registration`, registration, long-poll for a job, heartbeat, completion.
+//! - [`scaleset`]: runner scale sets as the Actions service plays them (sessions, the
+//!   message queue's long poll, acquirejobs, the set's JIT configs).
 //! - [`control`]: `/_sim/...`, the test and demo control API (queue jobs, cancel, faults).
 //! - [`webhook`]: signs and POSTs `workflow_job` deliveries, records them, never retries.
 //! - [`faults`], [`auth`], [`error`], [`time`]: helpers.
@@ -20,6 +22,7 @@ pub mod error;
 pub mod faults;
 pub mod model;
 pub mod runner_proto;
+pub mod scaleset;
 pub mod time;
 pub mod webhook;
 
@@ -77,6 +80,16 @@ pub struct SimConfig {
     /// What every runner's credential (its token on the runner protocol, in its JIT config
     /// or given at registration) begins with.
     pub runner_credential_prefix: String,
+    /// How long the Actions service's token (the registration exchange's) lasts.
+    pub admin_token_ttl: Duration,
+    /// How long a scale set's message-queue token lasts (a session refresh renews it).
+    pub queue_token_ttl: Duration,
+    /// A scale set's session not polled for this long is gone (another may be made).
+    pub scale_set_session_idle: Duration,
+    /// How long a message long poll waits before it answers 202 (GitHub: about 50 s).
+    pub message_poll_window: Duration,
+    /// A job assigned to a scale set and not started for this long is offered again.
+    pub reassign_after: Duration,
 }
 
 impl SimConfig {
@@ -100,6 +113,11 @@ impl SimConfig {
             hook_ranges: vec!["127.0.0.0/8".into(), "::1/128".into()],
             registration_token_prefix: "A".into(),
             runner_credential_prefix: "rc_".into(),
+            admin_token_ttl: Duration::from_secs(3600),
+            queue_token_ttl: Duration::from_secs(3600),
+            scale_set_session_idle: Duration::from_secs(120),
+            message_poll_window: Duration::from_secs(50),
+            reassign_after: Duration::from_secs(60),
         }
     }
 }
@@ -183,6 +201,7 @@ pub async fn serve(
 pub fn router(sim: Arc<Sim>) -> axum::Router {
     api::router(sim.clone())
         .merge(runner_proto::router(sim.clone()))
+        .merge(scaleset::router(sim.clone()))
         .merge(control::router(sim.clone()))
         .fallback(|| async { error::ApiError::not_found() })
 }

@@ -85,6 +85,8 @@ pub struct Job {
     pub started_at: Option<SystemTime>,
     pub completed_at: Option<SystemTime>,
     pub behaviour: JobBehaviour,
+    /// The runner scale set it is offered to (`None`: to runners registered the classic way).
+    pub routed: Option<crate::scaleset::Routed>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +116,8 @@ pub struct Runner {
     pub created_at: SystemTime,
     /// Hit by a `runner_stall` fault: none of its requests is ever answered.
     pub stalled: bool,
+    /// The scale set whose JIT config made it: it takes that set's jobs only.
+    pub scale_set: Option<u64>,
 }
 
 impl Runner {
@@ -228,6 +232,13 @@ pub struct World {
     pub runner_credential_prefix: String,
     /// Reports posted to `/_sim/reports` by jobs' scripts.
     pub reports: Vec<Value>,
+    /// Runner scale sets by id (see [`crate::scaleset`]).
+    pub scale_sets: BTreeMap<u64, crate::scaleset::ScaleSet>,
+    pub(crate) next_scale_set: u64,
+    pub(crate) next_request: u64,
+    pub(crate) next_message: u64,
+    /// Tokens of the Actions service (the registration exchange's): their scope and expiry.
+    pub admin_tokens: HashMap<String, (Scope, SystemTime)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -272,6 +283,7 @@ pub struct NewRunner {
     pub ephemeral: bool,
     pub jit: bool,
     pub replace: bool,
+    pub scale_set: Option<u64>,
 }
 
 impl Default for World {
@@ -293,7 +305,22 @@ impl Default for World {
             runner_history: BTreeMap::new(),
             runner_credential_prefix: "rc_".into(),
             reports: Vec::new(),
+            scale_sets: BTreeMap::new(),
+            next_scale_set: 0,
+            next_request: 7_000_000_000,
+            next_message: 0,
+            admin_tokens: HashMap::new(),
         }
+    }
+}
+
+/// A conclusion as the Actions service's messages spell it.
+fn result_of(conclusion: &str) -> &str {
+    match conclusion {
+        "success" => "succeeded",
+        "failure" => "failed",
+        "cancelled" => "canceled",
+        other => other,
     }
 }
 
@@ -350,8 +377,10 @@ impl World {
                 started_at: None,
                 completed_at: None,
                 behaviour: new.behaviour,
+                routed: None,
             },
         );
+        self.route(id, now);
         id
     }
 
@@ -386,6 +415,7 @@ impl World {
                 jobs_run: 0,
                 created_at: now,
                 stalled: false,
+                scale_set: new.scale_set,
             },
         );
         let scope = self.runners[&id].scope.web_path();
@@ -423,21 +453,27 @@ impl World {
         if let Some(job) = runner.job {
             return Some(job);
         }
-        let job = self
-            .jobs
-            .values_mut()
-            .filter(|j| j.status == JobStatus::Queued)
-            .find(|j| runner.scope.covers_repo(&j.repo) && labels_cover(&runner.labels, &j.labels))?;
+        // A scale set's runner takes the jobs assigned to its set; any other runner, jobs
+        // no scale set was offered.
+        let set = runner.scale_set;
+        let job =
+            self.jobs.values_mut().filter(|j| j.status == JobStatus::Queued).find(|j| match (set, &j.routed) {
+                (Some(set), Some(r)) => r.scale_set == set && r.acquired_at.is_some(),
+                (None, None) => runner.scope.covers_repo(&j.repo) && labels_cover(&runner.labels, &j.labels),
+                _ => false,
+            })?;
         let group = self.groups.iter().find(|g| g.id == runner.group_id).map(|g| g.name.clone()).unwrap_or_default();
         job.status = JobStatus::InProgress;
         job.started_at = Some(now);
         job.runner =
             Some(RunnerRef { id: runner.id, name: runner.name.clone(), group_id: runner.group_id, group_name: group });
         runner.job = Some(job.id);
+        let id = job.id;
         if let Some(h) = self.runner_history.get_mut(&runner.name) {
-            h.jobs.push(job.id);
+            h.jobs.push(id);
         }
-        Some(job.id)
+        self.post_message(id, "JobStarted", None, now);
+        Some(id)
     }
 
     /// The runner reports its job done. Ephemeral runners are removed, as GitHub does.
@@ -461,6 +497,7 @@ impl World {
             job.status = JobStatus::Completed;
             job.conclusion = Some(conclusion.to_string());
             job.completed_at = Some(now);
+            self.post_message(job_id, "JobCompleted", Some(result_of(conclusion)), now);
         }
         if ephemeral {
             self.runners.remove(&runner_id);
@@ -478,6 +515,7 @@ impl World {
         job.status = JobStatus::Completed;
         job.conclusion = Some("cancelled".into());
         job.completed_at = Some(now);
+        self.post_message(job_id, "JobCompleted", Some("canceled"), now);
         Ok(())
     }
 
@@ -496,7 +534,9 @@ impl World {
         job.status = JobStatus::Completed;
         job.conclusion = Some("failure".into());
         job.completed_at = Some(now);
-        Ok(Some(job.id))
+        let id = job.id;
+        self.post_message(id, "JobCompleted", Some("failed"), now);
+        Ok(Some(id))
     }
 
     /// A heartbeat of a running job; `false` when the job was cancelled meanwhile.
@@ -556,6 +596,7 @@ mod tests {
                 ephemeral,
                 jit: true,
                 replace: false,
+                scale_set: None,
             },
             SystemTime::now(),
         )
@@ -609,6 +650,7 @@ mod tests {
                     ephemeral: true,
                     jit: false,
                     replace: false,
+                    scale_set: None,
                 },
                 SystemTime::now(),
             )
@@ -624,6 +666,7 @@ mod tests {
                     ephemeral: true,
                     jit: false,
                     replace: true,
+                    scale_set: None,
                 },
                 SystemTime::now(),
             )

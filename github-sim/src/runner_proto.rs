@@ -54,6 +54,8 @@ async fn exchange_token(State(sim): S, headers: HeaderMap) -> Result<Response, A
         _ => return Err(ApiError::not_found()),
     };
     let session = token_for_session();
+    // The same token is the Actions service's (a scale set client's admin token).
+    world.admin_tokens.insert(session.clone(), (scope.clone(), now + sim.config.admin_token_ttl));
     world.registration_sessions.insert(session.clone(), scope);
     Ok(axum::Json(json!({
         "url": format!("{}/_runner", sim.base_url),
@@ -103,6 +105,7 @@ async fn register(State(sim): S, headers: HeaderMap, body: Bytes) -> Result<Resp
                 ephemeral: req.ephemeral,
                 jit: false,
                 replace: req.replace,
+                scale_set: None,
             },
             now,
         )

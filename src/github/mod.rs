@@ -6,6 +6,7 @@ pub mod app;
 pub mod fake;
 pub mod http;
 pub mod responses;
+pub mod scaleset;
 
 use std::future::Future;
 use std::time::SystemTime;

@@ -1,0 +1,591 @@
+//! The Runner Scale Set client: what GitHub recommends custom autoscalers use instead of
+//! webhooks (its official Go client is `actions/scaleset`; ARC's listener uses it). The
+//! endpoints are the Actions service's, not in the REST reference; the shapes follow the
+//! Go client (see `github-sim/src/scaleset.rs`, which plays them).
+//!
+//! - **Admin connection**: a registration token (REST, [`GitHub::registration_token`]) is
+//!   exchanged at `{api}/actions/runner-registration` (`Authorization: RemoteAuth …`,
+//!   `{"url": <scope's web URL>, "runner_event": "register"}`) for the service's URL and
+//!   token. The token is a JWT: it is exchanged again a minute before its `exp`, and at
+//!   once when the service answers 401 (the call is then made once more). The service's
+//!   URL may change with it.
+//! - **Scale sets** (`_apis/runtime/runnerscalesets`): found by name in their runner
+//!   group, made when missing, their labels and group brought to the config's.
+//! - **Sessions** (`…/{id}/sessions`): one client at a time holds a set's session (409
+//!   `RunnerScaleSetSessionConflictException` otherwise: [`SsError::Conflict`]); a refresh
+//!   renews the queue token; a session the service lost answers 404
+//!   ([`SsError::SessionGone`]).
+//! - **The message queue**: a long poll (`lastMessageId`, `X-ScaleSetMaxCapacity`; 200
+//!   with one message, 202 with none after ~50 s, 401 once the queue token expired:
+//!   [`SsError::QueueToken`]), `DELETE …/{messageId}` to acknowledge; a message's `body`
+//!   is a JSON array *in a string* of job messages. Bodies may begin with a UTF-8 BOM.
+//! - `acquirejobs` (with the queue token), `generatejitconfig`, and runners at
+//!   `_apis/distributedtask/pools/0/agents`.
+//!
+//! No call is retried here: the listener owns the back-off (a session create retried after
+//! an ambiguous failure would conflict with the session the first attempt made).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::{Deleted, GhError, GitHub, JitRunner};
+use crate::secret::Secret;
+
+const API_VERSION: &str = "6.0-preview";
+const SETS: &str = "_apis/runtime/runnerscalesets";
+const AGENTS: &str = "_apis/distributedtask/pools/0/agents";
+/// The long poll is held ~50 s by the service: a call waits longer than that.
+const POLL_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SsError {
+    /// Another client holds the scale set's session.
+    #[error("another client holds the scale set's session: {0}")]
+    Conflict(String),
+    /// The service no longer knows the session: make a new one.
+    #[error("the service no longer knows the session: {0}")]
+    SessionGone(String),
+    /// The message queue's token expired: refresh the session.
+    #[error("the message queue's token expired")]
+    QueueToken,
+    #[error("{method} {path}: HTTP {status}: {type_name} {message}")]
+    Status { method: String, path: String, status: u16, type_name: String, message: String },
+    #[error("{method} {path}: {message}")]
+    Transport { method: String, path: String, message: String },
+    #[error("{path}: unexpected response: {message}")]
+    Decode { path: String, message: String },
+    #[error("the registration token for the Actions service: {0}")]
+    GitHub(#[from] GhError),
+}
+
+/// What the config says a pool's scale set is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleSetSpec {
+    pub name: String,
+    pub labels: Vec<String>,
+    pub runner_group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleSetInfo {
+    pub id: u64,
+    pub name: String,
+    pub runner_group_id: u64,
+    pub labels: Vec<String>,
+}
+
+/// A scale set's counts, as the service reports them with every message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Statistics {
+    #[serde(rename = "totalAvailableJobs")]
+    pub available: u64,
+    #[serde(rename = "totalAcquiredJobs")]
+    pub acquired: u64,
+    /// Jobs assigned to the set: waiting for a runner or running.
+    #[serde(rename = "totalAssignedJobs")]
+    pub assigned: u64,
+    #[serde(rename = "totalRunningJobs")]
+    pub running: u64,
+    #[serde(rename = "totalRegisteredRunners")]
+    pub registered: u64,
+    #[serde(rename = "totalBusyRunners")]
+    pub busy: u64,
+    #[serde(rename = "totalIdleRunners")]
+    pub idle: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: String,
+    pub queue_url: String,
+    pub queue_token: Secret,
+    pub statistics: Statistics,
+}
+
+/// A job as a scale set's messages describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRef {
+    /// The request's id: what `acquirejobs` takes (a job offered again gets a new one).
+    pub request_id: u64,
+    /// "owner/name".
+    pub repository: String,
+    pub run_id: u64,
+    pub display_name: String,
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobMessage {
+    Available(JobRef),
+    Assigned(JobRef),
+    Started {
+        job: JobRef,
+        runner_name: String,
+    },
+    /// `result`: `succeeded`, `failed`, `canceled` (a job offered again is first
+    /// `canceled` for the set, without a runner).
+    Completed {
+        job: JobRef,
+        result: String,
+        runner_name: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: u64,
+    pub statistics: Statistics,
+    pub jobs: Vec<JobMessage>,
+}
+
+/// The seam to a scale set (the real client below; fakes in tests).
+pub trait ScaleSets: Send + Sync + 'static {
+    /// The set of `spec.name` in its runner group, made when missing; its labels and group
+    /// brought to `spec`'s.
+    fn ensure(&self, spec: &ScaleSetSpec) -> impl Future<Output = Result<ScaleSetInfo, SsError>> + Send;
+    /// Deletes the set (an operator's command; never a restart).
+    fn delete(&self, set_id: u64) -> impl Future<Output = Result<(), SsError>> + Send;
+    fn create_session(&self, set_id: u64, owner: &str) -> impl Future<Output = Result<Session, SsError>> + Send;
+    fn refresh_session(&self, set_id: u64, session_id: &str) -> impl Future<Output = Result<Session, SsError>> + Send;
+    fn delete_session(&self, set_id: u64, session_id: &str) -> impl Future<Output = Result<(), SsError>> + Send;
+    /// The next message after `last`, waiting up to the service's window; `None`: none came.
+    fn poll(
+        &self,
+        session: &Session,
+        last: u64,
+        capacity: u64,
+    ) -> impl Future<Output = Result<Option<Message>, SsError>> + Send;
+    fn ack(&self, session: &Session, message_id: u64) -> impl Future<Output = Result<(), SsError>> + Send;
+    /// The requests the set now has (a subset of `requests`).
+    fn acquire(
+        &self,
+        set_id: u64,
+        session: &Session,
+        requests: &[u64],
+    ) -> impl Future<Output = Result<Vec<u64>, SsError>> + Send;
+    fn generate_jit_config(&self, set_id: u64, name: &str) -> impl Future<Output = Result<JitRunner, SsError>> + Send;
+    fn delete_runner(&self, runner_id: u64) -> impl Future<Output = Result<Deleted, SsError>> + Send;
+}
+
+/// The service's URL and token (from the registration exchange).
+#[derive(Clone)]
+struct Admin {
+    url: String,
+    token: Secret,
+    /// When to exchange again (a minute before the token's `exp`); `None`: on a 401 only.
+    renew_at: Option<SystemTime>,
+}
+
+pub struct HttpScaleSets<G> {
+    client: reqwest::Client,
+    api: String,
+    /// The scope's web URL (`https://github.com/octo-org`): what the exchange names.
+    scope_url: String,
+    github: Arc<G>,
+    admin: Mutex<Option<Admin>>,
+}
+
+/// `exp` of a JWT, read without checking its signature (the service checks it).
+pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let exp = serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_u64()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+}
+
+/// A body as JSON, past a UTF-8 byte-order mark; an empty body is `null`.
+fn json_of(bytes: &[u8]) -> Result<Value, String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// The message that goes with a path: its query (which may carry ids) left out.
+fn route(path: &str) -> String {
+    path.split('?').next().unwrap_or("").to_string()
+}
+
+/// Whose token a call carries.
+enum As<'a> {
+    Admin,
+    Queue(&'a Secret),
+}
+
+impl<G: GitHub> HttpScaleSets<G> {
+    /// `api`: the REST base; `scope_url`: the scope's web URL (`web_url/web_path`).
+    pub fn new(api: &str, scope_url: &str, github: Arc<G>, timeout: Duration) -> Result<Self, SsError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .user_agent(concat!("runnervisor/", env!("CARGO_PKG_VERSION"), " (scale set client)"))
+            .build()
+            .map_err(|e| SsError::Transport { method: "-".into(), path: "-".into(), message: e.to_string() })?;
+        Ok(HttpScaleSets {
+            client,
+            api: api.trim_end_matches('/').to_string(),
+            scope_url: scope_url.trim_end_matches('/').to_string(),
+            github,
+            admin: Mutex::new(None),
+        })
+    }
+
+    /// The admin connection, exchanged again when due or when `stale` (a 401) names it.
+    async fn admin(&self, stale: Option<&Secret>) -> Result<Admin, SsError> {
+        let mut held = self.admin.lock().await;
+        if let Some(a) = held.as_ref()
+            && stale.is_none_or(|s| s.expose() != a.token.expose())
+            && a.renew_at.is_none_or(|t| SystemTime::now() < t)
+        {
+            return Ok(a.clone());
+        }
+        let registration = self.github.registration_token().await?;
+        let path = format!("{}/actions/runner-registration", self.api);
+        let resp = self
+            .client
+            .post(&path)
+            .header("authorization", format!("RemoteAuth {}", registration.expose()))
+            .json(&json!({"url": self.scope_url, "runner_event": "register"}))
+            .send()
+            .await
+            .map_err(|e| transport("POST", "actions/runner-registration", &e))?;
+        let (status, body) = (resp.status(), resp.bytes().await.unwrap_or_default());
+        let v = json_of(&body).unwrap_or(Value::Null);
+        if !status.is_success() {
+            return Err(status_error("POST", "actions/runner-registration", status, &v));
+        }
+        let (Some(url), Some(token)) = (v["url"].as_str(), v["token"].as_str()) else {
+            return Err(SsError::Decode {
+                path: "actions/runner-registration".into(),
+                message: "no url or token in the answer".into(),
+            });
+        };
+        let renew_at = jwt_expiry(token).map(|exp| exp - Duration::from_secs(60));
+        let admin = Admin { url: url.trim_end_matches('/').to_string(), token: Secret::new(token), renew_at };
+        *held = Some(admin.clone());
+        Ok(admin)
+    }
+
+    /// One call to the service (`path` under its URL, or a whole URL: the message queue's).
+    /// A 401 with the admin token exchanges it again and calls once more.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        who: As<'_>,
+        body: Option<&Value>,
+        extra: &[(&str, String)],
+    ) -> Result<(StatusCode, Value), SsError> {
+        let mut stale = None;
+        loop {
+            let (url, token) = match &who {
+                As::Admin => {
+                    let a = self.admin(stale.as_ref()).await?;
+                    let sep = if path.contains('?') { '&' } else { '?' };
+                    (format!("{}/{path}{sep}api-version={API_VERSION}", a.url), a.token)
+                }
+                As::Queue(t) => (path.to_string(), (*t).clone()),
+            };
+            let name = match &who {
+                As::Admin => route(path),
+                As::Queue(_) => "message queue".to_string(),
+            };
+            let mut req = self
+                .client
+                .request(method.clone(), &url)
+                .header("authorization", format!("Bearer {}", token.expose()))
+                .header("accept", format!("application/json; api-version={API_VERSION}"))
+                .timeout(POLL_TIMEOUT);
+            for (k, v) in extra {
+                req = req.header(*k, v);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|e| transport(method.as_str(), &name, &e))?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(|e| transport(method.as_str(), &name, &e))?;
+            let v = json_of(&bytes).map_err(|message| SsError::Decode { path: name.clone(), message })?;
+            if status == StatusCode::UNAUTHORIZED {
+                match &who {
+                    As::Admin if stale.is_none() => {
+                        stale = Some(token);
+                        continue;
+                    }
+                    As::Queue(_) => return Err(SsError::QueueToken),
+                    As::Admin => {}
+                }
+            }
+            return Ok((status, v));
+        }
+    }
+
+    async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        ok: &[StatusCode],
+    ) -> Result<Value, SsError> {
+        let (status, v) = self.call(method.clone(), path, As::Admin, body, &[]).await?;
+        if ok.contains(&status) {
+            return Ok(v);
+        }
+        Err(status_error(method.as_str(), &route(path), status, &v))
+    }
+
+    async fn runner_group_id(&self, name: &str) -> Result<u64, SsError> {
+        if name.eq_ignore_ascii_case("default") {
+            return Ok(1);
+        }
+        let path = format!("_apis/runtime/runnergroups/?groupName={}", query_value(name));
+        let v = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
+        v["value"]
+            .as_array()
+            .and_then(|groups| groups.iter().find(|g| g["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name))))
+            .and_then(|g| g["id"].as_u64())
+            .ok_or_else(|| SsError::Status {
+                method: "GET".into(),
+                path: route(&path),
+                status: 404,
+                type_name: String::new(),
+                message: format!("no runner group named {name:?} (github.runner_group)"),
+            })
+    }
+}
+
+fn transport(method: &str, path: &str, e: &reqwest::Error) -> SsError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    SsError::Transport { method: method.into(), path: path.into(), message: kind.into() }
+}
+
+fn status_error(method: &str, path: &str, status: StatusCode, v: &Value) -> SsError {
+    let type_name = v["typeName"].as_str().unwrap_or("").to_string();
+    let message: String = v["message"].as_str().unwrap_or("").chars().take(300).collect();
+    if type_name.contains("RunnerScaleSetSessionConflictException")
+        || (status == StatusCode::CONFLICT && path.ends_with("/sessions"))
+    {
+        return SsError::Conflict(message);
+    }
+    if path.contains("/sessions/") && status == StatusCode::NOT_FOUND {
+        return SsError::SessionGone(message);
+    }
+    SsError::Status { method: method.into(), path: path.into(), status: status.as_u16(), type_name, message }
+}
+
+/// A query value, percent-encoded.
+fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn decode(path: &str) -> impl Fn(String) -> SsError + '_ {
+    move |message| SsError::Decode { path: path.to_string(), message }
+}
+
+fn set_info(v: &Value) -> Result<ScaleSetInfo, String> {
+    let labels = v["labels"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|l| l["name"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    Ok(ScaleSetInfo {
+        id: v["id"].as_u64().ok_or("no id")?,
+        name: v["name"].as_str().ok_or("no name")?.to_string(),
+        runner_group_id: v["runnerGroupId"].as_u64().unwrap_or(1),
+        labels,
+    })
+}
+
+fn session_of(v: &Value) -> Result<Session, String> {
+    Ok(Session {
+        id: v["sessionId"].as_str().ok_or("no sessionId")?.to_string(),
+        queue_url: v["messageQueueUrl"].as_str().ok_or("no messageQueueUrl")?.to_string(),
+        queue_token: Secret::new(v["messageQueueAccessToken"].as_str().ok_or("no messageQueueAccessToken")?),
+        statistics: serde_json::from_value(v["statistics"].clone()).map_err(|e| format!("statistics: {e}"))?,
+    })
+}
+
+/// A job message of a message's body.
+pub fn job_message(v: &Value) -> Option<JobMessage> {
+    let job = JobRef {
+        request_id: v["runnerRequestId"].as_u64()?,
+        repository: format!("{}/{}", v["ownerName"].as_str()?, v["repositoryName"].as_str()?),
+        run_id: v["workflowRunId"].as_u64().unwrap_or(0),
+        display_name: v["jobDisplayName"].as_str().unwrap_or("").to_string(),
+        labels: v["requestLabels"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+    };
+    let runner = v["runnerName"].as_str().filter(|n| !n.is_empty()).map(str::to_string);
+    Some(match v["messageType"].as_str()? {
+        "JobAvailable" => JobMessage::Available(job),
+        "JobAssigned" => JobMessage::Assigned(job),
+        "JobStarted" => JobMessage::Started { job, runner_name: runner? },
+        "JobCompleted" => {
+            JobMessage::Completed { job, result: v["result"].as_str().unwrap_or("").to_string(), runner_name: runner }
+        }
+        _ => return None,
+    })
+}
+
+/// A message of the queue: its body is a JSON array in a string.
+pub fn message_of(v: &Value) -> Result<Message, String> {
+    let id = v["messageId"].as_u64().ok_or("no messageId")?;
+    match v["messageType"].as_str() {
+        Some("RunnerScaleSetJobMessages") => {}
+        other => return Err(format!("message {id}: unknown messageType {other:?}")),
+    }
+    let statistics = serde_json::from_value(v["statistics"].clone()).unwrap_or_default();
+    let jobs = match v["body"].as_str().unwrap_or("") {
+        "" => Vec::new(),
+        body => {
+            let items: Vec<Value> = serde_json::from_str(body).map_err(|e| format!("message {id}: body: {e}"))?;
+            // Types this client does not know are skipped (the service may add some).
+            items.iter().filter_map(job_message).collect()
+        }
+    };
+    Ok(Message { id, statistics, jobs })
+}
+
+impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
+    async fn ensure(&self, spec: &ScaleSetSpec) -> Result<ScaleSetInfo, SsError> {
+        let group = self.runner_group_id(&spec.runner_group).await?;
+        let path = format!("{SETS}?runnerGroupId={group}&name={}", query_value(&spec.name));
+        let v = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
+        let labels: Vec<Value> = spec.labels.iter().map(|l| json!({"name": l, "type": "System"})).collect();
+        let found = v["value"].as_array().and_then(|a| a.first()).cloned();
+        let Some(found) = found else {
+            let body = json!({
+                "name": spec.name, "runnerGroupId": group, "labels": labels,
+                "RunnerSetting": {"disableUpdate": true},
+            });
+            let v = self.expect(Method::POST, SETS, Some(&body), &[StatusCode::OK, StatusCode::CREATED]).await?;
+            return set_info(&v).map_err(decode(SETS));
+        };
+        let info = set_info(&found).map_err(decode(SETS))?;
+        let mut want: Vec<String> = spec.labels.iter().map(|l| l.to_lowercase()).collect();
+        let mut have: Vec<String> = info.labels.iter().map(|l| l.to_lowercase()).collect();
+        want.sort();
+        have.sort();
+        if want == have && info.runner_group_id == group {
+            return Ok(info);
+        }
+        let path = format!("{SETS}/{}", info.id);
+        let body = json!({"name": spec.name, "runnerGroupId": group, "labels": labels});
+        let v = self.expect(Method::PATCH, &path, Some(&body), &[StatusCode::OK]).await?;
+        set_info(&v).map_err(decode(SETS))
+    }
+
+    async fn delete(&self, set_id: u64) -> Result<(), SsError> {
+        let path = format!("{SETS}/{set_id}");
+        self.expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
+            .await
+            .map(drop)
+    }
+
+    async fn create_session(&self, set_id: u64, owner: &str) -> Result<Session, SsError> {
+        let path = format!("{SETS}/{set_id}/sessions");
+        let v = self.expect(Method::POST, &path, Some(&json!({"ownerName": owner})), &[StatusCode::OK]).await?;
+        session_of(&v).map_err(decode(&path))
+    }
+
+    async fn refresh_session(&self, set_id: u64, session_id: &str) -> Result<Session, SsError> {
+        let path = format!("{SETS}/{set_id}/sessions/{session_id}");
+        let v = self.expect(Method::PATCH, &path, None, &[StatusCode::OK]).await?;
+        session_of(&v).map_err(decode(&path))
+    }
+
+    async fn delete_session(&self, set_id: u64, session_id: &str) -> Result<(), SsError> {
+        let path = format!("{SETS}/{set_id}/sessions/{session_id}");
+        self.expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
+            .await
+            .map(drop)
+    }
+
+    async fn poll(&self, session: &Session, last: u64, capacity: u64) -> Result<Option<Message>, SsError> {
+        let url = match last {
+            0 => session.queue_url.clone(),
+            n => {
+                let sep = if session.queue_url.contains('?') { '&' } else { '?' };
+                format!("{}{sep}lastMessageId={n}", session.queue_url)
+            }
+        };
+        let extra = [("x-scalesetmaxcapacity", capacity.to_string())];
+        let (status, v) = self.call(Method::GET, &url, As::Queue(&session.queue_token), None, &extra).await?;
+        match status {
+            // An empty 200 has been seen from the service: nothing came.
+            StatusCode::ACCEPTED | StatusCode::NO_CONTENT => Ok(None),
+            StatusCode::OK if v.is_null() => Ok(None),
+            StatusCode::OK => message_of(&v).map(Some).map_err(decode("message queue")),
+            s => Err(status_error("GET", "message queue", s, &v)),
+        }
+    }
+
+    async fn ack(&self, session: &Session, message_id: u64) -> Result<(), SsError> {
+        let (base, query) = session.queue_url.split_once('?').unwrap_or((&session.queue_url, ""));
+        let url =
+            if query.is_empty() { format!("{base}/{message_id}") } else { format!("{base}/{message_id}?{query}") };
+        let (status, v) = self.call(Method::DELETE, &url, As::Queue(&session.queue_token), None, &[]).await?;
+        match status {
+            StatusCode::NO_CONTENT | StatusCode::OK | StatusCode::NOT_FOUND => Ok(()),
+            s => Err(status_error("DELETE", "message queue", s, &v)),
+        }
+    }
+
+    async fn acquire(&self, set_id: u64, session: &Session, requests: &[u64]) -> Result<Vec<u64>, SsError> {
+        let path = format!("{SETS}/{set_id}/acquirejobs");
+        let admin = self.admin(None).await?;
+        let url = format!("{}/{path}?api-version={API_VERSION}", admin.url);
+        let (status, v) =
+            self.call(Method::POST, &url, As::Queue(&session.queue_token), Some(&json!(requests)), &[]).await?;
+        if status != StatusCode::OK {
+            return Err(status_error("POST", &path, status, &v));
+        }
+        Ok(v["value"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default())
+    }
+
+    async fn generate_jit_config(&self, set_id: u64, name: &str) -> Result<JitRunner, SsError> {
+        let path = format!("{SETS}/{set_id}/generatejitconfig");
+        let body = json!({"name": name, "workFolder": ""});
+        let v = self.expect(Method::POST, &path, Some(&body), &[StatusCode::OK, StatusCode::CREATED]).await?;
+        let runner_id = v["runner"]["id"].as_u64().ok_or_else(|| decode(&path)("no runner.id".into()))?;
+        let encoded = v["encodedJITConfig"].as_str().ok_or_else(|| decode(&path)("no encodedJITConfig".into()))?;
+        Ok(JitRunner { runner_id, encoded: Secret::new(encoded) })
+    }
+
+    async fn delete_runner(&self, runner_id: u64) -> Result<Deleted, SsError> {
+        let path = format!("{AGENTS}/{runner_id}");
+        let (status, v) = self.call(Method::DELETE, &path, As::Admin, None, &[]).await?;
+        let type_name = v["typeName"].as_str().unwrap_or("");
+        match status {
+            StatusCode::NO_CONTENT | StatusCode::OK => Ok(Deleted::Deleted),
+            _ if type_name.contains("AgentNotFoundException") || status == StatusCode::NOT_FOUND => {
+                Ok(Deleted::NotFound)
+            }
+            _ if type_name.contains("JobStillRunningException") => Ok(Deleted::Busy),
+            s => Err(status_error("DELETE", &route(&path), s, &v)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! The client against github-sim's Actions service, over HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::config::Scope;
+use crate::github::http::{Auth, HttpGitHub};
+
+const SET: &str = "rv-linux";
+
+async fn start(tweak: impl FnOnce(&mut github_sim::SimConfig)) -> (github_sim::SimHandle, HttpScaleSets<HttpGitHub>) {
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    tweak(&mut config);
+    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let github = HttpGitHub::new(
+        &sim.url(),
+        Scope::Organization("octo-org".into()),
+        None,
+        Auth::Pat(Secret::new("pat")),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let client =
+        HttpScaleSets::new(&sim.url(), &format!("{}/octo-org", sim.url()), Arc::new(github), Duration::from_secs(5))
+            .unwrap();
+    (sim, client)
+}
+
+fn spec(labels: &[&str]) -> ScaleSetSpec {
+    ScaleSetSpec {
+        name: SET.into(),
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        runner_group: "default".into(),
+    }
+}
+
+async fn queue_job(sim: &github_sim::SimHandle, labels: &[&str], secs: f64) -> u64 {
+    let r: Value = reqwest::Client::new()
+        .post(format!("{}/_sim/jobs", sim.url()))
+        .json(&json!({"repo": "octo-org/app", "labels": labels, "duration_secs": secs}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["id"].as_u64().unwrap()
+}
+
+/// The runner's credential in a JIT config (what the fake runner in a VM reads).
+fn credential(jit: &JitRunner) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let files: Value = serde_json::from_slice(&b64.decode(jit.encoded.expose()).unwrap()).unwrap();
+    let creds: Value = serde_json::from_slice(&b64.decode(files[".credentials"].as_str().unwrap()).unwrap()).unwrap();
+    creds["data"]["token"].as_str().unwrap().to_string()
+}
+
+/// The next message, acknowledged.
+async fn next(client: &HttpScaleSets<HttpGitHub>, session: &Session, last: &mut u64) -> Message {
+    for _ in 0..20 {
+        if let Some(m) = client.poll(session, *last, 10).await.unwrap() {
+            *last = m.id;
+            client.ack(session, m.id).await.unwrap();
+            return m;
+        }
+    }
+    panic!("no message came");
+}
+
+/// A job the set covers: offered, acquired, taken by the set's runner and done, each a
+/// message; the set is adopted by name and its labels brought to the config's.
+#[tokio::test]
+async fn a_scale_sets_job_goes_from_offered_to_done_through_the_message_queue() {
+    let (sim, client) = start(|_| {}).await;
+    let set = client.ensure(&spec(&[SET])).await.unwrap();
+    assert_eq!((set.name.as_str(), set.runner_group_id), (SET, 1));
+    let again = client.ensure(&spec(&[SET, "gpu"])).await.unwrap();
+    assert_eq!(again.id, set.id, "adopted by name, not made twice");
+    assert_eq!(again.labels, [SET, "gpu"], "labels brought to the config's");
+
+    let session = client.create_session(set.id, "host-a").await.unwrap();
+    assert_eq!(session.statistics, Statistics::default());
+    // Nothing yet: the long poll answers none.
+    assert_eq!(client.poll(&session, 0, 10).await.unwrap(), None);
+
+    let job = queue_job(&sim, &[SET], 0.2).await;
+    let mut last = 0;
+    let m = next(&client, &session, &mut last).await;
+    let offered = match &m.jobs[..] {
+        [JobMessage::Available(j)] => j.clone(),
+        _ => panic!("{m:?}"),
+    };
+    assert_eq!(offered.repository, "octo-org/app");
+    assert_eq!(m.statistics.available, 1);
+    assert_eq!(client.acquire(set.id, &session, &[offered.request_id]).await.unwrap(), [offered.request_id]);
+    let m = next(&client, &session, &mut last).await;
+    assert!(matches!(&m.jobs[..], [JobMessage::Assigned(j)] if j.request_id == offered.request_id), "{m:?}");
+    assert_eq!(m.statistics.assigned, 1);
+
+    // The set's runner takes it.
+    let jit = client.generate_jit_config(set.id, "rv-linux-1").await.unwrap();
+    let http = reqwest::Client::new();
+    let taken: Value = http
+        .get(format!("{}/_runner/jobs/next?wait=5", sim.url()))
+        .bearer_auth(credential(&jit))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(taken["id"].as_u64(), Some(job));
+    let m = next(&client, &session, &mut last).await;
+    assert!(matches!(&m.jobs[..], [JobMessage::Started { runner_name, .. }] if runner_name == "rv-linux-1"), "{m:?}");
+    // Busy: not deleted.
+    assert_eq!(client.delete_runner(jit.runner_id).await.unwrap(), Deleted::Busy);
+    let done = http
+        .post(format!("{}/_runner/jobs/{job}/complete", sim.url()))
+        .bearer_auth(credential(&jit))
+        .json(&json!({"conclusion": "success"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(done.status().is_success());
+    let m = next(&client, &session, &mut last).await;
+    assert!(
+        matches!(&m.jobs[..], [JobMessage::Completed { result, runner_name: Some(r), .. }] if result == "succeeded" && r == "rv-linux-1"),
+        "{m:?}"
+    );
+    // Ephemeral: gone with its job.
+    assert_eq!(client.delete_runner(jit.runner_id).await.unwrap(), Deleted::NotFound);
+    client.delete_session(set.id, &session.id).await.unwrap();
+}
+
+/// One session per set: another client's create is refused until it is deleted; an
+/// expired queue token is [`SsError::QueueToken`] and a refresh renews it; a refresh of a
+/// session the service lost is [`SsError::SessionGone`].
+#[tokio::test]
+async fn a_sets_session_is_held_by_one_client_and_its_queue_token_is_refreshed() {
+    let (_sim, client) = start(|c| c.queue_token_ttl = Duration::from_millis(400)).await;
+    let set = client.ensure(&spec(&[])).await.unwrap();
+    let held = client.create_session(set.id, "host-a").await.unwrap();
+    let err = client.create_session(set.id, "host-b").await.unwrap_err();
+    assert!(matches!(err, SsError::Conflict(ref m) if m.contains("host-a")), "{err}");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = client.poll(&held, 0, 1).await.unwrap_err();
+    assert!(matches!(err, SsError::QueueToken), "{err}");
+    let renewed = client.refresh_session(set.id, &held.id).await.unwrap();
+    assert_eq!(client.poll(&renewed, 0, 1).await.unwrap(), None);
+
+    client.delete_session(set.id, &held.id).await.unwrap();
+    let err = client.refresh_session(set.id, &held.id).await.unwrap_err();
+    assert!(matches!(err, SsError::SessionGone(_)), "{err}");
+    client.create_session(set.id, "host-b").await.unwrap();
+}
+
+/// The service's token expires: the next call exchanges a new one and goes through.
+#[tokio::test]
+async fn an_expired_service_token_is_exchanged_again() {
+    let (_sim, client) = start(|c| c.admin_token_ttl = Duration::from_millis(300)).await;
+    let set = client.ensure(&spec(&[])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The simulator's tokens are no JWTs: only the 401 tells the client.
+    assert_eq!(client.ensure(&spec(&[])).await.unwrap().id, set.id);
+}
+
+#[test]
+fn a_jwts_expiry_is_read_and_other_tokens_have_none() {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwt = format!("{}.{}.sig", b64.encode(r#"{"alg":"RS256"}"#), b64.encode(r#"{"exp":1800000000}"#));
+    assert_eq!(jwt_expiry(&jwt), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)));
+    assert_eq!(jwt_expiry("rs_opaque"), None);
+    assert_eq!(jwt_expiry("a.!!!.c"), None);
+}
+
+/// Messages as the service writes them: a BOM first, the body a JSON array in a string;
+/// job message types this client does not know are skipped.
+#[test]
+fn a_message_is_read_past_its_bom_and_its_body_in_a_string() {
+    let body = json!([
+        {"messageType": "JobAvailable", "runnerRequestId": 7, "ownerName": "o", "repositoryName": "r",
+         "workflowRunId": 3, "requestLabels": ["rv"]},
+        {"messageType": "JobSomethingNew", "runnerRequestId": 8},
+        {"messageType": "JobCompleted", "runnerRequestId": 6, "ownerName": "o", "repositoryName": "r",
+         "result": "canceled", "runnerName": ""},
+    ]);
+    let envelope = json!({"messageId": 12, "messageType": "RunnerScaleSetJobMessages",
+        "body": body.to_string(), "statistics": {"totalAssignedJobs": 2}});
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend(envelope.to_string().bytes());
+    let m = message_of(&json_of(&bytes).unwrap()).unwrap();
+    assert_eq!(m.id, 12);
+    assert_eq!(m.statistics.assigned, 2);
+    assert_eq!(m.jobs.len(), 2);
+    assert!(
+        matches!(&m.jobs[0], JobMessage::Available(j) if j.request_id == 7 && j.repository == "o/r" && j.labels == ["rv"])
+    );
+    assert!(matches!(&m.jobs[1], JobMessage::Completed { result, runner_name: None, .. } if result == "canceled"));
+    let other = json!({"messageId": 1, "messageType": "Unknown", "body": ""});
+    assert!(message_of(&other).unwrap_err().contains("Unknown"));
+    assert_eq!(json_of(b"  ").unwrap(), Value::Null);
+}
