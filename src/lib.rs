@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod model;
 pub mod offload;
 pub mod reload;
+pub mod scaleset;
 pub mod scheduler;
 pub mod secret;
 pub mod server;
@@ -250,6 +251,7 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
     // The store has one writer thread, for the intake (a single host's) and the scheduler.
     let writer = Arc::new(store::Writer::start(store.clone()));
     let scheduler_store: Arc<dyn store::SchedulerStore> = writer.clone();
+    let github = deps.github.clone();
     let mut scheduler = Scheduler::new(
         config.clone(),
         deps.github,
@@ -263,6 +265,47 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
     .with_clock(clock);
     // The intake stamps deliveries in the scheduler's frame (see `clock::FrameClock`).
     let clock = scheduler.clock();
+    // Pools that are runner scale sets: a listener each (single host: `validate` refuses
+    // them with `[fleet]`).
+    if config.pools.iter().any(|p| p.scale_set().is_some()) {
+        let scope_url = format!("{}/{}", config.github.web_url(), config.github.scope().web_path());
+        match github::scaleset::HttpScaleSets::new(
+            &config.github.api_url,
+            &scope_url,
+            github,
+            config.github.api_timeout,
+        ) {
+            Ok(client) => {
+                let client = Arc::new(client);
+                let registry = Arc::new(scaleset::Registry::default());
+                let runners = Arc::new(scaleset::Runners { client: client.clone(), registry: registry.clone() });
+                scheduler = scheduler.with_scale_sets(registry.clone(), runners);
+                let owner = nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_else(|| "runnervisor".into());
+                for pool in &config.pools {
+                    let Some(name) = pool.scale_set() else { continue };
+                    let listener = scaleset::Listener {
+                        client: client.clone(),
+                        registry: registry.clone(),
+                        pool: pool.name.clone(),
+                        spec: github::scaleset::ScaleSetSpec {
+                            name: name.to_string(),
+                            labels: pool.labels.clone(),
+                            runner_group: config.github.runner_group.clone(),
+                        },
+                        persist: webhook::Persist::Local(writer.clone()),
+                        inbox_ready: inbox_ready.clone(),
+                        clock: clock.clone(),
+                        owner: owner.clone(),
+                    };
+                    tokio::spawn(listener.run(shutdown.clone()));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot make the scale set client: scale-set pools take no jobs"),
+        }
+    }
     // Fleet mode: the room for new jobs the scheduler leaves its intake to claim on write.
     let reserve = Arc::new(fleet::intake::Reserve::default());
     if let Some(m) = &deps.fleet {

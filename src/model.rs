@@ -45,6 +45,10 @@ pub struct JobEvent {
     pub action: JobAction,
     pub job: JobInfo,
     pub received_at: SystemTime,
+    /// The pool whose runner scale set GitHub assigned the job to (its listener says so);
+    /// `None`: the pool whose labels are exactly the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -159,6 +159,7 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
     }
     let wj = p.workflow_job;
     let event = JobEvent {
+        pool: None,
         delivery: delivery.to_string(),
         action,
         job: JobInfo {

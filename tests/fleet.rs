@@ -13,6 +13,7 @@ use runnervisor::model::{JobAction, JobEvent, JobInfo};
 
 fn event(delivery: &str, job: u64, action: JobAction) -> JobEvent {
     JobEvent {
+        pool: None,
         delivery: delivery.into(),
         action,
         job: JobInfo {

@@ -44,16 +44,27 @@ async fn maybe_stall(sim: &Sim) {
     }
 }
 
-async fn exchange_token(State(sim): S, headers: HeaderMap) -> Result<Response, ApiError> {
+#[derive(Deserialize)]
+struct ExchangeBody {
+    url: Option<String>,
+}
+
+async fn exchange_token(State(sim): S, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     maybe_stall(&sim).await;
     let token = bearer(&headers, "RemoteAuth ").ok_or_else(ApiError::not_found)?;
+    let req: ExchangeBody = parse_body(&body)?;
     let now = SystemTime::now();
     let mut world = sim.world();
     let scope = match world.registration_tokens.get(&token) {
         Some(t) if t.expires_at > now => t.scope.clone(),
         _ => return Err(ApiError::not_found()),
     };
-    let session = token_for_session();
+    // The URL names the scope the token is for (the service finds its tenant by it).
+    let path = format!("/{}", scope.web_path()).to_ascii_lowercase();
+    if req.url.is_some_and(|u| !u.trim_end_matches('/').to_ascii_lowercase().ends_with(&path)) {
+        return Err(ApiError::not_found());
+    }
+    let session = token_for_session(now, sim.config.admin_token_ttl);
     // The same token is the Actions service's (a scale set client's admin token).
     world.admin_tokens.insert(session.clone(), (scope.clone(), now + sim.config.admin_token_ttl));
     world.registration_sessions.insert(session.clone(), scope);
@@ -65,8 +76,14 @@ async fn exchange_token(State(sim): S, headers: HeaderMap) -> Result<Response, A
     .into_response())
 }
 
-fn token_for_session() -> String {
-    token("rs_", 40)
+/// A JWT as the service issues (unsigned here: nobody checks it but the simulator, by
+/// value): clients read when it expires from it.
+fn token_for_session(now: SystemTime, ttl: Duration) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let iat = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let claims = json!({"iat": iat, "exp": iat + ttl.as_secs().max(1), "jti": token("", 24)});
+    format!("{}.{}.{}", b64.encode(r#"{"alg":"none","typ":"JWT"}"#), b64.encode(claims.to_string()), token("", 16))
 }
 
 #[derive(Deserialize)]

@@ -72,6 +72,8 @@ pub struct Routed {
     pub request_id: u64,
     pub acquired_at: Option<SystemTime>,
     pub reassignments: u32,
+    /// When it was last offered (`JobAvailable`): offered again while not acquired.
+    pub offered_at: SystemTime,
 }
 
 /// What the set's statistics say (`RunnerScaleSetStatistic`).
@@ -168,7 +170,8 @@ impl World {
         self.next_request += 1;
         let request_id = self.next_request;
         if let Some(job) = self.jobs.get_mut(&job_id) {
-            job.routed = Some(Routed { scale_set: set, request_id, acquired_at: None, reassignments: 0 });
+            job.routed =
+                Some(Routed { scale_set: set, request_id, acquired_at: None, reassignments: 0, offered_at: now });
         }
         self.post_message(job_id, "JobAvailable", None, now);
     }
@@ -259,6 +262,31 @@ impl World {
                 r.request_id = request_id;
                 r.acquired_at = None;
                 r.reassignments += 1;
+                r.offered_at = now;
+            }
+            self.post_message(id, "JobAvailable", None, now);
+        }
+    }
+
+    /// Jobs of the set still available `after` their last offer are offered again (a set
+    /// whose capacity was full when they came may have room now).
+    pub fn reoffer(&mut self, set_id: u64, after: Duration, now: SystemTime) {
+        let due: Vec<u64> = self
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Queued)
+            .filter(|j| {
+                j.routed.as_ref().is_some_and(|r| {
+                    r.scale_set == set_id
+                        && r.acquired_at.is_none()
+                        && now.duration_since(r.offered_at).unwrap_or_default() >= after
+                })
+            })
+            .map(|j| j.id)
+            .collect();
+        for id in due {
+            if let Some(r) = self.jobs.get_mut(&id).and_then(|j| j.routed.as_mut()) {
+                r.offered_at = now;
             }
             self.post_message(id, "JobAvailable", None, now);
         }
@@ -301,12 +329,15 @@ impl World {
         set.session.as_mut()
     }
 
-    /// The set whose session holds `queue_token` (unexpired), with the session's id.
-    fn session_of_token(&self, queue_token: &str, now: SystemTime) -> Option<(u64, String)> {
-        self.scale_sets.values().find_map(|s| {
+    /// The set whose live session (see [`World::live_session`]) holds `queue_token`,
+    /// unexpired, with the session's id.
+    fn session_of_token(&mut self, queue_token: &str, idle: Duration, now: SystemTime) -> Option<(u64, String)> {
+        let (set, session) = self.scale_sets.values().find_map(|s| {
             let sess = s.session.as_ref().filter(|x| x.queue_token == queue_token && x.token_expires > now)?;
             Some((s.id, sess.id.clone()))
-        })
+        })?;
+        self.live_session(set, idle, now)?;
+        Some((set, session))
     }
 }
 
@@ -501,14 +532,27 @@ async fn delete_set(State(sim): S, headers: HeaderMap, Path(id): Path<String>) -
     let scope = admin(&sim, &headers, "runnerscaleset delete")?;
     let mut world = sim.world();
     let id = set_at(&world, &scope, &id)?;
-    world.scale_sets.remove(&id);
-    // Its queued jobs are nobody's now; its runners go with it.
-    for j in world.jobs.values_mut().filter(|j| j.routed.as_ref().is_some_and(|r| r.scale_set == id)) {
-        if j.status == JobStatus::Queued {
-            j.routed = None;
-        }
+    let now = SystemTime::now();
+    // Its runners go with it: a busy one's job fails, as when a runner is lost.
+    let runners: Vec<u64> = world.runners.values().filter(|r| r.scale_set == Some(id)).map(|r| r.id).collect();
+    for r in runners {
+        let _ = world.runner_lost(r, now);
+        world.runners.remove(&r);
     }
-    world.runners.retain(|_, r| r.scale_set != Some(id));
+    world.scale_sets.remove(&id);
+    // Its queued jobs are nobody's now, or another set's that covers them.
+    let queued: Vec<u64> = world
+        .jobs
+        .values()
+        .filter(|j| j.status == JobStatus::Queued && j.routed.as_ref().is_some_and(|r| r.scale_set == id))
+        .map(|j| j.id)
+        .collect();
+    for j in queued {
+        if let Some(job) = world.jobs.get_mut(&j) {
+            job.routed = None;
+        }
+        world.route(j, now);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -534,8 +578,9 @@ async fn create_session(State(sim): S, headers: HeaderMap, Path(id): Path<String
     let now = SystemTime::now();
     let mut world = sim.world();
     let id = set_at(&world, &scope, &id)?;
-    if let Some(s) = world.live_session(id, sim.config.scale_set_session_idle, now) {
-        let msg = format!("The actions runner scaleset {} already has an active session (owner {}).", id, s.owner);
+    if world.live_session(id, sim.config.scale_set_session_idle, now).is_some() {
+        let name = world.scale_sets[&id].name.clone();
+        let msg = format!("The actions runner scaleset {name} already has an active session.");
         return Err(ServiceError::new(
             StatusCode::CONFLICT,
             "GitHub.Actions.Runtime.WebApi.RunnerScaleSetSessionConflictException",
@@ -600,13 +645,20 @@ async fn poll(State(sim): S, headers: HeaderMap, Path(sid): Path<String>, Query(
         .and_then(|v| v.trim().parse::<u64>().ok())
         .ok_or_else(|| ServiceError::bad_request("X-ScaleSetMaxCapacity is required"))?;
     let deadline = tokio::time::Instant::now() + sim.config.message_poll_window;
+    // Authenticated as it arrives; then it waits while its session lasts.
+    let idle = sim.config.scale_set_session_idle;
+    let set_id = match sim.world().session_of_token(&token, idle, SystemTime::now()) {
+        Some((set, session)) if session == sid => set,
+        _ => return Err(ServiceError::unauthorized()),
+    };
     loop {
         let now = SystemTime::now();
         {
             let mut world = sim.world();
             world.reassign_stale(sim.config.reassign_after, now);
-            let (set_id, session) = world.session_of_token(&token, now).ok_or_else(ServiceError::unauthorized)?;
-            if session != sid {
+            world.reoffer(set_id, sim.config.reassign_after / 4, now);
+            let live = world.scale_sets.get(&set_id).and_then(|s| s.session.as_ref()).is_some_and(|s| s.id == sid);
+            if !live {
                 return Err(ServiceError::unauthorized());
             }
             let stats = world.statistics(set_id, now);
@@ -640,7 +692,9 @@ async fn delete_message(State(sim): S, headers: HeaderMap, Path((sid, mid)): Pat
     let token = bearer(&headers).ok_or_else(ServiceError::unauthorized)?;
     let now = SystemTime::now();
     let mut world = sim.world();
-    let (set_id, session) = world.session_of_token(&token, now).ok_or_else(ServiceError::unauthorized)?;
+    let (set_id, session) = world
+        .session_of_token(&token, sim.config.scale_set_session_idle, now)
+        .ok_or_else(ServiceError::unauthorized)?;
     if session != sid {
         return Err(ServiceError::unauthorized());
     }
@@ -655,7 +709,9 @@ async fn acquire_jobs(State(sim): S, headers: HeaderMap, Path(id): Path<String>,
     let requests: Vec<u64> = parse(&body)?;
     let now = SystemTime::now();
     let mut world = sim.world();
-    let (set_id, _) = world.session_of_token(&token, now).ok_or_else(ServiceError::unauthorized)?;
+    let (set_id, _) = world
+        .session_of_token(&token, sim.config.scale_set_session_idle, now)
+        .ok_or_else(ServiceError::unauthorized)?;
     if id.parse::<u64>().ok() != Some(set_id) {
         return Err(ServiceError::unauthorized());
     }

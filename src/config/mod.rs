@@ -290,6 +290,19 @@ pub enum Registration {
     Token,
 }
 
+/// Where a pool's jobs come from.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Intake {
+    /// `workflow_job` webhooks (and the reconciler's polling): a job whose labels are
+    /// exactly the pool's.
+    #[default]
+    Webhook,
+    /// The pool is a runner scale set (GitHub's Runner Scale Set protocol): the agent
+    /// long-polls GitHub for the jobs GitHub assigns to the set; nothing inbound.
+    ScaleSet,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
@@ -322,6 +335,14 @@ pub struct PoolConfig {
     pub max_vms_per_repository: Option<usize>,
     #[serde(default)]
     pub registration: Registration,
+    /// `webhook` (default) or `scale_set`: see [`Intake`].
+    #[serde(default)]
+    pub intake: Intake,
+    /// With `intake = "scale_set"`: the scale set's name at the scope, in `github.runner_group`
+    /// (made at start when missing; jobs ask for it with `runs-on: <name>`). Default: the
+    /// pool's name.
+    #[serde(default)]
+    pub scale_set_name: Option<String>,
     /// User in the image that runs the runner (the real runner refuses root).
     #[serde(default = "defaults::runner_user")]
     pub runner_user: String,
@@ -599,6 +620,11 @@ fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: impl Int
 impl PoolConfig {
     /// A retiring pool of this name with the default settings (see [`reload`]): what the
     /// agent knows of a pool its store has VMs of and its configuration does not.
+    /// The scale set's name (`scale_set_name`, or the pool's), for `intake = "scale_set"`.
+    pub fn scale_set(&self) -> Option<&str> {
+        (self.intake == Intake::ScaleSet).then(|| self.scale_set_name.as_deref().unwrap_or(&self.name))
+    }
+
     pub fn retiring(name: &str) -> Result<PoolConfig, toml::de::Error> {
         let mut t = toml::Table::new();
         t.insert("name".into(), name.into());

@@ -63,6 +63,33 @@ pub fn reload(old: &Config, new: Config) -> Reloaded {
     keep("fleet", differs(&old.fleet, &config.fleet));
     config.fleet = old.fleet.clone();
 
+    // A pool that is a runner scale set has its listener from the start: adding one,
+    // removing one, or changing what a pool's scale set is waits for a restart.
+    let scale_set = |p: &PoolConfig| (p.intake, p.scale_set_name.clone(), p.scale_set().map(|_| p.labels.clone()));
+    let mut pools = Vec::new();
+    for mut pool in std::mem::take(&mut config.pools) {
+        match old.pool(&pool.name).filter(|was| !was.retiring) {
+            None if pool.scale_set().is_some() => {
+                keep(&format!("pool {} (a scale set: added at the next restart)", pool.name), true);
+                continue;
+            }
+            Some(was) if scale_set(was) != scale_set(&pool) => {
+                keep(&format!("pool {}: intake, scale_set_name, a scale set's labels", pool.name), true);
+                (pool.intake, pool.scale_set_name, pool.labels) =
+                    (was.intake, was.scale_set_name.clone(), was.labels.clone());
+            }
+            _ => {}
+        }
+        pools.push(pool);
+    }
+    for was in old.pools.iter().filter(|p| p.scale_set().is_some() && !p.retiring) {
+        if !pools.iter().any(|p| p.name == was.name) {
+            keep(&format!("pool {} (a scale set: removed at the next restart)", was.name), true);
+            pools.push(was.clone());
+        }
+    }
+    config.pools = pools;
+
     let mut apply = |name: String, changed: bool| {
         if changed {
             report.applied.push(name);
@@ -166,5 +193,33 @@ mod tests {
         let r4 = reload(&r3.config, r.config.clone());
         assert_eq!(r4.report.applied, [format!("pool {name} (back)")]);
         assert!(!r4.config.pool(&name).unwrap().retiring);
+    }
+
+    /// A scale set's listener is made at start: adding, removing or changing a scale-set
+    /// pool waits for a restart (the running agent keeps what it has).
+    #[test]
+    fn scale_set_pools_change_at_the_next_restart() {
+        let old = with("", None, "");
+        let mut set = old.pools[0].clone();
+        set.name = "sets".into();
+        set.labels = vec!["rv-sets".into()];
+        set.intake = crate::config::Intake::ScaleSet;
+        // Added: not now.
+        let mut new = old.clone();
+        new.pools.push(set.clone());
+        let r = reload(&old, new.clone());
+        assert_eq!(r.report.kept, ["pool sets (a scale set: added at the next restart)"]);
+        assert!(r.config.pool("sets").is_none());
+        // Running with it: its intake and labels stay, and removing it waits too.
+        let mut changed = new.clone();
+        changed.pools[1].labels = vec!["rv-other".into()];
+        changed.pools[1].max_vms += 1;
+        let r = reload(&new, changed);
+        assert_eq!(r.report.kept, ["pool sets: intake, scale_set_name, a scale set's labels"]);
+        assert_eq!(r.report.applied, ["pool sets"], "what else changed applies");
+        assert_eq!(r.config.pool("sets").unwrap().labels, ["rv-sets"]);
+        let r = reload(&new, old.clone());
+        assert_eq!(r.report.kept, ["pool sets (a scale set: removed at the next restart)"]);
+        assert!(r.config.pool("sets").is_some_and(|p| !p.retiring && p.scale_set() == Some("sets")));
     }
 }

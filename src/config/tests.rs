@@ -238,3 +238,28 @@ fn urls_are_shown_without_their_password() {
     assert_eq!(redact_url("postgres://rv@db/x"), "postgres://rv@db/x");
     assert_eq!(redact_url("host=db password=s3cret user=rv"), "host=db password=*** user=rv");
 }
+
+#[test]
+fn a_pool_may_be_a_runner_scale_set() {
+    let c = Config::parse(&format!("{MINIMAL}\nintake = \"scale_set\"\n")).unwrap();
+    assert_eq!((c.pools[0].intake, c.pools[0].scale_set()), (Intake::ScaleSet, Some("small")));
+    let c = Config::parse(&format!("{MINIMAL}\nintake = \"scale_set\"\nscale_set_name = \"rv-linux\"\n")).unwrap();
+    assert_eq!(c.pools[0].scale_set(), Some("rv-linux"));
+    assert_eq!(Config::parse(MINIMAL).unwrap().pools[0].scale_set(), None, "webhooks by default");
+    let e = err(&format!("{MINIMAL}\nscale_set_name = \"rv\"\n"));
+    assert!(e.contains("pool[0].scale_set_name") && e.contains("intake"), "{e}");
+    let e = err(&format!("{MINIMAL}\nintake = \"scale_set\"\nregistration = \"token\"\n"));
+    assert!(e.contains("pool[0].registration") && e.contains("jit"), "{e}");
+    let e = err(&format!("{MINIMAL}\nintake = \"pull\"\n"));
+    assert!(e.contains("intake") && e.contains("pull"), "{e}");
+    let two = format!(
+        "{MINIMAL}\nintake = \"scale_set\"\n[[pool]]\nname = \"other\"\nlabels = [\"x\"]\nimage = \"/x.qcow2\"\nintake = \"scale_set\"\nscale_set_name = \"SMALL\"\n"
+    );
+    let e = err(&two);
+    assert!(e.contains("pool[1].scale_set_name") && e.contains("\"small\""), "{e}");
+    let fleet = format!(
+        "{MINIMAL}\nintake = \"scale_set\"\n[fleet]\npostgres = {{ url = \"postgres://rv@db.example/runnervisor\" }}\n"
+    );
+    let e = err(&fleet);
+    assert!(e.contains("pool[0].intake") && e.contains("fleet"), "{e}");
+}

@@ -240,6 +240,37 @@ impl Config {
             if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&p.bind_timeout) {
                 return Err(invalid(key("bind_timeout"), p.bind_timeout, "must be 1s to 10m"));
             }
+            if p.scale_set_name.is_some() && p.intake != Intake::ScaleSet {
+                return Err(invalid(key("scale_set_name"), &p.scale_set_name, "needs intake = \"scale_set\""));
+            }
+            if let Some(set) = p.scale_set() {
+                if set.is_empty() || set.len() > 100 || set.trim() != set || set.contains(',') {
+                    return Err(invalid(
+                        key("scale_set_name"),
+                        set,
+                        "1 to 100 characters, no commas or surrounding spaces",
+                    ));
+                }
+                if p.registration != Registration::Jit {
+                    return Err(invalid(
+                        key("registration"),
+                        "token",
+                        "a scale set's runners get JIT configs from it: use registration = \"jit\" with intake = \"scale_set\"",
+                    ));
+                }
+                if let Some(q) =
+                    self.pools[..i].iter().find(|q| q.scale_set().is_some_and(|s| s.eq_ignore_ascii_case(set)))
+                {
+                    return Err(invalid(key("scale_set_name"), set, format!("pool {:?} is that scale set", q.name)));
+                }
+                if self.fleet.is_some() {
+                    return Err(invalid(
+                        key("intake"),
+                        "scale_set",
+                        "scale sets are served by a single host for now: not with [fleet]",
+                    ));
+                }
+            }
         }
         if let Some(f) = &self.fleet {
             validate_fleet(f)?;

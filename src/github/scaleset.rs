@@ -10,7 +10,8 @@
 //!   once when the service answers 401 (the call is then made once more). The service's
 //!   URL may change with it.
 //! - **Scale sets** (`_apis/runtime/runnerscalesets`): found by name in their runner
-//!   group, made when missing, their labels and group brought to the config's.
+//!   group, made when missing, their labels brought to the config's (the set's name is
+//!   always one, as GitHub's client makes it).
 //! - **Sessions** (`…/{id}/sessions`): one client at a time holds a set's session (409
 //!   `RunnerScaleSetSessionConflictException` otherwise: [`SsError::Conflict`]); a refresh
 //!   renews the queue token; a session the service lost answers 404
@@ -22,8 +23,12 @@
 //! - `acquirejobs` (with the queue token), `generatejitconfig`, and runners at
 //!   `_apis/distributedtask/pools/0/agents`.
 //!
-//! No call is retried here: the listener owns the back-off (a session create retried after
-//! an ambiguous failure would conflict with the session the first attempt made).
+//! No call to the service is retried here: the listener owns the back-off (a session
+//! create retried after an ambiguous failure would conflict with the session the first
+//! attempt made). The exchange is, a few times: GitHub's client does so, as a
+//! registration token just made is refused for a moment at times. Every call is bounded
+//! by the client's timeout, the long poll by [`POLL_TIMEOUT`]; error answers that are not
+//! JSON (a proxy's page) keep their status.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +46,10 @@ use crate::secret::Secret;
 const API_VERSION: &str = "6.0-preview";
 const SETS: &str = "_apis/runtime/runnerscalesets";
 const AGENTS: &str = "_apis/distributedtask/pools/0/agents";
+const EXCHANGE: &str = "actions/runner-registration";
+const EXCHANGE_ATTEMPTS: u32 = 4;
+/// What `X-ScaleSetMaxCapacity` may say (the service reads a 32-bit integer).
+const MAX_CAPACITY: u64 = i32::MAX as u64;
 /// The long poll is held ~50 s by the service: a call waits longer than that.
 const POLL_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -63,6 +72,31 @@ pub enum SsError {
     Decode { path: String, message: String },
     #[error("the registration token for the Actions service: {0}")]
     GitHub(#[from] GhError),
+}
+
+impl SsError {
+    /// The HTTP status the service answered, if it answered one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SsError::Status { status, .. } => Some(*status),
+            SsError::GitHub(e) => e.status(),
+            _ => None,
+        }
+    }
+
+    /// As the REST client's error (what provisioning handles): a runner name the set has
+    /// already is a 409, as `generate-jitconfig` answers.
+    pub fn into_gh(self) -> GhError {
+        match self {
+            SsError::GitHub(e) => e,
+            SsError::Status { method, path, status, type_name, message } => {
+                let status = if type_name.contains("AgentExistsException") { 409 } else { status };
+                GhError::Status { method, path, status, message: format!("{type_name} {message}") }
+            }
+            SsError::Transport { method, path, message } => GhError::Transport { method, path, message },
+            other => GhError::Decode { path: "scale set".into(), message: other.to_string() },
+        }
+    }
 }
 
 /// What the config says a pool's scale set is.
@@ -115,8 +149,10 @@ pub struct Session {
 pub struct JobRef {
     /// The request's id: what `acquirejobs` takes (a job offered again gets a new one).
     pub request_id: u64,
-    /// "owner/name".
+    /// "owner/name" ("" when the message does not say).
     pub repository: String,
+    /// The workflow job's id as the service spells it (the same across requests).
+    pub job_id: String,
     pub run_id: u64,
     pub display_name: String,
     pub labels: Vec<String>,
@@ -128,7 +164,7 @@ pub enum JobMessage {
     Assigned(JobRef),
     Started {
         job: JobRef,
-        runner_name: String,
+        runner_name: Option<String>,
     },
     /// `result`: `succeeded`, `failed`, `canceled` (a job offered again is first
     /// `canceled` for the set, without a runner).
@@ -142,14 +178,19 @@ pub enum JobMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub id: u64,
-    pub statistics: Statistics,
+    /// `None`: the message carried none (the last ones seen still hold).
+    pub statistics: Option<Statistics>,
     pub jobs: Vec<JobMessage>,
+    /// Why the message (or some of its jobs) could not be read: it is acknowledged anyway
+    /// (read again, it would be as unreadable, and hold up every message after it).
+    pub unreadable: Option<String>,
 }
 
 /// The seam to a scale set (the real client below; fakes in tests).
 pub trait ScaleSets: Send + Sync + 'static {
-    /// The set of `spec.name` in its runner group, made when missing; its labels and group
-    /// brought to `spec`'s.
+    /// The set of `spec.name` in its runner group, made when missing; its labels brought
+    /// to `spec`'s (its name always among them). One of that name in another group is an
+    /// error that says so.
     fn ensure(&self, spec: &ScaleSetSpec) -> impl Future<Output = Result<ScaleSetInfo, SsError>> + Send;
     /// Deletes the set (an operator's command; never a restart).
     fn delete(&self, set_id: u64) -> impl Future<Output = Result<(), SsError>> + Send;
@@ -184,8 +225,22 @@ struct Admin {
     renew_at: Option<SystemTime>,
 }
 
+/// When to exchange a token again that was received `now` and expires at `exp` (by the
+/// service's clock): a minute before, by its lifetime as received (`exp − iat` when the
+/// token says when it was issued), so that a skewed clock here neither renews it at
+/// every call nor lets it lapse; at least a minute on.
+pub fn renew_at(now: SystemTime, iat: Option<SystemTime>, exp: SystemTime) -> SystemTime {
+    let lifetime = match iat {
+        Some(iat) => exp.duration_since(iat).unwrap_or_default(),
+        None => exp.duration_since(now).unwrap_or_default(),
+    };
+    now + lifetime.saturating_sub(Duration::from_secs(60)).max(Duration::from_secs(60))
+}
+
 pub struct HttpScaleSets<G> {
     client: reqwest::Client,
+    /// Every call's deadline but the long poll's.
+    timeout: Duration,
     api: String,
     /// The scope's web URL (`https://github.com/octo-org`): what the exchange names.
     scope_url: String,
@@ -193,12 +248,13 @@ pub struct HttpScaleSets<G> {
     admin: Mutex<Option<Admin>>,
 }
 
-/// `exp` of a JWT, read without checking its signature (the service checks it).
-pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
+/// `iat` and `exp` of a JWT, read without checking its signature (the service checks it).
+pub fn jwt_times(token: &str) -> Option<(Option<SystemTime>, SystemTime)> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let exp = serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_u64()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+    let claims = serde_json::from_slice::<Value>(&bytes).ok()?;
+    let at = |k: &str| claims.get(k)?.as_u64().map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+    Some((at("iat"), at("exp")?))
 }
 
 /// A body as JSON, past a UTF-8 byte-order mark; an empty body is `null`.
@@ -208,6 +264,15 @@ fn json_of(bytes: &[u8]) -> Result<Value, String> {
         return Ok(Value::Null);
     }
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// An error answer's body: JSON (`typeName`, `message`), or text (a proxy's page, the
+/// service's `text/plain`) as its message.
+fn error_body(bytes: &[u8]) -> Value {
+    json_of(bytes).unwrap_or_else(|_| {
+        let text = String::from_utf8_lossy(bytes);
+        json!({"message": text.trim().chars().take(300).collect::<String>()})
+    })
 }
 
 /// The message that goes with a path: its query (which may carry ids) left out.
@@ -225,12 +290,13 @@ impl<G: GitHub> HttpScaleSets<G> {
     /// `api`: the REST base; `scope_url`: the scope's web URL (`web_url/web_path`).
     pub fn new(api: &str, scope_url: &str, github: Arc<G>, timeout: Duration) -> Result<Self, SsError> {
         let client = reqwest::Client::builder()
-            .connect_timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(30)))
             .user_agent(concat!("runnervisor/", env!("CARGO_PKG_VERSION"), " (scale set client)"))
             .build()
             .map_err(|e| SsError::Transport { method: "-".into(), path: "-".into(), message: e.to_string() })?;
         Ok(HttpScaleSets {
             client,
+            timeout,
             api: api.trim_end_matches('/').to_string(),
             scope_url: scope_url.trim_end_matches('/').to_string(),
             github,
@@ -247,35 +313,58 @@ impl<G: GitHub> HttpScaleSets<G> {
         {
             return Ok(a.clone());
         }
-        let registration = self.github.registration_token().await?;
-        let path = format!("{}/actions/runner-registration", self.api);
-        let resp = self
-            .client
-            .post(&path)
-            .header("authorization", format!("RemoteAuth {}", registration.expose()))
-            .json(&json!({"url": self.scope_url, "runner_event": "register"}))
-            .send()
-            .await
-            .map_err(|e| transport("POST", "actions/runner-registration", &e))?;
-        let (status, body) = (resp.status(), resp.bytes().await.unwrap_or_default());
-        let v = json_of(&body).unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(status_error("POST", "actions/runner-registration", status, &v));
-        }
-        let (Some(url), Some(token)) = (v["url"].as_str(), v["token"].as_str()) else {
-            return Err(SsError::Decode {
-                path: "actions/runner-registration".into(),
-                message: "no url or token in the answer".into(),
+        // A registration token just made is refused for a moment at times (GitHub's own
+        // client tries the exchange five times, on 401 and 403 too): tried a few times here,
+        // each bounded, so that the lock held meanwhile is held for a bounded time.
+        let mut attempt = 0;
+        let v = loop {
+            let tried = tokio::time::timeout(self.timeout, self.exchange()).await.unwrap_or_else(|_| {
+                Err(SsError::Transport { method: "POST".into(), path: EXCHANGE.into(), message: "timed out".into() })
             });
+            let retry = match &tried {
+                Err(SsError::Transport { .. }) => true,
+                Err(SsError::Status { status, .. }) => matches!(status, 401 | 403 | 429 | 500..=599),
+                _ => false,
+            };
+            attempt += 1;
+            if !retry || attempt >= EXCHANGE_ATTEMPTS {
+                break tried?;
+            }
+            let policy = super::http::RetryPolicy::default();
+            tokio::time::sleep(super::http::backoff(&policy, attempt)).await;
         };
-        let renew_at = jwt_expiry(token).map(|exp| exp - Duration::from_secs(60));
+        let (Some(url), Some(token)) = (v["url"].as_str(), v["token"].as_str()) else {
+            return Err(SsError::Decode { path: EXCHANGE.into(), message: "no url or token in the answer".into() });
+        };
+        let renew_at = jwt_times(token).map(|(iat, exp)| renew_at(SystemTime::now(), iat, exp));
         let admin = Admin { url: url.trim_end_matches('/').to_string(), token: Secret::new(token), renew_at };
         *held = Some(admin.clone());
         Ok(admin)
     }
 
-    /// One call to the service (`path` under its URL, or a whole URL: the message queue's).
-    /// A 401 with the admin token exchanges it again and calls once more.
+    /// One registration exchange: its answer's body.
+    async fn exchange(&self) -> Result<Value, SsError> {
+        let registration = self.github.registration_token().await?;
+        let resp = self
+            .client
+            .post(format!("{}/{EXCHANGE}", self.api))
+            .header("authorization", format!("RemoteAuth {}", registration.expose()))
+            .json(&json!({"url": self.scope_url, "runner_event": "register"}))
+            .send()
+            .await
+            .map_err(|e| transport("POST", EXCHANGE, &e))?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| transport("POST", EXCHANGE, &e))?;
+        if !status.is_success() {
+            return Err(status_error("POST", EXCHANGE, status, &error_body(&body)));
+        }
+        json_of(&body).map_err(|message| SsError::Decode { path: EXCHANGE.into(), message })
+    }
+
+    /// One call to the service (`path` under its URL, or a whole URL: the message queue's;
+    /// `name`: what errors call it). A 401 with the admin token exchanges it again and calls
+    /// once more; a 401 with the queue's is [`SsError::QueueToken`]. The body is read as
+    /// JSON when the call succeeded, as [`error_body`] when not.
     async fn call(
         &self,
         method: Method,
@@ -284,6 +373,13 @@ impl<G: GitHub> HttpScaleSets<G> {
         body: Option<&Value>,
         extra: &[(&str, String)],
     ) -> Result<(StatusCode, Value), SsError> {
+        let name = match &who {
+            As::Admin => route(path),
+            As::Queue(_) if path.contains(SETS) => "acquirejobs".to_string(),
+            As::Queue(_) => "message queue".to_string(),
+        };
+        // The long poll is held by the service ~50 s; every other call is bounded by `timeout`.
+        let deadline = if method == Method::GET && name == "message queue" { POLL_TIMEOUT } else { self.timeout };
         let mut stale = None;
         loop {
             let (url, token) = match &who {
@@ -294,26 +390,31 @@ impl<G: GitHub> HttpScaleSets<G> {
                 }
                 As::Queue(t) => (path.to_string(), (*t).clone()),
             };
-            let name = match &who {
-                As::Admin => route(path),
-                As::Queue(_) => "message queue".to_string(),
-            };
             let mut req = self
                 .client
                 .request(method.clone(), &url)
                 .header("authorization", format!("Bearer {}", token.expose()))
                 .header("accept", format!("application/json; api-version={API_VERSION}"))
-                .timeout(POLL_TIMEOUT);
+                .timeout(deadline);
             for (k, v) in extra {
                 req = req.header(*k, v);
             }
-            if let Some(b) = body {
-                req = req.json(b);
-            }
+            req = match body {
+                Some(b) => req.json(b),
+                // Front ends of the service answer 411 to a PATCH or POST without a length.
+                None if method == Method::PATCH || method == Method::POST => {
+                    req.header("content-type", "application/json").header("content-length", "0")
+                }
+                None => req,
+            };
             let resp = req.send().await.map_err(|e| transport(method.as_str(), &name, &e))?;
             let status = resp.status();
             let bytes = resp.bytes().await.map_err(|e| transport(method.as_str(), &name, &e))?;
-            let v = json_of(&bytes).map_err(|message| SsError::Decode { path: name.clone(), message })?;
+            let v = if status.is_success() {
+                json_of(&bytes).map_err(|message| SsError::Decode { path: name.clone(), message })?
+            } else {
+                error_body(&bytes)
+            };
             if status == StatusCode::UNAUTHORIZED {
                 match &who {
                     As::Admin if stale.is_none() => {
@@ -381,7 +482,12 @@ fn status_error(method: &str, path: &str, status: StatusCode, v: &Value) -> SsEr
     {
         return SsError::Conflict(message);
     }
-    if path.contains("/sessions/") && status == StatusCode::NOT_FOUND {
+    // The session the service lost (`RunnerAdminException`, "session ID doesn't exist");
+    // a 404 of a set that is gone is no such thing.
+    if path.contains("/sessions/")
+        && status == StatusCode::NOT_FOUND
+        && (type_name.contains("RunnerAdminException") || message.to_ascii_lowercase().contains("session"))
+    {
         return SsError::SessionGone(message);
     }
     SsError::Status { method: method.into(), path: path.into(), status: status.as_u16(), type_name, message }
@@ -423,47 +529,93 @@ fn session_of(v: &Value) -> Result<Session, String> {
     })
 }
 
-/// A job message of a message's body.
-pub fn job_message(v: &Value) -> Option<JobMessage> {
+/// A field of a message, by its name as the Go client spells it, or with its first
+/// letter capitalized (Go reads names regardless of case: the service's casing is not
+/// pinned by its client).
+fn field<'a>(v: &'a Value, name: &str) -> &'a Value {
+    match v.get(name) {
+        Some(f) => f,
+        None => {
+            let mut upper = name.to_string();
+            upper[..1].make_ascii_uppercase();
+            &v[upper.as_str()]
+        }
+    }
+}
+
+/// A job message of a message's body; `None` for a type this client does not know.
+pub fn job_message(v: &Value) -> Result<Option<JobMessage>, String> {
+    let text = |k: &str| field(v, k).as_str().unwrap_or("").to_string();
+    let kind = text("messageType");
+    if !matches!(kind.as_str(), "JobAvailable" | "JobAssigned" | "JobStarted" | "JobCompleted") {
+        return Ok(None);
+    }
+    let request_id = field(v, "runnerRequestId").as_u64().ok_or_else(|| format!("{kind} without a runnerRequestId"))?;
+    let (owner, repo) = (text("ownerName"), text("repositoryName"));
     let job = JobRef {
-        request_id: v["runnerRequestId"].as_u64()?,
-        repository: format!("{}/{}", v["ownerName"].as_str()?, v["repositoryName"].as_str()?),
-        run_id: v["workflowRunId"].as_u64().unwrap_or(0),
-        display_name: v["jobDisplayName"].as_str().unwrap_or("").to_string(),
-        labels: v["requestLabels"]
+        request_id,
+        repository: if owner.is_empty() || repo.is_empty() { String::new() } else { format!("{owner}/{repo}") },
+        job_id: match field(v, "jobId") {
+            Value::Number(n) => n.to_string(),
+            other => other.as_str().unwrap_or("").to_string(),
+        },
+        run_id: field(v, "workflowRunId").as_u64().unwrap_or(0),
+        display_name: text("jobDisplayName"),
+        labels: field(v, "requestLabels")
             .as_array()
             .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
             .unwrap_or_default(),
     };
-    let runner = v["runnerName"].as_str().filter(|n| !n.is_empty()).map(str::to_string);
-    Some(match v["messageType"].as_str()? {
+    let runner = Some(text("runnerName")).filter(|n| !n.is_empty());
+    Ok(Some(match kind.as_str() {
         "JobAvailable" => JobMessage::Available(job),
         "JobAssigned" => JobMessage::Assigned(job),
-        "JobStarted" => JobMessage::Started { job, runner_name: runner? },
-        "JobCompleted" => {
-            JobMessage::Completed { job, result: v["result"].as_str().unwrap_or("").to_string(), runner_name: runner }
-        }
-        _ => return None,
-    })
+        "JobStarted" => JobMessage::Started { job, runner_name: runner },
+        _ => JobMessage::Completed { job, result: text("result"), runner_name: runner },
+    }))
 }
 
-/// A message of the queue: its body is a JSON array in a string.
+/// A message of the queue: its body is a JSON array in a string. What cannot be read is
+/// said in [`Message::unreadable`], and the rest is kept (an error here would leave the
+/// message unacknowledged, to come again as unreadable, for good).
 pub fn message_of(v: &Value) -> Result<Message, String> {
-    let id = v["messageId"].as_u64().ok_or("no messageId")?;
-    match v["messageType"].as_str() {
+    let id = field(v, "messageId").as_u64().ok_or("a message without a messageId")?;
+    let statistics = match field(v, "statistics") {
+        Value::Object(_) => serde_json::from_value(field(v, "statistics").clone()).ok(),
+        _ => None,
+    };
+    let mut m = Message { id, statistics, jobs: Vec::new(), unreadable: None };
+    match field(v, "messageType").as_str() {
         Some("RunnerScaleSetJobMessages") => {}
-        other => return Err(format!("message {id}: unknown messageType {other:?}")),
+        other => {
+            m.unreadable = Some(format!("unknown messageType {other:?}"));
+            return Ok(m);
+        }
     }
-    let statistics = serde_json::from_value(v["statistics"].clone()).unwrap_or_default();
-    let jobs = match v["body"].as_str().unwrap_or("") {
-        "" => Vec::new(),
-        body => {
-            let items: Vec<Value> = serde_json::from_str(body).map_err(|e| format!("message {id}: body: {e}"))?;
-            // Types this client does not know are skipped (the service may add some).
-            items.iter().filter_map(job_message).collect()
+    let body = field(v, "body").as_str().unwrap_or("");
+    if body.is_empty() {
+        return Ok(m);
+    }
+    let items: Vec<Value> = match serde_json::from_str(body) {
+        Ok(items) => items,
+        Err(e) => {
+            m.unreadable = Some(format!("its body is no JSON array: {e}"));
+            return Ok(m);
         }
     };
-    Ok(Message { id, statistics, jobs })
+    let mut bad = Vec::new();
+    for item in &items {
+        match job_message(item) {
+            Ok(Some(j)) => m.jobs.push(j),
+            // Types the service may add are skipped.
+            Ok(None) => {}
+            Err(e) => bad.push(e),
+        }
+    }
+    if !bad.is_empty() {
+        m.unreadable = Some(bad.join("; "));
+    }
+    Ok(m)
 }
 
 impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
@@ -471,18 +623,39 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
         let group = self.runner_group_id(&spec.runner_group).await?;
         let path = format!("{SETS}?runnerGroupId={group}&name={}", query_value(&spec.name));
         let v = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
-        let labels: Vec<Value> = spec.labels.iter().map(|l| json!({"name": l, "type": "System"})).collect();
-        let found = v["value"].as_array().and_then(|a| a.first()).cloned();
+        // The set's name is one of its labels, as GitHub's client makes it (`runs-on: <name>`).
+        let mut names = vec![spec.name.clone()];
+        for l in &spec.labels {
+            if !names.iter().any(|n| n.eq_ignore_ascii_case(l)) {
+                names.push(l.clone());
+            }
+        }
+        let labels: Vec<Value> = names.iter().map(|l| json!({"name": l, "type": "System"})).collect();
+        let sets = v["value"].as_array().cloned().unwrap_or_default();
+        if sets.len() > 1 {
+            return Err(decode(SETS)(format!("{} scale sets are called {:?}", sets.len(), spec.name)));
+        }
+        let found = sets.into_iter().next();
         let Some(found) = found else {
             let body = json!({
                 "name": spec.name, "runnerGroupId": group, "labels": labels,
                 "RunnerSetting": {"disableUpdate": true},
             });
-            let v = self.expect(Method::POST, SETS, Some(&body), &[StatusCode::OK, StatusCode::CREATED]).await?;
-            return set_info(&v).map_err(decode(SETS));
+            let made = self.expect(Method::POST, SETS, Some(&body), &[StatusCode::OK, StatusCode::CREATED]).await;
+            return match made {
+                Ok(v) => set_info(&v).map_err(decode(SETS)),
+                // Not in this group, yet its name is taken: in another group.
+                Err(SsError::Status { status: 400 | 409, message, .. }) if message.contains("exists") => {
+                    Err(decode(SETS)(format!(
+                        "a scale set called {:?} exists outside runner group {:?} (github.runner_group): move it back, or delete it (`runnervisor scale-set delete`) to have it made again",
+                        spec.name, spec.runner_group
+                    )))
+                }
+                Err(e) => Err(e),
+            };
         };
         let info = set_info(&found).map_err(decode(SETS))?;
-        let mut want: Vec<String> = spec.labels.iter().map(|l| l.to_lowercase()).collect();
+        let mut want: Vec<String> = names.iter().map(|l| l.to_lowercase()).collect();
         let mut have: Vec<String> = info.labels.iter().map(|l| l.to_lowercase()).collect();
         want.sort();
         have.sort();
@@ -529,7 +702,7 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
                 format!("{}{sep}lastMessageId={n}", session.queue_url)
             }
         };
-        let extra = [("x-scalesetmaxcapacity", capacity.to_string())];
+        let extra = [("x-scalesetmaxcapacity", capacity.min(MAX_CAPACITY).to_string())];
         let (status, v) = self.call(Method::GET, &url, As::Queue(&session.queue_token), None, &extra).await?;
         match status {
             // An empty 200 has been seen from the service: nothing came.

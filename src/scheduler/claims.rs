@@ -457,7 +457,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             info!(job_id = job, ?action, "a taken-over job was served before its member went away");
             let received_at = self.now();
-            self.apply(JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at });
+            self.apply(JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at, pool: None });
         }
     }
 
@@ -526,7 +526,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             };
             news |= super::job::next(known.map(|j| &j.state), row.action, &info).is_some();
             let delivery = format!("fleet-{}-{}", row.id, crate::fleet::intake::state_name(row.action));
-            self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at });
+            self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at, pool: None });
         }
         if news {
             self.intake.last_webhook = Some(self.now());

@@ -66,8 +66,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Indexes the installed config's pools by label set (at start and after a reload),
     /// so that matching a job does not recompute every pool's set.
     pub(super) fn index_pools(&mut self) {
-        self.intake.pools_by_labels =
-            self.config.pools.iter().filter(|p| !p.retiring).map(|p| (label_set(&p.labels), p.name.clone())).collect();
+        // A scale set's jobs are those GitHub assigns to it (its listener names the pool):
+        // a webhook about one (the hook hears of every job) matches no pool.
+        self.intake.pools_by_labels = self
+            .config
+            .pools
+            .iter()
+            .filter(|p| !p.retiring && p.scale_set().is_none())
+            .map(|p| (label_set(&p.labels), p.name.clone()))
+            .collect();
     }
 
     pub(super) fn match_pool(&self, labels: &[String]) -> Option<String> {
@@ -75,9 +82,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.intake.pools_by_labels.iter().find(|(set, _)| *set == want).map(|(_, name)| name.clone())
     }
 
-    pub(super) fn new_job(&self, info: &JobInfo, received_at: SystemTime) -> JobRec {
+    /// The pool that takes `ev`'s job: the scale set's pool its listener named, or the one
+    /// whose labels are exactly the job's.
+    pub(super) fn pool_for(&self, ev: &JobEvent) -> Option<String> {
+        match &ev.pool {
+            Some(p) => self.config.pool(p).filter(|c| !c.retiring && c.scale_set().is_some()).map(|c| c.name.clone()),
+            None => self.match_pool(&ev.job.labels),
+        }
+    }
+
+    pub(super) fn new_job(&self, info: &JobInfo, pool: Option<String>, received_at: SystemTime) -> JobRec {
         JobRec {
-            pool: self.match_pool(&info.labels),
+            pool,
             info: JobInfo { runner_name: None, conclusion: None, ..info.clone() },
             state: JobState::Queued,
             received_at,
@@ -92,7 +108,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// runner named in the event, if it is one of our VMs, moves that VM along.
     pub(super) fn apply(&mut self, ev: JobEvent) {
         let id = ev.job.id;
-        if !self.book.jobs.contains_key(&id) && self.match_pool(&ev.job.labels).is_none() {
+        let pool = self.pool_for(&ev);
+        if !self.book.jobs.contains_key(&id) && pool.is_none() {
             // No pool serves it: a counter, not a record — unless it names one of our
             // runners (a runner may take any job its labels cover), which must be tracked.
             let names_ours = ev.job.runner_name.as_ref().is_some_and(|r| self.book.vms.contains_key(r));
@@ -117,7 +134,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let changed = job::next(current.as_ref(), ev.action, &ev.job);
         if let Some(state) = changed.clone() {
             let now = self.now();
-            let fresh = current.is_none().then(|| self.new_job(&ev.job, ev.received_at));
+            let fresh = current.is_none().then(|| self.new_job(&ev.job, pool, ev.received_at));
             let job = match fresh {
                 Some(j) => self.book.jobs.entry(id).or_insert(j),
                 None => self.book.jobs.get_mut(&id).expect("known"),

@@ -120,6 +120,8 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     timeline: timeline::Recorder,
     /// Fleet mode: the claims this member holds.
     fleet: Option<claims::Fleet>,
+    /// Pools that are runner scale sets: the capacity their listeners announce.
+    scale_sets: Option<Arc<crate::scaleset::Registry>>,
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -141,7 +143,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // A frame that does not decode is as good as none: the wall clock's is taken.
         let frame = snap.meta.get(CLOCK_FRAME).and_then(|v| serde_json::from_slice(v).ok());
         let mut scheduler = Scheduler {
-            ctx: Ctx { github, hv, config: config.clone(), events: tx, fence_others: Default::default() },
+            ctx: Ctx {
+                github,
+                hv,
+                config: config.clone(),
+                events: tx,
+                fence_others: Default::default(),
+                scale_sets: None,
+            },
             config,
             store,
             metrics,
@@ -161,10 +170,23 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             clock: Arc::new(FrameClock::new(Arc::new(SystemClock), frame)),
             timeline: timeline::Recorder::default(),
             fleet: None,
+            scale_sets: None,
         };
         scheduler.retire_unknown_pools();
         scheduler.index_pools();
         Ok(scheduler)
+    }
+
+    /// Pools that are runner scale sets: their runners' JIT configs come from `runners`, and
+    /// each pass publishes the capacity their listeners announce in `registry`.
+    pub fn with_scale_sets(
+        mut self,
+        registry: Arc<crate::scaleset::Registry>,
+        runners: Arc<dyn crate::scaleset::ScaleSetRunners>,
+    ) -> Self {
+        self.scale_sets = Some(registry);
+        self.ctx.scale_sets = Some(runners);
+        self
     }
 
     /// Fleet mode: serves only the jobs this member claims.
@@ -457,6 +479,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             decision
         };
+        if let (Some(registry), Some(_)) = (&self.scale_sets, pool.scale_set()) {
+            // The jobs it could run at once: its VMs (warm ones and slots among them) and
+            // the places it may still start; none while it drains.
+            let held = self.book.vms_of(&pool.name).count();
+            let capacity = if gate.draining { 0 } else { pool.max_vms.min(held.saturating_add(host_room)) };
+            registry.set_capacity(&pool.name, capacity as u64);
+        }
         let since = &mut self.lifecycle.surplus_since;
         // Another pool's timers stay: a VM's pool is its record's (its name alone cannot
         // tell "small" job 2 attempt 41 from "small-2" job 41). A VM without a record is gone.

@@ -112,6 +112,8 @@ pub struct Ctx<G, H> {
     pub events: UnboundedSender<Event>,
     /// Addresses of other hosts the fence drops too (fleet mode).
     pub fence_others: Arc<fence::Others>,
+    /// The JIT configs of pools that are runner scale sets (`intake = "scale_set"`).
+    pub scale_sets: Option<Arc<dyn crate::scaleset::ScaleSetRunners>>,
 }
 
 impl<G, H> Clone for Ctx<G, H> {
@@ -122,6 +124,7 @@ impl<G, H> Clone for Ctx<G, H> {
             config: self.config.clone(),
             events: self.events.clone(),
             fence_others: self.fence_others.clone(),
+            scale_sets: self.scale_sets.clone(),
         }
     }
 }
@@ -354,7 +357,14 @@ async fn credential<G: GitHub, H>(ctx: &Ctx<G, H>, plan: &Plan) -> Result<Creden
             // In a fleet a runner of that name may be another member's (names from before
             // member numbers), unless an earlier binding of this VM may have made it.
             let may_be_others = ctx.config.fleet.is_some() && plan.vm.binds <= 1;
-            let jit = match ctx.github.generate_jit_config(name, &plan.labels, plan.runner_group_id).await {
+            // A scale set's runners are made by the set (it gives them its labels and group).
+            let generate = || async {
+                match (&ctx.scale_sets, plan.pool.scale_set()) {
+                    (Some(sets), Some(_)) => sets.jit(&plan.pool.name, name).await,
+                    _ => ctx.github.generate_jit_config(name, &plan.labels, plan.runner_group_id).await,
+                }
+            };
+            let jit = match generate().await {
                 // Left alone: the job's next VM, a new claim, has a new name.
                 Err(e) if e.status() == Some(409) && may_be_others => {
                     tracing::warn!(vm = %name, "a runner with this name exists: in a fleet it may be another member's, so it is not replaced; the job is served under a new name");
@@ -366,7 +376,7 @@ async fn credential<G: GitHub, H>(ctx: &Ctx<G, H>, plan: &Plan) -> Result<Creden
                     if let Some(r) = ctx.github.find_runner(name).await? {
                         ctx.github.delete_runner(r.id).await?;
                     }
-                    ctx.github.generate_jit_config(name, &plan.labels, plan.runner_group_id).await
+                    generate().await
                 }
                 other => other,
             }?;

@@ -120,6 +120,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .jobs
             .values()
             .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
+            // A scale set's jobs are its requests, which the REST API does not know: their
+            // news comes from the set's messages, which wait until acknowledged.
+            .filter(|j| j.pool.as_deref().and_then(|p| self.config.pool(p)).is_none_or(|p| p.scale_set().is_none()))
             .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
             .collect();
         // The longest without news first; each refreshed job counts as news (below).
@@ -231,7 +234,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Ok(list) => {
                         for job in list {
                             let delivery = format!("poll-{}", job.id);
-                            found.push(JobEvent { delivery, action: JobAction::Queued, job, received_at: clock.now() });
+                            found.push(JobEvent {
+                                delivery,
+                                action: JobAction::Queued,
+                                job,
+                                received_at: clock.now(),
+                                pool: None,
+                            });
                         }
                     }
                     Err(e) => debug!(error = %e, "cannot poll queued jobs"),
@@ -289,6 +298,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(job_id = id, status = %status.status, "job status refreshed from GitHub (a webhook was missed)");
             }
             learned.push(JobEvent {
+                pool: None,
                 delivery: format!("refresh-{id}-{action:?}"),
                 action,
                 job: info,

@@ -505,6 +505,7 @@ pub(crate) mod tests {
 
     pub fn event(delivery: &str, id: u64, action: JobAction) -> JobEvent {
         JobEvent {
+            pool: None,
             delivery: delivery.into(),
             action,
             job: JobInfo {

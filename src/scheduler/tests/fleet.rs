@@ -43,8 +43,16 @@ fn member_with(
     let clock = Arc::new(crate::clock::TokioClock::new());
     let claims = MemoryClaims { board: board.clone(), host: host.into(), lease: LEASE, clock };
     let fleet = claims::Fleet::new(Arc::new(claims), None, host.into(), LEASE, Duration::from_secs(1));
-    let mut h =
-        start_member(Arc::new(cfg), gh.clone(), hv, Some(hv_rx), store.clone(), store, Some(fleet), new_clock());
+    let mut h = start_member(
+        Arc::new(cfg),
+        gh.clone(),
+        hv,
+        Some(hv_rx),
+        store.clone(),
+        store,
+        |s| s.with_fleet(fleet),
+        new_clock(),
+    );
     h.dirs.push(dir);
     h
 }
@@ -380,7 +388,8 @@ async fn a_member_back_after_losing_its_job_reaps_its_idle_vm() {
     let clock = Arc::new(crate::clock::TokioClock::new());
     let claims = MemoryClaims { board: board.clone(), host: "hv-a".into(), lease: LEASE, clock };
     let fleet = claims::Fleet::new(Arc::new(claims), None, "hv-a".into(), LEASE, Duration::from_secs(1));
-    let mut back = start_member(Arc::new(cfg), gh_a, hv, None, store.clone(), store, Some(fleet), new_clock());
+    let mut back =
+        start_member(Arc::new(cfg), gh_a, hv, None, store.clone(), store, |s| s.with_fleet(fleet), new_clock());
     back.dirs.push(dir);
     let _ = back.tx.send(Event::Hv(HvEvent::Reconnected));
     back.wait_for("a's idle VM reaped", Duration::from_secs(60), |s, hv| {

@@ -88,7 +88,7 @@ fn start_on(
     store: Arc<Store>,
     scheduler_store: Arc<dyn SchedulerStore>,
 ) -> H {
-    start_member(cfg, gh, hv, hv_rx, store, scheduler_store, None, new_clock())
+    start_member(cfg, gh, hv, hv_rx, store, scheduler_store, |s| s, new_clock())
 }
 
 /// Wall time that follows tokio's paused clock: every timer runs in virtual time.
@@ -96,8 +96,8 @@ fn new_clock() -> Arc<crate::clock::TokioClock> {
     Arc::new(crate::clock::TokioClock::new())
 }
 
-/// [`start_on`], as a member of a fleet when `fleet` is given, on `clock` (one a scheduler
-/// before it read, say).
+/// [`start_on`], with the scheduler set up by `setup` (a fleet's member, say), on `clock`
+/// (one a scheduler before it read, say).
 #[allow(clippy::too_many_arguments)]
 fn start_member(
     cfg: Arc<Config>,
@@ -106,7 +106,7 @@ fn start_member(
     hv_rx: Option<UnboundedReceiver<HvEvent>>,
     store: Arc<Store>,
     scheduler_store: Arc<dyn SchedulerStore>,
-    fleet: Option<claims::Fleet>,
+    setup: impl FnOnce(Scheduler<FakeGitHub, FakeHypervisor>) -> Scheduler<FakeGitHub, FakeHypervisor>,
     clock: Arc<crate::clock::TokioClock>,
 ) -> H {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -125,10 +125,7 @@ fn start_member(
         Scheduler::new(cfg, gh.clone(), hv.clone(), scheduler_store, metrics.clone(), inbox.clone(), tx.clone(), rx)
             .unwrap()
             .with_clock(clock.clone());
-    let s = match fleet {
-        Some(f) => s.with_fleet(f),
-        None => s,
-    };
+    let s = setup(s);
     let stop = CancellationToken::new();
     let task = tokio::spawn(s.run(stop.clone(), None));
     let _release = ReleaseStalled(hv.clone());
@@ -198,7 +195,7 @@ fn restart_on_clock(
     let mut cfg = (*config(extra_pool, &dir)).clone();
     cfg.pools[0].image = fake_image(&dir);
     let store = store.unwrap_or_else(|| Arc::new(Store::open(&dir).unwrap()));
-    let mut h = start_member(Arc::new(cfg), gh, hv, None, store.clone(), store, None, clock);
+    let mut h = start_member(Arc::new(cfg), gh, hv, None, store.clone(), store, |s| s, clock);
     h.dirs.push(dir);
     let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
     h
@@ -224,7 +221,7 @@ impl H {
         );
         let ok = self
             .store
-            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: self.clock.now() })
+            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: self.clock.now(), pool: None })
             .unwrap();
         self.inbox.notify_one();
         ok
@@ -384,6 +381,7 @@ mod faults;
 mod fleet;
 mod liveness;
 mod reload;
+mod scale_sets;
 mod serving;
 mod slots;
 mod warm;

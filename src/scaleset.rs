@@ -1,0 +1,347 @@
+//! Pools that are runner scale sets (`intake = "scale_set"`): a listener per pool holds
+//! the set's message session and turns GitHub's job messages into the same inbox events
+//! webhooks make, so that the scheduler, `status`, the timeline, metrics and teardown work
+//! unchanged. Nothing inbound: the agent long-polls GitHub.
+//!
+//! The listener ([`Listener::run`]): finds or makes the set ([`ScaleSets::ensure`]), opens
+//! its session (another holder's: tried again with back-off, as after a `kill -9` the
+//! service lets the old session go once nobody polls it), and long-polls. A message's jobs
+//! are handled before it is acknowledged: `JobAvailable` ones are acquired (the service
+//! assigns at most the capacity the poll announced); `JobAssigned`, `JobStarted` and
+//! `JobCompleted` become inbox events (a job assigned is queued for the pool; a job a set
+//! gives up on, to offer it again under a new request, completes `cancelled`), written
+//! durably, with delivery ids made of the message's id, so that a message seen again
+//! (not acknowledged before a crash) changes nothing. A failure leaves the message
+//! unacknowledged: it comes again.
+//!
+//! The capacity each poll announces (`X-ScaleSetMaxCapacity`) is the scheduler's: the jobs
+//! the pool could run at once (its VMs and the places it may still start, warm VMs and
+//! snapshot slots among them), 0 while it drains; [`Registry`] carries it, and the set's id
+//! for the provisioning's JIT configs ([`Runners`]).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::github::scaleset::{JobMessage, JobRef, Message, ScaleSetSpec, ScaleSets, Session, SsError};
+use crate::github::{GhError, JitRunner};
+use crate::model::{JobAction, JobEvent, JobInfo};
+use crate::webhook::Persist;
+
+/// The longest wait between two attempts (to find the set, open its session, poll).
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What the listeners and the scheduler share about each scale-set pool.
+#[derive(Default)]
+pub struct Registry {
+    pools: Mutex<BTreeMap<String, Entry>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Entry {
+    set_id: Option<u64>,
+    capacity: u64,
+}
+
+impl Registry {
+    fn with<T>(&self, pool: &str, f: impl FnOnce(&mut Entry) -> T) -> T {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        f(pools.entry(pool.to_string()).or_default())
+    }
+
+    /// The pool's scale set, once its listener found or made it.
+    pub fn set_id(&self, pool: &str) -> Option<u64> {
+        self.with(pool, |e| e.set_id)
+    }
+
+    /// The scheduler: how many jobs the pool could run at once now.
+    pub fn set_capacity(&self, pool: &str, capacity: u64) {
+        self.with(pool, |e| e.capacity = capacity);
+    }
+
+    pub fn capacity(&self, pool: &str) -> u64 {
+        self.with(pool, |e| e.capacity)
+    }
+
+    fn found(&self, pool: &str, set_id: u64) {
+        self.with(pool, |e| e.set_id = Some(set_id));
+    }
+}
+
+/// What provisioning asks of a pool's scale set (object-safe: the scheduler holds it
+/// without knowing the client's type).
+pub trait ScaleSetRunners: Send + Sync {
+    /// A JIT config for a runner called `name` in `pool`'s scale set.
+    fn jit<'a>(
+        &'a self,
+        pool: &'a str,
+        name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<JitRunner, GhError>> + Send + 'a>>;
+}
+
+/// [`ScaleSetRunners`] over a [`ScaleSets`] client.
+pub struct Runners<S> {
+    pub client: Arc<S>,
+    pub registry: Arc<Registry>,
+}
+
+impl<S: ScaleSets> ScaleSetRunners for Runners<S> {
+    fn jit<'a>(
+        &'a self,
+        pool: &'a str,
+        name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<JitRunner, GhError>> + Send + 'a>> {
+        Box::pin(async move {
+            let Some(set) = self.registry.set_id(pool) else {
+                return Err(GhError::Decode {
+                    path: format!("scale set of pool {pool}"),
+                    message: "not found or made yet (its listener is still trying)".into(),
+                });
+            };
+            self.client.generate_jit_config(set, name).await.map_err(SsError::into_gh)
+        })
+    }
+}
+
+/// One pool's listener.
+pub struct Listener<S> {
+    pub client: Arc<S>,
+    pub registry: Arc<Registry>,
+    pub pool: String,
+    pub spec: ScaleSetSpec,
+    pub persist: Persist,
+    pub inbox_ready: Arc<Notify>,
+    /// The scheduler's frame clock (what deliveries are stamped with).
+    pub clock: Arc<dyn Clock>,
+    /// Who holds the session (the service shows it to another client that tries).
+    pub owner: String,
+}
+
+/// `1 s · 2^n`, capped at [`MAX_BACKOFF`], with jitter.
+fn backoff(failures: u32) -> Duration {
+    let policy = crate::github::http::RetryPolicy {
+        attempts: 0,
+        base: Duration::from_secs(2),
+        cap: MAX_BACKOFF,
+        max_wait: MAX_BACKOFF,
+    };
+    crate::github::http::backoff(&policy, failures)
+}
+
+/// A conclusion as webhooks spell it, from a job message's `result`.
+fn conclusion(result: &str) -> String {
+    match result.to_ascii_lowercase().as_str() {
+        "succeeded" | "success" => "success".into(),
+        "failed" | "failure" => "failure".into(),
+        "canceled" | "cancelled" => "cancelled".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The inbox events a message's jobs make (`JobAvailable` makes none: it is acquired).
+pub fn events(pool: &str, set_id: u64, m: &Message, now: std::time::SystemTime) -> Vec<JobEvent> {
+    let info = |j: &JobRef, runner: Option<String>, conclusion: Option<String>| JobInfo {
+        id: j.request_id,
+        run_id: j.run_id,
+        run_attempt: 1,
+        name: j.display_name.clone(),
+        workflow_name: String::new(),
+        labels: j.labels.clone(),
+        repository: j.repository.clone(),
+        html_url: String::new(),
+        runner_name: runner,
+        conclusion,
+    };
+    m.jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, job)| {
+            let (action, job) = match job {
+                JobMessage::Available(_) => return None,
+                JobMessage::Assigned(j) => (JobAction::Queued, info(j, None, None)),
+                JobMessage::Started { job, runner_name } => {
+                    (JobAction::InProgress, info(job, runner_name.clone(), None))
+                }
+                JobMessage::Completed { job, result, runner_name } => {
+                    (JobAction::Completed, info(job, runner_name.clone(), Some(conclusion(result))))
+                }
+            };
+            Some(JobEvent {
+                delivery: format!("scale-set-{set_id}-{}-{i}", m.id),
+                action,
+                job,
+                received_at: now,
+                pool: Some(pool.to_string()),
+            })
+        })
+        .collect()
+}
+
+impl<S: ScaleSets> Listener<S> {
+    /// Until `shutdown`: then the session is deleted, so that the next start opens one at once.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Some(set_id) = self.find_set(&shutdown).await else { return };
+        let mut failures = 0u32;
+        loop {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.client.create_session(set_id, &self.owner) => r,
+            };
+            let session = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    match &e {
+                        SsError::Conflict(_) => {
+                            warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "the scale set's session is held by another client (another agent serving this pool, or this agent before a crash, whose session the service lets go once nobody polls it); trying again")
+                        }
+                        _ => {
+                            warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "cannot open the scale set's session; trying again")
+                        }
+                    }
+                    if sleep_or_stop(backoff(failures), &shutdown).await {
+                        return;
+                    }
+                    failures += 1;
+                    continue;
+                }
+            };
+            info!(pool = %self.pool, scale_set = %self.spec.name, scale_set_id = set_id, assigned = session.statistics.assigned, "scale set session open: taking the jobs GitHub assigns to it");
+            failures = 0;
+            let kept = self.listen(set_id, session, &shutdown).await;
+            if let Some(session) = kept {
+                // Stopping: let the session go, so that the next start opens one at once.
+                if let Err(e) = self.client.delete_session(set_id, &session.id).await {
+                    debug!(error = %e, "cannot delete the scale set's session");
+                }
+                return;
+            }
+        }
+    }
+
+    /// Finds or makes the set, trying until it can; `None`: stopped first.
+    async fn find_set(&self, shutdown: &CancellationToken) -> Option<u64> {
+        let mut failures = 0u32;
+        loop {
+            let found = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                r = self.client.ensure(&self.spec) => r,
+            };
+            match found {
+                Ok(set) => {
+                    info!(pool = %self.pool, scale_set = %set.name, scale_set_id = set.id, runner_group_id = set.runner_group_id, labels = ?set.labels, "scale set found or made");
+                    self.registry.found(&self.pool, set.id);
+                    return Some(set.id);
+                }
+                Err(e) => {
+                    warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "cannot find or make the scale set; trying again");
+                    if sleep_or_stop(backoff(failures), shutdown).await {
+                        return None;
+                    }
+                    failures += 1;
+                }
+            }
+        }
+    }
+
+    /// Polls `session` until it is lost (`None`: open another) or `shutdown` (its
+    /// session returned, to be deleted).
+    async fn listen(&self, set_id: u64, mut session: Session, shutdown: &CancellationToken) -> Option<Session> {
+        let mut last = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let capacity = self.registry.capacity(&self.pool);
+            let polled = tokio::select! {
+                _ = shutdown.cancelled() => return Some(session),
+                r = self.client.poll(&session, last, capacity) => r,
+            };
+            let failed = match polled {
+                Ok(None) => None,
+                Ok(Some(m)) => match self.handle(set_id, &session, &m).await {
+                    Ok(()) => {
+                        last = m.id;
+                        self.client.ack(&session, m.id).await.err()
+                    }
+                    Err(e) => {
+                        warn!(pool = %self.pool, message_id = m.id, error = %e, "cannot take in the scale set's message: it is not acknowledged, and comes again");
+                        Some(e)
+                    }
+                },
+                Err(SsError::QueueToken) => match self.client.refresh_session(set_id, &session.id).await {
+                    Ok(s) => {
+                        debug!(pool = %self.pool, "the scale set's queue token renewed");
+                        session = s;
+                        None
+                    }
+                    Err(e) => Some(e),
+                },
+                Err(e) => Some(e),
+            };
+            let Some(e) = failed else {
+                failures = 0;
+                continue;
+            };
+            if matches!(e, SsError::SessionGone(_)) {
+                warn!(pool = %self.pool, error = %e, "the service lost the scale set's session: opening another");
+                return None;
+            }
+            warn!(pool = %self.pool, error = %e, failures, "the scale set's message queue failed; trying again");
+            if sleep_or_stop(backoff(failures), shutdown).await {
+                return Some(session);
+            }
+            failures += 1;
+        }
+    }
+
+    /// Acquires the message's available jobs, and writes its other jobs' events durably.
+    async fn handle(&self, set_id: u64, session: &Session, m: &Message) -> Result<(), SsError> {
+        let available: Vec<u64> = m
+            .jobs
+            .iter()
+            .filter_map(|j| match j {
+                JobMessage::Available(j) => Some(j.request_id),
+                _ => None,
+            })
+            .collect();
+        if !available.is_empty() {
+            let acquired = self.client.acquire(set_id, session, &available).await?;
+            debug!(pool = %self.pool, offered = available.len(), acquired = acquired.len(), "scale set jobs acquired");
+        }
+        let events = events(&self.pool, set_id, m, self.clock.now());
+        let mut new = false;
+        for ev in events {
+            new |= self.persist.accept(ev).await.map_err(|message| SsError::Transport {
+                method: "-".into(),
+                path: "the store's inbox".into(),
+                message,
+            })?;
+        }
+        if new {
+            self.inbox_ready.notify_one();
+        }
+        if let Some(why) = &m.unreadable {
+            warn!(pool = %self.pool, message_id = m.id, problem = %why, "a scale set message not all of which could be read: what could be is taken in, and it is acknowledged (it would come again as unreadable)");
+        }
+        if let Some(st) = m.statistics {
+            debug!(pool = %self.pool, message_id = m.id, available = st.available, assigned = st.assigned, running = st.running, idle = st.idle, "scale set message taken in");
+        }
+        Ok(())
+    }
+}
+
+/// Sleeps `d`; `true` if `shutdown` came first.
+async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

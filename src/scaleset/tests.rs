@@ -1,0 +1,222 @@
+//! The listener against github-sim's scale sets over HTTP, writing the real store's inbox.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::config::Scope;
+use crate::github::http::{Auth, HttpGitHub};
+use crate::github::scaleset::{HttpScaleSets, Statistics};
+use crate::secret::Secret;
+use crate::store::{Store, Writer};
+
+type Client = HttpScaleSets<HttpGitHub>;
+
+fn client(sim: &github_sim::SimHandle) -> Arc<Client> {
+    let github = HttpGitHub::new(
+        &sim.url(),
+        Scope::Organization("octo-org".into()),
+        None,
+        Auth::Pat(Secret::new("pat")),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let scope_url = format!("{}/octo-org", sim.url());
+    Arc::new(HttpScaleSets::new(&sim.url(), &scope_url, Arc::new(github), Duration::from_secs(5)).unwrap())
+}
+
+async fn queue_job(sim: &github_sim::SimHandle, labels: &[&str]) -> u64 {
+    let r: Value = reqwest::Client::new()
+        .post(format!("{}/_sim/jobs", sim.url()))
+        .json(&json!({"repo": "octo-org/app", "labels": labels, "duration_secs": 0.1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["id"].as_u64().unwrap()
+}
+
+fn credential(jit: &JitRunner) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let files: Value = serde_json::from_slice(&b64.decode(jit.encoded.expose()).unwrap()).unwrap();
+    let creds: Value = serde_json::from_slice(&b64.decode(files[".credentials"].as_str().unwrap()).unwrap()).unwrap();
+    creds["data"]["token"].as_str().unwrap().to_string()
+}
+
+/// Waits until the inbox holds an event `what` says is the one.
+async fn wait_inbox(store: &Store, what: impl Fn(&JobEvent) -> bool) -> JobEvent {
+    for _ in 0..200 {
+        if let Some((_, ev)) = store.inbox(0, 1000).unwrap().into_iter().find(|(_, ev)| what(ev)) {
+            return ev;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no such event in the inbox: {:?}", store.inbox(0, 1000).unwrap());
+}
+
+/// With no inbound endpoint at all: the jobs GitHub assigns to the set become the pool's
+/// queued jobs in the store's inbox (acquired within the announced capacity), the set's
+/// runner from the provisioning's JIT config takes one, and its start and end follow;
+/// once stopped, the listener lets its session go (the next one opens at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_set_serves_them() {
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    registry.set_capacity("linux", 2);
+    let client = client(&sim);
+    let inbox_ready = Arc::new(Notify::new());
+    let listener = Listener {
+        client: client.clone(),
+        registry: registry.clone(),
+        pool: "linux".into(),
+        spec: ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() },
+        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
+        inbox_ready: inbox_ready.clone(),
+        clock: Arc::new(crate::clock::SystemClock),
+        owner: "host-a".into(),
+    };
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(listener.run(stop.clone()));
+
+    queue_job(&sim, &["rv-linux"]).await;
+    queue_job(&sim, &["rv-linux"]).await;
+    let queued = |ev: &JobEvent| ev.action == JobAction::Queued && ev.pool.as_deref() == Some("linux");
+    let first = wait_inbox(&store, queued).await;
+    assert_eq!(first.job.repository, "octo-org/app");
+    assert_eq!(first.job.labels, ["rv-linux"]);
+    // Capacity 2: both are assigned to the set.
+    for _ in 0..200 {
+        if store.inbox(0, 1000).unwrap().iter().filter(|(_, ev)| queued(ev)).count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.inbox(0, 1000).unwrap().iter().filter(|(_, ev)| queued(ev)).count(), 2);
+
+    // The runner provisioning makes, from the set.
+    let runners = Runners { client: client.clone(), registry: registry.clone() };
+    let jit = runners.jit("linux", "rv-linux-1").await.unwrap();
+    let http = reqwest::Client::new();
+    let taken: Value = http
+        .get(format!("{}/_runner/jobs/next?wait=5", sim.url()))
+        .bearer_auth(credential(&jit))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = taken["id"].as_u64().unwrap();
+    let started = wait_inbox(&store, |ev| ev.action == JobAction::InProgress).await;
+    assert_eq!(started.job.runner_name.as_deref(), Some("rv-linux-1"));
+    assert_eq!(started.pool.as_deref(), Some("linux"));
+    http.post(format!("{}/_runner/jobs/{job}/complete", sim.url()))
+        .bearer_auth(credential(&jit))
+        .json(&json!({"conclusion": "success"}))
+        .send()
+        .await
+        .unwrap();
+    let done = wait_inbox(&store, |ev| ev.action == JobAction::Completed).await;
+    assert_eq!((done.job.id, done.job.conclusion.as_deref()), (started.job.id, Some("success")));
+    // A pool the registry does not know has no set yet: provisioning is told so.
+    assert!(runners.jit("other", "rv-other-1").await.unwrap_err().to_string().contains("not found or made yet"));
+
+    stop.cancel();
+    running.await.unwrap();
+    let set = registry.set_id("linux").unwrap();
+    client.create_session(set, "host-b").await.expect("the stopped listener's session was deleted");
+}
+
+/// Another client holds the session (this agent before a `kill -9`): the listener tries
+/// again until the service lets it go, then takes the jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_held_by_another_client_is_taken_once_it_is_let_go() {
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let client = client(&sim);
+    let spec = ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() };
+    let set = client.ensure(&spec).await.unwrap();
+    let held = client.create_session(set.id, "crashed-agent").await.unwrap();
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    registry.set_capacity("linux", 1);
+    let listener = Listener {
+        client: client.clone(),
+        registry,
+        pool: "linux".into(),
+        spec,
+        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
+        inbox_ready: Arc::new(Notify::new()),
+        clock: Arc::new(crate::clock::SystemClock),
+        owner: "host-a".into(),
+    };
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(listener.run(stop.clone()));
+    queue_job(&sim, &["rv-linux"]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(store.inbox(0, 10).unwrap().is_empty(), "no job taken while another client holds the session");
+    client.delete_session(set.id, &held.id).await.unwrap();
+    wait_inbox(&store, |ev| ev.action == JobAction::Queued).await;
+    stop.cancel();
+    running.await.unwrap();
+}
+
+/// A message's jobs as inbox events: an assigned job is queued for the pool; started and
+/// completed follow it; a job the set gives up on to offer it again is `cancelled`; the
+/// delivery ids are the message's (the same when it comes again), one per job.
+#[test]
+fn a_messages_jobs_become_the_pools_inbox_events() {
+    let job = |id: u64| JobRef {
+        request_id: id,
+        repository: "o/r".into(),
+        job_id: "j".into(),
+        run_id: 9,
+        display_name: "build".into(),
+        labels: vec!["rv".into()],
+    };
+    let m = Message {
+        id: 41,
+        statistics: Some(Statistics::default()),
+        jobs: vec![
+            JobMessage::Available(job(1)),
+            JobMessage::Assigned(job(2)),
+            JobMessage::Started { job: job(3), runner_name: Some("rv-linux-3".into()) },
+            JobMessage::Completed { job: job(4), result: "canceled".into(), runner_name: None },
+            JobMessage::Completed { job: job(5), result: "Succeeded".into(), runner_name: Some("rv-linux-5".into()) },
+        ],
+        unreadable: None,
+    };
+    let now = SystemTime::UNIX_EPOCH;
+    let got: Vec<_> = events("linux", 7, &m, now)
+        .into_iter()
+        .map(|e| (e.delivery, e.action, e.job.id, e.job.runner_name, e.job.conclusion, e.pool))
+        .collect();
+    let linux = Some("linux".to_string());
+    assert_eq!(
+        got,
+        [
+            ("scale-set-7-41-1".to_string(), JobAction::Queued, 2, None, None, linux.clone()),
+            ("scale-set-7-41-2".into(), JobAction::InProgress, 3, Some("rv-linux-3".into()), None, linux.clone()),
+            ("scale-set-7-41-3".into(), JobAction::Completed, 4, None, Some("cancelled".into()), linux.clone()),
+            (
+                "scale-set-7-41-4".into(),
+                JobAction::Completed,
+                5,
+                Some("rv-linux-5".into()),
+                Some("success".into()),
+                linux
+            ),
+        ]
+    );
+}

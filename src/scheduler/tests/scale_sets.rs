@@ -1,0 +1,109 @@
+//! Pools that are runner scale sets: their jobs come from their listener (named by pool),
+//! their runners' JIT configs from the set, and each pass publishes their capacity.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::*;
+use crate::github::{GhError, JitRunner};
+use crate::scaleset::{Registry, ScaleSetRunners};
+
+/// The set's JIT configs: recorded, each a new runner.
+#[derive(Default)]
+struct FakeRunners {
+    made: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl ScaleSetRunners for FakeRunners {
+    fn jit<'a>(
+        &'a self,
+        pool: &'a str,
+        name: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<JitRunner, GhError>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut made = self.made.lock().unwrap();
+            made.push((pool.to_string(), name.to_string()));
+            let id = 900 + made.len() as u64;
+            Ok(JitRunner {
+                runner_id: id,
+                encoded: crate::secret::Secret::new(crate::github::fake::encoded_jit_config(id, name)),
+            })
+        })
+    }
+}
+
+fn start_scale_set_pool(extra_pool: &str) -> (H, Arc<Registry>, Arc<FakeRunners>) {
+    let dir = crate::test_support::tempdir();
+    let mut cfg = (*config(&format!("intake = \"scale_set\"\n{extra_pool}"), &dir)).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    let (hv_tx, hv_rx) = mpsc::unbounded_channel();
+    let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
+    let _ = hv_tx.send(HvEvent::Reconnected);
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let (registry, runners) = (Arc::new(Registry::default()), Arc::new(FakeRunners::default()));
+    let (r, f) = (registry.clone(), runners.clone());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut h = start_member(
+        Arc::new(cfg),
+        gh,
+        hv,
+        Some(hv_rx),
+        store.clone(),
+        store,
+        move |s| s.with_scale_sets(r, f),
+        new_clock(),
+    );
+    h.dirs.push(dir);
+    (h, registry, runners)
+}
+
+impl H {
+    /// What the pool's listener writes for a message of its set.
+    fn deliver_from_set(&mut self, action: JobAction, job: JobInfo) {
+        self.seq += 1;
+        let ev = JobEvent {
+            delivery: format!("scale-set-1-{}-0", self.seq),
+            action,
+            job,
+            received_at: self.clock.now(),
+            pool: Some("small".into()),
+        };
+        self.store.accept(&ev).unwrap();
+        self.inbox.notify_one();
+    }
+}
+
+/// A webhook about a job with the pool's labels is not the pool's (the hook hears of every
+/// job, a scale set's too: served twice otherwise); the job the listener names the pool for
+/// gets a VM, its runner's JIT config from the set (not GitHub's REST API), and GitHub is
+/// never asked about the request (the REST API does not know it). The capacity announced
+/// is what the pool could run at once.
+#[tokio::test(start_paused = true)]
+async fn a_scale_sets_jobs_come_from_its_listener_and_its_runners_from_the_set() {
+    let (mut h, registry, runners) = start_scale_set_pool("");
+    h.deliver(JobAction::Queued, info(1, LABELS, None));
+    h.wait("capacity published", |_, _| registry.capacity("small") == 2).await;
+    let s = h.status().await;
+    assert!(s.vms.is_empty() && s.queued.is_empty(), "a webhook's job is not the scale set's: {s:#?}");
+
+    h.deliver_from_set(JobAction::Queued, info(7_000_000_001, &["rv-small"], None));
+    let s = h.wait("a VM for the set's job", |s, _| vm_for(s, 7_000_000_001).is_some()).await;
+    let vm = vm_for(&s, 7_000_000_001).unwrap();
+    h.wait("its runner from the set", |_, hv| hv.lock().delivered.iter().any(|(v, _)| *v == vm)).await;
+    assert_eq!(*runners.made.lock().unwrap(), [("small".to_string(), vm.clone())]);
+    // Long enough for the sync to ask GitHub about a webhook's job it heard nothing of
+    // (two sync intervals without news, no hook configured).
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    h.deliver_from_set(JobAction::InProgress, info(7_000_000_001, &["rv-small"], Some(&vm)));
+    let mut done = info(7_000_000_001, &["rv-small"], Some(&vm));
+    done.conclusion = Some("success".into());
+    h.deliver_from_set(JobAction::Completed, done);
+    h.hv.stop(&vm);
+    h.wait("served and gone", |s, _| s.vms.is_empty() && s.queued.is_empty()).await;
+    let calls = h.gh.lock().calls.clone();
+    assert!(!calls.iter().any(|c| c == "jit" || c == "job"), "{calls:?}");
+    // Draining: no capacity to announce.
+    h.admin(AdminCommand::Drain(true)).await;
+    h.wait("none while draining", |_, _| registry.capacity("small") == 0).await;
+    h.shutdown().await;
+}
