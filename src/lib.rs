@@ -195,6 +195,8 @@ pub struct Agent {
     pub events: mpsc::UnboundedSender<Event>,
     scheduler: tokio::task::JoinHandle<()>,
     stop_scheduler: CancellationToken,
+    /// The scale-set pools' listeners: they stop with the intake, letting their sessions go.
+    listeners: Vec<tokio::task::JoinHandle<()>>,
     refused: Arc<std::sync::Mutex<Option<fleet::FleetError>>>,
 }
 
@@ -209,12 +211,24 @@ impl Agent {
     pub async fn finish(self) -> Result<(), RunError> {
         self.stop_scheduler.cancel();
         let _ = self.scheduler.await;
+        // A listener stopping deletes its session (so that the next start opens one at
+        // once, not after the service gives up on it): waited for, briefly.
+        let deadline = tokio::time::Instant::now() + LISTENERS_GRACE;
+        for l in self.listeners {
+            if tokio::time::timeout_at(deadline, l).await.is_err() {
+                tracing::warn!("a scale set's listener did not stop in time: its session lapses on GitHub's side");
+                break;
+            }
+        }
         match self.refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(e) => Err(RunError::Fleet(e)),
             None => Ok(()),
         }
     }
 }
+
+/// How long [`Agent::finish`] waits for the scale-set listeners to let their sessions go.
+const LISTENERS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Starts the scheduler (and in fleet mode the membership) over `store`, with wall time
 /// from `clock`, and builds the intake's routes. `deps`' listeners are not used here.
@@ -267,6 +281,7 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
     let clock = scheduler.clock();
     // Pools that are runner scale sets: a listener each (single host: `validate` refuses
     // them with `[fleet]`).
+    let mut listeners = Vec::new();
     if config.pools.iter().any(|p| p.scale_set().is_some()) {
         let scope_url = format!("{}/{}", config.github.web_url(), config.github.scope().web_path());
         match github::scaleset::HttpScaleSets::new(
@@ -300,7 +315,7 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
                         clock: clock.clone(),
                         owner: owner.clone(),
                     };
-                    tokio::spawn(listener.run(shutdown.clone()));
+                    listeners.push(tokio::spawn(listener.run(shutdown.clone())));
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot make the scale set client: scale-set pools take no jobs"),
@@ -376,7 +391,7 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
         body_timeout: config.server.body_timeout,
         clock,
     });
-    Ok(Agent { app: webhook::router(intake), events: tx, scheduler: sched, stop_scheduler, refused })
+    Ok(Agent { app: webhook::router(intake), events: tx, scheduler: sched, stop_scheduler, refused, listeners })
 }
 
 #[cfg(test)]

@@ -96,6 +96,11 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Operate on a pool's runner scale set (`intake = "scale_set"`).
+    ScaleSet {
+        #[command(subcommand)]
+        command: ScaleSetCommand,
+    },
     /// Write the manual pages or a shell completion script (the package is built with it).
     #[command(hide = true)]
     Generate {
@@ -126,6 +131,19 @@ enum VmCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ScaleSetCommand {
+    /// Delete the pool's scale set at GitHub, with its runners (the agent never does: a
+    /// restart keeps it). Stop the agent first: running, it makes the set again.
+    Delete {
+        /// The pool's name.
+        pool: String,
+        /// The configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
 #[derive(clap::Args)]
 struct SocketArgs {
     /// The agent's configuration file (to find its admin socket).
@@ -153,6 +171,9 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match cli.command {
         Command::Serve { config } => rt.block_on(serve(config)),
+        Command::ScaleSet { command: ScaleSetCommand::Delete { pool, config } } => {
+            rt.block_on(delete_scale_set(config, pool))
+        }
         Command::Check { config } => rt.block_on(async {
             let lines = runnervisor::check::run(&config).await;
             print!("{}", runnervisor::check::render(&lines));
@@ -206,6 +227,84 @@ fn generate(what: Generate) -> ExitCode {
     }
 }
 
+/// The GitHub credential the configuration names, loaded.
+fn github_auth(config: &Config, creds: Option<&std::path::Path>) -> Result<Auth, String> {
+    Ok(match &config.github.auth {
+        AuthConfig::Pat { token } => Auth::Pat(token.load(creds).map_err(|e| format!("github.auth.token: {e}"))?),
+        AuthConfig::App { app_id, installation_id, private_key } => {
+            let pem = private_key.load(creds).map_err(|e| format!("github.auth.private_key: {e}"))?;
+            Auth::App {
+                signer: Box::new(AppSigner::new(*app_id, &pem).map_err(|e| format!("github.auth.private_key: {e}"))?),
+                installation_id: *installation_id,
+            }
+        }
+    })
+}
+
+/// `runnervisor scale-set delete POOL`.
+async fn delete_scale_set(path: PathBuf, pool: String) -> ExitCode {
+    use runnervisor::github::scaleset::{HttpScaleSets, ScaleSetSpec, ScaleSets};
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("runnervisor: configuration: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let Some(p) = config.pool(&pool) else {
+        eprintln!("runnervisor: no pool {pool:?} in {}", path.display());
+        return ExitCode::from(exit::CONFIG);
+    };
+    let Some(name) = p.scale_set() else {
+        eprintln!("runnervisor: pool {pool:?} is no scale set (its intake is not \"scale_set\")");
+        return ExitCode::from(exit::CONFIG);
+    };
+    let auth = match github_auth(&config, credentials_dir().as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("runnervisor: {e}");
+            return ExitCode::from(exit::SECRETS);
+        }
+    };
+    let t = config.github.api_timeout;
+    let scope_url = format!("{}/{}", config.github.web_url(), config.github.scope().web_path());
+    let client = HttpGitHub::new(&config.github.api_url, config.github.scope(), None, auth, t)
+        .map_err(|e| e.to_string())
+        .and_then(|g| {
+            HttpScaleSets::new(&config.github.api_url, &scope_url, Arc::new(g), t).map_err(|e| e.to_string())
+        });
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("runnervisor: {e}");
+            return ExitCode::from(exit::STARTUP);
+        }
+    };
+    let spec = ScaleSetSpec {
+        name: name.to_string(),
+        labels: p.labels.clone(),
+        runner_group: config.github.runner_group.clone(),
+    };
+    let deleted = async {
+        let Some(set) = client.find(&spec).await? else { return Ok(None) };
+        client.delete(set.id).await.map(|()| Some(set.id))
+    };
+    match deleted.await {
+        Ok(Some(id)) => {
+            println!("deleted scale set {name:?} (id {id}) of pool {pool}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!("no scale set {name:?} in runner group {:?}: nothing to delete", config.github.runner_group);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("runnervisor: cannot delete scale set {name:?}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn serve(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => Arc::new(c),
@@ -219,20 +318,7 @@ async fn serve(path: PathBuf) -> ExitCode {
     let secrets = (|| -> Result<_, String> {
         let webhook_secret =
             config.github.webhook_secret.load(creds.as_deref()).map_err(|e| format!("github.webhook_secret: {e}"))?;
-        let auth = match &config.github.auth {
-            AuthConfig::Pat { token } => {
-                Auth::Pat(token.load(creds.as_deref()).map_err(|e| format!("github.auth.token: {e}"))?)
-            }
-            AuthConfig::App { app_id, installation_id, private_key } => {
-                let pem = private_key.load(creds.as_deref()).map_err(|e| format!("github.auth.private_key: {e}"))?;
-                Auth::App {
-                    signer: Box::new(
-                        AppSigner::new(*app_id, &pem).map_err(|e| format!("github.auth.private_key: {e}"))?,
-                    ),
-                    installation_id: *installation_id,
-                }
-            }
-        };
+        let auth = github_auth(&config, creds.as_deref())?;
         let fleet = match &config.fleet {
             None => None,
             Some(f) => {

@@ -497,3 +497,68 @@ fn base64_forms_find_a_marker_at_any_offset() {
         assert!(forms.iter().any(|f| enc.contains(f.as_str())), "offset {pad}: {enc} {forms:?}");
     }
 }
+
+/// A pool that is a runner scale set, and no webhook at all (the simulator sends none):
+/// the jobs GitHub assigns to the set are served from the pool's snapshot slots, each
+/// once, by runners the set made (their JIT configs from the set, not the REST API); the
+/// job searching its VM finds no credential; nothing is left; the agent's restart opens a
+/// session again at once (it deleted its own when it stopped).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scale_set_pool_serves_its_jobs_with_no_webhook_at_all() {
+    let _slots = slots::take("e2e scale set").await;
+    let mut spec = AgentSpec::new(slots::POOL, &["self-hosted", "linux", "e2e-ss"]);
+    spec.pool_extra = "intake = \"scale_set\"\nscale_set_name = \"rv-e2e-ss\"\n".into();
+    spec.hook = None;
+    slots::spec(&mut spec);
+    let sim = Sim::start(None, |_| {}).await;
+    let mut agent = Agent::configure(&spec, sim.handle.addr.port(), free_port());
+    let (hv, _) = libvirt();
+    agent.start().await;
+    // `runs-on: rv-e2e-ss`: the set's name.
+    let first = sim.queue_credential_search("octo-org/app", &["rv-e2e-ss"]).await;
+    let second = sim.queue("octo-org/app", &["rv-e2e-ss"], 2.0).await;
+    for job in [first, second] {
+        let done = sim.wait_completed(job, VM_TIMEOUT).await;
+        assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
+        let runner = done["runner_name"].as_str().unwrap().to_string();
+        assert!(runner.starts_with("rv-d-slots-"), "{runner}");
+        if job == first {
+            sim.assert_credential_not_found(&runner).await;
+        }
+    }
+    wait_for("everything cleaned", Duration::from_secs(90), async || {
+        let (d, v) = agent.leftovers(&hv);
+        (d.is_empty() && v.is_empty()).then_some(())
+    })
+    .await;
+    assert_no_runners(&sim, &agent).await;
+    agent.assert_clean(&hv);
+    let deliveries: serde_json::Value =
+        reqwest::get(format!("{}/_sim/deliveries", sim.url())).await.unwrap().json().await.unwrap();
+    assert!(
+        deliveries.as_array().unwrap().iter().all(|d| d["status_code"].as_u64().unwrap_or(0) != 202),
+        "no webhook reached the agent: {deliveries}"
+    );
+    let stats: serde_json::Value =
+        reqwest::get(format!("{}/_sim/stats", sim.url())).await.unwrap().json().await.unwrap();
+    let calls = stats["api_calls"].as_object().unwrap();
+    assert_eq!(calls.get("scaleset generatejitconfig").and_then(|v| v.as_u64()), Some(2), "{calls:?}");
+    assert!(!calls.keys().any(|k| k.contains("actions/runners/generate-jitconfig")), "{calls:?}");
+    eprintln!("scale set API calls: {calls:?}");
+    let metrics = agent.metrics().await;
+    assert!(metrics.contains("runnervisor_job_runners_total{pool=\"d-slots\",path=\"restored\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("runnervisor_jobs_completed_total{pool=\"d-slots\",conclusion=\"success\"} 2"),
+        "{metrics}"
+    );
+    // Stopped cleanly, it let its session go: started again, it takes the next job.
+    assert!(agent.terminate().success());
+    agent.start().await;
+    let third = sim.queue("octo-org/app", &["rv-e2e-ss"], 1.0).await;
+    let done = sim.wait_completed(third, VM_TIMEOUT).await;
+    assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
+    let log = agent.log_text();
+    assert!(!log.contains("held by another client"), "{}", agent.log_tail());
+    assert!(!log.contains(PAT) && !log.contains(SECRET), "a secret reached the log");
+    assert!(agent.terminate().success());
+}

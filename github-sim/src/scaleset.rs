@@ -37,6 +37,9 @@ use serde_json::{Value, json};
 use crate::Sim;
 use crate::model::{JobStatus, NewRunner, Scope, World, WorldError, guid, labels_cover, token};
 
+/// Job messages in one message at most (GitHub's service: 50).
+pub const MAX_BATCH: usize = 50;
+
 /// Times GitHub offers a job to a set that never starts it before giving up on the set.
 pub const MAX_REASSIGNMENTS: u32 = 3;
 
@@ -667,9 +670,14 @@ async fn poll(State(sim): S, headers: HeaderMap, Path(sid): Path<String>, Query(
             if let Some(s) = set.session.as_mut() {
                 s.last_seen = now;
             }
+            // What came since the client's last, up to 50 job messages, as one message
+            // (its id the last one's: acknowledging it acknowledges them all).
             let after = q.last_message_id.unwrap_or(0);
-            if let Some((mid, m)) = set.messages.range(after + 1..).next() {
-                let body = serde_json::to_string(&json!([m])).expect("json");
+            let batch: Vec<(u64, Value)> =
+                set.messages.range(after + 1..).take(MAX_BATCH).map(|(id, m)| (*id, m.clone())).collect();
+            if let Some((mid, _)) = batch.last() {
+                let jobs: Vec<Value> = batch.iter().map(|(_, m)| m.clone()).collect();
+                let body = serde_json::to_string(&jobs).expect("json");
                 let envelope = json!({
                     "messageId": mid, "messageType": "RunnerScaleSetJobMessages",
                     "body": body, "statistics": stats.to_json(),
@@ -699,7 +707,8 @@ async fn delete_message(State(sim): S, headers: HeaderMap, Path((sid, mid)): Pat
         return Err(ServiceError::unauthorized());
     }
     let mid: u64 = mid.parse().map_err(|_| ServiceError::not_found("message"))?;
-    world.scale_sets.get_mut(&set_id).expect("found").messages.remove(&mid);
+    // A message is the job messages up to its id (see `poll`).
+    world.scale_sets.get_mut(&set_id).expect("found").messages.retain(|id, _| *id > mid);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

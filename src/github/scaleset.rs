@@ -192,6 +192,8 @@ pub trait ScaleSets: Send + Sync + 'static {
     /// to `spec`'s (its name always among them). One of that name in another group is an
     /// error that says so.
     fn ensure(&self, spec: &ScaleSetSpec) -> impl Future<Output = Result<ScaleSetInfo, SsError>> + Send;
+    /// The set of `spec.name` in its runner group, if there is one.
+    fn find(&self, spec: &ScaleSetSpec) -> impl Future<Output = Result<Option<ScaleSetInfo>, SsError>> + Send;
     /// Deletes the set (an operator's command; never a restart).
     fn delete(&self, set_id: u64) -> impl Future<Output = Result<(), SsError>> + Send;
     fn create_session(&self, set_id: u64, owner: &str) -> impl Future<Output = Result<Session, SsError>> + Send;
@@ -619,10 +621,20 @@ pub fn message_of(v: &Value) -> Result<Message, String> {
 }
 
 impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
-    async fn ensure(&self, spec: &ScaleSetSpec) -> Result<ScaleSetInfo, SsError> {
+    async fn find(&self, spec: &ScaleSetSpec) -> Result<Option<ScaleSetInfo>, SsError> {
         let group = self.runner_group_id(&spec.runner_group).await?;
         let path = format!("{SETS}?runnerGroupId={group}&name={}", query_value(&spec.name));
         let v = self.expect(Method::GET, &path, None, &[StatusCode::OK]).await?;
+        let sets = v["value"].as_array().cloned().unwrap_or_default();
+        if sets.len() > 1 {
+            return Err(decode(SETS)(format!("{} scale sets are called {:?}", sets.len(), spec.name)));
+        }
+        sets.first().map(set_info).transpose().map_err(decode(SETS))
+    }
+
+    async fn ensure(&self, spec: &ScaleSetSpec) -> Result<ScaleSetInfo, SsError> {
+        let group = self.runner_group_id(&spec.runner_group).await?;
+        let found = self.find(spec).await?;
         // The set's name is one of its labels, as GitHub's client makes it (`runs-on: <name>`).
         let mut names = vec![spec.name.clone()];
         for l in &spec.labels {
@@ -631,11 +643,6 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
             }
         }
         let labels: Vec<Value> = names.iter().map(|l| json!({"name": l, "type": "System"})).collect();
-        let sets = v["value"].as_array().cloned().unwrap_or_default();
-        if sets.len() > 1 {
-            return Err(decode(SETS)(format!("{} scale sets are called {:?}", sets.len(), spec.name)));
-        }
-        let found = sets.into_iter().next();
         let Some(found) = found else {
             let body = json!({
                 "name": spec.name, "runnerGroupId": group, "labels": labels,
@@ -654,7 +661,7 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
                 Err(e) => Err(e),
             };
         };
-        let info = set_info(&found).map_err(decode(SETS))?;
+        let info = found;
         let mut want: Vec<String> = names.iter().map(|l| l.to_lowercase()).collect();
         let mut have: Vec<String> = info.labels.iter().map(|l| l.to_lowercase()).collect();
         want.sort();

@@ -524,7 +524,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // be restored from it rather than boot.
             return 0;
         }
-        if pool.registration == crate::config::Registration::Jit && self.sync.runner_group_id.is_none() {
+        // A scale set's runners join its group (the set makes their JIT configs).
+        if pool.registration == crate::config::Registration::Jit
+            && pool.scale_set().is_none()
+            && self.sync.runner_group_id.is_none()
+        {
             self.resolve_group();
             return 0;
         }
