@@ -15,7 +15,12 @@
 //! `bench snapshot: cold_p50=S warm_p50=S restore_p50=S restore_p90=S idle_vms=N slot_disk_mib=M runs=N`,
 //! `bench warm: cold_p50=S warm_p50=S warm_p90=S ratio=R runs=N` and
 //! `bench api: jobs=N calls_per_job=X background_per_hour=Y`: the GitHub API calls the
-//! agent's metrics count over the run, per job served (warm and cold alike).
+//! agent's metrics count over the run, per job served (warm and cold alike), and
+//! `bench api scale-set: jobs=N calls_per_job=X long_polls_per_hour=Y warm_p50=S`: a fourth
+//! pool, `bench-set`, is a runner scale set with a warm VM (no webhook serves it): the
+//! Actions service's calls per job (acquire, JIT config, acknowledgements), its long polls
+//! and sessions apart, and its job's message → runner online (the simulator offers a job
+//! to the set when it is queued).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -53,7 +58,9 @@ async fn main() {
         "\n[[pool]]\nname = \"bench-warm\"\nlabels = [\"self-hosted\", \"bench-warm\"]\nimage = \"{}\"\nkernel = \"{}\"\n\
          initrd = \"{}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 2\nwarm = 1\n\
          \n[[pool]]\nname = \"bench-slot\"\nlabels = [\"self-hosted\", \"bench-slot\"]\nimage = \"{0}\"\nkernel = \"{1}\"\n\
-         initrd = \"{2}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 1\nsnapshot_slots = 1\n",
+         initrd = \"{2}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 1\nsnapshot_slots = 1\n\
+         \n[[pool]]\nname = \"bench-set\"\nlabels = [\"self-hosted\", \"bench-set\"]\nimage = \"{0}\"\nkernel = \"{1}\"\n\
+         initrd = \"{2}\"\nvcpus = 1\nmemory_mib = 512\ndisk_gib = 4\nmax_vms = 2\nwarm = 1\nintake = \"scale_set\"\n",
         img.golden.display(),
         img.kernel.display(),
         img.initrd.display()
@@ -72,7 +79,14 @@ async fn main() {
     let wait_slot = async |agent: &Agent| {
         wait_for("the slot saved", VM_TIMEOUT, async || agent.metrics().await.contains(slot_ready).then_some(())).await
     };
-    let (mut cold, mut warm, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+    let set_waiting = "runnervisor_vms{pool=\"bench-set\",state=\"waiting\"} 1\n";
+    let wait_set = async |agent: &Agent| {
+        wait_for("the scale set's warm VM waiting", VM_TIMEOUT, async || {
+            agent.metrics().await.contains(set_waiting).then_some(())
+        })
+        .await
+    };
+    let (mut cold, mut warm, mut restore, mut set) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut idle_vms, mut slot_disk) = (0, 0u64);
     for i in 0..runs {
         wait_warm(&agent).await;
@@ -93,12 +107,19 @@ async fn main() {
         let (secs, runner) = sim.queued_to_online(job).await;
         assert!(runner.starts_with("rv-bench-warm-w"), "a warm VM took it: {runner}");
         warm.push(secs);
+        // The scale set's job (`runs-on: bench-set`), taken by its warm VM.
+        wait_set(&agent).await;
+        let job = sim.queue("octo-org/app", &["bench-set"], 1.0).await;
+        sim.wait_completed(job, VM_TIMEOUT).await;
+        let (s, runner) = sim.queued_to_online(job).await;
+        assert!(runner.starts_with("rv-bench-set-w"), "the set's warm VM took it: {runner}");
+        set.push(s);
         let job = sim.queue("octo-org/app", &["self-hosted", "bench-cold"], 1.0).await;
         sim.wait_completed(job, VM_TIMEOUT).await;
         let (c, runner) = sim.queued_to_online(job).await;
         assert_eq!(runner, format!("rv-bench-cold-{job}"));
         cold.push(c);
-        eprintln!("run {}/{runs}: restored {r:.2}s warm {secs:.2}s cold {c:.1}s", i + 1);
+        eprintln!("run {}/{runs}: restored {r:.2}s warm {secs:.2}s scale set (warm) {s:.2}s cold {c:.1}s", i + 1);
         wait_for("the cold VM gone", Duration::from_secs(120), async || {
             leftovers(&hv, "rv-bench-cold-").0.is_empty().then_some(())
         })
@@ -163,12 +184,28 @@ async fn main() {
     // the hook's delivery log, redeliveries, the runner group) are background; the rest is
     // spent on jobs.
     let jobs = 3 * runs;
-    println!("GitHub API calls by endpoint over the run ({jobs} jobs, {:.1} min):", api_hours * 60.0);
-    let (mut per_job, mut background) = (0u64, 0u64);
+    println!("GitHub API calls by endpoint over the run ({} jobs, {:.1} min):", 4 * runs, api_hours * 60.0);
+    let (mut per_job, mut background, mut set_per_job, mut polls) = (0u64, 0u64, 0u64, 0u64);
     for (endpoint, n) in &api {
         let periodic = is_background(endpoint);
-        println!("  {n:>5}  {endpoint}{}", if periodic { "  (background)" } else { "" });
-        if periodic { background += n } else { per_job += n }
+        let what = if endpoint.contains(" scale set ") {
+            if endpoint.contains("message queue") && endpoint.starts_with("GET") {
+                polls += n;
+                "  (scale set: long poll)"
+            } else if set_background(endpoint) {
+                "  (scale set: background)"
+            } else {
+                set_per_job += n;
+                "  (scale set: per job)"
+            }
+        } else if periodic {
+            background += n;
+            "  (background)"
+        } else {
+            per_job += n;
+            ""
+        };
+        println!("  {n:>5}  {endpoint}{what}");
     }
     println!(
         "  background: {background} calls, {:.0} per hour at github_interval = 10 s (the tests' setting; 60 s by default: a sixth)",
@@ -188,6 +225,13 @@ async fn main() {
         per_job as f64 / jobs as f64,
         background as f64 / api_hours
     );
+    println!(
+        "bench api scale-set: jobs={runs} calls_per_job={:.2} long_polls_per_hour={:.0} warm_p50={:.2} warm_p90={:.2}",
+        set_per_job as f64 / runs as f64,
+        polls as f64 / api_hours,
+        percentile(&set, 50),
+        percentile(&set, 90)
+    );
 }
 
 /// `runnervisor_github_api_calls_total` by endpoint (statuses summed).
@@ -201,9 +245,17 @@ fn api_calls(metrics: &str) -> std::collections::BTreeMap<String, u64> {
     calls
 }
 
+/// The scale set's calls made whatever the number of jobs: the exchange for the service's
+/// token, the set found or made, its session.
+fn set_background(endpoint: &str) -> bool {
+    endpoint.contains("runner-registration") || endpoint.contains("/sessions") || endpoint.ends_with("runnerscalesets")
+}
+
 /// Endpoints the periodic sync calls whatever the number of jobs.
 fn is_background(endpoint: &str) -> bool {
     endpoint == "GET /orgs/octo-org/actions/runners"
+        // The scale set client's, for the Actions service's token (every pool here is JIT).
+        || endpoint.contains("registration-token")
         || endpoint.contains("/hooks/")
         || endpoint.contains("/runner-groups")
 }

@@ -291,7 +291,7 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
             config.github.api_timeout,
         ) {
             Ok(client) => {
-                let client = Arc::new(client);
+                let client = Arc::new(client.with_metrics(deps.metrics.clone()));
                 let registry = Arc::new(scaleset::Registry::default());
                 let runners = Arc::new(scaleset::Runners { client: client.clone(), registry: registry.clone() });
                 scheduler = scheduler.with_scale_sets(registry.clone(), runners);

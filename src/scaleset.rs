@@ -10,8 +10,8 @@
 //! assigns at most the capacity the poll announced); `JobAssigned`, `JobStarted` and
 //! `JobCompleted` become inbox events (a job assigned is queued for the pool; a job a set
 //! gives up on, to offer it again under a new request, completes `cancelled`), written
-//! durably, with delivery ids made of the message's id, so that a message seen again
-//! (not acknowledged before a crash) changes nothing. A failure leaves the message
+//! durably, with delivery ids made of the request and what happened to it, so that a
+//! message seen again (not acknowledged before a crash, grouped otherwise) changes nothing. A failure leaves the message
 //! unacknowledged: it comes again.
 //!
 //! The capacity each poll announces (`X-ScaleSetMaxCapacity`) is the scheduler's: the jobs
@@ -48,6 +48,7 @@ pub struct Registry {
 struct Entry {
     set_id: Option<u64>,
     capacity: u64,
+    session: bool,
 }
 
 impl Registry {
@@ -72,6 +73,21 @@ impl Registry {
 
     fn found(&self, pool: &str, set_id: u64) {
         self.with(pool, |e| e.set_id = Some(set_id));
+    }
+
+    fn session(&self, pool: &str, open: bool) {
+        self.with(pool, |e| e.session = open);
+    }
+
+    /// What `runnervisor status` shows of the pool's set (`name`: its name).
+    pub fn status(&self, pool: &str, name: &str) -> crate::admin::proto::ScaleSetStatus {
+        let e = self.with(pool, |e| *e);
+        crate::admin::proto::ScaleSetStatus {
+            name: name.to_string(),
+            id: e.set_id,
+            session: e.session,
+            capacity: e.capacity,
+        }
     }
 }
 
@@ -161,20 +177,21 @@ pub fn events(pool: &str, set_id: u64, m: &Message, now: std::time::SystemTime) 
     };
     m.jobs
         .iter()
-        .enumerate()
-        .filter_map(|(i, job)| {
-            let (action, job) = match job {
+        .filter_map(|job| {
+            let (kind, action, job) = match job {
                 JobMessage::Available(_) => return None,
-                JobMessage::Assigned(j) => (JobAction::Queued, info(j, None, None)),
+                JobMessage::Assigned(j) => ("assigned", JobAction::Queued, info(j, None, None)),
                 JobMessage::Started { job, runner_name } => {
-                    (JobAction::InProgress, info(job, runner_name.clone(), None))
+                    ("started", JobAction::InProgress, info(job, runner_name.clone(), None))
                 }
                 JobMessage::Completed { job, result, runner_name } => {
-                    (JobAction::Completed, info(job, runner_name.clone(), Some(conclusion(result))))
+                    ("completed", JobAction::Completed, info(job, runner_name.clone(), Some(conclusion(result))))
                 }
             };
             Some(JobEvent {
-                delivery: format!("scale-set-{set_id}-{}-{i}", m.id),
+                // Each happens once per request: the same id however the service groups
+                // its job messages into messages when it sends them again.
+                delivery: format!("scale-set-{set_id}-{}-{kind}", job.id),
                 action,
                 job,
                 received_at: now,
@@ -214,7 +231,9 @@ impl<S: ScaleSets> Listener<S> {
             };
             info!(pool = %self.pool, scale_set = %self.spec.name, scale_set_id = set_id, assigned = session.statistics.assigned, "scale set session open: taking the jobs GitHub assigns to it");
             failures = 0;
+            self.registry.session(&self.pool, true);
             let kept = self.listen(set_id, session, &shutdown).await;
+            self.registry.session(&self.pool, false);
             if let Some(session) = kept {
                 // Stopping: let the session go, so that the next start opens one at once.
                 if let Err(e) = self.client.delete_session(set_id, &session.id).await {

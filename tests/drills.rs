@@ -59,6 +59,42 @@ impl Drill {
         Self::build(name, format!("d-{name}"), tweak_spec, tweak_sim).await
     }
 
+    /// A drill of a pool that is a runner scale set (`rv-<name>`), on the shared slots, and
+    /// a simulator that sends no webhook at all: jobs ask for the set by name.
+    async fn scale_set(
+        name: &'static str,
+        tweak_spec: impl FnOnce(&mut AgentSpec),
+        tweak_sim: impl FnOnce(&mut github_sim::SimConfig),
+    ) -> Drill {
+        let set = format!("rv-{name}");
+        let extra = format!("intake = \"scale_set\"\nscale_set_name = \"{set}\"\n");
+        let mut d = Self::build(
+            name,
+            slots::POOL.to_string(),
+            |s| {
+                s.hook = None;
+                s.pool_extra.push_str(&extra);
+                tweak_spec(s);
+            },
+            |c| {
+                c.webhook_url = None;
+                tweak_sim(c);
+            },
+        )
+        .await;
+        d.labels = vec![set];
+        d
+    }
+
+    /// Waits until the agent's log says its scale set's session opened `n` times.
+    async fn sessions_opened(&self, n: usize) {
+        let agent = &self.agent;
+        wait_for(&format!("the scale set's session opened ({n})"), Duration::from_secs(300), async || {
+            (agent.log_text().matches("scale set session open").count() >= n).then_some(())
+        })
+        .await;
+    }
+
     async fn build(
         name: &'static str,
         pool: String,
@@ -1385,4 +1421,85 @@ async fn drill_fleet_partition() {
     let (doms, vols) = leftovers(&hv_b, "rv-d-fleet-partition-");
     assert!(doms.is_empty() && vols.is_empty(), "b left {doms:?} {vols:?}");
     assert!(b.terminate().success());
+}
+
+/// A pool that is a runner scale set (no webhook at all): the agent is killed (-9) while a
+/// job runs and another waits, a job is queued while it is down; started again, it waits
+/// out the session the dead agent held (GitHub lets it go once nobody polls it: 20 s here)
+/// and opens another; nothing assigned is lost, nothing served twice. Then a job whose
+/// runner never comes online (its first contact stalls) is given up by GitHub for the
+/// set after 30 s and offered again under a new request, which another VM serves.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill scale-set-restart"]
+async fn drill_scale_set_restart() {
+    let mut d = Drill::scale_set(
+        "scale-set-restart",
+        |s| {
+            s.max_vms = 2;
+            // A VM whose runner never comes online is replaced after a minute.
+            s.pool_extra.push_str("idle_timeout = \"15s\"\nregistration_timeout = \"60s\"\n");
+        },
+        |c| {
+            c.scale_set_session_idle = Duration::from_secs(20);
+            c.reassign_after = Duration::from_secs(30);
+        },
+    )
+    .await;
+    d.agent.start().await;
+    d.sessions_opened(1).await;
+    let running = d.queue(20.0).await;
+    d.queue(3.0).await;
+    let sim = &d.sim;
+    wait_for("a job running", VM_TIMEOUT, async || (sim.job(running).await["status"] == "in_progress").then_some(()))
+        .await;
+    d.say("a job runs, another is assigned or waits: killing the agent (-9)");
+    d.agent.kill9();
+    d.queue(3.0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.agent.start().await;
+    d.sessions_opened(2).await;
+    let conflicts = d.agent.log_text().matches("session is held by another client").count();
+    d.say(&format!("the session opened again after {conflicts} refusals"));
+    d.all_completed(VM_TIMEOUT * 2).await;
+
+    d.say("a runner that never comes online: its job is offered again");
+    d.sim.fault(json!({"kind": "runner_stall", "count": 1})).await;
+    let stalled = d.queue(3.0).await;
+    let done = d.sim.wait_completed(stalled, VM_TIMEOUT * 3).await;
+    assert_eq!(done["conclusion"], "success", "{done}");
+    // The requests the set gave up on ended `cancelled` in the agent's book.
+    let reoffered = d.agent.log_text().matches("job completed before any runner took it").count();
+    assert!(reoffered >= 1, "the stalled runner's request was not given up: {}", d.agent.log_tail());
+    d.extra = format!(" session_refusals={conflicts} runner_stalled=1 reoffered={reoffered}");
+    d.finish(Duration::from_secs(600)).await;
+}
+
+/// A pool that is a runner scale set: GitHub's message queue answers 503 for 2 minutes
+/// while jobs are queued; the listener backs off and carries on once it answers again;
+/// every job served once.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill scale-set-outage"]
+async fn drill_scale_set_outage() {
+    let mut d = Drill::scale_set("scale-set-outage", |s| s.max_vms = 2, |_| {}).await;
+    d.agent.start().await;
+    d.sessions_opened(1).await;
+    let first = d.queue(3.0).await;
+    d.sim.wait_completed(first, VM_TIMEOUT).await;
+    d.say("served before the outage; the message queue answers 503 for 2 minutes");
+    d.sim.fault(json!({"kind": "api_error", "status": 503, "path": "/_runner/_queue"})).await;
+    let outage = Instant::now();
+    d.queue(3.0).await;
+    d.queue(3.0).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let r = reqwest::Client::new().delete(format!("{}/_sim/faults", d.sim.url())).send().await.unwrap();
+    assert!(r.status().is_success(), "{r:?}");
+    let failed = d.agent.log_text().matches("message queue failed").count();
+    d.say(&format!(
+        "the queue answers again after {:.0}s; {failed} polls failed meanwhile",
+        outage.elapsed().as_secs_f64()
+    ));
+    assert!(failed >= 2, "the outage was seen: {}", d.agent.log_tail());
+    d.all_completed(VM_TIMEOUT * 2).await;
+    d.extra = format!(" outage_s=120 polls_failed={failed}");
+    d.finish(Duration::from_secs(600)).await;
 }

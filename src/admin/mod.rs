@@ -215,6 +215,16 @@ pub fn render_status(s: &Status) -> String {
         })
         .collect();
     out.push_str(&table(&["POOL", "VMS", "QUEUED", "WARM", "SLOTS"], &pools));
+    for p in &s.pools {
+        if let Some(set) = &p.scale_set {
+            let id = set.id.map(|i| format!("id {i}")).unwrap_or_else(|| "not found or made yet".into());
+            let session = if set.session { "session open" } else { "NO SESSION (not taking jobs)" };
+            out.push_str(&format!(
+                "pool {} is scale set {:?} ({id}): {session}, capacity announced {}\n",
+                p.name, set.name, set.capacity
+            ));
+        }
+    }
     out.push('\n');
     if s.queued.is_empty() {
         out.push_str("no queued jobs\n");
@@ -349,6 +359,7 @@ mod tests {
                 retiring: false,
                 slots: 2,
                 slots_ready: 1,
+                scale_set: Some(proto::ScaleSetStatus { name: "rv-p".into(), id: Some(4), session: true, capacity: 4 }),
             }],
             queued: vec![],
             vms: vec![
@@ -395,6 +406,7 @@ mod tests {
         assert!(line("rv-p-8").contains("restored (rv-p-s1)"), "{text}");
         assert!(line("rv-p-s0").contains("slot: saving"), "{text}");
         assert!(line("p ").contains("1/2 ready"), "{text}");
+        assert!(text.contains("pool p is scale set \"rv-p\" (id 4): session open, capacity announced 4"), "{text}");
     }
 
     fn line_of(text: &str, start: &str) -> String {

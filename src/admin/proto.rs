@@ -71,6 +71,21 @@ pub struct PoolStatus {
     pub slots: usize,
     #[serde(default)]
     pub slots_ready: usize,
+    /// The pool is a runner scale set (`intake = "scale_set"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_set: Option<ScaleSetStatus>,
+}
+
+/// A scale-set pool's set, as its listener knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScaleSetStatus {
+    pub name: String,
+    /// `None`: not found or made yet.
+    pub id: Option<u64>,
+    /// Its message session is open (the listener takes jobs).
+    pub session: bool,
+    /// What the last poll announced (`X-ScaleSetMaxCapacity`).
+    pub capacity: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

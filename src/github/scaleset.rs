@@ -248,6 +248,8 @@ pub struct HttpScaleSets<G> {
     scope_url: String,
     github: Arc<G>,
     admin: Mutex<Option<Admin>>,
+    /// Calls by endpoint and status (`runnervisor_github_api_calls_total`), when served.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// `iat` and `exp` of a JWT, read without checking its signature (the service checks it).
@@ -277,6 +279,23 @@ fn error_body(bytes: &[u8]) -> Value {
     })
 }
 
+/// A call's name in the metrics: `scale set` and its method and route, ids (numbers,
+/// GUIDs) replaced by `{id}`.
+fn endpoint(method: &Method, name: &str) -> String {
+    let parts: Vec<&str> = name
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.bytes().any(|b| b.is_ascii_digit()) && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+                "{id}"
+            } else {
+                s
+            }
+        })
+        .collect();
+    format!("{method} scale set {}", parts.join("/"))
+}
+
 /// The message that goes with a path: its query (which may carry ids) left out.
 fn route(path: &str) -> String {
     path.split('?').next().unwrap_or("").to_string()
@@ -303,7 +322,20 @@ impl<G: GitHub> HttpScaleSets<G> {
             scope_url: scope_url.trim_end_matches('/').to_string(),
             github,
             admin: Mutex::new(None),
+            metrics: None,
         })
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts a call (`status` 0: no answer) under `endpoint` (see [`endpoint`]).
+    fn observe(&self, endpoint: &str, status: u16) {
+        if let Some(m) = &self.metrics {
+            m.github_api_calls.get_or_create(&crate::metrics::ApiCallLabels::new(endpoint, status)).inc();
+        }
     }
 
     /// The admin connection, exchanged again when due or when `stale` (a 401) names it.
@@ -356,6 +388,7 @@ impl<G: GitHub> HttpScaleSets<G> {
             .await
             .map_err(|e| transport("POST", EXCHANGE, &e))?;
         let status = resp.status();
+        self.observe(&endpoint(&Method::POST, EXCHANGE), status.as_u16());
         let body = resp.bytes().await.map_err(|e| transport("POST", EXCHANGE, &e))?;
         if !status.is_success() {
             return Err(status_error("POST", EXCHANGE, status, &error_body(&body)));
@@ -409,8 +442,13 @@ impl<G: GitHub> HttpScaleSets<G> {
                 }
                 None => req,
             };
-            let resp = req.send().await.map_err(|e| transport(method.as_str(), &name, &e))?;
+            let counted = endpoint(&method, &name);
+            let resp = req.send().await.map_err(|e| {
+                self.observe(&counted, 0);
+                transport(method.as_str(), &name, &e)
+            })?;
             let status = resp.status();
+            self.observe(&counted, status.as_u16());
             let bytes = resp.bytes().await.map_err(|e| transport(method.as_str(), &name, &e))?;
             let v = if status.is_success() {
                 json_of(&bytes).map_err(|message| SsError::Decode { path: name.clone(), message })?

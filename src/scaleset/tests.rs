@@ -127,11 +127,14 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
         .unwrap();
     let done = wait_inbox(&store, |ev| ev.action == JobAction::Completed).await;
     assert_eq!((done.job.id, done.job.conclusion.as_deref()), (started.job.id, Some("success")));
+    let shown = registry.status("linux", "rv-linux");
+    assert!(shown.session && shown.id.is_some() && shown.capacity == 2, "{shown:?}");
     // A pool the registry does not know has no set yet: provisioning is told so.
     assert!(runners.jit("other", "rv-other-1").await.unwrap_err().to_string().contains("not found or made yet"));
 
     stop.cancel();
     running.await.unwrap();
+    assert!(!registry.status("linux", "rv-linux").session, "no session once stopped");
     let set = registry.set_id("linux").unwrap();
     client.create_session(set, "host-b").await.expect("the stopped listener's session was deleted");
 }
@@ -174,7 +177,7 @@ async fn a_session_held_by_another_client_is_taken_once_it_is_let_go() {
 
 /// A message's jobs as inbox events: an assigned job is queued for the pool; started and
 /// completed follow it; a job the set gives up on to offer it again is `cancelled`; the
-/// delivery ids are the message's (the same when it comes again), one per job.
+/// delivery ids are the request's and what happened (the same when it comes again).
 #[test]
 fn a_messages_jobs_become_the_pools_inbox_events() {
     let job = |id: u64| JobRef {
@@ -206,11 +209,11 @@ fn a_messages_jobs_become_the_pools_inbox_events() {
     assert_eq!(
         got,
         [
-            ("scale-set-7-41-1".to_string(), JobAction::Queued, 2, None, None, linux.clone()),
-            ("scale-set-7-41-2".into(), JobAction::InProgress, 3, Some("rv-linux-3".into()), None, linux.clone()),
-            ("scale-set-7-41-3".into(), JobAction::Completed, 4, None, Some("cancelled".into()), linux.clone()),
+            ("scale-set-7-2-assigned".to_string(), JobAction::Queued, 2, None, None, linux.clone()),
+            ("scale-set-7-3-started".into(), JobAction::InProgress, 3, Some("rv-linux-3".into()), None, linux.clone()),
+            ("scale-set-7-4-completed".into(), JobAction::Completed, 4, None, Some("cancelled".into()), linux.clone()),
             (
-                "scale-set-7-41-4".into(),
+                "scale-set-7-5-completed".into(),
                 JobAction::Completed,
                 5,
                 Some("rv-linux-5".into()),

@@ -67,6 +67,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     retiring: p.retiring,
                     slots: p.snapshot_slots,
                     slots_ready: self.free_slots(&p.name).len(),
+                    scale_set: match (&self.scale_sets, p.scale_set()) {
+                        (Some(registry), Some(name)) => Some(registry.status(&p.name, name)),
+                        (None, Some(name)) => Some(crate::admin::proto::ScaleSetStatus {
+                            name: name.to_string(),
+                            id: None,
+                            session: false,
+                            capacity: 0,
+                        }),
+                        _ => None,
+                    },
                 })
                 .collect(),
             queued: self

@@ -282,3 +282,18 @@ async fn acknowledged_messages_go_and_a_job_offered_without_room_is_offered_agai
     assert_eq!(k.request_id, j.request_id);
     assert_eq!(client.acquire(set.id, &session, &[k.request_id]).await.unwrap(), [k.request_id]);
 }
+
+#[test]
+fn calls_are_counted_by_route_without_their_ids() {
+    let sid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+    assert_eq!(
+        endpoint(&Method::PATCH, &format!("_apis/runtime/runnerscalesets/42/sessions/{sid}")),
+        "PATCH scale set _apis/runtime/runnerscalesets/{id}/sessions/{id}"
+    );
+    assert_eq!(endpoint(&Method::GET, "message queue"), "GET scale set message queue");
+    assert_eq!(endpoint(&Method::POST, "actions/runner-registration"), "POST scale set actions/runner-registration");
+    assert_eq!(
+        endpoint(&Method::GET, "_apis/distributedtask/pools/0/agents"),
+        "GET scale set _apis/distributedtask/pools/{id}/agents"
+    );
+}
