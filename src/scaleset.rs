@@ -35,6 +35,19 @@ use crate::github::{GhError, JitRunner};
 use crate::model::{JobAction, JobEvent, JobInfo};
 use crate::webhook::Persist;
 
+/// How a session's polling ended.
+enum Ended {
+    Stopped,
+    /// The service lost it, or it kept failing: open another.
+    Lost,
+}
+
+/// Failures of a session's polls in a row after which it is given up for a new one.
+const GIVE_UP: u32 = 5;
+
+/// The shortest time between two polls that brought nothing.
+const MIN_POLL: Duration = Duration::from_secs(1);
+
 /// The longest wait between two attempts (to find the set, open its session, poll).
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -188,15 +201,14 @@ pub fn events(pool: &str, set_id: u64, m: &Message, now: std::time::SystemTime) 
                     ("completed", JobAction::Completed, info(job, runner_name.clone(), Some(conclusion(result))))
                 }
             };
-            Some(JobEvent {
-                // Each happens once per request: the same id however the service groups
-                // its job messages into messages when it sends them again.
-                delivery: format!("scale-set-{set_id}-{}-{kind}", job.id),
-                action,
-                job,
-                received_at: now,
-                pool: Some(pool.to_string()),
-            })
+            // Each happens once per request: the same id however the service groups its
+            // job messages into messages when it sends them again. But an assignment: GitHub
+            // may assign a request it gave up on again (its message is a new one).
+            let delivery = match kind {
+                "assigned" => format!("scale-set-{set_id}-{}-{kind}-{}", job.id, m.id),
+                _ => format!("scale-set-{set_id}-{}-{kind}", job.id),
+            };
+            Some(JobEvent { delivery, action, job, received_at: now, pool: Some(pool.to_string()) })
         })
         .collect()
 }
@@ -204,42 +216,55 @@ pub fn events(pool: &str, set_id: u64, m: &Message, now: std::time::SystemTime) 
 impl<S: ScaleSets> Listener<S> {
     /// Until `shutdown`: then the session is deleted, so that the next start opens one at once.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Some(set_id) = self.find_set(&shutdown).await else { return };
+        // Failures in a row, whatever failed (finding the set, opening a session, polling):
+        // the back-off grows until a poll goes through.
         let mut failures = 0u32;
-        loop {
-            let opened = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.client.create_session(set_id, &self.owner) => r,
-            };
-            let session = match opened {
-                Ok(s) => s,
-                Err(e) => {
-                    match &e {
-                        SsError::Conflict(_) => {
-                            warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "the scale set's session is held by another client (another agent serving this pool, or this agent before a crash, whose session the service lets go once nobody polls it); trying again")
+        'set: loop {
+            let Some(set_id) = self.find_set(&shutdown).await else { return };
+            loop {
+                let opened = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = self.client.create_session(set_id, &self.owner) => r,
+                };
+                let session = match opened {
+                    Ok(s) => s,
+                    Err(e) => {
+                        match &e {
+                            SsError::Conflict(_) => {
+                                warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "the scale set's session is held by another client (another agent serving this pool, or this agent before a crash, whose session the service lets go once nobody polls it); trying again")
+                            }
+                            _ => {
+                                warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "cannot open the scale set's session; trying again")
+                            }
                         }
-                        _ => {
-                            warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "cannot open the scale set's session; trying again")
+                        if sleep_or_stop(backoff(failures), &shutdown).await {
+                            return;
                         }
+                        failures += 1;
+                        // The set is gone (deleted on GitHub's side): found or made again.
+                        if e.status() == Some(404) {
+                            continue 'set;
+                        }
+                        continue;
                     }
-                    if sleep_or_stop(backoff(failures), &shutdown).await {
-                        return;
-                    }
-                    failures += 1;
-                    continue;
-                }
-            };
-            info!(pool = %self.pool, scale_set = %self.spec.name, scale_set_id = set_id, assigned = session.statistics.assigned, "scale set session open: taking the jobs GitHub assigns to it");
-            failures = 0;
-            self.registry.session(&self.pool, true);
-            let kept = self.listen(set_id, session, &shutdown).await;
-            self.registry.session(&self.pool, false);
-            if let Some(session) = kept {
-                // Stopping: let the session go, so that the next start opens one at once.
+                };
+                info!(pool = %self.pool, scale_set = %self.spec.name, scale_set_id = set_id, assigned = session.statistics.assigned, "scale set session open: taking the jobs GitHub assigns to it");
+                let (ended, session) = self.listen(set_id, session, &mut failures, &shutdown).await;
+                self.registry.session(&self.pool, false);
+                // Stopping, or giving the session up: let it go, so that the next one (this
+                // start's or the next's) opens at once.
                 if let Err(e) = self.client.delete_session(set_id, &session.id).await {
                     debug!(error = %e, "cannot delete the scale set's session");
                 }
-                return;
+                match ended {
+                    Ended::Stopped => return,
+                    Ended::Lost => {
+                        if sleep_or_stop(backoff(failures), &shutdown).await {
+                            return;
+                        }
+                        failures += 1;
+                    }
+                }
             }
         }
     }
@@ -269,19 +294,36 @@ impl<S: ScaleSets> Listener<S> {
         }
     }
 
-    /// Polls `session` until it is lost (`None`: open another) or `shutdown` (its
-    /// session returned, to be deleted).
-    async fn listen(&self, set_id: u64, mut session: Session, shutdown: &CancellationToken) -> Option<Session> {
+    /// Polls `session` until `shutdown`, or until it is given up: the service lost it, or
+    /// [`GIVE_UP`] failures in a row (a queue that refuses it for good answers no 401 or
+    /// 404 a client could tell). Returns the session either way (to be deleted).
+    async fn listen(
+        &self,
+        set_id: u64,
+        mut session: Session,
+        failures: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> (Ended, Session) {
         let mut last = 0u64;
-        let mut failures = 0u32;
+        // A refresh counts as going through only once a poll with its token does.
+        let mut refreshed = false;
+        self.registry.session(&self.pool, true);
         loop {
             let capacity = self.registry.capacity(&self.pool);
+            let asked = tokio::time::Instant::now();
             let polled = tokio::select! {
-                _ = shutdown.cancelled() => return Some(session),
+                _ = shutdown.cancelled() => return (Ended::Stopped, session),
                 r = self.client.poll(&session, last, capacity) => r,
             };
             let failed = match polled {
-                Ok(None) => None,
+                Ok(None) => {
+                    // An empty answer at once (a proxy's, not the service's long poll) is
+                    // not asked again at once.
+                    if asked.elapsed() < MIN_POLL && sleep_or_stop(MIN_POLL, shutdown).await {
+                        return (Ended::Stopped, session);
+                    }
+                    None
+                }
                 Ok(Some(m)) => match self.handle(set_id, &session, &m).await {
                     Ok(()) => {
                         last = m.id;
@@ -292,29 +334,39 @@ impl<S: ScaleSets> Listener<S> {
                         Some(e)
                     }
                 },
-                Err(SsError::QueueToken) => match self.client.refresh_session(set_id, &session.id).await {
-                    Ok(s) => {
-                        debug!(pool = %self.pool, "the scale set's queue token renewed");
-                        session = s;
-                        None
+                Err(SsError::QueueToken) if !refreshed => {
+                    match self.client.refresh_session(set_id, &session.id).await {
+                        Ok(s) => {
+                            debug!(pool = %self.pool, "the scale set's queue token renewed");
+                            session = s;
+                            refreshed = true;
+                            continue;
+                        }
+                        Err(e) => Some(e),
                     }
-                    Err(e) => Some(e),
-                },
+                }
                 Err(e) => Some(e),
             };
             let Some(e) = failed else {
-                failures = 0;
+                *failures = 0;
+                refreshed = false;
+                self.registry.session(&self.pool, true);
                 continue;
             };
+            self.registry.session(&self.pool, false);
             if matches!(e, SsError::SessionGone(_)) {
                 warn!(pool = %self.pool, error = %e, "the service lost the scale set's session: opening another");
-                return None;
+                return (Ended::Lost, session);
             }
-            warn!(pool = %self.pool, error = %e, failures, "the scale set's message queue failed; trying again");
-            if sleep_or_stop(backoff(failures), shutdown).await {
-                return Some(session);
+            *failures += 1;
+            if *failures >= GIVE_UP {
+                warn!(pool = %self.pool, error = %e, failures = *failures, "the scale set's message queue keeps failing: giving the session up and opening another");
+                return (Ended::Lost, session);
             }
-            failures += 1;
+            warn!(pool = %self.pool, error = %e, failures = *failures, "the scale set's message queue failed; trying again");
+            if sleep_or_stop(backoff(*failures), shutdown).await {
+                return (Ended::Stopped, session);
+            }
         }
     }
 
@@ -328,9 +380,20 @@ impl<S: ScaleSets> Listener<S> {
                 _ => None,
             })
             .collect();
+        // At best: a job not acquired is offered again, one acquired comes as assigned. A
+        // failure here must not hold up the message's other news (a message not
+        // acknowledged comes again, and every message after it waits) — but an expired
+        // queue token is renewed, and the message taken again.
         if !available.is_empty() {
-            let acquired = self.client.acquire(set_id, session, &available).await?;
-            debug!(pool = %self.pool, offered = available.len(), acquired = acquired.len(), "scale set jobs acquired");
+            match self.client.acquire(set_id, session, &available).await {
+                Ok(acquired) => {
+                    debug!(pool = %self.pool, offered = available.len(), acquired = acquired.len(), "scale set jobs acquired")
+                }
+                Err(SsError::QueueToken) => return Err(SsError::QueueToken),
+                Err(e) => {
+                    warn!(pool = %self.pool, offered = available.len(), error = %e, "cannot acquire the jobs the scale set was offered: they are offered again")
+                }
+            }
         }
         let events = events(&self.pool, set_id, m, self.clock.now());
         let mut new = false;

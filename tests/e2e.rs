@@ -559,6 +559,10 @@ async fn a_scale_set_pool_serves_its_jobs_with_no_webhook_at_all() {
     assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
     let log = agent.log_text();
     assert!(!log.contains("held by another client"), "{}", agent.log_tail());
-    assert!(!log.contains(PAT) && !log.contains(SECRET), "a secret reached the log");
+    // No credential in the log: the PAT, the webhook secret, the registration token, the
+    // service's token (a JWT), the queue's, a runner's.
+    for secret in [PAT, SECRET, TOKEN_MARKER, "eyJ", "mq_", RUNNER_MARKER] {
+        assert!(!log.contains(secret), "a credential ({secret}…) reached the log");
+    }
     assert!(agent.terminate().success());
 }

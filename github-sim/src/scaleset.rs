@@ -396,11 +396,12 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(|t| t.trim().to_string())
 }
 
-/// Counts the call, and answers it as an armed `api_error` fault whose `path` the route
-/// contains says (`/_runner/_queue`: the message queue, `/_runner/_apis`: the rest).
-fn call(sim: &Sim, route: &str, path: &str) -> Result<(), ServiceError> {
+/// Counts the call, and answers it as an armed `api_error` fault whose `path` is in
+/// `"{prefix} {route}"` says (`/_runner/_queue`: the message queue, `/_runner/_apis`: the
+/// rest; or a route, `acquirejobs` say).
+fn call(sim: &Sim, route: &str, prefix: &str) -> Result<(), ServiceError> {
     sim.count_call(format!("scaleset {route}"));
-    match sim.faults().on_api_call(path).error {
+    match sim.faults().on_api_call(&format!("{prefix} {route}")).error {
         Some(crate::faults::Fault::ApiError { status, .. }) => Err(ServiceError::new(
             StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             "ServiceUnavailableException",

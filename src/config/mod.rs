@@ -618,13 +618,13 @@ fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: impl Int
 }
 
 impl PoolConfig {
-    /// A retiring pool of this name with the default settings (see [`reload`]): what the
-    /// agent knows of a pool its store has VMs of and its configuration does not.
     /// The scale set's name (`scale_set_name`, or the pool's), for `intake = "scale_set"`.
     pub fn scale_set(&self) -> Option<&str> {
         (self.intake == Intake::ScaleSet).then(|| self.scale_set_name.as_deref().unwrap_or(&self.name))
     }
 
+    /// A retiring pool of this name with the default settings (see [`reload`]): what the
+    /// agent knows of a pool its store has VMs of and its configuration does not.
     pub fn retiring(name: &str) -> Result<PoolConfig, toml::de::Error> {
         let mut t = toml::Table::new();
         t.insert("name".into(), name.into());

@@ -262,4 +262,10 @@ fn a_pool_may_be_a_runner_scale_set() {
     );
     let e = err(&fleet);
     assert!(e.contains("pool[0].intake") && e.contains("fleet"), "{e}");
+    // A webhook pool whose labels the set's cover would take the set's jobs too.
+    let covered = format!(
+        "{MINIMAL}\nintake = \"scale_set\"\n[[pool]]\nname = \"hooked\"\nlabels = [\"Linux\"]\nimage = \"/x.qcow2\"\n"
+    );
+    let e = err(&covered);
+    assert!(e.contains("pool[0].labels") && e.contains("\"hooked\""), "{e}");
 }

@@ -244,6 +244,23 @@ impl Config {
                 return Err(invalid(key("scale_set_name"), &p.scale_set_name, "needs intake = \"scale_set\""));
             }
             if let Some(set) = p.scale_set() {
+                // GitHub routes a job to the set whose labels (and name) cover its own: a
+                // webhook pool of such labels would take the set's jobs too.
+                let covers = |q: &PoolConfig| {
+                    q.labels
+                        .iter()
+                        .all(|l| l.eq_ignore_ascii_case(set) || p.labels.iter().any(|x| x.eq_ignore_ascii_case(l)))
+                };
+                if let Some(q) = self.pools.iter().find(|q| q.scale_set().is_none() && covers(q)) {
+                    return Err(invalid(
+                        key("labels"),
+                        &p.labels,
+                        format!(
+                            "the scale set's labels cover webhook pool {:?}'s: GitHub would route its jobs to the set",
+                            q.name
+                        ),
+                    ));
+                }
                 if set.is_empty() || set.len() > 100 || set.trim() != set || set.contains(',') {
                     return Err(invalid(
                         key("scale_set_name"),

@@ -67,6 +67,8 @@ async fn wait_inbox(store: &Store, what: impl Fn(&JobEvent) -> bool) -> JobEvent
 async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_set_serves_them() {
     let mut config = github_sim::SimConfig::new("pat", "secret");
     config.message_poll_window = Duration::from_millis(300);
+    // Expires while the test runs: the listener renews it and carries on.
+    config.queue_token_ttl = Duration::from_secs(1);
     let sim = github_sim::SimHandle::start(config).await.unwrap();
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
@@ -129,6 +131,16 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
     assert_eq!((done.job.id, done.job.conclusion.as_deref()), (started.job.id, Some("success")));
     let shown = registry.status("linux", "rv-linux");
     assert!(shown.session && shown.id.is_some() && shown.capacity == 2, "{shown:?}");
+    // Long after the first queue token expired: still taking jobs.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    queue_job(&sim, &["rv-linux"]).await;
+    for _ in 0..200 {
+        if store.inbox(0, 1000).unwrap().iter().filter(|(_, ev)| queued(ev)).count() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.inbox(0, 1000).unwrap().iter().filter(|(_, ev)| queued(ev)).count(), 3, "after a renewal");
     // A pool the registry does not know has no set yet: provisioning is told so.
     assert!(runners.jit("other", "rv-other-1").await.unwrap_err().to_string().contains("not found or made yet"));
 
@@ -209,7 +221,7 @@ fn a_messages_jobs_become_the_pools_inbox_events() {
     assert_eq!(
         got,
         [
-            ("scale-set-7-2-assigned".to_string(), JobAction::Queued, 2, None, None, linux.clone()),
+            ("scale-set-7-2-assigned-41".to_string(), JobAction::Queued, 2, None, None, linux.clone()),
             ("scale-set-7-3-started".into(), JobAction::InProgress, 3, Some("rv-linux-3".into()), None, linux.clone()),
             ("scale-set-7-4-completed".into(), JobAction::Completed, 4, None, Some("cancelled".into()), linux.clone()),
             (
@@ -222,4 +234,71 @@ fn a_messages_jobs_become_the_pools_inbox_events() {
             ),
         ]
     );
+}
+
+/// `acquirejobs` fails, for good: the news of the jobs already assigned still comes in
+/// (a message not acknowledged would hold up every message after it), and once it works
+/// again the job offered meanwhile is acquired when offered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_acquire_holds_up_no_other_news() {
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    config.reassign_after = Duration::from_secs(2);
+    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    registry.set_capacity("linux", 2);
+    let client = client(&sim);
+    let listener = Listener {
+        client: client.clone(),
+        registry: registry.clone(),
+        pool: "linux".into(),
+        spec: ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() },
+        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
+        inbox_ready: Arc::new(Notify::new()),
+        clock: Arc::new(crate::clock::SystemClock),
+        owner: "host-a".into(),
+    };
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(listener.run(stop.clone()));
+    let http = reqwest::Client::new();
+    queue_job(&sim, &["rv-linux"]).await;
+    let first = wait_inbox(&store, |ev| ev.action == JobAction::Queued).await;
+    // From now on every acquire fails; a second job is offered.
+    let fault = |count: Value| json!({"kind": "api_error", "status": 500, "path": "acquirejobs", "count": count});
+    http.post(format!("{}/_sim/faults", sim.url())).json(&fault(Value::Null)).send().await.unwrap();
+    queue_job(&sim, &["rv-linux"]).await;
+    // The first job runs and ends on the set's runner: its news comes in all the same.
+    let jit = Runners { client: client.clone(), registry }.jit("linux", "rv-linux-1").await.unwrap();
+    let taken: Value = http
+        .get(format!("{}/_runner/jobs/next?wait=5", sim.url()))
+        .bearer_auth(credential(&jit))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = taken["id"].as_u64().unwrap();
+    http.post(format!("{}/_runner/jobs/{job}/complete", sim.url()))
+        .bearer_auth(credential(&jit))
+        .json(&json!({"conclusion": "success"}))
+        .send()
+        .await
+        .unwrap();
+    let done = wait_inbox(&store, |ev| ev.action == JobAction::Completed).await;
+    assert_eq!(done.job.id, first.job.id);
+    assert_eq!(store.inbox(0, 100).unwrap().iter().filter(|(_, e)| e.action == JobAction::Queued).count(), 1);
+    // Acquiring works again: the second job, offered again, is the pool's.
+    http.delete(format!("{}/_sim/faults", sim.url())).send().await.unwrap();
+    for _ in 0..200 {
+        if store.inbox(0, 100).unwrap().iter().filter(|(_, e)| e.action == JobAction::Queued).count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.inbox(0, 100).unwrap().iter().filter(|(_, e)| e.action == JobAction::Queued).count(), 2);
+    stop.cancel();
+    running.await.unwrap();
 }

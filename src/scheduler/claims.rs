@@ -524,7 +524,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 debug!(job_id = row.id, "a fleet job row this agent cannot read; skipped");
                 continue;
             };
-            news |= super::job::next(known.map(|j| &j.state), row.action, &info).is_some();
+            news |= super::job::next(known.map(|j| &j.state), row.action, &info, false).is_some();
             let delivery = format!("fleet-{}-{}", row.id, crate::fleet::intake::state_name(row.action));
             self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at, pool: None });
         }

@@ -91,6 +91,25 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
+    /// Whether a webhook's job is a scale set's: its runner is a VM of a scale-set pool, or
+    /// its labels are among a scale set's (its name and labels: GitHub routes a job to the
+    /// set whose labels cover it).
+    fn a_scale_sets(&self, ev: &JobEvent) -> bool {
+        let sets = || self.config.pools.iter().filter(|p| p.scale_set().is_some());
+        let runner_pool = ev.job.runner_name.as_ref().and_then(|r| self.book.vms.get(r)).map(|v| v.pool.as_str());
+        if let Some(pool) = runner_pool {
+            return sets().any(|p| p.name == pool);
+        }
+        !ev.job.labels.is_empty()
+            && sets().any(|p| {
+                let name = p.scale_set().unwrap_or_default();
+                ev.job
+                    .labels
+                    .iter()
+                    .all(|l| l.eq_ignore_ascii_case(name) || p.labels.iter().any(|x| x.eq_ignore_ascii_case(l)))
+            })
+    }
+
     pub(super) fn new_job(&self, info: &JobInfo, pool: Option<String>, received_at: SystemTime) -> JobRec {
         JobRec {
             pool,
@@ -108,6 +127,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// runner named in the event, if it is one of our VMs, moves that VM along.
     pub(super) fn apply(&mut self, ev: JobEvent) {
         let id = ev.job.id;
+        if ev.pool.is_none() && self.a_scale_sets(&ev) {
+            // The hook hears of every job, a scale set's too: its news is the set's messages
+            // (under the request's id), and taken from a webhook as well it would be counted
+            // twice, or make its VM look busy with a job its pool does not know.
+            debug!(job_id = id, labels = ?ev.job.labels, runner = ?ev.job.runner_name, "a webhook about a scale set's job: its set's messages say it");
+            return;
+        }
         let pool = self.pool_for(&ev);
         if !self.book.jobs.contains_key(&id) && pool.is_none() {
             // No pool serves it: a counter, not a record — unless it names one of our
@@ -131,7 +157,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
         }
         let current = self.book.jobs.get(&id).map(|j| j.state.clone());
-        let changed = job::next(current.as_ref(), ev.action, &ev.job);
+        let changed = job::next(current.as_ref(), ev.action, &ev.job, ev.pool.is_some());
         if let Some(state) = changed.clone() {
             let now = self.now();
             let fresh = current.is_none().then(|| self.new_job(&ev.job, pool, ev.received_at));

@@ -5,8 +5,11 @@
 use crate::model::{JobAction, JobInfo, JobState};
 
 /// The job's next state after an event, or `None` when the event changes nothing.
-/// `current` is `None` for a job not seen before.
-pub fn next(current: Option<&JobState>, action: JobAction, info: &JobInfo) -> Option<JobState> {
+/// `current` is `None` for a job not seen before. `scale_set`: the event is a scale set's
+/// (its messages come in order): a request the set gave up on, `cancelled` with no runner,
+/// and assigned to it again (GitHub may offer it again under the same request) is queued
+/// again; a webhook's `queued` after its `completed` is one reordered, and changes nothing.
+pub fn next(current: Option<&JobState>, action: JobAction, info: &JobInfo, scale_set: bool) -> Option<JobState> {
     use JobAction as A;
     use JobState as S;
     let in_progress = || S::InProgress { runner: info.runner_name.clone() };
@@ -20,6 +23,7 @@ pub fn next(current: Option<&JobState>, action: JobAction, info: &JobInfo) -> Op
         (Some(S::Queued), A::InProgress) => Some(in_progress()),
         (Some(S::InProgress { runner: None }), A::InProgress) if info.runner_name.is_some() => Some(in_progress()),
         (Some(S::Queued | S::InProgress { .. } | S::Abandoned { .. }), A::Completed) => Some(completed()),
+        (Some(S::Completed { conclusion: Some(c) }), A::Queued) if scale_set && c == "cancelled" => Some(S::Queued),
         // Anything else is a duplicate, or news older than what is known.
         _ => None,
     }
@@ -74,7 +78,20 @@ mod tests {
             (Some(gave_up), Completed, info(None, Some("cancelled")), Some(done("cancelled"))),
         ];
         for (current, action, info, want) in table {
-            assert_eq!(next(current.as_ref(), action, &info), want, "{current:?} + {action:?}");
+            assert_eq!(next(current.as_ref(), action, &info, false), want, "{current:?} + {action:?}");
         }
+    }
+
+    /// A scale set's request it gave up on (`cancelled`, no runner) and assigned to it again
+    /// is queued again; a webhook's `queued` after `completed` is reordered news; a request
+    /// that ran is never queued again.
+    #[test]
+    fn a_scale_sets_request_given_up_and_assigned_again_is_queued_again() {
+        let done = |c: &str| JobState::Completed { conclusion: Some(c.into()) };
+        let (q, none) = (Some(JobState::Queued), info(None, None));
+        assert_eq!(next(Some(&done("cancelled")), Queued, &none, true), q);
+        assert_eq!(next(Some(&done("cancelled")), Queued, &none, false), None, "a webhook's, reordered");
+        assert_eq!(next(Some(&done("success")), Queued, &none, true), None);
+        assert_eq!(next(Some(&JobState::Queued), Queued, &none, true), None);
     }
 }

@@ -422,6 +422,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.forget_retired_pools();
         self.tend_claims();
         if !self.hv.ready {
+            // No VM can be made: GitHub is to assign the scale sets nothing more.
+            if let Some(registry) = &self.scale_sets {
+                for p in self.config.pools.iter().filter(|p| p.scale_set().is_some()) {
+                    registry.set_capacity(&p.name, 0);
+                }
+            }
             return;
         }
         self.tend_slots();
@@ -481,9 +487,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         if let (Some(registry), Some(_)) = (&self.scale_sets, pool.scale_set()) {
             // The jobs it could run at once: its VMs (warm ones and slots among them) and
-            // the places it may still start; none while it drains.
+            // the places it may still start.
             let held = self.book.vms_of(&pool.name).count();
-            let capacity = if gate.draining { 0 } else { pool.max_vms.min(held.saturating_add(host_room)) };
+            // None either while it holds (drains, retires, backs off after failures): GitHub
+            // would assign jobs no VM is made for, and give them up after a while.
+            let capacity = if gate.hold { 0 } else { pool.max_vms.min(held.saturating_add(host_room)) };
             registry.set_capacity(&pool.name, capacity as u64);
         }
         let since = &mut self.lifecycle.surplus_since;

@@ -168,7 +168,8 @@ async fn an_expired_service_token_is_exchanged_again() {
     let (_sim, client) = start(|c| c.admin_token_ttl = Duration::from_millis(300)).await;
     let set = client.ensure(&spec(&[])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    // The simulator's tokens are no JWTs: only the 401 tells the client.
+    // The simulator's JWT says it lasts a second (its `exp` is in whole seconds), so the
+    // client would renew it in a minute: only the 401 tells it the token is gone.
     assert_eq!(client.ensure(&spec(&[])).await.unwrap().id, set.id);
 }
 
@@ -260,7 +261,8 @@ fn a_message_is_read_past_its_bom_and_its_body_in_a_string() {
 /// again, and acquired once the poll announces room.
 #[tokio::test]
 async fn acknowledged_messages_go_and_a_job_offered_without_room_is_offered_again() {
-    let (sim, client) = start(|c| c.reassign_after = Duration::from_millis(400)).await;
+    // Offered again a second after (a quarter of `reassign_after`).
+    let (sim, client) = start(|c| c.reassign_after = Duration::from_secs(4)).await;
     let set = client.ensure(&spec(&[])).await.unwrap();
     let session = client.create_session(set.id, "host-a").await.unwrap();
     queue_job(&sim, &[SET], 0.2).await;

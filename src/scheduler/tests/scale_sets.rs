@@ -91,6 +91,18 @@ async fn a_scale_sets_jobs_come_from_its_listener_and_its_runners_from_the_set()
     let vm = vm_for(&s, 7_000_000_001).unwrap();
     h.wait("its runner from the set", |_, hv| hv.lock().delivered.iter().any(|(v, _)| *v == vm)).await;
     assert_eq!(*runners.made.lock().unwrap(), [("small".to_string(), vm.clone())]);
+    // The hook's news of the same job (its workflow job id, its runner ours): not taken, or
+    // the VM would look busy with a job its pool does not know.
+    h.deliver(JobAction::InProgress, info(31_000_000_001, &["rv-small"], Some(&vm)));
+    h.deliver(JobAction::Queued, info(31_000_000_002, &["rv-small"], None));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = h.status().await;
+    assert!(s.queued.iter().all(|q| q.job_id < 31_000_000_000), "{s:#?}");
+    assert!(
+        !h.metrics.render().contains("runnervisor_jobs_unmatched_total 2"),
+        "a scale set's job is no unmatched one"
+    );
+    assert!(s.vms.iter().all(|v| v.took_job.is_none()), "{s:#?}");
     // Long enough for the sync to ask GitHub about a webhook's job it heard nothing of
     // (two sync intervals without news, no hook configured).
     tokio::time::sleep(Duration::from_secs(60)).await;
