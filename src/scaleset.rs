@@ -384,10 +384,12 @@ impl<S: ScaleSets> Listener<S> {
         // failure here must not hold up the message's other news (a message not
         // acknowledged comes again, and every message after it waits) — but an expired
         // queue token is renewed, and the message taken again.
+        let mut acquired = Vec::new();
         if !available.is_empty() {
             match self.client.acquire(set_id, session, &available).await {
-                Ok(acquired) => {
-                    debug!(pool = %self.pool, offered = available.len(), acquired = acquired.len(), "scale set jobs acquired")
+                Ok(a) => {
+                    debug!(pool = %self.pool, offered = available.len(), acquired = a.len(), "scale set jobs acquired");
+                    acquired = a;
                 }
                 Err(SsError::QueueToken) => return Err(SsError::QueueToken),
                 Err(e) => {
@@ -395,7 +397,20 @@ impl<S: ScaleSets> Listener<S> {
                 }
             }
         }
-        let events = events(&self.pool, set_id, m, self.clock.now());
+        // A job acquired is assigned to the set: queued now, not a long poll later when its
+        // `JobAssigned` comes (which then changes nothing).
+        let taken = Message {
+            jobs: m
+                .jobs
+                .iter()
+                .map(|j| match j {
+                    JobMessage::Available(r) if acquired.contains(&r.request_id) => JobMessage::Assigned(r.clone()),
+                    other => other.clone(),
+                })
+                .collect(),
+            ..m.clone()
+        };
+        let events = events(&self.pool, set_id, &taken, self.clock.now());
         let mut new = false;
         for ev in events {
             new |= self.persist.accept(ev).await.map_err(|message| SsError::Transport {
