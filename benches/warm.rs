@@ -107,8 +107,10 @@ async fn main() {
         let (secs, runner) = sim.queued_to_online(job).await;
         assert!(runner.starts_with("rv-bench-warm-w"), "a warm VM took it: {runner}");
         warm.push(secs);
-        // The scale set's job (`runs-on: bench-set`), taken by its warm VM.
+        // The scale set's job (`runs-on: bench-set`), taken by its warm VM, as the warm job
+        // was: with nothing booting (the warm pool's replacement waits).
         wait_set(&agent).await;
+        wait_warm(&agent).await;
         let job = sim.queue("octo-org/app", &["bench-set"], 1.0).await;
         sim.wait_completed(job, VM_TIMEOUT).await;
         let (s, runner) = sim.queued_to_online(job).await;

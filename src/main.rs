@@ -136,8 +136,13 @@ enum ScaleSetCommand {
     /// Delete the pool's scale set at GitHub, with its runners (the agent never does: a
     /// restart keeps it). Stop the agent first: running, it makes the set again.
     Delete {
-        /// The pool's name.
-        pool: String,
+        /// The pool's name (or `--name`).
+        #[arg(required_unless_present = "name")]
+        pool: Option<String>,
+        /// The scale set's name, for a set no pool of the configuration is (any more): in
+        /// the configuration's scope and `github.runner_group`.
+        #[arg(long, conflicts_with = "pool")]
+        name: Option<String>,
         /// The configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -171,8 +176,8 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match cli.command {
         Command::Serve { config } => rt.block_on(serve(config)),
-        Command::ScaleSet { command: ScaleSetCommand::Delete { pool, config } } => {
-            rt.block_on(delete_scale_set(config, pool))
+        Command::ScaleSet { command: ScaleSetCommand::Delete { pool, name, config } } => {
+            rt.block_on(delete_scale_set(config, pool, name))
         }
         Command::Check { config } => rt.block_on(async {
             let lines = runnervisor::check::run(&config).await;
@@ -241,8 +246,8 @@ fn github_auth(config: &Config, creds: Option<&std::path::Path>) -> Result<Auth,
     })
 }
 
-/// `runnervisor scale-set delete POOL`.
-async fn delete_scale_set(path: PathBuf, pool: String) -> ExitCode {
+/// `runnervisor scale-set delete POOL` (or `--name SET`).
+async fn delete_scale_set(path: PathBuf, pool: Option<String>, name: Option<String>) -> ExitCode {
     use runnervisor::github::scaleset::{HttpScaleSets, ScaleSetSpec, ScaleSets};
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -251,13 +256,20 @@ async fn delete_scale_set(path: PathBuf, pool: String) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let Some(p) = config.pool(&pool) else {
-        eprintln!("runnervisor: no pool {pool:?} in {}", path.display());
-        return ExitCode::from(exit::CONFIG);
-    };
-    let Some(name) = p.scale_set() else {
-        eprintln!("runnervisor: pool {pool:?} is no scale set (its intake is not \"scale_set\")");
-        return ExitCode::from(exit::CONFIG);
+    let (name, of) = match (pool, name) {
+        (_, Some(name)) => (name, String::new()),
+        (Some(pool), None) => {
+            let Some(p) = config.pool(&pool) else {
+                eprintln!("runnervisor: no pool {pool:?} in {} (a set no pool is: --name)", path.display());
+                return ExitCode::from(exit::CONFIG);
+            };
+            let Some(name) = p.scale_set() else {
+                eprintln!("runnervisor: pool {pool:?} is no scale set (its intake is not \"scale_set\")");
+                return ExitCode::from(exit::CONFIG);
+            };
+            (name.to_string(), format!(" of pool {pool}"))
+        }
+        (None, None) => unreachable!("clap requires one"),
     };
     let auth = match github_auth(&config, credentials_dir().as_deref()) {
         Ok(a) => a,
@@ -280,18 +292,15 @@ async fn delete_scale_set(path: PathBuf, pool: String) -> ExitCode {
             return ExitCode::from(exit::STARTUP);
         }
     };
-    let spec = ScaleSetSpec {
-        name: name.to_string(),
-        labels: p.labels.clone(),
-        runner_group: config.github.runner_group.clone(),
-    };
+    let spec =
+        ScaleSetSpec { name: name.clone(), labels: Vec::new(), runner_group: config.github.runner_group.clone() };
     let deleted = async {
         let Some(set) = client.find(&spec).await? else { return Ok(None) };
         client.delete(set.id).await.map(|()| Some(set.id))
     };
     match deleted.await {
         Ok(Some(id)) => {
-            println!("deleted scale set {name:?} (id {id}) of pool {pool}");
+            println!("deleted scale set {name:?} (id {id}){of}");
             ExitCode::SUCCESS
         }
         Ok(None) => {

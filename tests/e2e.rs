@@ -565,4 +565,11 @@ async fn a_scale_set_pool_serves_its_jobs_with_no_webhook_at_all() {
         assert!(!log.contains(secret), "a credential ({secret}…) reached the log");
     }
     assert!(agent.terminate().success());
+    // The operator deletes the set, the agent stopped (a restart never does); then there
+    // is nothing to delete.
+    let out = agent.cli(&["scale-set", "delete", slots::POOL]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && said.contains("deleted scale set \"rv-e2e-ss\""), "{out:?}");
+    let out = agent.cli(&["scale-set", "delete", "--name", "rv-e2e-ss"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("nothing to delete"), "{out:?}");
 }
