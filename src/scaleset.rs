@@ -1,23 +1,27 @@
 //! Pools that are runner scale sets (`intake = "scale_set"`): a listener per pool holds
 //! the set's message session and turns GitHub's job messages into the same inbox events
 //! webhooks make, so that the scheduler, `status`, the timeline, metrics and teardown work
-//! unchanged. Nothing inbound: the agent long-polls GitHub.
+//! unchanged. No connection from GitHub: the agent long-polls it.
 //!
 //! The listener ([`Listener::run`]): finds or makes the set ([`ScaleSets::ensure`]), opens
 //! its session (another holder's: tried again with back-off, as after a `kill -9` the
 //! service lets the old session go once nobody polls it), and long-polls. A message's jobs
 //! are handled before it is acknowledged: `JobAvailable` ones are acquired (the service
-//! assigns at most the capacity the poll announced); `JobAssigned`, `JobStarted` and
-//! `JobCompleted` become inbox events (a job assigned is queued for the pool; a job a set
-//! gives up on, to offer it again under a new request, completes `cancelled`), written
-//! durably, with delivery ids made of the request and what happened to it, so that a
-//! message seen again (not acknowledged before a crash, grouped otherwise) changes nothing. A failure leaves the message
-//! unacknowledged: it comes again.
+//! assigns at most the capacity the poll announced; one acquired is queued at once);
+//! `JobAssigned`, `JobStarted` and `JobCompleted` become inbox events (a job assigned is
+//! queued for the pool; a job a set gives up on, to offer it again, completes
+//! `cancelled`), written durably, with delivery ids made of the request and what happened
+//! to it, so that a message seen again (not acknowledged before a crash, grouped
+//! otherwise) changes nothing. A failure leaves the message unacknowledged: it comes again
+//! (but a failing `acquirejobs`, which holds up nothing). Failing polls back off; five in a
+//! row give the session up for a new one; a session create answered 404 finds or makes the
+//! set again.
 //!
 //! The capacity each poll announces (`X-ScaleSetMaxCapacity`) is the scheduler's: the jobs
 //! the pool could run at once (its VMs and the places it may still start, warm VMs and
-//! snapshot slots among them), 0 while it drains; [`Registry`] carries it, and the set's id
-//! for the provisioning's JIT configs ([`Runners`]).
+//! snapshot slots among them), 0 while it holds or libvirt is away; [`Registry`] carries
+//! it, the set's id for the provisioning's JIT configs ([`Runners`]), and what `status`
+//! shows.
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -220,7 +220,7 @@ pub fn render_status(s: &Status) -> String {
             let id = set.id.map(|i| format!("id {i}")).unwrap_or_else(|| "not found or made yet".into());
             let session = if set.session { "session open" } else { "NO SESSION (not taking jobs)" };
             out.push_str(&format!(
-                "pool {} is scale set {:?} ({id}): {session}, capacity announced {}\n",
+                "pool {} is scale set {:?} ({id}): {session}, capacity {} (what its polls announce)\n",
                 p.name, set.name, set.capacity
             ));
         }
@@ -406,7 +406,10 @@ mod tests {
         assert!(line("rv-p-8").contains("restored (rv-p-s1)"), "{text}");
         assert!(line("rv-p-s0").contains("slot: saving"), "{text}");
         assert!(line("p ").contains("1/2 ready"), "{text}");
-        assert!(text.contains("pool p is scale set \"rv-p\" (id 4): session open, capacity announced 4"), "{text}");
+        assert!(
+            text.contains("pool p is scale set \"rv-p\" (id 4): session open, capacity 4 (what its polls announce)"),
+            "{text}"
+        );
     }
 
     fn line_of(text: &str, start: &str) -> String {
