@@ -318,7 +318,7 @@ fn message(v: &Value) -> String {
 }
 
 /// reqwest errors print the URL; ours carry no secrets, but keep messages short.
-fn without_url(e: &reqwest::Error) -> String {
+pub(super) fn without_url(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

@@ -504,14 +504,7 @@ impl<G: GitHub> HttpScaleSets<G> {
 }
 
 fn transport(method: &str, path: &str, e: &reqwest::Error) -> SsError {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    SsError::Transport { method: method.into(), path: path.into(), message: kind.into() }
+    SsError::Transport { method: method.into(), path: path.into(), message: super::http::without_url(e) }
 }
 
 fn status_error(method: &str, path: &str, status: StatusCode, v: &Value) -> SsError {
@@ -806,4 +799,4 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

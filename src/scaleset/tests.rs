@@ -3,49 +3,36 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::config::Scope;
-use crate::github::http::{Auth, HttpGitHub};
+use crate::github::http::HttpGitHub;
+use crate::github::scaleset::tests::{client_of, complete_job, take_job};
 use crate::github::scaleset::{HttpScaleSets, Statistics};
-use crate::secret::Secret;
 use crate::store::{Store, Writer};
 
 type Client = HttpScaleSets<HttpGitHub>;
 
 fn client(sim: &github_sim::SimHandle) -> Arc<Client> {
-    let github = HttpGitHub::new(
-        &sim.url(),
-        Scope::Organization("octo-org".into()),
-        None,
-        Auth::Pat(Secret::new("pat")),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let scope_url = format!("{}/octo-org", sim.url());
-    Arc::new(HttpScaleSets::new(&sim.url(), &scope_url, Arc::new(github), Duration::from_secs(5)).unwrap())
+    Arc::new(client_of(sim))
 }
 
 async fn queue_job(sim: &github_sim::SimHandle, labels: &[&str]) -> u64 {
-    let r: Value = reqwest::Client::new()
-        .post(format!("{}/_sim/jobs", sim.url()))
-        .json(&json!({"repo": "octo-org/app", "labels": labels, "duration_secs": 0.1}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r["id"].as_u64().unwrap()
+    crate::github::scaleset::tests::queue_job(sim, labels, 0.1).await
 }
 
-fn credential(jit: &JitRunner) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let files: Value = serde_json::from_slice(&b64.decode(jit.encoded.expose()).unwrap()).unwrap();
-    let creds: Value = serde_json::from_slice(&b64.decode(files[".credentials"].as_str().unwrap()).unwrap()).unwrap();
-    creds["data"]["token"].as_str().unwrap().to_string()
+/// The listener of pool `linux` (scale set `rv-linux`, owner `host-a`) writing `store`.
+fn listener(client: Arc<Client>, registry: Arc<Registry>, store: &Arc<Store>) -> Listener<Client> {
+    Listener {
+        client,
+        registry,
+        pool: "linux".into(),
+        spec: ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() },
+        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
+        inbox_ready: Arc::new(Notify::new()),
+        clock: Arc::new(crate::clock::SystemClock),
+        owner: "host-a".into(),
+    }
 }
 
 /// The jobs the inbox has a `queued` event of (an acquired job's comes when it is acquired,
@@ -88,17 +75,7 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
     let registry = Arc::new(Registry::default());
     registry.set_capacity("linux", 2);
     let client = client(&sim);
-    let inbox_ready = Arc::new(Notify::new());
-    let listener = Listener {
-        client: client.clone(),
-        registry: registry.clone(),
-        pool: "linux".into(),
-        spec: ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() },
-        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
-        inbox_ready: inbox_ready.clone(),
-        clock: Arc::new(crate::clock::SystemClock),
-        owner: "host-a".into(),
-    };
+    let listener = listener(client.clone(), registry.clone(), &store);
     let stop = CancellationToken::new();
     let running = tokio::spawn(listener.run(stop.clone()));
 
@@ -120,26 +97,11 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
     // The runner provisioning makes, from the set.
     let runners = Runners { client: client.clone(), registry: registry.clone() };
     let jit = runners.jit("linux", "rv-linux-1").await.unwrap();
-    let http = reqwest::Client::new();
-    let taken: Value = http
-        .get(format!("{}/_runner/jobs/next?wait=5", sim.url()))
-        .bearer_auth(credential(&jit))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job = taken["id"].as_u64().unwrap();
+    let job = take_job(&sim, &jit).await;
     let started = wait_inbox(&store, |ev| ev.action == JobAction::InProgress).await;
     assert_eq!(started.job.runner_name.as_deref(), Some("rv-linux-1"));
     assert_eq!(started.pool.as_deref(), Some("linux"));
-    http.post(format!("{}/_runner/jobs/{job}/complete", sim.url()))
-        .bearer_auth(credential(&jit))
-        .json(&json!({"conclusion": "success"}))
-        .send()
-        .await
-        .unwrap();
+    complete_job(&sim, &jit, job).await;
     let done = wait_inbox(&store, |ev| ev.action == JobAction::Completed).await;
     assert_eq!((done.job.id, done.job.conclusion.as_deref()), (started.job.id, Some("success")));
     let shown = registry.status("linux", "rv-linux");
@@ -179,16 +141,7 @@ async fn a_session_held_by_another_client_is_taken_once_it_is_let_go() {
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
     registry.set_capacity("linux", 1);
-    let listener = Listener {
-        client: client.clone(),
-        registry,
-        pool: "linux".into(),
-        spec,
-        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
-        inbox_ready: Arc::new(Notify::new()),
-        clock: Arc::new(crate::clock::SystemClock),
-        owner: "host-a".into(),
-    };
+    let listener = listener(client.clone(), registry, &store);
     let stop = CancellationToken::new();
     let running = tokio::spawn(listener.run(stop.clone()));
     queue_job(&sim, &["rv-linux"]).await;
@@ -263,16 +216,7 @@ async fn a_failing_acquire_holds_up_no_other_news() {
     let registry = Arc::new(Registry::default());
     registry.set_capacity("linux", 2);
     let client = client(&sim);
-    let listener = Listener {
-        client: client.clone(),
-        registry: registry.clone(),
-        pool: "linux".into(),
-        spec: ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() },
-        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
-        inbox_ready: Arc::new(Notify::new()),
-        clock: Arc::new(crate::clock::SystemClock),
-        owner: "host-a".into(),
-    };
+    let listener = listener(client.clone(), registry.clone(), &store);
     let stop = CancellationToken::new();
     let running = tokio::spawn(listener.run(stop.clone()));
     let http = reqwest::Client::new();
@@ -284,22 +228,8 @@ async fn a_failing_acquire_holds_up_no_other_news() {
     queue_job(&sim, &["rv-linux"]).await;
     // The first job runs and ends on the set's runner: its news comes in all the same.
     let jit = Runners { client: client.clone(), registry }.jit("linux", "rv-linux-1").await.unwrap();
-    let taken: Value = http
-        .get(format!("{}/_runner/jobs/next?wait=5", sim.url()))
-        .bearer_auth(credential(&jit))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job = taken["id"].as_u64().unwrap();
-    http.post(format!("{}/_runner/jobs/{job}/complete", sim.url()))
-        .bearer_auth(credential(&jit))
-        .json(&json!({"conclusion": "success"}))
-        .send()
-        .await
-        .unwrap();
+    let job = take_job(&sim, &jit).await;
+    complete_job(&sim, &jit, job).await;
     let done = wait_inbox(&store, |ev| ev.action == JobAction::Completed).await;
     assert_eq!(done.job.id, first.job.id);
     assert_eq!(queued_jobs(&store), 1);

@@ -12,11 +12,20 @@ use crate::github::http::{Auth, HttpGitHub};
 
 const SET: &str = "rv-linux";
 
-async fn start(tweak: impl FnOnce(&mut github_sim::SimConfig)) -> (github_sim::SimHandle, HttpScaleSets<HttpGitHub>) {
+/// A simulator (long polls of 300 ms, changed by `tweak`) and a client of it.
+pub(crate) async fn start(
+    tweak: impl FnOnce(&mut github_sim::SimConfig),
+) -> (github_sim::SimHandle, HttpScaleSets<HttpGitHub>) {
     let mut config = github_sim::SimConfig::new("pat", "secret");
     config.message_poll_window = Duration::from_millis(300);
     tweak(&mut config);
     let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let client = client_of(&sim);
+    (sim, client)
+}
+
+/// A client of `sim`'s organization `octo-org`.
+pub(crate) fn client_of(sim: &github_sim::SimHandle) -> HttpScaleSets<HttpGitHub> {
     let github = HttpGitHub::new(
         &sim.url(),
         Scope::Organization("octo-org".into()),
@@ -25,10 +34,8 @@ async fn start(tweak: impl FnOnce(&mut github_sim::SimConfig)) -> (github_sim::S
         Duration::from_secs(5),
     )
     .unwrap();
-    let client =
-        HttpScaleSets::new(&sim.url(), &format!("{}/octo-org", sim.url()), Arc::new(github), Duration::from_secs(5))
-            .unwrap();
-    (sim, client)
+    HttpScaleSets::new(&sim.url(), &format!("{}/octo-org", sim.url()), Arc::new(github), Duration::from_secs(5))
+        .unwrap()
 }
 
 fn spec(labels: &[&str]) -> ScaleSetSpec {
@@ -39,7 +46,7 @@ fn spec(labels: &[&str]) -> ScaleSetSpec {
     }
 }
 
-async fn queue_job(sim: &github_sim::SimHandle, labels: &[&str], secs: f64) -> u64 {
+pub(crate) async fn queue_job(sim: &github_sim::SimHandle, labels: &[&str], secs: f64) -> u64 {
     let r: Value = reqwest::Client::new()
         .post(format!("{}/_sim/jobs", sim.url()))
         .json(&json!({"repo": "octo-org/app", "labels": labels, "duration_secs": secs}))
@@ -53,11 +60,37 @@ async fn queue_job(sim: &github_sim::SimHandle, labels: &[&str], secs: f64) -> u
 }
 
 /// The runner's credential in a JIT config (what the fake runner in a VM reads).
-fn credential(jit: &JitRunner) -> String {
+pub(crate) fn credential(jit: &JitRunner) -> String {
     let b64 = base64::engine::general_purpose::STANDARD;
     let files: Value = serde_json::from_slice(&b64.decode(jit.encoded.expose()).unwrap()).unwrap();
     let creds: Value = serde_json::from_slice(&b64.decode(files[".credentials"].as_str().unwrap()).unwrap()).unwrap();
     creds["data"]["token"].as_str().unwrap().to_string()
+}
+
+/// The runner of `jit` takes its next job (as the fake runner in a VM does); its id.
+pub(crate) async fn take_job(sim: &github_sim::SimHandle, jit: &JitRunner) -> u64 {
+    let taken: Value = reqwest::Client::new()
+        .get(format!("{}/_runner/jobs/next?wait=5", sim.url()))
+        .bearer_auth(credential(jit))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    taken["id"].as_u64().unwrap()
+}
+
+/// The runner of `jit` reports `job` done, a success.
+pub(crate) async fn complete_job(sim: &github_sim::SimHandle, jit: &JitRunner, job: u64) {
+    let done = reqwest::Client::new()
+        .post(format!("{}/_runner/jobs/{job}/complete", sim.url()))
+        .bearer_auth(credential(jit))
+        .json(&json!({"conclusion": "success"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(done.status().is_success(), "{done:?}");
 }
 
 /// The next message, acknowledged.
@@ -106,29 +139,12 @@ async fn a_scale_sets_job_goes_from_offered_to_done_through_the_message_queue() 
 
     // The set's runner takes it.
     let jit = client.generate_jit_config(set.id, "rv-linux-1").await.unwrap();
-    let http = reqwest::Client::new();
-    let taken: Value = http
-        .get(format!("{}/_runner/jobs/next?wait=5", sim.url()))
-        .bearer_auth(credential(&jit))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(taken["id"].as_u64(), Some(job));
+    assert_eq!(take_job(&sim, &jit).await, job);
     let m = next(&client, &session, &mut last).await;
     assert!(matches!(&m.jobs[..], [JobMessage::Started { runner_name: Some(r), .. }] if r == "rv-linux-1"), "{m:?}");
     // Busy: not deleted.
     assert_eq!(client.delete_runner(jit.runner_id).await.unwrap(), Deleted::Busy);
-    let done = http
-        .post(format!("{}/_runner/jobs/{job}/complete", sim.url()))
-        .bearer_auth(credential(&jit))
-        .json(&json!({"conclusion": "success"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(done.status().is_success());
+    complete_job(&sim, &jit, job).await;
     let m = next(&client, &session, &mut last).await;
     assert!(
         matches!(&m.jobs[..], [JobMessage::Completed { result, runner_name: Some(r), .. }] if result == "succeeded" && r == "rv-linux-1"),
