@@ -623,6 +623,13 @@ impl PoolConfig {
         (self.intake == Intake::ScaleSet).then(|| self.scale_set_name.as_deref().unwrap_or(&self.name))
     }
 
+    /// Whether this pool's scale set takes a job asking for `labels`: GitHub routes a job
+    /// to the set whose name and labels include all of its own (case-insensitively).
+    pub fn scale_set_covers(&self, labels: &[String]) -> bool {
+        let Some(name) = self.scale_set() else { return false };
+        labels.iter().all(|l| l.eq_ignore_ascii_case(name) || self.labels.iter().any(|x| x.eq_ignore_ascii_case(l)))
+    }
+
     /// A retiring pool of this name with the default settings (see [`reload`]): what the
     /// agent knows of a pool its store has VMs of and its configuration does not.
     pub fn retiring(name: &str) -> Result<PoolConfig, toml::de::Error> {

@@ -246,12 +246,7 @@ impl Config {
             if let Some(set) = p.scale_set() {
                 // GitHub routes a job to the set whose labels (and name) cover its own: a
                 // webhook pool of such labels would take the set's jobs too.
-                let covers = |q: &PoolConfig| {
-                    q.labels
-                        .iter()
-                        .all(|l| l.eq_ignore_ascii_case(set) || p.labels.iter().any(|x| x.eq_ignore_ascii_case(l)))
-                };
-                if let Some(q) = self.pools.iter().find(|q| q.scale_set().is_none() && covers(q)) {
+                if let Some(q) = self.pools.iter().find(|q| q.scale_set().is_none() && p.scale_set_covers(&q.labels)) {
                     return Err(invalid(
                         key("labels"),
                         &p.labels,

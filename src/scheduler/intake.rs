@@ -100,14 +100,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         if let Some(pool) = runner_pool {
             return sets().any(|p| p.name == pool);
         }
-        !ev.job.labels.is_empty()
-            && sets().any(|p| {
-                let name = p.scale_set().unwrap_or_default();
-                ev.job
-                    .labels
-                    .iter()
-                    .all(|l| l.eq_ignore_ascii_case(name) || p.labels.iter().any(|x| x.eq_ignore_ascii_case(l)))
-            })
+        !ev.job.labels.is_empty() && sets().any(|p| p.scale_set_covers(&ev.job.labels))
     }
 
     pub(super) fn new_job(&self, info: &JobInfo, pool: Option<String>, received_at: SystemTime) -> JobRec {
