@@ -279,9 +279,9 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
     .with_clock(clock);
     // The intake stamps deliveries in the scheduler's frame (see `clock::FrameClock`).
     let clock = scheduler.clock();
-    // Pools that are runner scale sets: a listener each (single host: `validate` refuses
-    // them with `[fleet]`).
-    let mut listeners = Vec::new();
+    // Pools that are runner scale sets: their client and what the scheduler and their
+    // listeners (started below, with the intake's store) share.
+    let mut scale_sets = None;
     if config.pools.iter().any(|p| p.scale_set().is_some()) {
         let scope_url = format!("{}/{}", config.github.web_url(), config.github.scope().web_path());
         match github::scaleset::HttpScaleSets::new(
@@ -295,32 +295,20 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
                 let registry = Arc::new(scaleset::Registry::default());
                 let runners = Arc::new(scaleset::Runners { client: client.clone(), registry: registry.clone() });
                 scheduler = scheduler.with_scale_sets(registry.clone(), runners);
-                let owner = nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok())
-                    .unwrap_or_else(|| "runnervisor".into());
-                for pool in &config.pools {
-                    let Some(name) = pool.scale_set() else { continue };
-                    let listener = scaleset::Listener {
-                        client: client.clone(),
-                        registry: registry.clone(),
-                        pool: pool.name.clone(),
-                        spec: github::scaleset::ScaleSetSpec {
-                            name: name.to_string(),
-                            labels: pool.labels.clone(),
-                            runner_group: config.github.runner_group.clone(),
-                        },
-                        persist: webhook::Persist::Local(writer.clone()),
-                        inbox_ready: inbox_ready.clone(),
-                        clock: clock.clone(),
-                        owner: owner.clone(),
-                    };
-                    listeners.push(tokio::spawn(listener.run(shutdown.clone())));
-                }
+                scale_sets = Some((client, registry));
             }
             Err(e) => tracing::error!(error = %e, "cannot make the scale set client: scale-set pools take no jobs"),
         }
     }
+    // In a fleet, the member leading the fleet's scale sets holds their sessions.
+    let lead = deps.fleet.as_ref().map(|m| scaleset::Lead {
+        claims: Arc::new(
+            fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease).with_leases(m.leases.clone()),
+        ),
+        lease: m.lease,
+    });
+    // Who holds a session (GitHub shows it to another client that tries): the member.
+    let owner = deps.fleet.as_ref().map(|m| m.host_id.clone());
     // Fleet mode: the room for new jobs the scheduler leaves its intake to claim on write.
     let reserve = Arc::new(fleet::intake::Reserve::default());
     if let Some(m) = &deps.fleet {
@@ -381,12 +369,39 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
         }
         None => webhook::Persist::Local(writer),
     };
+    // A listener per scale-set pool, writing where deliveries go.
+    let mut listeners = Vec::new();
+    if let Some((client, registry)) = scale_sets {
+        let owner = owner.unwrap_or_else(|| {
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "runnervisor".into())
+        });
+        for pool in &config.pools {
+            let Some(name) = pool.scale_set() else { continue };
+            let listener = scaleset::Listener {
+                client: client.clone(),
+                registry: registry.clone(),
+                pool: pool.name.clone(),
+                spec: github::scaleset::ScaleSetSpec {
+                    name: name.to_string(),
+                    labels: pool.labels.clone(),
+                    runner_group: config.github.runner_group.clone(),
+                },
+                persist: accepter.clone(),
+                inbox_ready: inbox_ready.clone(),
+                clock: clock.clone(),
+                owner: owner.clone(),
+                lead: lead.clone(),
+            };
+            listeners.push(tokio::spawn(listener.run(shutdown.clone())));
+        }
+    }
     let intake = Arc::new(webhook::Intake {
         secret: deps.webhook_secret,
         accepter,
         inbox_ready,
         metrics: deps.metrics.clone(),
         scope: config.github.scope(),
+        scale_sets: config.pools.iter().filter(|p| p.scale_set().is_some()).cloned().collect(),
         max_body_bytes: config.server.max_body_bytes,
         body_timeout: config.server.body_timeout,
         clock,

@@ -27,6 +27,29 @@ pub struct JobInfo {
     pub html_url: String,
     pub runner_name: Option<String>,
     pub conclusion: Option<String>,
+    /// The runner scale set GitHub assigned the job to (its name; its listener says so, and
+    /// in a fleet the job's row carries it to every member): the pool whose set it is
+    /// serves it. `None`: a webhook's job, for the pool whose labels are exactly its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_set: Option<String>,
+}
+
+impl JobInfo {
+    /// What the fleet's queue files the job under (its row's label key, the room claimed
+    /// on write): its labels, or for a scale set's job its set ([`scale_set_key`]).
+    pub fn queue_labels(&self) -> Vec<String> {
+        match &self.scale_set {
+            Some(set) => scale_set_key(set),
+            None => self.labels.clone(),
+        }
+    }
+}
+
+/// The label set a scale set's jobs are filed under in the fleet's queue: one label no
+/// job's labels can be (GitHub's labels have no control characters), so that they never
+/// match a webhook pool's, and a set's jobs, whatever their labels, are found by its set.
+pub fn scale_set_key(set: &str) -> Vec<String> {
+    vec![format!("\u{1}scale-set\u{1}{set}")]
 }
 
 /// Labels as pools are matched: lowercase, sorted, without duplicates.
@@ -45,10 +68,6 @@ pub struct JobEvent {
     pub action: JobAction,
     pub job: JobInfo,
     pub received_at: SystemTime,
-    /// The pool whose runner scale set GitHub assigned the job to (its listener says so);
-    /// `None`: the pool whose labels are exactly the job's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,7 +64,10 @@ pub struct Registry {
 #[derive(Default, Clone, Copy)]
 struct Entry {
     set_id: Option<u64>,
+    /// This agent's.
     capacity: u64,
+    /// In a fleet, the other members' (their last heartbeats).
+    others: u64,
     session: bool,
 }
 
@@ -84,8 +87,19 @@ impl Registry {
         self.with(pool, |e| e.capacity = capacity);
     }
 
-    pub fn capacity(&self, pool: &str) -> u64 {
+    /// In a fleet: how many the other members' pools of the set could (as they last said).
+    pub fn set_others(&self, pool: &str, capacity: u64) {
+        self.with(pool, |e| e.others = capacity);
+    }
+
+    /// This agent's capacity for the pool (what its heartbeat tells the fleet).
+    pub fn own_capacity(&self, pool: &str) -> u64 {
         self.with(pool, |e| e.capacity)
+    }
+
+    /// What the set's polls announce: this agent's capacity, and in a fleet the others'.
+    pub fn capacity(&self, pool: &str) -> u64 {
+        self.with(pool, |e| e.capacity.saturating_add(e.others))
     }
 
     fn found(&self, pool: &str, set_id: u64) {
@@ -103,7 +117,7 @@ impl Registry {
             name: name.to_string(),
             id: e.set_id,
             session: e.session,
-            capacity: e.capacity,
+            capacity: e.capacity.saturating_add(e.others),
         }
     }
 }
@@ -155,7 +169,25 @@ pub struct Listener<S> {
     pub clock: Arc<dyn Clock>,
     /// Who holds the session (the service shows it to another client that tries).
     pub owner: String,
+    /// In a fleet: the lead under which the session is held (`None`: a single host).
+    pub lead: Option<Lead>,
 }
+
+/// A fleet's scale sets are served by one member at a time, the one that leads
+/// [`SCALE_SET_WORK`]: GitHub lets one client hold a set's session. Its jobs are written to
+/// the fleet's queue (filed under the set) and claimed by any member with room; the
+/// capacity it announces is the fleet's (each member's heartbeat says its own).
+#[derive(Clone)]
+pub struct Lead {
+    pub claims: Arc<dyn crate::fleet::claims::Claims>,
+    /// The fleet's lease: the lead is renewed every third of it, and given up (the session
+    /// let go) once it is not renewed for nine tenths of it, counted from when the renewal
+    /// was sent (the database counts from later).
+    pub lease: Duration,
+}
+
+/// The lead work of the fleet's scale sets (`rv_leader`).
+pub const SCALE_SET_WORK: &str = "scale-sets";
 
 /// `1 s · 2^n`, capped at [`MAX_BACKOFF`], with jitter.
 fn backoff(failures: u32) -> Duration {
@@ -178,8 +210,9 @@ fn conclusion(result: &str) -> String {
     }
 }
 
-/// The inbox events a message's jobs make (`JobAvailable` makes none: it is acquired).
-pub fn events(pool: &str, set_id: u64, m: &Message, now: std::time::SystemTime) -> Vec<JobEvent> {
+/// The inbox events a message's jobs make (`JobAvailable` makes none: it is acquired), for
+/// the scale set called `set`.
+pub fn events(set: &str, set_id: u64, m: &Message, now: std::time::SystemTime) -> Vec<JobEvent> {
     let info = |j: &JobRef, runner: Option<String>, conclusion: Option<String>| JobInfo {
         id: j.request_id,
         run_id: j.run_id,
@@ -191,6 +224,7 @@ pub fn events(pool: &str, set_id: u64, m: &Message, now: std::time::SystemTime) 
         html_url: String::new(),
         runner_name: runner,
         conclusion,
+        scale_set: Some(set.to_string()),
     };
     m.jobs
         .iter()
@@ -212,19 +246,98 @@ pub fn events(pool: &str, set_id: u64, m: &Message, now: std::time::SystemTime) 
                 "assigned" => format!("scale-set-{set_id}-{}-{kind}-{}", job.id, m.id),
                 _ => format!("scale-set-{set_id}-{}-{kind}", job.id),
             };
-            Some(JobEvent { delivery, action, job, received_at: now, pool: Some(pool.to_string()) })
+            Some(JobEvent { delivery, action, job, received_at: now })
         })
         .collect()
 }
 
 impl<S: ScaleSets> Listener<S> {
-    /// Until `shutdown`: then the session is deleted, so that the next start opens one at once.
+    /// Until `shutdown`: then the session is deleted, so that the next start opens one at
+    /// once. In a fleet, only while this member leads the fleet's scale sets.
     pub async fn run(self, shutdown: CancellationToken) {
+        match self.lead.clone() {
+            None => self.serve(&shutdown).await,
+            Some(lead) => self.run_led(&lead, &shutdown).await,
+        }
+    }
+
+    /// A fleet member's listener: waits to lead, holds the session while it does, lets it go
+    /// once it does not (another member, or none for a while). Until it leads, it only finds
+    /// the set (its VMs' JIT configs need the set's id), never makes or changes it.
+    async fn run_led(&self, lead: &Lead, shutdown: &CancellationToken) {
+        let held = |sent: tokio::time::Instant| sent + lead.lease.mul_f64(0.9);
+        let mut found_failures = 0u32;
+        loop {
+            let sent = loop {
+                let sent = tokio::time::Instant::now();
+                match lead.claims.lead(SCALE_SET_WORK).await {
+                    Ok(true) => break sent,
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(pool = %self.pool, error = %e, "cannot ask the fleet's database who leads its scale sets; asking again")
+                    }
+                }
+                if self.registry.set_id(&self.pool).is_none() {
+                    match self.client.find(&self.spec).await {
+                        Ok(Some(set)) => self.registry.found(&self.pool, set.id),
+                        Ok(None) => {
+                            debug!(pool = %self.pool, scale_set = %self.spec.name, "the scale set is not made yet (the member leading the fleet's scale sets makes it)")
+                        }
+                        Err(e) => {
+                            found_failures += 1;
+                            if found_failures == 3 {
+                                warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "cannot find the scale set; its jobs get no VM of this member's until it can");
+                            }
+                        }
+                    }
+                }
+                if sleep_or_stop(lead.lease / 3, shutdown).await {
+                    return;
+                }
+            };
+            info!(pool = %self.pool, scale_set = %self.spec.name, "this member leads the fleet's scale sets: holding the set's session");
+            let session = shutdown.child_token();
+            let renew = async {
+                let mut until = held(sent);
+                loop {
+                    let next = (tokio::time::Instant::now() + lead.lease / 3).min(until);
+                    tokio::select! {
+                        _ = session.cancelled() => return,
+                        _ = tokio::time::sleep_until(next) => {}
+                    }
+                    if tokio::time::Instant::now() >= until {
+                        warn!(pool = %self.pool, "the lead of the fleet's scale sets could not be renewed within its lease: letting the session go");
+                        break;
+                    }
+                    let sent = tokio::time::Instant::now();
+                    match tokio::time::timeout_at(until, lead.claims.lead(SCALE_SET_WORK)).await {
+                        Ok(Ok(true)) => until = held(sent),
+                        Ok(Ok(false)) => {
+                            warn!(pool = %self.pool, "another member leads the fleet's scale sets now: letting the session go");
+                            break;
+                        }
+                        Ok(Err(e)) => {
+                            warn!(pool = %self.pool, error = %e, "cannot renew the lead of the fleet's scale sets; trying again within its lease")
+                        }
+                        Err(_) => {}
+                    }
+                }
+                session.cancel();
+            };
+            tokio::join!(self.serve(&session), renew);
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Holds the set's session until `shutdown`.
+    async fn serve(&self, shutdown: &CancellationToken) {
         // Failures in a row, whatever failed (finding the set, opening a session, polling):
         // the back-off grows until a poll goes through.
         let mut failures = 0u32;
         'set: loop {
-            let Some(set_id) = self.find_set(&shutdown).await else { return };
+            let Some(set_id) = self.find_set(shutdown).await else { return };
             loop {
                 let opened = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -241,7 +354,7 @@ impl<S: ScaleSets> Listener<S> {
                                 warn!(pool = %self.pool, scale_set = %self.spec.name, error = %e, "cannot open the scale set's session; trying again")
                             }
                         }
-                        if sleep_or_stop(backoff(failures), &shutdown).await {
+                        if sleep_or_stop(backoff(failures), shutdown).await {
                             return;
                         }
                         failures += 1;
@@ -253,7 +366,7 @@ impl<S: ScaleSets> Listener<S> {
                     }
                 };
                 info!(pool = %self.pool, scale_set = %self.spec.name, scale_set_id = set_id, assigned = session.statistics.assigned, "scale set session open: taking the jobs GitHub assigns to it");
-                let (ended, session) = self.listen(set_id, session, &mut failures, &shutdown).await;
+                let (ended, session) = self.listen(set_id, session, &mut failures, shutdown).await;
                 self.registry.session(&self.pool, false);
                 // Stopping, or giving the session up: let it go, so that the next one (this
                 // start's or the next's) opens at once.
@@ -263,7 +376,7 @@ impl<S: ScaleSets> Listener<S> {
                 match ended {
                     Ended::Stopped => return,
                     Ended::Lost => {
-                        if sleep_or_stop(backoff(failures), &shutdown).await {
+                        if sleep_or_stop(backoff(failures), shutdown).await {
                             return;
                         }
                         failures += 1;
@@ -414,7 +527,7 @@ impl<S: ScaleSets> Listener<S> {
                 .collect(),
             ..m.clone()
         };
-        let events = events(&self.pool, set_id, &taken, self.clock.now());
+        let events = events(&self.spec.name, set_id, &taken, self.clock.now());
         let mut new = false;
         for ev in events {
             new |= self.persist.accept(ev).await.map_err(|message| SsError::Transport {

@@ -12,6 +12,7 @@
 //! | `ping`                                    | 200    |
 //! | other events, unknown actions             | 202, ignored |
 //! | repository outside the configured scope   | 202, ignored, counted (`outcome="out_of_scope"`) |
+//! | `workflow_job` a scale-set pool's set takes | 202, ignored, counted (`outcome="scale_set"`) |
 //! | `workflow_job`, new delivery id           | 202, accepted |
 //! | `workflow_job`, delivery id already seen  | 200, duplicate |
 //! | the store cannot write                    | 503 (GitHub records a failed delivery; the reconciler redelivers it) |
@@ -159,7 +160,6 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
     }
     let wj = p.workflow_job;
     let event = JobEvent {
-        pool: None,
         delivery: delivery.to_string(),
         action,
         job: JobInfo {
@@ -173,6 +173,7 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
             html_url: wj.html_url.unwrap_or_default(),
             runner_name: wj.runner_name.filter(|n| !n.is_empty()),
             conclusion: wj.conclusion,
+            scale_set: None,
         },
         received_at,
     };
@@ -181,6 +182,7 @@ pub fn parse_job_event(body: &[u8], delivery: &str, received_at: SystemTime) -> 
 
 /// Where an accepted delivery is written before it is answered: this host's store, or,
 /// in fleet mode, the fleet's database (whose log each member mirrors into its store).
+#[derive(Clone)]
 pub enum Persist {
     Local(Arc<Writer>),
     Fleet(crate::fleet::intake::FleetIntake),
@@ -217,6 +219,11 @@ pub struct Intake {
     pub body_timeout: std::time::Duration,
     /// When a delivery is received (the scheduler's clock).
     pub clock: Arc<dyn crate::clock::Clock>,
+    /// The pools that are runner scale sets (as started: a change waits for a restart): a
+    /// delivery about a job one of their sets takes is answered 202 and not written. The
+    /// hook hears of every job, but a set's news is its messages (under the request's id);
+    /// in a fleet its row, filed under its labels, no member would read.
+    pub scale_sets: Vec<crate::config::PoolConfig>,
 }
 
 pub fn router(intake: Arc<Intake>) -> Router {
@@ -358,6 +365,11 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         }
     };
     let (job_id, run_id, action) = (job_event.job.id, job_event.job.run_id, job_event.action);
+    if !job_event.job.labels.is_empty() && intake.scale_sets.iter().any(|p| p.scale_set_covers(&job_event.job.labels)) {
+        intake.metrics.webhooks.get_or_create(&job_outcome("scale_set")).inc();
+        tracing::debug!(delivery, job_id, labels = ?job_event.job.labels, "a webhook about a scale set's job: its set's messages say it");
+        return reply_static(StatusCode::ACCEPTED, r#"{"message":"a scale set's job: ignored"}"#);
+    }
     let repository = tracing::enabled!(tracing::Level::DEBUG).then(|| job_event.job.repository.clone());
     match intake.accepter.accept(job_event).await {
         Ok(true) => {

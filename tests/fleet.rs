@@ -13,7 +13,6 @@ use runnervisor::model::{JobAction, JobEvent, JobInfo};
 
 fn event(delivery: &str, job: u64, action: JobAction) -> JobEvent {
     JobEvent {
-        pool: None,
         delivery: delivery.into(),
         action,
         job: JobInfo {
@@ -27,6 +26,7 @@ fn event(delivery: &str, job: u64, action: JobAction) -> JobEvent {
             html_url: format!("https://github.com/octo-org/app/actions/runs/{}/job/{job}", job * 10),
             runner_name: None,
             conclusion: None,
+            scale_set: None,
         },
         received_at: SystemTime::now(),
     }
@@ -496,6 +496,7 @@ async fn each_member_is_given_a_number_of_its_own_and_keeps_it() {
         seen_secs_ago: 0,
         addresses: vec![],
         number: None,
+        scale_sets: Default::default(),
     };
     let number = |members: &[MemberInfo], host: &str| members.iter().find(|m| m.host_id == host).and_then(|m| m.number);
     // Twenty members join at once.
@@ -769,13 +770,13 @@ async fn a_migration_gives_up_on_a_lock_held_long_and_succeeds_once_it_is_free()
     let c = db.connect().await;
     // Back to the version before the last (its one change undone).
     c.batch_execute(&format!(
-        "ALTER TABLE rv_leader DROP COLUMN deliveries_checked; DELETE FROM rv_schema WHERE version = {latest}"
+        "ALTER TABLE rv_members DROP COLUMN scale_sets; DELETE FROM rv_schema WHERE version = {latest}"
     ))
     .await
     .unwrap();
     let mut holder = db.connect().await;
     let tx = holder.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE rv_leader IN ACCESS SHARE MODE").await.unwrap();
+    tx.batch_execute("LOCK TABLE rv_members IN ACCESS SHARE MODE").await.unwrap();
     let started = std::time::Instant::now();
     let mut client = db.connect().await;
     let r = tokio::time::timeout(Duration::from_secs(60), schema::migrate(&mut client)).await.expect("it gives up");
@@ -890,4 +891,47 @@ async fn a_member_claims_a_new_job_as_it_writes_it_within_its_room() {
     // The claim is an ordinary one: renewed by its attempt.
     let claims = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60));
     assert_eq!(claims.renew(vec![(2, 1), (5, 1)]).await.unwrap().len(), 2);
+}
+
+/// A scale set's job is filed under its set, not its labels: members read it by the set
+/// (whatever its labels), a webhook pool with the same labels does not, and its row
+/// carries the set to every member. Each member's heartbeat carries what its pools of each
+/// set could run at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scale_sets_jobs_are_read_by_their_set_and_members_say_their_sets_capacity() {
+    use runnervisor::fleet::claims::MemberInfo;
+    use runnervisor::model::scale_set_key;
+    let db = migrated("scale-sets").await;
+    let intake = intake::FleetIntake::start(db.pool(1), None);
+    let mut set_job = event("scale-set-9-11-assigned-1", 11, JobAction::Queued);
+    set_job.job.labels = vec!["rv-linux".into()];
+    set_job.job.scale_set = Some("rv-linux".into());
+    intake.accept(set_job.clone()).await.unwrap();
+    let mut hooked = event("q12", 12, JobAction::Queued);
+    hooked.job.labels = vec!["rv-linux".into()];
+    intake.accept(hooked).await.unwrap();
+    let a = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60));
+    let by_set = ReadQuery { pools: vec![scale_set_key("rv-linux")], ready: 10, ..ReadQuery::default() };
+    let rows = a.read(by_set.clone()).await.unwrap();
+    assert_eq!(ids(&rows), [11], "the set's job, by its set");
+    assert_eq!(rows[0].info.as_ref().and_then(|i| i.scale_set.as_deref()), Some("rv-linux"));
+    let by_labels = ReadQuery { pools: vec![vec!["rv-linux".into()]], ready: 10, ..ReadQuery::default() };
+    assert_eq!(ids(&a.read(by_labels).await.unwrap()), [12], "a webhook pool's read is not the set's");
+    assert!(ids(&a.read(ReadQuery { pools: vec![scale_set_key("rv-other")], ..by_set }).await.unwrap()).is_empty());
+
+    let me = MemberInfo {
+        host_id: "hv-a".into(),
+        max_vms: 4,
+        vms: 0,
+        warm_waiting: 0,
+        warm_target: 0,
+        held: 0,
+        version: "test".into(),
+        seen_secs_ago: 0,
+        addresses: vec![],
+        number: None,
+        scale_sets: [("rv-linux".to_string(), 3)].into(),
+    };
+    let members = a.heartbeat(me).await.unwrap();
+    assert_eq!(members[0].scale_sets.get("rv-linux"), Some(&3));
 }

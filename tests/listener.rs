@@ -69,6 +69,7 @@ async fn start_with(
         max_body_bytes: MAX_BODY,
         body_timeout: BODY_TIMEOUT,
         clock: Arc::new(runnervisor::clock::SystemClock),
+        scale_sets: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -387,6 +387,7 @@ mod tests {
                         seen_secs_ago: 7,
                         addresses: vec![],
                         number: Some(number),
+                        scale_sets: Default::default(),
                     })
                     .into(),
             }),

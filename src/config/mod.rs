@@ -623,6 +623,14 @@ impl PoolConfig {
         (self.intake == Intake::ScaleSet).then(|| self.scale_set_name.as_deref().unwrap_or(&self.name))
     }
 
+    /// What the fleet's queue files this pool's jobs under ([`crate::model::JobInfo::queue_labels`]).
+    pub fn queue_labels(&self) -> Vec<String> {
+        match self.scale_set() {
+            Some(set) => crate::model::scale_set_key(set),
+            None => self.labels.clone(),
+        }
+    }
+
     /// Whether this pool's scale set takes a job asking for `labels`: GitHub routes a job
     /// to the set whose name and labels include all of its own (case-insensitively).
     pub fn scale_set_covers(&self, labels: &[String]) -> bool {

@@ -257,11 +257,6 @@ fn a_pool_may_be_a_runner_scale_set() {
     );
     let e = err(&two);
     assert!(e.contains("pool[1].scale_set_name") && e.contains("\"small\""), "{e}");
-    let fleet = format!(
-        "{MINIMAL}\nintake = \"scale_set\"\n[fleet]\npostgres = {{ url = \"postgres://rv@db.example/runnervisor\" }}\n"
-    );
-    let e = err(&fleet);
-    assert!(e.contains("pool[0].intake") && e.contains("fleet"), "{e}");
     // A webhook pool whose labels the set's cover would take the set's jobs too.
     let covered = format!(
         "{MINIMAL}\nintake = \"scale_set\"\n[[pool]]\nname = \"hooked\"\nlabels = [\"Linux\"]\nimage = \"/x.qcow2\"\n"

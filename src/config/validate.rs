@@ -275,13 +275,6 @@ impl Config {
                 {
                     return Err(invalid(key("scale_set_name"), set, format!("pool {:?} is that scale set", q.name)));
                 }
-                if self.fleet.is_some() {
-                    return Err(invalid(
-                        key("intake"),
-                        "scale_set",
-                        "scale sets are served by a single host for now: not with [fleet]",
-                    ));
-                }
             }
         }
         if let Some(f) = &self.fleet {

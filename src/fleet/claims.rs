@@ -90,6 +90,10 @@ pub struct MemberInfo {
     /// Its number in the fleet (0–999; given by the database at its first heartbeat).
     #[serde(default)]
     pub number: Option<u32>,
+    /// Per runner scale set (by name), the jobs its pool of the set could run at once: the
+    /// member that holds the set's session announces the fleet's sum to GitHub.
+    #[serde(default)]
+    pub scale_sets: std::collections::BTreeMap<String, u32>,
 }
 
 /// The seam between the scheduler and the fleet's claims (PostgreSQL, or memory in tests).
@@ -304,11 +308,13 @@ impl Claims for PgClaims {
             let c = client(&pool).await?;
             let n = |v: u32| v as i32;
             c.execute(
-                "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, warm_target, addresses, seen_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+                "INSERT INTO rv_members (host_id, max_vms, vms, warm_waiting, held, version, warm_target, addresses, \
+                   scale_sets, seen_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now()) \
                  ON CONFLICT (host_id) DO UPDATE SET max_vms = EXCLUDED.max_vms, vms = EXCLUDED.vms, \
                    warm_waiting = EXCLUDED.warm_waiting, held = EXCLUDED.held, version = EXCLUDED.version, \
-                   warm_target = EXCLUDED.warm_target, addresses = EXCLUDED.addresses, seen_at = now()",
+                   warm_target = EXCLUDED.warm_target, addresses = EXCLUDED.addresses, \
+                   scale_sets = EXCLUDED.scale_sets, seen_at = now()",
                 &[
                     &me.host_id,
                     &n(me.max_vms),
@@ -318,6 +324,7 @@ impl Claims for PgClaims {
                     &me.version,
                     &n(me.warm_target),
                     &me.addresses,
+                    &serde_json::to_value(&me.scale_sets).expect("capacities serialize"),
                 ],
             )
             .await?;
@@ -343,7 +350,7 @@ impl Claims for PgClaims {
             let rows = c
                 .query(
                     "SELECT host_id, max_vms, vms, warm_waiting, held, version, \
-                       extract(epoch FROM now() - seen_at)::int8, warm_target, addresses, number \
+                       extract(epoch FROM now() - seen_at)::int8, warm_target, addresses, number, scale_sets \
                      FROM rv_members WHERE seen_at > now() - interval '1 hour' ORDER BY host_id",
                     &[],
                 )
@@ -361,6 +368,8 @@ impl Claims for PgClaims {
                     warm_target: r.get::<_, i32>(7) as u32,
                     addresses: r.get(8),
                     number: r.get::<_, Option<i32>>(9).map(|n| n as u32),
+                    // A newer agent's that does not read: none.
+                    scale_sets: serde_json::from_value(r.get(10)).unwrap_or_default(),
                 })
                 .collect())
         })
@@ -593,7 +602,7 @@ impl Claims for MemoryClaims {
         let mut ready: Vec<(&u64, &(JobAction, JobInfo, SystemTime))> = rows
             .iter()
             .filter(|(id, (a, info, _))| {
-                *a == JobAction::Queued && held(id).is_none() && pools.contains(&set(&info.labels))
+                *a == JobAction::Queued && held(id).is_none() && pools.contains(&set(&info.queue_labels()))
             })
             .collect();
         ready.sort_by_key(|(id, (_, _, at))| (*at, **id));

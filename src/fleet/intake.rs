@@ -218,7 +218,7 @@ pub async fn write<'a>(
             Err(_) => HashSet::new(),
         };
         for e in taken.iter().filter(|e| !claimed.contains(&e.job.id)) {
-            w.reserve.untake(&e.job.labels);
+            w.reserve.untake(&e.job.queue_labels());
         }
     }
     result
@@ -280,7 +280,7 @@ async fn write_taking<'a>(
     // a row that existed, another member's.
     if let Some(w) = on_write {
         for e in furthest(events.iter().copied()) {
-            if rank(e.action) == 0 && w.reserve.take(&e.job.labels) {
+            if rank(e.action) == 0 && w.reserve.take(&e.job.queue_labels()) {
                 taken.push(e);
             }
         }
@@ -289,7 +289,8 @@ async fn write_taking<'a>(
     let ids: Vec<i64> = events.iter().map(|e| e.job.id as i64).collect();
     let states: Vec<&str> = events.iter().map(|e| state_name(e.action)).collect();
     let ranks: Vec<i16> = events.iter().map(|e| rank(e.action)).collect();
-    let labels: Vec<serde_json::Value> = events.iter().map(|e| serde_json::json!(e.job.labels)).collect();
+    // A scale set's job is filed under its set (its labels are in its JSON).
+    let labels: Vec<serde_json::Value> = events.iter().map(|e| serde_json::json!(e.job.queue_labels())).collect();
     let repositories: Vec<&str> = events.iter().map(|e| e.job.repository.as_str()).collect();
     let received: Vec<std::time::SystemTime> = events.iter().map(|e| e.received_at).collect();
     let infos: Vec<serde_json::Value> =

@@ -143,6 +143,14 @@ CREATE INDEX rv_jobs_done ON rv_jobs (updated_at) WHERE state = 'completed';
 ALTER TABLE rv_leader ADD COLUMN deliveries_checked timestamptz;
 "#,
     ),
+    (
+        9,
+        r#"
+-- Per runner scale set (by name), the jobs each member's pool of it could run at once: the
+-- member holding the set's session (the lead of `scale-sets`) announces their sum.
+ALTER TABLE rv_members ADD COLUMN scale_sets jsonb NOT NULL DEFAULT '{}';
+"#,
+    ),
 ];
 
 /// The newest version this agent knows.

@@ -154,6 +154,7 @@ pub fn queued_jobs_of_run(v: Value, repo: &str, run_id: u64) -> Result<Vec<JobIn
             html_url: j.html_url.unwrap_or_default(),
             runner_name: None,
             conclusion: None,
+            scale_set: None,
         })
         .collect())
 }

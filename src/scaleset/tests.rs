@@ -32,6 +32,7 @@ fn listener(client: Arc<Client>, registry: Arc<Registry>, store: &Arc<Store>) ->
         inbox_ready: Arc::new(Notify::new()),
         clock: Arc::new(crate::clock::SystemClock),
         owner: "host-a".into(),
+        lead: None,
     }
 }
 
@@ -81,7 +82,7 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
 
     queue_job(&sim, &["rv-linux"]).await;
     queue_job(&sim, &["rv-linux"]).await;
-    let queued = |ev: &JobEvent| ev.action == JobAction::Queued && ev.pool.as_deref() == Some("linux");
+    let queued = |ev: &JobEvent| ev.action == JobAction::Queued && ev.job.scale_set.as_deref() == Some("rv-linux");
     let first = wait_inbox(&store, queued).await;
     assert_eq!(first.job.repository, "octo-org/app");
     assert_eq!(first.job.labels, ["rv-linux"]);
@@ -100,7 +101,7 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
     let job = take_job(&sim, &jit).await;
     let started = wait_inbox(&store, |ev| ev.action == JobAction::InProgress).await;
     assert_eq!(started.job.runner_name.as_deref(), Some("rv-linux-1"));
-    assert_eq!(started.pool.as_deref(), Some("linux"));
+    assert_eq!(started.job.scale_set.as_deref(), Some("rv-linux"));
     complete_job(&sim, &jit, job).await;
     let done = wait_inbox(&store, |ev| ev.action == JobAction::Completed).await;
     assert_eq!((done.job.id, done.job.conclusion.as_deref()), (started.job.id, Some("success")));
@@ -181,7 +182,7 @@ fn a_messages_jobs_become_the_pools_inbox_events() {
     let now = SystemTime::UNIX_EPOCH;
     let got: Vec<_> = events("linux", 7, &m, now)
         .into_iter()
-        .map(|e| (e.delivery, e.action, e.job.id, e.job.runner_name, e.job.conclusion, e.pool))
+        .map(|e| (e.delivery, e.action, e.job.id, e.job.runner_name, e.job.conclusion, e.job.scale_set))
         .collect();
     let linux = Some("linux".to_string());
     assert_eq!(
@@ -244,4 +245,73 @@ async fn a_failing_acquire_holds_up_no_other_news() {
     assert_eq!(queued_jobs(&store), 2);
     stop.cancel();
     running.await.unwrap();
+}
+
+/// In a fleet, the member leading the fleet's scale sets holds the set's session; another
+/// member only finds the set (for its VMs' JIT configs). When the lead passes to the other
+/// (the first could not renew it in time, or was cut off), the first lets the session go
+/// and the second opens it and takes the jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
+    use crate::fleet::claims::{MemoryBoard, MemoryClaims};
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let client = client(&sim);
+    let board = Arc::new(MemoryBoard::default());
+    let lease = Duration::from_secs(3);
+    let dir = crate::test_support::tempdir();
+    let member = |host: &str| {
+        let store = Arc::new(Store::open(&dir.join(host)).unwrap());
+        let registry = Arc::new(Registry::default());
+        // Room for both jobs (the first stays assigned: no runner takes it).
+        registry.set_capacity("linux", 2);
+        let claims =
+            MemoryClaims { board: board.clone(), host: host.into(), lease, clock: Arc::new(crate::clock::SystemClock) };
+        let listener = Listener {
+            owner: host.into(),
+            lead: Some(Lead { claims: Arc::new(claims), lease }),
+            ..listener(client.clone(), registry.clone(), &store)
+        };
+        (store, registry, listener)
+    };
+    let (store_a, reg_a, a) = member("host-a");
+    let (store_b, reg_b, b) = member("host-b");
+    let stop = CancellationToken::new();
+    let running_a = tokio::spawn(a.run(stop.clone()));
+    let open = |r: &Registry| r.status("linux", "rv-linux").session;
+    for _ in 0..100 {
+        if open(&reg_a) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(open(&reg_a), "the first member leads and holds the session");
+    let running_b = tokio::spawn(b.run(stop.clone()));
+    for _ in 0..100 {
+        if reg_b.set_id("linux").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reg_b.set_id("linux"), reg_a.set_id("linux"), "the other finds the set");
+    queue_job(&sim, &["rv-linux"]).await;
+    let queued = |ev: &JobEvent| ev.action == JobAction::Queued;
+    let ev = wait_inbox(&store_a, queued).await;
+    assert_eq!(ev.job.scale_set.as_deref(), Some("rv-linux"));
+    assert!(!open(&reg_b) && store_b.inbox(0, 10).unwrap().is_empty(), "one session: the lead's");
+    // The lead passes to host-b (host-a's renewal is refused from now on).
+    board.leads.lock().unwrap().insert(SCALE_SET_WORK, ("host-b".into(), SystemTime::now() + lease));
+    for _ in 0..200 {
+        if open(&reg_b) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(open(&reg_b) && !open(&reg_a), "the session moved to the new lead");
+    queue_job(&sim, &["rv-linux"]).await;
+    wait_inbox(&store_b, queued).await;
+    stop.cancel();
+    running_a.await.unwrap();
+    running_b.await.unwrap();
 }

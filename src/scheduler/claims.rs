@@ -217,7 +217,7 @@ impl Fleet {
         };
         let room = (warm + cold) as u32;
         if room > 0 {
-            *self.room.entry(crate::model::label_set(&pool.labels)).or_default() += room;
+            *self.room.entry(crate::model::label_set(&pool.queue_labels())).or_default() += room;
         }
     }
 
@@ -302,6 +302,19 @@ impl Fleet {
     }
 }
 
+/// Per scale set this member serves, the jobs its pool could run at once now.
+fn own_scale_set_capacity(
+    config: &crate::config::Config,
+    registry: Option<&crate::scaleset::Registry>,
+) -> BTreeMap<String, u32> {
+    let Some(registry) = registry else { return BTreeMap::new() };
+    config
+        .pools
+        .iter()
+        .filter_map(|p| Some((p.scale_set()?.to_string(), registry.own_capacity(&p.name).min(u32::MAX as u64) as u32)))
+        .collect()
+}
+
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Fleet mode: of the jobs the plan wants served (`want`: job, and whether it would
     /// boot cold), those this member may serve now; the rest are claimed (a young job is
@@ -376,6 +389,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             fleet.others.remove(&c.job);
             if let Some(from) = &c.taken_over_from {
                 self.metrics.fleet_takeovers.inc();
+                // A scale set's request is not a job the REST API knows: its set's messages
+                // say whether it moved on (a runner of the set that took it: its row).
+                if self.book.jobs.get(&c.job).is_some_and(|j| j.info.scale_set.is_some()) {
+                    info!(job_id = c.job, from = %from, "taking over a scale set's job whose member went away (its lease ran out)");
+                    continue;
+                }
                 info!(job_id = c.job, from = %from, "taking over a job whose member went away (its lease ran out); checking GitHub first");
                 fleet.verifying.insert(c.job);
                 verify.push(c.job);
@@ -390,7 +409,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// read of its row would) and its claim held as any other.
     pub(super) fn on_claimed_on_write(&mut self, c: ClaimedOnWrite) {
         let now = Instant::now();
-        let (job, labels) = (c.event.job.id, c.event.job.labels.clone());
+        let (job, labels) = (c.event.job.id, c.event.job.queue_labels());
         self.apply(c.event);
         self.intake.last_webhook = Some(self.now());
         let Some(fleet) = self.fleet.as_mut() else { return };
@@ -457,7 +476,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             info!(job_id = job, ?action, "a taken-over job was served before its member went away");
             let received_at = self.now();
-            self.apply(JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at, pool: None });
+            self.apply(JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at });
         }
     }
 
@@ -470,7 +489,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         let query = ReadQuery {
-            pools: self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.labels.clone()).collect(),
+            pools: self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.queue_labels()).collect(),
             ready: READY_WINDOW,
             known: self
                 .book
@@ -526,7 +545,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             };
             news |= super::job::next(known.map(|j| &j.state), row.action, &info, false).is_some();
             let delivery = format!("fleet-{}-{}", row.id, crate::fleet::intake::state_name(row.action));
-            self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at, pool: None });
+            self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at });
         }
         if news {
             self.intake.last_webhook = Some(self.now());
@@ -658,6 +677,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 .collect(),
             // Given by the fleet's database.
             number: None,
+            scale_sets: own_scale_set_capacity(&self.config, self.scale_sets.as_deref()),
         };
         fleet.heartbeat_pending = true;
         let claims = fleet.claims.clone();
@@ -689,6 +709,21 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         match result {
             Ok(members) => fleet.members = members,
             Err(e) => warn!(error = %e, "cannot write this member's heartbeat to the fleet's database"),
+        }
+        // What the other members' pools of each scale set could run (those heard from
+        // within a lease): the set's session announces it with this member's.
+        if let Some(registry) = &self.scale_sets {
+            for pool in self.config.pools.iter() {
+                let Some(set) = pool.scale_set() else { continue };
+                let others: u64 = fleet
+                    .members
+                    .iter()
+                    .filter(|m| m.host_id != fleet.host && Duration::from_secs(m.seen_secs_ago) < fleet.lease)
+                    .filter_map(|m| m.scale_sets.get(set))
+                    .map(|c| u64::from(*c))
+                    .sum();
+                registry.set_others(&pool.name, others);
+            }
         }
         // The fence drops the other members' addresses and the database's (the last ones
         // known: a failed heartbeat or lookup keeps them). Loopback is dropped anyway.

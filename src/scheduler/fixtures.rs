@@ -18,6 +18,7 @@ pub fn job_info(id: u64, labels: &[&str], runner: Option<&str>) -> JobInfo {
         html_url: String::new(),
         runner_name: runner.map(str::to_string),
         conclusion: None,
+        scale_set: None,
     }
 }
 

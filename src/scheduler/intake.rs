@@ -82,11 +82,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.intake.pools_by_labels.iter().find(|(set, _)| *set == want).map(|(_, name)| name.clone())
     }
 
-    /// The pool that takes `ev`'s job: the scale set's pool its listener named, or the one
-    /// whose labels are exactly the job's.
+    /// The pool that takes `ev`'s job: the one whose scale set GitHub assigned it to, or the
+    /// one whose labels are exactly the job's.
     pub(super) fn pool_for(&self, ev: &JobEvent) -> Option<String> {
-        match &ev.pool {
-            Some(p) => self.config.pool(p).filter(|c| !c.retiring && c.scale_set().is_some()).map(|c| c.name.clone()),
+        match &ev.job.scale_set {
+            Some(set) => {
+                self.config.pools.iter().find(|c| !c.retiring && c.scale_set() == Some(set)).map(|c| c.name.clone())
+            }
             None => self.match_pool(&ev.job.labels),
         }
     }
@@ -120,7 +122,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// runner named in the event, if it is one of our VMs, moves that VM along.
     pub(super) fn apply(&mut self, ev: JobEvent) {
         let id = ev.job.id;
-        if ev.pool.is_none() && self.a_scale_sets(&ev) {
+        if ev.job.scale_set.is_none() && self.a_scale_sets(&ev) {
             // The hook hears of every job, a scale set's too: its news is the set's messages
             // (under the request's id), and taken from a webhook as well it would be counted
             // twice, or make its VM look busy with a job its pool does not know.
@@ -150,7 +152,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
         }
         let current = self.book.jobs.get(&id).map(|j| j.state.clone());
-        let changed = job::next(current.as_ref(), ev.action, &ev.job, ev.pool.is_some());
+        let changed = job::next(current.as_ref(), ev.action, &ev.job, ev.job.scale_set.is_some());
         if let Some(state) = changed.clone() {
             let now = self.now();
             let fresh = current.is_none().then(|| self.new_job(&ev.job, pool, ev.received_at));

@@ -46,6 +46,7 @@ mod tests {
             html_url: String::new(),
             runner_name: runner.map(str::to_string),
             conclusion: conclusion.map(str::to_string),
+            scale_set: None,
         }
     }
 

@@ -234,13 +234,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     Ok(list) => {
                         for job in list {
                             let delivery = format!("poll-{}", job.id);
-                            found.push(JobEvent {
-                                delivery,
-                                action: JobAction::Queued,
-                                job,
-                                received_at: clock.now(),
-                                pool: None,
-                            });
+                            found.push(JobEvent { delivery, action: JobAction::Queued, job, received_at: clock.now() });
                         }
                     }
                     Err(e) => debug!(error = %e, "cannot poll queued jobs"),
@@ -298,7 +292,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 info!(job_id = id, status = %status.status, "job status refreshed from GitHub (a webhook was missed)");
             }
             learned.push(JobEvent {
-                pool: None,
                 delivery: format!("refresh-{id}-{action:?}"),
                 action,
                 job: info,

@@ -143,6 +143,7 @@ impl Hub {
                 Status::Completed(c) => Some(c.clone()),
                 _ => None,
             },
+            scale_set: None,
         }
     }
 

@@ -6,7 +6,6 @@ fn a_store_writes_again_once_its_file_system_has_room() {
     let disk = disk::Disk::default();
     let store = Store::open_on(disk.clone()).unwrap();
     let event = |d: &str| crate::model::JobEvent {
-        pool: None,
         delivery: d.into(),
         action: crate::model::JobAction::Queued,
         job: crate::scheduler::fixtures::job_info(1, &["x"], None),

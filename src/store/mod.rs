@@ -505,7 +505,6 @@ pub(crate) mod tests {
 
     pub fn event(delivery: &str, id: u64, action: JobAction) -> JobEvent {
         JobEvent {
-            pool: None,
             delivery: delivery.into(),
             action,
             job: JobInfo {
@@ -519,6 +518,7 @@ pub(crate) mod tests {
                 html_url: String::new(),
                 runner_name: None,
                 conclusion: None,
+                scale_set: None,
             },
             received_at: SystemTime::now(),
         }

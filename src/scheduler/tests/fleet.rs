@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use crate::fleet::claims::{MemoryBoard, MemoryClaims};
 
-const LEASE: Duration = Duration::from_secs(30);
+pub(super) const LEASE: Duration = Duration::from_secs(30);
 
 fn member(board: &Arc<MemoryBoard>, host: &str, gh: &Arc<FakeGitHub>, extra_pool: &str) -> H {
     member_with(board, host, gh, extra_pool, |_| {})
@@ -19,6 +19,18 @@ fn member_with(
     gh: &Arc<FakeGitHub>,
     extra_pool: &str,
     tweak: impl FnOnce(&mut Config),
+) -> H {
+    fleet_member(board, host, gh, extra_pool, tweak, |s| s)
+}
+
+/// A member of the fleet on `board`; `setup` adds to its scheduler.
+pub(super) fn fleet_member(
+    board: &Arc<MemoryBoard>,
+    host: &str,
+    gh: &Arc<FakeGitHub>,
+    extra_pool: &str,
+    tweak: impl FnOnce(&mut Config),
+    setup: impl FnOnce(Scheduler<FakeGitHub, FakeHypervisor>) -> Scheduler<FakeGitHub, FakeHypervisor> + Send + 'static,
 ) -> H {
     let dir = crate::test_support::tempdir();
     let mut cfg = (*config(extra_pool, &dir)).clone();
@@ -50,7 +62,7 @@ fn member_with(
         Some(hv_rx),
         store.clone(),
         store,
-        |s| s.with_fleet(fleet),
+        move |s| setup(s.with_fleet(fleet)),
         new_clock(),
     );
     h.dirs.push(dir);
@@ -471,6 +483,7 @@ async fn the_fence_drops_the_other_members_and_the_database() {
         seen_secs_ago: 0,
         addresses: vec!["203.0.113.77".into(), "not an address".into()],
         number: Some(0),
+        scale_sets: Default::default(),
     });
     tokio::time::sleep(LEASE).await;
     publish(&mut [&mut a], &board, JobAction::Queued, info(901, LABELS, None));

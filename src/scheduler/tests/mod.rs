@@ -221,7 +221,7 @@ impl H {
         );
         let ok = self
             .store
-            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: self.clock.now(), pool: None })
+            .accept(&JobEvent { delivery: delivery.into(), action, job, received_at: self.clock.now() })
             .unwrap();
         self.inbox.notify_one();
         ok

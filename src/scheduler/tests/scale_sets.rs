@@ -8,10 +8,12 @@ use super::*;
 use crate::github::{GhError, JitRunner};
 use crate::scaleset::{Registry, ScaleSetRunners};
 
-/// The set's JIT configs: recorded, each a new runner.
+/// The set's JIT configs: recorded, each a new runner, listed by GitHub's REST API (as a
+/// set's runners are) when `gh` is given.
 #[derive(Default)]
 struct FakeRunners {
     made: std::sync::Mutex<Vec<(String, String)>>,
+    gh: Option<Arc<FakeGitHub>>,
 }
 
 impl ScaleSetRunners for FakeRunners {
@@ -24,6 +26,10 @@ impl ScaleSetRunners for FakeRunners {
             let mut made = self.made.lock().unwrap();
             made.push((pool.to_string(), name.to_string()));
             let id = 900 + made.len() as u64;
+            if let Some(gh) = &self.gh {
+                let info = crate::github::RunnerInfo { id, name: name.into(), online: false, busy: false };
+                gh.lock().runners.insert(id, info);
+            }
             Ok(JitRunner {
                 runner_id: id,
                 encoded: crate::secret::Secret::new(crate::github::fake::encoded_jit_config(id, name)),
@@ -40,9 +46,10 @@ fn start_scale_set_pool(extra_pool: &str) -> (H, Arc<Registry>, Arc<FakeRunners>
     let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
     let _ = hv_tx.send(HvEvent::Reconnected);
     let store = Arc::new(Store::open(&dir).unwrap());
-    let (registry, runners) = (Arc::new(Registry::default()), Arc::new(FakeRunners::default()));
-    let (r, f) = (registry.clone(), runners.clone());
     let gh = Arc::new(FakeGitHub::default());
+    let runners = Arc::new(FakeRunners { gh: Some(gh.clone()), ..FakeRunners::default() });
+    let registry = Arc::new(Registry::default());
+    let (r, f) = (registry.clone(), runners.clone());
     let mut h = start_member(
         Arc::new(cfg),
         gh,
@@ -64,9 +71,8 @@ impl H {
         let ev = JobEvent {
             delivery: format!("scale-set-1-{}-0", self.seq),
             action,
-            job,
+            job: JobInfo { scale_set: Some("small".into()), ..job },
             received_at: self.clock.now(),
-            pool: Some("small".into()),
         };
         self.store.accept(&ev).unwrap();
         self.inbox.notify_one();
@@ -118,4 +124,64 @@ async fn a_scale_sets_jobs_come_from_its_listener_and_its_runners_from_the_set()
     h.admin(AdminCommand::Drain(true)).await;
     h.wait("none while draining", |_, _| registry.capacity("small") == 0).await;
     h.shutdown().await;
+}
+
+/// In a fleet, a set's job is in the fleet's queue filed under its set (the member leading
+/// the sets wrote it): one member with room claims it and serves it, its runner's JIT
+/// config from the set; a webhook's job with the same labels is filed under them and no
+/// member takes it. Each member's heartbeat says what its pool of the set could run, and
+/// every member's registry announces the fleet's sum (whichever holds the session).
+#[tokio::test(start_paused = true)]
+async fn in_a_fleet_a_sets_job_is_served_once_and_the_sets_capacity_is_the_fleets() {
+    use super::fleet::{LEASE, fleet_member};
+    use crate::fleet::claims::MemoryBoard;
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let member = |host: &str| {
+        let runners = Arc::new(FakeRunners { gh: Some(gh.clone()), ..FakeRunners::default() });
+        let registry = Arc::new(Registry::default());
+        let (r, f) = (registry.clone(), runners.clone());
+        let h = fleet_member(&board, host, &gh, "intake = \"scale_set\"", |_| {}, move |s| s.with_scale_sets(r, f));
+        (h, registry, runners)
+    };
+    let (a, reg_a, runners_a) = member("hv-a");
+    let (b, reg_b, runners_b) = member("hv-b");
+    // Heartbeats every third of the lease.
+    a.wait_for("the fleet's capacity", LEASE, |_, _| reg_a.capacity("small") == 4).await;
+    b.wait_for("the fleet's capacity", LEASE, |_, _| reg_b.capacity("small") == 4).await;
+    assert_eq!((reg_a.own_capacity("small"), reg_b.own_capacity("small")), (2, 2));
+
+    let at = a.clock.now();
+    let hooked =
+        JobEvent { delivery: "d-1".into(), action: JobAction::Queued, job: info(1, &["small"], None), received_at: at };
+    board.write(&hooked);
+    let set_job = JobInfo { scale_set: Some("small".into()), ..info(7_000_000_001, &["small"], None) };
+    board.write(&JobEvent {
+        delivery: "scale-set-1-7000000001-assigned-1".into(),
+        action: JobAction::Queued,
+        job: set_job,
+        received_at: at,
+    });
+    let served = |s: &Status| s.vms.iter().filter(|v| v.job_id == 7_000_000_001).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut both = (0, 0);
+    while Instant::now() < deadline {
+        both = (served(&a.status().await), served(&b.status().await));
+        if both.0 + both.1 > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(both.0 + both.1, 1, "one VM for the set's job: {both:?}");
+    // Long enough for every read and claim: still one, and the webhook's job none.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (sa, sb) = (a.status().await, b.status().await);
+    assert_eq!(served(&sa) + served(&sb), 1, "{sa:#?} {sb:#?}");
+    assert!(sa.vms.iter().chain(&sb.vms).all(|v| v.job_id != 1), "a webhook's job is not the set's: {sa:#?} {sb:#?}");
+    let made = [runners_a.made.lock().unwrap().clone(), runners_b.made.lock().unwrap().clone()].concat();
+    assert_eq!(made.len(), 1, "its runner from the set: {made:?}");
+    let calls = gh.lock().calls.clone();
+    assert!(!calls.iter().any(|c| c == "jit" || c == "job"), "{calls:?}");
+    a.shutdown().await;
+    b.shutdown().await;
 }
