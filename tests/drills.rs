@@ -66,11 +66,26 @@ impl Drill {
         tweak_spec: impl FnOnce(&mut AgentSpec),
         tweak_sim: impl FnOnce(&mut github_sim::SimConfig),
     ) -> Drill {
+        Self::scale_set_in(name, slots::POOL.to_string(), tweak_spec, tweak_sim).await
+    }
+
+    /// The pool settings that make a pool the runner scale set of drill `name`.
+    fn scale_set_pool(name: &str) -> String {
+        format!("intake = \"scale_set\"\nscale_set_name = \"rv-{name}\"\n")
+    }
+
+    /// [`Drill::scale_set`] on `pool` (cold boots on a pool of its own: `d-<name>`).
+    async fn scale_set_in(
+        name: &'static str,
+        pool: String,
+        tweak_spec: impl FnOnce(&mut AgentSpec),
+        tweak_sim: impl FnOnce(&mut github_sim::SimConfig),
+    ) -> Drill {
         let set = format!("rv-{name}");
-        let extra = format!("intake = \"scale_set\"\nscale_set_name = \"{set}\"\n");
+        let extra = Self::scale_set_pool(name);
         let mut d = Self::build(
             name,
-            slots::POOL.to_string(),
+            pool,
             |s| {
                 s.hook = None;
                 s.pool_extra.push_str(&extra);
@@ -1472,6 +1487,76 @@ async fn drill_scale_set_restart() {
     assert!(reoffered >= 1, "the stalled runner's request was not given up: {}", d.agent.log_tail());
     d.extra = format!(" session_refusals={conflicts} runner_stalled=1 reoffered={reoffered}");
     d.finish(Duration::from_secs(600)).await;
+}
+
+/// Fleet and scale sets: two members (one PostgreSQL, one libvirtd, each its own storage
+/// pool) serve one runner scale set with cold VMs and no webhook; the member leading the
+/// fleet's scale sets holds its session. The lead is killed with -9 while a job runs and
+/// others are queued: the other member takes the lead once its lease runs out, opens the
+/// session once GitHub lets the dead one's go, and every job is served once by whichever
+/// member has room; the killed member comes back as a follower. Nothing left on either.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "drill: run with ./scripts/drill fleet-scale-set"]
+async fn drill_fleet_scale_set() {
+    let db = pg::TestDb::new("drill").await;
+    let secrets = tempdir("fleet-pg");
+    let password = secrets.join("pg-password");
+    write_private(&password, &pg::password());
+    let fleet = |host: &str| fleet_section(host, &db, &password);
+    let name = "fleet-scale-set";
+    let extra = ExtraPool::new("rv-drill-ss");
+    let mut d = Drill::scale_set_in(
+        name,
+        format!("d-{name}"),
+        |s| {
+            s.max_vms = 2;
+            s.pool_extra.push_str(&fleet("hv-a"));
+        },
+        |c| c.scale_set_session_idle = Duration::from_secs(20),
+    )
+    .await;
+    d.hosts = Some(2);
+    let mut spec_b = AgentSpec::new(&format!("d-{name}"), &d.labels());
+    spec_b.max_vms = 2;
+    spec_b.hook = None;
+    spec_b.storage_pool = extra.0.into();
+    spec_b.pool_extra = format!("{}{}", Drill::scale_set_pool(name), fleet("hv-b"));
+    let mut b = Agent::configure(&spec_b, d.sim.handle.addr.port(), free_port());
+    let (hv_b, _) = libvirt_on(extra.0);
+
+    d.agent.start().await;
+    d.sessions_opened(1).await;
+    assert!(d.agent.log_text().contains("this member leads the fleet's scale sets"), "{}", d.agent.log_tail());
+    b.start().await;
+    d.say("a leads the fleet's scale sets and holds the session; b joined");
+    let running = d.queue(30.0).await;
+    d.queue(3.0).await;
+    let sim = &d.sim;
+    wait_for("a job running", VM_TIMEOUT, async || (sim.job(running).await["status"] == "in_progress").then_some(()))
+        .await;
+    d.say("a job runs: killing the lead (a) with -9; two more jobs queued");
+    let killed = Instant::now();
+    d.agent.kill9();
+    d.queue(3.0).await;
+    d.queue(3.0).await;
+    wait_for("b's session", Duration::from_secs(300), async || {
+        b.log_text().contains("scale set session open").then_some(())
+    })
+    .await;
+    let handover = killed.elapsed().as_secs_f64();
+    assert!(b.log_text().contains("this member leads the fleet's scale sets"), "{}", b.log_tail());
+    d.say(&format!("b leads and holds the session {handover:.0}s after a was killed"));
+    d.agent.start().await;
+    d.queue(3.0).await;
+    d.all_completed(VM_TIMEOUT * 3).await;
+    // VMs each member made (both serve the set's jobs).
+    let (vms_a, vms_b) =
+        (d.agent.log_text().matches("provisioning vm").count(), b.log_text().matches("provisioning vm").count());
+    d.extra = format!(" handover_s={handover:.0} vms_a={vms_a} vms_b={vms_b}");
+    d.finish(Duration::from_secs(600)).await;
+    let (doms, vols) = leftovers(&hv_b, &format!("rv-d-{name}-"));
+    assert!(doms.is_empty() && vols.is_empty(), "b left {doms:?} {vols:?}");
+    assert!(b.terminate().success());
 }
 
 /// A pool that is a runner scale set: GitHub's message queue answers 503 for 2 minutes
