@@ -391,6 +391,7 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
                 clock: clock.clone(),
                 owner: owner.clone(),
                 lead: lead.clone(),
+                metrics: deps.metrics.clone(),
             };
             listeners.push(tokio::spawn(listener.run(shutdown.clone())));
         }

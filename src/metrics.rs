@@ -31,6 +31,21 @@ pub fn pool(pool: &str) -> PoolLabels {
     PoolLabels { pool: value(pool) }
 }
 
+/// One count of GitHub's statistics of a pool's runner scale set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleSetLabels {
+    pool: String,
+    /// `available`, `acquired`, `assigned`, `running` (jobs), `registered`, `busy`, `idle`
+    /// (runners).
+    kind: &'static str,
+}
+
+impl ScaleSetLabels {
+    pub fn new(pool_name: &str, kind: &'static str) -> Self {
+        ScaleSetLabels { pool: value(pool_name), kind }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookLabels {
     event: String,
@@ -182,6 +197,8 @@ pub struct Metrics {
     pub fleet_claims_held: Gauge,
     pub fleet_takeovers: Counter,
     pub fleet_rows_unreadable: Counter,
+    /// GitHub's statistics of each scale-set pool's set, as its last message said.
+    pub scale_set_statistics: Family<ScaleSetLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -221,6 +238,7 @@ impl Default for Metrics {
             fleet_claims_held: Gauge::default(),
             fleet_takeovers: Counter::default(),
             fleet_rows_unreadable: Counter::default(),
+            scale_set_statistics: Family::default(),
         };
         // Families are cheap handles onto shared series: the registry holds clones.
         let r = &mut m.registry;
@@ -251,6 +269,11 @@ impl Default for Metrics {
             "runnervisor_fleet_rows_unreadable",
             "Fleet mode: job rows skipped because this agent cannot read them (a newer agent's)",
             m.fleet_rows_unreadable.clone(),
+        );
+        r.register(
+            "runnervisor_scale_set_statistics",
+            "GitHub's statistics of a scale-set pool's runner scale set, as the last message of the session said (jobs: available, acquired, assigned, running; runners: registered, busy, idle)",
+            m.scale_set_statistics.clone(),
         );
         r.register(
             "runnervisor_jobs_unmatched",

@@ -171,6 +171,8 @@ pub struct Listener<S> {
     pub owner: String,
     /// In a fleet: the lead under which the session is held (`None`: a single host).
     pub lead: Option<Lead>,
+    /// GitHub's statistics of the set go to `runnervisor_scale_set_statistics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A fleet's scale sets are served by one member at a time, the one that leads
@@ -366,6 +368,7 @@ impl<S: ScaleSets> Listener<S> {
                     }
                 };
                 info!(pool = %self.pool, scale_set = %self.spec.name, scale_set_id = set_id, assigned = session.statistics.assigned, "scale set session open: taking the jobs GitHub assigns to it");
+                self.statistics(&session.statistics);
                 let (ended, session) = self.listen(set_id, session, &mut failures, shutdown).await;
                 self.registry.session(&self.pool, false);
                 // Stopping, or giving the session up: let it go, so that the next one (this
@@ -487,6 +490,24 @@ impl<S: ScaleSets> Listener<S> {
         }
     }
 
+    /// GitHub's counts, for an operator to set beside the book's (`runnervisor_queue_depth`,
+    /// `runnervisor_vms`): they do not drive demand, each job's own messages do.
+    fn statistics(&self, st: &crate::github::scaleset::Statistics) {
+        let counts = [
+            ("available", st.available),
+            ("acquired", st.acquired),
+            ("assigned", st.assigned),
+            ("running", st.running),
+            ("registered", st.registered),
+            ("busy", st.busy),
+            ("idle", st.idle),
+        ];
+        for (kind, n) in counts {
+            let labels = crate::metrics::ScaleSetLabels::new(&self.pool, kind);
+            self.metrics.scale_set_statistics.get_or_create(&labels).set(n.min(i64::MAX as u64) as i64);
+        }
+    }
+
     /// Acquires the message's available jobs, and writes its other jobs' events durably.
     async fn handle(&self, set_id: u64, session: &Session, m: &Message) -> Result<(), SsError> {
         let available: Vec<u64> = m
@@ -544,6 +565,7 @@ impl<S: ScaleSets> Listener<S> {
         }
         if let Some(st) = m.statistics {
             debug!(pool = %self.pool, message_id = m.id, available = st.available, assigned = st.assigned, running = st.running, idle = st.idle, "scale set message taken in");
+            self.statistics(&st);
         }
         Ok(())
     }

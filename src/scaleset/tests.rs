@@ -33,6 +33,7 @@ fn listener(client: Arc<Client>, registry: Arc<Registry>, store: &Arc<Store>) ->
         clock: Arc::new(crate::clock::SystemClock),
         owner: "host-a".into(),
         lead: None,
+        metrics: Arc::new(crate::metrics::Metrics::default()),
     }
 }
 
@@ -76,7 +77,8 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
     let registry = Arc::new(Registry::default());
     registry.set_capacity("linux", 2);
     let client = client(&sim);
-    let listener = listener(client.clone(), registry.clone(), &store);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let listener = Listener { metrics: metrics.clone(), ..listener(client.clone(), registry.clone(), &store) };
     let stop = CancellationToken::new();
     let running = tokio::spawn(listener.run(stop.clone()));
 
@@ -94,6 +96,15 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(queued_jobs(&store), 2);
+    // GitHub's counts, as its messages say (the second assignment's message says both).
+    let assigned = "runnervisor_scale_set_statistics{pool=\"linux\",kind=\"assigned\"} 2";
+    for _ in 0..100 {
+        if metrics.render().contains(assigned) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(metrics.render().contains(assigned), "{}", metrics.render());
 
     // The runner provisioning makes, from the set.
     let runners = Runners { client: client.clone(), registry: registry.clone() };
