@@ -19,7 +19,8 @@
 //!
 //! The capacity each poll announces (`X-ScaleSetMaxCapacity`) is the scheduler's: the jobs
 //! the pool could run at once (its VMs and the places it may still start, warm VMs and
-//! snapshot slots among them), 0 while it holds or libvirt is away; [`Registry`] carries
+//! snapshot slots among them), 0 while it holds or libvirt is away, and in a fleet the
+//! other members' as their heartbeats said ([`Lead`]); [`Registry`] carries
 //! it, the set's id for the provisioning's JIT configs ([`Runners`]), and what `status`
 //! shows.
 
@@ -106,6 +107,16 @@ impl Registry {
         self.with(pool, |e| e.set_id = Some(set_id));
     }
 
+    /// The set's id is unknown to the service (the set was deleted, and in a fleet made
+    /// again by the member leading it): found again by the listener.
+    fn lost(&self, pool: &str, set_id: u64) {
+        self.with(pool, |e| {
+            if e.set_id == Some(set_id) {
+                e.set_id = None;
+            }
+        });
+    }
+
     fn session(&self, pool: &str, open: bool) {
         self.with(pool, |e| e.session = open);
     }
@@ -117,7 +128,7 @@ impl Registry {
             name: name.to_string(),
             id: e.set_id,
             session: e.session,
-            capacity: e.capacity.saturating_add(e.others),
+            capacity: self.capacity(pool),
         }
     }
 }
@@ -152,7 +163,11 @@ impl<S: ScaleSets> ScaleSetRunners for Runners<S> {
                     message: "not found or made yet (its listener is still trying)".into(),
                 });
             };
-            self.client.generate_jit_config(set, name).await.map_err(SsError::into_gh)
+            let made = self.client.generate_jit_config(set, name).await;
+            if made.as_ref().is_err_and(|e| e.status() == Some(404)) {
+                self.registry.lost(pool, set);
+            }
+            made.map_err(SsError::into_gh)
         })
     }
 }
@@ -175,10 +190,11 @@ pub struct Listener<S> {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// A fleet's scale sets are served by one member at a time, the one that leads
-/// [`SCALE_SET_WORK`]: GitHub lets one client hold a set's session. Its jobs are written to
+/// A fleet's scale set is served by one member at a time, the one that leads its work
+/// ([`lead_work`]): GitHub lets one client hold a set's session. Its jobs are written to
 /// the fleet's queue (filed under the set) and claimed by any member with room; the
-/// capacity it announces is the fleet's (each member's heartbeat says its own).
+/// capacity it announces is the fleet's (each member's heartbeat says its own). A lead per
+/// set: members may serve different sets (and do while a config change rolls out).
 #[derive(Clone)]
 pub struct Lead {
     pub claims: Arc<dyn crate::fleet::claims::Claims>,
@@ -188,8 +204,14 @@ pub struct Lead {
     pub lease: Duration,
 }
 
-/// The lead work of the fleet's scale sets (`rv_leader`).
-pub const SCALE_SET_WORK: &str = "scale-sets";
+/// The lead work of the fleet's scale set `set` (`rv_leader`; set names are
+/// case-insensitive, as GitHub compares them).
+pub fn lead_work(set: &str) -> String {
+    format!("scale-set:{}", set.to_lowercase())
+}
+
+/// The kinds of GitHub's statistics of a set (`runnervisor_scale_set_statistics`).
+const STATISTICS: [&str; 7] = ["available", "acquired", "assigned", "running", "registered", "busy", "idle"];
 
 /// `1 s · 2^n`, capped at [`MAX_BACKOFF`], with jitter.
 fn backoff(failures: u32) -> Duration {
@@ -255,7 +277,7 @@ pub fn events(set: &str, set_id: u64, m: &Message, now: std::time::SystemTime) -
 
 impl<S: ScaleSets> Listener<S> {
     /// Until `shutdown`: then the session is deleted, so that the next start opens one at
-    /// once. In a fleet, only while this member leads the fleet's scale sets.
+    /// once. In a fleet, only while this member leads the set's work.
     pub async fn run(self, shutdown: CancellationToken) {
         match self.lead.clone() {
             None => self.serve(&shutdown).await,
@@ -268,22 +290,29 @@ impl<S: ScaleSets> Listener<S> {
     /// the set (its VMs' JIT configs need the set's id), never makes or changes it.
     async fn run_led(&self, lead: &Lead, shutdown: &CancellationToken) {
         let held = |sent: tokio::time::Instant| sent + lead.lease.mul_f64(0.9);
-        let mut found_failures = 0u32;
+        let work = lead_work(&self.spec.name);
+        let (mut found_failures, mut lead_failures) = (0u32, 0u32);
         loop {
             let sent = loop {
                 let sent = tokio::time::Instant::now();
-                match lead.claims.lead(SCALE_SET_WORK).await {
+                match lead.claims.lead(&work).await {
                     Ok(true) => break sent,
-                    Ok(false) => {}
+                    Ok(false) => lead_failures = 0,
                     Err(e) => {
-                        warn!(pool = %self.pool, error = %e, "cannot ask the fleet's database who leads its scale sets; asking again")
+                        // Once per outage (every member asks every third of a lease).
+                        lead_failures += 1;
+                        if lead_failures == 1 {
+                            warn!(pool = %self.pool, error = %e, "cannot ask the fleet's database who leads the scale set; asking again")
+                        } else {
+                            debug!(pool = %self.pool, error = %e, "cannot ask the fleet's database who leads the scale set")
+                        }
                     }
                 }
                 if self.registry.set_id(&self.pool).is_none() {
                     match self.client.find(&self.spec).await {
                         Ok(Some(set)) => self.registry.found(&self.pool, set.id),
                         Ok(None) => {
-                            debug!(pool = %self.pool, scale_set = %self.spec.name, "the scale set is not made yet (the member leading the fleet's scale sets makes it)")
+                            debug!(pool = %self.pool, scale_set = %self.spec.name, "the scale set is not made yet (the member leading it makes it)")
                         }
                         Err(e) => {
                             found_failures += 1;
@@ -297,7 +326,8 @@ impl<S: ScaleSets> Listener<S> {
                     return;
                 }
             };
-            info!(pool = %self.pool, scale_set = %self.spec.name, "this member leads the fleet's scale sets: holding the set's session");
+            lead_failures = 0;
+            info!(pool = %self.pool, scale_set = %self.spec.name, "this member leads the scale set for the fleet: holding its session");
             let session = shutdown.child_token();
             let renew = async {
                 let mut until = held(sent);
@@ -308,18 +338,18 @@ impl<S: ScaleSets> Listener<S> {
                         _ = tokio::time::sleep_until(next) => {}
                     }
                     if tokio::time::Instant::now() >= until {
-                        warn!(pool = %self.pool, "the lead of the fleet's scale sets could not be renewed within its lease: letting the session go");
+                        warn!(pool = %self.pool, "the lead of the scale set could not be renewed within its lease: letting the session go");
                         break;
                     }
                     let sent = tokio::time::Instant::now();
-                    match tokio::time::timeout_at(until, lead.claims.lead(SCALE_SET_WORK)).await {
+                    match tokio::time::timeout_at(until, lead.claims.lead(&work)).await {
                         Ok(Ok(true)) => until = held(sent),
                         Ok(Ok(false)) => {
-                            warn!(pool = %self.pool, "another member leads the fleet's scale sets now: letting the session go");
+                            warn!(pool = %self.pool, "another member leads the scale set now: letting the session go");
                             break;
                         }
                         Ok(Err(e)) => {
-                            warn!(pool = %self.pool, error = %e, "cannot renew the lead of the fleet's scale sets; trying again within its lease")
+                            warn!(pool = %self.pool, error = %e, "cannot renew the lead of the scale set; trying again within its lease")
                         }
                         Err(_) => {}
                     }
@@ -341,10 +371,21 @@ impl<S: ScaleSets> Listener<S> {
         'set: loop {
             let Some(set_id) = self.find_set(shutdown).await else { return };
             loop {
-                let opened = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = self.client.create_session(set_id, &self.owner) => r,
-                };
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                // Not cancelled midway (bounded by the client's timeout): a session the
+                // service made for a request cut short would hold the set (409 to the next
+                // holder) until it let it go. One made after all is deleted.
+                let opened = self.client.create_session(set_id, &self.owner).await;
+                if shutdown.is_cancelled() {
+                    if let Ok(s) = &opened
+                        && let Err(e) = self.client.delete_session(set_id, &s.id).await
+                    {
+                        debug!(error = %e, "cannot delete the scale set's session");
+                    }
+                    return;
+                }
                 let session = match opened {
                     Ok(s) => s,
                     Err(e) => {
@@ -371,6 +412,8 @@ impl<S: ScaleSets> Listener<S> {
                 self.statistics(&session.statistics);
                 let (ended, session) = self.listen(set_id, session, &mut failures, shutdown).await;
                 self.registry.session(&self.pool, false);
+                // Counts no session brings up to date any more (in a fleet, the new lead's).
+                self.forget_statistics();
                 // Stopping, or giving the session up: let it go, so that the next one (this
                 // start's or the next's) opens at once.
                 if let Err(e) = self.client.delete_session(set_id, &session.id).await {
@@ -493,18 +536,16 @@ impl<S: ScaleSets> Listener<S> {
     /// GitHub's counts, for an operator to set beside the book's (`runnervisor_queue_depth`,
     /// `runnervisor_vms`): they do not drive demand, each job's own messages do.
     fn statistics(&self, st: &crate::github::scaleset::Statistics) {
-        let counts = [
-            ("available", st.available),
-            ("acquired", st.acquired),
-            ("assigned", st.assigned),
-            ("running", st.running),
-            ("registered", st.registered),
-            ("busy", st.busy),
-            ("idle", st.idle),
-        ];
-        for (kind, n) in counts {
+        let counts = [st.available, st.acquired, st.assigned, st.running, st.registered, st.busy, st.idle];
+        for (kind, n) in STATISTICS.into_iter().zip(counts) {
             let labels = crate::metrics::ScaleSetLabels::new(&self.pool, kind);
             self.metrics.scale_set_statistics.get_or_create(&labels).set(n.min(i64::MAX as u64) as i64);
+        }
+    }
+
+    fn forget_statistics(&self) {
+        for kind in STATISTICS {
+            self.metrics.scale_set_statistics.remove(&crate::metrics::ScaleSetLabels::new(&self.pool, kind));
         }
     }
 

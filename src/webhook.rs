@@ -12,7 +12,7 @@
 //! | `ping`                                    | 200    |
 //! | other events, unknown actions             | 202, ignored |
 //! | repository outside the configured scope   | 202, ignored, counted (`outcome="out_of_scope"`) |
-//! | `workflow_job` a scale-set pool's set takes | 202, ignored, counted (`outcome="scale_set"`) |
+//! | `workflow_job` a scale-set pool's set takes, no runner named | 202, ignored, counted (`outcome="scale_set"`) |
 //! | `workflow_job`, new delivery id           | 202, accepted |
 //! | `workflow_job`, delivery id already seen  | 200, duplicate |
 //! | the store cannot write                    | 503 (GitHub records a failed delivery; the reconciler redelivers it) |
@@ -220,10 +220,18 @@ pub struct Intake {
     /// When a delivery is received (the scheduler's clock).
     pub clock: Arc<dyn crate::clock::Clock>,
     /// The pools that are runner scale sets (as started: a change waits for a restart): a
-    /// delivery about a job one of their sets takes is answered 202 and not written. The
-    /// hook hears of every job, but a set's news is its messages (under the request's id);
-    /// in a fleet its row, filed under its labels, no member would read.
+    /// delivery about a job one of their sets takes, no runner named, is answered 202 and
+    /// not written. The hook hears of every job, but a set's news is its messages (under
+    /// the request's id); in a fleet its row, filed under its labels, no member would read.
     pub scale_sets: Vec<crate::config::PoolConfig>,
+}
+
+/// Whether a delivery's job is left to a scale set's messages: no runner named (news of a
+/// job a runner took is the scheduler's to weigh: the runner may be a webhook pool's VM,
+/// whose labels a set's may cover too, and the book must follow its job) and labels one of
+/// `scale_sets` covers.
+pub fn a_scale_sets(scale_sets: &[crate::config::PoolConfig], job: &JobInfo) -> bool {
+    job.runner_name.is_none() && !job.labels.is_empty() && scale_sets.iter().any(|p| p.scale_set_covers(&job.labels))
 }
 
 pub fn router(intake: Arc<Intake>) -> Router {
@@ -365,7 +373,7 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         }
     };
     let (job_id, run_id, action) = (job_event.job.id, job_event.job.run_id, job_event.action);
-    if !job_event.job.labels.is_empty() && intake.scale_sets.iter().any(|p| p.scale_set_covers(&job_event.job.labels)) {
+    if a_scale_sets(&intake.scale_sets, &job_event.job) {
         intake.metrics.webhooks.get_or_create(&job_outcome("scale_set")).inc();
         tracing::debug!(delivery, job_id, labels = ?job_event.job.labels, "a webhook about a scale set's job: its set's messages say it");
         return reply_static(StatusCode::ACCEPTED, r#"{"message":"a scale set's job: ignored"}"#);
@@ -397,6 +405,33 @@ mod tests {
     use super::*;
 
     /// GitHub's published example for validating deliveries.
+    #[test]
+    fn a_job_a_scale_set_takes_is_left_to_its_messages_unless_a_runner_is_named() {
+        let config = crate::config::Config::parse(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[github]\norganization = \"o\"\n\
+             auth = { type = \"pat\", token = { file = \"/x\" } }\nwebhook_secret = { file = \"/y\" }\n\
+             [[pool]]\nname = \"set\"\nlabels = [\"linux\"]\nimage = \"/x.qcow2\"\nintake = \"scale_set\"\n\
+             [[pool]]\nname = \"hooked\"\nlabels = [\"linux\", \"x64\"]\nimage = \"/x.qcow2\"\n",
+        )
+        .unwrap();
+        let sets: Vec<_> = config.pools.iter().filter(|p| p.scale_set().is_some()).cloned().collect();
+        let job = |labels: &[&str], runner: Option<&str>| JobInfo {
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            runner_name: runner.map(str::to_string),
+            ..crate::scheduler::fixtures::job_info(1, &[], None)
+        };
+        for (labels, runner, want) in [
+            (&["set"][..], None, true),
+            (&["Linux", "SET"][..], None, true),
+            (&["linux", "x64"][..], None, false),
+            (&[][..], None, false),
+            // The set's labels cover it, but a webhook pool's runner took it.
+            (&["linux"][..], Some("rv-hooked-7"), false),
+        ] {
+            assert_eq!(a_scale_sets(&sets, &job(labels, runner)), want, "{labels:?} {runner:?}");
+        }
+    }
+
     #[test]
     fn githubs_test_vector_verifies() {
         let secret = b"It's a Secret to Everybody";

@@ -1526,7 +1526,7 @@ async fn drill_fleet_scale_set() {
 
     d.agent.start().await;
     d.sessions_opened(1).await;
-    assert!(d.agent.log_text().contains("this member leads the fleet's scale sets"), "{}", d.agent.log_tail());
+    assert!(d.agent.log_text().contains("this member leads the scale set for the fleet"), "{}", d.agent.log_tail());
     b.start().await;
     d.say("a leads the fleet's scale sets and holds the session; b joined");
     let running = d.queue(30.0).await;
@@ -1544,7 +1544,7 @@ async fn drill_fleet_scale_set() {
     })
     .await;
     let handover = killed.elapsed().as_secs_f64();
-    assert!(b.log_text().contains("this member leads the fleet's scale sets"), "{}", b.log_tail());
+    assert!(b.log_text().contains("this member leads the scale set for the fleet"), "{}", b.log_tail());
     d.say(&format!("b leads and holds the session {handover:.0}s after a was killed"));
     d.agent.start().await;
     d.queue(3.0).await;

@@ -935,3 +935,40 @@ async fn a_scale_sets_jobs_are_read_by_their_set_and_members_say_their_sets_capa
     let members = a.heartbeat(me).await.unwrap();
     assert_eq!(members[0].scale_sets.get("rv-linux"), Some(&3));
 }
+
+/// A scale set's request the set gave up on (`cancelled`, no runner took it) and assigned
+/// again under the same id is queued again, unheld, for any member to claim (rows move
+/// forward only otherwise: a webhook's job cancelled and queued again stays done).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scale_sets_request_given_up_and_assigned_again_is_queued_again() {
+    use runnervisor::model::scale_set_key;
+    let db = migrated("reassigned").await;
+    let intake = intake::FleetIntake::start(db.pool(1), None);
+    let set_event = |delivery: &str, action: JobAction| {
+        let mut e = event(delivery, 21, action);
+        e.job.labels = vec!["rv-linux".into()];
+        e.job.scale_set = Some("rv-linux".into());
+        e
+    };
+    intake.accept(set_event("scale-set-9-21-assigned-1", JobAction::Queued)).await.unwrap();
+    let a = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60));
+    assert_eq!(a.claim(vec![21]).await.unwrap().len(), 1);
+    let mut gave_up = set_event("scale-set-9-21-completed", JobAction::Completed);
+    gave_up.job.conclusion = Some("cancelled".into());
+    intake.accept(gave_up).await.unwrap();
+    intake.accept(set_event("scale-set-9-21-assigned-5", JobAction::Queued)).await.unwrap();
+    let b = PgClaims::new(db.pool(1), "hv-b".into(), Duration::from_secs(60));
+    let ready = ReadQuery { pools: vec![scale_set_key("rv-linux")], ready: 10, ..ReadQuery::default() };
+    let rows = b.read(ready).await.unwrap();
+    assert_eq!((ids(&rows), rows[0].action, rows[0].held_elsewhere), (vec![21], JobAction::Queued, None));
+    assert_eq!(b.claim(vec![21]).await.unwrap()[0].attempt, 2, "claimed again, by anyone");
+
+    // A webhook's job: done is done.
+    intake.accept(event("q22", 22, JobAction::Queued)).await.unwrap();
+    let mut cancelled = event("c22", 22, JobAction::Completed);
+    cancelled.job.conclusion = Some("cancelled".into());
+    intake.accept(cancelled).await.unwrap();
+    intake.accept(event("q22b", 22, JobAction::Queued)).await.unwrap();
+    let rows = b.read(query(&[22], &[], 0)).await.unwrap();
+    assert_eq!(rows[0].action, JobAction::Completed);
+}

@@ -114,7 +114,7 @@ pub trait Claims: Send + Sync + 'static {
     fn release(&self, jobs: Vec<(u64, u32)>) -> BoxFuture<'static, Result<(), FleetError>>;
     /// Holds (or takes, once its holder's lease ran out) the lead of `work` for a lease;
     /// whether this member leads it now.
-    fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>>;
+    fn lead(&self, work: &str) -> BoxFuture<'static, Result<bool, FleetError>>;
     /// Records this member's state; returns every member heard from in the last hour.
     fn heartbeat(&self, me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>>;
     /// The lead member shares the runner list it began reading from GitHub at `listed` (a
@@ -375,8 +375,9 @@ impl Claims for PgClaims {
         })
     }
 
-    fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>> {
+    fn lead(&self, work: &str) -> BoxFuture<'static, Result<bool, FleetError>> {
         let (pool, host, lease_ms) = (self.leases.clone(), self.host.clone(), self.lease.as_millis() as f64);
+        let work = work.to_string();
         Box::pin(async move {
             let rows = client(&pool)
                 .await?
@@ -522,8 +523,10 @@ pub struct MemoryBoard {
     /// job → (holder, lease until, attempts, queued)
     jobs: Mutex<HashMap<u64, (Option<String>, SystemTime, u32, bool)>>,
     /// work → (holder, until)
-    pub leads: Mutex<HashMap<&'static str, (String, SystemTime)>>,
-    members: Mutex<std::collections::BTreeMap<String, MemberInfo>>,
+    pub leads: Mutex<HashMap<String, (String, SystemTime)>>,
+    /// host → (its last heartbeat, when it was written: `None` for [`MemoryBoard::heard`]'s,
+    /// whose age is as given)
+    members: Mutex<std::collections::BTreeMap<String, (MemberInfo, Option<SystemTime>)>>,
     /// The shared runner list and when it was read.
     runner_list: Mutex<Option<(Vec<RunnerInfo>, SystemTime)>>,
     /// The job rows members read: job → (how far, the job, received).
@@ -538,7 +541,7 @@ pub struct MemoryBoard {
 impl MemoryBoard {
     /// A member's heartbeat, as if it had written it.
     pub fn heard(&self, member: MemberInfo) {
-        self.members.lock().expect("board").insert(member.host_id.clone(), member);
+        self.members.lock().expect("board").insert(member.host_id.clone(), (member, None));
     }
 
     /// The job is in the fleet's queue (or no longer queued).
@@ -552,11 +555,20 @@ impl MemoryBoard {
         use super::intake::rank;
         let mut rows = self.rows.lock().expect("board");
         let row = rows.entry(ev.job.id).or_insert((ev.action, ev.job.clone(), ev.received_at));
-        if rank(ev.action) > rank(row.0) {
+        // As the intake's statement: a scale set's request given up on and assigned again.
+        let again = rank(ev.action) == 0
+            && row.0 == JobAction::Completed
+            && row.1.runner_name.is_none()
+            && row.1.conclusion.as_deref() == Some("cancelled")
+            && ev.job.scale_set.is_some();
+        if rank(ev.action) > rank(row.0) || again {
             (row.0, row.1) = (ev.action, ev.job.clone());
         }
         let queued = rank(row.0) == 0;
         drop(rows);
+        if again && let Some(j) = self.jobs.lock().expect("board").get_mut(&ev.job.id) {
+            j.0 = None;
+        }
         self.set_queued(ev.job.id, queued);
     }
 
@@ -651,19 +663,26 @@ impl Claims for MemoryClaims {
     }
 
     fn heartbeat(&self, mut me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>> {
+        let now = self.clock.now();
         let mut members = self.board.members.lock().expect("board");
-        me.number = members.get(&me.host_id).and_then(|m| m.number).or_else(|| {
-            let taken: BTreeSet<u32> = members.values().filter_map(|m| m.number).collect();
+        me.number = members.get(&me.host_id).and_then(|(m, _)| m.number).or_else(|| {
+            let taken: BTreeSet<u32> = members.values().filter_map(|(m, _)| m.number).collect();
             (0..1000).find(|n| !taken.contains(n))
         });
-        members.insert(me.host_id.clone(), me);
-        Box::pin(std::future::ready(Ok(members.values().cloned().collect())))
+        members.insert(me.host_id.clone(), (me, Some(now)));
+        // Aged as the database ages them (`now() - seen_at`).
+        let age = |m: &MemberInfo, seen: &Option<SystemTime>| match seen {
+            Some(t) => now.duration_since(*t).unwrap_or_default().as_secs(),
+            None => m.seen_secs_ago,
+        };
+        let list = members.values().map(|(m, seen)| MemberInfo { seen_secs_ago: age(m, seen), ..m.clone() }).collect();
+        Box::pin(std::future::ready(Ok(list)))
     }
 
-    fn lead(&self, work: &'static str) -> BoxFuture<'static, Result<bool, FleetError>> {
+    fn lead(&self, work: &str) -> BoxFuture<'static, Result<bool, FleetError>> {
         let now = self.clock.now();
         let mut leads = self.board.leads.lock().expect("board");
-        let lead = leads.entry(work).or_insert((self.host.clone(), SystemTime::UNIX_EPOCH));
+        let lead = leads.entry(work.to_string()).or_insert((self.host.clone(), SystemTime::UNIX_EPOCH));
         let mine = lead.0 == self.host || lead.1 < now;
         if mine {
             *lead = (self.host.clone(), now + self.lease);

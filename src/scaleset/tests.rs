@@ -312,7 +312,7 @@ async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
     assert_eq!(ev.job.scale_set.as_deref(), Some("rv-linux"));
     assert!(!open(&reg_b) && store_b.inbox(0, 10).unwrap().is_empty(), "one session: the lead's");
     // The lead passes to host-b (host-a's renewal is refused from now on).
-    board.leads.lock().unwrap().insert(SCALE_SET_WORK, ("host-b".into(), SystemTime::now() + lease));
+    board.leads.lock().unwrap().insert(lead_work("rv-linux"), ("host-b".into(), SystemTime::now() + lease));
     for _ in 0..200 {
         if open(&reg_b) {
             break;
@@ -325,4 +325,178 @@ async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
     stop.cancel();
     running_a.await.unwrap();
     running_b.await.unwrap();
+}
+
+/// The fleet's database answers no more (a member cut off from it): the lead cannot be
+/// renewed, so the member lets the set's session go within the lease, before another
+/// member could take the lead; and while it cannot ask, it does not take it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_that_cannot_be_renewed_lets_the_session_go_within_its_lease() {
+    use crate::fleet::claims::{MemoryBoard, MemoryClaims};
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let client = client(&sim);
+    let lease = Duration::from_secs(3);
+    let claims = MemoryClaims {
+        board: Arc::new(MemoryBoard::default()),
+        host: "host-a".into(),
+        lease,
+        clock: Arc::new(crate::clock::SystemClock),
+    };
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = Arc::new(CutOff { claims, down: down.clone() });
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    registry.set_capacity("linux", 1);
+    let listener =
+        Listener { lead: Some(Lead { claims: flaky, lease }), ..listener(client.clone(), registry.clone(), &store) };
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(listener.run(stop.clone()));
+    let open = || registry.status("linux", "rv-linux").session;
+    for _ in 0..100 {
+        if open() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(open(), "it leads and holds the session");
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cut = std::time::Instant::now();
+    while open() {
+        assert!(cut.elapsed() < lease, "the session is still held a lease after the database went away");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let go for good (deleted: another client opens one at once), and not taken again.
+    let set = registry.set_id("linux").unwrap();
+    let other = client.create_session(set, "host-b").await.expect("the session was deleted");
+    tokio::time::sleep(lease).await;
+    assert!(!open());
+    client.delete_session(set, &other.id).await.unwrap();
+    stop.cancel();
+    running.await.unwrap();
+}
+
+/// Two members serving different sets: each leads its own (a lead per set), so each set has
+/// its session although neither member serves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_set_has_a_lead_of_its_own() {
+    use crate::fleet::claims::{MemoryBoard, MemoryClaims};
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let client = client(&sim);
+    let board = Arc::new(MemoryBoard::default());
+    let lease = Duration::from_secs(3);
+    let dir = crate::test_support::tempdir();
+    let member = |host: &str, set: &str| {
+        let store = Arc::new(Store::open(&dir.join(host)).unwrap());
+        let registry = Arc::new(Registry::default());
+        let claims =
+            MemoryClaims { board: board.clone(), host: host.into(), lease, clock: Arc::new(crate::clock::SystemClock) };
+        let listener = Listener {
+            owner: host.into(),
+            spec: ScaleSetSpec { name: set.into(), labels: vec![], runner_group: "default".into() },
+            lead: Some(Lead { claims: Arc::new(claims), lease }),
+            ..listener(client.clone(), registry.clone(), &store)
+        };
+        (registry, listener)
+    };
+    let (reg_a, a) = member("host-a", "rv-linux");
+    let (reg_b, b) = member("host-b", "rv-gpu");
+    let stop = CancellationToken::new();
+    let running = [tokio::spawn(a.run(stop.clone())), tokio::spawn(b.run(stop.clone()))];
+    let open = |r: &Registry| r.status("linux", "-").session;
+    for _ in 0..100 {
+        if open(&reg_a) && open(&reg_b) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(open(&reg_a) && open(&reg_b), "both sets' sessions held");
+    assert_ne!(reg_a.set_id("linux"), reg_b.set_id("linux"));
+    stop.cancel();
+    for r in running {
+        r.await.unwrap();
+    }
+}
+
+/// Claims whose database goes away on demand (`down`): the lead cannot be asked for.
+struct CutOff {
+    claims: crate::fleet::claims::MemoryClaims,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::fleet::claims::Claims for CutOff {
+    fn read(
+        &self,
+        q: crate::fleet::claims::ReadQuery,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<crate::fleet::claims::JobRow>, crate::fleet::FleetError>>
+    {
+        self.claims.read(q)
+    }
+    fn claim(
+        &self,
+        jobs: Vec<u64>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<crate::fleet::claims::Claimed>, crate::fleet::FleetError>>
+    {
+        self.claims.claim(jobs)
+    }
+    fn renew(
+        &self,
+        jobs: Vec<(u64, u32)>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<(u64, u32)>, crate::fleet::FleetError>> {
+        self.claims.renew(jobs)
+    }
+    fn release(
+        &self,
+        jobs: Vec<(u64, u32)>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), crate::fleet::FleetError>> {
+        self.claims.release(jobs)
+    }
+    fn lead(&self, work: &str) -> futures_util::future::BoxFuture<'static, Result<bool, crate::fleet::FleetError>> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(std::future::ready(Err(crate::fleet::FleetError::Pool("the database is away".into()))));
+        }
+        self.claims.lead(work)
+    }
+    fn heartbeat(
+        &self,
+        me: crate::fleet::claims::MemberInfo,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<crate::fleet::claims::MemberInfo>, crate::fleet::FleetError>>
+    {
+        self.claims.heartbeat(me)
+    }
+    fn publish_runners(
+        &self,
+        runners: Vec<crate::github::RunnerInfo>,
+        listed: tokio::time::Instant,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, crate::fleet::FleetError>> {
+        self.claims.publish_runners(runners, listed)
+    }
+    fn runners(
+        &self,
+    ) -> futures_util::future::BoxFuture<
+        'static,
+        Result<Option<(Vec<crate::github::RunnerInfo>, Duration)>, crate::fleet::FleetError>,
+    > {
+        self.claims.runners()
+    }
+    fn prune(
+        &self,
+    ) -> futures_util::future::BoxFuture<'static, Result<crate::fleet::claims::Pruned, crate::fleet::FleetError>> {
+        self.claims.prune()
+    }
+    fn deliveries_checked(
+        &self,
+    ) -> futures_util::future::BoxFuture<'static, Result<Option<SystemTime>, crate::fleet::FleetError>> {
+        self.claims.deliveries_checked()
+    }
+    fn check_deliveries(
+        &self,
+        until: SystemTime,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), crate::fleet::FleetError>> {
+        self.claims.check_deliveries(until)
+    }
 }

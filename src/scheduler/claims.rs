@@ -302,7 +302,8 @@ impl Fleet {
     }
 }
 
-/// Per scale set this member serves, the jobs its pool could run at once now.
+/// Per scale set this member serves (its name lowercased: GitHub's names are
+/// case-insensitive), the jobs its pool could run at once now.
 fn own_scale_set_capacity(
     config: &crate::config::Config,
     registry: Option<&crate::scaleset::Registry>,
@@ -311,7 +312,9 @@ fn own_scale_set_capacity(
     config
         .pools
         .iter()
-        .filter_map(|p| Some((p.scale_set()?.to_string(), registry.own_capacity(&p.name).min(u32::MAX as u64) as u32)))
+        .filter_map(|p| {
+            Some((p.scale_set()?.to_lowercase(), registry.own_capacity(&p.name).min(u32::MAX as u64) as u32))
+        })
         .collect()
 }
 
@@ -543,7 +546,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 debug!(job_id = row.id, "a fleet job row this agent cannot read; skipped");
                 continue;
             };
-            news |= super::job::next(known.map(|j| &j.state), row.action, &info, false).is_some();
+            news |= super::job::next(known.map(|j| &j.state), row.action, &info, info.scale_set.is_some()).is_some();
             let delivery = format!("fleet-{}-{}", row.id, crate::fleet::intake::state_name(row.action));
             self.apply(JobEvent { delivery, action: row.action, job: info, received_at: row.received_at });
         }
@@ -706,20 +709,23 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn on_heartbeat(&mut self, result: Result<Vec<MemberInfo>, FleetError>, database: Vec<Ipv4Addr>) {
         let Some(fleet) = self.fleet.as_mut() else { return };
         fleet.heartbeat_pending = false;
+        let heard = result.is_ok();
         match result {
             Ok(members) => fleet.members = members,
             Err(e) => warn!(error = %e, "cannot write this member's heartbeat to the fleet's database"),
         }
         // What the other members' pools of each scale set could run (those heard from
-        // within a lease): the set's session announces it with this member's.
+        // within a lease): the set's session announces it with this member's. Without a
+        // fresh reading, none: the others may be gone (fewer jobs assigned, not more than
+        // the fleet can run).
         if let Some(registry) = &self.scale_sets {
             for pool in self.config.pools.iter() {
-                let Some(set) = pool.scale_set() else { continue };
+                let Some(set) = pool.scale_set().map(str::to_lowercase) else { continue };
                 let others: u64 = fleet
                     .members
                     .iter()
-                    .filter(|m| m.host_id != fleet.host && Duration::from_secs(m.seen_secs_ago) < fleet.lease)
-                    .filter_map(|m| m.scale_sets.get(set))
+                    .filter(|m| heard && m.host_id != fleet.host && Duration::from_secs(m.seen_secs_ago) < fleet.lease)
+                    .filter_map(|m| m.scale_sets.get(&set))
                     .map(|c| u64::from(*c))
                     .sum();
                 registry.set_others(&pool.name, others);

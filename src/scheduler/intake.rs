@@ -66,7 +66,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Indexes the installed config's pools by label set (at start and after a reload),
     /// so that matching a job does not recompute every pool's set.
     pub(super) fn index_pools(&mut self) {
-        // A scale set's jobs are those GitHub assigns to it (its listener names the pool):
+        // A scale set's jobs are those GitHub assigns to it (its listener names the set):
         // a webhook about one (the hook hears of every job) matches no pool.
         self.intake.pools_by_labels = self
             .config
@@ -86,9 +86,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// one whose labels are exactly the job's.
     pub(super) fn pool_for(&self, ev: &JobEvent) -> Option<String> {
         match &ev.job.scale_set {
-            Some(set) => {
-                self.config.pools.iter().find(|c| !c.retiring && c.scale_set() == Some(set)).map(|c| c.name.clone())
-            }
+            Some(set) => self
+                .config
+                .pools
+                .iter()
+                .find(|c| !c.retiring && c.scale_set().is_some_and(|s| s.eq_ignore_ascii_case(set)))
+                .map(|c| c.name.clone()),
             None => self.match_pool(&ev.job.labels),
         }
     }

@@ -122,7 +122,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
             // A scale set's jobs are its requests, which the REST API does not know: their
             // news comes from the set's messages, which wait until acknowledged.
-            .filter(|j| j.pool.as_deref().and_then(|p| self.config.pool(p)).is_none_or(|p| p.scale_set().is_none()))
+            .filter(|j| j.info.scale_set.is_none())
             .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
             .collect();
         // The longest without news first; each refreshed job counts as news (below).

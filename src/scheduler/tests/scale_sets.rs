@@ -182,6 +182,30 @@ async fn in_a_fleet_a_sets_job_is_served_once_and_the_sets_capacity_is_the_fleet
     assert_eq!(made.len(), 1, "its runner from the set: {made:?}");
     let calls = gh.lock().calls.clone();
     assert!(!calls.iter().any(|c| c == "jit" || c == "job"), "{calls:?}");
-    a.shutdown().await;
-    b.shutdown().await;
+
+    // Its member goes away, the VM still booting: once its claim's lease runs out the other
+    // takes the set's job over under the next attempt's name, asking the REST API nothing
+    // (it does not know requests).
+    let (gone, stays, host) = if served(&sa) == 1 { (a, b, "hv-a") } else { (b, a, "hv-b") };
+    gone.shutdown().await;
+    board.expire(host);
+    let vm = |s: &Status, name: &str| s.vms.iter().any(|v| v.name == name);
+    let second = "rv-small-7000000001-2";
+    stays.wait_for("the set's job taken over", LEASE * 2, |s, _| vm(s, second)).await;
+    let calls = gh.lock().calls.clone();
+    assert!(!calls.iter().any(|c| c == "job"), "{calls:?}");
+
+    // The set gives the request up (no runner took it) and assigns it again under its id:
+    // queued again in the fleet's queue, and served again.
+    let mut gave_up = JobInfo { scale_set: Some("small".into()), ..info(7_000_000_001, &["small"], None) };
+    gave_up.conclusion = Some("cancelled".into());
+    let at = stays.clock.now();
+    let ev =
+        |delivery: &str, action, job: JobInfo| JobEvent { delivery: delivery.into(), action, job, received_at: at };
+    board.write(&ev("scale-set-1-7000000001-completed", JobAction::Completed, gave_up));
+    stays.wait_for("its VM gone with it", LEASE, |s, _| !vm(s, second)).await;
+    let again = JobInfo { scale_set: Some("small".into()), ..info(7_000_000_001, &["small"], None) };
+    board.write(&ev("scale-set-1-7000000001-assigned-9", JobAction::Queued, again));
+    stays.wait_for("served again", LEASE, |s, _| vm(s, "rv-small-7000000001-3")).await;
+    stays.shutdown().await;
 }
