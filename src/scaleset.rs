@@ -53,6 +53,9 @@ const GIVE_UP: u32 = 5;
 /// The shortest time between two polls that brought nothing.
 const MIN_POLL: Duration = Duration::from_secs(1);
 
+/// How long a session create in flight is given to answer once the listener stops.
+const CREATE_GRACE: Duration = Duration::from_secs(5);
+
 /// The longest wait between two attempts (to find the set, open its session, poll).
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -266,9 +269,13 @@ pub fn events(set: &str, set_id: u64, m: &Message, now: std::time::SystemTime) -
             // Each happens once per request: the same id however the service groups its
             // job messages into messages when it sends them again. But an assignment: GitHub
             // may assign a request it gave up on again (its message is a new one).
-            let delivery = match kind {
-                "assigned" => format!("scale-set-{set_id}-{}-{kind}-{}", job.id, m.id),
-                _ => format!("scale-set-{set_id}-{}-{kind}", job.id),
+            // And a give-up (`cancelled`, no runner): a request may be given up on again after
+            // it was assigned again.
+            let again = kind == "assigned"
+                || (kind == "completed" && job.runner_name.is_none() && job.conclusion.as_deref() == Some("cancelled"));
+            let delivery = match again {
+                true => format!("scale-set-{set_id}-{}-{kind}-{}", job.id, m.id),
+                false => format!("scale-set-{set_id}-{}-{kind}", job.id),
             };
             Some(JobEvent { delivery, action, job, received_at: now })
         })
@@ -374,10 +381,18 @@ impl<S: ScaleSets> Listener<S> {
                 if shutdown.is_cancelled() {
                     return;
                 }
-                // Not cancelled midway (bounded by the client's timeout): a session the
-                // service made for a request cut short would hold the set (409 to the next
-                // holder) until it let it go. One made after all is deleted.
-                let opened = self.client.create_session(set_id, &self.owner).await;
+                // Not cut short at once: a session the service made for a request dropped
+                // midway would hold the set (409 to the next holder) until it let it go. Given
+                // a few seconds (within `Agent::finish`'s wait), one made after all is deleted.
+                let create = self.client.create_session(set_id, &self.owner);
+                tokio::pin!(create);
+                let opened = tokio::select! {
+                    r = &mut create => r,
+                    _ = shutdown.cancelled() => match tokio::time::timeout(CREATE_GRACE, &mut create).await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    },
+                };
                 if shutdown.is_cancelled() {
                     if let Ok(s) = &opened
                         && let Err(e) = self.client.delete_session(set_id, &s.id).await
@@ -514,6 +529,11 @@ impl<S: ScaleSets> Listener<S> {
                 *failures = 0;
                 refreshed = false;
                 self.registry.session(&self.pool, true);
+                // A JIT config answered 404 meanwhile (a proxy's, or a passing fault): the
+                // set the session polls is there.
+                if self.registry.set_id(&self.pool).is_none() {
+                    self.registry.found(&self.pool, set_id);
+                }
                 continue;
             };
             self.registry.session(&self.pool, false);

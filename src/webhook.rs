@@ -404,7 +404,6 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
 mod tests {
     use super::*;
 
-    /// GitHub's published example for validating deliveries.
     #[test]
     fn a_job_a_scale_set_takes_is_left_to_its_messages_unless_a_runner_is_named() {
         let config = crate::config::Config::parse(
@@ -432,6 +431,7 @@ mod tests {
         }
     }
 
+    /// GitHub's published example for validating deliveries.
     #[test]
     fn githubs_test_vector_verifies() {
         let secret = b"It's a Secret to Everybody";

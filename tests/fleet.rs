@@ -963,6 +963,16 @@ async fn a_scale_sets_request_given_up_and_assigned_again_is_queued_again() {
     assert_eq!((ids(&rows), rows[0].action, rows[0].held_elsewhere), (vec![21], JobAction::Queued, None));
     assert_eq!(b.claim(vec![21]).await.unwrap()[0].attempt, 2, "claimed again, by anyone");
 
+    // A set's request done by a runner (or given up on with a runner named): done is done.
+    let mut ran = set_event("scale-set-9-23-completed", JobAction::Completed);
+    ran.job.id = 23;
+    (ran.job.conclusion, ran.job.runner_name) = (Some("success".into()), Some("rv-linux-23".into()));
+    intake.accept(ran).await.unwrap();
+    let mut assigned = set_event("scale-set-9-23-assigned-7", JobAction::Queued);
+    assigned.job.id = 23;
+    intake.accept(assigned).await.unwrap();
+    assert_eq!(b.read(query(&[23], &[], 0)).await.unwrap()[0].action, JobAction::Completed);
+
     // A webhook's job: done is done.
     intake.accept(event("q22", 22, JobAction::Queued)).await.unwrap();
     let mut cancelled = event("c22", 22, JobAction::Completed);

@@ -246,6 +246,8 @@ fn a_pool_may_be_a_runner_scale_set() {
     let c = Config::parse(&format!("{MINIMAL}\nintake = \"scale_set\"\nscale_set_name = \"rv-linux\"\n")).unwrap();
     assert_eq!(c.pools[0].scale_set(), Some("rv-linux"));
     assert_eq!(Config::parse(MINIMAL).unwrap().pools[0].scale_set(), None, "webhooks by default");
+    let e = err(&format!("{MINIMAL}\nintake = \"scale_set\"\nscale_set_name = \"été\"\n"));
+    assert!(e.contains("pool[0].scale_set_name") && e.contains("ASCII"), "{e}");
     let e = err(&format!("{MINIMAL}\nscale_set_name = \"rv\"\n"));
     assert!(e.contains("pool[0].scale_set_name") && e.contains("intake"), "{e}");
     let e = err(&format!("{MINIMAL}\nintake = \"scale_set\"\nregistration = \"token\"\n"));

@@ -256,11 +256,18 @@ impl Config {
                         ),
                     ));
                 }
-                if set.is_empty() || set.len() > 100 || set.trim() != set || set.contains(',') {
+                // ASCII: set names are compared case-insensitively here, in PostgreSQL and at
+                // GitHub, and only ASCII folds the same everywhere.
+                if set.is_empty()
+                    || set.len() > 100
+                    || set.trim() != set
+                    || set.contains(',')
+                    || !set.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+                {
                     return Err(invalid(
                         key("scale_set_name"),
                         set,
-                        "1 to 100 characters, no commas or surrounding spaces",
+                        "1 to 100 printable ASCII characters, no commas or surrounding spaces",
                     ));
                 }
                 if p.registration != Registration::Jit {

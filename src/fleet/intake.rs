@@ -262,7 +262,8 @@ WITH input AS (
   ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info,
     runner_name = EXCLUDED.runner_name, updated_at = now(),
     holder = CASE WHEN EXCLUDED.rank = 0 THEN NULL ELSE j.holder END,
-    lease_until = CASE WHEN EXCLUDED.rank = 0 THEN NULL ELSE j.lease_until END
+    lease_until = CASE WHEN EXCLUDED.rank = 0 THEN NULL ELSE j.lease_until END,
+    received_at = CASE WHEN EXCLUDED.rank = 0 THEN EXCLUDED.received_at ELSE j.received_at END
   WHERE j.rank < EXCLUDED.rank
     OR (EXCLUDED.rank = 0 AND j.state = 'completed' AND j.runner_name IS NULL
         AND j.info->>'conclusion' = 'cancelled' AND EXCLUDED.info ? 'scale_set')

@@ -201,7 +201,14 @@ fn a_messages_jobs_become_the_pools_inbox_events() {
         [
             ("scale-set-7-2-assigned-41".to_string(), JobAction::Queued, 2, None, None, linux.clone()),
             ("scale-set-7-3-started".into(), JobAction::InProgress, 3, Some("rv-linux-3".into()), None, linux.clone()),
-            ("scale-set-7-4-completed".into(), JobAction::Completed, 4, None, Some("cancelled".into()), linux.clone()),
+            (
+                "scale-set-7-4-completed-41".into(),
+                JobAction::Completed,
+                4,
+                None,
+                Some("cancelled".into()),
+                linux.clone()
+            ),
             (
                 "scale-set-7-5-completed".into(),
                 JobAction::Completed,
@@ -337,7 +344,7 @@ async fn a_lead_that_cannot_be_renewed_lets_the_session_go_within_its_lease() {
     config.message_poll_window = Duration::from_millis(300);
     let sim = github_sim::SimHandle::start(config).await.unwrap();
     let client = client(&sim);
-    let lease = Duration::from_secs(3);
+    let lease = Duration::from_secs(5);
     let claims = MemoryClaims {
         board: Arc::new(MemoryBoard::default()),
         host: "host-a".into(),
@@ -368,12 +375,13 @@ async fn a_lead_that_cannot_be_renewed_lets_the_session_go_within_its_lease() {
         assert!(cut.elapsed() < lease, "the session is still held a lease after the database went away");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Let go for good (deleted: another client opens one at once), and not taken again.
+    // Let go for good (deleted: another client opens one at once), and not taken again
+    // while the lead cannot be asked for (the set free to take meanwhile).
     let set = registry.set_id("linux").unwrap();
     let other = client.create_session(set, "host-b").await.expect("the session was deleted");
-    tokio::time::sleep(lease).await;
-    assert!(!open());
     client.delete_session(set, &other.id).await.unwrap();
+    tokio::time::sleep(lease).await;
+    assert!(!open(), "not taken again without the lead");
     stop.cancel();
     running.await.unwrap();
 }
