@@ -99,6 +99,8 @@ pub struct FakeState {
     /// Most VMs running at once, ever.
     pub peak_running: usize,
     pub started_total: usize,
+    /// Of those, warm VMs' (their metadata says so).
+    pub warm_started: usize,
     /// Metadata read from each domain XML `list_vms` saw (by the XML: a domain's changes
     /// with it), so that a listing does not parse every domain again (the simulator lists
     /// often).
@@ -290,6 +292,9 @@ impl Hypervisor for FakeHypervisor {
         s.domains.insert(name.to_string(), (DomainState::Running, xml.to_string()));
         s.took_command.remove(name);
         s.started_total += 1;
+        if domain_xml::metadata_of_domain(&xml).is_some_and(|m| m.warm) {
+            s.warm_started += 1;
+        }
         let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
         s.peak_running = s.peak_running.max(running);
         Ok(())

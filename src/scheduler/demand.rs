@@ -154,6 +154,13 @@ pub fn plan(
     let restorable = if gate.hold { 0 } else { limits.slots_free.min(places).min(gate.host_room) };
     let reserved = warming.min(may_wait - restorable.min(may_wait));
     let spare_warm = spare_waiting + warming - reserved;
+    // A new warm VM is made only for jobs a warm VM could be bound to once it waits: within
+    // their repository's room (`max_vms_per_repository`). One made in place of a warming VM
+    // reserved for a job its repository's cap holds back was bound to nothing, and reaped
+    // as surplus when it waited; then made again, and again (found by the simulator).
+    let bindable = pick(&queue(false), &covered, &by_repo, room(deficit)).len();
+    let reserved_bindable = reserved.min(bindable.saturating_sub(restorable.min(bindable)));
+    let spare_for_making = spare_waiting + warming - reserved_bindable;
     if spare_warm > limits.warm {
         // `warm` was lowered: the newest waiting ones go.
         decision.unwarm =
@@ -166,7 +173,8 @@ pub fn plan(
         Room { pool: (deficit - reserved).min(places), host: gate.host_room, per_repository: limits.per_repository };
     decision.provision = pick(&queue(true), &covered, &by_repo, cold_room);
     let made = decision.provision.len();
-    decision.warm = limits.warm.saturating_sub(spare_warm).min(places - made).min(gate.host_room.saturating_sub(made));
+    decision.warm =
+        limits.warm.saturating_sub(spare_for_making).min(places - made).min(gate.host_room.saturating_sub(made));
     let made = made + decision.warm;
     decision.slots = limits.slots_missing.min(places - made).min(gate.host_room.saturating_sub(made));
     decision
@@ -351,6 +359,11 @@ mod tests {
                    jobs: vec![q(1)],
                    vms: vec![w("rv-p-w0", Waiting, 0), w("rv-p-w1", Warming, 1), VmRec { repository: "o/r".into(), ..v("rv-p-9", 9, Busy, 0) }],
                    cold_only: vec![], limits: Limits { warm: 1, per_repository: Some(1), slots_free: 1, ..limits }, gate: open,
+                   bind: vec![], provision: vec![], warm: 0, unwarm: vec![] },
+            Case { what: "a job its repository's cap holds back gets no warm VM made for it (one made was reaped when it waited, again and again)",
+                   jobs: vec![q(1)],
+                   vms: vec![w("rv-p-w1", Warming, 1), VmRec { repository: "o/r".into(), ..v("rv-p-9", 9, Busy, 0) }],
+                   cold_only: vec![], limits: Limits { warm: 1, per_repository: Some(1), max_vms: 4, ..limits }, gate: open,
                    bind: vec![], provision: vec![], warm: 0, unwarm: vec![] },
         ];
         for c in cases {

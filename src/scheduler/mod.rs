@@ -459,24 +459,39 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let vms: Vec<_> = self.book.vms_of(&pool.name).collect();
             let since = &self.lifecycle.surplus_since;
             // The host's room goes to jobs before spares: while the host is full and
-            // another pool has jobs waiting, this pool keeps no warm VM and makes no slot
-            // (a warm VM of one pool held the only place of `capacity.max_vms` for good
-            // while another pool's jobs queued: found by the simulator).
+            // another pool has jobs waiting that it could start (below its own `max_vms`),
+            // this pool keeps no warm VM and makes no slot (a warm VM of one pool held the
+            // only place of `capacity.max_vms` for good while another pool's jobs queued:
+            // found by the simulator). Jobs their pool cannot start are no reason: the warm
+            // VM given up for them was made again once its place was free, and reaped again
+            // when it waited, every few seconds (found in a profile of the simulator).
             let others_waiting: usize = match self.config.capacity.max_vms {
                 Some(_) => self
                     .book
                     .unserved_counts()
                     .into_iter()
-                    .filter(|(p, _)| *p != pool.name && self.config.pool(p).is_some())
-                    .map(|(_, n)| n)
+                    .filter(|(p, _)| *p != pool.name)
+                    .filter_map(|(p, n)| {
+                        let other = self.config.pool(p)?;
+                        Some(n.min(other.max_vms.saturating_sub(self.book.vms_of(p).count())))
+                    })
                     .sum(),
                 None => 0,
             };
+            // A spare is made only with a place left beyond those jobs' (`>`); one already
+            // there is kept while they have their places without its (`>=`).
             let spares = others_waiting == 0 || host_room > others_waiting;
+            let warm = match spares {
+                true => pool.warm,
+                false if host_room >= others_waiting => {
+                    pool.warm.min(vms.iter().filter(|v| v.is_unbound_warm() && v.reap.is_none()).count())
+                }
+                false => 0,
+            };
             let limits = demand::Limits {
                 slots_missing: if spares { self.slots_missing(pool) } else { 0 },
                 slots_free: self.free_slots(&pool.name).len(),
-                warm: if spares { pool.warm } else { 0 },
+                warm,
                 ..demand::Limits::of(pool)
             };
             let decision = demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now);

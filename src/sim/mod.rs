@@ -1537,8 +1537,32 @@ impl Sim {
         Ok(())
     }
 
+    /// Warm VMs made: each serves a job, or replaces one a fault, a restart or a reload took,
+    /// or one recycled for its age (`warm_max_age`, drawn 10 minutes or more). A pool that
+    /// makes a warm VM and reaps it again and again (churn: every boot costs a host a
+    /// minute of CPU) makes far more than that.
+    fn check_warm_churn(&self) -> Result<(), String> {
+        let warm_made = self.fake.lock().warm_started;
+        // At most 3 pools of up to 2 warm VMs each.
+        let warm = 6;
+        let ages = (self.t.as_secs() / 600) as usize;
+        let budget = self.jobs as usize + warm * (self.faults as usize + ages + 4);
+        if warm_made > budget {
+            return Err(format!(
+                "warm VMs churn: {warm_made} made for {} jobs, {} faults in {} (at most {budget})",
+                self.jobs,
+                self.faults,
+                secs(self.t)
+            ));
+        }
+        Ok(())
+    }
+
     /// At rest: the metrics say what the status says, and the store reloads to the book.
     fn check_at_rest(&mut self) {
+        if let Err(why) = self.check_warm_churn() {
+            return self.violate(why);
+        }
         let Some(status) = self.status() else { return self.violate("no status at rest".into()) };
         let rendered = self.inc.as_ref().map(|i| i.metrics.render()).unwrap_or_default();
         for p in &self.config.pools {
