@@ -459,23 +459,37 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let vms: Vec<_> = self.book.vms_of(&pool.name).collect();
             let since = &self.lifecycle.surplus_since;
             // The host's room goes to jobs before spares: while the host is full and
-            // another pool has jobs waiting that it could start (below its own `max_vms`),
+            // another pool has jobs waiting that need a new place (below its own `max_vms`),
             // this pool keeps no warm VM and makes no slot (a warm VM of one pool held the
             // only place of `capacity.max_vms` for good while another pool's jobs queued:
-            // found by the simulator). Jobs their pool cannot start are no reason: the warm
-            // VM given up for them was made again once its place was free, and reaped again
+            // found by the simulator). Jobs needing none are no reason: the warm VM given up
+            // for them (their pool at its `max_vms`, a runner of theirs on its way, another
+            // member holding them) was made again once its place was free, and reaped again
             // when it waited, every few seconds (found in a profile of the simulator).
             let others_waiting: usize = match self.config.capacity.max_vms {
-                Some(_) => self
-                    .book
-                    .unserved_counts()
-                    .into_iter()
-                    .filter(|(p, _)| *p != pool.name)
-                    .filter_map(|(p, n)| {
-                        let other = self.config.pool(p)?;
-                        Some(n.min(other.max_vms.saturating_sub(self.book.vms_of(p).count())))
-                    })
-                    .sum(),
+                Some(_) => {
+                    let mut waiting: BTreeMap<&str, usize> = BTreeMap::new();
+                    for j in self.book.all_unserved() {
+                        let Some(p) = j.pool.as_deref().filter(|p| *p != pool.name) else { continue };
+                        if self.fleet.as_ref().is_some_and(|f| f.elsewhere(j.info.id, now)) {
+                            continue;
+                        }
+                        *waiting.entry(p).or_default() += 1;
+                    }
+                    waiting
+                        .into_iter()
+                        .filter_map(|(p, n)| {
+                            let other = self.config.pool(p)?;
+                            let theirs: Vec<_> = self.book.vms_of(p).collect();
+                            // Runners on their way: VMs made for jobs, and unbound warm VMs.
+                            let coming = theirs
+                                .iter()
+                                .filter(|v| v.reap.is_none() && (v.is_available() || v.is_unbound_warm()))
+                                .count();
+                            Some(n.saturating_sub(coming).min(other.max_vms.saturating_sub(theirs.len())))
+                        })
+                        .sum()
+                }
                 None => 0,
             };
             // A spare is made only with a place left beyond those jobs' (`>`); one already
@@ -494,7 +508,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 warm,
                 ..demand::Limits::of(pool)
             };
-            let decision = demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now);
+            let mut decision = demand::plan(limits, &unserved, &vms, since, &self.warm.cold_only, gate, now);
+            if !spares {
+                // Kept, not made: one bound now is not replaced while other pools' jobs need
+                // the host's room.
+                decision.warm = 0;
+            }
             if let Some(fleet) = self.fleet.as_mut() {
                 fleet.note_room(pool, &vms, &decision, gate);
             }

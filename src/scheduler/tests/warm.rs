@@ -385,3 +385,58 @@ async fn a_warm_vm_keeps_its_place_from_a_job_its_pool_cannot_start() {
     assert!(!h.metrics.render().contains("reason=\"warm_surplus\""), "{}", h.metrics.render());
     h.shutdown().await;
 }
+
+/// Nor to a job whose runner is on its way (its pool below its `max_vms`): once big's VM
+/// is made for its job, small keeps its warm VM beside it.
+#[tokio::test(start_paused = true)]
+async fn a_warm_vm_keeps_its_place_from_a_job_whose_runner_is_coming() {
+    let mut h = harness_tweaked(
+        "warm = 1",
+        |_| {},
+        |c| {
+            c.capacity.max_vms = Some(2);
+            let mut other = c.pools[0].clone();
+            other.name = "big".into();
+            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
+            other.warm = 0;
+            other.max_vms = 2;
+            c.pools.push(other);
+        },
+    );
+    h.wait("small's warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    // Big's VM will boot for long (its runner not online yet): its job stays queued.
+    h.hv.lock().guests_booting = true;
+    h.deliver(JobAction::Queued, info(21, &["self-hosted", "linux", "big"], None));
+    h.wait("big's job has a VM", |s, _| vm_for(s, 21).is_some()).await;
+    let s = h.advance_for(Duration::from_secs(30)).await;
+    assert_eq!(warm_vms(&s, "waiting").len(), 1, "{s:#?}");
+    assert!(!h.metrics.render().contains("reason=\"warm_surplus\""), "{}", h.metrics.render());
+    h.shutdown().await;
+}
+
+/// A warm VM bound to its pool's job is not replaced while another pool's job needs the
+/// host's last place: both jobs arrive together, each gets a runner, and no warm VM is
+/// made in that place (to be reaped as surplus when it waited).
+#[tokio::test(start_paused = true)]
+async fn a_bound_warm_vm_is_not_replaced_in_the_place_another_pools_job_needs() {
+    let mut h = harness_tweaked(
+        "warm = 1",
+        |_| {},
+        |c| {
+            c.capacity.max_vms = Some(2);
+            let mut other = c.pools[0].clone();
+            other.name = "big".into();
+            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
+            other.warm = 0;
+            c.pools.push(other);
+        },
+    );
+    h.wait("small's warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    h.deliver(JobAction::Queued, info(31, LABELS, None));
+    h.deliver(JobAction::Queued, info(41, &["self-hosted", "linux", "big"], None));
+    h.wait("both jobs have runners", |s, _| vm_for(s, 41).is_some() && s.vms.iter().any(|v| v.job_id == 31)).await;
+    let s = h.advance_for(Duration::from_secs(30)).await;
+    assert!(s.vms.len() <= 2, "{s:#?}");
+    assert!(!h.metrics.render().contains("reason=\"warm_surplus\""), "{}", h.metrics.render());
+    h.shutdown().await;
+}
