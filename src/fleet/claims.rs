@@ -535,10 +535,20 @@ pub struct MemoryBoard {
     pub prunes: std::sync::atomic::AtomicU32,
     /// How far back the lead has handled the delivery log.
     pub deliveries_checked: Mutex<Option<SystemTime>>,
+    /// The leases' connection is away (`Member::leases`): leads and renewals fail.
+    pub leases_away: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(test)]
 impl MemoryBoard {
+    /// The failure of a call on the leases' connection while it is away.
+    fn away<T: Send + 'static>(&self) -> Option<BoxFuture<'static, Result<T, FleetError>>> {
+        let away = self.leases_away.load(std::sync::atomic::Ordering::SeqCst);
+        away.then(|| -> BoxFuture<'static, Result<T, FleetError>> {
+            Box::pin(std::future::ready(Err(FleetError::Pool("the database is away".into()))))
+        })
+    }
+
     /// A member's heartbeat, as if it had written it.
     pub fn heard(&self, member: MemberInfo) {
         self.members.lock().expect("board").insert(member.host_id.clone(), (member, None));
@@ -680,6 +690,9 @@ impl Claims for MemoryClaims {
     }
 
     fn lead(&self, work: &str) -> BoxFuture<'static, Result<bool, FleetError>> {
+        if let Some(away) = self.board.away() {
+            return away;
+        }
         let now = self.clock.now();
         let mut leads = self.board.leads.lock().expect("board");
         let lead = leads.entry(work.to_string()).or_insert((self.host.clone(), SystemTime::UNIX_EPOCH));
@@ -708,6 +721,9 @@ impl Claims for MemoryClaims {
     }
 
     fn renew(&self, want: Vec<(u64, u32)>) -> BoxFuture<'static, Result<Vec<(u64, u32)>, FleetError>> {
+        if let Some(away) = self.board.away() {
+            return away;
+        }
         let now = self.clock.now();
         let mut jobs = self.board.jobs.lock().expect("board");
         let held = want

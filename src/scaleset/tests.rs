@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::fleet::claims::{MemoryBoard, MemoryClaims};
 use crate::github::http::HttpGitHub;
 use crate::github::scaleset::tests::{client_of, complete_job, take_job};
 use crate::github::scaleset::{HttpScaleSets, Statistics};
@@ -19,6 +20,32 @@ fn client(sim: &github_sim::SimHandle) -> Arc<Client> {
 
 async fn queue_job(sim: &github_sim::SimHandle, labels: &[&str]) -> u64 {
     crate::github::scaleset::tests::queue_job(sim, labels, 0.1).await
+}
+
+/// github-sim answering a long poll within 300 ms (so that the listener's turns come
+/// quickly), `tweak`ed.
+async fn sim_with(tweak: impl FnOnce(&mut github_sim::SimConfig)) -> github_sim::SimHandle {
+    let mut config = github_sim::SimConfig::new("pat", "secret");
+    config.message_poll_window = Duration::from_millis(300);
+    tweak(&mut config);
+    github_sim::SimHandle::start(config).await.unwrap()
+}
+
+/// Looks every 50 ms, `looks` times at most, until `f` holds (the caller asserts it).
+async fn eventually(looks: u32, f: impl Fn() -> bool) {
+    for _ in 0..looks {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `listener` as fleet member `host` on `board`, holding its session only while it leads.
+fn led(listener: Listener<Client>, board: &Arc<MemoryBoard>, host: &str, lease: Duration) -> Listener<Client> {
+    let clock = Arc::new(crate::clock::SystemClock);
+    let claims = MemoryClaims { board: board.clone(), host: host.into(), lease, clock };
+    Listener { owner: host.into(), lead: Some(Lead { claims: Arc::new(claims), lease }), ..listener }
 }
 
 /// The listener of pool `linux` (scale set `rv-linux`, owner `host-a`) writing `store`.
@@ -67,11 +94,11 @@ async fn wait_inbox(store: &Store, what: impl Fn(&JobEvent) -> bool) -> JobEvent
 /// once stopped, the listener lets its session go (the next one opens at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_set_serves_them() {
-    let mut config = github_sim::SimConfig::new("pat", "secret");
-    config.message_poll_window = Duration::from_millis(300);
-    // Expires while the test runs: the listener renews it and carries on.
-    config.queue_token_ttl = Duration::from_secs(1);
-    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let sim = sim_with(|config| {
+        // Expires while the test runs: the listener renews it and carries on.
+        config.queue_token_ttl = Duration::from_secs(1);
+    })
+    .await;
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
@@ -89,21 +116,11 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
     assert_eq!(first.job.repository, "octo-org/app");
     assert_eq!(first.job.labels, ["rv-linux"]);
     // Capacity 2: both are assigned to the set.
-    for _ in 0..200 {
-        if queued_jobs(&store) == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(200, || queued_jobs(&store) == 2).await;
     assert_eq!(queued_jobs(&store), 2);
     // GitHub's counts, as its messages say (the second assignment's message says both).
     let assigned = "runnervisor_scale_set_statistics{pool=\"linux\",kind=\"assigned\"} 2";
-    for _ in 0..100 {
-        if metrics.render().contains(assigned) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(100, || metrics.render().contains(assigned)).await;
     assert!(metrics.render().contains(assigned), "{}", metrics.render());
 
     // The runner provisioning makes, from the set.
@@ -121,12 +138,7 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
     // Long after the first queue token expired: still taking jobs.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     queue_job(&sim, &["rv-linux"]).await;
-    for _ in 0..200 {
-        if queued_jobs(&store) == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(200, || queued_jobs(&store) == 3).await;
     assert_eq!(queued_jobs(&store), 3, "after a renewal");
     // A pool the registry does not know has no set yet: provisioning is told so.
     assert!(runners.jit("other", "rv-other-1").await.unwrap_err().to_string().contains("not found or made yet"));
@@ -142,9 +154,7 @@ async fn the_jobs_assigned_to_a_scale_set_reach_the_inbox_and_a_runner_of_the_se
 /// again until the service lets it go, then takes the jobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_held_by_another_client_is_taken_once_it_is_let_go() {
-    let mut config = github_sim::SimConfig::new("pat", "secret");
-    config.message_poll_window = Duration::from_millis(300);
-    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let sim = sim_with(|_| {}).await;
     let client = client(&sim);
     let spec = ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() };
     let set = client.ensure(&spec).await.unwrap();
@@ -226,10 +236,10 @@ fn a_messages_jobs_become_the_pools_inbox_events() {
 /// again the job offered meanwhile is acquired when offered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_acquire_holds_up_no_other_news() {
-    let mut config = github_sim::SimConfig::new("pat", "secret");
-    config.message_poll_window = Duration::from_millis(300);
-    config.reassign_after = Duration::from_secs(2);
-    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let sim = sim_with(|config| {
+        config.reassign_after = Duration::from_secs(2);
+    })
+    .await;
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
@@ -254,12 +264,7 @@ async fn a_failing_acquire_holds_up_no_other_news() {
     assert_eq!(queued_jobs(&store), 1);
     // Acquiring works again: the second job, offered again, is the pool's.
     http.delete(format!("{}/_sim/faults", sim.url())).send().await.unwrap();
-    for _ in 0..200 {
-        if queued_jobs(&store) == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(200, || queued_jobs(&store) == 2).await;
     assert_eq!(queued_jobs(&store), 2);
     stop.cancel();
     running.await.unwrap();
@@ -271,10 +276,7 @@ async fn a_failing_acquire_holds_up_no_other_news() {
 /// and the second opens it and takes the jobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
-    use crate::fleet::claims::{MemoryBoard, MemoryClaims};
-    let mut config = github_sim::SimConfig::new("pat", "secret");
-    config.message_poll_window = Duration::from_millis(300);
-    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let sim = sim_with(|_| {}).await;
     let client = client(&sim);
     let board = Arc::new(MemoryBoard::default());
     let lease = Duration::from_secs(3);
@@ -284,13 +286,7 @@ async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
         let registry = Arc::new(Registry::default());
         // Room for both jobs (the first stays assigned: no runner takes it).
         registry.set_capacity("linux", 2);
-        let claims =
-            MemoryClaims { board: board.clone(), host: host.into(), lease, clock: Arc::new(crate::clock::SystemClock) };
-        let listener = Listener {
-            owner: host.into(),
-            lead: Some(Lead { claims: Arc::new(claims), lease }),
-            ..listener(client.clone(), registry.clone(), &store)
-        };
+        let listener = led(listener(client.clone(), registry.clone(), &store), &board, host, lease);
         (store, registry, listener)
     };
     let (store_a, reg_a, a) = member("host-a");
@@ -298,20 +294,10 @@ async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
     let stop = CancellationToken::new();
     let running_a = tokio::spawn(a.run(stop.clone()));
     let open = |r: &Registry| r.status("linux", "rv-linux").session;
-    for _ in 0..100 {
-        if open(&reg_a) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(100, || open(&reg_a)).await;
     assert!(open(&reg_a), "the first member leads and holds the session");
     let running_b = tokio::spawn(b.run(stop.clone()));
-    for _ in 0..100 {
-        if reg_b.set_id("linux").is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(100, || reg_b.set_id("linux").is_some()).await;
     assert_eq!(reg_b.set_id("linux"), reg_a.set_id("linux"), "the other finds the set");
     queue_job(&sim, &["rv-linux"]).await;
     let queued = |ev: &JobEvent| ev.action == JobAction::Queued;
@@ -320,12 +306,7 @@ async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
     assert!(!open(&reg_b) && store_b.inbox(0, 10).unwrap().is_empty(), "one session: the lead's");
     // The lead passes to host-b (host-a's renewal is refused from now on).
     board.leads.lock().unwrap().insert(lead_work("rv-linux"), ("host-b".into(), SystemTime::now() + lease));
-    for _ in 0..200 {
-        if open(&reg_b) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(200, || open(&reg_b)).await;
     assert!(open(&reg_b) && !open(&reg_a), "the session moved to the new lead");
     queue_job(&sim, &["rv-linux"]).await;
     wait_inbox(&store_b, queued).await;
@@ -339,37 +320,21 @@ async fn in_a_fleet_the_lead_holds_the_session_and_hands_it_over() {
 /// member could take the lead; and while it cannot ask, it does not take it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lead_that_cannot_be_renewed_lets_the_session_go_within_its_lease() {
-    use crate::fleet::claims::{MemoryBoard, MemoryClaims};
-    let mut config = github_sim::SimConfig::new("pat", "secret");
-    config.message_poll_window = Duration::from_millis(300);
-    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let sim = sim_with(|_| {}).await;
     let client = client(&sim);
     let lease = Duration::from_secs(5);
-    let claims = MemoryClaims {
-        board: Arc::new(MemoryBoard::default()),
-        host: "host-a".into(),
-        lease,
-        clock: Arc::new(crate::clock::SystemClock),
-    };
-    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flaky = Arc::new(CutOff { claims, down: down.clone() });
+    let board = Arc::new(MemoryBoard::default());
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
     registry.set_capacity("linux", 1);
-    let listener =
-        Listener { lead: Some(Lead { claims: flaky, lease }), ..listener(client.clone(), registry.clone(), &store) };
+    let listener = led(listener(client.clone(), registry.clone(), &store), &board, "host-a", lease);
     let stop = CancellationToken::new();
     let running = tokio::spawn(listener.run(stop.clone()));
     let open = || registry.status("linux", "rv-linux").session;
-    for _ in 0..100 {
-        if open() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(100, &open).await;
     assert!(open(), "it leads and holds the session");
-    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    board.leases_away.store(true, std::sync::atomic::Ordering::SeqCst);
     let cut = std::time::Instant::now();
     while open() {
         assert!(cut.elapsed() < lease, "the session is still held a lease after the database went away");
@@ -390,10 +355,7 @@ async fn a_lead_that_cannot_be_renewed_lets_the_session_go_within_its_lease() {
 /// its session although neither member serves both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_set_has_a_lead_of_its_own() {
-    use crate::fleet::claims::{MemoryBoard, MemoryClaims};
-    let mut config = github_sim::SimConfig::new("pat", "secret");
-    config.message_poll_window = Duration::from_millis(300);
-    let sim = github_sim::SimHandle::start(config).await.unwrap();
+    let sim = sim_with(|_| {}).await;
     let client = client(&sim);
     let board = Arc::new(MemoryBoard::default());
     let lease = Duration::from_secs(3);
@@ -401,110 +363,20 @@ async fn each_set_has_a_lead_of_its_own() {
     let member = |host: &str, set: &str| {
         let store = Arc::new(Store::open(&dir.join(host)).unwrap());
         let registry = Arc::new(Registry::default());
-        let claims =
-            MemoryClaims { board: board.clone(), host: host.into(), lease, clock: Arc::new(crate::clock::SystemClock) };
-        let listener = Listener {
-            owner: host.into(),
-            spec: ScaleSetSpec { name: set.into(), labels: vec![], runner_group: "default".into() },
-            lead: Some(Lead { claims: Arc::new(claims), lease }),
-            ..listener(client.clone(), registry.clone(), &store)
-        };
-        (registry, listener)
+        let spec = ScaleSetSpec { name: set.into(), labels: vec![], runner_group: "default".into() };
+        let listener = Listener { spec, ..listener(client.clone(), registry.clone(), &store) };
+        (registry, led(listener, &board, host, lease))
     };
     let (reg_a, a) = member("host-a", "rv-linux");
     let (reg_b, b) = member("host-b", "rv-gpu");
     let stop = CancellationToken::new();
     let running = [tokio::spawn(a.run(stop.clone())), tokio::spawn(b.run(stop.clone()))];
     let open = |r: &Registry| r.status("linux", "-").session;
-    for _ in 0..100 {
-        if open(&reg_a) && open(&reg_b) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(100, || open(&reg_a) && open(&reg_b)).await;
     assert!(open(&reg_a) && open(&reg_b), "both sets' sessions held");
     assert_ne!(reg_a.set_id("linux"), reg_b.set_id("linux"));
     stop.cancel();
     for r in running {
         r.await.unwrap();
-    }
-}
-
-/// Claims whose database goes away on demand (`down`): the lead cannot be asked for.
-struct CutOff {
-    claims: crate::fleet::claims::MemoryClaims,
-    down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl crate::fleet::claims::Claims for CutOff {
-    fn read(
-        &self,
-        q: crate::fleet::claims::ReadQuery,
-    ) -> futures_util::future::BoxFuture<'static, Result<Vec<crate::fleet::claims::JobRow>, crate::fleet::FleetError>>
-    {
-        self.claims.read(q)
-    }
-    fn claim(
-        &self,
-        jobs: Vec<u64>,
-    ) -> futures_util::future::BoxFuture<'static, Result<Vec<crate::fleet::claims::Claimed>, crate::fleet::FleetError>>
-    {
-        self.claims.claim(jobs)
-    }
-    fn renew(
-        &self,
-        jobs: Vec<(u64, u32)>,
-    ) -> futures_util::future::BoxFuture<'static, Result<Vec<(u64, u32)>, crate::fleet::FleetError>> {
-        self.claims.renew(jobs)
-    }
-    fn release(
-        &self,
-        jobs: Vec<(u64, u32)>,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), crate::fleet::FleetError>> {
-        self.claims.release(jobs)
-    }
-    fn lead(&self, work: &str) -> futures_util::future::BoxFuture<'static, Result<bool, crate::fleet::FleetError>> {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Box::pin(std::future::ready(Err(crate::fleet::FleetError::Pool("the database is away".into()))));
-        }
-        self.claims.lead(work)
-    }
-    fn heartbeat(
-        &self,
-        me: crate::fleet::claims::MemberInfo,
-    ) -> futures_util::future::BoxFuture<'static, Result<Vec<crate::fleet::claims::MemberInfo>, crate::fleet::FleetError>>
-    {
-        self.claims.heartbeat(me)
-    }
-    fn publish_runners(
-        &self,
-        runners: Vec<crate::github::RunnerInfo>,
-        listed: tokio::time::Instant,
-    ) -> futures_util::future::BoxFuture<'static, Result<bool, crate::fleet::FleetError>> {
-        self.claims.publish_runners(runners, listed)
-    }
-    fn runners(
-        &self,
-    ) -> futures_util::future::BoxFuture<
-        'static,
-        Result<Option<(Vec<crate::github::RunnerInfo>, Duration)>, crate::fleet::FleetError>,
-    > {
-        self.claims.runners()
-    }
-    fn prune(
-        &self,
-    ) -> futures_util::future::BoxFuture<'static, Result<crate::fleet::claims::Pruned, crate::fleet::FleetError>> {
-        self.claims.prune()
-    }
-    fn deliveries_checked(
-        &self,
-    ) -> futures_util::future::BoxFuture<'static, Result<Option<SystemTime>, crate::fleet::FleetError>> {
-        self.claims.deliveries_checked()
-    }
-    fn check_deliveries(
-        &self,
-        until: SystemTime,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), crate::fleet::FleetError>> {
-        self.claims.check_deliveries(until)
     }
 }
