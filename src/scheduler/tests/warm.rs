@@ -323,23 +323,30 @@ async fn a_binding_cut_short_by_a_restart_stands_if_the_guest_took_its_command()
     }
 }
 
+/// Pool `small` with a warm VM, and pool `big` (labels `self-hosted, linux, big`, no warm
+/// VM, `big_max_vms`) on a host of `host_max_vms`.
+fn small_warm_beside_big(host_max_vms: usize, big_max_vms: usize) -> H {
+    harness_tweaked(
+        "warm = 1",
+        |_| {},
+        |c| {
+            c.capacity.max_vms = Some(host_max_vms);
+            let mut other = c.pools[0].clone();
+            other.name = "big".into();
+            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
+            other.warm = 0;
+            other.max_vms = big_max_vms;
+            c.pools.push(other);
+        },
+    )
+}
+
 /// The host's room goes to jobs before spares: with `capacity.max_vms = 1`, a warm VM of
 /// one pool gives its place to a job of another pool (the simulator found that job waiting
 /// for good, seed 9 of 1,000 steps, before this).
 #[tokio::test(start_paused = true)]
 async fn a_warm_vm_gives_the_hosts_last_place_to_another_pools_job() {
-    let mut h = harness_tweaked(
-        "warm = 1",
-        |_| {},
-        |c| {
-            c.capacity.max_vms = Some(1);
-            let mut other = c.pools[0].clone();
-            other.name = "big".into();
-            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
-            other.warm = 0;
-            c.pools.push(other);
-        },
-    );
+    let mut h = small_warm_beside_big(1, 2);
     let s = h.wait("small's warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     let warm = warm_vms(&s, "waiting").remove(0);
     h.deliver(JobAction::Queued, info(21, &["self-hosted", "linux", "big"], None));
@@ -359,19 +366,7 @@ async fn a_warm_vm_gives_the_hosts_last_place_to_another_pools_job() {
 /// simulator found 4,293 warm VMs made and reaped in one seed).
 #[tokio::test(start_paused = true)]
 async fn a_warm_vm_keeps_its_place_from_a_job_its_pool_cannot_start() {
-    let mut h = harness_tweaked(
-        "warm = 1",
-        |_| {},
-        |c| {
-            c.capacity.max_vms = Some(2);
-            let mut other = c.pools[0].clone();
-            other.name = "big".into();
-            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
-            other.warm = 0;
-            other.max_vms = 1;
-            c.pools.push(other);
-        },
-    );
+    let mut h = small_warm_beside_big(2, 1);
     h.wait("small's warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     let big = ["self-hosted", "linux", "big"];
     h.deliver(JobAction::Queued, info(21, &big, None));
@@ -390,19 +385,7 @@ async fn a_warm_vm_keeps_its_place_from_a_job_its_pool_cannot_start() {
 /// is made for its job, small keeps its warm VM beside it.
 #[tokio::test(start_paused = true)]
 async fn a_warm_vm_keeps_its_place_from_a_job_whose_runner_is_coming() {
-    let mut h = harness_tweaked(
-        "warm = 1",
-        |_| {},
-        |c| {
-            c.capacity.max_vms = Some(2);
-            let mut other = c.pools[0].clone();
-            other.name = "big".into();
-            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
-            other.warm = 0;
-            other.max_vms = 2;
-            c.pools.push(other);
-        },
-    );
+    let mut h = small_warm_beside_big(2, 2);
     h.wait("small's warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     // Big's VM will boot for long (its runner not online yet): its job stays queued.
     h.hv.lock().guests_booting = true;
@@ -419,18 +402,7 @@ async fn a_warm_vm_keeps_its_place_from_a_job_whose_runner_is_coming() {
 /// made in that place (to be reaped as surplus when it waited).
 #[tokio::test(start_paused = true)]
 async fn a_bound_warm_vm_is_not_replaced_in_the_place_another_pools_job_needs() {
-    let mut h = harness_tweaked(
-        "warm = 1",
-        |_| {},
-        |c| {
-            c.capacity.max_vms = Some(2);
-            let mut other = c.pools[0].clone();
-            other.name = "big".into();
-            other.labels = vec!["self-hosted".into(), "linux".into(), "big".into()];
-            other.warm = 0;
-            c.pools.push(other);
-        },
-    );
+    let mut h = small_warm_beside_big(2, 2);
     h.wait("small's warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     h.deliver(JobAction::Queued, info(31, LABELS, None));
     h.deliver(JobAction::Queued, info(41, &["self-hosted", "linux", "big"], None));
