@@ -32,6 +32,23 @@ fn event(delivery: &str, job: u64, action: JobAction) -> JobEvent {
     }
 }
 
+/// Member `host`'s heartbeat: one place, nothing running, its number not given yet.
+fn member(host: &str) -> runnervisor::fleet::claims::MemberInfo {
+    runnervisor::fleet::claims::MemberInfo {
+        host_id: host.into(),
+        max_vms: 1,
+        vms: 0,
+        warm_waiting: 0,
+        warm_target: 0,
+        held: 0,
+        version: "test".into(),
+        seen_secs_ago: 0,
+        addresses: vec![],
+        number: None,
+        scale_sets: Default::default(),
+    }
+}
+
 async fn migrated(tag: &str) -> TestDb {
     let db = TestDb::new(tag).await;
     schema::migrate(&mut db.connect().await).await.unwrap();
@@ -485,19 +502,7 @@ async fn one_member_leads_the_fleets_github_work_until_its_lease_runs_out_and_sh
 async fn each_member_is_given_a_number_of_its_own_and_keeps_it() {
     use runnervisor::fleet::claims::MemberInfo;
     let db = migrated("numbers").await;
-    let me = |host: &str| MemberInfo {
-        host_id: host.into(),
-        max_vms: 1,
-        vms: 0,
-        warm_waiting: 0,
-        warm_target: 0,
-        held: 0,
-        version: "test".into(),
-        seen_secs_ago: 0,
-        addresses: vec![],
-        number: None,
-        scale_sets: Default::default(),
-    };
+    let me = member;
     let number = |members: &[MemberInfo], host: &str| members.iter().find(|m| m.host_id == host).and_then(|m| m.number);
     // Twenty members join at once.
     let joins = (0..20).map(|i| {
@@ -919,19 +924,7 @@ async fn a_scale_sets_jobs_are_read_by_their_set_and_members_say_their_sets_capa
     assert_eq!(ids(&a.read(by_labels).await.unwrap()), [12], "a webhook pool's read is not the set's");
     assert!(ids(&a.read(ReadQuery { pools: vec![scale_set_key("rv-other")], ..by_set }).await.unwrap()).is_empty());
 
-    let me = MemberInfo {
-        host_id: "hv-a".into(),
-        max_vms: 4,
-        vms: 0,
-        warm_waiting: 0,
-        warm_target: 0,
-        held: 0,
-        version: "test".into(),
-        seen_secs_ago: 0,
-        addresses: vec![],
-        number: None,
-        scale_sets: [("rv-linux".to_string(), 3)].into(),
-    };
+    let me = MemberInfo { scale_sets: [("rv-linux".to_string(), 3)].into(), ..member("hv-a") };
     let members = a.heartbeat(me).await.unwrap();
     assert_eq!(members[0].scale_sets.get("rv-linux"), Some(&3));
 }
