@@ -1221,20 +1221,37 @@ async fn drill_ingest_crash() {
     assert!(lost == 0 && persisted >= answered.len() && !answered.is_empty(), "{line}");
 }
 
-/// `[fleet]` for member `host` on the test database `db`, its password in `password`.
-fn fleet_section(host: &str, db: &pg::TestDb, password: &std::path::Path) -> String {
-    fleet_section_on(host, db, password, pg::port())
+/// A fleet drill's test database, and its password in a file of its own (0600).
+struct FleetDb {
+    db: pg::TestDb,
+    password: std::path::PathBuf,
+    _secrets: Scratch,
 }
 
-/// [`fleet_section`] through `port` (a proxy in front of the cluster).
-fn fleet_section_on(host: &str, db: &pg::TestDb, password: &std::path::Path, port: u16) -> String {
-    format!(
-        "\n[fleet]\nhost_id = \"{host}\"\nlease = \"10s\"\ncold_head_start = \"0s\"\n\
-         postgres = {{ url = \"postgres://{}@127.0.0.1:{port}/{}?sslmode=disable\", password = {{ file = \"{}\" }} }}\n",
-        pg::ROLE,
-        db.name,
-        password.display()
-    )
+impl FleetDb {
+    async fn new() -> FleetDb {
+        let db = pg::TestDb::new("drill").await;
+        let secrets = tempdir("fleet-pg");
+        let password = secrets.join("pg-password");
+        write_private(&password, &pg::password());
+        FleetDb { db, password, _secrets: secrets }
+    }
+
+    /// `[fleet]` for member `host`.
+    fn section(&self, host: &str) -> String {
+        self.section_on(host, pg::port())
+    }
+
+    /// [`FleetDb::section`] through `port` (a proxy in front of the cluster).
+    fn section_on(&self, host: &str, port: u16) -> String {
+        format!(
+            "\n[fleet]\nhost_id = \"{host}\"\nlease = \"10s\"\ncold_head_start = \"0s\"\n\
+             postgres = {{ url = \"postgres://{}@127.0.0.1:{port}/{}?sslmode=disable\", password = {{ file = \"{}\" }} }}\n",
+            pg::ROLE,
+            self.db.name,
+            self.password.display()
+        )
+    }
 }
 
 /// A second storage pool for a second fleet member on this libvirtd, removed when dropped.
@@ -1274,11 +1291,8 @@ async fn drill_fleet_kill() {
     if !cfg!(feature = "fault-injection") {
         panic!("run the drills with --features fault-injection (scripts/drill does)");
     }
-    let db = pg::TestDb::new("drill").await;
-    let secrets = tempdir("fleet-pg");
-    let password = secrets.join("pg-password");
-    write_private(&password, &pg::password());
-    let fleet = |host: &str| fleet_section(host, &db, &password);
+    let db = FleetDb::new().await;
+    let fleet = |host: &str| db.section(host);
     let extra = ExtraPool::new("rv-drill-b");
     // Deliveries go to both members (a relay in front of the fleet).
     let b_port = free_port();
@@ -1334,13 +1348,10 @@ async fn drill_fleet_kill() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill postgres-restart"]
 async fn drill_postgres_restart() {
-    let db = pg::TestDb::new("drill").await;
-    let secrets = tempdir("fleet-pg");
-    let password = secrets.join("pg-password");
-    write_private(&password, &pg::password());
+    let db = FleetDb::new().await;
     let mut d = Drill::new("postgres-restart", |s| {
         s.max_vms = 2;
-        s.pool_extra = fleet_section("hv-a", &db, &password);
+        s.pool_extra = db.section("hv-a");
     })
     .await;
     d.hosts = Some(1);
@@ -1383,10 +1394,7 @@ async fn drill_postgres_restart() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill fleet-partition"]
 async fn drill_fleet_partition() {
-    let db = pg::TestDb::new("drill").await;
-    let secrets = tempdir("fleet-pg");
-    let password = secrets.join("pg-password");
-    write_private(&password, &pg::password());
+    let db = FleetDb::new().await;
     let proxy = pg::Proxy::start(pg::port()).await;
     let extra = ExtraPool::new("rv-drill-b");
     let b_port = free_port();
@@ -1395,7 +1403,7 @@ async fn drill_fleet_partition() {
         "fleet-partition",
         |s| {
             s.max_vms = 2;
-            s.pool_extra = fleet_section_on("hv-a", &db, &password, proxy.port);
+            s.pool_extra = db.section_on("hv-a", proxy.port);
             s.pool_extra.insert_str(0, "idle_timeout = \"20s\"\n");
         },
         |c| c.fanout = vec![format!("http://127.0.0.1:{b_port}/webhook")],
@@ -1405,7 +1413,7 @@ async fn drill_fleet_partition() {
     let mut spec_b = AgentSpec::new("d-fleet-partition", &d.labels());
     spec_b.max_vms = 2;
     spec_b.storage_pool = extra.0.into();
-    spec_b.pool_extra = format!("idle_timeout = \"20s\"\n{}", fleet_section("hv-b", &db, &password));
+    spec_b.pool_extra = format!("idle_timeout = \"20s\"\n{}", db.section("hv-b"));
     let mut b = Agent::configure(&spec_b, d.sim.handle.addr.port(), b_port);
     let (hv_b, _) = libvirt_on(extra.0);
     d.agent.start().await;
@@ -1498,11 +1506,8 @@ async fn drill_scale_set_restart() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "drill: run with ./scripts/drill fleet-scale-set"]
 async fn drill_fleet_scale_set() {
-    let db = pg::TestDb::new("drill").await;
-    let secrets = tempdir("fleet-pg");
-    let password = secrets.join("pg-password");
-    write_private(&password, &pg::password());
-    let fleet = |host: &str| fleet_section(host, &db, &password);
+    let db = FleetDb::new().await;
+    let fleet = |host: &str| db.section(host);
     let name = "fleet-scale-set";
     let extra = ExtraPool::new("rv-drill-ss");
     let mut d = Drill::scale_set_in(
