@@ -300,22 +300,20 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
             Err(e) => tracing::error!(error = %e, "cannot make the scale set client: scale-set pools take no jobs"),
         }
     }
-    // In a fleet, the member leading the fleet's scale sets holds their sessions.
-    let lead = deps.fleet.as_ref().map(|m| scaleset::Lead {
-        claims: Arc::new(
-            fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease).with_leases(m.leases.clone()),
-        ),
-        lease: m.lease,
+    // In a fleet: the member's claims (the scheduler's, and the leads of the scale sets,
+    // whose sessions the member leading each holds).
+    let claims: Option<Arc<dyn fleet::claims::Claims>> = deps.fleet.as_ref().map(|m| {
+        let claims = fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease);
+        Arc::new(claims.with_leases(m.leases.clone())) as Arc<dyn fleet::claims::Claims>
     });
+    let lead = deps.fleet.as_ref().zip(claims.clone()).map(|(m, claims)| scaleset::Lead { claims, lease: m.lease });
     // Who holds a session (GitHub shows it to another client that tries): the member.
     let owner = deps.fleet.as_ref().map(|m| m.host_id.clone());
     // Fleet mode: the room for new jobs the scheduler leaves its intake to claim on write.
     let reserve = Arc::new(fleet::intake::Reserve::default());
-    if let Some(m) = &deps.fleet {
-        let claims =
-            fleet::claims::PgClaims::new(m.pool.clone(), m.host_id.clone(), m.lease).with_leases(m.leases.clone());
+    if let (Some(m), Some(claims)) = (&deps.fleet, claims) {
         let member = scheduler::claims::Fleet::new(
-            Arc::new(claims),
+            claims,
             Some(fleet::intake::FleetIntake::start(m.pool.clone(), None)),
             m.host_id.clone(),
             m.lease,
