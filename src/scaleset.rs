@@ -207,10 +207,15 @@ pub struct Lead {
     pub lease: Duration,
 }
 
-/// The lead work of the fleet's scale set `set` (`rv_leader`; set names are
-/// case-insensitive, as GitHub compares them).
+/// A set's name as the fleet compares it: GitHub's names are case-insensitive (and
+/// `validate` keeps them ASCII, so that this folds them as PostgreSQL and GitHub do).
+pub fn fold(set: &str) -> String {
+    set.to_ascii_lowercase()
+}
+
+/// The lead work of the fleet's scale set `set` (`rv_leader`).
 pub fn lead_work(set: &str) -> String {
-    format!("scale-set:{}", set.to_lowercase())
+    format!("scale-set:{}", fold(set))
 }
 
 /// The kinds of GitHub's statistics of a set (`runnervisor_scale_set_statistics`).

@@ -302,8 +302,8 @@ impl Fleet {
     }
 }
 
-/// Per scale set this member serves (its name lowercased: GitHub's names are
-/// case-insensitive), the jobs its pool could run at once now.
+/// Per scale set this member serves (its name folded, [`crate::scaleset::fold`]), the jobs
+/// its pool could run at once now.
 fn own_scale_set_capacity(
     config: &crate::config::Config,
     registry: Option<&crate::scaleset::Registry>,
@@ -313,7 +313,7 @@ fn own_scale_set_capacity(
         .pools
         .iter()
         .filter_map(|p| {
-            Some((p.scale_set()?.to_lowercase(), registry.own_capacity(&p.name).min(u32::MAX as u64) as u32))
+            Some((crate::scaleset::fold(p.scale_set()?), registry.own_capacity(&p.name).min(u32::MAX as u64) as u32))
         })
         .collect()
 }
@@ -720,7 +720,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // the fleet can run).
         if let Some(registry) = &self.scale_sets {
             for pool in self.config.pools.iter() {
-                let Some(set) = pool.scale_set().map(str::to_lowercase) else { continue };
+                let Some(set) = pool.scale_set().map(crate::scaleset::fold) else { continue };
                 let others: u64 = fleet
                     .members
                     .iter()
