@@ -17,6 +17,9 @@ use nix::time::ClockId;
 
 use runnervisor::sim::{Options, run_seed};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     seeds: u64,
     first: u64,

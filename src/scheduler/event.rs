@@ -120,6 +120,14 @@ pub enum AdminCommand {
     Timeline,
 }
 
+impl Event {
+    /// Whether handling it only reads the scheduler (status, timeline): nothing for a turn
+    /// of planning to act on.
+    pub fn only_reads(&self) -> bool {
+        matches!(self, Event::Admin(AdminCommand::Status | AdminCommand::Timeline, _))
+    }
+}
+
 /// Spawns `work`, whose result is an event for the scheduler. If the task panics or is
 /// aborted, `failed` makes the event instead: whoever waits for the report always gets one.
 /// Returns a handle to abort the work (a deadline passed).
