@@ -101,10 +101,45 @@ pub struct FakeState {
     pub started_total: usize,
     /// Of those, warm VMs' (their metadata says so).
     pub warm_started: usize,
-    /// Metadata read from each domain XML `list_vms` saw (by the XML: a domain's changes
-    /// with it), so that a listing does not parse every domain again (the simulator lists
+    /// Metadata read from each domain XML defined or listed (by the XML: a domain's changes
+    /// with it), so that a listing or a start does not parse it again (the simulator lists
     /// often).
     parsed: std::collections::HashMap<String, Option<super::VmMetadata>>,
+}
+
+impl FakeState {
+    /// What a domain XML's metadata says, parsed once per XML (see `parsed`).
+    pub fn metadata_of(&mut self, xml: &str) -> Option<super::VmMetadata> {
+        cached(&mut self.parsed, self.domains.len(), xml)
+    }
+}
+
+/// The metadata of `xml` from `parsed`, or parsed and remembered.
+fn cached(
+    parsed: &mut std::collections::HashMap<String, Option<super::VmMetadata>>,
+    domains: usize,
+    xml: &str,
+) -> Option<super::VmMetadata> {
+    if let Some(m) = parsed.get(xml) {
+        return m.clone();
+    }
+    let m = domain_xml::metadata_of_domain(xml);
+    remember(parsed, domains, xml, m.clone());
+    m
+}
+
+/// Remembers `xml`'s metadata; forgets all once far more XML is remembered than domains
+/// are defined (their XML changed, or they went).
+fn remember(
+    parsed: &mut std::collections::HashMap<String, Option<super::VmMetadata>>,
+    domains: usize,
+    xml: &str,
+    metadata: Option<super::VmMetadata>,
+) {
+    if parsed.len() > 4 * domains + 64 {
+        parsed.clear();
+    }
+    parsed.insert(xml.to_string(), metadata);
 }
 
 pub struct FakeHypervisor {
@@ -271,6 +306,12 @@ impl Hypervisor for FakeHypervisor {
         if doc.descendants().any(|n| n.has_tag_name("title") && n.text().is_some_and(|t| t.contains('\n'))) {
             return refuse("unsupported configuration: Domain title can't contain newlines");
         }
+        let md = doc
+            .descendants()
+            .find(|n| n.tag_name().namespace() == Some(domain_xml::METADATA_NS) && n.has_tag_name("vm"));
+        let metadata = md.and_then(|n| domain_xml::parse_metadata(&xml[n.range()]));
+        let s = &mut *s;
+        remember(&mut s.parsed, s.domains.len(), xml, metadata);
         s.domains.insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
         s.defined_at.insert(name.to_string(), std::time::SystemTime::now());
         Ok(())
@@ -292,7 +333,7 @@ impl Hypervisor for FakeHypervisor {
         s.domains.insert(name.to_string(), (DomainState::Running, xml.to_string()));
         s.took_command.remove(name);
         s.started_total += 1;
-        if domain_xml::metadata_of_domain(&xml).is_some_and(|m| m.warm) {
+        if s.metadata_of(&xml).is_some_and(|m| m.warm) {
             s.warm_started += 1;
         }
         let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
@@ -332,24 +373,10 @@ impl Hypervisor for FakeHypervisor {
         self.maybe_panic("list_vms");
         let mut s = self.up()?;
         let s = &mut *s;
-        if s.parsed.len() > 4 * s.domains.len() + 64 {
-            s.parsed.clear();
-        }
         Ok(s.domains
             .iter()
             .map(|(name, (state, xml))| {
-                let metadata = match s.parsed.get(xml) {
-                    Some(m) => m.clone(),
-                    None => {
-                        let m = roxmltree::Document::parse(xml).ok().and_then(|doc| {
-                            doc.descendants()
-                                .find(|n| n.tag_name().namespace() == Some(domain_xml::METADATA_NS))
-                                .and_then(|n| domain_xml::parse_metadata(&xml[n.range()]))
-                        });
-                        s.parsed.insert(xml.clone(), m.clone());
-                        m
-                    }
-                };
+                let metadata = cached(&mut s.parsed, s.domains.len(), xml);
                 VmInfo { name: name.clone(), state: state.clone(), metadata }
             })
             .collect())

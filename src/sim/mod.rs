@@ -199,6 +199,9 @@ struct Sim {
     /// Every pool the run configured, with its labels (a pool a reload adds has a name
     /// and labels none had).
     pools_ever: Vec<(String, Vec<String>)>,
+    /// The agent's status, until its runtime runs again (the checks of a step ask for it
+    /// several times; each ask was a turn of the agent).
+    status_cache: Option<Status>,
 }
 
 fn label_set_of(labels: &[&str]) -> Vec<String> {
@@ -375,6 +378,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         waited_checked: None,
         idle_timeouts: BTreeMap::new(),
         pools_ever: Vec::new(),
+        status_cache: None,
     };
     for p in &sim.config.pools {
         sim.idle_timeouts.insert(p.name.clone(), p.idle_timeout);
@@ -474,6 +478,7 @@ impl Sim {
         };
         let shutdown = CancellationToken::new();
         let (config, time, stop) = (self.config.clone(), self.time.clone(), shutdown.clone());
+        self.status_cache = None;
         let (t, agent) = rt.block_on(async move {
             time.start_incarnation(down);
             (time.now(), crate::assemble(config, deps, store, Arc::new(time::HostClock(time.clone())), stop))
@@ -490,6 +495,7 @@ impl Sim {
 
     /// Stops the agent: cleanly (SIGTERM: in-flight work finishes, bounded) or killed.
     fn stop(&mut self, mut inc: Incarnation, clean: bool) {
+        self.status_cache = None;
         if clean {
             inc.shutdown.cancel();
             if let Some(agent) = inc.agent.take() {
@@ -560,6 +566,7 @@ impl Sim {
     /// fall due (webhooks posted, runners online, jobs taken and finished).
     fn advance(&mut self, dt: Duration) {
         let Some(inc) = self.inc.take() else { return };
+        self.status_cache = None;
         let app = inc.agent.as_ref().map(|a| a.app.clone());
         inc.rt.block_on(async {
             let end = self.time.now() + dt;
@@ -628,6 +635,7 @@ impl Sim {
             return false;
         }
         let ok = matches!(inc.rt.block_on(rx), Ok(Reply::Ok(_)));
+        self.status_cache = None;
         self.note(format!(
             "operator: {} → {}",
             if on { "drain" } else { "undrain" },
@@ -1103,6 +1111,7 @@ impl Sim {
         let (tx, rx) = oneshot::channel();
         let _ = inc.reloads.send((config.clone(), tx));
         let report = inc.rt.block_on(rx);
+        self.status_cache = None;
         self.inc = Some(inc);
         self.faults += 1;
         self.note(format!("fault: {what} → {:?}", report.as_ref().map(|r| format!("{r:?}"))));
@@ -1122,16 +1131,19 @@ impl Sim {
     /// Notes the domains not seen before: when, their pool, and when their VM was made.
     fn see_domains(&mut self) {
         let now = self.t;
-        let fake = self.fake.lock();
-        for (name, (_, xml)) in &fake.domains {
-            if self.domains_seen.contains_key(name) {
-                continue;
-            }
-            let md = crate::hypervisor::domain_xml::metadata_of_domain(xml);
+        let mut fake = self.fake.lock();
+        let unseen: Vec<(String, String)> = fake
+            .domains
+            .iter()
+            .filter(|(name, _)| !self.domains_seen.contains_key(*name))
+            .map(|(name, (_, xml))| (name.clone(), xml.clone()))
+            .collect();
+        for (name, xml) in unseen {
+            let md = fake.metadata_of(&xml);
             if let Some(m) = &md {
                 self.domains_created.insert(name.clone(), self.time.host_to_virtual(m.created));
             }
-            self.domains_seen.insert(name.clone(), (now, md.map(|m| m.pool).unwrap_or_default()));
+            self.domains_seen.insert(name, (now, md.map(|m| m.pool).unwrap_or_default()));
         }
     }
 
@@ -1607,11 +1619,17 @@ impl Sim {
     }
 
     fn status(&mut self) -> Option<Status> {
+        if let Some(s) = &self.status_cache {
+            return Some(s.clone());
+        }
         let inc = self.inc.as_ref()?;
         let (tx, rx) = oneshot::channel();
         inc.events.send(Event::Admin(AdminCommand::Status, tx)).ok()?;
         match inc.rt.block_on(rx) {
-            Ok(Reply::Status(s)) => Some(s),
+            Ok(Reply::Status(s)) => {
+                self.status_cache = Some(s.clone());
+                Some(s)
+            }
             _ => None,
         }
     }
