@@ -19,7 +19,7 @@ thread_local! {
 }
 
 /// Blocking calls spawned from this thread run inline, each after `latency()` of (tokio's)
-/// time; `None`: on tokio's blocking pool again.
+/// time, and answer after another; `None`: on tokio's blocking pool again.
 pub fn set_inline(latency: Option<Latency>) {
     INLINE.with(|i| *i.borrow_mut() = latency);
 }
@@ -35,14 +35,20 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let latency = INLINE.with(|i| i.borrow_mut().as_mut().map(|draw| draw()));
+    // Before the call does what it does, and after (its answer on its way back: what it
+    // saw may be stale by then, and what it did is done whether or not anyone waits).
+    let latency = INLINE.with(|i| i.borrow_mut().as_mut().map(|draw| (draw(), draw())));
     match latency {
         None => tokio::task::spawn_blocking(f),
-        Some(d) => tokio::spawn(async move {
-            if !d.is_zero() {
-                tokio::time::sleep(d).await;
+        Some((before, after)) => tokio::spawn(async move {
+            if !before.is_zero() {
+                tokio::time::sleep(before).await;
             }
-            f()
+            let out = f();
+            if !after.is_zero() {
+                tokio::time::sleep(after).await;
+            }
+            out
         }),
     }
 }

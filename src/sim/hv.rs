@@ -17,6 +17,9 @@ pub struct Armed {
     pub panic: Option<&'static str>,
     /// Calls made, by kind (for the trace's counts).
     pub calls: u64,
+    /// Domains the agent tore down (or destroyed) while they ran, in order: the world asks
+    /// the agent why ([`super::Sim::check_reaps`]).
+    pub torn_running: Vec<String>,
 }
 
 pub struct SimHv {
@@ -33,6 +36,17 @@ impl SimHv {
 
     pub fn arm(&self) -> std::sync::MutexGuard<'_, Armed> {
         self.armed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a domain about to be torn down if it runs.
+    fn note_running(&self, name: &str) {
+        let running = {
+            let s = self.fake.lock();
+            s.domains.get(name).is_some_and(|(st, _)| *st == crate::hypervisor::DomainState::Running)
+        };
+        if running {
+            self.arm().torn_running.push(name.to_string());
+        }
     }
 
     fn enter(&self, op: &'static str, name: &str) -> Result<(), HvError> {
@@ -103,10 +117,12 @@ impl Hypervisor for SimHv {
         if let Err(e) = self.enter("teardown", vm) {
             return vec![e];
         }
+        self.note_running(vm);
         self.fake.teardown(vm)
     }
     fn destroy(&self, name: &str) -> Result<(), HvError> {
         self.enter("destroy", name)?;
+        self.note_running(name);
         self.fake.destroy(name)
     }
     fn volume_path(&self, name: &str) -> Result<PathBuf, HvError> {

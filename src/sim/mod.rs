@@ -1238,11 +1238,47 @@ impl Sim {
                 return;
             }
         }
+        self.check_reaps();
+        if self.violation.is_some() {
+            return;
+        }
         let hub = self.hub.lock();
         if let Some(j) = hub.jobs.values().find(|j| j.taken > 1) {
             let id = j.id;
             drop(hub);
             self.violate(format!("job {id} taken by more than one runner"));
+        }
+    }
+
+    /// The agent tears a VM down as stopped only if its domain is: one whose domain still
+    /// ran was reaped on a stale look (a sweep's listing from before the domain started),
+    /// and a boot was thrown away. Asked of the agent's timeline, which gives each VM's
+    /// reason (a VM whose trace a restart took is not judged).
+    fn check_reaps(&mut self) {
+        let torn = std::mem::take(&mut self.hv.arm().torn_running);
+        if torn.is_empty() {
+            return;
+        }
+        let Some(traces) = self.timeline() else { return };
+        for name in torn {
+            let stopped =
+                traces.iter().rev().find(|t| t.vm == name).and_then(|t| t.reason.as_deref()) == Some("stopped");
+            if stopped && !self.killed.contains(&name) {
+                return self.violate(format!("VM {name} torn down as stopped while its domain ran"));
+            }
+        }
+    }
+
+    /// The agent's timeline: every VM's trace it keeps.
+    fn timeline(&mut self) -> Option<Vec<crate::timeline::Trace>> {
+        let inc = self.inc.as_ref()?;
+        let (tx, rx) = oneshot::channel();
+        inc.events.send(Event::Admin(AdminCommand::Timeline, tx)).ok()?;
+        let reply = inc.rt.block_on(rx);
+        self.status_cache = None;
+        match reply {
+            Ok(Reply::Timeline(t)) => Some(t),
+            _ => None,
         }
     }
 
