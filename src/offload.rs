@@ -1,6 +1,6 @@
 //! Blocking calls (libvirt's are all blocking) run off the runtime's workers, as a seam:
 //! on tokio's blocking pool in production; in the simulator (`set_inline`) as a task of
-//! its one-threaded runtime, after a latency it draws, so that a seed's run is the same
+//! its one-threaded runtime, between two latencies it draws, so that a seed's run is the same
 //! every time (a thread's timing would change it, and tokio's paused clock would move on
 //! while a thread works). Either way the call runs to its end even when whoever waits for
 //! it is aborted, and a panic in it is the handle's `JoinError`.
@@ -10,16 +10,17 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-/// Draws the latency of the next blocking call (the simulator's slow or hung libvirt).
-pub type Latency = Box<dyn FnMut() -> Duration>;
+/// Draws the latencies of the next blocking call (the simulator's slow or hung libvirt):
+/// before it acts, and before its answer arrives.
+pub type Latency = Box<dyn FnMut() -> (Duration, Duration)>;
 
 thread_local! {
-    /// Set on a simulator's thread: blocking calls run inline, after this latency.
+    /// Set on a simulator's thread: blocking calls run inline, between these latencies.
     static INLINE: RefCell<Option<Latency>> = const { RefCell::new(None) };
 }
 
-/// Blocking calls spawned from this thread run inline, each after `latency()` of (tokio's)
-/// time, and answer after another; `None`: on tokio's blocking pool again.
+/// Blocking calls spawned from this thread run inline, each after the first of `latency()`
+/// (of tokio's time), and answer after the second; `None`: on tokio's blocking pool again.
 pub fn set_inline(latency: Option<Latency>) {
     INLINE.with(|i| *i.borrow_mut() = latency);
 }
@@ -37,7 +38,8 @@ where
 {
     // Before the call does what it does, and after (its answer on its way back: what it
     // saw may be stale by then, and what it did is done whether or not anyone waits).
-    let latency = INLINE.with(|i| i.borrow_mut().as_mut().map(|draw| (draw(), draw())));
+    // An abort meanwhile leaves the call done (as on the blocking pool) and its answer lost.
+    let latency = INLINE.with(|i| i.borrow_mut().as_mut().map(|draw| draw()));
     match latency {
         None => tokio::task::spawn_blocking(f),
         Some((before, after)) => tokio::spawn(async move {

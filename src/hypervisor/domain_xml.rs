@@ -308,7 +308,11 @@ pub fn parse_metadata(xml: &str) -> Option<VmMetadata> {
 
 /// The runnervisor metadata of a whole domain XML (a saved state's, say).
 pub fn metadata_of_domain(xml: &str) -> Option<VmMetadata> {
-    let doc = roxmltree::Document::parse(xml).ok()?;
+    metadata_of_doc(&roxmltree::Document::parse(xml).ok()?, xml)
+}
+
+/// [`metadata_of_domain`] of a domain XML already parsed (`doc`, of `xml`).
+pub fn metadata_of_doc(doc: &roxmltree::Document, xml: &str) -> Option<VmMetadata> {
     let md = doc.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS) && n.has_tag_name("vm"))?;
     parse_metadata(&xml[md.range()])
 }

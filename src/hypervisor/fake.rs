@@ -306,10 +306,7 @@ impl Hypervisor for FakeHypervisor {
         if doc.descendants().any(|n| n.has_tag_name("title") && n.text().is_some_and(|t| t.contains('\n'))) {
             return refuse("unsupported configuration: Domain title can't contain newlines");
         }
-        let md = doc
-            .descendants()
-            .find(|n| n.tag_name().namespace() == Some(domain_xml::METADATA_NS) && n.has_tag_name("vm"));
-        let metadata = md.and_then(|n| domain_xml::parse_metadata(&xml[n.range()]));
+        let metadata = domain_xml::metadata_of_doc(&doc, xml);
         let s = &mut *s;
         remember(&mut s.parsed, s.domains.len(), xml, metadata);
         s.domains.insert(name.to_string(), (DomainState::Stopped, xml.to_string()));

@@ -47,6 +47,11 @@ impl Backoffs {
         delay
     }
 
+    /// Whether a back-off ran out after `since`, by `now`.
+    pub fn ended_between(&self, since: Instant, now: Instant) -> bool {
+        self.0.values().any(|(until, _)| *until > since && *until <= now)
+    }
+
     /// `key` works again: its next failure backs off from scratch.
     pub fn clear(&mut self, key: &str) {
         self.0.remove(key);
@@ -70,6 +75,11 @@ fn step(pool: &str, step: &str) -> StepLabels {
 impl State {
     pub fn backing_off(&self, pool: &str, now: Instant) -> bool {
         self.backoff.active(pool, now)
+    }
+
+    /// Whether a pool's back-off ran out after `since`, by `now`.
+    pub fn backoff_ended_between(&self, since: Instant, now: Instant) -> bool {
+        self.backoff.ended_between(since, now)
     }
 }
 

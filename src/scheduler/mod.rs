@@ -91,7 +91,8 @@ const CLOCK_FRAME: &str = "clock_frame";
 /// Under a stream of webhooks, the inbox is applied at most this often (see `run`).
 const INBOX_PASS: Duration = Duration::from_millis(5);
 
-/// How long an agent with nothing new goes at most between two plans of its pools (see `run`).
+/// How long a single host with nothing new goes at most between two plans of its pools (see
+/// `run`).
 const IDLE_PLAN: Duration = Duration::from_secs(5);
 
 /// How long the gauges stand at most while housekeeping ticks change nothing.
@@ -309,16 +310,23 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
             self.follow_clock();
-            // The pools are planned after every turn that may have changed what they need,
-            // and at least every IDLE_PLAN otherwise: their timers (registration, idle and
-            // bind timeouts, lifetimes, back-offs) are minutes long, and a plan is most of
-            // a turn's work (an idle agent's turns were 58% of the simulator's scheduler
-            // turns, and 20% more were its status requests). A fleet member plans often
-            // enough to renew its claims and heartbeat (due every third of a lease) well
-            // inside the lease.
-            let every = self.config.fleet.as_ref().map_or(IDLE_PLAN, |f| IDLE_PLAN.min(f.lease / 10));
+            // The pools are planned after every turn that may have changed what they need
+            // (an event, a pass of the inbox, a change of the book, a back-off that ran out),
+            // and at least every IDLE_PLAN otherwise: a plan is most of a turn's work, and an
+            // idle agent's housekeeping ticks were 58% of the simulator's scheduler turns, its
+            // status requests 20% more. The timers of VMs (idle, registration and bind
+            // timeouts, lifetimes) and teardown retries are acted on up to IDLE_PLAN late. A
+            // fleet member plans every turn: its claims, reads of the fleet's rows and a cold
+            // member's head start are timed in seconds.
             let idle = tick_only
-                && planned.is_some_and(|(changes, at)| changes == self.book.changes() && at.elapsed() < every);
+                && self.fleet.is_none()
+                && planned.is_some_and(|(changes, at)| {
+                    let now = Instant::now();
+                    changes == self.book.changes()
+                        && now.duration_since(at) < IDLE_PLAN
+                        && !self.lifecycle.backoff_ended_between(at, now)
+                        && !self.slots.backoff_ended_between(at, now)
+                });
             if !idle {
                 self.reconcile();
                 planned = Some((self.book.changes(), Instant::now()));

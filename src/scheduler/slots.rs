@@ -56,6 +56,13 @@ pub struct State {
     backoff: super::lifecycle::Backoffs,
 }
 
+impl State {
+    /// Whether a pool's back-off of making slots ran out after `since`, by `now`.
+    pub fn backoff_ended_between(&self, since: tokio::time::Instant, now: tokio::time::Instant) -> bool {
+        self.backoff.ended_between(since, now)
+    }
+}
+
 /// How long a VM restored from a slot may stay in each of its last two states (Finishing:
 /// its job done, the guest powering off; TearingDown) and still be waited for: a restored
 /// VM's guest powers off once its runner exits and its teardown takes a second or two, a

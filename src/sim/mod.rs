@@ -336,7 +336,13 @@ pub fn run_seed(opts: Options) -> Outcome {
     crate::offload::set_inline(Some(Box::new(move || {
         let mut r = latency_rng.borrow_mut();
         let slow = slow_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
-        if slow { Duration::from_secs(r.u64(20..=300)) } else { Duration::from_millis(r.u64(0..=30)) }
+        let (before, after) = (Duration::from_millis(r.u64(0..=30)), Duration::from_millis(r.u64(0..=30)));
+        // A slow call hangs before it acts, or after (done, its answer minutes late).
+        match (slow, r.bool()) {
+            (false, _) => (before, after),
+            (true, true) => (Duration::from_secs(r.u64(20..=300)), after),
+            (true, false) => (before, Duration::from_secs(r.u64(20..=300))),
+        }
     })));
     let caps = config.pools.iter().map(|p| (p.name.clone(), p.max_vms)).collect();
     let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
@@ -496,6 +502,8 @@ impl Sim {
     /// Stops the agent: cleanly (SIGTERM: in-flight work finishes, bounded) or killed.
     fn stop(&mut self, mut inc: Incarnation, clean: bool) {
         self.status_cache = None;
+        // The next agent's timeline knows nothing of this one's teardowns.
+        self.hv.arm().torn_running.clear();
         if clean {
             inc.shutdown.cancel();
             if let Some(agent) = inc.agent.take() {
@@ -629,13 +637,10 @@ impl Sim {
     /// `runnervisor drain` (or `undrain`): whether the agent took it (it cannot while its
     /// store cannot persist it).
     fn admin_drain(&mut self, on: bool) -> bool {
-        let Some(inc) = &self.inc else { return false };
-        let (tx, rx) = oneshot::channel();
-        if inc.events.send(Event::Admin(AdminCommand::Drain(on), tx)).is_err() {
+        if self.inc.is_none() {
             return false;
         }
-        let ok = matches!(inc.rt.block_on(rx), Ok(Reply::Ok(_)));
-        self.status_cache = None;
+        let ok = matches!(self.ask(AdminCommand::Drain(on)), Some(Reply::Ok(_)));
         self.note(format!(
             "operator: {} → {}",
             if on { "drain" } else { "undrain" },
@@ -1271,13 +1276,8 @@ impl Sim {
 
     /// The agent's timeline: every VM's trace it keeps.
     fn timeline(&mut self) -> Option<Vec<crate::timeline::Trace>> {
-        let inc = self.inc.as_ref()?;
-        let (tx, rx) = oneshot::channel();
-        inc.events.send(Event::Admin(AdminCommand::Timeline, tx)).ok()?;
-        let reply = inc.rt.block_on(rx);
-        self.status_cache = None;
-        match reply {
-            Ok(Reply::Timeline(t)) => Some(t),
+        match self.ask(AdminCommand::Timeline)? {
+            Reply::Timeline(t) => Some(t),
             _ => None,
         }
     }
@@ -1658,16 +1658,23 @@ impl Sim {
         if let Some(s) = &self.status_cache {
             return Some(s.clone());
         }
-        let inc = self.inc.as_ref()?;
-        let (tx, rx) = oneshot::channel();
-        inc.events.send(Event::Admin(AdminCommand::Status, tx)).ok()?;
-        match inc.rt.block_on(rx) {
-            Ok(Reply::Status(s)) => {
+        match self.ask(AdminCommand::Status)? {
+            Reply::Status(s) => {
                 self.status_cache = Some(s.clone());
                 Some(s)
             }
             _ => None,
         }
+    }
+
+    /// The agent's answer to an operator's command (its runtime runs meanwhile).
+    fn ask(&mut self, cmd: AdminCommand) -> Option<Reply> {
+        let inc = self.inc.as_ref()?;
+        let (tx, rx) = oneshot::channel();
+        inc.events.send(Event::Admin(cmd, tx)).ok()?;
+        let reply = inc.rt.block_on(rx).ok();
+        self.status_cache = None;
+        reply
     }
 }
 

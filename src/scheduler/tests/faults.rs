@@ -33,6 +33,33 @@ async fn api_failures_back_off_and_the_job_is_still_served() {
     h.shutdown().await;
 }
 
+/// An agent with nothing new plans its pools only every `IDLE_PLAN`, but a back-off that
+/// runs out at once: the waiting VM is bound as it ends, not up to `IDLE_PLAN` later (no
+/// sweep or sync comes in between to plan).
+#[tokio::test(start_paused = true)]
+async fn a_back_off_that_runs_out_is_acted_on_at_once_by_an_idle_agent() {
+    let mut h = harness_tweaked(
+        "",
+        |_| {},
+        |c| {
+            c.reconcile.sweep_interval = Duration::from_secs(600);
+            c.reconcile.github_interval = Duration::from_secs(600);
+        },
+    );
+    h.gh.lock().fail_calls.insert("jit", 1);
+    h.deliver(JobAction::Queued, info(52, LABELS, None));
+    h.wait_for("bound after the API error", Duration::from_secs(20), |_, hv| hv.lock().delivered.len() == 1).await;
+    let jit: Vec<Instant> = {
+        let gh = h.gh.lock();
+        gh.calls.iter().zip(&gh.call_times).filter(|(c, _)| *c == "jit").map(|(_, t)| *t).collect()
+    };
+    assert_eq!(jit.len(), 2, "{jit:?}");
+    // 2 s of back-off, then the next housekeeping tick (1 s).
+    let gap = jit[1] - jit[0];
+    assert!(gap >= Duration::from_secs(2) && gap < Duration::from_secs(4), "bound again after {gap:?}");
+    h.shutdown().await;
+}
+
 /// A cold VM whose guest never takes its runner command (an image without the guest unit,
 /// or a broken one) costs its job an attempt, like a VM that dies: replaced, then given up.
 #[tokio::test(start_paused = true)]
