@@ -178,6 +178,9 @@ struct Sim {
     hv_up_at: Option<Duration>,
     /// When the operator undrains the agent it drained (tried again until it takes).
     undrain_at: Option<Duration>,
+    /// A drain the agent died in (its answer lost: whether its store kept it, the agent's
+    /// next start tells), and for how long the operator meant it.
+    drain_unanswered: Option<Duration>,
     disk_room_at: Option<Duration>,
     store_room_at: Option<Duration>,
     never_online: u32,
@@ -313,84 +316,7 @@ fn install_panic_hook() {
 
 /// Runs one seed.
 pub fn run_seed(opts: Options) -> Outcome {
-    install_panic_hook();
-    PANICS.with(|p| p.borrow_mut().clear());
-    // Whatever draws from fastrand's thread-local generator (entropy for guests) draws the
-    // same every run of this seed.
-    fastrand::seed(opts.seed);
-    let mut rng = Rng::with_seed(opts.seed);
-    let image = image();
-    let config = draw_config(&mut rng, &image);
-    let time = Time::default();
-    let disk = disk::Disk::default();
-    let hub = SimGitHub {
-        hub: Arc::new(std::sync::Mutex::new(Hub::new(time.clone(), config.github.api_timeout, config.github.scope()))),
-        disk: disk.clone(),
-    };
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let fake = Arc::new(FakeHypervisor::new(tx));
-    fake.lock().forget_seeds = true;
-    let hv = Arc::new(hv::SimHv::new(fake.clone(), disk.clone()));
-    let slow = Arc::new(AtomicU32::new(0));
-    let (latency_rng, slow_left) = (std::cell::RefCell::new(Rng::with_seed(opts.seed ^ 0x5eed)), slow.clone());
-    crate::offload::set_inline(Some(Box::new(move || {
-        let mut r = latency_rng.borrow_mut();
-        let slow = slow_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
-        let (before, after) = (Duration::from_millis(r.u64(0..=30)), Duration::from_millis(r.u64(0..=30)));
-        // A slow call hangs before it acts, or after (done, its answer minutes late).
-        match (slow, r.bool()) {
-            (false, _) => (before, after),
-            (true, true) => (Duration::from_secs(r.u64(20..=300)), after),
-            (true, false) => (before, Duration::from_secs(r.u64(20..=300))),
-        }
-    })));
-    let caps = config.pools.iter().map(|p| (p.name.clone(), p.max_vms)).collect();
-    let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
-    let mut sim = Sim {
-        rng,
-        opts,
-        time,
-        hub,
-        fake,
-        hv,
-        disk,
-        config: Arc::new(config),
-
-        caps,
-        repo_caps,
-        inc: None,
-        trace: Vec::new(),
-        faults: 0,
-        jobs: 0,
-        next_job: 1000,
-        guests: BTreeMap::new(),
-        delivered_seen: 0,
-        completions: Vec::new(),
-        killed: BTreeSet::new(),
-        domains_seen: BTreeMap::new(),
-        domains_created: BTreeMap::new(),
-        hv_up_at: None,
-        undrain_at: None,
-        disk_room_at: None,
-        store_room_at: None,
-        never_online: 0,
-        slow,
-        violation: None,
-        step: 0,
-        t: Duration::ZERO,
-        settled_at: None,
-        idle_since: BTreeMap::new(),
-        waited: BTreeMap::new(),
-        waited_checked: None,
-        idle_timeouts: BTreeMap::new(),
-        pools_ever: Vec::new(),
-        status_cache: None,
-    };
-    for p in &sim.config.pools {
-        sim.idle_timeouts.insert(p.name.clone(), p.idle_timeout);
-        sim.pools_ever.push((p.name.clone(), p.labels.clone()));
-    }
-    sim.note(format!("world: {}", sim.describe_config()));
+    let mut sim = Sim::new(opts);
     sim.start(Duration::ZERO);
     while sim.violation.is_none() && sim.step < opts.steps {
         sim.step += 1;
@@ -399,10 +325,7 @@ pub fn run_seed(opts: Options) -> Outcome {
     if sim.violation.is_none() {
         sim.settle();
     }
-    if let Some(inc) = sim.inc.take() {
-        sim.stop(inc, false);
-    }
-    crate::offload::set_inline(None);
+    sim.end();
     Outcome {
         seed: opts.seed,
         steps: sim.step,
@@ -414,6 +337,103 @@ pub fn run_seed(opts: Options) -> Outcome {
 }
 
 impl Sim {
+    /// The world the seed draws, the agent not started yet; on this thread, until
+    /// [`Sim::end`], blocking calls are inline with drawn latencies.
+    fn new(opts: Options) -> Sim {
+        install_panic_hook();
+        PANICS.with(|p| p.borrow_mut().clear());
+        // Whatever draws from fastrand's thread-local generator (entropy for guests) draws the
+        // same every run of this seed.
+        fastrand::seed(opts.seed);
+        let mut rng = Rng::with_seed(opts.seed);
+        let image = image();
+        let config = draw_config(&mut rng, &image);
+        let time = Time::default();
+        let disk = disk::Disk::default();
+        let hub = SimGitHub {
+            hub: Arc::new(std::sync::Mutex::new(Hub::new(
+                time.clone(),
+                config.github.api_timeout,
+                config.github.scope(),
+            ))),
+            disk: disk.clone(),
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let fake = Arc::new(FakeHypervisor::new(tx));
+        fake.lock().forget_seeds = true;
+        let hv = Arc::new(hv::SimHv::new(fake.clone(), disk.clone()));
+        let slow = Arc::new(AtomicU32::new(0));
+        let (latency_rng, slow_left) = (std::cell::RefCell::new(Rng::with_seed(opts.seed ^ 0x5eed)), slow.clone());
+        crate::offload::set_inline(Some(Box::new(move || {
+            let mut r = latency_rng.borrow_mut();
+            let slow = slow_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+            let (before, after) = (Duration::from_millis(r.u64(0..=30)), Duration::from_millis(r.u64(0..=30)));
+            // A slow call hangs before it acts, or after (done, its answer minutes late).
+            match (slow, r.bool()) {
+                (false, _) => (before, after),
+                (true, true) => (Duration::from_secs(r.u64(20..=300)), after),
+                (true, false) => (before, Duration::from_secs(r.u64(20..=300))),
+            }
+        })));
+        let caps = config.pools.iter().map(|p| (p.name.clone(), p.max_vms)).collect();
+        let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
+        let mut sim = Sim {
+            rng,
+            opts,
+            time,
+            hub,
+            fake,
+            hv,
+            disk,
+            config: Arc::new(config),
+
+            caps,
+            repo_caps,
+            inc: None,
+            trace: Vec::new(),
+            faults: 0,
+            jobs: 0,
+            next_job: 1000,
+            guests: BTreeMap::new(),
+            delivered_seen: 0,
+            completions: Vec::new(),
+            killed: BTreeSet::new(),
+            domains_seen: BTreeMap::new(),
+            domains_created: BTreeMap::new(),
+            hv_up_at: None,
+            undrain_at: None,
+            drain_unanswered: None,
+            disk_room_at: None,
+            store_room_at: None,
+            never_online: 0,
+            slow,
+            violation: None,
+            step: 0,
+            t: Duration::ZERO,
+            settled_at: None,
+            idle_since: BTreeMap::new(),
+            waited: BTreeMap::new(),
+            waited_checked: None,
+            idle_timeouts: BTreeMap::new(),
+            pools_ever: Vec::new(),
+            status_cache: None,
+        };
+        for p in &sim.config.pools {
+            sim.idle_timeouts.insert(p.name.clone(), p.idle_timeout);
+            sim.pools_ever.push((p.name.clone(), p.labels.clone()));
+        }
+        sim.note(format!("world: {}", sim.describe_config()));
+        sim
+    }
+
+    /// The agent stops where it is; blocking calls leave the simulator's hands.
+    fn end(&mut self) {
+        if let Some(inc) = self.inc.take() {
+            self.stop(inc, false);
+        }
+        crate::offload::set_inline(None);
+    }
+
     fn note(&mut self, line: String) {
         self.trace.push(format!("[{} {}] {line}", self.step, secs(self.t)));
     }
@@ -495,7 +515,16 @@ impl Sim {
                 let events = agent.events.clone();
                 self.inc = Some(Incarnation { rt, agent: Some(agent), events, shutdown, reloads: reload_tx, metrics });
             }
-            Err(e) => self.violate(format!("agent: does not start: {e}")),
+            Err(e) => return self.violate(format!("agent: does not start: {e}")),
+        }
+        // The operator whose drain went unanswered looks at `runnervisor status`: a drain the
+        // store kept is undone when the operator meant it to end.
+        if let Some(d) = self.drain_unanswered.take()
+            && self.status().is_some_and(|s| s.draining)
+            && self.undrain_at.is_none()
+        {
+            self.undrain_at = Some(self.t + d);
+            self.note("operator: the agent is draining after its restart (its store kept the drain it died in)".into());
         }
     }
 
@@ -533,7 +562,7 @@ impl Sim {
         if self.inc.is_none() {
             return;
         }
-        if self.undrain_at.is_some_and(|t| t <= self.t) && self.admin_drain(false) {
+        if self.undrain_at.is_some_and(|t| t <= self.t) && self.admin_drain(false) == Some(true) {
             self.undrain_at = None;
         }
         let dt = match self.rng.u32(0..100) {
@@ -635,18 +664,19 @@ impl Sim {
     }
 
     /// `runnervisor drain` (or `undrain`): whether the agent took it (it cannot while its
-    /// store cannot persist it).
-    fn admin_drain(&mut self, on: bool) -> bool {
-        if self.inc.is_none() {
-            return false;
-        }
+    /// store cannot persist it); `None`: no answer, the agent died writing it (its store may
+    /// have kept it or not).
+    fn admin_drain(&mut self, on: bool) -> Option<bool> {
+        self.inc.as_ref()?;
         let ok = matches!(self.ask(AdminCommand::Drain(on)), Some(Reply::Ok(_)));
-        self.note(format!(
-            "operator: {} → {}",
-            if on { "drain" } else { "undrain" },
-            if ok { "ok" } else { "refused" }
-        ));
-        ok
+        let answer = (!self.disk.dead()).then_some(ok);
+        let said = match answer {
+            Some(true) => "ok",
+            Some(false) => "refused",
+            None => "no answer (the agent died writing it)",
+        };
+        self.note(format!("operator: {} → {said}", if on { "drain" } else { "undrain" }));
+        answer
     }
 
     /// Guests that got their runner command start it; runners whose VM is gone go offline
@@ -1045,10 +1075,17 @@ impl Sim {
             Fault::Reload => return self.reload(),
             Fault::Drain => {
                 let d = Duration::from_secs(self.rng.u64(10..=1800));
-                if self.undrain_at.is_some() || !self.admin_drain(true) {
+                if self.undrain_at.is_some() {
                     return;
                 }
-                self.undrain_at = Some(now + d);
+                match self.admin_drain(true) {
+                    Some(true) => self.undrain_at = Some(now + d),
+                    Some(false) => return,
+                    None => {
+                        self.drain_unanswered = Some(d);
+                        return;
+                    }
+                }
                 format!("the operator drains the agent for {}", secs(d))
             }
             Fault::StoreFull => {
@@ -1374,7 +1411,7 @@ impl Sim {
             self.fake.send(HvEvent::Reconnected);
         }
         self.hv_up_at = None;
-        if self.undrain_at.take().is_some() && !self.admin_drain(false) {
+        if self.undrain_at.take().is_some() && self.admin_drain(false) != Some(true) {
             return self.violate("the agent refuses to undrain with its store healthy".into());
         }
         {
