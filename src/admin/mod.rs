@@ -156,6 +156,11 @@ pub async fn request(path: &Path, req: &Request) -> Result<Reply, AdminError> {
         .await
         .map_err(|_| proto("no answer within 30 s".into()))?
         .map_err(|e| proto(e.to_string()))?;
+    if reply.is_empty() {
+        return Err(proto(
+            "the agent closed the connection without an answer (it may have stopped while doing it: see `runnervisor status` once it runs, and its journal)".into(),
+        ));
+    }
     parse_reply(&reply).map_err(proto)
 }
 
@@ -428,5 +433,21 @@ mod tests {
         assert!(bind(&path, None).is_err(), "a live socket is not replaced");
         drop(listener);
         assert!(matches!(bind(&dir.join("b.sock"), Some("no-such-group-xyz")), Err(AdminError::NoGroup(_))));
+    }
+
+    /// An agent that goes away while it does a command leaves the operator told so, with
+    /// where to look: not a JSON parser's complaint about an empty line.
+    #[tokio::test]
+    async fn a_command_the_agent_never_answers_says_so() {
+        let dir = crate::test_support::tempdir();
+        let path = dir.join("admin.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).await.unwrap();
+        });
+        let err = request(&path, &Request::Drain).await.unwrap_err().to_string();
+        assert!(err.contains("closed the connection without an answer") && err.contains("runnervisor status"), "{err}");
     }
 }

@@ -21,7 +21,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     meta: vec![("draining".into(), if on { b"1".to_vec() } else { b"0".to_vec() })],
                     ..Default::default()
                 }) {
-                    return Reply::Error(format!("cannot persist drain state: {e}"));
+                    // The store may still have kept it (an error after its last write): what it
+                    // holds is applied at the next start, and the command is safe to repeat.
+                    let now = if self.draining { "draining" } else { "taking jobs" };
+                    return Reply::Error(format!(
+                        "cannot persist drain state: {e}; the agent goes on {now} (run the command again once its store works: whether the store kept it shows in `runnervisor status` after a restart)"
+                    ));
                 }
                 self.draining = on;
                 self.metrics.draining.set(on as i64);

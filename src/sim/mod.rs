@@ -664,10 +664,12 @@ impl Sim {
     }
 
     /// `runnervisor drain` (or `undrain`): whether the agent took it (it cannot while its
-    /// store cannot persist it); `None`: no answer, the agent died writing it (its store may
-    /// have kept it or not).
+    /// store cannot persist it, nor while it is down); `None`: no answer, the agent died
+    /// writing it (its store may have kept it or not).
     fn admin_drain(&mut self, on: bool) -> Option<bool> {
-        self.inc.as_ref()?;
+        if self.inc.is_none() {
+            return Some(false);
+        }
         let ok = matches!(self.ask(AdminCommand::Drain(on)), Some(Reply::Ok(_)));
         let answer = (!self.disk.dead()).then_some(ok);
         let said = match answer {
