@@ -62,7 +62,7 @@ impl Backoffs {
 pub struct State {
     /// Pool-level back-off after failures of the host (provisioning errors, VMs paused on
     /// a full disk), until a VM of the pool has its runner online.
-    backoff: Backoffs,
+    pub(super) backoff: Backoffs,
     /// When each surplus runner became surplus (see [`super::demand::plan`]).
     pub surplus_since: BTreeMap<String, Instant>,
 }
@@ -75,11 +75,6 @@ fn step(pool: &str, step: &str) -> StepLabels {
 impl State {
     pub fn backing_off(&self, pool: &str, now: Instant) -> bool {
         self.backoff.active(pool, now)
-    }
-
-    /// Whether a pool's back-off ran out after `since`, by `now`.
-    pub fn backoff_ended_between(&self, since: Instant, now: Instant) -> bool {
-        self.backoff.ended_between(since, now)
     }
 }
 

@@ -324,8 +324,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     let now = Instant::now();
                     changes == self.book.changes()
                         && now.duration_since(at) < IDLE_PLAN
-                        && !self.lifecycle.backoff_ended_between(at, now)
-                        && !self.slots.backoff_ended_between(at, now)
+                        && !self.lifecycle.backoff.ended_between(at, now)
+                        && !self.slots.backoff.ended_between(at, now)
                 });
             if !idle {
                 self.reconcile();

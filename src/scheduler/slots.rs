@@ -53,14 +53,7 @@ pub struct State {
     /// Pools whose slots failed to save or restore: no slot of theirs is made before the
     /// back-off ends (their jobs boot cold meanwhile, and VMs restored from their other
     /// slots are bound as usual).
-    backoff: super::lifecycle::Backoffs,
-}
-
-impl State {
-    /// Whether a pool's back-off of making slots ran out after `since`, by `now`.
-    pub fn backoff_ended_between(&self, since: tokio::time::Instant, now: tokio::time::Instant) -> bool {
-        self.backoff.ended_between(since, now)
-    }
+    pub(super) backoff: super::lifecycle::Backoffs,
 }
 
 /// How long a VM restored from a slot may stay in each of its last two states (Finishing:
