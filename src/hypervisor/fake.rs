@@ -112,6 +112,11 @@ impl FakeState {
     pub fn metadata_of(&mut self, xml: &str) -> Option<super::VmMetadata> {
         cached(&mut self.parsed, self.domains.len(), xml)
     }
+
+    /// Whether a domain of this name runs.
+    pub fn runs(&self, name: &str) -> bool {
+        self.domains.get(name).is_some_and(|d| d.0 == DomainState::Running)
+    }
 }
 
 /// The metadata of `xml` from `parsed`, or parsed and remembered.
@@ -385,7 +390,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
         let s = self.up()?;
-        let running = s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running);
+        let running = s.runs(vm);
         // A restored guest resumes where it was saved: waiting.
         let booting = s.guests_booting && !s.saved.contains_key(vm);
         Ok(running && !booting && !s.took_command.contains(vm))
@@ -394,7 +399,7 @@ impl Hypervisor for FakeHypervisor {
     fn deliver(&self, vm: &str, message: &[u8], ack: &str, _timeout: std::time::Duration) -> Result<(), HvError> {
         let mut s = self.up()?;
         let fail = |m: &str| Err(HvError::Libvirt { op: "deliver", name: vm.into(), message: m.into() });
-        if !s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running) {
+        if !s.runs(vm) {
             return fail("domain not running");
         }
         if s.guests_deaf.contains(vm) {
@@ -427,7 +432,7 @@ impl Hypervisor for FakeHypervisor {
     fn save(&self, vm: &str) -> Result<(), HvError> {
         self.maybe_stall(|s| &mut s.stall_saves);
         let mut s = self.up()?;
-        if !s.domains.get(vm).is_some_and(|d| d.0 == DomainState::Running) {
+        if !s.runs(vm) {
             return Err(missing("save", vm));
         }
         s.volumes.insert(save_volume_name(vm));

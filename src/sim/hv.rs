@@ -40,10 +40,7 @@ impl SimHv {
 
     /// Notes a domain about to be torn down if it runs.
     fn note_running(&self, name: &str) {
-        let running = {
-            let s = self.fake.lock();
-            s.domains.get(name).is_some_and(|(st, _)| *st == crate::hypervisor::DomainState::Running)
-        };
+        let running = self.fake.lock().runs(name);
         if running {
             self.arm().torn_running.push(name.to_string());
         }
