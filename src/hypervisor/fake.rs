@@ -91,6 +91,12 @@ pub struct FakeState {
     pub took_command: BTreeSet<String>,
     /// Runner commands delivered into warm VMs (VM, message), in order.
     pub delivered: Vec<(String, String)>,
+    /// The boot (see `boots`) each of `delivered` went into: its runner lives as long as
+    /// that boot, not as long as a domain of its name.
+    pub delivered_boots: Vec<usize>,
+    /// The boot each domain last started or was restored in, numbered across domains:
+    /// a domain of the same name restored later is another boot.
+    pub boots: BTreeMap<String, usize>,
     /// Descriptions set on VMs, by VM.
     pub descriptions: BTreeMap<String, String>,
     /// The network's DHCP host entries, by VM (`reserve_address`); its range is
@@ -116,6 +122,11 @@ impl FakeState {
     /// Whether a domain of this name runs.
     pub fn runs(&self, name: &str) -> bool {
         self.domains.get(name).is_some_and(|d| d.0 == DomainState::Running)
+    }
+
+    /// Whether a domain of this name runs, in this boot (see `boots`).
+    pub fn runs_in(&self, name: &str, boot: usize) -> bool {
+        self.runs(name) && self.boots.get(name) == Some(&boot)
     }
 }
 
@@ -335,6 +346,8 @@ impl Hypervisor for FakeHypervisor {
         s.domains.insert(name.to_string(), (DomainState::Running, xml.to_string()));
         s.took_command.remove(name);
         s.started_total += 1;
+        let boot = s.started_total + s.restored_total;
+        s.boots.insert(name.to_string(), boot);
         if s.metadata_of(&xml).is_some_and(|m| m.warm) {
             s.warm_started += 1;
         }
@@ -408,6 +421,8 @@ impl Hypervisor for FakeHypervisor {
         let message = String::from_utf8_lossy(message).into_owned();
         assert!(ack.starts_with("ACK ") && message.ends_with('\n'), "protocol: {ack:?}");
         s.delivered.push((vm.to_string(), message));
+        let boot = s.boots.get(vm).copied().unwrap_or_default();
+        s.delivered_boots.push(boot);
         s.took_command.insert(vm.to_string());
         let lost = s.acks_lost.contains(vm);
         drop(s);
@@ -476,6 +491,8 @@ impl Hypervisor for FakeHypervisor {
         s.domains.insert(saved.to_string(), (DomainState::Running, xml));
         s.took_command.remove(saved);
         s.restored_total += 1;
+        let boot = s.started_total + s.restored_total;
+        s.boots.insert(saved.to_string(), boot);
         let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
         s.peak_running = s.peak_running.max(running);
         Ok(())

@@ -82,6 +82,8 @@ pub struct Hub {
     pub outbox: Vec<(Duration, Hook)>,
     /// Every delivery posted (or given up), as GitHub's log shows it.
     pub log: Vec<DeliveryInfo>,
+    /// The jobs a delivery of which the agent took (answered 2xx; [`Hub::answered`]).
+    pub heard: BTreeSet<u64>,
     /// Each delivery's payload, by guid (what a redelivery sends again).
     pub bodies: BTreeMap<String, String>,
     /// The next `left` calls fail so.
@@ -103,6 +105,7 @@ impl Hub {
             next_delivery: 0,
             outbox: Vec::new(),
             log: Vec::new(),
+            heard: BTreeSet::new(),
             bodies: BTreeMap::new(),
             fault: None,
             rate_limited_until: None,
@@ -168,11 +171,13 @@ impl Hub {
         self.outbox.push((self.time.now() + delay, hook));
     }
 
-    /// The jobs a delivery of which the agent took (answered 2xx): their guids are
-    /// `g<job>-<delivery>` ([`Hub::emit`]).
-    pub fn jobs_delivered(&self) -> BTreeSet<u64> {
-        let ok = self.log.iter().filter(|d| (200..300).contains(&d.status_code));
-        ok.filter_map(|d| d.guid.strip_prefix('g')?.split('-').next()?.parse().ok()).collect()
+    /// Notes that the agent answered a post of this delivery (`code`), whatever GitHub's log
+    /// says of it (a delivery lost after the agent took it is logged as failed).
+    pub fn answered(&mut self, hook: &Hook, code: u16) {
+        let job = hook.guid.strip_prefix('g').and_then(|g| g.split('-').next()?.parse().ok());
+        if let Some(job) = job.filter(|_| (200..300).contains(&code)) {
+            self.heard.insert(job);
+        }
     }
 
     /// Logs a delivery GitHub made (`code`: the agent's answer; 0: none).

@@ -140,6 +140,9 @@ struct Incarnation {
 
 struct Guest {
     domain: String,
+    /// The domain's boot it runs in (a runner dies with its VM: a domain of the same name
+    /// restored later is not its VM).
+    boot: usize,
     online_at: Duration,
     never: bool,
 }
@@ -684,12 +687,13 @@ impl Sim {
     /// Guests that got their runner command start it; runners whose VM is gone go offline
     /// (a job they ran fails).
     fn follow_guests(&mut self, now: Duration) {
-        let delivered: Vec<(String, String)> = {
+        let delivered: Vec<((String, String), usize)> = {
             let s = self.fake.lock();
-            s.delivered[self.delivered_seen..].to_vec()
+            let boots = s.delivered_boots[self.delivered_seen..].iter().copied();
+            s.delivered[self.delivered_seen..].iter().cloned().zip(boots).collect()
         };
         self.delivered_seen += delivered.len();
-        for (domain, message) in delivered {
+        for ((domain, message), boot) in delivered {
             let Ok(doc) = serde_json::from_str::<serde_json::Value>(&message) else {
                 self.violate(format!("guest: the runner command into {domain} is not JSON"));
                 continue;
@@ -717,18 +721,18 @@ impl Sim {
             let never = self.never_online > 0;
             self.never_online = self.never_online.saturating_sub(1);
             let online_at = now + Duration::from_millis(self.rng.u64(1000..=20_000));
-            self.guests.insert(name, Guest { domain, online_at, never });
+            self.guests.insert(name, Guest { domain, boot, online_at, never });
         }
         let running: BTreeSet<String> = {
             let s = self.fake.lock();
-            s.domains.iter().filter(|(_, (st, _))| *st == DomainState::Running).map(|(n, _)| n.clone()).collect()
+            self.guests.iter().filter(|(_, g)| s.runs_in(&g.domain, g.boot)).map(|(n, _)| n.clone()).collect()
         };
         let mut lost = Vec::new();
         {
             let mut hub = self.hub.lock();
             for (name, g) in &self.guests {
                 let Some(r) = hub.runner_named_mut(name) else { continue };
-                if running.contains(&g.domain) {
+                if running.contains(name) {
                     if !g.never && g.online_at <= now {
                         r.online = true;
                     }
@@ -819,8 +823,10 @@ impl Sim {
                 }
                 runner
             };
-            if let Some(domain) = runner.and_then(|r| self.guests.remove(&r)).map(|g| g.domain) {
-                // Its guest powers off; libvirt's event is lost now and then.
+            let guest = runner.and_then(|r| self.guests.remove(&r));
+            // Its guest powers off (unless its boot ended: a domain of its name may run another
+            // VM); libvirt's event is lost now and then.
+            if let Some(domain) = guest.filter(|g| self.fake.lock().runs_in(&g.domain, g.boot)).map(|g| g.domain) {
                 if self.opts.faults && self.rng.u8(0..10) == 0 {
                     if let Some(d) = self.fake.lock().domains.get_mut(&domain) {
                         d.0 = DomainState::Stopped;
@@ -847,14 +853,16 @@ impl Sim {
         for (_, hook) in due {
             let lost = self.opts.faults && self.rng.u8(0..25) == 0;
             let twice = self.opts.faults && self.rng.u8(0..25) == 0;
+            // A lost delivery posted twice: the agent took it, GitHub's log says it failed.
             let code = if lost { 0 } else { post(app, &hook).await };
-            if twice {
-                post(app, &hook).await;
-            }
+            let again = if twice { post(app, &hook).await } else { 0 };
             if lost || !(200..300).contains(&code) {
                 self.note(format!("delivery {} ({} {}) answered {code}", hook.id, hook.guid, hook.action));
             }
-            self.hub.lock().logged(&hook, code);
+            let mut hub = self.hub.lock();
+            hub.logged(&hook, code);
+            hub.answered(&hook, code);
+            hub.answered(&hook, again);
         }
     }
 
@@ -1527,7 +1535,7 @@ impl Sim {
         let hub = self.hub.lock();
         // Without a hook nothing reads the delivery log: a job whose deliveries all failed
         // never reaches the agent (GitHub does not retry them on its own).
-        let delivered = self.config.github.hook.is_none().then(|| hub.jobs_delivered());
+        let delivered = self.config.github.hook.is_none().then_some(&hub.heard);
         let unheard = |j: &&github::Job| delivered.as_ref().is_some_and(|d| !d.contains(&j.id));
         let open = hub.jobs.values().filter(|j| j.status == GStatus::Queued && hub.in_scope(j));
         open.filter(|j| j.pool.as_deref().is_some_and(|p| pools.contains(p)) && !unheard(j)).map(|j| j.id).collect()
@@ -1556,7 +1564,7 @@ impl Sim {
             // max_attempts), i.e. neither queues it nor has a VM for it; that it was given
             // up, not lost, the store says at the end (`check_at_rest`).
             let Some(status) = self.status() else { return Err("the agent gives no status".into()) };
-            let taken = self.hub.lock().jobs_delivered();
+            let taken = self.hub.lock().heard.clone();
             let serving: Vec<u64> = open
                 .iter()
                 .copied()
@@ -1650,19 +1658,16 @@ impl Sim {
         if let Err(why) = self.check_warm_churn() {
             return self.violate(why);
         }
-        let Some(status) = self.status() else { return self.violate("no status at rest".into()) };
-        let rendered = self.inc.as_ref().map(|i| i.metrics.render()).unwrap_or_default();
-        for p in &self.config.pools {
-            let vms = status.vms.iter().filter(|v| v.pool == p.name).count() as u64;
-            let gauge: u64 = rendered
-                .lines()
-                .filter(|l| l.starts_with("runnervisor_vms{") && l.contains(&format!("pool=\"{}\"", p.name)))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .map(|v| v as u64)
-                .sum();
-            if gauge != vms {
-                return self
-                    .violate(format!("metrics: runnervisor_vms of pool {} = {gauge}, status shows {vms}", p.name));
+        // The agent may still be acting at rest (a warm VM replaced as its lifetime ends)
+        // and its runtime runs on past the status's answer before the metrics are read:
+        // they must agree when the status did not change around the reading.
+        for tries in 1.. {
+            let Some(before) = self.fresh_status() else { return self.violate("no status at rest".into()) };
+            let rendered = self.inc.as_ref().map(|i| i.metrics.render()).unwrap_or_default();
+            let Some(why) = self.gauges_disagree(&before, &rendered) else { break };
+            let after = self.fresh_status().map(|s| vm_list(&s));
+            if after.as_ref() == Some(&vm_list(&before)) || tries == 5 {
+                return self.violate(why);
             }
         }
         // Stopped cleanly, the store holds what the hypervisor has.
@@ -1704,6 +1709,38 @@ impl Sim {
             }
             _ => None,
         }
+    }
+
+    /// The agent's status as it is now (not as of this turn of the world).
+    fn fresh_status(&mut self) -> Option<Status> {
+        self.status_cache = None;
+        self.status()
+    }
+
+    /// How the rendered `runnervisor_vms` gauges differ from the VMs of `status`, by pool and
+    /// state.
+    fn gauges_disagree(&self, status: &Status, rendered: &str) -> Option<String> {
+        let mut counted: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for v in &status.vms {
+            *counted.entry((v.pool.as_str(), v.state.as_str())).or_default() += 1;
+        }
+        for p in &self.config.pools {
+            for s in crate::model::VmState::ALL {
+                let label = format!("runnervisor_vms{{pool=\"{}\",state=\"{}\"}} ", p.name, s.as_str());
+                let gauge =
+                    rendered.lines().find_map(|l| l.strip_prefix(&label)?.parse::<f64>().ok()).map_or(0, |v| v as u64);
+                let vms = counted.get(&(p.name.as_str(), s.as_str())).copied().unwrap_or(0);
+                if gauge != vms {
+                    return Some(format!(
+                        "metrics: runnervisor_vms of pool {} in state {} = {gauge}, status shows {vms}: {:?}",
+                        p.name,
+                        s.as_str(),
+                        vm_list(status)
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// The agent's answer to an operator's command (its runtime runs meanwhile).

@@ -146,3 +146,61 @@ fn a_drain_the_agent_died_in_is_found_after_its_restart() {
     }
     assert!(kept > 0 && lost > 0, "kept {kept}, lost {lost}: both cases");
 }
+
+/// A guest's runner dies with its VM: a domain of the same name started again (a snapshot
+/// slot's domain restored for the next job) runs another guest and does not bring the
+/// runner back. (The world tied runners to domain names and gave a job to the runner of a
+/// VM torn down before: "a running job's VM destroyed", seed 11441.)
+#[test]
+fn a_runner_dies_with_its_vm_not_with_its_domain_name() {
+    use crate::hypervisor::Hypervisor;
+    let mut sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
+    let vm = "rv-sim-1";
+    let boot = |sim: &Sim| {
+        sim.fake.define(vm, &format!("<domain><name>{vm}</name></domain>")).unwrap();
+        sim.fake.start(vm).unwrap();
+    };
+    let online = |sim: &Sim| sim.hub.lock().runner_named(vm).map(|r| r.online);
+    boot(&sim);
+    let command =
+        format!("{{\"vm\":\"{vm}\",\"runcmd\":[{{\"argv\":[\"./config.sh\",\"--labels\",\"self-hosted\"]}}]}}\n");
+    sim.fake.deliver(vm, command.as_bytes(), "ACK 1", Duration::from_secs(5)).unwrap();
+    sim.follow_guests(Duration::ZERO);
+    sim.follow_guests(Duration::from_secs(30));
+    assert_eq!(online(&sim), Some(true), "{:#?}", sim.trace);
+    sim.fake.teardown(vm);
+    boot(&sim);
+    sim.follow_guests(Duration::from_secs(60));
+    sim.follow_guests(Duration::from_secs(90));
+    assert_eq!(online(&sim), Some(false), "its registration outlives it, offline");
+    assert_eq!(sim.violation, None);
+}
+
+/// A delivery the agent took counts as heard whatever GitHub's log says of it: one lost
+/// (logged as failed) and posted once more was taken. (The world took such a job, which
+/// the agent gave up with its reason, for one never served: seed 5092 of 1,000 steps.)
+#[test]
+fn a_delivery_the_agent_took_is_heard_whatever_the_log_says() {
+    let mut hub = Hub::new(Time::default(), Duration::from_secs(10), crate::config::Scope::Organization("o".into()));
+    let job = github::Job {
+        id: 7,
+        run_id: 70,
+        run_attempt: 1,
+        labels: vec!["self-hosted".into()],
+        repository: github::REPOS[0].into(),
+        pool: None,
+        status: GStatus::Queued,
+        queued_at: Duration::ZERO,
+        runner: None,
+        taken: 0,
+    };
+    hub.jobs.insert(7, job);
+    hub.emit(7, "queued", Duration::ZERO);
+    let (_, hook) = hub.outbox.pop().unwrap();
+    hub.logged(&hook, 0);
+    hub.answered(&hook, 0);
+    hub.answered(&hook, 502);
+    assert!(hub.heard.is_empty());
+    hub.answered(&hook, 202);
+    assert_eq!(hub.heard, BTreeSet::from([7]));
+}
