@@ -92,7 +92,8 @@ pub struct FakeState {
     /// Runner commands delivered into warm VMs (VM, message), in order.
     pub delivered: Vec<(String, String)>,
     /// The boot (see `boots`) each of `delivered` went into: its runner lives as long as
-    /// that boot, not as long as a domain of its name.
+    /// that boot, not as long as a domain of its name. (A vector beside `delivered`, pushed
+    /// with it, not a third field of its pairs: the scheduler's tests read those.)
     pub delivered_boots: Vec<usize>,
     /// The boot each domain last started or was restored in, numbered across domains:
     /// a domain of the same name restored later is another boot.
@@ -421,7 +422,7 @@ impl Hypervisor for FakeHypervisor {
         let message = String::from_utf8_lossy(message).into_owned();
         assert!(ack.starts_with("ACK ") && message.ends_with('\n'), "protocol: {ack:?}");
         s.delivered.push((vm.to_string(), message));
-        let boot = s.boots.get(vm).copied().unwrap_or_default();
+        let boot = *s.boots.get(vm).expect("a running domain was started or restored");
         s.delivered_boots.push(boot);
         s.took_command.insert(vm.to_string());
         let lost = s.acks_lost.contains(vm);

@@ -2,6 +2,7 @@
 //! faults drawn by the seed: calls that fail or panic (their latency, hangs included, is
 //! drawn by [`crate::offload`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -17,9 +18,12 @@ pub struct Armed {
     pub panic: Option<&'static str>,
     /// Calls made, by kind (for the trace's counts).
     pub calls: u64,
-    /// Domains the agent tore down (or destroyed) while they ran, in order: the world asks
-    /// the agent why ([`super::Sim::check_reaps`]).
-    pub torn_running: Vec<String>,
+    /// Domains the agent tore down (or destroyed) while they ran, with the boot they ran
+    /// in, in order: the world asks the agent why ([`super::Sim::check_reaps`]).
+    pub torn_running: Vec<(String, usize)>,
+    /// The VM each boot restored into a snapshot slot's domain is (by its disk's name): a
+    /// slot's domain runs one VM after another, none of its name.
+    pub restored_as: BTreeMap<usize, String>,
 }
 
 pub struct SimHv {
@@ -40,9 +44,12 @@ impl SimHv {
 
     /// Notes a domain about to be torn down if it runs.
     fn note_running(&self, name: &str) {
-        let running = self.fake.lock().runs(name);
-        if running {
-            self.arm().torn_running.push(name.to_string());
+        let boot = {
+            let s = self.fake.lock();
+            s.runs(name).then(|| *s.boots.get(name).expect("a running domain was started or restored"))
+        };
+        if let Some(boot) = boot {
+            self.arm().torn_running.push((name.to_string(), boot));
         }
     }
 
@@ -156,7 +163,13 @@ impl Hypervisor for SimHv {
     }
     fn restore(&self, saved: &str, disk: &Path, console_log: &Path) -> Result<(), HvError> {
         self.enter("restore", saved)?;
-        self.fake.restore(saved, disk, console_log)
+        self.fake.restore(saved, disk, console_log)?;
+        let vm = disk.file_name().and_then(|f| crate::hypervisor::vm_of_volume(f.to_str()?));
+        if let Some(vm) = vm {
+            let boot = *self.fake.lock().boots.get(saved).expect("restored");
+            self.arm().restored_as.insert(boot, vm.to_string());
+        }
+        Ok(())
     }
     fn saved_metadata(&self, saved: &str) -> Result<Option<VmMetadata>, HvError> {
         self.enter("saved_metadata", saved)?;

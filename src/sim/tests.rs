@@ -147,9 +147,9 @@ fn a_drain_the_agent_died_in_is_found_after_its_restart() {
     assert!(kept > 0 && lost > 0, "kept {kept}, lost {lost}: both cases");
 }
 
-/// A guest's runner dies with its VM: a domain of the same name started again (a snapshot
-/// slot's domain restored for the next job) runs another guest and does not bring the
-/// runner back. (The world tied runners to domain names and gave a job to the runner of a
+/// A guest's runner dies with its VM: a domain of the same name started again (as a
+/// snapshot slot's domain is restored for the next job) runs another guest and does not
+/// bring the runner back. (The world tied runners to domain names and gave a job to the runner of a
 /// VM torn down before: "a running job's VM destroyed", seed 11441.)
 #[test]
 fn a_runner_dies_with_its_vm_not_with_its_domain_name() {
@@ -181,26 +181,29 @@ fn a_runner_dies_with_its_vm_not_with_its_domain_name() {
 /// the agent gave up with its reason, for one never served: seed 5092 of 1,000 steps.)
 #[test]
 fn a_delivery_the_agent_took_is_heard_whatever_the_log_says() {
-    let mut hub = Hub::new(Time::default(), Duration::from_secs(10), crate::config::Scope::Organization("o".into()));
-    let job = github::Job {
-        id: 7,
-        run_id: 70,
-        run_attempt: 1,
-        labels: vec!["self-hosted".into()],
-        repository: github::REPOS[0].into(),
-        pool: None,
-        status: GStatus::Queued,
-        queued_at: Duration::ZERO,
-        runner: None,
-        taken: 0,
+    let mut sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
+    sim.start(Duration::ZERO);
+    sim.advance(Duration::from_secs(5));
+    let post = |sim: &mut Sim, lost: bool, twice: bool| {
+        sim.new_jobs(1);
+        let id = *sim.hub.lock().jobs.keys().last().unwrap();
+        let (_, hook) = sim.hub.lock().outbox.pop().unwrap();
+        let inc = sim.inc.take().unwrap();
+        let app = inc.agent.as_ref().unwrap().app.clone();
+        inc.rt.block_on(sim.post_hook(&app, &hook, lost, twice));
+        sim.inc = Some(inc);
+        let logged = sim.hub.lock().log.last().map(|d| d.status_code);
+        (id, logged)
     };
-    hub.jobs.insert(7, job);
-    hub.emit(7, "queued", Duration::ZERO);
-    let (_, hook) = hub.outbox.pop().unwrap();
-    hub.logged(&hook, 0);
-    hub.answered(&hook, 0);
-    hub.answered(&hook, 502);
-    assert!(hub.heard.is_empty());
-    hub.answered(&hook, 202);
-    assert_eq!(hub.heard, BTreeSet::from([7]));
+    let (lost, logged) = post(&mut sim, true, false);
+    assert_eq!(logged, Some(0));
+    assert!(!sim.hub.lock().heard.contains(&lost), "never reached the agent");
+    let (taken, logged) = post(&mut sim, true, true);
+    assert_eq!(logged, Some(0), "GitHub's log says it failed");
+    assert!(sim.hub.lock().heard.contains(&taken), "the agent took it");
+    sim.advance(Duration::from_secs(5));
+    let status = sim.status().unwrap();
+    let known = |id: u64| status.queued.iter().any(|q| q.job_id == id) || status.vms.iter().any(|v| v.job_id == id);
+    assert!(known(taken) && !known(lost), "{status:?}");
+    sim.end();
 }
