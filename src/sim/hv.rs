@@ -24,6 +24,9 @@ pub struct Armed {
     /// The VM each boot restored into a snapshot slot's domain is (by its disk's name): a
     /// slot's domain runs one VM after another, none of its name.
     pub restored_as: BTreeMap<usize, String>,
+    /// When the VM of each boot was made (virtual time), as the metadata its binding
+    /// describes it with says: a boot restored into a slot has the slot's metadata before.
+    pub made: BTreeMap<usize, std::time::Duration>,
 }
 
 pub struct SimHv {
@@ -31,11 +34,13 @@ pub struct SimHv {
     pub armed: Mutex<Armed>,
     /// The agent's disk: once its process died (mid-write), its calls reach nothing.
     pub disk: super::disk::Disk,
+    /// The world's clock (a VM's metadata says when it was made on the host's clock).
+    time: super::time::Time,
 }
 
 impl SimHv {
-    pub fn new(fake: Arc<FakeHypervisor>, disk: super::disk::Disk) -> SimHv {
-        SimHv { fake, armed: Mutex::new(Armed::default()), disk }
+    pub fn new(fake: Arc<FakeHypervisor>, disk: super::disk::Disk, time: super::time::Time) -> SimHv {
+        SimHv { fake, armed: Mutex::new(Armed::default()), disk, time }
     }
 
     pub fn arm(&self) -> std::sync::MutexGuard<'_, Armed> {
@@ -155,7 +160,14 @@ impl Hypervisor for SimHv {
     }
     fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError> {
         self.enter("describe", vm)?;
-        self.fake.describe(vm, metadata, title, description)
+        self.fake.describe(vm, metadata, title, description)?;
+        // Read on the host's clock as it is now (in the runtime: no step between).
+        let made = self.time.host_to_virtual(metadata.created);
+        let boot = self.fake.lock().boots.get(vm).copied();
+        if let Some(boot) = boot {
+            self.arm().made.insert(boot, made);
+        }
+        Ok(())
     }
     fn save(&self, vm: &str) -> Result<(), HvError> {
         self.enter("save", vm)?;

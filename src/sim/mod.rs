@@ -368,7 +368,7 @@ impl Sim {
         let (tx, _rx) = mpsc::unbounded_channel();
         let fake = Arc::new(FakeHypervisor::new(tx));
         fake.lock().forget_seeds = true;
-        let hv = Arc::new(hv::SimHv::new(fake.clone(), disk.clone()));
+        let hv = Arc::new(hv::SimHv::new(fake.clone(), disk.clone(), time.clone()));
         let slow = Arc::new(AtomicU32::new(0));
         let (latency_rng, slow_left) = (std::cell::RefCell::new(Rng::with_seed(opts.seed ^ 0x5eed)), slow.clone());
         crate::offload::set_inline(Some(Box::new(move || {
@@ -752,15 +752,26 @@ impl Sim {
         for (job, domain, boot, runner) in lost {
             let seen = self.domains_seen.get(&domain).map(|(t, _)| now.saturating_sub(*t)).unwrap_or_default();
             let made = self.domains_created.get(&domain).map(|c| now.saturating_sub(*c));
-            let age = made.unwrap_or(seen).max(seen);
+            // A boot restored into a slot: its domain was seen, and made, for the slot's VM;
+            // its own VM's age is what its binding described (unknown without it).
+            let (restored, bound) = {
+                let a = self.hv.arm();
+                (a.restored_as.contains_key(&boot), a.made.get(&boot).map(|m| now.saturating_sub(*m)))
+            };
+            let age = match restored {
+                true => bound,
+                false => Some(made.unwrap_or(seen).max(seen)),
+            };
             let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
             let life = self.config.pools.iter().find(|p| p.name == pool).map(|p| p.max_lifetime);
             let by_fault = self.killed.contains(&(domain.clone(), boot)) || self.skewed.contains(&runner);
-            if !by_fault && life.is_some_and(|l| age + Duration::from_secs(5) < l) {
+            if let (false, Some(age), Some(life)) = (by_fault, age, life)
+                && age + Duration::from_secs(5) < life
+            {
                 self.violate(format!(
                     "a running job's VM destroyed: job {job} on {runner} (domain {domain}, {} old, max_lifetime {})",
                     secs(age),
-                    secs(life.unwrap_or_default())
+                    secs(life)
                 ));
             }
             let mut hub = self.hub.lock();
@@ -1087,7 +1098,10 @@ impl Sim {
                     let fake = self.fake.lock();
                     for v in status.vms {
                         let domain = v.slot.as_ref().unwrap_or(&v.name);
-                        if !fake.domains.contains_key(domain) {
+                        // So may a VM restored into a slot, binding now, in what it describes.
+                        let binding =
+                            v.slot.is_some() && matches!(v.state.as_str(), "provisioning" | "booting" | "binding");
+                        if binding || !fake.domains.contains_key(domain) {
                             self.skewed.insert(v.name);
                         }
                     }

@@ -207,3 +207,45 @@ fn a_delivery_the_agent_took_is_heard_whatever_the_log_says() {
     assert!(known(taken) && !known(lost), "{status:?}");
     sim.end();
 }
+
+/// A slot's domain runs one VM after another, none of its name: a boot restored into it is
+/// the VM whose disk it runs (the reap check judges that VM), made when its binding says
+/// (the job-lost check's age: the slot's domain was seen, and made, for the slot's VM). A
+/// domain torn down while it ran is noted with its boot.
+#[test]
+fn a_boot_restored_into_a_slot_is_the_vm_whose_disk_it_runs() {
+    use crate::hypervisor::{Hypervisor, VmMetadata};
+    use std::path::Path;
+    let sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
+    let (slot, vm) = ("rv-sim-s0", "rv-sim-7");
+    let xml = format!(
+        "<domain><name>{slot}</name><devices><disk><source file='/fake/{slot}.qcow2'/></disk></devices></domain>"
+    );
+    sim.hv.create_overlay(slot, Path::new("/g.qcow2"), 1).unwrap();
+    sim.hv.define(slot, &xml).unwrap();
+    sim.hv.start(slot).unwrap();
+    sim.hv.save(slot).unwrap();
+    sim.hv.restore(slot, Path::new(&format!("/fake/{vm}.qcow2")), Path::new("/l")).unwrap();
+    let boot = sim.fake.lock().boots[slot];
+    assert_eq!(sim.hv.arm().restored_as.get(&boot).map(String::as_str), Some(vm));
+    sim.time.step_host_clock(Step(-3_600_000_000_000));
+    let made = Duration::from_secs(42);
+    let metadata = VmMetadata {
+        job_id: 7,
+        run_id: 70,
+        repository: "o/r".into(),
+        pool: "sim".into(),
+        runner_name: vm.into(),
+        // The host's clock, an hour behind the world's.
+        created: time::epoch() + made - Duration::from_secs(3600),
+        console_log: "/l".into(),
+        job_url: String::new(),
+        warm: false,
+        host: None,
+        made_from: None,
+    };
+    sim.hv.describe(slot, &metadata, "t", "d").unwrap();
+    assert_eq!(sim.hv.arm().made.get(&boot), Some(&made));
+    sim.hv.teardown(slot);
+    assert_eq!(sim.hv.arm().torn_running, [(slot.to_string(), boot)]);
+}
