@@ -26,6 +26,7 @@ pub struct Armed {
     pub restored_as: BTreeMap<usize, String>,
     /// When the VM of each boot was made (virtual time), as the metadata its binding
     /// describes it with says: a boot restored into a slot has the slot's metadata before.
+    /// (Read for those only: another boot's domain says it from its start.)
     pub made: BTreeMap<usize, std::time::Duration>,
 }
 
@@ -161,11 +162,17 @@ impl Hypervisor for SimHv {
     fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError> {
         self.enter("describe", vm)?;
         self.fake.describe(vm, metadata, title, description)?;
-        // Read on the host's clock as it is now (in the runtime: no step between).
+        // Read on the host's clock as it is now (in the runtime: no step between). Only
+        // for the VM the boot runs: a binding cut short (its deadline passed) may describe
+        // its VM after the domain was torn down and restored for the next.
         let made = self.time.host_to_virtual(metadata.created);
-        let boot = self.fake.lock().boots.get(vm).copied();
-        if let Some(boot) = boot {
-            self.arm().made.insert(boot, made);
+        let boot = {
+            let s = self.fake.lock();
+            s.runs(vm).then(|| s.boots.get(vm).copied()).flatten()
+        };
+        let mut a = self.arm();
+        if let Some(boot) = boot.filter(|b| a.restored_as.get(b).is_none_or(|n| *n == metadata.runner_name)) {
+            a.made.insert(boot, made);
         }
         Ok(())
     }

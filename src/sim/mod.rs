@@ -173,9 +173,11 @@ struct Sim {
     /// Boots of domains the world stopped (a crash, a full disk): a job lost on them is the
     /// fault's (a slot's domain restored later runs another VM, which is judged).
     killed: BTreeSet<(String, usize)>,
-    /// VMs on their way when the host's clock was stepped: how old they are the world
-    /// cannot tell (see `Fault::ClockStep`), so a job lost on them is not judged.
+    /// VMs on their way when the host's clock was stepped, and boots restored into a slot
+    /// not yet described by their binding then: how old they are the world cannot tell
+    /// (see `Fault::ClockStep`), so a job lost on them is not judged.
     skewed: BTreeSet<String>,
+    skewed_boots: BTreeSet<usize>,
     /// When each domain was first seen, and its pool.
     domains_seen: BTreeMap<String, (Duration, String)>,
     /// When the agent made each domain's VM, in virtual time (its metadata's `created`, on
@@ -406,6 +408,7 @@ impl Sim {
             completions: Vec::new(),
             killed: BTreeSet::new(),
             skewed: BTreeSet::new(),
+            skewed_boots: BTreeSet::new(),
             domains_seen: BTreeMap::new(),
             domains_created: BTreeMap::new(),
             hv_up_at: None,
@@ -753,19 +756,19 @@ impl Sim {
             let seen = self.domains_seen.get(&domain).map(|(t, _)| now.saturating_sub(*t)).unwrap_or_default();
             let made = self.domains_created.get(&domain).map(|c| now.saturating_sub(*c));
             // A boot restored into a slot: its domain was seen, and made, for the slot's VM;
-            // its own VM's age is what its binding described (unknown without it).
-            let (restored, bound) = {
+            // its own VM is as old as its binding described it (or, undescribed, at most as
+            // old as the slot).
+            let bound = {
                 let a = self.hv.arm();
-                (a.restored_as.contains_key(&boot), a.made.get(&boot).map(|m| now.saturating_sub(*m)))
+                a.made.get(&boot).filter(|_| a.restored_as.contains_key(&boot)).map(|m| now.saturating_sub(*m))
             };
-            let age = match restored {
-                true => bound,
-                false => Some(made.unwrap_or(seen).max(seen)),
-            };
+            let age = bound.unwrap_or(made.unwrap_or(seen).max(seen));
             let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
             let life = self.config.pools.iter().find(|p| p.name == pool).map(|p| p.max_lifetime);
-            let by_fault = self.killed.contains(&(domain.clone(), boot)) || self.skewed.contains(&runner);
-            if let (false, Some(age), Some(life)) = (by_fault, age, life)
+            let by_fault = self.killed.contains(&(domain.clone(), boot))
+                || self.skewed.contains(&runner)
+                || self.skewed_boots.contains(&boot);
+            if let (false, Some(life)) = (by_fault, life)
                 && age + Duration::from_secs(5) < life
             {
                 self.violate(format!(
@@ -1098,14 +1101,16 @@ impl Sim {
                     let fake = self.fake.lock();
                     for v in status.vms {
                         let domain = v.slot.as_ref().unwrap_or(&v.name);
-                        // So may a VM restored into a slot, binding now, in what it describes.
-                        let binding =
-                            v.slot.is_some() && matches!(v.state.as_str(), "provisioning" | "booting" | "binding");
-                        if binding || !fake.domains.contains_key(domain) {
+                        if !fake.domains.contains_key(domain) {
                             self.skewed.insert(v.name);
                         }
                     }
                 }
+                // So may a binding under way into a boot restored into a slot describe it
+                // (with the record it took before the step).
+                let a = self.hv.arm();
+                let undescribed = a.restored_as.keys().filter(|b| !a.made.contains_key(b));
+                self.skewed_boots.extend(undescribed);
                 format!("host clock stepped {by}")
             }
             Fault::Reload => return self.reload(),
@@ -1342,7 +1347,7 @@ impl Sim {
             // A slot's domain runs the VMs restored into it, each of its own name.
             let vm = self.hv.arm().restored_as.get(&boot).cloned().unwrap_or_else(|| domain.clone());
             let stopped = traces.iter().rev().find(|t| t.vm == vm).and_then(|t| t.reason.as_deref()) == Some("stopped");
-            if stopped && !self.killed.contains(&(domain.clone(), boot)) && !self.skewed.contains(&vm) {
+            if stopped && !self.killed.contains(&(domain.clone(), boot)) {
                 return self.violate(format!("VM {vm} (domain {domain}) torn down as stopped while its domain ran"));
             }
         }
