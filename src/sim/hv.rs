@@ -24,9 +24,9 @@ pub struct Armed {
     /// The VM each boot restored into a snapshot slot's domain is (by its disk's name): a
     /// slot's domain runs one VM after another, none of its name.
     pub restored_as: BTreeMap<usize, String>,
-    /// When the VM of each boot was made (virtual time), as the metadata its binding
-    /// describes it with says: a boot restored into a slot has the slot's metadata before.
-    /// (Read for those only: another boot's domain says it from its start.)
+    /// When the VM of each boot restored into a slot was made (virtual time), as the
+    /// metadata its binding describes it with says (its domain's is the slot's VM's;
+    /// another boot's domain says it from its start).
     pub made: BTreeMap<usize, std::time::Duration>,
 }
 
@@ -164,14 +164,14 @@ impl Hypervisor for SimHv {
         self.fake.describe(vm, metadata, title, description)?;
         // Read on the host's clock as it is now (in the runtime: no step between). Only
         // for the VM the boot runs: a binding cut short (its deadline passed) may describe
-        // its VM after the domain was torn down and restored for the next.
+        // its VM after the slot's domain was torn down and restored for the next.
         let made = self.time.host_to_virtual(metadata.created);
         let boot = {
             let s = self.fake.lock();
             s.runs(vm).then(|| s.boots.get(vm).copied()).flatten()
         };
         let mut a = self.arm();
-        if let Some(boot) = boot.filter(|b| a.restored_as.get(b).is_none_or(|n| *n == metadata.runner_name)) {
+        if let Some(boot) = boot.filter(|b| a.restored_as.get(b) == Some(&metadata.runner_name)) {
             a.made.insert(boot, made);
         }
         Ok(())

@@ -758,10 +758,7 @@ impl Sim {
             // A boot restored into a slot: its domain was seen, and made, for the slot's VM;
             // its own VM is as old as its binding described it (or, undescribed, at most as
             // old as the slot).
-            let bound = {
-                let a = self.hv.arm();
-                a.made.get(&boot).filter(|_| a.restored_as.contains_key(&boot)).map(|m| now.saturating_sub(*m))
-            };
+            let bound = self.hv.arm().made.get(&boot).map(|m| now.saturating_sub(*m));
             let age = bound.unwrap_or(made.unwrap_or(seen).max(seen));
             let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
             let life = self.config.pools.iter().find(|p| p.name == pool).map(|p| p.max_lifetime);
