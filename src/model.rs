@@ -250,8 +250,9 @@ pub struct VmRec {
     /// to it. (Every VM boots without a credential; a cold one is made for its job.)
     #[serde(default)]
     pub warm: bool,
-    /// A webhook said the job its runner took completed: GitHub removes an ephemeral
-    /// runner itself then, so teardown does not ask it to (no `DELETE` answered 404). Also
+    /// A webhook said the job its runner took completed, not failed, while the VM lived:
+    /// GitHub removes an ephemeral runner itself then, so teardown does not ask it to (no
+    /// `DELETE` answered 404; a runner that died with its VM fails its job and stays). Also
     /// set when its runner could not be made because a runner had its name (in a fleet,
     /// maybe another member's): teardown must not delete that one.
     #[serde(default)]

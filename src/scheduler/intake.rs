@@ -12,7 +12,7 @@ use super::vm::Input;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
 use crate::metrics::{self, ConclusionLabels};
-use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState, label_set};
+use crate::model::{JobAction, JobEvent, JobInfo, JobRec, JobState, VmState, label_set};
 
 /// Inbox entries applied per commit.
 const INBOX_CHUNK: usize = 1024;
@@ -216,8 +216,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                                 .inc();
                             info!(job_id = id, repository = %ev.job.repository, pool = %vm_pool, vm = %vm, runner_name = %vm, conclusion = %conclusion, "job completed on our runner");
                         }
-                        // The runner ran its one job (it is ephemeral): GitHub removes it.
-                        if let Some(v) = self.book.vms.get_mut(vm) {
+                        // The runner ran its one job (it is ephemeral): GitHub removes it. Not
+                        // so if it died with its VM (a crash, a full disk, its lifetime, seen
+                        // or not yet): GitHub fails the job of a runner it lost and keeps its
+                        // registration (offline, for a day), which the teardown deletes. A job
+                        // that failed or whose VM was going may be such a one: its teardown
+                        // asks (one call; "not found" when GitHub removed it).
+                        let lost = conclusion == "failure";
+                        if let Some(v) = self.book.vms.get_mut(vm).filter(|v| v.state != VmState::TearingDown && !lost)
+                        {
                             v.runner_done = true;
                         }
                         self.book.touch_vm(vm);

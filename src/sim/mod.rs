@@ -125,6 +125,8 @@ const LABEL_SETS: &[&[&str]] = &[
 ];
 /// Labels no pool has (a job for no pool), and a subset any runner above may take.
 const NO_POOL: &[&str] = &["self-hosted", "windows"];
+/// How long a hung job runs: longer than any pool's `max_lifetime` (at most 90 minutes).
+const HUNG: Duration = Duration::from_secs(24 * 3600);
 const ANY_RUNNER: &[&str] = &["self-hosted"];
 
 /// One incarnation of the agent: its runtime (dropped: killed at whatever await point
@@ -774,6 +776,8 @@ impl Sim {
                     secs(life)
                 ));
             }
+            // It ends with its runner (a hung job, too).
+            self.completions.retain(|(_, j)| *j != job);
             let mut hub = self.hub.lock();
             if let Some(j) = hub.jobs.get_mut(&job).filter(|j| j.status == GStatus::InProgress) {
                 j.status = GStatus::Completed("failure".into());
@@ -810,10 +814,12 @@ impl Sim {
             }
         }
         for (job, runner) in started {
-            let took = if self.rng.u8(0..10) < 7 {
-                Duration::from_millis(self.rng.u64(2_000..=60_000))
-            } else {
-                Duration::from_millis(self.rng.u64(60_000..=360_000))
+            let took = match self.rng.u8(0..50) {
+                // A job that hangs (a test waiting on a network that never answers) ends
+                // only when its VM does: at its pool's max_lifetime (`check_lifetimes`).
+                0 if self.opts.faults => HUNG,
+                n if n < 35 => Duration::from_millis(self.rng.u64(2_000..=60_000)),
+                _ => Duration::from_millis(self.rng.u64(60_000..=360_000)),
             };
             self.completions.push((now + took, job));
             self.note(format!("job {job} taken by {runner} for {}", secs(took)));
@@ -1367,23 +1373,43 @@ impl Sim {
             return;
         }
         let Some(status) = self.status() else { return };
-        // (A slot's name comes back: its domain's first sighting says nothing of it.)
-        for v in status.vms.iter().filter(|v| v.slot.is_none() && !v.for_slot) {
-            let (Some(made), Some(pool)) = (self.domains_created.get(&v.name), self.config.pool(&v.pool)) else {
-                continue;
+        for v in status.vms.iter().filter(|v| !v.for_slot) {
+            // A VM restored into a slot is as old as its binding described it (its domain's
+            // name comes back, and its first sighting and metadata are the slot's VM's).
+            let made = match &v.slot {
+                None => self.domains_created.get(&v.name).copied(),
+                Some(slot) => self.restored_made(slot, &v.name),
             };
-            let bound =
-                pool.max_lifetime + self.config.reconcile.stop_grace + self.config.reconcile.sweep_interval + slack;
-            if now.saturating_sub(*made) > bound {
+            let Some(made) = made else { continue };
+            let life = match self.config.pool(&v.pool) {
+                Some(pool) => pool.max_lifetime,
+                // A removed pool's VMs go by its timers, or, once the agent restarted, by
+                // the defaults (`PoolConfig::retiring`): at most the longer, the default.
+                None => retired_lifetime(),
+            };
+            let bound = life + self.config.reconcile.stop_grace + self.config.reconcile.sweep_interval + slack;
+            if now.saturating_sub(made) > bound {
                 return self.violate(format!(
                     "VM {} ({}) {} old, max_lifetime {}: a timer held back",
                     v.name,
                     v.state,
-                    secs(now.saturating_sub(*made)),
-                    secs(pool.max_lifetime)
+                    secs(now.saturating_sub(made)),
+                    secs(life)
                 ));
             }
         }
+    }
+
+    /// When the VM `vm` running in `slot`'s domain now was made, as its binding described it
+    /// (`None`: not restored there, not described, or described across a clock step).
+    fn restored_made(&self, slot: &str, vm: &str) -> Option<Duration> {
+        let boot = {
+            let s = self.fake.lock();
+            s.runs(slot).then(|| s.boots.get(slot).copied()).flatten()?
+        };
+        let a = self.hv.arm();
+        let this = a.restored_as.get(&boot).is_some_and(|n| n == vm) && !self.skewed_boots.contains(&boot);
+        a.made.get(&boot).copied().filter(|_| this)
     }
 
     /// Once the world is healed: a runner online with nothing to do (no queued job its
@@ -1469,7 +1495,8 @@ impl Sim {
         // Long enough, since the last job ended, for the next to be served (once more) and
         // every timer to run out (jobs last up to 10 minutes; back-off is at most minutes): a
         // backlog of a pool of one VM is served one job after another, for hours.
-        let limit = Duration::from_secs(4 * 3600) + longest * 4;
+        // A hung job's VM goes at its pool's max_lifetime (a removed pool's: the default).
+        let limit = (Duration::from_secs(4 * 3600) + longest * 4).max(retired_lifetime() + Duration::from_secs(3600));
         let mut start = self.t;
         let mut ended = self.jobs_ended();
         let quiet_faults = self.opts.faults;
@@ -1786,6 +1813,12 @@ impl Sim {
         self.status_cache = None;
         reply
     }
+}
+
+/// How long a VM of a pool the agent no longer has lives at most (`PoolConfig::retiring`:
+/// its timers are the defaults once the agent restarted without the pool).
+fn retired_lifetime() -> Duration {
+    crate::config::PoolConfig::retiring("retired").map(|p| p.max_lifetime).expect("a retiring pool's defaults")
 }
 
 /// The repository a VM of the status counts for in its pool's `max_vms_per_repository` (an

@@ -456,3 +456,48 @@ async fn a_long_running_job_is_asked_about_once_an_hour() {
     assert!((2..=4).contains(&n), "asked {n} times in 3 hours (syncs every 5 s)");
     h.shutdown().await;
 }
+
+/// A VM that dies while its runner runs a job (a crash) goes with its runner's
+/// registration, also when the job's completion (GitHub failing the job of a runner that
+/// died) comes while the teardown waits for GitHub: that completion is no sign that the
+/// runner removed itself, as an ephemeral runner that finished its job does. (The
+/// simulator found such a registration outliving its job, offline.)
+#[tokio::test(start_paused = true)]
+async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(51, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-51"]).await;
+    h.gh.set_runner("rv-small-51", true, true);
+    h.deliver(JobAction::InProgress, info(51, LABELS, Some("rv-small-51")));
+    // It crashes: GitHub still has its runner busy, and refuses to delete it.
+    h.hv.stop("rv-small-51");
+    h.wait("its domain torn down", |_, hv| hv.lock().domains.is_empty()).await;
+    assert_eq!(h.gh.runner_names(), ["rv-small-51"], "busy: kept for now");
+    // GitHub fails the job; the runner's registration stays, offline.
+    h.gh.set_runner("rv-small-51", false, false);
+    let mut failed = info(51, LABELS, Some("rv-small-51"));
+    failed.conclusion = Some("failure".into());
+    h.deliver(JobAction::Completed, failed);
+    // (Its teardown is retried after TEARDOWN_RETRY.)
+    h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
+    let (gh, _, _) = h.shutdown().await;
+    assert!(gh.runner_names().is_empty(), "its registration outlived it: {:?}", gh.runner_names());
+}
+
+/// A job that failed because its runner died unseen (its VM paused on a full disk, the
+/// event lost) ends with its runner's registration kept at GitHub, offline: its VM's
+/// teardown deletes it (a job that succeeded is taken for done: GitHub removed its runner).
+#[tokio::test(start_paused = true)]
+async fn a_failed_jobs_runner_is_deleted_with_its_vm() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(52, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-52"]).await;
+    h.deliver(JobAction::InProgress, info(52, LABELS, Some("rv-small-52")));
+    let mut failed = info(52, LABELS, Some("rv-small-52"));
+    failed.conclusion = Some("failure".into());
+    h.deliver(JobAction::Completed, failed);
+    h.hv.stop("rv-small-52");
+    h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
+    let (gh, _, _) = h.shutdown().await;
+    assert!(gh.runner_names().is_empty(), "its registration outlived it: {:?}", gh.runner_names());
+}
