@@ -221,7 +221,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         // or not yet): GitHub fails the job of a runner it lost and keeps its
                         // registration (offline, for a day), which the teardown deletes. A job
                         // that failed or whose VM was going may be such a one: its teardown
-                        // asks (one call; "not found" when GitHub removed it).
+                        // asks (a call or two; "not found" when GitHub removed it).
                         let lost = conclusion == "failure";
                         if let Some(v) = self.book.vms.get_mut(vm).filter(|v| v.state != VmState::TearingDown && !lost)
                         {
