@@ -157,9 +157,7 @@ async fn a_doomed_provisioning_that_times_out_is_counted_once() {
     let mut h = stalled_start(Duration::from_secs(10), |c| c.pools[0].idle_timeout = Duration::from_secs(1));
     h.deliver(JobAction::Queued, info(633, LABELS, None));
     h.wait_advancing("its VM provisioning", |s, _| s.vms.iter().any(|v| v.name == "rv-small-633")).await;
-    let mut done = info(633, LABELS, None);
-    done.conclusion = Some("cancelled".into());
-    h.deliver(JobAction::Completed, done);
+    h.complete(633, None, "cancelled");
     h.advance_for(Duration::from_secs(40)).await;
     let m = h.metrics.render();
     assert!(m.contains("runnervisor_provision_failures_total{pool=\"small\",step=\"timeout\"} 1\n"), "{m}");

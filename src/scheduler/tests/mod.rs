@@ -329,12 +329,16 @@ impl H {
         self.wait("a VM once the hypervisor is well again", |_, hv| hv.running().len() == 1).await;
         held
     }
+    /// Job `id` (of `LABELS`) completed on `runner` (none: before any took it) so.
+    fn complete(&mut self, id: u64, runner: Option<&str>, conclusion: &str) {
+        let mut done = info(id, LABELS, runner);
+        done.conclusion = Some(conclusion.into());
+        self.deliver(JobAction::Completed, done);
+    }
     /// The runner of `vm` takes job `id`, finishes it, and the guest powers off.
     fn run_job_on(&mut self, vm: &str, id: u64) {
         self.deliver(JobAction::InProgress, info(id, LABELS, Some(vm)));
-        let mut done = info(id, LABELS, Some(vm));
-        done.conclusion = Some("success".into());
-        self.deliver(JobAction::Completed, done);
+        self.complete(id, Some(vm), "success");
         // GitHub removes an ephemeral runner once its job is done.
         self.gh.lock().runners.retain(|_, r| r.name != vm);
         self.hv.stop(vm);

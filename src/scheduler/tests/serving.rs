@@ -87,9 +87,7 @@ async fn unmatched_labels_duplicates_and_reordering_make_no_extra_vm() {
     h.deliver(JobAction::Queued, info(31, &["self-hosted", "gpu"], None));
     h.deliver(JobAction::Queued, info(32, &["self-hosted"], None));
     // completed before queued: never provisioned.
-    let mut c = info(33, LABELS, None);
-    c.conclusion = Some("cancelled".into());
-    h.deliver(JobAction::Completed, c);
+    h.complete(33, None, "cancelled");
     h.deliver(JobAction::Queued, info(33, LABELS, None));
     // The same delivery twice is accepted once; the same job under two deliveries once.
     assert!(h.deliver_as("same", JobAction::Queued, info(34, LABELS, None)));
@@ -109,9 +107,7 @@ async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
     let mut h = harness("idle_timeout = \"1s\"");
     h.deliver(JobAction::Queued, info(41, LABELS, None));
     h.wait("a VM", |_, hv| hv.running().len() == 1).await;
-    let mut c = info(41, LABELS, None);
-    c.conclusion = Some("cancelled".into());
-    h.deliver(JobAction::Completed, c);
+    h.complete(41, None, "cancelled");
     h.wait("surplus VM reaped", |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
     let (gh, _, _) = h.shutdown().await;
     assert!(gh.runner_names().is_empty());
@@ -476,9 +472,7 @@ async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
     // The job ends (as it ended, "success", so that only the VM's going tells); the
     // runner's registration stays, offline.
     h.gh.set_runner("rv-small-51", false, false);
-    let mut done = info(51, LABELS, Some("rv-small-51"));
-    done.conclusion = Some("success".into());
-    h.deliver(JobAction::Completed, done);
+    h.complete(51, Some("rv-small-51"), "success");
     // (Its teardown is retried after TEARDOWN_RETRY.)
     h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
     let (gh, _, _) = h.shutdown().await;
@@ -494,9 +488,7 @@ async fn a_failed_jobs_runner_is_deleted_with_its_vm() {
     h.deliver(JobAction::Queued, info(52, LABELS, None));
     h.wait("a VM", |_, hv| hv.running() == ["rv-small-52"]).await;
     h.deliver(JobAction::InProgress, info(52, LABELS, Some("rv-small-52")));
-    let mut failed = info(52, LABELS, Some("rv-small-52"));
-    failed.conclusion = Some("failure".into());
-    h.deliver(JobAction::Completed, failed);
+    h.complete(52, Some("rv-small-52"), "failure");
     h.hv.stop("rv-small-52");
     h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
     let (gh, _, _) = h.shutdown().await;

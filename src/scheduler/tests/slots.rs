@@ -17,9 +17,7 @@ impl H {
     /// and the guest powers off: the slot's domain stops.
     fn run_restored_job(&mut self, vm: &str, slot: &str, id: u64) {
         self.deliver(JobAction::InProgress, info(id, LABELS, Some(vm)));
-        let mut done = info(id, LABELS, Some(vm));
-        done.conclusion = Some("success".into());
-        self.deliver(JobAction::Completed, done);
+        self.complete(id, Some(vm), "success");
         self.gh.lock().runners.retain(|_, r| r.name != vm);
         self.hv.stop(slot);
     }

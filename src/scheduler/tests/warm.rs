@@ -194,9 +194,7 @@ async fn a_cancelled_job_leaves_a_warm_vm_untouched_and_a_dead_one_is_replaced()
     let s = h.wait("a warm VM booting", |s, _| warm_vms(s, "warming").len() == 1).await;
     let warm = warm_vms(&s, "warming").remove(0);
     h.deliver(JobAction::Queued, info(41, LABELS, None));
-    let mut cancelled = info(41, LABELS, None);
-    cancelled.conclusion = Some("cancelled".into());
-    h.deliver(JobAction::Completed, cancelled);
+    h.complete(41, None, "cancelled");
     h.wait("the job is gone", |s, _| s.queued.is_empty()).await;
     h.hv.lock().guests_booting = false;
     let s = h.wait("the warm VM waits", |s, _| warm_vms(s, "waiting") == [warm.clone()]).await;
