@@ -252,7 +252,9 @@ pub struct VmRec {
     pub warm: bool,
     /// A webhook said the job its runner took completed, not failed, while the VM lived:
     /// GitHub removes an ephemeral runner itself then, so teardown does not ask it to (no
-    /// `DELETE` answered 404; a runner that died with its VM fails its job and stays). Also
+    /// `DELETE` answered 404). A runner that died with its VM (a crash, a full disk, its
+    /// lifetime, seen or not yet) fails its job, and GitHub keeps its registration offline
+    /// for a day: its teardown asks ("not found" when GitHub did remove it). Also
     /// set when its runner could not be made because a runner had its name (in a fleet,
     /// maybe another member's): teardown must not delete that one.
     #[serde(default)]

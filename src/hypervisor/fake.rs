@@ -125,9 +125,20 @@ impl FakeState {
         self.domains.get(name).is_some_and(|d| d.0 == DomainState::Running)
     }
 
-    /// Whether a domain of this name runs, in this boot (see `boots`).
+    /// The boot (see `boots`) a domain of this name runs in, if it runs.
+    pub fn boot_of(&self, name: &str) -> Option<usize> {
+        self.runs(name).then(|| *self.boots.get(name).expect("a running domain was started or restored"))
+    }
+
+    /// Whether a domain of this name runs, in this boot.
     pub fn runs_in(&self, name: &str, boot: usize) -> bool {
-        self.runs(name) && self.boots.get(name) == Some(&boot)
+        self.boot_of(name) == Some(boot)
+    }
+
+    /// A domain of this name starts running (started or restored): a boot of its own.
+    fn boot(&mut self, name: &str) {
+        let boot = self.started_total + self.restored_total;
+        self.boots.insert(name.to_string(), boot);
     }
 }
 
@@ -347,8 +358,7 @@ impl Hypervisor for FakeHypervisor {
         s.domains.insert(name.to_string(), (DomainState::Running, xml.to_string()));
         s.took_command.remove(name);
         s.started_total += 1;
-        let boot = s.started_total + s.restored_total;
-        s.boots.insert(name.to_string(), boot);
+        s.boot(name);
         if s.metadata_of(&xml).is_some_and(|m| m.warm) {
             s.warm_started += 1;
         }
@@ -422,7 +432,7 @@ impl Hypervisor for FakeHypervisor {
         let message = String::from_utf8_lossy(message).into_owned();
         assert!(ack.starts_with("ACK ") && message.ends_with('\n'), "protocol: {ack:?}");
         s.delivered.push((vm.to_string(), message));
-        let boot = *s.boots.get(vm).expect("a running domain was started or restored");
+        let boot = s.boot_of(vm).expect("checked: it runs");
         s.delivered_boots.push(boot);
         s.took_command.insert(vm.to_string());
         let lost = s.acks_lost.contains(vm);
@@ -492,8 +502,7 @@ impl Hypervisor for FakeHypervisor {
         s.domains.insert(saved.to_string(), (DomainState::Running, xml));
         s.took_command.remove(saved);
         s.restored_total += 1;
-        let boot = s.started_total + s.restored_total;
-        s.boots.insert(saved.to_string(), boot);
+        s.boot(saved);
         let running = s.domains.values().filter(|(st, _)| *st == DomainState::Running).count();
         s.peak_running = s.peak_running.max(running);
         Ok(())

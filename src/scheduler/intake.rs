@@ -216,14 +216,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                                 .inc();
                             info!(job_id = id, repository = %ev.job.repository, pool = %vm_pool, vm = %vm, runner_name = %vm, conclusion = %conclusion, "job completed on our runner");
                         }
-                        // The runner ran its one job (it is ephemeral): GitHub removes it. Not
-                        // so if it died with its VM (a crash, a full disk, its lifetime, seen
-                        // or not yet): GitHub fails the job of a runner it lost and keeps its
-                        // registration (offline, for a day), which the teardown deletes. A job
-                        // that failed or whose VM was going may be such a one: its teardown
-                        // asks (a call or two; "not found" when GitHub removed it).
-                        let lost = conclusion == "failure";
-                        if let Some(v) = self.book.vms.get_mut(vm).filter(|v| v.state != VmState::TearingDown && !lost)
+                        // The runner ran its one job (it is ephemeral): GitHub removes it,
+                        // unless the runner died with its VM (`VmRec::runner_done`): a job that
+                        // failed, or whose VM was going, may be such a one's.
+                        let failed = conclusion == "failure";
+                        if let Some(v) =
+                            self.book.vms.get_mut(vm).filter(|v| !failed && v.state != VmState::TearingDown)
                         {
                             v.runner_done = true;
                         }

@@ -50,10 +50,7 @@ impl SimHv {
 
     /// Notes a domain about to be torn down if it runs.
     fn note_running(&self, name: &str) {
-        let boot = {
-            let s = self.fake.lock();
-            s.runs(name).then(|| *s.boots.get(name).expect("a running domain was started or restored"))
-        };
+        let boot = self.fake.lock().boot_of(name);
         if let Some(boot) = boot {
             self.arm().torn_running.push((name.to_string(), boot));
         }
@@ -166,10 +163,7 @@ impl Hypervisor for SimHv {
         // for the VM the boot runs: a binding cut short (its deadline passed) may describe
         // its VM after the slot's domain was torn down and restored for the next.
         let made = self.time.host_to_virtual(metadata.created);
-        let boot = {
-            let s = self.fake.lock();
-            s.runs(vm).then(|| s.boots.get(vm).copied()).flatten()
-        };
+        let boot = self.fake.lock().boot_of(vm);
         let mut a = self.arm();
         if let Some(boot) = boot.filter(|b| a.restored_as.get(b) == Some(&metadata.runner_name)) {
             a.made.insert(boot, made);
@@ -185,7 +179,7 @@ impl Hypervisor for SimHv {
         self.fake.restore(saved, disk, console_log)?;
         let vm = disk.file_name().and_then(|f| crate::hypervisor::vm_of_volume(f.to_str()?));
         if let Some(vm) = vm {
-            let boot = *self.fake.lock().boots.get(saved).expect("restored");
+            let boot = self.fake.lock().boot_of(saved).expect("restored: it runs");
             self.arm().restored_as.insert(boot, vm.to_string());
         }
         Ok(())

@@ -1064,7 +1064,7 @@ impl Sim {
                     return;
                 }
                 let d = running[self.rng.usize(0..running.len())].clone();
-                let boot = *self.fake.lock().boots.get(&d).expect("a running domain was started or restored");
+                let boot = self.fake.lock().boot_of(&d).expect("drawn from the running domains");
                 self.killed.insert((d.clone(), boot));
                 let event = self.rng.bool();
                 if f == Fault::VmCrash {
@@ -1403,10 +1403,7 @@ impl Sim {
     /// When the VM `vm` running in `slot`'s domain now was made, as its binding described it
     /// (`None`: not restored there, not described, or described across a clock step).
     fn restored_made(&self, slot: &str, vm: &str) -> Option<Duration> {
-        let boot = {
-            let s = self.fake.lock();
-            s.runs(slot).then(|| s.boots.get(slot).copied()).flatten()?
-        };
+        let boot = self.fake.lock().boot_of(slot)?;
         let a = self.hv.arm();
         let this = a.restored_as.get(&boot).is_some_and(|n| n == vm) && !self.skewed_boots.contains(&boot);
         a.made.get(&boot).copied().filter(|_| this)
