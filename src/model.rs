@@ -250,11 +250,12 @@ pub struct VmRec {
     /// to it. (Every VM boots without a credential; a cold one is made for its job.)
     #[serde(default)]
     pub warm: bool,
-    /// A webhook said the job its runner took completed, not failed, while the VM lived:
+    /// A webhook said the job its runner took succeeded while the VM lived:
     /// GitHub removes an ephemeral runner itself then, so teardown does not ask it to (no
     /// `DELETE` answered 404). A runner that died with its VM (a crash, a full disk, its
-    /// lifetime, seen or not yet) fails its job, and GitHub keeps its registration offline
-    /// for a day: its teardown asks ("not found" when GitHub did remove it). Also
+    /// lifetime, seen or not yet) fails (or cancels) its job, and GitHub keeps its
+    /// registration offline for a day: teardown asks after any job that did not succeed
+    /// ("not found" when GitHub did remove it). Also
     /// set when its runner could not be made because a runner had its name (in a fleet,
     /// maybe another member's): teardown must not delete that one.
     #[serde(default)]

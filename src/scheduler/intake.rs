@@ -218,8 +218,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         }
                         // The runner ran its one job (it is ephemeral): GitHub removes it,
                         // unless the runner died with its VM (`VmRec::runner_done`): a job that
-                        // failed, or whose VM was going, may be such a one's.
-                        let failed = conclusion == "failure";
+                        // did not succeed (failed, cancelled, timed out), or whose VM was
+                        // going, may be such a one's.
+                        let failed = conclusion != "success";
                         if let Some(v) =
                             self.book.vms.get_mut(vm).filter(|v| !failed && v.state != VmState::TearingDown)
                         {

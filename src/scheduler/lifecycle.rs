@@ -403,7 +403,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let (pool, job_id) = (vm.pool.clone(), vm.job_id);
         self.book.insert_vm(vm);
         if let Err(e) = self.flush() {
-            self.book.forget_vm(&name);
+            self.book.remove_vm(&name);
             self.metrics.provision_failures.get_or_create(&step(&pool, "store")).inc();
             error!(vm = %name, pool = %pool, job_id, error = %e, "cannot persist the new vm's record: nothing is made until the store works; the job stays queued");
             self.bump_backoff(&pool);

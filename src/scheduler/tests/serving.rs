@@ -479,18 +479,22 @@ async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
     assert!(gh.runner_names().is_empty(), "its registration outlived it: {:?}", gh.runner_names());
 }
 
-/// A job that failed because its runner died unseen (its VM paused on a full disk, the
-/// event lost) ends with its runner's registration kept at GitHub, offline: its VM's
-/// teardown deletes it (a job that succeeded is taken for done: GitHub removed its runner).
+/// A job that failed (or was cancelled) because its runner died unseen (its VM paused on
+/// a full disk, the event lost) ends with its runner's registration kept at GitHub,
+/// offline: its VM's teardown deletes it (a job that succeeded is taken for done: GitHub
+/// removed its runner).
 #[tokio::test(start_paused = true)]
 async fn a_failed_jobs_runner_is_deleted_with_its_vm() {
-    let mut h = harness("");
-    h.deliver(JobAction::Queued, info(52, LABELS, None));
-    h.wait("a VM", |_, hv| hv.running() == ["rv-small-52"]).await;
-    h.deliver(JobAction::InProgress, info(52, LABELS, Some("rv-small-52")));
-    h.complete(52, Some("rv-small-52"), "failure");
-    h.hv.stop("rv-small-52");
-    h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
-    let (gh, _, _) = h.shutdown().await;
-    assert!(gh.runner_names().is_empty(), "its registration outlived it: {:?}", gh.runner_names());
+    for (id, conclusion) in [(52, "failure"), (53, "cancelled")] {
+        let mut h = harness("");
+        let name = format!("rv-small-{id}");
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+        h.wait("a VM", |_, hv| hv.running() == [name.as_str()]).await;
+        h.deliver(JobAction::InProgress, info(id, LABELS, Some(&name)));
+        h.complete(id, Some(&name), conclusion);
+        h.hv.stop(&name);
+        h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
+        let (gh, _, _) = h.shutdown().await;
+        assert!(gh.runner_names().is_empty(), "{conclusion}: its registration outlived it: {:?}", gh.runner_names());
+    }
 }
