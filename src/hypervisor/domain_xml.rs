@@ -317,6 +317,18 @@ pub fn metadata_of_doc(doc: &roxmltree::Document, xml: &str) -> Option<VmMetadat
     parse_metadata(&xml[md.range()])
 }
 
+/// `xml` (a domain's) with its runnervisor metadata replaced by `m`, as
+/// `virDomainSetMetadata` replaces it (the fake hypervisor's `describe`); `None` if it has
+/// none or does not parse.
+pub fn with_metadata(xml: &str, m: &VmMetadata) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let md = doc.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS) && n.has_tag_name("vm"))?;
+    let mut x = Xml::default();
+    metadata_element(&mut x, m, true);
+    let range = md.range();
+    Some(format!("{}{}{}", &xml[..range.start], x.finish().trim_end(), &xml[range.end..]))
+}
+
 /// `xml` (a libvirt object definition) with `<uuid>` as its root's first child, so that
 /// it redefines the existing object of that UUID.
 pub fn with_uuid(xml: &str, uuid: &str) -> String {
@@ -632,6 +644,29 @@ mod tests {
         assert_eq!(security_models(caps), ["dac"]);
         let caps = "<capabilities><host><secmodel><model>apparmor</model></secmodel></host></capabilities>";
         assert_eq!(security_models(caps), ["apparmor"]);
+    }
+
+    /// A warm VM given a job is described anew: its domain's metadata says the job's VM,
+    /// and nothing else of the domain changes.
+    #[test]
+    fn metadata_is_replaced_in_place() {
+        let warm = VmMetadata { warm: true, job_id: 0, ..meta() };
+        let xml = domain(&spec(&warm, &NetworkConfig::User { accept_unfenced: true }, None));
+        let bound =
+            VmMetadata { job_id: 77, runner_name: "rv-p-77".into(), warm: false, repository: "o/<r>".into(), ..meta() };
+        let described = with_metadata(&xml, &bound).expect("it has metadata");
+        // As a domain defined with it says it (XML drops the control character).
+        let defined = domain(&spec(&bound, &NetworkConfig::User { accept_unfenced: true }, None));
+        assert_eq!(metadata_of_domain(&described), metadata_of_domain(&defined));
+        assert_eq!(metadata_of_domain(&described).map(|m| m.runner_name), Some("rv-p-77".into()));
+        let strip = |x: &str| {
+            let doc = roxmltree::Document::parse(x).unwrap();
+            let md = doc.descendants().find(|n| n.has_tag_name((METADATA_NS, "vm"))).unwrap().range();
+            format!("{}{}", &x[..md.start], &x[md.end..])
+        };
+        assert_eq!(strip(&described), strip(&xml), "only the metadata changed");
+        assert_eq!(with_metadata("<domain><name>x</name></domain>", &bound), None);
+        assert_eq!(with_metadata("not xml", &bound), None);
     }
 
     #[test]

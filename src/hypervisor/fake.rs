@@ -444,14 +444,20 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
+    /// As libvirt: the domain's metadata is replaced (what a later listing reads).
     fn describe(
         &self,
         vm: &str,
-        _metadata: &domain_xml::VmMetadata,
+        metadata: &domain_xml::VmMetadata,
         _title: &str,
         description: &str,
     ) -> Result<(), HvError> {
-        self.up()?.descriptions.insert(vm.to_string(), description.to_string());
+        let mut s = self.up()?;
+        let Some((_, xml)) = s.domains.get_mut(vm) else { return Err(missing("lookup domain", vm)) };
+        if let Some(described) = domain_xml::with_metadata(xml, metadata) {
+            *xml = described;
+        }
+        s.descriptions.insert(vm.to_string(), description.to_string());
         Ok(())
     }
 
@@ -555,5 +561,39 @@ mod tests {
         assert!(hv.restore("rv-none", Path::new("/b"), Path::new("/l")).is_err());
         hv.teardown("rv-s-1");
         assert!(hv.lock().volumes.is_empty() && hv.lock().saved.is_empty());
+    }
+
+    /// `describe` replaces the metadata a listing reads, as libvirt's; a domain that is
+    /// gone cannot be described.
+    #[test]
+    fn a_described_domain_lists_with_its_new_metadata() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let hv = FakeHypervisor::new(tx);
+        let m = |job_id, name: &str| domain_xml::VmMetadata {
+            job_id,
+            run_id: 1,
+            repository: "o/r".into(),
+            pool: "p".into(),
+            runner_name: name.into(),
+            created: std::time::SystemTime::UNIX_EPOCH,
+            console_log: "/l".into(),
+            job_url: String::new(),
+            warm: job_id == 0,
+            host: None,
+            made_from: None,
+        };
+        let xml = format!(
+            "<domain><name>rv-p-w1</name><metadata><rv:vm xmlns:rv=\"{}\"><rv:job-id>0</rv:job-id>\
+             <rv:run-id>0</rv:run-id><rv:repository></rv:repository><rv:pool>p</rv:pool>\
+             <rv:runner-name>rv-p-w1</rv:runner-name><rv:created>1970-01-01T00:00:00Z</rv:created>\
+             <rv:console-log>/l</rv:console-log><rv:warm>true</rv:warm></rv:vm></metadata></domain>",
+            domain_xml::METADATA_NS
+        );
+        hv.define("rv-p-w1", &xml).unwrap();
+        let listed = |hv: &FakeHypervisor| hv.list_vms().unwrap()[0].metadata.clone().map(|m| (m.job_id, m.warm));
+        assert_eq!(listed(&hv), Some((0, true)));
+        hv.describe("rv-p-w1", &m(42, "rv-p-w1"), "t", "d").unwrap();
+        assert_eq!(listed(&hv), Some((42, false)));
+        assert!(hv.describe("rv-p-gone", &m(43, "rv-p-gone"), "t", "d").is_err());
     }
 }
