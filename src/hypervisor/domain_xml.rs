@@ -319,7 +319,7 @@ pub fn metadata_of_doc(doc: &roxmltree::Document, xml: &str) -> Option<VmMetadat
 
 /// `xml` (a domain's) with its runnervisor metadata replaced by `m`, as
 /// `virDomainSetMetadata` replaces it (the fake hypervisor's `describe`); `None` if it has
-/// none or does not parse.
+/// none (libvirt would add it: every domain of ours is defined with it) or does not parse.
 pub fn with_metadata(xml: &str, m: &VmMetadata) -> Option<String> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     let md = doc.descendants().find(|n| n.tag_name().namespace() == Some(METADATA_NS) && n.has_tag_name("vm"))?;

@@ -220,9 +220,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         // unless the runner died with its VM (`VmRec::runner_done`): a job that
                         // did not succeed (failed, cancelled, timed out), or whose VM was
                         // going, may be such a one's.
-                        let failed = conclusion != "success";
+                        let unsuccessful = conclusion != "success";
                         if let Some(v) =
-                            self.book.vms.get_mut(vm).filter(|v| !failed && v.state != VmState::TearingDown)
+                            self.book.vms.get_mut(vm).filter(|v| !unsuccessful && v.state != VmState::TearingDown)
                         {
                             v.runner_done = true;
                         }

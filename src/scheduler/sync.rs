@@ -15,7 +15,7 @@ use crate::config::Registration;
 use crate::github::{DeliveryInfo, GhError, GitHub, JobStatus, RunnerInfo};
 use crate::hypervisor::Hypervisor;
 use crate::metrics::Metrics;
-use crate::model::{JobAction, JobEvent, JobState, Reason, VmState};
+use crate::model::{JobAction, JobEvent, JobRec, JobState, Reason, VmState};
 use crate::store::SchedulerStore;
 
 /// The conclusion recorded for a job GitHub answers 404 for.
@@ -30,7 +30,9 @@ const HOOKED_RECHECK: Duration = Duration::from_secs(60 * 60);
 
 /// How long a queued or running job goes without news before the sync asks GitHub about it
 /// (`GET job`, one call per job, at most 20 a sync). Missed webhooks are what this
-/// catches, so it happens often only when they could go unnoticed:
+/// catches, so it happens often only when they could go unnoticed (a queued job is also
+/// asked about when a runner of its pool waits online without a job, a few more a sync:
+/// see `start_github_sync`):
 /// - with a hook configured, the sync reads its delivery log and redelivers what failed:
 ///   once a webhook has arrived since the start, only jobs without news for an hour are
 ///   checked (before that, jobs a restart may have missed news of are);
@@ -69,10 +71,24 @@ pub struct State {
     /// name showing up later (its guest registered it just before it went) is deleted,
     /// also once its pool is removed and its names are no longer the agent's.
     late_runners: BTreeMap<String, tokio::time::Instant>,
+    /// Queued jobs asked after because a runner of their pool waited online without a job
+    /// (see `start_github_sync`): how often, when they may be asked again (doubling from
+    /// two syncs up to their stale period: GitHub may keep a job queued for long, in an
+    /// incident or for a repository the runner group does not allow), and whether GitHub
+    /// answered 404 once (the second drops the job).
+    unclaimed: BTreeMap<u64, (u32, tokio::time::Instant, bool)>,
 }
 
 /// How long a torn-down VM's runner registration is watched for (see `late_runners`).
 const LATE_RUNNER_WATCH: Duration = Duration::from_secs(3600);
+
+/// At most this many queued jobs a sync asks after because a runner of their pool waits
+/// online without a job (beside the stale ones).
+const UNCLAIMED_ASKS: usize = 3;
+
+/// A job GitHub kept queued while a runner of its pool waited online, said at most this
+/// often.
+static KEPT_QUEUED: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(3600));
 
 /// How often the lead prunes the fleet's tables when the last prune left nothing over.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -115,20 +131,61 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let redeliver = self.config.github.hook.is_some();
         let deliveries_since = self.sync.deliveries_checked.unwrap_or(now - REDELIVERY_WINDOW);
         let stale_after = refresh_after(self.config.reconcile.github_interval, webhook_age, redeliver);
-        let mut stale: Vec<_> = self
-            .book
-            .jobs
-            .values()
-            .filter(|j| j.pool.is_some() && matches!(j.state, JobState::Queued | JobState::InProgress { .. }))
-            // A scale set's jobs are its requests, which the REST API does not know: their
-            // news comes from the set's messages, which wait until acknowledged.
-            .filter(|j| j.info.scale_set.is_none())
-            .filter(|j| now.duration_since(j.updated_at).unwrap_or_default() >= stale_after)
-            .collect();
+        let refreshable = |j: &&JobRec| {
+            j.pool.is_some()
+                && matches!(j.state, JobState::Queued | JobState::InProgress { .. })
+                // A scale set's jobs are its requests, which the REST API does not know:
+                // their news comes from the set's messages, which wait until acknowledged.
+                && j.info.scale_set.is_none()
+        };
+        let quiet = |j: &JobRec| now.duration_since(j.updated_at).unwrap_or_default();
+        let mut stale: Vec<&JobRec> =
+            self.book.jobs.values().filter(refreshable).filter(|j| quiet(j) >= stale_after).collect();
         // The longest without news first; each refreshed job counts as news (below).
         stale.sort_by_key(|j| j.updated_at);
-        let stale: Vec<(String, u64)> =
-            stale.into_iter().take(20).map(|j| (j.info.repository.clone(), j.info.id)).collect();
+        stale.truncate(20);
+        // A runner that has waited online for two syncs without a job, while its pool has
+        // queued jobs, should have been given one of them within seconds: the oldest such
+        // jobs are asked after now, hook or not (one per such runner, a few a sync, each
+        // again only after a back-off). They are likely gone, their run or repository
+        // deleted, which sends no webhook; the runner kept for them would idle for the hour.
+        let unclaimed = self.config.reconcile.github_interval * 2;
+        let mut waiting: BTreeMap<&str, usize> = BTreeMap::new();
+        for v in self.book.vms.values() {
+            if v.state == VmState::Idle && now.duration_since(v.state_since).unwrap_or_default() >= unclaimed {
+                *waiting.entry(v.pool.as_str()).or_default() += 1;
+            }
+        }
+        let jobs = &self.book.jobs;
+        self.sync.unclaimed.retain(|id, _| jobs.get(id).is_some_and(|j| j.state == JobState::Queued));
+        if !waiting.is_empty() {
+            let at = tokio::time::Instant::now();
+            let due = |id: &u64| self.sync.unclaimed.get(id).is_none_or(|(_, next, _)| *next <= at);
+            let mut unclaimed_jobs: Vec<&JobRec> = jobs
+                .values()
+                .filter(refreshable)
+                .filter(|j| j.state == JobState::Queued && (unclaimed..stale_after).contains(&quiet(j)))
+                .filter(|j| due(&j.info.id))
+                .collect();
+            unclaimed_jobs.sort_by_key(|j| (j.received_at, j.info.id));
+            let mut asked = Vec::new();
+            for j in unclaimed_jobs {
+                if asked.len() == UNCLAIMED_ASKS {
+                    break;
+                }
+                if let Some(n) = j.pool.as_deref().and_then(|p| waiting.get_mut(p)).filter(|n| **n > 0) {
+                    *n -= 1;
+                    asked.push(j.info.id);
+                    stale.push(j);
+                }
+            }
+            for id in asked {
+                let (times, next, _) = self.sync.unclaimed.entry(id).or_insert((0, at, false));
+                *times += 1;
+                *next = at + (unclaimed * 2u32.saturating_pow(*times - 1)).min(stale_after);
+            }
+        }
+        let stale: Vec<(String, u64)> = stale.into_iter().map(|j| (j.info.repository.clone(), j.info.id)).collect();
         let repo_scope = match self.config.github.scope() {
             crate::config::Scope::Repository { owner, name } => Some(format!("{owner}/{name}")),
             _ => None,
@@ -276,16 +333,32 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // job that runs for hours is asked about once an hour, not at every sync).
             job.updated_at = now;
             let running = matches!(job.state, JobState::InProgress { .. });
-            let mut info = job.info.clone();
+            let (mut info, pool) = (job.info.clone(), job.pool.clone());
             self.book.touch_job(id);
             info.runner_name = status.runner_name.clone();
             info.conclusion = status.conclusion.clone();
             let action = match status.status.as_str() {
                 "completed" => JobAction::Completed,
                 "in_progress" if !running => JobAction::InProgress,
+                "queued" if self.sync.unclaimed.contains_key(&id) => {
+                    if let Some(left_out) = KEPT_QUEUED.check() {
+                        warn!(job_id = id, repository = %info.repository, pool = ?pool, left_out, "GitHub keeps this job queued while a runner of its pool waits online without a job: is its repository allowed in the runner group, or are GitHub's jobs delayed? (asked again after a back-off)");
+                    }
+                    continue;
+                }
                 // Still queued, or still running: nothing was missed.
                 _ => continue,
             };
+            // Asked after beside a waiting runner, a job is dropped on a second 404 (a sync
+            // or more later), not the first: GitHub's API may not know a job yet that its
+            // webhook announced, and such a job is only minutes old.
+            if status.conclusion.as_deref() == Some(NOT_FOUND)
+                && let Some(asked) = self.sync.unclaimed.get_mut(&id).filter(|a| !a.2)
+            {
+                asked.2 = true;
+                debug!(job_id = id, "GitHub answers 404 for this job: asked again before it is dropped");
+                continue;
+            }
             if status.conclusion.as_deref() == Some(NOT_FOUND) {
                 warn!(job_id = id, repository = %info.repository, "GitHub answers 404 for this job: dropped");
             } else {

@@ -453,6 +453,71 @@ async fn a_long_running_job_is_asked_about_once_an_hour() {
     h.shutdown().await;
 }
 
+/// With a hook, a pool's queued jobs are asked about once a runner of the pool has waited
+/// online without a job for two syncs, not after the hour: GitHub gives a queued job to an
+/// idle runner of its labels within seconds, so such jobs are likely gone (their run or
+/// repository deleted, which sends no webhook). The oldest first, one per waiting runner
+/// and sync, each dropped on a second 404; the VM goes as surplus once none is left,
+/// instead of idling for the hour.
+#[tokio::test(start_paused = true)]
+async fn jobs_gone_while_a_runner_waits_are_asked_about_soon_one_per_runner() {
+    let hooked = |c: &mut Config| c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
+    let mut h = harness_tweaked(
+        "",
+        |_| {},
+        |c| {
+            hooked(c);
+            c.pools[0].max_vms = 1;
+            c.pools[0].idle_timeout = Duration::from_secs(30);
+        },
+    );
+    for id in [92, 93, 94] {
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-92"]).await;
+    for id in [92, 93, 94] {
+        h.gh.lock().jobs.remove(&id);
+    }
+    h.gh.set_runner("rv-small-92", true, false);
+    let asked = |h: &H| h.gh.lock().calls.iter().filter(|c| *c == "job").count();
+    // Idle from the next sync (every 5 s), asked after two more.
+    h.wait_for("a job asked about", Duration::from_secs(30), |_, _| asked(&h) > 0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(asked(&h), 1, "one per waiting runner and sync");
+    h.wait_for("the VM gone", Duration::from_secs(150), |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
+    assert_eq!(asked(&h), 6, "each asked about twice (dropped on the second 404)");
+    let (_, _, store) = h.shutdown().await;
+    let jobs = store.load().unwrap().jobs;
+    for id in [92, 93, 94] {
+        assert!(
+            matches!(&jobs[&id].state, JobState::Completed { conclusion, .. } if conclusion.as_deref() == Some("not_found")),
+            "{id}: {:?}",
+            jobs[&id].state
+        );
+    }
+}
+
+/// A job GitHub keeps queued while a runner of its pool waits online (its jobs delayed, or
+/// its repository not allowed in the runner group) is asked about again only after a
+/// doubling back-off, not at every other sync.
+#[tokio::test(start_paused = true)]
+async fn a_job_github_keeps_queued_beside_a_waiting_runner_is_asked_about_ever_less_often() {
+    let hooked = |c: &mut Config| c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
+    let mut h = harness_tweaked("", |_| {}, hooked);
+    h.deliver(JobAction::Queued, info(95, LABELS, None));
+    h.wait("its VM", |_, hv| hv.running() == ["rv-small-95"]).await;
+    let queued = crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None };
+    h.gh.lock().jobs.insert(95, queued);
+    h.gh.set_runner("rv-small-95", true, false);
+    let asked = |h: &H| h.gh.lock().calls.iter().filter(|c| *c == "job").count();
+    // Syncs every 5 s: asked after two (10 s idle), then 10, 20, 40 and 80 s later.
+    tokio::time::sleep(Duration::from_secs(160)).await;
+    let n = asked(&h);
+    assert!((3..=5).contains(&n), "asked {n} times in 160 s");
+    assert!(h.status().await.queued.iter().any(|q| q.job_id == 95), "still queued: kept");
+    h.shutdown().await;
+}
+
 /// A VM that dies while its runner runs a job (a crash) goes with its runner's
 /// registration, also when the job's completion (GitHub failing the job of a runner that
 /// died) comes while the teardown waits for GitHub: that completion is no sign that the
@@ -481,8 +546,8 @@ async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
 
 /// A job that failed (or was cancelled) because its runner died unseen (its VM paused on
 /// a full disk, the event lost) ends with its runner's registration kept at GitHub,
-/// offline: its VM's teardown deletes it (a job that succeeded is taken for done: GitHub
-/// removed its runner).
+/// offline: its VM's teardown deletes it ("not found" when GitHub did remove it), also
+/// when its pool was removed meanwhile (no longer a name the sync takes for the agent's).
 #[tokio::test(start_paused = true)]
 async fn a_failed_jobs_runner_is_deleted_with_its_vm() {
     for (id, conclusion) in [(52, "failure"), (53, "cancelled")] {
@@ -492,9 +557,17 @@ async fn a_failed_jobs_runner_is_deleted_with_its_vm() {
         h.wait("a VM", |_, hv| hv.running() == [name.as_str()]).await;
         h.deliver(JobAction::InProgress, info(id, LABELS, Some(&name)));
         h.complete(id, Some(&name), conclusion);
+        h.reload(|c| {
+            let mut big = c.pools[0].clone();
+            big.name = "big".into();
+            big.labels = vec!["self-hosted".into(), "big".into()];
+            c.pools = vec![big];
+        })
+        .await;
         h.hv.stop(&name);
         h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
-        let (gh, _, _) = h.shutdown().await;
-        assert!(gh.runner_names().is_empty(), "{conclusion}: its registration outlived it: {:?}", gh.runner_names());
+        let gh = h.gh.clone();
+        h.wait_for("its registration gone", Duration::from_secs(30), move |_, _| gh.runner_names().is_empty()).await;
+        h.shutdown().await;
     }
 }
