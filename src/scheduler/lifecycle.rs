@@ -22,7 +22,11 @@ use crate::timeline::Mark;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A failed teardown is tried again after this, doubling with each failure in a row up to
+/// [`TEARDOWN_RETRY_MAX`] (a runner GitHub keeps busy, its job not yet failed after its VM
+/// died, is asked about for minutes: not six times a minute).
 const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
+const TEARDOWN_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Back-offs by key (a pool's name), each doubling from [`BACKOFF_MIN`] up to
 /// [`BACKOFF_MAX`] with each failure until cleared.
@@ -139,7 +143,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             return;
         }
-        if vm.state == VmState::TearingDown && matches!(self.work.get(name), Some(Work::TearingDown)) {
+        if vm.state == VmState::TearingDown && matches!(self.work.get(name), Some(Work::TearingDown { .. })) {
             return;
         }
         self.begin_teardown(name, reason);
@@ -217,7 +221,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     fn spawn_teardown(&mut self, name: &str, runner_first: bool) {
         let Some(vm) = self.book.vms.get(name).cloned() else { return };
-        self.work.insert(name.to_string(), Work::TearingDown);
+        let failures = match self.work.get(name) {
+            Some(Work::TeardownRetry { failures, .. }) => *failures,
+            _ => 0,
+        };
+        self.work.insert(name.to_string(), Work::TearingDown { failures });
         let ctx = self.ctx.clone();
         let (n, failed) = (name.to_string(), name.to_string());
         spawn_reporting(
@@ -240,7 +248,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .filter(|v| v.state == VmState::TearingDown)
             .filter(|v| match self.work.get(&v.name) {
                 None => true,
-                Some(Work::TeardownRetry(at)) => *at <= now,
+                Some(Work::TeardownRetry { at, .. }) => *at <= now,
                 Some(_) => false,
             })
             // A teardown that asked GitHub about its runner first asks again: it stopped
@@ -258,7 +266,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     pub(super) fn on_torn_down(&mut self, name: String, outcome: TeardownOutcome) {
-        self.work.remove(&name);
+        let failed_before = match self.work.remove(&name) {
+            Some(Work::TearingDown { failures }) => failures,
+            _ => 0,
+        };
         if outcome.aborted_busy {
             if self.transition(&name, Input::KeptBusy) {
                 info!(vm = %name, "surplus runner turned out busy; keeping it");
@@ -286,11 +297,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             self.sweep.torn_down(&name, now);
         } else {
+            let failures = failed_before + 1;
+            let delay = TEARDOWN_RETRY.saturating_mul(1 << (failures - 1).min(16)).min(TEARDOWN_RETRY_MAX);
             for e in &outcome.errors {
                 self.metrics.teardown_failures.inc();
-                warn!(vm = %name, error = %e, "teardown step failed; will retry");
+                warn!(vm = %name, error = %e, retry_in_s = delay.as_secs(), "teardown step failed; will retry");
             }
-            self.work.insert(name, Work::TeardownRetry(Instant::now() + TEARDOWN_RETRY));
+            self.work.insert(name, Work::TeardownRetry { at: Instant::now() + delay, failures });
         }
     }
 

@@ -70,9 +70,10 @@ enum Work {
     Binding(AbortHandle),
     /// A VM made for a snapshot slot is being saved.
     Saving(AbortHandle),
-    TearingDown,
-    /// A teardown failed; the next try is due then.
-    TeardownRetry(Instant),
+    /// A teardown runs, after this many that failed in a row.
+    TearingDown { failures: u32 },
+    /// A teardown failed (`failures` in a row); the next try is due `at`.
+    TeardownRetry { at: Instant, failures: u32 },
 }
 
 /// The hypervisor as the last sweep and libvirt's events found it.
@@ -356,7 +357,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Provisioning and teardown tasks still running.
     fn in_flight(&self) -> (usize, usize) {
         let provisioning = self.work.values().filter(|w| matches!(w, Work::Provisioning(_) | Work::Binding(_))).count();
-        let tearing_down = self.work.values().filter(|w| matches!(w, Work::TearingDown)).count();
+        let tearing_down = self.work.values().filter(|w| matches!(w, Work::TearingDown { .. })).count();
         (provisioning, tearing_down)
     }
 

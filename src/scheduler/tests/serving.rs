@@ -544,6 +544,30 @@ async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
     assert!(gh.runner_names().is_empty(), "its registration outlived it: {:?}", gh.runner_names());
 }
 
+/// A teardown that keeps failing (GitHub keeps a dead VM's runner busy until it fails the
+/// runner's job, minutes later) is tried again ever less often: after 10 s, doubling up
+/// to 5 minutes, not six times a minute.
+#[tokio::test(start_paused = true)]
+async fn a_teardown_that_keeps_failing_is_retried_ever_less_often() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(54, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-54"]).await;
+    h.gh.set_runner("rv-small-54", true, true);
+    h.deliver(JobAction::InProgress, info(54, LABELS, Some("rv-small-54")));
+    h.hv.stop("rv-small-54");
+    let deletes = |h: &H| h.gh.lock().calls.iter().filter(|c| *c == "delete").count();
+    h.wait("its runner's deletion refused", |_, _| deletes(&h) > 0).await;
+    // Tried at 0, 10, 30, 70, 150, 310 and 610 s.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let n = deletes(&h);
+    assert!((5..=7).contains(&n), "{n} deletions asked for in 10 minutes");
+    // GitHub fails the job: the runner is free, and goes with the next try.
+    h.gh.set_runner("rv-small-54", false, false);
+    h.wait_for("the VM gone", Duration::from_secs(310), |s, _| s.vms.is_empty()).await;
+    let (gh, _, _) = h.shutdown().await;
+    assert!(gh.runner_names().is_empty(), "{:?}", gh.runner_names());
+}
+
 /// A job that failed (or was cancelled) because its runner died unseen (its VM paused on
 /// a full disk, the event lost) ends with its runner's registration kept at GitHub,
 /// offline: its VM's teardown deletes it ("not found" when GitHub did remove it), also
