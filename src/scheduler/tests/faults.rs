@@ -295,3 +295,22 @@ async fn a_step_of_the_wall_clock_ages_no_vm_and_holds_none_back() {
     .await;
     assert_eq!(h.metrics.render().lines().filter(|l| l.contains("reason=\"max_lifetime\"")).count(), 1);
 }
+
+/// Teardowns that failed while libvirt was away are tried again as soon as it is back, not
+/// after their back-off (grown to minutes in a long outage).
+#[tokio::test(start_paused = true)]
+async fn teardowns_go_on_at_once_when_libvirt_is_back() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(72, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-72"]).await;
+    h.hv.lock().unavailable = true;
+    let _ = h.tx.send(Event::Hv(HvEvent::Disconnected));
+    h.run_job_on("rv-small-72", 72);
+    // Tried at once, then after 10, 20, 40 and 80 s: the next try is minutes away.
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert_eq!(h.status().await.vms.len(), 1, "its teardown cannot succeed yet");
+    h.hv.lock().unavailable = false;
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h.wait_for("the VM gone", Duration::from_secs(5), |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
+    h.shutdown().await;
+}
