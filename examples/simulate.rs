@@ -94,10 +94,11 @@ fn main() -> std::process::ExitCode {
             println!("violation: {} # {v}", out.reproduce());
         }
         println!(
-            "simulate: seeds=1 steps={} faults={} jobs={} violations={}",
+            "simulate: seeds=1 steps={} faults={} jobs={} busiest_hour={} violations={}",
             out.steps,
             out.faults,
             out.jobs,
+            out.busiest_hour,
             out.violation.is_some() as u32
         );
         return if out.violation.is_some() { std::process::ExitCode::FAILURE } else { std::process::ExitCode::SUCCESS };
@@ -130,7 +131,7 @@ fn main() -> std::process::ExitCode {
     }
     let next = Arc::new(AtomicU64::new(args.first));
     let end = args.first + args.seeds;
-    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64, Vec::<String>::new())));
+    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64, Vec::<String>::new(), (0u64, 0u64))));
     let workers: Vec<_> = (0..args.threads)
         .map(|_| {
             let (next, totals, running) = (next.clone(), totals.clone(), running.clone());
@@ -159,6 +160,7 @@ fn main() -> std::process::ExitCode {
                     t.1 += out.steps as u64;
                     t.2 += out.faults as u64;
                     t.3 += out.jobs as u64;
+                    t.5 = t.5.max((out.busiest_hour, seed));
                     if let Some(v) = &out.violation {
                         let line = format!("violation: {} # {v}", out.reproduce());
                         println!("{line}");
@@ -176,7 +178,14 @@ fn main() -> std::process::ExitCode {
     }
     let t = totals.lock().unwrap();
     let secs = started.elapsed().as_secs_f64();
-    println!("simulate: {:.0} seeds/min ({:.1} s), {} jobs", t.0 as f64 * 60.0 / secs.max(0.001), secs, t.3);
+    println!(
+        "simulate: {:.0} seeds/min ({:.1} s), {} jobs; at most {} GitHub API calls in an hour (seed {})",
+        t.0 as f64 * 60.0 / secs.max(0.001),
+        secs,
+        t.3,
+        t.5.0,
+        t.5.1
+    );
     println!("simulate: seeds={} steps={} faults={} violations={}", t.0, t.1, t.2, t.4.len());
     if t.4.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
 }

@@ -29,10 +29,11 @@ pub const UNHOOKED_RECHECK: Duration = Duration::from_secs(15 * 60);
 const HOOKED_RECHECK: Duration = Duration::from_secs(60 * 60);
 
 /// How long a queued or running job goes without news before the sync asks GitHub about it
-/// (`GET job`, one call per job, at most 20 a sync). Missed webhooks are what this
-/// catches, so it happens often only when they could go unnoticed (a queued job is also
-/// asked about when a runner of its pool waits online without a job, a few more a sync:
-/// see `start_github_sync`):
+/// (`GET job`, one call per job, at most 20 a sync; again only after a back-off that
+/// doubles while GitHub has nothing new to say, up to the recheck period). Missed
+/// webhooks are what this catches, so it happens often only when they could go unnoticed
+/// (a queued job is also asked about when a runner of its pool waits online without a
+/// job, a few more a sync: see `start_github_sync`):
 /// - with a hook configured, the sync reads its delivery log and redelivers what failed:
 ///   once a webhook has arrived since the start, only jobs without news for an hour are
 ///   checked (before that, jobs a restart may have missed news of are);
@@ -71,12 +72,24 @@ pub struct State {
     /// name showing up later (its guest registered it just before it went) is deleted,
     /// also once its pool is removed and its names are no longer the agent's.
     late_runners: BTreeMap<String, tokio::time::Instant>,
-    /// Queued jobs asked after because a runner of their pool waited online without a job
-    /// (see `start_github_sync`): how often, when they may be asked again (doubling from
-    /// two syncs up to their stale period: GitHub may keep a job queued for long, in an
-    /// incident or for a repository the runner group does not allow), and whether GitHub
-    /// answered 404 once (the second drops the job).
-    unclaimed: BTreeMap<u64, (u32, tokio::time::Instant, bool)>,
+    /// Jobs asked after (see `start_github_sync`), while they are queued or running.
+    asked: BTreeMap<u64, Asked>,
+}
+
+/// A job the sync asked GitHub about.
+#[derive(Debug)]
+struct Asked {
+    /// How often.
+    times: u32,
+    /// When it may be asked again.
+    next: tokio::time::Instant,
+    /// GitHub answered 404 once: the next 404 drops it (GitHub's API may not know yet a
+    /// job its webhook announced).
+    missing: bool,
+    /// Asked because a runner of its pool waited online without a job.
+    beside_runner: bool,
+    /// It was running (not queued) then.
+    running: bool,
 }
 
 /// How long a torn-down VM's runner registration is watched for (see `late_runners`).
@@ -139,16 +152,22 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 && j.info.scale_set.is_none()
         };
         let quiet = |j: &JobRec| now.duration_since(j.updated_at).unwrap_or_default();
+        let jobs = &self.book.jobs;
+        let running = |j: &JobRec| matches!(j.state, JobState::InProgress { .. });
+        // (A job that started since it was last asked about starts its back-off anew.)
+        self.sync.asked.retain(|id, a| jobs.get(id).is_some_and(|j| refreshable(&j) && running(j) == a.running));
+        let at = tokio::time::Instant::now();
+        let due = |id: &u64| self.sync.asked.get(id).is_none_or(|a| a.next <= at);
         let mut stale: Vec<&JobRec> =
-            self.book.jobs.values().filter(refreshable).filter(|j| quiet(j) >= stale_after).collect();
+            jobs.values().filter(refreshable).filter(|j| quiet(j) >= stale_after && due(&j.info.id)).collect();
         // The longest without news first; each refreshed job counts as news (below).
         stale.sort_by_key(|j| j.updated_at);
         stale.truncate(20);
         // A runner that has waited online for two syncs without a job, while its pool has
         // queued jobs, should have been given one of them within seconds: the oldest such
-        // jobs are asked after now, hook or not (one per such runner, a few a sync, each
-        // again only after a back-off). They are likely gone, their run or repository
-        // deleted, which sends no webhook; the runner kept for them would idle for the hour.
+        // jobs are asked after now, hook or not (one per such runner, a few a sync). They
+        // are likely gone, their run or repository deleted, which sends no webhook; the
+        // runner kept for them would idle for the hour.
         let unclaimed = self.config.reconcile.github_interval * 2;
         let mut waiting: BTreeMap<&str, usize> = BTreeMap::new();
         for v in self.book.vms.values() {
@@ -156,34 +175,47 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 *waiting.entry(v.pool.as_str()).or_default() += 1;
             }
         }
-        let jobs = &self.book.jobs;
-        self.sync.unclaimed.retain(|id, _| jobs.get(id).is_some_and(|j| j.state == JobState::Queued));
+        let mut beside_runner = Vec::new();
         if !waiting.is_empty() {
-            let at = tokio::time::Instant::now();
-            let due = |id: &u64| self.sync.unclaimed.get(id).is_none_or(|(_, next, _)| *next <= at);
             let mut unclaimed_jobs: Vec<&JobRec> = jobs
                 .values()
                 .filter(refreshable)
                 .filter(|j| j.state == JobState::Queued && (unclaimed..stale_after).contains(&quiet(j)))
-                .filter(|j| due(&j.info.id))
+                // (The back-off of asks made for a reason of their own holds no such ask.)
+                .filter(|j| self.sync.asked.get(&j.info.id).is_none_or(|a| !a.beside_runner || a.next <= at))
                 .collect();
             unclaimed_jobs.sort_by_key(|j| (j.received_at, j.info.id));
-            let mut asked = Vec::new();
             for j in unclaimed_jobs {
-                if asked.len() == UNCLAIMED_ASKS {
+                if beside_runner.len() == UNCLAIMED_ASKS {
                     break;
                 }
                 if let Some(n) = j.pool.as_deref().and_then(|p| waiting.get_mut(p)).filter(|n| **n > 0) {
                     *n -= 1;
-                    asked.push(j.info.id);
+                    beside_runner.push(j.info.id);
                     stale.push(j);
                 }
             }
-            for id in asked {
-                let (times, next, _) = self.sync.unclaimed.entry(id).or_insert((0, at, false));
-                *times += 1;
-                *next = at + (unclaimed * 2u32.saturating_pow(*times - 1)).min(stale_after);
+        }
+        // Each job asked after is asked again only after a back-off that doubles while GitHub
+        // has nothing new to say (up to the recheck period): a backlog of queued jobs, or a
+        // job GitHub keeps queued beside a waiting runner (an incident, a repository the
+        // runner group does not allow), is not asked about at every other sync.
+        let recheck = if redeliver { HOOKED_RECHECK } else { UNHOOKED_RECHECK };
+        for j in &stale {
+            let id = j.info.id;
+            let base = if beside_runner.contains(&id) { unclaimed } else { stale_after };
+            let a = self.sync.asked.entry(id).or_insert(Asked {
+                times: 0,
+                next: at,
+                missing: false,
+                beside_runner: false,
+                running: running(j),
+            });
+            if beside_runner.contains(&id) && !a.beside_runner {
+                (a.times, a.beside_runner) = (0, true);
             }
+            a.times += 1;
+            a.next = at + base.saturating_mul(1 << (a.times - 1).min(16)).min(recheck.max(base));
         }
         let stale: Vec<(String, u64)> = stale.into_iter().map(|j| (j.info.repository.clone(), j.info.id)).collect();
         let repo_scope = match self.config.github.scope() {
@@ -340,7 +372,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let action = match status.status.as_str() {
                 "completed" => JobAction::Completed,
                 "in_progress" if !running => JobAction::InProgress,
-                "queued" if self.sync.unclaimed.contains_key(&id) => {
+                "queued" if self.sync.asked.get(&id).is_some_and(|a| a.beside_runner) => {
                     if let Some(left_out) = KEPT_QUEUED.check() {
                         warn!(job_id = id, repository = %info.repository, pool = ?pool, left_out, "GitHub keeps this job queued while a runner of its pool waits online without a job: is its repository allowed in the runner group, or are GitHub's jobs delayed? (asked again after a back-off)");
                     }
@@ -349,13 +381,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // Still queued, or still running: nothing was missed.
                 _ => continue,
             };
-            // Asked after beside a waiting runner, a job is dropped on a second 404 (a sync
-            // or more later), not the first: GitHub's API may not know a job yet that its
-            // webhook announced, and such a job is only minutes old.
+            // A job is dropped on a second 404 (a back-off later), not the first: GitHub's
+            // API may not know a job yet that its webhook announced.
             if status.conclusion.as_deref() == Some(NOT_FOUND)
-                && let Some(asked) = self.sync.unclaimed.get_mut(&id).filter(|a| !a.2)
+                && let Some(asked) = self.sync.asked.get_mut(&id).filter(|a| !a.missing)
             {
-                asked.2 = true;
+                asked.missing = true;
                 debug!(job_id = id, "GitHub answers 404 for this job: asked again before it is dropped");
                 continue;
             }

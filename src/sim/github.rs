@@ -91,6 +91,8 @@ pub struct Hub {
     pub rate_limited_until: Option<Duration>,
     pub api_timeout: Duration,
     pub calls: u64,
+    /// Calls by endpoint (the trace's summary).
+    pub calls_by: BTreeMap<String, u64>,
     pub time: Time,
     /// The agent's (`github` in its config): a repository's runners take only its jobs.
     pub scope: crate::config::Scope,
@@ -111,6 +113,7 @@ impl Hub {
             rate_limited_until: None,
             api_timeout,
             calls: 0,
+            calls_by: BTreeMap::new(),
             time,
             scope,
         }
@@ -196,6 +199,7 @@ impl Hub {
     /// Whether a call fails, and how (drawn before the call's effect).
     fn fault(&mut self, path: &str) -> Result<(), (GhError, Duration)> {
         self.calls += 1;
+        *self.calls_by.entry(path.to_string()).or_default() += 1;
         let now = self.time.now();
         if let Some(until) = self.rate_limited_until {
             if now < until {

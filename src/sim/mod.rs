@@ -59,6 +59,8 @@ pub struct Outcome {
     pub steps: u32,
     pub faults: u32,
     pub jobs: u32,
+    /// The most GitHub API calls the agent made in one hour of virtual time.
+    pub busiest_hour: u64,
     /// The first invariant broken, named.
     pub violation: Option<String>,
     /// What happened, a line per step that did something.
@@ -113,6 +115,9 @@ const FAULTS: &[Fault] = &[
     Fault::StoreFull,
     Fault::Drain,
 ];
+
+/// GitHub API calls an hour an App's installation may make (its rate limit's floor).
+const API_BUDGET: u64 = 5000;
 
 /// Pool names drawn so that they collide: prefixes of each other, digits, dashes.
 const POOL_NAMES: &[&str] = &["ubuntu", "ubuntu-22", "ubuntu-2", "u", "u-1", "small", "small-31234567890"];
@@ -180,6 +185,8 @@ struct Sim {
     /// (see `Fault::ClockStep`), so a job lost on them is not judged.
     skewed: BTreeSet<String>,
     skewed_boots: BTreeSet<usize>,
+    /// GitHub API calls the agent made, by hour of virtual time (hour, calls).
+    api_hours: Vec<(u64, u64)>,
     /// Queued jobs whose run was deleted (`vanish`), with their pool.
     vanished: BTreeMap<u64, Option<String>>,
     /// When each domain was first seen, and its pool.
@@ -344,6 +351,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         steps: sim.step,
         faults: sim.faults,
         jobs: sim.jobs,
+        busiest_hour: sim.api_hours.iter().map(|(_, n)| *n).max().unwrap_or(0),
         violation: sim.violation,
         trace: sim.trace,
     }
@@ -414,6 +422,7 @@ impl Sim {
             skewed: BTreeSet::new(),
             skewed_boots: BTreeSet::new(),
             vanished: BTreeMap::new(),
+            api_hours: Vec::new(),
             domains_seen: BTreeMap::new(),
             domains_created: BTreeMap::new(),
             hv_up_at: None,
@@ -447,6 +456,8 @@ impl Sim {
         if let Some(inc) = self.inc.take() {
             self.stop(inc, false);
         }
+        let by = format!("{:?}", self.hub.lock().calls_by);
+        self.note(format!("GitHub API calls by endpoint: {by}"));
         crate::offload::set_inline(None);
     }
 
@@ -1351,6 +1362,21 @@ impl Sim {
         self.check_reaps();
         if self.violation.is_some() {
             return;
+        }
+        // GitHub's API budget: an App's installation may make 5,000 calls an hour (a
+        // loop that asks again and again spends it, and no runner is made after).
+        let hour = now.as_secs() / 3600;
+        let calls = self.hub.lock().calls;
+        let before: u64 = self.api_hours.iter().filter(|(h, _)| *h != hour).map(|(_, n)| *n).sum();
+        match self.api_hours.last_mut() {
+            Some((h, n)) if *h == hour => *n = calls - before,
+            _ => self.api_hours.push((hour, calls - before)),
+        }
+        if let Some((h, n)) = self.api_hours.last().filter(|(_, n)| *n > API_BUDGET) {
+            let by = format!("{:?}", self.hub.lock().calls_by);
+            return self.violate(format!(
+                "{n} GitHub API calls in hour {h} of the run, more than {API_BUDGET} (all calls of the run: {by})"
+            ));
         }
         let hub = self.hub.lock();
         if let Some(j) = hub.jobs.values().find(|j| j.taken > 1) {

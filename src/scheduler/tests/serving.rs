@@ -253,6 +253,27 @@ async fn a_job_github_answers_404_for_is_dropped() {
     );
 }
 
+/// A backlog of queued jobs, asked about while webhooks are quiet (no hook), is asked
+/// about ever less often while GitHub has nothing new to say of them (the recheck period
+/// at most): 25 jobs, syncs every 5 s, 10 minutes: each job about six times, not every
+/// other sync (20 a sync, 2,400 calls).
+#[tokio::test(start_paused = true)]
+async fn a_backlog_is_asked_about_ever_less_often() {
+    let mut h = harness("");
+    assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
+    let queued = crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None };
+    for id in 400..425 {
+        h.gh.lock().jobs.insert(id, queued.clone());
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    h.wait("the backlog queued", |s, _| s.queued.len() == 25).await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let asked = h.gh.lock().calls.iter().filter(|c| *c == "job").count();
+    assert!((100..=250).contains(&asked), "asked {asked} times");
+    assert_eq!(h.status().await.queued.len(), 25, "all still queued");
+    h.shutdown().await;
+}
+
 /// Every VM's address is decided by the agent: a DHCP host entry per VM (its MAC follows
 /// from the address) made before its domain and given back after it; the fence knows the
 /// address from the start; a freed address serves the next VM; an entry left by a VM
