@@ -226,6 +226,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         {
                             v.runner_done = true;
                         }
+                        // A teardown waiting out its back-off (GitHub kept the dead VM's runner
+                        // busy) goes on now: the job's end is what frees the runner.
+                        if let Some(super::Work::TeardownRetry { at, .. }) = self.work.get_mut(vm) {
+                            *at = tokio::time::Instant::now();
+                        }
                         self.book.touch_vm(vm);
                         self.transition(vm, Input::JobCompleted);
                     }

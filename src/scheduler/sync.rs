@@ -74,6 +74,9 @@ pub struct State {
     late_runners: BTreeMap<String, tokio::time::Instant>,
     /// Jobs asked after (see `start_github_sync`), while they are queued or running.
     asked: BTreeMap<u64, Asked>,
+    /// The asks of the sync under way: each job's back-off base, and whether it is asked
+    /// beside a waiting runner (recorded in `asked` once GitHub answered it).
+    asking: BTreeMap<u64, (Duration, bool)>,
 }
 
 /// A job the sync asked GitHub about.
@@ -180,7 +183,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let mut unclaimed_jobs: Vec<&JobRec> = jobs
                 .values()
                 .filter(refreshable)
-                .filter(|j| j.state == JobState::Queued && (unclaimed..stale_after).contains(&quiet(j)))
+                .filter(|j| j.state == JobState::Queued && quiet(j) >= unclaimed)
+                .filter(|j| !stale.iter().any(|s| s.info.id == j.info.id))
                 // (The back-off of asks made for a reason of their own holds no such ask.)
                 .filter(|j| self.sync.asked.get(&j.info.id).is_none_or(|a| !a.beside_runner || a.next <= at))
                 .collect();
@@ -196,27 +200,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             }
         }
-        // Each job asked after is asked again only after a back-off that doubles while GitHub
-        // has nothing new to say (up to the recheck period): a backlog of queued jobs, or a
-        // job GitHub keeps queued beside a waiting runner (an incident, a repository the
-        // runner group does not allow), is not asked about at every other sync.
-        let recheck = if redeliver { HOOKED_RECHECK } else { UNHOOKED_RECHECK };
-        for j in &stale {
-            let id = j.info.id;
-            let base = if beside_runner.contains(&id) { unclaimed } else { stale_after };
-            let a = self.sync.asked.entry(id).or_insert(Asked {
-                times: 0,
-                next: at,
-                missing: false,
-                beside_runner: false,
-                running: running(j),
-            });
-            if beside_runner.contains(&id) && !a.beside_runner {
-                (a.times, a.beside_runner) = (0, true);
-            }
-            a.times += 1;
-            a.next = at + base.saturating_mul(1 << (a.times - 1).min(16)).min(recheck.max(base));
-        }
+        // Each job GitHub answers for is asked again only after a back-off that doubles while
+        // GitHub has nothing new to say (`on_github_synced`).
+        self.sync.asking = stale
+            .iter()
+            .map(|j| {
+                (
+                    j.info.id,
+                    (
+                        if beside_runner.contains(&j.info.id) { unclaimed } else { stale_after },
+                        beside_runner.contains(&j.info.id),
+                    ),
+                )
+            })
+            .collect();
         let stale: Vec<(String, u64)> = stale.into_iter().map(|j| (j.info.repository.clone(), j.info.id)).collect();
         let repo_scope = match self.config.github.scope() {
             crate::config::Scope::Repository { owner, name } => Some(format!("{owner}/{name}")),
@@ -357,14 +354,43 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         let mut learned = Vec::new();
         let now = self.now();
+        let asking = std::mem::take(&mut self.sync.asking);
+        let at = tokio::time::Instant::now();
+        let recheck = if self.config.github.hook.is_some() { HOOKED_RECHECK } else { UNHOOKED_RECHECK };
+        let unclaimed = self.config.reconcile.github_interval * 2;
         for (id, status) in jobs {
             let Some(job) = self.book.jobs.get_mut(&id) else {
                 continue;
             };
+            // Asked again only after a back-off that doubles while GitHub has nothing new to
+            // say, up to the recheck period: a backlog of queued jobs, or a job GitHub keeps
+            // queued beside a waiting runner (an incident, a repository the runner group does
+            // not allow), is not asked about at every other sync.
+            let (base, beside_runner) = asking.get(&id).copied().unwrap_or((unclaimed, false));
+            let running = matches!(job.state, JobState::InProgress { .. });
+            let a = self.sync.asked.entry(id).or_insert(Asked {
+                times: 0,
+                next: at,
+                missing: false,
+                beside_runner,
+                running,
+            });
+            if beside_runner && !a.beside_runner {
+                a.times = 0;
+            }
+            a.beside_runner = beside_runner;
+            a.times += 1;
+            a.next = at + base.saturating_mul(1 << (a.times - 1).min(16)).min(recheck.max(base));
+            // A job is dropped on a second 404, asked two syncs later, not the first: GitHub's
+            // API may not know a job yet that its webhook announced.
+            if status.conclusion.as_deref() == Some(NOT_FOUND) && !a.missing {
+                (a.missing, a.next) = (true, at + unclaimed);
+                debug!(job_id = id, "GitHub answers 404 for this job: asked again before it is dropped");
+                continue;
+            }
             // Checked now, whatever GitHub says: not again before its next stale period (a
             // job that runs for hours is asked about once an hour, not at every sync).
             job.updated_at = now;
-            let running = matches!(job.state, JobState::InProgress { .. });
             let (mut info, pool) = (job.info.clone(), job.pool.clone());
             self.book.touch_job(id);
             info.runner_name = status.runner_name.clone();
@@ -372,7 +398,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let action = match status.status.as_str() {
                 "completed" => JobAction::Completed,
                 "in_progress" if !running => JobAction::InProgress,
-                "queued" if self.sync.asked.get(&id).is_some_and(|a| a.beside_runner) => {
+                "queued" if beside_runner => {
                     if let Some(left_out) = KEPT_QUEUED.check() {
                         warn!(job_id = id, repository = %info.repository, pool = ?pool, left_out, "GitHub keeps this job queued while a runner of its pool waits online without a job: is its repository allowed in the runner group, or are GitHub's jobs delayed? (asked again after a back-off)");
                     }
@@ -381,15 +407,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // Still queued, or still running: nothing was missed.
                 _ => continue,
             };
-            // A job is dropped on a second 404 (a back-off later), not the first: GitHub's
-            // API may not know a job yet that its webhook announced.
-            if status.conclusion.as_deref() == Some(NOT_FOUND)
-                && let Some(asked) = self.sync.asked.get_mut(&id).filter(|a| !a.missing)
-            {
-                asked.missing = true;
-                debug!(job_id = id, "GitHub answers 404 for this job: asked again before it is dropped");
-                continue;
-            }
             if status.conclusion.as_deref() == Some(NOT_FOUND) {
                 warn!(job_id = id, repository = %info.repository, "GitHub answers 404 for this job: dropped");
             } else {

@@ -185,8 +185,10 @@ struct Sim {
     /// (see `Fault::ClockStep`), so a job lost on them is not judged.
     skewed: BTreeSet<String>,
     skewed_boots: BTreeSet<usize>,
-    /// GitHub API calls the agent made, by hour of virtual time (hour, calls).
-    api_hours: Vec<(u64, u64)>,
+    /// The calls the agent had made to GitHub's API at each check of the last hour (when,
+    /// how many in all), and the most in any hour.
+    api_calls: std::collections::VecDeque<(Duration, u64)>,
+    busiest_hour: u64,
     /// Queued jobs whose run was deleted (`vanish`), with their pool.
     vanished: BTreeMap<u64, Option<String>>,
     /// When each domain was first seen, and its pool.
@@ -351,7 +353,7 @@ pub fn run_seed(opts: Options) -> Outcome {
         steps: sim.step,
         faults: sim.faults,
         jobs: sim.jobs,
-        busiest_hour: sim.api_hours.iter().map(|(_, n)| *n).max().unwrap_or(0),
+        busiest_hour: sim.busiest_hour,
         violation: sim.violation,
         trace: sim.trace,
     }
@@ -422,7 +424,8 @@ impl Sim {
             skewed: BTreeSet::new(),
             skewed_boots: BTreeSet::new(),
             vanished: BTreeMap::new(),
-            api_hours: Vec::new(),
+            api_calls: std::collections::VecDeque::new(),
+            busiest_hour: 0,
             domains_seen: BTreeMap::new(),
             domains_created: BTreeMap::new(),
             hv_up_at: None,
@@ -1364,18 +1367,22 @@ impl Sim {
             return;
         }
         // GitHub's API budget: an App's installation may make 5,000 calls an hour (a
-        // loop that asks again and again spends it, and no runner is made after).
-        let hour = now.as_secs() / 3600;
+        // loop that asks again and again spends it, and no runner is made after). Over the
+        // last hour at every check (steps are a minute at most).
         let calls = self.hub.lock().calls;
-        let before: u64 = self.api_hours.iter().filter(|(h, _)| *h != hour).map(|(_, n)| *n).sum();
-        match self.api_hours.last_mut() {
-            Some((h, n)) if *h == hour => *n = calls - before,
-            _ => self.api_hours.push((hour, calls - before)),
+        let hour = Duration::from_secs(3600);
+        self.api_calls.push_back((now, calls));
+        while self.api_calls.get(1).is_some_and(|(t, _)| *t + hour <= now) {
+            self.api_calls.pop_front();
         }
-        if let Some((h, n)) = self.api_hours.last().filter(|(_, n)| *n > API_BUDGET) {
+        let since = self.api_calls.front().filter(|(t, _)| *t + hour <= now).map_or(0, |(_, n)| *n);
+        let last_hour = calls - since;
+        self.busiest_hour = self.busiest_hour.max(last_hour);
+        if last_hour > API_BUDGET {
             let by = format!("{:?}", self.hub.lock().calls_by);
             return self.violate(format!(
-                "{n} GitHub API calls in hour {h} of the run, more than {API_BUDGET} (all calls of the run: {by})"
+                "{last_hour} GitHub API calls in the hour up to {}, more than {API_BUDGET} (all calls of the run: {by})",
+                secs(now)
             ));
         }
         let hub = self.hub.lock();

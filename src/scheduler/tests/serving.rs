@@ -539,6 +539,38 @@ async fn a_job_github_keeps_queued_beside_a_waiting_runner_is_asked_about_ever_l
     h.shutdown().await;
 }
 
+/// Without a hook, a job long in a backlog (its asks backed off to minutes) that GitHub
+/// then forgets is learned within a few syncs once a runner waits for it: asks beside a
+/// waiting runner are not held by the backlog's back-off.
+#[tokio::test(start_paused = true)]
+async fn a_backlog_job_gone_while_a_runner_waits_is_learned_soon() {
+    let mut h = harness_tweaked(
+        "",
+        |_| {},
+        |c| {
+            c.pools[0].max_vms = 1;
+            c.pools[0].idle_timeout = Duration::from_secs(30);
+        },
+    );
+    let queued = crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None };
+    for id in [96, 97] {
+        h.gh.lock().jobs.insert(id, queued.clone());
+        h.deliver(JobAction::Queued, info(id, LABELS, None));
+    }
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-96"]).await;
+    h.deliver(JobAction::InProgress, info(96, LABELS, Some("rv-small-96")));
+    // 97 waits in the backlog for 25 minutes: its asks back off to the 15-minute recheck.
+    tokio::time::sleep(Duration::from_secs(1500)).await;
+    h.gh.lock().jobs.remove(&97);
+    h.run_job_on("rv-small-96", 96);
+    h.wait_for("a VM for 97", Duration::from_secs(60), |_, hv| hv.running() == ["rv-small-97"]).await;
+    h.gh.set_runner("rv-small-97", true, false);
+    // Idle from the next sync, asked after two more, dropped on the second 404 two syncs
+    // later, then surplus for idle_timeout.
+    h.wait_for("the VM gone", Duration::from_secs(90), |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
+    h.shutdown().await;
+}
+
 /// A VM that dies while its runner runs a job (a crash) goes with its runner's
 /// registration, also when the job's completion (GitHub failing the job of a runner that
 /// died) comes while the teardown waits for GitHub: that completion is no sign that the
@@ -567,7 +599,7 @@ async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
 
 /// A teardown that keeps failing (GitHub keeps a dead VM's runner busy until it fails the
 /// runner's job, minutes later) is tried again ever less often: after 10 s, doubling up
-/// to 5 minutes, not six times a minute.
+/// to 5 minutes, not six times a minute; and at once when the job's end frees the runner.
 #[tokio::test(start_paused = true)]
 async fn a_teardown_that_keeps_failing_is_retried_ever_less_often() {
     let mut h = harness("");
@@ -582,9 +614,10 @@ async fn a_teardown_that_keeps_failing_is_retried_ever_less_often() {
     tokio::time::sleep(Duration::from_secs(600)).await;
     let n = deletes(&h);
     assert!((5..=7).contains(&n), "{n} deletions asked for in 10 minutes");
-    // GitHub fails the job: the runner is free, and goes with the next try.
+    // GitHub fails the job: the runner is free, and goes at once (not after the back-off).
     h.gh.set_runner("rv-small-54", false, false);
-    h.wait_for("the VM gone", Duration::from_secs(310), |s, _| s.vms.is_empty()).await;
+    h.complete(54, Some("rv-small-54"), "failure");
+    h.wait_for("the VM gone", Duration::from_secs(5), |s, _| s.vms.is_empty()).await;
     let (gh, _, _) = h.shutdown().await;
     assert!(gh.runner_names().is_empty(), "{:?}", gh.runner_names());
 }
