@@ -18,6 +18,15 @@ use crate::store::{Batch, SchedulerStore, Store, StoreError};
 
 const LABELS: &[&str] = &["self-hosted", "linux"];
 
+/// A pool like the config's first, named `big`, for jobs labelled `self-hosted, big` (added
+/// by a reload, or put in the first's place).
+fn big_pool(c: &Config) -> crate::config::PoolConfig {
+    let mut big = c.pools[0].clone();
+    big.name = "big".into();
+    big.labels = vec!["self-hosted".into(), "big".into()];
+    big
+}
+
 fn config(extra_pool: &str, dir: &std::path::Path) -> Arc<Config> {
     let text = format!(
         r#"

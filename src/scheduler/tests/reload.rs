@@ -12,10 +12,7 @@ async fn a_resized_pool_grows_at_once_and_an_added_pool_serves() {
     let report = h
         .reload(|c| {
             c.pools[0].max_vms = 3;
-            let mut big = c.pools[0].clone();
-            big.name = "big".into();
-            big.labels = vec!["self-hosted".into(), "big".into()];
-            c.pools.push(big);
+            c.pools.push(big_pool(c));
         })
         .await;
     assert_eq!(report.applied, ["pool small", "pool big (added)"]);
@@ -114,13 +111,7 @@ async fn a_runner_registered_after_its_vm_was_torn_down_is_deleted_even_once_its
     let mut h = harness("registration = \"token\"\nidle_timeout = \"5s\"");
     h.deliver(JobAction::Queued, info(41, LABELS, None));
     h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
-    h.reload(|c| {
-        let mut big = c.pools[0].clone();
-        big.name = "big".into();
-        big.labels = vec!["self-hosted".into(), "big".into()];
-        c.pools = vec![big];
-    })
-    .await;
+    h.reload(|c| c.pools = vec![big_pool(c)]).await;
     h.wait_for("the removed pool's VM gone, and the pool", Duration::from_secs(60), |s, hv| {
         s.pools.iter().all(|p| p.name != "small") && !hv.lock().domains.contains_key("rv-small-41")
     })

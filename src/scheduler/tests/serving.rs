@@ -635,13 +635,7 @@ async fn a_failed_jobs_runner_is_deleted_with_its_vm() {
         h.wait("a VM", |_, hv| hv.running() == [name.as_str()]).await;
         h.deliver(JobAction::InProgress, info(id, LABELS, Some(&name)));
         h.complete(id, Some(&name), conclusion);
-        h.reload(|c| {
-            let mut big = c.pools[0].clone();
-            big.name = "big".into();
-            big.labels = vec!["self-hosted".into(), "big".into()];
-            c.pools = vec![big];
-        })
-        .await;
+        h.reload(|c| c.pools = vec![big_pool(c)]).await;
         h.hv.stop(&name);
         h.wait_for("the VM gone", Duration::from_secs(30), |s, _| s.vms.is_empty()).await;
         let gh = h.gh.clone();
