@@ -70,6 +70,12 @@ impl FakeGitHub {
         }
     }
 
+    /// GitHub knows job `id` as queued (what `job_status` answers).
+    pub fn set_job_queued(&self, id: u64) {
+        let queued = JobStatus { status: "queued".into(), conclusion: None, runner_name: None };
+        self.lock().jobs.insert(id, queued);
+    }
+
     pub fn runner_names(&self) -> Vec<String> {
         self.lock().runners.values().map(|r| r.name.clone()).collect()
     }

@@ -205,13 +205,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.sync.asking = stale
             .iter()
             .map(|j| {
-                (
-                    j.info.id,
-                    (
-                        if beside_runner.contains(&j.info.id) { unclaimed } else { stale_after },
-                        beside_runner.contains(&j.info.id),
-                    ),
-                )
+                let beside = beside_runner.contains(&j.info.id);
+                (j.info.id, (if beside { unclaimed } else { stale_after }, beside))
             })
             .collect();
         let stale: Vec<(String, u64)> = stale.into_iter().map(|j| (j.info.repository.clone(), j.info.id)).collect();

@@ -344,6 +344,17 @@ impl H {
         done.conclusion = Some(conclusion.into());
         self.deliver(JobAction::Completed, done);
     }
+    /// Job `id` gets its VM, whose runner takes it; the VM crashes while GitHub still has
+    /// the runner busy, and refuses its teardown's deletion of it (waited for).
+    async fn crash_running(&mut self, id: u64) {
+        let vm = format!("rv-small-{id}");
+        self.deliver(JobAction::Queued, info(id, LABELS, None));
+        self.wait("a VM", |_, hv| hv.running() == [vm.as_str()]).await;
+        self.gh.set_runner(&vm, true, true);
+        self.deliver(JobAction::InProgress, info(id, LABELS, Some(&vm)));
+        self.hv.stop(&vm);
+        self.wait("its runner's deletion refused", |_, _| self.gh.lock().calls.iter().any(|c| c == "delete")).await;
+    }
     /// The runner of `vm` takes job `id`, finishes it, and the guest powers off.
     fn run_job_on(&mut self, vm: &str, id: u64) {
         self.deliver(JobAction::InProgress, info(id, LABELS, Some(vm)));

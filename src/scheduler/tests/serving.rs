@@ -261,9 +261,8 @@ async fn a_job_github_answers_404_for_is_dropped() {
 async fn a_backlog_is_asked_about_ever_less_often() {
     let mut h = harness("");
     assert!(matches!(h.admin(AdminCommand::Drain(true)).await, AdminReply::Ok(_)));
-    let queued = crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None };
     for id in 400..425 {
-        h.gh.lock().jobs.insert(id, queued.clone());
+        h.gh.set_job_queued(id);
         h.deliver(JobAction::Queued, info(id, LABELS, None));
     }
     h.wait("the backlog queued", |s, _| s.queued.len() == 25).await;
@@ -527,8 +526,7 @@ async fn a_job_github_keeps_queued_beside_a_waiting_runner_is_asked_about_ever_l
     let mut h = harness_tweaked("", |_| {}, hooked);
     h.deliver(JobAction::Queued, info(95, LABELS, None));
     h.wait("its VM", |_, hv| hv.running() == ["rv-small-95"]).await;
-    let queued = crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None };
-    h.gh.lock().jobs.insert(95, queued);
+    h.gh.set_job_queued(95);
     h.gh.set_runner("rv-small-95", true, false);
     let asked = |h: &H| h.gh.lock().calls.iter().filter(|c| *c == "job").count();
     // Syncs every 5 s: asked after two (10 s idle), then 10, 20, 40 and 80 s later.
@@ -552,9 +550,8 @@ async fn a_backlog_job_gone_while_a_runner_waits_is_learned_soon() {
             c.pools[0].idle_timeout = Duration::from_secs(30);
         },
     );
-    let queued = crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None };
     for id in [96, 97] {
-        h.gh.lock().jobs.insert(id, queued.clone());
+        h.gh.set_job_queued(id);
         h.deliver(JobAction::Queued, info(id, LABELS, None));
     }
     h.wait("a VM", |_, hv| hv.running() == ["rv-small-96"]).await;
@@ -579,13 +576,7 @@ async fn a_backlog_job_gone_while_a_runner_waits_is_learned_soon() {
 #[tokio::test(start_paused = true)]
 async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
     let mut h = harness("");
-    h.deliver(JobAction::Queued, info(51, LABELS, None));
-    h.wait("a VM", |_, hv| hv.running() == ["rv-small-51"]).await;
-    h.gh.set_runner("rv-small-51", true, true);
-    h.deliver(JobAction::InProgress, info(51, LABELS, Some("rv-small-51")));
-    // It crashes: GitHub still has its runner busy, and refuses to delete it.
-    h.hv.stop("rv-small-51");
-    h.wait("its runner's deletion refused", |_, _| h.gh.lock().calls.iter().any(|c| c == "delete")).await;
+    h.crash_running(51).await;
     assert_eq!(h.gh.runner_names(), ["rv-small-51"], "busy: kept for now");
     // The job ends (as it ended, "success", so that only the VM's going tells); the
     // runner's registration stays, offline.
@@ -603,13 +594,8 @@ async fn a_crashed_vms_runner_is_deleted_though_its_job_completed_meanwhile() {
 #[tokio::test(start_paused = true)]
 async fn a_teardown_that_keeps_failing_is_retried_ever_less_often() {
     let mut h = harness("");
-    h.deliver(JobAction::Queued, info(54, LABELS, None));
-    h.wait("a VM", |_, hv| hv.running() == ["rv-small-54"]).await;
-    h.gh.set_runner("rv-small-54", true, true);
-    h.deliver(JobAction::InProgress, info(54, LABELS, Some("rv-small-54")));
-    h.hv.stop("rv-small-54");
+    h.crash_running(54).await;
     let deletes = |h: &H| h.gh.lock().calls.iter().filter(|c| *c == "delete").count();
-    h.wait("its runner's deletion refused", |_, _| deletes(&h) > 0).await;
     // Tried at 0, 10, 30, 70, 150, 310 and 610 s.
     tokio::time::sleep(Duration::from_secs(600)).await;
     let n = deletes(&h);

@@ -295,9 +295,7 @@ async fn a_binding_cut_short_by_a_restart_stands_if_the_guest_took_its_command()
         let job =
             JobRec { info: info(81, LABELS, None), ..fixtures::job(81, "small", "octo-org/app", JobState::Queued, 0) };
         store.commit(&Batch { jobs: vec![job], vms: vec![vm], ..Default::default() }).unwrap();
-        gh.lock()
-            .jobs
-            .insert(81, crate::github::JobStatus { status: "queued".into(), conclusion: None, runner_name: None });
+        gh.set_job_queued(81);
         // The guest closed its port once it took the command; otherwise it still waits.
         hv.lock().guests_booting = took_it;
         let h = restart("warm = 1", gh, hv, Some(store));
