@@ -228,9 +228,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         }
                         // A teardown waiting out its back-off (GitHub kept the dead VM's runner
                         // busy) goes on now: the job's end is what frees the runner.
-                        if let Some(super::Work::TeardownRetry { at, .. }) = self.work.get_mut(vm) {
-                            *at = tokio::time::Instant::now();
-                        }
+                        self.retry_teardowns_now(Some(vm));
                         self.book.touch_vm(vm);
                         self.transition(vm, Input::JobCompleted);
                     }

@@ -238,6 +238,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         );
     }
 
+    /// A teardown waiting out its back-off (of `vm`, or every one) is tried again now: what
+    /// made it fail may be over (libvirt is back; the job's end freed its runner).
+    pub(super) fn retry_teardowns_now(&mut self, vm: Option<&str>) {
+        let now = Instant::now();
+        for (name, w) in self.work.iter_mut() {
+            if let Work::TeardownRetry { at, .. } = w
+                && vm.is_none_or(|v| v == name)
+            {
+                *at = (*at).min(now);
+            }
+        }
+    }
+
     /// Teardowns whose retry is due, and teardowns a restart left unfinished.
     pub(super) fn retry_teardowns(&mut self) {
         let now = Instant::now();

@@ -93,12 +93,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.hv.connected_once = true;
                 // Teardowns that failed while libvirt was away are tried again now, not
                 // after their back-off (which is for what keeps failing).
-                let now = Instant::now();
-                for w in self.work.values_mut() {
-                    if let super::Work::TeardownRetry { at, .. } = w {
-                        *at = (*at).min(now);
-                    }
-                }
+                self.retry_teardowns_now(None);
                 self.start_sweep();
             }
         }
