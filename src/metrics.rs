@@ -15,10 +15,13 @@ use prometheus_client::registry::{Registry, Unit};
 /// becomes `_`, and values are capped. Values from outside (a job's conclusion, an event
 /// name, a repository in an API path) go through here.
 fn value(v: &str) -> String {
-    v.chars()
-        .take(128)
-        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' })
-        .collect()
+    let plain = |c: char| c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ';
+    // Most values (pool names, states) need nothing: copied whole (this runs for every
+    // series the gauges set, at most turns of the scheduler).
+    if v.len() <= 128 && v.chars().all(plain) {
+        return v.to_string();
+    }
+    v.chars().take(128).map(|c| if plain(c) { c } else { '_' }).collect()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -393,6 +396,21 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_keep_what_is_plain_and_replace_the_rest() {
+        let long = "p".repeat(200);
+        for (input, want) in [
+            ("ubuntu-22", "ubuntu-22".to_string()),
+            ("in progress", "in progress".into()),
+            ("a\"b\\c\nd", "a_b_c_d".into()),
+            ("café", "caf_".into()),
+            (long.as_str(), "p".repeat(128)),
+            (&format!("\"{long}"), format!("_{}", "p".repeat(127))),
+        ] {
+            assert_eq!(value(input), want, "{input:?}");
+        }
+    }
 
     #[test]
     fn renders_openmetrics() {

@@ -647,14 +647,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             *vms.entry((v.pool.as_str(), v.state)).or_default() += 1;
         }
         for p in &self.config.pools {
+            let labels = metrics::pool(&p.name);
             let depth = queued.get(p.name.as_str()).copied().unwrap_or(0);
-            self.metrics.queue_depth.get_or_create(&metrics::pool(&p.name)).set(depth as i64);
+            self.metrics.queue_depth.get_or_create(&labels).set(depth as i64);
             for s in VmState::ALL {
                 let n = vms.get(&(p.name.as_str(), s)).copied().unwrap_or(0);
                 self.metrics.vms.get_or_create(&VmStateLabels::new(&p.name, s.as_str())).set(n);
             }
             let ready = self.free_slots(&p.name).len();
-            self.metrics.slots_ready.get_or_create(&metrics::pool(&p.name)).set(ready as i64);
+            self.metrics.slots_ready.get_or_create(&labels).set(ready as i64);
         }
     }
 }

@@ -130,6 +130,12 @@ const LABEL_SETS: &[&[&str]] = &[
 ];
 /// Labels no pool has (a job for no pool), and a subset any runner above may take.
 const NO_POOL: &[&str] = &["self-hosted", "windows"];
+/// How busy a seed's GitHub is: the share (in percent) of the steps that would queue jobs
+/// that do. Every seed used to queue at the full rate, a job every 25 s of its 80 minutes:
+/// more than pools of one to four VMs serve, so every seed was a backlog served for hours
+/// once the workload ended, and none was an agent keeping up (when idle runners, warm VMs
+/// and surplus timers matter). A third of the seeds each: quiet, busy, overloaded.
+const LOADS: [u32; 3] = [30, 60, 100];
 /// How long a hung job runs: longer than any pool's `max_lifetime` (at most 90 minutes).
 const HUNG: Duration = Duration::from_secs(24 * 3600);
 const ANY_RUNNER: &[&str] = &["self-hosted"];
@@ -156,6 +162,8 @@ struct Guest {
 
 struct Sim {
     rng: Rng,
+    /// The seed's share of job-queueing steps (one of [`LOADS`]).
+    load: u32,
     opts: Options,
     time: Time,
     hub: SimGitHub,
@@ -371,6 +379,7 @@ impl Sim {
         let mut rng = Rng::with_seed(opts.seed);
         let image = image();
         let config = draw_config(&mut rng, &image);
+        let load = LOADS[rng.usize(0..LOADS.len())];
         let time = Time::default();
         let disk = disk::Disk::default();
         let hub = SimGitHub {
@@ -402,6 +411,7 @@ impl Sim {
         let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
         let mut sim = Sim {
             rng,
+            load,
             opts,
             time,
             hub,
@@ -489,7 +499,8 @@ impl Sim {
             })
             .collect();
         format!(
-            "scope={:?} capacity={:?} pools=[{}]",
+            "load={}% scope={:?} capacity={:?} pools=[{}]",
+            self.load,
             self.config.github.scope(),
             self.config.capacity.max_vms,
             pools.join("; ")
@@ -576,11 +587,12 @@ impl Sim {
 
     fn one_step(&mut self) {
         let r = self.rng.u32(0..100);
-        if r < 6 {
-            self.new_jobs(1);
-        } else if r < 7 {
-            let n = self.rng.u32(2..=6);
-            self.new_jobs(n);
+        if r < 7 {
+            // A job, or a burst of them, at the seed's load.
+            if self.rng.u32(0..100) < self.load {
+                let n = if r < 6 { 1 } else { self.rng.u32(2..=6) };
+                self.new_jobs(n);
+            }
         } else if r < 9 {
             if self.rng.u8(0..8) == 0 {
                 self.vanish();
