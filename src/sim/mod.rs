@@ -1551,6 +1551,13 @@ impl Sim {
         self.disk.set_full(false);
         self.disk.spare();
         self.store_room_at = None;
+        // A death that came already (at a write of the last step's checks, after the step
+        // looked) is the agent's restart now: the healed world starts with a live process.
+        // (Without it, the operator's undrain went to the dead one, unanswered, and the
+        // agent was said to refuse it: seed 1749 of 1,000 steps.)
+        if self.disk.dead() {
+            self.kill("died writing its store");
+        }
         if self.fake.lock().unavailable {
             self.fake.lock().unavailable = false;
             self.fake.send(HvEvent::Reconnected);

@@ -147,6 +147,26 @@ fn a_drain_the_agent_died_in_is_found_after_its_restart() {
     assert!(kept > 0 && lost > 0, "kept {kept}, lost {lost}: both cases");
 }
 
+/// An agent that died writing its store just before the world healed (at the last
+/// step's checks, which ask for its status) is restarted before the operator undrains it;
+/// the undrain reaches the new process, which takes it.
+#[test]
+fn an_agent_dead_when_the_world_heals_is_restarted_before_it_is_undrained() {
+    let mut sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
+    sim.start(Duration::ZERO);
+    sim.advance(Duration::from_secs(5));
+    sim.inject(Fault::Drain);
+    assert!(sim.undrain_at.is_some(), "{:#?}", sim.trace);
+    // Its next write is its last.
+    sim.disk.die_after(0);
+    assert!(sim.disk.dead());
+    sim.settle();
+    assert_eq!(sim.violation, None, "{:#?}", sim.trace);
+    assert!(sim.trace.iter().any(|l| l.contains("agent died writing its store")), "{:#?}", sim.trace);
+    assert!(sim.trace.iter().any(|l| l.contains("undrain → ok")), "{:#?}", sim.trace);
+    sim.end();
+}
+
 /// A guest's runner dies with its VM: a domain of the same name started again (as a
 /// snapshot slot's domain is restored for the next job) runs another guest and does not
 /// bring the runner back. (The world tied runners to domain names and gave a job to the runner of a
