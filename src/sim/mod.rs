@@ -131,10 +131,12 @@ const LABEL_SETS: &[&[&str]] = &[
 /// Labels no pool has (a job for no pool), and a subset any runner above may take.
 const NO_POOL: &[&str] = &["self-hosted", "windows"];
 /// How busy a seed's GitHub is: the share (in percent) of the steps that would queue jobs
-/// that do. Every seed used to queue at the full rate, a job every 25 s of its 80 minutes:
-/// more than pools of one to four VMs serve, so every seed was a backlog served for hours
-/// once the workload ended, and none was an agent keeping up (when idle runners, warm VMs
-/// and surplus timers matter). A third of the seeds each: quiet, busy, overloaded.
+/// (new ones, bursts, re-runs) that do; cancels keep their rate. Every seed used to queue
+/// at the full rate, a job every 23 s of virtual time (about 83 minutes at 2,000 steps),
+/// more than most seeds' pools serve (jobs last 85 s on average, pools have one to four
+/// VMs): every seed was a backlog served for hours once the workload ended, and none was
+/// an agent keeping up (when idle runners, warm VMs and surplus timers matter). A third
+/// of the seeds each: quiet, busy, overloaded.
 const LOADS: [u32; 3] = [30, 60, 100];
 /// How long a hung job runs: longer than any pool's `max_lifetime` (at most 90 minutes).
 const HUNG: Duration = Duration::from_secs(24 * 3600);
@@ -600,7 +602,10 @@ impl Sim {
                 self.cancel();
             }
         } else if r < 10 {
-            self.rerun();
+            // A re-run queues a job too: at the seed's load.
+            if self.rng.u32(0..100) < self.load {
+                self.rerun();
+            }
         } else if r < 14 && self.opts.faults {
             let f = FAULTS[self.rng.usize(0..FAULTS.len())];
             self.inject(f);
@@ -621,6 +626,11 @@ impl Sim {
             self.kill("died writing its store");
         }
         self.check_step();
+        // The checks ask the agent (its status, its timeline), which may write and die: the
+        // next step's world must not act on a dead process.
+        if self.violation.is_none() && self.disk.dead() {
+            self.kill("died writing its store");
+        }
     }
 
     /// The agent is killed where it is (its runtime dropped) and started again on what
@@ -916,8 +926,9 @@ impl Sim {
     /// posted once more, as GitHub does now and then). A lost delivery posted twice was
     /// taken by the agent all the same.
     async fn post_hook(&mut self, app: &axum::Router, hook: &github::Hook, lost: bool, twice: bool) {
-        let code = if lost { 0 } else { post(app, hook).await };
-        let again = if twice { post(app, hook).await } else { 0 };
+        // A process that died (writing an earlier delivery of this turn) answers nothing.
+        let code = if lost || self.disk.dead() { 0 } else { post(app, hook).await };
+        let again = if twice && !self.disk.dead() { post(app, hook).await } else { 0 };
         if lost || !(200..300).contains(&code) {
             self.note(format!("delivery {} ({} {}) answered {code}", hook.id, hook.guid, hook.action));
         }
@@ -1539,7 +1550,6 @@ impl Sim {
     /// The world healed and the workload over: the agent must bring everything to rest.
     fn settle(&mut self) {
         self.note("settling: faults healed, no new jobs".into());
-        self.settled_at = Some(self.t);
         self.hub.lock().fault = None;
         self.hub.lock().rate_limited_until = None;
         {
@@ -1551,18 +1561,20 @@ impl Sim {
         self.disk.set_full(false);
         self.disk.spare();
         self.store_room_at = None;
-        // A death that came already (at a write of the last step's checks, after the step
-        // looked) is the agent's restart now: the healed world starts with a live process.
-        // (Without it, the operator's undrain went to the dead one, unanswered, and the
-        // agent was said to refuse it: seed 1749 of 1,000 steps.)
-        if self.disk.dead() {
-            self.kill("died writing its store");
-        }
         if self.fake.lock().unavailable {
             self.fake.lock().unavailable = false;
             self.fake.send(HvEvent::Reconnected);
         }
         self.hv_up_at = None;
+        // A death that came already is the agent's restart now, so that the healed world
+        // starts with a live process (and the timers the checks allow start after it).
+        // (Without it, the operator's undrain went to the dead one, unanswered, and the
+        // agent was said to refuse it: seed 1749 of 1,000 steps, its death at a write of
+        // the last step's checks.)
+        if self.disk.dead() {
+            self.kill("died writing its store");
+        }
+        self.settled_at = Some(self.t);
         if self.undrain_at.take().is_some() && self.admin_drain(false) != Some(true) {
             return self.violate("the agent refuses to undrain with its store healthy".into());
         }
