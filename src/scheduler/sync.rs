@@ -210,6 +210,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             })
             .collect();
         let stale: Vec<(String, u64)> = stale.into_iter().map(|j| (j.info.repository.clone(), j.info.id)).collect();
+        let beside_runner: BTreeSet<u64> = beside_runner.into_iter().collect();
         let repo_scope = match self.config.github.scope() {
             crate::config::Scope::Repository { owner, name } => Some(format!("{owner}/{name}")),
             _ => None,
@@ -238,8 +239,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     false
                 }),
             };
-            let (stale, redeliver, repo_scope) =
-                if leads { (stale, redeliver, repo_scope) } else { (Vec::new(), false, None) };
+            // A member that does not lead asks only about the jobs beside its own waiting
+            // runners: the lead may not know them (a member claims a job as it writes it,
+            // and no other reads it then), and their runners would idle for the hour.
+            let (stale, redeliver, repo_scope) = match leads {
+                true => (stale, redeliver, repo_scope),
+                false => (stale.into_iter().filter(|(_, id)| beside_runner.contains(id)).collect(), false, None),
+            };
             // The lead prunes what the fleet no longer needs, a batch at a time.
             let pruned = match &fleet {
                 Some(claims) if leads && prune_due => match claims.prune().await {
