@@ -171,7 +171,8 @@ impl Pruned {
 }
 
 /// The work one member at a time leads: reading GitHub (its hook's deliveries, stale jobs,
-/// the runner list it shares).
+/// the runner list it shares). Every member asks about the jobs beside its own waiting
+/// runners (see `scheduler::sync`).
 pub const GITHUB_WORK: &str = "github";
 
 /// The key of the shared runner list (one list: the fleet serves one GitHub scope), which

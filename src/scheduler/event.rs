@@ -66,7 +66,8 @@ pub enum Event {
         /// cannot be in it.
         started: tokio::time::Instant,
         runners: Result<Vec<RunnerInfo>, GhError>,
-        jobs: Vec<(u64, JobStatus)>,
+        /// Each job asked about: what GitHub said, and why it was asked.
+        jobs: Vec<(u64, JobStatus, super::sync::Ask)>,
         found: Vec<JobEvent>,
         /// How far back the hook's delivery log has been handled, when it was read.
         deliveries_checked: Option<SystemTime>,

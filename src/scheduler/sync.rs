@@ -74,9 +74,15 @@ pub struct State {
     late_runners: BTreeMap<String, tokio::time::Instant>,
     /// Jobs asked after (see `start_github_sync`), while they are queued or running.
     asked: BTreeMap<u64, Asked>,
-    /// The asks of the sync under way: each job's back-off base, and whether it is asked
-    /// beside a waiting runner (recorded in `asked` once GitHub answered it).
-    asking: BTreeMap<u64, (Duration, bool)>,
+}
+
+/// Why the sync asks GitHub about a job (recorded in `State::asked` once GitHub answered).
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    /// The back-off's base: the stale period, or two syncs beside a waiting runner.
+    base: Duration,
+    /// Asked because a runner of its pool waited online without a job.
+    beside_runner: bool,
 }
 
 /// A job the sync asked GitHub about.
@@ -178,39 +184,47 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 *waiting.entry(v.pool.as_str()).or_default() += 1;
             }
         }
-        let mut beside_runner = Vec::new();
-        if !waiting.is_empty() {
+        // The pools' oldest queued jobs but those `skip` leaves out, one per such runner.
+        let beside_runners = |skip: &dyn Fn(&JobRec) -> bool| {
+            let mut left = waiting.clone();
             let mut unclaimed_jobs: Vec<&JobRec> = jobs
                 .values()
                 .filter(refreshable)
-                .filter(|j| j.state == JobState::Queued && quiet(j) >= unclaimed)
-                .filter(|j| !stale.iter().any(|s| s.info.id == j.info.id))
+                .filter(|j| j.state == JobState::Queued && quiet(j) >= unclaimed && !skip(j))
                 // (The back-off of asks made for a reason of their own holds no such ask.)
                 .filter(|j| self.sync.asked.get(&j.info.id).is_none_or(|a| !a.beside_runner || a.next <= at))
                 .collect();
             unclaimed_jobs.sort_by_key(|j| (j.received_at, j.info.id));
+            let mut picked = Vec::new();
             for j in unclaimed_jobs {
-                if beside_runner.len() == UNCLAIMED_ASKS {
+                if picked.len() == UNCLAIMED_ASKS {
                     break;
                 }
-                if let Some(n) = j.pool.as_deref().and_then(|p| waiting.get_mut(p)).filter(|n| **n > 0) {
+                if let Some(n) = j.pool.as_deref().and_then(|p| left.get_mut(p)).filter(|n| **n > 0) {
                     *n -= 1;
-                    beside_runner.push(j.info.id);
-                    stale.push(j);
+                    picked.push(j);
                 }
             }
-        }
+            picked
+        };
         // Each job GitHub answers for is asked again only after a back-off that doubles while
-        // GitHub has nothing new to say (`on_github_synced`).
-        self.sync.asking = stale
-            .iter()
-            .map(|j| {
-                let beside = beside_runner.contains(&j.info.id);
-                (j.info.id, (if beside { unclaimed } else { stale_after }, beside))
-            })
-            .collect();
-        let stale: Vec<(String, u64)> = stale.into_iter().map(|j| (j.info.repository.clone(), j.info.id)).collect();
-        let beside_runner: BTreeSet<u64> = beside_runner.into_iter().collect();
+        // GitHub has nothing new to say, from the base its ask says (`on_github_synced`).
+        let ask = |j: &JobRec, base, beside_runner| (j.info.repository.clone(), j.info.id, Ask { base, beside_runner });
+        let mut lead_asks: Vec<_> = stale.iter().map(|j| ask(j, stale_after, false)).collect();
+        if !waiting.is_empty() {
+            let beside = beside_runners(&|j| stale.iter().any(|s| s.info.id == j.info.id));
+            lead_asks.extend(beside.into_iter().map(|j| ask(j, unclaimed, true)));
+        }
+        // In a fleet, a member that does not lead asks only about the jobs beside its own
+        // waiting runners, stale or not: the lead may never have read them (a member claims
+        // a job as it writes it, and no other reads it then). Not those another member holds:
+        // their holder's runner waits too, and it asks.
+        let own_asks: Vec<_> = match &self.fleet {
+            Some(f) if !waiting.is_empty() => {
+                beside_runners(&|j| f.elsewhere(j.info.id, at)).into_iter().map(|j| ask(j, unclaimed, true)).collect()
+            }
+            _ => Vec::new(),
+        };
         let repo_scope = match self.config.github.scope() {
             crate::config::Scope::Repository { owner, name } => Some(format!("{owner}/{name}")),
             _ => None,
@@ -228,7 +242,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let started = tokio::time::Instant::now();
             // In a fleet, one member at a time reads the hook's delivery log, polls and
             // refreshes jobs (what it learns goes into the fleet's log) and lists the
-            // runners; the others follow their VMs on the list it shares.
+            // runners; the others follow their VMs on the list it shares, and ask only
+            // about the jobs beside their own waiting runners (`own_asks`).
             let leads = match &fleet {
                 None => true,
                 // Not a member yet (its lock on its host id not held): a twin would share
@@ -239,13 +254,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     false
                 }),
             };
-            // A member that does not lead asks only about the jobs beside its own waiting
-            // runners: the lead may not know them (a member claims a job as it writes it,
-            // and no other reads it then), and their runners would idle for the hour.
-            let (stale, redeliver, repo_scope) = match leads {
-                true => (stale, redeliver, repo_scope),
-                false => (stale.into_iter().filter(|(_, id)| beside_runner.contains(id)).collect(), false, None),
-            };
+            let (asks, redeliver, repo_scope) =
+                if leads { (lead_asks, redeliver, repo_scope) } else { (own_asks, false, None) };
             // The lead prunes what the fleet no longer needs, a batch at a time.
             let pruned = match &fleet {
                 Some(claims) if leads && prune_due => match claims.prune().await {
@@ -283,13 +293,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
             };
             let mut jobs = Vec::new();
-            for (repo, id) in stale {
+            for (repo, id, ask) in asks {
                 match ctx.github.job_status(&repo, id).await {
-                    Ok(Some(s)) => jobs.push((id, s)),
+                    Ok(Some(s)) => jobs.push((id, s, ask)),
                     // GitHub does not know it (deleted run, or never real): it ends here.
                     Ok(None) => jobs.push((
                         id,
                         JobStatus { status: "completed".into(), conclusion: Some(NOT_FOUND.into()), runner_name: None },
+                        ask,
                     )),
                     Err(e) => {
                         debug!(job_id = id, error = %e, "cannot refresh job status");
@@ -343,7 +354,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         &mut self,
         started: tokio::time::Instant,
         runners: Result<Vec<RunnerInfo>, GhError>,
-        jobs: Vec<(u64, JobStatus)>,
+        jobs: Vec<(u64, JobStatus, Ask)>,
         found: Vec<JobEvent>,
         deliveries_checked: Option<SystemTime>,
     ) {
@@ -355,11 +366,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         let mut learned = Vec::new();
         let now = self.now();
-        let asking = std::mem::take(&mut self.sync.asking);
         let at = tokio::time::Instant::now();
         let recheck = if self.config.github.hook.is_some() { HOOKED_RECHECK } else { UNHOOKED_RECHECK };
         let unclaimed = self.config.reconcile.github_interval * 2;
-        for (id, status) in jobs {
+        for (id, status, Ask { base, beside_runner }) in jobs {
             let Some(job) = self.book.jobs.get_mut(&id) else {
                 continue;
             };
@@ -367,7 +377,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // say, up to the recheck period: a backlog of queued jobs, or a job GitHub keeps
             // queued beside a waiting runner (an incident, a repository the runner group does
             // not allow), is not asked about at every other sync.
-            let (base, beside_runner) = asking.get(&id).copied().unwrap_or((unclaimed, false));
             let running = matches!(job.state, JobState::InProgress { .. });
             let a = self.sync.asked.entry(id).or_insert(Asked {
                 times: 0,

@@ -467,41 +467,47 @@ async fn a_member_that_does_not_lead_follows_its_runners_on_the_list_the_lead_sh
 /// A job deleted at GitHub (its run or repository: no webhook) while a runner made for it
 /// waits online on a member that does not lead: that member asks GitHub about it itself
 /// (the lead may never have read the job: a member claims a job as it writes it), drops it
-/// on the second 404, and its runner goes as surplus, not after the hour's recheck.
+/// on the second 404, and its runner goes as surplus, not after the hour's recheck. With a
+/// hook or without (then the job is stale too, which the lead alone asks about as such).
 #[tokio::test(start_paused = true)]
 async fn a_member_that_does_not_lead_asks_about_the_jobs_beside_its_waiting_runners() {
-    let board = Arc::new(MemoryBoard::default());
-    let gh = Arc::new(FakeGitHub::default());
-    let tweak = |c: &mut Config| {
-        c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
-        c.pools[0].max_vms = 1;
-        c.pools[0].idle_timeout = Duration::from_secs(30);
-    };
-    let a = member_with(&board, "hv-a", &gh, "", tweak);
-    a.wait_for("a leads", LEASE, |_, _| board.leads.lock().unwrap().get("github").is_some_and(|l| l.0 == "hv-a")).await;
-    let mut b = member_with(&board, "hv-b", &gh, "", tweak);
-    for id in [7, 8] {
-        publish(&mut [&mut b], &board, JobAction::Queued, info(id, LABELS, None));
+    for hooked in [true, false] {
+        let board = Arc::new(MemoryBoard::default());
+        let gh = Arc::new(FakeGitHub::default());
+        let tweak = |c: &mut Config| {
+            if hooked {
+                c.github.hook = Some(crate::config::HookConfig::Organization { id: 1 });
+            }
+            c.pools[0].max_vms = 1;
+            c.pools[0].idle_timeout = Duration::from_secs(30);
+        };
+        let a = member_with(&board, "hv-a", &gh, "", tweak);
+        a.wait_for("a leads", LEASE, |_, _| board.leads.lock().unwrap().get("github").is_some_and(|l| l.0 == "hv-a"))
+            .await;
+        let mut b = member_with(&board, "hv-b", &gh, "", tweak);
+        for id in [7, 8] {
+            publish(&mut [&mut b], &board, JobAction::Queued, info(id, LABELS, None));
+        }
+        b.wait("b serves job 7", |s, _| vm_for(s, 7).is_some()).await;
+        for id in [7, 8] {
+            gh.lock().jobs.remove(&id);
+        }
+        gh.set_runner("rv-small-7", true, false);
+        b.wait_for("b's VM gone", Duration::from_secs(150), |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
+        let asked = gh.lock().calls.iter().filter(|c| *c == "job").count();
+        assert_eq!(asked, 4, "hooked {hooked}: each job asked about twice (dropped on the second 404)");
+        assert_eq!(board.leads.lock().unwrap()["github"].0, "hv-a", "b never led");
+        let (_, _, store) = b.shutdown().await;
+        let jobs = store.load().unwrap().jobs;
+        for id in [7, 8] {
+            assert!(
+                matches!(&jobs[&id].state, JobState::Completed { conclusion, .. } if conclusion.as_deref() == Some("not_found")),
+                "hooked {hooked}, {id}: {:?}",
+                jobs[&id].state
+            );
+        }
+        let _ = a.shutdown().await;
     }
-    b.wait("b serves job 7", |s, _| vm_for(s, 7).is_some()).await;
-    for id in [7, 8] {
-        gh.lock().jobs.remove(&id);
-    }
-    gh.set_runner("rv-small-7", true, false);
-    b.wait_for("b's VM gone", Duration::from_secs(150), |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
-    let asked = gh.lock().calls.iter().filter(|c| *c == "job").count();
-    assert_eq!(asked, 4, "each job asked about twice (dropped on the second 404)");
-    assert_eq!(board.leads.lock().unwrap()["github"].0, "hv-a", "b never led");
-    let (_, _, store) = b.shutdown().await;
-    let jobs = store.load().unwrap().jobs;
-    for id in [7, 8] {
-        assert!(
-            matches!(&jobs[&id].state, JobState::Completed { conclusion, .. } if conclusion.as_deref() == Some("not_found")),
-            "{id}: {:?}",
-            jobs[&id].state
-        );
-    }
-    let _ = a.shutdown().await;
 }
 
 /// A job VM must not reach the fleet's other hosts: each member's fence drops the other
