@@ -59,6 +59,11 @@ pub struct HttpGitHub {
     token: Mutex<Option<(Secret, SystemTime)>>,
     retry: RetryPolicy,
     pub rate_remaining: AtomicI64,
+    /// Until when GitHub said to send nothing (its last rate limit's reset or
+    /// `retry-after`): every call waits for it or fails at once, without a request. GitHub
+    /// may ban an integration that keeps calling while it is rate limited, and the agent's
+    /// other calls (syncs, teardown retries, credentials) went on meanwhile.
+    blocked_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Calls by endpoint and status, and the rate limit left, when metrics are served.
     metrics: Option<Arc<Metrics>>,
 }
@@ -126,8 +131,22 @@ impl HttpGitHub {
             token: Mutex::new(None),
             retry: RetryPolicy::default(),
             rate_remaining: AtomicI64::new(-1),
+            blocked_until: std::sync::Mutex::new(None),
             metrics: None,
         })
+    }
+
+    /// How long GitHub's last rate limit still holds every call back.
+    fn blocked_for(&self) -> Option<Duration> {
+        let until = (*self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some(until.checked_duration_since(tokio::time::Instant::now())?).filter(|d| !d.is_zero())
+    }
+
+    /// GitHub answered a rate limit: nothing is sent for `wait`.
+    fn block_for(&self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let mut blocked = self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
+        *blocked = Some(blocked.map_or(until, |b| b.max(until)));
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -230,6 +249,19 @@ impl HttpGitHub {
         let mut rate_waits = 0;
         let mut rate_waited = Duration::ZERO;
         loop {
+            // A rate limit another call was answered holds this one back too.
+            if let Some(wait) = self.blocked_for() {
+                if rate_waited + wait > self.retry.max_wait || rate_waits + 1 >= self.retry.attempts {
+                    return Err(GhError::RateLimited {
+                        method: method.to_string(),
+                        path: path.into(),
+                        until: SystemTime::now() + wait,
+                    });
+                }
+                rate_waits += 1;
+                rate_waited += wait;
+                tokio::time::sleep(wait).await;
+            }
             let bearer = self.bearer(&cred).await?;
             let result = self.send_once(method.clone(), path, body, &bearer).await;
             let retry_in = match &result {
@@ -237,6 +269,7 @@ impl HttpGitHub {
                 Ok((status, _, _)) if status.is_server_error() => Some(backoff(&self.retry, attempt)),
                 Ok((status, headers, _)) => match rate_limit_wait(*status, headers, SystemTime::now()) {
                     Some(wait) if rate_waited + wait > self.retry.max_wait || rate_waits + 1 >= self.retry.attempts => {
+                        self.block_for(wait);
                         tracing::warn!(%method, path, wait_secs = wait.as_secs(), waits = rate_waits, "GitHub rate limit: deferring");
                         return Err(GhError::RateLimited {
                             method: method.to_string(),
@@ -246,6 +279,7 @@ impl HttpGitHub {
                     }
                     Some(wait) => {
                         tracing::warn!(%method, path, wait_ms = wait.as_millis() as u64, "GitHub rate limit: waiting");
+                        self.block_for(wait);
                         rate_waits += 1;
                         rate_waited += wait;
                         tokio::time::sleep(wait).await;
@@ -567,6 +601,71 @@ mod tests {
         assert!(matches!(result, Err(GhError::RateLimited { .. })), "{result:?}");
         let n = calls.load(Ordering::SeqCst);
         assert!(n <= RetryPolicy::default().attempts, "{n} calls for one request");
+    }
+
+    /// Once GitHub answered a rate limit, no call is sent until it runs out: the next ones
+    /// fail at once (the caller tries again later), then calls go through again.
+    #[tokio::test]
+    async fn nothing_is_sent_while_github_says_the_rate_limit_holds() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(n) = conn.read(&mut buf).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let answer = match counted.fetch_add(1, Ordering::SeqCst) {
+                                0 => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\ncontent-length: 2\r\n\r\n{}",
+                                _ => {
+                                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 30\r\n\r\n{\"total_count\":0,\"runners\":[]}"
+                                }
+                            };
+                            if conn.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let gh = HttpGitHub::new(
+            &format!("http://{addr}"),
+            Scope::Organization("o".into()),
+            None,
+            Auth::Pat(Secret::new("t")),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let before = SystemTime::now();
+        let first = gh.list_runners().await;
+        let Err(GhError::RateLimited { until, .. }) = first else { panic!("{first:?}") };
+        assert!(until >= before + Duration::from_secs(30), "{until:?}");
+        for _ in 0..3 {
+            let again = gh.list_runners().await;
+            let Err(GhError::RateLimited { until: held, .. }) = again else { panic!("{again:?}") };
+            assert!(held <= until + Duration::from_secs(1), "held until {held:?}, GitHub said {until:?}");
+            assert!(gh.delete_runner(7).await.is_err_and(|e| matches!(e, GhError::RateLimited { .. })));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one request: the rest waited for the limit to run out");
+        // Once it has run out, calls are sent again.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        tokio::time::resume();
+        assert_eq!(gh.list_runners().await.unwrap(), Vec::new());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]
