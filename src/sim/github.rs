@@ -198,16 +198,18 @@ impl Hub {
 
     /// Whether a call fails, and how (drawn before the call's effect).
     fn fault(&mut self, path: &str) -> Result<(), (GhError, Duration)> {
-        self.calls += 1;
-        *self.calls_by.entry(path.to_string()).or_default() += 1;
         let now = self.time.now();
         if let Some(until) = self.rate_limited_until {
+            // Not a call GitHub counts: the agent's HTTP client sends none while the limit
+            // it was answered holds (`github::http`), and fails it at once.
             if now < until {
                 let until = self.time.wall() + (until - now);
                 return Err((GhError::RateLimited { method: "X".into(), path: path.into(), until }, Duration::ZERO));
             }
             self.rate_limited_until = None;
         }
+        self.calls += 1;
+        *self.calls_by.entry(path.to_string()).or_default() += 1;
         let Some((kind, left)) = self.fault.as_mut() else { return Ok(()) };
         *left -= 1;
         let kind = *kind;
