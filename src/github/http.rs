@@ -60,10 +60,10 @@ pub struct HttpGitHub {
     retry: RetryPolicy,
     pub rate_remaining: AtomicI64,
     /// Until when GitHub said to send nothing (its last rate limit's reset or
-    /// `retry-after`): every call waits for it or fails at once, without a request. GitHub
-    /// may ban an integration that keeps calling while it is rate limited, and the agent's
-    /// other calls (syncs, teardown retries, credentials) went on meanwhile.
-    blocked_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// `retry-after`), by [`Bucket`]: every call waits for it or fails at once, without a
+    /// request. GitHub may ban an integration that keeps calling while it is rate limited,
+    /// and the agent's other calls (syncs, teardown retries, credentials) went on meanwhile.
+    blocked_until: std::sync::Mutex<[Option<tokio::time::Instant>; 2]>,
     /// Calls by endpoint and status, and the rate limit left, when metrics are served.
     metrics: Option<Arc<Metrics>>,
 }
@@ -71,6 +71,28 @@ pub struct HttpGitHub {
 enum Cred {
     Installation,
     Jwt,
+}
+
+/// The rate limits GitHub counts apart ([`HttpGitHub::blocked_until`]'s index): an App
+/// installation's calls, and the App's own (with its JWT: the token exchange, the App's
+/// hook). A PAT's calls all count in the first.
+const INSTALLATION: usize = 0;
+const APP: usize = 1;
+
+/// Longest rate-limit wait taken from GitHub's headers (a primary limit resets within the
+/// hour): a wild `retry-after` neither holds the client for days nor overflows a clock.
+const MAX_RATE_WAIT: Duration = Duration::from_secs(3600);
+
+/// The limits a rate-limit answer holds back: a primary limit (`x-ratelimit-remaining: 0`
+/// and no `retry-after`) is its own bucket's; a secondary limit holds both (GitHub counts
+/// it per integration, and may ban one that keeps calling).
+fn held_buckets(bucket: usize, headers: &reqwest::header::HeaderMap) -> [bool; 2] {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    let primary = header("retry-after").is_none() && header("x-ratelimit-remaining") == Some("0");
+    match primary {
+        true => [bucket == INSTALLATION, bucket == APP],
+        false => [true, true],
+    }
 }
 
 /// `delay * 2^n`, capped, with "equal jitter" (half fixed, half random).
@@ -87,12 +109,12 @@ pub fn rate_limit_wait(status: StatusCode, headers: &reqwest::header::HeaderMap,
     }
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(s) = header("retry-after") {
-        return Some(Duration::from_secs(s));
+        return Some(Duration::from_secs(s).min(MAX_RATE_WAIT));
     }
     if header("x-ratelimit-remaining") == Some(0) {
         let reset = header("x-ratelimit-reset").unwrap_or(0);
         let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        return Some(Duration::from_secs(reset.saturating_sub(now).max(1)));
+        return Some(Duration::from_secs(reset.saturating_sub(now).max(1)).min(MAX_RATE_WAIT));
     }
     // A secondary limit without headers: GitHub says to wait at least a minute.
     (status == StatusCode::TOO_MANY_REQUESTS).then_some(Duration::from_secs(60))
@@ -131,22 +153,38 @@ impl HttpGitHub {
             token: Mutex::new(None),
             retry: RetryPolicy::default(),
             rate_remaining: AtomicI64::new(-1),
-            blocked_until: std::sync::Mutex::new(None),
+            blocked_until: std::sync::Mutex::new([None; 2]),
             metrics: None,
         })
     }
 
-    /// How long GitHub's last rate limit still holds every call back.
-    fn blocked_for(&self) -> Option<Duration> {
-        let until = (*self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+    /// How long GitHub's last rate limit still holds back the calls of `bucket`.
+    fn blocked_for(&self, bucket: usize) -> Option<Duration> {
+        let until = self.blocked_until.lock().unwrap_or_else(|p| p.into_inner())[bucket]?;
         Some(until.checked_duration_since(tokio::time::Instant::now())?).filter(|d| !d.is_zero())
     }
 
-    /// GitHub answered a rate limit: nothing is sent for `wait`.
-    fn block_for(&self, wait: Duration) {
+    /// GitHub answered a call of `bucket` a rate limit: nothing it holds is sent for `wait`.
+    fn block_for(&self, bucket: usize, headers: &reqwest::header::HeaderMap, wait: Duration) {
         let until = tokio::time::Instant::now() + wait;
         let mut blocked = self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
-        *blocked = Some(blocked.map_or(until, |b| b.max(until)));
+        for (b, held) in blocked.iter_mut().zip(held_buckets(bucket, headers)) {
+            if held {
+                *b = Some(b.map_or(until, |b| b.max(until)));
+            }
+        }
+    }
+
+    fn bucket(&self, cred: &Cred) -> usize {
+        match (&self.auth, cred) {
+            (Auth::App { .. }, Cred::Jwt) => APP,
+            _ => INSTALLATION,
+        }
+    }
+
+    /// The error of a call GitHub's rate limit holds back for `wait` more.
+    fn held(method: &Method, path: &str, wait: Duration) -> GhError {
+        GhError::RateLimited { method: method.to_string(), path: path.into(), until: SystemTime::now() + wait }
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -177,8 +215,16 @@ impl HttpGitHub {
                     return Ok(t.clone());
                 }
                 let path = format!("app/installations/{installation_id}/access_tokens");
+                // The exchange counts in the App's limit: not sent while that holds.
+                if let Some(wait) = self.blocked_for(APP) {
+                    return Err(Self::held(&Method::POST, &path, wait));
+                }
                 let jwt = signer.jwt(SystemTime::now());
-                let (status, _, body) = self.send_once(Method::POST, &path, None, &jwt).await?;
+                let (status, headers, body) = self.send_once(Method::POST, &path, None, &jwt).await?;
+                if let Some(wait) = rate_limit_wait(status, &headers, SystemTime::now()) {
+                    self.block_for(APP, &headers, wait);
+                    return Err(Self::held(&Method::POST, &path, wait));
+                }
                 if status != StatusCode::CREATED {
                     return Err(GhError::Auth(format!("{path}: HTTP {status}: {}", message(&body))));
                 }
@@ -248,19 +294,18 @@ impl HttpGitHub {
         // answers "retry in 0 s" for ever must not hold the call for ever.
         let mut rate_waits = 0;
         let mut rate_waited = Duration::ZERO;
+        let bucket = self.bucket(&cred);
         loop {
-            // A rate limit another call was answered holds this one back too.
-            if let Some(wait) = self.blocked_for() {
+            // A rate limit another call was answered holds this one back too (looked at
+            // again after the wait: a call answered meanwhile may have made it longer).
+            while let Some(wait) = self.blocked_for(bucket) {
                 if rate_waited + wait > self.retry.max_wait || rate_waits + 1 >= self.retry.attempts {
-                    return Err(GhError::RateLimited {
-                        method: method.to_string(),
-                        path: path.into(),
-                        until: SystemTime::now() + wait,
-                    });
+                    return Err(Self::held(&method, path, wait));
                 }
                 rate_waits += 1;
                 rate_waited += wait;
-                tokio::time::sleep(wait).await;
+                // Not all at once when it runs out (a burst is a secondary limit's cause).
+                tokio::time::sleep(wait + Duration::from_millis(fastrand::u64(0..1000))).await;
             }
             let bearer = self.bearer(&cred).await?;
             let result = self.send_once(method.clone(), path, body, &bearer).await;
@@ -269,7 +314,7 @@ impl HttpGitHub {
                 Ok((status, _, _)) if status.is_server_error() => Some(backoff(&self.retry, attempt)),
                 Ok((status, headers, _)) => match rate_limit_wait(*status, headers, SystemTime::now()) {
                     Some(wait) if rate_waited + wait > self.retry.max_wait || rate_waits + 1 >= self.retry.attempts => {
-                        self.block_for(wait);
+                        self.block_for(bucket, headers, wait);
                         tracing::warn!(%method, path, wait_secs = wait.as_secs(), waits = rate_waits, "GitHub rate limit: deferring");
                         return Err(GhError::RateLimited {
                             method: method.to_string(),
@@ -279,7 +324,7 @@ impl HttpGitHub {
                     }
                     Some(wait) => {
                         tracing::warn!(%method, path, wait_ms = wait.as_millis() as u64, "GitHub rate limit: waiting");
-                        self.block_for(wait);
+                        self.block_for(bucket, headers, wait);
                         rate_waits += 1;
                         rate_waited += wait;
                         tokio::time::sleep(wait).await;
@@ -551,121 +596,139 @@ mod tests {
         h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
         h.insert("x-ratelimit-reset", HeaderValue::from_static("1030"));
         assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(30)));
+        // A primary limit holds its own bucket back; a secondary one (or a bare 429) both.
+        assert_eq!(held_buckets(INSTALLATION, &h), [true, false]);
+        assert_eq!(held_buckets(APP, &h), [false, true]);
+        assert_eq!(held_buckets(APP, &HeaderMap::new()), [true, true]);
+        // Wild values are capped (nor do they overflow a clock).
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("99999999999999"));
+        assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(MAX_RATE_WAIT));
+        h.insert("retry-after", HeaderValue::from_static("18446744073709551615"));
+        assert_eq!(rate_limit_wait(StatusCode::TOO_MANY_REQUESTS, &h, now), Some(MAX_RATE_WAIT));
+        assert_eq!(held_buckets(APP, &h), [true, true], "retry-after: a secondary limit");
     }
+
+    /// A local API whose `n`-th request (from 0) gets `answer(n)`; when each arrived.
+    async fn canned_api(
+        answer: impl Fn(usize) -> &'static str + Send + Sync + 'static,
+    ) -> (HttpGitHub, Arc<std::sync::Mutex<Vec<std::time::Instant>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let arrived = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (answer, seen_by) = (Arc::new(answer), arrived.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let (answer, seen_by) = (answer.clone(), seen_by.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(n) = conn.read(&mut buf).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let n = {
+                                let mut a = seen_by.lock().unwrap();
+                                a.push(std::time::Instant::now());
+                                a.len() - 1
+                            };
+                            if conn.write_all(answer(n).as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let gh = HttpGitHub::new(
+            &format!("http://{addr}"),
+            Scope::Organization("o".into()),
+            None,
+            Auth::Pat(Secret::new("t")),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        (gh, arrived)
+    }
+
+    const NO_RUNNERS: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 30\r\n\r\n{\"total_count\":0,\"runners\":[]}";
 
     /// A server that answers every call with a short rate limit: the client gives up after
     /// a bounded number of waits instead of looping for ever.
     #[tokio::test]
     async fn endless_short_rate_limits_are_bounded() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let counted = calls.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else { return };
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut seen = Vec::new();
-                    loop {
-                        let Ok(n) = conn.read(&mut buf).await else { return };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            counted.fetch_add(1, Ordering::SeqCst);
-                            let answer = "HTTP/1.1 429 Too Many Requests\r\nretry-after: 0\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
-                            if conn.write_all(answer.as_bytes()).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        let gh = HttpGitHub::new(
-            &format!("http://{addr}"),
-            Scope::Organization("o".into()),
-            None,
-            Auth::Pat(Secret::new("t")),
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let (gh, arrived) = canned_api(|_| {
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 0\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+        })
+        .await;
         let result = tokio::time::timeout(Duration::from_secs(20), gh.list_runners())
             .await
             .expect("the client must give up on a server that rate-limits for ever");
         assert!(matches!(result, Err(GhError::RateLimited { .. })), "{result:?}");
-        let n = calls.load(Ordering::SeqCst);
+        let n = arrived.lock().unwrap().len() as u32;
         assert!(n <= RetryPolicy::default().attempts, "{n} calls for one request");
     }
 
     /// Once GitHub answered a rate limit, no call is sent until it runs out: the next ones
-    /// fail at once (the caller tries again later), then calls go through again.
+    /// fail at once (the caller tries again later; an hour's limit is longer than a call
+    /// waits), then calls go through again.
     #[tokio::test]
     async fn nothing_is_sent_while_github_says_the_rate_limit_holds() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let counted = calls.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else { return };
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut seen = Vec::new();
-                    loop {
-                        let Ok(n) = conn.read(&mut buf).await else { return };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            let answer = match counted.fetch_add(1, Ordering::SeqCst) {
-                                0 => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\ncontent-length: 2\r\n\r\n{}",
-                                _ => {
-                                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 30\r\n\r\n{\"total_count\":0,\"runners\":[]}"
-                                }
-                            };
-                            if conn.write_all(answer.as_bytes()).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        let gh = HttpGitHub::new(
-            &format!("http://{addr}"),
-            Scope::Organization("o".into()),
-            None,
-            Auth::Pat(Secret::new("t")),
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let (gh, arrived) = canned_api(|n| match n {
+            0 => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 3600\r\ncontent-length: 2\r\n\r\n{}",
+            _ => NO_RUNNERS,
+        })
+        .await;
         let before = SystemTime::now();
         let first = gh.list_runners().await;
         let Err(GhError::RateLimited { until, .. }) = first else { panic!("{first:?}") };
-        assert!(until >= before + Duration::from_secs(30), "{until:?}");
+        assert!(until >= before + Duration::from_secs(3600), "{until:?}");
         for _ in 0..3 {
             let again = gh.list_runners().await;
             let Err(GhError::RateLimited { until: held, .. }) = again else { panic!("{again:?}") };
             assert!(held <= until + Duration::from_secs(1), "held until {held:?}, GitHub said {until:?}");
             assert!(gh.delete_runner(7).await.is_err_and(|e| matches!(e, GhError::RateLimited { .. })));
         }
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "one request: the rest waited for the limit to run out");
+        assert_eq!(arrived.lock().unwrap().len(), 1, "one request: the rest waited for the limit to run out");
         // Once it has run out, calls are sent again.
         tokio::time::pause();
-        tokio::time::advance(Duration::from_secs(31)).await;
+        tokio::time::advance(Duration::from_secs(3601)).await;
         tokio::time::resume();
         assert_eq!(gh.list_runners().await.unwrap(), Vec::new());
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(arrived.lock().unwrap().len(), 2);
+    }
+
+    /// A short limit (within what a call waits) holds another call back until it runs out:
+    /// that call waits, then is sent; the call that was answered it is sent again after it.
+    #[tokio::test]
+    async fn a_call_waits_out_a_short_limit_another_was_answered() {
+        let (gh, arrived) = canned_api(|n| match n {
+            0 => "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 2\r\n\r\n{}",
+            _ => NO_RUNNERS,
+        })
+        .await;
+        let gh = Arc::new(gh);
+        let answered = tokio::spawn({
+            let gh = gh.clone();
+            async move { gh.list_runners().await }
+        });
+        while gh.blocked_for(INSTALLATION).is_none() {
+            assert!(!answered.is_finished(), "the first call waits out its limit");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gh.list_runners().await.unwrap(), Vec::new());
+        assert_eq!(answered.await.unwrap().unwrap(), Vec::new());
+        let arrived = arrived.lock().unwrap().clone();
+        assert_eq!(arrived.len(), 3);
+        for later in &arrived[1..] {
+            let after = later.duration_since(arrived[0]);
+            assert!(after >= Duration::from_millis(990), "a request sent {after:?} after the limit of 1 s");
+        }
     }
 
     #[test]
