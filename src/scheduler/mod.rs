@@ -99,6 +99,23 @@ const IDLE_PLAN: Duration = Duration::from_secs(5);
 /// How long the gauges stand at most while housekeeping ticks change nothing.
 const GAUGES_STAND: Duration = Duration::from_secs(10);
 
+/// How often a store that keeps refusing the scheduler's commits is logged at most.
+const UNPERSISTED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The scheduler's commits failing in a row: logged at most once a [`UNPERSISTED_LOG_EVERY`]
+/// (a full file system failed every turn's commit, an ERROR line a second into the journal
+/// on that full disk), and once when they work again.
+struct Unpersisted {
+    failures: u64,
+    log: crate::logging::Throttle,
+}
+
+impl Default for Unpersisted {
+    fn default() -> Self {
+        Unpersisted { failures: 0, log: crate::logging::Throttle::new(UNPERSISTED_LOG_EVERY) }
+    }
+}
+
 pub struct Scheduler<G: GitHub, H: Hypervisor> {
     config: Arc<Config>,
     ctx: Ctx<G, H>,
@@ -127,6 +144,7 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     fleet: Option<claims::Fleet>,
     /// Pools that are runner scale sets: the capacity their listeners announce.
     scale_sets: Option<Arc<crate::scaleset::Registry>>,
+    unpersisted: Unpersisted,
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -176,6 +194,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             timeline: timeline::Recorder::default(),
             fleet: None,
             scale_sets: None,
+            unpersisted: Unpersisted::default(),
         };
         scheduler.retire_unknown_pools();
         scheduler.index_pools();
@@ -631,10 +650,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         match self.store.commit(&batch) {
             Ok(()) => {
                 self.book.committed();
+                if self.unpersisted.failures > 0 {
+                    info!(failures = self.unpersisted.failures, "scheduler state persisted again");
+                    self.unpersisted = Unpersisted::default();
+                }
                 Ok(())
             }
             Err(e) => {
-                error!(error = %e, "cannot persist scheduler state; will retry");
+                self.unpersisted.failures += 1;
+                if let Some(left_out) = self.unpersisted.log.check_at(Instant::now().into_std()) {
+                    error!(error = %e, failures = self.unpersisted.failures, left_out, "cannot persist scheduler state; will retry (logged once a minute while it fails)");
+                }
                 Err(e)
             }
         }
