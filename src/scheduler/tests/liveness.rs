@@ -30,6 +30,15 @@ impl SchedulerStore for FlakyStore {
     }
 }
 
+/// The harness over a [`FlakyStore`] that fails until the flag returned is cleared.
+fn failing_store() -> (H, Arc<std::sync::atomic::AtomicBool>) {
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = fail.clone();
+    let wrap: Box<dyn FnOnce(Arc<Store>) -> Arc<dyn SchedulerStore>> =
+        Box::new(move |inner| Arc::new(FlakyStore { inner, fail: flag }));
+    (harness_full("", |_| {}, |_| {}, |_| {}, Some(wrap)), fail)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_provisioning_task_is_a_failure_not_a_hang() {
     let mut h = harness_full(
@@ -168,11 +177,7 @@ async fn a_doomed_provisioning_that_times_out_is_counted_once() {
 
 #[tokio::test(start_paused = true)]
 async fn no_vm_is_made_while_its_record_cannot_be_persisted() {
-    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let flag = fail.clone();
-    let wrap: Box<dyn FnOnce(Arc<Store>) -> Arc<dyn SchedulerStore>> =
-        Box::new(move |inner| Arc::new(FlakyStore { inner, fail: flag }));
-    let mut h = harness_full("", |_| {}, |_| {}, |_| {}, Some(wrap));
+    let (mut h, fail) = failing_store();
     h.deliver(JobAction::Queued, info(641, LABELS, None));
     h.wait("the refusal", |_, _| {
         h.metrics.render().contains(r#"runnervisor_provision_failures_total{pool="small",step="store"}"#)
@@ -216,11 +221,7 @@ async fn a_store_that_keeps_failing_is_logged_once_a_minute() {
         .with_writer(move || writer.clone())
         .finish();
     let _logging = tracing::subscriber::set_default(subscriber);
-    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let flag = fail.clone();
-    let wrap: Box<dyn FnOnce(Arc<Store>) -> Arc<dyn SchedulerStore>> =
-        Box::new(move |inner| Arc::new(FlakyStore { inner, fail: flag }));
-    let mut h = harness_full("", |_| {}, |_| {}, |_| {}, Some(wrap));
+    let (mut h, fail) = failing_store();
     h.deliver(JobAction::Queued, info(651, LABELS, None));
     h.advance_for(Duration::from_secs(150)).await;
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
