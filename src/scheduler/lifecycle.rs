@@ -188,10 +188,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.charge_attempt(&before, reason.as_str());
         }
         // A runner we do not know busy may have taken a job unseen (while the agent was
-        // down, or its webhook is late): asked first, and a busy one keeps its VM.
+        // down, or its webhook is late): asked first, and a busy one keeps its VM. So may a
+        // runner whose binding is under way (its command may be delivered, its runner
+        // online): a job any runner takes went to it while its domain was destroyed
+        // (simulator seed 8897 of 2,000 steps).
         let runner_first = matches!(
             (reason, &before.state),
-            (Reason::Surplus, VmState::Idle | VmState::Booting) | (Reason::RegistrationTimeout, VmState::Booting)
+            (Reason::Surplus, VmState::Idle | VmState::Booting | VmState::Binding)
+                | (Reason::RegistrationTimeout, VmState::Booting)
         );
         if let Some(vm) = self.book.vms.get_mut(name) {
             vm.reap = Some(reason);

@@ -121,6 +121,34 @@ async fn a_delivery_that_fails_after_its_runner_took_the_job_keeps_the_vm() {
     served_once_by(h, &vm, 31).await;
 }
 
+/// A cold VM whose binding is under way (its command delivered, the acknowledgement
+/// pending) is surplus once another runner took its job: GitHub is asked about its runner
+/// before its domain goes, and a runner that took another job meanwhile (one any runner
+/// takes) keeps its VM. (The domain went first, killing that job: simulator seed 8897 of
+/// 2,000 steps.)
+#[tokio::test(start_paused = true)]
+async fn a_binding_vm_whose_job_went_elsewhere_is_asked_about_before_it_goes() {
+    let mut h = harness("idle_timeout = \"10s\"");
+    let vm = "rv-small-41".to_string();
+    {
+        let mut hv = h.hv.lock();
+        hv.stall_deliveries = 1;
+        hv.acks_lost.insert(vm.clone());
+    }
+    h.deliver(JobAction::Queued, info(41, LABELS, None));
+    h.wait_advancing("the command delivered, its acknowledgement pending", |_, hv| hv.lock().delivered.len() == 1)
+        .await;
+    // Its runner took another job; GitHub's runner list does not say so (it fails).
+    h.gh.set_runner(&vm, true, true);
+    h.gh.lock().fail_calls.insert("list", 1000);
+    h.complete(41, Some("rv-elsewhere-1"), "success");
+    let s = h.advance_for(Duration::from_secs(60)).await;
+    assert!(h.hv.running().contains(&vm), "its runner's job runs on: {s:#?}");
+    assert!(h.gh.lock().calls.iter().any(|c| c == "delete"), "GitHub asked: {:?} {s:#?}", h.gh.lock().calls);
+    h.hv.lock().release_stalled = true;
+    h.shutdown().await;
+}
+
 /// Waits until a failed delivery was handled: counted as the warm VM's runner (kept), or
 /// as a failed bind.
 async fn failure_handled(h: &H, limit: Duration, advance: bool) -> Status {
