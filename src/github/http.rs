@@ -60,9 +60,10 @@ pub struct HttpGitHub {
     retry: RetryPolicy,
     pub rate_remaining: AtomicI64,
     /// Until when GitHub said to send nothing (its last rate limit's reset or
-    /// `retry-after`), by [`Bucket`]: every call waits for it or fails at once, without a
-    /// request. GitHub may ban an integration that keeps calling while it is rate limited,
-    /// and the agent's other calls (syncs, teardown retries, credentials) went on meanwhile.
+    /// `retry-after`), by bucket ([`INSTALLATION`], [`APP`]): every call waits for it or
+    /// fails at once, without a request. GitHub may ban an integration that keeps calling
+    /// while it is rate limited, and the agent's other calls (syncs, teardown retries,
+    /// credentials) went on meanwhile.
     blocked_until: std::sync::Mutex<[Option<tokio::time::Instant>; 2]>,
     /// Calls by endpoint and status, and the rate limit left, when metrics are served.
     metrics: Option<Arc<Metrics>>,
@@ -316,11 +317,7 @@ impl HttpGitHub {
                     Some(wait) if rate_waited + wait > self.retry.max_wait || rate_waits + 1 >= self.retry.attempts => {
                         self.block_for(bucket, headers, wait);
                         tracing::warn!(%method, path, wait_secs = wait.as_secs(), waits = rate_waits, "GitHub rate limit: deferring");
-                        return Err(GhError::RateLimited {
-                            method: method.to_string(),
-                            path: path.into(),
-                            until: SystemTime::now() + wait,
-                        });
+                        return Err(Self::held(&method, path, wait));
                     }
                     Some(wait) => {
                         tracing::warn!(%method, path, wait_ms = wait.as_millis() as u64, "GitHub rate limit: waiting");
