@@ -124,6 +124,18 @@ impl ApiCallLabels {
     }
 }
 
+/// A GitHub API endpoint (method and route, ids replaced by `{id}`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    endpoint: String,
+}
+
+impl EndpointLabels {
+    pub fn new(endpoint: &str) -> Self {
+        EndpointLabels { endpoint: value(endpoint) }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pool: String,
@@ -183,6 +195,7 @@ pub struct Metrics {
     pub queued_to_runner_online_seconds: Seconds<PoolLabels>,
     pub teardown_seconds: Histogram,
     pub github_api_calls: Family<ApiCallLabels, Counter>,
+    pub github_api_calls_held: Family<EndpointLabels, Counter>,
     pub github_rate_limit_remaining: Gauge,
     pub libvirt_reconnects: Counter,
     pub deliveries_redelivered: Counter,
@@ -226,6 +239,7 @@ impl Default for Metrics {
             queued_to_runner_online_seconds: Family::new_with_constructor(seconds_buckets),
             teardown_seconds: seconds_buckets(),
             github_api_calls: Family::default(),
+            github_api_calls_held: Family::default(),
             github_rate_limit_remaining: Gauge::default(),
             libvirt_reconnects: Counter::default(),
             deliveries_redelivered: Counter::default(),
@@ -326,6 +340,11 @@ impl Default for Metrics {
             "runnervisor_github_api_calls",
             "GitHub API calls by endpoint and HTTP status (0: no response)",
             m.github_api_calls.clone(),
+        );
+        r.register(
+            "runnervisor_github_api_calls_held",
+            "GitHub API calls not sent, by endpoint: a rate limit GitHub answered still held (they failed at once; their callers try later)",
+            m.github_api_calls_held.clone(),
         );
         r.register(
             "runnervisor_github_rate_limit_remaining",

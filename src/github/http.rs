@@ -188,6 +188,15 @@ impl HttpGitHub {
         GhError::RateLimited { method: method.to_string(), path: path.into(), until: SystemTime::now() + wait }
     }
 
+    /// [`Self::held`] for a call not sent at all (`runnervisor_github_api_calls_held`).
+    fn held_back(&self, method: &Method, path: &str, wait: Duration) -> GhError {
+        if let Some(m) = &self.metrics {
+            let endpoint = endpoint_name(method, path.strip_prefix(&self.api).unwrap_or(path));
+            m.github_api_calls_held.get_or_create(&crate::metrics::EndpointLabels::new(&endpoint)).inc();
+        }
+        Self::held(method, path, wait)
+    }
+
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -218,7 +227,7 @@ impl HttpGitHub {
                 let path = format!("app/installations/{installation_id}/access_tokens");
                 // The exchange counts in the App's limit: not sent while that holds.
                 if let Some(wait) = self.blocked_for(APP) {
-                    return Err(Self::held(&Method::POST, &path, wait));
+                    return Err(self.held_back(&Method::POST, &path, wait));
                 }
                 let jwt = signer.jwt(SystemTime::now());
                 let (status, headers, body) = self.send_once(Method::POST, &path, None, &jwt).await?;
@@ -301,7 +310,7 @@ impl HttpGitHub {
             // again after the wait: a call answered meanwhile may have made it longer).
             while let Some(wait) = self.blocked_for(bucket) {
                 if rate_waited + wait > self.retry.max_wait || rate_waits + 1 >= self.retry.attempts {
-                    return Err(Self::held(&method, path, wait));
+                    return Err(self.held_back(&method, path, wait));
                 }
                 rate_waits += 1;
                 rate_waited += wait;
@@ -681,6 +690,8 @@ mod tests {
             _ => NO_RUNNERS,
         })
         .await;
+        let metrics = Arc::new(Metrics::default());
+        let gh = gh.with_metrics(metrics.clone());
         let before = SystemTime::now();
         let first = gh.list_runners().await;
         let Err(GhError::RateLimited { until, .. }) = first else { panic!("{first:?}") };
@@ -692,6 +703,13 @@ mod tests {
             assert!(gh.delete_runner(7).await.is_err_and(|e| matches!(e, GhError::RateLimited { .. })));
         }
         assert_eq!(arrived.lock().unwrap().len(), 1, "one request: the rest waited for the limit to run out");
+        let m = metrics.render();
+        for held in [
+            r#"runnervisor_github_api_calls_held_total{endpoint="GET /orgs/o/actions/runners"} 3"#,
+            r#"runnervisor_github_api_calls_held_total{endpoint="DELETE /orgs/o/actions/runners/{id}"} 3"#,
+        ] {
+            assert!(m.contains(held), "{m}");
+        }
         // Once it has run out, calls are sent again.
         tokio::time::pause();
         tokio::time::advance(Duration::from_secs(3601)).await;
