@@ -622,13 +622,18 @@ impl Sim {
             _ => Duration::from_millis(self.rng.u64(5000..=60_000)),
         };
         self.advance(dt);
-        if self.disk.dead() {
-            self.kill("died writing its store");
-        }
+        self.restart_if_dead();
         self.check_step();
         // The checks ask the agent (its status, its timeline), which may write and die: the
         // next step's world must not act on a dead process.
-        if self.violation.is_none() && self.disk.dead() {
+        if self.violation.is_none() {
+            self.restart_if_dead();
+        }
+    }
+
+    /// The agent died writing its store (the disk says so): it is restarted on what it kept.
+    fn restart_if_dead(&mut self) {
+        if self.disk.dead() {
             self.kill("died writing its store");
         }
     }
@@ -1571,9 +1576,7 @@ impl Sim {
         // (Without it, the operator's undrain went to the dead one, unanswered, and the
         // agent was said to refuse it: seed 1749 of 1,000 steps, its death at a write of
         // the last step's checks.)
-        if self.disk.dead() {
-            self.kill("died writing its store");
-        }
+        self.restart_if_dead();
         self.settled_at = Some(self.t);
         if self.undrain_at.take().is_some() && self.admin_drain(false) != Some(true) {
             return self.violate("the agent refuses to undrain with its store healthy".into());
@@ -1603,9 +1606,7 @@ impl Sim {
         let mut last;
         loop {
             self.advance(Duration::from_secs(10));
-            if self.disk.dead() {
-                self.kill("died writing its store");
-            }
+            self.restart_if_dead();
             self.check_step();
             if self.violation.is_some() {
                 return;

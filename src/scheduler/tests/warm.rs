@@ -97,14 +97,7 @@ async fn a_delivery_that_fails_after_its_runner_took_the_job_keeps_the_vm() {
     let mut h = harness("warm = 1");
     let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     let vm = warm_vms(&s, "waiting").remove(0);
-    {
-        let mut hv = h.hv.lock();
-        hv.stall_deliveries = 1;
-        hv.acks_lost.insert(vm.clone());
-    }
-    h.deliver(JobAction::Queued, info(31, LABELS, None));
-    h.wait_advancing("the command delivered, its acknowledgement pending", |_, hv| hv.lock().delivered.len() == 1)
-        .await;
+    deliver_stalled(&mut h, &vm, 31).await;
     h.deliver(JobAction::InProgress, info(31, LABELS, Some(&vm)));
     h.wait_advancing("its runner took the job", |s, _| s.vms.iter().any(|v| v.name == vm && v.state == "busy")).await;
     // The failure comes back while libvirt is away: the guest's port cannot tell either.
@@ -130,14 +123,7 @@ async fn a_delivery_that_fails_after_its_runner_took_the_job_keeps_the_vm() {
 async fn a_binding_vm_whose_job_went_elsewhere_is_asked_about_before_it_goes() {
     let mut h = harness("idle_timeout = \"10s\"");
     let vm = "rv-small-41".to_string();
-    {
-        let mut hv = h.hv.lock();
-        hv.stall_deliveries = 1;
-        hv.acks_lost.insert(vm.clone());
-    }
-    h.deliver(JobAction::Queued, info(41, LABELS, None));
-    h.wait_advancing("the command delivered, its acknowledgement pending", |_, hv| hv.lock().delivered.len() == 1)
-        .await;
+    deliver_stalled(&mut h, &vm, 41).await;
     // Its runner took another job; GitHub's runner list does not say so (it fails).
     h.gh.set_runner(&vm, true, true);
     h.gh.lock().fail_calls.insert("list", 1000);
@@ -147,6 +133,19 @@ async fn a_binding_vm_whose_job_went_elsewhere_is_asked_about_before_it_goes() {
     assert!(h.gh.lock().calls.iter().any(|c| c == "delete"), "GitHub asked: {:?} {s:#?}", h.gh.lock().calls);
     h.hv.lock().release_stalled = true;
     h.shutdown().await;
+}
+
+/// Queues `job` for `vm` (a warm VM waiting, or its own cold VM) and waits until its runner
+/// command is delivered; the delivery's acknowledgement stays pending (the guest took it).
+async fn deliver_stalled(h: &mut H, vm: &str, job: u64) {
+    {
+        let mut hv = h.hv.lock();
+        hv.stall_deliveries = 1;
+        hv.acks_lost.insert(vm.to_string());
+    }
+    h.deliver(JobAction::Queued, info(job, LABELS, None));
+    h.wait_advancing("the command delivered, its acknowledgement pending", |_, hv| hv.lock().delivered.len() == 1)
+        .await;
 }
 
 /// Waits until a failed delivery was handled: counted as the warm VM's runner (kept), or
