@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use runnervisor::cloudinit::{self, Credential, Fresh, RunnerSpec};
-use runnervisor::hypervisor::{DomainState, Hypervisor};
+use runnervisor::hypervisor::{DomainState, HvError, Hypervisor};
 use runnervisor::secret::Secret;
 
 /// Makes a VM's credential once its guest waits.
@@ -70,7 +70,7 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     .unwrap();
     let ack = cloudinit::bind_ack(name);
     let at = Instant::now();
-    hv.deliver(name, message.expose().as_bytes(), &ack, Duration::from_secs(10)).unwrap();
+    hv.deliver(name, name, message.expose().as_bytes(), &ack, Duration::from_secs(10)).unwrap();
     eprintln!(
         "{name}: credential {:.0} ms, delivered and acknowledged {:.0} ms",
         made.as_secs_f64() * 1000.0,
@@ -81,7 +81,7 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     let mut md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
     assert!(md.warm && md.job_id == job, "{md:?}");
     md.warm = false;
-    hv.describe(name, &md, "bound title", "bound to its job").unwrap();
+    hv.describe(name, name, &md, "bound title", "bound to its job").unwrap();
     let md = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap().metadata.unwrap();
     assert!(!md.warm && md.job_id == job, "{md:?}");
     let desc = run(std::process::Command::new("virsh").args(["-c", URI, "desc", name]));
@@ -95,7 +95,7 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     .await;
     eprintln!("{name}: port seen closed {:.0} ms after the ack", closed.elapsed().as_secs_f64() * 1000.0);
     // A second delivery finds nobody listening: the guest took one command and closed.
-    let again = hv.deliver(name, b"{}\n", &ack, Duration::from_millis(1500));
+    let again = hv.deliver(name, name, b"{}\n", &ack, Duration::from_millis(1500));
     assert!(again.is_err(), "{again:?}");
 
     let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
@@ -298,7 +298,12 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
             fresh: fresh.then(|| Fresh { entropy: &entropy, now: std::time::SystemTime::now() }),
         })
         .unwrap();
-        hv.deliver(&name, message.expose().as_bytes(), &cloudinit::bind_ack(runner), Duration::from_secs(10)).unwrap();
+        // A call made for the VM the slot's domain ran before (a binding cut short) finds
+        // another VM's disk there and writes nothing.
+        let stale = hv.deliver(&name, &name, b"{}\n", &cloudinit::bind_ack(&name), Duration::from_secs(1));
+        assert!(matches!(stale, Err(HvError::NotThisVm { .. })), "{stale:?}");
+        hv.deliver(&name, runner, message.expose().as_bytes(), &cloudinit::bind_ack(runner), Duration::from_secs(10))
+            .unwrap();
         let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
         assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));
         let after = std::time::SystemTime::now();
@@ -375,7 +380,8 @@ async fn a_saved_waiting_guest_restores_onto_fresh_overlays_and_runs_a_job_each_
         fresh: Some(Fresh { entropy: &entropy, now: std::time::SystemTime::now() }),
     })
     .unwrap();
-    hv.deliver(&name, message.expose().as_bytes(), &cloudinit::bind_ack(&holder), Duration::from_secs(10)).unwrap();
+    hv.deliver(&name, &holder, message.expose().as_bytes(), &cloudinit::bind_ack(&holder), Duration::from_secs(10))
+        .unwrap();
     let sim_ref = &sim;
     wait_for("the control's runner online", VM_TIMEOUT, async || {
         sim_ref.runners().await.iter().any(|r| r["name"] == holder.as_str() && r["status"] == "online").then_some(())

@@ -385,6 +385,19 @@ pub fn for_restore(xml: &str, from: &Path, to: &Path, console_log: Option<&Path>
     Some(out)
 }
 
+/// Whether the domain of `xml` runs the VM `vm`: one of its disks is `vm`'s overlay. A
+/// VM's own domain always does; a snapshot slot's domain runs each VM restored into it on
+/// that VM's overlay ([`for_restore`]), under the slot's name.
+pub fn runs_vm(xml: &str, vm: &str) -> bool {
+    let Ok(doc) = roxmltree::Document::parse(xml) else { return false };
+    let overlay = super::overlay_volume_name(vm);
+    doc.descendants()
+        .filter(|n| n.has_tag_name("disk"))
+        .filter_map(|d| d.children().find(|c| c.has_tag_name("source")))
+        .filter_map(|src| src.attribute("file"))
+        .any(|file| Path::new(file).file_name().is_some_and(|f| f == overlay.as_str()))
+}
+
 /// The host's security models from libvirt's capabilities (`<host><secmodel><model>`).
 pub fn security_models(capabilities_xml: &str) -> Vec<String> {
     let Ok(doc) = roxmltree::Document::parse(capabilities_xml) else { return Vec::new() };
@@ -622,6 +635,31 @@ mod tests {
         );
         assert_eq!(for_restore(saved, Path::new("/pool/other.qcow2"), Path::new("/x"), None), None);
         assert_eq!(for_restore("not xml", Path::new("/a"), Path::new("/b"), None), None);
+    }
+
+    #[test]
+    fn a_domain_runs_the_vm_whose_overlay_is_its_disk() {
+        let slot = |disk: &str| {
+            format!(
+                "<domain><name>rv-p-s1</name><devices>\
+                 <disk type='file' device='disk'><source file='{disk}'/></disk>\
+                 <disk type='file' device='cdrom'><source file='/pool/rv-p-s1-seed.img'/></disk>\
+                 </devices></domain>"
+            )
+        };
+        let cases = [
+            (slot("/pool/rv-p-1022.qcow2"), "rv-p-1022", true),
+            (slot("/pool/rv-p-1022.qcow2"), "rv-p-1018", false),
+            // Another VM's name that only begins like it, or its seed, is not its overlay.
+            (slot("/pool/rv-p-10220.qcow2"), "rv-p-1022", false),
+            (slot("/pool/rv-p-1022-seed.img"), "rv-p-1022", false),
+            (slot("/pool/rv-p-s1.qcow2"), "rv-p-s1", true),
+            ("not xml".to_string(), "rv-p-1022", false),
+            ("<domain><name>rv-p-1022</name></domain>".to_string(), "rv-p-1022", false),
+        ];
+        for (xml, vm, want) in cases {
+            assert_eq!(runs_vm(&xml, vm), want, "{vm} in {xml}");
+        }
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub struct FakeState {
     pub stall_saves: u32,
     /// The next N deliveries hang the same way once the guest has the message.
     pub stall_deliveries: u32,
+    /// The next N deliveries hang the same way before they look at the domain (libvirtd
+    /// busy with another call on it).
+    pub stall_deliveries_before: u32,
+    /// Deliveries and descriptions refused: their domain ran another VM's disk.
+    pub not_this_vm: u32,
     pub release_stalled: bool,
     /// While set, no booted warm VM's guest waits yet (otherwise they wait as soon as they
     /// run); a restored one does (it was saved waiting).
@@ -128,6 +133,17 @@ impl FakeState {
     /// The boot (see `boots`) a domain of this name runs in, if it runs.
     pub fn boot_of(&self, name: &str) -> Option<usize> {
         self.runs(name).then(|| *self.boots.get(name).expect("a running domain was started or restored"))
+    }
+
+    /// As libvirt's: `domain` (defined) has `vm`'s overlay as its disk
+    /// ([`domain_xml::runs_vm`]), else [`HvError::NotThisVm`] (counted).
+    fn runs_vm(&mut self, domain: &str, vm: &str) -> Result<(), HvError> {
+        let (_, xml) = self.domains.get(domain).ok_or_else(|| missing("lookup domain", domain))?;
+        if domain_xml::runs_vm(xml, vm) {
+            return Ok(());
+        }
+        self.not_this_vm += 1;
+        Err(HvError::NotThisVm { domain: domain.into(), vm: vm.into() })
     }
 
     /// Whether a domain of this name runs, in this boot.
@@ -420,12 +436,22 @@ impl Hypervisor for FakeHypervisor {
         Ok(running && !booting && !s.took_command.contains(vm))
     }
 
-    fn deliver(&self, vm: &str, message: &[u8], ack: &str, _timeout: std::time::Duration) -> Result<(), HvError> {
+    fn deliver(
+        &self,
+        domain: &str,
+        vm: &str,
+        message: &[u8],
+        ack: &str,
+        _timeout: std::time::Duration,
+    ) -> Result<(), HvError> {
+        self.maybe_stall(|s| &mut s.stall_deliveries_before);
         let mut s = self.up()?;
-        let fail = |m: &str| Err(HvError::Libvirt { op: "deliver", name: vm.into(), message: m.into() });
-        if !s.runs(vm) {
+        let fail = |m: &str| Err(HvError::Libvirt { op: "deliver", name: domain.into(), message: m.into() });
+        if !s.runs(domain) {
             return fail("domain not running");
         }
+        s.runs_vm(domain, vm)?;
+        let vm = domain;
         if s.guests_deaf.contains(vm) {
             return fail("the guest did not acknowledge its runner command in time (bind_timeout)");
         }
@@ -447,17 +473,19 @@ impl Hypervisor for FakeHypervisor {
     /// As libvirt: the domain's metadata is replaced (what a later listing reads).
     fn describe(
         &self,
+        domain: &str,
         vm: &str,
         metadata: &domain_xml::VmMetadata,
         _title: &str,
         description: &str,
     ) -> Result<(), HvError> {
         let mut s = self.up()?;
-        let Some((_, xml)) = s.domains.get_mut(vm) else { return Err(missing("lookup domain", vm)) };
+        s.runs_vm(domain, vm)?;
+        let Some((_, xml)) = s.domains.get_mut(domain) else { return Err(missing("lookup domain", domain)) };
         if let Some(described) = domain_xml::with_metadata(xml, metadata) {
             *xml = described;
         }
-        s.descriptions.insert(vm.to_string(), description.to_string());
+        s.descriptions.insert(domain.to_string(), description.to_string());
         Ok(())
     }
 
@@ -586,14 +614,20 @@ mod tests {
             "<domain><name>rv-p-w1</name><metadata><rv:vm xmlns:rv=\"{}\"><rv:job-id>0</rv:job-id>\
              <rv:run-id>0</rv:run-id><rv:repository></rv:repository><rv:pool>p</rv:pool>\
              <rv:runner-name>rv-p-w1</rv:runner-name><rv:created>1970-01-01T00:00:00Z</rv:created>\
-             <rv:console-log>/l</rv:console-log><rv:warm>true</rv:warm></rv:vm></metadata></domain>",
+             <rv:console-log>/l</rv:console-log><rv:warm>true</rv:warm></rv:vm></metadata>\
+             <devices><disk><source file='/fake/rv-p-w1.qcow2'/></disk></devices></domain>",
             domain_xml::METADATA_NS
         );
         hv.define("rv-p-w1", &xml).unwrap();
         let listed = |hv: &FakeHypervisor| hv.list_vms().unwrap()[0].metadata.clone().map(|m| (m.job_id, m.warm));
         assert_eq!(listed(&hv), Some((0, true)));
-        hv.describe("rv-p-w1", &m(42, "rv-p-w1"), "t", "d").unwrap();
+        hv.describe("rv-p-w1", "rv-p-w1", &m(42, "rv-p-w1"), "t", "d").unwrap();
         assert_eq!(listed(&hv), Some((42, false)));
-        assert!(hv.describe("rv-p-gone", &m(43, "rv-p-gone"), "t", "d").is_err());
+        assert!(hv.describe("rv-p-gone", "rv-p-gone", &m(43, "rv-p-gone"), "t", "d").is_err());
+        // A domain running another VM's disk (a slot's, restored for the next job) is not
+        // described for this one.
+        let e = hv.describe("rv-p-w1", "rv-p-44", &m(44, "rv-p-44"), "t", "d").unwrap_err();
+        assert!(matches!(e, HvError::NotThisVm { .. }), "{e}");
+        assert_eq!(listed(&hv), Some((42, false)));
     }
 }

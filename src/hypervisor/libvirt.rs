@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 use virt::connect::Connect;
+use virt::domain::Domain;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::storage_pool::StoragePool;
@@ -213,6 +214,18 @@ impl Libvirt {
     }
 
     /// Maps a libvirt error; connection-level errors mark the connection broken.
+    /// The domain `domain` if it runs the VM `vm` ([`domain_xml::runs_vm`]). Read just
+    /// before acting on it: a slot's domain torn down and restored for another VM takes
+    /// seconds, this check and the act that follows microseconds.
+    fn domain_of(&self, conn: &Connect, domain: &str, vm: &str) -> Result<Domain, HvError> {
+        let dom = conn.lookup_domain_by_name(domain).map_err(|e| self.err("lookup domain", domain, e))?;
+        let xml = dom.xml_desc(0).map_err(|e| self.err("read domain", domain, e))?;
+        if !domain_xml::runs_vm(&xml, vm) {
+            return Err(HvError::NotThisVm { domain: domain.into(), vm: vm.into() });
+        }
+        Ok(dom)
+    }
+
     fn err(&self, op: &'static str, name: &str, e: virt::error::Error) -> HvError {
         if matches!(e.code(), Enum::Known(ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc))
             || (matches!(e.code(), Enum::Known(ErrorNumber::SystemError)) && !self.alive())
@@ -369,7 +382,7 @@ fn exchange(stream: &Stream, message: &[u8], ack: &str, deadline: std::time::Ins
 }
 
 /// QEMU pauses a guest whose disk write fails for lack of space (`werror=enospc`).
-fn paused_on_io_error(dom: &virt::domain::Domain) -> bool {
+fn paused_on_io_error(dom: &Domain) -> bool {
     use virt::domain::{DomainPausedReason, DomainState as Libvirt, DomainStateReason};
     matches!(
         dom.state(),
@@ -567,16 +580,16 @@ impl Hypervisor for Libvirt {
         })
     }
 
-    fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: Duration) -> Result<(), HvError> {
+    fn deliver(&self, domain: &str, vm: &str, message: &[u8], ack: &str, timeout: Duration) -> Result<(), HvError> {
         let conn = self.conn()?;
-        let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
-        let stream = Stream::new(&conn, sys::VIR_STREAM_NONBLOCK).map_err(|e| self.err("new stream", vm, e))?;
+        let dom = self.domain_of(&conn, domain, vm)?;
+        let stream = Stream::new(&conn, sys::VIR_STREAM_NONBLOCK).map_err(|e| self.err("new stream", domain, e))?;
         dom.open_channel(Some(domain_xml::BIND_CHANNEL), &stream, sys::VIR_DOMAIN_CHANNEL_FORCE)
-            .map_err(|e| self.err("open bind port", vm, e))?;
+            .map_err(|e| self.err("open bind port", domain, e))?;
         let result = exchange(&stream, message, ack, std::time::Instant::now() + timeout);
         // Ends libvirt's side of the session; the guest sees the port close.
         let _ = stream.abort();
-        result.map_err(|message| HvError::Libvirt { op: "deliver", name: vm.into(), message })
+        result.map_err(|message| HvError::Libvirt { op: "deliver", name: domain.into(), message })
     }
 
     fn save(&self, vm: &str) -> Result<(), HvError> {
@@ -646,13 +659,14 @@ impl Hypervisor for Libvirt {
 
     fn describe(
         &self,
+        domain: &str,
         vm: &str,
         metadata: &domain_xml::VmMetadata,
         title: &str,
         description: &str,
     ) -> Result<(), HvError> {
         let conn = self.conn()?;
-        let dom = conn.lookup_domain_by_name(vm).map_err(|e| self.err("lookup domain", vm, e))?;
+        let dom = self.domain_of(&conn, domain, vm)?;
         // A domain restored from a snapshot slot is transient: it has no persistent config.
         let flags = match dom.is_persistent() {
             Ok(false) => sys::VIR_DOMAIN_AFFECT_LIVE,
@@ -666,11 +680,11 @@ impl Hypervisor for Libvirt {
             Some(domain_xml::METADATA_NS),
             flags,
         )
-        .map_err(|e| self.err("set metadata", vm, e))?;
+        .map_err(|e| self.err("set metadata", domain, e))?;
         dom.set_metadata(sys::VIR_DOMAIN_METADATA_TITLE as i32, Some(title), None, None, flags)
-            .map_err(|e| self.err("set title", vm, e))?;
+            .map_err(|e| self.err("set title", domain, e))?;
         dom.set_metadata(sys::VIR_DOMAIN_METADATA_DESCRIPTION as i32, Some(description), None, None, flags)
-            .map_err(|e| self.err("set description", vm, e))
+            .map_err(|e| self.err("set description", domain, e))
     }
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {

@@ -48,6 +48,11 @@ pub fn save_volume_name(slot: &str) -> String {
     format!("{slot}.save")
 }
 
+/// The slot whose saved state the volume `volume` is ([`save_volume_name`]).
+pub fn slot_of_save_volume(volume: &str) -> Option<&str> {
+    volume.strip_suffix(".save")
+}
+
 pub fn overlay_volume_name(vm: &str) -> String {
     format!("{vm}.qcow2")
 }
@@ -61,7 +66,7 @@ pub fn vm_of_volume(volume: &str) -> Option<&str> {
     if !volume.starts_with(PREFIX) {
         return None;
     }
-    volume.strip_suffix("-seed.img").or_else(|| volume.strip_suffix(".qcow2")).or_else(|| volume.strip_suffix(".save"))
+    volume.strip_suffix("-seed.img").or_else(|| volume.strip_suffix(".qcow2")).or_else(|| slot_of_save_volume(volume))
 }
 
 /// Whether a runner or domain name has the shape of a VM of `pool`.
@@ -148,6 +153,13 @@ pub enum HvError {
     NetworkFull { name: String, vm: String },
     #[error("{op} {name}: {message}")]
     Libvirt { op: &'static str, name: String, message: String },
+    /// A snapshot slot's domain runs one VM after another under the slot's name: a call
+    /// made for a VM torn down since (a binding cut short whose call was under way) finds
+    /// the next VM's guest there, and must not act on it.
+    #[error(
+        "domain {domain} no longer runs vm {vm}: its disk is another vm's (torn down; its snapshot slot restored for another job)"
+    )]
+    NotThisVm { domain: String, vm: String },
 }
 
 impl HvError {
@@ -211,12 +223,29 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Whether a warm VM's guest has its bind port ([`domain_xml::BIND_CHANNEL`]) open,
     /// i.e. waits for a job. Read from libvirt's view of the port, not from the guest.
     fn guest_waiting(&self, vm: &str) -> Result<bool, HvError>;
-    /// Writes `message` into the warm VM's bind port and waits at most `timeout` for the
-    /// guest to answer exactly `ack`. What the guest sends is read bounded and only
-    /// compared with `ack`, never parsed, logged or kept.
-    fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: std::time::Duration) -> Result<(), HvError>;
-    /// Replaces the VM's runnervisor metadata, title and description (a warm VM given a job).
-    fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError>;
+    /// Writes `message` into the bind port of `domain`, which runs the waiting VM `vm`
+    /// (its own, or a snapshot slot's it was restored into), and waits at most `timeout`
+    /// for the guest to answer exactly `ack`. What the guest sends is read bounded and only
+    /// compared with `ack`, never parsed, logged or kept. [`HvError::NotThisVm`], and
+    /// nothing written, when `domain` runs another VM's disk.
+    fn deliver(
+        &self,
+        domain: &str,
+        vm: &str,
+        message: &[u8],
+        ack: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(), HvError>;
+    /// Replaces the runnervisor metadata, title and description of `domain`, which runs
+    /// `vm` (a warm VM given a job); [`HvError::NotThisVm`] as [`Hypervisor::deliver`].
+    fn describe(
+        &self,
+        domain: &str,
+        vm: &str,
+        metadata: &VmMetadata,
+        title: &str,
+        description: &str,
+    ) -> Result<(), HvError>;
     /// Saves the running `vm` (memory and device state) into the volume
     /// [`save_volume_name`]`(vm)` of the job storage pool (replaced if it exists), then
     /// undefines the stopped domain: its volumes stay, and its overlay, which must not

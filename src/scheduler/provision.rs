@@ -472,14 +472,18 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     drop(credential);
     let hv = ctx.hv.clone();
     let (n, domain, timeout) = (name.clone(), plan.vm.domain().to_string(), plan.pool.bind_timeout);
+    // Checked against the domain's disk at the call: a binding cut short (the VM torn
+    // down) whose call runs on would otherwise deliver into the next VM restored into the
+    // same slot's domain, whose guest then runs this runner (simulator seed 16105).
     if let Err(e) =
-        blocking(move || hv.deliver(&domain, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout)).await
+        blocking(move || hv.deliver(&domain, &n, message.expose().as_bytes(), &cloudinit::bind_ack(&n), timeout)).await
     {
         // The guest may have taken its command all the same: libvirtd restarted during the
         // exchange and only the acknowledgement was lost (the restart-libvirtd drill met
         // it). Its port says: a guest that took its command closes it and starts its
-        // runner, which destroying the VM would kill with the job.
-        if !matches!(guest_port(ctx.hv.clone(), plan.vm.domain().to_string()).await, Port::Closed) {
+        // runner, which destroying the VM would kill with the job. (Not another VM's.)
+        let ours = !matches!(e, HvError::NotThisVm { .. });
+        if !ours || !matches!(guest_port(ctx.hv.clone(), plan.vm.domain().to_string()).await, Port::Closed) {
             return Err(BindError::Delivery(e));
         }
         tracing::warn!(vm = %name, error = %e, "the delivery failed, but the guest closed its bind port: it took its command, its runner starts");
@@ -490,7 +494,7 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     let metadata = metadata(&ctx, &plan.vm, None);
     let (title, description) = describe(&plan);
     let (hv, domain) = (ctx.hv.clone(), plan.vm.domain().to_string());
-    if let Err(e) = blocking(move || hv.describe(&domain, &metadata, &title, &description)).await {
+    if let Err(e) = blocking(move || hv.describe(&domain, &name, &metadata, &title, &description)).await {
         tracing::warn!(vm = %plan.vm.name, error = %e, "cannot update the bound warm vm's description");
     }
     Ok(times)

@@ -523,6 +523,18 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.begin_teardown(slot, Reason::SlotGone);
     }
 
+    /// Removes the slots whose saved state the hypervisor's `volumes` lack, to be made
+    /// again: a crash lost the store's write that removed one (whose volumes its teardown
+    /// deleted: simulator seed 15882), or an operator deleted it. A restore from one would
+    /// fail, and `status` would count it ready. Only slots saved before the listing began
+    /// (a later save's volume may be missing from it) and in use by no VM.
+    pub(super) fn drop_slots_without_state(&mut self, volumes: &[String], listed_at: SystemTime) {
+        let in_use = |slot: &str| self.book.restored_from(slot).is_some();
+        for name in without_state(self.book.slots.values(), volumes, listed_at, in_use) {
+            self.drop_slot(&name, "its saved state is gone");
+        }
+    }
+
     /// Removes the slot `name` (its saved state, disk, seed and address) through a VM
     /// teardown of its name. The slot must not be in use.
     fn drop_slot(&mut self, name: &str, why: &str) {
@@ -580,6 +592,22 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 }
 
+/// The slots whose saved state the listing `volumes` lacks, of those saved before the
+/// listing began (a later save's volume may be missing from it) and not `in_use`.
+pub fn without_state<'a>(
+    slots: impl IntoIterator<Item = &'a SlotRec>,
+    volumes: &[String],
+    listed_at: SystemTime,
+    in_use: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let saved: BTreeSet<&str> = volumes.iter().filter_map(|v| hypervisor::slot_of_save_volume(v)).collect();
+    slots
+        .into_iter()
+        .filter(|s| s.saved_at < listed_at && !saved.contains(s.name.as_str()) && !in_use(&s.name))
+        .map(|s| s.name.clone())
+        .collect()
+}
+
 /// Saves the slot VM `vm` and reads the address the network holds for it.
 fn save<H: Hypervisor>(hv: &H, vm: &str, network: Option<&str>) -> Result<Option<Ipv4Addr>, HvError> {
     let address = match network {
@@ -600,6 +628,36 @@ pub fn is_making(vm: &VmRec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_whose_saved_state_a_listing_lacks_goes_unless_in_use_or_saved_since() {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let slot = |name: &str, saved: u64| SlotRec {
+            name: name.into(),
+            pool: "p".into(),
+            made_from: String::new(),
+            address: None,
+            saved_at: at(saved),
+        };
+        let volumes = |v: &[&str]| v.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+        let listed = 100;
+        // (slot saved at, volumes listed, in use, goes)
+        let cases: [(u64, &[&str], bool, bool); 6] = [
+            (50, &["rv-p-s0.save", "rv-p-s0.qcow2"], false, false),
+            (50, &["rv-p-s0.qcow2", "rv-p-s0-seed.img"], false, true),
+            (50, &[], false, true),
+            // Another slot's saved state, or one whose name only begins like it, is not its.
+            (50, &["rv-p-s1.save", "rv-p-s01.save"], false, true),
+            (50, &[], true, false),
+            // Saved as the listing began, or later: the listing may not show it.
+            (100, &[], false, false),
+        ];
+        for (saved, listed_volumes, in_use, goes) in cases {
+            let slots = [slot("rv-p-s0", saved)];
+            let gone = without_state(&slots, &volumes(listed_volumes), at(listed), |_| in_use);
+            assert_eq!(gone == ["rv-p-s0"], goes, "saved at {saved}, {listed_volumes:?}, in use {in_use}: {gone:?}");
+        }
+    }
 
     #[test]
     fn slot_names_are_per_member_in_a_fleet() {

@@ -231,7 +231,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.adopt(info);
         }
         match volumes {
-            Ok(vols) => self.delete_stray_volumes(vols, &stale),
+            Ok(vols) => {
+                self.drop_slots_without_state(&vols, listed_at);
+                self.delete_stray_volumes(vols, &stale);
+            }
             Err(e) => warn!(error = %e, "cannot list volumes"),
         }
         match addresses {
@@ -275,7 +278,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     fn delete_stray_volumes(&mut self, volumes: Vec<String>, stale: &BTreeSet<String>) {
         // A slot's saved state without a record (the store lost, or a slot made by another
         // agent on this host for the same pool): kept if it is right for the pool now.
-        let saved: BTreeSet<&str> = volumes.iter().filter_map(|v| v.strip_suffix(".save")).collect();
+        let saved: BTreeSet<&str> = volumes.iter().filter_map(|v| hypervisor::slot_of_save_volume(v)).collect();
         let found: Vec<String> = saved
             .iter()
             .filter(|s| !self.book.vms.contains_key(**s) && !self.book.slots.contains_key(**s))

@@ -152,20 +152,34 @@ impl Hypervisor for SimHv {
         self.enter("guest_waiting", vm)?;
         self.fake.guest_waiting(vm)
     }
-    fn deliver(&self, vm: &str, message: &[u8], ack: &str, timeout: std::time::Duration) -> Result<(), HvError> {
-        self.enter("deliver", vm)?;
-        self.fake.deliver(vm, message, ack, timeout)
+    fn deliver(
+        &self,
+        domain: &str,
+        vm: &str,
+        message: &[u8],
+        ack: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(), HvError> {
+        self.enter("deliver", domain)?;
+        self.fake.deliver(domain, vm, message, ack, timeout)
     }
-    fn describe(&self, vm: &str, metadata: &VmMetadata, title: &str, description: &str) -> Result<(), HvError> {
-        self.enter("describe", vm)?;
-        self.fake.describe(vm, metadata, title, description)?;
+    fn describe(
+        &self,
+        domain: &str,
+        vm: &str,
+        metadata: &VmMetadata,
+        title: &str,
+        description: &str,
+    ) -> Result<(), HvError> {
+        self.enter("describe", domain)?;
+        self.fake.describe(domain, vm, metadata, title, description)?;
         // Read on the host's clock as it is now (in the runtime: no step between). Only
-        // for the VM the boot runs: a binding cut short (its deadline passed) may describe
-        // its VM after the slot's domain was torn down and restored for the next.
+        // for a VM restored into a slot's domain (a domain of its own says when it was made
+        // from its start; the fake refused a VM torn down since: `NotThisVm`).
         let made = self.time.host_to_virtual(metadata.created);
-        let boot = self.fake.lock().boot_of(vm);
+        let boot = self.fake.lock().boot_of(domain);
         let mut a = self.arm();
-        if let Some(boot) = boot.filter(|b| a.restored_as.get(b) == Some(&metadata.runner_name)) {
+        if let Some(boot) = boot.filter(|b| a.restored_as.get(b).is_some_and(|r| r == vm)) {
             a.made.insert(boot, made);
         }
         Ok(())

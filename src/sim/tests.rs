@@ -177,14 +177,17 @@ fn a_runner_dies_with_its_vm_not_with_its_domain_name() {
     let mut sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
     let vm = "rv-sim-1";
     let boot = |sim: &Sim| {
-        sim.fake.define(vm, &format!("<domain><name>{vm}</name></domain>")).unwrap();
+        let xml = format!(
+            "<domain><name>{vm}</name><devices><disk><source file='/fake/{vm}.qcow2'/></disk></devices></domain>"
+        );
+        sim.fake.define(vm, &xml).unwrap();
         sim.fake.start(vm).unwrap();
     };
     let online = |sim: &Sim| sim.hub.lock().runner_named(vm).map(|r| r.online);
     boot(&sim);
     let command =
         format!("{{\"vm\":\"{vm}\",\"runcmd\":[{{\"argv\":[\"./config.sh\",\"--labels\",\"self-hosted\"]}}]}}\n");
-    sim.fake.deliver(vm, command.as_bytes(), "ACK 1", Duration::from_secs(5)).unwrap();
+    sim.fake.deliver(vm, vm, command.as_bytes(), "ACK 1", Duration::from_secs(5)).unwrap();
     sim.follow_guests(Duration::ZERO);
     sim.follow_guests(Duration::from_secs(30));
     assert_eq!(online(&sim), Some(true), "{:#?}", sim.trace);
@@ -264,7 +267,9 @@ fn a_boot_restored_into_a_slot_is_the_vm_whose_disk_it_runs() {
         host: None,
         made_from: None,
     };
-    sim.hv.describe(slot, &metadata, "t", "d").unwrap();
+    // The slot's own VM is not the one restored into its domain.
+    assert!(sim.hv.describe(slot, slot, &metadata, "t", "d").is_err());
+    sim.hv.describe(slot, vm, &metadata, "t", "d").unwrap();
     assert_eq!(sim.hv.arm().made.get(&boot), Some(&made));
     sim.hv.teardown(slot);
     assert_eq!(sim.hv.arm().torn_running, [(slot.to_string(), boot)]);
