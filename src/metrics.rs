@@ -390,7 +390,7 @@ impl Default for Metrics {
         );
         r.register(
             "runnervisor_slot_failures",
-            "Snapshot slots that failed (step: save, restore: the slot is re-made after a back-off, a job whose restore failed boots cold; image: the pool's image cannot serve slots, its jobs boot cold)",
+            "Snapshot slots that failed (step: save, restore, saved_state (its saved state gone from the storage pool): the slot is re-made after a back-off, a job whose restore failed boots cold; image: the pool's image cannot serve slots, its jobs boot cold)",
             m.slot_failures.clone(),
         );
         r.register(

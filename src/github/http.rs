@@ -114,7 +114,10 @@ pub fn rate_limit_wait(status: StatusCode, headers: &reqwest::header::HeaderMap,
     }
     if header("x-ratelimit-remaining") == Some(0) {
         let reset = header("x-ratelimit-reset").unwrap_or(0);
-        let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        // The reset is a time on GitHub's clock, which its `Date` says: a clock here behind
+        // GitHub's would hold calls back that much longer (ahead, let them go early).
+        let date = headers.get("date").and_then(|v| v.to_str().ok()).and_then(|d| httpdate::parse_http_date(d).ok());
+        let now = date.unwrap_or(now).duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
         return Some(Duration::from_secs(reset.saturating_sub(now).max(1)).min(MAX_RATE_WAIT));
     }
     // A secondary limit without headers: GitHub says to wait at least a minute.
@@ -602,6 +605,16 @@ mod tests {
         h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
         h.insert("x-ratelimit-reset", HeaderValue::from_static("1030"));
         assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(30)));
+        // Counted from GitHub's clock when its `Date` says it (here 20 s ahead of ours, then
+        // 50 s behind); an unreadable one is ignored.
+        let date = |d: &str| HeaderValue::from_str(d).unwrap();
+        h.insert("date", date(&httpdate::fmt_http_date(now + Duration::from_secs(20))));
+        assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(10)));
+        h.insert("date", date(&httpdate::fmt_http_date(now - Duration::from_secs(50))));
+        assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(80)));
+        h.insert("date", date("yesterday"));
+        assert_eq!(rate_limit_wait(StatusCode::FORBIDDEN, &h, now), Some(Duration::from_secs(30)));
+        h.remove("date");
         // A primary limit holds its own bucket back; a secondary one (or a bare 429) both.
         assert_eq!(held_buckets(INSTALLATION, &h), [true, false]);
         assert_eq!(held_buckets(APP, &h), [false, true]);

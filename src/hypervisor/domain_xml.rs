@@ -654,6 +654,17 @@ mod tests {
             (slot("/pool/rv-p-10220.qcow2"), "rv-p-1022", false),
             (slot("/pool/rv-p-1022-seed.img"), "rv-p-1022", false),
             (slot("/pool/rv-p-s1.qcow2"), "rv-p-s1", true),
+            // A restored VM's overlay is backed by the slot's disk (libvirt's live XML nests
+            // it in `<backingStore>`): the domain runs the VM, not the slot's VM.
+            (
+                "<domain><name>rv-p-s1</name><devices><disk type='file' device='disk'>\
+                 <source file='/pool/rv-p-1022.qcow2' index='2'/><backingStore type='file' index='3'>\
+                 <format type='qcow2'/><source file='/pool/rv-p-s1.qcow2'/></backingStore></disk>\
+                 </devices></domain>"
+                    .to_string(),
+                "rv-p-s1",
+                false,
+            ),
             ("not xml".to_string(), "rv-p-1022", false),
             ("<domain><name>rv-p-1022</name></domain>".to_string(), "rv-p-1022", false),
         ];

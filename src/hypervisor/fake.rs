@@ -76,6 +76,8 @@ pub struct FakeState {
     pub stall_teardowns: u32,
     /// The next N `save` calls hang the same way.
     pub stall_saves: u32,
+    /// The next N `destroy` calls hang the same way.
+    pub stall_destroys: u32,
     /// The next N deliveries hang the same way once the guest has the message.
     pub stall_deliveries: u32,
     /// The next N deliveries hang the same way before they look at the domain (libvirtd
@@ -400,6 +402,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn destroy(&self, name: &str) -> Result<(), HvError> {
+        self.maybe_stall(|s| &mut s.stall_destroys);
         self.up()?.domains.remove(name);
         Ok(())
     }

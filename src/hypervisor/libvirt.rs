@@ -213,19 +213,30 @@ impl Libvirt {
         HvError::Unavailable { uri: self.uri.clone(), message: message.into() }
     }
 
-    /// Maps a libvirt error; connection-level errors mark the connection broken.
-    /// The domain `domain` if it runs the VM `vm` ([`domain_xml::runs_vm`]). Read just
-    /// before acting on it: a slot's domain torn down and restored for another VM takes
-    /// seconds, this check and the act that follows microseconds.
+    /// The domain `domain` if it runs the VM `vm` ([`domain_xml::runs_vm`]), read just
+    /// before acting on it. The handle names the domain (name and UUID, which a slot's
+    /// domain keeps across restores), not this run of it: what is done with it after this
+    /// check may reach a VM restored into the domain since, unless checked again after (see
+    /// [`Libvirt::still_runs`]).
     fn domain_of(&self, conn: &Connect, domain: &str, vm: &str) -> Result<Domain, HvError> {
         let dom = conn.lookup_domain_by_name(domain).map_err(|e| self.err("lookup domain", domain, e))?;
-        let xml = dom.xml_desc(0).map_err(|e| self.err("read domain", domain, e))?;
-        if !domain_xml::runs_vm(&xml, vm) {
-            return Err(HvError::NotThisVm { domain: domain.into(), vm: vm.into() });
-        }
+        self.still_runs(&dom, domain, vm)?;
         Ok(dom)
     }
 
+    /// Whether `dom` (the domain `domain`) runs the VM `vm` now. Once a call bound to the
+    /// domain's run (a channel opened on it) is followed by this check, the call reached
+    /// `vm`'s run: the VM's overlay is deleted before its slot's domain runs another VM,
+    /// so no later run has it.
+    fn still_runs(&self, dom: &Domain, domain: &str, vm: &str) -> Result<(), HvError> {
+        let xml = dom.xml_desc(0).map_err(|e| self.err("read domain", domain, e))?;
+        match domain_xml::runs_vm(&xml, vm) {
+            true => Ok(()),
+            false => Err(HvError::NotThisVm { domain: domain.into(), vm: vm.into() }),
+        }
+    }
+
+    /// Maps a libvirt error; connection-level errors mark the connection broken.
     fn err(&self, op: &'static str, name: &str, e: virt::error::Error) -> HvError {
         if matches!(e.code(), Enum::Known(ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc))
             || (matches!(e.code(), Enum::Known(ErrorNumber::SystemError)) && !self.alive())
@@ -586,6 +597,13 @@ impl Hypervisor for Libvirt {
         let stream = Stream::new(&conn, sys::VIR_STREAM_NONBLOCK).map_err(|e| self.err("new stream", domain, e))?;
         dom.open_channel(Some(domain_xml::BIND_CHANNEL), &stream, sys::VIR_DOMAIN_CHANNEL_FORCE)
             .map_err(|e| self.err("open bind port", domain, e))?;
+        // The port opened is the run's the domain had then: the VM's, checked again now
+        // (another VM restored into a slot's domain since the check above would get
+        // this VM's command).
+        if let Err(e) = self.still_runs(&dom, domain, vm) {
+            let _ = stream.abort();
+            return Err(e);
+        }
         let result = exchange(&stream, message, ack, std::time::Instant::now() + timeout);
         // Ends libvirt's side of the session; the guest sees the port close.
         let _ = stream.abort();

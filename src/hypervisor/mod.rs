@@ -227,7 +227,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// (its own, or a snapshot slot's it was restored into), and waits at most `timeout`
     /// for the guest to answer exactly `ack`. What the guest sends is read bounded and only
     /// compared with `ack`, never parsed, logged or kept. [`HvError::NotThisVm`], and
-    /// nothing written, when `domain` runs another VM's disk.
+    /// nothing written, when `domain` runs another VM's disk (checked before its port is
+    /// opened and again after: the port is then this VM's run's).
     fn deliver(
         &self,
         domain: &str,
@@ -237,7 +238,9 @@ pub trait Hypervisor: Send + Sync + 'static {
         timeout: std::time::Duration,
     ) -> Result<(), HvError>;
     /// Replaces the runnervisor metadata, title and description of `domain`, which runs
-    /// `vm` (a warm VM given a job); [`HvError::NotThisVm`] as [`Hypervisor::deliver`].
+    /// `vm` (a warm VM given a job); [`HvError::NotThisVm`] when it runs another VM's disk
+    /// (checked before only: a VM restored into a slot's domain in the instant between may
+    /// get this VM's description, which its own binding then replaces).
     fn describe(
         &self,
         domain: &str,

@@ -59,6 +59,12 @@ pub enum Event {
         slot: String,
         result: Result<(Option<crate::hypervisor::VmMetadata>, Option<std::net::Ipv4Addr>), HvError>,
     },
+    /// The sweep's destroy of a snapshot slot's domain that no VM record held ended (its
+    /// error, if any).
+    SlotDomainDestroyed {
+        slot: String,
+        result: Result<(), String>,
+    },
     /// What the periodic sweep found (boxed: the largest event by far).
     Swept(Box<Sweep>),
     GitHubSynced {

@@ -419,6 +419,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Event::Bound { vm, result } => self.on_bound(vm, result),
             Event::Saved { vm, result } => self.on_saved(vm, result),
             Event::SlotFound { slot, result } => self.on_slot_found(slot, result),
+            Event::SlotDomainDestroyed { slot, result } => self.on_slot_domain_destroyed(slot, result),
             Event::Swept(sweep) => self.on_swept(*sweep),
             Event::GitHubSynced { started, runners, jobs, found, deliveries_checked, pruned } => {
                 self.sync.on_pruned(pruned, Instant::now());

@@ -50,6 +50,10 @@ pub struct State {
     broken: BTreeSet<String>,
     /// Saved slots found without a record, whose saved state is being read.
     found: BTreeSet<String>,
+    /// Slots whose domain no VM record holds, which the sweep is destroying: none is
+    /// restored from until that reports (the destroy, late, would kill the VM restored
+    /// into the slot's domain meanwhile; nor is a second destroy sent).
+    destroying: BTreeSet<String>,
     /// Pools whose slots failed to save or restore: no slot of theirs is made before the
     /// back-off ends (their jobs boot cold meanwhile, and VMs restored from their other
     /// slots are bound as usual).
@@ -219,6 +223,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .slots
             .values()
             .filter(move |s| s.pool == pool && Some(&s.made_from) == current && !self.slots.broken.contains(&s.name))
+            .filter(|s| !self.slots.destroying.contains(&s.name))
     }
 
     /// The pool's slots that are saved, right and not in use, by name.
@@ -421,6 +426,31 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
+    /// Destroys the domain of the saved slot `slot` that no VM record holds (a VM restored
+    /// from it whose record a crash lost); the slot is not restored from until that reports.
+    pub(super) fn destroy_slot_domain(&mut self, slot: &str) {
+        if !self.slots.destroying.insert(slot.to_string()) {
+            return;
+        }
+        warn!(domain = %slot, "destroying a domain of a snapshot slot that no vm record holds");
+        let (hv, s, failed) = (self.ctx.hv.clone(), slot.to_string(), slot.to_string());
+        super::event::spawn_blocking_reporting(
+            &self.ctx.events,
+            move || {
+                let result = hv.destroy(&s).map_err(|e| e.to_string());
+                Event::SlotDomainDestroyed { slot: s, result }
+            },
+            move |message| Event::SlotDomainDestroyed { slot: failed, result: Err(message) },
+        );
+    }
+
+    pub(super) fn on_slot_domain_destroyed(&mut self, slot: String, result: Result<(), String>) {
+        self.slots.destroying.remove(&slot);
+        if let Err(e) = result {
+            warn!(domain = %slot, error = %e, "cannot destroy the domain (the next sweep tries again)");
+        }
+    }
+
     /// Whether a saved slot of `pool` found without a record is being looked at.
     pub(super) fn slot_found_pending(&self, pool: &PoolConfig) -> bool {
         self.slots.found.iter().any(|s| hypervisor::slot_of_pool(s, &pool.name).is_some())
@@ -531,6 +561,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn drop_slots_without_state(&mut self, volumes: &[String], listed_at: SystemTime) {
         let in_use = |slot: &str| self.book.restored_from(slot).is_some();
         for name in without_state(self.book.slots.values(), volumes, listed_at, in_use) {
+            let Some(pool) = self.book.slots.get(&name).map(|s| s.pool.clone()) else { continue };
+            warn!(slot = %name, pool = %pool, "a snapshot slot's saved state is gone from the storage pool: the slot is made again");
+            // One whose saved state keeps vanishing is not made again at every sweep.
+            self.slot_backoff(&pool, "saved_state");
             self.drop_slot(&name, "its saved state is gone");
         }
     }

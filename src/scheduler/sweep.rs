@@ -219,13 +219,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if self.book.slots.contains_key(&info.name) {
                 // A saved slot has no domain; one of its name without a record of a VM
                 // restored from it goes, and the slot (its disk, its saved state) stays.
-                warn!(domain = %info.name, "destroying a domain of a snapshot slot that no vm record holds");
-                let (hv, name) = (self.ctx.hv.clone(), info.name.clone());
-                crate::offload::spawn(move || {
-                    if let Err(e) = hv.destroy(&name) {
-                        warn!(domain = %name, error = %e, "cannot destroy the domain");
-                    }
-                });
+                self.destroy_slot_domain(&info.name);
                 continue;
             }
             self.adopt(info);

@@ -189,10 +189,39 @@ async fn a_slot_whose_saved_state_is_gone_is_made_again() {
         ready(s) == 1 && hv.lock().saved.contains_key(SLOT) && hv.lock().started_total == 2
     })
     .await;
-    assert!(h.metrics.render().contains("runnervisor_teardowns_total{reason=\"slot_gone\"} 1"));
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_teardowns_total{reason=\"slot_gone\"} 1"), "{m}");
+    assert!(m.contains("runnervisor_slot_failures_total{pool=\"small\",step=\"saved_state\"} 1"), "{m}");
     h.deliver(JobAction::Queued, info(121, LABELS, None));
     let s = h.wait("restored from it", |s, _| restored(s, 121).is_some()).await;
     assert_eq!(restored(&s, 121).unwrap().0, "rv-small-121", "{s:#?}");
+    h.shutdown().await;
+}
+
+/// A running domain of a saved slot's name that no VM record holds (the record of the VM
+/// restored into it lost) is destroyed by the sweep, one destroy at a time however many
+/// sweeps find it, and the slot serves no job until that destroy reported: late, it would
+/// kill the VM restored into the slot's domain meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_slot_domain_no_record_holds_is_destroyed_before_the_slot_serves_again() {
+    let mut h = harness("snapshot_slots = 1");
+    h.wait("a slot saved", |s, _| ready(s) == 1).await;
+    h.hv.lock().stall_destroys = 2;
+    let xml = format!(
+        "<domain><name>{SLOT}</name><devices><disk><source file='/fake/rv-small-9.qcow2'/></disk></devices></domain>"
+    );
+    h.hv.define(SLOT, &xml).unwrap();
+    h.hv.start(SLOT).unwrap();
+    h.wait_advancing("its destroy under way, the slot held", |s, hv| ready(s) == 0 && hv.lock().stall_destroys == 1)
+        .await;
+    h.deliver(JobAction::Queued, info(131, LABELS, None));
+    let s = h.advance_for(Duration::from_secs(5)).await;
+    assert_eq!(h.hv.lock().stall_destroys, 1, "one destroy at a time: {s:#?}");
+    assert_eq!(restored(&s, 131), None, "not restored into the slot's domain: {s:#?}");
+    h.hv.lock().release_stalled = true;
+    h.wait_advancing("the domain gone, the slot free", |s, hv| ready(s) == 1 && !hv.lock().domains.contains_key(SLOT))
+        .await;
+    assert!(h.hv.lock().saved.contains_key(SLOT), "the slot stays");
     h.shutdown().await;
 }
 
