@@ -144,8 +144,24 @@ fn main() -> std::process::ExitCode {
                     }
                     let clock = this_thread_clock();
                     running.lock().unwrap().push((seed, clock, cpu_time(clock)));
-                    let out = run_seed(Options { seed, steps, faults });
+                    // A panic out of the run (the world's own, or the agent's outside its
+                    // tasks) fails the seed, not the worker (whose seeds went unrun, the run
+                    // passing with fewer seeds).
+                    let run = std::panic::catch_unwind(|| run_seed(Options { seed, steps, faults }));
                     running.lock().unwrap().retain(|(s, _, _)| *s != seed);
+                    let out = match run {
+                        Ok(out) => out,
+                        Err(_) => {
+                            let line = format!(
+                                "violation: ./scripts/simulate --seed {seed} --steps {steps} # the simulator panicked (its message above)"
+                            );
+                            println!("{line}");
+                            let mut t = totals.lock().unwrap();
+                            t.0 += 1;
+                            t.4.push(line);
+                            continue;
+                        }
+                    };
                     if each {
                         println!(
                             "seed {seed} steps={} faults={} jobs={} trace={:016x}",

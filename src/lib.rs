@@ -77,6 +77,16 @@ pub struct Deps<G, H> {
     pub reloads: Option<mpsc::UnboundedReceiver<reload::Request>>,
     /// Fleet mode (`[fleet]`): this host's membership; `None`: a single host.
     pub fleet: Option<fleet::Member>,
+    /// The scale-set pools' client other than GitHub's over HTTP (the deterministic
+    /// simulator's model of the Actions service); `None`: GitHub's.
+    pub scale_sets: Option<ScaleSetModel>,
+}
+
+/// A model of GitHub's Actions service for the scale-set pools: the simulator's (none
+/// without it: then only `None` is one).
+pub enum ScaleSetModel {
+    #[cfg(any(test, feature = "sim"))]
+    Sim(sim::scaleset::SimScaleSets),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,14 +294,20 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
     let mut scale_sets = None;
     if config.pools.iter().any(|p| p.scale_set().is_some()) {
         let scope_url = format!("{}/{}", config.github.web_url(), config.github.scope().web_path());
-        match github::scaleset::HttpScaleSets::new(
-            &config.github.api_url,
-            &scope_url,
-            github,
-            config.github.api_timeout,
-        ) {
+        let client = match deps.scale_sets {
+            #[cfg(any(test, feature = "sim"))]
+            Some(ScaleSetModel::Sim(model)) => Ok(scaleset::Client::Sim(model)),
+            None => github::scaleset::HttpScaleSets::new(
+                &config.github.api_url,
+                &scope_url,
+                github,
+                config.github.api_timeout,
+            )
+            .map(|c| scaleset::Client::Http(c.with_metrics(deps.metrics.clone()))),
+        };
+        match client {
             Ok(client) => {
-                let client = Arc::new(client.with_metrics(deps.metrics.clone()));
+                let client = Arc::new(client);
                 let registry = Arc::new(scaleset::Registry::default());
                 let runners = Arc::new(scaleset::Runners { client: client.clone(), registry: registry.clone() });
                 scheduler = scheduler.with_scale_sets(registry.clone(), runners);

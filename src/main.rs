@@ -396,6 +396,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         metrics_listener: None,
         reloads: Some(reload_rx),
         fleet,
+        scale_sets: None,
     };
     match runnervisor::run(config, deps, shutdown).await {
         Ok(()) => {

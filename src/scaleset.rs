@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
-use crate::github::scaleset::{JobMessage, JobRef, Message, ScaleSetSpec, ScaleSets, Session, SsError};
+use crate::github::scaleset::{JobMessage, JobRef, Message, ScaleSetInfo, ScaleSetSpec, ScaleSets, Session, SsError};
 use crate::github::{GhError, JitRunner};
 use crate::model::{JobAction, JobEvent, JobInfo};
 use crate::webhook::Persist;
@@ -73,6 +73,11 @@ struct Entry {
     /// In a fleet, the other members' (their last heartbeats).
     others: u64,
     session: bool,
+    /// The set's jobs GitHub offers and no set acquired, as its last statistics said (less
+    /// those acquired since; 0 once the session is given up): jobs the scheduler cannot see,
+    /// for which other pools' spare VMs give up the host's room. In a fleet, the lead's
+    /// only (the member holding the session).
+    available: u64,
 }
 
 impl Registry {
@@ -104,6 +109,16 @@ impl Registry {
     /// What the set's polls announce: this agent's capacity, and in a fleet the others'.
     pub fn capacity(&self, pool: &str) -> u64 {
         self.with(pool, |e| e.capacity.saturating_add(e.others))
+    }
+
+    /// How many of the set's jobs wait to be acquired (see `Entry::available`).
+    pub fn available(&self, pool: &str) -> u64 {
+        self.with(pool, |e| e.available)
+    }
+
+    /// The listener: what the set's statistics say of its jobs waiting to be acquired.
+    pub fn set_available(&self, pool: &str, n: u64) {
+        self.with(pool, |e| e.available = n);
     }
 
     fn found(&self, pool: &str, set_id: u64) {
@@ -559,8 +574,11 @@ impl<S: ScaleSets> Listener<S> {
     }
 
     /// GitHub's counts, for an operator to set beside the book's (`runnervisor_queue_depth`,
-    /// `runnervisor_vms`): they do not drive demand, each job's own messages do.
+    /// `runnervisor_vms`): they do not drive demand, each job's own messages do; but the
+    /// jobs waiting to be acquired give other pools' spare VMs reason to leave the host's
+    /// room ([`Registry::available`]).
     fn statistics(&self, st: &crate::github::scaleset::Statistics) {
+        self.registry.set_available(&self.pool, st.available);
         let counts = [st.available, st.acquired, st.assigned, st.running, st.registered, st.busy, st.idle];
         for (kind, n) in STATISTICS.into_iter().zip(counts) {
             let labels = crate::metrics::ScaleSetLabels::new(&self.pool, kind);
@@ -569,6 +587,7 @@ impl<S: ScaleSets> Listener<S> {
     }
 
     fn forget_statistics(&self) {
+        self.registry.set_available(&self.pool, 0);
         for kind in STATISTICS {
             self.metrics.scale_set_statistics.remove(&crate::metrics::ScaleSetLabels::new(&self.pool, kind));
         }
@@ -632,8 +651,67 @@ impl<S: ScaleSets> Listener<S> {
         if let Some(st) = m.statistics {
             debug!(pool = %self.pool, message_id = m.id, available = st.available, assigned = st.assigned, running = st.running, idle = st.idle, "scale set message taken in");
             self.statistics(&st);
+            // Counted before this acquisition: the jobs just acquired are in the book now
+            // (counted twice, another pool's warm VM gave its place up for nothing).
+            let acquired = u64::try_from(acquired.len()).unwrap_or(u64::MAX);
+            self.registry.set_available(&self.pool, st.available.saturating_sub(acquired));
         }
         Ok(())
+    }
+}
+
+/// The scale-set client the agent runs with: GitHub's, or the deterministic simulator's
+/// model of the Actions service ([`crate::Deps::scale_sets`]).
+pub enum Client<G> {
+    Http(crate::github::scaleset::HttpScaleSets<G>),
+    #[cfg(any(test, feature = "sim"))]
+    Sim(crate::sim::scaleset::SimScaleSets),
+}
+
+/// Each call to whichever client it is.
+macro_rules! each {
+    ($self:ident, $c:ident => $call:expr) => {
+        match $self {
+            Client::Http($c) => $call.await,
+            #[cfg(any(test, feature = "sim"))]
+            Client::Sim($c) => $call.await,
+        }
+    };
+}
+
+impl<G: crate::github::GitHub> ScaleSets for Client<G> {
+    async fn ensure(&self, spec: &ScaleSetSpec) -> Result<ScaleSetInfo, SsError> {
+        each!(self, c => c.ensure(spec))
+    }
+    async fn find(&self, spec: &ScaleSetSpec) -> Result<Option<ScaleSetInfo>, SsError> {
+        each!(self, c => c.find(spec))
+    }
+    async fn delete(&self, set_id: u64) -> Result<(), SsError> {
+        each!(self, c => c.delete(set_id))
+    }
+    async fn create_session(&self, set_id: u64, owner: &str) -> Result<Session, SsError> {
+        each!(self, c => c.create_session(set_id, owner))
+    }
+    async fn refresh_session(&self, set_id: u64, session_id: &str) -> Result<Session, SsError> {
+        each!(self, c => c.refresh_session(set_id, session_id))
+    }
+    async fn delete_session(&self, set_id: u64, session_id: &str) -> Result<(), SsError> {
+        each!(self, c => c.delete_session(set_id, session_id))
+    }
+    async fn poll(&self, session: &Session, last: u64, capacity: u64) -> Result<Option<Message>, SsError> {
+        each!(self, c => c.poll(session, last, capacity))
+    }
+    async fn ack(&self, session: &Session, message_id: u64) -> Result<(), SsError> {
+        each!(self, c => c.ack(session, message_id))
+    }
+    async fn acquire(&self, set_id: u64, session: &Session, requests: &[u64]) -> Result<Vec<u64>, SsError> {
+        each!(self, c => c.acquire(set_id, session, requests))
+    }
+    async fn generate_jit_config(&self, set_id: u64, name: &str) -> Result<JitRunner, SsError> {
+        each!(self, c => c.generate_jit_config(set_id, name))
+    }
+    async fn delete_runner(&self, runner_id: u64) -> Result<crate::github::Deleted, SsError> {
+        each!(self, c => c.delete_runner(runner_id))
     }
 }
 

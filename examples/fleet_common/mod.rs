@@ -115,6 +115,7 @@ pub fn member_deps(
         metrics_listener: Some(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?),
         reloads: None,
         fleet: member,
+        scale_sets: None,
     };
     Ok((deps, hv, metrics))
 }

@@ -525,6 +525,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         }
                         *waiting.entry(p).or_default() += 1;
                     }
+                    // A scale set's jobs waiting to be acquired are in no book: it acquires
+                    // only as many as it has room for, none while the host is full (other
+                    // pools' warm VMs held its only places for good, its jobs never acquired:
+                    // found by the simulator).
+                    if let Some(registry) = &self.scale_sets {
+                        for p in self.config.pools.iter().filter(|p| p.scale_set().is_some() && p.name != pool.name) {
+                            let n = usize::try_from(registry.available(&p.name)).unwrap_or(usize::MAX);
+                            *waiting.entry(p.name.as_str()).or_default() += n;
+                        }
+                    }
                     waiting
                         .into_iter()
                         .filter_map(|(p, n)| {

@@ -38,6 +38,64 @@ pub struct Job {
     pub runner: Option<String>,
     /// Runners that took it (GitHub gives a job to one: more is the model's bug).
     pub taken: u32,
+    /// Its place in a scale set that covers its labels ([`Hub::route`]).
+    pub routed: Option<Routed>,
+}
+
+/// A job routed to a scale set: offered (`JobAvailable`) until the set acquires it, then
+/// run by any of the set's runners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub set: u64,
+    /// The request's id (`runnerRequestId`): the job's id in the agent, of another number
+    /// space than the job's own (which the REST API knows).
+    pub request: u64,
+    /// When the set acquired the request (`None`: offered, not acquired).
+    pub acquired_at: Option<Duration>,
+    pub offered_at: Duration,
+    /// Times it was given up on for the set and offered again ([`Hub::reassign_stale`]).
+    pub reassignments: u32,
+}
+
+impl Routed {
+    pub fn acquired(&self) -> bool {
+        self.acquired_at.is_some()
+    }
+}
+
+/// Times a job a set's runner never starts is offered again; then GitHub fails it.
+pub const MAX_REASSIGNMENTS: u32 = 3;
+
+/// How long a job the set acquired may wait for one of its runners before it is given up
+/// on for the set and offered again under a new request (GitHub: about a minute).
+pub const REASSIGN_AFTER: Duration = Duration::from_secs(60);
+
+/// A scale set's message session.
+#[derive(Debug, Clone)]
+pub struct SetSession {
+    pub id: String,
+    /// When it was last heard of (a poll, its creation or refresh).
+    pub seen: Duration,
+    /// Its message queue's token, and when that expires (a refresh renews it).
+    pub token: String,
+    pub expires: Duration,
+}
+
+/// Request ids begin here (a job's first request: its id plus this).
+pub const REQUESTS: u64 = 31_000_000_000;
+
+/// A scale set of the Actions service ([`super::scaleset`]).
+#[derive(Debug, Clone)]
+pub struct Set {
+    pub id: u64,
+    pub name: String,
+    /// Lowercase, its name among them: the labels of the jobs it takes.
+    pub labels: Vec<String>,
+    pub session: Option<SetSession>,
+    /// Job messages not acknowledged, by id.
+    pub messages: BTreeMap<u64, crate::github::scaleset::JobMessage>,
+    /// What the last poll announced.
+    pub capacity: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +108,8 @@ pub struct Runner {
     pub job: Option<u64>,
     /// Made by a registration token (the guest registered it), not a JIT config.
     pub by_token: bool,
+    /// The scale set it is a runner of (it takes only jobs the set acquired).
+    pub scale_set: Option<u64>,
 }
 
 /// One delivery of the hook (a redelivery is a delivery of its own, with the same guid).
@@ -60,6 +120,16 @@ pub struct Hook {
     pub action: String,
     pub body: String,
     pub redelivery: bool,
+}
+
+/// What a scale set's message says of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Available,
+    Assigned,
+    Started,
+    /// With its result (`succeeded`, `failed`, `canceled`).
+    Completed(&'static str),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +166,15 @@ pub struct Hub {
     pub time: Time,
     /// The agent's (`github` in its config): a repository's runners take only its jobs.
     pub scope: crate::config::Scope,
+    /// The Actions service's scale sets, by id, and its counters.
+    pub sets: BTreeMap<u64, Set>,
+    pub next_set: u64,
+    pub next_message: u64,
+    pub next_session: u64,
+    pub next_request: u64,
+    /// A set acquired jobs: the world's next turn is now (an idle runner of the set takes
+    /// one then, as GitHub assigns it at once).
+    pub nudge: bool,
 }
 
 impl Hub {
@@ -116,7 +195,150 @@ impl Hub {
             calls_by: BTreeMap::new(),
             time,
             scope,
+            sets: BTreeMap::new(),
+            next_set: 0,
+            next_message: 0,
+            next_session: 0,
+            next_request: 0,
+            nudge: false,
         }
+    }
+
+    /// A queued job goes to the first scale set whose labels cover its own, offered to it.
+    pub fn route(&mut self, id: u64) {
+        let Some(job) = self.jobs.get(&id).filter(|j| j.routed.is_none() && j.status == Status::Queued) else {
+            return;
+        };
+        let labels = label_set(&job.labels);
+        let covered = |s: &&Set| labels.iter().all(|l| s.labels.contains(l));
+        let Some(set) = self.sets.values().find(covered).map(|s| s.id).filter(|_| self.in_scope(job)) else {
+            return;
+        };
+        let now = self.time.now();
+        self.next_request += 1;
+        let routed =
+            Routed { set, request: REQUESTS + self.next_request, acquired_at: None, offered_at: now, reassignments: 0 };
+        self.jobs.get_mut(&id).expect("found").routed = Some(routed);
+        // Its webhook, answered before the set was made, did not give it to the agent (which
+        // leaves a job a scale-set pool covers to the set's messages).
+        self.heard.remove(&id);
+        self.post(id, Kind::Available);
+    }
+
+    /// Posts a message about job `id` on its scale set's queue.
+    pub fn post(&mut self, id: u64, kind: Kind) {
+        use crate::github::scaleset::{JobMessage, JobRef};
+        let Some(job) = self.jobs.get(&id) else { return };
+        let Some(routed) = job.routed.clone() else { return };
+        let job_ref = JobRef {
+            request_id: routed.request,
+            repository: job.repository.clone(),
+            job_id: id.to_string(),
+            run_id: job.run_id,
+            display_name: "build".into(),
+            labels: job.labels.clone(),
+        };
+        let runner_name = job.runner.clone();
+        let message = match kind {
+            Kind::Available => JobMessage::Available(job_ref),
+            Kind::Assigned => JobMessage::Assigned(job_ref),
+            Kind::Started => JobMessage::Started { job: job_ref, runner_name },
+            Kind::Completed(result) => JobMessage::Completed { job: job_ref, result: result.into(), runner_name },
+        };
+        self.next_message += 1;
+        let mid = self.next_message;
+        if let Some(set) = self.sets.get_mut(&routed.set) {
+            set.messages.insert(mid, message);
+        }
+    }
+
+    /// Jobs of set `set` still not acquired `after` their last offer are offered again (a
+    /// set whose capacity was full then may have room now).
+    pub fn reoffer(&mut self, set: u64, after: Duration) {
+        let now = self.time.now();
+        let due: Vec<u64> = self
+            .jobs
+            .values()
+            .filter(|j| j.status == Status::Queued)
+            .filter(|j| j.routed.as_ref().is_some_and(|r| r.set == set && !r.acquired() && r.offered_at + after <= now))
+            .map(|j| j.id)
+            .collect();
+        for id in due {
+            if let Some(r) = self.jobs.get_mut(&id).and_then(|j| j.routed.as_mut()) {
+                r.offered_at = now;
+            }
+            self.post(id, Kind::Available);
+        }
+    }
+
+    /// Jobs of set `set` acquired and not started within [`REASSIGN_AFTER`] are given up
+    /// on for the set (`JobCompleted`, `canceled`, no runner) and offered again under a new
+    /// request; after [`MAX_REASSIGNMENTS`] GitHub fails the job.
+    pub fn reassign_stale(&mut self, set: u64) {
+        let now = self.time.now();
+        let stale: Vec<u64> = self
+            .jobs
+            .values()
+            .filter(|j| j.status == Status::Queued)
+            .filter(|j| {
+                j.routed
+                    .as_ref()
+                    .is_some_and(|r| r.set == set && r.acquired_at.is_some_and(|t| t + REASSIGN_AFTER <= now))
+            })
+            .map(|j| j.id)
+            .collect();
+        for id in stale {
+            self.post(id, Kind::Completed("canceled"));
+            let job = self.jobs.get_mut(&id).expect("listed");
+            let r = job.routed.as_mut().expect("routed");
+            if r.reassignments >= MAX_REASSIGNMENTS {
+                job.status = Status::Completed("failure".into());
+                self.emit(id, "completed", Duration::from_millis(300));
+                continue;
+            }
+            r.reassignments += 1;
+            r.acquired_at = None;
+            r.offered_at = now;
+            self.next_request += 1;
+            r.request = REQUESTS + self.next_request;
+            // Not the agent's under its new request until acquired again.
+            self.heard.remove(&id);
+            self.post(id, Kind::Available);
+        }
+    }
+
+    /// The set's counts, as its messages carry them.
+    pub fn statistics(&self, set: u64) -> crate::github::scaleset::Statistics {
+        let mut s = crate::github::scaleset::Statistics::default();
+        for j in self.jobs.values() {
+            let Some(r) = j.routed.as_ref().filter(|r| r.set == set) else { continue };
+            match (&j.status, r.acquired()) {
+                (Status::Queued, false) => s.available += 1,
+                (Status::Queued, true) => {
+                    s.acquired += 1;
+                    s.assigned += 1;
+                }
+                (Status::InProgress, _) => {
+                    s.running += 1;
+                    s.assigned += 1;
+                }
+                (Status::Completed(_), _) => {}
+            }
+        }
+        for r in self.runners.values().filter(|r| r.scale_set == Some(set)) {
+            s.registered += 1;
+            if r.job.is_some() {
+                s.busy += 1;
+            } else if r.online {
+                s.idle += 1;
+            }
+        }
+        s
+    }
+
+    /// The job's id in the agent: its request's for a job of a scale set.
+    pub fn agent_id(&self, id: u64) -> u64 {
+        self.jobs.get(&id).and_then(|j| j.routed.as_ref()).map_or(id, |r| r.request)
     }
 
     /// Whether the agent's runners may take `job`, and its deliveries are the agent's.
@@ -178,7 +400,10 @@ impl Hub {
     /// says of it (a delivery lost after the agent took it is logged as failed).
     pub fn answered(&mut self, hook: &Hook, code: u16) {
         let job = hook.guid.strip_prefix('g').and_then(|g| g.split('-').next()?.parse().ok());
-        if let Some(job) = job.filter(|_| (200..300).contains(&code)) {
+        // A scale set's job reaches the agent through the set's messages (`ack`), not its
+        // webhooks (which the agent answers and ignores).
+        let routed = |id: &u64| self.jobs.get(id).is_some_and(|j| j.routed.is_some());
+        if let Some(job) = job.filter(|j| (200..300).contains(&code) && !routed(j)) {
             self.heard.insert(job);
         }
     }
@@ -197,9 +422,11 @@ impl Hub {
     }
 
     /// Whether a call fails, and how (drawn before the call's effect).
-    fn fault(&mut self, path: &str) -> Result<(), (GhError, Duration)> {
+    fn fault(&mut self, path: &str, api: bool) -> Result<(), (GhError, Duration)> {
         let now = self.time.now();
-        if let Some(until) = self.rate_limited_until {
+        // The REST API's limit holds back its own calls only (the Actions service's limits
+        // are its own: a 429 answered there holds nothing here).
+        if let Some(until) = self.rate_limited_until.filter(|_| api) {
             // Not a call GitHub counts: the agent's HTTP client sends none while the limit
             // it was answered holds (`github::http`), and fails it at once.
             if now < until {
@@ -208,7 +435,8 @@ impl Hub {
             }
             self.rate_limited_until = None;
         }
-        self.calls += 1;
+        // The REST API's calls count toward its rate limit; the Actions service's do not.
+        self.calls += u64::from(api);
         *self.calls_by.entry(path.to_string()).or_default() += 1;
         let Some((kind, left)) = self.fault.as_mut() else { return Ok(()) };
         *left -= 1;
@@ -226,7 +454,9 @@ impl Hub {
                 self.api_timeout,
             ),
             Fault::RateLimit => {
-                self.rate_limited_until = Some(now + Duration::from_secs(120));
+                if api {
+                    self.rate_limited_until = Some(now + Duration::from_secs(120));
+                }
                 let until = self.time.wall() + Duration::from_secs(120);
                 (GhError::RateLimited { method: "X".into(), path: path.into(), until }, Duration::ZERO)
             }
@@ -249,10 +479,16 @@ impl SimGitHub {
 
     /// Enters a call: a fault is answered after its delay (a timeout's).
     async fn enter(&self, path: &str) -> Result<std::sync::MutexGuard<'_, Hub>, GhError> {
+        self.enter_as(path, true).await
+    }
+
+    /// Enters a call of the REST API (`api`) or of the Actions service (whose calls do not
+    /// count toward the API's rate limit).
+    pub(super) async fn enter_as(&self, path: &str, api: bool) -> Result<std::sync::MutexGuard<'_, Hub>, GhError> {
         if self.disk.dead() {
             std::future::pending::<()>().await;
         }
-        let fault = self.lock().fault(path);
+        let fault = self.lock().fault(path, api);
         match fault {
             Ok(()) => Ok(self.lock()),
             Err((e, delay)) => {
@@ -280,7 +516,15 @@ impl GitHub for SimGitHub {
         let id = hub.next_runner;
         hub.runners.insert(
             id,
-            Runner { id, name: name.into(), labels: label_set(labels), online: false, job: None, by_token: false },
+            Runner {
+                id,
+                name: name.into(),
+                labels: label_set(labels),
+                online: false,
+                job: None,
+                by_token: false,
+                scale_set: None,
+            },
         );
         Ok(JitRunner { runner_id: id, encoded: Secret::new(crate::github::fake::encoded_jit_config(id, name)) })
     }

@@ -15,6 +15,7 @@
 pub mod disk;
 pub mod github;
 pub mod hv;
+pub mod scaleset;
 pub mod time;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -141,6 +142,10 @@ const LOADS: [u32; 3] = [30, 60, 100];
 /// How long a hung job runs: longer than any pool's `max_lifetime` (at most 90 minutes).
 const HUNG: Duration = Duration::from_secs(24 * 3600);
 const ANY_RUNNER: &[&str] = &["self-hosted"];
+/// The name of a seed's scale-set pool (and its set's).
+const SCALE_SET: &str = "scale";
+/// Mixed into the seed for the draws of the scale-set pool.
+const SCALE_SET_STREAM: u64 = 0x5ca1_e5e7_0000_0001;
 
 /// One incarnation of the agent: its runtime (dropped: killed at whatever await point
 /// each task was), and the handles the simulator drives it by.
@@ -248,7 +253,7 @@ fn secs(d: Duration) -> String {
 }
 
 /// Draws the world: pools and timers (a valid configuration).
-fn draw_config(rng: &mut Rng, image: &std::path::Path) -> Config {
+fn draw_config(rng: &mut Rng, sets_rng: &mut Rng, image: &std::path::Path) -> Config {
     loop {
         let npools = rng.usize(1..=3);
         let mut names: Vec<&str> = POOL_NAMES.to_vec();
@@ -300,9 +305,28 @@ fn draw_config(rng: &mut Rng, image: &std::path::Path) -> Config {
                 rng.u32(5..=30),
             ));
         }
-        if let Ok(c) = Config::parse(&text) {
-            return c;
+        let Ok(config) = Config::parse(&text) else { continue };
+        // A third of the seeds: a pool that is a runner scale set (jobs from its messages,
+        // not webhooks; JIT configs from the set).
+        if sets_rng.u8(0..3) != 0 {
+            return config;
         }
+        let max_vms = sets_rng.usize(1..=3);
+        let lifetime = sets_rng.u32(20..=90);
+        text.push_str(&format!(
+            "[[pool]]\nname = \"{SCALE_SET}\"\nintake = \"scale_set\"\nlabels = [\"{SCALE_SET}-linux\"]\nimage = \"{}\"\n\
+             max_vms = {max_vms}\nwarm = {}\nregistration = \"jit\"\nidle_timeout = \"{}s\"\n\
+             registration_timeout = \"{}s\"\nmax_lifetime = \"{lifetime}m\"\nmax_attempts = {}\n\
+             warm_max_age = \"{}m\"\nbind_timeout = \"{}s\"\n",
+            image.display(),
+            if sets_rng.bool() { 0 } else { sets_rng.usize(0..=max_vms.min(1)) },
+            sets_rng.u32(20..=300),
+            sets_rng.u32(60..=600),
+            sets_rng.u32(1..=4),
+            sets_rng.u32(5..lifetime),
+            sets_rng.u32(5..=30),
+        ));
+        return Config::parse(&text).expect("a scale-set pool beside the drawn ones is valid");
     }
 }
 
@@ -380,7 +404,10 @@ impl Sim {
         fastrand::seed(opts.seed);
         let mut rng = Rng::with_seed(opts.seed);
         let image = image();
-        let config = draw_config(&mut rng, &image);
+        // A scale-set pool, drawn from a stream of its own: a seed without one draws the
+        // world it drew before scale sets were simulated.
+        let mut sets_rng = Rng::with_seed(opts.seed ^ SCALE_SET_STREAM);
+        let config = draw_config(&mut rng, &mut sets_rng, &image);
         let load = LOADS[rng.usize(0..LOADS.len())];
         let time = Time::default();
         let disk = disk::Disk::default();
@@ -544,6 +571,7 @@ impl Sim {
             metrics_listener: None,
             reloads: Some(reload_rx),
             fleet: None,
+            scale_sets: Some(crate::ScaleSetModel::Sim(scaleset::SimScaleSets { gh: self.hub.clone() })),
         };
         let shutdown = CancellationToken::new();
         let (config, time, stop) = (self.config.clone(), self.time.clone(), shutdown.clone());
@@ -695,13 +723,15 @@ impl Sim {
         let done = self.completions.iter().map(|(t, _)| *t);
         let online = self.guests.values().filter(|g| !g.never).map(|g| g.online_at);
         let timers = [self.hv_up_at, self.disk_room_at, self.store_room_at].into_iter().flatten();
-        hooks.chain(done).chain(online.filter(|t| *t > self.time.now())).chain(timers).min()
+        let nudged = hub.nudge.then(|| self.time.now());
+        hooks.chain(done).chain(online.filter(|t| *t > self.time.now())).chain(timers).chain(nudged).min()
     }
 
     /// The world's turn: everything due now.
     async fn tick(&mut self, app: &axum::Router) {
         let now = self.time.now();
         self.t = now;
+        self.hub.lock().nudge = false;
         self.heal_due(now);
         self.follow_guests(now);
         self.assign(now);
@@ -771,7 +801,15 @@ impl Sim {
                     let id = hub.next_runner;
                     hub.runners.insert(
                         id,
-                        github::Runner { id, name: name.clone(), labels, online: false, job: None, by_token: true },
+                        github::Runner {
+                            id,
+                            name: name.clone(),
+                            labels,
+                            online: false,
+                            job: None,
+                            by_token: true,
+                            scale_set: None,
+                        },
                     );
                 }
             }
@@ -830,6 +868,7 @@ impl Sim {
             if let Some(j) = hub.jobs.get_mut(&job).filter(|j| j.status == GStatus::InProgress) {
                 j.status = GStatus::Completed("failure".into());
                 hub.emit(job, "completed", Duration::from_secs(30));
+                hub.post(job, github::Kind::Completed("failed"));
             }
         }
     }
@@ -842,12 +881,19 @@ impl Sim {
             let idle: Vec<u64> = hub.runners.values().filter(|r| r.online && r.job.is_none()).map(|r| r.id).collect();
             for id in idle {
                 let labels = hub.runners[&id].labels.clone();
+                // A scale set's runner takes the jobs its set acquired; another runner, none
+                // routed to a set.
+                let set = hub.runners[&id].scale_set;
                 let job = hub
                     .jobs
                     .values()
                     .filter(|j| j.status == GStatus::Queued)
                     .filter(|j| hub.in_scope(j))
-                    .filter(|j| crate::model::label_set(&j.labels).iter().all(|l| labels.contains(l)))
+                    .filter(|j| match (set, &j.routed) {
+                        (Some(set), Some(r)) => r.set == set && r.acquired(),
+                        (None, None) => crate::model::label_set(&j.labels).iter().all(|l| labels.contains(l)),
+                        _ => false,
+                    })
                     .min_by_key(|j| (j.queued_at, j.id))
                     .map(|j| j.id);
                 let Some(job) = job else { continue };
@@ -858,6 +904,7 @@ impl Sim {
                 j.runner = Some(name.clone());
                 j.taken += 1;
                 hub.emit(job, "in_progress", Duration::from_millis(200));
+                hub.post(job, github::Kind::Started);
                 started.push((job, name));
             }
         }
@@ -886,6 +933,7 @@ impl Sim {
                 if j.status == GStatus::InProgress {
                     j.status = GStatus::Completed("success".into());
                     hub.emit(job, "completed", Duration::from_millis(300));
+                    hub.post(job, github::Kind::Completed("succeeded"));
                 }
                 // GitHub removes an ephemeral runner once its job is done.
                 if let Some(id) = runner.as_deref().and_then(|n| hub.runner_named(n)).map(|r| r.id) {
@@ -973,6 +1021,7 @@ impl Sim {
                 queued_at: now,
                 runner: None,
                 taken: 0,
+                routed: None,
             });
             self.note(format!("job {id} queued for {}", pool.as_deref().unwrap_or("no pool")));
         }
@@ -991,6 +1040,8 @@ impl Sim {
         let mut hub = self.hub.lock();
         hub.jobs.insert(job.id, job.clone());
         hub.emit(job.id, "queued", delay);
+        // A scale set's labels cover it: offered to the set (GitHub sends its webhooks too).
+        hub.route(job.id);
         job.id
     }
 
@@ -1016,6 +1067,7 @@ impl Sim {
         j.status = GStatus::Completed("cancelled".into());
         let runner = j.runner.clone();
         hub.emit(id, "completed", Duration::from_millis(300));
+        hub.post(id, github::Kind::Completed("canceled"));
         drop(hub);
         if was == GStatus::InProgress {
             // Its runner stops the job and finishes now.
@@ -1037,6 +1089,9 @@ impl Sim {
             return;
         }
         let id = queued[self.rng.usize(0..queued.len())];
+        // A scale set's request for it ends with it (assumed: the service cancels the
+        // requests of a run deleted; the agent cannot ask the REST API about a request).
+        hub.post(id, github::Kind::Completed("canceled"));
         let pool = hub.jobs.remove(&id).and_then(|j| j.pool);
         drop(hub);
         self.vanished.insert(id, pool);
@@ -1059,6 +1114,7 @@ impl Sim {
             queued_at: self.t,
             runner: None,
             taken: 0,
+            routed: None,
             ..old.clone()
         });
         self.note(format!("job {id} queued (re-run of {})", old.id));
@@ -1219,13 +1275,16 @@ impl Sim {
             .filter(|l| !self.pools_ever.iter().any(|(_, labels)| crate::model::label_set(labels) == label_set_of(l)))
             .collect();
         let unused_name = POOL_NAMES.iter().find(|n| !self.pools_ever.iter().any(|(p, _)| p == *n));
+        // A scale-set pool stays as it is (a reload that adds, removes or changes one waits
+        // for a restart).
+        let webhook: Vec<usize> = (0..config.pools.len()).filter(|i| config.pools[*i].scale_set().is_none()).collect();
         let what = match self.rng.u8(0..5) {
-            0 if config.pools.len() > 1 => {
-                let gone = config.pools.remove(self.rng.usize(0..config.pools.len()));
+            0 if webhook.len() > 1 => {
+                let gone = config.pools.remove(webhook[self.rng.usize(0..webhook.len())]);
                 format!("reload: pool {} removed", gone.name)
             }
-            1 if config.pools.len() < 3 && !unused_labels.is_empty() && unused_name.is_some() => {
-                let mut p = config.pools[0].clone();
+            1 if webhook.len() < 3 && !unused_labels.is_empty() && unused_name.is_some() => {
+                let mut p = config.pools[webhook[0]].clone();
                 p.name = unused_name.expect("checked").to_string();
                 p.labels =
                     unused_labels[self.rng.usize(0..unused_labels.len())].iter().map(|l| l.to_string()).collect();
@@ -1241,7 +1300,7 @@ impl Sim {
                 what
             }
             _ => {
-                let i = self.rng.usize(0..config.pools.len());
+                let i = webhook[self.rng.usize(0..webhook.len())];
                 let p = &mut config.pools[i];
                 p.max_vms = self.rng.usize(1..=4);
                 p.max_vms_per_repository = p.max_vms_per_repository.map(|n| n.min(p.max_vms));
@@ -1692,7 +1751,8 @@ impl Sim {
         // Without a hook nothing reads the delivery log: a job whose deliveries all failed
         // never reaches the agent (GitHub does not retry them on its own).
         let delivered = self.config.github.hook.is_none().then_some(&hub.heard);
-        let unheard = |j: &&github::Job| delivered.as_ref().is_some_and(|d| !d.contains(&j.id));
+        // (A scale set's job reaches the agent through the set's messages, not the hook.)
+        let unheard = |j: &&github::Job| j.routed.is_none() && delivered.as_ref().is_some_and(|d| !d.contains(&j.id));
         let open = hub.jobs.values().filter(|j| j.status == GStatus::Queued && hub.in_scope(j));
         open.filter(|j| j.pool.as_deref().is_some_and(|p| pools.contains(p)) && !unheard(j)).map(|j| j.id).collect()
     }
@@ -1720,14 +1780,20 @@ impl Sim {
             // max_attempts), i.e. neither queues it nor has a VM for it; that it was given
             // up, not lost, the store says at the end (`check_at_rest`).
             let Some(status) = self.status() else { return Err("the agent gives no status".into()) };
-            let taken = self.hub.lock().heard.clone();
+            let (taken, agent_ids) = {
+                let hub = self.hub.lock();
+                let ids: BTreeMap<u64, u64> = open.iter().map(|id| (*id, hub.agent_id(*id))).collect();
+                (hub.heard.clone(), ids)
+            };
             let serving: Vec<u64> = open
                 .iter()
                 .copied()
                 .filter(|id| {
+                    // A scale set's job is the agent's under its request's id.
+                    let a = agent_ids[id];
                     !taken.contains(id)
-                        || status.queued.iter().any(|q| q.job_id == *id)
-                        || status.vms.iter().any(|v| v.job_id == *id)
+                        || status.queued.iter().any(|q| q.job_id == a)
+                        || status.vms.iter().any(|v| v.job_id == a)
                 })
                 .collect();
             if !serving.is_empty() {
@@ -1794,8 +1860,8 @@ impl Sim {
     /// minute of CPU) makes far more than that.
     fn check_warm_churn(&self) -> Result<(), String> {
         let warm_made = self.fake.lock().warm_started;
-        // At most 3 pools of up to 2 warm VMs each.
-        let warm = 6;
+        // At most 3 pools of up to 2 warm VMs each, and a scale-set pool's 1.
+        let warm = 6 + usize::from(self.config.pools.iter().any(|p| p.scale_set().is_some()));
         let ages = (self.t.as_secs() / 600) as usize;
         let budget = self.jobs as usize + warm * (self.faults as usize + ages + 4);
         if warm_made > budget {
@@ -1840,7 +1906,8 @@ impl Sim {
         };
         // Every job of a pool still queued at GitHub was given up, with its reason.
         for id in self.open_jobs() {
-            match snap.jobs.get(&id).map(|j| &j.state) {
+            let agent_id = self.hub.lock().agent_id(id);
+            match snap.jobs.get(&agent_id).map(|j| &j.state) {
                 Some(crate::model::JobState::Abandoned { .. }) => {}
                 other => return self.violate(format!("job {id}: queued at GitHub, in the store {other:?}")),
             }

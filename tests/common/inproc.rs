@@ -108,6 +108,7 @@ pub async fn start(
         metrics_listener: Some(metrics_listener),
         reloads: None,
         fleet: member,
+        scale_sets: None,
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(runnervisor::run(config, deps, stop.clone()));

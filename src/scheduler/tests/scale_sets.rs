@@ -41,7 +41,10 @@ impl ScaleSetRunners for FakeRunners {
 fn start_scale_set_pool(extra_pool: &str) -> (H, Arc<Registry>, Arc<FakeRunners>) {
     let dir = crate::test_support::tempdir();
     let mut cfg = (*config(&format!("intake = \"scale_set\"\n{extra_pool}"), &dir)).clone();
-    cfg.pools[0].image = fake_image(&dir);
+    let image = fake_image(&dir);
+    for p in &mut cfg.pools {
+        p.image = image.clone();
+    }
     let (hv_tx, hv_rx) = mpsc::unbounded_channel();
     let hv = Arc::new(FakeHypervisor::new(hv_tx.clone()));
     let _ = hv_tx.send(HvEvent::Reconnected);
@@ -208,4 +211,25 @@ async fn in_a_fleet_a_sets_job_is_served_once_and_the_sets_capacity_is_the_fleet
     board.write(&ev("scale-set-1-7000000001-assigned-9", JobAction::Queued, again));
     stays.wait_for("served again", LEASE, |s, _| vm(s, "rv-small-7000000001-3")).await;
     stays.shutdown().await;
+}
+
+/// A scale set's jobs waiting to be acquired are in no book: while another pool's warm VM
+/// held the host's only place (`capacity.max_vms`), the set announced no room, and its jobs
+/// were never acquired (found by the simulator). They count as that pool's waiting jobs do:
+/// the warm VM gives its place up, and the set's capacity follows.
+#[tokio::test(start_paused = true)]
+async fn a_scale_sets_waiting_jobs_free_the_host_room_another_pools_warm_vm_holds() {
+    let big = "[[pool]]\nname = \"big\"\nlabels = [\"self-hosted\", \"big\"]\nimage = \"/dev/null\"\n\
+               max_vms = 1\nwarm = 1\n[capacity]\nmax_vms = 1\n";
+    let (h, registry, _) = start_scale_set_pool(big);
+    h.wait("the other pool's warm VM waiting", |s, _| s.vms.iter().any(|v| v.pool == "big" && v.state == "waiting"))
+        .await;
+    let s = h.advance_for(Duration::from_secs(30)).await;
+    assert_eq!(registry.capacity("small"), 0, "the host is full: {s:#?}");
+    registry.set_available("small", 2);
+    h.wait("the warm VM gone, room for the set", |s, _| s.vms.is_empty() && registry.capacity("small") == 1).await;
+    // Once the set acquired them (none waits), the warm VM comes back.
+    registry.set_available("small", 0);
+    h.wait("the warm VM back", |s, _| s.vms.iter().any(|v| v.pool == "big")).await;
+    h.shutdown().await;
 }
