@@ -49,7 +49,7 @@ fn led(listener: Listener<Client>, board: &Arc<MemoryBoard>, host: &str, lease: 
 }
 
 /// The listener of pool `linux` (scale set `rv-linux`, owner `host-a`) writing `store`.
-fn listener(client: Arc<Client>, registry: Arc<Registry>, store: &Arc<Store>) -> Listener<Client> {
+fn listener<S: ScaleSets>(client: Arc<S>, registry: Arc<Registry>, store: &Arc<Store>) -> Listener<S> {
     Listener {
         client,
         registry,
@@ -420,18 +420,7 @@ async fn jobs_just_acquired_are_not_counted_as_waiting() {
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
-    let listener = Listener {
-        client: model.clone(),
-        registry: registry.clone(),
-        pool: "linux".into(),
-        spec,
-        persist: Persist::Local(Arc::new(Writer::start(store.clone()))),
-        inbox_ready: Arc::new(Notify::new()),
-        clock: Arc::new(crate::clock::SystemClock),
-        owner: "host-a".into(),
-        lead: None,
-        metrics: Arc::new(crate::metrics::Metrics::default()),
-    };
+    let listener = listener(model.clone(), registry.clone(), &store);
     // Room for one: of the two offered, one is acquired.
     let m = model.poll(&session, 0, 1).await.unwrap().expect("the offers");
     assert_eq!((m.jobs.len(), m.statistics.map(|s| s.available)), (2, Some(2)));

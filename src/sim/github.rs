@@ -336,6 +336,18 @@ impl Hub {
         s
     }
 
+    /// Deletes runner `id` unless it is busy (the REST API's, and the Actions service's).
+    pub fn delete_runner(&mut self, id: u64) -> Deleted {
+        match self.runners.get(&id) {
+            None => Deleted::NotFound,
+            Some(r) if r.job.is_some() => Deleted::Busy,
+            Some(_) => {
+                self.runners.remove(&id);
+                Deleted::Deleted
+            }
+        }
+    }
+
     /// The job's id in the agent: its request's for a job of a scale set.
     pub fn agent_id(&self, id: u64) -> u64 {
         self.jobs.get(&id).and_then(|j| j.routed.as_ref()).map_or(id, |r| r.request)
@@ -559,15 +571,7 @@ impl GitHub for SimGitHub {
     }
 
     async fn delete_runner(&self, id: u64) -> Result<Deleted, GhError> {
-        let mut hub = self.enter("delete runner").await?;
-        match hub.runners.get(&id) {
-            None => Ok(Deleted::NotFound),
-            Some(r) if r.job.is_some() => Ok(Deleted::Busy),
-            Some(_) => {
-                hub.runners.remove(&id);
-                Ok(Deleted::Deleted)
-            }
-        }
+        Ok(self.enter("delete runner").await?.delete_runner(id))
     }
 
     async fn job_status(&self, _repo: &str, job_id: u64) -> Result<Option<JobStatus>, GhError> {

@@ -291,15 +291,7 @@ impl ScaleSets for SimScaleSets {
     }
 
     async fn delete_runner(&self, runner_id: u64) -> Result<Deleted, SsError> {
-        let mut hub = self.enter("delete runner").await?;
-        match hub.runners.get(&runner_id) {
-            None => Ok(Deleted::NotFound),
-            Some(r) if r.job.is_some() => Ok(Deleted::Busy),
-            Some(_) => {
-                hub.runners.remove(&runner_id);
-                Ok(Deleted::Deleted)
-            }
-        }
+        Ok(self.enter("delete runner").await?.delete_runner(runner_id))
     }
 }
 
