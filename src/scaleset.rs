@@ -444,7 +444,7 @@ impl<S: ScaleSets> Listener<S> {
                     }
                 };
                 info!(pool = %self.pool, scale_set = %self.spec.name, scale_set_id = set_id, assigned = session.statistics.assigned, "scale set session open: taking the jobs GitHub assigns to it");
-                self.statistics(&session.statistics);
+                self.statistics(&session.statistics, 0);
                 let (ended, session) = self.listen(set_id, session, &mut failures, shutdown).await;
                 self.registry.session(&self.pool, false);
                 // Counts no session brings up to date any more (in a fleet, the new lead's).
@@ -576,9 +576,12 @@ impl<S: ScaleSets> Listener<S> {
     /// GitHub's counts, for an operator to set beside the book's (`runnervisor_queue_depth`,
     /// `runnervisor_vms`): they do not drive demand, each job's own messages do; but the
     /// jobs waiting to be acquired give other pools' spare VMs reason to leave the host's
-    /// room ([`Registry::available`]).
-    fn statistics(&self, st: &crate::github::scaleset::Statistics) {
-        self.registry.set_available(&self.pool, st.available);
+    /// room ([`Registry::available`]), less `acquired`: the jobs the message these came
+    /// with had acquired (counted as available in them, made before; in the book now, or
+    /// another pool's warm VM gave its place up for a job already served).
+    fn statistics(&self, st: &crate::github::scaleset::Statistics, acquired: usize) {
+        let acquired = u64::try_from(acquired).unwrap_or(u64::MAX);
+        self.registry.set_available(&self.pool, st.available.saturating_sub(acquired));
         let counts = [st.available, st.acquired, st.assigned, st.running, st.registered, st.busy, st.idle];
         for (kind, n) in STATISTICS.into_iter().zip(counts) {
             let labels = crate::metrics::ScaleSetLabels::new(&self.pool, kind);
@@ -650,11 +653,7 @@ impl<S: ScaleSets> Listener<S> {
         }
         if let Some(st) = m.statistics {
             debug!(pool = %self.pool, message_id = m.id, available = st.available, assigned = st.assigned, running = st.running, idle = st.idle, "scale set message taken in");
-            self.statistics(&st);
-            // Counted before this acquisition: the jobs just acquired are in the book now
-            // (counted twice, another pool's warm VM gave its place up for nothing).
-            let acquired = u64::try_from(acquired.len()).unwrap_or(u64::MAX);
-            self.registry.set_available(&self.pool, st.available.saturating_sub(acquired));
+            self.statistics(&st, acquired.len());
         }
         Ok(())
     }

@@ -454,17 +454,17 @@ impl Hypervisor for FakeHypervisor {
             return fail("domain not running");
         }
         s.runs_vm(domain, vm)?;
-        let vm = domain;
-        if s.guests_deaf.contains(vm) {
+        // The guest's faults, and what it took, are the domain's (a slot's domain: its VM's).
+        if s.guests_deaf.contains(domain) {
             return fail("the guest did not acknowledge its runner command in time (bind_timeout)");
         }
         let message = String::from_utf8_lossy(message).into_owned();
         assert!(ack.starts_with("ACK ") && message.ends_with('\n'), "protocol: {ack:?}");
-        s.delivered.push((vm.to_string(), message));
-        let boot = s.boot_of(vm).expect("checked: it runs");
+        s.delivered.push((domain.to_string(), message));
+        let boot = s.boot_of(domain).expect("checked: it runs");
         s.delivered_boots.push(boot);
-        s.took_command.insert(vm.to_string());
-        let lost = s.acks_lost.contains(vm);
+        s.took_command.insert(domain.to_string());
+        let lost = s.acks_lost.contains(domain);
         drop(s);
         self.maybe_stall(|s| &mut s.stall_deliveries);
         if lost {

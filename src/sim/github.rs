@@ -81,7 +81,8 @@ pub struct SetSession {
     pub expires: Duration,
 }
 
-/// Request ids begin here (a job's first request: its id plus this).
+/// Request ids are numbered from here on, in the order the service makes requests (a job
+/// offered again gets a new one).
 pub const REQUESTS: u64 = 31_000_000_000;
 
 /// A scale set of the Actions service ([`super::scaleset`]).

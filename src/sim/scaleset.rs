@@ -110,10 +110,7 @@ fn set_of_queue(hub: &mut super::github::Hub, session: &Session) -> Result<u64, 
 impl ScaleSets for SimScaleSets {
     async fn ensure(&self, spec: &ScaleSetSpec) -> Result<ScaleSetInfo, SsError> {
         let mut hub = self.enter("scale sets").await?;
-        let mut labels = crate::model::label_set(&spec.labels);
-        labels.extend(crate::model::label_set(std::slice::from_ref(&spec.name)));
-        labels.sort();
-        labels.dedup();
+        let labels = crate::model::label_set(&[spec.labels.as_slice(), std::slice::from_ref(&spec.name)].concat());
         if let Some(set) = hub.sets.values_mut().find(|s| s.name.eq_ignore_ascii_case(&spec.name)) {
             set.labels = labels;
             return Ok(info(set));
