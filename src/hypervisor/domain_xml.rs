@@ -390,12 +390,24 @@ pub fn for_restore(xml: &str, from: &Path, to: &Path, console_log: Option<&Path>
 /// that VM's overlay ([`for_restore`]), under the slot's name.
 pub fn runs_vm(xml: &str, vm: &str) -> bool {
     let Ok(doc) = roxmltree::Document::parse(xml) else { return false };
-    let overlay = super::overlay_volume_name(vm);
+    disks_hold_vm(&disk_files(&doc), vm)
+}
+
+/// The file names of a parsed domain XML's disks (`<disk><source file=…>`, the name
+/// without its directory): what [`runs_vm`] looks for `vm`'s overlay in.
+pub fn disk_files(doc: &roxmltree::Document) -> Vec<String> {
     doc.descendants()
         .filter(|n| n.has_tag_name("disk"))
         .filter_map(|d| d.children().find(|c| c.has_tag_name("source")))
         .filter_map(|src| src.attribute("file"))
-        .any(|file| Path::new(file).file_name().is_some_and(|f| f == overlay.as_str()))
+        .filter_map(|file| Path::new(file).file_name()?.to_str().map(str::to_string))
+        .collect()
+}
+
+/// Whether a domain whose disks are `files` ([`disk_files`]) runs the VM `vm`.
+pub fn disks_hold_vm(files: &[String], vm: &str) -> bool {
+    let overlay = super::overlay_volume_name(vm);
+    files.contains(&overlay)
 }
 
 /// The host's security models from libvirt's capabilities (`<host><secmodel><model>`).

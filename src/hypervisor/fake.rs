@@ -115,16 +115,30 @@ pub struct FakeState {
     pub started_total: usize,
     /// Of those, warm VMs' (their metadata says so).
     pub warm_started: usize,
-    /// Metadata read from each domain XML defined or listed (by the XML: a domain's changes
-    /// with it), so that a listing or a start does not parse it again (the simulator lists
-    /// often).
-    parsed: std::collections::HashMap<String, Option<super::VmMetadata>>,
+    /// What each domain XML defined or listed says (by the XML: a domain's changes with
+    /// it), so that a listing, a start or a delivery does not parse it again (the simulator
+    /// lists and delivers often).
+    parsed: std::collections::HashMap<String, Parsed>,
+}
+
+/// What the fake reads from a domain XML.
+#[derive(Clone)]
+struct Parsed {
+    metadata: Option<super::VmMetadata>,
+    /// Its disks' file names ([`domain_xml::disk_files`]).
+    disks: Vec<String>,
+}
+
+impl Parsed {
+    fn of(doc: &roxmltree::Document, xml: &str) -> Parsed {
+        Parsed { metadata: domain_xml::metadata_of_doc(doc, xml), disks: domain_xml::disk_files(doc) }
+    }
 }
 
 impl FakeState {
     /// What a domain XML's metadata says, parsed once per XML (see `parsed`).
     pub fn metadata_of(&mut self, xml: &str) -> Option<super::VmMetadata> {
-        cached(&mut self.parsed, self.domains.len(), xml)
+        cached(&mut self.parsed, self.domains.len(), xml).metadata.clone()
     }
 
     /// Whether a domain of this name runs.
@@ -141,7 +155,8 @@ impl FakeState {
     /// ([`domain_xml::runs_vm`]), else [`HvError::NotThisVm`] (counted).
     fn runs_vm(&mut self, domain: &str, vm: &str) -> Result<(), HvError> {
         let (_, xml) = self.domains.get(domain).ok_or_else(|| missing("lookup domain", domain))?;
-        if domain_xml::runs_vm(xml, vm) {
+        // As domain_xml::runs_vm, on the XML parsed once.
+        if domain_xml::disks_hold_vm(&cached(&mut self.parsed, self.domains.len(), xml).disks, vm) {
             return Ok(());
         }
         self.not_this_vm += 1;
@@ -160,32 +175,26 @@ impl FakeState {
     }
 }
 
-/// The metadata of `xml` from `parsed`, or parsed and remembered.
-fn cached(
-    parsed: &mut std::collections::HashMap<String, Option<super::VmMetadata>>,
-    domains: usize,
-    xml: &str,
-) -> Option<super::VmMetadata> {
-    if let Some(m) = parsed.get(xml) {
-        return m.clone();
+/// What `xml` says, from `parsed`, or parsed and remembered (XML that does not parse
+/// says nothing: no metadata, no disks).
+fn cached<'p>(parsed: &'p mut std::collections::HashMap<String, Parsed>, domains: usize, xml: &str) -> &'p Parsed {
+    if !parsed.contains_key(xml) {
+        let p = match roxmltree::Document::parse(xml) {
+            Ok(doc) => Parsed::of(&doc, xml),
+            Err(_) => Parsed { metadata: None, disks: Vec::new() },
+        };
+        remember(parsed, domains, xml, p);
     }
-    let m = domain_xml::metadata_of_domain(xml);
-    remember(parsed, domains, xml, m.clone());
-    m
+    &parsed[xml]
 }
 
-/// Remembers `xml`'s metadata; forgets all once far more XML is remembered than domains
+/// Remembers what `xml` says; forgets all once far more XML is remembered than domains
 /// are defined (their XML changed, or they went).
-fn remember(
-    parsed: &mut std::collections::HashMap<String, Option<super::VmMetadata>>,
-    domains: usize,
-    xml: &str,
-    metadata: Option<super::VmMetadata>,
-) {
+fn remember(parsed: &mut std::collections::HashMap<String, Parsed>, domains: usize, xml: &str, p: Parsed) {
     if parsed.len() > 4 * domains + 64 {
         parsed.clear();
     }
-    parsed.insert(xml.to_string(), metadata);
+    parsed.insert(xml.to_string(), p);
 }
 
 pub struct FakeHypervisor {
@@ -352,9 +361,9 @@ impl Hypervisor for FakeHypervisor {
         if doc.descendants().any(|n| n.has_tag_name("title") && n.text().is_some_and(|t| t.contains('\n'))) {
             return refuse("unsupported configuration: Domain title can't contain newlines");
         }
-        let metadata = domain_xml::metadata_of_doc(&doc, xml);
+        let parsed = Parsed::of(&doc, xml);
         let s = &mut *s;
-        remember(&mut s.parsed, s.domains.len(), xml, metadata);
+        remember(&mut s.parsed, s.domains.len(), xml, parsed);
         s.domains.insert(name.to_string(), (DomainState::Stopped, xml.to_string()));
         s.defined_at.insert(name.to_string(), std::time::SystemTime::now());
         Ok(())
@@ -421,7 +430,7 @@ impl Hypervisor for FakeHypervisor {
         Ok(s.domains
             .iter()
             .map(|(name, (state, xml))| {
-                let metadata = cached(&mut s.parsed, s.domains.len(), xml);
+                let metadata = cached(&mut s.parsed, s.domains.len(), xml).metadata.clone();
                 VmInfo { name: name.clone(), state: state.clone(), metadata }
             })
             .collect())
