@@ -68,7 +68,8 @@ pub struct FakeState {
     pub fail_starts: u32,
     /// Refuse the next N definitions.
     pub fail_defines: u32,
-    /// Calls (`"start"`, `"teardown"`, `"list_vms"`) that panic, and how many more times.
+    /// Calls (`"start"`, `"teardown"`, `"list_vms"`, `"guest_waiting"`) that panic, and how
+    /// many more times.
     pub panics: BTreeMap<&'static str, u32>,
     /// The next N `start` calls hang until `release_stalled` is set (a hung libvirt call).
     pub stall_starts: u32,
@@ -441,6 +442,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn guest_waiting(&self, vm: &str) -> Result<bool, HvError> {
+        self.maybe_panic("guest_waiting");
         let s = self.up()?;
         let running = s.runs(vm);
         // A restored guest resumes where it was saved: waiting.

@@ -191,11 +191,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // down, or its webhook is late): asked first, and a busy one keeps its VM. So may a
         // runner whose binding is under way (its command may be delivered, its runner
         // online): a job any runner takes went to it while its domain was destroyed
-        // (simulator seed 8897 of 2,000 steps).
+        // (simulator seed 8897 of 2,000 steps). So may one whose binding failed without
+        // knowing whether the guest took its command (the delivery's acknowledgement lost,
+        // then the check of its port failed): it ran its job's runner, destroyed mid-job
+        // (simulator seed 111830 of 665 steps).
         let runner_first = matches!(
             (reason, &before.state),
             (Reason::Surplus, VmState::Idle | VmState::Booting | VmState::Binding)
                 | (Reason::RegistrationTimeout, VmState::Booting)
+                | (Reason::BindFailed, VmState::Binding)
         );
         if let Some(vm) = self.book.vms.get_mut(name) {
             vm.reap = Some(reason);
@@ -273,7 +277,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .map(|v| {
                 (
                     v.name.clone(),
-                    matches!(v.reap, Some(Reason::Surplus | Reason::RegistrationTimeout)) && !v.runner_done,
+                    matches!(v.reap, Some(Reason::Surplus | Reason::RegistrationTimeout | Reason::BindFailed))
+                        && !v.runner_done,
                 )
             })
             .collect();

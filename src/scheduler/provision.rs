@@ -618,7 +618,10 @@ pub struct TeardownOutcome {
 pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runner_first: bool) -> TeardownOutcome {
     let started = Instant::now();
     let mut out = TeardownOutcome::default();
-    if runner_first {
+    // A runner whose job completed is gone already (ephemeral): no call for it; a slot's
+    // VM never had one; nor had one whose name another runner held (a fleet member's).
+    let has_runner = !vm.runner_done && !vm.for_slot;
+    if runner_first && has_runner {
         match delete_runner(&ctx, &vm).await {
             Ok(Deleted::Busy) => {
                 out.aborted_busy = true;
@@ -659,9 +662,7 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     {
         out.errors.push(e.to_string());
     }
-    // A runner whose job completed is gone already (ephemeral): no call for it; a slot's
-    // VM never had one.
-    if !runner_first && !vm.runner_done && !vm.for_slot {
+    if !runner_first && has_runner {
         match delete_runner(&ctx, &vm).await {
             Ok(Deleted::Busy) => out.errors.push(format!("runner {} is still busy at GitHub; will retry", vm.name)),
             Ok(_) => {}

@@ -135,6 +135,29 @@ async fn a_binding_vm_whose_job_went_elsewhere_is_asked_about_before_it_goes() {
     h.shutdown().await;
 }
 
+/// A binding that failed without knowing whether the guest took its command (the
+/// delivery's acknowledgement lost, then the check of the guest's port panicked) destroys
+/// its VM only once GitHub says its runner is not busy: a runner that took the job keeps
+/// its VM. (Destroyed at once, it killed the job: simulator seed 111830 of 665 steps.)
+#[tokio::test(start_paused = true)]
+async fn a_binding_unsure_whether_its_guest_took_the_command_keeps_a_vm_whose_runner_is_busy() {
+    let mut h = harness("");
+    let vm = "rv-small-43".to_string();
+    deliver_stalled(&mut h, &vm, 43).await;
+    // Its runner took the job at once; the job's in-progress webhook is late.
+    h.gh.set_runner(&vm, true, true);
+    {
+        let mut hv = h.hv.lock();
+        hv.panics.insert("guest_waiting", 1);
+        hv.release_stalled = true;
+    }
+    let s = h.advance_for(Duration::from_secs(120)).await;
+    assert!(h.metrics.render().contains("runnervisor_bind_failures_total{"), "the binding failed: {s:#?}");
+    assert!(h.hv.running().contains(&vm), "its runner's job runs on: {s:#?}");
+    assert!(s.vms.iter().any(|v| v.name == vm && v.state == "busy"), "kept, busy: {s:#?}");
+    h.shutdown().await;
+}
+
 /// Queues `job` for `vm` (a warm VM waiting, or its own cold VM) and waits until its runner
 /// command is delivered; the delivery's acknowledgement stays pending (the guest took it).
 async fn deliver_stalled(h: &mut H, vm: &str, job: u64) {
