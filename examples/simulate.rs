@@ -2,6 +2,7 @@
 //! seeds on every core, or one seed with its trace.
 //!
 //!   simulate [--seeds N] [--first S] [--seed S] [--steps K] [--threads T] [--no-faults] [--trace] [--log] [--each]
+//!   simulate --regressions       the seeds that found bugs (`runnervisor::sim::REGRESSIONS`)
 //!
 //! `--each` prints a line per seed with a digest of its trace: two runs of the same binary
 //! must print the same lines (sorted), whatever the machine's load.
@@ -15,7 +16,7 @@ use std::time::Instant;
 
 use nix::time::ClockId;
 
-use runnervisor::sim::{Options, run_seed};
+use runnervisor::sim::{Options, REGRESSIONS, run_seed};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,6 +31,7 @@ struct Args {
     trace: bool,
     log: bool,
     each: bool,
+    regressions: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -43,6 +45,7 @@ fn parse() -> Result<Args, String> {
         trace: false,
         log: false,
         each: false,
+        regressions: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +61,7 @@ fn parse() -> Result<Args, String> {
             "--trace" => a.trace = true,
             "--log" => a.log = true,
             "--each" => a.each = true,
+            "--regressions" => a.regressions = true,
             other => return Err(format!("unknown argument {other:?} (see the header of examples/simulate.rs)")),
         }
     }
@@ -82,6 +86,18 @@ fn main() -> std::process::ExitCode {
             })
             .with_writer(std::io::stderr)
             .init();
+    }
+    if args.regressions {
+        let mut violations = 0;
+        for &(seed, steps) in REGRESSIONS {
+            let out = run_seed(Options { seed, steps, faults: true });
+            if let Some(v) = &out.violation {
+                violations += 1;
+                println!("violation: {} # {v}", out.reproduce());
+            }
+        }
+        println!("simulate: regressions={} violations={violations}", REGRESSIONS.len());
+        return if violations > 0 { std::process::ExitCode::FAILURE } else { std::process::ExitCode::SUCCESS };
     }
     if let Some(seed) = args.one {
         let out = run_seed(Options { seed, steps: args.steps, faults: args.faults });
