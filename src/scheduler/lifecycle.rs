@@ -152,6 +152,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Moves the VM to `TearingDown` for `reason`, counts a failed attempt for its job if it
     /// never took one, and spawns the teardown.
     pub(super) fn begin_teardown(&mut self, name: &str, reason: Reason) {
+        self.begin_teardown_asking(name, reason, None);
+    }
+
+    /// [`Self::begin_teardown`], asking GitHub about the VM's runner before destroying it
+    /// if `runner_first` says so (`None`: as `reason` and the VM's state say).
+    pub(super) fn begin_teardown_asking(&mut self, name: &str, reason: Reason, runner_first: Option<bool>) {
         let Some(vm) = self.book.vms.get(name) else { return };
         let before = vm.clone();
         self.timeline.reaping(&before, reason, self.now());
@@ -191,16 +197,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // down, or its webhook is late): asked first, and a busy one keeps its VM. So may a
         // runner whose binding is under way (its command may be delivered, its runner
         // online): a job any runner takes went to it while its domain was destroyed
-        // (simulator seed 8897 of 2,000 steps). So may one whose binding failed without
-        // knowing whether the guest took its command (the delivery's acknowledgement lost,
-        // then the check of its port failed): it ran its job's runner, destroyed mid-job
-        // (simulator seed 111830 of 665 steps).
-        let runner_first = matches!(
+        // (simulator seed 8897 of 2,000 steps). So may one whose binding failed after its
+        // command may have reached the guest (the delivery's acknowledgement lost, then the
+        // check of its port failed; a binding past its backstop): it ran its job's runner,
+        // destroyed mid-job (simulator seed 111830 of 665 steps). A binding that failed
+        // before its delivery says so (`BindError::may_have_reached_guest`).
+        let runner_first = runner_first.unwrap_or(matches!(
             (reason, &before.state),
             (Reason::Surplus, VmState::Idle | VmState::Booting | VmState::Binding)
                 | (Reason::RegistrationTimeout, VmState::Booting)
                 | (Reason::BindFailed, VmState::Binding)
-        );
+        ));
         if let Some(vm) = self.book.vms.get_mut(name) {
             vm.reap = Some(reason);
         }
@@ -233,7 +240,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Some(Work::TeardownRetry { failures, .. }) => *failures,
             _ => 0,
         };
-        self.work.insert(name.to_string(), Work::TearingDown { failures });
+        self.work.insert(name.to_string(), Work::TearingDown { failures, runner_first });
         let ctx = self.ctx.clone();
         let (n, failed) = (name.to_string(), name.to_string());
         spawn_reporting(
@@ -273,13 +280,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 Some(_) => false,
             })
             // A teardown that asked GitHub about its runner first asks again: it stopped
-            // there when GitHub did not answer.
+            // there when GitHub did not answer. One a restart left unfinished asks first if
+            // its reason may (what its first try did is not kept).
             .map(|v| {
-                (
-                    v.name.clone(),
-                    matches!(v.reap, Some(Reason::Surplus | Reason::RegistrationTimeout | Reason::BindFailed))
-                        && !v.runner_done,
-                )
+                let runner_first = match self.work.get(&v.name) {
+                    Some(Work::TeardownRetry { runner_first, .. }) => *runner_first,
+                    _ => {
+                        matches!(v.reap, Some(Reason::Surplus | Reason::RegistrationTimeout | Reason::BindFailed))
+                            && !v.runner_done
+                    }
+                };
+                (v.name.clone(), runner_first)
             })
             .collect();
         for (name, runner_first) in due {
@@ -288,13 +299,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     }
 
     pub(super) fn on_torn_down(&mut self, name: String, outcome: TeardownOutcome) {
-        let failed_before = match self.work.remove(&name) {
-            Some(Work::TearingDown { failures }) => failures,
-            _ => 0,
+        let (failed_before, runner_first) = match self.work.remove(&name) {
+            Some(Work::TearingDown { failures, runner_first }) => (failures, runner_first),
+            _ => (0, false),
         };
         if outcome.aborted_busy {
             if self.transition(&name, Input::KeptBusy) {
-                info!(vm = %name, "surplus runner turned out busy; keeping it");
+                let reason = self.book.vms.get(&name).and_then(|v| v.reap).map(|r| r.as_str()).unwrap_or("-");
+                info!(vm = %name, reason, "its runner turned out busy at GitHub: the vm is kept");
                 if let Some(vm) = self.book.vms.get_mut(&name) {
                     vm.reap = None;
                 }
@@ -325,7 +337,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.teardown_failures.inc();
                 warn!(vm = %name, error = %e, retry_in_s = delay.as_secs(), "teardown step failed; will retry");
             }
-            self.work.insert(name, Work::TeardownRetry { at: Instant::now() + delay, failures });
+            self.work.insert(name, Work::TeardownRetry { at: Instant::now() + delay, failures, runner_first });
         }
     }
 

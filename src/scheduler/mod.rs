@@ -70,10 +70,11 @@ enum Work {
     Binding(AbortHandle),
     /// A VM made for a snapshot slot is being saved.
     Saving(AbortHandle),
-    /// A teardown runs, after this many that failed in a row.
-    TearingDown { failures: u32 },
+    /// A teardown runs, after this many that failed in a row; `runner_first`: it asks
+    /// GitHub about the VM's runner before destroying anything (as its retries do).
+    TearingDown { failures: u32, runner_first: bool },
     /// A teardown failed (`failures` in a row); the next try is due `at`.
-    TeardownRetry { at: Instant, failures: u32 },
+    TeardownRetry { at: Instant, failures: u32, runner_first: bool },
 }
 
 /// The hypervisor as the last sweep and libvirt's events found it.

@@ -419,6 +419,18 @@ pub enum BindError {
 }
 
 impl BindError {
+    /// Whether the runner command may have reached the guest all the same: the delivery
+    /// failed into the VM's own domain (its acknowledgement lost, its port unreadable), or
+    /// the binding task failed (a panic, wherever it was). Not a credential that failed:
+    /// nothing was delivered then.
+    pub fn may_have_reached_guest(&self) -> bool {
+        match self {
+            BindError::Delivery(e) => !matches!(e, HvError::NotThisVm { .. }),
+            BindError::Task(_) => true,
+            BindError::Credential(_) | BindError::Message(_) | BindError::Entropy(_) | BindError::Interrupted => false,
+        }
+    }
+
     pub fn step(&self) -> &'static str {
         match self {
             BindError::Credential(_) | BindError::Message(_) | BindError::Entropy(_) => "credential",
@@ -612,9 +624,9 @@ pub struct TeardownOutcome {
 }
 
 /// Removes the domain, its volumes, and the runner registration (unless GitHub removed it
-/// already: `runner_done`). With `runner_first`
-/// (reaping a runner believed idle) the registration goes first, and a runner that turns
-/// out to be busy keeps its VM.
+/// already: `runner_done`). With `runner_first` (reaping a runner believed idle, or one
+/// whose binding failed after its command may have reached the guest) the registration
+/// goes first, and a runner that turns out to be busy keeps its VM.
 pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runner_first: bool) -> TeardownOutcome {
     let started = Instant::now();
     let mut out = TeardownOutcome::default();
@@ -689,6 +701,25 @@ async fn delete_runner<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &VmRec) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A binding whose failure leaves it unknown whether the guest took its command has its
+    /// VM's runner asked about before the VM goes; one that failed before delivering has not.
+    #[test]
+    fn which_binding_failures_may_have_reached_the_guest() {
+        let hv = |message: &str| HvError::Libvirt { op: "deliver", name: "rv-p-1".into(), message: message.into() };
+        let gh = || GhError::Status { method: "POST".into(), path: "jit".into(), status: 500, message: String::new() };
+        let table = [
+            (BindError::Delivery(hv("the guest did not acknowledge")), true),
+            (BindError::Task("injected panic".into()), true),
+            (BindError::Delivery(HvError::NotThisVm { domain: "rv-p-s0".into(), vm: "rv-p-1".into() }), false),
+            (BindError::Credential(gh()), false),
+            (BindError::Entropy(std::io::Error::other("no")), false),
+            (BindError::Interrupted, false),
+        ];
+        for (e, want) in table {
+            assert_eq!(e.may_have_reached_guest(), want, "{e:?}");
+        }
+    }
 
     /// Workflow and job names are anyone's text: what reaches the domain's title and
     /// description has no control character (libvirt refuses a newline in a title; XML

@@ -144,8 +144,10 @@ async fn a_binding_unsure_whether_its_guest_took_the_command_keeps_a_vm_whose_ru
     let mut h = harness("");
     let vm = "rv-small-43".to_string();
     deliver_stalled(&mut h, &vm, 43).await;
-    // Its runner took the job at once; the job's in-progress webhook is late.
+    // Its runner took the job at once; the job's in-progress webhook is late, and GitHub's
+    // runner list does not say so (it fails): only the teardown's question can tell.
     h.gh.set_runner(&vm, true, true);
+    h.gh.lock().fail_calls.insert("list", 1000);
     {
         let mut hv = h.hv.lock();
         hv.panics.insert("guest_waiting", 1);
