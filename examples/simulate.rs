@@ -91,9 +91,9 @@ fn main() -> std::process::ExitCode {
         let mut violations = 0;
         for &(seed, steps) in REGRESSIONS {
             let out = run_seed(Options { seed, steps, faults: true });
-            if let Some(v) = &out.violation {
+            if let Some(line) = out.violation_line() {
                 violations += 1;
-                println!("violation: {} # {v}", out.reproduce());
+                println!("{line}");
             }
         }
         println!("simulate: regressions={} violations={violations}", REGRESSIONS.len());
@@ -106,8 +106,8 @@ fn main() -> std::process::ExitCode {
                 println!("{line}");
             }
         }
-        if let Some(v) = &out.violation {
-            println!("violation: {} # {v}", out.reproduce());
+        if let Some(line) = out.violation_line() {
+            println!("{line}");
         }
         println!(
             "simulate: seeds=1 steps={} faults={} jobs={} busiest_hour={} violations={}",
@@ -193,8 +193,7 @@ fn main() -> std::process::ExitCode {
                     t.2 += out.faults as u64;
                     t.3 += out.jobs as u64;
                     t.5 = t.5.max((out.busiest_hour, seed));
-                    if let Some(v) = &out.violation {
-                        let line = format!("violation: {} # {v}", out.reproduce());
+                    if let Some(line) = out.violation_line() {
                         println!("{line}");
                         t.4.push(line);
                     }

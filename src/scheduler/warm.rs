@@ -13,8 +13,8 @@
 //! - [`Scheduler::on_bound`]: delivered (it boots its runner), or not: the VM is destroyed
 //!   with its runner registration (GitHub asked first whether that runner is busy, when the
 //!   command may have reached the guest: a busy one keeps its VM); a warm VM's job goes the
-//!   cold path, a cold VM's failure is one of its job's attempts. A binding a restart cut short is resumed from what
-//!   libvirt says of the guest's port.
+//!   cold path, a cold VM's failure is one of its job's attempts. A binding a restart cut
+//!   short is resumed from what libvirt says of the guest's port.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -244,7 +244,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // acknowledgement was lost (libvirtd restarted during the exchange, as the
                 // restart-libvirtd drill met it). Destroying the VM would kill the job's
                 // runner, mid-job or as it takes one.
-                warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "the delivery failed after its runner took the job: the guest had its command, the vm is kept");
+                warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "the delivery failed after its runner came online or took the job: the guest had its command, the vm is kept");
                 self.count_runner(&vm.pool, path);
                 if let Some(reason) = vm.reap {
                     self.reap(&name, reason);
@@ -304,13 +304,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Err(e) if vm.warm => {
                 self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
-                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "warm vm did not take its job: destroying it (once GitHub says its runner is not busy, if the command may have reached it); the job boots a vm of its own");
+                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "warm vm did not take its job: destroying it; the job boots a vm of its own");
                 self.warm.cold_only.insert(vm.job_id);
                 self.begin_teardown_asking(&name, Reason::BindFailed, Some(e.may_have_reached_guest()));
             }
             Err(e) => {
                 self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
-                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "vm did not take its job's runner command: destroying it, once GitHub says its runner is not busy if the command may have reached it (is the image's runnervisor-warm program current?)");
+                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "vm did not take its job's runner command: destroying it (is the image's runnervisor-warm program current?)");
                 self.begin_teardown_asking(&name, Reason::BindFailed, Some(e.may_have_reached_guest()));
             }
         }

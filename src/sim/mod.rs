@@ -73,6 +73,11 @@ impl Outcome {
     pub fn reproduce(&self) -> String {
         format!("./scripts/simulate --seed {} --steps {}", self.seed, self.steps)
     }
+
+    /// What broke, if anything, as the line that reports it: how to replay it, and what.
+    pub fn violation_line(&self) -> Option<String> {
+        self.violation.as_ref().map(|v| format!("violation: {} # {v}", self.reproduce()))
+    }
 }
 
 /// The faults the world injects.
