@@ -272,6 +272,11 @@ pub struct VmRec {
     /// Booted to become snapshot slot `name` (never a runner): saved once its guest waits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub for_slot: bool,
+    /// Its teardown counted a failed attempt for its job before asking GitHub about its
+    /// runner: a runner found busy gives the attempt back (the VM is kept), and the job is
+    /// not given up until GitHub says the runner is not busy (or the VM is gone).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub charged: bool,
 }
 
 impl VmRec {
@@ -295,6 +300,7 @@ impl VmRec {
             binds: 0,
             slot: None,
             for_slot: false,
+            charged: false,
         }
     }
 
@@ -314,6 +320,12 @@ impl VmRec {
             VmState::Warming | VmState::Waiting => !self.warm,
             state => state.is_available(),
         }
+    }
+
+    /// Whether it has a runner registration of its own at GitHub to ask about or delete:
+    /// not once GitHub removed it (`runner_done`), never for a slot's VM.
+    pub fn has_runner(&self) -> bool {
+        !self.runner_done && !self.for_slot
     }
 
     /// A warm VM no job's credential went into yet (provisioning, warming or waiting).

@@ -70,6 +70,16 @@ impl FakeGitHub {
         }
     }
 
+    /// A runner registers itself (a guest's `config.sh` with a registration token),
+    /// offline and idle; its id.
+    pub fn add_runner(&self, name: &str) -> u64 {
+        let mut s = self.lock();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.runners.insert(id, RunnerInfo { id, name: name.into(), online: false, busy: false });
+        id
+    }
+
     /// GitHub knows job `id` as queued (what `job_status` answers).
     pub fn set_job_queued(&self, id: u64) {
         let queued = JobStatus { status: "queued".into(), conclusion: None, runner_name: None };

@@ -219,6 +219,12 @@ impl Book {
         self.open.iter().filter_map(|id| self.jobs.get(id)).filter(|j| j.is_unserved())
     }
 
+    /// Whether a VM charged to job `id` is still being asked about (`VmRec::charged`): its
+    /// runner may be running the job.
+    pub fn charged_to(&self, id: u64) -> bool {
+        self.vms.values().any(|v| v.charged && v.job_id == id)
+    }
+
     /// The pool's VMs, in every state (each holds a slot of its `max_vms`).
     pub fn vms_of<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a VmRec> + 'a {
         self.vms.values().filter(move |v| v.pool == pool)

@@ -609,7 +609,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             .held
             .keys()
             .copied()
-            .filter(|job| !book.vms.values().any(|v| v.job_id == *job && v.state != VmState::TearingDown))
+            // (A VM going whose teardown asks GitHub about its runner first may be running
+            // the job: its attempt is given back if so.)
+            .filter(|job| {
+                !book.vms.values().any(|v| v.job_id == *job && v.state != VmState::TearingDown)
+                    && !book.charged_to(*job)
+            })
             .filter(|job| book.jobs.get(job).and_then(|j| j.pool.as_deref()).is_none_or(blocked_pool))
             .collect();
         if !unservable.is_empty() {

@@ -189,10 +189,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             warn!(vm = %name, slot = %slot, reason = %reason.as_str(), "vm restored from a snapshot slot failed before its runner started: the slot is made again");
             self.slot_failed(&before, slot);
         }
-        // A VM that died or stalled before any runner on it took a job is a failed attempt.
-        if vm::counts_as_failure(&before, reason) {
-            self.charge_attempt(&before, reason.as_str());
-        }
         // A runner we do not know busy may have taken a job unseen (while the agent was
         // down, or its webhook is late): asked first, and a busy one keeps its VM. So may a
         // runner whose binding is under way (its command may be delivered, its runner
@@ -208,8 +204,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 | (Reason::RegistrationTimeout, VmState::Booting)
                 | (Reason::BindFailed, VmState::Binding)
         ));
+        // A VM that died or stalled before any runner on it took a job is a failed attempt,
+        // counted now (the job's next VM is made meanwhile); one whose runner may be busy
+        // gives it back if GitHub says so, and its job is not given up until it is known.
+        // (A VM with no runner of its own, `runner_done`, is not asked about.)
+        let asks = runner_first && before.has_runner();
+        let charged = vm::counts_as_failure(&before, reason) && self.charge_attempt(&before, reason.as_str(), asks);
         if let Some(vm) = self.book.vms.get_mut(name) {
             vm.reap = Some(reason);
+            vm.charged |= charged && asks;
         }
         self.book.touch_vm(name);
         self.lifecycle.surplus_since.remove(name);
@@ -218,19 +221,39 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.spawn_teardown(name, runner_first);
     }
 
-    /// Counts a failed attempt of `vm`'s job, if it is still queued; the job is given up
-    /// once its pool's `max_attempts` have failed.
-    fn charge_attempt(&mut self, vm: &VmRec, why: &str) {
-        let Some(job) = self.book.jobs.get_mut(&vm.job_id).filter(|j| j.state == JobState::Queued) else { return };
+    /// Counts a failed attempt of `vm`'s job, if it is still queued (returns whether it
+    /// did); the job is given up once its pool's `max_attempts` have failed (`asking`: once
+    /// `vm`'s teardown has found its runner not busy, [`Self::give_up_if_spent`]).
+    fn charge_attempt(&mut self, vm: &VmRec, why: &str, asking: bool) -> bool {
+        let Some(job) = self.book.jobs.get_mut(&vm.job_id).filter(|j| j.state == JobState::Queued) else {
+            return false;
+        };
         job.failed_vms += 1;
         let id = job.info.id;
         let max = self.config.pool(&vm.pool).map(|p| p.max_attempts).unwrap_or(1);
         warn!(job_id = id, vm = %vm.name, reason = why, attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
-        if job.failed_vms >= max {
-            job.state = JobState::Abandoned { reason: format!("{} VMs failed ({why})", job.failed_vms) };
-            self.metrics.jobs_failed.get_or_create(&metrics::pool(&vm.pool)).inc();
-            error!(job_id = id, run_id = job.info.run_id, repository = %job.info.repository, pool = %vm.pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
+        self.book.touch_job(id);
+        if !asking {
+            self.give_up_if_spent(id, &vm.pool, why);
         }
+        true
+    }
+
+    /// Gives job `id` up if it is still queued and its pool's `max_attempts` have failed,
+    /// unless a teardown still asks GitHub about the runner of a VM charged to it (which
+    /// may be running it: its attempt would be given back).
+    fn give_up_if_spent(&mut self, id: u64, pool: &str, why: &str) {
+        let max = self.config.pool(pool).map(|p| p.max_attempts).unwrap_or(1);
+        if self.book.charged_to(id) {
+            return;
+        }
+        let Some(job) = self.book.jobs.get_mut(&id).filter(|j| j.state == JobState::Queued && j.failed_vms >= max)
+        else {
+            return;
+        };
+        job.state = JobState::Abandoned { reason: format!("{} VMs failed ({why})", job.failed_vms) };
+        self.metrics.jobs_failed.get_or_create(&metrics::pool(pool)).inc();
+        error!(job_id = id, run_id = job.info.run_id, repository = %job.info.repository, pool = %pool, attempts = job.failed_vms, "job given up: its VMs keep failing; check the pool's image and the console logs");
         self.book.touch_job(id);
     }
 
@@ -304,14 +327,31 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             _ => (0, false),
         };
         if outcome.aborted_busy {
-            if self.transition(&name, Input::KeptBusy) {
-                let reason = self.book.vms.get(&name).and_then(|v| v.reap).map(|r| r.as_str()).unwrap_or("-");
+            if self.transition(&name, Input::KeptBusy)
+                && let Some(vm) = self.book.vms.get_mut(&name)
+            {
+                let reason = vm.reap.take().map(|r| r.as_str()).unwrap_or("-");
                 info!(vm = %name, reason, "its runner turned out busy at GitHub: the vm is kept");
-                if let Some(vm) = self.book.vms.get_mut(&name) {
-                    vm.reap = None;
+                if std::mem::take(&mut vm.charged) {
+                    // It did not fail: the attempt it was charged is given back.
+                    let id = vm.job_id;
+                    if let Some(job) = self.book.jobs.get_mut(&id) {
+                        job.failed_vms = job.failed_vms.saturating_sub(1);
+                        self.book.touch_job(id);
+                    }
                 }
             }
             return;
+        }
+        if outcome.runner_idle
+            && let Some(vm) = self.book.vms.get_mut(&name).filter(|v| v.charged)
+        {
+            // Its runner was not busy: the attempt it was charged stands, whether or not
+            // the rest of the teardown did.
+            vm.charged = false;
+            let (id, pool, why) = (vm.job_id, vm.pool.clone(), vm.reap.map(|r| r.as_str()).unwrap_or("-"));
+            self.book.touch_vm(&name);
+            self.give_up_if_spent(id, &pool, why);
         }
         if outcome.errors.is_empty() {
             self.metrics.teardown_seconds.observe(outcome.duration.as_secs_f64());
@@ -319,10 +359,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if let Some(vm) = self.book.remove_vm(&name) {
                 info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
                 self.timeline.gone(&vm, now);
-                if vm.runner_id.is_none() && !vm.runner_done && !vm.for_slot {
+                if vm.charged {
+                    // No busy runner turned up before it went (one a guest registers
+                    // itself was not found; a restart's retry did not ask): the attempt it
+                    // was charged stands.
+                    self.give_up_if_spent(vm.job_id, &vm.pool, vm.reap.map(|r| r.as_str()).unwrap_or("-"));
+                }
+                if vm.runner_id.is_none() && vm.has_runner() {
                     // Registered by its guest (a registration token), its runner may show
                     // up after the teardown looked for it.
                     self.sync.watch_late_runner(&name, Instant::now());
+                    self.save_late_runners();
                 }
                 // Its domain was the slot's: a listing from before says nothing of it.
                 if let Some(slot) = &vm.slot {
@@ -337,6 +384,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.metrics.teardown_failures.inc();
                 warn!(vm = %name, error = %e, retry_in_s = delay.as_secs(), "teardown step failed; will retry");
             }
+            // A runner found not busy (and deleted) is not asked about again: the retry
+            // destroys first.
+            let runner_first = runner_first && !outcome.runner_idle;
             self.work.insert(name, Work::TeardownRetry { at: Instant::now() + delay, failures, runner_first });
         }
     }
@@ -516,7 +566,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // A definition libvirt refuses may be the job's own doing (its strings are in
                 // it): without a charge the pool would retry it for ever.
                 if e.charged_to_job() {
-                    self.charge_attempt(&vm, "definition refused");
+                    let _ = self.charge_attempt(&vm, "definition refused", false);
                 }
                 self.begin_teardown(&name, Reason::ProvisionFailed);
             }

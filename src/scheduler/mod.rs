@@ -197,6 +197,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             scale_sets: None,
             unpersisted: Unpersisted::default(),
         };
+        // (Restored at the start of `run`, on the scheduler's own clock.)
+        scheduler.sync.saved_late_runners = snap.meta.get(sync::LATE_RUNNERS).cloned();
         scheduler.retire_unknown_pools();
         scheduler.index_pools();
         Ok(scheduler)
@@ -251,6 +253,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 warn!(%step, vms = self.book.vms.len(), "the wall clock was stepped: the VMs' timers keep counting from where they were");
                 self.book.shift(step);
                 self.sweep.shift(step);
+                // The watches stored in the old frame are stored again in the new.
+                if self.sync.watches_late_runners() {
+                    self.save_late_runners();
+                }
                 self.intake.last_webhook = self.intake.last_webhook.map(|t| step.apply(t));
                 frame
             }
@@ -270,7 +276,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         );
         self.metrics.draining.set(self.draining as i64);
         // Deliveries accepted before a step made while the agent was down are in the
-        // stored frame: applied first, they move with the rest.
+        // stored frame: applied first, they move with the rest; so are the late runners'
+        // watches.
+        let wall = self.now();
+        self.sync.restore_late_runners(wall);
         self.drain_inbox();
         self.follow_clock();
         self.start_sweep();
@@ -501,6 +510,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         let decision = {
             let mut unserved = self.book.unserved(&pool.name);
+            // A job whose last attempt a teardown still asks GitHub about (its runner may
+            // be busy with it) gets no VM meanwhile: the attempt stands (the job is given
+            // up) or is given back.
+            let book = &self.book;
+            unserved.retain(|j| j.failed_vms < pool.max_attempts || !book.charged_to(j.info.id));
             if let Some(fleet) = &self.fleet {
                 // Jobs another member holds are its to serve (counting stays fleet-wide:
                 // a runner of ours may still take one).

@@ -620,6 +620,9 @@ pub struct TeardownOutcome {
     pub errors: Vec<String>,
     /// `runner_first` found the runner busy: the VM was left alone.
     pub aborted_busy: bool,
+    /// `runner_first` found the runner not busy (deleted it, or a runner of known id was
+    /// gone): the VM goes, whatever else failed.
+    pub runner_idle: bool,
     pub duration: Duration,
 }
 
@@ -632,7 +635,7 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     let mut out = TeardownOutcome::default();
     // A runner whose job completed is gone already (ephemeral): no call for it; a slot's
     // VM never had one; nor had one whose name another runner held (a fleet member's).
-    let has_runner = !vm.runner_done && !vm.for_slot;
+    let has_runner = vm.has_runner();
     if runner_first && has_runner {
         match delete_runner(&ctx, &vm).await {
             Ok(Deleted::Busy) => {
@@ -640,7 +643,10 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
                 out.duration = started.elapsed();
                 return out;
             }
-            Ok(_) => {}
+            // Gone, or never there: a runner of unknown id that a guest registers itself
+            // (a registration token) may be "not found" only not yet.
+            Ok(Deleted::Deleted) => out.runner_idle = true,
+            Ok(Deleted::NotFound) => out.runner_idle = vm.runner_id.is_some(),
             // Whether its runner took a job unseen is not known: the VM stays until GitHub
             // says (the teardown is retried). Destroyed meanwhile, it killed the job its
             // runner ran (an in-progress webhook lost, GitHub rate-limited: the simulator).

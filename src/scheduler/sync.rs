@@ -72,6 +72,8 @@ pub struct State {
     /// name showing up later (its guest registered it just before it went) is deleted,
     /// also once its pool is removed and its names are no longer the agent's.
     late_runners: BTreeMap<String, tokio::time::Instant>,
+    /// The watches the store had at the start, restored once the scheduler runs.
+    pub(super) saved_late_runners: Option<Vec<u8>>,
     /// Jobs asked after (see `start_github_sync`), while they are queued or running.
     asked: BTreeMap<u64, Asked>,
 }
@@ -104,6 +106,10 @@ struct Asked {
 /// How long a torn-down VM's runner registration is watched for (see `late_runners`).
 const LATE_RUNNER_WATCH: Duration = Duration::from_secs(3600);
 
+/// The store's setting that keeps `late_runners` across a restart: each name with when
+/// its watch began (unix seconds, wall clock).
+pub(super) const LATE_RUNNERS: &str = "late_runners";
+
 /// At most this many queued jobs a sync asks after because a runner of their pool waits
 /// online without a job (beside the stale ones).
 const UNCLAIMED_ASKS: usize = 3;
@@ -119,6 +125,40 @@ impl State {
     /// (Those watched longer than [`LATE_RUNNER_WATCH`] are let go at the next sync.)
     pub fn watch_late_runner(&mut self, name: &str, now: tokio::time::Instant) {
         self.late_runners.insert(name.to_string(), now);
+    }
+
+    pub(super) fn watches_late_runners(&self) -> bool {
+        !self.late_runners.is_empty()
+    }
+
+    /// The watches as the store keeps them (`wall` is now on the wall clock, read with
+    /// the monotonic one here).
+    pub(super) fn late_runners_saved(&self, wall: SystemTime) -> Vec<u8> {
+        let now = tokio::time::Instant::now();
+        let since: BTreeMap<&str, u64> = self
+            .late_runners
+            .iter()
+            .map(|(name, at)| {
+                let since = wall.checked_sub(now.duration_since(*at)).unwrap_or(wall);
+                (name.as_str(), since.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs())
+            })
+            .collect();
+        serde_json::to_vec(&since).unwrap_or_default()
+    }
+
+    /// The watches a restart left in the store, each for what was left of its hour (one
+    /// that does not decode is as good as none); `wall` is now, in the stored clock frame.
+    pub(super) fn restore_late_runners(&mut self, wall: SystemTime) {
+        let saved = self.saved_late_runners.take();
+        let Some(since) = saved.and_then(|v| serde_json::from_slice::<BTreeMap<String, u64>>(&v).ok()) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        for (name, at) in since {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(at);
+            let watched = wall.duration_since(at).unwrap_or_default().min(LATE_RUNNER_WATCH);
+            self.late_runners.insert(name, now.checked_sub(watched).unwrap_or(now));
+        }
     }
 
     fn prune_due(&self, now: tokio::time::Instant) -> bool {
@@ -508,7 +548,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // ephemeral runner left offline after a day), but for the exact names of VMs this
         // agent tore down before their runner showed up.
         let now = tokio::time::Instant::now();
+        let watched = self.sync.late_runners.len();
         self.sync.late_runners.retain(|_, at| now.duration_since(*at) < LATE_RUNNER_WATCH);
+        if self.sync.late_runners.len() != watched {
+            self.save_late_runners();
+        }
         for r in &runners {
             let late = self.sync.late_runners.contains_key(&r.name);
             let orphan = late || (self.fleet.is_none() && self.is_ours(&r.name));
@@ -524,6 +568,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 });
             }
         }
+    }
+
+    /// The watches of late runners are committed with the next batch: a restart within
+    /// their hour keeps them (their names may be no pool's any more).
+    pub(super) fn save_late_runners(&mut self) {
+        let saved = self.sync.late_runners_saved(self.now());
+        self.book.set_meta(LATE_RUNNERS, saved);
     }
 
     pub(super) fn resolve_group(&mut self) {

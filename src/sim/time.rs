@@ -31,6 +31,27 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct Time(Arc<Mutex<Inner>>);
 
+thread_local! {
+    /// The time of the run on this thread (a run is one thread's), for its log lines.
+    static CURRENT: std::cell::RefCell<Option<Time>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Virtual time of the run on this thread, as [`Time::now`] without recording the read
+/// (a log line must not change the run); `None` outside a run. `--log` stamps lines with it.
+pub fn current() -> Option<Duration> {
+    CURRENT.with(|c| c.borrow().as_ref().map(|time| time.lock().read()))
+}
+
+impl Inner {
+    /// Virtual time since the run began (see [`Time::now`]).
+    fn read(&self) -> Duration {
+        match self.t0 {
+            Some(t0) if tokio::runtime::Handle::try_current().is_ok() => self.base + t0.elapsed(),
+            _ => self.last.max(self.base),
+        }
+    }
+}
+
 impl Default for Time {
     fn default() -> Self {
         Time(Arc::new(Mutex::new(Inner {
@@ -47,18 +68,18 @@ impl Time {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// This run's time is what [`current`] reads on this thread.
+    pub fn make_current(&self) {
+        CURRENT.with(|c| *c.borrow_mut() = Some(self.clone()));
+    }
+
     /// Virtual time since the run began. Outside the incarnation's runtime (the world's
     /// turn, between two of the runtime's) it stands where the runtime left it.
     pub fn now(&self) -> Duration {
         let mut inner = self.lock();
-        match inner.t0 {
-            Some(t0) if tokio::runtime::Handle::try_current().is_ok() => {
-                let now = inner.base + t0.elapsed();
-                inner.last = now;
-                now
-            }
-            _ => inner.last.max(inner.base),
-        }
+        let now = inner.read();
+        inner.last = now;
+        now
     }
 
     /// GitHub's wall clock (true time).

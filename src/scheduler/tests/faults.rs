@@ -255,6 +255,100 @@ async fn a_vm_past_its_registration_timeout_whose_runner_took_its_job_unseen_kee
     assert!(s.vms.iter().any(|v| v.name == "rv-small-71" && v.state == "busy"), "{s:#?}");
 }
 
+/// A job's last attempt fails (its VM's guest powers off before its runner came online)
+/// while GitHub is still to say whether the runner of its first VM, past its
+/// `registration_timeout`, is busy: the job is not given up meanwhile; that runner took
+/// it, its attempt is given back, and the job is not given up.
+#[tokio::test(start_paused = true)]
+async fn a_jobs_last_failed_vm_does_not_give_it_up_while_another_may_be_running_it() {
+    let h = last_attempt_failed_while_the_first_is_asked_about(72).await;
+    // The first VM's runner took the job; GitHub answers again.
+    h.gh.set_runner("rv-small-72", true, true);
+    h.gh.lock().fail_calls.clear();
+    let s = h
+        .wait_for("the first VM kept", Duration::from_secs(600), |s, _| {
+            s.vms.iter().any(|v| v.name == "rv-small-72" && v.state == "busy")
+        })
+        .await;
+    assert!(s.queued.iter().any(|q| q.job_id == 72), "{s:#?}");
+    assert!(!h.metrics.render().contains("runnervisor_jobs_failed_total{"), "{}", h.metrics.render());
+    assert_eq!(h.store.load().unwrap().jobs[&72].failed_vms, 1, "the first VM's attempt given back");
+    h.shutdown().await;
+}
+
+/// As above, but the first VM's runner turns out idle: the job's attempts are spent, and
+/// it is given up once GitHub says so.
+#[tokio::test(start_paused = true)]
+async fn a_jobs_last_failed_vm_gives_it_up_once_the_other_one_is_known_idle() {
+    let h = last_attempt_failed_while_the_first_is_asked_about(73).await;
+    h.gh.set_runner("rv-small-73", true, false);
+    h.gh.lock().fail_calls.clear();
+    let s = h.wait_for("given up", Duration::from_secs(600), |s, _| s.queued.is_empty()).await;
+    assert!(h.metrics.render().contains("runnervisor_jobs_failed_total{pool=\"small\"} 1"), "{s:#?}");
+    assert_eq!(h.hv.lock().started_total, 2, "no third VM: {s:#?}");
+    h.shutdown().await;
+}
+
+/// Job `job` (`max_attempts` 2) has had two VMs fail: the first, past its
+/// `registration_timeout`, is torn down once GitHub says whether its runner is busy (GitHub
+/// fails meanwhile); the second's guest powered off before its runner came online. The job
+/// is still queued, with no third VM.
+async fn last_attempt_failed_while_the_first_is_asked_about(job: u64) -> H {
+    let mut h = harness("registration_timeout = \"60s\"\nmax_attempts = 2");
+    h.deliver(JobAction::Queued, info(job, LABELS, None));
+    h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
+    h.gh.lock().fail_calls.insert("list", 1000);
+    h.gh.lock().fail_calls.insert("delete", 1000);
+    let s = h
+        .wait_for("a second VM bound", Duration::from_secs(300), |s, hv| {
+            hv.lock().delivered.len() == 2 && s.vms.iter().any(|v| v.job_id == job && v.state == "booting")
+        })
+        .await;
+    let second = s.vms.iter().find(|v| v.job_id == job && v.state == "booting").unwrap().name.clone();
+    assert_ne!(second, format!("rv-small-{job}"), "{s:#?}");
+    h.hv.stop(&second);
+    let s = h.advance_for(Duration::from_secs(30)).await;
+    assert!(s.queued.iter().any(|q| q.job_id == job), "not given up while its first VM is asked about: {s:#?}");
+    assert!(!h.metrics.render().contains("runnervisor_jobs_failed_total{"), "{}", h.metrics.render());
+    assert_eq!(h.hv.lock().started_total, 2, "no third VM meanwhile: {s:#?}");
+    h
+}
+
+/// A VM whose guest registers its runner itself (a registration token) is past its
+/// `registration_timeout`: GitHub has no runner of its name, which says only "not yet".
+/// libvirt fails the destroy; meanwhile the guest's runner registers and takes the job:
+/// the retry asks GitHub again, and the VM is kept.
+#[tokio::test(start_paused = true)]
+async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its_vm() {
+    let mut h = harness("registration = \"token\"\nregistration_timeout = \"60s\"");
+    h.deliver(JobAction::Queued, info(74, LABELS, None));
+    h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
+    h.gh.lock().fail_calls.insert("list", 1000);
+    h.advance_for(Duration::from_secs(30)).await;
+    h.hv.lock().unavailable = true;
+    // Until its destroy failed (not only begun: libvirt back before it, the VM went).
+    let metrics = h.metrics.clone();
+    let s = h
+        .wait_for("past its registration_timeout, asked about, its destroy failed", Duration::from_secs(120), |s, _| {
+            s.vms.iter().any(|v| v.name == "rv-small-74" && v.state == "tearing_down")
+                && !metrics.render().contains("runnervisor_teardown_failures_total 0")
+        })
+        .await;
+    let asked = h.gh.lock().calls.iter().filter(|c| *c == "find").count();
+    assert!(asked >= 1, "GitHub asked: {s:#?}");
+    h.gh.add_runner("rv-small-74");
+    h.gh.set_runner("rv-small-74", true, true);
+    // (The teardown's retries back off while libvirt fails, up to 5 minutes apart.)
+    h.hv.lock().unavailable = false;
+    let s = h
+        .wait_for("kept, busy", Duration::from_secs(600), |s, _| {
+            s.vms.iter().any(|v| v.name == "rv-small-74" && v.state == "busy")
+        })
+        .await;
+    assert!(h.hv.running().contains(&"rv-small-74".to_string()), "its job runs on: {s:#?}");
+    h.shutdown().await;
+}
+
 /// A step of the wall clock ages no VM, and holds none back: a running job's VM lives
 /// through a step forward past its `max_lifetime`, goes at its `max_lifetime` after a step
 /// back, and a step made while the agent was down is found at its start.

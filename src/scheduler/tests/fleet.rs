@@ -296,6 +296,33 @@ async fn a_member_that_cannot_serve_gives_its_claims_back_and_a_healthy_one_serv
     assert!(m.contains("runnervisor_fleet_claims_total{result=\"given_back\"}"), "{m}");
 }
 
+/// A member that cannot serve a job (its pool backs off) keeps its claim while its VM's
+/// teardown still asks GitHub about the VM's runner, which may be running the job (unseen:
+/// its webhook late): given back, another member would serve a job already running.
+#[tokio::test(start_paused = true)]
+async fn a_member_keeps_the_claim_of_a_job_its_going_vm_may_be_running() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "registration_timeout = \"60s\"");
+    publish(&mut [&mut a], &board, JobAction::Queued, info(13, LABELS, None));
+    a.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
+    gh.lock().fail_calls.insert("list", 1000);
+    gh.lock().fail_calls.insert("delete", 1000);
+    a.hv.lock().fail_starts = 1000;
+    a.wait_for("past its registration_timeout, asked about", Duration::from_secs(120), |s, _| {
+        s.vms.iter().any(|v| v.name == "rv-small-13" && v.state == "tearing_down")
+    })
+    .await;
+    assert!(
+        stays(&a, LEASE * 3, |_, _| board.holder(13).as_deref() == Some("hv-a")).await,
+        "the claim given back: {:?}",
+        board.holder(13)
+    );
+    let m = a.metrics.render();
+    assert!(m.contains("runnervisor_provision_failures_total{"), "its next VMs failed to start: {m}");
+    assert!(!m.contains("runnervisor_fleet_claims_total{result=\"given_back\"}"), "{m}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_member_that_goes_away_loses_its_unserved_jobs_to_another() {
     let board = Arc::new(MemoryBoard::default());
@@ -629,6 +656,20 @@ async fn a_member_never_deletes_a_runner_that_has_its_vms_name() {
     assert!(gh.lock().calls.iter().all(|c| !c.starts_with("delete")), "{:?}", gh.lock().calls);
 }
 
+/// The same, as the job's last attempt, its destroy failing (it is retried 10 s on): no
+/// runner is asked about (none is the VM's), so the job is given up at once, not once the
+/// VM is gone.
+#[tokio::test(start_paused = true)]
+async fn a_last_attempt_whose_name_another_runner_has_is_given_up_at_once() {
+    let (board, gh, mut a) = lone_member_beside_runner_with(79, "rv-small-23", "max_attempts = 1").await;
+    a.hv.lock().panics.insert("teardown", 1);
+    publish(&mut [&mut a], &board, JobAction::Queued, info(23, LABELS, None));
+    let s = a.wait_advancing("given up", |s, _| s.queued.is_empty()).await;
+    assert!(s.vms.iter().any(|v| v.name == "rv-small-23"), "its teardown is still to finish: {s:#?}");
+    assert!(a.metrics.render().contains("runnervisor_jobs_failed_total{pool=\"small\"} 1"), "{s:#?}");
+    assert!(gh.lock().calls.iter().all(|c| !c.starts_with("delete") && c != "find"), "{:?}", gh.lock().calls);
+}
+
 /// A credential that failed, maybe after GitHub made the runner (its answer lost): the
 /// next binding of the same VM finds a runner of its name, its own, and replaces it, as a
 /// single host does (no boot wasted, no registration left for a day).
@@ -649,9 +690,17 @@ async fn a_member_replaces_the_runner_its_own_earlier_binding_made() {
 /// A fleet of one member (hv-a), joined, and an offline runner `name` (`id`) already
 /// registered at GitHub.
 async fn lone_member_beside_runner(id: u64, name: &str) -> (Arc<MemoryBoard>, Arc<FakeGitHub>, H) {
+    lone_member_beside_runner_with(id, name, "").await
+}
+
+async fn lone_member_beside_runner_with(
+    id: u64,
+    name: &str,
+    extra_pool: &str,
+) -> (Arc<MemoryBoard>, Arc<FakeGitHub>, H) {
     let board = Arc::new(MemoryBoard::default());
     let gh = Arc::new(FakeGitHub::default());
-    let a = member(&board, "hv-a", &gh, "");
+    let a = member(&board, "hv-a", &gh, extra_pool);
     a.wait_for("a member", LEASE, |s, _| s.fleet.as_ref().is_some_and(|f| f.members.len() == 1)).await;
     gh.lock().runners.insert(id, crate::github::RunnerInfo { id, name: name.into(), online: false, busy: false });
     (board, gh, a)

@@ -108,24 +108,72 @@ fn h_now() -> SystemTime {
 /// left such a registration for good).
 #[tokio::test(start_paused = true)]
 async fn a_runner_registered_after_its_vm_was_torn_down_is_deleted_even_once_its_pool_is_gone() {
-    let mut h = harness("registration = \"token\"\nidle_timeout = \"5s\"");
-    h.deliver(JobAction::Queued, info(41, LABELS, None));
-    h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
-    h.reload(|c| c.pools = vec![big_pool(c)]).await;
-    h.wait_for("the removed pool's VM gone, and the pool", Duration::from_secs(60), |s, hv| {
-        s.pools.iter().all(|p| p.name != "small") && !hv.lock().domains.contains_key("rv-small-41")
-    })
-    .await;
+    let h = vm_of_a_removed_pool_gone_before_its_runner(41).await;
     // Its guest's registration arrives now.
-    {
-        let mut gh = h.gh.lock();
-        gh.next_id += 1;
-        let id = gh.next_id;
-        gh.runners.insert(id, crate::github::RunnerInfo { id, name: "rv-small-41".into(), online: false, busy: false });
-    }
+    h.gh.add_runner("rv-small-41");
     h.wait_for("the late registration deleted", Duration::from_secs(30), |_, _| {
         !h.gh.runner_names().contains(&"rv-small-41".to_string())
     })
     .await;
     h.shutdown().await;
+}
+
+/// As above, with the agent restarted after the VM went and before the registration
+/// showed up: the watch is in the store, not in memory only (a restart forgot it, and the
+/// pool's names were no longer the agent's: the registration stayed; the simulator, seed
+/// 38932 of 1,000 steps).
+#[tokio::test(start_paused = true)]
+async fn a_late_runner_of_a_removed_pool_is_deleted_after_a_restart() {
+    let h = late_runner_watched_then_restarted(Duration::from_secs(60)).await;
+    h.wait_for("the late registration deleted", Duration::from_secs(120), |_, _| {
+        !h.gh.runner_names().contains(&"rv-small-42".to_string())
+    })
+    .await;
+    h.shutdown().await;
+}
+
+/// The watch lasts its hour, a restart's downtime included: a registration showing up
+/// after it is not the agent's (its pool is gone) and stays.
+#[tokio::test(start_paused = true)]
+async fn a_late_runners_watch_ends_its_hour_after_it_began_across_a_restart() {
+    let h = late_runner_watched_then_restarted(Duration::from_secs(3700)).await;
+    h.advance_for(Duration::from_secs(300)).await;
+    assert!(h.gh.runner_names().contains(&"rv-small-42".to_string()), "deleted after its watch ended");
+    assert!(h.gh.lock().calls.iter().any(|c| c == "list"), "the runners listed: {:?}", h.gh.lock().calls);
+    h.shutdown().await;
+}
+
+/// A token VM of pool "small" torn down before its runner registered, its pool removed;
+/// the agent down for `down`, started again without the pool; then the registration
+/// (`rv-small-42`) shows up.
+async fn late_runner_watched_then_restarted(down: Duration) -> H {
+    let h = vm_of_a_removed_pool_gone_before_its_runner(42).await;
+    let clock = h.clock.clone();
+    let (gh, hv, store) = h.shutdown().await;
+    tokio::time::sleep(down).await;
+    // Started again with the config the reload left (no pool "small").
+    let dir = crate::test_support::tempdir();
+    let mut cfg = (*config("", &dir)).clone();
+    cfg.pools[0].image = fake_image(&dir);
+    cfg.pools = vec![big_pool(&cfg)];
+    let mut h = start_member(Arc::new(cfg), gh, hv, None, store.clone(), store, |s| s, clock);
+    h.dirs.push(dir);
+    let _ = h.tx.send(Event::Hv(HvEvent::Reconnected));
+    h.gh.add_runner("rv-small-42");
+    h
+}
+
+/// Job `job`'s token VM of pool "small" (`rv-small-<job>`) got its runner command, then
+/// a reload removed the pool and the VM went, its runner not registered yet.
+async fn vm_of_a_removed_pool_gone_before_its_runner(job: u64) -> H {
+    let mut h = harness("registration = \"token\"\nidle_timeout = \"5s\"");
+    h.deliver(JobAction::Queued, info(job, LABELS, None));
+    h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
+    h.reload(|c| c.pools = vec![big_pool(c)]).await;
+    let vm = format!("rv-small-{job}");
+    h.wait_for("the removed pool's VM gone, and the pool", Duration::from_secs(60), |s, hv| {
+        s.pools.iter().all(|p| p.name != "small") && !hv.lock().domains.contains_key(&vm)
+    })
+    .await;
+    h
 }

@@ -141,23 +141,77 @@ async fn a_binding_vm_whose_job_went_elsewhere_is_asked_about_before_it_goes() {
 /// its VM. (Destroyed at once, it killed the job: simulator seed 111830 of 665 steps.)
 #[tokio::test(start_paused = true)]
 async fn a_binding_unsure_whether_its_guest_took_the_command_keeps_a_vm_whose_runner_is_busy() {
-    let mut h = harness("");
-    let vm = "rv-small-43".to_string();
-    deliver_stalled(&mut h, &vm, 43).await;
+    // Its failure is the job's last attempt: the job is not given up while GitHub is asked,
+    // and the attempt is given back once its runner turns out busy.
     // Its runner took the job at once; the job's in-progress webhook is late, and GitHub's
     // runner list does not say so (it fails): only the teardown's question can tell.
-    h.gh.set_runner(&vm, true, true);
-    h.gh.lock().fail_calls.insert("list", 1000);
-    {
-        let mut hv = h.hv.lock();
-        hv.panics.insert("guest_waiting", 1);
-        hv.release_stalled = true;
-    }
+    let (mut h, vm) = binding_fails_unsure(43, true, ("list", 1000)).await;
     let s = h.advance_for(Duration::from_secs(120)).await;
     assert!(h.metrics.render().contains("runnervisor_bind_failures_total{"), "the binding failed: {s:#?}");
     assert!(h.hv.running().contains(&vm), "its runner's job runs on: {s:#?}");
     assert!(s.vms.iter().any(|v| v.name == vm && v.state == "busy"), "kept, busy: {s:#?}");
+    assert!(s.queued.iter().any(|q| q.job_id == 43), "still queued (its webhook is late), not given up: {s:#?}");
+    assert_eq!(h.store.load().unwrap().jobs[&43].failed_vms, 0, "the attempt given back");
+    assert!(!h.metrics.render().contains("runnervisor_jobs_failed_total{"), "{}", h.metrics.render());
+    h.run_job_on(&vm, 43);
+    h.wait("served by it", |s, hv| s.queued.is_empty() && !hv.lock().domains.contains_key(&vm)).await;
+    assert!(!h.metrics.render().contains("runnervisor_jobs_failed_total{"), "{}", h.metrics.render());
     h.shutdown().await;
+}
+
+/// The other side: a binding unsure whether its guest took the command, whose runner
+/// GitHub says is not busy, was the job's last attempt. No VM is made for the job while
+/// GitHub is asked (it fails twice), and the job is given up once its VM is gone.
+#[tokio::test(start_paused = true)]
+async fn a_binding_unsure_whether_its_guest_took_the_command_is_the_last_attempt_once_its_runner_is_idle() {
+    let (h, vm) = binding_fails_unsure(44, false, ("delete", 2)).await;
+    let s = h.advance_for(Duration::from_secs(120)).await;
+    assert!(s.vms.is_empty() && !h.hv.running().contains(&vm), "its vm is gone: {s:#?}");
+    assert!(s.queued.is_empty(), "given up: {s:#?}");
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_jobs_failed_total{pool=\"small\"} 1"), "{m}");
+    assert!(m.contains("runnervisor_vms_started_total{pool=\"small\"} 1"), "no second vm for the job: {m}");
+    assert_eq!(h.gh.lock().calls.iter().filter(|c| *c == "delete").count(), 3, "asked three times");
+    h.shutdown().await;
+}
+
+/// As above, but libvirt fails the destroy once GitHub said the runner is not busy: the
+/// job is given up then, not once libvirt lets the VM go (it would wait, with no VM).
+#[tokio::test(start_paused = true)]
+async fn a_last_attempt_stands_once_github_says_its_runner_is_idle_whatever_libvirt_does() {
+    let (h, vm) = binding_fails_unsure(46, false, ("delete", 1)).await;
+    h.wait_advancing("GitHub asked once", |_, _| h.gh.lock().calls.iter().any(|c| c == "delete")).await;
+    h.hv.lock().unavailable = true;
+    // (Its retry is due 10 s on; the one after, 20 s after that.)
+    let s = h.advance_for(Duration::from_secs(20)).await;
+    assert_eq!(h.gh.lock().calls.iter().filter(|c| *c == "delete").count(), 2, "asked again: {s:#?}");
+    assert!(s.queued.is_empty(), "given up: {s:#?}");
+    assert!(h.metrics.render().contains("runnervisor_jobs_failed_total{pool=\"small\"} 1"), "{}", h.metrics.render());
+    assert!(s.vms.iter().any(|v| v.name == vm), "its teardown is still to finish: {s:#?}");
+    h.hv.lock().unavailable = false;
+    h.wait_for("its vm gone", Duration::from_secs(600), |s, hv| s.vms.is_empty() && !hv.running().contains(&vm)).await;
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_vms_started_total{pool=\"small\"} 1"), "no second vm for the job: {m}");
+    // (Its retry destroys first, then deletes the runner once more: not found.)
+    assert_eq!(h.gh.lock().calls.iter().filter(|c| *c == "delete").count(), 3);
+    h.shutdown().await;
+}
+
+/// Job `job`'s cold VM (`max_attempts` 1) has its runner online, `busy` or not, and its
+/// binding is about to fail unsure whether the guest took the command (the delivery's
+/// acknowledgement lost, then the check of the guest's port panics); GitHub fails
+/// `failing` (a call, how many times).
+async fn binding_fails_unsure(job: u64, busy: bool, failing: (&'static str, u32)) -> (H, String) {
+    let mut h = harness("max_attempts = 1");
+    let vm = format!("rv-small-{job}");
+    deliver_stalled(&mut h, &vm, job).await;
+    h.gh.set_runner(&vm, true, busy);
+    h.gh.lock().fail_calls.insert(failing.0, failing.1);
+    let mut hv = h.hv.lock();
+    hv.panics.insert("guest_waiting", 1);
+    hv.release_stalled = true;
+    drop(hv);
+    (h, vm)
 }
 
 /// Queues `job` for `vm` (a warm VM waiting, or its own cold VM) and waits until its runner
