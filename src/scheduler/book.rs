@@ -225,6 +225,13 @@ impl Book {
         self.vms.values().any(|v| v.charged && v.job_id == id)
     }
 
+    /// Whether the job `j` waits on its last attempt (of `max_attempts`), whose VM's
+    /// teardown still asks GitHub about its runner: it needs no VM meanwhile, the attempt
+    /// stands (the job is given up) or is given back.
+    pub fn last_attempt_in_question(&self, j: &JobRec, max_attempts: u32) -> bool {
+        j.failed_vms >= max_attempts && self.charged_to(j.info.id)
+    }
+
     /// The pool's VMs, in every state (each holds a slot of its `max_vms`).
     pub fn vms_of<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a VmRec> + 'a {
         self.vms.values().filter(move |v| v.pool == pool)
@@ -318,5 +325,31 @@ mod tests {
         let b = book.batch();
         assert!(b.vms.is_empty());
         assert_eq!(b.remove_vms, ["rv-a-s0"], "the committed record goes");
+    }
+
+    /// A job waits on its last attempt only while it has none left and a VM charged to it
+    /// is being asked about (not a VM of its that is charged with no attempt spent).
+    #[test]
+    fn a_job_waits_on_its_last_attempt_only_when_spent_with_a_charged_vm() {
+        let t = SystemTime::UNIX_EPOCH;
+        let mut jobs = [job(1, "a", "o/r", JobState::Queued, 10), job(2, "a", "o/r", JobState::Queued, 10)];
+        jobs[0].failed_vms = 2;
+        jobs[1].failed_vms = 2;
+        let mut asked = vm("rv-a-1-1", "a", 1, VmState::TearingDown, t);
+        asked.charged = true;
+        let mut other = vm("rv-a-2-1", "a", 2, VmState::TearingDown, t);
+        other.charged = false;
+        let book = Book::new(
+            jobs.iter().cloned().map(|j| (j.info.id, j)).collect(),
+            [asked, other].into_iter().map(|v| (v.name.clone(), v)).collect(),
+        );
+        let cases = [(1, 2, true), (1, 3, false), (1, 1, true), (2, 2, false)];
+        for (id, max, waits) in cases {
+            assert_eq!(
+                book.last_attempt_in_question(&jobs[id as usize - 1], max),
+                waits,
+                "job {id}, max_attempts {max}"
+            );
+        }
     }
 }

@@ -511,10 +511,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let decision = {
             let mut unserved = self.book.unserved(&pool.name);
             // A job whose last attempt a teardown still asks GitHub about (its runner may
-            // be busy with it) gets no VM meanwhile: the attempt stands (the job is given
-            // up) or is given back.
+            // be busy with it) gets no VM meanwhile.
             let book = &self.book;
-            unserved.retain(|j| j.failed_vms < pool.max_attempts || !book.charged_to(j.info.id));
+            unserved.retain(|j| !book.last_attempt_in_question(j, pool.max_attempts));
             if let Some(fleet) = &self.fleet {
                 // Jobs another member holds are its to serve (counting stays fleet-wide:
                 // a runner of ours may still take one).
@@ -536,6 +535,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     for j in self.book.all_unserved() {
                         let Some(p) = j.pool.as_deref().filter(|p| *p != pool.name) else { continue };
                         if self.fleet.as_ref().is_some_and(|f| f.elsewhere(j.info.id, now)) {
+                            continue;
+                        }
+                        // (Nor is a job whose last attempt is in question: its pool makes
+                        // it no VM meanwhile, above.)
+                        let attempts = self.config.pool(p).map_or(1, |o| o.max_attempts);
+                        if self.book.last_attempt_in_question(j, attempts) {
                             continue;
                         }
                         *waiting.entry(p).or_default() += 1;

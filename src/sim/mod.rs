@@ -390,6 +390,7 @@ pub const REGRESSIONS: &[(u64, u32)] = &[
     (21836, 2000),
     (22899, 1000),
     (38932, 1000),
+    (48799, 1000),
     (111830, 665),
     (126780, 1000),
     (201072, 2000),
@@ -1243,15 +1244,18 @@ impl Sim {
                 // A domain's metadata says when its VM was made on the host's clock: those
                 // made before the step are read with the clock as it was.
                 self.see_domains();
+                let defined: BTreeSet<String> = self.fake.lock().domains.keys().cloned().collect();
                 self.time.step_host_clock(by);
-                // A VM on its way (recorded, its domain not defined yet) may write the time
-                // its record was made before the step into its domain, which the world
-                // reads after: how old it is the world cannot tell, the agent can.
-                if let Some(status) = self.status() {
-                    let fake = self.fake.lock();
+                // A VM on its way (recorded, its domain not defined before the step) may
+                // write the time its record was made before the step into its domain, which
+                // the world reads after: how old it is the world cannot tell, the agent can.
+                // (Judged by the agent's VMs now and the domains before the step: this
+                // turn's status may predate a VM, asking lets the agent define domains:
+                // seed 48799 of 1,000 steps.)
+                if let Some(status) = self.fresh_status() {
                     for v in status.vms {
                         let domain = v.slot.as_ref().unwrap_or(&v.name);
-                        if !fake.domains.contains_key(domain) {
+                        if !defined.contains(domain) {
                             self.skewed.insert(v.name);
                         }
                     }
