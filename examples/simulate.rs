@@ -75,6 +75,9 @@ fn parse() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other:?} (see the header of examples/simulate.rs)")),
         }
     }
+    if a.ledger.is_some() && (a.one.is_some() || a.regressions) {
+        return Err("--ledger is for runs of many seeds (--seeds, --first), not --seed or --regressions".into());
+    }
     Ok(a)
 }
 

@@ -1242,22 +1242,21 @@ impl Sim {
                     _ => Step(secs_by(self.rng.u64(60..=3 * 3600))),
                 };
                 // A domain's metadata says when its VM was made on the host's clock: those
-                // made before the step are read with the clock as it was.
+                // made before the step are read with the clock as it was. A VM on its way
+                // (recorded, its domain not defined yet) may write the time its record was
+                // made before the step into its domain, which the world reads after: how old
+                // it is the world cannot tell, the agent can. Judged by the agent's VMs and
+                // the domains as they are at the step (this turn's status may predate a VM:
+                // seed 48799 of 1,000 steps); one recorded after it is judged as any other.
+                let before = self.fresh_status();
                 self.see_domains();
                 let defined: BTreeSet<String> = self.fake.lock().domains.keys().cloned().collect();
                 self.time.step_host_clock(by);
-                // A VM on its way (recorded, its domain not defined before the step) may
-                // write the time its record was made before the step into its domain, which
-                // the world reads after: how old it is the world cannot tell, the agent can.
-                // (Judged by the agent's VMs now and the domains before the step: this
-                // turn's status may predate a VM, asking lets the agent define domains:
-                // seed 48799 of 1,000 steps.)
-                if let Some(status) = self.fresh_status() {
-                    for v in status.vms {
-                        let domain = v.slot.as_ref().unwrap_or(&v.name);
-                        if !defined.contains(domain) {
-                            self.skewed.insert(v.name);
-                        }
+                self.status_cache = None;
+                for v in before.map(|s| s.vms).unwrap_or_default() {
+                    let domain = v.slot.as_ref().unwrap_or(&v.name);
+                    if !defined.contains(domain) {
+                        self.skewed.insert(v.name);
                     }
                 }
                 // So may a binding under way into a boot restored into a slot describe it

@@ -289,6 +289,32 @@ async fn a_jobs_last_failed_vm_gives_it_up_once_the_other_one_is_known_idle() {
     h.shutdown().await;
 }
 
+/// As the first above, with the agent restarted while GitHub is still to say: that the
+/// first VM's attempt may be given back is in the store (`VmRec::charged`), so the job gets
+/// no third VM after the restart, and its attempt is given back once the runner turns out
+/// busy.
+#[tokio::test(start_paused = true)]
+async fn a_jobs_last_attempt_in_question_stays_so_across_a_restart() {
+    let h = last_attempt_failed_while_the_first_is_asked_about(75).await;
+    let clock = h.clock.clone();
+    let (gh, hv, store) = h.shutdown().await;
+    let h = restart_on_clock("registration_timeout = \"60s\"\nmax_attempts = 2", gh, hv, Some(store), clock);
+    h.gh.lock().fail_calls.insert("list", 1000);
+    h.gh.lock().fail_calls.insert("delete", 1000);
+    let s = h.advance_for(Duration::from_secs(60)).await;
+    assert!(s.queued.iter().any(|q| q.job_id == 75), "not given up after the restart: {s:#?}");
+    assert_eq!(h.hv.lock().started_total, 2, "no third VM after the restart: {s:#?}");
+    h.gh.set_runner("rv-small-75", true, true);
+    h.gh.lock().fail_calls.clear();
+    h.wait_for("the first VM kept", Duration::from_secs(600), |s, _| {
+        s.vms.iter().any(|v| v.name == "rv-small-75" && v.state == "busy")
+    })
+    .await;
+    assert_eq!(h.store.load().unwrap().jobs[&75].failed_vms, 1, "the first VM's attempt given back");
+    assert!(!h.metrics.render().contains("runnervisor_jobs_failed_total{"), "{}", h.metrics.render());
+    h.shutdown().await;
+}
+
 /// Job `job` (`max_attempts` 2) has had two VMs fail: the first, past its
 /// `registration_timeout`, is torn down once GitHub says whether its runner is busy (GitHub
 /// fails meanwhile); the second's guest powered off before its runner came online. The job
