@@ -369,10 +369,10 @@ impl Ledger {
                 "--ledger: run it through ./scripts/simulate with src/, examples/ and Cargo's files committed (RV_SIM_SOURCE={source:?}): a ledger counts a build's chunks only"
             ));
         }
-        let digest = (1..=4).fold(0xcbf2_9ce4_8422_2325u64, |h, seed| {
-            let out = run_seed(Options { seed, steps: steps_per_seed.min(1000), faults: true });
-            (h ^ digest(&out.trace)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let traces: Vec<String> = (1..=4)
+            .flat_map(|seed| run_seed(Options { seed, steps: steps_per_seed.min(1000), faults: true }).trace)
+            .collect();
+        let digest = digest(&traces);
         let mut ledger = Ledger {
             path: path.to_path_buf(),
             key: format!("{source}/{digest:016x}"),

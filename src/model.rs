@@ -322,6 +322,11 @@ impl VmRec {
         }
     }
 
+    /// Why it goes (its `reap` reason), for the log; "-" while it does not.
+    pub fn why(&self) -> &'static str {
+        self.reap.map_or("-", Reason::as_str)
+    }
+
     /// Whether it has a runner registration of its own at GitHub to ask about or delete:
     /// not once GitHub removed it (`runner_done`), never for a slot's VM.
     pub fn has_runner(&self) -> bool {

@@ -668,6 +668,11 @@ impl Config {
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.iter().find(|p| p.name == name)
     }
+
+    /// The `max_attempts` of pool `name`; 1 for a pool no longer configured.
+    pub fn max_attempts(&self, name: &str) -> u32 {
+        self.pool(name).map_or(1, |p| p.max_attempts)
+    }
 }
 
 #[cfg(test)]

@@ -230,7 +230,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         };
         job.failed_vms += 1;
         let id = job.info.id;
-        let max = self.config.pool(&vm.pool).map(|p| p.max_attempts).unwrap_or(1);
+        let max = self.config.max_attempts(&vm.pool);
         warn!(job_id = id, vm = %vm.name, reason = why, attempt = job.failed_vms, max_attempts = max, "vm failed before taking a job");
         self.book.touch_job(id);
         if !asking {
@@ -243,10 +243,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// unless a teardown still asks GitHub about the runner of a VM charged to it (which
     /// may be running it: its attempt would be given back).
     fn give_up_if_spent(&mut self, id: u64, pool: &str, why: &str) {
-        let max = self.config.pool(pool).map(|p| p.max_attempts).unwrap_or(1);
         if self.book.charged_to(id) {
             return;
         }
+        let max = self.config.max_attempts(pool);
         let Some(job) = self.book.jobs.get_mut(&id).filter(|j| j.state == JobState::Queued && j.failed_vms >= max)
         else {
             return;
@@ -330,7 +330,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if self.transition(&name, Input::KeptBusy)
                 && let Some(vm) = self.book.vms.get_mut(&name)
             {
-                let reason = vm.reap.take().map(|r| r.as_str()).unwrap_or("-");
+                let reason = vm.why();
+                vm.reap = None;
                 info!(vm = %name, reason, "its runner turned out busy at GitHub: the vm is kept");
                 if std::mem::take(&mut vm.charged) {
                     // It did not fail: the attempt it was charged is given back.
@@ -349,7 +350,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // Its runner was not busy: the attempt it was charged stands, whether or not
             // the rest of the teardown did.
             vm.charged = false;
-            let (id, pool, why) = (vm.job_id, vm.pool.clone(), vm.reap.map(|r| r.as_str()).unwrap_or("-"));
+            let (id, pool, why) = (vm.job_id, vm.pool.clone(), vm.why());
             self.book.touch_vm(&name);
             self.give_up_if_spent(id, &pool, why);
         }
@@ -363,7 +364,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     // No busy runner turned up before it went (one a guest registers
                     // itself was not found; a restart's retry did not ask): the attempt it
                     // was charged stands.
-                    self.give_up_if_spent(vm.job_id, &vm.pool, vm.reap.map(|r| r.as_str()).unwrap_or("-"));
+                    self.give_up_if_spent(vm.job_id, &vm.pool, vm.why());
                 }
                 if vm.runner_id.is_none() && vm.has_runner() {
                     // Registered by its guest (a registration token), its runner may show

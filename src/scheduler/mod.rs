@@ -539,8 +539,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         }
                         // (Nor is a job whose last attempt is in question: its pool makes
                         // it no VM meanwhile, above.)
-                        let attempts = self.config.pool(p).map_or(1, |o| o.max_attempts);
-                        if self.book.last_attempt_in_question(j, attempts) {
+                        if self.book.last_attempt_in_question(j, self.config.max_attempts(p)) {
                             continue;
                         }
                         *waiting.entry(p).or_default() += 1;
