@@ -121,6 +121,8 @@ pub struct Hook {
     pub action: String,
     pub body: String,
     pub redelivery: bool,
+    /// GitHub's own duplicate of a delivery it made, sent later (not in its log again).
+    pub copy: bool,
 }
 
 /// What a scale set's message says of a job.
@@ -141,6 +143,9 @@ pub enum Fault {
     Timeout,
     /// 403 with the rate limit spent, for a while.
     RateLimit,
+    /// The call takes effect, and its answer is lost: the client's timeout passes (a runner
+    /// registered, or deleted, that the agent does not know of).
+    LostAnswer,
 }
 
 #[derive(Debug)]
@@ -176,6 +181,10 @@ pub struct Hub {
     /// A set acquired jobs: the world's next turn is now (an idle runner of the set takes
     /// one then, as GitHub assigns it at once).
     pub nudge: bool,
+    /// The draws of the later faults (deliveries of a started or ended job minutes late,
+    /// duplicates sent later, answers lost after their call took effect), a stream of their
+    /// own so that the world's other draws stay as they were; `None`: no faults.
+    pub late: Option<fastrand::Rng>,
 }
 
 impl Hub {
@@ -202,6 +211,7 @@ impl Hub {
             next_session: 0,
             next_request: 0,
             nudge: false,
+            late: None,
         }
     }
 
@@ -389,7 +399,15 @@ impl Hub {
     }
 
     /// A `workflow_job` delivery of the job as it is now, posted after `delay`.
-    pub fn emit(&mut self, id: u64, action: &str, delay: Duration) {
+    pub fn emit(&mut self, id: u64, action: &str, mut delay: Duration) {
+        // A started or ended job's delivery minutes late now and then (a queued one's delay
+        // the world draws).
+        if action != "queued"
+            && let Some(r) = self.late.as_mut()
+            && r.u8(0..30) == 0
+        {
+            delay = Duration::from_secs(r.u64(30..=1200));
+        }
         let info = self.info(id);
         let body = serde_json::json!({
             "action": action,
@@ -405,7 +423,7 @@ impl Hub {
         self.next_delivery += 1;
         let guid = format!("g{id}-{}", self.next_delivery);
         self.bodies.insert(guid.clone(), body.clone());
-        let hook = Hook { id: self.next_delivery, guid, action: action.into(), body, redelivery: false };
+        let hook = Hook { id: self.next_delivery, guid, action: action.into(), body, redelivery: false, copy: false };
         self.outbox.push((self.time.now() + delay, hook));
     }
 
@@ -434,8 +452,9 @@ impl Hub {
         });
     }
 
-    /// Whether a call fails, and how (drawn before the call's effect).
-    fn fault(&mut self, path: &str, api: bool) -> Result<(), (GhError, Duration)> {
+    /// Whether a call fails, and how (drawn before the call's effect): `Ok(true)`, it takes
+    /// effect and its answer is lost.
+    fn fault(&mut self, path: &str, api: bool) -> Result<bool, (GhError, Duration)> {
         let now = self.time.now();
         // The REST API's limit holds back its own calls only (the Actions service's limits
         // are its own: a 429 answered there holds nothing here).
@@ -451,13 +470,14 @@ impl Hub {
         // The REST API's calls count toward its rate limit; the Actions service's do not.
         self.calls += u64::from(api);
         *self.calls_by.entry(path.to_string()).or_default() += 1;
-        let Some((kind, left)) = self.fault.as_mut() else { return Ok(()) };
+        let Some((kind, left)) = self.fault.as_mut() else { return Ok(false) };
         *left -= 1;
         let kind = *kind;
         if *left == 0 {
             self.fault = None;
         }
         Err(match kind {
+            Fault::LostAnswer => return Ok(true),
             Fault::ServerError => (
                 GhError::Status { method: "X".into(), path: path.into(), status: 502, message: "injected".into() },
                 Duration::ZERO,
@@ -496,14 +516,37 @@ impl SimGitHub {
     }
 
     /// Enters a call of the REST API (`api`) or of the Actions service (whose calls do not
-    /// count toward the API's rate limit).
+    /// count toward the API's rate limit). A call that only reads: an answer lost is a
+    /// timeout.
     pub(super) async fn enter_as(&self, path: &str, api: bool) -> Result<std::sync::MutexGuard<'_, Hub>, GhError> {
+        if let (hub, false) = self.enter_effect(path, api).await? {
+            return Ok(hub);
+        }
+        self.lost_answer(path).await
+    }
+
+    /// A call that changes GitHub: `effect` made under the hub's lock, its answer lost
+    /// after it now and then (a fault).
+    async fn call<T>(&self, path: &str, effect: impl FnOnce(&mut Hub) -> Result<T, GhError>) -> Result<T, GhError> {
+        let (made, lost) = {
+            let (mut hub, lost) = self.enter_effect(path, true).await?;
+            (effect(&mut hub), lost)
+        };
+        if lost && made.is_ok() {
+            return self.lost_answer(path).await;
+        }
+        made
+    }
+
+    /// Enters a call; `true`: it takes effect and its answer is lost (then
+    /// [`SimGitHub::lost_answer`] is its answer).
+    async fn enter_effect(&self, path: &str, api: bool) -> Result<(std::sync::MutexGuard<'_, Hub>, bool), GhError> {
         if self.disk.dead() {
             std::future::pending::<()>().await;
         }
         let fault = self.lock().fault(path, api);
         match fault {
-            Ok(()) => Ok(self.lock()),
+            Ok(lost) => Ok((self.lock(), lost)),
             Err((e, delay)) => {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
@@ -512,34 +555,44 @@ impl SimGitHub {
             }
         }
     }
+
+    /// The answer of a call whose effect is made and whose answer is lost: the client's
+    /// timeout passes.
+    async fn lost_answer<T>(&self, path: &str) -> Result<T, GhError> {
+        let timeout = self.lock().api_timeout;
+        tokio::time::sleep(timeout).await;
+        Err(GhError::Transport { method: "X".into(), path: path.into(), message: "timed out (answer lost)".into() })
+    }
 }
 
 impl GitHub for SimGitHub {
     async fn generate_jit_config(&self, name: &str, labels: &[String], _group: u64) -> Result<JitRunner, GhError> {
-        let mut hub = self.enter("jit").await?;
-        if hub.runner_named(name).is_some() {
-            return Err(GhError::Status {
-                method: "POST".into(),
-                path: "generate-jitconfig".into(),
-                status: 409,
-                message: "Already exists - A runner with the same name already exists".into(),
-            });
-        }
-        hub.next_runner += 1;
-        let id = hub.next_runner;
-        hub.runners.insert(
-            id,
-            Runner {
+        self.call("jit", |hub| {
+            if hub.runner_named(name).is_some() {
+                return Err(GhError::Status {
+                    method: "POST".into(),
+                    path: "generate-jitconfig".into(),
+                    status: 409,
+                    message: "Already exists - A runner with the same name already exists".into(),
+                });
+            }
+            hub.next_runner += 1;
+            let id = hub.next_runner;
+            hub.runners.insert(
                 id,
-                name: name.into(),
-                labels: label_set(labels),
-                online: false,
-                job: None,
-                by_token: false,
-                scale_set: None,
-            },
-        );
-        Ok(JitRunner { runner_id: id, encoded: Secret::new(crate::github::fake::encoded_jit_config(id, name)) })
+                Runner {
+                    id,
+                    name: name.into(),
+                    labels: label_set(labels),
+                    online: false,
+                    job: None,
+                    by_token: false,
+                    scale_set: None,
+                },
+            );
+            Ok(JitRunner { runner_id: id, encoded: Secret::new(crate::github::fake::encoded_jit_config(id, name)) })
+        })
+        .await
     }
 
     async fn registration_token(&self) -> Result<Secret, GhError> {
@@ -572,7 +625,7 @@ impl GitHub for SimGitHub {
     }
 
     async fn delete_runner(&self, id: u64) -> Result<Deleted, GhError> {
-        Ok(self.enter("delete runner").await?.delete_runner(id))
+        self.call("delete runner", |hub| Ok(hub.delete_runner(id))).await
     }
 
     async fn job_status(&self, _repo: &str, job_id: u64) -> Result<Option<JobStatus>, GhError> {
@@ -603,23 +656,31 @@ impl GitHub for SimGitHub {
     }
 
     async fn redeliver(&self, id: u64) -> Result<(), GhError> {
-        let mut hub = self.enter("redeliver").await?;
-        let Some(d) = hub.log.iter().find(|d| d.id == id).cloned() else {
-            return Err(GhError::Status {
-                method: "POST".into(),
-                path: "attempts".into(),
-                status: 404,
-                message: "no such delivery".into(),
-            });
-        };
-        // The same payload again, under the same guid, as a delivery of its own.
-        let Some(body) = hub.bodies.get(&d.guid).cloned() else { return Ok(()) };
-        hub.next_delivery += 1;
-        let hook =
-            Hook { id: hub.next_delivery, guid: d.guid, action: d.action.unwrap_or_default(), body, redelivery: true };
-        let due = hub.time.now() + Duration::from_millis(500);
-        hub.outbox.push((due, hook));
-        Ok(())
+        self.call("redeliver", |hub| {
+            let Some(d) = hub.log.iter().find(|d| d.id == id).cloned() else {
+                return Err(GhError::Status {
+                    method: "POST".into(),
+                    path: "attempts".into(),
+                    status: 404,
+                    message: "no such delivery".into(),
+                });
+            };
+            // The same payload again, under the same guid, as a delivery of its own.
+            let Some(body) = hub.bodies.get(&d.guid).cloned() else { return Ok(()) };
+            hub.next_delivery += 1;
+            let hook = Hook {
+                id: hub.next_delivery,
+                guid: d.guid,
+                action: d.action.unwrap_or_default(),
+                body,
+                redelivery: true,
+                copy: false,
+            };
+            let due = hub.time.now() + Duration::from_millis(500);
+            hub.outbox.push((due, hook));
+            Ok(())
+        })
+        .await
     }
 
     async fn hook_ranges(&self) -> Result<Vec<ipnet::IpNet>, GhError> {

@@ -151,6 +151,8 @@ const ANY_RUNNER: &[&str] = &["self-hosted"];
 const SCALE_SET: &str = "scale";
 /// Mixed into the seed for the draws of the scale-set pool.
 const SCALE_SET_STREAM: u64 = 0x5ca1_e5e7_0000_0001;
+/// Mixed into the seed for the draws of the later faults (`Hub::late`).
+const LATE_STREAM: u64 = 0x1a7e_0000_0000_0002;
 
 /// One incarnation of the agent: its runtime (dropped: killed at whatever await point
 /// each task was), and the handles the simulator drives it by.
@@ -243,8 +245,8 @@ struct Sim {
     waited_checked: Option<Duration>,
     idle_timeouts: BTreeMap<String, Duration>,
     /// Every pool the run configured, with its labels (a pool a reload adds has a name
-    /// and labels none had).
-    pools_ever: Vec<(String, Vec<String>)>,
+    /// and labels none had) and its max_lifetime.
+    pools_ever: Vec<(String, Vec<String>, Duration)>,
     /// The agent's status, until its runtime runs again (the checks of a step ask for it
     /// several times; each ask was a turn of the agent).
     status_cache: Option<Status>,
@@ -451,6 +453,7 @@ impl Sim {
             ))),
             disk: disk.clone(),
         };
+        hub.lock().late = opts.faults.then(|| Rng::with_seed(opts.seed ^ LATE_STREAM));
         let (tx, _rx) = mpsc::unbounded_channel();
         let fake = Arc::new(FakeHypervisor::new(tx));
         fake.lock().forget_seeds = true;
@@ -520,7 +523,7 @@ impl Sim {
         };
         for p in &sim.config.pools {
             sim.idle_timeouts.insert(p.name.clone(), p.idle_timeout);
-            sim.pools_ever.push((p.name.clone(), p.labels.clone()));
+            sim.pools_ever.push((p.name.clone(), p.labels.clone(), p.max_lifetime));
         }
         sim.note(format!("world: {}", sim.describe_config()));
         sim
@@ -882,7 +885,14 @@ impl Sim {
             let bound = self.hv.arm().made.get(&boot).map(|m| now.saturating_sub(*m));
             let age = bound.unwrap_or(made.unwrap_or(seen).max(seen));
             let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
-            let life = self.config.pools.iter().find(|p| p.name == pool).map(|p| p.max_lifetime);
+            // A pool a reload removed lets its VMs' jobs finish (the agent retires it, on its
+            // own timers or, restarted since, on a retired pool's).
+            let life = match self.config.pools.iter().find(|p| p.name == pool) {
+                Some(p) => Some(p.max_lifetime),
+                None => {
+                    self.pools_ever.iter().find(|(n, _, _)| *n == pool).map(|(_, _, l)| (*l).min(retired_lifetime()))
+                }
+            };
             let by_fault = self.killed.contains(&(domain.clone(), boot))
                 || self.skewed.contains(&runner)
                 || self.skewed_boots.contains(&boot);
@@ -1003,7 +1013,17 @@ impl Sim {
         due.sort_by_key(|(t, h)| (*t, h.id));
         for (_, hook) in due {
             let lost = self.opts.faults && self.rng.u8(0..25) == 0;
-            let twice = self.opts.faults && self.rng.u8(0..25) == 0;
+            let mut twice = self.opts.faults && self.rng.u8(0..25) == 0;
+            // Half of GitHub's duplicates come later, up to ten minutes (after a restart of
+            // the agent, a reload, the job's next delivery).
+            if twice {
+                let mut hub = self.hub.lock();
+                if let Some(later) = hub.late.as_mut().and_then(|r| r.bool().then(|| r.u64(1..=600))) {
+                    twice = false;
+                    let copy = github::Hook { copy: true, ..hook.clone() };
+                    hub.outbox.push((now + Duration::from_secs(later), copy));
+                }
+            }
             self.post_hook(app, &hook, lost, twice).await;
         }
     }
@@ -1019,7 +1039,10 @@ impl Sim {
             self.note(format!("delivery {} ({} {}) answered {code}", hook.id, hook.guid, hook.action));
         }
         let mut hub = self.hub.lock();
-        hub.logged(hook, code);
+        // GitHub's own duplicate is not in its log twice.
+        if !hook.copy {
+            hub.logged(hook, code);
+        }
         hub.answered(hook, code);
         hub.answered(hook, again);
     }
@@ -1161,13 +1184,17 @@ impl Sim {
         let now = self.t;
         let what = match f {
             Fault::GitHub5xx | Fault::GitHubTimeout | Fault::GitHubRateLimit => {
+                let mut hub = self.hub.lock();
                 let kind = match f {
                     Fault::GitHub5xx => GhFault::ServerError,
+                    // Half the timeouts come after the call took effect.
+                    Fault::GitHubTimeout if hub.late.as_mut().is_some_and(|r| r.bool()) => GhFault::LostAnswer,
                     Fault::GitHubTimeout => GhFault::Timeout,
                     _ => GhFault::RateLimit,
                 };
                 let n = self.rng.u32(1..=6);
-                self.hub.lock().fault = Some((kind, n));
+                hub.fault = Some((kind, n));
+                drop(hub);
                 format!("GitHub: next {n} calls {kind:?}")
             }
             Fault::HvFail => {
@@ -1306,9 +1333,11 @@ impl Sim {
         let unused_labels: Vec<&[&str]> = LABEL_SETS
             .iter()
             .copied()
-            .filter(|l| !self.pools_ever.iter().any(|(_, labels)| crate::model::label_set(labels) == label_set_of(l)))
+            .filter(|l| {
+                !self.pools_ever.iter().any(|(_, labels, _)| crate::model::label_set(labels) == label_set_of(l))
+            })
             .collect();
-        let unused_name = POOL_NAMES.iter().find(|n| !self.pools_ever.iter().any(|(p, _)| p == *n));
+        let unused_name = POOL_NAMES.iter().find(|n| !self.pools_ever.iter().any(|(p, _, _)| p == *n));
         // A scale-set pool stays as it is (a reload that adds, removes or changes one waits
         // for a restart).
         let webhook: Vec<usize> = (0..config.pools.len()).filter(|i| config.pools[*i].scale_set().is_none()).collect();
@@ -1347,8 +1376,8 @@ impl Sim {
             return;
         }
         for p in &config.pools {
-            if !self.pools_ever.iter().any(|(n, _)| n == &p.name) {
-                self.pools_ever.push((p.name.clone(), p.labels.clone()));
+            if !self.pools_ever.iter().any(|(n, _, _)| n == &p.name) {
+                self.pools_ever.push((p.name.clone(), p.labels.clone(), p.max_lifetime));
             }
         }
         let config = Arc::new(config);
@@ -1863,6 +1892,22 @@ impl Sim {
                 return Err(why);
             }
         }
+        // Nor does the agent still queue a job GitHub ended (whose end it missed): it would
+        // make VMs for it.
+        let ended: BTreeSet<u64> = {
+            let hub = self.hub.lock();
+            hub.jobs
+                .values()
+                .filter(|j| matches!(j.status, GStatus::Completed(_)))
+                .map(|j| hub.agent_id(j.id))
+                .collect()
+        };
+        if !ended.is_empty() {
+            let Some(status) = self.status() else { return Err("the agent gives no status".into()) };
+            if let Some(q) = status.queued.iter().find(|q| ended.contains(&q.job_id)) {
+                return Err(format!("the agent still queues job {}, which GitHub ended", q.job_id));
+            }
+        }
         let pools: BTreeSet<&str> = self.config.pools.iter().filter(|p| !p.retiring).map(|p| p.name.as_str()).collect();
         let hub = self.hub.lock();
         if let Some(r) = hub.runners.values().next() {
@@ -1961,6 +2006,22 @@ impl Sim {
             match snap.jobs.get(&agent_id).map(|j| &j.state) {
                 Some(crate::model::JobState::Abandoned { .. }) => {}
                 other => return self.violate(format!("job {id}: queued at GitHub, in the store {other:?}")),
+            }
+        }
+        // No job of a pool is kept waiting in the store once GitHub ended it (one kept
+        // running, its ended delivery lost, holds nothing and goes with its history).
+        let ended: BTreeMap<u64, u64> = {
+            let hub = self.hub.lock();
+            hub.jobs
+                .values()
+                .filter(|j| matches!(j.status, GStatus::Completed(_)))
+                .map(|j| (hub.agent_id(j.id), j.id))
+                .collect()
+        };
+        for (agent_id, rec) in &snap.jobs {
+            let queued = rec.state == crate::model::JobState::Queued;
+            if let (true, Some(_), Some(id)) = (queued, &rec.pool, ended.get(agent_id)) {
+                return self.violate(format!("job {id}: ended at GitHub, in the store {:?}", rec.state));
             }
         }
         let s = self.fake.lock();

@@ -305,3 +305,38 @@ fn a_vm_on_its_way_at_a_clock_step_is_judged_by_when_it_was_seen() {
     assert_eq!(sim.violation, None);
     sim.end();
 }
+
+/// A call whose answer is lost took effect all the same: the runner GitHub registered (or
+/// deleted) is there (or gone) while the agent's client saw its timeout pass; a read so
+/// faulted is a timeout.
+#[test]
+fn a_call_whose_answer_is_lost_takes_effect() {
+    use crate::github::GitHub;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    let time = Time::default();
+    let api_timeout = Duration::from_secs(30);
+    let hub = SimGitHub {
+        hub: Arc::new(std::sync::Mutex::new(Hub::new(
+            time.clone(),
+            api_timeout,
+            crate::config::Scope::Organization("octo-org".into()),
+        ))),
+        disk: disk::Disk::default(),
+    };
+    rt.block_on(async {
+        time.start_incarnation(Duration::ZERO);
+        hub.lock().fault = Some((GhFault::LostAnswer, 3));
+        let labels = vec!["self-hosted".to_string()];
+        let before = tokio::time::Instant::now();
+        let made = hub.generate_jit_config("rv-a-1", &labels, 1).await;
+        assert!(matches!(made, Err(crate::github::GhError::Transport { .. })), "{made:?}");
+        assert_eq!(before.elapsed(), api_timeout, "the client's timeout passed");
+        let id = hub.lock().runner_named("rv-a-1").map(|r| r.id).expect("registered all the same");
+        assert!(hub.list_runners().await.is_err(), "a read: a timeout");
+        assert!(hub.delete_runner(id).await.is_err());
+        assert!(hub.lock().runner_named("rv-a-1").is_none(), "deleted all the same");
+        assert!(hub.lock().fault.is_none(), "three calls faulted");
+        assert!(hub.list_runners().await.is_ok());
+        time.end_incarnation();
+    });
+}
