@@ -202,6 +202,9 @@ struct Sim {
     /// Boots of domains the world stopped (a crash, a full disk): a job lost on them is the
     /// fault's (a slot's domain restored later runs another VM, which is judged).
     killed: BTreeSet<(String, usize)>,
+    /// Domains stopped (their guest powered off or crashed), since when (see
+    /// `check_stopped`).
+    stopped_since: BTreeMap<String, Duration>,
     /// VMs on their way when the host's clock was stepped, and boots restored into a slot
     /// not yet described by their binding then: how old they are the world cannot tell
     /// (see `Fault::ClockStep`), so a job lost on them is not judged.
@@ -495,6 +498,7 @@ impl Sim {
             delivered_seen: 0,
             completions: Vec::new(),
             killed: BTreeSet::new(),
+            stopped_since: BTreeMap::new(),
             skewed: BTreeSet::new(),
             skewed_boots: BTreeSet::new(),
             api_calls: std::collections::VecDeque::new(),
@@ -988,7 +992,8 @@ impl Sim {
             // Its guest powers off (unless its boot ended: a domain of its name may run another
             // VM); libvirt's event is lost now and then.
             if let Some(domain) = guest.filter(|g| self.fake.lock().runs_in(&g.domain, g.boot)).map(|g| g.domain) {
-                if self.opts.faults && self.rng.u8(0..10) == 0 {
+                // No event reaches the agent while libvirt is away (its connection is gone).
+                if (self.opts.faults && self.rng.u8(0..10) == 0) || self.fake.lock().unavailable {
                     if let Some(d) = self.fake.lock().domains.get_mut(&domain) {
                         d.0 = DomainState::Stopped;
                     }
@@ -1247,7 +1252,7 @@ impl Sim {
                 let d = running[self.rng.usize(0..running.len())].clone();
                 let boot = self.fake.lock().boot_of(&d).expect("drawn from the running domains");
                 self.killed.insert((d.clone(), boot));
-                let event = self.rng.bool();
+                let event = self.rng.bool() && !self.fake.lock().unavailable;
                 if f == Fault::VmCrash {
                     if event {
                         self.fake.stop(&d);
@@ -1402,6 +1407,38 @@ impl Sim {
         self.config = config;
     }
 
+    /// Once the world healed, a stopped domain (its guest powered off or crashed, libvirt's
+    /// event lost or not) is torn down within two sweeps and some slack (a teardown in
+    /// hand, a start that hung until then): the sweep reaps what no event told of, long
+    /// before `max_lifetime` would.
+    fn check_stopped(&mut self, now: Duration) {
+        let stopped: BTreeSet<String> = {
+            let fake = self.fake.lock();
+            fake.domains
+                .iter()
+                .filter(|(_, (state, _))| *state == DomainState::Stopped)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        self.stopped_since.retain(|d, _| stopped.contains(d));
+        for d in stopped {
+            self.stopped_since.entry(d).or_insert(now);
+        }
+        let Some(settled) = self.settled_at else { return };
+        let bound = self.config.reconcile.sweep_interval * 2 + Duration::from_secs(600);
+        let late = self.stopped_since.iter().find(|(_, since)| now.saturating_sub((**since).max(settled)) > bound);
+        if let Some((d, since)) = late {
+            let what = format!(
+                "domain {d} stopped at {} is still there at {}, the world healed at {} (bound {})",
+                secs(*since),
+                secs(now),
+                secs(settled),
+                secs(bound)
+            );
+            self.violate(what);
+        }
+    }
+
     /// Notes the domains not seen before: when, their pool, and when their VM was made.
     fn see_domains(&mut self) {
         let now = self.t;
@@ -1501,6 +1538,10 @@ impl Sim {
             && domains.len() > cap
         {
             return self.violate(format!("{} VMs on the host, more than capacity.max_vms {cap}", domains.len()));
+        }
+        self.check_stopped(now);
+        if self.violation.is_some() {
+            return;
         }
         if let Some(settled) = self.settled_at {
             self.check_surplus(now, settled);
