@@ -532,6 +532,8 @@ impl SimGitHub {
             let (mut hub, lost) = self.enter_effect(path, true).await?;
             (effect(&mut hub), lost)
         };
+        // A call GitHub refused (409, 404) is answered so, fault or not: only an effect
+        // made can have its answer lost.
         if lost && made.is_ok() {
             return self.lost_answer(path).await;
         }

@@ -202,9 +202,9 @@ struct Sim {
     /// Boots of domains the world stopped (a crash, a full disk): a job lost on them is the
     /// fault's (a slot's domain restored later runs another VM, which is judged).
     killed: BTreeSet<(String, usize)>,
-    /// Domains stopped (their guest powered off or crashed), since when (see
-    /// `check_stopped`).
-    stopped_since: BTreeMap<String, Duration>,
+    /// Domains stopped (their guest powered off or crashed), by boot (a slot's domain
+    /// comes back under its name), since when (see `check_stopped`).
+    stopped_since: BTreeMap<(String, usize), Duration>,
     /// VMs on their way when the host's clock was stepped, and boots restored into a slot
     /// not yet described by their binding then: how old they are the world cannot tell
     /// (see `Fault::ClockStep`), so a job lost on them is not judged.
@@ -1017,8 +1017,10 @@ impl Sim {
         };
         due.sort_by_key(|(t, h)| (*t, h.id));
         for (_, hook) in due {
-            let lost = self.opts.faults && self.rng.u8(0..25) == 0;
-            let mut twice = self.opts.faults && self.rng.u8(0..25) == 0;
+            // GitHub's duplicate sent later is posted as it is (its faults were drawn with
+            // the delivery it copies; the world's own stream draws nothing for it).
+            let lost = !hook.copy && self.opts.faults && self.rng.u8(0..25) == 0;
+            let mut twice = !hook.copy && self.opts.faults && self.rng.u8(0..25) == 0;
             // Half of GitHub's duplicates come later, up to ten minutes (after a restart of
             // the agent, a reload, the job's next delivery).
             if twice {
@@ -1412,12 +1414,12 @@ impl Sim {
     /// hand, a start that hung until then): the sweep reaps what no event told of, long
     /// before `max_lifetime` would.
     fn check_stopped(&mut self, now: Duration) {
-        let stopped: BTreeSet<String> = {
+        let stopped: BTreeSet<(String, usize)> = {
             let fake = self.fake.lock();
             fake.domains
                 .iter()
                 .filter(|(_, (state, _))| *state == DomainState::Stopped)
-                .map(|(n, _)| n.clone())
+                .map(|(n, _)| (n.clone(), fake.boots.get(n).copied().unwrap_or_default()))
                 .collect()
         };
         self.stopped_since.retain(|d, _| stopped.contains(d));
@@ -1427,7 +1429,7 @@ impl Sim {
         let Some(settled) = self.settled_at else { return };
         let bound = self.config.reconcile.sweep_interval * 2 + Duration::from_secs(600);
         let late = self.stopped_since.iter().find(|(_, since)| now.saturating_sub((**since).max(settled)) > bound);
-        if let Some((d, since)) = late {
+        if let Some(((d, _), since)) = late {
             let what = format!(
                 "domain {d} stopped at {} is still there at {}, the world healed at {} (bound {})",
                 secs(*since),
@@ -1771,6 +1773,8 @@ impl Sim {
         let mut ended = self.jobs_ended();
         let quiet_faults = self.opts.faults;
         self.opts.faults = false;
+        // Nor are deliveries late any more.
+        self.hub.lock().late = None;
         let mut last;
         // At rest twice in a row, 10 s apart: what the agent took in just before a check
         // may not be in its status yet (a scale-set job acknowledged, its event in the
