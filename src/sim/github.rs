@@ -452,6 +452,11 @@ impl Hub {
         });
     }
 
+    /// No answer to a call on `path`: the client's timeout passes, then it fails.
+    fn timed_out(&self, path: &str) -> (GhError, Duration) {
+        (GhError::Transport { method: "X".into(), path: path.into(), message: "timed out".into() }, self.api_timeout)
+    }
+
     /// Whether a call fails, and how (drawn before the call's effect): `Ok(true)`, it takes
     /// effect and its answer is lost.
     fn fault(&mut self, path: &str, api: bool) -> Result<bool, (GhError, Duration)> {
@@ -482,10 +487,7 @@ impl Hub {
                 GhError::Status { method: "X".into(), path: path.into(), status: 502, message: "injected".into() },
                 Duration::ZERO,
             ),
-            Fault::Timeout => (
-                GhError::Transport { method: "X".into(), path: path.into(), message: "timed out".into() },
-                self.api_timeout,
-            ),
+            Fault::Timeout => self.timed_out(path),
             Fault::RateLimit => {
                 if api {
                     self.rate_limited_until = Some(now + Duration::from_secs(120));
@@ -549,22 +551,24 @@ impl SimGitHub {
         let fault = self.lock().fault(path, api);
         match fault {
             Ok(lost) => Ok((self.lock(), lost)),
-            Err((e, delay)) => {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e)
-            }
+            Err(failed) => answer(failed).await,
         }
     }
 
     /// The answer of a call whose effect is made and whose answer is lost: the client's
-    /// timeout passes.
+    /// timeout passes, as for a call that never reached GitHub.
     async fn lost_answer<T>(&self, path: &str) -> Result<T, GhError> {
-        let timeout = self.lock().api_timeout;
-        tokio::time::sleep(timeout).await;
-        Err(GhError::Transport { method: "X".into(), path: path.into(), message: "timed out (answer lost)".into() })
+        let timed_out = self.lock().timed_out(path);
+        answer(timed_out).await
     }
+}
+
+/// A failed call's answer: its error, once its delay (a timeout's) has passed.
+async fn answer<T>((e, delay): (GhError, Duration)) -> Result<T, GhError> {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    Err(e)
 }
 
 impl GitHub for SimGitHub {

@@ -1881,9 +1881,20 @@ impl Sim {
         open.filter(|j| j.pool.as_deref().is_some_and(|p| pools.contains(p)) && !unheard(j)).map(|j| j.id).collect()
     }
 
+    /// The jobs ended on GitHub: each one's id in the agent (a scale set's request's),
+    /// with its own.
+    fn ended_jobs(&self) -> BTreeMap<u64, u64> {
+        let hub = self.hub.lock();
+        hub.jobs
+            .values()
+            .filter(|j| matches!(j.status, GStatus::Completed(_)))
+            .map(|j| (hub.agent_id(j.id), j.id))
+            .collect()
+    }
+
     /// How many jobs have ended on GitHub (progress while settling).
     fn jobs_ended(&self) -> usize {
-        self.hub.lock().jobs.values().filter(|j| matches!(j.status, GStatus::Completed(_))).count()
+        self.ended_jobs().len()
     }
 
     /// Whether the world is at rest: every job of a pool ended, nothing left over.
@@ -1939,17 +1950,10 @@ impl Sim {
         }
         // Nor does the agent still queue a job GitHub ended (whose end it missed): it would
         // make VMs for it.
-        let ended: BTreeSet<u64> = {
-            let hub = self.hub.lock();
-            hub.jobs
-                .values()
-                .filter(|j| matches!(j.status, GStatus::Completed(_)))
-                .map(|j| hub.agent_id(j.id))
-                .collect()
-        };
+        let ended = self.ended_jobs();
         if !ended.is_empty() {
             let Some(status) = self.status() else { return Err("the agent gives no status".into()) };
-            if let Some(q) = status.queued.iter().find(|q| ended.contains(&q.job_id)) {
+            if let Some(q) = status.queued.iter().find(|q| ended.contains_key(&q.job_id)) {
                 return Err(format!("the agent still queues job {}, which GitHub ended", q.job_id));
             }
         }
@@ -2055,14 +2059,7 @@ impl Sim {
         }
         // No job of a pool is kept waiting in the store once GitHub ended it (one kept
         // running, its ended delivery lost, holds nothing and goes with its history).
-        let ended: BTreeMap<u64, u64> = {
-            let hub = self.hub.lock();
-            hub.jobs
-                .values()
-                .filter(|j| matches!(j.status, GStatus::Completed(_)))
-                .map(|j| (hub.agent_id(j.id), j.id))
-                .collect()
-        };
+        let ended = self.ended_jobs();
         for (agent_id, rec) in &snap.jobs {
             let queued = rec.state == crate::model::JobState::Queued;
             if let (true, Some(_), Some(id)) = (queued, &rec.pool, ended.get(agent_id)) {
