@@ -340,3 +340,51 @@ fn a_call_whose_answer_is_lost_takes_effect() {
         time.end_incarnation();
     });
 }
+
+/// A libvirt call that hangs from before the world healed holds the agent back after it
+/// (a sweep must answer before VMs are made or reaped again): a runner is surplus only
+/// from when the last such call answers. (Seeds 49846 and 55044 of 1,000 steps: a listing
+/// hung 258 s and 262 s past the healing; the runner was reaped its idle_timeout after it,
+/// and the world called that too late.) The hang's end is what the drawn latencies say.
+#[test]
+fn a_runner_is_surplus_once_a_call_hung_before_the_healing_answers() {
+    use crate::hypervisor::Hypervisor;
+    let mut sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
+    // The agent's first call (its start's listing) is slow.
+    sim.slow.store(1, Ordering::Relaxed);
+    sim.start(Duration::ZERO);
+    sim.advance(Duration::from_secs(1));
+    let hung = Duration::from_millis(sim.hung_until.load(Ordering::Relaxed));
+    assert!(hung >= Duration::from_secs(20), "a slow call hangs 20-300 s: {hung:?}");
+    assert_eq!(sim.slow.load(Ordering::Relaxed), 0);
+    sim.end();
+
+    // An idle runner of pool p, its idle_timeout 60 s; no agent to ask (no job it queues).
+    let mut sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
+    let vm = "rv-p-1";
+    let xml =
+        format!("<domain><name>{vm}</name><devices><disk><source file='/fake/{vm}.qcow2'/></disk></devices></domain>");
+    sim.fake.define(vm, &xml).unwrap();
+    sim.fake.start(vm).unwrap();
+    let command =
+        format!("{{\"vm\":\"{vm}\",\"runcmd\":[{{\"argv\":[\"./config.sh\",\"--labels\",\"self-hosted\"]}}]}}\n");
+    sim.fake.deliver(vm, vm, command.as_bytes(), "ACK 1", Duration::from_secs(5)).unwrap();
+    sim.follow_guests(Duration::ZERO);
+    sim.follow_guests(Duration::from_secs(30));
+    assert_eq!(sim.hub.lock().runner_named(vm).map(|r| r.online), Some(true), "{:#?}", sim.trace);
+    sim.domains_seen.insert(vm.into(), (Duration::ZERO, "p".into()));
+    sim.idle_timeouts.insert("p".into(), Duration::from_secs(60));
+    let r = &sim.config.reconcile;
+    let unhooked =
+        if sim.config.github.hook.is_some() { Duration::ZERO } else { crate::scheduler::sync::UNHOOKED_RECHECK };
+    let slack = r.github_interval * 2 + unhooked + r.sweep_interval + Duration::from_secs(60);
+    let settled = Duration::from_secs(100);
+    let hung = settled + Duration::from_secs(250);
+    sim.hung_until.store(u64::try_from(hung.as_millis()).unwrap(), Ordering::Relaxed);
+    let beyond = settled + Duration::from_secs(60) + slack + Duration::from_secs(1);
+    sim.check_surplus(settled, settled);
+    sim.check_surplus(beyond, settled);
+    assert_eq!(sim.violation, None, "the hung call had not answered by then");
+    sim.check_surplus(hung + Duration::from_secs(60) + slack + Duration::from_secs(1), settled);
+    assert!(sim.violation.as_deref().is_some_and(|v| v.contains("surplus runner rv-p-1")), "{:?}", sim.violation);
+}
