@@ -20,7 +20,7 @@ pub mod time;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use fastrand::Rng;
@@ -231,9 +231,9 @@ struct Sim {
     never_online: u32,
     /// Blocking calls still to be slow (a hung libvirt).
     slow: Arc<AtomicU32>,
-    /// When the last slow call drawn so far answers (virtual time, ms): one drawn before
-    /// the world healed may hang for minutes after.
-    hung_until: Arc<AtomicU64>,
+    /// When a status last said the agent's hypervisor was not ready (`libvirt_connected`
+    /// false: libvirt lost, and no sweep has answered since), which makes and reaps no VM.
+    hv_unready_seen: Option<Duration>,
     violation: Option<String>,
     step: u32,
     /// Virtual time as of the runtime's last turn (time moves only inside `block_on`).
@@ -467,23 +467,17 @@ impl Sim {
         fake.lock().forget_seeds = true;
         let hv = Arc::new(hv::SimHv::new(fake.clone(), disk.clone(), time.clone()));
         let slow = Arc::new(AtomicU32::new(0));
-        let hung_until = Arc::new(AtomicU64::new(0));
         let (latency_rng, slow_left) = (std::cell::RefCell::new(Rng::with_seed(opts.seed ^ 0x5eed)), slow.clone());
-        let hung_left = hung_until.clone();
         crate::offload::set_inline(Some(Box::new(move || {
             let mut r = latency_rng.borrow_mut();
             let slow = slow_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
             let (before, after) = (Duration::from_millis(r.u64(0..=30)), Duration::from_millis(r.u64(0..=30)));
             // A slow call hangs before it acts, or after (done, its answer minutes late).
-            let (before, after) = match (slow, r.bool()) {
-                (false, _) => return (before, after),
+            match (slow, r.bool()) {
+                (false, _) => (before, after),
                 (true, true) => (Duration::from_secs(r.u64(20..=300)), after),
                 (true, false) => (before, Duration::from_secs(r.u64(20..=300))),
-            };
-            // (Read without recording the read: the run stays as it was.)
-            let end = time::current().unwrap_or_default() + before + after;
-            hung_left.fetch_max(u64::try_from(end.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
-            (before, after)
+            }
         })));
         let caps = config.pools.iter().map(|p| (p.name.clone(), p.max_vms)).collect();
         let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
@@ -523,7 +517,7 @@ impl Sim {
             store_room_at: None,
             never_online: 0,
             slow,
-            hung_until,
+            hv_unready_seen: None,
             violation: None,
             step: 0,
             t: Duration::ZERO,
@@ -1678,7 +1672,9 @@ impl Sim {
 
     /// Once the world is healed: a runner online with nothing to do (no queued job its
     /// labels cover: GitHub would give it one) is surplus, and goes within its pool's
-    /// `idle_timeout` and the time the agent needs to see it (a GitHub sync, a sweep).
+    /// `idle_timeout` and the time the agent needs to see it (a GitHub sync, a sweep),
+    /// counted from when the agent last had a job of its pool queued or its hypervisor not
+    /// ready.
     fn check_surplus(&mut self, now: Duration, settled: Duration) {
         // Without a hook a job whose `completed` delivery was lost is asked about once it
         // has had no news for 15 minutes while webhooks flow (`sync::refresh_after`).
@@ -1712,18 +1708,19 @@ impl Sim {
                 self.pool_queued_at.insert(q.pool.clone(), now);
             }
         }
-        // Nor does the agent tell surplus while a libvirt call hangs that it made before the
-        // world healed (a sweep that must answer before VMs are made or reaped again, or its
-        // start's listing): surplus only from when the call answers (seed 55044 of 1,000
-        // steps: a sweep hung 262 s past the healing, the runner reaped its idle_timeout
-        // after the next; seed 49846: the agent's start waited 258 s past it for its listing).
-        let hung = Duration::from_millis(self.hung_until.load(Ordering::Relaxed));
+        // Nor does the agent plan while its hypervisor is not ready (libvirt lost, or just
+        // started, and no sweep answered since: a sweep made before the world healed may
+        // hang for minutes after it): surplus only from when a status last said so (seed
+        // 55044 of 1,000 steps: a sweep hung 262 s past the healing, the runner reaped its
+        // idle_timeout after the next; seed 49846: the agent's start waited 258 s past it
+        // for its listing).
+        let unready = self.hv_unready_seen.unwrap_or_default();
         for (name, domain) in idle {
             let since = *self.idle_since.entry(name.clone()).or_insert(now);
             let pool = self.domains_seen.get(&domain).map(|(_, p)| p.clone()).unwrap_or_default();
             let timeout = self.idle_timeouts.get(&pool).copied().unwrap_or_default();
             let queued_at = self.pool_queued_at.get(&pool).copied().unwrap_or_default();
-            let waited = now.saturating_sub(since.max(settled).max(queued_at).max(hung));
+            let waited = now.saturating_sub(since.max(settled).max(queued_at).max(unready));
             if waited > timeout + slack {
                 let status = self.status();
                 let queued: Vec<u64> =
@@ -2104,6 +2101,9 @@ impl Sim {
         }
         match self.ask(AdminCommand::Status)? {
             Reply::Status(s) => {
+                if !s.libvirt_connected {
+                    self.hv_unready_seen = Some(self.t);
+                }
                 self.shown.extend(s.queued.iter().map(|q| q.job_id).chain(s.vms.iter().map(|v| v.job_id)));
                 self.status_cache = Some(s.clone());
                 Some(s)

@@ -341,22 +341,33 @@ fn a_call_whose_answer_is_lost_takes_effect() {
     });
 }
 
-/// A libvirt call that hangs from before the world healed holds the agent back after it
-/// (a sweep must answer before VMs are made or reaped again): a runner is surplus only
-/// from when the last such call answers. (Seeds 49846 and 55044 of 1,000 steps: a listing
-/// hung 258 s and 262 s past the healing; the runner was reaped its idle_timeout after it,
-/// and the world called that too late.) The hang's end is what the drawn latencies say.
+/// The agent makes and reaps no VM while its hypervisor is not ready (libvirt lost, and
+/// no sweep answered since, which a call hung from before the world healed may hold up
+/// for minutes): a runner is surplus only from when a status last said it was not.
+/// (Seeds 49846 and 55044 of 1,000 steps: a listing hung 258 s and 262 s past the healing;
+/// the runner was reaped its idle_timeout after the next sweep, and the world called that
+/// too late.)
 #[test]
-fn a_runner_is_surplus_once_a_call_hung_before_the_healing_answers() {
+fn a_runner_is_surplus_only_from_when_the_agents_hypervisor_is_ready() {
     use crate::hypervisor::Hypervisor;
+    // What the agent's status says is noted: not ready while libvirt is lost, and when.
     let mut sim = Sim::new(Options { seed: 1, steps: 0, faults: false });
-    // The agent's first call (its start's listing) is slow.
-    sim.slow.store(1, Ordering::Relaxed);
     sim.start(Duration::ZERO);
-    sim.advance(Duration::from_secs(1));
-    let hung = Duration::from_millis(sim.hung_until.load(Ordering::Relaxed));
-    assert!(hung >= Duration::from_secs(20), "a slow call hangs 20-300 s: {hung:?}");
-    assert_eq!(sim.slow.load(Ordering::Relaxed), 0);
+    sim.advance(Duration::from_secs(100));
+    assert_eq!(sim.status().map(|s| s.libvirt_connected), Some(true));
+    assert_eq!(sim.hv_unready_seen, None);
+    sim.fake.lock().unavailable = true;
+    sim.fake.send(HvEvent::Disconnected);
+    sim.advance(Duration::from_secs(5));
+    assert_eq!(sim.status().map(|s| s.libvirt_connected), Some(false));
+    let lost = sim.t;
+    assert!(lost >= Duration::from_secs(105), "{lost:?}");
+    assert_eq!(sim.hv_unready_seen, Some(lost));
+    sim.fake.lock().unavailable = false;
+    sim.fake.send(HvEvent::Reconnected);
+    sim.advance(Duration::from_secs(5));
+    assert_eq!(sim.status().map(|s| s.libvirt_connected), Some(true), "a sweep answered");
+    assert_eq!(sim.hv_unready_seen, Some(lost), "when it was last seen not ready");
     sim.end();
 
     // An idle runner of pool p, its idle_timeout 60 s; no agent to ask (no job it queues).
@@ -379,12 +390,11 @@ fn a_runner_is_surplus_once_a_call_hung_before_the_healing_answers() {
         if sim.config.github.hook.is_some() { Duration::ZERO } else { crate::scheduler::sync::UNHOOKED_RECHECK };
     let slack = r.github_interval * 2 + unhooked + r.sweep_interval + Duration::from_secs(60);
     let settled = Duration::from_secs(100);
-    let hung = settled + Duration::from_secs(250);
-    sim.hung_until.store(u64::try_from(hung.as_millis()).unwrap(), Ordering::Relaxed);
-    let beyond = settled + Duration::from_secs(60) + slack + Duration::from_secs(1);
+    let ready = settled + Duration::from_secs(250);
+    sim.hv_unready_seen = Some(ready);
     sim.check_surplus(settled, settled);
-    sim.check_surplus(beyond, settled);
-    assert_eq!(sim.violation, None, "the hung call had not answered by then");
-    sim.check_surplus(hung + Duration::from_secs(60) + slack + Duration::from_secs(1), settled);
+    sim.check_surplus(settled + Duration::from_secs(60) + slack + Duration::from_secs(1), settled);
+    assert_eq!(sim.violation, None, "its hypervisor was not ready by then");
+    sim.check_surplus(ready + Duration::from_secs(60) + slack + Duration::from_secs(1), settled);
     assert!(sim.violation.as_deref().is_some_and(|v| v.contains("surplus runner rv-p-1")), "{:?}", sim.violation);
 }
