@@ -79,6 +79,8 @@ pub struct FakeState {
     pub stall_saves: u32,
     /// The next N `destroy` calls hang the same way.
     pub stall_destroys: u32,
+    /// The next N `list_vms` calls (a sweep's first) hang the same way.
+    pub stall_lists: u32,
     /// The next N deliveries hang the same way once the guest has the message.
     pub stall_deliveries: u32,
     /// The next N deliveries hang the same way before they look at the domain (libvirtd
@@ -426,6 +428,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
         self.maybe_panic("list_vms");
+        self.maybe_stall(|s| &mut s.stall_lists);
         let mut s = self.up()?;
         let s = &mut *s;
         Ok(s.domains

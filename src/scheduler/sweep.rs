@@ -18,12 +18,20 @@ use crate::hypervisor::{self, DomainState, HvError, HvEvent, Hypervisor, VmInfo}
 use crate::metrics;
 use crate::model::{Reason, VmRec, VmState};
 
+/// A sweep unanswered this long: libvirt's calls hang (see `Scheduler::sweep_overdue`). A
+/// sweep lists and refreshes in seconds; the simulator's hung calls last up to 5 minutes.
+pub const SWEEP_OVERDUE: Duration = Duration::from_secs(600);
+
 pub struct State {
     /// A sweep's result is awaited.
     running: bool,
     /// When the sweep whose result is awaited started listing, on the scheduler's clock:
     /// what changed later (a VM started, one torn down) the listing cannot tell about.
     started: SystemTime,
+    /// The same on the monotonic clock, for how long it has been awaited.
+    started_at: Instant,
+    /// The sweep awaited was found overdue (said once).
+    overdue: bool,
     /// VMs torn down recently, and when: a sweep that listed before that is stale for them.
     torn_down_at: BTreeMap<String, SystemTime>,
     /// Addresses reserved for VMs that neither the book nor libvirt knows, and since when
@@ -38,6 +46,8 @@ impl Default for State {
         State {
             running: false,
             started: SystemTime::UNIX_EPOCH,
+            started_at: Instant::now(),
+            overdue: false,
             torn_down_at: BTreeMap::new(),
             stray_addresses: BTreeMap::new(),
             last_prune: Instant::now(),
@@ -101,10 +111,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
 
     pub(super) fn start_sweep(&mut self) {
         if self.sweep.running {
+            self.sweep_overdue();
             return;
         }
         self.sweep.running = true;
         self.sweep.started = self.now();
+        self.sweep.started_at = Instant::now();
+        self.sweep.overdue = false;
         let hv = self.ctx.hv.clone();
         let network = self.config.libvirt.network.libvirt_network().map(str::to_string);
         spawn_blocking_reporting(
@@ -130,6 +143,24 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }))
             },
         );
+    }
+
+    /// A sweep still unanswered [`SWEEP_OVERDUE`] after it started: libvirt's calls hang (a
+    /// daemon stuck on a storage pool, say), while its connection may look alive. The
+    /// hypervisor is then not ready, as when libvirt is lost: no VM is made (a scale set is
+    /// given no capacity) until a sweep answers, and `status` and the log say why (the
+    /// agent looked connected and did nothing). No second sweep starts beside the hung one:
+    /// it would hang too, a thread each time.
+    fn sweep_overdue(&mut self) {
+        let waited = self.sweep.started_at.elapsed();
+        if self.sweep.overdue || waited < SWEEP_OVERDUE {
+            return;
+        }
+        self.sweep.overdue = true;
+        let problem = format!("libvirt has not answered a sweep in {} s: its calls hang", waited.as_secs());
+        error!(waited_s = waited.as_secs(), "{problem}; no provisioning until one answers");
+        self.hv.ready = false;
+        self.hv.problem = Some(problem);
     }
 
     /// Compares the hypervisor with the records: stopped or vanished domains are torn down,

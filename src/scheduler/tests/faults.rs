@@ -434,3 +434,45 @@ async fn teardowns_go_on_at_once_when_libvirt_is_back() {
     h.wait_for("the VM gone", Duration::from_secs(5), |s, hv| s.vms.is_empty() && hv.lock().domains.is_empty()).await;
     h.shutdown().await;
 }
+
+/// A sweep whose libvirt call hangs for good (a daemon stuck on a storage pool, its
+/// connection alive): until it is overdue the agent goes on; then the hypervisor is not
+/// ready, status says why and a job gets no VM; no second sweep starts beside the hung one.
+/// Once the call answers, the job is served.
+#[tokio::test(start_paused = true)]
+async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
+    use crate::scheduler::sweep::SWEEP_OVERDUE;
+    // Minutes of virtual time by hand (a call hangs: tokio does not advance it), in steps
+    // of a second, each with a moment of real time for the blocking calls in flight.
+    async fn pass(h: &H, d: Duration) -> Status {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(1))).await.unwrap();
+        }
+        h.status().await
+    }
+    let mut h = harness("");
+    let _release = ReleaseStalled(h.hv.clone());
+    h.wait("a first sweep", |s, _| s.libvirt_connected).await;
+    // (Two armed: the second would be a sweep started beside the hung one.)
+    h.hv.lock().stall_lists = 2;
+    // The next sweep hangs; short of the bound the agent still looks connected.
+    let s = pass(&h, SWEEP_OVERDUE - Duration::from_secs(30)).await;
+    assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
+    assert_eq!(h.hv.lock().stall_lists, 1, "a sweep is hung");
+    let s = pass(&h, Duration::from_secs(60)).await;
+    assert!(!s.libvirt_connected, "{s:#?}");
+    let problem = s.hypervisor_problem.clone().unwrap_or_default();
+    assert!(problem.contains("libvirt has not answered a sweep"), "{s:#?}");
+    assert_eq!(h.hv.lock().stall_lists, 1, "one sweep at a time");
+    h.hv.lock().stall_lists = 0;
+    h.deliver(JobAction::Queued, info(171, LABELS, None));
+    let held = pass(&h, Duration::from_secs(5)).await;
+    assert!(held.vms.is_empty() && held.queued.len() == 1, "{held:#?}");
+    h.hv.lock().release_stalled = true;
+    h.wait("a VM once the sweep answered", |_, hv| hv.running().len() == 1).await;
+    let s = h.status().await;
+    assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
+    h.shutdown().await;
+}
