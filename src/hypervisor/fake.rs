@@ -79,7 +79,8 @@ pub struct FakeState {
     pub stall_saves: u32,
     /// The next N `destroy` calls hang the same way.
     pub stall_destroys: u32,
-    /// The next N `list_vms` calls (a sweep's first) hang the same way.
+    /// The next N `list_vms` calls (a sweep's first) hang the same way once they have
+    /// listed (their answer stale by the time it comes).
     pub stall_lists: u32,
     /// The next N deliveries hang the same way once the guest has the message.
     pub stall_deliveries: u32,
@@ -428,16 +429,19 @@ impl Hypervisor for FakeHypervisor {
 
     fn list_vms(&self) -> Result<Vec<VmInfo>, HvError> {
         self.maybe_panic("list_vms");
+        let listed: Vec<VmInfo> = {
+            let mut s = self.up()?;
+            let s = &mut *s;
+            s.domains
+                .iter()
+                .map(|(name, (state, xml))| {
+                    let metadata = cached(&mut s.parsed, s.domains.len(), xml).metadata.clone();
+                    VmInfo { name: name.clone(), state: state.clone(), metadata }
+                })
+                .collect()
+        };
         self.maybe_stall(|s| &mut s.stall_lists);
-        let mut s = self.up()?;
-        let s = &mut *s;
-        Ok(s.domains
-            .iter()
-            .map(|(name, (state, xml))| {
-                let metadata = cached(&mut s.parsed, s.domains.len(), xml).metadata.clone();
-                VmInfo { name: name.clone(), state: state.clone(), metadata }
-            })
-            .collect())
+        Ok(listed)
     }
 
     fn list_volumes(&self) -> Result<Vec<String>, HvError> {

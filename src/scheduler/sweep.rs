@@ -157,8 +157,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             return;
         }
         self.sweep.overdue = true;
-        let problem = format!("libvirt has not answered a sweep in {} s: its calls hang", waited.as_secs());
-        error!(waited_s = waited.as_secs(), "{problem}; no provisioning until one answers");
+        let problem = format!(
+            "libvirt has not answered a sweep (domains, volumes, storage pool, DHCP leases) for over {} s: its calls hang (does `virsh list` answer? is a storage pool stuck?)",
+            waited.as_secs()
+        );
+        error!(waited_s = waited.as_secs(), "{problem}; no provisioning until it answers");
         self.hv.ready = false;
         self.hv.problem = Some(problem);
     }
@@ -168,16 +171,20 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// addresses) removed.
     pub(super) fn on_swept(&mut self, Sweep { vms, volumes, pool, addresses }: Sweep) {
         self.sweep.running = false;
-        // What was torn down after this sweep listed is gone, whatever the listing says.
+        let overdue = std::mem::take(&mut self.sweep.overdue);
+        // What was torn down after this sweep listed is gone, whatever the listing says
+        // (also when the sweep answers long after: an overdue one).
         let listed_at = self.sweep.started;
         let now = self.now();
-        self.sweep.torn_down_at.retain(|_, t| now.duration_since(*t).unwrap_or_default() < Duration::from_secs(600));
+        self.sweep
+            .torn_down_at
+            .retain(|_, t| *t >= listed_at || now.duration_since(*t).unwrap_or_default() < Duration::from_secs(600));
         let stale: BTreeSet<String> =
             self.sweep.torn_down_at.iter().filter(|(_, t)| **t >= listed_at).map(|(n, _)| n.clone()).collect();
         let found = match vms {
             Ok(v) => v,
             Err(e) => {
-                if self.hv.ready {
+                if self.hv.ready || overdue {
                     warn!(error = %e, "hypervisor sweep failed");
                 }
                 // One failed listing of a connected libvirt does not stop provisioning.
@@ -193,6 +200,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.hv.ready = false;
             self.hv.problem = Some(e.to_string());
             return;
+        }
+        if overdue {
+            info!("the sweep that hung has answered: libvirt is ready again");
         }
         self.hv.ready = true;
         self.hv.problem = None;

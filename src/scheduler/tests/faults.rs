@@ -438,7 +438,8 @@ async fn teardowns_go_on_at_once_when_libvirt_is_back() {
 /// A sweep whose libvirt call hangs for good (a daemon stuck on a storage pool, its
 /// connection alive): until it is overdue the agent goes on; then the hypervisor is not
 /// ready, status says why and a job gets no VM; no second sweep starts beside the hung one.
-/// Once the call answers, the job is served.
+/// Once the call answers, the job is served, and what the sweep listed before a VM was torn
+/// down meanwhile (10 minutes ago and more) does not bring that VM back.
 #[tokio::test(start_paused = true)]
 async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     use crate::scheduler::sweep::SWEEP_OVERDUE;
@@ -455,12 +456,18 @@ async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     let mut h = harness("");
     let _release = ReleaseStalled(h.hv.clone());
     h.wait("a first sweep", |s, _| s.libvirt_connected).await;
+    h.deliver(JobAction::Queued, info(170, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-170"]).await;
     // (Two armed: the second would be a sweep started beside the hung one.)
     h.hv.lock().stall_lists = 2;
-    // The next sweep hangs; short of the bound the agent still looks connected.
-    let s = pass(&h, SWEEP_OVERDUE - Duration::from_secs(30)).await;
+    // The next sweep lists the VM, then hangs; meanwhile its job runs and it goes.
+    let s = pass(&h, Duration::from_secs(60)).await;
+    assert_eq!(h.hv.lock().stall_lists, 1, "a sweep is hung: {s:#?}");
+    h.run_job_on("rv-small-170", 170);
+    h.wait_advancing("the VM gone", |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
+    // Short of the bound the agent still looks connected.
+    let s = pass(&h, SWEEP_OVERDUE - Duration::from_secs(90)).await;
     assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
-    assert_eq!(h.hv.lock().stall_lists, 1, "a sweep is hung");
     let s = pass(&h, Duration::from_secs(60)).await;
     assert!(!s.libvirt_connected, "{s:#?}");
     let problem = s.hypervisor_problem.clone().unwrap_or_default();
@@ -468,11 +475,30 @@ async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     assert_eq!(h.hv.lock().stall_lists, 1, "one sweep at a time");
     h.hv.lock().stall_lists = 0;
     h.deliver(JobAction::Queued, info(171, LABELS, None));
-    let held = pass(&h, Duration::from_secs(5)).await;
+    // Held for a minute: the VM went over 10 minutes before the sweep answers.
+    let held = pass(&h, Duration::from_secs(60)).await;
     assert!(held.vms.is_empty() && held.queued.len() == 1, "{held:#?}");
+    let teardowns = || -> u64 {
+        let m = h.metrics.render();
+        m.lines()
+            .filter(|l| l.starts_with("runnervisor_teardowns_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = teardowns();
     h.hv.lock().release_stalled = true;
-    h.wait("a VM once the sweep answered", |_, hv| hv.running().len() == 1).await;
+    h.wait("a VM once the sweep answered", |_, hv| hv.running() == ["rv-small-171"]).await;
     let s = h.status().await;
     assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
+    // Sweeps after it: a VM adopted from the late listing would have been found gone.
+    let s = h.advance_for(Duration::from_secs(60)).await;
+    let names: Vec<&str> = s.vms.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["rv-small-171"], "{s:#?}");
+    assert_eq!(
+        teardowns(),
+        before,
+        "the torn-down VM the late listing had is not adopted again: {}",
+        h.metrics.render()
+    );
     h.shutdown().await;
 }
