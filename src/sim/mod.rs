@@ -1670,22 +1670,28 @@ impl Sim {
         a.made.get(&boot).copied().filter(|_| this)
     }
 
-    /// Once the world is healed: a runner online with nothing to do (no queued job its
-    /// labels cover: GitHub would give it one) is surplus, and goes within its pool's
-    /// `idle_timeout` and the time the agent needs to see it (a GitHub sync, a sweep),
-    /// counted from when the agent last had a job of its pool queued or its hypervisor not
-    /// ready.
-    fn check_surplus(&mut self, now: Duration, settled: Duration) {
+    /// What the surplus check allows beyond a pool's `idle_timeout`: the time the agent
+    /// needs to see a runner surplus (two GitHub syncs, a sweep) and slack.
+    fn surplus_slack(&self) -> Duration {
         // Without a hook a job whose `completed` delivery was lost is asked about once it
         // has had no news for 15 minutes while webhooks flow (`sync::refresh_after`).
         let unhooked = match self.config.github.hook {
             Some(_) => Duration::ZERO,
             None => crate::scheduler::sync::UNHOOKED_RECHECK,
         };
-        let slack = self.config.reconcile.github_interval * 2
+        self.config.reconcile.github_interval * 2
             + unhooked
             + self.config.reconcile.sweep_interval
-            + Duration::from_secs(60);
+            + Duration::from_secs(60)
+    }
+
+    /// Once the world is healed: a runner online with nothing to do (no queued job its
+    /// labels cover: GitHub would give it one) is surplus, and goes within its pool's
+    /// `idle_timeout` and the time the agent needs to see it (a GitHub sync, a sweep),
+    /// counted from when the agent last had a job of its pool queued or its hypervisor not
+    /// ready.
+    fn check_surplus(&mut self, now: Duration, settled: Duration) {
+        let slack = self.surplus_slack();
         let idle: Vec<(String, String)> = {
             let hub = self.hub.lock();
             hub.runners

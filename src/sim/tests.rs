@@ -185,11 +185,7 @@ fn a_runner_dies_with_its_vm_not_with_its_domain_name() {
     };
     let online = |sim: &Sim| sim.hub.lock().runner_named(vm).map(|r| r.online);
     boot(&sim);
-    let command =
-        format!("{{\"vm\":\"{vm}\",\"runcmd\":[{{\"argv\":[\"./config.sh\",\"--labels\",\"self-hosted\"]}}]}}\n");
-    sim.fake.deliver(vm, vm, command.as_bytes(), "ACK 1", Duration::from_secs(5)).unwrap();
-    sim.follow_guests(Duration::ZERO);
-    sim.follow_guests(Duration::from_secs(30));
+    start_runner(&mut sim, vm);
     assert_eq!(online(&sim), Some(true), "{:#?}", sim.trace);
     sim.fake.teardown(vm);
     boot(&sim);
@@ -377,18 +373,11 @@ fn a_runner_is_surplus_only_from_when_the_agents_hypervisor_is_ready() {
         format!("<domain><name>{vm}</name><devices><disk><source file='/fake/{vm}.qcow2'/></disk></devices></domain>");
     sim.fake.define(vm, &xml).unwrap();
     sim.fake.start(vm).unwrap();
-    let command =
-        format!("{{\"vm\":\"{vm}\",\"runcmd\":[{{\"argv\":[\"./config.sh\",\"--labels\",\"self-hosted\"]}}]}}\n");
-    sim.fake.deliver(vm, vm, command.as_bytes(), "ACK 1", Duration::from_secs(5)).unwrap();
-    sim.follow_guests(Duration::ZERO);
-    sim.follow_guests(Duration::from_secs(30));
+    start_runner(&mut sim, vm);
     assert_eq!(sim.hub.lock().runner_named(vm).map(|r| r.online), Some(true), "{:#?}", sim.trace);
     sim.domains_seen.insert(vm.into(), (Duration::ZERO, "p".into()));
     sim.idle_timeouts.insert("p".into(), Duration::from_secs(60));
-    let r = &sim.config.reconcile;
-    let unhooked =
-        if sim.config.github.hook.is_some() { Duration::ZERO } else { crate::scheduler::sync::UNHOOKED_RECHECK };
-    let slack = r.github_interval * 2 + unhooked + r.sweep_interval + Duration::from_secs(60);
+    let slack = sim.surplus_slack();
     let settled = Duration::from_secs(100);
     let ready = settled + Duration::from_secs(250);
     sim.hv_unready_seen = Some(ready);
@@ -397,4 +386,14 @@ fn a_runner_is_surplus_only_from_when_the_agents_hypervisor_is_ready() {
     assert_eq!(sim.violation, None, "its hypervisor was not ready by then");
     sim.check_surplus(ready + Duration::from_secs(60) + slack + Duration::from_secs(1), settled);
     assert!(sim.violation.as_deref().is_some_and(|v| v.contains("surplus runner rv-p-1")), "{:?}", sim.violation);
+}
+
+/// The runner of domain `vm` (started) gets its command and comes online.
+fn start_runner(sim: &mut Sim, vm: &str) {
+    use crate::hypervisor::Hypervisor;
+    let command =
+        format!("{{\"vm\":\"{vm}\",\"runcmd\":[{{\"argv\":[\"./config.sh\",\"--labels\",\"self-hosted\"]}}]}}\n");
+    sim.fake.deliver(vm, vm, command.as_bytes(), "ACK 1", Duration::from_secs(5)).unwrap();
+    sim.follow_guests(Duration::ZERO);
+    sim.follow_guests(Duration::from_secs(30));
 }

@@ -443,16 +443,9 @@ async fn teardowns_go_on_at_once_when_libvirt_is_back() {
 #[tokio::test(start_paused = true)]
 async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     use crate::scheduler::sweep::SWEEP_OVERDUE;
-    // Minutes of virtual time by hand (a call hangs: tokio does not advance it), in steps
-    // of a second, each with a moment of real time for the blocking calls in flight.
-    async fn pass(h: &H, d: Duration) -> Status {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            tokio::time::advance(Duration::from_secs(1)).await;
-            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(1))).await.unwrap();
-        }
-        h.status().await
-    }
+    // Minutes of virtual time by hand (a call hangs: tokio does not advance it), a second
+    // at a time.
+    let second = Duration::from_secs(1);
     let mut h = harness("");
     let _release = ReleaseStalled(h.hv.clone());
     h.wait("a first sweep", |s, _| s.libvirt_connected).await;
@@ -461,14 +454,14 @@ async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     // (Two armed: the second would be a sweep started beside the hung one.)
     h.hv.lock().stall_lists = 2;
     // The next sweep lists the VM, then hangs; meanwhile its job runs and it goes.
-    let s = pass(&h, Duration::from_secs(60)).await;
+    let s = h.advance_by(Duration::from_secs(60), second).await;
     assert_eq!(h.hv.lock().stall_lists, 1, "a sweep is hung: {s:#?}");
     h.run_job_on("rv-small-170", 170);
     h.wait_advancing("the VM gone", |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
     // Short of the bound the agent still looks connected.
-    let s = pass(&h, SWEEP_OVERDUE - Duration::from_secs(90)).await;
+    let s = h.advance_by(SWEEP_OVERDUE - Duration::from_secs(90), second).await;
     assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
-    let s = pass(&h, Duration::from_secs(60)).await;
+    let s = h.advance_by(Duration::from_secs(60), second).await;
     assert!(!s.libvirt_connected, "{s:#?}");
     let problem = s.hypervisor_problem.clone().unwrap_or_default();
     assert!(problem.contains("libvirt has not answered a sweep"), "{s:#?}");
@@ -476,7 +469,7 @@ async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     h.hv.lock().stall_lists = 0;
     h.deliver(JobAction::Queued, info(171, LABELS, None));
     // Held for a minute: the VM went over 10 minutes before the sweep answers.
-    let held = pass(&h, Duration::from_secs(60)).await;
+    let held = h.advance_by(Duration::from_secs(60), second).await;
     assert!(held.vms.is_empty() && held.queued.len() == 1, "{held:#?}");
     let teardowns = || -> u64 {
         let m = h.metrics.render();

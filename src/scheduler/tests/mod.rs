@@ -304,9 +304,13 @@ impl H {
     /// Lets `d` of virtual time pass by hand, as [`H::wait_advancing`] does (a hypervisor
     /// call may hang meanwhile), and returns the status then: what did not happen in it.
     async fn advance_for(&self, d: Duration) -> Status {
+        self.advance_by(d, STEP).await
+    }
+    /// [`H::advance_for`] in steps of `step` (minutes of virtual time in steps of a second).
+    async fn advance_by(&self, d: Duration, step: Duration) -> Status {
         let end = Instant::now() + d;
         while Instant::now() < end {
-            advance_step().await;
+            advance_step_of(step).await;
         }
         self.status().await
     }
@@ -380,10 +384,18 @@ fn assert_in_order(t: &timeline::Trace, milestones: &[(&str, Option<u64>)]) {
     }
 }
 
+/// A step of [`advance_step`].
+const STEP: Duration = Duration::from_millis(50);
+
 /// 50 ms of virtual time by hand, and real time for the blocking calls in flight
 /// (advancing does not wait for them).
 async fn advance_step() {
-    tokio::time::advance(Duration::from_millis(50)).await;
+    advance_step_of(STEP).await;
+}
+
+/// [`advance_step`] of `step`.
+async fn advance_step_of(step: Duration) {
+    tokio::time::advance(step).await;
     tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2))).await.unwrap();
 }
 
