@@ -200,6 +200,8 @@ pub struct Metrics {
     pub libvirt_reconnects: Counter,
     pub deliveries_redelivered: Counter,
     pub draining: Gauge,
+    /// 1 while the hypervisor can make VMs (`status`'s `libvirt_connected`).
+    pub hypervisor_ready: Gauge,
     pub image_runner_outdated: Family<PoolLabels, Gauge>,
     pub job_runners: Family<PathLabels, Counter>,
     pub bind_seconds: Seconds<PoolLabels>,
@@ -244,6 +246,7 @@ impl Default for Metrics {
             libvirt_reconnects: Counter::default(),
             deliveries_redelivered: Counter::default(),
             draining: Gauge::default(),
+            hypervisor_ready: Gauge::default(),
             image_runner_outdated: Family::default(),
             job_runners: Family::default(),
             bind_seconds: Family::new_with_constructor(short_seconds_buckets),
@@ -362,6 +365,11 @@ impl Default for Metrics {
             m.deliveries_redelivered.clone(),
         );
         r.register("runnervisor_draining", "1 while the agent takes no new jobs", m.draining.clone());
+        r.register(
+            "runnervisor_hypervisor_ready",
+            "1 while the hypervisor can make VMs: libvirt answered the last sweep, the storage pool is there, no sweep is overdue (why not: runnervisor status)",
+            m.hypervisor_ready.clone(),
+        );
         r.register(
             "runnervisor_image_runner_outdated",
             "1 when a pool's image declares a runner older than allowed",
@@ -506,6 +514,7 @@ mod tests {
         m.libvirt_reconnects.inc();
         m.deliveries_redelivered.inc();
         m.draining.set(0);
+        m.hypervisor_ready.set(1);
         m.job_runners.get_or_create(&PathLabels::new("p", "warm")).inc();
         m.config_reloads.get_or_create(&ResultLabels::new("applied")).inc();
         // Series name -> its labels.

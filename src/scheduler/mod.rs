@@ -374,6 +374,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if let Some(f) = &self.fleet {
                 self.metrics.fleet_claims_held.set(f.held() as i64);
             }
+            // Every turn (a store of an atomic): a sweep found overdue by the housekeeping
+            // timer makes the hypervisor not ready in a turn whose gauges may stand.
+            self.metrics.hypervisor_ready.set(self.hv.ready as i64);
             if self.hv.ready
                 && let Some(r) = ready.take()
             {

@@ -2053,8 +2053,8 @@ impl Sim {
             let Some(before) = self.fresh_status() else { return self.violate("no status at rest".into()) };
             let rendered = self.inc.as_ref().map(|i| i.metrics.render()).unwrap_or_default();
             let Some(why) = self.gauges_disagree(&before, &rendered) else { break };
-            let after = self.fresh_status().map(|s| vm_list(&s));
-            if after.as_ref() == Some(&vm_list(&before)) {
+            let after = self.fresh_status().map(|s| Sim::gauged(&s));
+            if after.as_ref() == Some(&Sim::gauged(&before)) {
                 return self.violate(why);
             }
             // An agent still busy after a few readings (each a turn of its runtime) is not at
@@ -2124,22 +2124,26 @@ impl Sim {
         self.status()
     }
 
-    /// How the rendered `runnervisor_vms` gauges differ from the VMs of `status`, by pool and
-    /// state.
+    /// How the rendered gauges differ from `status`: `runnervisor_vms` by pool and state,
+    /// each pool's `runnervisor_queue_depth` and `runnervisor_slots_ready`,
+    /// `runnervisor_draining` and `runnervisor_hypervisor_ready`.
     fn gauges_disagree(&self, status: &Status, rendered: &str) -> Option<String> {
+        // A series not there is 0 (a family shows the label sets it was given).
+        let gauge = |series: &str| {
+            let prefix = format!("{series} ");
+            rendered.lines().find_map(|l| l.strip_prefix(&prefix)?.parse::<f64>().ok()).map_or(0, |v| v as u64)
+        };
         let mut counted: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for v in &status.vms {
             *counted.entry((v.pool.as_str(), v.state.as_str())).or_default() += 1;
         }
         for p in &self.config.pools {
             for s in crate::model::VmState::ALL {
-                let label = format!("runnervisor_vms{{pool=\"{}\",state=\"{}\"}} ", p.name, s.as_str());
-                let gauge =
-                    rendered.lines().find_map(|l| l.strip_prefix(&label)?.parse::<f64>().ok()).map_or(0, |v| v as u64);
+                let shown = gauge(&format!("runnervisor_vms{{pool=\"{}\",state=\"{}\"}}", p.name, s.as_str()));
                 let vms = counted.get(&(p.name.as_str(), s.as_str())).copied().unwrap_or(0);
-                if gauge != vms {
+                if shown != vms {
                     return Some(format!(
-                        "metrics: runnervisor_vms of pool {} in state {} = {gauge}, status shows {vms}: {:?}",
+                        "metrics: runnervisor_vms of pool {} in state {} = {shown}, status shows {vms}: {:?}",
                         p.name,
                         s.as_str(),
                         vm_list(status)
@@ -2147,7 +2151,29 @@ impl Sim {
                 }
             }
         }
+        let mut per_pool = Vec::new();
+        for p in &status.pools {
+            per_pool.push((format!("runnervisor_queue_depth{{pool=\"{}\"}}", p.name), p.queued as u64));
+            per_pool.push((format!("runnervisor_slots_ready{{pool=\"{}\"}}", p.name), p.slots_ready as u64));
+        }
+        let agent = [
+            ("runnervisor_draining".to_string(), u64::from(status.draining)),
+            ("runnervisor_hypervisor_ready".to_string(), u64::from(status.libvirt_connected)),
+        ];
+        for (series, want) in per_pool.into_iter().chain(agent) {
+            let shown = gauge(&series);
+            if shown != want {
+                return Some(format!("metrics: {series} = {shown}, status shows {want}: {:?}", status.pools));
+            }
+        }
         None
+    }
+
+    /// What the gauges that [`Sim::gauges_disagree`] compares are counted from.
+    fn gauged(status: &Status) -> String {
+        let pools: Vec<(&str, usize, usize)> =
+            status.pools.iter().map(|p| (p.name.as_str(), p.queued, p.slots_ready)).collect();
+        format!("{:?} {pools:?} {} {}", vm_list(status), status.draining, status.libvirt_connected)
     }
 
     /// The agent's answer to an operator's command (its runtime runs meanwhile).
