@@ -200,7 +200,8 @@ pub struct Metrics {
     pub libvirt_reconnects: Counter,
     pub deliveries_redelivered: Counter,
     pub draining: Gauge,
-    /// 1 while the hypervisor can make VMs (`status`'s `libvirt_connected`).
+    /// 1 while the hypervisor can make VMs (`status`'s `libvirt_connected`; 0 until a
+    /// first sweep answers).
     pub hypervisor_ready: Gauge,
     pub image_runner_outdated: Family<PoolLabels, Gauge>,
     pub job_runners: Family<PathLabels, Counter>,
@@ -367,7 +368,7 @@ impl Default for Metrics {
         r.register("runnervisor_draining", "1 while the agent takes no new jobs", m.draining.clone());
         r.register(
             "runnervisor_hypervisor_ready",
-            "1 while the hypervisor can make VMs: libvirt answered the last sweep, the storage pool is there, no sweep is overdue (why not: runnervisor status)",
+            "1 while the hypervisor can make VMs: a sweep answered since the agent started or libvirt came back, the storage pool is there, no sweep is overdue (why not: runnervisor status)",
             m.hypervisor_ready.clone(),
         );
         r.register(

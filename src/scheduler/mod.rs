@@ -374,8 +374,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             if let Some(f) = &self.fleet {
                 self.metrics.fleet_claims_held.set(f.held() as i64);
             }
-            // Every turn (a store of an atomic): a sweep found overdue by the housekeeping
-            // timer makes the hypervisor not ready in a turn whose gauges may stand.
+            // Every turn (a store of an atomic), whether or not the gauges were counted: what
+            // makes the hypervisor ready or not (a sweep's answer, libvirt's events, a sweep
+            // found overdue) is in no one place.
             self.metrics.hypervisor_ready.set(self.hv.ready as i64);
             if self.hv.ready
                 && let Some(r) = ready.take()

@@ -2126,44 +2126,46 @@ impl Sim {
 
     /// How the rendered gauges differ from `status`: `runnervisor_vms` by pool and state,
     /// each pool's `runnervisor_queue_depth` and `runnervisor_slots_ready`,
-    /// `runnervisor_draining` and `runnervisor_hypervisor_ready`.
+    /// `runnervisor_draining` and `runnervisor_hypervisor_ready`. Every pool of the status
+    /// has each of its series (a gauge never set would read as 0, which queues and ready
+    /// slots at rest mostly are), and no other pool has one (a removed pool's are dropped).
     fn gauges_disagree(&self, status: &Status, rendered: &str) -> Option<String> {
-        // A series not there is 0 (a family shows the label sets it was given).
         let gauge = |series: &str| {
             let prefix = format!("{series} ");
-            rendered.lines().find_map(|l| l.strip_prefix(&prefix)?.parse::<f64>().ok()).map_or(0, |v| v as u64)
+            rendered.lines().find_map(|l| l.strip_prefix(&prefix)?.parse::<f64>().ok()).map(|v| v as u64)
         };
         let mut counted: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for v in &status.vms {
             *counted.entry((v.pool.as_str(), v.state.as_str())).or_default() += 1;
         }
-        for p in &self.config.pools {
+        let mut want: Vec<(String, u64)> = Vec::new();
+        for p in &status.pools {
             for s in crate::model::VmState::ALL {
-                let shown = gauge(&format!("runnervisor_vms{{pool=\"{}\",state=\"{}\"}}", p.name, s.as_str()));
                 let vms = counted.get(&(p.name.as_str(), s.as_str())).copied().unwrap_or(0);
-                if shown != vms {
-                    return Some(format!(
-                        "metrics: runnervisor_vms of pool {} in state {} = {shown}, status shows {vms}: {:?}",
-                        p.name,
-                        s.as_str(),
-                        vm_list(status)
-                    ));
-                }
+                want.push((format!("runnervisor_vms{{pool=\"{}\",state=\"{}\"}}", p.name, s.as_str()), vms));
+            }
+            want.push((format!("runnervisor_queue_depth{{pool=\"{}\"}}", p.name), p.queued as u64));
+            want.push((format!("runnervisor_slots_ready{{pool=\"{}\"}}", p.name), p.slots_ready as u64));
+        }
+        want.push(("runnervisor_draining".into(), u64::from(status.draining)));
+        want.push(("runnervisor_hypervisor_ready".into(), u64::from(status.libvirt_connected)));
+        for (series, want) in &want {
+            let shown = gauge(series);
+            if shown != Some(*want) {
+                let shown = shown.map_or("missing".to_string(), |v| v.to_string());
+                return Some(format!(
+                    "metrics: {series} = {shown}, status shows {want}: {:?}; VMs {:?}",
+                    status.pools,
+                    vm_list(status)
+                ));
             }
         }
-        let mut per_pool = Vec::new();
-        for p in &status.pools {
-            per_pool.push((format!("runnervisor_queue_depth{{pool=\"{}\"}}", p.name), p.queued as u64));
-            per_pool.push((format!("runnervisor_slots_ready{{pool=\"{}\"}}", p.name), p.slots_ready as u64));
-        }
-        let agent = [
-            ("runnervisor_draining".to_string(), u64::from(status.draining)),
-            ("runnervisor_hypervisor_ready".to_string(), u64::from(status.libvirt_connected)),
-        ];
-        for (series, want) in per_pool.into_iter().chain(agent) {
-            let shown = gauge(&series);
-            if shown != want {
-                return Some(format!("metrics: {series} = {shown}, status shows {want}: {:?}", status.pools));
+        let families = ["runnervisor_vms{", "runnervisor_queue_depth{", "runnervisor_slots_ready{"];
+        let pools: BTreeSet<&str> = status.pools.iter().map(|p| p.name.as_str()).collect();
+        for line in rendered.lines().filter(|l| families.iter().any(|f| l.starts_with(f))) {
+            let pool = line.split("pool=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default();
+            if !pools.contains(pool) {
+                return Some(format!("metrics: {line:?} is of a pool the status does not have: {pools:?}"));
             }
         }
         None
