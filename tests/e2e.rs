@@ -337,17 +337,14 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     })
     .await;
     agent.kill9();
-    let running = hv
-        .list_vms()
-        .unwrap()
-        .into_iter()
-        .filter(|v| v.name.starts_with(&format!("rv-{}-", slots::POOL)) && v.state == DomainState::Running)
-        .count();
-    assert_eq!(running, 1, "the VM outlives the agent");
+    let vms: Vec<_> =
+        hv.list_vms().unwrap().into_iter().filter(|v| v.name.starts_with(&format!("rv-{}-", slots::POOL))).collect();
+    let running = vms.iter().filter(|v| v.state == DomainState::Running).count();
+    assert_eq!(running, 1, "the VM outlives the agent: {vms:?}\n{}", agent.log_tail());
     tokio::time::sleep(Duration::from_secs(5)).await;
     agent.start().await;
     let done = sim.wait_completed(job, VM_TIMEOUT).await;
-    assert_eq!(done["conclusion"], "success");
+    assert_eq!(done["conclusion"], "success", "{done}\n{}", agent.log_tail());
     wait_for("everything cleaned", Duration::from_secs(90), async || {
         let (d, v) = agent.leftovers(&hv);
         (d.is_empty() && v.is_empty()).then_some(())
@@ -361,7 +358,7 @@ async fn agent_killed_and_restarted_while_a_vm_runs() {
     .await;
     // Served once: one VM was ever made.
     let history = sim.runner_history().await;
-    assert_eq!(history.as_object().unwrap().len(), 1, "{history}");
+    assert_eq!(history.as_object().unwrap().len(), 1, "{history}\n{}", agent.log_tail());
 }
 
 /// The pool's warm VMs whose guest waits, once the agent counts them as waiting too.

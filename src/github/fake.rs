@@ -16,6 +16,9 @@ pub struct FakeState {
     pub fail_next: u32,
     /// Fail the next N calls of one kind (`"jit"`, `"list"`, ...) with a 502.
     pub fail_calls: BTreeMap<&'static str, u32>,
+    /// Until then every call fails on GitHub's rate limit (not counted in `calls`: the
+    /// real client sends none while a limit it was answered holds).
+    pub rate_limited_until: Option<tokio::time::Instant>,
     /// When each call was made, in order (as `calls`).
     pub call_times: Vec<tokio::time::Instant>,
     pub jobs: BTreeMap<u64, JobStatus>,
@@ -44,6 +47,10 @@ impl FakeGitHub {
 
     fn enter(&self, call: &str) -> Result<std::sync::MutexGuard<'_, FakeState>, GhError> {
         let mut s = self.lock();
+        let now = tokio::time::Instant::now();
+        if let Some(until) = s.rate_limited_until.filter(|u| now < *u) {
+            return Err(GhError::RateLimited { method: "X".into(), path: call.into(), wait: until - now });
+        }
         s.calls.push(call.to_string());
         s.call_times.push(tokio::time::Instant::now());
         let targeted = s.fail_calls.get_mut(call).filter(|n| **n > 0).map(|n| *n -= 1).is_some();

@@ -9,7 +9,7 @@ pub mod responses;
 pub mod scaleset;
 
 use std::future::Future;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::model::JobInfo;
 use crate::secret::Secret;
@@ -59,8 +59,10 @@ pub struct DeliveryInfo {
 pub enum GhError {
     #[error("{method} {path}: HTTP {status}: {message}")]
     Status { method: String, path: String, status: u16, message: String },
-    #[error("{method} {path}: rate limited until {}", humantime::format_rfc3339_seconds(*until))]
-    RateLimited { method: String, path: String, until: SystemTime },
+    /// GitHub's rate limit holds the call back for `wait` more (from when the error was
+    /// made: a span, not a time of day, so that a stepped wall clock does not move it).
+    #[error("{method} {path}: rate limited for {}s more", wait.as_secs())]
+    RateLimited { method: String, path: String, wait: Duration },
     #[error("{method} {path}: {message}")]
     Transport { method: String, path: String, message: String },
     #[error("GitHub App authentication: {0}")]

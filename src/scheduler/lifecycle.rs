@@ -27,6 +27,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// died, is asked about for minutes: not six times a minute).
 const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
 const TEARDOWN_RETRY_MAX: Duration = Duration::from_secs(300);
+/// A teardown GitHub's rate limit held back is retried once the limit lifts, but never
+/// sooner than this after it failed.
+const RATE_LIMIT_RETRY_MIN: Duration = Duration::from_secs(1);
 
 /// Back-offs by key (a pool's name), each doubling from [`BACKOFF_MIN`] up to
 /// [`BACKOFF_MAX`] with each failure until cleared.
@@ -269,9 +272,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         spawn_reporting(
             &self.ctx.events,
             async move { Event::TornDown { vm: n, outcome: provision::teardown(ctx, vm, runner_first).await } },
-            move |message| Event::TornDown {
-                vm: failed,
-                outcome: TeardownOutcome { errors: vec![message], ..TeardownOutcome::default() },
+            move |message| {
+                let mut outcome = TeardownOutcome::default();
+                outcome.failed(message);
+                Event::TornDown { vm: failed, outcome }
             },
         );
     }
@@ -379,8 +383,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             self.sweep.torn_down(&name, now);
         } else {
-            let failures = failed_before + 1;
-            let delay = TEARDOWN_RETRY.saturating_mul(1 << (failures - 1).min(16)).min(TEARDOWN_RETRY_MAX);
+            let (failures, delay) = match outcome.only_rate_limited() {
+                // Nothing failed but GitHub holding its calls back: the retry comes as the
+                // limit lifts, and the back-off is not doubled for it (a long limit would
+                // leave a registration up to TEARDOWN_RETRY_MAX after it lifted).
+                Some(wait) => (failed_before, wait.max(RATE_LIMIT_RETRY_MIN)),
+                None => {
+                    let failures = failed_before + 1;
+                    (failures, TEARDOWN_RETRY.saturating_mul(1 << (failures - 1).min(16)).min(TEARDOWN_RETRY_MAX))
+                }
+            };
             for e in &outcome.errors {
                 self.metrics.teardown_failures.inc();
                 warn!(vm = %name, error = %e, retry_in_s = delay.as_secs(), "teardown step failed; will retry");

@@ -618,12 +618,41 @@ static OPEN_NETWORK: crate::logging::Throttle = crate::logging::Throttle::new(Du
 #[derive(Debug, Default)]
 pub struct TeardownOutcome {
     pub errors: Vec<String>,
+    /// Some of `errors` were GitHub's rate limit only, which holds the calls back this long
+    /// more (the longest); the rest were not (`other_errors`).
+    pub rate_limited_for: Option<Duration>,
+    other_errors: bool,
     /// `runner_first` found the runner busy: the VM was left alone.
     pub aborted_busy: bool,
     /// `runner_first` found the runner not busy (deleted it, or a runner of known id was
     /// gone): the VM goes, whatever else failed.
     pub runner_idle: bool,
     pub duration: Duration,
+}
+
+impl TeardownOutcome {
+    /// A step failed: `e`, a call of GitHub's or not.
+    fn failed_on_github(&mut self, e: GhError, what: &str) {
+        match &e {
+            GhError::RateLimited { wait, .. } => {
+                self.rate_limited_for = Some(self.rate_limited_for.map_or(*wait, |w| w.max(*wait)));
+            }
+            _ => self.other_errors = true,
+        }
+        self.errors.push(format!("{what}: {e}"));
+    }
+
+    /// A step failed on something other than GitHub's rate limit.
+    pub fn failed(&mut self, e: String) {
+        self.other_errors = true;
+        self.errors.push(e);
+    }
+
+    /// When every step that failed failed only on GitHub's rate limit: how long it holds
+    /// (the retry waits for it to lift, not for a back-off).
+    pub fn only_rate_limited(&self) -> Option<Duration> {
+        self.rate_limited_for.filter(|_| !self.other_errors)
+    }
 }
 
 /// Removes the domain, its volumes, and the runner registration (unless GitHub removed it
@@ -650,8 +679,8 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
             // Whether its runner took a job unseen is not known: the VM stays until GitHub
             // says (the teardown is retried). Destroyed meanwhile, it killed the job its
             // runner ran (an in-progress webhook lost, GitHub rate-limited: the simulator).
-            Err(e) => {
-                out.errors.push(e);
+            Err((e, what)) => {
+                out.failed_on_github(e, &what);
                 out.duration = started.elapsed();
                 return out;
             }
@@ -678,29 +707,30 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     })
     .await
     {
-        out.errors.push(e.to_string());
+        out.failed(e.to_string());
     }
     if !runner_first && has_runner {
         match delete_runner(&ctx, &vm).await {
-            Ok(Deleted::Busy) => out.errors.push(format!("runner {} is still busy at GitHub; will retry", vm.name)),
+            Ok(Deleted::Busy) => out.failed(format!("runner {} is still busy at GitHub; will retry", vm.name)),
             Ok(_) => {}
-            Err(e) => out.errors.push(e),
+            Err((e, what)) => out.failed_on_github(e, &what),
         }
     }
     out.duration = started.elapsed();
     out
 }
 
-async fn delete_runner<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &VmRec) -> Result<Deleted, String> {
+/// Deletes `vm`'s runner registration; an error says which call failed.
+async fn delete_runner<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &VmRec) -> Result<Deleted, (GhError, String)> {
     let id = match vm.runner_id {
         Some(id) => Some(id),
         None => {
-            ctx.github.find_runner(&vm.name).await.map_err(|e| format!("find runner {}: {e}", vm.name))?.map(|r| r.id)
+            ctx.github.find_runner(&vm.name).await.map_err(|e| (e, format!("find runner {}", vm.name)))?.map(|r| r.id)
         }
     };
     match id {
         None => Ok(Deleted::NotFound),
-        Some(id) => ctx.github.delete_runner(id).await.map_err(|e| format!("delete runner {}: {e}", vm.name)),
+        Some(id) => ctx.github.delete_runner(id).await.map_err(|e| (e, format!("delete runner {}", vm.name))),
     }
 }
 

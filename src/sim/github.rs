@@ -66,6 +66,9 @@ impl Routed {
 /// Times a job a set's runner never starts is offered again; then GitHub fails it.
 pub const MAX_REASSIGNMENTS: u32 = 3;
 
+/// How long a rate limit GitHub answers holds the REST API's calls back.
+const RATE_LIMIT: Duration = Duration::from_secs(120);
+
 /// How long a job the set acquired may wait for one of its runners before it is given up
 /// on for the set and offered again under a new request (GitHub: about a minute).
 pub const REASSIGN_AFTER: Duration = Duration::from_secs(60);
@@ -467,8 +470,10 @@ impl Hub {
             // Not a call GitHub counts: the agent's HTTP client sends none while the limit
             // it was answered holds (`github::http`), and fails it at once.
             if now < until {
-                let until = self.time.wall() + (until - now);
-                return Err((GhError::RateLimited { method: "X".into(), path: path.into(), until }, Duration::ZERO));
+                return Err((
+                    GhError::RateLimited { method: "X".into(), path: path.into(), wait: until - now },
+                    Duration::ZERO,
+                ));
             }
             self.rate_limited_until = None;
         }
@@ -490,10 +495,9 @@ impl Hub {
             Fault::Timeout => self.timed_out(path),
             Fault::RateLimit => {
                 if api {
-                    self.rate_limited_until = Some(now + Duration::from_secs(120));
+                    self.rate_limited_until = Some(now + RATE_LIMIT);
                 }
-                let until = self.time.wall() + Duration::from_secs(120);
-                (GhError::RateLimited { method: "X".into(), path: path.into(), until }, Duration::ZERO)
+                (GhError::RateLimited { method: "X".into(), path: path.into(), wait: RATE_LIMIT }, Duration::ZERO)
             }
         })
     }

@@ -71,12 +71,12 @@ impl SimScaleSets {
             GhError::Status { method, path, status, message } => {
                 SsError::Status { method, path, status, type_name: String::new(), message }
             }
-            GhError::RateLimited { method, path, until } => SsError::Status {
+            GhError::RateLimited { method, path, wait } => SsError::Status {
                 method,
                 path,
                 status: 429,
                 type_name: String::new(),
-                message: format!("rate limited until {}", humantime::format_rfc3339_seconds(until)),
+                message: format!("rate limited for {}s more", wait.as_secs()),
             },
             GhError::Transport { method, path, message } => SsError::Transport { method, path, message },
             other => SsError::GitHub(other),

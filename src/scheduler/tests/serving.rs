@@ -113,6 +113,30 @@ async fn a_cancelled_job_makes_its_vm_surplus_and_it_is_reaped() {
     assert!(gh.runner_names().is_empty());
 }
 
+/// A surplus runner whose deletion GitHub's rate limit holds back is deleted (and its VM
+/// goes) as the limit lifts, not at the next doubled back-off (10, 20, 40, 80 s: 150 s
+/// after a limit of 100 s began).
+#[tokio::test(start_paused = true)]
+async fn a_teardown_held_back_by_a_rate_limit_is_retried_as_it_lifts() {
+    let mut h = harness("idle_timeout = \"1s\"");
+    h.deliver(JobAction::Queued, info(42, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    let limit = Duration::from_secs(100);
+    let began = Instant::now();
+    h.gh.lock().rate_limited_until = Some(began + limit);
+    h.complete(42, None, "cancelled");
+    h.wait_for("the surplus VM reaped", Duration::from_secs(300), |s, hv| {
+        s.vms.is_empty() && hv.lock().domains.is_empty()
+    })
+    .await;
+    let took = began.elapsed();
+    assert!(took >= limit && took < limit + Duration::from_secs(3), "gone {took:?} after a limit of {limit:?} began");
+    let m = h.metrics.render();
+    assert!(m.contains("runnervisor_teardown_failures_total 1\n"), "one try failed, the next at the lift: {m}");
+    let (gh, _, _) = h.shutdown().await;
+    assert!(gh.runner_names().is_empty());
+}
+
 /// A pool whose name is another's followed by `-<digits>` ("small" and "small-2"): a VM of
 /// "small-2" (`rv-small-2-41`) reads like one of "small" (job 2, attempt 41), yet its
 /// surplus timer is its own pool's, so it is reaped after its idle_timeout, not kept
