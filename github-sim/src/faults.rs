@@ -45,12 +45,15 @@ pub enum Fault {
         #[serde(default)]
         count: Option<u32>,
     },
-    /// Webhook deliveries are not sent; they show as failed in the deliveries API.
+    /// Webhook deliveries are not sent; they show as failed in the deliveries API. With
+    /// `redeliveries`, the redeliveries asked for fail too (and count).
     WebhookDrop {
         #[serde(default)]
         count: Option<u32>,
         #[serde(default)]
         action: Option<String>,
+        #[serde(default)]
+        redeliveries: bool,
     },
     /// Webhook deliveries are sent twice (same GUID, or a new one with `new_guid`).
     WebhookDuplicate {
@@ -178,20 +181,23 @@ impl Faults {
         stall
     }
 
-    pub fn on_webhook(&mut self, action: Option<&str>) -> WebhookVerdict {
+    /// What happens to a delivery of `action`; a redelivery (`redelivery`) is only dropped
+    /// (by a drop that says so), never duplicated or reordered.
+    pub fn on_webhook(&mut self, action: Option<&str>, redelivery: bool) -> WebhookVerdict {
         let mut v = WebhookVerdict::default();
         let action_matches = |a: &Option<String>| a.as_deref().is_none_or(|a| Some(a) == action);
         // A dropped delivery is not sent at all: no other fault spends a firing on it.
         for f in self.armed.iter_mut() {
-            if let Fault::WebhookDrop { action: a, .. } = f
+            if let Fault::WebhookDrop { action: a, redeliveries, .. } = f
                 && action_matches(a)
+                && (*redeliveries || !redelivery)
                 && fire(f)
             {
                 v.drop = true;
                 break;
             }
         }
-        if v.drop {
+        if v.drop || redelivery {
             self.gc();
             return v;
         }
@@ -259,10 +265,15 @@ mod tests {
     #[test]
     fn webhook_faults_filter_by_action() {
         let mut f = Faults::default();
-        f.arm(Fault::WebhookDrop { count: Some(1), action: Some("queued".into()) });
-        assert!(!f.on_webhook(Some("completed")).drop);
-        assert!(f.on_webhook(Some("queued")).drop);
-        assert!(!f.on_webhook(Some("queued")).drop);
+        f.arm(Fault::WebhookDrop { count: Some(1), action: Some("queued".into()), redeliveries: false });
+        assert!(!f.on_webhook(Some("completed"), false).drop);
+        assert!(!f.on_webhook(Some("queued"), true).drop, "a redelivery is sent");
+        assert!(f.on_webhook(Some("queued"), false).drop);
+        assert!(!f.on_webhook(Some("queued"), false).drop);
+        f.arm(Fault::WebhookDrop { count: Some(2), action: None, redeliveries: true });
+        assert!(f.on_webhook(Some("queued"), true).drop, "a redelivery fails too");
+        assert!(f.on_webhook(Some("queued"), false).drop);
+        assert!(!f.on_webhook(Some("queued"), true).drop);
     }
 
     #[test]

@@ -161,11 +161,11 @@ pub async fn run(sim: Arc<Sim>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
             }
         };
         let Some(out) = next else { return };
-        if out.redelivery {
+        let verdict = sim.faults().on_webhook(out.action.as_deref(), out.redelivery);
+        if out.redelivery && !verdict.drop {
             deliver(&sim, &client, out).await;
             continue;
         }
-        let verdict = sim.faults().on_webhook(out.action.as_deref());
         if verdict.drop {
             record(
                 &sim,

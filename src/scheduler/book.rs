@@ -3,10 +3,10 @@
 //! runners). Owned by the scheduler task alone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::clock::Step;
-use crate::model::{JobRec, JobState, SlotRec, VmRec};
+use crate::model::{JobRec, JobState, SlotRec, VmRec, VmState};
 use crate::store::Batch;
 
 #[derive(Default)]
@@ -223,6 +223,20 @@ impl Book {
     /// runner may be running the job.
     pub fn charged_to(&self, id: u64) -> bool {
         self.vms.values().any(|v| v.charged && v.job_id == id)
+    }
+
+    /// Whether job `j`'s own VM's runner went busy less than `within` before `now` with a
+    /// job nothing named yet (GitHub's runner list said busy before the job's `in_progress`
+    /// webhook or message came: lost, late, or sent while the agent restarted): most
+    /// likely `j`, so it needs no other VM meanwhile. (Took another, that job's news names
+    /// the runner; none coming, `j` gets a VM once `within` passed.)
+    pub fn taken_unheard(&self, j: &JobRec, now: SystemTime, within: Duration) -> bool {
+        self.vms.values().any(|v| {
+            v.job_id == j.info.id
+                && v.state == VmState::Busy
+                && v.took_job.is_none()
+                && now.duration_since(v.state_since).unwrap_or_default() < within
+        })
     }
 
     /// Whether the job `j` waits on its last attempt (of `max_attempts`), whose VM's

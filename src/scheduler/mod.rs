@@ -97,6 +97,11 @@ const INBOX_PASS: Duration = Duration::from_millis(5);
 /// `run`).
 const IDLE_PLAN: Duration = Duration::from_secs(5);
 
+/// How long a job whose own VM's runner went busy with a job nothing named yet needs no
+/// other VM (`Book::taken_unheard`): GitHub's `in_progress` webhook follows a runner's
+/// start within seconds, and a restart asks for the deliveries it missed at once.
+const TAKEN_UNHEARD: Duration = Duration::from_secs(60);
+
 /// How long the gauges stand at most while housekeeping ticks change nothing.
 const GAUGES_STAND: Duration = Duration::from_secs(10);
 
@@ -518,6 +523,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // be busy with it) gets no VM meanwhile.
             let book = &self.book;
             unserved.retain(|j| !book.last_attempt_in_question(j, pool.max_attempts));
+            // Nor does one whose own runner went busy with a job not named yet.
+            let wall = self.now();
+            unserved.retain(|j| !book.taken_unheard(j, wall, TAKEN_UNHEARD));
             if let Some(fleet) = &self.fleet {
                 // Jobs another member holds are its to serve (counting stays fleet-wide:
                 // a runner of ours may still take one).
@@ -543,7 +551,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         }
                         // (Nor is a job whose last attempt is in question: its pool makes
                         // it no VM meanwhile, above.)
-                        if self.book.last_attempt_in_question(j, self.config.max_attempts(p)) {
+                        if self.book.last_attempt_in_question(j, self.config.max_attempts(p))
+                            || self.book.taken_unheard(j, wall, TAKEN_UNHEARD)
+                        {
                             continue;
                         }
                         *waiting.entry(p).or_default() += 1;

@@ -137,6 +137,26 @@ async fn a_teardown_held_back_by_a_rate_limit_is_retried_as_it_lifts() {
     assert!(gh.runner_names().is_empty());
 }
 
+/// A VM's runner GitHub lists as busy before anything named its job (the `in_progress`
+/// webhook lost or late, or sent while the agent restarted: the restart test's failure
+/// in CI, its job given a second VM 2 ms before the redelivery named it) gets its job no
+/// other VM meanwhile; with no news for `TAKEN_UNHEARD` (the runner may have taken
+/// another job), the job gets one.
+#[tokio::test(start_paused = true)]
+async fn a_runner_busy_with_a_job_nothing_named_keeps_its_job_from_a_second_vm_a_while() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(43, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-43"]).await;
+    h.gh.set_runner("rv-small-43", true, true);
+    let s = h.wait("the runner listed busy", |s, _| s.vms.iter().any(|v| v.state == "busy")).await;
+    assert_eq!(s.queued.len(), 1, "no news of the job: {s:#?}");
+    let s = h.advance_for(TAKEN_UNHEARD - Duration::from_secs(10)).await;
+    assert_eq!(h.hv.running(), ["rv-small-43"], "no second VM while the runner's job may be its own: {s:#?}");
+    h.wait_for("a VM for the job once the wait is over", Duration::from_secs(30), |_, hv| hv.running().len() == 2)
+        .await;
+    h.shutdown().await;
+}
+
 /// A pool whose name is another's followed by `-<digits>` ("small" and "small-2"): a VM of
 /// "small-2" (`rv-small-2-41`) reads like one of "small" (job 2, attempt 41), yet its
 /// surplus timer is its own pool's, so it is reaped after its idle_timeout, not kept
