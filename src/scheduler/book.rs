@@ -225,18 +225,20 @@ impl Book {
         self.vms.values().any(|v| v.charged && v.job_id == id)
     }
 
-    /// Whether job `j`'s own VM's runner went busy less than `within` before `now` with a
-    /// job nothing named yet (GitHub's runner list said busy before the job's `in_progress`
-    /// webhook or message came: lost, late, or sent while the agent restarted): most
-    /// likely `j`, so it needs no other VM meanwhile. (Took another, that job's news names
-    /// the runner; none coming, `j` gets a VM once `within` passed.)
-    pub fn taken_unheard(&self, j: &JobRec, now: SystemTime, within: Duration) -> bool {
-        self.vms.values().any(|v| {
-            v.job_id == j.info.id
-                && v.state == VmState::Busy
-                && v.took_job.is_none()
-                && now.duration_since(v.state_since).unwrap_or_default() < within
-        })
+    /// The jobs whose own VM's runner went busy (or busy and done) with a job nothing named
+    /// yet, less than `within` ago (counted from `now`, or from the agent's start if that is
+    /// later: `running_for`): GitHub's runner list said so before the job's `in_progress`
+    /// webhook or message came (lost, late, or sent while the agent restarted). Most likely
+    /// the runner took its own job, which needs no other VM meanwhile. (One that took
+    /// another is named by that job's news; none coming, its own job gets a VM once
+    /// `within` passed.)
+    pub fn taken_unheard(&self, now: SystemTime, running_for: Duration, within: Duration) -> BTreeSet<u64> {
+        self.vms
+            .values()
+            .filter(|v| matches!(v.state, VmState::Busy | VmState::Finishing) && v.took_job.is_none())
+            .filter(|v| now.duration_since(v.state_since).unwrap_or_default().min(running_for) < within)
+            .map(|v| v.job_id)
+            .collect()
     }
 
     /// Whether the job `j` waits on its last attempt (of `max_attempts`), whose VM's
@@ -257,6 +259,37 @@ mod tests {
     use super::*;
     use crate::model::{JobState, VmState};
     use crate::scheduler::fixtures::{job, vm};
+
+    /// Only a busy (or finishing) VM with no job named covers its own job, for `within`
+    /// from the later of its state's change and the agent's start.
+    #[test]
+    fn a_runner_busy_with_a_job_nothing_named_covers_its_own_job_for_a_while() {
+        use std::time::Duration;
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let within = Duration::from_secs(60);
+        let long = Duration::from_secs(3600);
+        let at = |state: VmState, since: u64, took: Option<u64>| {
+            let mut v = vm("rv-a-1", "a", 1, state, t(since));
+            v.took_job = took;
+            v
+        };
+        let table = [
+            ("busy, unnamed, 59 s", at(VmState::Busy, 1041, None), long, true),
+            ("busy, unnamed, 60 s", at(VmState::Busy, 1040, None), long, false),
+            ("busy since after now (a clock step)", at(VmState::Busy, 1200, None), long, true),
+            ("busy long, but the agent started 10 s ago", at(VmState::Busy, 100, None), Duration::from_secs(10), true),
+            ("finishing, unnamed", at(VmState::Finishing, 1090, None), long, true),
+            ("busy with its job named", at(VmState::Busy, 1090, Some(1)), long, false),
+            ("busy with another job named", at(VmState::Busy, 1090, Some(2)), long, false),
+            ("idle", at(VmState::Idle, 1090, None), long, false),
+            ("booting", at(VmState::Booting, 1090, None), long, false),
+        ];
+        for (what, v, running_for, covered) in table {
+            let book = Book::new(BTreeMap::new(), [(v.name.clone(), v)].into());
+            let got = book.taken_unheard(t(1100), running_for, within);
+            assert_eq!(got.contains(&1), covered, "{what}");
+        }
+    }
 
     /// A step moves every timestamp of the book by it, and commits them; after a reboot
     /// none stays later than now.

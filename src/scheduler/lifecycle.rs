@@ -27,9 +27,18 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// died, is asked about for minutes: not six times a minute).
 const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
 const TEARDOWN_RETRY_MAX: Duration = Duration::from_secs(300);
-/// A teardown GitHub's rate limit held back is retried once the limit lifts, but never
-/// sooner than this after it failed.
+/// A teardown GitHub's rate limit held back is retried once the limit lifts (waiting an
+/// hour at most), but never sooner than this after it failed, doubling with each failure
+/// in a row.
 const RATE_LIMIT_RETRY_MIN: Duration = Duration::from_secs(1);
+const RATE_LIMIT_WAIT_MAX: Duration = Duration::from_secs(3600);
+
+/// Up to a second, the same for a VM each time: what spreads the retries of teardowns a
+/// rate limit held back over the second it lifts (deterministic, for the simulator).
+fn spread(vm: &str) -> Duration {
+    let hash = vm.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    Duration::from_millis(hash % 1000)
+}
 
 /// Back-offs by key (a pool's name), each doubling from [`BACKOFF_MIN`] up to
 /// [`BACKOFF_MAX`] with each failure until cleared.
@@ -383,15 +392,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             self.sweep.torn_down(&name, now);
         } else {
-            let (failures, delay) = match outcome.only_rate_limited() {
+            let failures = failed_before + 1;
+            let doubled = |from: Duration| from.saturating_mul(1 << (failures - 1).min(16)).min(TEARDOWN_RETRY_MAX);
+            let delay = match outcome.only_rate_limited() {
                 // Nothing failed but GitHub holding its calls back: the retry comes as the
-                // limit lifts, and the back-off is not doubled for it (a long limit would
-                // leave a registration up to TEARDOWN_RETRY_MAX after it lifted).
-                Some(wait) => (failed_before, wait.max(RATE_LIMIT_RETRY_MIN)),
-                None => {
-                    let failures = failed_before + 1;
-                    (failures, TEARDOWN_RETRY.saturating_mul(1 << (failures - 1).min(16)).min(TEARDOWN_RETRY_MAX))
-                }
+                // limit lifts (a back-off from 10 s would leave a registration up to
+                // TEARDOWN_RETRY_MAX after a long limit lifted), spread over a second so
+                // that the teardowns it held do not call at once; never sooner than a
+                // back-off from 1 s (a limit answered with no wait is not hammered).
+                Some(wait) => wait.min(RATE_LIMIT_WAIT_MAX).max(doubled(RATE_LIMIT_RETRY_MIN)) + spread(&name),
+                None => doubled(TEARDOWN_RETRY),
             };
             for e in &outcome.errors {
                 self.metrics.teardown_failures.inc();

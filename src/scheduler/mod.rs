@@ -97,9 +97,10 @@ const INBOX_PASS: Duration = Duration::from_millis(5);
 /// `run`).
 const IDLE_PLAN: Duration = Duration::from_secs(5);
 
-/// How long a job whose own VM's runner went busy with a job nothing named yet needs no
-/// other VM (`Book::taken_unheard`): GitHub's `in_progress` webhook follows a runner's
-/// start within seconds, and a restart asks for the deliveries it missed at once.
+/// How long at least a job whose own VM's runner went busy with a job nothing named yet
+/// needs no other VM (`Book::taken_unheard`): GitHub's `in_progress` webhook follows a
+/// runner's start within seconds, and a restart asks for the deliveries it missed at once;
+/// one that failed later is asked for by a sync (so: two `github_interval`s, if longer).
 const TAKEN_UNHEARD: Duration = Duration::from_secs(60);
 
 /// How long the gauges stand at most while housekeeping ticks change nothing.
@@ -151,6 +152,8 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     /// Pools that are runner scale sets: the capacity their listeners announce.
     scale_sets: Option<Arc<crate::scaleset::Registry>>,
     unpersisted: Unpersisted,
+    /// When this process's scheduler was made (`Book::taken_unheard` counts from it).
+    started: Instant,
 }
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
@@ -201,6 +204,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             fleet: None,
             scale_sets: None,
             unpersisted: Unpersisted::default(),
+            started: Instant::now(),
         };
         // (Restored at the start of `run`, on the scheduler's own clock.)
         scheduler.sync.saved_late_runners = snap.meta.get(sync::LATE_RUNNERS).cloned();
@@ -524,8 +528,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let book = &self.book;
             unserved.retain(|j| !book.last_attempt_in_question(j, pool.max_attempts));
             // Nor does one whose own runner went busy with a job not named yet.
-            let wall = self.now();
-            unserved.retain(|j| !book.taken_unheard(j, wall, TAKEN_UNHEARD));
+            let within = TAKEN_UNHEARD.max(self.config.reconcile.github_interval * 2);
+            let taken = book.taken_unheard(self.now(), self.started.elapsed(), within);
+            unserved.retain(|j| !taken.contains(&j.info.id));
             if let Some(fleet) = &self.fleet {
                 // Jobs another member holds are its to serve (counting stays fleet-wide:
                 // a runner of ours may still take one).
@@ -552,7 +557,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         // (Nor is a job whose last attempt is in question: its pool makes
                         // it no VM meanwhile, above.)
                         if self.book.last_attempt_in_question(j, self.config.max_attempts(p))
-                            || self.book.taken_unheard(j, wall, TAKEN_UNHEARD)
+                            || taken.contains(&j.info.id)
                         {
                             continue;
                         }

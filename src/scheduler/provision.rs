@@ -618,10 +618,10 @@ static OPEN_NETWORK: crate::logging::Throttle = crate::logging::Throttle::new(Du
 #[derive(Debug, Default)]
 pub struct TeardownOutcome {
     pub errors: Vec<String>,
-    /// Some of `errors` were GitHub's rate limit only, which holds the calls back this long
-    /// more (the longest); the rest were not (`other_errors`).
-    pub rate_limited_for: Option<Duration>,
-    other_errors: bool,
+    /// How many of `errors` were GitHub's rate limit, and how long it holds the calls back
+    /// more (the longest wait).
+    rate_limited: usize,
+    rate_limited_for: Option<Duration>,
     /// `runner_first` found the runner busy: the VM was left alone.
     pub aborted_busy: bool,
     /// `runner_first` found the runner not busy (deleted it, or a runner of known id was
@@ -633,25 +633,22 @@ pub struct TeardownOutcome {
 impl TeardownOutcome {
     /// A step failed: `e`, a call of GitHub's or not.
     fn failed_on_github(&mut self, e: GhError, what: &str) {
-        match &e {
-            GhError::RateLimited { wait, .. } => {
-                self.rate_limited_for = Some(self.rate_limited_for.map_or(*wait, |w| w.max(*wait)));
-            }
-            _ => self.other_errors = true,
+        if let GhError::RateLimited { wait, .. } = &e {
+            self.rate_limited += 1;
+            self.rate_limited_for = Some(self.rate_limited_for.map_or(*wait, |w| w.max(*wait)));
         }
         self.errors.push(format!("{what}: {e}"));
     }
 
     /// A step failed on something other than GitHub's rate limit.
     pub fn failed(&mut self, e: String) {
-        self.other_errors = true;
         self.errors.push(e);
     }
 
     /// When every step that failed failed only on GitHub's rate limit: how long it holds
-    /// (the retry waits for it to lift, not for a back-off).
+    /// (the retry waits for it to lift, not for a back-off from 10 s).
     pub fn only_rate_limited(&self) -> Option<Duration> {
-        self.rate_limited_for.filter(|_| !self.other_errors)
+        self.rate_limited_for.filter(|_| self.rate_limited == self.errors.len())
     }
 }
 
