@@ -225,17 +225,20 @@ impl Book {
         self.vms.values().any(|v| v.charged && v.job_id == id)
     }
 
-    /// The jobs whose own VM's runner went busy (or busy and done) with a job nothing named
-    /// yet, less than `within` ago (counted from `now`, or from the agent's start if that is
-    /// later: `running_for`): GitHub's runner list said so before the job's `in_progress`
+    /// The jobs whose own VM's runner went busy with a job nothing named yet less than
+    /// `within` before `now` (its age counted from the later of that and the agent's start,
+    /// `running_for` ago): GitHub's runner list said so before the job's `in_progress`
     /// webhook or message came (lost, late, or sent while the agent restarted). Most likely
     /// the runner took its own job, which needs no other VM meanwhile. (One that took
     /// another is named by that job's news; none coming, its own job gets a VM once
-    /// `within` passed.)
+    /// `within` passed.) Not a job with another VM coming (one made once an earlier hold
+    /// passed): held, the job would leave that VM surplus.
     pub fn taken_unheard(&self, now: SystemTime, running_for: Duration, within: Duration) -> BTreeSet<u64> {
+        let coming: BTreeSet<u64> =
+            self.vms.values().filter(|v| v.reap.is_none() && v.is_available()).map(|v| v.job_id).collect();
         self.vms
             .values()
-            .filter(|v| matches!(v.state, VmState::Busy | VmState::Finishing) && v.took_job.is_none())
+            .filter(|v| v.state == VmState::Busy && v.took_job.is_none() && !coming.contains(&v.job_id))
             .filter(|v| now.duration_since(v.state_since).unwrap_or_default().min(running_for) < within)
             .map(|v| v.job_id)
             .collect()
@@ -260,8 +263,9 @@ mod tests {
     use crate::model::{JobState, VmState};
     use crate::scheduler::fixtures::{job, vm};
 
-    /// Only a busy (or finishing) VM with no job named covers its own job, for `within`
-    /// from the later of its state's change and the agent's start.
+    /// Only a busy VM with no job named covers its own job, for `within` from the later of
+    /// its state's change and the agent's start, and only while no other VM is coming for
+    /// it.
     #[test]
     fn a_runner_busy_with_a_job_nothing_named_covers_its_own_job_for_a_while() {
         use std::time::Duration;
@@ -278,7 +282,7 @@ mod tests {
             ("busy, unnamed, 60 s", at(VmState::Busy, 1040, None), long, false),
             ("busy since after now (a clock step)", at(VmState::Busy, 1200, None), long, true),
             ("busy long, but the agent started 10 s ago", at(VmState::Busy, 100, None), Duration::from_secs(10), true),
-            ("finishing, unnamed", at(VmState::Finishing, 1090, None), long, true),
+            ("finishing, unnamed", at(VmState::Finishing, 1090, None), long, false),
             ("busy with its job named", at(VmState::Busy, 1090, Some(1)), long, false),
             ("busy with another job named", at(VmState::Busy, 1090, Some(2)), long, false),
             ("idle", at(VmState::Idle, 1090, None), long, false),
@@ -289,6 +293,12 @@ mod tests {
             let got = book.taken_unheard(t(1100), running_for, within);
             assert_eq!(got.contains(&1), covered, "{what}");
         }
+        // Its next VM already coming (booting, say: made once an earlier hold passed), a
+        // fresh hold (the agent restarted) would leave that one surplus: none.
+        let busy = at(VmState::Busy, 100, None);
+        let next = vm("rv-a-1-2", "a", 1, VmState::Booting, t(1090));
+        let book = Book::new(BTreeMap::new(), [(busy.name.clone(), busy), (next.name.clone(), next)].into());
+        assert!(book.taken_unheard(t(1100), Duration::from_secs(10), within).is_empty());
     }
 
     /// A step moves every timestamp of the book by it, and commits them; after a reboot

@@ -29,8 +29,10 @@ const TEARDOWN_RETRY: Duration = Duration::from_secs(10);
 const TEARDOWN_RETRY_MAX: Duration = Duration::from_secs(300);
 /// A teardown GitHub's rate limit held back is retried once the limit lifts (waiting an
 /// hour at most), but never sooner than this after it failed, doubling with each failure
-/// in a row.
+/// in a row up to [`RATE_LIMIT_RETRY_FLOOR`] (not far past a limit answered again and
+/// again).
 const RATE_LIMIT_RETRY_MIN: Duration = Duration::from_secs(1);
+const RATE_LIMIT_RETRY_FLOOR: Duration = Duration::from_secs(60);
 const RATE_LIMIT_WAIT_MAX: Duration = Duration::from_secs(3600);
 
 /// Up to a second, the same for a VM each time: what spreads the retries of teardowns a
@@ -400,7 +402,10 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 // TEARDOWN_RETRY_MAX after a long limit lifted), spread over a second so
                 // that the teardowns it held do not call at once; never sooner than a
                 // back-off from 1 s (a limit answered with no wait is not hammered).
-                Some(wait) => wait.min(RATE_LIMIT_WAIT_MAX).max(doubled(RATE_LIMIT_RETRY_MIN)) + spread(&name),
+                Some(wait) => {
+                    let floor = doubled(RATE_LIMIT_RETRY_MIN).min(RATE_LIMIT_RETRY_FLOOR);
+                    wait.min(RATE_LIMIT_WAIT_MAX).max(floor) + spread(&name)
+                }
                 None => doubled(TEARDOWN_RETRY),
             };
             for e in &outcome.errors {

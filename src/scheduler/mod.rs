@@ -528,7 +528,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let book = &self.book;
             unserved.retain(|j| !book.last_attempt_in_question(j, pool.max_attempts));
             // Nor does one whose own runner went busy with a job not named yet.
-            let within = TAKEN_UNHEARD.max(self.config.reconcile.github_interval * 2);
+            let within = TAKEN_UNHEARD.max(self.config.reconcile.github_interval.saturating_mul(2));
             let taken = book.taken_unheard(self.now(), self.started.elapsed(), within);
             unserved.retain(|j| !taken.contains(&j.info.id));
             if let Some(fleet) = &self.fleet {
