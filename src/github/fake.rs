@@ -52,7 +52,7 @@ impl FakeGitHub {
             return Err(GhError::RateLimited { method: "X".into(), path: call.into(), wait: until - now });
         }
         s.calls.push(call.to_string());
-        s.call_times.push(tokio::time::Instant::now());
+        s.call_times.push(now);
         let targeted = s.fail_calls.get_mut(call).filter(|n| **n > 0).map(|n| *n -= 1).is_some();
         if targeted || s.fail_next > 0 {
             if !targeted {

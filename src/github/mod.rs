@@ -61,7 +61,7 @@ pub enum GhError {
     Status { method: String, path: String, status: u16, message: String },
     /// GitHub's rate limit holds the call back for `wait` more (from when the error was
     /// made: a span, not a time of day, so that a stepped wall clock does not move it).
-    #[error("{method} {path}: rate limited for {}s more", wait.as_secs() + u64::from(wait.subsec_nanos() > 0))]
+    #[error("{method} {path}: rate limited for {}s more", whole_secs(*wait))]
     RateLimited { method: String, path: String, wait: Duration },
     #[error("{method} {path}: {message}")]
     Transport { method: String, path: String, message: String },
@@ -69,6 +69,11 @@ pub enum GhError {
     Auth(String),
     #[error("{path}: unexpected response: {message}")]
     Decode { path: String, message: String },
+}
+
+/// `d` in whole seconds, rounded up (a wait under a second is not "0s").
+pub fn whole_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 impl GhError {

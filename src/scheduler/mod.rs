@@ -32,7 +32,7 @@ pub mod warm;
 #[cfg(test)]
 pub(crate) mod fixtures;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -504,12 +504,16 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.tend_slots();
         let config = self.config.clone();
+        // The jobs whose own runner went busy with a job not named yet, for every pool.
+        let within = TAKEN_UNHEARD.max(config.reconcile.github_interval.saturating_mul(2));
+        let taken = self.book.taken_unheard(self.now(), self.started.elapsed(), within);
         for pool in &config.pools {
-            self.reconcile_pool(pool);
+            self.reconcile_pool(pool, &taken);
         }
     }
 
-    fn reconcile_pool(&mut self, pool: &crate::config::PoolConfig) {
+    /// Plans `pool`; `taken`: the jobs held from a new VM ([`Book::taken_unheard`]).
+    fn reconcile_pool(&mut self, pool: &crate::config::PoolConfig, taken: &BTreeSet<u64>) {
         let now = Instant::now();
         let host_room = match self.config.capacity.max_vms {
             Some(cap) => cap.saturating_sub(self.book.vms.len()),
@@ -528,8 +532,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             let book = &self.book;
             unserved.retain(|j| !book.last_attempt_in_question(j, pool.max_attempts));
             // Nor does one whose own runner went busy with a job not named yet.
-            let within = TAKEN_UNHEARD.max(self.config.reconcile.github_interval.saturating_mul(2));
-            let taken = book.taken_unheard(self.now(), self.started.elapsed(), within);
             unserved.retain(|j| !taken.contains(&j.info.id));
             if let Some(fleet) = &self.fleet {
                 // Jobs another member holds are its to serve (counting stays fleet-wide:

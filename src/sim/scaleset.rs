@@ -76,7 +76,7 @@ impl SimScaleSets {
                 path,
                 status: 429,
                 type_name: String::new(),
-                message: format!("rate limited for {}s more", wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+                message: format!("rate limited for {}s more", crate::github::whole_secs(wait)),
             },
             GhError::Transport { method, path, message } => SsError::Transport { method, path, message },
             other => SsError::GitHub(other),

@@ -459,12 +459,14 @@ async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     h.run_job_on("rv-small-170", 170);
     h.wait_advancing("the VM gone", |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
     // Short of the bound the agent still looks connected, to what an operator alerts on too.
+    let metrics = h.metrics.clone();
+    let ready_is = |n: u8| metrics.render().lines().any(|l| l == format!("runnervisor_hypervisor_ready {n}"));
     let s = h.advance_by(SWEEP_OVERDUE - Duration::from_secs(90), second).await;
     assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
-    assert!(h.metrics.render().lines().any(|l| l == "runnervisor_hypervisor_ready 1"), "{}", h.metrics.render());
+    assert!(ready_is(1), "{}", h.metrics.render());
     let s = h.advance_by(Duration::from_secs(60), second).await;
     assert!(!s.libvirt_connected, "{s:#?}");
-    assert!(h.metrics.render().lines().any(|l| l == "runnervisor_hypervisor_ready 0"), "{}", h.metrics.render());
+    assert!(ready_is(0), "{}", h.metrics.render());
     let problem = s.hypervisor_problem.clone().unwrap_or_default();
     assert!(problem.contains("libvirt has not answered a sweep"), "{s:#?}");
     assert_eq!(h.hv.lock().stall_lists, 1, "one sweep at a time");
@@ -485,7 +487,7 @@ async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     h.wait("a VM once the sweep answered", |_, hv| hv.running() == ["rv-small-171"]).await;
     let s = h.status().await;
     assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
-    assert!(h.metrics.render().lines().any(|l| l == "runnervisor_hypervisor_ready 1"), "{}", h.metrics.render());
+    assert!(ready_is(1), "{}", h.metrics.render());
     // Sweeps after it: a VM adopted from the late listing would have been found gone.
     let s = h.advance_for(Duration::from_secs(60)).await;
     let names: Vec<&str> = s.vms.iter().map(|v| v.name.as_str()).collect();
