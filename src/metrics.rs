@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::model::VmState;
+
 /// A label value as the exposition can carry it: `prometheus-client` writes label values
 /// unescaped, so anything that is not plainly printable (quotes, backslashes, line breaks)
 /// becomes `_`, and values are capped. Values from outside (a job's conclusion, an event
@@ -411,7 +413,37 @@ impl Default for Metrics {
     }
 }
 
+/// One pool's gauges the scheduler counts into after its turns (its queue, its VMs by
+/// state, its ready slots): handles onto the families' series, kept so that a count is 12
+/// stores, not 12 `get_or_create`s (labels made and hashed, the family's lock taken).
+pub struct PoolGauges {
+    pub queue_depth: Gauge,
+    /// In the order of [`VmState::ALL`].
+    pub vms: [Gauge; VmState::ALL.len()],
+    pub slots_ready: Gauge,
+}
+
 impl Metrics {
+    /// `pool`'s gauges (its series made if new).
+    pub fn pool_gauges(&self, pool: &str) -> PoolGauges {
+        let labels = self::pool(pool);
+        PoolGauges {
+            queue_depth: self.queue_depth.get_or_create(&labels).clone(),
+            vms: VmState::ALL.map(|s| self.vms.get_or_create(&VmStateLabels::new(pool, s.as_str())).clone()),
+            slots_ready: self.slots_ready.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// A removed pool's gauges leave the exposition (handles kept onto them count into
+    /// nothing: drop them with it).
+    pub fn forget_pool(&self, pool: &str) {
+        self.queue_depth.remove(&self::pool(pool));
+        self.slots_ready.remove(&self::pool(pool));
+        for s in VmState::ALL {
+            self.vms.remove(&VmStateLabels::new(pool, s.as_str()));
+        }
+    }
+
     /// The OpenMetrics text exposition, `# EOF` included.
     pub fn render(&self) -> String {
         let mut out = String::new();

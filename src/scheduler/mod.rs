@@ -48,7 +48,7 @@ use crate::clock::{Clock, Followed, FrameClock, SystemClock};
 use crate::config::Config;
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
-use crate::metrics::{self, Metrics, VmStateLabels};
+use crate::metrics::{self, Metrics};
 use crate::model::VmState;
 use crate::store::{SchedulerStore, StoreError};
 use crate::timeline;
@@ -152,6 +152,8 @@ pub struct Scheduler<G: GitHub, H: Hypervisor> {
     /// Pools that are runner scale sets: the capacity their listeners announce.
     scale_sets: Option<Arc<crate::scaleset::Registry>>,
     unpersisted: Unpersisted,
+    /// Each pool's gauges (`update_gauges`), by pool: dropped with the pool's series.
+    gauges: BTreeMap<String, metrics::PoolGauges>,
     /// When this process's scheduler was made (`Book::taken_unheard` counts from it).
     started: Instant,
 }
@@ -204,6 +206,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             fleet: None,
             scale_sets: None,
             unpersisted: Unpersisted::default(),
+            gauges: BTreeMap::new(),
             started: Instant::now(),
         };
         // (Restored at the start of `run`, on the scheduler's own clock.)
@@ -717,22 +720,22 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         let queued = self.book.unserved_counts();
         let mut vms: BTreeMap<(&str, VmState), i64> = BTreeMap::new();
         for v in self.book.vms.values() {
             *vms.entry((v.pool.as_str(), v.state)).or_default() += 1;
         }
         for p in &self.config.pools {
-            let labels = metrics::pool(&p.name);
-            let depth = queued.get(p.name.as_str()).copied().unwrap_or(0);
-            self.metrics.queue_depth.get_or_create(&labels).set(depth as i64);
-            for s in VmState::ALL {
-                let n = vms.get(&(p.name.as_str(), s)).copied().unwrap_or(0);
-                self.metrics.vms.get_or_create(&VmStateLabels::new(&p.name, s.as_str())).set(n);
+            if !self.gauges.contains_key(&p.name) {
+                self.gauges.insert(p.name.clone(), self.metrics.pool_gauges(&p.name));
             }
-            let ready = self.free_slots(&p.name).len();
-            self.metrics.slots_ready.get_or_create(&labels).set(ready as i64);
+            let g = &self.gauges[&p.name];
+            g.queue_depth.set(queued.get(p.name.as_str()).copied().unwrap_or(0) as i64);
+            for (gauge, s) in g.vms.iter().zip(VmState::ALL) {
+                gauge.set(vms.get(&(p.name.as_str(), s)).copied().unwrap_or(0));
+            }
+            g.slots_ready.set(self.free_slots(&p.name).len() as i64);
         }
     }
 }

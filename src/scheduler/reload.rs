@@ -9,8 +9,7 @@ use super::Scheduler;
 use crate::config::{Config, PoolConfig, ReloadReport};
 use crate::github::GitHub;
 use crate::hypervisor::Hypervisor;
-use crate::metrics::{self, VmStateLabels};
-use crate::model::{JobState, VmState};
+use crate::model::JobState;
 
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn on_reload(&mut self, new: &Config) -> ReloadReport {
@@ -90,11 +89,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         config.pools.retain(|p| !done.contains(&p.name));
         self.install(config);
         for name in done {
-            self.metrics.queue_depth.remove(&metrics::pool(&name));
-            self.metrics.slots_ready.remove(&metrics::pool(&name));
-            for s in VmState::ALL {
-                self.metrics.vms.remove(&VmStateLabels::new(&name, s.as_str()));
-            }
+            self.metrics.forget_pool(&name);
+            self.gauges.remove(&name);
             info!(pool = %name, "pool removed: its last VM is gone");
         }
     }

@@ -60,6 +60,21 @@ async fn a_removed_pool_drains_its_queued_jobs_are_dropped_and_it_goes_with_its_
         .await;
     assert_eq!(s.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["other"]);
     assert!(!h.metrics.render().contains("pool=\"small\",state="), "its gauges are gone");
+    // Added again, it is counted again (its gauges' handles went with its series).
+    h.reload(|c| {
+        let mut small = c.pools[0].clone();
+        small.name = "small".into();
+        small.labels = LABELS.iter().map(|l| l.to_string()).collect();
+        c.pools.push(small);
+    })
+    .await;
+    h.deliver(JobAction::Queued, info(15, LABELS, None));
+    h.wait("a VM of the pool added again", |s, _| vm_for(s, 15).is_some()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = h.metrics.render();
+    let vms = |state: &str| format!("runnervisor_vms{{pool=\"small\",state=\"{state}\"}} 1\n");
+    assert!(["provisioning", "booting"].iter().any(|s| m.contains(&vms(s))), "{m}");
+    assert!(m.contains("runnervisor_queue_depth{pool=\"small\"} 1\n"), "its job waits for its runner: {m}");
     h.shutdown().await;
 }
 
