@@ -190,6 +190,34 @@ impl<S: ScaleSets> ScaleSetRunners for Runners<S> {
     }
 }
 
+/// `$call`, made with the session's queue token (`$s`, a `&Session`); when the service
+/// answers that the token expired, the session (`$session`, a place) is refreshed (another
+/// token) and `$call` made once more, at once, as GitHub's own listener does for its
+/// polls, acquisitions and acknowledgements. (A 401 to an acquire or an ack was a failure,
+/// warned of and backed off from, until the next poll renewed the token.) A second 401 is
+/// the caller's failure: counted and backed off. (A macro, not an async closure: the
+/// listener's future must be `Send` for every lifetime, which such a closure's is not.)
+macro_rules! renewing {
+    ($listener:expr, $set_id:expr, $session:expr, |$s:ident| $call:expr) => {{
+        let first = {
+            let $s = &$session;
+            $call.await
+        };
+        match first {
+            Err(SsError::QueueToken) => match $listener.client.refresh_session($set_id, &$session.id).await {
+                Ok(fresh) => {
+                    $session = fresh;
+                    debug!(pool = %$listener.pool, "the scale set's queue token renewed");
+                    let $s = &$session;
+                    $call.await
+                }
+                Err(e) => Err(e),
+            },
+            other => other,
+        }
+    }};
+}
+
 /// One pool's listener.
 pub struct Listener<S> {
     pub client: Arc<S>,
@@ -503,15 +531,13 @@ impl<S: ScaleSets> Listener<S> {
         shutdown: &CancellationToken,
     ) -> (Ended, Session) {
         let mut last = 0u64;
-        // A refresh counts as going through only once a poll with its token does.
-        let mut refreshed = false;
         self.registry.session(&self.pool, true);
         loop {
             let capacity = self.registry.capacity(&self.pool);
             let asked = tokio::time::Instant::now();
             let polled = tokio::select! {
                 _ = shutdown.cancelled() => return (Ended::Stopped, session),
-                r = self.client.poll(&session, last, capacity) => r,
+                r = async { renewing!(self, set_id, session, |s| self.client.poll(s, last, capacity)) } => r,
             };
             let failed = match polled {
                 Ok(None) => {
@@ -522,32 +548,20 @@ impl<S: ScaleSets> Listener<S> {
                     }
                     None
                 }
-                Ok(Some(m)) => match self.handle(set_id, &session, &m).await {
+                Ok(Some(m)) => match self.handle(set_id, &mut session, &m).await {
                     Ok(()) => {
                         last = m.id;
-                        self.client.ack(&session, m.id).await.err()
+                        renewing!(self, set_id, session, |s| self.client.ack(s, m.id)).err()
                     }
                     Err(e) => {
                         warn!(pool = %self.pool, message_id = m.id, error = %e, "cannot take in the scale set's message: it is not acknowledged, and comes again");
                         Some(e)
                     }
                 },
-                Err(SsError::QueueToken) if !refreshed => {
-                    match self.client.refresh_session(set_id, &session.id).await {
-                        Ok(s) => {
-                            debug!(pool = %self.pool, "the scale set's queue token renewed");
-                            session = s;
-                            refreshed = true;
-                            continue;
-                        }
-                        Err(e) => Some(e),
-                    }
-                }
                 Err(e) => Some(e),
             };
             let Some(e) = failed else {
                 *failures = 0;
-                refreshed = false;
                 self.registry.session(&self.pool, true);
                 // A JIT config answered 404 meanwhile (a proxy's, or a passing fault): the
                 // set the session polls is there.
@@ -597,7 +611,7 @@ impl<S: ScaleSets> Listener<S> {
     }
 
     /// Acquires the message's available jobs, and writes its other jobs' events durably.
-    async fn handle(&self, set_id: u64, session: &Session, m: &Message) -> Result<(), SsError> {
+    async fn handle(&self, set_id: u64, session: &mut Session, m: &Message) -> Result<(), SsError> {
         let available: Vec<u64> = m
             .jobs
             .iter()
@@ -608,11 +622,11 @@ impl<S: ScaleSets> Listener<S> {
             .collect();
         // At best: a job not acquired is offered again, one acquired comes as assigned. A
         // failure here must not hold up the message's other news (a message not
-        // acknowledged comes again, and every message after it waits) — but an expired
-        // queue token is renewed, and the message taken again.
+        // acknowledged comes again, and every message after it waits) — but a queue token
+        // that expired again once renewed is the message's failure: it comes again.
         let mut acquired = Vec::new();
         if !available.is_empty() {
-            match self.client.acquire(set_id, session, &available).await {
+            match renewing!(self, set_id, *session, |s| self.client.acquire(set_id, s, &available)) {
                 Ok(a) => {
                     debug!(pool = %self.pool, offered = available.len(), acquired = a.len(), "scale set jobs acquired");
                     acquired = a;

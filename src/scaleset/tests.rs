@@ -416,7 +416,7 @@ async fn jobs_just_acquired_are_not_counted_as_waiting() {
         hub.jobs.insert(id, job);
         hub.route(id);
     }
-    let session = model.create_session(set, "host-a").await.unwrap();
+    let mut session = model.create_session(set, "host-a").await.unwrap();
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
@@ -424,7 +424,120 @@ async fn jobs_just_acquired_are_not_counted_as_waiting() {
     // Room for one: of the two offered, one is acquired.
     let m = model.poll(&session, 0, 1).await.unwrap().expect("the offers");
     assert_eq!((m.jobs.len(), m.statistics.map(|s| s.available)), (2, Some(2)));
-    listener.handle(set, &session, &m).await.unwrap();
+    listener.handle(set, &mut session, &m).await.unwrap();
     assert_eq!(queued_jobs(&store), 1);
     assert_eq!(registry.available("linux"), 1, "the one acquired is not waiting");
+}
+
+/// A service whose queue token runs out after each call that presents it (GitHub's lasts
+/// an hour; this one, one call): the calls made with it, by kind and token, in order.
+#[derive(Default)]
+struct Expiring {
+    calls: Mutex<Vec<String>>,
+    /// The token the service takes now (`mq-N`), and whether message 1 was acknowledged.
+    token: Mutex<(u32, bool)>,
+}
+
+impl Expiring {
+    /// Whether `session`'s token is the live one (it expires once used).
+    fn take(&self, what: &str, session: &Session) -> Result<(), SsError> {
+        let mut t = self.token.lock().unwrap();
+        let live = session.queue_token.expose() == format!("mq-{}", t.0);
+        self.calls.lock().unwrap().push(format!("{what} {}", session.queue_token.expose()));
+        if !live {
+            return Err(SsError::QueueToken);
+        }
+        t.0 += 1;
+        Ok(())
+    }
+
+    fn session(&self) -> Session {
+        let token = format!("mq-{}", self.token.lock().unwrap().0);
+        Session {
+            id: "s".into(),
+            queue_url: String::new(),
+            queue_token: crate::secret::Secret::new(token),
+            statistics: Statistics::default(),
+        }
+    }
+}
+
+impl ScaleSets for Expiring {
+    async fn ensure(&self, spec: &ScaleSetSpec) -> Result<ScaleSetInfo, SsError> {
+        Ok(ScaleSetInfo { id: 7, name: spec.name.clone(), runner_group_id: 1, labels: vec![] })
+    }
+    async fn find(&self, spec: &ScaleSetSpec) -> Result<Option<ScaleSetInfo>, SsError> {
+        self.ensure(spec).await.map(Some)
+    }
+    async fn delete(&self, _: u64) -> Result<(), SsError> {
+        Ok(())
+    }
+    async fn create_session(&self, _: u64, _: &str) -> Result<Session, SsError> {
+        Ok(self.session())
+    }
+    async fn refresh_session(&self, _: u64, _: &str) -> Result<Session, SsError> {
+        self.calls.lock().unwrap().push("refresh".into());
+        Ok(self.session())
+    }
+    async fn delete_session(&self, _: u64, _: &str) -> Result<(), SsError> {
+        Ok(())
+    }
+    async fn poll(&self, session: &Session, _: u64, _: u64) -> Result<Option<Message>, SsError> {
+        self.take("poll", session)?;
+        if self.token.lock().unwrap().1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(None);
+        }
+        let job = JobRef {
+            request_id: 1,
+            repository: "o/r".into(),
+            job_id: "77".into(),
+            run_id: 9,
+            display_name: "build".into(),
+            labels: vec!["rv-linux".into()],
+        };
+        Ok(Some(Message { id: 1, statistics: None, jobs: vec![JobMessage::Available(job)], unreadable: None }))
+    }
+    async fn ack(&self, session: &Session, _: u64) -> Result<(), SsError> {
+        self.take("ack", session)?;
+        self.token.lock().unwrap().1 = true;
+        Ok(())
+    }
+    async fn acquire(&self, _: u64, session: &Session, requests: &[u64]) -> Result<Vec<u64>, SsError> {
+        self.take("acquire", session)?;
+        Ok(requests.to_vec())
+    }
+    async fn generate_jit_config(&self, _: u64, _: &str) -> Result<JitRunner, SsError> {
+        unreachable!("no runner is made here")
+    }
+    async fn delete_runner(&self, _: u64) -> Result<crate::github::Deleted, SsError> {
+        unreachable!("no runner is deleted here")
+    }
+}
+
+/// The queue token runs out between a poll and the acquisition of the job it brought, and
+/// again before the message's acknowledgement: each is renewed and the call made again at
+/// once, as GitHub's listener does (it was a failure, warned of, a back-off, and the
+/// message polled again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_token_that_runs_out_under_an_acquire_or_an_ack_is_renewed_at_once() {
+    let service = Arc::new(Expiring::default());
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    registry.set_capacity("linux", 1);
+    let listener = listener(service.clone(), registry, &store);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(listener.run(stop.clone()));
+    let queued = wait_inbox(&store, |ev| ev.action == JobAction::Queued).await;
+    assert_eq!(queued.job.id, 1, "the request acquired");
+    eventually(200, || service.token.lock().unwrap().1).await;
+    stop.cancel();
+    running.await.unwrap();
+    let calls = service.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls[..7],
+        ["poll mq-0", "acquire mq-0", "refresh", "acquire mq-1", "ack mq-1", "refresh", "ack mq-2"],
+        "{calls:?}"
+    );
 }
