@@ -1,13 +1,15 @@
 //! The simulator's hypervisor: the fake's domains, volumes and addresses, with libvirt's
-//! faults drawn by the seed: calls that fail or panic (their latency, hangs included, is
-//! drawn by [`crate::offload`]).
+//! faults drawn by the seed: calls that fail or panic, teardowns cut short (their latency,
+//! hangs included, is drawn by [`crate::offload`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::hypervisor::fake::FakeHypervisor;
-use crate::hypervisor::{HvError, Hypervisor, VmInfo, VmMetadata, network};
+use crate::hypervisor::{
+    HvError, Hypervisor, VmInfo, VmMetadata, network, overlay_volume_name, save_volume_name, seed_volume_name,
+};
 
 /// Faults armed by the simulator, taken by the next calls.
 #[derive(Debug, Default)]
@@ -16,6 +18,10 @@ pub struct Armed {
     pub fail: u32,
     /// The next call of this kind panics (as a binding's `Drop` may).
     pub panic: Option<&'static str>,
+    /// The next teardowns (one per entry, last first) stop short after the domain goes:
+    /// of its volumes (overlay, seed, saved state), those from the entry's index on are
+    /// left, their deletes failing (a volume busy, the pool's directory unwritable).
+    pub partial: Vec<usize>,
     /// Calls made, by kind (for the trace's counts).
     pub calls: u64,
     /// Domains the agent tore down (or destroyed) while they ran, with the boot they ran
@@ -125,7 +131,25 @@ impl Hypervisor for SimHv {
             return vec![e];
         }
         self.note_running(vm);
-        self.fake.teardown(vm)
+        let Some(cut) = self.arm().partial.pop() else {
+            return self.fake.teardown(vm);
+        };
+        if let Err(e) = self.fake.destroy(vm) {
+            return vec![e];
+        }
+        let mut s = self.fake.lock();
+        let mut errors = Vec::new();
+        for (i, name) in [overlay_volume_name(vm), seed_volume_name(vm), save_volume_name(vm)].into_iter().enumerate() {
+            if i < cut {
+                s.volumes.remove(&name);
+            } else if s.volumes.contains(&name) {
+                errors.push(HvError::Libvirt { op: "delete volume", name, message: "injected: volume busy".into() });
+            }
+        }
+        if cut > 1 {
+            s.seeds.remove(vm);
+        }
+        errors
     }
     fn destroy(&self, name: &str) -> Result<(), HvError> {
         self.enter("destroy", name)?;

@@ -153,6 +153,8 @@ const SCALE_SET: &str = "scale";
 const SCALE_SET_STREAM: u64 = 0x5ca1_e5e7_0000_0001;
 /// Mixed into the seed for the draws of the later faults (`Hub::late`).
 const LATE_STREAM: u64 = 0x1a7e_0000_0000_0002;
+/// Mixed into the seed for the draws of teardowns cut short (`hv::Armed::partial`).
+const PARTIAL_STREAM: u64 = 0x9a27_0000_0000_0003;
 
 /// One incarnation of the agent: its runtime (dropped: killed at whatever await point
 /// each task was), and the handles the simulator drives it by.
@@ -176,6 +178,8 @@ struct Guest {
 
 struct Sim {
     rng: Rng,
+    /// Draws of teardowns cut short (a stream of its own: see `Fault::HvFail`).
+    partial_rng: Rng,
     /// The seed's share of job-queueing steps (one of [`LOADS`]).
     load: u32,
     opts: Options,
@@ -484,6 +488,7 @@ impl Sim {
         let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
         let mut sim = Sim {
             rng,
+            partial_rng: Rng::with_seed(opts.seed ^ PARTIAL_STREAM),
             load,
             opts,
             time,
@@ -1214,7 +1219,19 @@ impl Sim {
             Fault::HvFail => {
                 let n = self.rng.u32(1..=5);
                 self.hv.arm().fail += n;
-                format!("libvirt: next {n} calls fail")
+                // Half the time, teardowns cut short too: drawn from a stream of their own
+                // (added later: the other draws, and the seeds kept, stay as they were).
+                let r = &mut self.partial_rng;
+                let cuts: Vec<usize> = match r.bool() {
+                    true => (0..r.u32(1..=3)).map(|_| r.usize(0..3)).collect(),
+                    false => Vec::new(),
+                };
+                let partial = match cuts.is_empty() {
+                    true => String::new(),
+                    false => format!("; next {} teardowns cut short after the domain, at volumes {cuts:?}", cuts.len()),
+                };
+                self.hv.arm().partial.extend(cuts);
+                format!("libvirt: next {n} calls fail{partial}")
             }
             Fault::HvPanic => {
                 const OPS: &[&str] =
@@ -1756,6 +1773,7 @@ impl Sim {
             let mut a = self.hv.arm();
             a.fail = 0;
             a.panic = None;
+            a.partial.clear();
         }
         self.slow.store(0, Ordering::Relaxed);
         self.disk.set_full(false);
