@@ -153,8 +153,8 @@ const SCALE_SET: &str = "scale";
 const SCALE_SET_STREAM: u64 = 0x5ca1_e5e7_0000_0001;
 /// Mixed into the seed for the draws of the later faults (`Hub::late`).
 const LATE_STREAM: u64 = 0x1a7e_0000_0000_0002;
-/// Mixed into the seed for the draws of teardowns cut short (`hv::Armed::partial`).
-const PARTIAL_STREAM: u64 = 0x9a27_0000_0000_0003;
+/// Mixed into the seed for the draws added after seeds were kept (`Sim::added`).
+const ADDED_STREAM: u64 = 0xadd0_0000_0000_0003;
 
 /// One incarnation of the agent: its runtime (dropped: killed at whatever await point
 /// each task was), and the handles the simulator drives it by.
@@ -178,8 +178,9 @@ struct Guest {
 
 struct Sim {
     rng: Rng,
-    /// Draws of teardowns cut short (a stream of its own: see `Fault::HvFail`).
-    partial_rng: Rng,
+    /// Draws added after seeds were kept (teardowns cut short, slots changed by a reload):
+    /// a stream of their own, so that the main stream's draws stay as they were.
+    added: Rng,
     /// The seed's share of job-queueing steps (one of [`LOADS`]).
     load: u32,
     opts: Options,
@@ -489,7 +490,7 @@ impl Sim {
         let repo_caps = config.pools.iter().filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?))).collect();
         let mut sim = Sim {
             rng,
-            partial_rng: Rng::with_seed(opts.seed ^ PARTIAL_STREAM),
+            added: Rng::with_seed(opts.seed ^ ADDED_STREAM),
             load,
             opts,
             time,
@@ -1220,9 +1221,8 @@ impl Sim {
             Fault::HvFail => {
                 let n = self.rng.u32(1..=5);
                 self.hv.arm().fail += n;
-                // Half the time, teardowns cut short too: drawn from a stream of their own
-                // (added later: the other draws, and the seeds kept, stay as they were).
-                let r = &mut self.partial_rng;
+                // Half the time, teardowns cut short too (drawn from `added`).
+                let r = &mut self.added;
                 let cuts: Vec<usize> = match r.bool() {
                     true => (0..r.u32(1..=3)).map(|_| r.usize(0..3)).collect(),
                     false => Vec::new(),
@@ -1357,7 +1357,7 @@ impl Sim {
         self.note(format!("fault: {what}"));
     }
 
-    /// SIGHUP with a changed configuration: a pool's caps, warm count or timers; or a pool
+    /// SIGHUP with a changed configuration: a pool's caps, warm count, timers or slots; or a pool
     /// removed, or one added (under a name and labels no pool of this run had: a removed
     /// pool's jobs are dropped, and GitHub keeps them queued).
     fn reload(&mut self) {
@@ -1401,7 +1401,19 @@ impl Sim {
                 p.max_vms_per_repository = p.max_vms_per_repository.map(|n| n.min(p.max_vms));
                 p.warm = self.rng.usize(0..=p.max_vms.min(2));
                 p.idle_timeout = Duration::from_secs(self.rng.u64(20..=300));
-                format!("reload: {} max_vms={} warm={} idle={}", p.name, p.max_vms, p.warm, secs(p.idle_timeout))
+                // A quarter of them change its snapshot slots too (drawn from `added`): slots
+                // made, or removed while VMs restored from them run.
+                if self.added.u8(0..4) == 0 {
+                    p.snapshot_slots = self.added.usize(0..=2);
+                }
+                format!(
+                    "reload: {} max_vms={} warm={} idle={} slots={}",
+                    p.name,
+                    p.max_vms,
+                    p.warm,
+                    secs(p.idle_timeout),
+                    p.snapshot_slots
+                )
             }
         };
         if config.validate().is_err() {
