@@ -1,7 +1,7 @@
 //! Metrics in one place, rendered as OpenMetrics text (Prometheus scrapes it) by
 //! `prometheus-client`: each family has a typed label set, so a label cannot be misspelt
-//! or forgotten at a call site. A leaf module: the GitHub client and the scheduler write
-//! into it; it depends on neither.
+//! or forgotten at a call site. Almost a leaf module: the GitHub client and the scheduler
+//! write into it; it depends on neither (only on `model`'s VM states).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

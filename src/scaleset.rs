@@ -623,7 +623,8 @@ impl<S: ScaleSets> Listener<S> {
         // At best: a job not acquired is offered again, one acquired comes as assigned. A
         // failure here must not hold up the message's other news (a message not
         // acknowledged comes again, and every message after it waits) — but a queue token
-        // that expired again once renewed is the message's failure: it comes again.
+        // that expired again once renewed, or a session the renewal found gone, is the
+        // message's failure: it comes again (or the session is opened again).
         let mut acquired = Vec::new();
         if !available.is_empty() {
             match renewing!(self, set_id, *session, |s| self.client.acquire(set_id, s, &available)) {
@@ -631,7 +632,7 @@ impl<S: ScaleSets> Listener<S> {
                     debug!(pool = %self.pool, offered = available.len(), acquired = a.len(), "scale set jobs acquired");
                     acquired = a;
                 }
-                Err(SsError::QueueToken) => return Err(SsError::QueueToken),
+                Err(e @ (SsError::QueueToken | SsError::SessionGone(_))) => return Err(e),
                 Err(e) => {
                     warn!(pool = %self.pool, offered = available.len(), error = %e, "cannot acquire the jobs the scale set was offered: they are offered again")
                 }

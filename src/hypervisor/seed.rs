@@ -10,6 +10,10 @@ use std::io::{Cursor, Write};
 /// and formatted for every VM: 5% of the simulator's time.
 const MIN_SIZE: usize = 64 * 1024;
 
+/// Formats tried larger, [`GROW`] each, when a size is one FAT cannot be made on.
+const FORMAT_TRIES: u32 = 4;
+const GROW: usize = 256 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 #[error("building the cloud-init seed image")]
 pub struct SeedError(#[from] std::io::Error);
@@ -19,9 +23,21 @@ pub fn nocloud_image(user_data: &str, meta_data: &str, network_config: Option<&s
     let mut files = vec![("user-data", user_data), ("meta-data", meta_data)];
     files.extend(network_config.map(|n| ("network-config", n)));
     let payload: usize = files.iter().map(|(_, c)| c.len()).sum();
-    let size = (payload * 2 + 16 * 1024).max(MIN_SIZE).next_multiple_of(512);
-    let mut disk = Cursor::new(vec![0u8; size]);
-    fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "))?;
+    let mut size = (payload * 2 + 16 * 1024).max(MIN_SIZE).next_multiple_of(512);
+    let mut tries = 0;
+    let mut disk = loop {
+        let mut disk = Cursor::new(vec![0u8; size]);
+        match fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     ")) {
+            Ok(()) => break disk,
+            // A few sizes fit neither FAT12's cluster counts nor FAT16's ("unfortunate disk
+            // size", around 4.2 MB: a `seed-image` of 2 MiB of user-data): larger ones do.
+            Err(_) if tries < FORMAT_TRIES => {
+                tries += 1;
+                size += GROW;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     disk.set_position(0);
     {
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
@@ -54,6 +70,17 @@ pub fn read_file(image: &[u8], name: &str) -> Result<String, SeedError> {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    /// Payloads whose image size FAT cannot be formatted at (a `seed-image` of about 2 MiB
+    /// of user-data) get a larger image, not an error.
+    #[test]
+    fn an_image_of_an_unfortunate_size_is_made_larger() {
+        for half_kib in 4090..4110 {
+            let user_data = "x".repeat(half_kib * 512);
+            let img = nocloud_image(&user_data, "{}", None).unwrap_or_else(|e| panic!("{half_kib}: {e:?}"));
+            assert_eq!(read_file(&img, "user-data").unwrap().len(), user_data.len());
+        }
+    }
 
     #[test]
     fn seed_has_label_and_files() {

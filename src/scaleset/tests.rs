@@ -436,6 +436,8 @@ struct Expiring {
     calls: Mutex<Vec<String>>,
     /// The token the service takes now (`mq-N`), and whether message 1 was acknowledged.
     token: Mutex<(u32, bool)>,
+    /// The first refresh finds the session gone (the service let it go).
+    first_refresh_gone: bool,
 }
 
 impl Expiring {
@@ -473,10 +475,16 @@ impl ScaleSets for Expiring {
         Ok(())
     }
     async fn create_session(&self, _: u64, _: &str) -> Result<Session, SsError> {
+        self.calls.lock().unwrap().push("create".into());
         Ok(self.session())
     }
     async fn refresh_session(&self, _: u64, _: &str) -> Result<Session, SsError> {
-        self.calls.lock().unwrap().push("refresh".into());
+        let mut calls = self.calls.lock().unwrap();
+        if self.first_refresh_gone && !calls.iter().any(|c| c.starts_with("refresh")) {
+            calls.push("refresh: gone".into());
+            return Err(SsError::SessionGone("simulated".into()));
+        }
+        calls.push("refresh".into());
         Ok(self.session())
     }
     async fn delete_session(&self, _: u64, _: &str) -> Result<(), SsError> {
@@ -535,9 +543,32 @@ async fn a_queue_token_that_runs_out_under_an_acquire_or_an_ack_is_renewed_at_on
     stop.cancel();
     running.await.unwrap();
     let calls = service.calls.lock().unwrap().clone();
+    assert!(calls.len() >= 8, "{calls:?}");
     assert_eq!(
-        calls[..7],
-        ["poll mq-0", "acquire mq-0", "refresh", "acquire mq-1", "ack mq-1", "refresh", "ack mq-2"],
+        calls[..8],
+        ["create", "poll mq-0", "acquire mq-0", "refresh", "acquire mq-1", "ack mq-1", "refresh", "ack mq-2"],
         "{calls:?}"
     );
+}
+
+/// The renewal under an acquire finds the session gone: the message fails whole (it comes
+/// again on the next session), not taken in and acknowledged with the token that ran out
+/// (its jobs never acquired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_found_gone_under_an_acquire_is_opened_again_before_the_message_is_taken() {
+    let service = Arc::new(Expiring { first_refresh_gone: true, ..Expiring::default() });
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    registry.set_capacity("linux", 1);
+    let listener = listener(service.clone(), registry, &store);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(listener.run(stop.clone()));
+    let queued = wait_inbox(&store, |ev| ev.action == JobAction::Queued).await;
+    assert_eq!(queued.job.id, 1, "the request acquired, on the next session");
+    stop.cancel();
+    running.await.unwrap();
+    let calls = service.calls.lock().unwrap().clone();
+    assert!(calls.len() >= 5, "{calls:?}");
+    assert_eq!(calls[..5], ["create", "poll mq-0", "acquire mq-0", "refresh: gone", "create"], "{calls:?}");
 }

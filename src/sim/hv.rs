@@ -19,9 +19,10 @@ pub struct Armed {
     /// The next call of this kind panics (as a binding's `Drop` may).
     pub panic: Option<&'static str>,
     /// The next teardowns (one per entry, last first) stop short after the domain goes:
-    /// of its volumes (overlay, seed, saved state), those from the entry's index on are
-    /// left, their deletes failing (a volume busy, the pool's directory unwritable).
-    pub partial: Vec<usize>,
+    /// of its volumes (overlay, seed, saved state: bits 0, 1, 2 of the entry), those the
+    /// entry has are left, their deletes failing (a volume busy, the pool's directory
+    /// unwritable); as libvirt's, each delete is tried whatever the others did.
+    pub partial: Vec<u8>,
     /// Calls made, by kind (for the trace's counts).
     pub calls: u64,
     /// Domains the agent tore down (or destroyed) while they ran, with the boot they ran
@@ -131,23 +132,28 @@ impl Hypervisor for SimHv {
             return vec![e];
         }
         self.note_running(vm);
-        let Some(cut) = self.arm().partial.pop() else {
+        if self.arm().partial.is_empty() {
             return self.fake.teardown(vm);
-        };
+        }
         if let Err(e) = self.fake.destroy(vm) {
             return vec![e];
         }
+        let left = self.arm().partial.pop().unwrap_or_default();
         let mut s = self.fake.lock();
         let mut errors = Vec::new();
-        for (i, name) in [overlay_volume_name(vm), seed_volume_name(vm), save_volume_name(vm)].into_iter().enumerate() {
-            if i < cut {
+        for (bit, name) in [overlay_volume_name(vm), seed_volume_name(vm), save_volume_name(vm)].into_iter().enumerate()
+        {
+            if left & (1 << bit) == 0 {
                 s.volumes.remove(&name);
+                // What the fake keeps of a volume goes with it.
+                match bit {
+                    1 => drop(s.seeds.remove(vm)),
+                    2 => drop(s.saved.remove(vm)),
+                    _ => {}
+                }
             } else if s.volumes.contains(&name) {
                 errors.push(HvError::Libvirt { op: "delete volume", name, message: "injected: volume busy".into() });
             }
-        }
-        if cut > 1 {
-            s.seeds.remove(vm);
         }
         errors
     }

@@ -1223,15 +1223,18 @@ impl Sim {
                 self.hv.arm().fail += n;
                 // Half the time, teardowns cut short too (drawn from `added`).
                 let r = &mut self.added;
-                let cuts: Vec<usize> = match r.bool() {
-                    true => (0..r.u32(1..=3)).map(|_| r.usize(0..3)).collect(),
+                let left: Vec<u8> = match r.bool() {
+                    true => (0..r.u32(1..=3)).map(|_| r.u8(1..8)).collect(),
                     false => Vec::new(),
                 };
-                let partial = match cuts.is_empty() {
+                let partial = match left.is_empty() {
                     true => String::new(),
-                    false => format!("; next {} teardowns cut short after the domain, at volumes {cuts:?}", cuts.len()),
+                    false => format!(
+                        "; next {} teardowns cut short after the domain, volumes left (overlay 1, seed 2, saved 4) {left:?}",
+                        left.len()
+                    ),
                 };
-                self.hv.arm().partial.extend(cuts);
+                self.hv.arm().partial.extend(left);
                 format!("libvirt: next {n} calls fail{partial}")
             }
             Fault::HvPanic => {
@@ -1647,14 +1650,11 @@ impl Sim {
         }
     }
 
-    /// The agent tears a VM down as stopped only if its domain is: one whose domain still
-    /// ran was reaped on a stale look (a sweep's listing from before the domain started),
-    /// and a boot was thrown away. Asked of the agent's timeline, which gives each VM's
-    /// reason (a VM whose trace a restart took is not judged).
-    /// Whether the agent's record `v` is a VM that holds the host's resources: its domain
-    /// is defined (a slot's: running this VM, or stopped), or it is on its way. A record
-    /// the store kept of a VM torn down while the store could not write, read again at a
-    /// restart, is not (the agent's first sweep forgets it: seed 2,150 of 1,000 steps).
+    /// Whether the agent's record `v` is a VM that counts toward its caps: its domain is
+    /// defined (a slot's: running this VM, or stopped), or it is on its way. A record the
+    /// store kept of a VM torn down while the store could not write, read again at a
+    /// restart, is not (the agent's first sweep forgets it: seed 2,150 of 1,000 steps); nor
+    /// is one whose domain is gone, its volumes left by a teardown cut short.
     fn holds(&self, v: &crate::admin::proto::VmStatus, domains: &[(String, String)]) -> bool {
         if v.state == crate::model::VmState::Provisioning.as_str() {
             return true;
@@ -1667,6 +1667,10 @@ impl Sim {
         v.slot.is_none() || boot.is_none_or(|b| self.hv.arm().restored_as.get(&b) == Some(&v.name))
     }
 
+    /// The agent tears a VM down as stopped only if its domain is: one whose domain still
+    /// ran was reaped on a stale look (a sweep's listing from before the domain started),
+    /// and a boot was thrown away. Asked of the agent's timeline, which gives each VM's
+    /// reason (a VM whose trace a restart took is not judged).
     fn check_reaps(&mut self) {
         let torn = std::mem::take(&mut self.hv.arm().torn_running);
         if torn.is_empty() {
