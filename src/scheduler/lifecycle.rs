@@ -42,6 +42,22 @@ fn spread(vm: &str) -> Duration {
     Duration::from_millis(hash % 1000)
 }
 
+/// When a teardown that failed (its `failures`th in a row) is tried again. One that
+/// failed only because GitHub's rate limit held its calls back (`rate_limited`: the limit's
+/// wait) is tried as the limit lifts (a back-off from 10 s would leave a registration up
+/// to [`TEARDOWN_RETRY_MAX`] after a long limit lifted), spread over a second by `vm` so
+/// that the teardowns it held do not call at once, and never sooner than a back-off from
+/// 1 s (a limit answered with no wait is not hammered); any other after a back-off.
+fn teardown_retry(failures: u32, rate_limited: Option<Duration>, vm: &str) -> Duration {
+    let doubled = |from: Duration| from.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(TEARDOWN_RETRY_MAX);
+    match rate_limited {
+        Some(wait) => {
+            wait.min(RATE_LIMIT_WAIT_MAX).max(doubled(RATE_LIMIT_RETRY_MIN).min(RATE_LIMIT_RETRY_FLOOR)) + spread(vm)
+        }
+        None => doubled(TEARDOWN_RETRY),
+    }
+}
+
 /// Back-offs by key (a pool's name), each doubling from [`BACKOFF_MIN`] up to
 /// [`BACKOFF_MAX`] with each failure until cleared.
 #[derive(Debug, Default)]
@@ -395,19 +411,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.sweep.torn_down(&name, now);
         } else {
             let failures = failed_before + 1;
-            let doubled = |from: Duration| from.saturating_mul(1 << (failures - 1).min(16)).min(TEARDOWN_RETRY_MAX);
-            let delay = match outcome.only_rate_limited() {
-                // Nothing failed but GitHub holding its calls back: the retry comes as the
-                // limit lifts (a back-off from 10 s would leave a registration up to
-                // TEARDOWN_RETRY_MAX after a long limit lifted), spread over a second so
-                // that the teardowns it held do not call at once; never sooner than a
-                // back-off from 1 s (a limit answered with no wait is not hammered).
-                Some(wait) => {
-                    let floor = doubled(RATE_LIMIT_RETRY_MIN).min(RATE_LIMIT_RETRY_FLOOR);
-                    wait.min(RATE_LIMIT_WAIT_MAX).max(floor) + spread(&name)
-                }
-                None => doubled(TEARDOWN_RETRY),
-            };
+            let delay = teardown_retry(failures, outcome.only_rate_limited(), &name);
             for e in &outcome.errors {
                 self.metrics.teardown_failures.inc();
                 warn!(vm = %name, error = %e, retry_in_s = delay.as_secs(), "teardown step failed; will retry");
@@ -624,5 +628,41 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn bump_backoff(&mut self, pool: &str) {
         let delay = self.lifecycle.backoff.bump(pool, Instant::now());
         warn!(pool, retry_in_ms = delay.as_millis() as u64, "provisioning backs off");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_teardown_is_tried_again_after_a_back_off_or_as_the_rate_limit_lifts() {
+        let s = Duration::from_secs;
+        let vm = "rv-small-1";
+        // (failures in a row, the rate limit's wait if only it failed the teardown, the
+        // delay before the spread)
+        let table = [
+            (1, None, s(10)),
+            (2, None, s(20)),
+            (5, None, s(160)),
+            (6, None, s(300)),
+            (40, None, s(300)),
+            (1, Some(s(100)), s(100)),
+            (1, Some(s(0)), s(1)),
+            (3, Some(s(0)), s(4)),
+            (7, Some(s(0)), s(60)),
+            (40, Some(s(0)), s(60)),
+            (3, Some(s(2)), s(4)),
+            (1, Some(s(7200)), s(3600)),
+        ];
+        for (failures, rate_limited, want) in table {
+            let spread = if rate_limited.is_some() { spread(vm) } else { Duration::ZERO };
+            assert_eq!(teardown_retry(failures, rate_limited, vm), want + spread, "{failures} {rate_limited:?}");
+        }
+        // The spread: under a second, the same for a VM each time, not the same for all.
+        assert!(spread(vm) < s(1));
+        assert_eq!(spread(vm), spread("rv-small-1"));
+        let spreads: std::collections::BTreeSet<Duration> = (0..20).map(|i| spread(&format!("rv-small-{i}"))).collect();
+        assert!(spreads.len() > 10, "{spreads:?}");
     }
 }
