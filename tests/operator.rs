@@ -201,7 +201,13 @@ async fn a_real_vm_seen_through_journald_status_virsh_and_metrics() {
     })
     .await;
 
-    // runnervisor status, human and JSON.
+    // runnervisor status, human and JSON, once the agent heard the job started (GitHub
+    // says so before its webhook has come in: on a loaded machine the first look saw the
+    // VM still booting).
+    wait_for("the agent to hear the job started", Duration::from_secs(30), async || {
+        String::from_utf8_lossy(&agent.cli(&["status"]).stdout).contains("busy").then_some(())
+    })
+    .await;
     let status = agent.cli(&["status"]);
     let table = String::from_utf8_lossy(&status.stdout);
     eprintln!("{table}");
