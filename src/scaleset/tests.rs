@@ -523,13 +523,10 @@ impl ScaleSets for Expiring {
     }
 }
 
-/// The queue token runs out between a poll and the acquisition of the job it brought, and
-/// again before the message's acknowledgement: each is renewed and the call made again at
-/// once, as GitHub's listener does (it was a failure, warned of, a back-off, and the
-/// message polled again).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_token_that_runs_out_under_an_acquire_or_an_ack_is_renewed_at_once() {
-    let service = Arc::new(Expiring::default());
+/// Pool `linux`'s listener (room for one job) against `service`, on a store of its own,
+/// until a job is queued in its inbox and `done` holds: that job's event, and the calls
+/// the service saw.
+async fn listened(service: &Arc<Expiring>, done: impl Fn(&Expiring) -> bool) -> (JobEvent, Vec<String>) {
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
@@ -538,11 +535,22 @@ async fn a_queue_token_that_runs_out_under_an_acquire_or_an_ack_is_renewed_at_on
     let stop = CancellationToken::new();
     let running = tokio::spawn(listener.run(stop.clone()));
     let queued = wait_inbox(&store, |ev| ev.action == JobAction::Queued).await;
-    assert_eq!(queued.job.id, 1, "the request acquired");
-    eventually(200, || service.token.lock().unwrap().1).await;
+    eventually(200, || done(service)).await;
     stop.cancel();
     running.await.unwrap();
     let calls = service.calls.lock().unwrap().clone();
+    (queued, calls)
+}
+
+/// The queue token runs out between a poll and the acquisition of the job it brought, and
+/// again before the message's acknowledgement: each is renewed and the call made again at
+/// once, as GitHub's listener does (it was a failure, warned of, a back-off, and the
+/// message polled again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_token_that_runs_out_under_an_acquire_or_an_ack_is_renewed_at_once() {
+    let service = Arc::new(Expiring::default());
+    let (queued, calls) = listened(&service, |s| s.token.lock().unwrap().1).await;
+    assert_eq!(queued.job.id, 1, "the request acquired");
     assert!(calls.len() >= 8, "{calls:?}");
     assert_eq!(
         calls[..8],
@@ -557,18 +565,8 @@ async fn a_queue_token_that_runs_out_under_an_acquire_or_an_ack_is_renewed_at_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_found_gone_under_an_acquire_is_opened_again_before_the_message_is_taken() {
     let service = Arc::new(Expiring { first_refresh_gone: true, ..Expiring::default() });
-    let dir = crate::test_support::tempdir();
-    let store = Arc::new(Store::open(&dir).unwrap());
-    let registry = Arc::new(Registry::default());
-    registry.set_capacity("linux", 1);
-    let listener = listener(service.clone(), registry, &store);
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(listener.run(stop.clone()));
-    let queued = wait_inbox(&store, |ev| ev.action == JobAction::Queued).await;
+    let (queued, calls) = listened(&service, |_| true).await;
     assert_eq!(queued.job.id, 1, "the request acquired, on the next session");
-    stop.cancel();
-    running.await.unwrap();
-    let calls = service.calls.lock().unwrap().clone();
     assert!(calls.len() >= 5, "{calls:?}");
     assert_eq!(calls[..5], ["create", "poll mq-0", "acquire mq-0", "refresh: gone", "create"], "{calls:?}");
 }

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::hypervisor::fake::FakeHypervisor;
-use crate::hypervisor::{
-    HvError, Hypervisor, VmInfo, VmMetadata, network, overlay_volume_name, save_volume_name, seed_volume_name,
-};
+use crate::hypervisor::{HvError, Hypervisor, VmInfo, VmMetadata, network};
 
 /// Faults armed by the simulator, taken by the next calls.
 #[derive(Debug, Default)]
@@ -132,30 +130,14 @@ impl Hypervisor for SimHv {
             return vec![e];
         }
         self.note_running(vm);
-        if self.arm().partial.is_empty() {
-            return self.fake.teardown(vm);
+        // A cut is taken only by a teardown that reaches libvirt (one refused while it is
+        // away would waste it).
+        let away = self.fake.lock().unavailable;
+        let cut = if away { None } else { self.arm().partial.pop() };
+        match cut {
+            Some(left) => self.fake.teardown_leaving(vm, left),
+            None => self.fake.teardown(vm),
         }
-        if let Err(e) = self.fake.destroy(vm) {
-            return vec![e];
-        }
-        let left = self.arm().partial.pop().unwrap_or_default();
-        let mut s = self.fake.lock();
-        let mut errors = Vec::new();
-        for (bit, name) in [overlay_volume_name(vm), seed_volume_name(vm), save_volume_name(vm)].into_iter().enumerate()
-        {
-            if left & (1 << bit) == 0 {
-                s.volumes.remove(&name);
-                // What the fake keeps of a volume goes with it.
-                match bit {
-                    1 => drop(s.seeds.remove(vm)),
-                    2 => drop(s.saved.remove(vm)),
-                    _ => {}
-                }
-            } else if s.volumes.contains(&name) {
-                errors.push(HvError::Libvirt { op: "delete volume", name, message: "injected: volume busy".into() });
-            }
-        }
-        errors
     }
     fn destroy(&self, name: &str) -> Result<(), HvError> {
         self.enter("destroy", name)?;

@@ -1535,8 +1535,9 @@ impl Sim {
                 ));
             }
         }
-        // No repository has more VMs of a pool than its max_vms_per_repository (a reload
-        // lowering it lets those over it finish: see below).
+        // No repository has more VMs of a pool than its max_vms_per_repository, counted
+        // among the agent's records of VMs that hold resources. After a reload lowered it,
+        // the old one holds until every repository's VMs of the pool fit the new.
         if !self.repo_caps.is_empty()
             && let Some(status) = self.status()
         {
@@ -1546,12 +1547,20 @@ impl Sim {
                     by_repo.entry((v.pool.as_str(), repo.as_str())).or_default().push(v.name.as_str());
                 }
             }
-            for ((pool, repo), vms) in by_repo {
-                if let Some(cap) = self.repo_caps.get(pool).filter(|cap| vms.len() > **cap) {
+            for ((pool, repo), vms) in &by_repo {
+                if let Some(cap) = self.repo_caps.get(*pool).filter(|cap| vms.len() > **cap) {
                     return self.violate(format!(
                         "pool {pool} has {} VMs for {repo}, more than max_vms_per_repository {cap}: {vms:?}",
                         vms.len()
                     ));
+                }
+            }
+            for p in &self.config.pools {
+                if let Some(new) = p.max_vms_per_repository
+                    && self.repo_caps.get(&p.name).is_some_and(|c| *c > new)
+                    && by_repo.iter().all(|((pool, _), vms)| *pool != p.name || vms.len() <= new)
+                {
+                    self.repo_caps.insert(p.name.clone(), new);
                 }
             }
         }
@@ -1573,30 +1582,6 @@ impl Sim {
                     && per_pool.get(&pool).copied().unwrap_or(0) <= new
                 {
                     self.caps.insert(pool, new);
-                }
-            }
-        }
-        // So with `max_vms_per_repository`: the old one holds until every repository's VMs
-        // of the pool (the agent's records of VMs that hold resources) fit the new.
-        let lowered: Vec<(String, usize)> = self
-            .config
-            .pools
-            .iter()
-            .filter_map(|p| Some((p.name.clone(), p.max_vms_per_repository?)))
-            .filter(|(pool, n)| self.repo_caps.get(pool).is_some_and(|c| c > n))
-            .collect();
-        if !lowered.is_empty()
-            && let Some(status) = self.status()
-        {
-            for (pool, new) in lowered {
-                let mut by_repo: BTreeMap<&str, usize> = BTreeMap::new();
-                for v in status.vms.iter().filter(|v| v.pool == pool && self.holds(v, &domains)) {
-                    if let Some(repo) = repo_of(v) {
-                        *by_repo.entry(repo.as_str()).or_default() += 1;
-                    }
-                }
-                if by_repo.values().all(|n| *n <= new) {
-                    self.repo_caps.insert(pool, new);
                 }
             }
         }

@@ -153,10 +153,13 @@ async fn members_serve_each_job_once_within_their_capacity() {
     let made = a.hv.lock().started_total + b.hv.lock().started_total;
     assert_eq!(made, 5, "one VM per job across the fleet");
     let (ma, mb) = (a.metrics.render(), b.metrics.render());
-    let won = |m: &str| {
-        m.lines().find_map(|l| l.strip_prefix("runnervisor_fleet_claims_total{result=\"won\"} ")?.parse::<u64>().ok())
-    };
-    assert_eq!(won(&ma).unwrap_or(0) + won(&mb).unwrap_or(0), 5, "{ma}\n{mb}");
+    assert_eq!(claims_won(&ma) + claims_won(&mb), 5, "{ma}\n{mb}");
+}
+
+/// The claims a member won, as its metrics (`rendered`) count them.
+fn claims_won(rendered: &str) -> u64 {
+    let won = "runnervisor_fleet_claims_total{result=\"won\"} ";
+    rendered.lines().find_map(|l| l.strip_prefix(won)?.parse().ok()).unwrap_or(0)
 }
 
 #[tokio::test(start_paused = true)]
@@ -291,11 +294,7 @@ async fn a_member_that_cannot_serve_gives_its_claims_back_and_a_healthy_one_serv
     // between, which a look at the board may miss (it did on a loaded machine); the count
     // of claims won stays.
     let metrics = a.metrics.clone();
-    a.wait("a claimed it", move |_, _| {
-        metrics.render().contains("runnervisor_fleet_claims_total{result=\"won\"} ")
-            && !metrics.render().contains("runnervisor_fleet_claims_total{result=\"won\"} 0\n")
-    })
-    .await;
+    a.wait("a claimed it", move |_, _| claims_won(&metrics.render()) > 0).await;
     let mut b = member(&board, "hv-b", &gh, "");
     b.deliver_as("d-11-b", JobAction::Queued, info(11, LABELS, None));
     let s = b.wait_for("b serves it", LEASE * 2, |s, _| vm_for(s, 11).is_some()).await;
