@@ -181,12 +181,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             (JobAction::InProgress, changed) => match &ours {
                 Some(vm) => {
-                    let made_for = self.book.vms[vm].job_id;
-                    if let Some(fleet) = self.fleet.as_mut().filter(|_| changed) {
-                        fleet.runner_swapped(made_for, id, tokio::time::Instant::now());
-                    }
-                    self.book.vms.get_mut(vm).expect("ours").took_job = Some(id);
-                    self.book.touch_vm(vm);
+                    self.runner_took(vm, id, changed);
                     self.transition(vm, Input::TookJob);
                     if changed {
                         let vm_pool = self.book.vms[vm].pool.clone();
@@ -208,6 +203,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 let conclusion = ev.job.conclusion.clone().unwrap_or_default();
                 match &ours {
                     Some(vm) => {
+                        // The job's `in_progress` lost or not come yet: its end names
+                        // the job the runner took as well.
+                        if self.book.vms[vm].took_job.is_none() {
+                            self.runner_took(vm, id, changed);
+                        }
                         if changed {
                             let vm_pool = self.book.vms[vm].pool.clone();
                             self.metrics
@@ -241,5 +241,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             _ => {}
         }
+    }
+
+    /// Our VM `vm`'s runner took job `id` (`changed`: news of the job, not a repeat).
+    fn runner_took(&mut self, vm: &str, id: u64, changed: bool) {
+        let made_for = self.book.vms[vm].job_id;
+        if let Some(fleet) = self.fleet.as_mut().filter(|_| changed) {
+            fleet.runner_swapped(made_for, id, tokio::time::Instant::now());
+        }
+        self.book.vms.get_mut(vm).expect("ours").took_job = Some(id);
+        self.book.touch_vm(vm);
     }
 }

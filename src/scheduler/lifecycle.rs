@@ -497,6 +497,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             vm.slot = self.free_slots(&pool.name).into_iter().next();
         }
         let restoring = vm.slot.is_some();
+        // A hold (`Book::taken_unheard`) ran out: that runner most likely took another job.
+        if let Some(busy) =
+            self.book.vms.values().find(|v| v.job_id == job_id && v.state == VmState::Busy && v.took_job.is_none())
+        {
+            info!(job_id, vm = %busy.name, "the job's own runner went busy with a job still not named; the job gets another VM");
+        }
         match &vm.slot {
             Some(slot) => {
                 info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %name, slot = %slot, "restoring a vm from a snapshot slot")

@@ -81,6 +81,24 @@ async fn any_runner_may_take_any_job_counting_not_binding() {
     assert_eq!(hv.lock().started_total, 2);
 }
 
+/// The `in_progress` webhook lost: the job's `completed` names the runner that took it, and
+/// the VM is booked as having served that job, not the one it was made for.
+#[tokio::test(start_paused = true)]
+async fn a_completed_job_names_the_job_a_runner_took_when_its_start_was_lost() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(23, LABELS, None));
+    h.deliver(JobAction::Queued, info(24, LABELS, None));
+    h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
+    h.complete(24, Some("rv-small-23"), "success");
+    h.gh.lock().runners.retain(|_, r| r.name != "rv-small-23");
+    h.hv.stop("rv-small-23");
+    let s = h.wait("vm for 23 gone", |s, _| s.vms.iter().all(|v| v.name != "rv-small-23")).await;
+    assert_eq!(s.queued.iter().map(|q| q.job_id).collect::<Vec<_>>(), [23], "{s:#?}");
+    let t = h.trace("rv-small-23").await;
+    assert_eq!(t.job_id, Some(24), "{t:#?}");
+    h.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn unmatched_labels_duplicates_and_reordering_make_no_extra_vm() {
     let mut h = harness("");
@@ -146,6 +164,11 @@ async fn a_teardown_held_back_by_a_rate_limit_is_retried_as_it_lifts() {
 /// another job), the job gets one.
 #[tokio::test(start_paused = true)]
 async fn a_runner_busy_with_a_job_nothing_named_keeps_its_job_from_a_second_vm_a_while() {
+    // The test's runtime is this thread's: the agent's lines are caught here.
+    let lines = Lines::default();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt().with_writer(lines.clone()).with_ansi(false).without_time().finish(),
+    );
     let mut h = harness("");
     h.deliver(JobAction::Queued, info(43, LABELS, None));
     h.wait("a VM", |_, hv| hv.running() == ["rv-small-43"]).await;
@@ -156,7 +179,39 @@ async fn a_runner_busy_with_a_job_nothing_named_keeps_its_job_from_a_second_vm_a
     assert_eq!(h.hv.running(), ["rv-small-43"], "no second VM while the runner's job may be its own: {s:#?}");
     h.wait_for("a VM for the job once the wait is over", Duration::from_secs(30), |_, hv| hv.running().len() == 2)
         .await;
+    let said = lines.text();
+    assert!(
+        said.contains("the job's own runner went busy with a job still not named") && said.contains("vm=rv-small-43"),
+        "{said}"
+    );
     h.shutdown().await;
+}
+
+/// Log lines written, kept (a `tracing_subscriber` writer).
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Lines {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+    type Writer = Lines;
+    fn make_writer(&'a self) -> Lines {
+        self.clone()
+    }
 }
 
 /// A pool whose name is another's followed by `-<digits>` ("small" and "small-2"): a VM of
