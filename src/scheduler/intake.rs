@@ -204,9 +204,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 match &ours {
                     Some(vm) => {
                         // The job's `in_progress` lost or not come yet: its end names
-                        // the job the runner took as well.
+                        // the job the runner took as well. (No swap in a fleet: the job
+                        // ran its course, a VM the other member made for it long gone or
+                        // taken, and another VM of ours may be on its way for ours.)
                         if self.book.vms[vm].took_job.is_none() {
-                            self.runner_took(vm, id, changed);
+                            self.runner_took(vm, id, false);
                         }
                         if changed {
                             let vm_pool = self.book.vms[vm].pool.clone();
@@ -243,10 +245,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
-    /// Our VM `vm`'s runner took job `id` (`changed`: news of the job, not a repeat).
-    fn runner_took(&mut self, vm: &str, id: u64, changed: bool) {
+    /// Our VM `vm`'s runner took job `id`; `swap`: a fleet's member is told (a job's start,
+    /// news not a repeat: `Claims::runner_swapped`).
+    fn runner_took(&mut self, vm: &str, id: u64, swap: bool) {
         let made_for = self.book.vms[vm].job_id;
-        if let Some(fleet) = self.fleet.as_mut().filter(|_| changed) {
+        if let Some(fleet) = self.fleet.as_mut().filter(|_| swap) {
             fleet.runner_swapped(made_for, id, tokio::time::Instant::now());
         }
         self.book.vms.get_mut(vm).expect("ours").took_job = Some(id);

@@ -144,6 +144,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         true
     }
 
+    /// Says so when job `job_id` gets another VM while its own VM's runner is busy with a
+    /// job nothing named: its hold (`Book::taken_unheard`) ran out, that runner most likely
+    /// took another job.
+    pub(super) fn say_if_held_before(&self, job_id: u64) {
+        if let Some(busy) =
+            self.book.vms.values().find(|v| v.job_id == job_id && v.state == VmState::Busy && v.took_job.is_none())
+        {
+            info!(job_id, vm = %busy.name, "the job's own runner went busy with a job still not named; the job gets another VM");
+        }
+    }
+
     /// When the job `vm` serves (the one its runner took, else the one it was made or
     /// bound for) reached the agent.
     pub(super) fn queued_at(&self, vm: &VmRec) -> Option<SystemTime> {
@@ -497,12 +508,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             vm.slot = self.free_slots(&pool.name).into_iter().next();
         }
         let restoring = vm.slot.is_some();
-        // A hold (`Book::taken_unheard`) ran out: that runner most likely took another job.
-        if let Some(busy) =
-            self.book.vms.values().find(|v| v.job_id == job_id && v.state == VmState::Busy && v.took_job.is_none())
-        {
-            info!(job_id, vm = %busy.name, "the job's own runner went busy with a job still not named; the job gets another VM");
-        }
+        self.say_if_held_before(job_id);
         match &vm.slot {
             Some(slot) => {
                 info!(job_id, run_id, repository = %repository, pool = %pool.name, vm = %name, slot = %slot, "restoring a vm from a snapshot slot")

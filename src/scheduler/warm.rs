@@ -195,8 +195,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             None if !vm.warm => (vm.run_id, vm.repository.clone(), vm.job_url.clone(), String::new(), String::new()),
             None => return,
         };
+        // (A cold VM, made for its job or restored for it, said so when it was made.)
+        let warm = vm.warm;
         if !self.transition(vm_name, Input::Bind) {
             return;
+        }
+        if warm {
+            self.say_if_held_before(job_id);
         }
         if let Some(fleet) = self.fleet.as_mut() {
             fleet.used(job_id);

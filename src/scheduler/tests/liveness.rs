@@ -194,33 +194,11 @@ async fn no_vm_is_made_while_its_record_cannot_be_persisted() {
     h.shutdown().await;
 }
 
-/// Log lines written into a buffer (`tracing`'s subscriber for this thread: the test's
-/// runtime is on it).
-#[derive(Clone)]
-struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A store that keeps refusing the scheduler's commits (a full file system) is logged once
 /// a minute, not at every turn of the scheduler (1,037 lines in 5 minutes before).
 #[tokio::test(start_paused = true)]
 async fn a_store_that_keeps_failing_is_logged_once_a_minute() {
-    let logs = LogBuf(Arc::default());
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::ERROR)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _logging = tracing::subscriber::set_default(subscriber);
+    let (logs, _caught) = LogBuf::catch();
     let (mut h, fail) = failing_store();
     h.deliver(JobAction::Queued, info(651, LABELS, None));
     h.advance_for(Duration::from_secs(150)).await;
@@ -228,7 +206,6 @@ async fn a_store_that_keeps_failing_is_logged_once_a_minute() {
     // Once the pool's back-off (a minute by then) has passed.
     h.wait_for("a VM once the store works", Duration::from_secs(120), |_, hv| hv.running().len() == 1).await;
     h.shutdown().await;
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let failing = text.matches("cannot persist scheduler state").count();
+    let failing = logs.saying("cannot persist scheduler state").len();
     assert!((3..=4).contains(&failing), "{failing} lines in 150 s");
 }

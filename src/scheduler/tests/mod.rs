@@ -374,6 +374,42 @@ impl H {
     }
 }
 
+/// What the agent says when a job's hold ran out (`Scheduler::say_if_held_before`).
+const HELD_RAN_OUT: &str = "the job's own runner went busy with a job still not named";
+
+/// Log lines written into a buffer (`tracing`'s subscriber for this thread: the test's
+/// runtime is on it).
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogBuf {
+    /// Catches this thread's INFO lines and above until the guard goes.
+    fn catch() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).without_time().finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+    /// The lines that say `what`.
+    fn saying(&self, what: &str) -> Vec<String> {
+        self.text().lines().filter(|l| l.contains(what)).map(str::to_string).collect()
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Every milestone of `t` is there, in this order (equal times allowed: the clock is paused).
 fn assert_in_order(t: &timeline::Trace, milestones: &[(&str, Option<u64>)]) {
     let mut last = 0;

@@ -90,6 +90,7 @@ async fn a_completed_job_names_the_job_a_runner_took_when_its_start_was_lost() {
     h.deliver(JobAction::Queued, info(24, LABELS, None));
     h.wait("two VMs", |_, hv| hv.running().len() == 2).await;
     h.complete(24, Some("rv-small-23"), "success");
+    h.wait("vm for 23 finishing", |s, _| s.vms.iter().any(|v| v.name == "rv-small-23" && v.state == "finishing")).await;
     h.gh.lock().runners.retain(|_, r| r.name != "rv-small-23");
     h.hv.stop("rv-small-23");
     let s = h.wait("vm for 23 gone", |s, _| s.vms.iter().all(|v| v.name != "rv-small-23")).await;
@@ -164,11 +165,7 @@ async fn a_teardown_held_back_by_a_rate_limit_is_retried_as_it_lifts() {
 /// another job), the job gets one.
 #[tokio::test(start_paused = true)]
 async fn a_runner_busy_with_a_job_nothing_named_keeps_its_job_from_a_second_vm_a_while() {
-    // The test's runtime is this thread's: the agent's lines are caught here.
-    let lines = Lines::default();
-    let _log = tracing::subscriber::set_default(
-        tracing_subscriber::fmt().with_writer(lines.clone()).with_ansi(false).without_time().finish(),
-    );
+    let (logs, _caught) = LogBuf::catch();
     let mut h = harness("");
     h.deliver(JobAction::Queued, info(43, LABELS, None));
     h.wait("a VM", |_, hv| hv.running() == ["rv-small-43"]).await;
@@ -179,39 +176,12 @@ async fn a_runner_busy_with_a_job_nothing_named_keeps_its_job_from_a_second_vm_a
     assert_eq!(h.hv.running(), ["rv-small-43"], "no second VM while the runner's job may be its own: {s:#?}");
     h.wait_for("a VM for the job once the wait is over", Duration::from_secs(30), |_, hv| hv.running().len() == 2)
         .await;
-    let said = lines.text();
+    let said = logs.saying(HELD_RAN_OUT);
     assert!(
-        said.contains("the job's own runner went busy with a job still not named") && said.contains("vm=rv-small-43"),
-        "{said}"
+        matches!(&said[..], [l] if l.split(' ').any(|f| f == "vm=rv-small-43")),
+        "once, naming the busy VM: {said:?}"
     );
     h.shutdown().await;
-}
-
-/// Log lines written, kept (a `tracing_subscriber` writer).
-#[derive(Clone, Default)]
-struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
-    type Writer = Lines;
-    fn make_writer(&'a self) -> Lines {
-        self.clone()
-    }
 }
 
 /// A pool whose name is another's followed by `-<digits>` ("small" and "small-2"): a VM of

@@ -514,3 +514,31 @@ async fn a_bound_warm_vm_is_not_replaced_in_the_place_another_pools_job_needs() 
     assert!(!h.metrics.render().contains("reason=\"warm_surplus\""), "{}", h.metrics.render());
     h.shutdown().await;
 }
+
+/// A job bound to a warm VM whose runner GitHub lists busy with a job nothing named gets
+/// no other VM for `TAKEN_UNHEARD`; then it is bound to the next warm VM, and the agent
+/// says why, naming the busy one.
+#[tokio::test(start_paused = true)]
+async fn a_warm_runner_busy_with_a_job_nothing_named_keeps_its_job_a_while_then_says_why() {
+    let (logs, _caught) = LogBuf::catch();
+    let mut h = harness("warm = 1");
+    h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    h.deliver(JobAction::Queued, info(44, LABELS, None));
+    let s = h.wait("bound", |s, _| bound_to(s, 44).is_some()).await;
+    let first = bound_to(&s, 44).unwrap();
+    h.gh.set_runner(&first, true, true);
+    h.wait("the runner listed busy", |s, _| s.vms.iter().any(|v| v.name == first && v.state == "busy")).await;
+    let s = h.advance_for(TAKEN_UNHEARD - Duration::from_secs(10)).await;
+    assert!(s.vms.iter().filter(|v| v.job_id == 44).count() == 1, "no second VM meanwhile: {s:#?}");
+    assert!(logs.saying(HELD_RAN_OUT).is_empty(), "{:?}", logs.saying(HELD_RAN_OUT));
+    let s = h
+        .wait_for("another warm VM bound to it", Duration::from_secs(30), |s, _| {
+            s.vms.iter().any(|v| v.job_id == 44 && v.name != first)
+        })
+        .await;
+    assert!(s.vms.iter().all(|v| v.warm), "a warm VM, not a cold one: {s:#?}");
+    let said = logs.saying(HELD_RAN_OUT);
+    let named = format!("vm={first}");
+    assert!(matches!(&said[..], [l] if l.split(' ').any(|f| f == named)), "once, naming the busy VM: {said:?}");
+    h.shutdown().await;
+}
