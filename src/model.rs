@@ -337,6 +337,12 @@ impl VmRec {
     pub fn is_unbound_warm(&self) -> bool {
         !self.for_slot && self.warm && matches!(self.state, VmState::Provisioning | VmState::Warming | VmState::Waiting)
     }
+
+    /// Its runner is busy, GitHub says, with a job nothing named yet (most likely its own:
+    /// see `Book::taken_unheard`).
+    pub fn is_busy_unnamed(&self) -> bool {
+        self.state == VmState::Busy && self.took_job.is_none()
+    }
 }
 
 /// A snapshot slot: a VM of `pool` booted with no credential until its guest waited, then

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use crate::clock::Step;
-use crate::model::{JobRec, JobState, SlotRec, VmRec, VmState};
+use crate::model::{JobRec, JobState, SlotRec, VmRec};
 use crate::store::Batch;
 
 #[derive(Default)]
@@ -238,7 +238,7 @@ impl Book {
             self.vms.values().filter(|v| v.reap.is_none() && v.is_available()).map(|v| v.job_id).collect();
         self.vms
             .values()
-            .filter(|v| v.state == VmState::Busy && v.took_job.is_none() && !coming.contains(&v.job_id))
+            .filter(|v| v.is_busy_unnamed() && !coming.contains(&v.job_id))
             .filter(|v| now.duration_since(v.state_since).unwrap_or_default().min(running_for) < within)
             .map(|v| v.job_id)
             .collect()

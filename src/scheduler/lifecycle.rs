@@ -148,9 +148,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// job nothing named: its hold (`Book::taken_unheard`) ran out, that runner most likely
     /// took another job.
     pub(super) fn say_if_held_before(&self, job_id: u64) {
-        if let Some(busy) =
-            self.book.vms.values().find(|v| v.job_id == job_id && v.state == VmState::Busy && v.took_job.is_none())
-        {
+        if let Some(busy) = self.book.vms.values().find(|v| v.job_id == job_id && v.is_busy_unnamed()) {
             info!(job_id, vm = %busy.name, "the job's own runner went busy with a job still not named; the job gets another VM");
         }
     }

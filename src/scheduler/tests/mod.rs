@@ -393,10 +393,8 @@ impl LogBuf {
     }
     /// The lines that say `what`.
     fn saying(&self, what: &str) -> Vec<String> {
-        self.text().lines().filter(|l| l.contains(what)).map(str::to_string).collect()
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().filter(|l| l.contains(what)).map(str::to_string).collect()
     }
 }
 
