@@ -97,6 +97,19 @@ async fn boot(name: &str, sim: &Sim, job: u64, make: MakeCredential) {
     // A second delivery finds nobody listening: the guest took one command and closed.
     let again = hv.deliver(name, name, b"{}\n", &ack, Duration::from_millis(1500));
     assert!(again.is_err(), "{again:?}");
+    // Paused (a teardown asking GitHub about its runner), twice: listed as running (not a
+    // disk error's pause), then running again; its runner goes on to run its job.
+    let domstate = || run(std::process::Command::new("virsh").args(["-c", URI, "domstate", "--reason", name]));
+    hv.suspend(name).unwrap();
+    hv.suspend(name).unwrap();
+    assert!(domstate().starts_with("paused (user)"), "{}", domstate());
+    let listed = hv.list_vms().unwrap().into_iter().find(|v| v.name == name).unwrap();
+    assert_eq!(listed.state, DomainState::Running);
+    hv.resume(name).unwrap();
+    hv.resume(name).unwrap();
+    assert!(domstate().starts_with("running"), "{}", domstate());
+    let gone = format!("{name}-none");
+    assert!(hv.suspend(&gone).is_ok() && hv.resume(&gone).is_ok(), "no such domain: nothing to pause");
 
     let done = tokio::time::timeout(VM_TIMEOUT, sim.wait_completed(job, VM_TIMEOUT)).await;
     assert!(done.is_ok(), "job not completed; console:\n{}", console(&console_log));

@@ -75,6 +75,9 @@ pub struct FakeState {
     pub stall_starts: u32,
     /// The next N `teardown` calls hang the same way (a slow libvirt).
     pub stall_teardowns: u32,
+    /// The next N `teardown` calls fail, the domain left running (libvirt refuses the
+    /// destroy; its other calls answer).
+    pub fail_teardowns: u32,
     /// The next N `save` calls hang the same way.
     pub stall_saves: u32,
     /// The next N `destroy` calls hang the same way.
@@ -109,6 +112,9 @@ pub struct FakeState {
     /// The boot each domain last started or was restored in, numbered across domains:
     /// a domain of the same name restored later is another boot.
     pub boots: BTreeMap<String, usize>,
+    /// Boots (see `boots`) whose vCPUs `suspend` paused, until `resume`: the domain runs
+    /// (listed as running, as libvirt's is), its guest does nothing.
+    pub frozen: BTreeSet<usize>,
     /// Descriptions set on VMs, by VM.
     pub descriptions: BTreeMap<String, String>,
     /// The network's DHCP host entries, by VM (`reserve_address`); its range is
@@ -165,6 +171,11 @@ impl FakeState {
         }
         self.not_this_vm += 1;
         Err(HvError::NotThisVm { domain: domain.into(), vm: vm.into() })
+    }
+
+    /// Whether a domain of this name runs with its vCPUs paused ([`Hypervisor::suspend`]).
+    pub fn frozen(&self, name: &str) -> bool {
+        self.boot_of(name).is_some_and(|b| self.frozen.contains(&b))
     }
 
     /// Whether a domain of this name runs, in this boot.
@@ -434,12 +445,35 @@ impl Hypervisor for FakeHypervisor {
     fn teardown(&self, vm: &str) -> Vec<HvError> {
         self.maybe_panic("teardown");
         self.maybe_stall(|s| &mut s.stall_teardowns);
+        {
+            let mut s = self.lock();
+            if s.fail_teardowns > 0 {
+                s.fail_teardowns -= 1;
+                return vec![HvError::Libvirt { op: "destroy", name: vm.into(), message: "injected".into() }];
+            }
+        }
         self.teardown_leaving(vm, 0)
     }
 
     fn destroy(&self, name: &str) -> Result<(), HvError> {
         self.maybe_stall(|s| &mut s.stall_destroys);
         self.up()?.domains.remove(name);
+        Ok(())
+    }
+
+    fn suspend(&self, name: &str) -> Result<(), HvError> {
+        let mut s = self.up()?;
+        if let Some(boot) = s.boot_of(name) {
+            s.frozen.insert(boot);
+        }
+        Ok(())
+    }
+
+    fn resume(&self, name: &str) -> Result<(), HvError> {
+        let mut s = self.up()?;
+        if let Some(boot) = s.boot_of(name) {
+            s.frozen.remove(&boot);
+        }
         Ok(())
     }
 
@@ -496,7 +530,8 @@ impl Hypervisor for FakeHypervisor {
         }
         s.runs_vm(domain, vm)?;
         // The guest's faults, and what it took, are the domain's (a slot's domain: its VM's).
-        if s.guests_deaf.contains(domain) {
+        // A frozen guest cannot answer either.
+        if s.guests_deaf.contains(domain) || s.frozen(domain) {
             return fail("the guest did not acknowledge its runner command in time (bind_timeout)");
         }
         let message = String::from_utf8_lossy(message).into_owned();

@@ -573,6 +573,49 @@ impl Hypervisor for Libvirt {
         self.destroy_on(&conn, name).into_iter().next().map_or(Ok(()), Err)
     }
 
+    fn suspend(&self, name: &str) -> Result<(), HvError> {
+        let conn = self.conn()?;
+        let dom = match conn.lookup_domain_by_name(name) {
+            Ok(dom) => dom,
+            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => return Ok(()),
+            Err(e) => return Err(self.err("lookup domain", name, e)),
+        };
+        // Paused already: libvirt says yes; shut off (or gone meanwhile): nothing runs.
+        match dom.suspend() {
+            Err(e) if !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid]) => {
+                Err(self.err("suspend", name, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn resume(&self, name: &str) -> Result<(), HvError> {
+        use virt::domain::{DomainPausedReason, DomainState as Libvirt, DomainStateReason};
+        let conn = self.conn()?;
+        let dom = match conn.lookup_domain_by_name(name) {
+            Ok(dom) => dom,
+            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => return Ok(()),
+            Err(e) => return Err(self.err("lookup domain", name, e)),
+        };
+        let state = dom.state().map_err(|e| self.err("domain state", name, e))?;
+        let ours = matches!(
+            state,
+            (
+                Enum::Known(Libvirt::Paused),
+                Enum::Known(DomainStateReason::Paused(Enum::Known(DomainPausedReason::User)))
+            )
+        );
+        if !ours {
+            return Ok(());
+        }
+        match dom.resume() {
+            Err(e) if !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid]) => {
+                Err(self.err("resume", name, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn volume_path(&self, name: &str) -> Result<PathBuf, HvError> {
         let conn = self.conn()?;
         let pool = self.storage_pool(&conn)?;

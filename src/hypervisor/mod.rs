@@ -212,6 +212,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn teardown(&self, vm: &str) -> Vec<HvError>;
     /// Destroys and undefines the domain `name`, leaving its volumes. Idempotent.
     fn destroy(&self, name: &str) -> Result<(), HvError>;
+    /// Pauses the vCPUs of the domain `name`: nothing in its guest runs until
+    /// [`Hypervisor::resume`] (a runner can neither register nor take a job). A domain that
+    /// is not there, not running or paused already is not an error.
+    fn suspend(&self, name: &str) -> Result<(), HvError>;
+    /// Lets the domain `name` run on if [`Hypervisor::suspend`] paused it. Any other domain
+    /// (running, not there, paused by QEMU on a disk error) is left as it is.
+    fn resume(&self, name: &str) -> Result<(), HvError>;
     /// The path of one volume of ours in the job storage pool.
     fn volume_path(&self, name: &str) -> Result<PathBuf, HvError>;
     /// Domains of ours (by name prefix), with their metadata.

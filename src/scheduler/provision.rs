@@ -654,8 +654,9 @@ impl TeardownOutcome {
 
 /// Removes the domain, its volumes, and the runner registration (unless GitHub removed it
 /// already: `runner_done`). With `runner_first` (reaping a runner believed idle, or one
-/// whose binding failed after its command may have reached the guest) the registration
-/// goes first, and a runner that turns out to be busy keeps its VM.
+/// whose binding failed after its command may have reached the guest) the domain is
+/// paused and the registration goes first, and a runner that turns out to be busy keeps
+/// its VM, running again.
 pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runner_first: bool) -> TeardownOutcome {
     let started = Instant::now();
     let mut out = TeardownOutcome::default();
@@ -663,7 +664,31 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     // VM never had one; nor had one whose name another runner held (a fleet member's).
     let has_runner = vm.has_runner();
     if runner_first && has_runner {
-        match delete_runner(&ctx, &vm).await {
+        // Frozen first, so that what GitHub answers holds until the destroy: no runner
+        // registers, or takes a job, in between (a token runner's command delivered late,
+        // by a binding cut short whose call ran on, registered after the answer "not
+        // found"; its runner took a job, killed by the destroy: simulator seed 195363). A
+        // VM kept runs on.
+        let (hv, domain) = (ctx.hv.clone(), vm.domain().to_string());
+        if let Err(e) = blocking(move || hv.suspend(&domain)).await {
+            out.failed(e.to_string());
+            out.duration = started.elapsed();
+            return out;
+        }
+        let answer = delete_runner(&ctx, &vm).await;
+        if !matches!(answer, Ok(Deleted::Deleted | Deleted::NotFound)) {
+            let (hv, domain) = (ctx.hv.clone(), vm.domain().to_string());
+            if let Err(e) = blocking(move || hv.resume(&domain)).await {
+                // Kept paused until the retry (which asks again) resumes it.
+                out.failed(format!("{e} (the vm stays paused until the teardown is retried)"));
+                if let Err((e, what)) = answer {
+                    out.failed_on_github(e, &what);
+                }
+                out.duration = started.elapsed();
+                return out;
+            }
+        }
+        match answer {
             Ok(Deleted::Busy) => {
                 out.aborted_busy = true;
                 out.duration = started.elapsed();

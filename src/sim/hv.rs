@@ -144,6 +144,14 @@ impl Hypervisor for SimHv {
         self.note_running(name);
         self.fake.destroy(name)
     }
+    fn suspend(&self, name: &str) -> Result<(), HvError> {
+        self.enter("suspend", name)?;
+        self.fake.suspend(name)
+    }
+    fn resume(&self, name: &str) -> Result<(), HvError> {
+        self.enter("resume", name)?;
+        self.fake.resume(name)
+    }
     fn volume_path(&self, name: &str) -> Result<PathBuf, HvError> {
         self.enter("volume_path", name)?;
         self.fake.volume_path(name)

@@ -415,6 +415,7 @@ pub const REGRESSIONS: &[(u64, u32)] = &[
     (86004, 1000),
     (111830, 665),
     (126780, 1000),
+    (195363, 1000),
     (201072, 2000),
 ];
 
@@ -877,13 +878,14 @@ impl Sim {
             let s = self.fake.lock();
             self.guests.iter().filter(|(_, g)| s.runs_in(&g.domain, g.boot)).map(|(n, _)| n.clone()).collect()
         };
+        let frozen = self.frozen_guests();
         let mut lost = Vec::new();
         {
             let mut hub = self.hub.lock();
             for (name, g) in &self.guests {
                 let Some(r) = hub.runner_named_mut(name) else { continue };
                 if running.contains(name) {
-                    if !g.never && g.online_at <= now {
+                    if !g.never && g.online_at <= now && !frozen.contains(name) {
                         r.online = true;
                     }
                 } else if r.online || r.job.is_some() {
@@ -934,12 +936,29 @@ impl Sim {
         }
     }
 
-    /// GitHub gives each idle online runner the oldest queued job its labels cover.
+    /// Runners (by name) whose guest's domain is paused ([`crate::hypervisor::Hypervisor::suspend`]):
+    /// they do nothing until it runs again.
+    fn frozen_guests(&self) -> BTreeSet<String> {
+        let s = self.fake.lock();
+        if s.frozen.is_empty() {
+            return BTreeSet::new();
+        }
+        self.guests.iter().filter(|(_, g)| s.frozen.contains(&g.boot)).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// GitHub gives each idle online runner the oldest queued job its labels cover (a
+    /// frozen one polls for none).
     fn assign(&mut self, now: Duration) {
         let mut started = Vec::new();
+        let frozen = self.frozen_guests();
         {
             let mut hub = self.hub.lock();
-            let idle: Vec<u64> = hub.runners.values().filter(|r| r.online && r.job.is_none()).map(|r| r.id).collect();
+            let idle: Vec<u64> = hub
+                .runners
+                .values()
+                .filter(|r| r.online && r.job.is_none() && !frozen.contains(&r.name))
+                .map(|r| r.id)
+                .collect();
             for id in idle {
                 let labels = hub.runners[&id].labels.clone();
                 // A scale set's runner takes the jobs its set acquired; another runner, none
@@ -982,8 +1001,18 @@ impl Sim {
         }
     }
 
-    /// Jobs whose time is up complete: their runner goes and its guest powers off.
+    /// Jobs whose time is up complete: their runner goes and its guest powers off. (One
+    /// whose guest is frozen completes a second after it runs again, at the earliest.)
     fn finish_due(&mut self, now: Duration) {
+        let frozen = self.frozen_guests();
+        if !frozen.is_empty() {
+            let hub = self.hub.lock();
+            for (t, job) in &mut self.completions {
+                if *t <= now && hub.jobs.get(job).and_then(|j| j.runner.as_ref()).is_some_and(|r| frozen.contains(r)) {
+                    *t = now + Duration::from_secs(1);
+                }
+            }
+        }
         let due: Vec<u64> = self.completions.iter().filter(|(t, _)| *t <= now).map(|(_, j)| *j).collect();
         self.completions.retain(|(t, _)| *t > now);
         for job in due {

@@ -343,7 +343,7 @@ async fn last_attempt_failed_while_the_first_is_asked_about(job: u64) -> H {
 /// A VM whose guest registers its runner itself (a registration token) is past its
 /// `registration_timeout`: GitHub has no runner of its name, which says only "not yet".
 /// libvirt fails the destroy; meanwhile the guest's runner registers and takes the job:
-/// the retry asks GitHub again, and the VM is kept.
+/// the retry asks GitHub again, and the VM is kept, running.
 #[tokio::test(start_paused = true)]
 async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its_vm() {
     let mut h = harness("registration = \"token\"\nregistration_timeout = \"60s\"");
@@ -351,7 +351,7 @@ async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its
     h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
     h.gh.lock().fail_calls.insert("list", 1000);
     h.advance_for(Duration::from_secs(30)).await;
-    h.hv.lock().unavailable = true;
+    h.hv.lock().fail_teardowns = 1000;
     // Until its destroy failed (not only begun: libvirt back before it, the VM went).
     let metrics = h.metrics.clone();
     let s = h
@@ -362,16 +362,18 @@ async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its
         .await;
     let asked = h.gh.lock().calls.iter().filter(|c| *c == "find").count();
     assert!(asked >= 1, "GitHub asked: {s:#?}");
+    assert!(h.hv.lock().frozen("rv-small-74"), "paused from the question on: {s:#?}");
     h.gh.add_runner("rv-small-74");
     h.gh.set_runner("rv-small-74", true, true);
     // (The teardown's retries back off while libvirt fails, up to 5 minutes apart.)
-    h.hv.lock().unavailable = false;
+    h.hv.lock().fail_teardowns = 0;
     let s = h
         .wait_for("kept, busy", Duration::from_secs(600), |s, _| {
             s.vms.iter().any(|v| v.name == "rv-small-74" && v.state == "busy")
         })
         .await;
     assert!(h.hv.running().contains(&"rv-small-74".to_string()), "its job runs on: {s:#?}");
+    assert!(!h.hv.lock().frozen("rv-small-74"), "running again: {s:#?}");
     h.shutdown().await;
 }
 
