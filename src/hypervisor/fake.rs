@@ -78,6 +78,10 @@ pub struct FakeState {
     /// The next N `teardown` calls fail, the domain left running (libvirt refuses the
     /// destroy; its other calls answer).
     pub fail_teardowns: u32,
+    /// The next N `resume` calls fail.
+    pub fail_resumes: u32,
+    /// Deliveries refused because their guest was paused ([`Hypervisor::suspend`]).
+    pub refused_paused: u32,
     /// The next N `save` calls hang the same way.
     pub stall_saves: u32,
     /// The next N `destroy` calls hang the same way.
@@ -302,6 +306,9 @@ impl FakeHypervisor {
             Ok(s) => s,
             Err(e) => return vec![e],
         };
+        if let Some(boot) = s.boot_of(vm) {
+            s.frozen.remove(&boot);
+        }
         s.domains.remove(vm);
         let mut errors = Vec::new();
         for (bit, name) in [overlay_volume_name(vm), seed_volume_name(vm), save_volume_name(vm)].into_iter().enumerate()
@@ -457,7 +464,11 @@ impl Hypervisor for FakeHypervisor {
 
     fn destroy(&self, name: &str) -> Result<(), HvError> {
         self.maybe_stall(|s| &mut s.stall_destroys);
-        self.up()?.domains.remove(name);
+        let mut s = self.up()?;
+        if let Some(boot) = s.boot_of(name) {
+            s.frozen.remove(&boot);
+        }
+        s.domains.remove(name);
         Ok(())
     }
 
@@ -471,6 +482,10 @@ impl Hypervisor for FakeHypervisor {
 
     fn resume(&self, name: &str) -> Result<(), HvError> {
         let mut s = self.up()?;
+        if s.fail_resumes > 0 {
+            s.fail_resumes -= 1;
+            return Err(HvError::Libvirt { op: "resume", name: name.into(), message: "injected".into() });
+        }
         if let Some(boot) = s.boot_of(name) {
             s.frozen.remove(&boot);
         }
@@ -530,8 +545,12 @@ impl Hypervisor for FakeHypervisor {
         }
         s.runs_vm(domain, vm)?;
         // The guest's faults, and what it took, are the domain's (a slot's domain: its VM's).
-        // A frozen guest cannot answer either.
-        if s.guests_deaf.contains(domain) || s.frozen(domain) {
+        // A paused guest cannot answer.
+        if s.frozen(domain) {
+            s.refused_paused += 1;
+            return fail("the guest did not acknowledge its runner command in time (bind_timeout): paused");
+        }
+        if s.guests_deaf.contains(domain) {
             return fail("the guest did not acknowledge its runner command in time (bind_timeout)");
         }
         let message = String::from_utf8_lossy(message).into_owned();

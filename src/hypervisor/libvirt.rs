@@ -597,7 +597,12 @@ impl Hypervisor for Libvirt {
             Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => return Ok(()),
             Err(e) => return Err(self.err("lookup domain", name, e)),
         };
-        let state = dom.state().map_err(|e| self.err("domain state", name, e))?;
+        let state = match dom.state() {
+            Ok(state) => state,
+            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => return Ok(()),
+            Err(e) => return Err(self.err("domain state", name, e)),
+        };
+        // Paused by `suspend` (or by an operator's `virsh suspend`: the same reason).
         let ours = matches!(
             state,
             (

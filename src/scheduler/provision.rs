@@ -654,9 +654,9 @@ impl TeardownOutcome {
 
 /// Removes the domain, its volumes, and the runner registration (unless GitHub removed it
 /// already: `runner_done`). With `runner_first` (reaping a runner believed idle, or one
-/// whose binding failed after its command may have reached the guest) the domain is
-/// paused and the registration goes first, and a runner that turns out to be busy keeps
-/// its VM, running again.
+/// whose binding failed after its command may have reached the guest) the registration
+/// goes first (a runner its guest registers itself, not found, asked again with the
+/// domain paused), and a runner that turns out to be busy keeps its VM, running.
 pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runner_first: bool) -> TeardownOutcome {
     let started = Instant::now();
     let mut out = TeardownOutcome::default();
@@ -664,23 +664,37 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     // VM never had one; nor had one whose name another runner held (a fleet member's).
     let has_runner = vm.has_runner();
     if runner_first && has_runner {
-        // Frozen first, so that what GitHub answers holds until the destroy: no runner
-        // registers, or takes a job, in between (a token runner's command delivered late,
-        // by a binding cut short whose call ran on, registered after the answer "not
-        // found"; its runner took a job, killed by the destroy: simulator seed 195363). A
-        // VM kept runs on.
-        let (hv, domain) = (ctx.hv.clone(), vm.domain().to_string());
-        if let Err(e) = blocking(move || hv.suspend(&domain)).await {
-            out.failed(e.to_string());
-            out.duration = started.elapsed();
-            return out;
-        }
-        let answer = delete_runner(&ctx, &vm).await;
-        if !matches!(answer, Ok(Deleted::Deleted | Deleted::NotFound)) {
+        let mut answer = delete_runner(&ctx, &vm).await;
+        // "Not found" for a runner its guest registers itself (its id unknown) says only
+        // "not yet": the guest may register it, and it take a job, any moment until the
+        // destroy. Paused, the guest cannot, and GitHub asked again says what holds until
+        // then (ARCHITECTURE.md: the teardown's question; simulator seed 195363). A runner
+        // GitHub knows needs no pause: deleted, it takes no job; busy, it keeps its VM.
+        if matches!(answer, Ok(Deleted::NotFound)) && vm.runner_id.is_none() {
             let (hv, domain) = (ctx.hv.clone(), vm.domain().to_string());
-            if let Err(e) = blocking(move || hv.resume(&domain)).await {
-                // Kept paused until the retry (which asks again) resumes it.
-                out.failed(format!("{e} (the vm stays paused until the teardown is retried)"));
+            if let Err(e) = blocking(move || hv.suspend(&domain)).await {
+                out.failed(e.to_string());
+                out.duration = started.elapsed();
+                return out;
+            }
+            tracing::debug!(vm = %vm.name, domain = %vm.domain(), "vm paused while GitHub is asked about its runner again");
+            answer = match tokio::time::timeout(PAUSED_QUESTION, delete_runner(&ctx, &vm)).await {
+                Ok(answer) => answer,
+                Err(_) => Err((
+                    GhError::Transport {
+                        method: "GET".into(),
+                        path: "runners".into(),
+                        message: format!("no answer within {}s while the vm is paused", PAUSED_QUESTION.as_secs()),
+                    },
+                    format!("find runner {}", vm.name),
+                )),
+            };
+        }
+        if !matches!(answer, Ok(Deleted::Deleted | Deleted::NotFound)) {
+            // Kept (busy), or not known yet: it runs again, paused by this try or an earlier.
+            if let Err(e) = resume(&ctx, &vm).await {
+                tracing::warn!(vm = %vm.name, domain = %vm.domain(), error = %e, paused = true, "cannot resume the vm; the teardown's retry asks GitHub again and resumes it");
+                out.failed(e.to_string());
                 if let Err((e, what)) = answer {
                     out.failed_on_github(e, &what);
                 }
@@ -740,6 +754,26 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     }
     out.duration = started.elapsed();
     out
+}
+
+/// How long GitHub is asked about a runner while its VM is paused ([`teardown`]): a job
+/// its runner may run waits meanwhile.
+const PAUSED_QUESTION: Duration = Duration::from_secs(60);
+
+/// Lets `vm`'s domain run again if a teardown paused it, trying three times a second
+/// apart (a job its runner runs waits meanwhile).
+async fn resume<G: GitHub, H: Hypervisor>(ctx: &Ctx<G, H>, vm: &VmRec) -> Result<(), HvError> {
+    let mut tries = 0;
+    loop {
+        let (hv, domain) = (ctx.hv.clone(), vm.domain().to_string());
+        match blocking(move || hv.resume(&domain)).await {
+            Err(_) if tries < 2 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Deletes `vm`'s runner registration; an error says which call failed.

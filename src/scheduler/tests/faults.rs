@@ -342,8 +342,10 @@ async fn last_attempt_failed_while_the_first_is_asked_about(job: u64) -> H {
 
 /// A VM whose guest registers its runner itself (a registration token) is past its
 /// `registration_timeout`: GitHub has no runner of its name, which says only "not yet".
-/// libvirt fails the destroy; meanwhile the guest's runner registers and takes the job:
-/// the retry asks GitHub again, and the VM is kept, running.
+/// Asked again with the domain paused, it still has none; libvirt fails the destroy. Then
+/// GitHub lists the runner, busy (registered, and its job taken, before the pause: GitHub's
+/// list lagged): the retry asks again, and the VM is kept, running again (its resume fails
+/// three times first: the retry after that resumes it).
 #[tokio::test(start_paused = true)]
 async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its_vm() {
     let mut h = harness("registration = \"token\"\nregistration_timeout = \"60s\"");
@@ -366,7 +368,11 @@ async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its
     h.gh.add_runner("rv-small-74");
     h.gh.set_runner("rv-small-74", true, true);
     // (The teardown's retries back off while libvirt fails, up to 5 minutes apart.)
-    h.hv.lock().fail_teardowns = 0;
+    {
+        let mut hv = h.hv.lock();
+        hv.fail_teardowns = 0;
+        hv.fail_resumes = 3;
+    }
     let s = h
         .wait_for("kept, busy", Duration::from_secs(600), |s, _| {
             s.vms.iter().any(|v| v.name == "rv-small-74" && v.state == "busy")
@@ -374,6 +380,7 @@ async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its
         .await;
     assert!(h.hv.running().contains(&"rv-small-74".to_string()), "its job runs on: {s:#?}");
     assert!(!h.hv.lock().frozen("rv-small-74"), "running again: {s:#?}");
+    assert_eq!(h.hv.lock().fail_resumes, 0, "its resume was tried until it worked");
     h.shutdown().await;
 }
 

@@ -136,36 +136,42 @@ async fn a_binding_vm_whose_job_went_elsewhere_is_asked_about_before_it_goes() {
     h.shutdown().await;
 }
 
-/// A warm VM (token mode) whose delivery hangs in libvirt goes once its job is cancelled:
-/// its domain is paused before GitHub is asked about its runner ("not found": its guest
-/// registers it itself, once its command lands), and stays paused until it is destroyed.
-/// The late delivery finds a guest that cannot take it. (Running on, its runner registered
-/// after the answer and took a re-run, killed by the destroy: simulator seed 195363.)
+/// A warm VM (token mode) whose delivery hangs in libvirt goes once its job is cancelled.
+/// GitHub has no runner of its name ("not yet": its guest registers it once its command
+/// lands), so its domain is paused and GitHub asked again; it stays paused until the
+/// destroy (which libvirt fails a while). The late delivery finds a guest that cannot take
+/// it. (Running, its runner registered after the answer and took a re-run, killed by the
+/// destroy: simulator seed 195363.)
 #[tokio::test(start_paused = true)]
-async fn a_vm_whose_runner_is_asked_about_stays_paused_until_it_is_destroyed() {
+async fn a_vm_whose_runner_is_not_found_stays_paused_until_it_is_destroyed() {
     let mut h = harness("warm = 1\nregistration = \"token\"\nidle_timeout = \"10s\"");
     let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     let vm = warm_vms(&s, "waiting").remove(0);
     {
         let mut hv = h.hv.lock();
         hv.stall_deliveries_before = 1;
-        hv.stall_teardowns = 1;
+        hv.fail_teardowns = 1000;
     }
     h.deliver(JobAction::Queued, info(45, LABELS, None));
     h.wait("binding", |s, _| s.vms.iter().any(|v| v.name == vm && v.state == "binding")).await;
     h.complete(45, None, "cancelled");
-    let gh = h.gh.clone();
+    let metrics = h.metrics.clone();
     let s = h
-        .poll("GitHub asked about its runner", Duration::from_secs(300), true, |_, _| {
-            gh.lock().calls.iter().any(|c| c == "find")
+        .poll("its destroy failed", Duration::from_secs(300), true, |_, _| {
+            !metrics.render().contains("runnervisor_teardown_failures_total 0")
         })
         .await;
     assert!(s.vms.iter().any(|v| v.name == vm && v.state == "tearing_down"), "{s:#?}");
-    assert!(h.hv.lock().frozen(&vm), "paused before the question, until the destroy: {s:#?}");
+    assert!(h.gh.lock().calls.iter().filter(|c| *c == "find").count() >= 2, "asked twice: {:?}", h.gh.lock().calls);
+    assert!(h.hv.lock().frozen(&vm), "paused from the second question on: {s:#?}");
     h.hv.lock().release_stalled = true;
-    h.wait("gone", |s, hv| s.vms.iter().all(|v| v.name != vm) && !hv.lock().domains.contains_key(&vm)).await;
+    h.poll("the late delivery refused", Duration::from_secs(60), true, |_, hv| hv.lock().refused_paused == 1).await;
     assert!(h.hv.lock().delivered.is_empty(), "no runner command reached the paused guest");
-    assert!(h.gh.runner_names().is_empty(), "{:?}", h.gh.runner_names());
+    h.hv.lock().fail_teardowns = 0;
+    h.poll("gone", Duration::from_secs(600), true, |s, hv| {
+        s.vms.iter().all(|v| v.name != vm) && !hv.lock().domains.contains_key(&vm)
+    })
+    .await;
     h.shutdown().await;
 }
 
@@ -215,14 +221,14 @@ async fn a_binding_unsure_whether_its_guest_took_the_command_is_the_last_attempt
 async fn a_last_attempt_stands_once_github_says_its_runner_is_idle_whatever_libvirt_does() {
     let (h, vm) = binding_fails_unsure(46, false, ("delete", 1)).await;
     h.wait_advancing("GitHub asked once", |_, _| h.gh.lock().calls.iter().any(|c| c == "delete")).await;
-    h.hv.lock().fail_teardowns = 1000;
+    h.hv.lock().unavailable = true;
     // (Its retry is due 10 s on; the one after, 20 s after that.)
     let s = h.advance_for(Duration::from_secs(20)).await;
     assert_eq!(h.gh.lock().calls.iter().filter(|c| *c == "delete").count(), 2, "asked again: {s:#?}");
     assert!(s.queued.is_empty(), "given up: {s:#?}");
     assert!(h.metrics.render().contains("runnervisor_jobs_failed_total{pool=\"small\"} 1"), "{}", h.metrics.render());
     assert!(s.vms.iter().any(|v| v.name == vm), "its teardown is still to finish: {s:#?}");
-    h.hv.lock().fail_teardowns = 0;
+    h.hv.lock().unavailable = false;
     h.wait_for("its vm gone", Duration::from_secs(600), |s, hv| s.vms.is_empty() && !hv.running().contains(&vm)).await;
     let m = h.metrics.render();
     assert!(m.contains("runnervisor_vms_started_total{pool=\"small\"} 1"), "no second vm for the job: {m}");
