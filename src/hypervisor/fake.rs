@@ -82,6 +82,8 @@ pub struct FakeState {
     pub fail_resumes: u32,
     /// Deliveries refused because their guest was paused ([`Hypervisor::suspend`]).
     pub refused_paused: u32,
+    /// `suspend` calls made.
+    pub suspends: u32,
     /// The next N `save` calls hang the same way.
     pub stall_saves: u32,
     /// The next N `destroy` calls hang the same way.
@@ -474,6 +476,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn suspend(&self, name: &str) -> Result<(), HvError> {
         let mut s = self.up()?;
+        s.suspends += 1;
         if let Some(boot) = s.boot_of(name) {
             s.frozen.insert(boot);
         }

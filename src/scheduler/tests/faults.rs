@@ -363,7 +363,7 @@ async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its
         })
         .await;
     let asked = h.gh.lock().calls.iter().filter(|c| *c == "find").count();
-    assert!(asked >= 1, "GitHub asked: {s:#?}");
+    assert!(asked >= 2, "GitHub asked, then asked again with the domain paused: {s:#?}");
     assert!(h.hv.lock().frozen("rv-small-74"), "paused from the question on: {s:#?}");
     h.gh.add_runner("rv-small-74");
     h.gh.set_runner("rv-small-74", true, true);
