@@ -2093,6 +2093,11 @@ impl Sim {
                 return Err(format!("pool {}: {} VMs at rest, warm = {}: {mine:?}", p.name, mine.len(), p.warm));
             }
         }
+        // A teardown pauses a domain only while it asks GitHub, until its destroy or its
+        // resume: none is left paused.
+        if let Some(d) = s.domains.keys().find(|d| s.frozen(d)) {
+            return Err(format!("domain {d} paused at rest (a teardown's pause never undone)"));
+        }
         let known: BTreeSet<&str> = s.domains.keys().chain(s.saved.keys()).map(|d| d.as_str()).collect();
         if let Some(d) =
             s.domains.keys().find(|d| !self.domains_seen.get(*d).is_some_and(|(_, p)| pools.contains(p.as_str())))
