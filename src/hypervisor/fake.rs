@@ -184,6 +184,13 @@ impl FakeState {
         self.boot_of(name).is_some_and(|b| self.frozen.contains(&b))
     }
 
+    /// The domain `name` (if it runs) is paused no more: resumed, or gone.
+    fn thaw(&mut self, name: &str) {
+        if let Some(boot) = self.boot_of(name) {
+            self.frozen.remove(&boot);
+        }
+    }
+
     /// Whether a domain of this name runs, in this boot.
     pub fn runs_in(&self, name: &str, boot: usize) -> bool {
         self.boot_of(name) == Some(boot)
@@ -308,9 +315,7 @@ impl FakeHypervisor {
             Ok(s) => s,
             Err(e) => return vec![e],
         };
-        if let Some(boot) = s.boot_of(vm) {
-            s.frozen.remove(&boot);
-        }
+        s.thaw(vm);
         s.domains.remove(vm);
         let mut errors = Vec::new();
         for (bit, name) in [overlay_volume_name(vm), seed_volume_name(vm), save_volume_name(vm)].into_iter().enumerate()
@@ -467,9 +472,7 @@ impl Hypervisor for FakeHypervisor {
     fn destroy(&self, name: &str) -> Result<(), HvError> {
         self.maybe_stall(|s| &mut s.stall_destroys);
         let mut s = self.up()?;
-        if let Some(boot) = s.boot_of(name) {
-            s.frozen.remove(&boot);
-        }
+        s.thaw(name);
         s.domains.remove(name);
         Ok(())
     }
@@ -489,9 +492,7 @@ impl Hypervisor for FakeHypervisor {
             s.fail_resumes -= 1;
             return Err(HvError::Libvirt { op: "resume", name: name.into(), message: "injected".into() });
         }
-        if let Some(boot) = s.boot_of(name) {
-            s.frozen.remove(&boot);
-        }
+        s.thaw(name);
         Ok(())
     }
 

@@ -292,6 +292,15 @@ impl Libvirt {
         Ok(pool)
     }
 
+    /// The domain `name`, or `None` if there is none.
+    fn domain_if_there(&self, name: &str) -> Result<Option<Domain>, HvError> {
+        match self.conn()?.lookup_domain_by_name(name) {
+            Ok(dom) => Ok(Some(dom)),
+            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => Ok(None),
+            Err(e) => Err(self.err("lookup domain", name, e)),
+        }
+    }
+
     /// Destroys and undefines the domain `name` if it exists; what is gone is no error.
     fn destroy_on(&self, conn: &Connect, name: &str) -> Vec<HvError> {
         let mut errors = Vec::new();
@@ -574,12 +583,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn suspend(&self, name: &str) -> Result<(), HvError> {
-        let conn = self.conn()?;
-        let dom = match conn.lookup_domain_by_name(name) {
-            Ok(dom) => dom,
-            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => return Ok(()),
-            Err(e) => return Err(self.err("lookup domain", name, e)),
-        };
+        let Some(dom) = self.domain_if_there(name)? else { return Ok(()) };
         // Paused already: libvirt says yes; shut off (or gone meanwhile): nothing runs.
         match dom.suspend() {
             Err(e) if !is_code(&e, &[ErrorNumber::NoDomain, ErrorNumber::OperationInvalid]) => {
@@ -591,12 +595,7 @@ impl Hypervisor for Libvirt {
 
     fn resume(&self, name: &str) -> Result<(), HvError> {
         use virt::domain::{DomainPausedReason, DomainState as Libvirt, DomainStateReason};
-        let conn = self.conn()?;
-        let dom = match conn.lookup_domain_by_name(name) {
-            Ok(dom) => dom,
-            Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => return Ok(()),
-            Err(e) => return Err(self.err("lookup domain", name, e)),
-        };
+        let Some(dom) = self.domain_if_there(name)? else { return Ok(()) };
         let state = match dom.state() {
             Ok(state) => state,
             Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => return Ok(()),
