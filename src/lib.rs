@@ -164,6 +164,7 @@ pub async fn run<G: GitHub, H: Hypervisor>(
     let limits = server::Limits {
         max_connections: config.server.max_connections,
         header_timeout: config.server.header_timeout,
+        write_timeout: config.server.body_timeout,
         shutdown_grace: config.reconcile.shutdown_grace,
     };
     tracing::info!(addr = %webhook_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "webhook listener bound");
@@ -420,6 +421,7 @@ pub fn assemble<G: GitHub, H: Hypervisor>(
         max_body_bytes: config.server.max_body_bytes,
         body_timeout: config.server.body_timeout,
         clock,
+        replays: webhook::Replays::default(),
     });
     Ok(Agent { app: webhook::router(intake), events: tx, scheduler: sched, stop_scheduler, refused, listeners })
 }

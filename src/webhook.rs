@@ -15,6 +15,7 @@
 //! | `workflow_job` a scale-set pool's set takes, no runner named | 202, ignored, counted (`outcome="scale_set"`) |
 //! | `workflow_job`, new delivery id           | 202, accepted |
 //! | `workflow_job`, delivery id already seen  | 200, duplicate |
+//! | `workflow_job` body taken before under another delivery id | 200, duplicate: a replay, not written, counted (`outcome="replayed"`) |
 //! | the store cannot write                    | 503 (GitHub records a failed delivery; the reconciler redelivers it) |
 
 use std::sync::Arc;
@@ -42,6 +43,10 @@ use crate::server::Peer;
 /// must not grow with an attacker's rate, nor carry what they chose to put in a header.
 static REJECTED: Throttle = Throttle::new(std::time::Duration::from_secs(10));
 static BODY_TIMEOUTS: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+/// Signed requests refused or left out (bad JSON, outside the scope): GitHub sends few,
+/// but whoever holds one signed body can replay it at will (the signature covers the body
+/// alone), so they are logged as rejected ones are.
+static SIGNED_REFUSED: Throttle = Throttle::new(std::time::Duration::from_secs(10));
 
 fn source(extensions: &Extensions) -> String {
     extensions.get::<Peer>().map(|p| p.0.ip().to_string()).unwrap_or_else(|| "-".into())
@@ -224,6 +229,58 @@ pub struct Intake {
     /// not written. The hook hears of every job, but a set's news is its messages (under
     /// the request's id); in a fleet its row, filed under its labels, no member would read.
     pub scale_sets: Vec<crate::config::PoolConfig>,
+    /// The latest `workflow_job` bodies accepted, to tell a replay from a delivery.
+    pub replays: Replays,
+}
+
+/// How many of the latest `workflow_job` bodies [`Replays`] remembers (~60 bytes each).
+const REPLAY_WINDOW: usize = 65_536;
+
+/// The latest `workflow_job` bodies this intake took, each with its delivery id (hashed).
+/// GitHub sends an event's body under one delivery id, for every hook and every
+/// redelivery (the id names the event, not the attempt); the signature covers the body
+/// alone, so whoever holds one signed body (a proxy's log, the hook's "Recent
+/// deliveries" page) could send it again under fresh ids, and each would be a new entry
+/// in the store's delivery log and inbox, kept for days. A body seen under another id is
+/// a replay: answered as a duplicate, and not written. In memory only, the latest
+/// [`REPLAY_WINDOW`]: a replay after a restart, or of a body that old, costs one
+/// inbox entry, which the job's state (it only moves forward) makes harmless.
+#[derive(Default)]
+pub struct Replays {
+    seen: std::sync::Mutex<ReplayWindow>,
+}
+
+#[derive(Default)]
+struct ReplayWindow {
+    /// The first 16 bytes of a body's SHA-256 → the hash of the delivery id it came under.
+    by_body: std::collections::HashMap<[u8; 16], u64>,
+    order: std::collections::VecDeque<[u8; 16]>,
+    hasher: std::hash::RandomState,
+}
+
+impl Replays {
+    /// Whether `body` came before under another delivery id than `delivery`; if not, it is
+    /// remembered under `delivery` (a delivery whose write fails comes again under its id).
+    pub fn replayed(&self, body: &[u8], delivery: &str) -> bool {
+        use std::hash::BuildHasher;
+        let digest = <Sha256 as sha2::Digest>::digest(body);
+        let key: [u8; 16] = digest[..16].try_into().expect("a SHA-256 has 32 bytes");
+        let mut w = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let id = w.hasher.hash_one(delivery);
+        match w.by_body.get(&key) {
+            Some(seen) => *seen != id,
+            None => {
+                if w.order.len() == REPLAY_WINDOW
+                    && let Some(oldest) = w.order.pop_front()
+                {
+                    w.by_body.remove(&oldest);
+                }
+                w.by_body.insert(key, id);
+                w.order.push_back(key);
+                false
+            }
+        }
+    }
 }
 
 /// Whether a delivery's job is left to a scale set's messages: no runner named (news of a
@@ -297,7 +354,13 @@ pub enum Decision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Counted {
     BadSignature,
-    Webhook { event: String, outcome: &'static str },
+    /// `event`: `workflow_job`, or `other` for any other event: its name is the sender's
+    /// choice, and a label per name would let whoever replays a signed body grow the
+    /// metric without bound.
+    Webhook {
+        event: &'static str,
+        outcome: &'static str,
+    },
     Nothing,
 }
 
@@ -306,7 +369,7 @@ pub enum Counted {
 pub fn decide(secret: &[u8], scope: &Scope, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Decision {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let answer = |status, message: String, counted| Decision::Answer { status, message, counted };
-    let counted = |event: &str, outcome| Counted::Webhook { event: event.to_string(), outcome };
+    let counted = |event: &'static str, outcome| Counted::Webhook { event, outcome };
     if let Err(e) = verify_signature(secret, body, header("x-hub-signature-256")) {
         return answer(StatusCode::UNAUTHORIZED, e.to_string(), Counted::BadSignature);
     }
@@ -318,7 +381,7 @@ pub fn decide(secret: &[u8], scope: &Scope, headers: &HeaderMap, body: &[u8], no
         "workflow_job" => {}
         other => {
             let other: String = other.chars().take(64).collect();
-            return answer(StatusCode::ACCEPTED, format!("event {other} ignored"), counted(&other, "ignored"));
+            return answer(StatusCode::ACCEPTED, format!("event {other} ignored"), counted("other", "ignored"));
         }
     }
     let Some(delivery) = header("x-github-delivery").filter(|d| !d.is_empty() && d.len() <= 100) else {
@@ -362,9 +425,11 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
                     }
                 }
                 Counted::Webhook { event, outcome } => {
-                    intake.metrics.webhooks.get_or_create(&WebhookLabels::new(&event, outcome)).inc();
-                    if outcome != "ignored" {
-                        tracing::warn!(delivery, outcome, "webhook {message}");
+                    intake.metrics.webhooks.get_or_create(&WebhookLabels::new(event, outcome)).inc();
+                    if outcome != "ignored"
+                        && let Some(suppressed) = SIGNED_REFUSED.check()
+                    {
+                        tracing::warn!(delivery, outcome, suppressed, "webhook {message}");
                     }
                 }
                 Counted::Nothing => {}
@@ -373,6 +438,13 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         }
     };
     let (job_id, run_id, action) = (job_event.job.id, job_event.job.run_id, job_event.action);
+    if intake.replays.replayed(&body, delivery) {
+        intake.metrics.webhooks.get_or_create(&job_outcome("replayed")).inc();
+        if let Some(suppressed) = SIGNED_REFUSED.check() {
+            tracing::warn!(delivery, job_id, source = %source(&parts.extensions), suppressed, "a workflow_job body came again under another delivery id (GitHub sends a body under one id): a replay, not written");
+        }
+        return reply_static(StatusCode::OK, r#"{"message":"duplicate delivery"}"#);
+    }
     if a_scale_sets(&intake.scale_sets, &job_event.job) {
         intake.metrics.webhooks.get_or_create(&job_outcome("scale_set")).inc();
         tracing::debug!(delivery, job_id, labels = ?job_event.job.labels, "a webhook about a scale set's job: its set's messages say it");
@@ -505,6 +577,30 @@ mod tests {
         let bad = "{\"action\": \"queued\"}";
         let d = decide(secret, &scope, &headers(Some("workflow_job"), Some(sign(bad)), Some("g")), bad.as_bytes(), now);
         assert!(matches!(&d, Decision::Answer { counted: Counted::Webhook { outcome: "invalid", .. }, .. }), "{d:?}");
+        // Any other event counts under one label, whatever name the sender chose.
+        for event in ["push", "x-1", "x-2"] {
+            let d = decide(secret, &scope, &headers(Some(event), Some(sign(&ok)), Some("g")), ok.as_bytes(), now);
+            assert!(
+                matches!(&d, Decision::Answer { counted: Counted::Webhook { event: "other", outcome: "ignored" }, message, .. } if message.contains(event)),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_seen_under_another_delivery_id_is_a_replay() {
+        let r = Replays::default();
+        assert!(!r.replayed(b"job 1", "g1"), "first seen");
+        assert!(!r.replayed(b"job 1", "g1"), "its own id again: GitHub's redelivery");
+        assert!(r.replayed(b"job 1", "g2"), "another id: a replay");
+        assert!(!r.replayed(b"job 2", "g2"), "another body under that id: the store's to judge");
+        // The window keeps the latest bodies only.
+        for i in 0..REPLAY_WINDOW {
+            r.replayed(format!("filler {i}").as_bytes(), "f");
+        }
+        assert!(!r.replayed(b"job 1", "g3"), "forgotten after REPLAY_WINDOW newer bodies");
+        let w = r.seen.lock().unwrap();
+        assert_eq!((w.by_body.len(), w.order.len()), (REPLAY_WINDOW, REPLAY_WINDOW));
     }
 
     #[test]

@@ -70,6 +70,7 @@ async fn start_with(
         body_timeout: BODY_TIMEOUT,
         clock: Arc::new(runnervisor::clock::SystemClock),
         scale_sets: Vec::new(),
+        replays: webhook::Replays::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -77,6 +78,7 @@ async fn start_with(
     let limits = server::Limits {
         max_connections: MAX_CONNECTIONS,
         header_timeout: HEADER_TIMEOUT,
+        write_timeout: BODY_TIMEOUT,
         shutdown_grace: Duration::from_secs(1),
     };
     let admission = Admission::new(allow, per_source, Some(metrics.clone()));
@@ -279,6 +281,47 @@ async fn deliveries_outside_the_scope_are_answered_and_ignored() {
     stop.cancel();
 }
 
+/// Whoever holds one signed body (the signature covers the body alone) sends it again
+/// under fresh delivery ids, and under made-up event names: one delivery is written, the
+/// replays are answered as duplicates and written nowhere, and the event names share one
+/// label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_body_replayed_under_fresh_delivery_ids_is_written_once() {
+    let (addr, stop, metrics, store) = start().await;
+    let client = client();
+    let body = payload(21);
+    let (status, _) = deliver_body(&client, addr, 1, body.clone()).await;
+    assert_eq!(status, 202);
+    for id in 2..=200 {
+        let (status, _) = deliver_body(&client, addr, id, body.clone()).await;
+        assert_eq!(status, 200, "replay {id}");
+    }
+    // The original's own id again (GitHub's redelivery): a duplicate, as before.
+    assert_eq!(deliver_body(&client, addr, 1, body.clone()).await.0, 200);
+    // Another job's body is a delivery of its own.
+    assert_eq!(deliver_body(&client, addr, 201, payload(22)).await.0, 202);
+    let inbox: Vec<u64> = store.inbox(0, usize::MAX).unwrap().into_iter().map(|(_, e)| e.job.id).collect();
+    assert_eq!(inbox, [21, 22], "one entry a job");
+    assert!(!store.delivery_seen("guid-2").unwrap(), "a replay's id is not kept");
+    for event in (0..50).map(|i| format!("made-up-{i}")) {
+        let r = client
+            .post(format!("http://{addr}/webhook"))
+            .header("X-GitHub-Event", event)
+            .header("X-GitHub-Delivery", "x")
+            .header("X-Hub-Signature-256", sign(&body))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let text = metrics.render();
+    assert!(text.contains("runnervisor_webhooks_total{event=\"workflow_job\",outcome=\"replayed\"} 199"), "{text}");
+    assert!(text.contains("runnervisor_webhooks_total{event=\"other\",outcome=\"ignored\"} 50"), "{text}");
+    assert!(!text.contains("made-up"), "{text}");
+    stop.cancel();
+}
+
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const PER_SOURCE: usize = 8;
 
@@ -411,6 +454,53 @@ async fn a_noisy_source_cannot_push_githubs_deliveries_out() {
     // other tests of this binary log a few lines of their own meanwhile: 10 of headroom.)
     let bound = 5 * (attack_secs / 10.0).ceil() as usize + 10;
     assert!(warnings_during <= bound, "{warnings_during} warning lines in {attack_secs:.1} s (bound {bound})");
+    stop.cancel();
+}
+
+/// A client that pipelines requests and never reads the answers (its receive window shut;
+/// its kernel still answers TCP's probes, so the connection never dies by itself): once
+/// the server's writes stall, it has `write_timeout` to take them, then its connection
+/// (and its source's slot) is closed. hyper's header deadline is off while a response
+/// waits to be written: without that deadline the slot is held for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_loses_its_connection() {
+    const READER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+    let (addr, stop, _, _, admission) = start_with(1, None).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(READER), 0)).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (_unread, mut write) = stream.into_split();
+    // Far more requests than the server's socket and hyper buffer (~6 MiB here), and answers
+    // than the two sockets buffer.
+    let requests = "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n".repeat(800_000);
+    let all_written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let all_written = all_written.clone();
+        tokio::spawn(async move {
+            if write.write_all(requests.as_bytes()).await.is_ok() {
+                all_written.store(true, Ordering::Relaxed);
+            }
+            write
+        })
+    };
+    let t = Instant::now();
+    while admission.held(IpAddr::V4(READER)) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the connection was never admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while admission.held(IpAddr::V4(READER)) == 1 && t.elapsed() < 3 * (HEADER_TIMEOUT + BODY_TIMEOUT) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(admission.held(IpAddr::V4(READER)), 0, "the connection is still held {:?} after it began", t.elapsed());
+    eprintln!("a client that reads no answer: its connection closed {:?} after it began", t.elapsed());
+    // The server stalled on its writes and stopped reading (else the test proves nothing).
+    assert!(!all_written.load(Ordering::Relaxed), "the server read every request: the answers fit the buffers");
+    // Its slot is free: the source is served again.
+    let again = open_from(READER, addr, "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let code = tokio::time::timeout(Duration::from_secs(5), status_of(again.expect("admitted"))).await.unwrap();
+    assert_eq!(code, 404);
+    writer.abort();
     stop.cancel();
 }
 

@@ -63,7 +63,8 @@ pub struct ServerConfig {
     /// Deadline for a request's headers (and for an idle keep-alive connection).
     #[serde(default = "defaults::header_timeout", deserialize_with = "duration")]
     pub header_timeout: Duration,
-    /// Deadline for a request's body once its headers are in.
+    /// Deadline for a request's body once its headers are in, and for a response once the
+    /// peer stops taking it (a peer that pipelines requests and reads no answer).
     #[serde(default = "defaults::body_timeout", deserialize_with = "duration")]
     pub body_timeout: Duration,
     /// Connections one source address (IPv6: its /64) holds at once; beyond, closed at
@@ -417,7 +418,9 @@ pub struct PostgresConfig {
     /// A libpq connection URI or key=value string, without the password:
     /// `postgres://runnervisor@db.example:5432/runnervisor?sslmode=require`. With
     /// `sslmode=prefer|require` the server's certificate is verified (system roots and
-    /// `ca_file`) and must name the host.
+    /// `ca_file`) and must name the host. Off this host (not loopback, not a Unix socket)
+    /// TLS is required unless it says `sslmode=disable`: `prefer`, written or not, counts
+    /// as `require` there, since it would fall back to plain text for whoever refuses TLS.
     pub url: String,
     #[serde(default)]
     pub password: Option<SecretSource>,

@@ -237,6 +237,32 @@ fn urls_are_shown_without_their_password() {
     assert_eq!(redact_url("postgres://rv:s3cret@db:5432/x"), "postgres://rv:***@db:5432/x");
     assert_eq!(redact_url("postgres://rv@db/x"), "postgres://rv@db/x");
     assert_eq!(redact_url("host=db password=s3cret user=rv"), "host=db password=*** user=rv");
+    // Every other place tokio-postgres takes a password from (a reader found the first three).
+    let table = [
+        ("postgres://rv@db/x?password=s3cret", "postgres://rv@db/x?password=***"),
+        (
+            "postgresql://rv@db/x?sslmode=require&pass%77ord=s3cret",
+            "postgresql://rv@db/x?sslmode=require&pass%77ord=***",
+        ),
+        ("postgres://rv:s3cret@db/x?password=s3cret", "postgres://rv:***@db/x?password=***"),
+        ("postgres://db/x?password=s3cret@", "postgres://db/x?password=***"),
+        ("host=db password = s3cret", "host=db password=***"),
+        ("host=db password='se cret' user=rv", "host=db password=*** user=rv"),
+        ("host=db password='s3\\'cret' user=rv", "host=db password=*** user=rv"),
+        ("host=db password=s3\\ cret user=rv", "host=db password=*** user=rv"),
+        ("host='a b' password='s3cret", "host='a b' password=[the rest is not shown]"),
+        ("host=db s3cret", "host=db [the rest is not shown]"),
+        ("host=db =s3cret", "host=db [the rest is not shown]"),
+        ("host=a://rv:s3cret@db password=s3cret", "host=a://rv:s3cret@db password=***"),
+    ];
+    for (url, want) in table {
+        assert_eq!(redact_url(url), want, "{url}");
+    }
+    let fleet = |body: &str| format!("{MINIMAL}\n[fleet]\n{body}\n");
+    for url in ["postgres://rv@db/x?password=s3cret", "host=db password = s3cret", "host=db password='s3 cret'"] {
+        let e = err(&fleet(&format!("postgres = {{ url = {url:?} }}")));
+        assert!(e.contains("fleet.postgres.url") && !e.contains("s3"), "{url}: {e}");
+    }
 }
 
 #[test]

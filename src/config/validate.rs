@@ -294,23 +294,113 @@ impl Config {
 /// Most snapshot slots of one pool (each is a save file and a disk on the storage pool).
 pub const MAX_SNAPSHOT_SLOTS: usize = 64;
 
-/// `url` with the password of its user info, if any, replaced: what an error may show.
+/// `url` as an error or a log line may show it: every place tokio-postgres would take a
+/// password from shows `***` instead. A URI (`postgres://`, `postgresql://`, as the
+/// driver tells them): its user info's password, and the value of each query parameter
+/// whose name is `password` or percent-encoded (the driver decodes names). A key=value
+/// string, read as the driver reads it (spaces around `=`, quoted values): the value of
+/// `password`; past anything it cannot read, nothing is shown.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((user_info, host)) if user_info.contains(':') => {
-                let user = user_info.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:***@{host}")
+    const HIDDEN: &str = "***";
+    let Some(rest) = ["postgres://", "postgresql://"].iter().find_map(|p| url.strip_prefix(p)) else {
+        return redact_key_values(url);
+    };
+    let scheme = &url[..url.len() - rest.len()];
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let mut out = scheme.to_string();
+    match before_query.split_once('@') {
+        Some((user_info, host)) => {
+            match user_info.split_once(':') {
+                Some((user, _)) => out.push_str(&format!("{user}:{HIDDEN}@")),
+                None => out.push_str(&format!("{user_info}@")),
             }
-            _ => url.to_string(),
-        },
-        // key=value form: a password= pair is hidden.
-        None => url
-            .split_whitespace()
-            .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
-            .collect::<Vec<_>>()
-            .join(" "),
+            out.push_str(host);
+        }
+        None => out.push_str(before_query),
     }
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if key == "password" || key.contains('%') => format!("{key}={HIDDEN}"),
+                Some(_) => param.to_string(),
+                // A name without a value: the driver refuses it; shown as a name only.
+                None if param.contains('%') || param.contains('@') => HIDDEN.to_string(),
+                None => param.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// [`redact_url`] of a key=value string, tokenized as tokio-postgres does.
+fn redact_key_values(s: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut rest = s.trim_start();
+    while !rest.is_empty() {
+        let key_end = rest.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        let after_key = rest[key_end..].trim_start();
+        let Some(after_eq) = after_key.strip_prefix('=') else {
+            out.push("[the rest is not shown]".into());
+            break;
+        };
+        let value_start = after_eq.trim_start();
+        let value_len = if let Some(quoted) = value_start.strip_prefix('\'') {
+            match end_of_quoted(quoted) {
+                Some(n) => n + 2,
+                None => {
+                    out.push(format!("{key}=[the rest is not shown]"));
+                    break;
+                }
+            }
+        } else {
+            end_of_simple(value_start)
+        };
+        if key.is_empty() || value_len == 0 {
+            out.push("[the rest is not shown]".into());
+            break;
+        }
+        let value = &value_start[..value_len];
+        out.push(if key == "password" { format!("{key}=***") } else { format!("{key}={value}") });
+        rest = value_start[value_len..].trim_start();
+    }
+    out.join(" ")
+}
+
+/// Bytes of a quoted value before its closing quote (a backslash escapes the next character).
+fn end_of_quoted(s: &str) -> Option<usize> {
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '\'' => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Bytes of an unquoted value: up to whitespace (a backslash escapes the next character).
+fn end_of_simple(s: &str) -> usize {
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            c if c.is_whitespace() => return i,
+            _ => {}
+        }
+    }
+    s.len()
 }
 
 fn validate_fleet(f: &FleetConfig) -> Result<(), ConfigError> {

@@ -47,7 +47,8 @@ pub enum FleetError {
 }
 
 /// TLS for `sslmode=prefer|require` (the server's certificate is verified against the
-/// system's roots, plus `ca_file` when given, and must name the host).
+/// system's roots, plus `ca_file` when given, and must name the host). Off this host,
+/// `prefer` counts as `require` ([`require_tls_off_host`]).
 pub fn tls(ca_file: Option<&Path>) -> Result<MakeTlsConnector, FleetError> {
     let mut builder = native_tls::TlsConnector::builder();
     if let Some(path) = ca_file {
@@ -142,12 +143,13 @@ pub struct Member {
     pub joined: Arc<AtomicBool>,
 }
 
-/// TLS is required (`sslmode=require`) unless the URL says otherwise or every host is
-/// loopback or a Unix socket: `prefer`, libpq's default, falls back to plain text for
-/// anyone on the path who refuses TLS.
-fn require_tls_off_host(pg: &mut tokio_postgres::Config, url: &str) {
+/// TLS is required (`sslmode=require`) unless the URL says `disable` or every host is
+/// loopback or a Unix socket: `prefer`, libpq's default, falls back to plain text (and the
+/// password with it) for anyone on the path who refuses TLS, so off this host it counts
+/// as `require`, written or not.
+fn require_tls_off_host(pg: &mut tokio_postgres::Config) {
     use tokio_postgres::config::{Host, SslMode};
-    if url.to_ascii_lowercase().contains("sslmode=") {
+    if pg.get_ssl_mode() != SslMode::Prefer {
         return;
     }
     // `hostaddr`, when given, is where it connects (the host name then only names the
@@ -176,7 +178,7 @@ impl Member {
         if let Some(p) = password {
             pg.password(p.expose());
         }
-        require_tls_off_host(&mut pg, &config.postgres.url);
+        require_tls_off_host(&mut pg);
         if pg.get_application_name().is_none() {
             pg.application_name(format!("runnervisor {}", config.host_id()));
         }
@@ -450,10 +452,10 @@ mod tests {
     }
 
     #[test]
-    fn tls_is_required_off_this_host_unless_the_url_says() {
+    fn tls_is_required_off_this_host_unless_the_url_says_disable() {
         use tokio_postgres::config::SslMode::{self, *};
         #[rustfmt::skip]
-        let table: [(&str, SslMode); 7] = [
+        let table: [(&str, SslMode); 11] = [
             ("postgres://rv@db.example.net/rv", Require),
             ("postgres://rv@198.51.100.7:5432/rv", Require),
             ("host=127.0.0.1,db.example.net user=rv", Require),
@@ -461,16 +463,21 @@ mod tests {
             ("host=localhost user=rv", Prefer),
             ("host=/run/postgresql user=rv", Prefer),
             ("postgres://rv@db.example.net/rv?sslmode=disable", Disable),
+            ("host=db.example.net sslmode = disable user=rv", Disable),
+            // Written or not, prefer gives the password to whoever refuses TLS on the path.
+            ("postgres://rv@db.example.net/rv?sslmode=prefer", Require),
+            ("host=db.example.net user=rv sslmode=prefer", Require),
+            ("postgres://rv@127.0.0.1/rv?sslmode=prefer", Prefer),
         ];
         let mut pg: tokio_postgres::Config = "host=db.example.net hostaddr=127.0.0.1 user=rv".parse().unwrap();
-        super::require_tls_off_host(&mut pg, "");
+        super::require_tls_off_host(&mut pg);
         assert_eq!(pg.get_ssl_mode(), Prefer, "a name reached at a loopback address");
         let mut pg: tokio_postgres::Config = "host=localhost hostaddr=198.51.100.7 user=rv".parse().unwrap();
-        super::require_tls_off_host(&mut pg, "");
+        super::require_tls_off_host(&mut pg);
         assert_eq!(pg.get_ssl_mode(), Require, "localhost by name, reached off this host");
         for (url, want) in table {
             let mut pg: tokio_postgres::Config = url.parse().unwrap();
-            super::require_tls_off_host(&mut pg, url);
+            super::require_tls_off_host(&mut pg);
             assert_eq!(pg.get_ssl_mode(), want, "{url}");
         }
     }

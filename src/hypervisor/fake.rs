@@ -80,6 +80,11 @@ pub struct FakeState {
     pub fail_teardowns: u32,
     /// The next N `resume` calls fail.
     pub fail_resumes: u32,
+    /// The next N `describe` calls fail (libvirt refuses the metadata).
+    pub fail_describes: u32,
+    /// Deliveries into a domain whose metadata still said "warm, no job" (a binding must
+    /// make it its job's first: `provision::bind`).
+    pub delivered_unmarked: u32,
     /// Deliveries refused because their guest was paused ([`Hypervisor::suspend`]).
     pub refused_paused: u32,
     /// `suspend` calls made.
@@ -548,6 +553,10 @@ impl Hypervisor for FakeHypervisor {
             return fail("domain not running");
         }
         s.runs_vm(domain, vm)?;
+        let xml = s.domains[domain].1.clone();
+        if s.metadata_of(&xml).is_some_and(|m| m.warm) {
+            s.delivered_unmarked += 1;
+        }
         // The guest's faults, and what it took, are the domain's (a slot's domain: its VM's).
         // A paused guest cannot answer.
         if s.frozen(domain) {
@@ -583,6 +592,10 @@ impl Hypervisor for FakeHypervisor {
     ) -> Result<(), HvError> {
         let mut s = self.up()?;
         s.runs_vm(domain, vm)?;
+        if s.fail_describes > 0 {
+            s.fail_describes -= 1;
+            return Err(HvError::Libvirt { op: "set metadata", name: domain.into(), message: "refused".into() });
+        }
         let Some((_, xml)) = s.domains.get_mut(domain) else { return Err(missing("lookup domain", domain)) };
         if let Some(described) = domain_xml::with_metadata(xml, metadata) {
             *xml = described;

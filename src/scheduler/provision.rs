@@ -307,14 +307,15 @@ fn metadata<G, H>(ctx: &Ctx<G, H>, vm: &VmRec, made_from: Option<String>) -> VmM
 
 /// A string from a job (its workflow's or its own name, chosen by whoever pushes a
 /// workflow) as it may appear in the domain's title and description: control characters
-/// (a newline libvirt refuses in a title; NUL, which XML cannot carry at all) become
-/// spaces, and it is cut at 200 characters.
+/// (a newline libvirt refuses in a title; NUL, which XML cannot carry at all) and the
+/// other characters XML cannot carry (U+FFFE, U+FFFF: libvirt would write a domain XML it
+/// cannot read back) become spaces, and it is cut at 200 characters.
 fn printable(s: &str) -> String {
     without_controls(s.chars().take(200))
 }
 
 fn without_controls(s: impl Iterator<Item = char>) -> String {
-    s.map(|c| if c.is_control() { ' ' } else { c }).collect()
+    s.map(|c| if c.is_control() || !domain_xml::xml_char(c) { ' ' } else { c }).collect()
 }
 
 /// The domain's title and description (`virsh list --title`, `virsh desc`).
@@ -410,6 +411,9 @@ pub enum BindError {
     Delivery(#[source] HvError),
     #[error("random bytes for the guest (/dev/urandom): {0}")]
     Entropy(#[source] std::io::Error),
+    /// The domain's metadata could not be made this job's (before any credential).
+    #[error("marking the domain as this job's: {0}")]
+    Describe(#[source] HvError),
     /// The binding task itself failed (a panic).
     #[error("{0}")]
     Task(String),
@@ -427,7 +431,11 @@ impl BindError {
         match self {
             BindError::Delivery(e) => !matches!(e, HvError::NotThisVm { .. }),
             BindError::Task(_) => true,
-            BindError::Credential(_) | BindError::Message(_) | BindError::Entropy(_) | BindError::Interrupted => false,
+            BindError::Credential(_)
+            | BindError::Message(_)
+            | BindError::Entropy(_)
+            | BindError::Describe(_)
+            | BindError::Interrupted => false,
         }
     }
 
@@ -435,6 +443,7 @@ impl BindError {
         match self {
             BindError::Credential(_) | BindError::Message(_) | BindError::Entropy(_) => "credential",
             BindError::Delivery(_) => "delivery",
+            BindError::Describe(_) => "describe",
             BindError::Task(_) => "task",
             BindError::Interrupted => "restart",
         }
@@ -469,6 +478,15 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     let name = plan.vm.name.clone();
     // Before the credential: a failure here costs no runner registration.
     let entropy = fresh_entropy().map_err(BindError::Entropy)?;
+    // For operators (`virsh desc`) and re-adoption: no longer warm, now this job's runner.
+    // Before any credential is made: a domain whose metadata still says "warm, no job" (a
+    // warm VM's, a restored slot's) would be adopted as a waiting warm VM if its record
+    // were lost, and its guest (root in it may have reopened the bind port) given the next
+    // job's credential. No credential goes into a domain not marked as its job's.
+    let metadata = metadata(&ctx, &plan.vm, None);
+    let (title, description) = describe(&plan);
+    let (hv, domain, n) = (ctx.hv.clone(), plan.vm.domain().to_string(), name.clone());
+    blocking(move || hv.describe(&domain, &n, &metadata, &title, &description)).await.map_err(BindError::Describe)?;
     let credential = credential(&ctx, &plan).await.map_err(BindError::Credential)?;
     crash_point("bind-after-credential");
     let made = Instant::now();
@@ -501,15 +519,7 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
         tracing::warn!(vm = %name, error = %e, "the delivery failed, but the guest closed its bind port: it took its command, its runner starts");
     }
     crash_point("bind-after-delivery");
-    let times = BindTimes { credential: made - started, delivery: made.elapsed(), resumed: false };
-    // For operators (`virsh desc`) and re-adoption: no longer warm, now this job's runner.
-    let metadata = metadata(&ctx, &plan.vm, None);
-    let (title, description) = describe(&plan);
-    let (hv, domain) = (ctx.hv.clone(), plan.vm.domain().to_string());
-    if let Err(e) = blocking(move || hv.describe(&domain, &name, &metadata, &title, &description)).await {
-        tracing::warn!(vm = %plan.vm.name, error = %e, "cannot update the bound warm vm's description");
-    }
-    Ok(times)
+    Ok(BindTimes { credential: made - started, delivery: made.elapsed(), resumed: false })
 }
 
 /// How long the guest's port is watched after a binding was cut short: libvirt sees a
@@ -821,7 +831,7 @@ mod tests {
         let mut vm = VmRec::new("rv-p-7".into(), "p", false, std::time::SystemTime::UNIX_EPOCH);
         vm.job_id = 7;
         vm.repository = "octo-org/app".into();
-        let nasty = "build\nInjected: yes\r\u{0}\u{1b}[31m\u{7f}";
+        let nasty = "build\nInjected: yes\r\u{0}\u{1b}[31m\u{7f}\u{FFFF}\u{FFFE}";
         let plan = Plan {
             slot: None,
             made_from: None,
@@ -834,7 +844,7 @@ mod tests {
         };
         let (title, description) = describe(&plan);
         for text in [&title, &description] {
-            assert!(!text.chars().any(char::is_control), "{text:?}");
+            assert!(!text.chars().any(|c| c.is_control() || !domain_xml::xml_char(c)), "{text:?}");
         }
         assert!(title.starts_with("octo-org/app · build Injected: yes"), "{title}");
         assert!(title.chars().count() < 260, "{} characters", title.chars().count());

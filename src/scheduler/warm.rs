@@ -315,7 +315,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             Err(e) => {
                 self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
-                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "vm did not take its job's runner command: destroying it (is the image's runnervisor-warm program current?)");
+                let hint = if matches!(e, BindError::Delivery(_)) {
+                    " (is the image's runnervisor-warm program current?)"
+                } else {
+                    ""
+                };
+                error!(vm = %name, pool = %vm.pool, job_id = vm.job_id, step = e.step(), error = %e, "vm did not take its job's runner command: destroying it{hint}");
                 self.begin_teardown_asking(&name, Reason::BindFailed, Some(e.may_have_reached_guest()));
             }
         }

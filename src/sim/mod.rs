@@ -1539,6 +1539,11 @@ impl Sim {
         if let Some(p) = PANICS.with(|p| p.borrow().first().cloned()) {
             return self.violate(format!("panic: {p}"));
         }
+        if self.fake.lock().delivered_unmarked > 0 {
+            return self.violate(
+                "a runner command went into a domain whose metadata still said warm, no job (its record lost, it would be bound again)".into(),
+            );
+        }
         let Some(inc) = &self.inc else { return };
         if inc.agent.as_ref().is_some_and(|a| a.scheduler_finished()) {
             return self.violate("the scheduler task ended".into());

@@ -175,6 +175,50 @@ async fn a_vm_whose_runner_is_not_found_stays_paused_until_it_is_destroyed() {
     h.shutdown().await;
 }
 
+/// A warm VM's domain is made its job's before any credential is made: its metadata
+/// says "warm, no job" until then, and a domain saying so, adopted without its record,
+/// would be bound again (its guest, which a job with root may have left listening, given
+/// the next job's credential). A warm VM whose metadata cannot be changed takes no job:
+/// it goes, no credential made, and its job boots a VM of its own.
+#[tokio::test(start_paused = true)]
+async fn a_warm_vm_whose_domain_cannot_be_marked_as_its_jobs_takes_no_credential() {
+    let mut h = harness("warm = 1");
+    let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    let vm = warm_vms(&s, "waiting").remove(0);
+    h.hv.lock().fail_describes = 1;
+    h.deliver(JobAction::Queued, info(46, LABELS, None));
+    let s = h
+        .wait("job 46 on a VM of its own", |s, hv| {
+            !hv.lock().domains.contains_key(&vm)
+                && s.vms.iter().any(|v| v.name != vm && v.job_id == 46 && v.state == "booting")
+        })
+        .await;
+    assert!(
+        h.metrics.render().contains("runnervisor_bind_failures_total{pool=\"small\",step=\"describe\"} 1"),
+        "{s:#?}"
+    );
+    assert_eq!(
+        h.gh.lock().calls.iter().filter(|c| c.starts_with("jit")).count(),
+        1,
+        "one credential, the cold VM's: {:?}",
+        h.gh.lock().calls
+    );
+    // The next warm VM is bound as ever: its domain marked before the delivery.
+    h.wait("a warm VM waiting again", |s, _| warm_vms(s, "waiting").len() == 1).await;
+    h.deliver(JobAction::Queued, info(47, LABELS, None));
+    h.wait("job 47 bound", |s, _| s.vms.iter().any(|v| v.job_id == 47 && v.state == "booting")).await;
+    {
+        let hv = h.hv.lock();
+        assert!(hv.delivered.iter().all(|(d, _)| *d != vm), "{:?}", hv.delivered);
+        assert_eq!(
+            (hv.delivered.len(), hv.delivered_unmarked),
+            (2, 0),
+            "every delivery into a domain marked its job's"
+        );
+    }
+    h.shutdown().await;
+}
+
 /// A binding that failed without knowing whether the guest took its command (the
 /// delivery's acknowledgement lost, then the check of the guest's port panicked) destroys
 /// its VM only once GitHub says its runner is not busy: a runner that took the job keeps
