@@ -236,7 +236,7 @@ pub struct Intake {
 /// How many of the latest `workflow_job` bodies [`Replays`] remembers (~60 bytes each).
 const REPLAY_WINDOW: usize = 65_536;
 
-/// The latest `workflow_job` bodies this intake took, each with its delivery id (hashed).
+/// The latest `workflow_job` bodies this intake wrote, each with its delivery id (hashed).
 /// GitHub sends an event's body under one delivery id, for every hook and every
 /// redelivery (the id names the event, not the attempt); the signature covers the body
 /// alone, so whoever holds one signed body (a proxy's log, the hook's "Recent
@@ -259,29 +259,39 @@ struct ReplayWindow {
 }
 
 impl Replays {
-    /// Whether `body` came before under another delivery id than `delivery`; if not, it is
-    /// remembered under `delivery` (a delivery whose write fails comes again under its id).
-    pub fn replayed(&self, body: &[u8], delivery: &str) -> bool {
-        use std::hash::BuildHasher;
+    /// What a body is remembered by: the first 16 bytes of its SHA-256.
+    pub fn key(body: &[u8]) -> BodyKey {
         let digest = <Sha256 as sha2::Digest>::digest(body);
-        let key: [u8; 16] = digest[..16].try_into().expect("a SHA-256 has 32 bytes");
+        BodyKey(digest[..16].try_into().expect("a SHA-256 has 32 bytes"))
+    }
+
+    /// Whether the body of `key` was written before under another delivery id than
+    /// `delivery`.
+    pub fn replayed(&self, key: &BodyKey, delivery: &str) -> bool {
+        use std::hash::BuildHasher;
+        let w = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        w.by_body.get(&key.0).is_some_and(|seen| *seen != w.hasher.hash_one(delivery))
+    }
+
+    /// Remembers the body of `key` as written under `delivery` (after the write, not
+    /// before: a body whose write failed may come again under any id, and is taken).
+    pub fn remember(&self, key: BodyKey, delivery: &str) {
+        use std::hash::BuildHasher;
         let mut w = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let id = w.hasher.hash_one(delivery);
-        match w.by_body.get(&key) {
-            Some(seen) => *seen != id,
-            None => {
-                if w.order.len() == REPLAY_WINDOW
-                    && let Some(oldest) = w.order.pop_front()
-                {
-                    w.by_body.remove(&oldest);
-                }
-                w.by_body.insert(key, id);
-                w.order.push_back(key);
-                false
+        if w.by_body.insert(key.0, id).is_none() {
+            if w.order.len() == REPLAY_WINDOW
+                && let Some(oldest) = w.order.pop_front()
+            {
+                w.by_body.remove(&oldest);
             }
+            w.order.push_back(key.0);
         }
     }
 }
+
+/// A body as [`Replays`] knows it.
+pub struct BodyKey([u8; 16]);
 
 /// Whether a delivery's job is left to a scale set's messages: no runner named (news of a
 /// job a runner took is the scheduler's to weigh: the runner may be a webhook pool's VM,
@@ -438,7 +448,8 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         }
     };
     let (job_id, run_id, action) = (job_event.job.id, job_event.job.run_id, job_event.action);
-    if intake.replays.replayed(&body, delivery) {
+    let body_key = Replays::key(&body);
+    if intake.replays.replayed(&body_key, delivery) {
         intake.metrics.webhooks.get_or_create(&job_outcome("replayed")).inc();
         if let Some(suppressed) = SIGNED_REFUSED.check() {
             tracing::warn!(delivery, job_id, source = %source(&parts.extensions), suppressed, "a workflow_job body came again under another delivery id (GitHub sends a body under one id): a replay, not written");
@@ -451,7 +462,11 @@ async fn handle(State(intake): State<Arc<Intake>>, req: Request) -> Response {
         return reply_static(StatusCode::ACCEPTED, r#"{"message":"a scale set's job: ignored"}"#);
     }
     let repository = tracing::enabled!(tracing::Level::DEBUG).then(|| job_event.job.repository.clone());
-    match intake.accepter.accept(job_event).await {
+    let accepted = intake.accepter.accept(job_event).await;
+    if accepted.is_ok() {
+        intake.replays.remember(body_key, delivery);
+    }
+    match accepted {
         Ok(true) => {
             intake.metrics.webhooks.get_or_create(&job_outcome("accepted")).inc();
             // Per delivery, so debug: at thousands a second the journal would take more than
@@ -590,17 +605,25 @@ mod tests {
     #[test]
     fn a_body_seen_under_another_delivery_id_is_a_replay() {
         let r = Replays::default();
-        assert!(!r.replayed(b"job 1", "g1"), "first seen");
-        assert!(!r.replayed(b"job 1", "g1"), "its own id again: GitHub's redelivery");
-        assert!(r.replayed(b"job 1", "g2"), "another id: a replay");
-        assert!(!r.replayed(b"job 2", "g2"), "another body under that id: the store's to judge");
+        let seen = |body: &str, id: &str| r.replayed(&Replays::key(body.as_bytes()), id);
+        assert!(!seen("job 1", "g1"), "never written");
+        assert!(!seen("job 1", "g2"), "not written yet (its write failed, say): taken under any id");
+        r.remember(Replays::key(b"job 1"), "g1");
+        assert!(!seen("job 1", "g1"), "its own id again: GitHub's redelivery");
+        assert!(seen("job 1", "g2"), "another id: a replay");
+        assert!(!seen("job 2", "g2"), "another body under that id: the store's to judge");
         // The window keeps the latest bodies only.
         for i in 0..REPLAY_WINDOW {
-            r.replayed(format!("filler {i}").as_bytes(), "f");
+            r.remember(Replays::key(format!("filler {i}").as_bytes()), "f");
         }
-        assert!(!r.replayed(b"job 1", "g3"), "forgotten after REPLAY_WINDOW newer bodies");
+        assert!(!seen("job 1", "g3"), "forgotten after REPLAY_WINDOW newer bodies");
+        r.remember(Replays::key(b"filler 7"), "f");
         let w = r.seen.lock().unwrap();
-        assert_eq!((w.by_body.len(), w.order.len()), (REPLAY_WINDOW, REPLAY_WINDOW));
+        assert_eq!(
+            (w.by_body.len(), w.order.len()),
+            (REPLAY_WINDOW, REPLAY_WINDOW),
+            "a body remembered again is one entry"
+        );
     }
 
     #[test]

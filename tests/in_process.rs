@@ -100,7 +100,7 @@ async fn webhook_status_table_admin_protocol_and_metrics() {
         r#"runnervisor_webhooks_total{event="workflow_job",outcome="duplicate"} 1"#,
         r#"runnervisor_webhooks_total{event="workflow_job",outcome="out_of_scope"} 1"#,
         r#"runnervisor_webhooks_total{event="workflow_job",outcome="invalid"} 1"#,
-        r#"runnervisor_webhooks_total{event="push",outcome="ignored"} 1"#,
+        r#"runnervisor_webhooks_total{event="other",outcome="ignored"} 1"#,
         r#"runnervisor_jobs_received_total{pool="small"} 1"#,
         r#"runnervisor_vms_started_total{pool="small"} 2"#,
         r#"runnervisor_teardowns_total{reason="operator"} 1"#,

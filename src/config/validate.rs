@@ -294,42 +294,46 @@ impl Config {
 /// Most snapshot slots of one pool (each is a save file and a disk on the storage pool).
 pub const MAX_SNAPSHOT_SLOTS: usize = 64;
 
-/// `url` as an error or a log line may show it: every place tokio-postgres would take a
-/// password from shows `***` instead. A URI (`postgres://`, `postgresql://`, as the
-/// driver tells them): its user info's password, and the value of each query parameter
-/// whose name is `password` or percent-encoded (the driver decodes names). A key=value
-/// string, read as the driver reads it (spaces around `=`, quoted values): the value of
-/// `password`; past anything it cannot read, nothing is shown.
+/// `url` as an error or a log line may show it: only what is known to hold no secret.
+/// The value of a parameter is shown when its name is one of [`SHOWN_PARAMETERS`] (a
+/// password, or a name the driver would not take, shows `***`). A URI (`postgres://`,
+/// `postgresql://`, as the driver tells them): its user info is what precedes the first
+/// `@` anywhere (as the driver reads it), of which only a user name before a `:` is
+/// shown, and nothing if it reaches into the path or the query. A key=value string is
+/// read as the driver reads it (spaces around `=`, quoted values); past anything it
+/// cannot read, nothing is shown.
 pub fn redact_url(url: &str) -> String {
-    const HIDDEN: &str = "***";
     let Some(rest) = ["postgres://", "postgresql://"].iter().find_map(|p| url.strip_prefix(p)) else {
         return redact_key_values(url);
     };
-    let scheme = &url[..url.len() - rest.len()];
-    let (before_query, query) = match rest.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
+    let mut out = url[..url.len() - rest.len()].to_string();
+    let rest = match rest.split_once('@') {
+        Some((user_info, after)) => {
+            let user = user_info.split(':').next().unwrap_or("");
+            if user.contains(['/', '?', '=', '&']) {
+                out.push_str(HIDDEN);
+            } else if user_info.contains(':') {
+                out.push_str(&format!("{user}:{HIDDEN}"));
+            } else {
+                out.push_str(user);
+            }
+            out.push('@');
+            after
+        }
+        None => rest,
+    };
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
         None => (rest, None),
     };
-    let mut out = scheme.to_string();
-    match before_query.split_once('@') {
-        Some((user_info, host)) => {
-            match user_info.split_once(':') {
-                Some((user, _)) => out.push_str(&format!("{user}:{HIDDEN}@")),
-                None => out.push_str(&format!("{user_info}@")),
-            }
-            out.push_str(host);
-        }
-        None => out.push_str(before_query),
-    }
+    out.push_str(path);
     if let Some(query) = query {
         let params: Vec<String> = query
             .split('&')
             .map(|param| match param.split_once('=') {
-                Some((key, _)) if key == "password" || key.contains('%') => format!("{key}={HIDDEN}"),
-                Some(_) => param.to_string(),
-                // A name without a value: the driver refuses it; shown as a name only.
-                None if param.contains('%') || param.contains('@') => HIDDEN.to_string(),
-                None => param.to_string(),
+                Some((key, value)) if SHOWN_PARAMETERS.contains(&key) => format!("{key}={value}"),
+                Some((key, _)) if !key.contains('%') => format!("{key}={HIDDEN}"),
+                _ => HIDDEN.to_string(),
             })
             .collect();
         out.push('?');
@@ -338,36 +342,57 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+const HIDDEN: &str = "***";
+
+/// Connection parameters whose values an error may show (tokio-postgres' names): none
+/// holds a secret.
+const SHOWN_PARAMETERS: &[&str] = &[
+    "user",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "sslnegotiation",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
 /// [`redact_url`] of a key=value string, tokenized as tokio-postgres does.
 fn redact_key_values(s: &str) -> String {
+    const UNREAD: &str = "[the rest is not shown]";
     let mut out: Vec<String> = Vec::new();
     let mut rest = s.trim_start();
     while !rest.is_empty() {
         let key_end = rest.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(rest.len());
         let key = &rest[..key_end];
-        let after_key = rest[key_end..].trim_start();
-        let Some(after_eq) = after_key.strip_prefix('=') else {
-            out.push("[the rest is not shown]".into());
+        let Some(after_eq) = rest[key_end..].trim_start().strip_prefix('=') else {
+            out.push(UNREAD.into());
             break;
         };
         let value_start = after_eq.trim_start();
-        let value_len = if let Some(quoted) = value_start.strip_prefix('\'') {
-            match end_of_quoted(quoted) {
+        let value_len = match value_start.strip_prefix('\'') {
+            Some(quoted) => match end_of_quoted(quoted) {
                 Some(n) => n + 2,
-                None => {
-                    out.push(format!("{key}=[the rest is not shown]"));
-                    break;
-                }
-            }
-        } else {
-            end_of_simple(value_start)
+                None => 0,
+            },
+            None => end_of_simple(value_start),
         };
         if key.is_empty() || value_len == 0 {
-            out.push("[the rest is not shown]".into());
+            out.push(if key.is_empty() { UNREAD.into() } else { format!("{key}={UNREAD}") });
             break;
         }
         let value = &value_start[..value_len];
-        out.push(if key == "password" { format!("{key}=***") } else { format!("{key}={value}") });
+        out.push(if SHOWN_PARAMETERS.contains(&key) { format!("{key}={value}") } else { format!("{key}={HIDDEN}") });
         rest = value_start[value_len..].trim_start();
     }
     out.join(" ")

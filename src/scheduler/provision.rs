@@ -411,7 +411,8 @@ pub enum BindError {
     Delivery(#[source] HvError),
     #[error("random bytes for the guest (/dev/urandom): {0}")]
     Entropy(#[source] std::io::Error),
-    /// The domain's metadata could not be made this job's (before any credential).
+    /// The domain's metadata could not be made this job's (before any credential: the
+    /// guest still waits).
     #[error("marking the domain as this job's: {0}")]
     Describe(#[source] HvError),
     /// The binding task itself failed (a panic).
@@ -474,7 +475,6 @@ pub fn fresh_entropy() -> std::io::Result<[u8; cloudinit::ENTROPY_BYTES]> {
 /// over its bind port, and waits (at most `bind_timeout`) for the guest's
 /// acknowledgement. `plan.vm` carries the job.
 pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Result<BindTimes, BindError> {
-    let started = Instant::now();
     let name = plan.vm.name.clone();
     // Before the credential: a failure here costs no runner registration.
     let entropy = fresh_entropy().map_err(BindError::Entropy)?;
@@ -487,6 +487,7 @@ pub async fn bind<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, plan: Plan) -> Resul
     let (title, description) = describe(&plan);
     let (hv, domain, n) = (ctx.hv.clone(), plan.vm.domain().to_string(), name.clone());
     blocking(move || hv.describe(&domain, &n, &metadata, &title, &description)).await.map_err(BindError::Describe)?;
+    let started = Instant::now();
     let credential = credential(&ctx, &plan).await.map_err(BindError::Credential)?;
     crash_point("bind-after-credential");
     let made = Instant::now();

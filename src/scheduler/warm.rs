@@ -296,11 +296,12 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 self.book.touch_vm(&name);
                 self.begin_teardown(&name, Reason::BindFailed);
             }
-            Err(e @ BindError::Credential(_)) if !vm.warm => {
-                // GitHub's failure, not the VM's: nothing reached the guest, which still
-                // waits. The pool backs off, then the VM is bound again.
+            Err(e @ (BindError::Credential(_) | BindError::Describe(_))) if !vm.warm => {
+                // GitHub's failure (or libvirt's, marking the domain), not the VM's: nothing
+                // reached the guest, which still waits. The pool backs off, then the VM is
+                // bound again (a warm VM goes instead: its job need not wait for it).
                 self.metrics.bind_failures.get_or_create(&StepLabels::new(&vm.pool, e.step())).inc();
-                warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "cannot make the runner credential; the vm waits and is bound again after the pool's back-off");
+                warn!(vm = %name, pool = %vm.pool, job_id = vm.job_id, error = %e, "cannot bind the vm yet; it waits and is bound again after the pool's back-off");
                 self.transition(&name, Input::BindDeferred);
                 self.bump_backoff(&vm.pool);
                 if let Some(reason) = vm.reap {

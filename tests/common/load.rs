@@ -205,8 +205,10 @@ pub async fn run(load: &Load, stop: Arc<AtomicBool>) -> Outcome {
             let mut sent = Vec::new();
             let mut conn = None;
             let mut buf = Vec::with_capacity(4096);
-            let tag_hash = tag.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) % 1000;
-            let first = 1_000_000_000_000 + tag_hash * 1_000_000_000;
+            // Each tag's job ids (so bodies) its own: the agent takes one body under one
+            // delivery id only (a body again under another is a replay).
+            let tag_hash = tag.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) % 100_000;
+            let first = 1_000_000_000_000 + tag_hash * 10_000_000;
             let mut template = Template::new(first, &labels);
             while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
                 let i = next.fetch_add(1, Ordering::Relaxed);

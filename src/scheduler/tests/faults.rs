@@ -33,6 +33,34 @@ async fn api_failures_back_off_and_the_job_is_still_served() {
     h.shutdown().await;
 }
 
+/// libvirt refusing to mark a cold VM's domain as its job's (done before any credential)
+/// is the host's failure, not the VM's: no credential is made, the VM keeps waiting, the
+/// pool backs off, and the same VM is bound (the job is charged nothing).
+#[tokio::test(start_paused = true)]
+async fn a_cold_vm_whose_domain_cannot_be_marked_yet_waits_and_is_bound_again() {
+    let mut h = harness("");
+    h.hv.lock().fail_describes = 1;
+    h.deliver(JobAction::Queued, info(53, LABELS, None));
+    h.wait_for("bound after the refusal", Duration::from_secs(20), |_, hv| hv.lock().delivered.len() == 1).await;
+    let s = h.status().await;
+    assert_eq!(
+        (h.hv.running(), h.hv.lock().started_total),
+        (vec!["rv-small-53".to_string()], 1),
+        "the same VM waited: {s:#?}"
+    );
+    assert_eq!(h.hv.lock().delivered_unmarked, 0);
+    assert_eq!(
+        h.gh.lock().calls.iter().filter(|c| *c == "jit").count(),
+        1,
+        "no credential made before the domain was marked"
+    );
+    let m = h.metrics.render();
+    assert!(m.contains(r#"runnervisor_bind_failures_total{pool="small",step="describe"} 1"#), "{m}");
+    assert!(!m.contains("runnervisor_teardowns_total{"), "nothing torn down: {m}");
+    assert_eq!(h.store.load().unwrap().jobs[&53].failed_vms, 0, "not charged to the job");
+    h.shutdown().await;
+}
+
 /// An agent with nothing new plans its pools only every `IDLE_PLAN`, but a back-off that
 /// runs out at once: the waiting VM is bound as it ends, not up to `IDLE_PLAN` later (no
 /// sweep or sync comes in between to plan).
