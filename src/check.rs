@@ -189,10 +189,40 @@ pub async fn check_fleet(fleet: &crate::config::FleetConfig, creds: Option<&Path
     ok(what, detail)
 }
 
+const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+
+/// Whether a VM's console log has a size cap, from `qemu.conf`'s text: with libvirt's
+/// default `stdio_handler = "logd"` QEMU writes the console through virtlogd, which rolls
+/// the file over (`virtlogd.conf`: `max_size` 2 MiB, `max_backups` 3; measured here: QEMU
+/// holds a pipe, virtlogd the file); with `"file"` QEMU writes the file itself, without
+/// a cap, and a job with root in its VM can fill `console_log_dir`'s file system.
+fn console_line(qemu_conf: Option<&str>) -> Line {
+    let handler = qemu_conf.into_iter().flat_map(str::lines).find_map(|l| {
+        let (key, value) = l.split('#').next()?.split_once('=')?;
+        (key.trim() == "stdio_handler").then(|| value.trim().trim_matches('"').to_string())
+    });
+    match handler.as_deref() {
+        Some("file") => warn(
+            "console logs",
+            format!(
+                "{QEMU_CONF} says stdio_handler = \"file\": QEMU writes each VM's console log itself, with no size cap (a job with root in its VM can fill the disk)"
+            ),
+            format!(
+                "set stdio_handler = \"logd\" (libvirt's default) in {QEMU_CONF} and restart libvirtd: virtlogd rolls each log over (virtlogd.conf max_size, max_backups)"
+            ),
+        ),
+        _ => {
+            ok("console logs", "written through virtlogd, which rolls each over (virtlogd.conf max_size, max_backups)")
+        }
+    }
+}
+
 fn state_dir(dir: &Path) -> Line {
-    let probe = dir.join(".runnervisor-check");
+    // Made new (O_EXCL: never through a link someone left under this name, which `check`,
+    // run as root, would otherwise follow and truncate).
+    let probe = dir.join(format!(".runnervisor-check-{}", std::process::id()));
     match std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::write(&probe, b""))
+        .and_then(|_| std::fs::OpenOptions::new().write(true).create_new(true).open(&probe))
         .and_then(|_| std::fs::remove_file(&probe))
     {
         Ok(()) => ok("state directory", format!("{} is writable", dir.display())),
@@ -261,6 +291,10 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
             "install apparmor (and apparmor-profiles) and restart libvirtd, or enable SELinux with svirt",
         )),
         Err(e) => lines.push(bad("security driver", e, "check `virsh capabilities`")),
+    }
+    // The console logs are written by this host's libvirt (a remote one's config is not here).
+    if config.libvirt.uri.starts_with("qemu:///") {
+        lines.push(console_line(std::fs::read_to_string(QEMU_CONF).ok().as_deref()));
     }
     let need = crate::capacity::worst_case(&config.pools, config.capacity.max_vms);
     match lv.host_resources() {
@@ -477,6 +511,36 @@ async fn check_github(config: &Config, auth: Auth, lines: &mut Vec<Line>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_log_without_virtlogd_is_warned_about() {
+        let table: [(Option<&str>, bool); 6] = [
+            (None, false),
+            (Some("# stdio_handler = \"file\"\n"), false),
+            (Some("stdio_handler = \"logd\"\n"), false),
+            (Some("user = \"libvirt-qemu\"\nstdio_handler = \"file\"\n"), true),
+            (Some("  stdio_handler=\"file\"   # no cap\n"), true),
+            (Some("stdio_handler_x = \"file\"\n"), false),
+        ];
+        for (conf, warned) in table {
+            let line = console_line(conf);
+            assert_eq!(line.warn, warned, "{conf:?}: {}", line.detail);
+        }
+    }
+
+    /// `check` runs as root in a directory the service user writes: a link left under
+    /// its probe's name is not followed (its target is not truncated).
+    #[test]
+    fn the_state_directory_probe_follows_no_link() {
+        let dir = crate::test_support::tempdir();
+        let target = dir.join("precious");
+        std::fs::write(&target, b"keep").unwrap();
+        assert!(state_dir(&dir).ok, "a writable directory passes");
+        std::os::unix::fs::symlink(&target, dir.join(format!(".runnervisor-check-{}", std::process::id()))).unwrap();
+        let line = state_dir(&dir);
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(!line.ok, "{}", line.detail);
+    }
 
     #[test]
     fn a_network_leasing_to_anyone_is_warned_about() {

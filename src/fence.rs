@@ -7,11 +7,14 @@
 //!   that is neither IPv4 nor ARP is dropped, so IPv6 is off entirely) with the two
 //!   exceptions `clean-traffic` makes dropped too ([`NO_ANNOUNCE`]), and adds, in its
 //!   own IPv4 chain between the anti-spoofing check and `clean-traffic`'s accept:
-//!   the allow-list first, then DNS to the network's gateway (and DHCP, where the VM
-//!   learns its address), then a drop of the rest of the network's subnet (the gateway's
-//!   other ports, its broadcast address, the other VMs), of every other address of the
-//!   host and of every non-public range ([`BLOCKED`]); everything else (the internet)
-//!   passes.
+//!   the allow-list's single addresses first, then DNS to the network's gateway (and
+//!   DHCP, where the VM learns its address), then a drop of the rest of the network's
+//!   subnet (the gateway's other ports, its broadcast address, the other VMs) and of
+//!   every other address of the host (and the fleet's other members, its database),
+//!   then the allow-list's ranges, then a drop of the ranges no job reaches
+//!   ([`BLOCKED`]: the non-public ones, and cloud host endpoints in public space);
+//!   everything else (the internet) passes. A range in the allow-list thus never opens
+//!   the host, the other VMs or the fleet: only an entry naming that one address does.
 //!
 //! The rules are ebtables rules at the bridge port, so they hold for traffic to the
 //! host itself as much as for forwarded traffic, and need no `br_netfilter`.
@@ -31,6 +34,10 @@ pub const BLOCKED: &[(Ipv4Addr, u8, &str)] = &[
     (Ipv4Addr::new(10, 0, 0, 0), 8, "private (RFC 1918)"),
     (Ipv4Addr::new(100, 64, 0, 0), 10, "carrier-grade NAT"),
     (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
+    // Azure's host endpoint (WireServer, the host agent plugin: the host's goal state,
+    // extensions' settings and certificates), in public space; the Azure agent's own rule
+    // for it filters this host's locally sent traffic, not a VM's that libvirt NATs.
+    (Ipv4Addr::new(168, 63, 129, 16), 32, "cloud host endpoint (Azure WireServer)"),
     (Ipv4Addr::new(169, 254, 0, 0), 16, "link-local, cloud metadata"),
     (Ipv4Addr::new(172, 16, 0, 0), 12, "private (RFC 1918)"),
     (Ipv4Addr::new(192, 168, 0, 0), 16, "private (RFC 1918)"),
@@ -136,10 +143,15 @@ pub fn filter_xml(spec: &FenceSpec<'_>) -> String {
     x.open("filter", &[("name", spec.filter), ("chain", CHAIN), ("priority", CHAIN_PRIORITY)]);
     x.empty("filterref", &[("filter", "clean-traffic")]);
     x.empty("filterref", &[("filter", NO_ANNOUNCE)]);
-    // `return` hands the frame back to the root chain, where clean-traffic accepts it.
+    // `return` hands the frame back to the root chain, where clean-traffic accepts it. A
+    // single address first (what the operator named, a proxy on this host too); a range
+    // after the drops of the subnet and of the host's addresses, which it may overlap
+    // unawares (`10.0.0.0/8:8080` would open the agent's port on the gateway, and the other
+    // VMs through the host's routing).
     for a in spec.allow {
+        let priority = if a.prefix == 32 { "100" } else { "350" };
         for proto in ["tcp", "udp"] {
-            rule(&mut x, "return", "100", a.addr, a.prefix, Some((proto, a.ports)));
+            rule(&mut x, "return", priority, a.addr, a.prefix, Some((proto, a.ports)));
         }
     }
     if let Some(s) = spec.subnet {
@@ -352,6 +364,8 @@ mod tests {
             ("255.255.255.255", Some("reserved, broadcast")),
             ("140.82.112.3", None),
             ("203.0.113.2", None),
+            ("168.63.129.16", Some("cloud host endpoint (Azure WireServer)")),
+            ("168.63.129.17", None),
         ];
         for (a, want) in table {
             assert_eq!(blocked_range(a.parse().unwrap()), *want, "{a}");
@@ -404,10 +418,9 @@ mod tests {
         assert_eq!(refs.len(), 2);
         assert_eq!(refs[0].attribute("filter"), Some("clean-traffic"));
         let mut want = vec![
+            // A single address: what the operator named.
             r("return", "10.20.0.5/32", "tcp:443-443"),
             r("return", "10.20.0.5/32", "udp:443-443"),
-            r("return", "192.168.10.0/24", "tcp:3128-3130"),
-            r("return", "192.168.10.0/24", "udp:3128-3130"),
             // DNS at the gateway; no DHCP: the agent fixed the VM's address.
             r("return", "198.51.100.1/32", "udp:53-53"),
             r("return", "198.51.100.1/32", "tcp:53-53"),
@@ -415,11 +428,64 @@ mod tests {
             r("drop", "198.51.100.0/24", "all"),
             // The host's other address, once; the gateway is not repeated.
             r("drop", "192.0.2.2/32", "all"),
+            // A range: after the host's and the VMs' drops, before the blocked ranges.
+            r("return", "192.168.10.0/24", "tcp:3128-3130"),
+            r("return", "192.168.10.0/24", "udp:3128-3130"),
         ];
         for (net, prefix, _) in BLOCKED {
             want.push(r("drop", &format!("{net}/{prefix}"), "all"));
         }
         assert_eq!(rules(&xml), want);
+    }
+
+    /// A range in the allow-list that covers the VMs' network, this host's addresses or
+    /// the fleet's opens none of them (a reader found `10.0.0.0/8:8080` opening the
+    /// agent's own port on the gateway, and the other VMs through the host's routing);
+    /// naming one address does.
+    #[test]
+    fn a_range_in_the_allow_list_opens_neither_the_host_nor_the_other_vms() {
+        let allow = [parse("0.0.0.0/0:8080").unwrap(), parse("198.51.100.1:3128").unwrap()];
+        let host = [Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(198, 51, 100, 1)];
+        let xml =
+            filter_xml(&FenceSpec { filter: "f", subnet: Some(LAB), dhcp: false, host_addrs: &host, allow: &allow });
+        // What a destination meets first, in the order nwfilter applies the rules.
+        let first = |dst: Ipv4Addr, port: u16| -> String {
+            let doc = roxmltree::Document::parse(&xml).unwrap();
+            let mut rs: Vec<(i32, usize, String, Ipv4Addr, u8, Option<(u16, u16)>)> = Vec::new();
+            for (i, n) in doc.descendants().filter(|n| n.has_tag_name("rule")).enumerate() {
+                let ip = n.children().find(|c| c.has_tag_name("ip")).unwrap();
+                let ports = ip
+                    .attribute("dstportstart")
+                    .map(|a| (a.parse().unwrap(), ip.attribute("dstportend").unwrap().parse().unwrap()));
+                rs.push((
+                    n.attribute("priority").unwrap().parse().unwrap(),
+                    i,
+                    n.attribute("action").unwrap().into(),
+                    ip.attribute("dstipaddr").unwrap().parse().unwrap(),
+                    ip.attribute("dstipmask").unwrap().parse().unwrap(),
+                    ports,
+                ));
+            }
+            rs.sort_by_key(|r| (r.0, r.1));
+            rs.into_iter()
+                .find(|(_, _, _, net, prefix, ports)| {
+                    network(dst, *prefix) == *net && ports.is_none_or(|(a, b)| (a..=b).contains(&port))
+                })
+                .map(|r| r.2)
+                .unwrap_or_else(|| "pass".into())
+        };
+        let table = [
+            ("the gateway, the agent's port", "198.51.100.1", 8080, "drop"),
+            ("another VM", "198.51.100.57", 8080, "drop"),
+            ("the host's uplink", "10.1.2.3", 8080, "drop"),
+            ("a private server", "10.9.9.9", 8080, "return"),
+            ("the internet", "140.82.112.3", 8080, "return"),
+            ("the proxy on the gateway, named", "198.51.100.1", 3128, "return"),
+            ("the gateway, another port", "198.51.100.1", 22, "drop"),
+        ];
+        for (what, dst, port, want) in table {
+            assert_eq!(first(dst.parse().unwrap(), port), want, "{what}");
+        }
     }
 
     #[test]

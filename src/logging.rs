@@ -72,19 +72,40 @@ struct Fields {
 impl Visit for Fields {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.message = value.to_string();
+            self.message = visible(value, true);
         } else {
-            self.pairs.push((field.name().to_string(), value.to_string()));
+            self.pairs.push((field.name().to_string(), visible(value, false)));
         }
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         let v = format!("{value:?}");
         if field.name() == "message" {
-            self.message = v;
+            self.message = visible(&v, true);
         } else {
-            self.pairs.push((field.name().to_string(), v));
+            self.pairs.push((field.name().to_string(), visible(&v, false)));
         }
     }
+}
+
+/// `s` with its control characters written out (`\u{1b}`, `\n`), but for the message
+/// (`lines`) its newlines and tabs. A field's value may be a job's (its workflow's name,
+/// chosen by whoever pushes a workflow): an escape in it would hide the entry
+/// (`journalctl` shows it as `[blob data]`) or reach the operator's terminal
+/// (`journalctl -a`), a newline fake a line of its own.
+fn visible(s: &str, lines: bool) -> String {
+    let hidden = |c: char| c.is_control() && !(lines && matches!(c, '\n' | '\t'));
+    if !s.chars().any(hidden) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if hidden(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub struct JournaldLayer {
@@ -369,6 +390,31 @@ mod tests {
         assert_eq!(get("POOL").as_deref(), Some("p"));
         assert_eq!(get("PRIORITY").as_deref(), Some("4"));
         assert!(get("MESSAGE").unwrap().starts_with("vm started"));
+    }
+
+    /// A job's strings (its workflow's name) reach no terminal and hide no entry: control
+    /// characters are written out, in the message and in each field.
+    #[test]
+    fn control_characters_from_a_job_are_written_out() {
+        let dir = crate::test_support::tempdir();
+        let path = dir.join("journal.sock");
+        let sink = UnixDatagram::bind(&path).unwrap();
+        let subscriber = tracing_subscriber::registry().with(JournaldLayer::new(&path).unwrap());
+        let workflow = "x\u{1b}]0;pwn\u{7}\nERROR fake\r";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(job_id = 9u64, workflow = %workflow, "job queued");
+            tracing::warn!(error = %"first line\nsecond line\u{1b}[31m", "two lines");
+        });
+        let mut buf = vec![0u8; 4096];
+        for want in [r"workflow=x\u{1b}]0;pwn\u{7}\nERROR fake\r", "second line\\u{1b}[31m"] {
+            let n = sink.recv(&mut buf).unwrap();
+            let fields = decode(&buf[..n]);
+            let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone()).unwrap_or_default();
+            let message = get("MESSAGE");
+            assert!(message.contains(want), "{message:?}");
+            assert!(!message.chars().any(|c| c.is_control() && c != '\n'), "{message:?}");
+            assert!(fields.iter().all(|(_, v)| !v.contains('\u{1b}')), "{fields:?}");
+        }
     }
 
     #[test]

@@ -78,15 +78,33 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, AdminError
     Ok(listener)
 }
 
-/// Serves admin requests until `shutdown`.
+/// Admin connections served at once; more wait in the socket's backlog.
+const MAX_CONNECTIONS: usize = 16;
+
+/// How long a connection may take to send its request, and to take its reply.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves admin requests until `shutdown`: [`MAX_CONNECTIONS`] at once (each held
+/// [`IO_TIMEOUT`] at most per read and per write), so that a client holding many open
+/// cannot use up the agent's file descriptors; a failed accept (EMFILE) is logged once per
+/// 10 s and waited out, not retried in a tight loop.
 pub async fn serve(listener: UnixListener, events: UnboundedSender<Event>, shutdown: CancellationToken) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let accept_errors = crate::logging::Throttle::new(Duration::from_secs(10));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin socket accept failed");
+                    if let Some(suppressed) = accept_errors.check() {
+                        tracing::warn!(error = %e, suppressed, "admin socket accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -96,6 +114,7 @@ pub async fn serve(listener: UnixListener, events: UnboundedSender<Event>, shutd
             if let Err(e) = handle(stream, events).await {
                 tracing::debug!(error = %e, "admin request failed");
             }
+            drop(permit);
         });
     }
 }
@@ -121,9 +140,7 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Resul
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(64 * 1024);
-    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-        .await
-        .map_err(|_| io::ErrorKind::TimedOut)??;
+    tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line)).await.map_err(|_| io::ErrorKind::TimedOut)??;
     let reply = match parse_request(&line) {
         Err(e) => Reply::Error(e),
         Ok(cmd) => {
@@ -138,8 +155,11 @@ async fn handle(stream: UnixStream, events: UnboundedSender<Event>) -> io::Resul
     };
     let mut out = serde_json::to_vec(&reply).map_err(io::Error::other)?;
     out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await
+    let written = async {
+        write.write_all(&out).await?;
+        write.shutdown().await
+    };
+    tokio::time::timeout(IO_TIMEOUT, written).await.map_err(|_| io::ErrorKind::TimedOut)?
 }
 
 /// Client side: sends one request, returns the reply.
@@ -315,6 +335,36 @@ fn warm_column(v: &VmStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client holding many connections open takes at most [`MAX_CONNECTIONS`]: a request
+    /// beyond them waits in the backlog until an idle one is closed (its read deadline),
+    /// then is answered. (tokio's paused clock: the deadlines pass as soon as all waits.)
+    #[tokio::test(start_paused = true)]
+    async fn a_client_holding_connections_open_takes_at_most_the_cap() {
+        let dir = crate::test_support::tempdir();
+        let path = dir.join("admin.sock");
+        let listener = bind(&path, None).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, tx, stop.clone()));
+        tokio::spawn(async move {
+            while let Some(Event::Admin(_, reply)) = rx.recv().await {
+                let _ = reply.send(Reply::Ok("done".into()));
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let reply = request(&path, &Request::Drain).await.unwrap();
+        assert!(matches!(reply, Reply::Ok(_)) && started.elapsed() < IO_TIMEOUT, "answered at once: {reply:?}");
+        let mut idle = Vec::new();
+        for _ in 0..24 {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        let started = tokio::time::Instant::now();
+        let reply = request(&path, &Request::Drain).await.unwrap();
+        assert!(matches!(reply, Reply::Ok(_)), "{reply:?}");
+        assert!(started.elapsed() >= IO_TIMEOUT, "served beyond the cap, after {:?}", started.elapsed());
+        stop.cancel();
+    }
 
     #[test]
     fn status_names_what_keeps_the_hypervisor_from_making_vms() {

@@ -127,11 +127,18 @@ pub fn rate_limit_wait(status: StatusCode, headers: &reqwest::header::HeaderMap,
 /// A short route name for metrics: ids replaced by `{id}`.
 pub fn endpoint_name(method: &Method, path: &str) -> String {
     let path = path.split('?').next().unwrap_or("");
-    let parts: Vec<&str> = path
+    let mut parts: Vec<&str> = path
         .split('/')
         .filter(|s| !s.is_empty())
         .map(|s| if s.bytes().all(|b| b.is_ascii_digit()) { "{id}" } else { s })
         .collect();
+    // A repository's name (a private one's too) is not the metric's to show, and a series
+    // per repository asked about would grow without bound.
+    if let Some(i) = parts.iter().position(|p| *p == "repos") {
+        for (part, name) in parts.iter_mut().skip(i + 1).zip(["{owner}", "{repo}"]) {
+            *part = name;
+        }
+    }
     format!("{method} /{}", parts.join("/"))
 }
 
@@ -769,6 +776,10 @@ mod tests {
         assert_eq!(
             endpoint_name(&Method::DELETE, "/orgs/o/actions/runners/123"),
             "DELETE /orgs/o/actions/runners/{id}"
+        );
+        assert_eq!(
+            endpoint_name(&Method::GET, "/repos/acme/secret-merger/actions/jobs/7?x=1"),
+            "GET /repos/{owner}/{repo}/actions/jobs/{id}"
         );
     }
 }
