@@ -335,7 +335,14 @@ async fn check_fence(config: &Config, lv: &Arc<Libvirt>) -> Line {
         }
         NetworkConfig::Bridge { name, filter, allow: a } => {
             if crate::fence::bridge_exists(name) {
-                ok(what, format!("bridge {name}, isolated ports, nwfilter {filter}; {}", allow(a)))
+                warn(
+                    what,
+                    format!(
+                        "bridge {name}, isolated ports, nwfilter {filter}; {}. Weaker than the libvirt network: a VM learns its address by DHCP, and while it holds none (booting, or after releasing its lease, which a job with root can do) libvirt lets it send DHCP requests to any address from any source address; the LAN's own subnet is not dropped unless private",
+                        allow(a)
+                    ),
+                    "use the default libvirt network (its VMs' addresses are fixed by the agent) where jobs are not trusted",
+                )
             } else {
                 bad(
                     what,

@@ -216,3 +216,83 @@ fn more_vms_than_addresses_come_and_go_and_each_gets_its_own_at_once() {
     assert_eq!(client.lease(&victim.mac, "rv-victim"), None, "a forged decline disabled the VM's address");
     hv.release_address(&net.name, "rv-victim").unwrap();
 }
+
+/// One DNS query (A, over UDP) from `ns` to `server`: `Some((rcode, answer holds 127.0.0.1))`,
+/// `None` without an answer within 3 s.
+fn dns_query(ns: &str, server: &str, name: &str) -> Option<(u8, bool)> {
+    const QUERY: &str = r#"
+import socket, struct, sys
+name, server = sys.argv[1], sys.argv[2]
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.sendto(q, (server, 53))
+try:
+    r, _ = s.recvfrom(512)
+except socket.timeout:
+    print("none"); sys.exit()
+print(r[3] & 15, int(b"\x7f\x00\x00\x01" in r[len(q):]))
+"#;
+    let out = Command::new("ip").args(["netns", "exec", ns, "python3", "-c", QUERY, name, server]).output().unwrap();
+    assert!(out.status.success(), "dns query: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    match (words.next()?.parse().ok(), words.next()) {
+        (Some(rcode), Some(local)) => Some((rcode, local == "1")),
+        _ => None,
+    }
+}
+
+/// The network `runnervisor-network` defines answers the jobs' DNS with its own names and
+/// forwards the rest, but never with this host's `/etc/hosts` (dnsmasq reads it unless told
+/// `no-hosts`; a reader found it, and measured here: every name in it answered, as
+/// `NAME.<domain>`, with the host's own addresses). Its `<forward>` is left out: nothing
+/// routes out of this one.
+#[test]
+fn the_network_answers_no_name_from_this_hosts_hosts_file() {
+    let (_hv, _) = libvirt();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/runnervisor-network");
+    let out = Command::new(script)
+        .args(["--print", "--name", "rvdnstest", "--address", "198.18.10.1/24", "--dns-forwarder", "198.18.10.2"])
+        .args(["--domain", "rv-test", "--dns-host", "198.18.10.3=probe.rv-test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let xml: String =
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.contains("<forward")).collect::<Vec<_>>().join("\n");
+    assert!(xml.contains("no-hosts"), "{xml}");
+    let file = std::env::temp_dir().join("rvdnstest.xml");
+    std::fs::write(&file, &xml).unwrap();
+    let _ = Command::new("virsh").args(["-c", URI, "net-destroy", "rvdnstest"]).output();
+    let _ = Command::new("virsh").args(["-c", URI, "net-undefine", "rvdnstest"]).output();
+    sh(&["virsh", "-c", URI, "net-define", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(file);
+    let _net = TestNetwork { name: "rvdnstest".into(), bridge: "rv-rvdnstest".into() };
+    sh(&["virsh", "-c", URI, "net-start", "rvdnstest"]);
+    let client = Client::plug("rvdnsq", "rv-rvdnstest");
+    sh(&["ip", "-n", &client.ns, "addr", "add", "198.18.10.77/24", "dev", client.iface]);
+    sh(&["ip", "-n", &client.ns, "link", "set", client.iface, "up"]);
+    // The control: the network's own name is answered (dnsmasq may take a moment to listen).
+    let started = std::time::Instant::now();
+    let own = loop {
+        match dns_query(&client.ns, "198.18.10.1", "probe.rv-test") {
+            Some(answer) => break answer,
+            None if started.elapsed() < std::time::Duration::from_secs(30) => continue,
+            None => panic!("the network's DNS server never answered"),
+        }
+    };
+    assert_eq!(own, (0, false), "its own name answered");
+    // Every name this host's /etc/hosts gives, as the network's domain expands it: unknown.
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let names: Vec<&str> = hosts
+        .lines()
+        .filter_map(|l| l.split('#').next())
+        .flat_map(|l| l.split_whitespace().skip(1))
+        .filter(|n| !n.contains('.') && *n != "localhost")
+        .collect();
+    assert!(!names.is_empty(), "no name in /etc/hosts to ask for besides localhost");
+    for name in &names {
+        let answer = dns_query(&client.ns, "198.18.10.1", &format!("{name}.rv-test"));
+        assert_eq!(answer, Some((3, false)), "{name}.rv-test from /etc/hosts: (rcode, 127.0.0.1) {answer:?}");
+    }
+    eprintln!("{} names of /etc/hosts asked, none answered; the network's own answered", names.len());
+}
