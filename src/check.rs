@@ -295,6 +295,12 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
     // The console logs are written by this host's libvirt (a remote one's config is not here).
     if config.libvirt.uri.starts_with("qemu:///") {
         lines.push(console_line(std::fs::read_to_string(QEMU_CONF).ok().as_deref()));
+    } else {
+        lines.push(warn(
+            "remote libvirt",
+            format!("{} is another host's libvirt: the fence drops this host's addresses, not that hypervisor's own (its VMs reach them unless they are private)", config.libvirt.uri),
+            "run the agent on the hypervisor itself (qemu:///system)",
+        ));
     }
     let need = crate::capacity::worst_case(&config.pools, config.capacity.max_vms);
     match lv.host_resources() {
