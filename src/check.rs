@@ -272,10 +272,23 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
         Err(e) => lines.push(bad("domain type", e, "check `virsh capabilities`")),
     }
     lines.push(check_fence(config, &lv).await);
+    let mut subnet = None;
     if let NetworkConfig::Network { name, .. } = &config.libvirt.network {
         let (lv, n) = (lv.clone(), name.clone());
         if let Ok(dhcp) = tokio::task::spawn_blocking(move || lv.network_dhcp(&n)).await.expect("join") {
             lines.push(dhcp_line(name, &dhcp));
+            lines.push(dns_line(name, &dhcp));
+            subnet = dhcp.subnet;
+        }
+    }
+    if let Some((_, allow)) = config.libvirt.network.fence() {
+        let said = crate::fence::unopened(allow, &crate::fence::host_addresses().unwrap_or_default(), subnet);
+        if !said.is_empty() {
+            lines.push(warn(
+                "allow-list",
+                said.join("; "),
+                "give each address jobs need there an entry of its own (\"ADDRESS:PORT\")",
+            ));
         }
     }
     match lv.security_models() {
@@ -293,8 +306,16 @@ async fn check_libvirt(config: &Config, lines: &mut Vec<Line>) {
         Err(e) => lines.push(bad("security driver", e, "check `virsh capabilities`")),
     }
     // The console logs are written by this host's libvirt (a remote one's config is not here).
-    if config.libvirt.uri.starts_with("qemu:///") {
-        lines.push(console_line(std::fs::read_to_string(QEMU_CONF).ok().as_deref()));
+    if ["qemu:///", "qemu+unix:///"].iter().any(|p| config.libvirt.uri.starts_with(p)) {
+        lines.push(match std::fs::read_to_string(QEMU_CONF) {
+            Ok(text) => console_line(Some(&text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => console_line(None),
+            Err(e) => warn(
+                "console logs",
+                format!("cannot read {QEMU_CONF} ({e}): whether QEMU writes consoles through virtlogd is unknown"),
+                "run check as root",
+            ),
+        });
     } else {
         lines.push(warn(
             "remote libvirt",
@@ -401,6 +422,21 @@ fn dhcp_line(name: &str, dhcp: &network::Dhcp) -> Line {
             ),
             NETWORK_FIX,
         ),
+    }
+}
+
+/// Whether the network's DNS server keeps this host's `/etc/hosts` from the jobs.
+fn dns_line(name: &str, dhcp: &network::Dhcp) -> Line {
+    if dhcp.no_hosts {
+        ok("network DNS", format!("libvirt network {name} answers its own names, never from this host's /etc/hosts"))
+    } else {
+        warn(
+            "network DNS",
+            format!(
+                "libvirt network {name} answers the jobs' DNS from this host's /etc/hosts (a network defined by an older release)"
+            ),
+            "run runnervisor-network again, with the arguments it was first given (--address, --uplink, --domain, --dns-host, --dns-forwarder): it adds dnsmasq's no-hosts (stop runnervisor first: it is not redefined under running VMs)",
+        )
     }
 }
 
@@ -559,16 +595,24 @@ mod tests {
     fn a_network_leasing_to_anyone_is_warned_about() {
         use crate::hypervisor::network::Dhcp;
         let range = Some(("198.51.100.10".parse().unwrap(), "198.51.100.250".parse().unwrap()));
-        let open = dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: false });
+        let open =
+            dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: false, no_hosts: true });
         let text = render(&[open]);
         assert!(
             text.contains("leases 198.51.100.10–198.51.100.250 to any client") && text.contains("dhcp-ignore"),
             "{text}"
         );
         let subnet = Some(network::Subnet { gateway: "198.51.100.1".parse().unwrap(), prefix: 24 });
-        let known = render(&[dhcp_line("runnervisor", &Dhcp { subnet, range, hosts: vec![], known_only: true })]);
+        let known = render(&[dhcp_line(
+            "runnervisor",
+            &Dhcp { subnet, range, hosts: vec![], known_only: true, no_hosts: true },
+        )]);
         assert!(known.contains("fixed address") && !known.contains("dhcp-ignore"), "{known}");
-        let no_subnet = dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: true });
+        let no_subnet =
+            dhcp_line("runnervisor", &Dhcp { subnet: None, range, hosts: vec![], known_only: true, no_hosts: true });
         assert!(!no_subnet.ok && render(&[no_subnet]).contains("no IPv4 address"));
+        // DNS from this host's /etc/hosts: a network defined by an older release.
+        let old = Dhcp { subnet, range, hosts: vec![], known_only: true, no_hosts: false };
+        assert!(dns_line("runnervisor", &old).warn && !dns_line("runnervisor", &Dhcp { no_hosts: true, ..old }).warn);
     }
 }

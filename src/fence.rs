@@ -10,11 +10,13 @@
 //!   the allow-list's single addresses first, then DNS to the network's gateway (and
 //!   DHCP, where the VM learns its address), then a drop of the rest of the network's
 //!   subnet (the gateway's other ports, its broadcast address, the other VMs) and of
-//!   every other address of the host (and the fleet's other members, its database),
-//!   then the allow-list's ranges, then a drop of the ranges no job reaches
-//!   ([`BLOCKED`]: the non-public ones, and cloud host endpoints in public space);
-//!   everything else (the internet) passes. A range in the allow-list thus never opens
-//!   the host, the other VMs or the fleet: only an entry naming that one address does.
+//!   every other address of the host (and the fleet's other members, its database) and
+//!   of the ranges no endpoint a job needs lives in (link-local and cloud metadata, cloud
+//!   host endpoints in public space, loopback, multicast: [`BLOCKED`]), then the
+//!   allow-list's ranges, then a drop of the private ranges ([`BLOCKED`] too);
+//!   everything else (the internet) passes. A range in the allow-list thus opens private
+//!   endpoints, never the host, the other VMs, the fleet or the cloud's metadata: only
+//!   an entry naming that one address does.
 //!
 //! The rules are ebtables rules at the bridge port, so they hold for traffic to the
 //! host itself as much as for forwarded traffic, and need no `br_netfilter`.
@@ -28,21 +30,24 @@ use serde::{Deserialize, Deserializer};
 use crate::hypervisor::domain_xml::Xml;
 use crate::hypervisor::network::{Subnet, mask, prefix_network as network};
 
-/// Ranges a job VM never reaches unless allow-listed, with why.
-pub const BLOCKED: &[(Ipv4Addr, u8, &str)] = &[
-    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this\" network"),
-    (Ipv4Addr::new(10, 0, 0, 0), 8, "private (RFC 1918)"),
-    (Ipv4Addr::new(100, 64, 0, 0), 10, "carrier-grade NAT"),
-    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
+/// Ranges a job VM never reaches unless allow-listed, with why, and whether an entry of
+/// the allow-list that is a range may open them (`false`: only one naming the address
+/// does, as for this host's own: no endpoint a job needs lives there, and a range such as
+/// `0.0.0.0/0:80` would otherwise open the cloud's metadata service).
+pub const BLOCKED: &[(Ipv4Addr, u8, &str, bool)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this\" network", false),
+    (Ipv4Addr::new(10, 0, 0, 0), 8, "private (RFC 1918)", true),
+    (Ipv4Addr::new(100, 64, 0, 0), 10, "carrier-grade NAT", true),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback", false),
     // Azure's host endpoint (WireServer, the host agent plugin: the host's goal state,
     // extensions' settings and certificates), in public space; the Azure agent's own rule
     // for it filters this host's locally sent traffic, not a VM's that libvirt NATs.
-    (Ipv4Addr::new(168, 63, 129, 16), 32, "cloud host endpoint (Azure WireServer)"),
-    (Ipv4Addr::new(169, 254, 0, 0), 16, "link-local, cloud metadata"),
-    (Ipv4Addr::new(172, 16, 0, 0), 12, "private (RFC 1918)"),
-    (Ipv4Addr::new(192, 168, 0, 0), 16, "private (RFC 1918)"),
-    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast"),
-    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved, broadcast"),
+    (Ipv4Addr::new(168, 63, 129, 16), 32, "cloud host endpoint (Azure WireServer)", false),
+    (Ipv4Addr::new(169, 254, 0, 0), 16, "link-local, cloud metadata", false),
+    (Ipv4Addr::new(172, 16, 0, 0), 12, "private (RFC 1918)", true),
+    (Ipv4Addr::new(192, 168, 0, 0), 16, "private (RFC 1918)", true),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast", false),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved, broadcast", false),
 ];
 
 /// One allow-list entry: `ADDRESS[/PREFIX]:PORT[-PORT]`, for TCP and UDP.
@@ -107,9 +112,38 @@ impl<'de> Deserialize<'de> for AllowEntry {
     }
 }
 
+/// What each range of `allow` covers that it does not open (see [`filter_xml`]): this
+/// host's addresses in it, the VMs' network where they overlap, the ranges of [`BLOCKED`]
+/// no range opens. One line per such entry, for `check` to say.
+pub fn unopened(allow: &[AllowEntry], host_addrs: &[Ipv4Addr], subnet: Option<Subnet>) -> Vec<String> {
+    let covers = |a: &AllowEntry, net: Ipv4Addr, prefix: u8| {
+        network(net, a.prefix.min(prefix)) == network(a.addr, a.prefix.min(prefix))
+    };
+    let mut out = Vec::new();
+    for a in allow.iter().filter(|a| a.prefix < 32) {
+        let mut what: Vec<String> = Vec::new();
+        let mut host: Vec<Ipv4Addr> = host_addrs.iter().copied().filter(|h| covers(a, *h, 32)).collect();
+        host.sort();
+        host.dedup();
+        if !host.is_empty() {
+            what.push(format!("this host's {}", host.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ")));
+        }
+        if let Some(s) = subnet.filter(|s| covers(a, s.network(), s.prefix)) {
+            what.push(format!("the VMs' network {}/{}", s.network(), s.prefix));
+        }
+        for (net, prefix, why, _) in BLOCKED.iter().filter(|b| !b.3 && covers(a, b.0, b.1)) {
+            what.push(format!("{net}/{prefix} ({why})"));
+        }
+        if !what.is_empty() {
+            out.push(format!("{a} does not open {} (only an entry naming one address does)", what.join(", ")));
+        }
+    }
+    out
+}
+
 /// Which range of [`BLOCKED`] an address falls in, if any.
 pub fn blocked_range(addr: Ipv4Addr) -> Option<&'static str> {
-    BLOCKED.iter().find(|(net, prefix, _)| network(addr, *prefix) == *net).map(|(_, _, why)| *why)
+    BLOCKED.iter().find(|(net, prefix, _, _)| network(addr, *prefix) == *net).map(|(_, _, why, _)| *why)
 }
 
 /// What the filter is made of.
@@ -173,8 +207,8 @@ pub fn filter_xml(spec: &FenceSpec<'_>) -> String {
     for a in host {
         rule(&mut x, "drop", "300", a, 32, None);
     }
-    for (net, prefix, _) in BLOCKED {
-        rule(&mut x, "drop", "400", *net, *prefix, None);
+    for (net, prefix, _, ranges_open) in BLOCKED {
+        rule(&mut x, "drop", if *ranges_open { "400" } else { "300" }, *net, *prefix, None);
     }
     x.close();
     x.finish()
@@ -432,7 +466,12 @@ mod tests {
             r("return", "192.168.10.0/24", "tcp:3128-3130"),
             r("return", "192.168.10.0/24", "udp:3128-3130"),
         ];
-        for (net, prefix, _) in BLOCKED {
+        // The ranges no range of the allow-list opens go with the host's drops, before it.
+        let at = want.len() - 2;
+        for (net, prefix, _, _) in BLOCKED.iter().filter(|b| !b.3).rev() {
+            want.insert(at, r("drop", &format!("{net}/{prefix}"), "all"));
+        }
+        for (net, prefix, _, _) in BLOCKED.iter().filter(|b| b.3) {
             want.push(r("drop", &format!("{net}/{prefix}"), "all"));
         }
         assert_eq!(rules(&xml), want);
@@ -482,10 +521,32 @@ mod tests {
             ("the internet", "140.82.112.3", 8080, "return"),
             ("the proxy on the gateway, named", "198.51.100.1", 3128, "return"),
             ("the gateway, another port", "198.51.100.1", 22, "drop"),
+            ("the cloud's metadata service", "169.254.169.254", 8080, "drop"),
+            ("Azure's host endpoint", "168.63.129.16", 8080, "drop"),
+            ("a private range", "192.168.10.7", 8080, "return"),
         ];
         for (what, dst, port, want) in table {
             assert_eq!(first(dst.parse().unwrap(), port), want, "{what}");
         }
+    }
+
+    #[test]
+    fn check_says_what_a_range_of_the_allow_list_does_not_open() {
+        let allow =
+            [parse("10.0.0.0/8:3128").unwrap(), parse("192.168.10.0/24:443").unwrap(), parse("10.1.2.3:22").unwrap()];
+        let host = [Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(198, 51, 100, 1)];
+        assert_eq!(
+            unopened(&allow, &host, Some(LAB)),
+            ["10.0.0.0/8:3128 does not open this host's 10.1.2.3 (only an entry naming one address does)"]
+        );
+        let wide = [parse("0.0.0.0/0:80").unwrap()];
+        let said = unopened(&wide, &host, Some(LAB));
+        assert_eq!(said.len(), 1);
+        for part in ["10.1.2.3, 198.51.100.1", "the VMs' network 198.51.100.0/24", "169.254.0.0/16", "168.63.129.16/32"]
+        {
+            assert!(said[0].contains(part), "{part}: {said:?}");
+        }
+        assert!(unopened(&[parse("192.168.10.0/24:443").unwrap()], &host, Some(LAB)).is_empty());
     }
 
     #[test]

@@ -93,7 +93,11 @@ impl Visit for Fields {
 /// (`journalctl` shows it as `[blob data]`) or reach the operator's terminal
 /// (`journalctl -a`), a newline fake a line of its own.
 fn visible(s: &str, lines: bool) -> String {
-    let hidden = |c: char| c.is_control() && !(lines && matches!(c, '\n' | '\t'));
+    // And the characters that reorder or break what a terminal shows (bidirectional
+    // overrides and isolates, line and paragraph separators), though not controls.
+    let reorders =
+        |c: char| matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    let hidden = |c: char| (c.is_control() && !(lines && matches!(c, '\n' | '\t'))) || reorders(c);
     if !s.chars().any(hidden) {
         return s.to_string();
     }
@@ -400,13 +404,13 @@ mod tests {
         let path = dir.join("journal.sock");
         let sink = UnixDatagram::bind(&path).unwrap();
         let subscriber = tracing_subscriber::registry().with(JournaldLayer::new(&path).unwrap());
-        let workflow = "x\u{1b}]0;pwn\u{7}\nERROR fake\r";
+        let workflow = "x\u{1b}]0;pwn\u{7}\nERROR fake\r\u{202e}";
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(job_id = 9u64, workflow = %workflow, "job queued");
             tracing::warn!(error = %"first line\nsecond line\u{1b}[31m", "two lines");
         });
         let mut buf = vec![0u8; 4096];
-        for want in [r"workflow=x\u{1b}]0;pwn\u{7}\nERROR fake\r", "second line\\u{1b}[31m"] {
+        for want in [r"workflow=x\u{1b}]0;pwn\u{7}\nERROR fake\r\u{202e}", "second line\\u{1b}[31m"] {
             let n = sink.recv(&mut buf).unwrap();
             let fields = decode(&buf[..n]);
             let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone()).unwrap_or_default();

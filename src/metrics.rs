@@ -15,7 +15,7 @@ use crate::model::VmState;
 /// A label value as the exposition can carry it: `prometheus-client` writes label values
 /// unescaped, so anything that is not plainly printable (quotes, backslashes, line breaks)
 /// becomes `_`, and values are capped. Values from outside (a job's conclusion, an event
-/// name, a repository in an API path) go through here.
+/// name) go through here; an API path names no repository (`github::http::endpoint_name`).
 fn value(v: &str) -> String {
     let plain = |c: char| c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ';
     // Most values (pool names, states) need nothing: copied whole (this runs for every

@@ -130,6 +130,7 @@ async fn check_reports_every_item_with_fixes() {
         "storage pool",
         "domain type",
         "network fence",
+        "network DNS",
         "console logs",
         "capacity",
         "pool op-check image",

@@ -37,6 +37,7 @@ pub fn fake_dhcp() -> super::network::Dhcp {
         range: Some((std::net::Ipv4Addr::new(198, 51, 100, 10), std::net::Ipv4Addr::new(198, 51, 100, 250))),
         hosts: Vec::new(),
         known_only: true,
+        no_hosts: true,
     }
 }
 

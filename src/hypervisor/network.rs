@@ -75,6 +75,9 @@ pub struct Dhcp {
     pub hosts: Vec<Reservation>,
     /// Whether its DHCP server ignores clients without a host entry.
     pub known_only: bool,
+    /// Whether its DNS server leaves this host's `/etc/hosts` out of its answers
+    /// (dnsmasq's `no-hosts`, [`NO_HOSTS`]).
+    pub no_hosts: bool,
 }
 
 impl Dhcp {
@@ -100,7 +103,7 @@ pub fn mac_for(ip: Ipv4Addr) -> String {
 
 /// Parses a network's XML (`virsh net-dumpxml`).
 pub fn dhcp(network_xml: &str) -> Dhcp {
-    let mut out = Dhcp { subnet: None, range: None, hosts: Vec::new(), known_only: false };
+    let mut out = Dhcp { subnet: None, range: None, hosts: Vec::new(), known_only: false, no_hosts: false };
     let Ok(doc) = roxmltree::Document::parse(network_xml) else { return out };
     let root = doc.root_element();
     let ipv4 = root.children().find(|n| n.has_tag_name("ip") && n.attribute("family").is_none_or(|f| f == "ipv4"));
@@ -140,12 +143,18 @@ pub fn dhcp(network_xml: &str) -> Dhcp {
             })
             .collect();
     }
-    out.known_only = root
-        .descendants()
-        .filter(|n| n.has_tag_name("option") && n.tag_name().namespace() == Some(DNSMASQ_NS))
-        .any(|n| n.attribute("value").is_some_and(|v| v.trim() == IGNORE_UNKNOWN));
+    let option = |want: &str| {
+        root.descendants()
+            .filter(|n| n.has_tag_name("option") && n.tag_name().namespace() == Some(DNSMASQ_NS))
+            .any(|n| n.attribute("value").is_some_and(|v| v.trim() == want))
+    };
+    out.known_only = option(IGNORE_UNKNOWN);
+    out.no_hosts = option(NO_HOSTS);
     out
 }
+
+/// The dnsmasq option that keeps this host's `/etc/hosts` out of the network's DNS answers.
+pub const NO_HOSTS: &str = "no-hosts";
 
 /// libvirt's namespace for dnsmasq options in a network's XML.
 pub const DNSMASQ_NS: &str = "http://libvirt.org/schemas/network/dnsmasq/1.0";
@@ -204,11 +213,14 @@ mod tests {
         assert!(d.known_only);
         let open = NET.replace("dhcp-ignore=tag:!known", "dhcp-lease-max=10");
         assert!(!dhcp(&open).known_only, "another option is not the one");
+        assert!(!d.no_hosts);
+        let private = NET.replace("</dnsmasq:options>", "<dnsmasq:option value='no-hosts'/></dnsmasq:options>");
+        assert!(dhcp(&private).no_hosts && dhcp(&private).known_only);
         assert_eq!(d.subnet, Some(Subnet { gateway: ip("198.51.100.1"), prefix: 28 }));
         assert_eq!(d.subnet.unwrap().network(), ip("198.51.100.0"));
         let bare = "<network><ip address='10.0.0.1' netmask='255.255.255.0'/></network>";
         let subnet = Some(Subnet { gateway: ip("10.0.0.1"), prefix: 24 });
-        assert_eq!(dhcp(bare), Dhcp { subnet, range: None, hosts: vec![], known_only: false });
+        assert_eq!(dhcp(bare), Dhcp { subnet, range: None, hosts: vec![], known_only: false, no_hosts: false });
         for (ip_attrs, want) in [
             ("address='10.1.2.3' prefix='16'", Some(16)),
             ("address='10.1.2.3'", Some(8)),
@@ -238,7 +250,10 @@ mod tests {
         assert_eq!(pick(&d, &[]), None, "the range is full");
         d.hosts.retain(|h| h.vm != "rv-p-7");
         assert_eq!(pick(&d, &[]), Some(ip("198.51.100.2")), "a freed address is given again");
-        assert_eq!(pick(&Dhcp { subnet: None, range: None, hosts: vec![], known_only: true }, &[]), None);
+        assert_eq!(
+            pick(&Dhcp { subnet: None, range: None, hosts: vec![], known_only: true, no_hosts: false }, &[]),
+            None
+        );
     }
 
     #[test]
