@@ -279,6 +279,26 @@ async fn members_read_the_oldest_unheld_jobs_of_their_pools_and_the_jobs_they_kn
     assert_eq!((rows.len(), rows[0].info.is_none()), (1, true), "{rows:?}");
 }
 
+/// Found by an independent read (helper-61): the ready window was one for all of a
+/// member's pools, so a pool whose jobs wait for room (at its max_vms, or its repository
+/// cap) hid every other pool's newer jobs from every member, a dead member's among them,
+/// until its backlog drained. Each pool's label set has a window of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_whose_jobs_wait_for_room_hides_no_other_pools_jobs() {
+    let db = migrated("windows").await;
+    queued_jobs(&db, 5).await;
+    let intake = intake::FleetIntake::start(db.pool(2), None);
+    let mut gpu = event("g9", 9, JobAction::Queued);
+    gpu.job.labels = vec!["gpu".into()];
+    intake.accept(gpu).await.unwrap();
+    let a = PgClaims::new(db.pool(1), "hv-a".into(), Duration::from_secs(60));
+    assert_eq!(ids(&a.read(query(&[], &[], 2)).await.unwrap()), [1, 2, 9], "the oldest two of each pool");
+    // The same label set twice (two pools of one set) is one window.
+    let mut twice = query(&[], &[], 2);
+    twice.pools.push(vec!["self-hosted".into(), "linux".into()]);
+    assert_eq!(ids(&a.read(twice).await.unwrap()), [1, 2, 9]);
+}
+
 /// A database an older agent wrote (schema 4, no job in the rows) gets its rows' jobs from
 /// their events when migrated, so members read the jobs queued before the upgrade.
 #[tokio::test(flavor = "multi_thread")]
@@ -715,6 +735,40 @@ mod in_process {
             other => panic!("an agent older than the schema did not stop: {other:?}"),
         }
         let _ = a.stop().await;
+    }
+
+    /// Found by an independent read (helper-61): a member that took over a job whose
+    /// holder went away, and learned at GitHub that it had been served, kept that to
+    /// itself: the job's row stayed queued, and member after member took it over and asked
+    /// again, for good. What it learns is the fleet's: the row is completed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_member_learns_of_a_taken_over_job_is_the_fleets() {
+        let db = super::migrated("takeover").await;
+        // Job 7, queued, held by a member that went away (its lease ran out).
+        let intake = super::intake::FleetIntake::start(db.pool(2), None);
+        intake.accept(super::event("g7", 7, super::JobAction::Queued)).await.unwrap();
+        let gone = "UPDATE rv_jobs SET holder = 'hv-gone', attempts = 1, lease_until = now() - interval '1 second' WHERE id = 7";
+        assert_eq!(db.connect().await.execute(gone, &[]).await.unwrap(), 1);
+        let gh = Arc::new(FakeGitHub::default());
+        let done = runnervisor::github::JobStatus {
+            status: "completed".into(),
+            conclusion: Some("success".into()),
+            runner_name: Some("rv-small-7".into()),
+        };
+        gh.lock().jobs.insert(7, done);
+        let b = start("hv-b", db.config(), gh.clone()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = db.connect().await.query_one("SELECT state FROM rv_jobs WHERE id = 7", &[]).await.unwrap();
+            if row.get::<_, String>(0) == "completed" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the row is still {:?}", row.get::<_, String>(0));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(gh.lock().calls.iter().any(|c| c == "job"), "asked GitHub: {:?}", gh.lock().calls);
+        assert_eq!(b.hv.lock().started_total, 0, "no VM for a served job");
+        let _ = b.stop().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,8 +38,9 @@ pub struct JobRow {
 /// What a member reads of the fleet's jobs ([`Claims::read`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReadQuery {
-    /// Its pools' label sets: the oldest queued jobs of these that no live claim holds,
-    /// `ready` at most.
+    /// Its pools' label sets: the oldest queued jobs of each that no live claim holds,
+    /// `ready` at most of each (one window for all, a pool whose jobs wait for room would
+    /// hide the others' behind its own, a dead member's among them).
     pub pools: Vec<Vec<String>>,
     pub ready: u32,
     /// The jobs it knows of that are not over.
@@ -221,12 +222,13 @@ impl Claims for PgClaims {
                 .await?
                 .query(
                     "WITH keys AS ( \
-                       SELECT rv_label_key(ARRAY(SELECT jsonb_array_elements_text(p))) AS k \
+                       SELECT DISTINCT rv_label_key(ARRAY(SELECT jsonb_array_elements_text(p))) AS k \
                        FROM jsonb_array_elements($1::jsonb) p), \
                      ready AS ( \
-                       SELECT id FROM rv_jobs WHERE state = 'queued' AND label_key IN (SELECT k FROM keys) \
-                         AND (holder IS NULL OR lease_until < now()) \
-                       ORDER BY received_at LIMIT $2) \
+                       SELECT r.id FROM keys CROSS JOIN LATERAL ( \
+                         SELECT id FROM rv_jobs WHERE state = 'queued' AND label_key = keys.k \
+                           AND (holder IS NULL OR lease_until < now()) \
+                         ORDER BY received_at LIMIT $2) r) \
                      SELECT id, state, info, received_at, holder, \
                        extract(epoch FROM lease_until - now())::float8 \
                      FROM rv_jobs \
@@ -538,6 +540,8 @@ pub struct MemoryBoard {
     pub deliveries_checked: Mutex<Option<SystemTime>>,
     /// The leases' connection is away (`Member::leases`): leads and renewals fail.
     pub leases_away: std::sync::atomic::AtomicBool,
+    /// Members whose heartbeats never finish (a lookup or a pool that hangs).
+    pub stalled_heartbeats: Mutex<BTreeSet<String>>,
 }
 
 #[cfg(test)]
@@ -622,14 +626,17 @@ impl Claims for MemoryClaims {
         let held = |id: &u64| {
             claims.get(id).and_then(|(h, until, _, _)| h.clone().filter(|_| *until > now).map(|h| (h, *until)))
         };
-        let mut ready: Vec<(&u64, &(JobAction, JobInfo, SystemTime))> = rows
-            .iter()
-            .filter(|(id, (a, info, _))| {
-                *a == JobAction::Queued && held(id).is_none() && pools.contains(&set(&info.queue_labels()))
-            })
-            .collect();
-        ready.sort_by_key(|(id, (_, _, at))| (*at, **id));
-        let ready: Vec<u64> = ready.into_iter().take(q.ready as usize).map(|(id, _)| *id).collect();
+        let mut ready: Vec<u64> = Vec::new();
+        for pool in &pools {
+            let mut of_pool: Vec<(&u64, &(JobAction, JobInfo, SystemTime))> = rows
+                .iter()
+                .filter(|(id, (a, info, _))| {
+                    *a == JobAction::Queued && held(id).is_none() && set(&info.queue_labels()) == *pool
+                })
+                .collect();
+            of_pool.sort_by_key(|(id, (_, _, at))| (*at, **id));
+            ready.extend(of_pool.into_iter().take(q.ready as usize).map(|(id, _)| *id));
+        }
         let out = rows
             .iter()
             .filter(|(id, (_, info, _))| {
@@ -674,6 +681,9 @@ impl Claims for MemoryClaims {
     }
 
     fn heartbeat(&self, mut me: MemberInfo) -> BoxFuture<'static, Result<Vec<MemberInfo>, FleetError>> {
+        if self.board.stalled_heartbeats.lock().expect("board").contains(&me.host_id) {
+            return Box::pin(std::future::pending());
+        }
         let now = self.clock.now();
         let mut members = self.board.members.lock().expect("board");
         me.number = members.get(&me.host_id).and_then(|(m, _)| m.number).or_else(|| {

@@ -479,7 +479,19 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             }
             info!(job_id = job, ?action, "a taken-over job was served before its member went away");
             let received_at = self.now();
-            self.apply(JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at });
+            let ev = JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at };
+            // The fleet hears it too: its row would stay queued otherwise, and each member
+            // in turn would take it over and ask again, for good (an independent read found
+            // it). This member's book has it at once, its mirror again later (forward only).
+            if let Some(publish) = self.fleet.as_ref().and_then(|f| f.publish.clone()) {
+                let shared = ev.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = publish.accept(shared).await {
+                        warn!(job_id = job, error = %e, "cannot write what GitHub said of a taken-over job into the fleet's log; the next member to take it over asks again");
+                    }
+                });
+            }
+            self.apply(ev);
         }
     }
 
@@ -653,11 +665,34 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             });
         }
         let due = fleet.renewed_at.is_none_or(|t| now.duration_since(t) >= fleet.lease / 3);
-        if !due || fleet.renewing || fleet.heartbeat_pending {
+        if !due || fleet.renewing {
             return;
         }
         fleet.renewed_at = Some(now);
-        // This member's word to the fleet (`runnervisor status` shows every member's).
+        // A heartbeat still on its way (a lookup of the database's name, a busy pool) is
+        // not sent again, and holds up no renewal: those go over a connection of their own
+        // (`Member::leases`), and a claim not renewed in time is lost (an independent read
+        // found renewals waiting on a hung heartbeat).
+        if !fleet.heartbeat_pending {
+            self.send_heartbeat(free_slots, warm_target);
+        }
+        let Some(fleet) = self.fleet.as_mut() else { return };
+        if fleet.held.is_empty() {
+            return;
+        }
+        fleet.renewing = true;
+        let asked: Vec<(u64, u32)> = fleet.held.iter().map(|(job, h)| (*job, h.attempt)).collect();
+        let (claims, a) = (fleet.claims.clone(), asked.clone());
+        spawn_reporting(
+            &self.ctx.events,
+            async move { Event::Renewed { asked: a, sent: now, result: claims.renew(asked).await } },
+            move |message| Event::Renewed { asked: Vec::new(), sent: now, result: Err(FleetError::Pool(message)) },
+        );
+    }
+
+    /// This member's word to the fleet (`runnervisor status` shows every member's).
+    fn send_heartbeat(&mut self, free_slots: u32, warm_target: u32) {
+        let Some(fleet) = self.fleet.as_ref() else { return };
         let me = MemberInfo {
             host_id: fleet.host.clone(),
             max_vms: self
@@ -687,9 +722,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             number: None,
             scale_sets: own_scale_set_capacity(&self.config, self.scale_sets.as_deref()),
         };
-        fleet.heartbeat_pending = true;
         let claims = fleet.claims.clone();
         let url = self.config.fleet.as_ref().map(|f| f.postgres.url.clone()).unwrap_or_default();
+        if let Some(fleet) = self.fleet.as_mut() {
+            fleet.heartbeat_pending = true;
+        }
         spawn_reporting(
             &self.ctx.events,
             async move {
@@ -697,17 +734,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 Event::Heartbeat { members: claims.heartbeat(me).await, database }
             },
             |message| Event::Heartbeat { members: Err(FleetError::Pool(message)), database: Vec::new() },
-        );
-        if fleet.held.is_empty() {
-            return;
-        }
-        fleet.renewing = true;
-        let asked: Vec<(u64, u32)> = fleet.held.iter().map(|(job, h)| (*job, h.attempt)).collect();
-        let (claims, a) = (fleet.claims.clone(), asked.clone());
-        spawn_reporting(
-            &self.ctx.events,
-            async move { Event::Renewed { asked: a, sent: now, result: claims.renew(asked).await } },
-            move |message| Event::Renewed { asked: Vec::new(), sent: now, result: Err(FleetError::Pool(message)) },
         );
     }
 

@@ -354,6 +354,26 @@ async fn a_member_that_goes_away_loses_its_unserved_jobs_to_another() {
     assert_eq!(a_hv.lock().started_total, 1);
 }
 
+/// A heartbeat that hangs (a lookup of the database's name, a saturated pool) holds up no
+/// renewal of a claim: an independent read found renewals waiting on it, so a member whose
+/// heartbeat hung lost its claims to the others while it served them.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_that_hangs_holds_up_no_renewal() {
+    let board = Arc::new(MemoryBoard::default());
+    let gh = Arc::new(FakeGitHub::default());
+    let mut a = member(&board, "hv-a", &gh, "");
+    a.hv.lock().guests_booting = true;
+    publish(&mut [&mut a], &board, JobAction::Queued, info(12, LABELS, None));
+    a.wait("a makes a VM for job 12", |s, _| vm_for(s, 12).is_some()).await;
+    board.stalled_heartbeats.lock().unwrap().insert("hv-a".into());
+    let mut b = member(&board, "hv-b", &gh, "");
+    publish(&mut [&mut b], &board, JobAction::Queued, info(12, LABELS, None));
+    // Three leases: a's renewals keep its claim; b never takes the job over.
+    assert!(stays(&b, 3 * LEASE, |s, _| vm_for(s, 12).is_none()).await, "b took job 12 over");
+    assert_eq!(board.holder(12).as_deref(), Some("hv-a"));
+    assert!(a.status().await.fleet.is_some_and(|f| f.held == 1));
+}
+
 /// A cold VM is bound to its job only within its member's claim: a member that lost the
 /// claim while the VM booted (its lease ran out, another member took the job) gives the VM
 /// no runner for it; the VM is surplus.
