@@ -480,10 +480,15 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             info!(job_id = job, ?action, "a taken-over job was served before its member went away");
             let received_at = self.now();
             let ev = JobEvent { delivery: format!("takeover-{job}"), action, job: info, received_at };
-            // The fleet hears it too: its row would stay queued otherwise, and each member
-            // in turn would take it over and ask again, for good (an independent read found
-            // it). This member's book has it at once, its mirror again later (forward only).
-            if let Some(publish) = self.fleet.as_ref().and_then(|f| f.publish.clone()) {
+            // The fleet hears what GitHub said of the job (its row would stay queued
+            // otherwise, and each member in turn would take it over and ask again, for
+            // good: an independent read found it); this member's book has it at once, its
+            // mirror again later (forward only). Not a 404: GitHub's API may lag behind its
+            // webhooks, or this token lose the repository, and the fleet's row could never
+            // be queued again (the sync drops a job on a second 404 only); the next member
+            // to take the job over asks again.
+            let answered = matches!(status, Ok(Some(_)));
+            if let Some(publish) = self.fleet.as_ref().and_then(|f| f.publish.clone()).filter(|_| answered) {
                 let shared = ev.clone();
                 tokio::spawn(async move {
                     if let Err(e) = publish.accept(shared).await {
@@ -723,6 +728,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             scale_sets: own_scale_set_capacity(&self.config, self.scale_sets.as_deref()),
         };
         let claims = fleet.claims.clone();
+        // Bounded: one that hung (a lookup, a pool) would stop every later heartbeat, and the
+        // others would take this member for gone.
+        let limit = fleet.lease / 3;
         let url = self.config.fleet.as_ref().map(|f| f.postgres.url.clone()).unwrap_or_default();
         if let Some(fleet) = self.fleet.as_mut() {
             fleet.heartbeat_pending = true;
@@ -730,8 +738,17 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         spawn_reporting(
             &self.ctx.events,
             async move {
-                let database = crate::fleet::database_addresses(&url).await;
-                Event::Heartbeat { members: claims.heartbeat(me).await, database }
+                let beat = async {
+                    let database = crate::fleet::database_addresses(&url).await;
+                    (claims.heartbeat(me).await, database)
+                };
+                match tokio::time::timeout(limit, beat).await {
+                    Ok((members, database)) => Event::Heartbeat { members, database },
+                    Err(_) => Event::Heartbeat {
+                        members: Err(FleetError::Pool(format!("no answer within {limit:?}"))),
+                        database: Vec::new(),
+                    },
+                }
             },
             |message| Event::Heartbeat { members: Err(FleetError::Pool(message)), database: Vec::new() },
         );

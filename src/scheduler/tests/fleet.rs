@@ -366,12 +366,21 @@ async fn a_heartbeat_that_hangs_holds_up_no_renewal() {
     publish(&mut [&mut a], &board, JobAction::Queued, info(12, LABELS, None));
     a.wait("a makes a VM for job 12", |s, _| vm_for(s, 12).is_some()).await;
     board.stalled_heartbeats.lock().unwrap().insert("hv-a".into());
+    // Still queued at GitHub: a member taking it over would serve it.
+    gh.lock().queued.push(info(12, LABELS, None));
     let mut b = member(&board, "hv-b", &gh, "");
     publish(&mut [&mut b], &board, JobAction::Queued, info(12, LABELS, None));
     // Three leases: a's renewals keep its claim; b never takes the job over.
     assert!(stays(&b, 3 * LEASE, |s, _| vm_for(s, 12).is_none()).await, "b took job 12 over");
     assert_eq!(board.holder(12).as_deref(), Some("hv-a"));
     assert!(a.status().await.fleet.is_some_and(|f| f.held == 1));
+    // Its heartbeats are retried (each bounded by a third of the lease): one that hung does
+    // not stop the next.
+    board.stalled_heartbeats.lock().unwrap().clear();
+    b.wait_for("a heard by the fleet again", LEASE, |s, _| {
+        s.fleet.as_ref().is_some_and(|f| f.members.iter().any(|m| m.host_id == "hv-a" && m.seen_secs_ago < 20))
+    })
+    .await;
 }
 
 /// A cold VM is bound to its job only within its member's claim: a member that lost the
