@@ -5,11 +5,11 @@
 //! run out another member may claim the job. Each claim counts an attempt: VM and runner
 //! names (`rv-<pool>-<job>-<attempt>`) stay unique across the fleet.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 #[cfg(test)]
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
@@ -187,11 +187,17 @@ pub struct PgClaims {
     leases: Pool,
     host: String,
     lease: Duration,
+    /// The label keys (`rv_label_key`) of the pools' label sets last read for, by those
+    /// sets: asked of the database again only when they change (a reload). Read as an
+    /// array, the planner knows how many there are and reads the rows by their keys
+    /// (measured on 200,000 rows: 3.4 ms a read; 37–46 ms as one statement that made
+    /// them, whose estimate of 100 keys turned the read into a scan of the table).
+    keys: Arc<Mutex<Option<(Vec<Vec<String>>, Vec<String>)>>>,
 }
 
 impl PgClaims {
     pub fn new(pool: Pool, host: String, lease: Duration) -> PgClaims {
-        PgClaims { leases: pool.clone(), pool, host, lease }
+        PgClaims { leases: pool.clone(), pool, host, lease, keys: Default::default() }
     }
 
     /// Renewals and the lead use `leases` (see `Member::leases`).
@@ -215,25 +221,50 @@ fn epochs(jobs: &[(u64, u32)]) -> (Vec<i64>, Vec<i32>) {
 
 impl Claims for PgClaims {
     fn read(&self, query: ReadQuery) -> BoxFuture<'static, Result<Vec<JobRow>, FleetError>> {
-        let (pool, host) = (self.pool.clone(), self.host.clone());
+        let (pool, host, cache) = (self.pool.clone(), self.host.clone(), self.keys.clone());
         Box::pin(async move {
-            let pools = serde_json::to_value(&query.pools).expect("label sets serialize");
-            let rows = client(&pool)
-                .await?
+            let c = client(&pool).await?;
+            let cached = cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(pools, _)| *pools == query.pools)
+                .map(|(_, keys)| keys.clone());
+            let keys = match cached {
+                Some(keys) => keys,
+                None => {
+                    let pools = serde_json::to_value(&query.pools).expect("label sets serialize");
+                    let keys: Vec<String> = c
+                        .query(
+                            "SELECT DISTINCT rv_label_key(ARRAY(SELECT jsonb_array_elements_text(p))) \
+                             FROM jsonb_array_elements($1::jsonb) p",
+                            &[&pools],
+                        )
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((query.pools.clone(), keys.clone()));
+                    keys
+                }
+            };
+            // Each key's oldest unheld queued jobs, `ready` of each; the jobs it knows;
+            // the jobs its runners took: each read by its index, then the rows by id.
+            let rows = c
                 .query(
-                    "WITH keys AS ( \
-                       SELECT DISTINCT rv_label_key(ARRAY(SELECT jsonb_array_elements_text(p))) AS k \
-                       FROM jsonb_array_elements($1::jsonb) p), \
-                     ready AS ( \
-                       SELECT r.id FROM keys CROSS JOIN LATERAL ( \
+                    "WITH ready AS ( \
+                       SELECT r.id FROM unnest($1::text[]) AS keys(k) CROSS JOIN LATERAL ( \
                          SELECT id FROM rv_jobs WHERE state = 'queued' AND label_key = keys.k \
                            AND (holder IS NULL OR lease_until < now()) \
-                         ORDER BY received_at LIMIT $2) r) \
-                     SELECT id, state, info, received_at, holder, \
-                       extract(epoch FROM lease_until - now())::float8 \
-                     FROM rv_jobs \
-                     WHERE id IN (SELECT id FROM ready) OR id = ANY($3) OR runner_name = ANY($4)",
-                    &[&pools, &(query.ready as i64), &ids(&query.known), &query.runners],
+                         ORDER BY received_at LIMIT $2) r), \
+                     wanted AS ( \
+                       SELECT id FROM ready \
+                       UNION SELECT id FROM rv_jobs WHERE id = ANY($3) \
+                       UNION SELECT id FROM rv_jobs WHERE runner_name = ANY($4)) \
+                     SELECT j.id, j.state, j.info, j.received_at, j.holder, \
+                       extract(epoch FROM j.lease_until - now())::float8 \
+                     FROM wanted w JOIN rv_jobs j ON j.id = w.id",
+                    &[&keys, &(query.ready as i64), &ids(&query.known), &query.runners],
                 )
                 .await?;
             Ok(rows
