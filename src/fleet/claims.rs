@@ -188,12 +188,17 @@ pub struct PgClaims {
     host: String,
     lease: Duration,
     /// The label keys (`rv_label_key`) of the pools' label sets last read for, by those
-    /// sets: asked of the database again only when they change (a reload). Read as an
-    /// array, the planner knows how many there are and reads the rows by their keys
-    /// (measured on 200,000 rows: 3.4 ms a read; 37–46 ms as one statement that made
-    /// them, whose estimate of 100 keys turned the read into a scan of the table).
-    keys: Arc<Mutex<Option<(Vec<Vec<String>>, Vec<String>)>>>,
+    /// sets, and when they were asked: asked of the database again when the sets change (a
+    /// reload) and after [`KEYS_KEPT`] (a newer member's migration could change the
+    /// function). Read as an array, the planner knows how many there are and reads the
+    /// rows by their keys (measured on 200,000 rows: 3.4 ms a read; 37–46 ms as one
+    /// statement that made them, whose estimate of 100 keys turned the read into a scan of
+    /// the table).
+    keys: Arc<Mutex<Option<(Vec<Vec<String>>, Vec<String>, std::time::Instant)>>>,
 }
+
+/// How long the pools' label keys are kept before they are asked again ([`PgClaims`]).
+const KEYS_KEPT: Duration = Duration::from_secs(60);
 
 impl PgClaims {
     pub fn new(pool: Pool, host: String, lease: Duration) -> PgClaims {
@@ -228,8 +233,8 @@ impl Claims for PgClaims {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
-                .filter(|(pools, _)| *pools == query.pools)
-                .map(|(_, keys)| keys.clone());
+                .filter(|(pools, _, asked)| *pools == query.pools && asked.elapsed() < KEYS_KEPT)
+                .map(|(_, keys, _)| keys.clone());
             let keys = match cached {
                 Some(keys) => keys,
                 None => {
@@ -244,7 +249,8 @@ impl Claims for PgClaims {
                         .iter()
                         .map(|r| r.get(0))
                         .collect();
-                    *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((query.pools.clone(), keys.clone()));
+                    *cache.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((query.pools.clone(), keys.clone(), std::time::Instant::now()));
                     keys
                 }
             };

@@ -98,6 +98,9 @@ CREATE TABLE rv_runner_list (
 ALTER TABLE rv_members ADD COLUMN addresses text[] NOT NULL DEFAULT '{}';
 "#,
     ),
+    // `rv_label_key` names a label set for good: members keep the keys of their pools'
+    // sets for a minute (`PgClaims::keys`), and rows keep theirs; another key needs
+    // another function and column.
     (
         5,
         r#"
