@@ -296,6 +296,20 @@ fn endpoint(method: &Method, name: &str) -> String {
     format!("{method} scale set {}", parts.join("/"))
 }
 
+/// What a call with the queue's token is, by its method and URL: its name in errors and
+/// metrics, and whether it is the long poll (held by the service ~50 s: [`POLL_TIMEOUT`],
+/// not the API timeout). By the method and the URL's last segment, not by a path it may
+/// share: GHES's queue URL lies under `_apis/runtime/runnerscalesets` too, where every
+/// poll was taken for `acquirejobs` and cut at the API timeout (an independent read).
+fn queue_call(method: &Method, url: &str) -> (&'static str, bool) {
+    let path = url.split('?').next().unwrap_or(url);
+    if *method == Method::POST && path.ends_with("/acquirejobs") {
+        ("acquirejobs", false)
+    } else {
+        ("message queue", *method == Method::GET)
+    }
+}
+
 /// The message that goes with a path: its query (which may carry ids) left out.
 fn route(path: &str) -> String {
     path.split('?').next().unwrap_or("").to_string()
@@ -408,13 +422,13 @@ impl<G: GitHub> HttpScaleSets<G> {
         body: Option<&Value>,
         extra: &[(&str, String)],
     ) -> Result<(StatusCode, Value), SsError> {
-        let name = match &who {
-            As::Admin => route(path),
-            As::Queue(_) if path.contains(SETS) => "acquirejobs".to_string(),
-            As::Queue(_) => "message queue".to_string(),
+        let (name, deadline) = match &who {
+            As::Admin => (route(path), self.timeout),
+            As::Queue(_) => {
+                let (name, polls) = queue_call(&method, path);
+                (name.to_string(), if polls { POLL_TIMEOUT } else { self.timeout })
+            }
         };
-        // The long poll is held by the service ~50 s; every other call is bounded by `timeout`.
-        let deadline = if method == Method::GET && name == "message queue" { POLL_TIMEOUT } else { self.timeout };
         let mut stale = None;
         loop {
             let (url, token) = match &who {
@@ -558,7 +572,12 @@ fn session_of(v: &Value) -> Result<Session, String> {
         id: v["sessionId"].as_str().ok_or("no sessionId")?.to_string(),
         queue_url: v["messageQueueUrl"].as_str().ok_or("no messageQueueUrl")?.to_string(),
         queue_token: Secret::new(v["messageQueueAccessToken"].as_str().ok_or("no messageQueueAccessToken")?),
-        statistics: serde_json::from_value(v["statistics"].clone()).map_err(|e| format!("statistics: {e}"))?,
+        // Absent or null (GitHub's own listener allows for it): none known yet. The session
+        // is made by now: refusing the answer would leave it to block every later create.
+        statistics: match &v["statistics"] {
+            Value::Null => Statistics::default(),
+            s => serde_json::from_value(s.clone()).map_err(|e| format!("statistics: {e}"))?,
+        },
     })
 }
 

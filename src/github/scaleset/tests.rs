@@ -315,3 +315,49 @@ fn calls_are_counted_by_route_without_their_ids() {
         "GET scale set _apis/distributedtask/pools/{id}/agents"
     );
 }
+
+/// A call with the queue's token is named, and timed, by its method and the URL's last
+/// segment: GHES's queue URL lies under `_apis/runtime/runnerscalesets` too, where every
+/// poll was taken for `acquirejobs` and cut at the API timeout (an independent read).
+#[test]
+fn the_long_poll_is_told_by_its_method_not_by_a_path_it_shares() {
+    let ghes =
+        "https://ghes.example/_services/pipelines/_apis/runtime/runnerscalesets/1/messages?sessionId=s&lastMessageId=3";
+    let table = [
+        (Method::GET, ghes, ("message queue", true)),
+        (
+            Method::DELETE,
+            "https://ghes.example/_apis/runtime/runnerscalesets/1/messages/3?sessionId=s",
+            ("message queue", false),
+        ),
+        (
+            Method::POST,
+            "https://pipelines.example/_apis/runtime/runnerscalesets/1/acquirejobs?api-version=6.0-preview",
+            ("acquirejobs", false),
+        ),
+        (
+            Method::GET,
+            "https://broker.actions.githubusercontent.com/rsv/scalesets/message?sessionId=s",
+            ("message queue", true),
+        ),
+    ];
+    for (method, url, want) in table {
+        assert_eq!(queue_call(&method, url), want, "{method} {url}");
+    }
+}
+
+/// A session's statistics absent or null: the session is taken all the same (the service
+/// made it; refused, it would block every later create with a 409 until it expired).
+#[test]
+fn a_session_without_statistics_is_taken() {
+    let base = json!({"sessionId": "s1", "messageQueueUrl": "https://q.example/m", "messageQueueAccessToken": "t"});
+    let mut null = base.clone();
+    null["statistics"] = Value::Null;
+    for v in [base, null] {
+        let s = session_of(&v).unwrap();
+        assert_eq!((s.id.as_str(), s.statistics.assigned), ("s1", 0), "{v}");
+    }
+    let mut bad = json!({"sessionId": "s1", "messageQueueUrl": "u", "messageQueueAccessToken": "t"});
+    bad["statistics"] = json!("x");
+    assert!(session_of(&bad).unwrap_err().contains("statistics"));
+}
