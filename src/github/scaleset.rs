@@ -529,11 +529,14 @@ fn status_error(method: &str, path: &str, status: StatusCode, v: &Value) -> SsEr
     {
         return SsError::Conflict(message);
     }
-    // The session the service lost (`RunnerAdminException`, "session ID doesn't exist");
-    // a 404 of a set that is gone is no such thing.
+    // The session the service lost (`RunnerAdminException`, "session ID doesn't exist"),
+    // or let expire (a 400 `RunnerScaleSetSessionExpiredException`, as actions-runner-
+    // controller's users have seen it answered); a 404 of a set that is gone is no such
+    // thing.
     if path.contains("/sessions/")
-        && status == StatusCode::NOT_FOUND
-        && (type_name.contains("RunnerAdminException") || message.to_ascii_lowercase().contains("session"))
+        && ((status == StatusCode::NOT_FOUND
+            && (type_name.contains("RunnerAdminException") || message.to_ascii_lowercase().contains("session")))
+            || type_name.contains("SessionExpiredException"))
     {
         return SsError::SessionGone(message);
     }
@@ -727,9 +730,14 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
 
     async fn delete(&self, set_id: u64) -> Result<(), SsError> {
         let path = format!("{SETS}/{set_id}");
-        self.expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
+        match self
+            .expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
             .await
-            .map(drop)
+        {
+            // Expired already: as gone as deleted.
+            Ok(_) | Err(SsError::SessionGone(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn create_session(&self, set_id: u64, owner: &str) -> Result<Session, SsError> {

@@ -236,6 +236,15 @@ fn an_error_answer_that_is_no_json_keeps_its_status() {
     assert!(matches!(status_error("PATCH", "x/sessions/1", StatusCode::NOT_FOUND, &gone), SsError::SessionGone(_)));
     let set_gone = json!({"typeName": "NotFoundException", "message": "runner scale set 3 not found"});
     assert!(matches!(status_error("PATCH", "x/sessions/1", StatusCode::NOT_FOUND, &set_gone), SsError::Status { .. }));
+    let expired = json!({"typeName": "GitHub.DistributedTask.WebApi.RunnerScaleSetSessionExpiredException", "message": "The session has expired"});
+    assert!(matches!(
+        status_error("PATCH", "x/sessions/1", StatusCode::BAD_REQUEST, &expired),
+        SsError::SessionGone(_)
+    ));
+    assert!(matches!(
+        status_error("DELETE", "x/sessions/1", StatusCode::BAD_REQUEST, &expired),
+        SsError::SessionGone(_)
+    ));
 }
 
 /// Messages as the service writes them: a BOM first, the body a JSON array in a string;
