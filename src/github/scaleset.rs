@@ -730,14 +730,9 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
 
     async fn delete(&self, set_id: u64) -> Result<(), SsError> {
         let path = format!("{SETS}/{set_id}");
-        match self
-            .expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
+        self.expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
             .await
-        {
-            // Expired already: as gone as deleted.
-            Ok(_) | Err(SsError::SessionGone(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+            .map(drop)
     }
 
     async fn create_session(&self, set_id: u64, owner: &str) -> Result<Session, SsError> {
@@ -754,9 +749,14 @@ impl<G: GitHub> ScaleSets for HttpScaleSets<G> {
 
     async fn delete_session(&self, set_id: u64, session_id: &str) -> Result<(), SsError> {
         let path = format!("{SETS}/{set_id}/sessions/{session_id}");
-        self.expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
+        match self
+            .expect(Method::DELETE, &path, None, &[StatusCode::NO_CONTENT, StatusCode::OK, StatusCode::NOT_FOUND])
             .await
-            .map(drop)
+        {
+            // Expired already: as gone as deleted.
+            Ok(_) | Err(SsError::SessionGone(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn poll(&self, session: &Session, last: u64, capacity: u64) -> Result<Option<Message>, SsError> {
