@@ -487,17 +487,29 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             // webhooks, or this token lose the repository, and the fleet's row could never
             // be queued again (the sync drops a job on a second 404 only); the next member
             // to take the job over asks again.
-            let answered = matches!(status, Ok(Some(_)));
-            if let Some(publish) = self.fleet.as_ref().and_then(|f| f.publish.clone()).filter(|_| answered) {
-                let shared = ev.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = publish.accept(shared).await {
-                        warn!(job_id = job, error = %e, "cannot write what GitHub said of a taken-over job into the fleet's log; the next member to take it over asks again");
-                    }
-                });
+            if matches!(status, Ok(Some(_))) {
+                let _ = self.publish(vec![ev.clone()], "the next member to take it over asks again");
             }
             self.apply(ev);
         }
+    }
+
+    /// Writes what GitHub said into the fleet's log, in order, in a task of its own (the
+    /// whole fleet hears it, this member by its mirror); `unwritten` says what a failure
+    /// leaves to whom. Not in a fleet: the events are given back, for this member's book.
+    pub(super) fn publish(&self, events: Vec<JobEvent>, unwritten: &'static str) -> Result<(), Vec<JobEvent>> {
+        let Some(publish) = self.fleet.as_ref().and_then(|f| f.publish.clone()) else { return Err(events) };
+        if !events.is_empty() {
+            tokio::spawn(async move {
+                for ev in events {
+                    if let Err(e) = publish.accept(ev).await {
+                        warn!(error = %e, "cannot write what GitHub said into the fleet's log; {unwritten}");
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Reads the job rows this member needs, when one changed or every [`READ_POLL`].

@@ -476,22 +476,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 learned.push(ev);
             }
         }
-        match self.fleet.as_ref().and_then(|f| f.publish.clone()) {
-            // The whole fleet hears it, this member by its mirror.
-            Some(publish) if !learned.is_empty() => {
-                tokio::spawn(async move {
-                    for ev in learned {
-                        if let Err(e) = publish.accept(ev).await {
-                            warn!(error = %e, "cannot write what GitHub said into the fleet's log; the next sync tries again");
-                            break;
-                        }
-                    }
-                });
-            }
-            _ => {
-                for ev in learned {
-                    self.apply(ev);
-                }
+        if let Err(learned) = self.publish(learned, "the next sync tries again") {
+            for ev in learned {
+                self.apply(ev);
             }
         }
         let runners = match runners {
