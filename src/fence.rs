@@ -488,29 +488,18 @@ mod tests {
         let xml =
             filter_xml(&FenceSpec { filter: "f", subnet: Some(LAB), dhcp: false, host_addrs: &host, allow: &allow });
         // What a destination meets first, in the order nwfilter applies the rules.
+        let applied = rules(&xml);
         let first = |dst: Ipv4Addr, port: u16| -> String {
-            let doc = roxmltree::Document::parse(&xml).unwrap();
-            let mut rs: Vec<(i32, usize, String, Ipv4Addr, u8, Option<(u16, u16)>)> = Vec::new();
-            for (i, n) in doc.descendants().filter(|n| n.has_tag_name("rule")).enumerate() {
-                let ip = n.children().find(|c| c.has_tag_name("ip")).unwrap();
-                let ports = ip
-                    .attribute("dstportstart")
-                    .map(|a| (a.parse().unwrap(), ip.attribute("dstportend").unwrap().parse().unwrap()));
-                rs.push((
-                    n.attribute("priority").unwrap().parse().unwrap(),
-                    i,
-                    n.attribute("action").unwrap().into(),
-                    ip.attribute("dstipaddr").unwrap().parse().unwrap(),
-                    ip.attribute("dstipmask").unwrap().parse().unwrap(),
-                    ports,
-                ));
-            }
-            rs.sort_by_key(|r| (r.0, r.1));
-            rs.into_iter()
-                .find(|(_, _, _, net, prefix, ports)| {
-                    network(dst, *prefix) == *net && ports.is_none_or(|(a, b)| (a..=b).contains(&port))
+            applied
+                .iter()
+                .find(|(_, net, l4)| {
+                    let (addr, prefix) = net.split_once('/').unwrap();
+                    let (addr, prefix): (Ipv4Addr, u8) = (addr.parse().unwrap(), prefix.parse().unwrap());
+                    let ports = l4.split_once(':').map(|(_, p)| p.split_once('-').unwrap());
+                    network(dst, prefix) == addr
+                        && ports.is_none_or(|(a, b)| (a.parse().unwrap()..=b.parse().unwrap()).contains(&port))
                 })
-                .map(|r| r.2)
+                .map(|(action, _, _)| action.clone())
                 .unwrap_or_else(|| "pass".into())
         };
         let table = [

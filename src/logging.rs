@@ -376,18 +376,29 @@ mod tests {
         assert_eq!(get("OUTPUT").map(|v| v.len()), Some(big.len()));
     }
 
-    #[test]
-    fn events_reach_a_journal_socket_with_fields() {
+    /// The first `n` entries what `log` logs sends to a journal socket, decoded (each a
+    /// datagram: small entries).
+    fn journal_entries(n: usize, log: impl FnOnce()) -> Vec<Vec<(String, String)>> {
         let dir = crate::test_support::tempdir();
         let path = dir.join("journal.sock");
         let sink = UnixDatagram::bind(&path).unwrap();
         let subscriber = tracing_subscriber::registry().with(JournaldLayer::new(&path).unwrap());
-        tracing::subscriber::with_default(subscriber, || {
-            tracing::warn!(job_id = 7u64, vm = "rv-p-7", pool = "p", "vm started");
-        });
+        tracing::subscriber::with_default(subscriber, log);
         let mut buf = vec![0u8; 4096];
-        let n = sink.recv(&mut buf).unwrap();
-        let fields = decode(&buf[..n]);
+        (0..n)
+            .map(|_| {
+                let len = sink.recv(&mut buf).unwrap();
+                decode(&buf[..len])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_reach_a_journal_socket_with_fields() {
+        let fields = journal_entries(1, || {
+            tracing::warn!(job_id = 7u64, vm = "rv-p-7", pool = "p", "vm started");
+        })
+        .remove(0);
         let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
         assert_eq!(get("JOB_ID").as_deref(), Some("7"));
         assert_eq!(get("VM_NAME").as_deref(), Some("rv-p-7"));
@@ -400,19 +411,13 @@ mod tests {
     /// characters are written out, in the message and in each field.
     #[test]
     fn control_characters_from_a_job_are_written_out() {
-        let dir = crate::test_support::tempdir();
-        let path = dir.join("journal.sock");
-        let sink = UnixDatagram::bind(&path).unwrap();
-        let subscriber = tracing_subscriber::registry().with(JournaldLayer::new(&path).unwrap());
         let workflow = "x\u{1b}]0;pwn\u{7}\nERROR fake\r\u{202e}";
-        tracing::subscriber::with_default(subscriber, || {
+        let entries = journal_entries(2, || {
             tracing::info!(job_id = 9u64, workflow = %workflow, "job queued");
             tracing::warn!(error = %"first line\nsecond line\u{1b}[31m", "two lines");
         });
-        let mut buf = vec![0u8; 4096];
-        for want in [r"workflow=x\u{1b}]0;pwn\u{7}\nERROR fake\r\u{202e}", "second line\\u{1b}[31m"] {
-            let n = sink.recv(&mut buf).unwrap();
-            let fields = decode(&buf[..n]);
+        let wanted = [r"workflow=x\u{1b}]0;pwn\u{7}\nERROR fake\r\u{202e}", "second line\\u{1b}[31m"];
+        for (want, fields) in wanted.into_iter().zip(entries) {
             let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone()).unwrap_or_default();
             let message = get("MESSAGE");
             assert!(message.contains(want), "{message:?}");
