@@ -80,6 +80,12 @@ pub enum JobState {
     },
     Completed {
         conclusion: Option<String>,
+        /// The runner that took it, as its completion (or before, its start) named it. A scale
+        /// set's request `cancelled` with none was given up on, and may be assigned again; one
+        /// a runner took never is ([`crate::scheduler::job::next`]). (Absent in stores written
+        /// before it was kept: read as none.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runner: Option<String>,
     },
     /// Given up after too many failed VMs.
     Abandoned {

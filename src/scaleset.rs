@@ -7,15 +7,19 @@
 //! its session (another holder's: tried again with back-off, as after a `kill -9` the
 //! service lets the old session go once nobody polls it), and long-polls. A message's jobs
 //! are handled before it is acknowledged: `JobAvailable` ones are acquired (the service
-//! assigns at most the capacity the poll announced; one acquired is queued at once);
+//! assigns at most the capacity the poll announced, the listener asks for no more than
+//! the pool has room for now; one acquired is queued at once);
 //! `JobAssigned`, `JobStarted` and `JobCompleted` become inbox events (a job assigned is
 //! queued for the pool; a job a set gives up on, to offer it again, completes
 //! `cancelled`), written durably, with delivery ids made of the request and what happened
 //! to it, so that a message seen again (not acknowledged before a crash, grouped
 //! otherwise) changes nothing. A failure leaves the message unacknowledged: it comes again
 //! (but a failing `acquirejobs`, which holds up nothing). Failing polls back off; five in a
-//! row give the session up for a new one; a session create answered 404 finds or makes the
-//! set again.
+//! row give the session up for a new one, but failures that pass (GitHub's 5xx and 429,
+//! timeouts, the store's) only once they last ten minutes; a session given up or stopped
+//! is deleted, again after a failure; a session create answered 404 finds or makes the set
+//! again. Offered jobs are acquired within the room the pool has when they come, which
+//! may be less than its poll announced ([`to_acquire`]).
 //!
 //! The capacity each poll announces (`X-ScaleSetMaxCapacity`) is the scheduler's: the jobs
 //! the pool could run at once (its VMs and the places it may still start, warm VMs and
@@ -47,8 +51,19 @@ enum Ended {
     Lost,
 }
 
-/// Failures of a session's polls in a row after which it is given up for a new one.
+/// Failures of a session's polls in a row after which it is given up for a new one (but
+/// those that pass, [`passing`]: see [`GIVE_UP_AFTER`]).
 const GIVE_UP: u32 = 5;
+
+/// How long failures that pass ([`passing`]: GitHub's outage, the store's) may last before
+/// the session is given up: a new one would not mend them, and while the old one is not let
+/// go (its delete fails as well) the service refuses another.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+
+/// How long letting a session go is tried (its delete, again after a failure), within
+/// `Agent::finish`'s wait for the listeners: a session not let go holds the set (409 to the
+/// next create) until the service drops it.
+const LET_GO: Duration = Duration::from_secs(8);
 
 /// The shortest time between two polls that brought nothing.
 const MIN_POLL: Duration = Duration::from_secs(1);
@@ -275,6 +290,39 @@ fn backoff(failures: u32) -> Duration {
     crate::github::http::backoff(&policy, failures)
 }
 
+/// The offered requests to acquire: all of them while the pool has the room the poll
+/// announced (the service holds to that); fewer once it has less. A long poll announces the
+/// capacity of when it was sent, up to a minute before its message comes, and the pool may
+/// have lost room since (libvirt away, a hold, other pools' VMs): jobs acquired beyond it
+/// would wait for a VM until the set gives them up, where those not acquired are offered
+/// again. The room now is `now` less the jobs the set has assigned (waiting or running), as
+/// the message's statistics count them (as the service counts its own).
+fn to_acquire<'a>(
+    offered: &'a [u64],
+    announced: u64,
+    now: u64,
+    statistics: Option<&crate::github::scaleset::Statistics>,
+) -> &'a [u64] {
+    if now >= announced {
+        return offered;
+    }
+    let room = now.saturating_sub(statistics.map_or(0, |s| s.assigned));
+    &offered[..offered.len().min(usize::try_from(room).unwrap_or(usize::MAX))]
+}
+
+/// Whether a failure of the message queue is one a session may outlast: the service or the
+/// way to it failing for a while (5xx, 429, a timeout, a connection refused), or the store.
+/// A session is given up on such failures only once they last [`GIVE_UP_AFTER`].
+fn passing(e: &SsError) -> bool {
+    match e {
+        SsError::Transport { .. } => true,
+        SsError::Status { status, .. } => *status >= 500 || *status == 429,
+        SsError::GitHub(GhError::Status { status, .. }) => *status >= 500 || *status == 429,
+        SsError::GitHub(g) => matches!(g, GhError::RateLimited { .. } | GhError::Transport { .. }),
+        _ => false,
+    }
+}
+
 /// A conclusion as webhooks spell it, from a job message's `result`.
 fn conclusion(result: &str) -> String {
     match result.to_ascii_lowercase().as_str() {
@@ -442,10 +490,8 @@ impl<S: ScaleSets> Listener<S> {
                     },
                 };
                 if shutdown.is_cancelled() {
-                    if let Ok(s) = &opened
-                        && let Err(e) = self.client.delete_session(set_id, &s.id).await
-                    {
-                        debug!(error = %e, "cannot delete the scale set's session");
+                    if let Ok(s) = &opened {
+                        self.let_go(set_id, s).await;
                     }
                     return;
                 }
@@ -479,9 +525,7 @@ impl<S: ScaleSets> Listener<S> {
                 self.forget_statistics();
                 // Stopping, or giving the session up: let it go, so that the next one (this
                 // start's or the next's) opens at once.
-                if let Err(e) = self.client.delete_session(set_id, &session.id).await {
-                    debug!(error = %e, "cannot delete the scale set's session");
-                }
+                self.let_go(set_id, &session).await;
                 match ended {
                     Ended::Stopped => return,
                     Ended::Lost => {
@@ -492,6 +536,34 @@ impl<S: ScaleSets> Listener<S> {
                     }
                 }
             }
+        }
+    }
+
+    /// Deletes `session`, again after a failure, for [`LET_GO`] at most.
+    async fn let_go(&self, set_id: u64, session: &Session) {
+        let deadline = tokio::time::Instant::now() + LET_GO;
+        let mut wait = Duration::from_millis(500);
+        loop {
+            let e = match tokio::time::timeout_at(deadline, self.client.delete_session(set_id, &session.id)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    warn!(pool = %self.pool, "cannot delete the scale set's session in time: the service lets it go once nobody polls it, and refuses another session until then");
+                    return;
+                }
+            };
+            // Gone already, or refused for good: nothing to let go, or nothing to try again.
+            if matches!(e, SsError::SessionGone(_)) || !passing(&e) {
+                debug!(pool = %self.pool, error = %e, "the scale set's session not deleted");
+                return;
+            }
+            if tokio::time::Instant::now() + wait >= deadline {
+                warn!(pool = %self.pool, error = %e, "cannot delete the scale set's session: the service lets it go once nobody polls it, and refuses another session until then");
+                return;
+            }
+            debug!(pool = %self.pool, error = %e, "cannot delete the scale set's session; trying again");
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
     }
 
@@ -522,7 +594,8 @@ impl<S: ScaleSets> Listener<S> {
 
     /// Polls `session` until `shutdown`, or until it is given up: the service lost it, or
     /// [`GIVE_UP`] failures in a row (a queue that refuses it for good answers no 401 or
-    /// 404 a client could tell). Returns the session either way (to be deleted).
+    /// 404 a client could tell), or failures that pass lasting [`GIVE_UP_AFTER`] (an outage
+    /// a new session would not mend). Returns the session either way (to be deleted).
     async fn listen(
         &self,
         set_id: u64,
@@ -531,6 +604,8 @@ impl<S: ScaleSets> Listener<S> {
         shutdown: &CancellationToken,
     ) -> (Ended, Session) {
         let mut last = 0u64;
+        // Since when the polls fail, and whether each failure was one that passes.
+        let mut failing: Option<(tokio::time::Instant, bool)> = None;
         self.registry.session(&self.pool, true);
         loop {
             let capacity = self.registry.capacity(&self.pool);
@@ -548,7 +623,7 @@ impl<S: ScaleSets> Listener<S> {
                     }
                     None
                 }
-                Ok(Some(m)) => match self.handle(set_id, &mut session, &m).await {
+                Ok(Some(m)) => match self.handle(set_id, &mut session, &m, capacity).await {
                     Ok(()) => {
                         last = m.id;
                         renewing!(self, set_id, session, |s| self.client.ack(s, m.id)).err()
@@ -562,6 +637,7 @@ impl<S: ScaleSets> Listener<S> {
             };
             let Some(e) = failed else {
                 *failures = 0;
+                failing = None;
                 self.registry.session(&self.pool, true);
                 // A JIT config answered 404 meanwhile (a proxy's, or a passing fault): the
                 // set the session polls is there.
@@ -576,7 +652,14 @@ impl<S: ScaleSets> Listener<S> {
                 return (Ended::Lost, session);
             }
             *failures += 1;
-            if *failures >= GIVE_UP {
+            let since = failing.map_or(tokio::time::Instant::now(), |(t, _)| t);
+            let all_passing = passing(&e) && failing.is_none_or(|(_, p)| p);
+            failing = Some((since, all_passing));
+            let give_up = match all_passing {
+                true => since.elapsed() >= GIVE_UP_AFTER,
+                false => *failures >= GIVE_UP,
+            };
+            if give_up {
                 warn!(pool = %self.pool, error = %e, failures = *failures, "the scale set's message queue keeps failing: giving the session up and opening another");
                 return (Ended::Lost, session);
             }
@@ -610,9 +693,11 @@ impl<S: ScaleSets> Listener<S> {
         }
     }
 
-    /// Acquires the message's available jobs, and writes its other jobs' events durably.
-    async fn handle(&self, set_id: u64, session: &mut Session, m: &Message) -> Result<(), SsError> {
-        let available: Vec<u64> = m
+    /// Acquires the message's available jobs (within the room the pool has now, its poll
+    /// having `announced` the room of before: [`to_acquire`]), and writes its other jobs'
+    /// events durably.
+    async fn handle(&self, set_id: u64, session: &mut Session, m: &Message, announced: u64) -> Result<(), SsError> {
+        let offered: Vec<u64> = m
             .jobs
             .iter()
             .filter_map(|j| match j {
@@ -620,6 +705,11 @@ impl<S: ScaleSets> Listener<S> {
                 _ => None,
             })
             .collect();
+        let now = self.registry.capacity(&self.pool);
+        let available = to_acquire(&offered, announced, now, m.statistics.as_ref());
+        if available.len() < offered.len() {
+            debug!(pool = %self.pool, offered = offered.len(), acquiring = available.len(), announced, capacity = now, "the pool has less room than its poll announced: acquiring fewer of the jobs offered");
+        }
         // At best: a job not acquired is offered again, one acquired comes as assigned. A
         // failure here must not hold up the message's other news (a message not
         // acknowledged comes again, and every message after it waits) — but a queue token
@@ -627,7 +717,7 @@ impl<S: ScaleSets> Listener<S> {
         // message's failure: it comes again (or the session is opened again).
         let mut acquired = Vec::new();
         if !available.is_empty() {
-            match renewing!(self, set_id, *session, |s| self.client.acquire(set_id, s, &available)) {
+            match renewing!(self, set_id, *session, |s| self.client.acquire(set_id, s, available)) {
                 Ok(a) => {
                     debug!(pool = %self.pool, offered = available.len(), acquired = a.len(), "scale set jobs acquired");
                     acquired = a;

@@ -1020,6 +1020,23 @@ async fn a_scale_sets_request_given_up_and_assigned_again_is_queued_again() {
     intake.accept(assigned).await.unwrap();
     assert_eq!(b.read(query(&[23], &[], 0)).await.unwrap()[0].action, JobAction::Completed);
 
+    // Cancelled once a runner took it, the completion naming none: its start named one, and
+    // its assignment seen again (a message grouped anew after a crash) is old news.
+    let with = |delivery: &str, action: JobAction| {
+        let mut e = set_event(delivery, action);
+        e.job.id = 24;
+        e
+    };
+    intake.accept(with("scale-set-9-24-assigned-8", JobAction::Queued)).await.unwrap();
+    let mut started = with("scale-set-9-24-started", JobAction::InProgress);
+    started.job.runner_name = Some("rv-linux-24".into());
+    intake.accept(started).await.unwrap();
+    let mut cancelled = with("scale-set-9-24-completed-9", JobAction::Completed);
+    cancelled.job.conclusion = Some("cancelled".into());
+    intake.accept(cancelled).await.unwrap();
+    intake.accept(with("scale-set-9-24-assigned-10", JobAction::Queued)).await.unwrap();
+    assert_eq!(b.read(query(&[24], &[], 0)).await.unwrap()[0].action, JobAction::Completed, "it ran");
+
     // A webhook's job: done is done.
     intake.accept(event("q22", 22, JobAction::Queued)).await.unwrap();
     let mut cancelled = event("c22", 22, JobAction::Completed);

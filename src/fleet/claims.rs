@@ -614,7 +614,9 @@ impl MemoryBoard {
             && row.1.conclusion.as_deref() == Some("cancelled")
             && ev.job.scale_set.is_some();
         if rank(ev.action) > rank(row.0) || again {
-            (row.0, row.1) = (ev.action, ev.job.clone());
+            // Its runner is the last one an event named (`COALESCE` in the statement).
+            let runner = ev.job.runner_name.clone().or_else(|| row.1.runner_name.clone());
+            (row.0, row.1) = (ev.action, JobInfo { runner_name: runner, ..ev.job.clone() });
         }
         let queued = rank(row.0) == 0;
         drop(rows);

@@ -227,7 +227,9 @@ pub async fn write<'a>(
 /// The group's write as one statement, one round trip (its own transaction): the delivery
 /// ids not seen before, each job's row moved to the furthest of its fresh events (forward
 /// only; but a scale set's request the set gave up on with no runner, `cancelled`, and
-/// assigned again under the same id is queued again, unheld, as `job::next` has it), new
+/// assigned again under the same id is queued again, unheld, as `job::next` has it; its
+/// runner is the last one an event named, so that one cancelled after a runner took it,
+/// its completion naming none, is not), new
 /// queued rows claimed by this member as they are inserted (within its reserve; a row that
 /// existed is left to the schedulers' claims), and a `NOTIFY` when a job is left for any
 /// member to claim (a queued row without a holder). Rows are written in one order on every
@@ -260,7 +262,7 @@ WITH input AS (
          CASE WHEN claim THEN clock_timestamp() END
   FROM best ORDER BY id
   ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, rank = EXCLUDED.rank, info = EXCLUDED.info,
-    runner_name = EXCLUDED.runner_name, updated_at = now(),
+    runner_name = COALESCE(EXCLUDED.runner_name, j.runner_name), updated_at = now(),
     holder = CASE WHEN EXCLUDED.rank = 0 THEN NULL ELSE j.holder END,
     lease_until = CASE WHEN EXCLUDED.rank = 0 THEN NULL ELSE j.lease_until END,
     received_at = CASE WHEN EXCLUDED.rank = 0 THEN EXCLUDED.received_at ELSE j.received_at END

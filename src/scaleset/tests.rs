@@ -388,6 +388,23 @@ async fn each_set_has_a_lead_of_its_own() {
 /// simulator's model of the service, in process.
 #[tokio::test(start_paused = true)]
 async fn jobs_just_acquired_are_not_counted_as_waiting() {
+    let (model, set, mut session) = offering(&[1, 2]).await;
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    let listener = listener(model.clone(), registry.clone(), &store);
+    // Room for one: of the two offered, one is acquired.
+    registry.set_capacity("linux", 1);
+    let m = model.poll(&session, 0, 1).await.unwrap().expect("the offers");
+    assert_eq!((m.jobs.len(), m.statistics.map(|s| s.available)), (2, Some(2)));
+    listener.handle(set, &mut session, &m, 1).await.unwrap();
+    assert_eq!(queued_jobs(&store), 1);
+    assert_eq!(registry.available("linux"), 1, "the one acquired is not waiting");
+}
+
+/// The model of the Actions service, with set `rv-linux` offering jobs `ids` (as pool
+/// `linux`'s), and a session on it.
+async fn offering(ids: &[u64]) -> (Arc<crate::sim::scaleset::SimScaleSets>, u64, Session) {
     use crate::sim::github::{Hub, Job, SimGitHub, Status};
     let hub = Hub::new(
         crate::sim::time::Time::default(),
@@ -398,7 +415,7 @@ async fn jobs_just_acquired_are_not_counted_as_waiting() {
     let model = Arc::new(crate::sim::scaleset::SimScaleSets { gh: gh.clone() });
     let spec = ScaleSetSpec { name: "rv-linux".into(), labels: vec![], runner_group: "default".into() };
     let set = model.ensure(&spec).await.unwrap().id;
-    for id in [1, 2] {
+    for &id in ids {
         let job = Job {
             id,
             run_id: id * 10,
@@ -416,17 +433,179 @@ async fn jobs_just_acquired_are_not_counted_as_waiting() {
         hub.jobs.insert(id, job);
         hub.route(id);
     }
-    let mut session = model.create_session(set, "host-a").await.unwrap();
+    let session = model.create_session(set, "host-a").await.unwrap();
+    (model, set, session)
+}
+
+/// The poll announced room for three; by the time its message comes the pool has room
+/// for one (libvirt went away, another pool took the host's places): one job is acquired,
+/// not three that would wait for VMs until the set gave them up (helper-64's F6). The
+/// others are offered again.
+#[tokio::test(start_paused = true)]
+async fn jobs_are_acquired_within_the_room_the_pool_has_when_they_are_offered() {
+    let (model, set, mut session) = offering(&[1, 2, 3]).await;
     let dir = crate::test_support::tempdir();
     let store = Arc::new(Store::open(&dir).unwrap());
     let registry = Arc::new(Registry::default());
     let listener = listener(model.clone(), registry.clone(), &store);
-    // Room for one: of the two offered, one is acquired.
-    let m = model.poll(&session, 0, 1).await.unwrap().expect("the offers");
-    assert_eq!((m.jobs.len(), m.statistics.map(|s| s.available)), (2, Some(2)));
-    listener.handle(set, &mut session, &m).await.unwrap();
-    assert_eq!(queued_jobs(&store), 1);
-    assert_eq!(registry.available("linux"), 1, "the one acquired is not waiting");
+    let m = model.poll(&session, 0, 3).await.unwrap().expect("the offers");
+    assert_eq!(m.jobs.len(), 3);
+    registry.set_capacity("linux", 1);
+    listener.handle(set, &mut session, &m, 3).await.unwrap();
+    assert_eq!(queued_jobs(&store), 1, "acquired within the room now");
+    assert_eq!(model.gh.lock().statistics(set).assigned, 1);
+}
+
+#[test]
+fn the_jobs_to_acquire_are_those_the_pool_has_room_for_now() {
+    let st = |assigned| Statistics { assigned, ..Statistics::default() };
+    let offered = [1, 2, 3];
+    #[rustfmt::skip]
+    let table: [(u64, u64, Option<Statistics>, &[u64]); 7] = [
+        (3, 3, None, &[1, 2, 3]),          // the room announced: the service holds to it
+        (2, 5, Some(st(4)), &[1, 2, 3]),   // more room now: the service holds to what it was told
+        (3, 1, None, &[1]),
+        (3, 2, Some(st(1)), &[1]),         // one of the two places has its job already
+        (3, 2, Some(st(2)), &[]),
+        (3, 0, None, &[]),                 // libvirt away, or the pool holds
+        (3, 1, Some(st(5)), &[]),
+    ];
+    for (announced, now, statistics, want) in table {
+        assert_eq!(to_acquire(&offered, announced, now, statistics.as_ref()), want, "{announced} {now} {statistics:?}");
+    }
+}
+
+/// A service whose polls and session deletes fail as `polls` and `deletes` say, in turn
+/// (then: polls bring nothing, deletes work): the calls it saw, in order.
+#[derive(Default)]
+struct Flaky {
+    polls: Mutex<std::collections::VecDeque<u16>>,
+    deletes: Mutex<std::collections::VecDeque<u16>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl Flaky {
+    fn fails(&self, what: &str, statuses: &Mutex<std::collections::VecDeque<u16>>) -> Result<(), SsError> {
+        let next = statuses.lock().unwrap().pop_front();
+        let mut calls = self.calls.lock().unwrap();
+        match next {
+            None => {
+                calls.push(what.to_string());
+                Ok(())
+            }
+            Some(status) => {
+                calls.push(format!("{what}: {status}"));
+                Err(SsError::Status {
+                    method: "GET".into(),
+                    path: what.into(),
+                    status,
+                    type_name: String::new(),
+                    message: String::new(),
+                })
+            }
+        }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl ScaleSets for Flaky {
+    async fn ensure(&self, spec: &ScaleSetSpec) -> Result<ScaleSetInfo, SsError> {
+        Ok(ScaleSetInfo { id: 7, name: spec.name.clone(), runner_group_id: 1, labels: vec![] })
+    }
+    async fn find(&self, spec: &ScaleSetSpec) -> Result<Option<ScaleSetInfo>, SsError> {
+        self.ensure(spec).await.map(Some)
+    }
+    async fn delete(&self, _: u64) -> Result<(), SsError> {
+        Ok(())
+    }
+    async fn create_session(&self, _: u64, _: &str) -> Result<Session, SsError> {
+        self.calls.lock().unwrap().push("create".into());
+        Ok(Session {
+            id: "s".into(),
+            queue_url: String::new(),
+            queue_token: crate::secret::Secret::new("mq"),
+            statistics: Statistics::default(),
+        })
+    }
+    async fn refresh_session(&self, _: u64, _: &str) -> Result<Session, SsError> {
+        unreachable!("no token runs out here")
+    }
+    async fn delete_session(&self, _: u64, _: &str) -> Result<(), SsError> {
+        self.fails("delete", &self.deletes)
+    }
+    async fn poll(&self, _: &Session, _: u64, _: u64) -> Result<Option<Message>, SsError> {
+        self.fails("poll", &self.polls)?;
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        Ok(None)
+    }
+    async fn ack(&self, _: &Session, _: u64) -> Result<(), SsError> {
+        unreachable!("no message comes here")
+    }
+    async fn acquire(&self, _: u64, _: &Session, _: &[u64]) -> Result<Vec<u64>, SsError> {
+        unreachable!("no job is offered here")
+    }
+    async fn generate_jit_config(&self, _: u64, _: &str) -> Result<JitRunner, SsError> {
+        unreachable!("no runner is made here")
+    }
+    async fn delete_runner(&self, _: u64) -> Result<crate::github::Deleted, SsError> {
+        unreachable!("no runner is deleted here")
+    }
+}
+
+/// Pool `linux`'s listener against `service` for `span` of (paused) time, then stopped:
+/// the calls the service saw.
+async fn listened_for(service: &Arc<Flaky>, span: Duration) -> Vec<String> {
+    let dir = crate::test_support::tempdir();
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let registry = Arc::new(Registry::default());
+    let listener = listener(service.clone(), registry, &store);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(listener.run(stop.clone()));
+    tokio::time::sleep(span).await;
+    stop.cancel();
+    running.await.unwrap();
+    service.calls()
+}
+
+/// GitHub fails the polls for four minutes (502s, then 503s): the session is kept and
+/// polled again until they work; it was given up after five failures, its delete failing
+/// as well, and the service refused the next session while it held the old one (helper-64's
+/// F5). Once the failures last ten minutes, it is given up.
+#[tokio::test(start_paused = true)]
+async fn a_session_outlasts_a_service_outage_and_is_given_up_only_once_it_lasts() {
+    let service = Arc::new(Flaky { polls: Mutex::new([502; 9].into()), ..Flaky::default() });
+    let calls = listened_for(&service, Duration::from_secs(450)).await;
+    assert_eq!(calls.iter().filter(|c| *c == "create").count(), 1, "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| *c == "poll: 502").count(), 9, "{calls:?}");
+    assert!(calls.iter().any(|c| c == "poll"), "polled again once it works: {calls:?}");
+    assert_eq!(calls.last().map(String::as_str), Some("delete"), "let go once stopped: {calls:?}");
+
+    let service = Arc::new(Flaky { polls: Mutex::new([503; 40].into()), ..Flaky::default() });
+    let calls = listened_for(&service, Duration::from_secs(900)).await;
+    let given_up = calls.iter().position(|c| c == "delete").expect("given up");
+    assert!(given_up >= 12, "not before ten minutes of failures: {calls:?}");
+    assert_eq!(calls.get(given_up + 1).map(String::as_str), Some("create"), "{calls:?}");
+
+    // A failure that does not pass (the service refuses the queue): five give it up.
+    let service = Arc::new(Flaky { polls: Mutex::new([400; 5].into()), ..Flaky::default() });
+    let calls = listened_for(&service, Duration::from_secs(120)).await;
+    assert_eq!(calls[..7], ["create", "poll: 400", "poll: 400", "poll: 400", "poll: 400", "poll: 400", "delete"]);
+}
+
+/// A session's delete fails (GitHub's 502): it is tried again, so that the next session
+/// (this start's or the next's) is not refused while the service holds the old one.
+#[tokio::test(start_paused = true)]
+async fn a_session_whose_delete_fails_is_deleted_again() {
+    let service = Arc::new(Flaky { deletes: Mutex::new([502, 500].into()), ..Flaky::default() });
+    let calls = listened_for(&service, Duration::from_secs(5)).await;
+    assert_eq!(calls, ["create", "poll", "delete: 502", "delete: 500", "delete"]);
+    // Found gone, or refused for good: not tried again.
+    let service = Arc::new(Flaky { deletes: Mutex::new([404, 500].into()), ..Flaky::default() });
+    let calls = listened_for(&service, Duration::from_secs(5)).await;
+    assert_eq!(calls, ["create", "poll", "delete: 404"]);
 }
 
 /// A service whose queue token runs out after each call that presents it (GitHub's lasts

@@ -310,7 +310,7 @@ mod tests {
         let jobs = [
             job(1, "a", "o/r", JobState::Queued, 100),
             job(2, "a", "o/r", JobState::InProgress { runner: Some("rv-a-2".into()) }, 200),
-            job(3, "a", "o/r", JobState::Completed { conclusion: None }, 300),
+            job(3, "a", "o/r", JobState::Completed { conclusion: None, runner: None }, 300),
         ];
         let vms = [vm("rv-a-1", "a", 1, VmState::Busy, t(150))];
         let mut book = Book::new(
@@ -339,7 +339,7 @@ mod tests {
         let jobs = [
             job(3, "a", "o/r", JobState::Queued, 10),
             job(1, "a", "o/r", JobState::Queued, 20),
-            job(2, "a", "o/r", JobState::Completed { conclusion: Some("success".into()) }, 5),
+            job(2, "a", "o/r", JobState::Completed { conclusion: Some("success".into()), runner: None }, 5),
             job(4, "b", "o/r", JobState::Queued, 1),
         ];
         let mut book = Book::new(jobs.into_iter().map(|j| (j.info.id, j)).collect(), BTreeMap::new());
