@@ -14,7 +14,7 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::network;
 use crate::hypervisor::{self, Hypervisor};
 use crate::images;
-use crate::secret::credentials_dir;
+use crate::secret::{Credentials, credentials_for_check};
 
 #[derive(Debug, Clone)]
 pub struct Line {
@@ -84,8 +84,24 @@ pub async fn run(path: &Path) -> Vec<Line> {
             return lines;
         }
     };
-    let creds = credentials_dir();
-    match config.github.webhook_secret.load(creds.as_deref()) {
+    // Outside the service (from a shell): the files its unit loads, as it would get them.
+    let unit_dirs = crate::systemd::UNIT_DIRS.map(Path::new);
+    let creds = credentials_for_check(&unit_dirs);
+    let named = [
+        Some(&config.github.webhook_secret),
+        match &config.github.auth {
+            AuthConfig::Pat { token } => Some(token),
+            AuthConfig::App { private_key, .. } => Some(private_key),
+        },
+        config.fleet.as_ref().and_then(|f| f.postgres.password.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|s| matches!(s, crate::secret::SecretSource::Credential(_)));
+    if let (true, Some(Credentials::Unit { unit, .. })) = (named, &creds) {
+        lines.push(ok("credentials", format!("read from the files {unit}'s LoadCredential= names")));
+    }
+    match config.github.webhook_secret.load(creds.as_ref()) {
         Ok(_) => lines.push(ok("webhook secret", "readable, not world-readable")),
         Err(e) => lines.push(bad(
             "webhook secret",
@@ -94,7 +110,7 @@ pub async fn run(path: &Path) -> Vec<Line> {
         )),
     }
     let auth = match &config.github.auth {
-        AuthConfig::Pat { token } => match token.load(creds.as_deref()) {
+        AuthConfig::Pat { token } => match token.load(creds.as_ref()) {
             Ok(t) => {
                 lines.push(ok("GitHub token", "readable, not world-readable"));
                 Some(Auth::Pat(t))
@@ -105,7 +121,7 @@ pub async fn run(path: &Path) -> Vec<Line> {
             }
         },
         AuthConfig::App { app_id, installation_id, private_key } => match private_key
-            .load(creds.as_deref())
+            .load(creds.as_ref())
             .map_err(|e| e.to_string())
             .and_then(|k| AppSigner::new(*app_id, &k).map_err(|e| e.to_string()))
         {
@@ -121,7 +137,7 @@ pub async fn run(path: &Path) -> Vec<Line> {
     };
     lines.push(state_dir(&config.state_dir));
     if let Some(fleet) = &config.fleet {
-        lines.push(check_fleet(fleet, creds.as_deref()).await);
+        lines.push(check_fleet(fleet, creds.as_ref()).await);
     }
     check_libvirt(&config, &mut lines).await;
     for pool in &config.pools {
@@ -134,7 +150,7 @@ pub async fn run(path: &Path) -> Vec<Line> {
 }
 
 /// The fleet's database: reachable with these credentials, its schema, the privileges.
-pub async fn check_fleet(fleet: &crate::config::FleetConfig, creds: Option<&Path>) -> Line {
+pub async fn check_fleet(fleet: &crate::config::FleetConfig, creds: Option<&Credentials>) -> Line {
     let what = "fleet database";
     let password = match &fleet.postgres.password {
         Some(p) => match p.load(creds) {

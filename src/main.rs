@@ -233,7 +233,7 @@ fn generate(what: Generate) -> ExitCode {
 }
 
 /// The GitHub credential the configuration names, loaded.
-fn github_auth(config: &Config, creds: Option<&std::path::Path>) -> Result<Auth, String> {
+fn github_auth(config: &Config, creds: Option<&runnervisor::secret::Credentials>) -> Result<Auth, String> {
     Ok(match &config.github.auth {
         AuthConfig::Pat { token } => Auth::Pat(token.load(creds).map_err(|e| format!("github.auth.token: {e}"))?),
         AuthConfig::App { app_id, installation_id, private_key } => {
@@ -271,7 +271,7 @@ async fn delete_scale_set(path: PathBuf, pool: Option<String>, name: Option<Stri
         }
         (None, None) => unreachable!("clap requires one"),
     };
-    let auth = match github_auth(&config, credentials_dir().as_deref()) {
+    let auth = match github_auth(&config, credentials_dir().as_ref()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("runnervisor: {e}");
@@ -326,13 +326,13 @@ async fn serve(path: PathBuf) -> ExitCode {
     let creds = credentials_dir();
     let secrets = (|| -> Result<_, String> {
         let webhook_secret =
-            config.github.webhook_secret.load(creds.as_deref()).map_err(|e| format!("github.webhook_secret: {e}"))?;
-        let auth = github_auth(&config, creds.as_deref())?;
+            config.github.webhook_secret.load(creds.as_ref()).map_err(|e| format!("github.webhook_secret: {e}"))?;
+        let auth = github_auth(&config, creds.as_ref())?;
         let fleet = match &config.fleet {
             None => None,
             Some(f) => {
                 let password = match &f.postgres.password {
-                    Some(p) => Some(p.load(creds.as_deref()).map_err(|e| format!("fleet.postgres.password: {e}"))?),
+                    Some(p) => Some(p.load(creds.as_ref()).map_err(|e| format!("fleet.postgres.password: {e}"))?),
                     None => None,
                 };
                 Some(

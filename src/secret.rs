@@ -1,6 +1,8 @@
 //! Secrets: wrapped so they cannot be printed, and loaded from a file or from a systemd
-//! credential (`$CREDENTIALS_DIRECTORY/NAME`, set by `LoadCredential=`).
+//! credential (`$CREDENTIALS_DIRECTORY/NAME`, set by `LoadCredential=`; for `check` run
+//! outside the service, the file the unit's `LoadCredential=` names).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -58,26 +60,44 @@ pub enum SecretError {
     NoCredentialsDirectory { name: String },
     #[error("credential name {name:?} must be a plain file name")]
     BadCredentialName { name: String },
+    #[error("credential {name:?} is not loaded by {unit} (add LoadCredential={name}:FILE to it)")]
+    NotInUnit { name: String, unit: String },
+}
+
+/// Where `{ credential = NAME }` is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// `$CREDENTIALS_DIRECTORY`: the service's, where systemd copied them.
+    Dir(PathBuf),
+    /// The files the unit's `LoadCredential=NAME:FILE` lines name, by name (`unit`: the
+    /// unit file's path): what systemd would copy, for `check` run from a shell.
+    Unit { unit: String, files: BTreeMap<String, PathBuf> },
 }
 
 impl SecretSource {
-    /// The path this source reads, given the credentials directory (if any).
-    pub fn path(&self, credentials_dir: Option<&Path>) -> Result<PathBuf, SecretError> {
+    /// The path this source reads, given where credentials are (if anywhere).
+    pub fn path(&self, credentials: Option<&Credentials>) -> Result<PathBuf, SecretError> {
         match self {
             SecretSource::File(p) => Ok(p.clone()),
             SecretSource::Credential(name) => {
                 if name.is_empty() || name.contains('/') || name == "." || name == ".." {
                     return Err(SecretError::BadCredentialName { name: name.clone() });
                 }
-                let dir = credentials_dir.ok_or_else(|| SecretError::NoCredentialsDirectory { name: name.clone() })?;
-                Ok(dir.join(name))
+                match credentials {
+                    None => Err(SecretError::NoCredentialsDirectory { name: name.clone() }),
+                    Some(Credentials::Dir(dir)) => Ok(dir.join(name)),
+                    Some(Credentials::Unit { unit, files }) => files
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| SecretError::NotInUnit { name: name.clone(), unit: unit.clone() }),
+                }
             }
         }
     }
 
     /// Reads the secret (trimmed). Files readable by "other" are refused.
-    pub fn load(&self, credentials_dir: Option<&Path>) -> Result<Secret, SecretError> {
-        let path = self.path(credentials_dir)?;
+    pub fn load(&self, credentials: Option<&Credentials>) -> Result<Secret, SecretError> {
+        let path = self.path(credentials)?;
         let meta = std::fs::metadata(&path).map_err(|source| SecretError::Read { path: path.clone(), source })?;
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o777;
@@ -94,8 +114,17 @@ impl SecretSource {
 }
 
 /// `$CREDENTIALS_DIRECTORY`, when systemd provides one.
-pub fn credentials_dir() -> Option<PathBuf> {
-    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+pub fn credentials_dir() -> Option<Credentials> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| Credentials::Dir(PathBuf::from(d)))
+}
+
+/// The credentials `check` reads: the service's directory when it runs under one, else the
+/// files the installed unit loads ([`crate::systemd::unit_credentials`]), else none.
+pub fn credentials_for_check(unit_dirs: &[&Path]) -> Option<Credentials> {
+    credentials_dir().or_else(|| {
+        let (unit, files) = crate::systemd::unit_credentials(unit_dirs, crate::systemd::UNIT)?;
+        Some(Credentials::Unit { unit: unit.display().to_string(), files })
+    })
 }
 
 #[cfg(test)]
@@ -117,13 +146,18 @@ mod tests {
         std::fs::write(&f, "ghp_x\n").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(SecretSource::File(f.clone()).load(None).unwrap().expose(), "ghp_x");
-        assert_eq!(SecretSource::Credential("pat".into()).load(Some(&dir)).unwrap().expose(), "ghp_x");
+        let creds = Credentials::Dir(dir.to_path_buf());
+        assert_eq!(SecretSource::Credential("pat".into()).load(Some(&creds)).unwrap().expose(), "ghp_x");
+        let unit = Credentials::Unit { unit: "u".into(), files: [("github-pat".to_string(), f.clone())].into() };
+        assert_eq!(SecretSource::Credential("github-pat".into()).load(Some(&unit)).unwrap().expose(), "ghp_x");
+        let err = SecretSource::Credential("pat".into()).load(Some(&unit)).unwrap_err();
+        assert_eq!(err.to_string(), "credential \"pat\" is not loaded by u (add LoadCredential=pat:FILE to it)");
         assert!(matches!(
             SecretSource::Credential("pat".into()).load(None),
             Err(SecretError::NoCredentialsDirectory { .. })
         ));
         assert!(matches!(
-            SecretSource::Credential("../etc/passwd".into()).load(Some(&dir)),
+            SecretSource::Credential("../etc/passwd".into()).load(Some(&creds)),
             Err(SecretError::BadCredentialName { .. })
         ));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
