@@ -51,18 +51,18 @@ enum Ended {
     Lost,
 }
 
-/// Failures of a session's polls in a row after which it is given up for a new one (but
-/// those that pass, [`passing`]: see [`GIVE_UP_AFTER`]).
+/// Failures of a session's polls that do not pass ([`passing`]), since the last poll that
+/// went through, after which it is given up for a new one.
 const GIVE_UP: u32 = 5;
 
-/// How long failures that pass ([`passing`]: GitHub's outage, the store's) may last before
-/// the session is given up: a new one would not mend them, and while the old one is not let
-/// go (its delete fails as well) the service refuses another.
+/// How long a session's polls may keep failing before it is given up (failures that pass,
+/// [`passing`]: GitHub's outage, the store's): a new one would not mend them, and while
+/// the old one is not let go (its delete fails as well) the service refuses another.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
 
-/// How long letting a session go is tried (its delete, again after a failure), within
-/// `Agent::finish`'s wait for the listeners: a session not let go holds the set (409 to the
-/// next create) until the service drops it.
+/// How long letting a session go is tried (its delete, again after a failure), counted from
+/// the stop: within `Agent::finish`'s wait for the listeners (10 s). A session not let go
+/// holds the set (409 to the next create) until the service drops it.
 const LET_GO: Duration = Duration::from_secs(8);
 
 /// The shortest time between two polls that brought nothing.
@@ -482,16 +482,21 @@ impl<S: ScaleSets> Listener<S> {
                 // a few seconds (within `Agent::finish`'s wait), one made after all is deleted.
                 let create = self.client.create_session(set_id, &self.owner);
                 tokio::pin!(create);
+                let mut stopped = None;
                 let opened = tokio::select! {
                     r = &mut create => r,
-                    _ = shutdown.cancelled() => match tokio::time::timeout(CREATE_GRACE, &mut create).await {
-                        Ok(r) => r,
-                        Err(_) => return,
-                    },
+                    _ = shutdown.cancelled() => {
+                        stopped = Some(tokio::time::Instant::now());
+                        match tokio::time::timeout(CREATE_GRACE, &mut create).await {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
                 };
                 if shutdown.is_cancelled() {
                     if let Ok(s) = &opened {
-                        self.let_go(set_id, s).await;
+                        let stopped = stopped.unwrap_or_else(tokio::time::Instant::now);
+                        self.let_go(set_id, s, stopped + LET_GO).await;
                     }
                     return;
                 }
@@ -525,7 +530,7 @@ impl<S: ScaleSets> Listener<S> {
                 self.forget_statistics();
                 // Stopping, or giving the session up: let it go, so that the next one (this
                 // start's or the next's) opens at once.
-                self.let_go(set_id, &session).await;
+                self.let_go(set_id, &session, tokio::time::Instant::now() + LET_GO).await;
                 match ended {
                     Ended::Stopped => return,
                     Ended::Lost => {
@@ -539,9 +544,8 @@ impl<S: ScaleSets> Listener<S> {
         }
     }
 
-    /// Deletes `session`, again after a failure, for [`LET_GO`] at most.
-    async fn let_go(&self, set_id: u64, session: &Session) {
-        let deadline = tokio::time::Instant::now() + LET_GO;
+    /// Deletes `session`, again after a failure, until `deadline` at most.
+    async fn let_go(&self, set_id: u64, session: &Session, deadline: tokio::time::Instant) {
         let mut wait = Duration::from_millis(500);
         loop {
             let e = match tokio::time::timeout_at(deadline, self.client.delete_session(set_id, &session.id)).await {
@@ -593,9 +597,10 @@ impl<S: ScaleSets> Listener<S> {
     }
 
     /// Polls `session` until `shutdown`, or until it is given up: the service lost it, or
-    /// [`GIVE_UP`] failures in a row (a queue that refuses it for good answers no 401 or
-    /// 404 a client could tell), or failures that pass lasting [`GIVE_UP_AFTER`] (an outage
-    /// a new session would not mend). Returns the session either way (to be deleted).
+    /// [`GIVE_UP`] failures that do not pass ([`passing`]) since the last poll that went
+    /// through (a queue that refuses it for good answers no 401 or 404 a client could
+    /// tell), or failures lasting [`GIVE_UP_AFTER`] (an outage a new session would not
+    /// mend). Returns the session either way (to be deleted).
     async fn listen(
         &self,
         set_id: u64,
@@ -604,8 +609,9 @@ impl<S: ScaleSets> Listener<S> {
         shutdown: &CancellationToken,
     ) -> (Ended, Session) {
         let mut last = 0u64;
-        // Since when the polls fail, and whether each failure was one that passes.
-        let mut failing: Option<(tokio::time::Instant, bool)> = None;
+        // Since the last poll that went through: when the first failure came, and how many
+        // failures did not pass.
+        let mut failing: Option<(tokio::time::Instant, u32)> = None;
         self.registry.session(&self.pool, true);
         loop {
             let capacity = self.registry.capacity(&self.pool);
@@ -652,14 +658,10 @@ impl<S: ScaleSets> Listener<S> {
                 return (Ended::Lost, session);
             }
             *failures += 1;
-            let since = failing.map_or(tokio::time::Instant::now(), |(t, _)| t);
-            let all_passing = passing(&e) && failing.is_none_or(|(_, p)| p);
-            failing = Some((since, all_passing));
-            let give_up = match all_passing {
-                true => since.elapsed() >= GIVE_UP_AFTER,
-                false => *failures >= GIVE_UP,
-            };
-            if give_up {
+            let (since, hard) = failing.unwrap_or((tokio::time::Instant::now(), 0));
+            let hard = hard + u32::from(!passing(&e));
+            failing = Some((since, hard));
+            if hard >= GIVE_UP || since.elapsed() >= GIVE_UP_AFTER {
                 warn!(pool = %self.pool, error = %e, failures = *failures, "the scale set's message queue keeps failing: giving the session up and opening another");
                 return (Ended::Lost, session);
             }
@@ -671,7 +673,9 @@ impl<S: ScaleSets> Listener<S> {
     }
 
     /// GitHub's counts, for an operator to set beside the book's (`runnervisor_queue_depth`,
-    /// `runnervisor_vms`): they do not drive demand, each job's own messages do; but the
+    /// `runnervisor_vms`): they do not drive demand, each job's own messages do (but a
+    /// message's `assigned` bounds the jobs it acquires once the pool has less room than its
+    /// poll announced: [`to_acquire`]); and the
     /// jobs waiting to be acquired give other pools' spare VMs reason to leave the host's
     /// room ([`Registry::available`]), less `acquired`: the jobs the message these came
     /// with had acquired (counted as available in them, made before; in the book now, or

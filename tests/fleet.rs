@@ -1036,6 +1036,21 @@ async fn a_scale_sets_request_given_up_and_assigned_again_is_queued_again() {
     intake.accept(cancelled).await.unwrap();
     intake.accept(with("scale-set-9-24-assigned-10", JobAction::Queued)).await.unwrap();
     assert_eq!(b.read(query(&[24], &[], 0)).await.unwrap()[0].action, JobAction::Completed, "it ran");
+    // Its start and its end written in one group: the end is the row's, the runner the start's.
+    let with = |delivery: &str, action: JobAction| {
+        let mut e = set_event(delivery, action);
+        e.job.id = 25;
+        e
+    };
+    intake.accept(with("scale-set-9-25-assigned-11", JobAction::Queued)).await.unwrap();
+    let mut started = with("scale-set-9-25-started", JobAction::InProgress);
+    started.job.runner_name = Some("rv-linux-25".into());
+    let mut cancelled = with("scale-set-9-25-completed-12", JobAction::Completed);
+    cancelled.job.conclusion = Some("cancelled".into());
+    intake::write(&db.pool(1), &[&started, &cancelled], None).await.unwrap();
+    intake.accept(with("scale-set-9-25-assigned-13", JobAction::Queued)).await.unwrap();
+    let rows = b.read(query(&[], &["rv-linux-25"], 0)).await.unwrap();
+    assert_eq!((ids(&rows), rows[0].action), (vec![25], JobAction::Completed), "found by its runner, done");
 
     // A webhook's job: done is done.
     intake.accept(event("q22", 22, JobAction::Queued)).await.unwrap();

@@ -569,8 +569,9 @@ pub struct MemoryBoard {
     members: Mutex<std::collections::BTreeMap<String, (MemberInfo, Option<SystemTime>)>>,
     /// The shared runner list and when it was read.
     runner_list: Mutex<Option<(Vec<RunnerInfo>, SystemTime)>>,
-    /// The job rows members read: job → (how far, the job, received).
-    rows: Mutex<HashMap<u64, (JobAction, JobInfo, SystemTime)>>,
+    /// The job rows members read: job → (how far, the job as its furthest event said,
+    /// received, its runner: the last one an event named, `rv_jobs.runner_name`).
+    rows: Mutex<HashMap<u64, (JobAction, JobInfo, SystemTime, Option<String>)>>,
     /// Prunes asked for.
     pub prunes: std::sync::atomic::AtomicU32,
     /// How far back the lead has handled the delivery log.
@@ -606,17 +607,21 @@ impl MemoryBoard {
     pub fn write(&self, ev: &crate::model::JobEvent) {
         use super::intake::rank;
         let mut rows = self.rows.lock().expect("board");
-        let row = rows.entry(ev.job.id).or_insert((ev.action, ev.job.clone(), ev.received_at));
+        let row =
+            rows.entry(ev.job.id).or_insert((ev.action, ev.job.clone(), ev.received_at, ev.job.runner_name.clone()));
         // As the intake's statement: a scale set's request given up on and assigned again.
         let again = rank(ev.action) == 0
             && row.0 == JobAction::Completed
-            && row.1.runner_name.is_none()
+            && row.3.is_none()
             && row.1.conclusion.as_deref() == Some("cancelled")
             && ev.job.scale_set.is_some();
         if rank(ev.action) > rank(row.0) || again {
+            (row.0, row.1) = (ev.action, ev.job.clone());
             // Its runner is the last one an event named (`COALESCE` in the statement).
-            let runner = ev.job.runner_name.clone().or_else(|| row.1.runner_name.clone());
-            (row.0, row.1) = (ev.action, JobInfo { runner_name: runner, ..ev.job.clone() });
+            row.3 = ev.job.runner_name.clone().or(row.3.take());
+            if again {
+                row.2 = ev.received_at;
+            }
         }
         let queued = rank(row.0) == 0;
         drop(rows);
@@ -667,23 +672,21 @@ impl Claims for MemoryClaims {
         };
         let mut ready: Vec<u64> = Vec::new();
         for pool in &pools {
-            let mut of_pool: Vec<(&u64, &(JobAction, JobInfo, SystemTime))> = rows
+            let mut of_pool: Vec<(&u64, &(JobAction, JobInfo, SystemTime, Option<String>))> = rows
                 .iter()
-                .filter(|(id, (a, info, _))| {
+                .filter(|(id, (a, info, _, _))| {
                     *a == JobAction::Queued && held(id).is_none() && set(&info.queue_labels()) == *pool
                 })
                 .collect();
-            of_pool.sort_by_key(|(id, (_, _, at))| (*at, **id));
+            of_pool.sort_by_key(|(id, (_, _, at, _))| (*at, **id));
             ready.extend(of_pool.into_iter().take(q.ready as usize).map(|(id, _)| *id));
         }
         let out = rows
             .iter()
-            .filter(|(id, (_, info, _))| {
-                ready.contains(id)
-                    || q.known.contains(id)
-                    || info.runner_name.as_ref().is_some_and(|r| q.runners.contains(r))
+            .filter(|(id, (_, _, _, runner))| {
+                ready.contains(id) || q.known.contains(id) || runner.as_ref().is_some_and(|r| q.runners.contains(r))
             })
-            .map(|(id, (action, info, at))| JobRow {
+            .map(|(id, (action, info, at, _))| JobRow {
                 id: *id,
                 action: *action,
                 info: Some(info.clone()),

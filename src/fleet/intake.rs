@@ -228,8 +228,8 @@ pub async fn write<'a>(
 /// ids not seen before, each job's row moved to the furthest of its fresh events (forward
 /// only; but a scale set's request the set gave up on with no runner, `cancelled`, and
 /// assigned again under the same id is queued again, unheld, as `job::next` has it; its
-/// runner is the last one an event named, so that one cancelled after a runner took it,
-/// its completion naming none, is not), new
+/// runner is the last one an event named, in this group or before, so that one cancelled
+/// after a runner took it, its completion naming none, is not), new
 /// queued rows claimed by this member as they are inserted (within its reserve; a row that
 /// existed is left to the schedulers' claims), and a `NOTIFY` when a job is left for any
 /// member to claim (a queued row without a holder). Rows are written in one order on every
@@ -250,12 +250,14 @@ WITH input AS (
   SELECT DISTINCT ON (i.delivery) i.* FROM input i JOIN d ON d.guid = i.delivery ORDER BY i.delivery, i.ord
 ), best AS (
   SELECT DISTINCT ON (id) f.*, ARRAY(SELECT jsonb_array_elements_text(f.labels)) AS label_list,
-         f.rank = 0 AND f.id = ANY($12::int8[]) AS claim
+         f.rank = 0 AND f.id = ANY($12::int8[]) AS claim,
+         COALESCE(f.runner_name, (SELECT r.runner_name FROM fresh r WHERE r.id = f.id AND r.runner_name IS NOT NULL
+                                  ORDER BY r.rank DESC, r.ord DESC LIMIT 1)) AS runner
   FROM fresh f ORDER BY id, rank DESC, ord
 ), up AS (
   INSERT INTO rv_jobs AS j (id, state, rank, labels, repository, received_at, info, runner_name, label_key,
                             holder, lease_until, attempts, first_claimed_at)
-  SELECT id, state, rank, label_list, repository, received_at, info, runner_name, rv_label_key(label_list),
+  SELECT id, state, rank, label_list, repository, received_at, info, runner, rv_label_key(label_list),
          CASE WHEN claim THEN $10 END,
          CASE WHEN claim THEN clock_timestamp() + make_interval(secs => $11::float8 / 1000) END,
          CASE WHEN claim THEN 1 ELSE 0 END,

@@ -476,7 +476,8 @@ fn the_jobs_to_acquire_are_those_the_pool_has_room_for_now() {
 }
 
 /// A service whose polls and session deletes fail as `polls` and `deletes` say, in turn
-/// (then: polls bring nothing, deletes work): the calls it saw, in order.
+/// (an HTTP status; 0: an answer that cannot be read), then work (polls bring nothing):
+/// the calls it saw, in order.
 #[derive(Default)]
 struct Flaky {
     polls: Mutex<std::collections::VecDeque<u16>>,
@@ -492,6 +493,10 @@ impl Flaky {
             None => {
                 calls.push(what.to_string());
                 Ok(())
+            }
+            Some(0) => {
+                calls.push(format!("{what}: unreadable"));
+                Err(SsError::Decode { path: what.into(), message: "<html>".into() })
             }
             Some(status) => {
                 calls.push(format!("{what}: {status}"));
@@ -593,6 +598,51 @@ async fn a_session_outlasts_a_service_outage_and_is_given_up_only_once_it_lasts(
     let service = Arc::new(Flaky { polls: Mutex::new([400; 5].into()), ..Flaky::default() });
     let calls = listened_for(&service, Duration::from_secs(120)).await;
     assert_eq!(calls[..7], ["create", "poll: 400", "poll: 400", "poll: 400", "poll: 400", "poll: 400", "delete"]);
+
+    // One that does not pass amid an outage (a proxy's page): the outage's session is kept.
+    let polls = [502; 8].into_iter().chain([0]).chain([502; 4]).collect();
+    let service = Arc::new(Flaky { polls: Mutex::new(polls), ..Flaky::default() });
+    let calls = listened_for(&service, Duration::from_secs(560)).await;
+    assert_eq!(calls.iter().filter(|c| *c == "create").count(), 1, "{calls:?}");
+    assert!(calls.contains(&"poll: unreadable".to_string()) && calls.contains(&"poll".to_string()), "{calls:?}");
+}
+
+/// What a session outlasts: GitHub's 5xx and 429, a timeout, a connection that fails, the
+/// store (its failure is a transport's); not an answer that cannot be read, a refusal, a
+/// conflict.
+#[test]
+fn the_failures_a_session_outlasts() {
+    let status = |status| SsError::Status {
+        method: "GET".into(),
+        path: "p".into(),
+        status,
+        type_name: String::new(),
+        message: String::new(),
+    };
+    let gh = |status| {
+        SsError::GitHub(GhError::Status { method: "POST".into(), path: "p".into(), status, message: String::new() })
+    };
+    let transport =
+        SsError::Transport { method: "-".into(), path: "the store's inbox".into(), message: "disk full".into() };
+    let limited =
+        SsError::GitHub(GhError::RateLimited { method: "POST".into(), path: "p".into(), wait: Duration::from_secs(9) });
+    for (e, want) in [
+        (status(500), true),
+        (status(503), true),
+        (status(429), true),
+        (gh(502), true),
+        (transport, true),
+        (limited, true),
+        (status(400), false),
+        (status(403), false),
+        (gh(401), false),
+        (SsError::Decode { path: "p".into(), message: "<html>".into() }, false),
+        (SsError::Conflict("held".into()), false),
+        (SsError::QueueToken, false),
+        (SsError::GitHub(GhError::Auth("key".into())), false),
+    ] {
+        assert_eq!(passing(&e), want, "{e}");
+    }
 }
 
 /// A session's delete fails (GitHub's 502): it is tried again, so that the next session

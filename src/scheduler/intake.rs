@@ -171,7 +171,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         let Some(job) = self.book.jobs.get(&id) else { return };
         let (pool, received) = (job.pool.clone(), job.received_at);
-        let ours = ev.job.runner_name.clone().filter(|r| self.book.vms.contains_key(r));
+        // The runner the event names; for an end that names none, the one the job started on
+        // (`JobState::Completed`'s: a scale set's job cancelled once its runner took it).
+        let named = ev.job.runner_name.clone().or_else(|| match &changed {
+            Some(JobState::Completed { runner, .. }) => runner.clone(),
+            _ => None,
+        });
+        let ours = named.clone().filter(|r| self.book.vms.contains_key(r));
         match (ev.action, changed.is_some()) {
             (JobAction::Queued, true) => {
                 if let Some(pool) = &pool {
@@ -234,7 +240,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                         self.book.touch_vm(vm);
                         self.transition(vm, Input::JobCompleted);
                     }
-                    None if changed && ev.job.runner_name.is_none() => {
+                    None if changed && named.is_none() => {
                         info!(job_id = id, repository = %ev.job.repository, conclusion = %conclusion, "job completed before any runner took it")
                     }
                     None if changed => debug!(job_id = id, "job completed on a runner that is not ours"),

@@ -100,6 +100,20 @@ async fn a_completed_job_names_the_job_a_runner_took_when_its_start_was_lost() {
     h.shutdown().await;
 }
 
+/// A job's end that names no runner (a scale set's request cancelled once its runner took
+/// it): the runner it started on ran it, and that VM finishes (it was left busy).
+#[tokio::test(start_paused = true)]
+async fn a_jobs_end_naming_no_runner_finishes_the_vm_it_started_on() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(25, LABELS, None));
+    h.wait("its VM", |_, hv| hv.running().len() == 1).await;
+    h.deliver(JobAction::InProgress, info(25, LABELS, Some("rv-small-25")));
+    h.wait("its job taken", |s, _| s.vms.iter().any(|v| v.took_job == Some(25))).await;
+    h.complete(25, None, "cancelled");
+    h.wait("its VM finishing", |s, _| s.vms.iter().any(|v| v.name == "rv-small-25" && v.state == "finishing")).await;
+    h.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn unmatched_labels_duplicates_and_reordering_make_no_extra_vm() {
     let mut h = harness("");
