@@ -336,6 +336,12 @@ pub struct PoolConfig {
     pub max_vms_per_repository: Option<usize>,
     #[serde(default)]
     pub registration: Registration,
+    /// With `registration = "token"`: the operator accepts that a job with root in its VM
+    /// can read the registration token (the guest's memory keeps it after `config.sh` has
+    /// used it): valid for an hour, for the whole scope, enough to register runners that
+    /// take other repositories' jobs. Refused without it.
+    #[serde(default)]
+    pub accept_token_exposure: bool,
     /// `webhook` (default) or `scale_set`: see [`Intake`].
     #[serde(default)]
     pub intake: Intake,

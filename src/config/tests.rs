@@ -292,6 +292,11 @@ fn a_pool_may_be_a_runner_scale_set() {
     assert!(e.contains("pool[0].scale_set_name") && e.contains("intake"), "{e}");
     let e = err(&format!("{MINIMAL}\nintake = \"scale_set\"\nregistration = \"token\"\n"));
     assert!(e.contains("pool[0].registration") && e.contains("jit"), "{e}");
+    // Token registration: only where the operator accepts that a job may read the token.
+    let e = err(&format!("{MINIMAL}\nregistration = \"token\"\n"));
+    assert!(e.contains("pool[0].registration") && e.contains("accept_token_exposure = true"), "{e}");
+    let c = Config::parse(&format!("{MINIMAL}\nregistration = \"token\"\naccept_token_exposure = true\n")).unwrap();
+    assert_eq!(c.pools[0].registration, Registration::Token);
     let e = err(&format!("{MINIMAL}\nintake = \"pull\"\n"));
     assert!(e.contains("intake") && e.contains("pull"), "{e}");
     let two = format!(

@@ -214,6 +214,15 @@ impl Config {
             if p.max_attempts == 0 {
                 return Err(invalid(key("max_attempts"), p.max_attempts, "must be at least 1"));
             }
+            if p.registration == Registration::Token && !p.accept_token_exposure && p.intake != Intake::ScaleSet {
+                return Err(invalid(
+                    key("registration"),
+                    "token",
+                    "a job with root in its VM can read the registration token from the guest's memory: valid for an \
+                     hour for the whole scope, enough to register runners that take other repositories' jobs. Use \
+                     registration = \"jit\" (the default), or set accept_token_exposure = true where every job is trusted",
+                ));
+            }
             if p.max_lifetime <= p.registration_timeout {
                 return Err(invalid(key("max_lifetime"), p.max_lifetime, "must be longer than registration_timeout"));
             }

@@ -377,9 +377,9 @@ fn exchange(stream: &Stream, message: &[u8], ack: &str, deadline: std::time::Ins
     let mut got = Vec::with_capacity(ack.len());
     let mut buf = [0u8; super::MAX_GUEST_REPLY];
     loop {
-        let room = super::MAX_GUEST_REPLY - got.len();
-        // SAFETY: the stream is open and `buf` has `room` bytes.
-        let n = unsafe { sys::virStreamRecv(stream.as_ptr(), buf.as_mut_ptr().cast(), room.max(1)) };
+        let room = super::reply_room(got.len());
+        // SAFETY: the stream is open and `buf` has `room` bytes (at most its length).
+        let n = unsafe { sys::virStreamRecv(stream.as_ptr(), buf.as_mut_ptr().cast(), room) };
         match n {
             WOULD_BLOCK if late() => {
                 return Err("the guest did not acknowledge its runner command in time (bind_timeout)".into());
@@ -761,17 +761,29 @@ impl Hypervisor for Libvirt {
             if !name.starts_with(PREFIX) {
                 continue;
             }
-            let state = if !dom.is_active().unwrap_or(false) {
+            // A state or metadata that cannot be read is no answer: the listing fails (the
+            // sweep acts on nothing and is tried again) rather than call a running domain
+            // stopped, or one of this agent's metadata-less, and reap it. One gone meanwhile
+            // is not listed.
+            let active = match dom.is_active() {
+                Ok(a) => a,
+                Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => continue,
+                Err(e) => return Err(self.err("read the state of domain", &name, e)),
+            };
+            let state = if !active {
                 DomainState::Stopped
             } else if paused_on_io_error(&dom) {
                 DomainState::IoPaused
             } else {
                 DomainState::Running
             };
-            let metadata = dom
-                .metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain_xml::METADATA_NS), 0)
-                .ok()
-                .and_then(|x| domain_xml::parse_metadata(&x));
+            let metadata = match dom.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(domain_xml::METADATA_NS), 0)
+            {
+                Ok(x) => domain_xml::parse_metadata(&x),
+                Err(e) if is_code(&e, &[ErrorNumber::NoDomainMetadata]) => None,
+                Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => continue,
+                Err(e) => return Err(self.err("read the metadata of domain", &name, e)),
+            };
             out.push(VmInfo { name, state, metadata });
         }
         Ok(out)

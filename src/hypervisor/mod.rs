@@ -285,6 +285,13 @@ pub enum Reply {
     Wrong,
 }
 
+/// How many bytes the next read of a guest's reply may take into its buffer of
+/// [`MAX_GUEST_REPLY`], having `got` bytes of it: the rest of the buffer's room, at least 1
+/// (an acknowledgement longer than the buffer is read on a byte at a time).
+pub fn reply_room(got: usize) -> usize {
+    MAX_GUEST_REPLY.saturating_sub(got).max(1)
+}
+
 /// Compares what a guest sent with the acknowledgement expected, and nothing more.
 pub fn judge_reply(got: &[u8], ack: &str) -> Reply {
     let ack = ack.as_bytes();
@@ -353,6 +360,12 @@ mod tests {
         assert_eq!(judge_reply(b"ACK rv-p-w1\nmore", ack), Reply::Wrong);
         assert_eq!(judge_reply(b"ACK rv-p-w2\n", ack), Reply::Wrong);
         assert_eq!(judge_reply(b"\x1b[2J$(reboot)", ack), Reply::Wrong);
+        // A read never takes more than the buffer holds, however much of a long ack came (the
+        // buffer's size less what came wrapped past 256: an unchecked receive into 256 bytes).
+        assert_eq!(reply_room(0), MAX_GUEST_REPLY);
+        assert_eq!(reply_room(250), 6);
+        assert_eq!(reply_room(MAX_GUEST_REPLY), 1);
+        assert_eq!(reply_room(300), 1);
     }
 
     #[test]

@@ -540,6 +540,13 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     pub(super) fn launch(&mut self, vm: VmRec, plan: Plan) -> bool {
         let name = vm.name.clone();
         let (pool, job_id) = (vm.pool.clone(), vm.job_id);
+        // A name the book has is another VM's: its record would be overwritten and its
+        // volumes taken for stale ones (names are made so that this never happens).
+        if self.book.vms.contains_key(&name) {
+            error!(vm = %name, pool = %pool, job_id, "a new vm's name is a vm's this agent has: nothing is made");
+            self.bump_backoff(&pool);
+            return false;
+        }
         self.book.insert_vm(vm);
         if let Err(e) = self.flush() {
             self.book.remove_vm(&name);

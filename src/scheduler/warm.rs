@@ -44,21 +44,37 @@ pub struct State {
     last_seq: u64,
 }
 
+/// The next warm VM's sequence number: `at` (the time's), past the `last` one by `step` at
+/// least, and past every one `taken` says a VM of the book has: the clock stepped back
+/// across a restart (the sequence is not kept) would name a living warm VM again, whose
+/// record the new one's would overwrite and whose overlay it would delete as stale.
+fn next_seq(at: u64, last: u64, step: u64, taken: impl Fn(u64) -> bool) -> u64 {
+    let mut seq = at.max(last + step);
+    while taken(seq) {
+        seq += step;
+    }
+    seq
+}
+
 impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     /// Records and provisions one new warm VM of `pool`.
     pub(super) fn start_warm(&mut self, pool: &PoolConfig) {
         let now = self.now();
         let millis = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-        self.warm.last_seq = match &self.fleet {
+        let (at, step) = match &self.fleet {
             // Members may make warm VMs in the same millisecond: the last three digits are
             // the member's number, so that names (runner names at GitHub) stay unique in
             // the fleet. Not known yet (no heartbeat written): no warm VM yet.
             Some(f) => match f.number() {
-                Some(number) => (millis * 1000 + number).max(self.warm.last_seq + 1000),
+                Some(number) => (millis * 1000 + number, 1000),
                 None => return,
             },
-            None => millis.max(self.warm.last_seq + 1),
+            None => (millis, 1),
         };
+        let book = &self.book;
+        self.warm.last_seq = next_seq(at, self.warm.last_seq, step, |seq| {
+            book.vms.contains_key(&hypervisor::warm_vm_name(&pool.name, seq))
+        });
         let name = hypervisor::warm_vm_name(&pool.name, self.warm.last_seq);
         let vm = VmRec::new(name.clone(), &pool.name, true, now);
         let plan = self.plan(vm.clone(), pool, String::new(), String::new());
@@ -354,5 +370,27 @@ async fn watch<H: Hypervisor>(hv: std::sync::Arc<H>, vm: String) -> Result<(), S
             Err(e) => return Err(format!("watch: {e}")),
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The time's number, past the last by a step, past every one taken (a single host's
+    /// step is 1; a fleet member's 1000, keeping its number in the last three digits).
+    #[test]
+    fn a_warm_vms_number_is_the_times_unless_taken() {
+        let taken = |t: &'static [u64]| move |seq: u64| t.contains(&seq);
+        #[rustfmt::skip]
+        let table: [(u64, u64, u64, &'static [u64], u64); 6] = [
+            (500, 0, 1, &[], 500),
+            (500, 500, 1, &[], 501),               // the same millisecond again
+            (500, 900, 1, &[], 901),               // the clock stepped back while up
+            (500, 0, 1, &[500, 501], 502),         // ... while down: living VMs' numbers
+            (500_007, 0, 1000, &[500_007], 501_007),
+            (500_007, 501_007, 1000, &[502_007], 503_007),
+        ];
+        for (at, last, step, t, want) in table {
+            assert_eq!(super::next_seq(at, last, step, taken(t)), want, "{at} {last} {step} {t:?}");
+        }
     }
 }

@@ -314,7 +314,7 @@ fn draw_config(rng: &mut Rng, sets_rng: &mut Rng, image: &std::path::Path) -> Co
             let labels: Vec<String> = sets[i].iter().map(|l| format!("\"{l}\"")).collect();
             text.push_str(&format!(
                 "[[pool]]\nname = \"{}\"\nlabels = [{}]\nimage = \"{}\"\nmax_vms = {max_vms}\nwarm = {warm}\n\
-                 snapshot_slots = {slots}\nregistration = \"{}\"\nidle_timeout = \"{}s\"\n\
+                 snapshot_slots = {slots}\nregistration = \"{}\"\naccept_token_exposure = true\nidle_timeout = \"{}s\"\n\
                  registration_timeout = \"{}s\"\nmax_lifetime = \"{}m\"\nmax_attempts = {}\nwarm_max_age = \"{}m\"\n\
                  bind_timeout = \"{}s\"\n{per_repo}",
                 names[i],

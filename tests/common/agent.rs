@@ -180,6 +180,7 @@ memory_mib = 512
 disk_gib = 4
 max_vms = {max_vms}
 registration = "{registration}"
+accept_token_exposure = {accept}
 {pool_extra}
 "#,
             dir = dir.display(),
@@ -201,6 +202,7 @@ registration = "{registration}"
             initrd = img.initrd.display(),
             max_vms = spec.max_vms,
             registration = spec.registration,
+            accept = spec.registration == "token",
             pool_extra = spec.pool_extra,
         );
         let config = dir.join("config.toml");

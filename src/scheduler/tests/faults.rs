@@ -376,7 +376,7 @@ async fn last_attempt_failed_while_the_first_is_asked_about(job: u64) -> H {
 /// three times first: the retry after that resumes it).
 #[tokio::test(start_paused = true)]
 async fn a_runner_not_found_yet_is_asked_about_again_before_a_retry_destroys_its_vm() {
-    let mut h = harness("registration = \"token\"\nregistration_timeout = \"60s\"");
+    let mut h = harness("registration = \"token\"\naccept_token_exposure = true\nregistration_timeout = \"60s\"");
     h.deliver(JobAction::Queued, info(74, LABELS, None));
     h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
     h.gh.lock().fail_calls.insert("list", 1000);

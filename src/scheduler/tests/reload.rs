@@ -181,7 +181,7 @@ async fn late_runner_watched_then_restarted(down: Duration) -> H {
 /// Job `job`'s token VM of pool "small" (`rv-small-<job>`) got its runner command, then
 /// a reload removed the pool and the VM went, its runner not registered yet.
 async fn vm_of_a_removed_pool_gone_before_its_runner(job: u64) -> H {
-    let mut h = harness("registration = \"token\"\nidle_timeout = \"5s\"");
+    let mut h = harness("registration = \"token\"\naccept_token_exposure = true\nidle_timeout = \"5s\"");
     h.deliver(JobAction::Queued, info(job, LABELS, None));
     h.wait("bound", |_, hv| hv.lock().delivered.len() == 1).await;
     h.reload(|c| c.pools = vec![big_pool(c)]).await;

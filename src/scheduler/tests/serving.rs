@@ -434,7 +434,7 @@ async fn every_vm_gets_a_reserved_address_given_back_at_teardown() {
 /// the guest waits and goes over the bind port, in `config.sh`'s environment.
 #[tokio::test(start_paused = true)]
 async fn token_mode_credentials_come_over_the_bind_port_never_in_the_seed() {
-    let mut h = harness("registration = \"token\"");
+    let mut h = harness("registration = \"token\"\naccept_token_exposure = true");
     h.hv.lock().guests_booting = true;
     h.deliver(JobAction::Queued, info(401, LABELS, None));
     let s = h.wait("a VM", |_, hv| hv.running().len() == 1).await;

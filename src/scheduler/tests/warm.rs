@@ -144,7 +144,7 @@ async fn a_binding_vm_whose_job_went_elsewhere_is_asked_about_before_it_goes() {
 /// destroy: simulator seed 195363.)
 #[tokio::test(start_paused = true)]
 async fn a_vm_whose_runner_is_not_found_stays_paused_until_it_is_destroyed() {
-    let mut h = harness("warm = 1\nregistration = \"token\"\nidle_timeout = \"10s\"");
+    let mut h = harness("warm = 1\nregistration = \"token\"\naccept_token_exposure = true\nidle_timeout = \"10s\"");
     let s = h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     let vm = warm_vms(&s, "waiting").remove(0);
     {
@@ -437,7 +437,7 @@ async fn drain_removes_waiting_warm_vms_and_a_restart_readopts_them() {
 
 #[tokio::test(start_paused = true)]
 async fn token_mode_delivers_config_with_the_token_in_its_environment_then_run() {
-    let mut h = harness("warm = 1\nregistration = \"token\"");
+    let mut h = harness("warm = 1\nregistration = \"token\"\naccept_token_exposure = true");
     h.wait("a warm VM waiting", |s, _| warm_vms(s, "waiting").len() == 1).await;
     h.deliver(JobAction::Queued, info(61, LABELS, None));
     let s = h.wait("bound", |s, hv| bound_to(s, 61).is_some() && !hv.lock().delivered.is_empty()).await;
