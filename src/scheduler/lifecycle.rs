@@ -394,11 +394,25 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.book.touch_vm(&name);
             self.give_up_if_spent(id, &pool, why);
         }
-        if outcome.errors.is_empty() {
+        // Its runner still busy at GitHub once all of the host's was gone: the VM holds
+        // nothing of the host's, and its record goes with the place it holds under the
+        // caps (a job that took its runner's credentials out of its VM could keep the runner
+        // busy for days: helper-67). The sync deletes the runner once it is not busy
+        // (`late_runners`, watched while it is); GitHub removes an ephemeral one once its
+        // job ends.
+        let host_freed = outcome.busy_after_host && outcome.errors.len() == 1;
+        if outcome.errors.is_empty() || host_freed {
             self.metrics.teardown_seconds.observe(outcome.duration.as_secs_f64());
             let now = self.now();
             if let Some(vm) = self.book.remove_vm(&name) {
-                info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone");
+                match host_freed {
+                    false => {
+                        info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, duration_ms = outcome.duration.as_millis() as u64, "vm torn down: domain, volumes and runner registration gone")
+                    }
+                    true => {
+                        info!(vm = %name, pool = %vm.pool, job_id = vm.job_id, "vm torn down: domain and volumes gone; its runner is still busy at GitHub and is deleted once it is not")
+                    }
+                }
                 self.timeline.gone(&vm, now);
                 if vm.charged {
                     // No busy runner turned up before it went (one a guest registers
@@ -406,9 +420,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     // was charged stands.
                     self.give_up_if_spent(vm.job_id, &vm.pool, vm.why());
                 }
-                if vm.runner_id.is_none() && vm.has_runner() {
+                if (vm.runner_id.is_none() && vm.has_runner()) || host_freed {
                     // Registered by its guest (a registration token), its runner may show
-                    // up after the teardown looked for it.
+                    // up after the teardown looked for it; or it is busy still.
                     self.sync.watch_late_runner(&name, Instant::now());
                     self.save_late_runners();
                 }

@@ -638,6 +638,9 @@ pub struct TeardownOutcome {
     /// `runner_first` found the runner not busy (deleted it, or a runner of known id was
     /// gone): the VM goes, whatever else failed.
     pub runner_idle: bool,
+    /// Domain, volumes and address gone, its runner still busy at GitHub (its one
+    /// failure): the VM holds nothing of the host's any more.
+    pub busy_after_host: bool,
     pub duration: Duration,
 }
 
@@ -737,7 +740,7 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     let (name, slot) = (vm.name.clone(), vm.slot.clone());
     // A VM restored from a slot has the slot's domain and address, which the slot keeps.
     let network = ctx.config.libvirt.network.libvirt_network().filter(|_| slot.is_none()).map(str::to_string);
-    for e in blocking(move || {
+    let host_errors = blocking(move || {
         // Its overlay goes once the domain writing to it is gone.
         let mut errors: Vec<HvError> = slot.and_then(|s| hv.destroy(&s).err()).into_iter().collect();
         if errors.is_empty() {
@@ -752,13 +755,17 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
         }
         errors
     })
-    .await
-    {
+    .await;
+    let host_done = host_errors.is_empty();
+    for e in host_errors {
         out.failed(e.to_string());
     }
     if !runner_first && has_runner {
         match delete_runner(&ctx, &vm).await {
-            Ok(Deleted::Busy) => out.failed(format!("runner {} is still busy at GitHub; will retry", vm.name)),
+            Ok(Deleted::Busy) => {
+                out.busy_after_host = host_done;
+                out.failed(format!("runner {} is still busy at GitHub; will retry", vm.name))
+            }
             Ok(_) => {}
             Err((e, what)) => out.failed_on_github(e, &what),
         }

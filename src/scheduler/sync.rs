@@ -127,6 +127,26 @@ impl State {
         self.late_runners.insert(name.to_string(), now);
     }
 
+    /// Lets go of the late runners watched for [`LATE_RUNNER_WATCH`], counted from when each
+    /// was last seen `busy` (its VM went while it ran a job, which may last days: a fleet
+    /// deletes no runner of another name); whether the watches changed.
+    pub(super) fn tend_late_runners<'a>(
+        &mut self,
+        busy: impl Iterator<Item = &'a str>,
+        now: tokio::time::Instant,
+    ) -> bool {
+        let mut changed = false;
+        for name in busy {
+            if let Some(at) = self.late_runners.get_mut(name) {
+                *at = now;
+                changed = true;
+            }
+        }
+        let watched = self.late_runners.len();
+        self.late_runners.retain(|_, at| now.duration_since(*at) < LATE_RUNNER_WATCH);
+        changed || self.late_runners.len() != watched
+    }
+
     pub(super) fn watches_late_runners(&self) -> bool {
         !self.late_runners.is_empty()
     }
@@ -535,9 +555,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         // ephemeral runner left offline after a day), but for the exact names of VMs this
         // agent tore down before their runner showed up.
         let now = tokio::time::Instant::now();
-        let watched = self.sync.late_runners.len();
-        self.sync.late_runners.retain(|_, at| now.duration_since(*at) < LATE_RUNNER_WATCH);
-        if self.sync.late_runners.len() != watched {
+        let busy = runners.iter().filter(|r| r.busy).map(|r| r.name.as_str());
+        if self.sync.tend_late_runners(busy, now) {
             self.save_late_runners();
         }
         for r in &runners {
@@ -688,6 +707,23 @@ async fn redeliver_failed<G: GitHub, H: Hypervisor>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A late runner is watched for an hour from when it was last seen busy: one whose VM
+    /// went while it ran a job that lasts longer is still deleted once it is not busy.
+    #[test]
+    fn a_late_runner_is_watched_while_it_is_busy() {
+        let mut st = State::default();
+        let t0 = tokio::time::Instant::now();
+        let min = |n: u64| t0 + Duration::from_secs(60 * n);
+        st.watch_late_runner("rv-a-1", t0);
+        st.watch_late_runner("rv-a-2", t0);
+        assert!(st.tend_late_runners(["rv-a-1", "rv-b-9"].into_iter(), min(50)), "seen busy");
+        assert!(st.tend_late_runners(std::iter::empty(), min(70)), "rv-a-2's hour is over");
+        assert_eq!(st.late_runners.keys().collect::<Vec<_>>(), ["rv-a-1"]);
+        assert!(!st.tend_late_runners(std::iter::empty(), min(100)), "nothing changed");
+        assert!(st.tend_late_runners(std::iter::empty(), min(111)));
+        assert!(st.late_runners.is_empty());
+    }
 
     #[test]
     fn jobs_are_checked_one_by_one_only_when_missed_webhooks_could_go_unnoticed() {

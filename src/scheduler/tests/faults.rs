@@ -537,3 +537,31 @@ async fn a_sweep_that_hangs_holds_provisioning_once_overdue_until_it_answers() {
     );
     h.shutdown().await;
 }
+
+/// A job keeps its runner busy at GitHub after its VM went at `max_lifetime` (the runner's
+/// credentials, taken out of the VM, renew the job from elsewhere, for days): the VM's
+/// place under `max_vms` is given back once its domain and volumes are gone, and a queued
+/// job gets a VM; the runner is deleted once it is no longer busy (helper-67's F2: the
+/// record held the pool's only place while the teardown asked again every 5 minutes).
+#[tokio::test(start_paused = true)]
+async fn a_runner_kept_busy_after_its_vm_went_holds_no_place() {
+    let mut h = harness_tweaked("max_lifetime = \"1h\"", |_| {}, |c| c.pools[0].max_vms = 1);
+    h.deliver(JobAction::Queued, info(81, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running().len() == 1).await;
+    h.deliver(JobAction::InProgress, info(81, LABELS, Some("rv-small-81")));
+    h.gh.set_runner("rv-small-81", true, true);
+    h.wait("busy", |s, _| s.vms.iter().any(|v| v.name == "rv-small-81" && v.state == "busy")).await;
+    h.deliver(JobAction::Queued, info(82, LABELS, None));
+    h.wait_for("the next job's VM", Duration::from_secs(80 * 60), |s, hv| {
+        hv.running() == ["rv-small-82"] && s.vms.iter().all(|v| v.name != "rv-small-81")
+    })
+    .await;
+    assert!(h.gh.runner_names().contains(&"rv-small-81".to_string()), "still busy, still registered");
+    h.gh.set_runner("rv-small-81", false, false);
+    let gh = h.gh.clone();
+    h.wait_for("its runner deleted", Duration::from_secs(10 * 60), |_, _| {
+        !gh.runner_names().contains(&"rv-small-81".to_string())
+    })
+    .await;
+    h.shutdown().await;
+}
