@@ -278,6 +278,14 @@ pub struct VmRec {
     /// Booted to become snapshot slot `name` (never a runner): saved once its guest waits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub for_slot: bool,
+    /// The libvirt network its address is reserved on, as the config said when it was
+    /// made: its teardown releases the address there, whatever the config says by then (a
+    /// reload or restart that changed `libvirt.network` left its entry on the old one for
+    /// good: helper-68). None: no address of its own (a bridge, a VM restored from a slot,
+    /// whose address the slot keeps), or a record from before this was kept (the
+    /// configured network is asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// Its teardown counted a failed attempt for its job before asking GitHub about its
     /// runner: a runner found busy gives the attempt back (the VM is kept), and the job is
     /// not given up until GitHub says the runner is not busy (or the VM is gone).
@@ -307,6 +315,7 @@ impl VmRec {
             slot: None,
             for_slot: false,
             charged: false,
+            network: None,
         }
     }
 
@@ -366,4 +375,7 @@ pub struct SlotRec {
     /// Its fixed address on the libvirt network, when it has one.
     pub address: Option<std::net::Ipv4Addr>,
     pub saved_at: SystemTime,
+    /// The libvirt network that address is on ([`VmRec::network`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }

@@ -132,6 +132,9 @@ pub struct FakeState {
     /// The network's DHCP host entries, by VM (`reserve_address`); its range is
     /// `FAKE_DHCP_RANGE` unless set.
     pub dhcp: Option<super::network::Dhcp>,
+    /// Addresses released, in order: (network, VM). (One network is modelled; the name
+    /// says where a teardown released.)
+    pub released: Vec<(String, String)>,
     /// Most VMs running at once, ever.
     pub peak_running: usize,
     pub started_total: usize,
@@ -375,8 +378,9 @@ impl Hypervisor for FakeHypervisor {
         Ok(r)
     }
 
-    fn release_address(&self, _name: &str, vm: &str) -> Result<(), HvError> {
+    fn release_address(&self, name: &str, vm: &str) -> Result<(), HvError> {
         let mut s = self.up()?;
+        s.released.push((name.to_string(), vm.to_string()));
         s.dhcp.get_or_insert_with(fake_dhcp).hosts.retain(|h| h.vm != vm);
         Ok(())
     }

@@ -561,7 +561,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             self.bump_backoff(&pool);
             return false;
         }
-        self.book.insert_vm(vm);
+        // Its address, if it gets one, is on the network configured now.
+        let network = self.config.libvirt.network.libvirt_network().filter(|_| vm.slot.is_none()).map(str::to_string);
+        self.book.insert_vm(VmRec { network, ..vm });
         if let Err(e) = self.flush() {
             self.book.remove_vm(&name);
             self.metrics.provision_failures.get_or_create(&step(&pool, "store")).inc();

@@ -739,7 +739,10 @@ pub async fn teardown<G: GitHub, H: Hypervisor>(ctx: Ctx<G, H>, vm: VmRec, runne
     let hv = ctx.hv.clone();
     let (name, slot) = (vm.name.clone(), vm.slot.clone());
     // A VM restored from a slot has the slot's domain and address, which the slot keeps.
-    let network = ctx.config.libvirt.network.libvirt_network().filter(|_| slot.is_none()).map(str::to_string);
+    // The address is on the network the VM was made on (a record of before: the
+    // configured one).
+    let configured = ctx.config.libvirt.network.libvirt_network().map(str::to_string);
+    let network = vm.network.clone().or(configured).filter(|_| slot.is_none());
     let host_errors = blocking(move || {
         // Its overlay goes once the domain writing to it is gone.
         let mut errors: Vec<HvError> = slot.and_then(|s| hv.destroy(&s).err()).into_iter().collect();

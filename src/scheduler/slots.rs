@@ -406,6 +406,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     made_from,
                     address,
                     saved_at: self.now(),
+                    network: vm.network.clone(),
                 });
                 self.timeline.gone(&vm, self.now());
                 self.sweep.torn_down(&name, self.now());
@@ -529,12 +530,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             Ok((_, None)) if fixed => "the network holds no address for it".into(),
             Ok((Some(_), address)) => {
                 info!(slot = %slot, pool = %pool.name, address = ?address, "adopted a saved snapshot slot found without a record");
+                let network = self.config.libvirt.network.libvirt_network().map(str::to_string);
                 self.book.insert_slot(SlotRec {
                     name: slot.clone(),
                     pool: pool.name.clone(),
                     made_from: current,
                     address: *address,
                     saved_at: self.now(),
+                    network: network.filter(|_| address.is_some()),
                 });
                 return;
             }
@@ -574,7 +577,11 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
     fn drop_slot(&mut self, name: &str, why: &str) {
         let Some(slot) = self.book.remove_slot(name) else { return };
         info!(slot = %name, pool = %slot.pool, why, "removing a snapshot slot");
-        let vm = VmRec { for_slot: true, ..VmRec::new(name.to_string(), &slot.pool, true, self.now()) };
+        let vm = VmRec {
+            for_slot: true,
+            network: slot.network.clone(),
+            ..VmRec::new(name.to_string(), &slot.pool, true, self.now())
+        };
         self.book.insert_vm(vm);
         self.begin_teardown(name, Reason::SlotGone);
     }
@@ -672,6 +679,7 @@ mod tests {
             made_from: String::new(),
             address: None,
             saved_at: at(saved),
+            network: None,
         };
         let volumes = |v: &[&str]| v.iter().map(|v| v.to_string()).collect::<Vec<_>>();
         let listed = 100;

@@ -192,3 +192,30 @@ async fn vm_of_a_removed_pool_gone_before_its_runner(job: u64) -> H {
     .await;
     h
 }
+
+/// A reload moves new VMs to another libvirt network: a VM made before it releases its
+/// address on the network it got it from, not on the new one, where it has none (its entry
+/// stayed on the old network for good: helper-68).
+#[tokio::test(start_paused = true)]
+async fn a_vm_releases_its_address_on_the_network_it_was_made_on() {
+    use crate::config::NetworkConfig;
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(91, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-91"]).await;
+    h.reload(|c| {
+        if let NetworkConfig::Network { name, .. } = &mut c.libvirt.network {
+            *name = "rv-other".into();
+        }
+    })
+    .await;
+    h.deliver(JobAction::Queued, info(92, LABELS, None));
+    h.wait("the next VM", |_, hv| hv.running().len() == 2).await;
+    h.run_job_on("rv-small-91", 91);
+    h.run_job_on("rv-small-92", 92);
+    h.wait("both gone", |s, hv| s.vms.is_empty() && hv.running().is_empty()).await;
+    let released = h.hv.lock().released.clone();
+    let on = |vm: &str| released.iter().filter(|(_, v)| v == vm).map(|(n, _)| n.as_str()).collect::<Vec<_>>();
+    assert_eq!(on("rv-small-91"), ["runnervisor"], "{released:?}");
+    assert_eq!(on("rv-small-92"), ["rv-other"], "{released:?}");
+    h.shutdown().await;
+}
