@@ -69,6 +69,12 @@ pub fn vm_of_volume(volume: &str) -> Option<&str> {
     volume.strip_suffix("-seed.img").or_else(|| volume.strip_suffix(".qcow2")).or_else(|| slot_of_save_volume(volume))
 }
 
+/// The most digits a VM's attempt has in its name ([`vm_name`]): no job is tried a million
+/// times, and GitHub's job ids have ten digits and more, so that pool `ubuntu` does not
+/// take `rv-ubuntu-22-31234567890` (pool `ubuntu-22`'s job) for its job 22's attempt: its
+/// sync deleted another agent's idle runners of such a pool (helper-68).
+const ATTEMPT_DIGITS: usize = 6;
+
 /// Whether a runner or domain name has the shape of a VM of `pool`.
 pub fn is_vm_of_pool(name: &str, pool: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -81,7 +87,9 @@ pub fn is_vm_of_pool(name: &str, pool: &str) -> bool {
         }
         let mut parts = rest.split('-');
         let job_ok = parts.next().is_some_and(|j| !j.is_empty() && j.bytes().all(|b| b.is_ascii_digit()));
-        let attempt_ok = parts.next().is_none_or(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
+        let attempt_ok = parts
+            .next()
+            .is_none_or(|a| !a.is_empty() && a.len() <= ATTEMPT_DIGITS && a.bytes().all(|b| b.is_ascii_digit()));
         job_ok && attempt_ok && parts.next().is_none()
     })
 }
@@ -336,6 +344,11 @@ mod tests {
         assert!(!is_vm_of_pool("rv-small-big-7", "small"));
         assert!(!is_vm_of_pool("rv-small-", "small"));
         assert!(!is_vm_of_pool("rv-smaller-7", "small"));
+        // A pool whose name is another's and a number: its jobs' VMs are not the other's.
+        assert!(!is_vm_of_pool("rv-ubuntu-22-31234567890", "ubuntu"));
+        assert!(is_vm_of_pool("rv-ubuntu-22-31234567890", "ubuntu-22"));
+        assert!(is_vm_of_pool(&vm_name("ubuntu", 31234567890, 999_999), "ubuntu"));
+        assert!(!is_vm_of_pool("rv-small-7-1000000", "small"));
         assert!(!is_vm_of_pool("other-small-7", "small"));
         assert_eq!(warm_vm_name("small", 1764600000123), "rv-small-w1764600000123");
         assert!(is_vm_of_pool("rv-small-w1764600000123", "small"));
