@@ -271,7 +271,9 @@ async fn delete_scale_set(path: PathBuf, pool: Option<String>, name: Option<Stri
         }
         (None, None) => unreachable!("clap requires one"),
     };
-    let auth = match github_auth(&config, credentials_dir().as_ref()) {
+    // Run from a shell (the agent stopped first): the unit's credential files, as `check`.
+    let unit_dirs = runnervisor::systemd::UNIT_DIRS.map(std::path::Path::new);
+    let auth = match github_auth(&config, runnervisor::secret::credentials_for_check(&unit_dirs).as_ref()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("runnervisor: {e}");

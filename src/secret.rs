@@ -118,8 +118,9 @@ pub fn credentials_dir() -> Option<Credentials> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| Credentials::Dir(PathBuf::from(d)))
 }
 
-/// The credentials `check` reads: the service's directory when it runs under one, else the
-/// files the installed unit loads ([`crate::systemd::unit_credentials`]), else none.
+/// The credentials a command run from a shell reads (`check`, `scale-set delete`): the
+/// service's directory when it runs under one, else the files the installed unit loads
+/// ([`crate::systemd::unit_credentials`]), else none.
 pub fn credentials_for_check(unit_dirs: &[&Path]) -> Option<Credentials> {
     credentials_dir().or_else(|| {
         let (unit, files) = crate::systemd::unit_credentials(unit_dirs, crate::systemd::UNIT)?;

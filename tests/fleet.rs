@@ -1051,6 +1051,9 @@ async fn a_scale_sets_request_given_up_and_assigned_again_is_queued_again() {
     intake.accept(with("scale-set-9-25-assigned-13", JobAction::Queued)).await.unwrap();
     let rows = b.read(query(&[], &["rv-linux-25"], 0)).await.unwrap();
     assert_eq!((ids(&rows), rows[0].action), (vec![25], JobAction::Completed), "found by its runner, done");
+    // Read, its end names the runner it started on (the member serving it finishes that VM).
+    let info = rows[0].info.as_ref().unwrap();
+    assert_eq!((info.runner_name.as_deref(), info.conclusion.as_deref()), (Some("rv-linux-25"), Some("cancelled")));
 
     // A webhook's job: done is done.
     intake.accept(event("q22", 22, JobAction::Queued)).await.unwrap();

@@ -27,8 +27,9 @@ pub struct JobRow {
     pub id: u64,
     /// How far it is: `Queued`, `InProgress` or `Completed`.
     pub action: JobAction,
-    /// The job as its furthest event described it; `None` when the row has none (written
-    /// before schema 5) or it does not decode (a newer agent's).
+    /// The job as its furthest event described it, its runner the last one any event named
+    /// (`rv_jobs.runner_name`: an end that names none is the start's runner's); `None` when
+    /// the row has none (written before schema 5) or it does not decode (a newer agent's).
     pub info: Option<JobInfo>,
     pub received_at: WallTime,
     /// Queued and held by another member: how long its lease has left.
@@ -268,7 +269,7 @@ impl Claims for PgClaims {
                        UNION SELECT id FROM rv_jobs WHERE id = ANY($3) \
                        UNION SELECT id FROM rv_jobs WHERE runner_name = ANY($4)) \
                      SELECT j.id, j.state, j.info, j.received_at, j.holder, \
-                       extract(epoch FROM j.lease_until - now())::float8 \
+                       extract(epoch FROM j.lease_until - now())::float8, j.runner_name \
                      FROM wanted w JOIN rv_jobs j ON j.id = w.id",
                     &[&keys, &(query.ready as i64), &ids(&query.known), &query.runners],
                 )
@@ -278,10 +279,12 @@ impl Claims for PgClaims {
                 .filter_map(|r| {
                     let id = r.get::<_, i64>(0) as u64;
                     let action = action(r.get(1))?;
+                    let runner: Option<String> = r.get(6);
                     let info = r
                         .get::<_, Option<serde_json::Value>>(2)
                         .and_then(|v| serde_json::from_value::<JobInfo>(v).ok())
-                        .filter(|i| i.id == id);
+                        .filter(|i| i.id == id)
+                        .map(|i| JobInfo { runner_name: i.runner_name.or(runner), ..i });
                     let holder: Option<String> = r.get(4);
                     let left = r.get::<_, Option<f64>>(5).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
                     let elsewhere = action == JobAction::Queued && holder.is_some_and(|h| h != host);
@@ -686,10 +689,10 @@ impl Claims for MemoryClaims {
             .filter(|(id, (_, _, _, runner))| {
                 ready.contains(id) || q.known.contains(id) || runner.as_ref().is_some_and(|r| q.runners.contains(r))
             })
-            .map(|(id, (action, info, at, _))| JobRow {
+            .map(|(id, (action, info, at, runner))| JobRow {
                 id: *id,
                 action: *action,
-                info: Some(info.clone()),
+                info: Some(JobInfo { runner_name: info.runner_name.clone().or(runner.clone()), ..info.clone() }),
                 received_at: *at,
                 held_elsewhere: held(id)
                     .filter(|(h, _)| *h != self.host && *action == JobAction::Queued)

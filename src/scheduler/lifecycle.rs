@@ -555,8 +555,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         let name = vm.name.clone();
         let (pool, job_id) = (vm.pool.clone(), vm.job_id);
         // A name the book has is another VM's: its record would be overwritten and its
-        // volumes taken for stale ones (names are made so that this never happens).
-        if self.book.vms.contains_key(&name) {
+        // volumes taken for stale ones; a watched late runner's is a runner's still
+        // registered (names are made so that this never happens).
+        if self.book.vms.contains_key(&name) || self.sync.watches_late_runner(&name) {
             error!(vm = %name, pool = %pool, job_id, "a new vm's name is a vm's this agent has: nothing is made");
             self.bump_backoff(&pool);
             return false;

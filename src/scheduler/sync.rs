@@ -137,7 +137,10 @@ impl State {
     ) -> bool {
         let mut changed = false;
         for name in busy {
-            if let Some(at) = self.late_runners.get_mut(name) {
+            // Moved on every few minutes, not every sync (each move is a store write).
+            if let Some(at) =
+                self.late_runners.get_mut(name).filter(|at| now.duration_since(**at) >= LATE_RUNNER_WATCH / 12)
+            {
                 *at = now;
                 changed = true;
             }
@@ -145,6 +148,11 @@ impl State {
         let watched = self.late_runners.len();
         self.late_runners.retain(|_, at| now.duration_since(*at) < LATE_RUNNER_WATCH);
         changed || self.late_runners.len() != watched
+    }
+
+    /// Whether a runner of this name is watched (a VM's name the agent must not give again).
+    pub(super) fn watches_late_runner(&self, name: &str) -> bool {
+        self.late_runners.contains_key(name)
     }
 
     pub(super) fn watches_late_runners(&self) -> bool {
@@ -718,6 +726,7 @@ mod tests {
         st.watch_late_runner("rv-a-1", t0);
         st.watch_late_runner("rv-a-2", t0);
         assert!(st.tend_late_runners(["rv-a-1", "rv-b-9"].into_iter(), min(50)), "seen busy");
+        assert!(!st.tend_late_runners(["rv-a-1"].into_iter(), min(52)), "moved every few minutes, not every sync");
         assert!(st.tend_late_runners(std::iter::empty(), min(70)), "rv-a-2's hour is over");
         assert_eq!(st.late_runners.keys().collect::<Vec<_>>(), ["rv-a-1"]);
         assert!(!st.tend_late_runners(std::iter::empty(), min(100)), "nothing changed");
