@@ -132,6 +132,8 @@ pub struct FakeState {
     /// The network's DHCP host entries, by VM (`reserve_address`); its range is
     /// `FAKE_DHCP_RANGE` unless set.
     pub dhcp: Option<super::network::Dhcp>,
+    /// Domains whose state and metadata cannot be read ([`VmInfo::unreadable`]).
+    pub unreadable: BTreeSet<String>,
     /// Addresses released, in order: (network, VM). (One network is modelled; the name
     /// says where a teardown released.)
     pub released: Vec<(String, String)>,
@@ -522,7 +524,15 @@ impl Hypervisor for FakeHypervisor {
                 .iter()
                 .map(|(name, (state, xml))| {
                     let metadata = cached(&mut s.parsed, s.domains.len(), xml).metadata.clone();
-                    VmInfo { name: name.clone(), state: state.clone(), metadata }
+                    match s.unreadable.contains(name) {
+                        false => VmInfo { name: name.clone(), state: state.clone(), metadata, unreadable: None },
+                        true => VmInfo {
+                            name: name.clone(),
+                            state: DomainState::Running,
+                            metadata: None,
+                            unreadable: Some("its metadata: injected".into()),
+                        },
+                    }
                 })
                 .collect()
         };

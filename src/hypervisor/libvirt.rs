@@ -761,14 +761,22 @@ impl Hypervisor for Libvirt {
             if !name.starts_with(PREFIX) {
                 continue;
             }
-            // A state or metadata that cannot be read is no answer: the listing fails (the
-            // sweep acts on nothing and is tried again) rather than call a running domain
-            // stopped, or one of this agent's metadata-less, and reap it. One gone meanwhile
-            // is not listed.
+            // A state or metadata that cannot be read is no answer: the domain is listed as
+            // unreadable (the sweep leaves it alone) rather than called stopped, or one of
+            // this agent's without metadata, and reaped. One gone meanwhile is not listed.
+            let unreadable = |what: &str, e: virt::error::Error| VmInfo {
+                name: name.clone(),
+                state: DomainState::Running,
+                metadata: None,
+                unreadable: Some(format!("{what}: {e}")),
+            };
             let active = match dom.is_active() {
                 Ok(a) => a,
                 Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => continue,
-                Err(e) => return Err(self.err("read the state of domain", &name, e)),
+                Err(e) => {
+                    out.push(unreadable("its state", e));
+                    continue;
+                }
             };
             let state = if !active {
                 DomainState::Stopped
@@ -782,9 +790,12 @@ impl Hypervisor for Libvirt {
                 Ok(x) => domain_xml::parse_metadata(&x),
                 Err(e) if is_code(&e, &[ErrorNumber::NoDomainMetadata]) => None,
                 Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => continue,
-                Err(e) => return Err(self.err("read the metadata of domain", &name, e)),
+                Err(e) => {
+                    out.push(unreadable("its metadata", e));
+                    continue;
+                }
             };
-            out.push(VmInfo { name, state, metadata });
+            out.push(VmInfo { name, state, metadata, unreadable: None });
         }
         Ok(out)
     }

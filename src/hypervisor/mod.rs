@@ -109,6 +109,9 @@ pub struct VmInfo {
     pub name: String,
     pub state: DomainState,
     pub metadata: Option<VmMetadata>,
+    /// Its state or metadata could not be read (why): the sweep neither adopts nor reaps
+    /// it, nor its volumes or address, and a VM of the book on it is left as it is.
+    pub unreadable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

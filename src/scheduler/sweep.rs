@@ -15,6 +15,9 @@ use super::{JOB_RETENTION, Scheduler};
 use crate::clock::Step;
 use crate::github::GitHub;
 use crate::hypervisor::{self, DomainState, HvError, HvEvent, Hypervisor, VmInfo};
+
+/// A domain libvirt cannot say the state or metadata of, warned of at most this often.
+static UNREADABLE: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(600));
 use crate::metrics;
 use crate::model::{Reason, VmRec, VmState};
 
@@ -179,7 +182,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         self.sweep
             .torn_down_at
             .retain(|_, t| *t >= listed_at || now.duration_since(*t).unwrap_or_default() < Duration::from_secs(600));
-        let stale: BTreeSet<String> =
+        let mut stale: BTreeSet<String> =
             self.sweep.torn_down_at.iter().filter(|(_, t)| **t >= listed_at).map(|(n, _)| n.clone()).collect();
         let found = match vms {
             Ok(v) => v,
@@ -206,6 +209,14 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
         self.hv.ready = true;
         self.hv.problem = None;
+        // A domain whose state or metadata libvirt could not tell is left alone, with its
+        // volumes and address (as one torn down after the listing is): nothing is known.
+        for v in found.iter().filter(|v| v.unreadable.is_some()) {
+            if UNREADABLE.check().is_some() {
+                warn!(domain = %v.name, problem = ?v.unreadable, "libvirt cannot say a domain's state or metadata: it is left alone until it can");
+            }
+            stale.insert(v.name.clone());
+        }
         let by_name: BTreeMap<&str, &VmInfo> = found.iter().map(|v| (v.name.as_str(), v)).collect();
         let names: Vec<String> = self.book.vms.keys().cloned().collect();
         for name in names {
@@ -236,6 +247,7 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
                 VmState::Provisioning | VmState::TearingDown => {}
                 _ if domain == Some(DomainState::Running) => {}
+                _ if stale.contains(vm.domain()) && by_name.contains_key(vm.domain()) => {}
                 // Its domain started (or its state changed) after this sweep listed: the
                 // listing cannot tell about it.
                 _ if since >= listed_at => {}

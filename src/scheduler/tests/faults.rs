@@ -565,3 +565,39 @@ async fn a_runner_kept_busy_after_its_vm_went_holds_no_place() {
     .await;
     h.shutdown().await;
 }
+
+/// libvirt cannot say a domain's state or metadata (an ACL, a driver error): the sweep
+/// leaves it alone, with its volumes, and a VM of the book on it stays; the agent stays
+/// ready and its other work goes on. Once libvirt can say, each is judged as usual. (Before,
+/// one was listed stopped or without metadata, for the sweep to reap: helper-68; then
+/// the whole listing failed, and an agent starting up never became ready: helper-69.)
+#[tokio::test(start_paused = true)]
+async fn a_domain_libvirt_cannot_describe_is_left_alone() {
+    let mut h = harness("");
+    h.deliver(JobAction::Queued, info(93, LABELS, None));
+    h.wait("a VM", |_, hv| hv.running() == ["rv-small-93"]).await;
+    {
+        let mut s = h.hv.lock();
+        s.unreadable.extend(["rv-small-93".to_string(), "rv-small-97".to_string()]);
+        s.volumes.insert("rv-small-97.qcow2".into());
+    }
+    h.hv.define("rv-small-97", "<domain/>").unwrap();
+    // Its domain stops, unseen (no event): unreadable, the VM stays.
+    h.hv.lock().domains.get_mut("rv-small-93").unwrap().0 = crate::hypervisor::DomainState::Stopped;
+    let s = h.advance_for(Duration::from_secs(180)).await;
+    assert!(s.vms.iter().any(|v| v.name == "rv-small-93"), "{s:#?}");
+    assert!(s.libvirt_connected && s.hypervisor_problem.is_none(), "{s:#?}");
+    assert!(h.hv.lock().domains.contains_key("rv-small-97") && h.hv.lock().volumes.contains("rv-small-97.qcow2"));
+    // Readable again: the stopped VM goes (its job gets another), the unknown domain of
+    // ours (no metadata) too.
+    h.hv.lock().unreadable.clear();
+    h.wait_for("both gone", Duration::from_secs(180), |s, hv| {
+        let hv = hv.lock();
+        s.vms.iter().all(|v| v.name != "rv-small-93")
+            && !hv.domains.contains_key("rv-small-93")
+            && !hv.domains.contains_key("rv-small-97")
+            && !hv.volumes.contains("rv-small-97.qcow2")
+    })
+    .await;
+    h.shutdown().await;
+}
