@@ -764,17 +764,21 @@ impl Hypervisor for Libvirt {
             // A state or metadata that cannot be read is no answer: the domain is listed as
             // unreadable (the sweep leaves it alone) rather than called stopped, or one of
             // this agent's without metadata, and reaped. One gone meanwhile is not listed.
-            let unreadable = |what: &str, e: virt::error::Error| VmInfo {
-                name: name.clone(),
-                state: DomainState::Running,
-                metadata: None,
-                unreadable: Some(format!("{what}: {e}")),
+            // (A lost connection is no domain's: the listing fails, as any call's.)
+            let unreadable = |what: &str, e: virt::error::Error| match self.err("describe domain", &name, e) {
+                e @ HvError::Unavailable { .. } => Err(e),
+                e => Ok(VmInfo {
+                    name: name.clone(),
+                    state: DomainState::Running,
+                    metadata: None,
+                    unreadable: Some(format!("{what}: {e}")),
+                }),
             };
             let active = match dom.is_active() {
                 Ok(a) => a,
                 Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => continue,
                 Err(e) => {
-                    out.push(unreadable("its state", e));
+                    out.push(unreadable("its state", e)?);
                     continue;
                 }
             };
@@ -791,7 +795,7 @@ impl Hypervisor for Libvirt {
                 Err(e) if is_code(&e, &[ErrorNumber::NoDomainMetadata]) => None,
                 Err(e) if is_code(&e, &[ErrorNumber::NoDomain]) => continue,
                 Err(e) => {
-                    out.push(unreadable("its metadata", e));
+                    out.push(unreadable("its metadata", e)?);
                     continue;
                 }
             };

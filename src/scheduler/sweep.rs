@@ -230,6 +230,9 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                     self.begin_teardown(&name, Reason::Interrupted);
                 }
                 VmState::Saving => {}
+                // On a domain libvirt cannot describe: left as it is (not re-adopted as
+                // provisioned, nor reaped) until it can.
+                _ if by_name.get(vm.domain()).is_some_and(|d| d.unreadable.is_some()) => {}
                 // Provisioning that a restart cut short (no task runs for it).
                 VmState::Provisioning if !self.work.contains_key(&name) => {
                     if domain == Some(DomainState::Running) {
@@ -247,7 +250,6 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
                 }
                 VmState::Provisioning | VmState::TearingDown => {}
                 _ if domain == Some(DomainState::Running) => {}
-                _ if stale.contains(vm.domain()) && by_name.contains_key(vm.domain()) => {}
                 // Its domain started (or its state changed) after this sweep listed: the
                 // listing cannot tell about it.
                 _ if since >= listed_at => {}
