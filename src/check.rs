@@ -14,7 +14,7 @@ use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::network;
 use crate::hypervisor::{self, Hypervisor};
 use crate::images;
-use crate::secret::{Credentials, credentials_for_check};
+use crate::secret::{Credentials, credentials_outside_service};
 
 #[derive(Debug, Clone)]
 pub struct Line {
@@ -85,8 +85,7 @@ pub async fn run(path: &Path) -> Vec<Line> {
         }
     };
     // Outside the service (from a shell): the files its unit loads, as it would get them.
-    let unit_dirs = crate::systemd::UNIT_DIRS.map(Path::new);
-    let creds = credentials_for_check(&unit_dirs);
+    let creds = credentials_outside_service();
     let named = [
         Some(&config.github.webhook_secret),
         match &config.github.auth {

@@ -272,8 +272,7 @@ async fn delete_scale_set(path: PathBuf, pool: Option<String>, name: Option<Stri
         (None, None) => unreachable!("clap requires one"),
     };
     // Run from a shell (the agent stopped first): the unit's credential files, as `check`.
-    let unit_dirs = runnervisor::systemd::UNIT_DIRS.map(std::path::Path::new);
-    let auth = match github_auth(&config, runnervisor::secret::credentials_for_check(&unit_dirs).as_ref()) {
+    let auth = match github_auth(&config, runnervisor::secret::credentials_outside_service().as_ref()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("runnervisor: {e}");

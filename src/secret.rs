@@ -121,9 +121,10 @@ pub fn credentials_dir() -> Option<Credentials> {
 /// The credentials a command run from a shell reads (`check`, `scale-set delete`): the
 /// service's directory when it runs under one, else the files the installed unit loads
 /// ([`crate::systemd::unit_credentials`]), else none.
-pub fn credentials_for_check(unit_dirs: &[&Path]) -> Option<Credentials> {
+pub fn credentials_outside_service() -> Option<Credentials> {
     credentials_dir().or_else(|| {
-        let (unit, files) = crate::systemd::unit_credentials(unit_dirs, crate::systemd::UNIT)?;
+        let dirs = crate::systemd::UNIT_DIRS.map(Path::new);
+        let (unit, files) = crate::systemd::unit_credentials(&dirs, crate::systemd::UNIT)?;
         Some(Credentials::Unit { unit: unit.display().to_string(), files })
     })
 }

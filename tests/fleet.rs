@@ -1010,45 +1010,40 @@ async fn a_scale_sets_request_given_up_and_assigned_again_is_queued_again() {
     assert_eq!((ids(&rows), rows[0].action, rows[0].held_elsewhere), (vec![21], JobAction::Queued, None));
     assert_eq!(b.claim(vec![21]).await.unwrap()[0].attempt, 2, "claimed again, by anyone");
 
+    // Request `id`'s event.
+    let of = |id: u64, delivery: &str, action: JobAction| {
+        let mut e = set_event(delivery, action);
+        e.job.id = id;
+        e
+    };
     // A set's request done by a runner (or given up on with a runner named): done is done.
-    let mut ran = set_event("scale-set-9-23-completed", JobAction::Completed);
-    ran.job.id = 23;
+    let mut ran = of(23, "scale-set-9-23-completed", JobAction::Completed);
     (ran.job.conclusion, ran.job.runner_name) = (Some("success".into()), Some("rv-linux-23".into()));
     intake.accept(ran).await.unwrap();
-    let mut assigned = set_event("scale-set-9-23-assigned-7", JobAction::Queued);
-    assigned.job.id = 23;
-    intake.accept(assigned).await.unwrap();
+    intake.accept(of(23, "scale-set-9-23-assigned-7", JobAction::Queued)).await.unwrap();
     assert_eq!(b.read(query(&[23], &[], 0)).await.unwrap()[0].action, JobAction::Completed);
 
+    // Its start on runner rv-linux-<id>, then its cancelled end that names no runner.
+    let ran_then_cancelled = |id: u64, end: &str| {
+        let mut started = of(id, &format!("scale-set-9-{id}-started"), JobAction::InProgress);
+        started.job.runner_name = Some(format!("rv-linux-{id}"));
+        let mut cancelled = of(id, end, JobAction::Completed);
+        cancelled.job.conclusion = Some("cancelled".into());
+        (started, cancelled)
+    };
     // Cancelled once a runner took it, the completion naming none: its start named one, and
     // its assignment seen again (a message grouped anew after a crash) is old news.
-    let with = |delivery: &str, action: JobAction| {
-        let mut e = set_event(delivery, action);
-        e.job.id = 24;
-        e
-    };
-    intake.accept(with("scale-set-9-24-assigned-8", JobAction::Queued)).await.unwrap();
-    let mut started = with("scale-set-9-24-started", JobAction::InProgress);
-    started.job.runner_name = Some("rv-linux-24".into());
+    intake.accept(of(24, "scale-set-9-24-assigned-8", JobAction::Queued)).await.unwrap();
+    let (started, cancelled) = ran_then_cancelled(24, "scale-set-9-24-completed-9");
     intake.accept(started).await.unwrap();
-    let mut cancelled = with("scale-set-9-24-completed-9", JobAction::Completed);
-    cancelled.job.conclusion = Some("cancelled".into());
     intake.accept(cancelled).await.unwrap();
-    intake.accept(with("scale-set-9-24-assigned-10", JobAction::Queued)).await.unwrap();
+    intake.accept(of(24, "scale-set-9-24-assigned-10", JobAction::Queued)).await.unwrap();
     assert_eq!(b.read(query(&[24], &[], 0)).await.unwrap()[0].action, JobAction::Completed, "it ran");
     // Its start and its end written in one group: the end is the row's, the runner the start's.
-    let with = |delivery: &str, action: JobAction| {
-        let mut e = set_event(delivery, action);
-        e.job.id = 25;
-        e
-    };
-    intake.accept(with("scale-set-9-25-assigned-11", JobAction::Queued)).await.unwrap();
-    let mut started = with("scale-set-9-25-started", JobAction::InProgress);
-    started.job.runner_name = Some("rv-linux-25".into());
-    let mut cancelled = with("scale-set-9-25-completed-12", JobAction::Completed);
-    cancelled.job.conclusion = Some("cancelled".into());
+    intake.accept(of(25, "scale-set-9-25-assigned-11", JobAction::Queued)).await.unwrap();
+    let (started, cancelled) = ran_then_cancelled(25, "scale-set-9-25-completed-12");
     intake::write(&db.pool(1), &[&started, &cancelled], None).await.unwrap();
-    intake.accept(with("scale-set-9-25-assigned-13", JobAction::Queued)).await.unwrap();
+    intake.accept(of(25, "scale-set-9-25-assigned-13", JobAction::Queued)).await.unwrap();
     let rows = b.read(query(&[], &["rv-linux-25"], 0)).await.unwrap();
     assert_eq!((ids(&rows), rows[0].action), (vec![25], JobAction::Completed), "found by its runner, done");
     // Read, its end names the runner it started on (the member serving it finishes that VM).

@@ -526,12 +526,7 @@ impl Hypervisor for FakeHypervisor {
                     let metadata = cached(&mut s.parsed, s.domains.len(), xml).metadata.clone();
                     match s.unreadable.contains(name) {
                         false => VmInfo { name: name.clone(), state: state.clone(), metadata, unreadable: None },
-                        true => VmInfo {
-                            name: name.clone(),
-                            state: DomainState::Running,
-                            metadata: None,
-                            unreadable: Some("its metadata: injected".into()),
-                        },
+                        true => VmInfo::unreadable(name, "its metadata: injected".into()),
                     }
                 })
                 .collect()

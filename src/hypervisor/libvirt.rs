@@ -767,12 +767,7 @@ impl Hypervisor for Libvirt {
             // (A lost connection is no domain's: the listing fails, as any call's.)
             let unreadable = |what: &str, e: virt::error::Error| match self.err("describe domain", &name, e) {
                 e @ HvError::Unavailable { .. } => Err(e),
-                e => Ok(VmInfo {
-                    name: name.clone(),
-                    state: DomainState::Running,
-                    metadata: None,
-                    unreadable: Some(format!("{what}: {e}")),
-                }),
+                e => Ok(VmInfo::unreadable(&name, format!("{what}: {e}"))),
             };
             let active = match dom.is_active() {
                 Ok(a) => a,

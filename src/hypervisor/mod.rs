@@ -86,10 +86,8 @@ pub fn is_vm_of_pool(name: &str, pool: &str) -> bool {
             return slot_of_pool(name, pool).is_some();
         }
         let mut parts = rest.split('-');
-        let job_ok = parts.next().is_some_and(|j| !j.is_empty() && j.bytes().all(|b| b.is_ascii_digit()));
-        let attempt_ok = parts
-            .next()
-            .is_none_or(|a| !a.is_empty() && a.len() <= ATTEMPT_DIGITS && a.bytes().all(|b| b.is_ascii_digit()));
+        let job_ok = parts.next().is_some_and(digits);
+        let attempt_ok = parts.next().is_none_or(|a| digits(a) && a.len() <= ATTEMPT_DIGITS);
         job_ok && attempt_ok && parts.next().is_none()
     })
 }
@@ -112,6 +110,14 @@ pub struct VmInfo {
     /// Its state or metadata could not be read (why): the sweep neither adopts nor reaps
     /// it, nor its volumes or address, and a VM of the book on it is left as it is.
     pub unreadable: Option<String>,
+}
+
+impl VmInfo {
+    /// Domain `name`, whose state or metadata could not be read (`why`): listed running,
+    /// without metadata, so that nothing takes it for stopped or for no VM's.
+    pub fn unreadable(name: &str, why: String) -> VmInfo {
+        VmInfo { name: name.to_string(), state: DomainState::Running, metadata: None, unreadable: Some(why) }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

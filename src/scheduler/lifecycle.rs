@@ -549,16 +549,21 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
         }
     }
 
+    /// Whether a VM name is one this agent holds: a VM's of the book (a new one's record
+    /// would overwrite it, its volumes taken for stale ones) or a late runner's it still
+    /// watches (a runner still registered under it).
+    pub(super) fn name_taken(&self, name: &str) -> bool {
+        self.book.vms.contains_key(name) || self.sync.watches_late_runner(name)
+    }
+
     /// Records `vm`, commits it, and only then spawns its provisioning. False (nothing
     /// made, the pool backs off) if the record cannot be committed.
     pub(super) fn launch(&mut self, vm: VmRec, plan: Plan) -> bool {
         let name = vm.name.clone();
         let (pool, job_id) = (vm.pool.clone(), vm.job_id);
-        // A name the book has is another VM's: its record would be overwritten and its
-        // volumes taken for stale ones; a watched late runner's is a runner's still
-        // registered (names are made so that this never happens).
-        if self.book.vms.contains_key(&name) || self.sync.watches_late_runner(&name) {
-            error!(vm = %name, pool = %pool, job_id, "a new vm's name is a vm's this agent has: nothing is made");
+        // Names are made so that this never happens ([`Self::name_taken`]).
+        if self.name_taken(&name) {
+            error!(vm = %name, pool = %pool, job_id, "a new vm's name is one this agent holds (a vm's, or a runner's it still watches): nothing is made");
             self.bump_backoff(&pool);
             return false;
         }

@@ -45,10 +45,10 @@ pub struct State {
 }
 
 /// The next warm VM's sequence number: `at` (the time's), past the `last` one by `step` at
-/// least, and past every one `taken` says a VM of the book has (or a runner still watched
-/// of a VM gone, [`super::sync::State::watches_late_runner`]): the clock stepped back
-/// across a restart (the sequence is not kept) would name a living warm VM again, whose
-/// record the new one's would overwrite and whose overlay it would delete as stale.
+/// least, and past every one `taken` says this agent holds ([`Scheduler::name_taken`]):
+/// the clock stepped back across a restart (the sequence is not kept) would name a living
+/// warm VM again, whose record the new one's would overwrite and whose overlay it would
+/// delete as stale.
 fn next_seq(at: u64, last: u64, step: u64, taken: impl Fn(u64) -> bool) -> u64 {
     let mut seq = at.max(last + step);
     while taken(seq) {
@@ -72,11 +72,8 @@ impl<G: GitHub, H: Hypervisor> Scheduler<G, H> {
             },
             None => (millis, 1),
         };
-        let (book, sync) = (&self.book, &self.sync);
-        self.warm.last_seq = next_seq(at, self.warm.last_seq, step, |seq| {
-            let name = hypervisor::warm_vm_name(&pool.name, seq);
-            book.vms.contains_key(&name) || sync.watches_late_runner(&name)
-        });
+        self.warm.last_seq =
+            next_seq(at, self.warm.last_seq, step, |seq| self.name_taken(&hypervisor::warm_vm_name(&pool.name, seq)));
         let name = hypervisor::warm_vm_name(&pool.name, self.warm.last_seq);
         let vm = VmRec::new(name.clone(), &pool.name, true, now);
         let plan = self.plan(vm.clone(), pool, String::new(), String::new());
